@@ -1,0 +1,53 @@
+"""The Python entry points: `load` a `.rec` file or text, get `Recurrence` objects."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .check import CheckedRecurrence, check_program
+from .parse import parse_program
+from .reference import run_reference
+
+
+class Recurrence:
+    """One checked recurrence: its declaration, its reference interpreter, and its compiled forms."""
+
+    def __init__(self, checked: CheckedRecurrence):
+        self.checked = checked
+
+    @property
+    def name(self) -> str:
+        return self.checked.name
+
+    @property
+    def spec_hash(self) -> str:
+        """Hash of the recurrence's source text: identifies compiled artefacts and tuning records."""
+        return hashlib.sha256(self.checked.text.encode()).hexdigest()[:16]
+
+    def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs):
+        """Run the body step by step in `dtype` (float64 by default): `(output, final_state)`."""
+        return run_reference(self.checked, *args, dtype=dtype, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.checked
+        return (f"<Recurrence {c.name}({', '.join(s.name for s in c.inputs)}) -> "
+                f"{', '.join(s.name for s in c.outputs)}>")
+
+
+def load_text(text: str, filename: str = "<string>") -> dict[str, Recurrence]:
+    """Parse and check `.rec` text; the recurrences by name, in file order. Raises `SpecError`."""
+    program = parse_program(text, filename)
+    return {c.name: Recurrence(c) for c in check_program(program)}
+
+
+def load(path_or_text: str | Path) -> dict[str, Recurrence]:
+    """Load a `.rec` file (a path) or `.rec` source text; the recurrences by name."""
+    if isinstance(path_or_text, Path) or ("\n" not in path_or_text and "{" not in path_or_text):
+        path = Path(path_or_text)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such .rec file: {path}")
+        return load_text(path.read_text(), str(path))
+    return load_text(path_or_text)

@@ -1,0 +1,218 @@
+"""The calling convention of every layer (LANGUAGE.md): bind and check a call's arguments.
+
+`bind_call` turns `layer(*inputs, *params, initial_state=..., output_final_state=...,
+cu_seqlens=...)` into a `BoundCall` with every size known, or raises `CallError`
+naming the argument, the shape it should have and the shape it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .check import CheckedRecurrence, Size, Symbol
+from .errors import CallError
+
+
+@dataclass
+class BoundCall:
+    inputs: dict[str, torch.Tensor]  # [B, T, H, *dims]
+    params: dict[str, torch.Tensor]  # [H, *dims]
+    initial_state: dict[str, torch.Tensor] | None  # [N or B, H, *dims]
+    output_final_state: bool
+    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU
+    batch: int
+    length: int
+    heads: int
+    sizes: dict[str, int]
+    device: torch.device
+    dtype: torch.dtype  # of the first input: the dtype outputs come back in
+
+    @property
+    def num_sequences(self) -> int:
+        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+    def dims(self, sym: Symbol) -> tuple[int, ...]:
+        return tuple(self.sizes[d] if isinstance(d, str) else d for d in sym.dims)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _expected(prefix: tuple[str, ...], sym: Symbol) -> str:
+    return "[" + ", ".join(prefix + tuple(str(d) for d in sym.dims)) + "]"
+
+
+class _SizeBinder:
+    """Learns each size from the first argument that has it; a disagreement is an error."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.origin: dict[str, str] = {}
+
+    def bind(self, size: Size, value: int, what: str, describe) -> None:
+        if isinstance(size, int):
+            if value != size:
+                raise CallError(f"{what} must have shape {describe()}, got size {value} where {size} is declared")
+            return
+        if size in self.sizes and self.sizes[size] != value:
+            raise CallError(f"size {size} is {self.sizes[size]} from {self.origin[size]} but {value} from {what} "
+                            f"(expected {describe()})")
+        self.sizes.setdefault(size, value)
+        self.origin.setdefault(size, what)
+
+
+def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
+    """Match positional and keyword arguments to inputs and params, and check every shape."""
+    kwargs = dict(kwargs)
+    initial_state = kwargs.pop("initial_state", None)
+    output_final_state = bool(kwargs.pop("output_final_state", False))
+    cu_seqlens = kwargs.pop("cu_seqlens", None)
+    declared = list(rec.inputs) + list(rec.params)
+    if len(args) > len(declared):
+        raise CallError(f"{rec.name}() takes {len(declared)} tensors ({', '.join(s.name for s in declared)}), "
+                        f"got {len(args)} positional arguments")
+    values: dict[str, object] = {}
+    for sym, value in zip(declared, args):
+        values[sym.name] = value
+    for name, value in kwargs.items():
+        if name not in {s.name for s in declared}:
+            raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
+                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens")
+        if name in values:
+            raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
+        values[name] = value
+    missing = [s.name for s in declared if s.name not in values]
+    if missing:
+        raise CallError(f"{rec.name}() is missing argument(s): {', '.join(missing)}")
+
+    for sym in declared:
+        value = values[sym.name]
+        if not isinstance(value, torch.Tensor):
+            raise CallError(f"argument '{sym.name}' must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise CallError(f"argument '{sym.name}' must be a floating-point tensor, got {value.dtype}")
+
+    binder = _SizeBinder()
+    first = values[rec.inputs[0].name] if rec.inputs else None
+    if first is None:
+        raise CallError(f"{rec.name}() declares no inputs, so the batch and length are unknown")
+    if first.dim() < 3:
+        raise CallError(f"input '{rec.inputs[0].name}' must have shape {_expected(('B', 'T', 'H'), rec.inputs[0])}, "
+                        f"got {_shape(first)}")
+    batch, length, heads = first.shape[:3]
+    device = first.device
+    for sym in rec.inputs:
+        t = values[sym.name]
+        want = 3 + len(sym.dims)
+
+        def describe(sym=sym):
+            return _expected(("B", "T", "H"), sym)
+
+        if t.dim() != want:
+            raise CallError(f"input '{sym.name}' must have shape {describe()}, got {_shape(t)}")
+        if tuple(t.shape[:3]) != (batch, length, heads):
+            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={batch}, T={length}, "
+                            f"H={heads} (from '{rec.inputs[0].name}'), got {_shape(t)}")
+        if t.device != device:
+            raise CallError(f"input '{sym.name}' is on {t.device} but '{rec.inputs[0].name}' is on {device}")
+        for pos, size in enumerate(sym.dims):
+            binder.bind(size, t.shape[3 + pos], f"input '{sym.name}'", describe)
+    for sym in rec.params:
+        t = values[sym.name]
+
+        def describe(sym=sym):
+            return _expected(("H",), sym)
+
+        if t.dim() != 1 + len(sym.dims) or t.shape[0] != heads:
+            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={heads}, got {_shape(t)}")
+        if t.device != device:
+            raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
+        for pos, size in enumerate(sym.dims):
+            binder.bind(size, t.shape[1 + pos], f"param '{sym.name}'", describe)
+
+    cu = None
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
+        if batch != 1:
+            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        if len(cu) < 2:
+            raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
+        if cu[0] != 0 or cu[-1] != length:
+            raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    rows = batch if cu is None else len(cu) - 1
+
+    states = _normalise_states(rec, initial_state)
+    if states is not None:
+        for sym in rec.states:
+            t = states[sym.name]
+            what = f"initial_state['{sym.name}']" if len(rec.states) > 1 else "initial_state"
+
+            def describe(sym=sym):
+                return _expected(("N" if cu is not None else "B", "H"), sym)
+
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise CallError(f"{what} must be a floating-point tensor of shape {describe()}")
+            if t.dim() != 2 + len(sym.dims) or t.shape[0] != rows or t.shape[1] != heads:
+                rows_word = f"N={rows} sequences" if cu is not None else f"B={rows}"
+                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={heads}, got {_shape(t)}")
+            if t.device != device:
+                raise CallError(f"{what} is on {t.device} but the inputs are on {device}")
+            for pos, size in enumerate(sym.dims):
+                binder.bind(size, t.shape[2 + pos], what, describe)
+
+    for name in rec.sizes:
+        if name not in binder.sizes:
+            raise CallError(f"size {name} is not fixed by any argument; pass an initial_state, or declare an input "
+                            f"or param that has it")
+    return BoundCall(
+        inputs={s.name: values[s.name] for s in rec.inputs},
+        params={s.name: values[s.name] for s in rec.params},
+        initial_state=states,
+        output_final_state=output_final_state,
+        cu_seqlens=cu,
+        batch=batch,
+        length=length,
+        heads=heads,
+        sizes=dict(binder.sizes),
+        device=device,
+        dtype=first.dtype,
+    )
+
+
+def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.Tensor] | None:
+    if initial_state is None:
+        return None
+    if not rec.states:
+        raise CallError(f"{rec.name} has no state, so initial_state must be None")
+    if isinstance(initial_state, dict):
+        names = {s.name for s in rec.states}
+        unknown = set(initial_state) - names
+        if unknown:
+            raise CallError(f"initial_state has unknown state(s) {sorted(unknown)}; {rec.name} has {sorted(names)}")
+        missing = names - set(initial_state)
+        if missing:
+            raise CallError(f"initial_state is missing state(s) {sorted(missing)}")
+        return dict(initial_state)
+    if len(rec.states) > 1:
+        raise CallError(f"{rec.name} has {len(rec.states)} states, so initial_state must be a dict keyed by "
+                        f"{[s.name for s in rec.states]}")
+    return {rec.states[0].name: initial_state}
+
+
+def pack_result(rec: CheckedRecurrence, outputs: dict[str, torch.Tensor],
+                final_states: dict[str, torch.Tensor] | None):
+    """`(output, final_state)` as LANGUAGE.md returns them: tuples and dicts only when there are several."""
+    out = tuple(outputs[o.name] for o in rec.outputs)
+    output = out[0] if len(out) == 1 else out
+    if final_states is None:
+        return output, None
+    if len(rec.states) == 1:
+        return output, final_states[rec.states[0].name]
+    return output, dict(final_states)

@@ -1,0 +1,366 @@
+"""Semantic checks: names, declarations, assignment rules and index ranges.
+
+Turns a `RecurrenceSyntax` into a `CheckedRecurrence`: every name resolved to a
+`Symbol`, every `sum(...)` call into a `Sum` with its index ranges, every
+temporary given its shape. Any violation raises a `SpecError` pointing at the
+offending token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from . import syntax as ast
+from .errors import Source, Span, SpecError, did_you_mean
+
+UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu")
+BINARY_FUNCTIONS = ("min", "max")
+FUNCTIONS = UNARY_FUNCTIONS + BINARY_FUNCTIONS
+
+Size = str | int  # a size name (bound at call time) or an integer literal
+
+
+class SymbolKind(enum.Enum):
+    INPUT = "input"
+    PARAM = "param"
+    STATE = "state"
+    OUTPUT = "output"
+    TEMP = "temporary"
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    kind: SymbolKind
+    dims: tuple[Size, ...]
+    span: Span
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.dims) + "]" if self.dims else "(scalar)"
+
+
+@dataclass(frozen=True)
+class CheckedAssign:
+    """One assignment with its target resolved; `value` has `Sum` nodes with ranges."""
+
+    target: Symbol
+    indices: tuple[str, ...]
+    value: ast.Expr
+    span: Span
+    index: int  # position among the recurrence's assignments
+
+
+@dataclass(frozen=True)
+class CheckedRecurrence:
+    name: str
+    inputs: tuple[Symbol, ...]
+    params: tuple[Symbol, ...]
+    states: tuple[Symbol, ...]
+    outputs: tuple[Symbol, ...]
+    temps: tuple[Symbol, ...]
+    sizes: tuple[str, ...]  # size names in order of first declaration
+    statements: tuple[CheckedAssign, ...]
+    span: Span
+    source: Source = field(compare=False)
+
+    @property
+    def text(self) -> str:
+        """The recurrence's own source text (its `recurrence ... { ... }` block)."""
+        lines = self.source.text.splitlines()
+        return "\n".join(lines[self.span.line - 1 : self.span.end_line]) + "\n"
+
+    def symbol(self, name: str) -> Symbol:
+        for group in (self.inputs, self.params, self.states, self.outputs, self.temps):
+            for sym in group:
+                if sym.name == name:
+                    return sym
+        raise KeyError(name)
+
+
+def check_program(program: ast.Program) -> list[CheckedRecurrence]:
+    """Check every recurrence of a program; two recurrences may not share a name."""
+    seen: dict[str, ast.RecurrenceSyntax] = {}
+    checked = []
+    for rec in program.recurrences:
+        if rec.name in seen:
+            first = seen[rec.name].name_span
+            raise SpecError(f"recurrence '{rec.name}' is defined twice", rec.name_span, program.source,
+                            hint=f"first defined at line {first.line}")
+        seen[rec.name] = rec
+        checked.append(_Checker(rec, program.source).run())
+    return checked
+
+
+class _Checker:
+    def __init__(self, rec: ast.RecurrenceSyntax, source: Source):
+        self.rec = rec
+        self.source = source
+        self.symbols: dict[str, Symbol] = {}
+        self.sizes: dict[str, Span] = {}
+        # Temporaries and outputs become readable once assigned.
+        self.assigned: dict[str, Span] = {}
+
+    def error(self, message: str, span: Span, hint: str | None = None) -> SpecError:
+        return SpecError(message, span, self.source, hint=hint)
+
+    # -- declarations -------------------------------------------------
+
+    def declare(self, decl: ast.Decl, kind: SymbolKind) -> Symbol:
+        if decl.name in self.symbols:
+            first = self.symbols[decl.name]
+            raise self.error(f"'{decl.name}' is declared twice", decl.span,
+                             hint=f"first declared as {first.kind.value} at line {first.span.line}, "
+                                  f"column {first.span.column}")
+        if decl.name in self.sizes:
+            raise self.error(f"'{decl.name}' is already a size name and cannot also name a value", decl.span)
+        dims = []
+        for dim in decl.dims:
+            if isinstance(dim.size, str):
+                if dim.size in self.symbols:
+                    raise self.error(f"'{dim.size}' names a {self.symbols[dim.size].kind.value} "
+                                     "and cannot also be a size", dim.span)
+                self.sizes.setdefault(dim.size, dim.span)
+            elif dim.size < 1:
+                raise self.error(f"a dimension must be at least 1, got {dim.size}", dim.span)
+            dims.append(dim.size)
+        sym = Symbol(decl.name, kind, tuple(dims), decl.span)
+        self.symbols[decl.name] = sym
+        return sym
+
+    # -- the whole recurrence -----------------------------------------
+
+    def run(self) -> CheckedRecurrence:
+        rec = self.rec
+        inputs = tuple(self.declare(d, SymbolKind.INPUT) for d in rec.inputs)
+        outputs = tuple(self.declare(d, SymbolKind.OUTPUT) for d in rec.outputs)
+        params: list[Symbol] = []
+        states: list[Symbol] = []
+        temps: list[Symbol] = []
+        statements: list[CheckedAssign] = []
+        output_assigned: dict[str, Span] = {}
+        for stmt in rec.statements:
+            if isinstance(stmt, ast.DeclStatement):
+                kind = SymbolKind.PARAM if stmt.kind == "param" else SymbolKind.STATE
+                for decl in stmt.decls:
+                    if decl.name in self.assigned:
+                        raise self.error(f"'{decl.name}' is assigned before it is declared as a {stmt.kind}",
+                                         decl.span)
+                    sym = self.declare(decl, kind)
+                    (params if kind is SymbolKind.PARAM else states).append(sym)
+                continue
+            target = self.symbols.get(stmt.target)
+            if target is None and stmt.target in self.sizes:
+                raise self.error(f"cannot assign to size '{stmt.target}'", stmt.target_span)
+            if target is not None and target.kind in (SymbolKind.INPUT, SymbolKind.PARAM):
+                raise self.error(f"cannot assign to {target.kind.value} '{stmt.target}'", stmt.target_span,
+                                 hint="inputs and params are read-only; assign to a new name for a temporary")
+            if target is not None and target.kind is SymbolKind.OUTPUT:
+                if stmt.target in output_assigned:
+                    first = output_assigned[stmt.target]
+                    raise self.error(f"output '{stmt.target}' is assigned more than once", stmt.target_span,
+                                     hint=f"first assigned at line {first.line}; use a temporary for "
+                                          "intermediate values")
+                output_assigned[stmt.target] = stmt.target_span
+            checked = self.check_assign(stmt, target, len(statements))
+            if target is None or (target.kind is SymbolKind.TEMP and target not in temps):
+                temps.append(checked.target)
+            statements.append(checked)
+            self.assigned.setdefault(stmt.target, stmt.span)
+        for out in outputs:
+            if out.name not in output_assigned:
+                raise self.error(f"output '{out.name}' is never assigned", out.span,
+                                 hint=f"add a line '{out.name}{_index_hint(out)} = ...' to the body")
+        return CheckedRecurrence(
+            name=rec.name,
+            inputs=inputs,
+            params=tuple(params),
+            states=tuple(states),
+            outputs=outputs,
+            temps=tuple(temps),
+            sizes=tuple(self.sizes),
+            statements=tuple(statements),
+            span=rec.span,
+            source=self.source,
+        )
+
+    # -- assignments ----------------------------------------------------
+
+    def check_assign(self, stmt: ast.Assign, target: Symbol | None, position: int) -> CheckedAssign:
+        names: list[str] = []
+        for idx in stmt.indices:
+            if isinstance(idx, ast.IndexLiteral):
+                raise self.error("an assignment's indices must be index names, not numbers", idx.span)
+            if idx.name in names:
+                raise self.error(f"index '{idx.name}' appears twice in the target", idx.span)
+            if idx.name in self.symbols or idx.name in self.sizes:
+                raise self.error(f"'{idx.name}' names a value or size and cannot be used as an index", idx.span)
+            names.append(idx.name)
+        if target is not None and target.kind is not SymbolKind.TEMP and len(names) != len(target.dims):
+            raise self.error(
+                f"{target.kind.value} '{target.name}' has {_count(len(target.dims), 'dimension')} "
+                f"{target.shape_text()} but is assigned with {_count(len(names), 'index', 'indices')}",
+                stmt.target_span, hint=f"write {target.name}{_index_hint(target)} = ...")
+        if target is not None and target.kind is SymbolKind.TEMP and len(names) != len(target.dims):
+            raise self.error(f"temporary '{target.name}' was {_count(len(target.dims), 'dimension')} "
+                             f"{target.shape_text()} and is reassigned with {_count(len(names), 'index', 'indices')}",
+                             stmt.target_span)
+        # Each index bound by the target: the size it ranges over, and where that was learnt.
+        ranges: dict[str, tuple[Size, Span] | None] = {}
+        for pos, name in enumerate(names):
+            if target is not None:
+                ranges[name] = (target.dims[pos], stmt.indices[pos].span)
+            else:
+                ranges[name] = None
+        value = self.check_expr(stmt.value, [ranges])
+        for idx in stmt.indices:
+            if ranges[idx.name] is None:
+                raise self.error(f"cannot tell the range of index '{idx.name}': nothing on the right indexes it",
+                                 idx.span)
+        if target is None:
+            target = Symbol(stmt.target, SymbolKind.TEMP, tuple(ranges[n][0] for n in names), stmt.target_span)
+            self.symbols[stmt.target] = target
+        elif target.kind is SymbolKind.TEMP:
+            new_dims = tuple(ranges[n][0] for n in names)
+            if new_dims != target.dims:
+                raise self.error(f"temporary '{target.name}' was {target.shape_text()} and is reassigned as "
+                                 f"[{', '.join(map(str, new_dims))}]", stmt.target_span)
+        return CheckedAssign(target, tuple(names), value, stmt.span, position)
+
+    # -- expressions ------------------------------------------------------
+
+    def lookup_index(self, name: str, scopes) -> dict | None:
+        for scope in reversed(scopes):
+            if name in scope:
+                return scope
+        return None
+
+    def readable(self, name: str, span: Span) -> Symbol:
+        sym = self.symbols.get(name)
+        if sym is None:
+            later = [s for s in self.rec.statements
+                     if isinstance(s, ast.DeclStatement) and any(d.name == name for d in s.decls)]
+            if later:
+                kind = later[0].kind
+                raise self.error(f"{kind} '{name}' is read before it is declared", span,
+                                 hint=f"move 'state {name}' above this line" if kind == "state"
+                                 else f"move 'param {name}' above this line")
+            assigned_later = [s for s in self.rec.statements if isinstance(s, ast.Assign) and s.target == name]
+            if assigned_later:
+                raise self.error(f"'{name}' is read before it is assigned", span,
+                                 hint=f"it is assigned at line {assigned_later[0].span.line}")
+            known = list(self.symbols) + list(self.sizes)
+            raise self.error(f"undefined name '{name}'", span, hint=did_you_mean(name, known))
+        if sym.kind in (SymbolKind.TEMP, SymbolKind.OUTPUT) and name not in self.assigned:
+            raise self.error(f"{sym.kind.value} '{name}' is read before it is assigned", span)
+        return sym
+
+    def check_expr(self, expr: ast.Expr, scopes: list[dict]) -> ast.Expr:
+        if isinstance(expr, ast.Number):
+            return expr
+        if isinstance(expr, ast.Name):
+            if self.lookup_index(expr.name, scopes) is not None:
+                raise self.error(f"index '{expr.name}' cannot be used as a value", expr.span)
+            if expr.name in self.sizes:
+                return expr
+            sym = self.readable(expr.name, expr.span)
+            if sym.dims:
+                raise self.error(f"{sym.kind.value} '{sym.name}' has {_count(len(sym.dims), 'dimension')} "
+                                 f"{sym.shape_text()} and must be indexed", expr.span,
+                                 hint=f"write {sym.name}{_index_hint(sym)}")
+            return expr
+        if isinstance(expr, ast.Indexed):
+            if expr.name in self.sizes:
+                raise self.error(f"size '{expr.name}' cannot be indexed", expr.name_span)
+            sym = self.readable(expr.name, expr.name_span)
+            if not sym.dims:
+                raise self.error(f"{sym.kind.value} '{sym.name}' is a scalar and cannot be indexed",
+                                 expr.name_span, hint=f"write {sym.name} without brackets")
+            if len(expr.indices) != len(sym.dims):
+                raise self.error(f"{sym.kind.value} '{sym.name}' has {_count(len(sym.dims), 'dimension')} "
+                                 f"{sym.shape_text()} but is indexed with "
+                                 f"{_count(len(expr.indices), 'index', 'indices')}", expr.span,
+                                 hint=f"write {sym.name}{_index_hint(sym)}")
+            for pos, idx in enumerate(expr.indices):
+                if isinstance(idx, ast.IndexLiteral):
+                    raise self.error("indices must be index names; a number cannot index a tensor", idx.span,
+                                     hint="bind an index in the target or with sum(i, ...)")
+                scope = self.lookup_index(idx.name, scopes)
+                if scope is None:
+                    if idx.name in self.symbols or idx.name in self.sizes:
+                        raise self.error(f"'{idx.name}' is a value, not an index", idx.span)
+                    raise self.error(f"free index '{idx.name}' is not bound by the target or a sum", idx.span,
+                                     hint=f"add it to the target's indices or sum over it: sum({idx.name}, ...)")
+                self.bind_range(scope, idx.name, sym.dims[pos], idx.span)
+            return expr
+        if isinstance(expr, ast.BinOp):
+            return replace(expr, left=self.check_expr(expr.left, scopes), right=self.check_expr(expr.right, scopes))
+        if isinstance(expr, ast.Neg):
+            return replace(expr, operand=self.check_expr(expr.operand, scopes))
+        if isinstance(expr, ast.Call):
+            if expr.func == "sum":
+                return self.check_sum(expr, scopes)
+            if expr.func in UNARY_FUNCTIONS or expr.func in BINARY_FUNCTIONS:
+                want = 1 if expr.func in UNARY_FUNCTIONS else 2
+                if len(expr.args) != want:
+                    raise self.error(f"{expr.func}() takes {_count(want, 'argument')}, got {len(expr.args)}",
+                                     expr.span)
+                return replace(expr, args=tuple(self.check_expr(a, scopes) for a in expr.args))
+            if expr.func in self.symbols:
+                raise self.error(f"'{expr.func}' is a {self.symbols[expr.func].kind.value}, not a function",
+                                 expr.func_span, hint=f"index it with [ ], e.g. {expr.func}[i]")
+            raise self.error(f"unknown function '{expr.func}'", expr.func_span,
+                             hint=did_you_mean(expr.func, FUNCTIONS + ("sum",)))
+        raise TypeError(f"unexpected syntax node {expr!r}")  # the parser makes no other node
+
+    def check_sum(self, expr: ast.Call, scopes: list[dict]) -> ast.Sum:
+        if len(expr.args) < 2:
+            raise self.error("sum() takes one or more index names and then an expression", expr.span,
+                             hint="write sum(i, x[i])")
+        index_args, body = expr.args[:-1], expr.args[-1]
+        scope: dict[str, tuple[Size, Span] | None] = {}
+        spans: list[Span] = []
+        for arg in index_args:
+            if not isinstance(arg, ast.Name):
+                raise self.error("sum()'s leading arguments must be index names", _node_span(arg),
+                                 hint="write sum(i, x[i]) or sum(i, j, x[i, j])")
+            if arg.name in self.symbols or arg.name in self.sizes:
+                raise self.error(f"'{arg.name}' names a value or size and cannot be a summation index", arg.span)
+            if arg.name in scope or self.lookup_index(arg.name, scopes) is not None:
+                raise self.error(f"index '{arg.name}' is already bound here", arg.span,
+                                 hint="use a different index name")
+            scope[arg.name] = None
+            spans.append(arg.span)
+        checked_body = self.check_expr(body, scopes + [scope])
+        ranges = []
+        for name, span in zip(scope, spans):
+            if scope[name] is None:
+                raise self.error(f"cannot tell the range of summation index '{name}': nothing in the sum indexes it",
+                                 span)
+            ranges.append(scope[name][0])
+        indices = tuple(ast.IndexVar(a.name, a.span) for a in index_args)
+        return ast.Sum(indices, checked_body, expr.span, tuple(ranges))
+
+    def bind_range(self, scope: dict, name: str, size: Size, span: Span) -> None:
+        known = scope[name]
+        if known is None:
+            scope[name] = (size, span)
+        elif known[0] != size:
+            where = known[1]
+            raise self.error(f"index '{name}' ranges over {size} here but over {known[0]} at line {where.line}, "
+                             f"column {where.column}", span)
+
+
+def _node_span(node) -> Span:
+    return node.span
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _index_hint(sym: Symbol) -> str:
+    letters = "ijklmn"
+    if not sym.dims:
+        return ""
+    return "[" + ", ".join(letters[p % len(letters)] for p in range(len(sym.dims))) + "]"

@@ -1,0 +1,169 @@
+"""`recdsl`: check, show and compile `.rec` specs from the command line.
+
+Exit status: 0 on success, 1 when a path exceeds its tolerance, 2 on a spec
+error or a bad command line. A spec error never prints a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .api import Recurrence, load
+from .errors import CallError, SpecError
+
+DEFAULT_SIZES = {"B": 2, "T": 64, "H": 2}
+DEFAULT_DIM = 16
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A bad command line (exit 2)."""
+
+
+def parse_shape(text: str | None) -> dict[str, int]:
+    """`B=2,T=64,K=16` -> {"B": 2, "T": 64, "K": 16}."""
+    sizes: dict[str, int] = {}
+    if not text:
+        return sizes
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--shape: expected NAME=INT pairs separated by commas, got '{part}'")
+        try:
+            number = int(value)
+        except ValueError:
+            raise UsageError(f"--shape: size {name} must be an integer, got '{value}'") from None
+        if number < 1 and name != "T":
+            raise UsageError(f"--shape: size {name} must be at least 1, got {number}")
+        if name in sizes and sizes[name] != number:
+            raise UsageError(f"--shape: size {name} is given twice, as {sizes[name]} and {number}")
+        sizes[name] = number
+    return sizes
+
+
+def _select(recs: dict[str, Recurrence], name: str | None) -> list[Recurrence]:
+    if name is None:
+        return list(recs.values())
+    if name not in recs:
+        raise UsageError(f"--name: no recurrence '{name}' in the file; it has {', '.join(recs)}")
+    return [recs[name]]
+
+
+def cmd_check(args) -> int:
+    import torch
+
+    from .validate import check_recurrence, format_report
+
+    recs = _select(load(Path(args.file)), args.name)
+    given = parse_shape(args.shape)
+    dtype = getattr(torch, args.dtype)
+    status = 0
+    for rec in recs:
+        unknown = set(given) - set(DEFAULT_SIZES) - set(rec.checked.sizes)
+        if unknown and len(recs) == 1:
+            raise UsageError(f"--shape: {rec.name} has no size {', '.join(sorted(unknown))}; its sizes are "
+                             f"B, T, H{''.join(', ' + s for s in rec.checked.sizes)}")
+        sizes = {s: given.get(s, DEFAULT_DIM) for s in rec.checked.sizes}
+        batch = given.get("B", DEFAULT_SIZES["B"])
+        length = given.get("T", DEFAULT_SIZES["T"])
+        heads = given.get("H", DEFAULT_SIZES["H"])
+        report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed)
+        print(format_report(report))
+        print()
+        if not report.ok:
+            status = 1
+    print("all paths within tolerance" if status == 0 else "some paths exceed their tolerance")
+    return status
+
+
+def describe(rec: Recurrence) -> dict:
+    """The JSON form of a recurrence (`recdsl show --json`)."""
+    c = rec.checked
+
+    def sym(s):
+        return {"name": s.name, "shape": [d for d in s.dims]}
+
+    return {
+        "name": c.name,
+        "spec_hash": rec.spec_hash,
+        "sizes": list(c.sizes),
+        "inputs": [sym(s) for s in c.inputs],
+        "params": [sym(s) for s in c.params],
+        "states": [sym(s) for s in c.states],
+        "outputs": [sym(s) for s in c.outputs],
+        "temporaries": [sym(s) for s in c.temps],
+        "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],
+    }
+
+
+def cmd_show(args) -> int:
+    recs = _select(load(Path(args.file)), args.name)
+    if args.json:
+        print(json.dumps({"recurrences": [describe(r) for r in recs]}, indent=2))
+        return 0
+    for rec in recs:
+        d = describe(rec)
+
+        def fmt(items):
+            return ", ".join(f"{s['name']}[{', '.join(map(str, s['shape']))}]" if s["shape"] else s["name"]
+                             for s in items) or "-"
+
+        print(f"recurrence {d['name']}  (spec hash {d['spec_hash']})")
+        print(f"  inputs:      {fmt(d['inputs'])}")
+        print(f"  params:      {fmt(d['params'])}")
+        print(f"  states:      {fmt(d['states'])}")
+        print(f"  outputs:     {fmt(d['outputs'])}")
+        print(f"  temporaries: {fmt(d['temporaries'])}")
+        print("  step:")
+        for line in d["statements"]:
+            print(f"    {line}")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
+                                     "as .rec specs.")
+    parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    check = sub.add_parser("check", help="run every executable path against the reference",
+                           description="Parse and check FILE, run the float64 reference on random inputs, and "
+                           "compare every executable path against it. Exits 1 if any exceeds its tolerance.")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--name", help="only this recurrence (default: every one in FILE)")
+    check.add_argument("--shape", help="sizes, e.g. B=2,T=64,H=2,K=16,V=16 (others take small defaults)")
+    check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the paths under test")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    check.set_defaults(run=cmd_check)
+
+    show = sub.add_parser("show", help="print the parsed recurrence",
+                          description="Print the declarations and the step of each recurrence in FILE.")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--name", help="only this recurrence")
+    show.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [...]}")
+    show.set_defaults(run=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SpecError as err:
+        print(err.render(), file=sys.stderr)
+        return 2
+    except (UsageError, FileNotFoundError, CallError) as err:
+        print(f"recdsl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The two error types a user sees: `SpecError` for a bad `.rec` program,
+`CallError` for a bad call of a compiled or reference layer.
+
+A `SpecError` carries the source position and prints the way compilers do:
+
+    gla.rec:4:20: error: unknown function 'expp'
+        S[i, j] = expp(g[i]) * S[i, j] + k[i] * v[j]
+                  ^~~~
+    hint: did you mean 'exp'?
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """A 1-based source range: from (line, column) up to, not including, (end_line, end_column)."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    def __str__(self) -> str:
+        return f"{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a program and the name it is reported under."""
+
+    text: str
+    filename: str = "<string>"
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+class SpecError(Exception):
+    """An error in a `.rec` program, with its position in the source."""
+
+    def __init__(self, message: str, span: Span, source: Source, hint: str | None = None):
+        self.message = message
+        self.span = span
+        self.source = source
+        self.hint = hint
+        super().__init__(self.render())
+
+    @property
+    def line(self) -> int:
+        return self.span.line
+
+    @property
+    def column(self) -> int:
+        return self.span.column
+
+    def render(self) -> str:
+        """`FILE:LINE:COL: error: MESSAGE`, the source line, a caret, and a hint if any."""
+        head = f"{self.source.filename}:{self.span.line}:{self.span.column}: error: {self.message}"
+        text = self.source.line_text(self.span.line)
+        parts = [head]
+        if text:
+            width = 1
+            if self.span.end_line == self.span.line and self.span.end_column > self.span.column:
+                width = self.span.end_column - self.span.column
+            width = max(1, min(width, len(text) - self.span.column + 1))
+            # Keep tabs in the gutter so the caret lines up under tab-indented code.
+            gutter = "".join(c if c == "\t" else " " for c in text[: self.span.column - 1])
+            parts.append("    " + text)
+            parts.append("    " + gutter + "^" + "~" * (width - 1))
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+
+class CallError(ValueError):
+    """A layer was called with arguments that do not fit its declaration."""
+
+
+def did_you_mean(word: str, candidates) -> str | None:
+    """A hint naming the closest candidate, or None when nothing is close."""
+    close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None

@@ -1,0 +1,224 @@
+"""Parse `.rec` text into the syntax tree (`syntax.py`), turning lark's errors into `SpecError`s."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import lark
+from lark import Token, Transformer, v_args
+
+from grammar import grammar_text
+
+from . import syntax as ast
+from .errors import Source, Span, SpecError
+
+__all__ = ["parse_program"]
+
+# What the user typed for each terminal, for messages like "expected ')'".
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "NUMBER": "a number",
+    "_NL": "end of line",
+    "$END": "end of file",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _token_span(tok: Token) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _meta_span(meta) -> Span:
+    return Span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _join(a: Span, b: Span) -> Span:
+    return Span(a.line, a.column, b.end_line, b.end_column)
+
+
+def _span_of(node) -> Span:
+    return node.span if not isinstance(node, Token) else _token_span(node)
+
+
+@v_args(meta=True)
+class _ToSyntax(Transformer):
+    """Builds `syntax` nodes bottom-up; every node keeps the span of its text."""
+
+    def start(self, meta, children):
+        return tuple(children)
+
+    def recurrence(self, meta, children):
+        name, inputs, outputs, *statements = children
+        return ast.RecurrenceSyntax(
+            name=str(name),
+            inputs=inputs or (),
+            outputs=outputs,
+            statements=tuple(s for s in statements if s is not None),
+            span=_meta_span(meta),
+            name_span=_token_span(name),
+        )
+
+    def decl_list(self, meta, children):
+        return tuple(children)
+
+    def decl(self, meta, children):
+        name, *dims = children
+        dims = tuple(d for d in dims if d is not None)
+        return ast.Decl(str(name), dims, _meta_span(meta))
+
+    def size_name(self, meta, children):
+        (tok,) = children
+        return ast.Dim(str(tok), _token_span(tok))
+
+    def size_literal(self, meta, children):
+        (tok,) = children
+        return ast.Dim(int(tok), _token_span(tok))
+
+    def param_stmt(self, meta, children):
+        return ast.DeclStatement("param", children[0], _meta_span(meta))
+
+    def state_stmt(self, meta, children):
+        return ast.DeclStatement("state", children[0], _meta_span(meta))
+
+    def target(self, meta, children):
+        name, *indices = children
+        return name, tuple(i for i in indices if i is not None)
+
+    def assign(self, meta, children):
+        (name, indices), value = children
+        return ast.Assign(str(name), indices, value, _meta_span(meta), _token_span(name))
+
+    def index_var(self, meta, children):
+        (tok,) = children
+        return ast.IndexVar(str(tok), _token_span(tok))
+
+    def index_literal(self, meta, children):
+        (tok,) = children
+        return ast.IndexLiteral(int(tok), _token_span(tok))
+
+    def number(self, meta, children):
+        (tok,) = children
+        return ast.Number(float(tok), str(tok), _token_span(tok))
+
+    def name(self, meta, children):
+        (tok,) = children
+        return ast.Name(str(tok), _token_span(tok))
+
+    def indexed(self, meta, children):
+        name, *indices = children
+        return ast.Indexed(str(name), tuple(indices), _meta_span(meta), _token_span(name))
+
+    def call(self, meta, children):
+        func, *args = children
+        args = tuple(a for a in args if a is not None)
+        return ast.Call(str(func), args, _meta_span(meta), _token_span(func))
+
+    def _binop(op):  # noqa: N805 - a factory used in the class body
+        def build(self, meta, children):
+            left, right = children
+            return ast.BinOp(op, left, right, _join(_span_of(left), _span_of(right)))
+
+        return build
+
+    add = _binop("+")
+    sub = _binop("-")
+    mul = _binop("*")
+    div = _binop("/")
+    pow = _binop("**")
+
+    def neg(self, meta, children):
+        (operand,) = children
+        return ast.Neg(operand, _meta_span(meta))
+
+    def pos(self, meta, children):
+        (operand,) = children
+        return operand
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "$END":
+        return "end of file"
+    if tok.type == "NAME":
+        return f"name '{tok}'"
+    if tok.type in ("INT", "NUMBER"):
+        return f"number {tok}"
+    return f"'{tok}'"
+
+
+def _describe_expected(expected: set[str]) -> str:
+    parser = _parser()
+    words = []
+    for name in sorted(expected):
+        if name in _TERMINAL_WORDS:
+            words.append(_TERMINAL_WORDS[name])
+            continue
+        try:
+            pattern = parser.get_terminal(name).pattern
+        except KeyError:
+            continue
+        words.append(f"'{pattern.value}'" if pattern.type == "str" else name.lower())
+    words = sorted(set(words))
+    if not words:
+        return ""
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecError:
+    if isinstance(err, lark.exceptions.UnexpectedCharacters):
+        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
+        span = Span(err.line, err.column, err.line, err.column + 1)
+        return SpecError(f"unexpected character '{char}'", span, source)
+    if isinstance(err, lark.exceptions.UnexpectedEOF):
+        lines = source.text.splitlines() or [""]
+        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        expected = _describe_expected(set(err.expected))
+        return SpecError(f"unexpected end of file, expected {expected}", span, source,
+                         hint="is a closing '}' missing?")
+    assert isinstance(err, lark.exceptions.UnexpectedToken)
+    tok = err.token
+    expected = set(err.expected)
+    if tok.type == "$END":
+        lines = source.text.splitlines() or [""]
+        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        return SpecError(f"unexpected end of file, expected {_describe_expected(expected)}", span, source,
+                         hint="is a closing '}' missing?")
+    span = _token_span(tok)
+    if tok.type == "_NL":
+        # Point at the end of the line rather than at the newline's own (next-line) position.
+        span = Span(tok.line, tok.column, tok.line, tok.column + 1)
+    message = f"unexpected {_describe_token(tok)}"
+    described = _describe_expected(expected)
+    if described:
+        message += f", expected {described}"
+    hint = None
+    if tok.type == "_NL" and "RPAR" in expected:
+        hint = "a ')' is missing before the end of the line"
+    elif tok.type == "_NL" and "RSQB" in expected:
+        hint = "a ']' is missing before the end of the line"
+    elif tok.type == "EQUAL" and expected & {"EQUAL"} == set():
+        hint = "only one assignment per line; '==' is not an operator"
+    elif tok.type == "NAME" and "LBRACE" in expected:
+        hint = "the body of a recurrence starts with '{' after its outputs"
+    return SpecError(message, span, source, hint=hint)
+
+
+def parse_program(text: str, filename: str = "<string>") -> ast.Program:
+    """Parse a whole `.rec` file. Raises `SpecError` on a syntax error."""
+    source = Source(text, filename)
+    if not text.endswith("\n"):
+        text += "\n"
+    try:
+        tree = _parser().parse(text)
+    except lark.exceptions.UnexpectedInput as err:
+        raise _syntax_error(err, source) from None
+    recurrences = _ToSyntax().transform(tree)
+    return ast.Program(recurrences, source)

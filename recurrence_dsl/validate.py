@@ -1,0 +1,113 @@
+"""Check every executable path of a recurrence against the float64 reference.
+
+Used by `recdsl check` and the tests. A path is a function with the layer's
+calling convention; each output and final state is compared by relative error
+`||x - ref|| / ||ref||`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .api import Recurrence
+from .sampling import sample_arguments
+
+# Relative-error tolerance of a path run in each dtype, against the float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class PathCheck:
+    path: str  # e.g. "reference", "torch/chunked"
+    value: str  # an output name, or "final S"
+    rel_error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_error <= self.tolerance
+
+
+@dataclass
+class CheckReport:
+    recurrence: str
+    sizes: dict[str, int]
+    dtype: torch.dtype
+    rows: list[PathCheck]
+    skipped: list[tuple[str, str]]  # (path, why it was not run)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    denom = ref.norm().item()
+    diff = (x - ref).norm().item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+def _as_dict(rec: Recurrence, output, final) -> dict[str, torch.Tensor]:
+    c = rec.checked
+    outs = output if isinstance(output, tuple) else (output,)
+    values = {o.name: t for o, t in zip(c.outputs, outs)}
+    if final is not None:
+        finals = final if isinstance(final, dict) else {c.states[0].name: final}
+        for name, t in finals.items():
+            values[f"final {name}"] = t
+    return values
+
+
+def executable_paths(rec: Recurrence) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
+    """Every path this project can run for `rec`, and the ones it cannot with the reason."""
+    paths: dict[str, Callable] = {"reference": rec.reference}
+    return paths, []
+
+
+def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int,
+                     dtype: torch.dtype = torch.float32, seed: int = 0,
+                     paths: dict[str, Callable] | None = None) -> CheckReport:
+    """Run each path on the same random inputs (with an initial state) and compare with the reference."""
+    args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
+                                     with_initial_state=True)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    reference = _as_dict(rec, ref_out, ref_final)
+    skipped: list[tuple[str, str]] = []
+    if paths is None:
+        paths, skipped = executable_paths(rec)
+    cast_args = [a.to(dtype) for a in args]
+    cast_initial = None
+    if initial is not None:
+        cast_initial = {k: v.to(dtype) for k, v in initial.items()} if isinstance(initial, dict) else initial.to(dtype)
+    rows = []
+    for name, fn in paths.items():
+        if fn is rec.reference:
+            out, fin = rec.reference(*cast_args, initial_state=cast_initial, output_final_state=True, dtype=dtype)
+        else:
+            out, fin = fn(*cast_args, initial_state=cast_initial, output_final_state=True)
+        got = _as_dict(rec, out, fin)
+        for key, ref in reference.items():
+            rows.append(PathCheck(name, key, relative_error(got[key], ref), TOLERANCE[dtype]))
+    return CheckReport(rec.name, dict(sizes), dtype, rows, skipped)
+
+
+def format_report(report: CheckReport) -> str:
+    dtype = str(report.dtype).replace("torch.", "")
+    sizes = ", ".join(f"{k}={v}" for k, v in report.sizes.items())
+    lines = [f"{report.recurrence}  ({sizes}; {dtype} against the float64 reference)"]
+    width = max([len(r.path) for r in report.rows] + [len("path")])
+    vwidth = max([len(r.value) for r in report.rows] + [len("value")])
+    lines.append(f"  {'path':<{width}}  {'value':<{vwidth}}  {'rel. error':>10}  {'tolerance':>9}  result")
+    for r in report.rows:
+        lines.append(f"  {r.path:<{width}}  {r.value:<{vwidth}}  {r.rel_error:>10.2e}  {r.tolerance:>9.0e}  "
+                     f"{'ok' if r.ok else 'FAIL'}")
+    for path, why in report.skipped:
+        lines.append(f"  {path:<{width}}  not available: {why}")
+    return "\n".join(lines)
