@@ -6,8 +6,9 @@
 """
 
 from .api import Recurrence, load, load_text
+from .compiler import compile_recurrence as compile
 from .errors import CallError, SpecError
 
 __version__ = "0.1.0"
 
-__all__ = ["CallError", "Recurrence", "SpecError", "load", "load_text", "__version__"]
+__all__ = ["CallError", "Recurrence", "SpecError", "compile", "load", "load_text", "__version__"]

@@ -67,7 +67,7 @@ class CheckedRecurrence:
     @property
     def text(self) -> str:
         """The recurrence's own source text (its `recurrence ... { ... }` block)."""
-        lines = self.source.text.splitlines()
+        lines = self.source.lines()
         return "\n".join(lines[self.span.line - 1 : self.span.end_line]) + "\n"
 
     def symbol(self, name: str) -> Symbol:
@@ -118,7 +118,7 @@ class _Checker:
         for dim in decl.dims:
             if isinstance(dim.size, str):
                 if dim.size in self.symbols:
-                    raise self.error(f"'{dim.size}' names a {self.symbols[dim.size].kind.value} "
+                    raise self.error(f"'{dim.size}' names {_a(self.symbols[dim.size].kind.value)} "
                                      "and cannot also be a size", dim.span)
                 self.sizes.setdefault(dim.size, dim.span)
             elif dim.size < 1:
@@ -307,7 +307,7 @@ class _Checker:
                                      expr.span)
                 return replace(expr, args=tuple(self.check_expr(a, scopes) for a in expr.args))
             if expr.func in self.symbols:
-                raise self.error(f"'{expr.func}' is a {self.symbols[expr.func].kind.value}, not a function",
+                raise self.error(f"'{expr.func}' is {_a(self.symbols[expr.func].kind.value)}, not a function",
                                  expr.func_span, hint=f"index it with [ ], e.g. {expr.func}[i]")
             raise self.error(f"unknown function '{expr.func}'", expr.func_span,
                              hint=did_you_mean(expr.func, FUNCTIONS + ("sum",)))
@@ -353,6 +353,11 @@ class _Checker:
 
 def _node_span(node) -> Span:
     return node.span
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article: 'an input', 'a state'."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:

@@ -35,8 +35,13 @@ class Source:
     text: str
     filename: str = "<string>"
 
+    def lines(self) -> list[str]:
+        """The lines as the parser counts them: split at '\\n' only (not at form feeds, NEL, ...)."""
+        lines = [line.removesuffix("\r") for line in self.text.split("\n")]
+        return lines[:-1] if self.text.endswith("\n") else lines
+
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.lines()
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
 

@@ -176,9 +176,10 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
         span = Span(err.line, err.column, err.line, err.column + 1)
-        return SpecError(f"unexpected character '{char}'", span, source)
+        shown = char if char.isprintable() else repr(char)[1:-1]  # '\r', '\x00' rather than the raw byte
+        return SpecError(f"unexpected character '{shown}'", span, source)
     if isinstance(err, lark.exceptions.UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
+        lines = source.lines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         expected = _describe_expected(set(err.expected))
         return SpecError(f"unexpected end of file, expected {expected}", span, source,
@@ -187,7 +188,7 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
     tok = err.token
     expected = set(err.expected)
     if tok.type == "$END":
-        lines = source.text.splitlines() or [""]
+        lines = source.lines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return SpecError(f"unexpected end of file, expected {_describe_expected(expected)}", span, source,
                          hint="is a closing '}' missing?")

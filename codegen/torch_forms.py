@@ -1,0 +1,286 @@
+"""Generate the PyTorch source of every form of one analysed recurrence.
+
+For a recurrence NAME the generated source defines, each with the same
+arguments `(inputs..., params..., states, sizes...)` already bound and cast:
+
+- `NAME__recurrent`: a per-step loop; state-free subexpressions are hoisted into
+  a prologue computed once for the whole sequence;
+- `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan;
+- `NAME__chunked(..., chunk_size)`: prologue (k, v, decays, queries), the chunked
+  runtime (`torch_runtime.chunked_linear` / `chunked_delta`), epilogue;
+  the parallel form is this with one chunk.
+
+Each returns `(outputs: dict, final_states: dict)` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import sympy
+
+from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.check import SymbolKind
+from recurrence_dsl.step_ir import NEW_SUFFIX
+
+from .torch_printer import TorchPrinter
+
+
+def _leaf(e: sympy.Expr) -> bool:
+    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "", indent: int = 1) -> None:
+        self.lines.append(("    " * indent + line) if line else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class TorchFormWriter:
+    """Writes the torch source of one recurrence's forms."""
+
+    def __init__(self, analysis: Analysis):
+        self.a = analysis
+        self.rec = analysis.recurrence
+        self.fn = self.rec.name
+        self.sizes = set(self.rec.sizes)
+        self.state_names = {s.name for s in self.rec.states} | {s.name + NEW_SUFFIX for s in self.rec.states}
+        self.args = [s.name for s in self.rec.inputs + self.rec.params]
+        self.signature = ", ".join(self.args + ["states"] + list(self.rec.sizes))
+
+    # -- shared pieces ------------------------------------------------------
+
+    def _shape_comment(self, indices) -> str:
+        return "[B, T, H" + "".join(f", {self.a.ir.ranges[i]}" for i in indices) + "]"
+
+    def _params_to_time(self, w: _Writer) -> None:
+        """Params [H, ...] -> [1, 1, H, ...] so they broadcast against per-step tensors [B, T, H, ...]."""
+        for p in self.rec.params:
+            w(f"{p.name} = {p.name}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
+
+    def _full(self, expr_src: str, sym_dims) -> str:
+        dims = "".join(f", {d}" for d in sym_dims)
+        return f"torch.broadcast_to({expr_src}, (B_, T_, H_{dims}))"
+
+    def _header(self, w: _Writer, form: str, extra: str = "") -> None:
+        w(f"def {self.fn}__{form}({self.signature}{extra}):", 0)
+
+    def _unpack_shape(self, w: _Writer) -> None:
+        first = self.rec.inputs[0].name
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+
+    # -- recurrent ------------------------------------------------------------
+
+    def _mentions_state(self, e: sympy.Expr) -> bool:
+        return any((isinstance(n, sympy.Indexed) and str(n.base) in self.state_names)
+                   or (isinstance(n, sympy.Symbol) and n.name in self.state_names)
+                   for n in sympy.preorder_traversal(e))
+
+    def _hoist(self, expr: sympy.Expr, table: dict, counter) -> sympy.Expr:
+        """Replace state-free subexpressions worth computing once (functions, sums, powers) by prologue
+        tensors P<n>[free indices]. Products are split into their factors first: hoisting `k[i] * v[j]`
+        would only trade a cheap per-step product for a [T, K, V] tensor."""
+        sizes = {sympy.Symbol(s, integer=True, positive=True) for s in self.sizes}
+
+        def walk(e):
+            if _leaf(e):
+                return e
+            if self._mentions_state(e) or isinstance(e, sympy.Mul):
+                if isinstance(e, sympy.Sum):
+                    return sympy.Sum(walk(e.function), *e.limits)
+                return e.func(*[walk(arg) for arg in e.args])
+            if not (e.free_symbols - set(self.a.ir.ranges) - sizes):
+                return e  # a constant such as K ** -0.5
+            key = sympy.srepr(e)
+            if key not in table:
+                idx = tuple(sorted((s for s in e.free_symbols if s in self.a.ir.ranges), key=lambda s: s.name))
+                table[key] = (f"P{next(counter)}", idx, e)
+            name, idx, _ = table[key]
+            return sympy.IndexedBase(name)[idx] if idx else sympy.Symbol(name)
+
+        return walk(expr)
+
+    @staticmethod
+    def _reads(expr: sympy.Expr, name: str) -> bool:
+        return any((isinstance(n, sympy.Indexed) and str(n.base) == name) or
+                   (isinstance(n, sympy.Symbol) and n.name == name) for n in sympy.preorder_traversal(expr))
+
+    def write_recurrent(self) -> str:
+        w = _Writer()
+        self._header(w, "recurrent")
+        w('"""Per-step loop: every class, linear or not."""')
+        self._unpack_shape(w)
+        self._params_to_time(w)
+        table: dict = {}
+        counter = itertools.count()
+        updates = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.updates.items()}
+        outputs = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.outputs.items()}
+        time_printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        if table:
+            w("# Hoisted: state-free subexpressions, computed once for all steps.")
+        for name, idx, e in table.values():
+            w(f"{name} = {time_printer.print_expr(e, idx)}  # {self._shape_comment(idx)}")
+        input_names = {i.name for i in self.rec.inputs}
+        per_step = [i.name for i in self.rec.inputs]
+        constant = [p.name for p in self.rec.params]
+        for name, _, e in table.values():
+            reads_input = any(str(getattr(n, "base", n)) in input_names for n in sympy.preorder_traversal(e)
+                              if isinstance(n, (sympy.Indexed, sympy.Symbol)))
+            (per_step if reads_input else constant).append(name)
+        names = {n: f"{n}_t" for n in per_step + constant}
+        for n in constant:
+            w(f"{n}_t = {n}[:, 0]  # the same at every step")
+        step_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
+        for s in self.rec.states:
+            w(f"{s.name} = states['{s.name}']")
+        for o in self.rec.outputs:
+            w(f"{o.name}_steps = []")
+        w("for t in range(T_):")
+        for n in per_step:
+            w(f"{n}_t = {n}[:, t]", 2)
+        for s in self.rec.states:
+            idx, e = updates[s.name]
+            dims = "".join(f", {d}" for d in s.dims)
+            w(f"{s.name}{NEW_SUFFIX} = torch.broadcast_to({step_printer.print_expr(e, idx)}, (B_, H_{dims}))", 2)
+        for o in self.rec.outputs:
+            idx, e = outputs[o.name]
+            dims = "".join(f", {d}" for d in o.dims)
+            w(f"{o.name}_steps.append(torch.broadcast_to({step_printer.print_expr(e, idx)}, (B_, H_{dims})))", 2)
+        for s in self.rec.states:
+            w(f"{s.name} = {s.name}{NEW_SUFFIX}", 2)
+        outs = ", ".join(f"'{o.name}': _stack_steps({o.name}_steps, B_, H_, ({''.join(f'{d}, ' for d in o.dims)}), "
+                         f"{self.rec.inputs[0].name})" for o in self.rec.outputs)
+        finals = ", ".join(f"'{s.name}': {s.name}" for s in self.rec.states)
+        w(f"return {{{outs}}}, {{{finals}}}")
+        return w.text()
+
+    # -- scan -----------------------------------------------------------------
+
+    def write_scan(self) -> str | None:
+        if "scan" not in self.a.forms:
+            return None
+        w = _Writer()
+        self._header(w, "scan")
+        w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
+        self._unpack_shape(w)
+        self._params_to_time(w)
+        printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        names = {}
+        for s in self.rec.states:
+            sa = self.a.states[s.name]
+            dims = "".join(f", {d}" for d in s.dims)
+            w(f"b_{s.name} = {self._full(printer.print_expr(sa.injection, sa.indices), s.dims)}")
+            if sa.diagonal.is_number:
+                w(f"a_{s.name} = b_{s.name}.new_full((), {float(sa.diagonal)!r})  # a constant decay")
+            else:
+                w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
+            w(f"all_{s.name} = _rt.scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
+              f"# [B, T, H{dims}]")
+            if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
+                w(f"prev_{s.name} = torch.cat([states['{s.name}'][:, None], all_{s.name}[:, :-1]], dim=1)")
+            names[s.name] = f"prev_{s.name}"
+            names[s.name + NEW_SUFFIX] = f"all_{s.name}"
+        out_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
+        outs = []
+        for o in self.rec.outputs:
+            d = self.a.ir.outputs[o.name]
+            w(f"{o.name} = {self._full(out_printer.print_expr(d.expr, d.indices), o.dims)}")
+            outs.append(f"'{o.name}': {o.name}")
+        finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
+        w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
+        return w.text()
+
+    # -- chunked ----------------------------------------------------------------
+
+    def write_chunked(self) -> str | None:
+        if "chunked" not in self.a.forms:
+            return None
+        w = _Writer()
+        self._header(w, "chunked", ", chunk_size=64")
+        w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
+        self._unpack_shape(w)
+        self._params_to_time(w)
+        printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        readout_names = {}
+        for s in self.rec.states:
+            sa = self.a.states[s.name]
+            plan = sa.chunk
+            kdim = s.dims[0]
+            w(f"# state {s.name}: {sa.cls.value}; {sa.reason}")
+            w(f"k_{s.name} = {self._full(printer.print_expr(plan.k.expr, plan.k.indices), (kdim,))}")
+            if plan.v is not None:
+                w(f"v_{s.name} = {self._full(printer.print_expr(plan.v.expr, plan.v.indices), (s.dims[1],))}")
+                state = f"states['{s.name}']"
+            else:
+                w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
+                state = f"states['{s.name}'][..., None]"
+            decay = "None"
+            if plan.log_decay is not None:
+                shape = {"scalar": (), "key": (kdim,), "value": (s.dims[1] if len(s.dims) > 1 else 1,)}
+                src = printer.print_expr(plan.log_decay.expr, plan.log_decay.indices)
+                if not plan.decay_exact:
+                    w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
+                      f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
+                w(f"log_decay_{s.name} = {self._full(src, shape[plan.decay_axis])}")
+                decay = f"log_decay_{s.name}"
+            queries = []
+            for r in plan.readouts:
+                w(f"q_{r.name} = {self._full(printer.print_expr(r.query.expr, r.query.indices), (kdim,))}")
+                queries.append(f"(q_{r.name}, {r.exclusive})")
+            axis = "None" if plan.decay_axis is None else repr(plan.decay_axis)
+            outs = ", ".join(r.name for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
+            target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
+            if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+                w(f"beta_{s.name} = {self._full(printer.print_expr(plan.beta.expr, ()), ())}")
+                w(f"{target} = _rt.chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
+                  f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
+            else:
+                w(f"{target} = _rt.chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, {axis}, "
+                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
+            if plan.v is None:
+                w(f"final_{s.name} = final_{s.name}[..., 0]")
+                for r in plan.readouts:
+                    w(f"{r.name} = {r.name}[..., 0]")
+            for r in plan.readouts:
+                readout_names[r.name] = r.name
+        out_printer = TorchPrinter(self.sizes, self.a.ir.ranges, readout_names)
+        outs = []
+        for o in self.rec.outputs:
+            oa = self.a.outputs[o.name]
+            w(f"{o.name} = {self._full(out_printer.print_expr(oa.expr, oa.indices), o.dims)}")
+            outs.append(f"'{o.name}': {o.name}")
+        finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
+        w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
+        return w.text()
+
+    def write_all(self) -> str:
+        parts = [self.write_recurrent(), self.write_scan(), self.write_chunked()]
+        return "\n\n".join(p for p in parts if p)
+
+
+PRELUDE = '''
+def _stack_steps(steps, B_, H_, dims, like):
+    """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
+    if not steps:
+        return like.new_zeros((B_, 0, H_) + tuple(dims))
+    return torch.stack(steps, dim=1)
+
+
+def _require_positive(decay, what, form):
+    if bool((decay <= 0).any()):
+        raise ValueError(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
+                         "use form='recurrent' or 'scan'")
+'''
+
+
+def torch_forms_source(analysis: Analysis) -> str:
+    """The torch source of every form of one recurrence (needs `torch`, `F`, `_rt` and the prelude)."""
+    return TorchFormWriter(analysis).write_all()
+
+
+__all__ = ["PRELUDE", "TorchFormWriter", "torch_forms_source", "SymbolKind"]

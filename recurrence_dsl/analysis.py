@@ -1,0 +1,461 @@
+"""Symbolic analysis of the composed step: is each state's update affine in the
+states, what is its transition `A_t` and injection `B_t`, how do outputs read
+the states, and which forms (recurrent, scan, chunked, parallel) follow.
+
+For a state S[a, b] the update is linearised into
+    S_t[a, b] = d(a, b) * S_{t-1}[a, b]                     (diagonal terms)
+              + sum_{a'} m(a, a') * S_{t-1}[a', b]          (row mixing)
+              + B(a, b)                                      (injection)
+and classified by the shape of d and m (DESIGN.md, "Transition classes").
+Outputs are split into readouts `sum_{a} q(a) * S[a, b]` (linear in one state)
+combined by an arbitrary state-free expression.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import sympy
+
+from .check import CheckedRecurrence
+from .step_ir import NEW_SUFFIX, Definition, StepIR, build_step_ir, index_symbol
+
+
+class TransitionClass(enum.Enum):
+    IDENTITY = "identity"
+    SCALAR = "scalar"
+    DIAGONAL_ROW = "diagonal-row"
+    DIAGONAL_COL = "diagonal-col"
+    ELEMENTWISE = "elementwise"
+    RANK_ONE_UPDATE = "rank-one-update"
+    GENERAL = "general"
+    NON_LINEAR = "non-linear"
+
+
+# From least to most general; a recurrence's class is the most general over its states.
+_ORDER = list(TransitionClass)
+_DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
+             TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE}
+FORMS = ("recurrent", "scan", "chunked", "parallel")
+
+
+class NonLinear(Exception):
+    """The expression is not affine in the states; the message says why."""
+
+
+@dataclass(frozen=True)
+class LinearTerm:
+    """`coeff * state[indices]`, summed over `bound` (index symbols introduced by enclosing sums)."""
+
+    coeff: sympy.Expr
+    bound: tuple[sympy.Symbol, ...]
+    state: str  # base name, S or S__new
+    indices: tuple[sympy.Expr, ...]
+
+    @property
+    def base(self) -> str:
+        return self.state.removesuffix(NEW_SUFFIX)
+
+    @property
+    def reads_new(self) -> bool:
+        return self.state.endswith(NEW_SUFFIX)
+
+
+def _state_of(node, states: set[str]) -> str | None:
+    if isinstance(node, sympy.Indexed) and str(node.base) in states:
+        return str(node.base)
+    if isinstance(node, sympy.Symbol) and node.name in states:
+        return node.name
+    return None
+
+
+def _mentions(expr: sympy.Expr, states: set[str]) -> bool:
+    for node in sympy.preorder_traversal(expr):
+        if _state_of(node, states):
+            return True
+    return False
+
+
+def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[LinearTerm]]:
+    """Split `expr` into (state-free part, linear terms). Raises `NonLinear` with the reason."""
+    if not _mentions(expr, states):
+        return expr, []
+    name = _state_of(expr, states)
+    if name is not None:
+        indices = tuple(expr.indices) if isinstance(expr, sympy.Indexed) else ()
+        return sympy.Integer(0), [LinearTerm(sympy.Integer(1), (), name, indices)]
+    if isinstance(expr, sympy.Add):
+        const, terms = sympy.Integer(0), []
+        for arg in expr.args:
+            c, t = linearize(arg, states)
+            const += c
+            terms += t
+        return const, terms
+    if isinstance(expr, sympy.Mul):
+        dependent = [a for a in expr.args if _mentions(a, states)]
+        free = sympy.Mul(*[a for a in expr.args if not _mentions(a, states)])
+        if len(dependent) > 1:
+            raise NonLinear(f"a product of two state-dependent factors: {dependent[0]} * {dependent[1]}")
+        c, terms = linearize(dependent[0], states)
+        return free * c, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]
+    if isinstance(expr, sympy.Sum):
+        c, terms = linearize(expr.function, states)
+        bound = tuple(limit[0] for limit in expr.limits)
+        const = sympy.Sum(c, *expr.limits) if c != 0 else sympy.Integer(0)
+        return const, [LinearTerm(t.coeff, bound + t.bound, t.state, t.indices) for t in terms]
+    if isinstance(expr, sympy.Pow):
+        if _mentions(expr.exp, states):
+            raise NonLinear(f"a state in an exponent: {expr}")
+        raise NonLinear(f"a state raised to the power {expr.exp}: {expr}")
+    if isinstance(expr, sympy.Function) or isinstance(expr, (sympy.Min, sympy.Max)):
+        raise NonLinear(f"{type(expr).__name__}() applied to a state: {expr}")
+    raise NonLinear(f"cannot see {expr} as affine in the states")
+
+
+def _free_indices(expr: sympy.Expr, index_set: set[sympy.Symbol]) -> set[sympy.Symbol]:
+    return {s for s in expr.free_symbols if s in index_set}
+
+
+def _split_factors(expr: sympy.Expr, groups: list[set[sympy.Symbol]], index_set: set[sympy.Symbol]):
+    """Write `expr` as prod_g part_g * rest, where part_g depends only on indices in groups[g] and rest on
+    none; None if some factor mixes groups (the expression does not separate)."""
+    parts = [sympy.Integer(1) for _ in groups]
+    rest = sympy.Integer(1)
+    for factor in sympy.Mul.make_args(sympy.factor_terms(expr)):
+        used = _free_indices(factor, index_set)
+        if not used:
+            rest *= factor
+            continue
+        for g, group in enumerate(groups):
+            if used <= group:
+                parts[g] *= factor
+                break
+        else:
+            return None
+    return parts, rest
+
+
+def _as_log(coeff: sympy.Expr) -> tuple[sympy.Expr, bool]:
+    """log(coeff), and whether that is exact without a positivity assumption (coeff = exp(x))."""
+    if isinstance(coeff, sympy.exp):
+        return coeff.args[0], True
+    if isinstance(coeff, sympy.Mul) and all(isinstance(f, sympy.exp) for f in coeff.args):
+        return sympy.Add(*[f.args[0] for f in coeff.args]), True
+    return sympy.log(coeff), False
+
+
+@dataclass(frozen=True)
+class Readout:
+    """`R[b] = sum_a q(a) * S[a, b]`: a contraction of one state along its key axis."""
+
+    name: str
+    state: str
+    exclusive: bool  # reads S_{t-1} (True) or S_t (False)
+    query: Definition  # q over the key index
+    value_index: sympy.Symbol | None
+
+
+@dataclass
+class ChunkPlan:
+    """What the chunked and parallel forms need for one state, in its key/value layout."""
+
+    key_axis: int | None  # state axis contracted by the readouts; None for a scalar state
+    k: Definition  # [key]
+    v: Definition | None  # [value]; None for a state with no value axis
+    decay_axis: str | None  # None, "scalar", "key", "value"
+    log_decay: Definition | None
+    decay_exact: bool  # log-decay read off exp(...): no positivity needed
+    beta: Definition | None  # the rank-one update's strength, None for diagonal classes
+    readouts: list[Readout] = field(default_factory=list)
+
+
+@dataclass
+class StateAnalysis:
+    name: str
+    dims: tuple
+    cls: TransitionClass
+    reason: str  # why this class, in words
+    indices: tuple[sympy.Symbol, ...] = ()
+    diagonal: sympy.Expr | None = None  # d(a, b) for diagonal classes
+    injection: sympy.Expr | None = None  # B(a, b)
+    chunk: ChunkPlan | None = None
+    chunk_reason: str = ""
+
+
+@dataclass
+class OutputAnalysis:
+    name: str
+    indices: tuple[sympy.Symbol, ...]
+    expr: sympy.Expr  # with readout placeholders R0, R1, ... where readouts were found
+    readouts: list[Readout]
+    residual_state: bool  # reads a state other than through chunkable readouts
+
+
+@dataclass
+class Analysis:
+    recurrence: CheckedRecurrence
+    ir: StepIR
+    states: dict[str, StateAnalysis]
+    outputs: dict[str, OutputAnalysis]
+    forms: tuple[str, ...]
+    unavailable: dict[str, str]  # form -> why not
+
+    @property
+    def cls(self) -> TransitionClass:
+        if not self.states:
+            return TransitionClass.IDENTITY
+        classes = [s.cls for s in self.states.values()]
+        worst = max(classes, key=_ORDER.index)
+        # A diagonal-row state next to a diagonal-col one: no single diagonal axis.
+        if {TransitionClass.DIAGONAL_ROW, TransitionClass.DIAGONAL_COL} <= set(classes) and worst in (
+                TransitionClass.DIAGONAL_ROW, TransitionClass.DIAGONAL_COL):
+            return TransitionClass.ELEMENTWISE
+        return worst
+
+
+def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -> StateAnalysis:
+    update = ir.updates[name]
+    target = update.indices
+    try:
+        const, terms = linearize(update.expr, state_names)
+    except NonLinear as err:
+        return StateAnalysis(name, dims, TransitionClass.NON_LINEAR,
+                             f"the update of {name} is not affine in the states: {err}", target)
+    index_set = set(ir.ranges)
+    others = sorted({t.base for t in terms if t.base != name})
+    if others:
+        return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                             f"the update of {name} reads another state ({', '.join(others)})", target, None, const)
+    diagonal = sympy.Integer(0)
+    mixing: list[LinearTerm] = []
+    for t in terms:
+        if not t.bound and tuple(t.indices) == tuple(target):
+            diagonal += t.coeff
+        else:
+            mixing.append(t)
+    diagonal = sympy.simplify(diagonal) if diagonal.has(sympy.Sum) else diagonal
+    used = _free_indices(diagonal, index_set)
+    if not mixing:
+        if diagonal == 0:
+            return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                                 f"{name} is overwritten each step (its transition is zero)", target, diagonal, const)
+        if diagonal == 1:
+            cls, why = TransitionClass.IDENTITY, f"{name} is carried unchanged plus an injection"
+        elif not used:
+            cls, why = TransitionClass.SCALAR, f"{name} is scaled by the scalar {diagonal}"
+        elif len(target) >= 1 and used == {target[0]}:
+            cls, why = TransitionClass.DIAGONAL_ROW, f"row {target[0]} of {name} is scaled by {diagonal}"
+        elif len(target) >= 2 and used == {target[1]}:
+            cls, why = TransitionClass.DIAGONAL_COL, f"column {target[1]} of {name} is scaled by {diagonal}"
+        else:
+            cls, why = TransitionClass.ELEMENTWISE, f"each element of {name} is scaled by {diagonal}"
+        return StateAnalysis(name, dims, cls, why, target, diagonal, const)
+    # Row mixing: every mixing term must be sum_{a'} m(a, a') S[a', b].
+    if len(target) not in (1, 2):
+        return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                             f"{name} mixes its elements and has {len(target)} axes", target, None, const)
+    row = target[0]
+    rest = target[1:]
+    m = sympy.Integer(0)
+    bound_var = index_symbol("a__mix")
+    for t in mixing:
+        if len(t.bound) != 1 or tuple(t.indices) != (t.bound[0],) + tuple(rest):
+            return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                                 f"{name} is mixed in a way that is not a row mixing: {t.coeff} * "
+                                 f"{t.state}[{', '.join(map(str, t.indices))}] summed over {t.bound}", target,
+                                 None, const)
+        m += t.coeff.xreplace({t.bound[0]: bound_var})
+    if rest and rest[0] in m.free_symbols:
+        return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                             f"the mixing of {name}'s rows depends on the column index {rest[0]}", target, None, const)
+    if rest and rest[0] in used:
+        return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                             f"{name} mixes rows and scales columns", target, None, const)
+    # Is it (I - beta k k^T) D with D = diag(d)?  Then m(a, a') = -beta k(a) k(a') d(a').
+    d_at_mix = diagonal.xreplace({row: bound_var})
+    ratio = sympy.simplify(m / d_at_mix) if diagonal != 0 else None
+    split = _split_factors(ratio, [{row}, {bound_var}], index_set | {bound_var}) if ratio is not None else None
+    if split is not None:
+        (left, right), scale = split
+        probe = index_symbol("a__probe")
+        c = sympy.simplify(left.xreplace({row: probe}) / right.xreplace({bound_var: probe}))
+        if probe not in c.free_symbols and c != 0:
+            k = right.xreplace({bound_var: row})
+            beta = sympy.simplify(-scale * c)
+            sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
+                               f"{name} is updated by (I - beta k k^T) D with beta = {beta}, k = {k}, D = {diagonal}",
+                               target, diagonal, const)
+            sa._delta = (beta, k)  # consumed by _plan_chunks
+            return sa
+    return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                         f"{name} mixes its rows by {m} (not a diagonal plus a (I - beta k k^T) rank-one update)",
+                         target, None, const)
+
+
+def _extract_readouts(expr: sympy.Expr, state_names: set[str], counter: list[int]):
+    """Replace maximal state-linear subexpressions of an output by readout placeholders."""
+    found: list[tuple[sympy.Expr, list[LinearTerm]]] = []
+
+    def walk(e):
+        if not _mentions(e, state_names):
+            return e
+        try:
+            const, terms = linearize(e, state_names)
+        except NonLinear:
+            return e.func(*[walk(a) for a in e.args])
+        replaced = const
+        for t in terms:
+            symbol = sympy.Symbol(f"R__{counter[0]}")
+            counter[0] += 1
+            found.append((symbol, [t]))
+            replaced += symbol
+        return replaced
+
+    return walk(expr), found
+
+
+def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_names: set[str],
+                 counter: list[int]) -> OutputAnalysis:
+    out = ir.outputs[name]
+    expr, found = _extract_readouts(out.expr, state_names, counter)
+    readouts: list[Readout] = []
+    residual = _mentions(expr, state_names)
+    index_set = set(ir.ranges)
+    replacements = {}
+    for symbol, (term,) in found:
+        sa = states.get(term.base)
+        ok = sa is not None and sa.chunk is not None
+        if ok:
+            plan = sa.chunk
+            key_axis = plan.key_axis
+            ok = (len(term.bound) == 1 and key_axis is not None and len(term.indices) == len(sa.dims)
+                  and term.indices[key_axis] == term.bound[0])
+        if ok:
+            key = term.bound[0]
+            value_index = None
+            if len(sa.dims) == 2:
+                value_index = term.indices[1 - key_axis]
+                ok = value_index not in term.bound and value_index in set(out.indices)
+        if ok:
+            split = _split_factors(term.coeff, [{key}], index_set)
+            ok = split is not None
+        if not ok:
+            residual = True
+            replacements[symbol] = term.coeff * (sympy.IndexedBase(term.state)[term.indices] if term.indices
+                                                 else sympy.Symbol(term.state))
+            if term.bound:
+                limits = [(b, 0, ir.ranges[b] - 1) for b in term.bound]
+                replacements[symbol] = sympy.Sum(replacements[symbol], *limits)
+            continue
+        (query_part,), rest = split
+        q_index = index_symbol("a__q")
+        query = Definition(f"q_{symbol.name}", (q_index,), query_part.xreplace({key: q_index}))
+        readout = Readout(symbol.name, term.base, not term.reads_new, query, value_index)
+        plan.readouts.append(readout)
+        readouts.append(readout)
+        placeholder = sympy.IndexedBase(symbol.name)[value_index] if value_index is not None else symbol
+        replacements[symbol] = rest * placeholder
+    return OutputAnalysis(name, out.indices, expr.xreplace(replacements), readouts, residual)
+
+
+def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
+    """Fill `sa.chunk` (key/value layout, k, v, decay, beta) or say in `sa.chunk_reason` why not."""
+    if sa.cls not in {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
+                      TransitionClass.DIAGONAL_COL, TransitionClass.RANK_ONE_UPDATE}:
+        sa.chunk_reason = f"{sa.name} has a {sa.cls.value} transition"
+        return
+    if len(sa.dims) not in (1, 2):
+        sa.chunk_reason = f"{sa.name} has {len(sa.dims)} axes (the chunked form takes 1 or 2)"
+        return
+    index_set = set(ir.ranges)
+    a = sa.indices[0]
+    b = sa.indices[1] if len(sa.indices) == 2 else None
+    key_axis = 0
+    if sa.cls is TransitionClass.DIAGONAL_COL:
+        decay_axis = "value"
+    elif sa.cls is TransitionClass.DIAGONAL_ROW:
+        decay_axis = "key"
+    elif sa.cls is TransitionClass.IDENTITY:
+        decay_axis = None
+    elif sa.cls is TransitionClass.SCALAR:
+        decay_axis = "scalar"
+    else:  # rank-one update: D is identity, scalar or per-row
+        used = _free_indices(sa.diagonal, index_set)
+        decay_axis = None if sa.diagonal == 1 else ("scalar" if not used else "key")
+    injection = sa.injection if sa.injection is not None else sympy.Integer(0)
+    groups = [{a}] + ([{b}] if b is not None else [])
+    split = _split_factors(injection, groups, index_set)
+    if split is None:
+        sa.chunk_reason = f"the injection {injection} of {sa.name} is not an outer product k[a] * v[b]"
+        return
+    parts, scale = split
+    key_idx, value_idx = index_symbol("a__k"), index_symbol("a__v")
+    k_expr = (scale * parts[0]).xreplace({a: key_idx})
+    v_def = Definition(f"v_{sa.name}", (value_idx,), parts[1].xreplace({b: value_idx})) if b is not None else None
+    beta = None
+    if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+        beta_expr, direction = sa._delta
+        # The injection must point along the update's direction k: B = k(a) y(b).
+        ratio = sympy.simplify(k_expr / direction.xreplace({a: key_idx}))
+        if key_idx in ratio.free_symbols:
+            sa.chunk_reason = (f"the injection of {sa.name} is not along the rank-one update's direction "
+                               f"{direction}")
+            return
+        k_expr = direction.xreplace({a: key_idx})
+        if v_def is None:
+            sa.chunk_reason = f"{sa.name} has no value axis for a rank-one update"
+            return
+        v_def = Definition(v_def.name, v_def.indices, ratio * v_def.expr)
+        beta = Definition(f"beta_{sa.name}", (), beta_expr)
+    log_decay = None
+    exact = True
+    if decay_axis is not None:
+        log_expr, exact = _as_log(sa.diagonal)
+        if decay_axis == "key":
+            log_decay = Definition(f"log_decay_{sa.name}", (key_idx,), log_expr.xreplace({a: key_idx}))
+        elif decay_axis == "value":
+            log_decay = Definition(f"log_decay_{sa.name}", (value_idx,), log_expr.xreplace({b: value_idx}))
+        else:
+            log_decay = Definition(f"log_decay_{sa.name}", (), log_expr)
+    sa.chunk = ChunkPlan(key_axis, Definition(f"k_{sa.name}", (key_idx,), k_expr), v_def, decay_axis,
+                         log_decay, exact, beta)
+
+
+def analyse(rec: CheckedRecurrence) -> Analysis:
+    """Run the whole analysis of one recurrence."""
+    ir = build_step_ir(rec)
+    state_names = {s.name for s in rec.states} | {s.name + NEW_SUFFIX for s in rec.states}
+    prev_names = {s.name for s in rec.states}
+    states = {}
+    for sym in rec.states:
+        sa = _classify_state(ir, sym.name, sym.dims, prev_names)
+        _plan_chunks(ir, sa)
+        states[sym.name] = sa
+    counter = [0]
+    outputs = {o.name: _plan_output(ir, o.name, states, state_names, counter) for o in rec.outputs}
+
+    unavailable: dict[str, str] = {}
+    forms = ["recurrent"]
+    not_diag = [s for s in states.values() if s.cls not in _DIAGONAL]
+    if not_diag:
+        unavailable["scan"] = "; ".join(f"{s.name} has a {s.cls.value} transition ({s.reason})" for s in not_diag)
+    else:
+        forms.append("scan")
+    why_not_chunked = [s.chunk_reason for s in states.values() if s.chunk is None]
+    why_not_chunked += [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
+                        for o in outputs.values() if o.residual_state]
+    if not states:
+        why_not_chunked.append("the recurrence has no state")
+    if why_not_chunked:
+        unavailable["chunked"] = "; ".join(why_not_chunked)
+        unavailable["parallel"] = unavailable["chunked"]
+    else:
+        forms.append("chunked")
+        delta = [s.name for s in states.values() if s.cls is TransitionClass.RANK_ONE_UPDATE]
+        if delta:
+            unavailable["parallel"] = (f"{', '.join(delta)} has a rank-one-update transition: its products do not "
+                                       "collapse to a decay mask (use chunked)")
+        else:
+            forms.append("parallel")
+    return Analysis(rec, ir, states, outputs, tuple(forms), unavailable)

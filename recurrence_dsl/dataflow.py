@@ -1,0 +1,95 @@
+"""The dataflow graph of one step (networkx): who reads what, before or after an update.
+
+Nodes are the values of the step: inputs, params, states before (`S@t-1`) and
+after (`S@t`) the step, and one node per assignment (`stmt3:u`). An edge
+`a -> b` says b's expression reads a. Temporaries that reach no state and no
+output are dead and dropped by the analysis (inlining never reads them).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from . import syntax as ast
+from .check import CheckedRecurrence, SymbolKind
+
+
+def _reads(expr) -> set[str]:
+    found: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, (ast.Name, ast.Indexed)):
+            found.add(e.name)
+        elif isinstance(e, ast.BinOp):
+            walk(e.left)
+            walk(e.right)
+        elif isinstance(e, ast.Neg):
+            walk(e.operand)
+        elif isinstance(e, ast.Call):
+            for a in e.args:
+                walk(a)
+        elif isinstance(e, ast.Sum):
+            walk(e.body)
+
+    walk(expr)
+    return found
+
+
+def build_dataflow(rec: CheckedRecurrence) -> nx.DiGraph:
+    """The step's dataflow graph; edge attribute `when` is "before update" or "after update" for state reads."""
+    g = nx.DiGraph(name=rec.name)
+    for sym in rec.inputs:
+        g.add_node(sym.name, kind="input")
+    for sym in rec.params:
+        g.add_node(sym.name, kind="param")
+    current: dict[str, str] = {sym.name: sym.name for sym in rec.inputs + rec.params}
+    for sym in rec.states:
+        node = f"{sym.name}@t-1"
+        g.add_node(node, kind="state", when="t-1")
+        current[sym.name] = node
+    updated: set[str] = set()
+    for stmt in rec.statements:
+        node = f"stmt{stmt.index}:{stmt.target.name}"
+        g.add_node(node, kind=stmt.target.kind.value, line=stmt.span.line, target=stmt.target.name)
+        for name in _reads(stmt.value):
+            if name in current:
+                when = None
+                if rec.symbol(name).kind is SymbolKind.STATE:
+                    when = "after update" if name in updated else "before update"
+                g.add_edge(current[name], node, when=when)
+        current[stmt.target.name] = node
+        if stmt.target.kind is SymbolKind.STATE:
+            updated.add(stmt.target.name)
+    for sym in rec.states:
+        g.add_node(f"{sym.name}@t", kind="state", when="t")
+        g.add_edge(current[sym.name], f"{sym.name}@t")
+    for sym in rec.outputs:
+        g.nodes[current[sym.name]]["output"] = True
+    return g
+
+
+def dead_temporaries(graph: nx.DiGraph) -> list[str]:
+    """Assignments whose value reaches no state and no output."""
+    sinks = {n for n, d in graph.nodes(data=True) if d.get("when") == "t" or d.get("output")}
+    dead = []
+    for node, data in graph.nodes(data=True):
+        if data.get("kind") != SymbolKind.TEMP.value:
+            continue
+        if not (nx.descendants(graph, node) & sinks):
+            dead.append(data["target"])
+    return dead
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """Graphviz source for the graph (`recdsl show --graph`)."""
+    shapes = {"input": "box", "param": "box", "state": "doubleoctagon", "output": "ellipse", "temporary": "ellipse"}
+    lines = [f'digraph "{graph.graph.get("name", "step")}" {{', "  rankdir=LR;"]
+    for node, data in graph.nodes(data=True):
+        shape = shapes.get(data.get("kind"), "ellipse")
+        style = ', style=bold' if data.get("output") else ""
+        lines.append(f'  "{node}" [shape={shape}{style}];')
+    for a, b, data in graph.edges(data=True):
+        label = f' [label="{data["when"]}"]' if data.get("when") else ""
+        lines.append(f'  "{a}" -> "{b}"{label};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

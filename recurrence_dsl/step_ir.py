@@ -1,0 +1,230 @@
+"""The step IR: each statement as a sympy expression over indexed symbols, and the
+statements composed into one map per step.
+
+Naming inside the IR:
+- a tensor `x[D...]` is `IndexedBase("x")`, indexed by integer `Symbol`s;
+- a scalar is a plain `Symbol`; a size is a positive integer `Symbol`;
+- a state read before its (last) update is `S` (the previous step's value, S_{t-1});
+  a read after the last update is `S__new` (S_t); a read between two updates is
+  inlined as the intermediate expression;
+- temporaries are inlined, their summation indices renamed so nothing is captured.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy
+
+from . import syntax as ast
+from .check import CheckedAssign, CheckedRecurrence, SymbolKind
+
+NEW_SUFFIX = "__new"
+
+
+class sigmoid(sympy.Function):  # noqa: N801 - sympy function classes are lower-case like exp
+    """1 / (1 + exp(-x))."""
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sigmoid(x) * (1 - sigmoid(x))
+
+
+class logsigmoid(sympy.Function):  # noqa: N801
+    def fdiff(self, argindex=1):
+        return sigmoid(-self.args[0])
+
+
+class softplus(sympy.Function):  # noqa: N801
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
+class silu(sympy.Function):  # noqa: N801
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sigmoid(x) * (1 + x * (1 - sigmoid(x)))
+
+
+class elu(sympy.Function):  # noqa: N801
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
+
+
+class relu(sympy.Function):  # noqa: N801
+    def fdiff(self, argindex=1):
+        return sympy.Heaviside(self.args[0])
+
+
+SYMPY_FUNCTIONS = {
+    "exp": sympy.exp,
+    "log": sympy.log,
+    "sqrt": sympy.sqrt,
+    "abs": sympy.Abs,
+    "tanh": sympy.tanh,
+    "sigmoid": sigmoid,
+    "logsigmoid": logsigmoid,
+    "softplus": softplus,
+    "silu": silu,
+    "elu": elu,
+    "relu": relu,
+    "min": sympy.Min,
+    "max": sympy.Max,
+}
+
+
+def size_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def index_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True)
+
+
+@dataclass(frozen=True)
+class Definition:
+    """`name[indices] = expr`: a composed value of the step."""
+
+    name: str
+    indices: tuple[sympy.Symbol, ...]
+    expr: sympy.Expr
+
+
+@dataclass(frozen=True)
+class StepIR:
+    """The step as sympy: per-statement expressions and the composed map.
+
+    `statements`: each assignment as written (temporaries not inlined).
+    `updates`: each state's value after the step, in terms of inputs, params and S_{t-1}.
+    `outputs`: each output, in terms of inputs, params, S_{t-1} (`S`) and S_t (`S__new`).
+    `ranges`: the size each index symbol ranges over (targets and sums alike).
+    """
+
+    statements: tuple[Definition, ...]
+    updates: dict[str, Definition]
+    outputs: dict[str, Definition]
+    ranges: dict[sympy.Symbol, sympy.Expr]
+    sizes: tuple[sympy.Symbol, ...]
+
+
+def _size(dim) -> sympy.Expr:
+    return size_symbol(dim) if isinstance(dim, str) else sympy.Integer(dim)
+
+
+class _Builder:
+    def __init__(self, rec: CheckedRecurrence):
+        self.rec = rec
+        self.fresh = itertools.count()
+        self.ranges: dict[sympy.Symbol, sympy.Expr] = {}
+        self.kinds = {s.name: s.kind for s in rec.inputs + rec.params + rec.states + rec.outputs + rec.temps}
+        last: dict[str, int] = {}
+        for stmt in rec.statements:
+            if stmt.target.kind is SymbolKind.STATE:
+                last[stmt.target.name] = stmt.index
+        self.last_update = last
+        # Current value of every assigned name: (target indices, expression), or None for "S_{t-1}".
+        self.current: dict[str, tuple[tuple[sympy.Symbol, ...], sympy.Expr]] = {}
+        self.written: list[Definition] = []
+
+    def rename_bound(self, expr: sympy.Expr) -> sympy.Expr:
+        """Give every summation index in `expr` a fresh name (inlining must not capture)."""
+        sums = [s for s in expr.atoms(sympy.Sum)]
+        if not sums:
+            return expr
+        mapping = {}
+        for s in sums:
+            for limit in s.limits:
+                var = limit[0]
+                if var not in mapping:
+                    new = index_symbol(f"{var.name.split('__')[0]}__{next(self.fresh)}")
+                    self.ranges[new] = self.ranges[var]
+                    mapping[var] = new
+        return expr.xreplace(mapping)
+
+    def read(self, name: str, indices: tuple[sympy.Symbol, ...], as_written: bool) -> sympy.Expr:
+        kind = self.kinds.get(name)
+        if kind is SymbolKind.STATE:
+            if name not in self.current:
+                return sympy.IndexedBase(name)[indices] if indices else sympy.Symbol(name)
+            if self.current[name] is None:  # after the last update
+                new = name + NEW_SUFFIX
+                return sympy.IndexedBase(new)[indices] if indices else sympy.Symbol(new)
+        if kind in (SymbolKind.INPUT, SymbolKind.PARAM) or (as_written and kind is not SymbolKind.STATE):
+            return sympy.IndexedBase(name)[indices] if indices else sympy.Symbol(name)
+        if as_written and kind is SymbolKind.STATE:
+            return sympy.IndexedBase(name)[indices] if indices else sympy.Symbol(name)
+        target, expr = self.current[name]
+        expr = self.rename_bound(expr)
+        return expr.xreplace(dict(zip(target, indices)))
+
+    def expr(self, e: ast.Expr, as_written: bool) -> sympy.Expr:
+        if isinstance(e, ast.Number):
+            text = e.text
+            if text.isdigit():
+                return sympy.Integer(int(text))
+            return sympy.Float(text)
+        if isinstance(e, ast.Name):
+            if e.name in self.rec.sizes:
+                return size_symbol(e.name)
+            return self.read(e.name, (), as_written)
+        if isinstance(e, ast.Indexed):
+            return self.read(e.name, tuple(index_symbol(i.name) for i in e.indices), as_written)
+        if isinstance(e, ast.BinOp):
+            a, b = self.expr(e.left, as_written), self.expr(e.right, as_written)
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+                    "**": lambda: a**b}[e.op]()
+        if isinstance(e, ast.Neg):
+            return -self.expr(e.operand, as_written)
+        if isinstance(e, ast.Call):
+            return SYMPY_FUNCTIONS[e.func](*(self.expr(a, as_written) for a in e.args))
+        if isinstance(e, ast.Sum):
+            limits = []
+            for var, size in zip(e.indices, e.ranges):
+                sym = index_symbol(var.name)
+                self.ranges[sym] = _size(size)
+                limits.append((sym, 0, _size(size) - 1))
+            return sympy.Sum(self.expr(e.body, as_written), *limits)
+        raise TypeError(f"unexpected node {e!r}")
+
+    def statement(self, stmt: CheckedAssign) -> None:
+        indices = tuple(index_symbol(n) for n in stmt.indices)
+        for sym, dim in zip(indices, stmt.target.dims):
+            self.ranges[sym] = _size(dim)
+        as_written = self.expr(stmt.value, as_written=True)
+        self.written.append(Definition(stmt.target.name, indices, as_written))
+        composed = self.expr(stmt.value, as_written=False)
+        name = stmt.target.name
+        if stmt.target.kind is SymbolKind.STATE:
+            self.updates_so_far[name] = Definition(name, indices, composed)
+            if self.last_update[name] == stmt.index:
+                self.current[name] = None
+                return
+        self.current[name] = (indices, composed)
+
+    def build(self) -> StepIR:
+        self.updates_so_far: dict[str, Definition] = {}
+        for stmt in self.rec.statements:
+            self.statement(stmt)
+        updates = {}
+        for sym in self.rec.states:
+            if sym.name in self.updates_so_far:
+                updates[sym.name] = self.updates_so_far[sym.name]
+            else:  # never assigned: carried unchanged
+                idx = tuple(index_symbol(f"s{p}") for p in range(len(sym.dims)))
+                for s, d in zip(idx, sym.dims):
+                    self.ranges[s] = _size(d)
+                base = sympy.IndexedBase(sym.name)[idx] if idx else sympy.Symbol(sym.name)
+                updates[sym.name] = Definition(sym.name, idx, base)
+        outputs = {}
+        for sym in self.rec.outputs:
+            indices, expr = self.current[sym.name]
+            outputs[sym.name] = Definition(sym.name, indices, expr)
+        return StepIR(tuple(self.written), updates, outputs, dict(self.ranges),
+                      tuple(size_symbol(s) for s in self.rec.sizes))
+
+
+def build_step_ir(rec: CheckedRecurrence) -> StepIR:
+    """Translate a checked recurrence into sympy and compose its statements."""
+    return _Builder(rec).build()

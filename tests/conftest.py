@@ -1,0 +1,67 @@
+"""Shared helpers for the front-end tests: where the specs and LANGUAGE.md live, small shapes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.sampling import sample_arguments
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SPECS_DIR = REPO / "specs"
+SPEC_FILES = sorted(SPECS_DIR.glob("*.rec"))
+# CI checks the shared design notes out beside the repository: <repo>/../shared/design/LANGUAGE.md.
+LANGUAGE_MD = REPO.parent / "shared" / "design" / "LANGUAGE.md"
+# A committed copy of LANGUAGE.md's ```rec blocks, used when the shared notes are absent.
+LANGUAGE_EXAMPLES_FALLBACK = TESTS / "data" / "language_examples.rec"
+EXAMPLE_SEPARATOR = "# ---- example {} ----"
+
+_REC_BLOCK = re.compile(r"^```rec[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+_SEPARATOR = re.compile(r"^# ---- example \d+ ----[ \t]*\n", re.M)
+
+
+def extract_rec_blocks(markdown: str) -> list[str]:
+    """The contents of every ```rec fenced block, in order."""
+    return [m.group(1) for m in _REC_BLOCK.finditer(markdown)]
+
+
+def split_fallback(text: str) -> list[str]:
+    """The blocks of the committed copy (the header before the first separator is not one)."""
+    return _SEPARATOR.split(text)[1:]
+
+
+def language_examples() -> tuple[list[str], str]:
+    """LANGUAGE.md's ```rec blocks and where they came from (the shared file, or the committed copy)."""
+    if LANGUAGE_MD.is_file():
+        return extract_rec_blocks(LANGUAGE_MD.read_text()), str(LANGUAGE_MD)
+    return split_fallback(LANGUAGE_EXAMPLES_FALLBACK.read_text()), str(LANGUAGE_EXAMPLES_FALLBACK)
+
+
+def small_sizes(rec: recurrence_dsl.Recurrence) -> dict[str, int]:
+    """Distinct small sizes, so a transposed axis shows up as a shape error rather than passing silently."""
+    choices = [4, 3, 5, 2, 6, 7, 8]
+    return {name: choices[i % len(choices)] for i, name in enumerate(rec.checked.sizes)}
+
+
+def run_small(rec: recurrence_dsl.Recurrence, batch: int = 2, length: int = 5, heads: int = 2, seed: int = 0,
+              with_initial_state: bool = True):
+    """Run the reference on sampled arguments of small shapes: (args, initial, output, final)."""
+    sizes = small_sizes(rec)
+    args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
+                                     with_initial_state=with_initial_state)
+    out, final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    return args, initial, out, final
+
+
+@pytest.fixture(scope="session")
+def specs() -> dict[str, recurrence_dsl.Recurrence]:
+    """Every recurrence of specs/, by name."""
+    recs: dict[str, recurrence_dsl.Recurrence] = {}
+    for path in SPEC_FILES:
+        recs.update(recurrence_dsl.load(path))
+    return recs
