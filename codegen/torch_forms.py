@@ -176,7 +176,7 @@ class TorchFormWriter:
             dims = "".join(f", {d}" for d in s.dims)
             w(f"b_{s.name} = {self._full(printer.print_expr(sa.injection, sa.indices), s.dims)}")
             if sa.diagonal.is_number:
-                w(f"a_{s.name} = b_{s.name}.new_full((), {float(sa.diagonal)!r})  # a constant decay")
+                w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {float(sa.diagonal)!r})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
             w(f"all_{s.name} = _rt.scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "

@@ -363,7 +363,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     """Fill `sa.chunk` (key/value layout, k, v, decay, beta) or say in `sa.chunk_reason` why not."""
     if sa.cls not in {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
                       TransitionClass.DIAGONAL_COL, TransitionClass.RANK_ONE_UPDATE}:
-        sa.chunk_reason = f"{sa.name} has a {sa.cls.value} transition"
+        sa.chunk_reason = f"{sa.name} has {_article(sa.cls.value)} {sa.cls.value} transition"
         return
     if len(sa.dims) not in (1, 2):
         sa.chunk_reason = f"{sa.name} has {len(sa.dims)} axes (the chunked form takes 1 or 2)"
@@ -422,6 +422,10 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
                          log_decay, exact, beta)
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
@@ -439,11 +443,12 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     forms = ["recurrent"]
     not_diag = [s for s in states.values() if s.cls not in _DIAGONAL]
     if not_diag:
-        unavailable["scan"] = "; ".join(f"{s.name} has a {s.cls.value} transition ({s.reason})" for s in not_diag)
+        unavailable["scan"] = "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition ({s.reason})"
+                                        for s in not_diag)
     else:
         forms.append("scan")
     why_not_chunked = [s.chunk_reason for s in states.values() if s.chunk is None]
-    why_not_chunked += [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
+    why_not_chunked += [] if why_not_chunked else [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
                         for o in outputs.values() if o.residual_state]
     if not states:
         why_not_chunked.append("the recurrence has no state")

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .analysis import analyse
 from .api import Recurrence, load
 from .errors import CallError, SpecError
+from .explain import explain
 
 DEFAULT_SIZES = {"B": 2, "T": 64, "H": 2}
 DEFAULT_DIM = 16
@@ -84,6 +86,7 @@ def cmd_check(args) -> int:
 def describe(rec: Recurrence) -> dict:
     """The JSON form of a recurrence (`recdsl show --json`)."""
     c = rec.checked
+    analysis = analyse(c)
 
     def sym(s):
         return {"name": s.name, "shape": [d for d in s.dims]}
@@ -94,15 +97,21 @@ def describe(rec: Recurrence) -> dict:
         "sizes": list(c.sizes),
         "inputs": [sym(s) for s in c.inputs],
         "params": [sym(s) for s in c.params],
-        "states": [sym(s) for s in c.states],
+        "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason}
+                   for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],
+        "class": analysis.cls.value,
+        "forms": list(analysis.forms),
+        "unavailable": dict(analysis.unavailable),
     }
 
 
 def cmd_show(args) -> int:
     recs = _select(load(Path(args.file)), args.name)
+    if args.graph:
+        write_graphs(recs, Path(args.graph))
     if args.json:
         print(json.dumps({"recurrences": [describe(r) for r in recs]}, indent=2))
         return 0
@@ -123,7 +132,28 @@ def cmd_show(args) -> int:
         for line in d["statements"]:
             print(f"    {line}")
         print()
+        print(explain(analyse(rec.checked)))
+        print()
     return 0
+
+
+def write_graphs(recs: list[Recurrence], path: Path) -> None:
+    """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
+    and a PNG beside it when the `dot` program is installed."""
+    import shutil
+    import subprocess
+
+    from .dataflow import build_dataflow, to_dot
+
+    for rec in recs:
+        target = path if len(recs) == 1 else path.with_name(f"{path.stem}.{rec.name}{path.suffix}")
+        dot_path = target.with_suffix(".dot") if target.suffix == ".png" else target
+        dot_path.write_text(to_dot(build_dataflow(rec.checked)))
+        print(f"wrote {dot_path}", file=sys.stderr)
+        if shutil.which("dot"):
+            png = dot_path.with_suffix(".png")
+            subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], check=True)
+            print(f"wrote {png}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", metavar="FILE")
     show.add_argument("--name", help="only this recurrence")
     show.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [...]}")
+    show.add_argument("--graph", metavar="OUT.dot", help="write the step's dataflow graph (Graphviz; .png too "
+                      "when graphviz is installed)")
     show.set_defaults(run=cmd_show)
     return parser
 
@@ -163,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, FileNotFoundError, CallError) as err:
         print(f"recdsl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `recdsl show ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -65,10 +65,23 @@ def _as_dict(rec: Recurrence, output, final) -> dict[str, torch.Tensor]:
     return values
 
 
-def executable_paths(rec: Recurrence) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
+def executable_paths(rec: Recurrence, chunk_size: int = 16) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
     """Every path this project can run for `rec`, and the ones it cannot with the reason."""
+    from .compiler import compile_recurrence
+
     paths: dict[str, Callable] = {"reference": rec.reference}
-    return paths, []
+    layer = compile_recurrence(rec, backend="torch", chunk_size=chunk_size)
+    for form in layer.forms:
+        paths[f"torch/{form}"] = _bind_form(layer, form)
+    skipped = [(f"torch/{form}", why) for form, why in layer.analysis.unavailable.items()]
+    return paths, skipped
+
+
+def _bind_form(layer, form: str) -> Callable:
+    def run(*args, **kwargs):
+        return layer(*args, form=form, **kwargs)
+
+    return run
 
 
 def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int,

@@ -1,0 +1,94 @@
+"""Words and mathematics for an analysis: what `recdsl show` prints.
+
+Per-step quantities are written with a subscript t (`g_t[a]`); states as
+`S_{t-1}` / `S_t`; chunked forms over a chunk of C steps with cumulative log
+decays `G`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sympy
+
+from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass
+from .step_ir import NEW_SUFFIX
+
+
+def _text(expr) -> str:
+    """sympy's text with the IR's internal names made readable (a__k -> a, i__0 -> i_0, S__new -> S_t)."""
+    text = expr if isinstance(expr, str) else sympy.sstr(expr)
+    text = text.replace(NEW_SUFFIX, "_t")
+    for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a")):
+        text = text.replace(internal, shown)
+    return re.sub(r"([A-Za-z])__(\d+)", r"\1_\2", text)
+
+
+def _idx(indices) -> str:
+    return "[" + ", ".join(str(i) for i in indices) + "]" if indices else ""
+
+
+def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
+    s = sa.name
+    lines = [f"    k_t{_text(_idx(plan.k.indices))} = {_text(plan.k.expr)}"]
+    if plan.v is not None:
+        lines.append(f"    v_t{_text(_idx(plan.v.indices))} = {_text(plan.v.expr)}")
+    else:
+        lines.append("    v_t = 1  (the state has no value axis)")
+    if plan.log_decay is not None:
+        note = "" if plan.decay_exact else "   (needs the decay > 0)"
+        lines.append(f"    log decay ({plan.decay_axis}) g_t{_text(_idx(plan.log_decay.indices))} = "
+                     f"{_text(plan.log_decay.expr)}{note}")
+        lines.append("    G_t = sum_{r <= t in the chunk} g_r               (cumulative log decay)")
+        if plan.decay_axis == "key":
+            mask = "A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])   for s <= t"
+            inter = "(Q * exp(G)) S_0"
+            carry = f"{s}_C = exp(G_C) * {s}_0 + (K * exp(G_C - G))^T V"
+        elif plan.decay_axis == "value":
+            mask = "O_t[b] = sum_{s <= t} (q_t . k_s) exp(G_t[b] - G_s[b]) v_s[b]"
+            inter = "(Q S_0) * exp(G)"
+            carry = f"{s}_C = {s}_0 * exp(G_C) + K^T (V * exp(G_C - G))"
+        else:
+            mask = "M_ts = exp(G_t - G_s)   for s <= t                 (decay mask)"
+            inter = "exp(G) * (Q S_0)"
+            carry = f"{s}_C = exp(G_C) {s}_0 + (K * exp(G_C - G))^T V"
+    else:
+        mask = "M_ts = 1   for s <= t                              (causal mask)"
+        inter = "Q S_0"
+        carry = f"{s}_C = {s}_0 + K^T V"
+    if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+        lines.append(f"    beta_t = {_text(plan.beta.expr)};  {s}_t = (I - beta_t k_t k_t^T) D_t {s}_(t-1) "
+                     "+ k_t v_t^T")
+        lines.append("    T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1   (UT transform, C x C)")
+        lines.append(f"    U = T (V - diag(beta * exp(G)) K {s}_0)             (pseudo-values)")
+        lines.append(f"    O = exp(G) * (Q {s}_0) + ((Q K^T) * Gamma * causal) U")
+        lines.append(f"    {s}_C = exp(G_C) {s}_0 + (K * exp(G_C - G))^T U")
+        return lines
+    lines.append(f"    {mask}")
+    intra = "(A * causal) V" if plan.decay_axis == "key" else "((Q K^T) * M) V"
+    lines.append(f"    O = {inter} + {intra}   (intra-chunk masked product)")
+    lines.append(f"    {carry}   (state passed once per chunk)")
+    return lines
+
+
+def explain(analysis: Analysis) -> str:
+    """The derived forms of one recurrence as mathematics a reader can check."""
+    rec = analysis.recurrence
+    lines = [f"recurrence {rec.name}: class {analysis.cls.value}; forms: {', '.join(analysis.forms)}"]
+    for name, sa in analysis.states.items():
+        update = analysis.ir.updates[name]
+        lines.append(f"  state {name}{_idx(update.indices)}: {sa.cls.value} -- {sa.reason}")
+        step = _text(update.expr).replace(name + "[", name + "_(t-1)[")
+        lines.append(f"    step: {name}_t{_idx(update.indices)} = {step}")
+        if sa.chunk is not None:
+            lines.extend(_chunk_lines(sa, sa.chunk))
+        for r in (sa.chunk.readouts if sa.chunk else []):
+            when = f"{name}_(t-1)" if r.exclusive else f"{name}_t"
+            value = f"[{r.value_index}]" if r.value_index is not None else ""
+            axes = "a" + (f", {r.value_index}" if r.value_index is not None else "")
+            lines.append(f"    readout {_text(r.name)}{value} = sum_a ({_text(r.query.expr)}) * {when}[{axes}]")
+    for name, oa in analysis.outputs.items():
+        lines.append(f"  output {name}{_idx(oa.indices)} = {_text(oa.expr)}")
+    for form, why in analysis.unavailable.items():
+        lines.append(f"  no {form} form: {why}")
+    return "\n".join(lines)
