@@ -65,7 +65,7 @@ def naive(queries, k, v, beta=None, log_decay=None, axis=None, s0=None):
     return [torch.stack(o, dim=1) for o in outs], state
 
 
-def make(T, K, V, axis, seed=0, dtype=F64, low=-5.0, delta=False):
+def make(T, K, V, axis, seed=0, dtype=F64, low=-5.0, delta=False, B=B, H=H):
     """Random inputs: two queries (exclusive, inclusive), k (L2-normalised for delta), v, beta, log decay, s0."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -238,7 +238,7 @@ def test_half_inputs_compute_in_float32(dtype):
 
 
 def test_gradcheck_chunked_linear_key():
-    d = make(11, 3, 4, "key", seed=1, low=-2.0)
+    d = make(11, 3, 4, "key", seed=1, low=-2.0, B=1, H=1)
     d = {n: x.requires_grad_() for n, x in d.items()}
 
     def f(q1, q2, k, v, g, s0):
@@ -246,23 +246,23 @@ def test_gradcheck_chunked_linear_key():
                                      output_final_state=True)
         return outs[0], outs[1], final
 
-    # chunk 8 with sub-chunks of 8: cut smaller by hand through T = 11 > C, two chunks
+    # T = 11 > C = 8: two chunks, one sub-chunk each (the next test has several sub-chunks per chunk)
     assert torch.autograd.gradcheck(f, (d["q1"], d["q2"], d["k"], d["v"], d["g"], d["s0"]))
 
 
 def test_gradcheck_chunked_linear_key_subchunks():
-    d = make(40, 3, 4, "key", seed=2, low=-2.0)
+    d = make(40, 3, 4, "key", seed=2, low=-2.0, B=1, H=1)
     d = {n: x.requires_grad_() for n, x in d.items()}
 
     def f(q1, k, v, g):
         outs, final = chunked_linear([(q1, True)], k, v, g, "key", None, chunk_size=32, output_final_state=True)
         return outs[0], final
 
-    assert torch.autograd.gradcheck(f, (d["q1"], d["k"], d["v"], d["g"]))
+    assert torch.autograd.gradcheck(f, (d["q1"], d["k"], d["v"], d["g"]), fast_mode=True)
 
 
 def test_gradcheck_chunked_delta_scalar():
-    d = make(11, 3, 4, "scalar", seed=3, low=-2.0, delta=True)
+    d = make(11, 3, 4, "scalar", seed=3, low=-2.0, delta=True, B=1, H=1)
     d = {n: x.requires_grad_() for n, x in d.items()}
 
     def f(q1, q2, k, v, beta, g, s0):
@@ -278,7 +278,7 @@ def test_grads_match_naive_linear(axis):
     d = make(37, 8, 12, axis, seed=4)
     leaves = {n: x.clone().requires_grad_() for n, x in d.items() if n != "beta"}
     outs, final = chunked_linear([(leaves["q1"], True), (leaves["q2"], False)], leaves["k"], leaves["v"],
-                                 leaves["g"], axis, leaves["s0"], chunk_size=16, output_final_state=True)
+                                 leaves["g"], axis, leaves["s0"], chunk_size=32, output_final_state=True)
     weights = [torch.randn_like(o) for o in (*outs, final)]
     loss = sum((o * w).sum() for o, w in zip((*outs, final), weights, strict=True))
     grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -345,9 +345,9 @@ def test_scan_diagonal(T, broadcast, with_s0):
 
 def test_scan_diagonal_grads_and_float32():
     gen = torch.Generator().manual_seed(0)
-    a = (torch.rand(1, 70, 2, 3, 1, generator=gen, dtype=F64) * 2 - 1).requires_grad_()
-    b = torch.randn(1, 70, 2, 3, 2, generator=gen, dtype=F64, requires_grad=True)
-    s0 = torch.randn(1, 2, 3, 2, generator=gen, dtype=F64, requires_grad=True)
+    a = (torch.rand(1, 70, 1, 2, 1, generator=gen, dtype=F64) * 2 - 1).requires_grad_()
+    b = torch.randn(1, 70, 1, 2, 2, generator=gen, dtype=F64, requires_grad=True)
+    s0 = torch.randn(1, 1, 2, 2, generator=gen, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(scan_diagonal, (a, b, s0))
     s32 = scan_diagonal(a.detach().float(), b.detach().float(), s0.detach().float())
     assert s32.dtype == torch.float32 and rel(s32, naive_scan(a, b, s0).detach()) <= 1e-5

@@ -1,0 +1,277 @@
+"""`recdsl check --prove`: show with sympy that each derived form equals the recurrence.
+
+A small instance (T = 4 steps, every size 2, one batch row and head) is
+unrolled symbolically: inputs, params and the initial state are symbols. The
+recurrence is stepped as written; each form is then evaluated by its own
+closed formula (scan: products of decays; chunked with chunks of 2 steps:
+cumulative log decays, masked sums and the state passed between chunks,
+the UT transform for rank-one updates; parallel: one chunk of 4), and every
+output and final state element must simplify to exactly the same expression.
+Params are taken positive (a decay read as log(gamma) needs gamma > 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy
+
+from .analysis import Analysis, TransitionClass
+from .step_ir import NEW_SUFFIX
+
+
+@dataclass
+class ProofResult:
+    form: str
+    value: str  # an output or "final S"
+    elements: int
+    proved: bool
+    detail: str = ""
+
+
+class _Instance:
+    def __init__(self, analysis: Analysis, steps: int, size: int):
+        self.a = analysis
+        self.rec = analysis.recurrence
+        self.steps = steps
+        self.sizes = {s: size for s in self.rec.sizes}
+        self.size_subs = {sym: size for sym in analysis.ir.sizes}
+        self.inputs = {s.name: s for s in self.rec.inputs}
+        self.params = {s.name: s for s in self.rec.params}
+
+    def dims(self, dims) -> tuple[int, ...]:
+        return tuple(self.sizes[d] if isinstance(d, str) else d for d in dims)
+
+    def cells(self, dims):
+        return list(itertools.product(*[range(n) for n in self.dims(dims)]))
+
+    def leaf(self, name: str, idx: tuple[int, ...], t: int, env: dict) -> sympy.Expr:
+        suffix = "".join(f"_{i}" for i in idx)
+        if name in self.inputs:
+            return sympy.Symbol(f"{name}{t}{suffix}", real=True)
+        if name in self.params:
+            return sympy.Symbol(f"{name}{suffix}", positive=True)
+        return env[name][idx]
+
+    def evaluate(self, expr: sympy.Expr, binding: dict, t: int, env: dict) -> sympy.Expr:
+        """The value of an IR expression at step t with indices bound to integers."""
+        e = expr.xreplace(self.size_subs).xreplace({k: sympy.Integer(v) for k, v in binding.items()})
+        e = e.doit()
+        repl = {}
+        for node in e.atoms(sympy.Indexed):
+            repl[node] = self.leaf(str(node.base), tuple(int(i) for i in node.indices), t, env)
+        labels = {node.base.label for node in e.atoms(sympy.Indexed)}
+        for node in e.atoms(sympy.Symbol) - labels:
+            if node.name in self.inputs or node.name in self.params or node.name in env:
+                repl[node] = self.leaf(node.name, (), t, env)
+        return e.xreplace(repl)
+
+    def definition(self, d, t: int, env: dict) -> dict:
+        """A Definition evaluated at every cell of its indices."""
+        ranges = [int(self.a.ir.ranges.get(i, 0).xreplace(self.size_subs)) if i in self.a.ir.ranges
+                  else self.sizes[self.rec.sizes[0]] for i in d.indices]
+        return {cell: self.evaluate(d.expr, dict(zip(d.indices, cell)), t, env)
+                for cell in itertools.product(*[range(n) for n in ranges])}
+
+    def initial(self) -> dict:
+        return {s.name: {c: sympy.Symbol(f"{s.name}0" + "".join(f"_{i}" for i in c), real=True)
+                         for c in self.cells(s.dims)} for s in self.rec.states}
+
+
+def _unrolled(inst: _Instance):
+    """Step the recurrence as written: outputs[t][name][cell], final states."""
+    states = inst.initial()
+    outputs = []
+    for t in range(inst.steps):
+        new = {}
+        for s in inst.rec.states:
+            d = inst.a.ir.updates[s.name]
+            new[s.name] = {c: inst.evaluate(d.expr, dict(zip(d.indices, c)), t, states) for c in inst.cells(s.dims)}
+        env = dict(states)
+        env.update({k + NEW_SUFFIX: v for k, v in new.items()})
+        step = {}
+        for o in inst.rec.outputs:
+            d = inst.a.ir.outputs[o.name]
+            step[o.name] = {c: inst.evaluate(d.expr, dict(zip(d.indices, c)), t, env) for c in inst.cells(o.dims)}
+        outputs.append(step)
+        states = new
+    return outputs, states
+
+
+def _scan(inst: _Instance):
+    """Closed form of s_t = a_t s_(t-1) + b_t: s_t = (prod a) s_0 + sum_s (prod_(s<r<=t) a_r) b_s."""
+    init = inst.initial()
+    all_states = []
+    for t in range(inst.steps):
+        states = {}
+        for s in inst.rec.states:
+            sa = inst.a.states[s.name]
+            cells = {}
+            for c in inst.cells(s.dims):
+                binding = dict(zip(sa.indices, c))
+                a = [inst.evaluate(sa.diagonal, binding, r, {}) for r in range(t + 1)]
+                b = [inst.evaluate(sa.injection, binding, r, {}) for r in range(t + 1)]
+                value = sympy.Mul(*a) * init[s.name][c]
+                for src in range(t + 1):
+                    value += sympy.Mul(*a[src + 1 :]) * b[src]
+                cells[c] = value
+            states[s.name] = cells
+        all_states.append(states)
+    outputs = []
+    for t in range(inst.steps):
+        env = dict(all_states[t - 1] if t else init)
+        env.update({k + NEW_SUFFIX: v for k, v in all_states[t].items()})
+        step = {}
+        for o in inst.rec.outputs:
+            d = inst.a.ir.outputs[o.name]
+            step[o.name] = {c: inst.evaluate(d.expr, dict(zip(d.indices, c)), t, env) for c in inst.cells(o.dims)}
+        outputs.append(step)
+    return outputs, all_states[-1]
+
+
+def _chunked(inst: _Instance, chunk: int):
+    """The chunked formulas of DESIGN.md, chunk by chunk, with the state passed between chunks."""
+    readouts: list[dict] = [dict() for _ in range(inst.steps)]
+    finals = {}
+    for s in inst.rec.states:
+        sa = inst.a.states[s.name]
+        plan = sa.chunk
+        kdim = inst.dims(s.dims)[0]
+        vdim = inst.dims(s.dims)[1] if len(s.dims) == 2 else 1
+        init = inst.initial()[s.name]
+        S0 = sympy.Matrix(kdim, vdim, lambda a, b: init[(a, b)] if len(s.dims) == 2 else init[(a,)])
+
+        def vec(d, t, n):
+            values = inst.definition(d, t, {})
+            return sympy.Matrix(n, 1, lambda a, _: values[(a,)])
+
+        def logdecay(t):
+            if plan.log_decay is None:
+                return sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
+            values = inst.definition(plan.log_decay, t, {})
+            if plan.decay_axis == "scalar":
+                g = values[()]
+                return sympy.Matrix([g] * kdim), sympy.zeros(vdim, 1)
+            if plan.decay_axis == "key":
+                return sympy.Matrix(kdim, 1, lambda a, _: values[(a,)]), sympy.zeros(vdim, 1)
+            return sympy.zeros(kdim, 1), sympy.Matrix(vdim, 1, lambda b, _: values[(b,)])
+
+        for start in range(0, inst.steps, chunk):
+            ts = list(range(start, min(start + chunk, inst.steps)))
+            ks = {t: vec(plan.k, t, kdim) for t in ts}
+            vs = {t: (vec(plan.v, t, vdim) if plan.v is not None else sympy.ones(1, 1)) for t in ts}
+            gk, gv = {}, {}
+            run_k, run_v = sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
+            G_prev_k, G_prev_v = {}, {}
+            for t in ts:
+                G_prev_k[t], G_prev_v[t] = run_k, run_v
+                dk, dv = logdecay(t)
+                run_k, run_v = run_k + dk, run_v + dv
+                gk[t], gv[t] = run_k, run_v
+
+            def decay(G_k, G_v):
+                return sympy.diag(*[sympy.exp(x) for x in G_k]), sympy.diag(*[sympy.exp(x) for x in G_v])
+
+            if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+                betas = {t: inst.definition(plan.beta, t, {})[()] for t in ts}
+                # u_t = y_t - beta_t Gamma_t S0^T k_t - beta_t sum_(s<t) (Gamma_t / Gamma_s) (k_t . k_s) u_s
+                us = {}
+                for t in ts:
+                    gamma_t = sympy.exp(gk[t][0])
+                    u = vs[t] - betas[t] * gamma_t * S0.T * ks[t]
+                    for src in ts:
+                        if src < t:
+                            u -= betas[t] * sympy.exp(gk[t][0] - gk[src][0]) * (ks[t].T * ks[src])[0] * us[src]
+                    us[t] = u
+                for r in plan.readouts:
+                    for t in ts:
+                        q = vec(r.query, t, kdim)
+                        Gq = G_prev_k[t] if r.exclusive else gk[t]
+                        out = sympy.exp(Gq[0]) * S0.T * q
+                        for src in ts:
+                            if src < t or (src == t and not r.exclusive):
+                                out += sympy.exp(Gq[0] - gk[src][0]) * (q.T * ks[src])[0] * us[src]
+                        readouts[t][r.name] = out
+                last = ts[-1]
+                S_end = sympy.exp(gk[last][0]) * S0
+                for src in ts:
+                    S_end += sympy.exp(gk[last][0] - gk[src][0]) * ks[src] * us[src].T
+                S0 = S_end
+                continue
+            for r in plan.readouts:
+                for t in ts:
+                    q = vec(r.query, t, kdim)
+                    Gk = G_prev_k[t] if r.exclusive else gk[t]
+                    Gv = G_prev_v[t] if r.exclusive else gv[t]
+                    Dk, Dv = decay(Gk, Gv)
+                    out = Dv * S0.T * Dk * q
+                    for src in ts:
+                        if src < t or (src == t and not r.exclusive):
+                            Mk, Mv = decay(Gk - gk[src], Gv - gv[src])
+                            out += Mv * vs[src] * (q.T * Mk * ks[src])[0]
+                    readouts[t][r.name] = out
+            last = ts[-1]
+            Dk, Dv = decay(gk[last], gv[last])
+            S_end = Dk * S0 * Dv
+            for src in ts:
+                Mk, Mv = decay(gk[last] - gk[src], gv[last] - gv[src])
+                S_end += Mk * ks[src] * vs[src].T * Mv
+            S0 = S_end
+        finals[s.name] = ({(a, b): S0[a, b] for a in range(kdim) for b in range(vdim)} if len(s.dims) == 2
+                          else {(a,): S0[a, 0] for a in range(kdim)})
+    outputs = []
+    for t in range(inst.steps):
+        env = {}
+        for name, value in readouts[t].items():
+            env[name] = ({(b,): value[b, 0] for b in range(value.shape[0])} if value.shape[0] > 1
+                         or _has_value_axis(inst, name) else {(): value[0, 0]})
+        step = {}
+        for o in inst.rec.outputs:
+            oa = inst.a.outputs[o.name]
+            step[o.name] = {c: inst.evaluate(oa.expr, dict(zip(oa.indices, c)), t, env) for c in inst.cells(o.dims)}
+        outputs.append(step)
+    return outputs, finals
+
+
+def _has_value_axis(inst: _Instance, readout: str) -> bool:
+    for oa in inst.a.outputs.values():
+        for r in oa.readouts:
+            if r.name == readout:
+                return r.value_index is not None
+    return False
+
+
+def _equal(a: sympy.Expr, b: sympy.Expr) -> bool:
+    diff = sympy.expand(sympy.powsimp(sympy.expand(a - b), combine="exp"))
+    if diff == 0:
+        return True
+    return sympy.simplify(diff) == 0
+
+
+def prove(analysis: Analysis, steps: int = 4, size: int = 2, chunk: int = 2) -> list[ProofResult]:
+    """Compare every derived form of `analysis` with the unrolled recurrence, exactly."""
+    inst = _Instance(analysis, steps, size)
+    reference = _unrolled(inst)
+    candidates = {}
+    if "scan" in analysis.forms:
+        candidates["scan"] = lambda: _scan(inst)
+    if "chunked" in analysis.forms:
+        candidates["chunked"] = lambda: _chunked(inst, chunk)
+    if "parallel" in analysis.forms:
+        candidates["parallel"] = lambda: _chunked(inst, steps)
+    results = []
+    for form, build in candidates.items():
+        outputs, finals = build()
+        for o in analysis.recurrence.outputs:
+            pairs = [(outputs[t][o.name][c], reference[0][t][o.name][c]) for t in range(steps)
+                     for c in reference[0][t][o.name]]
+            bad = [(x, y) for x, y in pairs if not _equal(x, y)]
+            results.append(ProofResult(form, o.name, len(pairs), not bad,
+                                       f"first difference: {sympy.simplify(bad[0][0] - bad[0][1])}" if bad else ""))
+        for s in analysis.recurrence.states:
+            pairs = [(finals[s.name][c], reference[1][s.name][c]) for c in reference[1][s.name]]
+            bad = [(x, y) for x, y in pairs if not _equal(x, y)]
+            results.append(ProofResult(form, f"final {s.name}", len(pairs), not bad,
+                                       f"first difference: {sympy.simplify(bad[0][0] - bad[0][1])}" if bad else ""))
+    return results
