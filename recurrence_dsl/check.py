@@ -171,6 +171,12 @@ class _Checker:
             if out.name not in output_assigned:
                 raise self.error(f"output '{out.name}' is never assigned", out.span,
                                  hint=f"add a line '{out.name}{_index_hint(out)} = ...' to the body")
+        # A size seen only in outputs can never be bound from the call's tensors.
+        bindable = {d for sym in inputs + tuple(params) + tuple(states) for d in sym.dims}
+        for size, span in self.sizes.items():
+            if size not in bindable:
+                raise self.error(f"size '{size}' is used only by outputs, so no argument fixes it", span,
+                                 hint="give an input, param or state this dimension")
         return CheckedRecurrence(
             name=rec.name,
             inputs=inputs,

@@ -12,18 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from codegen import torch_runtime
+from codegen.dispatch import pick_form, run_forms
 from codegen.torch_forms import PRELUDE, torch_forms_source
 
 from .analysis import Analysis, analyse
-from .calling import BoundCall, bind_call, pack_result
+from .calling import bind_call
 from .errors import CallError
 
 BACKENDS = ("torch",)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class CompiledLayer:
@@ -48,14 +44,7 @@ class CompiledLayer:
 
     def pick_form(self, length: int) -> str:
         """The form `auto` runs for a sequence of `length` steps."""
-        forms = self.analysis.forms
-        if length <= 16 or len(forms) == 1:
-            return "recurrent"
-        if "parallel" in forms and length <= self.chunk_size:
-            return "parallel"
-        if "chunked" in forms:
-            return "chunked"
-        return "scan" if "scan" in forms else "recurrent"
+        return pick_form(self.analysis.forms, length, self.chunk_size)
 
     def __call__(self, *args, form: str | None = None, chunk_size: int | None = None, **kwargs):
         call = bind_call(self.recurrence, args, kwargs)
@@ -64,48 +53,7 @@ class CompiledLayer:
             why = self.analysis.unavailable.get(form, f"unknown form; choose from {', '.join(self.forms)} or auto")
             raise CallError(f"{self.name} has no '{form}' form: {why}")
         chunk = chunk_size or self.chunk_size
-        return run_forms(self, call, form, chunk)
-
-
-def run_forms(layer: CompiledLayer, call: BoundCall, form: str, chunk_size: int):
-    rec = layer.recurrence
-    dtype = compute_dtype(call.dtype)
-    inputs = {k: v.to(dtype) for k, v in call.inputs.items()}
-    params = [call.params[p.name].to(dtype) for p in rec.params]
-    sizes = [call.sizes[s] for s in rec.sizes]
-    rows = call.num_sequences
-    if call.initial_state is not None:
-        states = {k: v.to(dtype) for k, v in call.initial_state.items()}
-    else:
-        states = {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
-                  for s in rec.states}
-
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = layer.pick_form(length) if form == "auto" else form
-        fn = layer.forms[chosen]
-        extra = {}
-        if chosen == "chunked":
-            extra["chunk_size"] = chunk_size
-        elif chosen == "parallel":
-            extra["chunk_size"] = max(length, 1)
-        ordered = [piece[i.name] for i in rec.inputs]
-        return fn(*ordered, *params, piece_states, *sizes, **extra)
-
-    if call.cu_seqlens is None:
-        outputs, finals = run(inputs, states, call.length)
-    else:
-        bounds = call.cu_seqlens.tolist()
-        out_pieces, final_pieces = [], []
-        for n in range(len(bounds) - 1):
-            lo, hi = bounds[n], bounds[n + 1]
-            piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
-            out_pieces.append(o)
-            final_pieces.append(f)
-        outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in rec.outputs}
-        finals = {s.name: torch.cat([f[s.name] for f in final_pieces], dim=0) for s in rec.states}
-    outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
-    return pack_result(rec, outputs, finals if call.output_final_state else None)
+        return run_forms(self.recurrence, self.forms, call, form, chunk)
 
 
 _CACHE: dict[tuple, CompiledLayer] = {}

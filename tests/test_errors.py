@@ -91,6 +91,8 @@ BAD_PROGRAMS = {
                                     "first defined at line 1"),
     "a size cannot also name a value": Bad(edit(GLA, "state S[K, V]", "state S[K, V], K"), 2, 20,
                                            "'K' is already a size name"),
+    "size fixed by no argument": Bad("recurrence f(x[D]) -> y[D], z[M] {\n    y[d] = x[d]\n    z[m] = 1\n}\n", 1, 31,
+                                     "size 'M' is used only by outputs"),
     "dimension zero": Bad(edit(GLA, "state S[K, V]", "state S[K, 0]"), 2, 16, "a dimension must be at least 1, got 0"),
     # -- assignments --------------------------------------------------------------------------------------------
     "assignment to an input": Bad(edit(GLA, LINE4, "    q[i] = 2 * q[i]\n" + LINE4), 4, 5,

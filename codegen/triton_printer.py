@@ -1,0 +1,340 @@
+"""Print step-IR (sympy) expressions as Triton source over register tiles.
+
+The Triton counterpart of `torch_printer.py`. Inside a Triton program every value is a tile
+with one axis per index symbol and no batch axes (the program owns one (batch, head)):
+an index `i` ranging over a size `K` is a tile axis of `BLOCK_K` lanes (a power of two >= K),
+of which lanes `offs_K < K` are real and the rest padding. `print_expr(e, axes)` returns
+source evaluating `e` broadcastable to `[BLOCK(a) for a in axes]`: every operand is permuted
+(`tl.trans` / `tl.permute`) and padded with `None` so that each of its indices lines up with
+`axes`, exactly as the torch printer moves axes with `movedim` and `None`.
+
+Padding. Tiles loaded from memory and states carry exact zeros in their padding lanes, but an
+expression evaluated on them need not (exp(0) = 1, elu(0) + 1 = 1, 1 / 0 = inf). Lanes of a
+value that lie in the padding of one of its axes may hold anything; only two things can move a
+padding lane into a real one, and both are guarded:
+
+- a `sum` over an index `b` masks its body with `mask_<size of b>` (`tl.where(..., 0.0)`)
+  unless the body is provably exactly zero (and finite) on the padding of `b`;
+- the caller masks each new state the same way (`needs_mask`), so states stay zero-padded.
+
+Outputs are stored with masks, so their padding lanes never matter. `is_zero(e, a)` is the
+conservative proof: a product is zero there when one factor is and every factor is finite
+everywhere (0 * inf is nan); `is_finite(e)` holds for sums, products and bounded functions of
+zero-padded tiles, never for division, log or fractional powers of a tile.
+
+Functions: exp, log, sqrt, abs map to `tl.*`; sigmoid to `tl.sigmoid`; the rest are written in
+numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) + log(1 + exp(-|x|)),
+logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), silu(x) = x sigmoid(x),
+elu(x) = where(x > 0, x, exp(min(x, 0)) - 1), relu(x) = max(x, 0); min / max to
+`tl.minimum` / `tl.maximum`. Arithmetic is float32 throughout: Python float constants are
+float32 in Triton, loads are upcast by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sympy
+
+from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
+
+_ATOM, _POW, _UNARY, _MUL, _ADD = 5, 4, 3, 2, 1
+
+# A unary function f: (source template, f(0) == 0, f maps finite inputs to finite outputs, precedence).
+# Templates take the argument as `{x}`; an argument used more than once should be a name
+# (the kernel writer binds non-trivial arguments of MULTI_USE functions to temporaries).
+FUNCTIONS = {
+    sympy.exp: ("tl.exp({x})", False, True, _ATOM),
+    sympy.log: ("tl.log({x})", False, False, _ATOM),
+    sympy.Abs: ("tl.abs({x})", True, True, _ATOM),
+    sympy.tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),
+    sigmoid: ("tl.sigmoid({x})", False, True, _ATOM),
+    logsigmoid: ("tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
+    softplus: ("tl.maximum({x}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
+    silu: ("{x} * tl.sigmoid({x})", True, True, _MUL),
+    elu: ("tl.where({x} > 0.0, {x}, tl.exp(tl.minimum({x}, 0.0)) - 1.0)", True, True, _ATOM),
+    relu: ("tl.maximum({x}, 0.0)", True, True, _ATOM),
+}
+_SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
+# Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
+MULTI_USE = (sympy.tanh, logsigmoid, softplus, silu, elu)
+# Largest integer power printed as repeated multiplication; others go through exp(n * log(x)).
+MAX_INT_POWER = 8
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def block_for(n: int) -> int:
+    """The tile extent for an axis of `n` lanes: a power of two, at least 16."""
+    return max(16, next_power_of_two(n))
+
+
+def size_key(size: sympy.Expr) -> str:
+    """The suffix naming a size's tile helpers: `K` for a size name, `n4` for the literal 4."""
+    if isinstance(size, sympy.Symbol):
+        return size.name
+    if isinstance(size, sympy.Integer):
+        return f"n{int(size)}"
+    raise NotImplementedError(f"an index range must be a size name or an integer literal, not {size}")
+
+
+def offs_name(size) -> str:
+    return f"offs_{size_key(size)}"
+
+
+def mask_name(size) -> str:
+    return f"mask_{size_key(size)}"
+
+
+def block_name(size) -> str:
+    return f"BLOCK_{size_key(size)}"
+
+
+def _is_leaf(e: sympy.Expr) -> bool:
+    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
+
+
+class TritonPrinter:
+    """`names` maps an IR name (tensor, scalar, temporary) to the kernel variable holding its tile.
+
+    `zero_padded`: IR names whose tiles are exactly zero (and finite) on every padding lane: inputs and
+    params loaded with `other=0`, states (kept masked). `temps`: IR name of a temporary -> (its tile axes,
+    its defining expression), for the padding analysis. Other leaves (scalars, size names, launcher
+    constants) are real data: finite, and spanning no axis.
+    """
+
+    def __init__(self, sizes: set[str], ranges: dict[sympy.Symbol, sympy.Expr], names: dict[str, str] | None = None,
+                 zero_padded: set[str] | None = None, temps: dict | None = None):
+        self.sizes = sizes
+        self.ranges = ranges
+        self.names = names or {}
+        self.zero_padded = zero_padded or set()
+        self.temps = temps if temps is not None else {}
+
+    def name(self, ir_name: str) -> str:
+        return self.names.get(ir_name, ir_name)
+
+    def print_expr(self, expr: sympy.Expr, axes: tuple[sympy.Symbol, ...]) -> str:
+        return self._p(expr, tuple(axes))[0]
+
+    # -- tiles, masks -------------------------------------------------------
+
+    def block(self, sym: sympy.Symbol) -> str:
+        return block_name(self.ranges[sym])
+
+    def mask(self, axes: tuple[sympy.Symbol, ...], which=None) -> str:
+        """The validity mask of `which` (default: all of `axes`) placed along `axes`."""
+        which = axes if which is None else which
+        parts = []
+        for sym in which:
+            text = mask_name(self.ranges[sym])
+            if len(axes) > 1:
+                text += "[" + ", ".join(":" if a == sym else "None" for a in axes) + "]"
+            parts.append(text)
+        return " & ".join(parts)
+
+    def shape(self, axes: tuple[sympy.Symbol, ...]) -> str:
+        return "[" + ", ".join(self.block(a) for a in axes) + "]"
+
+    # -- padding analysis ----------------------------------------------------
+
+    def is_finite(self, e: sympy.Expr) -> bool:
+        """Every lane of `e`'s tile, padding included, is finite (given finite data)."""
+        if isinstance(e, (sympy.Number, sympy.NumberSymbol)):
+            return bool(e.is_finite)
+        if isinstance(e, (sympy.Indexed, sympy.Symbol)):
+            name = str(e.base) if isinstance(e, sympy.Indexed) else e.name
+            if name in self.temps:
+                return self.is_finite(self.temps[name][1])
+            return True  # loaded data (padding 0), a scalar, a size or a constant
+        if not self._spans(e):
+            return True  # a function of real data only
+        if isinstance(e, (sympy.Add, sympy.Mul, sympy.Min, sympy.Max)):
+            return all(self.is_finite(a) for a in e.args)
+        if isinstance(e, sympy.Pow):
+            base, exp = e.args
+            if exp.is_Integer and exp > 0:
+                return self.is_finite(base)
+            return not self._spans(base) and self.is_finite(exp)
+        if isinstance(e, sympy.Sum):
+            return self.is_finite(e.function)
+        if type(e) in FUNCTIONS:
+            return FUNCTIONS[type(e)][2] and self.is_finite(e.args[0])
+        if isinstance(e, sympy.exp):
+            return self.is_finite(e.args[0])
+        return False
+
+    def is_zero(self, e: sympy.Expr, axis: sympy.Symbol) -> bool:
+        """On every lane in the padding of `axis`, `e` is exactly 0 (a conservative proof)."""
+        if isinstance(e, (sympy.Number, sympy.NumberSymbol)):
+            return e == 0
+        if isinstance(e, sympy.Indexed):
+            name = str(e.base)
+            if axis not in e.indices:
+                return False
+            if name in self.temps:
+                t_axes, t_expr = self.temps[name]
+                return self.is_zero(t_expr, t_axes[list(e.indices).index(axis)])
+            return name in self.zero_padded
+        if isinstance(e, sympy.Symbol):
+            return False  # spans no axis
+        if axis not in e.free_symbols:
+            return False
+        if isinstance(e, (sympy.Add, sympy.Min, sympy.Max)):
+            return all(self.is_zero(a, axis) for a in e.args)
+        if isinstance(e, sympy.Mul):
+            return any(self.is_zero(a, axis) for a in e.args) and all(self.is_finite(a) for a in e.args)
+        if isinstance(e, sympy.Pow):
+            base, exp = e.args
+            return bool(exp.is_number and exp > 0) and self.is_zero(base, axis) and self.is_finite(e)
+        if isinstance(e, sympy.Sum):
+            return self.is_zero(e.function, axis)
+        if type(e) in FUNCTIONS:
+            return FUNCTIONS[type(e)][1] and self.is_zero(e.args[0], axis)
+        return False
+
+    def needs_mask(self, e: sympy.Expr, axes) -> bool:
+        """Whether `e`, to be kept zero-padded along `axes`, must go through `tl.where(mask, e, 0.0)`."""
+        return not all(self.is_zero(e, a) for a in axes)
+
+    def _spans(self, e: sympy.Expr) -> bool:
+        """Whether `e` is a tile (depends on any index), rather than a scalar."""
+        return any(s in self.ranges for s in e.free_symbols)
+
+    # -- helpers --------------------------------------------------------
+
+    def _place(self, src_name: str, src: tuple[sympy.Symbol, ...], axes: tuple[sympy.Symbol, ...]) -> str:
+        """Source for tile `src_name` (axes `src`, in tile order) aligned to `axes`."""
+        if not src:
+            return src_name
+        if len(set(src)) < len(src):
+            raise NotImplementedError(
+                f"{src_name}{list(src)}: a repeated index (a diagonal) is not supported by the Triton printer")
+        missing = [s for s in src if s not in axes]
+        if missing:
+            raise ValueError(f"index {missing[0]} of {src_name} is not among the axes {axes}")
+        text = src_name
+        order = sorted(range(len(src)), key=lambda p: axes.index(src[p]))
+        if order != list(range(len(src))):
+            text = f"tl.trans({text})" if len(src) == 2 else f"tl.permute({text}, {tuple(order)})"
+        if len(src) == len(axes):
+            return text
+        present = set(src)
+        return f"{text}[{', '.join(':' if a in present else 'None' for a in axes)}]"
+
+    def _number(self, value) -> str:
+        if isinstance(value, sympy.Integer) or (isinstance(value, sympy.Rational) and value.q == 1):
+            return f"{int(value)}.0"
+        return repr(float(value))
+
+    # -- the recursive printer: (source, precedence) ------------------------
+
+    def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
+        if isinstance(e, (sympy.Number, sympy.NumberSymbol)):
+            text = self._number(e)
+            return (f"({text})", _ATOM) if text.startswith("-") else (text, _ATOM)
+        if isinstance(e, sympy.Indexed):
+            return self._place(self.name(str(e.base)), tuple(e.indices), axes), _ATOM
+        if isinstance(e, sympy.Symbol):
+            if e.name in self.sizes:
+                return self.name(e.name), _ATOM
+            if e in self.ranges:
+                raise ValueError(f"index {e} used as a value")
+            return self.name(e.name), _ATOM
+        if isinstance(e, sympy.Add):
+            terms = []
+            for k, arg in enumerate(sympy.Add.make_args(e)):
+                coeff, _ = arg.as_coeff_Mul()
+                if k and coeff.is_number and coeff < 0:
+                    terms.append(f" - {self._wrap(-arg, axes, _MUL)}")
+                else:
+                    terms.append((" + " if k else "") + self._wrap(arg, axes, _ADD))
+            return "".join(terms), _ADD
+        if isinstance(e, sympy.Mul):
+            return self._mul(e, axes)
+        if isinstance(e, sympy.Pow):
+            return self._pow(e, axes)
+        if isinstance(e, sympy.Sum):
+            return self._sum(e, axes), _ATOM
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            return self._minmax(e, axes), _ATOM
+        if isinstance(e, sympy.Function) and type(e) in FUNCTIONS:
+            template, _, _, prec = FUNCTIONS[type(e)]
+            if _SIMPLE_CALL.fullmatch(template):
+                return template.format(x=self._p(e.args[0], axes)[0]), prec
+            return template.format(x=self._wrap(e.args[0], axes, _ATOM)), prec
+        raise NotImplementedError(f"cannot print {type(e).__name__}: {e}")
+
+    def _wrap(self, e, axes, min_prec: int) -> str:
+        text, prec = self._p(e, axes)
+        return text if prec >= min_prec else f"({text})"
+
+    def _mul(self, e: sympy.Mul, axes) -> tuple[str, int]:
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            return f"-{self._wrap(rest, axes, _UNARY)}", _UNARY
+        numer, denom = [], []
+        for factor in sympy.Mul.make_args(e):
+            if isinstance(factor, sympy.Pow) and factor.exp.is_number and factor.exp < 0:
+                denom.append(sympy.Pow(factor.base, -factor.exp))
+            elif isinstance(factor, sympy.Rational) and not isinstance(factor, sympy.Integer) and factor.p == 1:
+                denom.append(sympy.Integer(factor.q))
+            else:
+                numer.append(factor)
+        text = " * ".join(self._wrap(f, axes, _MUL) for f in numer) if numer else "1.0"
+        for d in denom:
+            text += f" / {self._wrap(d, axes, _POW)}"
+        return text, _MUL
+
+    def _pow(self, e: sympy.Pow, axes) -> tuple[str, int]:
+        base, exp = e.args
+        if isinstance(base, sympy.core.numbers.Exp1):
+            return f"tl.exp({self._p(exp, axes)[0]})", _ATOM
+        if exp == sympy.Rational(1, 2):
+            return f"tl.sqrt({self._p(base, axes)[0]})", _ATOM
+        if exp == sympy.Rational(-1, 2):
+            return f"1.0 / tl.sqrt({self._p(base, axes)[0]})", _MUL
+        if exp.is_Integer and 0 < abs(int(exp)) <= MAX_INT_POWER:
+            b = self._wrap(base, axes, _POW)
+            prod = " * ".join([b] * abs(int(exp)))
+            if exp > 0:
+                return prod, _MUL
+            return (f"1.0 / {prod}" if abs(int(exp)) == 1 else f"1.0 / ({prod})"), _MUL
+        # General power: exp(y * log(x)), as torch's pow for x > 0 (nan for x < 0 and non-integer y, like torch).
+        return f"tl.exp({self._wrap(exp, axes, _MUL)} * tl.log({self._p(base, axes)[0]}))", _ATOM
+
+    def _minmax(self, e, axes) -> str:
+        fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"
+        args = list(e.args)
+        text = self._p(args[0], axes)[0]
+        for a in args[1:]:
+            text = f"{fn}({text}, {self._p(a, axes)[0]})"
+        return text
+
+    def _sum(self, e: sympy.Sum, axes) -> str:
+        """`sum(b, body)`: the body on the axes `axes + (b,)`, masked along `b` unless provably zero-padded there,
+        then `tl.sum` over the trailing axes."""
+        bound = tuple(limit[0] for limit in e.limits)
+        body = e.function
+        scale = sympy.Integer(1)
+        spanned = []
+        for var in bound:
+            if var in body.free_symbols:
+                spanned.append(var)
+            else:
+                scale *= self.ranges[var]
+        if not spanned:
+            text = self._wrap(body, axes, _MUL)
+        else:
+            inner = tuple(axes) + tuple(spanned)
+            text = self._p(body, inner)[0]
+            unsafe = tuple(v for v in spanned if not self.is_zero(body, v))
+            if unsafe:
+                text = f"tl.where({self.mask(inner, unsafe)}, {text}, 0.0)"
+            for k in reversed(range(len(spanned))):
+                text = f"tl.sum({text}, axis={len(axes) + k})"
+        if scale != 1:
+            text = f"{text} * {self._wrap(scale, axes, _POW)}"
+        return text

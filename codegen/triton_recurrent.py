@@ -1,0 +1,612 @@
+"""Generate the Triton RECURRENT form of one analysed recurrence: every class, linear or not.
+
+`triton_recurrent_source(analysis)` returns a standalone Python module: one `@triton.jit` kernel
+`NAME__triton_recurrent_kernel` and its launcher
+
+    NAME__triton_recurrent(*inputs, *params, states, *sizes, block_<SIZE>=None, num_warps=4, num_stages=1)
+        -> (outputs: dict, final_states: dict)
+
+with the call convention of the torch `NAME__recurrent` (`codegen/torch_forms.py`): inputs
+[B, T, H, ...], params [H, ...], `states` a dict of initial states [B, H, ...] (a missing one is
+zero), sizes as ints. Outputs come back [B, T, H, ...] in the first input's dtype, final states
+[B, H, ...] in float32. `build_triton_recurrent(analysis)` imports the module and returns the launcher.
+
+Kernel design (the torch per-step loop, moved into one program):
+
+- grid (B * H,): one program per (batch, head); the loop over t runs inside the program;
+- every state lives in registers as a float32 tile, one axis per state dimension, each axis
+  padded to a power of two >= 16 (`BLOCK_<SIZE>`, a `tl.constexpr` chosen by the launcher, or
+  given as `block_<SIZE>=`); padding lanes are masked on every load and store and kept exactly zero
+  (see `triton_printer.py` for the rule that guarantees it through sums and state updates);
+- each step loads its inputs (upcast to float32), evaluates the step-local temporaries, then every
+  new state from the previous states (the composed updates of the step IR), then the outputs
+  (which may read both S and S__new), stores the outputs in the output tensor's dtype, and swaps;
+- common subexpressions are computed once per step as named temporary tiles: every `sum`, every
+  repeated subexpression (alpha-equivalent sums included: `sum(e, Uh[d, e] h[e])` written twice is
+  one temporary), and the non-trivial argument of a function printed with its argument repeated
+  (elu, silu, ...); a temporary that reads only params is computed once, before the loop, the
+  Triton analogue of the torch form's hoisting; size-only constants (`K ** -0.5`) are computed by
+  the launcher and passed as float arguments;
+- pointers: inputs and outputs are made contiguous; the (batch, head) base offset is int64, and
+  per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import sympy
+
+from recurrence_dsl.analysis import Analysis
+from recurrence_dsl.step_ir import NEW_SUFFIX
+
+from .triton_printer import (
+    MULTI_USE,
+    TritonPrinter,
+    block_for,
+    block_name,
+    mask_name,
+    offs_name,
+    size_key,
+)
+
+# Names the generated module uses itself; a user name equal to one of them, or starting with one of the
+# generated prefixes, gets a trailing underscore inside the kernel.
+_RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
+             "i_bh", "i_t", "T_", "H_", "B_", "num_warps", "num_stages", "kernel", "out_dtype", "dev"}
+_PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
+_TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
+_CONST_PREFIX = "_const"
+
+
+def _user(name: str) -> str:
+    if name in _RESERVED or name.startswith(_PREFIXES):
+        return name + "_"
+    return name
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "", indent: int = 1) -> None:
+        self.lines.append(("    " * indent + line) if line else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _leaf(e: sympy.Expr) -> bool:
+    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
+
+
+def _leaf_names(e: sympy.Expr) -> set[str]:
+    names = set()
+    for n in sympy.preorder_traversal(e):
+        if isinstance(n, sympy.Indexed):
+            names.add(str(n.base))
+        elif isinstance(n, sympy.Symbol):
+            names.add(n.name)
+    return names
+
+
+class TritonRecurrentWriter:
+    """Writes the Triton kernel and launcher of one recurrence's recurrent form."""
+
+    def __init__(self, analysis: Analysis):
+        self.a = analysis
+        self.rec = analysis.recurrence
+        self.fn = self.rec.name
+        self.sizes = list(self.rec.sizes)
+        self.size_syms = {sympy.Symbol(s, integer=True, positive=True) for s in self.sizes}
+        self.ranges: dict[sympy.Symbol, sympy.Expr] = dict(analysis.ir.ranges)
+        self.inputs = list(self.rec.inputs)
+        self.params = list(self.rec.params)
+        self.states = list(self.rec.states)
+        self.outputs = list(self.rec.outputs)
+        if not self.inputs:
+            raise NotImplementedError(f"{self.fn}: a recurrence without inputs has no time axis to run over")
+        self.input_names = {s.name for s in self.inputs}
+        self.param_names = {s.name for s in self.params}
+        self.state_names = {s.name for s in self.states}
+        self.new_names = {s.name + NEW_SUFFIX for s in self.states}
+        # Launcher constants: name -> python source; temporaries: IR name -> (axes, expr, phase, source name).
+        self.consts: dict[str, tuple[str, str]] = {}
+        self.temps: dict[str, tuple[tuple[sympy.Symbol, ...], sympy.Expr]] = {}
+        self.temp_phase: dict[str, str] = {}
+        self.temp_src: dict[str, str] = {}
+        self.counter = itertools.count()
+
+    # -- size-only constants ----------------------------------------------------
+
+    def _fold_constants(self, e: sympy.Expr) -> sympy.Expr:
+        """Replace maximal subexpressions of sizes and numbers (`K ** -0.5`) by launcher constants."""
+        if isinstance(e, (sympy.Number, sympy.Indexed)) or isinstance(e, sympy.Symbol):
+            return e
+        free = e.free_symbols
+        if not free:
+            return sympy.Float(float(e.evalf()))
+        if free <= self.size_syms and not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)):
+            value = e.doit() if e.has(sympy.Sum) else e
+            src = sympy.pycode(value, fully_qualified_modules=True)
+            key = sympy.srepr(value)
+            if key not in self.consts:
+                self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src)
+            return sympy.Symbol(self.consts[key][0])
+        if isinstance(e, sympy.Sum):
+            return sympy.Sum(self._fold_constants(e.function), *e.limits)
+        return e.func(*[self._fold_constants(a) for a in e.args])
+
+    # -- common subexpressions ---------------------------------------------------
+
+    def _canon(self, e: sympy.Expr):
+        """An alpha-normal form of `e`: bound indices renamed by depth, free indices by first occurrence.
+
+        Returns (key, free indices in placeholder order, placeholders)."""
+        free = []
+        for n in sympy.preorder_traversal(e):
+            if isinstance(n, sympy.Symbol) and n in self.ranges and n in e.free_symbols and n not in free:
+                free.append(n)
+        holders = []
+        for k, f in enumerate(free):
+            h = sympy.Symbol(f"_f{k}_{size_key(self.ranges[f])}", integer=True)
+            holders.append(h)
+        renamed = self._rename_bound(e.xreplace(dict(zip(free, holders))), 0)
+        return sympy.srepr(renamed), free, holders
+
+    def _rename_bound(self, e: sympy.Expr, depth: int) -> sympy.Expr:
+        if _leaf(e):
+            return e
+        if isinstance(e, sympy.Sum):
+            mapping = {}
+            limits = []
+            for k, (var, lo, hi) in enumerate(e.limits):
+                new = sympy.Symbol(f"_b{depth}_{k}", integer=True)
+                mapping[var] = new
+                limits.append((new, lo, hi))
+            return sympy.Sum(self._rename_bound(e.function.xreplace(mapping), depth + 1), *limits)
+        return e.func(*[self._rename_bound(a, depth) for a in e.args])
+
+    def _count(self, e: sympy.Expr, counts: dict) -> None:
+        """Occurrences of every non-leaf subexpression; a repeated one is not descended into again."""
+        if _leaf(e):
+            return
+        key = self._canon(e)[0]
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > 1:
+            return
+        args = (e.function,) if isinstance(e, sympy.Sum) else e.args
+        for a in args:
+            self._count(a, counts)
+
+    def _invariant(self, e: sympy.Expr) -> bool:
+        """Reads no input and no state (params, constants, sizes and numbers only)."""
+        for name in _leaf_names(e):
+            if name in self.input_names or name in self.state_names or name in self.new_names:
+                return False
+            if name in self.temps and self.temp_phase[name] != "prologue":
+                return False
+        return True
+
+    def _worth_a_temp(self, e: sympy.Expr, counts: dict, parent) -> bool:
+        if _leaf(e):
+            return False
+        if isinstance(e, sympy.Sum):
+            return True
+        if isinstance(e, sympy.Mul) and len(e.args) == 2 and e.args[0].is_number and _leaf(e.args[1]):
+            return False  # -x, 2 * x: cheaper to recompute
+        if counts.get(self._canon(e)[0], 0) > 1:
+            return True
+        if parent is not None and type(parent) in MULTI_USE:
+            return True  # the argument of a function whose printed form repeats it
+        heavy = isinstance(e, (sympy.Pow, sympy.Function)) and not isinstance(e, (sympy.Min, sympy.Max))
+        return heavy and self._invariant(e) and any(n in self.param_names for n in _leaf_names(e))
+
+    def _bind(self, e: sympy.Expr, counts: dict, parent=None) -> sympy.Expr:
+        """Post-order: rewrite `e`'s children, then replace `e` by a temporary if it is worth one."""
+        if _leaf(e):
+            return e
+        if isinstance(e, sympy.Sum):
+            rebuilt = sympy.Sum(self._bind(e.function, counts, e), *e.limits)
+        else:
+            rebuilt = e.func(*[self._bind(a, counts, e) for a in e.args])
+        if not self._worth_a_temp(e, counts, parent):
+            return rebuilt
+        key, free, holders = self._canon(e)
+        if key not in self.temp_key:
+            name = f"{_TEMP_PREFIX}{next(self.counter)}"
+            for h, f in zip(holders, free):
+                self.ranges[h] = self.ranges[f]
+            definition = rebuilt.xreplace(dict(zip(free, holders)))
+            self.temp_key[key] = (name, len(free))
+            self.temps[name] = (tuple(holders), definition)
+            self.temp_phase[name] = self._phase(definition)
+            self.temp_src[name] = self._temp_source_name(e, name)
+        name, _ = self.temp_key[key]
+        return sympy.IndexedBase(name)[tuple(free)] if free else sympy.Symbol(name)
+
+    def _phase(self, e: sympy.Expr) -> str:
+        """prologue (before the loop), pre (before the state updates) or post (reads a new state)."""
+        if self._invariant(e):
+            return "prologue"
+        names = _leaf_names(e)
+        if names & self.new_names or any(self.temp_phase.get(n) == "post" for n in names):
+            return "post"
+        return "pre"
+
+    def _temp_source_name(self, e: sympy.Expr, ir_name: str) -> str:
+        n = ir_name[len(_TEMP_PREFIX):]
+        if isinstance(e, sympy.Sum):
+            return f"b_sum{n}"
+        if isinstance(e, sympy.Function) and not isinstance(e, (sympy.Min, sympy.Max)):
+            return f"b_{type(e).__name__.lower()}{n}"
+        return f"b_t{n}"
+
+    def _prepare(self) -> None:
+        ir = self.a.ir
+        self.temp_key: dict[str, tuple[str, int]] = {}
+        updates = {n: (d.indices, self._fold_constants(d.expr)) for n, d in ir.updates.items()}
+        outputs = {n: (d.indices, self._fold_constants(d.expr)) for n, d in ir.outputs.items()}
+        counts: dict = {}
+        for _, e in list(updates.values()) + list(outputs.values()):
+            self._count(e, counts)
+        self.updates = {n: (idx, self._bind(e, counts)) for n, (idx, e) in updates.items()}
+        self.outputs_ir = {n: (idx, self._bind(e, counts)) for n, (idx, e) in outputs.items()}
+
+    # -- naming -------------------------------------------------------------------
+
+    def _names(self) -> dict[str, str]:
+        names = {}
+        for s in self.inputs + self.params + self.states:
+            names[s.name] = f"b_{_user(s.name)}"
+        for s in self.states:
+            names[s.name + NEW_SUFFIX] = f"b_{_user(s.name)}_new"
+        for ir_name, src in self.temp_src.items():
+            names[ir_name] = src
+        for ir_name, _ in self.consts.values():
+            names[ir_name] = f"c_{ir_name[len(_CONST_PREFIX):]}"
+        for s in self.sizes:
+            names[s] = _user(s)
+        return names
+
+    def _dims(self, sym) -> list[sympy.Expr]:
+        return [sympy.Symbol(d, integer=True, positive=True) if isinstance(d, str) else sympy.Integer(d)
+                for d in sym.dims]
+
+    def _size_src(self, size: sympy.Expr) -> str:
+        return _user(size.name) if isinstance(size, sympy.Symbol) else str(int(size))
+
+    def _numel(self, sym) -> str:
+        dims = self._dims(sym)
+        if not dims:
+            return "1"
+        return " * ".join(self._size_src(d) for d in dims)
+
+    def _offsets(self, sym) -> str:
+        """The element offsets of a [d1, d2, ...] tile inside one contiguous [d1, d2, ...] block."""
+        dims = self._dims(sym)
+        n = len(dims)
+        parts = []
+        for p, d in enumerate(dims):
+            text = offs_name(d)
+            if n > 1:
+                text += "[" + ", ".join(":" if q == p else "None" for q in range(n)) + "]"
+            rest = dims[p + 1:]
+            if rest:
+                stride = " * ".join(self._size_src(r) for r in rest)
+                text += f" * {stride}" if len(rest) == 1 else f" * ({stride})"
+            parts.append(text)
+        return " + ".join(parts)
+
+    def _mask(self, sym) -> str:
+        dims = self._dims(sym)
+        n = len(dims)
+        if n == 1:
+            return mask_name(dims[0])
+        return " & ".join(mask_name(d) + "[" + ", ".join(":" if q == p else "None" for q in range(n)) + "]"
+                          for p, d in enumerate(dims))
+
+    def _shape(self, sym) -> str:
+        return "[" + ", ".join(block_name(d) for d in self._dims(sym)) + "]"
+
+    # -- the kernel ---------------------------------------------------------------
+
+    def write(self) -> str:
+        self._prepare()
+        names = self._names()
+        zero_padded = {s.name for s in self.inputs + self.params + self.states} | self.new_names
+        printer = TritonPrinter(set(self.sizes), self.ranges, names, zero_padded, self.temps)
+        all_sizes = []
+        for sym in self.inputs + self.params + self.states + self.outputs:
+            for d in self._dims(sym):
+                if d not in all_sizes:
+                    all_sizes.append(d)
+        for h in self.ranges.values():
+            if h not in all_sizes:
+                all_sizes.append(h)
+        self.block_sizes = all_sizes
+        used = set()
+        for _, e in list(self.updates.values()) + list(self.outputs_ir.values()):
+            used |= _leaf_names(e)
+        for _, e in self.temps.values():
+            used |= _leaf_names(e)
+
+        w = _Writer()
+        kernel = f"{self.fn}__triton_recurrent_kernel"
+        consts = [names[c] for c, _ in self.consts.values()]
+        args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
+                + [f"h0_{_user(s.name)}" for s in self.states] + [_user(s.name) for s in self.outputs]
+                + [f"ht_{_user(s.name)}" for s in self.states] + consts + ["T_", "H_"]
+                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes])
+        w("@triton.jit", 0)
+        w(f"def {kernel}(", 0)
+        w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
+        rest = args[len(self.inputs) + len(self.params):]
+        w(", ".join(rest) + ",")
+        w("):", 0)
+        w(f'"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
+        w("i_bh = tl.program_id(0)")
+        w("i_b = i_bh // H_")
+        w("i_h = i_bh % H_")
+        for d in all_sizes:
+            w(f"{offs_name(d)} = tl.arange(0, {block_name(d)})")
+            w(f"{mask_name(d)} = {offs_name(d)} < {self._size_src(d)}")
+
+        # params: loaded once
+        for p in self.params:
+            if p.name not in used:
+                continue
+            u = _user(p.name)
+            if p.dims:
+                w(f"b_{u} = tl.load({u} + i_h * ({self._numel(p)}) + {self._offsets(p)}, mask={self._mask(p)}, "
+                  f"other=0.0).to(tl.float32)  # {self._shape(p)}")
+            else:
+                w(f"b_{u} = tl.load({u} + i_h).to(tl.float32)")
+        # states: initial values
+        for s in self.states:
+            u = _user(s.name)
+            if s.dims:
+                if len(s.dims) > 1:
+                    w(f"m_{u} = {self._mask(s)}")
+                mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
+                w(f"b_{u} = tl.load(h0_{u} + i_bh.to(tl.int64) * ({self._numel(s)}) + {self._offsets(s)}, "
+                  f"mask={mask}, other=0.0).to(tl.float32)  # {self._shape(s)}")
+            else:
+                w(f"b_{u} = tl.load(h0_{u} + i_bh).to(tl.float32)")
+        # loop-invariant temporaries
+        self._write_temps(w, printer, "prologue", 1)
+        # per-step pointers at t = 0
+        seq_base = "(i_b.to(tl.int64) * T_ * H_ + i_h)"
+        stepped = []
+        for s in self.inputs:
+            if s.name not in used:
+                continue
+            u = _user(s.name)
+            if s.dims:
+                w(f"p_{u} = {u} + {seq_base} * ({self._numel(s)}) + {self._offsets(s)}")
+            else:
+                w(f"p_{u} = {u} + {seq_base}")
+            stepped.append(s)
+        for o in self.outputs:
+            u = _user(o.name)
+            if o.dims:
+                w(f"p_{u} = {u} + {seq_base} * ({self._numel(o)}) + {self._offsets(o)}")
+                if len(o.dims) > 1:
+                    w(f"m_{u} = {self._mask(o)}")
+            else:
+                w(f"p_{u} = {u} + {seq_base}")
+            stepped.append(o)
+
+        w("for i_t in range(0, T_):")
+        for s in self.inputs:
+            if s.name not in used:
+                continue
+            u = _user(s.name)
+            if s.dims:
+                w(f"b_{u} = tl.load(p_{u}, mask={self._mask(s)}, other=0.0).to(tl.float32)  # {self._shape(s)}", 2)
+            else:
+                w(f"b_{u} = tl.load(p_{u}).to(tl.float32)", 2)
+        self._write_temps(w, printer, "pre", 2)
+        for s in self.states:
+            idx, e = self.updates[s.name]
+            u = _user(s.name)
+            text = self._full(printer, e, idx)
+            if idx and printer.needs_mask(e, idx):
+                mask = f"m_{u}" if len(idx) > 1 else printer.mask(idx)
+                text = f"tl.where({mask}, {text}, 0.0)"
+            w(f"b_{u}_new = {text}" + (f"  # {self._shape(s)}" if s.dims else ""), 2)
+        self._write_temps(w, printer, "post", 2)
+        for o in self.outputs:
+            idx, e = self.outputs_ir[o.name]
+            u = _user(o.name)
+            w(f"b_{u} = {self._full(printer, e, idx)}" + (f"  # {self._shape(o)}" if o.dims else ""), 2)
+            if o.dims:
+                mask = f"m_{u}" if len(o.dims) > 1 else self._mask(o)
+                w(f"tl.store(p_{u}, b_{u}.to(p_{u}.dtype.element_ty), mask={mask})", 2)
+            else:
+                w(f"tl.store(p_{u}, b_{u}.to(p_{u}.dtype.element_ty))", 2)
+        for s in self.states:
+            u = _user(s.name)
+            w(f"b_{u} = b_{u}_new", 2)
+        for s in stepped:
+            u = _user(s.name)
+            w(f"p_{u} += H_ * {self._numel(s)}" if s.dims else f"p_{u} += H_", 2)
+        for s in self.states:
+            u = _user(s.name)
+            if s.dims:
+                mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
+                w(f"tl.store(ht_{u} + i_bh.to(tl.int64) * ({self._numel(s)}) + {self._offsets(s)}, b_{u}, "
+                  f"mask={mask})")
+            else:
+                w(f"tl.store(ht_{u} + i_bh, b_{u})")
+        return w.text()
+
+    def _full(self, printer: TritonPrinter, e: sympy.Expr, idx) -> str:
+        """`e` as a float32 tile of exactly the shape of `idx` (a state must keep its type across the loop)."""
+        text = printer.print_expr(e, idx)
+        spanned = {s for s in e.free_symbols if s in self.ranges}
+        if not any(isinstance(n, (sympy.Indexed, sympy.Symbol)) and str(n) not in self.sizes
+                   for n in sympy.preorder_traversal(e)):
+            return f"tl.full({printer.shape(idx)}, {text}, tl.float32)"
+        if not set(idx) <= spanned:
+            return f"tl.broadcast_to({text}, {printer.shape(idx)})"
+        return text
+
+    def _write_temps(self, w: _Writer, printer: TritonPrinter, phase: str, indent: int) -> None:
+        for name, (axes, e) in self.temps.items():
+            if self.temp_phase[name] != phase:
+                continue
+            shape = printer.shape(axes) if axes else "scalar"
+            w(f"{self.temp_src[name]} = {printer.print_expr(e, axes)}  # {shape}", indent)
+
+    # -- the launcher -------------------------------------------------------------
+
+    def write_launcher(self) -> str:
+        w = _Writer()
+        args = [_user(s.name) for s in self.inputs + self.params]
+        sizes = [_user(s) for s in self.sizes]
+        blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
+        sig = ", ".join(args + ["states"] + sizes + ["*"] + blocks + ["num_warps=4", "num_stages=1"])
+        w(f"def {self.fn}__triton_recurrent({sig}):", 0)
+        w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""')
+        first = _user(self.inputs[0].name)
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"dev = {first}.device")
+        for a in args:
+            w(f"{a} = {a}.contiguous()")
+        w("states = states or {}")
+        for s in self.states:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
+            w(f"h0_{_user(s.name)} = _initial_state(states, {s.name!r}, (B_, H_{dims}), dev)")
+        for o in self.outputs:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(o))
+            w(f"{_user(o.name)} = torch.empty((B_, T_, H_{dims}), dtype={first}.dtype, device=dev)")
+        for s in self.states:
+            w(f"ht_{_user(s.name)} = torch.empty_like(h0_{_user(s.name)})")
+        kw = []
+        for d in self.block_sizes:
+            if isinstance(d, sympy.Symbol):
+                w(f"{block_name(d)} = _block({self._size_src(d)}, block_{size_key(d)}, {block_name(d)!r})")
+            else:
+                w(f"{block_name(d)} = {block_for(int(d))}")
+            kw.append(f"{block_name(d)}={block_name(d)}")
+        names = self._names()
+        for ir_name, src in self.consts.values():
+            w(f"{names[ir_name]} = float({src})")
+        call = ([_user(s.name) for s in self.inputs + self.params] + [f"h0_{_user(s.name)}" for s in self.states]
+                + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
+                + [names[c] for c, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
+                + ["num_warps=num_warps", "num_stages=num_stages"])
+        w("if B_ * H_ > 0:")
+        w(f"{self.fn}__triton_recurrent_kernel[(B_ * H_,)](", 2)
+        w(", ".join(call) + ",", 3)
+        w(")", 2)
+        outs = ", ".join(f"{o.name!r}: {_user(o.name)}" for o in self.outputs)
+        finals = ", ".join(f"{s.name!r}: ht_{_user(s.name)}" for s in self.states)
+        w(f"return {{{outs}}}, {{{finals}}}")
+        return w.text()
+
+
+PRELUDE = '''"""Generated by recurrence_dsl (codegen/triton_recurrent.py): the Triton recurrent form of {name}."""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _block(n, given, what):
+    """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
+    block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
+    if block < n or block < 16 or block & (block - 1):
+        raise ValueError(f"{{what}} must be a power of two >= 16 and >= {{n}}, got {{block}}")
+    return block
+
+
+def _initial_state(states, name, shape, dev):
+    """The initial state [B, H, ...] as contiguous float32 (zero when not given)."""
+    s = states.get(name)
+    if s is None:
+        return torch.zeros(shape, dtype=torch.float32, device=dev)
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"initial state {{name!r}} has shape {{tuple(s.shape)}}, expected {{tuple(shape)}}")
+    return s.to(device=dev, dtype=torch.float32).contiguous()
+'''
+
+
+def triton_recurrent_source(analysis: Analysis) -> str:
+    """The source of a standalone module: the Triton recurrent kernel of `analysis` and its launcher."""
+    writer = TritonRecurrentWriter(analysis)
+    kernel = writer.write()
+    launcher = writer.write_launcher()
+    return PRELUDE.format(name=analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+def _cache_dirs():
+    env = os.environ.get("RECURRENCE_DSL_CACHE")
+    if env:
+        yield Path(env) / "triton"
+    yield Path.home() / ".cache" / "recurrence_dsl" / "triton"
+    yield Path(tempfile.gettempdir()) / f"recurrence_dsl-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "triton"
+
+
+def _write_module(source: str, stem: str) -> Path:
+    """Write `source` to `<cache>/<stem>.py` (atomically; the first writable cache directory wins)."""
+    errors = []
+    for directory in _cache_dirs():
+        path = directory / f"{stem}.py"
+        try:
+            if path.is_file() and path.read_text() == source:
+                return path
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+            return path
+        except OSError as e:
+            errors.append(f"{directory}: {e}")
+    raise OSError("no writable cache directory for the generated Triton module: " + "; ".join(errors))
+
+
+_LOADED: dict[str, object] = {}
+
+
+def load_module(source: str, name: str):
+    """Import generated source as a module from a file (Triton's JIT reads a kernel's source from its file)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    stem = f"recdsl_{name}_{digest}"
+    if stem in _LOADED:
+        return _LOADED[stem]
+    path = _write_module(source, stem)
+    spec = importlib.util.spec_from_file_location(stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[stem]
+        raise
+    _LOADED[stem] = module
+    return module
+
+
+def build_triton_recurrent(analysis: Analysis):
+    """The launcher `NAME__triton_recurrent` of `analysis`'s generated module (see the module docstring)."""
+    source = triton_recurrent_source(analysis)
+    module = load_module(source, analysis.recurrence.name)
+    launcher = getattr(module, f"{analysis.recurrence.name}__triton_recurrent")
+    launcher.source = source
+    return launcher
+
+
+__all__ = ["TritonRecurrentWriter", "build_triton_recurrent", "load_module", "triton_recurrent_source"]

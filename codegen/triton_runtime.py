@@ -1,0 +1,603 @@
+"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path, forward only).
+
+Same arguments, maths and layout as `codegen/torch_runtime.py` (B batch, T time, H heads, K key dim, V value dim;
+per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) reads S_{t-1} if exclusive, else S_t):
+
+  chunked_linear   S_t = D_t S_{t-1} + k_t v_t^T                        decay_axis None, "scalar", "key", "value"
+  chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
+
+plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
+`num_warps`, `num_stages`, `allow_tf32`; `chunk_size` is the chunk length BT.
+
+Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh), with their grids:
+
+  _cumsum_kernel        (NT, cdiv(D, BD), B*H)   chunk-local inclusive cumulative sum G of the log decays (D = 1
+                                                  for a scalar decay, K or V for a per-channel one), float32.
+  _intra_attn_kernel    (NT, NC*NC, B*H)         key/value decay only: the intra-chunk scores
+                                                  A_ts = sum_i q_t[i] k_s[i] exp(Gq_t[i] - G_s[i]) (s <= t, or s < t),
+                                                  one 16 x 16 sub-block (i, j) per program (NC = BT / 16): below the
+                                                  diagonal both factors go through G at the end of sub-chunk i - 1
+                                                  (every exponent <= 0) and one tl.dot; on the diagonal a loop over the
+                                                  16 key columns. With no key decay (value axis) it is plain q k^T.
+  _delta_wy_kernel      (NT, B*H)                delta only: L = tril(diag(beta) (K K^T decayed), -1), the C x C
+                                                  inverse T = (I + L)^-1 by forward substitution (row by row, in
+                                                  registers), then W = T diag(beta) (K * exp(G)) and Uy = T Y.
+  _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
+                                                  the state passed over chunks in float32 registers; writes the
+                                                  start state of every chunk to h [B, H, NT, K, V] (float32) and the
+                                                  final state. For delta (BK >= K: the program holds whole columns of
+                                                  S) it also resolves the pseudo-values U = Uy - W S in place.
+  _chunk_output_kernel  (cdiv(V, BV), NT, B*H)   decay None / scalar / key: o = (q * exp(Gq)) @ S_start
+                                                  + (A masked) @ v, A = q k^T (decayed) built in the K loop, or read
+                                                  from _intra_attn_kernel for a key decay.
+  _chunk_output_value_kernel (cdiv(V, BV), NT*NC, B*H)
+                                                  value decay: one 16-row query sub-chunk per program; inter term
+                                                  (q @ S_start) * exp(Gq), earlier sub-chunks by tl.dot against
+                                                  v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
+
+Numerics: every load is masked and upcast to float32; arithmetic and accumulation are float32; outputs are stored
+in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the torch runtime).
+tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for half-precision inputs, whose own
+mantissa is no wider than tf32's; False for float32 inputs). Decay factors are only formed as exp(x) with x <= 0
+(G_a - G_b, G_a later than G_b); `_safe_exp` also clamps at 0 so padded rows (whose G is loaded as 0) can never
+make an inf, hence no 0 * inf = nan, for any log decay.
+
+GPU rules kept by construction (the Triton interpreter does not check them): every tl.dot operand dimension is
+>= 16 (BT, BK, BV are powers of two >= 16, checked in Python before launch, sub-chunks are 16), no
+tl.make_block_ptr (pointer arithmetic only), no `.to()` on loop variables, masks on every load and store.
+A scalar row test is broadcast before it meets a block mask (`o_k * 0 + t < T`): the interpreter turns
+`block_bool & scalar_bool` into an int32 mask that tl.load rejects.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+_AXES = (None, "scalar", "key", "value")
+_DECAY_CODE = {None: 0, "scalar": 1, "key": 2, "value": 3}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _safe_exp(x):
+    """exp(x) for x <= 0; clamped at 0 so garbage in masked-out lanes never overflows."""
+    return tl.exp(tl.minimum(x, 0.0))
+
+
+@triton.jit
+def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """gc[b, t, h, :] = sum of g[b, n*BT .. t, h, :] (chunk-local inclusive cumulative sum), float32."""
+    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = (i_b.to(tl.int64) * T * H + i_h) * D
+    o_t = i_n * BT + tl.arange(0, BT)  # [BT]
+    o_d = i_d * BD + tl.arange(0, BD)  # [BD]
+    m = (o_t < T)[:, None] & (o_d < D)[None, :]
+    offs = base + o_t[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
+
+
+@triton.jit
+def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
+                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                       USE_GK: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+    """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
+
+    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if EXCLUSIVE), 0 elsewhere, where
+    Gq_t = G_t (inclusive) or G_{t-1} (exclusive; 0 at the chunk start). Without USE_GK: plain q_t . k_s.
+    """
+    i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_j = i_ij // NC, i_ij % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    base = (i_b.to(tl.int64) * T * H + i_h) * K
+    t0 = i_n * BT
+    o_c = tl.arange(0, BC)
+    o_tq = t0 + i_i * BC + o_c  # [BC] query rows
+    o_tk = t0 + i_j * BC + o_c  # [BC] key rows
+    m_tq, m_tk = o_tq < T, o_tk < T
+    # Gq at query rows: G_t, or G_{t-1} within the chunk for an exclusive query
+    if EXCLUSIVE:
+        o_tg = o_tq - 1
+        m_tg = m_tq & (i_i * BC + o_c > 0)
+    else:
+        o_tg = o_tq
+        m_tg = m_tq
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    if i_i > i_j:
+        t_ref = t0 + i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for s in sub-chunk j
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_q = m_tq[:, None] & m_k[None, :]
+            b_q = tl.load(q + base + o_tq[:, None] * (H * K) + o_k[None, :], mask=m_q, other=0.0).to(tl.float32)
+            # k^T [BK, BC]
+            m_kt = m_k[:, None] & m_tk[None, :]
+            b_kt = tl.load(k + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            if USE_GK:
+                b_gq = tl.load(gc + base + o_tg[:, None] * (H * K) + o_k[None, :],
+                               mask=m_tg[:, None] & m_k[None, :], other=0.0)  # [BC, BK]
+                b_gk = tl.load(gc + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                b_gr = tl.load(gc + base + t_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t_ref < T), other=0.0)  # [BK]
+                b_q = b_q * _safe_exp(b_gq - b_gr[None, :])
+                b_kt = b_kt * _safe_exp(b_gr[:, None] - b_gk)
+            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    elif i_i == i_j:
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_q = m_tq[:, None] & m_k[None, :]
+            b_q = tl.load(q + base + o_tq[:, None] * (H * K) + o_k[None, :], mask=m_q, other=0.0).to(tl.float32)
+            if USE_GK:
+                b_gq = tl.load(gc + base + o_tg[:, None] * (H * K) + o_k[None, :],
+                               mask=m_tg[:, None] & m_k[None, :], other=0.0)  # [BC, BK]
+                for c in range(0, BC):
+                    t_s = t0 + i_i * BC + c
+                    m_s = m_k & (o_k * 0 + t_s < T)
+                    b_ks = tl.load(k + base + t_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_gs = tl.load(gc + base + t_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                    b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_gq - b_gs[None, :]), axis=1)  # [BC]
+                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+            else:
+                m_kt = m_k[:, None] & m_tk[None, :]
+                b_kt = tl.load(k + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt,
+                               other=0.0).to(tl.float32)
+                b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+        if EXCLUSIVE:
+            b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
+        else:
+            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
+    o_r = i_n * BT + i_i * BC + o_c  # rows of A for this chunk's sub-chunk i (always < NT * BT)
+    o_s = i_j * BC + o_c
+    p_A = A + i_bh.to(tl.int64) * (tl.cdiv(T, BT) * BT * BT) + o_r[:, None] * BT + o_s[None, :]
+    tl.store(p_A, b_A, mask=(o_r[:, None] < tl.cdiv(T, BT) * BT) & (o_s[None, :] < BT))
+
+
+@triton.jit
+def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     PREC: tl.constexpr):
+    """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    row = i_b.to(tl.int64) * T * H + i_h  # flat (b, t=0, h) row index
+    o_i = tl.arange(0, BT)
+    o_t = i_n * BT + o_i  # [BT]
+    m_t = o_t < T
+    b_beta = tl.load(beta + row + o_t * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    if DECAY == 1:
+        b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
+    # strictly lower L [BT, BT]
+    if DECAY == 2:
+        nt_bt = tl.cdiv(T, BT) * BT
+        o_s = tl.arange(0, BT)
+        p_A = Akk + i_bh.to(tl.int64) * (nt_bt * BT) + o_t[:, None] * BT + o_s[None, :]
+        b_A = tl.load(p_A, mask=(o_t[:, None] < nt_bt) & (o_s[None, :] < BT), other=0.0)
+    else:
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + row * K + o_t[:, None] * (H * K) + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BT, BK]
+            b_kt = tl.load(k + row * K + o_t[None, :] * (H * K) + o_k[:, None],
+                           mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+            b_A += tl.dot(b_k, b_kt, input_precision=PREC)
+        if DECAY == 1:
+            b_A = b_A * _safe_exp(b_g[:, None] - b_g[None, :])
+    b_L = tl.where(o_i[:, None] > o_i[None, :], b_beta[:, None] * b_A, 0.0)
+    # forward substitution: X = Tm - I is strictly lower and X_i = N_i + sum_{j<i} N_ij X_j with N = -L
+    b_T = -b_L
+    for i in range(1, BT):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)  # N_i (rows < i already hold X)
+        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    # w = Tm (beta_t k_t exp(G_t))  [BT, K]
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        offs = row * K + o_t[:, None] * (H * K) + o_k[None, :]
+        b_k = tl.load(k + offs, mask=m, other=0.0).to(tl.float32)
+        if DECAY == 1:
+            b_k = b_k * (b_beta * _safe_exp(b_g))[:, None]
+        elif DECAY == 2:
+            b_gk = tl.load(gc + offs, mask=m, other=0.0)
+            b_k = b_k * _safe_exp(b_gk) * b_beta[:, None]
+        else:
+            b_k = b_k * b_beta[:, None]
+        tl.store(w + offs, tl.dot(b_T, b_k, input_precision=PREC), mask=m)
+    # uy = Tm y  [BT, V]
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        offs = row * V + o_t[:, None] * (H * V) + o_v[None, :]
+        b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
+
+
+@triton.jit
+def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                        DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """State passing over the chunks of one (batch*head, BK tile, BV tile), the state in float32 registers.
+
+    h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
+    DELTA: v is the pseudo-value buffer holding Uy, overwritten in place by U = Uy - W S (needs BK >= K).
+    """
+    i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    row = i_b.to(tl.int64) * T * H + i_h  # flat (b, t=0, h) row index
+    o_k = i_kt * BK + tl.arange(0, BK)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    p_h = h + i_bh.to(tl.int64) * NT * (K * V) + o_kv
+    for i_n in range(0, NT):
+        tl.store(p_h + i_n * (K * V), b_h, mask=m_kv)
+        o_t = i_n * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        t_last = tl.minimum(i_n * BT + BT, T) - 1
+        m_kt = m_k[:, None] & m_t[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_kt = row * K + o_t[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
+        p_tv = row * V + o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        if DELTA:
+            p_w = row * K + o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+            b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
+            b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
+            tl.store(v + p_tv, b_v, mask=m_tv)
+        if DECAY == 1:
+            b_gl = tl.load(gc + row + t_last * H, mask=t_last < T, other=0.0)
+            b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
+            b_kt = b_kt * _safe_exp(b_gl - b_g)[None, :]
+            b_h = b_h * tl.exp(b_gl)
+        elif DECAY == 2:
+            b_gl = tl.load(gc + row * K + t_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
+            b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
+            b_kt = b_kt * _safe_exp(b_gl[:, None] - b_g)
+            b_h = b_h * tl.exp(b_gl)[:, None]
+        elif DECAY == 3:
+            b_gl = tl.load(gc + row * V + t_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
+            b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
+            b_v = b_v * _safe_exp(b_gl[None, :] - b_g)
+            b_h = b_h * tl.exp(b_gl)[None, :]
+        b_h += tl.dot(b_kt, b_v, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+    i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    row = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    o_t = i_n * BT + o_i
+    m_t = o_t < T
+    if EXCLUSIVE:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
+        o_tg = o_t - 1
+        m_tg = m_t & (o_i > 0)
+    else:
+        o_tg = o_t
+        m_tg = m_t
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + row * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        if DECAY == 2:
+            b_gq = tl.load(gc + row * K + o_tg[:, None] * (H * K) + o_k[None, :],
+                           mask=m_tg[:, None] & m_k[None, :], other=0.0)
+            b_o += tl.dot(b_q * _safe_exp(b_gq), b_h, input_precision=PREC)
+        else:
+            b_kt = tl.load(k + row * K + o_t[None, :] * (H * K) + o_k[:, None],
+                           mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+            b_o += tl.dot(b_q, b_h, input_precision=PREC)
+            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    if DECAY == 2:
+        o_s = tl.arange(0, BT)
+        p_A = A + i_bh.to(tl.int64) * (NT * BT * BT) + o_t[:, None] * BT + o_s[None, :]
+        b_A = tl.load(p_A, mask=(o_t[:, None] < NT * BT) & (o_s[None, :] < BT), other=0.0)
+    else:
+        if DECAY == 1:
+            b_gq = tl.load(gc + row + o_tg * H, mask=m_tg, other=0.0)  # [BT]
+            b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
+            b_o = b_o * _safe_exp(b_gq)[:, None]
+            b_A = b_A * _safe_exp(b_gq[:, None] - b_g[None, :])
+        if EXCLUSIVE:
+            b_A = tl.where(o_i[:, None] > o_i[None, :], b_A, 0.0)
+        else:
+            b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = row * V + o_t[:, None] * (H * V) + o_v[None, :]
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_o += tl.dot(b_A, b_v, input_precision=PREC)
+    tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+    """Value decay, one 16-row query sub-chunk i of chunk n per program (A = causal q k^T from _intra_attn_kernel):
+    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
+    i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_i = i_nc // NC, i_nc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    row = i_b.to(tl.int64) * T * H + i_h
+    o_c = tl.arange(0, BC)
+    t0 = i_n * BT
+    o_t = t0 + i_i * BC + o_c  # [BC]
+    m_t = o_t < T
+    if EXCLUSIVE:
+        o_tg = o_t - 1
+        m_tg = m_t & (i_i * BC + o_c > 0)
+    else:
+        o_tg = o_t
+        m_tg = m_t
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_gq = tl.load(gc + row * V + o_tg[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+                   other=0.0)  # [BC, BV]
+    # inter-chunk term
+    b_o = tl.zeros([BC, BV], dtype=tl.float32)
+    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + row * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+    b_o = b_o * _safe_exp(b_gq)
+    p_A = A + i_bh.to(tl.int64) * (NT * BT * BT) + (t0 + i_i * BC + o_c)[:, None] * BT  # rows of A
+    # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
+    if i_i > 0:
+        t_ref = t0 + i_i * BC - 1
+        b_gr = tl.load(gc + row * V + t_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t_ref < T), other=0.0)  # [BV]
+        b_off = tl.zeros([BC, BV], dtype=tl.float32)
+        for j in range(0, i_i):
+            o_s = t0 + j * BC + o_c
+            m_sv = (o_s < T)[:, None] & m_v[None, :]
+            p_sv = row * V + o_s[:, None] * (H * V) + o_v[None, :]
+            b_vs = tl.load(v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
+            b_gs = tl.load(gc + p_sv, mask=m_sv, other=0.0)
+            b_Aj = tl.load(p_A + (j * BC + o_c)[None, :], mask=(o_c[:, None] < BC) & (o_c[None, :] < BC), other=0.0)
+            b_off += tl.dot(b_Aj, b_vs * _safe_exp(b_gr[None, :] - b_gs), input_precision=PREC)
+        b_o += b_off * _safe_exp(b_gq - b_gr[None, :])
+    # diagonal sub-block, one key column at a time (A is already causally masked)
+    for c in range(0, BC):
+        t_s = t0 + i_i * BC + c
+        m_s = m_v & (o_v * 0 + t_s < T)
+        b_a = tl.load(p_A + i_i * BC + c, mask=o_c < BC, other=0.0)  # [BC] column c
+        b_vs = tl.load(v + row * V + t_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
+        b_gs = tl.load(gc + row * V + t_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
+        b_o += b_a[:, None] * b_vs[None, :] * _safe_exp(b_gq - b_gs[None, :])
+    tl.store(o + row * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _check_block(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs every dimension >= 16 on a GPU), "
+                         f"got {value!r}")
+
+
+def _check_inputs(queries, k: Tensor, v: Tensor, log_decay, decay_axis, initial_state) -> None:
+    """Shapes, decay axis and dtypes (the same rules and messages as the torch runtime)."""
+    if decay_axis not in _AXES:
+        raise ValueError(f"decay_axis must be one of {_AXES}, got {decay_axis!r}")
+    if k.dim() != 4 or v.dim() != 4 or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"k must be [B, T, H, K] and v [B, T, H, V], got {list(k.shape)} and {list(v.shape)}")
+    if decay_axis is None:
+        if log_decay is not None:
+            raise ValueError("log_decay given but decay_axis is None; pass decay_axis='scalar', 'key' or 'value'")
+    else:
+        if log_decay is None:
+            raise ValueError(f"decay_axis={decay_axis!r} needs a log_decay tensor")
+        expected = {"scalar": tuple(k.shape[:3]), "key": tuple(k.shape), "value": tuple(v.shape)}[decay_axis]
+        if tuple(log_decay.shape) != expected:
+            raise ValueError(f"log_decay for decay_axis={decay_axis!r} must have shape {list(expected)}, "
+                             f"got {list(log_decay.shape)}")
+    for q, _ in queries:
+        if tuple(q.shape) != tuple(k.shape):
+            raise ValueError(f"every query must have k's shape {list(k.shape)}, got {list(q.shape)}")
+    B, _, H, K = k.shape
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must have shape {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
+    for name, x in [("k", k), ("v", v)] + [("q", q) for q, _ in queries]:
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 for the Triton runtime, got {x.dtype}")
+
+
+def _config(k: Tensor, chunk_size, block_k, block_v, allow_tf32, delta: bool):
+    """(BT, BK, BV, dot precision) with the defaults filled in and the GPU's rules checked."""
+    K = k.shape[-1]
+    BT = chunk_size
+    if block_k is None:
+        block_k = _pow2_at_least_16(K) if delta else min(64, _pow2_at_least_16(K))
+    if block_v is None:
+        block_v = 64 if block_k <= 64 else (32 if block_k <= 128 else 16)
+    _check_block("chunk_size", BT)
+    _check_block("block_k", block_k)
+    _check_block("block_v", block_v)
+    if delta and block_k < K:
+        raise ValueError(f"chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
+                         f"U = Uy - W S), got block_k={block_k} < K={K}")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _cumsum(log_decay: Tensor, decay_axis: str, BT: int, num_warps: int) -> Tensor:
+    """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
+    g = log_decay.contiguous()
+    B, T, H = g.shape[:3]
+    D = 1 if decay_axis == "scalar" else g.shape[3]
+    BD = min(64, _pow2_at_least_16(D))
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
+    return gc
+
+
+def _intra_attn(q: Tensor, k: Tensor, gc, use_gk: bool, exclusive: bool, BT: int, BK: int, prec: str,
+                num_warps: int, num_stages: int) -> Tensor:
+    B, T, H, K = k.shape
+    NT, NC = triton.cdiv(T, BT), BT // _SUB
+    A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
+    _intra_attn_kernel[(NT, NC * NC, B * H)](
+        q, k, gc if use_gk else k, A, T, H, K, BT, _SUB, BK, NC, use_gk, exclusive, prec,
+        num_warps=num_warps, num_stages=num_stages)
+    return A
+
+
+def _chunk_states(k, v, gc, w, initial_state, decay_axis, delta, output_final_state, BT, BK, BV, prec,
+                  num_warps, num_stages):
+    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    h0 = None if initial_state is None else initial_state.contiguous()
+    _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+        k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
+        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, _DECAY_CODE[decay_axis], delta,
+        h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
+    return h, ht
+
+
+def _outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    outs = []
+    for q, exclusive in queries:
+        q = q.contiguous()
+        exclusive = bool(exclusive)
+        o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
+        if decay_axis == "value":
+            A = _intra_attn(q, k, None, False, exclusive, BT, BK, prec, num_warps, num_stages)
+            _chunk_output_value_kernel[(triton.cdiv(V, BV), NT * (BT // _SUB), B * H)](
+                q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
+                num_warps=num_warps, num_stages=num_stages)
+        else:
+            A = _intra_attn(q, k, gc, True, exclusive, BT, BK, prec, num_warps, num_stages) \
+                if decay_axis == "key" else h
+            _chunk_output_kernel[(triton.cdiv(V, BV), NT, B * H)](
+                q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, _DECAY_CODE[decay_axis],
+                exclusive, prec, num_warps=num_warps, num_stages=num_stages)
+        outs.append(o)
+    return outs
+
+
+def _empty_result(queries, k, v, initial_state, output_final_state):
+    B, _, H, K = k.shape
+    V = v.shape[-1]
+    outs = [torch.empty((B, 0, H, V), dtype=k.dtype, device=k.device) for _ in queries]
+    if not output_final_state:
+        return outs, None
+    s0 = (torch.zeros((B, H, K, V), dtype=torch.float32, device=k.device) if initial_state is None
+          else initial_state.to(torch.float32))
+    return outs, s0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public forms
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
+                   output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                   allow_tf32=None):
+    """Chunked form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton); see codegen.torch_runtime.chunked_linear.
+
+    queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay per decay_axis
+    (None, "scalar" [B, T, H], "key" [B, T, H, K], "value" [B, T, H, V]); initial_state [B, H, K, V] or None.
+    Returns (list of outputs [B, T, H, V] in k's dtype, final state [B, H, K, V] float32 or None).
+    chunk_size (BT), block_k, block_v: powers of two >= 16 (defaults: BK = min(64, pow2(K)), BV = 64).
+    """
+    _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
+    BT, BK, BV, prec = _config(k, chunk_size, block_k, block_v, allow_tf32, delta=False)
+    if k.shape[1] == 0:
+        return _empty_result(queries, k, v, initial_state, output_final_state)
+    k, v = k.contiguous(), v.contiguous()
+    gc = None if decay_axis is None else _cumsum(log_decay, decay_axis, BT, num_warps)
+    h, ht = _chunk_states(k, v, gc, None, initial_state, decay_axis, False, output_final_state, BT, BK, BV, prec,
+                          num_warps, num_stages)
+    outs = _outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    return outs, ht
+
+
+def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
+                  output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                  allow_tf32=None):
+    """Chunked (WY/UT) form of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T on the GPU (Triton).
+
+    Same arguments and returns as chunked_linear, plus beta [B, T, H]; decay_axis None, "scalar" or "key".
+    Per chunk (see codegen.torch_runtime.chunked_delta for the derivation): L_ts = beta_t (k_t . k_s) decayed for
+    s < t, Tm = (I + L)^-1, W = Tm diag(beta) (K * exp(G)), Uy = Tm Y; then, passing the state, U = Uy - W S0 and
+    S <- D_chunk S0 + (K * exp(G_last - G))^T U; outputs are chunked_linear's with v replaced by U.
+    block_k must cover K (default pow2(K)); block_v defaults to 64 (32 for K > 64, 16 for K > 128).
+    """
+    if decay_axis == "value":
+        raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
+                                  "does not commute with (I - beta k k^T) into one C x C solve: use recurrent_delta")
+    _check_inputs(queries, k, y, log_decay, decay_axis, initial_state)
+    B, T, H, K = k.shape
+    V = y.shape[-1]
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
+    BT, BK, BV, prec = _config(k, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if T == 0:
+        return _empty_result(queries, k, y, initial_state, output_final_state)
+    k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
+    NT = triton.cdiv(T, BT)
+    gc = None if decay_axis is None else _cumsum(log_decay, decay_axis, BT, num_warps)
+    Akk = _intra_attn(k, k, gc, True, True, BT, BK, prec, num_warps, num_stages) if decay_axis == "key" else None
+    w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
+    u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
+    _delta_wy_kernel[(NT, B * H)](
+        k, y, beta, gc if gc is not None else k, Akk if Akk is not None else w, w, u, T, H, K, V, BT, BK,
+        min(BV, 64), _DECAY_CODE[decay_axis], prec, num_warps=num_warps, num_stages=num_stages)
+    h, ht = _chunk_states(k, u, gc, w, initial_state, decay_axis, True, output_final_state, BT, BK, BV, prec,
+                          num_warps, num_stages)
+    outs = _outputs(queries, k, u, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    return outs, ht
