@@ -44,7 +44,8 @@ class _Writer:
 class TorchFormWriter:
     """Writes the torch source of one recurrence's forms."""
 
-    def __init__(self, analysis: Analysis):
+    def __init__(self, analysis: Analysis, runtime_prefix: str = "_rt."):
+        self.rt = runtime_prefix  # how the printed code reaches the torch runtime's functions
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -132,6 +133,11 @@ class TorchFormWriter:
             reads_input = any(str(getattr(n, "base", n)) in input_names for n in sympy.preorder_traversal(e)
                               if isinstance(n, (sympy.Indexed, sympy.Symbol)))
             (per_step if reads_input else constant).append(name)
+        used = set()
+        for _, e in list(updates.values()) + list(outputs.values()):
+            used |= {str(n.base) for n in e.atoms(sympy.Indexed)} | {n.name for n in e.atoms(sympy.Symbol)}
+        per_step = [n for n in per_step if n in used]
+        constant = [n for n in constant if n in used]
         names = {n: f"{n}_t" for n in per_step + constant}
         for n in constant:
             w(f"{n}_t = {n}[:, 0]  # the same at every step")
@@ -179,7 +185,7 @@ class TorchFormWriter:
                 w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {float(sa.diagonal)!r})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
-            w(f"all_{s.name} = _rt.scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
+            w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
               f"# [B, T, H{dims}]")
             if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
                 w(f"prev_{s.name} = torch.cat([states['{s.name}'][:, None], all_{s.name}[:, :-1]], dim=1)")
@@ -237,10 +243,10 @@ class TorchFormWriter:
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer.print_expr(plan.beta.expr, ()), ())}")
-                w(f"{target} = _rt.chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
+                w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
                   f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
             else:
-                w(f"{target} = _rt.chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, {axis}, "
+                w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, {axis}, "
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
             if plan.v is None:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")

@@ -162,8 +162,6 @@ class TritonPrinter:
             return self.is_finite(e.function)
         if type(e) in FUNCTIONS:
             return FUNCTIONS[type(e)][2] and self.is_finite(e.args[0])
-        if isinstance(e, sympy.exp):
-            return self.is_finite(e.args[0])
         return False
 
     def is_zero(self, e: sympy.Expr, axis: sympy.Symbol) -> bool:
@@ -245,7 +243,7 @@ class TritonPrinter:
             return self.name(e.name), _ATOM
         if isinstance(e, sympy.Add):
             terms = []
-            for k, arg in enumerate(sympy.Add.make_args(e)):
+            for k, arg in enumerate(self._add_order(e)):
                 coeff, _ = arg.as_coeff_Mul()
                 if k and coeff.is_number and coeff < 0:
                     terms.append(f" - {self._wrap(-arg, axes, _MUL)}")
@@ -266,6 +264,16 @@ class TritonPrinter:
                 return template.format(x=self._p(e.args[0], axes)[0]), prec
             return template.format(x=self._wrap(e.args[0], axes, _ATOM)), prec
         raise NotImplementedError(f"cannot print {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _add_order(e: sympy.Add) -> list:
+        """Terms to print: positive terms, then positive numbers, then subtracted terms (`x + 1.0`, `1.0 - x`)."""
+        def rank(arg):
+            coeff, _ = arg.as_coeff_Mul()
+            if coeff.is_number and coeff < 0:
+                return 2
+            return 1 if arg.is_number else 0
+        return sorted(sympy.Add.make_args(e), key=rank)
 
     def _wrap(self, e, axes, min_prec: int) -> str:
         text, prec = self._p(e, axes)
@@ -313,9 +321,22 @@ class TritonPrinter:
             text = f"{fn}({text}, {self._p(a, axes)[0]})"
         return text
 
+    @staticmethod
+    def _sum_axes(body: sympy.Expr, axes: tuple, bound: tuple) -> tuple:
+        """The order of the axes a sum's body is evaluated on: that of its largest operand (a state S[i, j]
+        summed over i is reduced in place, never transposed), then the other axes; the (smaller) result is
+        permuted to `axes` afterwards if it must be."""
+        wanted = axes + bound
+        leaves = [n for n in sympy.preorder_traversal(body) if isinstance(n, sympy.Indexed)]
+        order: list = []
+        if leaves:
+            biggest = max(leaves, key=lambda n: len(set(n.indices)))
+            order = [i for i in dict.fromkeys(biggest.indices) if i in wanted]
+        return tuple(order + [a for a in wanted if a not in order])
+
     def _sum(self, e: sympy.Sum, axes) -> str:
-        """`sum(b, body)`: the body on the axes `axes + (b,)`, masked along `b` unless provably zero-padded there,
-        then `tl.sum` over the trailing axes."""
+        """`sum(b, body)`: the body on the axes `axes` and `b` (ordered by `_sum_axes`), masked along `b` unless
+        provably zero-padded there, then `tl.sum` over `b`'s axis."""
         bound = tuple(limit[0] for limit in e.limits)
         body = e.function
         scale = sympy.Integer(1)
@@ -328,13 +349,14 @@ class TritonPrinter:
         if not spanned:
             text = self._wrap(body, axes, _MUL)
         else:
-            inner = tuple(axes) + tuple(spanned)
+            inner = self._sum_axes(body, tuple(axes), tuple(spanned))
             text = self._p(body, inner)[0]
             unsafe = tuple(v for v in spanned if not self.is_zero(body, v))
             if unsafe:
                 text = f"tl.where({self.mask(inner, unsafe)}, {text}, 0.0)"
-            for k in reversed(range(len(spanned))):
-                text = f"tl.sum({text}, axis={len(axes) + k})"
+            for pos in sorted((inner.index(v) for v in spanned), reverse=True):
+                text = f"tl.sum({text}, axis={pos})"
+            text = self._place(text, tuple(a for a in inner if a not in spanned), tuple(axes))
         if scale != 1:
             text = f"{text} * {self._wrap(scale, axes, _POW)}"
         return text

@@ -174,6 +174,22 @@ def write_graphs(recs: list[Recurrence], path: Path) -> None:
             print(f"wrote {png}", file=sys.stderr)
 
 
+def cmd_compile(args) -> int:
+    from codegen.module import OverwriteError, module_source, write_module
+
+    recs = _select(load(Path(args.file)), args.name)
+    source = module_source([analyse(r.checked) for r in recs], args.file)
+    try:
+        write_module(source, Path(args.output), force=args.force)
+    except OverwriteError as err:
+        raise UsageError(str(err)) from None
+    for rec in recs:
+        a = analyse(rec.checked)
+        print(f"{rec.name}: {a.cls.value}; forms {', '.join(a.forms)}")
+    print(f"wrote {args.output} ({len(source.splitlines())} lines)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
                                      "as .rec specs.")
@@ -201,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--graph", metavar="OUT.dot", help="write the step's dataflow graph (Graphviz; .png too "
                       "when graphviz is installed)")
     show.set_defaults(run=cmd_show)
+
+    comp = sub.add_parser("compile", help="write a standalone Python module for the recurrences of FILE",
+                          description="Write one standalone, readable module (importing only torch, and triton "
+                          "when installed) with a function and a torch.nn.Module per recurrence.")
+    comp.add_argument("file", metavar="FILE")
+    comp.add_argument("-o", "--output", required=True, metavar="OUT.py", help="the module to write")
+    comp.add_argument("--name", help="only this recurrence")
+    comp.add_argument("--force", action="store_true", help="overwrite OUT.py even if recurrence_dsl did not "
+                      "generate it")
+    comp.set_defaults(run=cmd_compile)
     return parser
 
 

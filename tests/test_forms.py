@@ -60,7 +60,7 @@ def form_cases(chunks=CHUNKS) -> list:
 def decays(name: str) -> bool:
     """Whether some state of the spec has a decay (a transition other than the identity or a bare delta rule)."""
     for sa in analyse(SPECS[name].checked).states.values():
-        if sa.cls is TransitionClass.IDENTITY:
+        if sa.cls in (TransitionClass.IDENTITY, TransitionClass.GENERAL, TransitionClass.NON_LINEAR):
             continue
         if sa.cls is TransitionClass.RANK_ONE_UPDATE and sa.diagonal == 1:
             continue
@@ -98,7 +98,7 @@ def cast_state(initial, dtype):
     return None if initial is None else initial.to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str, T: int, dtype: torch.dtype, decay_scale: float = 1.0, seed: int = 0):
     """Sampled arguments in `dtype`, an initial state, and the float64 reference on those same (rounded) values."""
     rec = SPECS[name]
@@ -111,9 +111,9 @@ def case(name: str, T: int, dtype: torch.dtype, decay_scale: float = 1.0, seed: 
     return args, initial, flatten(rec, out, final)
 
 
-def check_against_reference(name, form, chunk, T, dtype, decay_scale=1.0):
+def check_against_reference(name, form, chunk, T, dtype, decay_scale=1.0, seed=0):
     rec = SPECS[name]
-    args, initial, ref = case(name, T, dtype, decay_scale)
+    args, initial, ref = case(name, T, dtype, decay_scale, seed)
     layer = recurrence_dsl.compile(rec, chunk_size=chunk)
     out, final = layer(*args, initial_state=initial, output_final_state=True, form=form)
     got = flatten(rec, out, final)
@@ -124,7 +124,8 @@ def check_against_reference(name, form, chunk, T, dtype, decay_scale=1.0):
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), f"{key} has inf/nan"
         errors[key] = rel(value, ref[key])
-    assert max(errors.values()) <= TOL[dtype], f"{name} {form} C={chunk} T={T} {dtype}: relative errors {errors}"
+    assert max(errors.values()) <= TOL[dtype], (f"{name} {form} C={chunk} T={T} {dtype} decay_scale={decay_scale} "
+                                                f"seed={seed}: relative errors {errors}")
 
 
 def _length_param(T: int):
@@ -152,11 +153,15 @@ def test_decaying_specs_are_the_expected_ones():
                         "rwkv6"]
 
 
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+# float32 under strong decay sits closest to its tolerance, so it is checked on three draws, not one lucky one.
+STRONG_PRECISIONS = [pytest.param(F64, 0, id="f64-seed0")] + [pytest.param(F32, s, id=f"f32-seed{s}") for s in range(3)]
+
+
+@pytest.mark.parametrize("dtype, seed", STRONG_PRECISIONS)
 @pytest.mark.parametrize("T", [37, 256], ids=["T37", "T256"])
 @pytest.mark.parametrize("name, form, chunk", STRONG_CASES)
-def test_strong_decay(name, form, chunk, T, dtype):
-    check_against_reference(name, form, chunk, T, dtype, STRONG_DECAY)
+def test_strong_decay(name, form, chunk, T, dtype, seed):
+    check_against_reference(name, form, chunk, T, dtype, STRONG_DECAY, seed)
 
 
 def test_strong_decay_really_is_strong():
@@ -173,12 +178,7 @@ def test_strong_decay_really_is_strong():
 
 
 def _cu_cases():
-    cases = []
-    for p in form_cases():
-        cases.append(p)
-    for name in sorted(SPECS):
-        cases.append(pytest.param(name, "auto", 64, id=f"{name}-auto"))
-    return cases
+    return form_cases() + [pytest.param(name, "auto", 64, id=f"{name}-auto") for name in sorted(SPECS)]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])

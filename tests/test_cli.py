@@ -1,0 +1,168 @@
+"""`recdsl check|show`: exit codes, the report table, JSON, and compiler-style errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import recurrence_dsl
+from recurrence_dsl.cli import main
+
+from .conftest import REPO, SPECS_DIR
+
+GLA = SPECS_DIR / "gla.rec"
+SMALL = "B=1,T=6,H=2,K=4,V=3"
+BAD = "recurrence f(x[D]) -> y[D] {\n    y[d] = expp(x[d])\n}\n"
+
+
+@pytest.fixture
+def bad_spec(tmp_path):
+    path = tmp_path / "bad.rec"
+    path.write_text(BAD)
+    return path
+
+
+@pytest.fixture
+def two_recurrences(tmp_path):
+    path = tmp_path / "two.rec"
+    path.write_text(GLA.read_text() + "\n" + (SPECS_DIR / "mamba2.rec").read_text())
+    return path
+
+
+def _run_cli(*argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_a_spec_prints_the_table(capsys):
+    code, out, err = _run_cli("check", GLA, "--shape", SMALL, capsys=capsys)
+    assert code == 0, err
+    assert "rel. error" in out and "tolerance" in out
+    assert "gla" in out and "reference" in out and "final S" in out
+    assert "K=4" in out and "V=3" in out
+    assert "all paths within tolerance" in out
+    assert err == ""
+
+
+def test_check_in_float64_with_a_seed(capsys):
+    code, out, _ = _run_cli("check", SPECS_DIR / "mamba2.rec", "--shape", "B=1,T=4,H=1,P=3,N=2",
+                            "--dtype", "float64", "--seed", "3", capsys=capsys)
+    assert code == 0
+    assert "float64" in out and "rel. error" in out
+
+
+def test_check_every_recurrence_of_a_file(two_recurrences, capsys):
+    code, out, _ = _run_cli("check", two_recurrences, "--shape", "B=1,T=4,H=1,K=2,V=2,P=2,N=2", capsys=capsys)
+    assert code == 0
+    assert out.count("rel. error") == 2
+
+
+def test_show_json(capsys):
+    code, out, _ = _run_cli("show", GLA, "--json", capsys=capsys)
+    assert code == 0
+    data = json.loads(out)
+    (rec,) = data["recurrences"]
+    assert rec["name"] == "gla"
+    assert rec["spec_hash"] == recurrence_dsl.load(GLA)["gla"].spec_hash
+    assert [i["name"] for i in rec["inputs"]] == ["q", "k", "v", "g"]
+    assert [(s["name"], s["shape"]) for s in rec["states"]] == [("S", ["K", "V"])]
+    assert rec["sizes"] == ["K", "V"]
+    assert rec["statements"] == ["S[i, j] = exp(g[i]) * S[i, j] + k[i] * v[j]",
+                                 "o[j] = K ** -0.5 * sum(i, q[i] * S[i, j])"]
+
+
+def test_show_text(capsys):
+    code, out, _ = _run_cli("show", SPECS_DIR / "delta_net.rec", capsys=capsys)
+    assert code == 0
+    assert "recurrence delta_net" in out
+    assert "states:      S[K, V]" in out
+    assert "temporaries: u[V]" in out
+
+
+def test_show_name_selects_one(two_recurrences, capsys):
+    code, out, _ = _run_cli("show", two_recurrences, "--json", "--name", "mamba2", capsys=capsys)
+    assert code == 0
+    assert [r["name"] for r in json.loads(out)["recurrences"]] == ["mamba2"]
+
+
+@pytest.mark.parametrize("command", ["check", "show"])
+def test_bad_spec_exits_2_with_a_compiler_style_error(bad_spec, capsys, command):
+    code, out, err = _run_cli(command, bad_spec, capsys=capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.rstrip("\n").split("\n")
+    assert lines[0] == f"{bad_spec}:2:12: error: unknown function 'expp'"
+    assert lines[1] == "        y[d] = expp(x[d])"
+    assert lines[2] == "               ^~~~"
+    assert lines[3] == "hint: did you mean 'exp'?"
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--name", "nope"], ["no recurrence 'nope'", "gla"]),
+    (["--shape", "K=four"], ["--shape", "K"]),
+    (["--shape", "Q=3"], ["--shape", "no size Q"]),
+])
+def test_bad_options_exit_2(capsys, argv, words):
+    code, _, err = _run_cli("check", GLA, *argv, capsys=capsys)
+    assert code == 2
+    for word in words:
+        assert word in err
+    assert "Traceback" not in err
+
+
+def test_show_unknown_name_exits_2(capsys):
+    code, _, err = _run_cli("show", GLA, "--name", "nope", capsys=capsys)
+    assert code == 2 and "nope" in err
+
+
+def test_missing_file_exits_2(tmp_path, capsys):
+    code, _, err = _run_cli("show", tmp_path / "absent.rec", capsys=capsys)
+    assert code == 2
+    assert "absent.rec" in err and "Traceback" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"recdsl {recurrence_dsl.__version__}"
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def _subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_module_entry_point_in_a_subprocess(bad_spec):
+    ok = subprocess.run([sys.executable, "-m", "recurrence_dsl.cli", "show", "--json", str(GLA)],
+                        capture_output=True, text=True, env=_subprocess_env(), cwd=REPO, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["recurrences"][0]["name"] == "gla"
+    bad = subprocess.run([sys.executable, "-m", "recurrence_dsl.cli", "check", str(bad_spec)],
+                         capture_output=True, text=True, env=_subprocess_env(), cwd=REPO, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(f"{bad_spec}:2:12: error:")
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("recdsl") is None, reason="the console script is not installed (pip install -e .)")
+def test_console_script(bad_spec):
+    version = subprocess.run(["recdsl", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"recdsl {recurrence_dsl.__version__}"
+    bad = subprocess.run(["recdsl", "check", str(bad_spec)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
