@@ -182,7 +182,8 @@ class TorchFormWriter:
             dims = "".join(f", {d}" for d in s.dims)
             w(f"b_{s.name} = {self._full(printer.print_expr(sa.injection, sa.indices), s.dims)}")
             if sa.diagonal.is_number:
-                w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {float(sa.diagonal)!r})  # a constant decay")
+                value = float(sa.diagonal)
+                w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value!r})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
             w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
@@ -246,7 +247,8 @@ class TorchFormWriter:
                 w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
                   f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
             else:
-                w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, {axis}, "
+                w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, "
+                  f"{axis}, "
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
             if plan.v is None:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")

@@ -448,8 +448,9 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     else:
         forms.append("scan")
     why_not_chunked = [s.chunk_reason for s in states.values() if s.chunk is None]
-    why_not_chunked += [] if why_not_chunked else [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
-                        for o in outputs.values() if o.residual_state]
+    if not why_not_chunked:
+        why_not_chunked += [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
+                            for o in outputs.values() if o.residual_state]
     if not states:
         why_not_chunked.append("the recurrence has no state")
     if why_not_chunked:

@@ -7,8 +7,8 @@ calling convention; each output and final state is compared by relative error
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
