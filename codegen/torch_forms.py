@@ -111,6 +111,11 @@ class TorchFormWriter:
         return any((isinstance(n, sympy.Indexed) and str(n.base) == name) or
                    (isinstance(n, sympy.Symbol) and n.name == name) for n in sympy.preorder_traversal(expr))
 
+    def _update_order(self) -> list:
+        """States in the order of their last assignment: an update may read another state's new value."""
+        last = {st.target.name: st.index for st in self.rec.statements}
+        return sorted(self.rec.states, key=lambda s: last.get(s.name, -1))
+
     def write_recurrent(self) -> str:
         w = _Writer()
         self._header(w, "recurrent")
@@ -149,7 +154,7 @@ class TorchFormWriter:
         w("for t in range(T_):")
         for n in per_step:
             w(f"{n}_t = {n}[:, t]", 2)
-        for s in self.rec.states:
+        for s in self._update_order():
             idx, e = updates[s.name]
             dims = "".join(f", {d}" for d in s.dims)
             w(f"{s.name}{NEW_SUFFIX} = torch.broadcast_to({step_printer.print_expr(e, idx)}, (B_, H_{dims}))", 2)

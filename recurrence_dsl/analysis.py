@@ -430,10 +430,10 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
     state_names = {s.name for s in rec.states} | {s.name + NEW_SUFFIX for s in rec.states}
-    prev_names = {s.name for s in rec.states}
     states = {}
     for sym in rec.states:
-        sa = _classify_state(ir, sym.name, sym.dims, prev_names)
+        # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
+        sa = _classify_state(ir, sym.name, sym.dims, state_names)
         _plan_chunks(ir, sa)
         states[sym.name] = sa
     counter = [0]

@@ -124,8 +124,9 @@ def check_against_reference(name, form, chunk, T, dtype, decay_scale=1.0, seed=0
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), f"{key} has inf/nan"
         errors[key] = rel(value, ref[key])
-    assert max(errors.values()) <= TOL[dtype], (f"{name} {form} C={chunk} T={T} {dtype} decay_scale={decay_scale} "
-                                                f"seed={seed}: relative errors {errors}")
+    where = f"{name} {form}" + (f" C={chunk}" if form == "chunked" else "")
+    assert max(errors.values()) <= TOL[dtype], (f"{where} T={T} {dtype} decay_scale={decay_scale} seed={seed}: "
+                                                f"relative errors {errors}")
 
 
 def _length_param(T: int):
