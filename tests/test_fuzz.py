@@ -264,7 +264,7 @@ def test_the_strategies_reach_valid_and_invalid_programs():
     """Guard against a strategy that silently stops producing checkable programs."""
     seen: list[bool] = []
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(random_programs())
     def collect(text):
