@@ -92,10 +92,6 @@ def block_name(size) -> str:
     return f"BLOCK_{size_key(size)}"
 
 
-def _is_leaf(e: sympy.Expr) -> bool:
-    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
-
-
 class TritonPrinter:
     """`names` maps an IR name (tensor, scalar, temporary) to the kernel variable holding its tile.
 
@@ -207,13 +203,22 @@ class TritonPrinter:
         """Source for tile `src_name` (axes `src`, in tile order) aligned to `axes`."""
         if not src:
             return src_name
-        if len(set(src)) < len(src):
-            raise NotImplementedError(
-                f"{src_name}{list(src)}: a repeated index (a diagonal) is not supported by the Triton printer")
+        text = src_name
+        src = list(src)
+        # A repeated index (x[i, i]) reads the diagonal: keep the lanes where both offsets agree, sum the second away.
+        while len(set(src)) < len(src):
+            dup = next(a for a in src if src.count(a) > 1)
+            p = src.index(dup)
+            q = src.index(dup, p + 1)
+            offs = offs_name(self.ranges[dup])
+            at_p, at_q = (offs + "[" + ", ".join(":" if m == k else "None" for m in range(len(src))) + "]"
+                          for k in (p, q))
+            text = f"tl.sum(tl.where({at_p} == {at_q}, {text}, 0.0), axis={q})"
+            del src[q]
+        src = tuple(src)
         missing = [s for s in src if s not in axes]
         if missing:
             raise ValueError(f"index {missing[0]} of {src_name} is not among the axes {axes}")
-        text = src_name
         order = sorted(range(len(src)), key=lambda p: axes.index(src[p]))
         if order != list(range(len(src))):
             text = f"tl.trans({text})" if len(src) == 2 else f"tl.permute({text}, {tuple(order)})"

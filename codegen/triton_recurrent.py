@@ -18,15 +18,20 @@ Kernel design (the torch per-step loop, moved into one program):
   padded to a power of two >= 16 (`BLOCK_<SIZE>`, a `tl.constexpr` chosen by the launcher, or
   given as `block_<SIZE>=`); padding lanes are masked on every load and store and kept exactly zero
   (see `triton_printer.py` for the rule that guarantees it through sums and state updates);
-- each step loads its inputs (upcast to float32), evaluates the step-local temporaries, then every
-  new state from the previous states (the composed updates of the step IR), then the outputs
-  (which may read both S and S__new), stores the outputs in the output tensor's dtype, and swaps;
+- each step loads its inputs (upcast to float32), computes every new state `b_S_new` from the
+  composed updates of the step IR (which read the previous states, and, where a state is assigned
+  after another one, that one's new value: states are updated in the order of their last assignment,
+  as the torch form does), then the outputs (which may read both S and S__new), stores the outputs
+  in the output tensor's dtype, and only then swaps `b_S = b_S_new`;
 - common subexpressions are computed once per step as named temporary tiles: every `sum`, every
   repeated subexpression (alpha-equivalent sums included: `sum(e, Uh[d, e] h[e])` written twice is
-  one temporary), and the non-trivial argument of a function printed with its argument repeated
-  (elu, silu, ...); a temporary that reads only params is computed once, before the loop, the
-  Triton analogue of the torch form's hoisting; size-only constants (`K ** -0.5`) are computed by
-  the launcher and passed as float arguments;
+  one temporary), a diagonal `W[d, d]`, and the non-trivial argument of a function printed with its
+  argument repeated (elu, silu, ...); each is written just before its first use; one that reads only
+  params is computed once, before the loop, the Triton analogue of the torch form's hoisting;
+  size-only constants (`K ** -0.5`) are computed by the launcher and passed as float arguments;
+- not supported: a recurrence with no input (no time axis); states are whole tiles in registers,
+  so very large states (say K * V > 128 * 128 per head) will spill: splitting V across programs
+  when no sum runs over it is the obvious next step.
 - pointers: inputs and outputs are made contiguous; the (batch, head) base offset is int64, and
   per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable).
 """
@@ -125,22 +130,35 @@ class TritonRecurrentWriter:
 
     # -- size-only constants ----------------------------------------------------
 
+    def _size_only(self, e: sympy.Expr) -> bool:
+        return (not isinstance(e, (sympy.Number, sympy.NumberSymbol)) and e.free_symbols <= self.size_syms
+                and not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)))
+
+    def _constant(self, e: sympy.Expr) -> sympy.Symbol:
+        value = e.doit() if e.has(sympy.Sum) else e
+        renamed = value.xreplace({s: sympy.Symbol(_user(s.name)) for s in value.free_symbols})
+        src = sympy.pycode(renamed, fully_qualified_modules=True)
+        key = sympy.srepr(value)
+        if key not in self.consts:
+            self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src)
+        return sympy.Symbol(self.consts[key][0])
+
     def _fold_constants(self, e: sympy.Expr) -> sympy.Expr:
-        """Replace maximal subexpressions of sizes and numbers (`K ** -0.5`) by launcher constants."""
+        """Replace maximal subexpressions of sizes and numbers (`K ** -0.5`, the factors 1/D and 1/E of one
+        product together) by launcher constants; number-only expressions (`exp(-1)`) by their value."""
         if isinstance(e, (sympy.Number, sympy.Indexed)) or isinstance(e, sympy.Symbol):
             return e
-        free = e.free_symbols
-        if not free:
+        if not e.free_symbols:
             return sympy.Float(float(e.evalf()))
-        if free <= self.size_syms and not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)):
-            value = e.doit() if e.has(sympy.Sum) else e
-            src = sympy.pycode(value, fully_qualified_modules=True)
-            key = sympy.srepr(value)
-            if key not in self.consts:
-                self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src)
-            return sympy.Symbol(self.consts[key][0])
+        if self._size_only(e) and not isinstance(e, sympy.Symbol):
+            return self._constant(e)
         if isinstance(e, sympy.Sum):
             return sympy.Sum(self._fold_constants(e.function), *e.limits)
+        if isinstance(e, (sympy.Mul, sympy.Add)):
+            const = [a for a in e.args if self._size_only(a) and not isinstance(a, sympy.Symbol)]
+            if len(const) > 1:
+                rest = [self._fold_constants(a) for a in e.args if a not in const]
+                return e.func(self._constant(e.func(*const)), *rest)
         return e.func(*[self._fold_constants(a) for a in e.args])
 
     # -- common subexpressions ---------------------------------------------------
@@ -157,7 +175,7 @@ class TritonRecurrentWriter:
         for k, f in enumerate(free):
             h = sympy.Symbol(f"_f{k}_{size_key(self.ranges[f])}", integer=True)
             holders.append(h)
-        renamed = self._rename_bound(e.xreplace(dict(zip(free, holders))), 0)
+        renamed = self._rename_bound(e.xreplace(dict(zip(free, holders, strict=True))), 0)
         return sympy.srepr(renamed), free, holders
 
     def _rename_bound(self, e: sympy.Expr, depth: int) -> sympy.Expr:
@@ -210,6 +228,8 @@ class TritonRecurrentWriter:
 
     def _bind(self, e: sympy.Expr, counts: dict, parent=None) -> sympy.Expr:
         """Post-order: rewrite `e`'s children, then replace `e` by a temporary if it is worth one."""
+        if isinstance(e, sympy.Indexed) and len(set(e.indices)) < len(e.indices):
+            return self._temp(e, e)  # a diagonal W[d, d]: extracted once (before the loop for a param)
         if _leaf(e):
             return e
         if isinstance(e, sympy.Sum):
@@ -218,12 +238,16 @@ class TritonRecurrentWriter:
             rebuilt = e.func(*[self._bind(a, counts, e) for a in e.args])
         if not self._worth_a_temp(e, counts, parent):
             return rebuilt
+        return self._temp(e, rebuilt)
+
+    def _temp(self, e: sympy.Expr, rebuilt: sympy.Expr) -> sympy.Expr:
+        """The temporary holding `e` (children already rewritten: `rebuilt`), created on first use."""
         key, free, holders = self._canon(e)
         if key not in self.temp_key:
             name = f"{_TEMP_PREFIX}{next(self.counter)}"
-            for h, f in zip(holders, free):
+            for h, f in zip(holders, free, strict=True):
                 self.ranges[h] = self.ranges[f]
-            definition = rebuilt.xreplace(dict(zip(free, holders)))
+            definition = rebuilt.xreplace(dict(zip(free, holders, strict=True)))
             self.temp_key[key] = (name, len(free))
             self.temps[name] = (tuple(holders), definition)
             self.temp_phase[name] = self._phase(definition)
@@ -232,13 +256,8 @@ class TritonRecurrentWriter:
         return sympy.IndexedBase(name)[tuple(free)] if free else sympy.Symbol(name)
 
     def _phase(self, e: sympy.Expr) -> str:
-        """prologue (before the loop), pre (before the state updates) or post (reads a new state)."""
-        if self._invariant(e):
-            return "prologue"
-        names = _leaf_names(e)
-        if names & self.new_names or any(self.temp_phase.get(n) == "post" for n in names):
-            return "post"
-        return "pre"
+        """prologue (computed once, before the loop) or step (inside it, just before its first use)."""
+        return "prologue" if self._invariant(e) else "step"
 
     def _temp_source_name(self, e: sympy.Expr, ir_name: str) -> str:
         n = ir_name[len(_TEMP_PREFIX):]
@@ -246,6 +265,8 @@ class TritonRecurrentWriter:
             return f"b_sum{n}"
         if isinstance(e, sympy.Function) and not isinstance(e, (sympy.Min, sympy.Max)):
             return f"b_{type(e).__name__.lower()}{n}"
+        if isinstance(e, sympy.Indexed):
+            return f"b_diag{n}"
         return f"b_t{n}"
 
     def _prepare(self) -> None:
@@ -287,6 +308,11 @@ class TritonRecurrentWriter:
         if not dims:
             return "1"
         return " * ".join(self._size_src(d) for d in dims)
+
+    def _factor(self, sym) -> str:
+        """Elements per (batch, head) block, ready to multiply: `K` or `(K * V)`."""
+        numel = self._numel(sym)
+        return f"({numel})" if " " in numel else numel
 
     def _offsets(self, sym) -> str:
         """The element offsets of a [d1, d2, ...] tile inside one contiguous [d1, d2, ...] block."""
@@ -348,9 +374,9 @@ class TritonRecurrentWriter:
         w(f"def {kernel}(", 0)
         w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
         rest = args[len(self.inputs) + len(self.params):]
-        w(", ".join(rest) + ",")
+        w(", ".join(rest) + ",  # states in, outputs, states out, constants, sizes, blocks")
         w("):", 0)
-        w(f'"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
+        w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
@@ -364,7 +390,7 @@ class TritonRecurrentWriter:
                 continue
             u = _user(p.name)
             if p.dims:
-                w(f"b_{u} = tl.load({u} + i_h * ({self._numel(p)}) + {self._offsets(p)}, mask={self._mask(p)}, "
+                w(f"b_{u} = tl.load({u} + i_h * {self._factor(p)} + {self._offsets(p)}, mask={self._mask(p)}, "
                   f"other=0.0).to(tl.float32)  # {self._shape(p)}")
             else:
                 w(f"b_{u} = tl.load({u} + i_h).to(tl.float32)")
@@ -375,12 +401,12 @@ class TritonRecurrentWriter:
                 if len(s.dims) > 1:
                     w(f"m_{u} = {self._mask(s)}")
                 mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
-                w(f"b_{u} = tl.load(h0_{u} + i_bh.to(tl.int64) * ({self._numel(s)}) + {self._offsets(s)}, "
+                w(f"b_{u} = tl.load(h0_{u} + i_bh.to(tl.int64) * {self._factor(s)} + {self._offsets(s)}, "
                   f"mask={mask}, other=0.0).to(tl.float32)  # {self._shape(s)}")
             else:
                 w(f"b_{u} = tl.load(h0_{u} + i_bh).to(tl.float32)")
         # loop-invariant temporaries
-        self._write_temps(w, printer, "prologue", 1)
+        self._write_prologue_temps(w, printer)
         # per-step pointers at t = 0
         seq_base = "(i_b.to(tl.int64) * T_ * H_ + i_h)"
         stepped = []
@@ -389,14 +415,14 @@ class TritonRecurrentWriter:
                 continue
             u = _user(s.name)
             if s.dims:
-                w(f"p_{u} = {u} + {seq_base} * ({self._numel(s)}) + {self._offsets(s)}")
+                w(f"p_{u} = {u} + {seq_base} * {self._factor(s)} + {self._offsets(s)}")
             else:
                 w(f"p_{u} = {u} + {seq_base}")
             stepped.append(s)
         for o in self.outputs:
             u = _user(o.name)
             if o.dims:
-                w(f"p_{u} = {u} + {seq_base} * ({self._numel(o)}) + {self._offsets(o)}")
+                w(f"p_{u} = {u} + {seq_base} * {self._factor(o)} + {self._offsets(o)}")
                 if len(o.dims) > 1:
                     w(f"m_{u} = {self._mask(o)}")
             else:
@@ -412,19 +438,20 @@ class TritonRecurrentWriter:
                 w(f"b_{u} = tl.load(p_{u}, mask={self._mask(s)}, other=0.0).to(tl.float32)  # {self._shape(s)}", 2)
             else:
                 w(f"b_{u} = tl.load(p_{u}).to(tl.float32)", 2)
-        self._write_temps(w, printer, "pre", 2)
-        for s in self.states:
+        emitted: set[str] = set()
+        for s in self._update_order():
             idx, e = self.updates[s.name]
             u = _user(s.name)
+            self._write_temps_for(w, printer, e, emitted)
             text = self._full(printer, e, idx)
             if idx and printer.needs_mask(e, idx):
                 mask = f"m_{u}" if len(idx) > 1 else printer.mask(idx)
                 text = f"tl.where({mask}, {text}, 0.0)"
             w(f"b_{u}_new = {text}" + (f"  # {self._shape(s)}" if s.dims else ""), 2)
-        self._write_temps(w, printer, "post", 2)
         for o in self.outputs:
             idx, e = self.outputs_ir[o.name]
             u = _user(o.name)
+            self._write_temps_for(w, printer, e, emitted)
             w(f"b_{u} = {self._full(printer, e, idx)}" + (f"  # {self._shape(o)}" if o.dims else ""), 2)
             if o.dims:
                 mask = f"m_{u}" if len(o.dims) > 1 else self._mask(o)
@@ -441,7 +468,7 @@ class TritonRecurrentWriter:
             u = _user(s.name)
             if s.dims:
                 mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
-                w(f"tl.store(ht_{u} + i_bh.to(tl.int64) * ({self._numel(s)}) + {self._offsets(s)}, b_{u}, "
+                w(f"tl.store(ht_{u} + i_bh.to(tl.int64) * {self._factor(s)} + {self._offsets(s)}, b_{u}, "
                   f"mask={mask})")
             else:
                 w(f"tl.store(ht_{u} + i_bh, b_{u})")
@@ -458,12 +485,31 @@ class TritonRecurrentWriter:
             return f"tl.broadcast_to({text}, {printer.shape(idx)})"
         return text
 
-    def _write_temps(self, w: _Writer, printer: TritonPrinter, phase: str, indent: int) -> None:
-        for name, (axes, e) in self.temps.items():
-            if self.temp_phase[name] != phase:
+    def _update_order(self) -> list:
+        """States in the order of their last assignment: an update may read another state's new value."""
+        last = {st.target.name: st.index for st in self.rec.statements}
+        return sorted(self.states, key=lambda s: last.get(s.name, -1))
+
+    def _write_temp(self, w: _Writer, printer: TritonPrinter, name: str, indent: int) -> None:
+        axes, e = self.temps[name]
+        shape = printer.shape(axes) if axes else "scalar"
+        w(f"{self.temp_src[name]} = {printer.print_expr(e, axes)}  # {shape}", indent)
+
+    def _write_prologue_temps(self, w: _Writer, printer: TritonPrinter) -> None:
+        for name in self.temps:
+            if self.temp_phase[name] == "prologue":
+                self._write_temp(w, printer, name, 1)
+
+    def _write_temps_for(self, w: _Writer, printer: TritonPrinter, e: sympy.Expr, emitted: set) -> None:
+        """Emit (in the loop) the step temporaries `e` reads that are not computed yet, dependencies first:
+        each lands just before its first use, so one reading a new state comes after that state's update."""
+        order = list(self.temps)
+        for name in sorted(_leaf_names(e) & set(self.temps), key=order.index):
+            if name in emitted or self.temp_phase[name] == "prologue":
                 continue
-            shape = printer.shape(axes) if axes else "scalar"
-            w(f"{self.temp_src[name]} = {printer.print_expr(e, axes)}  # {shape}", indent)
+            self._write_temps_for(w, printer, self.temps[name][1], emitted)
+            self._write_temp(w, printer, name, 2)
+            emitted.add(name)
 
     # -- the launcher -------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def as_dict(value, decls) -> dict:
     if isinstance(value, dict):
         return value
     if isinstance(value, (tuple, list)):
-        return dict(zip((d.name for d in decls), value))
+        return dict(zip((d.name for d in decls), value, strict=True))
     return {decls[0].name: value}
 
 
@@ -135,22 +135,69 @@ recurrence scalar_state(x, w[D]) -> y, z[D] {
 """
 
 
-def test_scalar_state_three_axes_and_every_function():
-    """A 0-axis state, a 3-axis state, scalar inputs and outputs, and the functions not used by specs/."""
-    rec = recurrence_dsl.load(SCALAR_AND_3D)["scalar_state"]
+ODDITIES = """
+recurrence oddities(x[4], y[K], unused) -> o[4], c, k2[K], d[K] {
+    param tl[K], W[K, K]
+    state S[4, K], carried[K], T_
+    S[a, b] = 0.5 * S[a, b] + x[a] * y[b] * tl[b] * W[b, b]
+    T_ = T_ + 1
+    o[a] = sum(b, S[a, b]) / K + 3
+    c = 2.5
+    k2[b] = carried[b] + K + y[b] ** 2 - 1 / (1 + y[b] ** 2) + (abs(y[b]) + 1) ** 0.3
+    d[b] = sum(e, W[e, e] * y[e]) * carried[b] + sum(a, S[a, b]) ** 3
+}
+"""
+
+
+def check_spec(text: str, name: str, sizes: dict, T: int = 7):
+    rec = recurrence_dsl.load(text)[name]
     checked = rec.checked
-    sizes = {"D": 20, "E": 3, "F": 17}
-    args, initial = sample_arguments(checked, sizes, B, 7, H, dtype=torch.float64, seed=2,
+    args, initial = sample_arguments(checked, sizes, B, T, H, dtype=torch.float64, seed=2,
                                      with_initial_state=True)
     out, final = rec.reference(*args, initial_state=initial, output_final_state=True)
     fn = build_triton_recurrent(analyse(checked))
-    got_out, got_final = fn(*(a.float() for a in args), {k: v.float() for k, v in initial.items()},
+    got_out, got_final = fn(*(a.float() for a in args),
+                            {k: v.float() for k, v in as_dict(initial, checked.states).items()},
                             *(sizes[s] for s in checked.sizes))
-    ref_out = as_dict(out, checked.outputs)
+    ref_out, ref_final = as_dict(out, checked.outputs), as_dict(final, checked.states)
     for o in checked.outputs:
         assert rel(got_out[o.name], ref_out[o.name]) <= 1e-5, o.name
     for s in checked.states:
-        assert rel(got_final[s.name], final[s.name]) <= 1e-5, s.name
+        assert rel(got_final[s.name], ref_final[s.name]) <= 1e-5, s.name
+
+
+COUPLED = """
+recurrence coupled_after(q[K], k[K], v[V]) -> o[V] {
+    state S[K, V], z[K]
+    z[i] = 0.5 * z[i] + elu(k[i])
+    S[i, j] = S[i, j] + z[i] * v[j] + elu(k[i]) * exp(z[i])
+    o[j] = sum(i, q[i] * S[i, j]) + sum(i, z[i])
+}
+
+recurrence coupled_before(q[K], k[K], v[V]) -> o[V] {
+    state S[K, V], z[K]
+    S[i, j] = S[i, j] + z[i] * v[j]
+    z[i] = 0.5 * z[i] + k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["coupled_after", "coupled_before"])
+def test_state_reading_another_states_new_value(name):
+    """S's update reads z after (or before) z's update: states are updated in assignment order."""
+    check_spec(COUPLED, name, {"K": 20, "V": 24})
+
+
+def test_scalar_state_three_axes_and_every_function():
+    """A 0-axis state, a 3-axis state, scalar inputs and outputs, and the functions not used by specs/."""
+    check_spec(SCALAR_AND_3D, "scalar_state", {"D": 20, "E": 3, "F": 17})
+
+
+def test_oddities():
+    """Literal sizes, an unused input, a state never assigned, a constant output, a diagonal W[b, b], powers,
+    names that clash with the kernel's own (`tl`, `T_`)."""
+    check_spec(ODDITIES, "oddities", {"K": 20})
 
 
 def test_generated_source_is_readable_and_gpu_legal():
