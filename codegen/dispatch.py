@@ -69,5 +69,80 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, **options)
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
+class _RecomputeBackward(torch.autograd.Function):
+    """Forward through a fast form (Triton kernels, no autograd of their own); backward by re-running the
+    matching torch form under autograd from the saved inputs, so gradients are exactly the torch form's."""
+
+    @staticmethod
+    def forward(ctx, fast, slow, layout, names, *tensors):
+        args = _unflatten(layout, tensors)
+        with torch.no_grad():
+            outputs, finals = fast(*args)
+        ctx.slow, ctx.layout = slow, layout
+        ctx.save_for_backward(*tensors)
+        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outputs, finals = ctx.slow(*_unflatten(ctx.layout, inputs))
+            results = list(outputs.values()) + list(finals.values())
+        pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        if pairs and wanted:
+            got = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        else:
+            got = iter([None] * len(wanted))
+        return (None, None, None, None) + tuple(next(got) if t.requires_grad else None for t in inputs)
+
+
+def _flatten(args) -> tuple[list, list]:
+    """Form arguments (tensors, a states dict, ints) -> (layout, tensors) for an autograd.Function."""
+    layout, tensors = [], []
+    for a in args:
+        if isinstance(a, dict):
+            layout.append(("dict", tuple(a)))
+            tensors.extend(a.values())
+        elif torch.is_tensor(a):
+            layout.append(("tensor", None))
+            tensors.append(a)
+        else:
+            layout.append(("value", a))
+    return layout, tensors
+
+
+def _unflatten(layout, tensors) -> list:
+    it = iter(tensors)
+    args = []
+    for kind, info in layout:
+        if kind == "dict":
+            args.append({k: next(it) for k in info})
+        elif kind == "tensor":
+            args.append(next(it))
+        else:
+            args.append(info)
+    return args
+
+
+def with_torch_backward(fast, slow, output_names, state_names):
+    """A form function running `fast` forward and differentiating through `slow` (same signature).
+
+    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
+
+    def run(*args, **extra):
+        layout, tensors = _flatten(args)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return fast(*args, **extra)
+        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
+        names = (tuple(output_names), tuple(state_names))
+        flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
+                                        names, *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
 if "pack_result" not in globals():  # imported as a package module rather than copied beside calling.py
     from recurrence_dsl.calling import pack_result  # noqa: E402

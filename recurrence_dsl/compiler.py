@@ -2,8 +2,14 @@
 
 The torch backend prints every available form to Python source
 (`codegen.torch_forms`), executes it once, and dispatches calls to the form
-chosen by `form=` ("auto" picks by class and length). Compiled layers are
-cached by spec hash, backend and chunk size.
+chosen by `form=` ("auto" picks by class and length). The triton backend runs
+the same printed prologue and epilogue around the Triton chunked kernels
+(`codegen.triton_runtime`, which has the torch runtime's API) and the Triton
+recurrent kernel printed from the step IR (`codegen.triton_recurrent`); its
+backward re-runs the matching torch form under autograd. `backend="auto"`
+takes triton for CUDA tensors (or on CPU under TRITON_INTERPRET=1) when triton
+imports, torch otherwise. Compiled layers are cached by spec text, backend,
+form and chunk size.
 """
 
 from __future__ import annotations
@@ -11,15 +17,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import os
+
 from codegen import torch_runtime
-from codegen.dispatch import pick_form, run_forms
+from codegen.dispatch import pick_form, run_forms, with_torch_backward
 from codegen.torch_forms import PRELUDE, torch_forms_source
 
 from .analysis import Analysis, analyse
 from .calling import bind_call
 from .errors import CallError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton", "auto")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class CompiledLayer:
@@ -32,11 +52,41 @@ class CompiledLayer:
         self.form = form
         self.chunk_size = chunk_size
         self.source = PRELUDE + "\n\n" + torch_forms_source(analysis)
-        namespace = {"torch": torch, "F": F, "_rt": torch_runtime}
-        exec(compile(self.source, f"<recurrence_dsl torch forms of {self.recurrence.name}>", "exec"), namespace)
+        self.forms = self._exec_forms(torch_runtime)
+        self._triton_forms: dict | None = None
+
+    def _exec_forms(self, runtime) -> dict:
+        """The printed forms, executed with `_rt` bound to `runtime` (torch or Triton: the same API)."""
+        namespace = {"torch": torch, "F": F, "_rt": runtime}
+        exec(compile(self.source, f"<recurrence_dsl forms of {self.recurrence.name}>", "exec"), namespace)
         name = self.recurrence.name
-        self.forms = {form_name: namespace[f"{name}__{'chunked' if form_name == 'parallel' else form_name}"]
-                      for form_name in analysis.forms}
+        return {form: namespace[f"{name}__{'chunked' if form == 'parallel' else form}"]
+                for form in self.analysis.forms}
+
+    @property
+    def triton_forms(self) -> dict:
+        """recurrent (every class) and chunked (where the analysis allows it) through Triton kernels."""
+        if self._triton_forms is None:
+            from codegen import triton_runtime
+            from codegen.triton_recurrent import build_triton_recurrent
+
+            outputs = [o.name for o in self.recurrence.outputs]
+            states = [s.name for s in self.recurrence.states]
+            forms = {"recurrent": with_torch_backward(build_triton_recurrent(self.analysis), self.forms["recurrent"],
+                                                      outputs, states)}
+            if "chunked" in self.forms:
+                chunked = self._exec_forms(triton_runtime)["chunked"]
+                forms["chunked"] = with_torch_backward(chunked, self.forms["chunked"], outputs, states)
+            self._triton_forms = forms
+        return self._triton_forms
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend a call on `device` runs on."""
+        if self.backend != "auto":
+            return self.backend
+        if (device.type == "cuda" or _interpreting()) and triton_available():
+            return "triton"
+        return "torch"
 
     @property
     def name(self) -> str:
@@ -53,17 +103,28 @@ class CompiledLayer:
             why = self.analysis.unavailable.get(form, f"unknown form; choose from {', '.join(self.forms)} or auto")
             raise CallError(f"{self.name} has no '{form}' form: {why}")
         chunk = chunk_size or self.chunk_size
-        return run_forms(self.recurrence, self.forms, call, form, chunk)
+        backend = self.backend_for(call.device)
+        if backend == "torch":
+            return run_forms(self.recurrence, self.forms, call, form, chunk)
+        forms = self.triton_forms
+        if form != "auto" and form not in forms:
+            raise CallError(f"{self.name} has no '{form}' form on the triton backend; it has {', '.join(forms)} "
+                            "(use backend='torch' for the others)")
+        if "chunked" in forms and (chunk < 16 or chunk & (chunk - 1)):
+            raise CallError(f"chunk_size must be a power of two >= 16 on the triton backend, got {chunk}")
+        return run_forms(self.recurrence, forms, call, form, chunk)
 
 
 _CACHE: dict[tuple, CompiledLayer] = {}
 
 
-def compile_recurrence(rec, backend: str = "torch", form: str = "auto", chunk_size: int = 64) -> CompiledLayer:
+def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int = 64) -> CompiledLayer:
     """Compile a `Recurrence` (or `CheckedRecurrence`) for `backend`; cached by spec hash."""
     checked = getattr(rec, "checked", rec)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     key = (checked.text, checked.source.filename, backend, form, chunk_size)
