@@ -56,6 +56,18 @@ def _select(recs: dict[str, Recurrence], name: str | None) -> list[Recurrence]:
     return [recs[name]]
 
 
+def _prepare_triton(device: str) -> bool:
+    """Whether Triton paths can run; on a machine without a GPU they run in Triton's interpreter, which
+    must be switched on before the kernels are imported."""
+    import os
+
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .compiler import triton_available
+
+    return triton_available()
+
+
 def cmd_check(args) -> int:
     import torch
 
@@ -64,6 +76,8 @@ def cmd_check(args) -> int:
     recs = _select(load(Path(args.file)), args.name)
     given = parse_shape(args.shape)
     dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_triton = not args.no_triton and _prepare_triton(device)
     status = 0
     for rec in recs:
         unknown = set(given) - set(DEFAULT_SIZES) - set(rec.checked.sizes)
@@ -74,7 +88,8 @@ def cmd_check(args) -> int:
         batch = given.get("B", DEFAULT_SIZES["B"])
         length = given.get("T", DEFAULT_SIZES["T"])
         heads = given.get("H", DEFAULT_SIZES["H"])
-        report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed)
+        report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
+                                  triton=use_triton)
         print(format_report(report))
         print()
         if not report.ok:
@@ -205,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--shape", help="sizes, e.g. B=2,T=64,H=2,K=16,V=16 (others take small defaults)")
     check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the paths under test")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    check.add_argument("--device", choices=("cpu", "cuda"), help="where the paths run (default: cuda if available; "
+                       "on cpu, Triton kernels run in Triton's interpreter)")
+    check.add_argument("--no-triton", action="store_true", help="skip the Triton paths")
     check.add_argument("--prove", action="store_true", help="also prove with sympy, on a small unrolled "
                        "instance, that each derived form equals the recurrence exactly")
     check.set_defaults(run=cmd_check)

@@ -65,15 +65,25 @@ def _as_dict(rec: Recurrence, output, final) -> dict[str, torch.Tensor]:
     return values
 
 
-def executable_paths(rec: Recurrence, chunk_size: int = 16) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
-    """Every path this project can run for `rec`, and the ones it cannot with the reason."""
-    from .compiler import compile_recurrence
+def executable_paths(rec: Recurrence, chunk_size: int = 16,
+                     triton: bool = True) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
+    """Every path this project can run for `rec`, and the ones it cannot with the reason.
+
+    Triton paths run on the GPU for CUDA inputs; on CPU tensors they need TRITON_INTERPRET=1 set before the
+    kernels are imported (`recdsl check` does that when there is no GPU)."""
+    from .compiler import compile_recurrence, triton_available
 
     paths: dict[str, Callable] = {"reference": rec.reference}
     layer = compile_recurrence(rec, backend="torch", chunk_size=chunk_size)
     for form in layer.forms:
         paths[f"torch/{form}"] = _bind_form(layer, form)
     skipped = [(f"torch/{form}", why) for form, why in layer.analysis.unavailable.items()]
+    if triton and triton_available():
+        tri = compile_recurrence(rec, backend="triton", chunk_size=max(16, chunk_size))
+        for form in tri.triton_forms:
+            paths[f"triton/{form}"] = _bind_form(tri, form)
+    elif triton:
+        skipped.append(("triton/*", "triton is not installed"))
     return paths, skipped
 
 
@@ -86,7 +96,8 @@ def _bind_form(layer, form: str) -> Callable:
 
 def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int,
                      dtype: torch.dtype = torch.float32, seed: int = 0,
-                     paths: dict[str, Callable] | None = None) -> CheckReport:
+                     paths: dict[str, Callable] | None = None, device: str = "cpu",
+                     triton: bool = True) -> CheckReport:
     """Run each path on the same random inputs (with an initial state) and compare with the reference."""
     args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
                                      with_initial_state=True)
@@ -94,15 +105,20 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
     reference = _as_dict(rec, ref_out, ref_final)
     skipped: list[tuple[str, str]] = []
     if paths is None:
-        paths, skipped = executable_paths(rec)
-    cast_args = [a.to(dtype) for a in args]
+        paths, skipped = executable_paths(rec, triton=triton)
+    cast_args = [a.to(device=device, dtype=dtype) for a in args]
     cast_initial = None
     if initial is not None:
-        cast_initial = {k: v.to(dtype) for k, v in initial.items()} if isinstance(initial, dict) else initial.to(dtype)
+        if isinstance(initial, dict):
+            cast_initial = {k: v.to(device=device, dtype=dtype) for k, v in initial.items()}
+        else:
+            cast_initial = initial.to(device=device, dtype=dtype)
     rows = []
     for name, fn in paths.items():
         if fn is rec.reference:
-            out, fin = rec.reference(*cast_args, initial_state=cast_initial, output_final_state=True, dtype=dtype)
+            # The interpreter in the dtype under test (bfloat16/float16 steps would only measure rounding).
+            ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            out, fin = rec.reference(*cast_args, initial_state=cast_initial, output_final_state=True, dtype=ref_dtype)
         else:
             out, fin = fn(*cast_args, initial_state=cast_initial, output_final_state=True)
         got = _as_dict(rec, out, fin)
