@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,16 +32,65 @@ _ROOT = Path(__file__).resolve().parent
 
 
 def _copyable(path: Path) -> str:
-    """A project file's code without its module docstring, its imports and its package-only fallbacks."""
+    """A project file's code without its module docstring, its imports and its package-only fallbacks
+    (an `if ... globals():` block that imports what the generated module defines itself)."""
     text = path.read_text()
     tree = ast.parse(text)
     drop: set[int] = set()
     for node in tree.body:
-        is_doc = isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) \
-            and isinstance(node.value.value, str) and node is tree.body[0]
-        is_import = isinstance(node, (ast.Import, ast.ImportFrom))
-        is_fallback = isinstance(node, ast.If) and "globals()" in ast.get_source_segment(text, node.test)
-        if is_doc or is_import or is_fallback:
+        if isinstance(node, ast.If) and "globals()" in ast.get_source_segment(text, node.test):
+            drop.update(range(node.lineno, node.end_lineno + 1))
+    kept = "\n".join(line for n, line in enumerate(text.splitlines(), start=1) if n not in drop)
+    return _copyable_text(kept)
+
+
+def _top_level_names(text: str) -> list[str]:
+    names = []
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
+
+def _renamer(names: list[str]):
+    """Rename top-level names (not attributes) so the Triton runtime can sit beside the torch runtime."""
+    mapping = {n: (f"_triton{n}" if n.startswith("_") else f"triton_{n}") for n in names}
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")\b")
+
+    def rename(text: str) -> str:
+        return pattern.sub(lambda m: mapping[m.group(1)], text)
+
+    return rename
+
+
+def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
+    """The Triton runtime and each recurrence's Triton forms, renamed to sit beside the torch ones."""
+    from . import triton_recurrent  # generating Triton source needs no triton: the module is the same anywhere
+
+    runtime = _copyable(_ROOT / "triton_runtime.py")
+    helpers = _copyable_text(triton_recurrent.PRELUDE.format(name=""))
+    rename = _renamer(_top_level_names(runtime) + _top_level_names(helpers))
+    shared = rename(runtime) + "\n\n" + rename(helpers)
+    per_recurrence = {}
+    for a in analyses:
+        writer = triton_recurrent.TritonRecurrentWriter(a)
+        recurrent = rename(writer.write() + "\n\n" + writer.write_launcher())
+        chunked = ""
+        if "chunked" in a.forms:
+            chunked = TorchFormWriter(a, runtime_prefix="triton_", suffix="_triton").write_chunked()
+        per_recurrence[a.recurrence.name] = recurrent + ("\n\n" + chunked if chunked else "")
+    return shared, per_recurrence
+
+
+def _copyable_text(text: str) -> str:
+    """`_copyable` for source held in a string."""
+    tmp = ast.parse(text)
+    drop: set[int] = set()
+    for node in tmp.body:
+        is_doc = node is tmp.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if is_doc or isinstance(node, (ast.Import, ast.ImportFrom)):
             drop.update(range(node.lineno, node.end_lineno + 1))
     lines = [line for n, line in enumerate(text.splitlines(), start=1) if n not in drop]
     while lines and not lines[0].strip():
@@ -83,8 +133,16 @@ def _entry_points(analysis: Analysis) -> str:
     init_params = "".join(f", {p.name}=None" for p in rec.params)
     forward_inputs = ", ".join(s.name for s in rec.inputs)
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
+    tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, _{name}_st)"]
+    if "chunked" in analysis.forms:
+        tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, _{name}_st)")
+    outs = tuple(o.name for o in rec.outputs)
+    sts = tuple(s.name for s in rec.states)
+    triton_forms = (f"_{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward\n"
+                    f"_{name}_triton_forms = {{{', '.join(tri)}}} if HAVE_TRITON else None")
     return f'''
 _{name}_forms = {{{forms}}}
+{triton_forms}
 
 
 def {name}({", ".join(args)}, *, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -95,14 +153,17 @@ def {name}({", ".join(args)}, *, initial_state=None, output_final_state=False, c
 {shapes}
     initial_state / final_state: {state_doc}
     output: {out_doc}
-    form: "auto" or one of {", ".join(analysis.forms)}; backend: "auto" or "torch".
+    form: "auto" or one of {", ".join(analysis.forms)} (triton: recurrent, chunked);
+    backend: "auto" (triton for CUDA tensors when triton imports), "torch" or "triton".
     Returns (output, final_state); final_state is None unless output_final_state.
     """
     call = bind_call(_{name}_spec, ({", ".join(args)},), dict(initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens))
     if form != "auto" and form not in _{name}_forms:
         raise CallError(f"{name} has no {{form!r}} form; it has {", ".join(analysis.forms)}")
-    fns = _select_backend(backend, _{name}_forms, None, call)
+    fns = _select_backend(backend, _{name}_forms, _{name}_triton_forms, call)
+    if form != "auto" and form not in fns:
+        raise CallError(f"{name} has no {{form!r}} form on this backend; it has {{', '.join(fns)}}")
     return run_forms(_{name}_spec, fns, call, form, chunk_size)
 
 
@@ -121,6 +182,27 @@ class {cls}(torch.nn.Module):
                     form=self.form, backend=self.backend, chunk_size=self.chunk_size)
 '''
 
+
+_TRITON_IMPORT = '''
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # the torch forms work without triton; the kernel definitions below still load
+    HAVE_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` and `triton.language` so `@triton.jit` definitions load as plain functions."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+'''
 
 _SUPPORT = '''
 class CallError(ValueError):
@@ -181,6 +263,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         "from __future__ import annotations\n\n",
         "from dataclasses import dataclass\n\n",
         "import torch\nimport torch.nn.functional as F\n",
+        _TRITON_IMPORT,
         _section("Calling convention (recurrence_dsl/calling.py)"),
         _SUPPORT.lstrip("\n"),
         "\n\n",
@@ -192,12 +275,20 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         _section("Helpers of the printed forms"),
         PRELUDE.strip("\n") + "\n",
     ]
+    triton_parts = _triton_sources(analyses)
+    parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of "
+                          "the recurrent kernels; names prefixed with triton_"))
+    parts.append(triton_parts[0])
     for a in analyses:
         writer = TorchFormWriter(a, runtime_prefix="")
         parts.append(_section(f"recurrence {a.recurrence.name}: {a.cls.value}"))
         parts.append(_spec_data(a.recurrence))
         parts.append("\n\n")
         parts.append(writer.write_all())
+        parts.append("\n")
+        parts.append("\n\n# Triton forms: the recurrent kernel printed from the step, the chunked form around the "
+                     "Triton runtime.\n\n")
+        parts.append(triton_parts[1][a.recurrence.name])
         parts.append("\n")
         parts.append(_entry_points(a))
     text = "".join(parts)

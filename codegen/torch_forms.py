@@ -44,8 +44,9 @@ class _Writer:
 class TorchFormWriter:
     """Writes the torch source of one recurrence's forms."""
 
-    def __init__(self, analysis: Analysis, runtime_prefix: str = "_rt."):
-        self.rt = runtime_prefix  # how the printed code reaches the torch runtime's functions
+    def __init__(self, analysis: Analysis, runtime_prefix: str = "_rt.", suffix: str = ""):
+        self.rt = runtime_prefix  # how the printed code reaches the runtime's functions
+        self.suffix = suffix  # appended to every form function's name (the Triton variants in a module)
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -69,7 +70,7 @@ class TorchFormWriter:
         return f"torch.broadcast_to({expr_src}, (B_, T_, H_{dims}))"
 
     def _header(self, w: _Writer, form: str, extra: str = "") -> None:
-        w(f"def {self.fn}__{form}({self.signature}{extra}):", 0)
+        w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
 
     def _unpack_shape(self, w: _Writer) -> None:
         first = self.rec.inputs[0].name
