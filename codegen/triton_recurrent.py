@@ -51,6 +51,7 @@ import sympy
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
+from .kernel_rules import check_kernel_source
 from .triton_printer import (
     MULTI_USE,
     TritonPrinter,
@@ -592,7 +593,9 @@ def triton_recurrent_source(analysis: Analysis) -> str:
     writer = TritonRecurrentWriter(analysis)
     kernel = writer.write()
     launcher = writer.write_launcher()
-    return PRELUDE.format(name=analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
+    source = PRELUDE.format(name=analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
+    check_kernel_source(source)
+    return source
 
 
 # -- loading ----------------------------------------------------------------------------------------------
