@@ -2,9 +2,9 @@
 
 Layout: B batch, T time, H heads, K key dim, V value dim. Per-step tensors are [B, T, H, ...];
 states are [B, H, K, V]. A query is a pair (q [B, T, H, K], exclusive): its output is o_t = S_t^T q_t
-(inclusive: after the step-t update) or o_t = S_{t-1}^T q_t (exclusive: before it).
+(inclusive: after the step-t update) or o_t = S_{t-1}^T q_t (exclusive: before it; S_{-1} = initial state).
 
-Decays act on the state as D_t = exp(log_decay_t):
+Decays act on the state as D_t = exp(log_decay_t), log_decay <= 0:
   decay_axis=None    D_t = I                       (log_decay must be None)
   "scalar"           log_decay [B, T, H]           multiplies the whole state
   "key"              log_decay [B, T, H, K]        multiplies row i of S by exp(log_decay[..., i])
@@ -16,10 +16,17 @@ Forms:
   scan_diagonal    s_t = a_t * s_{t-1} + b_t, elementwise              (associative scan)
   recurrent_linear, recurrent_delta                                     (step-by-step loop, the baseline)
 
-Numerics: inputs in float16/bfloat16 are computed in float32, otherwise in their own dtype; outputs come
-back in that compute dtype (the caller casts). Decay factors are only ever formed as exp(G_a - G_b) with
-G_a <= G_b (G a cumulative sum of log decays <= 0), never exp(-G) alone, so log decays of -20 per step
-neither overflow nor produce nan, in values or gradients. No in-place ops: everything is differentiable.
+Numerics: float16/bfloat16 inputs are computed in float32, others in their own dtype; outputs come back in
+that compute dtype (the caller casts). A decay between two steps is only ever formed as exp of a sum of the
+log decays between them (or as a product of such factors, all <= 1), never as exp(G_t - G_s) of two large
+prefix sums and never as exp(-G): no overflow for log decays of -20 per step, and every decay factor keeps
+float32's relative accuracy whatever the chunk's total decay. No in-place ops: everything is differentiable.
+
+Chunks (chunk_size C): inside a chunk, the pairs s < t of a key- or value-axis decay are covered by a binary
+hierarchy of blocks (leaves of c <= 4 steps, C = c 2^L): for two sibling blocks (left, right) the scores
+factor through the state at their boundary, (q_R * decay to t) @ (k_L * decay from s)^T, one matmul with both
+factors <= 1. It replaces the usual sub-chunks of 16 with a direct [16, 16, K] mask: O(C K log C)
+elementwise work per chunk instead of O(C^2 K), which is what makes the chunked form fast on a CPU.
 
 This file imports only torch and is copied verbatim into generated modules; it holds no global state.
 """
@@ -51,170 +58,348 @@ def _check_decay(log_decay: Tensor | None, decay_axis: str | None, k: Tensor, v:
         return
     if log_decay is None:
         raise ValueError(f"decay_axis={decay_axis!r} needs a log_decay tensor")
-    expected = {
-        "scalar": tuple(k.shape[:3]),
-        "key": tuple(k.shape),
-        "value": tuple(v.shape),
-    }[decay_axis]
+    expected = {"scalar": tuple(k.shape[:3]), "key": tuple(k.shape), "value": tuple(v.shape)}[decay_axis]
     if tuple(log_decay.shape) != expected:
         raise ValueError(f"log_decay for decay_axis={decay_axis!r} must have shape {list(expected)}, "
                          f"got {list(log_decay.shape)}")
 
 
-def _chunk_sizes(T: int, chunk_size: int, decay_axis: str | None) -> tuple[int, int]:
-    """(chunk length C, sub-chunk length c): C = min(chunk_size, T), rounded up to a multiple of c."""
+def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk length C, leaf length c) with C = c * 2^L >= min(chunk_size, T): c = 1 when that is a power of
+    two, else c in {3, 4} (or C itself when C <= 4): padding under 40% of C, leaves of at most 4 steps."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    C = min(chunk_size, T)
-    c = min(16, C) if decay_axis in ("key", "value") else C
-    C = -(-C // c) * c
-    return C, c
+    C = max(1, min(chunk_size, T))
+    if C & (C - 1) == 0 or C <= 4:
+        return C, (1 if C & (C - 1) == 0 else C)
+    levels = C.bit_length() - 3  # C / 2^levels in [4, 8)
+    c = -(-C // (1 << levels))
+    if c > 4:
+        levels += 1
+        c = -(-C // (1 << levels))
+    return c << levels, c
 
 
 def _chunk(x: Tensor, C: int) -> Tensor:
-    """[B, T, H, *D] -> [B, H, N, C, *D], zero-padded along T to N * C."""
+    """[B, T, H, *D] -> [N, B, H, C, *D] (contiguous), zero-padded along T to N * C."""
     B, T = x.shape[:2]
     N = -(-T // C)
     if N * C != T:
         x = torch.cat([x, x.new_zeros((B, N * C - T) + tuple(x.shape[2:]))], dim=1)
     x = x.reshape((B, N, C) + tuple(x.shape[2:]))
-    return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+    return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
 
 
 def _unchunk(x: Tensor, T: int) -> Tensor:
-    """[B, H, N, C, *D] -> [B, T, H, *D] (drops the padding)."""
-    B, H, N, C = x.shape[:4]
-    x = x.permute(0, 2, 3, 1, *range(4, x.dim()))
+    """[N, B, H, C, *D] -> [B, T, H, *D] (drops the padding)."""
+    N, B, H, C = x.shape[:4]
+    x = x.permute(1, 0, 3, 2, *range(4, x.dim()))
     return x.reshape((B, N * C, H) + tuple(x.shape[4:]))[:, :T]
 
 
-def _shift(g: Tensor) -> Tensor:
-    """Exclusive from inclusive cumulative sum along the chunk axis (dim 3): [.., C, ..] -> G_{t-1}, G_{-1} = 0."""
-    return torch.cat([torch.zeros_like(g[:, :, :, :1]), g[:, :, :, :-1]], dim=3)
+def _shift(x: Tensor, dim: int) -> Tensor:
+    """x_{t-1} along dim, 0 first (an inclusive cumulative sum becomes an exclusive one)."""
+    dim = dim % x.dim()
+    first = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([first, x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
 
 
-def _causal(C: int, strict: bool, device: torch.device) -> Tensor:
-    """[C, C] bool: s <= t (s < t if strict)."""
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+def _suffix(x: Tensor, dim: int) -> Tensor:
+    """Exclusive suffix sum along dim, sum_{r > s} x_r, summed directly (not as a difference of prefix sums)."""
+    dim = dim % x.dim()
+    incl = x.flip(dim).cumsum(dim).flip(dim)
+    last = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([incl.narrow(dim, 1, x.shape[dim] - 1), last], dim=dim)
 
 
-def _masked_exp(arg: Tensor, keep: Tensor) -> Tensor:
-    """exp(arg) where keep, exactly 0 elsewhere (no inf, no nan in the gradient)."""
-    return torch.exp(arg.masked_fill(~keep, float("-inf")))
+def _causal(C: int, mode: str, device: torch.device) -> Tensor:
+    """[C, C] bool over (t, s): s <= t for mode "inclusive", s < t for "strict" and "exclusive"."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(0 if mode == "inclusive" else -1)
 
 
-def _sub_ref(g: Tensor) -> Tensor:
-    """G at the end of the previous sub-chunk: [.., n, c, D] -> [.., n, D] (0 for the first sub-chunk)."""
-    last = g[..., :, -1, :]  # [.., n, D]
-    return torch.cat([torch.zeros_like(last[..., :1, :]), last[..., :-1, :]], dim=-2)
+def _segsum(x: Tensor, mode: str) -> Tensor:
+    """Segment sums of log decays x [..., L] -> [..., L(t), L(s)], -inf where masked (exp gives an exact 0).
 
-
-def _attn(q: Tensor, gq: Tensor | None, k: Tensor, g: Tensor | None, decay_axis: str | None, strict: bool,
-          c: int) -> Tensor:
-    """Intra-chunk decayed scores A_ts = sum_i q_t[i] k_s[i] exp(gq_t[i] - g_s[i]) for s <= t (s < t if strict).
-
-    q, k: [B, H, N, C, K]; gq, g: [B, H, N, C] (scalar), [B, H, N, C, K] (key) or None. Returns [B, H, N, C, C].
-    For key decay the chunk is cut into n = C / c sub-chunks: off-diagonal blocks factor through the G at the
-    end of the previous query sub-chunk (both factors <= 1) and use matmuls; diagonal blocks are direct.
+    inclusive: sum_{s < r <= t} x_r for s <= t   (decay from after step s to the state after step t)
+    strict:    the same, for s < t only
+    exclusive: sum_{s < r < t} x_r for s < t     (decay from after step s to the state before step t)
     """
-    C = q.shape[-2]
-    mask = _causal(C, strict, q.device)  # [C, C]
-    if decay_axis is None:
-        return (q @ k.transpose(-1, -2)).masked_fill(~mask, 0.0)
-    if decay_axis == "scalar":
-        decay = _masked_exp(gq.unsqueeze(-1) - g.unsqueeze(-2), mask)  # [B, H, N, C, C]
-        return (q @ k.transpose(-1, -2)) * decay
-    if decay_axis != "key":
-        raise ValueError(f"_attn handles decay_axis None, 'scalar' or 'key', got {decay_axis!r}")
-    lead, K, n = q.shape[:-2], q.shape[-1], C // c
-    qs, ks = q.reshape(*lead, n, c, K), k.reshape(*lead, n, c, K)  # [B, H, N, n, c, K]
-    gqs, gs = gq.reshape(*lead, n, c, K), g.reshape(*lead, n, c, K)
-    gref = _sub_ref(gs)  # [B, H, N, n, K]
-    # off-diagonal blocks (query sub-chunk i > key sub-chunk j)
-    qr = qs * torch.exp(gqs - gref.unsqueeze(-2))  # [B, H, N, n, c, K]
-    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # [n, n]
-    kdecay = _masked_exp(gref[..., :, None, None, :] - gs[..., None, :, :, :], below[:, :, None, None])
-    kr = kdecay * ks.unsqueeze(-4)  # [B, H, N, n(i), n(j), c, K]
-    a_off = torch.einsum("...ick,...ijdk->...icjd", qr, kr)  # [B, H, N, n, c, n, c]
-    # diagonal blocks, masked within the sub-chunk
-    sub_mask = _causal(c, strict, q.device)  # [c, c]
-    e = _masked_exp(gqs.unsqueeze(-2) - gs.unsqueeze(-3), sub_mask.unsqueeze(-1))  # [B, H, N, n, c, c, K]
-    a_diag = (qs.unsqueeze(-2) * e * ks.unsqueeze(-3)).sum(-1)  # [B, H, N, n, c, c]
-    eye = torch.eye(n, dtype=q.dtype, device=q.device)  # [n, n]
-    a = a_off + a_diag.unsqueeze(-2) * eye[:, None, :, None]  # [B, H, N, n, c, n, c]
+    L = x.shape[-1]
+    below = _causal(L, "strict", x.device)  # [L, L]
+    seg = x.unsqueeze(-1).expand(*x.shape, L).masked_fill(~below, 0.0).cumsum(-2)  # [..., t, s]
+    if mode == "exclusive":
+        seg = _shift(seg, -2)
+    return seg.masked_fill(~_causal(L, mode, x.device), float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the block hierarchy inside a chunk (key- and value-axis decays)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _block_decays(g: Tensor, c: int) -> list:
+    """exp(total log decay) of every block, level by level: g [.., C, D] -> [[.., C / b, 1, D] for b = c, 2c, .., C]."""
+    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
+    e = torch.exp(g.reshape(*lead, C, 1, D) if c == 1 else g.reshape(*lead, C // c, c, D).sum(-2, keepdim=True))
+    out = [e]
+    while e.shape[-3] > 1:
+        e2 = e.reshape(*lead, -1, 2, 1, D)
+        e = e2[..., 0, :, :] * e2[..., 1, :, :]  # [.., m, 1, D]
+        out.append(e)
+    return out
+
+
+def _decayed_levels(x: Tensor | None, g: Tensor, side: str, mode: str, c: int, blocks: list) -> list:
+    """x scaled by the decay inside its block, for every block size b = c, 2c, .., C: [[.., C / b, b, D], ..].
+
+    side "query": decay from the block start to the state a query at t reads (through t, or through t - 1 when
+    mode is "exclusive"); side "key": decay from after step s to the block end. x None gives the factors alone.
+    The factors of a block of 2b are those of its halves times the other half's whole-block decay (products of
+    factors <= 1: no overflow, no cancellation). The last entry (b = C) is the chunk-level factor:
+    q * exp(decay from the chunk start) or k * exp(decay to the chunk end).
+    """
+    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
+    n = C // c
+    if c == 1 and (side == "key" or mode == "exclusive"):
+        cur = torch.ones_like(g) if x is None else x  # nothing inside a one-step block: factor 1
+        cur = cur.reshape(*lead, n, 1, -1)
+    elif c == 1:  # the query reads the state after its own step: the step's decay
+        cur = blocks[0] if x is None else x.reshape(*lead, n, 1, -1) * blocks[0]
+    else:
+        gs = g.reshape(*lead, n, c, D)
+        if side == "key":
+            logs = _suffix(gs, -2)
+        else:
+            logs = gs.cumsum(-2)
+            logs = _shift(logs, -2) if mode == "exclusive" else logs
+        f = torch.exp(logs)  # [.., n, c, D]
+        cur = f if x is None else x.reshape(*lead, n, c, -1) * f
+    levels, b = [cur], c
+    for e in blocks[:-1]:
+        m = C // (2 * b)
+        e2 = e.reshape(*lead, m, 2, 1, D)
+        one = torch.ones_like(e2[..., :1, :, :])
+        if side == "query":
+            scale = torch.cat([one, e2[..., :1, :, :]], dim=-3)  # right half: times the left half's decay
+        else:
+            scale = torch.cat([e2[..., 1:, :, :], one], dim=-3)  # left half: times the right half's decay
+        cur = (cur.reshape(*lead, m, 2, b, -1) * scale).reshape(*lead, m, 2 * b, -1)
+        levels.append(cur)
+        b *= 2
+    return levels
+
+
+def _pairs(x: Tensor, b: int, right: bool) -> Tensor:
+    """The right (or left) block of every sibling pair of size-b blocks: [.., C, D] -> [.., C / 2b, b, D]."""
+    lead, C = x.shape[:-2], x.shape[-2]
+    return x.reshape(*lead, C // (2 * b), 2, b, x.shape[-1])[..., 1 if right else 0, :, :]
+
+
+def _scores(x: Tensor, y: Tensor) -> Tensor:
+    """x @ y^T for [.., m, b, D] blocks; for b <= 2 as a broadcast product (tiny batched matmuls are slow on CPU)."""
+    if x.shape[-2] <= 2:
+        return (x.unsqueeze(-2) * y.unsqueeze(-3)).sum(-1)
+    return x @ y.transpose(-1, -2)
+
+
+def _leaf_decay(g: Tensor, mode: str, t: int, s: int) -> Tensor | None:
+    """exp(log decay from step s to the state read at step t) inside leaf blocks: g [.., n, c, D] -> [.., n, D],
+    or None where the mode masks the pair (s > t; s == t unless inclusive)."""
+    if s > t or (s == t and mode != "inclusive"):
+        return None
+    stop = t if mode == "exclusive" else t + 1
+    return torch.exp(g[..., s + 1:stop, :].sum(-2))
+
+
+def _leaf_attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int) -> Tensor:
+    """Scores inside leaf blocks for a key decay, pair by pair: q, k, g [.., C, K] -> [.., C / c, c, c]."""
+    lead, C, K = q.shape[:-2], q.shape[-2], q.shape[-1]
+    if c == 1:  # a one-step block: only the diagonal, undecayed
+        diag = (q * k).sum(-1) if mode == "inclusive" else q.new_zeros(q.shape[:-1])
+        return diag.reshape(*lead, C, 1, 1)
+    qs, ks, gs = (x.reshape(*lead, C // c, c, K) for x in (q, k, g))
+    zero = qs.new_zeros(qs.shape[:-2])  # [.., n]
+    rows = []
+    for t in range(c):
+        row = []
+        for s in range(c):
+            decay = _leaf_decay(gs, mode, t, s)
+            row.append(zero if decay is None else (qs[..., t, :] * decay * ks[..., s, :]).sum(-1))
+        rows.append(torch.stack(row, dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, klev: list) -> Tensor:
+    """Decayed scores for a key decay, A_ts = sum_i q_t[i] k_s[i] exp(decay_i from s to t), masked per mode:
+    leaf blocks direct, then A[R, L] = qlev_R @ klev_L^T for every sibling pair. Returns [.., C, C]."""
+    lead, C = q.shape[:-2], q.shape[-2]
+    a = _leaf_attn_key(q, k, g, mode, c)  # [.., C / c, c, c]
+    b = c
+    for ql, kl in zip(qlev[:-1], klev[:-1], strict=True):
+        m = C // (2 * b)
+        a_rl = _scores(_pairs(ql.reshape(*lead, C, -1), b, True), _pairs(kl.reshape(*lead, C, -1), b, False))
+        a2 = a.reshape(*lead, m, 2, b, b)
+        top = torch.nn.functional.pad(a2[..., 0, :, :], (0, b))  # [.., m, b, 2b]
+        bottom = torch.cat([a_rl, a2[..., 1, :, :]], dim=-1)
+        a = torch.cat([top, bottom], dim=-2)  # [.., m, 2b, 2b]
+        b *= 2
     return a.reshape(*lead, C, C)
 
 
-def _intra_value(q: Tensor, gq: Tensor, k: Tensor, g: Tensor, v: Tensor, strict: bool, c: int) -> Tensor:
-    """Intra-chunk output for value decay: o_t[j] = sum_s (q_t . k_s) exp(gq_t[j] - g_s[j]) v_s[j], s <= t.
+def _add_right(o: Tensor, contrib: Tensor, b: int) -> Tensor:
+    """o [.., C, V] plus contrib [.., C / 2b, b, V] on the right block of every sibling pair."""
+    lead, C, V = o.shape[:-2], o.shape[-2], o.shape[-1]
+    o2 = o.reshape(*lead, C // (2 * b), 2, b, V)
+    return torch.stack([o2[..., 0, :, :], o2[..., 1, :, :] + contrib], dim=-3).reshape(*lead, C, V)
 
-    q, k: [B, H, N, C, K]; gq, g, v: [B, H, N, C, V]. Returns [B, H, N, C, V]. Sub-chunks as in _attn.
-    """
+
+def _intra_value(q, k, v, g, mode, c, elev, vlev) -> Tensor:
+    """Intra-chunk output for a value decay, o_t[j] = sum_s (q_t . k_s) exp(decay_j from s to t) v_s[j]:
+    leaf blocks direct, then o_R += elev_R * ((q_R k_L^T) @ vlev_L) for every sibling pair."""
     lead, C, V = q.shape[:-2], q.shape[-2], v.shape[-1]
     n = C // c
-    a = (q @ k.transpose(-1, -2)).reshape(*lead, n, c, n, c)  # [B, H, N, n, c, n, c]
-    gqs, gs, vs = gq.reshape(*lead, n, c, V), g.reshape(*lead, n, c, V), v.reshape(*lead, n, c, V)
-    gref = _sub_ref(gs)  # [B, H, N, n, V]
-    # off-diagonal blocks (i > j)
-    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # [n, n]
-    vdecay = _masked_exp(gref[..., :, None, None, :] - gs[..., None, :, :, :], below[:, :, None, None])
-    vr = vdecay * vs.unsqueeze(-4)  # [B, H, N, n(i), n(j), c, V]
-    o_off = torch.einsum("...icjd,...ijdv->...icv", a, vr) * torch.exp(gqs - gref.unsqueeze(-2))  # [.., n, c, V]
-    # diagonal blocks
-    a_diag = torch.diagonal(a, dim1=-4, dim2=-2).permute(*range(len(lead)), -1, -3, -2)  # [B, H, N, n, c, c]
-    e = _masked_exp(gqs.unsqueeze(-2) - gs.unsqueeze(-3), _causal(c, strict, q.device).unsqueeze(-1))
-    o_diag = (a_diag.unsqueeze(-1) * e * vs.unsqueeze(-3)).sum(-2)  # [B, H, N, n, c, V]
-    return (o_off + o_diag).reshape(*lead, C, V)
+    if c == 1:
+        o = (q * k).sum(-1, keepdim=True) * v if mode == "inclusive" else torch.zeros_like(v)
+    else:
+        a = q.reshape(*lead, n, c, -1) @ k.reshape(*lead, n, c, -1).transpose(-1, -2)  # [.., n, c, c]
+        vs, gs = v.reshape(*lead, n, c, V), g.reshape(*lead, n, c, V)
+        rows = []
+        for t in range(c):
+            row = torch.zeros_like(vs[..., 0, :])
+            for s in range(c):
+                decay = _leaf_decay(gs, mode, t, s)
+                if decay is not None:
+                    row = row + a[..., t, s, None] * decay * vs[..., s, :]
+            rows.append(row)
+        o = torch.stack(rows, dim=-2).reshape(v.shape)
+    b = c
+    for el, vl in zip(elev[:-1], vlev[:-1], strict=True):
+        a_rl = _scores(_pairs(q, b, True), _pairs(k, b, False))  # [.., m, b, b]
+        er, vr = _pairs(el.reshape(*lead, C, V), b, True), _pairs(vl.reshape(*lead, C, V), b, False)
+        o = _add_right(o, er * (a_rl @ vr), b)
+        b *= 2
+    return o
 
 
-def _inter(q: Tensor, gq: Tensor | None, starts: Tensor, decay_axis: str | None) -> Tensor:
-    """Contribution of the chunk start state: q [B, H, N, C, K], starts [B, H, N, K, V] -> [B, H, N, C, V]."""
-    if decay_axis is None:
-        return q @ starts
-    if decay_axis == "scalar":
-        return (q @ starts) * torch.exp(gq).unsqueeze(-1)
-    if decay_axis == "key":
-        return (q * torch.exp(gq)) @ starts
-    return (q @ starts) * torch.exp(gq)
+# ----------------------------------------------------------------------------------------------------------
+# chunk-level pieces shared by the linear and delta forms
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _chunk_decay(g: Tensor | None, decay_axis: str | None) -> tuple[Tensor | None, Tensor | None]:
-    """(state decay over each chunk, broadcastable to [B, H, N, K, V]; exp(G_last - G_s) per step)."""
-    if decay_axis is None:
-        return None, None
-    if decay_axis == "scalar":
-        last = g[..., -1:]  # [B, H, N, 1]
-        return torch.exp(last).unsqueeze(-1), torch.exp(last - g)  # [B, H, N, 1, 1], [B, H, N, C]
-    last = g[..., -1:, :]  # [B, H, N, 1, D]
-    whole = torch.exp(last).transpose(-1, -2) if decay_axis == "key" else torch.exp(last)  # [.., K, 1] / [.., 1, V]
-    return whole, torch.exp(last - g)  # [B, H, N, C, D]
+class _Decay:
+    """The decays of one call, chunked: per-chunk factors for the state pass and per-query intra/inter parts.
+
+    lg: log decays [N, B, H, C(, D)] or None; c: leaf length. Built once per call, no state beyond it.
+    """
+
+    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor):
+        self.lg, self.axis, self.c, self.k, self.v = lg, axis, c, k, v
+        self.blocks = None if axis not in ("key", "value") else _block_decays(lg, c)
+        x = k if axis == "key" else v
+        self.klev = None if self.blocks is None else _decayed_levels(x, lg, "key", "inclusive", c, self.blocks)
+
+    def whole(self) -> Tensor | None:
+        """Decay of the state over each whole chunk, broadcastable to [N, B, H, K, V]."""
+        if self.axis is None:
+            return None
+        if self.axis == "scalar":
+            return torch.exp(self.lg.sum(-1))[..., None, None]
+        e = self.blocks[-1]  # [N, B, H, 1, 1, D]
+        e = e.reshape(e.shape[:-3] + (1, e.shape[-1]))  # [N, B, H, 1, D]
+        return e.transpose(-1, -2) if self.axis == "key" else e  # rows (key) or columns (value)
+
+    def k_to_end(self) -> Tensor:
+        """k_s decayed to the chunk end, [N, B, H, C, K] (for "value": k itself; use v_to_end)."""
+        if self.axis is None or self.axis == "value":
+            return self.k
+        if self.axis == "scalar":
+            return self.k * torch.exp(_suffix(self.lg, -1)).unsqueeze(-1)
+        return self.klev[-1].reshape(self.k.shape)
+
+    def v_to_end(self) -> Tensor:
+        """v_s decayed to the chunk end for a value decay, else v."""
+        return self.klev[-1].reshape(self.v.shape) if self.axis == "value" else self.v
+
+    def query_levels(self, q: Tensor, mode: str) -> list | None:
+        """q (key decay) or the bare factors (value decay) decayed inside blocks, per level."""
+        if self.blocks is None:
+            return None
+        return _decayed_levels(q if self.axis == "key" else None, self.lg, "query", mode, self.c, self.blocks)
+
+    def attn(self, q: Tensor, mode: str, qlev: list | None) -> Tensor:
+        """Decayed scores [N, B, H, C, C] (decay_axis None, "scalar" or "key")."""
+        C = q.shape[-2]
+        if self.axis is None:
+            return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(C, mode, q.device), 0.0)
+        if self.axis == "scalar":
+            return (q @ self.k.transpose(-1, -2)) * torch.exp(_segsum(self.lg, mode))
+        return _attn_key(q, self.k, self.lg, mode, self.c, qlev, self.klev)
+
+    def inter(self, q: Tensor, mode: str, qlev: list | None, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states: q [N, B, H, C, K], starts [N, B, H, K, V] -> [N, B, H, C, V]."""
+        if self.axis is None:
+            return q @ starts
+        if self.axis == "scalar":
+            G = self.lg.cumsum(-1)
+            G = _shift(G, -1) if mode == "exclusive" else G
+            return (q @ starts) * torch.exp(G).unsqueeze(-1)
+        if self.axis == "key":
+            return qlev[-1].reshape(q.shape) @ starts
+        return (q @ starts) * qlev[-1].reshape(q.shape[:-1] + (starts.shape[-1],))
+
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list | None) -> Tensor:
+        """Outputs from the steps of the same chunk, [N, B, H, C, V]."""
+        if self.axis == "value":
+            return _intra_value(q, self.k, v, self.lg, mode, self.c, qlev, self.klev)
+        return self.attn(q, mode, qlev) @ v
 
 
-def _prepare(k, log_decay, decay_axis, initial_state, chunk_size, v_dim):
-    """Common set-up: compute dtype, chunk sizes, chunked cumulative log decays, start state."""
+def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
+    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state."""
     dt = _compute_dtype(k)
     B, T, H, K = k.shape
-    C, c = _chunk_sizes(max(T, 1), chunk_size, decay_axis)
-    g = None if log_decay is None else _chunk(log_decay.to(dt), C).cumsum(3)  # [B, H, N, C(, D)]
-    if initial_state is None:
-        s0 = k.new_zeros((B, H, K, v_dim), dtype=dt)
-    else:
-        s0 = initial_state.to(dt)  # [B, H, K, V]
-    return dt, C, c, g, s0
+    C, c = _chunk_sizes(T, chunk_size)
+    lg = None if log_decay is None else _chunk(log_decay.to(dt), C)  # [N, B, H, C(, D)]
+    s0 = k.new_zeros((B, H, K, v_dim), dtype=dt) if initial_state is None else initial_state.to(dt)
+    return dt, C, c, lg, s0
 
 
-def _outputs(queries, dt, C, c, g, kc, vc, starts, decay_axis, T):
-    """Per query: inter-chunk (start state) plus intra-chunk (masked matmul) parts, back to [B, T, H, V]."""
+def _outputs(queries, dt, C, decay: _Decay, v: Tensor, starts: Tensor, T: int) -> list:
+    """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
-        qc = _chunk(q.to(dt), C)  # [B, H, N, C, K]
-        gq = g if (g is None or not exclusive) else _shift(g)
-        if decay_axis == "value":
-            intra = _intra_value(qc, gq, kc, g, vc, exclusive, c)
-        else:
-            intra = _attn(qc, gq, kc, g, decay_axis, exclusive, c) @ vc
-        outs.append(_unchunk(_inter(qc, gq, starts, decay_axis) + intra, T))  # [B, T, H, V]
+        qc = _chunk(q.to(dt), C)  # [N, B, H, C, K]
+        mode = "exclusive" if exclusive else "inclusive"
+        qlev = decay.query_levels(qc, mode)
+        outs.append(_unchunk(decay.inter(qc, mode, qlev, starts) + decay.intra(qc, v, mode, qlev), T))
     return outs
+
+
+def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
+    """(I + L)^-1 for a strictly lower triangular L [.., C, C], C = c 2^levels: leaf blocks by their finite
+    Neumann series, then sibling blocks merged bottom-up, [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]]
+    (matmuls only; a batched LAPACK triangular solve is several times slower on a CPU)."""
+    lead, C = L.shape[:-2], L.shape[-1]
+    n = C // c
+    eye = torch.eye(c, dtype=L.dtype, device=L.device)
+    leaf = torch.diagonal(L.reshape(*lead, n, c, n, c), dim1=-4, dim2=-2).movedim(-1, -3)  # [.., n, c, c]
+    inv, term = eye.expand(leaf.shape), eye.expand(leaf.shape)
+    for _ in range(c - 1):
+        term = -(term @ leaf)
+        inv = inv + term
+    b = c
+    while b < C:
+        m = C // (2 * b)
+        blocks = L.reshape(*lead, m, 2, b, m, 2, b)
+        x = torch.diagonal(blocks, dim1=-6, dim2=-3)[..., 1, :, 0, :, :].movedim(-1, -3)  # [.., m, b, b]
+        inv2 = inv.reshape(*lead, m, 2, b, b)
+        a_inv, b_inv = inv2[..., 0, :, :], inv2[..., 1, :, :]
+        x_inv = -(b_inv @ x @ a_inv)
+        top = torch.nn.functional.pad(a_inv, (0, b))
+        bottom = torch.cat([x_inv, b_inv], dim=-1)
+        inv = torch.cat([top, bottom], dim=-2)  # [.., m, 2b, 2b]
+        b *= 2
+    return inv.reshape(*lead, C, C)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,33 +413,24 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 
     queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay per decay_axis;
     initial_state [B, H, K, V] or None. Returns (list of outputs [B, T, H, V], final state [B, H, K, V] or None).
-    chunk_size >= T gives the parallel form (one chunk, no state materialised between chunks).
+    chunk_size >= T gives the parallel form (one chunk, no state passed between chunks).
     """
     _check_decay(log_decay, decay_axis, k, v)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    dt, C, c, g, s0 = _prepare(k, log_decay, decay_axis, initial_state, chunk_size, V)
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
-    kc, vc = _chunk(k.to(dt), C), _chunk(v.to(dt), C)  # [B, H, N, C, K], [B, H, N, C, V]
-    whole, to_end = _chunk_decay(g, decay_axis)
-    # state increment of each chunk: sum_s exp(G_last - G_s) k_s v_s^T
-    if decay_axis is None:
-        ds = kc.transpose(-1, -2) @ vc
-    elif decay_axis == "scalar":
-        ds = (kc * to_end.unsqueeze(-1)).transpose(-1, -2) @ vc
-    elif decay_axis == "key":
-        ds = (kc * to_end).transpose(-1, -2) @ vc
-    else:
-        ds = kc.transpose(-1, -2) @ (vc * to_end)  # [B, H, N, K, V]
-    # pass the state once per chunk
+    kc, vc = _chunk(k.to(dt), C), _chunk(v.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
+    decay = _Decay(lg, decay_axis, c, kc, vc)
+    ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
+    whole = decay.whole()
     state, starts = s0, []
-    for i in range(kc.shape[2]):
+    for i in range(kc.shape[0]):  # pass the state once per chunk
         starts.append(state)
-        carried = state if whole is None else whole[:, :, i] * state
-        state = carried + ds[:, :, i]
-    starts = torch.stack(starts, dim=2)  # [B, H, N, K, V]
-    outs = _outputs(queries, dt, C, c, g, kc, vc, starts, decay_axis, T)
+        state = ds[i] + (state if whole is None else whole[i] * state)
+    starts = torch.stack(starts)  # [N, B, H, K, V]
+    outs = _outputs(queries, dt, C, decay, vc, starts, T)
     return outs, (state if output_final_state else None)
 
 
@@ -265,11 +441,12 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     k [B, T, H, K]; y [B, T, H, V]; beta [B, T, H]; decay_axis None, "scalar" or "key". Same queries and
     returns as chunked_linear. Derivation: with u_t = y_t - beta_t (D_t S_{t-1})^T k_t the step is
     S_t = D_t S_{t-1} + k_t u_t^T, a linear recurrence in the pseudo-values u. Inside a chunk with start
-    state S0 and G the inclusive cumulative log decay,
+    state S0 and G_t the log decay from the chunk start through step t,
         u_t + beta_t sum_{s<t} (sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i])) u_s = y_t - beta_t (k_t * exp(G_t))^T S0,
-    i.e. (I + L) U = Y - W' S0 with L strictly lower triangular; one unitriangular solve gives
-    U = Uy - W S0 (Uy = (I + L)^-1 Y, W = (I + L)^-1 diag(beta) (K * exp(G))), and then outputs and the
-    next state are those of chunked_linear with v replaced by u.
+    i.e. (I + L) U = Y - diag(beta) (K * exp(G)) S0 with L strictly lower triangular, so
+    U = Uy - W S0 with Uy = (I + L)^-1 Y and W = (I + L)^-1 diag(beta) (K * exp(G)) (the UT transform; the
+    inverse comes from _unit_lower_inverse). The state passes once per chunk as S' = D_chunk S0 + Kd^T U
+    (Kd: k decayed to the chunk end); the outputs are those of chunked_linear with v replaced by u.
     """
     if decay_axis == "value":
         raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
@@ -279,33 +456,32 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     V = y.shape[-1]
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
-    dt, C, c, g, s0 = _prepare(k, log_decay, decay_axis, initial_state, chunk_size, V)
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
-    kc, yc, bc = _chunk(k.to(dt), C), _chunk(y.to(dt), C), _chunk(beta.to(dt), C)  # [B, H, N, C, (K|V)]
-    whole, to_end = _chunk_decay(g, decay_axis)
-    # L_ts = beta_t * decayed (k_t . k_s), s < t; the solve reads only the strict lower triangle
-    lower = bc.unsqueeze(-1) * _attn(kc, g, kc, g, decay_axis, True, c)  # [B, H, N, C, C]
+    kc, yc = _chunk(k.to(dt), C), _chunk(y.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
+    bc = _chunk(beta.to(dt), C).unsqueeze(-1)  # [N, B, H, C, 1]
+    decay = _Decay(lg, decay_axis, c, kc, yc)
+    klev = decay.query_levels(kc, "inclusive")  # k as a query of the state after its own step
+    lower = bc * decay.attn(kc, "strict", klev)  # [N, B, H, C, C], L_ts = beta_t decayed (k_t . k_s), s < t
     if decay_axis is None:
-        kb, kd = kc * bc.unsqueeze(-1), kc  # beta_t k_t, exp(G_last - G_t) k_t
+        kg = kc
     elif decay_axis == "scalar":
-        kb, kd = kc * (bc * torch.exp(g)).unsqueeze(-1), kc * to_end.unsqueeze(-1)
+        kg = kc * torch.exp(lg.cumsum(-1)).unsqueeze(-1)
     else:
-        kb, kd = kc * torch.exp(g) * bc.unsqueeze(-1), kc * to_end
-    rhs = torch.cat([yc, kb], dim=-1)  # [B, H, N, C, V + K]
-    sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    uy, w = sol[..., :V], sol[..., V:]  # [B, H, N, C, V], [B, H, N, C, K]
-    kd_t = kd.transpose(-1, -2)  # [B, H, N, K, C]
-    # pass the state once per chunk, resolving the pseudo-values against it
+        kg = klev[-1].reshape(kc.shape)  # k_t * exp(G_t)
+    inv = _unit_lower_inverse(lower, c)  # [N, B, H, C, C]
+    uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
+    kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
+    whole = decay.whole()
     state, starts, us = s0, [], []
-    for i in range(kc.shape[2]):
-        u = uy[:, :, i] - w[:, :, i] @ state  # [B, H, C, V]
+    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the pseudo-values against it
+        u = uy[i] - w[i] @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        carried = state if whole is None else whole[:, :, i] * state
-        state = carried + kd_t[:, :, i] @ u
-    starts, uc = torch.stack(starts, dim=2), torch.stack(us, dim=2)  # [B, H, N, K, V], [B, H, N, C, V]
-    outs = _outputs(queries, dt, C, c, g, kc, uc, starts, decay_axis, T)
+        state = kd_t[i] @ u + (state if whole is None else whole[i] * state)
+    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
+    outs = _outputs(queries, dt, C, decay, u, starts, T)
     return outs, (state if output_final_state else None)
 
 
@@ -372,50 +548,58 @@ def scan_diagonal(a, b, initial_state=None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _step_decays(log_decay: Tensor | None, decay_axis: str | None, dt: torch.dtype) -> list | None:
-    """exp(log_decay) once, per step, shaped to multiply a [B, H, K, V] state."""
+def _steps(x: Tensor, dt: torch.dtype, shape: tuple) -> Tensor:
+    """[B, T, H, ...] -> time-major contiguous [T, B * H, *shape], so each step is one contiguous slice."""
+    B, T, H = x.shape[:3]
+    return x.to(dt).transpose(0, 1).reshape((T, B * H) + shape).contiguous()
+
+
+def _step_decays(log_decay: Tensor | None, decay_axis: str | None, dt: torch.dtype, K: int, V: int):
+    """exp(log_decay) once, time-major, shaped to multiply a [B * H, K, V] state (None: no decay)."""
     if decay_axis is None:
         return None
-    a = torch.exp(log_decay.to(dt))
-    a = {"scalar": a[..., None, None], "key": a.unsqueeze(-1), "value": a.unsqueeze(-2)}[decay_axis]
-    return a.unbind(1)  # T x [B, H, K|1, V|1]
+    shape = {"scalar": (1, 1), "key": (K, 1), "value": (1, V)}[decay_axis]
+    return _steps(torch.exp(log_decay.to(dt)), dt, shape)
 
 
-def _query_slots(queries, dt: torch.dtype) -> tuple[list, list, list]:
-    """(per-query output lists, [(q steps, list)] read before the update, [(q steps, list)] read after)."""
-    outs = [[] for _ in queries]
-    before, after = [], []
-    for (q, exclusive), out in zip(queries, outs, strict=True):
-        (before if exclusive else after).append((q.to(dt).unsqueeze(-2).unbind(1), out))  # T x [B, H, 1, K]
-    return outs, before, after
-
-
-def _stack_outputs(outs: list, B: int, H: int, V: int, dt, device) -> list:
-    """Per-query lists of T x [B, H, 1, V] -> [B, T, H, V]."""
-    if not outs or not outs[0]:
-        return [torch.zeros((B, 0, H, V), dtype=dt, device=device) for _ in outs]
-    return [torch.stack(o, dim=1).squeeze(-2) for o in outs]
+def _recurrent(queries, k, v, beta, log_decay, decay_axis, initial_state, output_final_state):
+    """The step loop shared by recurrent_linear (beta None) and recurrent_delta."""
+    dt = _compute_dtype(k)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    state = k.new_zeros((B * H, K, V), dtype=dt) if initial_state is None else initial_state.to(dt).reshape(
+        B * H, K, V)
+    decays = _step_decays(log_decay, decay_axis, dt, K, V)  # [T, B * H, K|1, V|1]
+    ks, vs = _steps(k, dt, (K, 1)), _steps(v, dt, (1, V))  # [T, B * H, K, 1], [T, B * H, 1, V]
+    krows = None if beta is None else ks.reshape(T, B * H, 1, K)
+    betas = None if beta is None else _steps(beta, dt, (1, 1))
+    before, after, outs = [], [], []
+    for q, exclusive in queries:
+        outs.append([])
+        (before if exclusive else after).append((_steps(q, dt, (1, K)), outs[-1]))  # [T, B * H, 1, K]
+    for t in range(T):
+        for q, out in before:
+            out.append(torch.bmm(q[t], state))  # [B * H, 1, V]
+        if decays is not None:
+            state = state * decays[t]
+        if beta is None:
+            state = torch.baddbmm(state, ks[t], vs[t])  # + k v^T
+        else:
+            u = torch.addcmul(vs[t], betas[t], torch.bmm(krows[t], state), value=-1.0)  # y - beta k^T S
+            state = torch.baddbmm(state, ks[t], u)
+        for q, out in after:
+            out.append(torch.bmm(q[t], state))
+    results = []
+    for out in outs:
+        o = torch.stack(out) if out else k.new_zeros((0, B * H, 1, V), dtype=dt)  # [T, B * H, 1, V]
+        results.append(o.reshape(T, B, H, V).transpose(0, 1))
+    return results, (state.reshape(B, H, K, V) if output_final_state else None)
 
 
 def recurrent_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state=None, output_final_state=False):
     """Step-by-step S_t = D_t S_{t-1} + k_t v_t^T (any decay axis). Same arguments and returns as chunked_linear."""
     _check_decay(log_decay, decay_axis, k, v)
-    dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    state = k.new_zeros((B, H, K, V), dtype=dt) if initial_state is None else initial_state.to(dt)
-    decays = _step_decays(log_decay, decay_axis, dt)
-    ks = k.to(dt).unsqueeze(-1).unbind(1)  # T x [B, H, K, 1]
-    vs = v.to(dt).unsqueeze(-2).unbind(1)  # T x [B, H, 1, V]
-    outs, before, after = _query_slots(queries, dt)
-    for t in range(T):
-        for q, out in before:
-            out.append(q[t] @ state)  # [B, H, 1, V]
-        carried = state if decays is None else state * decays[t]
-        state = torch.addcmul(carried, ks[t], vs[t])
-        for q, out in after:
-            out.append(q[t] @ state)
-    return _stack_outputs(outs, B, H, V, dt, k.device), (state if output_final_state else None)
+    return _recurrent(queries, k, v, None, log_decay, decay_axis, initial_state, output_final_state)
 
 
 def recurrent_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None,
@@ -425,23 +609,4 @@ def recurrent_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initia
     Same arguments and returns as chunked_delta.
     """
     _check_decay(log_decay, decay_axis, k, y)
-    dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    V = y.shape[-1]
-    state = k.new_zeros((B, H, K, V), dtype=dt) if initial_state is None else initial_state.to(dt)
-    decays = _step_decays(log_decay, decay_axis, dt)
-    kt = k.to(dt)
-    kcols = kt.unsqueeze(-1).unbind(1)  # T x [B, H, K, 1]
-    krows = kt.unsqueeze(-2).unbind(1)  # T x [B, H, 1, K]
-    ys = y.to(dt).unsqueeze(-2).unbind(1)  # T x [B, H, 1, V]
-    betas = beta.to(dt)[..., None, None].unbind(1)  # T x [B, H, 1, 1]
-    outs, before, after = _query_slots(queries, dt)
-    for t in range(T):
-        for q, out in before:
-            out.append(q[t] @ state)  # [B, H, 1, V]
-        carried = state if decays is None else state * decays[t]
-        u = ys[t] - betas[t] * (krows[t] @ carried)  # [B, H, 1, V]
-        state = torch.addcmul(carried, kcols[t], u)
-        for q, out in after:
-            out.append(q[t] @ state)
-    return _stack_outputs(outs, B, H, V, dt, k.device), (state if output_final_state else None)
+    return _recurrent(queries, k, y, beta, log_decay, decay_axis, initial_state, output_final_state)

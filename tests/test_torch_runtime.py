@@ -25,6 +25,15 @@ DIMS = [(8, 12), (16, 16)]
 B, H = 2, 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The shapes here are tiny: intra-op threads only add synchronisation (several times slower on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
@@ -81,12 +90,17 @@ def make(T, K, V, axis, seed=0, dtype=F64, low=-5.0, delta=False, B=B, H=H):
     shape = {None: None, "scalar": (B, T, H), "key": (B, T, H, K), "value": (B, T, H, V)}[axis]
     g = None if shape is None else torch.rand(*shape, generator=gen, dtype=F64) * low
     s0 = rnd(B, H, K, V)
-    cast = (lambda x: None if x is None else x.to(dtype))
+
+    def cast(x):
+        return None if x is None else x.to(dtype)
+
     return dict(q1=cast(q1), q2=cast(q2), k=cast(k), v=cast(v), beta=cast(beta), g=cast(g), s0=cast(s0))
 
 
 def reference(d, axis, delta):
-    up = (lambda x: None if x is None else x.double())
+    def up(x):
+        return None if x is None else x.double()
+
     queries = [(up(d["q1"]), True), (up(d["q2"]), False)]
     beta = up(d["beta"]) if delta else None
     return naive(queries, up(d["k"]), up(d["v"]), beta, up(d["g"]), axis, up(d["s0"]))
@@ -146,6 +160,17 @@ def test_recurrent_float64(axis, T, KV):
 
 
 @pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("T_chunk", [(100, 24), (300, 1000), (5, 3)])
+def test_odd_chunk_sizes_and_long_parallel(axis, T_chunk):
+    """Chunks that are not a power of two (leaf blocks of 3 or 4 steps) and a parallel form over T = 300."""
+    T, chunk = T_chunk
+    d = make(T, 8, 12, axis, delta=True)
+    check(*run_linear(chunked_linear, d, axis, chunk_size=chunk), *reference(d, axis, False), 1e-10)
+    if axis != "value":
+        check(*run_delta(chunked_delta, d, axis, chunk_size=chunk), *reference(d, axis, True), 1e-10)
+
+
+@pytest.mark.parametrize("axis", AXES)
 def test_no_initial_state_no_final(axis):
     d = make(20, 8, 12, axis)
     d["s0"] = None
@@ -166,6 +191,12 @@ def test_strong_decay_finite(axis, chunk):
         g = d["g"].clone().requires_grad_()
         outs, final = chunked_linear([(d["q1"], True), (d["q2"], False)], d["k"], d["v"], g, axis, d["s0"],
                                      chunk_size=chunk, output_final_state=True)
+        (outs[0].sum() + outs[1].sum() + final.sum()).backward()
+        assert torch.isfinite(g.grad).all()
+    if axis in ("scalar", "key"):
+        g = d["g"].clone().requires_grad_()
+        outs, final = chunked_delta([(d["q1"], True), (d["q2"], False)], d["k"], d["v"], d["beta"], g, axis,
+                                    d["s0"], chunk_size=chunk, output_final_state=True)
         (outs[0].sum() + outs[1].sum() + final.sum()).backward()
         assert torch.isfinite(g.grad).all()
 
@@ -242,11 +273,11 @@ def test_gradcheck_chunked_linear_key():
     d = {n: x.requires_grad_() for n, x in d.items()}
 
     def f(q1, q2, k, v, g, s0):
-        outs, final = chunked_linear([(q1, True), (q2, False)], k, v, g, "key", s0, chunk_size=8,
+        outs, final = chunked_linear([(q1, True), (q2, False)], k, v, g, "key", s0, chunk_size=6,
                                      output_final_state=True)
         return outs[0], outs[1], final
 
-    # T = 11 > C = 8: two chunks, one sub-chunk each (the next test has several sub-chunks per chunk)
+    # T = 11, C = 6: two chunks of two leaf blocks of 3 steps (the next test has one-step leaves, 5 levels)
     assert torch.autograd.gradcheck(f, (d["q1"], d["q2"], d["k"], d["v"], d["g"], d["s0"]))
 
 
@@ -266,7 +297,7 @@ def test_gradcheck_chunked_delta_scalar():
     d = {n: x.requires_grad_() for n, x in d.items()}
 
     def f(q1, q2, k, v, beta, g, s0):
-        outs, final = chunked_delta([(q1, True), (q2, False)], k, v, beta, g, "scalar", s0, chunk_size=4,
+        outs, final = chunked_delta([(q1, True), (q2, False)], k, v, beta, g, "scalar", s0, chunk_size=6,
                                     output_final_state=True)
         return outs[0], outs[1], final
 
@@ -360,7 +391,8 @@ def test_scan_diagonal_grads_and_float32():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _bench(fn, repeat=3):
+def _bench(fn, repeat):
+    """Best wall-clock time of `repeat` runs after one warm-up (min filters out a shared machine's noise)."""
     fn()
     best = math.inf
     for _ in range(repeat):
@@ -371,22 +403,33 @@ def _bench(fn, repeat=3):
 
 
 def main():
+    """Chunked vs recurrent on B=2, H=4, T=4096, K=V=64, float32, forward only, at 1 thread and the default."""
     torch.manual_seed(0)
-    Bb, Hb, T, K, V = 2, 4, 4096, 64, 64
+    Bb, Hb, T, K = 2, 4, 4096, 64
     q, k, v = (torch.randn(Bb, T, Hb, K) for _ in range(3))
     kn = k / k.norm(dim=-1, keepdim=True)
     g = torch.nn.functional.logsigmoid(torch.randn(Bb, T, Hb, K)) / 16
     beta = torch.rand(Bb, T, Hb)
     y = beta[..., None] * v
     qs = [(q, False)]
-    with torch.no_grad():
-        t_cl = _bench(lambda: chunked_linear(qs, k, v, g, "key"))
-        t_rl = _bench(lambda: recurrent_linear(qs, k, v, g, "key"), repeat=1)
-        t_cd = _bench(lambda: chunked_delta(qs, kn, y, beta))
-        t_rd = _bench(lambda: recurrent_delta(qs, kn, y, beta), repeat=1)
-    print(f"threads={torch.get_num_threads()} B={Bb} H={Hb} T={T} K=V={K} float32, no grad")
-    print(f"linear (key decay): chunked {t_cl * 1e3:8.1f} ms  recurrent {t_rl * 1e3:8.1f} ms  x{t_rl / t_cl:.1f}")
-    print(f"delta  (no decay):  chunked {t_cd * 1e3:8.1f} ms  recurrent {t_rd * 1e3:8.1f} ms  x{t_rd / t_cd:.1f}")
+    cases = {
+        "chunked_linear key C=64": lambda: chunked_linear(qs, k, v, g, "key"),
+        "recurrent_linear key": lambda: recurrent_linear(qs, k, v, g, "key"),
+        "chunked_delta none C=64": lambda: chunked_delta(qs, kn, y, beta),
+        "recurrent_delta none": lambda: recurrent_delta(qs, kn, y, beta),
+    }
+    default = torch.get_num_threads()
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            times = {name: _bench(fn, 5) for name, fn in cases.items()}
+        print(f"threads={threads} B={Bb} H={Hb} T={T} K=V={K} float32, forward, best of 5")
+        for name, t in times.items():
+            print(f"  {name:26s} {t * 1e3:8.1f} ms")
+        print(f"  linear: recurrent / chunked = {times['recurrent_linear key'] / times['chunked_linear key C=64']:.1f}x"
+              f"   delta: recurrent / chunked = "
+              f"{times['recurrent_delta none'] / times['chunked_delta none C=64']:.1f}x")
+    torch.set_num_threads(default)
 
 
 if __name__ == "__main__":
