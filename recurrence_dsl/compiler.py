@@ -80,11 +80,11 @@ class CompiledLayer:
             self._triton_forms = forms
         return self._triton_forms
 
-    def backend_for(self, device: torch.device) -> str:
-        """The backend a call on `device` runs on."""
+    def backend_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend a call on `device` with inputs of `dtype` runs on (Triton kernels take no float64)."""
         if self.backend != "auto":
             return self.backend
-        if (device.type == "cuda" or _interpreting()) and triton_available():
+        if (device.type == "cuda" or _interpreting()) and dtype != torch.float64 and triton_available():
             return "triton"
         return "torch"
 
@@ -103,9 +103,12 @@ class CompiledLayer:
             why = self.analysis.unavailable.get(form, f"unknown form; choose from {', '.join(self.forms)} or auto")
             raise CallError(f"{self.name} has no '{form}' form: {why}")
         chunk = chunk_size or self.chunk_size
-        backend = self.backend_for(call.device)
+        backend = self.backend_for(call.device, call.dtype)
         if backend == "torch":
             return run_forms(self.recurrence, self.forms, call, form, chunk)
+        if call.dtype == torch.float64:
+            raise CallError("backend='triton' takes float16, bfloat16 or float32 inputs, got float64; "
+                            "use backend='torch' (or 'auto')")
         forms = self.triton_forms
         if form != "auto" and form not in forms:
             raise CallError(f"{self.name} has no '{form}' form on the triton backend; it has {', '.join(forms)} "

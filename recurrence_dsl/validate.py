@@ -65,8 +65,8 @@ def _as_dict(rec: Recurrence, output, final) -> dict[str, torch.Tensor]:
     return values
 
 
-def executable_paths(rec: Recurrence, chunk_size: int = 16,
-                     triton: bool = True) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
+def executable_paths(rec: Recurrence, chunk_size: int = 16, triton: bool = True,
+                     dtype: torch.dtype = torch.float32) -> tuple[dict[str, Callable], list[tuple[str, str]]]:
     """Every path this project can run for `rec`, and the ones it cannot with the reason.
 
     Triton paths run on the GPU for CUDA inputs; on CPU tensors they need TRITON_INTERPRET=1 set before the
@@ -78,7 +78,9 @@ def executable_paths(rec: Recurrence, chunk_size: int = 16,
     for form in layer.forms:
         paths[f"torch/{form}"] = _bind_form(layer, form)
     skipped = [(f"torch/{form}", why) for form, why in layer.analysis.unavailable.items()]
-    if triton and triton_available():
+    if triton and dtype == torch.float64:
+        skipped.append(("triton/*", "Triton kernels take float16, bfloat16 or float32 inputs"))
+    elif triton and triton_available():
         tri = compile_recurrence(rec, backend="triton", chunk_size=max(16, chunk_size))
         for form in tri.triton_forms:
             paths[f"triton/{form}"] = _bind_form(tri, form)
@@ -105,7 +107,7 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
     reference = _as_dict(rec, ref_out, ref_final)
     skipped: list[tuple[str, str]] = []
     if paths is None:
-        paths, skipped = executable_paths(rec, triton=triton)
+        paths, skipped = executable_paths(rec, triton=triton, dtype=dtype)
     cast_args = [a.to(device=device, dtype=dtype) for a in args]
     cast_initial = None
     if initial is not None:

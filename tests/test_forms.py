@@ -330,7 +330,8 @@ def test_compile_cache_returns_the_same_layer():
             assert recurrence_dsl.compile(rec) is layer
             assert recurrence_dsl.compile(rec.checked) is layer
             assert recurrence_dsl.compile(SPECS[name]) is layer  # a separate load of the same file
-            assert recurrence_dsl.compile(rec, backend="torch", form="auto", chunk_size=64) is layer
+            assert recurrence_dsl.compile(rec, backend="auto", form="auto", chunk_size=64) is layer  # the defaults
+            assert recurrence_dsl.compile(rec, backend="torch") is not layer
             other = recurrence_dsl.compile(rec, chunk_size=16)
             assert other is not layer and other.chunk_size == 16 and layer.chunk_size == 64
             assert recurrence_dsl.compile(rec, chunk_size=16) is other
