@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 
 
+class DecayNotPositive(ValueError):
+    """A chunked form needs log(decay) and the decay is not positive; `auto` then steps instead."""
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -50,7 +54,13 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, **options)
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+        try:
+            return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+        except DecayNotPositive:
+            if form != "auto":
+                raise
+            # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
+            return form_fns["recurrent"](*ordered, *params, piece_states, *sizes, **dict(options))
 
     if call.cu_seqlens is None:
         outputs, finals = run(inputs, states, call.length)

@@ -162,7 +162,11 @@ def {name}({", ".join(args)}, *, initial_state=None, output_final_state=False, c
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens))
     if form != "auto" and form not in _{name}_forms:
         raise CallError(f"{name} has no {{form!r}} form; it has {", ".join(analysis.forms)}")
+    if chunk_size < 1:
+        raise CallError(f"chunk_size must be at least 1, got {{chunk_size}}")
     fns = _select_backend(backend, _{name}_forms, _{name}_triton_forms, call)
+    if fns is not _{name}_forms and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise CallError(f"chunk_size must be a power of two >= 16 on the triton backend, got {{chunk_size}}")
     if form != "auto" and form not in fns:
         raise CallError(f"{name} has no {{form!r}} form on this backend; it has {{', '.join(fns)}}")
     return run_forms(_{name}_spec, fns, call, form, chunk_size)
@@ -244,7 +248,7 @@ def _select_backend(backend, torch_forms, triton_forms, call):
         return triton_forms
     if backend != "auto":
         raise CallError(f"unknown backend {backend!r}; choose 'auto', 'torch' or 'triton'")
-    if triton_forms is not None and call.device.type == "cuda":
+    if triton_forms is not None and call.device.type == "cuda" and call.dtype != torch.float64:
         return triton_forms
     return torch_forms
 '''

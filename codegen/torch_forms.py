@@ -287,8 +287,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 def _require_positive(decay, what, form):
     if bool((decay <= 0).any()):
-        raise ValueError(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
-                         "use form='recurrent' or 'scan'")
+        raise DecayNotPositive(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
+                               "use form='recurrent' or 'scan'")
 '''
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import os
 
 from codegen import torch_runtime
-from codegen.dispatch import pick_form, run_forms, with_torch_backward
+from codegen.dispatch import DecayNotPositive, pick_form, run_forms, with_torch_backward
 from codegen.torch_forms import PRELUDE, torch_forms_source
 
 from .analysis import Analysis, analyse
@@ -57,7 +57,7 @@ class CompiledLayer:
 
     def _exec_forms(self, runtime) -> dict:
         """The printed forms, executed with `_rt` bound to `runtime` (torch or Triton: the same API)."""
-        namespace = {"torch": torch, "F": F, "_rt": runtime}
+        namespace = {"torch": torch, "F": F, "_rt": runtime, "DecayNotPositive": DecayNotPositive}
         exec(compile(self.source, f"<recurrence_dsl forms of {self.recurrence.name}>", "exec"), namespace)
         name = self.recurrence.name
         return {form: namespace[f"{name}__{'chunked' if form == 'parallel' else form}"]
@@ -102,7 +102,9 @@ class CompiledLayer:
         if form != "auto" and form not in self.forms:
             why = self.analysis.unavailable.get(form, f"unknown form; choose from {', '.join(self.forms)} or auto")
             raise CallError(f"{self.name} has no '{form}' form: {why}")
-        chunk = chunk_size or self.chunk_size
+        chunk = self.chunk_size if chunk_size is None else chunk_size
+        if chunk < 1:
+            raise CallError(f"chunk_size must be at least 1, got {chunk}")
         backend = self.backend_for(call.device, call.dtype)
         if backend == "torch":
             return run_forms(self.recurrence, self.forms, call, form, chunk)

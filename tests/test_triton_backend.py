@@ -1,0 +1,451 @@
+"""The triton backend of `recurrence_dsl.compile` against the float64 reference (issue 4), CPU + Triton interpreter.
+
+Every recurrence of specs/ (and every LANGUAGE.md example) through every form the triton backend has
+(`layer.triton_forms`: recurrent, and chunked where the analysis allows it), with an initial state, the final
+state checked, and `cu_seqlens` packing three sequences. Relative error ||x - ref|| / ||ref|| of every output
+and final state: <= 1e-5 for float32 inputs, <= 5e-3 for float16 inputs. The reference always runs on the
+values the kernel sees (float32 or float16 draws cast back to float64), so only the kernels' error is measured.
+
+The interpreter runs every program one after another, so the matrix is sparse but covers every axis for every
+spec and form:
+
+- float32, chunk 16: the full grid T in {1, 63, 64, 200} x sizes {16, 32, 48} (H = 2 at T = 63, else H = 1),
+  plus one case with a different size per axis (48, 32, ...);
+- float16, chunk 16: T in {63, 200} x sizes {16, 48};
+- chunk 64 (chunked form only): float32 T = 64 (one whole chunk) and T = 200, float16 T = 200;
+- cu_seqlens (B = 1, three sequences, initial state with 3 rows): one case per dtype.
+
+LANGUAGE.md examples that equal a spec of specs/ up to comments and layout get two smoke cases per form; any
+other example gets the full matrix. Triton is required: this file fails, not skips, without it.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton or the project's Triton kernel modules are imported
+
+import itertools  # noqa: E402
+import re  # noqa: E402
+import zlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402, F401  (fail loudly if triton is missing)
+
+import recurrence_dsl  # noqa: E402
+import recurrence_dsl.compiler as compiler_module  # noqa: E402
+from recurrence_dsl import CallError  # noqa: E402
+from recurrence_dsl.analysis import analyse  # noqa: E402
+from recurrence_dsl.sampling import sample_arguments  # noqa: E402
+
+from .conftest import SPEC_FILES, language_examples  # noqa: E402
+
+F16, F32, F64 = torch.float16, torch.float32, torch.float64
+TOL = {F32: 1e-5, F16: 5e-3}
+GRAD_TOL = 1e-4
+WORST: dict[tuple, float] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recurrences under test: specs/ and LANGUAGE.md's examples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _normalised(text: str) -> str:
+    """A recurrence's text without comments and with whitespace collapsed: equal programs compare equal."""
+    return " ".join(re.sub(r"#[^\n]*", "", text).split())
+
+
+RECS: dict[str, recurrence_dsl.Recurrence] = {}
+for _path in SPEC_FILES:
+    RECS.update(recurrence_dsl.load(_path))
+SPEC_NAMES = list(RECS)
+_SPEC_TEXTS = {_normalised(r.checked.text) for r in RECS.values()}
+
+FULL_KEYS = list(SPEC_NAMES)  # keys that get the full matrix
+SMOKE_KEYS: list[str] = []  # LANGUAGE.md examples equal to a spec up to comments: two cases per form
+_blocks, _blocks_origin = language_examples()
+for _n, _block in enumerate(_blocks):
+    for _name, _rec in recurrence_dsl.load_text(_block, f"LANGUAGE.md example {_n}").items():
+        key = f"LANGUAGE.md#{_n}:{_name}"
+        RECS[key] = _rec
+        (SMOKE_KEYS if _normalised(_rec.checked.text) in _SPEC_TEXTS else FULL_KEYS).append(key)
+
+
+def triton_form_names(key: str) -> list[str]:
+    """The forms the triton backend should have: recurrent always, chunked where the analysis derives it."""
+    forms = analyse(RECS[key].checked).forms
+    return ["recurrent"] + (["chunked"] if "chunked" in forms else [])
+
+
+FORMS = {key: triton_form_names(key) for key in RECS}
+
+
+def layer_for(key: str):
+    return recurrence_dsl.compile(RECS[key], backend="triton", chunk_size=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One case of the matrix
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    form: str
+    dtype: torch.dtype
+    T: int
+    sizes: tuple  # ((name, value), ...)
+    chunk: int = 16
+    H: int = 1
+    lengths: tuple | None = None  # cu_seqlens sequence lengths (B = 1)
+
+    @property
+    def id(self) -> str:
+        size_text = "-".join(f"{n}{v}" for n, v in self.sizes)
+        cu = "" if self.lengths is None else "-cu" + "_".join(map(str, self.lengths))
+        return (f"{self.key}-{self.form}-{'f32' if self.dtype == F32 else 'f16'}-T{self.T}-{size_text}"
+                f"-c{self.chunk}-H{self.H}{cu}")
+
+
+def _uniform(key: str, value: int) -> tuple:
+    return tuple((s, value) for s in RECS[key].checked.sizes)
+
+
+def _distinct(key: str) -> tuple:
+    choices = [48, 32, 20]
+    return tuple((s, choices[i % len(choices)]) for i, s in enumerate(RECS[key].checked.sizes))
+
+
+def _full_cases(key: str, form: str) -> list[Case]:
+    cases = []
+    for T, size in itertools.product((1, 63, 64, 200), (16, 32, 48)):
+        cases.append(Case(key, form, F32, T, _uniform(key, size), H=2 if T == 63 else 1))
+    cases.append(Case(key, form, F32, 64, _distinct(key), H=2))
+    for T, size in itertools.product((63, 200), (16, 48)):
+        cases.append(Case(key, form, F16, T, _uniform(key, size)))
+    if form == "chunked":
+        cases.append(Case(key, form, F32, 64, _uniform(key, 16), chunk=64))
+        cases.append(Case(key, form, F32, 200, _uniform(key, 48), chunk=64))
+        cases.append(Case(key, form, F16, 200, _uniform(key, 32), chunk=64))
+    cases.append(Case(key, form, F32, 63, _uniform(key, 32), H=2, lengths=(5, 20, 38)))
+    cases.append(Case(key, form, F16, 63, _uniform(key, 16), lengths=(1, 62, 0)))
+    return cases
+
+
+def _smoke_cases(key: str, form: str) -> list[Case]:
+    return [Case(key, form, F32, 63, _uniform(key, 32), H=2),
+            Case(key, form, F32, 63, _uniform(key, 16), lengths=(1, 62, 0))]
+
+
+CASES = ([c for k in FULL_KEYS for f in FORMS[k] for c in _full_cases(k, f)]
+         + [c for k in SMOKE_KEYS for f in FORMS[k] for c in _smoke_cases(k, f)])
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def as_dict(value, decls) -> dict:
+    """An output or state as returned by a layer (tensor, tuple or dict) -> {name: tensor}."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (tuple, list)):
+        return dict(zip((d.name for d in decls), value, strict=True))
+    return {decls[0].name: value}
+
+
+def map_state(state, fn):
+    if state is None:
+        return None
+    if isinstance(state, dict):
+        return {k: fn(v) for k, v in state.items()}
+    return fn(state)
+
+
+def cu_of(lengths) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+
+
+def sample(key: str, sizes: dict, T: int, H: int, dtype: torch.dtype, seed: int, B: int = 1, rows: int | None = None):
+    """Arguments in `dtype` (drawn in float64 and rounded), an initial state in float32, and both as the
+    reference should see them (the rounded values cast back to float64)."""
+    args64, init64 = sample_arguments(RECS[key].checked, sizes, B, T, H, dtype=F64, seed=seed,
+                                      with_initial_state=True, rows=rows)
+    args = [a.to(dtype) for a in args64]
+    init = map_state(init64, lambda t: t.to(F32))
+    return args, init, [a.to(F64) for a in args], map_state(init, lambda t: t.to(F64))
+
+
+def run_case(case: Case) -> float:
+    rec = RECS[case.key]
+    checked = rec.checked
+    sizes = dict(case.sizes)
+    cu = None if case.lengths is None else cu_of(case.lengths)
+    rows = None if cu is None else len(case.lengths)
+    seed = zlib.crc32(case.id.encode())
+    args, init, ref_args, ref_init = sample(case.key, sizes, case.T, case.H, case.dtype, seed, rows=rows)
+    ref_out, ref_final = rec.reference(*ref_args, initial_state=ref_init, output_final_state=True, cu_seqlens=cu)
+    layer = layer_for(case.key)
+    assert case.form in layer.triton_forms
+    out, final = layer(*args, initial_state=init, output_final_state=True, cu_seqlens=cu, form=case.form,
+                       chunk_size=case.chunk)
+    ref_out, ref_final = as_dict(ref_out, checked.outputs), as_dict(ref_final, checked.states)
+    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
+    errors = {}
+    for o in checked.outputs:
+        assert out[o.name].shape == ref_out[o.name].shape, o.name
+        assert out[o.name].dtype == case.dtype, f"output {o.name} comes back as {out[o.name].dtype}"
+        assert torch.isfinite(out[o.name]).all(), f"output {o.name} has non-finite values"
+        errors[o.name] = rel(out[o.name], ref_out[o.name])
+    for s in checked.states:
+        assert final[s.name].shape == ref_final[s.name].shape, s.name
+        assert torch.isfinite(final[s.name]).all(), f"final state {s.name} has non-finite values"
+        errors[f"final {s.name}"] = rel(final[s.name], ref_final[s.name])
+    worst = max(errors.values())
+    bucket = (str(case.dtype), case.form, "cu" if cu is not None else f"T={case.T}")
+    WORST[bucket] = max(WORST.get(bucket, 0.0), worst)
+    assert worst <= TOL[case.dtype], f"{case.id}: relative errors {errors} exceed {TOL[case.dtype]:g}"
+    return worst
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_against_reference(case):
+    run_case(case)
+
+
+def test_the_matrix_covers_every_spec_form_and_axis():
+    """Every spec and LANGUAGE.md example is present, with every triton form and every axis value."""
+    assert len(SPEC_NAMES) == len(SPEC_FILES) >= 13
+    assert _blocks and any(k.startswith("LANGUAGE.md") for k in RECS)
+    for key in RECS:
+        for form in FORMS[key]:
+            mine = [c for c in CASES if c.key == key and c.form == form]
+            assert {c.dtype for c in mine} >= ({F32} if key in SMOKE_KEYS else {F32, F16}), (key, form)
+            assert any(c.lengths for c in mine), (key, form)
+            if key in FULL_KEYS:
+                assert {c.T for c in mine} >= {1, 63, 64, 200}
+                assert {v for c in mine for _, v in c.sizes} >= {16, 32, 48}
+                assert {c.lengths for c in mine if c.dtype == F16} - {None}
+                if form == "chunked":
+                    assert {c.chunk for c in mine} == {16, 64}
+
+
+@pytest.mark.parametrize("key", SPEC_NAMES)
+def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
+    layer = layer_for(key)
+    assert list(layer.triton_forms) == FORMS[key]
+    assert set(layer.triton_forms) <= set(layer.forms)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients: the forward runs the Triton kernels, the backward re-runs the torch form
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,form,sizes", [
+    ("gla", "chunked", {"K": 32, "V": 16}),
+    ("delta_net", "chunked", {"K": 16, "V": 32}),
+    ("indrnn", "recurrent", {"D": 20}),
+])
+def test_gradients_match_the_reference(key, form, sizes):
+    """float32 gradients of every input, param and the initial state, through the triton backend, against the
+    float64 reference's; they are the torch form's gradients (the backward re-runs it)."""
+    rec = RECS[key]
+    checked = rec.checked
+    T, H = 40, 2
+    args, init, ref_args, ref_init = sample(key, sizes, T, H, F32, seed=7)
+    names = [s.name for s in checked.inputs + checked.params] + [f"initial_state[{s.name}]" for s in checked.states]
+
+    def run(fn, values, state, **kwargs):
+        """Leaves for `values` and `state`; `(outputs, finals, leaves by name)` of fn on them."""
+        leaves = [v.clone().requires_grad_(True) for v in values]
+        state_leaves = {k: v.clone().requires_grad_(True) for k, v in as_dict(state, checked.states).items()}
+        initial = state_leaves if isinstance(state, dict) else state_leaves[checked.states[0].name]
+        out, final = fn(*leaves, initial_state=initial, output_final_state=True, **kwargs)
+        return as_dict(out, checked.outputs), as_dict(final, checked.states), dict(zip(names, leaves + list(
+            state_leaves.values())))
+
+    ref_out, ref_final, ref_leaves = run(rec.reference, ref_args, ref_init)
+    gen = torch.Generator().manual_seed(8)
+    cotangents = [torch.randn(t.shape, generator=gen, dtype=F64) for t in [*ref_out.values(), *ref_final.values()]]
+
+    def backward(out, final):
+        results = [*out.values(), *final.values()]
+        sum((r.to(F64) * c).sum() for r, c in zip(results, cotangents, strict=True)).backward()
+
+    backward(ref_out, ref_final)
+    out, final, leaves = run(layer_for(key), args, init, form=form, chunk_size=16)
+    for name, t in out.items():
+        assert "_RecomputeBackward" in type(t.grad_fn).__name__, f"{name} did not come from the triton forward"
+        assert rel(t, ref_out[name].detach()) <= TOL[F32]
+    backward(out, final)
+    torch_out, torch_final, torch_leaves = run(recurrence_dsl.compile(rec, backend="torch", chunk_size=16), args,
+                                               init, form=form, chunk_size=16)
+    backward(torch_out, torch_final)
+    for name in names:
+        got, want = leaves[name].grad, ref_leaves[name].grad
+        assert got is not None, f"no gradient for {name}"
+        err = rel(got, want)
+        assert err <= GRAD_TOL, f"{key}/{form}: gradient of {name} relative error {err:.3e}"
+        assert rel(got, torch_leaves[name].grad) <= 1e-6, f"{name}: not the torch form's gradient"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend choice and the triton backend's own argument checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gla_call(T=63, B=1, H=1, sizes=None, rows=None, dtype=F32):
+    sizes = sizes or {"K": 16, "V": 16}
+    args, init, _, _ = sample("gla", sizes, T, H, dtype, seed=3, B=B, rows=rows)
+    return args, init
+
+
+def test_auto_backend_picks_triton_under_the_interpreter(monkeypatch):
+    assert compiler_module._interpreting() and compiler_module.triton_available()
+    layer = recurrence_dsl.compile(RECS["gla"], backend="auto", chunk_size=16)
+    assert layer.backend_for(torch.device("cpu")) == "triton"
+    seen = []
+    real_run_forms = compiler_module.run_forms
+
+    def spy(spec, form_fns, *args, **kwargs):
+        seen.append(form_fns)
+        return real_run_forms(spec, form_fns, *args, **kwargs)
+
+    monkeypatch.setattr(compiler_module, "run_forms", spy)
+    args, init = _gla_call()
+    out, final = layer(*args, initial_state=init, output_final_state=True)
+    assert len(seen) == 1 and seen[0] is layer.triton_forms
+    ref_out, ref_final = RECS["gla"].reference(*(a.double() for a in args), initial_state=init.double(),
+                                               output_final_state=True)
+    assert rel(out, ref_out) <= TOL[F32] and rel(final, ref_final) <= TOL[F32]
+
+
+def test_auto_form_on_the_triton_backend():
+    """form="auto" on the triton backend: recurrent for short sequences, chunked for long ones."""
+    layer = layer_for("gla")
+    for T in (5, 70):
+        args, init = _gla_call(T=T)
+        out, final = layer(*args, initial_state=init, output_final_state=True)
+        ref_out, ref_final = RECS["gla"].reference(*(a.double() for a in args), initial_state=init.double(),
+                                                   output_final_state=True)
+        assert rel(out, ref_out) <= TOL[F32] and rel(final, ref_final) <= TOL[F32]
+
+
+@pytest.mark.parametrize("chunk", [24, 8, 48, 100, 1, -16, 0])
+def test_chunk_size_must_be_a_power_of_two_from_16(chunk):
+    layer = layer_for("gla")
+    args, init = _gla_call(T=20)
+    with pytest.raises(CallError, match="chunk_size") as info:
+        layer(*args, initial_state=init, form="chunked", chunk_size=chunk)
+    assert str(chunk) in str(info.value)
+
+
+def test_chunk_size_of_the_compiled_layer_is_checked_too():
+    layer = recurrence_dsl.compile(RECS["gla"], backend="triton", chunk_size=24)
+    args, init = _gla_call(T=20)
+    with pytest.raises(CallError, match="chunk_size"):
+        layer(*args, initial_state=init, form="chunked")
+
+
+@pytest.mark.parametrize("key,form", [("gla", "scan"), ("gla", "parallel"), ("mamba", "scan"),
+                                      ("retention", "scan")])
+def test_forms_the_triton_backend_lacks(key, form):
+    layer = layer_for(key)
+    assert form in layer.forms  # the torch backend has it
+    sizes = {s: 16 for s in RECS[key].checked.sizes}
+    args, init, _, _ = sample(key, sizes, 20, 1, F32, seed=0)
+    with pytest.raises(CallError) as info:
+        layer(*args, initial_state=init, form=form)
+    message = str(info.value)
+    assert form in message
+    for available in FORMS[key]:
+        assert available in message, f"{message!r} does not name the available form {available!r}"
+
+
+def _bad_calls():
+    """(label, thunk producing (args, kwargs), words the message must contain)."""
+    def good(T=63, B=1, rows=None):
+        args, init = _gla_call(T=T, B=B, rows=rows)
+        return args, init
+
+    def wrong_key_size():
+        args, init = good()
+        args[1] = torch.randn(1, 63, 1, 17)
+        return args, {"initial_state": init}
+
+    def wrong_rank():
+        args, init = good()
+        args[2] = args[2][..., 0]
+        return args, {"initial_state": init}
+
+    def wrong_length():
+        args, init = good()
+        args[3] = args[3][:, :10]
+        return args, {"initial_state": init}
+
+    def cu_with_batch_two():
+        args, init = good(B=2)
+        return args, {"cu_seqlens": torch.tensor([0, 30, 63])}
+
+    def cu_not_ending_at_T():
+        args, init = good(rows=3)
+        return args, {"initial_state": init, "cu_seqlens": torch.tensor([0, 5, 20, 60])}
+
+    def cu_decreasing():
+        args, init = good(rows=3)
+        return args, {"initial_state": init, "cu_seqlens": torch.tensor([0, 30, 20, 63])}
+
+    def cu_float():
+        args, init = good(rows=3)
+        return args, {"initial_state": init, "cu_seqlens": torch.tensor([0.0, 5.0, 25.0, 63.0])}
+
+    def initial_rows_with_cu():
+        args, init = good(rows=2)
+        return args, {"initial_state": init, "cu_seqlens": torch.tensor([0, 5, 25, 63])}
+
+    def initial_rows_without_cu():
+        args, init = good(rows=3)
+        return args, {"initial_state": init}
+
+    return [
+        ("wrong size of k", wrong_key_size, ["'k'"]),
+        ("v without its V axis", wrong_rank, ["'v'"]),
+        ("g shorter than T", wrong_length, ["'g'"]),
+        ("cu_seqlens with B=2", cu_with_batch_two, ["cu_seqlens", "B"]),
+        ("cu_seqlens not ending at T", cu_not_ending_at_T, ["cu_seqlens", "63"]),
+        ("decreasing cu_seqlens", cu_decreasing, ["cu_seqlens"]),
+        ("float cu_seqlens", cu_float, ["cu_seqlens"]),
+        ("initial_state with 2 rows for 3 sequences", initial_rows_with_cu, ["initial_state"]),
+        ("initial_state with 3 rows for B=1", initial_rows_without_cu, ["initial_state"]),
+    ]
+
+
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("label,make,words", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+@pytest.mark.parametrize("form", ["recurrent", "chunked", "auto"])
+def test_bad_calls_raise_call_error_naming_the_argument(label, make, words, form):
+    layer = layer_for("gla")
+    args, kwargs = make()
+    with pytest.raises(CallError) as info:
+        layer(*args, form=form, chunk_size=16, **kwargs)
+    assert isinstance(info.value, ValueError)
+    for word in words:
+        assert word in str(info.value), f"{label}: {str(info.value)!r} does not mention {word!r}"
+
+
+def test_bad_param_shape_names_the_param():
+    layer = layer_for("indrnn")
+    args, init, _, _ = sample("indrnn", {"D": 16}, 10, 2, F32, seed=0)
+    with pytest.raises(CallError, match="'w'"):
+        layer(args[0], args[1][:1], initial_state=init)
+
+
+def test_report_worst_errors():
+    """Runs last: the worst relative error per (dtype, form, length or cu_seqlens) seen above (pytest -s)."""
+    for bucket, err in sorted(WORST.items()):
+        print(f"worst relative error {bucket}: {err:.3e}")
