@@ -7,7 +7,9 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
-`num_warps`, `num_stages`, `allow_tf32`; `chunk_size` is the chunk length BT.
+`num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)).
+One difference from the torch runtime: outputs come back in k's dtype (it returns its float32 compute dtype for
+half inputs); the final state is float32 in both.
 
 Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh), with their grids:
 
@@ -46,7 +48,8 @@ GPU rules kept by construction (the Triton interpreter does not check them): eve
 >= 16 (BT, BK, BV are powers of two >= 16, checked in Python before launch, sub-chunks are 16), no
 tl.make_block_ptr (pointer arithmetic only), no `.to()` on loop variables, masks on every load and store.
 A scalar row test is broadcast before it meets a block mask (`o_k * 0 + t < T`): the interpreter turns
-`block_bool & scalar_bool` into an int32 mask that tl.load rejects.
+`block_bool & scalar_bool` into an int32 mask that tl.load rejects. Addresses: int64 chunk bases, int32 offsets
+inside a chunk, so long sequences do not overflow.
 """
 
 from __future__ import annotations
@@ -74,16 +77,21 @@ def _safe_exp(x):
     return tl.exp(tl.minimum(x, 0.0))
 
 
+# Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
+# chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
+
+
 @triton.jit
 def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """gc[b, t, h, :] = sum of g[b, n*BT .. t, h, :] (chunk-local inclusive cumulative sum), float32."""
+    """gc[b, t, h, :] = sum of g[b, t0 .. t, h, :] over the chunk starting at t0, in float32."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    base = (i_b.to(tl.int64) * T * H + i_h) * D
-    o_t = i_n * BT + tl.arange(0, BT)  # [BT]
-    o_d = i_d * BD + tl.arange(0, BD)  # [BD]
-    m = (o_t < T)[:, None] & (o_d < D)[None, :]
-    offs = base + o_t[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
+    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
 
@@ -91,44 +99,45 @@ def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
 @triton.jit
 def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       USE_GK: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+                       USE_GK: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
-    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if EXCLUSIVE), 0 elsewhere, where
-    Gq_t = G_t (inclusive) or G_{t-1} (exclusive; 0 at the chunk start). Without USE_GK: plain q_t . k_s.
+    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
+    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). Without USE_GK: plain q_t . k_s.
+    An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
     i_b, i_h = i_bh // H, i_bh % H
-    base = (i_b.to(tl.int64) * T * H + i_h) * K
+    NT = tl.cdiv(T, BT)
     t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
     o_c = tl.arange(0, BC)
-    o_tq = t0 + i_i * BC + o_c  # [BC] query rows
-    o_tk = t0 + i_j * BC + o_c  # [BC] key rows
-    m_tq, m_tk = o_tq < T, o_tk < T
-    # Gq at query rows: G_t, or G_{t-1} within the chunk for an exclusive query
-    if EXCLUSIVE:
-        o_tg = o_tq - 1
-        m_tg = m_tq & (i_i * BC + o_c > 0)
+    o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
+    o_ik = i_j * BC + o_c  # [BC] key rows
+    m_tq, m_tk = t0 + o_iq < T, t0 + o_ik < T
+    if SHIFT:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
+        o_ig = o_iq - 1
+        m_tg = m_tq & (o_iq > 0)
     else:
-        o_tg = o_tq
+        o_ig = o_iq
         m_tg = m_tq
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
     if i_i > i_j:
-        t_ref = t0 + i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for s in sub-chunk j
+        i_ref = i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for t in sub-chunk i, s in j
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            m_q = m_tq[:, None] & m_k[None, :]
-            b_q = tl.load(q + base + o_tq[:, None] * (H * K) + o_k[None, :], mask=m_q, other=0.0).to(tl.float32)
-            # k^T [BK, BC]
             m_kt = m_k[:, None] & m_tk[None, :]
-            b_kt = tl.load(k + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             if USE_GK:
-                b_gq = tl.load(gc + base + o_tg[:, None] * (H * K) + o_k[None, :],
-                               mask=m_tg[:, None] & m_k[None, :], other=0.0)  # [BC, BK]
-                b_gk = tl.load(gc + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                b_gr = tl.load(gc + base + t_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t_ref < T), other=0.0)  # [BK]
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK]
+                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
                 b_q = b_q * _safe_exp(b_gq - b_gr[None, :])
                 b_kt = b_kt * _safe_exp(b_gr[:, None] - b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
@@ -136,31 +145,29 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            m_q = m_tq[:, None] & m_k[None, :]
-            b_q = tl.load(q + base + o_tq[:, None] * (H * K) + o_k[None, :], mask=m_q, other=0.0).to(tl.float32)
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
             if USE_GK:
-                b_gq = tl.load(gc + base + o_tg[:, None] * (H * K) + o_k[None, :],
-                               mask=m_tg[:, None] & m_k[None, :], other=0.0)  # [BC, BK]
-                for c in range(0, BC):
-                    t_s = t0 + i_i * BC + c
-                    m_s = m_k & (o_k * 0 + t_s < T)
-                    b_ks = tl.load(k + base + t_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                    b_gs = tl.load(gc + base + t_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK]
+                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                    i_s = i_i * BC + c
+                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
                     b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_gq - b_gs[None, :]), axis=1)  # [BC]
                     b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
-                m_kt = m_k[:, None] & m_tk[None, :]
-                b_kt = tl.load(k + base + o_tk[None, :] * (H * K) + o_k[:, None], mask=m_kt,
+                b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-        if EXCLUSIVE:
+        if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
         else:
             b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
-    o_r = i_n * BT + i_i * BC + o_c  # rows of A for this chunk's sub-chunk i (always < NT * BT)
-    o_s = i_j * BC + o_c
-    p_A = A + i_bh.to(tl.int64) * (tl.cdiv(T, BT) * BT * BT) + o_r[:, None] * BT + o_s[None, :]
-    tl.store(p_A, b_A, mask=(o_r[:, None] < tl.cdiv(T, BT) * BT) & (o_s[None, :] < BT))
+    # rows t0 + o_iq of A always exist (it has NT * BT rows); blocks above the diagonal are written as zeros
+    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_iq[:, None] * BT + o_ik[None, :]
+    tl.store(p_A, b_A, mask=(o_iq[:, None] < BT) & (o_ik[None, :] < BT))
 
 
 @triton.jit
@@ -170,28 +177,27 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
     """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    row = i_b.to(tl.int64) * T * H + i_h  # flat (b, t=0, h) row index
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
     o_i = tl.arange(0, BT)
-    o_t = i_n * BT + o_i  # [BT]
-    m_t = o_t < T
-    b_beta = tl.load(beta + row + o_t * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    m_t = t0 + o_i < T
+    b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
     if DECAY == 1:
-        b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
-    # strictly lower L [BT, BT]
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+    # decayed k_t . k_s [BT, BT] (only s < t is used)
     if DECAY == 2:
-        nt_bt = tl.cdiv(T, BT) * BT
-        o_s = tl.arange(0, BT)
-        p_A = Akk + i_bh.to(tl.int64) * (nt_bt * BT) + o_t[:, None] * BT + o_s[None, :]
-        b_A = tl.load(p_A, mask=(o_t[:, None] < nt_bt) & (o_s[None, :] < BT), other=0.0)
+        p_A = Akk + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     else:
         b_A = tl.zeros([BT, BT], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            b_k = tl.load(k + row * K + o_t[:, None] * (H * K) + o_k[None, :],
-                          mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BT, BK]
-            b_kt = tl.load(k + row * K + o_t[None, :] * (H * K) + o_k[:, None],
-                           mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+            b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BT, BK]
+            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                           other=0.0).to(tl.float32)  # [BK, BT]
             b_A += tl.dot(b_k, b_kt, input_precision=PREC)
         if DECAY == 1:
             b_A = b_A * _safe_exp(b_g[:, None] - b_g[None, :])
@@ -207,7 +213,7 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        offs = row * K + o_t[:, None] * (H * K) + o_k[None, :]
+        offs = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_k = tl.load(k + offs, mask=m, other=0.0).to(tl.float32)
         if DECAY == 1:
             b_k = b_k * (b_beta * _safe_exp(b_g))[:, None]
@@ -221,7 +227,7 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        offs = row * V + o_t[:, None] * (H * V) + o_v[None, :]
+        offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
@@ -230,14 +236,15 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
 def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """State passing over the chunks of one (batch*head, BK tile, BV tile), the state in float32 registers.
+    """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
     DELTA: v is the pseudo-value buffer holding Uy, overwritten in place by U = Uy - W S (needs BK >= K).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    row = i_b.to(tl.int64) * T * H + i_h  # flat (b, t=0, h) row index
+    bt0 = i_b.to(tl.int64) * T
+    o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -246,35 +253,35 @@ def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.conste
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    p_h = h + i_bh.to(tl.int64) * NT * (K * V) + o_kv
     for i_n in range(0, NT):
-        tl.store(p_h + i_n * (K * V), b_h, mask=m_kv)
-        o_t = i_n * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        t_last = tl.minimum(i_n * BT + BT, T) - 1
+        tl.store(h + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
         m_kt = m_k[:, None] & m_t[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_kt = row * K + o_t[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
-        p_tv = row * V + o_t[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
+        p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         if DELTA:
-            p_w = row * K + o_t[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+            p_w = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
             b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
             b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
             tl.store(v + p_tv, b_v, mask=m_tv)
         if DECAY == 1:
-            b_gl = tl.load(gc + row + t_last * H, mask=t_last < T, other=0.0)
-            b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
+            b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_kt = b_kt * _safe_exp(b_gl - b_g)[None, :]
             b_h = b_h * tl.exp(b_gl)
         elif DECAY == 2:
-            b_gl = tl.load(gc + row * K + t_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
+            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
             b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
             b_kt = b_kt * _safe_exp(b_gl[:, None] - b_g)
             b_h = b_h * tl.exp(b_gl)[:, None]
         elif DECAY == 3:
-            b_gl = tl.load(gc + row * V + t_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
+            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
             b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
             b_v = b_v * _safe_exp(b_gl[None, :] - b_g)
             b_h = b_h * tl.exp(b_gl)[None, :]
@@ -291,15 +298,15 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
-    row = i_b.to(tl.int64) * T * H + i_h
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
     o_i = tl.arange(0, BT)
-    o_t = i_n * BT + o_i
-    m_t = o_t < T
+    m_t = t0 + o_i < T
     if EXCLUSIVE:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
-        o_tg = o_t - 1
+        o_ig = o_i - 1
         m_tg = m_t & (o_i > 0)
     else:
-        o_tg = o_t
+        o_ig = o_i
         m_tg = m_t
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -309,26 +316,25 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + row * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         if DECAY == 2:
-            b_gq = tl.load(gc + row * K + o_tg[:, None] * (H * K) + o_k[None, :],
+            b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                            mask=m_tg[:, None] & m_k[None, :], other=0.0)
             b_o += tl.dot(b_q * _safe_exp(b_gq), b_h, input_precision=PREC)
         else:
-            b_kt = tl.load(k + row * K + o_t[None, :] * (H * K) + o_k[:, None],
-                           mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                           other=0.0).to(tl.float32)  # [BK, BT]
             b_o += tl.dot(b_q, b_h, input_precision=PREC)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     if DECAY == 2:
-        o_s = tl.arange(0, BT)
-        p_A = A + i_bh.to(tl.int64) * (NT * BT * BT) + o_t[:, None] * BT + o_s[None, :]
-        b_A = tl.load(p_A, mask=(o_t[:, None] < NT * BT) & (o_s[None, :] < BT), other=0.0)
+        p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     else:
         if DECAY == 1:
-            b_gq = tl.load(gc + row + o_tg * H, mask=m_tg, other=0.0)  # [BT]
-            b_g = tl.load(gc + row + o_t * H, mask=m_t, other=0.0)  # [BT]
+            b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
+            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_o = b_o * _safe_exp(b_gq)[:, None]
             b_A = b_A * _safe_exp(b_gq[:, None] - b_g[None, :])
         if EXCLUSIVE:
@@ -336,7 +342,7 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
         else:
             b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
-    p_tv = row * V + o_t[:, None] * (H * V) + o_v[None, :]
+    p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
@@ -346,27 +352,28 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
 def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """Value decay, one 16-row query sub-chunk i of chunk n per program (A = causal q k^T from _intra_attn_kernel):
+    """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _intra_attn_kernel):
     o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
-    row = i_b.to(tl.int64) * T * H + i_h
-    o_c = tl.arange(0, BC)
     t0 = i_n * BT
-    o_t = t0 + i_i * BC + o_c  # [BC]
-    m_t = o_t < T
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_v, p_g = v + bos * V, gc + bos * V
+    o_c = tl.arange(0, BC)
+    o_it = i_i * BC + o_c  # [BC] query rows (local to the chunk)
+    m_t = t0 + o_it < T
     if EXCLUSIVE:
-        o_tg = o_t - 1
-        m_tg = m_t & (i_i * BC + o_c > 0)
+        o_ig = o_it - 1
+        m_tg = m_t & (o_it > 0)
     else:
-        o_tg = o_t
+        o_ig = o_it
         m_tg = m_t
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
-    b_gq = tl.load(gc + row * V + o_tg[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
                    other=0.0)  # [BC, BV]
     # inter-chunk term
     b_o = tl.zeros([BC, BV], dtype=tl.float32)
@@ -374,35 +381,36 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = tl.load(q + row * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+        b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_o = b_o * _safe_exp(b_gq)
-    p_A = A + i_bh.to(tl.int64) * (NT * BT * BT) + (t0 + i_i * BC + o_c)[:, None] * BT  # rows of A
+    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_it * BT  # [BC] row starts of A
     # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
     if i_i > 0:
-        t_ref = t0 + i_i * BC - 1
-        b_gr = tl.load(gc + row * V + t_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t_ref < T), other=0.0)  # [BV]
+        i_ref = i_i * BC - 1
+        b_gr = tl.load(p_g + i_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t0 + i_ref < T), other=0.0)  # [BV]
         b_off = tl.zeros([BC, BV], dtype=tl.float32)
         for j in range(0, i_i):
-            o_s = t0 + j * BC + o_c
-            m_sv = (o_s < T)[:, None] & m_v[None, :]
-            p_sv = row * V + o_s[:, None] * (H * V) + o_v[None, :]
-            b_vs = tl.load(v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
-            b_gs = tl.load(gc + p_sv, mask=m_sv, other=0.0)
-            b_Aj = tl.load(p_A + (j * BC + o_c)[None, :], mask=(o_c[:, None] < BC) & (o_c[None, :] < BC), other=0.0)
+            o_is = j * BC + o_c
+            m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
+            p_sv = o_is[:, None] * (H * V) + o_v[None, :]
+            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
+            b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
+            b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
+                           other=0.0)  # [BC, BC]
             b_off += tl.dot(b_Aj, b_vs * _safe_exp(b_gr[None, :] - b_gs), input_precision=PREC)
         b_o += b_off * _safe_exp(b_gq - b_gr[None, :])
     # diagonal sub-block, one key column at a time (A is already causally masked)
     for c in range(0, BC):
-        t_s = t0 + i_i * BC + c
-        m_s = m_v & (o_v * 0 + t_s < T)
-        b_a = tl.load(p_A + i_i * BC + c, mask=o_c < BC, other=0.0)  # [BC] column c
-        b_vs = tl.load(v + row * V + t_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
-        b_gs = tl.load(gc + row * V + t_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
+        i_s = i_i * BC + c
+        m_s = m_v & (o_v * 0 + t0 + i_s < T)
+        b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
+        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
+        b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
         b_o += b_a[:, None] * b_vs[None, :] * _safe_exp(b_gq - b_gs[None, :])
-    tl.store(o + row * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,16 +455,21 @@ def _check_inputs(queries, k: Tensor, v: Tensor, log_decay, decay_axis, initial_
             raise ValueError(f"{name} must be float16, bfloat16 or float32 for the Triton runtime, got {x.dtype}")
 
 
-def _config(k: Tensor, chunk_size, block_k, block_v, allow_tf32, delta: bool):
-    """(BT, BK, BV, dot precision) with the defaults filled in and the GPU's rules checked."""
-    K = k.shape[-1]
-    BT = chunk_size
+def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: bool):
+    """(BT, BK, BV, dot precision) with the defaults filled in and the GPU's rules checked.
+
+    BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
+    chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
+    pow2(K), the whole of K), BV to min(pow2(V), 64 / 32 / 16 for BK <= 64 / 128 / more) to bound registers.
+    """
+    T, K = k.shape[1], k.shape[-1]
+    _check_block("chunk_size", chunk_size)
+    BT = min(chunk_size, _pow2_at_least_16(T))
     if block_k is None:
         block_k = _pow2_at_least_16(K) if delta else min(64, _pow2_at_least_16(K))
-    if block_v is None:
-        block_v = 64 if block_k <= 64 else (32 if block_k <= 128 else 16)
-    _check_block("chunk_size", BT)
     _check_block("block_k", block_k)
+    if block_v is None:
+        block_v = min(_pow2_at_least_16(V), 64 if block_k <= 64 else (32 if block_k <= 128 else 16))
     _check_block("block_v", block_v)
     if delta and block_k < K:
         raise ValueError(f"chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
@@ -477,13 +490,13 @@ def _cumsum(log_decay: Tensor, decay_axis: str, BT: int, num_warps: int) -> Tens
     return gc
 
 
-def _intra_attn(q: Tensor, k: Tensor, gc, use_gk: bool, exclusive: bool, BT: int, BK: int, prec: str,
+def _intra_attn(q: Tensor, k: Tensor, gc, use_gk: bool, shift: bool, strict: bool, BT: int, BK: int, prec: str,
                 num_warps: int, num_stages: int) -> Tensor:
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if use_gk else k, A, T, H, K, BT, _SUB, BK, NC, use_gk, exclusive, prec,
+        q, k, gc if use_gk else k, A, T, H, K, BT, _SUB, BK, NC, use_gk, shift, strict, prec,
         num_warps=num_warps, num_stages=num_stages)
     return A
 
@@ -514,12 +527,12 @@ def _outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_
         exclusive = bool(exclusive)
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         if decay_axis == "value":
-            A = _intra_attn(q, k, None, False, exclusive, BT, BK, prec, num_warps, num_stages)
+            A = _intra_attn(q, k, None, False, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
             _chunk_output_value_kernel[(triton.cdiv(V, BV), NT * (BT // _SUB), B * H)](
                 q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
                 num_warps=num_warps, num_stages=num_stages)
         else:
-            A = _intra_attn(q, k, gc, True, exclusive, BT, BK, prec, num_warps, num_stages) \
+            A = _intra_attn(q, k, gc, True, exclusive, exclusive, BT, BK, prec, num_warps, num_stages) \
                 if decay_axis == "key" else h
             _chunk_output_kernel[(triton.cdiv(V, BV), NT, B * H)](
                 q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, _DECAY_CODE[decay_axis],
@@ -552,10 +565,13 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
     queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay per decay_axis
     (None, "scalar" [B, T, H], "key" [B, T, H, K], "value" [B, T, H, V]); initial_state [B, H, K, V] or None.
     Returns (list of outputs [B, T, H, V] in k's dtype, final state [B, H, K, V] float32 or None).
-    chunk_size (BT), block_k, block_v: powers of two >= 16 (defaults: BK = min(64, pow2(K)), BV = 64).
+    chunk_size, block_k, block_v: powers of two >= 16; the chunk length is BT = min(chunk_size, pow2(T)), so a
+    chunk_size >= T is the parallel form (one chunk). Defaults: BK = min(64, pow2(K)), BV = min(64, pow2(V)).
+    num_warps, num_stages: passed to every launch. allow_tf32: tl.dot input precision "tf32" instead of "ieee"
+    (None: only for float16 / bfloat16 inputs).
     """
     _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
-    BT, BK, BV, prec = _config(k, chunk_size, block_k, block_v, allow_tf32, delta=False)
+    BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     k, v = k.contiguous(), v.contiguous()
@@ -575,7 +591,7 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     Per chunk (see codegen.torch_runtime.chunked_delta for the derivation): L_ts = beta_t (k_t . k_s) decayed for
     s < t, Tm = (I + L)^-1, W = Tm diag(beta) (K * exp(G)), Uy = Tm Y; then, passing the state, U = Uy - W S0 and
     S <- D_chunk S0 + (K * exp(G_last - G))^T U; outputs are chunked_linear's with v replaced by U.
-    block_k must cover K (default pow2(K)); block_v defaults to 64 (32 for K > 64, 16 for K > 128).
+    block_k must cover K (default pow2(K)); block_v defaults to min(pow2(V), 64) (32 for K > 64, 16 for K > 128).
     """
     if decay_axis == "value":
         raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
@@ -585,13 +601,15 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     V = y.shape[-1]
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
-    BT, BK, BV, prec = _config(k, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _empty_result(queries, k, y, initial_state, output_final_state)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     NT = triton.cdiv(T, BT)
     gc = None if decay_axis is None else _cumsum(log_decay, decay_axis, BT, num_warps)
-    Akk = _intra_attn(k, k, gc, True, True, BT, BK, prec, num_warps, num_stages) if decay_axis == "key" else None
+    Akk = None  # decayed k_t . k_s for a key decay (the WY kernel forms it itself otherwise)
+    if decay_axis == "key":
+        Akk = _intra_attn(k, k, gc, True, False, True, BT, BK, prec, num_warps, num_stages)
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _delta_wy_kernel[(NT, B * H)](
