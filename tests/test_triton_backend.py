@@ -306,7 +306,8 @@ def _gla_call(T=63, B=1, H=1, sizes=None, rows=None, dtype=F32):
 def test_auto_backend_picks_triton_under_the_interpreter(monkeypatch):
     assert compiler_module._interpreting() and compiler_module.triton_available()
     layer = recurrence_dsl.compile(RECS["gla"], backend="auto", chunk_size=16)
-    assert layer.backend_for(torch.device("cpu")) == "triton"
+    assert layer.backend_for(torch.device("cpu"), torch.float32) == "triton"
+    assert layer.backend_for(torch.device("cpu"), torch.float64) == "torch"  # Triton kernels take no float64
     seen = []
     real_run_forms = compiler_module.run_forms
 
