@@ -23,22 +23,12 @@ from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.check import SymbolKind
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
+from .printing import SourceWriter
 from .torch_printer import TorchPrinter
 
 
 def _leaf(e: sympy.Expr) -> bool:
     return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
-
-
-class _Writer:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "", indent: int = 1) -> None:
-        self.lines.append(("    " * indent + line) if line else "")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
 
 
 class TorchFormWriter:
@@ -60,7 +50,7 @@ class TorchFormWriter:
     def _shape_comment(self, indices) -> str:
         return "[B, T, H" + "".join(f", {self.a.ir.ranges[i]}" for i in indices) + "]"
 
-    def _params_to_time(self, w: _Writer) -> None:
+    def _params_to_time(self, w: SourceWriter) -> None:
         """Params [H, ...] -> [1, 1, H, ...] so they broadcast against per-step tensors [B, T, H, ...]."""
         for p in self.rec.params:
             w(f"{p.name} = {p.name}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
@@ -69,10 +59,10 @@ class TorchFormWriter:
         dims = "".join(f", {d}" for d in sym_dims)
         return f"torch.broadcast_to({expr_src}, (B_, T_, H_{dims}))"
 
-    def _header(self, w: _Writer, form: str, extra: str = "") -> None:
+    def _header(self, w: SourceWriter, form: str, extra: str = "") -> None:
         w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
 
-    def _unpack_shape(self, w: _Writer) -> None:
+    def _unpack_shape(self, w: SourceWriter) -> None:
         first = self.rec.inputs[0].name
         w(f"B_, T_, H_ = {first}.shape[:3]")
 
@@ -118,7 +108,7 @@ class TorchFormWriter:
         return sorted(self.rec.states, key=lambda s: last.get(s.name, -1))
 
     def write_recurrent(self) -> str:
-        w = _Writer()
+        w = SourceWriter()
         self._header(w, "recurrent")
         w('"""Per-step loop: every class, linear or not."""')
         self._unpack_shape(w)
@@ -176,7 +166,7 @@ class TorchFormWriter:
     def write_scan(self) -> str | None:
         if "scan" not in self.a.forms:
             return None
-        w = _Writer()
+        w = SourceWriter()
         self._header(w, "scan")
         w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
         self._unpack_shape(w)
@@ -213,7 +203,7 @@ class TorchFormWriter:
     def write_chunked(self) -> str | None:
         if "chunked" not in self.a.forms:
             return None
-        w = _Writer()
+        w = SourceWriter()
         self._header(w, "chunked", ", chunk_size=64")
         w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
         self._unpack_shape(w)

@@ -13,6 +13,13 @@ import sympy
 
 from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
 
+from .printing import ADD as _ADD
+from .printing import ATOM as _ATOM
+from .printing import MUL as _MUL
+from .printing import POW as _POW
+from .printing import UNARY as _UNARY
+from .printing import ExprPrinter
+
 FUNCTIONS = {
     sympy.exp: "torch.exp",
     sympy.log: "torch.log",
@@ -26,11 +33,10 @@ FUNCTIONS = {
     relu: "torch.relu",
 }
 
-_ATOM, _POW, _UNARY, _MUL, _ADD = 5, 4, 3, 2, 1
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-class TorchPrinter:
+class TorchPrinter(ExprPrinter):
     """`names` maps a tensor or scalar's IR name to the Python expression holding it."""
 
     def __init__(self, sizes: set[str], ranges: dict[sympy.Symbol, sympy.Expr], names: dict[str, str] | None = None):
@@ -70,13 +76,6 @@ class TorchPrinter:
         # Pad with None for the axes the operand does not have.
         parts = [":" if a in present else "None" for a in axes]
         return f"{text}[..., {', '.join(parts)}]"
-
-    def _number(self, value) -> str:
-        if isinstance(value, sympy.Integer) or (isinstance(value, sympy.Rational) and value.q == 1):
-            return f"{int(value)}.0"
-        if isinstance(value, sympy.Rational):
-            return repr(float(value))
-        return repr(float(value))
 
     # -- the recursive printer: (source, precedence) ------------------------
 
@@ -118,27 +117,6 @@ class TorchPrinter:
         if isinstance(e, sympy.Function) and type(e) in FUNCTIONS:
             return f"{FUNCTIONS[type(e)]}({self._p(e.args[0], axes)[0]})", _ATOM
         raise NotImplementedError(f"cannot print {type(e).__name__}: {e}")
-
-    def _wrap(self, e, axes, min_prec: int) -> str:
-        text, prec = self._p(e, axes)
-        return text if prec >= min_prec else f"({text})"
-
-    def _mul(self, e: sympy.Mul, axes) -> tuple[str, int]:
-        coeff, rest = e.as_coeff_Mul()
-        if coeff == -1:
-            return f"-{self._wrap(rest, axes, _UNARY)}", _UNARY
-        numer, denom = [], []
-        for factor in sympy.Mul.make_args(e):
-            if isinstance(factor, sympy.Pow) and factor.exp.is_number and factor.exp < 0:
-                denom.append(sympy.Pow(factor.base, -factor.exp))
-            elif isinstance(factor, sympy.Rational) and not isinstance(factor, sympy.Integer) and factor.p == 1:
-                denom.append(sympy.Integer(factor.q))
-            else:
-                numer.append(factor)
-        text = " * ".join(self._wrap(f, axes, _MUL) for f in numer) if numer else "1.0"
-        for d in denom:
-            text += f" / {self._wrap(d, axes, _POW)}"
-        return text, _MUL
 
     def _minmax(self, e, axes) -> str:
         a, b = e.args[0], sympy.Min(*e.args[1:]) if isinstance(e, sympy.Min) else sympy.Max(*e.args[1:])

@@ -38,7 +38,11 @@ import sympy
 
 from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
 
-_ATOM, _POW, _UNARY, _MUL, _ADD = 5, 4, 3, 2, 1
+from .printing import ADD as _ADD
+from .printing import ATOM as _ATOM
+from .printing import MUL as _MUL
+from .printing import POW as _POW
+from .printing import ExprPrinter
 
 # A unary function f: (source template, f(0) == 0, f maps finite inputs to finite outputs, precedence).
 # Templates take the argument as `{x}`; an argument used more than once should be a name
@@ -92,7 +96,7 @@ def block_name(size) -> str:
     return f"BLOCK_{size_key(size)}"
 
 
-class TritonPrinter:
+class TritonPrinter(ExprPrinter):
     """`names` maps an IR name (tensor, scalar, temporary) to the kernel variable holding its tile.
 
     `zero_padded`: IR names whose tiles are exactly zero (and finite) on every padding lane: inputs and
@@ -227,11 +231,6 @@ class TritonPrinter:
         present = set(src)
         return f"{text}[{', '.join(':' if a in present else 'None' for a in axes)}]"
 
-    def _number(self, value) -> str:
-        if isinstance(value, sympy.Integer) or (isinstance(value, sympy.Rational) and value.q == 1):
-            return f"{int(value)}.0"
-        return repr(float(value))
-
     # -- the recursive printer: (source, precedence) ------------------------
 
     def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
@@ -279,27 +278,6 @@ class TritonPrinter:
                 return 2
             return 1 if arg.is_number else 0
         return sorted(sympy.Add.make_args(e), key=rank)
-
-    def _wrap(self, e, axes, min_prec: int) -> str:
-        text, prec = self._p(e, axes)
-        return text if prec >= min_prec else f"({text})"
-
-    def _mul(self, e: sympy.Mul, axes) -> tuple[str, int]:
-        coeff, rest = e.as_coeff_Mul()
-        if coeff == -1:
-            return f"-{self._wrap(rest, axes, _UNARY)}", _UNARY
-        numer, denom = [], []
-        for factor in sympy.Mul.make_args(e):
-            if isinstance(factor, sympy.Pow) and factor.exp.is_number and factor.exp < 0:
-                denom.append(sympy.Pow(factor.base, -factor.exp))
-            elif isinstance(factor, sympy.Rational) and not isinstance(factor, sympy.Integer) and factor.p == 1:
-                denom.append(sympy.Integer(factor.q))
-            else:
-                numer.append(factor)
-        text = " * ".join(self._wrap(f, axes, _MUL) for f in numer) if numer else "1.0"
-        for d in denom:
-            text += f" / {self._wrap(d, axes, _POW)}"
-        return text, _MUL
 
     def _pow(self, e: sympy.Pow, axes) -> tuple[str, int]:
         base, exp = e.args

@@ -52,6 +52,7 @@ from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .kernel_rules import check_kernel_source
+from .printing import SourceWriter
 from .triton_printer import (
     MULTI_USE,
     TritonPrinter,
@@ -75,17 +76,6 @@ def _user(name: str) -> str:
     if name in _RESERVED or name.startswith(_PREFIXES):
         return name + "_"
     return name
-
-
-class _Writer:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "", indent: int = 1) -> None:
-        self.lines.append(("    " * indent + line) if line else "")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
 
 
 def _leaf(e: sympy.Expr) -> bool:
@@ -364,7 +354,7 @@ class TritonRecurrentWriter:
         for _, e in self.temps.values():
             used |= _leaf_names(e)
 
-        w = _Writer()
+        w = SourceWriter()
         kernel = f"{self.fn}__triton_recurrent_kernel"
         consts = [names[c] for c, _ in self.consts.values()]
         args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
@@ -491,17 +481,17 @@ class TritonRecurrentWriter:
         last = {st.target.name: st.index for st in self.rec.statements}
         return sorted(self.states, key=lambda s: last.get(s.name, -1))
 
-    def _write_temp(self, w: _Writer, printer: TritonPrinter, name: str, indent: int) -> None:
+    def _write_temp(self, w: SourceWriter, printer: TritonPrinter, name: str, indent: int) -> None:
         axes, e = self.temps[name]
         shape = printer.shape(axes) if axes else "scalar"
         w(f"{self.temp_src[name]} = {printer.print_expr(e, axes)}  # {shape}", indent)
 
-    def _write_prologue_temps(self, w: _Writer, printer: TritonPrinter) -> None:
+    def _write_prologue_temps(self, w: SourceWriter, printer: TritonPrinter) -> None:
         for name in self.temps:
             if self.temp_phase[name] == "prologue":
                 self._write_temp(w, printer, name, 1)
 
-    def _write_temps_for(self, w: _Writer, printer: TritonPrinter, e: sympy.Expr, emitted: set) -> None:
+    def _write_temps_for(self, w: SourceWriter, printer: TritonPrinter, e: sympy.Expr, emitted: set) -> None:
         """Emit (in the loop) the step temporaries `e` reads that are not computed yet, dependencies first:
         each lands just before its first use, so one reading a new state comes after that state's update."""
         order = list(self.temps)
@@ -515,7 +505,7 @@ class TritonRecurrentWriter:
     # -- the launcher -------------------------------------------------------------
 
     def write_launcher(self) -> str:
-        w = _Writer()
+        w = SourceWriter()
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]

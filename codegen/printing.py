@@ -1,0 +1,58 @@
+"""What the torch and Triton printers share: operator precedence, products with their divisions,
+numbers, and a small indented-source writer. Each backend subclasses `ExprPrinter` and prints its
+own leaves, functions and sums (`_p`)."""
+
+from __future__ import annotations
+
+import sympy
+
+# Precedence of printed operators, loosest last: a subexpression is parenthesised when its
+# precedence is below what its context needs.
+ATOM, POW, UNARY, MUL, ADD = 5, 4, 3, 2, 1
+
+
+class ExprPrinter:
+    """Base of the backend printers: `_p(expr, axes) -> (source, precedence)` is the backend's."""
+
+    def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def _number(self, value) -> str:
+        if isinstance(value, sympy.Integer) or (isinstance(value, sympy.Rational) and value.q == 1):
+            return f"{int(value)}.0"
+        return repr(float(value))
+
+    def _wrap(self, e, axes, min_prec: int) -> str:
+        text, prec = self._p(e, axes)
+        return text if prec >= min_prec else f"({text})"
+
+    def _mul(self, e: sympy.Mul, axes) -> tuple[str, int]:
+        """`a * b / c`: negative powers and unit fractions become divisions, a -1 a unary minus."""
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            return f"-{self._wrap(rest, axes, UNARY)}", UNARY
+        numer, denom = [], []
+        for factor in sympy.Mul.make_args(e):
+            if isinstance(factor, sympy.Pow) and factor.exp.is_number and factor.exp < 0:
+                denom.append(sympy.Pow(factor.base, -factor.exp))
+            elif isinstance(factor, sympy.Rational) and not isinstance(factor, sympy.Integer) and factor.p == 1:
+                denom.append(sympy.Integer(factor.q))
+            else:
+                numer.append(factor)
+        text = " * ".join(self._wrap(f, axes, MUL) for f in numer) if numer else "1.0"
+        for d in denom:
+            text += f" / {self._wrap(d, axes, POW)}"
+        return text, MUL
+
+
+class SourceWriter:
+    """Collects lines of generated source; `w(line, indent)` appends one, indented by 4 * indent."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "", indent: int = 1) -> None:
+        self.lines.append(("    " * indent + line) if line else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
