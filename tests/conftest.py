@@ -1,12 +1,21 @@
-"""Shared helpers for the front-end tests: where the specs and LANGUAGE.md live, small shapes."""
+"""Shared helpers for the tests: where the specs and LANGUAGE.md live, small shapes.
+
+Without a GPU every Triton kernel runs in Triton's interpreter, switched on here, before any test
+module imports triton or the project's kernels, so the whole session sees one setting whatever
+order the modules are collected in.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import recurrence_dsl
 from recurrence_dsl.sampling import sample_arguments

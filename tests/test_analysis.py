@@ -90,7 +90,7 @@ def check_every_form(rec, T: int = 37, chunk: int = 16, tol: float = 1e-10):
     args, initial = sample_arguments(rec.checked, sized(rec), 2, T, 2, dtype=torch.float64, seed=5,
                                      with_initial_state=True)
     ref = flat(*rec.reference(*args, initial_state=initial, output_final_state=True))
-    layer = recurrence_dsl.compile(rec, chunk_size=chunk)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=chunk)
     assert set(layer.forms) == set(layer.analysis.forms)
     for form in layer.forms:
         got = flat(*layer(*args, initial_state=initial, output_final_state=True, form=form))
@@ -382,7 +382,7 @@ def test_gated_delta_in_two_statements_is_rank_one_update():
     a = flat(*spec.reference(*args, initial_state=initial, output_final_state=True))
     b = flat(*rec.reference(*args, initial_state=initial, output_final_state=True))
     assert max(rel(x, y) for x, y in zip(b, a, strict=True)) <= 1e-13
-    layer = recurrence_dsl.compile(rec)
+    layer = recurrence_dsl.compile(rec, backend="torch")
     c = flat(*layer(*args, initial_state=initial, output_final_state=True, form="chunked", chunk_size=8))
     assert max(rel(x, y) for x, y in zip(c, a, strict=True)) <= 1e-10
 
@@ -400,7 +400,8 @@ def test_dead_temporary_is_found_and_harmless():
     want = flat(*plain.reference(*args, initial_state=initial, output_final_state=True))
     got = flat(*rec.reference(*args, initial_state=initial, output_final_state=True))
     assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
-    layer, plain_layer = recurrence_dsl.compile(rec, chunk_size=16), recurrence_dsl.compile(plain, chunk_size=16)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=16)
+    plain_layer = recurrence_dsl.compile(plain, backend="torch", chunk_size=16)
     for form in layer.forms:
         got = flat(*layer(*args, initial_state=initial, output_final_state=True, form=form))
         ref = flat(*plain_layer(*args, initial_state=initial, output_final_state=True, form=form))

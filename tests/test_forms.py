@@ -114,7 +114,7 @@ def case(name: str, T: int, dtype: torch.dtype, decay_scale: float = 1.0, seed: 
 def check_against_reference(name, form, chunk, T, dtype, decay_scale=1.0, seed=0):
     rec = SPECS[name]
     args, initial, ref = case(name, T, dtype, decay_scale, seed)
-    layer = recurrence_dsl.compile(rec, chunk_size=chunk)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=chunk)
     out, final = layer(*args, initial_state=initial, output_final_state=True, form=form)
     got = flatten(rec, out, final)
     assert got.keys() == ref.keys()
@@ -222,7 +222,7 @@ def test_cu_seqlens(name, form, chunk, middle, dtype):
         expected[key] = torch.cat([p[key] for p in pieces], dim=dim)
 
     cu = torch.tensor(bounds, dtype=torch.int32)
-    layer = recurrence_dsl.compile(rec, chunk_size=chunk)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=chunk)
     out, final = layer(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu, form=form)
     got = flatten(rec, out, final)
     ref_out, ref_final = rec.reference(*[a.double() for a in args], initial_state=cast_state(initial, F64),
@@ -275,7 +275,7 @@ def check_gradients(name, form, chunk, T, decay_scale=1.0):
     args, initial, ref = case(name, T, F64, decay_scale)
     weights = _weights(ref, seed=11)
     expected = _grads(rec.reference, rec, args, initial, weights)
-    layer = recurrence_dsl.compile(rec, chunk_size=chunk)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=chunk)
     got = _grads(functools.partial(layer, form=form), rec, args, initial, weights)
     errors = {}
     for key, value in expected.items():
@@ -311,7 +311,7 @@ def test_some_forms_are_missing():
 def test_missing_form_raises_with_reason(name, form):
     rec = SPECS[name]
     reason = analyse(rec.checked).unavailable[form]
-    layer = recurrence_dsl.compile(rec)
+    layer = recurrence_dsl.compile(rec, backend="torch")
     args, initial, _ = case(name, 37, F64)
     with pytest.raises(CallError) as info:
         layer(*args, initial_state=initial, form=form)
