@@ -179,6 +179,7 @@ class StateAnalysis:
     indices: tuple[sympy.Symbol, ...] = ()
     diagonal: sympy.Expr | None = None  # d(a, b) for diagonal classes
     injection: sympy.Expr | None = None  # B(a, b)
+    rank_one: tuple[sympy.Expr, sympy.Expr] | None = None  # (beta, k(a)) of a rank-one update
     chunk: ChunkPlan | None = None
     chunk_reason: str = ""
 
@@ -286,7 +287,7 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
             sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
                                f"{name} is updated by (I - beta k k^T) D with beta = {beta}, k = {k}, D = {diagonal}",
                                target, diagonal, const)
-            sa._delta = (beta, k)  # consumed by _plan_chunks
+            sa.rank_one = (beta, k)
             return sa
     return StateAnalysis(name, dims, TransitionClass.GENERAL,
                          f"{name} mixes its rows by {m} (not a diagonal plus a (I - beta k k^T) rank-one update)",
@@ -395,7 +396,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     v_def = Definition(f"v_{sa.name}", (value_idx,), parts[1].xreplace({b: value_idx})) if b is not None else None
     beta = None
     if sa.cls is TransitionClass.RANK_ONE_UPDATE:
-        beta_expr, direction = sa._delta
+        beta_expr, direction = sa.rank_one
         # The injection must point along the update's direction k: B = k(a) y(b).
         ratio = sympy.simplify(k_expr / direction.xreplace({a: key_idx}))
         if key_idx in ratio.free_symbols:
