@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--force", action="store_true", help="overwrite OUT.py even if recurrence_dsl did not "
                       "generate it")
     comp.set_defaults(run=cmd_compile)
+
+    from autotune.cli import add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -9,15 +9,20 @@ recurrent kernel printed from the step IR (`codegen.triton_recurrent`); its
 backward re-runs the matching torch form under autograd. `backend="auto"`
 takes triton for CUDA tensors (or on CPU under TRITON_INTERPRET=1) when triton
 imports, torch otherwise. Compiled layers are cached by spec text, backend,
-form and chunk size.
+form, chunk size and tuning store.
+
+Block sizes come from the tuning store (`autotune/`, filled by `recdsl tune`): when a call gives neither
+`chunk_size=` nor `config=`, the fastest stored config for (spec, device, dtype, shape bucket, form,
+backend) is looked up (once per key and process) and used; with nothing stored, the layer's chunk_size and
+the kernels' own block sizes run. `compile(..., tuning=False)` never looks up.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
-
-import os
 
 from codegen import torch_runtime
 from codegen.dispatch import DecayNotPositive, pick_form, run_forms, with_torch_backward
@@ -45,12 +50,14 @@ def _interpreting() -> bool:
 class CompiledLayer:
     """A recurrence compiled for one backend; call it like the reference."""
 
-    def __init__(self, analysis: Analysis, backend: str, form: str, chunk_size: int):
+    def __init__(self, analysis: Analysis, backend: str, form: str, chunk_size: int, tuning=True):
         self.analysis = analysis
         self.recurrence = analysis.recurrence
         self.backend = backend
         self.form = form
         self.chunk_size = chunk_size
+        # Where calls look their config up: True (the default store), a path or TuningStore, or False (never).
+        self.tuning = tuning
         self.source = PRELUDE + "\n\n" + torch_forms_source(analysis)
         self.forms = self._exec_forms(torch_runtime)
         self._triton_forms: dict | None = None
@@ -96,22 +103,50 @@ class CompiledLayer:
         """The form `auto` runs for a sequence of `length` steps."""
         return pick_form(self.analysis.forms, length, self.chunk_size)
 
-    def __call__(self, *args, form: str | None = None, chunk_size: int | None = None, **kwargs):
+    def tuned_config(self, call, form: str, backend: str) -> tuple[str, dict] | None:
+        """(form, config) from the tuning store for a bound call, or None (nothing stored, or lookups off)."""
+        if self.tuning is False:
+            return None
+        resolved = form if form != "auto" else self.pick_form(call.length)
+        from autotune.lookup import tuned_config_for_call
+
+        config = tuned_config_for_call(self, call, resolved, backend, store=self.tuning)
+        return (resolved, config) if config else None
+
+    def __call__(self, *args, form: str | None = None, chunk_size: int | None = None, config: dict | None = None,
+                 **kwargs):
+        """Run the layer. `config`: a tuning config for the form that runs (say `tune(...).best`); without
+        `chunk_size` and `config`, the best stored config of this call's shape, if any."""
         call = bind_call(self.recurrence, args, kwargs)
         form = form or self.form
         if form != "auto" and form not in self.forms:
             why = self.analysis.unavailable.get(form, f"unknown form; choose from {', '.join(self.forms)} or auto")
             raise CallError(f"{self.name} has no '{form}' form: {why}")
+        if config is not None and chunk_size is not None:
+            raise CallError("give chunk_size or config, not both (a config carries its own chunk_size)")
         chunk = self.chunk_size if chunk_size is None else chunk_size
         if chunk < 1:
             raise CallError(f"chunk_size must be at least 1, got {chunk}")
         backend = self.backend_for(call.device, call.dtype)
+        if config is not None:
+            tuned = (form if form != "auto" else self.pick_form(call.length), config)
+        else:
+            tuned = self.tuned_config(call, form, backend) if chunk_size is None else None
+        forms = None
+        if tuned is not None:
+            from autotune.runner import configured_forms
+
+            try:
+                forms = configured_forms(self, backend, *tuned)
+            except ValueError as err:
+                raise CallError(str(err)) from None
+            chunk = tuned[1].get("chunk_size", chunk)
         if backend == "torch":
-            return run_forms(self.recurrence, self.forms, call, form, chunk)
+            return run_forms(self.recurrence, forms or self.forms, call, form, chunk)
         if call.dtype == torch.float64:
             raise CallError("backend='triton' takes float16, bfloat16 or float32 inputs, got float64; "
                             "use backend='torch' (or 'auto')")
-        forms = self.triton_forms
+        forms = forms or self.triton_forms
         if form != "auto" and form not in forms:
             raise CallError(f"{self.name} has no '{form}' form on the triton backend; it has {', '.join(forms)} "
                             "(use backend='torch' for the others)")
@@ -123,8 +158,12 @@ class CompiledLayer:
 _CACHE: dict[tuple, CompiledLayer] = {}
 
 
-def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int = 64) -> CompiledLayer:
-    """Compile a `Recurrence` (or `CheckedRecurrence`) for `backend`; cached by spec hash."""
+def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int = 64,
+                       tuning=True) -> CompiledLayer:
+    """Compile a `Recurrence` (or `CheckedRecurrence`) for `backend`; cached by spec hash.
+
+    chunk_size: used when no tuned config is stored for a call. tuning: where calls look their config up:
+    True (the default store), a path or an `autotune.TuningStore`, or False (never)."""
     checked = getattr(rec, "checked", rec)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
@@ -132,9 +171,10 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
         raise ValueError("backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    key = (checked.text, checked.source.filename, backend, form, chunk_size)
+    store_key = tuning if isinstance(tuning, bool) else str(getattr(tuning, "path", tuning))
+    key = (checked.text, checked.source.filename, backend, form, chunk_size, store_key)
     if key not in _CACHE:
-        layer = CompiledLayer(analyse(checked), backend, form, chunk_size)
+        layer = CompiledLayer(analyse(checked), backend, form, chunk_size, tuning)
         if form != "auto" and form not in layer.forms:
             raise ValueError(f"{checked.name} has no '{form}' form: "
                              f"{layer.analysis.unavailable.get(form, 'unknown form')}")

@@ -1,0 +1,346 @@
+"""The config space of each (form, backend) and the constraint model that prunes it before anything is timed.
+
+A config is a plain dict of keyword arguments (JSON-able, ints only):
+
+  (chunked, torch)      {"chunk_size"}                                        chunk_size in 16..256
+  (chunked, triton)     {"chunk_size", "block_k", "block_v", "num_warps", "num_stages"}
+                        chunk_size (BT) in 16..64, block_k / block_v in 16..128, num_warps 2/4/8, num_stages 1/2/3
+  (recurrent, triton)   {"num_warps"}                                         1/2/4/8
+
+`config_space(form, backend, problem, limits)` returns every config of the cartesian product, split into the
+ones kept and the ones pruned, each pruned one with the reasons it cannot (or need not) run, in words. The
+tuner only ever offers kept configs to optuna, so a pruned config is never timed. The model, in the spirit of
+FlashRNN's constraint model (hardware limits written as inequalities over the tile sizes), is deliberately
+simple and conservative; every estimate is float32 (the kernels upcast every tile before arithmetic):
+
+- redundancy (hard): the Triton runtime runs BT = min(chunk_size, pow2(T)) and the torch runtime
+  C = min(chunk_size, T), so a chunk_size above the padded length is the same run as chunk_size = padded T;
+  a block_k (block_v) above the padded K (V) of every chunked state only adds masked padding lanes
+  (K < 16 pads to 16, so BK = 16 is always legal).
+- the delta rule (hard): chunked_delta's state program holds whole columns of S, so block_k >= K.
+- shared memory (hard): the tiles a chunked kernel stages through shared memory, BT*BK (q/k) + BK*BV (state)
+  + BT*BV (v/o) + BT*BT (scores), times num_stages (software pipelining keeps that many copies), 4 bytes each,
+  must fit the device's per-block limit: 227 KiB on sm90+ (H100, H200), 163 KiB on sm80 (A100), 99 KiB on
+  anything else (sm86/sm89, and unknown devices).
+- registers (soft): NVIDIA caps a thread at 255 32-bit registers; a tile held in registers is spread over
+  32 * num_warps threads, and more than 128 float32 elements of one kernel's live tiles per thread spills.
+  Chunked: the BK x BV state tile; the BT x BV accumulator plus the BT x BT scores of the output kernel; for
+  the delta rule the BT x BT inverse plus the BT x BK W tile. Recurrent: the whole state (every state tile,
+  each axis padded to a power of two >= 16) lives in registers.
+- idle warps (hard, recurrent only): more threads than state elements leaves whole warps without work.
+
+Soft rules spill rather than fail: when every config that passes the hard rules fails a soft one (a state too
+large for any num_warps), those with the fewest elements per thread are kept, and their `notes` say so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+# -- the raw spaces ----------------------------------------------------------------------------------------
+
+SPACES: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
+    ("chunked", "torch"): {"chunk_size": (16, 32, 64, 128, 256)},
+    ("chunked", "triton"): {
+        "chunk_size": (16, 32, 64),
+        "block_k": (16, 32, 64, 128),
+        "block_v": (16, 32, 64, 128),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1, 2, 3),
+    },
+    ("recurrent", "triton"): {"num_warps": (1, 2, 4, 8)},
+}
+
+FLOAT_BYTES = 4  # every tile is float32 inside the kernels
+REGISTER_TILE_LIMIT = 128  # float32 elements of live tiles per thread before spilling (of 255 registers)
+THREADS_PER_WARP = 32
+KIB = 1024
+
+
+def tunable(form: str, backend: str) -> bool:
+    """Whether (form, backend) has anything to tune."""
+    return (form, backend) in SPACES
+
+
+def _check_tunable(form: str, backend: str) -> None:
+    if not tunable(form, backend):
+        choices = ", ".join(f"{f}/{b}" for f, b in SPACES)
+        raise ValueError(f"nothing to tune for form={form!r}, backend={backend!r}; tunable: {choices}")
+
+
+def pow2_at_least_16(n: int) -> int:
+    """The tile extent of an axis of n lanes (the runtimes' padding rule)."""
+    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def config_key(config: dict) -> str:
+    """A canonical, readable string for a config (sorted keys): the categorical choice optuna sees."""
+    return ",".join(f"{k}={config[k]}" for k in sorted(config))
+
+
+def parse_config_key(key: str) -> dict:
+    """The inverse of `config_key`."""
+    return {k: int(v) for k, v in (part.split("=") for part in key.split(","))} if key else {}
+
+
+def raw_configs(form: str, backend: str) -> list[dict]:
+    """Every config of the cartesian product, before pruning, in a fixed order."""
+    _check_tunable(form, backend)
+    axes = SPACES[(form, backend)]
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def default_config(form: str, backend: str, problem: Problem) -> dict:
+    """What an untuned call runs: compile()'s chunk_size=64 and the Triton runtimes' own defaults.
+
+    A chunk_size above the padded length is clamped to it (the runtimes run that anyway)."""
+    _check_tunable(form, backend)
+    chunk = min(64, pow2_at_least_16(problem.length))
+    if backend == "torch":
+        return {"chunk_size": chunk}
+    if form == "recurrent":
+        return {"num_warps": 4}
+    K = max((s.K for s in problem.chunk_states), default=16)
+    V = max((s.V for s in problem.chunk_states), default=16)
+    delta = any(s.delta for s in problem.chunk_states)
+    bk = pow2_at_least_16(K) if delta else min(64, pow2_at_least_16(K))
+    bv = min(pow2_at_least_16(V), 64 if bk <= 64 else (32 if bk <= 128 else 16))
+    return {"chunk_size": chunk, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": 2}
+
+
+# -- what the model needs to know about a call --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    """One state as the chunked runtime sees it: keys of K lanes, values of V lanes (V = 1 with no value axis)."""
+
+    name: str
+    K: int
+    V: int
+    delta: bool  # a rank-one (delta rule) update: chunked_delta
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes the constraint model reads: the (bucketed) length, the chunked states, the recurrent tile."""
+
+    length: int
+    chunk_states: tuple[ChunkState, ...] = ()
+    state_elements: int = 256  # padded elements of every state tile together (the recurrent kernel's registers)
+
+    @classmethod
+    def from_analysis(cls, analysis, sizes: dict[str, int], length: int) -> Problem:
+        """Read the chunked states (key axis, value axes, delta or not) and the state tiles off an `Analysis`."""
+
+        def extent(d) -> int:
+            return int(sizes[d]) if isinstance(d, str) else int(d)
+
+        chunk_states, elements = [], 0
+        for name, st in analysis.states.items():
+            dims = [extent(d) for d in st.dims]
+            elements += math.prod(pow2_at_least_16(n) for n in dims) if dims else 16
+            plan = st.chunk
+            if plan is None:
+                continue
+            if plan.key_axis is None:
+                K, rest = 1, dims
+            else:
+                K, rest = dims[plan.key_axis], dims[: plan.key_axis] + dims[plan.key_axis + 1 :]
+            V = math.prod(rest) if (rest and plan.v is not None) else 1
+            chunk_states.append(ChunkState(name, K, V, plan.beta is not None))
+        return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements)
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Per-device limits of the constraint model."""
+
+    name: str
+    smem_bytes: int
+    register_tile_limit: int = REGISTER_TILE_LIMIT
+
+
+SM90 = DeviceLimits("sm90 (H100/H200)", 227 * KIB)
+SM80 = DeviceLimits("sm80 (A100)", 163 * KIB)
+OTHER = DeviceLimits("other GPU", 99 * KIB)
+
+
+def limits_for_capability(major: int, minor: int = 0) -> DeviceLimits:
+    """The limits of a CUDA compute capability: 227 KiB sm90+, 163 KiB sm80, 99 KiB otherwise."""
+    if major >= 9:
+        return DeviceLimits(f"sm{major}{minor}", SM90.smem_bytes)
+    if (major, minor) == (8, 0):
+        return DeviceLimits("sm80", SM80.smem_bytes)
+    return DeviceLimits(f"sm{major}{minor}", OTHER.smem_bytes)
+
+
+def device_limits(device=None) -> DeviceLimits:
+    """The limits of a torch device. A CPU (Triton's interpreter) gets sm90's, so its configs stay GPU-legal."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return limits_for_capability(*torch.cuda.get_device_capability(device))
+    return DeviceLimits("cpu, with sm90 limits", SM90.smem_bytes)
+
+
+# -- the rules ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pruned:
+    config: dict
+    reason: str  # every rule it breaks, "; "-separated
+
+
+@dataclass
+class Space:
+    form: str
+    backend: str
+    problem: Problem
+    limits: DeviceLimits
+    configs: list[dict]  # kept, in raw order
+    pruned: list[Pruned]
+    default: dict
+    notes: list[str] = field(default_factory=list)
+
+    def keys(self) -> list[str]:
+        return [config_key(c) for c in self.configs]
+
+    def reason(self, config: dict) -> str | None:
+        """Why `config` was pruned (None when it is kept)."""
+        key = config_key(config)
+        return next((p.reason for p in self.pruned if config_key(p.config) == key), None)
+
+    def summary(self) -> str:
+        limits = f" ({self.limits.name})" if self.backend == "triton" else ""
+        return (f"{self.form}/{self.backend}: {len(self.configs)} of {len(self.configs) + len(self.pruned)} "
+                f"configs kept{limits}")
+
+
+def shared_memory_bytes(config: dict) -> int:
+    """The shared-memory estimate of a chunked Triton config (see the module docstring)."""
+    bt, bk, bv = config["chunk_size"], config["block_k"], config["block_v"]
+    return (bt * bk + bk * bv + bt * bv + bt * bt) * FLOAT_BYTES * max(1, config["num_stages"])
+
+
+def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+    hard, soft = [], []
+    bt, bk, bv, nw = config["chunk_size"], config["block_k"], config["block_v"], config["num_warps"]
+    padded_t = pow2_at_least_16(problem.length)
+    if bt > padded_t:
+        hard.append(f"redundant: chunk_size {bt} > padded T {padded_t} runs BT = {padded_t}, "
+                    f"the same kernel as chunk_size={padded_t}")
+    states = problem.chunk_states
+    if states:
+        pk = max(pow2_at_least_16(s.K) for s in states)
+        pv = max(pow2_at_least_16(s.V) for s in states)
+        if bk > pk:
+            hard.append(f"padding: block_k {bk} > padded K {pk}: lanes beyond K are masked padding")
+        if bv > pv:
+            hard.append(f"padding: block_v {bv} > padded V {pv}: lanes beyond V are masked padding")
+        for s in states:
+            if s.delta and bk < s.K:
+                hard.append(f"delta rule: state {s.name} needs block_k >= K = {s.K} (chunked_delta's state "
+                            f"program holds whole columns of S), got {bk}")
+    smem = shared_memory_bytes(config)
+    if smem > limits.smem_bytes:
+        hard.append(f"shared memory: (BT*BK + BK*BV + BT*BV + BT*BT) * 4 B * {config['num_stages']} stages = "
+                    f"{smem / KIB:g} KiB > {limits.smem_bytes / KIB:g} KiB on {limits.name}")
+    threads = THREADS_PER_WARP * nw
+    limit = limits.register_tile_limit
+    if bk * bv / threads > limit:
+        soft.append(f"registers: the {bk}x{bv} state tile is {bk * bv // threads} float32 per thread "
+                    f"at num_warps={nw} (> {limit})")
+    if (bt * bv + bt * bt) / threads > limit:
+        soft.append(f"registers: the output kernel's {bt}x{bv} accumulator and {bt}x{bt} scores are "
+                    f"{(bt * bv + bt * bt) // threads} float32 per thread at num_warps={nw} (> {limit})")
+    if any(s.delta for s in states) and (bt * bt + bt * bk) / threads > limit:
+        soft.append(f"registers: the delta rule's {bt}x{bt} inverse and {bt}x{bk} W tile are "
+                    f"{(bt * bt + bt * bk) // threads} float32 per thread at num_warps={nw} (> {limit})")
+    return hard, soft
+
+
+def _chunked_torch_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+    c = config["chunk_size"]
+    padded_t = 1 << max(problem.length - 1, 0).bit_length()
+    if c > max(padded_t, 16):
+        return [f"redundant: chunk_size {c} > padded T {padded_t} runs one chunk of T steps, "
+                f"the same as chunk_size={max(padded_t, 16)}"], []
+    return [], []
+
+
+def _recurrent_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+    hard, soft = [], []
+    nw = config["num_warps"]
+    threads = THREADS_PER_WARP * nw
+    n = problem.state_elements
+    if nw > 1 and n < threads:
+        hard.append(f"idle warps: {threads} threads at num_warps={nw} for {n} state elements")
+    if n / threads > limits.register_tile_limit:
+        soft.append(f"registers: the state tiles ({n} elements) are {n // threads} float32 per thread "
+                    f"at num_warps={nw} (> {limits.register_tile_limit})")
+    return hard, soft
+
+
+_RULES = {
+    ("chunked", "torch"): _chunked_torch_rules,
+    ("chunked", "triton"): _chunked_triton_rules,
+    ("recurrent", "triton"): _recurrent_triton_rules,
+}
+
+
+def _pressure(config: dict, form: str, problem: Problem) -> float:
+    """Elements per thread of the largest register tile (to pick the least-spilling configs)."""
+    threads = THREADS_PER_WARP * config["num_warps"]
+    if form == "recurrent":
+        return problem.state_elements / threads
+    bt, bk, bv = config["chunk_size"], config["block_k"], config["block_v"]
+    return max(bk * bv, bt * bv + bt * bt, bt * bt + bt * bk) / threads
+
+
+def check_config(config: dict, form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90) -> str | None:
+    """Why `config` is pruned ("; "-joined reasons, hard and soft), or None when every rule holds."""
+    _check_tunable(form, backend)
+    expected = set(SPACES[(form, backend)])
+    if set(config) != expected:
+        return f"bad config: keys {sorted(config)}, expected {sorted(expected)}"
+    for name, value in config.items():
+        if value not in SPACES[(form, backend)][name]:
+            return f"bad config: {name}={value!r} is not one of {SPACES[(form, backend)][name]}"
+    hard, soft = _RULES[(form, backend)](config, problem, limits)
+    return "; ".join(hard + soft) or None
+
+
+def config_space(form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90) -> Space:
+    """Every config of (form, backend), pruned by the constraint model for `problem` on `limits`."""
+    _check_tunable(form, backend)
+    rule = _RULES[(form, backend)]
+    kept, pruned, soft_only = [], [], []
+    for config in raw_configs(form, backend):
+        hard, soft = rule(config, problem, limits)
+        if not hard and not soft:
+            kept.append(config)
+        else:
+            pruned.append(Pruned(config, "; ".join(hard + soft)))
+            if not hard:
+                soft_only.append(config)
+    notes = []
+    if not kept and soft_only:
+        least = min(_pressure(c, form, problem) for c in soft_only)
+        kept = [c for c in soft_only if _pressure(c, form, problem) == least]
+        keys = {config_key(c) for c in kept}
+        pruned = [p for p in pruned if config_key(p.config) not in keys]
+        notes.append(f"every config spills registers; kept the {len(kept)} with the fewest float32 per thread "
+                     f"({least:g})")
+    return Space(form, backend, problem, limits, kept, pruned, default_config(form, backend, problem), notes)
+
+
+__all__ = [
+    "SPACES", "ChunkState", "DeviceLimits", "Problem", "Pruned", "Space", "check_config", "config_key",
+    "config_space", "default_config", "device_limits", "limits_for_capability", "parse_config_key",
+    "pow2_at_least_16", "raw_configs", "shared_memory_bytes", "tunable",
+]
