@@ -109,22 +109,13 @@ def cmd_tune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m autotune tune ...`, with recdsl's error handling."""
-    from recurrence_dsl.cli import UsageError
-    from recurrence_dsl.errors import CallError, SpecError
+    from recurrence_dsl.cli import run_command
 
     parser = argparse.ArgumentParser(prog="python -m autotune", description="Tune recurrence_dsl layers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_tune_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except SpecError as err:
-        print(err.render(), file=sys.stderr)
-        return 2
-    except (UsageError, FileNotFoundError, CallError) as err:
-        print(f"recdsl {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 __all__ = ["add_tune_parser", "cmd_tune", "main"]

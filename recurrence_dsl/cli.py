@@ -252,9 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args) -> int:
+    """Run a parsed command with recdsl's error handling: spec and usage errors exit 2, never a traceback."""
     try:
         return args.run(args)
     except SpecError as err:
@@ -266,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `recdsl show ... | head`
         sys.stderr.close()
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
