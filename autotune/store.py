@@ -35,6 +35,7 @@ import os
 import platform
 import sqlite3
 import sys
+import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,18 +185,23 @@ class TuningStore:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         try:
             if not self._ready:
-                conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
-                with _transaction(conn):  # (executescript would commit early: one statement at a time)
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        conn.execute(statement)
-                    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
+                _retry_while_locked(lambda: self._create_schema(conn))
                 self._ready = True
             conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+        with _transaction(conn):  # (executescript would commit early: one statement at a time)
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -255,16 +261,37 @@ class TuningStore:
             return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+def _retry_while_locked(action):
+    """Run `action`, retrying while SQLite reports the file locked, for up to the busy timeout.
+
+    SQLite does not call its busy handler where waiting could deadlock, and switching a fresh file to
+    WAL while another process creates it is such a case: the losing side gets "database is locked" at
+    once. Backing off and trying again is the documented remedy.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            message = str(error).lower()
+            if ("locked" not in message and "busy" not in message) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 @contextmanager
 def _transaction(conn: sqlite3.Connection):
     """BEGIN IMMEDIATE (takes the write lock up front, waiting up to the busy timeout) ... COMMIT / ROLLBACK."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def open_store(store=None) -> TuningStore:

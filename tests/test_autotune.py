@@ -227,6 +227,64 @@ def test_concurrent_writers_from_two_processes(tmp_path):
     assert s.best("h", "dev", "float32", "BH=1,T=16", "chunked", "torch") == {"chunk_size": 16, "i": 0}
 
 
+_CREATOR = textwrap.dedent("""
+    import sys, time
+    from autotune.store import TuningStore
+    path, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    while time.time() < start:
+        pass  # spin, not sleep: the processes must reach the fresh file as close together as possible
+    s = TuningStore(path)
+    for i in range(3):
+        s.record("h", "dev", "float32", "b", "chunked", "torch", {"i": i}, 1.0, study=tag)
+""")
+
+
+def test_many_processes_racing_to_create_a_fresh_store(tmp_path):
+    # Switching a new file to WAL while others create it makes SQLite answer "database is locked" without
+    # waiting; the store must back off and retry instead of failing (this once failed CI).
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for round_ in range(4):
+        path = tmp_path / f"race{round_}.sqlite"
+        start = time.time() + 0.5
+        procs = [subprocess.Popen([sys.executable, "-c", _CREATOR, str(path), str(k), str(start)], env=env,
+                                  stderr=subprocess.PIPE, text=True) for k in range(6)]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        s = TuningStore(path)
+        assert s.integrity_check() == "ok"
+        assert s.count() == 6 * 3
+
+
+def test_store_setup_retries_when_sqlite_refuses_to_wait(tmp_path, monkeypatch):
+    # The race above is timing-dependent; this pins the behaviour it needs: a "locked" answer during setup
+    # is retried, any other error is not.
+    real = TuningStore._create_schema
+    refusals = []
+
+    def refuse_twice(conn):
+        if len(refusals) < 2:
+            refusals.append(1)
+            raise store.sqlite3.OperationalError("database is locked")
+        real(conn)
+
+    monkeypatch.setattr(TuningStore, "_create_schema", staticmethod(refuse_twice))
+    s = TuningStore(tmp_path / "t.sqlite")
+    s.record("h", "dev", "float32", "b", "chunked", "torch", {"i": 0}, 1.0)
+    assert len(refusals) == 2 and s.count() == 1
+
+    def broken(conn):
+        refusals.append(1)
+        raise store.sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(TuningStore, "_create_schema", staticmethod(broken))
+    with pytest.raises(store.sqlite3.OperationalError, match="disk I/O"):
+        TuningStore(tmp_path / "u.sqlite").count()
+    assert len(refusals) == 3  # tried once, not retried
+
+
 # -- the tuner ------------------------------------------------------------------------------------------------
 
 GLA_SIZES = {"K": 16, "V": 16}
