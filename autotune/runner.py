@@ -4,7 +4,7 @@ A config is the keyword arguments of `autotune.space` ({"chunk_size": 32} for to
 block_k, block_v, num_warps, num_stages for Triton chunked; num_warps for Triton recurrent). The printed forms
 call their runtime as `_rt.chunked_linear(..., chunk_size=...)` and take no block sizes, so a Triton chunked
 config is bound into the runtime itself (`BoundRuntime`) and the printed forms are executed once more against
-it (`CompiledLayer._exec_forms`, the same source the layer runs); the Triton recurrent launcher takes
+it (`CompiledLayer.forms_over`, the same source the layer runs); the Triton recurrent launcher takes
 `num_warps` directly, through `run_forms`' options. Bound forms are cached per layer and config.
 """
 
@@ -67,7 +67,7 @@ def configured_forms(layer, backend: str, form: str, config: dict) -> dict:
             from codegen.dispatch import with_torch_backward
 
             options = {k: config[k] for k in _TRITON_CHUNKED_OPTIONS}
-            chunked = layer._exec_forms(BoundRuntime(triton_runtime, **options))["chunked"]
+            chunked = layer.forms_over(BoundRuntime(triton_runtime, **options))["chunked"]
             cache[key] = with_torch_backward(chunked, layer.forms["chunked"],
                                              [o.name for o in layer.recurrence.outputs],
                                              [s.name for s in layer.recurrence.states])

@@ -266,7 +266,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         "The spec:\n\n" + "".join(f"    {line}\n" if line else "\n" for line in spec_text.splitlines())
         + '"""\n\n',
         "from __future__ import annotations\n\n",
-        "from dataclasses import dataclass\n\n",
+        "import math\nfrom dataclasses import dataclass\n\n",
         "import torch\nimport torch.nn.functional as F\n",
         _TRITON_IMPORT,
         _section("Calling convention (recurrence_dsl/calling.py)"),

@@ -4,7 +4,11 @@ own leaves, functions and sums (`_p`)."""
 
 from __future__ import annotations
 
+import math
+
 import sympy
+
+from recurrence_dsl.step_ir import to_elementary
 
 # Precedence of printed operators, loosest last: a subexpression is parenthesised when its
 # precedence is below what its context needs.
@@ -43,6 +47,27 @@ class ExprPrinter:
         for d in denom:
             text += f" / {self._wrap(d, axes, POW)}"
         return text, MUL
+
+
+def is_constant(e: sympy.Expr, sizes) -> bool:
+    """Whether `e` reads only numbers and sizes (no input, param, state or free index): a host scalar."""
+    return (not e.has(sympy.Indexed) and all(s.name in sizes for s in e.free_symbols))
+
+
+def constant_source(e: sympy.Expr, rename=lambda name: name) -> str:
+    """Python source of an expression of numbers and sizes (`math.sqrt(K)`, `0.8824969025845955`).
+
+    Sizes are printed through `rename`; the DSL's own functions are spelled in `math` terms."""
+    value = to_elementary(e.doit() if e.has(sympy.Sum) else e)
+    if not value.free_symbols:
+        number = complex(value.evalf())
+        if number.imag != 0 or math.isnan(number.real):
+            return "math.nan"  # log(-1) and the like: nan, as torch computes it
+        if math.isinf(number.real):
+            return "math.inf" if number.real > 0 else "-math.inf"
+        return repr(number.real)
+    renamed = value.xreplace({s: sympy.Symbol(rename(s.name)) for s in value.free_symbols})
+    return sympy.pycode(renamed, fully_qualified_modules=True)
 
 
 class SourceWriter:

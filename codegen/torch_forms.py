@@ -23,7 +23,7 @@ from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.check import SymbolKind
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
-from .printing import SourceWriter
+from .printing import SourceWriter, is_constant
 from .torch_printer import TorchPrinter
 
 
@@ -55,9 +55,15 @@ class TorchFormWriter:
         for p in self.rec.params:
             w(f"{p.name} = {p.name}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
 
-    def _full(self, expr_src: str, sym_dims) -> str:
-        dims = "".join(f", {d}" for d in sym_dims)
-        return f"torch.broadcast_to({expr_src}, (B_, T_, H_{dims}))"
+    def _broadcast(self, printer: TorchPrinter, expr: sympy.Expr, indices, shape: str) -> str:
+        """Source of `expr` as a tensor of `shape`; numbers and sizes (`K ** -0.5`) make a filled one."""
+        if is_constant(expr, self.sizes):
+            return f"{self.rec.inputs[0].name}.new_full({shape}, {printer.print_expr(expr, indices)})"
+        return f"torch.broadcast_to({printer.print_expr(expr, indices)}, {shape})"
+
+    def _full(self, printer: TorchPrinter, expr: sympy.Expr, indices, sym_dims) -> str:
+        """`expr` as a [B, T, H, *sym_dims] tensor."""
+        return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {d}' for d in sym_dims)})")
 
     def _header(self, w: SourceWriter, form: str, extra: str = "") -> None:
         w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
@@ -148,11 +154,11 @@ class TorchFormWriter:
         for s in self._update_order():
             idx, e = updates[s.name]
             dims = "".join(f", {d}" for d in s.dims)
-            w(f"{s.name}{NEW_SUFFIX} = torch.broadcast_to({step_printer.print_expr(e, idx)}, (B_, H_{dims}))", 2)
+            w(f"{s.name}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}", 2)
         for o in self.rec.outputs:
             idx, e = outputs[o.name]
             dims = "".join(f", {d}" for d in o.dims)
-            w(f"{o.name}_steps.append(torch.broadcast_to({step_printer.print_expr(e, idx)}, (B_, H_{dims})))", 2)
+            w(f"{o.name}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})", 2)
         for s in self.rec.states:
             w(f"{s.name} = {s.name}{NEW_SUFFIX}", 2)
         outs = ", ".join(f"'{o.name}': _stack_steps({o.name}_steps, B_, H_, ({''.join(f'{d}, ' for d in o.dims)}), "
@@ -176,10 +182,10 @@ class TorchFormWriter:
         for s in self.rec.states:
             sa = self.a.states[s.name]
             dims = "".join(f", {d}" for d in s.dims)
-            w(f"b_{s.name} = {self._full(printer.print_expr(sa.injection, sa.indices), s.dims)}")
-            if sa.diagonal.is_number:
-                value = float(sa.diagonal)
-                w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value!r})  # a constant decay")
+            w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}")
+            if is_constant(sa.diagonal, self.sizes):
+                value = printer.print_expr(sa.diagonal, sa.indices)
+                w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
             w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
@@ -192,7 +198,7 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             d = self.a.ir.outputs[o.name]
-            w(f"{o.name} = {self._full(out_printer.print_expr(d.expr, d.indices), o.dims)}")
+            w(f"{o.name} = {self._full(out_printer, d.expr, d.indices, o.dims)}")
             outs.append(f"'{o.name}': {o.name}")
         finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
@@ -215,9 +221,9 @@ class TorchFormWriter:
             plan = sa.chunk
             kdim = s.dims[0]
             w(f"# state {s.name}: {sa.cls.value}; {sa.reason}")
-            w(f"k_{s.name} = {self._full(printer.print_expr(plan.k.expr, plan.k.indices), (kdim,))}")
+            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, (kdim,))}")
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer.print_expr(plan.v.expr, plan.v.indices), (s.dims[1],))}")
+                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (s.dims[1],))}")
                 state = f"states['{s.name}']"
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
@@ -225,21 +231,21 @@ class TorchFormWriter:
             decay = "None"
             if plan.log_decay is not None:
                 shape = {"scalar": (), "key": (kdim,), "value": (s.dims[1] if len(s.dims) > 1 else 1,)}
-                src = printer.print_expr(plan.log_decay.expr, plan.log_decay.indices)
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
-                w(f"log_decay_{s.name} = {self._full(src, shape[plan.decay_axis])}")
+                log_decay = self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape[plan.decay_axis])
+                w(f"log_decay_{s.name} = {log_decay}")
                 decay = f"log_decay_{s.name}"
             queries = []
             for r in plan.readouts:
-                w(f"q_{r.name} = {self._full(printer.print_expr(r.query.expr, r.query.indices), (kdim,))}")
+                w(f"q_{r.name} = {self._full(printer, r.query.expr, r.query.indices, (kdim,))}")
                 queries.append(f"(q_{r.name}, {r.exclusive})")
             axis = "None" if plan.decay_axis is None else repr(plan.decay_axis)
             outs = ", ".join(r.name for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.RANK_ONE_UPDATE:
-                w(f"beta_{s.name} = {self._full(printer.print_expr(plan.beta.expr, ()), ())}")
+                w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}")
                 w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
                   f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
             else:
@@ -256,7 +262,7 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             oa = self.a.outputs[o.name]
-            w(f"{o.name} = {self._full(out_printer.print_expr(oa.expr, oa.indices), o.dims)}")
+            w(f"{o.name} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}")
             outs.append(f"'{o.name}': {o.name}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
@@ -276,7 +282,7 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 
 def _require_positive(decay, what, form):
-    if bool((decay <= 0).any()):
+    if not bool((torch.as_tensor(decay) > 0).all()):  # (a float for a decay of sizes only, say 1 - 1 / K)
         raise DecayNotPositive(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
                                "use form='recurrent' or 'scan'")
 '''

@@ -9,6 +9,8 @@ a `sum` over a product of tensors becomes one `torch.einsum`.
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
@@ -18,7 +20,9 @@ from .printing import ATOM as _ATOM
 from .printing import MUL as _MUL
 from .printing import POW as _POW
 from .printing import UNARY as _UNARY
-from .printing import ExprPrinter
+from .printing import ExprPrinter, constant_source, is_constant
+
+_PLAIN_NUMBER = re.compile(r"[0-9.]+(e[+-]?[0-9]+)?")
 
 FUNCTIONS = {
     sympy.exp: "torch.exp",
@@ -80,6 +84,10 @@ class TorchPrinter(ExprPrinter):
     # -- the recursive printer: (source, precedence) ------------------------
 
     def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
+        if not isinstance(e, (sympy.Number, sympy.Symbol)) and is_constant(e, self.sizes):
+            # sqrt(K), exp(-1/8), sigmoid(2.0): a Python float, not a torch call on a non-tensor.
+            text = constant_source(e)
+            return (text if _PLAIN_NUMBER.fullmatch(text) else f"({text})"), _ATOM
         if isinstance(e, sympy.Number):
             text = self._number(e)
             return (f"({text})", _ATOM) if text.startswith("-") else (text, _ATOM)

@@ -52,7 +52,7 @@ from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .kernel_rules import check_kernel_source
-from .printing import SourceWriter
+from .printing import SourceWriter, constant_source
 from .triton_printer import (
     MULTI_USE,
     TritonPrinter,
@@ -127,8 +127,7 @@ class TritonRecurrentWriter:
 
     def _constant(self, e: sympy.Expr) -> sympy.Symbol:
         value = e.doit() if e.has(sympy.Sum) else e
-        renamed = value.xreplace({s: sympy.Symbol(_user(s.name)) for s in value.free_symbols})
-        src = sympy.pycode(renamed, fully_qualified_modules=True)
+        src = constant_source(value, _user)
         key = sympy.srepr(value)
         if key not in self.consts:
             self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src)

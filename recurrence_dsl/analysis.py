@@ -136,12 +136,18 @@ def _split_factors(expr: sympy.Expr, groups: list[set[sympy.Symbol]], index_set:
     return parts, rest
 
 
-def _as_log(coeff: sympy.Expr) -> tuple[sympy.Expr, bool]:
-    """log(coeff), and whether that is exact without a positivity assumption (coeff = exp(x))."""
-    if isinstance(coeff, sympy.exp):
-        return coeff.args[0], True
-    if isinstance(coeff, sympy.Mul) and all(isinstance(f, sympy.exp) for f in coeff.args):
-        return sympy.Add(*[f.args[0] for f in coeff.args]), True
+def _as_log(coeff: sympy.Expr) -> tuple[sympy.Expr, bool] | None:
+    """log(coeff), and whether that is exact without a positivity check at run time (coeff is a product
+    of exp(x) and positive numbers); None when coeff is a number that is not positive."""
+    factors = sympy.Mul.make_args(coeff)
+    numbers = [f for f in factors if f.is_number]
+    if any(not f.is_positive for f in numbers):
+        if len(numbers) == len(factors) or all(isinstance(f, sympy.exp) or f.is_number for f in factors):
+            return None  # a constant <= 0, or one times exp(...): never positive
+        return sympy.log(coeff), False
+    if all(isinstance(f, sympy.exp) or f.is_number for f in factors):
+        logs = [f.args[0] if isinstance(f, sympy.exp) else sympy.Float(float(sympy.log(f).evalf())) for f in factors]
+        return sympy.Add(*logs), True
     return sympy.log(coeff), False
 
 
@@ -289,8 +295,10 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                                target, diagonal, const)
             sa.rank_one = (beta, k)
             return sa
+    other_row = index_symbol(f"{row}'")  # the summed row, shown as i' in m(i, i')
     return StateAnalysis(name, dims, TransitionClass.GENERAL,
-                         f"{name} mixes its rows by {m} (not a diagonal plus a (I - beta k k^T) rank-one update)",
+                         f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
+                         "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
 
 
@@ -412,7 +420,12 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     log_decay = None
     exact = True
     if decay_axis is not None:
-        log_expr, exact = _as_log(sa.diagonal)
+        as_log = _as_log(sa.diagonal)
+        if as_log is None:
+            sa.chunk_reason = (f"the decay {sa.diagonal} of {sa.name} is not positive, and the chunked form "
+                               "works with its logarithm")
+            return
+        log_expr, exact = as_log
         if decay_axis == "key":
             log_decay = Definition(f"log_decay_{sa.name}", (key_idx,), log_expr.xreplace({a: key_idx}))
         elif decay_axis == "value":

@@ -19,6 +19,7 @@ the kernels' own block sizes run. `compile(..., tuning=False)` never looks up.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -59,12 +60,12 @@ class CompiledLayer:
         # Where calls look their config up: True (the default store), a path or TuningStore, or False (never).
         self.tuning = tuning
         self.source = PRELUDE + "\n\n" + torch_forms_source(analysis)
-        self.forms = self._exec_forms(torch_runtime)
+        self.forms = self.forms_over(torch_runtime)
         self._triton_forms: dict | None = None
 
-    def _exec_forms(self, runtime) -> dict:
+    def forms_over(self, runtime) -> dict:
         """The printed forms, executed with `_rt` bound to `runtime` (torch or Triton: the same API)."""
-        namespace = {"torch": torch, "F": F, "_rt": runtime, "DecayNotPositive": DecayNotPositive}
+        namespace = {"math": math, "torch": torch, "F": F, "_rt": runtime, "DecayNotPositive": DecayNotPositive}
         exec(compile(self.source, f"<recurrence_dsl forms of {self.recurrence.name}>", "exec"), namespace)
         name = self.recurrence.name
         return {form: namespace[f"{name}__{'chunked' if form == 'parallel' else form}"]
@@ -82,7 +83,7 @@ class CompiledLayer:
             forms = {"recurrent": with_torch_backward(build_triton_recurrent(self.analysis), self.forms["recurrent"],
                                                       outputs, states)}
             if "chunked" in self.forms:
-                chunked = self._exec_forms(triton_runtime)["chunked"]
+                chunked = self.forms_over(triton_runtime)["chunked"]
                 forms["chunked"] = with_torch_backward(chunked, self.forms["chunked"], outputs, states)
             self._triton_forms = forms
         return self._triton_forms

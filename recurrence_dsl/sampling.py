@@ -10,6 +10,8 @@ unit norm. The rules, read off the body:
 - a symbol inside `log`/`sqrt` is positive;
 - a vector input contracted with a state inside a state update (the key of a
   delta rule) is L2-normalised over its last axis;
+- an input or param multiplying a state directly (a decay written `a[i] * S[i, j]`,
+  not `exp(...)`) lies in (0.5, 0.95): positive, as the chunked forms' logarithm needs;
 - other scalar inputs lie in (0, 1) (gates such as `beta`); everything else is
   standard normal scaled by 1/sqrt(last dim).
 """
@@ -56,9 +58,12 @@ class _Roles:
         self.sign: dict[str, int] = {}
         self.positive: set[str] = set()
         self.unit_keys: set[str] = set()
+        self.decays: set[str] = set()
         states = {s.name for s in rec.states}
         for stmt in rec.statements:
             self.visit(stmt.value, states)
+            if stmt.target.name in states:
+                self.decay_factors(stmt.value, stmt.target.name)
 
     def visit(self, e, states: set[str]) -> None:
         if isinstance(e, ast.Call) and e.func == "exp":
@@ -71,6 +76,19 @@ class _Roles:
                     self.unit_keys.add(name)
         for child in _children(e):
             self.visit(child, states)
+
+    def decay_factors(self, e, state: str) -> None:
+        """Inputs and params in a term `a * S` of the state's own update (not inside sums or calls)."""
+        if isinstance(e, ast.BinOp) and e.op in "+-":
+            self.decay_factors(e.left, state)
+            self.decay_factors(e.right, state)
+        elif isinstance(e, ast.Neg):
+            self.decay_factors(e.operand, state)
+        elif isinstance(e, ast.BinOp) and e.op == "*":
+            factors = _factors(e)
+            if any(isinstance(f, (ast.Name, ast.Indexed)) and f.name == state for f in factors):
+                self.decays |= {f.name for f in factors if isinstance(f, (ast.Name, ast.Indexed))
+                                and f.name in self.kinds}
 
     def signs(self, e, want: int) -> None:
         if isinstance(e, (ast.Name, ast.Indexed)):
@@ -116,6 +134,8 @@ def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, 
             return sign * mag
         if sym.name in roles.positive:
             return 0.1 + torch.rand(shape, generator=gen, dtype=torch.float64)
+        if sym.name in roles.decays:
+            return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64)
         if sym.name in roles.unit_keys and sym.dims:
             return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         if not sym.dims and sym.kind is SymbolKind.INPUT:

@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass
 
 import sympy
+from mpmath.libmp import prec_to_dps
 
 from . import syntax as ast
 from .check import CheckedAssign, CheckedRecurrence, SymbolKind
@@ -23,39 +24,82 @@ from .check import CheckedAssign, CheckedRecurrence, SymbolKind
 NEW_SUFFIX = "__new"
 
 
-class sigmoid(sympy.Function):  # noqa: N801 - sympy function classes are lower-case like exp
+class _NamedFunction(sympy.Function):
+    """A DSL function sympy lacks; `elementary(x)` spells it in sympy's own functions, so that numbers
+    evaluate (`sigmoid(2.0).evalf()`) and constants print as plain Python (`to_elementary`)."""
+
+    @staticmethod
+    def elementary(x: sympy.Expr) -> sympy.Expr:
+        raise NotImplementedError
+
+    def _eval_evalf(self, prec):
+        if self.args[0].is_number:
+            return self.elementary(self.args[0]).evalf(prec_to_dps(prec))
+        return None
+
+
+class sigmoid(_NamedFunction):  # noqa: N801 - sympy function classes are lower-case like exp
     """1 / (1 + exp(-x))."""
+
+    @staticmethod
+    def elementary(x):
+        return 1 / (1 + sympy.exp(-x))
 
     def fdiff(self, argindex=1):
         x = self.args[0]
         return sigmoid(x) * (1 - sigmoid(x))
 
 
-class logsigmoid(sympy.Function):  # noqa: N801
+class logsigmoid(_NamedFunction):  # noqa: N801
+    @staticmethod
+    def elementary(x):
+        return -sympy.log(1 + sympy.exp(-x))
+
     def fdiff(self, argindex=1):
         return sigmoid(-self.args[0])
 
 
-class softplus(sympy.Function):  # noqa: N801
+class softplus(_NamedFunction):  # noqa: N801
+    @staticmethod
+    def elementary(x):
+        return sympy.log(1 + sympy.exp(x))
+
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
 
-class silu(sympy.Function):  # noqa: N801
+class silu(_NamedFunction):  # noqa: N801
+    @staticmethod
+    def elementary(x):
+        return x / (1 + sympy.exp(-x))
+
     def fdiff(self, argindex=1):
         x = self.args[0]
         return sigmoid(x) * (1 + x * (1 - sigmoid(x)))
 
 
-class elu(sympy.Function):  # noqa: N801
+class elu(_NamedFunction):  # noqa: N801
+    @staticmethod
+    def elementary(x):
+        return sympy.Piecewise((x, x > 0), (sympy.exp(x) - 1, True))
+
     def fdiff(self, argindex=1):
         x = self.args[0]
         return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
 
 
-class relu(sympy.Function):  # noqa: N801
+class relu(_NamedFunction):  # noqa: N801
+    @staticmethod
+    def elementary(x):
+        return sympy.Max(x, 0)
+
     def fdiff(self, argindex=1):
         return sympy.Heaviside(self.args[0])
+
+
+def to_elementary(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with the DSL's own functions (sigmoid, softplus, ...) spelled in sympy's."""
+    return expr.replace(lambda e: isinstance(e, _NamedFunction), lambda e: e.elementary(e.args[0]))
 
 
 SYMPY_FUNCTIONS = {

@@ -450,3 +450,68 @@ def test_delta_net_dataflow():
     dot = dataflow.to_dot(graph)
     assert f'"S@t-1" -> "{u}" [label="before update"];' in dot
     assert dot.startswith('digraph "delta_net"')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# numbers and sizes in a body: constant decays, keys, queries, scales (printed as Python floats)
+# ---------------------------------------------------------------------------------------------------------
+
+MATRIX_BODY = """
+recurrence r(q[K], k[K], v[V], g) -> o[V] {{
+    state S[K, V]
+    S[i, j] = {decay} * S[i, j] + {key} * v[j]
+    o[j] = {readout}
+}}
+"""
+CONSTANT_PLACES = {
+    "number decay": dict(decay="0.9", key="k[i]", readout="sum(i, q[i] * S[i, j])"),
+    "rational exp decay": dict(decay="exp(-1 / 8)", key="k[i]", readout="sum(i, q[i] * S[i, j])"),
+    "function of a number": dict(decay="sigmoid(2.0)", key="k[i]", readout="sum(i, q[i] * S[i, j])"),
+    "size decay": dict(decay="(1 - 1 / K)", key="k[i]", readout="sum(i, q[i] * S[i, j])"),
+    "number times exp": dict(decay="0.5 * exp(g)", key="k[i]", readout="sum(i, q[i] * S[i, j])"),
+    "sqrt of a size": dict(decay="exp(g)", key="k[i]", readout="sum(i, q[i] * S[i, j]) / sqrt(K)"),
+    "constant key": dict(decay="exp(g)", key="1", readout="sum(i, q[i] * S[i, j])"),
+    "constant query": dict(decay="exp(g)", key="k[i]", readout="sum(i, S[i, j]) * K ** -0.5"),
+    "softplus of a size": dict(decay="exp(g)", key="k[i] / softplus(K)", readout="sum(i, q[i] * S[i, j])"),
+}
+
+
+@pytest.mark.parametrize("place", sorted(CONSTANT_PLACES))
+def test_numbers_and_sizes_anywhere_in_the_body(place):
+    rec = only(MATRIX_BODY.format(**CONSTANT_PLACES[place]))
+    analysis = analyse(rec.checked)
+    assert {"recurrent", "scan", "chunked", "parallel"} <= set(analysis.forms), analysis.unavailable
+    check_every_form(rec)
+
+
+@pytest.mark.parametrize("decay", ["0.9", "exp(-1 / 8)", "sigmoid(2.0)", "0.5 * exp(g)"])
+def test_a_positive_constant_factor_needs_no_run_time_check(decay):
+    rec = only(MATRIX_BODY.format(decay=decay, key="k[i]", readout="sum(i, q[i] * S[i, j])"))
+    plan = analyse(rec.checked).states["S"].chunk
+    assert plan.decay_exact
+    source = recurrence_dsl.compile(rec, backend="torch").source
+    assert "\n    _require_positive(" not in source  # the prelude defines it; no form calls it
+
+
+@pytest.mark.parametrize("decay", ["-0.5", "-exp(g)", "-0.25 * exp(g)"])
+def test_a_constant_decay_that_is_not_positive_has_no_chunked_form(decay):
+    rec = only(MATRIX_BODY.format(decay=decay, key="k[i]", readout="sum(i, q[i] * S[i, j])"))
+    analysis = analyse(rec.checked)
+    assert "chunked" not in analysis.forms and "parallel" not in analysis.forms
+    assert "not positive" in analysis.unavailable["chunked"]
+    check_every_form(rec)
+
+
+SCALAR_BODY = """
+recurrence r(a) -> y {
+    state c
+    c = sigmoid(a) * c + 1
+    y = c / sqrt(2)
+}
+"""
+
+
+def test_constant_injection_and_scale_of_a_scalar_state():
+    rec = only(SCALAR_BODY)
+    assert "scan" in analyse(rec.checked).forms
+    check_every_form(rec)

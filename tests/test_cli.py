@@ -163,3 +163,51 @@ def test_console_script():
     version = subprocess.run(["recdsl", "--version"], capture_output=True, text=True, timeout=300)
     assert version.returncode == 0
     assert version.stdout.strip() == f"recdsl {recurrence_dsl.__version__}"
+
+
+PLAIN_DECAY = """recurrence plain(q[K], k[K], v[V], a[K]) -> o[V] {
+    state S[K, V]
+    S[i, j] = a[i] * S[i, j] + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+
+def test_a_path_that_raises_is_a_fail_row_not_a_traceback():
+    from recurrence_dsl.validate import check_recurrence, format_report
+
+    rec = recurrence_dsl.load(GLA)["gla"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    report = check_recurrence(rec, {"K": 4, "V": 3}, 1, 6, 2, paths={"reference": rec.reference, "broken": broken})
+    assert not report.ok
+    assert [r.path for r in report.rows if not r.ok] == ["broken"]
+    text = format_report(report)
+    assert "FAIL: RuntimeError: kernel exploded" in text and "Traceback" not in text
+
+
+def test_a_decay_the_inputs_make_non_positive_is_reported_as_skipped(tmp_path):
+    from codegen.dispatch import DecayNotPositive
+    from recurrence_dsl.validate import check_recurrence
+
+    rec = recurrence_dsl.load(PLAIN_DECAY)["plain"]
+
+    def refuses(*args, **kwargs):
+        raise DecayNotPositive("form 'chunked' takes the logarithm of the decay a[i] of S")
+
+    paths = {"reference": rec.reference, "torch/chunked": refuses}
+    report = check_recurrence(rec, {"K": 4, "V": 3}, 1, 6, 2, paths=paths)
+    assert report.ok
+    assert [p for p, _ in report.skipped] == ["torch/chunked"]
+    assert "on these random inputs" in report.skipped[0][1]
+
+
+def test_check_draws_a_plain_decay_positive_so_every_form_runs(tmp_path, capsys):
+    path = tmp_path / "plain.rec"
+    path.write_text(PLAIN_DECAY)
+    code, out, err = _run_cli("check", path, "--shape", "B=1,T=20,H=1,K=4,V=3", "--no-triton", capsys=capsys)
+    assert code == 0, out + err
+    for form in ("recurrent", "scan", "chunked", "parallel"):
+        assert f"torch/{form}" in out and f"torch/{form}    not available" not in out
