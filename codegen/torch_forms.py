@@ -215,22 +215,27 @@ class TorchFormWriter:
         self._unpack_shape(w)
         self._params_to_time(w)
         printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
         readout_names = {}
         for s in self.rec.states:
-            sa = self.a.states[s.name]
+            sa = view.states[s.name]
             plan = sa.chunk
-            kdim = s.dims[0]
+            dims = sa.dims
+            kdim = dims[0]
             w(f"# state {s.name}: {sa.cls.value}; {sa.reason}")
+            if s.name in view.transposed:
+                w(f"# {s.name} is [{', '.join(map(str, s.dims))}] and read along its second axis: the chunked form "
+                  f"runs on its transpose")
             w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, (kdim,))}")
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (s.dims[1],))}")
-                state = f"states['{s.name}']"
+                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[1],))}")
+                state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
                 state = f"states['{s.name}'][..., None]"
             decay = "None"
             if plan.log_decay is not None:
-                shape = {"scalar": (), "key": (kdim,), "value": (s.dims[1] if len(s.dims) > 1 else 1,)}
+                shape = {"scalar": (), "key": (kdim,), "value": (dims[1] if len(dims) > 1 else 1,)}
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
@@ -252,16 +257,18 @@ class TorchFormWriter:
                 w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, "
                   f"{axis}, "
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
+            if s.name in view.transposed:
+                w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")
             if plan.v is None:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")
                 for r in plan.readouts:
                     w(f"{r.name} = {r.name}[..., 0]")
             for r in plan.readouts:
                 readout_names[r.name] = r.name
-        out_printer = TorchPrinter(self.sizes, self.a.ir.ranges, readout_names)
+        out_printer = TorchPrinter(self.sizes, view.ir.ranges, readout_names)
         outs = []
         for o in self.rec.outputs:
-            oa = self.a.outputs[o.name]
+            oa = view.outputs[o.name]
             w(f"{o.name} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}")
             outs.append(f"'{o.name}': {o.name}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)

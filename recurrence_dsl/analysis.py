@@ -207,6 +207,16 @@ class Analysis:
     outputs: dict[str, OutputAnalysis]
     forms: tuple[str, ...]
     unavailable: dict[str, str]  # form -> why not
+    # Where the chunked and parallel forms only exist with some [X, Y] states read as their transposes
+    # (a spec in the papers' S[V, K] convention, contracting the second axis): the analysis of that layout.
+    # Its states and outputs are in the transposed layout; the forms transpose those states in and out.
+    chunk_view: Analysis | None = None
+    transposed: tuple[str, ...] = ()
+
+    @property
+    def chunk_analysis(self) -> Analysis:
+        """The analysis the chunked and parallel forms are built from (this one, or its transposed view)."""
+        return self.chunk_view if self.chunk_view is not None else self
 
     @property
     def cls(self) -> TransitionClass:
@@ -440,14 +450,66 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _no_scan_reason(states: dict[str, StateAnalysis]) -> str:
+    return "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition ({s.reason})"
+                     for s in states.values() if s.cls not in _DIAGONAL)
+
+
+def _transpose_states(ir: StepIR, names: set[str]) -> StepIR:
+    """The same step with each named [X, Y] state stored as its [Y, X] transpose (every read and update)."""
+    bases = {sympy.IndexedBase(n) for n in names} | {sympy.IndexedBase(n + NEW_SUFFIX) for n in names}
+
+    def swap(e: sympy.Expr) -> sympy.Expr:
+        return e.replace(lambda x: isinstance(x, sympy.Indexed) and x.base in bases and len(x.indices) == 2,
+                         lambda x: x.base[x.indices[1], x.indices[0]])
+
+    def definition(d: Definition, flip: bool) -> Definition:
+        return Definition(d.name, tuple(reversed(d.indices)) if flip else d.indices, swap(d.expr))
+
+    return StepIR(tuple(definition(d, d.name in names) for d in ir.statements),
+                  {n: definition(d, n in names) for n, d in ir.updates.items()},
+                  {n: definition(d, False) for n, d in ir.outputs.items()}, ir.ranges, ir.sizes)
+
+
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
+    analysis = _analyse_ir(rec, ir, {s.name: s.dims for s in rec.states})
+    if "chunked" in analysis.forms:
+        return analysis
+    # No chunked form as written: try the matrix states the other way round (S[V, K] read as sum(j, q[j] S[i, j])).
+    flip = {s.name for s in rec.states if len(s.dims) == 2
+            and (analysis.states[s.name].chunk is None or analysis.states[s.name].cls is TransitionClass.GENERAL
+                 or any(o.residual_state for o in analysis.outputs.values()))}
+    if not flip:
+        return analysis
+    dims = {s.name: tuple(reversed(s.dims)) if s.name in flip else s.dims for s in rec.states}
+    view = _analyse_ir(rec, _transpose_states(ir, flip), dims)
+    if "chunked" not in view.forms:
+        return analysis
+    view.transposed = tuple(sorted(flip))
+    states = dict(analysis.states)
+    for name in flip:
+        if states[name].cls is TransitionClass.GENERAL:
+            # Column mixing as written is row mixing of the transpose: say what it is.
+            sa = view.states[name]
+            states[name] = StateAnalysis(name, states[name].dims, sa.cls, f"{sa.reason}, as {name}^T", sa.indices,
+                                         sa.diagonal, sa.injection, sa.rank_one)
+    forms = [f for f in FORMS if f in analysis.forms or (f in ("chunked", "parallel") and f in view.forms)]
+    unavailable = {f: why for f, why in analysis.unavailable.items() if f not in forms}
+    if "scan" in unavailable:
+        unavailable["scan"] = _no_scan_reason(states)
+    if "parallel" not in forms and "parallel" in view.unavailable:
+        unavailable["parallel"] = view.unavailable["parallel"]
+    return Analysis(rec, ir, states, analysis.outputs, tuple(forms), unavailable, view, view.transposed)
+
+
+def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> Analysis:
     state_names = {s.name for s in rec.states} | {s.name + NEW_SUFFIX for s in rec.states}
     states = {}
     for sym in rec.states:
         # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
-        sa = _classify_state(ir, sym.name, sym.dims, state_names)
+        sa = _classify_state(ir, sym.name, dims[sym.name], state_names)
         _plan_chunks(ir, sa)
         states[sym.name] = sa
     counter = [0]
@@ -455,10 +517,8 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
 
     unavailable: dict[str, str] = {}
     forms = ["recurrent"]
-    not_diag = [s for s in states.values() if s.cls not in _DIAGONAL]
-    if not_diag:
-        unavailable["scan"] = "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition ({s.reason})"
-                                        for s in not_diag)
+    if any(s.cls not in _DIAGONAL for s in states.values()):
+        unavailable["scan"] = _no_scan_reason(states)
     else:
         forms.append("scan")
     why_not_chunked = [s.chunk_reason for s in states.values() if s.chunk is None]

@@ -75,19 +75,26 @@ def explain(analysis: Analysis) -> str:
     """The derived forms of one recurrence as mathematics a reader can check."""
     rec = analysis.recurrence
     lines = [f"recurrence {rec.name}: class {analysis.cls.value}; forms: {', '.join(analysis.forms)}"]
+    view = analysis.chunk_analysis
     for name, sa in analysis.states.items():
         update = analysis.ir.updates[name]
         lines.append(f"  state {name}{_idx(update.indices)}: {sa.cls.value} -- {sa.reason}")
         step = _text(update.expr).replace(name + "[", name + "_(t-1)[")
         lines.append(f"    step: {name}_t{_idx(update.indices)} = {step}")
+        if name in view.transposed:
+            update = view.ir.updates[name]
+            lines.append(f"    chunked as {name}^T, read along its first axis: "
+                         f"{name}^T_t{_idx(update.indices)} = {_text(update.expr).replace(name + '[', name + '^T[')}")
+        sa = view.states[name]
         if sa.chunk is not None:
             lines.extend(_chunk_lines(sa, sa.chunk))
+        shown = f"{name}^T" if name in view.transposed else name
         for r in (sa.chunk.readouts if sa.chunk else []):
-            when = f"{name}_(t-1)" if r.exclusive else f"{name}_t"
+            when = f"{shown}_(t-1)" if r.exclusive else f"{shown}_t"
             value = f"[{r.value_index}]" if r.value_index is not None else ""
             axes = "a" + (f", {r.value_index}" if r.value_index is not None else "")
             lines.append(f"    readout {_text(r.name)}{value} = sum_a ({_text(r.query.expr)}) * {when}[{axes}]")
-    for name, oa in analysis.outputs.items():
+    for name, oa in view.outputs.items():
         lines.append(f"  output {name}{_idx(oa.indices)} = {_text(oa.expr)}")
     for form, why in analysis.unavailable.items():
         lines.append(f"  no {form} form: {why}")

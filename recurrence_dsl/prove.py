@@ -134,13 +134,16 @@ def _chunked(inst: _Instance, chunk: int):
     """The chunked formulas of DESIGN.md, chunk by chunk, with the state passed between chunks."""
     readouts: list[dict] = [dict() for _ in range(inst.steps)]
     finals = {}
+    view = inst.a.chunk_analysis  # states in `view.transposed` are chunked as their transposes
     for s in inst.rec.states:
-        sa = inst.a.states[s.name]
+        sa = view.states[s.name]
         plan = sa.chunk
-        kdim = inst.dims(s.dims)[0]
-        vdim = inst.dims(s.dims)[1] if len(s.dims) == 2 else 1
+        flip = s.name in view.transposed
+        kdim = inst.dims(sa.dims)[0]
+        vdim = inst.dims(sa.dims)[1] if len(sa.dims) == 2 else 1
         init = inst.initial()[s.name]
-        S0 = sympy.Matrix(kdim, vdim, lambda a, b: init[(a, b)] if len(s.dims) == 2 else init[(a,)])
+        S0 = sympy.Matrix(kdim, vdim, lambda a, b: (init[(b, a)] if flip else init[(a, b)]) if len(s.dims) == 2
+                          else init[(a,)])
 
         def vec(d, t, n):
             values = inst.definition(d, t, {})
@@ -218,8 +221,8 @@ def _chunked(inst: _Instance, chunk: int):
                 Mk, Mv = decay(gk[last] - gk[src], gv[last] - gv[src])
                 S_end += Mk * ks[src] * vs[src].T * Mv
             S0 = S_end
-        finals[s.name] = ({(a, b): S0[a, b] for a in range(kdim) for b in range(vdim)} if len(s.dims) == 2
-                          else {(a,): S0[a, 0] for a in range(kdim)})
+        finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}
+                          if len(s.dims) == 2 else {(a,): S0[a, 0] for a in range(kdim)})
     outputs = []
     for t in range(inst.steps):
         env = {}
@@ -228,14 +231,14 @@ def _chunked(inst: _Instance, chunk: int):
                          or _has_value_axis(inst, name) else {(): value[0, 0]})
         step = {}
         for o in inst.rec.outputs:
-            oa = inst.a.outputs[o.name]
+            oa = view.outputs[o.name]
             step[o.name] = {c: inst.evaluate(oa.expr, dict(zip(oa.indices, c)), t, env) for c in inst.cells(o.dims)}
         outputs.append(step)
     return outputs, finals
 
 
 def _has_value_axis(inst: _Instance, readout: str) -> bool:
-    for oa in inst.a.outputs.values():
+    for oa in inst.a.chunk_analysis.outputs.values():
         for r in oa.readouts:
             if r.name == readout:
                 return r.value_index is not None

@@ -515,3 +515,56 @@ def test_constant_injection_and_scale_of_a_scalar_state():
     rec = only(SCALAR_BODY)
     assert "scan" in analyse(rec.checked).forms
     check_every_form(rec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the papers' S[V, K] convention: a state read along its second axis is chunked as its transpose
+# ---------------------------------------------------------------------------------------------------------
+
+TRANSPOSED = {
+    "delta_net": ("""
+recurrence r(q[K], k[K], v[V], beta) -> o[V] {
+    state S[V, K]
+    u[i] = v[i] - sum(j, S[i, j] * k[j])
+    S[i, j] = S[i, j] + beta * u[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}
+""", TC.RANK_ONE_UPDATE),
+    "gated_delta_net": ("""
+recurrence r(q[K], k[K], v[V], beta, g) -> o[V] {
+    state S[V, K]
+    S[i, j] = exp(g) * (S[i, j] - beta * sum(m, S[i, m] * k[m]) * k[j]) + beta * v[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}
+""", TC.RANK_ONE_UPDATE),
+    "gla": ("""
+recurrence r(q[K], k[K], v[V], g[K]) -> o[V] {
+    state S[V, K]
+    S[i, j] = exp(g[j]) * S[i, j] + v[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j]) + sum(j, S[i, j] * k[j])
+}
+""", TC.DIAGONAL_COL),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPOSED))
+def test_a_state_read_along_its_second_axis_is_chunked_as_its_transpose(name):
+    from recurrence_dsl.prove import prove
+
+    text, cls = TRANSPOSED[name]
+    rec = only(text)
+    analysis = analyse(rec.checked)
+    assert analysis.cls is cls, analysis.states["S"].reason
+    assert "chunked" in analysis.forms and analysis.transposed == ("S",)
+    assert analysis.chunk_analysis.states["S"].dims == ("K", "V")  # the view holds S^T
+    check_every_form(rec)
+    for chunk in (8, 64):  # several chunks and a partial one; one chunk holding everything
+        check_every_form(rec, chunk=chunk)
+    assert all(r.proved for r in prove(analysis)), [r for r in prove(analysis) if not r.proved]
+    layer = recurrence_dsl.compile(rec, backend="torch")
+    assert "states['S'].transpose(-1, -2)" in layer.source
+
+
+def test_a_state_chunkable_as_written_is_not_transposed():
+    analysis = analyse(SPECS["gla"].checked)
+    assert analysis.transposed == () and analysis.chunk_view is None and analysis.chunk_analysis is analysis

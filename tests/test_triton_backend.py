@@ -450,3 +450,42 @@ def test_report_worst_errors():
     """Runs last: the worst relative error per (dtype, form, length or cu_seqlens) seen above (pytest -s)."""
     for bucket, err in sorted(WORST.items()):
         print(f"worst relative error {bucket}: {err:.3e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A state in the papers' S[V, K] layout: the Triton chunked form runs on its transpose
+# ---------------------------------------------------------------------------------------------------------------
+
+PAPER_LAYOUT = {
+    "delta_net": """recurrence r(q[K], k[K], v[V], beta) -> o[V] {
+    state S[V, K]
+    u[i] = v[i] - sum(j, S[i, j] * k[j])
+    S[i, j] = S[i, j] + beta * u[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}""",
+    "gla": """recurrence r(q[K], k[K], v[V], g[K]) -> o[V] {
+    state S[V, K]
+    S[i, j] = exp(g[j]) * S[i, j] + v[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_LAYOUT))
+@pytest.mark.parametrize("T,dtype,lengths", [(63, F32, None), (200, F16, None), (70, F32, (20, 37, 13))])
+def test_paper_layout_state_through_the_triton_chunked_form(name, T, dtype, lengths):
+    rec = recurrence_dsl.load(PAPER_LAYOUT[name])["r"]
+    layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16)
+    assert "chunked" in layer.triton_forms and layer.analysis.transposed == ("S",)
+    sizes = {"K": 48, "V": 32}  # different sizes, so a layout mix-up cannot go unnoticed
+    cu = None if lengths is None else cu_of(lengths)
+    args64, init64 = sample_arguments(rec.checked, sizes, 1, T, 2, dtype=F64, seed=T, with_initial_state=True,
+                                      rows=None if lengths is None else len(lengths))
+    args = [a.to(dtype) for a in args64]
+    init = init64.to(F32)
+    ref_out, ref_final = rec.reference(*[a.to(F64) for a in args], initial_state=init.to(F64),
+                                       output_final_state=True, cu_seqlens=cu)
+    out, final = layer(*args, initial_state=init, output_final_state=True, cu_seqlens=cu, form="chunked")
+    assert out.shape == ref_out.shape and final.shape == ref_final.shape == init.shape
+    errors = (rel(out, ref_out), rel(final, ref_final))
+    assert max(errors) <= TOL[dtype], (name, T, dtype, errors)
