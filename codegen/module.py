@@ -19,9 +19,12 @@ import re
 import tempfile
 from pathlib import Path
 
+import torch
+
 import recurrence_dsl
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.check import CheckedRecurrence
+from recurrence_dsl.errors import SpecError
 
 from . import dispatch, torch_runtime
 from .kernel_rules import check_kernel_source
@@ -298,7 +301,51 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         parts.append(_entry_points(a))
     text = "".join(parts).rstrip("\n") + "\n"
     check_kernel_source(text)
+    _check_names(text, analyses)
     return text
+
+
+# Attributes the generated nn.Module sets or inherits besides its params.
+_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "form", "backend", "chunk_size"}
+
+
+def _check_names(text: str, analyses: list[Analysis]) -> None:
+    """The entry points keep the spec's names (callers pass inputs by name), so a spec name that would shadow
+    what the generated module itself uses is a spec error, reported where the name is declared."""
+    tree = ast.parse(text)
+    bound: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, ast.Assign):
+            names = [n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            bound[name] = bound.get(name, 0) + 1
+    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for a in analyses:
+        rec = a.recurrence
+        for name in (rec.name, _class_name(rec.name)):
+            if bound.get(name, 0) > 1:
+                what = f"recurrence name '{name}'" if name == rec.name else f"module class '{name}' of '{rec.name}'"
+                raise SpecError(f"the {what} clashes with another '{name}' of the generated module", rec.span,
+                                rec.source, hint="rename the recurrence")
+        user = {s.name for s in rec.inputs + rec.params}
+        functions = [defs[rec.name]] + [f for f in defs[_class_name(rec.name)].body if isinstance(f, ast.FunctionDef)]
+        for fn in functions:
+            needed = {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            needed |= {n.value.id for n in ast.walk(fn)
+                       if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+            for name in sorted(user & needed):
+                raise SpecError(f"'{name}' would hide '{name}' in the generated module's {fn.name}()",
+                                rec.symbol(name).span, rec.source, hint=f"rename it, say '{name}_'")
+        for p in rec.params:
+            if p.name in _MODULE_ATTRIBUTES:
+                raise SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the generated "
+                                "torch.nn.Module", p.span, rec.source, hint=f"rename it, say '{p.name}_'")
 
 
 class OverwriteError(Exception):

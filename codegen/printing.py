@@ -4,11 +4,12 @@ own leaves, functions and sums (`_p`)."""
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import math
+import re
 
 import sympy
-
-from recurrence_dsl.step_ir import to_elementary
 
 # Precedence of printed operators, loosest last: a subexpression is parenthesised when its
 # precedence is below what its context needs.
@@ -49,6 +50,20 @@ class ExprPrinter:
         return text, MUL
 
 
+# Identifiers the generated torch code defines or reads itself (form functions and the module around them).
+_GENERATED = {"torch", "F", "math", "states", "chunk_size", "B_", "T_", "H_", "t", "_rt", "DecayNotPositive",
+              "triton", "tl", "HAVE_TRITON", "dataclass", "annotations"}
+_GENERATED_PATTERN = re.compile(r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final)_.*|.*(_t|_steps|__new)|_.*")
+
+
+def py_name(name: str) -> str:
+    """The Python identifier generated code uses for a spec's name: the name itself, or with a trailing
+    underscore where it would shadow something the generated code uses (`t`, `states`, `F`, `max`, `P0`)."""
+    if name in _GENERATED or hasattr(builtins, name) or keyword.iskeyword(name) or _GENERATED_PATTERN.fullmatch(name):
+        return name + "_"
+    return name
+
+
 def is_constant(e: sympy.Expr, sizes) -> bool:
     """Whether `e` reads only numbers and sizes (no input, param, state or free index): a host scalar."""
     return (not e.has(sympy.Indexed) and all(s.name in sizes for s in e.free_symbols))
@@ -58,6 +73,8 @@ def constant_source(e: sympy.Expr, rename=lambda name: name) -> str:
     """Python source of an expression of numbers and sizes (`math.sqrt(K)`, `0.8824969025845955`).
 
     Sizes are printed through `rename`; the DSL's own functions are spelled in `math` terms."""
+    from recurrence_dsl.step_ir import to_elementary  # (here: recurrence_dsl imports this module)
+
     value = to_elementary(e.doit() if e.has(sympy.Sum) else e)
     if not value.free_symbols:
         number = complex(value.evalf())

@@ -23,7 +23,7 @@ from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.check import SymbolKind
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
-from .printing import SourceWriter, is_constant
+from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
 
 
@@ -42,8 +42,11 @@ class TorchFormWriter:
         self.fn = self.rec.name
         self.sizes = set(self.rec.sizes)
         self.state_names = {s.name for s in self.rec.states} | {s.name + NEW_SUFFIX for s in self.rec.states}
-        self.args = [s.name for s in self.rec.inputs + self.rec.params]
-        self.signature = ", ".join(self.args + ["states"] + list(self.rec.sizes))
+        # Python names of the spec's names (a trailing _ where one would shadow a name the code uses).
+        self.py = {n: py_name(n) for n in [s.name for s in self.rec.inputs + self.rec.params + self.rec.states
+                                            + self.rec.outputs] + list(self.rec.sizes)}
+        self.args = [self.py[s.name] for s in self.rec.inputs + self.rec.params]
+        self.signature = ", ".join(self.args + ["states"] + [self.py[n] for n in self.rec.sizes])
 
     # -- shared pieces ------------------------------------------------------
 
@@ -53,23 +56,27 @@ class TorchFormWriter:
     def _params_to_time(self, w: SourceWriter) -> None:
         """Params [H, ...] -> [1, 1, H, ...] so they broadcast against per-step tensors [B, T, H, ...]."""
         for p in self.rec.params:
-            w(f"{p.name} = {p.name}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
+            w(f"{self.py[p.name]} = {self.py[p.name]}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
 
     def _broadcast(self, printer: TorchPrinter, expr: sympy.Expr, indices, shape: str) -> str:
         """Source of `expr` as a tensor of `shape`; numbers and sizes (`K ** -0.5`) make a filled one."""
         if is_constant(expr, self.sizes):
-            return f"{self.rec.inputs[0].name}.new_full({shape}, {printer.print_expr(expr, indices)})"
+            return f"{self.py[self.rec.inputs[0].name]}.new_full({shape}, {printer.print_expr(expr, indices)})"
         return f"torch.broadcast_to({printer.print_expr(expr, indices)}, {shape})"
 
     def _full(self, printer: TorchPrinter, expr: sympy.Expr, indices, sym_dims) -> str:
         """`expr` as a [B, T, H, *sym_dims] tensor."""
-        return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {d}' for d in sym_dims)})")
+        return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {self._dim(d)}' for d in sym_dims)})")
 
     def _header(self, w: SourceWriter, form: str, extra: str = "") -> None:
         w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
 
+    def _dim(self, d) -> str:
+        """A dimension (a size name or a number) as Python source."""
+        return self.py.get(d, d) if isinstance(d, str) else str(d)
+
     def _unpack_shape(self, w: SourceWriter) -> None:
-        first = self.rec.inputs[0].name
+        first = self.py[self.rec.inputs[0].name]
         w(f"B_, T_, H_ = {first}.shape[:3]")
 
     # -- recurrent ------------------------------------------------------------
@@ -97,7 +104,10 @@ class TorchFormWriter:
             key = sympy.srepr(e)
             if key not in table:
                 idx = tuple(sorted((s for s in e.free_symbols if s in self.a.ir.ranges), key=lambda s: s.name))
-                table[key] = (f"P{next(counter)}", idx, e)
+                name = f"P{next(counter)}"
+                while name in self.py:  # a spec may name something P0 itself
+                    name = f"P{next(counter)}"
+                table[key] = (name, idx, e)
             name, idx, _ = table[key]
             return sympy.IndexedBase(name)[idx] if idx else sympy.Symbol(name)
 
@@ -123,7 +133,8 @@ class TorchFormWriter:
         counter = itertools.count()
         updates = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.updates.items()}
         outputs = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.outputs.items()}
-        time_printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        py = self.py
+        time_printer = TorchPrinter(self.sizes, self.a.ir.ranges, py)
         if table:
             w("# Hoisted: state-free subexpressions, computed once for all steps.")
         for name, idx, e in table.values():
@@ -140,30 +151,33 @@ class TorchFormWriter:
             used |= {str(n.base) for n in e.atoms(sympy.Indexed)} | {n.name for n in e.atoms(sympy.Symbol)}
         per_step = [n for n in per_step if n in used]
         constant = [n for n in constant if n in used]
-        names = {n: f"{n}_t" for n in per_step + constant}
+        names = {**py, **{n: f"{py.get(n, n)}_t" for n in per_step + constant}}
+        for s in self.rec.states:
+            names[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
         for n in constant:
-            w(f"{n}_t = {n}[:, 0]  # the same at every step")
+            w(f"{names[n]} = {py.get(n, n)}[:, 0]  # the same at every step")
         step_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
         for s in self.rec.states:
-            w(f"{s.name} = states['{s.name}']")
+            w(f"{py[s.name]} = states['{s.name}']")
         for o in self.rec.outputs:
-            w(f"{o.name}_steps = []")
+            w(f"{py[o.name]}_steps = []")
         w("for t in range(T_):")
         for n in per_step:
-            w(f"{n}_t = {n}[:, t]", 2)
+            w(f"{names[n]} = {py.get(n, n)}[:, t]", 2)
         for s in self._update_order():
             idx, e = updates[s.name]
-            dims = "".join(f", {d}" for d in s.dims)
-            w(f"{s.name}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}", 2)
+            dims = "".join(f", {self._dim(d)}" for d in s.dims)
+            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}", 2)
         for o in self.rec.outputs:
             idx, e = outputs[o.name]
-            dims = "".join(f", {d}" for d in o.dims)
-            w(f"{o.name}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})", 2)
+            dims = "".join(f", {self._dim(d)}" for d in o.dims)
+            w(f"{py[o.name]}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})", 2)
         for s in self.rec.states:
-            w(f"{s.name} = {s.name}{NEW_SUFFIX}", 2)
-        outs = ", ".join(f"'{o.name}': _stack_steps({o.name}_steps, B_, H_, ({''.join(f'{d}, ' for d in o.dims)}), "
-                         f"{self.rec.inputs[0].name})" for o in self.rec.outputs)
-        finals = ", ".join(f"'{s.name}': {s.name}" for s in self.rec.states)
+            w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 2)
+        outs = ", ".join(f"'{o.name}': _stack_steps({py[o.name]}_steps, B_, H_, "
+                         f"({''.join(f'{self._dim(d)}, ' for d in o.dims)}), {py[self.rec.inputs[0].name]})"
+                         for o in self.rec.outputs)
+        finals = ", ".join(f"'{s.name}': {py[s.name]}" for s in self.rec.states)
         w(f"return {{{outs}}}, {{{finals}}}")
         return w.text()
 
@@ -177,11 +191,11 @@ class TorchFormWriter:
         w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
         self._unpack_shape(w)
         self._params_to_time(w)
-        printer = TorchPrinter(self.sizes, self.a.ir.ranges)
-        names = {}
+        printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
+        names = dict(self.py)
         for s in self.rec.states:
             sa = self.a.states[s.name]
-            dims = "".join(f", {d}" for d in s.dims)
+            dims = "".join(f", {self._dim(d)}" for d in s.dims)
             w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}")
             if is_constant(sa.diagonal, self.sizes):
                 value = printer.print_expr(sa.diagonal, sa.indices)
@@ -198,8 +212,8 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             d = self.a.ir.outputs[o.name]
-            w(f"{o.name} = {self._full(out_printer, d.expr, d.indices, o.dims)}")
-            outs.append(f"'{o.name}': {o.name}")
+            w(f"{self.py[o.name]} = {self._full(out_printer, d.expr, d.indices, o.dims)}")
+            outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return w.text()
@@ -214,9 +228,9 @@ class TorchFormWriter:
         w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
         self._unpack_shape(w)
         self._params_to_time(w)
-        printer = TorchPrinter(self.sizes, self.a.ir.ranges)
+        printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
         view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
-        readout_names = {}
+        readout_names = dict(self.py)
         for s in self.rec.states:
             sa = view.states[s.name]
             plan = sa.chunk
@@ -269,8 +283,8 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
-            w(f"{o.name} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}")
-            outs.append(f"'{o.name}': {o.name}")
+            w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}")
+            outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return w.text()

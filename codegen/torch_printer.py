@@ -86,7 +86,7 @@ class TorchPrinter(ExprPrinter):
     def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
         if not isinstance(e, (sympy.Number, sympy.Symbol)) and is_constant(e, self.sizes):
             # sqrt(K), exp(-1/8), sigmoid(2.0): a Python float, not a torch call on a non-tensor.
-            text = constant_source(e)
+            text = constant_source(e, self.name)
             return (text if _PLAIN_NUMBER.fullmatch(text) else f"({text})"), _ATOM
         if isinstance(e, sympy.Number):
             text = self._number(e)
@@ -95,7 +95,7 @@ class TorchPrinter(ExprPrinter):
             return self._place(self.name(str(e.base)), tuple(e.indices), axes), _ATOM
         if isinstance(e, sympy.Symbol):
             if e.name in self.sizes:
-                return e.name, _ATOM
+                return self.name(e.name), _ATOM
             if e in self.ranges:
                 raise ValueError(f"index {e} used as a value")
             return self._place(self.name(e.name), (), axes), _ATOM

@@ -9,6 +9,7 @@ offending token.
 from __future__ import annotations
 
 import enum
+import keyword
 from dataclasses import dataclass, field, replace
 
 from . import syntax as ast
@@ -78,11 +79,25 @@ class CheckedRecurrence:
         raise KeyError(name)
 
 
+# Keyword arguments of a layer's call (LANGUAGE.md's calling convention and `compile`'s layers): an input or
+# param of one of these names could not be passed by name.
+CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "form", "backend", "chunk_size",
+                           "config"})
+
+
+def _check_python_name(name: str, span: Span, source: Source) -> None:
+    """Names become Python identifiers in generated code; Python's own keywords cannot."""
+    if keyword.iskeyword(name):
+        raise SpecError(f"'{name}' is a Python keyword and cannot name anything in a spec", span, source,
+                        hint=f"rename it, say '{name}_'")
+
+
 def check_program(program: ast.Program) -> list[CheckedRecurrence]:
     """Check every recurrence of a program; two recurrences may not share a name."""
     seen: dict[str, ast.RecurrenceSyntax] = {}
     checked = []
     for rec in program.recurrences:
+        _check_python_name(rec.name, rec.name_span, program.source)
         if rec.name in seen:
             first = seen[rec.name].name_span
             raise SpecError(f"recurrence '{rec.name}' is defined twice", rec.name_span, program.source,
@@ -107,6 +122,11 @@ class _Checker:
     # -- declarations -------------------------------------------------
 
     def declare(self, decl: ast.Decl, kind: SymbolKind) -> Symbol:
+        _check_python_name(decl.name, decl.span, self.source)
+        if kind in (SymbolKind.INPUT, SymbolKind.PARAM) and decl.name in CALL_KEYWORDS:
+            raise self.error(f"'{decl.name}' is a keyword of every layer's call ({decl.name}=...), so "
+                             f"{_a(kind.value)} cannot have that name", decl.span,
+                             hint=f"rename it, say '{decl.name}_'")
         if decl.name in self.symbols:
             first = self.symbols[decl.name]
             raise self.error(f"'{decl.name}' is declared twice", decl.span,
@@ -117,6 +137,7 @@ class _Checker:
         dims = []
         for dim in decl.dims:
             if isinstance(dim.size, str):
+                _check_python_name(dim.size, dim.span, self.source)
                 if dim.size in self.symbols:
                     raise self.error(f"'{dim.size}' names {_a(self.symbols[dim.size].kind.value)} "
                                      "and cannot also be a size", dim.span)
@@ -162,6 +183,8 @@ class _Checker:
                                      hint=f"first assigned at line {first.line}; use a temporary for "
                                           "intermediate values")
                 output_assigned[stmt.target] = stmt.target_span
+            if target is None:
+                _check_python_name(stmt.target, stmt.target_span, self.source)
             checked = self.check_assign(stmt, target, len(statements))
             if target is None or (target.kind is SymbolKind.TEMP and target not in temps):
                 temps.append(checked.target)

@@ -149,6 +149,13 @@ BAD_PROGRAMS = {
                                            "index it with [ ]"),
     "sum without an index": Bad(edit(GLA, "sum(i, q[i] * S[i, j])", "sum(q[i] * S[i, j])"), 4, 24,
                                 "sum() takes one or more index names", "sum(i, x[i])"),
+    # -- names the generated Python or the calling convention needs -------------------------------------------------
+    "input named like a call keyword": Bad(edit(GLA, "v[V], g[K])", "v[V], form)"), 1, 34,
+                                           "'form' is a keyword of every layer's call", "'form_'"),
+    "recurrence named a Python keyword": Bad(edit(GLA, "recurrence gla(", "recurrence lambda("), 1, 12,
+                                             "'lambda' is a Python keyword", "'lambda_'"),
+    "temporary named a Python keyword": Bad(edit(GLA, LINE4, "    pass = 1\n" + LINE4), 4, 5,
+                                            "'pass' is a Python keyword"),
 }
 
 

@@ -473,3 +473,75 @@ def test_module_text_is_standalone(generated, stem):
     for banned in ("import recurrence_dsl", "from recurrence_dsl", "import codegen", "from codegen"):
         assert banned not in text, f"gen_{stem}.py contains {banned!r}"
     compile(text, f"gen_{stem}.py", "exec")  # valid Python
+
+
+# ---------------------------------------------------------------------------------------------------------
+# spec names that are also names the generated Python uses
+# ---------------------------------------------------------------------------------------------------------
+
+SHADOWING = """recurrence clash(t[K], states[K], F[V], torch, math, P0) -> chunk_size[V], max {
+    state S[K, V]
+    S[i, j] = exp(-softplus(torch)) * S[i, j] + states[i] * F[j] * sigmoid(math) * P0
+    chunk_size[j] = sum(i, t[i] * S[i, j]) / sqrt(K)
+    max = sum(i, t[i] * states[i])
+}
+"""
+
+
+def test_spec_names_that_shadow_generated_ones_run_in_every_form_and_module(tmp_path):
+    import importlib.util
+
+    rec = recurrence_dsl.load(SHADOWING)["clash"]
+    args, init = sample_arguments(rec.checked, {"K": 5, "V": 6}, 2, 21, 2, dtype=torch.float64, seed=1,
+                                  with_initial_state=True)
+    (ref_o, ref_max), ref_s = rec.reference(*args, initial_state=init, output_final_state=True)
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=8)
+    assert set(layer.forms) == {"recurrent", "scan", "chunked", "parallel"}
+    results = {f"torch/{form}": layer(*args, initial_state=init, output_final_state=True, form=form)
+               for form in layer.forms}
+    path = tmp_path / "clash_module.py"
+    spec_path = tmp_path / "clash.rec"
+    spec_path.write_text(SHADOWING)
+    assert compile_cli(spec_path, "-o", path) == 0
+    spec = importlib.util.spec_from_file_location("clash_module", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clash_module"] = module  # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["clash_module"]
+    names = dict(zip(["t", "states", "F", "torch", "math", "P0"], args, strict=True))
+    for form in layer.forms:  # by name, as the calling convention allows
+        results[f"module/{form}"] = module.clash(**names, initial_state=init, output_final_state=True, form=form,
+                                                 backend="torch", chunk_size=8)
+    for where, ((o, mx), s) in results.items():
+        for got, ref in ((o, ref_o), (mx, ref_max), (s, ref_s)):
+            assert ((got - ref).norm() / ref.norm()).item() <= 1e-10, where
+    assert module.Clash(2)(*args)[0][0].shape == ref_o.shape
+    triton_layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16)  # the Triton interpreter on CPU
+    assert set(triton_layer.triton_forms) == {"recurrent", "chunked"}
+    for form in triton_layer.triton_forms:
+        (o, mx), s = triton_layer(*[a.float() for a in args], initial_state=init.float(), output_final_state=True,
+                                  form=form)
+        for got, ref in ((o, ref_o), (mx, ref_max), (s, ref_s)):
+            assert ((got.double() - ref).norm() / ref.norm()).item() <= 1e-5, f"triton/{form}"
+
+
+@pytest.mark.parametrize("text,line,column,words", [
+    ("recurrence ff(x[D], bind_call) -> y[D] {\n    state h[D]\n    h[d] = sigmoid(bind_call) * h[d] + x[d]\n"
+     "    y[d] = h[d]\n}\n", 1, 21, "'bind_call' would hide 'bind_call'"),
+    ("recurrence g(x[D]) -> y[D] {\n    param training[D]\n    state h[D]\n"
+     "    h[d] = sigmoid(training[d]) * h[d] + x[d]\n    y[d] = h[d]\n}\n", 2, 11, "param 'training' would replace"),
+    ("recurrence torch(x[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + x[d]\n    y[d] = h[d]\n}\n",
+     1, 1, "recurrence name 'torch' clashes"),
+    ("recurrence f(x[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + x[d]\n    y[d] = h[d]\n}\n",
+     1, 1, "module class 'F' of 'f' clashes"),
+])
+def test_names_the_generated_module_cannot_keep_are_spec_errors(tmp_path, capsys, text, line, column, words):
+    spec = tmp_path / "bad.rec"
+    spec.write_text(text)
+    out = tmp_path / "bad.py"
+    assert compile_cli(spec, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert f"bad.rec:{line}:{column}: error:" in err and words in err, err
+    assert "Traceback" not in err and not out.exists()
