@@ -130,8 +130,8 @@ def describe(rec: Recurrence) -> dict:
         "sizes": list(c.sizes),
         "inputs": [sym(s) for s in c.inputs],
         "params": [sym(s) for s in c.params],
-        "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason}
-                   for s in c.states],
+        "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
+                    "chunked_as_transpose": s.name in analysis.transposed} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],

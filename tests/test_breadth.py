@@ -29,6 +29,8 @@ import recurrence_dsl
 from recurrence_dsl.cli import main as recdsl_main
 from recurrence_dsl.sampling import sample_arguments
 
+from .test_forms import flatten
+
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-9, F32: 1e-4}
 LENGTHS = (5, 19)
@@ -389,16 +391,6 @@ def test_generator_covers_every_feature():
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().double(), ref.detach().double()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def flatten(rec, output, final) -> dict[str, torch.Tensor]:
-    """Outputs and final states of one call, by name (`out:o`, `state:S`)."""
-    outs = output if isinstance(output, tuple) else (output,)
-    flat = {f"out:{o.name}": t for o, t in zip(rec.checked.outputs, outs, strict=True)}
-    if final is not None:
-        finals = final if isinstance(final, dict) else {rec.checked.states[0].name: final}
-        flat.update({f"state:{k}": v for k, v in finals.items()})
-    return flat
 
 
 def cast_state(initial, dtype):

@@ -211,3 +211,26 @@ def test_check_draws_a_plain_decay_positive_so_every_form_runs(tmp_path, capsys)
     assert code == 0, out + err
     for form in ("recurrent", "scan", "chunked", "parallel"):
         assert f"torch/{form}" in out and f"torch/{form}    not available" not in out
+
+
+PAPER_DELTA = """recurrence dn(q[K], k[K], v[V], beta) -> o[V] {
+    state S[V, K]
+    u[i] = v[i] - sum(j, S[i, j] * k[j])
+    S[i, j] = S[i, j] + beta * u[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}
+"""
+
+
+def test_show_says_a_state_is_chunked_as_its_transpose(tmp_path, capsys):
+    path = tmp_path / "dn.rec"
+    path.write_text(PAPER_DELTA)
+    code, out, _ = _run_cli("show", path, "--json", capsys=capsys)
+    assert code == 0
+    (rec,) = json.loads(out)["recurrences"]
+    assert rec["class"] == "rank-one-update" and "chunked" in rec["forms"]
+    assert [(s["shape"], s["chunked_as_transpose"]) for s in rec["states"]] == [(["V", "K"], True)]
+    code, out, _ = _run_cli("show", path, capsys=capsys)
+    assert code == 0 and "chunked as S^T" in out
+    code, out, _ = _run_cli("show", GLA, "--json", capsys=capsys)
+    assert json.loads(out)["recurrences"][0]["states"][0]["chunked_as_transpose"] is False
