@@ -1,0 +1,36 @@
+"""The benchmark scripts still run (tiny shapes): a GPU session should spend its minutes measuring, not fixing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_triton_benchmark_smoke_run_writes_its_report(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--smoke", "--shape",
+                          "B=1,T=20,H=1,K=16", "--cases", "retention,delta_net", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["versions"]["torch"] == __import__("torch").__version__
+    assert set(report["cases"]) == {"retention", "delta_net"}
+    for name, case in report["cases"].items():
+        ours = case["paths"]["ours triton chunked"]
+        assert ours["forward_ms"] > 0 and ours["forward_backward_ms"] > 0
+        errors = [v for p in case["paths"].values() for k, v in p.items() if k.startswith("rel_error")]
+        assert errors and max(errors) <= 1e-5, (name, case["paths"])
+    assert "ours triton chunked" in run.stdout and "fwd+bwd ms" in run.stdout
+
+
+def test_triton_benchmark_refuses_a_full_run_without_a_gpu(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--out",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "no GPU" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.json").exists()
