@@ -82,7 +82,7 @@ def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
         writer = triton_recurrent.TritonRecurrentWriter(a)
         recurrent = rename(writer.write() + "\n\n" + writer.write_launcher())
         chunked = ""
-        if "chunked" in a.forms:
+        if "chunked" in triton_recurrent.triton_form_names(a):
             chunked = TorchFormWriter(a, runtime_prefix="triton_", suffix="_triton").write_chunked()
         per_recurrence[a.recurrence.name] = recurrent + ("\n\n" + chunked if chunked else "")
     return shared, per_recurrence
@@ -138,7 +138,9 @@ def _entry_points(analysis: Analysis) -> str:
     forward_inputs = ", ".join(s.name for s in rec.inputs)
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
     tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, _{name}_st)"]
-    if "chunked" in analysis.forms:
+    from .triton_recurrent import triton_form_names
+
+    if "chunked" in triton_form_names(analysis):
         tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, _{name}_st)")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
@@ -157,7 +159,7 @@ def {name}({", ".join(args)}, *, initial_state=None, output_final_state=False, c
 {shapes}
     initial_state / final_state: {state_doc}
     output: {out_doc}
-    form: "auto" or one of {", ".join(analysis.forms)} (triton: recurrent, chunked);
+    form: "auto" or one of {", ".join(analysis.forms)} (triton: {", ".join(triton_form_names(analysis))});
     backend: "auto" (triton for CUDA tensors when triton imports), "torch" or "triton".
     Returns (output, final_state); final_state is None unless output_final_state.
     """

@@ -263,7 +263,15 @@ class TorchFormWriter:
             axis = "None" if plan.decay_axis is None else repr(plan.decay_axis)
             outs = ", ".join(r.name for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
-            if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+            if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
+                w(f"a_{s.name} = {self._full(printer, plan.mix_read.expr, plan.mix_read.indices, (kdim,))}  "
+                  "# reads the state: u_t = S_(t-1)^T a_t")
+                w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, (kdim,))}  "
+                  "# writes u_t back along b_t")
+                w(f"{target} = {self.rt}chunked_dplr([{', '.join(queries)}], k_{s.name}, v_{s.name}, a_{s.name}, "
+                  f"b_{s.name}, {decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
+                  "output_final_state=True)")
+            elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}")
                 w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
                   f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")

@@ -485,6 +485,63 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     return outs, (state if output_final_state else None)
 
 
+def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
+                 output_final_state=False):
+    """Chunked form of S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T (diagonal plus rank one, as in RWKV-7).
+
+    k, a, b [B, T, H, K]; v [B, T, H, V]; decay_axis None, "scalar" or "key". Same queries and returns as
+    chunked_linear. Derivation: with u_t = S_{t-1}^T a_t (an exclusive readout) the step is
+    S_t = D_t S_{t-1} + b_t u_t^T + k_t v_t^T, a linear recurrence with keys (b, k) and values (u, v). Inside a
+    chunk with start state S0 and G_t the log decay from the chunk start through step t,
+        u_t - sum_{s<t} (a_t . b_s)_G u_s = (a_t * exp(G_{t-1}))^T S0 + sum_{s<t} (a_t . k_s)_G v_s,
+    where (x_t . y_s)_G = sum_i x_t[i] y_s[i] exp(G_{t-1}[i] - G_s[i]); so (I - L) U = Ag S0 + M V with L, M
+    strictly lower triangular, and U = Uv + W S0 with Uv = (I - L)^-1 M V, W = (I - L)^-1 Ag. The state passes
+    once per chunk as S' = D_chunk S0 + Kd^T V + Bd^T U, and each output is chunked_linear's with both pairs.
+    """
+    if decay_axis == "value":
+        raise NotImplementedError("chunked_dplr supports decay_axis None, 'scalar' or 'key'")
+    _check_decay(log_decay, decay_axis, k, v)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    for name, x in (("a", a), ("b", b)):
+        if tuple(x.shape) != (B, T, H, K):
+            raise ValueError(f"{name} must have shape {[B, T, H, K]}, got {list(x.shape)}")
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    if T == 0:
+        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+    kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
+    by_k = _Decay(lg, decay_axis, c, kc, vc)
+    by_b = _Decay(lg, decay_axis, c, bc, vc)
+    alev = by_k.query_levels(ac, "exclusive")
+    inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
+    uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]
+    if decay_axis is None:
+        ag = ac
+    elif decay_axis == "scalar":
+        ag = ac * torch.exp(_shift(lg.cumsum(-1), -1)).unsqueeze(-1)
+    else:
+        ag = alev[-1].reshape(ac.shape)  # a_t * exp(G_{t-1})
+    w = inv @ ag  # [N, B, H, C, K]
+    kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
+    kv = kd_t @ vc  # [N, B, H, K, V]
+    whole = by_k.whole()
+    state, starts, us = s0, [], []
+    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the rank-one reads against it
+        u = uv[i] + w[i] @ state  # [B, H, C, V]
+        starts.append(state)
+        us.append(u)
+        state = kv[i] + bd_t[i] @ u + (state if whole is None else whole[i] * state)
+    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
+    outs = []
+    for q, exclusive in queries:
+        qc = _chunk(q.to(dt), C)
+        mode = "exclusive" if exclusive else "inclusive"
+        qlev = by_k.query_levels(qc, mode)
+        o = by_k.inter(qc, mode, qlev, starts) + by_k.intra(qc, vc, mode, qlev) + by_b.intra(qc, u, mode, qlev)
+        outs.append(_unchunk(o, T))
+    return outs, (state if output_final_state else None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # scan form
 # ----------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import sympy
 
-from recurrence_dsl.analysis import Analysis
+from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .kernel_rules import check_kernel_source
@@ -636,6 +636,15 @@ def load_module(source: str, name: str):
         raise
     _LOADED[stem] = module
     return module
+
+
+def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
+    """The forms the Triton backend runs: recurrent always; chunked where `triton_runtime` has its kernels
+    (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
+    view = analysis.chunk_analysis
+    kernels = "chunked" in analysis.forms and all(
+        s.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE for s in view.states.values())
+    return ("recurrent", "chunked") if kernels else ("recurrent",)
 
 
 def build_triton_recurrent(analysis: Analysis):

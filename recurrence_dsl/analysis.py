@@ -29,6 +29,7 @@ class TransitionClass(enum.Enum):
     DIAGONAL_COL = "diagonal-col"
     ELEMENTWISE = "elementwise"
     RANK_ONE_UPDATE = "rank-one-update"
+    DIAGONAL_PLUS_RANK_ONE = "diagonal-plus-rank-one"  # (D + b a^T) S, as in RWKV-7
     GENERAL = "general"
     NON_LINEAR = "non-linear"
 
@@ -174,6 +175,9 @@ class ChunkPlan:
     decay_exact: bool  # log-decay read off exp(...): no positivity needed
     beta: Definition | None  # the rank-one update's strength, None for diagonal classes
     readouts: list[Readout] = field(default_factory=list)
+    # diagonal-plus-rank-one: S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T; a reads the state, b writes it back
+    mix_read: Definition | None = None  # a [key]
+    mix_write: Definition | None = None  # b [key]
 
 
 @dataclass
@@ -186,6 +190,7 @@ class StateAnalysis:
     diagonal: sympy.Expr | None = None  # d(a, b) for diagonal classes
     injection: sympy.Expr | None = None  # B(a, b)
     rank_one: tuple[sympy.Expr, sympy.Expr] | None = None  # (beta, k(a)) of a rank-one update
+    plus_rank_one: tuple[sympy.Expr, sympy.Expr] | None = None  # (b(row), a(row)) of (D + b a^T)
     chunk: ChunkPlan | None = None
     chunk_reason: str = ""
 
@@ -305,6 +310,16 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                                target, diagonal, const)
             sa.rank_one = (beta, k)
             return sa
+    # Otherwise (D + b a^T): m(a, a') = b(a) a(a'), any two vectors (RWKV-7's generalised delta rule).
+    split = _split_factors(m, [{row}, {bound_var}], index_set | {bound_var})
+    if split is not None:
+        (left, right), scale = split
+        write, read = scale * left, right.xreplace({bound_var: row})
+        sa = StateAnalysis(name, dims, TransitionClass.DIAGONAL_PLUS_RANK_ONE,
+                           f"{name} is updated by (D + b a^T) with D = {diagonal}, b = {write}, a = {read}", target,
+                           diagonal, const)
+        sa.plus_rank_one = (write, read)
+        return sa
     other_row = index_symbol(f"{row}'")  # the summed row, shown as i' in m(i, i')
     return StateAnalysis(name, dims, TransitionClass.GENERAL,
                          f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
@@ -381,7 +396,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
 def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     """Fill `sa.chunk` (key/value layout, k, v, decay, beta) or say in `sa.chunk_reason` why not."""
     if sa.cls not in {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
-                      TransitionClass.DIAGONAL_COL, TransitionClass.RANK_ONE_UPDATE}:
+                      TransitionClass.DIAGONAL_COL, TransitionClass.RANK_ONE_UPDATE,
+                      TransitionClass.DIAGONAL_PLUS_RANK_ONE}:
         sa.chunk_reason = f"{sa.name} has {_article(sa.cls.value)} {sa.cls.value} transition"
         return
     if len(sa.dims) not in (1, 2):
@@ -399,7 +415,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
         decay_axis = None
     elif sa.cls is TransitionClass.SCALAR:
         decay_axis = "scalar"
-    else:  # rank-one update: D is identity, scalar or per-row
+    else:  # rank-one update, diagonal plus rank one: D is identity, scalar or per-row
         used = _free_indices(sa.diagonal, index_set)
         decay_axis = None if sa.diagonal == 1 else ("scalar" if not used else "key")
     injection = sa.injection if sa.injection is not None else sympy.Integer(0)
@@ -444,6 +460,13 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
             log_decay = Definition(f"log_decay_{sa.name}", (), log_expr)
     sa.chunk = ChunkPlan(key_axis, Definition(f"k_{sa.name}", (key_idx,), k_expr), v_def, decay_axis,
                          log_decay, exact, beta)
+    if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
+        if v_def is None:
+            sa.chunk, sa.chunk_reason = None, f"{sa.name} has no value axis for a diagonal-plus-rank-one update"
+            return
+        write, read = sa.plus_rank_one
+        sa.chunk.mix_write = Definition(f"b_{sa.name}", (key_idx,), write.xreplace({a: key_idx}))
+        sa.chunk.mix_read = Definition(f"a_{sa.name}", (key_idx,), read.xreplace({a: key_idx}))
 
 
 def _article(word: str) -> str:
@@ -532,10 +555,11 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         unavailable["parallel"] = unavailable["chunked"]
     else:
         forms.append("chunked")
-        delta = [s.name for s in states.values() if s.cls is TransitionClass.RANK_ONE_UPDATE]
+        delta = [s for s in states.values()
+                 if s.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)]
         if delta:
-            unavailable["parallel"] = (f"{', '.join(delta)} has a rank-one-update transition: its products do not "
-                                       "collapse to a decay mask (use chunked)")
+            unavailable["parallel"] = "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition: its "
+                                                "products do not collapse to a decay mask (use chunked)" for s in delta)
         else:
             forms.append("parallel")
     return Analysis(rec, ir, states, outputs, tuple(forms), unavailable)

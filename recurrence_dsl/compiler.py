@@ -76,13 +76,13 @@ class CompiledLayer:
         """recurrent (every class) and chunked (where the analysis allows it) through Triton kernels."""
         if self._triton_forms is None:
             from codegen import triton_runtime
-            from codegen.triton_recurrent import build_triton_recurrent
+            from codegen.triton_recurrent import build_triton_recurrent, triton_form_names
 
             outputs = [o.name for o in self.recurrence.outputs]
             states = [s.name for s in self.recurrence.states]
             forms = {"recurrent": with_torch_backward(build_triton_recurrent(self.analysis), self.forms["recurrent"],
                                                       outputs, states)}
-            if "chunked" in self.forms:
+            if "chunked" in triton_form_names(self.analysis):
                 chunked = self.forms_over(triton_runtime)["chunked"]
                 forms["chunked"] = with_torch_backward(chunked, self.forms["chunked"], outputs, states)
             self._triton_forms = forms

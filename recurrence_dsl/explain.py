@@ -56,6 +56,14 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         mask = "M_ts = 1   for s <= t                              (causal mask)"
         inter = "Q S_0"
         carry = f"{s}_C = {s}_0 + K^T V"
+    if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
+        lines.append(f"    a_t = {_text(plan.mix_read.expr)};  b_t = {_text(plan.mix_write.expr)};  "
+                     f"{s}_t = (D_t + b_t a_t^T) {s}_(t-1) + k_t v_t^T")
+        lines.append(f"    u_t = {s}_(t-1)^T a_t;  then {s}_t = D_t {s}_(t-1) + b_t u_t^T + k_t v_t^T   (keys b, k)")
+        lines.append("    (I - L_ab) U = (A * exp(G_(t-1))) S_0 + L_ak V,  L_xy[t, s] = (x_t . y_s) decayed, s < t")
+        lines.append(f"    O = {inter} + (decayed Q B^T) U + (decayed Q K^T) V")
+        lines.append(f"    {s}_C = exp(G_C) {s}_0 + (B * exp(G_C - G))^T U + (K * exp(G_C - G))^T V")
+        return lines
     if sa.cls is TransitionClass.RANK_ONE_UPDATE:
         lines.append(f"    beta_t = {_text(plan.beta.expr)};  {s}_t = (I - beta_t k_t k_t^T) D_t {s}_(t-1) "
                      "+ k_t v_t^T")

@@ -176,6 +176,38 @@ def _chunked(inst: _Instance, chunk: int):
             def decay(G_k, G_v):
                 return sympy.diag(*[sympy.exp(x) for x in G_k]), sympy.diag(*[sympy.exp(x) for x in G_v])
 
+            if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
+                # u_t = S_(t-1)^T a_t, from S0 and the chunk's earlier (b_s, u_s) and (k_s, v_s) pairs
+                def ddot(x, y, Gx, Gy):
+                    return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
+
+                a_s = {t: vec(plan.mix_read, t, kdim) for t in ts}
+                b_s = {t: vec(plan.mix_write, t, kdim) for t in ts}
+                us = {}
+                for t in ts:
+                    u = S0.T * sympy.diag(*[sympy.exp(x) for x in G_prev_k[t]]) * a_s[t]
+                    for src in ts:
+                        if src < t:
+                            u += ddot(a_s[t], b_s[src], G_prev_k[t], gk[src]) * us[src]
+                            u += ddot(a_s[t], ks[src], G_prev_k[t], gk[src]) * vs[src]
+                    us[t] = u
+                for r in plan.readouts:
+                    for t in ts:
+                        q = vec(r.query, t, kdim)
+                        Gq = G_prev_k[t] if r.exclusive else gk[t]
+                        out = S0.T * sympy.diag(*[sympy.exp(x) for x in Gq]) * q
+                        for src in ts:
+                            if src < t or (src == t and not r.exclusive):
+                                out += ddot(q, b_s[src], Gq, gk[src]) * us[src]
+                                out += ddot(q, ks[src], Gq, gk[src]) * vs[src]
+                        readouts[t][r.name] = out
+                last = ts[-1]
+                S_end = sympy.diag(*[sympy.exp(x) for x in gk[last]]) * S0
+                for src in ts:
+                    Mk = sympy.diag(*[sympy.exp(x) for x in gk[last] - gk[src]])
+                    S_end += Mk * (b_s[src] * us[src].T + ks[src] * vs[src].T)
+                S0 = S_end
+                continue
             if sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 betas = {t: inst.definition(plan.beta, t, {})[()] for t in ts}
                 # u_t = y_t - beta_t Gamma_t S0^T k_t - beta_t sum_(s<t) (Gamma_t / Gamma_s) (k_t . k_s) u_s

@@ -24,7 +24,7 @@ EXAMPLES, EXAMPLES_FROM = language_examples()
 EXAMPLE_NAMES = {"gla", "retention", "mamba2", "delta_net", "rwkv6", "normalized_linear_attention"}
 SPEC_NAMES = {
     "delta_net", "gated_delta_net", "gla", "hgrn2", "indrnn", "lightning_attention", "linear_attention", "mamba",
-    "mamba2", "minimal_rnn", "normalized_linear_attention", "retention", "rwkv6",
+    "mamba2", "minimal_rnn", "normalized_linear_attention", "retention", "rwkv6", "rwkv7",
 }
 
 

@@ -11,6 +11,7 @@ import torch
 
 from codegen.torch_runtime import (
     chunked_delta,
+    chunked_dplr,
     chunked_linear,
     recurrent_delta,
     recurrent_linear,
@@ -351,6 +352,55 @@ def test_grads_match_naive_delta_key():
 # ---------------------------------------------------------------------------------------------------------
 # scan
 # ---------------------------------------------------------------------------------------------------------
+
+
+def naive_dplr(queries, k, v, a, b, log_decay, axis, s0):
+    """S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T one step at a time, in float64."""
+    S = s0.clone()
+    outs = [[] for _ in queries]
+    for t in range(k.shape[1]):
+        for (q, exclusive), out in zip(queries, outs, strict=True):
+            if exclusive:
+                out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        D = 1.0 if axis is None else torch.exp(log_decay[:, t])[..., None] if axis == "key" else \
+            torch.exp(log_decay[:, t])[..., None, None]
+        u = torch.einsum("bhk,bhkv->bhv", a[:, t], S)
+        S = D * S + b[:, t, ..., None] * u[..., None, :] + k[:, t, ..., None] * v[:, t, ..., None, :]
+        for (q, exclusive), out in zip(queries, outs, strict=True):
+            if not exclusive:
+                out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return [torch.stack(o, 1) for o in outs], S
+
+
+@pytest.mark.parametrize("axis", [None, "scalar", "key"])
+@pytest.mark.parametrize("T,chunk", [(1, 16), (45, 8), (45, 16), (64, 64), (70, 32)])
+def test_chunked_dplr_matches_the_step_loop(axis, T, chunk):
+    gen = torch.Generator().manual_seed(T + chunk)
+    B, H, K, V = 2, 2, 5, 6
+
+    def draw(*shape, scale=0.4):
+        return scale * torch.randn(*shape, generator=gen, dtype=F64)
+
+    q, p, k, a, b = (draw(B, T, H, K) for _ in range(5))
+    v, s0 = draw(B, T, H, V, scale=1.0), draw(B, H, K, V, scale=1.0)
+    g = None if axis is None else -torch.rand(*((B, T, H, K) if axis == "key" else (B, T, H)), generator=gen,
+                                             dtype=F64) * 3
+    queries = [(q, False), (p, True)]
+    (o, po), S = chunked_dplr(queries, k, v, a, b, g, axis, s0, chunk, output_final_state=True)
+    (ro, rpo), rS = naive_dplr(queries, k, v, a, b, g, axis, s0)
+    assert max(rel(o, ro), rel(po, rpo), rel(S, rS)) <= 1e-12
+    (o32,), S32 = chunked_dplr([(q.float(), False)], k.float(), v.float(), a.float(), b.float(),
+                               None if g is None else g.float(), axis, s0.float(), chunk, output_final_state=True)
+    assert o32.dtype == torch.float32 and max(rel(o32, ro), rel(S32, rS)) <= 1e-5
+
+
+def test_chunked_dplr_checks_its_arguments():
+    k = torch.zeros(1, 4, 1, 3)
+    v = torch.zeros(1, 4, 1, 2)
+    with pytest.raises(ValueError, match="b must have shape"):
+        chunked_dplr([], k, v, k, torch.zeros(1, 4, 1, 2))
+    with pytest.raises(NotImplementedError, match="decay_axis"):
+        chunked_dplr([], k, v, k, k, torch.zeros(1, 4, 1, 2), "value")
 
 
 def naive_scan(a, b, s0):

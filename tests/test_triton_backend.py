@@ -35,7 +35,7 @@ import triton  # noqa: E402, F401  (fail loudly if triton is missing)
 import recurrence_dsl  # noqa: E402
 import recurrence_dsl.compiler as compiler_module  # noqa: E402
 from recurrence_dsl import CallError  # noqa: E402
-from recurrence_dsl.analysis import analyse  # noqa: E402
+from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 from .conftest import SPEC_FILES, language_examples  # noqa: E402
@@ -73,9 +73,11 @@ for _n, _block in enumerate(_blocks):
 
 
 def triton_form_names(key: str) -> list[str]:
-    """The forms the triton backend should have: recurrent always, chunked where the analysis derives it."""
-    forms = analyse(RECS[key].checked).forms
-    return ["recurrent"] + (["chunked"] if "chunked" in forms else [])
+    """The forms the triton backend should have: recurrent always, chunked where the analysis derives it and
+    a Triton chunked kernel exists (every chunkable class but diagonal-plus-rank-one)."""
+    analysis = analyse(RECS[key].checked)
+    kernel = "chunked" in analysis.forms and analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
+    return ["recurrent"] + (["chunked"] if kernel else [])
 
 
 FORMS = {key: triton_form_names(key) for key in RECS}
@@ -351,7 +353,7 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "scan"), ("gla", "parallel"), ("mamba", "scan"),
+@pytest.mark.parametrize("key,form", [("gla", "scan"), ("gla", "parallel"), ("mamba", "scan"), ("rwkv7", "chunked"),
                                       ("retention", "scan")])
 def test_forms_the_triton_backend_lacks(key, form):
     layer = layer_for(key)
