@@ -28,7 +28,7 @@ from recurrence_dsl.analysis import analyse  # noqa: E402
 from recurrence_dsl.compiler import CompiledLayer  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
-SPECS = ("gla", "retention", "delta_net")
+SPECS = ("gla", "retention", "delta_net", "rwkv7")
 
 
 def timed(fn, repeats: int) -> float:

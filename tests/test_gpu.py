@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import recurrence_dsl
+from codegen.triton_recurrent import triton_form_names
+from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import SPEC_FILES
@@ -58,9 +60,7 @@ def draw(rec, size, T, dtype, lengths=None, seed=0):
 
 CASES = [(name, form, dtype, T, size)
          for name in sorted(RECS)
-         for form in (["recurrent", "chunked"] if "chunked" in recurrence_dsl.compile(RECS[name], backend="torch",
-                                                                                       tuning=False).forms
-                      else ["recurrent"])
+         for form in triton_form_names(analyse(RECS[name].checked))
          for dtype, (T, size) in itertools.product((F32, F16, BF16), ((63, 64), (1000, 128)))]
 
 
