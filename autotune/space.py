@@ -139,7 +139,7 @@ class Problem:
             return int(sizes[d]) if isinstance(d, str) else int(d)
 
         chunk_states, elements = [], 0
-        for name, st in analysis.states.items():
+        for name, st in analysis.chunk_analysis.states.items():  # (states chunked as transposes, transposed)
             dims = [extent(d) for d in st.dims]
             elements += math.prod(pow2_at_least_16(n) for n in dims) if dims else 16
             plan = st.chunk

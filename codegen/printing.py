@@ -73,7 +73,7 @@ def constant_source(e: sympy.Expr, rename=lambda name: name) -> str:
     """Python source of an expression of numbers and sizes (`math.sqrt(K)`, `0.8824969025845955`).
 
     Sizes are printed through `rename`; the DSL's own functions are spelled in `math` terms."""
-    from recurrence_dsl.step_ir import to_elementary  # (here: recurrence_dsl imports this module)
+    from recurrence_dsl.step_ir import to_elementary  # not at the top: importing recurrence_dsl imports codegen
 
     value = to_elementary(e.doit() if e.has(sympy.Sum) else e)
     if not value.free_symbols:

@@ -14,7 +14,7 @@ combined by an arbitrary state-free expression.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -515,9 +515,8 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     for name in flip:
         if states[name].cls is TransitionClass.GENERAL:
             # Column mixing as written is row mixing of the transpose: say what it is.
-            sa = view.states[name]
-            states[name] = StateAnalysis(name, states[name].dims, sa.cls, f"{sa.reason}, as {name}^T", sa.indices,
-                                         sa.diagonal, sa.injection, sa.rank_one)
+            sa = view.states[name]  # (its indices, diagonal and chunk plan are those of the transpose)
+            states[name] = replace(sa, dims=states[name].dims, reason=f"{sa.reason}, as {name}^T")
     forms = [f for f in FORMS if f in analysis.forms or (f in ("chunked", "parallel") and f in view.forms)]
     unavailable = {f: why for f, why in analysis.unavailable.items() if f not in forms}
     if "scan" in unavailable:
