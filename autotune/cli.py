@@ -55,7 +55,7 @@ def cmd_tune(args) -> int:
 
     from recurrence_dsl.analysis import analyse
     from recurrence_dsl.api import load
-    from recurrence_dsl.cli import UsageError, _prepare_triton, _select, parse_shape
+    from recurrence_dsl.cli import UsageError, _prepare_triton, _select, check_shape_names, parse_shape
 
     from .store import open_store
     from .tuner import NoLegalConfig, tune
@@ -73,10 +73,7 @@ def cmd_tune(args) -> int:
     store = open_store(args.store)
     status = 0
     for rec in recs:
-        unknown = set(given) - set(TUNE_DEFAULTS) - set(rec.checked.sizes)
-        if unknown and len(recs) == 1:
-            raise UsageError(f"--shape: {rec.name} has no size {', '.join(sorted(unknown))}; its sizes are "
-                             f"B, T, H{''.join(', ' + s for s in rec.checked.sizes)}")
+        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
         forms = analyse(rec.checked).forms
         form = args.form or ("chunked" if "chunked" in forms else "recurrent")
         if form not in forms:

@@ -56,10 +56,12 @@ _GENERATED = {"torch", "F", "math", "states", "chunk_size", "B_", "T_", "H_", "t
 _GENERATED_PATTERN = re.compile(r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final)_.*|.*(_t|_steps|__new)|_.*")
 
 
-def py_name(name: str) -> str:
+def py_name(name: str, reserved=frozenset(), prefixes: tuple[str, ...] = ()) -> str:
     """The Python identifier generated code uses for a spec's name: the name itself, or with a trailing
-    underscore where it would shadow something the generated code uses (`t`, `states`, `F`, `max`, `P0`)."""
-    if name in _GENERATED or hasattr(builtins, name) or keyword.iskeyword(name) or _GENERATED_PATTERN.fullmatch(name):
+    underscore where it would shadow something the generated code uses (`t`, `states`, `F`, `max`, `P0`).
+    A printer with names of its own adds them as `reserved` and `prefixes`."""
+    if (name in _GENERATED or name in reserved or name.startswith(prefixes) or hasattr(builtins, name)
+            or keyword.iskeyword(name) or _GENERATED_PATTERN.fullmatch(name)):
         return name + "_"
     return name
 

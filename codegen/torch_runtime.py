@@ -292,9 +292,12 @@ class _Decay:
     lg: log decays [N, B, H, C(, D)] or None; c: leaf length. Built once per call, no state beyond it.
     """
 
-    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor):
+    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
         self.lg, self.axis, self.c, self.k, self.v = lg, axis, c, k, v
-        self.blocks = None if axis not in ("key", "value") else _block_decays(lg, c)
+        if axis in ("key", "value"):
+            self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
+        else:
+            self.blocks = None
         x = k if axis == "key" else v
         self.klev = None if self.blocks is None else _decayed_levels(x, lg, "key", "inclusive", c, self.blocks)
 
@@ -511,7 +514,7 @@ def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_s
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
     by_k = _Decay(lg, decay_axis, c, kc, vc)
-    by_b = _Decay(lg, decay_axis, c, bc, vc)
+    by_b = _Decay(lg, decay_axis, c, bc, vc, blocks=by_k.blocks)
     alev = by_k.query_levels(ac, "exclusive")
     inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
     uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]

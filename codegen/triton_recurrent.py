@@ -52,7 +52,7 @@ from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .kernel_rules import check_kernel_source
-from .printing import SourceWriter, constant_source
+from .printing import SourceWriter, constant_source, py_name
 from .triton_printer import (
     MULTI_USE,
     TritonPrinter,
@@ -73,9 +73,7 @@ _CONST_PREFIX = "_const"
 
 
 def _user(name: str) -> str:
-    if name in _RESERVED or name.startswith(_PREFIXES):
-        return name + "_"
-    return name
+    return py_name(name, _RESERVED, _PREFIXES)
 
 
 def _leaf(e: sympy.Expr) -> bool:

@@ -68,6 +68,14 @@ def _prepare_triton(device: str) -> bool:
     return triton_available()
 
 
+def check_shape_names(rec, given: dict, call_sizes, only: bool) -> None:
+    """--shape may name the call's own sizes (B, T, H) and the recurrence's; with one recurrence, nothing else."""
+    unknown = set(given) - set(call_sizes) - set(rec.checked.sizes)
+    if unknown and only:
+        raise UsageError(f"--shape: {rec.name} has no size {', '.join(sorted(unknown))}; its sizes are "
+                         f"B, T, H{''.join(', ' + s for s in rec.checked.sizes)}")
+
+
 def cmd_check(args) -> int:
     import torch
 
@@ -80,10 +88,7 @@ def cmd_check(args) -> int:
     use_triton = not args.no_triton and _prepare_triton(device)
     status = 0
     for rec in recs:
-        unknown = set(given) - set(DEFAULT_SIZES) - set(rec.checked.sizes)
-        if unknown and len(recs) == 1:
-            raise UsageError(f"--shape: {rec.name} has no size {', '.join(sorted(unknown))}; its sizes are "
-                             f"B, T, H{''.join(', ' + s for s in rec.checked.sizes)}")
+        check_shape_names(rec, given, DEFAULT_SIZES, only=len(recs) == 1)
         sizes = {s: given.get(s, DEFAULT_DIM) for s in rec.checked.sizes}
         batch = given.get("B", DEFAULT_SIZES["B"])
         length = given.get("T", DEFAULT_SIZES["T"])

@@ -78,6 +78,15 @@ def specs() -> dict[str, recurrence_dsl.Recurrence]:
     return recs
 
 
+def as_dict(value, decls) -> dict:
+    """An output or state as returned by a layer (tensor, tuple or dict) -> {name: tensor}."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (tuple, list)):
+        return dict(zip((d.name for d in decls), value, strict=True))
+    return {decls[0].name: value}
+
+
 def pytest_collection_modifyitems(config, items):
     """Without CUDA, GPU tests are deselected (not skipped) unless a `-m` expression selects them on purpose:
     then they run and fail, so a GPU run can never pass without a GPU."""

@@ -38,7 +38,7 @@ from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
-from .conftest import SPEC_FILES, language_examples  # noqa: E402
+from .conftest import SPEC_FILES, as_dict, language_examples  # noqa: E402
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 TOL = {F32: 1e-5, F16: 5e-3}
@@ -147,15 +147,6 @@ CASES = ([c for k in FULL_KEYS for f in FORMS[k] for c in _full_cases(k, f)]
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
-def as_dict(value, decls) -> dict:
-    """An output or state as returned by a layer (tensor, tuple or dict) -> {name: tensor}."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, (tuple, list)):
-        return dict(zip((d.name for d in decls), value, strict=True))
-    return {decls[0].name: value}
 
 
 def map_state(state, fn):

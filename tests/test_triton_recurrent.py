@@ -21,7 +21,7 @@ from codegen.triton_recurrent import build_triton_recurrent, triton_recurrent_so
 from recurrence_dsl.analysis import analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
-from .conftest import SPEC_FILES  # noqa: E402
+from .conftest import SPEC_FILES, as_dict  # noqa: E402
 
 B, H = 1, 2
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -39,14 +39,6 @@ def launcher(name: str):
     if name not in _LAUNCHERS:
         _LAUNCHERS[name] = build_triton_recurrent(analyse(_RECS[name].checked))
     return _LAUNCHERS[name]
-
-
-def as_dict(value, decls) -> dict:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, (tuple, list)):
-        return dict(zip((d.name for d in decls), value, strict=True))
-    return {decls[0].name: value}
 
 
 def run_case(name: str, sizes: dict, T: int, dtype: torch.dtype, seed: int = 0) -> float:
