@@ -5,7 +5,9 @@
     autotune.tuner    tune(): an optuna (TPE) search over the pruned space, timing real runs
     autotune.runner   run a compiled layer with one config
     autotune.lookup   the best stored config for a call (what a tuned compile() reads)
-    autotune.cli      `recdsl tune` (also `python -m autotune tune ...`)
+
+The `recdsl tune` command is in `recurrence_dsl.cli`, at the top of the import layers: autotune is a
+library below it and above codegen (see `[tool.importlinter]` in pyproject.toml).
 
 Names are imported lazily, so `import autotune.store` stays free of torch and optuna.
 """

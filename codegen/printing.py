@@ -11,6 +11,8 @@ import re
 
 import sympy
 
+from recurrence_dsl.step_ir import to_elementary
+
 # Precedence of printed operators, loosest last: a subexpression is parenthesised when its
 # precedence is below what its context needs.
 ATOM, POW, UNARY, MUL, ADD = 5, 4, 3, 2, 1
@@ -75,8 +77,6 @@ def constant_source(e: sympy.Expr, rename=lambda name: name) -> str:
     """Python source of an expression of numbers and sizes (`math.sqrt(K)`, `0.8824969025845955`).
 
     Sizes are printed through `rename`; the DSL's own functions are spelled in `math` terms."""
-    from recurrence_dsl.step_ir import to_elementary  # not at the top: importing recurrence_dsl imports codegen
-
     value = to_elementary(e.doit() if e.has(sympy.Sum) else e)
     if not value.free_symbols:
         number = complex(value.evalf())

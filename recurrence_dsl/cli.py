@@ -1,7 +1,14 @@
-"""`recdsl`: check, show and compile `.rec` specs from the command line.
+"""`recdsl`: check, show, compile and tune `.rec` specs from the command line.
 
-Exit status: 0 on success, 1 when a path exceeds its tolerance, 2 on a spec
-error or a bad command line. A spec error never prints a Python traceback.
+Exit status: 0 on success, 1 when a path exceeds its tolerance (check) or every trial failed (tune), 2 on a
+spec error or a bad command line. A spec error never prints a Python traceback.
+
+    recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
+                [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
+                [--store PATH] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+
+This module is in the top import layer: it may use every package (autotune's tuner and store for `tune`,
+codegen's module writer for `compile`), and nothing below imports it.
 """
 
 from __future__ import annotations
@@ -11,15 +18,17 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
 from .analysis import analyse
 from .api import Recurrence, load
 from .errors import CallError, SpecError
 from .explain import explain
+from .version import __version__
 
 DEFAULT_SIZES = {"B": 2, "T": 64, "H": 2}
 DEFAULT_DIM = 16
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+TUNE_DEFAULTS = {"B": 2, "T": 1024, "H": 4}
+TUNE_DIM = 64
 
 
 class UsageError(Exception):
@@ -210,6 +219,56 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    from autotune.store import open_store
+    from autotune.tuner import NoLegalConfig, tune
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    backend = args.backend or ("triton" if device == "cuda" else "torch")
+    if backend == "triton" and not _prepare_triton(device):
+        raise UsageError("--backend triton: triton is not installed (pip install 'recurrence-dsl[triton]')")
+    if args.trials < 1 or args.repeat < 1 or args.warmup < 0:
+        raise UsageError("--trials and --repeat must be at least 1, --warmup at least 0")
+    recs = _select(load(Path(args.file)), args.name)
+    given = parse_shape(args.shape)
+    store = open_store(args.store)
+    status = 0
+    for rec in recs:
+        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
+        forms = analyse(rec.checked).forms
+        form = args.form or ("chunked" if "chunked" in forms else "recurrent")
+        if form not in forms:
+            print(f"{rec.name}: no {form} form; skipped", file=sys.stderr)
+            continue
+        if (form, backend) == ("recurrent", "torch"):
+            print(f"{rec.name}: the torch recurrent form has nothing to tune; skipped (try --backend triton)",
+                  file=sys.stderr)
+            continue
+        sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
+        try:
+            result = tune(rec, sizes, given.get("B", TUNE_DEFAULTS["B"]), given.get("T", TUNE_DEFAULTS["T"]),
+                          given.get("H", TUNE_DEFAULTS["H"]), getattr(torch, args.dtype), form, backend,
+                          args.trials, store, device, warmup=args.warmup, repeat=args.repeat, seed=args.seed,
+                          check=not args.no_check, verbose=args.verbose)
+        except NoLegalConfig as err:
+            print(f"{rec.name}: {err}", file=sys.stderr)
+            status = 1
+            continue
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        print(f"{rec.name} (spec hash {result.spec_hash})")
+        print(result.table())
+        print()
+        if result.best is None:
+            status = 1
+    print(f"trials stored in {store.path}")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
                                      "as .rec specs.")
@@ -251,9 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
                       "generate it")
     comp.set_defaults(run=cmd_compile)
 
-    from autotune.cli import add_tune_parser
-
-    add_tune_parser(sub)
+    tune = sub.add_parser("tune", help="tune block sizes on this machine and store every trial",
+                          description="Search the config space of a form (chunk size; block sizes, warps and "
+                          "stages of the Triton kernels) with optuna, pruning configs that cannot fit before "
+                          "timing any, and record every trial in the tuning store that compile() reads.")
+    tune.add_argument("file", metavar="FILE")
+    tune.add_argument("--name", help="only this recurrence (default: every one in FILE)")
+    tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
+                      f"every spec size {TUNE_DIM})")
+    tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
+    tune.add_argument("--form", choices=("chunked", "recurrent"), help="the form to tune (default: chunked "
+                      "where the spec has it, else recurrent)")
+    tune.add_argument("--backend", choices=("torch", "triton"), help="default: triton on cuda, torch on cpu")
+    tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
+                      "runs in its interpreter and is stored as 'cpu-interpreter')")
+    tune.add_argument("--trials", type=int, default=20, help="configs to time (default 20)")
+    tune.add_argument("--store", metavar="PATH", help="the SQLite store (default $RECURRENCE_DSL_CACHE/"
+                      "tuning.sqlite or ~/.cache/recurrence_dsl/tuning.sqlite)")
+    tune.add_argument("--warmup", type=int, default=2, help="untimed runs per config (default 2)")
+    tune.add_argument("--repeat", type=int, default=5, help="timed runs per config, median kept (default 5)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the sampler")
+    tune.add_argument("--no-check", action="store_true", help="skip the check of each config's outputs "
+                      "against the torch form")
+    tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
+    tune.set_defaults(run=cmd_tune)
     return parser
 
 

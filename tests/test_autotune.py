@@ -453,7 +453,7 @@ def test_measure_on_cpu():
 
 
 def test_tune_command(tmp_path, capsys):
-    from autotune.cli import main
+    from recurrence_dsl.cli import main
 
     path = tmp_path / "cli.sqlite"
     rc = main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "B=1,T=64,H=1,K=16,V=16", "--trials", "2",
