@@ -124,8 +124,7 @@ def print_proof(rec: Recurrence) -> bool:
     if not results:
         print(f"  only the recurrent form exists ({analysis.cls.value}): nothing to prove")
     for r in results:
-        verdict = "equal (exact)" if r.proved else f"DIFFERENT: {r.detail}"
-        print(f"  {r.form:<9} {r.value:<10} {r.elements:>3} elements  {verdict}")
+        print(f"  {r.form:<9} {r.value:<10} {r.elements:>3} elements  {r.verdict}")
     print()
     return all(r.proved for r in results)
 
