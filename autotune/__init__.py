@@ -22,7 +22,7 @@ _EXPORTS = {
     "config_space": "space", "check_config": "space", "Problem": "space", "DeviceLimits": "space",
     "device_limits": "space",
     "tuned_config": "lookup", "device_name": "lookup",
-    "run_config": "runner", "configured_forms": "runner",
+    "run_config": "runner",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -209,14 +209,16 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
-    from recurrence_dsl.compiler import _interpreting, compile_recurrence
+    from codegen.layer import interpreting
+    from codegen.load import load_layer
+    from recurrence_dsl.analysis import analyse
     from recurrence_dsl.sampling import sample_arguments
 
     checked = getattr(rec, "checked", rec)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" and device.type == "cpu" and not _interpreting():
+    if backend == "triton" and device.type == "cpu" and not interpreting():
         raise ValueError("Triton kernels on a CPU need Triton's interpreter: set TRITON_INTERPRET=1 before "
                          "triton is imported (its timings are stored as device 'cpu-interpreter')")
     if not tunable(form, backend):
@@ -229,9 +231,12 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         raise ValueError(f"sizes: {checked.name} needs {', '.join(sorted(missing))}")
     sizes = {s: int(sizes[s]) for s in checked.sizes}
 
-    # chunk_size fixed: a compiled layer that reads the store would otherwise look its own config up
-    layer = compile_recurrence(checked, backend=backend, form=form, chunk_size=64)
-    problem = Problem.from_analysis(layer.analysis, sizes, length)
+    # A layer loaded here reads no store (it has no tuning lookup): every trial runs exactly its config.
+    analysis = analyse(checked)
+    if form not in analysis.forms:
+        raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
+    layer = load_layer(analysis)
+    problem = Problem.from_analysis(analysis, sizes, length)
     space = config_space(form, backend, problem, limits if limits is not None else device_limits(device))
     if not space.configs:
         reasons = sorted({p.reason for p in space.pruned})[:5]
@@ -249,7 +254,7 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     args = [a.to(device) for a in args]
     reference = None
     if check:
-        ref_layer = compile_recurrence(checked, backend="torch", form=form, chunk_size=64)
+        ref_layer = layer.options(backend="torch")
         with torch.no_grad():
             ref_args = [a.float() if a.dtype != torch.float64 else a for a in args]
             reference = run_config(ref_layer, "torch", form, {"chunk_size": 64}, *ref_args) if form == "chunked" \

@@ -29,13 +29,14 @@ def pick_form(forms, length: int, chunk_size: int) -> str:
     return "scan" if "scan" in forms else "recurrent"
 
 
-def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, **options):
+def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
     returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one.
-    `options` are passed to every form function (e.g. block sizes of a Triton backend).
+    `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
+    options = options or {}
     dtype = compute_dtype(call.dtype)
     inputs = {k: v.to(dtype) for k, v in call.inputs.items()}
     params = [call.params[p.name].to(dtype) for p in spec.params]
@@ -48,7 +49,7 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, **options)
 
     def run(piece: dict, piece_states: dict, length: int):
         chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
-        extra = dict(options)
+        extra = dict(options.get(chosen, {}))
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
@@ -60,7 +61,7 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, **options)
             if form != "auto":
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
-            return form_fns["recurrent"](*ordered, *params, piece_states, *sizes, **dict(options))
+            return form_fns["recurrent"](*ordered, *params, piece_states, *sizes, **options.get("recurrent", {}))
 
     if call.cu_seqlens is None:
         outputs, finals = run(inputs, states, call.length)

@@ -20,7 +20,6 @@ import itertools
 import sympy
 
 from recurrence_dsl.analysis import Analysis, TransitionClass
-from recurrence_dsl.check import SymbolKind
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .printing import SourceWriter, is_constant, py_name
@@ -34,9 +33,11 @@ def _leaf(e: sympy.Expr) -> bool:
 class TorchFormWriter:
     """Writes the torch source of one recurrence's forms."""
 
-    def __init__(self, analysis: Analysis, runtime_prefix: str = "_rt.", suffix: str = ""):
+    def __init__(self, analysis: Analysis, runtime_prefix: str = "", suffix: str = "", options: bool = False):
         self.rt = runtime_prefix  # how the printed code reaches the runtime's functions
         self.suffix = suffix  # appended to every form function's name (the Triton variants in a module)
+        # The chunked form takes **options (block sizes, warps, stages of a tuning config) for its runtime.
+        self.options = options
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -49,6 +50,10 @@ class TorchFormWriter:
         self.signature = ", ".join(self.args + ["states"] + [self.py[n] for n in self.rec.sizes])
 
     # -- shared pieces ------------------------------------------------------
+
+    @property
+    def _options_arg(self) -> str:
+        return ", **options" if self.options else ""
 
     def _shape_comment(self, indices) -> str:
         return "[B, T, H" + "".join(f", {self.a.ir.ranges[i]}" for i in indices) + "]"
@@ -224,7 +229,7 @@ class TorchFormWriter:
         if "chunked" not in self.a.forms:
             return None
         w = SourceWriter()
-        self._header(w, "chunked", ", chunk_size=64")
+        self._header(w, "chunked", ", chunk_size=64" + (", **options" if self.options else ""))
         w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
         self._unpack_shape(w)
         self._params_to_time(w)
@@ -270,15 +275,16 @@ class TorchFormWriter:
                   "# writes u_t back along b_t")
                 w(f"{target} = {self.rt}chunked_dplr([{', '.join(queries)}], k_{s.name}, v_{s.name}, a_{s.name}, "
                   f"b_{s.name}, {decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
-                  "output_final_state=True)")
+                  f"output_final_state=True{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}")
                 w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
-                  f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
+                  f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
+                  f"output_final_state=True{self._options_arg})")
             else:
                 w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, "
                   f"{axis}, "
-                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True)")
+                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
             if s.name in view.transposed:
                 w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")
             if plan.v is None:
@@ -317,9 +323,4 @@ def _require_positive(decay, what, form):
 '''
 
 
-def torch_forms_source(analysis: Analysis) -> str:
-    """The torch source of every form of one recurrence (needs `torch`, `F`, `_rt` and the prelude)."""
-    return TorchFormWriter(analysis).write_all()
-
-
-__all__ = ["PRELUDE", "TorchFormWriter", "torch_forms_source", "SymbolKind"]
+__all__ = ["PRELUDE", "TorchFormWriter"]

@@ -75,13 +75,14 @@ def executable_paths(rec: Recurrence, chunk_size: int = 16, triton: bool = True,
 
     Triton paths run on the GPU for CUDA inputs; on CPU tensors they need TRITON_INTERPRET=1 set before the
     kernels are imported (`recdsl check` does that when there is no GPU)."""
+    from .analysis import analyse
     from .compiler import compile_recurrence, triton_available
 
     paths: dict[str, Callable] = {"reference": rec.reference}
     layer = compile_recurrence(rec, backend="torch", chunk_size=chunk_size)
     for form in layer.forms:
         paths[f"torch/{form}"] = _bind_form(layer, form)
-    skipped = [(f"torch/{form}", why) for form, why in layer.analysis.unavailable.items()]
+    skipped = [(f"torch/{form}", why) for form, why in analyse(rec.checked).unavailable.items()]
     if triton and dtype == torch.float64:
         skipped.append(("triton/*", "Triton kernels take float16, bfloat16 or float32 inputs"))
     elif triton and triton_available():

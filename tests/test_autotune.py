@@ -33,6 +33,8 @@ from autotune.space import (
     shared_memory_bytes,
 )
 from autotune.store import TuningStore, shape_bucket
+from codegen.layer import interpreting
+from codegen.load import triton_available
 from recurrence_dsl.analysis import analyse
 
 from .conftest import REPO, SPECS_DIR
@@ -344,7 +346,7 @@ def _stub_runner(seen: list, fail=lambda c: False):
 
 def test_optuna_never_proposes_a_pruned_config_and_failures_are_recorded(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not recurrence_dsl.compiler._interpreting():
+    if not torch.cuda.is_available() and not interpreting():
         pytest.skip("Triton on a CPU needs TRITON_INTERPRET=1 (conftest sets it)")
     seen: list[dict] = []
     monkeypatch.setattr(tuner, "run_config", _stub_runner(seen, fail=lambda c: c["block_k"] == 16))
@@ -372,7 +374,7 @@ def test_optuna_never_proposes_a_pruned_config_and_failures_are_recorded(tmp_pat
 
 def test_tune_triton_recurrent_in_the_interpreter(tmp_path):
     pytest.importorskip("triton")
-    if torch.cuda.is_available() or not recurrence_dsl.compiler._interpreting():
+    if torch.cuda.is_available() or not interpreting():
         pytest.skip("checks the CPU interpreter path")
     s = TuningStore(tmp_path / "tuning.sqlite")
     result = tuner.tune(_spec("gla"), GLA_SIZES, 1, 16, 1, torch.float32, "recurrent", "triton", 2, s, "cpu",
@@ -393,7 +395,7 @@ def test_tune_rejects_bad_requests(tmp_path):
         tuner.tune(_spec("mamba"), {"D": 4, "N": 4}, 1, 64, 1, trials=1, store=s, device="cpu")
     with pytest.raises(ValueError, match="nothing to tune"):
         tuner.tune(gla, GLA_SIZES, 1, 64, 1, form="recurrent", backend="torch", trials=1, store=s, device="cpu")
-    if recurrence_dsl.compiler.triton_available() and recurrence_dsl.compiler._interpreting():
+    if triton_available() and interpreting():
         with pytest.raises(tuner.NoLegalConfig, match="no chunked/triton config fits"):
             tuner.tune(gla, GLA_SIZES, 1, 64, 1, form="chunked", backend="triton", trials=1, store=s,
                        device="cpu", limits=DeviceLimits("tiny", 1024))
@@ -470,17 +472,16 @@ def test_compiled_layers_read_the_store(tmp_path, monkeypatch):
 
     if "tuning" not in inspect.signature(recurrence_dsl.compile).parameters:
         pytest.skip("compile() does not read the tuning store yet")
-    from codegen import torch_runtime
-
+    gla = _spec("gla")
+    module = sys.modules[type(recurrence_dsl.compile(gla)).__module__]  # every layer of gla runs this module
     chunks = []
-    original = torch_runtime.chunked_linear
+    original = module.chunked_linear
 
     def spy(*args, chunk_size=64, **kwargs):
         chunks.append(chunk_size)
         return original(*args, chunk_size=chunk_size, **kwargs)
 
-    monkeypatch.setattr(torch_runtime, "chunked_linear", spy)
-    gla = _spec("gla")
+    monkeypatch.setattr(module, "chunked_linear", spy)
     s = TuningStore(tmp_path / "tuning.sqlite")
     s.record(gla.spec_hash, lookup.device_name("cpu", "torch"), "float32", shape_bucket(1, 2, 200, GLA_SIZES),
              "chunked", "torch", {"chunk_size": 16}, 1.0)

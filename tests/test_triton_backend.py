@@ -25,6 +25,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton or the project's Triton ke
 
 import itertools  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402, F401  (fail loudly if triton is missing)
 
 import recurrence_dsl  # noqa: E402
-import recurrence_dsl.compiler as compiler_module  # noqa: E402
+from codegen.layer import interpreting  # noqa: E402
+from codegen.load import triton_available  # noqa: E402
 from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
@@ -297,18 +299,19 @@ def _gla_call(T=63, B=1, H=1, sizes=None, rows=None, dtype=F32):
 
 
 def test_auto_backend_picks_triton_under_the_interpreter(monkeypatch):
-    assert compiler_module._interpreting() and compiler_module.triton_available()
+    assert interpreting() and triton_available()
     layer = recurrence_dsl.compile(RECS["gla"], backend="auto", chunk_size=16)
     assert layer.backend_for(torch.device("cpu"), torch.float32) == "triton"
     assert layer.backend_for(torch.device("cpu"), torch.float64) == "torch"  # Triton kernels take no float64
     seen = []
-    real_run_forms = compiler_module.run_forms
+    module = sys.modules[type(layer).__module__]  # the layer's generated module
+    real_run_forms = module.run_forms
 
     def spy(spec, form_fns, *args, **kwargs):
         seen.append(form_fns)
         return real_run_forms(spec, form_fns, *args, **kwargs)
 
-    monkeypatch.setattr(compiler_module, "run_forms", spy)
+    monkeypatch.setattr(module, "run_forms", spy)
     args, init = _gla_call()
     out, final = layer(*args, initial_state=init, output_final_state=True)
     assert len(seen) == 1 and seen[0] is layer.triton_forms
@@ -469,7 +472,7 @@ PAPER_LAYOUT = {
 def test_paper_layout_state_through_the_triton_chunked_form(name, T, dtype, lengths):
     rec = recurrence_dsl.load(PAPER_LAYOUT[name])["r"]
     layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16)
-    assert "chunked" in layer.triton_forms and layer.analysis.transposed == ("S",)
+    assert "chunked" in layer.triton_forms and analyse(rec.checked).transposed == ("S",)
     sizes = {"K": 48, "V": 32}  # different sizes, so a layout mix-up cannot go unnoticed
     cu = None if lengths is None else cu_of(lengths)
     args64, init64 = sample_arguments(rec.checked, sizes, 1, T, 2, dtype=F64, seed=T, with_initial_state=True,

@@ -1,0 +1,103 @@
+"""The per-user cache of generated modules: `compile()` writes a module here and imports it from its source.
+
+Directory: $RECURRENCE_DSL_CACHE/modules, else $XDG_CACHE_HOME/recurrence_dsl/modules, else
+~/.cache/recurrence_dsl/modules; created with mode 0700, and used only when it is owned by the current user
+and not writable by anyone else (else the next candidate, ending with a per-user directory under the system
+temporary directory, checked the same way). A module's file name is a hash of its source, which holds the
+project version, so a stale file is never read for a newer compiler. Modules are executed from the source
+text just written or verified on disk, never from a `.pyc` (no bytecode is written or read), and registered
+in `sys.modules` under that file's name so tracebacks, `inspect` and Triton's JIT find the real file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+
+class CacheError(OSError):
+    """No cache directory could be used safely."""
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("RECURRENCE_DSL_CACHE")
+    if env:
+        return [Path(env) / "modules"]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = Path(xdg) if xdg else Path.home() / ".cache"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [home / "recurrence_dsl" / "modules", Path(tempfile.gettempdir()) / f"recurrence_dsl-{uid}" / "modules"]
+
+
+def _safe_directory(path: Path) -> None:
+    """Create `path` (mode 0700) if needed; raise CacheError unless it is ours and no one else can write to it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise CacheError(f"{path} is not a directory")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise CacheError(f"{path} is owned by uid {info.st_uid}, not by this user ({os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CacheError(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def cache_directory() -> Path:
+    """The first usable cache directory (see the module docstring); raises CacheError naming every refusal."""
+    refusals = []
+    for path in _candidates():
+        try:
+            _safe_directory(path)
+            return path
+        except OSError as err:
+            refusals.append(f"{path}: {err}")
+    raise CacheError("no usable cache directory for generated modules: " + "; ".join(refusals))
+
+
+def _write(path: Path, source: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_LOADED: dict[str, types.ModuleType] = {}
+
+
+def load_source(source: str, stem: str) -> types.ModuleType:
+    """Import generated `source` as the module `<stem>_<hash>` from a file in the cache directory.
+
+    The file is (re)written unless it already holds exactly `source`; the code executed is `source` itself,
+    compiled with the file's path as its filename."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"recdsl_{stem}_{digest}"
+    if name in _LOADED:
+        return _LOADED[name]
+    path = cache_directory() / f"{name}.py"
+    try:
+        current = path.read_text() if path.is_file() and not path.is_symlink() else None
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != source:
+        _write(path, source)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    try:
+        exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _LOADED[name] = module
+    return module
+
+
+__all__ = ["CacheError", "cache_directory", "load_source"]

@@ -1,0 +1,153 @@
+"""The compiled layer: one object per recurrence, the same in `recurrence_dsl.compile()` and generated modules.
+
+A generated module defines, per recurrence, a subclass of `Layer` whose `__call__` has the recurrence's own
+signature and an instance of it named like the recurrence; `compile()` imports that module and returns that
+instance (or `instance.options(...)`, a copy with other defaults). So there is one set of arguments, one
+backend rule and one set of checks, wherever a layer comes from.
+
+Imports only torch and is copied verbatim into generated modules, next to `recurrence_dsl/calling.py`
+(`bind_call`, `CallError`) and `codegen/dispatch.py` (`run_forms`, `pick_form`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+# The keyword arguments a config may carry, per (form, backend): what the form functions accept. (The tuner's
+# search space, autotune.space.SPACES, offers values for exactly these keys.)
+CONFIG_KEYS = {
+    ("chunked", "torch"): ("chunk_size",),
+    ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("recurrent", "triton"): ("num_warps",),
+}
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_chunk_size(chunk_size, backend: str) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise CallError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")  # noqa: F821 - calling.py
+    if backend == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise CallError(f"chunk_size must be a power of two >= 16 on the triton backend, got {chunk_size}")  # noqa: F821
+
+
+class Layer:
+    """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
+
+    spec: the declarations (name, inputs, params, states, outputs, sizes, spec_hash); forms / triton_forms:
+    form name -> form function (`triton_forms` None without triton). form, backend, chunk_size: the defaults of
+    every call. tuned: None, or `tuned(layer, call, form, backend) -> config | None`, asked before a call that
+    gives neither `chunk_size` nor `config` (`recurrence_dsl.compile` passes the tuning store's lookup).
+    """
+
+    def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
+                 chunk_size: int = 64, tuned=None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if form != "auto" and form not in forms:
+            raise ValueError(f"{spec.name} has no {form!r} form; it has {', '.join(forms)}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if backend == "triton" and triton_forms is None:
+            raise ValueError("backend='triton' needs triton installed (pip install triton)")
+        self.recurrence = spec
+        self.forms = forms
+        self.triton_forms = triton_forms
+        self.form, self.backend, self.chunk_size, self.tuned = form, backend, chunk_size, tuned
+
+    @property
+    def name(self) -> str:
+        return self.recurrence.name
+
+    @property
+    def source(self) -> str:
+        """The text of the module this layer was generated into."""
+        import sys
+
+        with open(sys.modules[type(self).__module__].__file__) as f:
+            return f.read()
+
+    def options(self, *, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
+                tuned=False):
+        """A copy of this layer with other defaults (tuned=False keeps this layer's lookup)."""
+        return type(self)(self.recurrence, self.forms, self.triton_forms,
+                          form=self.form if form is None else form,
+                          backend=self.backend if backend is None else backend,
+                          chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+                          tuned=self.tuned if tuned is False else tuned)
+
+    def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
+        """The backend a call on `device` with inputs of `dtype` runs on: "auto" takes triton for CUDA tensors
+        (or CPU tensors under TRITON_INTERPRET=1) when triton imports, torch otherwise and for float64."""
+        backend = self.backend if backend is None else backend
+        if backend not in BACKENDS:
+            raise CallError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")  # noqa: F821
+        if backend != "auto":
+            return backend
+        if self.triton_forms is not None and dtype != torch.float64 and (device.type == "cuda" or interpreting()):
+            return "triton"
+        return "torch"
+
+    def pick_form(self, length: int, chunk_size: int | None = None) -> str:
+        """The form "auto" runs for a sequence of `length` steps."""
+        return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size)  # noqa: F821
+
+    def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
+        """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
+        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        form = self.form if form is None else form
+        if form != "auto" and form not in self.forms:
+            raise CallError(f"{self.name} has no {form!r} form; it has {', '.join(self.forms)}")  # noqa: F821
+        if config is not None and chunk_size is not None:
+            raise CallError("give chunk_size or config, not both (a config carries its own chunk_size)")  # noqa: F821
+        backend = self.backend_for(call.device, call.dtype, backend)
+        if backend == "triton":
+            if self.triton_forms is None:
+                raise CallError("backend='triton' needs triton installed (pip install triton)")  # noqa: F821
+            if call.dtype == torch.float64:
+                raise CallError("backend='triton' takes float16, bfloat16 or float32 inputs, got float64; "  # noqa: F821
+                                "use backend='torch' (or 'auto')")
+            fns = self.triton_forms
+            if form != "auto" and form not in fns:
+                raise CallError(f"{self.name} has no {form!r} form on the triton backend; it has "  # noqa: F821
+                                f"{', '.join(fns)} (use backend='torch' for the others)")
+        else:
+            fns = self.forms
+        chunk = self.chunk_size if chunk_size is None else chunk_size
+        _check_chunk_size(chunk, backend if "chunked" in fns else "torch")
+        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+        if config is None and chunk_size is None and self.tuned is not None:
+            config = self.tuned(self, call, resolved, backend)
+        options = {}
+        if config is not None:
+            keys = CONFIG_KEYS.get((resolved, backend))
+            if keys is None or set(config) != set(keys):
+                raise CallError(f"a config for form {resolved!r} on backend {backend!r} has the keys "  # noqa: F821
+                                f"{sorted(keys or ())}, got {sorted(config)}")
+            chunk = config.get("chunk_size", chunk)
+            _check_chunk_size(chunk, backend)
+            options = {resolved: {k: v for k, v in config.items() if k != "chunk_size"}}
+        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+
+    def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
+                 config: dict | None = None, **kwargs):
+        """`(output, final_state)`; the arguments of LANGUAGE.md's calling convention plus form, backend,
+        chunk_size (defaults: this layer's) and config (a tuning config for the form that runs)."""
+        return self._call(args, kwargs, form, backend, chunk_size, config)
+
+    def __repr__(self) -> str:
+        return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+if "bind_call" not in globals():  # imported as a package module rather than copied into a generated module
+    from recurrence_dsl.calling import bind_call  # noqa: E402, F401
+    from recurrence_dsl.errors import CallError  # noqa: E402, F401
+
+    from .dispatch import pick_form, run_forms  # noqa: E402, F401
