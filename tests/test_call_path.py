@@ -1,0 +1,172 @@
+"""One call path: `recurrence_dsl.compile()` runs the module `recdsl compile` writes, imported from a per-user cache.
+
+The three disagreements the old two paths had (the backend `auto` picked under TRITON_INTERPRET=1, a
+chunk_size the Mamba module refused, a per-call `backend=`) are checked on both a compiled layer and a module
+written by the CLI and imported from its file; the cache directory's permissions and the refusal of stale,
+foreign or planted files are checked too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import sys
+
+import pytest
+import torch
+
+import recurrence_dsl
+from codegen import cache
+from codegen.layer import interpreting
+from recurrence_dsl.cli import main
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPECS_DIR
+
+GLA = SPECS_DIR / "gla.rec"
+MAMBA = SPECS_DIR / "mamba.rec"
+
+
+def _written_module(tmp_path, spec, name):
+    """`recdsl compile spec -o tmp/gen_NAME.py`, imported from that file."""
+    out = tmp_path / f"gen_{name}.py"
+    assert main(["compile", str(spec), "-o", str(out)]) == 0
+    module_spec = importlib.util.spec_from_file_location(f"gen_{name}_{abs(hash(str(tmp_path)))}", out)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    return module, out
+
+
+def _args(rec, T=20, seed=0):
+    sizes = {s: 16 for s in rec.checked.sizes}
+    args, init = sample_arguments(rec.checked, sizes, 1, T, 2, seed=seed, with_initial_state=True)
+    return [a.float() for a in args], init
+
+
+def test_compiled_layer_is_the_module_layer_and_the_module_is_what_the_cli_writes(tmp_path):
+    rec = recurrence_dsl.load(GLA)["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    assert layer is module.gla  # the default options: the module's own object
+    assert module.__file__.startswith(str(cache.cache_directory()))
+    _, out = _written_module(tmp_path, GLA, "gla")
+    assert layer.source == out.read_text()  # byte for byte what `recdsl compile` writes
+    other = recurrence_dsl.compile(rec, backend="torch", chunk_size=32, tuning=False)
+    assert type(other) is type(layer) and other.forms is layer.forms  # same class, same forms: other defaults
+    assert (other.backend, other.chunk_size) == ("torch", 32)
+
+
+def test_auto_picks_the_same_backend_in_compile_and_in_the_module(tmp_path):
+    assert interpreting(), "conftest sets TRITON_INTERPRET=1 without a GPU"
+    module, _ = _written_module(tmp_path, GLA, "gla_auto")
+    layer = recurrence_dsl.compile(recurrence_dsl.load(GLA)["gla"], tuning=False)
+    for dtype, expected in ((torch.float32, "triton"), (torch.float64, "torch")):
+        assert layer.backend_for(torch.device("cpu"), dtype) == expected
+        assert module.gla.backend_for(torch.device("cpu"), dtype) == expected
+
+
+def test_mamba_runs_backend_triton_with_any_chunk_size_on_both_paths(tmp_path):
+    rec = recurrence_dsl.load(MAMBA)["mamba"]
+    module, _ = _written_module(tmp_path, MAMBA, "mamba")
+    args, init = _args(rec)
+    ref, ref_final = rec.reference(*[a.double() for a in args], initial_state=init, output_final_state=True)
+    layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=8, tuning=False)
+    for fn in (layer, lambda *a, **k: module.mamba(*a, backend="triton", chunk_size=8, **k)):
+        out, final = fn(*args, initial_state=init.float(), output_final_state=True)
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+        assert ((final.double() - ref_final).norm() / ref_final.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_per_call_backend_is_taken_by_both_paths(tmp_path, backend):
+    rec = recurrence_dsl.load(GLA)["gla"]
+    module, _ = _written_module(tmp_path, GLA, f"gla_{backend}")
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, init = _args(rec, T=40)
+    ref = rec.reference(*[a.double() for a in args], initial_state=init)[0]
+    for fn in (layer, module.gla):
+        out, _ = fn(*args, initial_state=init.float(), backend=backend, chunk_size=16)
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+        with pytest.raises(recurrence_dsl.CallError, match="unknown backend"):
+            fn(*args, backend="cuda-graphs")
+    with pytest.raises(recurrence_dsl.CallError, match="power of two"):
+        layer(*args, backend="triton", chunk_size=24)
+    with pytest.raises(recurrence_dsl.CallError, match="power of two"):
+        module.gla(*args, backend="triton", chunk_size=24)
+
+
+def test_both_paths_raise_the_same_errors(tmp_path):
+    rec = recurrence_dsl.load(GLA)["gla"]
+    module, _ = _written_module(tmp_path, GLA, "gla_errors")
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, _ = _args(rec)
+    bad = [((args[0][..., :3],) + tuple(args[1:]), {}), (tuple(args), {"form": "bogus"}),
+           (tuple(args), {"chunk_size": 0}), (tuple(args), {"config": {"chunk_size": 16, "block_q": 1}})]
+    for call_args, kwargs in bad:
+        messages = []
+        for fn in (layer, module.gla):
+            with pytest.raises(recurrence_dsl.CallError) as err:
+                fn(*call_args, **kwargs)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1]
+
+
+# -- the cache -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURRENCE_DSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_LOADED", {})
+    return tmp_path / "cache" / "modules"
+
+
+def test_cache_directory_is_private_and_modules_come_from_their_source(fresh_cache):
+    rec = recurrence_dsl.load(GLA)["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    path = sys.modules[type(layer).__module__].__file__
+    assert os.path.dirname(path) == str(fresh_cache)
+    assert stat.S_IMODE(fresh_cache.stat().st_mode) == 0o700
+    assert not (fresh_cache / "__pycache__").exists()  # no bytecode written, so none to plant or go stale
+
+
+def test_a_tampered_cached_file_is_rewritten_and_never_run(fresh_cache):
+    from codegen.load import load_module
+    from recurrence_dsl.analysis import analyse
+
+    analysis = analyse(recurrence_dsl.load(GLA)["gla"].checked)
+    path = load_module(analysis).__file__
+    cache._LOADED.clear()
+    with open(path, "w") as f:
+        f.write("raise SystemExit('planted code ran')\n")
+    (fresh_cache / "__pycache__").mkdir()
+    (fresh_cache / "__pycache__" / (os.path.basename(path)[:-3] + ".cpython-311.pyc")).write_bytes(b"garbage")
+    module = load_module(analysis)
+    assert "planted" not in open(path).read() and callable(module.gla)
+
+
+def test_a_cache_directory_others_can_write_is_refused(fresh_cache, tmp_path, monkeypatch):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(0o777)
+    monkeypatch.setattr(cache, "_candidates", lambda: [fresh_cache])
+    with pytest.raises(cache.CacheError, match="writable by others"):
+        cache.cache_directory()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+def test_a_cache_directory_owned_by_someone_else_is_refused(fresh_cache, monkeypatch):
+    fresh_cache.mkdir(parents=True, mode=0o700)
+    os.chown(fresh_cache, 4321, -1)
+    monkeypatch.setattr(cache, "_candidates", lambda: [fresh_cache])
+    with pytest.raises(cache.CacheError, match="owned by uid 4321"):
+        cache.cache_directory()
+
+
+def test_the_next_candidate_is_used_when_the_first_is_refused(fresh_cache, tmp_path, monkeypatch):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(0o777)
+    second = tmp_path / "second"
+    monkeypatch.setattr(cache, "_candidates", lambda: [fresh_cache, second])
+    assert cache.cache_directory() == second and stat.S_IMODE(second.stat().st_mode) == 0o700
