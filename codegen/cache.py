@@ -69,9 +69,6 @@ def _write(path: Path, source: str) -> None:
         raise
 
 
-_LOADED: dict[str, types.ModuleType] = {}
-
-
 def load_source(source: str, stem: str) -> types.ModuleType:
     """Import generated `source` as the module `<stem>_<hash>` from a file in the cache directory.
 
@@ -79,8 +76,8 @@ def load_source(source: str, stem: str) -> types.ModuleType:
     compiled with the file's path as its filename."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     name = f"recdsl_{stem}_{digest}"
-    if name in _LOADED:
-        return _LOADED[name]
+    if name in sys.modules:  # the name holds the source's hash: once imported, the module is this source
+        return sys.modules[name]
     path = cache_directory() / f"{name}.py"
     try:
         current = path.read_text() if path.is_file() and not path.is_symlink() else None
@@ -96,7 +93,6 @@ def load_source(source: str, stem: str) -> types.ModuleType:
     except BaseException:
         del sys.modules[name]
         raise
-    _LOADED[name] = module
     return module
 
 

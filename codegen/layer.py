@@ -52,7 +52,8 @@ class Layer:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if form != "auto" and form not in forms:
-            raise ValueError(f"{spec.name} has no {form!r} form; it has {', '.join(forms)}")
+            raise ValueError(f"{spec.name} has no {form!r} form: "
+                             + (dict(spec.unavailable).get(form) or f"choose from {', '.join(forms)} or auto"))
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if backend == "triton" and triton_forms is None:
@@ -104,7 +105,9 @@ class Layer:
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         form = self.form if form is None else form
         if form != "auto" and form not in self.forms:
-            raise CallError(f"{self.name} has no {form!r} form; it has {', '.join(self.forms)}")  # noqa: F821
+            why = dict(self.recurrence.unavailable).get(form)
+            raise CallError(f"{self.name} has no {form!r} form: " + (why or f"choose from {', '.join(self.forms)} "  # noqa: F821
+                                                                     "or auto"))
         if config is not None and chunk_size is not None:
             raise CallError("give chunk_size or config, not both (a config carries its own chunk_size)")  # noqa: F821
         backend = self.backend_for(call.device, call.dtype, backend)

@@ -21,10 +21,17 @@ def triton_available() -> bool:
     return True
 
 
+_MODULES: dict[tuple[str, str], object] = {}
+
+
 def load_module(analysis: Analysis):
-    """The generated module of one recurrence, imported from the cache (see `codegen.cache`)."""
-    source = module_source([analysis], analysis.recurrence.source.filename)
-    return load_source(source, analysis.recurrence.name)
+    """The generated module of one recurrence, imported from the cache (see `codegen.cache`); generated once
+    per process for the same spec text and file name."""
+    rec = analysis.recurrence
+    key = (rec.text, rec.source.filename)
+    if key not in _MODULES:
+        _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)
+    return _MODULES[key]
 
 
 def load_layer(analysis: Analysis):

@@ -20,6 +20,7 @@ import itertools
 import sympy
 
 from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .printing import SourceWriter, is_constant, py_name
@@ -46,6 +47,9 @@ class TorchFormWriter:
         # Python names of the spec's names (a trailing _ where one would shadow a name the code uses).
         self.py = {n: py_name(n) for n in [s.name for s in self.rec.inputs + self.rec.params + self.rec.states
                                             + self.rec.outputs] + list(self.rec.sizes)}
+        self.shown: dict[str, str] = {}  # internal names of hoisted expressions -> the names printed
+        # Where each state's and output's value is written in the spec (`gla.rec:4`), cited beside its code.
+        self.cite = {n: cite(self.rec, n) for n in [s.name for s in self.rec.states + self.rec.outputs]}
         self.args = [self.py[s.name] for s in self.rec.inputs + self.rec.params]
         self.signature = ", ".join(self.args + ["states"] + [self.py[n] for n in self.rec.sizes])
 
@@ -113,10 +117,29 @@ class TorchFormWriter:
                 while name in self.py:  # a spec may name something P0 itself
                     name = f"P{next(counter)}"
                 table[key] = (name, idx, e)
+                self.shown[name] = self._unique(self._describe(e))
             name, idx, _ = table[key]
             return sympy.IndexedBase(name)[idx] if idx else sympy.Symbol(name)
 
         return walk(expr)
+
+    def _describe(self, e: sympy.Expr) -> str:
+        """A readable name for a hoisted expression, from its head and the spec names it reads: `exp(g[i])` is
+        `exp_g`, `sum(m, k[m] * k[m])` is `sum_k`."""
+        head = {sympy.Sum: "sum", sympy.Pow: "pow", sympy.Add: "add", sympy.Mul: "mul"}.get(
+            type(e), type(e).__name__.lower() if isinstance(e, sympy.Function) else "pre")
+        ranges = set(self.a.ir.ranges)
+        read = sorted({str(n.base) for n in e.atoms(sympy.Indexed)}
+                      | {n.name for n in e.atoms(sympy.Symbol) if n not in ranges and n.name not in self.sizes})
+        return "_".join([head] + [self.py.get(n, n).rstrip("_") for n in read])
+
+    def _unique(self, name: str) -> str:
+        """`name`, or `name_2`, `name_3`, ...: distinct from the spec's names and the names already printed."""
+        taken = set(self.py.values()) | set(self.shown.values())
+        candidate, n = py_name(name), 2
+        while candidate in taken:
+            candidate, n = f"{name}_{n}", n + 1
+        return candidate
 
     @staticmethod
     def _reads(expr: sympy.Expr, name: str) -> bool:
@@ -138,12 +161,12 @@ class TorchFormWriter:
         counter = itertools.count()
         updates = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.updates.items()}
         outputs = {n: (d.indices, self._hoist(d.expr, table, counter)) for n, d in self.a.ir.outputs.items()}
-        py = self.py
+        py = {**self.py, **self.shown}
         time_printer = TorchPrinter(self.sizes, self.a.ir.ranges, py)
         if table:
             w("# Hoisted: state-free subexpressions, computed once for all steps.")
         for name, idx, e in table.values():
-            w(f"{name} = {time_printer.print_expr(e, idx)}  # {self._shape_comment(idx)}")
+            w(f"{py[name]} = {time_printer.print_expr(e, idx)}  # {self._shape_comment(idx)}")
         input_names = {i.name for i in self.rec.inputs}
         per_step = [i.name for i in self.rec.inputs]
         constant = [p.name for p in self.rec.params]
@@ -172,11 +195,13 @@ class TorchFormWriter:
         for s in self._update_order():
             idx, e = updates[s.name]
             dims = "".join(f", {self._dim(d)}" for d in s.dims)
-            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}", 2)
+            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}  "
+              f"# {self.cite[s.name]}", 2)
         for o in self.rec.outputs:
             idx, e = outputs[o.name]
             dims = "".join(f", {self._dim(d)}" for d in o.dims)
-            w(f"{py[o.name]}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})", 2)
+            w(f"{py[o.name]}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})  "
+              f"# {self.cite[o.name]}", 2)
         for s in self.rec.states:
             w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 2)
         outs = ", ".join(f"'{o.name}': _stack_steps({py[o.name]}_steps, B_, H_, "
@@ -201,7 +226,7 @@ class TorchFormWriter:
         for s in self.rec.states:
             sa = self.a.states[s.name]
             dims = "".join(f", {self._dim(d)}" for d in s.dims)
-            w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}")
+            w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}  # {self.cite[s.name]}")
             if is_constant(sa.diagonal, self.sizes):
                 value = printer.print_expr(sa.diagonal, sa.indices)
                 w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value})  # a constant decay")
@@ -217,7 +242,7 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             d = self.a.ir.outputs[o.name]
-            w(f"{self.py[o.name]} = {self._full(out_printer, d.expr, d.indices, o.dims)}")
+            w(f"{self.py[o.name]} = {self._full(out_printer, d.expr, d.indices, o.dims)}  # {self.cite[o.name]}")
             outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
@@ -241,13 +266,14 @@ class TorchFormWriter:
             plan = sa.chunk
             dims = sa.dims
             kdim = dims[0]
-            w(f"# state {s.name}: {sa.cls.value}; {sa.reason}")
+            w(f"# state {s.name} ({self.cite[s.name]}): {sa.cls.value}; {sa.reason}")
             if s.name in view.transposed:
                 w(f"# {s.name} is [{', '.join(map(str, s.dims))}] and read along its second axis: the chunked form "
                   f"runs on its transpose")
-            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, (kdim,))}")
+            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, (kdim,))}  # {self.cite[s.name]}")
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[1],))}")
+                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[1],))}  "
+                  f"# {self.cite[s.name]}")
                 state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
@@ -259,14 +285,23 @@ class TorchFormWriter:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
                 log_decay = self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape[plan.decay_axis])
-                w(f"log_decay_{s.name} = {log_decay}")
+                w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}")
                 decay = f"log_decay_{s.name}"
             queries = []
-            for r in plan.readouts:
-                w(f"q_{r.name} = {self._full(printer, r.query.expr, r.query.indices, (kdim,))}")
-                queries.append(f"(q_{r.name}, {r.exclusive})")
+
+            def readers(readout: str) -> str:
+                """The outputs a readout feeds, cited."""
+                return ", ".join(self.cite[o.name] for o in self.rec.outputs
+                                 if sympy.Symbol(readout) in view.outputs[o.name].expr.free_symbols) or "readout"
+
+            for n, r in enumerate(plan.readouts):
+                # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
+                readout_names[r.name] = f"read_{s.name}" + (f"_{n + 1}" if n else "")
+                w(f"query_{readout_names[r.name]} = "
+                  f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {readers(r.name)}")
+                queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
             axis = "None" if plan.decay_axis is None else repr(plan.decay_axis)
-            outs = ", ".join(r.name for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
+            outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
                 w(f"a_{s.name} = {self._full(printer, plan.mix_read.expr, plan.mix_read.indices, (kdim,))}  "
@@ -277,7 +312,7 @@ class TorchFormWriter:
                   f"b_{s.name}, {decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
-                w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}")
+                w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}  # {self.cite[s.name]}")
                 w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
                   f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
@@ -290,14 +325,12 @@ class TorchFormWriter:
             if plan.v is None:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")
                 for r in plan.readouts:
-                    w(f"{r.name} = {r.name}[..., 0]")
-            for r in plan.readouts:
-                readout_names[r.name] = r.name
+                    w(f"{readout_names[r.name]} = {readout_names[r.name]}[..., 0]")
         out_printer = TorchPrinter(self.sizes, view.ir.ranges, readout_names)
         outs = []
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
-            w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}")
+            w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}  # {self.cite[o.name]}")
             outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")

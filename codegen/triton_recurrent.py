@@ -38,19 +38,16 @@ Kernel design (the torch per-step loop, moved into one program):
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import itertools
-import os
-import sys
-import tempfile
-from pathlib import Path
+import re
 
 import sympy
 
 from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX
 
+from .cache import load_source
 from .kernel_rules import check_kernel_source
 from .printing import SourceWriter, constant_source, py_name
 from .triton_printer import (
@@ -74,6 +71,16 @@ _CONST_PREFIX = "_const"
 
 def _user(name: str) -> str:
     return py_name(name, _RESERVED, _PREFIXES)
+
+
+def _const_name(src: str, number: str, taken: set[str]) -> str:
+    """A launcher constant named after its source: `K**(-0.5)` is `c_K_pow_m0_5` (`c_<n>` when too long)."""
+    words = src.replace("**", " pow ").replace("*", " mul ").replace("/", " div ").replace("+", " plus ")
+    words = re.sub(r"-", " m", words).replace(".", "_")
+    name = "c_" + "_".join(re.sub(r"[^0-9A-Za-z_]+", " ", words).split())
+    if len(name) > 32 or not name.isidentifier() or name in taken:
+        name = f"c_{number}"
+    return name
 
 
 def _leaf(e: sympy.Expr) -> bool:
@@ -116,6 +123,7 @@ class TritonRecurrentWriter:
         self.temp_phase: dict[str, str] = {}
         self.temp_src: dict[str, str] = {}
         self.counter = itertools.count()
+        self.cite = {n: cite(self.rec, n) for n in [s.name for s in self.states + self.outputs]}
 
     # -- size-only constants ----------------------------------------------------
 
@@ -278,8 +286,10 @@ class TritonRecurrentWriter:
             names[s.name + NEW_SUFFIX] = f"b_{_user(s.name)}_new"
         for ir_name, src in self.temp_src.items():
             names[ir_name] = src
-        for ir_name, _ in self.consts.values():
-            names[ir_name] = f"c_{ir_name[len(_CONST_PREFIX):]}"
+        taken = set(names.values()) | {_user(s) for s in self.sizes}
+        for ir_name, src in self.consts.values():
+            names[ir_name] = _const_name(src, ir_name[len(_CONST_PREFIX):], taken)
+            taken.add(names[ir_name])
         for s in self.sizes:
             names[s] = _user(s)
         return names
@@ -435,12 +445,13 @@ class TritonRecurrentWriter:
             if idx and printer.needs_mask(e, idx):
                 mask = f"m_{u}" if len(idx) > 1 else printer.mask(idx)
                 text = f"tl.where({mask}, {text}, 0.0)"
-            w(f"b_{u}_new = {text}" + (f"  # {self._shape(s)}" if s.dims else ""), 2)
+            w(f"b_{u}_new = {text}  # " + (f"{self._shape(s)} " if s.dims else "") + self.cite[s.name], 2)
         for o in self.outputs:
             idx, e = self.outputs_ir[o.name]
             u = _user(o.name)
             self._write_temps_for(w, printer, e, emitted)
-            w(f"b_{u} = {self._full(printer, e, idx)}" + (f"  # {self._shape(o)}" if o.dims else ""), 2)
+            w(f"b_{u} = {self._full(printer, e, idx)}  # " + (f"{self._shape(o)} " if o.dims else "")
+              + self.cite[o.name], 2)
             if o.dims:
                 mask = f"m_{u}" if len(o.dims) > 1 else self._mask(o)
                 w(f"tl.store(p_{u}, b_{u}.to(p_{u}.dtype.element_ty), mask={mask})", 2)
@@ -587,55 +598,6 @@ def triton_recurrent_source(analysis: Analysis) -> str:
 
 # -- loading ----------------------------------------------------------------------------------------------
 
-def _cache_dirs():
-    env = os.environ.get("RECURRENCE_DSL_CACHE")
-    if env:
-        yield Path(env) / "triton"
-    yield Path.home() / ".cache" / "recurrence_dsl" / "triton"
-    yield Path(tempfile.gettempdir()) / f"recurrence_dsl-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "triton"
-
-
-def _write_module(source: str, stem: str) -> Path:
-    """Write `source` to `<cache>/<stem>.py` (atomically; the first writable cache directory wins)."""
-    errors = []
-    for directory in _cache_dirs():
-        path = directory / f"{stem}.py"
-        try:
-            if path.is_file() and path.read_text() == source:
-                return path
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(source)
-            os.replace(tmp, path)
-            return path
-        except OSError as e:
-            errors.append(f"{directory}: {e}")
-    raise OSError("no writable cache directory for the generated Triton module: " + "; ".join(errors))
-
-
-_LOADED: dict[str, object] = {}
-
-
-def load_module(source: str, name: str):
-    """Import generated source as a module from a file (Triton's JIT reads a kernel's source from its file)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    stem = f"recdsl_{name}_{digest}"
-    if stem in _LOADED:
-        return _LOADED[stem]
-    path = _write_module(source, stem)
-    spec = importlib.util.spec_from_file_location(stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[stem] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[stem]
-        raise
-    _LOADED[stem] = module
-    return module
-
-
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     """The forms the Triton backend runs: recurrent always; chunked where `triton_runtime` has its kernels
     (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
@@ -648,10 +610,10 @@ def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
 def build_triton_recurrent(analysis: Analysis):
     """The launcher `NAME__triton_recurrent` of `analysis`'s generated module (see the module docstring)."""
     source = triton_recurrent_source(analysis)
-    module = load_module(source, analysis.recurrence.name)
+    module = load_source(source, f"{analysis.recurrence.name}_triton_recurrent")
     launcher = getattr(module, f"{analysis.recurrence.name}__triton_recurrent")
     launcher.source = source
     return launcher
 
 
-__all__ = ["TritonRecurrentWriter", "build_triton_recurrent", "load_module", "triton_recurrent_source"]
+__all__ = ["TritonRecurrentWriter", "build_triton_recurrent", "triton_recurrent_source"]

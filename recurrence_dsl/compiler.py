@@ -51,7 +51,15 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     if form != "auto" and form not in analysis.forms:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
     layer = load_layer(analysis)
-    tuned = None if tuning is False else functools.partial(_lookup, None if tuning is True else tuning)
-    if (form, backend, chunk_size, tuned) == ("auto", "auto", 64, None):
+    if (form, backend, chunk_size, tuning) == ("auto", "auto", 64, False):
         return layer
-    return layer.options(form=form, backend=backend, chunk_size=chunk_size, tuned=tuned)
+    store_key = tuning if isinstance(tuning, bool) else str(getattr(tuning, "path", tuning))
+    key = (id(layer), form, backend, chunk_size, store_key)  # the module layer lives as long as the process
+    if key not in _LAYERS:
+        tuned = None if tuning is False else functools.partial(_lookup, None if tuning is True else tuning)
+        _LAYERS[key] = layer.options(form=form, backend=backend, chunk_size=chunk_size, tuned=tuned)
+    return _LAYERS[key]
+
+
+# One layer per (module layer, defaults, store): compile() twice with the same arguments gives the same object.
+_LAYERS: dict[tuple, object] = {}

@@ -93,3 +93,31 @@ def to_dot(graph: nx.DiGraph) -> str:
         lines.append(f'  "{a}" -> "{b}"{label};')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def source_lines(rec: CheckedRecurrence) -> dict[str, tuple[int, ...]]:
+    """Per state and output, the lines of the statements its new value comes from: its own assignment and
+    the temporaries that assignment reads (through other temporaries too); generated code cites them."""
+    graph = build_dataflow(rec)
+    found: dict[str, tuple[int, ...]] = {}
+    for node, data in graph.nodes(data=True):
+        target = data.get("target")
+        if target is None or data.get("kind") == SymbolKind.TEMP.value:
+            continue
+        lines, todo = {data["line"]}, [node]
+        while todo:  # up through temporaries only: another state's statement is cited where it is written
+            for up in graph.predecessors(todo.pop()):
+                if graph.nodes[up].get("kind") == SymbolKind.TEMP.value and graph.nodes[up]["line"] not in lines:
+                    lines.add(graph.nodes[up]["line"])
+                    todo.append(up)
+        found[target] = tuple(sorted(lines | set(found.get(target, ()))))
+    return found
+
+
+def cite(rec: CheckedRecurrence, name: str) -> str:
+    """`gla.rec:4` (or `delta_net.rec:13,14`): where a state's or output's value is written in the spec."""
+    from pathlib import PurePath
+
+    lines = source_lines(rec).get(name, ())
+    file = PurePath(rec.source.filename).name if rec.source.filename != "<string>" else "<string>"
+    return f"{file}:{','.join(map(str, lines))}" if lines else file

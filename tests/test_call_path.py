@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import recurrence_dsl
-from codegen import cache
+import recurrence_dsl.compiler as compiler
+from codegen import cache, load
 from codegen.layer import interpreting
 from recurrence_dsl.cli import main
 from recurrence_dsl.sampling import sample_arguments
@@ -119,7 +120,11 @@ def test_both_paths_raise_the_same_errors(tmp_path):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RECURRENCE_DSL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cache, "_LOADED", {})
+    # A fresh process as far as generated modules go (monkeypatch restores what was there).
+    for name in [n for n in sys.modules if n.startswith("recdsl_")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(load, "_MODULES", {})
+    monkeypatch.setattr(compiler, "_LAYERS", {})
     return tmp_path / "cache" / "modules"
 
 
@@ -137,8 +142,10 @@ def test_a_tampered_cached_file_is_rewritten_and_never_run(fresh_cache):
     from recurrence_dsl.analysis import analyse
 
     analysis = analyse(recurrence_dsl.load(GLA)["gla"].checked)
-    path = load_module(analysis).__file__
-    cache._LOADED.clear()
+    module = load_module(analysis)
+    path = module.__file__
+    del sys.modules[module.__name__]  # as in a new process
+    load._MODULES.clear()
     with open(path, "w") as f:
         f.write("raise SystemExit('planted code ran')\n")
     (fresh_cache / "__pycache__").mkdir()
