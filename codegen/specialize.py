@@ -94,33 +94,35 @@ def _truth(test: ast.expr, known: dict[str, frozenset]) -> bool | None:
 
 
 def _fold_function(lines: list[str], known: dict[str, frozenset]) -> list[str]:
-    """Fold one decidable if-chain at a time (outermost first) until none is left."""
+    """Fold one if-chain at a time (outermost first) until no chain changes."""
     while True:
         tree = ast.parse("\n".join(lines))
         found = _first_foldable(tree.body[0].body, lines, known)
         if found is None:
             return lines
-        node, siblings = found
-        lines[node.lineno - 1:node.end_lineno] = _folded(node, siblings, lines, known)
+        node, new = found
+        lines[node.lineno - 1:node.end_lineno] = new
 
 
-def _chain(node: ast.If, lines: list[str]) -> tuple[list[tuple[ast.If, list]], list]:
-    """An if / elif / ... chain as ([(branch node, its body)], else body)."""
-    branches = [(node, node.body)]
+def _chain(node: ast.If, lines: list[str]) -> tuple[list[ast.If], list]:
+    """An if / elif / ... chain as ([branch nodes], else body)."""
+    branches = [node]
     while (len(node.orelse) == 1 and isinstance(node.orelse[0], ast.If)
            and lines[node.orelse[0].lineno - 1].lstrip().startswith("elif")):
         node = node.orelse[0]
-        branches.append((node, node.body))
+        branches.append(node)
     return branches, node.orelse
 
 
-def _first_foldable(body: list[ast.stmt], lines: list[str], known) -> tuple[ast.If, list] | None:
+def _first_foldable(body: list[ast.stmt], lines: list[str], known) -> tuple[ast.If, list[str]] | None:
+    """The first if-chain in `body` (outermost first) that folding changes, with its new lines."""
     for stmt in body:
         if isinstance(stmt, ast.If):
+            new = _folded(stmt, body, lines, known)
+            if new != lines[stmt.lineno - 1:stmt.end_lineno]:
+                return stmt, new
             branches, orelse = _chain(stmt, lines)
-            if any(_truth(b.test, known) is not None for b, _ in branches):
-                return stmt, body
-            blocks = [b for _, b in branches] + [orelse]
+            blocks = [b.body for b in branches] + [orelse]
         else:
             blocks = [getattr(stmt, field) for field in ("body", "orelse", "finalbody") if hasattr(stmt, field)]
         for block in blocks:
@@ -131,47 +133,64 @@ def _first_foldable(body: list[ast.stmt], lines: list[str], known) -> tuple[ast.
     return None
 
 
+def _assignments(known: dict[str, frozenset]) -> list[dict[str, frozenset]]:
+    """Every combination of the flags' values, each flag as a one-value set."""
+    out = [{}]
+    for name, values in known.items():
+        out = [{**a, name: frozenset({v})} for a in out for v in sorted(values, key=repr)]
+    return out
+
+
 def _folded(node: ast.If, siblings: list, lines: list[str], known) -> list[str]:
-    """The lines that replace the if-chain `node`: its kept branches, or the one branch every value takes."""
+    """The lines that replace the if-chain `node`: the branches some combination of flag values takes, each
+    tested as before, except that a branch every combination reaching it takes becomes the chain's `else`."""
     branches, orelse = _chain(node, lines)
-    indent = " " * node.col_offset
-    # Each branch as (header line index, body line range); the else body's range after its `else:` line.
-    spans = []
-    for i, (branch, body) in enumerate(branches):
-        header_end = body[0].lineno - 1  # exclusive end of the header (0-based index of the first body line)
+    spans = []  # per branch: (first line, first body line, end), 0-based, end exclusive
+    for i, branch in enumerate(branches):
         if i + 1 < len(branches):
-            end = branches[i + 1][0].lineno - 1
+            end = branches[i + 1].lineno - 1
         elif orelse:
-            end = next(n for n in range(orelse[0].lineno - 2, body[-1].end_lineno - 1, -1)
+            end = next(n for n in range(orelse[0].lineno - 2, branch.body[-1].end_lineno - 1, -1)
                        if lines[n].lstrip().startswith("else"))
         else:
             end = node.end_lineno
-        spans.append((branch, branch.lineno - 1, header_end, end))
-    else_span = None
-    if orelse:
-        else_line = spans[-1][3]
-        else_span = (else_line + 1, node.end_lineno)
-    kept, final = [], else_span
-    for branch, start, header_end, end in spans:
-        truth = _truth(branch.test, known)
-        if truth is False:
+        spans.append((branch.lineno - 1, branch.body[0].lineno - 1, end))
+    taken = [False] * len(branches)
+    always = [True] * len(branches)  # true for every combination that reaches it
+    reaches_else = False
+    for assignment in _assignments(known):
+        for i, branch in enumerate(branches):
+            truth = _truth(branch.test, assignment)
+            always[i] = always[i] and truth is True
+            if truth is not False:
+                taken[i] = True
+            if truth is True:
+                break
+        else:
+            reaches_else = True
+    kept, final = [], None
+    for i, (start, body_start, end) in enumerate(spans):
+        if not taken[i]:
             continue
-        if truth is True:
-            final = (header_end, end)
+        if always[i]:
+            final = (body_start, end)
             break
-        kept.append((start, header_end, end))
-    body_indent = " " * (node.body[0].col_offset - node.col_offset)
+        kept.append((start, body_start, end))
+    else:
+        if orelse and reaches_else:
+            final = (spans[-1][2] + 1, node.end_lineno)
+    indent = " " * node.col_offset
     if not kept:
         if final is None:
             return [indent + "pass"] if len(siblings) == 1 else []
-        return [_dedent(line, len(body_indent)) for line in lines[final[0]:final[1]]]
+        shift = node.body[0].col_offset - node.col_offset
+        return [_dedent(line, shift) for line in lines[final[0]:final[1]]]
     out = []
-    for i, (start, header_end, end) in enumerate(kept):
-        header = lines[start:header_end]
-        keyword = "if" if i == 0 else "elif"
+    for i, (start, body_start, end) in enumerate(kept):
+        header = lines[start:body_start]
         first = header[0].lstrip()
         first = first[first.index(" "):] if first.startswith(("if ", "elif ")) else first
-        out += [indent + keyword + first] + header[1:] + lines[header_end:end]
+        out += [indent + ("if" if i == 0 else "elif") + first] + header[1:] + lines[body_start:end]
     if final is not None:
         out += [indent + "else:"] + lines[final[0]:final[1]]
     return out

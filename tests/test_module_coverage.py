@@ -245,3 +245,42 @@ def test_a_module_runs_most_of_its_lines(spec_path, tmp_path):
     listing = "\n".join(f"{n:5d}  {lines[n - 1]}" for n in missing)
     assert covered >= MIN_COVERED, (f"{spec_path.name}: the generated module ran {covered:.1%} of its statements "
                                     f"(< {MIN_COVERED:.0%}); not run:\n{listing}")
+
+
+_KERNEL = '''@triton.jit
+def _triton_kernel(x, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, OTHER: tl.constexpr):
+    if DECAY == 1:
+        a = 1
+    elif DECAY == 2:  # key
+        a = 2
+    else:
+        a = 3
+    if EXCLUSIVE:
+        b = 1
+    else:
+        # inclusive
+        b = 2
+    if OTHER:
+        c = 1
+    for i in range(3):
+        if DECAY == 3 or not EXCLUSIVE:
+            d = 1
+'''
+
+
+def test_specialize_folds_only_the_branches_the_flags_decide():
+    from codegen.specialize import specialize_kernels
+
+    two = specialize_kernels(_KERNEL, {"DECAY": frozenset({1, 2}), "EXCLUSIVE": frozenset({False})})
+    assert two.splitlines()[2:] == [
+        "    if DECAY == 1:", "        a = 1", "    else:", "        a = 2",  # the value 3 never comes
+        "    # inclusive", "    b = 2", "    if OTHER:", "        c = 1", "    for i in range(3):", "        d = 1"]
+    one = specialize_kernels(_KERNEL, {"DECAY": frozenset({2}), "EXCLUSIVE": frozenset({True})})
+    assert one.splitlines()[2:] == ["    a = 2", "    b = 1", "    if OTHER:", "        c = 1",
+                                    "    for i in range(3):", "        pass"]
+    assert specialize_kernels(_KERNEL.replace("_triton_kernel", "user_kernel"), {"DECAY": frozenset({2})}) == _KERNEL \
+        .replace("_triton_kernel", "user_kernel")  # only the Triton runtime's kernels
+    gla = recurrence_dsl.load(SPEC_FILES[0].parent / "gla.rec")["gla"]
+    source = module_source([analyse(gla.checked)], "gla.rec")
+    assert "DECAY ==" not in source and "class triton_KeyDecay" in source
+    assert "class ScalarDecay" not in source and "class triton_ScalarDecay" not in source
