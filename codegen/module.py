@@ -29,6 +29,7 @@ from recurrence_dsl.errors import SpecError
 from recurrence_dsl.version import __version__
 
 from .kernel_rules import check_kernel_source
+from .specialize import specialize
 from .torch_forms import PRELUDE, TorchFormWriter
 from .triton_recurrent import triton_form_names
 
@@ -309,7 +310,8 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         parts.append(triton_parts[1][a.recurrence.name])
         parts.append("\n")
         parts.append(_entry_points(a))
-    text = _prune("".join(parts), [n for a in analyses for n in _public_names(a)])
+    text = specialize("".join(parts), analyses)  # the kernels without the branches their plans never take
+    text = _prune(text, [n for a in analyses for n in _public_names(a)])
     text = re.sub(r"\n{4,}", "\n\n\n", text).rstrip("\n") + "\n"
     try:
         ast.parse(text)

@@ -7,7 +7,8 @@ arguments `(inputs..., params..., states, sizes...)` already bound and cast:
   a prologue computed once for the whole sequence;
 - `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan;
 - `NAME__chunked(..., chunk_size)`: prologue (k, v, decays, queries), the chunked
-  runtime (`torch_runtime.chunked_linear` / `chunked_delta`), epilogue;
+  runtime (`torch_runtime.chunked_linear_by` / `chunked_delta_by` / `chunked_dplr_by` with the
+  plan's decay class), epilogue;
   the parallel form is this with one chunk.
 
 Each returns `(outputs: dict, final_states: dict)` in the compute dtype.
@@ -25,6 +26,10 @@ from recurrence_dsl.step_ir import NEW_SUFFIX
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
+
+# The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
+# ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
+_DECAY_CLASSES = {None: "NoDecay", "scalar": "ScalarDecay", "key": "KeyDecay", "value": "ValueDecay"}
 
 
 def _leaf(e: sympy.Expr) -> bool:
@@ -300,7 +305,7 @@ class TorchFormWriter:
                 w(f"query_{readout_names[r.name]} = "
                   f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {readers(r.name)}")
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
-            axis = "None" if plan.decay_axis is None else repr(plan.decay_axis)
+            axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
@@ -308,17 +313,17 @@ class TorchFormWriter:
                   "# reads the state: u_t = S_(t-1)^T a_t")
                 w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, (kdim,))}  "
                   "# writes u_t back along b_t")
-                w(f"{target} = {self.rt}chunked_dplr([{', '.join(queries)}], k_{s.name}, v_{s.name}, a_{s.name}, "
-                  f"b_{s.name}, {decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
+                w(f"{target} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
+                  f"a_{s.name}, b_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}  # {self.cite[s.name]}")
-                w(f"{target} = {self.rt}chunked_delta([{', '.join(queries)}], k_{s.name}, v_{s.name}, beta_{s.name}, "
-                  f"{decay}, {axis}, initial_state={state}, chunk_size=chunk_size, "
+                w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
+                  f"beta_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
             else:
-                w(f"{target} = {self.rt}chunked_linear([{', '.join(queries)}], k_{s.name}, v_{s.name}, {decay}, "
-                  f"{axis}, "
+                w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
+                  f"{decay}, "
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
             if s.name in view.transposed:
                 w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")

@@ -15,6 +15,9 @@ Forms:
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T (chunked, WY/UT form)
   scan_diagonal    s_t = a_t * s_{t-1} + b_t, elementwise              (associative scan)
   recurrent_linear, recurrent_delta                                     (step-by-step loop, the baseline)
+The chunked forms check their arguments and route by decay_axis to chunked_linear_by / chunked_delta_by /
+chunked_dplr_by, which take the decay axis as one of the classes NoDecay, ScalarDecay, KeyDecay, ValueDecay:
+what a generated module calls, so that it holds only its own axis' code.
 
 Numerics: float16/bfloat16 inputs are computed in float32, others in their own dtype; outputs come back in
 that compute dtype (the caller casts). A decay between two steps is only ever formed as exp of a sum of the
@@ -282,79 +285,184 @@ def _intra_value(q, k, v, g, mode, c, elev, vlev) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# chunk-level pieces shared by the linear and delta forms
+# chunk-level pieces shared by the linear, delta and DPLR forms: one class per decay axis
 # ----------------------------------------------------------------------------------------------------------
+#
+# Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
+# from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
+# names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
+# class and the helpers it reads, and none of the other axes' code.
 
 
-class _Decay:
-    """The decays of one call, chunked: per-chunk factors for the state pass and per-query intra/inter parts.
+class NoDecay:
+    """decay_axis None: D_t = I."""
 
-    lg: log decays [N, B, H, C(, D)] or None; c: leaf length. Built once per call, no state beyond it.
-    """
+    axis = None
 
-    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
-        self.lg, self.axis, self.c, self.k, self.v = lg, axis, c, k, v
-        if axis in ("key", "value"):
-            self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
-        else:
-            self.blocks = None
-        x = k if axis == "key" else v
-        self.klev = None if self.blocks is None else _decayed_levels(x, lg, "key", "inclusive", c, self.blocks)
+    def __init__(self, lg: None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.k, self.v, self.blocks = k, v, None
 
-    def whole(self) -> Tensor | None:
-        """Decay of the state over each whole chunk, broadcastable to [N, B, H, K, V]."""
-        if self.axis is None:
-            return None
-        if self.axis == "scalar":
-            return torch.exp(self.lg.sum(-1))[..., None, None]
-        e = self.blocks[-1]  # [N, B, H, 1, 1, D]
-        e = e.reshape(e.shape[:-3] + (1, e.shape[-1]))  # [N, B, H, 1, D]
-        return e.transpose(-1, -2) if self.axis == "key" else e  # rows (key) or columns (value)
+    def whole(self) -> None:
+        """Decay of the state over each whole chunk (None: the identity)."""
+        return None
 
     def k_to_end(self) -> Tensor:
-        """k_s decayed to the chunk end, [N, B, H, C, K] (for "value": k itself; use v_to_end)."""
-        if self.axis is None or self.axis == "value":
-            return self.k
-        if self.axis == "scalar":
-            return self.k * torch.exp(_suffix(self.lg, -1)).unsqueeze(-1)
+        """k_s decayed to the chunk end, [N, B, H, C, K]."""
+        return self.k
+
+    def v_to_end(self) -> Tensor:
+        """v_s decayed to the chunk end, [N, B, H, C, V]."""
+        return self.v
+
+    def query_levels(self, q: Tensor, mode: str) -> None:
+        """Per-level factors of the block hierarchy (key and value decays only)."""
+        return None
+
+    def attn(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """Masked scores [N, B, H, C, C]."""
+        return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(q.shape[-2], mode, q.device), 0.0)
+
+    def from_start(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads, [N, B, H, C, K]."""
+        return q
+
+    def inter(self, q: Tensor, mode: str, qlev: None, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states: q [N, B, H, C, K], starts [N, B, H, K, V] -> [N, B, H, C, V]."""
+        return q @ starts
+
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: None) -> Tensor:
+        """Outputs from the steps of the same chunk, [N, B, H, C, V]."""
+        return self.attn(q, mode, qlev) @ v
+
+
+class ScalarDecay:
+    """decay_axis "scalar": lg [N, B, H, C], one factor for the whole state."""
+
+    axis = "scalar"
+
+    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.lg, self.k, self.v, self.blocks = lg, k, v, None
+
+    def whole(self) -> Tensor:
+        """Decay of the state over each whole chunk, [N, B, H, 1, 1]."""
+        return torch.exp(self.lg.sum(-1))[..., None, None]
+
+    def k_to_end(self) -> Tensor:
+        """k_s decayed to the chunk end, [N, B, H, C, K]."""
+        return self.k * torch.exp(_suffix(self.lg, -1)).unsqueeze(-1)
+
+    def v_to_end(self) -> Tensor:
+        """v (the decay is on k's side)."""
+        return self.v
+
+    def query_levels(self, q: Tensor, mode: str) -> None:
+        """No block hierarchy for a scalar decay."""
+        return None
+
+    def attn(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """Decayed scores [N, B, H, C, C], exp of segment sums (exactly 0 where masked)."""
+        return (q @ self.k.transpose(-1, -2)) * torch.exp(_segsum(self.lg, mode))
+
+    def _from_start(self, mode: str) -> Tensor:
+        G = self.lg.cumsum(-1)
+        return torch.exp(_shift(G, -1) if mode == "exclusive" else G).unsqueeze(-1)
+
+    def from_start(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads."""
+        return q * self._from_start(mode)
+
+    def inter(self, q: Tensor, mode: str, qlev: None, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states."""
+        return (q @ starts) * self._from_start(mode)
+
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: None) -> Tensor:
+        """Outputs from the steps of the same chunk."""
+        return self.attn(q, mode, qlev) @ v
+
+
+class KeyDecay:
+    """decay_axis "key": lg [N, B, H, C, K] scales row i of the state; the block hierarchy inside a chunk."""
+
+    axis = "key"
+
+    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.lg, self.c, self.k, self.v = lg, c, k, v
+        self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
+        self.klev = _decayed_levels(k, lg, "key", "inclusive", c, self.blocks)
+
+    def whole(self) -> Tensor:
+        """Decay of the state over each whole chunk, [N, B, H, K, 1] (its rows)."""
+        e = self.blocks[-1]  # [N, B, H, 1, 1, K]
+        return e.reshape(e.shape[:-3] + (1, e.shape[-1])).transpose(-1, -2)
+
+    def k_to_end(self) -> Tensor:
+        """k_s decayed to the chunk end, [N, B, H, C, K]."""
         return self.klev[-1].reshape(self.k.shape)
 
     def v_to_end(self) -> Tensor:
-        """v_s decayed to the chunk end for a value decay, else v."""
-        return self.klev[-1].reshape(self.v.shape) if self.axis == "value" else self.v
+        """v (the decay is on k's side)."""
+        return self.v
 
-    def query_levels(self, q: Tensor, mode: str) -> list | None:
-        """q (key decay) or the bare factors (value decay) decayed inside blocks, per level."""
-        if self.blocks is None:
-            return None
-        return _decayed_levels(q if self.axis == "key" else None, self.lg, "query", mode, self.c, self.blocks)
+    def query_levels(self, q: Tensor, mode: str) -> list:
+        """q decayed inside blocks, per level."""
+        return _decayed_levels(q, self.lg, "query", mode, self.c, self.blocks)
 
-    def attn(self, q: Tensor, mode: str, qlev: list | None) -> Tensor:
-        """Decayed scores [N, B, H, C, C] (decay_axis None, "scalar" or "key")."""
-        C = q.shape[-2]
-        if self.axis is None:
-            return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(C, mode, q.device), 0.0)
-        if self.axis == "scalar":
-            return (q @ self.k.transpose(-1, -2)) * torch.exp(_segsum(self.lg, mode))
+    def attn(self, q: Tensor, mode: str, qlev: list) -> Tensor:
+        """Decayed scores [N, B, H, C, C]."""
         return _attn_key(q, self.k, self.lg, mode, self.c, qlev, self.klev)
 
-    def inter(self, q: Tensor, mode: str, qlev: list | None, starts: Tensor) -> Tensor:
-        """Outputs from the chunk start states: q [N, B, H, C, K], starts [N, B, H, K, V] -> [N, B, H, C, V]."""
-        if self.axis is None:
-            return q @ starts
-        if self.axis == "scalar":
-            G = self.lg.cumsum(-1)
-            G = _shift(G, -1) if mode == "exclusive" else G
-            return (q @ starts) * torch.exp(G).unsqueeze(-1)
-        if self.axis == "key":
-            return qlev[-1].reshape(q.shape) @ starts
+    def from_start(self, q: Tensor, mode: str, qlev: list) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads (the last level of qlev)."""
+        return qlev[-1].reshape(q.shape)
+
+    def inter(self, q: Tensor, mode: str, qlev: list, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states."""
+        return qlev[-1].reshape(q.shape) @ starts
+
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list) -> Tensor:
+        """Outputs from the steps of the same chunk."""
+        return self.attn(q, mode, qlev) @ v
+
+
+class ValueDecay:
+    """decay_axis "value": lg [N, B, H, C, V] scales column j of the state (linear form only)."""
+
+    axis = "value"
+
+    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.lg, self.c, self.k, self.v = lg, c, k, v
+        self.blocks = blocks if blocks is not None else _block_decays(lg, c)
+        self.klev = _decayed_levels(v, lg, "key", "inclusive", c, self.blocks)
+
+    def whole(self) -> Tensor:
+        """Decay of the state over each whole chunk, [N, B, H, 1, V] (its columns)."""
+        e = self.blocks[-1]  # [N, B, H, 1, 1, V]
+        return e.reshape(e.shape[:-3] + (1, e.shape[-1]))
+
+    def k_to_end(self) -> Tensor:
+        """k itself (the decay is on v's side)."""
+        return self.k
+
+    def v_to_end(self) -> Tensor:
+        """v_s decayed to the chunk end, [N, B, H, C, V]."""
+        return self.klev[-1].reshape(self.v.shape)
+
+    def query_levels(self, q: Tensor, mode: str) -> list:
+        """The bare decay factors inside blocks, per level (they scale outputs, not q)."""
+        return _decayed_levels(None, self.lg, "query", mode, self.c, self.blocks)
+
+    def inter(self, q: Tensor, mode: str, qlev: list, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states."""
         return (q @ starts) * qlev[-1].reshape(q.shape[:-1] + (starts.shape[-1],))
 
-    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list | None) -> Tensor:
-        """Outputs from the steps of the same chunk, [N, B, H, C, V]."""
-        if self.axis == "value":
-            return _intra_value(q, self.k, v, self.lg, mode, self.c, qlev, self.klev)
-        return self.attn(q, mode, qlev) @ v
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list) -> Tensor:
+        """Outputs from the steps of the same chunk."""
+        return _intra_value(q, self.k, v, self.lg, mode, self.c, qlev, self.klev)
+
+
+_DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
 
 
 def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
@@ -367,7 +475,7 @@ def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
     return dt, C, c, lg, s0
 
 
-def _outputs(queries, dt, C, decay: _Decay, v: Tensor, starts: Tensor, T: int) -> list:
+def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
     """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
@@ -419,13 +527,21 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
     chunk_size >= T gives the parallel form (one chunk, no state passed between chunks).
     """
     _check_decay(log_decay, decay_axis, k, v)
+    return chunked_linear_by(_DECAYS[decay_axis], queries, k, v, log_decay, initial_state, chunk_size,
+                             output_final_state)
+
+
+def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
+                      output_final_state=False):
+    """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
+    entry point of generated modules; log_decay is not checked against it (chunked_linear does that)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, vc = _chunk(k.to(dt), C), _chunk(v.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
-    decay = _Decay(lg, decay_axis, c, kc, vc)
+    decay = decay_cls(lg, c, kc, vc)
     ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
     whole = decay.whole()
     state, starts = s0, []
@@ -456,23 +572,27 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
                                   "does not commute with (I - beta k k^T) into one C x C solve: use recurrent_delta")
     _check_decay(log_decay, decay_axis, k, y)
     B, T, H, K = k.shape
-    V = y.shape[-1]
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
+    return chunked_delta_by(_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
+                            output_final_state)
+
+
+def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
+                     output_final_state=False):
+    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
+    of generated modules; its arguments are not checked (chunked_delta does that)."""
+    B, T, H, K = k.shape
+    V = y.shape[-1]
     dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, yc = _chunk(k.to(dt), C), _chunk(y.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     bc = _chunk(beta.to(dt), C).unsqueeze(-1)  # [N, B, H, C, 1]
-    decay = _Decay(lg, decay_axis, c, kc, yc)
+    decay = decay_cls(lg, c, kc, yc)
     klev = decay.query_levels(kc, "inclusive")  # k as a query of the state after its own step
     lower = bc * decay.attn(kc, "strict", klev)  # [N, B, H, C, C], L_ts = beta_t decayed (k_t . k_s), s < t
-    if decay_axis is None:
-        kg = kc
-    elif decay_axis == "scalar":
-        kg = kc * torch.exp(lg.cumsum(-1)).unsqueeze(-1)
-    else:
-        kg = klev[-1].reshape(kc.shape)  # k_t * exp(G_t)
+    kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
     inv = _unit_lower_inverse(lower, c)  # [N, B, H, C, C]
     uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
@@ -505,25 +625,29 @@ def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_s
         raise NotImplementedError("chunked_dplr supports decay_axis None, 'scalar' or 'key'")
     _check_decay(log_decay, decay_axis, k, v)
     B, T, H, K = k.shape
-    V = v.shape[-1]
     for name, x in (("a", a), ("b", b)):
         if tuple(x.shape) != (B, T, H, K):
             raise ValueError(f"{name} must have shape {[B, T, H, K]}, got {list(x.shape)}")
+    return chunked_dplr_by(_DECAYS[decay_axis], queries, k, v, a, b, log_decay, initial_state, chunk_size,
+                           output_final_state)
+
+
+def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
+                    output_final_state=False):
+    """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
+    of generated modules; its arguments are not checked (chunked_dplr does that)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
-    by_k = _Decay(lg, decay_axis, c, kc, vc)
-    by_b = _Decay(lg, decay_axis, c, bc, vc, blocks=by_k.blocks)
+    by_k = decay_cls(lg, c, kc, vc)
+    by_b = decay_cls(lg, c, bc, vc, blocks=by_k.blocks)
     alev = by_k.query_levels(ac, "exclusive")
     inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
     uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]
-    if decay_axis is None:
-        ag = ac
-    elif decay_axis == "scalar":
-        ag = ac * torch.exp(_shift(lg.cumsum(-1), -1)).unsqueeze(-1)
-    else:
-        ag = alev[-1].reshape(ac.shape)  # a_t * exp(G_{t-1})
+    ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
     w = inv @ ag  # [N, B, H, C, K]
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]

@@ -61,7 +61,6 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 _AXES = (None, "scalar", "key", "value")
-_DECAY_CODE = {None: 0, "scalar": 1, "key": 2, "value": 3}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
 
@@ -99,11 +98,12 @@ def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
 @triton.jit
 def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       USE_GK: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
-    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). Without USE_GK: plain q_t . k_s.
+    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
+    decay, applied by the output kernel) plain q_t . k_s.
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -133,7 +133,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            if USE_GK:
+            if DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK]
                 b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
@@ -147,7 +147,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             m_k = o_k < K
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
-            if USE_GK:
+            if DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK]
                 for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
@@ -479,29 +479,28 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _cumsum(log_decay: Tensor, decay_axis: str, BT: int, num_warps: int) -> Tensor:
+def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int) -> Tensor:
     """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
-    D = 1 if decay_axis == "scalar" else g.shape[3]
     BD = min(64, _pow2_at_least_16(D))
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
     return gc
 
 
-def _intra_attn(q: Tensor, k: Tensor, gc, use_gk: bool, shift: bool, strict: bool, BT: int, BK: int, prec: str,
+def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
                 num_warps: int, num_stages: int) -> Tensor:
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if use_gk else k, A, T, H, K, BT, _SUB, BK, NC, use_gk, shift, strict, prec,
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec,
         num_warps=num_warps, num_stages=num_stages)
     return A
 
 
-def _chunk_states(k, v, gc, w, initial_state, decay_axis, delta, output_final_state, BT, BK, BV, prec,
+def _chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_state, BT, BK, BV, prec,
                   num_warps, num_stages):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
     B, T, H, K = k.shape
@@ -512,31 +511,113 @@ def _chunk_states(k, v, gc, w, initial_state, decay_axis, delta, output_final_st
     h0 = None if initial_state is None else initial_state.contiguous()
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
         k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
-        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, _DECAY_CODE[decay_axis], delta,
+        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, decay, delta,
         h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
     return h, ht
 
 
-def _outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _chunk_output(q, exclusive, k, v, gc, h, A, o, decay: int, BT, BK, BV, prec, num_warps, num_stages) -> None:
+    """Launch _chunk_output_kernel (decay None, scalar or key; A: the key decay's intra-chunk scores)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
+    _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+        q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
+# the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_DECAYS`;
+# a generated module names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so it keeps
+# only the kernels that class launches, and codegen/specialize.py drops the kernels' branches for other codes.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class NoDecay:
+    """decay_axis None: no log decays."""
+
+    code = 0  # the kernels' DECAY
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps):
+        return None
+
+    @staticmethod
+    def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
+        """The delta rule's decayed k_t . k_s, when the WY kernel does not form it itself."""
+        return None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _chunk_output(q, exclusive, k, v, gc, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
+
+
+class ScalarDecay:
+    """decay_axis "scalar": log_decay [B, T, H]."""
+
+    code = 1
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps):
+        return _cumsum(log_decay, 1, BT, num_warps)
+
+    @staticmethod
+    def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
+        return None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _chunk_output(q, exclusive, k, v, gc, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+
+
+class KeyDecay:
+    """decay_axis "key": log_decay [B, T, H, K]; intra-chunk scores from _intra_attn_kernel."""
+
+    code = 2
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps):
+        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+
+    @staticmethod
+    def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
+        return _intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+        _chunk_output(q, exclusive, k, v, gc, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
+
+
+class ValueDecay:
+    """decay_axis "value": log_decay [B, T, H, V] (linear form only); outputs by _chunk_output_value_kernel."""
+
+    code = 3
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps):
+        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        A = _intra_attn(q, k, None, 3, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+        _chunk_output_value_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT) * (BT // _SUB), B * H)](
+            q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
+            num_warps=num_warps, num_stages=num_stages)
+
+
+_DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
+
+
+def _outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
-        q = q.contiguous()
-        exclusive = bool(exclusive)
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
-        if decay_axis == "value":
-            A = _intra_attn(q, k, None, False, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
-            _chunk_output_value_kernel[(triton.cdiv(V, BV), NT * (BT // _SUB), B * H)](
-                q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
-                num_warps=num_warps, num_stages=num_stages)
-        else:
-            A = _intra_attn(q, k, gc, True, exclusive, exclusive, BT, BK, prec, num_warps, num_stages) \
-                if decay_axis == "key" else h
-            _chunk_output_kernel[(triton.cdiv(V, BV), NT, B * H)](
-                q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, _DECAY_CODE[decay_axis],
-                exclusive, prec, num_warps=num_warps, num_stages=num_stages)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages)
         outs.append(o)
     return outs
 
@@ -571,14 +652,24 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
     (None: only for float16 / bfloat16 inputs).
     """
     _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
+    return chunked_linear_by(_DECAYS[decay_axis], queries, k, v, log_decay, initial_state, chunk_size,
+                             output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                             num_stages=num_stages, allow_tf32=allow_tf32)
+
+
+def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
+                      output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                      allow_tf32=None):
+    """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
+    entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that)."""
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     k, v = k.contiguous(), v.contiguous()
-    gc = None if decay_axis is None else _cumsum(log_decay, decay_axis, BT, num_warps)
-    h, ht = _chunk_states(k, v, gc, None, initial_state, decay_axis, False, output_final_state, BT, BK, BV, prec,
-                          num_warps, num_stages)
-    outs = _outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    h, ht = _chunk_states(k, v, gc, None, initial_state, decay_cls.code, False, output_final_state, BT, BK, BV,
+                          prec, num_warps, num_stages)
+    outs = _outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
 
@@ -598,24 +689,33 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
                                   "does not commute with (I - beta k k^T) into one C x C solve: use recurrent_delta")
     _check_inputs(queries, k, y, log_decay, decay_axis, initial_state)
     B, T, H, K = k.shape
-    V = y.shape[-1]
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
+    return chunked_delta_by(_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
+                            output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                            num_stages=num_stages, allow_tf32=allow_tf32)
+
+
+def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
+                     output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                     allow_tf32=None):
+    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
+    of generated modules; shapes and dtypes are not checked (chunked_delta does that)."""
+    B, T, H, K = k.shape
+    V = y.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _empty_result(queries, k, y, initial_state, output_final_state)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     NT = triton.cdiv(T, BT)
-    gc = None if decay_axis is None else _cumsum(log_decay, decay_axis, BT, num_warps)
-    Akk = None  # decayed k_t . k_s for a key decay (the WY kernel forms it itself otherwise)
-    if decay_axis == "key":
-        Akk = _intra_attn(k, k, gc, True, False, True, BT, BK, prec, num_warps, num_stages)
+    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Akk = decay_cls.wy_scores(k, gc, BT, BK, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, Akk if Akk is not None else w, w, u, T, H, K, V, BT, BK,
-        min(BV, 64), _DECAY_CODE[decay_axis], prec, num_warps=num_warps, num_stages=num_stages)
-    h, ht = _chunk_states(k, u, gc, w, initial_state, decay_axis, True, output_final_state, BT, BK, BV, prec,
+        min(BV, 64), decay_cls.code, prec, num_warps=num_warps, num_stages=num_stages)
+    h, ht = _chunk_states(k, u, gc, w, initial_state, decay_cls.code, True, output_final_state, BT, BK, BV, prec,
                           num_warps, num_stages)
-    outs = _outputs(queries, k, u, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    outs = _outputs(queries, decay_cls, k, u, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht

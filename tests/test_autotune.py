@@ -475,13 +475,13 @@ def test_compiled_layers_read_the_store(tmp_path, monkeypatch):
     gla = _spec("gla")
     module = sys.modules[type(recurrence_dsl.compile(gla)).__module__]  # every layer of gla runs this module
     chunks = []
-    original = module.chunked_linear
+    original = module.chunked_linear_by
 
     def spy(*args, chunk_size=64, **kwargs):
         chunks.append(chunk_size)
         return original(*args, chunk_size=chunk_size, **kwargs)
 
-    monkeypatch.setattr(module, "chunked_linear", spy)
+    monkeypatch.setattr(module, "chunked_linear_by", spy)
     s = TuningStore(tmp_path / "tuning.sqlite")
     s.record(gla.spec_hash, lookup.device_name("cpu", "torch"), "float32", shape_bucket(1, 2, 200, GLA_SIZES),
              "chunked", "torch", {"chunk_size": 16}, 1.0)

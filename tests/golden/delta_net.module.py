@@ -571,8 +571,6 @@ class Layer:
 
 Tensor = torch.Tensor
 
-_AXES = (None, "scalar", "key", "value")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -582,22 +580,6 @@ _AXES = (None, "scalar", "key", "value")
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision inputs, else the input's own dtype."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _check_decay(log_decay: Tensor | None, decay_axis: str | None, k: Tensor, v: Tensor) -> None:
-    """Validate decay_axis and the shape of log_decay against k [B, T, H, K] and v [B, T, H, V]."""
-    if decay_axis not in _AXES:
-        raise ValueError(f"decay_axis must be one of {_AXES}, got {decay_axis!r}")
-    if decay_axis is None:
-        if log_decay is not None:
-            raise ValueError("log_decay given but decay_axis is None; pass decay_axis='scalar', 'key' or 'value'")
-        return
-    if log_decay is None:
-        raise ValueError(f"decay_axis={decay_axis!r} needs a log_decay tensor")
-    expected = {"scalar": tuple(k.shape[:3]), "key": tuple(k.shape), "value": tuple(v.shape)}[decay_axis]
-    if tuple(log_decay.shape) != expected:
-        raise ValueError(f"log_decay for decay_axis={decay_axis!r} must have shape {list(expected)}, "
-                         f"got {list(log_decay.shape)}")
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
@@ -633,39 +615,9 @@ def _unchunk(x: Tensor, T: int) -> Tensor:
     return x.reshape((B, N * C, H) + tuple(x.shape[4:]))[:, :T]
 
 
-def _shift(x: Tensor, dim: int) -> Tensor:
-    """x_{t-1} along dim, 0 first (an inclusive cumulative sum becomes an exclusive one)."""
-    dim = dim % x.dim()
-    first = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([first, x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
-
-
-def _suffix(x: Tensor, dim: int) -> Tensor:
-    """Exclusive suffix sum along dim, sum_{r > s} x_r, summed directly (not as a difference of prefix sums)."""
-    dim = dim % x.dim()
-    incl = x.flip(dim).cumsum(dim).flip(dim)
-    last = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([incl.narrow(dim, 1, x.shape[dim] - 1), last], dim=dim)
-
-
 def _causal(C: int, mode: str, device: torch.device) -> Tensor:
     """[C, C] bool over (t, s): s <= t for mode "inclusive", s < t for "strict" and "exclusive"."""
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(0 if mode == "inclusive" else -1)
-
-
-def _segsum(x: Tensor, mode: str) -> Tensor:
-    """Segment sums of log decays x [..., L] -> [..., L(t), L(s)], -inf where masked (exp gives an exact 0).
-
-    inclusive: sum_{s < r <= t} x_r for s <= t   (decay from after step s to the state after step t)
-    strict:    the same, for s < t only
-    exclusive: sum_{s < r < t} x_r for s < t     (decay from after step s to the state before step t)
-    """
-    L = x.shape[-1]
-    below = _causal(L, "strict", x.device)  # [L, L]
-    seg = x.unsqueeze(-1).expand(*x.shape, L).masked_fill(~below, 0.0).cumsum(-2)  # [..., t, s]
-    if mode == "exclusive":
-        seg = _shift(seg, -2)
-    return seg.masked_fill(~_causal(L, mode, x.device), float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,223 +625,56 @@ def _segsum(x: Tensor, mode: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _block_decays(g: Tensor, c: int) -> list:
-    """exp(total log decay) of every block, level by level: g [.., C, D] -> [[.., C / b, 1, D] for b = c, 2c, .., C]."""
-    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
-    e = torch.exp(g.reshape(*lead, C, 1, D) if c == 1 else g.reshape(*lead, C // c, c, D).sum(-2, keepdim=True))
-    out = [e]
-    while e.shape[-3] > 1:
-        e2 = e.reshape(*lead, -1, 2, 1, D)
-        e = e2[..., 0, :, :] * e2[..., 1, :, :]  # [.., m, 1, D]
-        out.append(e)
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# chunk-level pieces shared by the linear, delta and DPLR forms: one class per decay axis
+# ----------------------------------------------------------------------------------------------------------
+#
+# Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
+# from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
+# names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
+# class and the helpers it reads, and none of the other axes' code.
 
 
-def _decayed_levels(x: Tensor | None, g: Tensor, side: str, mode: str, c: int, blocks: list) -> list:
-    """x scaled by the decay inside its block, for every block size b = c, 2c, .., C: [[.., C / b, b, D], ..].
+class NoDecay:
+    """decay_axis None: D_t = I."""
 
-    side "query": decay from the block start to the state a query at t reads (through t, or through t - 1 when
-    mode is "exclusive"); side "key": decay from after step s to the block end. x None gives the factors alone.
-    The factors of a block of 2b are those of its halves times the other half's whole-block decay (products of
-    factors <= 1: no overflow, no cancellation). The last entry (b = C) is the chunk-level factor:
-    q * exp(decay from the chunk start) or k * exp(decay to the chunk end).
-    """
-    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
-    n = C // c
-    if c == 1 and (side == "key" or mode == "exclusive"):
-        cur = torch.ones_like(g) if x is None else x  # nothing inside a one-step block: factor 1
-        cur = cur.reshape(*lead, n, 1, -1)
-    elif c == 1:  # the query reads the state after its own step: the step's decay
-        cur = blocks[0] if x is None else x.reshape(*lead, n, 1, -1) * blocks[0]
-    else:
-        gs = g.reshape(*lead, n, c, D)
-        if side == "key":
-            logs = _suffix(gs, -2)
-        else:
-            logs = gs.cumsum(-2)
-            logs = _shift(logs, -2) if mode == "exclusive" else logs
-        f = torch.exp(logs)  # [.., n, c, D]
-        cur = f if x is None else x.reshape(*lead, n, c, -1) * f
-    levels, b = [cur], c
-    for e in blocks[:-1]:
-        m = C // (2 * b)
-        e2 = e.reshape(*lead, m, 2, 1, D)
-        one = torch.ones_like(e2[..., :1, :, :])
-        if side == "query":
-            scale = torch.cat([one, e2[..., :1, :, :]], dim=-3)  # right half: times the left half's decay
-        else:
-            scale = torch.cat([e2[..., 1:, :, :], one], dim=-3)  # left half: times the right half's decay
-        cur = (cur.reshape(*lead, m, 2, b, -1) * scale).reshape(*lead, m, 2 * b, -1)
-        levels.append(cur)
-        b *= 2
-    return levels
+    axis = None
 
+    def __init__(self, lg: None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.k, self.v, self.blocks = k, v, None
 
-def _pairs(x: Tensor, b: int, right: bool) -> Tensor:
-    """The right (or left) block of every sibling pair of size-b blocks: [.., C, D] -> [.., C / 2b, b, D]."""
-    lead, C = x.shape[:-2], x.shape[-2]
-    return x.reshape(*lead, C // (2 * b), 2, b, x.shape[-1])[..., 1 if right else 0, :, :]
-
-
-def _scores(x: Tensor, y: Tensor) -> Tensor:
-    """x @ y^T for [.., m, b, D] blocks; for b <= 2 as a broadcast product (tiny batched matmuls are slow on CPU)."""
-    if x.shape[-2] <= 2:
-        return (x.unsqueeze(-2) * y.unsqueeze(-3)).sum(-1)
-    return x @ y.transpose(-1, -2)
-
-
-def _leaf_decay(g: Tensor, mode: str, t: int, s: int) -> Tensor | None:
-    """exp(log decay from step s to the state read at step t) inside leaf blocks: g [.., n, c, D] -> [.., n, D],
-    or None where the mode masks the pair (s > t; s == t unless inclusive)."""
-    if s > t or (s == t and mode != "inclusive"):
+    def whole(self) -> None:
+        """Decay of the state over each whole chunk (None: the identity)."""
         return None
-    stop = t if mode == "exclusive" else t + 1
-    return torch.exp(g[..., s + 1:stop, :].sum(-2))
-
-
-def _leaf_attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int) -> Tensor:
-    """Scores inside leaf blocks for a key decay, pair by pair: q, k, g [.., C, K] -> [.., C / c, c, c]."""
-    lead, C, K = q.shape[:-2], q.shape[-2], q.shape[-1]
-    if c == 1:  # a one-step block: only the diagonal, undecayed
-        diag = (q * k).sum(-1) if mode == "inclusive" else q.new_zeros(q.shape[:-1])
-        return diag.reshape(*lead, C, 1, 1)
-    qs, ks, gs = (x.reshape(*lead, C // c, c, K) for x in (q, k, g))
-    zero = qs.new_zeros(qs.shape[:-2])  # [.., n]
-    rows = []
-    for t in range(c):
-        row = []
-        for s in range(c):
-            decay = _leaf_decay(gs, mode, t, s)
-            row.append(zero if decay is None else (qs[..., t, :] * decay * ks[..., s, :]).sum(-1))
-        rows.append(torch.stack(row, dim=-1))
-    return torch.stack(rows, dim=-2)
-
-
-def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, klev: list) -> Tensor:
-    """Decayed scores for a key decay, A_ts = sum_i q_t[i] k_s[i] exp(decay_i from s to t), masked per mode:
-    leaf blocks direct, then A[R, L] = qlev_R @ klev_L^T for every sibling pair. Returns [.., C, C]."""
-    lead, C = q.shape[:-2], q.shape[-2]
-    a = _leaf_attn_key(q, k, g, mode, c)  # [.., C / c, c, c]
-    b = c
-    for ql, kl in zip(qlev[:-1], klev[:-1], strict=True):
-        m = C // (2 * b)
-        a_rl = _scores(_pairs(ql.reshape(*lead, C, -1), b, True), _pairs(kl.reshape(*lead, C, -1), b, False))
-        a2 = a.reshape(*lead, m, 2, b, b)
-        top = torch.nn.functional.pad(a2[..., 0, :, :], (0, b))  # [.., m, b, 2b]
-        bottom = torch.cat([a_rl, a2[..., 1, :, :]], dim=-1)
-        a = torch.cat([top, bottom], dim=-2)  # [.., m, 2b, 2b]
-        b *= 2
-    return a.reshape(*lead, C, C)
-
-
-def _add_right(o: Tensor, contrib: Tensor, b: int) -> Tensor:
-    """o [.., C, V] plus contrib [.., C / 2b, b, V] on the right block of every sibling pair."""
-    lead, C, V = o.shape[:-2], o.shape[-2], o.shape[-1]
-    o2 = o.reshape(*lead, C // (2 * b), 2, b, V)
-    return torch.stack([o2[..., 0, :, :], o2[..., 1, :, :] + contrib], dim=-3).reshape(*lead, C, V)
-
-
-def _intra_value(q, k, v, g, mode, c, elev, vlev) -> Tensor:
-    """Intra-chunk output for a value decay, o_t[j] = sum_s (q_t . k_s) exp(decay_j from s to t) v_s[j]:
-    leaf blocks direct, then o_R += elev_R * ((q_R k_L^T) @ vlev_L) for every sibling pair."""
-    lead, C, V = q.shape[:-2], q.shape[-2], v.shape[-1]
-    n = C // c
-    if c == 1:
-        o = (q * k).sum(-1, keepdim=True) * v if mode == "inclusive" else torch.zeros_like(v)
-    else:
-        a = q.reshape(*lead, n, c, -1) @ k.reshape(*lead, n, c, -1).transpose(-1, -2)  # [.., n, c, c]
-        vs, gs = v.reshape(*lead, n, c, V), g.reshape(*lead, n, c, V)
-        rows = []
-        for t in range(c):
-            row = torch.zeros_like(vs[..., 0, :])
-            for s in range(c):
-                decay = _leaf_decay(gs, mode, t, s)
-                if decay is not None:
-                    row = row + a[..., t, s, None] * decay * vs[..., s, :]
-            rows.append(row)
-        o = torch.stack(rows, dim=-2).reshape(v.shape)
-    b = c
-    for el, vl in zip(elev[:-1], vlev[:-1], strict=True):
-        a_rl = _scores(_pairs(q, b, True), _pairs(k, b, False))  # [.., m, b, b]
-        er, vr = _pairs(el.reshape(*lead, C, V), b, True), _pairs(vl.reshape(*lead, C, V), b, False)
-        o = _add_right(o, er * (a_rl @ vr), b)
-        b *= 2
-    return o
-
-
-# ----------------------------------------------------------------------------------------------------------
-# chunk-level pieces shared by the linear and delta forms
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _Decay:
-    """The decays of one call, chunked: per-chunk factors for the state pass and per-query intra/inter parts.
-
-    lg: log decays [N, B, H, C(, D)] or None; c: leaf length. Built once per call, no state beyond it.
-    """
-
-    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
-        self.lg, self.axis, self.c, self.k, self.v = lg, axis, c, k, v
-        if axis in ("key", "value"):
-            self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
-        else:
-            self.blocks = None
-        x = k if axis == "key" else v
-        self.klev = None if self.blocks is None else _decayed_levels(x, lg, "key", "inclusive", c, self.blocks)
-
-    def whole(self) -> Tensor | None:
-        """Decay of the state over each whole chunk, broadcastable to [N, B, H, K, V]."""
-        if self.axis is None:
-            return None
-        if self.axis == "scalar":
-            return torch.exp(self.lg.sum(-1))[..., None, None]
-        e = self.blocks[-1]  # [N, B, H, 1, 1, D]
-        e = e.reshape(e.shape[:-3] + (1, e.shape[-1]))  # [N, B, H, 1, D]
-        return e.transpose(-1, -2) if self.axis == "key" else e  # rows (key) or columns (value)
 
     def k_to_end(self) -> Tensor:
-        """k_s decayed to the chunk end, [N, B, H, C, K] (for "value": k itself; use v_to_end)."""
-        if self.axis is None or self.axis == "value":
-            return self.k
-        if self.axis == "scalar":
-            return self.k * torch.exp(_suffix(self.lg, -1)).unsqueeze(-1)
-        return self.klev[-1].reshape(self.k.shape)
+        """k_s decayed to the chunk end, [N, B, H, C, K]."""
+        return self.k
 
     def v_to_end(self) -> Tensor:
-        """v_s decayed to the chunk end for a value decay, else v."""
-        return self.klev[-1].reshape(self.v.shape) if self.axis == "value" else self.v
+        """v_s decayed to the chunk end, [N, B, H, C, V]."""
+        return self.v
 
-    def query_levels(self, q: Tensor, mode: str) -> list | None:
-        """q (key decay) or the bare factors (value decay) decayed inside blocks, per level."""
-        if self.blocks is None:
-            return None
-        return _decayed_levels(q if self.axis == "key" else None, self.lg, "query", mode, self.c, self.blocks)
+    def query_levels(self, q: Tensor, mode: str) -> None:
+        """Per-level factors of the block hierarchy (key and value decays only)."""
+        return None
 
-    def attn(self, q: Tensor, mode: str, qlev: list | None) -> Tensor:
-        """Decayed scores [N, B, H, C, C] (decay_axis None, "scalar" or "key")."""
-        C = q.shape[-2]
-        if self.axis is None:
-            return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(C, mode, q.device), 0.0)
-        if self.axis == "scalar":
-            return (q @ self.k.transpose(-1, -2)) * torch.exp(_segsum(self.lg, mode))
-        return _attn_key(q, self.k, self.lg, mode, self.c, qlev, self.klev)
+    def attn(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """Masked scores [N, B, H, C, C]."""
+        return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(q.shape[-2], mode, q.device), 0.0)
 
-    def inter(self, q: Tensor, mode: str, qlev: list | None, starts: Tensor) -> Tensor:
+    def from_start(self, q: Tensor, mode: str, qlev: None) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads, [N, B, H, C, K]."""
+        return q
+
+    def inter(self, q: Tensor, mode: str, qlev: None, starts: Tensor) -> Tensor:
         """Outputs from the chunk start states: q [N, B, H, C, K], starts [N, B, H, K, V] -> [N, B, H, C, V]."""
-        if self.axis is None:
-            return q @ starts
-        if self.axis == "scalar":
-            G = self.lg.cumsum(-1)
-            G = _shift(G, -1) if mode == "exclusive" else G
-            return (q @ starts) * torch.exp(G).unsqueeze(-1)
-        if self.axis == "key":
-            return qlev[-1].reshape(q.shape) @ starts
-        return (q @ starts) * qlev[-1].reshape(q.shape[:-1] + (starts.shape[-1],))
+        return q @ starts
 
-    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list | None) -> Tensor:
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: None) -> Tensor:
         """Outputs from the steps of the same chunk, [N, B, H, C, V]."""
-        if self.axis == "value":
-            return _intra_value(q, self.k, v, self.lg, mode, self.c, qlev, self.klev)
         return self.attn(q, mode, qlev) @ v
 
 
@@ -903,7 +688,7 @@ def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
     return dt, C, c, lg, s0
 
 
-def _outputs(queries, dt, C, decay: _Decay, v: Tensor, starts: Tensor, T: int) -> list:
+def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
     """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
@@ -946,42 +731,21 @@ def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
-                  output_final_state=False):
-    """Chunked (WY/UT) form of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T.
-
-    k [B, T, H, K]; y [B, T, H, V]; beta [B, T, H]; decay_axis None, "scalar" or "key". Same queries and
-    returns as chunked_linear. Derivation: with u_t = y_t - beta_t (D_t S_{t-1})^T k_t the step is
-    S_t = D_t S_{t-1} + k_t u_t^T, a linear recurrence in the pseudo-values u. Inside a chunk with start
-    state S0 and G_t the log decay from the chunk start through step t,
-        u_t + beta_t sum_{s<t} (sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i])) u_s = y_t - beta_t (k_t * exp(G_t))^T S0,
-    i.e. (I + L) U = Y - diag(beta) (K * exp(G)) S0 with L strictly lower triangular, so
-    U = Uy - W S0 with Uy = (I + L)^-1 Y and W = (I + L)^-1 diag(beta) (K * exp(G)) (the UT transform; the
-    inverse comes from _unit_lower_inverse). The state passes once per chunk as S' = D_chunk S0 + Kd^T U
-    (Kd: k decayed to the chunk end); the outputs are those of chunked_linear with v replaced by u.
-    """
-    if decay_axis == "value":
-        raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
-                                  "does not commute with (I - beta k k^T) into one C x C solve: use recurrent_delta")
-    _check_decay(log_decay, decay_axis, k, y)
+def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
+                     output_final_state=False):
+    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
+    of generated modules; its arguments are not checked (chunked_delta does that)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
-    if tuple(beta.shape) != (B, T, H):
-        raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
     dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, yc = _chunk(k.to(dt), C), _chunk(y.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     bc = _chunk(beta.to(dt), C).unsqueeze(-1)  # [N, B, H, C, 1]
-    decay = _Decay(lg, decay_axis, c, kc, yc)
+    decay = decay_cls(lg, c, kc, yc)
     klev = decay.query_levels(kc, "inclusive")  # k as a query of the state after its own step
     lower = bc * decay.attn(kc, "strict", klev)  # [N, B, H, C, C], L_ts = beta_t decayed (k_t . k_s), s < t
-    if decay_axis is None:
-        kg = kc
-    elif decay_axis == "scalar":
-        kg = kc * torch.exp(lg.cumsum(-1)).unsqueeze(-1)
-    else:
-        kg = klev[-1].reshape(kc.shape)  # k_t * exp(G_t)
+    kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
     inv = _unit_lower_inverse(lower, c)  # [N, B, H, C, C]
     uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
@@ -1024,114 +788,14 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 triton_Tensor = torch.Tensor
 
-_triton_AXES = (None, "scalar", "key", "value")
-_triton_DECAY_CODE = {None: 0, "scalar": 1, "key": 2, "value": 3}
-_triton_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _triton_safe_exp(x):
-    """exp(x) for x <= 0; clamped at 0 so garbage in masked-out lanes never overflows."""
-    return tl.exp(tl.minimum(x, 0.0))
-
-
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
-
-
-@triton.jit
-def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """gc[b, t, h, :] = sum of g[b, t0 .. t, h, :] over the chunk starting at t0, in float32."""
-    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    o_i = tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
-    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
-
-
-@triton.jit
-def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       USE_GK: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
-    """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
-
-    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
-    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). Without USE_GK: plain q_t . k_s.
-    An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
-    """
-    i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_i, i_j = i_ij // NC, i_ij % NC
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
-    o_c = tl.arange(0, BC)
-    o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
-    o_ik = i_j * BC + o_c  # [BC] key rows
-    m_tq, m_tk = t0 + o_iq < T, t0 + o_ik < T
-    if SHIFT:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
-        o_ig = o_iq - 1
-        m_tg = m_tq & (o_iq > 0)
-    else:
-        o_ig = o_iq
-        m_tg = m_tq
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    if i_i > i_j:
-        i_ref = i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for t in sub-chunk i, s in j
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_kt = m_k[:, None] & m_tk[None, :]
-            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BC, BK]
-            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            if USE_GK:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
-                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                b_q = b_q * _triton_safe_exp(b_gq - b_gr[None, :])
-                b_kt = b_kt * _triton_safe_exp(b_gr[:, None] - b_gk)
-            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    elif i_i == i_j:
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BC, BK]
-            if USE_GK:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
-                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
-                    i_s = i_i * BC + c
-                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_safe_exp(b_gq - b_gs[None, :]), axis=1)  # [BC]
-                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
-            else:
-                b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
-                               other=0.0).to(tl.float32)
-                b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-        if STRICT:
-            b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
-        else:
-            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
-    # rows t0 + o_iq of A always exist (it has NT * BT rows); blocks above the diagonal are written as zeros
-    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_iq[:, None] * BT + o_ik[None, :]
-    tl.store(p_A, b_A, mask=(o_iq[:, None] < BT) & (o_ik[None, :] < BT))
 
 
 @triton.jit
@@ -1147,24 +811,16 @@ def _triton_delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl
     o_i = tl.arange(0, BT)
     m_t = t0 + o_i < T
     b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    if DECAY == 1:
-        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
     # decayed k_t . k_s [BT, BT] (only s < t is used)
-    if DECAY == 2:
-        p_A = Akk + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
-        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
-    else:
-        b_A = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BT, BK]
-            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0).to(tl.float32)  # [BK, BT]
-            b_A += tl.dot(b_k, b_kt, input_precision=PREC)
-        if DECAY == 1:
-            b_A = b_A * _triton_safe_exp(b_g[:, None] - b_g[None, :])
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_A += tl.dot(b_k, b_kt, input_precision=PREC)
     b_L = tl.where(o_i[:, None] > o_i[None, :], b_beta[:, None] * b_A, 0.0)
     # forward substitution: X = Tm - I is strictly lower and X_i = N_i + sum_{j<i} N_ij X_j with N = -L
     b_T = -b_L
@@ -1179,13 +835,7 @@ def _triton_delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl
         m = m_t[:, None] & (o_k < K)[None, :]
         offs = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_k = tl.load(k + offs, mask=m, other=0.0).to(tl.float32)
-        if DECAY == 1:
-            b_k = b_k * (b_beta * _triton_safe_exp(b_g))[:, None]
-        elif DECAY == 2:
-            b_gk = tl.load(gc + offs, mask=m, other=0.0)
-            b_k = b_k * _triton_safe_exp(b_gk) * b_beta[:, None]
-        else:
-            b_k = b_k * b_beta[:, None]
+        b_k = b_k * b_beta[:, None]
         tl.store(w + offs, tl.dot(b_T, b_k, input_precision=PREC), mask=m)
     # uy = Tm y  [BT, V]
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -1229,26 +879,10 @@ def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        if DELTA:
-            p_w = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
-            b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
-            b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
-            tl.store(v + p_tv, b_v, mask=m_tv)
-        if DECAY == 1:
-            b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
-            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_kt = b_kt * _triton_safe_exp(b_gl - b_g)[None, :]
-            b_h = b_h * tl.exp(b_gl)
-        elif DECAY == 2:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-            b_kt = b_kt * _triton_safe_exp(b_gl[:, None] - b_g)
-            b_h = b_h * tl.exp(b_gl)[:, None]
-        elif DECAY == 3:
-            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
-            b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
-            b_v = b_v * _triton_safe_exp(b_gl[None, :] - b_g)
-            b_h = b_h * tl.exp(b_gl)[None, :]
+        p_w = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+        b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
+        tl.store(v + p_tv, b_v, mask=m_tv)
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -1266,12 +900,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
     bos = (i_b.to(tl.int64) * T + t0) * H + i_h
     o_i = tl.arange(0, BT)
     m_t = t0 + o_i < T
-    if EXCLUSIVE:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
-        o_ig = o_i - 1
-        m_tg = m_t & (o_i > 0)
-    else:
-        o_ig = o_i
-        m_tg = m_t
+    o_ig = o_i
+    m_tg = m_t
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -1283,98 +913,16 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if DECAY == 2:
-            b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
-                           mask=m_tg[:, None] & m_k[None, :], other=0.0)
-            b_o += tl.dot(b_q * _triton_safe_exp(b_gq), b_h, input_precision=PREC)
-        else:
-            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0).to(tl.float32)  # [BK, BT]
-            b_o += tl.dot(b_q, b_h, input_precision=PREC)
-            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    if DECAY == 2:
-        p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
-        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
-    else:
-        if DECAY == 1:
-            b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
-            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_o = b_o * _triton_safe_exp(b_gq)[:, None]
-            b_A = b_A * _triton_safe_exp(b_gq[:, None] - b_g[None, :])
-        if EXCLUSIVE:
-            b_A = tl.where(o_i[:, None] > o_i[None, :], b_A, 0.0)
-        else:
-            b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+        b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+        b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
-    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
-    i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_i = i_nc // NC, i_nc % NC
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_v, p_g = v + bos * V, gc + bos * V
-    o_c = tl.arange(0, BC)
-    o_it = i_i * BC + o_c  # [BC] query rows (local to the chunk)
-    m_t = t0 + o_it < T
-    if EXCLUSIVE:
-        o_ig = o_it - 1
-        m_tg = m_t & (o_it > 0)
-    else:
-        o_ig = o_it
-        m_tg = m_t
-    o_v = i_vt * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
-                   other=0.0)  # [BC, BV]
-    # inter-chunk term
-    b_o = tl.zeros([BC, BV], dtype=tl.float32)
-    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_h, input_precision=PREC)
-    b_o = b_o * _triton_safe_exp(b_gq)
-    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_it * BT  # [BC] row starts of A
-    # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
-    if i_i > 0:
-        i_ref = i_i * BC - 1
-        b_gr = tl.load(p_g + i_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t0 + i_ref < T), other=0.0)  # [BV]
-        b_off = tl.zeros([BC, BV], dtype=tl.float32)
-        for j in range(0, i_i):
-            o_is = j * BC + o_c
-            m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
-            p_sv = o_is[:, None] * (H * V) + o_v[None, :]
-            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
-            b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
-            b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
-                           other=0.0)  # [BC, BC]
-            b_off += tl.dot(b_Aj, b_vs * _triton_safe_exp(b_gr[None, :] - b_gs), input_precision=PREC)
-        b_o += b_off * _triton_safe_exp(b_gq - b_gr[None, :])
-    # diagonal sub-block, one key column at a time (A is already causally masked)
-    for c in range(0, BC):
-        i_s = i_i * BC + c
-        m_s = m_v & (o_v * 0 + t0 + i_s < T)
-        b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
-        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
-        b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
-        b_o += b_a[:, None] * b_vs[None, :] * _triton_safe_exp(b_gq - b_gs[None, :])
-    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1390,33 +938,6 @@ def _triton_check_block(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs every dimension >= 16 on a GPU), "
                          f"got {value!r}")
-
-
-def _triton_check_inputs(queries, k: triton_Tensor, v: triton_Tensor, log_decay, decay_axis, initial_state) -> None:
-    """Shapes, decay axis and dtypes (the same rules and messages as the torch runtime)."""
-    if decay_axis not in _triton_AXES:
-        raise ValueError(f"decay_axis must be one of {_triton_AXES}, got {decay_axis!r}")
-    if k.dim() != 4 or v.dim() != 4 or tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"k must be [B, T, H, K] and v [B, T, H, V], got {list(k.shape)} and {list(v.shape)}")
-    if decay_axis is None:
-        if log_decay is not None:
-            raise ValueError("log_decay given but decay_axis is None; pass decay_axis='scalar', 'key' or 'value'")
-    else:
-        if log_decay is None:
-            raise ValueError(f"decay_axis={decay_axis!r} needs a log_decay tensor")
-        expected = {"scalar": tuple(k.shape[:3]), "key": tuple(k.shape), "value": tuple(v.shape)}[decay_axis]
-        if tuple(log_decay.shape) != expected:
-            raise ValueError(f"log_decay for decay_axis={decay_axis!r} must have shape {list(expected)}, "
-                             f"got {list(log_decay.shape)}")
-    for q, _ in queries:
-        if tuple(q.shape) != tuple(k.shape):
-            raise ValueError(f"every query must have k's shape {list(k.shape)}, got {list(q.shape)}")
-    B, _, H, K = k.shape
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
-        raise ValueError(f"initial_state must have shape {[B, H, K, v.shape[-1]]}, got {list(initial_state.shape)}")
-    for name, x in [("k", k), ("v", v)] + [("q", q) for q, _ in queries]:
-        if x.dtype not in _triton_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32 for the Triton runtime, got {x.dtype}")
 
 
 def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: bool):
@@ -1443,29 +964,7 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _triton_cumsum(log_decay: triton_Tensor, decay_axis: str, BT: int, num_warps: int) -> triton_Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
-    g = log_decay.contiguous()
-    B, T, H = g.shape[:3]
-    D = 1 if decay_axis == "scalar" else g.shape[3]
-    BD = min(64, _triton_pow2_at_least_16(D))
-    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
-    return gc
-
-
-def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, use_gk: bool, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int) -> triton_Tensor:
-    B, T, H, K = k.shape
-    NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
-    A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
-    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if use_gk else k, A, T, H, K, BT, _triton_SUB, BK, NC, use_gk, shift, strict, prec,
-        num_warps=num_warps, num_stages=num_stages)
-    return A
-
-
-def _triton_chunk_states(k, v, gc, w, initial_state, decay_axis, delta, output_final_state, BT, BK, BV, prec,
+def _triton_chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_state, BT, BK, BV, prec,
                   num_warps, num_stages):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
     B, T, H, K = k.shape
@@ -1476,31 +975,54 @@ def _triton_chunk_states(k, v, gc, w, initial_state, decay_axis, delta, output_f
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
         k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
-        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, _triton_DECAY_CODE[decay_axis], delta,
+        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, decay, delta,
         h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
     return h, ht
 
 
-def _triton_outputs(queries, k, v, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _triton_chunk_output(q, exclusive, k, v, gc, h, A, o, decay: int, BT, BK, BV, prec, num_warps, num_stages) -> None:
+    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A: the key decay's intra-chunk scores)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(T, BT)
+    _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+        q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
+# the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_triton_DECAYS`;
+# a generated module names the class its chunk plan fixes (`triton_chunked_linear_by(triton_KeyDecay, ...)`), so it keeps
+# only the kernels that class launches, and codegen/specialize.py drops the kernels' branches for other codes.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class triton_NoDecay:
+    """decay_axis None: no log decays."""
+
+    code = 0  # the kernels' DECAY
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps):
+        return None
+
+    @staticmethod
+    def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
+        """The delta rule's decayed k_t . k_s, when the WY kernel does not form it itself."""
+        return None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _triton_chunk_output(q, exclusive, k, v, gc, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
+
+
+def _triton_outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
-        q = q.contiguous()
-        exclusive = bool(exclusive)
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
-        if decay_axis == "value":
-            A = _triton_intra_attn(q, k, None, False, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
-            _triton_chunk_output_value_kernel[(triton.cdiv(V, BV), NT * (BT // _triton_SUB), B * H)](
-                q, v, gc, h, A, o, T, H, K, V, BT, _triton_SUB, BK, BV, BT // _triton_SUB, exclusive, prec,
-                num_warps=num_warps, num_stages=num_stages)
-        else:
-            A = _triton_intra_attn(q, k, gc, True, exclusive, exclusive, BT, BK, prec, num_warps, num_stages) \
-                if decay_axis == "key" else h
-            _triton_chunk_output_kernel[(triton.cdiv(V, BV), NT, B * H)](
-                q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, _triton_DECAY_CODE[decay_axis],
-                exclusive, prec, num_warps=num_warps, num_stages=num_stages)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages)
         outs.append(o)
     return outs
 
@@ -1521,42 +1043,28 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def triton_chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
-                  output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
-                  allow_tf32=None):
-    """Chunked (WY/UT) form of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T on the GPU (Triton).
-
-    Same arguments and returns as triton_chunked_linear, plus beta [B, T, H]; decay_axis None, "scalar" or "key".
-    Per chunk (see codegen.torch_runtime.chunked_delta for the derivation): L_ts = beta_t (k_t . k_s) decayed for
-    s < t, Tm = (I + L)^-1, W = Tm diag(beta) (K * exp(G)), Uy = Tm Y; then, passing the state, U = Uy - W S0 and
-    S <- D_chunk S0 + (K * exp(G_last - G))^T U; outputs are triton_chunked_linear's with v replaced by U.
-    block_k must cover K (default pow2(K)); block_v defaults to min(pow2(V), 64) (32 for K > 64, 16 for K > 128).
-    """
-    if decay_axis == "value":
-        raise NotImplementedError("triton_chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
-                                  "does not commute with (I - beta k k^T) into one C x C solve: use recurrent_delta")
-    _triton_check_inputs(queries, k, y, log_decay, decay_axis, initial_state)
+def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
+                     output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                     allow_tf32=None):
+    """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point
+    of generated modules; shapes and dtypes are not checked (triton_chunked_delta does that)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
-    if tuple(beta.shape) != (B, T, H):
-        raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     NT = triton.cdiv(T, BT)
-    gc = None if decay_axis is None else _triton_cumsum(log_decay, decay_axis, BT, num_warps)
-    Akk = None  # decayed k_t . k_s for a key decay (the WY kernel forms it itself otherwise)
-    if decay_axis == "key":
-        Akk = _triton_intra_attn(k, k, gc, True, False, True, BT, BK, prec, num_warps, num_stages)
+    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Akk = decay_cls.wy_scores(k, gc, BT, BK, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _triton_delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, Akk if Akk is not None else w, w, u, T, H, K, V, BT, BK,
-        min(BV, 64), _triton_DECAY_CODE[decay_axis], prec, num_warps=num_warps, num_stages=num_stages)
-    h, ht = _triton_chunk_states(k, u, gc, w, initial_state, decay_axis, True, output_final_state, BT, BK, BV, prec,
+        min(BV, 64), decay_cls.code, prec, num_warps=num_warps, num_stages=num_stages)
+    h, ht = _triton_chunk_states(k, u, gc, w, initial_state, decay_cls.code, True, output_final_state, BT, BK, BV, prec,
                           num_warps, num_stages)
-    outs = _triton_outputs(queries, k, u, gc, h, decay_axis, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    outs = _triton_outputs(queries, decay_cls, k, u, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
 
@@ -1618,7 +1126,7 @@ def delta_net__chunked(q, k, v, beta, states, K, V, chunk_size=64):
     v_S = torch.broadcast_to(beta[..., None] * v, (B_, T_, H_, V))  # delta_net.rec:13,14
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # delta_net.rec:15
     beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # delta_net.rec:13,14
-    (read_S,), final_S = chunked_delta([(query_read_S, False)], k_S, v_S, beta_S, None, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
+    (read_S,), final_S = chunked_delta_by(NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # delta_net.rec:15
     return {'o': o}, {'S': final_S}
 
@@ -1694,7 +1202,7 @@ def delta_net__chunked_triton(q, k, v, beta, states, K, V, chunk_size=64, **opti
     v_S = torch.broadcast_to(beta[..., None] * v, (B_, T_, H_, V))  # delta_net.rec:13,14
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # delta_net.rec:15
     beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # delta_net.rec:13,14
-    (read_S,), final_S = triton_chunked_delta([(query_read_S, False)], k_S, v_S, beta_S, None, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
+    (read_S,), final_S = triton_chunked_delta_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
     o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # delta_net.rec:15
     return {'o': o}, {'S': final_S}
 

@@ -590,8 +590,15 @@ class Layer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# chunk-level pieces shared by the linear and delta forms
+# chunk-level pieces shared by the linear, delta and DPLR forms: one class per decay axis
 # ----------------------------------------------------------------------------------------------------------
+#
+# Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
+# from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
+# names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
+# class and the helpers it reads, and none of the other axes' code.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,6 +643,14 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 # ----------------------------------------------------------------------------------------------------------
 # host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
+# the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_triton_DECAYS`;
+# a generated module names the class its chunk plan fixes (`triton_chunked_linear_by(triton_KeyDecay, ...)`), so it keeps
+# only the kernels that class launches, and codegen/specialize.py drops the kernels' branches for other codes.
 # ----------------------------------------------------------------------------------------------------------
 
 

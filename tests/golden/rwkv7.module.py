@@ -578,8 +578,6 @@ class Layer:
 
 Tensor = torch.Tensor
 
-_AXES = (None, "scalar", "key", "value")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -589,22 +587,6 @@ _AXES = (None, "scalar", "key", "value")
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision inputs, else the input's own dtype."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _check_decay(log_decay: Tensor | None, decay_axis: str | None, k: Tensor, v: Tensor) -> None:
-    """Validate decay_axis and the shape of log_decay against k [B, T, H, K] and v [B, T, H, V]."""
-    if decay_axis not in _AXES:
-        raise ValueError(f"decay_axis must be one of {_AXES}, got {decay_axis!r}")
-    if decay_axis is None:
-        if log_decay is not None:
-            raise ValueError("log_decay given but decay_axis is None; pass decay_axis='scalar', 'key' or 'value'")
-        return
-    if log_decay is None:
-        raise ValueError(f"decay_axis={decay_axis!r} needs a log_decay tensor")
-    expected = {"scalar": tuple(k.shape[:3]), "key": tuple(k.shape), "value": tuple(v.shape)}[decay_axis]
-    if tuple(log_decay.shape) != expected:
-        raise ValueError(f"log_decay for decay_axis={decay_axis!r} must have shape {list(expected)}, "
-                         f"got {list(log_decay.shape)}")
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
@@ -653,26 +635,6 @@ def _suffix(x: Tensor, dim: int) -> Tensor:
     incl = x.flip(dim).cumsum(dim).flip(dim)
     last = torch.zeros_like(x.narrow(dim, 0, 1))
     return torch.cat([incl.narrow(dim, 1, x.shape[dim] - 1), last], dim=dim)
-
-
-def _causal(C: int, mode: str, device: torch.device) -> Tensor:
-    """[C, C] bool over (t, s): s <= t for mode "inclusive", s < t for "strict" and "exclusive"."""
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril(0 if mode == "inclusive" else -1)
-
-
-def _segsum(x: Tensor, mode: str) -> Tensor:
-    """Segment sums of log decays x [..., L] -> [..., L(t), L(s)], -inf where masked (exp gives an exact 0).
-
-    inclusive: sum_{s < r <= t} x_r for s <= t   (decay from after step s to the state after step t)
-    strict:    the same, for s < t only
-    exclusive: sum_{s < r < t} x_r for s < t     (decay from after step s to the state before step t)
-    """
-    L = x.shape[-1]
-    below = _causal(L, "strict", x.device)  # [L, L]
-    seg = x.unsqueeze(-1).expand(*x.shape, L).masked_fill(~below, 0.0).cumsum(-2)  # [..., t, s]
-    if mode == "exclusive":
-        seg = _shift(seg, -2)
-    return seg.masked_fill(~_causal(L, mode, x.device), float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -789,114 +751,59 @@ def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, kl
     return a.reshape(*lead, C, C)
 
 
-def _add_right(o: Tensor, contrib: Tensor, b: int) -> Tensor:
-    """o [.., C, V] plus contrib [.., C / 2b, b, V] on the right block of every sibling pair."""
-    lead, C, V = o.shape[:-2], o.shape[-2], o.shape[-1]
-    o2 = o.reshape(*lead, C // (2 * b), 2, b, V)
-    return torch.stack([o2[..., 0, :, :], o2[..., 1, :, :] + contrib], dim=-3).reshape(*lead, C, V)
-
-
-def _intra_value(q, k, v, g, mode, c, elev, vlev) -> Tensor:
-    """Intra-chunk output for a value decay, o_t[j] = sum_s (q_t . k_s) exp(decay_j from s to t) v_s[j]:
-    leaf blocks direct, then o_R += elev_R * ((q_R k_L^T) @ vlev_L) for every sibling pair."""
-    lead, C, V = q.shape[:-2], q.shape[-2], v.shape[-1]
-    n = C // c
-    if c == 1:
-        o = (q * k).sum(-1, keepdim=True) * v if mode == "inclusive" else torch.zeros_like(v)
-    else:
-        a = q.reshape(*lead, n, c, -1) @ k.reshape(*lead, n, c, -1).transpose(-1, -2)  # [.., n, c, c]
-        vs, gs = v.reshape(*lead, n, c, V), g.reshape(*lead, n, c, V)
-        rows = []
-        for t in range(c):
-            row = torch.zeros_like(vs[..., 0, :])
-            for s in range(c):
-                decay = _leaf_decay(gs, mode, t, s)
-                if decay is not None:
-                    row = row + a[..., t, s, None] * decay * vs[..., s, :]
-            rows.append(row)
-        o = torch.stack(rows, dim=-2).reshape(v.shape)
-    b = c
-    for el, vl in zip(elev[:-1], vlev[:-1], strict=True):
-        a_rl = _scores(_pairs(q, b, True), _pairs(k, b, False))  # [.., m, b, b]
-        er, vr = _pairs(el.reshape(*lead, C, V), b, True), _pairs(vl.reshape(*lead, C, V), b, False)
-        o = _add_right(o, er * (a_rl @ vr), b)
-        b *= 2
-    return o
-
-
 # ----------------------------------------------------------------------------------------------------------
-# chunk-level pieces shared by the linear and delta forms
+# chunk-level pieces shared by the linear, delta and DPLR forms: one class per decay axis
 # ----------------------------------------------------------------------------------------------------------
+#
+# Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
+# from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
+# names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
+# class and the helpers it reads, and none of the other axes' code.
 
 
-class _Decay:
-    """The decays of one call, chunked: per-chunk factors for the state pass and per-query intra/inter parts.
+class KeyDecay:
+    """decay_axis "key": lg [N, B, H, C, K] scales row i of the state; the block hierarchy inside a chunk."""
 
-    lg: log decays [N, B, H, C(, D)] or None; c: leaf length. Built once per call, no state beyond it.
-    """
+    axis = "key"
 
-    def __init__(self, lg: Tensor | None, axis: str | None, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
-        self.lg, self.axis, self.c, self.k, self.v = lg, axis, c, k, v
-        if axis in ("key", "value"):
-            self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
-        else:
-            self.blocks = None
-        x = k if axis == "key" else v
-        self.klev = None if self.blocks is None else _decayed_levels(x, lg, "key", "inclusive", c, self.blocks)
+    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+        self.lg, self.c, self.k, self.v = lg, c, k, v
+        self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
+        self.klev = _decayed_levels(k, lg, "key", "inclusive", c, self.blocks)
 
-    def whole(self) -> Tensor | None:
-        """Decay of the state over each whole chunk, broadcastable to [N, B, H, K, V]."""
-        if self.axis is None:
-            return None
-        if self.axis == "scalar":
-            return torch.exp(self.lg.sum(-1))[..., None, None]
-        e = self.blocks[-1]  # [N, B, H, 1, 1, D]
-        e = e.reshape(e.shape[:-3] + (1, e.shape[-1]))  # [N, B, H, 1, D]
-        return e.transpose(-1, -2) if self.axis == "key" else e  # rows (key) or columns (value)
+    def whole(self) -> Tensor:
+        """Decay of the state over each whole chunk, [N, B, H, K, 1] (its rows)."""
+        e = self.blocks[-1]  # [N, B, H, 1, 1, K]
+        return e.reshape(e.shape[:-3] + (1, e.shape[-1])).transpose(-1, -2)
 
     def k_to_end(self) -> Tensor:
-        """k_s decayed to the chunk end, [N, B, H, C, K] (for "value": k itself; use v_to_end)."""
-        if self.axis is None or self.axis == "value":
-            return self.k
-        if self.axis == "scalar":
-            return self.k * torch.exp(_suffix(self.lg, -1)).unsqueeze(-1)
+        """k_s decayed to the chunk end, [N, B, H, C, K]."""
         return self.klev[-1].reshape(self.k.shape)
 
     def v_to_end(self) -> Tensor:
-        """v_s decayed to the chunk end for a value decay, else v."""
-        return self.klev[-1].reshape(self.v.shape) if self.axis == "value" else self.v
+        """v (the decay is on k's side)."""
+        return self.v
 
-    def query_levels(self, q: Tensor, mode: str) -> list | None:
-        """q (key decay) or the bare factors (value decay) decayed inside blocks, per level."""
-        if self.blocks is None:
-            return None
-        return _decayed_levels(q if self.axis == "key" else None, self.lg, "query", mode, self.c, self.blocks)
+    def query_levels(self, q: Tensor, mode: str) -> list:
+        """q decayed inside blocks, per level."""
+        return _decayed_levels(q, self.lg, "query", mode, self.c, self.blocks)
 
-    def attn(self, q: Tensor, mode: str, qlev: list | None) -> Tensor:
-        """Decayed scores [N, B, H, C, C] (decay_axis None, "scalar" or "key")."""
-        C = q.shape[-2]
-        if self.axis is None:
-            return (q @ self.k.transpose(-1, -2)).masked_fill(~_causal(C, mode, q.device), 0.0)
-        if self.axis == "scalar":
-            return (q @ self.k.transpose(-1, -2)) * torch.exp(_segsum(self.lg, mode))
+    def attn(self, q: Tensor, mode: str, qlev: list) -> Tensor:
+        """Decayed scores [N, B, H, C, C]."""
         return _attn_key(q, self.k, self.lg, mode, self.c, qlev, self.klev)
 
-    def inter(self, q: Tensor, mode: str, qlev: list | None, starts: Tensor) -> Tensor:
-        """Outputs from the chunk start states: q [N, B, H, C, K], starts [N, B, H, K, V] -> [N, B, H, C, V]."""
-        if self.axis is None:
-            return q @ starts
-        if self.axis == "scalar":
-            G = self.lg.cumsum(-1)
-            G = _shift(G, -1) if mode == "exclusive" else G
-            return (q @ starts) * torch.exp(G).unsqueeze(-1)
-        if self.axis == "key":
-            return qlev[-1].reshape(q.shape) @ starts
-        return (q @ starts) * qlev[-1].reshape(q.shape[:-1] + (starts.shape[-1],))
+    def from_start(self, q: Tensor, mode: str, qlev: list) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads (the last level of qlev)."""
+        return qlev[-1].reshape(q.shape)
 
-    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list | None) -> Tensor:
-        """Outputs from the steps of the same chunk, [N, B, H, C, V]."""
-        if self.axis == "value":
-            return _intra_value(q, self.k, v, self.lg, mode, self.c, qlev, self.klev)
+    def inter(self, q: Tensor, mode: str, qlev: list, starts: Tensor) -> Tensor:
+        """Outputs from the chunk start states."""
+        return qlev[-1].reshape(q.shape) @ starts
+
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list) -> Tensor:
+        """Outputs from the steps of the same chunk."""
         return self.attn(q, mode, qlev) @ v
 
 
@@ -942,42 +849,22 @@ def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
-                 output_final_state=False):
-    """Chunked form of S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T (diagonal plus rank one, as in RWKV-7).
-
-    k, a, b [B, T, H, K]; v [B, T, H, V]; decay_axis None, "scalar" or "key". Same queries and returns as
-    chunked_linear. Derivation: with u_t = S_{t-1}^T a_t (an exclusive readout) the step is
-    S_t = D_t S_{t-1} + b_t u_t^T + k_t v_t^T, a linear recurrence with keys (b, k) and values (u, v). Inside a
-    chunk with start state S0 and G_t the log decay from the chunk start through step t,
-        u_t - sum_{s<t} (a_t . b_s)_G u_s = (a_t * exp(G_{t-1}))^T S0 + sum_{s<t} (a_t . k_s)_G v_s,
-    where (x_t . y_s)_G = sum_i x_t[i] y_s[i] exp(G_{t-1}[i] - G_s[i]); so (I - L) U = Ag S0 + M V with L, M
-    strictly lower triangular, and U = Uv + W S0 with Uv = (I - L)^-1 M V, W = (I - L)^-1 Ag. The state passes
-    once per chunk as S' = D_chunk S0 + Kd^T V + Bd^T U, and each output is chunked_linear's with both pairs.
-    """
-    if decay_axis == "value":
-        raise NotImplementedError("chunked_dplr supports decay_axis None, 'scalar' or 'key'")
-    _check_decay(log_decay, decay_axis, k, v)
+def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
+                    output_final_state=False):
+    """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
+    of generated modules; its arguments are not checked (chunked_dplr does that)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    for name, x in (("a", a), ("b", b)):
-        if tuple(x.shape) != (B, T, H, K):
-            raise ValueError(f"{name} must have shape {[B, T, H, K]}, got {list(x.shape)}")
     dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
     if T == 0:
         return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
     kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
-    by_k = _Decay(lg, decay_axis, c, kc, vc)
-    by_b = _Decay(lg, decay_axis, c, bc, vc, blocks=by_k.blocks)
+    by_k = decay_cls(lg, c, kc, vc)
+    by_b = decay_cls(lg, c, bc, vc, blocks=by_k.blocks)
     alev = by_k.query_levels(ac, "exclusive")
     inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
     uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]
-    if decay_axis is None:
-        ag = ac
-    elif decay_axis == "scalar":
-        ag = ac * torch.exp(_shift(lg.cumsum(-1), -1)).unsqueeze(-1)
-    else:
-        ag = alev[-1].reshape(ac.shape)  # a_t * exp(G_{t-1})
+    ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
     w = inv @ ag  # [N, B, H, C, K]
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]
@@ -1036,6 +923,14 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 # ----------------------------------------------------------------------------------------------------------
 # host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
+# the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_triton_DECAYS`;
+# a generated module names the class its chunk plan fixes (`triton_chunked_linear_by(triton_KeyDecay, ...)`), so it keeps
+# only the kernels that class launches, and codegen/specialize.py drops the kernels' branches for other codes.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -1112,7 +1007,7 @@ def rwkv7__chunked(r, w, k, v, kk, a, u, states, K, V, chunk_size=64):
     query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv7.rec:14
     a_S = torch.broadcast_to(kk, (B_, T_, H_, K))  # reads the state: u_t = S_(t-1)^T a_t
     b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
-    (read_S,), final_S = chunked_dplr([(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, 'key', initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
+    (read_S,), final_S = chunked_dplr_by(KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     o = torch.broadcast_to(v * torch.einsum('...b,...b,...b->...', k, r, u)[..., None] + read_S, (B_, T_, H_, V))  # rwkv7.rec:14
     return {'o': o}, {'S': final_S}
 

@@ -1,0 +1,201 @@
+"""Specialise the Triton runtime's kernels in a generated module to the constexpr flags its plans fix.
+
+The chunked Triton kernels are one family switched by `tl.constexpr` flags, as in fla's `ops/common`:
+
+  DECAY      0 none, 1 scalar, 2 key, 3 value   the decay axis of the state's chunk plan
+  DELTA      True for a rank-one (delta rule) update, False for a linear one
+  EXCLUSIVE  whether a readout reads the state before its own step (output kernels only)
+
+The generated module launches these kernels only through the decay class its chunk plan names
+(`triton_chunked_linear_by(triton_KeyDecay, ...)`, see codegen/triton_runtime.py), so over the whole module each
+flag takes only the values its plans give. `specialize` removes, on the AST of each `@triton.jit` function of the
+Triton runtime, the `if` / `elif` / `else` branches that no such value can take, and hoists a branch that every
+value takes: `if DECAY == 2: A else: B` becomes `A` in a key-decay module. The kernel's signature and its call
+sites stay as they are (the flag is still passed and still a constexpr), so specialising changes no result; it
+only leaves out code that cannot run, which keeps a module to what its layer runs (tests/test_module_coverage.py).
+
+Only tests of the form `FLAG`, `not FLAG`, `FLAG == constant`, `FLAG != constant` and their `and` / `or` are
+decided; any other test is kept whole. Comments and layout of the kept lines are preserved (the edits are made
+on the text, at the lines the AST gives).
+"""
+
+from __future__ import annotations
+
+import ast
+
+from recurrence_dsl.analysis import Analysis, TransitionClass
+
+from .kernel_rules import _is_triton_jit
+from .triton_recurrent import triton_form_names
+
+_DECAY_CODES = {None: 0, "scalar": 1, "key": 2, "value": 3}  # the `code` of the runtime's decay classes
+_RUNTIME_PREFIX = "_triton_"  # the Triton runtime's kernels as renamed in a generated module
+
+
+def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
+    """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form)."""
+    decay, delta, exclusive = set(), set(), set()
+    for a in analyses:
+        if "chunked" not in triton_form_names(a):
+            continue
+        view = a.chunk_analysis
+        for s in a.recurrence.states:
+            sa = view.states[s.name]
+            decay.add(_DECAY_CODES[sa.chunk.decay_axis])
+            delta.add(sa.cls is TransitionClass.RANK_ONE_UPDATE)
+            exclusive.update(bool(r.exclusive) for r in sa.chunk.readouts)
+    return {"DECAY": frozenset(decay), "DELTA": frozenset(delta), "EXCLUSIVE": frozenset(exclusive)}
+
+
+def specialize(text: str, analyses: list[Analysis]) -> str:
+    """`text` (a generated module) with the runtime kernels' never-taken flag branches removed."""
+    return specialize_kernels(text, plan_flags(analyses))
+
+
+def specialize_kernels(text: str, flags: dict[str, frozenset]) -> str:
+    """Fold the branches on `flags` (name -> the values it can take) in the Triton runtime's jit functions."""
+    flags = {name: values for name, values in flags.items() if values}
+    if not flags:
+        return text
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    for fn in reversed(tree.body):  # bottom-up, so earlier line numbers stay valid
+        if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith(_RUNTIME_PREFIX) and _is_triton_jit(fn)):
+            continue
+        constexpr = {a.arg for a in fn.args.args if a.annotation is not None
+                     and ast.unparse(a.annotation) == "tl.constexpr"}
+        known = {name: values for name, values in flags.items() if name in constexpr}
+        if known:
+            lines[fn.lineno - 1:fn.end_lineno] = _fold_function(lines[fn.lineno - 1:fn.end_lineno], known)
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
+def _truth(test: ast.expr, known: dict[str, frozenset]) -> bool | None:
+    """True / False when every value of the known flags decides `test`, else None."""
+    if isinstance(test, ast.Name) and test.id in known:
+        outcomes = {bool(v) for v in known[test.id]}
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        inner = _truth(test.operand, known)
+        return None if inner is None else not inner
+    elif (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], (ast.Eq, ast.NotEq))
+          and isinstance(test.left, ast.Name) and test.left.id in known
+          and isinstance(test.comparators[0], ast.Constant)):
+        c = test.comparators[0].value
+        outcomes = {(v == c) == isinstance(test.ops[0], ast.Eq) for v in known[test.left.id]}
+    elif isinstance(test, ast.BoolOp):
+        parts = [_truth(v, known) for v in test.values]
+        stop = isinstance(test.op, ast.Or)  # the value that decides the whole
+        if stop in parts:
+            return stop
+        return None if None in parts else not stop
+    else:
+        return None
+    return outcomes.pop() if len(outcomes) == 1 else None
+
+
+def _fold_function(lines: list[str], known: dict[str, frozenset]) -> list[str]:
+    """Fold one if-chain at a time (outermost first) until no chain changes."""
+    while True:
+        tree = ast.parse("\n".join(lines))
+        found = _first_foldable(tree.body[0].body, lines, known)
+        if found is None:
+            return lines
+        node, new = found
+        lines[node.lineno - 1:node.end_lineno] = new
+
+
+def _chain(node: ast.If, lines: list[str]) -> tuple[list[ast.If], list]:
+    """An if / elif / ... chain as ([branch nodes], else body)."""
+    branches = [node]
+    while (len(node.orelse) == 1 and isinstance(node.orelse[0], ast.If)
+           and lines[node.orelse[0].lineno - 1].lstrip().startswith("elif")):
+        node = node.orelse[0]
+        branches.append(node)
+    return branches, node.orelse
+
+
+def _first_foldable(body: list[ast.stmt], lines: list[str], known) -> tuple[ast.If, list[str]] | None:
+    """The first if-chain in `body` (outermost first) that folding changes, with its new lines."""
+    for stmt in body:
+        if isinstance(stmt, ast.If):
+            new = _folded(stmt, body, lines, known)
+            if new != lines[stmt.lineno - 1:stmt.end_lineno]:
+                return stmt, new
+            branches, orelse = _chain(stmt, lines)
+            blocks = [b.body for b in branches] + [orelse]
+        else:
+            blocks = [getattr(stmt, field) for field in ("body", "orelse", "finalbody") if hasattr(stmt, field)]
+        for block in blocks:
+            if block and isinstance(block, list):
+                found = _first_foldable(block, lines, known)
+                if found is not None:
+                    return found
+    return None
+
+
+def _assignments(known: dict[str, frozenset]) -> list[dict[str, frozenset]]:
+    """Every combination of the flags' values, each flag as a one-value set."""
+    out = [{}]
+    for name, values in known.items():
+        out = [{**a, name: frozenset({v})} for a in out for v in sorted(values, key=repr)]
+    return out
+
+
+def _folded(node: ast.If, siblings: list, lines: list[str], known) -> list[str]:
+    """The lines that replace the if-chain `node`: the branches some combination of flag values takes, each
+    tested as before, except that a branch every combination reaching it takes becomes the chain's `else`."""
+    branches, orelse = _chain(node, lines)
+    spans = []  # per branch: (first line, first body line, end), 0-based, end exclusive
+    for i, branch in enumerate(branches):
+        if i + 1 < len(branches):
+            end = branches[i + 1].lineno - 1
+        elif orelse:
+            end = next(n for n in range(orelse[0].lineno - 2, branch.body[-1].end_lineno - 1, -1)
+                       if lines[n].lstrip().startswith("else"))
+        else:
+            end = node.end_lineno
+        spans.append((branch.lineno - 1, branch.body[0].lineno - 1, end))
+    taken = [False] * len(branches)
+    always = [True] * len(branches)  # true for every combination that reaches it
+    reaches_else = False
+    for assignment in _assignments(known):
+        for i, branch in enumerate(branches):
+            truth = _truth(branch.test, assignment)
+            always[i] = always[i] and truth is True
+            if truth is not False:
+                taken[i] = True
+            if truth is True:
+                break
+        else:
+            reaches_else = True
+    kept, final = [], None
+    for i, (start, body_start, end) in enumerate(spans):
+        if not taken[i]:
+            continue
+        if always[i]:
+            final = (body_start, end)
+            break
+        kept.append((start, body_start, end))
+    else:
+        if orelse and reaches_else:
+            final = (spans[-1][2] + 1, node.end_lineno)
+    indent = " " * node.col_offset
+    if not kept:
+        if final is None:
+            return [indent + "pass"] if len(siblings) == 1 else []
+        shift = node.body[0].col_offset - node.col_offset
+        return [_dedent(line, shift) for line in lines[final[0]:final[1]]]
+    out = []
+    for i, (start, body_start, end) in enumerate(kept):
+        header = lines[start:body_start]
+        first = header[0].lstrip()
+        first = first[first.index(" "):] if first.startswith(("if ", "elif ")) else first
+        out += [indent + ("if" if i == 0 else "elif") + first] + header[1:] + lines[body_start:end]
+    if final is not None:
+        out += [indent + "else:"] + lines[final[0]:final[1]]
+    return out
+
+
+def _dedent(line: str, n: int) -> str:
+    spaces = len(line) - len(line.lstrip(" "))
+    return line[min(n, spaces):]

@@ -1,0 +1,286 @@
+"""A generated module holds only what its layer runs: running it covers >= 90% of its statements.
+
+For every spec of specs/, the module `codegen.module.module_source` generates is written to a temporary file and
+imported from it under coverage.py (which also traces the Triton kernels, since TRITON_INTERPRET=1 runs them as
+Python). Each layer then runs every form it offers on both backends (`layer.forms`, `layer.triton_forms`) with an
+initial state, with and without `cu_seqlens` (one packed sequence empty), forward and backward; `form="auto"` and
+`backend="auto"` at lengths that pick each form; configs and a tuned lookup; its `torch.nn.Module` wrapper; and a
+table of bad calls, each of which must raise CallError or ValueError. At least 90% of the module's statements must
+have run; on failure the message lists the lines that did not, with their text.
+
+The only lines excluded from the count are the module's `except ImportError:` fallbacks, which provably cannot
+run in this process: the no-triton stand-in (triton is imported here: asserted through `HAVE_TRITON`) and the
+local `CallError` (recurrence_dsl is imported here: asserted through the module's `CallError`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import recurrence_dsl
+from codegen.layer import interpreting
+from codegen.module import module_source
+from recurrence_dsl.analysis import analyse
+from recurrence_dsl.errors import CallError
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPEC_FILES
+
+coverage = pytest.importorskip("coverage")
+pytest.importorskip("triton")
+
+MIN_COVERED = 0.90
+SIZE, LENGTH, HEADS, CHUNK = 16, 40, 2, 16
+CU = (0, 10, 10, 37)  # packed sequences, the second one empty
+TRITON_CONFIG = {"chunk_size": 32, "block_k": 16, "block_v": 16, "num_warps": 1, "num_stages": 1}  # 2 sub-chunks
+# Exclusions, each a line that cannot run in this process (see the module docstring); the rest counts.
+EXCLUDE = [r"^except ImportError:"]
+
+
+def _import(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _arguments(rec, batch, length, seed=0, rows=None):
+    """(args requiring grad, initial state) for `rec` at the test's small sizes."""
+    sizes = {s: SIZE for s in rec.checked.sizes}
+    args, init = sample_arguments(rec.checked, sizes, batch, length, HEADS, seed=seed, with_initial_state=True,
+                                  rows=rows)
+    args = [x.float().requires_grad_() for x in args]
+    init = {k: v.float() for k, v in init.items()} if isinstance(init, dict) else init.float()
+    return args, init
+
+
+def _backward(result):
+    out, final = result
+    outs = out if isinstance(out, tuple) else (out,)
+    finals = tuple(final.values()) if isinstance(final, dict) else (() if final is None else (final,))
+    loss = sum(o.float().sum() for o in outs) + sum(f.float().sum() for f in finals)
+    loss.backward()
+
+
+def _run_forms(layer, rec):
+    """Every form on both backends: initial state, packed sequences, forward and backward."""
+    for backend, forms in (("torch", layer.forms), ("triton", layer.triton_forms)):
+        for form in forms:
+            args, init = _arguments(rec, 1, LENGTH)
+            _backward(layer(*args, initial_state=init, output_final_state=True, form=form, backend=backend,
+                            chunk_size=CHUNK))
+            args, init = _arguments(rec, 1, CU[-1], seed=1, rows=len(CU) - 1)
+            _backward(layer(*args, initial_state=init, output_final_state=True, cu_seqlens=torch.tensor(CU),
+                            form=form, backend=backend, chunk_size=CHUNK))
+    if "scan" in layer.forms:  # longer than the scan's chunk of 64 steps
+        args, init = _arguments(rec, 1, 80)
+        layer(*[a.detach() for a in args], initial_state=init, form="scan", backend="torch")
+    if "chunked" in layer.forms:  # a chunk length that is not a power of two: leaf blocks of 3 steps
+        args, init = _arguments(rec, 2, LENGTH)
+        layer(*[a.detach() for a in args], initial_state=init, form="chunked", backend="torch", chunk_size=12)
+
+
+def _run_auto(layer, rec):
+    """auto form and backend at lengths that pick each form; configs; a tuned lookup; the options copy."""
+    for length, chunk in ((8, CHUNK), (LENGTH, CHUNK), (LENGTH, 64)):
+        args, _ = _arguments(rec, 1, length)
+        args = [a.detach() for a in args]
+        assert layer.pick_form(length, chunk) in layer.forms
+        layer(*args, backend="torch", chunk_size=chunk)
+    layer(*args, chunk_size=CHUNK)  # backend auto: triton under the interpreter
+    args, _ = _arguments(rec, 1, LENGTH)
+    args = [a.detach() for a in args]
+    layer(*[a.double() for a in args])  # float64: auto takes torch
+    if "chunked" in layer.forms:
+        layer(*args, form="chunked", backend="torch", config={"chunk_size": CHUNK})
+    if "chunked" in layer.triton_forms:
+        layer(*args, form="chunked", backend="triton", config=TRITON_CONFIG)
+    layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
+    asked = []
+    tuned = layer.options(form="auto", backend="torch", tuned=lambda *a: asked.append(a) or None)
+    tuned(*args)
+    assert asked
+    zeros = [torch.zeros_like(a) for a in args]  # a decay of 0 is not positive for a chunked form's log
+    layer(*zeros, chunk_size=CHUNK, backend="torch")  # auto steps instead where it must
+    for form in ("chunked", "parallel"):
+        if form in layer.forms:
+            try:
+                layer(*zeros, form=form, backend="torch")
+            except ValueError as err:  # DecayNotPositive, where the decay is a plain input or param
+                assert "not positive" in str(err)
+    assert layer.name == rec.name and rec.name in repr(layer) and layer.source.startswith("# Generated")
+    assert layer.backend_for(torch.device("cpu"), torch.float32) == ("triton" if interpreting() else "torch")
+
+
+def _run_module_class(module, rec, layer):
+    cls = getattr(module, "".join(p[:1].upper() + p[1:] for p in rec.name.split("_")))
+    sizes = {s: SIZE for s in rec.checked.sizes}
+    args, init = _arguments(rec, 2, LENGTH)
+    n_inputs = len(rec.checked.inputs)
+    given = {p.name: a.detach() for p, a in zip(rec.checked.params, args[n_inputs:])}
+    net = cls(HEADS, sizes, form="auto", backend="torch", chunk_size=CHUNK, **given)
+    _backward(net(*args[:n_inputs], initial_state=init, output_final_state=True))
+    net = cls(HEADS, sizes, backend="triton")
+    net(*[a.detach()[:, :8] for a in args[:n_inputs]])
+    if any(p.dims for p in rec.checked.params):
+        with pytest.raises(ValueError, match="sizes"):
+            cls(HEADS)
+
+
+def _bad_calls(module, layer, rec):
+    """Calls the layer must refuse, each with a CallError (a ValueError) naming what is wrong."""
+    args, init = _arguments(rec, 2, LENGTH)
+    args = [a.detach() for a in args]
+    first = rec.checked.inputs[0].name
+    n_inputs = len(rec.checked.inputs)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params]
+    kw = dict(zip(names, args))
+    one, one_init = _arguments(rec, 1, LENGTH)
+    one = [a.detach() for a in one]
+    bad = [
+        ((*args, args[0]), {}),  # too many positional arguments
+        (args, {"nonsense": args[0]}),
+        (args, {first: args[0]}),  # both by position and by name
+        (args[:-1], {}),  # missing
+        ((args[0].tolist(), *args[1:]), {}),  # not a tensor
+        ((args[0].long(), *args[1:]), {}),  # not floating point
+        ((args[0][0], *args[1:]), {}),  # fewer than [B, T, H]
+        ((args[0][..., None], *args[1:]), {}),  # one dim too many
+        (args, {"initial_state": init, "cu_seqlens": torch.tensor([0.0, 40.0])}),  # float boundaries
+        (args, {"cu_seqlens": torch.tensor([0, LENGTH])}),  # B = 2
+        (one, {"cu_seqlens": torch.tensor([0])}),
+        (one, {"cu_seqlens": torch.tensor([0, 5])}),  # does not end at T
+        (one, {"cu_seqlens": torch.tensor([0, 30, 20, LENGTH])}),  # decreasing
+        (one, {"initial_state": one_init, "cu_seqlens": torch.tensor([0, 20, LENGTH])}),  # one row, two sequences
+        (args, {"initial_state": {"nope": None}}),
+        (args, {"initial_state": {}}),
+        (args, {"initial_state": "zeros"}),
+        (args, {"form": "nonsense"}),
+        (args, {"backend": "nonsense"}),
+        (args, {"chunk_size": 0}),
+        (args, {"chunk_size": 16, "config": {"chunk_size": 16}}),
+        (args, {"config": {"nonsense": 1}, "backend": "torch", "form": "recurrent"}),
+        ([a.double() for a in args], {"backend": "triton"}),
+    ]
+    if len(rec.checked.inputs) > 1:
+        bad.append(((args[0], args[1][:, :3], *args[2:]), {}))  # a second input of another length
+    if len(rec.checked.states) > 1:
+        bad.append((args, {"initial_state": next(iter(init.values()))}))  # several states need a dict
+    if "chunked" in layer.triton_forms:
+        bad.append((args, {"chunk_size": 24, "backend": "triton"}))  # not a power of two
+        bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "block_k": 24}}))
+        bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "chunk_size": 24}}))
+    for form in layer.forms:
+        if form not in layer.triton_forms:
+            bad.append((args, {"form": form, "backend": "triton"}))
+    for p in rec.checked.params:
+        bad.append(((), {**kw, p.name: torch.cat([kw[p.name]] * 2)}))  # a param with the wrong H
+    for s in rec.checked.states:
+        t = init[s.name] if isinstance(init, dict) else init
+        states = dict(init) if isinstance(init, dict) else None
+        for wrong in (t[:1], t.long(), t[..., None]):
+            bad.append((args, {"initial_state": {**states, s.name: wrong} if states is not None else wrong}))
+    seen = set()
+    for i, sym in enumerate(rec.checked.inputs + rec.checked.params):  # a size that two arguments disagree on
+        lead = 3 if i < n_inputs else 1
+        again = [pos for pos, d in enumerate(sym.dims) if isinstance(d, str) and d in seen]
+        if again:
+            wrong = args[i].narrow(lead + again[0], 0, args[i].shape[lead + again[0]] - 1)
+            bad.append(((*args[:i], wrong, *args[i + 1:]), {}))
+            break
+        seen.update(d for d in sym.dims if isinstance(d, str))
+    for call_args, kwargs in bad:  # through Layer.__call__ (*args, **kwargs): the layer's own signature is
+        with pytest.raises((CallError, ValueError)):  # stricter still, a TypeError for a wrong count
+            module.Layer.__call__(layer, *call_args, **kwargs)
+    for kwargs in ({"backend": "nonsense"}, {"form": "nonsense"}, {"chunk_size": 0}):
+        with pytest.raises(ValueError):
+            type(layer)(layer.recurrence, layer.forms, layer.triton_forms, **kwargs)
+    with pytest.raises(ValueError, match="triton"):
+        type(layer)(layer.recurrence, layer.forms, None, backend="triton")
+    no_triton = type(layer)(layer.recurrence, layer.forms, None)
+    with pytest.raises(CallError, match="triton"):
+        no_triton(*args, backend="triton")
+
+
+def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
+    """(fraction of statements run, the line numbers not run, the source) of `spec_path`'s generated module."""
+    recs = recurrence_dsl.load(spec_path)
+    source = module_source([analyse(rec.checked) for rec in recs.values()], str(spec_path))
+    path = tmp_path / f"covered_{spec_path.stem}.py"
+    path.write_text(source)
+    name = f"_covered_{spec_path.stem}"
+    cov = coverage.Coverage(data_file=None, include=[str(path)], config_file=False)
+    for pattern in EXCLUDE:
+        cov.exclude(pattern)
+    cov.start()
+    try:
+        module = _import(path, name)
+        assert module.HAVE_TRITON and module.CallError is CallError  # so the excluded fallbacks cannot run
+        for rec in recs.values():
+            layer = getattr(module, rec.name)
+            _run_forms(layer, rec)
+            _run_auto(layer, rec)
+            _run_module_class(module, rec, layer)
+            _bad_calls(module, layer, rec)
+    finally:
+        cov.stop()
+        sys.modules.pop(name, None)
+    _, statements, _, missing, _ = cov.analysis2(str(path))
+    return 1 - len(missing) / len(statements), missing, source
+
+
+@pytest.mark.parametrize("spec_path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
+def test_a_module_runs_most_of_its_lines(spec_path, tmp_path):
+    covered, missing, source = module_coverage(spec_path, tmp_path)
+    lines = source.splitlines()
+    listing = "\n".join(f"{n:5d}  {lines[n - 1]}" for n in missing)
+    assert covered >= MIN_COVERED, (f"{spec_path.name}: the generated module ran {covered:.1%} of its statements "
+                                    f"(< {MIN_COVERED:.0%}); not run:\n{listing}")
+
+
+_KERNEL = '''@triton.jit
+def _triton_kernel(x, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, OTHER: tl.constexpr):
+    if DECAY == 1:
+        a = 1
+    elif DECAY == 2:  # key
+        a = 2
+    else:
+        a = 3
+    if EXCLUSIVE:
+        b = 1
+    else:
+        # inclusive
+        b = 2
+    if OTHER:
+        c = 1
+    for i in range(3):
+        if DECAY == 3 or not EXCLUSIVE:
+            d = 1
+'''
+
+
+def test_specialize_folds_only_the_branches_the_flags_decide():
+    from codegen.specialize import specialize_kernels
+
+    two = specialize_kernels(_KERNEL, {"DECAY": frozenset({1, 2}), "EXCLUSIVE": frozenset({False})})
+    assert two.splitlines()[2:] == [
+        "    if DECAY == 1:", "        a = 1", "    else:", "        a = 2",  # the value 3 never comes
+        "    # inclusive", "    b = 2", "    if OTHER:", "        c = 1", "    for i in range(3):", "        d = 1"]
+    one = specialize_kernels(_KERNEL, {"DECAY": frozenset({2}), "EXCLUSIVE": frozenset({True})})
+    assert one.splitlines()[2:] == ["    a = 2", "    b = 1", "    if OTHER:", "        c = 1",
+                                    "    for i in range(3):", "        pass"]
+    assert specialize_kernels(_KERNEL.replace("_triton_kernel", "user_kernel"), {"DECAY": frozenset({2})}) == _KERNEL \
+        .replace("_triton_kernel", "user_kernel")  # only the Triton runtime's kernels
+    gla = recurrence_dsl.load(SPEC_FILES[0].parent / "gla.rec")["gla"]
+    source = module_source([analyse(gla.checked)], "gla.rec")
+    assert "DECAY ==" not in source and "class triton_KeyDecay" in source
+    assert "class ScalarDecay" not in source and "class triton_ScalarDecay" not in source
