@@ -58,11 +58,13 @@ def cache_directory() -> Path:
     raise CacheError("no usable cache directory for generated modules: " + "; ".join(refusals))
 
 
-def _write(path: Path, source: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory and a rename: a reader sees the
+    old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(source)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -84,7 +86,7 @@ def load_source(source: str, stem: str) -> types.ModuleType:
     except (OSError, UnicodeDecodeError):
         current = None
     if current != source:
-        _write(path, source)
+        write_atomically(path, source)
     module = types.ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module
@@ -96,4 +98,4 @@ def load_source(source: str, stem: str) -> types.ModuleType:
     return module
 
 
-__all__ = ["CacheError", "cache_directory", "load_source"]
+__all__ = ["CacheError", "cache_directory", "load_source", "write_atomically"]

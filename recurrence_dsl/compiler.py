@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 
-from codegen.layer import BACKENDS
 from codegen.load import load_layer, triton_available
 
 from .analysis import analyse
@@ -40,22 +39,12 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     config up: True (the default store), a path or an `autotune.TuningStore`, or False (never).
     Raises ValueError for an unknown backend or form, a bad chunk_size, or backend="triton" without triton.
     """
-    checked = getattr(rec, "checked", rec)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    if backend == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    analysis = analyse(checked)
-    if form != "auto" and form not in analysis.forms:
-        raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
-    layer = load_layer(analysis)
+    layer = load_layer(analyse(getattr(rec, "checked", rec)))
     if (form, backend, chunk_size, tuning) == ("auto", "auto", 64, False):
         return layer
     store_key = tuning if isinstance(tuning, bool) else str(getattr(tuning, "path", tuning))
     key = (id(layer), form, backend, chunk_size, store_key)  # the module layer lives as long as the process
-    if key not in _LAYERS:
+    if key not in _LAYERS:  # Layer checks the defaults (ValueError naming the bad one)
         tuned = None if tuning is False else functools.partial(_lookup, None if tuning is True else tuning)
         _LAYERS[key] = layer.options(form=form, backend=backend, chunk_size=chunk_size, tuned=tuned)
     return _LAYERS[key]

@@ -472,10 +472,10 @@ class Layer:
         if form != "auto" and form not in forms:
             raise ValueError(f"{spec.name} has no {form!r} form: "
                              + (dict(spec.unavailable).get(form) or f"choose from {', '.join(forms)} or auto"))
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if backend == "triton" and triton_forms is None:
-            raise ValueError("backend='triton' needs triton installed (pip install triton)")
+            raise ValueError("backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')")
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
