@@ -72,14 +72,22 @@ def _renamer(names: list[str]):
     return rename
 
 
-def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
-    """The Triton runtime and each recurrence's Triton forms, renamed to sit beside the torch ones."""
-    from . import triton_recurrent  # generating Triton source needs no triton: the module is the same anywhere
+@functools.cache
+def _triton_shared():
+    """(the Triton runtime and the recurrent kernels' helpers, renamed; the renamer): the same for every module."""
+    from . import triton_recurrent
 
     runtime = _copyable(_ROOT / "triton_runtime.py")
     helpers = _copyable_text(triton_recurrent.PRELUDE.format(name=""))
     rename = _renamer(_top_level_names(runtime) + _top_level_names(helpers))
-    shared = rename(runtime) + "\n\n" + rename(helpers)
+    return rename(runtime) + "\n\n" + rename(helpers), rename
+
+
+def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
+    """The Triton runtime and each recurrence's Triton forms, renamed to sit beside the torch ones."""
+    from . import triton_recurrent  # generating Triton source needs no triton: the module is the same anywhere
+
+    shared, rename = _triton_shared()
     per_recurrence = {}
     for a in analyses:
         writer = triton_recurrent.TritonRecurrentWriter(a)
