@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 import tempfile
+import threading
 import types
 from pathlib import Path
 
@@ -27,23 +28,31 @@ class CacheError(OSError):
 def _candidates() -> list[Path]:
     env = os.environ.get("RECURRENCE_DSL_CACHE")
     if env:
-        return [Path(env) / "modules"]
+        return [Path(env).absolute() / "modules"]  # absolute: a module's __file__ must survive a chdir
     xdg = os.environ.get("XDG_CACHE_HOME")
-    home = Path(xdg) if xdg else Path.home() / ".cache"
+    home = Path(xdg).absolute() if xdg else Path.home() / ".cache"
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     return [home / "recurrence_dsl" / "modules", Path(tempfile.gettempdir()) / f"recurrence_dsl-{uid}" / "modules"]
 
 
+def _check_owner(path: Path, info: os.stat_result, own: bool) -> None:
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is not None and info.st_uid != uid and (own or info.st_uid != 0):
+        raise CacheError(f"{path} is owned by uid {info.st_uid}, not by this user ({uid})")
+    sticky = info.st_mode & stat.S_ISVTX and not own  # like /tmp: others may add, not replace, entries
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+        raise CacheError(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
 def _safe_directory(path: Path) -> None:
-    """Create `path` (mode 0700) if needed; raise CacheError unless it is ours and no one else can write to it."""
+    """Create `path` (mode 0700) if needed; raise CacheError unless it is ours and no one else can write to it
+    or to the directory holding it (who can write there can swap `path` for a directory of their own)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise CacheError(f"{path} is not a directory")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise CacheError(f"{path} is owned by uid {info.st_uid}, not by this user ({os.getuid()})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CacheError(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+    _check_owner(path, info, own=True)
+    _check_owner(path.parent, path.parent.stat(), own=False)
 
 
 def cache_directory() -> Path:
@@ -71,6 +80,9 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+_LOCK = threading.Lock()  # one import at a time: another thread must not see a half-executed module
+
+
 def load_source(source: str, stem: str) -> types.ModuleType:
     """Import generated `source` as the module `<stem>_<hash>` from a file in the cache directory.
 
@@ -78,8 +90,13 @@ def load_source(source: str, stem: str) -> types.ModuleType:
     compiled with the file's path as its filename."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     name = f"recdsl_{stem}_{digest}"
-    if name in sys.modules:  # the name holds the source's hash: once imported, the module is this source
-        return sys.modules[name]
+    with _LOCK:
+        if name in sys.modules:  # the name holds the source's hash: once imported, the module is this source
+            return sys.modules[name]
+        return _import(source, name)
+
+
+def _import(source: str, name: str) -> types.ModuleType:
     path = cache_directory() / f"{name}.py"
     try:
         current = path.read_text() if path.is_file() and not path.is_symlink() else None

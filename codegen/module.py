@@ -14,6 +14,7 @@ generated so that `write_module` never overwrites a file it did not write.
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import hashlib
 import re
@@ -118,7 +119,10 @@ def _section(title: str) -> str:
 
 
 def _class_name(name: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in name.split("_")) or name
+    """The torch.nn.Module wrapper's name: gla -> Gla, gated_delta_net -> GatedDeltaNet; GLA -> GLAModule (a
+    recurrence already named like a class keeps its name for the layer)."""
+    camel = "".join(part[:1].upper() + part[1:] for part in name.split("_")) or name
+    return camel + "Module" if camel == name else camel
 
 
 def spec_hash(rec: CheckedRecurrence) -> str:
@@ -173,11 +177,11 @@ _{name}_triton_forms = {{{", ".join(tri)}}} if HAVE_TRITON else None
 class _{cls}Layer(Layer):
     """{name}: {analysis.cls.value} recurrence; forms {", ".join(analysis.forms)}; triton: {", ".join(triton_names)}."""
 
-    def __call__(self, {", ".join(args)}, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 form=None, backend=None, chunk_size=None, config=None):
-        """Run {name}; returns (output, final_state), final_state None unless output_final_state.
+    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, form=None,
+                 backend=None, chunk_size=None, config=None, **inputs):
+        """{name}({", ".join(args)}, ...): (output, final_state), final_state None unless output_final_state.
 
-        Shapes:
+        Inputs and params by position or by name. Shapes:
 {shapes}
         initial_state / final_state: {state_doc}
         output: {out_doc}
@@ -185,9 +189,8 @@ class _{cls}Layer(Layer):
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
-        return self._call(({", ".join(args)},), dict(initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens),
-                          form, backend, chunk_size, config)
+        return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
+                                     cu_seqlens=cu_seqlens), form, backend, chunk_size, config)
 
 
 {name} = _{cls}Layer(_{name}_spec, _{name}_forms, _{name}_triton_forms)
@@ -320,13 +323,13 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
     text = specialize("".join(parts), analyses)  # the kernels without the branches their plans never take
     text = _prune(text, [n for a in analyses for n in _public_names(a)])
     text = re.sub(r"\n{4,}", "\n\n\n", text).rstrip("\n") + "\n"
+    _check_names(text, analyses)
     try:
-        ast.parse(text)
+        compile(text, "<generated module>", "exec", dont_inherit=True)  # also what ast.parse lets through
     except SyntaxError as err:  # a printer bug, not a user error
         raise RuntimeError(f"recurrence_dsl generated a module that does not parse ({err}); please report this "
                            "with the spec") from err
     check_kernel_source(text)
-    _check_names(text, analyses)
     return text
 
 
@@ -378,6 +381,8 @@ def _prune(text: str, roots: list[str]) -> str:
     return "\n".join(line for n, line in enumerate(text.splitlines(), start=1) if n not in drop) + "\n"
 
 
+# Arguments of the generated nn.Module's __init__ besides its params.
+_MODULE_INIT_ARGUMENTS = frozenset({"self", "heads", "sizes", "form", "backend", "chunk_size"})
 # Attributes the generated nn.Module sets or inherits besides its params.
 _MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "form", "backend", "chunk_size"}
 
@@ -386,7 +391,12 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
     """The entry points keep the spec's names (callers pass inputs by name), so a spec name that would shadow
     what the generated module itself uses is a spec error, reported where the name is declared."""
     tree = ast.parse(text)
-    bound: dict[str, int] = {}
+    bound: dict[str, int] = {name: 1 for name in dir(builtins)}  # a builtin the module calls counts as bound
+    for node in ast.walk(tree):  # names bound inside try / if blocks (triton, tl, CallError) too
+        if isinstance(node, ast.Try | ast.If):
+            for inner in node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]:
+                for name in _defined(inner):
+                    bound[name] = bound.get(name, 0) + 1
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names = [node.name]
@@ -420,6 +430,9 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
             if p.name in _MODULE_ATTRIBUTES:
                 raise SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the generated "
                                 "torch.nn.Module", p.span, rec.source, hint=f"rename it, say '{p.name}_'")
+            if p.name in _MODULE_INIT_ARGUMENTS:
+                raise SpecError(f"param '{p.name}' would clash with the argument '{p.name}' of the generated "
+                                "torch.nn.Module's __init__", p.span, rec.source, hint=f"rename it, say '{p.name}_'")
 
 
 class OverwriteError(Exception):

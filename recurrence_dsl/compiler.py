@@ -40,10 +40,11 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     Raises ValueError for an unknown backend or form, a bad chunk_size, or backend="triton" without triton.
     """
     layer = load_layer(analyse(getattr(rec, "checked", rec)))
-    if (form, backend, chunk_size, tuning) == ("auto", "auto", 64, False):
+    if (form, backend, type(chunk_size), chunk_size, tuning) == ("auto", "auto", int, 64, False):
         return layer
     store_key = tuning if isinstance(tuning, bool) else str(getattr(tuning, "path", tuning))
-    key = (id(layer), form, backend, chunk_size, store_key)  # the module layer lives as long as the process
+    # Types in the key: True == 1 == 1.0 must not find the layer of chunk_size=1 (Layer refuses True and 1.0).
+    key = (id(layer), form, backend, type(chunk_size), repr(chunk_size), store_key)
     if key not in _LAYERS:  # Layer checks the defaults (ValueError naming the bad one)
         tuned = None if tuning is False else functools.partial(_lookup, None if tuning is True else tuning)
         _LAYERS[key] = layer.options(form=form, backend=backend, chunk_size=chunk_size, tuned=tuned)

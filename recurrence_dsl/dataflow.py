@@ -120,4 +120,6 @@ def cite(rec: CheckedRecurrence, name: str) -> str:
 
     lines = source_lines(rec).get(name, ())
     file = PurePath(rec.source.filename).name if rec.source.filename != "<string>" else "<string>"
+    # The name lands in a comment of generated code: escaped, it holds no line break (nor anything else odd).
+    file = file.encode("unicode_escape").decode("ascii")
     return f"{file}:{','.join(map(str, lines))}" if lines else file

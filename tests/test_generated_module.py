@@ -532,8 +532,12 @@ def test_spec_names_that_shadow_generated_ones_run_in_every_form_and_module(tmp_
 
 
 @pytest.mark.parametrize("text,line,column,words", [
-    ("recurrence ff(x[D], dict) -> y[D] {\n    state h[D]\n    h[d] = sigmoid(dict) * h[d] + x[d]\n"
-     "    y[d] = h[d]\n}\n", 1, 21, "'dict' would hide 'dict'"),
+    ("recurrence len(x[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + x[d]\n    y[d] = h[d]\n}\n",
+     1, 1, "recurrence name 'len' clashes"),
+    ("recurrence tl(x[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + x[d]\n    y[d] = h[d]\n}\n",
+     1, 1, "recurrence name 'tl' clashes"),
+    ("recurrence g(x[D]) -> y[D] {\n    param sizes[D]\n    state h[D]\n"
+     "    h[d] = sigmoid(sizes[d]) * h[d] + x[d]\n    y[d] = h[d]\n}\n", 2, 11, "param 'sizes' would clash"),
     ("recurrence ff(x[D], self) -> y[D] {\n    state h[D]\n    h[d] = sigmoid(self) * h[d] + x[d]\n"
      "    y[d] = h[d]\n}\n", 1, 21, "'self' would hide 'self'"),
     ("recurrence g(x[D]) -> y[D] {\n    param training[D]\n    state h[D]\n"

@@ -454,6 +454,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
+# as it was when this module (and its kernels) were imported, not as it is at call time.
+_INTERPRETING = interpreting()
+_NEEDS_TRITON = "backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')"
+
+
 def _check_chunk_size(chunk_size, backend: str) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise CallError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")  # noqa: F821 - calling.py
@@ -480,7 +486,10 @@ class Layer:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if backend == "triton" and triton_forms is None:
-            raise ValueError("backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')")
+            raise ValueError(_NEEDS_TRITON)
+        if backend == "triton" and form != "auto" and form not in triton_forms:
+            raise ValueError(f"{spec.name} has no {form!r} form on the triton backend; it has "
+                             f"{', '.join(triton_forms)}")
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
@@ -507,15 +516,18 @@ class Layer:
                           chunk_size=self.chunk_size if chunk_size is None else chunk_size,
                           tuned=self.tuned if tuned is False else tuned)
 
-    def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
-        """The backend a call on `device` with inputs of `dtype` runs on: "auto" takes triton for CUDA tensors
-        (or CPU tensors under TRITON_INTERPRET=1) when triton imports, torch otherwise and for float64."""
+    def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None,
+                    form: str = "auto") -> str:
+        """The backend a call on `device` with inputs of `dtype` runs `form` on: "auto" takes triton for CUDA
+        tensors (or CPU tensors when TRITON_INTERPRET=1 was set before import) when triton imports and has the
+        form; torch otherwise, for float64 and for other devices (meta, mps)."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise CallError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")  # noqa: F821
         if backend != "auto":
             return backend
-        if self.triton_forms is not None and dtype != torch.float64 and (device.type == "cuda" or interpreting()):
+        if (self.triton_forms is not None and dtype != torch.float64 and (form == "auto" or form in self.triton_forms)
+                and (device.type == "cuda" or (device.type == "cpu" and _INTERPRETING))):
             return "triton"
         return "torch"
 
@@ -533,10 +545,14 @@ class Layer:
                                                                      "or auto"))
         if config is not None and chunk_size is not None:
             raise CallError("give chunk_size or config, not both (a config carries its own chunk_size)")  # noqa: F821
-        backend = self.backend_for(call.device, call.dtype, backend)
+        backend = self.backend_for(call.device, call.dtype, backend, form)
         if backend == "triton":
             if self.triton_forms is None:
-                raise CallError("backend='triton' needs triton installed (pip install triton)")  # noqa: F821
+                raise CallError(_NEEDS_TRITON)  # noqa: F821
+            if call.device.type != "cuda" and not (call.device.type == "cpu" and _INTERPRETING):
+                raise CallError(f"backend='triton' runs CUDA tensors, or CPU tensors in Triton's interpreter "  # noqa: F821
+                                f"(TRITON_INTERPRET=1 set before triton is imported); got {call.device.type} "
+                                "tensors: use backend='torch' (or 'auto')")
             if call.dtype == torch.float64:
                 raise CallError("backend='triton' takes float16, bfloat16 or float32 inputs, got float64; "  # noqa: F821
                                 "use backend='torch' (or 'auto')")
@@ -553,14 +569,26 @@ class Layer:
             config = self.tuned(self, call, resolved, backend)
         options = {}
         if config is not None:
-            keys = CONFIG_KEYS.get((resolved, backend))
-            if keys is None or set(config) != set(keys):
-                raise CallError(f"a config for form {resolved!r} on backend {backend!r} has the keys "  # noqa: F821
-                                f"{sorted(keys or ())}, got {sorted(config)}")
+            target = self._config_form(config, form if form != "auto" else None, fns, backend)
             chunk = config.get("chunk_size", chunk)
             _check_chunk_size(chunk, backend)
-            options = {resolved: {k: v for k, v in config.items() if k != "chunk_size"}}
+            options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+
+    @staticmethod
+    def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
+        """The form a config is for: `form` when given (the config must have its keys), else the one form of
+        `fns` whose keys it has (with form "auto" it applies whenever that form runs)."""
+        if not isinstance(config, dict):
+            raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
+        fits = [f for f in ([form] if form else fns) if set(CONFIG_KEYS.get((f, backend), ("-",))) == set(config)]
+        if fits:
+            return fits[0]
+        accepted = {f: sorted(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
+                    if (f, backend) in CONFIG_KEYS}
+        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here; "  # noqa: F821
+                        + ("; ".join(f"{f} takes {keys}" for f, keys in accepted.items())
+                           or f"no form{' ' + repr(form) if form else ''} takes a config there"))
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):
@@ -1275,11 +1303,11 @@ _mamba2_triton_forms = {'recurrent': with_torch_backward(mamba2__triton_recurren
 class _Mamba2Layer(Layer):
     """mamba2: scalar recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, chunked."""
 
-    def __call__(self, x, dt, B, C, A, D, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 form=None, backend=None, chunk_size=None, config=None):
-        """Run mamba2; returns (output, final_state), final_state None unless output_final_state.
+    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, form=None,
+                 backend=None, chunk_size=None, config=None, **inputs):
+        """mamba2(x, dt, B, C, A, D, ...): (output, final_state), final_state None unless output_final_state.
 
-        Shapes:
+        Inputs and params by position or by name. Shapes:
             x: [B, T, H, P]  (input)
             dt: [B, T, H]  (input)
             B: [B, T, H, N]  (input)
@@ -1292,9 +1320,8 @@ class _Mamba2Layer(Layer):
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
-        return self._call((x, dt, B, C, A, D,), dict(initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens),
-                          form, backend, chunk_size, config)
+        return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
+                                     cu_seqlens=cu_seqlens), form, backend, chunk_size, config)
 
 
 mamba2 = _Mamba2Layer(_mamba2_spec, _mamba2_forms, _mamba2_triton_forms)
