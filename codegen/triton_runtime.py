@@ -8,6 +8,11 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
 `num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)).
+Shared structure: the torch runtime cuts a sequence exactly like this one for the same chunk_size (its
+`_chunk_sizes` returns this file's (BT, 16)) and computes the per-channel-decay intra-chunk sums in the same
+grouping: 16-row sub-chunks, sub-blocks below the diagonal through the state after sub-chunk i - 1 and one matmul,
+diagonal sub-blocks directly; so a CPU test of the torch path exercises this algorithm. It forms each decay
+factor from sums over the steps it spans where this file uses differences of the chunk-local G (exponents <= 0).
 One difference from the torch runtime: outputs come back in k's dtype (it returns its float32 compute dtype for
 half inputs); the final state is float32 in both.
 

@@ -611,19 +611,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk length C, leaf length c) with C = c * 2^L >= min(chunk_size, T): c = 1 when that is a power of
-    two, else c in {3, 4} (or C itself when C <= 4): padding under 40% of C, leaves of at most 4 steps."""
+    """(chunk length C, sub-chunk length c), C a multiple of c.
+
+    chunk_size a power of two >= 16 (the only ones the Triton runtime accepts): exactly its (BT, 16),
+    C = min(chunk_size, pow2(T) >= 16), c = 16, so both runtimes cut a sequence at the same steps.
+    Any other chunk_size: c = min(16, C0), C0 = min(chunk_size, T), and C = C0 rounded up to a multiple of c."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+        return min(chunk_size, max(16, 1 << max(T - 1, 0).bit_length())), 16
     C = max(1, min(chunk_size, T))
-    if C & (C - 1) == 0 or C <= 4:
-        return C, (1 if C & (C - 1) == 0 else C)
-    levels = C.bit_length() - 3  # C / 2^levels in [4, 8)
-    c = -(-C // (1 << levels))
-    if c > 4:
-        levels += 1
-        c = -(-C // (1 << levels))
-    return c << levels, c
+    c = min(16, C)
+    return -(-C // c) * c, c
 
 
 def _chunk(x: Tensor, C: int) -> Tensor:
@@ -679,7 +678,7 @@ def _segsum(x: Tensor, mode: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the block hierarchy inside a chunk (key- and value-axis decays)
+# 16-step sub-chunks inside a chunk (key- and value-axis decays), the Triton runtime's structure
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -688,7 +687,7 @@ def _segsum(x: Tensor, mode: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 #
 # Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
-# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the sub-chunk length, and the chunked
 # keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
 # from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
 # names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
@@ -716,7 +715,7 @@ class ScalarDecay:
         return self.v
 
     def query_levels(self, q: Tensor, mode: str) -> None:
-        """No block hierarchy for a scalar decay."""
+        """Nothing per query for a scalar decay."""
         return None
 
     def attn(self, q: Tensor, mode: str, qlev: None) -> Tensor:
@@ -762,30 +761,25 @@ def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
 
 
 def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
-    """(I + L)^-1 for a strictly lower triangular L [.., C, C], C = c 2^levels: leaf blocks by their finite
-    Neumann series, then sibling blocks merged bottom-up, [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]]
-    (matmuls only; a batched LAPACK triangular solve is several times slower on a CPU)."""
+    """(I + L)^-1 for a strictly lower triangular L [.., C, C], C = n c, by sub-chunks of c: each diagonal block's
+    inverse by its finite Neumann series in product form, (I - L)(I + L^2)(I + L^4).. (L^c = 0), then block
+    forward substitution over the sub-chunks, X_ij = -X_ii sum_{j <= m < i} L_im X_mj (matmuls only; a batched
+    LAPACK triangular solve is several times slower on a CPU)."""
     lead, C = L.shape[:-2], L.shape[-1]
     n = C // c
     eye = torch.eye(c, dtype=L.dtype, device=L.device)
-    leaf = torch.diagonal(L.reshape(*lead, n, c, n, c), dim1=-4, dim2=-2).movedim(-1, -3)  # [.., n, c, c]
-    inv, term = eye.expand(leaf.shape), eye.expand(leaf.shape)
-    for _ in range(c - 1):
-        term = -(term @ leaf)
-        inv = inv + term
-    b = c
-    while b < C:
-        m = C // (2 * b)
-        blocks = L.reshape(*lead, m, 2, b, m, 2, b)
-        x = torch.diagonal(blocks, dim1=-6, dim2=-3)[..., 1, :, 0, :, :].movedim(-1, -3)  # [.., m, b, b]
-        inv2 = inv.reshape(*lead, m, 2, b, b)
-        a_inv, b_inv = inv2[..., 0, :, :], inv2[..., 1, :, :]
-        x_inv = -(b_inv @ x @ a_inv)
-        top = torch.nn.functional.pad(a_inv, (0, b))
-        bottom = torch.cat([x_inv, b_inv], dim=-1)
-        inv = torch.cat([top, bottom], dim=-2)  # [.., m, 2b, 2b]
-        b *= 2
-    return inv.reshape(*lead, C, C)
+    p = -torch.diagonal(L.reshape(*lead, n, c, n, c), dim1=-4, dim2=-2).movedim(-1, -3)  # [.., n, c, c]
+    leaf, span = eye + p, 2
+    while span < c:
+        p = p @ p
+        leaf = leaf + leaf @ p
+        span *= 2
+    inv = leaf[..., 0, :, :]  # [.., c, c] the inverse of the top-left i c x i c block, grown one sub-chunk a time
+    for i in range(1, n):
+        row = -(leaf[..., i, :, :] @ (L[..., i * c:(i + 1) * c, :i * c] @ inv))  # [.., c, i c]
+        top = torch.nn.functional.pad(inv, (0, c))
+        inv = torch.cat([top, torch.cat([row, leaf[..., i, :, :]], dim=-1)], dim=-2)
+    return inv
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -610,19 +610,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk length C, leaf length c) with C = c * 2^L >= min(chunk_size, T): c = 1 when that is a power of
-    two, else c in {3, 4} (or C itself when C <= 4): padding under 40% of C, leaves of at most 4 steps."""
+    """(chunk length C, sub-chunk length c), C a multiple of c.
+
+    chunk_size a power of two >= 16 (the only ones the Triton runtime accepts): exactly its (BT, 16),
+    C = min(chunk_size, pow2(T) >= 16), c = 16, so both runtimes cut a sequence at the same steps.
+    Any other chunk_size: c = min(16, C0), C0 = min(chunk_size, T), and C = C0 rounded up to a multiple of c."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+        return min(chunk_size, max(16, 1 << max(T - 1, 0).bit_length())), 16
     C = max(1, min(chunk_size, T))
-    if C & (C - 1) == 0 or C <= 4:
-        return C, (1 if C & (C - 1) == 0 else C)
-    levels = C.bit_length() - 3  # C / 2^levels in [4, 8)
-    c = -(-C // (1 << levels))
-    if c > 4:
-        levels += 1
-        c = -(-C // (1 << levels))
-    return c << levels, c
+    c = min(16, C)
+    return -(-C // c) * c, c
 
 
 def _chunk(x: Tensor, C: int) -> Tensor:
@@ -657,118 +656,115 @@ def _suffix(x: Tensor, dim: int) -> Tensor:
     return torch.cat([incl.narrow(dim, 1, x.shape[dim] - 1), last], dim=dim)
 
 
+def _causal(C: int, mode: str, device: torch.device) -> Tensor:
+    """[C, C] bool over (t, s): s <= t for mode "inclusive", s < t for "strict" and "exclusive"."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(0 if mode == "inclusive" else -1)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# the block hierarchy inside a chunk (key- and value-axis decays)
+# 16-step sub-chunks inside a chunk (key- and value-axis decays), the Triton runtime's structure
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _block_decays(g: Tensor, c: int) -> list:
-    """exp(total log decay) of every block, level by level: g [.., C, D] -> [[.., C / b, 1, D] for b = c, 2c, .., C]."""
-    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
-    e = torch.exp(g.reshape(*lead, C, 1, D) if c == 1 else g.reshape(*lead, C // c, c, D).sum(-2, keepdim=True))
-    out = [e]
-    while e.shape[-3] > 1:
-        e2 = e.reshape(*lead, -1, 2, 1, D)
-        e = e2[..., 0, :, :] * e2[..., 1, :, :]  # [.., m, 1, D]
-        out.append(e)
-    return out
+def _segsum_rows(x: Tensor, mode: str) -> Tensor:
+    """_segsum along dim -2 with a channel dim last: x [.., L, D] -> [.., L(t), L(s), D], -inf where masked. Row t
+    is a running sum over the steps r (s < r <= t; r < t when exclusive), one step added at a time."""
+    L = x.shape[-2]
+    idx = torch.arange(L, device=x.device).unsqueeze(-1)  # [L(s), 1]
+    seg, rows = torch.zeros_like(x), []
+    for t in range(L):
+        if mode == "exclusive":
+            rows.append(seg)
+        seg = torch.where(idx < t, seg + x[..., t:t + 1, :], seg)
+        if mode != "exclusive":
+            rows.append(seg)
+    return torch.stack(rows, dim=-3).masked_fill(~_causal(L, mode, x.device).unsqueeze(-1), float("-inf"))
 
 
-def _decayed_levels(x: Tensor | None, g: Tensor, side: str, mode: str, c: int, blocks: list) -> list:
-    """x scaled by the decay inside its block, for every block size b = c, 2c, .., C: [[.., C / b, b, D], ..].
+class _SubDecays:
+    """The log decays of a chunk cut into sub-chunks of c steps, g [.., C, D] with C = n c, and the decay factors
+    that the sub-chunk structure reads, every one exp of a sum over exactly the steps it spans (sums inside a
+    sub-chunk plus whole-sub-chunk totals, never a difference of prefix sums; all factors <= 1).
 
-    side "query": decay from the block start to the state a query at t reads (through t, or through t - 1 when
-    mode is "exclusive"); side "key": decay from after step s to the block end. x None gives the factors alone.
-    The factors of a block of 2b are those of its halves times the other half's whole-block decay (products of
-    factors <= 1: no overflow, no cancellation). The last entry (b = C) is the chunk-level factor:
-    q * exp(decay from the chunk start) or k * exp(decay to the chunk end).
-    """
-    lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
-    n = C // c
-    if c == 1 and (side == "key" or mode == "exclusive"):
-        cur = torch.ones_like(g) if x is None else x  # nothing inside a one-step block: factor 1
-        cur = cur.reshape(*lead, n, 1, -1)
-    elif c == 1:  # the query reads the state after its own step: the step's decay
-        cur = blocks[0] if x is None else x.reshape(*lead, n, 1, -1) * blocks[0]
-    else:
-        gs = g.reshape(*lead, n, c, D)
-        if side == "key":
-            logs = _suffix(gs, -2)
-        else:
-            logs = gs.cumsum(-2)
-            logs = _shift(logs, -2) if mode == "exclusive" else logs
-        f = torch.exp(logs)  # [.., n, c, D]
-        cur = f if x is None else x.reshape(*lead, n, c, -1) * f
-    levels, b = [cur], c
-    for e in blocks[:-1]:
-        m = C // (2 * b)
-        e2 = e.reshape(*lead, m, 2, 1, D)
-        one = torch.ones_like(e2[..., :1, :, :])
-        if side == "query":
-            scale = torch.cat([one, e2[..., :1, :, :]], dim=-3)  # right half: times the left half's decay
-        else:
-            scale = torch.cat([e2[..., 1:, :, :], one], dim=-3)  # left half: times the right half's decay
-        cur = (cur.reshape(*lead, m, 2, b, -1) * scale).reshape(*lead, m, 2 * b, -1)
-        levels.append(cur)
-        b *= 2
-    return levels
+    Reference point of query sub-chunk i: the state after the last step of sub-chunk i - 1. For t in sub-chunk i and
+    s in an earlier sub-chunk j, decay(s -> t) = decay(ref_i -> t) * decay(s -> ref_i): `query(mode)` gives the
+    first (the local prefix of t), `key_ref` the second (the local suffix of s plus the totals of the sub-chunks
+    strictly between j and i; exactly 0 for j >= i)."""
 
+    def __init__(self, g: Tensor, c: int):
+        lead, C, D = g.shape[:-2], g.shape[-2], g.shape[-1]
+        self.c, self.n = c, C // c
+        self.g = g.reshape(*lead, self.n, c, D)  # [.., n, c, D]
+        self.tot = self.g.sum(-2)  # [.., n, D] log decay over each whole sub-chunk
+        self.suf = _suffix(self.g, -2)  # [.., n, c, D] from after step s to the end of its sub-chunk
+        self.pre = self.g.cumsum(-2)  # [.., n, c, D] from the start of its sub-chunk through step t
+        between = _segsum_rows(self.tot, "exclusive")  # [.., n(i), n(j), D] sub-chunks strictly between j < i
+        self.key_ref = torch.exp(self.suf.unsqueeze(-4) + between.unsqueeze(-2))  # [.., n(i), n(j), c, D]
+        self._query, self._diagonal = {}, {}
 
-def _pairs(x: Tensor, b: int, right: bool) -> Tensor:
-    """The right (or left) block of every sibling pair of size-b blocks: [.., C, D] -> [.., C / 2b, b, D]."""
-    lead, C = x.shape[:-2], x.shape[-2]
-    return x.reshape(*lead, C // (2 * b), 2, b, x.shape[-1])[..., 1 if right else 0, :, :]
+    def whole(self) -> Tensor:
+        """exp(log decay over the whole chunk), [.., D]."""
+        return torch.exp(self.tot.sum(-2))
 
+    def query(self, mode: str) -> Tensor:
+        """exp(log decay from the sub-chunk start to the state a query at t reads), [.., n, c, D]."""
+        key = "exclusive" if mode == "exclusive" else "inclusive"
+        if key not in self._query:
+            self._query[key] = torch.exp(_shift(self.pre, -2) if key == "exclusive" else self.pre)
+        return self._query[key]
 
-def _scores(x: Tensor, y: Tensor) -> Tensor:
-    """x @ y^T for [.., m, b, D] blocks; for b <= 2 as a broadcast product (tiny batched matmuls are slow on CPU)."""
-    if x.shape[-2] <= 2:
-        return (x.unsqueeze(-2) * y.unsqueeze(-3)).sum(-1)
-    return x @ y.transpose(-1, -2)
+    def from_start(self, mode: str) -> Tensor:
+        """exp(log decay from the chunk start to the state a query at t reads), [.., n, c, D]."""
+        before = _shift(self.tot.cumsum(-2), -2).unsqueeze(-2)  # [.., n, 1, D] totals of earlier sub-chunks
+        return torch.exp((_shift(self.pre, -2) if mode == "exclusive" else self.pre) + before)
 
+    def to_end(self) -> Tensor:
+        """exp(log decay from after step s to the chunk end), [.., n, c, D]."""
+        return torch.exp(self.suf + _suffix(self.tot, -2).unsqueeze(-2))
 
-def _leaf_decay(g: Tensor, mode: str, t: int, s: int) -> Tensor | None:
-    """exp(log decay from step s to the state read at step t) inside leaf blocks: g [.., n, c, D] -> [.., n, D],
-    or None where the mode masks the pair (s > t; s == t unless inclusive)."""
-    if s > t or (s == t and mode != "inclusive"):
-        return None
-    stop = t if mode == "exclusive" else t + 1
-    return torch.exp(g[..., s + 1:stop, :].sum(-2))
+    def diagonal(self, mode: str) -> list:
+        """Per row t of a sub-chunk, exp(log decay from s to the state read at t) for the s of the same sub-chunk that
+        the mode keeps (s <= t, or s < t): [[.., n, m_t, D] for t < c], m_t = t + 1 or t. Row t's log decays are a
+        running sum, one step added at a time (kept per mode: the DPLR form reads them four times)."""
+        if mode not in self._diagonal:
+            c = self.c
+            idx = torch.arange(c, device=self.g.device).unsqueeze(-1)  # [c(s), 1]
+            seg, rows = torch.zeros_like(self.g), []
+            for t in range(c):
+                before = seg  # sums over s < r < t
+                seg = torch.where(idx < t, seg + self.g[..., t:t + 1, :], seg)  # sums over s < r <= t
+                if mode == "exclusive":
+                    rows.append(torch.exp(before[..., :t, :]))
+                else:
+                    rows.append(torch.exp(seg[..., :t + (mode == "inclusive"), :]))
+            self._diagonal[mode] = rows
+        return self._diagonal[mode]
 
 
-def _leaf_attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int) -> Tensor:
-    """Scores inside leaf blocks for a key decay, pair by pair: q, k, g [.., C, K] -> [.., C / c, c, c]."""
-    lead, C, K = q.shape[:-2], q.shape[-2], q.shape[-1]
-    if c == 1:  # a one-step block: only the diagonal, undecayed
-        diag = (q * k).sum(-1) if mode == "inclusive" else q.new_zeros(q.shape[:-1])
-        return diag.reshape(*lead, C, 1, 1)
-    qs, ks, gs = (x.reshape(*lead, C // c, c, K) for x in (q, k, g))
-    zero = qs.new_zeros(qs.shape[:-2])  # [.., n]
-    rows = []
-    for t in range(c):
-        row = []
-        for s in range(c):
-            decay = _leaf_decay(gs, mode, t, s)
-            row.append(zero if decay is None else (qs[..., t, :] * decay * ks[..., s, :]).sum(-1))
-        rows.append(torch.stack(row, dim=-1))
-    return torch.stack(rows, dim=-2)
+def _sub(x: Tensor, c: int) -> Tensor:
+    """[.., C, D] -> [.., C / c, c, D]."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1])
 
 
-def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, klev: list) -> Tensor:
+def _blocks_to_full(a: Tensor) -> Tensor:
+    """Sub-chunk blocks [.., n(i), n(j), c, c] -> the [.., C, C] matrix."""
+    lead, n, c = a.shape[:-4], a.shape[-4], a.shape[-1]
+    return a.transpose(-3, -2).reshape(*lead, n * c, n * c)
+
+
+def _attn_key(q: Tensor, k: Tensor, sub: _SubDecays, mode: str, qref: Tensor, kref: Tensor) -> Tensor:
     """Decayed scores for a key decay, A_ts = sum_i q_t[i] k_s[i] exp(decay_i from s to t), masked per mode:
-    leaf blocks direct, then A[R, L] = qlev_R @ klev_L^T for every sibling pair. Returns [.., C, C]."""
-    lead, C = q.shape[:-2], q.shape[-2]
-    a = _leaf_attn_key(q, k, g, mode, c)  # [.., C / c, c, c]
-    b = c
-    for ql, kl in zip(qlev[:-1], klev[:-1], strict=True):
-        m = C // (2 * b)
-        a_rl = _scores(_pairs(ql.reshape(*lead, C, -1), b, True), _pairs(kl.reshape(*lead, C, -1), b, False))
-        a2 = a.reshape(*lead, m, 2, b, b)
-        top = torch.nn.functional.pad(a2[..., 0, :, :], (0, b))  # [.., m, b, 2b]
-        bottom = torch.cat([a_rl, a2[..., 1, :, :]], dim=-1)
-        a = torch.cat([top, bottom], dim=-2)  # [.., m, 2b, 2b]
-        b *= 2
-    return a.reshape(*lead, C, C)
+    sub-blocks below the diagonal through the reference points, (q_t * query factor) @ (k_s * key_ref)^T, one
+    matmul; diagonal sub-blocks as a direct [c, c, K] masked product. Returns [.., C, C]."""
+    qs, ks = _sub(q, sub.c), _sub(k, sub.c)  # [.., n, c, K]
+    off = qref.unsqueeze(-3) @ kref.transpose(-1, -2)  # [.., n(i), n(j), c, c]; 0 for j >= i (key_ref = 0)
+    rows = []
+    for t, e in enumerate(sub.diagonal(mode)):  # row t of every diagonal sub-block: [.., n, m_t] padded to c
+        m = e.shape[-2]
+        rows.append(torch.nn.functional.pad(((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1), (0, sub.c - m)))
+    diag = torch.stack(rows, dim=-2)  # [.., n, c(t), c(s)]
+    eye = torch.eye(sub.n, dtype=torch.bool, device=q.device)[:, :, None, None]
+    return _blocks_to_full(torch.where(eye, diag.unsqueeze(-3), off))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -776,7 +772,7 @@ def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, kl
 # ----------------------------------------------------------------------------------------------------------
 #
 # Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
-# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the sub-chunk length, and the chunked
 # keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
 # from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
 # names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
@@ -784,45 +780,45 @@ def _attn_key(q: Tensor, k: Tensor, g: Tensor, mode: str, c: int, qlev: list, kl
 
 
 class KeyDecay:
-    """decay_axis "key": lg [N, B, H, C, K] scales row i of the state; the block hierarchy inside a chunk."""
+    """decay_axis "key": lg [N, B, H, C, K] scales row i of the state; 16-step sub-chunks inside a chunk."""
 
     axis = "key"
 
-    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: list | None = None):
+    def __init__(self, lg: Tensor, c: int, k: Tensor, v: Tensor, blocks: _SubDecays | None = None):
         self.lg, self.c, self.k, self.v = lg, c, k, v
-        self.blocks = blocks if blocks is not None else _block_decays(lg, c)  # (shared by calls on one lg)
-        self.klev = _decayed_levels(k, lg, "key", "inclusive", c, self.blocks)
+        self.blocks = blocks if blocks is not None else _SubDecays(lg, c)  # (shared by calls on one lg)
+        self.kref = _sub(k, c).unsqueeze(-4) * self.blocks.key_ref  # [N, B, H, n(i), n(j), c, K]
 
     def whole(self) -> Tensor:
         """Decay of the state over each whole chunk, [N, B, H, K, 1] (its rows)."""
-        e = self.blocks[-1]  # [N, B, H, 1, 1, K]
-        return e.reshape(e.shape[:-3] + (1, e.shape[-1])).transpose(-1, -2)
+        return self.blocks.whole().unsqueeze(-1)
 
     def k_to_end(self) -> Tensor:
         """k_s decayed to the chunk end, [N, B, H, C, K]."""
-        return self.klev[-1].reshape(self.k.shape)
+        return (_sub(self.k, self.c) * self.blocks.to_end()).reshape(self.k.shape)
 
     def v_to_end(self) -> Tensor:
         """v (the decay is on k's side)."""
         return self.v
 
-    def query_levels(self, q: Tensor, mode: str) -> list:
-        """q decayed inside blocks, per level."""
-        return _decayed_levels(q, self.lg, "query", mode, self.c, self.blocks)
+    def query_levels(self, q: Tensor, mode: str) -> tuple:
+        """q decayed from its sub-chunk's reference point [.., n, c, K] and from the chunk start [.., C, K]."""
+        qs = _sub(q, self.c)
+        return qs * self.blocks.query(mode), (qs * self.blocks.from_start(mode)).reshape(q.shape)
 
-    def attn(self, q: Tensor, mode: str, qlev: list) -> Tensor:
+    def attn(self, q: Tensor, mode: str, qlev: tuple) -> Tensor:
         """Decayed scores [N, B, H, C, C]."""
-        return _attn_key(q, self.k, self.lg, mode, self.c, qlev, self.klev)
+        return _attn_key(q, self.k, self.blocks, mode, qlev[0], self.kref)
 
-    def from_start(self, q: Tensor, mode: str, qlev: list) -> Tensor:
-        """q_t decayed from the chunk start to the state it reads (the last level of qlev)."""
-        return qlev[-1].reshape(q.shape)
+    def from_start(self, q: Tensor, mode: str, qlev: tuple) -> Tensor:
+        """q_t decayed from the chunk start to the state it reads."""
+        return qlev[1]
 
-    def inter(self, q: Tensor, mode: str, qlev: list, starts: Tensor) -> Tensor:
+    def inter(self, q: Tensor, mode: str, qlev: tuple, starts: Tensor) -> Tensor:
         """Outputs from the chunk start states."""
-        return qlev[-1].reshape(q.shape) @ starts
+        return qlev[1] @ starts
 
-    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: list) -> Tensor:
+    def intra(self, q: Tensor, v: Tensor, mode: str, qlev: tuple) -> Tensor:
         """Outputs from the steps of the same chunk."""
         return self.attn(q, mode, qlev) @ v
 

@@ -611,7 +611,7 @@ class Layer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the block hierarchy inside a chunk (key- and value-axis decays)
+# 16-step sub-chunks inside a chunk (key- and value-axis decays), the Triton runtime's structure
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -620,7 +620,7 @@ class Layer:
 # ----------------------------------------------------------------------------------------------------------
 #
 # Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
-# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the sub-chunk length, and the chunked
 # keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
 # from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
 # names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that

@@ -618,19 +618,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk length C, leaf length c) with C = c * 2^L >= min(chunk_size, T): c = 1 when that is a power of
-    two, else c in {3, 4} (or C itself when C <= 4): padding under 40% of C, leaves of at most 4 steps."""
+    """(chunk length C, sub-chunk length c), C a multiple of c.
+
+    chunk_size a power of two >= 16 (the only ones the Triton runtime accepts): exactly its (BT, 16),
+    C = min(chunk_size, pow2(T) >= 16), c = 16, so both runtimes cut a sequence at the same steps.
+    Any other chunk_size: c = min(16, C0), C0 = min(chunk_size, T), and C = C0 rounded up to a multiple of c."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+        return min(chunk_size, max(16, 1 << max(T - 1, 0).bit_length())), 16
     C = max(1, min(chunk_size, T))
-    if C & (C - 1) == 0 or C <= 4:
-        return C, (1 if C & (C - 1) == 0 else C)
-    levels = C.bit_length() - 3  # C / 2^levels in [4, 8)
-    c = -(-C // (1 << levels))
-    if c > 4:
-        levels += 1
-        c = -(-C // (1 << levels))
-    return c << levels, c
+    c = min(16, C)
+    return -(-C // c) * c, c
 
 
 def _chunk(x: Tensor, C: int) -> Tensor:
@@ -686,7 +685,7 @@ def _segsum(x: Tensor, mode: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the block hierarchy inside a chunk (key- and value-axis decays)
+# 16-step sub-chunks inside a chunk (key- and value-axis decays), the Triton runtime's structure
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -695,7 +694,7 @@ def _segsum(x: Tensor, mode: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 #
 # Each class holds the decays of one call, chunked (per-chunk factors for the state pass, per-query intra- and
-# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the leaf length, and the chunked
+# inter-chunk parts), built from lg: log decays [N, B, H, C(, D)] or None, c: the sub-chunk length, and the chunked
 # keys k and values v. They share one interface (whole, k_to_end, v_to_end, query_levels, attn, inter, intra,
 # from_start) and no code: the public forms pick one by `decay_axis` through `_DECAYS`, while a generated module
 # names the class its chunk plan fixes (`chunked_linear_by(KeyDecay, ...)`), so the module's pruning keeps that
@@ -723,7 +722,7 @@ class ScalarDecay:
         return self.v
 
     def query_levels(self, q: Tensor, mode: str) -> None:
-        """No block hierarchy for a scalar decay."""
+        """Nothing per query for a scalar decay."""
         return None
 
     def attn(self, q: Tensor, mode: str, qlev: None) -> Tensor:
