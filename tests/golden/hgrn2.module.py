@@ -724,19 +724,20 @@ class _SubDecays:
 
     def diagonal(self, mode: str) -> list:
         """Per row t of a sub-chunk, exp(log decay from s to the state read at t) for the s of the same sub-chunk that
-        the mode keeps (s <= t, or s < t): [[.., n, m_t, D] for t < c], m_t = t + 1 or t. Row t's log decays are
-        row t - 1's plus step t's, one step added at a time (kept per mode: the DPLR form reads them four times)."""
+        the mode keeps (s <= t, or s < t): [[.., n, m_t, D] for t < c], m_t = t + 1 or t. Row t's decays are
+        row t - 1's times step t's factor, a product of per-step factors <= 1 (kept per mode: the DPLR form reads
+        them four times)."""
         if mode not in self._diagonal:
-            g = self.g
-            zero = torch.zeros_like(g[..., :1, :])
-            prev, rows = g[..., :0, :], []  # prev: row t - 1's sums over s < r <= t - 1, for s < t - 1
+            a = torch.exp(self.g)  # [.., n, c, D] the per-step factors, each <= 1
+            one = torch.ones_like(a[..., :1, :])
+            prev, rows = a[..., :0, :], []  # prev: row t - 1's decays from s to t - 1, for s < t - 1
             for t in range(self.c):
-                gt = g[..., t:t + 1, :]
-                cur = torch.cat([prev + gt, gt], dim=-2) if t > 0 else prev  # sums over s < r <= t, s < t
-                if mode == "exclusive":  # sums over s < r < t: row t - 1's, and 0 for s = t - 1
-                    rows.append(torch.exp(torch.cat([prev, zero], dim=-2)) if t > 0 else torch.exp(prev))
+                at = a[..., t:t + 1, :]
+                cur = torch.cat([prev * at, at], dim=-2) if t > 0 else prev  # decays from s to t, s < t
+                if mode == "exclusive":  # decays from s to t - 1: row t - 1's, and 1 for s = t - 1
+                    rows.append(torch.cat([prev, one], dim=-2) if t > 0 else prev)
                 else:
-                    rows.append(torch.exp(torch.cat([cur, zero], dim=-2) if mode == "inclusive" else cur))
+                    rows.append(torch.cat([cur, one], dim=-2) if mode == "inclusive" else cur)
                 prev = cur
             self._diagonal[mode] = rows
         return self._diagonal[mode]
