@@ -16,14 +16,13 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
-import hashlib
 import re
 from pathlib import Path
 
 import torch
 
 from recurrence_dsl.analysis import Analysis
-from recurrence_dsl.check import CheckedRecurrence
+from recurrence_dsl.api import spec_hash
 from recurrence_dsl.errors import SpecError
 from recurrence_dsl.version import __version__
 
@@ -123,11 +122,6 @@ def _class_name(name: str) -> str:
     recurrence already named like a class keeps its name for the layer)."""
     camel = "".join(part[:1].upper() + part[1:] for part in name.split("_")) or name
     return camel + "Module" if camel == name else camel
-
-
-def spec_hash(rec: CheckedRecurrence) -> str:
-    """Hash of a recurrence's source text: identifies its generated module and its tuning records."""
-    return hashlib.sha256(rec.text.encode()).hexdigest()[:16]
 
 
 def _spec_data(analysis: Analysis) -> str:

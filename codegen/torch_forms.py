@@ -146,6 +146,11 @@ class TorchFormWriter:
             candidate, n = f"{name}_{n}", n + 1
         return candidate
 
+    def _readers(self, view, readout: str) -> str:
+        """Where the outputs a chunked readout feeds are written in the spec (`gla.rec:11`)."""
+        return ", ".join(self.cite[o.name] for o in self.rec.outputs
+                         if sympy.Symbol(readout) in view.outputs[o.name].expr.free_symbols) or "readout"
+
     @staticmethod
     def _reads(expr: sympy.Expr, name: str) -> bool:
         return any((isinstance(n, sympy.Indexed) and str(n.base) == name) or
@@ -293,17 +298,11 @@ class TorchFormWriter:
                 w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}")
                 decay = f"log_decay_{s.name}"
             queries = []
-
-            def readers(readout: str) -> str:
-                """The outputs a readout feeds, cited."""
-                return ", ".join(self.cite[o.name] for o in self.rec.outputs
-                                 if sympy.Symbol(readout) in view.outputs[o.name].expr.free_symbols) or "readout"
-
             for n, r in enumerate(plan.readouts):
                 # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
                 readout_names[r.name] = f"read_{s.name}" + (f"_{n + 1}" if n else "")
                 w(f"query_{readout_names[r.name]} = "
-                  f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {readers(r.name)}")
+                  f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {self._readers(view, r.name)}")
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")

@@ -12,6 +12,11 @@ from .parse import parse_program
 from .reference import run_reference
 
 
+def spec_hash(checked: CheckedRecurrence) -> str:
+    """Hash of a recurrence's source text: identifies its generated module and its tuning records."""
+    return hashlib.sha256(checked.text.encode()).hexdigest()[:16]
+
+
 class Recurrence:
     """One checked recurrence: its declaration, its reference interpreter, and its compiled forms."""
 
@@ -25,7 +30,7 @@ class Recurrence:
     @property
     def spec_hash(self) -> str:
         """Hash of the recurrence's source text: identifies compiled artefacts and tuning records."""
-        return hashlib.sha256(self.checked.text.encode()).hexdigest()[:16]
+        return spec_hash(self.checked)
 
     def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs):
         """Run the body step by step in `dtype` (float64 by default): `(output, final_state)`."""

@@ -8,6 +8,8 @@ output are dead and dropped by the analysis (inlining never reads them).
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import networkx as nx
 
 from . import syntax as ast
@@ -116,8 +118,6 @@ def source_lines(rec: CheckedRecurrence) -> dict[str, tuple[int, ...]]:
 
 def cite(rec: CheckedRecurrence, name: str) -> str:
     """`gla.rec:4` (or `delta_net.rec:13,14`): where a state's or output's value is written in the spec."""
-    from pathlib import PurePath
-
     lines = source_lines(rec).get(name, ())
     file = PurePath(rec.source.filename).name if rec.source.filename != "<string>" else "<string>"
     # The name lands in a comment of generated code: escaped, it holds no line break (nor anything else odd).

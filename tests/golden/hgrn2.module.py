@@ -452,11 +452,28 @@ _INTERPRETING = interpreting()
 _NEEDS_TRITON = "backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')"
 
 
-def _check_chunk_size(chunk_size, backend: str) -> None:
+def _runs_triton(device: torch.device) -> bool:
+    """Whether Triton kernels run on tensors of `device`: CUDA, or the CPU in Triton's interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRETING)
+
+
+def _chunk_size_error(chunk_size, backend: str) -> str | None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise CallError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")  # noqa: F821 - calling.py
+        return f"chunk_size must be an integer >= 1, got {chunk_size!r}"
     if backend == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
-        raise CallError(f"chunk_size must be a power of two >= 16 on the triton backend, got {chunk_size}")  # noqa: F821
+        return f"chunk_size must be a power of two >= 16 on the triton backend, got {chunk_size}"
+    return None
+
+
+def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend: str) -> str | None:
+    """Why `form` cannot run on `backend` ("auto" always can), or None."""
+    if form != "auto" and form not in forms:
+        return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
+                                                       or f"choose from {', '.join(forms)} or auto")
+    if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
+        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
+                "(use backend='torch' for the others)")
+    return None
 
 
 class Layer:
@@ -472,16 +489,11 @@ class Layer:
                  chunk_size: int = 64, tuned=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        if form != "auto" and form not in forms:
-            raise ValueError(f"{spec.name} has no {form!r} form: "
-                             + (dict(spec.unavailable).get(form) or f"choose from {', '.join(forms)} or auto"))
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if backend == "triton" and triton_forms is None:
             raise ValueError(_NEEDS_TRITON)
-        if backend == "triton" and form != "auto" and form not in triton_forms:
-            raise ValueError(f"{spec.name} has no {form!r} form on the triton backend; it has "
-                             f"{', '.join(triton_forms)}")
+        why = _form_error(spec, form, forms, triton_forms, backend) or _chunk_size_error(chunk_size, "torch")
+        if why:
+            raise ValueError(why)
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
@@ -519,52 +531,51 @@ class Layer:
         if backend != "auto":
             return backend
         if (self.triton_forms is not None and dtype != torch.float64 and (form == "auto" or form in self.triton_forms)
-                and (device.type == "cuda" or (device.type == "cpu" and _INTERPRETING))):
+                and _runs_triton(device)):
             return "triton"
         return "torch"
 
     def pick_form(self, length: int, chunk_size: int | None = None) -> str:
-        """The form "auto" runs for a sequence of `length` steps."""
+        """The form "auto" runs on the torch backend for a sequence of `length` steps."""
         return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size)  # noqa: F821
 
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
         """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         form = self.form if form is None else form
-        if form != "auto" and form not in self.forms:
-            why = dict(self.recurrence.unavailable).get(form)
-            raise CallError(f"{self.name} has no {form!r} form: " + (why or f"choose from {', '.join(self.forms)} "  # noqa: F821
-                                                                     "or auto"))
+        why = _form_error(self.recurrence, form, self.forms, None, "torch")
+        if why:
+            raise CallError(why)  # noqa: F821
         if config is not None and chunk_size is not None:
             raise CallError("give chunk_size or config, not both (a config carries its own chunk_size)")  # noqa: F821
         backend = self.backend_for(call.device, call.dtype, backend, form)
         if backend == "triton":
             if self.triton_forms is None:
                 raise CallError(_NEEDS_TRITON)  # noqa: F821
-            if call.device.type != "cuda" and not (call.device.type == "cpu" and _INTERPRETING):
+            if not _runs_triton(call.device):
                 raise CallError(f"backend='triton' runs CUDA tensors, or CPU tensors in Triton's interpreter "  # noqa: F821
                                 f"(TRITON_INTERPRET=1 set before triton is imported); got {call.device.type} "
                                 "tensors: use backend='torch' (or 'auto')")
             if call.dtype == torch.float64:
                 raise CallError("backend='triton' takes float16, bfloat16 or float32 inputs, got float64; "  # noqa: F821
                                 "use backend='torch' (or 'auto')")
-            fns = self.triton_forms
-            if form != "auto" and form not in fns:
-                raise CallError(f"{self.name} has no {form!r} form on the triton backend; it has "  # noqa: F821
-                                f"{', '.join(fns)} (use backend='torch' for the others)")
-        else:
-            fns = self.forms
+            why = _form_error(self.recurrence, form, self.forms, self.triton_forms, backend)
+            if why:
+                raise CallError(why)  # noqa: F821
+        fns = self.triton_forms if backend == "triton" else self.forms
         chunk = self.chunk_size if chunk_size is None else chunk_size
-        _check_chunk_size(chunk, backend if "chunked" in fns else "torch")
-        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
-        if config is None and chunk_size is None and self.tuned is not None:
+        why = _chunk_size_error(chunk, backend if "chunked" in fns else "torch")
+        if config is None and chunk_size is None and self.tuned is not None and not why:
+            resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
             config = self.tuned(self, call, resolved, backend)
         options = {}
         if config is not None:
             target = self._config_form(config, form if form != "auto" else None, fns, backend)
             chunk = config.get("chunk_size", chunk)
-            _check_chunk_size(chunk, backend)
+            why = _chunk_size_error(chunk, backend)
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
+        if why:
+            raise CallError(why)  # noqa: F821
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     @staticmethod
