@@ -142,6 +142,10 @@ def bench_case(name: str, shape: dict, dtype, device, measure, chunk_size: int) 
     return result
 
 
+def write_report(report: dict, out: Path) -> None:
+    out.write_text(json.dumps(report, indent=2, default=lambda x: x if math.isfinite(x) else str(x)) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1 works)")
@@ -175,8 +179,11 @@ def main(argv=None) -> int:
         "smoke": args.smoke,
         "cases": {},
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.cases.split(","):
         report["cases"][name] = bench_case(name, shape, DTYPES[dtype_name], device, measure, args.chunk_size)
+        write_report(report, args.out)  # after every case, so a run stopped at its time limit keeps what it measured
+        print(f"measured {name}", flush=True)
     print(f"{report['device']}; {dtype_name}; B={shape['B']} T={shape['T']} H={shape['H']} K=V={shape['K']}")
     print(f"{'case':<16} {'path':<34} {'fwd ms':>9} {'fwd+bwd ms':>11} {'rel. error':>11}")
     for name, case in report["cases"].items():
@@ -192,8 +199,7 @@ def main(argv=None) -> int:
                   f"forward+backward {case['fla_over_ours_forward_backward']:.2f}x")
         else:
             print(f"{name:<16} fla: {case['fla']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=lambda x: x if math.isfinite(x) else str(x)) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU session's checks, as one command on the device machine (see the README's "On a GPU").
+#
+#   bash benchmarks/gpu_session.sh OUTDIR [STEP...]      STEP: tests, numerics, kernels, bench (default: all)
+#
+# Carry the wheels of lark and optuna (and fla for the comparison) in .whl/: they are installed to
+# /tmp/site first. Each step has its own time limit, so a slow step cannot eat the others; every step
+# writes its log and its JSON/XML under OUTDIR as it goes.
+set -u
+OUTDIR=${1:?usage: gpu_session.sh OUTDIR [STEP...]}
+shift
+STEPS=${*:-tests numerics kernels bench}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+unset TRITON_INTERPRET
+export RECURRENCE_DSL_CACHE=/tmp/recdsl_cache
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUTDIR/session.txt"
+
+for step in $STEPS; do
+  case $step in
+    tests)     # every test marked gpu, float32 / float16 / bfloat16
+      timeout 240 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_gpu.py \
+        --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -40 | tee "$OUTDIR/gpu_tests.txt" ;;
+    numerics)  # issue 8's decay / non-finite properties on the GPU in float32, float16 and bfloat16
+      timeout 200 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_numerics_gpu.py \
+        --junitxml="$OUTDIR/numerics_gpu.xml" 2>&1 | tail -40 | tee "$OUTDIR/numerics_gpu.txt" ;;
+    kernels)   # registers, spills, shared memory of every forward kernel
+      timeout 150 python3 benchmarks/gpu_kernel_report.py --out "$OUTDIR/kernels_gpu.json" 2>&1 \
+        | tail -60 | tee "$OUTDIR/kernels_gpu.txt" ;;
+    bench)     # our Triton and torch forms against fla, bfloat16, B=4 T=4096 H=16 K=V=128
+      timeout 200 python3 benchmarks/bench_triton.py --out "$OUTDIR/triton_gpu.json" 2>&1 \
+        | tee "$OUTDIR/bench_triton.txt" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
