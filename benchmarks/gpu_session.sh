@@ -28,16 +28,16 @@ export RECURRENCE_DSL_CACHE=/tmp/recdsl_cache
 for step in $STEPS; do
   case $step in
     tests)     # every test marked gpu, float32 / float16 / bfloat16
-      timeout 240 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_gpu.py \
+      timeout 180 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider tests/test_gpu.py \
         --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -40 | tee "$OUTDIR/gpu_tests.txt" ;;
     numerics)  # issue 8's decay / non-finite properties on the GPU in float32, float16 and bfloat16
-      timeout 200 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/test_numerics_gpu.py \
+      timeout 150 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider tests/test_numerics_gpu.py \
         --junitxml="$OUTDIR/numerics_gpu.xml" 2>&1 | tail -40 | tee "$OUTDIR/numerics_gpu.txt" ;;
     kernels)   # registers, spills, shared memory of every forward kernel
-      timeout 150 python3 benchmarks/gpu_kernel_report.py --out "$OUTDIR/kernels_gpu.json" 2>&1 \
+      timeout 90 python3 benchmarks/gpu_kernel_report.py --out "$OUTDIR/kernels_gpu.json" 2>&1 \
         | tail -60 | tee "$OUTDIR/kernels_gpu.txt" ;;
     bench)     # our Triton and torch forms against fla, bfloat16, B=4 T=4096 H=16 K=V=128
-      timeout 200 python3 benchmarks/bench_triton.py --out "$OUTDIR/triton_gpu.json" 2>&1 \
+      timeout 150 python3 benchmarks/bench_triton.py --out "$OUTDIR/triton_gpu.json" 2>&1 \
         | tee "$OUTDIR/bench_triton.txt" ;;
     *) echo "unknown step $step" ;;
   esac
