@@ -54,6 +54,7 @@ class ExprPrinter:
 
 # Identifiers the generated torch code defines or reads itself (form functions and the module around them).
 _GENERATED = {"torch", "F", "math", "states", "chunk_size", "B_", "T_", "H_", "t", "_rt", "DecayNotPositive",
+              "UnsafeSteps",
               "triton", "tl", "HAVE_TRITON", "dataclass", "annotations", "options"}
 _GENERATED_PATTERN = re.compile(
     r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final|read|query)_.*|.*(_t|_steps|__new)|_.*")

@@ -304,6 +304,13 @@ class TorchFormWriter:
                 w(f"query_{readout_names[r.name]} = "
                   f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {self._readers(view, r.name)}")
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
+            checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", f"v_{s.name}"]
+            if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
+                checked += [f"a_{s.name}", f"b_{s.name}"]
+            elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
+                checked.append(f"beta_{s.name}")
+            # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
+            check = f"_check_steps([{', '.join(checked)}], [{'' if decay == 'None' else decay}])"
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
@@ -312,15 +319,18 @@ class TorchFormWriter:
                   "# reads the state: u_t = S_(t-1)^T a_t")
                 w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, (kdim,))}  "
                   "# writes u_t back along b_t")
+                w(check)
                 w(f"{target} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"a_{s.name}, b_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}  # {self.cite[s.name]}")
+                w(check)
                 w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"beta_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
                   f"output_final_state=True{self._options_arg})")
             else:
+                w(check)
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"{decay}, "
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
@@ -351,6 +361,23 @@ def _stack_steps(steps, B_, H_, dims, like):
     if not steps:
         return like.new_zeros((B_, 0, H_) + tuple(dims))
     return torch.stack(steps, dim=1)
+
+
+def _check_steps(values, log_decays):
+    """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
+    number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
+    such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
+    T_ = values[0].shape[1]
+    if T_ == 0:
+        return
+    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
+        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
+        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+    first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
+    if first < T_:
+        raise UnsafeSteps(first)
 
 
 def _require_positive(decay, what, form):

@@ -292,6 +292,15 @@ class DecayNotPositive(ValueError):
     """A chunked form needs log(decay) and the decay is not positive; `auto` then steps instead."""
 
 
+class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the dispatcher, like StopIteration
+    """A chunked or parallel form met, at step `step` and not before, a value its masked matmuls cannot take
+    exactly (a non-finite value, a log decay > 0 or NaN); the dispatcher runs the steps from there one at a time."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step} needs the step-by-step form")
+        self.step = step
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -326,21 +335,35 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
         extra = dict(options.get(chosen, {}))
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
+        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+
+    def run(piece: dict, piece_states: dict, length: int):
+        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
         try:
-            return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+            return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
             if form != "auto":
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
-            return form_fns["recurrent"](*ordered, *params, piece_states, *sizes, **options.get("recurrent", {}))
+            return call_form("recurrent", piece, piece_states, length)
+        except UnsafeSteps as unsafe:
+            # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
+            # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
+            step = unsafe.step
+            head_out, head_states = ({}, piece_states) if step == 0 else run(
+                {k: v[:, :step] for k, v in piece.items()}, piece_states, step)
+            tail_out, tail_states = call_form("recurrent", {k: v[:, step:] for k, v in piece.items()}, head_states,
+                                              length - step)
+            if step == 0:
+                return tail_out, tail_states
+            return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
     if call.cu_seqlens is None:
         outputs, finals = run(inputs, states, call.length)

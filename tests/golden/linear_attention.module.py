@@ -284,6 +284,15 @@ class DecayNotPositive(ValueError):
     """A chunked form needs log(decay) and the decay is not positive; `auto` then steps instead."""
 
 
+class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the dispatcher, like StopIteration
+    """A chunked or parallel form met, at step `step` and not before, a value its masked matmuls cannot take
+    exactly (a non-finite value, a log decay > 0 or NaN); the dispatcher runs the steps from there one at a time."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step} needs the step-by-step form")
+        self.step = step
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -318,21 +327,35 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
         extra = dict(options.get(chosen, {}))
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
+        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+
+    def run(piece: dict, piece_states: dict, length: int):
+        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
         try:
-            return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+            return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
             if form != "auto":
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
-            return form_fns["recurrent"](*ordered, *params, piece_states, *sizes, **options.get("recurrent", {}))
+            return call_form("recurrent", piece, piece_states, length)
+        except UnsafeSteps as unsafe:
+            # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
+            # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
+            step = unsafe.step
+            head_out, head_states = ({}, piece_states) if step == 0 else run(
+                {k: v[:, :step] for k, v in piece.items()}, piece_states, step)
+            tail_out, tail_states = call_form("recurrent", {k: v[:, step:] for k, v in piece.items()}, head_states,
+                                              length - step)
+            if step == 0:
+                return tail_out, tail_states
+            return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
     if call.cu_seqlens is None:
         outputs, finals = run(inputs, states, call.length)
@@ -837,6 +860,23 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
+def _check_steps(values, log_decays):
+    """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
+    number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
+    such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
+    T_ = values[0].shape[1]
+    if T_ == 0:
+        return
+    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
+        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
+        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+    first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
+    if first < T_:
+        raise UnsafeSteps(first)
+
+
 # ====================================================================================================
 # Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
@@ -1128,6 +1168,7 @@ def linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
     k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # linear_attention.rec:11
     v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # linear_attention.rec:11
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # linear_attention.rec:12
+    _check_steps([query_read_S, k_S, v_S], [])
     (read_S,), final_S = chunked_linear_by(NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # linear_attention.rec:12
     return {'o': o}, {'S': final_S}
@@ -1198,6 +1239,7 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
     k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # linear_attention.rec:11
     v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # linear_attention.rec:11
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # linear_attention.rec:12
+    _check_steps([query_read_S, k_S, v_S], [])
     (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
     o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # linear_attention.rec:12
     return {'o': o}, {'S': final_S}
