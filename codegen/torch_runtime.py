@@ -36,8 +36,9 @@ c = min(16, C0) and C = C0 rounded up to a multiple of c. Inside a chunk, for a 
     sub-chunk i - 1: (q_t * decay(ref_i -> t)) @ (k_s * decay(s -> ref_i))^T, one matmul, both factors <= 1
     (for a value decay: (sum_j A_ij @ (v_j * decay(s -> ref_i))) * decay(ref_i -> t) with A = q k^T);
   - diagonal sub-blocks: a direct masked product with the decay of every pair (row t: its s <= t, [m_t, D]).
-Unlike Triton, which forms decay(a -> b) as exp(G_b - G_a) of chunk-level prefix sums, every factor here is exp
-of a sum over exactly the steps it spans: inside a sub-chunk a masked [16, 16] cumulative sum (or the local
+Unlike Triton, which forms decay(a -> b) as exp(G_b - G_a) of chunk-level prefix sums G (float64, log decays
+floored at -1000, the difference rounded to float32 before exp), every factor here is exp of a sum over exactly
+the steps it spans: inside a sub-chunk a masked [16, 16] cumulative sum (or the local
 prefix / suffix sum), across sub-chunks the local sums plus whole-sub-chunk totals. The delta rule's UT inverse
 (`_unit_lower_inverse`) uses the same sub-chunks: diagonal 16 x 16 blocks, then block forward substitution.
 Cost: the diagonal sub-blocks are O(C 16 D) elementwise work (exps included) per chunk, against O(C D log C) for

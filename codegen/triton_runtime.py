@@ -19,7 +19,8 @@ half inputs); the final state is float32 in both.
 Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh), with their grids:
 
   _cumsum_kernel        (NT, cdiv(D, BD), B*H)   chunk-local inclusive cumulative sum G of the log decays (D = 1
-                                                  for a scalar decay, K or V for a per-channel one), float32.
+                                                  for a scalar decay, K or V for a per-channel one), each floored
+                                                  at _LOG_DECAY_FLOOR = -1000, float64.
   _intra_attn_kernel    (NT, NC*NC, B*H)         key/value decay only: the intra-chunk scores
                                                   A_ts = sum_i q_t[i] k_s[i] exp(Gq_t[i] - G_s[i]) (s <= t, or s < t),
                                                   one 16 x 16 sub-block (i, j) per program (NC = BT / 16): below the
@@ -42,12 +43,17 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   (q @ S_start) * exp(Gq), earlier sub-chunks by tl.dot against
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
 
-Numerics: every load is masked and upcast to float32; arithmetic and accumulation are float32; outputs are stored
-in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the torch runtime).
-tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for half-precision inputs, whose own
-mantissa is no wider than tf32's; False for float32 inputs). Decay factors are only formed as exp(x) with x <= 0
-(G_a - G_b, G_a later than G_b); `_safe_exp` also clamps at 0 so padded rows (whose G is loaded as 0) can never
-make an inf, hence no 0 * inf = nan, for any log decay.
+Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are
+float32; outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute
+dtype of the torch runtime). tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for
+half-precision inputs, whose own mantissa is no wider than tf32's; False for float32 inputs); its operands are
+always float32. Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors each log decay at -1000
+(a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay spanning it, as -inf
+does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log decay after a reset
+gate (one step of -1e4) is not lost to float32 rounding of G. A decay factor is formed by `_decay`: the difference
+G_a - G_b (G_a later than G_b, so <= 0) in float64, rounded to float32 at once, then exp in float32; a lone G
+(exp(G_t), exp(G_last)) is rounded the same way. `_safe_exp` clamps the exponent at 0 so padded rows (whose G is
+loaded as 0) can never make an inf, and masks select (tl.where) rather than multiply, hence no 0 * inf = nan.
 
 GPU rules kept by construction (the Triton interpreter does not check them): every tl.dot operand dimension is
 >= 16 (BT, BK, BV are powers of two >= 16, checked in Python before launch, sub-chunks are 16), no
@@ -68,6 +74,7 @@ Tensor = torch.Tensor
 _AXES = (None, "scalar", "key", "value")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
+_LOG_DECAY_FLOOR = -1000.0  # _cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,13 +88,23 @@ def _safe_exp(x):
     return tl.exp(tl.minimum(x, 0.0))
 
 
+@triton.jit
+def _decay(g_to, g_from):
+    """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
+    the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
+    return _safe_exp((g_to - g_from).to(tl.float32))
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
 
 @triton.jit
-def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """gc[b, t, h, :] = sum of g[b, t0 .. t, h, :] over the chunk starting at t0, in float32."""
+def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -96,7 +113,8 @@ def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
 
 
@@ -143,8 +161,8 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                                other=0.0)  # [BC, BK]
                 b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
                 b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                b_q = b_q * _safe_exp(b_gq - b_gr[None, :])
-                b_kt = b_kt * _safe_exp(b_gr[:, None] - b_gk)
+                b_q = b_q * _decay(b_gq, b_gr[None, :])
+                b_kt = b_kt * _decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -154,13 +172,13 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                           other=0.0).to(tl.float32)  # [BC, BK]
             if DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
+                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
                 for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
                     i_s = i_i * BC + c
                     m_s = m_k & (o_k * 0 + t0 + i_s < T)
                     b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
                     b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                    b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_gq - b_gs[None, :]), axis=1)  # [BC]
+                    b_col = tl.sum(b_q * b_ks[None, :] * _decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                     b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
@@ -205,7 +223,7 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
                            other=0.0).to(tl.float32)  # [BK, BT]
             b_A += tl.dot(b_k, b_kt, input_precision=PREC)
         if DECAY == 1:
-            b_A = b_A * _safe_exp(b_g[:, None] - b_g[None, :])
+            b_A = b_A * _decay(b_g[:, None], b_g[None, :])
     b_L = tl.where(o_i[:, None] > o_i[None, :], b_beta[:, None] * b_A, 0.0)
     # forward substitution: X = Tm - I is strictly lower and X_i = N_i + sum_{j<i} N_ij X_j with N = -L
     b_T = -b_L
@@ -221,10 +239,10 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
         offs = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_k = tl.load(k + offs, mask=m, other=0.0).to(tl.float32)
         if DECAY == 1:
-            b_k = b_k * (b_beta * _safe_exp(b_g))[:, None]
+            b_k = b_k * (b_beta * _safe_exp(b_g.to(tl.float32)))[:, None]
         elif DECAY == 2:
             b_gk = tl.load(gc + offs, mask=m, other=0.0)
-            b_k = b_k * _safe_exp(b_gk) * b_beta[:, None]
+            b_k = b_k * _safe_exp(b_gk.to(tl.float32)) * b_beta[:, None]
         else:
             b_k = b_k * b_beta[:, None]
         tl.store(w + offs, tl.dot(b_T, b_k, input_precision=PREC), mask=m)
@@ -278,18 +296,18 @@ def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.conste
         if DECAY == 1:
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_kt = b_kt * _safe_exp(b_gl - b_g)[None, :]
-            b_h = b_h * tl.exp(b_gl)
+            b_kt = b_kt * _decay(b_gl, b_g)[None, :]
+            b_h = b_h * tl.exp(b_gl.to(tl.float32))
         elif DECAY == 2:
             b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
             b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-            b_kt = b_kt * _safe_exp(b_gl[:, None] - b_g)
-            b_h = b_h * tl.exp(b_gl)[:, None]
+            b_kt = b_kt * _decay(b_gl[:, None], b_g)
+            b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
         elif DECAY == 3:
             b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
             b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
-            b_v = b_v * _safe_exp(b_gl[None, :] - b_g)
-            b_h = b_h * tl.exp(b_gl)[None, :]
+            b_v = b_v * _decay(b_gl[None, :], b_g)
+            b_h = b_h * tl.exp(b_gl.to(tl.float32))[None, :]
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -327,7 +345,7 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
         if DECAY == 2:
             b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                            mask=m_tg[:, None] & m_k[None, :], other=0.0)
-            b_o += tl.dot(b_q * _safe_exp(b_gq), b_h, input_precision=PREC)
+            b_o += tl.dot(b_q * _safe_exp(b_gq.to(tl.float32)), b_h, input_precision=PREC)
         else:
             b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                            other=0.0).to(tl.float32)  # [BK, BT]
@@ -340,8 +358,8 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
         if DECAY == 1:
             b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_o = b_o * _safe_exp(b_gq)[:, None]
-            b_A = b_A * _safe_exp(b_gq[:, None] - b_g[None, :])
+            b_o = b_o * _safe_exp(b_gq.to(tl.float32))[:, None]
+            b_A = b_A * _decay(b_gq[:, None], b_g[None, :])
         if EXCLUSIVE:
             b_A = tl.where(o_i[:, None] > o_i[None, :], b_A, 0.0)
         else:
@@ -378,8 +396,6 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
-    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
-                   other=0.0)  # [BC, BV]
     # inter-chunk term
     b_o = tl.zeros([BC, BV], dtype=tl.float32)
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
@@ -390,7 +406,9 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
                       other=0.0).to(tl.float32)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
-    b_o = b_o * _safe_exp(b_gq)
+    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+                   other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
+    b_o = b_o * _safe_exp(b_gq.to(tl.float32))
     p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_it * BT  # [BC] row starts of A
     # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
     if i_i > 0:
@@ -405,8 +423,8 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
             b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
             b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
                            other=0.0)  # [BC, BC]
-            b_off += tl.dot(b_Aj, b_vs * _safe_exp(b_gr[None, :] - b_gs), input_precision=PREC)
-        b_o += b_off * _safe_exp(b_gq - b_gr[None, :])
+            b_off += tl.dot(b_Aj, b_vs * _decay(b_gr[None, :], b_gs), input_precision=PREC)
+        b_o += b_off * _decay(b_gq, b_gr[None, :])
     # diagonal sub-block, one key column at a time (A is already causally masked)
     for c in range(0, BC):
         i_s = i_i * BC + c
@@ -414,7 +432,7 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
         b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
         b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
         b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
-        b_o += b_a[:, None] * b_vs[None, :] * _safe_exp(b_gq - b_gs[None, :])
+        b_o += b_a[:, None] * b_vs[None, :] * _decay(b_gq, b_gs[None, :])
     tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -485,12 +503,14 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
 
 
 def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int) -> Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
+    """Chunk-local inclusive cumulative sum of the log decays floored at _LOG_DECAY_FLOOR, float64, same layout
+    ([B, T, H] or [B, T, H, D])."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(64, _pow2_at_least_16(D))
-    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
+    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
+    _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _LOG_DECAY_FLOOR,
+                                                                    num_warps=num_warps)
     return gc
 
 

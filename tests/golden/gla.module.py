@@ -1005,6 +1005,7 @@ def _check_steps(values, log_decays):
 triton_Tensor = torch.Tensor
 
 _triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
+_triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1018,13 +1019,23 @@ def _triton_safe_exp(x):
     return tl.exp(tl.minimum(x, 0.0))
 
 
+@triton.jit
+def _triton_decay(g_to, g_from):
+    """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
+    the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
+    return _triton_safe_exp((g_to - g_from).to(tl.float32))
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """gc[b, t, h, :] = sum of g[b, t0 .. t, h, :] over the chunk starting at t0, in float32."""
+def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -1033,7 +1044,8 @@ def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.con
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
 
 
@@ -1079,8 +1091,8 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                            other=0.0)  # [BC, BK]
             b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
             b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-            b_q = b_q * _triton_safe_exp(b_gq - b_gr[None, :])
-            b_kt = b_kt * _triton_safe_exp(b_gr[:, None] - b_gk)
+            b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
+            b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -1089,13 +1101,13 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                           other=0.0)  # [BC, BK]
+                           other=0.0)  # [BC, BK] float64: every column's difference needs it exact
             for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
                 i_s = i_i * BC + c
                 m_s = m_k & (o_k * 0 + t0 + i_s < T)
                 b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
                 b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                b_col = tl.sum(b_q * b_ks[None, :] * _triton_safe_exp(b_gq - b_gs[None, :]), axis=1)  # [BC]
+                b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                 b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
         if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
@@ -1141,8 +1153,8 @@ def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
         b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-        b_kt = b_kt * _triton_safe_exp(b_gl[:, None] - b_g)
-        b_h = b_h * tl.exp(b_gl)[:, None]
+        b_kt = b_kt * _triton_decay(b_gl[:, None], b_g)
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -1175,7 +1187,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                        mask=m_tg[:, None] & m_k[None, :], other=0.0)
-        b_o += tl.dot(b_q * _triton_safe_exp(b_gq), b_h, input_precision=PREC)
+        b_o += tl.dot(b_q * _triton_safe_exp(b_gq.to(tl.float32)), b_h, input_precision=PREC)
     p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
     b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
@@ -1225,12 +1237,14 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
 
 
 def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int) -> triton_Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
+    """Chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64, same layout
+    ([B, T, H] or [B, T, H, D])."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(64, _triton_pow2_at_least_16(D))
-    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
+    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
+                                                                    num_warps=num_warps)
     return gc
 
 

@@ -931,6 +931,8 @@ def _require_positive(decay, what, form):
 
 triton_Tensor = torch.Tensor
 
+_triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels
@@ -943,13 +945,23 @@ def _triton_safe_exp(x):
     return tl.exp(tl.minimum(x, 0.0))
 
 
+@triton.jit
+def _triton_decay(g_to, g_from):
+    """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
+    the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
+    return _triton_safe_exp((g_to - g_from).to(tl.float32))
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """gc[b, t, h, :] = sum of g[b, t0 .. t, h, :] over the chunk starting at t0, in float32."""
+def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -958,7 +970,8 @@ def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.con
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
 
 
@@ -997,8 +1010,8 @@ def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-        b_kt = b_kt * _triton_safe_exp(b_gl - b_g)[None, :]
-        b_h = b_h * tl.exp(b_gl)
+        b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -1035,8 +1048,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
     b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-    b_o = b_o * _triton_safe_exp(b_gq)[:, None]
-    b_A = b_A * _triton_safe_exp(b_gq[:, None] - b_g[None, :])
+    b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
+    b_A = b_A * _triton_decay(b_gq[:, None], b_g[None, :])
     b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
@@ -1085,12 +1098,14 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
 
 
 def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int) -> triton_Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays, float32, same layout ([B, T, H] or [B, T, H, D])."""
+    """Chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64, same layout
+    ([B, T, H] or [B, T, H, D])."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(64, _triton_pow2_at_least_16(D))
-    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, num_warps=num_warps)
+    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
+                                                                    num_warps=num_warps)
     return gc
 
 
