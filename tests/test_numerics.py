@@ -19,8 +19,8 @@ and asserts, for every output and final state:
 
 Named tests then pin the inputs of the issue one by one. Hypothesis runs derandomized with a fixed seed per
 (spec, backend, form) and no shrinking (a Triton call takes up to a second in the interpreter); set
-RECDSL_SHRINK=1 to shrink a failure to a minimal example. tests/test_numerics_gpu.py runs the same property
-on CUDA in float32, float16 and bfloat16.
+RECDSL_SHRINK=1 to shrink a failure to a minimal example, RECDSL_EXAMPLES_SCALE=k for k times the examples.
+tests/test_numerics_gpu.py runs the same property on CUDA in float32, float16 and bfloat16.
 """
 
 from __future__ import annotations
@@ -119,11 +119,12 @@ CASES = st.builds(
     nonfinite=st.lists(NONFINITE, max_size=2).map(tuple),
 )
 # Run first for every (spec, backend, form): resets at chunk starts and ends, a whole -inf step, an exact 1 and
-# a NaN after them; then a growing step with a partial last chunk; then resets everywhere.
+# NaNs (inputs 2 and 1: v and k for most specs) after them; then a growing step with a partial last chunk;
+# then resets everywhere.
 HARD = Case(B=2, H=2, T=70, chunk=16, seed=1, base="u1",
             events=((0, "neginf", True, 0), (16, "neg1e4", True, 0), (31, "neginf", False, 37),
                     (47, "zero", True, 0), (48, "neg100", False, 5), (63, "neginf", True, 0)),
-            nonfinite=((2, 50, 11, math.nan),))
+            nonfinite=((2, 50, 11, math.nan), (1, 58, 3, math.nan)))
 GROWING = Case(B=1, H=2, T=45, chunk=32, seed=2, base="u01", events=((31, "neginf", True, 0),), growth=20)
 # A reset at every step but a few (for a constant decay: slope = inf, gamma = 0, dt = 1e4), an inf in q.
 RESETS = Case(B=1, H=2, T=40, chunk=16, seed=3, base="neginf",
@@ -299,7 +300,10 @@ def forms_of(name: str) -> list[tuple[str, str]]:
 
 
 COMBOS = [(name, backend, form) for name in sorted(RECS) for backend, form in forms_of(name)]
-EXAMPLES = {"torch": 8, "triton": 2}  # generated examples per combination, after HARD, GROWING and RESETS
+# Generated examples per combination, after HARD, GROWING and RESETS; RECDSL_EXAMPLES_SCALE=k runs k times as
+# many (a longer hunt, not for CI).
+_SCALE = float(os.environ.get("RECDSL_EXAMPLES_SCALE", "1"))
+EXAMPLES = {"torch": round(16 * _SCALE), "triton": round(6 * _SCALE)}
 
 
 def run_property(name: str, backend: str, form: str, max_examples: int, dtype: torch.dtype = F32,
