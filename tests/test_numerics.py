@@ -1,0 +1,441 @@
+"""No silent wrong answer (issue 8): every form of both backends against the float64 reference, on hard inputs.
+
+Property tests (hypothesis), one per (spec, backend, form), for every spec of specs/: float32 inputs (Triton in
+its CPU interpreter), the reference run in float64 on the same values. Each example draws
+
+- a shape: B, H in {1, 2}, T in 1..70, every size 16, chunk_size in {16, 32, 64} (chunks, partial chunks and
+  sub-chunks all occur, and steps at chunk starts and ends are drawn often);
+- log decays (see DECAYS for what the decay of each spec is): a base over the whole sequence, ordinary
+  (U(-1, 0), U(-0.1, 0)) or extreme (0, -100, -1e4, -inf), plus up to four events setting one step, or one
+  (b, h, channel) of a step, to -inf, -1e4, -100, 0 or U(-0.1, 0); in some examples a growing step (+0.5);
+- up to two non-finite values (nan, +inf, -inf) at a random (b, step, h, channel) of a random input.
+
+and asserts, for every output and final state:
+
+(a) causality: before the first step holding a non-finite input, every output is finite and agrees with the
+    reference (rel err <= TOL, measured on those steps alone);
+(b) the non-finite pattern: an entry is non-finite iff the reference's is (NaN and +-inf may differ);
+(c) the finite entries agree with the reference: ||x - ref|| <= TOL * max(||ref||, FLOOR) over them.
+
+Named tests then pin the inputs of the issue one by one. Hypothesis runs derandomized with a fixed seed per
+(spec, backend, form) and no shrinking (a Triton call takes up to a second in the interpreter); set
+RECDSL_SHRINK=1 to shrink a failure to a minimal example, RECDSL_EXAMPLES_SCALE=k for k times the examples.
+tests/test_numerics_gpu.py runs the same property on CUDA in float32, float16 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
+from hypothesis import strategies as st
+
+import recurrence_dsl
+from codegen.triton_recurrent import triton_form_names
+from recurrence_dsl.analysis import analyse
+from recurrence_dsl.sampling import _Roles, sample_arguments
+
+from .conftest import SPEC_FILES, as_dict
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+TOL = {F32: 1e-5, F16: 5e-3, BF16: 2e-2}
+FLOOR = 1e-3  # the absolute scale below which errors are measured absolutely (a reference norm near 0)
+SIZE = 16  # every size axis: the Triton kernels need powers of two >= 16
+
+RECS: dict[str, recurrence_dsl.Recurrence] = {}
+for _path in SPEC_FILES:
+    RECS.update(recurrence_dsl.load(_path))
+
+
+@dataclass(frozen=True)
+class Decay:
+    """How a spec's decay is drawn from a target log decay L (<= 0, or > 0 for a growing step).
+
+    kind "log":   the input `name` is the log decay (the decay is exp(name)): name = L.
+    kind "dt":    the decay is exp(dt * A) with dt >= 0 an input and A < 0 a param: dt = -L (1e4 for -inf),
+                  and the input `scaled` (multiplied by dt in the update) is divided by max(dt, 1) so a large
+                  dt does not also blow the input up; L = 0 gives dt = 0, a decay of exactly 1.
+    kind "rate":  a constant decay exp(-param): param = -L of the base, per head (no per-step events).
+    kind "gamma": a constant decay param: param = exp(L) of the base, per head; 0 for -inf and -1e4, which the
+                  chunked forms (which take its logarithm) refuse with DecayNotPositive.
+    """
+
+    kind: str
+    name: str
+    scaled: str | None = None
+
+
+DECAYS = {
+    "gla": Decay("log", "g"),  # exp(g[i])
+    "gated_delta_net": Decay("log", "g"),  # exp(g), a scalar per step
+    "hgrn2": Decay("log", "f"),  # exp(f[i]), with (1 - exp(f[i])) the input gate
+    "rwkv6": Decay("log", "w"),  # exp(w[i])
+    "rwkv7": Decay("log", "w"),  # exp(w[i]) on the diagonal, plus the rank-one removal
+    "mamba": Decay("dt", "dt", "x"),  # exp(dt[d] * A[d, n]), input dt[d] * B[n] * x[d]
+    "mamba2": Decay("dt", "dt", "x"),  # exp(dt * A), input dt * B[n] * x[p]
+    "lightning_attention": Decay("rate", "slope"),  # exp(-slope), a per-head constant
+    "retention": Decay("gamma", "gamma"),  # gamma, a per-head constant
+}
+# Specs with no decay to draw: delta_net, linear_attention and normalized_linear_attention (identity
+# transitions), indrnn and minimal_rnn (non-linear: tanh / a sigmoid gate of the state).
+
+LOG_VALUES = {"neginf": -math.inf, "neg1e4": -1e4, "neg100": -100.0, "zero": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One drawn example
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    H: int
+    T: int
+    chunk: int
+    seed: int
+    base: str  # "u1", "u01", or a key of LOG_VALUES: the log decay of every step
+    events: tuple = ()  # (step, kind, whole step?, position): a log decay set at one step
+    growth: int | None = None  # a step whose log decay is +0.5 (a growing state)
+    nonfinite: tuple = ()  # (input index, step, position, value)
+
+
+STEPS = st.one_of(st.integers(0, 69), st.sampled_from([0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 69]))
+EVENT = st.tuples(STEPS, st.sampled_from(["neginf", "neg1e4", "neg100", "zero", "u01"]), st.booleans(),
+                  st.integers(0, 255))
+NONFINITE = st.tuples(st.integers(0, 7), STEPS, st.integers(0, 255), st.sampled_from([math.nan, math.inf, -math.inf]))
+CASES = st.builds(
+    Case,
+    B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 70), chunk=st.sampled_from([16, 32, 64]),
+    seed=st.integers(0, 2**16),
+    base=st.sampled_from(["u1", "u01", "u1", "u01", "zero", "neg100", "neg1e4", "neginf"]),
+    events=st.lists(EVENT, max_size=4).map(tuple),
+    growth=st.tuples(st.integers(0, 3), STEPS).map(lambda x: x[1] if x[0] == 3 else None),
+    nonfinite=st.lists(NONFINITE, max_size=2).map(tuple),
+)
+# Run first for every (spec, backend, form): resets at chunk starts and ends, a whole -inf step, an exact 1 and
+# NaNs (inputs 2 and 1: v and k for most specs) after them; then a growing step with a partial last chunk;
+# then resets everywhere.
+HARD = Case(B=2, H=2, T=70, chunk=16, seed=1, base="u1",
+            events=((0, "neginf", True, 0), (16, "neg1e4", True, 0), (31, "neginf", False, 37),
+                    (47, "zero", True, 0), (48, "neg100", False, 5), (63, "neginf", True, 0)),
+            nonfinite=((2, 50, 11, math.nan), (1, 58, 3, math.nan)))
+GROWING = Case(B=1, H=2, T=45, chunk=32, seed=2, base="u01", events=((31, "neginf", True, 0),), growth=20)
+# A reset at every step but a few (for a constant decay: slope = inf, gamma = 0, dt = 1e4), an inf in q.
+RESETS = Case(B=1, H=2, T=40, chunk=16, seed=3, base="neginf",
+              events=((5, "u01", True, 0), (16, "zero", True, 0), (17, "neg100", False, 9)),
+              nonfinite=((0, 33, 6, math.inf),))
+
+
+def _u(gen, shape, lo, hi):
+    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=F64)
+
+
+def _log_decays(case: Case, shape: tuple, gen: torch.Generator, per_step: bool = True) -> torch.Tensor:
+    """Target log decays of `shape` ([B, T, H, ...], or [H] for a per-head constant)."""
+    if case.base == "u1":
+        L = -_u(gen, shape, 0, 1)
+    elif case.base == "u01":
+        L = -_u(gen, shape, 0, 0.1)
+    else:
+        L = torch.full(shape, LOG_VALUES[case.base], dtype=F64)
+    if not per_step:
+        return L
+    B, T, H = shape[:3]
+    rest = shape[3:]
+    for step, kind, whole, pos in case.events:
+        value = -_u(gen, (), 0, 0.1).item() if kind == "u01" else LOG_VALUES[kind]
+        t = step % T
+        if whole:
+            L[:, t] = value
+        else:
+            L[(pos % B, t, (pos // 2) % H) + tuple((pos // 4) % r for r in rest)] = value
+    if case.growth is not None:
+        L[:, case.growth % T] = 0.5
+    return L
+
+
+def draw_arguments(name: str, case: Case, dtype: torch.dtype = F32, device: str = "cpu"):
+    """(args, initial state, reference args, reference initial state, first unsafe step) of one example.
+
+    args in `dtype` on `device` (the initial state in float32), the reference's the same values in float64 on
+    the CPU; the first unsafe step is the first holding a non-finite input (T when none does)."""
+    rec = RECS[name]
+    checked = rec.checked
+    args, initial = sample_arguments(checked, {s: SIZE for s in checked.sizes}, case.B, case.T, case.H, dtype=F64,
+                                     seed=case.seed, with_initial_state=True)
+    names = [s.name for s in checked.inputs] + [s.name for s in checked.params]
+    values = dict(zip(names, args))
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    decay = DECAYS.get(name)
+    if decay is not None and decay.kind == "log":
+        values[decay.name] = _log_decays(case, tuple(values[decay.name].shape), gen)
+    elif decay is not None and decay.kind == "dt":
+        L = _log_decays(case, tuple(values[decay.name].shape), gen)
+        dt = torch.where(torch.isinf(L), torch.full_like(L, 1e4), -L)
+        values[decay.name] = dt
+        x = values[decay.scaled]
+        values[decay.scaled] = x / dt.clamp_min(1.0).reshape(dt.shape + (1,) * (x.dim() - dt.dim()))
+    elif decay is not None and decay.kind == "rate":
+        values[decay.name] = -_log_decays(case, tuple(values[decay.name].shape), gen, per_step=False)
+    elif decay is not None and decay.kind == "gamma":
+        values[decay.name] = _log_decays(case, tuple(values[decay.name].shape), gen, per_step=False).exp()
+    first_unsafe = case.T
+    inputs = [s.name for s in checked.inputs]
+    for index, step, pos, value in case.nonfinite:
+        target = inputs[index % len(inputs)]
+        x = values[target]
+        B, T, H = x.shape[:3]
+        t = step % T
+        x[(pos % B, t, (pos // 2) % H) + tuple((pos // 4) % r for r in x.shape[3:])] = value
+        reset = decay is not None and decay.kind == "log" and target == decay.name and value == -math.inf
+        if not reset:  # a log decay of -inf is a reset, not a non-finite value
+            first_unsafe = min(first_unsafe, t)
+    args = [values[n].to(device=device, dtype=dtype) for n in names]
+    if isinstance(initial, dict):
+        initial = {k: v.to(device=device, dtype=F32) for k, v in initial.items()}
+        ref_initial = {k: v.double().cpu() for k, v in initial.items()}
+    else:
+        initial = initial.to(device=device, dtype=F32)
+        ref_initial = initial.double().cpu()
+    return args, initial, [a.double().cpu() for a in args], ref_initial, first_unsafe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing with the reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _where(mask: torch.Tensor, limit: int = 4) -> list:
+    return [tuple(i) for i in mask.nonzero().tolist()[:limit]]
+
+
+def assert_agrees(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """(b) non-finite exactly where the reference is, (c) the finite entries within tol."""
+    got = got.detach().double().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)}, reference {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    differ = torch.isfinite(got) != finite
+    assert not differ.any(), (
+        f"{what}: finite/non-finite differs from the reference at {int(differ.sum())} of {ref.numel()} entries, "
+        f"first {_where(differ)}: got {got[differ][:4].tolist()}, reference {ref[differ][:4].tolist()} "
+        f"({int((~finite).sum())} non-finite in the reference)")
+    if finite.any():
+        diff = (got[finite] - ref[finite]).norm().item()
+        scale = max(ref[finite].norm().item(), FLOOR)
+        worst = (got - ref).abs().nan_to_num(0.0).amax().item()
+        assert diff <= tol * scale, (f"{what}: rel err {diff / scale:.3g} > {tol:g} (reference norm {scale:.3g}, "
+                                     f"largest abs diff {worst:.3g})")
+
+
+def assert_causal(what: str, got: torch.Tensor, ref: torch.Tensor, first_unsafe: int, tol: float) -> None:
+    """(a) outputs [B, T, ...] before step `first_unsafe` are finite and agree with the reference's."""
+    if first_unsafe == 0:
+        return
+    head, ref_head = got.detach().double().cpu()[:, :first_unsafe], ref[:, :first_unsafe]
+    assert torch.isfinite(ref_head).all(), f"{what}: the reference is not finite before step {first_unsafe}"
+    bad = ~torch.isfinite(head)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} non-finite outputs before the first non-finite input "
+                           f"(step {first_unsafe}), first {_where(bad)}")
+    assert_agrees(f"{what} before step {first_unsafe}", head, ref_head, tol)
+
+
+def is_decay_not_positive(err: BaseException) -> bool:
+    # DecayNotPositive is defined in each generated module (dispatch.py is copied in): match it by name.
+    return type(err).__name__ == "DecayNotPositive"
+
+
+LAYERS: dict[str, object] = {}
+
+
+def layer_for(name: str):
+    if name not in LAYERS:
+        LAYERS[name] = recurrence_dsl.compile(RECS[name], tuning=False)
+    return LAYERS[name]
+
+
+def check_case(name: str, backend: str, form: str, case: Case, dtype: torch.dtype = F32, device: str = "cpu"):
+    """Run one example through `form` on `backend` and assert (a), (b) and (c) for outputs and final states."""
+    rec = RECS[name]
+    args, initial, ref_args, ref_initial, first_unsafe = draw_arguments(name, case, dtype, device)
+    ref_out, ref_final = rec.reference(*ref_args, initial_state=ref_initial, output_final_state=True)
+    layer = layer_for(name)
+    decay = DECAYS.get(name)
+    refuses = (decay is not None and decay.kind == "gamma" and form in ("chunked", "parallel")
+               and bool((args[[s.name for s in rec.checked.inputs + rec.checked.params].index(decay.name)] <= 0).any()))
+    try:
+        out, final = layer(*args, form=form, backend=backend, chunk_size=case.chunk, initial_state=initial,
+                           output_final_state=True)
+    except ValueError as err:
+        if refuses and is_decay_not_positive(err):
+            return  # a decay of 0 where the form takes its logarithm: a clear error, not a wrong answer
+        raise
+    assert not refuses, f"{name} {form}: a decay of 0 should be refused (DecayNotPositive)"
+    tol = TOL[dtype]
+    label = f"{name} {backend} {form} {case}"
+    ref_out = as_dict(ref_out, rec.checked.outputs)
+    for key, got in as_dict(out, rec.checked.outputs).items():
+        assert got.dtype == dtype
+        assert_causal(f"{label}: output {key}", got, ref_out[key], first_unsafe, tol)
+        assert_agrees(f"{label}: output {key}", got, ref_out[key], tol)
+    ref_final = as_dict(ref_final, rec.checked.states)
+    for key, got in as_dict(final, rec.checked.states).items():
+        assert_agrees(f"{label}: final state {key}", got, ref_final[key], tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The property tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def forms_of(name: str) -> list[tuple[str, str]]:
+    """(backend, form) for every form of both backends."""
+    torch_forms = list(layer_for(name).forms)
+    return [("torch", f) for f in torch_forms] + [("triton", f) for f in triton_form_names(analyse(RECS[name].checked))]
+
+
+COMBOS = [(name, backend, form) for name in sorted(RECS) for backend, form in forms_of(name)]
+# Generated examples per combination, after HARD, GROWING and RESETS; RECDSL_EXAMPLES_SCALE=k runs k times as
+# many (a longer hunt, not for CI).
+_SCALE = float(os.environ.get("RECDSL_EXAMPLES_SCALE", "1"))
+EXAMPLES = {"torch": round(16 * _SCALE), "triton": round(6 * _SCALE)}
+
+
+def run_property(name: str, backend: str, form: str, max_examples: int, dtype: torch.dtype = F32,
+                 device: str = "cpu") -> None:
+    """The property test of one (spec, backend, form): HARD, GROWING, RESETS, then max_examples drawn cases."""
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("RECDSL_SHRINK") else [])
+
+    @seed(zlib.crc32(f"{name}/{backend}/{form}".encode()))
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, phases=phases,
+              suppress_health_check=list(HealthCheck))
+    @given(case=CASES)
+    @example(case=HARD)
+    @example(case=GROWING)
+    @example(case=RESETS)
+    def prop(case):
+        check_case(name, backend, form, case, dtype, device)
+
+    prop()
+
+
+@pytest.mark.parametrize("name,backend,form", COMBOS, ids=[f"{n}-{b}-{f}" for n, b, f in COMBOS])
+def test_numerics_property(name, backend, form):
+    run_property(name, backend, form, EXAMPLES[backend])
+
+
+def test_every_decay_is_drawn():
+    """A spec whose inputs or params enter a decay (inside exp, or multiplying the state) is in DECAYS, so the
+    property tests draw its decays rather than ordinary inputs; and every DECAYS entry names a spec's symbol."""
+    for name, rec in RECS.items():
+        roles = _Roles(rec.checked)
+        in_decay = set(roles.sign) | roles.decays
+        if in_decay:
+            assert name in DECAYS, f"{name}: {sorted(in_decay)} enter its decay; add it to DECAYS"
+    for name, decay in DECAYS.items():
+        symbols = {s.name for s in RECS[name].checked.inputs + RECS[name].checked.params}
+        assert decay.name in symbols and (decay.scaled is None or decay.scaled in symbols), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named tests: the inputs of the issue
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gla_args(T: int, B: int = 1, H: int = 2, seed_: int = 0, initial: bool = True):
+    rec = RECS["gla"]
+    args, init = sample_arguments(rec.checked, {"K": SIZE, "V": SIZE}, B, T, H, dtype=F64, seed=seed_,
+                                  with_initial_state=initial)
+    return [a.float() for a in args], (None if init is None else init.float())
+
+
+def _run_and_compare(name, args, init, form, backend, chunk, first_unsafe=None):
+    """Run and assert (a)-(c) against the reference; returns (output, reference output)."""
+    rec = RECS[name]
+    ref_args = [a.double() for a in args]
+    ref_init = None if init is None else init.double()
+    ref_out, ref_final = rec.reference(*ref_args, initial_state=ref_init, output_final_state=True)
+    out, final = layer_for(name)(*args, form=form, backend=backend, chunk_size=chunk, initial_state=init,
+                                 output_final_state=True)
+    what = f"{name} {backend} {form} chunk {chunk}"
+    if first_unsafe is not None:
+        assert_causal(what, out, ref_out, first_unsafe, TOL[F32])
+    assert_agrees(f"{what}: output", out, ref_out, TOL[F32])
+    assert_agrees(f"{what}: final state", final, ref_final, TOL[F32])
+    return out, ref_out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("R", [-100.0, -1e4, -math.inf], ids=["-100", "-1e4", "-inf"])
+def test_gla_one_reset_step(R, backend):
+    """GLA, B=1, T=64, H=2, K=V=16, g = -0.05 except g[:, 4] = R, chunk 64, chunked."""
+    args, init = _gla_args(64)
+    args[3] = torch.full_like(args[3], -0.05)
+    args[3][:, 4] = R
+    _run_and_compare("gla", args, init, "chunked", backend, 64)
+
+
+@pytest.mark.parametrize("form,backend", [("chunked", "torch"), ("chunked", "triton"), ("auto", "torch"),
+                                          ("auto", "triton")])
+@pytest.mark.parametrize("R", [-1e3, -1e4, -math.inf], ids=["-1e3", "-1e4", "-inf"])
+def test_gated_delta_net_resets_at_chunk_starts(R, form, backend):
+    """Gated DeltaNet, B=1, T=96, H=2, K=V=16, unit-norm k, beta in (0, 1), an initial state,
+    g = -U(0, 0.1) except g[:, 0] = g[:, 32] = R, chunk 32."""
+    rec = RECS["gated_delta_net"]
+    args, init = sample_arguments(rec.checked, {"K": SIZE, "V": SIZE}, 1, 96, 2, dtype=F64, seed=3,
+                                  with_initial_state=True)
+    q, k, v, g, beta = [a.float() for a in args]
+    assert torch.allclose(k.norm(dim=-1), torch.ones(()), atol=1e-5) and bool(((beta > 0) & (beta < 1)).all())
+    g = -0.1 * torch.rand(g.shape, generator=torch.Generator().manual_seed(4))
+    g[:, 0] = R
+    g[:, 32] = R
+    _run_and_compare("gated_delta_net", [q, k, v, g, beta], init.float(), form, backend, 32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_gla_reset_at_every_step(chunk, backend):
+    """GLA with g = -inf at every step: S_t = k_t v_t^T, o_t = q_t . k_t v_t / sqrt(K)."""
+    args, init = _gla_args(64)
+    args[3] = torch.full_like(args[3], -math.inf)
+    out, ref = _run_and_compare("gla", args, init, "chunked", backend, chunk)
+    q, k, v = args[:3]
+    direct = (q * k).sum(-1, keepdim=True) * v / 4.0
+    assert torch.isfinite(out).all() and (out - direct).norm() <= 1e-5 * direct.norm()
+
+
+@pytest.mark.parametrize("form,backend", [("chunked", "torch"), ("parallel", "torch"), ("chunked", "triton"),
+                                          ("recurrent", "triton")])
+def test_gla_growing_state(form, backend):
+    """GLA with g = +0.5 everywhere: the state grows by e^0.5 per step, e^32 ~ 8e13 after T = 64 steps (finite in
+    float32); the chunked and parallel forms hand such steps to the step loop, which must match the reference."""
+    args, init = _gla_args(64)
+    args[3] = torch.full_like(args[3], 0.5)
+    out, ref = _run_and_compare("gla", args, init, form, backend, 64)
+    assert torch.isfinite(ref).all() and ref.abs().max() > 1e12  # it does grow, and stays finite
+
+
+@pytest.mark.parametrize("form,backend", [("recurrent", "torch"), ("scan", "torch"), ("chunked", "torch"),
+                                          ("parallel", "torch"), ("recurrent", "triton"), ("chunked", "triton")])
+def test_gla_nan_log_decay_at_one_step(form, backend):
+    """GLA, B=1, T=64, H=2, K=V=16, g[:, 4] = NaN: the reference has 60 steps x 2 heads x 16 = 1,920 non-finite
+    outputs (steps 4..63); every form non-finite exactly there, and equal to the reference before step 4."""
+    args, init = _gla_args(64)
+    args[3][:, 4] = math.nan
+    out, ref = _run_and_compare("gla", args, init, form, backend, 64, first_unsafe=4)
+    assert int((~torch.isfinite(ref)).sum()) == 1920 and bool(torch.isfinite(ref[:, :4]).all())
+
+
+@pytest.mark.parametrize("form,backend,chunk", [("chunked", "torch", 16), ("parallel", "torch", 64),
+                                                ("chunked", "triton", 16), ("chunked", "triton", 64)])
+def test_gla_nan_value_does_not_reach_earlier_steps(form, backend, chunk):
+    """GLA, T=32, v[0, 20, 0, 0] = NaN: the outputs before step 20 are finite and equal to the reference's."""
+    args, init = _gla_args(32)
+    args[2][0, 20, 0, 0] = math.nan
+    out, ref = _run_and_compare("gla", args, init, form, backend, chunk, first_unsafe=20)
+    assert bool(torch.isfinite(out[:, :20]).all()) and not bool(torch.isfinite(out[:, 20:, 0]).all())
