@@ -25,9 +25,10 @@ zero-padded tiles, never for division, log or fractional powers of a tile.
 Functions: exp, log, sqrt, abs map to `tl.*`; sigmoid to `tl.sigmoid`; the rest are written in
 numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) + log(1 + exp(-|x|)),
 logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), silu(x) = x sigmoid(x),
-elu(x) = where(x > 0, x, exp(min(x, 0)) - 1), relu(x) = max(x, 0); min / max to
-`tl.minimum` / `tl.maximum`. Arithmetic is float32 throughout: Python float constants are
-float32 in Triton, loads are upcast by the caller.
+elu(x) = where(x > 0, x, exp(where(x > 0, 0, x)) - 1), relu(x) = max(x, 0); min / max to
+`tl.minimum` / `tl.maximum` with `propagate_nan=ALL`: a NaN comes out NaN, as in torch.
+Arithmetic is float32 throughout: Python float constants are float32 in Triton, loads are
+upcast by the caller.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ FUNCTIONS = {
     logsigmoid: ("tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
     softplus: ("tl.maximum({x}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
     silu: ("{x} * tl.sigmoid({x})", True, True, _MUL),
-    elu: ("tl.where({x} > 0.0, {x}, tl.exp(tl.minimum({x}, 0.0)) - 1.0)", True, True, _ATOM),
-    relu: ("tl.maximum({x}, 0.0)", True, True, _ATOM),
+    elu: ("tl.where({x} > 0.0, {x}, tl.exp(tl.where({x} > 0.0, 0.0, {x})) - 1.0)", True, True, _ATOM),
+    relu: ("tl.maximum({x}, 0.0, propagate_nan=tl.PropagateNan.ALL)", True, True, _ATOM),
 }
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
@@ -301,7 +302,7 @@ class TritonPrinter(ExprPrinter):
         args = list(e.args)
         text = self._p(args[0], axes)[0]
         for a in args[1:]:
-            text = f"{fn}({text}, {self._p(a, axes)[0]})"
+            text = f"{fn}({text}, {self._p(a, axes)[0]}, propagate_nan=tl.PropagateNan.ALL)"  # NaN in, NaN out
         return text
 
     @staticmethod

@@ -439,3 +439,27 @@ def test_gla_nan_value_does_not_reach_earlier_steps(form, backend, chunk):
     args[2][0, 20, 0, 0] = math.nan
     out, ref = _run_and_compare("gla", args, init, form, backend, chunk, first_unsafe=20)
     assert bool(torch.isfinite(out[:, :20]).all()) and not bool(torch.isfinite(out[:, 20:, 0]).all())
+
+
+NAN_FUNCTIONS = """
+recurrence nan_functions(x[D]) -> o[D] {
+    state h[D]
+    h[d] = 0.5 * h[d] + relu(x[d]) + elu(x[d]) + max(x[d], 0.5) + min(x[d], -0.5)
+    o[d] = h[d]
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_through_relu_elu_min_max(backend):
+    """relu, elu, min and max of a NaN are NaN on both backends, as in torch (Triton's tl.minimum / tl.maximum
+    drop a NaN unless told to propagate it)."""
+    rec = recurrence_dsl.load(NAN_FUNCTIONS)["nan_functions"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    x = torch.randn(1, 6, 1, 16)
+    x[0, 3, 0, 5] = math.nan
+    out, _ = layer(x, form="recurrent", backend=backend)
+    ref, _ = rec.reference(x.double())
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert not torch.isfinite(out[0, 3:, 0, 5]).any()
+    assert torch.isfinite(out[0, :3]).all()

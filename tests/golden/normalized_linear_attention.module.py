@@ -1222,10 +1222,10 @@ def normalized_linear_attention__triton_recurrent_kernel(
         b_q = tl.load(p_q, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_k = tl.load(p_k, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_v = tl.load(p_v, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-        b_elu0 = tl.where(b_k > 0.0, b_k, tl.exp(tl.minimum(b_k, 0.0)) - 1.0)  # [BLOCK_K]
+        b_elu0 = tl.where(b_k > 0.0, b_k, tl.exp(tl.where(b_k > 0.0, 0.0, b_k)) - 1.0)  # [BLOCK_K]
         b_S_new = tl.where(m_S, (b_elu0[:, None] + 1.0) * b_v[None, :] + b_S, 0.0)  # [BLOCK_K, BLOCK_V] normalized_linear_attention.rec:11,12
         b_z_new = tl.where(mask_K, b_elu0 + b_z + 1.0, 0.0)  # [BLOCK_K] normalized_linear_attention.rec:11,13
-        b_t1 = tl.where(b_q > 0.0, b_q, tl.exp(tl.minimum(b_q, 0.0)) - 1.0) + 1.0  # [BLOCK_K]
+        b_t1 = tl.where(b_q > 0.0, b_q, tl.exp(tl.where(b_q > 0.0, 0.0, b_q)) - 1.0) + 1.0  # [BLOCK_K]
         b_sum2 = tl.sum(b_t1 * b_z_new, axis=0)  # scalar
         b_sum3 = tl.sum(b_t1[:, None] * b_S_new, axis=0)  # [BLOCK_V]
         b_o = b_sum3 / (b_sum2 + 1e-06)  # [BLOCK_V] normalized_linear_attention.rec:10,14
