@@ -24,10 +24,22 @@ class ExprPrinter:
     def _p(self, e: sympy.Expr, axes) -> tuple[str, int]:
         raise NotImplementedError
 
+    # How the backend writes float64's infinity (a Python expression: never a bare `inf`).
+    INFINITY = "math.inf"
+
     def _number(self, value) -> str:
-        if isinstance(value, sympy.Integer) or (isinstance(value, sympy.Rational) and value.q == 1):
+        """A number as a float literal (`2.0`, `1e-06`), or the backend's infinity; never NaN (the step IR
+        rejects it) nor a bare `inf`, which would read whatever a spec's input named `inf` holds."""
+        if value in (sympy.oo, -sympy.oo):
+            return self.INFINITY if value > 0 else "-" + self.INFINITY
+        if not value.is_extended_real or value is sympy.nan:
+            raise ValueError(f"{value} is not a float64 number")
+        if isinstance(value, sympy.Integer) and abs(value) <= 2**53:
             return f"{int(value)}.0"
-        return repr(float(value))
+        number = float(value)  # a rational or a large integer: its nearest float64
+        if math.isinf(number):
+            return self.INFINITY if number > 0 else "-" + self.INFINITY
+        return repr(number)
 
     def _wrap(self, e, axes, min_prec: int) -> str:
         text, prec = self._p(e, axes)

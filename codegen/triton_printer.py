@@ -37,7 +37,7 @@ import re
 
 import sympy
 
-from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
+from recurrence_dsl.step_ir import elu, has_infinity, logsigmoid, relu, sigmoid, silu, softplus
 
 from .printing import ADD as _ADD
 from .printing import ATOM as _ATOM
@@ -106,6 +106,9 @@ class TritonPrinter(ExprPrinter):
     constants) are real data: finite, and spanning no axis.
     """
 
+    # A Python float Triton folds to a float32 constant, in the interpreter and the compiler alike.
+    INFINITY = 'float("inf")'
+
     def __init__(self, sizes: set[str], ranges: dict[sympy.Symbol, sympy.Expr], names: dict[str, str] | None = None,
                  zero_padded: set[str] | None = None, temps: dict | None = None):
         self.sizes = sizes
@@ -145,6 +148,8 @@ class TritonPrinter(ExprPrinter):
         """Every lane of `e`'s tile, padding included, is finite (given finite data)."""
         if isinstance(e, (sympy.Number, sympy.NumberSymbol)):
             return bool(e.is_finite)
+        if has_infinity(e):
+            return False  # 1e999 * x: infinite (or 0 * inf = NaN) on the padding, whatever spans it
         if isinstance(e, (sympy.Indexed, sympy.Symbol)):
             name = str(e.base) if isinstance(e, sympy.Indexed) else e.name
             if name in self.temps:

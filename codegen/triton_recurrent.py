@@ -45,7 +45,7 @@ import sympy
 
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.dataflow import cite
-from recurrence_dsl.step_ir import NEW_SUFFIX
+from recurrence_dsl.step_ir import NEW_SUFFIX, has_infinity
 
 from .cache import load_source
 from .kernel_rules import check_kernel_source
@@ -118,7 +118,7 @@ class TritonRecurrentWriter:
         self.state_names = {s.name for s in self.states}
         self.new_names = {s.name + NEW_SUFFIX for s in self.states}
         # Launcher constants: name -> python source; temporaries: IR name -> (axes, expr, phase, source name).
-        self.consts: dict[str, tuple[str, str]] = {}
+        self.consts: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # key -> (IR name, source, its sizes)
         self.temps: dict[str, tuple[tuple[sympy.Symbol, ...], sympy.Expr]] = {}
         self.temp_phase: dict[str, str] = {}
         self.temp_src: dict[str, str] = {}
@@ -128,15 +128,20 @@ class TritonRecurrentWriter:
     # -- size-only constants ----------------------------------------------------
 
     def _size_only(self, e: sympy.Expr) -> bool:
+        """Sizes and numbers only, and finite: a launcher constant (an infinity stays in the kernel, where the
+        padding analysis sees it)."""
         return (not isinstance(e, (sympy.Number, sympy.NumberSymbol)) and e.free_symbols <= self.size_syms
-                and not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e)))
+                and not any(isinstance(n, sympy.Indexed) for n in sympy.preorder_traversal(e))
+                and not has_infinity(e))
 
     def _constant(self, e: sympy.Expr) -> sympy.Symbol:
         value = e.doit() if e.has(sympy.Sum) else e
         src = constant_source(value, _user)
         key = sympy.srepr(value)
         if key not in self.consts:
-            self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src)
+            free = {sym.name for sym in value.free_symbols}
+            used = tuple(_user(s) for s in self.sizes if s in free)
+            self.consts[key] = (f"{_CONST_PREFIX}{len(self.consts)}", src, used)
         return sympy.Symbol(self.consts[key][0])
 
     def _fold_constants(self, e: sympy.Expr) -> sympy.Expr:
@@ -287,7 +292,7 @@ class TritonRecurrentWriter:
         for ir_name, src in self.temp_src.items():
             names[ir_name] = src
         taken = set(names.values()) | {_user(s) for s in self.sizes}
-        for ir_name, src in self.consts.values():
+        for ir_name, src, _ in self.consts.values():
             names[ir_name] = _const_name(src, ir_name[len(_CONST_PREFIX):], taken)
             taken.add(names[ir_name])
         for s in self.sizes:
@@ -363,7 +368,7 @@ class TritonRecurrentWriter:
 
         w = SourceWriter()
         kernel = f"{self.fn}__triton_recurrent_kernel"
-        consts = [names[c] for c, _ in self.consts.values()]
+        consts = [names[c] for c, _, _ in self.consts.values()]
         args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
                 + [f"h0_{_user(s.name)}" for s in self.states] + [_user(s.name) for s in self.outputs]
                 + [f"ht_{_user(s.name)}" for s in self.states] + consts + ["T_", "H_"]
@@ -542,11 +547,12 @@ class TritonRecurrentWriter:
                 w(f"{block_name(d)} = {block_for(int(d))}")
             kw.append(f"{block_name(d)}={block_name(d)}")
         names = self._names()
-        for ir_name, src in self.consts.values():
-            w(f"{names[ir_name]} = float({src})")
+        for ir_name, src, used in self.consts.values():
+            # float64 arithmetic on the sizes, as the reference's: K ** -0.5 at K = 0 is inf (Python's raises).
+            w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
         call = ([_user(s.name) for s in self.inputs + self.params] + [f"h0_{_user(s.name)}" for s in self.states]
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
-                + [names[c] for c, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
+                + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
                 + ["num_warps=num_warps", "num_stages=num_stages"])
         w("if B_ * H_ > 0:")
         w(f"{self.fn}__triton_recurrent_kernel[(B_ * H_,)](", 2)
@@ -573,6 +579,12 @@ def _block(n, given, what):
     if block < n or block < 16 or block & (block - 1):
         raise ValueError(f"{{what}} must be a power of two >= 16 and >= {{n}}, got {{block}}")
     return block
+
+
+def _size_constant(value, *sizes):
+    """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
+    float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
+    return float(value(*(torch.tensor(float(s), dtype=torch.float64) for s in sizes)))
 
 
 def _initial_state(states, name, shape, dev):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
-from .step_ir import NEW_SUFFIX, Definition, StepIR, build_step_ir, index_symbol
+from .step_ir import NEW_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol
 
 
 class TransitionClass(enum.Enum):
@@ -99,7 +99,8 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
         if len(dependent) > 1:
             raise NonLinear(f"a product of two state-dependent factors: {dependent[0]} * {dependent[1]}")
         c, terms = linearize(dependent[0], states)
-        return free * c, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]
+        const = free * c if c != 0 else sympy.Integer(0)  # (not oo * 0 = nan for a factor 1e999)
+        return const, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]
     if isinstance(expr, sympy.Sum):
         c, terms = linearize(expr.function, states)
         bound = tuple(limit[0] for limit in expr.limits)
@@ -528,11 +529,13 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
 
 def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> Analysis:
     state_names = {s.name for s in rec.states} | {s.name + NEW_SUFFIX for s in rec.states}
+    infinite = [d.name for d in list(ir.updates.values()) + list(ir.outputs.values()) if has_infinity(d.expr)]
     states = {}
     for sym in rec.states:
         # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
         sa = _classify_state(ir, sym.name, dims[sym.name], state_names)
-        _plan_chunks(ir, sa)
+        if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
+            _plan_chunks(ir, sa)
         states[sym.name] = sa
     counter = [0]
     outputs = {o.name: _plan_output(ir, o.name, states, state_names, counter) for o in rec.outputs}
@@ -561,4 +564,11 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
                                                 "products do not collapse to a decay mask (use chunked)" for s in delta)
         else:
             forms.append("parallel")
+    if infinite:
+        # inf * 0 is NaN: the other forms regroup the step's products (cumulative decays, k v^T, masks) and
+        # would make NaN where the step-by-step computation makes inf, or the reverse.
+        why = (f"{' and '.join(infinite)} {'uses' if len(infinite) == 1 else 'use'} an infinite constant (such as "
+               "1e999, exp(1000) or log(0)), which only the step-by-step form computes with exactly as written")
+        unavailable = {f: why for f in FORMS if f != "recurrent"}
+        forms = ["recurrent"]
     return Analysis(rec, ir, states, outputs, tuple(forms), unavailable)

@@ -9,17 +9,58 @@ offending token.
 from __future__ import annotations
 
 import enum
+import functools
 import keyword
+import math
 from dataclasses import dataclass, field, replace
 
 from . import syntax as ast
-from .errors import Source, Span, SpecError, did_you_mean
+from .errors import Source, Span, SpecError, did_you_mean, shown_number
 
 UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu")
 BINARY_FUNCTIONS = ("min", "max")
 FUNCTIONS = UNARY_FUNCTIONS + BINARY_FUNCTIONS
 
 Size = str | int  # a size name (bound at call time) or an integer literal
+
+
+@functools.cache
+def torch_functions() -> dict:
+    """The DSL's functions as the torch calls the reference interpreter makes (and constants are folded with)."""
+    import torch
+    import torch.nn.functional as F
+
+    return {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": torch.abs, "tanh": torch.tanh,
+            "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "softplus": F.softplus, "silu": F.silu,
+            "elu": F.elu, "relu": torch.relu, "min": torch.minimum, "max": torch.maximum}
+
+
+_BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
+
+
+def constant_value(expr: ast.Expr) -> float | None:
+    """The value of an expression of numbers only (`2 ** 0.5`, `-1e999`), computed exactly as the reference
+    computes it: float64, one torch operation at a time (so `1e999` is inf, `1e200 * 1e200` overflows to inf,
+    `log(0)` is -inf). None when `expr` reads any name (a size, an input, ...)."""
+    if isinstance(expr, ast.Number):
+        return expr.value
+    if not isinstance(expr, (ast.BinOp, ast.Neg, ast.Call)) or (isinstance(expr, ast.Call) and expr.func == "sum"):
+        return None
+    operands = (expr.left, expr.right) if isinstance(expr, ast.BinOp) else (
+        (expr.operand,) if isinstance(expr, ast.Neg) else expr.args)
+    values = [constant_value(a) for a in operands]
+    if any(v is None for v in values):
+        return None
+    import torch
+
+    tensors = [torch.tensor(v, dtype=torch.float64) for v in values]
+    if isinstance(expr, ast.BinOp):
+        result = getattr(torch, _BINARY_OPS[expr.op])(*tensors)
+    elif isinstance(expr, ast.Neg):
+        result = -tensors[0]
+    else:
+        result = torch_functions()[expr.func](*tensors)
+    return float(result)
 
 
 class SymbolKind(enum.Enum):
@@ -242,6 +283,7 @@ class _Checker:
             else:
                 ranges[name] = None
         value = self.check_expr(stmt.value, [ranges])
+        self.check_constants(value)
         for idx in stmt.indices:
             if ranges[idx.name] is None:
                 raise self.error(f"cannot tell the range of index '{idx.name}': nothing on the right indexes it",
@@ -286,6 +328,9 @@ class _Checker:
 
     def check_expr(self, expr: ast.Expr, scopes: list[dict]) -> ast.Expr:
         if isinstance(expr, ast.Number):
+            if expr.text.isdigit() and math.isinf(expr.value):
+                raise self.error(f"integer {shown_number(expr.text)} is too large: a number is a float64, at most "
+                                 "about 1.8e308", expr.span, hint="write 1e999 for infinity")
             return expr
         if isinstance(expr, ast.Name):
             if self.lookup_index(expr.name, scopes) is not None:
@@ -342,6 +387,30 @@ class _Checker:
                              hint=did_you_mean(expr.func, FUNCTIONS + ("sum",)))
         raise TypeError(f"unexpected syntax node {expr!r}")  # the parser makes no other node
 
+    def check_constants(self, expr: ast.Expr) -> None:
+        """Numbers-only subexpressions are folded to their float64 value (`constant_value`); one that is NaN
+        (`1e999 - 1e999`, `sqrt(-1)`) is an error, and so is a division by a constant zero, which the compiled
+        forms cannot express (sympy's 1/0 is complex infinity)."""
+        value = constant_value(expr)
+        if value is not None:
+            if math.isnan(value):
+                where = expr
+                while True:  # the innermost NaN: the operation that makes it
+                    nan_child = [c for c in _operands(where) if _is_nan(constant_value(c))]
+                    if not nan_child:
+                        break
+                    where = nan_child[0]
+                raise self.error(f"{_quote(self.source, where.span, 'this constant')} is NaN (not a number) in "
+                                 "float64", where.span,
+                                 hint="a number beyond 1.8e308 is infinity, and inf - inf, 0 * inf, inf / inf, and "
+                                      "the log or square root of a negative number are NaN")
+            return
+        if isinstance(expr, ast.BinOp) and expr.op == "/" and constant_value(expr.right) == 0:
+            what = _quote(self.source, expr.right.span, "the divisor")
+            raise self.error(f"division by zero: {what} is 0 in float64", expr.right.span)
+        for child in _operands(expr):
+            self.check_constants(child)
+
     def check_sum(self, expr: ast.Call, scopes: list[dict]) -> ast.Sum:
         if len(expr.args) < 2:
             raise self.error("sum() takes one or more index names and then an expression", expr.span,
@@ -382,6 +451,30 @@ class _Checker:
 
 def _node_span(node) -> Span:
     return node.span
+
+
+def _operands(expr: ast.Expr) -> tuple[ast.Expr, ...]:
+    if isinstance(expr, ast.BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, ast.Neg):
+        return (expr.operand,)
+    if isinstance(expr, ast.Call):
+        return expr.args
+    if isinstance(expr, ast.Sum):
+        return (expr.body,)
+    return ()
+
+
+def _is_nan(value: float | None) -> bool:
+    return value is not None and math.isnan(value)
+
+
+def _quote(source: Source, span: Span, otherwise: str) -> str:
+    """The source text of `span` in quotes when it is on one line and short, else `otherwise`."""
+    if span.end_line != span.line:
+        return otherwise
+    text = source.line_text(span.line)[span.column - 1 : span.end_column - 1]
+    return f"'{text}'" if 0 < len(text) <= 40 else otherwise
 
 
 def _a(word: str) -> str:

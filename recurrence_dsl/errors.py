@@ -45,6 +45,10 @@ class Source:
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
+# The most characters of a source line an error shows.
+_LONGEST_SHOWN = 120
+
+
 class SpecError(Exception):
     """An error in a `.rec` program, with its position in the source."""
 
@@ -73,8 +77,16 @@ class SpecError(Exception):
             if self.span.end_line == self.span.line and self.span.end_column > self.span.column:
                 width = self.span.end_column - self.span.column
             width = max(1, min(width, len(text) - self.span.column + 1))
+            column = self.span.column
+            if len(text) > _LONGEST_SHOWN:
+                # A very long line (a 5000-digit literal): show a window around the error, marked with '...'.
+                start = max(0, column - 1 - _LONGEST_SHOWN // 3)
+                end = min(len(text), start + _LONGEST_SHOWN)
+                width = min(width, end - (column - 1))
+                text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+                column = column - start + (3 if start else 0)
             # Keep tabs in the gutter so the caret lines up under tab-indented code.
-            gutter = "".join(c if c == "\t" else " " for c in text[: self.span.column - 1])
+            gutter = "".join(c if c == "\t" else " " for c in text[: column - 1])
             parts.append("    " + text)
             parts.append("    " + gutter + "^" + "~" * (width - 1))
         if self.hint:
@@ -90,3 +102,8 @@ def did_you_mean(word: str, candidates) -> str | None:
     """A hint naming the closest candidate, or None when nothing is close."""
     close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
+
+
+def shown_number(text: str) -> str:
+    """A number literal as messages show it: in full, or its first digits and its length when it is long."""
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"

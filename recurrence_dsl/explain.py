@@ -17,6 +17,8 @@ from .step_ir import NEW_SUFFIX
 
 def _text(expr) -> str:
     """sympy's text with the IR's internal names made readable (a__k -> a, i__0 -> i_0, S__new -> S_t)."""
+    if not isinstance(expr, str):  # float64's infinity (a literal 1e999) as `inf`, not sympy's `oo`
+        expr = expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")})
     text = expr if isinstance(expr, str) else sympy.sstr(expr)
     text = text.replace(NEW_SUFFIX, "_t")
     for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a")):

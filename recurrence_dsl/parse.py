@@ -10,7 +10,7 @@ from lark import Token, Transformer, v_args
 from grammar import grammar_text
 
 from . import syntax as ast
-from .errors import Source, Span, SpecError
+from .errors import Source, Span, SpecError, shown_number
 
 __all__ = ["parse_program"]
 
@@ -45,9 +45,24 @@ def _span_of(node) -> Span:
     return node.span if not isinstance(node, Token) else _token_span(node)
 
 
+# The largest dimension a tensor can have (torch sizes are int64).
+MAX_DIMENSION = 2**63 - 1
+
+
+def _int_literal(tok: Token) -> int:
+    """An INT token's value, capped at MAX_DIMENSION + 1 (so that no digit string, however long, is converted:
+    Python refuses int() of more than 4300 digits)."""
+    digits = str(tok).lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else MAX_DIMENSION + 1
+
+
 @v_args(meta=True)
 class _ToSyntax(Transformer):
     """Builds `syntax` nodes bottom-up; every node keeps the span of its text."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
 
     def start(self, meta, children):
         return tuple(children)
@@ -77,7 +92,11 @@ class _ToSyntax(Transformer):
 
     def size_literal(self, meta, children):
         (tok,) = children
-        return ast.Dim(int(tok), _token_span(tok))
+        size = _int_literal(tok)
+        if size > MAX_DIMENSION:
+            raise SpecError(f"dimension {shown_number(str(tok))} is too large: a dimension is at most 2**63 - 1",
+                            _token_span(tok), self.source)
+        return ast.Dim(size, _token_span(tok))
 
     def param_stmt(self, meta, children):
         return ast.DeclStatement("param", children[0], _meta_span(meta))
@@ -99,10 +118,11 @@ class _ToSyntax(Transformer):
 
     def index_literal(self, meta, children):
         (tok,) = children
-        return ast.IndexLiteral(int(tok), _token_span(tok))
+        return ast.IndexLiteral(_int_literal(tok), _token_span(tok))  # only its position is ever reported
 
     def number(self, meta, children):
         (tok,) = children
+        # float() of the text: the float64 nearest the literal (inf beyond 1.8e308), digits of any length.
         return ast.Number(float(tok), str(tok), _token_span(tok))
 
     def name(self, meta, children):
@@ -221,5 +241,10 @@ def parse_program(text: str, filename: str = "<string>") -> ast.Program:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, source) from None
-    recurrences = _ToSyntax().transform(tree)
+    try:
+        recurrences = _ToSyntax(source).transform(tree)
+    except lark.exceptions.VisitError as err:
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
     return ast.Program(recurrences, source)

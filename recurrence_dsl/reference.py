@@ -9,27 +9,12 @@ and autograd flows through it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import syntax as ast
 from .calling import BoundCall, bind_call, pack_result
-from .check import CheckedRecurrence, SymbolKind
+from .check import CheckedRecurrence, SymbolKind, torch_functions
 
-TORCH_FUNCTIONS = {
-    "exp": torch.exp,
-    "log": torch.log,
-    "sqrt": torch.sqrt,
-    "abs": torch.abs,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "logsigmoid": F.logsigmoid,
-    "softplus": F.softplus,
-    "silu": F.silu,
-    "elu": F.elu,
-    "relu": torch.relu,
-    "min": torch.minimum,
-    "max": torch.maximum,
-}
+TORCH_FUNCTIONS = torch_functions()  # shared with the checker's constant folding
 
 
 class _Named:

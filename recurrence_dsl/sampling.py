@@ -142,7 +142,7 @@ def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, 
             return torch.sigmoid(x)
         if sym.kind is SymbolKind.PARAM and not sym.dims:
             return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64)  # e.g. RetNet's gamma
-        scale = 1.0 / math.sqrt(shape[-1]) if sym.dims else 1.0
+        scale = 1.0 / math.sqrt(shape[-1]) if sym.dims and shape[-1] else 1.0  # (a zero-size axis: empty)
         return x * scale
 
     args = [draw(s, (batch, length, heads)).to(dtype) for s in rec.inputs]

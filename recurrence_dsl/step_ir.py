@@ -13,13 +13,15 @@ Naming inside the IR:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import sympy
 from mpmath.libmp import prec_to_dps
 
 from . import syntax as ast
-from .check import CheckedAssign, CheckedRecurrence, SymbolKind
+from .check import CheckedAssign, CheckedRecurrence, SymbolKind, constant_value
+from .errors import SpecError
 
 NEW_SUFFIX = "__new"
 
@@ -119,6 +121,29 @@ SYMPY_FUNCTIONS = {
 }
 
 
+def float_number(value: float) -> sympy.Expr:
+    """A float64 value as a sympy number: `oo` / `-oo` for the infinities, an exact `Integer` for an integer
+    that float64 holds exactly (so `x ** 2.0` is a square and `1 - u` stays integral), else a 53-bit `Float`."""
+    if math.isnan(value):
+        raise ValueError("NaN has no sympy number that the printers can write")
+    if math.isinf(value):
+        return sympy.oo if value > 0 else -sympy.oo
+    if value.is_integer() and abs(value) <= 2**53:
+        return sympy.Integer(int(value))
+    return sympy.Float(value)
+
+
+def has_infinity(expr: sympy.Expr) -> bool:
+    """Whether `expr` contains an infinite number (a literal beyond float64's range: `1e999`, `-1e999`)."""
+    return any(n.is_infinite for n in expr.atoms(sympy.Number))
+
+
+def undefined(expr: sympy.Expr) -> bool:
+    """Whether sympy made `expr` NaN, complex infinity or complex (`oo - oo`, `x / 0`, `sqrt(-K)`): a value
+    float64 cannot hold, which no generated code may contain."""
+    return expr.has(sympy.nan, sympy.zoo, sympy.I)
+
+
 def size_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
@@ -204,11 +229,21 @@ class _Builder:
         return expr.xreplace(dict(zip(target, indices)))
 
     def expr(self, e: ast.Expr, as_written: bool) -> sympy.Expr:
-        if isinstance(e, ast.Number):
-            text = e.text
-            if text.isdigit():
-                return sympy.Integer(int(text))
-            return sympy.Float(text)
+        result = self._expr(e, as_written)
+        if undefined(result):
+            shown = str(result) if len(str(result)) <= 60 else str(result)[:57] + "..."
+            raise SpecError("this expression is undefined in float64 (NaN, or a division by zero) for every input: "
+                            f"it simplifies to {shown}", e.span, self.rec.source,
+                            hint="a number beyond 1.8e308 is infinity; inf - inf, 0 * inf, x / 0 and the square "
+                                 "root or log of a negative number are undefined")
+        return result
+
+    def _expr(self, e: ast.Expr, as_written: bool) -> sympy.Expr:
+        value = constant_value(e)
+        if value is not None:
+            # Numbers only: folded in float64 as the reference computes it (`1e999` is oo, `2 ** 0.5` a
+            # 53-bit float), never in sympy's exact arithmetic, which would differ (`1e999 - 1e999` is 0 there).
+            return float_number(value)
         if isinstance(e, ast.Name):
             if e.name in self.rec.sizes:
                 return size_symbol(e.name)

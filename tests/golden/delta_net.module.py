@@ -1149,6 +1149,12 @@ def _triton_block(n, given, what):
     return block
 
 
+def _triton_size_constant(value, *sizes):
+    """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
+    float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
+    return float(value(*(torch.tensor(float(s), dtype=torch.float64) for s in sizes)))
+
+
 def _triton_initial_state(states, name, shape, dev):
     """The initial state [B, H, ...] as contiguous float32 (zero when not given)."""
     s = states.get(name)
@@ -1260,7 +1266,7 @@ def delta_net__triton_recurrent(q, k, v, beta, states, K, V, *, block_K=None, bl
     ht_S = torch.empty_like(h0_S)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_block(V, block_V, 'BLOCK_V')
-    c_K_pow_m0_5 = float(K**(-0.5))
+    c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         delta_net__triton_recurrent_kernel[(B_ * H_,)](
             q, k, v, beta, h0_S, o, ht_S, c_K_pow_m0_5, T_, H_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
