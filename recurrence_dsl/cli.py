@@ -1,14 +1,18 @@
-"""`recdsl`: check, show, compile and tune `.rec` specs from the command line.
+"""`recdsl`: check, show, compile, tune `.rec` specs and report their kernels from the command line.
 
-Exit status: 0 on success, 1 when a path exceeds its tolerance (check) or every trial failed (tune), 2 on a
-spec error or a bad command line. A spec error never prints a Python traceback.
+Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
+spills, needs too much shared memory or does not compile (kernels), 2 on a spec error or a bad command line
+(kernels: also when triton, ptxas or cuobjdump is missing). A spec error never prints a Python traceback.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+    recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
+                [--target sm_80|sm_90|sm_100] [--form auto|recurrent|chunked|all] [--config JSON]
+                [--backward] [--json]
 
 This module is in the top import layer: it may use every package (autotune's tuner and store for `tune`,
-codegen's module writer for `compile`), and nothing below imports it.
+codegen's module writer for `compile`, codegen.kernel_report for `kernels`), and nothing below imports it.
 """
 
 from __future__ import annotations
@@ -268,6 +272,98 @@ def cmd_tune(args) -> int:
     return status
 
 
+def cmd_kernels(args) -> int:
+    import os
+
+    if "triton" not in sys.modules:
+        # Kernels must compile, so Triton's interpreter (which runs them instead) stays off in this process.
+        os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    from codegen import kernel_report as kr
+    from codegen.dispatch import pick_form
+
+    target = kr.TARGETS[args.target]
+    recs = _select(load(Path(args.file)), args.name)
+    given = parse_shape(args.shape)
+    config = None
+    if args.config:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--config: not JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"--config: expected a JSON object of block sizes, got {args.config}")
+    try:
+        kr.find_tools(target)
+    except kr.KernelReportError as err:
+        raise UsageError(str(err)) from None
+    batch, length, heads = (given.get(s, kr.DEFAULT_SHAPE[s]) for s in ("B", "T", "H"))
+    dtype = getattr(torch, args.dtype)
+    runs, problems = [], []
+    for rec in recs:
+        check_shape_names(rec, given, kr.DEFAULT_SHAPE, only=len(recs) == 1)
+        sizes = {s: given.get(s, kr.DEFAULT_DIM) for s in rec.checked.sizes}
+        available = kr.triton_forms_of(rec)
+        forms = available if args.form == "all" else [args.form]
+        missing = [f for f in forms if f != "auto" and f not in available]
+        if missing:
+            why = f"{rec.name} has no {missing[0]} form on the triton backend (it has {', '.join(available)})"
+            if len(recs) == 1:
+                raise UsageError(why)
+            print(f"{why}; skipped", file=sys.stderr)
+            continue
+        for form in forms:
+            run = {"name": rec.name, "form": form, "sizes": sizes}
+            if form == "auto":
+                run["runs_form"] = pick_form(tuple(available), length, (config or {}).get("chunk_size", 64))
+            try:
+                kernels = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype, target=target,
+                                               form=form, config=config, backward=args.backward)
+            except kr.CompileFailed as err:
+                run["error"] = str(err)
+                problems.append(str(err))
+                runs.append(run)
+                if not args.json:
+                    print(f"{rec.name} ({form}): {err}\n")
+                continue
+            except kr.KernelReportError as err:
+                raise UsageError(str(err)) from None
+            except ValueError as err:  # a bad config or call
+                raise UsageError(str(err)) from None
+            run["kernels"] = [k.as_dict() for k in kernels if k.phase == "forward"]
+            if args.backward:
+                run["backward"] = [k.as_dict() for k in kernels if k.phase == "backward"]
+                if not run["backward"]:
+                    run["backward_note"] = "no Triton backward kernels yet: the backward re-runs the torch form"
+            run["problems"] = [p for k in kernels for p in k.problems()]
+            problems += run["problems"]
+            runs.append(run)
+            if not args.json:
+                shape = " ".join(f"{k}={v}" for k, v in {"B": batch, "T": length, "H": heads, **sizes}.items())
+                shown = form + (f" (runs {run['runs_form']})" if form == "auto" else "")
+                print(f"{rec.name}: form {shown}, {shape}, {args.dtype}, {target.name} ({target.gpus})")
+                print(kr.format_table([k for k in kernels if k.phase == "forward"]))
+                if args.backward:
+                    back = [k for k in kernels if k.phase == "backward"]
+                    print(kr.format_table(back) if back else f"  backward: {run['backward_note']}")
+                for p in run["problems"]:
+                    print(f"  ! {p}")
+                print()
+    rows = [k for r in runs for k in r.get("kernels", []) + r.get("backward", [])]
+    if args.json:
+        print(json.dumps({"target": target.name, "max_shared_bytes": target.max_shared_bytes, "dtype": args.dtype,
+                          "shape": {"B": batch, "T": length, "H": heads}, "config": config,
+                          "versions": kr.versions(target), "runs": runs, "problems": problems, "ok": not problems},
+                         indent=1))
+    else:
+        print(f"{len(rows)} kernels ({sum(k['launches'] for k in rows)} launches) compiled for {target.name} "
+              f"(shared memory per block at most {target.max_shared_bytes} bytes): "
+              + (f"{len(problems)} problem{'s' * (len(problems) != 1)}" if problems
+                 else "no spills, shared memory within the limit"))
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
                                      "as .rec specs.")
@@ -333,6 +429,31 @@ def build_parser() -> argparse.ArgumentParser:
                       "against the torch form")
     tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
     tune.set_defaults(run=cmd_tune)
+
+    kernels = sub.add_parser("kernels", help="compile every Triton kernel a call launches for a GPU, without one, "
+                             "and report registers, spills and shared memory",
+                             description="Compile, for a GPU target and without a GPU, every Triton kernel the "
+                             "call launches (forward; --backward also runs a backward pass), and print per kernel "
+                             "its grid, num_warps, num_stages, registers, spilled bytes (local memory per thread), "
+                             "shared memory and compile time. Exits 1 if a kernel spills, needs more shared "
+                             "memory than the target has or does not compile.")
+    kernels.add_argument("file", metavar="FILE")
+    kernels.add_argument("--name", help="only this recurrence (default: every one in FILE)")
+    kernels.add_argument("--shape", help="sizes, e.g. B=2,T=256,H=4,K=64,V=64 (defaults B=2, T=256, H=4, every "
+                         "spec size 64)")
+    kernels.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16",
+                         help="dtype of the call's inputs (default bfloat16)")
+    kernels.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"), default="sm_90",
+                         help="the GPU to compile for: sm_80 (A100), sm_90 (H100, H200; the default), sm_100 (B200)")
+    kernels.add_argument("--form", choices=("auto", "recurrent", "chunked", "all"), default="auto",
+                         help="the form the call runs (default auto, as a call would; all: each Triton form)")
+    kernels.add_argument("--config", metavar="JSON", help="a tuning config for the form, e.g. '{\"chunk_size\": 64, "
+                         "\"block_k\": 64, \"block_v\": 32, \"num_warps\": 4, \"num_stages\": 2}'")
+    kernels.add_argument("--backward", action="store_true", help="also run a backward pass and report the Triton "
+                         "kernels it launches")
+    kernels.add_argument("--json", action="store_true", help="print JSON {\"target\", \"runs\": [{\"name\", "
+                         "\"form\", \"kernels\": [...]}], \"problems\", \"ok\", ...}")
+    kernels.set_defaults(run=cmd_kernels)
     return parser
 
 

@@ -1,0 +1,202 @@
+"""`recdsl kernels` and codegen.kernel_report: Triton kernels compiled for a GPU target without a GPU.
+
+The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so
+every compile here happens in a child process without TRITON_INTERPRET. Shapes are small: the whole file
+runs in about half a minute on two cores (each compile is a real ptxas run for sm_90).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from codegen import kernel_report
+from codegen.kernel_report import TARGETS, KernelReport
+from recurrence_dsl.cli import main
+
+from .conftest import REPO, SPECS_DIR
+
+triton = pytest.importorskip("triton")
+
+
+
+def _tools_missing() -> str:
+    try:
+        for target in ("sm_80", "sm_90"):
+            kernel_report.find_tools(target)
+    except kernel_report.ToolMissing as err:
+        return str(err)
+    return ""
+
+
+needs_tools = pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
+
+GLA_KERNELS = {"_triton_cumsum_kernel", "_triton_intra_attn_kernel", "_triton_chunk_state_kernel",
+               "_triton_chunk_output_kernel"}
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _recdsl(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "recurrence_dsl", *map(str, argv)], capture_output=True,
+                          text=True, env=_child_env(), cwd=REPO, timeout=timeout)
+
+
+@needs_tools
+def test_gla_forward_and_backward_for_sm90_as_json():
+    run = _recdsl("kernels", SPECS_DIR / "gla.rec", "--shape", "B=1,T=64,H=1,K=16,V=16", "--target", "sm_90",
+                  "--form", "chunked", "--backward", "--json")
+    assert "Traceback" not in run.stderr, run.stderr
+    report = json.loads(run.stdout)
+    assert report["target"] == "sm_90" and report["max_shared_bytes"] == 232448 == TARGETS["sm_90"].max_shared_bytes
+    assert report["versions"]["triton"] == triton.__version__ and report["versions"]["ptxas"]
+    (gla,) = report["runs"]
+    assert gla["name"] == "gla" and gla["form"] == "chunked"
+    assert {k["name"] for k in gla["kernels"]} == GLA_KERNELS
+    for k in gla["kernels"]:
+        assert k["registers"] > 0 and k["target"] == "sm_90" and k["phase"] == "forward"
+        assert len(k["grid"]) == 3 and all(g >= 1 for g in k["grid"]) and k["launches"] >= 1
+        assert k["num_warps"] == 4 and k["num_stages"] >= 1 and k["compile_seconds"] > 0
+        assert 0 < k["shared_bytes"] <= 232448
+    # B*H = 1, T = 64 in one chunk of 64 = 4 sub-chunks of 16: the intra-chunk scores are 4 x 4 sub-blocks
+    grids = {k["name"]: k["grid"] for k in gla["kernels"]}
+    assert grids["_triton_intra_attn_kernel"] == [1, 16, 1] and grids["_triton_chunk_state_kernel"] == [1, 1, 1]
+    # the backward re-runs the torch form: no Triton kernel
+    assert gla["backward"] == [] and "re-runs the torch form" in gla["backward_note"]
+    # at K = V = 16 nothing spills, so the command succeeds
+    assert report["problems"] == [] and report["ok"] is True and run.returncode == 0, run.stdout
+
+
+@needs_tools
+def test_a_spilling_kernel_exits_1_and_is_named():
+    # The recurrent kernel holds the whole 128 x 256 float32 state in registers: 256 values per thread of 4 warps.
+    run = _recdsl("kernels", SPECS_DIR / "linear_attention.rec", "--shape", "B=1,T=16,H=1,K=128,V=256",
+                  "--form", "recurrent", "--dtype", "float32")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "linear_attention__triton_recurrent_kernel spills" in run.stdout and "Traceback" not in run.stderr
+    header = next(line for line in run.stdout.splitlines() if "regs" in line)
+    assert header.split()[:3] == ["kernel", "grid", "warps"] and "spill B" in header and "compile s" in header
+
+
+HOG = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def hog_kernel(x, y, N: tl.constexpr):
+    """An N x N float32 tile live across two reductions: 65536 values on 128 threads at N = 256."""
+    o = tl.arange(0, N)
+    a = tl.load(x + o[:, None] * N + o[None, :])
+    b = tl.exp(a) * tl.sum(a, axis=0)[None, :]
+    tl.store(y + o[:, None] * N + o[None, :], b + tl.sum(b, axis=1)[:, None] * a)
+
+
+@triton.jit
+def odd_block_kernel(x, y):
+    """A block of 10 lanes: Triton's blocks are powers of two, so this does not compile."""
+    o = tl.arange(0, 10)
+    tl.store(y + o, tl.load(x + o))
+'''
+
+HOG_RUN = '''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from hog_kernel import hog_kernel, odd_block_kernel
+from codegen.kernel_report import CompileFailed, compile_only
+
+try:
+    with compile_only("sm_80"):
+        x = torch.zeros(64)
+        odd_block_kernel[(1,)](x, torch.empty_like(x))
+except CompileFailed as err:
+    print("CompileFailed:", str(err).splitlines()[0])
+with compile_only("sm_90") as launches:
+    for n in (16, 256):
+        x = torch.zeros(n * n)
+        hog_kernel[(3,)](x, torch.empty_like(x), n)
+    hog_kernel[(3,)](x, torch.empty_like(x), 256)
+print(json.dumps([dict(k.as_dict(), problems=k.problems()) for k in launches.kernels()]))
+'''
+
+
+@needs_tools
+def test_compile_only_reports_a_kernel_written_to_spill_and_one_that_does_not_compile(tmp_path):
+    (tmp_path / "hog_kernel.py").write_text(textwrap.dedent(HOG))
+    run = subprocess.run([sys.executable, "-c", HOG_RUN, str(tmp_path)], capture_output=True, text=True,
+                         env=_child_env(), cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "CompileFailed: odd_block_kernel does not compile for sm_80" in run.stdout, run.stdout
+    small, big = json.loads(run.stdout.splitlines()[-1])
+    assert small["name"] == big["name"] == "hog_kernel" and small["grid"] == big["grid"] == [3, 1, 1]
+    assert small["spill_bytes"] == 0 and small["problems"] == [] and small["launches"] == 1
+    assert big["spill_bytes"] > 0 and big["launches"] == 2 and "hog_kernel spills" in big["problems"][0]
+
+
+def test_problems_name_spills_and_shared_memory_over_the_target():
+    def kernel(**kw):
+        base = dict(name="k", grid=(1, 1, 1), num_warps=4, num_stages=2, registers=128, spill_bytes=0,
+                    shared_bytes=1024, compile_seconds=0.1, target="sm_80")
+        return KernelReport(**{**base, **kw})
+
+    assert kernel().problems() == []
+    assert kernel(shared_bytes=166912).problems() == []  # exactly A100's 163 KB
+    (too_big,) = kernel(shared_bytes=166913).problems()
+    assert "166913 bytes of shared memory" in too_big and "sm_80 allows 166912" in too_big
+    assert kernel(shared_bytes=200000, target="sm_90").problems() == []
+    assert "spills: 8 bytes" in kernel(spill_bytes=8).problems()[0]
+    assert TARGETS["sm_100"].max_shared_bytes == TARGETS["sm_90"].max_shared_bytes == 227 * 1024
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "K=abc"], "size K must be an integer"),
+    (["--name", "nope"], "no recurrence 'nope'"),
+    (["--shape", "Q=4"], "gla has no size Q"),
+    (["--config", "{bad"], "--config: not JSON"),
+])
+def test_bad_command_lines_exit_2_without_a_traceback(argv, message, capsys):
+    code = main(["kernels", str(SPECS_DIR / "gla.rec"), *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_an_unknown_target_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["kernels", str(SPECS_DIR / "gla.rec"), "--target", "sm_70"])
+    assert info.value.code == 2 and "invalid choice: 'sm_70'" in capsys.readouterr().err
+
+
+def test_missing_ptxas_is_said_clearly(monkeypatch, capsys):
+    import triton.backends.nvidia.compiler as nvidia
+
+    def no_ptxas(arch):
+        raise RuntimeError("Cannot find ptxas-blackwell")
+
+    monkeypatch.setattr(nvidia, "get_ptxas", no_ptxas)
+    with pytest.raises(kernel_report.ToolMissing, match="ptxas-blackwell not found .*TRITON_PTXAS_BLACKWELL_PATH"):
+        kernel_report.find_tools("sm_90")
+    code = main(["kernels", str(SPECS_DIR / "gla.rec"), "--target", "sm_90"])
+    err = capsys.readouterr().err
+    assert code == 2 and "recdsl kernels: error: ptxas-blackwell not found" in err and "Traceback" not in err
+
+
+def test_the_interpreter_is_refused_with_a_reason():
+    from codegen.layer import interpreting
+
+    if not interpreting():
+        pytest.skip("Triton's interpreter is off in this session (a GPU machine)")
+    import recurrence_dsl
+
+    rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    with pytest.raises(kernel_report.InterpreterOn, match="TRITON_INTERPRET"):
+        kernel_report.report_recurrence(rec, {"K": 16, "V": 16}, 1, 32, 1)
