@@ -49,7 +49,8 @@ def compiled_kernels(fn) -> list[dict]:
             meta = kernel.metadata
             rows.append({
                 "registers": getattr(kernel, "n_regs", None),
-                "spill_bytes": getattr(kernel, "n_spills", None),
+                # Triton's n_spills is the local memory ptxas reports, in 4-byte words: bytes = 4 * n_spills
+                "spill_bytes": None if getattr(kernel, "n_spills", None) is None else 4 * kernel.n_spills,
                 "shared_bytes": getattr(meta, "shared", None),
                 "num_warps": getattr(meta, "num_warps", None),
                 "num_stages": getattr(meta, "num_stages", None),
