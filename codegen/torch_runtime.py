@@ -523,10 +523,13 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     decay = decay_cls(lg, c, kc, vc)
     ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
     whole = decay.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts = s0, []
-    for i in range(kc.shape[0]):  # pass the state once per chunk
+    # Per-chunk views by unbind, not ds[i]: the backward of one unbind stacks the gradients once, where N
+    # index ops would each build a full-size zero gradient (O(N^2) in the number of chunks).
+    for i, ds_i in enumerate(ds.unbind(0)):  # pass the state once per chunk
         starts.append(state)
-        state = ds[i] + (state if whole is None else whole[i] * state)
+        state = ds_i + (state if whole is None else whole_i[i] * state)
     starts = torch.stack(starts)  # [N, B, H, K, V]
     outs = _outputs(queries, dt, C, decay, vc, starts, T)
     return outs, (state if output_final_state else None)
@@ -576,12 +579,14 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
     uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     whole = decay.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts, us = s0, [], []
-    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the pseudo-values against it
-        u = uy[i] - w[i] @ state  # [B, H, C, V]
+    chunks = zip(uy.unbind(0), w.unbind(0), kd_t.unbind(0))  # unbind: see chunked_linear_by
+    for i, (uy_i, w_i, kd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the pseudo-values
+        u = uy_i - w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kd_t[i] @ u + (state if whole is None else whole[i] * state)
+        state = kd_t_i @ u + (state if whole is None else whole_i[i] * state)
     starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
     outs = _outputs(queries, dt, C, decay, u, starts, T)
     return outs, (state if output_final_state else None)
@@ -631,12 +636,14 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]
     whole = by_k.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts, us = s0, [], []
-    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the rank-one reads against it
-        u = uv[i] + w[i] @ state  # [B, H, C, V]
+    chunks = zip(uv.unbind(0), w.unbind(0), kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
+    for i, (uv_i, w_i, kv_i, bd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the reads
+        u = uv_i + w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kv[i] + bd_t[i] @ u + (state if whole is None else whole[i] * state)
+        state = kv_i + bd_t_i @ u + (state if whole is None else whole_i[i] * state)
     starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
     outs = []
     for q, exclusive in queries:

@@ -806,12 +806,14 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
     uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     whole = decay.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts, us = s0, [], []
-    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the pseudo-values against it
-        u = uy[i] - w[i] @ state  # [B, H, C, V]
+    chunks = zip(uy.unbind(0), w.unbind(0), kd_t.unbind(0))  # unbind: see chunked_linear_by
+    for i, (uy_i, w_i, kd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the pseudo-values
+        u = uy_i - w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kd_t[i] @ u + (state if whole is None else whole[i] * state)
+        state = kd_t_i @ u + (state if whole is None else whole_i[i] * state)
     starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
     outs = _outputs(queries, dt, C, decay, u, starts, T)
     return outs, (state if output_final_state else None)

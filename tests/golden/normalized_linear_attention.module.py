@@ -780,10 +780,13 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     decay = decay_cls(lg, c, kc, vc)
     ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
     whole = decay.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts = s0, []
-    for i in range(kc.shape[0]):  # pass the state once per chunk
+    # Per-chunk views by unbind, not ds[i]: the backward of one unbind stacks the gradients once, where N
+    # index ops would each build a full-size zero gradient (O(N^2) in the number of chunks).
+    for i, ds_i in enumerate(ds.unbind(0)):  # pass the state once per chunk
         starts.append(state)
-        state = ds[i] + (state if whole is None else whole[i] * state)
+        state = ds_i + (state if whole is None else whole_i[i] * state)
     starts = torch.stack(starts)  # [N, B, H, K, V]
     outs = _outputs(queries, dt, C, decay, vc, starts, T)
     return outs, (state if output_final_state else None)

@@ -924,12 +924,14 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]
     whole = by_k.whole()
+    whole_i = None if whole is None else whole.unbind(0)
     state, starts, us = s0, [], []
-    for i in range(kc.shape[0]):  # pass the state once per chunk, resolving the rank-one reads against it
-        u = uv[i] + w[i] @ state  # [B, H, C, V]
+    chunks = zip(uv.unbind(0), w.unbind(0), kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
+    for i, (uv_i, w_i, kv_i, bd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the reads
+        u = uv_i + w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kv[i] + bd_t[i] @ u + (state if whole is None else whole[i] * state)
+        state = kv_i + bd_t_i @ u + (state if whole is None else whole_i[i] * state)
     starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
     outs = []
     for q, exclusive in queries:
