@@ -112,15 +112,16 @@ class _SizeBinder:
         self.sizes: dict[str, int] = {}
         self.origin: dict[str, str] = {}
 
-    def bind(self, size: Size, value: int, what: str, describe, got: str = "?") -> None:
+    def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
+        # Messages are built only when raised: torch.compile cannot trace str(int) on the passing path.
         if isinstance(size, int):
             if value != size:
-                raise CallError(f"{what} must have shape {describe()}, got {got}: size {value} where {size} "
-                                "is declared")
+                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {value} where "
+                                f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
             raise CallError(f"size {size} is {self.sizes[size]} from {self.origin[size]} but {value} from {what} "
-                            f"(expected {describe()}, got {got})")
+                            f"(expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
         self.origin.setdefault(size, what)
 
@@ -180,7 +181,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if t.device != device:
             raise CallError(f"input '{sym.name}' is on {t.device} but '{rec.inputs[0].name}' is on {device}")
         for pos, size in enumerate(sym.dims):
-            binder.bind(size, t.shape[3 + pos], f"input '{sym.name}'", describe, _shape(t))
+            binder.bind(size, t.shape[3 + pos], f"input '{sym.name}'", describe, t)
     for sym in rec.params:
         t = values[sym.name]
 
@@ -192,7 +193,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if t.device != device:
             raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
         for pos, size in enumerate(sym.dims):
-            binder.bind(size, t.shape[1 + pos], f"param '{sym.name}'", describe, _shape(t))
+            binder.bind(size, t.shape[1 + pos], f"param '{sym.name}'", describe, t)
 
     cu = None
     if cu_seqlens is not None:
@@ -226,7 +227,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             if t.device != device:
                 raise CallError(f"{what} is on {t.device} but the inputs are on {device}")
             for pos, size in enumerate(sym.dims):
-                binder.bind(size, t.shape[2 + pos], what, describe, _shape(t))
+                binder.bind(size, t.shape[2 + pos], what, describe, t)
 
     for name in rec.sizes:
         if name not in binder.sizes:
