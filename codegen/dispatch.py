@@ -6,6 +6,9 @@ Imports only torch and is copied verbatim into generated modules, next to
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 
@@ -172,6 +175,101 @@ def with_torch_backward(fast, slow, output_names, state_names):
         names = (tuple(output_names), tuple(state_names))
         flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
                                         names, *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
+# The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
+# runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
+RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+
+
+# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
+# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
+# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
+# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
+# is a kernel launch).
+ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
+STEPWISE_ELEMENTS = 8192
+
+
+def adjoint_stepwise(states) -> bool:
+    forced = os.environ.get(ADJOINT_STEPWISE, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    states = list(states)
+    return (all(s.device.type == "cpu" for s in states)
+            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+
+
+def checkpoint_every(length: int) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+    every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
+    return every if every > 0 else max(64, math.isqrt(length))
+
+
+class _AdjointBackward(torch.autograd.Function):
+    """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
+    of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
+    loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
+
+    @staticmethod
+    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+        args = _unflatten(layout, tensors)
+        outputs, finals, checkpoints = loop(*args, every=every)
+        results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
+        # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
+        results = [r.clone() if any(r is t for t in tensors) else r for r in results]
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.shapes = [(r.shape, r.dtype) for r in results]
+        ctx.count = (len(tensors), len(checkpoints))
+        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        return tuple(results)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per = len(state_names)
+        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
+        grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
+                 for g, (shape, dtype) in zip(grads, ctx.shapes)]
+        grad_outputs = dict(zip(out_names, grads[: len(out_names)]))
+        grad_states = dict(zip(state_names, grads[len(out_names):]))
+        args = _unflatten(ctx.layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
+                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+        positional = iter(positional)
+        flat_grads = []
+        for kind, info in ctx.layout:
+            if kind == "tensor":
+                flat_grads.append(next(positional))
+            elif kind == "dict":
+                flat_grads.extend(state_grads[k] for k in info)
+        needed = ctx.needs_input_grad[5:]
+        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+
+
+def with_adjoint(loop, adjoint, output_names, state_names):
+    """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        layout, tensors = _flatten(args)
+        if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+            outputs, finals, _ = loop(*args)
+            return outputs, finals
+        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 

@@ -3,8 +3,11 @@
 For a recurrence NAME the generated source defines, each with the same
 arguments `(inputs..., params..., states, sizes...)` already bound and cast:
 
-- `NAME__recurrent`: a per-step loop; state-free subexpressions are hoisted into
-  a prologue computed once for the whole sequence;
+- `NAME__recurrent`: a per-step loop (`NAME__recurrent_loop`; state-free subexpressions are hoisted into
+  a prologue computed once for the whole sequence, those used twice in a step computed once per step) whose
+  backward is `NAME__recurrent_adjoint`, the adjoint step that `recurrence_dsl.adjoint` derives symbolically
+  from the spec, printed here and run backwards over segments recomputed from checkpoints (the two joined by
+  `dispatch.with_adjoint`);
 - `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan;
 - `NAME__chunked(..., chunk_size)`: prologue (k, v, decays, queries), the chunked
   runtime (`torch_runtime.chunked_linear_by` / `chunked_delta_by` / `chunked_dplr_by` with the
@@ -20,6 +23,7 @@ import itertools
 
 import sympy
 
+from recurrence_dsl.adjoint import GRAD_SUFFIX, NoAdjoint, canonical_key, derive_adjoint, grad_name, update_order
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX
@@ -34,6 +38,17 @@ _DECAY_CLASSES = {None: "NoDecay", "scalar": "ScalarDecay", "key": "KeyDecay", "
 
 def _leaf(e: sympy.Expr) -> bool:
     return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
+
+
+def _has_whole(e: sympy.Expr, indices: set, names) -> bool:
+    """Whether `e` is, or sums or multiplies, a tensor of `names` read over all of `indices`."""
+    if isinstance(e, sympy.Indexed):
+        return str(e.base) in names and set(e.indices) == indices and len(e.indices) == len(indices)
+    if isinstance(e, sympy.Symbol):
+        return e.name in names and not indices
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return any(_has_whole(a, indices, names) for a in e.args)
+    return False
 
 
 class TorchFormWriter:
@@ -53,6 +68,7 @@ class TorchFormWriter:
         self.py = {n: py_name(n) for n in [s.name for s in self.rec.inputs + self.rec.params + self.rec.states
                                             + self.rec.outputs] + list(self.rec.sizes)}
         self.shown: dict[str, str] = {}  # internal names of hoisted expressions -> the names printed
+        self.taken: set[str] = set()  # other names a function being printed has given out
         # Where each state's and output's value is written in the spec (`gla.rec:4`), cited beside its code.
         self.cite = {n: cite(self.rec, n) for n in [s.name for s in self.rec.states + self.rec.outputs]}
         self.args = [self.py[s.name] for s in self.rec.inputs + self.rec.params]
@@ -64,18 +80,23 @@ class TorchFormWriter:
     def _options_arg(self) -> str:
         return ", **options" if self.options else ""
 
-    def _shape_comment(self, indices) -> str:
-        return "[B, T, H" + "".join(f", {self.a.ir.ranges[i]}" for i in indices) + "]"
+    def _shape_comment(self, indices, ranges=None, time: str = "T") -> str:
+        ranges = self.a.ir.ranges if ranges is None else ranges
+        return f"[B, {time}, H" + "".join(f", {ranges[i]}" for i in indices) + "]"
 
     def _params_to_time(self, w: SourceWriter) -> None:
         """Params [H, ...] -> [1, 1, H, ...] so they broadcast against per-step tensors [B, T, H, ...]."""
         for p in self.rec.params:
             w(f"{self.py[p.name]} = {self.py[p.name]}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
 
-    def _broadcast(self, printer: TorchPrinter, expr: sympy.Expr, indices, shape: str) -> str:
-        """Source of `expr` as a tensor of `shape`; numbers and sizes (`K ** -0.5`) make a filled one."""
+    def _broadcast(self, printer: TorchPrinter, expr: sympy.Expr, indices, shape: str, full=frozenset()) -> str:
+        """Source of `expr` as a tensor of `shape`; numbers and sizes (`K ** -0.5`) make a filled one. `full`: names
+        of tensors that have the whole shape already (a sum or product with one of them over every index needs
+        no broadcast); `full=None`: any shape that broadcasts will do (the value is assigned into a slice)."""
         if is_constant(expr, self.sizes):
             return f"{self.py[self.rec.inputs[0].name]}.new_full({shape}, {printer.print_expr(expr, indices)})"
+        if full is None or _has_whole(expr, set(indices), full):
+            return printer.print_expr(expr, indices)
         return f"torch.broadcast_to({printer.print_expr(expr, indices)}, {shape})"
 
     def _full(self, printer: TorchPrinter, expr: sympy.Expr, indices, sym_dims) -> str:
@@ -95,52 +116,60 @@ class TorchFormWriter:
 
     # -- recurrent ------------------------------------------------------------
 
-    def _mentions_state(self, e: sympy.Expr) -> bool:
-        return any((isinstance(n, sympy.Indexed) and str(n.base) in self.state_names)
-                   or (isinstance(n, sympy.Symbol) and n.name in self.state_names)
+    def _mentions_state(self, e: sympy.Expr, recurrent: set[str] | None = None) -> bool:
+        """Whether `e` reads a state (or another of the `recurrent` names: values known only step by step)."""
+        names = self.state_names if recurrent is None else recurrent
+        return any((isinstance(n, sympy.Indexed) and str(n.base) in names)
+                   or (isinstance(n, sympy.Symbol) and n.name in names)
                    for n in sympy.preorder_traversal(e))
 
-    def _hoist(self, expr: sympy.Expr, table: dict, counter) -> sympy.Expr:
+    def _hoist(self, expr: sympy.Expr, table: dict, counter, recurrent: set[str] | None = None,
+               ranges: dict | None = None) -> sympy.Expr:
         """Replace state-free subexpressions worth computing once (functions, sums, powers) by prologue
         tensors P<n>[free indices]. Products are split into their factors first: hoisting `k[i] * v[j]`
-        would only trade a cheap per-step product for a [T, K, V] tensor."""
+        would only trade a cheap per-step product for a [T, K, V] tensor. Expressions equal up to the names of
+        their sums' bound indices share one tensor."""
         sizes = {sympy.Symbol(s, integer=True, positive=True) for s in self.sizes}
+        ranges = self.a.ir.ranges if ranges is None else ranges
 
         def walk(e):
             if _leaf(e):
                 return e
-            if self._mentions_state(e) or isinstance(e, sympy.Mul):
+            if self._mentions_state(e, recurrent) or isinstance(e, sympy.Mul):
                 if isinstance(e, sympy.Sum):
                     return sympy.Sum(walk(e.function), *e.limits)
                 return e.func(*[walk(arg) for arg in e.args])
-            if not (e.free_symbols - set(self.a.ir.ranges) - sizes):
+            if not (e.free_symbols - set(ranges) - sizes):
                 return e  # a constant such as K ** -0.5
-            key = sympy.srepr(e)
+            key, order = canonical_key(e, ranges)
             if key not in table:
-                idx = tuple(sorted((s for s in e.free_symbols if s in self.a.ir.ranges), key=lambda s: s.name))
+                idx = tuple(sorted(order, key=lambda s: s.name))
                 name = f"P{next(counter)}"
                 while name in self.py:  # a spec may name something P0 itself
                     name = f"P{next(counter)}"
-                table[key] = (name, idx, e)
-                self.shown[name] = self._unique(self._describe(e))
-            name, idx, _ = table[key]
-            return sympy.IndexedBase(name)[idx] if idx else sympy.Symbol(name)
+                table[key] = (name, idx, e, order)
+                self.shown[name] = self._unique(self._describe(e, ranges))
+            name, idx, _, first = table[key]
+            site = tuple(order[first.index(i)] for i in idx)  # this occurrence's own indices
+            return sympy.IndexedBase(name)[site] if site else sympy.Symbol(name)
 
         return walk(expr)
 
-    def _describe(self, e: sympy.Expr) -> str:
+    def _describe(self, e: sympy.Expr, ranges: dict) -> str:
         """A readable name for a hoisted expression, from its head and the spec names it reads: `exp(g[i])` is
-        `exp_g`, `sum(m, k[m] * k[m])` is `sum_k`."""
+        `exp_g`, `sum(m, k[m] * k[m])` is `sum_k`; a gradient `o__grad` reads as `grad_o`."""
         head = {sympy.Sum: "sum", sympy.Pow: "pow", sympy.Add: "add", sympy.Mul: "mul"}.get(
             type(e), type(e).__name__.lower() if isinstance(e, sympy.Function) else "pre")
-        ranges = set(self.a.ir.ranges)
+        ranges = set(ranges)
         read = sorted({str(n.base) for n in e.atoms(sympy.Indexed)}
                       | {n.name for n in e.atoms(sympy.Symbol) if n not in ranges and n.name not in self.sizes})
-        return "_".join([head] + [self.py.get(n, n).rstrip("_") for n in read])
+        read = [f"grad_{n[:-len(GRAD_SUFFIX)]}" if n.endswith(GRAD_SUFFIX) else n for n in read]
+        shown = {**self.py, **self.shown}
+        return "_".join([head] + [shown.get(n, n).rstrip("_") for n in read])
 
     def _unique(self, name: str) -> str:
         """`name`, or `name_2`, `name_3`, ...: distinct from the spec's names and the names already printed."""
-        taken = set(self.py.values()) | set(self.shown.values())
+        taken = set(self.py.values()) | set(self.shown.values()) | self.taken
         candidate, n = py_name(name), 2
         while candidate in taken:
             candidate, n = f"{name}_{n}", n + 1
@@ -158,13 +187,113 @@ class TorchFormWriter:
 
     def _update_order(self) -> list:
         """States in the order of their last assignment: an update may read another state's new value."""
-        last = {st.target.name: st.index for st in self.rec.statements}
-        return sorted(self.rec.states, key=lambda s: last.get(s.name, -1))
+        return update_order(self.rec)
+
+    @staticmethod
+    def _names_read(exprs) -> set[str]:
+        used: set[str] = set()
+        for e in exprs:
+            used |= {str(n.base) for n in e.atoms(sympy.Indexed)} | {n.name for n in e.atoms(sympy.Symbol)}
+        return used
+
+    def _hoisted_kinds(self, table: dict, per_step_names: set[str]) -> tuple[list[str], list[str]]:
+        """(hoisted tensors that change per step, those that do not): a hoisted expression reading an input (or
+        another of `per_step_names`) changes per step; one of params and sizes only does not."""
+        per_step, constant = [], []
+        for name, _, e, _ in table.values():
+            reads = any(str(getattr(n, "base", n)) in per_step_names for n in sympy.preorder_traversal(e)
+                        if isinstance(n, (sympy.Indexed, sympy.Symbol)))
+            (per_step if reads else constant).append(name)
+        return per_step, constant
+
+    def _share(self, exprs: list, ranges: dict, excluded: set[str], counter=None, known=()) -> tuple[list, list]:
+        """Common subexpressions: function calls, sums and additions that occur more than once in `exprs` (equal
+        up to the names of their indices) and read none of the `excluded` names, each computed once into a tensor
+        over its free indices. Returns (the expressions reading those tensors, [(IR name, indices, expression)] in the
+        order to compute them). `known`: tensors computed already (an earlier result), read wherever they fit."""
+        kinds = (sympy.Function, sympy.Sum, sympy.Min, sympy.Max, sympy.Add)
+
+        def candidate(node) -> bool:
+            return (isinstance(node, kinds) and not is_constant(node, self.sizes)
+                    and not self._mentions_state(node, excluded))
+
+        def substitute(e, key, name, idx, first):
+            if isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number)) or not e.args:
+                return e
+            if candidate(e):
+                k, order = canonical_key(e, ranges)
+                if k == key:
+                    site = tuple(order[first.index(i)] for i in idx)  # this occurrence's own indices
+                    return sympy.IndexedBase(name)[site] if site else sympy.Symbol(name)
+            if isinstance(e, sympy.Sum):
+                return sympy.Sum(substitute(e.function, key, name, idx, first), *e.limits)
+            return e.func(*[substitute(a, key, name, idx, first) for a in e.args])
+
+        exprs, temps, counter = list(exprs), [], counter or itertools.count()
+        for name, idx, e in known:  # in the order computed: a later one reads the earlier ones
+            key, first = canonical_key(e, ranges)
+            exprs = [substitute(x, key, name, idx, first) for x in exprs]
+        while True:
+            seen: dict[str, list] = {}
+            for e in exprs + [t[2] for t in temps]:
+                for node in sympy.preorder_traversal(e):
+                    if candidate(node):
+                        key, order = canonical_key(node, ranges)
+                        seen.setdefault(key, [0, node, order])[0] += 1
+            repeated = [(sympy.count_ops(v[1]), k) for k, v in seen.items() if v[0] > 1]
+            if not repeated:
+                return exprs, temps[::-1]
+            _, key = max(repeated)
+            _, node, first = seen[key]
+            name = f"C{next(counter)}"
+            while name in self.py:
+                name = f"C{next(counter)}"
+            idx = tuple(sorted(first, key=lambda s: s.name))
+            exprs = [substitute(e, key, name, idx, first) for e in exprs]
+            temps = [(n, i, substitute(e, key, name, idx, first)) for n, i, e in temps] + [(name, idx, node)]
+
+    def _write_shared(self, w, temps, names: dict, printer_names: dict, ranges, lead: str, indent: int) -> None:
+        """Print the shared subexpressions `temps` (from `_share`) as tensors [B, (steps,) H, ...]; `names` (IR
+        name -> Python) gets their names."""
+        for name, _, e in temps:  # inner ones first, so an outer one's name can say what it reads
+            names[name] = self.shown[name] = self._unique(self._describe(e, ranges))
+        printer = TorchPrinter(self.sizes, ranges, {**printer_names, **names}, fuse=True)
+        for name, idx, e in temps:
+            dims = "".join(f", {self._range_dim(ranges[i])}" for i in idx)
+            w(f"{names[name]} = {self._broadcast(printer, e, idx, f'({lead}{dims})')}  # used more than once", indent)
+
+    def _range_dim(self, size: sympy.Expr) -> str:
+        return str(int(size)) if size.is_Integer else self._dim(str(size))
+
+    def _state_shape(self, s) -> str:
+        return f"(B_, H_{''.join(f', {self._dim(d)}' for d in s.dims)})"
 
     def write_recurrent(self) -> str:
+        """The recurrent form: the step loop (`NAME__recurrent_loop`), the derived backward
+        (`NAME__recurrent_adjoint`, see `write_recurrent_adjoint`) and `NAME__recurrent`, the two joined by
+        dispatch's `with_adjoint` (without an adjoint, autograd runs through the loop)."""
+        loop = self.write_recurrent_loop()
+        try:
+            adjoint = derive_adjoint(self.rec, self.a.ir)
+        except NoAdjoint as why:
+            adjoint, reason = None, str(why)
+        outs = tuple(o.name for o in self.rec.outputs)
+        sts = tuple(s.name for s in self.rec.states)
+        name = f"{self.fn}__recurrent{self.suffix}"
+        if adjoint is None:
+            return (f"{loop}\n\n# No derived backward ({reason}): autograd runs through the loop.\n"
+                    f"{name} = with_adjoint({self.fn}__recurrent_loop{self.suffix}, None, {outs!r}, {sts!r})\n")
+        return (f"{loop}\n\n{self.write_recurrent_adjoint(adjoint)}\n\n"
+                f"{name} = with_adjoint({self.fn}__recurrent_loop{self.suffix}, "
+                f"{self.fn}__recurrent_adjoint{self.suffix}, {outs!r}, {sts!r})\n")
+
+    def write_recurrent_loop(self) -> str:
+        self.shown, self.taken = {}, set()
         w = SourceWriter()
-        self._header(w, "recurrent")
-        w('"""Per-step loop: every class, linear or not."""')
+        w(f"def {self.fn}__recurrent_loop{self.suffix}({self.signature}, every=0):", 0)
+        w('"""Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, '
+          'the')
+        w('states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""')
         self._unpack_shape(w)
         self._params_to_time(w)
         table: dict = {}
@@ -175,37 +304,37 @@ class TorchFormWriter:
         time_printer = TorchPrinter(self.sizes, self.a.ir.ranges, py)
         if table:
             w("# Hoisted: state-free subexpressions, computed once for all steps.")
-        for name, idx, e in table.values():
+        for name, idx, e, _ in table.values():
             w(f"{py[name]} = {time_printer.print_expr(e, idx)}  # {self._shape_comment(idx)}")
-        input_names = {i.name for i in self.rec.inputs}
-        per_step = [i.name for i in self.rec.inputs]
-        constant = [p.name for p in self.rec.params]
-        for name, _, e in table.values():
-            reads_input = any(str(getattr(n, "base", n)) in input_names for n in sympy.preorder_traversal(e)
-                              if isinstance(n, (sympy.Indexed, sympy.Symbol)))
-            (per_step if reads_input else constant).append(name)
-        used = set()
-        for _, e in list(updates.values()) + list(outputs.values()):
-            used |= {str(n.base) for n in e.atoms(sympy.Indexed)} | {n.name for n in e.atoms(sympy.Symbol)}
-        per_step = [n for n in per_step if n in used]
-        constant = [n for n in constant if n in used]
+        hoisted_per_step, hoisted_constant = self._hoisted_kinds(table, {i.name for i in self.rec.inputs})
+        new = {s.name + NEW_SUFFIX for s in self.rec.states}
+        shared, temps = self._share([e for _, e in list(updates.values()) + list(outputs.values())],
+                                    self.a.ir.ranges, new)
+        updates = {n: (idx, e) for (n, (idx, _)), e in zip(updates.items(), shared)}
+        outputs = {n: (idx, e) for (n, (idx, _)), e in zip(outputs.items(), shared[len(updates):])}
+        used = self._names_read(shared + [e for _, _, e in temps])
+        per_step = [n for n in [i.name for i in self.rec.inputs] + hoisted_per_step if n in used]
+        constant = [n for n in [p.name for p in self.rec.params] + hoisted_constant if n in used]
         names = {**py, **{n: f"{py.get(n, n)}_t" for n in per_step + constant}}
         for s in self.rec.states:
             names[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
         for n in constant:
             w(f"{names[n]} = {py.get(n, n)}[:, 0]  # the same at every step")
-        step_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
         for s in self.rec.states:
             w(f"{py[s.name]} = states['{s.name}']")
         for o in self.rec.outputs:
             w(f"{py[o.name]}_steps = []")
+        w("checkpoints = []")
         w("for t in range(T_):")
+        w("if every and t % every == 0:", 2)
+        w(f"checkpoints.append({{{', '.join(f'{s.name!r}: {py[s.name]}' for s in self.rec.states)}}})", 3)
         for n in per_step:
             w(f"{names[n]} = {py.get(n, n)}[:, t]", 2)
+        self._write_shared(w, temps, names, names, self.a.ir.ranges, "B_, H_", 2)
+        step_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names, fuse=True)
         for s in self._update_order():
             idx, e = updates[s.name]
-            dims = "".join(f", {self._dim(d)}" for d in s.dims)
-            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')}  "
+            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, self._state_shape(s))}  "
               f"# {self.cite[s.name]}", 2)
         for o in self.rec.outputs:
             idx, e = outputs[o.name]
@@ -218,7 +347,241 @@ class TorchFormWriter:
                          f"({''.join(f'{self._dim(d)}, ' for d in o.dims)}), {py[self.rec.inputs[0].name]})"
                          for o in self.rec.outputs)
         finals = ", ".join(f"'{s.name}': {py[s.name]}" for s in self.rec.states)
-        w(f"return {{{outs}}}, {{{finals}}}")
+        w(f"return {{{outs}}}, {{{finals}}}, checkpoints")
+        return w.text()
+
+    def write_recurrent_adjoint(self, adj) -> str:
+        """The backward of the step loop, printed from the adjoint step that `recurrence_dsl.adjoint` derives
+        symbolically from the spec (no autograd). Segment by segment from the last: the segment's states are
+        recomputed from its checkpoint; the states' gradients run back through its steps one at a time; every
+        input's and param's gradient is local to its step (given the states before and after it and the total
+        gradient of the state after it), so it is computed either at each step of that loop (`stepwise`: large
+        states, whose per-step tensors stay in cache) or afterwards for all the segment's steps at once (small
+        states, where the per-step calls would cost more than the arithmetic)."""
+        self.shown, self.taken = {}, set()
+        rec, py = self.rec, self.py
+        # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.
+        self.taken = {f"{v}{suffix}" for v in py.values() for suffix in ("_t", NEW_SUFFIX)}
+
+        def alloc(name: str) -> str:
+            taken = set(py.values()) | set(self.shown.values()) | self.taken
+            candidate, n = name, 2
+            while candidate in taken:
+                candidate, n = f"{name}_{n}", n + 1
+            self.taken.add(candidate)
+            return candidate
+
+        grad = {o.name: alloc(f"grad_{py[o.name]}") for o in rec.outputs}  # [B, T, H, ...]
+        grad_t = {o.name: alloc(f"grad_{py[o.name]}_t") for o in rec.outputs}
+        for x in rec.inputs + rec.params:
+            grad[x.name] = alloc(f"grad_{py[x.name]}")
+        carried = {s.name: alloc(f"grad_{py[s.name]}") for s in rec.states}  # d/dS_t from after step t
+        total = {s.name: alloc(f"grad_{py[s.name]}{NEW_SUFFIX}") for s in rec.states}  # d/dS_t, all of it
+        totals = {s.name: alloc(f"grad_{py[s.name]}{NEW_SUFFIX}_steps") for s in rec.states}
+        steps = {s.name: alloc(f"{py[s.name]}_steps") for s in rec.states}
+        state_names = [s.name for s in rec.states]
+        new_names = {s + NEW_SUFFIX for s in state_names}
+        carried_names = {grad_name(s) for s in state_names}
+        total_names = {grad_name(s + NEW_SUFFIX) for s in state_names}
+        out_grads = {grad_name(o.name) for o in rec.outputs}
+        whole = set(state_names) | new_names | carried_names | total_names  # always [B, H, ...] in full
+        ranges = adj.ranges
+        table: dict = {}
+        counter = itertools.count()
+
+        def hoist(d):
+            return d.indices, self._hoist(d.expr, table, counter, self.state_names | carried_names | total_names,
+                                          ranges)
+
+        updates = {n: hoist(d) for n, d in self.a.ir.updates.items()}
+        new_states = [(d.name, hoist(d)) for d in adj.new_states]
+        previous = {n: hoist(d) for n, d in adj.previous.items()}
+        local = [x for x in rec.inputs + rec.params if {**adj.inputs, **adj.params}[x.name] is not None]
+        grads = {x.name: hoist({**adj.inputs, **adj.params}[x.name]) for x in local}
+        per_step_hoisted, constant_hoisted = self._hoisted_kinds(table, {i.name for i in rec.inputs} | out_grads)
+        shown = dict(self.shown)
+
+        # Subexpressions used more than once: at a step of the recomputation; at a step of the adjoint before the
+        # states' gradients; in the gradients at a step (stepwise) or at the segment's steps (not stepwise).
+        temp_counter = itertools.count()
+        shared, update_temps = self._share([e for _, e in updates.values()], ranges, new_names, temp_counter)
+        updates = {n: (idx, e) for (n, (idx, _)), e in zip(updates.items(), shared)}
+        shared, loop_temps = self._share([e for _, (_, e) in new_states] + [e for _, e in previous.values()], ranges,
+                                         carried_names | total_names, temp_counter)
+        new_states = [(n, (idx, e)) for (n, (idx, _)), e in zip(new_states, shared)]
+        previous = {n: (idx, e) for (n, (idx, _)), e in zip(previous.items(), shared[len(new_states):])}
+        shared, step_temps = self._share([e for _, e in grads.values()], ranges, carried_names, temp_counter,
+                                         loop_temps)
+        step_grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
+        shared, local_temps = self._share([e for _, e in grads.values()], ranges, set(), temp_counter)
+        grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
+
+        update_exprs = [e for _, e in updates.values()] + [e for _, _, e in update_temps]
+        loop_exprs = ([e for _, (_, e) in new_states] + [e for _, e in previous.values()]
+                      + [e for _, _, e in loop_temps])
+        step_exprs = [e for _, e in step_grads.values()] + [e for _, _, e in step_temps]
+        read_update = self._names_read(update_exprs)
+        read_loop = self._names_read(loop_exprs)
+        read_step = self._names_read(step_exprs) - read_loop  # read only by the gradients at a step
+        read_local = self._names_read([e for _, e in grads.values()] + [e for _, _, e in local_temps])
+        # The states kept per step of the segment: those the adjoint reads, before (S) or after (S__new) a step.
+        keep = [s for s in rec.states if {s.name, s.name + NEW_SUFFIX} & (read_local | read_loop | read_step)]
+        stacked = [s for s in rec.states if grad_name(s.name + NEW_SUFFIX) in read_local]
+
+        # Names over a segment's steps ([B, t1 - t0, H, ...]) and at one step ([B, H, ...]).
+        segment = {**py, **shown, **{i.name: f"{py[i.name]}[:, t0:t1]" for i in rec.inputs},
+                   **{grad_name(o.name): f"{grad[o.name]}[:, t0:t1]" for o in rec.outputs}}
+        step = {**py, **shown}
+        for n in [i.name for i in rec.inputs + rec.params] + per_step_hoisted + constant_hoisted:
+            step[n] = f"{step.get(n, n)}_t"
+        for o in rec.outputs:
+            step[grad_name(o.name)] = grad_t[o.name]
+        for s in rec.states:
+            step[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
+            step[grad_name(s.name)] = carried[s.name]
+            step[grad_name(s.name + NEW_SUFFIX)] = total[s.name]
+
+        w = SourceWriter()
+
+        # Per-step values as the segment's steps, unbound once per segment (a list index is cheaper than a slice).
+        read_per_step = read_update | read_loop | read_step
+        unbound = {}  # IR name -> (the list's name, the tensor it unbinds)
+        for i in rec.inputs:
+            if i.name in read_per_step:
+                unbound[i.name] = (alloc(f"{py[i.name]}_steps"), f"{py[i.name]}[:, t0:t1]")
+        for o in rec.outputs:
+            if grad_name(o.name) in read_per_step:
+                unbound[grad_name(o.name)] = (alloc(f"{grad[o.name]}_steps"), f"{grad[o.name]}[:, t0:t1]")
+        for n in per_step_hoisted:
+            if n in read_per_step:
+                unbound[n] = (alloc(f"{shown[n]}_steps"), shown[n])
+
+        def fetch(used: set[str], indent: int) -> None:
+            """The per-step values that expressions reading `used` need, at step t."""
+            for n, (name, _) in unbound.items():
+                if n in used:
+                    w(f"{step[n]} = {name}[t - t0]", indent)
+
+        def dims_of(x) -> str:
+            return "".join(f", {self._dim(d)}" for d in x.dims)
+
+        args = ", ".join(self.args + ["checkpoints", "grad_outputs", "grad_states"] + [py[n] for n in rec.sizes])
+        w(f"def {self.fn}__recurrent_adjoint{self.suffix}({args}, every=64, stepwise=False):", 0)
+        w(f'"""The backward of {self.fn}__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the '
+          "states' gradients")
+        w("run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the "
+          "inputs'")
+        w("and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.")
+        w('Returns ([gradient of each input and param], {state: gradient of its initial value})."""')
+        self._unpack_shape(w)
+        for x in rec.inputs + rec.params:
+            w(f"{grad[x.name]} = {py[x.name]}.new_zeros({py[x.name]}.shape)")
+        self._params_to_time(w)
+        for o in rec.outputs:
+            w(f"{grad[o.name]} = grad_outputs['{o.name}']")
+        for s in rec.states:
+            w(f"{carried[s.name]} = grad_states['{s.name}']  # d loss / d {s.name} after the step, from the steps "
+              "after it")
+        constant_printer = TorchPrinter(self.sizes, ranges, {**py, **shown})
+        for n in constant_hoisted:
+            _, idx, e, _ = next(v for v in table.values() if v[0] == n)
+            w(f"{shown[n]} = {constant_printer.print_expr(e, idx)}  # [1, 1, H, ...]: the same at every step")
+        for n in [p.name for p in rec.params] + constant_hoisted:
+            if n in read_update | read_loop | read_step:
+                w(f"{step[n]} = {({**py, **shown})[n]}[:, 0]  # the same at every step")
+        w("for t0 in reversed(range(0, T_, every)):")
+        w("t1 = min(t0 + every, T_)", 2)
+        if per_step_hoisted:
+            w("# Hoisted: state-free subexpressions at the segment's steps.", 2)
+        segment_printer = TorchPrinter(self.sizes, ranges, segment)
+        for n in per_step_hoisted:
+            _, idx, e, _ = next(v for v in table.values() if v[0] == n)
+            w(f"{shown[n]} = {segment_printer.print_expr(e, idx)}  # {self._shape_comment(idx, ranges, 't1 - t0')}", 2)
+        for name, tensor in unbound.values():
+            w(f"{name} = {tensor}.unbind(1)", 2)
+        if keep:
+            w("# The segment's states, recomputed from its checkpoint.", 2)
+            for s in rec.states:
+                w(f"{py[s.name]} = checkpoints[t0 // every]['{s.name}']", 2)
+            for s in keep:
+                w(f"{steps[s.name]} = [{py[s.name]}]", 2)
+            w("for t in range(t0, t1):", 2)
+            fetch(read_update, 3)
+            self._write_shared(w, update_temps, step, step, ranges, "B_, H_", 3)
+            step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+            for s in self._update_order():
+                idx, e = updates[s.name]
+                w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
+                  f"# {self.cite[s.name]}", 3)
+            for s in rec.states:
+                w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 3)
+            for s in keep:
+                w(f"{steps[s.name]}.append({py[s.name]})", 3)
+        w("# The adjoint step, backwards in time: the gradient of the state before the step from the one after.", 2)
+        for s in stacked:
+            w(f"{totals[s.name]} = [None] * (t1 - t0)", 2)
+        w("for t in reversed(range(t0, t1)):", 2)
+
+        def fetch_states(used: set[str], indent: int) -> None:
+            for s in keep:
+                if s.name in used:
+                    w(f"{py[s.name]} = {steps[s.name]}[t - t0]", indent)
+                if s.name + NEW_SUFFIX in used:
+                    w(f"{py[s.name]}{NEW_SUFFIX} = {steps[s.name]}[t - t0 + 1]", indent)
+
+        fetch(read_loop, 3)
+        fetch_states(read_loop, 3)
+        self._write_shared(w, loop_temps, step, step, ranges, "B_, H_", 3)
+        step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+        by_name = {s.name: s for s in rec.states}
+        for name, (idx, e) in new_states:
+            s = by_name[name[: -len(NEW_SUFFIX + GRAD_SUFFIX)]]
+            w(f"{total[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
+              f"# d loss / d {s.name} after step t", 3)
+        if step_grads:
+            w("if stepwise:  # each input's and param's gradient at this step", 3)
+            fetch(read_step, 4)
+            fetch_states(read_step, 4)
+            self._write_shared(w, step_temps, step, step, ranges, "B_, H_", 4)
+            step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+            for x in local:
+                idx, e = step_grads[x.name]
+                value = self._broadcast(step_printer, e, idx, f"(B_, H_{dims_of(x)})",
+                                        None if x in rec.inputs else whole)
+                if x in rec.inputs:
+                    w(f"{grad[x.name]}[:, t] = {value}", 4)
+                else:
+                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum(0)", 4)
+            if stacked:
+                w("else:  # kept for after the loop", 3)
+                for s in stacked:
+                    w(f"{totals[s.name]}[t - t0] = {total[s.name]}", 4)
+        for s in rec.states:
+            idx, e = previous[s.name]
+            w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
+              f"# d loss / d {s.name} before step t", 3)
+        if grads:
+            w("if not stepwise:  # each input's and param's gradient at the segment's steps, all at once", 2)
+            for s in keep:
+                if {s.name, s.name + NEW_SUFFIX} & read_local:
+                    w(f"{steps[s.name]} = torch.stack({steps[s.name]}, dim=1)  # [B, t1 - t0 + 1, H{dims_of(s)}]", 3)
+                    segment[s.name] = f"{steps[s.name]}[:, :-1]"
+                    segment[s.name + NEW_SUFFIX] = f"{steps[s.name]}[:, 1:]"
+            for s in stacked:
+                w(f"{totals[s.name]} = torch.stack({totals[s.name]}, dim=1)", 3)
+                segment[grad_name(s.name + NEW_SUFFIX)] = totals[s.name]
+            self._write_shared(w, local_temps, segment, segment, ranges, "B_, t1 - t0, H_", 3)
+            segment_printer = TorchPrinter(self.sizes, ranges, segment, fuse=True)
+            for x in local:
+                idx, e = grads[x.name]
+                value = self._broadcast(segment_printer, e, idx, f"(B_, t1 - t0, H_{dims_of(x)})",
+                                        None if x in rec.inputs else whole)
+                if x in rec.inputs:
+                    w(f"{grad[x.name]}[:, t0:t1] = {value}", 3)
+                else:
+                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", 3)
+        w(f"return [{', '.join(grad[x.name] for x in rec.inputs + rec.params)}], "
+          f"{{{', '.join(f'{s.name!r}: {carried[s.name]}' for s in rec.states)}}}")
         return w.text()
 
     # -- scan -----------------------------------------------------------------

@@ -34,3 +34,15 @@ def test_triton_benchmark_refuses_a_full_run_without_a_gpu(tmp_path):
                           str(tmp_path / "x.json")], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 2 and "no GPU" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
+    out = tmp_path / "backward.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_backward.py"), "--smoke", "--specs",
+                          "gla,indrnn", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and {r["spec"] for r in report["rows"]} == {"gla", "indrnn"}
+    for row in report["rows"]:
+        assert row["recurrent_fwd_bwd_adjoint_s"] > 0 and row["max_rel_grad_difference_adjoint_vs_autograd"] <= 1e-5
+    assert "fwd+bwd adjoint" in run.stdout

@@ -450,6 +450,101 @@ def with_torch_backward(fast, slow, output_names, state_names):
     return run
 
 
+# The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
+# runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
+RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+
+
+# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
+# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
+# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
+# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
+# is a kernel launch).
+ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
+STEPWISE_ELEMENTS = 8192
+
+
+def adjoint_stepwise(states) -> bool:
+    forced = os.environ.get(ADJOINT_STEPWISE, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    states = list(states)
+    return (all(s.device.type == "cpu" for s in states)
+            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+
+
+def checkpoint_every(length: int) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+    every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
+    return every if every > 0 else max(64, math.isqrt(length))
+
+
+class _AdjointBackward(torch.autograd.Function):
+    """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
+    of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
+    loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
+
+    @staticmethod
+    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+        args = _unflatten(layout, tensors)
+        outputs, finals, checkpoints = loop(*args, every=every)
+        results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
+        # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
+        results = [r.clone() if any(r is t for t in tensors) else r for r in results]
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.shapes = [(r.shape, r.dtype) for r in results]
+        ctx.count = (len(tensors), len(checkpoints))
+        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        return tuple(results)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per = len(state_names)
+        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
+        grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
+                 for g, (shape, dtype) in zip(grads, ctx.shapes)]
+        grad_outputs = dict(zip(out_names, grads[: len(out_names)]))
+        grad_states = dict(zip(state_names, grads[len(out_names):]))
+        args = _unflatten(ctx.layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
+                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+        positional = iter(positional)
+        flat_grads = []
+        for kind, info in ctx.layout:
+            if kind == "tensor":
+                flat_grads.append(next(positional))
+            elif kind == "dict":
+                flat_grads.extend(state_grads[k] for k in info)
+        needed = ctx.needs_input_grad[5:]
+        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+
+
+def with_adjoint(loop, adjoint, output_names, state_names):
+    """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        layout, tensors = _flatten(args)
+        if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+            outputs, finals, _ = loop(*args)
+            return outputs, finals
+        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -1398,22 +1493,89 @@ _gla_spec = _Spec(
 )
 
 
-def gla__recurrent(q, k, v, g, states, K, V):
-    """Per-step loop: every class, linear or not."""
+def gla__recurrent_loop(q, k, v, g, states, K, V, every=0):
+    """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
+    states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_g = torch.exp(g)  # [B, T, H, K]
     S = states['S']
     o_steps = []
+    checkpoints = []
     for t in range(T_):
+        if every and t % every == 0:
+            checkpoints.append({'S': S})
         q_t = q[:, t]
         k_t = k[:, t]
         v_t = v[:, t]
         exp_g_t = exp_g[:, t]
-        S__new = torch.broadcast_to(exp_g_t[..., :, None] * S + k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # gla.rec:10
-        o_steps.append(torch.broadcast_to(torch.einsum('...b,...ba->...a', q_t, S__new) / (K**0.5), (B_, H_, V)))  # gla.rec:11
+        S__new = torch.broadcast_to(torch.addcmul(exp_g_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # gla.rec:10
+        o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # gla.rec:11
         S = S__new
-    return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}
+    return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
+
+
+def gla__recurrent_adjoint(q, k, v, g, checkpoints, grad_outputs, grad_states, K, V, every=64, stepwise=False):
+    """The backward of gla__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
+    run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
+    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    Returns ([gradient of each input and param], {state: gradient of its initial value})."""
+    B_, T_, H_ = q.shape[:3]
+    grad_q = q.new_zeros(q.shape)
+    grad_k = k.new_zeros(k.shape)
+    grad_v = v.new_zeros(v.shape)
+    grad_g = g.new_zeros(g.shape)
+    grad_o = grad_outputs['o']
+    grad_S = grad_states['S']  # d loss / d S after the step, from the steps after it
+    for t0 in reversed(range(0, T_, every)):
+        t1 = min(t0 + every, T_)
+        # Hoisted: state-free subexpressions at the segment's steps.
+        exp_g = torch.exp(g[:, t0:t1])  # [B, t1 - t0, H, K]
+        q_steps = q[:, t0:t1].unbind(1)
+        k_steps = k[:, t0:t1].unbind(1)
+        v_steps = v[:, t0:t1].unbind(1)
+        grad_o_steps = grad_o[:, t0:t1].unbind(1)
+        exp_g_steps = exp_g.unbind(1)
+        # The segment's states, recomputed from its checkpoint.
+        S = checkpoints[t0 // every]['S']
+        S_steps = [S]
+        for t in range(t0, t1):
+            k_t = k_steps[t - t0]
+            v_t = v_steps[t - t0]
+            exp_g_t = exp_g_steps[t - t0]
+            S__new = torch.addcmul(exp_g_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None])  # gla.rec:10
+            S = S__new
+            S_steps.append(S)
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
+        grad_S__new_steps = [None] * (t1 - t0)
+        for t in reversed(range(t0, t1)):
+            q_t = q_steps[t - t0]
+            grad_o_t = grad_o_steps[t - t0]
+            exp_g_t = exp_g_steps[t - t0]
+            grad_S__new = torch.addcmul(grad_S, q_t[..., :, None] / (K**0.5), grad_o_t[..., None, :])  # d loss / d S after step t
+            if stepwise:  # each input's and param's gradient at this step
+                k_t = k_steps[t - t0]
+                v_t = v_steps[t - t0]
+                S = S_steps[t - t0]
+                S__new = S_steps[t - t0 + 1]
+                grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / (K**0.5)
+                grad_k[:, t] = (v_t[..., None, :] @ grad_S__new.mT)[..., 0, :]
+                grad_v[:, t] = (k_t[..., None, :] @ grad_S__new)[..., 0, :]
+                grad_g[:, t] = exp_g_t * (S * grad_S__new).sum(dim=-1)
+            else:  # kept for after the loop
+                grad_S__new_steps[t - t0] = grad_S__new
+            grad_S = exp_g_t[..., :, None] * grad_S__new  # d loss / d S before step t
+        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
+            S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
+            grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)
+            grad_q[:, t0:t1] = (grad_o[:, t0:t1][..., None, :] @ S_steps[:, 1:].mT)[..., 0, :] / (K**0.5)
+            grad_k[:, t0:t1] = (v[:, t0:t1][..., None, :] @ grad_S__new_steps.mT)[..., 0, :]
+            grad_v[:, t0:t1] = (k[:, t0:t1][..., None, :] @ grad_S__new_steps)[..., 0, :]
+            grad_g[:, t0:t1] = exp_g * (S_steps[:, :-1] * grad_S__new_steps).sum(dim=-1)
+    return [grad_q, grad_k, grad_v, grad_g], {'S': grad_S}
+
+
+gla__recurrent = with_adjoint(gla__recurrent_loop, gla__recurrent_adjoint, ('o',), ('S',))
 
 
 def gla__scan(q, k, v, g, states, K, V):
@@ -1422,7 +1584,7 @@ def gla__scan(q, k, v, g, states, K, V):
     b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # gla.rec:10
     a_S = torch.exp(g[..., :, None])  # decay, broadcastable
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    o = torch.broadcast_to(torch.einsum('...b,...ba->...a', q, all_S) / (K**0.5), (B_, T_, H_, V))  # gla.rec:11
+    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # gla.rec:11
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
 

@@ -458,6 +458,101 @@ def with_torch_backward(fast, slow, output_names, state_names):
     return run
 
 
+# The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
+# runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
+RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+
+
+# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
+# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
+# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
+# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
+# is a kernel launch).
+ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
+STEPWISE_ELEMENTS = 8192
+
+
+def adjoint_stepwise(states) -> bool:
+    forced = os.environ.get(ADJOINT_STEPWISE, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    states = list(states)
+    return (all(s.device.type == "cpu" for s in states)
+            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+
+
+def checkpoint_every(length: int) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+    every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
+    return every if every > 0 else max(64, math.isqrt(length))
+
+
+class _AdjointBackward(torch.autograd.Function):
+    """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
+    of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
+    loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
+
+    @staticmethod
+    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+        args = _unflatten(layout, tensors)
+        outputs, finals, checkpoints = loop(*args, every=every)
+        results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
+        # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
+        results = [r.clone() if any(r is t for t in tensors) else r for r in results]
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.shapes = [(r.shape, r.dtype) for r in results]
+        ctx.count = (len(tensors), len(checkpoints))
+        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        return tuple(results)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per = len(state_names)
+        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
+        grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
+                 for g, (shape, dtype) in zip(grads, ctx.shapes)]
+        grad_outputs = dict(zip(out_names, grads[: len(out_names)]))
+        grad_states = dict(zip(state_names, grads[len(out_names):]))
+        args = _unflatten(ctx.layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
+                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+        positional = iter(positional)
+        flat_grads = []
+        for kind, info in ctx.layout:
+            if kind == "tensor":
+                flat_grads.append(next(positional))
+            elif kind == "dict":
+                flat_grads.extend(state_grads[k] for k in info)
+        needed = ctx.needs_input_grad[5:]
+        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+
+
+def with_adjoint(loop, adjoint, output_names, state_names):
+    """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        layout, tensors = _flatten(args)
+        if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+            outputs, finals, _ = loop(*args)
+            return outputs, finals
+        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -814,8 +909,9 @@ _mamba_spec = _Spec(
 )
 
 
-def mamba__recurrent(x, dt, B, C, A, Dskip, states, D, N):
-    """Per-step loop: every class, linear or not."""
+def mamba__recurrent_loop(x, dt, B, C, A, Dskip, states, D, N, every=0):
+    """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
+    states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H, D, N]
     Dskip = Dskip[None, None]  # [1, 1, H, D]
@@ -824,16 +920,97 @@ def mamba__recurrent(x, dt, B, C, A, Dskip, states, D, N):
     Dskip_t = Dskip[:, 0]  # the same at every step
     h = states['h']
     y_steps = []
+    checkpoints = []
     for t in range(T_):
+        if every and t % every == 0:
+            checkpoints.append({'h': h})
         x_t = x[:, t]
         dt_t = dt[:, t]
         B_t = B[:, t]
         C_t = C[:, t]
         exp_A_dt_t = exp_A_dt[:, t]
-        h__new = torch.broadcast_to(exp_A_dt_t * h + B_t[..., None, :] * dt_t[..., :, None] * x_t[..., :, None], (B_, H_, D, N))  # mamba.rec:12
-        y_steps.append(torch.broadcast_to(Dskip_t * x_t + torch.einsum('...b,...ab->...a', C_t, h__new), (B_, H_, D)))  # mamba.rec:13
+        h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # mamba.rec:12
+        y_steps.append(torch.broadcast_to(torch.addcmul((C_t[..., None, :] @ h__new.mT)[..., 0, :], x_t, Dskip_t), (B_, H_, D)))  # mamba.rec:13
         h = h__new
-    return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}
+    return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
+
+
+def mamba__recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_outputs, grad_states, D, N, every=64, stepwise=False):
+    """The backward of mamba__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
+    run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
+    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    Returns ([gradient of each input and param], {state: gradient of its initial value})."""
+    B_, T_, H_ = x.shape[:3]
+    grad_x = x.new_zeros(x.shape)
+    grad_dt = dt.new_zeros(dt.shape)
+    grad_B = B.new_zeros(B.shape)
+    grad_C = C.new_zeros(C.shape)
+    grad_A = A.new_zeros(A.shape)
+    grad_Dskip = Dskip.new_zeros(Dskip.shape)
+    A = A[None, None]  # [1, 1, H, D, N]
+    Dskip = Dskip[None, None]  # [1, 1, H, D]
+    grad_y = grad_outputs['y']
+    grad_h = grad_states['h']  # d loss / d h after the step, from the steps after it
+    A_t = A[:, 0]  # the same at every step
+    Dskip_t = Dskip[:, 0]  # the same at every step
+    for t0 in reversed(range(0, T_, every)):
+        t1 = min(t0 + every, T_)
+        # Hoisted: state-free subexpressions at the segment's steps.
+        exp_A_dt = torch.exp(dt[:, t0:t1][..., :, None] * A)  # [B, t1 - t0, H, D, N]
+        x_steps = x[:, t0:t1].unbind(1)
+        dt_steps = dt[:, t0:t1].unbind(1)
+        B_steps = B[:, t0:t1].unbind(1)
+        C_steps = C[:, t0:t1].unbind(1)
+        grad_y_steps = grad_y[:, t0:t1].unbind(1)
+        exp_A_dt_steps = exp_A_dt.unbind(1)
+        # The segment's states, recomputed from its checkpoint.
+        h = checkpoints[t0 // every]['h']
+        h_steps = [h]
+        for t in range(t0, t1):
+            x_t = x_steps[t - t0]
+            dt_t = dt_steps[t - t0]
+            B_t = B_steps[t - t0]
+            exp_A_dt_t = exp_A_dt_steps[t - t0]
+            h__new = torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :])  # mamba.rec:12
+            h = h__new
+            h_steps.append(h)
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
+        grad_h__new_steps = [None] * (t1 - t0)
+        for t in reversed(range(t0, t1)):
+            C_t = C_steps[t - t0]
+            grad_y_t = grad_y_steps[t - t0]
+            exp_A_dt_t = exp_A_dt_steps[t - t0]
+            grad_h__new = torch.addcmul(grad_h, grad_y_t[..., :, None], C_t[..., None, :])  # d loss / d h after step t
+            if stepwise:  # each input's and param's gradient at this step
+                x_t = x_steps[t - t0]
+                dt_t = dt_steps[t - t0]
+                B_t = B_steps[t - t0]
+                h = h_steps[t - t0]
+                h__new = h_steps[t - t0 + 1]
+                sum_B_grad_h__new_ = torch.broadcast_to((B_t[..., None, :] @ grad_h__new.mT)[..., 0, :], (B_, H_, D))  # used more than once
+                grad_x[:, t] = torch.addcmul(sum_B_grad_h__new_ * dt_t, grad_y_t, Dskip_t)
+                grad_dt[:, t] = torch.addcmul((((A_t * exp_A_dt_t) * h) * grad_h__new).sum(dim=-1), x_t, sum_B_grad_h__new_)
+                grad_B[:, t] = ((dt_t * x_t)[..., None, :] @ grad_h__new)[..., 0, :]
+                grad_C[:, t] = (grad_y_t[..., None, :] @ h__new)[..., 0, :]
+                grad_A = grad_A + (dt_t[..., :, None] * exp_A_dt_t * h * grad_h__new).sum(0)
+                grad_Dskip = grad_Dskip + (torch.broadcast_to(x_t * grad_y_t, (B_, H_, D))).sum(0)
+            else:  # kept for after the loop
+                grad_h__new_steps[t - t0] = grad_h__new
+            grad_h = exp_A_dt_t * grad_h__new  # d loss / d h before step t
+        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
+            h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D, N]
+            grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)
+            sum_B_grad_h__new_2 = torch.broadcast_to((B[:, t0:t1][..., None, :] @ grad_h__new_steps.mT)[..., 0, :], (B_, t1 - t0, H_, D))  # used more than once
+            grad_x[:, t0:t1] = torch.addcmul(sum_B_grad_h__new_2 * dt[:, t0:t1], grad_y[:, t0:t1], Dskip)
+            grad_dt[:, t0:t1] = torch.addcmul((((A * exp_A_dt) * h_steps[:, :-1]) * grad_h__new_steps).sum(dim=-1), x[:, t0:t1], sum_B_grad_h__new_2)
+            grad_B[:, t0:t1] = ((dt[:, t0:t1] * x[:, t0:t1])[..., None, :] @ grad_h__new_steps)[..., 0, :]
+            grad_C[:, t0:t1] = (grad_y[:, t0:t1][..., None, :] @ h_steps[:, 1:])[..., 0, :]
+            grad_A = grad_A + (dt[:, t0:t1][..., :, None] * exp_A_dt * h_steps[:, :-1] * grad_h__new_steps).sum((0, 1))
+            grad_Dskip = grad_Dskip + (torch.broadcast_to(x[:, t0:t1] * grad_y[:, t0:t1], (B_, t1 - t0, H_, D))).sum((0, 1))
+    return [grad_x, grad_dt, grad_B, grad_C, grad_A, grad_Dskip], {'h': grad_h}
+
+
+mamba__recurrent = with_adjoint(mamba__recurrent_loop, mamba__recurrent_adjoint, ('y',), ('h',))
 
 
 def mamba__scan(x, dt, B, C, A, Dskip, states, D, N):
@@ -844,7 +1021,7 @@ def mamba__scan(x, dt, B, C, A, Dskip, states, D, N):
     b_h = torch.broadcast_to(B[..., None, :] * dt[..., :, None] * x[..., :, None], (B_, T_, H_, D, N))  # mamba.rec:12
     a_h = torch.exp(dt[..., :, None] * A)  # decay, broadcastable
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D, N]
-    y = torch.broadcast_to(Dskip * x + torch.einsum('...b,...ab->...a', C, all_h), (B_, T_, H_, D))  # mamba.rec:13
+    y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))  # mamba.rec:13
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 

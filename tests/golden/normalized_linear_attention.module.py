@@ -453,6 +453,101 @@ def with_torch_backward(fast, slow, output_names, state_names):
     return run
 
 
+# The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
+# runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
+RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+
+
+# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
+# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
+# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
+# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
+# is a kernel launch).
+ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
+STEPWISE_ELEMENTS = 8192
+
+
+def adjoint_stepwise(states) -> bool:
+    forced = os.environ.get(ADJOINT_STEPWISE, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    states = list(states)
+    return (all(s.device.type == "cpu" for s in states)
+            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+
+
+def checkpoint_every(length: int) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+    every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
+    return every if every > 0 else max(64, math.isqrt(length))
+
+
+class _AdjointBackward(torch.autograd.Function):
+    """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
+    of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
+    loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
+
+    @staticmethod
+    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+        args = _unflatten(layout, tensors)
+        outputs, finals, checkpoints = loop(*args, every=every)
+        results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
+        # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
+        results = [r.clone() if any(r is t for t in tensors) else r for r in results]
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.shapes = [(r.shape, r.dtype) for r in results]
+        ctx.count = (len(tensors), len(checkpoints))
+        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        return tuple(results)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per = len(state_names)
+        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
+        grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
+                 for g, (shape, dtype) in zip(grads, ctx.shapes)]
+        grad_outputs = dict(zip(out_names, grads[: len(out_names)]))
+        grad_states = dict(zip(state_names, grads[len(out_names):]))
+        args = _unflatten(ctx.layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
+                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+        positional = iter(positional)
+        flat_grads = []
+        for kind, info in ctx.layout:
+            if kind == "tensor":
+                flat_grads.append(next(positional))
+            elif kind == "dict":
+                flat_grads.extend(state_grads[k] for k in info)
+        needed = ctx.needs_input_grad[5:]
+        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+
+
+def with_adjoint(loop, adjoint, output_names, state_names):
+    """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        layout, tensors = _flatten(args)
+        if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+            outputs, finals, _ = loop(*args)
+            return outputs, finals
+        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -1143,8 +1238,9 @@ _normalized_linear_attention_spec = _Spec(
 )
 
 
-def normalized_linear_attention__recurrent(q, k, v, states, K, V):
-    """Per-step loop: every class, linear or not."""
+def normalized_linear_attention__recurrent_loop(q, k, v, states, K, V, every=0):
+    """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
+    states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
     # Hoisted: state-free subexpressions, computed once for all steps.
     add_k = 1.0 + F.elu(k)  # [B, T, H, K]
@@ -1153,17 +1249,101 @@ def normalized_linear_attention__recurrent(q, k, v, states, K, V):
     S = states['S']
     z = states['z']
     o_steps = []
+    checkpoints = []
     for t in range(T_):
+        if every and t % every == 0:
+            checkpoints.append({'S': S, 'z': z})
         v_t = v[:, t]
         add_k_t = add_k[:, t]
         elu_k_t = elu_k[:, t]
         add_q_t = add_q[:, t]
-        S__new = torch.broadcast_to(add_k_t[..., :, None] * v_t[..., None, :] + S, (B_, H_, K, V))  # normalized_linear_attention.rec:11,12
+        S__new = torch.broadcast_to(torch.addcmul(S, v_t[..., None, :], add_k_t[..., :, None]), (B_, H_, K, V))  # normalized_linear_attention.rec:11,12
         z__new = torch.broadcast_to(1.0 + elu_k_t + z, (B_, H_, K))  # normalized_linear_attention.rec:11,13
-        o_steps.append(torch.broadcast_to(torch.einsum('...b,...ba->...a', add_q_t, S__new) / (1e-06 + torch.einsum('...b,...b->...', add_q_t, z__new)[..., None]), (B_, H_, V)))  # normalized_linear_attention.rec:10,14
+        o_steps.append(torch.broadcast_to((add_q_t[..., None, :] @ S__new)[..., 0, :] / (1e-06 + (add_q_t * z__new).sum(dim=-1)[..., None]), (B_, H_, V)))  # normalized_linear_attention.rec:10,14
         S = S__new
         z = z__new
-    return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S, 'z': z}
+    return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S, 'z': z}, checkpoints
+
+
+def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K, V, every=64, stepwise=False):
+    """The backward of normalized_linear_attention__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
+    run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
+    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    Returns ([gradient of each input and param], {state: gradient of its initial value})."""
+    B_, T_, H_ = q.shape[:3]
+    grad_q = q.new_zeros(q.shape)
+    grad_k = k.new_zeros(k.shape)
+    grad_v = v.new_zeros(v.shape)
+    grad_o = grad_outputs['o']
+    grad_S = grad_states['S']  # d loss / d S after the step, from the steps after it
+    grad_z = grad_states['z']  # d loss / d z after the step, from the steps after it
+    for t0 in reversed(range(0, T_, every)):
+        t1 = min(t0 + every, T_)
+        # Hoisted: state-free subexpressions at the segment's steps.
+        add_k = 1.0 + F.elu(k[:, t0:t1])  # [B, t1 - t0, H, K]
+        elu_k = F.elu(k[:, t0:t1])  # [B, t1 - t0, H, K]
+        add_q = 1.0 + F.elu(q[:, t0:t1])  # [B, t1 - t0, H, K]
+        piecewise_q = torch.where(q[:, t0:t1] > 0.0, 1.0, torch.exp(q[:, t0:t1]))  # [B, t1 - t0, H, K]
+        piecewise_k = torch.where(k[:, t0:t1] > 0.0, 1.0, torch.exp(k[:, t0:t1]))  # [B, t1 - t0, H, K]
+        v_steps = v[:, t0:t1].unbind(1)
+        grad_o_steps = grad_o[:, t0:t1].unbind(1)
+        add_k_steps = add_k.unbind(1)
+        elu_k_steps = elu_k.unbind(1)
+        add_q_steps = add_q.unbind(1)
+        piecewise_q_steps = piecewise_q.unbind(1)
+        piecewise_k_steps = piecewise_k.unbind(1)
+        # The segment's states, recomputed from its checkpoint.
+        S = checkpoints[t0 // every]['S']
+        z = checkpoints[t0 // every]['z']
+        S_steps = [S]
+        z_steps = [z]
+        for t in range(t0, t1):
+            v_t = v_steps[t - t0]
+            add_k_t = add_k_steps[t - t0]
+            elu_k_t = elu_k_steps[t - t0]
+            S__new = torch.addcmul(S, v_t[..., None, :], add_k_t[..., :, None])  # normalized_linear_attention.rec:11,12
+            z__new = 1.0 + elu_k_t + z  # normalized_linear_attention.rec:11,13
+            S = S__new
+            z = z__new
+            S_steps.append(S)
+            z_steps.append(z)
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
+        grad_S__new_steps = [None] * (t1 - t0)
+        grad_z__new_steps = [None] * (t1 - t0)
+        for t in reversed(range(t0, t1)):
+            grad_o_t = grad_o_steps[t - t0]
+            add_q_t = add_q_steps[t - t0]
+            S__new = S_steps[t - t0 + 1]
+            z__new = z_steps[t - t0 + 1]
+            add_add_q_z__new_ = torch.broadcast_to(1e-06 + (add_q_t * z__new).sum(dim=-1), (B_, H_))  # used more than once
+            grad_z__new = torch.addcmul(grad_z, -((grad_o_t * (add_q_t[..., None, :] @ S__new)[..., 0, :]).sum(dim=-1)[..., None] / add_add_q_z__new_[..., None] ** 2.0), add_q_t)  # d loss / d z after step t
+            grad_S__new = torch.addcmul(grad_S, grad_o_t[..., None, :] / add_add_q_z__new_[..., None, None], add_q_t[..., :, None])  # d loss / d S after step t
+            if stepwise:  # each input's and param's gradient at this step
+                v_t = v_steps[t - t0]
+                add_k_t = add_k_steps[t - t0]
+                piecewise_q_t = piecewise_q_steps[t - t0]
+                piecewise_k_t = piecewise_k_steps[t - t0]
+                grad_q[:, t] = torch.addcmul(piecewise_q_t * (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / add_add_q_z__new_[..., None], -add_add_q_z__new_[..., None] ** (-2.0) * z__new * (grad_o_t * (add_q_t[..., None, :] @ S__new)[..., 0, :]).sum(dim=-1)[..., None], piecewise_q_t)
+                grad_k[:, t] = torch.addcmul(piecewise_k_t * grad_z__new, (v_t[..., None, :] @ grad_S__new.mT)[..., 0, :], piecewise_k_t)
+                grad_v[:, t] = (add_k_t[..., None, :] @ grad_S__new)[..., 0, :]
+            else:  # kept for after the loop
+                grad_S__new_steps[t - t0] = grad_S__new
+                grad_z__new_steps[t - t0] = grad_z__new
+            grad_S = grad_S__new  # d loss / d S before step t
+            grad_z = grad_z__new  # d loss / d z before step t
+        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
+            S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
+            z_steps = torch.stack(z_steps, dim=1)  # [B, t1 - t0 + 1, H, K]
+            grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)
+            grad_z__new_steps = torch.stack(grad_z__new_steps, dim=1)
+            add_add_q_z__new_2 = torch.broadcast_to(1e-06 + (add_q * z_steps[:, 1:]).sum(dim=-1), (B_, t1 - t0, H_))  # used more than once
+            grad_q[:, t0:t1] = torch.addcmul(piecewise_q * (grad_o[:, t0:t1][..., None, :] @ S_steps[:, 1:].mT)[..., 0, :] / add_add_q_z__new_2[..., None], -add_add_q_z__new_2[..., None] ** (-2.0) * z_steps[:, 1:] * (grad_o[:, t0:t1] * (add_q[..., None, :] @ S_steps[:, 1:])[..., 0, :]).sum(dim=-1)[..., None], piecewise_q)
+            grad_k[:, t0:t1] = torch.addcmul(piecewise_k * grad_z__new_steps, (v[:, t0:t1][..., None, :] @ grad_S__new_steps.mT)[..., 0, :], piecewise_k)
+            grad_v[:, t0:t1] = (add_k[..., None, :] @ grad_S__new_steps)[..., 0, :]
+    return [grad_q, grad_k, grad_v], {'S': grad_S, 'z': grad_z}
+
+
+normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'))
 
 
 def normalized_linear_attention__scan(q, k, v, states, K, V):
@@ -1175,7 +1355,7 @@ def normalized_linear_attention__scan(q, k, v, states, K, V):
     b_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
     a_z = b_z.new_full((1,) * b_z.dim(), 1.0)  # a constant decay
     all_z = scan_diagonal(a_z, b_z, states['z'])  # [B, T, H, K]
-    o = torch.broadcast_to(((1.0 + F.elu(q[..., None, :])) * all_S.movedim((-1, -2), (-2, -1))).sum(dim=-1) / (1e-06 + ((1.0 + F.elu(q[..., None, :])) * all_z[..., None, :]).sum(dim=-1)), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S'], 'z': all_z[:, -1] if T_ else states['z']}
 
 
