@@ -93,7 +93,10 @@ def raw_configs(form: str, backend: str) -> list[dict]:
 
 
 def default_config(form: str, backend: str, problem: Problem) -> dict:
-    """What an untuned call runs: compile()'s chunk_size=64 and the Triton runtimes' own defaults.
+    """What an untuned call runs: compile()'s chunk_size=64 and the Triton runtimes' own defaults, as far as one
+    config says them (a config's num_warps and block_v apply to every kernel, where an untuned call gives the
+    chunked runtime's heaviest kernels 8 warps and the delta rule's state kernel a narrower BV, and the
+    recurrent launcher picks num_warps from its tile sizes).
 
     A chunk_size above the padded length is clamped to it (the runtimes run that anyway)."""
     _check_tunable(form, backend)

@@ -30,6 +30,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def triton_options(call, options: dict | None) -> dict:
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
+    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
+    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
+    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
+    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    options = dict(options or {})
+    chunked = dict(options.get("chunked", {}))
+    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+    options["chunked"] = chunked
+    return options
+
+
 def pick_form(forms, length: int, chunk_size: int) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
     if length <= 16 or len(forms) == 1:

@@ -161,6 +161,8 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     @staticmethod
@@ -192,4 +194,4 @@ if "bind_call" not in globals():  # imported as a package module rather than cop
     from recurrence_dsl.calling import bind_call  # noqa: E402, F401
     from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
-    from .dispatch import pick_form, run_forms  # noqa: E402, F401
+    from .dispatch import pick_form, run_forms, triton_options  # noqa: E402, F401

@@ -78,7 +78,7 @@ def _triton_shared():
     from . import triton_recurrent
 
     runtime = _copyable(_ROOT / "triton_runtime.py")
-    helpers = _copyable_text(triton_recurrent.PRELUDE.format(name=""))
+    helpers = _copyable_text(triton_recurrent.prelude(""))
     rename = _renamer(_top_level_names(runtime) + _top_level_names(helpers))
     return rename(runtime) + "\n\n" + rename(helpers), rename
 

@@ -3,7 +3,7 @@
 `triton_recurrent_source(analysis)` returns a standalone Python module: one `@triton.jit` kernel
 `NAME__triton_recurrent_kernel` and its launcher
 
-    NAME__triton_recurrent(*inputs, *params, states, *sizes, block_<SIZE>=None, num_warps=4, num_stages=1)
+    NAME__triton_recurrent(*inputs, *params, states, *sizes, block_<SIZE>=None, num_warps=None, num_stages=1)
         -> (outputs: dict, final_states: dict)
 
 with the call convention of the torch `NAME__recurrent` (`codegen/torch_forms.py`): inputs
@@ -13,11 +13,22 @@ zero), sizes as ints. Outputs come back [B, T, H, ...] in the first input's dtyp
 
 Kernel design (the torch per-step loop, moved into one program):
 
-- grid (B * H,): one program per (batch, head); the loop over t runs inside the program;
+- grid (B * H, tiles): one program per (batch, head) and tile of the one axis that no step couples
+  (`_tile_axis`: no `sum` runs over it and every tile with that axis is indexed by a plain index of
+  it, once; the value axis V of `S[K, V]` read as `sum(i, q[i] * S[i, j])`, also under the delta
+  rule, whose `sum(i, k[i] * S[i, j])` couples only K). That axis is cut into tiles of
+  `BLOCK_<SIZE>` = min(pow2(n), TILE = 32) lanes (`block_<SIZE>=` may be any power of two >= 16),
+  so B = 1, H = 16, K = V = 128 runs 64 programs of [128, 32] state tiles; with no such axis (a
+  state read across every axis, like minimal_rnn's h through its [D, D] params) the grid is
+  (B * H, 1). The loop over t runs inside the program;
 - every state lives in registers as a float32 tile, one axis per state dimension, each axis
   padded to a power of two >= 16 (`BLOCK_<SIZE>`, a `tl.constexpr` chosen by the launcher, or
-  given as `block_<SIZE>=`); padding lanes are masked on every load and store and kept exactly zero
-  (see `triton_printer.py` for the rule that guarantees it through sums and state updates);
+  given as `block_<SIZE>=`, which must cover the axis unless it is the tiled one); padding lanes
+  are masked on every load and store and kept exactly zero (see `triton_printer.py` for the rule
+  that guarantees it through sums and state updates);
+- num_warps defaults to the fewest of 4, 8, 16 that keep a program's loop-resident tiles (each
+  state twice, S and S_new, each param and loop-invariant temporary once) to ELEMENTS_PER_THREAD
+  float32 values a thread;
 - each step loads its inputs (upcast to float32), computes every new state `b_S_new` from the
   composed updates of the step IR (which read the previous states, and, where a state is assigned
   after another one, that one's new value: states are updated in the order of their last assignment,
@@ -29,9 +40,8 @@ Kernel design (the torch per-step loop, moved into one program):
   argument repeated (elu, silu, ...); each is written just before its first use; one that reads only
   params is computed once, before the loop, the Triton analogue of the torch form's hoisting;
   size-only constants (`K ** -0.5`) are computed by the launcher and passed as float arguments;
-- not supported: a recurrence with no input (no time axis); states are whole tiles in registers,
-  so very large states (say K * V > 128 * 128 per head) will spill: splitting V across programs
-  when no sum runs over it is the obvious next step.
+- not supported: a recurrence with no input (no time axis); a state tile is held in registers,
+  so a state with no axis to split (or a very large tile of one) will spill.
 - pointers: inputs and outputs are made contiguous; the (batch, head) base offset is int64, and
   per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable).
 """
@@ -63,8 +73,10 @@ from .triton_printer import (
 # Names the generated module uses itself; a user name equal to one of them, or starting with one of the
 # generated prefixes, gets a trailing underscore inside the kernel.
 _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
-             "i_bh", "i_t", "T_", "H_", "B_", "num_warps", "num_stages", "kernel", "out_dtype", "dev"}
+             "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "num_warps", "num_stages", "kernel", "out_dtype", "dev"}
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
+TILE = 32  # default lanes per program of the axis split over programs
+ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
 _TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
 _CONST_PREFIX = "_const"
 
@@ -360,11 +372,13 @@ class TritonRecurrentWriter:
             if h not in all_sizes:
                 all_sizes.append(h)
         self.block_sizes = all_sizes
+        self.tile = self._tile_axis()
         used = set()
         for _, e in list(self.updates.values()) + list(self.outputs_ir.values()):
             used |= _leaf_names(e)
         for _, e in self.temps.values():
             used |= _leaf_names(e)
+        self.used = used
 
         w = SourceWriter()
         kernel = f"{self.fn}__triton_recurrent_kernel"
@@ -379,12 +393,22 @@ class TritonRecurrentWriter:
         rest = args[len(self.inputs) + len(self.params):]
         w(", ".join(rest) + ",  # states in, outputs, states out, constants, sizes, blocks")
         w("):", 0)
-        w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
+        if self.tile is None:
+            w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
+        else:
+            size = self._size_src(self.tile)
+            w(f'"""One (batch, head, {block_name(self.tile)} lanes of {size}) per program (no step couples lanes of '
+              f'{size}); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
+        if self.tile is not None:
+            w("i_tile = tl.program_id(1)")
         for d in all_sizes:
-            w(f"{offs_name(d)} = tl.arange(0, {block_name(d)})")
+            if d == self.tile:
+                w(f"{offs_name(d)} = i_tile * {block_name(d)} + tl.arange(0, {block_name(d)})")
+            else:
+                w(f"{offs_name(d)} = tl.arange(0, {block_name(d)})")
             w(f"{mask_name(d)} = {offs_name(d)} < {self._size_src(d)}")
 
         # params: loaded once
@@ -478,6 +502,43 @@ class TritonRecurrentWriter:
                 w(f"tl.store(ht_{u} + i_bh, b_{u})")
         return w.text()
 
+    def _tile_axis(self) -> sympy.Symbol | None:
+        """The size whose lanes no step couples, so that its axis can be split over programs: no `sum` runs over
+        it, and wherever a tile has an axis of that size it is indexed by a plain index of that size, once (so
+        lane j of every value depends only on lanes j). For `S[K, V]` read as `sum(i, q[i] * S[i, j])` it is V
+        (the delta rule's `sum(i, k[i] * S[i, j])` couples only K); a state read across V keeps V whole. Of the
+        sizes that qualify, the one spanning the most state elements (the last of equals); None when no
+        state has a size that qualifies (the whole state is then one program's)."""
+        key = size_key
+        dims = {}
+        for sym in self.inputs + self.params + self.states + self.outputs:
+            dims[sym.name] = [key(d) for d in self._dims(sym)]
+        for sym in self.states:
+            dims[sym.name + NEW_SUFFIX] = dims[sym.name]
+        for name, (axes, _) in self.temps.items():
+            dims[name] = [key(self.ranges[a]) for a in axes]
+        coupled = {d for ds in dims.values() for d in ds if ds.count(d) > 1}
+        exprs = ([e for _, e in self.updates.values()] + [e for _, e in self.outputs_ir.values()]
+                 + [e for _, e in self.temps.values()])
+        for e in exprs:
+            for n in sympy.preorder_traversal(e):
+                if isinstance(n, sympy.Sum):
+                    coupled.update(key(self.ranges[lim[0]]) for lim in n.limits)
+                elif isinstance(n, sympy.Indexed):
+                    for idx, d in zip(n.indices, dims.get(str(n.base), ()), strict=False):
+                        if not (isinstance(idx, sympy.Symbol) and idx in self.ranges and key(self.ranges[idx]) == d):
+                            coupled.add(d)
+        weight: dict[str, int] = {}
+        for sym in self.states:
+            for d in self._dims(sym):
+                if isinstance(d, sympy.Symbol) and key(d) not in coupled:
+                    weight[key(d)] = weight.get(key(d), 0) + len(sym.dims)
+        if not weight:
+            return None
+        best = max(weight.values())
+        name = [d for d in weight if weight[d] == best][-1]
+        return next(d for d in self.block_sizes if isinstance(d, sympy.Symbol) and key(d) == name)
+
     def _full(self, printer: TritonPrinter, e: sympy.Expr, idx) -> str:
         """`e` as a float32 tile of exactly the shape of `idx` (a state must keep its type across the loop)."""
         text = printer.print_expr(e, idx)
@@ -517,14 +578,30 @@ class TritonRecurrentWriter:
 
     # -- the launcher -------------------------------------------------------------
 
+    def _footprint(self) -> str:
+        """Source of the float32 elements a program holds through its loop: each state tile twice (S and S_new),
+        each param tile and each loop-invariant temporary once (the launcher's num_warps default reads it)."""
+        def tile(dims) -> str:
+            return " * ".join(block_name(d) for d in dims) if dims else "1"
+
+        terms = [f"2 * {tile(self._dims(st))}" for st in self.states]
+        terms += [tile(self._dims(p)) for p in self.params if p.name in self.used]
+        terms += [tile([self.ranges[a] for a in self.temps[n][0]]) for n in self.temps
+                  if self.temp_phase[n] == "prologue"]
+        return " + ".join(terms) or "0"
+
     def write_launcher(self) -> str:
         w = SourceWriter()
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["states"] + sizes + ["*"] + blocks + ["num_warps=4", "num_stages=1"])
+        sig = ", ".join(args + ["states"] + sizes + ["*"] + blocks + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent({sig}):", 0)
-        w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""')
+        if self.tile is None:
+            w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""')
+        else:
+            w(f'"""Per-step loop in one Triton program per (batch, head, tile of {block_name(self.tile)} lanes of '
+              f'{self._size_src(self.tile)}); returns (outputs, final states)."""')
         first = _user(self.inputs[0].name)
         w(f"B_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -541,11 +618,15 @@ class TritonRecurrentWriter:
             w(f"ht_{_user(s.name)} = torch.empty_like(h0_{_user(s.name)})")
         kw = []
         for d in self.block_sizes:
-            if isinstance(d, sympy.Symbol):
+            if d == self.tile:
+                w(f"{block_name(d)} = _tile({self._size_src(d)}, block_{size_key(d)}, {block_name(d)!r})")
+            elif isinstance(d, sympy.Symbol):
                 w(f"{block_name(d)} = _block({self._size_src(d)}, block_{size_key(d)}, {block_name(d)!r})")
             else:
                 w(f"{block_name(d)} = {block_for(int(d))}")
             kw.append(f"{block_name(d)}={block_name(d)}")
+        w("if num_warps is None:")
+        w(f"num_warps = _warps({self._footprint()})", 2)
         names = self._names()
         for ir_name, src, used in self.consts.values():
             # float64 arithmetic on the sizes, as the reference's: K ** -0.5 at K = 0 is inf (Python's raises).
@@ -554,8 +635,12 @@ class TritonRecurrentWriter:
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
                 + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
                 + ["num_warps=num_warps", "num_stages=num_stages"])
+        if self.tile is None:
+            grid = "(B_ * H_,)"
+        else:
+            grid = f"(B_ * H_, triton.cdiv(max({self._size_src(self.tile)}, 1), {block_name(self.tile)}))"
         w("if B_ * H_ > 0:")
-        w(f"{self.fn}__triton_recurrent_kernel[(B_ * H_,)](", 2)
+        w(f"{self.fn}__triton_recurrent_kernel[{grid}](", 2)
         w(", ".join(call) + ",", 3)
         w(")", 2)
         outs = ", ".join(f"{o.name!r}: {_user(o.name)}" for o in self.outputs)
@@ -581,6 +666,24 @@ def _block(n, given, what):
     return block
 
 
+def _tile(n, given, what):
+    """The tile extent of an axis split over programs: min(pow2(n), {tile}) lanes, at least 16 (or `given`,
+    a power of two >= 16, checked)."""
+    block = min(max(16, triton.next_power_of_2(int(n))), {tile}) if given is None else int(given)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{{what}} must be a power of two >= 16, got {{block}}")
+    return block
+
+
+def _warps(elements):
+    """num_warps for a program holding `elements` float32 values through its loop: at most {per_thread} a thread
+    (4 warps at least, 16 at most)."""
+    warps = 4
+    while warps < 16 and elements > {per_thread} * 32 * warps:
+        warps *= 2
+    return warps
+
+
 def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
@@ -598,12 +701,17 @@ def _initial_state(states, name, shape, dev):
 '''
 
 
+def prelude(name: str) -> str:
+    """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in)."""
+    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD)
+
+
 def triton_recurrent_source(analysis: Analysis) -> str:
     """The source of a standalone module: the Triton recurrent kernel of `analysis` and its launcher."""
     writer = TritonRecurrentWriter(analysis)
     kernel = writer.write()
     launcher = writer.write_launcher()
-    source = PRELUDE.format(name=analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
+    source = prelude(analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
     check_kernel_source(source)
     return source
 

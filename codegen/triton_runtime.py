@@ -7,7 +7,8 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
-`num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)).
+`num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)). A tuning argument left
+None takes each kernel's default (`_WARPS` and the constants beside it); one given applies to every launch.
 Shared structure: the torch runtime cuts a sequence exactly like this one for the same chunk_size (its
 `_chunk_sizes` returns this file's (BT, 16)) and computes the per-channel-decay intra-chunk sums in the same
 grouping: 16-row sub-chunks, sub-blocks below the diagonal through the state after sub-chunk i - 1 and one matmul,
@@ -20,7 +21,9 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
 
   _cumsum_kernel        (NT, cdiv(D, BD), B*H)   chunk-local inclusive cumulative sum G of the log decays (D = 1
                                                   for a scalar decay, K or V for a per-channel one), each floored
-                                                  at _LOG_DECAY_FLOOR = -1000, float64.
+                                                  at _LOG_DECAY_FLOOR = -1000, float64; for a key decay also
+                                                  exp(G) in float32 (read by the output and WY kernels, so they
+                                                  hold no float64 tile for a lone G).
   _intra_attn_kernel    (NT, NC*NC, B*H)         key/value decay only: the intra-chunk scores
                                                   A_ts = sum_i q_t[i] k_s[i] exp(Gq_t[i] - G_s[i]) (s <= t, or s < t),
                                                   one 16 x 16 sub-block (i, j) per program (NC = BT / 16): below the
@@ -31,10 +34,12 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   inverse T = (I + L)^-1 by forward substitution (row by row, in
                                                   registers), then W = T diag(beta) (K * exp(G)) and Uy = T Y.
   _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
-                                                  the state passed over chunks in float32 registers; writes the
-                                                  start state of every chunk to h [B, H, NT, K, V] (float32) and the
-                                                  final state. For delta (BK >= K: the program holds whole columns of
-                                                  S) it also resolves the pseudo-values U = Uy - W S in place.
+                                                  linear only: the state passed over chunks in float32 registers;
+                                                  writes the start state of every chunk to h [B, H, NT, K, V]
+                                                  (float32) and the final state.
+  _delta_state_kernel   (cdiv(V, BV), B*H)       delta only: the same, for whole columns of S (BK >= K), held as
+                                                  NK <= 4 row blocks of KB = 64 rows (`_delta_blocks`), each its own
+                                                  tile; it also resolves the pseudo-values U = Uy - W S in place.
   _chunk_output_kernel  (cdiv(V, BV), NT, B*H)   decay None / scalar / key: o = (q * exp(Gq)) @ S_start
                                                   + (A masked) @ v, A = q k^T (decayed) built in the K loop, or read
                                                   from _intra_attn_kernel for a key decay.
@@ -43,17 +48,24 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   (q @ S_start) * exp(Gq), earlier sub-chunks by tl.dot against
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
 
-Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are
-float32; outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute
-dtype of the torch runtime). tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for
-half-precision inputs, whose own mantissa is no wider than tf32's; False for float32 inputs); its operands are
-always float32. Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors each log decay at -1000
-(a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay spanning it, as -inf
-does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log decay after a reset
-gate (one step of -1e4) is not lost to float32 rounding of G. A decay factor is formed by `_decay`: the difference
-G_a - G_b (G_a later than G_b, so <= 0) in float64, rounded to float32 at once, then exp in float32; a lone G
-(exp(G_t), exp(G_last)) is rounded the same way. `_safe_exp` clamps the exponent at 0 so padded rows (whose G is
-loaded as 0) can never make an inf, and masks select (tl.where) rather than multiply, hence no 0 * inf = nan.
+Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
+rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
+registers on sm_80 or sm_90 at K = V <= 128 with tf32 dots (checked by `recdsl kernels`, tests/test_no_spills.py
+and benchmarks/kernel_matrix.py). float32 ("ieee") dots run as FMA loops, which need far more registers.
+
+Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are float32;
+outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the
+torch runtime). tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for half-precision inputs,
+whose own mantissa is no wider than tf32's; False for float32 inputs); its operands are always float32. A generated
+module upcasts a call's inputs before they reach these kernels, so it passes allow_tf32 itself from the call's dtype
+(codegen/dispatch.py, `triton_options`). Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors
+each log decay at -1000 (a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay
+spanning it, as -inf does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log
+decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. A decay factor is formed by
+`_decay`: the difference G_a - G_b (G_a later than G_b, so <= 0) in float64, rounded to float32 at once, then exp in
+float32; a lone G (exp(G_t), exp(G_last)) is rounded the same way. `_safe_exp` clamps the exponent at 0 so padded
+rows (whose G is loaded as 0) can never make an inf, and masks select (tl.where) rather than multiply, hence no 0 *
+inf = nan.
 
 GPU rules kept by construction (the Triton interpreter does not check them): every tl.dot operand dimension is
 >= 16 (BT, BK, BV are powers of two >= 16, checked in Python before launch, sub-chunks are 16), no
@@ -75,6 +87,13 @@ _AXES = (None, "scalar", "key", "value")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
 _LOG_DECAY_FLOOR = -1000.0  # _cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
+# Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
+# Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
+# tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+_WARPS, _STAGES = 4, 2  # every launch but the two below
+_KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+_DELTA_STATE_WARPS = 8  # _delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
+_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,9 +119,10 @@ def _decay(g_to, g_from):
 
 
 @triton.jit
-def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr):
-    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+def _cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
+    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_decay`).
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -115,7 +135,10 @@ def _cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
-    tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + offs, b_gc, mask=m)
+    if EXP:
+        tl.store(eg + offs, _safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
 @triton.jit
@@ -194,7 +217,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      PREC: tl.constexpr):
     """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
@@ -241,8 +264,7 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
         if DECAY == 1:
             b_k = b_k * (b_beta * _safe_exp(b_g.to(tl.float32)))[:, None]
         elif DECAY == 2:
-            b_gk = tl.load(gc + offs, mask=m, other=0.0)
-            b_k = b_k * _safe_exp(b_gk.to(tl.float32)) * b_beta[:, None]
+            b_k = b_k * tl.load(eg + offs, mask=m, other=1.0) * b_beta[:, None]
         else:
             b_k = b_k * b_beta[:, None]
         tl.store(w + offs, tl.dot(b_T, b_k, input_precision=PREC), mask=m)
@@ -256,13 +278,12 @@ def _delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.conste
 
 
 @triton.jit
-def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
-    DELTA: v is the pseudo-value buffer holding Uy, overwritten in place by U = Uy - W S (needs BK >= K).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -288,11 +309,6 @@ def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.conste
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        if DELTA:
-            p_w = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
-            b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
-            b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
-            tl.store(v + p_tv, b_v, mask=m_tv)
         if DECAY == 1:
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
@@ -313,8 +329,129 @@ def _chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.conste
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
 
 
+# The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
+# row blocks of KB rows, each its own [KB, BV] tile (b_h1 .. b_h4), so every tl.dot and every k / w tile is
+# [BT, KB] or [KB, BT] and is loaded just before its use: no [BT, K] tile is ever live (flash-linear-attention's
+# chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
+
+
 @triton.jit
-def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _block_load(p, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    """Rows i_kb * KB .. + KB of a [K, V] float32 matrix at p, columns o_v."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    return tl.load(p + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
+
+
+@triton.jit
+def _block_store(p, b, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    o_k = i_kb * KB + tl.arange(0, KB)
+    tl.store(p + o_k[:, None] * V + o_v[None, :], b, mask=(o_k < K)[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+              PREC: tl.constexpr):
+    """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                  other=0.0)  # [BT, KB] float32
+    return tl.dot(b_w, b_h, input_precision=PREC)
+
+
+@triton.jit
+def _delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                    KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """S[block] <- D S[block] + (k exp(G_last - G))[:, block]^T U (a scalar decay is already in S and U)."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of k^T
+    b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    if DECAY == 2:
+        b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [KB]
+        b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [KB, BT]
+        b_kt = b_kt * _decay(b_gl[:, None], b_g)
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
+    return b_h + tl.dot(b_kt, b_u, input_precision=PREC)
+
+
+@triton.jit
+def _delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
+    row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n."""
+    i_vt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt0 = i_b.to(tl.int64) * T
+    o_i = tl.arange(0, BT)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_h1 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 1:
+        b_h2 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 2:
+        b_h3 = tl.zeros([KB, BV], dtype=tl.float32)
+        b_h4 = tl.zeros([KB, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0 = h0 + i_bh.to(tl.int64) * (K * V)
+        b_h1 += _block_load(p_h0, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            b_h2 += _block_load(p_h0, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            b_h3 += _block_load(p_h0, 2, o_v, m_v, K, V, KB)
+            b_h4 += _block_load(p_h0, 3, o_v, m_v, K, V, KB)
+    for i_n in range(0, NT):
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+        _block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _block_store(p_hn, b_h3, 2, o_v, m_v, K, V, KB)
+            _block_store(p_hn, b_h4, 3, o_v, m_v, K, V, KB)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0) - _delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K, KB, PREC)
+        if NK > 1:
+            b_u -= _delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
+        if NK > 2:
+            b_u -= _delta_ws(w, b_h3, bos, o_i, m_t, 2, H, K, KB, PREC)
+            b_u -= _delta_ws(w, b_h4, bos, o_i, m_t, 3, H, K, KB, PREC)
+        tl.store(u + p_tv, b_u, mask=m_tv)
+        if DECAY == 1:  # a scalar decay: exp(G_last - G_t) on the rows of U, exp(G_last) on S
+            b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+            b_u = b_u * _decay(b_gl, b_g)[:, None]
+            b_dh = tl.exp(b_gl.to(tl.float32))
+            b_h1 = b_h1 * b_dh
+            if NK > 1:
+                b_h2 = b_h2 * b_dh
+            if NK > 2:
+                b_h3 = b_h3 * b_dh
+                b_h4 = b_h4 * b_dh
+        b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+        if NK > 1:
+            b_h2 = _delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+        if NK > 2:
+            b_h3 = _delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+            b_h4 = _delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+    if STORE_HT:
+        p_ht = ht + i_bh.to(tl.int64) * (K * V)
+        _block_store(p_ht, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _block_store(p_ht, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _block_store(p_ht, b_h3, 2, o_v, m_v, K, V, KB)
+            _block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
+
+
+@triton.jit
+def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
@@ -342,10 +479,10 @@ def _chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constex
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if DECAY == 2:
-            b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
-                           mask=m_tg[:, None] & m_k[None, :], other=0.0)
-            b_o += tl.dot(b_q * _safe_exp(b_gq.to(tl.float32)), b_h, input_precision=PREC)
+        if DECAY == 2:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
+            b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                           mask=m_tg[:, None] & m_k[None, :], other=1.0)
+            b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
         else:
             b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                            other=0.0).to(tl.float32)  # [BK, BT]
@@ -441,6 +578,11 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _or(given, default):
+    """A launch option: the call's, else the kernel's default."""
+    return default if given is None else given
+
+
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -483,7 +625,8 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
 
     BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
     chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
-    pow2(K), the whole of K), BV to min(pow2(V), 64 / 32 / 16 for BK <= 64 / 128 / more) to bound registers.
+    pow2(K), the whole of K, which every kernel but the state kernel walks in blocks of KB = `_delta_blocks`),
+    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers.
     """
     T, K = k.shape[1], k.shape[-1]
     _check_block("chunk_size", chunk_size)
@@ -492,7 +635,8 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
         block_k = _pow2_at_least_16(K) if delta else min(64, _pow2_at_least_16(K))
     _check_block("block_k", block_k)
     if block_v is None:
-        block_v = min(_pow2_at_least_16(V), 64 if block_k <= 64 else (32 if block_k <= 128 else 16))
+        kb = _delta_blocks(block_k)[0] if delta else block_k
+        block_v = min(_pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
     _check_block("block_v", block_v)
     if delta and block_k < K:
         raise ValueError(f"chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
@@ -502,16 +646,24 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int) -> Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays floored at _LOG_DECAY_FLOOR, float64, same layout
-    ([B, T, H] or [B, T, H, D])."""
+def _delta_blocks(BK: int) -> tuple[int, int]:
+    """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
+    KB = max(min(64, BK), BK // 4)
+    return KB, BK // KB
+
+
+def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _LOG_DECAY_FLOOR, float64,
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
-    BD = min(64, _pow2_at_least_16(D))
+    BD = min(32, _pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-    _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _LOG_DECAY_FLOOR,
-                                                                    num_warps=num_warps)
-    return gc
+    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
+        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _LOG_DECAY_FLOOR, with_exp,
+        num_warps=_or(num_warps, _WARPS))
+    return gc, eg
 
 
 def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
@@ -521,12 +673,12 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _intra_attn_kernel[(NT, NC * NC, B * H)](
         q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
     return A
 
 
-def _chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_state, BT, BK, BV, prec,
-                  num_warps, num_stages):
+def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
+                  num_stages):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -535,19 +687,39 @@ def _chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_st
     ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
-        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, decay, delta,
-        h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
+        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K, V,
+        NT, BT, BK, BV, decay, h0 is not None, ht is not None, prec, num_warps=_or(num_warps, _WARPS),
+        num_stages=_or(num_stages, _STAGES))
     return h, ht
 
 
-def _chunk_output(q, exclusive, k, v, gc, h, A, o, decay: int, BT, BK, BV, prec, num_warps, num_stages) -> None:
-    """Launch _chunk_output_kernel (decay None, scalar or key; A: the key decay's intra-chunk scores)."""
+def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
+                  num_stages):
+    """_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    KB, NK = _delta_blocks(BK)
+    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    h0 = None if initial_state is None else initial_state.contiguous()
+    _delta_state_kernel[(triton.cdiv(V, BV), B * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K,
+        V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
+        num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=_or(num_stages, _STAGES))
+    return h, ht
+
+
+def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
+                  num_stages) -> None:
+    """Launch _chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
+    exp(G))."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        num_warps=num_warps, num_stages=num_stages)
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
+        exclusive, prec, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
+        num_stages=_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,7 +737,8 @@ class NoDecay:
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
-        return None
+        """(G, exp(G)): the float64 cumulative log decays and, where the kernels read it, their float32 exp."""
+        return None, None
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
@@ -573,8 +746,8 @@ class NoDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _chunk_output(q, exclusive, k, v, gc, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
 
 
 class ScalarDecay:
@@ -591,8 +764,8 @@ class ScalarDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _chunk_output(q, exclusive, k, v, gc, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
 
 
 class KeyDecay:
@@ -602,16 +775,16 @@ class KeyDecay:
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
-        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps, with_exp=True)
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
         return _intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
         A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
-        _chunk_output(q, exclusive, k, v, gc, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
+        _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
 
 
 class ValueDecay:
@@ -624,25 +797,26 @@ class ValueDecay:
         return _cumsum(log_decay, log_decay.shape[3], BT, num_warps)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
         B, T, H, K = k.shape
         V = v.shape[-1]
         A = _intra_attn(q, k, None, 3, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
         _chunk_output_value_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT) * (BT // _SUB), B * H)](
             q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
-            num_warps=num_warps, num_stages=num_stages)
+            num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
 
 
 _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
 
 
-def _outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
-        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
+                         num_stages)
         outs.append(o)
     return outs
 
@@ -664,7 +838,7 @@ def _empty_result(queries, k, v, initial_state, output_final_state):
 
 
 def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
-                   output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                   output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                    allow_tf32=None):
     """Chunked form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton); see codegen.torch_runtime.chunked_linear.
 
@@ -673,8 +847,8 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
     Returns (list of outputs [B, T, H, V] in k's dtype, final state [B, H, K, V] float32 or None).
     chunk_size, block_k, block_v: powers of two >= 16; the chunk length is BT = min(chunk_size, pow2(T)), so a
     chunk_size >= T is the parallel form (one chunk). Defaults: BK = min(64, pow2(K)), BV = min(64, pow2(V)).
-    num_warps, num_stages: passed to every launch. allow_tf32: tl.dot input precision "tf32" instead of "ieee"
-    (None: only for float16 / bfloat16 inputs).
+    num_warps, num_stages: passed to every launch (None: each kernel's default, see the module docstring).
+    allow_tf32: tl.dot input precision "tf32" instead of "ieee" (None: only for float16 / bfloat16 inputs).
     """
     _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
     return chunked_linear_by(_DECAYS[decay_axis], queries, k, v, log_decay, initial_state, chunk_size,
@@ -683,7 +857,7 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 
 
 def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
-                      output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that)."""
@@ -691,15 +865,15 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     k, v = k.contiguous(), v.contiguous()
-    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
-    h, ht = _chunk_states(k, v, gc, None, initial_state, decay_cls.code, False, output_final_state, BT, BK, BV,
-                          prec, num_warps, num_stages)
-    outs = _outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
+                          num_stages)
+    outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
 
 def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
-                  output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                  output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                   allow_tf32=None):
     """Chunked (WY/UT) form of S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T on the GPU (Triton).
 
@@ -707,7 +881,9 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     Per chunk (see codegen.torch_runtime.chunked_delta for the derivation): L_ts = beta_t (k_t . k_s) decayed for
     s < t, Tm = (I + L)^-1, W = Tm diag(beta) (K * exp(G)), Uy = Tm Y; then, passing the state, U = Uy - W S0 and
     S <- D_chunk S0 + (K * exp(G_last - G))^T U; outputs are chunked_linear's with v replaced by U.
-    block_k must cover K (default pow2(K)); block_v defaults to min(pow2(V), 64) (32 for K > 64, 16 for K > 128).
+    block_k must cover K (default pow2(K)): the state kernel holds whole columns of S, as row blocks of 64
+    (`_delta_blocks`), which every other kernel walks K by. block_v defaults to min(pow2(V), 64), and to 32 in the
+    state kernel (16 with a key decay).
     """
     if decay_axis == "value":
         raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
@@ -722,7 +898,7 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
 
 
 def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
-                     output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                      allow_tf32=None):
     """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
     of generated modules; shapes and dtypes are not checked (chunked_delta does that)."""
@@ -731,16 +907,19 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _empty_result(queries, k, y, initial_state, output_final_state)
+    BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     NT = triton.cdiv(T, BT)
-    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
-    Akk = decay_cls.wy_scores(k, gc, BT, BK, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
+    KB = _delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _delta_wy_kernel[(NT, B * H)](
-        k, y, beta, gc if gc is not None else k, Akk if Akk is not None else w, w, u, T, H, K, V, BT, BK,
-        min(BV, 64), decay_cls.code, prec, num_warps=num_warps, num_stages=num_stages)
-    h, ht = _chunk_states(k, u, gc, w, initial_state, decay_cls.code, True, output_final_state, BT, BK, BV, prec,
+        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u, T,
+        H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_or(num_warps, _WARPS),
+        num_stages=_or(num_stages, _STAGES))
+    h, ht = _delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages)
-    outs = _outputs(queries, decay_cls, k, u, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht

@@ -111,8 +111,60 @@ def test_block_size_arguments():
     fn = launcher(name)
     out, final = fn(*(a.float() for a in args), {"h": initial.float()}, 20, 24, block_P=64, block_N=32, num_warps=2)
     assert rel(out["y"], ref_out) <= 1e-5 and rel(final["h"], ref_final) <= 1e-5
+    # P is split over programs (no step couples its lanes): a block below P is a tile, here two of 16 lanes
+    out, final = fn(*(a.float() for a in args), {"h": initial.float()}, 20, 24, block_P=16)
+    assert rel(out["y"], ref_out) <= 1e-5 and rel(final["h"], ref_final) <= 1e-5
+    with pytest.raises(ValueError, match="BLOCK_N"):  # N is summed over: one program holds all of it
+        fn(*(a.float() for a in args), {"h": initial.float()}, 20, 24, block_N=16)
     with pytest.raises(ValueError, match="BLOCK_P"):
-        fn(*(a.float() for a in args), {"h": initial.float()}, 20, 24, block_P=16)
+        fn(*(a.float() for a in args), {"h": initial.float()}, 20, 24, block_P=24)
+
+
+TILE_AXES = {"gla": "V", "delta_net": "V", "gated_delta_net": "V", "rwkv7": "V", "rwkv6": "V", "hgrn2": "V",
+             "normalized_linear_attention": "V", "mamba": "D", "mamba2": "P", "indrnn": "D", "minimal_rnn": None}
+
+ACROSS = """
+recurrence read_across_v(q[K], k[K], v[V]) -> o[K] {
+    state S[K, V]
+    S[i, j] = S[i, j] + k[i] * v[j]
+    o[i] = sum(j, S[i, j] * v[j]) * q[i]
+}
+
+recurrence read_both(q[K], k[K], v[V]) -> o {
+    state S[K, V]
+    S[i, j] = 0.5 * S[i, j] + k[i] * v[j]
+    o = sum(i, j, q[i] * S[i, j])
+}
+
+recurrence transposed_read(q[K], k[K], v[K]) -> o[K] {
+    state S[K, K]
+    S[i, j] = S[i, j] + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+
+def test_tiled_axis():
+    """The recurrent kernel splits over programs the one axis no step couples (the value axis of S[K, V] read
+    through sum(i, q[i] * S[i, j])); a state read across V is split along K instead, one read across both (or
+    a square state, whose two axes are one size) is not split. Each runs against the reference, tiled."""
+    from codegen.triton_recurrent import TritonRecurrentWriter
+
+    def tile_of(rec):
+        writer = TritonRecurrentWriter(analyse(rec.checked))
+        writer.write()
+        return None if writer.tile is None else writer.tile.name
+
+    for name, axis in TILE_AXES.items():
+        assert tile_of(_RECS[name]) == axis, name
+    recs = recurrence_dsl.load(ACROSS)
+    assert [tile_of(recs[n]) for n in ("read_across_v", "read_both", "transposed_read")] == ["K", None, None]
+    src = triton_recurrent_source(analyse(_RECS["gla"].checked))
+    assert "offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)" in src and "offs_K = tl.arange(0, BLOCK_K)" in src
+    assert "[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))]" in src
+    check_spec(ACROSS, "read_across_v", {"K": 40, "V": 20})
+    check_spec(ACROSS, "read_both", {"K": 40, "V": 20})
+    check_spec(ACROSS, "transposed_read", {"K": 40})
 
 
 SCALAR_AND_3D = """

@@ -142,6 +142,15 @@ def test_delta_tiled_v(axis):
             block_v=16)
 
 
+@pytest.mark.parametrize("axis", DELTA_AXES)
+@pytest.mark.parametrize("K", [80, 144])
+def test_delta_row_blocks(axis, K):
+    """The delta state kernel holds whole columns of S as NK row blocks of KB = 64 rows: K = 80 is BK = 128 in two
+    blocks (the second partly masked), K = 144 is BK = 256 in four (the third partly, the fourth wholly masked)."""
+    assert tri._delta_blocks(triton.next_power_of_2(K)) == ((64, 2) if K == 80 else (64, 4))
+    compare(make(40, K, 24, axis, delta=True), axis, True, f"delta {axis} K={K} blocks", chunk_size=16)
+
+
 @pytest.mark.parametrize("axis", ["scalar", "key"])
 @pytest.mark.parametrize("delta", [False, True])
 def test_batch_heads_no_initial_state_no_final(delta, axis):

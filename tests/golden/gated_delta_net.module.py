@@ -300,6 +300,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def triton_options(call, options: dict | None) -> dict:
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
+    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
+    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
+    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
+    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    options = dict(options or {})
+    chunked = dict(options.get("chunked", {}))
+    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+    options["chunked"] = chunked
+    return options
+
+
 def pick_form(forms, length: int, chunk_size: int) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
     if length <= 16 or len(forms) == 1:
@@ -696,6 +709,8 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     @staticmethod
@@ -994,6 +1009,13 @@ def _check_steps(values, log_decays):
 triton_Tensor = torch.Tensor
 
 _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
+# Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
+# Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
+# tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+_WARPS, _STAGES = 4, 2  # every launch but the two below
+_triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+_triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
+_triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1019,9 +1041,10 @@ def _triton_decay(g_to, g_from):
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr):
-    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
+    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1034,11 +1057,14 @@ def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.con
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
-    tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + offs, b_gc, mask=m)
+    if EXP:
+        tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
 @triton.jit
-def _triton_delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      PREC: tl.constexpr):
     """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
@@ -1087,54 +1113,123 @@ def _triton_delta_wy_kernel(k, y, beta, gc, Akk, w, u, T, H: tl.constexpr, K: tl
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
 
-@triton.jit
-def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                        NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
+# The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
+# row blocks of KB rows, each its own [KB, BV] tile (b_h1 .. b_h4), so every tl.dot and every k / w tile is
+# [BT, KB] or [KB, BT] and is loaded just before its use: no [BT, K] tile is ever live (flash-linear-attention's
+# chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
 
-    h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
-    DELTA: v is the pseudo-value buffer holding Uy, overwritten in place by U = Uy - W S (needs BK >= K).
-    """
-    i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+@triton.jit
+def _triton_block_load(p, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    """Rows i_kb * KB .. + KB of a [K, V] float32 matrix at p, columns o_v."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    return tl.load(p + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
+
+
+@triton.jit
+def _triton_block_store(p, b, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    o_k = i_kb * KB + tl.arange(0, KB)
+    tl.store(p + o_k[:, None] * V + o_v[None, :], b, mask=(o_k < K)[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+              PREC: tl.constexpr):
+    """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                  other=0.0)  # [BT, KB] float32
+    return tl.dot(b_w, b_h, input_precision=PREC)
+
+
+@triton.jit
+def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                    KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """S[block] <- D S[block] + (k exp(G_last - G))[:, block]^T U (a scalar decay is already in S and U)."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of k^T
+    b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    return b_h + tl.dot(b_kt, b_u, input_precision=PREC)
+
+
+@triton.jit
+def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
+    row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n."""
+    i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
-    o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    m_v = o_v < V
+    b_h1 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 1:
+        b_h2 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 2:
+        b_h3 = tl.zeros([KB, BV], dtype=tl.float32)
+        b_h4 = tl.zeros([KB, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        p_h0 = h0 + i_bh.to(tl.int64) * (K * V)
+        b_h1 += _triton_block_load(p_h0, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            b_h2 += _triton_block_load(p_h0, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            b_h3 += _triton_block_load(p_h0, 2, o_v, m_v, K, V, KB)
+            b_h4 += _triton_block_load(p_h0, 3, o_v, m_v, K, V, KB)
     for i_n in range(0, NT):
-        tl.store(h + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+        _triton_block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _triton_block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _triton_block_store(p_hn, b_h3, 2, o_v, m_v, K, V, KB)
+            _triton_block_store(p_hn, b_h4, 3, o_v, m_v, K, V, KB)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
         m_t = t0 + o_i < T
         i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
-        m_kt = m_k[:, None] & m_t[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
-        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
-        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        p_w = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
-        b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = b_v - tl.dot(b_w, b_h, input_precision=PREC)
-        tl.store(v + p_tv, b_v, mask=m_tv)
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K, KB, PREC)
+        if NK > 1:
+            b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
+        if NK > 2:
+            b_u -= _triton_delta_ws(w, b_h3, bos, o_i, m_t, 2, H, K, KB, PREC)
+            b_u -= _triton_delta_ws(w, b_h4, bos, o_i, m_t, 3, H, K, KB, PREC)
+        tl.store(u + p_tv, b_u, mask=m_tv)
         b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-        b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
-        b_h = b_h * tl.exp(b_gl.to(tl.float32))
-        b_h += tl.dot(b_kt, b_v, input_precision=PREC)
+        b_u = b_u * _triton_decay(b_gl, b_g)[:, None]
+        b_dh = tl.exp(b_gl.to(tl.float32))
+        b_h1 = b_h1 * b_dh
+        if NK > 1:
+            b_h2 = b_h2 * b_dh
+        if NK > 2:
+            b_h3 = b_h3 * b_dh
+            b_h4 = b_h4 * b_dh
+        b_h1 = _triton_delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+        if NK > 1:
+            b_h2 = _triton_delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+        if NK > 2:
+            b_h3 = _triton_delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+            b_h4 = _triton_delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
     if STORE_HT:
-        tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
+        p_ht = ht + i_bh.to(tl.int64) * (K * V)
+        _triton_block_store(p_ht, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _triton_block_store(p_ht, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _triton_block_store(p_ht, b_h3, 2, o_v, m_v, K, V, KB)
+            _triton_block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
@@ -1179,6 +1274,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _triton_or(given, default):
+    """A launch option: the call's, else the kernel's default."""
+    return default if given is None else given
+
+
 def _triton_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -1194,7 +1294,8 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
 
     BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
     chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
-    pow2(K), the whole of K), BV to min(pow2(V), 64 / 32 / 16 for BK <= 64 / 128 / more) to bound registers.
+    pow2(K), the whole of K, which every kernel but the state kernel walks in blocks of KB = `_triton_delta_blocks`),
+    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers.
     """
     T, K = k.shape[1], k.shape[-1]
     _triton_check_block("chunk_size", chunk_size)
@@ -1203,7 +1304,8 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
         block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
     if block_v is None:
-        block_v = min(_triton_pow2_at_least_16(V), 64 if block_k <= 64 else (32 if block_k <= 128 else 16))
+        kb = _triton_delta_blocks(block_k)[0] if delta else block_k
+        block_v = min(_triton_pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
     _triton_check_block("block_v", block_v)
     if delta and block_k < K:
         raise ValueError(f"triton_chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
@@ -1213,41 +1315,53 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int) -> triton_Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64, same layout
-    ([B, T, H] or [B, T, H, D])."""
+def _triton_delta_blocks(BK: int) -> tuple[int, int]:
+    """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
+    KB = max(min(64, BK), BK // 4)
+    return KB, BK // KB
+
+
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
-    BD = min(64, _triton_pow2_at_least_16(D))
+    BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
-                                                                    num_warps=num_warps)
-    return gc
+    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
+        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        num_warps=_triton_or(num_warps, _WARPS))
+    return gc, eg
 
 
-def _triton_chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_state, BT, BK, BV, prec,
-                  num_warps, num_stages):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
+def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
+                  num_stages):
+    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
     B, T, H, K = k.shape
-    V = v.shape[-1]
+    V = u.shape[-1]
     NT = triton.cdiv(T, BT)
+    KB, NK = _triton_delta_blocks(BK)
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
     ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
-        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, decay, delta,
-        h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
+    _triton_delta_state_kernel[(triton.cdiv(V, BV), B * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K,
+        V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
+        num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
-def _triton_chunk_output(q, exclusive, k, v, gc, h, A, o, decay: int, BT, BK, BV, prec, num_warps, num_stages) -> None:
-    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A: the key decay's intra-chunk scores)."""
+def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
+                  num_stages) -> None:
+    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
+    exp(G))."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        num_warps=num_warps, num_stages=num_stages)
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
+        exclusive, prec, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1272,17 +1386,18 @@ class triton_ScalarDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _triton_chunk_output(q, exclusive, k, v, gc, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
 
 
-def _triton_outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
-        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
+                         num_stages)
         outs.append(o)
     return outs
 
@@ -1304,7 +1419,7 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
-                     output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                      allow_tf32=None):
     """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point
     of generated modules; shapes and dtypes are not checked (triton_chunked_delta does that)."""
@@ -1313,18 +1428,21 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
+    BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     NT = triton.cdiv(T, BT)
-    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
-    Akk = decay_cls.wy_scores(k, gc, BT, BK, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
+    KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _triton_delta_wy_kernel[(NT, B * H)](
-        k, y, beta, gc if gc is not None else k, Akk if Akk is not None else w, w, u, T, H, K, V, BT, BK,
-        min(BV, 64), decay_cls.code, prec, num_warps=num_warps, num_stages=num_stages)
-    h, ht = _triton_chunk_states(k, u, gc, w, initial_state, decay_cls.code, True, output_final_state, BT, BK, BV, prec,
+        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u, T,
+        H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_triton_or(num_warps, _WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
+    h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages)
-    outs = _triton_outputs(queries, decay_cls, k, u, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
 
@@ -1334,6 +1452,24 @@ def _triton_block(n, given, what):
     if block < n or block < 16 or block & (block - 1):
         raise ValueError(f"{what} must be a power of two >= 16 and >= {n}, got {block}")
     return block
+
+
+def _triton_tile(n, given, what):
+    """The tile extent of an axis split over programs: min(pow2(n), 32) lanes, at least 16 (or `given`,
+    a power of two >= 16, checked)."""
+    block = min(max(16, triton.next_power_of_2(int(n))), 32) if given is None else int(given)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{what} must be a power of two >= 16, got {block}")
+    return block
+
+
+def _triton_warps(elements):
+    """num_warps for a program holding `elements` float32 values through its loop: at most 96 a thread
+    (4 warps at least, 16 at most)."""
+    warps = 4
+    while warps < 16 and elements > 96 * 32 * warps:
+        warps *= 2
+    return warps
 
 
 def _triton_size_constant(value, *sizes):
@@ -1484,13 +1620,14 @@ def gated_delta_net__triton_recurrent_kernel(
     q, k, v, g, beta,  # inputs [B, T, H, ...], params [H, ...]
     h0_S, o, ht_S, c_K_pow_m0_5, T_, H_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
 ):
-    """One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
+    i_tile = tl.program_id(1)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
-    offs_V = tl.arange(0, BLOCK_V)
+    offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_V = offs_V < V
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
@@ -1522,8 +1659,8 @@ def gated_delta_net__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def gated_delta_net__triton_recurrent(q, k, v, g, beta, states, K, V, *, block_K=None, block_V=None, num_warps=4, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""
+def gated_delta_net__triton_recurrent(q, k, v, g, beta, states, K, V, *, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns (outputs, final states)."""
     B_, T_, H_ = q.shape[:3]
     dev = q.device
     q = q.contiguous()
@@ -1536,10 +1673,12 @@ def gated_delta_net__triton_recurrent(q, k, v, g, beta, states, K, V, *, block_K
     o = torch.empty((B_, T_, H_, V), dtype=q.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
-    BLOCK_V = _triton_block(V, block_V, 'BLOCK_V')
+    BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    if num_warps is None:
+        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
-        gated_delta_net__triton_recurrent_kernel[(B_ * H_,)](
+        gated_delta_net__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
             q, k, v, g, beta, h0_S, o, ht_S, c_K_pow_m0_5, T_, H_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S': ht_S}

@@ -307,6 +307,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def triton_options(call, options: dict | None) -> dict:
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
+    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
+    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
+    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
+    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    options = dict(options or {})
+    chunked = dict(options.get("chunked", {}))
+    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+    options["chunked"] = chunked
+    return options
+
+
 def pick_form(forms, length: int, chunk_size: int) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
     if length <= 16 or len(forms) == 1:
@@ -703,6 +716,8 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     @staticmethod
@@ -788,6 +803,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # ====================================================================================================
 
 
+# Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
+# Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
+# tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
@@ -795,6 +815,12 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
+
+
+# The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
+# row blocks of KB rows, each its own [KB, BV] tile (b_h1 .. b_h4), so every tl.dot and every k / w tile is
+# [BT, KB] or [KB, BT] and is loaded just before its use: no [BT, K] tile is ever live (flash-linear-attention's
+# chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -815,12 +841,22 @@ def _stack_steps(steps, B_, H_, dims, like):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _triton_block(n, given, what):
-    """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
-    block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
-    if block < n or block < 16 or block & (block - 1):
-        raise ValueError(f"{what} must be a power of two >= 16 and >= {n}, got {block}")
+def _triton_tile(n, given, what):
+    """The tile extent of an axis split over programs: min(pow2(n), 32) lanes, at least 16 (or `given`,
+    a power of two >= 16, checked)."""
+    block = min(max(16, triton.next_power_of_2(int(n))), 32) if given is None else int(given)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{what} must be a power of two >= 16, got {block}")
     return block
+
+
+def _triton_warps(elements):
+    """num_warps for a program holding `elements` float32 values through its loop: at most 96 a thread
+    (4 warps at least, 16 at most)."""
+    warps = 4
+    while warps < 16 and elements > 96 * 32 * warps:
+        warps *= 2
+    return warps
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -925,11 +961,12 @@ def indrnn__triton_recurrent_kernel(
     x, w,  # inputs [B, T, H, ...], params [H, ...]
     h0_h, y, ht_h, T_, H_, D, BLOCK_D: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
 ):
-    """One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_D lanes of D) per program (no step couples lanes of D); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
-    offs_D = tl.arange(0, BLOCK_D)
+    i_tile = tl.program_id(1)
+    offs_D = i_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_D = offs_D < D
     b_w = tl.load(w + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
     b_h = tl.load(h0_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
@@ -947,8 +984,8 @@ def indrnn__triton_recurrent_kernel(
     tl.store(ht_h + i_bh.to(tl.int64) * D + offs_D, b_h, mask=mask_D)
 
 
-def indrnn__triton_recurrent(x, w, states, D, *, block_D=None, num_warps=4, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""
+def indrnn__triton_recurrent(x, w, states, D, *, block_D=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_D lanes of D); returns (outputs, final states)."""
     B_, T_, H_ = x.shape[:3]
     dev = x.device
     x = x.contiguous()
@@ -957,9 +994,11 @@ def indrnn__triton_recurrent(x, w, states, D, *, block_D=None, num_warps=4, num_
     h0_h = _triton_initial_state(states, 'h', (B_, H_, D), dev)
     y = torch.empty((B_, T_, H_, D), dtype=x.dtype, device=dev)
     ht_h = torch.empty_like(h0_h)
-    BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
+    BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
+    if num_warps is None:
+        num_warps = _triton_warps(2 * BLOCK_D + BLOCK_D)
     if B_ * H_ > 0:
-        indrnn__triton_recurrent_kernel[(B_ * H_,)](
+        indrnn__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(D, 1), BLOCK_D))](
             x, w, h0_h, y, ht_h, T_, H_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
         )
     return {'y': y}, {'h': ht_h}

@@ -307,6 +307,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def triton_options(call, options: dict | None) -> dict:
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
+    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
+    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
+    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
+    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    options = dict(options or {})
+    chunked = dict(options.get("chunked", {}))
+    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+    options["chunked"] = chunked
+    return options
+
+
 def pick_form(forms, length: int, chunk_size: int) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
     if length <= 16 or len(forms) == 1:
@@ -703,6 +716,8 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     @staticmethod
@@ -1113,6 +1128,11 @@ triton_Tensor = torch.Tensor
 
 _triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
 _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
+# Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
+# Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
+# tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+_WARPS, _STAGES = 4, 2  # every launch but the two below
+_triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1138,9 +1158,10 @@ def _triton_decay(g_to, g_from):
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr):
-    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64.
+def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
+    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1153,7 +1174,10 @@ def _triton_cumsum_kernel(g, gc, T, H: tl.constexpr, D: tl.constexpr, BT: tl.con
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
-    tl.store(gc + offs, tl.cumsum(b_g, axis=0), mask=m)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + offs, b_gc, mask=m)
+    if EXP:
+        tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
 @triton.jit
@@ -1226,13 +1250,12 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
-    DELTA: v is the pseudo-value buffer holding Uy, overwritten in place by U = Uy - W S (needs BK >= K).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1267,8 +1290,14 @@ def _triton_chunk_state_kernel(k, v, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
 
 
+# The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
+# row blocks of KB rows, each its own [KB, BV] tile (b_h1 .. b_h4), so every tl.dot and every k / w tile is
+# [BT, KB] or [KB, BT] and is loaded just before its use: no [BT, K] tile is ever live (flash-linear-attention's
+# chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
+
+
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
@@ -1292,9 +1321,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_gq = tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
-                       mask=m_tg[:, None] & m_k[None, :], other=0.0)
-        b_o += tl.dot(b_q * _triton_safe_exp(b_gq.to(tl.float32)), b_h, input_precision=PREC)
+        b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                       mask=m_tg[:, None] & m_k[None, :], other=1.0)
+        b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
     p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
     b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
@@ -1307,6 +1336,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, h, A, o, T, H: tl.constexpr, K: tl.
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_or(given, default):
+    """A launch option: the call's, else the kernel's default."""
+    return default if given is None else given
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -1324,7 +1358,8 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
 
     BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
     chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
-    pow2(K), the whole of K), BV to min(pow2(V), 64 / 32 / 16 for BK <= 64 / 128 / more) to bound registers.
+    pow2(K), the whole of K, which every kernel but the state kernel walks in blocks of KB = `_triton_delta_blocks`),
+    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers.
     """
     T, K = k.shape[1], k.shape[-1]
     _triton_check_block("chunk_size", chunk_size)
@@ -1333,7 +1368,8 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
         block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
     if block_v is None:
-        block_v = min(_triton_pow2_at_least_16(V), 64 if block_k <= 64 else (32 if block_k <= 128 else 16))
+        kb = _triton_delta_blocks(block_k)[0] if delta else block_k
+        block_v = min(_triton_pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
     _triton_check_block("block_v", block_v)
     if delta and block_k < K:
         raise ValueError(f"triton_chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
@@ -1343,16 +1379,24 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int) -> triton_Tensor:
-    """Chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64, same layout
-    ([B, T, H] or [B, T, H, D])."""
+def _triton_delta_blocks(BK: int) -> tuple[int, int]:
+    """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
+    KB = max(min(64, BK), BK // 4)
+    return KB, BK // KB
+
+
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
-    BD = min(64, _triton_pow2_at_least_16(D))
+    BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](g, gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
-                                                                    num_warps=num_warps)
-    return gc
+    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
+        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        num_warps=_triton_or(num_warps, _WARPS))
+    return gc, eg
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
@@ -1362,12 +1406,12 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
         q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return A
 
 
-def _triton_chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_final_state, BT, BK, BV, prec,
-                  num_warps, num_stages):
+def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
+                  num_stages):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -1376,19 +1420,22 @@ def _triton_chunk_states(k, v, gc, w, initial_state, decay: int, delta, output_f
     ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        k, v, gc if gc is not None else k, w if w is not None else k, h, h0 if h0 is not None else h,
-        ht if ht is not None else h, T, H, K, V, NT, BT, BK, BV, decay, delta,
-        h0 is not None, ht is not None, prec, num_warps=num_warps, num_stages=num_stages)
+        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K, V,
+        NT, BT, BK, BV, decay, h0 is not None, ht is not None, prec, num_warps=_triton_or(num_warps, _WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
-def _triton_chunk_output(q, exclusive, k, v, gc, h, A, o, decay: int, BT, BK, BV, prec, num_warps, num_stages) -> None:
-    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A: the key decay's intra-chunk scores)."""
+def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
+                  num_stages) -> None:
+    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
+    exp(G))."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        num_warps=num_warps, num_stages=num_stages)
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
+        exclusive, prec, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1406,25 +1453,26 @@ class triton_KeyDecay:
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
-        return _triton_cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+        return _triton_cumsum(log_decay, log_decay.shape[3], BT, num_warps, with_exp=True)
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
         return _triton_intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
         A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
-        _triton_chunk_output(q, exclusive, k, v, gc, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
 
 
-def _triton_outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
-        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, h, o, BT, BK, BV, prec, num_warps, num_stages)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
+                         num_stages)
         outs.append(o)
     return outs
 
@@ -1446,7 +1494,7 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
-                      output_final_state=False, *, block_k=None, block_v=None, num_warps=4, num_stages=2,
+                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that)."""
@@ -1454,10 +1502,10 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     if k.shape[1] == 0:
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
     k, v = k.contiguous(), v.contiguous()
-    gc = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
-    h, ht = _triton_chunk_states(k, v, gc, None, initial_state, decay_cls.code, False, output_final_state, BT, BK, BV,
-                          prec, num_warps, num_stages)
-    outs = _triton_outputs(queries, decay_cls, k, v, gc, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
+                          num_stages)
+    outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
 
@@ -1467,6 +1515,24 @@ def _triton_block(n, given, what):
     if block < n or block < 16 or block & (block - 1):
         raise ValueError(f"{what} must be a power of two >= 16 and >= {n}, got {block}")
     return block
+
+
+def _triton_tile(n, given, what):
+    """The tile extent of an axis split over programs: min(pow2(n), 32) lanes, at least 16 (or `given`,
+    a power of two >= 16, checked)."""
+    block = min(max(16, triton.next_power_of_2(int(n))), 32) if given is None else int(given)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{what} must be a power of two >= 16, got {block}")
+    return block
+
+
+def _triton_warps(elements):
+    """num_warps for a program holding `elements` float32 values through its loop: at most 96 a thread
+    (4 warps at least, 16 at most)."""
+    warps = 4
+    while warps < 16 and elements > 96 * 32 * warps:
+        warps *= 2
+    return warps
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -1626,13 +1692,14 @@ def rwkv6__triton_recurrent_kernel(
     r, k, v, w, u,  # inputs [B, T, H, ...], params [H, ...]
     h0_S, o, ht_S, T_, H_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
 ):
-    """One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
+    i_tile = tl.program_id(1)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
-    offs_V = tl.arange(0, BLOCK_V)
+    offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_V = offs_V < V
     b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
     m_S = mask_K[:, None] & mask_V[None, :]
@@ -1660,8 +1727,8 @@ def rwkv6__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def rwkv6__triton_recurrent(r, k, v, w, u, states, K, V, *, block_K=None, block_V=None, num_warps=4, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""
+def rwkv6__triton_recurrent(r, k, v, w, u, states, K, V, *, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns (outputs, final states)."""
     B_, T_, H_ = r.shape[:3]
     dev = r.device
     r = r.contiguous()
@@ -1674,9 +1741,11 @@ def rwkv6__triton_recurrent(r, k, v, w, u, states, K, V, *, block_K=None, block_
     o = torch.empty((B_, T_, H_, V), dtype=r.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
-    BLOCK_V = _triton_block(V, block_V, 'BLOCK_V')
+    BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    if num_warps is None:
+        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V + BLOCK_K)
     if B_ * H_ > 0:
-        rwkv6__triton_recurrent_kernel[(B_ * H_,)](
+        rwkv6__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
             r, k, v, w, u, h0_S, o, ht_S, T_, H_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S': ht_S}

@@ -1,0 +1,89 @@
+"""No register spills at the default configs (issue 10), on a representative subset, compiled without a GPU.
+
+benchmarks/kernel_matrix.py checks every spec (K = V in {64, 128}, bfloat16 and float16, sm_80 and sm_90, each
+Triton form) in about a quarter of an hour; this file checks the kernels with the least headroom there, at
+K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
+output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
+for sm_90 and sm_80, and one recurrent kernel (rwkv7, whose [K, V] state is split over programs along V) for
+sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's
+shared memory.
+
+The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
+compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
+on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from codegen import kernel_report
+
+from .conftest import REPO
+
+pytest.importorskip("triton")
+
+try:
+    for _target in ("sm_80", "sm_90"):
+        kernel_report.find_tools(_target)
+    _MISSING = ""
+except kernel_report.ToolMissing as err:
+    _MISSING = str(err)
+
+# (spec, form, target, B, T, H): the calls compiled, all at K = V = 128 in bfloat16
+CALLS = [
+    ("gla", "chunked", "sm_90", 2, 256, 4),
+    ("gla", "chunked", "sm_80", 2, 256, 4),
+    ("gated_delta_net", "chunked", "sm_90", 2, 256, 4),
+    ("gated_delta_net", "chunked", "sm_80", 2, 256, 4),
+    ("rwkv7", "recurrent", "sm_90", 1, 64, 16),
+]
+
+CHILD = '''
+import json, sys
+import torch
+import recurrence_dsl
+from codegen import kernel_report as kr
+
+calls, specs = json.loads(sys.argv[1]), sys.argv[2]
+runs = []
+for name, form, target, B, T, H in calls:
+    rec = recurrence_dsl.load(f"{specs}/{name}.rec")[name]
+    sizes = {s: 128 for s in rec.checked.sizes}
+    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form)
+    runs.append({"name": name, "form": form, "target": target, "kernels": [k.as_dict() for k in kernels]})
+print(json.dumps(runs))
+'''
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "-")
+def test_no_spills_at_default_configs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CALLS), str(REPO / "specs")], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["name"], r["form"], r["target"]) for r in runs] == [c[:3] for c in CALLS]
+    rows = [(r["name"], r["target"], k) for r in runs for k in r["kernels"]]
+    table = "\n".join(f"{n} {t} {k['name']}: grid {k['grid']}, {k['num_warps']} warps, {k['registers']} registers, "
+                      f"{k['spill_bytes']} B local, {k['shared_bytes']} B shared" for n, t, k in rows)
+    print(table)
+    spilling = [f"{n} {t} {k['name']}" for n, t, k in rows if k["spill_bytes"] != 0]
+    assert not spilling, f"spilling kernels: {spilling}\n{table}"
+    for _, t, k in rows:
+        assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS
+        assert k["shared_bytes"] <= kernel_report.TARGETS[t].max_shared_bytes, table
+    names = {(r["name"], r["target"]): {k["name"] for k in r["kernels"]} for r in runs}
+    assert names[("gla", "sm_90")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
+                                       "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
+    assert names[("gated_delta_net", "sm_80")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
+                                                   "_triton_delta_state_kernel", "_triton_chunk_output_kernel"}
+    # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
+    (recurrent,) = runs[-1]["kernels"]
+    assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]
