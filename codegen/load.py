@@ -6,6 +6,8 @@ lookup on top, and the tuner times layers loaded here.
 
 from __future__ import annotations
 
+import threading
+
 from recurrence_dsl.analysis import Analysis
 
 from .cache import load_source
@@ -22,6 +24,10 @@ def triton_available() -> bool:
 
 
 _MODULES: dict[tuple[str, str], object] = {}
+# One generation at a time: threads asking for the same module wait for it rather than each printing it, and
+# CPython 3.11's ast constructors are not safe to run from several threads at once ("AST constructor recursion
+# depth mismatch").
+_GENERATING = threading.RLock()
 
 
 def load_module(analysis: Analysis):
@@ -29,9 +35,10 @@ def load_module(analysis: Analysis):
     per process for the same spec text and file name."""
     rec = analysis.recurrence
     key = (rec.text, rec.source.filename)
-    if key not in _MODULES:
-        _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)
-    return _MODULES[key]
+    with _GENERATING:
+        if key not in _MODULES:
+            _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)
+        return _MODULES[key]
 
 
 def load_layer(analysis: Analysis):
