@@ -1,8 +1,9 @@
 """`recdsl`: check, show, compile, tune `.rec` specs and report their kernels from the command line.
 
 Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
-spills, needs too much shared memory or does not compile (kernels), 2 on a spec error or a bad command line
-(kernels: also when triton, ptxas or cuobjdump is missing). A spec error never prints a Python traceback.
+spills, needs too much shared memory or does not compile (kernels), 2 on a spec error (a FILE that is not UTF-8
+or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
+ptxas or cuobjdump is missing). None of these prints a Python traceback.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
