@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .check import CheckedRecurrence, check_program
+from .errors import Source, Span, SpecError
 from .parse import parse_program
 from .reference import run_reference
 
@@ -54,5 +55,20 @@ def load(path_or_text: str | Path) -> dict[str, Recurrence]:
         path = Path(path_or_text)
         if not path.is_file():
             raise FileNotFoundError(f"no such .rec file: {path}")
-        return load_text(path.read_text(), str(path))
+        return load_text(read_spec(path), str(path))
     return load_text(path_or_text)
+
+
+def read_spec(path: Path) -> str:
+    """The text of a `.rec` file; a `SpecError` at the line and column of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        column = len(data[start:err.start].decode("utf-8")) + 1
+        text = data.decode("utf-8", errors="replace")
+        raise SpecError(f"the file is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+                        "cannot be decoded", Span(line, column, line, column + 1), Source(text, str(path)),
+                        hint="save the file as UTF-8") from None

@@ -1,8 +1,9 @@
 """`recdsl`: check, show, compile, tune `.rec` specs and report their kernels from the command line.
 
 Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
-spills, needs too much shared memory or does not compile (kernels), 2 on a spec error or a bad command line
-(kernels: also when triton, ptxas or cuobjdump is missing). A spec error never prints a Python traceback.
+spills, needs too much shared memory or does not compile (kernels), 2 on a spec error (a FILE that is not UTF-8
+or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
+ptxas or cuobjdump is missing). None of these prints a Python traceback.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -35,8 +36,24 @@ TUNE_DEFAULTS = {"B": 2, "T": 1024, "H": 4}
 TUNE_DIM = 64
 
 
+MAX_SIZE = 2**31 - 1  # the largest --shape size: the kernels index with 32-bit integers
+GRAPH_MARKER = "// recdsl graph"  # the first line of a graph `show --graph` wrote: it may replace the file
+
+
 class UsageError(Exception):
     """A bad command line (exit 2)."""
+
+
+class FileError(Exception):
+    """A problem with a whole input file, printed as `FILE: error: ...` (exit 2)."""
+
+
+def load_file(file: str) -> dict[str, Recurrence]:
+    """The recurrences of the `.rec` file `file`; an error if it has none (empty, or only comments)."""
+    recs = load(Path(file))
+    if not recs:
+        raise FileError(f"{file}: error: no recurrence in this file")
+    return recs
 
 
 def parse_shape(text: str | None) -> dict[str, int]:
@@ -49,12 +66,13 @@ def parse_shape(text: str | None) -> dict[str, int]:
         name = name.strip()
         if not sep or not name.isidentifier():
             raise UsageError(f"--shape: expected NAME=INT pairs separated by commas, got '{part}'")
-        try:
-            number = int(value)
-        except ValueError:
-            raise UsageError(f"--shape: size {name} must be an integer, got '{value}'") from None
-        if number < 1 and name != "T":
-            raise UsageError(f"--shape: size {name} must be at least 1, got {number}")
+        digits = value.strip()
+        if not (digits.isascii() and digits.lstrip("+-").isdigit()) or len(digits) > 30:
+            raise UsageError(f"--shape: size {name} must be an integer, got '{value[:40]}'")
+        number = int(digits)
+        least = 0 if name == "T" else 1
+        if not least <= number <= MAX_SIZE:
+            raise UsageError(f"--shape: size {name} must be between {least} and {MAX_SIZE}, got {number}")
         if name in sizes and sizes[name] != number:
             raise UsageError(f"--shape: size {name} is given twice, as {sizes[name]} and {number}")
         sizes[name] = number
@@ -94,7 +112,7 @@ def cmd_check(args) -> int:
 
     from .validate import check_recurrence, format_report
 
-    recs = _select(load(Path(args.file)), args.name)
+    recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,9 +177,9 @@ def describe(rec: Recurrence) -> dict:
 
 
 def cmd_show(args) -> int:
-    recs = _select(load(Path(args.file)), args.name)
+    recs = _select(load_file(args.file), args.name)
     if args.graph:
-        write_graphs(recs, Path(args.graph))
+        write_graphs(recs, Path(args.graph), Path(args.file), force=args.force)
     if args.json:
         print(json.dumps({"recurrences": [describe(r) for r in recs]}, indent=2))
         return 0
@@ -187,34 +205,68 @@ def cmd_show(args) -> int:
     return 0
 
 
-def write_graphs(recs: list[Recurrence], path: Path) -> None:
+def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
-    and a PNG beside it when the `dot` program is installed."""
+    and a PNG beside it when the `dot` program is installed. A file there that does not start with
+    GRAPH_MARKER (one recdsl did not write) is replaced only with `force`; the spec itself never."""
     import shutil
     import subprocess
 
+    from codegen.cache import write_atomically
+    from codegen.module import OverwriteError, check_target
+
     from .dataflow import build_dataflow, to_dot
 
+    def same(a: Path, b: Path) -> bool:
+        try:
+            return a.exists() and a.samefile(b)
+        except OSError:
+            return False
+
+    plans = []
     for rec in recs:
         target = path if len(recs) == 1 else path.with_name(f"{path.stem}.{rec.name}{path.suffix}")
         dot_path = target.with_suffix(".dot") if target.suffix == ".png" else target
-        dot_path.write_text(to_dot(build_dataflow(rec.checked)))
+        png = dot_path.with_suffix(".png")
+        for out in (dot_path, png):
+            if same(out, spec):
+                raise UsageError(f"--graph: {out} is the spec {spec}; the graph is never written onto it")
+        try:
+            in_place = check_target(dot_path, GRAPH_MARKER, force, "written")
+        except OverwriteError as err:
+            raise UsageError(f"--graph: {err}") from None
+        plans.append((rec, dot_path, png, in_place))
+    for rec, dot_path, png, in_place in plans:
+        text = f"{GRAPH_MARKER} of {rec.name}; written by recurrence_dsl, replaced by `recdsl show --graph`\n"
+        text += to_dot(build_dataflow(rec.checked))
+        try:
+            if in_place:
+                with dot_path.open("w") as f:
+                    f.write(text)
+            else:
+                write_atomically(dot_path, text)
+        except OSError as err:
+            raise UsageError(f"--graph: cannot write {dot_path}: {err.strerror or err}") from None
         print(f"wrote {dot_path}", file=sys.stderr)
-        if shutil.which("dot"):
-            png = dot_path.with_suffix(".png")
-            subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], check=True)
+        if shutil.which("dot") and not in_place:
+            done = subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                raise UsageError(f"--graph: dot could not write {png}: {last}")
             print(f"wrote {png}", file=sys.stderr)
 
 
 def cmd_compile(args) -> int:
     from codegen.module import OverwriteError, module_source, write_module
 
-    recs = _select(load(Path(args.file)), args.name)
+    recs = _select(load_file(args.file), args.name)
     source = module_source([analyse(r.checked) for r in recs], args.file)
     try:
         write_module(source, Path(args.output), force=args.force)
     except OverwriteError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"-o: {err}") from None
+    except OSError as err:
+        raise UsageError(f"-o: cannot write {args.output}: {err.strerror or err}") from None
     for rec in recs:
         a = analyse(rec.checked)
         print(f"{rec.name}: {a.cls.value}; forms {', '.join(a.forms)}")
@@ -236,7 +288,7 @@ def cmd_tune(args) -> int:
         raise UsageError("--backend triton: triton is not installed (pip install 'recurrence-dsl[triton]')")
     if args.trials < 1 or args.repeat < 1 or args.warmup < 0:
         raise UsageError("--trials and --repeat must be at least 1, --warmup at least 0")
-    recs = _select(load(Path(args.file)), args.name)
+    recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     store = open_store(args.store)
     status = 0
@@ -284,7 +336,7 @@ def cmd_kernels(args) -> int:
     from codegen.dispatch import pick_form
 
     target = kr.TARGETS[args.target]
-    recs = _select(load(Path(args.file)), args.name)
+    recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     config = None
     if args.config:
@@ -393,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [...]}")
     show.add_argument("--graph", metavar="OUT.dot", help="write the step's dataflow graph (Graphviz; .png too "
                       "when graphviz is installed)")
+    show.add_argument("--force", action="store_true", help="let --graph replace a file recdsl did not write "
+                      "(never the spec itself)")
     show.set_defaults(run=cmd_show)
 
     comp = sub.add_parser("compile", help="write a standalone Python module for the recurrences of FILE",
@@ -464,12 +518,19 @@ def run_command(args) -> int:
     except SpecError as err:
         print(err.render(), file=sys.stderr)
         return 2
+    except FileError as err:
+        print(err, file=sys.stderr)
+        return 2
     except (UsageError, FileNotFoundError, CallError) as err:
         print(f"recdsl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `recdsl show ... | head`
         sys.stderr.close()
         return 0
+    except OSError as err:  # reading the spec or writing an output: a one-line error, never a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"recdsl {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
