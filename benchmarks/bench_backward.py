@@ -20,9 +20,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,19 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 from codegen.dispatch import RECURRENT_BACKWARD  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def forward_backward(layer, args, form: str, backward: str | None = None):

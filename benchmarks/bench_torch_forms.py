@@ -24,23 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 from codegen.cache import load_source  # noqa: E402
 from codegen.module import module_source  # noqa: E402
 from recurrence_dsl.analysis import analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 SPECS = ("gla", "retention", "delta_net", "rwkv7")
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
