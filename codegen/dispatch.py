@@ -94,12 +94,11 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
             # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
             step = unsafe.step
-            head_out, head_states = ({}, piece_states) if step == 0 else run(
-                {k: v[:, :step] for k, v in piece.items()}, piece_states, step)
+            if step == 0:
+                return call_form("recurrent", piece, piece_states, length)
+            head_out, head_states = run({k: v[:, :step] for k, v in piece.items()}, piece_states, step)
             tail_out, tail_states = call_form("recurrent", {k: v[:, step:] for k, v in piece.items()}, head_states,
                                               length - step)
-            if step == 0:
-                return tail_out, tail_states
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
     if call.cu_seqlens is None:
