@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from recurrence_dsl.analysis import Analysis
+from recurrence_dsl.api import spec_hash
 
 from .cache import load_source
 from .module import module_source
@@ -38,7 +39,20 @@ def load_module(analysis: Analysis):
     with _GENERATING:
         if key not in _MODULES:
             _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)
+        _ANALYSES.setdefault(spec_hash(rec), analysis)
         return _MODULES[key]
+
+
+# The analysis behind every layer loaded in this process, by the spec hash its layer carries
+# (`layer.recurrence.spec_hash`): what `analysis_of` answers for tools that take a layer, such as
+# `recurrence_dsl.distributed.context_parallel`, which needs each state's transition class.
+_ANALYSES: dict[str, Analysis] = {}
+
+
+def analysis_of(layer) -> Analysis | None:
+    """The analysis a layer loaded by `load_layer` (or `recurrence_dsl.compile`) in this process was generated
+    from, found by its spec hash; None for a layer this process did not generate (a module imported as a file)."""
+    return _ANALYSES.get(getattr(getattr(layer, "recurrence", None), "spec_hash", None))
 
 
 def load_layer(analysis: Analysis):
@@ -47,4 +61,4 @@ def load_layer(analysis: Analysis):
     return getattr(load_module(analysis), analysis.recurrence.name)
 
 
-__all__ = ["load_layer", "load_module", "triton_available"]
+__all__ = ["analysis_of", "load_layer", "load_module", "triton_available"]
