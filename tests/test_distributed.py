@@ -24,6 +24,16 @@ from recurrence_dsl.errors import CallError
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CASES = ["linear_attention", "retention", "gla", "delta_net", "indrnn"]
+# On 2 ranks also: two states (a dict of initial states), an elementwise decay (Mamba: scan form), and the
+# delta rule written in the papers' S[V, K] layout (its transition mixes the state's second axis).
+EXTRA_CASES = ["normalized_linear_attention", "mamba", "delta_net_vk"]
+DELTA_NET_VK = """recurrence delta_net_vk(q[K], k[K], v[V], beta) -> o[V] {
+    state S[V, K]
+    u[i] = v[i] - sum(j, S[i, j] * k[j])
+    S[i, j] = S[i, j] + beta * u[i] * k[j]
+    o[i] = sum(j, S[i, j] * q[j])
+}
+"""
 LENGTHS = {2: [13, 19], 4: [5, 9, 7, 11]}  # slice lengths per rank: uneven, 32 steps in all
 # Packed sequences over the 32 steps: [0, 3), [3, 17) (on 4 ranks it spans rank 1 whole), an empty one, [17, 30).
 CU = [0, 3, 17, 17, 30, 32]
@@ -48,10 +58,10 @@ def _case(name: str, rank: int, world: int, packed: bool) -> dict[str, float]:
     from recurrence_dsl.distributed import context_parallel
     from recurrence_dsl.sampling import sample_arguments
 
-    rec = recurrence_dsl.load(SPECS / f"{name}.rec")[name]
+    rec = recurrence_dsl.load(DELTA_NET_VK if name == "delta_net_vk" else SPECS / f"{name}.rec")[name]
+    layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=4, tuning=False)
     # The chunked form wherever there is one (auto would step through pieces of 16 steps or fewer).
-    form = "recurrent" if name == "indrnn" else "chunked"
-    layer = recurrence_dsl.compile(rec, backend="torch", form=form, chunk_size=4, tuning=False)
+    layer = layer.options(form="chunked" if "chunked" in layer.forms else "auto")
     sizes = {s: 8 for s in rec.checked.sizes}
     total, batch = 32, (1 if packed else 2)
     rows = len(CU) - 1 if packed else batch
@@ -68,6 +78,7 @@ def _case(name: str, rank: int, world: int, packed: bool) -> dict[str, float]:
     states = list(init)
     arg0 = init[states[0]] if len(states) == 1 else init
     out, fin = layer(*full, initial_state=arg0, output_final_state=True, cu_seqlens=cu)
+    out = out[0] if isinstance(out, tuple) else out
     fin = fin if isinstance(fin, dict) else {states[0]: fin}
     w = torch.randn(out.shape, generator=gen)
     wf = {k: torch.randn(v.shape, generator=gen) for k, v in fin.items()}
@@ -106,7 +117,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
-        for name in CASES:
+        for name in CASES + (EXTRA_CASES if world == 2 else []):
             for packed in (False, True):
                 results[f"{name}{' cu_seqlens' if packed else ''}"] = _case(name, rank, world, packed)
         results["errors"] = _bad_calls(rank, world)
@@ -159,7 +170,7 @@ def _check(results: dict) -> None:
 def test_two_ranks_match_single_process(tmp_path):
     results = _spawn(2, tmp_path)
     _check(results)
-    assert len(results[0]) == 2 * len(CASES) + 1
+    assert len(results[0]) == 2 * (len(CASES) + len(EXTRA_CASES)) + 1
     # Rank 1 passed an initial state: refused; every rank passed a bad v: refused, naming it.
     assert any("initial_state is given on rank 0 only" in m for m in results[1]["errors"])
     assert any("input 'v'" in m for m in results[0]["errors"])
@@ -182,3 +193,24 @@ def test_summary_sizes_and_paths():
         if elements is not None:
             (kind,) = cp.kinds.values()
             assert summary_elements(kind, (8, 8)) == elements, name
+
+
+def test_probe_reads_the_transition_back():
+    """M read off probe rows by linearity, for a matrix transition whose other axis is narrower than the mixed
+    one (3 probe blocks for D = 8 over 3 columns), on either axis, and for a key-axis (diagonal-row) decay."""
+    from recurrence_dsl.distributed import _apply, _Kind, _probe_count, _probe_state, _read_m
+
+    gen = torch.Generator().manual_seed(3)
+    for axis, dims in ((0, (8, 3)), (1, (3, 8)), (0, (8,))):
+        kind = _Kind("matrix", axis=axis)
+        p = torch.randn(2, 2, 8, 8, generator=gen, dtype=torch.float64)
+        f = torch.randn((2, 2) + dims, generator=gen, dtype=torch.float64)  # the slice's own state
+        count = _probe_count(kind, dims)
+        assert count == (8 if dims == (8,) else 3)
+        probed = [_apply(kind, p, _probe_state(kind, j, 2, 2, dims, torch.float64, "cpu")) + f for j in range(count)]
+        assert torch.allclose(_read_m(kind, f, probed, dims), p, rtol=0, atol=1e-12), (axis, dims)
+    kind = _Kind("diagonal", axes=(0,))
+    a = torch.rand(2, 2, 8, 1, generator=gen, dtype=torch.float64)
+    f = torch.randn(2, 2, 8, 5, generator=gen, dtype=torch.float64)
+    probed = [_apply(kind, a, _probe_state(kind, 0, 2, 2, (8, 5), torch.float64, "cpu")) + f]
+    assert torch.allclose(_read_m(kind, f, probed, (8, 5)), a, rtol=0, atol=1e-12)
