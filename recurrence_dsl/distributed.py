@@ -255,7 +255,9 @@ class ContextParallel:
     cu_seqlens that do not cover the ranks' slices).
     """
 
-    def __init__(self, layer, group=None, analysis: Analysis | None = None):
+    def __init__(self, layer, group=None, analysis: Analysis | None = None, path: str | None = None):
+        if path not in (None, "all_gather", "relay"):
+            raise ValueError(f"path must be 'all_gather', 'relay' or None (the class decides), got {path!r}")
         if analysis is None:
             analysis = analysis_of(layer)
         if analysis is None:
@@ -266,7 +268,10 @@ class ContextParallel:
         self.layer, self.group, self.analysis = layer, group, analysis
         self.spec = layer.recurrence
         self.kinds = _kinds(analysis)
-        self.path = "all_gather" if self.kinds is not None else "relay"
+        if path == "all_gather" and self.kinds is None:
+            raise ValueError(f"{layer.name} has a {analysis.cls.value} transition: no associative summary to "
+                             "all_gather; use path='relay'")
+        self.path = path or ("all_gather" if self.kinds is not None else "relay")
         # Bytes this object handed to collectives (sent by this rank) in its last call, forward and backward.
         self.sent_bytes = {"forward": 0, "backward": 0}
 
@@ -334,19 +339,21 @@ class ContextParallel:
         return output, finals[states[0]] if len(states) == 1 else finals
 
 
-def context_parallel(layer, group=None, analysis: Analysis | None = None) -> ContextParallel:
+def context_parallel(layer, group=None, analysis: Analysis | None = None, path: str | None = None) -> ContextParallel:
     """`layer` with its time axis split over the ranks of `group` (default: the world); see `ContextParallel`.
 
     layer: a layer from `recurrence_dsl.compile` (or a `Recurrence`, compiled here). analysis: only for a
-    layer imported from a module file, `analyse(rec.checked)`. Raises ValueError for a layer with no state
-    or whose analysis cannot be found.
+    layer imported from a module file, `analyse(rec.checked)`. path: None (all_gather where every state has
+    an associative summary, relay otherwise), or "relay" to hand the state rank to rank for any class (to
+    compare against). Raises ValueError for a layer with no state, whose analysis cannot be found, or
+    path="all_gather" for a class without a summary.
     """
     if hasattr(layer, "checked"):  # a Recurrence
         from codegen.load import load_layer
 
         analysis = analysis or analyse(layer.checked)
         layer = load_layer(analysis)
-    return ContextParallel(layer, group, analysis)
+    return ContextParallel(layer, group, analysis, path)
 
 
 class _Run:
