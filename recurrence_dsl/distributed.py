@@ -693,12 +693,14 @@ def _backward_gather(run: _Run, saved, inputs, params, s0, d_out, d_fin):
         got = _grad(targets, leaves, grads)
         add(got)
         g_state_in = dict(zip(run.states, got[run.n_in + run.n_par:]))
-    # One all_gather: each rank's incoming-state gradient (and, without cu_seqlens, its final-state gradient).
+    # One all_gather: each rank's incoming-state gradient (and, without cu_seqlens, its final-state gradient: every
+    # rank holds the final state, which the chain computed from every rank's summary).
     payload = run.flat_states(g_state_in)
-    if cu is None:
+    size = payload.numel()
+    with_final = cu is None and run.output_final_state
+    if with_final:
         payload = torch.cat([payload, run.flat_states(d_fin)])
     got = run.all_gather(payload, "backward")
-    size = payload.numel() if cu is not None else payload.numel() // 2
     g_in_all = [run.unflat_states(x[:size], plan.rows) for x in got]
     # The adjoint chain by autograd over the combine, with this rank's (M, f) as leaves.
     pairs = [(dict(m), dict(f)) for m, f in saved["pairs"]]
@@ -710,7 +712,7 @@ def _backward_gather(run: _Run, saved, inputs, params, s0, d_out, d_fin):
         terms = []
         for r in range(1, plan.world):
             terms += [(chain[r - 1][n] * g_in_all[r][n]).sum() for n in run.states]
-        if cu is None:
+        if with_final:
             total = [sum(run.unflat_states(x[size:], plan.rows)[n] for x in got) for n in run.states]
             terms += [(chain[-1][n] * t).sum() for n, t in zip(run.states, total)]
         leaves = [v for v in mine_m.values() if v is not None] + list(mine_f.values())
