@@ -221,3 +221,30 @@ def test_probe_reads_the_transition_back():
     f = torch.randn(2, 2, 8, 5, generator=gen, dtype=torch.float64)
     probed = [_apply(kind, a, _probe_state(kind, 0, 2, 2, (8, 5), torch.float64, "cpu")) + f]
     assert torch.allclose(_read_m(kind, f, probed, (8, 5)), a, rtol=0, atol=1e-12)
+
+
+def test_refusals_need_no_process_group():
+    """What context_parallel refuses before any collective: an unknown layer, a forced path a class lacks, an
+    unknown path, and a call without an initialised process group."""
+    import pytest
+
+    from recurrence_dsl.analysis import analyse
+    from recurrence_dsl.distributed import context_parallel
+
+    rec = recurrence_dsl.load(SPECS / "indrnn.rec")["indrnn"]
+    layer = recurrence_dsl.compile(rec, backend="torch", tuning=False)
+    with pytest.raises(ValueError, match="no associative summary"):
+        context_parallel(layer, path="all_gather")
+    with pytest.raises(ValueError, match="path must be"):
+        context_parallel(layer, path="ring")
+
+    class Imported:  # a layer this process did not generate (say, imported from a module file)
+        recurrence = layer.recurrence.__class__(**{**layer.recurrence.__dict__, "spec_hash": "0" * 16})
+        name = "indrnn"
+
+    with pytest.raises(ValueError, match="needs the analysis"):
+        context_parallel(Imported())
+    assert context_parallel(Imported(), analysis=analyse(rec.checked)).path == "relay"
+    cp = context_parallel(rec)  # a Recurrence is compiled here
+    with pytest.raises(CallError, match="torch.distributed initialised"):
+        cp(torch.randn(1, 4, 2, 8), torch.zeros(2, 8))
