@@ -46,3 +46,20 @@ def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
     for row in report["rows"]:
         assert row["recurrent_fwd_bwd_adjoint_s"] > 0 and row["max_rel_grad_difference_adjoint_vs_autograd"] <= 1e-5
     assert "fwd+bwd adjoint" in run.stdout
+
+
+def test_context_parallel_benchmark_smoke_run_writes_its_report(tmp_path):
+    out = tmp_path / "cp.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_context_parallel.py"), "--smoke",
+                          "--specs", "gla", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["world"] == 2
+    (row0, row1) = report["cases"]["gla"]["ranks"]
+    for row in (row0, row1):
+        gathered = row["all_gather"]
+        # Gloo's bytes on the wire: the payload the all_gathers were handed, plus a few headers.
+        assert 0 < gathered["sent_bytes_forward_payload"] <= gathered["sent_bytes_forward_measured"]
+        assert gathered["sent_bytes_forward_measured"] < 1.5 * gathered["sent_bytes_forward_payload"] + 4096
+        assert gathered["rel_error_output"] <= 1e-5 and row["relay"]["rel_error_output"] <= 1e-5
+    assert "all_gather" in run.stdout and "relay" in run.stdout
