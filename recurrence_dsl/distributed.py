@@ -251,8 +251,10 @@ class ContextParallel:
     `(output, final_state)` as the layer does: this rank's slice of the outputs `[B, T_r, H, ...]`, and with
     `output_final_state` the final state of the whole sequence (`[B, H, ...]`, `[N, H, ...]` with
     cu_seqlens) on every rank. `initial_state` is given on rank 0 only. B, H and the sizes must agree on
-    every rank. Raises `CallError` for a bad call (a mismatched slice, an initial state off rank 0,
-    cu_seqlens that do not cover the ranks' slices).
+    every rank, and every slice holds at least one step. Raises `CallError` for a bad call (a mismatched
+    slice, an initial state off rank 0, cu_seqlens that do not cover the ranks' slices). A check that fails on
+    one rank only raises there, before any collective, and leaves the other ranks waiting in their first
+    collective until the process group's timeout, as any rank's failure in torch.distributed does.
     """
 
     def __init__(self, layer, group=None, analysis: Analysis | None = None, path: str | None = None):
