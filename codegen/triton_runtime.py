@@ -1,4 +1,5 @@
-"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path, forward only).
+"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path: forwards, and the delta
+rule's backward).
 
 Same arguments, maths and layout as `codegen/torch_runtime.py` (B batch, T time, H heads, K key dim, V value dim;
 per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) reads S_{t-1} if exclusive, else S_t):
@@ -73,6 +74,27 @@ tl.make_block_ptr (pointer arithmetic only), no `.to()` on loop variables, masks
 A scalar row test is broadcast before it meets a block mask (`o_k * 0 + t < T`): the interpreter turns
 `block_bool & scalar_bool` into an int32 mask that tl.load rejects. Addresses: int64 chunk bases, int32 offsets
 inside a chunk, so long sequences do not overflow.
+
+
+Backward of the delta rule (decay None and scalar; `chunked_delta_by` under autograd, `_ChunkedDeltaFunction`).
+Per chunk, with S0 the state entering it, G the chunk-local cumulative log decay and Gq the query's (G_{t-1}
+for an exclusive query, 0 at the chunk start), the forward is
+  Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) exp(G_t - G_s) (s < t);  W = Tm diag(beta) (K * exp(G));  U = Tm Y - W S0
+  o_t = exp(Gq_t) q_t^T S0 + sum_{s <= t} P_ts U_s,  P_ts = (q_t . k_s) exp(Gq_t - G_s)   (s < t if exclusive)
+  S1 = exp(G_last) S0 + (K * exp(G_last - G))^T U
+(Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", eqs. 5-8, with
+the gate of Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks", Sec. 3.3). Its reverse mode, given dO and dS1:
+  dU  = P^T dO + (K * exp(G_last - G)) dS1                        (_delta_bwd_local_kernel, _delta_bwd_dh_kernel)
+  dS0 = exp(G_last) dS1 + (q * exp(Gq))^T dO - W^T dU             (the same, backwards over the chunks)
+  dq  = exp(Gq) (dO S0^T) + (dP * D) K,  dP = (dO U^T) masked,  D_ts = exp(Gq_t - G_s)      (_delta_bwd_dqk_kernel)
+  dk  = (dP * D)^T Q + exp(G_last - G) (U dS1^T) + [WY terms];  dW = -dU S0^T
+  dY  = Tm^T dU;  dTm = dU Y^T + dW (beta K exp(G))^T;  dL = -Tm^T dTm Tm^T (strictly lower) (_delta_bwd_wy_kernel)
+  dbeta_t = sum_s dL_ts (L_ts / beta_t) + (Tm^T dW)_t . k_t exp(G_t)
+and G enters only through factors exp(G_a - G_b), so dG_t = sum of (x . dx) over the factors where t is a and
+minus those where t is b, plus dG_last += sum(dS1 * S1): with q-side factors q_t . dq_t (at Gq's row), k-side
+factors k_t . dk_t by path. The log decays' gradient is the chunk-local reverse cumulative sum of dG, zero where
+the forward floored the log decay (at _LOG_DECAY_FLOOR, so -inf gives 0). Only S0 of every chunk is recomputed
+(by the forward's own kernels); no per-step state is formed.
 """
 
 from __future__ import annotations
@@ -927,26 +949,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the delta rule's backward: Triton kernels for decay none and scalar (`_DELTA_BACKWARD_CODES`)
-#
-# Per chunk, with S0 the state entering it, G the chunk-local cumulative log decay and Gq the query's (G_{t-1}
-# for an exclusive query, 0 at the chunk start), the forward is
-#   Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) exp(G_t - G_s) (s < t);  W = Tm diag(beta) (K * exp(G));  U = Tm Y - W S0
-#   o_t = exp(Gq_t) q_t^T S0 + sum_{s <= t} P_ts U_s,  P_ts = (q_t . k_s) exp(Gq_t - G_s)   (s < t if exclusive)
-#   S1 = exp(G_last) S0 + (K * exp(G_last - G))^T U
-# (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", eqs. 5-8, with
-# the gate of Yang, Kautz, Hatamizadeh 2024, "Gated Delta Networks", Sec. 3.3). Its reverse mode, given dO and dS1:
-#   dU  = P^T dO + (K * exp(G_last - G)) dS1                        (_delta_bwd_local_kernel, _delta_bwd_dh_kernel)
-#   dS0 = exp(G_last) dS1 + (q * exp(Gq))^T dO - W^T dU             (the same, backwards over the chunks)
-#   dq  = exp(Gq) (dO S0^T) + (dP * D) K,  dP = (dO U^T) masked,  D_ts = exp(Gq_t - G_s)      (_delta_bwd_dqk_kernel)
-#   dk  = (dP * D)^T Q + exp(G_last - G) (U dS1^T) + [WY terms];  dW = -dU S0^T
-#   dY  = Tm^T dU;  dTm = dU Y^T + dW (beta K exp(G))^T;  dL = -Tm^T dTm Tm^T (strictly lower) (_delta_bwd_wy_kernel)
-#   dbeta_t = sum_s dL_ts (L_ts / beta_t) + (Tm^T dW)_t . k_t exp(G_t)
-# and G enters only through factors exp(G_a - G_b), so dG_t = sum of (x . dx) over the factors where t is a and
-# minus those where t is b, plus dG_last += sum(dS1 * S1): with q-side factors q_t . dq_t (at Gq's row), k-side
-# factors k_t . dk_t by path. The log decays' gradient is the chunk-local reverse cumulative sum of dG, zero where
-# the forward floored the log decay (at _LOG_DECAY_FLOOR, so -inf gives 0). Only S0 of every chunk is recomputed
-# (by the forward's own kernels); no per-step state is formed.
+# the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
 _DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (NoDecay, ScalarDecay) whose backward runs in Triton
