@@ -1213,8 +1213,9 @@ def _delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.con
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
     tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
     p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
-    tl.store(Tt + p_tt, b_Tt)
-    tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D)
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
 
 
 @triton.jit
@@ -1237,8 +1238,9 @@ def _delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H
         b_eg = tl.where(m_t, 1.0, 0.0)
     b_be = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32) * b_eg  # beta_t exp(G_t)
     p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
-    b_Tt = tl.load(Tt + p_tt)
-    b_dA = tl.load(dA + p_tt)
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    b_Tt = tl.load(Tt + p_tt, mask=m_tt, other=0.0)
+    b_dA = tl.load(dA + p_tt, mask=m_tt, other=0.0)
     b_dbeta = tl.load(dbeta + bos + o_i * H, mask=m_t, other=0.0)  # the scores' share, from the first part
     b_dG = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):

@@ -1520,6 +1520,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
 # ----------------------------------------------------------------------------------------------------------
 
 _triton_DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (triton_NoDecay, triton_ScalarDecay) whose backward runs in Triton
+_triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
 
 
 @triton.jit
@@ -1690,14 +1691,15 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk
 
 
 @triton.jit
-def _triton_delta_bwd_wy_kernel(k, y, beta, g, gc, dw, du, dk, dy, dbeta, dgin, dg, T, H: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr):
-    """The WY representation's backward for one (chunk, batch*head): Tm recomputed as the forward forms it, then
-    dy = Tm^T dU, dTm = dU Y^T + dW (beta K exp(G))^T, dL = -Tm^T dTm Tm^T; dk (+)= the WY paths, dbeta; with a
-    decay dG (its WY terms plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of
-    dG, zero where the log decay is below FLOOR."""
+def _triton_delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
+    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
+    dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
+    _triton_delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
     t0 = i_n * BT
     bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
     o_i = tl.arange(0, BT)
@@ -1712,10 +1714,10 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, g, gc, dw, du, dk, dy, dbeta, dgin, 
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
     b_D = tl.where(o_i[:, None] > o_i[None, :], _triton_decay(b_g[:, None], b_g[None, :]), 0.0)
-    b_eg = _triton_safe_exp(b_g.to(tl.float32))  # [BT]
-    b_L = b_beta[:, None] * b_A * b_D  # strictly lower
+    b_be = b_beta * _triton_safe_exp(b_g.to(tl.float32))  # [BT] beta_t exp(G_t)
+    b_A = b_A * b_D  # decayed and strictly lower: L = diag(beta) A
     # Tm = (I + L)^-1 by the forward's substitution, row by row
-    b_T = -b_L
+    b_T = -(b_beta[:, None] * b_A)
     for i in range(1, BT):
         b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)
         b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
@@ -1731,17 +1733,42 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, g, gc, dw, du, dk, dy, dbeta, dgin, 
         b_y = tl.load(y + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         b_dT += tl.dot(b_du, tl.trans(b_y), input_precision=PREC)
         tl.store(dy + p_tv, tl.dot(b_Tt, b_du, input_precision=PREC), mask=m_tv)
-    b_be = b_beta * b_eg  # [BT] beta_t exp(G_t)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
-        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_k * b_be[:, None]), input_precision=PREC)
+        b_kb = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_be[:, None]
+        b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_kb), input_precision=PREC)
     b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
-    b_dbeta = tl.sum(b_dL * b_A * b_D, axis=1)  # [BT]
-    b_dA = b_dL * b_beta[:, None] * b_D  # the gradient of k_t . k_s, decay included
+    tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
+
+
+@triton.jit
+def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H: tl.constexpr, K: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
+                           PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), second part: with d(beta k exp(G)) = Tm^T dW
+    and dA from _triton_delta_bwd_wy_kernel, dk (+)= its WY paths and dbeta (+)= its W path; with a decay dG (its WY terms
+    plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of dG, zero where the log
+    decay is below FLOOR."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    b_eg = _triton_safe_exp(tl.load(gc + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32))  # [BT] exp(G_t)
+    b_be = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32) * b_eg  # beta_t exp(G_t)
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    b_Tt = tl.load(Tt + p_tt, mask=m_tt, other=0.0)
+    b_dA = tl.load(dA + p_tt, mask=m_tt, other=0.0)
+    b_dbeta = tl.load(dbeta + bos + o_i * H, mask=m_t, other=0.0)  # the scores' share, from the first part
     b_dG = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -1750,8 +1777,9 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, g, gc, dw, du, dk, dy, dbeta, dgin, 
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
         b_dkb = tl.dot(b_Tt, tl.load(dw + p_tk, mask=m_tk, other=0.0), input_precision=PREC)  # d(beta k exp(G))
         b_dbeta += tl.sum(b_dkb * b_k, axis=1) * b_eg
-        b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)  # factors with G_t on the plus side
-        b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)  # on the minus side
+        # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side (column s)
+        b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)
+        b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
         b_dG += tl.sum(b_k * (b_dkt - b_dks), axis=1)
         tl.store(dk + p_tk, tl.load(dk + p_tk, mask=m_tk, other=0.0) + b_dkt + b_dks, mask=m_tk)
     tl.store(dbeta + bos + o_i * H, b_dbeta, mask=m_t)
@@ -1844,10 +1872,15 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         dg = torch.empty((B, T, H), **f32)
     dy = torch.empty((B, T, H, V), **f32)
     dbeta = torch.empty((B, T, H), **f32)
+    Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
+    dA = torch.empty((B * H, NT * BT, BT), **f32)
     _triton_delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, du, dk, dy, dbeta,
-        dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, V, BT, KB, min(BV, 64), code,
-        _triton_LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
+        k, y, beta, g_or_k, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB, min(BV, 64), code, prec,
+        num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
+    _triton_delta_bwd_wy_k_kernel[(NT, B * H)](
+        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, Tt, dA, dk, dbeta,
+        dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, KB, code, _triton_LOG_DECAY_FLOOR, prec,
+        num_warps=warps, num_stages=stages)
     return dqs, dk, dy, dbeta, dg, dS0
 
 
