@@ -72,7 +72,7 @@ def _layer_vs_reference(rec, args, initial):
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got = _grads(layer, rec, [a.float() for a in args], init32, weights)
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
-    for n, g, r in zip(names, got, ref):
+    for n, g in zip(names, got):
         assert torch.isfinite(g).all(), n
     return {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
 
