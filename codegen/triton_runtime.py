@@ -957,7 +957,7 @@ _DELTA_BWD_WY_WARPS = 8  # _delta_bwd_wy_kernel holds four [BT, BT] float32 tile
 
 
 @triton.jit
-def _delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                             EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
@@ -993,30 +993,21 @@ def _delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K:
         m_k = o_k < K
         b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
-        if DECAY == 2:
-            b_eqt = tl.load(eg + bos * K + o_ig[None, :] * (H * K) + o_k[:, None],
-                            mask=m_k[:, None] & m_tg[None, :], other=1.0)  # [BK, BT] exp(Gq)
-            b_hq = tl.dot(b_qt * b_eqt, b_do, input_precision=PREC)  # [BK, BV]
-        else:
-            b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BT, BK]
-            b_At += tl.dot(b_k, b_qt, input_precision=PREC)
-            b_hq = tl.dot(b_qt, b_doq, input_precision=PREC)  # [BK, BV]
+        b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_At += tl.dot(b_k, b_qt, input_precision=PREC)
+        b_hq = tl.dot(b_qt, b_doq, input_precision=PREC)  # [BK, BV]
         p_kv = p_hq + o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         if ACC:
             b_hq += tl.load(p_kv, mask=m_kv, other=0.0)
         tl.store(p_kv, b_hq, mask=m_kv)
-    if DECAY == 2:  # the output kernel's scores, masked and decayed by _intra_attn_kernel, read transposed
-        p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[None, :] * BT + o_i[:, None]
-        b_At = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
+    if DECAY == 1:
+        b_At = b_At * _decay(b_gq[None, :], b_g[:, None])
+    if EXCLUSIVE:
+        b_At = tl.where(o_i[None, :] > o_i[:, None], b_At, 0.0)
     else:
-        if DECAY == 1:
-            b_At = b_At * _decay(b_gq[None, :], b_g[:, None])
-        if EXCLUSIVE:
-            b_At = tl.where(o_i[None, :] > o_i[:, None], b_At, 0.0)
-        else:
-            b_At = tl.where(o_i[None, :] >= o_i[:, None], b_At, 0.0)
+        b_At = tl.where(o_i[None, :] >= o_i[:, None], b_At, 0.0)
     b_dv = tl.dot(b_At, b_do, input_precision=PREC)  # [BT, BV]
     if ACC:
         b_dv += tl.load(dv + p_tv, mask=m_tv, other=0.0)
@@ -1304,8 +1295,8 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     KB = _delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
-                                             prec, num_warps, num_stages)
+    gc, _, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
+                                          prec, num_warps, num_stages)
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
@@ -1315,9 +1306,8 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dv = torch.empty((B, T, H, V), **f32)
     dhq = torch.empty((B, H, NT, K, V), **f32)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
-        A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, KB, prec, num_warps, num_stages) if code == 2 else dv
         _delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, eg if eg is not None else k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+            q, k, g_or_k, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((B, H, K, V), **f32)

@@ -1007,7 +1007,6 @@ def _check_steps(values, log_decays):
 
 triton_Tensor = torch.Tensor
 
-_triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
 _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
@@ -1061,63 +1060,6 @@ def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl
     tl.store(gc + offs, b_gc, mask=m)
     if EXP:
         tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
-
-
-@triton.jit
-def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
-    """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
-
-    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
-    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
-    decay, applied by the output kernel) plain q_t . k_s.
-    An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
-    """
-    i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_i, i_j = i_ij // NC, i_ij % NC
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
-    o_c = tl.arange(0, BC)
-    o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
-    o_ik = i_j * BC + o_c  # [BC] key rows
-    m_tq, m_tk = t0 + o_iq < T, t0 + o_ik < T
-    if SHIFT:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
-        o_ig = o_iq - 1
-        m_tg = m_tq & (o_iq > 0)
-    else:
-        o_ig = o_iq
-        m_tg = m_tq
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    if i_i > i_j:
-        i_ref = i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for t in sub-chunk i, s in j
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_kt = m_k[:, None] & m_tk[None, :]
-            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BC, BK]
-            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    elif i_i == i_j:
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BC, BK]
-            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
-                           other=0.0).to(tl.float32)
-            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-        if STRICT:
-            b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
-        else:
-            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
-    # rows t0 + o_iq of A always exist (it has NT * BT rows); blocks above the diagonal are written as zeros
-    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_iq[:, None] * BT + o_ik[None, :]
-    tl.store(p_A, b_A, mask=(o_iq[:, None] < BT) & (o_ik[None, :] < BT))
 
 
 @triton.jit
@@ -1392,17 +1334,6 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
     return gc, eg
 
 
-def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int) -> triton_Tensor:
-    B, T, H, K = k.shape
-    NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
-    A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
-    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
-    return A
-
-
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
@@ -1524,7 +1455,7 @@ _triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT
 
 
 @triton.jit
-def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                             EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
@@ -1829,8 +1760,8 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     KB = _triton_delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
-                                             prec, num_warps, num_stages)
+    gc, _, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
+                                          prec, num_warps, num_stages)
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
@@ -1840,9 +1771,8 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     dv = torch.empty((B, T, H, V), **f32)
     dhq = torch.empty((B, H, NT, K, V), **f32)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
-        A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, KB, prec, num_warps, num_stages) if code == 2 else dv
         _triton_delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, eg if eg is not None else k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+            q, k, g_or_k, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((B, H, K, V), **f32)
