@@ -5,8 +5,8 @@ Triton form) in about a quarter of an hour; this file checks the kernels with th
 K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
 output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
 for sm_90 and sm_80 (for sm_90 with its five backward kernels too), and one recurrent kernel (rwkv7, whose [K, V]
-state is split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's
-shared memory.
+state is split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`:
+cuobjdump's STACK + LOCAL) and fit the target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s

@@ -1354,6 +1354,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
 
 _triton_DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (triton_NoDecay, triton_ScalarDecay) whose backward runs in Triton
 _triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
+_triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
 @triton.jit
@@ -1684,8 +1685,8 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
     _triton_delta_bwd_wy_k_kernel[(NT, B * H)](
         k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, Tt, dA, dk, dbeta,
-        dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, KB, code, _triton_LOG_DECAY_FLOOR, prec,
-        num_warps=warps, num_stages=stages)
+        dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _triton_DELTA_BWD_WY_K_BK), code,
+        _triton_LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
     return dqs, dk, dy, dbeta, dg, dS0
 
 
