@@ -36,6 +36,7 @@ import triton  # noqa: E402, F401  (fail loudly if triton is missing)
 import recurrence_dsl  # noqa: E402
 from codegen.layer import interpreting  # noqa: E402
 from codegen.load import triton_available  # noqa: E402
+from codegen.module import chunked_triton_differentiable  # noqa: E402
 from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
@@ -246,9 +247,11 @@ def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
 ])
 def test_gradients_match_the_reference(key, form, sizes):
     """float32 gradients of every input, param and the initial state, through the triton backend, against the
-    float64 reference's; they are the torch form's gradients (the backward re-runs it)."""
+    float64 reference's; they are the torch form's gradients (the backward re-runs it), except for a chunked form
+    with its own Triton backward (delta_net: tests/test_triton_delta_backward.py), which agrees with it closely."""
     rec = RECS[key]
     checked = rec.checked
+    recomputed = not (form == "chunked" and chunked_triton_differentiable(analyse(checked)))
     T, H = 40, 2
     args, init, ref_args, ref_init = sample(key, sizes, T, H, F32, seed=7)
     names = [s.name for s in checked.inputs + checked.params] + [f"initial_state[{s.name}]" for s in checked.states]
@@ -273,7 +276,7 @@ def test_gradients_match_the_reference(key, form, sizes):
     backward(ref_out, ref_final)
     out, final, leaves = run(layer_for(key), args, init, form=form, chunk_size=16)
     for name, t in out.items():
-        assert "_RecomputeBackward" in type(t.grad_fn).__name__, f"{name} did not come from the triton forward"
+        assert ("_RecomputeBackward" in type(t.grad_fn).__name__) == recomputed, type(t.grad_fn).__name__
         assert rel(t, ref_out[name].detach()) <= TOL[F32]
     backward(out, final)
     torch_out, torch_final, torch_leaves = run(recurrence_dsl.compile(rec, backend="torch", chunk_size=16), args,
@@ -284,7 +287,7 @@ def test_gradients_match_the_reference(key, form, sizes):
         assert got is not None, f"no gradient for {name}"
         err = rel(got, want)
         assert err <= GRAD_TOL, f"{key}/{form}: gradient of {name} relative error {err:.3e}"
-        assert rel(got, torch_leaves[name].grad) <= 1e-6, f"{name}: not the torch form's gradient"
+        assert rel(got, torch_leaves[name].grad) <= (1e-6 if recomputed else GRAD_TOL), f"{name}: not the torch form's"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1427,10 +1427,309 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
+        if decay_cls.code not in _triton_DELTA_BACKWARD_CODES:
+            raise NotImplementedError(f"triton_chunked_delta_by({decay_cls.__name__}) has no Triton backward yet; call it "
+                                      "under torch.no_grad() and differentiate another form")
+        options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                       num_stages=num_stages, allow_tf32=allow_tf32)
+        *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
+                                                log_decay, initial_state, *[q for q, _ in queries])
+        return list(outs), (ht if output_final_state else None)
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    NT = triton.cdiv(T, BT)
     KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
+                                           BK, BV, BVS, prec, num_warps, num_stages)
+    outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
+    return outs, ht
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the delta rule's backward (see the module docstring for the derivation)
+# ----------------------------------------------------------------------------------------------------------
+
+_triton_DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (triton_NoDecay, triton_ScalarDecay) whose backward runs in Triton
+_triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
+_triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
+
+
+@triton.jit
+def _triton_delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                            EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
+    dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state."""
+    i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    o_ig = o_i
+    m_tg = m_t
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+    b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT] float64
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+    b_doq = b_do * _triton_safe_exp(b_gq.to(tl.float32))[:, None]  # (q exp(Gq))^T dO = q^T (exp(Gq) dO)
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]: P_ts
+    p_hq = dhq + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_At += tl.dot(b_k, b_qt, input_precision=PREC)
+        b_hq = tl.dot(b_qt, b_doq, input_precision=PREC)  # [BK, BV]
+        p_kv = p_hq + o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        if ACC:
+            b_hq += tl.load(p_kv, mask=m_kv, other=0.0)
+        tl.store(p_kv, b_hq, mask=m_kv)
+    b_At = b_At * _triton_decay(b_gq[None, :], b_g[:, None])
+    b_At = tl.where(o_i[None, :] >= o_i[:, None], b_At, 0.0)
+    b_dv = tl.dot(b_At, b_do, input_precision=PREC)  # [BT, BV]
+    if ACC:
+        b_dv += tl.load(dv + p_tv, mask=m_tv, other=0.0)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+
+
+@triton.jit
+def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+    """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
+    [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
+    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS."""
+    i_vt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt0 = i_b.to(tl.int64) * T
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_r in range(0, NT):
+        i_n = NT - 1 - i_r
+        p_n = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+        tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK] offsets of k and w
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+        b_k = b_k * _triton_decay(b_gl, b_g)[:, None]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_du = tl.load(dv + p_tv, mask=m_tv, other=0.0) + tl.dot(b_k, b_dh, input_precision=PREC)  # [BT, BV]
+        tl.store(du + p_tv, b_du, mask=m_tv)
+        b_wt = tl.load(w + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0)  # [BK, BT] float32
+        b_dh = b_dh * tl.exp(b_gl.to(tl.float32))
+        b_dh += tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0) - tl.dot(b_wt, b_du, input_precision=PREC)
+    tl.store(dh0 + i_bh.to(tl.int64) * (K * V) + o_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _triton_delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk, T, H: tl.constexpr, K: tl.constexpr,
+                          V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
+                          PREC: tl.constexpr):
+    """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
+    with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
+    (dgk [B, T, H, NKB], one column per K block, summed by the caller)."""
+    i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    i_last = tl.minimum(BT, T - t0) - 1
+    o_ig = o_i
+    m_tg = m_t
+    o_k = i_kt * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
+    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S0 of the chunk
+    p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # dS1
+    p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
+    if i_n == NT - 1:
+        p_hn = ht + i_bh.to(tl.int64) * (K * V)
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
+    b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)  # U dS1^T
+    b_dgl = tl.zeros([BK], dtype=tl.float32)  # sum over V of dS1 * S1
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0)  # [BT, BV] float32
+        b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_dP += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
+        b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+        if FIRST:
+            b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)
+            b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.0)
+            b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PREC)
+            b_dkh += tl.dot(b_u, tl.trans(b_dh), input_precision=PREC)
+            b_dgl += tl.sum(b_dh * tl.load(p_hn + o_kv, mask=m_kv, other=0.0), axis=1)
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    b_dP = tl.where(o_i[:, None] >= o_i[None, :], b_dP, 0.0)
+    b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT] float64
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
+    b_dP = b_dP * _triton_decay(b_gq[:, None], b_g[None, :])
+    b_dqh = b_dqh * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
+    tl.store(dq + p_tk, b_dqh + tl.dot(b_dP, b_k, input_precision=PREC), mask=m_tk)
+    b_dkn = tl.dot(tl.trans(b_dP), b_q, input_precision=PREC)  # [BT, BK] this call's k-side share of dk
+    if FIRST:
+        b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+        b_dkh = b_dkh * _triton_decay(b_gl, b_g)[:, None]
+        b_dkn += b_dkh
+        tl.store(dw + p_tk, b_dw, mask=m_tk)
+        tl.store(dk + p_tk, b_dkn, mask=m_tk)
+    else:
+        tl.store(dk + p_tk, b_dkn + tl.load(dk + p_tk, mask=m_tk, other=0.0), mask=m_tk)
+    b_dg = -tl.sum(b_k * b_dkn, axis=1)  # [BT]: every factor here has G_t on its minus side
+    if FIRST:
+        b_dg += tl.where(o_i == i_last, tl.sum(b_dgl, axis=0), 0.0)
+    p_dg = dgk + (bos + o_i * H) * NKB + i_kt
+    if not FIRST:
+        b_dg += tl.load(p_dg, mask=m_t, other=0.0)
+    tl.store(p_dg, b_dg, mask=m_t)
+
+
+@triton.jit
+def _triton_delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
+    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
+    dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
+    _triton_delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)  # k_t . k_s
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+    b_D = tl.where(o_i[:, None] > o_i[None, :], _triton_decay(b_g[:, None], b_g[None, :]), 0.0)
+    b_be = b_beta * _triton_safe_exp(b_g.to(tl.float32))  # [BT] beta_t exp(G_t)
+    b_A = b_A * b_D  # decayed and strictly lower: L = diag(beta) A
+    # Tm = (I + L)^-1 by the forward's substitution, row by row
+    b_T = -(b_beta[:, None] * b_A)
+    for i in range(1, BT):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_Tt = tl.trans(b_T)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
+        b_y = tl.load(y + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_dT += tl.dot(b_du, tl.trans(b_y), input_precision=PREC)
+        tl.store(dy + p_tv, tl.dot(b_Tt, b_du, input_precision=PREC), mask=m_tv)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
+        b_kb = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_be[:, None]
+        b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_kb), input_precision=PREC)
+    b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
+    b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
+    tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
+
+
+@triton.jit
+def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H: tl.constexpr, K: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
+                           PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), second part: with d(beta k exp(G)) = Tm^T dW
+    and dA from _triton_delta_bwd_wy_kernel, dk (+)= its WY paths and dbeta (+)= its W path; with a decay dG (its WY terms
+    plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of dG, zero where the log
+    decay is below FLOOR."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    b_eg = _triton_safe_exp(tl.load(gc + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32))  # [BT] exp(G_t)
+    b_be = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32) * b_eg  # beta_t exp(G_t)
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    b_Tt = tl.load(Tt + p_tt, mask=m_tt, other=0.0)
+    b_dA = tl.load(dA + p_tt, mask=m_tt, other=0.0)
+    b_dbeta = tl.load(dbeta + bos + o_i * H, mask=m_t, other=0.0)  # the scores' share, from the first part
+    b_dG = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        b_dkb = tl.dot(b_Tt, tl.load(dw + p_tk, mask=m_tk, other=0.0), input_precision=PREC)  # d(beta k exp(G))
+        b_dbeta += tl.sum(b_dkb * b_k, axis=1) * b_eg
+        # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side (column s)
+        b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)
+        b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
+        b_dG += tl.sum(b_k * (b_dkt - b_dks), axis=1)
+        tl.store(dk + p_tk, tl.load(dk + p_tk, mask=m_tk, other=0.0) + b_dkt + b_dks, mask=m_tk)
+    tl.store(dbeta + bos + o_i * H, b_dbeta, mask=m_t)
+    b_dG += tl.load(dgin + bos + o_i * H, mask=m_t, other=0.0)
+    b_dg = tl.cumsum(b_dG, axis=0, reverse=True)  # G_t = sum_{s <= t} g_s inside the chunk
+    b_graw = tl.load(g + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)
+    tl.store(dg + bos + o_i * H, tl.where(b_graw < FLOOR, 0.0, b_dg), mask=m_t)
+
+
+def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
+                  num_warps, num_stages):
+    """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
+    W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
+    state (or None). k, y, beta contiguous."""
+    B, T, H, K = k.shape
+    V = y.shape[-1]
+    NT = triton.cdiv(T, BT)
+    KB = _triton_delta_blocks(BK)[0]
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
     Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
@@ -1441,8 +1740,104 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages)
-    outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
-    return outs, ht
+    return gc, eg, Akk, w, u, h, ht
+
+
+def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
+                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32):
+    """Gradients of triton_chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
+    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None)."""
+    B, T, H, K = k.shape
+    V = y.shape[-1]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    code = decay_cls.code
+    if T == 0:
+        dS0 = grad_final.float() if grad_final is not None else torch.zeros((B, H, K, V), **f32)
+        return ([torch.zeros(q.shape, **f32) for q, _ in queries], torch.zeros(k.shape, **f32),
+                torch.zeros(y.shape, **f32), torch.zeros(beta.shape, **f32),
+                None if log_decay is None else torch.zeros(log_decay.shape, **f32), dS0)
+    BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if code == 2 else 1))
+    KB = _triton_delta_blocks(BK)[0]
+    NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
+    k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
+    gc, _, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
+                                          prec, num_warps, num_stages)
+    warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
+    if not queries:  # no readout: one zero query carries the query-independent terms
+        queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
+    qs = [q.contiguous() for q, _ in queries]
+    dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
+    g_or_k = gc if gc is not None else k
+    dv = torch.empty((B, T, H, V), **f32)
+    dhq = torch.empty((B, H, NT, K, V), **f32)
+    for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
+        _triton_delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
+            q, k, g_or_k, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+            j > 0, prec, num_warps=warps, num_stages=stages)
+    dh = torch.empty((B, H, NT, K, V), **f32)
+    dS0 = torch.empty((B, H, K, V), **f32)
+    du = torch.empty((B, T, H, V), **f32)
+    dht = None if grad_final is None else grad_final.float().contiguous()
+    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), B * H)](
+        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du, T, H, K, V, NT, BT, BK, BVS, code,
+        dht is not None, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
+    dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
+    dgk = torch.empty((B, T, H, NKB), **f32) if code == 1 else dk
+    for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
+        _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
+            q, k, g_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, T, H, K, V, NT, NKB, BT, KB, BV, code,
+            bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    dG = dg = None
+    if code == 1:
+        dG = dgk.sum(-1)
+        t = torch.arange(T, device=k.device)
+        for (_, exclusive), q, dq in zip(queries, qs, dqs):
+            qdq = (q.float() * dq).sum(-1)  # [B, T, H]: the q-side factor exp(Gq_t), at Gq's row
+            if exclusive:  # Gq_t = G_{t-1} inside the chunk: row t's term goes to row t - 1, a chunk's first to none
+                qdq = torch.where((t % BT != 0)[None, :, None], qdq, 0.0)
+                dG[:, :-1] += qdq[:, 1:]
+            else:
+                dG += qdq
+        dg = torch.empty((B, T, H), **f32)
+    dy = torch.empty((B, T, H, V), **f32)
+    dbeta = torch.empty((B, T, H), **f32)
+    Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
+    dA = torch.empty((B * H, NT * BT, BT), **f32)
+    _triton_delta_bwd_wy_kernel[(NT, B * H)](
+        k, y, beta, g_or_k, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB, min(BV, 64), code, prec,
+        num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
+    _triton_delta_bwd_wy_k_kernel[(NT, B * H)](
+        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, Tt, dA, dk, dbeta,
+        dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _triton_DELTA_BWD_WY_K_BK), code,
+        _triton_LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
+    return dqs, dk, dy, dbeta, dg, dS0
+
+
+class _triton_ChunkedDeltaFunction(torch.autograd.Function):
+    """triton_chunked_delta_by under autograd: the Triton forward, and a backward in Triton kernels (`_triton_delta_backward`)
+    that recomputes the chunk-start states from the saved inputs (nothing per step or per chunk is saved)."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
+        queries = list(zip(qs, exclusives))
+        outs, ht = triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state,
+                                    output_final_state=True, **options)
+        ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
+        ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
+        return (*outs, ht)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        k, y, beta, log_decay, initial_state, *qs = ctx.saved_tensors
+        dqs, dk, dy, dbeta, dg, dS0 = _triton_delta_backward(
+            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y, beta, log_decay, initial_state, list(grads[:-1]),
+            grads[-1], **ctx.options)
+        return (None, None, None, dk.to(k.dtype), dy.to(y.dtype), dbeta.to(beta.dtype),
+                None if log_decay is None else dg.to(log_decay.dtype),
+                None if initial_state is None else dS0.to(initial_state.dtype),
+                *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
 
 
 def _triton_block(n, given, what):
@@ -1700,7 +2095,7 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
 
 _gated_delta_net_forms = {'recurrent': gated_delta_net__recurrent, 'chunked': gated_delta_net__chunked}
 _gated_delta_net_out, _gated_delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_gated_delta_net_triton_forms = {'recurrent': with_torch_backward(gated_delta_net__triton_recurrent, gated_delta_net__recurrent, _gated_delta_net_out, _gated_delta_net_st), 'chunked': with_torch_backward(gated_delta_net__chunked_triton, gated_delta_net__chunked, _gated_delta_net_out, _gated_delta_net_st)} if HAVE_TRITON else None
+_gated_delta_net_triton_forms = {'recurrent': with_torch_backward(gated_delta_net__triton_recurrent, gated_delta_net__recurrent, _gated_delta_net_out, _gated_delta_net_st), 'chunked': gated_delta_net__chunked_triton} if HAVE_TRITON else None
 
 
 class _GatedDeltaNetLayer(Layer):

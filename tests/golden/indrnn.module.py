@@ -840,6 +840,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the delta rule's backward (see the module docstring for the derivation)
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _triton_tile(n, given, what):
     """The tile extent of an axis split over programs: min(pow2(n), 32) lanes, at least 16 (or `given`,
     a power of two >= 16, checked)."""

@@ -900,6 +900,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the delta rule's backward (see the module docstring for the derivation)
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)

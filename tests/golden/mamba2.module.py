@@ -1343,6 +1343,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     return outs, ht
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the delta rule's backward (see the module docstring for the derivation)
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)

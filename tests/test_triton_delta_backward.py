@@ -1,0 +1,228 @@
+"""The delta rule's chunked form differentiated by Triton kernels (codegen/triton_runtime.py, `_delta_backward`).
+
+`chunked_delta_by` with decay None or scalar is an autograd.Function whose backward recomputes the chunk-start
+states and runs the backward kernels; a generated module's chunked Triton form of such a plan is therefore printed
+without `with_torch_backward` (codegen/module.py, `chunked_triton_differentiable`). Checked here, in the Triton
+interpreter at float32 against float64 autograd (relative error <= 1e-5):
+
+- every spec of specs/ with a chunked Triton delta form (delta_net, gated_delta_net; rwkv7's diagonal-plus-rank-one
+  class has no chunked Triton form): gradients of every input and the initial state, with a gradient on the final
+  state too, T not a multiple of the chunk, against the reference interpreter's autograd;
+- -inf log decays (a reset), through the layer and through the runtime;
+- the runtime itself against the torch runtime's float64 autograd: several queries (exclusive and not), no initial
+  state, no gradient on the final state or on an output, zero length;
+- no torch form runs during the Triton backward (the module's torch runtime entry patched to raise).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import recurrence_dsl
+from codegen import torch_runtime, triton_runtime
+from codegen.dispatch import with_torch_backward
+from codegen.module import chunked_triton_differentiable
+from codegen.triton_recurrent import triton_form_names
+from recurrence_dsl.analysis import analyse
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPEC_FILES, as_dict
+
+pytest.importorskip("triton")
+
+SPECS: dict[str, recurrence_dsl.Recurrence] = {}
+for _path in SPEC_FILES:
+    SPECS.update(recurrence_dsl.load(_path))
+
+B, T, H, SIZE, CHUNK = 2, 37, 2, 16, 16  # three chunks, the last one 5 steps
+TOL = 1e-5
+DELTA_SPECS = ["delta_net", "gated_delta_net"]
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _grads(fn, rec, args, initial, weights):
+    """Gradients of every argument and the initial state for sum(w * outputs) + sum(w * final states)."""
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, rec.checked.states).items()}
+    given = init if len(init) > 1 else next(iter(init.values()))
+    out, final = fn(*leaves, initial_state=given, output_final_state=True)
+    out, final = as_dict(out, rec.checked.outputs), as_dict(final, rec.checked.states)
+    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
+    loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
+    loss.backward()
+    return [x.grad for x in leaves] + [init[s.name].grad for s in rec.checked.states]
+
+
+def _layer_vs_reference(rec, args, initial):
+    """{name: relative error} of the chunked Triton layer's gradients (float32) against the reference's (float64)."""
+    out, final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    weights = ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+                for k, v in as_dict(out, rec.checked.outputs).items()},
+               {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+                for k, v in as_dict(final, rec.checked.states).items()})
+    ref = _grads(rec.reference, rec, args, initial, weights)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    got = _grads(layer, rec, [a.float() for a in args], init32, weights)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    for n, g in zip(names, got):
+        assert torch.isfinite(g).all(), n
+    return {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+
+
+def _sample(rec, seed=0):
+    return sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, B, T, H, dtype=torch.float64,
+                            seed=seed, with_initial_state=True)
+
+
+def test_the_delta_specs_are_the_ones_with_a_differentiable_chunked_triton_form():
+    """Every spec whose chunked Triton form is a delta rule with decay None / scalar is tested below; rwkv7
+    (diagonal-plus-rank-one) has no chunked Triton form, so its Triton backward stays the torch recompute."""
+    analyses = {name: analyse(rec.checked) for name, rec in SPECS.items()}
+    found = sorted(name for name, a in analyses.items()
+                   if "chunked" in triton_form_names(a) and chunked_triton_differentiable(a))
+    assert found == DELTA_SPECS
+    assert "chunked" not in triton_form_names(analyses["rwkv7"])
+    assert not chunked_triton_differentiable(analyses["gla"])  # a linear class keeps with_torch_backward here
+
+
+@pytest.mark.parametrize("name", DELTA_SPECS)
+def test_layer_gradients_match_the_reference(name):
+    rec = SPECS[name]
+    errors = _layer_vs_reference(rec, *_sample(rec))
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_minus_infinity_log_decays_through_the_layer():
+    """gated_delta_net's g = -inf at some steps (a full reset): finite gradients matching the reference's."""
+    rec = SPECS["gated_delta_net"]
+    args, initial = _sample(rec, seed=2)
+    names = [s.name for s in rec.checked.inputs]
+    g = args[names.index("g")].clone()
+    g[:, 5] = float("-inf")  # inside the first chunk
+    g[0, 16, 1] = float("-inf")  # the first step of the second chunk, one row and head
+    g[:, 36] = float("-inf")  # the last step
+    args[names.index("g")] = g
+    errors = _layer_vs_reference(rec, args, initial)
+    assert max(errors.values()) <= TOL, errors
+
+
+def _runtime_case(axis, excl, length, seed, with_initial=True, neg_inf=False):
+    gen = torch.Generator().manual_seed(seed)
+    K, V = 16, 32
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    qs = [rnd(B, length, H, K) for _ in excl]
+    k = torch.nn.functional.normalize(rnd(B, length, H, K), dim=-1)
+    y = rnd(B, length, H, V)
+    beta = torch.rand(B, length, H, generator=gen, dtype=torch.float64)
+    log_decay = None
+    if axis == "scalar":
+        log_decay = -torch.rand(B, length, H, generator=gen, dtype=torch.float64)
+        if neg_inf and length:
+            log_decay[:, length // 3] = float("-inf")
+            log_decay[1, length // 2, 0] = float("-inf")
+    s0 = rnd(B, H, K, V) if with_initial else None
+    return qs, k, y, beta, log_decay, s0
+
+
+def _runtime_grads(chunked_delta, case, excl, dtype, weights, chunk_size=CHUNK, axis=None):
+    """Gradients of every tensor of `case` (those given) for sum(w * outputs) + sum(w * final) (when weighted)."""
+    tensors = [x for x in [*case[0], *case[1:]] if x is not None]
+    leaves = [x.detach().to(dtype).requires_grad_() for x in tensors]
+    it = iter(leaves)
+    qs = [next(it) for _ in case[0]]
+    k, y, beta = next(it), next(it), next(it)
+    log_decay = next(it) if case[4] is not None else None
+    s0 = next(it) if case[5] is not None else None
+    outs, final = chunked_delta(list(zip(qs, excl)), k, y, beta, log_decay, axis, s0, chunk_size, True)
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights[0]) if w is not None)
+    if weights[1] is not None:
+        loss = loss + (final.double() * weights[1]).sum()
+    loss.backward()
+    return [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+
+RUNTIME_CASES = [
+    pytest.param(None, (False,), 37, True, True, id="none"),
+    pytest.param("scalar", (False,), 37, True, True, id="scalar"),
+    pytest.param("scalar", (True, False), 45, True, True, id="scalar-two-queries-one-exclusive"),
+    pytest.param(None, (True,), 20, False, True, id="none-exclusive-no-initial-state"),
+    pytest.param("scalar", (False, True), 33, True, False, id="scalar-no-final-gradient-unused-output"),
+]
+
+
+@pytest.mark.parametrize(("axis", "excl", "length", "with_initial", "final_grad"), RUNTIME_CASES)
+def test_runtime_gradients_match_the_torch_runtime(axis, excl, length, with_initial, final_grad):
+    case = _runtime_case(axis, excl, length, seed=length, with_initial=with_initial, neg_inf=axis == "scalar")
+    gen = torch.Generator().manual_seed(7)
+    wo = [torch.randn(B, length, H, 32, generator=gen, dtype=torch.float64) for _ in excl]
+    if not final_grad:
+        wo[-1] = None  # the last output takes no part in the loss
+    weights = (wo, torch.randn(B, H, 16, 32, generator=gen, dtype=torch.float64) if final_grad else None)
+    ref = _runtime_grads(torch_runtime.chunked_delta, case, excl, torch.float64, weights, axis=axis)
+    got = _runtime_grads(triton_runtime.chunked_delta, case, excl, torch.float32, weights, axis=axis)
+    errors = [_rel(g, r) for g, r in zip(got, ref) if r.norm() > 0]
+    assert max(errors) <= TOL, errors
+    for g, r in zip(got, ref):
+        if r.norm() == 0:  # an unused query: exactly zero
+            assert not g.any()
+
+
+def test_zero_length():
+    """No steps: zero gradients, and the initial state takes the final state's gradient."""
+    case = _runtime_case("scalar", (False,), 0, seed=0)
+    dfinal = torch.randn(B, H, 16, 32, dtype=torch.float64)
+    got = _runtime_grads(triton_runtime.chunked_delta, case, (False,), torch.float32, ([None], dfinal),
+                         axis="scalar")
+    assert all(not g.any() for g in got[:-1]) and torch.equal(got[-1], dfinal.float())
+
+
+def test_key_decay_needs_no_grad():
+    """A decay class without a Triton backward refuses gradients instead of silently returning none."""
+    case = _runtime_case(None, (False,), 20, seed=0)
+    qs, k, y, beta, _, s0 = case
+    log_decay = -torch.rand(B, 20, H, 16, dtype=torch.float32)
+    args = ([(qs[0].float(), False)], k.float().requires_grad_(), y.float(), beta.float(), log_decay, "key",
+            s0.float(), CHUNK)
+    with pytest.raises(NotImplementedError, match="no Triton backward"):
+        triton_runtime.chunked_delta(*args)
+    with torch.no_grad():
+        outs, _ = triton_runtime.chunked_delta(*args)
+    assert outs[0].shape == (B, 20, H, 32)
+
+
+@pytest.mark.parametrize("name", DELTA_SPECS)
+def test_no_torch_form_runs_in_the_triton_backward(name, monkeypatch):
+    """The module's torch chunked runtime patched to raise: the Triton chunked form still runs forward and
+    backward; the old wrapper (re-running the torch form in the backward) hits the patch."""
+    rec = SPECS[name]
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    assert layer.triton_forms["chunked"] is getattr(module, f"{name}__chunked_triton")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch form ran")
+
+    monkeypatch.setattr(module, "chunked_delta_by", refuse)  # what the torch chunked form calls
+    args, initial = _sample(rec, seed=3)
+    leaves = [a.float().requires_grad_() for a in args]
+    init = initial.float().requires_grad_()
+    out, final = layer(*leaves, initial_state=init, output_final_state=True)
+    (out.square().sum() + final.square().sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves + [init])
+    old = with_torch_backward(getattr(module, f"{name}__chunked_triton"), getattr(module, f"{name}__chunked"),
+                              tuple(o.name for o in rec.checked.outputs), tuple(s.name for s in rec.checked.states))
+    monkeypatch.setattr(layer, "triton_forms", {**layer.triton_forms, "chunked": old})
+    out, final = layer(*leaves, initial_state=init, output_final_state=True)
+    with pytest.raises(AssertionError, match="a torch form ran"):
+        (out.sum() + final.sum()).backward()
