@@ -12,6 +12,7 @@ RECURRENCE_DSL_TUNING=0 switches off lookups in the rule's store (an explicit st
 from __future__ import annotations
 
 import os
+import sys
 
 from codegen.layer import CONFIG_KEYS
 from codegen.tuning import (
@@ -102,9 +103,16 @@ def tuned_config(rec, device, dtype, batch: int, heads: int, length: int, sizes:
 
 
 def clear_cache() -> None:
-    """Forget memoised lookups here and in the layers' read path (after new choices were stored)."""
+    """Forget memoised lookups here, in codegen.tuning and in every imported generated module (each carries
+    its own copy of the read path), so calls in this process see choices stored after they first looked."""
     _MEMO.clear()
     tuning_clear_cache()
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("recdsl_"):
+            for name in ("_tuning_memo", "_tuning_warned"):  # (a module keeps only what its layers reach)
+                cache = getattr(module, name, None)
+                if isinstance(cache, (dict, set)):
+                    cache.clear()
 
 
 __all__ = ["INTERPRETER", "clear_cache", "device_name", "spec_hash_of", "store_path_of", "tuned_choice",

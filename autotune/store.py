@@ -48,12 +48,11 @@ import platform
 import sqlite3
 import sys
 import time
-import urllib.parse
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from codegen.tuning import TUNING_MODES, tuning_shape_bucket, tuning_store_path
+from codegen.tuning import TUNING_MODES, tuning_read, tuning_shape_bucket, tuning_store_path
 
 SCHEMA_VERSION = 2  # 2: trials.mode, trials.iqr_ms and the choices table
 BUSY_TIMEOUT_S = 60.0
@@ -238,12 +237,12 @@ class TuningStore:
             raise
         return conn
 
-    def _connect_readonly(self) -> sqlite3.Connection | None:
-        """A read-only connection (works on a read-only file or filesystem), or None when there is no file."""
+    def _read(self, action, default):
+        """`action(conn)` on a read-only connection (`codegen.tuning.tuning_read`: works on a read-only file,
+        directory or filesystem), or `default` when there is no file."""
         if not self.path.is_file():
-            return None
-        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
-        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            return default
+        return tuning_read(str(self.path), action, BUSY_TIMEOUT_S)
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -338,15 +337,14 @@ class TuningStore:
     # -- reading ---------------------------------------------------------------------------------------
 
     def _select(self, where: str, values: tuple, tail: str = "") -> list:
-        conn = self._connect_readonly()
-        if conn is None:
-            return []
-        with closing(conn):
+        def select(conn):
             present = {row[1] for row in conn.execute("PRAGMA table_info(trials)")}
             if not present:
                 return []
             columns = ", ".join(c if c in present or c not in _ADDED else f"{_ADDED[c][1]} AS {c}" for c in _COLUMNS)
             return conn.execute(f"SELECT {columns} FROM trials WHERE {where} {tail}", values).fetchall()
+
+        return self._read(select, [])
 
     def best_trial(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
                    mode: str | None = None) -> Trial | None:
@@ -362,19 +360,18 @@ class TuningStore:
     def choice(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
                mode: str) -> dict | None:
         """The stored choice for the key and mode: {"config", "tuned", "reason", "study", "created"}, or None."""
-        conn = self._connect_readonly()
-        if conn is None:
-            return None
-        with closing(conn):
+        def select(conn):
             try:
-                row = conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? "
-                                   "AND device = ? AND dtype = ? AND bucket = ? AND form = ? AND backend = ? "
-                                   "AND mode = ?", (spec_hash, device, dtype_name(dtype), bucket, form, backend,
-                                                    mode)).fetchone()
+                return conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? "
+                                    "AND device = ? AND dtype = ? AND bucket = ? AND form = ? AND backend = ? "
+                                    "AND mode = ?", (spec_hash, device, dtype_name(dtype), bucket, form, backend,
+                                                     mode)).fetchone()
             except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                if "no such table" in str(err):  # a store of schema version 1
                     return None
                 raise
+
+        row = self._read(select, None)
         if row is None:
             return None
         return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
@@ -397,15 +394,16 @@ class TuningStore:
 
     def count(self) -> int:
         """The number of stored trials (0 when there is no file)."""
-        return len(self._select("1", ()))
+        def count(conn):
+            if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'trials'").fetchone():
+                return 0
+            return int(conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+
+        return self._read(count, 0)
 
     def integrity_check(self) -> str:
         """SQLite's own check of the file: "ok" when sound."""
-        conn = self._connect_readonly()
-        if conn is None:
-            return "ok (no file)"
-        with closing(conn):
-            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        return self._read(lambda conn: str(conn.execute("PRAGMA integrity_check").fetchone()[0]), "ok (no file)")
 
 
 def _trial_row(spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str, config: dict,

@@ -57,7 +57,7 @@ import torch
 from .lookup import INTERPRETER, clear_cache, device_name, spec_hash_of
 from .runner import run_config
 from .space import SPACES, Problem, Space, config_key, config_space, device_limits, parse_config_key, tunable
-from .store import LOCK_WAIT_S, TuningStore, dtype_name, library_versions, open_store, shape_bucket
+from .store import LOCK_WAIT_S, StoreLocked, TuningStore, dtype_name, library_versions, open_store, shape_bucket
 from .threads import thread_settings, timing_warnings
 
 # Relative error allowed against the float32 torch form, by input dtype (half inputs use tf32 dots).
@@ -516,6 +516,9 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
                       tuned=chosen is not None, reason=reason, study=study_id)
     try:
         store.save_study(rows, choice, wait_s=lock_wait_s, on_wait=on_lock_wait)
+    except StoreLocked as err:
+        err.result = result  # the caller can still show what was measured
+        raise
     finally:
         clear_cache()
     return result

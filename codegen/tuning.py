@@ -27,7 +27,8 @@ Which config a call runs (the first that applies):
 A call never waits on the store and never fails because of it: the file is opened read-only with a
 TUNING_READ_TIMEOUT_S busy timeout; a missing file means defaults; a locked, corrupt or unreadable store, or a
 stored config that is not a JSON object of known keys, means defaults and one RuntimeWarning per store and
-process. Answers are memoised per process (`tuning_clear_cache()` forgets them).
+process. Answers are memoised per process (`tuning_clear_cache()` forgets them); a store that could not be read
+is tried again after TUNING_RETRY_S.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import os
 
 TUNING_READ_TIMEOUT_S = 0.05  # a forward call waits at most this long for a store another process holds locked
+TUNING_RETRY_S = 30.0  # a store that could not be read (locked, say) is tried again after this long
 TUNING_MODES = ("fwd", "fwdbwd")
 TUNING_INTERPRETER = "cpu-interpreter"  # Triton run by its CPU interpreter: timings never looked up
 
@@ -118,6 +120,29 @@ def _tuning_warn(path: str, why: str) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
+def tuning_read(path: str, action, timeout_s: float = TUNING_READ_TIMEOUT_S):
+    """`action(conn)` on a read-only connection to the SQLite file at `path`, waiting at most `timeout_s` for a
+    lock. A WAL database read read-only needs its -shm file, which SQLite cannot create in a read-only
+    directory; then the file is opened again as immutable (nobody can be writing a store in a directory that
+    cannot be written). sqlite3 errors propagate."""
+    import sqlite3
+    import urllib.parse
+
+    base = "file:" + urllib.parse.quote(os.path.abspath(path))
+    for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        conn = None
+        try:
+            conn = sqlite3.connect(base + query, uri=True, timeout=timeout_s, isolation_level=None)
+            return action(conn)
+        except sqlite3.OperationalError as err:
+            text = str(err).lower()
+            if query.endswith("immutable=1") or not ("unable to open" in text or "readonly" in text):
+                raise
+        finally:
+            if conn is not None:
+                conn.close()
+
+
 def tuning_read_choice(path: str, key: tuple, config_keys: tuple) -> tuple[dict | None, str]:
     """(config or None, why) for `key` = (spec_hash, device, dtype, bucket, form, backend, mode) in the store
     at `path`, read-only, waiting at most TUNING_READ_TIMEOUT_S. Never raises: a missing store, key or choice is
@@ -125,19 +150,13 @@ def tuning_read_choice(path: str, key: tuple, config_keys: tuple) -> tuple[dict 
     the keys a config for this form and backend must have (codegen.layer.CONFIG_KEYS)."""
     import json
     import sqlite3
-    import urllib.parse
 
     if not os.path.isfile(path):
         return None, f"no tuning store at {path}"
     try:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=TUNING_READ_TIMEOUT_S, isolation_level=None)
-        try:
-            row = conn.execute("SELECT config, tuned, reason FROM choices WHERE spec_hash = ? AND device = ? "
-                               "AND dtype = ? AND bucket = ? AND form = ? AND backend = ? AND mode = ?",
-                               key).fetchone()
-        finally:
-            conn.close()
+        row = tuning_read(path, lambda conn: conn.execute(
+            "SELECT config, tuned, reason FROM choices WHERE spec_hash = ? AND device = ? AND dtype = ? AND "
+            "bucket = ? AND form = ? AND backend = ? AND mode = ?", key).fetchone())
     except sqlite3.OperationalError as err:
         if "no such table" in str(err):  # a store written before choices were kept: nothing chosen
             return None, f"the store at {path} holds no tuning choices"
@@ -170,11 +189,11 @@ def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | Non
     config_keys: the keys a config of (form, backend) has (`CONFIG_KEYS`), None when nothing is tunable there;
     store: None (the rule's store, unless RECURRENCE_DSL_TUNING=0) or a path. Packed sequences (cu_seqlens)
     look up one sequence of the longest length."""
+    if store is None and not tuning_lookups_enabled():
+        return None, "tuning lookups are off (RECURRENCE_DSL_TUNING=0)"
     keys = config_keys
     if keys is None:
         return None, f"nothing to tune for {form}/{backend}"
-    if store is None and not tuning_lookups_enabled():
-        return None, "tuning lookups are off (RECURRENCE_DSL_TUNING=0)"
     path = tuning_store_path() if store is None else os.path.abspath(os.fspath(store))
     device = tuning_device_name(call.device, backend)
     if device == TUNING_INTERPRETER:
@@ -186,10 +205,15 @@ def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | Non
         batch, length = 1, max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
     key = (layer.recurrence.spec_hash, device, str(call.dtype).removeprefix("torch."),
            tuning_shape_bucket(batch, call.heads, length, call.sizes), form, backend, tuning_call_mode(call))
+    import time
+
     memo = (path,) + key
-    if memo not in _tuning_memo:
-        _tuning_memo[memo] = tuning_read_choice(path, key, keys)
-    config, why = _tuning_memo[memo]
+    now = time.monotonic()
+    if memo not in _tuning_memo or _tuning_memo[memo][2] < now:
+        config, why = tuning_read_choice(path, key, keys)
+        # "cannot be read" is transient (a lock): try again later; every other answer holds until cleared
+        _tuning_memo[memo] = (config, why, now + TUNING_RETRY_S if "cannot be read" in why else float("inf"))
+    config, why, _ = _tuning_memo[memo]
     return (dict(config) if config is not None else None), why
 
 
