@@ -187,6 +187,8 @@ class Layer:
             source, reason = "default", "tuning lookups off for this layer (tuning=False)"
         elif why:
             source, reason = "default", why
+        elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
+            source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
         else:
             resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
             config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py

@@ -24,6 +24,10 @@ Which config a call runs (the first that applies):
      timing noise (it stores "default kept" otherwise);
   4. the defaults: chunk_size 64 and each Triton kernel's own block sizes.
 
+While torch.compile traces a call the store is not read (file access cannot be traced): a compiled model runs
+its explicit chunk_size or the defaults; pass `chunk_size=` (e.g. from `layer.config_for(...)`) to compile a
+tuned config in.
+
 A call never waits on the store and never fails because of it: the file is opened read-only with a
 TUNING_READ_TIMEOUT_S busy timeout; a missing file means defaults; a locked, corrupt or unreadable store, or a
 stored config that is not a JSON object of known keys, means defaults and one RuntimeWarning per store and
@@ -42,6 +46,7 @@ TUNING_INTERPRETER = "cpu-interpreter"  # Triton run by its CPU interpreter: tim
 
 _tuning_memo: dict[tuple, tuple] = {}
 _tuning_warned: set[str] = set()
+_tuning_cpu: list[str] = []  # the CPU model, read once per process
 
 
 def tuning_store_path() -> str:
@@ -73,17 +78,21 @@ def tuning_shape_bucket(batch: int, heads: int, length: int, sizes: dict) -> str
 
 
 def tuning_cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name (from /proc/cpuinfo where there is one; read once)."""
     import platform
 
+    if _tuning_cpu:
+        return _tuning_cpu[0]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.lower().startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
+                    _tuning_cpu.append(" ".join(line.split(":", 1)[1].split()))
+                    return _tuning_cpu[0]
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    _tuning_cpu.append(platform.processor() or platform.machine() or "unknown")
+    return _tuning_cpu[0]
 
 
 def tuning_device_name(device, backend: str) -> str:

@@ -5,9 +5,10 @@ spills, needs too much shared memory or does not compile (kernels), 2 on a spec 
 or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
 ptxas or cuobjdump is missing). None of these prints a Python traceback.
 
-    recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
+    recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
-                [--store PATH] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--store PATH] [--lock-wait 60] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
                 [--target sm_80|sm_90|sm_100] [--form auto|recurrent|chunked|all] [--config JSON]
                 [--backward] [--json]

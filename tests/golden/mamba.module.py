@@ -740,6 +740,8 @@ class Layer:
             source, reason = "default", "tuning lookups off for this layer (tuning=False)"
         elif why:
             source, reason = "default", why
+        elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
+            source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
         else:
             resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
             config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py
@@ -791,6 +793,7 @@ TUNING_INTERPRETER = "cpu-interpreter"  # Triton run by its CPU interpreter: tim
 
 _tuning_memo: dict[tuple, tuple] = {}
 _tuning_warned: set[str] = set()
+_tuning_cpu: list[str] = []  # the CPU model, read once per process
 
 
 def tuning_store_path() -> str:
@@ -822,17 +825,21 @@ def tuning_shape_bucket(batch: int, heads: int, length: int, sizes: dict) -> str
 
 
 def tuning_cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name (from /proc/cpuinfo where there is one; read once)."""
     import platform
 
+    if _tuning_cpu:
+        return _tuning_cpu[0]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.lower().startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
+                    _tuning_cpu.append(" ".join(line.split(":", 1)[1].split()))
+                    return _tuning_cpu[0]
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    _tuning_cpu.append(platform.processor() or platform.machine() or "unknown")
+    return _tuning_cpu[0]
 
 
 def tuning_device_name(device, backend: str) -> str:
