@@ -468,3 +468,15 @@ def test_tune_help_documents_the_store_rule(capsys):
     for word in ("RECURRENCE_DSL_TUNING_STORE", "RECURRENCE_DSL_CACHE", "RECURRENCE_DSL_TUNING=0", "--mode",
                  "fwdbwd", "--lock-wait", "IQR"):
         assert word in text
+
+
+def test_tune_shows_progress_and_ends_with_its_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tuner, "run_config", _stub)
+    code = main(["tune", str(GLA), "--shape", TINY, "--device", "cpu", "--backend", "torch", "--warmup", "0",
+                 "--repeat", "2", "--mode", "fwd", "--no-check", "--store", str(tmp_path / "t.sqlite")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "tune gla" in err and "/6" in err  # the bar (tqdm) or the plain line: 2 x (1 + 2) runs
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("gla (spec hash") and any(line.startswith(("chosen:", "default kept:"))
+                                                         for line in lines)
+    assert lines[-1].startswith("(not the store calls read by default") or "stored in" in lines[-1]

@@ -875,7 +875,7 @@ def _tuning_warn(path: str, why: str) -> None:
 
         _tuning_warned.add(path)
         warnings.warn(f"tuning store {path}: {why}; calls run the default configs (this warning is shown once)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=7)  # the frame that called the layer
 
 
 def tuning_read(path: str, action, timeout_s: float = TUNING_READ_TIMEOUT_S):
