@@ -265,6 +265,9 @@ class TuningStore:
         where = f"tuning store {self.path}"
         if self.path.is_dir():
             raise StoreError(f"{where} is a directory; give the path of a file (e.g. {self.path / 'tuning.sqlite'})")
+        blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise StoreError(f"{where} cannot be created: {blocking} is a file, not a directory")
         try:
             with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn:
                 conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file at once

@@ -109,6 +109,12 @@ def test_tune_store_at_a_directory(tmp_path, capsys):
     assert code == 2 and "is a directory" in err and "Traceback" not in err
 
 
+def test_tune_store_under_a_regular_file(tmp_path, capsys):
+    (tmp_path / "plain").write_text("x")
+    code, _, err = _tune_cli(tmp_path / "plain" / "tuning.sqlite", capsys=capsys)
+    assert code == 2 and "plain is a file, not a directory" in err and "Traceback" not in err
+
+
 def test_tune_store_at_a_read_only_file(tmp_path, capsys, monkeypatch):
     path = tmp_path / "ro.sqlite"
     TuningStore(path).record("h", "d", "float32", "b", "chunked", "torch", {"chunk_size": 16}, 1.0)
