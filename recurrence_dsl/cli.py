@@ -312,6 +312,7 @@ class _Progress:
             self.bar.total = total
             self.bar.set_postfix_str(label, refresh=False)
             self.bar.update(done - self.bar.n)
+            self.bar.refresh()  # every step: a step is at least one timed run, and short runs must show too
         else:
             print(f"\rtune {self.name}: {done}/{total} {label[:60]:<60}", end="", file=sys.stderr, flush=True)
 
