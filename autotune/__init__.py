@@ -1,10 +1,13 @@
 """Block-size tuning: configs chosen at run time from a tuning store, never by `triton.autotune`.
 
     autotune.space    the config space per (form, backend) and the constraint model that prunes it
-    autotune.store    the SQLite store of every trial (stdlib only)
-    autotune.tuner    tune(): an optuna (TPE) search over the pruned space, timing real runs
+    autotune.store    the SQLite store of every trial and of each key's choice (stdlib only)
+    autotune.tuner    tune(): candidates (all, or optuna's screen), timed interleaved in the layer's mode
+                      (fwd / fwdbwd), a winner over the default only beyond the noise
     autotune.runner   run a compiled layer with one config
-    autotune.lookup   the best stored config for a call (what a tuned compile() reads)
+    autotune.lookup   the choice a call of a key reads (the read path is codegen/tuning.py's, which generated
+                      modules carry too, with the rule of which store)
+    autotune.threads  the CPU thread settings a timing ran with, and when they make it unreliable
 
 The `recdsl tune` command is in `recurrence_dsl.cli`, at the top of the import layers: autotune is a
 library below it and above codegen (see `[tool.importlinter]` in pyproject.toml).
@@ -18,10 +21,11 @@ import importlib
 
 _EXPORTS = {
     "tune": "tuner", "TuneResult": "tuner", "TrialResult": "tuner", "NoLegalConfig": "tuner",
-    "TuningStore": "store", "shape_bucket": "store", "default_path": "store",
+    "TuningStore": "store", "shape_bucket": "store", "default_path": "store", "StoreError": "store",
+    "StoreLocked": "store", "merge_side_file": "store", "thread_settings": "threads", "timing_warnings": "threads",
     "config_space": "space", "check_config": "space", "Problem": "space", "DeviceLimits": "space",
     "device_limits": "space",
-    "tuned_config": "lookup", "device_name": "lookup",
+    "tuned_config": "lookup", "tuned_choice": "lookup", "device_name": "lookup",
     "run_config": "runner",
 }
 

@@ -1,60 +1,46 @@
-"""Reading tuned configs at call time: the device name a store is keyed by, and a memoised `best()` lookup.
+"""Reading tuned configs: the device name a store is keyed by, and the choice a call of a key would run.
 
-`tuned_config(...)` is what a compiled layer asks before a call that gave no explicit chunk_size / config:
-the fastest stored config for (spec, device, dtype, shape bucket, form, backend), or None (then the layer
-runs its defaults). It never creates the store file, never raises on a missing or unreadable store, never
-returns a config measured in Triton's interpreter ("cpu-interpreter" timings mean nothing anywhere), and
-ignores a stored config that is no longer part of the current config space. Answers (None included) are
-memoised per process; `clear_cache()` forgets them (the tuner calls it after writing).
-RECURRENCE_DSL_TUNING=0 switches off lookups in the default store (an explicit store is still read), so a
-test suite can keep a developer's tuned configs out of its runs.
+The read itself is `codegen/tuning.py`'s (the same code generated modules carry): read-only, waiting at most
+`TUNING_READ_TIMEOUT_S` for a locked store, never creating the file, never raising (a locked, corrupt or
+unreadable store, or a stored config that is not JSON, gives None and one RuntimeWarning per store). Only a
+choice `recdsl tune` declared (a config that beat the default beyond the noise) is returned; "default kept"
+and configs outside the current config space give None. Interpreter timings ("cpu-interpreter") are never
+returned. Answers are memoised per process; `clear_cache()` forgets them (the tuner calls it after writing).
+RECURRENCE_DSL_TUNING=0 switches off lookups in the rule's store (an explicit store is still read).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
-import sqlite3
-from pathlib import Path
+import sys
+
+from codegen.layer import CONFIG_KEYS
+from codegen.tuning import (
+    TUNING_INTERPRETER,
+    tuning_clear_cache,
+    tuning_cpu_model,
+    tuning_device_name,
+    tuning_lookups_enabled,
+    tuning_read_choice,
+    tuning_store_path,
+)
 
 from .space import SPACES
-from .store import TuningStore, default_path, dtype_name, open_store, shape_bucket
+from .store import TuningStore, dtype_name, shape_bucket
 
-INTERPRETER = "cpu-interpreter"
+INTERPRETER = TUNING_INTERPRETER
 
-_MEMO: dict[tuple, dict | None] = {}
+_MEMO: dict[tuple, tuple] = {}
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return " ".join(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-@functools.cache
-def _gpu_name(index: int) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(index)
+    return tuning_cpu_model()
 
 
 def device_name(device, backend: str) -> str:
     """The store's device column: the GPU's name; "cpu-interpreter" for Triton on a CPU (its interpreter);
     "cpu (MODEL, N threads)" for the torch backend on a CPU (the thread count changes the timings)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
-    if backend == "triton":
-        return INTERPRETER
-    return f"{device.type} ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return tuning_device_name(device, backend)
 
 
 def spec_hash_of(rec) -> str:
@@ -74,49 +60,60 @@ def _legal(config, form: str, backend: str) -> bool:
             and all(config[k] in axes[k] for k in axes))
 
 
-def tuned_config(rec, device, dtype, batch: int, heads: int, length: int, sizes: dict[str, int], form: str,
-                 backend: str, store=None) -> dict | None:
-    """The fastest stored config for this call's key, or None (see the module docstring).
+def store_path_of(store) -> str | None:
+    """The file a `tuning=`/`store=` value names: None or True -> the rule's store (None when lookups are
+    off by RECURRENCE_DSL_TUNING=0), False -> None, a TuningStore or a path -> its absolute path."""
+    if store is False:
+        return None
+    if store is None or store is True:
+        return tuning_store_path() if tuning_lookups_enabled() else None
+    path = store.path if isinstance(store, TuningStore) else store
+    return os.path.abspath(os.fspath(path))
 
-    store: a `TuningStore`, a path, None or True (the default store), False (no lookup)."""
-    if store is True:
-        store = None
-    if store is False or (form, backend) not in SPACES:
-        return None
-    if store is None and os.environ.get("RECURRENCE_DSL_TUNING", "1").lower() in ("0", "off", "false", "no"):
-        return None
+
+def tuned_choice(rec, device, dtype, batch: int, heads: int, length: int, sizes: dict[str, int], form: str,
+                 backend: str, store=None, mode: str = "fwd") -> tuple[dict | None, str]:
+    """(config or None, why in words) for a call of this key and mode (see the module docstring).
+
+    store: a `TuningStore`, a path, None or True (the rule's store), False (no lookup); mode: "fwd" or
+    "fwdbwd" (codegen.tuning.tuning_call_mode says which a call is)."""
+    if (form, backend) not in SPACES:
+        return None, f"nothing to tune for {form}/{backend}"
+    path = store_path_of(store)
+    if path is None:
+        return None, "tuning lookups are off" + (" (RECURRENCE_DSL_TUNING=0)" if store is not False else "")
     name = device_name(device, backend)
     if name == INTERPRETER:
-        return None
-    path = store.path if isinstance(store, TuningStore) else Path(store) if store is not None else default_path()
-    key = (str(path), spec_hash_of(rec), name, dtype_name(dtype), shape_bucket(batch, heads, length, sizes),
-           form, backend)
-    if key not in _MEMO:
-        config = None
-        if path.is_file():
-            try:
-                config = open_store(store if isinstance(store, TuningStore) else path).best(*key[1:])
-            except sqlite3.Error:
-                config = None
-        _MEMO[key] = config if _legal(config, form, backend) else None
-    found = _MEMO[key]
-    return dict(found) if found is not None else None
+        return None, "Triton's interpreter: its timings are never looked up"
+    key = (spec_hash_of(rec), name, dtype_name(dtype), shape_bucket(batch, heads, length, sizes), form, backend,
+           mode)
+    if (path,) + key not in _MEMO:
+        config, why = tuning_read_choice(path, key, CONFIG_KEYS[(form, backend)])
+        if config is not None and not _legal(config, form, backend):
+            config, why = None, f"the stored config {config} is no longer in the {form}/{backend} config space"
+        _MEMO[(path,) + key] = (config, why)
+    config, why = _MEMO[(path,) + key]
+    return (dict(config) if config is not None else None), why
 
 
-def tuned_config_for_call(layer, call, form: str, backend: str, store=None) -> dict | None:
-    """`tuned_config` for a bound call of a compiled layer (packed sequences: one sequence, the longest)."""
-    if call.cu_seqlens is None:
-        batch, length = call.batch, call.length
-    else:
-        bounds = call.cu_seqlens.tolist()
-        batch, length = 1, max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-    return tuned_config(layer.recurrence, call.device, call.dtype, batch, call.heads, length, call.sizes, form,
-                        backend, store)
+def tuned_config(rec, device, dtype, batch: int, heads: int, length: int, sizes: dict[str, int], form: str,
+                 backend: str, store=None, mode: str = "fwd") -> dict | None:
+    """The config `tuned_choice` gives, or None."""
+    return tuned_choice(rec, device, dtype, batch, heads, length, sizes, form, backend, store, mode)[0]
 
 
 def clear_cache() -> None:
-    """Forget memoised lookups (after new trials were stored)."""
+    """Forget memoised lookups here, in codegen.tuning and in every imported generated module (each carries
+    its own copy of the read path), so calls in this process see choices stored after they first looked."""
     _MEMO.clear()
+    tuning_clear_cache()
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("recdsl_"):
+            for name in ("_tuning_memo", "_tuning_warned"):  # (a module keeps only what its layers reach)
+                cache = getattr(module, name, None)
+                if isinstance(cache, (dict, set)):
+                    cache.clear()
 
 
-__all__ = ["INTERPRETER", "clear_cache", "device_name", "spec_hash_of", "tuned_config", "tuned_config_for_call"]
+__all__ = ["INTERPRETER", "clear_cache", "device_name", "spec_hash_of", "store_path_of", "tuned_choice",
+           "tuned_config"]

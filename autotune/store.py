@@ -1,6 +1,6 @@
-"""The tuning store: every trial the tuner times, in one SQLite file (stdlib only; imports neither torch nor optuna).
+"""The tuning store: every trial the tuner times, and the config it chose, in one SQLite file (stdlib only).
 
-One row per trial, keyed by (spec_hash, device, dtype, bucket, form, backend):
+Table `trials`, one row per timed config, keyed by (spec_hash, device, dtype, bucket, form, backend, mode):
 
   spec_hash   `Recurrence.spec_hash` (sha256 of the spec text, 16 hex digits)
   device      `torch.cuda.get_device_name()` on a GPU; "cpu-interpreter" for Triton run by its interpreter
@@ -11,18 +11,30 @@ One row per trial, keyed by (spec_hash, device, dtype, bucket, form, backend):
               up to one, the spec's sizes exact (sorted by name)
   form        "chunked", "recurrent", ...
   backend     "torch", "triton"
+  mode        "fwd" (forward only, no graph) or "fwdbwd" (forward and backward, what a training step runs)
   config      the keyword arguments, as canonical JSON (sorted keys)
-  median_ms   the median of the timed runs, NULL when the trial failed
+  median_ms   the median of the timed runs, NULL when the trial failed; iqr_ms their interquartile range
   error       why it failed ("OutOfResources: ..."), NULL when it ran
   created     ISO-8601 UTC timestamp
-  versions    JSON {python, recurrence_dsl, torch, triton, optuna}
+  versions    JSON {python, recurrence_dsl, torch, triton, optuna, threads: the CPU thread settings}
   study       an id shared by the trials of one `tune()` call
 
-Default path: $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite.
+Table `choices`, one row per key: the config `tune()` declared (`tuned` 1) or "default kept" (`tuned` 0, when
+no config beat the default beyond the noise), with the reason in words. Calls read only this table
+(`codegen/tuning.py`, read-only, never waiting): a raw fastest median is not a choice.
+
+Which file: `default_path()`, the rule of codegen/tuning.py ($RECURRENCE_DSL_TUNING_STORE, else
+$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite).
 
 Concurrency: the database runs in WAL mode (readers never block the writer); every write is one
 `BEGIN IMMEDIATE` transaction on its own short-lived connection with a generous busy timeout, so several
 processes (parallel tuning jobs, or a tuner beside a training job that reads configs) can share one file.
+Readers (`trials`, `best`, `choice`) open the file read-only and never create it, so they work on a
+read-only store. `save_study` writes a whole study at once, waits for a lock up to a limit while reporting
+progress, and otherwise saves the study to a side file it names (`StoreLocked`), so no measured trial is lost;
+`merge_side_file` (or `python -m autotune.store merge SIDE.json [--store PATH]`) writes it later.
+`check_writable` turns every bad path (a directory, a corrupt file, a read-only file or filesystem) into one
+`StoreError` with a clear message.
 """
 
 from __future__ import annotations
@@ -40,8 +52,12 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from codegen.tuning import TUNING_MODES, tuning_read, tuning_shape_bucket, tuning_store_path
+
+SCHEMA_VERSION = 2  # 2: trials.mode, trials.iqr_ms and the choices table
 BUSY_TIMEOUT_S = 60.0
+LOCK_WAIT_S = 60.0  # how long `save_study` waits for another process's lock before saving to a side file
+LOCK_POLL_S = 0.5  # one busy-timeout slice of that wait: progress is reported between slices
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -62,16 +78,44 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 CREATE INDEX IF NOT EXISTS trials_by_key ON trials (spec_hash, device, dtype, bucket, form, backend, median_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS choices (
+    spec_hash TEXT NOT NULL,
+    device TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    form TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    config TEXT NOT NULL,
+    tuned INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    study TEXT,
+    created TEXT NOT NULL,
+    PRIMARY KEY (spec_hash, device, dtype, bucket, form, backend, mode)
+)
 """
+# Columns added to `trials` after schema version 1 (ALTER TABLE on an older file; read as these defaults).
+_ADDED = {"mode": ("TEXT NOT NULL DEFAULT 'fwd'", "'fwd'"), "iqr_ms": ("REAL", "NULL")}
 
 _KEY = ("spec_hash", "device", "dtype", "bucket", "form", "backend")
 
 
+class StoreError(Exception):
+    """A tuning store that cannot be used for writing: the message names the path and why."""
+
+
+class StoreLocked(StoreError):
+    """Another process held the store locked longer than the wait; `side_file` holds the unsaved study."""
+
+    def __init__(self, message: str, side_file: Path | None):
+        super().__init__(message)
+        self.side_file = side_file
+
+
 def default_path() -> Path:
-    """$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite."""
-    env = os.environ.get("RECURRENCE_DSL_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "recurrence_dsl"
-    return base / "tuning.sqlite"
+    """The store of codegen/tuning.py's rule: $RECURRENCE_DSL_TUNING_STORE, else
+    $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite."""
+    return Path(tuning_store_path())
 
 
 def dtype_name(dtype) -> str:
@@ -95,9 +139,7 @@ def shape_bucket(batch: int, heads: int, length: int, sizes: dict[str, int]) -> 
 
     T sets the number of chunks and the padding of the last one, so it is rounded up; B*H only sets how many
     programs run side by side, so the nearest power of two is close enough."""
-    bh = _pow2_nearest(int(batch) * int(heads))
-    parts = [f"BH={bh}", f"T={_pow2_ceil(length)}"] + [f"{k}={int(sizes[k])}" for k in sorted(sizes)]
-    return ",".join(parts)
+    return tuning_shape_bucket(batch, heads, length, sizes)
 
 
 def parse_bucket(bucket: str) -> dict[str, int]:
@@ -151,13 +193,15 @@ class Trial:
     created: str
     versions: dict
     study: str | None
+    mode: str = "fwd"
+    iqr_ms: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.median_ms is not None
 
 
-_COLUMNS = ("id",) + _KEY + ("config", "median_ms", "error", "created", "versions", "study")
+_COLUMNS = ("id",) + _KEY + ("config", "median_ms", "error", "created", "versions", "study", "mode", "iqr_ms")
 
 
 def _trial(row) -> Trial:
@@ -179,19 +223,26 @@ class TuningStore:
 
     # -- connections ----------------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         try:
             if not self._ready:
-                _retry_while_locked(lambda: self._create_schema(conn))
+                _retry_while_locked(lambda: self._create_schema(conn), busy_timeout_s)
                 self._ready = True
             conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _read(self, action, default):
+        """`action(conn)` on a read-only connection (`codegen.tuning.tuning_read`: works on a read-only file,
+        directory or filesystem), or `default` when there is no file."""
+        if not self.path.is_file():
+            return default
+        return tuning_read(str(self.path), action, BUSY_TIMEOUT_S)
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -200,38 +251,134 @@ class TuningStore:
         with _transaction(conn):  # (executescript would commit early: one statement at a time)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            present = {row[1] for row in conn.execute("PRAGMA table_info(trials)")}
+            for column, (declaration, _) in _ADDED.items():
+                if column not in present:  # a store of schema version 1
+                    conn.execute(f"ALTER TABLE trials ADD COLUMN {column} {declaration}")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
+
+    def check_writable(self) -> None:
+        """Raise `StoreError` (naming the path and why) unless this store can be created or written now:
+        a directory, a path under a regular file, a file that is not an SQLite database, a read-only file or
+        filesystem. Creates the store (its schema) when it does not exist; writes no trial."""
+        where = f"tuning store {self.path}"
+        if self.path.is_dir():
+            raise StoreError(f"{where} is a directory; give the path of a file (e.g. {self.path / 'tuning.sqlite'})")
+        blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise StoreError(f"{where} cannot be created: {blocking} is a file, not a directory")
+        try:
+            with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn:
+                conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file at once
+                conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as err:
+            text = str(err).lower()
+            if "locked" in text or "busy" in text:
+                return  # writable, only busy now: save_study waits for the lock
+            if "readonly" in text or "read-only" in text:
+                raise StoreError(f"{where} is read-only ({err}); give a writable --store PATH") from None
+            raise StoreError(f"{where} cannot be opened for writing ({err})") from None
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{where} is not an SQLite tuning store ({err}); move it away or give another "
+                             "--store PATH") from None
+        except OSError as err:
+            raise StoreError(f"{where} cannot be created: {err.strerror or err}") from None
 
     # -- writing ---------------------------------------------------------------------------------------
 
     def record(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str, config: dict,
                median_ms: float | None = None, error: str | None = None, *, study: str | None = None,
-               versions: dict | None = None, created: str | None = None) -> int:
+               versions: dict | None = None, created: str | None = None, mode: str = "fwd",
+               iqr_ms: float | None = None) -> int:
         """Store one trial (exactly one of `median_ms`, `error`); returns its row id."""
-        if (median_ms is None) == (error is None):
-            raise ValueError("a trial has either a median_ms (it ran) or an error (it failed), not both or neither")
-        if median_ms is not None and not (math.isfinite(median_ms) and median_ms >= 0):
-            raise ValueError(f"median_ms must be a finite time >= 0, got {median_ms!r}")
-        row = (spec_hash, device, dtype_name(dtype), bucket, form, backend, _canonical(config),
-               None if median_ms is None else float(median_ms), error, created or _now(),
-               json.dumps(versions if versions is not None else library_versions(), sort_keys=True), study)
+        row = _trial_row(spec_hash, device, dtype, bucket, form, backend, config, median_ms, error, study, versions,
+                         created, mode, iqr_ms)
         with closing(self._connect()) as conn, _transaction(conn):
-            cur = conn.execute(f"INSERT INTO trials ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * 12)})",
-                               row)
-            return int(cur.lastrowid)
+            return _insert(conn, row)
+
+    def save_study(self, trials: list[dict], choice: dict | None = None, *, wait_s: float = LOCK_WAIT_S,
+                   on_wait=None) -> None:
+        """Write a study's trials (dicts of `record`'s arguments) and its choice (dict of `choose`'s) in one
+        transaction. While another process holds the store locked, wait in LOCK_POLL_S slices calling
+        `on_wait(waited_s, wait_s)` after each, up to `wait_s`; then save everything to a side file beside the
+        store (or in the working directory) and raise `StoreLocked` naming it. Other failures: `StoreError`."""
+        rows = [_trial_row(**t) for t in trials]
+        started = time.monotonic()
+        while True:
+            try:
+                with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn, _transaction(conn):
+                    for row in rows:
+                        _insert(conn, row)
+                    if choice is not None:
+                        _upsert_choice(conn, **choice)
+                return
+            except sqlite3.OperationalError as err:
+                text = str(err).lower()
+                waited = time.monotonic() - started
+                if ("locked" not in text and "busy" not in text) or waited >= wait_s:
+                    side = write_side_file(self.path, trials, choice)
+                    why = (f"still locked by another process after {waited:.0f} s" if "lock" in text or "busy" in text
+                           else f"cannot be written ({err})")
+                    kept = (f"; the {len(trials)} measured trials are saved in {side}: write them later with "
+                            f"`python -m autotune.store merge {side} --store {self.path}`" if side else
+                            "; the trials could not be saved to a side file either")
+                    raise StoreLocked(f"tuning store {self.path} {why}{kept}", side) from None
+                if on_wait is not None:
+                    on_wait(waited, wait_s)
+            except sqlite3.DatabaseError as err:
+                side = write_side_file(self.path, trials, choice)
+                raise StoreLocked(f"tuning store {self.path} is not usable ({err}); the trials are saved in "
+                                  f"{side}", side) from None
+
+    def choose(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str, mode: str,
+               config: dict, tuned: bool, reason: str, study: str | None = None) -> None:
+        """Store the config calls of this key and mode run (`tuned` False: the default was kept)."""
+        with closing(self._connect()) as conn, _transaction(conn):
+            _upsert_choice(conn, spec_hash, device, dtype, bucket, form, backend, mode, config, tuned, reason, study)
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def best_trial(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str) -> Trial | None:
-        """The fastest successful trial for the key (the latest among equal medians), or None."""
-        with closing(self._connect()) as conn:
-            row = conn.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM trials WHERE spec_hash = ? AND device = ? AND dtype = ? "
-                "AND bucket = ? AND form = ? AND backend = ? AND median_ms IS NOT NULL "
-                "ORDER BY median_ms ASC, id DESC LIMIT 1",
-                (spec_hash, device, dtype_name(dtype), bucket, form, backend)).fetchone()
-        return None if row is None else _trial(row)
+    def _select(self, where: str, values: tuple, tail: str = "") -> list:
+        def select(conn):
+            present = {row[1] for row in conn.execute("PRAGMA table_info(trials)")}
+            if not present:
+                return []
+            columns = ", ".join(c if c in present or c not in _ADDED else f"{_ADDED[c][1]} AS {c}" for c in _COLUMNS)
+            return conn.execute(f"SELECT {columns} FROM trials WHERE {where} {tail}", values).fetchall()
+
+        return self._read(select, [])
+
+    def best_trial(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
+                   mode: str | None = None) -> Trial | None:
+        """The fastest successful trial for the key (the latest among equal medians; of one mode when given),
+        or None. A raw fastest median: calls run `choice()`, which the tuner declares beyond the noise."""
+        where = ("spec_hash = ? AND device = ? AND dtype = ? AND bucket = ? AND form = ? AND backend = ? "
+                 "AND median_ms IS NOT NULL")
+        values = (spec_hash, device, dtype_name(dtype), bucket, form, backend)
+        rows = self._select(where, values, "ORDER BY median_ms ASC, id DESC")
+        rows = [r for r in map(_trial, rows) if mode is None or r.mode == mode]
+        return rows[0] if rows else None
+
+    def choice(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
+               mode: str) -> dict | None:
+        """The stored choice for the key and mode: {"config", "tuned", "reason", "study", "created"}, or None."""
+        def select(conn):
+            try:
+                return conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? "
+                                    "AND device = ? AND dtype = ? AND bucket = ? AND form = ? AND backend = ? "
+                                    "AND mode = ?", (spec_hash, device, dtype_name(dtype), bucket, form, backend,
+                                                     mode)).fetchone()
+            except sqlite3.OperationalError as err:
+                if "no such table" in str(err):  # a store of schema version 1
+                    return None
+                raise
+
+        row = self._read(select, None)
+        if row is None:
+            return None
+        return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
+                "created": row[4]}
 
     def best(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str) -> dict | None:
         """The config of the fastest successful trial for the key, or None."""
@@ -246,29 +393,91 @@ class TuningStore:
         if "dtype" in where:
             where["dtype"] = dtype_name(where["dtype"])
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
-        with closing(self._connect()) as conn:
-            rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials WHERE {clause} ORDER BY id",
-                                tuple(where.values())).fetchall()
-        return [_trial(r) for r in rows]
+        return [_trial(r) for r in self._select(clause, tuple(where.values()), "ORDER BY id")]
 
     def count(self) -> int:
-        with closing(self._connect()) as conn:
+        """The number of stored trials (0 when there is no file)."""
+        def count(conn):
+            if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'trials'").fetchone():
+                return 0
             return int(conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+
+        return self._read(count, 0)
 
     def integrity_check(self) -> str:
         """SQLite's own check of the file: "ok" when sound."""
-        with closing(self._connect()) as conn:
-            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        return self._read(lambda conn: str(conn.execute("PRAGMA integrity_check").fetchone()[0]), "ok (no file)")
 
 
-def _retry_while_locked(action):
+def _trial_row(spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str, config: dict,
+               median_ms: float | None = None, error: str | None = None, study: str | None = None,
+               versions: dict | None = None, created: str | None = None, mode: str = "fwd",
+               iqr_ms: float | None = None) -> tuple:
+    if (median_ms is None) == (error is None):
+        raise ValueError("a trial has either a median_ms (it ran) or an error (it failed), not both or neither")
+    if median_ms is not None and not (math.isfinite(median_ms) and median_ms >= 0):
+        raise ValueError(f"median_ms must be a finite time >= 0, got {median_ms!r}")
+    if mode not in TUNING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TUNING_MODES)}, got {mode!r}")
+    return (spec_hash, device, dtype_name(dtype), bucket, form, backend, _canonical(config),
+            None if median_ms is None else float(median_ms), error, created or _now(),
+            json.dumps(versions if versions is not None else library_versions(), sort_keys=True), study, mode,
+            None if iqr_ms is None else float(iqr_ms))
+
+
+def _insert(conn: sqlite3.Connection, row: tuple) -> int:
+    cur = conn.execute(f"INSERT INTO trials ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * len(row))})", row)
+    return int(cur.lastrowid)
+
+
+def _upsert_choice(conn: sqlite3.Connection, spec_hash: str, device: str, dtype, bucket: str, form: str,
+                   backend: str, mode: str, config: dict, tuned: bool, reason: str, study: str | None = None) -> None:
+    if mode not in TUNING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TUNING_MODES)}, got {mode!r}")
+    conn.execute("INSERT OR REPLACE INTO choices (spec_hash, device, dtype, bucket, form, backend, mode, config, "
+                 "tuned, reason, study, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (spec_hash, device, dtype_name(dtype), bucket, form, backend, mode, _canonical(config),
+                  int(bool(tuned)), reason, study, _now()))
+
+
+def write_side_file(store_path: Path, trials: list[dict], choice: dict | None) -> Path | None:
+    """Save a study that could not be written to `store_path` as JSON beside it (else in the working directory,
+    else the temporary directory); returns the file, or None when nowhere took it."""
+    import tempfile
+
+    study = next((t.get("study") for t in trials if t.get("study")), None) or (choice or {}).get("study") or "study"
+    name = f"{Path(store_path).name}.pending-{study}.json"
+    text = json.dumps({"store": str(store_path), "trials": trials, "choice": choice}, indent=1, sort_keys=True,
+                      default=str)
+    for folder in (Path(store_path).parent, Path.cwd(), Path(tempfile.gettempdir())):
+        target = folder / name
+        try:
+            with open(target, "x") as f:
+                f.write(text + "\n")
+            return target
+        except OSError:
+            continue
+    return None
+
+
+def merge_side_file(side_file: str | os.PathLike, store=None) -> int:
+    """Write the trials and choice a `StoreLocked` side file holds into `store` (default: the store it names);
+    returns the number of trials written. The side file is removed once they are in."""
+    data = json.loads(Path(side_file).read_text())
+    target = open_store(store if store is not None else data["store"])
+    target.save_study(data["trials"], data.get("choice"))
+    Path(side_file).unlink()
+    return len(data["trials"])
+
+
+def _retry_while_locked(action, timeout_s: float = BUSY_TIMEOUT_S):
     """Run `action`, retrying while SQLite reports the file locked, for up to the busy timeout.
 
     SQLite does not call its busy handler where waiting could deadlock, and switching a fresh file to
     WAL while another process creates it is such a case: the losing side gets "database is locked" at
     once. Backing off and trying again is the documented remedy.
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
         try:
@@ -301,5 +510,28 @@ def open_store(store=None) -> TuningStore:
     return TuningStore(store)
 
 
-__all__ = ["Trial", "TuningStore", "default_path", "dtype_name", "library_versions", "open_store", "parse_bucket",
-           "shape_bucket"]
+def main(argv: list[str] | None = None) -> int:
+    """`python -m autotune.store merge SIDE.json [--store PATH]`: write a side file's trials into the store."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m autotune.store")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="write the trials of a side file (left by a locked store) into the store")
+    merge.add_argument("side_file")
+    merge.add_argument("--store", help="the store to write (default: the one the side file names)")
+    args = parser.parse_args(argv)
+    try:
+        count = merge_side_file(args.side_file, args.store)
+    except (OSError, ValueError, KeyError, StoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} trials")
+    return 0
+
+
+__all__ = ["StoreError", "StoreLocked", "Trial", "TuningStore", "default_path", "dtype_name", "library_versions",
+           "merge_side_file", "open_store", "parse_bucket", "shape_bucket", "write_side_file"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,33 +1,46 @@
-"""`tune()`: search a layer's config space with optuna, timing real runs, recording every trial in the store.
+"""`tune()`: time a layer's configs as it will run (forward, or forward and backward), interleaved and repeated,
+and declare a config over the default only when it wins beyond the timing noise.
 
     from autotune import tune
     result = tune(gla, {"K": 64, "V": 64}, batch=4, length=2048, heads=8, dtype=torch.bfloat16,
-                  form="chunked", backend="triton", trials=40, device="cuda")
-    print(result.table())            # one row per timed config, fastest first
-    result.best                      # {"chunk_size": 64, "block_k": 64, ...}: also the store's best() now
+                  form="chunked", backend="triton", trials=40, device="cuda", mode="fwdbwd")
+    print(result.table())            # one row per timed config, fastest first, with its spread
+    result.chosen                    # the declared config, or None when the default was kept
+    result.reason                    # why, in words
 
 How a search runs:
 
 1. The config space of (form, backend) is pruned by the constraint model (`autotune.space`) for these sizes
    and this device before anything is timed.
-2. optuna's TPE sampler (fixed seed) proposes configs as ONE categorical parameter whose choices are the kept
-   configs' keys, so a pruned config can never be proposed. The untuned default config is enqueued first (when
-   it is kept), so every search measures the baseline. When TPE proposes a config already timed, it is told
-   the stored time again and the next untimed config (in a seeded random order) is enqueued, so the budget
-   `trials` is spent on distinct configs (at most the size of the pruned space: a small space is exhaustive).
-3. A trial compiles the layer for (backend, form), runs it on sampled inputs (`sample_arguments`, seeded) with
-   the config (`autotune.runner.run_config`): `warmup` untimed runs (the first also JIT-compiles a Triton
-   kernel), then `repeat` timed runs; the trial's value is their median in milliseconds (CUDA events after a
-   synchronize on a GPU, `perf_counter` on a CPU). The first run's outputs are checked against the torch
-   backend's form in float32 (relative error `||x - ref|| / ||ref||` within a dtype tolerance), so a fast but
-   wrong config cannot win.
-4. Every trial is stored, with its median or its error. A failure (an exception: Triton's OutOfResources,
-   a CUDA out-of-memory, a wrong result, ...) is recorded with its message and the optuna trial is marked
-   PRUNED; it never stops the search.
+2. Candidates. When the pruned space has at most `trials` configs (the torch chunk sizes: five), every one is
+   a candidate. Otherwise optuna's TPE sampler (fixed seed) screens `trials` distinct configs, each timed on
+   its own (`warmup` + `repeat` runs, median), proposing them as ONE categorical parameter whose choices are
+   the kept configs' keys (so a pruned config is never proposed); the untuned default is enqueued first; a
+   config proposed again is answered from its first timing and the next untimed config (seeded order) is
+   enqueued. The `finalists` fastest screened configs and the default are the candidates.
+3. The final timing is interleaved: after `warmup` untimed runs of each candidate (the first run's outputs
+   are checked against the torch form in float32, `||x - ref|| / ||ref||` within a dtype tolerance, so a fast
+   but wrong config cannot win), `repeat` rounds each run every candidate once, in an order rotated by one per
+   round, so drifting machine load touches every candidate alike. Each candidate's value is the median of its
+   rounds and its spread the interquartile range (IQR) of them.
+4. What is timed is `mode`: "fwd" runs the forward under `torch.no_grad()` (what inference runs), "fwdbwd"
+   runs the forward with inputs and params requiring grad and a backward of the sum of the outputs (what a
+   training step runs). A call looks up the choice of its own mode (codegen/tuning.py: fwdbwd when grad mode
+   is on and an input or param requires grad).
+5. The winner rule: the fastest candidate replaces the default only when its median is below the default's
+   by more than MIN_GAIN (5%) of the default's median AND by more than half the sum of the two IQRs. Otherwise
+   the default is kept and the result says so (`chosen` None, `reason`). When the default itself failed or
+   was pruned, the fastest candidate is chosen.
+6. Every trial (screening and final, with median, IQR or error) and the choice ("tuned" or "default kept")
+   are written in one transaction at the end (`TuningStore.save_study`). A store another process holds
+   locked is waited for (`lock_wait_s`, with `on_lock_wait` called as the wait goes on); after that the study
+   goes to a side file and `StoreLocked` names it, so no measured trial is lost.
 
-Triton kernels on a CPU run in Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported): that
-works and is stored under the device "cpu-interpreter", whose timings are never used for a GPU (nor looked
-up at all). The useful CPU case is the torch backend's chunked form, whose chunk_size matters there too.
+A failure of one config (Triton's OutOfResources, a CUDA out-of-memory, a wrong result, ...) is recorded with
+its message and never stops the search. Triton kernels on a CPU run in Triton's interpreter (TRITON_INTERPRET=1
+set before triton is imported): stored under the device "cpu-interpreter", never looked up. The CPU thread
+settings (`autotune.threads`) are recorded with every trial, and `warnings` says when they make the timings
+unreliable.
 """
 
 from __future__ import annotations
@@ -44,11 +57,14 @@ import torch
 from .lookup import INTERPRETER, clear_cache, device_name, spec_hash_of
 from .runner import run_config
 from .space import SPACES, Problem, Space, config_key, config_space, device_limits, parse_config_key, tunable
-from .store import TuningStore, dtype_name, open_store, shape_bucket
+from .store import LOCK_WAIT_S, StoreLocked, TuningStore, dtype_name, library_versions, open_store, shape_bucket
+from .threads import thread_settings, timing_warnings
 
 # Relative error allowed against the float32 torch form, by input dtype (half inputs use tf32 dots).
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 MAX_ERROR_CHARS = 2000
+MODES = ("fwd", "fwdbwd")
+MIN_GAIN = 0.05  # a winner is at least this fraction of the default's median faster (and beyond the IQRs)
 
 
 class NoLegalConfig(ValueError):
@@ -57,12 +73,14 @@ class NoLegalConfig(ValueError):
 
 @dataclass
 class TrialResult:
-    number: int  # the order in which it was timed (0 = first)
+    number: int  # the order in which it was first timed (0 = first)
     config: dict
     median_ms: float | None
     error: str | None
     times_ms: list[float] = field(default_factory=list)
     rel_error: float | None = None
+    iqr_ms: float | None = None  # the interquartile range of times_ms: the trial's spread
+    final: bool = False  # timed in the interleaved final (else only screened)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +99,11 @@ class TuneResult:
     space: Space
     trials: list[TrialResult]
     elapsed_s: float
+    mode: str = "fwd"
+    chosen: dict | None = None  # the declared config; None: the default was kept
+    reason: str = ""
+    threads: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
@@ -89,14 +112,17 @@ class TuneResult:
 
     @property
     def best_trial(self) -> TrialResult | None:
+        """The fastest final (else screened) trial by median: not necessarily the choice (see `chosen`)."""
         ok = [t for t in self.trials if t.ok]
-        return min(ok, key=lambda t: (t.median_ms, t.number)) if ok else None
+        final = [t for t in ok if t.final] or ok
+        return min(final, key=lambda t: (t.median_ms, t.number)) if final else None
 
     @property
     def best(self) -> dict | None:
-        """The fastest config of this search (None when every trial failed)."""
-        best = self.best_trial
-        return dict(best.config) if best else None
+        """The config calls of this key will run: the chosen one, else the default (None: every trial failed)."""
+        if self.chosen is not None:
+            return dict(self.chosen)
+        return dict(self.space.default) if self.best_trial is not None else None
 
     @property
     def best_ms(self) -> float | None:
@@ -106,36 +132,74 @@ class TuneResult:
     @property
     def default_ms(self) -> float | None:
         key = config_key(self.space.default)
-        return next((t.median_ms for t in self.trials if config_key(t.config) == key and t.ok), None)
+        found = [t for t in self.trials if config_key(t.config) == key and t.ok]
+        return found[0].median_ms if found else None
 
     def table(self) -> str:
-        """One line per timed config, fastest first, failures last, with the speed-up over the slowest."""
-        rows = sorted(self.trials, key=lambda t: (not t.ok, t.median_ms or math.inf, t.number))
+        """One line per timed config, fastest first, failures last, with its spread and the speed-up over the
+        slowest, then the decision."""
+        rows = sorted(self.trials, key=lambda t: (not t.ok, not t.final, t.median_ms or math.inf, t.number))
         slowest = max((t.median_ms for t in self.trials if t.ok), default=None)
         default = config_key(self.space.default)
-        lines = [f"{self.form}/{self.backend}  {self.bucket}  {self.dtype}  on {self.device}",
+        chosen = config_key(self.chosen) if self.chosen is not None else None
+        lines = [f"{self.form}/{self.backend}  {self.bucket}  {self.dtype}  mode {self.mode}  on {self.device}",
                  f"{self.space.summary()}; {len(self.trials)} timed in {self.elapsed_s:.1f} s; study {self.study}"]
+        if self.threads:
+            t = self.threads
+            lines.append(f"threads: torch {t['torch_threads']}, OMP_NUM_THREADS={t.get('OMP_NUM_THREADS')}, "
+                         f"OMP_WAIT_POLICY={t.get('OMP_WAIT_POLICY')}, load {t.get('load_average_1m')} on "
+                         f"{t['cpu_count']} cores")
         lines += [f"note: {n}" for n in self.space.notes]
+        lines += [f"warning: {w}" for w in self.warnings]
         width = max([len(config_key(t.config)) for t in rows] + [6])
-        lines.append(f"  {'#':>3}  {'config':<{width}}  {'median ms':>10}  {'vs slowest':>10}")
+        lines.append(f"  {'#':>3}  {'config':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'runs':>4}  "
+                     f"{'vs slowest':>10}")
         for t in rows:
             key = config_key(t.config)
-            mark = " (default)" if key == default else ""
+            mark = (" (default)" if key == default else "") + (" (chosen)" if key == chosen else "") + \
+                ("" if t.final else " (screened only)")
             if t.ok:
                 speed = f"{slowest / t.median_ms:9.2f}x" if t.median_ms > 0 else "-"
-                lines.append(f"  {t.number:>3}  {key:<{width}}  {t.median_ms:>10.4f}  {speed:>10}{mark}")
+                iqr = f"{t.iqr_ms:8.4f}" if t.iqr_ms is not None else f"{'-':>8}"
+                lines.append(f"  {t.number:>3}  {key:<{width}}  {t.median_ms:>10.4f}  {iqr}  {len(t.times_ms):>4}  "
+                             f"{speed:>10}{mark}")
             else:
-                lines.append(f"  {t.number:>3}  {key:<{width}}  {'failed':>10}  {'':>10}{mark}  {t.error}")
-        best = self.best_trial
-        if best is not None:
-            versus = f"; default {self.default_ms:.4f} ms" if self.default_ms else ""
-            lines.append(f"best: {config_key(best.config)} at {best.median_ms:.4f} ms{versus}")
+                lines.append(f"  {t.number:>3}  {key:<{width}}  {'failed':>10}  {'':>8}  {'':>4}  {'':>10}{mark}  "
+                             f"{t.error}")
+        if self.chosen is not None:
+            lines.append(f"chosen: {chosen}: {self.reason}")
+        elif self.best_trial is not None:
+            lines.append(f"default kept: {default}: {self.reason}")
         else:
             lines.append("best: none (every trial failed)")
         return "\n".join(lines)
 
+    def as_dict(self) -> dict:
+        """The result as JSON-able data (recdsl tune --json)."""
+        return {"spec_hash": self.spec_hash, "device": self.device, "dtype": self.dtype, "bucket": self.bucket,
+                "form": self.form, "backend": self.backend, "mode": self.mode, "study": self.study,
+                "default": self.space.default, "chosen": self.chosen, "reason": self.reason,
+                "elapsed_s": self.elapsed_s, "threads": self.threads, "warnings": self.warnings,
+                "trials": [{"number": t.number, "config": t.config, "median_ms": t.median_ms, "iqr_ms": t.iqr_ms,
+                            "times_ms": t.times_ms, "error": t.error, "rel_error": t.rel_error, "final": t.final}
+                           for t in self.trials]}
+
 
 # -- timing ---------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, device: torch.device) -> float:
+    """Milliseconds of one run of `fn` (CUDA: synchronized before and after; CPU: perf_counter)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def measure(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> tuple[list[float], object]:
@@ -165,6 +229,34 @@ def measure(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> tuple
     return times, first
 
 
+def spread(times: list[float]) -> float:
+    """The interquartile range of `times` (0 for fewer than two)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q3 - q1
+
+
+def decide(default: TrialResult | None, fastest: TrialResult | None) -> tuple[bool, str]:
+    """(whether `fastest` replaces the default, why in words): the winner rule of the module docstring."""
+    if fastest is None:
+        return False, "every trial failed"
+    if default is None or not default.ok:
+        why = "failed" if default is not None else "was not timed (pruned)"
+        return True, f"the default {why}; the fastest config ran in {fastest.median_ms:.4f} ms"
+    if config_key(fastest.config) == config_key(default.config):
+        return False, f"the default is the fastest ({default.median_ms:.4f} ms, IQR {default.iqr_ms or 0:.4f})"
+    gain = default.median_ms - fastest.median_ms
+    noise = ((default.iqr_ms or 0.0) + (fastest.iqr_ms or 0.0)) / 2
+    floor = MIN_GAIN * default.median_ms
+    percent = 100 * gain / default.median_ms if default.median_ms > 0 else 0.0
+    facts = (f"{fastest.median_ms:.4f} ms against the default's {default.median_ms:.4f} ms ({percent:.1f}% faster; "
+             f"noise, half the two IQRs, {noise:.4f} ms; floor {100 * MIN_GAIN:g}% = {floor:.4f} ms)")
+    if gain > noise and gain > floor:
+        return True, f"beats the default beyond the noise: {facts}"
+    return False, f"the fastest, {config_key(fastest.config)}, is not faster beyond the noise: {facts}"
+
+
 def _tensors(result) -> list[torch.Tensor]:
     if torch.is_tensor(result):
         return [result]
@@ -191,19 +283,40 @@ def _message(err: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def _step(layer, backend: str, form: str, config: dict, args: list, mode: str):
+    """One timed unit of `mode`: the forward under no_grad (fwd), or forward and the backward of the outputs'
+    sum (fwdbwd: `args` are leaves that require grad; their grads are dropped first so nothing accumulates)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return run_config(layer, backend, form, config, *args)
+    for a in args:
+        a.grad = None
+    out = run_config(layer, backend, form, config, *args)
+    loss = [t.float().sum() for t in _tensors(out) if t.requires_grad]
+    if not loss:
+        raise RuntimeError("fwdbwd: the outputs do not require grad, so there is no backward to time")
+    torch.stack(loss).sum().backward()
+    return out
+
+
 # -- the search -------------------------------------------------------------------------------------------------
 
 
 def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype: torch.dtype = torch.float32,
          form: str = "chunked", backend: str = "torch", trials: int = 20, store=None, device=None, *,
          warmup: int = 2, repeat: int = 5, seed: int = 0, limits=None, check: bool = True,
-         verbose: bool = False) -> TuneResult:
+         verbose: bool = False, mode: str = "fwdbwd", finalists: int = 3, progress=None,
+         lock_wait_s: float = LOCK_WAIT_S, on_lock_wait=None) -> TuneResult:
     """Tune `rec`'s `form` on `backend` for inputs [batch, length, heads, ...] of `dtype` with spec `sizes`.
 
-    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path, or None (the default store);
-    device: "cpu", "cuda", a torch.device (default: cuda when available); limits: `space.DeviceLimits` to
-    override the device's (shared memory per block, register budget). Returns a `TuneResult`; raises
-    `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad request.
+    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path, or None (the rule's store,
+    `autotune.store.default_path`); device: "cpu", "cuda", a torch.device (default: cuda when available);
+    limits: `space.DeviceLimits` to override the device's; mode: "fwdbwd" (what training runs, the default) or
+    "fwd" (inference); finalists: screened configs re-timed against the default in the interleaved final;
+    progress: `progress(done, total, label)` after each timed unit; lock_wait_s / on_lock_wait: see
+    `TuningStore.save_study`. Returns a `TuneResult`; raises `NoLegalConfig` when the constraint model leaves
+    nothing to time, ValueError for a bad request, `store.StoreError` for a store that cannot be written (before
+    timing anything) and `store.StoreLocked` (naming the side file holding the trials) when it stays locked.
     """
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -218,6 +331,8 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if backend == "triton" and device.type == "cpu" and not interpreting():
         raise ValueError("Triton kernels on a CPU need Triton's interpreter: set TRITON_INTERPRET=1 before "
                          "triton is imported (its timings are stored as device 'cpu-interpreter')")
@@ -226,16 +341,17 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         raise ValueError(f"nothing to tune for form={form!r}, backend={backend!r}; tunable: {choices}")
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     missing = set(checked.sizes) - set(sizes)
     if missing:
         raise ValueError(f"sizes: {checked.name} needs {', '.join(sorted(missing))}")
     sizes = {s: int(sizes[s]) for s in checked.sizes}
 
-    # A layer loaded here reads no store (it has no tuning lookup): every trial runs exactly its config.
     analysis = analyse(checked)
     if form not in analysis.forms:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
-    layer = load_layer(analysis)
+    layer = load_layer(analysis).options(tuning=False)  # every trial runs exactly its config
     problem = Problem.from_analysis(analysis, sizes, length)
     space = config_space(form, backend, problem, limits if limits is not None else device_limits(device))
     if not space.configs:
@@ -244,82 +360,169 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
                             f"{space.limits.name}; e.g. " + " | ".join(reasons))
 
     store = open_store(store)
+    store.check_writable()  # a bad store fails here, before minutes of timing
     spec_hash = spec_hash_of(rec)
     dev_name = device_name(device, backend)
     dname = dtype_name(dtype)
     bucket = shape_bucket(batch, heads, length, sizes)
     study_id = uuid.uuid4().hex[:12]
+    threads = thread_settings()
+    notes = timing_warnings(threads) if device.type == "cpu" else []
 
     args, _ = sample_arguments(checked, sizes, batch, length, heads, dtype=dtype, seed=seed)
     args = [a.to(device) for a in args]
+    if mode == "fwdbwd":
+        args = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
     reference = None
     if check:
         ref_layer = layer.options(backend="torch")
         with torch.no_grad():
-            ref_args = [a.float() if a.dtype != torch.float64 else a for a in args]
+            ref_args = [a.detach().float() if a.dtype != torch.float64 else a.detach() for a in args]
             reference = run_config(ref_layer, "torch", form, {"chunk_size": 64}, *ref_args) if form == "chunked" \
                 else ref_layer(*ref_args, form=form)
     tolerance = TOLERANCE.get(dtype, 5e-2)
 
-    def run_trial(number: int, config: dict) -> TrialResult:
-        def call():
-            return run_config(layer, backend, form, config, *args)
-
-        try:
-            with torch.no_grad():
-                times, first = measure(call, device, warmup, repeat)
-            rel = relative_error(first, reference) if reference is not None else None
-            if rel is not None and not rel <= tolerance:
-                raise ArithmeticError(f"wrong result: relative error {rel:.3g} > {tolerance:g} against the "
-                                      f"torch {form} form")
-            result = TrialResult(number, config, float(statistics.median(times)), None, times, rel)
-        except Exception as err:  # noqa: BLE001 - any failure of one config is that trial's result
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            result = TrialResult(number, config, None, _message(err))
-        store.record(spec_hash, dev_name, dname, bucket, form, backend, config, result.median_ms, result.error,
-                     study=study_id)
-        if verbose:
-            shown = f"{result.median_ms:.4f} ms" if result.ok else result.error
-            print(f"[tune {number}] {config_key(config)}: {shown}", flush=True)
-        return result
-
     keys = space.keys()
     budget = min(trials, len(keys))
-    fill = keys[:]
-    random.Random(seed).shuffle(fill)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, budget // 3)))
+    exhaustive = budget == len(keys)
+    n_final = len(keys) if exhaustive else min(finalists, budget) + 1
+    total = (0 if exhaustive else budget) + n_final * (1 + repeat)
+    done_units = [0]
+
+    def tick(label: str, count: int = 1) -> None:
+        done_units[0] += count
+        if progress is not None:
+            progress(done_units[0], total, label)
+
+    def call(config: dict):
+        return _step(layer, backend, form, config, args, mode)
+
+    def checked_first(config: dict) -> float | None:
+        """Run `config` once and check its outputs; the relative error (None without a check)."""
+        first = call(config)
+        rel = relative_error(first, reference) if reference is not None else None
+        if rel is not None and not rel <= tolerance:
+            raise ArithmeticError(f"wrong result: relative error {rel:.3g} > {tolerance:g} against the "
+                                  f"torch {form} form")
+        return rel
+
+    def failed(number: int, config: dict, err: BaseException) -> TrialResult:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return TrialResult(number, config, None, _message(err))
+
+    def say(result: TrialResult, stage: str) -> None:
+        if verbose:
+            shown = f"{result.median_ms:.4f} ms (IQR {result.iqr_ms or 0:.4f})" if result.ok else result.error
+            print(f"[tune {stage} {result.number}] {config_key(result.config)}: {shown}", flush=True)
+
+    def screen(number: int, config: dict) -> TrialResult:
+        try:
+            rel = checked_first(config)
+            times, _ = measure(lambda: call(config), device, max(warmup - 1, 0), repeat)
+            result = TrialResult(number, config, float(statistics.median(times)), None, times, rel, spread(times))
+        except Exception as err:  # noqa: BLE001 - any failure of one config is that trial's result
+            result = failed(number, config, err)
+        tick(f"screen {config_key(config)}")
+        say(result, "screen")
+        return result
+
     old_verbosity = optuna.logging.get_verbosity()
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     done: dict[str, TrialResult] = {}
+    default = config_key(space.default)
     try:
-        study = optuna.create_study(direction="minimize", sampler=sampler, study_name=f"recdsl-{study_id}")
-        distributions = {"config": CategoricalDistribution(keys)}
-        default = config_key(space.default)
-        if default in keys:
-            study.enqueue_trial({"config": default})
-        asks = 0
-        while len(done) < budget and asks < 4 * budget + 16:
-            asks += 1
-            trial = study.ask(distributions)
-            key = trial.params["config"]
-            if key not in done:
-                done[key] = run_trial(len(done), parse_config_key(key))
-            else:  # proposed again: answer from the first timing and steer to an untimed config
-                study.enqueue_trial({"config": next(k for k in fill if k not in done)})
-            result = done[key]
-            if result.ok:
-                study.tell(trial, result.median_ms)
-            else:
-                study.tell(trial, state=TrialState.PRUNED)
+        if exhaustive:
+            candidates = ([default] if default in keys else []) + [k for k in keys if k != default]
+        else:
+            fill = keys[:]
+            random.Random(seed).shuffle(fill)
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, budget // 3)))
+            study = optuna.create_study(direction="minimize", sampler=sampler, study_name=f"recdsl-{study_id}")
+            distributions = {"config": CategoricalDistribution(keys)}
+            if default in keys:
+                study.enqueue_trial({"config": default})
+            asks = 0
+            while len(done) < budget and asks < 4 * budget + 16:
+                asks += 1
+                trial = study.ask(distributions)
+                key = trial.params["config"]
+                if key not in done:
+                    done[key] = screen(len(done), parse_config_key(key))
+                else:  # proposed again: answer from the first timing and steer to an untimed config
+                    study.enqueue_trial({"config": next(k for k in fill if k not in done)})
+                result = done[key]
+                if result.ok:
+                    study.tell(trial, result.median_ms)
+                else:
+                    study.tell(trial, state=TrialState.PRUNED)
+            ranked = sorted((t for t in done.values() if t.ok), key=lambda t: (t.median_ms, t.number))
+            candidates = ([default] if default in keys else []) + \
+                [config_key(t.config) for t in ranked if config_key(t.config) != default][:finalists]
+        # the interleaved final: warm up (and check) every candidate, then rounds in rotated order
+        final: dict[str, TrialResult] = {}
+        for key in candidates:
+            number = done[key].number if key in done else len(done) + len(final)
+            config = parse_config_key(key)
+            try:
+                rel = checked_first(config)
+                for _ in range(max(warmup - 1, 0)):
+                    call(config)
+                final[key] = TrialResult(number, config, None, None, [], rel, final=True)
+            except Exception as err:  # noqa: BLE001
+                final[key] = failed(number, config, err)
+                final[key].final = True
+                tick(f"failed {key}", repeat)
+            tick(f"warm up {key}")
+        running = [k for k in candidates if final[k].error is None]
+        for r in range(repeat):
+            order = running[r % len(running):] + running[:r % len(running)] if running else []
+            for key in order:
+                if final[key].error is not None:
+                    tick(f"round {r + 1}/{repeat}")
+                    continue
+                try:
+                    final[key].times_ms.append(time_once(lambda key=key: call(final[key].config), device))
+                except Exception as err:  # noqa: BLE001
+                    final[key] = failed(final[key].number, final[key].config, err)
+                    final[key].final = True
+                tick(f"round {r + 1}/{repeat} {key}")
+        for t in final.values():
+            if t.error is None:
+                t.median_ms = float(statistics.median(t.times_ms))
+                t.iqr_ms = spread(t.times_ms)
+            t.times_ms = list(t.times_ms) if t.error is None else []
+            say(t, "final")
+        done.update(final)
     finally:
         optuna.logging.set_verbosity(old_verbosity)
+    ok_final = [t for t in final.values() if t.ok]
+    fastest = min(ok_final, key=lambda t: (t.median_ms, t.number)) if ok_final else None
+    wins, reason = decide(final.get(default), fastest)
+    chosen = dict(fastest.config) if wins else None
+    ordered = sorted(done.values(), key=lambda t: t.number)
+    result = TuneResult(spec_hash, dev_name, dname, bucket, form, backend, study_id, space, ordered,
+                        time.perf_counter() - started, mode, chosen, reason, threads, notes)
+    versions = {**library_versions(), "threads": threads}
+    rows = [dict(spec_hash=spec_hash, device=dev_name, dtype=dname, bucket=bucket, form=form, backend=backend,
+                 config=t.config, median_ms=t.median_ms, error=t.error, study=study_id, versions=versions,
+                 mode=mode, iqr_ms=t.iqr_ms) for t in ordered]
+    choice = None
+    if fastest is not None:
+        choice = dict(spec_hash=spec_hash, device=dev_name, dtype=dname, bucket=bucket, form=form, backend=backend,
+                      mode=mode, config=chosen if chosen is not None else dict(space.default),
+                      tuned=chosen is not None, reason=reason, study=study_id)
+    try:
+        store.save_study(rows, choice, wait_s=lock_wait_s, on_wait=on_lock_wait)
+    except StoreLocked as err:
+        err.result = result  # the caller can still show what was measured
+        raise
+    finally:
         clear_cache()
-    return TuneResult(spec_hash, dev_name, dname, bucket, form, backend, study_id, space, list(done.values()),
-                      time.perf_counter() - started)
+    return result
 
 
-__all__ = ["INTERPRETER", "NoLegalConfig", "TrialResult", "TuneResult", "TuningStore", "measure", "relative_error",
-           "tune"]
+__all__ = ["INTERPRETER", "MIN_GAIN", "MODES", "NoLegalConfig", "TrialResult", "TuneResult", "TuningStore", "decide",
+           "measure", "relative_error", "spread", "tune"]

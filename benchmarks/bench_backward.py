@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import thread_report, timed  # noqa: E402
 from codegen.dispatch import RECURRENT_BACKWARD  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
@@ -119,6 +119,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "threads": thread_report(),  # torch threads, OMP_NUM_THREADS, OMP_WAIT_POLICY, load, warnings
         "python": platform.python_version(),
         "torch": torch.__version__,
         "recurrence_dsl": recurrence_dsl.__version__,

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import thread_report, timed  # noqa: E402
 from codegen.cache import load_source  # noqa: E402
 from codegen.module import module_source  # noqa: E402
 from recurrence_dsl.analysis import analyse  # noqa: E402
@@ -92,6 +92,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": platform.processor() or platform.machine(),
         "cpu_count": torch.get_num_threads(),
+        "threads": thread_report(),  # torch threads, OMP_NUM_THREADS, OMP_WAIT_POLICY, load, warnings
         "python": platform.python_version(),
         "torch": torch.__version__,
         "recurrence_dsl": recurrence_dsl.__version__,

@@ -15,3 +15,18 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def thread_report() -> dict:
+    """The CPU thread settings of this run (`autotune.threads.thread_settings`) plus "warnings": why
+    multi-threaded timings under them may be unreliable (each also printed to stderr). Every CPU benchmark
+    stores this in its JSON as "threads"."""
+    import sys
+
+    from autotune.threads import thread_settings, timing_warnings
+
+    settings = thread_settings()
+    notes = timing_warnings(settings)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return {**settings, "warnings": notes}

@@ -6,7 +6,8 @@ instance (or `instance.options(...)`, a copy with other defaults). So there is o
 backend rule and one set of checks, wherever a layer comes from.
 
 Imports only torch and is copied verbatim into generated modules, next to `recurrence_dsl/calling.py`
-(`bind_call`, `CallError`) and `codegen/dispatch.py` (`run_forms`, `pick_form`).
+(`bind_call`, `CallError`), `codegen/dispatch.py` (`run_forms`, `pick_form`) and `codegen/tuning.py` (the
+tuning store a call reads, and the rule that decides which config a call runs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the caller nor the store chooses one
 
 # The keyword arguments a config may carry, per (form, backend): what the form functions accept. (The tuner's
 # search space, autotune.space.SPACES, offers values for exactly these keys.)
@@ -65,24 +67,31 @@ class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
     spec: the declarations (name, inputs, params, states, outputs, sizes, spec_hash); forms / triton_forms:
-    form name -> form function (`triton_forms` None without triton). form, backend, chunk_size: the defaults of
-    every call. tuned: None, or `tuned(layer, call, form, backend) -> config | None`, asked before a call that
-    gives neither `chunk_size` nor `config` (`recurrence_dsl.compile` passes the tuning store's lookup).
+    form name -> form function (`triton_forms` None without triton). form, backend: the defaults of every call.
+    chunk_size: None (64, and a tuned config may replace it) or an explicit chunk length, which every call
+    without its own `chunk_size=`/`config=` runs: an explicit chunk_size always wins over the store. tuning:
+    where a call looks its config up (see codegen/tuning.py for the store rule and the order of precedence):
+    True (the rule's store), a path, or False (never).
     """
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
-                 chunk_size: int = 64, tuned=None):
+                 chunk_size: int | None = None, tuning=True):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if backend == "triton" and triton_forms is None:
             raise ValueError(_NEEDS_TRITON)
-        why = _form_error(spec, form, forms, triton_forms, backend) or _chunk_size_error(chunk_size, "torch")
+        why = _form_error(spec, form, forms, triton_forms, backend) or (
+            None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
         if why:
             raise ValueError(why)
+        if not (isinstance(tuning, (bool, str)) or hasattr(tuning, "__fspath__")):
+            raise ValueError(f"tuning must be True, False or a store path, got {type(tuning).__name__}")
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
-        self.form, self.backend, self.chunk_size, self.tuned = form, backend, chunk_size, tuned
+        self.form, self.backend, self.tuning = form, backend, tuning
+        self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        self.chunk_size_given = chunk_size is not None  # an explicit chunk_size always wins over the store
 
     @property
     def name(self) -> str:
@@ -97,13 +106,14 @@ class Layer:
             return f.read()
 
     def options(self, *, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                tuned=False):
-        """A copy of this layer with other defaults (tuned=False keeps this layer's lookup)."""
+                tuning=None):
+        """A copy of this layer with other defaults (None keeps this layer's)."""
         return type(self)(self.recurrence, self.forms, self.triton_forms,
                           form=self.form if form is None else form,
                           backend=self.backend if backend is None else backend,
-                          chunk_size=self.chunk_size if chunk_size is None else chunk_size,
-                          tuned=self.tuned if tuned is False else tuned)
+                          chunk_size=(self.chunk_size if self.chunk_size_given else None) if chunk_size is None
+                          else chunk_size,
+                          tuning=self.tuning if tuning is None else tuning)
 
     def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None,
                     form: str = "auto") -> str:
@@ -127,6 +137,25 @@ class Layer:
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
         """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        backend, fns, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
+        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+
+    def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
+                   config: dict | None = None, **kwargs) -> dict:
+        """Which config a call with these arguments would run, and why, without running it: {"backend",
+        "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
+        when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
+        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default."""
+        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
+        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+        return {"backend": backend, "form": resolved, "chunk_size": chunk,
+                "config": dict(options.get(resolved, {})), "source": source, "why": why}
+
+    def _plan(self, call, form, backend, chunk_size, config):
+        """(backend, form functions, form, chunk, options per form, source, why) of a bound call."""
         form = self.form if form is None else form
         why = _form_error(self.recurrence, form, self.forms, None, "torch")
         if why:
@@ -150,9 +179,22 @@ class Layer:
         fns = self.triton_forms if backend == "triton" else self.forms
         chunk = self.chunk_size if chunk_size is None else chunk_size
         why = _chunk_size_error(chunk, backend if "chunked" in fns else "torch")
-        if config is None and chunk_size is None and self.tuned is not None and not why:
+        if config is not None or chunk_size is not None:
+            source, reason = "call", "given to the call"
+        elif self.chunk_size_given:
+            source, reason = "compile", f"chunk_size={self.chunk_size} given to compile(): it wins over the store"
+        elif self.tuning is False:
+            source, reason = "default", "tuning lookups off for this layer (tuning=False)"
+        elif why:
+            source, reason = "default", why
+        elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
+            source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
+        else:
             resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
-            config = self.tuned(self, call, resolved, backend)
+            config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py
+                                           CONFIG_KEYS.get((resolved, backend)),
+                                           None if self.tuning is True else self.tuning)
+            source = "store" if config is not None else "default"
         options = {}
         if config is not None:
             target = self._config_form(config, form if form != "auto" else None, fns, backend)
@@ -161,9 +203,7 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
-        if backend == "triton":
-            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
-        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+        return backend, fns, form, chunk, options, source, reason
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -195,3 +235,4 @@ if "bind_call" not in globals():  # imported as a package module rather than cop
     from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
     from .dispatch import pick_form, run_forms, triton_options  # noqa: E402, F401
+    from .tuning import tuning_lookup  # noqa: E402, F401

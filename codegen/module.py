@@ -309,6 +309,8 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         _copyable(_ROOT / "dispatch.py"),
         _section("The layer (codegen/layer.py)"),
         _copyable(_ROOT / "layer.py"),
+        _section("The tuning store a call reads (codegen/tuning.py)"),
+        _copyable(_ROOT / "tuning.py"),
         _section("Torch runtime of the canonical forms (codegen/torch_runtime.py)"),
         _copyable(_ROOT / "torch_runtime.py"),
         _section("Helpers of the printed forms"),

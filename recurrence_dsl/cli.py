@@ -5,9 +5,10 @@ spills, needs too much shared memory or does not compile (kernels), 2 on a spec 
 or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
 ptxas or cuobjdump is missing). None of these prints a Python traceback.
 
-    recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32]
+    recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
-                [--store PATH] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--store PATH] [--lock-wait 60] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
                 [--target sm_80|sm_90|sm_100] [--form auto|recurrent|chunked|all] [--config JSON]
                 [--backward] [--json]
@@ -127,6 +128,7 @@ def cmd_check(args) -> int:
         report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
                                   triton=use_triton)
         print(format_report(report))
+        print("\n".join(config_lines(rec, sizes, batch, length, heads, dtype, device)))
         print()
         if not report.ok:
             status = 1
@@ -201,6 +203,12 @@ def cmd_show(args) -> int:
             print(f"    {line}")
         print()
         print(explain(analyse(rec.checked)))
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sizes = {s: TUNE_DIM for s in rec.checked.sizes}
+        print("\n".join(config_lines(rec, sizes, TUNE_DEFAULTS["B"], TUNE_DEFAULTS["T"], TUNE_DEFAULTS["H"],
+                                      torch.float32, device)))
         print()
     return 0
 
@@ -274,24 +282,82 @@ def cmd_compile(args) -> int:
     return 0
 
 
+STORE_RULE = ("Which tuning store: $RECURRENCE_DSL_TUNING_STORE (a file path) when set, else "
+              "$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite. compile(), generated "
+              "modules and recdsl tune all use that rule; --store PATH (or compile(tuning=PATH)) names another store "
+              "for one run. RECURRENCE_DSL_TUNING=0 switches off the lookups of calls in the rule's store. A call "
+              "runs, in order: its own chunk_size=/config=, compile()'s explicit chunk_size=, the store's choice for "
+              "its key and mode (fwdbwd when grad is on and an input or param requires grad, else fwd), the "
+              "defaults.")
+
+
+class _Progress:
+    """The progress of one `tune()` on stderr: a tqdm bar (tqdm comes with optuna), else a plain line."""
+
+    def __init__(self, name: str, enabled: bool):
+        self.name, self.enabled, self.bar, self.last = name, enabled, None, 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=1, desc=f"tune {name}", unit="run", file=sys.stderr, leave=False,
+                                dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def step(self, done: int, total: int, label: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(done - self.bar.n)
+            self.bar.refresh()  # every step: a step is at least one timed run, and short runs must show too
+        else:
+            print(f"\rtune {self.name}: {done}/{total} {label[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+    def waiting(self, waited: float, limit: float) -> None:
+        """Shown while another process holds the store locked (always, even with --no-progress)."""
+        text = f"tune {self.name}: waiting for the tuning store's lock, {waited:.0f} of {limit:.0f} s"
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+        else:
+            print(f"\r{text:<100}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
 def cmd_tune(args) -> int:
     import torch
 
-    from autotune.store import open_store
+    from autotune.store import StoreError, StoreLocked, open_store
+    from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     backend = args.backend or ("triton" if device == "cuda" else "torch")
-    if backend == "triton" and not _prepare_triton(device):
-        raise UsageError("--backend triton: triton is not installed (pip install 'recurrence-dsl[triton]')")
-    if args.trials < 1 or args.repeat < 1 or args.warmup < 0:
-        raise UsageError("--trials and --repeat must be at least 1, --warmup at least 0")
+    if args.lock_wait < 0:
+        raise UsageError(f"--lock-wait must be >= 0 seconds, got {args.lock_wait:g}")
+    if backend == "triton":
+        _prepare_triton(device)
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     store = open_store(args.store)
+    try:
+        store.check_writable()  # a bad --store fails before any timing
+    except StoreError as err:
+        raise UsageError(f"--store: {err}") from None
+    if device == "cpu":
+        for note in timing_warnings(thread_settings()):
+            print(f"recdsl tune: warning: {note}", file=sys.stderr)
     status = 0
+    results = []
     for rec in recs:
         check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
         forms = analyse(rec.checked).forms
@@ -304,24 +370,76 @@ def cmd_tune(args) -> int:
                   file=sys.stderr)
             continue
         sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
+        progress = _Progress(rec.name, not args.no_progress)
         try:
             result = tune(rec, sizes, given.get("B", TUNE_DEFAULTS["B"]), given.get("T", TUNE_DEFAULTS["T"]),
                           given.get("H", TUNE_DEFAULTS["H"]), getattr(torch, args.dtype), form, backend,
                           args.trials, store, device, warmup=args.warmup, repeat=args.repeat, seed=args.seed,
-                          check=not args.no_check, verbose=args.verbose)
+                          check=not args.no_check, verbose=args.verbose, mode=args.mode, progress=progress.step,
+                          lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting)
         except NoLegalConfig as err:
+            progress.close()
             print(f"{rec.name}: {err}", file=sys.stderr)
             status = 1
             continue
-        except ValueError as err:
+        except StoreLocked as err:
+            progress.close()
+            if getattr(err, "result", None) is not None:
+                print(f"{rec.name} (spec hash {err.result.spec_hash})")
+                print(err.result.table())
+                print()
             raise UsageError(str(err)) from None
-        print(f"{rec.name} (spec hash {result.spec_hash})")
-        print(result.table())
-        print()
+        except StoreError as err:
+            progress.close()
+            raise UsageError(f"--store: {err}") from None
+        except ValueError as err:
+            progress.close()
+            raise UsageError(str(err)) from None
+        progress.close()
+        results.append(result)
+        if not args.json:
+            print(f"{rec.name} (spec hash {result.spec_hash})")
+            print(result.table())
+            print()
         if result.best is None:
             status = 1
-    print(f"trials stored in {store.path}")
+    if args.json:
+        print(json.dumps({"store": str(store.path), "results": [r.as_dict() for r in results]}, indent=1))
+    else:
+        from autotune.store import default_path
+
+        print(f"trials and choices stored in {store.path}")
+        if store.path.resolve() != default_path().resolve():
+            print(f"(not the store calls read by default: set RECURRENCE_DSL_TUNING_STORE={store.path} or pass "
+                  "compile(..., tuning=PATH))")
     return status
+
+
+def config_lines(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int, dtype,
+                 device: str) -> list[str]:
+    """Which config a call of this shape would run, per mode (fwd and fwdbwd), and why (`Layer.config_for`)."""
+    import torch
+
+    from .compiler import compile_recurrence
+    from .sampling import sample_arguments
+
+    layer = compile_recurrence(rec, backend="torch" if device == "cpu" and dtype == torch.float64 else "auto")
+    args, _ = sample_arguments(rec.checked, sizes, batch, min(length, 1 << 20), heads, dtype=dtype, seed=0)
+    args = [a.to(device) for a in args]
+    shape = " ".join(f"{k}={v}" for k, v in {"B": batch, "T": length, "H": heads, **sizes}.items())
+    lines = [f"  config of a call ({shape}, {str(dtype).removeprefix('torch.')}, {device}):"]
+    for mode in ("fwd", "fwdbwd"):
+        with torch.set_grad_enabled(mode == "fwdbwd"):
+            leaves = [a.detach().requires_grad_(mode == "fwdbwd" and a.is_floating_point()) for a in args]
+            try:
+                c = layer.config_for(*leaves)
+            except CallError as err:
+                lines.append(f"    {mode:<6}  cannot run: {err}")
+                continue
+        blocks = "".join(f", {k}={v}" for k, v in sorted(c["config"].items()))
+        size = f" chunk_size={c['chunk_size']}" if c["form"] in ("chunked",) else ""
+        lines.append(f"    {mode:<6}  {c['form']}/{c['backend']}{size}{blocks}  [{c['source']}: {c['why']}]")
+    return lines
 
 
 def cmd_kernels(args) -> int:
@@ -460,9 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(run=cmd_compile)
 
     tune = sub.add_parser("tune", help="tune block sizes on this machine and store every trial",
-                          description="Search the config space of a form (chunk size; block sizes, warps and "
-                          "stages of the Triton kernels) with optuna, pruning configs that cannot fit before "
-                          "timing any, and record every trial in the tuning store that compile() reads.")
+                          description="Time the configs of a form (chunk size; block sizes, warps and stages of "
+                          "the Triton kernels) as the layer runs them (--mode), pruning configs that cannot fit "
+                          "before timing any (optuna screens large spaces), then time the default and the "
+                          "fastest candidates interleaved, --repeat rounds each, and report each one's median and "
+                          "spread (IQR). A config is chosen only when its median beats the default's by more "
+                          "than 5%% and by more than half the sum of the two IQRs; otherwise the default is kept "
+                          "and the table says so. Every trial and the choice go to the tuning store that "
+                          "compile() and generated modules read.",
+                          epilog=STORE_RULE.replace("%", "%%"))
     tune.add_argument("file", metavar="FILE")
     tune.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
@@ -474,14 +598,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
                       "runs in its interpreter and is stored as 'cpu-interpreter')")
     tune.add_argument("--trials", type=int, default=20, help="configs to time (default 20)")
-    tune.add_argument("--store", metavar="PATH", help="the SQLite store (default $RECURRENCE_DSL_CACHE/"
-                      "tuning.sqlite or ~/.cache/recurrence_dsl/tuning.sqlite)")
+    tune.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd",
+                      help="what is timed: fwdbwd (default), forward and backward, what a training step runs and "
+                      "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
+                      "under no_grad, what inference calls look up")
+    tune.add_argument("--store", metavar="PATH", help="the SQLite store (default: $RECURRENCE_DSL_TUNING_STORE, "
+                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite)")
+    tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
+                      help="how long to wait for a store another process holds locked before saving the trials "
+                      "to a side file (default 60)")
     tune.add_argument("--warmup", type=int, default=2, help="untimed runs per config (default 2)")
-    tune.add_argument("--repeat", type=int, default=5, help="timed runs per config, median kept (default 5)")
+    tune.add_argument("--repeat", type=int, default=5, help="interleaved rounds: timed runs per config, median and "
+                      "IQR kept (default 5)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the sampler")
     tune.add_argument("--no-check", action="store_true", help="skip the check of each config's outputs "
                       "against the torch form")
     tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    tune.add_argument("--json", action="store_true", help="print JSON {\"store\", \"results\": [...]} (with the "
+                      "thread settings) instead of the tables")
     tune.set_defaults(run=cmd_tune)
 
     kernels = sub.add_parser("kernels", help="compile every Triton kernel a call launches for a GPU, without one, "

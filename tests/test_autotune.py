@@ -283,7 +283,7 @@ def test_store_setup_retries_when_sqlite_refuses_to_wait(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TuningStore, "_create_schema", staticmethod(broken))
     with pytest.raises(store.sqlite3.OperationalError, match="disk I/O"):
-        TuningStore(tmp_path / "u.sqlite").count()
+        TuningStore(tmp_path / "u.sqlite").record("h", "dev", "float32", "b", "chunked", "torch", {"i": 0}, 1.0)
     assert len(refusals) == 3  # tried once, not retried
 
 
@@ -296,24 +296,32 @@ def test_tune_torch_chunked_on_cpu(tmp_path):
     gla = _spec("gla")
     s = TuningStore(tmp_path / "tuning.sqlite")
     result = tuner.tune(gla, GLA_SIZES, 1, 256, 2, torch.float32, "chunked", "torch", 4, s, "cpu",
-                        warmup=1, repeat=3)
-    assert len(result.trials) == 4
+                        warmup=1, repeat=3, mode="fwd")
+    # 5 chunk sizes > 4 trials: 4 screened by optuna, then the 3 fastest and the default timed interleaved
+    assert len(result.trials) == 4 and result.mode == "fwd"
     rows = s.trials(study=result.study)
     assert len(rows) == 4 == s.count()
     assert {config_key(r.config) for r in rows} == {config_key(t.config) for t in result.trials}  # distinct
-    assert all(r.ok and r.median_ms > 0 for r in rows)
+    assert all(r.ok and r.median_ms > 0 and r.mode == "fwd" and r.iqr_ms >= 0 for r in rows)
     assert rows[0].config == {"chunk_size": 64}  # the default is timed first: the baseline
     assert result.best["chunk_size"] in SPACES[("chunked", "torch")]["chunk_size"]
     assert result.key == (gla.spec_hash, lookup.device_name("cpu", "torch"), "float32", "BH=2,T=256,K=16,V=16",
                           "chunked", "torch")
-    assert s.best(*result.key) == result.best
-    assert result.best_ms == min(t.median_ms for t in result.trials)
+    assert result.best_ms == min(t.median_ms for t in result.trials if t.final)
+    assert all(len(t.times_ms) == 3 for t in result.trials)
     assert all(t.rel_error is not None and t.rel_error < 1e-4 for t in result.trials)
     table = result.table()
-    assert "best: chunk_size=" in table and "(default)" in table and len(table.splitlines()) == 4 + 4
-    # the stored best is what a compiled layer reads for a call of this bucket (T = 200 rounds up to 256)
+    assert ("chosen: chunk_size=" in table) != ("default kept: chunk_size=64" in table)
+    assert "(default)" in table and "IQR ms" in table and "threads: torch" in table
+    choice = s.choice(*result.key, "fwd")
+    assert choice["tuned"] == (result.chosen is not None) and choice["config"] == result.best
+    assert choice["reason"] == result.reason and rows[0].versions["threads"]["torch_threads"] >= 1
+    # the choice is what a compiled layer reads for a forward call of this bucket (T = 200 rounds up to 256)
     args, _ = recurrence_dsl.sampling.sample_arguments(gla.checked, GLA_SIZES, 1, 200, 2)
-    assert lookup.tuned_config(gla, "cpu", torch.float32, 1, 2, 200, GLA_SIZES, "chunked", "torch", s) == result.best
+    expected = result.chosen  # None when the default was kept
+    assert lookup.tuned_config(gla, "cpu", torch.float32, 1, 2, 200, GLA_SIZES, "chunked", "torch", s) == expected
+    assert lookup.tuned_config(gla, "cpu", torch.float32, 1, 2, 200, GLA_SIZES, "chunked", "torch", s,
+                               mode="fwdbwd") is None  # a forward timing is never used for training
     assert lookup.tuned_config(gla, "cpu", torch.float32, 1, 2, 512, GLA_SIZES, "chunked", "torch", s) is None
     assert lookup.tuned_config(gla, "cpu", torch.float64, 1, 2, 200, GLA_SIZES, "chunked", "torch", s) is None
     layer = recurrence_dsl.compile(gla, backend="torch", form="chunked")
@@ -331,7 +339,8 @@ def test_tune_is_exhaustive_on_a_small_space_and_never_times_a_pruned_config(tmp
     result = tuner.tune(gla, GLA_SIZES, 1, 100, 1, torch.float32, "chunked", "torch", 10, s, "cpu",
                         warmup=0, repeat=1, check=False)
     assert sorted(t.config["chunk_size"] for t in result.trials) == [16, 32, 64, 128]
-    assert s.count() == 4
+    assert all(t.final for t in result.trials)  # all timed interleaved, none screened
+    assert s.count() == 4 and result.mode == "fwdbwd"  # tune()'s default: what training runs
 
 
 def _stub_runner(seen: list, fail=lambda c: False):
@@ -354,7 +363,7 @@ def test_optuna_never_proposes_a_pruned_config_and_failures_are_recorded(tmp_pat
     sizes = {"K": 64, "V": 32}
     limits = SM80
     result = tuner.tune(_spec("gla"), sizes, 2, 512, 2, torch.float16, "chunked", "triton", 30, s, "cpu",
-                        warmup=1, repeat=2, check=False, limits=limits)
+                        warmup=1, repeat=2, check=False, limits=limits, mode="fwd")
     sp = config_space("chunked", "triton", _problem("gla", sizes, 512), limits)
     kept, pruned = set(sp.keys()), {config_key(p.config) for p in sp.pruned}
     assert len(pruned) > 200 and len(kept) > 30
@@ -366,7 +375,8 @@ def test_optuna_never_proposes_a_pruned_config_and_failures_are_recorded(tmp_pat
     rows = s.trials(study=result.study)
     assert sum(r.error is not None for r in rows) == len(failed)
     assert all(r.device == "cpu-interpreter" and r.dtype == "float16" for r in rows)
-    assert result.best["block_k"] != 16 and s.best(*result.key) == result.best
+    assert result.best["block_k"] != 16
+    assert sum(t.final for t in result.trials) == 4  # the 3 fastest screened configs and the default
     # interpreter timings are never handed to a layer (nor stored under a GPU's name)
     assert lookup.tuned_config(_spec("gla"), "cpu", torch.float16, 2, 2, 512, sizes, "chunked", "triton", s) is None
     assert s.best(result.key[0], "NVIDIA H100 80GB HBM3", *result.key[2:]) is None
@@ -414,7 +424,7 @@ def test_failing_trials_do_not_stop_the_search(tmp_path, monkeypatch):
     monkeypatch.setattr(tuner, "run_config", flaky)
     s = TuningStore(tmp_path / "tuning.sqlite")
     result = tuner.tune(_spec("gla"), GLA_SIZES, 1, 256, 1, torch.float32, "chunked", "torch", 5, s, "cpu",
-                        warmup=1, repeat=1, check=False)
+                        warmup=1, repeat=1, check=False, mode="fwd")
     assert len(result.trials) == 5 == s.count()
     errors = [r for r in s.trials() if r.error]
     assert [r.config for r in errors] == [{"chunk_size": 32}] and "OutOfMemoryError" in errors[0].error
@@ -429,8 +439,9 @@ def test_lookup_never_creates_a_store_and_can_be_switched_off(tmp_path, monkeypa
     s = TuningStore(tmp_path / "tuning.sqlite")
     bucket = shape_bucket(1, 1, 64, GLA_SIZES)
     name = lookup.device_name("cpu", "torch")
-    s.record(gla.spec_hash, name, "float32", bucket, "chunked", "torch", {"chunk_size": 32}, 1.0)
-    s.record(gla.spec_hash, name, "float16", bucket, "chunked", "torch", {"chunk_size": 48}, 1.0)  # not in space
+    s.choose(gla.spec_hash, name, "float32", bucket, "chunked", "torch", "fwd", {"chunk_size": 32}, True, "test")
+    s.choose(gla.spec_hash, name, "float16", bucket, "chunked", "torch", "fwd", {"chunk_size": 48}, True,
+             "not in the space")
     lookup.clear_cache()
     assert lookup.tuned_config(gla, "cpu", torch.float32, 1, 1, 64, GLA_SIZES, "chunked", "torch", s) == \
         {"chunk_size": 32}
@@ -461,7 +472,7 @@ def test_tune_command(tmp_path, capsys):
     rc = main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "B=1,T=64,H=1,K=16,V=16", "--trials", "2",
                "--device", "cpu", "--backend", "torch", "--store", str(path), "--warmup", "0", "--repeat", "1"])
     out = capsys.readouterr().out
-    assert rc == 0 and "best: chunk_size=" in out and str(path) in out
+    assert rc == 0 and ("chosen: chunk_size=" in out or "default kept: chunk_size=64" in out) and str(path) in out
     assert TuningStore(path).count() == 2
     assert main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "Q=3", "--store", str(path)]) == 2
 
@@ -483,18 +494,18 @@ def test_compiled_layers_read_the_store(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "chunked_linear_by", spy)
     s = TuningStore(tmp_path / "tuning.sqlite")
-    s.record(gla.spec_hash, lookup.device_name("cpu", "torch"), "float32", shape_bucket(1, 2, 200, GLA_SIZES),
-             "chunked", "torch", {"chunk_size": 16}, 1.0)
+    s.choose(gla.spec_hash, lookup.device_name("cpu", "torch"), "float32", shape_bucket(1, 2, 200, GLA_SIZES),
+             "chunked", "torch", "fwd", {"chunk_size": 16}, True, "test")
     lookup.clear_cache()
     args, _ = recurrence_dsl.sampling.sample_arguments(gla.checked, GLA_SIZES, 1, 200, 2)
     layer = recurrence_dsl.compile(gla, backend="torch", form="chunked", tuning=s)
     out = layer(*args)[0]
     layer(*args, chunk_size=32)
     layer(*args, config={"chunk_size": 128})
-    recurrence_dsl.compile(gla, backend="torch", form="chunked", chunk_size=32, tuning=s)(*args)  # tuned wins
+    recurrence_dsl.compile(gla, backend="torch", form="chunked", chunk_size=32, tuning=s)(*args)  # explicit wins
     recurrence_dsl.compile(gla, backend="torch", form="chunked", tuning=False)(*args)
     recurrence_dsl.compile(gla, backend="torch", form="chunked", chunk_size=32, tuning=False)(*args)
-    assert chunks == [16, 32, 128, 16, 64, 32]
+    assert chunks == [16, 32, 128, 32, 64, 32]
     assert torch.equal(out, layer(*args, chunk_size=16)[0])
     with pytest.raises(recurrence_dsl.CallError, match="keys"):
         layer(*args, config={"block_k": 16})

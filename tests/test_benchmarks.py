@@ -43,6 +43,8 @@ def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and {r["spec"] for r in report["rows"]} == {"gla", "indrnn"}
+    threads = report["threads"]  # the thread settings the timings ran with (issue 14)
+    assert threads["torch_threads"] == 1 and "OMP_WAIT_POLICY" in threads and isinstance(threads["warnings"], list)
     for row in report["rows"]:
         assert row["recurrent_fwd_bwd_adjoint_s"] > 0 and row["max_rel_grad_difference_adjoint_vs_autograd"] <= 1e-5
     assert "fwd+bwd adjoint" in run.stdout

@@ -48,9 +48,10 @@ def _args(rec, T=20, seed=0):
 
 def test_compiled_layer_is_the_module_layer_and_the_module_is_what_the_cli_writes(tmp_path):
     rec = recurrence_dsl.load(GLA)["gla"]
-    layer = recurrence_dsl.compile(rec, tuning=False)
+    layer = recurrence_dsl.compile(rec)
     module = sys.modules[type(layer).__module__]
-    assert layer is module.gla  # the default options: the module's own object
+    assert layer is module.gla  # the default options (the rule's tuning store included): the module's own object
+    assert recurrence_dsl.compile(rec, tuning=False).tuning is False and module.gla.tuning is True
     assert module.__file__.startswith(str(cache.cache_directory()))
     _, out = _written_module(tmp_path, GLA, "gla")
     assert layer.source == out.read_text()  # byte for byte what `recdsl compile` writes

@@ -330,7 +330,9 @@ def test_compile_cache_returns_the_same_layer():
             assert recurrence_dsl.compile(rec) is layer
             assert recurrence_dsl.compile(rec.checked) is layer
             assert recurrence_dsl.compile(SPECS[name]) is layer  # a separate load of the same file
-            assert recurrence_dsl.compile(rec, backend="auto", form="auto", chunk_size=64) is layer  # the defaults
+            assert recurrence_dsl.compile(rec, backend="auto", form="auto", chunk_size=None) is layer  # the defaults
+            pinned = recurrence_dsl.compile(rec, chunk_size=64)  # explicit: wins over the tuning store
+            assert pinned is not layer and pinned.chunk_size_given and not layer.chunk_size_given
             assert recurrence_dsl.compile(rec, backend="torch") is not layer
             other = recurrence_dsl.compile(rec, chunk_size=16)
             assert other is not layer and other.chunk_size == 16 and layer.chunk_size == 64

@@ -16,12 +16,16 @@ local `CallError` (recurrence_dsl is imported here: asserted through the module'
 from __future__ import annotations
 
 import importlib.util
+import os
+import sqlite3
 import sys
+import tempfile
 
 import pytest
 import torch
 
 import recurrence_dsl
+from autotune.store import TuningStore
 from codegen.layer import interpreting
 from codegen.module import module_source
 from recurrence_dsl.analysis import analyse
@@ -105,10 +109,11 @@ def _run_auto(layer, rec):
     if "chunked" in layer.triton_forms:
         layer(*args, form="chunked", backend="triton", config=TRITON_CONFIG)
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
-    asked = []
-    tuned = layer.options(form="auto", backend="torch", tuned=lambda *a: asked.append(a) or None)
-    tuned(*args)
-    assert asked
+    tuned = layer.options(form="auto", backend="torch", tuning=os.path.join(os.sep, "nonexistent", "t.sqlite"))
+    tuned(*args)  # the module's own store lookup runs (and finds no store)
+    plan = tuned.config_for(*args)
+    assert plan["source"] in ("default", "call") and plan["backend"] == "torch"
+    _run_tuning(layer, args)
     zeros = [torch.zeros_like(a) for a in args]  # a decay of 0 is not positive for a chunked form's log
     layer(*zeros, chunk_size=CHUNK, backend="torch")  # auto steps instead where it must
     for form in ("chunked", "parallel"):
@@ -119,6 +124,68 @@ def _run_auto(layer, rec):
                 assert "not positive" in str(err)
     assert layer.name == rec.name and rec.name in repr(layer) and layer.source.startswith("# Generated")
     assert layer.backend_for(torch.device("cpu"), torch.float32) == ("triton" if interpreting() else "torch")
+
+
+def _run_tuning(layer, args):
+    """The module's own store reads (codegen/tuning.py): a choice, "default kept", an unusable config and an
+    unusable store (each of the last two warns), lookups switched off. Through the layer where it has a tunable
+    torch form (chunked); read directly otherwise (a Triton config is never looked up in the interpreter)."""
+    module = sys.modules[type(layer).__module__]
+    module._tuning_memo.clear()
+    module._tuning_warned.clear()
+    call = module.bind_call(layer.recurrence, args, {})
+    assert module.tuning_call_mode(call) == ("fwdbwd" if any(a.requires_grad for a in args) else "fwd")
+    form = "chunked" if "chunked" in layer.forms else "recurrent"
+    keys = ("chunk_size",) if form == "chunked" else ("num_warps",)
+    key = (layer.recurrence.spec_hash, module.tuning_device_name(call.device, "torch"),
+           str(call.dtype).removeprefix("torch."), module.tuning_shape_bucket(call.batch, call.heads, call.length,
+                                                                             call.sizes), form, "torch")
+    tuned = layer.options(form=form, backend="torch")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "t.sqlite")
+        assert module.tuning_read_choice(path, key + ("fwd",), keys)[1].startswith("no tuning store")
+        store = TuningStore(path)
+        store.choose(*key, "fwd", {keys[0]: 16}, True, "test")
+        store.choose(*key, "fwdbwd", {keys[0]: 64}, False, "kept")
+        assert module.tuning_read_choice(path, key + ("fwd",), keys)[0] == {keys[0]: 16}
+        assert module.tuning_lookup(layer, call, form, "torch", keys, path)[0] == {keys[0]: 16}
+        assert module.tuning_lookup(layer, call, form, "triton", keys, path)[0] is None  # the interpreter's
+        assert module.tuning_read_choice(path, key[:3] + ("BH=1,T=1",) + key[4:] + ("fwd",), keys)[1].startswith(
+            "nothing tuned")
+        assert "default kept" in module.tuning_read_choice(path, key + ("fwdbwd",), keys)[1]
+        if form == "chunked":
+            tuned = tuned.options(tuning=path)
+            assert tuned.config_for(*args)["chunk_size"] == 16
+            tuned(*args)
+            leaves = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
+            assert "default kept" in tuned.config_for(*leaves)["why"]
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE choices SET config = 'not json'")
+        with pytest.warns(RuntimeWarning, match="not a JSON object"):
+            assert module.tuning_read_choice(path, key + ("fwd",), keys)[0] is None
+        os.remove(path)
+        with open(path, "wb") as f:
+            f.write(b"not a database" * 100)
+        module._tuning_warned.clear()  # one warning per store and process: forget the first
+        with pytest.warns(RuntimeWarning, match="not a usable SQLite store"):
+            assert module.tuning_read_choice(path, key + ("fwd",), keys)[0] is None
+    with torch.no_grad():
+        assert module.tuning_call_mode(call) == "fwd"
+    assert tuned.options(chunk_size=32).config_for(*args)["source"] in ("compile", "call")
+    assert "tuning=False" in tuned.options(tuning=False).config_for(*args)["why"] or form != "chunked"
+    with tempfile.TemporaryDirectory() as folder:  # a store of schema version 1: trials, no choices
+        path = os.path.join(folder, "old.sqlite")
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE trials (id INTEGER)")
+        assert "no tuning choices" in module.tuning_read_choice(path, key + ("fwd",), keys)[1]
+    old = os.environ.get("RECURRENCE_DSL_TUNING")
+    os.environ["RECURRENCE_DSL_TUNING"] = "0"
+    try:
+        assert not module.tuning_lookups_enabled()
+        assert tuned.options(tuning=True).config_for(*args)["source"] == "default"
+    finally:
+        os.environ["RECURRENCE_DSL_TUNING"] = old if old is not None else "0"
+    assert module.tuning_store_path().endswith(".sqlite")
 
 
 def _run_module_class(module, rec, layer):

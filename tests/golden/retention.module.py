@@ -570,6 +570,7 @@ def with_adjoint(loop, adjoint, output_names, state_names):
 # ====================================================================================================
 
 BACKENDS = ("auto", "torch", "triton")
+DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the caller nor the store chooses one
 
 # The keyword arguments a config may carry, per (form, backend): what the form functions accept. (The tuner's
 # search space, autotune.space.SPACES, offers values for exactly these keys.)
@@ -619,24 +620,31 @@ class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
     spec: the declarations (name, inputs, params, states, outputs, sizes, spec_hash); forms / triton_forms:
-    form name -> form function (`triton_forms` None without triton). form, backend, chunk_size: the defaults of
-    every call. tuned: None, or `tuned(layer, call, form, backend) -> config | None`, asked before a call that
-    gives neither `chunk_size` nor `config` (`recurrence_dsl.compile` passes the tuning store's lookup).
+    form name -> form function (`triton_forms` None without triton). form, backend: the defaults of every call.
+    chunk_size: None (64, and a tuned config may replace it) or an explicit chunk length, which every call
+    without its own `chunk_size=`/`config=` runs: an explicit chunk_size always wins over the store. tuning:
+    where a call looks its config up (see codegen/tuning.py for the store rule and the order of precedence):
+    True (the rule's store), a path, or False (never).
     """
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
-                 chunk_size: int = 64, tuned=None):
+                 chunk_size: int | None = None, tuning=True):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if backend == "triton" and triton_forms is None:
             raise ValueError(_NEEDS_TRITON)
-        why = _form_error(spec, form, forms, triton_forms, backend) or _chunk_size_error(chunk_size, "torch")
+        why = _form_error(spec, form, forms, triton_forms, backend) or (
+            None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
         if why:
             raise ValueError(why)
+        if not (isinstance(tuning, (bool, str)) or hasattr(tuning, "__fspath__")):
+            raise ValueError(f"tuning must be True, False or a store path, got {type(tuning).__name__}")
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
-        self.form, self.backend, self.chunk_size, self.tuned = form, backend, chunk_size, tuned
+        self.form, self.backend, self.tuning = form, backend, tuning
+        self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        self.chunk_size_given = chunk_size is not None  # an explicit chunk_size always wins over the store
 
     @property
     def name(self) -> str:
@@ -651,13 +659,14 @@ class Layer:
             return f.read()
 
     def options(self, *, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                tuned=False):
-        """A copy of this layer with other defaults (tuned=False keeps this layer's lookup)."""
+                tuning=None):
+        """A copy of this layer with other defaults (None keeps this layer's)."""
         return type(self)(self.recurrence, self.forms, self.triton_forms,
                           form=self.form if form is None else form,
                           backend=self.backend if backend is None else backend,
-                          chunk_size=self.chunk_size if chunk_size is None else chunk_size,
-                          tuned=self.tuned if tuned is False else tuned)
+                          chunk_size=(self.chunk_size if self.chunk_size_given else None) if chunk_size is None
+                          else chunk_size,
+                          tuning=self.tuning if tuning is None else tuning)
 
     def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None,
                     form: str = "auto") -> str:
@@ -681,6 +690,25 @@ class Layer:
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
         """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        backend, fns, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+        if backend == "triton":
+            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
+        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+
+    def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
+                   config: dict | None = None, **kwargs) -> dict:
+        """Which config a call with these arguments would run, and why, without running it: {"backend",
+        "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
+        when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
+        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default."""
+        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
+        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+        return {"backend": backend, "form": resolved, "chunk_size": chunk,
+                "config": dict(options.get(resolved, {})), "source": source, "why": why}
+
+    def _plan(self, call, form, backend, chunk_size, config):
+        """(backend, form functions, form, chunk, options per form, source, why) of a bound call."""
         form = self.form if form is None else form
         why = _form_error(self.recurrence, form, self.forms, None, "torch")
         if why:
@@ -704,9 +732,22 @@ class Layer:
         fns = self.triton_forms if backend == "triton" else self.forms
         chunk = self.chunk_size if chunk_size is None else chunk_size
         why = _chunk_size_error(chunk, backend if "chunked" in fns else "torch")
-        if config is None and chunk_size is None and self.tuned is not None and not why:
+        if config is not None or chunk_size is not None:
+            source, reason = "call", "given to the call"
+        elif self.chunk_size_given:
+            source, reason = "compile", f"chunk_size={self.chunk_size} given to compile(): it wins over the store"
+        elif self.tuning is False:
+            source, reason = "default", "tuning lookups off for this layer (tuning=False)"
+        elif why:
+            source, reason = "default", why
+        elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
+            source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
+        else:
             resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
-            config = self.tuned(self, call, resolved, backend)
+            config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py
+                                           CONFIG_KEYS.get((resolved, backend)),
+                                           None if self.tuning is True else self.tuning)
+            source = "store" if config is not None else "default"
         options = {}
         if config is not None:
             target = self._config_form(config, form if form != "auto" else None, fns, backend)
@@ -715,9 +756,7 @@ class Layer:
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
-        if backend == "triton":
-            options = triton_options(call, options)  # noqa: F821 - from dispatch.py
-        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+        return backend, fns, form, chunk, options, source, reason
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -742,6 +781,196 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+# ====================================================================================================
+# The tuning store a call reads (codegen/tuning.py)
+# ====================================================================================================
+
+TUNING_READ_TIMEOUT_S = 0.05  # a forward call waits at most this long for a store another process holds locked
+TUNING_RETRY_S = 30.0  # a store that could not be read (locked, say) is tried again after this long
+TUNING_INTERPRETER = "cpu-interpreter"  # Triton run by its CPU interpreter: timings never looked up
+
+_tuning_memo: dict[tuple, tuple] = {}
+_tuning_warned: set[str] = set()
+_tuning_cpu: list[str] = []  # the CPU model, read once per process
+
+
+def tuning_store_path() -> str:
+    """The store the rule above names: $RECURRENCE_DSL_TUNING_STORE, else $RECURRENCE_DSL_CACHE/tuning.sqlite,
+    else ~/.cache/recurrence_dsl/tuning.sqlite."""
+    explicit = os.environ.get("RECURRENCE_DSL_TUNING_STORE")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    cache = os.environ.get("RECURRENCE_DSL_CACHE")
+    base = cache if cache else os.path.join(os.path.expanduser("~"), ".cache", "recurrence_dsl")
+    return os.path.abspath(os.path.join(base, "tuning.sqlite"))
+
+
+def tuning_lookups_enabled() -> bool:
+    """False when RECURRENCE_DSL_TUNING is 0/off/false/no (calls then skip the rule's store)."""
+    return os.environ.get("RECURRENCE_DSL_TUNING", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def tuning_shape_bucket(batch: int, heads: int, length: int, sizes: dict) -> str:
+    """The shape key of a call, e.g. "BH=8,T=1024,K=64,V=64": B*H to the nearest power of two in log scale
+    (it only sets how many programs run side by side), T rounded up to a power of two (it sets the number of
+    chunks and the padding of the last one), every spec size exact, sorted by name."""
+    import math
+
+    bh = int(batch) * int(heads)
+    bh = 1 if bh <= 1 else 1 << round(math.log2(bh) + 1e-9)
+    t = 1 << max(int(length) - 1, 0).bit_length()
+    return ",".join([f"BH={bh}", f"T={t}"] + [f"{k}={int(sizes[k])}" for k in sorted(sizes)])
+
+
+def tuning_cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one; read once)."""
+    import platform
+
+    if _tuning_cpu:
+        return _tuning_cpu[0]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    _tuning_cpu.append(" ".join(line.split(":", 1)[1].split()))
+                    return _tuning_cpu[0]
+    except OSError:
+        pass
+    _tuning_cpu.append(platform.processor() or platform.machine() or "unknown")
+    return _tuning_cpu[0]
+
+
+def tuning_device_name(device, backend: str) -> str:
+    """The store's device column: the GPU's name; "cpu-interpreter" for Triton on a CPU; "cpu (MODEL, N
+    threads)" for the torch backend on a CPU (the thread count changes the timings)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_name(index)
+    if backend == "triton":
+        return TUNING_INTERPRETER
+    return f"{device.type} ({tuning_cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def tuning_call_mode(call) -> str:
+    """"fwdbwd" when the bound call records a graph for a backward (grad mode on and one of its inputs,
+    params or initial states requires grad), else "fwd"."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return "fwd"
+    tensors = list(call.inputs.values()) + list(call.params.values()) + list((call.initial_state or {}).values())
+    return "fwdbwd" if any(t.requires_grad for t in tensors) else "fwd"
+
+
+def _tuning_warn(path: str, why: str) -> None:
+    if path not in _tuning_warned:
+        import warnings
+
+        _tuning_warned.add(path)
+        warnings.warn(f"tuning store {path}: {why}; calls run the default configs (this warning is shown once)",
+                      RuntimeWarning, stacklevel=7)  # the frame that called the layer
+
+
+def tuning_read(path: str, action, timeout_s: float = TUNING_READ_TIMEOUT_S):
+    """`action(conn)` on a read-only connection to the SQLite file at `path`, waiting at most `timeout_s` for a
+    lock. A WAL database read read-only needs its -shm file, which SQLite cannot create in a read-only
+    directory; then the file is opened again as immutable (nobody can be writing a store in a directory that
+    cannot be written). sqlite3 errors propagate."""
+    import sqlite3
+    import urllib.parse
+
+    base = "file:" + urllib.parse.quote(os.path.abspath(path))
+    for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        conn = None
+        try:
+            conn = sqlite3.connect(base + query, uri=True, timeout=timeout_s, isolation_level=None)
+            return action(conn)
+        except sqlite3.OperationalError as err:
+            text = str(err).lower()
+            if query.endswith("immutable=1") or not ("unable to open" in text or "readonly" in text):
+                raise
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def tuning_read_choice(path: str, key: tuple, config_keys: tuple) -> tuple[dict | None, str]:
+    """(config or None, why) for `key` = (spec_hash, device, dtype, bucket, form, backend, mode) in the store
+    at `path`, read-only, waiting at most TUNING_READ_TIMEOUT_S. Never raises: a missing store, key or choice is
+    (None, why); an unusable store or config is (None, why) plus one RuntimeWarning per store. `config_keys`:
+    the keys a config for this form and backend must have (codegen.layer.CONFIG_KEYS)."""
+    import json
+    import sqlite3
+
+    if not os.path.isfile(path):
+        return None, f"no tuning store at {path}"
+    try:
+        row = tuning_read(path, lambda conn: conn.execute(
+            "SELECT config, tuned, reason FROM choices WHERE spec_hash = ? AND device = ? AND dtype = ? AND "
+            "bucket = ? AND form = ? AND backend = ? AND mode = ?", key).fetchone())
+    except sqlite3.OperationalError as err:
+        if "no such table" in str(err):  # a store written before choices were kept: nothing chosen
+            return None, f"the store at {path} holds no tuning choices"
+        _tuning_warn(path, f"cannot be read now ({err})")
+        return None, f"the store at {path} cannot be read ({err})"
+    except sqlite3.Error as err:
+        _tuning_warn(path, f"is not a usable SQLite store ({err})")
+        return None, f"the store at {path} is not usable ({err})"
+    what = f"{key[4]}/{key[5]} {key[6]} {key[2]} {key[3]} on {key[1]}"
+    if row is None:
+        return None, f"nothing tuned for {what} in {path}"
+    text, tuned, reason = row
+    try:
+        config = json.loads(text)
+    except (TypeError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and set(config) == set(config_keys)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in config.values())):
+        _tuning_warn(path, f"holds a config for {what} that is not a JSON object of {', '.join(config_keys)}")
+        return None, f"the stored config for {what} in {path} is unusable"
+    if not tuned:
+        return None, f"tuned in {path}: default kept for {what} ({reason})"
+    return config, f"tuned in {path} for {what} ({reason})"
+
+
+def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | None,
+                  store=None) -> tuple[dict | None, str]:
+    """(config or None, why) the store gives a bound call of `layer` running `form` on `backend`.
+
+    config_keys: the keys a config of (form, backend) has (`CONFIG_KEYS`), None when nothing is tunable there;
+    store: None (the rule's store, unless RECURRENCE_DSL_TUNING=0) or a path. Packed sequences (cu_seqlens)
+    look up one sequence of the longest length."""
+    if store is None and not tuning_lookups_enabled():
+        return None, "tuning lookups are off (RECURRENCE_DSL_TUNING=0)"
+    keys = config_keys
+    if keys is None:
+        return None, f"nothing to tune for {form}/{backend}"
+    path = tuning_store_path() if store is None else os.path.abspath(os.fspath(store))
+    device = tuning_device_name(call.device, backend)
+    if device == TUNING_INTERPRETER:
+        return None, "Triton's interpreter: its timings are never looked up"
+    if call.cu_seqlens is None:
+        batch, length = call.batch, call.length
+    else:
+        bounds = call.cu_seqlens.tolist()
+        batch, length = 1, max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    key = (layer.recurrence.spec_hash, device, str(call.dtype).removeprefix("torch."),
+           tuning_shape_bucket(batch, call.heads, length, call.sizes), form, backend, tuning_call_mode(call))
+    import time
+
+    memo = (path,) + key
+    now = time.monotonic()
+    if memo not in _tuning_memo or _tuning_memo[memo][2] < now:
+        config, why = tuning_read_choice(path, key, keys)
+        # "cannot be read" is transient (a lock): try again later; every other answer holds until cleared
+        _tuning_memo[memo] = (config, why, now + TUNING_RETRY_S if "cannot be read" in why else float("inf"))
+    config, why, _ = _tuning_memo[memo]
+    return (dict(config) if config is not None else None), why
 
 
 # ====================================================================================================
