@@ -28,7 +28,7 @@ from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
 from .kernel_rules import check_kernel_source
-from .specialize import specialize
+from .specialize import chunked_backward_in_triton, specialize
 from .torch_forms import PRELUDE, TorchFormWriter
 from .triton_recurrent import triton_form_names
 
@@ -159,7 +159,11 @@ def _entry_points(analysis: Analysis) -> str:
     triton_names = triton_form_names(analysis)
     tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, _{name}_st)"]
     if "chunked" in triton_names:
-        tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, _{name}_st)")
+        if chunked_backward_in_triton(analysis):  # chunked_linear_by only: its own Triton backward
+            tri.append(f"'chunked': {name}__chunked_triton")
+        else:
+            tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
+                       f"_{name}_st)")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
     return f'''

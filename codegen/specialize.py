@@ -32,12 +32,32 @@ _DECAY_CODES = {None: 0, "scalar": 1, "key": 2, "value": 3}  # the `code` of the
 _RUNTIME_PREFIX = "_triton_"  # the Triton runtime's kernels as renamed in a generated module
 
 
+# The linear chunked form's Triton backward (codegen/triton_runtime.py, `_linear_backward`) launches the intra-chunk
+# score kernel with a decay on the key axis and with none (code 2, code 3), whatever the plan's own axis, and a
+# value decay's dq through the key-decay output kernel (code 2): a module with that backward keeps those branches.
+_LINEAR_BACKWARD_DECAY_CODES = frozenset({2, 3})
+
+
+def chunked_backward_in_triton(analysis: Analysis) -> bool:
+    """True when `analysis` has a chunked Triton form that calls only `chunked_linear_by` (every state of its chunk
+    plan linear: identity, scalar or diagonal decay, no delta rule), whose backward runs in Triton kernels; such a
+    form is differentiable on its own. A delta-rule form still differentiates through the torch chunked form."""
+    if "chunked" not in triton_form_names(analysis):
+        return False
+    view = analysis.chunk_analysis
+    return all(view.states[s.name].cls not in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)
+               for s in analysis.recurrence.states)
+
+
 def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
-    """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form)."""
+    """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form),
+    forward and, where it runs in Triton (`chunked_backward_in_triton`), backward."""
     decay, delta, exclusive = set(), set(), set()
     for a in analyses:
         if "chunked" not in triton_form_names(a):
             continue
+        if chunked_backward_in_triton(a):
+            decay.update(_LINEAR_BACKWARD_DECAY_CODES)
         view = a.chunk_analysis
         for s in a.recurrence.states:
             sa = view.states[s.name]
