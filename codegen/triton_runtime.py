@@ -1,4 +1,4 @@
-"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path, forward only).
+"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path; chunked_linear's backward too).
 
 Same arguments, maths and layout as `codegen/torch_runtime.py` (B batch, T time, H heads, K key dim, V value dim;
 per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) reads S_{t-1} if exclusive, else S_t):
@@ -47,6 +47,23 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   value decay: one 16-row query sub-chunk per program; inter term
                                                   (q @ S_start) * exp(Gq), earlier sub-chunks by tl.dot against
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
+
+Backward of chunked_linear (`_ChunkedLinearFunction`; the formulas above `_chunk_dstate_kernel`), from the saved
+chunk-start states h; a scalar or no decay runs as a key decay with G broadcast over K:
+
+  _chunk_dstate_kernel  (cdiv(K, BK), cdiv(V, BV), B*H)
+                                                  the state gradient run backwards over chunks, one query per
+                                                  launch (later ones add in): dh [B, H, NT, K, V] at chunk ends, dh0.
+  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v, one of
+                                                  the two decayed over the decay axis.
+  _chunk_output_value_kernel / _chunk_output_kernel (DECAY 2)
+                                                  reused for dq (key / value decay): do against h^T, dA against k.
+  _chunk_bwd_decayed_kernel (cdiv(D, BD), NT*NC, B*H)
+                                                  anti-causal mirror of _chunk_output_value_kernel (decay on the
+                                                  output axis D): dk for a key decay, dv for a value decay.
+  _chunk_bwd_plain_kernel (cdiv(D, BD), NT, B*H)  A^T @ x plus the chunk-end term (z exp(G_last - G)) @ dh: dv for
+                                                  a key decay, dk for a value decay.
+  _dlog_decay_kernel    (NT, cdiv(D, BD), B*H)    reverse cumulative sums of the per-step terms inside each chunk.
 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
