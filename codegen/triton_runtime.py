@@ -1146,6 +1146,7 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         return (*outs, ht)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
