@@ -1175,8 +1175,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
         g = None
         gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
     else:
-        g = log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)
-        g = g.contiguous()
+        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
         gc, eg = _cumsum(g, V if value else K, BT, num_warps, with_exp=value)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
@@ -1197,31 +1196,33 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
     dqs = []
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
+        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
+        A = _intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+                        num_stages)
+        dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
+                         num_stages)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        if value:
-            A = _intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages)  # q k^T masked
-            dA = _intra_attn(do, v, gc, 2, excl, excl, BT, BV, prec, num_warps, num_stages)  # do v^T decayed
+        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
                 do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
                 num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
-            _chunk_bwd_decayed_kernel[(triton.cdiv(V, BV), NT * NC, B * H)](
-                A, do, gc, k, dh, dv, T, H, V, K, BT, _SUB, BV, BK, NC, excl, first, not first, prec,
-                num_warps=warps, num_stages=stages)
-            _chunk_bwd_plain_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                dA, q, gc, v, dhT, dk, T, H, K, V, BT, BK, BV, first, not first, prec, num_warps=warps,
-                num_stages=stages)
-        else:
-            A = _intra_attn(q, k, gc, 2, excl, excl, BT, BK, prec, num_warps, num_stages)  # q k^T decayed
-            dA = _intra_attn(do, v, None, 3, excl, excl, BT, BV, prec, num_warps, num_stages)  # do v^T masked
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                 do, k, gc, hT, dA, dq, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, num_warps=warps,
                 num_stages=stages)
-            _chunk_bwd_decayed_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                dA, q, gc, v, dhT, dk, T, H, K, V, BT, _SUB, BK, BV, NC, excl, first, not first, prec,
-                num_warps=warps, num_stages=stages)
-            _chunk_bwd_plain_kernel[(triton.cdiv(V, BV), NT, B * H)](
-                A, do, gc, k, dh, dv, T, H, V, K, BT, BV, BK, first, not first, prec, num_warps=warps,
-                num_stages=stages)
+        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
+        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
+        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
+        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
+        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
+        M, x, z, dm, out, D, DZ, BD, BZ = decayed
+        _chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        M, x, z, dm, out, D, DZ, BD, BZ = plain
+        _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
+            num_stages=stages)
         dqs.append(dq)
 
     dlog = None

@@ -104,6 +104,9 @@ def _run_auto(layer, rec):
         layer(*args, form="chunked", backend="torch", config={"chunk_size": CHUNK})
     if "chunked" in layer.triton_forms:
         layer(*args, form="chunked", backend="triton", config=TRITON_CONFIG)
+        grad_args, init = _arguments(rec, 1, LENGTH)  # the backward too, through two sub-chunks per chunk
+        _backward(layer(*grad_args, initial_state=init, output_final_state=True, form="chunked", backend="triton",
+                        config=TRITON_CONFIG))
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
     asked = []
     tuned = layer.options(form="auto", backend="torch", tuned=lambda *a: asked.append(a) or None)

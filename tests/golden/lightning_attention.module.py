@@ -1199,21 +1199,10 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.co
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        if DECAY == 1:
-            b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
-            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
-            b_h = b_h * tl.exp(b_gl.to(tl.float32))
-        elif DECAY == 2:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-            b_kt = b_kt * _triton_decay(b_gl[:, None], b_g)
-            b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
-        else:
-            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
-            b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
-            b_v = b_v * _triton_decay(b_gl[None, :], b_g)
-            b_h = b_h * tl.exp(b_gl.to(tl.float32))[None, :]
+        b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+        b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -1250,25 +1239,15 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if DECAY == 2:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
-            b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
-                           mask=m_tg[:, None] & m_k[None, :], other=1.0)
-            b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
-        else:
-            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                           other=0.0).to(tl.float32)  # [BK, BT]
-            b_o += tl.dot(b_q, b_h, input_precision=PREC)
-            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    if DECAY == 2:
-        p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
-        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
-    else:
-        if DECAY == 1:
-            b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
-            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
-            b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
-            b_A = b_A * _triton_decay(b_gq[:, None], b_g[None, :])
-        b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+        b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+        b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+    b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
+    b_A = b_A * _triton_decay(b_gq[:, None], b_g[None, :])
+    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -1759,6 +1738,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         return (*outs, ht)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
@@ -1787,8 +1767,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         g = None
         gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
     else:
-        g = log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)
-        g = g.contiguous()
+        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
         gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
@@ -1809,31 +1788,33 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     dqs = []
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
+        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
+        A = _triton_intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+                        num_stages)
+        dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
+                         num_stages)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        if value:
-            A = _triton_intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages)  # q k^T masked
-            dA = _triton_intra_attn(do, v, gc, 2, excl, excl, BT, BV, prec, num_warps, num_stages)  # do v^T decayed
+        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
                 do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-            _triton_chunk_bwd_decayed_kernel[(triton.cdiv(V, BV), NT * NC, B * H)](
-                A, do, gc, k, dh, dv, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, first, not first, prec,
-                num_warps=warps, num_stages=stages)
-            _triton_chunk_bwd_plain_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                dA, q, gc, v, dhT, dk, T, H, K, V, BT, BK, BV, first, not first, prec, num_warps=warps,
-                num_stages=stages)
-        else:
-            A = _triton_intra_attn(q, k, gc, 2, excl, excl, BT, BK, prec, num_warps, num_stages)  # q k^T decayed
-            dA = _triton_intra_attn(do, v, None, 3, excl, excl, BT, BV, prec, num_warps, num_stages)  # do v^T masked
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                 do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
                 num_stages=stages)
-            _triton_chunk_bwd_decayed_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                dA, q, gc, v, dhT, dk, T, H, K, V, BT, _triton_SUB, BK, BV, NC, excl, first, not first, prec,
-                num_warps=warps, num_stages=stages)
-            _triton_chunk_bwd_plain_kernel[(triton.cdiv(V, BV), NT, B * H)](
-                A, do, gc, k, dh, dv, T, H, V, K, BT, BV, BK, first, not first, prec, num_warps=warps,
-                num_stages=stages)
+        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
+        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
+        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
+        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
+        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
+        M, x, z, dm, out, D, DZ, BD, BZ = decayed
+        _triton_chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        M, x, z, dm, out, D, DZ, BD, BZ = plain
+        _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
+            num_stages=stages)
         dqs.append(dq)
 
     dlog = None
