@@ -3,10 +3,10 @@
 benchmarks/kernel_matrix.py checks every spec (K = V in {64, 128}, bfloat16 and float16, sm_80 and sm_90, each
 Triton form) in about a quarter of an hour; this file checks the kernels with the least headroom there, at
 K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
-output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
-for sm_90 and sm_80, and one recurrent kernel (rwkv7, whose [K, V] state is split over programs along V) for
-sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's
-shared memory.
+output kernels; on sm_90 also its backward kernels) and gated_delta_net's (the delta rule: WY kernel and the state
+kernel holding whole columns of S) for sm_90 and sm_80, and one recurrent kernel (rwkv7, whose [K, V] state is
+split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's
+STACK + LOCAL) and fit the target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
@@ -35,13 +35,14 @@ try:
 except kernel_report.ToolMissing as err:
     _MISSING = str(err)
 
-# (spec, form, target, B, T, H): the calls compiled, all at K = V = 128 in bfloat16
+# (spec, form, target, B, T, H, backward): the calls compiled, all at K = V = 128 in bfloat16; gla's on sm_90 with
+# its backward (the linear chunked form's Triton backward kernels, codegen/triton_runtime.py)
 CALLS = [
-    ("gla", "chunked", "sm_90", 2, 256, 4),
-    ("gla", "chunked", "sm_80", 2, 256, 4),
-    ("gated_delta_net", "chunked", "sm_90", 2, 256, 4),
-    ("gated_delta_net", "chunked", "sm_80", 2, 256, 4),
-    ("rwkv7", "recurrent", "sm_90", 1, 64, 16),
+    ("gla", "chunked", "sm_90", 2, 256, 4, True),
+    ("gla", "chunked", "sm_80", 2, 256, 4, False),
+    ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, False),
+    ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, False),
+    ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False),
 ]
 
 CHILD = '''
@@ -52,10 +53,11 @@ from codegen import kernel_report as kr
 
 calls, specs = json.loads(sys.argv[1]), sys.argv[2]
 runs = []
-for name, form, target, B, T, H in calls:
+for name, form, target, B, T, H, backward in calls:
     rec = recurrence_dsl.load(f"{specs}/{name}.rec")[name]
     sizes = {s: 128 for s in rec.checked.sizes}
-    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form)
+    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form,
+                                   backward=backward)
     runs.append({"name": name, "form": form, "target": target, "kernels": [k.as_dict() for k in kernels]})
 print(json.dumps(runs))
 '''
@@ -79,10 +81,16 @@ def test_no_spills_at_default_configs():
     for _, t, k in rows:
         assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS
         assert k["shared_bytes"] <= kernel_report.TARGETS[t].max_shared_bytes, table
-    names = {(r["name"], r["target"]): {k["name"] for k in r["kernels"]} for r in runs}
-    assert names[("gla", "sm_90")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
-                                       "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
-    assert names[("gated_delta_net", "sm_80")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
+    names = {(r["name"], r["target"], phase): {k["name"] for k in r["kernels"] if k["phase"] == phase}
+             for r in runs for phase in ("forward", "backward")}
+    assert names[("gla", "sm_90", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
+                                                  "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
+    assert names[("gla", "sm_90", "backward")] == {
+        "_triton_cumsum_kernel", "_triton_chunk_dstate_kernel", "_triton_intra_attn_kernel",
+        "_triton_chunk_output_value_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
+        "_triton_dlog_decay_kernel"}
+    assert not names[("gla", "sm_80", "backward")]
+    assert names[("gated_delta_net", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
                                                    "_triton_delta_state_kernel", "_triton_chunk_output_kernel"}
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
     (recurrent,) = runs[-1]["kernels"]
