@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
 from recurrence_dsl.errors import SpecError
 from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
 from .kernel_rules import check_kernel_source
-from .specialize import specialize
+from .specialize import chunked_backward_in_triton, specialize
 from .torch_forms import PRELUDE, TorchFormWriter
 from .triton_recurrent import triton_form_names
 
@@ -137,20 +137,6 @@ def _spec_data(analysis: Analysis) -> str:
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n)\n")
 
 
-# The chunk plans whose Triton runtime call is differentiable on its own (an autograd.Function with Triton backward
-# kernels in codegen/triton_runtime.py): (transition class, decay axis). Any other plan's chunked Triton form is
-# differentiated by re-running its torch form (`with_torch_backward`).
-_TRITON_CHUNKED_BACKWARD = frozenset({(TransitionClass.RANK_ONE_UPDATE, None),
-                                      (TransitionClass.RANK_ONE_UPDATE, "scalar")})
-
-
-def chunked_triton_differentiable(analysis: Analysis) -> bool:
-    """Whether every state's chunk plan has a Triton backward, so the chunked Triton form needs no torch backward."""
-    view = analysis.chunk_analysis
-    return all((view.states[s.name].cls, view.states[s.name].chunk.decay_axis) in _TRITON_CHUNKED_BACKWARD
-               for s in analysis.recurrence.states)
-
-
 def _entry_points(analysis: Analysis) -> str:
     """The recurrence's layer (a `Layer` subclass with the recurrence's own signature, and its instance) and
     its `torch.nn.Module` wrapper."""
@@ -172,10 +158,12 @@ def _entry_points(analysis: Analysis) -> str:
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
     triton_names = triton_form_names(analysis)
     tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, _{name}_st)"]
-    if "chunked" in triton_names and chunked_triton_differentiable(analysis):
-        tri.append(f"'chunked': {name}__chunked_triton")  # its runtime calls carry their own Triton backward
-    elif "chunked" in triton_names:
-        tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, _{name}_st)")
+    if "chunked" in triton_names:
+        if chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
+            tri.append(f"'chunked': {name}__chunked_triton")
+        else:
+            tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
+                       f"_{name}_st)")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
     return f'''

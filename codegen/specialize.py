@@ -32,6 +32,53 @@ _DECAY_CODES = {None: 0, "scalar": 1, "key": 2, "value": 3}  # the `code` of the
 _RUNTIME_PREFIX = "_triton_"  # the Triton runtime's kernels as renamed in a generated module
 
 
+# The linear chunked form's Triton backward (codegen/triton_runtime.py, `_linear_backward`) launches two forward
+# kernels with decay codes other than its plan's: the intra-chunk scores with a per-channel decay and with none
+# (2 and 3) for every axis, and for a value decay dq through the key-decay output kernel (2). Those kernels keep
+# the branches for these codes; every other kernel keeps only its plans' own.
+_LINEAR_BACKWARD_DECAYS = {
+    "_intra_attn_kernel": lambda axis: {2, 3},
+    "_chunk_output_kernel": lambda axis: {2} if axis == "value" else set(),
+}
+
+
+# The delta-rule chunk plans whose Triton runtime call (`chunked_delta_by`) is differentiable on its own:
+# (transition class, decay axis). Every linear plan (`chunked_linear_by`: identity, scalar or diagonal decay) is.
+_DELTA_BACKWARD_IN_TRITON = frozenset({(TransitionClass.RANK_ONE_UPDATE, None),
+                                       (TransitionClass.RANK_ONE_UPDATE, "scalar")})
+
+
+def chunked_backward_in_triton(analysis: Analysis) -> bool:
+    """True when `analysis` has a chunked Triton form whose runtime calls all carry their own Triton backward
+    (autograd.Functions in codegen/triton_runtime.py): every state of its chunk plan linear (`chunked_linear_by`), or
+    a delta rule with a decay in `_DELTA_BACKWARD_IN_TRITON`. Such a form is differentiable on its own; any other is
+    differentiated by re-running its torch form (`with_torch_backward`)."""
+    if "chunked" not in triton_form_names(analysis):
+        return False
+    view = analysis.chunk_analysis
+
+    def in_triton(plan) -> bool:
+        if plan.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE):
+            return (plan.cls, plan.chunk.decay_axis) in _DELTA_BACKWARD_IN_TRITON
+        return True
+
+    return all(in_triton(view.states[s.name]) for s in analysis.recurrence.states)
+
+
+def backward_flags(analyses: list[Analysis]) -> dict[str, dict[str, frozenset]]:
+    """Runtime kernel name -> flag -> the values the Triton backward of `analyses`' chunked forms adds to
+    `plan_flags` for that kernel only (`_LINEAR_BACKWARD_DECAYS`)."""
+    extra: dict[str, set] = {}
+    for a in analyses:
+        if not chunked_backward_in_triton(a):
+            continue
+        view = a.chunk_analysis
+        for s in a.recurrence.states:
+            for kernel, codes in _LINEAR_BACKWARD_DECAYS.items():
+                extra.setdefault(kernel, set()).update(codes(view.states[s.name].chunk.decay_axis))
+    return {kernel: {"DECAY": frozenset(codes)} for kernel, codes in extra.items() if codes}
+
+
 def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
     """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form)."""
     decay, delta, exclusive = set(), set(), set()
@@ -49,14 +96,17 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
 
 def specialize(text: str, analyses: list[Analysis]) -> str:
     """`text` (a generated module) with the runtime kernels' never-taken flag branches removed."""
-    return specialize_kernels(text, plan_flags(analyses))
+    return specialize_kernels(text, plan_flags(analyses), backward_flags(analyses))
 
 
-def specialize_kernels(text: str, flags: dict[str, frozenset]) -> str:
-    """Fold the branches on `flags` (name -> the values it can take) in the Triton runtime's jit functions."""
+def specialize_kernels(text: str, flags: dict[str, frozenset],
+                       extra: dict[str, dict[str, frozenset]] | None = None) -> str:
+    """Fold the branches on `flags` (name -> the values it can take) in the Triton runtime's jit functions;
+    `extra`: runtime kernel name (as in codegen/triton_runtime.py) -> flag -> more values that kernel takes."""
     flags = {name: values for name, values in flags.items() if values}
     if not flags:
         return text
+    extra = extra or {}
     lines = text.splitlines()
     tree = ast.parse(text)
     for fn in reversed(tree.body):  # bottom-up, so earlier line numbers stay valid
@@ -64,7 +114,8 @@ def specialize_kernels(text: str, flags: dict[str, frozenset]) -> str:
             continue
         constexpr = {a.arg for a in fn.args.args if a.annotation is not None
                      and ast.unparse(a.annotation) == "tl.constexpr"}
-        known = {name: values for name, values in flags.items() if name in constexpr}
+        more = extra.get(fn.name[len(_RUNTIME_PREFIX) - 1:], {})  # `_triton_x_kernel` -> `_x_kernel`
+        known = {name: values | more.get(name, frozenset()) for name, values in flags.items() if name in constexpr}
         if known:
             lines[fn.lineno - 1:fn.end_lineno] = _fold_function(lines[fn.lineno - 1:fn.end_lineno], known)
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")

@@ -1,5 +1,5 @@
-"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path: forwards, and the delta
-rule's backward).
+"""Triton runtime for the chunked forms of a per-step linear recurrence (GPU path: the forwards, and the backwards of
+chunked_linear and of the delta rule).
 
 Same arguments, maths and layout as `codegen/torch_runtime.py` (B batch, T time, H heads, K key dim, V value dim;
 per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) reads S_{t-1} if exclusive, else S_t):
@@ -48,6 +48,23 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   value decay: one 16-row query sub-chunk per program; inter term
                                                   (q @ S_start) * exp(Gq), earlier sub-chunks by tl.dot against
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
+
+Backward of chunked_linear (`_ChunkedLinearFunction`; the formulas above `_chunk_dstate_kernel`), from the saved
+chunk-start states h; a scalar or no decay runs as a key decay with G broadcast over K:
+
+  _chunk_dstate_kernel  (cdiv(K, BK), cdiv(V, BV), B*H)
+                                                  the state gradient run backwards over chunks, one query per
+                                                  launch (later ones add in): dh [B, H, NT, K, V] at chunk ends, dh0.
+  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v, one of
+                                                  the two decayed over the decay axis.
+  _chunk_output_value_kernel / _chunk_output_kernel (DECAY 2)
+                                                  reused for dq (key / value decay): do against h^T, dA against k.
+  _chunk_bwd_decayed_kernel (cdiv(D, BD), NT*NC, B*H)
+                                                  anti-causal mirror of _chunk_output_value_kernel (decay on the
+                                                  output axis D): dk for a key decay, dv for a value decay.
+  _chunk_bwd_plain_kernel (cdiv(D, BD), NT, B*H)  A^T @ x plus the chunk-end term (z exp(G_last - G)) @ dh: dv for
+                                                  a key decay, dk for a value decay.
+  _dlog_decay_kernel    (NT, cdiv(D, BD), B*H)    reverse cumulative sums of the per-step terms inside each chunk.
 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
@@ -882,16 +899,375 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
-    entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that)."""
+    entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that).
+
+    Differentiable: with grad enabled and an input that requires grad it runs as _ChunkedLinearFunction, whose
+    backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it."""
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
-    k, v = k.contiguous(), v.contiguous()
+    cfg = (BT, BK, BV, prec, num_warps, num_stages)
+    tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        exclusive = tuple(bool(e) for _, e in queries)
+        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, k, v, log_decay, initial_state,
+                                            *[q for q, _ in queries])
+        return list(flat[:-1]), (flat[-1] if output_final_state else None)
+    outs, ht, _ = _linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
+                                  output_final_state, cfg)
+    return outs, ht
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward of the linear chunked form (identity, scalar, key and value decays)
+#
+# With S_t = D_t S_{t-1} + k_t v_t^T and o_t = S_t^T q_t (S_{t-1}^T q_t for an exclusive query), the adjoint runs
+# backwards over chunks (the Backward section of /work/shared/design/DESIGN.md; the split into a state-gradient
+# pass and per-chunk gradient kernels is that of flash-linear-attention's chunk_gla / chunk_simple_gla backward,
+# written afresh). Per chunk n, with h_n the chunk-start state saved by the forward (never per-step states),
+# dh_n = dL/d(state at the end of chunk n) and G the float64 chunk-local cumsum of the log decays:
+#
+#   key axis   dq = exp(Gq) * (do h^T) + sum_{s<=t} dA_ts k_s exp(Gq_t - G_s),                dA = do v^T masked
+#              dk = exp(G_last - G) * (v dh^T) + sum_{t>=s} dA_ts q_t exp(Gq_t - G_s)
+#              dv = A^T do + (k exp(G_last - G)) dh,                       A = the forward's decayed q k^T scores
+#   value axis dq = (do exp(Gq)) h^T + dA k,                              dA_ts = sum_j do_t v_s exp(Gq_t - G_s)
+#              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
+#              dk = dA^T q + (v exp(G_last - G)) dh^T
+#
+# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
+# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
+# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
+# step before it (a strict reverse sum). Every decay factor is `_decay` of a difference of G, as in the forward.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NT,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
+                         STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
+    dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
+    decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
+    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total."""
+    i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt0 = i_b.to(tl.int64) * T
+    o_i = tl.arange(0, BT)
+    o_k = i_kt * BK + tl.arange(0, BK)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_r in range(0, NT):
+        i_n = NT - 1 - i_r
+        p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv
+        if ACC:
+            tl.store(p_dh, tl.load(p_dh, mask=m_kv, other=0.0) + b_dh, mask=m_kv)
+        else:
+            tl.store(p_dh, b_dh, mask=m_kv)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1
+        if EXCLUSIVE:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
+            o_ig = o_i - 1
+            m_tg = m_t & (o_i > 0)
+        else:
+            o_ig = o_i
+            m_tg = m_t
+        b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32)  # [BT, BV]
+        if VALUE:
+            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
+            b_gq = tl.load(gc + bos * V + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+                           other=0.0)  # [BT, BV]
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[None, :]
+            b_dh += tl.dot(b_qt, b_do * _safe_exp(b_gq.to(tl.float32)), input_precision=PREC)
+        else:
+            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
+            b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
+                           other=0.0)  # [BK, BT]
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
+            b_dh += tl.dot(b_qt * _safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
+    if STORE_DH0:
+        p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V) + o_kv
+        if ACC:
+            b_dh += tl.load(p_dh0, mask=m_kv, other=0.0)
+        tl.store(p_dh0, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+                              BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
+                              NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
+                              PREC: tl.constexpr):
+    """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
+    out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
+    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
+    The time-reversed mirror of _chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
+    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
+    i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_j = i_nc // NC, i_nc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_x, p_g = x + bos * D, gc + bos * D
+    o_c = tl.arange(0, BC)
+    o_is = i_j * BC + o_c  # [BC] output rows s (local to the chunk)
+    m_s = t0 + o_is < T
+    o_d = i_dt * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m_sd = m_s[:, None] & m_d[None, :]
+    p_sd = o_is[:, None] * (H * D) + o_d[None, :]
+    b_gs = tl.load(p_g + p_sd, mask=m_sd, other=0.0)  # [BC, BD] float64
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT  # row t, column s at t * BT + s
+    b_o = tl.zeros([BC, BD], dtype=tl.float32)
+    if i_j < NC - 1:  # later sub-chunks, through G at the last row of sub-chunk j
+        i_ref = i_j * BC + BC - 1
+        b_gr = tl.load(p_g + i_ref * (H * D) + o_d, mask=m_d & (o_d * 0 + t0 + i_ref < T), other=0.0)  # [BD]
+        b_acc = tl.zeros([BC, BD], dtype=tl.float32)
+        for i in range(i_j + 1, NC):
+            o_it = i * BC + o_c
+            m_td = (t0 + o_it < T)[:, None] & m_d[None, :]
+            b_x = tl.load(p_x + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            if EXCLUSIVE:  # Gq_t = G_{t-1}; t - 1 >= i_ref here
+                b_gq = tl.load(p_g + (o_it - 1)[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
+            else:
+                b_gq = tl.load(p_g + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
+            b_Mt = tl.load(p_M + o_it[None, :] * BT + o_is[:, None], mask=(o_is[:, None] < BT) & (o_it[None, :] < BT),
+                           other=0.0)  # [BC (s), BC (t)]: M^T
+            b_acc += tl.dot(b_Mt, b_x * _decay(b_gq, b_gr[None, :]), input_precision=PREC)
+        b_o += b_acc * _decay(b_gr[None, :], b_gs)
+    for c in range(0, BC):  # the diagonal sub-block, one row t of M at a time (M is zero where s > t)
+        i_t = i_j * BC + c
+        m_td = m_d & (o_d * 0 + t0 + i_t < T)
+        b_m = tl.load(p_M + i_t * BT + o_is, mask=o_is < BT, other=0.0)  # [BC] row t of M, columns s
+        b_xt = tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32)  # [BD]
+        if EXCLUSIVE:
+            b_gqt = tl.load(p_g + (i_t - 1) * (H * D) + o_d, mask=m_td & (o_d * 0 + i_t > 0), other=0.0)
+        else:
+            b_gqt = tl.load(p_g + i_t * (H * D) + o_d, mask=m_td, other=0.0)
+        b_o += b_m[:, None] * b_xt[None, :] * _decay(b_gqt[None, :], b_gs)
+    if USE_H:  # the chunk-end state gradient's share: exp(G_last - G_s) * (z_s @ dm)
+        i_last = tl.minimum(BT, T - t0) - 1
+        b_gl = tl.load(p_g + i_last * (H * D) + o_d, mask=m_d, other=0.0)  # [BD]
+        p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        b_zh = tl.zeros([BC, BD], dtype=tl.float32)
+        for i_z in range(0, tl.cdiv(DZ, BZ)):
+            o_z = i_z * BZ + tl.arange(0, BZ)
+            m_z = o_z < DZ
+            b_z = tl.load(z + bos * DZ + o_is[:, None] * (H * DZ) + o_z[None, :], mask=m_s[:, None] & m_z[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BZ]
+            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
+        b_o += b_zh * _decay(b_gl[None, :], b_gs)
+    p_out = out + bos * D + p_sd
+    if ACC:
+        b_o += tl.load(p_out, mask=m_sd, other=0.0)
+    tl.store(p_out, b_o, mask=m_sd)
+
+
+@triton.jit
+def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+                            BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
+                            ACC: tl.constexpr, PREC: tl.constexpr):
+    """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
+    that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
+    the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
+    i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    o_d = i_dt * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m_td = m_t[:, None] & m_d[None, :]
+    p_td = bos * D + o_i[:, None] * (H * D) + o_d[None, :]
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
+    b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
+                   other=0.0)  # [BT (s), BT (t)]: M^T
+    b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
+    b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
+    if USE_H:
+        i_last = tl.minimum(BT, T - t0) - 1
+        p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        for i_z in range(0, tl.cdiv(DZ, BZ)):
+            o_z = i_z * BZ + tl.arange(0, BZ)
+            m_z = o_z < DZ
+            m_tz = m_t[:, None] & m_z[None, :]
+            p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
+            b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
+            b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
+            b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
+            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_o += tl.dot(b_z * _decay(b_gl[None, :], b_g), b_dm, input_precision=PREC)
+    if ACC:
+        b_o += tl.load(out + p_td, mask=m_td, other=0.0)
+    tl.store(out + p_td, b_o, mask=m_td)
+
+
+@triton.jit
+def _dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       FLOOR: tl.constexpr):
+    """dg_t = sum_{u >= t} a_u + sum_{u > t} b_u + hdh[n] inside chunk n (a: terms of step u, b: exclusive queries'
+    terms, which belong to step u - 1); 0 where the log decay was floored (exp' = exp is 0 there, as in the
+    reference: a -inf step gets no gradient)."""
+    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m = (t0 + o_i < T)[:, None] & m_d[None, :]
+    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    b_a = tl.load(a + offs, mask=m, other=0.0)
+    b_b = tl.load(b + offs, mask=m, other=0.0)
+    b_dg = tl.cumsum(b_a, axis=0, reverse=True) + tl.cumsum(b_b, axis=0, reverse=True) - b_b
+    b_dg += tl.load(hdh + (i_bh.to(tl.int64) * NT + i_n) * D + o_d, mask=m_d, other=0.0)[None, :]
+    b_g = tl.load(g + offs, mask=m, other=0.0)
+    tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
+
+
+def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg):
+    """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
+    num_warps, num_stages)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                           num_stages)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
-    return outs, ht
+    return outs, ht, h
+
+
+class _ChunkedLinearFunction(torch.autograd.Function):
+    """chunked_linear_by with its backward in the Triton kernels above; saves the chunk-start states h
+    [B, H, NT, K, V] (float32) and the final state, never per-step states."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusive, cfg, k, v, log_decay, initial_state, *qs):
+        k, v = k.contiguous(), v.contiguous()
+        qs = tuple(q.contiguous() for q in qs)
+        outs, ht, h = _linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
+                                      cfg)
+        saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg = decay_cls, exclusive, cfg
+        return (*outs, ht)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    def backward(ctx, *grads):
+        k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
+        nq = len(ctx.exclusive)
+        qs, outs = rest[:nq], rest[nq:]
+        dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
+                                                  initial_state, h, ht, outs, grads[:nq], grads[nq])
+        need = ctx.needs_input_grad
+
+        def cast(grad, like, i):
+            return None if grad is None or not need[i] else grad.to(like.dtype)
+
+        return (None, None, None, cast(dk, k, 3), cast(dv, v, 4), cast(dlog, log_decay, 5),
+                cast(dh0, initial_state, 6), *(cast(dq, q, 7 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT, NC = triton.cdiv(T, BT), BT // _SUB
+    value = decay_cls.code == 3
+    dev, f32 = k.device, torch.float32
+    # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
+    if decay_cls.code == 0:
+        g = None
+        gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
+    else:
+        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
+        gc, eg = _cumsum(g, V if value else K, BT, num_warps, with_exp=value)
+    dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
+    dht = None if dht is None else dht.to(f32).contiguous()
+    warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
+
+    # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
+    dh = torch.empty((B, H, NT, K, V), dtype=f32, device=dev)
+    dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        _chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh, T, H, K, V, NT, BT, BK,
+            BV, value, excl, i == 0 and dht is not None, i > 0, dh0 is not None, prec, num_warps=warps,
+            num_stages=stages)
+    hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
+
+    dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    dqs = []
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        first = i == 0
+        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
+        A = _intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+                        num_stages)
+        dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
+                         num_stages)
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
+            _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
+            _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
+                do, k, gc, hT, dA, dq, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, num_warps=warps,
+                num_stages=stages)
+        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
+        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
+        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
+        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
+        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
+        M, x, z, dm, out, D, DZ, BD, BZ = decayed
+        _chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        M, x, z, dm, out, D, DZ, BD, BZ = plain
+        _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        dqs.append(dq)
+
+    dlog = None
+    if g is not None:
+        D = V if value else K
+        # per-step terms: a (inclusive queries and the key / value term), b (exclusive queries, one step later)
+        a = -(v.to(f32) * dv) if value else -(k.to(f32) * dk)
+        b = torch.zeros_like(a)
+        for q, excl, do, dq, o in zip(qs, exclusive, dos, dqs, outs if value else qs):
+            term = o.to(f32) * do.to(f32) if value else q.to(f32) * dq
+            if excl:
+                b += term
+            else:
+                a += term
+        h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        hdh = (h_end * dh).sum(dim=-2 if value else -1).contiguous()  # [B, H, NT, D]
+        dlog = torch.empty((B, T, H, D), dtype=f32, device=dev)
+        BD = min(32, _pow2_at_least_16(D))
+        _dlog_decay_kernel[(NT, triton.cdiv(D, BD), B * H)](a, b, hdh, g, dlog, T, H, D, BT, BD, _LOG_DECAY_FLOOR,
+                                                             num_warps=warps)
+        if decay_cls.code == 1:
+            dlog = dlog.sum(-1)
+    return dk, dv, dlog, dh0, dqs
 
 
 def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,

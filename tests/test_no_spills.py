@@ -4,9 +4,9 @@ benchmarks/kernel_matrix.py checks every spec (K = V in {64, 128}, bfloat16 and 
 Triton form) in about a quarter of an hour; this file checks the kernels with the least headroom there, at
 K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
 output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
-for sm_90 and sm_80 (for sm_90 with its five backward kernels too), and one recurrent kernel (rwkv7, whose [K, V]
-state is split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`:
-cuobjdump's STACK + LOCAL) and fit the target's shared memory.
+for sm_90 and sm_80 (on sm_90 with their backward kernels too), and one recurrent kernel (rwkv7, whose [K, V]
+state is split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's
+STACK + LOCAL) and fit the target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
@@ -35,10 +35,10 @@ try:
 except kernel_report.ToolMissing as err:
     _MISSING = str(err)
 
-# (spec, form, target, B, T, H, backward): the calls compiled, all at K = V = 128 in bfloat16; with backward also
-# the kernels of a backward pass (the delta rule's Triton backward)
+# (spec, form, target, B, T, H, backward): the calls compiled, all at K = V = 128 in bfloat16; on sm_90 with their
+# backward (the chunked forms' Triton backward kernels, codegen/triton_runtime.py)
 CALLS = [
-    ("gla", "chunked", "sm_90", 2, 256, 4, False),
+    ("gla", "chunked", "sm_90", 2, 256, 4, True),
     ("gla", "chunked", "sm_80", 2, 256, 4, False),
     ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, True),
     ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, False),
@@ -81,13 +81,19 @@ def test_no_spills_at_default_configs():
     for _, t, k in rows:
         assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS
         assert k["shared_bytes"] <= kernel_report.TARGETS[t].max_shared_bytes, table
-    names = {(r["name"], r["target"]): {k["name"] for k in r["kernels"]} for r in runs}
-    assert names[("gla", "sm_90")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
-                                       "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
-    assert names[("gated_delta_net", "sm_80")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
+    names = {(r["name"], r["target"], phase): {k["name"] for k in r["kernels"] if k["phase"] == phase}
+             for r in runs for phase in ("forward", "backward")}
+    assert names[("gla", "sm_90", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
+                                                  "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
+    assert names[("gla", "sm_90", "backward")] == {
+        "_triton_cumsum_kernel", "_triton_chunk_dstate_kernel", "_triton_intra_attn_kernel",
+        "_triton_chunk_output_value_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
+        "_triton_dlog_decay_kernel"}
+    assert not names[("gla", "sm_80", "backward")]
+    assert names[("gated_delta_net", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
                                                    "_triton_delta_state_kernel", "_triton_chunk_output_kernel"}
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "wy", "wy_k")} <= names[
-        ("gated_delta_net", "sm_90")]
+        ("gated_delta_net", "sm_90", "backward")]
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
     (recurrent,) = runs[-1]["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]

@@ -36,7 +36,7 @@ import triton  # noqa: E402, F401  (fail loudly if triton is missing)
 import recurrence_dsl  # noqa: E402
 from codegen.layer import interpreting  # noqa: E402
 from codegen.load import triton_available  # noqa: E402
-from codegen.module import chunked_triton_differentiable  # noqa: E402
+from codegen.specialize import chunked_backward_in_triton  # noqa: E402
 from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
@@ -236,7 +236,7 @@ def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradients: the forward runs the Triton kernels, the backward re-runs the torch form
+# Gradients: the forward runs the Triton kernels, the backward its own (linear chunked) or re-runs the torch form
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ def test_gradients_match_the_reference(key, form, sizes):
     with its own Triton backward (delta_net: tests/test_triton_delta_backward.py), which agrees with it closely."""
     rec = RECS[key]
     checked = rec.checked
-    recomputed = not (form == "chunked" and chunked_triton_differentiable(analyse(checked)))
+    recomputed = not (form == "chunked" and chunked_backward_in_triton(analyse(checked)))
     T, H = 40, 2
     args, init, ref_args, ref_init = sample(key, sizes, T, H, F32, seed=7)
     names = [s.name for s in checked.inputs + checked.params] + [f"initial_state[{s.name}]" for s in checked.states]

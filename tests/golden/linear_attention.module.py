@@ -1225,6 +1225,8 @@ def _check_steps(values, log_decays):
 
 triton_Tensor = torch.Tensor
 
+_triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
+_triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
@@ -1237,8 +1239,119 @@ _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q,
 # ----------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _triton_safe_exp(x):
+    """exp(x) for x <= 0; clamped at 0 so garbage in masked-out lanes never overflows."""
+    return tl.exp(tl.minimum(x, 0.0))
+
+
+@triton.jit
+def _triton_decay(g_to, g_from):
+    """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
+    the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
+    return _triton_safe_exp((g_to - g_from).to(tl.float32))
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
+
+
+@triton.jit
+def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
+    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
+
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
+    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
+    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + offs, b_gc, mask=m)
+    if EXP:
+        tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
+
+
+@triton.jit
+def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
+                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+    """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
+
+    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
+    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
+    decay, applied by the output kernel) plain q_t . k_s.
+    An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
+    """
+    i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_j = i_ij // NC, i_ij % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
+    o_c = tl.arange(0, BC)
+    o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
+    o_ik = i_j * BC + o_c  # [BC] key rows
+    m_tq, m_tk = t0 + o_iq < T, t0 + o_ik < T
+    if SHIFT:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
+        o_ig = o_iq - 1
+        m_tg = m_tq & (o_iq > 0)
+    else:
+        o_ig = o_iq
+        m_tg = m_tq
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    if i_i > i_j:
+        i_ref = i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for t in sub-chunk i, s in j
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_kt = m_k[:, None] & m_tk[None, :]
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            if DECAY == 2:
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK]
+                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+                b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
+                b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
+            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    elif i_i == i_j:
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            if DECAY == 2:
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
+                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                    i_s = i_i * BC + c
+                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
+                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+            else:
+                b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
+                               other=0.0).to(tl.float32)
+                b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+        if STRICT:
+            b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
+        else:
+            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
+    # rows t0 + o_iq of A always exist (it has NT * BT rows); blocks above the diagonal are written as zeros
+    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_iq[:, None] * BT + o_ik[None, :]
+    tl.store(p_A, b_A, mask=(o_iq[:, None] < BT) & (o_ik[None, :] < BT))
 
 
 @triton.jit
@@ -1321,6 +1434,67 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
+@triton.jit
+def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+    """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
+    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
+    i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_i = i_nc // NC, i_nc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_v, p_g = v + bos * V, gc + bos * V
+    o_c = tl.arange(0, BC)
+    o_it = i_i * BC + o_c  # [BC] query rows (local to the chunk)
+    m_t = t0 + o_it < T
+    o_ig = o_it
+    m_tg = m_t
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    # inter-chunk term
+    b_o = tl.zeros([BC, BV], dtype=tl.float32)
+    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+                   other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
+    b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))
+    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_it * BT  # [BC] row starts of A
+    # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
+    if i_i > 0:
+        i_ref = i_i * BC - 1
+        b_gr = tl.load(p_g + i_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t0 + i_ref < T), other=0.0)  # [BV]
+        b_off = tl.zeros([BC, BV], dtype=tl.float32)
+        for j in range(0, i_i):
+            o_is = j * BC + o_c
+            m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
+            p_sv = o_is[:, None] * (H * V) + o_v[None, :]
+            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
+            b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
+            b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
+                           other=0.0)  # [BC, BC]
+            b_off += tl.dot(b_Aj, b_vs * _triton_decay(b_gr[None, :], b_gs), input_precision=PREC)
+        b_o += b_off * _triton_decay(b_gq, b_gr[None, :])
+    # diagonal sub-block, one key column at a time (A is already causally masked)
+    for c in range(0, BC):
+        i_s = i_i * BC + c
+        m_s = m_v & (o_v * 0 + t0 + i_s < T)
+        b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
+        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
+        b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
+        b_o += b_a[:, None] * b_vs[None, :] * _triton_decay(b_gq, b_gs[None, :])
+    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
@@ -1371,6 +1545,31 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
     return KB, BK // KB
+
+
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
+    g = log_decay.contiguous()
+    B, T, H = g.shape[:3]
+    BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
+    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
+    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
+        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        num_warps=_triton_or(num_warps, _WARPS))
+    return gc, eg
+
+
+def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
+                num_warps: int, num_stages: int) -> triton_Tensor:
+    B, T, H, K = k.shape
+    NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
+    A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
+    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+    return A
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
@@ -1461,16 +1660,365 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
-    entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that)."""
+    entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
+
+    Differentiable: with grad enabled and an input that requires grad it runs as _triton_ChunkedLinearFunction, whose
+    backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it."""
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
     if k.shape[1] == 0:
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
-    k, v = k.contiguous(), v.contiguous()
+    cfg = (BT, BK, BV, prec, num_warps, num_stages)
+    tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        exclusive = tuple(bool(e) for _, e in queries)
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, k, v, log_decay, initial_state,
+                                            *[q for q, _ in queries])
+        return list(flat[:-1]), (flat[-1] if output_final_state else None)
+    outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
+                                  output_final_state, cfg)
+    return outs, ht
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward of the linear chunked form (identity, scalar, key and value decays)
+#
+# With S_t = D_t S_{t-1} + k_t v_t^T and o_t = S_t^T q_t (S_{t-1}^T q_t for an exclusive query), the adjoint runs
+# backwards over chunks (the Backward section of /work/shared/design/DESIGN.md; the split into a state-gradient
+# pass and per-chunk gradient kernels is that of flash-linear-attention's chunk_gla / chunk_simple_gla backward,
+# written afresh). Per chunk n, with h_n the chunk-start state saved by the forward (never per-step states),
+# dh_n = dL/d(state at the end of chunk n) and G the float64 chunk-local cumsum of the log decays:
+#
+#   key axis   dq = exp(Gq) * (do h^T) + sum_{s<=t} dA_ts k_s exp(Gq_t - G_s),                dA = do v^T masked
+#              dk = exp(G_last - G) * (v dh^T) + sum_{t>=s} dA_ts q_t exp(Gq_t - G_s)
+#              dv = A^T do + (k exp(G_last - G)) dh,                       A = the forward's decayed q k^T scores
+#   value axis dq = (do exp(Gq)) h^T + dA k,                              dA_ts = sum_j do_t v_s exp(Gq_t - G_s)
+#              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
+#              dk = dA^T q + (v exp(G_last - G)) dh^T
+#
+# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
+# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
+# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
+# step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NT,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
+                         STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
+    dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
+    decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
+    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total."""
+    i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt0 = i_b.to(tl.int64) * T
+    o_i = tl.arange(0, BT)
+    o_k = i_kt * BK + tl.arange(0, BK)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_r in range(0, NT):
+        i_n = NT - 1 - i_r
+        p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv
+        if ACC:
+            tl.store(p_dh, tl.load(p_dh, mask=m_kv, other=0.0) + b_dh, mask=m_kv)
+        else:
+            tl.store(p_dh, b_dh, mask=m_kv)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1
+        o_ig = o_i
+        m_tg = m_t
+        b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32)  # [BT, BV]
+        if VALUE:
+            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
+            b_gq = tl.load(gc + bos * V + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
+                           other=0.0)  # [BT, BV]
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[None, :]
+            b_dh += tl.dot(b_qt, b_do * _triton_safe_exp(b_gq.to(tl.float32)), input_precision=PREC)
+        else:
+            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
+            b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
+                           other=0.0)  # [BK, BT]
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
+            b_dh += tl.dot(b_qt * _triton_safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
+    if STORE_DH0:
+        p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V) + o_kv
+        if ACC:
+            b_dh += tl.load(p_dh0, mask=m_kv, other=0.0)
+        tl.store(p_dh0, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+                              BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
+                              NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
+                              PREC: tl.constexpr):
+    """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
+    out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
+    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
+    The time-reversed mirror of _triton_chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
+    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
+    i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_j = i_nc // NC, i_nc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_x, p_g = x + bos * D, gc + bos * D
+    o_c = tl.arange(0, BC)
+    o_is = i_j * BC + o_c  # [BC] output rows s (local to the chunk)
+    m_s = t0 + o_is < T
+    o_d = i_dt * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m_sd = m_s[:, None] & m_d[None, :]
+    p_sd = o_is[:, None] * (H * D) + o_d[None, :]
+    b_gs = tl.load(p_g + p_sd, mask=m_sd, other=0.0)  # [BC, BD] float64
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT  # row t, column s at t * BT + s
+    b_o = tl.zeros([BC, BD], dtype=tl.float32)
+    if i_j < NC - 1:  # later sub-chunks, through G at the last row of sub-chunk j
+        i_ref = i_j * BC + BC - 1
+        b_gr = tl.load(p_g + i_ref * (H * D) + o_d, mask=m_d & (o_d * 0 + t0 + i_ref < T), other=0.0)  # [BD]
+        b_acc = tl.zeros([BC, BD], dtype=tl.float32)
+        for i in range(i_j + 1, NC):
+            o_it = i * BC + o_c
+            m_td = (t0 + o_it < T)[:, None] & m_d[None, :]
+            b_x = tl.load(p_x + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_gq = tl.load(p_g + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
+            b_Mt = tl.load(p_M + o_it[None, :] * BT + o_is[:, None], mask=(o_is[:, None] < BT) & (o_it[None, :] < BT),
+                           other=0.0)  # [BC (s), BC (t)]: M^T
+            b_acc += tl.dot(b_Mt, b_x * _triton_decay(b_gq, b_gr[None, :]), input_precision=PREC)
+        b_o += b_acc * _triton_decay(b_gr[None, :], b_gs)
+    for c in range(0, BC):  # the diagonal sub-block, one row t of M at a time (M is zero where s > t)
+        i_t = i_j * BC + c
+        m_td = m_d & (o_d * 0 + t0 + i_t < T)
+        b_m = tl.load(p_M + i_t * BT + o_is, mask=o_is < BT, other=0.0)  # [BC] row t of M, columns s
+        b_xt = tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32)  # [BD]
+        b_gqt = tl.load(p_g + i_t * (H * D) + o_d, mask=m_td, other=0.0)
+        b_o += b_m[:, None] * b_xt[None, :] * _triton_decay(b_gqt[None, :], b_gs)
+    if USE_H:  # the chunk-end state gradient's share: exp(G_last - G_s) * (z_s @ dm)
+        i_last = tl.minimum(BT, T - t0) - 1
+        b_gl = tl.load(p_g + i_last * (H * D) + o_d, mask=m_d, other=0.0)  # [BD]
+        p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        b_zh = tl.zeros([BC, BD], dtype=tl.float32)
+        for i_z in range(0, tl.cdiv(DZ, BZ)):
+            o_z = i_z * BZ + tl.arange(0, BZ)
+            m_z = o_z < DZ
+            b_z = tl.load(z + bos * DZ + o_is[:, None] * (H * DZ) + o_z[None, :], mask=m_s[:, None] & m_z[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BZ]
+            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
+        b_o += b_zh * _triton_decay(b_gl[None, :], b_gs)
+    p_out = out + bos * D + p_sd
+    if ACC:
+        b_o += tl.load(p_out, mask=m_sd, other=0.0)
+    tl.store(p_out, b_o, mask=m_sd)
+
+
+@triton.jit
+def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+                            BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
+                            ACC: tl.constexpr, PREC: tl.constexpr):
+    """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
+    that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
+    the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
+    i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    o_d = i_dt * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m_td = m_t[:, None] & m_d[None, :]
+    p_td = bos * D + o_i[:, None] * (H * D) + o_d[None, :]
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
+    b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
+                   other=0.0)  # [BT (s), BT (t)]: M^T
+    b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
+    b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
+    if USE_H:
+        i_last = tl.minimum(BT, T - t0) - 1
+        p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        for i_z in range(0, tl.cdiv(DZ, BZ)):
+            o_z = i_z * BZ + tl.arange(0, BZ)
+            m_z = o_z < DZ
+            m_tz = m_t[:, None] & m_z[None, :]
+            p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
+            b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
+            b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
+            b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
+            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_o += tl.dot(b_z * _triton_decay(b_gl[None, :], b_g), b_dm, input_precision=PREC)
+    if ACC:
+        b_o += tl.load(out + p_td, mask=m_td, other=0.0)
+    tl.store(out + p_td, b_o, mask=m_td)
+
+
+@triton.jit
+def _triton_dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       FLOOR: tl.constexpr):
+    """dg_t = sum_{u >= t} a_u + sum_{u > t} b_u + hdh[n] inside chunk n (a: terms of step u, b: exclusive queries'
+    terms, which belong to step u - 1); 0 where the log decay was floored (exp' = exp is 0 there, as in the
+    reference: a -inf step gets no gradient)."""
+    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    m = (t0 + o_i < T)[:, None] & m_d[None, :]
+    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    b_a = tl.load(a + offs, mask=m, other=0.0)
+    b_b = tl.load(b + offs, mask=m, other=0.0)
+    b_dg = tl.cumsum(b_a, axis=0, reverse=True) + tl.cumsum(b_b, axis=0, reverse=True) - b_b
+    b_dg += tl.load(hdh + (i_bh.to(tl.int64) * NT + i_n) * D + o_d, mask=m_d, other=0.0)[None, :]
+    b_g = tl.load(g + offs, mask=m, other=0.0)
+    tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
+
+
+def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg):
+    """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
+    num_warps, num_stages)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                           num_stages)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
-    return outs, ht
+    return outs, ht, h
+
+
+class _triton_ChunkedLinearFunction(torch.autograd.Function):
+    """triton_chunked_linear_by with its backward in the Triton kernels above; saves the chunk-start states h
+    [B, H, NT, K, V] (float32) and the final state, never per-step states."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusive, cfg, k, v, log_decay, initial_state, *qs):
+        k, v = k.contiguous(), v.contiguous()
+        qs = tuple(q.contiguous() for q in qs)
+        outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
+                                      cfg)
+        saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg = decay_cls, exclusive, cfg
+        return (*outs, ht)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    def backward(ctx, *grads):
+        k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
+        nq = len(ctx.exclusive)
+        qs, outs = rest[:nq], rest[nq:]
+        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
+                                                  initial_state, h, ht, outs, grads[:nq], grads[nq])
+        need = ctx.needs_input_grad
+
+        def cast(grad, like, i):
+            return None if grad is None or not need[i] else grad.to(like.dtype)
+
+        return (None, None, None, cast(dk, k, 3), cast(dv, v, 4), cast(dlog, log_decay, 5),
+                cast(dh0, initial_state, 6), *(cast(dq, q, 7 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
+    value = decay_cls.code == 3
+    dev, f32 = k.device, torch.float32
+    # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
+    if decay_cls.code == 0:
+        g = None
+        gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
+    else:
+        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
+        gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
+    dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
+    dht = None if dht is None else dht.to(f32).contiguous()
+    warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
+
+    # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
+    dh = torch.empty((B, H, NT, K, V), dtype=f32, device=dev)
+    dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        _triton_chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh, T, H, K, V, NT, BT, BK,
+            BV, value, excl, i == 0 and dht is not None, i > 0, dh0 is not None, prec, num_warps=warps,
+            num_stages=stages)
+    hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
+
+    dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    dqs = []
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        first = i == 0
+        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
+        A = _triton_intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+                        num_stages)
+        dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
+                         num_stages)
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
+            _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
+            _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
+                do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
+                num_stages=stages)
+        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
+        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
+        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
+        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
+        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
+        M, x, z, dm, out, D, DZ, BD, BZ = decayed
+        _triton_chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        M, x, z, dm, out, D, DZ, BD, BZ = plain
+        _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
+            num_stages=stages)
+        dqs.append(dq)
+
+    dlog = None
+    if g is not None:
+        D = V if value else K
+        # per-step terms: a (inclusive queries and the key / value term), b (exclusive queries, one step later)
+        a = -(v.to(f32) * dv) if value else -(k.to(f32) * dk)
+        b = torch.zeros_like(a)
+        for q, excl, do, dq, o in zip(qs, exclusive, dos, dqs, outs if value else qs):
+            term = o.to(f32) * do.to(f32) if value else q.to(f32) * dq
+            if excl:
+                b += term
+            else:
+                a += term
+        h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        hdh = (h_end * dh).sum(dim=-2 if value else -1).contiguous()  # [B, H, NT, D]
+        dlog = torch.empty((B, T, H, D), dtype=f32, device=dev)
+        BD = min(32, _triton_pow2_at_least_16(D))
+        _triton_dlog_decay_kernel[(NT, triton.cdiv(D, BD), B * H)](a, b, hdh, g, dlog, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
+                                                             num_warps=warps)
+        if decay_cls.code == 1:
+            dlog = dlog.sum(-1)
+    return dk, dv, dlog, dh0, dqs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1708,7 +2256,7 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
 
 _linear_attention_forms = {'recurrent': linear_attention__recurrent, 'scan': linear_attention__scan, 'chunked': linear_attention__chunked, 'parallel': linear_attention__chunked}
 _linear_attention_out, _linear_attention_st = ('o',), ('S',)  # output and state names, for the backward
-_linear_attention_triton_forms = {'recurrent': with_torch_backward(linear_attention__triton_recurrent, linear_attention__recurrent, _linear_attention_out, _linear_attention_st), 'chunked': with_torch_backward(linear_attention__chunked_triton, linear_attention__chunked, _linear_attention_out, _linear_attention_st)} if HAVE_TRITON else None
+_linear_attention_triton_forms = {'recurrent': with_torch_backward(linear_attention__triton_recurrent, linear_attention__recurrent, _linear_attention_out, _linear_attention_st), 'chunked': linear_attention__chunked_triton} if HAVE_TRITON else None
 
 
 class _LinearAttentionLayer(Layer):

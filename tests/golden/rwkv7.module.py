@@ -1364,6 +1364,30 @@ def _check_steps(values, log_decays):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# backward of the linear chunked form (identity, scalar, key and value decays)
+#
+# With S_t = D_t S_{t-1} + k_t v_t^T and o_t = S_t^T q_t (S_{t-1}^T q_t for an exclusive query), the adjoint runs
+# backwards over chunks (the Backward section of /work/shared/design/DESIGN.md; the split into a state-gradient
+# pass and per-chunk gradient kernels is that of flash-linear-attention's chunk_gla / chunk_simple_gla backward,
+# written afresh). Per chunk n, with h_n the chunk-start state saved by the forward (never per-step states),
+# dh_n = dL/d(state at the end of chunk n) and G the float64 chunk-local cumsum of the log decays:
+#
+#   key axis   dq = exp(Gq) * (do h^T) + sum_{s<=t} dA_ts k_s exp(Gq_t - G_s),                dA = do v^T masked
+#              dk = exp(G_last - G) * (v dh^T) + sum_{t>=s} dA_ts q_t exp(Gq_t - G_s)
+#              dv = A^T do + (k exp(G_last - G)) dh,                       A = the forward's decayed q k^T scores
+#   value axis dq = (do exp(Gq)) h^T + dA k,                              dA_ts = sum_j do_t v_s exp(Gq_t - G_s)
+#              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
+#              dk = dA^T q + (v exp(G_last - G)) dh^T
+#
+# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
+# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
+# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
+# step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
+# ----------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
