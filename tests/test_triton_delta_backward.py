@@ -2,7 +2,7 @@
 
 `chunked_delta_by` with decay None or scalar is an autograd.Function whose backward recomputes the chunk-start
 states and runs the backward kernels; a generated module's chunked Triton form of such a plan is therefore printed
-without `with_torch_backward` (codegen/module.py, `chunked_triton_differentiable`). Checked here, in the Triton
+without `with_torch_backward` (codegen/specialize.py, `chunked_backward_in_triton`). Checked here, in the Triton
 interpreter at float32 against float64 autograd (relative error <= 1e-5):
 
 - every spec of specs/ with a chunked Triton delta form (delta_net, gated_delta_net; rwkv7's diagonal-plus-rank-one
@@ -24,9 +24,9 @@ import torch
 import recurrence_dsl
 from codegen import torch_runtime, triton_runtime
 from codegen.dispatch import with_torch_backward
-from codegen.module import chunked_triton_differentiable
+from codegen.specialize import chunked_backward_in_triton
 from codegen.triton_recurrent import triton_form_names
-from recurrence_dsl.analysis import analyse
+from recurrence_dsl.analysis import TransitionClass, analyse
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import SPEC_FILES, as_dict
@@ -86,11 +86,11 @@ def test_the_delta_specs_are_the_ones_with_a_differentiable_chunked_triton_form(
     """Every spec whose chunked Triton form is a delta rule with decay None / scalar is tested below; rwkv7
     (diagonal-plus-rank-one) has no chunked Triton form, so its Triton backward stays the torch recompute."""
     analyses = {name: analyse(rec.checked) for name, rec in SPECS.items()}
-    found = sorted(name for name, a in analyses.items()
-                   if "chunked" in triton_form_names(a) and chunked_triton_differentiable(a))
+    delta = {TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE}
+    found = sorted(name for name, a in analyses.items() if chunked_backward_in_triton(a)
+                   and any(p.cls in delta for p in a.chunk_analysis.states.values()))
     assert found == DELTA_SPECS
     assert "chunked" not in triton_form_names(analyses["rwkv7"])
-    assert not chunked_triton_differentiable(analyses["gla"])  # a linear class keeps with_torch_backward here
 
 
 @pytest.mark.parametrize("name", DELTA_SPECS)
