@@ -385,13 +385,15 @@ class TritonRecurrentWriter:
         consts = [names[c] for c, _, _ in self.consts.values()]
         args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
                 + [f"h0_{_user(s.name)}" for s in self.states] + [_user(s.name) for s in self.outputs]
-                + [f"ht_{_user(s.name)}" for s in self.states] + consts + ["T_", "H_"]
-                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes])
+                + [f"ht_{_user(s.name)}" for s in self.states] + [f"ck_{_user(s.name)}" for s in self.states]
+                + consts + ["T_", "H_", "every", "NC_"]
+                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes]
+                + ["CHECKPOINT: tl.constexpr"])
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
         rest = args[len(self.inputs) + len(self.params):]
-        w(", ".join(rest) + ",  # states in, outputs, states out, constants, sizes, blocks")
+        w(", ".join(rest) + ",  # states in, outputs, states out, checkpoints, constants, sizes, blocks")
         w("):", 0)
         if self.tile is None:
             w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
@@ -432,6 +434,11 @@ class TritonRecurrentWriter:
                   f"mask={mask}, other=0.0).to(tl.float32)  # {self._shape(s)}")
             else:
                 w(f"b_{u} = tl.load(h0_{u} + i_bh).to(tl.float32)")
+        # the checkpoints [B, H, NC_, ...]: the states before steps 0, every, 2 * every, ... (CHECKPOINT only)
+        for s in self.states:
+            u = _user(s.name)
+            w(f"p_ck_{u} = ck_{u} + i_bh.to(tl.int64) * NC_ * {self._factor(s)}"
+              + (f" + {self._offsets(s)}" if s.dims else ""))
         # loop-invariant temporaries
         self._write_prologue_temps(w, printer)
         # per-step pointers at t = 0
@@ -457,6 +464,16 @@ class TritonRecurrentWriter:
             stepped.append(o)
 
         w("for i_t in range(0, T_):")
+        w("if CHECKPOINT:", 2)
+        w("if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment", 3)
+        for s in self.states:
+            u = _user(s.name)
+            at = f"p_ck_{u} + (i_t // every) * {self._factor(s)}"
+            if s.dims:
+                mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
+                w(f"tl.store({at}, b_{u}, mask={mask})", 4)
+            else:
+                w(f"tl.store({at}, b_{u})", 4)
         for s in self.inputs:
             if s.name not in used:
                 continue
@@ -595,13 +612,16 @@ class TritonRecurrentWriter:
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["states"] + sizes + ["*"] + blocks + ["num_warps=None", "num_stages=1"])
-        w(f"def {self.fn}__triton_recurrent({sig}):", 0)
+        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0"] + blocks + ["num_warps=None", "num_stages=1"])
+        w(f"def {self.fn}__triton_recurrent_loop({sig}):", 0)
         if self.tile is None:
-            w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""')
+            w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states, checkpoints):')
         else:
             w(f'"""Per-step loop in one Triton program per (batch, head, tile of {block_name(self.tile)} lanes of '
-              f'{self._size_src(self.tile)}); returns (outputs, final states)."""')
+              f'{self._size_src(self.tile)}); returns')
+            w("(outputs, final states, checkpoints):")
+        w("with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),")
+        w('from which the derived backward recomputes the others."""')
         first = _user(self.inputs[0].name)
         w(f"B_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -616,6 +636,10 @@ class TritonRecurrentWriter:
             w(f"{_user(o.name)} = torch.empty((B_, T_, H_{dims}), dtype={first}.dtype, device=dev)")
         for s in self.states:
             w(f"ht_{_user(s.name)} = torch.empty_like(h0_{_user(s.name)})")
+        w("NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints")
+        for s in self.states:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
+            w(f"ck_{_user(s.name)} = torch.empty((B_, H_, NC_{dims}), dtype=torch.float32, device=dev)")
         kw = []
         for d in self.block_sizes:
             if d == self.tile:
@@ -633,8 +657,9 @@ class TritonRecurrentWriter:
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
         call = ([_user(s.name) for s in self.inputs + self.params] + [f"h0_{_user(s.name)}" for s in self.states]
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
-                + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
-                + ["num_warps=num_warps", "num_stages=num_stages"])
+                + [f"ck_{_user(s.name)}" for s in self.states]
+                + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_", "max(every, 1)", "NC_"] + sizes + kw
+                + ["CHECKPOINT=NC_ > 0", "num_warps=num_warps", "num_stages=num_stages"])
         if self.tile is None:
             grid = "(B_ * H_,)"
         else:
@@ -645,7 +670,14 @@ class TritonRecurrentWriter:
         w(")", 2)
         outs = ", ".join(f"{o.name!r}: {_user(o.name)}" for o in self.outputs)
         finals = ", ".join(f"{s.name!r}: ht_{_user(s.name)}" for s in self.states)
-        w(f"return {{{outs}}}, {{{finals}}}")
+        checkpoints = ", ".join(f"{s.name!r}: ck_{_user(s.name)}[:, :, n]" for s in self.states)
+        w(f"return {{{outs}}}, {{{finals}}}, [{{{checkpoints}}} for n in range(NC_)]")
+        w("")
+        w("")
+        w(f"def {self.fn}__triton_recurrent({', '.join(args + ['states'] + sizes)}, **options):", 0)
+        w(f'"""The forward alone: (outputs, final states) of {self.fn}__triton_recurrent_loop."""')
+        w(f"outputs, finals, _ = {self.fn}__triton_recurrent_loop({', '.join(args + ['states'] + sizes)}, **options)")
+        w("return outputs, finals")
         return w.text()
 
 
