@@ -1,0 +1,155 @@
+"""The Triton recurrent form's backward: the derived adjoint (recurrence_dsl/adjoint.py) as a Triton kernel
+(codegen/triton_recurrent.py `TritonAdjointWriter`), run in Triton's interpreter.
+
+Every spec of specs/: gradients of every input, param and initial state, with a gradient on the final state too, of
+`backend="triton", form="recurrent"` against the float64 reference interpreter's autograd (relative error <= 1e-5
+in float32), over several checkpoint segments (a checkpoint every 4 steps, the last segment shorter); with the
+generated module's torch recurrent forms made to raise, so a torch form running anywhere in the call or its
+backward fails the test. Then the free axis split over several programs (sizes of 40 lanes: a full and a partial
+tile of 32), where gradients without that axis are summed over the tiles' parts; packed sequences; no steps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import recurrence_dsl
+from codegen.dispatch import CHECKPOINT_EVERY
+from codegen.triton_recurrent import has_triton_adjoint
+from recurrence_dsl.analysis import analyse
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPEC_FILES, as_dict, small_sizes
+
+pytest.importorskip("triton")
+
+SPECS: dict[str, recurrence_dsl.Recurrence] = {}
+for _path in SPEC_FILES:
+    SPECS.update(recurrence_dsl.load(_path))
+
+B, T, H, EVERY = 2, 11, 2, 4  # three segments: 4 + 4 + 3 steps
+TOL = 1e-5
+
+
+def _torch_form_ran(*args, **kwargs):
+    raise AssertionError("a torch form of the recurrence ran on the Triton path")
+
+
+@pytest.fixture
+def every(monkeypatch):
+    monkeypatch.setenv(CHECKPOINT_EVERY, str(EVERY))
+
+
+def _layer(rec, monkeypatch):
+    """The Triton recurrent layer of `rec`, with its module's torch recurrent forms (the step loop and the torch
+    adjoint, which the old backward re-ran) replaced in place by a function that raises."""
+    layer = recurrence_dsl.compile(rec, backend="triton", form="recurrent", tuning=False)
+    module = sys.modules[type(layer).__module__]
+    for form in ("recurrent_loop", "recurrent_adjoint"):
+        fn = getattr(module, f"{rec.name}__{form}", None)
+        if fn is not None:  # its code swapped, so every reference to it (the forms' closures too) raises
+            monkeypatch.setattr(fn, "__code__", _torch_form_ran.__code__)
+    return layer, module
+
+
+def _grads(fn, rec, args, initial, weights=None, seed=0, **kwargs):
+    """Gradients of every argument and initial state for sum(w * outputs) + sum(w * final states), the weights,
+    and the first output (to see which backward it has)."""
+    checked = rec.checked
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
+    given = init if len(checked.states) > 1 else init[checked.states[0].name]
+    out, final = fn(*leaves, initial_state=given, output_final_state=True, **kwargs)
+    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
+    if weights is None:
+        gen = torch.Generator().manual_seed(seed)
+        weights = ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in out.items()},
+                   {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in final.items()})
+    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
+    loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
+    loss.backward()
+    first = next(iter(out.values()))
+    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights, first
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _compare(rec, monkeypatch, sizes=None, batch=B, length=T, **call) -> dict[str, float]:
+    """Relative errors of the Triton recurrent form's gradients against the reference's, by argument name."""
+    sizes = sizes or small_sizes(rec)
+    rows = None if "cu_seqlens" not in call else len(call["cu_seqlens"]) - 1
+    args, initial = sample_arguments(rec.checked, sizes, batch, length, H, dtype=torch.float64, seed=1,
+                                     with_initial_state=True, rows=rows)
+    ref, weights, _ = _grads(rec.reference, rec, args, initial, **call)
+    layer, _ = _layer(rec, monkeypatch)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    got, _, out = _grads(layer, rec, [a.float() for a in args], init32, weights, **call)
+    if "cu_seqlens" not in call:  # (packed sequences are concatenated after their backward functions)
+        assert "_AdjointBackward" in type(out.grad_fn).__name__  # the derived backward, not a torch re-run
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    for n, g, r in zip(names, got, ref):
+        assert g is not None and g.shape == r.shape, n
+    return {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+
+
+def test_every_spec_has_a_triton_adjoint():
+    assert all(has_triton_adjoint(analyse(rec.checked)) for rec in SPECS.values())
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gradients_match_the_reference(name, every, monkeypatch):
+    errors = _compare(SPECS[name], monkeypatch)
+    assert max(errors.values()) <= TOL, errors
+
+
+# Specs whose free axis (V, or D for mamba, P for mamba2) gets 40 lanes: two programs, the second partly padding.
+# normalized_linear_attention: a state (z[K]) and a readout without the free axis; mamba: params along it
+# (A[D, N], Dskip[D]); retention, gated_delta_net, mamba2: scalar params or inputs, summed over every lane.
+SPLIT = ["gla", "normalized_linear_attention", "mamba", "mamba2", "retention", "gated_delta_net", "rwkv7"]
+
+
+@pytest.mark.parametrize("name", SPLIT)
+def test_gradients_with_the_free_axis_over_several_programs(name, every, monkeypatch):
+    rec = SPECS[name]
+    free = {"mamba": "D", "mamba2": "P"}.get(name, "V")
+    sizes = {**small_sizes(rec), free: 40}
+    errors = _compare(rec, monkeypatch, sizes=sizes, batch=1)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_packed_sequences(every, monkeypatch):
+    """cu_seqlens with an empty sequence: each sequence from its own initial state and checkpoints."""
+    errors = _compare(SPECS["gated_delta_net"], monkeypatch, batch=1, length=15, cu_seqlens=torch.tensor([0, 6, 6, 15]))
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_no_steps(monkeypatch):
+    """T = 0: no checkpoint, no segment; zero gradients for inputs, the final state's gradient for the initial one."""
+    rec = SPECS["rwkv7"]
+    args, initial = sample_arguments(rec.checked, small_sizes(rec), B, 0, H, dtype=torch.float32, seed=0,
+                                     with_initial_state=True)
+    layer, _ = _layer(rec, monkeypatch)
+    got, weights, _ = _grads(layer, rec, args, initial)
+    for g, a in zip(got, args):
+        assert g.shape == a.shape and not g.any()
+    assert torch.allclose(got[-1], weights[1]["S"].float())
+
+
+def test_the_raising_torch_forms_catch_the_old_backward(monkeypatch):
+    """The check above can fail: the old Triton backward (re-running the torch recurrent form) raises under it."""
+    rec = SPECS["gla"]
+    layer, module = _layer(rec, monkeypatch)
+    def forward(*args):
+        return module.gla__triton_recurrent_loop(*args)[:2]
+
+    old = module.with_torch_backward(forward, module.gla__recurrent, ("o",), ("S",))
+    args, _ = sample_arguments(rec.checked, small_sizes(rec), 1, 3, 1, dtype=torch.float32, seed=0)
+    args = [a.requires_grad_() for a in args]
+    outputs, _ = old(*args, {"S": torch.zeros(1, 1, 4, 3)}, 4, 3)
+    with pytest.raises(AssertionError, match="a torch form of the recurrence ran"):
+        outputs["o"].sum().backward()
