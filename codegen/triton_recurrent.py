@@ -687,7 +687,8 @@ class TritonRecurrentWriter:
 
 
 class TritonAdjointWriter(TritonRecurrentWriter):
-    """Writes the Triton kernel and launcher of the recurrent form's derived backward (`NAME__triton_recurrent_adjoint`).
+    """Writes the Triton kernel and launcher of the recurrent form's derived backward
+    (`NAME__triton_recurrent_adjoint`).
 
     The kernel runs the adjoint step that `recurrence_dsl.adjoint.derive_adjoint` differentiates from the spec (the
     same sympy expressions the torch form `NAME__recurrent_adjoint` prints), one program per (batch, head, tile of
@@ -841,10 +842,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(", ".join(head) + ",  # inputs [B, T, H, ...], params [H, ...]")
         w(", ".join(rest) + ",  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...")
         w("):", 0)
-        where = "(batch, head)" if tile is None else f"(batch, head, {block_name(tile)} lanes of {self._size_src(tile)})"
-        w(f'"""The derived backward of {self.fn}__triton_recurrent_kernel, one {where} per program: segments of `every`')
-        w("steps from the last; each segment's states recomputed from its checkpoint into the program's scratch slots,")
-        w('then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""')
+        where = ("(batch, head)" if tile is None
+                 else f"(batch, head, {block_name(tile)} lanes of {self._size_src(tile)})")
+        w(f'"""The derived backward of {self.fn}__triton_recurrent_kernel, one {where} per program.')
+        w("Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the")
+        w('program\'s scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
@@ -882,7 +884,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for p in self.params:
             if p in self.grads:
                 shape = f"[{', '.join(block_name(d) for d in self._dims(p))}]"
-                w(f"{names[grad_name(p.name)]} = tl.zeros({shape}, dtype=tl.float32)  # summed over this program's steps")
+                w(f"{names[grad_name(p.name)]} = tl.zeros({shape}, dtype=tl.float32)  # summed over the steps")
         w("# The final states' gradients (from the loss), then carried back step by step.")
         for s in self.states:
             u = _user(s.name)
@@ -921,8 +923,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w("t1 = t0 + every", 2)
         w("if t1 > T_:", 2)
         w("t1 = T_", 3)
-        w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch slot", 2)
-        w("# (the barriers: a slot is written and read by different threads of the program).", 2)
+        w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch", 2)
+        w("# slot (the barriers: a slot is written and read by different threads of the program).", 2)
         w("tl.debug_barrier()", 2)
         for s in self.states:
             load_state(s, f"p_ck_{_user(s.name)} + i_c * {self._factor(s)}", 2)
@@ -1036,15 +1038,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                                                                                           "stepwise=False"]
                         + blocks + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
-        w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step '
-          "(recurrence_dsl/adjoint.py;")
-        w(f"the torch form {self.fn}__recurrent_adjoint prints the same expressions). `checkpoints`: the loop's, "
-          "every `every` steps;")
-        w("grad_outputs / grad_states: the loss's gradients of the outputs [B, T, H, ...] and final states [B, H, ...]. "
-          "`stepwise`")
-        w("is the torch form's choice and has no meaning here. Returns ([float32 gradient of each input and param], "
-          "{state: its")
-        w('initial value\'s gradient})."""')
+        w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
+        w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
+        w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
+        w("outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.")
+        w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
         first = _user(self.inputs[0].name)
         w(f"B_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
