@@ -686,6 +686,32 @@ class TritonRecurrentWriter:
         return w.text()
 
 
+def split_sums(e: sympy.Expr, ranges: dict) -> sympy.Expr:
+    """`e` with every sum over several indices nested one index at a time, innermost the index whose factors span
+    the fewest axes, so that no tile has more axes than it must: dk of the delta rule,
+    `sum(i', j, S[i, j] * dS[i', j] * k[i'])`, becomes `sum(j, S[i, j] * sum(i', dS[i', j] * k[i']))`, two [K, V]
+    products rather than one [K, K, V] (which spills on a GPU). A body that is not a product stays whole."""
+    if not e.has(sympy.Sum) or _leaf(e):
+        return e
+    if not isinstance(e, sympy.Sum):
+        return e.func(*[split_sums(a, ranges) for a in e.args])
+    body, limits = split_sums(e.function, ranges), list(e.limits)
+    while len(limits) > 1:
+        factors = sympy.Mul.make_args(body)
+
+        def axes(var, factors=factors) -> set:
+            return {s for f in factors if var in f.free_symbols for s in f.free_symbols if s in ranges}
+
+        best = min(limits, key=lambda limit: len(axes(limit[0])))
+        inside = [f for f in factors if best[0] in f.free_symbols]
+        if len(inside) == len(factors):
+            break  # every factor reads it: nothing to take out
+        outside = [f for f in factors if best[0] not in f.free_symbols]
+        body = sympy.Mul(*outside) * sympy.Sum(sympy.Mul(*inside), best)
+        limits.remove(best)
+    return sympy.Sum(body, *limits)
+
+
 class TritonAdjointWriter(TritonRecurrentWriter):
     """Writes the Triton kernel and launcher of the recurrent form's derived backward
     (`NAME__triton_recurrent_adjoint`).
@@ -735,10 +761,14 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         fold = self._fold_constants
         adj = self.adj
         updates = {n: (d.indices, fold(d.expr)) for n, d in self.a.ir.updates.items()}
-        totals = [(d.name, d.indices, fold(d.expr)) for d in adj.new_states]
-        previous = {n: (d.indices, fold(d.expr)) for n, d in adj.previous.items()}
-        grads = {x.name: ({**adj.inputs, **adj.params}[x.name].indices,
-                          fold({**adj.inputs, **adj.params}[x.name].expr)) for x in self.grads}
+
+        def prepared(d) -> sympy.Expr:
+            return fold(split_sums(d.expr, self.ranges))
+
+        totals = [(d.name, d.indices, prepared(d)) for d in adj.new_states]
+        previous = {n: (d.indices, prepared(d)) for n, d in adj.previous.items()}
+        grads = {x.name: ({**adj.inputs, **adj.params}[x.name].indices, prepared({**adj.inputs, **adj.params}[x.name]))
+                 for x in self.grads}
         counts: dict = {}
         for e in ([e for _, e in updates.values()] + [e for _, _, e in totals] + [e for _, e in previous.values()]
                   + [e for _, e in grads.values()]):
