@@ -11,18 +11,22 @@ tile of 32), where gradients without that axis are summed over the tiles' parts;
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import recurrence_dsl
+from codegen import kernel_report
 from codegen.dispatch import CHECKPOINT_EVERY
 from codegen.triton_recurrent import has_triton_adjoint
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPEC_FILES, as_dict, small_sizes
+from .conftest import REPO, SPEC_FILES, as_dict, small_sizes
 
 pytest.importorskip("triton")
 
@@ -109,8 +113,8 @@ def test_gradients_match_the_reference(name, every, monkeypatch):
 
 # Specs whose free axis (V, or D for mamba, P for mamba2) gets 40 lanes: two programs, the second partly padding.
 # normalized_linear_attention: a state (z[K]) and a readout without the free axis; mamba: params along it
-# (A[D, N], Dskip[D]); retention, gated_delta_net, mamba2: scalar params or inputs, summed over every lane.
-SPLIT = ["gla", "normalized_linear_attention", "mamba", "mamba2", "retention", "gated_delta_net", "rwkv7"]
+# (A[D, N], Dskip[D]); retention, gated_delta_net: a scalar param or inputs, summed over every lane.
+SPLIT = ["normalized_linear_attention", "mamba", "retention", "gated_delta_net"]
 
 
 @pytest.mark.parametrize("name", SPLIT)
@@ -153,3 +157,47 @@ def test_the_raising_torch_forms_catch_the_old_backward(monkeypatch):
     outputs, _ = old(*args, {"S": torch.zeros(1, 1, 4, 3)}, 4, 3)
     with pytest.raises(AssertionError, match="a torch form of the recurrence ran"):
         outputs["o"].sum().backward()
+
+
+CHILD = """
+import json, sys
+import torch
+import recurrence_dsl
+from codegen import kernel_report as kr
+
+runs = []
+for name in json.loads(sys.argv[1]):
+    rec = recurrence_dsl.load(f"{sys.argv[2]}/{name}.rec")[name]
+    sizes = {s: 64 for s in rec.checked.sizes}
+    kernels = kr.report_recurrence(rec, sizes, 1, 64, 4, dtype=torch.bfloat16, target="sm_90", form="recurrent",
+                                   backward=True)
+    runs += [dict(k.as_dict(), spec=name) for k in kernels]
+print(json.dumps(runs))
+"""
+
+
+def _compile_tools_missing() -> str:
+    try:
+        kernel_report.find_tools("sm_90")
+    except kernel_report.ToolMissing as err:
+        return str(err)
+    return ""
+
+
+@pytest.mark.skipif(bool(_compile_tools_missing()), reason=_compile_tools_missing() or "-")
+def test_the_adjoint_kernels_compile_for_sm90_without_spills():
+    """bfloat16, K = V = 64 (D = 64): the two adjoint kernels with the least headroom, gated_delta_net's (the
+    delta rule, split over V) and minimal_rnn's (whole [D, D] params and their gradients in one program), compiled
+    for sm_90 in a child process without the interpreter (as tests/test_no_spills.py does): no local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    names = ["gated_delta_net", "minimal_rnn"]
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(names), str(REPO / "specs")], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    adjoints = [k for k in kernels if k["name"].endswith("__triton_recurrent_adjoint_kernel")]
+    assert sorted(k["spec"] for k in adjoints) == names  # the backward launched the adjoint kernel, once each
+    for k in kernels:
+        assert k["spill_bytes"] == 0, k
+        assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS, k
