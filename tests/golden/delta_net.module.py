@@ -1639,13 +1639,13 @@ def delta_net__triton_recurrent_adjoint_kernel(
             b_sum0 = tl.sum(b_k[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_t1 = b_v - b_sum0  # [BLOCK_V]
             b_sum4 = tl.sum(b_t1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
-            b_sum5 = tl.sum(tl.sum(b_k[None, None, :] * b_S[:, :, None] * tl.trans(b_dS_new)[None, :, :], axis=2), axis=1)  # [BLOCK_K]
+            b_sum2 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+            b_sum5 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
             b_dk = b_beta * b_sum4 - b_beta * b_sum5  # [BLOCK_K]
             tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
-            b_sum2 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dv = b_beta * b_sum2  # [BLOCK_V]
             tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
-            b_sum6 = tl.sum(tl.sum(b_t1[None, :] * b_k[:, None] * b_dS_new, axis=1), axis=0)  # scalar
+            b_sum6 = tl.sum(b_t1 * b_sum2, axis=0)  # scalar
             b_dbeta = b_sum6
             tl.store(dbeta + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1, b_dbeta)
             b_dS_prev = b_dS_new - b_beta * b_sum2[None, :] * b_k[:, None]  # d loss / d S before step i_t

@@ -1672,7 +1672,7 @@ def mamba2__triton_recurrent_adjoint_kernel(
             tl.store(dx + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * P + offs_P, b_dx, mask=mask_P)
             b_exp0 = tl.exp(b_A * b_dt)  # scalar
             b_sum2 = tl.sum(tl.sum(b_h * b_dh_new, axis=1), axis=0)  # scalar
-            b_sum3 = tl.sum(tl.sum(b_B[:, None] * b_x[None, :] * b_dh_new, axis=1), axis=0)  # scalar
+            b_sum3 = tl.sum(b_sum1 * b_x, axis=0)  # scalar
             b_ddt = b_sum3 + b_A * b_exp0 * b_sum2
             tl.store(ddt + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1, b_ddt)
             b_sum4 = tl.sum(b_x[None, :] * b_dh_new, axis=1)  # [BLOCK_N]

@@ -1434,7 +1434,8 @@ def rwkv7__triton_recurrent_adjoint_kernel(
             b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
             tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
-            b_sum9 = tl.sum(tl.sum(b_a[None, None, :] * b_kk[None, None, :] * b_S[:, :, None] * tl.trans(b_dS_new)[None, :, :], axis=2), axis=1)  # [BLOCK_K]
+            b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+            b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
             b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
@@ -1442,7 +1443,6 @@ def rwkv7__triton_recurrent_adjoint_kernel(
             b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
             tl.store(da + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
             b_du += b_sum3 * b_k * b_r
-            b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
             b_dS = b_dS_prev
             b_S_new = b_S
