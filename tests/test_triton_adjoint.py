@@ -22,8 +22,6 @@ import torch
 import recurrence_dsl
 from codegen import kernel_report
 from codegen.dispatch import CHECKPOINT_EVERY
-from codegen.triton_recurrent import has_triton_adjoint
-from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import REPO, SPEC_FILES, as_dict, small_sizes
@@ -101,13 +99,10 @@ def _compare(rec, monkeypatch, sizes=None, batch=B, length=T, **call) -> dict[st
     return {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
 
 
-def test_every_spec_has_a_triton_adjoint():
-    assert all(has_triton_adjoint(analyse(rec.checked)) for rec in SPECS.values())
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_gradients_match_the_reference(name, every, monkeypatch):
-    errors = _compare(SPECS[name], monkeypatch)
+    errors = _compare(SPECS[name], monkeypatch)  # (the layer's backward is the adjoint kernel: asserted there)
+    print(name, {n: f"{e:.1e}" for n, e in errors.items()})
     assert max(errors.values()) <= TOL, errors
 
 
@@ -123,6 +118,7 @@ def test_gradients_with_the_free_axis_over_several_programs(name, every, monkeyp
     free = {"mamba": "D", "mamba2": "P"}.get(name, "V")
     sizes = {**small_sizes(rec), free: 40}
     errors = _compare(rec, monkeypatch, sizes=sizes, batch=1)
+    print(name, {n: f"{e:.1e}" for n, e in errors.items()})
     assert max(errors.values()) <= TOL, errors
 
 
