@@ -162,7 +162,7 @@ def _entry_points(analysis: Analysis) -> str:
     triton_names = triton_form_names(analysis)
     if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel
         tri = [f"'recurrent': with_adjoint({name}__triton_recurrent_loop, {name}__triton_recurrent_adjoint, "
-               f"_{name}_out, _{name}_st)"]
+               f"_{name}_out, _{name}_st, kernels=True)"]
     else:  # the torch recurrent form's backward, from the saved inputs
         tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, "
                f"_{name}_st)"]

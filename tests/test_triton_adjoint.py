@@ -21,7 +21,7 @@ import torch
 
 import recurrence_dsl
 from codegen import kernel_report
-from codegen.dispatch import CHECKPOINT_EVERY
+from codegen.dispatch import CHECKPOINT_EVERY, RECURRENT_BACKWARD
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import REPO, SPEC_FILES, as_dict, small_sizes
@@ -68,8 +68,8 @@ def _grads(fn, rec, args, initial, weights=None, seed=0, **kwargs):
     out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
     if weights is None:
         gen = torch.Generator().manual_seed(seed)
-        weights = ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in out.items()},
-                   {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in final.items()})
+        weights = tuple({k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.device) for k, v in d.items()}
+                        for d in (out, final))
     loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
     loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
     loss.backward()
@@ -119,6 +119,14 @@ def test_gradients_with_the_free_axis_over_several_programs(name, every, monkeyp
     sizes = {**small_sizes(rec), free: 40}
     errors = _compare(rec, monkeypatch, sizes=sizes, batch=1)
     print(name, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_the_autograd_setting_leaves_the_kernels_on_their_adjoint(every, monkeypatch):
+    """RECURRENCE_DSL_RECURRENT_BACKWARD=autograd (autograd through the torch step loop, for comparisons) cannot
+    apply to a loop of kernels: the Triton form keeps its adjoint and its gradients."""
+    monkeypatch.setenv(RECURRENT_BACKWARD, "autograd")
+    errors = _compare(SPECS["indrnn"], monkeypatch)
     assert max(errors.values()) <= TOL, errors
 
 
@@ -197,3 +205,24 @@ def test_the_adjoint_kernels_compile_for_sm90_without_spills():
     for k in kernels:
         assert k["spill_bytes"] == 0, k
         assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_net", "rwkv7", "minimal_rnn"])
+def test_gradients_on_a_gpu(name, dtype):
+    """On CUDA (deselected elsewhere, see conftest.py): K = V = 64, T = 300 (five segments at the default
+    checkpoint spacing of 64), inputs in `dtype`, against the float64 reference on the same rounded inputs."""
+    assert torch.cuda.is_available(), "selected with -m gpu without a CUDA GPU"
+    rec = SPECS[name]
+    args, initial = sample_arguments(rec.checked, {s: 64 for s in rec.checked.sizes}, 2, 300, 2, dtype=torch.float64,
+                                     seed=5, with_initial_state=True)
+    args = [a.to("cuda", dtype) for a in args]
+    initial = initial.to("cuda", torch.float32)
+    ref, weights, _ = _grads(rec.reference, rec, [a.double() for a in args], initial.double())
+    layer = recurrence_dsl.compile(rec, backend="triton", form="recurrent", tuning=False)
+    got, _, out = _grads(layer, rec, args, initial, weights)
+    fn = out.grad_fn  # _AdjointBackward, or the cast of its output to bfloat16 right after it
+    assert "_AdjointBackward" in {type(f).__name__ for f in [fn] + [f for f, _ in fn.next_functions if f is not None]}
+    errors = [_rel(g, r) for g, r in zip(got, ref, strict=True)]
+    assert max(errors) <= (1e-4 if dtype == torch.float32 else 2e-2), (name, errors)

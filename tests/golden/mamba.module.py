@@ -500,16 +500,18 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
-    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own."""
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
@@ -1223,7 +1225,7 @@ def mamba__triton_recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_out
 
 _mamba_forms = {'recurrent': mamba__recurrent, 'scan': mamba__scan}
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba_triton_forms = {'recurrent': with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st)} if HAVE_TRITON else None
+_mamba_triton_forms = {'recurrent': with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)} if HAVE_TRITON else None
 
 
 class _MambaLayer(Layer):

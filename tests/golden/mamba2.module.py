@@ -547,16 +547,18 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
-    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own."""
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
@@ -1750,7 +1752,7 @@ def mamba2__chunked_triton(x, dt, B, C, A, D, states, P, N, chunk_size=64, **opt
 
 _mamba2_forms = {'recurrent': mamba2__recurrent, 'scan': mamba2__scan, 'chunked': mamba2__chunked, 'parallel': mamba2__chunked}
 _mamba2_out, _mamba2_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba2_triton_forms = {'recurrent': with_adjoint(mamba2__triton_recurrent_loop, mamba2__triton_recurrent_adjoint, _mamba2_out, _mamba2_st), 'chunked': with_torch_backward(mamba2__chunked_triton, mamba2__chunked, _mamba2_out, _mamba2_st)} if HAVE_TRITON else None
+_mamba2_triton_forms = {'recurrent': with_adjoint(mamba2__triton_recurrent_loop, mamba2__triton_recurrent_adjoint, _mamba2_out, _mamba2_st, kernels=True), 'chunked': with_torch_backward(mamba2__chunked_triton, mamba2__chunked, _mamba2_out, _mamba2_st)} if HAVE_TRITON else None
 
 
 class _Mamba2Layer(Layer):

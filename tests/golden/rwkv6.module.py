@@ -547,16 +547,18 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
-    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own."""
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
@@ -1895,7 +1897,7 @@ def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options)
 
 _rwkv6_forms = {'recurrent': rwkv6__recurrent, 'scan': rwkv6__scan, 'chunked': rwkv6__chunked, 'parallel': rwkv6__chunked}
 _rwkv6_out, _rwkv6_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv6_triton_forms = {'recurrent': with_adjoint(rwkv6__triton_recurrent_loop, rwkv6__triton_recurrent_adjoint, _rwkv6_out, _rwkv6_st), 'chunked': with_torch_backward(rwkv6__chunked_triton, rwkv6__chunked, _rwkv6_out, _rwkv6_st)} if HAVE_TRITON else None
+_rwkv6_triton_forms = {'recurrent': with_adjoint(rwkv6__triton_recurrent_loop, rwkv6__triton_recurrent_adjoint, _rwkv6_out, _rwkv6_st, kernels=True), 'chunked': with_torch_backward(rwkv6__chunked_triton, rwkv6__chunked, _rwkv6_out, _rwkv6_st)} if HAVE_TRITON else None
 
 
 class _Rwkv6Layer(Layer):
