@@ -6,7 +6,10 @@ Every spec of specs/: gradients of every input, param and initial state, with a 
 in float32), over several checkpoint segments (a checkpoint every 4 steps, the last segment shorter); with the
 generated module's torch recurrent forms made to raise, so a torch form running anywhere in the call or its
 backward fails the test. Then the free axis split over several programs (sizes of 40 lanes: a full and a partial
-tile of 32), where gradients without that axis are summed over the tiles' parts; packed sequences; no steps.
+tile of 32), where gradients without that axis are summed over the tiles' parts; tests/test_adjoint.py's bodies (a
+scalar and a 3-axis state, every function, coupled states); a body with no adjoint keeping the torch backward;
+packed sequences; no steps; the kernels compiled for sm_90 (bfloat16, 64 lanes) without spills; and, on a GPU only,
+K = V = 64 and T = 300 in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import torch
 import recurrence_dsl
 from codegen import kernel_report
 from codegen.dispatch import CHECKPOINT_EVERY, RECURRENT_BACKWARD
+from codegen.triton_recurrent import has_triton_adjoint
+from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import REPO, SPEC_FILES, as_dict, small_sizes
+from .test_adjoint import EXTRA
 
 pytest.importorskip("triton")
 
@@ -120,6 +126,31 @@ def test_gradients_with_the_free_axis_over_several_programs(name, every, monkeyp
     errors = _compare(rec, monkeypatch, sizes=sizes, batch=1)
     print(name, {n: f"{e:.1e}" for n, e in errors.items()})
     assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("name", ["scalar_state", "coupled_after", "coupled_before"])
+def test_bodies_beyond_the_specs(name, every, monkeypatch):
+    """tests/test_adjoint.py's bodies: a scalar state beside a 3-axis one and every function the language has;
+    two states, one reading the other's new value, or the other's old value before its own update."""
+    errors = _compare(EXTRA[name], monkeypatch)
+    print(name, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_a_body_with_no_adjoint_keeps_the_torch_backward():
+    """A diagonal read (`x[d, d]`) has no derived adjoint: has_triton_adjoint says so, and the Triton recurrent form
+    differentiates by re-running the torch form (autograd through its loop), as before."""
+    rec = EXTRA["diagonal"]
+    assert not has_triton_adjoint(analyse(rec.checked))
+    layer = recurrence_dsl.compile(rec, backend="triton", form="recurrent", tuning=False)
+    x = torch.randn(1, 5, 1, 3, 3, requires_grad=True)
+    a = torch.rand(1, 5, 1, 3, requires_grad=True)
+    out, _ = layer(x, a)
+    assert "_RecomputeBackward" in type(out.grad_fn).__name__
+    out.sum().backward()
+    ref_x, ref_a = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    rec.reference(ref_x, ref_a)[0].sum().backward()
+    assert _rel(x.grad, ref_x.grad) <= TOL and _rel(a.grad, ref_a.grad) <= TOL
 
 
 def test_the_autograd_setting_leaves_the_kernels_on_their_adjoint(every, monkeypatch):
