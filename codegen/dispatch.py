@@ -270,18 +270,23 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
-    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
-    def run(*args):
+    def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
-            outputs, finals, _ = loop(*args)
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
+            outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
-        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 

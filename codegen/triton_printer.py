@@ -62,7 +62,10 @@ FUNCTIONS = {
 }
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
-MULTI_USE = (sympy.tanh, logsigmoid, softplus, silu, elu)
+MULTI_USE = (sympy.tanh, logsigmoid, softplus, silu, elu, sympy.sign)
+# Relations (conditions of the Piecewise derivative of elu) as Triton comparisons.
+_RELATIONS = {sympy.StrictGreaterThan: ">", sympy.StrictLessThan: "<", sympy.GreaterThan: ">=",
+              sympy.LessThan: "<="}
 # Largest integer power printed as repeated multiplication; others go through exp(n * log(x)).
 MAX_INT_POWER = 8
 
@@ -268,12 +271,29 @@ class TritonPrinter(ExprPrinter):
             return self._sum(e, axes), _ATOM
         if isinstance(e, (sympy.Min, sympy.Max)):
             return self._minmax(e, axes), _ATOM
+        # Derivatives that appear in adjoint steps (recurrence_dsl/adjoint.py), as the torch printer prints them.
+        if isinstance(e, sympy.Heaviside):  # of relu, max, min: 0 at 0, as torch's relu backward
+            return f"tl.where({self._wrap(e.args[0], axes, _ADD)} > 0.0, 1.0, 0.0)", _ATOM
+        if isinstance(e, sympy.sign):  # of abs
+            x = self._wrap(e.args[0], axes, _ADD)
+            return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))", _ATOM
+        if isinstance(e, sympy.Piecewise):  # of elu
+            return self._piecewise(e.args, axes), _ATOM
+        if type(e) in _RELATIONS:
+            a, b = e.args
+            return f"{self._wrap(a, axes, _ADD)} {_RELATIONS[type(e)]} {self._wrap(b, axes, _ADD)}", 0
         if isinstance(e, sympy.Function) and type(e) in FUNCTIONS:
             template, _, _, prec = FUNCTIONS[type(e)]
             if _SIMPLE_CALL.fullmatch(template):
                 return template.format(x=self._p(e.args[0], axes)[0]), prec
             return template.format(x=self._wrap(e.args[0], axes, _ATOM)), prec
         raise NotImplementedError(f"cannot print {type(e).__name__}: {e}")
+
+    def _piecewise(self, pieces, axes) -> str:
+        (value, cond), rest = pieces[0], pieces[1:]
+        if cond == sympy.true or not rest:
+            return self._p(value, axes)[0]
+        return f"tl.where({self._p(cond, axes)[0]}, {self._p(value, axes)[0]}, {self._piecewise(rest, axes)})"
 
     @staticmethod
     def _add_order(e: sympy.Add) -> list:

@@ -52,7 +52,10 @@ import itertools
 import re
 
 import sympy
+from sympy.core.relational import Relational
+from sympy.functions.elementary.piecewise import ExprCondPair
 
+from recurrence_dsl.adjoint import AdjointStep, NoAdjoint, derive_adjoint, grad_name
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX, has_infinity
@@ -96,7 +99,8 @@ def _const_name(src: str, number: str, taken: set[str]) -> str:
 
 
 def _leaf(e: sympy.Expr) -> bool:
-    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
+    return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol,
+                          sympy.logic.boolalg.BooleanAtom))
 
 
 def _leaf_names(e: sympy.Expr) -> set[str]:
@@ -159,8 +163,8 @@ class TritonRecurrentWriter:
     def _fold_constants(self, e: sympy.Expr) -> sympy.Expr:
         """Replace maximal subexpressions of sizes and numbers (`K ** -0.5`, the factors 1/D and 1/E of one
         product together) by launcher constants; number-only expressions (`exp(-1)`) by their value."""
-        if isinstance(e, (sympy.Number, sympy.Indexed)) or isinstance(e, sympy.Symbol):
-            return e
+        if isinstance(e, (sympy.Number, sympy.Indexed, sympy.Symbol, sympy.logic.boolalg.BooleanAtom)):
+            return e  # (true: the last condition of a Piecewise)
         if not e.free_symbols:
             return sympy.Float(float(e.evalf()))
         if self._size_only(e) and not isinstance(e, sympy.Symbol):
@@ -226,8 +230,8 @@ class TritonRecurrentWriter:
         return True
 
     def _worth_a_temp(self, e: sympy.Expr, counts: dict, parent) -> bool:
-        if _leaf(e):
-            return False
+        if _leaf(e) or isinstance(e, (ExprCondPair, Relational)):
+            return False  # (a branch of a Piecewise, or its condition: printed in place)
         if isinstance(e, sympy.Sum):
             return True
         if isinstance(e, sympy.Mul) and len(e.args) == 2 and e.args[0].is_number and _leaf(e.args[1]):
@@ -385,13 +389,15 @@ class TritonRecurrentWriter:
         consts = [names[c] for c, _, _ in self.consts.values()]
         args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
                 + [f"h0_{_user(s.name)}" for s in self.states] + [_user(s.name) for s in self.outputs]
-                + [f"ht_{_user(s.name)}" for s in self.states] + consts + ["T_", "H_"]
-                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes])
+                + [f"ht_{_user(s.name)}" for s in self.states] + [f"ck_{_user(s.name)}" for s in self.states]
+                + consts + ["T_", "H_", "every", "NC_"]
+                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes]
+                + ["CHECKPOINT: tl.constexpr"])
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
         rest = args[len(self.inputs) + len(self.params):]
-        w(", ".join(rest) + ",  # states in, outputs, states out, constants, sizes, blocks")
+        w(", ".join(rest) + ",  # states in, outputs, states out, checkpoints, constants, sizes, blocks")
         w("):", 0)
         if self.tile is None:
             w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
@@ -432,6 +438,11 @@ class TritonRecurrentWriter:
                   f"mask={mask}, other=0.0).to(tl.float32)  # {self._shape(s)}")
             else:
                 w(f"b_{u} = tl.load(h0_{u} + i_bh).to(tl.float32)")
+        # the checkpoints [B, H, NC_, ...]: the states before steps 0, every, 2 * every, ... (CHECKPOINT only)
+        for s in self.states:
+            u = _user(s.name)
+            w(f"p_ck_{u} = ck_{u} + i_bh.to(tl.int64) * NC_ * {self._factor(s)}"
+              + (f" + {self._offsets(s)}" if s.dims else ""))
         # loop-invariant temporaries
         self._write_prologue_temps(w, printer)
         # per-step pointers at t = 0
@@ -457,6 +468,16 @@ class TritonRecurrentWriter:
             stepped.append(o)
 
         w("for i_t in range(0, T_):")
+        w("if CHECKPOINT:", 2)
+        w("if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment", 3)
+        for s in self.states:
+            u = _user(s.name)
+            at = f"p_ck_{u} + (i_t // every) * {self._factor(s)}"
+            if s.dims:
+                mask = f"m_{u}" if len(s.dims) > 1 else self._mask(s)
+                w(f"tl.store({at}, b_{u}, mask={mask})", 4)
+            else:
+                w(f"tl.store({at}, b_{u})", 4)
         for s in self.inputs:
             if s.name not in used:
                 continue
@@ -565,15 +586,16 @@ class TritonRecurrentWriter:
             if self.temp_phase[name] == "prologue":
                 self._write_temp(w, printer, name, 1)
 
-    def _write_temps_for(self, w: SourceWriter, printer: TritonPrinter, e: sympy.Expr, emitted: set) -> None:
+    def _write_temps_for(self, w: SourceWriter, printer: TritonPrinter, e: sympy.Expr, emitted: set,
+                         indent: int = 2) -> None:
         """Emit (in the loop) the step temporaries `e` reads that are not computed yet, dependencies first:
         each lands just before its first use, so one reading a new state comes after that state's update."""
         order = list(self.temps)
         for name in sorted(_leaf_names(e) & set(self.temps), key=order.index):
             if name in emitted or self.temp_phase[name] == "prologue":
                 continue
-            self._write_temps_for(w, printer, self.temps[name][1], emitted)
-            self._write_temp(w, printer, name, 2)
+            self._write_temps_for(w, printer, self.temps[name][1], emitted, indent)
+            self._write_temp(w, printer, name, indent)
             emitted.add(name)
 
     # -- the launcher -------------------------------------------------------------
@@ -595,13 +617,16 @@ class TritonRecurrentWriter:
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["states"] + sizes + ["*"] + blocks + ["num_warps=None", "num_stages=1"])
-        w(f"def {self.fn}__triton_recurrent({sig}):", 0)
+        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0"] + blocks + ["num_warps=None", "num_stages=1"])
+        w(f"def {self.fn}__triton_recurrent_loop({sig}):", 0)
         if self.tile is None:
-            w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""')
+            w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states, checkpoints):')
         else:
             w(f'"""Per-step loop in one Triton program per (batch, head, tile of {block_name(self.tile)} lanes of '
-              f'{self._size_src(self.tile)}); returns (outputs, final states)."""')
+              f'{self._size_src(self.tile)}); returns')
+            w("(outputs, final states, checkpoints):")
+        w("with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),")
+        w('from which the derived backward recomputes the others."""')
         first = _user(self.inputs[0].name)
         w(f"B_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -616,6 +641,10 @@ class TritonRecurrentWriter:
             w(f"{_user(o.name)} = torch.empty((B_, T_, H_{dims}), dtype={first}.dtype, device=dev)")
         for s in self.states:
             w(f"ht_{_user(s.name)} = torch.empty_like(h0_{_user(s.name)})")
+        w("NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints")
+        for s in self.states:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
+            w(f"ck_{_user(s.name)} = torch.empty((B_, H_, NC_{dims}), dtype=torch.float32, device=dev)")
         kw = []
         for d in self.block_sizes:
             if d == self.tile:
@@ -633,8 +662,9 @@ class TritonRecurrentWriter:
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
         call = ([_user(s.name) for s in self.inputs + self.params] + [f"h0_{_user(s.name)}" for s in self.states]
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
-                + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_"] + sizes + kw
-                + ["num_warps=num_warps", "num_stages=num_stages"])
+                + [f"ck_{_user(s.name)}" for s in self.states]
+                + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_", "max(every, 1)", "NC_"] + sizes + kw
+                + ["CHECKPOINT=NC_ > 0", "num_warps=num_warps", "num_stages=num_stages"])
         if self.tile is None:
             grid = "(B_ * H_,)"
         else:
@@ -645,7 +675,476 @@ class TritonRecurrentWriter:
         w(")", 2)
         outs = ", ".join(f"{o.name!r}: {_user(o.name)}" for o in self.outputs)
         finals = ", ".join(f"{s.name!r}: ht_{_user(s.name)}" for s in self.states)
-        w(f"return {{{outs}}}, {{{finals}}}")
+        checkpoints = ", ".join(f"{s.name!r}: ck_{_user(s.name)}[:, :, n]" for s in self.states)
+        w(f"return {{{outs}}}, {{{finals}}}, [{{{checkpoints}}} for n in range(NC_)]")
+        w("")
+        w("")
+        w(f"def {self.fn}__triton_recurrent({', '.join(args + ['states'] + sizes)}, **options):", 0)
+        w(f'"""The forward alone: (outputs, final states) of {self.fn}__triton_recurrent_loop."""')
+        w(f"outputs, finals, _ = {self.fn}__triton_recurrent_loop({', '.join(args + ['states'] + sizes)}, **options)")
+        w("return outputs, finals")
+        return w.text()
+
+
+def split_sums(e: sympy.Expr, ranges: dict) -> sympy.Expr:
+    """`e` with every sum over several indices nested one index at a time, innermost the index whose factors span
+    the fewest axes, so that no tile has more axes than it must: dk of the delta rule,
+    `sum(i', j, S[i, j] * dS[i', j] * k[i'])`, becomes `sum(j, S[i, j] * sum(i', dS[i', j] * k[i']))`, two [K, V]
+    products rather than one [K, K, V] (which spills on a GPU). A body that is not a product stays whole."""
+    if not e.has(sympy.Sum) or _leaf(e):
+        return e
+    if not isinstance(e, sympy.Sum):
+        return e.func(*[split_sums(a, ranges) for a in e.args])
+    body, limits = split_sums(e.function, ranges), list(e.limits)
+    while len(limits) > 1:
+        factors = sympy.Mul.make_args(body)
+
+        def axes(var, factors=factors) -> set:
+            return {s for f in factors if var in f.free_symbols for s in f.free_symbols if s in ranges}
+
+        best = min(limits, key=lambda limit: len(axes(limit[0])))
+        inside = [f for f in factors if best[0] in f.free_symbols]
+        if len(inside) == len(factors):
+            break  # every factor reads it: nothing to take out
+        outside = [f for f in factors if best[0] not in f.free_symbols]
+        body = sympy.Mul(*outside) * sympy.Sum(sympy.Mul(*inside), best)
+        limits.remove(best)
+    return sympy.Sum(body, *limits)
+
+
+class TritonAdjointWriter(TritonRecurrentWriter):
+    """Writes the Triton kernel and launcher of the recurrent form's derived backward
+    (`NAME__triton_recurrent_adjoint`).
+
+    The kernel runs the adjoint step that `recurrence_dsl.adjoint.derive_adjoint` differentiates from the spec (the
+    same sympy expressions the torch form `NAME__recurrent_adjoint` prints), one program per (batch, head, tile of
+    the forward's free axis), segments of `every` steps from the last: the segment's states are recomputed from its
+    checkpoint (stored by the forward kernel's CHECKPOINT variant) into a per-program scratch buffer of `every`
+    states, then the states' gradients run back through the segment one step at a time, each input's gradient is
+    stored at its step and each param's accumulated in registers.
+
+    Splitting over the free axis (V of `S[K, V]`): no step couples its lanes, so every gradient is linear in the
+    lanes' cotangents, and a program computes the part of each gradient that its own lanes' cotangents cause.
+    A gradient over the free axis (dv) is its program's alone; one without it (dq, dk, dg, a param's, a state's
+    without the axis) is a partial sum over the program's lanes, stored per tile ([tiles, B, T, H, ...]) and summed
+    by the launcher. A cotangent without the free axis (an output or a final state without it) is seeded in the
+    first tile only, so it is counted once.
+    """
+
+    def __init__(self, analysis: Analysis, adjoint: AdjointStep):
+        super().__init__(analysis)
+        self.adj = adjoint
+        self.ranges.update(adjoint.ranges)
+        self.out_grads = {grad_name(o.name) for o in self.outputs}
+        self.carried = {grad_name(s.name) for s in self.states}
+        self.totals = {grad_name(s.name + NEW_SUFFIX) for s in self.states}
+        # Values known step by step (never loop-invariant temporaries): the cotangents and state gradients too.
+        self.input_names |= self.out_grads
+        self.state_names |= self.carried
+        self.new_names |= self.totals
+        self.grads = [x for x in self.inputs + self.params if {**adjoint.inputs, **adjoint.params}[x.name] is not None]
+
+    # -- preparation ----------------------------------------------------------------
+
+    def _forward_layout(self) -> None:
+        """The forward kernel's blocks and free axis: the backward splits the same axis the forward does."""
+        forward = TritonRecurrentWriter(self.a)
+        forward.write()
+        self.tile = forward.tile
+        self.block_sizes = list(forward.block_sizes)
+        for h in self.ranges.values():
+            if h not in self.block_sizes:
+                self.block_sizes.append(h)
+
+    def _prepare_adjoint(self) -> None:
+        self.temp_key = {}
+        fold = self._fold_constants
+        adj = self.adj
+        updates = {n: (d.indices, fold(d.expr)) for n, d in self.a.ir.updates.items()}
+
+        def prepared(d) -> sympy.Expr:
+            return fold(split_sums(d.expr, self.ranges))
+
+        totals = [(d.name, d.indices, prepared(d)) for d in adj.new_states]
+        previous = {n: (d.indices, prepared(d)) for n, d in adj.previous.items()}
+        grads = {x.name: ({**adj.inputs, **adj.params}[x.name].indices, prepared({**adj.inputs, **adj.params}[x.name]))
+                 for x in self.grads}
+        counts: dict = {}
+        for e in ([e for _, e in updates.values()] + [e for _, _, e in totals] + [e for _, e in previous.values()]
+                  + [e for _, e in grads.values()]):
+            self._count(e, counts)
+        self.updates = {n: (idx, self._bind(e, counts)) for n, (idx, e) in updates.items()}
+        self.totals_ir = [(n, idx, self._bind(e, counts)) for n, idx, e in totals]
+        self.previous_ir = {n: (idx, self._bind(e, counts)) for n, (idx, e) in previous.items()}
+        self.grads_ir = {n: (idx, self._bind(e, counts)) for n, (idx, e) in grads.items()}
+        self.outputs_ir = {}
+
+    def _reads(self, exprs) -> set[str]:
+        """The names `exprs` read, through the temporaries they read."""
+        names: set[str] = set()
+        todo = list(exprs)
+        while todo:
+            new = _leaf_names(todo.pop()) - names
+            names |= new
+            todo += [self.temps[n][1] for n in new if n in self.temps]
+        return names
+
+    # -- naming ---------------------------------------------------------------------
+
+    def _adjoint_names(self) -> dict[str, str]:
+        names = self._names()
+        taken = set(names.values()) | {_user(s.name) for s in self.inputs + self.params + self.states + self.outputs}
+
+        def fresh(short: str, long: str) -> str:
+            name = short if short not in taken else long
+            taken.add(name)
+            return name
+
+        self.grad_ptr = {}
+        for sym in self.outputs + self.inputs + self.params + self.states:
+            u = _user(sym.name)
+            self.grad_ptr[sym.name] = fresh(f"d{u}", f"grad_{u}")
+        for o in self.outputs:
+            names[grad_name(o.name)] = fresh(f"b_d{_user(o.name)}", f"b_grad_{_user(o.name)}")
+        for x in self.grads:
+            names[grad_name(x.name)] = fresh(f"b_d{_user(x.name)}", f"b_grad_{_user(x.name)}")
+        for s in self.states:
+            u = _user(s.name)
+            names[grad_name(s.name)] = fresh(f"b_d{u}", f"b_grad_{u}")
+            names[grad_name(s.name + NEW_SUFFIX)] = fresh(f"b_d{u}_new", f"b_grad_{u}_new")
+            names[grad_name(s.name) + "_prev"] = fresh(f"b_d{u}_prev", f"b_grad_{u}_prev")
+        return names
+
+    def _spans_tile(self, sym) -> bool:
+        return self.tile is not None and size_key(self.tile) in [size_key(d) for d in self._dims(sym)]
+
+    def _local_offsets(self, sym) -> str:
+        """Offsets of a state's tile inside its program's scratch slot: the tile's own lanes, padding included."""
+        dims = self._dims(sym)
+        n = len(dims)
+        parts = []
+        for p, d in enumerate(dims):
+            text = f"tl.arange(0, {block_name(d)})"
+            if n > 1:
+                text += "[" + ", ".join(":" if q == p else "None" for q in range(n)) + "]"
+            rest = dims[p + 1:]
+            if rest:
+                text += " * " + " * ".join(block_name(r) for r in rest)
+            parts.append(text)
+        return " + ".join(parts)
+
+    def _slot(self, sym) -> str:
+        dims = self._dims(sym)
+        return " * ".join(block_name(d) for d in dims) if dims else "1"
+
+    def _state_mask(self, sym) -> str:
+        return f"m_{_user(sym.name)}" if len(sym.dims) > 1 else self._mask(sym)
+
+    # -- the kernel -------------------------------------------------------------------
+
+    def write(self) -> str:  # noqa: C901 - one kernel, printed top to bottom
+        self._forward_layout()
+        self._prepare_adjoint()
+        names = self._adjoint_names()
+        zero_padded = ({s.name for s in self.inputs + self.params + self.states} | self.new_names | self.carried
+                       | self.out_grads)
+        printer = TritonPrinter(set(self.sizes), self.ranges, names, zero_padded, self.temps)
+        update_exprs = [e for _, e in self.updates.values()]
+        adjoint_exprs = ([e for _, _, e in self.totals_ir] + [e for _, e in self.previous_ir.values()]
+                         + [e for _, e in self.grads_ir.values()])
+        read_update = self._reads(update_exprs)
+        read_adjoint = self._reads(adjoint_exprs)
+        self.used = read_update | read_adjoint
+        tile = self.tile
+
+        w = SourceWriter()
+        kernel = f"{self.fn}__triton_recurrent_adjoint_kernel"
+        consts = [names[c] for c, _, _ in self.consts.values()]
+        head = [_user(s.name) for s in self.inputs + self.params]
+        rest = ([f"ck_{_user(s.name)}" for s in self.states] + [f"dht_{_user(s.name)}" for s in self.states]
+                + [self.grad_ptr[o.name] for o in self.outputs]
+                + [self.grad_ptr[x.name] for x in self.inputs + self.params]
+                + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
+                + consts + ["B_", "T_", "H_", "every", "NC_", "SLOTS_"] + [_user(s) for s in self.sizes]
+                + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes])
+        w("@triton.jit", 0)
+        w(f"def {kernel}(", 0)
+        w(", ".join(head) + ",  # inputs [B, T, H, ...], params [H, ...]")
+        w(", ".join(rest) + ",  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...")
+        w("):", 0)
+        where = ("(batch, head)" if tile is None
+                 else f"(batch, head, {block_name(tile)} lanes of {self._size_src(tile)})")
+        w(f'"""The derived backward of {self.fn}__triton_recurrent_kernel, one {where} per program.')
+        w("Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the")
+        w('program\'s scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""')
+        w("i_bh = tl.program_id(0)")
+        w("i_b = i_bh // H_")
+        w("i_h = i_bh % H_")
+        if tile is not None:
+            w("i_tile = tl.program_id(1)")
+            w("i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])")
+            w("i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch")
+        else:
+            w("i_row = i_b")
+            w("i_slot = i_bh.to(tl.int64)  # this program's scratch")
+        for d in self.block_sizes:
+            if d == tile:
+                w(f"{offs_name(d)} = i_tile * {block_name(d)} + tl.arange(0, {block_name(d)})")
+            else:
+                w(f"{offs_name(d)} = tl.arange(0, {block_name(d)})")
+            w(f"{mask_name(d)} = {offs_name(d)} < {self._size_src(d)}")
+
+        def seed(sym, at: str) -> str:
+            """The load of a cotangent (float32): zero outside the first tile when it lacks the free axis."""
+            mask = (self._state_mask(sym) if sym in self.states else self._mask(sym)) if sym.dims else ""
+            load = f"tl.load({at}, mask={mask}, other=0.0)" if mask else f"tl.load({at})"
+            if tile is not None and not self._spans_tile(sym):
+                return f"tl.where(i_tile == 0, {load}.to(tl.float32), 0.0)  # counted once, in the first tile"
+            return f"{load}.to(tl.float32)"
+
+        for p in self.params:
+            if p.name not in self.used:
+                continue
+            u = _user(p.name)
+            if p.dims:
+                w(f"b_{u} = tl.load({u} + i_h * {self._factor(p)} + {self._offsets(p)}, mask={self._mask(p)}, "
+                  f"other=0.0).to(tl.float32)  # {self._shape(p)}")
+            else:
+                w(f"b_{u} = tl.load({u} + i_h).to(tl.float32)")
+        for p in self.params:
+            if p in self.grads:
+                shape = f"[{', '.join(block_name(d) for d in self._dims(p))}]"
+                w(f"{names[grad_name(p.name)]} = tl.zeros({shape}, dtype=tl.float32)  # summed over the steps")
+        w("# The final states' gradients (from the loss), then carried back step by step.")
+        for s in self.states:
+            u = _user(s.name)
+            at = f"dht_{u} + i_bh.to(tl.int64) * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else "")
+            if s.dims and len(s.dims) > 1:
+                w(f"m_{u} = {self._mask(s)}")
+            w(f"{names[grad_name(s.name)]} = {seed(s, at)}")
+            w(f"p_ck_{u} = ck_{u} + i_bh.to(tl.int64) * NC_ * {self._factor(s)}"
+              + (f" + {self._offsets(s)}" if s.dims else ""))
+            w(f"p_sc_{u} = sc_{u} + i_slot * SLOTS_ * {self._slot(s)}"
+              + (f" + {self._local_offsets(s)}" if s.dims else ""))
+        self._write_prologue_temps(w, printer)
+
+        def load_state(s, at: str, indent: int) -> None:
+            u = _user(s.name)
+            if s.dims:
+                w(f"b_{u} = tl.load({at}, mask={self._state_mask(s)}, other=0.0)", indent)
+            else:
+                w(f"b_{u} = tl.load({at})", indent)
+
+        def load_inputs(read: set[str], indent: int) -> None:
+            for x in self.inputs:
+                if x.name not in read:
+                    continue
+                u = _user(x.name)
+                at = f"{u} + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(x)}"
+                if x.dims:
+                    w(f"b_{u} = tl.load({at} + {self._offsets(x)}, mask={self._mask(x)}, other=0.0).to(tl.float32)"
+                      f"  # {self._shape(x)}", indent)
+                else:
+                    w(f"b_{u} = tl.load({at}).to(tl.float32)", indent)
+
+        w("for i_r in range(0, NC_):")
+        w("i_c = NC_ - 1 - i_r  # segments from the last", 2)
+        w("t0 = i_c * every", 2)
+        w("t1 = t0 + every", 2)
+        w("if t1 > T_:", 2)
+        w("t1 = T_", 3)
+        w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch", 2)
+        w("# slot (the barriers: a slot is written and read by different threads of the program).", 2)
+        w("tl.debug_barrier()", 2)
+        for s in self.states:
+            load_state(s, f"p_ck_{_user(s.name)} + i_c * {self._factor(s)}", 2)
+        w("for i_t in range(t0, t1):", 2)
+        for s in self.states:
+            u = _user(s.name)
+            at = f"p_sc_{u} + (i_t - t0) * {self._slot(s)}"
+            w(f"tl.store({at}, b_{u}, mask={self._state_mask(s)})" if s.dims else f"tl.store({at}, b_{u})", 3)
+        load_inputs(read_update, 3)
+        emitted: set[str] = set()
+        for s in self._update_order():
+            idx, e = self.updates[s.name]
+            u = _user(s.name)
+            self._write_temps_for(w, printer, e, emitted, 3)
+            text = self._full(printer, e, idx)
+            if idx and printer.needs_mask(e, idx):
+                text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
+            w(f"b_{u}_new = {text}  # " + (f"{self._shape(s)} " if s.dims else "") + self.cite[s.name], 3)
+        for s in self.states:
+            w(f"b_{_user(s.name)} = b_{_user(s.name)}_new", 3)
+        w("tl.debug_barrier()", 2)
+        w("# The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.", 2)
+        for s in self.states:
+            w(f"b_{_user(s.name)}_new = b_{_user(s.name)}  # the state after the segment's last step", 2)
+        w("for i_s in range(0, t1 - t0):", 2)
+        w("i_t = t1 - 1 - i_s", 3)
+        for s in self.states:
+            load_state(s, f"p_sc_{_user(s.name)} + (i_t - t0) * {self._slot(s)}", 3)
+        load_inputs(read_adjoint, 3)
+        for o in self.outputs:
+            if grad_name(o.name) not in read_adjoint:
+                continue
+            at = f"{self.grad_ptr[o.name]} + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(o)}"
+            if o.dims:
+                at += f" + {self._offsets(o)}"
+            w(f"{names[grad_name(o.name)]} = {seed(o, at)}", 3)
+        emitted = set()
+        by_total = {grad_name(s.name + NEW_SUFFIX): s for s in self.states}
+        for name, idx, e in self.totals_ir:
+            s = by_total[name]
+            self._write_temps_for(w, printer, e, emitted, 3)
+            text = self._full(printer, e, idx)
+            if idx and printer.needs_mask(e, idx):
+                text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
+            w(f"{names[name]} = {text}  # d loss / d {s.name} after step i_t", 3)
+        for x in self.grads:
+            idx, e = self.grads_ir[x.name]
+            self._write_temps_for(w, printer, e, emitted, 3)
+            text = self._full(printer, e, idx)
+            u = names[grad_name(x.name)]
+            if x in self.params:
+                w(f"{u} += {text}", 3)
+                continue
+            row = "i_b" if self._spans_tile(x) else "i_row"
+            at = f"{self.grad_ptr[x.name]} + (({row}.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(x)}"
+            w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), 3)
+            if x.dims:
+                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", 3)
+            else:
+                w(f"tl.store({at}, {u})", 3)
+        for s in self.states:
+            idx, e = self.previous_ir[s.name]
+            self._write_temps_for(w, printer, e, emitted, 3)
+            text = self._full(printer, e, idx)
+            if idx and printer.needs_mask(e, idx):
+                text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
+            w(f"{names[grad_name(s.name) + '_prev']} = {text}  # d loss / d {s.name} before step i_t", 3)
+        for s in self.states:
+            u = _user(s.name)
+            w(f"{names[grad_name(s.name)]} = {names[grad_name(s.name) + '_prev']}", 3)
+            w(f"b_{u}_new = b_{u}", 3)
+        w("# The initial states' gradients; the params' (this program's part: summed by the launcher).")
+        for s in self.states:
+            u = _user(s.name)
+            row = "i_b" if self._spans_tile(s) or tile is None else "i_row"
+            at = f"dh0_{u} + ({row}.to(tl.int64) * H_ + i_h) * {self._factor(s)}"
+            if s.dims:
+                w(f"tl.store({at} + {self._offsets(s)}, {names[grad_name(s.name)]}, mask={self._state_mask(s)})")
+            else:
+                w(f"tl.store({at}, {names[grad_name(s.name)]})")
+        for p in self.params:
+            if p not in self.grads:
+                continue
+            at = f"{self.grad_ptr[p.name]} + (i_row.to(tl.int64) * H_ + i_h) * {self._factor(p)}"
+            if p.dims:
+                w(f"tl.store({at} + {self._offsets(p)}, {names[grad_name(p.name)]}, mask={self._mask(p)})")
+            else:
+                w(f"tl.store({at}, {names[grad_name(p.name)]})")
+        return w.text()
+
+    # -- the launcher -------------------------------------------------------------------
+
+    def _adjoint_footprint(self) -> str:
+        """Float32 elements a program holds through its loops: each state tile four times (S, S_new and their
+        gradients), each param and its gradient, each loop-invariant temporary."""
+        def tile(dims) -> str:
+            return " * ".join(block_name(d) for d in dims) if dims else "1"
+
+        terms = [f"4 * {tile(self._dims(st))}" for st in self.states]
+        terms += [f"2 * {tile(self._dims(p))}" for p in self.params if p.name in self.used]
+        terms += [tile([self.ranges[a] for a in self.temps[n][0]]) for n in self.temps
+                  if self.temp_phase[n] == "prologue"]
+        return " + ".join(terms) or "0"
+
+    def write_launcher(self) -> str:
+        w = SourceWriter()
+        args = [_user(s.name) for s in self.inputs + self.params]
+        sizes = [_user(s) for s in self.sizes]
+        blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
+        sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes + ["*", "every=64",
+                                                                                          "stepwise=False"]
+                        + blocks + ["num_warps=None", "num_stages=1"])
+        w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
+        w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
+        w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
+        w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
+        w("outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.")
+        w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
+        first = _user(self.inputs[0].name)
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"dev = {first}.device")
+        for a in args:
+            w(f"{a} = {a}.contiguous()")
+        w("NC_ = len(checkpoints)")
+        for s in self.states:
+            u = _user(s.name)
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
+            w(f"ck_{u} = (torch.stack([c[{s.name!r}] for c in checkpoints], dim=2) if NC_ else "
+              f"torch.empty((B_, H_, 0{dims}), device=dev)).float().contiguous()  # [B, H, NC, ...]")
+            w(f"dht_{u} = grad_states[{s.name!r}].float().contiguous()")
+        for o in self.outputs:
+            w(f"{self.grad_ptr[o.name]} = grad_outputs[{o.name!r}].contiguous()")
+        kw = []
+        for d in self.block_sizes:
+            if d == self.tile:
+                w(f"{block_name(d)} = _tile({self._size_src(d)}, block_{size_key(d)}, {block_name(d)!r})")
+            elif isinstance(d, sympy.Symbol):
+                w(f"{block_name(d)} = _block({self._size_src(d)}, block_{size_key(d)}, {block_name(d)!r})")
+            else:
+                w(f"{block_name(d)} = {block_for(int(d))}")
+            kw.append(f"{block_name(d)}={block_name(d)}")
+        if self.tile is None:
+            w("NT_ = 1  # one program per (batch, head)")
+        else:
+            w(f"NT_ = triton.cdiv(max({self._size_src(self.tile)}, 1), {block_name(self.tile)})  # tiles of "
+              f"{self._size_src(self.tile)}")
+        w("SLOTS_ = max(min(every, T_), 1)  # states kept per segment")
+        f32 = "dtype=torch.float32, device=dev"
+        for x in self.inputs:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
+            lead = "" if self._spans_tile(x) else "NT_, "
+            note = "" if self._spans_tile(x) else "  # a part per tile, summed below"
+            w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}B_, T_, H_{dims}), "
+              f"{f32}){note}")
+        for p in self.params:
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(p))
+            w(f"{self.grad_ptr[p.name]} = torch.zeros((NT_, B_, H_{dims}), {f32})  # a part per tile and row, summed "
+              "below")
+        for s in self.states:
+            u = _user(s.name)
+            dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
+            lead = "" if self._spans_tile(s) or self.tile is None else "NT_, "
+            w(f"dh0_{u} = torch.empty(({lead}B_, H_{dims}), {f32})")
+            w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
+              "states")
+        w("if num_warps is None:")
+        w(f"num_warps = _warps({self._adjoint_footprint()})", 2)
+        names = self._adjoint_names()
+        for ir_name, src, used in self.consts.values():
+            w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
+        call = (args + [f"ck_{_user(s.name)}" for s in self.states] + [f"dht_{_user(s.name)}" for s in self.states]
+                + [self.grad_ptr[o.name] for o in self.outputs]
+                + [self.grad_ptr[x.name] for x in self.inputs + self.params]
+                + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
+                + [names[c] for c, _, _ in self.consts.values()] + ["B_", "T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
+                + sizes + kw + ["num_warps=num_warps", "num_stages=num_stages"])
+        w("if B_ * H_ > 0:")
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
+        w(", ".join(call) + ",", 3)
+        w(")", 2)
+        grads = []
+        for x in self.inputs:
+            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else ".sum(0)"))
+        for p in self.params:
+            grads.append(f"{self.grad_ptr[p.name]}.sum((0, 1))")
+        finals = []
+        for s in self.states:
+            u = _user(s.name)
+            finals.append(f"{s.name!r}: dh0_{u}" + ("" if self._spans_tile(s) or self.tile is None else ".sum(0)"))
+        w(f"return [{', '.join(grads)}], {{{', '.join(finals)}}}")
         return w.text()
 
 
@@ -716,6 +1215,29 @@ def triton_recurrent_source(analysis: Analysis) -> str:
     return source
 
 
+def triton_adjoint_source(analysis: Analysis) -> str | None:
+    """The Triton backward of `analysis`'s recurrent form (`NAME__triton_recurrent_adjoint_kernel` and its launcher),
+    or None where the step has no derived adjoint (`NoAdjoint`: a leaf read with a repeated index) or the adjoint
+    holds a function the Triton printer lacks; the recurrent form then keeps the torch form's backward."""
+    key = id(analysis)
+    if key not in _ADJOINT_SOURCES:
+        try:
+            writer = TritonAdjointWriter(analysis, derive_adjoint(analysis.recurrence, analysis.ir))
+            source = writer.write() + "\n\n" + writer.write_launcher()
+        except (NoAdjoint, NotImplementedError):
+            source = None
+        _ADJOINT_SOURCES[key] = (analysis, source)  # the analysis kept alive, so its id is not reused
+    return _ADJOINT_SOURCES[key][1]
+
+
+def has_triton_adjoint(analysis: Analysis) -> bool:
+    """Whether the Triton recurrent form trains on its own backward kernel (else on the torch form's backward)."""
+    return triton_adjoint_source(analysis) is not None
+
+
+_ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
+
+
 # -- loading ----------------------------------------------------------------------------------------------
 
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
@@ -736,4 +1258,5 @@ def build_triton_recurrent(analysis: Analysis):
     return launcher
 
 
-__all__ = ["TritonRecurrentWriter", "build_triton_recurrent", "triton_recurrent_source"]
+__all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "has_triton_adjoint",
+           "triton_adjoint_source", "triton_recurrent_source"]

@@ -4,7 +4,7 @@ segments recomputed from checkpoints (codegen/dispatch.py `with_adjoint`, codege
 Every spec of specs/: gradients of every input, param and initial state, with a gradient on the final state too,
 from the recurrent form against the float64 reference interpreter's autograd (relative error <= 1e-5 in float32),
 on the torch backend (the inputs' gradients at each step and for a whole segment at once) and on the triton
-backend (its backward re-runs the torch recurrent form, so the same adjoint); several segments (a checkpoint
+backend (the same adjoint as a Triton kernel, tests/test_triton_adjoint.py); several segments (a checkpoint
 every 4 steps). `torch.autograd.gradcheck` in float64 on tiny shapes for every spec and for bodies that use every
 function, a scalar and a 3-axis state, and states that read each other's new values; packed sequences with an
 empty one; zero-length sequences; the old path (autograd through the loop) kept for comparison; a body the

@@ -236,7 +236,8 @@ def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradients: the forward runs the Triton kernels, the backward its own (linear chunked) or re-runs the torch form
+# Gradients: the forward runs the Triton kernels; the backward runs their own Triton backward (the recurrent form's
+# derived adjoint, tests/test_triton_adjoint.py; chunked forms with Triton backward kernels) or re-runs the torch form
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -247,11 +248,12 @@ def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
 ])
 def test_gradients_match_the_reference(key, form, sizes):
     """float32 gradients of every input, param and the initial state, through the triton backend, against the
-    float64 reference's; they are the torch form's gradients (the backward re-runs it), except for a chunked form
-    with its own Triton backward (delta_net: tests/test_triton_delta_backward.py), which agrees with it closely."""
+    float64 reference's; where the backward re-runs the torch form they are the torch form's gradients, where it
+    runs Triton backward kernels (the recurrent form's adjoint, the chunked forms of tests/test_triton_backward.py
+    and tests/test_triton_delta_backward.py) they agree with them closely."""
     rec = RECS[key]
     checked = rec.checked
-    recomputed = not (form == "chunked" and chunked_backward_in_triton(analyse(checked)))
+    recomputed = form == "chunked" and not chunked_backward_in_triton(analyse(checked))
     T, H = 40, 2
     args, init, ref_args, ref_init = sample(key, sizes, T, H, F32, seed=7)
     names = [s.name for s in checked.inputs + checked.params] + [f"initial_state[{s.name}]" for s in checked.states]
@@ -276,7 +278,8 @@ def test_gradients_match_the_reference(key, form, sizes):
     backward(ref_out, ref_final)
     out, final, leaves = run(layer_for(key), args, init, form=form, chunk_size=16)
     for name, t in out.items():
-        assert ("_RecomputeBackward" in type(t.grad_fn).__name__) == recomputed, type(t.grad_fn).__name__
+        backward_fn = "_AdjointBackward" if form == "recurrent" else "_RecomputeBackward"
+        assert (backward_fn in type(t.grad_fn).__name__) == (form == "recurrent" or recomputed), type(t.grad_fn)
         assert rel(t, ref_out[name].detach()) <= TOL[F32]
     backward(out, final)
     torch_out, torch_final, torch_leaves = run(recurrence_dsl.compile(rec, backend="torch", chunk_size=16), args,

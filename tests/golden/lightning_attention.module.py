@@ -395,34 +395,6 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward through a fast form (Triton kernels, no autograd of their own); backward by re-running the
-    matching torch form under autograd from the saved inputs, so gradients are exactly the torch form's."""
-
-    @staticmethod
-    def forward(ctx, fast, slow, layout, names, *tensors):
-        args = _unflatten(layout, tensors)
-        with torch.no_grad():
-            outputs, finals = fast(*args)
-        ctx.slow, ctx.layout = slow, layout
-        ctx.save_for_backward(*tensors)
-        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outputs, finals = ctx.slow(*_unflatten(ctx.layout, inputs))
-            results = list(outputs.values()) + list(finals.values())
-        pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        if pairs and wanted:
-            got = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        else:
-            got = iter([None] * len(wanted))
-        return (None, None, None, None) + tuple(next(got) if t.requires_grad else None for t in inputs)
-
-
 def _flatten(args) -> tuple[list, list]:
     """Form arguments (tensors, a states dict, ints) -> (layout, tensors) for an autograd.Function."""
     layout, tensors = [], []
@@ -449,25 +421,6 @@ def _unflatten(layout, tensors) -> list:
         else:
             args.append(info)
     return args
-
-
-def with_torch_backward(fast, slow, output_names, state_names):
-    """A form function running `fast` forward and differentiating through `slow` (same signature).
-
-    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
-
-    def run(*args, **extra):
-        layout, tensors = _flatten(args)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return fast(*args, **extra)
-        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
-        names = (tuple(output_names), tuple(state_names))
-        flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
-                                        names, *tensors)
-        n = len(names[0])
-        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
-
-    return run
 
 
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
@@ -547,18 +500,23 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
-    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
-    def run(*args):
+    def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
-            outputs, finals, _ = loop(*args)
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
+            outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
-        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -2241,7 +2199,7 @@ def lightning_attention__chunked(q, k, v, slope, states, K, V, chunk_size=64):
 @triton.jit
 def lightning_attention__triton_recurrent_kernel(
     q, k, v, slope,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S, o, ht_S, T_, H_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
+    h0_S, o, ht_S, ck_S, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
 ):
     """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
@@ -2255,12 +2213,16 @@ def lightning_attention__triton_recurrent_kernel(
     b_slope = tl.load(slope + i_h).to(tl.float32)
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
+    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     b_exp0 = tl.exp(-b_slope)  # scalar
     p_q = q + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
     p_k = k + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
     p_v = v + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
     p_o = o + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
     for i_t in range(0, T_):
+        if CHECKPOINT:
+            if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
+                tl.store(p_ck_S + (i_t // every) * (K * V), b_S, mask=m_S)
         b_q = tl.load(p_q, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_k = tl.load(p_k, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_v = tl.load(p_v, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
@@ -2276,8 +2238,11 @@ def lightning_attention__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def lightning_attention__triton_recurrent(q, k, v, slope, states, K, V, *, block_K=None, block_V=None, num_warps=None, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns (outputs, final states)."""
+def lightning_attention__triton_recurrent_loop(q, k, v, slope, states, K, V, *, every=0, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns
+    (outputs, final states, checkpoints):
+    with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
+    from which the derived backward recomputes the others."""
     B_, T_, H_ = q.shape[:3]
     dev = q.device
     q = q.contiguous()
@@ -2288,15 +2253,124 @@ def lightning_attention__triton_recurrent(q, k, v, slope, states, K, V, *, block
     h0_S = _triton_initial_state(states, 'S', (B_, H_, K, V), dev)
     o = torch.empty((B_, T_, H_, V), dtype=q.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
+    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
+    ck_S = torch.empty((B_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V + 1 + 1)
     if B_ * H_ > 0:
         lightning_attention__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            q, k, v, slope, h0_S, o, ht_S, T_, H_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, slope, h0_S, o, ht_S, ck_S, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
         )
-    return {'o': o}, {'S': ht_S}
+    return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
+
+
+@triton.jit
+def lightning_attention__triton_recurrent_adjoint_kernel(
+    q, k, v, slope,  # inputs [B, T, H, ...], params [H, ...]
+    ck_S, dht_S, do, dq, dk, dv, dslope, dh0_S, sc_S, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+):
+    """The derived backward of lightning_attention__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
+    Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_tile = tl.program_id(1)
+    i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
+    i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
+    offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_V = offs_V < V
+    b_slope = tl.load(slope + i_h).to(tl.float32)
+    b_dslope = tl.zeros([], dtype=tl.float32)  # summed over the steps
+    # The final states' gradients (from the loss), then carried back step by step.
+    m_S = mask_K[:, None] & mask_V[None, :]
+    b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
+    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    b_exp0 = tl.exp(-b_slope)  # scalar
+    for i_r in range(0, NC_):
+        i_c = NC_ - 1 - i_r  # segments from the last
+        t0 = i_c * every
+        t1 = t0 + every
+        if t1 > T_:
+            t1 = T_
+        # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
+        # slot (the barriers: a slot is written and read by different threads of the program).
+        tl.debug_barrier()
+        b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
+        for i_t in range(t0, t1):
+            tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
+            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_S_new = b_exp0 * b_S + b_k[:, None] * b_v[None, :]  # [BLOCK_K, BLOCK_V] lightning_attention.rec:12
+            b_S = b_S_new
+        tl.debug_barrier()
+        # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
+        b_S_new = b_S  # the state after the segment's last step
+        for i_s in range(0, t1 - t0):
+            i_t = t1 - 1 - i_s
+            b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
+            b_q = tl.load(q + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_do = tl.load(do + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+            b_dS_new = b_do[None, :] * b_q[:, None] + b_dS  # d loss / d S after step i_t
+            b_sum1 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
+            b_dq = b_sum1  # [BLOCK_K]
+            tl.store(dq + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
+            b_sum2 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
+            b_dk = b_sum2  # [BLOCK_K]
+            tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            b_sum3 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+            b_dv = b_sum3  # [BLOCK_V]
+            tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            b_sum4 = tl.sum(tl.sum(b_S * b_dS_new, axis=1), axis=0)  # scalar
+            b_dslope += -(b_exp0 * b_sum4)
+            b_dS_prev = b_exp0 * b_dS_new  # d loss / d S before step i_t
+            b_dS = b_dS_prev
+            b_S_new = b_S
+    # The initial states' gradients; the params' (this program's part: summed by the launcher).
+    tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
+    tl.store(dslope + (i_row.to(tl.int64) * H_ + i_h) * 1, b_dslope)
+
+
+def lightning_attention__triton_recurrent_adjoint(q, k, v, slope, checkpoints, grad_outputs, grad_states, K, V, *, every=64, stepwise=False, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """The backward of lightning_attention__triton_recurrent_loop in one Triton kernel, derived from the step
+    (recurrence_dsl/adjoint.py; the torch form lightning_attention__recurrent_adjoint prints the same expressions).
+    checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
+    B_, T_, H_ = q.shape[:3]
+    dev = q.device
+    q = q.contiguous()
+    k = k.contiguous()
+    v = v.contiguous()
+    slope = slope.contiguous()
+    NC_ = len(checkpoints)
+    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, K, V), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    dht_S = grad_states['S'].float().contiguous()
+    do = grad_outputs['o'].contiguous()
+    BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
+    BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
+    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
+    dq = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dv = torch.empty((B_, T_, H_, V), dtype=torch.float32, device=dev)
+    dslope = torch.zeros((NT_, B_, H_), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
+    sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    if num_warps is None:
+        num_warps = _triton_warps(4 * BLOCK_K * BLOCK_V + 2 * 1 + 1)
+    if B_ * H_ > 0:
+        lightning_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
+            q, k, v, slope, ck_S, dht_S, do, dq, dk, dv, dslope, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+        )
+    return [dq.sum(0), dk.sum(0), dv, dslope.sum((0, 1))], {'S': dh0_S}
 
 
 def lightning_attention__chunked_triton(q, k, v, slope, states, K, V, chunk_size=64, **options):
@@ -2316,7 +2390,7 @@ def lightning_attention__chunked_triton(q, k, v, slope, states, K, V, chunk_size
 
 _lightning_attention_forms = {'recurrent': lightning_attention__recurrent, 'scan': lightning_attention__scan, 'chunked': lightning_attention__chunked, 'parallel': lightning_attention__chunked}
 _lightning_attention_out, _lightning_attention_st = ('o',), ('S',)  # output and state names, for the backward
-_lightning_attention_triton_forms = {'recurrent': with_torch_backward(lightning_attention__triton_recurrent, lightning_attention__recurrent, _lightning_attention_out, _lightning_attention_st), 'chunked': lightning_attention__chunked_triton} if HAVE_TRITON else None
+_lightning_attention_triton_forms = {'recurrent': with_adjoint(lightning_attention__triton_recurrent_loop, lightning_attention__triton_recurrent_adjoint, _lightning_attention_out, _lightning_attention_st, kernels=True), 'chunked': lightning_attention__chunked_triton} if HAVE_TRITON else None
 
 
 class _LightningAttentionLayer(Layer):

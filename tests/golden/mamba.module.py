@@ -395,34 +395,6 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward through a fast form (Triton kernels, no autograd of their own); backward by re-running the
-    matching torch form under autograd from the saved inputs, so gradients are exactly the torch form's."""
-
-    @staticmethod
-    def forward(ctx, fast, slow, layout, names, *tensors):
-        args = _unflatten(layout, tensors)
-        with torch.no_grad():
-            outputs, finals = fast(*args)
-        ctx.slow, ctx.layout = slow, layout
-        ctx.save_for_backward(*tensors)
-        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outputs, finals = ctx.slow(*_unflatten(ctx.layout, inputs))
-            results = list(outputs.values()) + list(finals.values())
-        pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        if pairs and wanted:
-            got = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        else:
-            got = iter([None] * len(wanted))
-        return (None, None, None, None) + tuple(next(got) if t.requires_grad else None for t in inputs)
-
-
 def _flatten(args) -> tuple[list, list]:
     """Form arguments (tensors, a states dict, ints) -> (layout, tensors) for an autograd.Function."""
     layout, tensors = [], []
@@ -449,25 +421,6 @@ def _unflatten(layout, tensors) -> list:
         else:
             args.append(info)
     return args
-
-
-def with_torch_backward(fast, slow, output_names, state_names):
-    """A form function running `fast` forward and differentiating through `slow` (same signature).
-
-    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
-
-    def run(*args, **extra):
-        layout, tensors = _flatten(args)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return fast(*args, **extra)
-        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
-        names = (tuple(output_names), tuple(state_names))
-        flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
-                                        names, *tensors)
-        n = len(names[0])
-        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
-
-    return run
 
 
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
@@ -547,18 +500,23 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
-    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
-    def run(*args):
+    def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
-            outputs, finals, _ = loop(*args)
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
+            outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
-        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1331,7 +1289,7 @@ def mamba__scan(x, dt, B, C, A, Dskip, states, D, N):
 @triton.jit
 def mamba__triton_recurrent_kernel(
     x, dt, B, C, A, Dskip,  # inputs [B, T, H, ...], params [H, ...]
-    h0_h, y, ht_h, T_, H_, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
+    h0_h, y, ht_h, ck_h, T_, H_, every, NC_, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
 ):
     """One (batch, head, BLOCK_D lanes of D) per program (no step couples lanes of D); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
@@ -1346,12 +1304,16 @@ def mamba__triton_recurrent_kernel(
     b_Dskip = tl.load(Dskip + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
     m_h = mask_D[:, None] & mask_N[None, :]
     b_h = tl.load(h0_h + i_bh.to(tl.int64) * (D * N) + offs_D[:, None] * N + offs_N[None, :], mask=m_h, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
+    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * (D * N) + offs_D[:, None] * N + offs_N[None, :]
     p_x = x + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
     p_dt = dt + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
     p_B = B + (i_b.to(tl.int64) * T_ * H_ + i_h) * N + offs_N
     p_C = C + (i_b.to(tl.int64) * T_ * H_ + i_h) * N + offs_N
     p_y = y + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
     for i_t in range(0, T_):
+        if CHECKPOINT:
+            if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
+                tl.store(p_ck_h + (i_t // every) * (D * N), b_h, mask=m_h)
         b_x = tl.load(p_x, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_dt = tl.load(p_dt, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_B = tl.load(p_B, mask=mask_N, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -1369,8 +1331,11 @@ def mamba__triton_recurrent_kernel(
     tl.store(ht_h + i_bh.to(tl.int64) * (D * N) + offs_D[:, None] * N + offs_N[None, :], b_h, mask=m_h)
 
 
-def mamba__triton_recurrent(x, dt, B, C, A, Dskip, states, D, N, *, block_D=None, block_N=None, num_warps=None, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_D lanes of D); returns (outputs, final states)."""
+def mamba__triton_recurrent_loop(x, dt, B, C, A, Dskip, states, D, N, *, every=0, block_D=None, block_N=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_D lanes of D); returns
+    (outputs, final states, checkpoints):
+    with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
+    from which the derived backward recomputes the others."""
     B_, T_, H_ = x.shape[:3]
     dev = x.device
     x = x.contiguous()
@@ -1383,20 +1348,142 @@ def mamba__triton_recurrent(x, dt, B, C, A, Dskip, states, D, N, *, block_D=None
     h0_h = _triton_initial_state(states, 'h', (B_, H_, D, N), dev)
     y = torch.empty((B_, T_, H_, D), dtype=x.dtype, device=dev)
     ht_h = torch.empty_like(h0_h)
+    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
+    ck_h = torch.empty((B_, H_, NC_, D, N), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N + BLOCK_D)
     if B_ * H_ > 0:
         mamba__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(D, 1), BLOCK_D))](
-            x, dt, B, C, A, Dskip, h0_h, y, ht_h, T_, H_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
+            x, dt, B, C, A, Dskip, h0_h, y, ht_h, ck_h, T_, H_, max(every, 1), NC_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
         )
-    return {'y': y}, {'h': ht_h}
+    return {'y': y}, {'h': ht_h}, [{'h': ck_h[:, :, n]} for n in range(NC_)]
+
+
+@triton.jit
+def mamba__triton_recurrent_adjoint_kernel(
+    x, dt, B, C, A, Dskip,  # inputs [B, T, H, ...], params [H, ...]
+    ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dDskip, dh0_h, sc_h, B_, T_, H_, every, NC_, SLOTS_, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+):
+    """The derived backward of mamba__triton_recurrent_kernel, one (batch, head, BLOCK_D lanes of D) per program.
+    Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_tile = tl.program_id(1)
+    i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
+    i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    offs_D = i_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    offs_N = tl.arange(0, BLOCK_N)
+    mask_N = offs_N < N
+    b_A = tl.load(A + i_h * (D * N) + offs_D[:, None] * N + offs_N[None, :], mask=mask_D[:, None] & mask_N[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_N]
+    b_Dskip = tl.load(Dskip + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # summed over the steps
+    b_dDskip = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the steps
+    # The final states' gradients (from the loss), then carried back step by step.
+    m_h = mask_D[:, None] & mask_N[None, :]
+    b_dh = tl.load(dht_h + i_bh.to(tl.int64) * (D * N) + offs_D[:, None] * N + offs_N[None, :], mask=m_h, other=0.0).to(tl.float32)
+    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * (D * N) + offs_D[:, None] * N + offs_N[None, :]
+    p_sc_h = sc_h + i_slot * SLOTS_ * BLOCK_D * BLOCK_N + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    for i_r in range(0, NC_):
+        i_c = NC_ - 1 - i_r  # segments from the last
+        t0 = i_c * every
+        t1 = t0 + every
+        if t1 > T_:
+            t1 = T_
+        # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
+        # slot (the barriers: a slot is written and read by different threads of the program).
+        tl.debug_barrier()
+        b_h = tl.load(p_ck_h + i_c * (D * N), mask=m_h, other=0.0)
+        for i_t in range(t0, t1):
+            tl.store(p_sc_h + (i_t - t0) * BLOCK_D * BLOCK_N, b_h, mask=m_h)
+            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_dt = tl.load(dt + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_B = tl.load(B + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * N + offs_N, mask=mask_N, other=0.0).to(tl.float32)  # [BLOCK_N]
+            b_exp0 = tl.exp(b_dt[:, None] * b_A)  # [BLOCK_D, BLOCK_N]
+            b_h_new = b_exp0 * b_h + b_B[None, :] * b_dt[:, None] * b_x[:, None]  # [BLOCK_D, BLOCK_N] mamba.rec:12
+            b_h = b_h_new
+        tl.debug_barrier()
+        # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
+        b_h_new = b_h  # the state after the segment's last step
+        for i_s in range(0, t1 - t0):
+            i_t = t1 - 1 - i_s
+            b_h = tl.load(p_sc_h + (i_t - t0) * BLOCK_D * BLOCK_N, mask=m_h, other=0.0)
+            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_dt = tl.load(dt + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_B = tl.load(B + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * N + offs_N, mask=mask_N, other=0.0).to(tl.float32)  # [BLOCK_N]
+            b_C = tl.load(C + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * N + offs_N, mask=mask_N, other=0.0).to(tl.float32)  # [BLOCK_N]
+            b_dy = tl.load(dy + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_dh_new = b_C[None, :] * b_dy[:, None] + b_dh  # d loss / d h after step i_t
+            b_sum1 = tl.sum(b_B[None, :] * b_dh_new, axis=1)  # [BLOCK_D]
+            b_dx = b_Dskip * b_dy + b_sum1 * b_dt  # [BLOCK_D]
+            tl.store(dx + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
+            b_exp0 = tl.exp(b_dt[:, None] * b_A)  # [BLOCK_D, BLOCK_N]
+            b_sum2 = tl.sum(b_A * b_exp0 * b_h * b_dh_new, axis=1)  # [BLOCK_D]
+            b_ddt = b_sum1 * b_x + b_sum2  # [BLOCK_D]
+            tl.store(ddt + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_ddt, mask=mask_D)
+            b_sum3 = tl.sum(b_dt[:, None] * b_x[:, None] * b_dh_new, axis=0)  # [BLOCK_N]
+            b_dB = b_sum3  # [BLOCK_N]
+            tl.store(dB + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * N + offs_N, b_dB, mask=mask_N)
+            b_sum4 = tl.sum(b_dy[:, None] * b_h_new, axis=0)  # [BLOCK_N]
+            b_dC = b_sum4  # [BLOCK_N]
+            tl.store(dC + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * N + offs_N, b_dC, mask=mask_N)
+            b_dA += b_dt[:, None] * b_exp0 * b_h * b_dh_new
+            b_dDskip += b_x * b_dy
+            b_dh_prev = b_exp0 * b_dh_new  # d loss / d h before step i_t
+            b_dh = b_dh_prev
+            b_h_new = b_h
+    # The initial states' gradients; the params' (this program's part: summed by the launcher).
+    tl.store(dh0_h + (i_b.to(tl.int64) * H_ + i_h) * (D * N) + offs_D[:, None] * N + offs_N[None, :], b_dh, mask=m_h)
+    tl.store(dA + (i_row.to(tl.int64) * H_ + i_h) * (D * N) + offs_D[:, None] * N + offs_N[None, :], b_dA, mask=mask_D[:, None] & mask_N[None, :])
+    tl.store(dDskip + (i_row.to(tl.int64) * H_ + i_h) * D + offs_D, b_dDskip, mask=mask_D)
+
+
+def mamba__triton_recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_outputs, grad_states, D, N, *, every=64, stepwise=False, block_D=None, block_N=None, num_warps=None, num_stages=1):
+    """The backward of mamba__triton_recurrent_loop in one Triton kernel, derived from the step
+    (recurrence_dsl/adjoint.py; the torch form mamba__recurrent_adjoint prints the same expressions).
+    checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
+    B_, T_, H_ = x.shape[:3]
+    dev = x.device
+    x = x.contiguous()
+    dt = dt.contiguous()
+    B = B.contiguous()
+    C = C.contiguous()
+    A = A.contiguous()
+    Dskip = Dskip.contiguous()
+    NC_ = len(checkpoints)
+    ck_h = (torch.stack([c['h'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, D, N), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    dht_h = grad_states['h'].float().contiguous()
+    dy = grad_outputs['y'].contiguous()
+    BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
+    BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
+    NT_ = triton.cdiv(max(D, 1), BLOCK_D)  # tiles of D
+    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
+    dx = torch.empty((B_, T_, H_, D), dtype=torch.float32, device=dev)
+    ddt = torch.empty((B_, T_, H_, D), dtype=torch.float32, device=dev)
+    dB = torch.empty((NT_, B_, T_, H_, N), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dC = torch.empty((NT_, B_, T_, H_, N), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dA = torch.zeros((NT_, B_, H_, D, N), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dDskip = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dh0_h = torch.empty((B_, H_, D, N), dtype=torch.float32, device=dev)
+    sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D * BLOCK_N,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    if num_warps is None:
+        num_warps = _triton_warps(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N + 2 * BLOCK_D)
+    if B_ * H_ > 0:
+        mamba__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
+            x, dt, B, C, A, Dskip, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dDskip, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
+        )
+    return [dx, ddt, dB.sum(0), dC.sum(0), dA.sum((0, 1)), dDskip.sum((0, 1))], {'h': dh0_h}
 
 
 _mamba_forms = {'recurrent': mamba__recurrent, 'scan': mamba__scan}
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba_triton_forms = {'recurrent': with_torch_backward(mamba__triton_recurrent, mamba__recurrent, _mamba_out, _mamba_st)} if HAVE_TRITON else None
+_mamba_triton_forms = {'recurrent': with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)} if HAVE_TRITON else None
 
 
 class _MambaLayer(Layer):

@@ -397,34 +397,6 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward through a fast form (Triton kernels, no autograd of their own); backward by re-running the
-    matching torch form under autograd from the saved inputs, so gradients are exactly the torch form's."""
-
-    @staticmethod
-    def forward(ctx, fast, slow, layout, names, *tensors):
-        args = _unflatten(layout, tensors)
-        with torch.no_grad():
-            outputs, finals = fast(*args)
-        ctx.slow, ctx.layout = slow, layout
-        ctx.save_for_backward(*tensors)
-        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outputs, finals = ctx.slow(*_unflatten(ctx.layout, inputs))
-            results = list(outputs.values()) + list(finals.values())
-        pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        if pairs and wanted:
-            got = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        else:
-            got = iter([None] * len(wanted))
-        return (None, None, None, None) + tuple(next(got) if t.requires_grad else None for t in inputs)
-
-
 def _flatten(args) -> tuple[list, list]:
     """Form arguments (tensors, a states dict, ints) -> (layout, tensors) for an autograd.Function."""
     layout, tensors = [], []
@@ -451,25 +423,6 @@ def _unflatten(layout, tensors) -> list:
         else:
             args.append(info)
     return args
-
-
-def with_torch_backward(fast, slow, output_names, state_names):
-    """A form function running `fast` forward and differentiating through `slow` (same signature).
-
-    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
-
-    def run(*args, **extra):
-        layout, tensors = _flatten(args)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return fast(*args, **extra)
-        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
-        names = (tuple(output_names), tuple(state_names))
-        flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
-                                        names, *tensors)
-        n = len(names[0])
-        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
-
-    return run
 
 
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
@@ -549,18 +502,23 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
-    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
-    def run(*args):
+    def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
-            outputs, finals, _ = loop(*args)
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
+            outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
-        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1250,7 +1208,7 @@ minimal_rnn__recurrent = with_adjoint(minimal_rnn__recurrent_loop, minimal_rnn__
 @triton.jit
 def minimal_rnn__triton_recurrent_kernel(
     x, Uh, Uz, bu,  # inputs [B, T, H, ...], params [H, ...]
-    h0_h, y, ht_h, T_, H_, D, BLOCK_D: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
+    h0_h, y, ht_h, ck_h, T_, H_, every, NC_, D, BLOCK_D: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
 ):
     """One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
@@ -1262,9 +1220,13 @@ def minimal_rnn__triton_recurrent_kernel(
     b_Uz = tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
     b_bu = tl.load(bu + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
     b_h = tl.load(h0_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * D + offs_D
     p_x = x + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
     p_y = y + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
     for i_t in range(0, T_):
+        if CHECKPOINT:
+            if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
+                tl.store(p_ck_h + (i_t // every) * D, b_h, mask=mask_D)
         b_x = tl.load(p_x, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
         b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
@@ -1279,8 +1241,10 @@ def minimal_rnn__triton_recurrent_kernel(
     tl.store(ht_h + i_bh.to(tl.int64) * D + offs_D, b_h, mask=mask_D)
 
 
-def minimal_rnn__triton_recurrent(x, Uh, Uz, bu, states, D, *, block_D=None, num_warps=None, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head); returns (outputs, final states)."""
+def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, block_D=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head); returns (outputs, final states, checkpoints):
+    with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
+    from which the derived backward recomputes the others."""
     B_, T_, H_ = x.shape[:3]
     dev = x.device
     x = x.contiguous()
@@ -1291,19 +1255,135 @@ def minimal_rnn__triton_recurrent(x, Uh, Uz, bu, states, D, *, block_D=None, num
     h0_h = _triton_initial_state(states, 'h', (B_, H_, D), dev)
     y = torch.empty((B_, T_, H_, D), dtype=x.dtype, device=dev)
     ht_h = torch.empty_like(h0_h)
+    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
+    ck_h = torch.empty((B_, H_, NC_, D), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_kernel[(B_ * H_,)](
-            x, Uh, Uz, bu, h0_h, y, ht_h, T_, H_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
+            x, Uh, Uz, bu, h0_h, y, ht_h, ck_h, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
         )
-    return {'y': y}, {'h': ht_h}
+    return {'y': y}, {'h': ht_h}, [{'h': ck_h[:, :, n]} for n in range(NC_)]
+
+
+@triton.jit
+def minimal_rnn__triton_recurrent_adjoint_kernel(
+    x, Uh, Uz, bu,  # inputs [B, T, H, ...], params [H, ...]
+    ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, every, NC_, SLOTS_, D, BLOCK_D: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+):
+    """The derived backward of minimal_rnn__triton_recurrent_kernel, one (batch, head) per program.
+    Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_row = i_b
+    i_slot = i_bh.to(tl.int64)  # this program's scratch
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_Uh = tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
+    b_Uz = tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
+    b_bu = tl.load(bu + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+    b_dUh = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
+    b_dUz = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
+    b_dbu = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the steps
+    # The final states' gradients (from the loss), then carried back step by step.
+    b_dh = tl.load(dht_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * D + offs_D
+    p_sc_h = sc_h + i_slot * SLOTS_ * BLOCK_D + tl.arange(0, BLOCK_D)
+    for i_r in range(0, NC_):
+        i_c = NC_ - 1 - i_r  # segments from the last
+        t0 = i_c * every
+        t1 = t0 + every
+        if t1 > T_:
+            t1 = T_
+        # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
+        # slot (the barriers: a slot is written and read by different threads of the program).
+        tl.debug_barrier()
+        b_h = tl.load(p_ck_h + i_c * D, mask=mask_D, other=0.0)
+        for i_t in range(t0, t1):
+            tl.store(p_sc_h + (i_t - t0) * BLOCK_D, b_h, mask=mask_D)
+            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
+            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
+            b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
+            b_h_new = b_tanh1 * b_t4 + b_sigmoid3 * b_h  # [BLOCK_D] minimal_rnn.rec:12,13,14
+            b_h = b_h_new
+        tl.debug_barrier()
+        # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
+        b_h_new = b_h  # the state after the segment's last step
+        for i_s in range(0, t1 - t0):
+            i_t = t1 - 1 - i_s
+            b_h = tl.load(p_sc_h + (i_t - t0) * BLOCK_D, mask=mask_D, other=0.0)
+            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_dy = tl.load(dy + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_dh_new = b_dh + b_dy  # d loss / d h after step i_t
+            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
+            b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
+            b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
+            b_t7 = b_tanh1 * b_tanh1  # [BLOCK_D]
+            b_t8 = 1.0 - b_t7  # [BLOCK_D]
+            b_sum9 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
+            b_sum10 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
+            b_dx = (b_t7 - 1.0) * b_sum10 + b_t8 * b_sum9 + b_t4 * b_t8 * b_dh_new  # [BLOCK_D]
+            tl.store(dx + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
+            b_dUh += b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_h[None, :] * b_dh_new[:, None] - b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[None, :] * b_dh_new[:, None]
+            b_dUz += b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] - b_tanh1[:, None] * b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None]
+            b_dbu += b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new
+            b_sum5 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
+            b_sum6 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
+            b_dh_prev = b_sigmoid3 * b_dh_new + b_sum6 - b_sum5  # d loss / d h before step i_t
+            b_dh = b_dh_prev
+            b_h_new = b_h
+    # The initial states' gradients; the params' (this program's part: summed by the launcher).
+    tl.store(dh0_h + (i_b.to(tl.int64) * H_ + i_h) * D + offs_D, b_dh, mask=mask_D)
+    tl.store(dUh + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUh, mask=mask_D[:, None] & mask_D[None, :])
+    tl.store(dUz + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUz, mask=mask_D[:, None] & mask_D[None, :])
+    tl.store(dbu + (i_row.to(tl.int64) * H_ + i_h) * D + offs_D, b_dbu, mask=mask_D)
+
+
+def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outputs, grad_states, D, *, every=64, stepwise=False, block_D=None, num_warps=None, num_stages=1):
+    """The backward of minimal_rnn__triton_recurrent_loop in one Triton kernel, derived from the step
+    (recurrence_dsl/adjoint.py; the torch form minimal_rnn__recurrent_adjoint prints the same expressions).
+    checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
+    B_, T_, H_ = x.shape[:3]
+    dev = x.device
+    x = x.contiguous()
+    Uh = Uh.contiguous()
+    Uz = Uz.contiguous()
+    bu = bu.contiguous()
+    NC_ = len(checkpoints)
+    ck_h = (torch.stack([c['h'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, D), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    dht_h = grad_states['h'].float().contiguous()
+    dy = grad_outputs['y'].contiguous()
+    BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
+    NT_ = 1  # one program per (batch, head)
+    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
+    dx = torch.empty((NT_, B_, T_, H_, D), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dUh = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dUz = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
+    sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    if num_warps is None:
+        num_warps = _triton_warps(4 * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D)
+    if B_ * H_ > 0:
+        minimal_rnn__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
+            x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
+        )
+    return [dx.sum(0), dUh.sum((0, 1)), dUz.sum((0, 1)), dbu.sum((0, 1))], {'h': dh0_h}
 
 
 _minimal_rnn_forms = {'recurrent': minimal_rnn__recurrent}
 _minimal_rnn_out, _minimal_rnn_st = ('y',), ('h',)  # output and state names, for the backward
-_minimal_rnn_triton_forms = {'recurrent': with_torch_backward(minimal_rnn__triton_recurrent, minimal_rnn__recurrent, _minimal_rnn_out, _minimal_rnn_st)} if HAVE_TRITON else None
+_minimal_rnn_triton_forms = {'recurrent': with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True)} if HAVE_TRITON else None
 
 
 class _MinimalRnnLayer(Layer):

@@ -395,34 +395,6 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
-class _RecomputeBackward(torch.autograd.Function):
-    """Forward through a fast form (Triton kernels, no autograd of their own); backward by re-running the
-    matching torch form under autograd from the saved inputs, so gradients are exactly the torch form's."""
-
-    @staticmethod
-    def forward(ctx, fast, slow, layout, names, *tensors):
-        args = _unflatten(layout, tensors)
-        with torch.no_grad():
-            outputs, finals = fast(*args)
-        ctx.slow, ctx.layout = slow, layout
-        ctx.save_for_backward(*tensors)
-        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            outputs, finals = ctx.slow(*_unflatten(ctx.layout, inputs))
-            results = list(outputs.values()) + list(finals.values())
-        pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        if pairs and wanted:
-            got = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        else:
-            got = iter([None] * len(wanted))
-        return (None, None, None, None) + tuple(next(got) if t.requires_grad else None for t in inputs)
-
-
 def _flatten(args) -> tuple[list, list]:
     """Form arguments (tensors, a states dict, ints) -> (layout, tensors) for an autograd.Function."""
     layout, tensors = [], []
@@ -449,25 +421,6 @@ def _unflatten(layout, tensors) -> list:
         else:
             args.append(info)
     return args
-
-
-def with_torch_backward(fast, slow, output_names, state_names):
-    """A form function running `fast` forward and differentiating through `slow` (same signature).
-
-    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
-
-    def run(*args, **extra):
-        layout, tensors = _flatten(args)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return fast(*args, **extra)
-        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
-        names = (tuple(output_names), tuple(state_names))
-        flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
-                                        names, *tensors)
-        n = len(names[0])
-        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
-
-    return run
 
 
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
@@ -547,18 +500,23 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
-    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop)."""
+    and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
+    options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
+    kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
-    def run(*args):
+    def run(*args, **extra):
         layout, tensors = _flatten(args)
         if (adjoint is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-                or os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd"):
-            outputs, finals, _ = loop(*args)
+                or (not kernels and os.environ.get(RECURRENT_BACKWARD, "adjoint") == "autograd")):
+            outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
-        flat = _AdjointBackward.apply(loop, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]), *tensors)
+        forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1581,7 +1539,7 @@ def rwkv7__chunked(r, w, k, v, kk, a, u, states, K, V, chunk_size=64):
 @triton.jit
 def rwkv7__triton_recurrent_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S, o, ht_S, T_, H_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # states in, outputs, states out, constants, sizes, blocks
+    h0_S, o, ht_S, ck_S, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
 ):
     """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
@@ -1595,6 +1553,7 @@ def rwkv7__triton_recurrent_kernel(
     b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
+    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     p_r = r + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
     p_w = w + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
     p_k = k + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
@@ -1603,6 +1562,9 @@ def rwkv7__triton_recurrent_kernel(
     p_a = a + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
     p_o = o + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
     for i_t in range(0, T_):
+        if CHECKPOINT:
+            if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
+                tl.store(p_ck_S + (i_t // every) * (K * V), b_S, mask=m_S)
         b_r = tl.load(p_r, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_w = tl.load(p_w, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
         b_k = tl.load(p_k, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
@@ -1626,8 +1588,11 @@ def rwkv7__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def rwkv7__triton_recurrent(r, w, k, v, kk, a, u, states, K, V, *, block_K=None, block_V=None, num_warps=None, num_stages=1):
-    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns (outputs, final states)."""
+def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns
+    (outputs, final states, checkpoints):
+    with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
+    from which the derived backward recomputes the others."""
     B_, T_, H_ = r.shape[:3]
     dev = r.device
     r = r.contiguous()
@@ -1641,20 +1606,155 @@ def rwkv7__triton_recurrent(r, w, k, v, kk, a, u, states, K, V, *, block_K=None,
     h0_S = _triton_initial_state(states, 'S', (B_, H_, K, V), dev)
     o = torch.empty((B_, T_, H_, V), dtype=r.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
+    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
+    ck_S = torch.empty((B_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V + BLOCK_K)
     if B_ * H_ > 0:
         rwkv7__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            r, w, k, v, kk, a, u, h0_S, o, ht_S, T_, H_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            r, w, k, v, kk, a, u, h0_S, o, ht_S, ck_S, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
         )
-    return {'o': o}, {'S': ht_S}
+    return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
+
+
+@triton.jit
+def rwkv7__triton_recurrent_adjoint_kernel(
+    r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
+    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+):
+    """The derived backward of rwkv7__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
+    Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_tile = tl.program_id(1)
+    i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
+    i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
+    offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_V = offs_V < V
+    b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+    b_du = tl.zeros([BLOCK_K], dtype=tl.float32)  # summed over the steps
+    # The final states' gradients (from the loss), then carried back step by step.
+    m_S = mask_K[:, None] & mask_V[None, :]
+    b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
+    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    for i_r in range(0, NC_):
+        i_c = NC_ - 1 - i_r  # segments from the last
+        t0 = i_c * every
+        t1 = t0 + every
+        if t1 > T_:
+            t1 = T_
+        # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
+        # slot (the barriers: a slot is written and read by different threads of the program).
+        tl.debug_barrier()
+        b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
+        for i_t in range(t0, t1):
+            tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
+            b_w = tl.load(w + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_kk = tl.load(kk + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_a = tl.load(a + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_exp0 = tl.exp(b_w)  # [BLOCK_K]
+            b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
+            b_S_new = b_exp0[:, None] * b_S + b_k[:, None] * b_v[None, :] - b_sum1[None, :] * b_a[:, None] * b_kk[:, None]  # [BLOCK_K, BLOCK_V] rwkv7.rec:13
+            b_S = b_S_new
+        tl.debug_barrier()
+        # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
+        b_S_new = b_S  # the state after the segment's last step
+        for i_s in range(0, t1 - t0):
+            i_t = t1 - 1 - i_s
+            b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
+            b_r = tl.load(r + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_w = tl.load(w + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_kk = tl.load(kk + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_a = tl.load(a + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_do = tl.load(do + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+            b_dS_new = b_do[None, :] * b_r[:, None] + b_dS  # d loss / d S after step i_t
+            b_sum3 = tl.sum(b_do * b_v, axis=0)  # scalar
+            b_sum4 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
+            b_dr = b_sum3 * b_k * b_u + b_sum4  # [BLOCK_K]
+            tl.store(dr + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
+            b_exp0 = tl.exp(b_w)  # [BLOCK_K]
+            b_sum5 = tl.sum(b_S * b_dS_new, axis=1)  # [BLOCK_K]
+            b_dw = b_exp0 * b_sum5  # [BLOCK_K]
+            tl.store(dw + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
+            b_sum6 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
+            b_dk = b_sum3 * b_r * b_u + b_sum6  # [BLOCK_K]
+            tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            b_sum7 = tl.sum(b_k * b_r * b_u, axis=0)  # scalar
+            b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+            b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
+            tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+            b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
+            b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
+            b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
+            b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
+            tl.store(dkk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
+            b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
+            tl.store(da + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
+            b_du += b_sum3 * b_k * b_r
+            b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
+            b_dS = b_dS_prev
+            b_S_new = b_S
+    # The initial states' gradients; the params' (this program's part: summed by the launcher).
+    tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
+    tl.store(du + (i_row.to(tl.int64) * H_ + i_h) * K + offs_K, b_du, mask=mask_K)
+
+
+def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, grad_states, K, V, *, every=64, stepwise=False, block_K=None, block_V=None, num_warps=None, num_stages=1):
+    """The backward of rwkv7__triton_recurrent_loop in one Triton kernel, derived from the step
+    (recurrence_dsl/adjoint.py; the torch form rwkv7__recurrent_adjoint prints the same expressions).
+    checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
+    B_, T_, H_ = r.shape[:3]
+    dev = r.device
+    r = r.contiguous()
+    w = w.contiguous()
+    k = k.contiguous()
+    v = v.contiguous()
+    kk = kk.contiguous()
+    a = a.contiguous()
+    u = u.contiguous()
+    NC_ = len(checkpoints)
+    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, K, V), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    dht_S = grad_states['S'].float().contiguous()
+    do = grad_outputs['o'].contiguous()
+    BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
+    BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
+    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
+    dr = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dw = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dv = torch.empty((B_, T_, H_, V), dtype=torch.float32, device=dev)
+    dkk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    da = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    du = torch.zeros((NT_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
+    sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    if num_warps is None:
+        num_warps = _triton_warps(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
+    if B_ * H_ > 0:
+        rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+        )
+    return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
 
 _rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': rwkv7__chunked}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = {'recurrent': with_torch_backward(rwkv7__triton_recurrent, rwkv7__recurrent, _rwkv7_out, _rwkv7_st)} if HAVE_TRITON else None
+_rwkv7_triton_forms = {'recurrent': with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)} if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
