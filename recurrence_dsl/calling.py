@@ -21,7 +21,7 @@ class BoundCall:
     params: dict[str, torch.Tensor]  # [H, *dims]
     initial_state: dict[str, torch.Tensor] | None  # [N or B, H, *dims]
     output_final_state: bool
-    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU
+    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU (as given, unchecked, with check_values=False)
     batch: int
     length: int
     heads: int
@@ -66,8 +66,12 @@ class _SizeBinder:
         self.origin.setdefault(size, what)
 
 
-def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
-    """Match positional and keyword arguments to inputs and params, and check every shape."""
+def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:
+    """Match positional and keyword arguments to inputs and params, and check every shape.
+
+    check_values=False leaves out the one check that reads tensor values, `cu_seqlens`' boundaries
+    (`check_cu_seqlens`), and keeps `cu_seqlens` where it is: under torch.compile the checks run while Dynamo
+    traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
@@ -141,14 +145,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
         if batch != 1:
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        if len(cu) < 2:
+        if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        if cu[0] != 0 or cu[-1] != length:
-            raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    rows = batch if cu is None else len(cu) - 1
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+    rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
     if states is not None:
@@ -186,6 +186,17 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         device=device,
         dtype=first.dtype,
     )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """`cu_seqlens` (a 1-D integer tensor of at least two boundaries) as int64 on the CPU, checked: it starts at 0,
+    ends at T=`length` and never decreases; raises `CallError` otherwise."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0] != 0 or cu[-1] != length:
+        raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    return cu
 
 
 def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.Tensor] | None:
