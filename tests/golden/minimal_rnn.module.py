@@ -18,6 +18,7 @@ The spec:
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class BoundCall:
     params: dict[str, torch.Tensor]  # [H, *dims]
     initial_state: dict[str, torch.Tensor] | None  # [N or B, H, *dims]
     output_final_state: bool
-    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU
+    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU (as given, unchecked, with check_values=False)
     batch: int
     length: int
     heads: int
@@ -133,8 +134,12 @@ class _SizeBinder:
         self.origin.setdefault(size, what)
 
 
-def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
-    """Match positional and keyword arguments to inputs and params, and check every shape."""
+def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:
+    """Match positional and keyword arguments to inputs and params, and check every shape.
+
+    check_values=False leaves out the one check that reads tensor values, `cu_seqlens`' boundaries
+    (`check_cu_seqlens`), and keeps `cu_seqlens` where it is: under torch.compile the checks run while Dynamo
+    traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
@@ -208,14 +213,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
         if batch != 1:
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        if len(cu) < 2:
+        if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        if cu[0] != 0 or cu[-1] != length:
-            raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    rows = batch if cu is None else len(cu) - 1
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+    rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
     if states is not None:
@@ -253,6 +254,17 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         device=device,
         dtype=first.dtype,
     )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """`cu_seqlens` (a 1-D integer tensor of at least two boundaries) as int64 on the CPU, checked: it starts at 0,
+    ends at T=`length` and never decreases; raises `CallError` otherwise."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0] != 0 or cu[-1] != length:
+        raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    return cu
 
 
 def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.Tensor] | None:
@@ -639,6 +651,8 @@ class Layer:
         self.forms = forms
         self.triton_forms = triton_forms
         self.form, self.backend, self.chunk_size, self.tuned = form, backend, chunk_size, tuned
+        # The op is registered here, not at the first compiled call: Dynamo cannot trace a registration.
+        self._op, self._op_index = _layer_op(self)
 
     @property
     def name(self) -> str:
@@ -681,8 +695,22 @@ class Layer:
         return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size)  # noqa: F821
 
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
-        """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
-        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
+        """Bind and check a call, choose backend, form and config, and run it (see `__call__`).
+
+        Under torch.compile the checks run while Dynamo traces (so a bad call raises the same `CallError` as in
+        eager mode, at trace time) and the run is one call of the recurrence's op (`_layer_op`), which Dynamo
+        and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
+        (the op's backward recomputes the forward, which an eager call need not pay)."""
+        compiling = torch.compiler.is_compiling()
+        call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
+        form, backend, chunk, config, tuned = self._plan(call, form, backend, chunk_size, config)
+        if compiling:
+            return self._through_op(call, form, backend, chunk, config, tuned)
+        return self._run(call, form, backend, chunk, config, self if tuned else None)
+
+    def _plan(self, call, form, backend, chunk_size, config) -> tuple:
+        """`(form, backend, chunk, config, tuned)` of a bound call, every choice that does not depend on the length
+        checked (a `CallError` otherwise); tuned: whether the tuning lookup decides the config at run time."""
         form = self.form if form is None else form
         why = _form_error(self.recurrence, form, self.forms, None, "torch")
         if why:
@@ -706,20 +734,44 @@ class Layer:
         fns = self.triton_forms if backend == "triton" else self.forms
         chunk = self.chunk_size if chunk_size is None else chunk_size
         why = _chunk_size_error(chunk, backend if "chunked" in fns else "torch")
-        if config is None and chunk_size is None and self.tuned is not None and not why:
+        tuned = config is None and chunk_size is None and self.tuned is not None and not why
+        if config is not None:
+            self._config_form(config, form if form != "auto" else None, fns, backend)
+            why = _chunk_size_error(config.get("chunk_size", chunk), backend)
+        if why:
+            raise CallError(why)  # noqa: F821
+        return form, backend, chunk, config, tuned
+
+    def _run(self, call, form: str, backend: str, chunk: int, config, tuned):
+        """Run a planned call through the forms; tuned: None, or the layer whose lookup gives the config."""
+        fns = self.triton_forms if backend == "triton" else self.forms
+        if tuned is not None:
             resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
-            config = self.tuned(self, call, resolved, backend)
+            config = tuned.tuned(tuned, call, resolved, backend)
         options = {}
         if config is not None:
             target = self._config_form(config, form if form != "auto" else None, fns, backend)
             chunk = config.get("chunk_size", chunk)
             why = _chunk_size_error(chunk, backend)
+            if why:
+                raise CallError(why)  # noqa: F821
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
-        if why:
-            raise CallError(why)  # noqa: F821
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+
+    def _through_op(self, call, form: str, backend: str, chunk: int, config, tuned: bool):
+        """A planned call as one call of the recurrence's op (what torch.compile traces)."""
+        spec = self.recurrence
+        tensors = [call.inputs[s.name] for s in spec.inputs] + [call.params[s.name] for s in spec.params]
+        if call.initial_state is not None:
+            tensors += [call.initial_state[s.name] for s in spec.states]
+        flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_config(config),
+                        call.output_final_state, self._op_index if tuned else -1)
+        count = len(spec.outputs)
+        outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
+        finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
+        return pack_result(spec, outputs, finals)  # noqa: F821 - from calling.py
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -744,6 +796,192 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: one torch.library custom op per recurrence.
+#
+# Dynamo cannot trace the forms: they read values on the host (the chunked forms' `_check_steps` sync, packed
+# sequences' `cu_seqlens.tolist()`, the fall-back to the step-by-step form on an unsafe step) and branch on them.
+# So under torch.compile a layer call is one opaque op, `recurrence_dsl::<name>_<spec hash>`, taking the flat
+# tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
+# chunk_size, config, output_final_state, the tuning lookup), and returning the outputs and, when asked, the final
+# states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes, so a symbolic T
+# flows through and one graph serves every length. Its autograd formula is a second op, `..._backward`, that
+# recomputes the forward under autograd and differentiates it (torch.autograd.grad), so whatever backward the form
+# has (the derived adjoint of the recurrent form, autograd through the chunked form, the Triton path's own
+# backward) runs inside it, unchanged. That costs one more forward per backward, which is why eager calls keep
+# calling the forms directly (Layer._call).
+#
+# The op is keyed by the spec's hash, so a module loaded twice in one process (the compile() cache and a file
+# written by `recdsl compile`) registers it once: the second finds it in a table kept on the `torch.ops` namespace
+# object (shared by every copy of this code, which a module-level dict here would not be) and runs the first
+# copy's forms, which are the same text.
+# ----------------------------------------------------------------------------------------------------------------
+
+OP_NAMESPACE = "recurrence_dsl"
+_OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
+_OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str config, "
+              "bool output_final_state, int tuned) -> Tensor[]")
+_OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor?[] grads, bool[] needs, str form, str backend, "
+                       "int chunk_size, str config, bool output_final_state, int tuned) -> Tensor[]")
+
+
+def op_name(spec) -> str:
+    """The op's name in the `recurrence_dsl` namespace: `<name>_<spec hash>` (ASCII letters, digits and _)."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in spec.name)
+    return f"{name}_{spec.spec_hash}"
+
+
+def _encode_config(config) -> str:
+    """A config dict as the op's `config` string ("" for none): `key=repr(value)` pairs, sorted, comma-separated
+    (plain string formatting, which Dynamo traces; json.dumps it does not)."""
+    if config is None:
+        return ""
+    return ",".join(f"{k}={v!r}" for k, v in sorted(config.items()))
+
+
+def _decode_config(text: str):
+    if not text:
+        return None
+    pairs = (item.split("=", 1) for item in text.split(","))
+    return {k: ast.literal_eval(v) for k, v in pairs}
+
+
+def _autograd_reenabled():
+    """A guard under which autograd records again inside an op's kernel: torch runs custom-op kernels below
+    autograd (its autograd dispatch keys excluded, thread-locally), so without it the backward's recompute
+    would build no graph to differentiate. There is no public API for this; torch's own leaf functions
+    (torch/_higher_order_ops/invoke_leaf_function.py) use the same private guard."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+class _LayerOp:
+    """A recurrence's forward and backward ops and the layers whose tuning lookups run inside them."""
+
+    def __init__(self, layer):
+        self.layer = layer  # the layer that registered the op: its forms and spec run every call
+        self.lookups: list = []  # layers with a tuning lookup, by the op's `tuned` index
+        spec = layer.recurrence
+        name = f"{OP_NAMESPACE}::{op_name(spec)}"
+        forward = torch.library.custom_op(name, self._forward, mutates_args=(), schema=_OP_SCHEMA)
+        forward.register_fake(self._forward_fake)
+        backward = torch.library.custom_op(name + "_backward", self._backward, mutates_args=(),
+                                           schema=_OP_BACKWARD_SCHEMA)
+        backward.register_fake(self._backward_fake)
+        forward.register_autograd(self._differentiate, setup_context=self._setup_context)
+        packet = getattr(torch.ops, OP_NAMESPACE)
+        self.forward = getattr(packet, op_name(spec)).default
+        self.backward = getattr(packet, op_name(spec) + "_backward").default
+
+    def index(self, layer) -> int:
+        """The op's `tuned` argument for `layer`: -1 without a lookup, else its place in `lookups`."""
+        if layer.tuned is None:
+            return -1
+        self.lookups.append(layer)
+        return len(self.lookups) - 1
+
+    def _results(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned) -> list:
+        """The outputs (and final states) of one call, from the op's arguments: bound and checked again, now
+        with the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
+        spec = self.layer.recurrence
+        count = len(spec.inputs) + len(spec.params)
+        states = list(tensors[count:])
+        kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
+                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens}
+        call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
+        owner = self.lookups[tuned] if tuned >= 0 else None
+        output, final = self.layer._run(call, form, backend, chunk_size, _decode_config(config), owner)
+        flat = list(output) if len(spec.outputs) > 1 else [output]
+        if final is not None:
+            flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
+        return flat
+
+    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned):
+        with torch.no_grad():
+            flat = self._results(tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned)
+        # An op's outputs may not alias its inputs or each other (a final state of an empty sequence is its
+        # initial state), and they are laid out as the fake ones are (contiguous).
+        seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        results = []
+        for r in flat:
+            r = r.contiguous()
+            if r.numel() and r.untyped_storage().data_ptr() in seen:
+                r = r.clone()
+            seen.add(r.untyped_storage().data_ptr())
+            results.append(r)
+        return results
+
+    def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned):
+        """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
+        the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
+        spec = self.layer.recurrence
+        first = tensors[0]
+        sizes = {}
+        groups = ((spec.inputs, 3), (spec.params, 1), (spec.states, 2))
+        at = 0
+        for symbols, lead in groups:
+            for sym, t in zip(symbols, tensors[at:at + len(symbols)]):
+                for pos, dim in enumerate(sym.dims):
+                    if isinstance(dim, str):
+                        sizes.setdefault(dim, t.shape[lead + pos])
+            at += len(symbols)
+
+        def dims(sym) -> tuple:
+            return tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims)
+
+        batch, length, heads = first.shape[:3]
+        results = [first.new_empty((batch, length, heads) + dims(o)) for o in spec.outputs]
+        if output_final_state:
+            rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            results += [first.new_empty((rows, heads) + dims(s), dtype=compute_dtype(first.dtype))  # noqa: F821
+                        for s in spec.states]
+        return results
+
+    def _setup_context(self, ctx, inputs, output):
+        tensors, cu_seqlens, *static = inputs
+        ctx.needs = [t.requires_grad for t in tensors]
+        ctx.static = static
+        ctx.count = len(tensors)
+        ctx.save_for_backward(*tensors, cu_seqlens)
+
+    def _differentiate(self, ctx, grads):
+        saved = ctx.saved_tensors
+        got = iter(self.backward(list(saved[: ctx.count]), saved[ctx.count], list(grads), ctx.needs, *ctx.static))
+        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (1 + len(ctx.static))
+
+    def _backward(self, tensors, cu_seqlens, grads, needs, form, backend, chunk_size, config, output_final_state,
+                  tuned):
+        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated."""
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+        wanted = [t for t in leaves if t.requires_grad]
+        with _autograd_reenabled(), torch.enable_grad():
+            flat = self._results(leaves, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned)
+            pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
+            got = [None] * len(wanted)
+            if pairs and wanted:
+                got = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
+
+    def _backward_fake(self, tensors, cu_seqlens, grads, needs, form, backend, chunk_size, config,
+                       output_final_state, tuned):
+        return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
+
+
+def _layer_op(layer) -> tuple:
+    """`(forward op, tuned index)` of a layer: its recurrence's op, registered at the first layer of that spec in
+    the process, and the `tuned` argument its calls pass."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    table = namespace.__dict__.setdefault(_OP_TABLE, {})
+    name = op_name(layer.recurrence)
+    if name not in table:
+        table[name] = _LayerOp(layer)
+    entry = table[name]
+    return entry.forward, entry.index(layer)
 
 
 # ====================================================================================================
