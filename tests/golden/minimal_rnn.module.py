@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 import os
 from dataclasses import dataclass
 
@@ -105,8 +106,15 @@ class BoundCall:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in sym.dims)
 
 
+def _n(size) -> str:
+    """A size as text, also when it is symbolic under torch.compile: Dynamo turns a symbolic int into a plain one
+    through operator.index (specialising on it, harmless on the way to an error), where it cannot trace str() or
+    an f-string of it."""
+    return str(operator.index(size))
+
+
 def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return "[" + ", ".join(_n(s) for s in t.shape) + "]"
 
 
 def _expected(prefix: tuple[str, ...], sym: Symbol) -> str:
@@ -121,15 +129,15 @@ class _SizeBinder:
         self.origin: dict[str, str] = {}
 
     def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
-        # Messages are built only when raised: torch.compile cannot trace str(int) on the passing path.
+        # Messages are built only when raised, their sizes through _n(): under torch.compile a size is symbolic.
         if isinstance(size, int):
             if value != size:
-                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {value} where "
+                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {_n(value)} where "
                                 f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
-            raise CallError(f"size {size} is {self.sizes[size]} from {self.origin[size]} but {value} from {what} "
-                            f"(expected {describe()}, got {_shape(got)})")
+            raise CallError(f"size {size} is {_n(self.sizes[size])} from {self.origin[size]} but {_n(value)} from "
+                            f"{what} (expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
         self.origin.setdefault(size, what)
 
@@ -188,8 +196,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         if t.dim() != want:
             raise CallError(f"input '{sym.name}' must have shape {describe()}, got {_shape(t)}")
         if tuple(t.shape[:3]) != (batch, length, heads):
-            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={batch}, T={length}, "
-                            f"H={heads} (from '{rec.inputs[0].name}'), got {_shape(t)}")
+            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={_n(batch)}, T={_n(length)}, "
+                            f"H={_n(heads)} (from '{rec.inputs[0].name}'), got {_shape(t)}")
         if t.device != device:
             raise CallError(f"input '{sym.name}' is on {t.device} but '{rec.inputs[0].name}' is on {device}")
         for pos, size in enumerate(sym.dims):
@@ -201,7 +209,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             return _expected(("H",), sym)
 
         if t.dim() != 1 + len(sym.dims) or t.shape[0] != heads:
-            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={heads}, got {_shape(t)}")
+            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={_n(heads)}, got {_shape(t)}")
         if t.device != device:
             raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
         for pos, size in enumerate(sym.dims):
@@ -212,7 +220,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
         if batch != 1:
-            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
+            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
         if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
         cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
@@ -230,8 +238,9 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise CallError(f"{what} must be a floating-point tensor of shape {describe()}")
             if t.dim() != 2 + len(sym.dims) or t.shape[0] != rows or t.shape[1] != heads:
-                rows_word = f"N={rows} sequences" if cu is not None else f"B={rows}"
-                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={heads}, got {_shape(t)}")
+                rows_word = f"N={_n(rows)} sequences" if cu is not None else f"B={_n(rows)}"
+                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={_n(heads)}, "
+                                f"got {_shape(t)}")
             if t.device != device:
                 raise CallError(f"{what} is on {t.device} but the inputs are on {device}")
             for pos, size in enumerate(sym.dims):
@@ -761,17 +770,86 @@ class Layer:
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
 
     def _through_op(self, call, form: str, backend: str, chunk: int, config, tuned: bool):
-        """A planned call as one call of the recurrence's op (what torch.compile traces)."""
+        """A planned call as one call of the recurrence's op (what torch.compile traces); the op runs `_op_forward`
+        of this layer, whose tuning lookup (if it has one, and `tuned`) decides the config there."""
         spec = self.recurrence
         tensors = [call.inputs[s.name] for s in spec.inputs] + [call.params[s.name] for s in spec.params]
         if call.initial_state is not None:
             tensors += [call.initial_state[s.name] for s in spec.states]
         flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_config(config),
-                        call.output_final_state, self._op_index if tuned else -1)
+                        call.output_final_state, tuned, self._op_index)
         count = len(spec.outputs)
         outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
         finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
         return pack_result(spec, outputs, finals)  # noqa: F821 - from calling.py
+
+    # The op's kernels for this layer's calls (see `_LayerOp`), in the order: forward, fake, backward.
+    def _op_results(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state,
+                    tuned) -> list:
+        """The outputs (and final states) of one call from the op's arguments, bound and checked again, now with
+        the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
+        spec = self.recurrence
+        count = len(spec.inputs) + len(spec.params)
+        states = list(tensors[count:])
+        kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
+                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens}
+        call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
+        output, final = self._run(call, form, backend, chunk_size, _decode_config(config), self if tuned else None)
+        flat = list(output) if len(spec.outputs) > 1 else [output]
+        if final is not None:
+            flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
+        return flat
+
+    def _op_forward(self, tensors, cu_seqlens, *static) -> list:
+        with torch.no_grad():
+            flat = self._op_results(tensors, cu_seqlens, *static)
+        # An op's outputs may not alias its inputs or each other (the final state of an empty sequence is its
+        # initial state), and they are laid out as the fake ones are (contiguous).
+        seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        results = []
+        for r in flat:
+            r = r.contiguous()
+            if r.numel() and r.untyped_storage().data_ptr() in seen:
+                r = r.clone()
+            seen.add(r.untyped_storage().data_ptr())
+            results.append(r)
+        return results
+
+    def _op_fake(self, tensors, cu_seqlens, output_final_state) -> list:
+        """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
+        the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
+        spec = self.recurrence
+        sizes, at = {}, 0
+        for symbols, lead in ((spec.inputs, 3), (spec.params, 1), (spec.states, 2)):
+            for sym, t in zip(symbols, tensors[at:at + len(symbols)]):
+                for pos, dim in enumerate(sym.dims):
+                    if isinstance(dim, str):
+                        sizes.setdefault(dim, t.shape[lead + pos])
+            at += len(symbols)
+
+        def dims(sym) -> tuple:
+            return tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims)
+
+        first = tensors[0]
+        batch, length, heads = first.shape[:3]
+        results = [first.new_empty((batch, length, heads) + dims(o)) for o in spec.outputs]
+        if output_final_state:
+            rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            results += [first.new_empty((rows, heads) + dims(s), dtype=compute_dtype(first.dtype))  # noqa: F821
+                        for s in spec.states]
+        return results
+
+    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static) -> list:
+        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated."""
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+        wanted = [t for t in leaves if t.requires_grad]
+        with _autograd_reenabled(), torch.enable_grad():
+            flat = self._op_results(leaves, cu_seqlens, *static)
+            pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
+            got = [None] * len(wanted)
+            if pairs and wanted:
+                got = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -805,26 +883,27 @@ class Layer:
 # sequences' `cu_seqlens.tolist()`, the fall-back to the step-by-step form on an unsafe step) and branch on them.
 # So under torch.compile a layer call is one opaque op, `recurrence_dsl::<name>_<spec hash>`, taking the flat
 # tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
-# chunk_size, config, output_final_state, the tuning lookup), and returning the outputs and, when asked, the final
-# states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes, so a symbolic T
-# flows through and one graph serves every length. Its autograd formula is a second op, `..._backward`, that
-# recomputes the forward under autograd and differentiates it (torch.autograd.grad), so whatever backward the form
-# has (the derived adjoint of the recurrent form, autograd through the chunked form, the Triton path's own
-# backward) runs inside it, unchanged. That costs one more forward per backward, which is why eager calls keep
-# calling the forms directly (Layer._call).
+# chunk_size, config, output_final_state, and which layer: its tuning lookup), and returning the outputs and, when
+# asked, the final states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes,
+# so a symbolic T flows through and one graph serves every length. Its autograd formula is a second op,
+# `..._backward`, that recomputes the forward under autograd and differentiates it (torch.autograd.grad), so
+# whatever backward the form has (the derived adjoint of the recurrent form, autograd through the chunked form,
+# the Triton path's own backward) runs inside it, unchanged. That costs one more forward per backward, which is
+# why eager calls keep calling the forms directly (Layer._call).
 #
 # The op is keyed by the spec's hash, so a module loaded twice in one process (the compile() cache and a file
 # written by `recdsl compile`) registers it once: the second finds it in a table kept on the `torch.ops` namespace
-# object (shared by every copy of this code, which a module-level dict here would not be) and runs the first
-# copy's forms, which are the same text.
+# object (shared by every copy of this code, which a module-level dict here would not be). The op's `layer`
+# argument indexes the layers of that table, and every kernel runs the methods of that layer (Layer._op_*), so
+# each module's layers run their own module's code.
 # ----------------------------------------------------------------------------------------------------------------
 
 OP_NAMESPACE = "recurrence_dsl"
 _OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
 _OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str config, "
-              "bool output_final_state, int tuned) -> Tensor[]")
+              "bool output_final_state, bool tuned, int layer) -> Tensor[]")
 _OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor?[] grads, bool[] needs, str form, str backend, "
-                       "int chunk_size, str config, bool output_final_state, int tuned) -> Tensor[]")
+                       "int chunk_size, str config, bool output_final_state, bool tuned, int layer) -> Tensor[]")
 
 
 def op_name(spec) -> str:
@@ -861,86 +940,42 @@ def _autograd_reenabled():
 
 
 class _LayerOp:
-    """A recurrence's forward and backward ops and the layers whose tuning lookups run inside them."""
+    """A recurrence's forward and backward ops, and the layers (of every module copy) that call them."""
 
-    def __init__(self, layer):
-        self.layer = layer  # the layer that registered the op: its forms and spec run every call
-        self.lookups: list = []  # layers with a tuning lookup, by the op's `tuned` index
-        spec = layer.recurrence
-        name = f"{OP_NAMESPACE}::{op_name(spec)}"
-        forward = torch.library.custom_op(name, self._forward, mutates_args=(), schema=_OP_SCHEMA)
+    def __init__(self, name: str):
+        self.layers: list = []
+        self.keys: dict = {}
+        qualified = f"{OP_NAMESPACE}::{name}"
+        forward = torch.library.custom_op(qualified, self._forward, mutates_args=(), schema=_OP_SCHEMA)
         forward.register_fake(self._forward_fake)
-        backward = torch.library.custom_op(name + "_backward", self._backward, mutates_args=(),
+        backward = torch.library.custom_op(qualified + "_backward", self._backward, mutates_args=(),
                                            schema=_OP_BACKWARD_SCHEMA)
         backward.register_fake(self._backward_fake)
         forward.register_autograd(self._differentiate, setup_context=self._setup_context)
         packet = getattr(torch.ops, OP_NAMESPACE)
-        self.forward = getattr(packet, op_name(spec)).default
-        self.backward = getattr(packet, op_name(spec) + "_backward").default
+        self.forward = getattr(packet, name).default
+        self.backward = getattr(packet, name + "_backward").default
 
-    def index(self, layer) -> int:
-        """The op's `tuned` argument for `layer`: -1 without a lookup, else its place in `lookups`."""
-        if layer.tuned is None:
-            return -1
-        self.lookups.append(layer)
-        return len(self.lookups) - 1
+    def add(self, layer) -> int:
+        """The op's `layer` argument for `layer`; layers that run alike (same class, forms and lookup) share one."""
+        key = (type(layer), id(layer.forms), id(layer.triton_forms), id(layer.tuned))
+        if key not in self.keys:
+            self.keys[key] = len(self.layers)
+            self.layers.append(layer)  # kept: the ids in the key stay those of live objects
+        return self.keys[key]
 
-    def _results(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned) -> list:
-        """The outputs (and final states) of one call, from the op's arguments: bound and checked again, now
-        with the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
-        spec = self.layer.recurrence
-        count = len(spec.inputs) + len(spec.params)
-        states = list(tensors[count:])
-        kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
-                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens}
-        call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
-        owner = self.lookups[tuned] if tuned >= 0 else None
-        output, final = self.layer._run(call, form, backend, chunk_size, _decode_config(config), owner)
-        flat = list(output) if len(spec.outputs) > 1 else [output]
-        if final is not None:
-            flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
-        return flat
+    # The kernels: each hands its call to the layer it names.
+    def _forward(self, tensors, cu_seqlens, *static):
+        return self.layers[static[-1]]._op_forward(tensors, cu_seqlens, *static[:-1])
 
-    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned):
-        with torch.no_grad():
-            flat = self._results(tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned)
-        # An op's outputs may not alias its inputs or each other (a final state of an empty sequence is its
-        # initial state), and they are laid out as the fake ones are (contiguous).
-        seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
-        results = []
-        for r in flat:
-            r = r.contiguous()
-            if r.numel() and r.untyped_storage().data_ptr() in seen:
-                r = r.clone()
-            seen.add(r.untyped_storage().data_ptr())
-            results.append(r)
-        return results
+    def _forward_fake(self, tensors, cu_seqlens, *static):
+        return self.layers[static[-1]]._op_fake(tensors, cu_seqlens, static[-3])
 
-    def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned):
-        """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
-        the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
-        spec = self.layer.recurrence
-        first = tensors[0]
-        sizes = {}
-        groups = ((spec.inputs, 3), (spec.params, 1), (spec.states, 2))
-        at = 0
-        for symbols, lead in groups:
-            for sym, t in zip(symbols, tensors[at:at + len(symbols)]):
-                for pos, dim in enumerate(sym.dims):
-                    if isinstance(dim, str):
-                        sizes.setdefault(dim, t.shape[lead + pos])
-            at += len(symbols)
+    def _backward(self, tensors, cu_seqlens, grads, needs, *static):
+        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1])
 
-        def dims(sym) -> tuple:
-            return tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims)
-
-        batch, length, heads = first.shape[:3]
-        results = [first.new_empty((batch, length, heads) + dims(o)) for o in spec.outputs]
-        if output_final_state:
-            rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            results += [first.new_empty((rows, heads) + dims(s), dtype=compute_dtype(first.dtype))  # noqa: F821
-                        for s in spec.states]
-        return results
+    def _backward_fake(self, tensors, cu_seqlens, grads, needs, *static):
+        return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
 
     def _setup_context(self, ctx, inputs, output):
         tensors, cu_seqlens, *static = inputs
@@ -954,34 +989,16 @@ class _LayerOp:
         got = iter(self.backward(list(saved[: ctx.count]), saved[ctx.count], list(grads), ctx.needs, *ctx.static))
         return ([next(got) if need else None for need in ctx.needs],) + (None,) * (1 + len(ctx.static))
 
-    def _backward(self, tensors, cu_seqlens, grads, needs, form, backend, chunk_size, config, output_final_state,
-                  tuned):
-        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated."""
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
-        wanted = [t for t in leaves if t.requires_grad]
-        with _autograd_reenabled(), torch.enable_grad():
-            flat = self._results(leaves, cu_seqlens, form, backend, chunk_size, config, output_final_state, tuned)
-            pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
-            got = [None] * len(wanted)
-            if pairs and wanted:
-                got = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
-
-    def _backward_fake(self, tensors, cu_seqlens, grads, needs, form, backend, chunk_size, config,
-                       output_final_state, tuned):
-        return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
-
 
 def _layer_op(layer) -> tuple:
-    """`(forward op, tuned index)` of a layer: its recurrence's op, registered at the first layer of that spec in
-    the process, and the `tuned` argument its calls pass."""
+    """`(forward op, layer index)`: the op of the layer's recurrence (registered by the first layer of that spec in
+    the process) and the `layer` argument its calls pass."""
     namespace = getattr(torch.ops, OP_NAMESPACE)
     table = namespace.__dict__.setdefault(_OP_TABLE, {})
     name = op_name(layer.recurrence)
     if name not in table:
-        table[name] = _LayerOp(layer)
-    entry = table[name]
-    return entry.forward, entry.index(layer)
+        table[name] = _LayerOp(name)
+    return table[name].forward, table[name].add(layer)
 
 
 # ====================================================================================================
