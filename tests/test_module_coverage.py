@@ -121,6 +121,26 @@ def _run_auto(layer, rec):
     assert layer.backend_for(torch.device("cpu"), torch.float32) == ("triton" if interpreting() else "torch")
 
 
+def _run_op(layer, rec):
+    """The layer's op (what torch.compile calls), eagerly: forward and backward (its backward op), with initial and
+    final states; and its fake implementation under a FakeTensorMode (as torch.compile traces it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, init = _arguments(rec, 2, LENGTH)
+    states = [init[s.name] if isinstance(init, dict) else init for s in rec.checked.states]
+    tensors = [t.detach().requires_grad_() for t in args + states]
+    static = ("auto", "torch", CHUNK, "", True, False, layer._op_index)
+    results = layer._op(tensors, None, *static)
+    assert len(results) == len(rec.checked.outputs) + len(rec.checked.states)
+    grads = torch.autograd.grad(sum(r.square().sum() for r in results), tensors, allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    mode = FakeTensorMode()
+    fake_tensors = [mode.from_tensor(t.detach()) for t in tensors]
+    with mode:
+        fake = layer._op(fake_tensors, None, *static)
+    assert [f.shape for f in fake] == [r.shape for r in results]
+
+
 def _run_module_class(module, rec, layer):
     cls = getattr(module, "".join(p[:1].upper() + p[1:] for p in rec.name.split("_")))
     sizes = {s: SIZE for s in rec.checked.sizes}
@@ -229,6 +249,7 @@ def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
             layer = getattr(module, rec.name)
             _run_forms(layer, rec)
             _run_auto(layer, rec)
+            _run_op(layer, rec)
             _run_module_class(module, rec, layer)
             _bad_calls(module, layer, rec)
     finally:
