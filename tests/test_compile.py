@@ -21,13 +21,21 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import recurrence_dsl
+from codegen.layer import interpreting
 from recurrence_dsl.cli import main
+from recurrence_dsl.compiler import triton_available
 from recurrence_dsl.errors import CallError
 
 from .conftest import SPECS_DIR
 
 H, K, D = 2, 8, 12  # heads, key/value size per head, model width (no length below equals one: duck sizing)
 LENGTHS = (20, 45, 83)  # auto picks the parallel form (<= chunk 64) for two, the chunked form for the third
+
+
+def gla_is_triton_ready() -> bool:
+    """Whether backend="triton" runs CPU tensors here: triton imports and runs in its interpreter (conftest sets
+    TRITON_INTERPRET=1 on every machine without a GPU, CI included)."""
+    return triton_available() and interpreting()
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +224,24 @@ def test_a_module_loaded_twice_shares_its_op_and_runs_its_own_layers(gla_module)
     compiled = torch.compile(lambda *a: tuned(*a)[0], fullgraph=True, dynamic=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), tuned(*args)[0])
     assert asked == [("parallel", "torch")] * 2  # the lookup ran inside the op at run time (T=30), then eagerly
+
+
+@pytest.mark.skipif(not gla_is_triton_ready(), reason="needs triton in its interpreter (no GPU)")
+def test_the_triton_backend_compiles_once_too(gla_module):
+    """The op runs the Triton forms (here in Triton's interpreter) and its backward op their backward."""
+    gla = gla_module.gla
+
+    def run(q, k, v, g):
+        return gla(q, k, v, g, backend="triton", form="chunked", chunk_size=16)[0].square().sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list = []
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend=_counting("aot_eager", graphs))
+    for T in (20, 37):
+        leaves = [a.requires_grad_() for a in _gla_args(T, B=1)]
+        loss, loss_ref = compiled(*leaves), run(*leaves)
+        torch.testing.assert_close(loss, loss_ref)
+        for g, g_ref in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_ref, leaves)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    assert (len(graphs), sum(counters["graph_break"].values())) == (1, 0)
