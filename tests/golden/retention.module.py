@@ -643,6 +643,11 @@ class Layer:
     form name -> form function (`triton_forms` None without triton). form, backend, chunk_size: the defaults of
     every call. tuned: None, or `tuned(layer, call, form, backend) -> config | None`, asked before a call that
     gives neither `chunk_size` nor `config` (`recurrence_dsl.compile` passes the tuning store's lookup).
+
+    Under torch.compile a call is one call of the recurrence's custom op, `recurrence_dsl::<name>_<spec hash>`
+    (registered at the first layer of the spec in the process; see `_LayerOp`), so `torch.compile(model,
+    fullgraph=True, dynamic=True)` of a model of layers compiles one graph for every sequence length, forward and
+    backward. Eager calls run the forms directly.
     """
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
@@ -944,10 +949,13 @@ class _LayerOp:
         self.layers: list = []
         self.keys: dict = {}
         qualified = f"{OP_NAMESPACE}::{name}"
-        forward = torch.library.custom_op(qualified, self._forward, mutates_args=(), schema=_OP_SCHEMA)
+        # The forms read values on the host (syncs), so a CUDA graph may not capture the op: inductor's cudagraph
+        # trees run it between graphs.
+        tags = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+        forward = torch.library.custom_op(qualified, self._forward, mutates_args=(), schema=_OP_SCHEMA, tags=tags)
         forward.register_fake(self._forward_fake)
         backward = torch.library.custom_op(qualified + "_backward", self._backward, mutates_args=(),
-                                           schema=_OP_BACKWARD_SCHEMA)
+                                           schema=_OP_BACKWARD_SCHEMA, tags=tags)
         backward.register_fake(self._backward_fake)
         forward.register_autograd(self._differentiate, setup_context=self._setup_context)
         packet = getattr(torch.ops, OP_NAMESPACE)
