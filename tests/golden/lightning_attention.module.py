@@ -809,13 +809,13 @@ class Layer:
         # An op's outputs may not alias its inputs or each other (the final state of an empty sequence is its
         # initial state), and they are laid out as the fake ones are (contiguous).
         seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        # (No assignment inside an `if` here or below: module.py's name check counts those as module names.)
         results = []
-        for r in flat:
-            r = r.contiguous()
-            if r.numel() and r.untyped_storage().data_ptr() in seen:
-                r = r.clone()
-            seen.add(r.untyped_storage().data_ptr())
-            results.append(r)
+        for value in flat:
+            value = value.contiguous()
+            value = value.clone() if value.numel() and value.untyped_storage().data_ptr() in seen else value
+            seen.add(value.untyped_storage().data_ptr())
+            results.append(value)
         return results
 
     def _op_fake(self, tensors, cu_seqlens, output_final_state) -> list:
@@ -849,9 +849,8 @@ class Layer:
         with _autograd_reenabled(), torch.enable_grad():
             flat = self._op_results(leaves, cu_seqlens, *static)
             pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
-            got = [None] * len(wanted)
-            if pairs and wanted:
-                got = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
         return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
 
     @staticmethod
@@ -964,11 +963,11 @@ class _LayerOp:
 
     def add(self, layer) -> int:
         """The op's `layer` argument for `layer`; layers that run alike (same class, forms and lookup) share one."""
-        key = (type(layer), id(layer.forms), id(layer.triton_forms), id(layer.tuned))
-        if key not in self.keys:
-            self.keys[key] = len(self.layers)
+        index = self.keys.setdefault((type(layer), id(layer.forms), id(layer.triton_forms), id(layer.tuned)),
+                                     len(self.layers))
+        if index == len(self.layers):
             self.layers.append(layer)  # kept: the ids in the key stay those of live objects
-        return self.keys[key]
+        return index
 
     # The kernels: each hands its call to the layer it names.
     def _forward(self, tensors, cu_seqlens, *static):
@@ -1002,9 +1001,8 @@ def _layer_op(layer) -> tuple:
     namespace = getattr(torch.ops, OP_NAMESPACE)
     table = namespace.__dict__.setdefault(_OP_TABLE, {})
     name = op_name(layer.recurrence)
-    if name not in table:
-        table[name] = _LayerOp(name)
-    return table[name].forward, table[name].add(layer)
+    entry = table[name] if name in table else table.setdefault(name, _LayerOp(name))
+    return entry.forward, entry.add(layer)
 
 
 # ====================================================================================================
