@@ -294,7 +294,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         "The spec:\n\n" + "".join(f"    {_docstring_text(line)}\n" if line else "\n" for line in spec_text.splitlines())
         + '"""\n\n',
         "from __future__ import annotations\n\n",
-        "import math\nimport os\nfrom dataclasses import dataclass\n\n",
+        "import ast\nimport math\nimport operator\nimport os\nfrom dataclasses import dataclass\n\n",
         "import torch\nimport torch.nn.functional as F\n",
         _TRITON_IMPORT,
         _section("Calling convention (recurrence_dsl/calling.py)"),

@@ -7,6 +7,7 @@ naming the argument, the shape it should have and the shape it has.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ class BoundCall:
     params: dict[str, torch.Tensor]  # [H, *dims]
     initial_state: dict[str, torch.Tensor] | None  # [N or B, H, *dims]
     output_final_state: bool
-    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU
+    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU (as given, unchecked, with check_values=False)
     batch: int
     length: int
     heads: int
@@ -37,8 +38,15 @@ class BoundCall:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in sym.dims)
 
 
+def _n(size) -> str:
+    """A size as text, also when it is symbolic under torch.compile: Dynamo turns a symbolic int into a plain one
+    through operator.index (specialising on it, harmless on the way to an error), where it cannot trace str() or
+    an f-string of it."""
+    return str(operator.index(size))
+
+
 def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return "[" + ", ".join(_n(s) for s in t.shape) + "]"
 
 
 def _expected(prefix: tuple[str, ...], sym: Symbol) -> str:
@@ -53,21 +61,25 @@ class _SizeBinder:
         self.origin: dict[str, str] = {}
 
     def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
-        # Messages are built only when raised: torch.compile cannot trace str(int) on the passing path.
+        # Messages are built only when raised, their sizes through _n(): under torch.compile a size is symbolic.
         if isinstance(size, int):
             if value != size:
-                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {value} where "
+                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {_n(value)} where "
                                 f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
-            raise CallError(f"size {size} is {self.sizes[size]} from {self.origin[size]} but {value} from {what} "
-                            f"(expected {describe()}, got {_shape(got)})")
+            raise CallError(f"size {size} is {_n(self.sizes[size])} from {self.origin[size]} but {_n(value)} from "
+                            f"{what} (expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
         self.origin.setdefault(size, what)
 
 
-def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
-    """Match positional and keyword arguments to inputs and params, and check every shape."""
+def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:
+    """Match positional and keyword arguments to inputs and params, and check every shape.
+
+    check_values=False leaves out the one check that reads tensor values, `cu_seqlens`' boundaries
+    (`check_cu_seqlens`), and keeps `cu_seqlens` where it is: under torch.compile the checks run while Dynamo
+    traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
@@ -116,8 +128,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if t.dim() != want:
             raise CallError(f"input '{sym.name}' must have shape {describe()}, got {_shape(t)}")
         if tuple(t.shape[:3]) != (batch, length, heads):
-            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={batch}, T={length}, "
-                            f"H={heads} (from '{rec.inputs[0].name}'), got {_shape(t)}")
+            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={_n(batch)}, T={_n(length)}, "
+                            f"H={_n(heads)} (from '{rec.inputs[0].name}'), got {_shape(t)}")
         if t.device != device:
             raise CallError(f"input '{sym.name}' is on {t.device} but '{rec.inputs[0].name}' is on {device}")
         for pos, size in enumerate(sym.dims):
@@ -129,7 +141,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             return _expected(("H",), sym)
 
         if t.dim() != 1 + len(sym.dims) or t.shape[0] != heads:
-            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={heads}, got {_shape(t)}")
+            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={_n(heads)}, got {_shape(t)}")
         if t.device != device:
             raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
         for pos, size in enumerate(sym.dims):
@@ -140,15 +152,11 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
         if batch != 1:
-            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        if len(cu) < 2:
+            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
+        if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        if cu[0] != 0 or cu[-1] != length:
-            raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    rows = batch if cu is None else len(cu) - 1
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+    rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
     if states is not None:
@@ -162,8 +170,9 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise CallError(f"{what} must be a floating-point tensor of shape {describe()}")
             if t.dim() != 2 + len(sym.dims) or t.shape[0] != rows or t.shape[1] != heads:
-                rows_word = f"N={rows} sequences" if cu is not None else f"B={rows}"
-                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={heads}, got {_shape(t)}")
+                rows_word = f"N={_n(rows)} sequences" if cu is not None else f"B={_n(rows)}"
+                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={_n(heads)}, "
+                                f"got {_shape(t)}")
             if t.device != device:
                 raise CallError(f"{what} is on {t.device} but the inputs are on {device}")
             for pos, size in enumerate(sym.dims):
@@ -186,6 +195,17 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         device=device,
         dtype=first.dtype,
     )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """`cu_seqlens` (a 1-D integer tensor of at least two boundaries) as int64 on the CPU, checked: it starts at 0,
+    ends at T=`length` and never decreases; raises `CallError` otherwise."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0] != 0 or cu[-1] != length:
+        raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    return cu
 
 
 def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.Tensor] | None:

@@ -10,7 +10,10 @@ have run; on failure the message lists the lines that did not, with their text.
 
 The only lines excluded from the count are the module's `except ImportError:` fallbacks, which provably cannot
 run in this process: the no-triton stand-in (triton is imported here: asserted through `HAVE_TRITON`) and the
-local `CallError` (recurrence_dsl is imported here: asserted through the module's `CallError`).
+local `CallError` (recurrence_dsl is imported here: asserted through the module's `CallError`); and its
+`_LayerOp` class, which registers the recurrence's torch.library op once per process: the module `compile()`
+caches is loaded first, so its copy registers the op and this one's cannot (asserted through the op table). Each
+layer's own op kernels (`Layer._op_*`) run and count.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import recurrence_dsl
 from autotune.store import TuningStore
 from codegen.layer import interpreting
+from codegen.load import load_layer
 from codegen.module import module_source
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.errors import CallError
@@ -43,7 +47,7 @@ SIZE, LENGTH, HEADS, CHUNK = 16, 40, 2, 16
 CU = (0, 10, 10, 37)  # packed sequences, the second one empty
 TRITON_CONFIG = {"chunk_size": 32, "block_k": 16, "block_v": 16, "num_warps": 1, "num_stages": 1}  # 2 sub-chunks
 # Exclusions, each a line that cannot run in this process (see the module docstring); the rest counts.
-EXCLUDE = [r"^except ImportError:"]
+EXCLUDE = [r"^except ImportError:", r"^class _LayerOp\b"]
 
 
 def _import(path, name):
@@ -192,6 +196,26 @@ def _run_tuning(layer, args):
     assert module.tuning_store_path().endswith(".sqlite")
 
 
+def _run_op(layer, rec):
+    """The layer's op (what torch.compile calls), eagerly: forward and backward (its backward op), with initial and
+    final states; and its fake implementation under a FakeTensorMode (as torch.compile traces it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, init = _arguments(rec, 2, LENGTH)
+    states = [init[s.name] if isinstance(init, dict) else init for s in rec.checked.states]
+    tensors = [t.detach().requires_grad_() for t in args + states]
+    static = ("auto", "torch", CHUNK, "", True, layer._op_index)
+    results = layer._op(tensors, None, *static)
+    assert len(results) == len(rec.checked.outputs) + len(rec.checked.states)
+    grads = torch.autograd.grad(sum(r.square().sum() for r in results), tensors, allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    mode = FakeTensorMode()
+    fake_tensors = [mode.from_tensor(t.detach()) for t in tensors]
+    with mode:
+        fake = layer._op(fake_tensors, None, *static)
+    assert [f.shape for f in fake] == [r.shape for r in results]
+
+
 def _run_module_class(module, rec, layer):
     cls = getattr(module, "".join(p[:1].upper() + p[1:] for p in rec.name.split("_")))
     sizes = {s: SIZE for s in rec.checked.sizes}
@@ -289,6 +313,8 @@ def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
     path = tmp_path / f"covered_{spec_path.stem}.py"
     path.write_text(source)
     name = f"_covered_{spec_path.stem}"
+    for rec in recs.values():  # the cached module registers the ops (see the module docstring)
+        load_layer(analyse(rec.checked))
     cov = coverage.Coverage(data_file=None, include=[str(path)], config_file=False)
     for pattern in EXCLUDE:
         cov.exclude(pattern)
@@ -296,10 +322,15 @@ def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
     try:
         module = _import(path, name)
         assert module.HAVE_TRITON and module.CallError is CallError  # so the excluded fallbacks cannot run
+        table = torch.ops.recurrence_dsl.__dict__[module._OP_TABLE]
+        for rec in recs.values():  # nor this module's _LayerOp: another copy registered the op
+            layer = getattr(module, rec.name)
+            assert type(table[module.op_name(layer.recurrence)]) is not module._LayerOp
         for rec in recs.values():
             layer = getattr(module, rec.name)
             _run_forms(layer, rec)
             _run_auto(layer, rec)
+            _run_op(layer, rec)
             _run_module_class(module, rec, layer)
             _bad_calls(module, layer, rec)
     finally:

@@ -16,7 +16,9 @@ The spec:
 
 from __future__ import annotations
 
+import ast
 import math
+import operator
 import os
 from dataclasses import dataclass
 
@@ -86,7 +88,7 @@ class BoundCall:
     params: dict[str, torch.Tensor]  # [H, *dims]
     initial_state: dict[str, torch.Tensor] | None  # [N or B, H, *dims]
     output_final_state: bool
-    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU
+    cu_seqlens: torch.Tensor | None  # int64 [N + 1] on the CPU (as given, unchecked, with check_values=False)
     batch: int
     length: int
     heads: int
@@ -102,8 +104,15 @@ class BoundCall:
         return tuple(self.sizes[d] if isinstance(d, str) else d for d in sym.dims)
 
 
+def _n(size) -> str:
+    """A size as text, also when it is symbolic under torch.compile: Dynamo turns a symbolic int into a plain one
+    through operator.index (specialising on it, harmless on the way to an error), where it cannot trace str() or
+    an f-string of it."""
+    return str(operator.index(size))
+
+
 def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return "[" + ", ".join(_n(s) for s in t.shape) + "]"
 
 
 def _expected(prefix: tuple[str, ...], sym: Symbol) -> str:
@@ -118,21 +127,25 @@ class _SizeBinder:
         self.origin: dict[str, str] = {}
 
     def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
-        # Messages are built only when raised: torch.compile cannot trace str(int) on the passing path.
+        # Messages are built only when raised, their sizes through _n(): under torch.compile a size is symbolic.
         if isinstance(size, int):
             if value != size:
-                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {value} where "
+                raise CallError(f"{what} must have shape {describe()}, got {_shape(got)}: size {_n(value)} where "
                                 f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
-            raise CallError(f"size {size} is {self.sizes[size]} from {self.origin[size]} but {value} from {what} "
-                            f"(expected {describe()}, got {_shape(got)})")
+            raise CallError(f"size {size} is {_n(self.sizes[size])} from {self.origin[size]} but {_n(value)} from "
+                            f"{what} (expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
         self.origin.setdefault(size, what)
 
 
-def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
-    """Match positional and keyword arguments to inputs and params, and check every shape."""
+def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:
+    """Match positional and keyword arguments to inputs and params, and check every shape.
+
+    check_values=False leaves out the one check that reads tensor values, `cu_seqlens`' boundaries
+    (`check_cu_seqlens`), and keeps `cu_seqlens` where it is: under torch.compile the checks run while Dynamo
+    traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
@@ -181,8 +194,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if t.dim() != want:
             raise CallError(f"input '{sym.name}' must have shape {describe()}, got {_shape(t)}")
         if tuple(t.shape[:3]) != (batch, length, heads):
-            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={batch}, T={length}, "
-                            f"H={heads} (from '{rec.inputs[0].name}'), got {_shape(t)}")
+            raise CallError(f"input '{sym.name}' must have shape {describe()} with B={_n(batch)}, T={_n(length)}, "
+                            f"H={_n(heads)} (from '{rec.inputs[0].name}'), got {_shape(t)}")
         if t.device != device:
             raise CallError(f"input '{sym.name}' is on {t.device} but '{rec.inputs[0].name}' is on {device}")
         for pos, size in enumerate(sym.dims):
@@ -194,7 +207,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             return _expected(("H",), sym)
 
         if t.dim() != 1 + len(sym.dims) or t.shape[0] != heads:
-            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={heads}, got {_shape(t)}")
+            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={_n(heads)}, got {_shape(t)}")
         if t.device != device:
             raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
         for pos, size in enumerate(sym.dims):
@@ -205,15 +218,11 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
         if batch != 1:
-            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={batch}")
-        cu = cu_seqlens.detach().to("cpu", torch.int64)
-        if len(cu) < 2:
+            raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
+        if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        if cu[0] != 0 or cu[-1] != length:
-            raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    rows = batch if cu is None else len(cu) - 1
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+    rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
     if states is not None:
@@ -227,8 +236,9 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise CallError(f"{what} must be a floating-point tensor of shape {describe()}")
             if t.dim() != 2 + len(sym.dims) or t.shape[0] != rows or t.shape[1] != heads:
-                rows_word = f"N={rows} sequences" if cu is not None else f"B={rows}"
-                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={heads}, got {_shape(t)}")
+                rows_word = f"N={_n(rows)} sequences" if cu is not None else f"B={_n(rows)}"
+                raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={_n(heads)}, "
+                                f"got {_shape(t)}")
             if t.device != device:
                 raise CallError(f"{what} is on {t.device} but the inputs are on {device}")
             for pos, size in enumerate(sym.dims):
@@ -251,6 +261,17 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
         device=device,
         dtype=first.dtype,
     )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """`cu_seqlens` (a 1-D integer tensor of at least two boundaries) as int64 on the CPU, checked: it starts at 0,
+    ends at T=`length` and never decreases; raises `CallError` otherwise."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0] != 0 or cu[-1] != length:
+        raise CallError(f"cu_seqlens must start at 0 and end at T={length}, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise CallError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    return cu
 
 
 def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.Tensor] | None:
@@ -583,6 +604,11 @@ class Layer:
     without its own `chunk_size=`/`config=` runs: an explicit chunk_size always wins over the store. tuning:
     where a call looks its config up (see codegen/tuning.py for the store rule and the order of precedence):
     True (the rule's store), a path, or False (never).
+
+    Under torch.compile a call is one call of the recurrence's custom op, `recurrence_dsl::<name>_<spec hash>`
+    (registered at the first layer of the spec in the process; see `_LayerOp`), so `torch.compile(model,
+    fullgraph=True, dynamic=True)` of a model of layers compiles one graph for every sequence length, forward and
+    backward. Eager calls run the forms directly.
     """
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
@@ -603,6 +629,8 @@ class Layer:
         self.form, self.backend, self.tuning = form, backend, tuning
         self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         self.chunk_size_given = chunk_size is not None  # an explicit chunk_size always wins over the store
+        # The op is registered here, not at the first compiled call: Dynamo cannot trace a registration.
+        self._op, self._op_index = _layer_op(self)
 
     @property
     def name(self) -> str:
@@ -646,9 +674,22 @@ class Layer:
         return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size)  # noqa: F821
 
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
-        """Bind and check a call, choose backend, form and config, and run it (see `__call__`)."""
-        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
-        backend, fns, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+        """Bind and check a call, choose backend, form and config, and run it (see `__call__`).
+
+        Under torch.compile the checks run while Dynamo traces (so a bad call raises the same `CallError` as in
+        eager mode, at trace time) and the run is one call of the recurrence's op (`_layer_op`), which Dynamo
+        and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
+        (the op's backward recomputes the forward, which an eager call need not pay)."""
+        compiling = torch.compiler.is_compiling()
+        call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
+        backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+        if compiling:
+            return self._through_op(call, form, backend, chunk, options)
+        return self._run(call, form, backend, chunk, options)
+
+    def _run(self, call, form: str, backend: str, chunk: int, options: dict):
+        """Run a planned call through the forms (options: form name -> that form's keyword arguments)."""
+        fns = self.triton_forms if backend == "triton" else self.forms
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
@@ -716,6 +757,86 @@ class Layer:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
 
+    def _through_op(self, call, form: str, backend: str, chunk: int, options: dict):
+        """A planned call as one call of the recurrence's op (what torch.compile traces); the op runs `_op_forward`
+        of this layer. (The tuning store is not read while tracing: codegen/tuning.py.)"""
+        spec = self.recurrence
+        tensors = [call.inputs[s.name] for s in spec.inputs] + [call.params[s.name] for s in spec.params]
+        if call.initial_state is not None:
+            tensors += [call.initial_state[s.name] for s in spec.states]
+        flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_options(options),
+                        call.output_final_state, self._op_index)
+        count = len(spec.outputs)
+        outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
+        finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
+        return pack_result(spec, outputs, finals)  # noqa: F821 - from calling.py
+
+    # The op's kernels for this layer's calls (see `_LayerOp`), in the order: forward, fake, backward.
+    def _op_results(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state) -> list:
+        """The outputs (and final states) of one call from the op's arguments, bound and checked again, now with
+        the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
+        spec = self.recurrence
+        count = len(spec.inputs) + len(spec.params)
+        states = list(tensors[count:])
+        kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
+                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens}
+        call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
+        output, final = self._run(call, form, backend, chunk_size, _decode_options(options))
+        flat = list(output) if len(spec.outputs) > 1 else [output]
+        if final is not None:
+            flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
+        return flat
+
+    def _op_forward(self, tensors, cu_seqlens, *static) -> list:
+        with torch.no_grad():
+            flat = self._op_results(tensors, cu_seqlens, *static)
+        # An op's outputs may not alias its inputs or each other (the final state of an empty sequence is its
+        # initial state), and they are laid out as the fake ones are (contiguous).
+        seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        # (No assignment inside an `if` here or below: module.py's name check counts those as module names.)
+        results = []
+        for value in flat:
+            value = value.contiguous()
+            value = value.clone() if value.numel() and value.untyped_storage().data_ptr() in seen else value
+            seen.add(value.untyped_storage().data_ptr())
+            results.append(value)
+        return results
+
+    def _op_fake(self, tensors, cu_seqlens, output_final_state) -> list:
+        """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
+        the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
+        spec = self.recurrence
+        sizes, at = {}, 0
+        for symbols, lead in ((spec.inputs, 3), (spec.params, 1), (spec.states, 2)):
+            for sym, t in zip(symbols, tensors[at:at + len(symbols)]):
+                for pos, dim in enumerate(sym.dims):
+                    if isinstance(dim, str):
+                        sizes.setdefault(dim, t.shape[lead + pos])
+            at += len(symbols)
+
+        def dims(sym) -> tuple:
+            return tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims)
+
+        first = tensors[0]
+        batch, length, heads = first.shape[:3]
+        results = [first.new_empty((batch, length, heads) + dims(o)) for o in spec.outputs]
+        if output_final_state:
+            rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            results += [first.new_empty((rows, heads) + dims(s), dtype=compute_dtype(first.dtype))  # noqa: F821
+                        for s in spec.states]
+        return results
+
+    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static) -> list:
+        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated."""
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+        wanted = [t for t in leaves if t.requires_grad]
+        with _autograd_reenabled(), torch.enable_grad():
+            flat = self._op_results(leaves, cu_seqlens, *static)
+            pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
+            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
+        return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
+
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
         """The form a config is for: `form` when given (the config must have its keys), else the one form of
@@ -739,6 +860,134 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile: one torch.library custom op per recurrence.
+#
+# Dynamo cannot trace the forms: they read values on the host (the chunked forms' `_check_steps` sync, packed
+# sequences' `cu_seqlens.tolist()`, the fall-back to the step-by-step form on an unsafe step) and branch on them.
+# So under torch.compile a layer call is one opaque op, `recurrence_dsl::<name>_<spec hash>`, taking the flat
+# tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
+# chunk_size, block sizes, output_final_state, and which layer), and returning the outputs and, when
+# asked, the final states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes,
+# so a symbolic T flows through and one graph serves every length. Its autograd formula is a second op,
+# `..._backward`, that recomputes the forward under autograd and differentiates it (torch.autograd.grad), so
+# whatever backward the form has (the derived adjoint of the recurrent form, autograd through the chunked form,
+# the Triton path's own backward) runs inside it, unchanged. That costs one more forward per backward, which is
+# why eager calls keep calling the forms directly (Layer._call).
+#
+# The op is keyed by the spec's hash, so a module loaded twice in one process (the compile() cache and a file
+# written by `recdsl compile`) registers it once: the second finds it in a table kept on the `torch.ops` namespace
+# object (shared by every copy of this code, which a module-level dict here would not be). The op's `layer`
+# argument indexes the layers of that table, and every kernel runs the methods of that layer (Layer._op_*), so
+# each module's layers run their own module's code.
+# ----------------------------------------------------------------------------------------------------------------
+
+OP_NAMESPACE = "recurrence_dsl"
+_OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
+_OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str options, "
+              "bool output_final_state, int layer) -> Tensor[]")
+_OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor?[] grads, bool[] needs, str form, str backend, "
+                       "int chunk_size, str options, bool output_final_state, int layer) -> Tensor[]")
+
+
+def op_name(spec) -> str:
+    """The op's name in the `recurrence_dsl` namespace: `<name>_<spec hash>` (ASCII letters, digits and _)."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in spec.name)
+    return f"{name}_{spec.spec_hash}"
+
+
+def _encode_options(options: dict) -> str:
+    """Per-form options ({form: {key: int or bool}}) as the op's `options` string ("" for none):
+    `form.key=repr(value)` items, sorted, comma-separated (plain string formatting, which Dynamo traces; json.dumps
+    it does not)."""
+    return ",".join(f"{form}.{k}={v!r}" for form, values in sorted(options.items()) for k, v in sorted(values.items()))
+
+
+def _decode_options(text: str) -> dict:
+    options: dict = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        form, name = key.split(".", 1)
+        options.setdefault(form, {})[name] = ast.literal_eval(value)
+    return options
+
+
+def _autograd_reenabled():
+    """A guard under which autograd records again inside an op's kernel: torch runs custom-op kernels below
+    autograd (its autograd dispatch keys excluded, thread-locally), so without it the backward's recompute
+    would build no graph to differentiate. There is no public API for this; torch's own leaf functions
+    (torch/_higher_order_ops/invoke_leaf_function.py) use the same private guard."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+class _LayerOp:
+    """A recurrence's forward and backward ops, and the layers (of every module copy) that call them."""
+
+    def __init__(self, name: str):
+        self.layers: list = []
+        self.keys: dict = {}
+        qualified = f"{OP_NAMESPACE}::{name}"
+        # The forms read values on the host (syncs), so a CUDA graph may not capture the op: inductor's cudagraph
+        # trees run it between graphs.
+        tags = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+        forward = torch.library.custom_op(qualified, self._forward, mutates_args=(), schema=_OP_SCHEMA, tags=tags)
+        forward.register_fake(self._forward_fake)
+        backward = torch.library.custom_op(qualified + "_backward", self._backward, mutates_args=(),
+                                           schema=_OP_BACKWARD_SCHEMA, tags=tags)
+        backward.register_fake(self._backward_fake)
+        forward.register_autograd(self._differentiate, setup_context=self._setup_context)
+        packet = getattr(torch.ops, OP_NAMESPACE)
+        self.forward = getattr(packet, name).default
+        self.backward = getattr(packet, name + "_backward").default
+
+    def add(self, layer) -> int:
+        """The op's `layer` argument for `layer`; layers that run alike (same class, forms and store) share one."""
+        index = self.keys.setdefault((type(layer), id(layer.forms), id(layer.triton_forms), str(layer.tuning)),
+                                     len(self.layers))
+        if index == len(self.layers):
+            self.layers.append(layer)  # kept: the ids in the key stay those of live objects
+        return index
+
+    # The kernels: each hands its call to the layer it names.
+    def _forward(self, tensors, cu_seqlens, *static):
+        return self.layers[static[-1]]._op_forward(tensors, cu_seqlens, *static[:-1])
+
+    def _forward_fake(self, tensors, cu_seqlens, *static):
+        return self.layers[static[-1]]._op_fake(tensors, cu_seqlens, static[-2])
+
+    def _backward(self, tensors, cu_seqlens, grads, needs, *static):
+        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1])
+
+    def _backward_fake(self, tensors, cu_seqlens, grads, needs, *static):
+        return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
+
+    def _setup_context(self, ctx, inputs, output):
+        tensors, cu_seqlens, *static = inputs
+        ctx.needs = [t.requires_grad for t in tensors]
+        ctx.static = static
+        ctx.count = len(tensors)
+        ctx.save_for_backward(*tensors, cu_seqlens)
+
+    def _differentiate(self, ctx, grads):
+        saved = ctx.saved_tensors
+        got = iter(self.backward(list(saved[: ctx.count]), saved[ctx.count], list(grads), ctx.needs, *ctx.static))
+        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (1 + len(ctx.static))
+
+
+def _layer_op(layer) -> tuple:
+    """`(forward op, layer index)`: the op of the layer's recurrence (registered by the first layer of that spec in
+    the process) and the `layer` argument its calls pass."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    table = namespace.__dict__.setdefault(_OP_TABLE, {})
+    name = op_name(layer.recurrence)
+    entry = table[name] if name in table else table.setdefault(name, _LayerOp(name))
+    return entry.forward, entry.add(layer)
 
 
 # ====================================================================================================
