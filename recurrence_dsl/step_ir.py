@@ -90,6 +90,19 @@ class elu(_NamedFunction):  # noqa: N801
         return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
 
 
+class tanh(_NamedFunction):  # noqa: N801
+    """The hyperbolic tangent, kept as the DSL's own function rather than `sympy.tanh`: sympy's asks, on every
+    new `tanh(u)`, whether `u` is real, and for a `u` that is itself a tanh it answers through `as_real_imag`,
+    whose size doubles with each level (ten nested tanh took a minute to build). Here nothing is asked."""
+
+    @staticmethod
+    def elementary(x):
+        return sympy.tanh(x)
+
+    def fdiff(self, argindex=1):
+        return 1 - tanh(self.args[0]) ** 2
+
+
 class relu(_NamedFunction):  # noqa: N801
     @staticmethod
     def elementary(x):
@@ -109,7 +122,7 @@ SYMPY_FUNCTIONS = {
     "log": sympy.log,
     "sqrt": sympy.sqrt,
     "abs": sympy.Abs,
-    "tanh": sympy.tanh,
+    "tanh": tanh,
     "sigmoid": sigmoid,
     "logsigmoid": logsigmoid,
     "softplus": softplus,
