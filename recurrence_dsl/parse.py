@@ -252,7 +252,8 @@ def _position(text: str, offset: int) -> Span:
 
 # Expression nodes that nest their operands (a chain `a + b - c` of binary operators does not).
 _NESTING_RULES = frozenset({"call", "neg", "pos", "pow"})
-_EXPRESSION_RULES = _NESTING_RULES | {"add", "sub", "mul", "div", "number", "name", "indexed"}
+_LEAF_RULES = frozenset({"number", "name", "indexed"})  # (an index of `indexed` is no expression)
+_EXPRESSION_RULES = _NESTING_RULES | _LEAF_RULES | {"add", "sub", "mul", "div"}
 
 
 def _check_limits(tree: lark.Tree, source: Source) -> None:
@@ -271,7 +272,9 @@ def _check_limits(tree: lark.Tree, source: Source) -> None:
                 continue
             expr = stmt.children[1]
             nodes = 0
-            stack = [(expr, 1, int(getattr(expr, "data", "") in _NESTING_RULES))]
+            # (node, operations on the path down to it, nesting ones among them), counting the node's own
+            stack = [(expr, int(getattr(expr, "data", "") not in _LEAF_RULES),
+                      int(getattr(expr, "data", "") in _NESTING_RULES))]
             while stack:
                 node, depth, nesting = stack.pop()
                 if not isinstance(node, lark.Tree):
@@ -291,7 +294,8 @@ def _check_limits(tree: lark.Tree, source: Source) -> None:
                                     hint="split it over temporaries on lines of their own")
                 for child in node.children:
                     if isinstance(child, lark.Tree) and child.data in _EXPRESSION_RULES:
-                        stack.append((child, depth + 1, nesting + (child.data in _NESTING_RULES)))
+                        stack.append((child, depth + (child.data not in _LEAF_RULES),
+                                      nesting + (child.data in _NESTING_RULES)))
 
 
 def parse_program(text: str, filename: str = "<string>") -> ast.Program:
