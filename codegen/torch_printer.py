@@ -32,6 +32,7 @@ FUNCTIONS = {
     sympy.log: "torch.log",
     sympy.Abs: "torch.abs",
     tanh: "torch.tanh",
+    sympy.tanh: "torch.tanh",  # (the step IR's is `tanh`)
     sigmoid: "torch.sigmoid",
     logsigmoid: "F.logsigmoid",
     softplus: "F.softplus",

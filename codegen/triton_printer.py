@@ -53,6 +53,7 @@ FUNCTIONS = {
     sympy.log: ("tl.log({x})", False, False, _ATOM),
     sympy.Abs: ("tl.abs({x})", True, True, _ATOM),
     tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),
+    sympy.tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),  # (the step IR's is `tanh`)
     sigmoid: ("tl.sigmoid({x})", False, True, _ATOM),
     logsigmoid: ("tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
     softplus: ("tl.maximum({x}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
@@ -62,7 +63,7 @@ FUNCTIONS = {
 }
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
-MULTI_USE = (tanh, logsigmoid, softplus, silu, elu)
+MULTI_USE = (tanh, sympy.tanh, logsigmoid, softplus, silu, elu)
 # Largest integer power printed as repeated multiplication; others go through exp(n * log(x)).
 MAX_INT_POWER = 8
 
