@@ -359,3 +359,21 @@ def test_the_strategies_reach_valid_and_invalid_programs():
     valid = sum(seen)
     invalid = len(seen) - valid
     assert valid >= len(seen) // 4, (valid, invalid)
+
+
+def test_token_mutations_reach_programs_that_load():
+    """Guard: enough mutated programs load (about 40%) for the pipeline test to reach module generation."""
+    seen: list[bool] = []
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(token_mutations())
+    def collect(text):
+        try:
+            recurrence_dsl.load_text(text)
+            seen.append(True)
+        except SpecError:
+            seen.append(False)
+
+    collect()
+    assert sum(seen) >= len(seen) // 5, (sum(seen), len(seen))
