@@ -16,7 +16,7 @@ import re
 
 import sympy
 
-from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus
+from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus, tanh
 
 from .printing import ADD as _ADD
 from .printing import ATOM as _ATOM
@@ -31,7 +31,8 @@ FUNCTIONS = {
     sympy.exp: "torch.exp",
     sympy.log: "torch.log",
     sympy.Abs: "torch.abs",
-    sympy.tanh: "torch.tanh",
+    tanh: "torch.tanh",
+    sympy.tanh: "torch.tanh",  # (the step IR's is `tanh`)
     sigmoid: "torch.sigmoid",
     logsigmoid: "F.logsigmoid",
     softplus: "F.softplus",

@@ -37,7 +37,7 @@ import re
 
 import sympy
 
-from recurrence_dsl.step_ir import elu, has_infinity, logsigmoid, relu, sigmoid, silu, softplus
+from recurrence_dsl.step_ir import elu, has_infinity, logsigmoid, relu, sigmoid, silu, softplus, tanh
 
 from .printing import ADD as _ADD
 from .printing import ATOM as _ATOM
@@ -52,7 +52,8 @@ FUNCTIONS = {
     sympy.exp: ("tl.exp({x})", False, True, _ATOM),
     sympy.log: ("tl.log({x})", False, False, _ATOM),
     sympy.Abs: ("tl.abs({x})", True, True, _ATOM),
-    sympy.tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),
+    tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),
+    sympy.tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),  # (the step IR's is `tanh`)
     sigmoid: ("tl.sigmoid({x})", False, True, _ATOM),
     logsigmoid: ("tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
     softplus: ("tl.maximum({x}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
@@ -62,7 +63,7 @@ FUNCTIONS = {
 }
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
-MULTI_USE = (sympy.tanh, logsigmoid, softplus, silu, elu, sympy.sign)
+MULTI_USE = (tanh, sympy.tanh, logsigmoid, softplus, silu, elu, sympy.sign)
 # Relations (conditions of the Piecewise derivative of elu) as Triton comparisons.
 _RELATIONS = {sympy.StrictGreaterThan: ">", sympy.StrictLessThan: "<", sympy.GreaterThan: ">=",
               sympy.LessThan: "<="}

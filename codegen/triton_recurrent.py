@@ -185,8 +185,9 @@ class TritonRecurrentWriter:
 
         Returns (key, free indices in placeholder order, placeholders)."""
         free = []
+        symbols = e.free_symbols  # once: it is recomputed on every access, and a deep `e` made this cubic
         for n in sympy.preorder_traversal(e):
-            if isinstance(n, sympy.Symbol) and n in self.ranges and n in e.free_symbols and n not in free:
+            if isinstance(n, sympy.Symbol) and n in self.ranges and n in symbols and n not in free:
                 free.append(n)
         holders = []
         for k, f in enumerate(free):

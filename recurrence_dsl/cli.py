@@ -3,7 +3,9 @@
 Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
 spills, needs too much shared memory or does not compile (kernels), 2 on a spec error (a FILE that is not UTF-8
 or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
-ptxas or cuobjdump is missing). None of these prints a Python traceback.
+ptxas or cuobjdump is missing). None of these prints a Python traceback. Any other exception is a bug in
+recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a report, exit 3; the
+traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .analysis import analyse
@@ -37,6 +41,7 @@ TUNE_DEFAULTS = {"B": 2, "T": 1024, "H": 4}
 TUNE_DIM = 64
 
 
+BUG_EXIT = 3  # the exit status of an internal error (a bug in recurrence_dsl, not in what the user gave)
 MAX_SIZE = 2**31 - 1  # the largest --shape size: the kernels index with 32-bit integers
 GRAPH_MARKER = "// recdsl graph"  # the first line of a graph `show --graph` wrote: it may replace the file
 
@@ -538,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
                                      "as .rec specs.")
     parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error "
+                        "(also RECURRENCE_DSL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -666,6 +673,14 @@ def run_command(args) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"recdsl {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - anything else is ours to fix: say so, in one line
+        if getattr(args, "debug", False) or os.environ.get("RECURRENCE_DSL_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        print(f"recdsl {args.command}: internal error (recdsl {__version__}): {what}; this is a bug in "
+              "recurrence_dsl: please report it with the spec file and this command line (run again with --debug "
+              "for the traceback)", file=sys.stderr)
+        return BUG_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

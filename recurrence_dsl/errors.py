@@ -45,6 +45,16 @@ class Source:
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
+# Limits on what one spec may ask of the compiler (docs/language.md, "Limits"). Within them, analysis and code
+# generation take time and memory polynomial in the size of the spec, and no stage recurses deeper than Python
+# allows; beyond them, a `SpecError` at the first place over the limit.
+MAX_SOURCE_CHARS = 1_000_000  # characters in one file or text
+MAX_RECURRENCES = 100  # recurrences in one file
+MAX_NESTING = 16  # function calls, sum(...), signs and `**` nested inside one another in one expression
+MAX_DEPTH = 64  # operations nested in one expression, a chain `a + b + c` counting one per operator
+MAX_NODES = 1024  # names, numbers and operations in one expression
+MAX_INLINED = 4096  # nodes of a statement's value once the temporaries it reads are inlined (step IR)
+
 # The most characters of a source line an error shows.
 _LONGEST_SHOWN = 120
 

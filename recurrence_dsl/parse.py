@@ -5,12 +5,23 @@ from __future__ import annotations
 from functools import lru_cache
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from grammar import grammar_text
 
 from . import syntax as ast
-from .errors import Source, Span, SpecError, shown_number
+from .errors import (
+    MAX_DEPTH,
+    MAX_NESTING,
+    MAX_NODES,
+    MAX_RECURRENCES,
+    MAX_SOURCE_CHARS,
+    Source,
+    Span,
+    SpecError,
+    shown_number,
+)
 
 __all__ = ["parse_program"]
 
@@ -57,7 +68,7 @@ def _int_literal(tok: Token) -> int:
 
 
 @v_args(meta=True)
-class _ToSyntax(Transformer):
+class _ToSyntax(Transformer_NonRecursive):
     """Builds `syntax` nodes bottom-up; every node keeps the span of its text."""
 
     def __init__(self, source: Source):
@@ -232,15 +243,76 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
     return SpecError(message, span, source, hint=hint)
 
 
+def _position(text: str, offset: int) -> Span:
+    """The 1-based line and column of character `offset` of `text`."""
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return Span(line, column, line, column + 1)
+
+
+# Expression nodes that nest their operands (a chain `a + b - c` of binary operators does not).
+_NESTING_RULES = frozenset({"call", "neg", "pos", "pow"})
+_LEAF_RULES = frozenset({"number", "name", "indexed"})  # (an index of `indexed` is no expression)
+_EXPRESSION_RULES = _NESTING_RULES | _LEAF_RULES | {"add", "sub", "mul", "div"}
+
+
+def _check_limits(tree: lark.Tree, source: Source) -> None:
+    """Refuse, at its position, the first thing in the parse tree beyond MAX_RECURRENCES, MAX_NESTING, MAX_DEPTH
+    or MAX_NODES. Iterative, so that it cannot itself run out of Python's stack; every later stage recurses over
+    expressions and relies on these bounds."""
+    recurrences = [c for c in tree.children if isinstance(c, lark.Tree)]
+    if len(recurrences) > MAX_RECURRENCES:
+        name = recurrences[MAX_RECURRENCES].children[0]
+        raise SpecError(f"too many recurrences in one file: at most {MAX_RECURRENCES}, and this is recurrence "
+                        f"{MAX_RECURRENCES + 1} of {len(recurrences)}", _token_span(name), source,
+                        hint="split the recurrences over several files")
+    for rec in recurrences:
+        for stmt in rec.children:
+            if not isinstance(stmt, lark.Tree) or stmt.data != "assign":
+                continue
+            expr = stmt.children[1]
+            nodes = 0
+            # (node, operations on the path down to it, nesting ones among them), counting the node's own
+            stack = [(expr, int(getattr(expr, "data", "") not in _LEAF_RULES),
+                      int(getattr(expr, "data", "") in _NESTING_RULES))]
+            while stack:
+                node, depth, nesting = stack.pop()
+                if not isinstance(node, lark.Tree):
+                    continue
+                nodes += 1
+                span = _meta_span(node.meta)
+                if nesting > MAX_NESTING:
+                    raise SpecError(f"this expression nests more than {MAX_NESTING} function calls, sums, signs "
+                                    f"and powers inside one another", span, source,
+                                    hint="compute the inner part into a temporary on a line of its own")
+                if depth > MAX_DEPTH:
+                    raise SpecError(f"this expression is more than {MAX_DEPTH} operations deep", span, source,
+                                    hint="split a long sum or product over temporaries, a few terms a line")
+                if nodes > MAX_NODES:
+                    raise SpecError(f"this expression has more than {MAX_NODES} names, numbers and operations",
+                                    _meta_span(expr.meta), source,
+                                    hint="split it over temporaries on lines of their own")
+                for child in node.children:
+                    if isinstance(child, lark.Tree) and child.data in _EXPRESSION_RULES:
+                        stack.append((child, depth + (child.data not in _LEAF_RULES),
+                                      nesting + (child.data in _NESTING_RULES)))
+
+
 def parse_program(text: str, filename: str = "<string>") -> ast.Program:
-    """Parse a whole `.rec` file. Raises `SpecError` on a syntax error."""
+    """Parse a whole `.rec` file. Raises `SpecError` on a syntax error, and on a text beyond the limits of
+    `errors.py` (MAX_SOURCE_CHARS characters, MAX_RECURRENCES recurrences; per expression MAX_NESTING nested
+    calls, sums, signs and powers, MAX_DEPTH operations deep, MAX_NODES nodes)."""
     source = Source(text, filename)
+    if len(text) > MAX_SOURCE_CHARS:
+        raise SpecError(f"the file is too large: {len(text)} characters, at most {MAX_SOURCE_CHARS}",
+                        _position(text, MAX_SOURCE_CHARS), source, hint="split it into several files")
     if not text.endswith("\n"):
         text += "\n"
     try:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, source) from None
+    _check_limits(tree, source)
     try:
         recurrences = _ToSyntax(source).transform(tree)
     except lark.exceptions.VisitError as err:

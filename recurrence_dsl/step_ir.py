@@ -21,7 +21,7 @@ from mpmath.libmp import prec_to_dps
 
 from . import syntax as ast
 from .check import CheckedAssign, CheckedRecurrence, SymbolKind, constant_value
-from .errors import SpecError
+from .errors import MAX_INLINED, SpecError
 
 NEW_SUFFIX = "__new"
 
@@ -90,6 +90,19 @@ class elu(_NamedFunction):  # noqa: N801
         return sympy.Piecewise((1, x > 0), (sympy.exp(x), True))
 
 
+class tanh(_NamedFunction):  # noqa: N801
+    """The hyperbolic tangent, kept as the DSL's own function rather than `sympy.tanh`: sympy's asks, on every
+    new `tanh(u)`, whether `u` is real, and for a `u` that is itself a tanh it answers through `as_real_imag`,
+    whose size doubles with each level (ten nested tanh took a minute to build). Here nothing is asked."""
+
+    @staticmethod
+    def elementary(x):
+        return sympy.tanh(x)
+
+    def fdiff(self, argindex=1):
+        return 1 - tanh(self.args[0]) ** 2
+
+
 class relu(_NamedFunction):  # noqa: N801
     @staticmethod
     def elementary(x):
@@ -109,7 +122,7 @@ SYMPY_FUNCTIONS = {
     "log": sympy.log,
     "sqrt": sympy.sqrt,
     "abs": sympy.Abs,
-    "tanh": sympy.tanh,
+    "tanh": tanh,
     "sigmoid": sigmoid,
     "logsigmoid": logsigmoid,
     "softplus": softplus,
@@ -142,6 +155,22 @@ def undefined(expr: sympy.Expr) -> bool:
     """Whether sympy made `expr` NaN, complex infinity or complex (`oo - oo`, `x / 0`, `sqrt(-K)`): a value
     float64 cannot hold, which no generated code may contain."""
     return expr.has(sympy.nan, sympy.zoo, sympy.I)
+
+
+def tree_size(expr: sympy.Expr) -> int:
+    """The number of nodes of `expr` written out as a tree, counted over its shared subexpressions once each (so
+    in time linear in the distinct subexpressions, however large the tree)."""
+    sizes: dict[sympy.Basic, int] = {}
+    stack = [expr]
+    while stack:
+        node = stack[-1]
+        missing = [a for a in node.args if a not in sizes]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        sizes[node] = 1 + sum(sizes[a] for a in node.args)
+    return sizes[expr]
 
 
 def size_symbol(name: str) -> sympy.Symbol:
@@ -274,6 +303,12 @@ class _Builder:
         as_written = self.expr(stmt.value, as_written=True)
         self.written.append(Definition(stmt.target.name, indices, as_written))
         composed = self.expr(stmt.value, as_written=False)
+        size = tree_size(composed)
+        if size > MAX_INLINED:
+            raise SpecError(f"with the temporaries it reads written out, this value has {size} nodes, more than "
+                            f"{MAX_INLINED}", stmt.value.span, self.rec.source,
+                            hint="a temporary that reads itself (t = t * x + t) doubles in size each time; "
+                                 "keep such a value in a state, or use fewer reassignments")
         name = stmt.target.name
         if stmt.target.kind is SymbolKind.STATE:
             self.updates_so_far[name] = Definition(name, indices, composed)

@@ -2,7 +2,9 @@
 
 Two sources of text: mutations of valid programs (characters and tokens deleted, inserted, replaced; lines
 swapped or duplicated) and random programs drawn from a small grammar-like strategy. A program that does load is
-also run through the reference on tiny shapes, which must not raise.
+also run through the reference on tiny shapes, which must not raise. Fewer of them, with token-level mutations
+(tokens deleted, duplicated, swapped; numbers, names, operators and indices changed), go the whole way: load,
+analysis, module generation and `ast.parse` of the module.
 
 Deterministic by default (CI); set RECDSL_FUZZ_RANDOM=1 to explore with fresh seeds and RECDSL_FUZZ_EXAMPLES=N for
 more examples.
@@ -10,6 +12,7 @@ more examples.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 
@@ -18,7 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import recurrence_dsl
+from codegen.module import module_source
 from recurrence_dsl import SpecError
+from recurrence_dsl.analysis import analyse
 from recurrence_dsl.errors import Source
 from recurrence_dsl.sampling import sample_arguments
 
@@ -260,6 +265,82 @@ def test_arbitrary_text_raises_only_spec_errors(text):
     _load_and_run(text)
 
 
+# -- the whole pipeline, on token-level mutations -------------------------------------------------------------------
+
+# Writing a module takes about a second: fewer examples than above, still deterministic by default.
+PIPELINE = settings(FUZZ, max_examples=int(os.environ.get("RECDSL_FUZZ_PIPELINE_EXAMPLES", "30")))
+
+NUMBERS = ["0", "1", "2", "0.5", "1e-6", "1e999", "1e-400", "3.0e2", "65536", "00", "9" * 30]
+NAMES = ["x", "q", "k", "v", "S", "h", "i", "j", "K", "V", "D", "exp", "tanh", "sum", "min", "state", "param", "len",
+         "F", "torch", "initial_state", "sizes", "B", "T", "H", "None", "lambda", "r__new"]
+OPERATORS = ["+", "-", "*", "/", "**"]
+INDICES = ["i", "j", "k", "d", "n", "0", "i, j", "i, i", ""]
+_WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+_NUMBER = re.compile(r"[0-9.]+(?:[eE][+-]?[0-9]+)?")
+
+
+@st.composite
+def token_mutations(draw):
+    """A program of specs/ or LANGUAGE.md (or a small extra one) with 1 to 3 token-level mutations."""
+    tokens = TOKEN.findall(draw(st.sampled_from(BASES)))
+    for _ in range(draw(st.integers(1, 3))):
+        solid = [n for n, t in enumerate(tokens) if not t.isspace()]
+        if not solid:
+            break
+        at = draw(st.sampled_from(solid))
+        token = tokens[at]
+        kind = draw(st.sampled_from(["delete", "duplicate", "swap", "number", "name", "operator", "index"]))
+        if kind == "delete":
+            tokens[at] = ""
+        elif kind == "duplicate":
+            tokens[at] = token + draw(st.sampled_from(["", " "])) + token
+        elif kind == "swap":
+            other = draw(st.sampled_from(solid))
+            tokens[at], tokens[other] = tokens[other], token
+        elif kind == "number":
+            numbers = [n for n in solid if _NUMBER.fullmatch(tokens[n])] or [at]
+            tokens[draw(st.sampled_from(numbers))] = draw(st.sampled_from(NUMBERS))
+        elif kind == "name":
+            words = [n for n in solid if _WORD.fullmatch(tokens[n])] or [at]
+            here = draw(st.sampled_from(words))
+            tokens[here] = draw(st.sampled_from(NAMES + sorted({tokens[n] for n in words})))
+        elif kind == "operator":
+            ops = [n for n in solid if tokens[n] in OPERATORS] or [at]
+            tokens[draw(st.sampled_from(ops))] = draw(st.sampled_from(OPERATORS))
+        else:  # the indices inside one pair of brackets
+            opens = [n for n in solid if tokens[n] == "["]
+            if opens:
+                start = draw(st.sampled_from(opens))
+                end = next((n for n in range(start, len(tokens)) if tokens[n] == "]"), start)
+                tokens[start + 1:end] = [draw(st.sampled_from(INDICES))]
+    return "".join(tokens)
+
+
+def _generate(text: str) -> None:
+    """Load, analyse, write the module and parse it; the only exception allowed is a well-placed SpecError."""
+    try:
+        recs = recurrence_dsl.load_text(text, "fuzz.rec")
+        source = module_source([analyse(r.checked) for r in recs.values()], "fuzz.rec")
+    except SpecError as err:
+        _check_error_position(text, err)
+        return
+    ast.parse(source)
+    for rec in recs.values():
+        assert f"def {rec.name}(" in source or f"{rec.name} =" in source, rec.name
+
+
+@PIPELINE
+@given(token_mutations())
+def test_mutated_programs_generate_parsable_modules_or_spec_errors(text):
+    _generate(text)
+
+
+@settings(PIPELINE, max_examples=max(1, PIPELINE.max_examples // 3))
+@given(random_programs())
+def test_random_programs_generate_parsable_modules_or_spec_errors(text):
+    _generate(text)
+
+
 def test_the_strategies_reach_valid_and_invalid_programs():
     """Guard against a strategy that silently stops producing checkable programs."""
     seen: list[bool] = []
@@ -278,3 +359,21 @@ def test_the_strategies_reach_valid_and_invalid_programs():
     valid = sum(seen)
     invalid = len(seen) - valid
     assert valid >= len(seen) // 4, (valid, invalid)
+
+
+def test_token_mutations_reach_programs_that_load():
+    """Guard: enough mutated programs load (about 40%) for the pipeline test to reach module generation."""
+    seen: list[bool] = []
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(token_mutations())
+    def collect(text):
+        try:
+            recurrence_dsl.load_text(text)
+            seen.append(True)
+        except SpecError:
+            seen.append(False)
+
+    collect()
+    assert sum(seen) >= len(seen) // 5, (sum(seen), len(seen))
