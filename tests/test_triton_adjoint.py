@@ -24,7 +24,7 @@ import torch
 
 import recurrence_dsl
 from codegen import kernel_report
-from codegen.dispatch import CHECKPOINT_EVERY, RECURRENT_BACKWARD
+from codegen.dispatch import CHECKPOINT_EVERY, RECURRENT_BACKWARD, with_torch_backward
 from codegen.triton_recurrent import has_triton_adjoint
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
@@ -186,7 +186,7 @@ def test_the_raising_torch_forms_catch_the_old_backward(monkeypatch):
     def forward(*args):
         return module.gla__triton_recurrent_loop(*args)[:2]
 
-    old = module.with_torch_backward(forward, module.gla__recurrent, ("o",), ("S",))
+    old = with_torch_backward(forward, module.gla__recurrent, ("o",), ("S",))  # (the module no longer needs it)
     args, _ = sample_arguments(rec.checked, small_sizes(rec), 1, 3, 1, dtype=torch.float32, seed=0)
     args = [a.requires_grad_() for a in args]
     outputs, _ = old(*args, {"S": torch.zeros(1, 1, 4, 3)}, 4, 3)
