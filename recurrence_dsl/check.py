@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from . import syntax as ast
 from .errors import Source, Span, SpecError, did_you_mean, shown_number
 
-UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu")
+UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu",
+                   "cos", "sin")
 BINARY_FUNCTIONS = ("min", "max")
 FUNCTIONS = UNARY_FUNCTIONS + BINARY_FUNCTIONS
 
@@ -32,7 +33,8 @@ def torch_functions() -> dict:
 
     return {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": torch.abs, "tanh": torch.tanh,
             "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "softplus": F.softplus, "silu": F.silu,
-            "elu": F.elu, "relu": torch.relu, "min": torch.minimum, "max": torch.maximum}
+            "elu": F.elu, "relu": torch.relu, "cos": torch.cos, "sin": torch.sin, "min": torch.minimum,
+            "max": torch.maximum}
 
 
 _BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
