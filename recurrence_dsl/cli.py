@@ -162,6 +162,7 @@ def describe(rec: Recurrence) -> dict:
     return {
         "name": c.name,
         "spec_hash": rec.spec_hash,
+        "direction": "reverse" if c.reverse else "forward",
         "sizes": list(c.sizes),
         "inputs": [sym(s) for s in c.inputs],
         "params": [sym(s) for s in c.params],
@@ -190,7 +191,8 @@ def cmd_show(args) -> int:
             return ", ".join(f"{s['name']}[{', '.join(map(str, s['shape']))}]" if s["shape"] else s["name"]
                              for s in items) or "-"
 
-        print(f"recurrence {d['name']}  (spec hash {d['spec_hash']})")
+        print(f"{'reverse ' if d['direction'] == 'reverse' else ''}recurrence {d['name']}  "
+              f"(spec hash {d['spec_hash']})")
         print(f"  inputs:      {fmt(d['inputs'])}")
         print(f"  params:      {fmt(d['params'])}")
         print(f"  states:      {fmt(d['states'])}")

@@ -85,6 +85,9 @@ def explain(analysis: Analysis) -> str:
     """The derived forms of one recurrence as mathematics a reader can check."""
     rec = analysis.recurrence
     lines = [f"recurrence {rec.name}: class {analysis.cls.value}; forms: {', '.join(analysis.forms)}"]
+    if rec.reverse:
+        lines.append("  reverse: steps run t = T-1, ..., 0 (per sequence); each form below runs forward on the "
+                     "time-flipped sequence and its outputs are flipped back")
     view = analysis.chunk_analysis
     for name, sa in analysis.states.items():
         update = analysis.ir.updates[name]
