@@ -90,7 +90,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict) -> BoundCall:
     for name, value in kwargs.items():
         if name not in {s.name for s in declared}:
             raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
-                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, reverse")
+                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, "
+                            "reverse")
         if name in values:
             raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
         values[name] = value
