@@ -651,6 +651,11 @@ class TorchFormWriter:
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
                 state = f"states['{s.name}'][..., None]"
+            lift = view.lifted.get(s.name)
+            if lift:
+                # held with a leading key axis of size 1: a count n as n[1], a vector read elementwise as h[1, D]
+                w(f"# {s.name} is held as [{', '.join(map(str, sa.dims))}] here: a key axis of size 1 in front")
+                state = f"states['{s.name}'][..., None, {'None' if lift == 'scalar' else ':'}]"
             decay = "None"
             if plan.log_decay is not None:
                 shape = {"scalar": (), "key": (kdim,), "value": (dims[1] if len(dims) > 1 else 1,)}
@@ -703,6 +708,9 @@ class TorchFormWriter:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")
                 for r in plan.readouts:
                     w(f"{readout_names[r.name]} = {readout_names[r.name]}[..., 0]")
+            if lift:
+                rest = "" if lift == "scalar" else ", :"
+                w(f"final_{s.name} = final_{s.name}[..., 0{rest}]  # without the size-1 key axis")
         out_printer = TorchPrinter(self.sizes, view.ir.ranges, readout_names)
         outs = []
         for o in self.rec.outputs:

@@ -14,6 +14,7 @@ combined by an arbitrary state-free expression.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -218,6 +219,11 @@ class Analysis:
     # Its states and outputs are in the transposed layout; the forms transpose those states in and out.
     chunk_view: Analysis | None = None
     transposed: tuple[str, ...] = ()
+    # States the chunked and parallel forms hold with an extra leading axis of size 1 (its key axis): a 0-axis
+    # state n as n[1] ("scalar": a running count is a key-only state with k = its injection), and a vector
+    # state h[D] read elementwise as h[1, D] ("row": y[d] = h[d] is the readout sum(u, 1 * h[u, d]), and a
+    # per-channel decay of h becomes a value-axis decay). Name -> "scalar" or "row".
+    lifted: dict[str, str] = field(default_factory=dict)
 
     @property
     def chunk_analysis(self) -> Analysis:
@@ -361,19 +367,25 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
     for symbol, (term,) in found:
         sa = states.get(term.base)
         ok = sa is not None and sa.chunk is not None
+        summed_value = False  # sum(a, b, q[a] * S[a, b]): the readout R[b], then summed over b
         if ok:
             plan = sa.chunk
             key_axis = plan.key_axis
-            ok = (len(term.bound) == 1 and key_axis is not None and len(term.indices) == len(sa.dims)
-                  and term.indices[key_axis] == term.bound[0])
+            ok = (len(term.bound) in (1, 2) and key_axis is not None and len(term.indices) == len(sa.dims)
+                  and term.indices[key_axis] in term.bound and len(set(term.indices)) == len(term.indices))
         if ok:
-            key = term.bound[0]
+            key = term.indices[key_axis]
+            others = [b for b in term.bound if b != key]
             value_index = None
             if len(sa.dims) == 2:
                 value_index = term.indices[1 - key_axis]
-                ok = value_index not in term.bound and value_index in set(out.indices)
+                summed_value = others == [value_index]
+                ok = summed_value or (not others and value_index in set(out.indices))
+            else:
+                ok = not others
         if ok:
-            split = _split_factors(term.coeff, [{key}], index_set)
+            # q(key) times factors free of the key (they may read the output's or the summed value index)
+            split = _split_factors(term.coeff, [{key}, index_set - {key}], index_set)
             ok = split is not None
         if not ok:
             residual = True
@@ -383,7 +395,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
                 limits = [(b, 0, ir.ranges[b] - 1) for b in term.bound]
                 replacements[symbol] = sympy.Sum(replacements[symbol], *limits)
             continue
-        (query_part,), rest = split
+        (query_part, outer), rest = split
+        rest = outer * rest
         q_index = index_symbol("a__q")
         query = Definition(f"q_{symbol.name}", (q_index,), query_part.xreplace({key: q_index}))
         readout = Readout(symbol.name, term.base, not term.reads_new, query, value_index)
@@ -391,6 +404,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
         readouts.append(readout)
         placeholder = sympy.IndexedBase(symbol.name)[value_index] if value_index is not None else symbol
         replacements[symbol] = rest * placeholder
+        if summed_value:
+            replacements[symbol] = sympy.Sum(replacements[symbol], (value_index, 0, ir.ranges[value_index] - 1))
     return OutputAnalysis(name, out.indices, expr.xreplace(replacements), readouts, residual)
 
 
@@ -495,12 +510,72 @@ def _transpose_states(ir: StepIR, names: set[str]) -> StepIR:
                   {n: definition(d, False) for n, d in ir.outputs.items()}, ir.ranges, ir.sizes)
 
 
+def _lift_states(ir: StepIR, lifts: dict[str, str]) -> StepIR:
+    """The same step with each lifted state given a leading axis of size 1 (see `Analysis.lifted`): its update
+    writes `h[u, d]` (u a new index over the literal size 1), and every read elsewhere (outputs, other states)
+    becomes `sum(u', h[u', d])`, a readout along the new key axis."""
+    ranges = dict(ir.ranges)
+    one = sympy.Integer(1)
+    counter = itertools.count()
+
+    def fresh(name: str) -> sympy.Symbol:
+        sym = index_symbol(f"u__{name}{next(counter)}")
+        ranges[sym] = one
+        return sym
+
+    targets = {name: fresh(name) for name in lifts}
+
+    def lift(e: sympy.Expr, own: str | None) -> sympy.Expr:
+        def read(base: str, indices: tuple) -> sympy.Expr:
+            name = base.removesuffix(NEW_SUFFIX)
+            if name == own and not base.endswith(NEW_SUFFIX):
+                return sympy.IndexedBase(base)[(targets[name],) + indices]
+            u = fresh(name)
+            return sympy.Sum(sympy.IndexedBase(base)[(u,) + indices], (u, 0, 0))
+
+        scalars = {sympy.Symbol(n + suffix): (n + suffix) for n, kind in lifts.items() if kind == "scalar"
+                   for suffix in ("", NEW_SUFFIX)}
+        rows = {n + suffix for n, kind in lifts.items() if kind == "row" for suffix in ("", NEW_SUFFIX)}
+        e = e.replace(lambda x: isinstance(x, sympy.Indexed) and x.base.name in rows,
+                      lambda x: read(x.base.name, tuple(x.indices)))
+        return e.xreplace({sym: read(base, ()) for sym, base in scalars.items()})
+
+    updates = {n: Definition(n, ((targets[n],) if n in lifts else ()) + d.indices, lift(d.expr, n))
+               for n, d in ir.updates.items()}
+    outputs = {n: Definition(n, d.indices, lift(d.expr, None)) for n, d in ir.outputs.items()}
+    return StepIR(ir.statements, updates, outputs, ranges, ir.sizes)
+
+
+def _lift_candidates(rec: CheckedRecurrence, analysis: Analysis) -> dict[str, str]:
+    """0-axis states, and vector states that an output reads other than through a readout (y[d] = h[d])."""
+    lifts = {}
+    for s in rec.states:
+        if not s.dims:
+            lifts[s.name] = "scalar"
+        elif len(s.dims) == 1 and any(_mentions(o.expr, {s.name, s.name + NEW_SUFFIX})
+                                      for o in analysis.outputs.values()):
+            lifts[s.name] = "row"
+    return lifts
+
+
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
     analysis = _analyse_ir(rec, ir, {s.name: s.dims for s in rec.states})
     if "chunked" in analysis.forms:
         return analysis
+    lifts = _lift_candidates(rec, analysis)
+    if lifts and all(len(s.dims) < 2 or analysis.states[s.name].chunk is not None for s in rec.states):
+        dims = {s.name: ((1,) + s.dims if s.name in lifts else s.dims) for s in rec.states}
+        view = _analyse_ir(rec, _lift_states(ir, lifts), dims)
+        if "chunked" in view.forms:
+            view.lifted = lifts
+            forms = [f for f in FORMS if f in analysis.forms or (f in ("chunked", "parallel") and f in view.forms)]
+            unavailable = {f: why for f, why in analysis.unavailable.items() if f not in forms}
+            if "parallel" not in forms and "parallel" in view.unavailable:
+                unavailable["parallel"] = view.unavailable["parallel"]
+            return Analysis(rec, ir, analysis.states, analysis.outputs, tuple(forms), unavailable, view,
+                            lifted=lifts)
     # No chunked form as written: try the matrix states the other way round (S[V, K] read as sum(j, q[j] S[i, j])).
     flip = {s.name for s in rec.states if len(s.dims) == 2
             and (analysis.states[s.name].chunk is None or analysis.states[s.name].cls is TransitionClass.GENERAL

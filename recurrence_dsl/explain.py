@@ -98,6 +98,13 @@ def explain(analysis: Analysis) -> str:
             update = view.ir.updates[name]
             lines.append(f"    chunked as {name}^T, read along its first axis: "
                          f"{name}^T_t{_idx(update.indices)} = {_text(update.expr).replace(name + '[', name + '^T[')}")
+        lift = view.lifted.get(name)
+        if lift:
+            held = f"{name}[1]" if lift == "scalar" else f"{name}[1, {_text(update.indices[0])}]"
+            lines.append(f"    chunked as {held}: a key axis of size 1 in front, so "
+                         + (f"{name} is a key-only state with k_t its injection"
+                            if lift == "scalar" else f"an elementwise read {name}[d] is a readout with q = 1 and "
+                                                     "a per-channel decay is a value-axis decay"))
         sa = view.states[name]
         if sa.chunk is not None:
             lines.extend(_chunk_lines(sa, sa.chunk))

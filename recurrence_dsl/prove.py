@@ -169,8 +169,16 @@ def _chunked(inst: _Instance, chunk: int):
         kdim = inst.dims(sa.dims)[0]
         vdim = inst.dims(sa.dims)[1] if len(sa.dims) == 2 else 1
         init = inst.initial()[s.name]
-        S0 = sympy.Matrix(kdim, vdim, lambda a, b: (init[(b, a)] if flip else init[(a, b)]) if len(s.dims) == 2
-                          else init[(a,)])
+        lift = view.lifted.get(s.name)  # held with a size-1 key axis in front: n as n[1], h[D] as h[1, D]
+
+        def initial(a, b):
+            if lift:
+                return init[()] if lift == "scalar" else init[(b,)]
+            if len(s.dims) == 2:
+                return init[(b, a)] if flip else init[(a, b)]
+            return init[(a,)]
+
+        S0 = sympy.Matrix(kdim, vdim, initial)
 
         def vec(d, t, n):
             values = inst.definition(d, t, {})
@@ -284,8 +292,11 @@ def _chunked(inst: _Instance, chunk: int):
                 Mk, Mv = decay(gk[last] - gk[src], gv[last] - gv[src])
                 S_end += Mk * ks[src] * vs[src].T * Mv
             S0 = S_end
-        finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}
-                          if len(s.dims) == 2 else {(a,): S0[a, 0] for a in range(kdim)})
+        if lift:
+            finals[s.name] = {(): S0[0, 0]} if lift == "scalar" else {(b,): S0[0, b] for b in range(vdim)}
+        else:
+            finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}
+                              if len(s.dims) == 2 else {(a,): S0[a, 0] for a in range(kdim)})
     outputs = []
     for t in range(inst.steps):
         env = {}
