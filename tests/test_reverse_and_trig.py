@@ -1,4 +1,5 @@
-"""`cos` / `sin` and reverse recurrences, checked on every form and backend against the float64 reference.
+"""`cos` / `sin`, reverse recurrences and small states, checked on every form and backend against the float64
+reference.
 
 Trigonometry: tests/data/rotation.rec holds two specs: `rotary_la`, linear attention whose keys are turned by an
 angle (the rotation is a per-step prologue, so it has every form of a scalar decay), and `rotation`, a damped
@@ -15,6 +16,11 @@ reference on time-flipped inputs. Every torch form (float64 <= 1e-9, float32 <= 
 <= 1e-4) of those specs, and of every fourth generated breadth program called with reverse=True, matches it at
 T = 5 and 19; packed sequences (cu_seqlens, one empty) run reverse each on its own; gradients of reverse runs
 match the reference's autograd (float64 torch forms <= 1e-9, float32 Triton forms <= 1e-4).
+
+Small states: tests/data/state_shapes.rec holds a running count (a 0-axis state), a count beside a matrix state,
+vector states read elementwise (y[d] = h[d]) with a value-axis and a key-axis decay, and readouts summed over both
+axes of a matrix state. Each gets the chunked and parallel forms (the state held with a size-1 key axis in front),
+checked like the specs above on every form and backend, with gradients, and proved by `--prove`'s algebra.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch
 import recurrence_dsl
 from recurrence_dsl.adjoint import derive_adjoint
 from recurrence_dsl.analysis import analyse
+from recurrence_dsl.cli import describe
 from recurrence_dsl.cli import main as recdsl_main
 from recurrence_dsl.errors import SpecError
+from recurrence_dsl.prove import prove
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import as_dict
@@ -347,3 +355,53 @@ def test_show_and_prove_name_the_direction(capsys):
     assert "reverse recurrence ssd_backward  (spec hash" in shown
     assert "\nrecurrence ssd_forward  (spec hash" in "\n" + shown
     assert "reverse: steps run t = T-1, ..., 0" in shown
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small states: 0-axis, read elementwise, summed over both axes
+# ---------------------------------------------------------------------------------------------------------
+
+SHAPES = recurrence_dsl.load(DATA / "state_shapes.rec")
+ALL_FORMS = ["recurrent", "scan", "chunked", "parallel"]
+SHAPE_SIZES = {"D": 5, "K": 4, "V": 3}
+LIFTED = {"running_count": {"n": "scalar"}, "counted_attention": {"n": "scalar"}, "leaky": {"h": "row"},
+          "gated_vector": {"h": "row"}, "totals": {}}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_small_states_get_the_chunked_form(name):
+    """Every form on both backends against the reference, and the analysis's account of it: which states are
+    held with a size-1 key axis, and the algebraic proof."""
+    rec = SHAPES[name]
+    analysis = analyse(rec.checked)
+    assert analysis.lifted == LIFTED[name] and not analysis.unavailable
+    assert all(r.proved for r in prove(analysis)), [r for r in prove(analysis) if not r.proved]
+    described = describe(rec)
+    assert {s["name"] for s in described["states"] if s["chunked_with_unit_key_axis"]} == set(LIFTED[name])
+    failures = _check_reverse(rec, SHAPE_SIZES, ALL_FORMS)
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("name", ["counted_attention", "gated_vector", "totals"])
+def test_gradients_through_the_chunked_form_of_small_states(name):
+    rec = SHAPES[name]
+    args, initial = _reverse_case(rec, SHAPE_SIZES, 11, batch=2)
+    out, final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    gen = torch.Generator().manual_seed(4)
+    weights = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in flatten(rec, out, final).items()}
+    want = _grads(rec.reference, rec, args, initial, weights)
+    for backend, dtype, tol in (("torch", F64, 1e-9), ("triton", F32, 1e-4)):
+        layer = recurrence_dsl.compile(rec, backend=backend, chunk_size=16 if backend == "triton" else 4,
+                                       tuning=False)
+        init = {k: v.to(dtype) for k, v in as_dict(initial, rec.checked.states).items()}
+        got = _grads(layer, rec, [a.to(dtype) for a in args], init, weights, form="chunked")
+        errors = [rel(g, w) for g, w in zip(got, want)]
+        assert max(errors) <= tol, (backend, errors)
+
+
+def test_show_says_how_a_small_state_is_chunked(capsys):
+    assert recdsl_main(["show", str(DATA / "state_shapes.rec")]) == 0
+    shown = capsys.readouterr().out
+    assert "chunked as n[1]: a key axis of size 1 in front, so n is a key-only state" in shown
+    assert "chunked as h[1, d]: a key axis of size 1 in front" in shown
+    assert "output n = Sum(R_1[j], (j, 0, V - 1))" in shown
