@@ -713,6 +713,30 @@ def scan_diagonal(a, b, initial_state=None):
     return _chunked_scan(a, b, 64)
 
 
+def scan_block(a, b, initial_state=None):
+    """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, m states per element.
+
+    a [B, T, H, *S, m, m] (A_t per element: row r holds the coefficients of every state in the update of state
+    r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns [B, T, H, *S, m]. The combine
+    (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2) is associative (it composes affine maps), so a doubling scan over
+    time gives every prefix in log2(T) rounds of batched m x m products (Blelloch 1990, section 1.4)."""
+    dt = _compute_dtype(b)
+    a, b = a.to(dt), b.to(dt)
+    T = b.shape[1]
+    if T == 0:
+        return b
+    if initial_state is not None:  # fold s_{-1} into the first step
+        b0 = b[:, :1] + (a[:, :1] @ initial_state.to(dt).unsqueeze(1).unsqueeze(-1)).squeeze(-1)
+        b = torch.cat([b0, b[:, 1:]], dim=1)
+    shift = 1
+    while shift < T:
+        # the window (t - 2 shift, t] from (t - 2 shift, t - shift] and (t - shift, t]
+        b = torch.cat([b[:, :shift], (a[:, shift:] @ b[:, :-shift].unsqueeze(-1)).squeeze(-1) + b[:, shift:]], dim=1)
+        a = torch.cat([a[:, :shift], a[:, shift:] @ a[:, :-shift]], dim=1)
+        shift *= 2
+    return b
+
+
 # ----------------------------------------------------------------------------------------------------------
 # recurrent forms (step-by-step baseline)
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class TransitionClass(enum.Enum):
     DIAGONAL_ROW = "diagonal-row"
     DIAGONAL_COL = "diagonal-col"
     ELEMENTWISE = "elementwise"
+    # Several states of one shape whose updates read each other element by element (a cascade of diagonal
+    # decays, a complex diagonal as real and imaginary states): per element, (s_1, ..., s_m)_t = A_t (...)_(t-1)
+    # + b_t with A_t an m x m block, so the scan's combine (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2) applies.
+    COUPLED_ELEMENTWISE = "coupled-elementwise"
     RANK_ONE_UPDATE = "rank-one-update"
     DIAGONAL_PLUS_RANK_ONE = "diagonal-plus-rank-one"  # (D + b a^T) S, as in RWKV-7
     GENERAL = "general"
@@ -38,7 +42,7 @@ class TransitionClass(enum.Enum):
 # From least to most general; a recurrence's class is the most general over its states.
 _ORDER = list(TransitionClass)
 _DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
-             TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE}
+             TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE, TransitionClass.COUPLED_ELEMENTWISE}
 FORMS = ("recurrent", "scan", "chunked", "parallel")
 
 
@@ -195,6 +199,19 @@ class StateAnalysis:
     plus_rank_one: tuple[sympy.Expr, sympy.Expr] | None = None  # (b(row), a(row)) of (D + b a^T)
     chunk: ChunkPlan | None = None
     chunk_reason: str = ""
+    block: Block | None = None  # the coupled-elementwise block this state belongs to
+
+
+@dataclass(frozen=True)
+class Block:
+    """States coupled element by element: for every element (`indices`), new[r] = sum_c matrix[r][c] * old[c]
+    + injection[r], with every state read at the same element, and reads of another state's new value composed
+    away (so `matrix` and `injection` are in terms of the previous step's states only)."""
+
+    states: tuple[str, ...]
+    indices: tuple[sympy.Symbol, ...]
+    matrix: tuple[tuple[sympy.Expr, ...], ...]
+    injection: tuple[sympy.Expr, ...]
 
 
 @dataclass
@@ -332,6 +349,120 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
                          "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
+
+
+def _position(rec: CheckedRecurrence, name: str) -> tuple[int, int]:
+    """(line, column) of the statement that last assigns state `name` (its update)."""
+    spans = [st.span for st in rec.statements if st.target.name == name] or [rec.span]
+    return spans[-1].line, spans[-1].column
+
+
+def _where(rec: CheckedRecurrence, name: str) -> str:
+    """line:col of the statement that last assigns state `name`, for messages."""
+    return "{}:{}".format(*_position(rec, name))
+
+
+def _compose_new_reads(ir: StepIR, expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with every read of a state's new value (h__new[d]) replaced by that state's update, so that it
+    reads the previous step's states only."""
+    for _ in range(len(ir.updates) + 1):
+        news = [n for n in sympy.preorder_traversal(expr)
+                if (isinstance(n, sympy.Indexed) and str(n.base).endswith(NEW_SUFFIX))
+                or (isinstance(n, sympy.Symbol) and n.name.endswith(NEW_SUFFIX))]
+        if not news:
+            return expr
+        mapping = {}
+        for n in news:
+            name = (str(n.base) if isinstance(n, sympy.Indexed) else n.name).removesuffix(NEW_SUFFIX)
+            update = ir.updates[name]
+            indices = tuple(n.indices) if isinstance(n, sympy.Indexed) else ()
+            mapping[n] = update.expr.xreplace(dict(zip(update.indices, indices)))
+        expr = expr.xreplace(mapping)
+    return expr
+
+
+def _couple_states(rec: CheckedRecurrence, ir: StepIR, states: dict[str, StateAnalysis],
+                   dims: dict[str, tuple]) -> None:
+    """Turn groups of states that read each other element by element into one coupled-elementwise block
+    (see `Block`); where a group's coupling is not elementwise, say why at the update's line:col."""
+    plain = {s.name for s in rec.states}
+    readers = [n for n, sa in states.items() if sa.cls is TransitionClass.GENERAL
+               and sa.reason.startswith(f"the update of {n} reads another state")]
+    if not readers:
+        return
+    terms, consts = {}, {}
+    group = {n: {n} for n in states}
+    for n in readers:
+        try:
+            consts[n], terms[n] = linearize(_compose_new_reads(ir, ir.updates[n].expr), plain)
+        except NonLinear as err:
+            states[n].reason += f"; at {_where(rec, n)}, composed with the states it reads: {err}"
+            return
+        for t in terms[n]:  # union the groups of n and every state it reads
+            merged = group[n] | group[t.base]
+            for m in merged:
+                group[m] = merged
+    done: set[str] = set()
+    for n in readers:
+        members = tuple(s.name for s in rec.states if s.name in group[n])
+        if members[0] in done:
+            continue
+        done.update(members)
+        why = _block(rec, ir, members, terms, consts, dims)
+        if isinstance(why, str):
+            for m in members:
+                if states[m].cls is TransitionClass.GENERAL:
+                    states[m].reason += f"; coupled with {', '.join(x for x in members if x != m)} but {why}, " \
+                                        "so no scan form"
+            continue
+        for r, m in enumerate(members):
+            coupled = ", ".join(members)
+            states[m] = StateAnalysis(m, dims[m], TransitionClass.COUPLED_ELEMENTWISE,
+                                      f"{coupled} are coupled element by element: ({coupled})_t = A_t ({coupled})_(t-1)"
+                                      f" + b_t with A_t a {len(members)}x{len(members)} block per element",
+                                      why.indices, None, why.injection[r])
+            states[m].block = why
+            states[m].chunk_reason = (f"{m} has a coupled-elementwise transition (the chunked form takes one state "
+                                      "per decay)")
+
+
+def _block(rec: CheckedRecurrence, ir: StepIR, members: tuple[str, ...], terms: dict, consts: dict,
+           dims: dict[str, tuple]) -> Block | str:
+    """The block of `members`, or why their coupling has none (at the line:col of the statement at fault)."""
+    shapes = {tuple(dims[m]) for m in members}
+    if len(shapes) > 1:
+        return (f"at {_where(rec, members[0])}: the coupled states {', '.join(members)} have different shapes "
+                f"({' and '.join(str(list(d)) for d in sorted(shapes, key=str))})")
+    reads = set(members) | {m + NEW_SUFFIX for m in members}
+    for m in sorted(members, key=lambda n: _position(rec, n)):  # each update as written: every read elementwise?
+        update = ir.updates[m]
+        try:
+            _, written = linearize(update.expr, reads)
+        except NonLinear as err:
+            return f"at {_where(rec, m)}: {err}"
+        for t in written:
+            if t.bound or tuple(t.indices) != tuple(update.indices):
+                shown = f"{t.base}[{', '.join(map(str, t.indices))}]" if t.indices else t.base
+                return (f"at {_where(rec, m)}: {m}[{', '.join(map(str, update.indices))}] reads {shown}"
+                        + (f" summed over {', '.join(map(str, t.bound))}" if t.bound else "")
+                        + ", not the same element")
+    target = ir.updates[members[0]].indices
+    matrix, injection = [], []
+    for m in members:
+        update = ir.updates[m]
+        rename = dict(zip(update.indices, target))
+        if m in terms:
+            const, found = consts[m], terms[m]
+        else:
+            const, found = linearize(update.expr, set(members))
+        row = {c: sympy.Integer(0) for c in members}
+        for t in found:
+            if t.base not in row or t.bound or tuple(t.indices) != tuple(update.indices):
+                return f"at {_where(rec, m)}: {m} reads {t.base} other than at the same element"
+            row[t.base] += t.coeff.xreplace(rename)
+        matrix.append(tuple(row[c] for c in members))
+        injection.append(const.xreplace(rename))
+    return Block(members, tuple(target), tuple(matrix), tuple(injection))
 
 
 def _extract_readouts(expr: sympy.Expr, state_names: set[str], counter: list[int]):
@@ -612,6 +743,7 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
             _plan_chunks(ir, sa)
         states[sym.name] = sa
+    _couple_states(rec, ir, states, dims)
     counter = [0]
     outputs = {o.name: _plan_output(ir, o.name, states, state_names, counter) for o in rec.outputs}
 

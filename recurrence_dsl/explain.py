@@ -98,6 +98,14 @@ def explain(analysis: Analysis) -> str:
             update = view.ir.updates[name]
             lines.append(f"    chunked as {name}^T, read along its first axis: "
                          f"{name}^T_t{_idx(update.indices)} = {_text(update.expr).replace(name + '[', name + '^T[')}")
+        if sa.block is not None and sa.block.states[0] == name:
+            members = ", ".join(sa.block.states)
+            idx = _idx(sa.block.indices)
+            for r, row in enumerate(sa.block.matrix):
+                cells = ", ".join(_text(c) for c in row)
+                lines.append(f"    block row {r}: {sa.block.states[r]}_t{idx} = [{cells}] . ({members})_(t-1){idx} + "
+                             f"{_text(sa.block.injection[r])}")
+            lines.append("    scan combine: (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2), per element")
         lift = view.lifted.get(name)
         if lift:
             held = f"{name}[1]" if lift == "scalar" else f"{name}[1, {_text(update.indices[0])}]"

@@ -134,6 +134,10 @@ def _scan(inst: _Instance):
         states = {}
         for s in inst.rec.states:
             sa = inst.a.states[s.name]
+            if sa.block is not None:
+                if sa.block.states[0] == s.name:
+                    states.update(_block_closed_form(inst, sa.block, s.dims, t, init))
+                continue
             cells = {}
             for c in inst.cells(s.dims):
                 binding = dict(zip(sa.indices, c))
@@ -155,6 +159,32 @@ def _scan(inst: _Instance):
             step[o.name] = {c: inst.evaluate(d.expr, dict(zip(d.indices, c)), t, env) for c in inst.cells(o.dims)}
         outputs.append(step)
     return outputs, all_states[-1]
+
+
+def _block_closed_form(inst: _Instance, block, dims, t: int, init: dict) -> dict:
+    """Coupled states at step t per element: s_t = (A_t ... A_0) s_(-1) + sum_s (A_t ... A_(s+1)) b_s, the
+    products of the per-element m x m blocks the scan's combine forms."""
+    m = len(block.states)
+    result = {n: {} for n in block.states}
+    for c in inst.cells(dims):
+        binding = dict(zip(block.indices, c))
+        A = [sympy.Matrix(m, m, lambda r, q: inst.evaluate(block.matrix[r][q], binding, step, {}))
+             for step in range(t + 1)]
+        b = [sympy.Matrix(m, 1, lambda r, _: inst.evaluate(block.injection[r], binding, step, {}))
+             for step in range(t + 1)]
+
+        def product(lo: int) -> sympy.Matrix:  # A_t ... A_lo
+            out = sympy.eye(m)
+            for step in range(lo, t + 1):
+                out = A[step] * out
+            return out
+
+        value = product(0) * sympy.Matrix([init[n][c] for n in block.states])
+        for src in range(t + 1):
+            value += product(src + 1) * b[src]
+        for r, n in enumerate(block.states):
+            result[n][c] = value[r]
+    return result
 
 
 def _chunked(inst: _Instance, chunk: int):
