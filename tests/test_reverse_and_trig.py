@@ -30,6 +30,7 @@ memory is refused a scan form with the line:col of the statement that reads acro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -323,6 +324,27 @@ def test_a_bidirectional_layer_is_the_sum_of_two_passes():
         assert reached[0, 0] == [True] + [False] * (T - 1) and reached[1, 0] == [True] * T
         assert reached[0, -1] == [True] * T and reached[1, -1] == [False] * (T - 1) + [True]
 
+
+def test_a_generated_module_runs_reverse(tmp_path, monkeypatch):
+    """`recdsl compile`'s module: the reverse spec's layer and nn.Module run backwards by default, and
+    reverse=False runs them forwards (as the forward spec)."""
+    import importlib.util
+
+    out = tmp_path / "bidirectional_module.py"
+    assert recdsl_main(["compile", str(DATA / "bidirectional.rec"), "-o", str(out)]) == 0
+    spec = importlib.util.spec_from_file_location("bidirectional_module", out)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bidirectional_module", module)  # (its dataclasses look themselves up)
+    spec.loader.exec_module(module)
+    assert module._ssd_backward_spec.reverse and not module._ssd_forward_spec.reverse
+    args, _ = _reverse_case(BIDIRECTIONAL["ssd_forward"], REVERSE_SIZES, 7)
+    layer = module.SsdBackward(heads=2, A=args[-1].clone())
+    want_reverse = BIDIRECTIONAL["ssd_backward"].reference(*args)[0]
+    want_forward = BIDIRECTIONAL["ssd_forward"].reference(*args)[0]
+    inputs = [a.float() for a in args[:-1]]
+    assert rel(layer(*inputs)[0], want_reverse) < 1e-5
+    assert rel(layer(*inputs, reverse=False)[0], want_forward) < 1e-5
+    assert rel(module.ssd_backward(*args, form="chunked")[0], want_reverse) < 1e-12
 
 SYNTAX_ERRORS = {
     "x[t + 1] in a body": ("recurrence f(x[D]) -> y[D] {\n    y[d] = x[t + 1, d]\n}\n", "2:16",
