@@ -397,7 +397,8 @@ def _couple_states(rec: CheckedRecurrence, ir: StepIR, states: dict[str, StateAn
             consts[n], terms[n] = linearize(_compose_new_reads(ir, ir.updates[n].expr), plain)
         except NonLinear as err:
             states[n].reason += f"; at {_where(rec, n)}, composed with the states it reads: {err}"
-            return
+            terms[n] = None
+            continue
         for t in terms[n]:  # union the groups of n and every state it reads
             merged = group[n] | group[t.base]
             for m in merged:
@@ -405,7 +406,7 @@ def _couple_states(rec: CheckedRecurrence, ir: StepIR, states: dict[str, StateAn
     done: set[str] = set()
     for n in readers:
         members = tuple(s.name for s in rec.states if s.name in group[n])
-        if members[0] in done:
+        if members[0] in done or any(terms.get(m, ()) is None for m in members):
             continue
         done.update(members)
         why = _block(rec, ir, members, terms, consts, dims)
