@@ -58,7 +58,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
+    `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -101,15 +102,24 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                               length - step)
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
+    def run_directed(piece: dict, piece_states: dict, length: int):
+        if not call.reverse:
+            return run(piece, piece_states, length)
+        # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
+        # sequence, so each is flipped on its own.
+        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
+        return {k: v.flip(1) for k, v in out.items()}, fin
+
     if call.cu_seqlens is None:
-        outputs, finals = run(inputs, states, call.length)
+        outputs, finals = run_directed(inputs, states, call.length)
     else:
         bounds = call.cu_seqlens.tolist()
         out_pieces, final_pieces = [], []
         for n in range(len(bounds) - 1):
             lo, hi = bounds[n], bounds[n + 1]
             piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
+            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
             out_pieces.append(o)
             final_pieces.append(f)
         outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}

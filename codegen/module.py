@@ -137,7 +137,8 @@ def _spec_data(analysis: Analysis) -> str:
     return (f"_{rec.name}_spec = _Spec(\n    name={rec.name!r},\n    inputs={syms(rec.inputs)},\n"
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
             f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rec)!r},\n"
-            f"    unavailable={tuple(analysis.unavailable.items())!r},\n)\n")
+            f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
+            + ("    reverse=True,\n" if rec.reverse else "") + ")\n")
 
 
 def _entry_points(analysis: Analysis) -> str:
@@ -183,20 +184,22 @@ _{name}_triton_forms = {{{", ".join(tri)}}} if HAVE_TRITON else None
 class _{cls}Layer(Layer):
     """{name}: {analysis.cls.value} recurrence; forms {", ".join(analysis.forms)}; triton: {", ".join(triton_names)}."""
 
-    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, form=None,
-                 backend=None, chunk_size=None, config=None, **inputs):
+    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
+                 form=None, backend=None, chunk_size=None, config=None, **inputs):
         """{name}({", ".join(args)}, ...): (output, final_state), final_state None unless output_final_state.
 
         Inputs and params by position or by name. Shapes:
 {shapes}
         initial_state / final_state: {state_doc}
         output: {out_doc}
+        reverse: True runs from the last step to the first (per sequence under cu_seqlens), False from the
+        first; None (default) the direction the spec declares ({"reverse" if rec.reverse else "forward"}).
         form: "auto" or one of {", ".join(analysis.forms)}; backend: "auto" (triton for CUDA tensors, or CPU
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
         return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
-                                     cu_seqlens=cu_seqlens), form, backend, chunk_size, config)
+                                     cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config)
 
 
 {name} = _{cls}Layer(_{name}_spec, _{name}_forms, _{name}_triton_forms)
@@ -211,9 +214,10 @@ class {cls}(torch.nn.Module):
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
 {param_lines}
 
-    def forward(self, {forward_inputs}, initial_state=None, output_final_state=False, cu_seqlens=None):
+    def forward(self, {forward_inputs}, initial_state=None, output_final_state=False, cu_seqlens=None,
+                reverse=None):
         return {name}({forward_inputs}{forward_params}, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
                     form=self.form, backend=self.backend, chunk_size=self.chunk_size)
 '''
 
@@ -264,6 +268,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
 def _dims(dims, sizes):

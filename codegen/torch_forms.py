@@ -599,6 +599,10 @@ class TorchFormWriter:
         for s in self.rec.states:
             sa = self.a.states[s.name]
             dims = "".join(f", {self._dim(d)}" for d in s.dims)
+            if sa.block is not None:
+                if sa.block.states[0] == s.name:
+                    self._write_block_scan(w, printer, sa.block, s.dims, names)
+                continue
             w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}  # {self.cite[s.name]}")
             if is_constant(sa.diagonal, self.sizes):
                 value = printer.print_expr(sa.diagonal, sa.indices)
@@ -620,6 +624,28 @@ class TorchFormWriter:
         finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return w.text()
+
+    def _write_block_scan(self, w: SourceWriter, printer: TorchPrinter, block, sym_dims, names: dict) -> None:
+        """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element."""
+        members = block.states
+        group = "_".join(members)
+        m = len(members)
+        rows = []
+        for r, row in enumerate(block.matrix):
+            w(f"a_{group}_{r} = [{', '.join(self._full(printer, c, block.indices, sym_dims) for c in row)}]  "
+              f"# row {r}: the coefficients of {', '.join(members)} in {members[r]}'s update")
+            rows.append(f"torch.stack(a_{group}_{r}, dim=-1)")
+        w(f"a_{group} = torch.stack([{', '.join(rows)}], dim=-2)  # [B, T, H, ..., {m}, {m}]")
+        injections = ", ".join(self._full(printer, b, block.indices, sym_dims) for b in block.injection)
+        w(f"b_{group} = torch.stack([{injections}], dim=-1)  # [B, T, H, ..., {m}]")
+        init = ", ".join(f"states['{n}']" for n in members)
+        w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1))")
+        for r, n in enumerate(members):
+            w(f"all_{n} = all_{group}[..., {r}]  # {self.cite[n]}")
+            if any(self._reads(d.expr, n) for d in self.a.ir.outputs.values()):
+                w(f"prev_{n} = torch.cat([states['{n}'][:, None], all_{n}[:, :-1]], dim=1)")
+            names[n] = f"prev_{n}"
+            names[n + NEW_SUFFIX] = f"all_{n}"
 
     # -- chunked ----------------------------------------------------------------
 
@@ -651,6 +677,11 @@ class TorchFormWriter:
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
                 state = f"states['{s.name}'][..., None]"
+            lift = view.lifted.get(s.name)
+            if lift:
+                # held with a leading key axis of size 1: a count n as n[1], a vector read elementwise as h[1, D]
+                w(f"# {s.name} is held as [{', '.join(map(str, sa.dims))}] here: a key axis of size 1 in front")
+                state = f"states['{s.name}'][..., None, {'None' if lift == 'scalar' else ':'}]"
             decay = "None"
             if plan.log_decay is not None:
                 shape = {"scalar": (), "key": (kdim,), "value": (dims[1] if len(dims) > 1 else 1,)}
@@ -703,6 +734,9 @@ class TorchFormWriter:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")
                 for r in plan.readouts:
                     w(f"{readout_names[r.name]} = {readout_names[r.name]}[..., 0]")
+            if lift:
+                rest = "" if lift == "scalar" else ", :"
+                w(f"final_{s.name} = final_{s.name}[..., 0{rest}]  # without the size-1 key axis")
         out_printer = TorchPrinter(self.sizes, view.ir.ranges, readout_names)
         outs = []
         for o in self.rec.outputs:

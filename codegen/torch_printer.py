@@ -39,6 +39,8 @@ FUNCTIONS = {
     silu: "F.silu",
     elu: "F.elu",
     relu: "torch.relu",
+    sympy.cos: "torch.cos",
+    sympy.sin: "torch.sin",
     sympy.sign: "torch.sign",  # the derivative of abs
 }
 

@@ -713,6 +713,73 @@ def scan_diagonal(a, b, initial_state=None):
     return _chunked_scan(a, b, 64)
 
 
+def _block_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [..., m, m] @ b [..., m, m] for small m as m outer products (column k of a times row k of b): batched
+    matmuls of 2 x 2 blocks, or a broadcast product summed over a middle axis, are several times slower."""
+    out = a[..., :, :1] * b[..., :1, :]
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., :, k : k + 1] * b[..., k : k + 1, :]
+    return out
+
+
+def _block_matvec(a: Tensor, x: Tensor) -> Tensor:
+    """a [..., m, m] applied to x [..., m]."""
+    out = a[..., :, 0] * x[..., :1]
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., :, k] * x[..., k : k + 1]
+    return out
+
+
+def _chunked_block_scan(a: Tensor, b: Tensor) -> Tensor:
+    """All states of s_t = A_t s_{t-1} + b_t (s_{-1} = 0) along dim 1, in chunks of C ~ sqrt(T) steps: the
+    chunks step together from a zero start (C steps, each over every chunk at once), then the states entering
+    each chunk are carried across chunks (T / C steps), then one fix-up s_t += (A_t ... A_start) s_entry. That is
+    O(T m^3) work in about 2 sqrt(T) vectorised steps; a doubling scan needs log2(C) times the block products."""
+    T, m = b.shape[1], b.shape[-1]
+    C = max(1, int(T**0.5))
+    N = -(-T // C)
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    if N * C != T:
+        pad = N * C - T
+        a = torch.cat([a, eye.expand((a.shape[0], pad) + tuple(a.shape[2:]))], dim=1)
+        b = torch.cat([b, b.new_zeros((b.shape[0], pad) + tuple(b.shape[2:]))], dim=1)
+    a = a.reshape((a.shape[0], N, C) + tuple(a.shape[2:]))  # [B, N, C, H, *S, m, m]
+    b = b.reshape((b.shape[0], N, C) + tuple(b.shape[2:]))  # [B, N, C, H, *S, m]
+    s, prod = b[:, :, 0], a[:, :, 0]
+    local, prods = [s], [prod]
+    for c in range(1, C):  # every chunk from a zero start, all chunks at once
+        s = _block_matvec(a[:, :, c], s) + b[:, :, c]
+        prod = _block_matmul(a[:, :, c], prod)
+        local.append(s)
+        prods.append(prod)
+    local, prods = torch.stack(local, dim=2), torch.stack(prods, dim=2)
+    entry, entries = torch.zeros_like(local[:, 0, 0]), []
+    for n in range(N):  # the state entering each chunk
+        entries.append(entry)
+        entry = _block_matvec(prods[:, n, -1], entry) + local[:, n, -1]
+    entries = torch.stack(entries, dim=1)  # [B, N, H, *S, m]
+    out = local + _block_matvec(prods, entries.unsqueeze(2))
+    return out.reshape((out.shape[0], N * C) + tuple(out.shape[3:]))[:, :T]
+
+
+def scan_block(a, b, initial_state=None):
+    """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, m states per element.
+
+    a [B, T, H, *S, m, m] (A_t per element: row r holds the coefficients of every state in the update of state
+    r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns [B, T, H, *S, m]. The combine
+    (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2) is associative (it composes affine maps, Blelloch 1990, section
+    1.4), so the steps regroup into chunks (`_chunked_block_scan`)."""
+    dt = _compute_dtype(b)
+    a, b = a.to(dt), b.to(dt)
+    T = b.shape[1]
+    if T == 0:
+        return b
+    if initial_state is not None:  # fold s_{-1} into the first step
+        b0 = b[:, :1] + _block_matvec(a[:, :1], initial_state.to(dt).unsqueeze(1))
+        b = torch.cat([b0, b[:, 1:]], dim=1)
+    return _chunked_block_scan(a, b)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # recurrent forms (step-by-step baseline)
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ conservative proof: a product is zero there when one factor is and every factor 
 everywhere (0 * inf is nan); `is_finite(e)` holds for sums, products and bounded functions of
 zero-padded tiles, never for division, log or fractional powers of a tile.
 
-Functions: exp, log, sqrt, abs map to `tl.*`; sigmoid to `tl.sigmoid`; the rest are written in
+Functions: exp, log, sqrt, abs, cos, sin map to `tl.*`; sigmoid to `tl.sigmoid`; the rest are written in
 numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) + log(1 + exp(-|x|)),
 logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), silu(x) = x sigmoid(x),
 elu(x) = where(x > 0, x, exp(where(x > 0, 0, x)) - 1), relu(x) = max(x, 0); min / max to
@@ -60,6 +60,9 @@ FUNCTIONS = {
     silu: ("{x} * tl.sigmoid({x})", True, True, _MUL),
     elu: ("tl.where({x} > 0.0, {x}, tl.exp(tl.where({x} > 0.0, 0.0, {x})) - 1.0)", True, True, _ATOM),
     relu: ("tl.maximum({x}, 0.0, propagate_nan=tl.PropagateNan.ALL)", True, True, _ATOM),
+    # cos and sin are bounded, so finite on finite inputs; only sin(0) is 0.
+    sympy.cos: ("tl.cos({x})", False, True, _ATOM),
+    sympy.sin: ("tl.sin({x})", True, True, _ATOM),
 }
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.

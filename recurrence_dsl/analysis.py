@@ -14,6 +14,7 @@ combined by an arbitrary state-free expression.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -28,6 +29,10 @@ class TransitionClass(enum.Enum):
     DIAGONAL_ROW = "diagonal-row"
     DIAGONAL_COL = "diagonal-col"
     ELEMENTWISE = "elementwise"
+    # Several states of one shape whose updates read each other element by element (a cascade of diagonal
+    # decays, a complex diagonal as real and imaginary states): per element, (s_1, ..., s_m)_t = A_t (...)_(t-1)
+    # + b_t with A_t an m x m block, so the scan's combine (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2) applies.
+    COUPLED_ELEMENTWISE = "coupled-elementwise"
     RANK_ONE_UPDATE = "rank-one-update"
     DIAGONAL_PLUS_RANK_ONE = "diagonal-plus-rank-one"  # (D + b a^T) S, as in RWKV-7
     GENERAL = "general"
@@ -37,7 +42,7 @@ class TransitionClass(enum.Enum):
 # From least to most general; a recurrence's class is the most general over its states.
 _ORDER = list(TransitionClass)
 _DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
-             TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE}
+             TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE, TransitionClass.COUPLED_ELEMENTWISE}
 FORMS = ("recurrent", "scan", "chunked", "parallel")
 
 
@@ -194,6 +199,19 @@ class StateAnalysis:
     plus_rank_one: tuple[sympy.Expr, sympy.Expr] | None = None  # (b(row), a(row)) of (D + b a^T)
     chunk: ChunkPlan | None = None
     chunk_reason: str = ""
+    block: Block | None = None  # the coupled-elementwise block this state belongs to
+
+
+@dataclass(frozen=True)
+class Block:
+    """States coupled element by element: for every element (`indices`), new[r] = sum_c matrix[r][c] * old[c]
+    + injection[r], with every state read at the same element, and reads of another state's new value composed
+    away (so `matrix` and `injection` are in terms of the previous step's states only)."""
+
+    states: tuple[str, ...]
+    indices: tuple[sympy.Symbol, ...]
+    matrix: tuple[tuple[sympy.Expr, ...], ...]
+    injection: tuple[sympy.Expr, ...]
 
 
 @dataclass
@@ -218,6 +236,11 @@ class Analysis:
     # Its states and outputs are in the transposed layout; the forms transpose those states in and out.
     chunk_view: Analysis | None = None
     transposed: tuple[str, ...] = ()
+    # States the chunked and parallel forms hold with an extra leading axis of size 1 (its key axis): a 0-axis
+    # state n as n[1] ("scalar": a running count is a key-only state with k = its injection), and a vector
+    # state h[D] read elementwise as h[1, D] ("row": y[d] = h[d] is the readout sum(u, 1 * h[u, d]), and a
+    # per-channel decay of h becomes a value-axis decay). Name -> "scalar" or "row".
+    lifted: dict[str, str] = field(default_factory=dict)
 
     @property
     def chunk_analysis(self) -> Analysis:
@@ -328,6 +351,121 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          target, None, const)
 
 
+def _position(rec: CheckedRecurrence, name: str) -> tuple[int, int]:
+    """(line, column) of the statement that last assigns state `name` (its update)."""
+    spans = [st.span for st in rec.statements if st.target.name == name] or [rec.span]
+    return spans[-1].line, spans[-1].column
+
+
+def _where(rec: CheckedRecurrence, name: str) -> str:
+    """line:col of the statement that last assigns state `name`, for messages."""
+    return "{}:{}".format(*_position(rec, name))
+
+
+def _compose_new_reads(ir: StepIR, expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with every read of a state's new value (h__new[d]) replaced by that state's update, so that it
+    reads the previous step's states only."""
+    for _ in range(len(ir.updates) + 1):
+        news = [n for n in sympy.preorder_traversal(expr)
+                if (isinstance(n, sympy.Indexed) and str(n.base).endswith(NEW_SUFFIX))
+                or (isinstance(n, sympy.Symbol) and n.name.endswith(NEW_SUFFIX))]
+        if not news:
+            return expr
+        mapping = {}
+        for n in news:
+            name = (str(n.base) if isinstance(n, sympy.Indexed) else n.name).removesuffix(NEW_SUFFIX)
+            update = ir.updates[name]
+            indices = tuple(n.indices) if isinstance(n, sympy.Indexed) else ()
+            mapping[n] = update.expr.xreplace(dict(zip(update.indices, indices)))
+        expr = expr.xreplace(mapping)
+    return expr
+
+
+def _couple_states(rec: CheckedRecurrence, ir: StepIR, states: dict[str, StateAnalysis],
+                   dims: dict[str, tuple]) -> None:
+    """Turn groups of states that read each other element by element into one coupled-elementwise block
+    (see `Block`); where a group's coupling is not elementwise, say why at the update's line:col."""
+    plain = {s.name for s in rec.states}
+    readers = [n for n, sa in states.items() if sa.cls is TransitionClass.GENERAL
+               and sa.reason.startswith(f"the update of {n} reads another state")]
+    if not readers:
+        return
+    terms, consts = {}, {}
+    group = {n: {n} for n in states}
+    for n in readers:
+        try:
+            consts[n], terms[n] = linearize(_compose_new_reads(ir, ir.updates[n].expr), plain)
+        except NonLinear as err:
+            states[n].reason += f"; at {_where(rec, n)}, composed with the states it reads: {err}"
+            terms[n] = None
+            continue
+        for t in terms[n]:  # union the groups of n and every state it reads
+            merged = group[n] | group[t.base]
+            for m in merged:
+                group[m] = merged
+    done: set[str] = set()
+    for n in readers:
+        members = tuple(s.name for s in rec.states if s.name in group[n])
+        if members[0] in done or any(terms.get(m, ()) is None for m in members):
+            continue
+        done.update(members)
+        why = _block(rec, ir, members, terms, consts, dims)
+        if isinstance(why, str):
+            for m in members:
+                if states[m].cls is TransitionClass.GENERAL:
+                    states[m].reason += f"; coupled with {', '.join(x for x in members if x != m)} but {why}, " \
+                                        "so no scan form"
+            continue
+        for r, m in enumerate(members):
+            coupled = ", ".join(members)
+            states[m] = StateAnalysis(m, dims[m], TransitionClass.COUPLED_ELEMENTWISE,
+                                      f"{coupled} are coupled element by element: ({coupled})_t = A_t ({coupled})_(t-1)"
+                                      f" + b_t with A_t a {len(members)}x{len(members)} block per element",
+                                      why.indices, None, why.injection[r])
+            states[m].block = why
+            states[m].chunk_reason = (f"{m} has a coupled-elementwise transition (the chunked form takes one state "
+                                      "per decay)")
+
+
+def _block(rec: CheckedRecurrence, ir: StepIR, members: tuple[str, ...], terms: dict, consts: dict,
+           dims: dict[str, tuple]) -> Block | str:
+    """The block of `members`, or why their coupling has none (at the line:col of the statement at fault)."""
+    shapes = {tuple(dims[m]) for m in members}
+    if len(shapes) > 1:
+        return (f"at {_where(rec, members[0])}: the coupled states {', '.join(members)} have different shapes "
+                f"({' and '.join(str(list(d)) for d in sorted(shapes, key=str))})")
+    reads = set(members) | {m + NEW_SUFFIX for m in members}
+    for m in sorted(members, key=lambda n: _position(rec, n)):  # each update as written: every read elementwise?
+        update = ir.updates[m]
+        try:
+            _, written = linearize(update.expr, reads)
+        except NonLinear as err:
+            return f"at {_where(rec, m)}: {err}"
+        for t in written:
+            if t.bound or tuple(t.indices) != tuple(update.indices):
+                shown = f"{t.base}[{', '.join(map(str, t.indices))}]" if t.indices else t.base
+                return (f"at {_where(rec, m)}: {m}[{', '.join(map(str, update.indices))}] reads {shown}"
+                        + (f" summed over {', '.join(map(str, t.bound))}" if t.bound else "")
+                        + ", not the same element")
+    target = ir.updates[members[0]].indices
+    matrix, injection = [], []
+    for m in members:
+        update = ir.updates[m]
+        rename = dict(zip(update.indices, target))
+        if m in terms:
+            const, found = consts[m], terms[m]
+        else:
+            const, found = linearize(update.expr, set(members))
+        row = {c: sympy.Integer(0) for c in members}
+        for t in found:
+            if t.base not in row or t.bound or tuple(t.indices) != tuple(update.indices):
+                return f"at {_where(rec, m)}: {m} reads {t.base} other than at the same element"
+            row[t.base] += t.coeff.xreplace(rename)
+        matrix.append(tuple(row[c] for c in members))
+        injection.append(const.xreplace(rename))
+    return Block(members, tuple(target), tuple(matrix), tuple(injection))
+
+
 def _extract_readouts(expr: sympy.Expr, state_names: set[str], counter: list[int]):
     """Replace maximal state-linear subexpressions of an output by readout placeholders."""
     found: list[tuple[sympy.Expr, list[LinearTerm]]] = []
@@ -361,19 +499,25 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
     for symbol, (term,) in found:
         sa = states.get(term.base)
         ok = sa is not None and sa.chunk is not None
+        summed_value = False  # sum(a, b, q[a] * S[a, b]): the readout R[b], then summed over b
         if ok:
             plan = sa.chunk
             key_axis = plan.key_axis
-            ok = (len(term.bound) == 1 and key_axis is not None and len(term.indices) == len(sa.dims)
-                  and term.indices[key_axis] == term.bound[0])
+            ok = (len(term.bound) in (1, 2) and key_axis is not None and len(term.indices) == len(sa.dims)
+                  and term.indices[key_axis] in term.bound and len(set(term.indices)) == len(term.indices))
         if ok:
-            key = term.bound[0]
+            key = term.indices[key_axis]
+            others = [b for b in term.bound if b != key]
             value_index = None
             if len(sa.dims) == 2:
                 value_index = term.indices[1 - key_axis]
-                ok = value_index not in term.bound and value_index in set(out.indices)
+                summed_value = others == [value_index]
+                ok = summed_value or (not others and value_index in set(out.indices))
+            else:
+                ok = not others
         if ok:
-            split = _split_factors(term.coeff, [{key}], index_set)
+            # q(key) times factors free of the key (they may read the output's or the summed value index)
+            split = _split_factors(term.coeff, [{key}, index_set - {key}], index_set)
             ok = split is not None
         if not ok:
             residual = True
@@ -383,7 +527,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
                 limits = [(b, 0, ir.ranges[b] - 1) for b in term.bound]
                 replacements[symbol] = sympy.Sum(replacements[symbol], *limits)
             continue
-        (query_part,), rest = split
+        (query_part, outer), rest = split
+        rest = outer * rest
         q_index = index_symbol("a__q")
         query = Definition(f"q_{symbol.name}", (q_index,), query_part.xreplace({key: q_index}))
         readout = Readout(symbol.name, term.base, not term.reads_new, query, value_index)
@@ -391,6 +536,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
         readouts.append(readout)
         placeholder = sympy.IndexedBase(symbol.name)[value_index] if value_index is not None else symbol
         replacements[symbol] = rest * placeholder
+        if summed_value:
+            replacements[symbol] = sympy.Sum(replacements[symbol], (value_index, 0, ir.ranges[value_index] - 1))
     return OutputAnalysis(name, out.indices, expr.xreplace(replacements), readouts, residual)
 
 
@@ -495,12 +642,72 @@ def _transpose_states(ir: StepIR, names: set[str]) -> StepIR:
                   {n: definition(d, False) for n, d in ir.outputs.items()}, ir.ranges, ir.sizes)
 
 
+def _lift_states(ir: StepIR, lifts: dict[str, str]) -> StepIR:
+    """The same step with each lifted state given a leading axis of size 1 (see `Analysis.lifted`): its update
+    writes `h[u, d]` (u a new index over the literal size 1), and every read elsewhere (outputs, other states)
+    becomes `sum(u', h[u', d])`, a readout along the new key axis."""
+    ranges = dict(ir.ranges)
+    one = sympy.Integer(1)
+    counter = itertools.count()
+
+    def fresh(name: str) -> sympy.Symbol:
+        sym = index_symbol(f"u__{name}{next(counter)}")
+        ranges[sym] = one
+        return sym
+
+    targets = {name: fresh(name) for name in lifts}
+
+    def lift(e: sympy.Expr, own: str | None) -> sympy.Expr:
+        def read(base: str, indices: tuple) -> sympy.Expr:
+            name = base.removesuffix(NEW_SUFFIX)
+            if name == own and not base.endswith(NEW_SUFFIX):
+                return sympy.IndexedBase(base)[(targets[name],) + indices]
+            u = fresh(name)
+            return sympy.Sum(sympy.IndexedBase(base)[(u,) + indices], (u, 0, 0))
+
+        scalars = {sympy.Symbol(n + suffix): (n + suffix) for n, kind in lifts.items() if kind == "scalar"
+                   for suffix in ("", NEW_SUFFIX)}
+        rows = {n + suffix for n, kind in lifts.items() if kind == "row" for suffix in ("", NEW_SUFFIX)}
+        e = e.replace(lambda x: isinstance(x, sympy.Indexed) and x.base.name in rows,
+                      lambda x: read(x.base.name, tuple(x.indices)))
+        return e.xreplace({sym: read(base, ()) for sym, base in scalars.items()})
+
+    updates = {n: Definition(n, ((targets[n],) if n in lifts else ()) + d.indices, lift(d.expr, n))
+               for n, d in ir.updates.items()}
+    outputs = {n: Definition(n, d.indices, lift(d.expr, None)) for n, d in ir.outputs.items()}
+    return StepIR(ir.statements, updates, outputs, ranges, ir.sizes)
+
+
+def _lift_candidates(rec: CheckedRecurrence, analysis: Analysis) -> dict[str, str]:
+    """0-axis states, and vector states that an output reads other than through a readout (y[d] = h[d])."""
+    lifts = {}
+    for s in rec.states:
+        if not s.dims:
+            lifts[s.name] = "scalar"
+        elif len(s.dims) == 1 and any(_mentions(o.expr, {s.name, s.name + NEW_SUFFIX})
+                                      for o in analysis.outputs.values()):
+            lifts[s.name] = "row"
+    return lifts
+
+
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
     analysis = _analyse_ir(rec, ir, {s.name: s.dims for s in rec.states})
     if "chunked" in analysis.forms:
         return analysis
+    lifts = _lift_candidates(rec, analysis)
+    if lifts and all(len(s.dims) < 2 or analysis.states[s.name].chunk is not None for s in rec.states):
+        dims = {s.name: ((1,) + s.dims if s.name in lifts else s.dims) for s in rec.states}
+        view = _analyse_ir(rec, _lift_states(ir, lifts), dims)
+        if "chunked" in view.forms:
+            view.lifted = lifts
+            forms = [f for f in FORMS if f in analysis.forms or (f in ("chunked", "parallel") and f in view.forms)]
+            unavailable = {f: why for f, why in analysis.unavailable.items() if f not in forms}
+            if "parallel" not in forms and "parallel" in view.unavailable:
+                unavailable["parallel"] = view.unavailable["parallel"]
+            return Analysis(rec, ir, analysis.states, analysis.outputs, tuple(forms), unavailable, view,
+                            lifted=lifts)
     # No chunked form as written: try the matrix states the other way round (S[V, K] read as sum(j, q[j] S[i, j])).
     flip = {s.name for s in rec.states if len(s.dims) == 2
             and (analysis.states[s.name].chunk is None or analysis.states[s.name].cls is TransitionClass.GENERAL
@@ -537,6 +744,7 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
             _plan_chunks(ir, sa)
         states[sym.name] = sa
+    _couple_states(rec, ir, states, dims)
     counter = [0]
     outputs = {o.name: _plan_output(ir, o.name, states, state_names, counter) for o in rec.outputs}
 

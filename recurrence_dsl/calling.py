@@ -1,7 +1,7 @@
 """The calling convention of every layer (LANGUAGE.md): bind and check a call's arguments.
 
 `bind_call` turns `layer(*inputs, *params, initial_state=..., output_final_state=...,
-cu_seqlens=...)` into a `BoundCall` with every size known, or raises `CallError`
+cu_seqlens=..., reverse=...)` into a `BoundCall` with every size known, or raises `CallError`
 naming the argument, the shape it should have and the shape it has.
 """
 
@@ -29,6 +29,7 @@ class BoundCall:
     sizes: dict[str, int]
     device: torch.device
     dtype: torch.dtype  # of the first input: the dtype outputs come back in
+    reverse: bool = False  # steps run from the last to the first (each packed sequence on its own)
 
     @property
     def num_sequences(self) -> int:
@@ -84,6 +85,13 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
     cu_seqlens = kwargs.pop("cu_seqlens", None)
+    # None: the direction the spec declares (`reverse recurrence` runs backwards); a bool overrides it.
+    reverse = kwargs.pop("reverse", None)
+    if reverse is None:
+        reverse = bool(getattr(rec, "reverse", False))
+    elif not isinstance(reverse, bool):
+        raise CallError(f"reverse must be True (last step to first), False (first to last) or None (the "
+                        f"direction {rec.name} declares), got {reverse!r}")
     declared = list(rec.inputs) + list(rec.params)
     if len(args) > len(declared):
         raise CallError(f"{rec.name}() takes {len(declared)} tensors ({', '.join(s.name for s in declared)}), "
@@ -94,7 +102,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     for name, value in kwargs.items():
         if name not in {s.name for s in declared}:
             raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
-                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens")
+                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, "
+                            "reverse")
         if name in values:
             raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
         values[name] = value
@@ -194,6 +203,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         sizes=dict(binder.sizes),
         device=device,
         dtype=first.dtype,
+        reverse=reverse,
     )
 
 

@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import syntax as ast
-from .errors import Source, Span, SpecError, did_you_mean, shown_number
+from .errors import CAUSAL_HINT, Source, Span, SpecError, did_you_mean, shown_number
 
-UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu")
+UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu",
+                   "cos", "sin")
 BINARY_FUNCTIONS = ("min", "max")
 FUNCTIONS = UNARY_FUNCTIONS + BINARY_FUNCTIONS
 
@@ -32,7 +33,8 @@ def torch_functions() -> dict:
 
     return {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": torch.abs, "tanh": torch.tanh,
             "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "softplus": F.softplus, "silu": F.silu,
-            "elu": F.elu, "relu": torch.relu, "min": torch.minimum, "max": torch.maximum}
+            "elu": F.elu, "relu": torch.relu, "cos": torch.cos, "sin": torch.sin, "min": torch.minimum,
+            "max": torch.maximum}
 
 
 _BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
@@ -105,6 +107,7 @@ class CheckedRecurrence:
     statements: tuple[CheckedAssign, ...]
     span: Span
     source: Source = field(compare=False)
+    reverse: bool = False  # `reverse recurrence`: a call runs its steps from the last to the first by default
 
     @property
     def text(self) -> str:
@@ -122,8 +125,8 @@ class CheckedRecurrence:
 
 # Keyword arguments of a layer's call (LANGUAGE.md's calling convention and `compile`'s layers): an input or
 # param of one of these names could not be passed by name.
-CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "form", "backend", "chunk_size",
-                           "config"})
+CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "reverse", "form", "backend",
+                           "chunk_size", "config"})
 
 
 def _check_python_name(name: str, span: Span, source: Source) -> None:
@@ -252,6 +255,7 @@ class _Checker:
             statements=tuple(statements),
             span=rec.span,
             source=self.source,
+            reverse=rec.reverse,
         )
 
     # -- assignments ----------------------------------------------------
@@ -351,10 +355,12 @@ class _Checker:
                 raise self.error(f"{sym.kind.value} '{sym.name}' is a scalar and cannot be indexed",
                                  expr.name_span, hint=f"write {sym.name} without brackets")
             if len(expr.indices) != len(sym.dims):
+                timed = any(isinstance(i, ast.IndexVar) and i.name == "t" for i in expr.indices)
                 raise self.error(f"{sym.kind.value} '{sym.name}' has {_count(len(sym.dims), 'dimension')} "
                                  f"{sym.shape_text()} but is indexed with "
                                  f"{_count(len(expr.indices), 'index', 'indices')}", expr.span,
-                                 hint=f"write {sym.name}{_index_hint(sym)}")
+                                 hint=f"write {sym.name}{_index_hint(sym)}"
+                                 + ("; time is not an axis of a value: " + CAUSAL_HINT if timed else ""))
             for pos, idx in enumerate(expr.indices):
                 if isinstance(idx, ast.IndexLiteral):
                     raise self.error("indices must be index names; a number cannot index a tensor", idx.span,
@@ -364,7 +370,8 @@ class _Checker:
                     if idx.name in self.symbols or idx.name in self.sizes:
                         raise self.error(f"'{idx.name}' is a value, not an index", idx.span)
                     raise self.error(f"free index '{idx.name}' is not bound by the target or a sum", idx.span,
-                                     hint=f"add it to the target's indices or sum over it: sum({idx.name}, ...)")
+                                     hint=f"add it to the target's indices or sum over it: sum({idx.name}, ...)"
+                                     + ("; if 't' means the step, " + CAUSAL_HINT if idx.name == "t" else ""))
                 self.bind_range(scope, idx.name, sym.dims[pos], idx.span)
             return expr
         if isinstance(expr, ast.BinOp):

@@ -169,11 +169,13 @@ def describe(rec: Recurrence) -> dict:
     return {
         "name": c.name,
         "spec_hash": rec.spec_hash,
+        "direction": "reverse" if c.reverse else "forward",
         "sizes": list(c.sizes),
         "inputs": [sym(s) for s in c.inputs],
         "params": [sym(s) for s in c.params],
         "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
-                    "chunked_as_transpose": s.name in analysis.transposed} for s in c.states],
+                    "chunked_as_transpose": s.name in analysis.transposed,
+                    "chunked_with_unit_key_axis": s.name in analysis.lifted} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],
@@ -197,7 +199,8 @@ def cmd_show(args) -> int:
             return ", ".join(f"{s['name']}[{', '.join(map(str, s['shape']))}]" if s["shape"] else s["name"]
                              for s in items) or "-"
 
-        print(f"recurrence {d['name']}  (spec hash {d['spec_hash']})")
+        print(f"{'reverse ' if d['direction'] == 'reverse' else ''}recurrence {d['name']}  "
+              f"(spec hash {d['spec_hash']})")
         print(f"  inputs:      {fmt(d['inputs'])}")
         print(f"  params:      {fmt(d['params'])}")
         print(f"  states:      {fmt(d['states'])}")

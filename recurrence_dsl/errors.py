@@ -55,6 +55,12 @@ MAX_DEPTH = 64  # operations nested in one expression, a chain `a + b + c` count
 MAX_NODES = 1024  # names, numbers and operations in one expression
 MAX_INLINED = 4096  # nodes of a statement's value once the temporaries it reads are inlined (step IR)
 
+# What a user who tries to read another step (x[t + 1], x[t - 1]) or to run backwards is told.
+CAUSAL_HINT = ("the language is causal: a step reads its own inputs (x[i], not x[t + 1]) and the state the "
+               "previous step left; to run from the last step to the first, write 'reverse recurrence NAME(...)' "
+               "or call the layer with reverse=True; a bidirectional layer is a forward and a reverse recurrence "
+               "whose outputs you combine (docs/language.md, Direction)")
+
 # The most characters of a source line an error shows.
 _LONGEST_SHOWN = 120
 

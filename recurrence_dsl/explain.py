@@ -85,6 +85,9 @@ def explain(analysis: Analysis) -> str:
     """The derived forms of one recurrence as mathematics a reader can check."""
     rec = analysis.recurrence
     lines = [f"recurrence {rec.name}: class {analysis.cls.value}; forms: {', '.join(analysis.forms)}"]
+    if rec.reverse:
+        lines.append("  reverse: steps run t = T-1, ..., 0 (per sequence); each form below runs forward on the "
+                     "time-flipped sequence and its outputs are flipped back")
     view = analysis.chunk_analysis
     for name, sa in analysis.states.items():
         update = analysis.ir.updates[name]
@@ -95,6 +98,21 @@ def explain(analysis: Analysis) -> str:
             update = view.ir.updates[name]
             lines.append(f"    chunked as {name}^T, read along its first axis: "
                          f"{name}^T_t{_idx(update.indices)} = {_text(update.expr).replace(name + '[', name + '^T[')}")
+        if sa.block is not None and sa.block.states[0] == name:
+            members = ", ".join(sa.block.states)
+            idx = _idx(sa.block.indices)
+            for r, row in enumerate(sa.block.matrix):
+                cells = ", ".join(_text(c) for c in row)
+                lines.append(f"    block row {r}: {sa.block.states[r]}_t{idx} = [{cells}] . ({members})_(t-1){idx} + "
+                             f"{_text(sa.block.injection[r])}")
+            lines.append("    scan combine: (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2), per element")
+        lift = view.lifted.get(name)
+        if lift:
+            held = f"{name}[1]" if lift == "scalar" else f"{name}[1, {_text(update.indices[0])}]"
+            lines.append(f"    chunked as {held}: a key axis of size 1 in front, so "
+                         + (f"{name} is a key-only state with k_t its injection"
+                            if lift == "scalar" else f"an elementwise read {name}[d] is a readout with q = 1 and "
+                                                     "a per-channel decay is a value-axis decay"))
         sa = view.states[name]
         if sa.chunk is not None:
             lines.extend(_chunk_lines(sa, sa.chunk))

@@ -12,6 +12,7 @@ from grammar import grammar_text
 
 from . import syntax as ast
 from .errors import (
+    CAUSAL_HINT,
     MAX_DEPTH,
     MAX_NESTING,
     MAX_NODES,
@@ -79,7 +80,7 @@ class _ToSyntax(Transformer_NonRecursive):
         return tuple(children)
 
     def recurrence(self, meta, children):
-        name, inputs, outputs, *statements = children
+        reverse, name, inputs, outputs, *statements = children
         return ast.RecurrenceSyntax(
             name=str(name),
             inputs=inputs or (),
@@ -87,6 +88,7 @@ class _ToSyntax(Transformer_NonRecursive):
             statements=tuple(s for s in statements if s is not None),
             span=_meta_span(meta),
             name_span=_token_span(name),
+            reverse=reverse is not None,
         )
 
     def decl_list(self, meta, children):
@@ -238,6 +240,18 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
         hint = "a ']' is missing before the end of the line"
     elif tok.type == "EQUAL" and expected & {"EQUAL"} == set():
         hint = "only one assignment per line; '==' is not an operator"
+    elif tok.type in ("PLUS", "MINUS") and "RSQB" in expected:
+        hint = "an index is a name, never shifted: " + CAUSAL_HINT  # x[t + 1], x[d - 1]
+    elif tok.type == "REVERSE":
+        hint = "'reverse' goes before 'recurrence' (once): 'reverse recurrence NAME(...)'"
+    elif tok.type == "NAME" and "RECURRENCE" in expected:
+        hint = ("a recurrence starts 'recurrence NAME(...)', or 'reverse recurrence NAME(...)' to run from the "
+                "last step to the first; a bidirectional layer is a forward and a reverse recurrence whose "
+                "outputs you combine (docs/language.md, Direction)")
+    elif tok.type == "_NL" and (err.token_history or [None])[-1] is not None and \
+            str(err.token_history[-1]) == "reverse":
+        hint = ("'reverse' is not a statement: to run from the last step to the first, write 'reverse recurrence "
+                "NAME(...)' or call the layer with reverse=True")
     elif tok.type == "NAME" and "LBRACE" in expected:
         hint = "the body of a recurrence starts with '{' after its outputs"
     return SpecError(message, span, source, hint=hint)

@@ -134,6 +134,10 @@ def _scan(inst: _Instance):
         states = {}
         for s in inst.rec.states:
             sa = inst.a.states[s.name]
+            if sa.block is not None:
+                if sa.block.states[0] == s.name:
+                    states.update(_block_closed_form(inst, sa.block, s.dims, t, init))
+                continue
             cells = {}
             for c in inst.cells(s.dims):
                 binding = dict(zip(sa.indices, c))
@@ -157,6 +161,32 @@ def _scan(inst: _Instance):
     return outputs, all_states[-1]
 
 
+def _block_closed_form(inst: _Instance, block, dims, t: int, init: dict) -> dict:
+    """Coupled states at step t per element: s_t = (A_t ... A_0) s_(-1) + sum_s (A_t ... A_(s+1)) b_s, the
+    products of the per-element m x m blocks the scan's combine forms."""
+    m = len(block.states)
+    result = {n: {} for n in block.states}
+    for c in inst.cells(dims):
+        binding = dict(zip(block.indices, c))
+        A = [sympy.Matrix(m, m, lambda r, q: inst.evaluate(block.matrix[r][q], binding, step, {}))
+             for step in range(t + 1)]
+        b = [sympy.Matrix(m, 1, lambda r, _: inst.evaluate(block.injection[r], binding, step, {}))
+             for step in range(t + 1)]
+
+        def product(lo: int) -> sympy.Matrix:  # A_t ... A_lo
+            out = sympy.eye(m)
+            for step in range(lo, t + 1):
+                out = A[step] * out
+            return out
+
+        value = product(0) * sympy.Matrix([init[n][c] for n in block.states])
+        for src in range(t + 1):
+            value += product(src + 1) * b[src]
+        for r, n in enumerate(block.states):
+            result[n][c] = value[r]
+    return result
+
+
 def _chunked(inst: _Instance, chunk: int):
     """The chunked formulas of DESIGN.md, chunk by chunk, with the state passed between chunks."""
     readouts: list[dict] = [dict() for _ in range(inst.steps)]
@@ -169,8 +199,16 @@ def _chunked(inst: _Instance, chunk: int):
         kdim = inst.dims(sa.dims)[0]
         vdim = inst.dims(sa.dims)[1] if len(sa.dims) == 2 else 1
         init = inst.initial()[s.name]
-        S0 = sympy.Matrix(kdim, vdim, lambda a, b: (init[(b, a)] if flip else init[(a, b)]) if len(s.dims) == 2
-                          else init[(a,)])
+        lift = view.lifted.get(s.name)  # held with a size-1 key axis in front: n as n[1], h[D] as h[1, D]
+
+        def initial(a, b):
+            if lift:
+                return init[()] if lift == "scalar" else init[(b,)]
+            if len(s.dims) == 2:
+                return init[(b, a)] if flip else init[(a, b)]
+            return init[(a,)]
+
+        S0 = sympy.Matrix(kdim, vdim, initial)
 
         def vec(d, t, n):
             values = inst.definition(d, t, {})
@@ -284,8 +322,11 @@ def _chunked(inst: _Instance, chunk: int):
                 Mk, Mv = decay(gk[last] - gk[src], gv[last] - gv[src])
                 S_end += Mk * ks[src] * vs[src].T * Mv
             S0 = S_end
-        finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}
-                          if len(s.dims) == 2 else {(a,): S0[a, 0] for a in range(kdim)})
+        if lift:
+            finals[s.name] = {(): S0[0, 0]} if lift == "scalar" else {(b,): S0[0, b] for b in range(vdim)}
+        else:
+            finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}
+                              if len(s.dims) == 2 else {(a,): S0[a, 0] for a in range(kdim)})
     outputs = []
     for t in range(inst.steps):
         env = {}

@@ -108,7 +108,8 @@ class StepEvaluator:
 
 
 def run_reference(rec: CheckedRecurrence, *args, dtype: torch.dtype = torch.float64, **kwargs):
-    """Run the body step by step: `(output, final_state)` per LANGUAGE.md, in `dtype`."""
+    """Run the body step by step: `(output, final_state)` per LANGUAGE.md, in `dtype`. `reverse=True` (or a
+    `reverse recurrence`) steps t = T-1, ..., 0, each packed sequence of `cu_seqlens` on its own."""
     call = bind_call(rec, args, kwargs)
     return run_bound(rec, call, dtype)
 
@@ -146,9 +147,11 @@ def _run_batch(rec: CheckedRecurrence, call: BoundCall, dtype: torch.dtype, inpu
         else:
             states[sym.name] = initial_state[sym.name].to(dtype)
     params = {name: p.to(dtype).unsqueeze(0) for name, p in call.params.items()}  # [1, H, ...]
-    steps: dict[str, list[torch.Tensor]] = {o.name: [] for o in rec.outputs}
+    steps: dict[str, list[torch.Tensor | None]] = {o.name: [None] * length for o in rec.outputs}
     cast = {name: x.to(dtype) for name, x in inputs.items()}
-    for t in range(length):
+    # A reverse call steps from the last step to the first here, on its own (no flips), so that it checks the
+    # compiled forms' flipped runs rather than sharing their logic.
+    for t in (reversed(range(length)) if call.reverse else range(length)):
         ev.env = {**params, **states}
         for name, x in cast.items():
             ev.env[name] = x[:, t]
@@ -157,7 +160,7 @@ def _run_batch(rec: CheckedRecurrence, call: BoundCall, dtype: torch.dtype, inpu
         for sym in rec.states:
             states[sym.name] = ev.env[sym.name]
         for o in rec.outputs:
-            steps[o.name].append(ev.env[o.name])
+            steps[o.name][t] = ev.env[o.name]
     outputs = {}
     for o in rec.outputs:
         if length:

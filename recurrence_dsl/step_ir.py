@@ -129,6 +129,8 @@ SYMPY_FUNCTIONS = {
     "silu": silu,
     "elu": elu,
     "relu": relu,
+    "cos": sympy.cos,
+    "sin": sympy.sin,
     "min": sympy.Min,
     "max": sympy.Max,
 }

@@ -128,6 +128,7 @@ class RecurrenceSyntax:
     statements: tuple[Statement, ...]
     span: Span
     name_span: Span
+    reverse: bool = False  # declared `reverse recurrence`: steps run from the last to the first
 
 
 @dataclass(frozen=True)

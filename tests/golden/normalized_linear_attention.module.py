@@ -75,6 +75,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
 @dataclass
@@ -90,6 +91,7 @@ class BoundCall:
     sizes: dict[str, int]
     device: torch.device
     dtype: torch.dtype  # of the first input: the dtype outputs come back in
+    reverse: bool = False  # steps run from the last to the first (each packed sequence on its own)
 
     @property
     def num_sequences(self) -> int:
@@ -145,6 +147,13 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     initial_state = kwargs.pop("initial_state", None)
     output_final_state = bool(kwargs.pop("output_final_state", False))
     cu_seqlens = kwargs.pop("cu_seqlens", None)
+    # None: the direction the spec declares (`reverse recurrence` runs backwards); a bool overrides it.
+    reverse = kwargs.pop("reverse", None)
+    if reverse is None:
+        reverse = bool(getattr(rec, "reverse", False))
+    elif not isinstance(reverse, bool):
+        raise CallError(f"reverse must be True (last step to first), False (first to last) or None (the "
+                        f"direction {rec.name} declares), got {reverse!r}")
     declared = list(rec.inputs) + list(rec.params)
     if len(args) > len(declared):
         raise CallError(f"{rec.name}() takes {len(declared)} tensors ({', '.join(s.name for s in declared)}), "
@@ -155,7 +164,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     for name, value in kwargs.items():
         if name not in {s.name for s in declared}:
             raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
-                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens")
+                            f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, "
+                            "reverse")
         if name in values:
             raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
         values[name] = value
@@ -255,6 +265,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         sizes=dict(binder.sizes),
         device=device,
         dtype=first.dtype,
+        reverse=reverse,
     )
 
 
@@ -351,7 +362,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
+    `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -394,15 +406,24 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                               length - step)
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
+    def run_directed(piece: dict, piece_states: dict, length: int):
+        if not call.reverse:
+            return run(piece, piece_states, length)
+        # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
+        # sequence, so each is flipped on its own.
+        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
+        return {k: v.flip(1) for k, v in out.items()}, fin
+
     if call.cu_seqlens is None:
-        outputs, finals = run(inputs, states, call.length)
+        outputs, finals = run_directed(inputs, states, call.length)
     else:
         bounds = call.cu_seqlens.tolist()
         out_pieces, final_pieces = [], []
         for n in range(len(bounds) - 1):
             lo, hi = bounds[n], bounds[n + 1]
             piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
+            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
             out_pieces.append(o)
             final_pieces.append(f)
         outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}
@@ -2670,8 +2691,8 @@ _normalized_linear_attention_triton_forms = {'recurrent': with_adjoint(normalize
 class _NormalizedLinearAttentionLayer(Layer):
     """normalized_linear_attention: identity recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, chunked."""
 
-    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, form=None,
-                 backend=None, chunk_size=None, config=None, **inputs):
+    def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
+                 form=None, backend=None, chunk_size=None, config=None, **inputs):
         """normalized_linear_attention(q, k, v, ...): (output, final_state), final_state None unless output_final_state.
 
         Inputs and params by position or by name. Shapes:
@@ -2680,12 +2701,14 @@ class _NormalizedLinearAttentionLayer(Layer):
             v: [B, T, H, V]  (input)
         initial_state / final_state: S: [N, H, K, V], z: [N, H, K]
         output: o: [B, T, H, V]
+        reverse: True runs from the last step to the first (per sequence under cu_seqlens), False from the
+        first; None (default) the direction the spec declares (forward).
         form: "auto" or one of recurrent, scan, chunked, parallel; backend: "auto" (triton for CUDA tensors, or CPU
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
         return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
-                                     cu_seqlens=cu_seqlens), form, backend, chunk_size, config)
+                                     cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config)
 
 
 normalized_linear_attention = _NormalizedLinearAttentionLayer(_normalized_linear_attention_spec, _normalized_linear_attention_forms, _normalized_linear_attention_triton_forms)
@@ -2700,7 +2723,8 @@ class NormalizedLinearAttention(torch.nn.Module):
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
 
 
-    def forward(self, q, k, v, initial_state=None, output_final_state=False, cu_seqlens=None):
+    def forward(self, q, k, v, initial_state=None, output_final_state=False, cu_seqlens=None,
+                reverse=None):
         return normalized_linear_attention(q, k, v, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
                     form=self.form, backend=self.backend, chunk_size=self.chunk_size)
