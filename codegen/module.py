@@ -141,7 +141,8 @@ def _spec_data(analysis: Analysis) -> str:
 # kernels in codegen/triton_runtime.py): (transition class, decay axis). Any other plan's chunked Triton form is
 # differentiated by re-running its torch form (`with_torch_backward`).
 _TRITON_CHUNKED_BACKWARD = frozenset({(TransitionClass.RANK_ONE_UPDATE, None),
-                                      (TransitionClass.RANK_ONE_UPDATE, "scalar")})
+                                      (TransitionClass.RANK_ONE_UPDATE, "scalar"),
+                                      (TransitionClass.RANK_ONE_UPDATE, "key")})
 
 
 def chunked_triton_differentiable(analysis: Analysis) -> bool:
