@@ -756,6 +756,7 @@ class NoDecay:
     """decay_axis None: no log decays."""
 
     code = 0  # the kernels' DECAY
+    delta_backward = True  # chunked_delta_by differentiates in Triton kernels (`_delta_backward`)
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -776,6 +777,7 @@ class ScalarDecay:
     """decay_axis "scalar": log_decay [B, T, H]."""
 
     code = 1
+    delta_backward = True
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -794,6 +796,7 @@ class KeyDecay:
     """decay_axis "key": log_decay [B, T, H, K]; intra-chunk scores from _intra_attn_kernel."""
 
     code = 2
+    delta_backward = False  # KeyDeltaDecay has it
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -809,10 +812,29 @@ class KeyDecay:
         _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
 
 
+class KeyDeltaDecay(KeyDecay):
+    """decay_axis "key" in the delta rule: KeyDecay plus the steps of its Triton backward that no other class
+    takes. A class of its own because generated modules are pruned by name: a linear form's module names KeyDecay
+    and keeps none of these kernels, a delta rule's without a key decay names neither."""
+
+    delta_backward = True
+
+    @staticmethod
+    def delta_bwd_scores(q, k, gc, exclusive, BT, BK, prec, num_warps, num_stages):
+        """The forward's decayed scores P of one query, recomputed for _delta_bwd_local_kernel."""
+        return _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+
+    @staticmethod
+    def delta_bwd_intra(M, x, gc, out, shift, trans, acc, BT, BK, prec, num_warps, num_stages):
+        """out (+)= M's intra-chunk contraction with x under the key decay (`_delta_bwd_intra_kernel`)."""
+        _delta_bwd_intra(M, x, gc, out, shift, trans, acc, BT, BK, prec, num_warps, num_stages)
+
+
 class ValueDecay:
     """decay_axis "value": log_decay [B, T, H, V] (linear form only); outputs by _chunk_output_value_kernel."""
 
     code = 3
+    delta_backward = False
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -829,6 +851,7 @@ class ValueDecay:
 
 
 _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
+_DELTA_DECAYS = {**_DECAYS, "key": KeyDeltaDecay}  # chunked_delta's classes
 
 
 def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
@@ -914,7 +937,7 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     B, T, H, K = k.shape
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
-    return chunked_delta_by(_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
+    return chunked_delta_by(_DELTA_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
                             output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
                             num_stages=num_stages, allow_tf32=allow_tf32)
 
@@ -922,8 +945,10 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
 def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                      allow_tf32=None):
-    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
-    of generated modules; shapes and dtypes are not checked (chunked_delta does that)."""
+    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDeltaDecay; KeyDecay runs
+    forward only), the entry point of generated modules; shapes and dtypes are not checked (chunked_delta does
+    that). Under autograd (an input requiring grad) it is `_ChunkedDeltaFunction`, differentiated by Triton
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -931,7 +956,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
         return _empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
-        if decay_cls.code not in _DELTA_BACKWARD_CODES:
+        if not decay_cls.delta_backward:
             raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet; call it "
                                       "under torch.no_grad() and differentiate another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
@@ -952,7 +977,6 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
-_DELTA_BACKWARD_CODES = (0, 1, 2)  # the decay classes (NoDecay, ScalarDecay, KeyDecay) with a Triton backward
 _DELTA_BWD_WY_WARPS = 8  # _delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
@@ -1466,8 +1490,8 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dhq = torch.empty((B, H, NT, K, V), **f32)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         # a key decay's P: the forward's decayed scores (_intra_attn_kernel), recomputed
-        A = _intra_attn(q, k, gc, 2, bool(exclusive), bool(exclusive), BT, KB, prec, num_warps,
-                        num_stages) if code == 2 else k
+        A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
+                                       num_stages) if code == 2 else k
         _delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
             q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
@@ -1488,8 +1512,10 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
             q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
             code, bool(exclusive), j == 0, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
-            _delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps, num_stages)
-            _delta_bwd_intra(dPs, q, gc, dk, bool(exclusive), True, True, BT, KB, prec, num_warps, num_stages)
+            decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
+                                      num_stages)
+            decay_cls.delta_bwd_intra(dPs, q, gc, dk, bool(exclusive), True, True, BT, KB, prec, num_warps,
+                                      num_stages)
     dG = dg = None
     if code in (1, 2):
         dG = dgk.sum(-1) if code == 1 else dgk
@@ -1515,8 +1541,8 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dkp = dk
     if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
         dkp = torch.empty((B, T, H, K), **f32)
-        _delta_bwd_intra(dA, k, gc, dkp, False, False, False, BT, KB, prec, num_warps, num_stages)
-        _delta_bwd_intra(dA, k, gc, dk, False, True, True, BT, KB, prec, num_warps, num_stages)
+        decay_cls.delta_bwd_intra(dA, k, gc, dkp, False, False, False, BT, KB, prec, num_warps, num_stages)
+        decay_cls.delta_bwd_intra(dA, k, gc, dk, False, True, True, BT, KB, prec, num_warps, num_stages)
     _delta_bwd_wy_k_kernel[(NT, B * H)](
         k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, eg_or_k, dw, Tt, dA, dkp, dk, dbeta,
         dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _DELTA_BWD_WY_K_BK), code,
