@@ -76,7 +76,7 @@ A scalar row test is broadcast before it meets a block mask (`o_k * 0 + t < T`):
 inside a chunk, so long sequences do not overflow.
 
 
-Backward of the delta rule (decay None and scalar; `chunked_delta_by` under autograd, `_ChunkedDeltaFunction`).
+Backward of the delta rule (decay None, scalar and key; `chunked_delta_by` under autograd, `_ChunkedDeltaFunction`).
 Per chunk, with S0 the state entering it, G the chunk-local cumulative log decay and Gq the query's (G_{t-1}
 for an exclusive query, 0 at the chunk start), the forward is
   Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) exp(G_t - G_s) (s < t);  W = Tm diag(beta) (K * exp(G));  U = Tm Y - W S0
@@ -95,6 +95,19 @@ minus those where t is b, plus dG_last += sum(dS1 * S1): with q-side factors q_t
 factors k_t . dk_t by path. The log decays' gradient is the chunk-local reverse cumulative sum of dG, zero where
 the forward floored the log decay (at _LOG_DECAY_FLOOR, so -inf gives 0). Only S0 of every chunk is recomputed
 (by the forward's own kernels); no per-step state is formed.
+
+With a key decay (KDA; `KeyDeltaDecay`) G_t is a vector over the key axis and every factor above acts per key:
+exp(G_last - G_s) and exp(Gq_t) multiply k_s and q_t elementwise, exp(G_last) the rows of S and dS, and P, L carry
+exp(Gq_t[c] - G_s[c]) inside their sums over c. The chunk-level terms keep their form with those elementwise
+factors (_delta_bwd_local_kernel reads P from the forward's _intra_attn_kernel, _delta_bwd_dh_kernel and
+_delta_bwd_dqk_kernel form exp(G_last - G) per key from float64 differences). The intra-chunk contractions
+  dq_t[c] += sum_s dP_ts k_s[c] exp(Gq_t[c] - G_s[c]),   dk_s[c] += sum_t dP_ts q_t[c] exp(Gq_t[c] - G_s[c])
+and the same two for dA (the WY scores' gradient, Gq = G) cannot be one tl.dot: _delta_bwd_intra_kernel does them
+with the forward's 16-step sub-chunks, off-diagonal pairs through a reference row between the two sub-chunks (both
+exponents <= 0) and diagonal sub-blocks one column at a time. For dG every k-side term is kept in one of two sums,
+G_t on the factor's plus side (dA's rows, W's beta k exp(G)) or minus side (the state update, dP's and dA's
+columns), so dG_t = k_t * (plus - minus) + q_t * dq_t (at Gq's row) + (dS1 * S1 summed over V) at the last row,
+per key, and dg its chunk-local reverse cumulative sum (_delta_bwd_wy_k_kernel).
 """
 
 from __future__ import annotations
