@@ -970,8 +970,9 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
         if not decay_cls.delta_backward:
-            raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet; call it "
-                                      "under torch.no_grad() and differentiate another form")
+            raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet (a key "
+                                      "decay's is KeyDeltaDecay); call it under torch.no_grad() and differentiate "
+                                      "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32)
         *outs, ht = _ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
