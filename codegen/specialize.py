@@ -45,7 +45,8 @@ _LINEAR_BACKWARD_DECAYS = {
 # The delta-rule chunk plans whose Triton runtime call (`chunked_delta_by`) is differentiable on its own:
 # (transition class, decay axis). Every linear plan (`chunked_linear_by`: identity, scalar or diagonal decay) is.
 _DELTA_BACKWARD_IN_TRITON = frozenset({(TransitionClass.RANK_ONE_UPDATE, None),
-                                       (TransitionClass.RANK_ONE_UPDATE, "scalar")})
+                                       (TransitionClass.RANK_ONE_UPDATE, "scalar"),
+                                       (TransitionClass.RANK_ONE_UPDATE, "key")})
 
 
 def chunked_backward_in_triton(analysis: Analysis) -> bool:

@@ -706,6 +706,8 @@ class TorchFormWriter:
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
             check = f"_check_steps([{', '.join(checked)}], [{'' if decay == 'None' else decay}])"
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
+            if sa.cls is TransitionClass.RANK_ONE_UPDATE and plan.decay_axis == "key":
+                axis = self.rt + "KeyDeltaDecay"  # the Triton runtime's key decay with the delta backward's steps
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:

@@ -447,6 +447,7 @@ class ValueDecay:
 
 
 _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
+KeyDeltaDecay = KeyDecay  # the delta rule's key decay (the Triton runtime's adds the steps of its backward)
 
 
 def _prepare(k, log_decay, initial_state, chunk_size, v_dim):

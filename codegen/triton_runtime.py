@@ -93,7 +93,7 @@ A scalar row test is broadcast before it meets a block mask (`o_k * 0 + t < T`):
 inside a chunk, so long sequences do not overflow.
 
 
-Backward of the delta rule (decay None and scalar; `chunked_delta_by` under autograd, `_ChunkedDeltaFunction`).
+Backward of the delta rule (decay None, scalar and key; `chunked_delta_by` under autograd, `_ChunkedDeltaFunction`).
 Per chunk, with S0 the state entering it, G the chunk-local cumulative log decay and Gq the query's (G_{t-1}
 for an exclusive query, 0 at the chunk start), the forward is
   Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) exp(G_t - G_s) (s < t);  W = Tm diag(beta) (K * exp(G));  U = Tm Y - W S0
@@ -112,6 +112,19 @@ minus those where t is b, plus dG_last += sum(dS1 * S1): with q-side factors q_t
 factors k_t . dk_t by path. The log decays' gradient is the chunk-local reverse cumulative sum of dG, zero where
 the forward floored the log decay (at _LOG_DECAY_FLOOR, so -inf gives 0). Only S0 of every chunk is recomputed
 (by the forward's own kernels); no per-step state is formed.
+
+With a key decay (KDA; `KeyDeltaDecay`) G_t is a vector over the key axis and every factor above acts per key:
+exp(G_last - G_s) and exp(Gq_t) multiply k_s and q_t elementwise, exp(G_last) the rows of S and dS, and P, L carry
+exp(Gq_t[c] - G_s[c]) inside their sums over c. The chunk-level terms keep their form with those elementwise
+factors (_delta_bwd_local_kernel reads P from the forward's _intra_attn_kernel, _delta_bwd_dh_kernel and
+_delta_bwd_dqk_kernel form exp(G_last - G) per key from float64 differences). The intra-chunk contractions
+  dq_t[c] += sum_s dP_ts k_s[c] exp(Gq_t[c] - G_s[c]),   dk_s[c] += sum_t dP_ts q_t[c] exp(Gq_t[c] - G_s[c])
+and the same two for dA (the WY scores' gradient, Gq = G) cannot be one tl.dot: _delta_bwd_intra_kernel does them
+with the forward's 16-step sub-chunks, off-diagonal pairs through a reference row between the two sub-chunks (both
+exponents <= 0) and diagonal sub-blocks one column at a time. For dG every k-side term is kept in one of two sums,
+G_t on the factor's plus side (dA's rows, W's beta k exp(G)) or minus side (the state update, dP's and dA's
+columns), so dG_t = k_t * (plus - minus) + q_t * dq_t (at Gq's row) + (dS1 * S1 summed over V) at the last row,
+per key, and dg its chunk-local reverse cumulative sum (_delta_bwd_wy_k_kernel).
 """
 
 from __future__ import annotations
@@ -773,6 +786,7 @@ class NoDecay:
     """decay_axis None: no log decays."""
 
     code = 0  # the kernels' DECAY
+    delta_backward = True  # chunked_delta_by differentiates in Triton kernels (`_delta_backward`)
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -793,6 +807,7 @@ class ScalarDecay:
     """decay_axis "scalar": log_decay [B, T, H]."""
 
     code = 1
+    delta_backward = True
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -811,6 +826,7 @@ class KeyDecay:
     """decay_axis "key": log_decay [B, T, H, K]; intra-chunk scores from _intra_attn_kernel."""
 
     code = 2
+    delta_backward = False  # KeyDeltaDecay has it
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -826,10 +842,29 @@ class KeyDecay:
         _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
 
 
+class KeyDeltaDecay(KeyDecay):
+    """decay_axis "key" in the delta rule: KeyDecay plus the steps of its Triton backward that no other class
+    takes. A class of its own because generated modules are pruned by name: a linear form's module names KeyDecay
+    and keeps none of these kernels, a delta rule's without a key decay names neither."""
+
+    delta_backward = True
+
+    @staticmethod
+    def delta_bwd_scores(q, k, gc, exclusive, BT, BK, prec, num_warps, num_stages):
+        """The forward's decayed scores P of one query, recomputed for _delta_bwd_local_kernel."""
+        return _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+
+    @staticmethod
+    def delta_bwd_intra(M, x, gc, out, shift, trans, acc, BT, BK, prec, num_warps, num_stages):
+        """out (+)= M's intra-chunk contraction with x under the key decay (`_delta_bwd_intra_kernel`)."""
+        _delta_bwd_intra(M, x, gc, out, shift, trans, acc, BT, BK, prec, num_warps, num_stages)
+
+
 class ValueDecay:
     """decay_axis "value": log_decay [B, T, H, V] (linear form only); outputs by _chunk_output_value_kernel."""
 
     code = 3
+    delta_backward = False
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -846,6 +881,7 @@ class ValueDecay:
 
 
 _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": ValueDecay}
+_DELTA_DECAYS = {**_DECAYS, "key": KeyDeltaDecay}  # chunked_delta's classes
 
 
 def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
@@ -1290,7 +1326,7 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     B, T, H, K = k.shape
     if tuple(beta.shape) != (B, T, H):
         raise ValueError(f"beta must have shape {[B, T, H]}, got {list(beta.shape)}")
-    return chunked_delta_by(_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
+    return chunked_delta_by(_DELTA_DECAYS[decay_axis], queries, k, y, beta, log_decay, initial_state, chunk_size,
                             output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
                             num_stages=num_stages, allow_tf32=allow_tf32)
 
@@ -1298,8 +1334,10 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
 def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                      allow_tf32=None):
-    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
-    of generated modules; shapes and dtypes are not checked (chunked_delta does that)."""
+    """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDeltaDecay; KeyDecay runs
+    forward only), the entry point of generated modules; shapes and dtypes are not checked (chunked_delta does
+    that). Under autograd (an input requiring grad) it is `_ChunkedDeltaFunction`, differentiated by Triton
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -1307,9 +1345,10 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
         return _empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
-        if decay_cls.code not in _DELTA_BACKWARD_CODES:
-            raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet; call it "
-                                      "under torch.no_grad() and differentiate another form")
+        if not decay_cls.delta_backward:
+            raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet (a key "
+                                      "decay's is KeyDeltaDecay); call it under torch.no_grad() and differentiate "
+                                      "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32)
         *outs, ht = _ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
@@ -1328,17 +1367,17 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
-_DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (NoDecay, ScalarDecay) whose backward runs in Triton
 _DELTA_BWD_WY_WARPS = 8  # _delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
 @triton.jit
-def _delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                             EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
-    dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state."""
+    dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state. With a
+    key decay (DECAY 2) P is read from A (the forward's _intra_attn_kernel scores) and exp(Gq) from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1372,8 +1411,13 @@ def _delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.con
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_At += tl.dot(b_k, b_qt, input_precision=PREC)
-        b_hq = tl.dot(b_qt, b_doq, input_precision=PREC)  # [BK, BV]
+        if DECAY == 2:  # exp(Gq) per key on q, as the forward's output kernel applies it
+            b_eqt = tl.load(eg + bos * K + o_ig[None, :] * (H * K) + o_k[:, None],
+                            mask=m_k[:, None] & m_tg[None, :], other=1.0)  # [BK, BT]
+            b_hq = tl.dot(b_qt * b_eqt, b_doq, input_precision=PREC)  # [BK, BV]
+        else:
+            b_At += tl.dot(b_k, b_qt, input_precision=PREC)
+            b_hq = tl.dot(b_qt, b_doq, input_precision=PREC)  # [BK, BV]
         p_kv = p_hq + o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         if ACC:
@@ -1381,6 +1425,9 @@ def _delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.con
         tl.store(p_kv, b_hq, mask=m_kv)
     if DECAY == 1:
         b_At = b_At * _decay(b_gq[None, :], b_g[:, None])
+    elif DECAY == 2:  # A [t, s] is already decayed and masked; read it transposed
+        b_At = tl.load(A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[None, :] * BT + o_i[:, None],
+                       mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     if EXCLUSIVE:
         b_At = tl.where(o_i[None, :] > o_i[:, None], b_At, 0.0)
     else:
@@ -1426,6 +1473,9 @@ def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_k = b_k * _decay(b_gl, b_g)[:, None]
+        elif DECAY == 2:  # per key: exp(G_last - G_t) on k, exp(G_last) on the rows of dS
+            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK] float64
+            b_k = b_k * _decay(b_gl[None, :], tl.load(gc + p_tk, mask=m_tk, other=0.0))
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         b_du = tl.load(dv + p_tv, mask=m_tv, other=0.0) + tl.dot(b_k, b_dh, input_precision=PREC)  # [BT, BV]
@@ -1434,18 +1484,26 @@ def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr
                        other=0.0)  # [BK, BT] float32
         if DECAY == 1:
             b_dh = b_dh * tl.exp(b_gl.to(tl.float32))
+        elif DECAY == 2:
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
         b_dh += tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0) - tl.dot(b_wt, b_du, input_precision=PREC)
     tl.store(dh0 + i_bh.to(tl.int64) * (K * V) + o_kv, b_dh, mask=m_kv)
 
 
 @triton.jit
-def _delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk, T, H: tl.constexpr, K: tl.constexpr,
+def _delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
                           PREC: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
-    (dgk [B, T, H, NKB], one column per K block, summed by the caller)."""
+    (dgk [B, T, H, NKB], one column per K block, summed by the caller).
+
+    With a key decay (DECAY 2) the intra-chunk terms need a per-key factor exp(Gq_t[i] - G_s[i]) that no plain
+    tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _delta_bwd_intra_kernel
+    and writes only dq's inter-chunk term exp(Gq) (dO S0^T), with FIRST dk = exp(G_last - G) (U dS1^T) (the state
+    update's share, every factor with G_t on its minus side) and dgk [B, T, H, K] = sum over V of dS1 * S1 on the
+    chunk's last row (the G_last term), zero on the others."""
     i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -1498,6 +1556,20 @@ def _delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk, T, H:
         b_dP = tl.where(o_i[:, None] > o_i[None, :], b_dP, 0.0)
     else:
         b_dP = tl.where(o_i[:, None] >= o_i[None, :], b_dP, 0.0)
+    if DECAY == 2:
+        if i_kt == 0:
+            p_P = dPs + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+            tl.store(p_P, b_dP, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT))
+        b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                       other=1.0)  # [BT, BK] exp(Gq)
+        tl.store(dq + p_tk, b_dqh * b_eq, mask=m_tk)
+        if FIRST:
+            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK] float64
+            b_dkh = b_dkh * _decay(b_gl[None, :], tl.load(gc + p_tk, mask=m_tk, other=0.0))
+            tl.store(dw + p_tk, b_dw, mask=m_tk)
+            tl.store(dk + p_tk, b_dkh, mask=m_tk)
+            tl.store(dgk + p_tk, tl.where((o_i == i_last)[:, None], b_dgl[None, :], 0.0), mask=m_tk)
+        return
     if DECAY == 1:
         b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT] float64
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
@@ -1525,13 +1597,103 @@ def _delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk, T, H:
 
 
 @triton.jit
-def _delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+def _delta_bwd_intra_kernel(M, x, gc, out, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                            BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, SHIFT: tl.constexpr,
+                            TRANS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Key decay only: the intra-chunk contraction of a masked [BT, BT] matrix M (per chunk, in a [B*H, NT*BT, BT]
+    buffer: dP or dA, zero where s > t) with a per-key decay, for one BC-row sub-chunk i of out [B, T, H, K]:
+      rows    (not TRANS)  out_t[c] (+)= sum_s M_ts x_s[c] exp(Gq_t[c] - G_s[c])   (dq from dP, dk's row side of dA)
+      columns (TRANS)      out_s[c] (+)= sum_t M_ts x_t[c] exp(Gq_t[c] - G_s[c])   (dk's column side of dP and dA)
+    with Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). The forward's sub-chunking (_intra_attn_kernel):
+    a sub-chunk pair off the diagonal goes through G at a reference row between them, so both factors have an
+    exponent <= 0 and the sum is one tl.dot (rows: the last row of sub-chunk i - 1; columns: the last row of
+    sub-chunk i); the diagonal sub-block takes exp(Gq_t - G_s) directly, one row or column at a time."""
+    i_nc, i_kt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_i = i_nc // NC, i_nc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_x, p_g = x + bos * K, gc + bos * K
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
+    o_c = tl.arange(0, BC)
+    o_r = i_i * BC + o_c  # [BC] the output rows (local to the chunk)
+    m_r = t0 + o_r < T
+    o_k = i_kt * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_rk = m_r[:, None] & m_k[None, :]
+    p_rk = o_r[:, None] * (H * K) + o_k[None, :]  # [BC, BK]
+    m_cc = (o_c[:, None] < BC) & (o_c[None, :] < BC)  # M has every row and column of the chunk
+    b_out = tl.zeros([BC, BK], dtype=tl.float32)
+    if not TRANS:
+        if SHIFT:
+            b_gq = tl.load(p_g + p_rk - H * K, mask=m_rk & (o_r > 0)[:, None], other=0.0)  # [BC, BK] float64
+        else:
+            b_gq = tl.load(p_g + p_rk, mask=m_rk, other=0.0)
+        if i_i > 0:
+            i_ref = i_i * BC - 1  # Gq_t <= G_ref <= G_s for t in sub-chunk i, s before it
+            b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+            b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for j in range(0, i_i):
+                o_s = j * BC + o_c
+                m_sk = (t0 + o_s < T)[:, None] & m_k[None, :]
+                p_sk = o_s[:, None] * (H * K) + o_k[None, :]
+                b_xs = tl.load(p_x + p_sk, mask=m_sk, other=0.0).to(tl.float32)
+                b_gs = tl.load(p_g + p_sk, mask=m_sk, other=0.0)
+                b_m = tl.load(p_M + o_r[:, None] * BT + o_s[None, :], mask=m_cc, other=0.0)  # [BC t, BC s]
+                b_acc += tl.dot(b_m, b_xs * _decay(b_gr[None, :], b_gs), input_precision=PREC)
+            b_out += b_acc * _decay(b_gq, b_gr[None, :])
+        for c in range(0, BC):  # the diagonal sub-block, one column s at a time
+            i_s = i_i * BC + c
+            m_s = m_k & (o_k * 0 + t0 + i_s < T)
+            b_m = tl.load(p_M + o_r * BT + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of M
+            b_xs = tl.load(p_x + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+            b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)
+            b_out += b_m[:, None] * b_xs[None, :] * _decay(b_gq, b_gs[None, :])
+    else:
+        b_gs = tl.load(p_g + p_rk, mask=m_rk, other=0.0)  # [BC, BK] float64 G_s
+        if i_i < NC - 1:
+            i_ref = i_i * BC + BC - 1  # G_s >= G_ref >= Gq_t for s in sub-chunk i, t after it
+            b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+            b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for j in range(i_i + 1, NC):
+                o_t = j * BC + o_c
+                m_tk = (t0 + o_t < T)[:, None] & m_k[None, :]
+                p_tk = o_t[:, None] * (H * K) + o_k[None, :]
+                b_xt = tl.load(p_x + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+                if SHIFT:  # o_t >= BC here, so G_{t-1} is inside the chunk
+                    b_gq = tl.load(p_g + p_tk - H * K, mask=m_tk, other=0.0)
+                else:
+                    b_gq = tl.load(p_g + p_tk, mask=m_tk, other=0.0)
+                b_m = tl.load(p_M + o_t[None, :] * BT + o_r[:, None], mask=m_cc, other=0.0)  # [BC s, BC t] M^T
+                b_acc += tl.dot(b_m, b_xt * _decay(b_gq, b_gr[None, :]), input_precision=PREC)
+            b_out += b_acc * _decay(b_gr[None, :], b_gs)
+        for c in range(0, BC):  # the diagonal sub-block, one row t at a time
+            i_t = i_i * BC + c
+            m_t = m_k & (o_k * 0 + t0 + i_t < T)
+            b_m = tl.load(p_M + i_t * BT + o_r, mask=o_c < BC, other=0.0)  # [BC] row t of M
+            b_xt = tl.load(p_x + i_t * (H * K) + o_k, mask=m_t, other=0.0).to(tl.float32)  # [BK]
+            if SHIFT:
+                b_gq = tl.load(p_g + (i_t - 1) * (H * K) + o_k, mask=m_t & (o_k * 0 + i_t > 0), other=0.0)
+            else:
+                b_gq = tl.load(p_g + i_t * (H * K) + o_k, mask=m_t, other=0.0)
+            b_out += b_m[:, None] * b_xt[None, :] * _decay(b_gq[None, :], b_gs)
+    p_out = out + bos * K + p_rk
+    if ACC:
+        b_out += tl.load(p_out, mask=m_rk, other=0.0)
+    tl.store(p_out, b_out, mask=m_rk)
+
+
+@triton.jit
+def _delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
     it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
     dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
-    _delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t)."""
+    _delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t). With a key decay the decayed scores
+    are the forward's (Akk, from _intra_attn_kernel), exp(G) per key comes from eg, and dA is left undecayed: the
+    per-key factors are applied by _delta_bwd_intra_kernel."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -1539,13 +1701,18 @@ def _delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.con
     o_i = tl.arange(0, BT)
     m_t = t0 + o_i < T
     b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)  # k_t . k_s
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.0).to(tl.float32)  # [BT, BK]
-        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
+    if DECAY == 2:
+        b_A = tl.load(Akk + p_tt, mask=m_tt, other=0.0)  # decayed k_t . k_s, zero where s >= t
+    else:
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)  # k_t . k_s
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BT, BK]
+            b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     if DECAY == 1:
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
         b_D = tl.where(o_i[:, None] > o_i[None, :], _decay(b_g[:, None], b_g[None, :]), 0.0)
@@ -1576,24 +1743,29 @@ def _delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.con
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_kb = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_be[:, None]
+        if DECAY == 2:
+            b_kb = b_kb * tl.load(eg + p_tk, mask=m_tk, other=0.0)
         b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_kb), input_precision=PREC)
     b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
     tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
-    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
-    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
     tl.store(Tt + p_tt, b_Tt, mask=m_tt)
     tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
 
 
 @triton.jit
-def _delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H: tl.constexpr, K: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
-                           PREC: tl.constexpr):
+def _delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta, dgin, dg, T, H: tl.constexpr,
+                           K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr,
+                           FLOOR: tl.constexpr, PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), second part: with d(beta k exp(G)) = Tm^T dW
     and dA from _delta_bwd_wy_kernel, dk (+)= its WY paths and dbeta (+)= its W path; with a decay dG (its WY terms
     plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of dG, zero where the log
-    decay is below FLOOR."""
+    decay is below FLOOR.
+
+    With a key decay (DECAY 2) the scores' paths are already summed by _delta_bwd_intra_kernel: dkp holds the
+    terms whose factors have G_t on their plus side (dA's rows), dk those with G_t on the minus side (the state
+    update, dP's and dA's columns); then dk = dkp + dk + the W path, and per key dG = dgin + k (plus - minus),
+    reverse-summed over the chunk's rows."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -1617,13 +1789,25 @@ def _delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H
         p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
         b_dkb = tl.dot(b_Tt, tl.load(dw + p_tk, mask=m_tk, other=0.0), input_precision=PREC)  # d(beta k exp(G))
-        b_dbeta += tl.sum(b_dkb * b_k, axis=1) * b_eg
-        # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side (column s)
-        b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)
-        b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
-        if DECAY == 1:
-            b_dG += tl.sum(b_k * (b_dkt - b_dks), axis=1)
-        tl.store(dk + p_tk, tl.load(dk + p_tk, mask=m_tk, other=0.0) + b_dkt + b_dks, mask=m_tk)
+        if DECAY == 2:
+            b_egk = tl.load(eg + p_tk, mask=m_tk, other=0.0)  # [BT, BK] exp(G_t) per key
+            b_dbeta += tl.sum(b_dkb * b_k * b_egk, axis=1)
+            b_dkp = b_dkb * b_be[:, None] * b_egk + tl.load(dkp + p_tk, mask=m_tk, other=0.0)
+            b_dkm = tl.load(dk + p_tk, mask=m_tk, other=0.0)
+            tl.store(dk + p_tk, b_dkp + b_dkm, mask=m_tk)
+            b_dGk = tl.load(dgin + p_tk, mask=m_tk, other=0.0) + b_k * (b_dkp - b_dkm)
+            b_dgk = tl.cumsum(b_dGk, axis=0, reverse=True)  # G_t[c] = sum_{s <= t} g_s[c] inside the chunk
+            b_graw = tl.load(g + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+            tl.store(dg + p_tk, tl.where(b_graw < FLOOR, 0.0, b_dgk), mask=m_tk)
+        else:
+            b_dbeta += tl.sum(b_dkb * b_k, axis=1) * b_eg
+            # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side
+            # (column s)
+            b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)
+            b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
+            if DECAY == 1:
+                b_dG += tl.sum(b_k * (b_dkt - b_dks), axis=1)
+            tl.store(dk + p_tk, tl.load(dk + p_tk, mask=m_tk, other=0.0) + b_dkt + b_dks, mask=m_tk)
     tl.store(dbeta + bos + o_i * H, b_dbeta, mask=m_t)
     if DECAY == 1:
         b_dG += tl.load(dgin + bos + o_i * H, mask=m_t, other=0.0)
@@ -1654,6 +1838,17 @@ def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_
     return gc, eg, Akk, w, u, h, ht
 
 
+def _delta_bwd_intra(M: Tensor, x: Tensor, gc: Tensor, out: Tensor, shift: bool, trans: bool, acc: bool, BT: int,
+                     BK: int, prec: str, num_warps, num_stages) -> None:
+    """Launch _delta_bwd_intra_kernel: out (+)= M's intra-chunk contraction with x under the key decay (rows, or
+    columns if trans); M [B*H, NT*BT, BT] float32, x [B, T, H, K], gc float64, out [B, T, H, K] float32."""
+    B, T, H, K = x.shape
+    NC = BT // _SUB
+    _delta_bwd_intra_kernel[(triton.cdiv(T, BT) * NC, triton.cdiv(K, BK), B * H)](
+        M, x, gc, out, T, H, K, BT, _SUB, BK, NC, shift, trans, acc, prec, num_warps=_or(num_warps, _WARPS),
+        num_stages=_or(num_stages, _STAGES))
+
+
 def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
                     chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32):
     """Gradients of chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
@@ -1672,19 +1867,23 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     KB = _delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    gc, _, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
-                                          prec, num_warps, num_stages)
+    gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
+                                             BVS, prec, num_warps, num_stages)
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
     qs = [q.contiguous() for q, _ in queries]
     dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
     g_or_k = gc if gc is not None else k
+    eg_or_k = eg if eg is not None else k
     dv = torch.empty((B, T, H, V), **f32)
     dhq = torch.empty((B, H, NT, K, V), **f32)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
+        # a key decay's P: the forward's decayed scores (_intra_attn_kernel), recomputed
+        A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
+                                       num_stages) if code == 2 else k
         _delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((B, H, K, V), **f32)
@@ -1695,32 +1894,47 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
         dht is not None, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
     dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
     dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
-    dgk = torch.empty((B, T, H, NKB), **f32) if code == 1 else dk
+    dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
+        code, lambda: dk)()
+    dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, T, H, K, V, NT, NKB, BT, KB, BV, code,
-            bool(exclusive), j == 0, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
+            code, bool(exclusive), j == 0, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
+        if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
+            decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
+                                      num_stages)
+            decay_cls.delta_bwd_intra(dPs, q, gc, dk, bool(exclusive), True, True, BT, KB, prec, num_warps,
+                                      num_stages)
     dG = dg = None
-    if code == 1:
-        dG = dgk.sum(-1)
-        t = torch.arange(T, device=k.device)
+    if code in (1, 2):
+        dG = dgk.sum(-1) if code == 1 else dgk
+        first = (torch.arange(T, device=k.device) % BT == 0).view(1, T, 1, *([1] * (code - 1)))
         for (_, exclusive), q, dq in zip(queries, qs, dqs):
-            qdq = (q.float() * dq).sum(-1)  # [B, T, H]: the q-side factor exp(Gq_t), at Gq's row
+            qdq = q.float() * dq  # the q-side factor exp(Gq_t) (per key: [B, T, H, K]), at Gq's row
+            if code == 1:
+                qdq = qdq.sum(-1)
             if exclusive:  # Gq_t = G_{t-1} inside the chunk: row t's term goes to row t - 1, a chunk's first to none
-                qdq = torch.where((t % BT != 0)[None, :, None], qdq, 0.0)
+                qdq = torch.where(first, 0.0, qdq)
                 dG[:, :-1] += qdq[:, 1:]
             else:
                 dG += qdq
-        dg = torch.empty((B, T, H), **f32)
+        dg = torch.empty(log_decay.shape, **f32)
     dy = torch.empty((B, T, H, V), **f32)
     dbeta = torch.empty((B, T, H), **f32)
     Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
     dA = torch.empty((B * H, NT * BT, BT), **f32)
     _delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, g_or_k, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB, min(BV, 64), code, prec,
+        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB,
+        min(BV, 64), code, prec,
         num_warps=_or(num_warps, _DELTA_BWD_WY_WARPS), num_stages=stages)
+    dkp = dk
+    if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
+        dkp = torch.empty((B, T, H, K), **f32)
+        decay_cls.delta_bwd_intra(dA, k, gc, dkp, False, False, False, BT, KB, prec, num_warps, num_stages)
+        decay_cls.delta_bwd_intra(dA, k, gc, dk, False, True, True, BT, KB, prec, num_warps, num_stages)
     _delta_bwd_wy_k_kernel[(NT, B * H)](
-        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, Tt, dA, dk, dbeta,
+        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, eg_or_k, dw, Tt, dA, dkp, dk, dbeta,
         dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _DELTA_BWD_WY_K_BK), code,
         _LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
     return dqs, dk, dy, dbeta, dg, dS0

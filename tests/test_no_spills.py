@@ -4,9 +4,10 @@ benchmarks/kernel_matrix.py checks every spec (K = V in {64, 128}, bfloat16 and 
 Triton form) in about a quarter of an hour; this file checks the kernels with the least headroom there, at
 K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
 output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
-for sm_90 and sm_80 (on sm_90 with their backward kernels too), and one recurrent kernel (rwkv7, whose [K, V]
-state is split over programs along V) for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's
-STACK + LOCAL) and fit the target's shared memory.
+for sm_90 and sm_80 (on sm_90 with their backward kernels too), one recurrent kernel (rwkv7, whose [K, V] state is
+split over programs along V) for sm_90, and the key-decay delta rule's (tests/data/kda.rec, KDA) with its backward
+kernels for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the
+target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
@@ -43,18 +44,20 @@ CALLS = [
     ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, True),
     ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, False),
     ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False),
+    ("kda", "chunked", "sm_90", 1, 256, 2, True),  # tests/data/kda.rec: the key-decay delta rule's backward
 ]
 
 CHILD = '''
-import json, sys
+import json, os, sys
 import torch
 import recurrence_dsl
 from codegen import kernel_report as kr
 
-calls, specs = json.loads(sys.argv[1]), sys.argv[2]
+calls, dirs = json.loads(sys.argv[1]), sys.argv[2:]
 runs = []
 for name, form, target, B, T, H, backward in calls:
-    rec = recurrence_dsl.load(f"{specs}/{name}.rec")[name]
+    path = next(p for p in (f"{d}/{name}.rec" for d in dirs) if os.path.exists(p))
+    rec = recurrence_dsl.load(path)[name]
     sizes = {s: 128 for s in rec.checked.sizes}
     kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form,
                                    backward=backward)
@@ -67,7 +70,8 @@ print(json.dumps(runs))
 def test_no_spills_at_default_configs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CALLS), str(REPO / "specs")], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CALLS), str(REPO / "specs"),
+                           str(REPO / "tests" / "data")], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,6 +98,8 @@ def test_no_spills_at_default_configs():
                                                    "_triton_delta_state_kernel", "_triton_chunk_output_kernel"}
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "wy", "wy_k")} <= names[
         ("gated_delta_net", "sm_90", "backward")]
+    assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "intra", "wy", "wy_k")} <= names[
+        ("kda", "sm_90", "backward")]
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
-    (recurrent,) = runs[-1]["kernels"]
+    (recurrent,) = runs[-2]["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]

@@ -1,6 +1,6 @@
 """The delta rule's chunked form differentiated by Triton kernels (codegen/triton_runtime.py, `_delta_backward`).
 
-`chunked_delta_by` with decay None or scalar is an autograd.Function whose backward recomputes the chunk-start
+`chunked_delta_by` with decay None, scalar or key is an autograd.Function whose backward recomputes the chunk-start
 states and runs the backward kernels; a generated module's chunked Triton form of such a plan is therefore printed
 without `with_torch_backward` (codegen/specialize.py, `chunked_backward_in_triton`). Checked here, in the Triton
 interpreter at float32 against float64 autograd (relative error <= 1e-5):
@@ -8,7 +8,12 @@ interpreter at float32 against float64 autograd (relative error <= 1e-5):
 - every spec of specs/ with a chunked Triton delta form (delta_net, gated_delta_net; rwkv7's diagonal-plus-rank-one
   class has no chunked Triton form): gradients of every input and the initial state, with a gradient on the final
   state too, T not a multiple of the chunk, against the reference interpreter's autograd;
+- the key-axis decay (KDA, tests/data/kda.rec): gradients of every input and the initial state against the
+  reference's autograd, with chunks of two 16-step sub-chunks (so the intra-chunk terms take both the sub-chunk
+  pairs through a reference row and the diagonal sub-blocks), and with -inf log decays on whole steps and on some
+  key channels only;
 - -inf log decays (a reset), through the layer and through the runtime;
+- packed sequences (cu_seqlens, one of them empty) through delta_net's chunked Triton form;
 - the runtime itself against the torch runtime's float64 autograd: several queries (exclusive and not), no initial
   state, no gradient on the final state or on an output, zero length;
 - no torch form runs during the Triton backward (the module's torch runtime entry patched to raise).
@@ -29,13 +34,14 @@ from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import TransitionClass, analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPEC_FILES, as_dict
+from .conftest import SPEC_FILES, TESTS, as_dict
 
 pytest.importorskip("triton")
 
 SPECS: dict[str, recurrence_dsl.Recurrence] = {}
 for _path in SPEC_FILES:
     SPECS.update(recurrence_dsl.load(_path))
+KDA = recurrence_dsl.load(TESTS / "data" / "kda.rec")["kda"]  # the key-axis decay class
 
 B, T, H, SIZE, CHUNK = 2, 37, 2, 16, 16  # three chunks, the last one 5 steps
 TOL = 1e-5
@@ -46,12 +52,12 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _grads(fn, rec, args, initial, weights):
+def _grads(fn, rec, args, initial, weights, **call):
     """Gradients of every argument and the initial state for sum(w * outputs) + sum(w * final states)."""
     leaves = [a.detach().clone().requires_grad_() for a in args]
     init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, rec.checked.states).items()}
     given = init if len(init) > 1 else next(iter(init.values()))
-    out, final = fn(*leaves, initial_state=given, output_final_state=True)
+    out, final = fn(*leaves, initial_state=given, output_final_state=True, **call)
     out, final = as_dict(out, rec.checked.outputs), as_dict(final, rec.checked.states)
     loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
     loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
@@ -59,31 +65,32 @@ def _grads(fn, rec, args, initial, weights):
     return [x.grad for x in leaves] + [init[s.name].grad for s in rec.checked.states]
 
 
-def _layer_vs_reference(rec, args, initial):
+def _layer_vs_reference(rec, args, initial, chunk=CHUNK, **call):
     """{name: relative error} of the chunked Triton layer's gradients (float32) against the reference's (float64)."""
-    out, final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    out, final = rec.reference(*args, initial_state=initial, output_final_state=True, **call)
     gen = torch.Generator().manual_seed(1)
     weights = ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
                 for k, v in as_dict(out, rec.checked.outputs).items()},
                {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
                 for k, v in as_dict(final, rec.checked.states).items()})
-    ref = _grads(rec.reference, rec, args, initial, weights)
-    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
+    ref = _grads(rec.reference, rec, args, initial, weights, **call)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=chunk, tuning=False)
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
-    got = _grads(layer, rec, [a.float() for a in args], init32, weights)
+    got = _grads(layer, rec, [a.float() for a in args], init32, weights, **call)
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     for n, g in zip(names, got):
         assert torch.isfinite(g).all(), n
     return {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
 
 
-def _sample(rec, seed=0):
-    return sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, B, T, H, dtype=torch.float64,
-                            seed=seed, with_initial_state=True)
+def _sample(rec, seed=0, batch=B, length=T):
+    return sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, batch, length, H,
+                            dtype=torch.float64, seed=seed, with_initial_state=True)
 
 
 def test_the_delta_specs_are_the_ones_with_a_differentiable_chunked_triton_form():
-    """Every spec whose chunked Triton form is a delta rule with decay None / scalar is tested below; rwkv7
+    """Every spec whose chunked Triton form is a delta rule with decay None / scalar is tested below (specs/ has
+    none with a key decay: KDA comes from tests/data); rwkv7
     (diagonal-plus-rank-one) has no chunked Triton form, so its Triton backward stays the torch recompute."""
     analyses = {name: analyse(rec.checked) for name, rec in SPECS.items()}
     delta = {TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE}
@@ -91,6 +98,9 @@ def test_the_delta_specs_are_the_ones_with_a_differentiable_chunked_triton_form(
                    and any(p.cls in delta for p in a.chunk_analysis.states.values()))
     assert found == DELTA_SPECS
     assert "chunked" not in triton_form_names(analyses["rwkv7"])
+    kda = analyse(KDA.checked)
+    assert kda.chunk_analysis.states["S"].chunk.decay_axis == "key"
+    assert "chunked" in triton_form_names(kda) and chunked_backward_in_triton(kda)
 
 
 @pytest.mark.parametrize("name", DELTA_SPECS)
@@ -114,6 +124,45 @@ def test_minus_infinity_log_decays_through_the_layer():
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.parametrize("neg_inf", [False, True], ids=["finite", "minus-inf"])
+def test_key_decay_layer_gradients_match_the_reference(neg_inf):
+    """KDA, chunks of 32 (two sub-chunks) over T = 37; with neg_inf, g = -inf on a whole step inside the first
+    chunk's second sub-chunk, on half the key channels of one step of the first sub-chunk, and on the last step."""
+    args, initial = _sample(KDA, seed=4)
+    if neg_inf:
+        i = [s.name for s in KDA.checked.inputs].index("g")
+        g = args[i].clone()
+        g[:, 20] = float("-inf")
+        g[1, 3, 0, : SIZE // 2] = float("-inf")
+        g[:, T - 1] = float("-inf")
+        args[i] = g
+    errors = _layer_vs_reference(KDA, args, initial, chunk=32)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_packed_sequences_through_the_chunked_triton_form(monkeypatch):
+    """delta_net with cu_seqlens [0, 21, 21, 40] (an empty sequence in the middle; the first crosses a chunk
+    boundary, the last ends mid-chunk): each sequence from its own initial state, gradients of every input and
+    of the initial states as the reference's; the Triton runtime ran on each sequence under autograd."""
+    rec = SPECS["delta_net"]
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    lengths = []
+
+    def spy(decay_cls, queries, k, *args, **kwargs):
+        if torch.is_grad_enabled():  # the differentiable entry, not the autograd.Function's own forward
+            lengths.append(k.shape[1])
+        return runtime(decay_cls, queries, k, *args, **kwargs)
+
+    runtime = module.triton_chunked_delta_by
+    monkeypatch.setattr(module, "triton_chunked_delta_by", spy)
+    args, initial = _sample(rec, seed=5, batch=3, length=40)  # three rows of initial state, one per sequence
+    args = [a[:1] for a in args]  # B = 1: the sequences are packed along T
+    errors = _layer_vs_reference(rec, args, initial, cu_seqlens=torch.tensor([0, 21, 21, 40]))
+    assert max(errors.values()) <= TOL, errors
+    assert lengths == [21, 0, 19]
+
+
 def _runtime_case(axis, excl, length, seed, with_initial=True, neg_inf=False):
     gen = torch.Generator().manual_seed(seed)
     K, V = 16, 32
@@ -126,8 +175,9 @@ def _runtime_case(axis, excl, length, seed, with_initial=True, neg_inf=False):
     y = rnd(B, length, H, V)
     beta = torch.rand(B, length, H, generator=gen, dtype=torch.float64)
     log_decay = None
-    if axis == "scalar":
-        log_decay = -torch.rand(B, length, H, generator=gen, dtype=torch.float64)
+    if axis is not None:
+        shape = (B, length, H) if axis == "scalar" else (B, length, H, K)
+        log_decay = -torch.rand(*shape, generator=gen, dtype=torch.float64)
         if neg_inf and length:
             log_decay[:, length // 3] = float("-inf")
             log_decay[1, length // 2, 0] = float("-inf")
@@ -158,19 +208,22 @@ RUNTIME_CASES = [
     pytest.param("scalar", (True, False), 45, True, True, id="scalar-two-queries-one-exclusive"),
     pytest.param(None, (True,), 20, False, True, id="none-exclusive-no-initial-state"),
     pytest.param("scalar", (False, True), 33, True, False, id="scalar-no-final-gradient-unused-output"),
+    pytest.param("key", (True, False), 45, True, True, id="key-two-queries-one-exclusive"),
+    pytest.param("key", (True,), 20, False, True, id="key-exclusive-no-initial-state"),
 ]
 
 
 @pytest.mark.parametrize(("axis", "excl", "length", "with_initial", "final_grad"), RUNTIME_CASES)
 def test_runtime_gradients_match_the_torch_runtime(axis, excl, length, with_initial, final_grad):
-    case = _runtime_case(axis, excl, length, seed=length, with_initial=with_initial, neg_inf=axis == "scalar")
+    case = _runtime_case(axis, excl, length, seed=length, with_initial=with_initial, neg_inf=axis is not None)
     gen = torch.Generator().manual_seed(7)
     wo = [torch.randn(B, length, H, 32, generator=gen, dtype=torch.float64) for _ in excl]
     if not final_grad:
         wo[-1] = None  # the last output takes no part in the loss
     weights = (wo, torch.randn(B, H, 16, 32, generator=gen, dtype=torch.float64) if final_grad else None)
-    ref = _runtime_grads(torch_runtime.chunked_delta, case, excl, torch.float64, weights, axis=axis)
-    got = _runtime_grads(triton_runtime.chunked_delta, case, excl, torch.float32, weights, axis=axis)
+    chunk = 32 if axis == "key" else CHUNK  # a key decay's sub-chunk pairs need two sub-chunks in a chunk
+    ref = _runtime_grads(torch_runtime.chunked_delta, case, excl, torch.float64, weights, chunk, axis)
+    got = _runtime_grads(triton_runtime.chunked_delta, case, excl, torch.float32, weights, chunk, axis)
     errors = [_rel(g, r) for g, r in zip(got, ref) if r.norm() > 0]
     assert max(errors) <= TOL, errors
     for g, r in zip(got, ref):
@@ -187,25 +240,23 @@ def test_zero_length():
     assert all(not g.any() for g in got[:-1]) and torch.equal(got[-1], dfinal.float())
 
 
-def test_key_decay_needs_no_grad():
-    """A decay class without a Triton backward refuses gradients instead of silently returning none."""
+def test_a_decay_class_without_a_backward_needs_no_grad():
+    """A decay class without a Triton delta backward (the value axis, which the public chunked_delta rejects
+    outright) refuses gradients in chunked_delta_by instead of silently returning none."""
     case = _runtime_case(None, (False,), 20, seed=0)
     qs, k, y, beta, _, s0 = case
-    log_decay = -torch.rand(B, 20, H, 16, dtype=torch.float32)
-    args = ([(qs[0].float(), False)], k.float().requires_grad_(), y.float(), beta.float(), log_decay, "key",
-            s0.float(), CHUNK)
+    log_decay = -torch.rand(B, 20, H, 32, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="no Triton backward"):
-        triton_runtime.chunked_delta(*args)
-    with torch.no_grad():
-        outs, _ = triton_runtime.chunked_delta(*args)
-    assert outs[0].shape == (B, 20, H, 32)
+        triton_runtime.chunked_delta_by(triton_runtime.ValueDecay, [(qs[0].float(), False)],
+                                        k.float().requires_grad_(), y.float(), beta.float(), log_decay, s0.float(),
+                                        CHUNK)
 
 
-@pytest.mark.parametrize("name", DELTA_SPECS)
+@pytest.mark.parametrize("name", [*DELTA_SPECS, "kda"])
 def test_no_torch_form_runs_in_the_triton_backward(name, monkeypatch):
     """The module's torch chunked runtime patched to raise: the Triton chunked form still runs forward and
     backward; the old wrapper (re-running the torch form in the backward) hits the patch."""
-    rec = SPECS[name]
+    rec = KDA if name == "kda" else SPECS[name]
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
     module = sys.modules[type(layer).__module__]
     assert layer.triton_forms["chunked"] is getattr(module, f"{name}__chunked_triton")

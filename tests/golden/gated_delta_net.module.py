@@ -1832,6 +1832,7 @@ class triton_ScalarDecay:
     """decay_axis "scalar": log_decay [B, T, H]."""
 
     code = 1
+    delta_backward = True
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
@@ -1901,8 +1902,10 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                      allow_tf32=None):
-    """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point
-    of generated modules; shapes and dtypes are not checked (triton_chunked_delta does that)."""
+    """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDeltaDecay; triton_KeyDecay runs
+    forward only), the entry point of generated modules; shapes and dtypes are not checked (triton_chunked_delta does
+    that). Under autograd (an input requiring grad) it is `_triton_ChunkedDeltaFunction`, differentiated by Triton
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -1910,9 +1913,10 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
-        if decay_cls.code not in _triton_DELTA_BACKWARD_CODES:
-            raise NotImplementedError(f"triton_chunked_delta_by({decay_cls.__name__}) has no Triton backward yet; call it "
-                                      "under torch.no_grad() and differentiate another form")
+        if not decay_cls.delta_backward:
+            raise NotImplementedError(f"triton_chunked_delta_by({decay_cls.__name__}) has no Triton backward yet (a key "
+                                      "decay's is triton_KeyDeltaDecay); call it under torch.no_grad() and differentiate "
+                                      "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32)
         *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
@@ -1931,17 +1935,17 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
-_triton_DELTA_BACKWARD_CODES = (0, 1)  # the decay classes (triton_NoDecay, triton_ScalarDecay) whose backward runs in Triton
 _triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
 _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
 @triton.jit
-def _triton_delta_bwd_local_kernel(q, k, gc, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                             EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
-    dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state."""
+    dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state. With a
+    key decay (DECAY 2) P is read from A (the forward's _triton_intra_attn_kernel scores) and exp(Gq) from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2029,13 +2033,19 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.co
 
 
 @triton.jit
-def _triton_delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk, T, H: tl.constexpr, K: tl.constexpr,
+def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
                           PREC: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
-    (dgk [B, T, H, NKB], one column per K block, summed by the caller)."""
+    (dgk [B, T, H, NKB], one column per K block, summed by the caller).
+
+    With a key decay (DECAY 2) the intra-chunk terms need a per-key factor exp(Gq_t[i] - G_s[i]) that no plain
+    tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _triton_delta_bwd_intra_kernel
+    and writes only dq's inter-chunk term exp(Gq) (dO S0^T), with FIRST dk = exp(G_last - G) (U dS1^T) (the state
+    update's share, every factor with G_t on its minus side) and dgk [B, T, H, K] = sum over V of dS1 * S1 on the
+    chunk's last row (the G_last term), zero on the others."""
     i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -2104,13 +2114,15 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, h, ht, u, du, dh, do, dq, dk, dw, dgk
 
 
 @triton.jit
-def _triton_delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
     it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
     dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
-    _triton_delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t)."""
+    _triton_delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t). With a key decay the decayed scores
+    are the forward's (Akk, from _triton_intra_attn_kernel), exp(G) per key comes from eg, and dA is left undecayed: the
+    per-key factors are applied by _triton_delta_bwd_intra_kernel."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -2118,6 +2130,8 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H:
     o_i = tl.arange(0, BT)
     m_t = t0 + o_i < T
     b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)  # k_t . k_s
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -2155,20 +2169,23 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, dw, du, dy, Tt, dA, dbeta, T, H:
     b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
     tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
-    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
-    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)  # every row of the buffers exists (NT * BT rows)
     tl.store(Tt + p_tt, b_Tt, mask=m_tt)
     tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
 
 
 @triton.jit
-def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, dg, T, H: tl.constexpr, K: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, FLOOR: tl.constexpr,
-                           PREC: tl.constexpr):
+def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta, dgin, dg, T, H: tl.constexpr,
+                           K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr,
+                           FLOOR: tl.constexpr, PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), second part: with d(beta k exp(G)) = Tm^T dW
     and dA from _triton_delta_bwd_wy_kernel, dk (+)= its WY paths and dbeta (+)= its W path; with a decay dG (its WY terms
     plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of dG, zero where the log
-    decay is below FLOOR."""
+    decay is below FLOOR.
+
+    With a key decay (DECAY 2) the scores' paths are already summed by _triton_delta_bwd_intra_kernel: dkp holds the
+    terms whose factors have G_t on their plus side (dA's rows), dk those with G_t on the minus side (the state
+    update, dP's and dA's columns); then dk = dkp + dk + the W path, and per key dG = dgin + k (plus - minus),
+    reverse-summed over the chunk's rows."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -2190,7 +2207,8 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, dw, Tt, dA, dk, dbeta, dgin, d
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
         b_dkb = tl.dot(b_Tt, tl.load(dw + p_tk, mask=m_tk, other=0.0), input_precision=PREC)  # d(beta k exp(G))
         b_dbeta += tl.sum(b_dkb * b_k, axis=1) * b_eg
-        # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side (column s)
+        # factors with G_t on the plus side (W's beta k exp(G), the scores' row t) and on the minus side
+        # (column s)
         b_dkt = b_dkb * b_be[:, None] + tl.dot(b_dA, b_k, input_precision=PREC)
         b_dks = tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
         b_dG += tl.sum(b_k * (b_dkt - b_dks), axis=1)
@@ -2242,19 +2260,23 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     KB = _triton_delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    gc, _, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV, BVS,
-                                          prec, num_warps, num_stages)
+    gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
+                                             BVS, prec, num_warps, num_stages)
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
     qs = [q.contiguous() for q, _ in queries]
     dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
     g_or_k = gc if gc is not None else k
+    eg_or_k = eg if eg is not None else k
     dv = torch.empty((B, T, H, V), **f32)
     dhq = torch.empty((B, H, NT, K, V), **f32)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
+        # a key decay's P: the forward's decayed scores (_triton_intra_attn_kernel), recomputed
+        A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
+                                       num_stages) if code == 2 else k
         _triton_delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((B, H, K, V), **f32)
@@ -2265,32 +2287,47 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         dht is not None, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
     dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
     dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
-    dgk = torch.empty((B, T, H, NKB), **f32) if code == 1 else dk
+    dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
+        code, lambda: dk)()
+    dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, T, H, K, V, NT, NKB, BT, KB, BV, code,
-            bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
+            code, bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+        if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
+            decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
+                                      num_stages)
+            decay_cls.delta_bwd_intra(dPs, q, gc, dk, bool(exclusive), True, True, BT, KB, prec, num_warps,
+                                      num_stages)
     dG = dg = None
-    if code == 1:
-        dG = dgk.sum(-1)
-        t = torch.arange(T, device=k.device)
+    if code in (1, 2):
+        dG = dgk.sum(-1) if code == 1 else dgk
+        first = (torch.arange(T, device=k.device) % BT == 0).view(1, T, 1, *([1] * (code - 1)))
         for (_, exclusive), q, dq in zip(queries, qs, dqs):
-            qdq = (q.float() * dq).sum(-1)  # [B, T, H]: the q-side factor exp(Gq_t), at Gq's row
+            qdq = q.float() * dq  # the q-side factor exp(Gq_t) (per key: [B, T, H, K]), at Gq's row
+            if code == 1:
+                qdq = qdq.sum(-1)
             if exclusive:  # Gq_t = G_{t-1} inside the chunk: row t's term goes to row t - 1, a chunk's first to none
-                qdq = torch.where((t % BT != 0)[None, :, None], qdq, 0.0)
+                qdq = torch.where(first, 0.0, qdq)
                 dG[:, :-1] += qdq[:, 1:]
             else:
                 dG += qdq
-        dg = torch.empty((B, T, H), **f32)
+        dg = torch.empty(log_decay.shape, **f32)
     dy = torch.empty((B, T, H, V), **f32)
     dbeta = torch.empty((B, T, H), **f32)
     Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
     dA = torch.empty((B * H, NT * BT, BT), **f32)
     _triton_delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, g_or_k, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB, min(BV, 64), code, prec,
+        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB,
+        min(BV, 64), code, prec,
         num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
+    dkp = dk
+    if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
+        dkp = torch.empty((B, T, H, K), **f32)
+        decay_cls.delta_bwd_intra(dA, k, gc, dkp, False, False, False, BT, KB, prec, num_warps, num_stages)
+        decay_cls.delta_bwd_intra(dA, k, gc, dk, False, True, True, BT, KB, prec, num_warps, num_stages)
     _triton_delta_bwd_wy_k_kernel[(NT, B * H)](
-        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, dw, Tt, dA, dk, dbeta,
+        k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, eg_or_k, dw, Tt, dA, dkp, dk, dbeta,
         dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _triton_DELTA_BWD_WY_K_BK), code,
         _triton_LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
     return dqs, dk, dy, dbeta, dg, dS0

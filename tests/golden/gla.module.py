@@ -1965,6 +1965,7 @@ class triton_KeyDecay:
     """decay_axis "key": log_decay [B, T, H, K]; intra-chunk scores from _triton_intra_attn_kernel."""
 
     code = 2
+    delta_backward = False  # triton_KeyDeltaDecay has it
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):

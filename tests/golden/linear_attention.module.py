@@ -1840,6 +1840,7 @@ class triton_NoDecay:
     """decay_axis None: no log decays."""
 
     code = 0  # the kernels' DECAY
+    delta_backward = True  # triton_chunked_delta_by differentiates in Triton kernels (`_triton_delta_backward`)
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):

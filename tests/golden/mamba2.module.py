@@ -1890,6 +1890,7 @@ class triton_ScalarDecay:
     """decay_axis "scalar": log_decay [B, T, H]."""
 
     code = 1
+    delta_backward = True
 
     @staticmethod
     def cumsum(log_decay, BT, num_warps):
