@@ -42,6 +42,10 @@ class Task:
     def vocab(self) -> int:
         return self.keys + self.values
 
+    def __post_init__(self):
+        if self.pairs > self.keys:
+            raise ValueError(f"Task: {self.pairs} pairs need at least as many distinct keys, got keys={self.keys}")
+
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [size, length], targets [size, length] with -100 where no target)."""
         keys = torch.stack([torch.randperm(self.keys, generator=generator)[: self.pairs] for _ in range(size)])
@@ -168,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for pairs in args.pairs:
-        task = Task(pairs=pairs, queries=pairs)
+        task = Task(keys=max(16, pairs), pairs=pairs, queries=pairs)
         for mixer in ("recurrent", "softmax"):
             for shift in (False, True):
                 torch.manual_seed(0)
@@ -181,9 +185,14 @@ def main() -> None:
                       f"{row['last_loss']:.2f}  accuracy {row['accuracy']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "steps": args.steps, "dim": args.dim, "heads": args.heads, "chance": None}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+            "steps": args.steps, "dim": args.dim, "heads": args.heads, "values": 16, "chance_accuracy": 1 / 16}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Rows of other lengths already in the file stay (a long run can be done one length at a time).
+    keep = []
+    if out.exists():
+        keep = [r for r in json.loads(out.read_text())["rows"] if r["T"] not in {row["T"] for row in rows}]
+    out.write_text(json.dumps({"meta": meta, "rows": sorted(keep + rows, key=lambda r: r["T"])}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
