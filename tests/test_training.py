@@ -38,3 +38,17 @@ def test_gla_and_delta_net_layers_learn_associative_recall():
     assert result["first_loss"] > 3.0
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
+
+
+def test_the_same_model_learns_under_torch_compile_fullgraph():
+    """The model compiled whole (`fullgraph=True`: each generated layer is one custom op, tests/test_compile.py)
+    trains as the eager one does."""
+    study = _study()
+    task = study.Task(pairs=8, queries=8)
+    torch.manual_seed(0)
+    model = study.build("recurrent", task, dim=64, heads=2, token_shift=True, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    result = study.train(compiled, task, steps=300)
+    assert result["last_loss"] < 0.2, result
+    assert result["accuracy"] >= 0.95, result
