@@ -168,13 +168,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--mixers", nargs="+", choices=("recurrent", "softmax"), default=["recurrent", "softmax"])
+    parser.add_argument("--token-shift", choices=("both", "on", "off"), default="both")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "recall_study.json"))
     args = parser.parse_args()
     rows = []
     for pairs in args.pairs:
         task = Task(keys=max(16, pairs), pairs=pairs, queries=pairs)
-        for mixer in ("recurrent", "softmax"):
-            for shift in (False, True):
+        for mixer in args.mixers:
+            for shift in {"both": (False, True), "on": (True,), "off": (False,)}[args.token_shift]:
                 torch.manual_seed(0)
                 model = build(mixer, task, args.dim, args.heads, shift)
                 result = train(model, task, args.steps)
