@@ -405,11 +405,16 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
     what the generated module itself uses is a spec error, reported where the name is declared."""
     tree = ast.parse(text)
     bound: dict[str, int] = {name: 1 for name in dir(builtins)}  # a builtin the module calls counts as bound
-    for node in ast.walk(tree):  # names bound inside try / if blocks (triton, tl, CallError) too
-        if isinstance(node, ast.Try | ast.If):
-            for inner in node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]:
-                for name in _defined(inner):
-                    bound[name] = bound.get(name, 0) + 1
+    # Names bound inside module-level try / if blocks (triton, tl, CallError) too; a function's or class's own
+    # locals are not the module's (they may be called anything, `g` included).
+    blocks = [node for node in tree.body if isinstance(node, ast.Try | ast.If)]
+    while blocks:
+        node = blocks.pop()
+        for inner in node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]:
+            if isinstance(inner, ast.Try | ast.If):
+                blocks.append(inner)
+            for name in _defined(inner):
+                bound[name] = bound.get(name, 0) + 1
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names = [node.name]
