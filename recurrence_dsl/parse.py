@@ -276,7 +276,8 @@ def _check_limits(tree: lark.Tree, source: Source) -> None:
     expressions and relies on these bounds."""
     recurrences = [c for c in tree.children if isinstance(c, lark.Tree)]
     if len(recurrences) > MAX_RECURRENCES:
-        name = recurrences[MAX_RECURRENCES].children[0]
+        # (children[0] is the optional `reverse` keyword, None when absent)
+        name = next(c for c in recurrences[MAX_RECURRENCES].children if isinstance(c, Token) and c.type == "NAME")
         raise SpecError(f"too many recurrences in one file: at most {MAX_RECURRENCES}, and this is recurrence "
                         f"{MAX_RECURRENCES + 1} of {len(recurrences)}", _token_span(name), source,
                         hint="split the recurrences over several files")
