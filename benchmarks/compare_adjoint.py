@@ -8,9 +8,10 @@
 them; `--before` is typically another checkout's tests/golden). For each spec (float32, B=2, H=4, K=V=64, no
 initial state, one torch thread) it runs the after-module's recurrent forward (no grad), then the before- and
 after-modules' recurrent forward + backward (loss: sum of the outputs and of the final states), interleaved
-`--repeats` times so that load on a shared machine hits both alike; it prints and stores the medians, the
-fastest and slowest run of each, and the largest relative difference of their gradients (which must be
-<= 1e-5, or the script exits non-zero).
+`--repeats` times, alternating which goes first, so that load on a shared machine hits both alike; it prints
+and stores the medians, the fastest and slowest run of each, and the largest relative difference of their
+gradients (which must be <= 1e-5, or the script exits non-zero). Run it with `--before` = `--after` first: the
+after/before of two identical modules is the noise floor of the machine at that moment.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--specs", default="delta_net,gated_delta_net,gla")
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--D", type=int, default=64, help="every size (K = V = D)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_adjoint_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -85,9 +86,11 @@ def main() -> None:
             raise SystemExit(f"{name}: the two adjoints' gradients differ by {difference:.1e}")
         forward()
         times: dict[str, list[float]] = {"forward": [], "before": [], "after": []}
-        for _ in range(args.repeats):
-            for tag, run in (("forward", forward), ("before", lambda: fwd_bwd(recurrent["before"])),
-                             ("after", lambda: fwd_bwd(recurrent["after"]))):
+        runs = [("forward", forward), ("before", lambda: fwd_bwd(recurrent["before"])),
+                ("after", lambda: fwd_bwd(recurrent["after"]))]
+        for repeat in range(args.repeats):
+            # Alternate which of the two goes first: on a loaded machine the order alone moves a median by ~10%.
+            for tag, run in runs if repeat % 2 == 0 else runs[:1] + runs[:0:-1]:
                 start = time.perf_counter()
                 run()
                 times[tag].append(time.perf_counter() - start)
