@@ -84,3 +84,22 @@ def test_chunked_vs_fla_benchmark_smoke_run_writes_its_report(tmp_path):
         else:
             assert row["fla_fwd_bwd_s"] > 0 and max(row["rel_err"].values()) <= 1e-5, row
     assert "fla/ours f+b" in run.stdout
+
+
+def test_compare_adjoint_of_identical_modules_runs_and_agrees(tmp_path):
+    out = tmp_path / "compare.json"
+    golden = REPO / "tests" / "golden"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(golden),
+                          "--after", str(golden), "--specs", "delta_net", "--T", "20", "--D", "8", "--repeats", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["spec"] == "delta_net" and row["max_rel_grad_difference"] == 0.0
+    assert row["fwd_bwd_before_s"] > 0 and row["fwd_bwd_after_s"] > 0 and "after/before" in run.stdout
+
+
+def test_compare_adjoint_names_a_missing_module(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(tmp_path),
+                          "--specs", "delta_net", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0 and f"no generated module at {tmp_path / 'delta_net.module.py'}" in run.stderr
