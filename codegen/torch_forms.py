@@ -410,16 +410,20 @@ class TorchFormWriter:
                                          carried_names | total_names, temp_counter)
         new_states = [(n, (idx, e)) for (n, (idx, _)), e in zip(new_states, shared)]
         previous = {n: (idx, e) for (n, (idx, _)), e in zip(previous.items(), shared[len(new_states):])}
-        shared, step_temps = self._share([e for _, e in grads.values()], ranges, carried_names, temp_counter,
-                                         loop_temps)
+        # At a step (stepwise) the gradients and the state's gradient before the step are shared together: in the
+        # delta rule `k^T dS` feeds dv, dk and dS alike, one state-sized pass instead of three.
+        shared, step_temps = self._share([e for _, e in grads.values()] + [e for _, e in previous.values()],
+                                         ranges, carried_names, temp_counter, loop_temps)
         step_grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
+        step_previous = {n: (idx, e) for (n, (idx, _)), e in zip(previous.items(), shared[len(grads):])}
         shared, local_temps = self._share([e for _, e in grads.values()], ranges, set(), temp_counter)
         grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
 
         update_exprs = [e for _, e in updates.values()] + [e for _, _, e in update_temps]
         loop_exprs = ([e for _, (_, e) in new_states] + [e for _, e in previous.values()]
                       + [e for _, _, e in loop_temps])
-        step_exprs = [e for _, e in step_grads.values()] + [e for _, _, e in step_temps]
+        step_exprs = ([e for _, e in step_grads.values()] + [e for _, e in step_previous.values()]
+                      + [e for _, _, e in step_temps])
         read_update = self._names_read(update_exprs)
         read_loop = self._names_read(loop_exprs)
         read_step = self._names_read(step_exprs) - read_loop  # read only by the gradients at a step
@@ -552,14 +556,18 @@ class TorchFormWriter:
                     w(f"{grad[x.name]}[:, t] = {value}", 4)
                 else:
                     w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum(0)", 4)
-            if stacked:
-                w("else:  # kept for after the loop", 3)
-                for s in stacked:
-                    w(f"{totals[s.name]}[t - t0] = {total[s.name]}", 4)
+            for s in rec.states:
+                idx, e = step_previous[s.name]
+                w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
+                  f"# d loss / d {s.name} before step t", 4)
+            w("else:" + ("  # kept for after the loop" if stacked else ""), 3)
+            for s in stacked:
+                w(f"{totals[s.name]}[t - t0] = {total[s.name]}", 4)
+        step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
         for s in rec.states:
             idx, e = previous[s.name]
             w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-              f"# d loss / d {s.name} before step t", 3)
+              f"# d loss / d {s.name} before step t", 4 if step_grads else 3)
         if grads:
             w("if not stepwise:  # each input's and param's gradient at the segment's steps, all at once", 2)
             for s in keep:

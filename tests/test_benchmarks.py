@@ -65,3 +65,41 @@ def test_context_parallel_benchmark_smoke_run_writes_its_report(tmp_path):
         assert gathered["sent_bytes_forward_measured"] < 1.5 * gathered["sent_bytes_forward_payload"] + 4096
         assert gathered["rel_error_output"] <= 1e-5 and row["relay"]["rel_error_output"] <= 1e-5
     assert "all_gather" in run.stdout and "relay" in run.stdout
+
+
+def test_chunked_vs_fla_benchmark_smoke_run_writes_its_report(tmp_path):
+    """Runs with whatever fla the environment has: without it the fla columns are empty and the JSON says why;
+    with it (PYTHONPATH=...:/tmp/fla-site) ours and fla's references must agree."""
+    out = tmp_path / "fla.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_chunked_vs_fla.py"), "--smoke",
+                          "--specs", "retention,delta_net", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and [r["spec"] for r in report["rows"]] == ["retention", "delta_net"]
+    for row in report["rows"]:
+        assert row["ours_forward_s"] > 0 and row["ours_fwd_bwd_s"] > 0
+        if report["fla"] is None:
+            assert "fla columns skipped" in report["fla_note"] and row["fla_fwd_bwd_s"] is None
+        else:
+            assert row["fla_fwd_bwd_s"] > 0 and max(row["rel_err"].values()) <= 1e-5, row
+    assert "fla/ours f+b" in run.stdout
+
+
+def test_compare_adjoint_of_identical_modules_runs_and_agrees(tmp_path):
+    out = tmp_path / "compare.json"
+    golden = REPO / "tests" / "golden"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(golden),
+                          "--after", str(golden), "--specs", "delta_net", "--T", "20", "--D", "8", "--repeats", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["spec"] == "delta_net" and row["max_rel_grad_difference"] == 0.0
+    assert row["fwd_bwd_before_s"] > 0 and row["fwd_bwd_after_s"] > 0 and "after/before" in run.stdout
+
+
+def test_compare_adjoint_names_a_missing_module(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(tmp_path),
+                          "--specs", "delta_net", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0 and f"no generated module at {tmp_path / 'delta_net.module.py'}" in run.stderr

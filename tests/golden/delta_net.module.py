@@ -2352,14 +2352,16 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
                 v_t = v_steps[t - t0]
                 S = S_steps[t - t0]
                 S__new = S_steps[t - t0 + 1]
+                sum_grad_S__new_k = torch.broadcast_to((k_t[..., None, :] @ grad_S__new)[..., 0, :], (B_, H_, V))  # used more than once
                 add_S_k_v = torch.broadcast_to(-(k_t[..., None, :] @ S)[..., 0, :] + v_t, (B_, H_, V))  # used more than once
                 grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / (K**0.5)
                 grad_k[:, t] = torch.addcmul(beta_t[..., None] * (add_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :], -beta_t[..., None], ((k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :] @ S.mT)[..., 0, :])
-                grad_v[:, t] = beta_t[..., None] * (k_t[..., None, :] @ grad_S__new)[..., 0, :]
+                grad_v[:, t] = beta_t[..., None] * sum_grad_S__new_k
                 grad_beta[:, t] = ((add_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :] * k_t).sum(dim=-1)
+                grad_S = torch.addcmul(grad_S__new, -beta_t[..., None, None] * k_t[..., :, None], sum_grad_S__new_k[..., None, :])  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = torch.addcmul(grad_S__new, -beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
+                grad_S = torch.addcmul(grad_S__new, -beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)

@@ -2500,9 +2500,10 @@ def hgrn2__recurrent_adjoint(q, f, v, checkpoints, grad_outputs, grad_states, K,
                 grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :]
                 grad_f[:, t] = torch.addcmul(exp_f_t * (S * grad_S__new).sum(dim=-1), -(v_t[..., None, :] @ grad_S__new.mT)[..., 0, :], exp_f_t)
                 grad_v[:, t] = (add_f_t[..., None, :] @ grad_S__new)[..., 0, :]
+                grad_S = exp_f_t[..., :, None] * grad_S__new  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = exp_f_t[..., :, None] * grad_S__new  # d loss / d S before step t
+                grad_S = exp_f_t[..., :, None] * grad_S__new  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)

@@ -1424,9 +1424,10 @@ def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, e
                 add_h__new_ = torch.broadcast_to(1.0 - h__new ** 2.0, (B_, H_, D))  # used more than once
                 grad_x[:, t] = add_h__new_ * grad_h__new
                 grad_w = grad_w + (add_h__new_ * h * grad_h__new).sum(0)
+                grad_h = add_h__new_ * grad_h__new * w_t  # d loss / d h before step t
             else:  # kept for after the loop
                 grad_h__new_steps[t - t0] = grad_h__new
-            grad_h = (1.0 - h__new ** 2.0) * grad_h__new * w_t  # d loss / d h before step t
+                grad_h = (1.0 - h__new ** 2.0) * grad_h__new * w_t  # d loss / d h before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D]
             grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)

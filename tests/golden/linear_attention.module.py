@@ -2371,9 +2371,10 @@ def linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad
                 grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / (K**0.5)
                 grad_k[:, t] = (v_t[..., None, :] @ grad_S__new.mT)[..., 0, :]
                 grad_v[:, t] = (k_t[..., None, :] @ grad_S__new)[..., 0, :]
+                grad_S = grad_S__new  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = grad_S__new  # d loss / d S before step t
+                grad_S = grad_S__new  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)

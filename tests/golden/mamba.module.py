@@ -1523,9 +1523,10 @@ def mamba__recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_outputs, g
                 grad_C[:, t] = (grad_y_t[..., None, :] @ h__new)[..., 0, :]
                 grad_A = grad_A + (dt_t[..., :, None] * exp_A_dt_t * h * grad_h__new).sum(0)
                 grad_Dskip = grad_Dskip + (torch.broadcast_to(x_t * grad_y_t, (B_, H_, D))).sum(0)
+                grad_h = exp_A_dt_t * grad_h__new  # d loss / d h before step t
             else:  # kept for after the loop
                 grad_h__new_steps[t - t0] = grad_h__new
-            grad_h = exp_A_dt_t * grad_h__new  # d loss / d h before step t
+                grad_h = exp_A_dt_t * grad_h__new  # d loss / d h before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D, N]
             grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)

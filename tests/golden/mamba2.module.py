@@ -2443,9 +2443,10 @@ def mamba2__recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_outputs, grad
                 grad_C[:, t] = (grad_y_t[..., None, :] @ h__new.mT)[..., 0, :]
                 grad_A = grad_A + (torch.broadcast_to(sum_h_grad_h__new_ * exp_A_dt_t * dt_t, (B_, H_))).sum(0)
                 grad_D = grad_D + (torch.broadcast_to(sum_x_grad_y_t, (B_, H_))).sum(0)
+                grad_h = exp_A_dt_t[..., None, None] * grad_h__new  # d loss / d h before step t
             else:  # kept for after the loop
                 grad_h__new_steps[t - t0] = grad_h__new
-            grad_h = exp_A_dt_t[..., None, None] * grad_h__new  # d loss / d h before step t
+                grad_h = exp_A_dt_t[..., None, None] * grad_h__new  # d loss / d h before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, N, P]
             grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)

@@ -2398,11 +2398,13 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
                 grad_q[:, t] = torch.addcmul(piecewise_q_t * (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / add_add_q_z__new_[..., None], -add_add_q_z__new_[..., None] ** (-2.0) * z__new * (grad_o_t * (add_q_t[..., None, :] @ S__new)[..., 0, :]).sum(dim=-1)[..., None], piecewise_q_t)
                 grad_k[:, t] = torch.addcmul(piecewise_k_t * grad_z__new, (v_t[..., None, :] @ grad_S__new.mT)[..., 0, :], piecewise_k_t)
                 grad_v[:, t] = (add_k_t[..., None, :] @ grad_S__new)[..., 0, :]
+                grad_S = grad_S__new  # d loss / d S before step t
+                grad_z = grad_z__new  # d loss / d z before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
                 grad_z__new_steps[t - t0] = grad_z__new
-            grad_S = grad_S__new  # d loss / d S before step t
-            grad_z = grad_z__new  # d loss / d z before step t
+                grad_S = grad_S__new  # d loss / d S before step t
+                grad_z = grad_z__new  # d loss / d z before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             z_steps = torch.stack(z_steps, dim=1)  # [B, t1 - t0 + 1, H, K]

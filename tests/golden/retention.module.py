@@ -2432,9 +2432,10 @@ def retention__recurrent_adjoint(q, k, v, gamma, checkpoints, grad_outputs, grad
                 grad_k[:, t] = (v_t[..., None, :] @ grad_S__new.mT)[..., 0, :]
                 grad_v[:, t] = (k_t[..., None, :] @ grad_S__new)[..., 0, :]
                 grad_gamma = grad_gamma + (torch.broadcast_to((S * grad_S__new).sum(dim=(-2, -1)), (B_, H_))).sum(0)
+                grad_S = gamma_t[..., None, None] * grad_S__new  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = gamma_t[..., None, None] * grad_S__new  # d loss / d S before step t
+                grad_S = gamma_t[..., None, None] * grad_S__new  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)

@@ -2519,9 +2519,10 @@ def rwkv6__recurrent_adjoint(r, k, v, w, u, checkpoints, grad_outputs, grad_stat
                 grad_v[:, t] = torch.addcmul((k_t[..., None, :] @ grad_S__new)[..., 0, :], sum_k_r_u_t[..., None], grad_o_t)
                 grad_w[:, t] = exp_w_t * (S * grad_S__new).sum(dim=-1)
                 grad_u = grad_u + (torch.broadcast_to(sum_grad_o_v_t[..., None] * k_t * r_t, (B_, H_, K))).sum(0)
+                grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, r_t[..., :, None], grad_o_t[..., None, :])  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, r_t[..., :, None], grad_o_t[..., None, :])  # d loss / d S before step t
+                grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, r_t[..., :, None], grad_o_t[..., None, :])  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)

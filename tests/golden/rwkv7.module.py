@@ -1767,9 +1767,10 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
                 grad_kk[:, t] = torch.addcmul(-(((a_t * kk_t)[..., None, :] @ grad_S__new)[..., 0, :][..., None, :] @ S.mT)[..., 0, :], -a_t, sum_S_grad_S__new_kk)
                 grad_a[:, t] = -(sum_S_grad_S__new_kk * kk_t)
                 grad_u = grad_u + (torch.broadcast_to(sum_grad_o_v_t[..., None] * k_t * r_t, (B_, H_, K))).sum(0)
+                grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, -((a_t * kk_t)[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], kk_t[..., :, None])  # d loss / d S before step t
             else:  # kept for after the loop
                 grad_S__new_steps[t - t0] = grad_S__new
-            grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, -((a_t * kk_t)[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], kk_t[..., :, None])  # d loss / d S before step t
+                grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new, -((a_t * kk_t)[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], kk_t[..., :, None])  # d loss / d S before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
             grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)
