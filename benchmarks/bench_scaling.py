@@ -9,8 +9,9 @@ states) at every T. The lengths are interleaved: each repeat runs every T once, 
 lengths alike rather than one. It reports the median and the spread (min, max) per T and fits the slope of
 log(median time) against log(T) by least squares: 1.0 is linear. The chunked and scan forms must stay at or below
 1.15 (issue 14); the recurrent form is reported only. Also the slope from each repeat alone (its own fit), whose
-range says how noisy the exponent is on this machine, and the slope over the last two lengths alone. Writes JSON with the thread settings, load average, versions
-and date. `--smoke` runs T = 64, 128, D = 8, one repeat (for the tests).
+range says how noisy the exponent is on this machine, and the slope over the last two lengths alone (where a
+superlinear term shows first). Writes JSON with the thread settings, load average, versions and date.
+`--smoke` runs T = 64, 128, D = 8, one repeat (for the tests).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
     print(f"CPU float32, B={args.B}, H={args.H}, K=V={args.D}, chunk {args.chunk_size}, torch threads "
           f"{torch.get_num_threads()}, load {load_before}; fwd+bwd seconds, median of {args.repeats} +- half the "
           "range as % of it")
-    print(f"{'spec':<28} {'form':<10} " + " ".join(f"{'T=' + str(t):>16}" for t in lengths) + f" {'exponent':>9} {'per-repeat':>12} {'last 2':>6}")
+    print(f"{'spec':<28} {'form':<10} " + " ".join(f"{'T=' + str(t):>16}" for t in lengths)
+          + f" {'exponent':>9} {'per-repeat':>12} {'last 2':>6}")
     rows = []
     for name in names:
         for rec_name, rec in recurrence_dsl.load(ROOT / "specs" / f"{name}.rec").items():
