@@ -1281,10 +1281,12 @@ def _segsum_rows(x: Tensor, mode: str) -> Tensor:
     L = x.shape[-2]
     idx = torch.arange(L, device=x.device).unsqueeze(-1)  # [L(s), 1]
     seg, rows = torch.zeros_like(x), []
-    for t in range(L):
+    # Steps by unbind, not x[..., t:t + 1, :]: the backward of one unbind stacks the gradients once, where each
+    # slice's backward would write a full-size zero gradient (L of them: quadratic work in the backward).
+    for t, x_t in enumerate(x.unbind(-2)):
         if mode == "exclusive":
             rows.append(seg)
-        seg = torch.where(idx < t, seg + x[..., t:t + 1, :], seg)
+        seg = torch.where(idx < t, seg + x_t.unsqueeze(-2), seg)
         if mode != "exclusive":
             rows.append(seg)
     return torch.stack(rows, dim=-3).masked_fill(~_causal(L, mode, x.device).unsqueeze(-1), float("-inf"))
@@ -1340,8 +1342,8 @@ class _SubDecays:
             a = torch.exp(self.g)  # [.., n, c, D] the per-step factors, each <= 1
             one = torch.ones_like(a[..., :1, :])
             prev, rows = a[..., :0, :], []  # prev: row t - 1's decays from s to t - 1, for s < t - 1
-            for t in range(self.c):
-                at = a[..., t:t + 1, :]
+            for t, a_t in enumerate(a.unbind(-2)):  # unbind, not slices: see _segsum_rows
+                at = a_t.unsqueeze(-2)
                 cur = torch.cat([prev * at, at], dim=-2) if t > 0 else prev  # decays from s to t, s < t
                 if mode == "exclusive":  # decays from s to t - 1: row t - 1's, and 1 for s = t - 1
                     rows.append(torch.cat([prev, one], dim=-2) if t > 0 else prev)
@@ -1370,9 +1372,11 @@ def _attn_key(q: Tensor, k: Tensor, sub: _SubDecays, mode: str, qref: Tensor, kr
     qs, ks = _sub(q, sub.c), _sub(k, sub.c)  # [.., n, c, K]
     off = qref.unsqueeze(-3) @ kref.transpose(-1, -2)  # [.., n(i), n(j), c, c]; 0 for j >= i (key_ref = 0)
     rows = []
-    for t, e in enumerate(sub.diagonal(mode)):  # row t of every diagonal sub-block: [.., n, m_t] padded to c
-        m = e.shape[-2]
-        rows.append(torch.nn.functional.pad(((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1), (0, sub.c - m)))
+    # Row t of every diagonal sub-block, [.., n, c(s)]: its decays zero-padded from m_t to c steps rather than k
+    # sliced to m_t, and q by unbind, so that no backward writes a full-size zero gradient per row (c of them).
+    for e, q_t in zip(sub.diagonal(mode), qs.unbind(-2)):
+        e_full = torch.nn.functional.pad(e, (0, 0, 0, sub.c - e.shape[-2]))  # [.., n, c, K], 0 for s beyond m_t
+        rows.append(((ks * e_full) @ q_t.unsqueeze(-1)).squeeze(-1))
     diag = torch.stack(rows, dim=-2)  # [.., n, c(t), c(s)]
     eye = torch.eye(sub.n, dtype=torch.bool, device=q.device)[:, :, None, None]
     return _blocks_to_full(torch.where(eye, diag.unsqueeze(-3), off))
