@@ -1354,6 +1354,44 @@ class _SubDecays:
         return self._diagonal[mode]
 
 
+class _DiagonalScores(torch.autograd.Function):
+    """The diagonal sub-blocks of the key-decay scores, D[.., t, s] = sum_i q_t[i] k_s[i] e_t[s, i] for the s < m_t
+    that row t keeps, 0 beyond (qs, ks [.., n, c, K]; rows e_t [.., n, m_t, K] from _SubDecays.diagonal; returns
+    [.., n, c(t), c(s)]).
+
+    By hand rather than by autograd through a loop over rows: autograd would keep a product k_s e_t per row and
+    give every row's slice of k a gradient the size of all of k (c zero-filled full-size tensors per call, most of
+    the backward at T = 16k, issue 14). Here nothing per row is kept; the backward recomputes k_s e_t row by row
+    and accumulates k's gradient into one buffer. First derivatives only (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, qs: Tensor, ks: Tensor, *rows: Tensor) -> Tensor:
+        out = qs.new_zeros(qs.shape[:-1] + (ks.shape[-2],))
+        for t, e in enumerate(rows):
+            m = e.shape[-2]
+            if m:
+                out[..., t, :m] = ((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1)
+        ctx.save_for_backward(qs, ks, *rows)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        qs, ks, *rows = ctx.saved_tensors
+        grad_q, grad_k, grad_rows = torch.zeros_like(qs), torch.zeros_like(ks), []
+        for t, e in enumerate(rows):
+            m = e.shape[-2]
+            if not m:
+                grad_rows.append(torch.zeros_like(e))
+                continue
+            g, k_m = grad[..., t, :m].unsqueeze(-1), ks[..., :m, :]  # [.., n, m, 1], [.., n, m, K]
+            grad_q[..., t, :] = (g * k_m * e).sum(-2)
+            gq = g * qs[..., t, None, :]  # [.., n, m, K]
+            grad_rows.append(gq * k_m)
+            grad_k[..., :m, :] += gq * e
+        return (grad_q, grad_k, *grad_rows)
+
+
 def _sub(x: Tensor, c: int) -> Tensor:
     """[.., C, D] -> [.., C / c, c, D]."""
     return x.reshape(*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1])
@@ -1371,13 +1409,7 @@ def _attn_key(q: Tensor, k: Tensor, sub: _SubDecays, mode: str, qref: Tensor, kr
     matmul; diagonal sub-blocks as a direct [c, c, K] masked product. Returns [.., C, C]."""
     qs, ks = _sub(q, sub.c), _sub(k, sub.c)  # [.., n, c, K]
     off = qref.unsqueeze(-3) @ kref.transpose(-1, -2)  # [.., n(i), n(j), c, c]; 0 for j >= i (key_ref = 0)
-    rows = []
-    # Row t of every diagonal sub-block, [.., n, c(s)]: its decays zero-padded from m_t to c steps rather than k
-    # sliced to m_t, and q by unbind, so that no backward writes a full-size zero gradient per row (c of them).
-    for e, q_t in zip(sub.diagonal(mode), qs.unbind(-2)):
-        e_full = torch.nn.functional.pad(e, (0, 0, 0, sub.c - e.shape[-2]))  # [.., n, c, K], 0 for s beyond m_t
-        rows.append(((ks * e_full) @ q_t.unsqueeze(-1)).squeeze(-1))
-    diag = torch.stack(rows, dim=-2)  # [.., n, c(t), c(s)]
+    diag = _DiagonalScores.apply(qs, ks, *sub.diagonal(mode))  # [.., n, c(t), c(s)]
     eye = torch.eye(sub.n, dtype=torch.bool, device=q.device)[:, :, None, None]
     return _blocks_to_full(torch.where(eye, diag.unsqueeze(-3), off))
 
