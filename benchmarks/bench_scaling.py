@@ -93,6 +93,28 @@ def main() -> None:
           "range as % of it")
     print(f"{'spec':<28} {'form':<10} " + " ".join(f"{'T=' + str(t):>16}" for t in lengths)
           + f" {'exponent':>9} {'per-repeat':>12} {'last 2':>6}")
+
+    def write() -> None:  # after every row: a run stopped part-way still leaves what it measured
+        result = {
+            "benchmark": "fwd+bwd time against T per torch form: fitted log-log exponent (issue 14)",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": platform.processor() or platform.machine(),
+            "threads": threads,  # torch threads, OMP_NUM_THREADS, OMP_WAIT_POLICY, cpu count, load, warnings
+            "load_average_before": load_before,
+            "load_average_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "recurrence_dsl": recurrence_dsl.__version__,
+            "dtype": "float32",
+            "shape": {"B": args.B, "H": args.H, "K": args.D, "V": args.D, "T": lengths, "chunk_size": args.chunk_size},
+            "repeats": args.repeats,
+            "limit": LIMIT,
+            "smoke": args.smoke,
+            "rows": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
     rows = []
     for name in names:
         for rec_name, rec in recurrence_dsl.load(ROOT / "specs" / f"{name}.rec").items():
@@ -128,26 +150,9 @@ def main() -> None:
                 print(f"{rec_name:<28} {form:<10} {cells} {exponent:9.2f} "
                       f"{min(per_repeat):5.2f}-{max(per_repeat):<5.2f} {tail:6.2f}{flag}", flush=True)
                 del runs
+                write()
 
-    result = {
-        "benchmark": "fwd+bwd time against T per torch form: fitted log-log exponent (issue 14)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": platform.processor() or platform.machine(),
-        "threads": threads,  # torch threads, OMP_NUM_THREADS, OMP_WAIT_POLICY, cpu count, load, warnings
-        "load_average_before": load_before,
-        "load_average_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "recurrence_dsl": recurrence_dsl.__version__,
-        "dtype": "float32",
-        "shape": {"B": args.B, "H": args.H, "K": args.D, "V": args.D, "T": lengths, "chunk_size": args.chunk_size},
-        "repeats": args.repeats,
-        "limit": LIMIT,
-        "smoke": args.smoke,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"wrote {args.out}")
 
 
