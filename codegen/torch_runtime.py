@@ -159,10 +159,12 @@ def _segsum_rows(x: Tensor, mode: str) -> Tensor:
     L = x.shape[-2]
     idx = torch.arange(L, device=x.device).unsqueeze(-1)  # [L(s), 1]
     seg, rows = torch.zeros_like(x), []
-    for t in range(L):
+    # Steps by unbind, not x[..., t:t + 1, :]: the backward of one unbind stacks the gradients once, where each
+    # slice's backward would write a full-size zero gradient (L of them: quadratic work in the backward).
+    for t, x_t in enumerate(x.unbind(-2)):
         if mode == "exclusive":
             rows.append(seg)
-        seg = torch.where(idx < t, seg + x[..., t:t + 1, :], seg)
+        seg = torch.where(idx < t, seg + x_t.unsqueeze(-2), seg)
         if mode != "exclusive":
             rows.append(seg)
     return torch.stack(rows, dim=-3).masked_fill(~_causal(L, mode, x.device).unsqueeze(-1), float("-inf"))
@@ -218,8 +220,8 @@ class _SubDecays:
             a = torch.exp(self.g)  # [.., n, c, D] the per-step factors, each <= 1
             one = torch.ones_like(a[..., :1, :])
             prev, rows = a[..., :0, :], []  # prev: row t - 1's decays from s to t - 1, for s < t - 1
-            for t in range(self.c):
-                at = a[..., t:t + 1, :]
+            for t, a_t in enumerate(a.unbind(-2)):  # unbind, not slices: see _segsum_rows
+                at = a_t.unsqueeze(-2)
                 cur = torch.cat([prev * at, at], dim=-2) if t > 0 else prev  # decays from s to t, s < t
                 if mode == "exclusive":  # decays from s to t - 1: row t - 1's, and 1 for s = t - 1
                     rows.append(torch.cat([prev, one], dim=-2) if t > 0 else prev)
@@ -228,6 +230,44 @@ class _SubDecays:
                 prev = cur
             self._diagonal[mode] = rows
         return self._diagonal[mode]
+
+
+class _DiagonalScores(torch.autograd.Function):
+    """The diagonal sub-blocks of the key-decay scores, D[.., t, s] = sum_i q_t[i] k_s[i] e_t[s, i] for the s < m_t
+    that row t keeps, 0 beyond (qs, ks [.., n, c, K]; rows e_t [.., n, m_t, K] from _SubDecays.diagonal; returns
+    [.., n, c(t), c(s)]).
+
+    By hand rather than by autograd through a loop over rows: autograd would keep a product k_s e_t per row and
+    give every row's slice of k a gradient the size of all of k (c zero-filled full-size tensors per call, most of
+    the backward at T = 16k, issue 14). Here nothing per row is kept; the backward recomputes k_s e_t row by row
+    and accumulates k's gradient into one buffer. First derivatives only (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, qs: Tensor, ks: Tensor, *rows: Tensor) -> Tensor:
+        out = qs.new_zeros(qs.shape[:-1] + (ks.shape[-2],))
+        for t, e in enumerate(rows):
+            m = e.shape[-2]
+            if m:
+                out[..., t, :m] = ((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1)
+        ctx.save_for_backward(qs, ks, *rows)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        qs, ks, *rows = ctx.saved_tensors
+        grad_q, grad_k, grad_rows = torch.zeros_like(qs), torch.zeros_like(ks), []
+        for t, e in enumerate(rows):
+            m = e.shape[-2]
+            if not m:
+                grad_rows.append(torch.zeros_like(e))
+                continue
+            g, k_m = grad[..., t, :m].unsqueeze(-1), ks[..., :m, :]  # [.., n, m, 1], [.., n, m, K]
+            grad_q[..., t, :] = (g * k_m * e).sum(-2)
+            gq = g * qs[..., t, None, :]  # [.., n, m, K]
+            grad_rows.append(gq * k_m)
+            grad_k[..., :m, :] += gq * e
+        return (grad_q, grad_k, *grad_rows)
 
 
 def _sub(x: Tensor, c: int) -> Tensor:
@@ -247,11 +287,7 @@ def _attn_key(q: Tensor, k: Tensor, sub: _SubDecays, mode: str, qref: Tensor, kr
     matmul; diagonal sub-blocks as a direct [c, c, K] masked product. Returns [.., C, C]."""
     qs, ks = _sub(q, sub.c), _sub(k, sub.c)  # [.., n, c, K]
     off = qref.unsqueeze(-3) @ kref.transpose(-1, -2)  # [.., n(i), n(j), c, c]; 0 for j >= i (key_ref = 0)
-    rows = []
-    for t, e in enumerate(sub.diagonal(mode)):  # row t of every diagonal sub-block: [.., n, m_t] padded to c
-        m = e.shape[-2]
-        rows.append(torch.nn.functional.pad(((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1), (0, sub.c - m)))
-    diag = torch.stack(rows, dim=-2)  # [.., n, c(t), c(s)]
+    diag = _DiagonalScores.apply(qs, ks, *sub.diagonal(mode))  # [.., n, c(t), c(s)]
     eye = torch.eye(sub.n, dtype=torch.bool, device=q.device)[:, :, None, None]
     return _blocks_to_full(torch.where(eye, diag.unsqueeze(-3), off))
 

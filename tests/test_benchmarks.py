@@ -103,3 +103,31 @@ def test_compare_adjoint_names_a_missing_module(tmp_path):
                           "--specs", "delta_net", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode != 0 and f"no generated module at {tmp_path / 'delta_net.module.py'}" in run.stderr
+
+
+def test_scaling_benchmark_smoke_run_fits_an_exponent_per_form(tmp_path):
+    out = tmp_path / "scaling.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scaling.py"), "--smoke", "--specs",
+                          "gla,delta_net", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["shape"]["T"] == [64, 128] and report["limit"] == 1.15
+    assert report["threads"]["torch_threads"] == 1 and "load_average_1m" in report["threads"]
+    forms = {(r["spec"], r["form"]) for r in report["rows"]}
+    assert forms == {("gla", "chunked"), ("gla", "scan"), ("gla", "recurrent"), ("delta_net", "chunked"),
+                     ("delta_net", "recurrent")}, forms
+    for row in report["rows"]:
+        assert all(s > 0 for s in row["median_s"]) and len(row["exponent_per_repeat"]) == report["repeats"] == 1
+        assert isinstance(row["exponent"], float)
+        assert (row["within_limit"] is None) == (row["form"] == "recurrent")
+    assert "exponent" in run.stdout and "delta_net" in run.stdout
+
+
+def test_scaling_benchmark_fits_the_exponent_of_a_power_law():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_scaling import slope
+
+    lengths = [1024, 2048, 4096, 8192]
+    assert abs(slope(lengths, [3e-6 * t for t in lengths]) - 1.0) < 1e-12
+    assert abs(slope(lengths, [1e-9 * t ** 1.5 for t in lengths]) - 1.5) < 1e-12
