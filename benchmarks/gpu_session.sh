@@ -28,8 +28,8 @@ export RECURRENCE_DSL_CACHE=/tmp/recdsl_cache
 
 for step in $STEPS; do
   case $step in
-    tests)     # every test marked gpu, float32 / float16 / bfloat16
-      timeout "${TESTS_LIMIT:-180}" python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -p no:benchmark tests/test_gpu.py \
+    tests)     # every test marked gpu, float32 / float16 / bfloat16 (forms, and the Triton adjoint kernel)
+      timeout "${TESTS_LIMIT:-180}" python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -p no:benchmark tests/test_gpu.py tests/test_triton_adjoint.py \
         --junitxml="$OUTDIR/gpu_tests.xml" 2>&1 | tail -40 | tee -a "$OUTDIR/session.log" ;;
     numerics)  # issue 8's decay / non-finite properties on the GPU in float32, float16 and bfloat16
       timeout "${NUMERICS_LIMIT:-150}" python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider -p no:benchmark tests/test_numerics_gpu.py \
