@@ -18,7 +18,6 @@ from codegen.layer import CONFIG_KEYS
 from codegen.tuning import (
     TUNING_INTERPRETER,
     tuning_clear_cache,
-    tuning_cpu_model,
     tuning_device_name,
     tuning_lookups_enabled,
     tuning_read_choice,
@@ -31,10 +30,6 @@ from .store import TuningStore, dtype_name, shape_bucket
 INTERPRETER = TUNING_INTERPRETER
 
 _MEMO: dict[tuple, tuple] = {}
-
-
-def _cpu_model() -> str:
-    return tuning_cpu_model()
 
 
 def device_name(device, backend: str) -> str:

@@ -123,17 +123,6 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _pow2_nearest(n: int) -> int:
-    """The power of two nearest to n in log scale (ties round up): 3 -> 4, 5 -> 4, 6 -> 8, 12 -> 16."""
-    if n <= 1:
-        return 1
-    return 1 << round(math.log2(n) + 1e-9)
-
-
 def shape_bucket(batch: int, heads: int, length: int, sizes: dict[str, int]) -> str:
     """The shape key of a call: B*H to the nearest power of two, T up to one, every size exact.
 

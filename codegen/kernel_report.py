@@ -421,7 +421,7 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
                                          if (f, "triton") in keys))
         chunk = config.get("chunk_size", chunk)
         options = {fits[0]: {k: v for k, v in config.items() if k != "chunk_size"}}
-    return module.run_forms(layer.recurrence, fns, call, form, chunk, module.triton_options(call, options))
+    return layer._run(call, form, "triton", chunk, options)  # the layer's own Triton path, on any device
 
 
 def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", form: str = "auto",

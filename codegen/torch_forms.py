@@ -23,7 +23,15 @@ import itertools
 
 import sympy
 
-from recurrence_dsl.adjoint import GRAD_SUFFIX, NoAdjoint, canonical_key, derive_adjoint, grad_name, update_order
+from recurrence_dsl.adjoint import (
+    GRAD_SUFFIX,
+    NoAdjoint,
+    canonical_key,
+    derive_adjoint,
+    grad_name,
+    reads,
+    update_order,
+)
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX
@@ -118,10 +126,7 @@ class TorchFormWriter:
 
     def _mentions_state(self, e: sympy.Expr, recurrent: set[str] | None = None) -> bool:
         """Whether `e` reads a state (or another of the `recurrent` names: values known only step by step)."""
-        names = self.state_names if recurrent is None else recurrent
-        return any((isinstance(n, sympy.Indexed) and str(n.base) in names)
-                   or (isinstance(n, sympy.Symbol) and n.name in names)
-                   for n in sympy.preorder_traversal(e))
+        return reads(e, self.state_names if recurrent is None else recurrent)
 
     def _hoist(self, expr: sympy.Expr, table: dict, counter, recurrent: set[str] | None = None,
                ranges: dict | None = None) -> sympy.Expr:
@@ -212,6 +217,12 @@ class TorchFormWriter:
         over its free indices. Returns (the expressions reading those tensors, [(IR name, indices, expression)] in the
         order to compute them). `known`: tensors computed already (an earlier result), read wherever they fit."""
         kinds = (sympy.Function, sympy.Sum, sympy.Min, sympy.Max, sympy.Add)
+        keys: dict = {}  # node -> its canonical key over `ranges`: each round asks again for most of the same nodes
+
+        def key_of(node):
+            if node not in keys:
+                keys[node] = canonical_key(node, ranges)
+            return keys[node]
 
         def candidate(node) -> bool:
             return (isinstance(node, kinds) and not is_constant(node, self.sizes)
@@ -221,7 +232,7 @@ class TorchFormWriter:
             if isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number)) or not e.args:
                 return e
             if candidate(e):
-                k, order = canonical_key(e, ranges)
+                k, order = key_of(e)
                 if k == key:
                     site = tuple(order[first.index(i)] for i in idx)  # this occurrence's own indices
                     return sympy.IndexedBase(name)[site] if site else sympy.Symbol(name)
@@ -231,14 +242,14 @@ class TorchFormWriter:
 
         exprs, temps, counter = list(exprs), [], counter or itertools.count()
         for name, idx, e in known:  # in the order computed: a later one reads the earlier ones
-            key, first = canonical_key(e, ranges)
+            key, first = key_of(e)
             exprs = [substitute(x, key, name, idx, first) for x in exprs]
         while True:
             seen: dict[str, list] = {}
             for e in exprs + [t[2] for t in temps]:
                 for node in sympy.preorder_traversal(e):
                     if candidate(node):
-                        key, order = canonical_key(node, ranges)
+                        key, order = key_of(node)
                         seen.setdefault(key, [0, node, order])[0] += 1
             repeated = [(sympy.count_ops(v[1]), k) for k, v in seen.items() if v[0] > 1]
             if not repeated:

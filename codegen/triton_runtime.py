@@ -1857,11 +1857,7 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     V = y.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
     code = decay_cls.code
-    if T == 0:
-        dS0 = grad_final.float() if grad_final is not None else torch.zeros((B, H, K, V), **f32)
-        return ([torch.zeros(q.shape, **f32) for q, _ in queries], torch.zeros(k.shape, **f32),
-                torch.zeros(y.shape, **f32), torch.zeros(beta.shape, **f32),
-                None if log_decay is None else torch.zeros(log_decay.shape, **f32), dS0)
+    # (T == 0 never gets here: chunked_delta_by returns the empty result before the Function runs)
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _delta_blocks(BK)[0]

@@ -73,7 +73,8 @@ class AdjointStep:
     ranges: dict[sympy.Symbol, sympy.Expr]
 
 
-def _reads(e: sympy.Expr, names: set[str]) -> bool:
+def reads(e: sympy.Expr, names: set[str]) -> bool:
+    """Whether `e` reads any of `names` (an indexed tensor or a scalar of that name)."""
     return any((isinstance(n, sympy.Indexed) and str(n.base) in names)
                or (isinstance(n, sympy.Symbol) and n.name in names) for n in sympy.preorder_traversal(e))
 
@@ -105,7 +106,7 @@ class _Deriver:
         return e.func(*[self.freshen(a) for a in e.args])
 
     def walk(self, e: sympy.Expr, cot: sympy.Expr, scope: tuple[sympy.Symbol, ...]) -> None:
-        if not _reads(e, self.wrt):
+        if not reads(e, self.wrt):
             return
         if isinstance(e, sympy.Indexed):
             self.leaf(str(e.base), tuple(e.indices), cot, scope)
@@ -117,19 +118,19 @@ class _Deriver:
         elif isinstance(e, sympy.Mul):
             args = e.args
             for k, arg in enumerate(args):
-                if _reads(arg, self.wrt):
+                if reads(arg, self.wrt):
                     self.walk(arg, cot * sympy.Mul(*(args[:k] + args[k + 1:])), scope)
         elif isinstance(e, sympy.Pow):
             base, exp = e.args
-            if _reads(base, self.wrt):
+            if reads(base, self.wrt):
                 self.walk(base, cot * exp * base ** (exp - 1), scope)
-            if _reads(exp, self.wrt):
+            if reads(exp, self.wrt):
                 self.walk(exp, cot * e * sympy.log(base), scope)
         elif isinstance(e, sympy.Sum):
             self.walk(e.function, cot, scope + tuple(limit[0] for limit in e.limits))
         elif isinstance(e, (sympy.Function, sympy.Min, sympy.Max)):
             for k, arg in enumerate(e.args):
-                if _reads(arg, self.wrt):
+                if reads(arg, self.wrt):
                     self.walk(arg, cot * e.fdiff(k + 1), scope)
         else:
             raise NoAdjoint(f"cannot differentiate {type(e).__name__}: {e}")

@@ -386,24 +386,21 @@ def cmd_tune(args) -> int:
                           check=not args.no_check, verbose=args.verbose, mode=args.mode, progress=progress.step,
                           lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting)
         except NoLegalConfig as err:
-            progress.close()
             print(f"{rec.name}: {err}", file=sys.stderr)
             status = 1
             continue
         except StoreLocked as err:
-            progress.close()
             if getattr(err, "result", None) is not None:
                 print(f"{rec.name} (spec hash {err.result.spec_hash})")
                 print(err.result.table())
                 print()
             raise UsageError(str(err)) from None
         except StoreError as err:
-            progress.close()
             raise UsageError(f"--store: {err}") from None
         except ValueError as err:
-            progress.close()
             raise UsageError(str(err)) from None
-        progress.close()
+        finally:
+            progress.close()  # (an interrupt too: the bar never outlives the run)
         results.append(result)
         if not args.json:
             print(f"{rec.name} (spec hash {result.spec_hash})")

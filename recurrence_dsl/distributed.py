@@ -291,6 +291,11 @@ class ContextParallel:
             raise CallError(f"initial_state is given on rank 0 only (it applies to the start of the sequence); "
                             f"rank {rank} passed one")
         call = bind_call(self.spec, args, dict(kwargs, output_final_state=output_final_state))
+        if call.reverse:
+            # Each rank would run its slice backwards while the ranks stay chained in forward order.
+            raise CallError(f"context_parallel runs forward recurrences only; {self.spec.name} runs in reverse "
+                            "(a reverse recurrence or reverse=True): call the layer on one process, or flip the "
+                            "time axis across ranks yourself")
         options = {k: v for k, v in (("form", form), ("backend", backend), ("chunk_size", chunk_size),
                                      ("config", config)) if v is not None}
         states = [s.name for s in self.spec.states]
@@ -735,7 +740,7 @@ def _backward_gather(run: _Run, saved, inputs, params, s0, d_out, d_fin):
         grads = [d_m[n] for n in d_m] + [d_f[n] for n in run.states]
         add(_grad(targets, inputs + params, grads))
     if plan.rest is not None:
-        s0_leaf = s0 if s0 is not None else None
+        s0_leaf = s0
         with torch.enable_grad():
             out, fin = run.run_rest(inputs, params, s0_leaf)
         piece = plan.rest
@@ -858,10 +863,11 @@ def _backward_relay(run: _Run, saved, inputs, params, s0, d_out, d_fin):
         piece = plan.rest
         targets = [out[n] for n in run.outputs] + [fin[n] for n in run.states]
         grads = [d_out[n][:, piece.lo:piece.hi] if d_out[n] is not None else None for n in run.outputs]
+        owned = _owned_rows(run, d_fin, piece.seqs) if cu is not None and run.output_final_state else None
         for n in run.states:
             g = torch.zeros_like(fin[n])
-            if cu is not None and run.output_final_state:
-                g = g + _owned_rows(run, d_fin, piece.seqs)[n]
+            if owned is not None:
+                g = g + owned[n]
             if not plan.depends[plan.rank] and d_end is not None:
                 g[-plan.rows:] += d_end[n]
             grads.append(g)

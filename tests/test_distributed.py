@@ -151,6 +151,10 @@ def _bad_calls(rank: int, world: int) -> list[str]:
         cp(q, q, q[..., :4].unsqueeze(-1), gamma)
     except CallError as err:
         messages.append(str(err))
+    try:
+        cp(q, q, q, gamma, reverse=True)
+    except CallError as err:
+        messages.append(str(err))
     return messages
 
 
@@ -181,6 +185,7 @@ def test_two_ranks_match_single_process(tmp_path):
     # Rank 1 passed an initial state: refused; every rank passed a bad v: refused, naming it.
     assert any("initial_state is given on rank 0 only" in m for m in results[1]["errors"])
     assert any("input 'v'" in m for m in results[0]["errors"])
+    assert all(any("forward recurrences only" in m for m in r["errors"]) for r in results.values())
 
 
 def test_four_ranks_match_single_process(tmp_path):
