@@ -118,11 +118,17 @@ def test_spec_library_is_complete():
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
 def test_spec_parses_checks_and_runs(path):
     recs = recurrence_dsl.load(path)
-    assert list(recs) == [path.stem], "each spec file holds one recurrence named after the file"
-    rec = recs[path.stem]
-    assert rec.checked.source.filename == str(path)
-    _check_runs(rec)
-    _check_runs(rec, batch=1, length=1, heads=1)
+    # One recurrence named after the file; a layer made of several passes (a bidirectional layer's forward and
+    # reverse recurrence) names each after the file, `<stem>_<pass>`, one direction each.
+    if len(recs) == 1:
+        assert list(recs) == [path.stem], "a spec file with one recurrence names it after the file"
+    else:
+        assert all(name.startswith(path.stem + "_") for name in recs), list(recs)
+        assert len({rec.checked.reverse for rec in recs.values()}) == 2, "several passes: forward and reverse"
+    for rec in recs.values():
+        assert rec.checked.source.filename == str(path)
+        _check_runs(rec)
+        _check_runs(rec, batch=1, length=1, heads=1)
 
 
 def test_load_accepts_text_path_and_str_path(specs):
