@@ -150,7 +150,8 @@ STRONG_CASES = [p for p in form_cases() if p.values[0] in DECAYING]
 
 
 def test_decaying_specs_are_the_expected_ones():
-    assert DECAYING == ["gated_delta_net", "gla", "hgrn2", "lightning_attention", "mamba", "mamba2", "retention",
+    assert DECAYING == ["bidirectional_mamba_backward", "bidirectional_mamba_forward", "gated_delta_net", "gla",
+                        "hgrn2", "lightning_attention", "mamba", "mamba2", "min_gru", "mlstm", "retention", "rg_lru",
                         "rwkv6", "rwkv7"]
 
 

@@ -213,7 +213,9 @@ def test_against_reference(case):
 
 def test_the_matrix_covers_every_spec_form_and_axis():
     """Every spec and LANGUAGE.md example is present, with every triton form and every axis value."""
-    assert len(SPEC_NAMES) == len(SPEC_FILES) >= 13
+    # one recurrence a file, or several passes named <file>_<pass> (bidirectional_mamba.rec)
+    assert len(SPEC_FILES) >= 13 and len(SPEC_NAMES) >= len(SPEC_FILES)
+    assert all(any(n == p.stem or n.startswith(p.stem + "_") for n in SPEC_NAMES) for p in SPEC_FILES)
     assert _blocks and any(k.startswith("LANGUAGE.md") for k in RECS)
     for key in RECS:
         for form in FORMS[key]:
