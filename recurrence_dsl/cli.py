@@ -158,6 +158,12 @@ def print_proof(rec: Recurrence) -> bool:
     return all(r.proved for r in results)
 
 
+def _flattened_axes(analysis, name: str) -> list[int]:
+    """The state axes the chunked form flattens into one key axis ([0, 1] for a 3-axis state's pair), else []."""
+    sa = analysis.chunk_analysis.states.get(name)
+    return [0, 1] if sa is not None and sa.chunk is not None and sa.chunk.pair else []
+
+
 def describe(rec: Recurrence) -> dict:
     """The JSON form of a recurrence (`recdsl show --json`)."""
     c = rec.checked
@@ -175,7 +181,8 @@ def describe(rec: Recurrence) -> dict:
         "params": [sym(s) for s in c.params],
         "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
                     "chunked_as_transpose": s.name in analysis.transposed,
-                    "chunked_with_unit_key_axis": s.name in analysis.lifted} for s in c.states],
+                    "chunked_with_unit_key_axis": s.name in analysis.lifted,
+                    "chunked_with_flattened_axes": _flattened_axes(analysis, s.name)} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],
