@@ -150,6 +150,12 @@ def print_proof(rec: Recurrence) -> bool:
     analysis = analyse(rec.checked)
     results = prove(analysis)
     print(f"{rec.name}: symbolic proof (T = 4, sizes 2, chunks of 2) that each form equals the recurrence")
+    if results and "chunked" in analysis.forms:
+        for s in rec.checked.states:
+            if _flattened_axes(analysis, s.name):
+                x, y, v = s.dims
+                print(f"  (chunked, parallel: {s.name}[{x}, {y}, {v}] held as [{x} * {y}, {v}], its first two axes "
+                      "flattened into one key axis, k and q built over the pair)")
     if not results:
         print(f"  only the recurrent form exists ({analysis.cls.value}): nothing to prove")
     for r in results:
