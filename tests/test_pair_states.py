@@ -290,5 +290,17 @@ def test_show_and_prove_say_what_was_flattened(capsys):
                         "--shape", "B=1,T=6,H=1,K=3,D=2,V=2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "(chunked, parallel: S[K, D, V] held as [K * D, V], its first two axes flattened into one key axis" in printed
+    assert "(chunked, parallel: S[K, D, V] held as [K * D, V], its first two axes flattened into one key" in printed
     assert "chunked   final S      8 elements  equal (exact)" in printed
+
+
+def test_a_flattened_state_runs_reverse():
+    """reverse=True through the flattened chunked form (torch float64, Triton float32) against the reference."""
+    rec = PAIRS["pair_scalar"]
+    args, initial = _sample(rec, 13, seed=9)
+    out, final = rec.reference(*args, initial_state=initial, output_final_state=True, reverse=True)
+    for backend, dtype in (("torch", F64), ("triton", F32)):
+        layer = recurrence_dsl.compile(rec, backend=backend, chunk_size=8 if backend == "torch" else 16, tuning=False)
+        o, f = layer(*[a.to(dtype) for a in args], initial_state=initial.to(dtype), output_final_state=True,
+                     reverse=True, form="chunked")
+        assert max(rel(o, out), rel(f, final)) <= TOL[dtype], (backend, rel(o, out), rel(f, final))
