@@ -150,6 +150,8 @@ class Problem:
                 continue
             if plan.key_axis is None:
                 K, rest = 1, dims
+            elif plan.pair:  # a 3-axis state held as [X * Y, V] (its first two axes one key axis)
+                K, rest = dims[0] * dims[1], dims[2:]
             else:
                 K, rest = dims[plan.key_axis], dims[: plan.key_axis] + dims[plan.key_axis + 1 :]
             V = math.prod(rest) if (rest and plan.v is not None) else 1

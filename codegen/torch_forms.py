@@ -683,16 +683,22 @@ class TorchFormWriter:
             sa = view.states[s.name]
             plan = sa.chunk
             dims = sa.dims
-            kdim = dims[0]
+            # The key axis: a 3-axis state's pair plan builds k and q over its first two axes and flattens them.
+            kdims, flat = (dims[:2], ".flatten(-2)") if plan.pair else (dims[:1], "")
             w(f"# state {s.name} ({self.cite[s.name]}): {sa.cls.value}; {sa.reason}")
+            if plan.pair:
+                w(f"# {s.name} is held as [{' * '.join(map(str, kdims))}, {dims[2]}] here: its first two axes "
+                  f"flattened into one key axis")
             if s.name in view.transposed:
                 w(f"# {s.name} is [{', '.join(map(str, s.dims))}] and read along its second axis: the chunked form "
                   f"runs on its transpose")
-            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, (kdim,))}  # {self.cite[s.name]}")
+            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, kdims)}{flat}  # {self.cite[s.name]}")
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[1],))}  "
+                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[-1],))}  "
                   f"# {self.cite[s.name]}")
                 state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
+                if plan.pair:
+                    state += ".flatten(-3, -2)"
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
                 state = f"states['{s.name}'][..., None]"
@@ -703,11 +709,12 @@ class TorchFormWriter:
                 state = f"states['{s.name}'][..., None, {'None' if lift == 'scalar' else ':'}]"
             decay = "None"
             if plan.log_decay is not None:
-                shape = {"scalar": (), "key": (kdim,), "value": (dims[1] if len(dims) > 1 else 1,)}
+                shape = {"scalar": (), "key": kdims, "value": (dims[-1] if len(dims) > 1 else 1,)}
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
                 log_decay = self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape[plan.decay_axis])
+                log_decay += flat if plan.decay_axis == "key" else ""
                 w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}")
                 decay = f"log_decay_{s.name}"
             queries = []
@@ -715,7 +722,7 @@ class TorchFormWriter:
                 # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
                 readout_names[r.name] = f"read_{s.name}" + (f"_{n + 1}" if n else "")
                 w(f"query_{readout_names[r.name]} = "
-                  f"{self._full(printer, r.query.expr, r.query.indices, (kdim,))}  # {self._readers(view, r.name)}")
+                  f"{self._full(printer, r.query.expr, r.query.indices, kdims)}{flat}  # {self._readers(view, r.name)}")
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
             checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", f"v_{s.name}"]
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
@@ -730,9 +737,9 @@ class TorchFormWriter:
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
-                w(f"a_{s.name} = {self._full(printer, plan.mix_read.expr, plan.mix_read.indices, (kdim,))}  "
+                w(f"a_{s.name} = {self._full(printer, plan.mix_read.expr, plan.mix_read.indices, kdims)}  "
                   "# reads the state: u_t = S_(t-1)^T a_t")
-                w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, (kdim,))}  "
+                w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, kdims)}  "
                   "# writes u_t back along b_t")
                 w(check)
                 w(f"{target} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
@@ -751,6 +758,9 @@ class TorchFormWriter:
                   f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
             if s.name in view.transposed:
                 w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")
+            if plan.pair:
+                w(f"final_{s.name} = final_{s.name}.unflatten(-2, ({', '.join(self._dim(d) for d in kdims)}))  "
+                  "# the pair's two axes again")
             if plan.v is None:
                 w(f"final_{s.name} = final_{s.name}[..., 0]")
                 for r in plan.readouts:

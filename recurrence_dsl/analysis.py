@@ -184,6 +184,10 @@ class ChunkPlan:
     # diagonal-plus-rank-one: S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T; a reads the state, b writes it back
     mix_read: Definition | None = None  # a [key]
     mix_write: Definition | None = None  # b [key]
+    # A 3-axis state S[X, Y, V] held as S[X * Y, V]: its first two axes (the pair) flattened row-major into one key
+    # axis. Then k, a key-axis log decay and every readout's query are Definitions over the pair's two indices
+    # (k[a, b], q[a, b]), which the forms build as [X, Y] tensors and flatten (see `_plan_pair_chunks`).
+    pair: bool = False
 
 
 @dataclass
@@ -221,6 +225,7 @@ class OutputAnalysis:
     expr: sympy.Expr  # with readout placeholders R0, R1, ... where readouts were found
     readouts: list[Readout]
     residual_state: bool  # reads a state other than through chunkable readouts
+    residual_reason: str = ""  # why, where a more precise word than the generic one exists
 
 
 @dataclass
@@ -496,10 +501,19 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
     residual = _mentions(expr, state_names)
     index_set = set(ir.ranges)
     replacements = {}
+    residual_reason = ""
     for symbol, (term,) in found:
         sa = states.get(term.base)
         ok = sa is not None and sa.chunk is not None
         summed_value = False  # sum(a, b, q[a] * S[a, b]): the readout R[b], then summed over b
+        if ok and sa.chunk.pair:  # a 3-axis state, read over its flattened pair (see _pair_readout)
+            found_pair = _pair_readout(ir, name, symbol, term, sa)
+            if isinstance(found_pair, tuple):
+                readouts.append(found_pair[0])
+                replacements[symbol] = found_pair[1]
+                continue
+            residual_reason = residual_reason or found_pair
+            ok = False
         if ok:
             plan = sa.chunk
             key_axis = plan.key_axis
@@ -538,7 +552,7 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
         replacements[symbol] = rest * placeholder
         if summed_value:
             replacements[symbol] = sympy.Sum(replacements[symbol], (value_index, 0, ir.ranges[value_index] - 1))
-    return OutputAnalysis(name, out.indices, expr.xreplace(replacements), readouts, residual)
+    return OutputAnalysis(name, out.indices, expr.xreplace(replacements), readouts, residual, residual_reason)
 
 
 def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
@@ -615,6 +629,99 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
         write, read = sa.plus_rank_one
         sa.chunk.mix_write = Definition(f"b_{sa.name}", (key_idx,), write.xreplace({a: key_idx}))
         sa.chunk.mix_read = Definition(f"a_{sa.name}", (key_idx,), read.xreplace({a: key_idx}))
+
+
+# The indices of a pair plan's Definitions: k[a, b] and a key log decay over the pair, q[a, b] of a readout, v[j].
+PAIR_KEY = (index_symbol("p__k0"), index_symbol("p__k1"))
+PAIR_QUERY = (index_symbol("p__q0"), index_symbol("p__q1"))
+PAIR_VALUE = index_symbol("p__v")
+_PAIR_DECAYS = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
+                TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE}
+
+
+def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> None:
+    """The chunk plan of a 3-axis state S[a, b, j] whose update is an outer product over the pair (a, b) and j,
+    `S_t[a, b, j] = d_t * S_(t-1)[a, b, j] + k_t(a, b) * v_t(j)` with a decay d_t on no axis, the pair's axes or
+    j only, as Based's second-order Taylor term `S2[a, b, j] = S2[a, b, j] + k[a] * k[b] * v[j]` (Arora et al.
+    2024): flattening (a, b) row-major into one key axis p = a * Y + b makes it a matrix state S[X * Y, V] of the
+    linear classes, `S_t = D_t S_(t-1) + k_t v_t^T` with k_t[p] = k_t(a, b), so the existing chunked machinery
+    runs on it; a readout that sums over the pair, `sum(a, b, q(a, b) * S[a, b, j])`, is q^T S with q[p] = q(a, b)
+    (`_pair_readout`). Fills `sa.chunk` (with `pair=True`) or says in `sa.chunk_reason` why not, at the update's
+    line:col."""
+    where, name = _where(rec, sa.name), sa.name
+    if len(sa.dims) != 3:
+        sa.chunk_reason = (f"{name} has {len(sa.dims)} axes (the chunked form takes 1 or 2, or 3 with the first two "
+                           "flattened into one key axis)")
+        return
+    if sa.cls not in _PAIR_DECAYS:
+        sa.chunk_reason = (f"at {where}: {name} has {_article(sa.cls.value)} {sa.cls.value} transition; a 3-axis "
+                           "state is chunked only as a decay times the state plus an outer product")
+        return
+    index_set = set(ir.ranges)
+    a, b, j = sa.indices
+    pair = f"the pair ({a}, {b})"
+    used = _free_indices(sa.diagonal, index_set)
+    if sa.diagonal == 1:
+        decay_axis = None
+    elif not used:
+        decay_axis = "scalar"
+    elif used <= {a, b}:
+        decay_axis = "key"
+    elif used == {j}:
+        decay_axis = "value"
+    else:
+        sa.chunk_reason = (f"at {where}: the decay {sa.diagonal} of {name} varies along {pair} and along {j}, so "
+                           f"{name} flattened to [{sa.dims[0]} * {sa.dims[1]}, {sa.dims[2]}] has no decay axis")
+        return
+    injection = sa.injection if sa.injection is not None else sympy.Integer(0)
+    split = _split_factors(injection, [{a, b}, {j}], index_set)
+    if split is None:
+        sa.chunk_reason = (f"at {where}: the injection {injection} of {name} is not an outer product "
+                           f"k[{a}, {b}] * v[{j}] of {pair} and {j}, so its pair cannot be flattened into one key axis")
+        return
+    (key_part, value_part), scale = split
+    on_pair = dict(zip((a, b), PAIR_KEY))
+    log_decay, exact = None, True
+    if decay_axis is not None:
+        as_log = _as_log(sa.diagonal)
+        if as_log is None:
+            sa.chunk_reason = (f"at {where}: the decay {sa.diagonal} of {name} is not positive, and the chunked form "
+                               "works with its logarithm")
+            return
+        log_expr, exact = as_log
+        indices = {"key": PAIR_KEY, "value": (PAIR_VALUE,), "scalar": ()}[decay_axis]
+        log_decay = Definition(f"log_decay_{name}", indices, log_expr.xreplace({**on_pair, j: PAIR_VALUE}))
+    sa.chunk = ChunkPlan(0, Definition(f"k_{name}", PAIR_KEY, (scale * key_part).xreplace(on_pair)),
+                         Definition(f"v_{name}", (PAIR_VALUE,), value_part.xreplace({j: PAIR_VALUE})), decay_axis,
+                         log_decay, exact, None, pair=True)
+
+
+def _pair_readout(ir: StepIR, output: str, symbol: sympy.Symbol, term: LinearTerm,
+                  sa: StateAnalysis) -> tuple[Readout, sympy.Expr] | str:
+    """`term` (an output's read of the pair-planned state `sa`, see `_plan_pair_chunks`) as a readout over the
+    flattened pair, `R[j] = sum(a, b, q(a, b) * S[a, b, j])`, and what replaces it in the output (R[j] times the
+    factors free of the pair, summed over j where the output sums j too); or why it is none."""
+    index_set = set(ir.ranges)
+    shown = f"{term.state.removesuffix(NEW_SUFFIX)}[{', '.join(map(str, term.indices))}]"
+    why = (f"output {output} reads {shown} other than summed over its first two axes with the third free or summed, "
+           f"as sum(a, b, q[a, b] * {sa.name}[a, b, j]) (the chunked form of a 3-axis state flattens those two)")
+    if len(term.indices) != 3 or len(set(term.indices)) != 3:
+        return why
+    a, b, j = term.indices
+    if not {a, b} <= set(term.bound) or not set(term.bound) <= {a, b, j} or len(term.bound) != len(set(term.bound)):
+        return why
+    summed_value = j in term.bound
+    split = _split_factors(term.coeff, [{a, b}, index_set - {a, b}], index_set)
+    if split is None:
+        return why
+    (query_part, outer), rest = split
+    query = Definition(f"q_{symbol.name}", PAIR_QUERY, query_part.xreplace(dict(zip((a, b), PAIR_QUERY))))
+    readout = Readout(symbol.name, term.base, not term.reads_new, query, j)
+    sa.chunk.readouts.append(readout)
+    replacement = outer * rest * sympy.IndexedBase(symbol.name)[j]
+    if summed_value:
+        replacement = sympy.Sum(replacement, (j, 0, ir.ranges[j] - 1))
+    return readout, replacement
 
 
 def _article(word: str) -> str:
@@ -742,7 +849,10 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
         sa = _classify_state(ir, sym.name, dims[sym.name], state_names)
         if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
-            _plan_chunks(ir, sa)
+            if len(dims[sym.name]) > 2:
+                _plan_pair_chunks(rec, ir, sa)
+            else:
+                _plan_chunks(ir, sa)
         states[sym.name] = sa
     _couple_states(rec, ir, states, dims)
     counter = [0]
@@ -756,7 +866,8 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         forms.append("scan")
     why_not_chunked = [s.chunk_reason for s in states.values() if s.chunk is None]
     if not why_not_chunked:
-        why_not_chunked += [f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
+        why_not_chunked += [f"at {_where(rec, o.name)}: {o.residual_reason}" if o.residual_reason else
+                            f"output {o.name} reads a state other than through a readout sum(a, q[a] * S[a, b])"
                             for o in outputs.values() if o.residual_state]
     if not states:
         why_not_chunked.append("the recurrence has no state")

@@ -150,12 +150,24 @@ def print_proof(rec: Recurrence) -> bool:
     analysis = analyse(rec.checked)
     results = prove(analysis)
     print(f"{rec.name}: symbolic proof (T = 4, sizes 2, chunks of 2) that each form equals the recurrence")
+    if results and "chunked" in analysis.forms:
+        for s in rec.checked.states:
+            if _flattened_axes(analysis, s.name):
+                x, y, v = s.dims
+                print(f"  (chunked, parallel: {s.name}[{x}, {y}, {v}] held as [{x} * {y}, {v}], its first two axes "
+                      "flattened into one key axis, k and q built over the pair)")
     if not results:
         print(f"  only the recurrent form exists ({analysis.cls.value}): nothing to prove")
     for r in results:
         print(f"  {r.form:<9} {r.value:<10} {r.elements:>3} elements  {r.verdict}")
     print()
     return all(r.proved for r in results)
+
+
+def _flattened_axes(analysis, name: str) -> list[int]:
+    """The state axes the chunked form flattens into one key axis ([0, 1] for a 3-axis state's pair), else []."""
+    sa = analysis.chunk_analysis.states.get(name)
+    return [0, 1] if sa is not None and sa.chunk is not None and sa.chunk.pair else []
 
 
 def describe(rec: Recurrence) -> dict:
@@ -175,7 +187,8 @@ def describe(rec: Recurrence) -> dict:
         "params": [sym(s) for s in c.params],
         "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
                     "chunked_as_transpose": s.name in analysis.transposed,
-                    "chunked_with_unit_key_axis": s.name in analysis.lifted} for s in c.states],
+                    "chunked_with_unit_key_axis": s.name in analysis.lifted,
+                    "chunked_with_flattened_axes": _flattened_axes(analysis, s.name)} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],

@@ -21,7 +21,8 @@ def _text(expr) -> str:
         expr = expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")})
     text = expr if isinstance(expr, str) else sympy.sstr(expr)
     text = text.replace(NEW_SUFFIX, "_t")
-    for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a")):
+    for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a"), ("p__k0", "a"), ("p__k1", "b"),
+                            ("p__q0", "a"), ("p__q1", "b"), ("p__v", "j")):
         text = text.replace(internal, shown)
     return re.sub(r"([A-Za-z])__(\d+)", r"\1_\2", text)
 
@@ -114,14 +115,21 @@ def explain(analysis: Analysis) -> str:
                             if lift == "scalar" else f"an elementwise read {name}[d] is a readout with q = 1 and "
                                                      "a per-channel decay is a value-axis decay"))
         sa = view.states[name]
+        pair = sa.chunk is not None and sa.chunk.pair
+        if pair:
+            x, y, j = (_text(i) for i in update.indices)
+            lines.append(f"    chunked as {name}[({x}, {y}), {j}]: its first two axes flattened into one key axis of "
+                         f"size {sa.dims[0]} * {sa.dims[1]} (p = {x} * {sa.dims[1]} + {y}), with k_t[p] and each "
+                         f"readout's q_t[p] built per step from the pair")
         if sa.chunk is not None:
             lines.extend(_chunk_lines(sa, sa.chunk))
         shown = f"{name}^T" if name in view.transposed else name
         for r in (sa.chunk.readouts if sa.chunk else []):
             when = f"{shown}_(t-1)" if r.exclusive else f"{shown}_t"
             value = f"[{r.value_index}]" if r.value_index is not None else ""
-            axes = "a" + (f", {r.value_index}" if r.value_index is not None else "")
-            lines.append(f"    readout {_text(r.name)}{value} = sum_a ({_text(r.query.expr)}) * {when}[{axes}]")
+            axes = ("a, b" if pair else "a") + (f", {r.value_index}" if r.value_index is not None else "")
+            summed = "sum_(a, b)" if pair else "sum_a"
+            lines.append(f"    readout {_text(r.name)}{value} = {summed} ({_text(r.query.expr)}) * {when}[{axes}]")
     for name, oa in view.outputs.items():
         lines.append(f"  output {name}{_idx(oa.indices)} = {_text(oa.expr)}")
     for form, why in analysis.unavailable.items():

@@ -196,14 +196,18 @@ def _chunked(inst: _Instance, chunk: int):
         sa = view.states[s.name]
         plan = sa.chunk
         flip = s.name in view.transposed
-        kdim = inst.dims(sa.dims)[0]
-        vdim = inst.dims(sa.dims)[1] if len(sa.dims) == 2 else 1
+        # A pair plan (a 3-axis state S[X, Y, V]) holds S as [X * Y, V], the key p = a * Y + b (row-major).
+        pair = inst.dims(sa.dims)[:2] if plan.pair else None
+        kdim = pair[0] * pair[1] if pair else inst.dims(sa.dims)[0]
+        vdim = inst.dims(sa.dims)[-1] if len(sa.dims) >= 2 else 1
         init = inst.initial()[s.name]
         lift = view.lifted.get(s.name)  # held with a size-1 key axis in front: n as n[1], h[D] as h[1, D]
 
         def initial(a, b):
             if lift:
                 return init[()] if lift == "scalar" else init[(b,)]
+            if pair:
+                return init[divmod(a, pair[1]) + (b,)]
             if len(s.dims) == 2:
                 return init[(b, a)] if flip else init[(a, b)]
             return init[(a,)]
@@ -212,6 +216,8 @@ def _chunked(inst: _Instance, chunk: int):
 
         def vec(d, t, n):
             values = inst.definition(d, t, {})
+            if len(d.indices) == 2:  # over a pair (k, a readout's q): flattened row-major, as the forms do
+                return sympy.Matrix(n, 1, lambda a, _: values[divmod(a, pair[1])])
             return sympy.Matrix(n, 1, lambda a, _: values[(a,)])
 
         def logdecay(t):
@@ -222,7 +228,7 @@ def _chunked(inst: _Instance, chunk: int):
                 g = values[()]
                 return sympy.Matrix([g] * kdim), sympy.zeros(vdim, 1)
             if plan.decay_axis == "key":
-                return sympy.Matrix(kdim, 1, lambda a, _: values[(a,)]), sympy.zeros(vdim, 1)
+                return vec(plan.log_decay, t, kdim), sympy.zeros(vdim, 1)
             return sympy.zeros(kdim, 1), sympy.Matrix(vdim, 1, lambda b, _: values[(b,)])
 
         for start in range(0, inst.steps, chunk):
@@ -322,7 +328,9 @@ def _chunked(inst: _Instance, chunk: int):
                 Mk, Mv = decay(gk[last] - gk[src], gv[last] - gv[src])
                 S_end += Mk * ks[src] * vs[src].T * Mv
             S0 = S_end
-        if lift:
+        if pair:
+            finals[s.name] = {divmod(a, pair[1]) + (b,): S0[a, b] for a in range(kdim) for b in range(vdim)}
+        elif lift:
             finals[s.name] = {(): S0[0, 0]} if lift == "scalar" else {(b,): S0[0, b] for b in range(vdim)}
         else:
             finals[s.name] = ({((b, a) if flip else (a, b)): S0[a, b] for a in range(kdim) for b in range(vdim)}

@@ -1,12 +1,12 @@
 """Breadth: generated `.rec` recurrences, every form the analysis offers against the float64 reference.
 
-A seeded generator writes small but valid and numerically stable programs from templates: a scalar, vector or
-matrix state, a delta rule, or two states in one recurrence; a decay that is absent, an `exp(...)` of an input
-(scalar, key axis, value axis), a constant (`0.9`, `exp(-1 / 8)`), a size expression (`(1 - 1 / K)`), a positive
-non-exp decay (`sigmoid(a)`, a plain input or param), or a param-driven `exp(-softplus(A[i]) * dt)`; constants in
-other places (a constant key or query, scale factors `/ sqrt(K)`, `K ** -0.5`, `sigmoid(2.0)`, a constant beta, a
-constant injection `c = a * c + 1`); readouts before and after the update, two readouts of one state, outputs
-combining two states and non-linear functions of a readout.
+A seeded generator writes small but valid and numerically stable programs from templates: a scalar, vector or matrix
+state, a delta rule, two states in one recurrence, or a 3-axis state read over its pair; a decay that is absent, an
+`exp(...)` of an input (scalar, key axis, value axis), a constant (`0.9`, `exp(-1 / 8)`), a size expression
+(`(1 - 1 / K)`), a positive non-exp decay (`sigmoid(a)`, a plain input or param), or a param-driven
+`exp(-softplus(A[i]) * dt)`; constants in other places (a constant key or query, scale factors `/ sqrt(K)`,
+`K ** -0.5`, `sigmoid(2.0)`, a constant beta, a constant injection `c = a * c + 1`); readouts before and after the
+update, two readouts of one state, outputs combining two states and non-linear functions of a readout.
 
 Inputs come from `sample_arguments` (log-decays negative, delta-rule keys unit-norm, gates in (0, 1)), with an
 initial state, rounded to float32 once so that one float64 reference run serves both dtypes. Every torch form runs
@@ -322,6 +322,26 @@ def two_state_program(b: Builder, n: int, decay: str, rng: random.Random) -> Non
         b.lines.append("y[d] = h[d] + c")
 
 
+PAIR_DECAYS = ["exp_key", "none", "exp_value", "exp_scalar"]
+
+
+def pair_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
+    """S[K, D, V] = decay * S + k[a] * u[b] * v[j], a 3-axis state read summed over its pair (a, b): chunked with
+    the pair flattened into one key axis of size K * D (a decay along a is a decay along that key axis)."""
+    b.states["S"] = ("K", "D", "V")
+    dec = decay_text(b, decay, {"key": ("a", "K"), "value": ("j", "V")})
+    k, u, v = b.inp("k", "K"), b.inp("u", "D"), b.inp("v", "V")
+    update = f"S[a, b, j] = {decayed(dec, 'S[a, b, j]')} + {k}[a] * {u}[b] * {v}[j]"
+    readout = f"sum(a, b, {b.inp('q', 'K')}[a] * {b.inp('r', 'D')}[b] * S[a, b, j])"
+    if n % 2 == 1:
+        readout = f"tanh({readout})"
+        b.features.add("tanh_readout")
+    b.outputs["o"] = ("V",)
+    before = n % 3 == 2
+    b.features.add("readout_before" if before else "readout_after")
+    b.lines += [f"o[j] = {readout}", update] if before else [update, f"o[j] = {readout}"]
+
+
 SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
     ("matrix", matrix_program, DECAY_KINDS, 24),
     ("delta", delta_program, DELTA_DECAYS, 10),
@@ -329,6 +349,7 @@ SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
     ("scalar", scalar_program, SCALAR_DECAYS, 9),
     ("two", two_state_program, ["exp_key", "none", "const", "exp_scalar", "size_expr", "sigmoid_key",
                                 "softplus_param", "exp_value", "const_exp", "input_plain"], 10),
+    ("pair", pair_program, PAIR_DECAYS, 4),
 ]
 
 
@@ -381,6 +402,18 @@ def test_generator_covers_every_feature():
     for p in PROGRAMS:
         rec = recurrence_dsl.load(p.text)[p.name]
         assert rec.checked.inputs, f"a program without inputs cannot be called:\n{p.text}"
+
+
+def test_pair_programs_get_the_flattened_chunked_form():
+    """The 3-axis programs are chunked with their pair flattened, so the form tests below run that form."""
+    from recurrence_dsl.analysis import analyse
+
+    pairs = [p for p in PROGRAMS if "shape:pair" in p.features]
+    assert pairs
+    for p in pairs:
+        analysis = analyse(recurrence_dsl.load(p.text)[p.name].checked)
+        assert "chunked" in analysis.forms, (analysis.unavailable, p.text)
+        assert analysis.chunk_analysis.states["S"].chunk.pair, p.text
 
 
 # ---------------------------------------------------------------------------------------------------------
