@@ -369,10 +369,11 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
 
 
 def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
-    """A state assigned r > 1 times per step whose composed update is `general`: if every assignment, read on
-    its own (`StepIR.stages`), is a rank-one delta update (I - beta_n k_n k_n^T) D_n S + beta_n k_n v_n^T, the
-    state has a rank-r update (DeltaProduct); otherwise `sa` with the first assignment that is not one named
-    at its line:col in its reason."""
+    """A state assigned more than once per step whose composed update is `general`: if every assignment, read
+    on its own (`StepIR.stages`), is a rank-one delta update (I - beta_n k_n k_n^T) D_n S + beta_n k_n v_n^T, or
+    a decay alone (S = exp(g) S, a scalar or per-row one, folded into the next update's D_n), the state has a
+    rank-r update (DeltaProduct), r the number of delta updates; otherwise `sa` with the first assignment that
+    is neither named at its line:col in its reason."""
     name = sa.name
     stages = ir.stages.get(name)
     if not stages or sa.cls is not TransitionClass.GENERAL:
@@ -381,17 +382,32 @@ def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, stat
     between = {f"{s}{STAGE_SUFFIX}{n}" for s, defs in ir.stages.items() for n in range(len(defs))}
     spans = [st.span for st in rec.statements if st.target.name == name]
     found = []
+    pending = sympy.Integer(1)  # decays written as assignments of their own, for the next delta update's D
+    pending_at: tuple[sympy.Symbol, ...] = ()
     for n, stage in enumerate(stages):
         one = _classify_state(StepIR(ir.statements, {name: stage}, {}, ir.ranges, ir.sizes), name, sa.dims,
                               state_names | between)
+        where = f"assignment {n + 1} of {name} (at {spans[n].line}:{spans[n].column})"
+        decay_only = one.cls in (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW) \
+            and one.injection == 0
+        if decay_only and n + 1 < len(stages):
+            pending = pending * one.diagonal.xreplace(dict(zip(one.indices, pending_at or one.indices)))
+            pending_at = pending_at or one.indices
+            continue
         if one.cls is not TransitionClass.RANK_ONE_UPDATE:
             why = one.reason.replace(f"{STAGE_SUFFIX}0", " (the previous step's value)")
-            sa.reason += (f"; read as {len(stages)} assignments, assignment {n + 1} of {name} (at "
-                          f"{spans[n].line}:{spans[n].column}) is {_article(one.cls.value)} {one.cls.value} "
-                          f"update, not a rank-one delta update ({why})")
+            sa.reason += (f"; read as {len(stages)} assignments, {where} is {_article(one.cls.value)} "
+                          f"{one.cls.value} update, not a rank-one delta update nor a decay before one ({why})")
             return sa
+        if pending != 1:
+            # (I - beta k k^T) D_n (D' S): D' joins D_n, renamed to this assignment's own indices
+            one.diagonal = one.diagonal * pending.xreplace(dict(zip(pending_at, one.indices)))
+            one.reason += f", after the decay {pending} of the assignment before"
+            pending, pending_at = sympy.Integer(1), ()
         found.append(one)
     r = len(found)
+    if r < 2:
+        return sa
     parts = "; ".join(f"{n + 1}: beta = {one.rank_one[0]}, k = {one.rank_one[1]}, D = {one.diagonal}"
                       for n, one in enumerate(found))
     rank_r = StateAnalysis(name, sa.dims, TransitionClass.RANK_R_UPDATE,
