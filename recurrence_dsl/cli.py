@@ -145,11 +145,11 @@ def cmd_check(args) -> int:
 
 def print_proof(rec: Recurrence) -> bool:
     """Unroll T=4 steps with sizes 2 symbolically; print whether each form equals the recurrence exactly."""
-    from .prove import prove
+    from .prove import proof_setup, prove
 
     analysis = analyse(rec.checked)
     results = prove(analysis)
-    print(f"{rec.name}: symbolic proof (T = 4, sizes 2, chunks of 2) that each form equals the recurrence")
+    print(f"{rec.name}: symbolic proof ({proof_setup(analysis)}) that each form equals the recurrence")
     if not results:
         print(f"  only the recurrent form exists ({analysis.cls.value}): nothing to prove")
     for r in results:
