@@ -28,7 +28,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .analysis import analyse
+from .analysis import TransitionClass, analyse
 from .api import Recurrence, load
 from .errors import CallError, SpecError
 from .explain import explain
@@ -175,7 +175,9 @@ def describe(rec: Recurrence) -> dict:
         "params": [sym(s) for s in c.params],
         "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
                     "chunked_as_transpose": s.name in analysis.transposed,
-                    "chunked_with_unit_key_axis": s.name in analysis.lifted} for s in c.states],
+                    "chunked_with_unit_key_axis": s.name in analysis.lifted,
+                    **({"rank": analysis.states[s.name].rank}
+                       if analysis.states[s.name].cls is TransitionClass.RANK_R_UPDATE else {})} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],
