@@ -782,11 +782,14 @@ class TorchFormWriter:
         K = self._dim(kdim)
         positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
         w(f"# its {r} updates per step run as delta-rule steps {positions} of a sequence {r} times as long")
+        lines = [st.span.line for st in self.rec.statements if st.target.name == name]
+        spec = cite(self.rec, "")  # the file name alone
         names = {"k": [], "v": [], "beta": [], "log_decay": []}
         logs = []
         for n, (one, sub) in enumerate(zip(sa.stages, plan.sub_steps), start=1):
             tag = f"{name}_{n}"
-            w(f"k_{tag} = {self._full(printer, sub.k.expr, sub.k.indices, (kdim,))}  # update {n}")
+            where = f" ({spec}:{lines[n - 1]})" if len(lines) == r else ""  # (a decay alone is no update)
+            w(f"k_{tag} = {self._full(printer, sub.k.expr, sub.k.indices, (kdim,))}  # update {n}{where}")
             w(f"v_{tag} = {self._full(printer, sub.v.expr, sub.v.indices, (vdim,))}")
             w(f"beta_{tag} = {self._full(printer, sub.beta.expr, (), ())}")
             names["k"].append(f"k_{tag}")
@@ -819,7 +822,7 @@ class TorchFormWriter:
             return f"torch.stack([{', '.join(values)}], dim=2).flatten(1, 2)"
 
         for part in ("k", "v", "beta"):
-            w(f"{part}_{name} = {interleave(names[part])}  # step t's {r} updates at r t, ..., r t + {r - 1}")
+            w(f"{part}_{name} = {interleave(names[part])}  # step t's updates at {positions}")
         decay = "None"
         if plan.decay_axis is not None:
             w(f"log_decay_{name} = {interleave(names['log_decay'])}")
