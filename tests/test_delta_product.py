@@ -223,7 +223,8 @@ def test_chunked_forward_and_gradients_match_the_reference(rec, backend, dtype, 
 
 
 @pytest.mark.parametrize(("backend", "dtype", "tol"),
-                         [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)], ids=["torch-f64", "triton-f32"])
+                         [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)],
+                         ids=["torch-f64", "triton-f32"])
 def test_packed_sequences_and_reverse_runs(backend, dtype, tol):
     """cu_seqlens [0, 7, 7, 18] (an empty sequence; each from its own initial state), forward and reverse."""
     args, initial = _sample(GATED, 3, 18, seed=3)
