@@ -44,9 +44,10 @@ _LINEAR_BACKWARD_DECAYS = {
 
 # The delta-rule chunk plans whose Triton runtime call (`chunked_delta_by`) is differentiable on its own:
 # (transition class, decay axis). Every linear plan (`chunked_linear_by`: identity, scalar or diagonal decay) is.
-_DELTA_BACKWARD_IN_TRITON = frozenset({(TransitionClass.RANK_ONE_UPDATE, None),
-                                       (TransitionClass.RANK_ONE_UPDATE, "scalar"),
-                                       (TransitionClass.RANK_ONE_UPDATE, "key")})
+# A rank-r update runs as the delta rule over its interleaved updates (torch_forms, `_write_rank_r`).
+_DELTA_BACKWARD_IN_TRITON = frozenset({(cls, axis) for cls in (TransitionClass.RANK_ONE_UPDATE,
+                                                              TransitionClass.RANK_R_UPDATE)
+                                       for axis in (None, "scalar", "key")})
 
 
 def chunked_backward_in_triton(analysis: Analysis) -> bool:
@@ -59,7 +60,8 @@ def chunked_backward_in_triton(analysis: Analysis) -> bool:
     view = analysis.chunk_analysis
 
     def in_triton(plan) -> bool:
-        if plan.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE):
+        if plan.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE,
+                        TransitionClass.DIAGONAL_PLUS_RANK_ONE):
             return (plan.cls, plan.chunk.decay_axis) in _DELTA_BACKWARD_IN_TRITON
         return True
 
@@ -90,7 +92,7 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
         for s in a.recurrence.states:
             sa = view.states[s.name]
             decay.add(_DECAY_CODES[sa.chunk.decay_axis])
-            delta.add(sa.cls is TransitionClass.RANK_ONE_UPDATE)
+            delta.add(sa.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE))
             exclusive.update(bool(r.exclusive) for r in sa.chunk.readouts)
     return {"DECAY": frozenset(decay), "DELTA": frozenset(delta), "EXCLUSIVE": frozenset(exclusive)}
 

@@ -692,6 +692,9 @@ class TorchFormWriter:
             if s.name in view.transposed:
                 w(f"# {s.name} is [{', '.join(map(str, s.dims))}] and read along its second axis: the chunked form "
                   f"runs on its transpose")
+            if sa.cls is TransitionClass.RANK_R_UPDATE:
+                self._write_rank_r(w, printer, view, s.name, sa, readout_names)
+                continue
             w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, kdims)}{flat}  # {self.cite[s.name]}")
             if plan.v is not None:
                 w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[-1],))}  "
@@ -777,6 +780,81 @@ class TorchFormWriter:
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return w.text()
+
+    def _write_rank_r(self, w: SourceWriter, printer: TorchPrinter, view, name: str, sa, readout_names: dict) -> None:
+        """A rank-r update (DeltaProduct): the r delta-rule updates of step t run as steps r t, ..., r t + r - 1 of
+        a sequence r times as long (only the first r t + n carrying its own decay, 0 in log space where an update
+        has none), through the delta rule's chunked (WY/UT) form; step t's outputs are read after its last update
+        (a readout of S_(t-1) before its first). Siems et al. 2025, "DeltaProduct", Sec. 3."""
+        plan = sa.chunk
+        r = len(plan.sub_steps)
+        kdim, vdim = sa.dims
+        K = self._dim(kdim)
+        positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
+        w(f"# its {r} updates per step run as delta-rule steps {positions} of a sequence {r} times as long")
+        lines = [st.span.line for st in self.rec.statements if st.target.name == name]
+        spec = cite(self.rec, "")  # the file name alone
+        names = {"k": [], "v": [], "beta": [], "log_decay": []}
+        logs = []
+        for n, (one, sub) in enumerate(zip(sa.stages, plan.sub_steps), start=1):
+            tag = f"{name}_{n}"
+            where = f" ({spec}:{lines[n - 1]})" if len(lines) == r else ""  # (a decay alone is no update)
+            w(f"k_{tag} = {self._full(printer, sub.k.expr, sub.k.indices, (kdim,))}  # update {n}{where}")
+            w(f"v_{tag} = {self._full(printer, sub.v.expr, sub.v.indices, (vdim,))}")
+            w(f"beta_{tag} = {self._full(printer, sub.beta.expr, (), ())}")
+            names["k"].append(f"k_{tag}")
+            names["v"].append(f"v_{tag}")
+            names["beta"].append(f"beta_{tag}")
+            if sub.log_decay is not None:
+                if not sub.decay_exact:
+                    w(f"_require_positive({printer.print_expr(one.diagonal, one.indices)}, "
+                      f"'the decay {one.diagonal} of {name} (update {n})', 'chunked')")
+                shape = (kdim,) if sub.decay_axis == "key" else ()
+                w(f"log_decay_{tag} = {self._full(printer, sub.log_decay.expr, sub.log_decay.indices, shape)}")
+                logs.append(f"log_decay_{tag}")
+                if sub.decay_axis != plan.decay_axis:  # a scalar decay beside another update's key decay
+                    w(f"log_decay_{tag} = log_decay_{tag}[..., None].expand(B_, T_, H_, {K})")
+                names["log_decay"].append(f"log_decay_{tag}")
+            elif plan.decay_axis is not None:
+                shape = f"B_, T_, H_, {K}" if plan.decay_axis == "key" else "B_, T_, H_"
+                names["log_decay"].append(f"k_{tag}.new_zeros({shape})")
+        queries = []
+        for m, ro in enumerate(plan.readouts):
+            readout_names[ro.name] = f"read_{name}" + (f"_{m + 1}" if m else "")
+            w(f"query_{readout_names[ro.name]} = {self._full(printer, ro.query.expr, ro.query.indices, (kdim,))}  "
+              f"# {self._readers(view, ro.name)}")
+        checked = [f"query_{readout_names[ro.name]}" for ro in plan.readouts]
+        checked += [x for n in range(r) for x in (names["k"][n], names["v"][n], names["beta"][n])]
+        # Checked per step, before interleaving, so that an unsafe step is named by its own t.
+        w(f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
+
+        def interleave(values: list[str]) -> str:
+            return f"torch.stack([{', '.join(values)}], dim=2).flatten(1, 2)"
+
+        for part in ("k", "v", "beta"):
+            w(f"{part}_{name} = {interleave(names[part])}  # step t's updates at {positions}")
+        decay = "None"
+        if plan.decay_axis is not None:
+            w(f"log_decay_{name} = {interleave(names['log_decay'])}")
+            decay = f"log_decay_{name}"
+        for ro in plan.readouts:
+            query = f"query_{readout_names[ro.name]}"
+            # A readout of S_t reads after the step's last update; one of S_(t-1) before its first.
+            at = 0 if ro.exclusive else r - 1
+            spread = [query if n == at else f"torch.zeros_like({query})" for n in range(r)]
+            w(f"{query} = {interleave(spread)}")
+            queries.append(f"({query}, {ro.exclusive})")
+        axis = self.rt + ("KeyDeltaDecay" if plan.decay_axis == "key" else _DECAY_CLASSES[plan.decay_axis])
+        outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
+        target = f"({outs}), final_{name}" if plan.readouts else f"_, final_{name}"
+        state = f"states['{name}']" + (".transpose(-1, -2)" if name in view.transposed else "")
+        w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, beta_{name}, "
+          f"{decay}, initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
+        for ro in plan.readouts:
+            at = 0 if ro.exclusive else r - 1
+            w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
+        if name in view.transposed:
+            w(f"final_{name} = final_{name}.transpose(-1, -2)")
 
     def write_all(self) -> str:
         parts = [self.write_recurrent(), self.write_scan(), self.write_chunked()]

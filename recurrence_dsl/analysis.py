@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
-from .step_ir import NEW_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol
+from .step_ir import NEW_SUFFIX, STAGE_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol
 
 
 class TransitionClass(enum.Enum):
@@ -34,6 +34,10 @@ class TransitionClass(enum.Enum):
     # + b_t with A_t an m x m block, so the scan's combine (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2) applies.
     COUPLED_ELEMENTWISE = "coupled-elementwise"
     RANK_ONE_UPDATE = "rank-one-update"
+    # r rank-one delta updates of one state per step, the state assigned r times (DeltaProduct, Siems et al.
+    # 2025): A_t = (I - beta_r k_r k_r^T) D_r ... (I - beta_1 k_1 k_1^T) D_1, a product of r generalised
+    # Householder factors. Its chunked form runs the r updates as r consecutive delta-rule steps.
+    RANK_R_UPDATE = "rank-r-update"
     DIAGONAL_PLUS_RANK_ONE = "diagonal-plus-rank-one"  # (D + b a^T) S, as in RWKV-7
     GENERAL = "general"
     NON_LINEAR = "non-linear"
@@ -188,6 +192,10 @@ class ChunkPlan:
     # axis. Then k, a key-axis log decay and every readout's query are Definitions over the pair's two indices
     # (k[a, b], q[a, b]), which the forms build as [X, Y] tensors and flatten (see `_plan_pair_chunks`).
     pair: bool = False
+    # rank-r update: the plan of each of the r delta-rule sub-steps, in order (each with its own k, v, beta and
+    # log decay, on its own decay axis; `decay_axis` above is the most general of theirs, and k, v, beta and
+    # log_decay above are the first sub-step's). Empty for every other class.
+    sub_steps: tuple[ChunkPlan, ...] = ()
 
 
 @dataclass
@@ -204,6 +212,15 @@ class StateAnalysis:
     chunk: ChunkPlan | None = None
     chunk_reason: str = ""
     block: Block | None = None  # the coupled-elementwise block this state belongs to
+    # rank-r update: each assignment of the state as its own rank-one update (r = len(stages)), in order
+    stages: tuple[StateAnalysis, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """r of a rank-r update (the number of rank-one factors per step); 1 for a rank-one update, else 0."""
+        if self.cls is TransitionClass.RANK_R_UPDATE:
+            return len(self.stages)
+        return 1 if self.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE) else 0
 
 
 @dataclass(frozen=True)
@@ -354,6 +371,55 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
                          "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
+
+
+def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
+    """A state assigned more than once per step whose composed update is `general`: if every assignment, read
+    on its own (`StepIR.stages`), is a rank-one delta update (I - beta_n k_n k_n^T) D_n S + beta_n k_n v_n^T, or
+    a decay alone (S = exp(g) S, a scalar or per-row one, folded into the next update's D_n), the state has a
+    rank-r update (DeltaProduct), r the number of delta updates; otherwise `sa` with the first assignment that
+    is neither named at its line:col in its reason."""
+    name = sa.name
+    stages = ir.stages.get(name)
+    if not stages or sa.cls is not TransitionClass.GENERAL:
+        return sa
+    # Values between two assignments of any state read as other states: a stage reading one is not rank-one.
+    between = {f"{s}{STAGE_SUFFIX}{n}" for s, defs in ir.stages.items() for n in range(len(defs))}
+    spans = [st.span for st in rec.statements if st.target.name == name]
+    found = []
+    pending = sympy.Integer(1)  # decays written as assignments of their own, for the next delta update's D
+    pending_at: tuple[sympy.Symbol, ...] = ()
+    for n, stage in enumerate(stages):
+        one = _classify_state(StepIR(ir.statements, {name: stage}, {}, ir.ranges, ir.sizes), name, sa.dims,
+                              state_names | between)
+        where = f"assignment {n + 1} of {name} (at {spans[n].line}:{spans[n].column})"
+        decay_only = one.cls in (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW) \
+            and one.injection == 0
+        if decay_only and n + 1 < len(stages):
+            pending = pending * one.diagonal.xreplace(dict(zip(one.indices, pending_at or one.indices)))
+            pending_at = pending_at or one.indices
+            continue
+        if one.cls is not TransitionClass.RANK_ONE_UPDATE:
+            why = one.reason.replace(f"{STAGE_SUFFIX}0", " (the previous step's value)")
+            sa.reason += (f"; read as {len(stages)} assignments, {where} is {_article(one.cls.value)} "
+                          f"{one.cls.value} update, not a rank-one delta update nor a decay before one ({why})")
+            return sa
+        if pending != 1:
+            # (I - beta k k^T) D_n (D' S): D' joins D_n, renamed to this assignment's own indices
+            one.diagonal = one.diagonal * pending.xreplace(dict(zip(pending_at, one.indices)))
+            one.reason += f", after the decay {pending} of the assignment before"
+            pending, pending_at = sympy.Integer(1), ()
+        found.append(one)
+    r = len(found)
+    if r < 2:
+        return sa
+    parts = "; ".join(f"{n + 1}: beta = {one.rank_one[0]}, k = {one.rank_one[1]}, D = {one.diagonal}"
+                      for n, one in enumerate(found))
+    rank_r = StateAnalysis(name, sa.dims, TransitionClass.RANK_R_UPDATE,
+                           f"{name} is updated by r = {r} rank-one delta updates per step, "
+                           f"prod_n (I - beta_n k_n k_n^T) D_n ({parts})", found[0].indices)
+    rank_r.stages = tuple(found)
+    return rank_r
 
 
 def _position(rec: CheckedRecurrence, name: str) -> tuple[int, int]:
@@ -557,6 +623,9 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
 
 def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     """Fill `sa.chunk` (key/value layout, k, v, decay, beta) or say in `sa.chunk_reason` why not."""
+    if sa.cls is TransitionClass.RANK_R_UPDATE:
+        _plan_rank_r(ir, sa)
+        return
     if sa.cls not in {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
                       TransitionClass.DIAGONAL_COL, TransitionClass.RANK_ONE_UPDATE,
                       TransitionClass.DIAGONAL_PLUS_RANK_ONE}:
@@ -724,6 +793,25 @@ def _pair_readout(ir: StepIR, output: str, symbol: sympy.Symbol, term: LinearTer
     return readout, replacement
 
 
+def _plan_rank_r(ir: StepIR, sa: StateAnalysis) -> None:
+    """A rank-r update's chunk plan: one rank-one plan per assignment (`ChunkPlan.sub_steps`). Its chunked form
+    runs the r updates of step t as delta-rule steps r t, ..., r t + r - 1 of a sequence r times longer (each
+    with its own decay, 0 in log space where an assignment has none) and reads step t's outputs at the last
+    of them (a readout of S_(t-1) at the first), as the WY form of DeltaProduct does (Siems et al. 2025)."""
+    plans = []
+    for n, one in enumerate(sa.stages):
+        _plan_chunks(ir, one)
+        if one.chunk is None:
+            sa.chunk_reason = f"assignment {n + 1} of {sa.name}: {one.chunk_reason}"
+            return
+        plans.append(one.chunk)
+    order = [None, "scalar", "key"]
+    decay_axis = max((p.decay_axis for p in plans), key=order.index)
+    first = plans[0]
+    sa.chunk = ChunkPlan(first.key_axis, first.k, first.v, decay_axis, first.log_decay,
+                         all(p.decay_exact for p in plans), first.beta, sub_steps=tuple(plans))
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -746,7 +834,8 @@ def _transpose_states(ir: StepIR, names: set[str]) -> StepIR:
 
     return StepIR(tuple(definition(d, d.name in names) for d in ir.statements),
                   {n: definition(d, n in names) for n, d in ir.updates.items()},
-                  {n: definition(d, False) for n, d in ir.outputs.items()}, ir.ranges, ir.sizes)
+                  {n: definition(d, False) for n, d in ir.outputs.items()}, ir.ranges, ir.sizes,
+                  {n: tuple(definition(d, n in names) for d in defs) for n, defs in ir.stages.items()})
 
 
 def _lift_states(ir: StepIR, lifts: dict[str, str]) -> StepIR:
@@ -782,7 +871,8 @@ def _lift_states(ir: StepIR, lifts: dict[str, str]) -> StepIR:
     updates = {n: Definition(n, ((targets[n],) if n in lifts else ()) + d.indices, lift(d.expr, n))
                for n, d in ir.updates.items()}
     outputs = {n: Definition(n, d.indices, lift(d.expr, None)) for n, d in ir.outputs.items()}
-    return StepIR(ir.statements, updates, outputs, ranges, ir.sizes)
+    stages = {n: defs for n, defs in ir.stages.items() if n not in lifts}  # (a lifted state's own reads change)
+    return StepIR(ir.statements, updates, outputs, ranges, ir.sizes, stages)
 
 
 def _lift_candidates(rec: CheckedRecurrence, analysis: Analysis) -> dict[str, str]:
@@ -848,6 +938,7 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
     for sym in rec.states:
         # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
         sa = _classify_state(ir, sym.name, dims[sym.name], state_names)
+        sa = _classify_stages(rec, ir, sa, state_names)
         if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
             if len(dims[sym.name]) > 2:
                 _plan_pair_chunks(rec, ir, sa)
@@ -876,8 +967,8 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         unavailable["parallel"] = unavailable["chunked"]
     else:
         forms.append("chunked")
-        delta = [s for s in states.values()
-                 if s.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)]
+        delta = [s for s in states.values() if s.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE,
+                                                         TransitionClass.DIAGONAL_PLUS_RANK_ONE)]
         if delta:
             unavailable["parallel"] = "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition: its "
                                                 "products do not collapse to a decay mask (use chunked)" for s in delta)

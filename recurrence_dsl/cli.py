@@ -28,7 +28,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .analysis import analyse
+from .analysis import TransitionClass, analyse
 from .api import Recurrence, load
 from .errors import CallError, SpecError
 from .explain import explain
@@ -145,11 +145,11 @@ def cmd_check(args) -> int:
 
 def print_proof(rec: Recurrence) -> bool:
     """Unroll T=4 steps with sizes 2 symbolically; print whether each form equals the recurrence exactly."""
-    from .prove import prove
+    from .prove import proof_setup, prove
 
     analysis = analyse(rec.checked)
     results = prove(analysis)
-    print(f"{rec.name}: symbolic proof (T = 4, sizes 2, chunks of 2) that each form equals the recurrence")
+    print(f"{rec.name}: symbolic proof ({proof_setup(analysis)}) that each form equals the recurrence")
     if results and "chunked" in analysis.forms:
         for s in rec.checked.states:
             if _flattened_axes(analysis, s.name):
@@ -188,7 +188,9 @@ def describe(rec: Recurrence) -> dict:
         "states": [{**sym(s), "class": analysis.states[s.name].cls.value, "reason": analysis.states[s.name].reason,
                     "chunked_as_transpose": s.name in analysis.transposed,
                     "chunked_with_unit_key_axis": s.name in analysis.lifted,
-                    "chunked_with_flattened_axes": _flattened_axes(analysis, s.name)} for s in c.states],
+                    "chunked_with_flattened_axes": _flattened_axes(analysis, s.name),
+                    **({"rank": analysis.states[s.name].rank}
+                       if analysis.states[s.name].cls is TransitionClass.RANK_R_UPDATE else {})} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],
         "temporaries": [sym(s) for s in c.temps],
         "statements": [c.source.line_text(s.span.line).strip() for s in c.statements],

@@ -68,7 +68,7 @@ _DIAGONAL_AXES = {
     TransitionClass.ELEMENTWISE: None,
 }
 # Matrix classes: the transition mixes one state axis, (I - beta k k^T) D or (D + b a^T).
-_MATRIX = (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)
+_MATRIX = (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,28 @@ def _idx(indices) -> str:
     return "[" + ", ".join(str(i) for i in indices) + "]" if indices else ""
 
 
+def _rank_r_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
+    """A rank-r update's chunked form: its r updates per step as r delta-rule sub-steps (DeltaProduct)."""
+    s, r = sa.name, len(plan.sub_steps)
+    lines = [f"    {s}_t = (I - beta_{r} k_{r} k_{r}^T) D_{r} ... (I - beta_1 k_1 k_1^T) D_1 {s}_(t-1) + ...   "
+             f"(rank r = {r}: {r} Householder factors per step)"]
+    for n, sub in enumerate(plan.sub_steps, start=1):
+        decay = "1" if sub.log_decay is None else f"exp({_text(sub.log_decay.expr)})"
+        lines.append(f"    update {n}: k_{n}[a] = {_text(sub.k.expr)};  v_{n}[b] = {_text(sub.v.expr)};  "
+                     f"beta_{n} = {_text(sub.beta.expr)};  D_{n} = {decay}")
+    positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
+    lines.append(f"    chunked: the updates of step t are delta-rule steps {positions} of a sequence {r} times as long "
+                 "(decay 1 where an update has none), run in the UT/WY form below; step t's")
+    lines.append(f"    outputs are read after step {r}t + {r - 1} (a readout of {s}_(t-1) before step {r}t)")
+    lines.append("    T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1   (UT transform, C x C, over the sub-steps)")
+    lines.append(f"    U = T (V - diag(beta * exp(G)) K {s}_0);  {s}_C = exp(G_C) {s}_0 + (K * exp(G_C - G))^T U")
+    return lines
+
+
 def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     s = sa.name
+    if sa.cls is TransitionClass.RANK_R_UPDATE:
+        return _rank_r_lines(sa, plan)
     lines = [f"    k_t{_text(_idx(plan.k.indices))} = {_text(plan.k.expr)}"]
     if plan.v is not None:
         lines.append(f"    v_t{_text(_idx(plan.v.indices))} = {_text(plan.v.expr)}")

@@ -6,7 +6,8 @@ recurrence is stepped as written; each form is then evaluated by its own
 closed formula, from the same chunk plans the generated code runs (scan:
 products of decays; chunked with chunks of 2 steps: cumulative log decays on
 the plan's decay axis, masked sums and the state passed between chunks, the
-UT transform for rank-one updates; parallel: one chunk of 4).
+UT transform for rank-one updates, over the r updates of each step as sub-steps for a rank-r update;
+parallel: one chunk of 4).
 
 Each output and final state element is compared in two exact steps: at a few
 random rational points (exact arithmetic, so any nonzero value is a real
@@ -231,7 +232,10 @@ def _chunked(inst: _Instance, chunk: int):
                 return vec(plan.log_decay, t, kdim), sympy.zeros(vdim, 1)
             return sympy.zeros(kdim, 1), sympy.Matrix(vdim, 1, lambda b, _: values[(b,)])
 
-        for start in range(0, inst.steps, chunk):
+        if sa.cls is TransitionClass.RANK_R_UPDATE:
+            S0 = _rank_r_chunked(inst, plan, S0, kdim, vdim, chunk, readouts, vec)
+        # (a rank-r update's chunks are its sub-steps', done above)
+        for start in range(0, 0 if sa.cls is TransitionClass.RANK_R_UPDATE else inst.steps, chunk):
             ts = list(range(start, min(start + chunk, inst.steps)))
             ks = {t: vec(plan.k, t, kdim) for t in ts}
             vs = {t: (vec(plan.v, t, vdim) if plan.v is not None else sympy.ones(1, 1)) for t in ts}
@@ -349,6 +353,62 @@ def _chunked(inst: _Instance, chunk: int):
     return outputs, finals
 
 
+def _rank_r_chunked(inst: _Instance, plan, S0: sympy.Matrix, kdim: int, vdim: int, chunk: int, readouts: list,
+                    vec) -> sympy.Matrix:
+    """A rank-r update as its chunked form runs it: the r updates of step t are delta-rule sub-steps r t + n
+    (n = 0, ..., r - 1) of a sequence r times as long, each with its own k, y, beta and log decay, through the UT
+    transform of the rank-one form; a readout of S_t is read at sub-step r t + r - 1, one of S_(t-1) before sub-step
+    r t. Chunks hold r * chunk - 1 sub-steps, so that their boundaries fall inside steps too (as chunks of 64
+    sub-steps do for r = 3). Fills `readouts`, returns the final state."""
+    r = len(plan.sub_steps)
+    subs = []  # (t, n, k, y, beta, key-axis log decay)
+    for t in range(inst.steps):
+        for n, sub in enumerate(plan.sub_steps):
+            g = sympy.zeros(kdim, 1)
+            if sub.log_decay is not None:
+                values = inst.definition(sub.log_decay, t, {})
+                g = (sympy.Matrix([values[()]] * kdim) if sub.decay_axis == "scalar"
+                     else sympy.Matrix(kdim, 1, lambda a, _: values[(a,)]))
+            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), inst.definition(sub.beta, t, {})[()], g))
+
+    def kdot(x, y, Gx, Gy):
+        return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
+
+    size = max(1, r * chunk - 1)
+    for start in range(0, len(subs), size):
+        ps = list(range(start, min(start + size, len(subs))))
+        gk, g_prev, run = {}, {}, sympy.zeros(kdim, 1)
+        for p in ps:
+            g_prev[p] = run
+            run = run + subs[p][5]
+            gk[p] = run
+        us = {}
+        for p in ps:
+            _, _, k, y, beta, _ = subs[p]
+            u = y - beta * S0.T * sympy.diag(*[sympy.exp(x) for x in gk[p]]) * k
+            for src in ps[:ps.index(p)]:
+                u -= beta * kdot(k, subs[src][2], gk[p], gk[src]) * us[src]
+            us[p] = u
+        for ro in plan.readouts:
+            for p in ps:
+                t, n = subs[p][:2]
+                if n != (0 if ro.exclusive else r - 1):
+                    continue
+                q = vec(ro.query, t, kdim)
+                Gq = g_prev[p] if ro.exclusive else gk[p]
+                out = S0.T * sympy.diag(*[sympy.exp(x) for x in Gq]) * q
+                for src in ps:
+                    if src < p or (src == p and not ro.exclusive):
+                        out += kdot(q, subs[src][2], Gq, gk[src]) * us[src]
+                readouts[t][ro.name] = out
+        last = ps[-1]
+        S_end = sympy.diag(*[sympy.exp(x) for x in gk[last]]) * S0
+        for src in ps:
+            S_end += sympy.diag(*[sympy.exp(x) for x in gk[last] - gk[src]]) * subs[src][2] * us[src].T
+        S0 = S_end
+    return S0
+
+
 def _has_value_axis(inst: _Instance, readout: str) -> bool:
     for oa in inst.a.chunk_analysis.outputs.values():
         for r in oa.readouts:
@@ -435,8 +495,31 @@ def _compare(form: str, value: str, pairs: list) -> ProofResult:
     return ProofResult(form, value, len(pairs), True, symbolic=symbolic, points=_POINTS)
 
 
+def _rank(analysis: Analysis) -> int:
+    """The largest r of a rank-r update among the states the chunked form runs (1 where there is none)."""
+    return max([len(s.stages) for s in analysis.chunk_analysis.states.values()] + [1])
+
+
+def proof_steps(analysis: Analysis, steps: int = 4) -> int:
+    """The steps a proof unrolls: `steps`, or for a rank-r update steps / r (at least 2), so that the r t
+    delta-rule sub-steps stay about `steps` (8 sub-steps of DeltaProduct took minutes of expansion, 4 a second)."""
+    r = _rank(analysis)
+    return steps if r == 1 else max(2, steps // r)
+
+
+def proof_setup(analysis: Analysis, steps: int = 4, size: int = 2, chunk: int = 2) -> str:
+    """The instance `prove` unrolls, in words (for `recdsl check --prove`)."""
+    r = _rank(analysis)
+    text = f"T = {proof_steps(analysis, steps)}, sizes {size}, chunks of {chunk}"
+    if r > 1:
+        text += f"; the rank-r update's r = {r} updates per step as sub-steps, in chunks of {r * chunk - 1}"
+    return text
+
+
 def prove(analysis: Analysis, steps: int = 4, size: int = 2, chunk: int = 2) -> list[ProofResult]:
-    """Compare every derived form of `analysis` with the unrolled recurrence (see ProofResult for how exact)."""
+    """Compare every derived form of `analysis` with the unrolled recurrence (see ProofResult for how exact).
+    A rank-r update unrolls `proof_steps` steps."""
+    steps = proof_steps(analysis, steps)
     inst = _Instance(analysis, steps, size)
     candidates = {}
     if "scan" in analysis.forms:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 from mpmath.libmp import prec_to_dps
@@ -200,6 +200,11 @@ class StepIR:
     `updates`: each state's value after the step, in terms of inputs, params and S_{t-1}.
     `outputs`: each output, in terms of inputs, params, S_{t-1} (`S`) and S_t (`S__new`).
     `ranges`: the size each index symbol ranges over (targets and sums alike).
+    `stages`: for each state assigned more than once in the step, its assignments one by one, each in terms of
+    the state's value just before it (read as the state's own name, `S`) and of inputs, params and the other
+    states as `updates` reads them; a read of another stage's value (an output or a second state reading `S`
+    between two of its assignments) stays a `S__stageN` symbol, so it reads as another state. DeltaProduct's
+    r Householder updates per step are r stages.
     """
 
     statements: tuple[Definition, ...]
@@ -207,15 +212,23 @@ class StepIR:
     outputs: dict[str, Definition]
     ranges: dict[sympy.Symbol, sympy.Expr]
     sizes: tuple[sympy.Symbol, ...]
+    stages: dict[str, tuple[Definition, ...]] = field(default_factory=dict)
 
 
 def _size(dim) -> sympy.Expr:
     return size_symbol(dim) if isinstance(dim, str) else sympy.Integer(dim)
 
 
+STAGE_SUFFIX = "__stage"
+
+
 class _Builder:
-    def __init__(self, rec: CheckedRecurrence):
+    def __init__(self, rec: CheckedRecurrence, staged: bool = False):
         self.rec = rec
+        # Staged: a state's value between two of its assignments is a symbol S__stageN, not the expression that
+        # made it, so that each assignment can be read on its own (`StepIR.stages`).
+        self.staged = staged
+        self.stage_count: dict[str, int] = {}
         self.fresh = itertools.count()
         self.ranges: dict[sympy.Symbol, sympy.Expr] = {}
         self.kinds = {s.name: s.kind for s in rec.inputs + rec.params + rec.states + rec.outputs + rec.temps}
@@ -314,13 +327,31 @@ class _Builder:
         name = stmt.target.name
         if stmt.target.kind is SymbolKind.STATE:
             self.updates_so_far[name] = Definition(name, indices, composed)
+            if self.staged:
+                n = self.stage_count.get(name, 0)
+                previous = f"{name}{STAGE_SUFFIX}{n}"
+                if n:  # S (the previous step's value, read through a temporary) -> S__stage0, then S__stageN -> S
+                    composed = self._rename_state(composed, name, f"{name}{STAGE_SUFFIX}0")
+                    composed = self._rename_state(composed, previous, name)
+                self.stage_defs.setdefault(name, []).append(Definition(name, indices, composed))
+                self.stage_count[name] = n + 1
+                if self.last_update[name] != stmt.index:
+                    value = f"{name}{STAGE_SUFFIX}{n + 1}"
+                    self.current[name] = (indices, sympy.IndexedBase(value)[indices] if indices
+                                          else sympy.Symbol(value))
+                    return
             if self.last_update[name] == stmt.index:
                 self.current[name] = None
                 return
         self.current[name] = (indices, composed)
 
+    @staticmethod
+    def _rename_state(expr: sympy.Expr, old: str, new: str) -> sympy.Expr:
+        return expr.xreplace({sympy.IndexedBase(old): sympy.IndexedBase(new), sympy.Symbol(old): sympy.Symbol(new)})
+
     def build(self) -> StepIR:
         self.updates_so_far: dict[str, Definition] = {}
+        self.stage_defs: dict[str, list[Definition]] = {}
         for stmt in self.rec.statements:
             self.statement(stmt)
         updates = {}
@@ -337,10 +368,27 @@ class _Builder:
         for sym in self.rec.outputs:
             indices, expr = self.current[sym.name]
             outputs[sym.name] = Definition(sym.name, indices, expr)
+        stages = {n: tuple(d) for n, d in self.stage_defs.items() if len(d) > 1}
         return StepIR(tuple(self.written), updates, outputs, dict(self.ranges),
-                      tuple(size_symbol(s) for s in self.rec.sizes))
+                      tuple(size_symbol(s) for s in self.rec.sizes), stages)
 
 
 def build_step_ir(rec: CheckedRecurrence) -> StepIR:
-    """Translate a checked recurrence into sympy and compose its statements."""
-    return _Builder(rec).build()
+    """Translate a checked recurrence into sympy and compose its statements (with `stages` for every state
+    assigned more than once)."""
+    ir = _Builder(rec).build()
+    if not any(n > 1 for n in _assignment_counts(rec).values()):
+        return ir
+    builder = _Builder(rec, staged=True)
+    builder.fresh = itertools.count(1000)  # its renamed sums must not clash with the first pass's names
+    staged = builder.build()
+    # (index symbols of the staged pass's sums join the ranges; both passes name targets alike)
+    return StepIR(ir.statements, ir.updates, ir.outputs, {**staged.ranges, **ir.ranges}, ir.sizes, staged.stages)
+
+
+def _assignment_counts(rec: CheckedRecurrence) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stmt in rec.statements:
+        if stmt.target.kind is SymbolKind.STATE:
+            counts[stmt.target.name] = counts.get(stmt.target.name, 0) + 1
+    return counts

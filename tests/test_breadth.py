@@ -1,7 +1,8 @@
 """Breadth: generated `.rec` recurrences, every form the analysis offers against the float64 reference.
 
 A seeded generator writes small but valid and numerically stable programs from templates: a scalar, vector or matrix
-state, a delta rule, two states in one recurrence, or a 3-axis state read over its pair; a decay that is absent, an
+state, a delta rule, a DeltaProduct (2 or 3 delta updates of one state per step: the rank-r update class), two
+states in one recurrence, or a 3-axis state read over its pair; a decay that is absent, an
 `exp(...)` of an input (scalar, key axis, value axis), a constant (`0.9`, `exp(-1 / 8)`), a size expression
 (`(1 - 1 / K)`), a positive non-exp decay (`sigmoid(a)`, a plain input or param), or a param-driven
 `exp(-softplus(A[i]) * dt)`; constants in other places (a constant key or query, scale factors `/ sqrt(K)`,
@@ -205,6 +206,32 @@ def delta_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
     b.features.add("delta")
 
 
+def product_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
+    """DeltaProduct: r = 2 or 3 delta updates of one state per step (the state assigned r times), a decay on the
+    first (or, with `n` odd, written as an assignment of its own before them), the readout after the last or, for
+    n = 1, before the first and after the last."""
+    b.states["S"] = ("K", "V")
+    r = 2 + n % 2
+    dec = decay_text(b, decay, {"key": ("i", "K")} if decay in ("exp_key", "size_expr") else {})
+    q = b.inp("q", "K")
+    b.outputs["o"] = ("V",)
+    if n == 1:
+        b.outputs["p"] = ("V",)
+        b.lines.append(f"p[j] = sum(i, {q}[i] * S[i, j])")
+        b.features.add("readout_before")
+    if dec is not None and n % 2:
+        b.lines.append(f"S[i, j] = {dec} * S[i, j]")
+        b.features.add("product:decay_alone")
+        dec = None
+    for m in range(1, r + 1):
+        k, v, beta = b.inp(f"k{m}", "K"), b.inp(f"v{m}", "V"), b.inp(f"b{m}")
+        b.lines.append(f"u{m}[j] = {v}[j] - sum(i, {k}[i] * {decayed(dec, 'S[i, j]')})")
+        b.lines.append(f"S[i, j] = {decayed(dec, 'S[i, j]')} + {beta} * {k}[i] * u{m}[j]")
+        dec = None  # only the first update carries the decay
+    b.lines.append(f"o[j] = K ** -0.5 * sum(i, {q}[i] * S[i, j])")
+    b.features.add(f"product:r{r}")
+
+
 VECTOR_DECAYS = ["none", "exp_scalar", "exp_key", "const", "const_exp", "size_expr", "sigmoid_scalar",
                  "sigmoid_key", "softplus_param", "input_plain", "param_plain"]
 
@@ -350,6 +377,7 @@ SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
     ("two", two_state_program, ["exp_key", "none", "const", "exp_scalar", "size_expr", "sigmoid_key",
                                 "softplus_param", "exp_value", "const_exp", "input_plain"], 10),
     ("pair", pair_program, PAIR_DECAYS, 4),
+    ("product", product_program, ["exp_scalar", "exp_key", "none", "const_exp"], 4),
 ]
 
 
@@ -389,7 +417,7 @@ def test_generator_covers_every_feature():
     wanted = {f"shape:{s[0]}" for s in SHAPES} | {f"decay:{k}" for k in DECAY_KINDS} | {
         f"scale:{s}" for s in SCALES} | {f"beta:{b}" for b in BETAS} | {f"two:{v}" for v in TWO_VARIANTS} | {
         "const_key", "const_query", "const_injection", "readout_before", "readout_after", "two_readouts",
-        "tanh_readout", "delta"}
+        "tanh_readout", "delta", "product:r2", "product:r3", "product:decay_alone"}
     assert wanted <= seen, f"features no program has: {sorted(wanted - seen)}"
     texts = "\n".join(p.text for p in PROGRAMS)
     for snippet in ["/ sqrt(K)", "K ** -0.5", "sigmoid(2.0)", "exp(-1 / 8)", "(1 - 1 / K)", "0.9 *",
