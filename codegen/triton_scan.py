@@ -309,4 +309,10 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     return s.view(b.shape)
 
 
+if "vectorise_interpreter_scans" not in globals():  # imported from the package (a generated module drops this)
+    from .interpreter import vectorise_interpreter_scans
+
+    vectorise_interpreter_scans()  # the interpreter's associative_scan, one numpy call per step (interpreter.py)
+
+
 __all__ = ["scan_block", "scan_diagonal"]
