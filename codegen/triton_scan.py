@@ -46,6 +46,7 @@ from torch import Tensor
 
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
+_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
 _SCAN_WARPS = 4
 
 
@@ -208,9 +209,9 @@ def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN
     tl.store(p_dh0 + 1, (b_q0 * b_g1 + b_u0 * b_g2).to(dh0.dtype.element_ty), mask=m_n)
 
 
-def _scan_config(block_t, block_n, num_warps) -> tuple[int, int, int]:
+def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
     BT = _SCAN_BT if block_t is None else block_t
-    BN = _SCAN_BN if block_n is None else block_n
+    BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK) if block_n is None else block_n
     for name, value in (("block_t", BT), ("block_n", BN)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
@@ -218,20 +219,18 @@ def _scan_config(block_t, block_n, num_warps) -> tuple[int, int, int]:
 
 
 class _ScanFunction(torch.autograd.Function):
-    """s = scan of (a, b) from h0, m = 1 (diagonal) or 2 (2 x 2 blocks); the backward runs the reverse scan kernel.
-
-    a [B, T, N] (m = 1) or [B, T, N, 2, 2]; b [B, T, N] or [B, T, N, 2]; h0 [B, N] or [B, N, 2]; all contiguous,
-    one dtype; T >= 1."""
+    """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
+    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
-    def forward(ctx, a, b, h0, m, config):
+    def forward(ctx, a, b, h0, kernels, config):
         BT, BN, warps = config
         B, T, N = b.shape[:3]
         s = torch.empty_like(b)
-        kernel = _scan_fwd_kernel if m == 1 else _block_scan_fwd_kernel
-        kernel[(triton.cdiv(N, BN), B)](a, b, h0, s, T, N=N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.m, ctx.config = m, config
+        ctx.kernels, ctx.config = kernels, config
         return s
 
     @staticmethod
@@ -242,8 +241,7 @@ class _ScanFunction(torch.autograd.Function):
         B, T, N = s.shape[:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        kernel = _scan_bwd_kernel if ctx.m == 1 else _block_scan_bwd_kernel
-        kernel[(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N=N, BT=BT, BN=BN, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
         return da, db, dh0, None, None
 
 
@@ -262,7 +260,7 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
     """
     dt = _scan_dtype(b)
-    config = _scan_config(block_t, block_n, num_warps)
+    config = _scan_config(block_t, block_n, num_warps, 1)
     if a.dim() != b.dim():
         raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
     B, T = b.shape[:2]
@@ -275,7 +273,8 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel()
-    s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), 1, config)
+    s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_scan_fwd_kernel, _scan_bwd_kernel),
+                            config)
     return s.view(b.shape)
 
 
@@ -290,7 +289,7 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     ValueError for blocks other than 2 x 2 (the torch runtime's `scan_block` takes any size) or mismatched shapes.
     """
     dt = _scan_dtype(b)
-    config = _scan_config(block_t, block_n, num_warps)
+    config = _scan_config(block_t, block_n, num_warps, 2)
     m = b.shape[-1]
     if m != 2 or tuple(a.shape[-2:]) != (2, 2):
         raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
@@ -305,7 +304,8 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel() // 2
-    s = _ScanFunction.apply(a.view(B, T, N, 2, 2), b.view(B, T, N, 2), h0.view(B, N, 2), 2, config)
+    s = _ScanFunction.apply(a.view(B, T, N, 2, 2), b.view(B, T, N, 2), h0.view(B, N, 2),
+                            (_block_scan_fwd_kernel, _block_scan_bwd_kernel), config)
     return s.view(b.shape)
 
 
