@@ -2,10 +2,10 @@
 
 Every recurrence of specs/ (and every LANGUAGE.md example) through the recurrent and chunked forms of the triton
 backend (`layer.triton_forms`, where the analysis allows them; its scan form: tests/test_triton_scan.py), with an
-initial state, the final
-state checked, and `cu_seqlens` packing three sequences. Relative error ||x - ref|| / ||ref|| of every output
-and final state: <= 1e-5 for float32 inputs, <= 5e-3 for float16 inputs. The reference always runs on the
-values the kernel sees (float32 or float16 draws cast back to float64), so only the kernels' error is measured.
+initial state, the final state checked, and `cu_seqlens` packing three sequences. Relative error
+||x - ref|| / ||ref|| of every output and final state: <= 1e-5 for float32 inputs, <= 5e-3 for float16 inputs. The
+reference always runs on the values the kernel sees (float32 or float16 draws cast back to float64), so only the
+kernels' error is measured.
 
 The interpreter runs every program one after another, so the matrix is sparse but covers every axis for every
 spec and form:
