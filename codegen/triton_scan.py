@@ -112,7 +112,7 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
         tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
         tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
         b_g = _scan_first_row(b_gt, BT)
-    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0)  # T >= 1 (the launchers' rule).to(da.dtype.element_ty)
+    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
 
