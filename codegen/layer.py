@@ -26,6 +26,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 

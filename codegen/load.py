@@ -12,6 +12,7 @@ from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
 
 from .cache import load_source
+from .interpreter import vectorise_interpreter_scans
 from .module import module_source
 
 
@@ -36,6 +37,7 @@ def load_module(analysis: Analysis):
     per process for the same spec text and file name."""
     rec = analysis.recurrence
     key = (rec.text, rec.source.filename)
+    vectorise_interpreter_scans()  # no-op unless Triton runs in its interpreter (TRITON_INTERPRET=1)
     with _GENERATING:
         if key not in _MODULES:
             _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)

@@ -78,9 +78,10 @@ def _triton_shared():
     from . import triton_recurrent
 
     runtime = _copyable(_ROOT / "triton_runtime.py")
+    scan = _copyable(_ROOT / "triton_scan.py")
     helpers = _copyable_text(triton_recurrent.prelude(""))
-    rename = _renamer(_top_level_names(runtime) + _top_level_names(helpers))
-    return rename(runtime) + "\n\n" + rename(helpers), rename
+    rename = _renamer(_top_level_names(runtime) + _top_level_names(scan) + _top_level_names(helpers))
+    return rename(runtime) + "\n\n" + rename(scan) + "\n\n" + rename(helpers), rename
 
 
 def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
@@ -95,10 +96,11 @@ def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
         adjoint = triton_recurrent.triton_adjoint_source(a)
         if adjoint is not None:
             recurrent += "\n\n" + rename(adjoint)
-        chunked = ""
-        if "chunked" in triton_recurrent.triton_form_names(a):
-            chunked = TorchFormWriter(a, runtime_prefix="triton_", suffix="_triton", options=True).write_chunked()
-        per_recurrence[a.recurrence.name] = recurrent + ("\n\n" + chunked if chunked else "")
+        names = triton_recurrent.triton_form_names(a)
+        around = TorchFormWriter(a, runtime_prefix="triton_", suffix="_triton", options=True)
+        # the scan and chunked forms: the torch forms' prologue and readouts around the Triton runtime's kernels
+        forms = [around.write_scan() if "scan" in names else "", around.write_chunked() if "chunked" in names else ""]
+        per_recurrence[a.recurrence.name] = "\n\n".join([recurrent] + [f for f in forms if f])
     return shared, per_recurrence
 
 
@@ -167,6 +169,8 @@ def _entry_points(analysis: Analysis) -> str:
     else:  # the torch recurrent form's backward, from the saved inputs
         tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, "
                f"_{name}_st)"]
+    if "scan" in triton_names:  # differentiable on its own: the scan kernels' autograd.Function (triton_scan.py)
+        tri.append(f"'scan': {name}__scan_triton")
     if "chunked" in triton_names:
         if chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
             tri.append(f"'chunked': {name}__chunked_triton")
@@ -318,8 +322,9 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         PRELUDE.strip("\n") + "\n",
     ]
     triton_parts = _triton_sources(analyses)
-    parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of "
-                          "the recurrent kernels; names prefixed with triton_"))
+    parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form "
+                          "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
+                          "triton_"))
     parts.append(triton_parts[0])
     for a in analyses:
         writer = TorchFormWriter(a, runtime_prefix="")
@@ -328,8 +333,8 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         parts.append("\n\n")
         parts.append(writer.write_all())
         parts.append("\n")
-        parts.append("\n\n# Triton forms: the recurrent kernel printed from the step, the chunked form around the "
-                     "Triton runtime.\n\n")
+        parts.append("\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
+                     "around the Triton runtime.\n\n")
         parts.append(triton_parts[1][a.recurrence.name])
         parts.append("\n")
         parts.append(_entry_points(a))

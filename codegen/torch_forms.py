@@ -609,7 +609,7 @@ class TorchFormWriter:
         if "scan" not in self.a.forms:
             return None
         w = SourceWriter()
-        self._header(w, "scan")
+        self._header(w, "scan", ", **options" if self.options else "")
         w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
         self._unpack_shape(w)
         self._params_to_time(w)
@@ -628,7 +628,7 @@ class TorchFormWriter:
                 w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
-            w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}'])  "
+            w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}']{self._options_arg})  "
               f"# [B, T, H{dims}]")
             if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
                 w(f"prev_{s.name} = torch.cat([states['{s.name}'][:, None], all_{s.name}[:, :-1]], dim=1)")
@@ -658,7 +658,7 @@ class TorchFormWriter:
         injections = ", ".join(self._full(printer, b, block.indices, sym_dims) for b in block.injection)
         w(f"b_{group} = torch.stack([{injections}], dim=-1)  # [B, T, H, ..., {m}]")
         init = ", ".join(f"states['{n}']" for n in members)
-        w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1))")
+        w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1){self._options_arg})")
         for r, n in enumerate(members):
             w(f"all_{n} = all_{group}[..., {r}]  # {self.cite[n]}")
             if any(self._reads(d.expr, n) for d in self.a.ir.outputs.values()):

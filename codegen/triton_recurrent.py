@@ -1242,12 +1242,15 @@ _ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
 # -- loading ----------------------------------------------------------------------------------------------
 
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
-    """The forms the Triton backend runs: recurrent always; chunked where `triton_runtime` has its kernels
-    (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
+    """The forms the Triton backend runs: recurrent always; scan where `triton_scan` has its kernels (every
+    state elementwise, or coupled in 2 x 2 blocks: its block kernel's size); chunked where `triton_runtime` has
+    its kernels (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
     view = analysis.chunk_analysis
     kernels = "chunked" in analysis.forms and all(
         s.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE for s in view.states.values())
-    return ("recurrent", "chunked") if kernels else ("recurrent",)
+    scan = "scan" in analysis.forms and all(
+        s.block is None or len(s.block.states) == 2 for s in analysis.states.values())
+    return ("recurrent",) + (("scan",) if scan else ()) + (("chunked",) if kernels else ())
 
 
 def build_triton_recurrent(analysis: Analysis):

@@ -12,7 +12,7 @@ traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
                 [--store PATH] [--lock-wait 60] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
                 [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
-                [--target sm_80|sm_90|sm_100] [--form auto|recurrent|chunked|all] [--config JSON]
+                [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|all] [--config JSON]
                 [--backward] [--json]
 
 This module is in the top import layer: it may use every package (autotune's tuner and store for `tune`,
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dtype of the call's inputs (default bfloat16)")
     kernels.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"), default="sm_90",
                          help="the GPU to compile for: sm_80 (A100), sm_90 (H100, H200; the default), sm_100 (B200)")
-    kernels.add_argument("--form", choices=("auto", "recurrent", "chunked", "all"), default="auto",
+    kernels.add_argument("--form", choices=("auto", "recurrent", "scan", "chunked", "all"), default="auto",
                          help="the form the call runs (default auto, as a call would; all: each Triton form)")
     kernels.add_argument("--config", metavar="JSON", help="a tuning config for the form, e.g. '{\"chunk_size\": 64, "
                          "\"block_k\": 64, \"block_v\": 32, \"num_warps\": 4, \"num_stages\": 2}'")

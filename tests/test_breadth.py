@@ -534,7 +534,8 @@ def test_torch_forms(program):
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=IDS)
 def test_triton_forms(program):
-    """Every Triton form of the program (recurrent, and chunked where offered), float32, T = 5 and 19, chunk 16."""
+    """Every Triton form of the program (recurrent, and scan and chunked where offered), float32, T = 5 and 19,
+    chunk 16."""
     failures = []
     for T in TRITON_LENGTHS:
         rec, args, initial, ref = case(program, T)
@@ -544,7 +545,7 @@ def test_triton_forms(program):
         except Exception as error:
             pytest.fail(report(program, [("compile(backend='triton').triton_forms",
                                           f"raised {type(error).__name__}: {error}")]))
-        expected = ["recurrent"] + (["chunked"] if "chunked" in layer.forms else [])
+        expected = ["recurrent"] + [f for f in ("scan", "chunked") if f in layer.forms]
         if forms != expected:
             failures.append(("triton_forms", f"forms {forms}, expected {expected}"))
         for form in forms:

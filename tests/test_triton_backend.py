@@ -1,10 +1,11 @@
 """The triton backend of `recurrence_dsl.compile` against the float64 reference (issue 4), CPU + Triton interpreter.
 
-Every recurrence of specs/ (and every LANGUAGE.md example) through every form the triton backend has
-(`layer.triton_forms`: recurrent, and chunked where the analysis allows it), with an initial state, the final
-state checked, and `cu_seqlens` packing three sequences. Relative error ||x - ref|| / ||ref|| of every output
-and final state: <= 1e-5 for float32 inputs, <= 5e-3 for float16 inputs. The reference always runs on the
-values the kernel sees (float32 or float16 draws cast back to float64), so only the kernels' error is measured.
+Every recurrence of specs/ (and every LANGUAGE.md example) through the recurrent and chunked forms of the triton
+backend (`layer.triton_forms`, where the analysis allows them; its scan form: tests/test_triton_scan.py), with an
+initial state, the final state checked, and `cu_seqlens` packing three sequences. Relative error
+||x - ref|| / ||ref|| of every output and final state: <= 1e-5 for float32 inputs, <= 5e-3 for float16 inputs. The
+reference always runs on the values the kernel sees (float32 or float16 draws cast back to float64), so only the
+kernels' error is measured.
 
 The interpreter runs every program one after another, so the matrix is sparse but covers every axis for every
 spec and form:
@@ -76,14 +77,19 @@ for _n, _block in enumerate(_blocks):
 
 
 def triton_form_names(key: str) -> list[str]:
-    """The forms the triton backend should have: recurrent always, chunked where the analysis derives it and
-    a Triton chunked kernel exists (every chunkable class but diagonal-plus-rank-one)."""
+    """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
+    Triton scan kernels take every elementwise state; the specs' coupled states are none or 2 x 2 blocks), chunked
+    where the analysis derives it and a Triton chunked kernel exists (every chunkable class but
+    diagonal-plus-rank-one)."""
     analysis = analyse(RECS[key].checked)
     kernel = "chunked" in analysis.forms and analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
-    return ["recurrent"] + (["chunked"] if kernel else [])
+    return ["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
 
 
-FORMS = {key: triton_form_names(key) for key in RECS}
+TRITON_FORMS = {key: triton_form_names(key) for key in RECS}
+# The matrix below runs recurrent and chunked; the scan form's matrix (every spec and data file with a scan form,
+# forward and backward, cu_seqlens, reverse) is tests/test_triton_scan.py, at sizes the interpreter's scan affords.
+FORMS = {key: [f for f in forms if f != "scan"] for key, forms in TRITON_FORMS.items()}
 
 
 def layer_for(key: str):
@@ -233,7 +239,7 @@ def test_the_matrix_covers_every_spec_form_and_axis():
 @pytest.mark.parametrize("key", SPEC_NAMES)
 def test_triton_forms_are_recurrent_and_chunked_where_derived(key):
     layer = layer_for(key)
-    assert list(layer.triton_forms) == FORMS[key]
+    assert list(layer.triton_forms) == TRITON_FORMS[key]
     assert set(layer.triton_forms) <= set(layer.forms)
 
 
@@ -355,8 +361,7 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "scan"), ("gla", "parallel"), ("mamba", "scan"), ("rwkv7", "chunked"),
-                                      ("retention", "scan")])
+@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("rwkv7", "chunked"), ("retention", "parallel")])
 def test_forms_the_triton_backend_lacks(key, form):
     layer = layer_for(key)
     assert form in layer.forms  # the torch backend has it
@@ -366,7 +371,7 @@ def test_forms_the_triton_backend_lacks(key, form):
         layer(*args, initial_state=init, form=form)
     message = str(info.value)
     assert form in message
-    for available in FORMS[key]:
+    for available in TRITON_FORMS[key]:
         assert available in message, f"{message!r} does not name the available form {available!r}"
 
 

@@ -578,6 +578,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 
@@ -1255,7 +1256,7 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 
 # ====================================================================================================
-# Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
+# Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
 
@@ -1440,7 +1441,7 @@ def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, e
 indrnn__recurrent = with_adjoint(indrnn__recurrent_loop, indrnn__recurrent_adjoint, ('y',), ('h',))
 
 
-# Triton forms: the recurrent kernel printed from the step, the chunked form around the Triton runtime.
+# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms around the Triton runtime.
 
 @triton.jit
 def indrnn__triton_recurrent_kernel(
