@@ -158,7 +158,7 @@ def train(model: nn.Module, task: Task, steps: int, batch: int = 64, lr: float =
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    return {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / 20, "seconds": seconds,
+    return {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": seconds,
             "accuracy": accuracy(model, task, torch.Generator().manual_seed(seed + 1))}
 
 
