@@ -158,7 +158,7 @@ def train(model: nn.Module, task: Task, steps: int, batch: int = 64, lr: float =
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    return {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / 20, "seconds": seconds,
+    return {"first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": seconds,
             "accuracy": accuracy(model, task, torch.Generator().manual_seed(seed + 1))}
 
 
@@ -181,7 +181,7 @@ def main() -> None:
                 model = build(mixer, task, args.dim, args.heads, shift)
                 result = train(model, task, args.steps)
                 row = {"T": task.length, "pairs": pairs, "mixer": "gla+delta_net" if mixer == "recurrent" else mixer,
-                       "token_shift": shift, **result}
+                       "token_shift": shift, "dim": args.dim, "heads": args.heads, "steps": args.steps, **result}
                 rows.append(row)
                 print(f"T={row['T']:4d} {row['mixer']:14s} shift={shift!s:5s} loss {row['first_loss']:.2f} -> "
                       f"{row['last_loss']:.2f}  accuracy {row['accuracy']:.3f}  ({row['seconds']:.0f} s)", flush=True)
@@ -190,11 +190,26 @@ def main() -> None:
             "steps": args.steps, "dim": args.dim, "heads": args.heads, "values": 16, "chance_accuracy": 1 / 16}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Rows of other lengths already in the file stay (a long run can be done one length at a time).
+    # Rows already in the file stay unless this run repeats their configuration (a long study can be done one
+    # configuration at a time). Rows written before rows carried dim/heads/steps take them from that file's meta.
     keep = []
     if out.exists():
-        keep = [r for r in json.loads(out.read_text())["rows"] if r["T"] not in {row["T"] for row in rows}]
-    out.write_text(json.dumps({"meta": meta, "rows": sorted(keep + rows, key=lambda r: r["T"])}, indent=1) + "\n")
+        old = json.loads(out.read_text())
+        done = {_row_key(row) for row in rows}
+        for r in old["rows"]:
+            for field in ("dim", "heads", "steps"):
+                if field not in r:
+                    r[field] = old["meta"][field]
+            if _row_key(r) not in done:
+                keep.append(r)
+    for field in ("dim", "heads", "steps"):
+        meta.pop(field)  # per row now: the file mixes runs of several widths
+    rows = sorted(keep + rows, key=lambda r: (r["T"], r["dim"], r["mixer"], r["token_shift"]))
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def _row_key(row: dict) -> tuple:
+    return row["T"], row["mixer"], row["token_shift"], row["dim"], row["heads"], row["steps"]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ arguments `(inputs..., params..., states, sizes...)` already bound and cast:
   backward is `NAME__recurrent_adjoint`, the adjoint step that `recurrence_dsl.adjoint` derives symbolically
   from the spec, printed here and run backwards over segments recomputed from checkpoints (the two joined by
   `dispatch.with_adjoint`);
-- `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan;
+- `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan inside blocks of a
+  fixed number of steps (`NAME__scan_block`), the states carried across blocks (`dispatch.in_blocks`);
 - `NAME__chunked(..., chunk_size)`: prologue (k, v, decays, queries), the chunked
   runtime (`torch_runtime.chunked_linear_by` / `chunked_delta_by` / `chunked_dplr_by` with the
   plan's decay class), epilogue;
@@ -609,8 +610,13 @@ class TorchFormWriter:
         if "scan" not in self.a.forms:
             return None
         w = SourceWriter()
-        self._header(w, "scan", ", **options" if self.options else "")
-        w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
+        if self.options:
+            # Triton: the scan kernels loop over chunks of steps themselves, so the whole sequence is one call.
+            self._header(w, "scan", ", **options")
+            w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
+        else:
+            self._header(w, "scan_block")
+            w('"""One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""')
         self._unpack_shape(w)
         self._params_to_time(w)
         printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
@@ -642,7 +648,14 @@ class TorchFormWriter:
             outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
-        return w.text()
+        if self.options:
+            return w.text()
+        outs = tuple(o.name for o in self.rec.outputs)
+        sts = tuple(s.name for s in self.rec.states)
+        return (f"{w.text()}\n\n# The scan form: blocks of steps, the states carried from one to the next "
+                "(dispatch's `in_blocks`).\n"
+                f"{self.fn}__scan{self.suffix} = in_blocks({self.fn}__scan_block{self.suffix}, {len(self.rec.inputs)}, "
+                f"{outs!r}, {sts!r})\n")
 
     def _write_block_scan(self, w: SourceWriter, printer: TorchPrinter, block, sym_dims, names: dict) -> None:
         """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element."""

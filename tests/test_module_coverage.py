@@ -24,6 +24,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import unittest.mock
 
 import pytest
 import torch
@@ -93,6 +94,10 @@ def _run_forms(layer, rec):
     if "scan" in layer.forms:  # longer than the scan's chunk of 64 steps
         args, init = _arguments(rec, 1, 80)
         layer(*[a.detach() for a in args], initial_state=init, form="scan", backend="torch")
+        # Blocks of 16 steps (this state's own block is longer than 80 steps), with and without autograd.
+        with unittest.mock.patch.dict(os.environ, {"RECURRENCE_DSL_SCAN_BLOCK": "16"}):
+            layer(*[a.detach() for a in args], initial_state=init, form="scan", backend="torch")
+            _backward(layer(*args, initial_state=init, output_final_state=True, form="scan", backend="torch"))
     if "chunked" in layer.forms:  # a chunk length that is not a power of two: leaf blocks of 3 steps
         args, init = _arguments(rec, 2, LENGTH)
         layer(*[a.detach() for a in args], initial_state=init, form="chunked", backend="torch", chunk_size=12)

@@ -560,6 +560,130 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     return run
 
 
+# Steps per block of the scan form (`in_blocks`); unset or 0: a power of two in [16, 1024] that keeps one block's
+# states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
+SCAN_BLOCK = "RECURRENCE_DSL_SCAN_BLOCK"
+SCAN_BLOCK_ELEMENTS = 1 << 17
+
+
+def scan_block_steps(states) -> int:
+    """Steps per block for states (tensors [B, H, ...]) of this size: fixed for a shape, independent of T."""
+    forced = int(os.environ.get(SCAN_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
+    per_step = max(1, sum(s.numel() for s in states))
+    return 1 << max(4, min(10, (SCAN_BLOCK_ELEMENTS // per_step).bit_length() - 1))
+
+
+def in_blocks(block, n_inputs, output_names, state_names):
+    """The scan form from `block`, the scan of one stretch of steps (same signature as a form function; it
+    returns its outputs [B, L, H, ...] and the states after its last step).
+
+    Sequences longer than `scan_block_steps` run block by block, the states carried from one block to the next.
+    The scan of a whole sequence would keep every doubling level of the [B, T, H, *S] states for its backward;
+    here memory and time per step do not depend on T. Under autograd (`_BlockBackward`) the forward keeps the
+    inputs and the state entering each block; the backward walks the blocks from the last, re-runs each under
+    autograd from its entering state and writes its inputs' gradients into full-length buffers (one slice per
+    block, never a full-size zero gradient per block). Under torch.compile the whole sequence is one block: the
+    compiled graph then does not depend on the number of blocks, so lengths do not recompile."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        at = next(n for n, a in enumerate(args) if isinstance(a, dict))  # the states
+        steps = scan_block_steps(args[at].values())
+        if args[0].shape[1] <= steps or torch.compiler.is_compiling():
+            return block(*args)
+        layout, tensors = _flatten(args)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            outputs, finals, _ = _run_blocks(block, args, n_inputs, at, steps)
+            return outputs, finals
+        flat = _BlockBackward.apply(block, layout, names, n_inputs, steps, *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
+def _run_blocks(block, args, n_inputs, at, steps):
+    """(outputs, final states, the states entering each block) of `block` run over blocks of `steps` steps."""
+    pieces = [x.split(steps, dim=1) for x in args[:n_inputs]]
+    states, entering, outputs = args[at], [], []
+    for n in range(len(pieces[0])):
+        entering.append(states)
+        out, finals = block(*[p[n] for p in pieces], *args[n_inputs:at], states, *args[at + 1:])
+        outputs.append(out)
+        # A copy: the final state is a view of the block's [B, L, H, *S] states, which it would keep alive.
+        states = {k: v.clone() for k, v in finals.items()}
+    return {k: torch.cat([o[k] for o in outputs], dim=1) for k in outputs[0]}, states, entering
+
+
+class _BlockBackward(torch.autograd.Function):
+    """The scan form run block by block (`in_blocks`) under autograd: forward without a graph, keeping the inputs
+    and the state entering each block; backward one block at a time from the last, re-running the block under
+    autograd and carrying the states' gradient to the block before."""
+
+    @staticmethod
+    def forward(ctx, block, layout, names, n_inputs, steps, *tensors):
+        args = _unflatten(layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(layout) if kind == "dict")
+        with torch.no_grad():
+            outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
+        ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        ctx.count = (len(tensors), len(entering))
+        ctx.save_for_backward(*tensors, *[e[n] for e in entering for n in names[1]])
+        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per, n_in, at = len(state_names), ctx.n_inputs, ctx.at
+        entering = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        args = _unflatten(ctx.layout, tensors)
+        inputs, params, sizes = args[:n_in], args[n_in:at], args[at + 1:]
+        need = ctx.needs_input_grad[5:]
+        need_inputs, need_params = need[:n_in], need[n_in:at]
+        pieces = [x.split(ctx.steps, dim=1) for x in inputs]
+        grad_pieces = [g.split(ctx.steps, dim=1) if g is not None else None for g in grads[: len(out_names)]]
+        # The inputs' gradients: full-length buffers, each block writes its own slice.
+        buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
+                   for x, want in zip(inputs, need_inputs)]
+        buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        param_grads = [None] * len(params)
+        carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
+        for n in reversed(range(len(entering))):
+            with torch.enable_grad():
+                block_inputs = [p[n].detach().requires_grad_(want) for p, want in zip(pieces, need_inputs)]
+                block_params = [p.detach().requires_grad_(want) for p, want in zip(params, need_params)]
+                block_states = {k: v.detach().requires_grad_() for k, v in entering[n].items()}
+                outputs, finals = ctx.block(*block_inputs, *block_params, block_states, *sizes)
+            pairs = [(outputs[name], g[n]) for name, g in zip(out_names, grad_pieces) if g is not None]
+            pairs += [(finals[name], carried[name]) for name in state_names if carried[name] is not None]
+            pairs = [(r, g) for r, g in pairs if r.requires_grad]
+            wanted = [t for t in block_inputs + block_params + list(block_states.values()) if t.requires_grad]
+            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs else [None] * len(wanted))
+            got = iter(got)
+            for i, t in enumerate(block_inputs):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is None:
+                        buffer_pieces[i][n].zero_()
+                    else:
+                        buffer_pieces[i][n].copy_(g)
+            for i, t in enumerate(block_params):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            carried = {name: next(got) for name in state_names}
+        need_states = need[at:]
+        state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -2562,8 +2686,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
 normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'))
 
 
-def normalized_linear_attention__scan(q, k, v, states, K, V):
-    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+def normalized_linear_attention__scan_block(q, k, v, states, K, V):
+    """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
     b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
@@ -2573,6 +2697,10 @@ def normalized_linear_attention__scan(q, k, v, states, K, V):
     all_z = scan_diagonal(a_z, b_z, states['z'])  # [B, T, H, K]
     o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S'], 'z': all_z[:, -1] if T_ else states['z']}
+
+
+# The scan form: blocks of steps, the states carried from one to the next (dispatch's `in_blocks`).
+normalized_linear_attention__scan = in_blocks(normalized_linear_attention__scan_block, 3, ('o',), ('S', 'z'))
 
 
 def normalized_linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):

@@ -565,6 +565,10 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     return run
 
 
+# Steps per block of the scan form (`in_blocks`); unset or 0: a power of two in [16, 1024] that keeps one block's
+# states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
