@@ -121,9 +121,10 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
 
 def takes_cu_seqlens(fn):
-    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (an int64 [N + 1]
-    tensor on the inputs' device) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton forms:
-    their kernels walk each sequence's chunks through index tables, codegen/triton_runtime.py). Returns `fn`."""
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
+    forms of linear classes: their kernels walk each sequence's chunks through index tables built once per call,
+    codegen/triton_runtime.py `_Packed`). Returns `fn`."""
     fn.takes_cu_seqlens = True
     return fn
 
@@ -160,7 +161,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
             flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
         try:
             piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu.to(call.device))
+            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
             return ({k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin)
         except UnsafeSteps:
             pass  # the batches below step through where the packed form could not
