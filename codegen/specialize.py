@@ -67,7 +67,8 @@ def chunked_backward_in_triton(analysis: Analysis) -> bool:
 
 
 # The chunk plans whose Triton runtime call takes `cu_seqlens` (packed sequences in the kernels, `_Packed` in
-# codegen/triton_runtime.py): every linear plan (`chunked_linear_by`).
+# codegen/triton_runtime.py): every linear plan (`chunked_linear_by`), and the delta-rule plans of
+# `_DELTA_BACKWARD_IN_TRITON` (`chunked_delta_by`). Not the DPLR class, which has no chunked Triton form.
 _PACKED_IN_TRITON = frozenset({TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
                                TransitionClass.DIAGONAL_COL})
 
@@ -78,7 +79,11 @@ def chunked_packed_in_triton(analysis: Analysis) -> bool:
     if "chunked" not in triton_form_names(analysis):
         return False
     view = analysis.chunk_analysis
-    return all(view.states[s.name].cls in _PACKED_IN_TRITON for s in analysis.recurrence.states)
+
+    def packed(plan) -> bool:
+        return plan.cls in _PACKED_IN_TRITON or (plan.cls, plan.chunk.decay_axis) in _DELTA_BACKWARD_IN_TRITON
+
+    return all(packed(view.states[s.name]) for s in analysis.recurrence.states)
 
 
 def backward_flags(analyses: list[Analysis]) -> dict[str, dict[str, frozenset]]:
