@@ -58,8 +58,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
-    `call.reverse` each sequence runs from its last step to its first.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
+    with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -73,8 +73,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
-        extra = dict(options.get(chosen, {}))
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
@@ -106,26 +106,100 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         if not call.reverse:
             return run(piece, piece_states, length)
         # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
-        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
-        # sequence, so each is flipped on its own.
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
+        # one sequence (all of one length), so each is flipped on its own.
         out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
         return {k: v.flip(1) for k, v in out.items()}, fin
 
     if call.cu_seqlens is None:
         outputs, finals = run_directed(inputs, states, call.length)
     else:
-        bounds = call.cu_seqlens.tolist()
-        out_pieces, final_pieces = [], []
-        for n in range(len(bounds) - 1):
-            lo, hi = bounds[n], bounds[n + 1]
-            piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
-            out_pieces.append(o)
-            final_pieces.append(f)
-        outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}
-        finals = {s.name: torch.cat([f[s.name] for f in final_pieces], dim=0) for s in spec.states}
+        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
+                                      call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
+    forms of linear classes: their kernels walk each sequence's chunks through index tables built once per call,
+    codegen/triton_runtime.py `_Packed`). Returns `fn`."""
+    fn.takes_cu_seqlens = True
+    return fn
+
+
+def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
+    int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
+    sqrt(2 T) + 1 distinct lengths, so this is also a bound on the number of groups."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    values, inverse = torch.unique(lengths, sorted=True, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=len(values)).tolist()
+    return list(zip(values.tolist(), torch.split(order, counts)))
+
+
+def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
+    """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
+
+    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
+    on a backend whose chunked form does) runs once for all sequences: its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows, gathered from the
+    packed tensor and scattered back by index (differentiable): no step of one sequence meets another's or any
+    padding, so outputs and final states are those of the one-by-one loop for every class, linear or not, and a
+    reverse run flips each row on its own. A packed form that meets a step its masked matmuls cannot take
+    (`UnsafeSteps`, whose step counts along the packed T) leaves it to the batches by length."""
+    cu = call.cu_seqlens
+    fn = form_fns.get("chunked")
+    packed = (fn is not None and getattr(fn, "takes_cu_seqlens", False) and form in ("auto", "chunked")
+              and call.length > 0)
+    if packed:
+        flip = None
+        if call.reverse:  # each sequence's steps in reverse order: a permutation of the packed steps, its own inverse
+            seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+            flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+        try:
+            piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
+            return ({k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin)
+        except UnsafeSteps:
+            pass  # the batches below step through where the packed form could not
+        except DecayNotPositive:
+            if form != "auto":
+                raise
+    groups = length_groups(cu)
+    starts = cu[:-1]
+    out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
+    final_parts: dict[str, list] = {s.name: [] for s in spec.states}
+    positions, order = [], []
+    for length, ids in groups:
+        order.append(ids)
+        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one
+            for name in final_parts:
+                final_parts[name].append(rows[name])
+            continue
+        index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
+        positions.append(index)
+        index = index.to(call.device)
+        piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, rows, length)
+        for name in out_parts:
+            out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
+        for name in final_parts:
+            final_parts[name].append(fin[name])
+    # Back to packed order: the groups' steps (and sequences) concatenated are a permutation of the packed ones.
+    undo = torch.argsort(torch.cat(positions)).to(call.device) if positions else None
+    unsort = torch.argsort(torch.cat(order)).to(call.device)
+    outputs = {}
+    for o in spec.outputs:
+        if undo is None:
+            outputs[o.name] = inputs[spec.inputs[0].name].new_zeros((1, 0, call.heads) + call.dims(o))
+        else:
+            outputs[o.name] = torch.cat(out_parts[o.name]).index_select(0, undo)[None]
+    finals = {name: torch.cat(parts).index_select(0, unsort) for name, parts in final_parts.items()}
+    return outputs, finals
 
 
 class _RecomputeBackward(torch.autograd.Function):

@@ -28,7 +28,7 @@ from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
 from .kernel_rules import check_kernel_source
-from .specialize import chunked_backward_in_triton, specialize
+from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize
 from .torch_forms import PRELUDE, TorchFormWriter
 from .triton_recurrent import has_triton_adjoint, triton_form_names
 
@@ -172,7 +172,10 @@ def _entry_points(analysis: Analysis) -> str:
     if "scan" in triton_names:  # differentiable on its own: the scan kernels' autograd.Function (triton_scan.py)
         tri.append(f"'scan': {name}__scan_triton")
     if "chunked" in triton_names:
-        if chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
+        if chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
+            # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
+            tri.append(f"'chunked': takes_cu_seqlens({name}__chunked_triton)")
+        elif chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
             tri.append(f"'chunked': {name}__chunked_triton")
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "

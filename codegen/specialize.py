@@ -68,6 +68,26 @@ def chunked_backward_in_triton(analysis: Analysis) -> bool:
     return all(in_triton(view.states[s.name]) for s in analysis.recurrence.states)
 
 
+# The chunk plans whose Triton runtime call takes `cu_seqlens` (packed sequences in the kernels, `_Packed` in
+# codegen/triton_runtime.py): every linear plan (`chunked_linear_by`), and the delta-rule plans of
+# `_DELTA_BACKWARD_IN_TRITON` (`chunked_delta_by`). Not the DPLR class, which has no chunked Triton form.
+_PACKED_IN_TRITON = frozenset({TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
+                               TransitionClass.DIAGONAL_COL})
+
+
+def chunked_packed_in_triton(analysis: Analysis) -> bool:
+    """True when `analysis` has a chunked Triton form whose runtime calls all take `cu_seqlens`, so the form runs
+    every packed sequence in one set of launches (codegen/dispatch.py `takes_cu_seqlens`)."""
+    if "chunked" not in triton_form_names(analysis):
+        return False
+    view = analysis.chunk_analysis
+
+    def packed(plan) -> bool:
+        return plan.cls in _PACKED_IN_TRITON or (plan.cls, plan.chunk.decay_axis) in _DELTA_BACKWARD_IN_TRITON
+
+    return all(packed(view.states[s.name]) for s in analysis.recurrence.states)
+
+
 def backward_flags(analyses: list[Analysis]) -> dict[str, dict[str, frozenset]]:
     """Runtime kernel name -> flag -> the values the Triton backward of `analyses`' chunked forms adds to
     `plan_flags` for that kernel only (`_LINEAR_BACKWARD_DECAYS`)."""

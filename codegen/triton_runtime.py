@@ -330,16 +330,27 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
+    VARLEN (packed sequences, `_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
+    boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # h is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -349,8 +360,8 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_n in range(0, NT):
-        tl.store(h + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
+    for i_n in range(c0, c1):
+        tl.store(h + (i_row.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
         m_t = t0 + o_i < T
@@ -428,15 +439,26 @@ def _delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexp
 
 
 @triton.jit
-def _delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                        VARLEN: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
-    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n."""
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
+    _chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # h is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -454,8 +476,8 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.conste
         if NK > 2:
             b_h3 += _block_load(p_h0, 2, o_v, m_v, K, V, KB)
             b_h4 += _block_load(p_h0, 3, o_v, m_v, K, V, KB)
-    for i_n in range(0, NT):
-        p_hn = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_n in range(c0, c1):
+        p_hn = h + (i_row.to(tl.int64) * NT + i_n) * (K * V)
         _block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
         if NK > 1:
             _block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
@@ -698,6 +720,59 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_chunk_state_kernel`, `_chunk_dstate_kernel`; the delta rule's `_delta_state_kernel`,
+    `_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
+    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: Tensor | None) -> Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: Tensor, ht: Tensor) -> Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -730,35 +805,40 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
 
 
 def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
+                  num_stages, packed=None):
+    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
+    `_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V]."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
+    rows = B if packed is None else packed.N  # the states' batch
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
-    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K, V,
-        NT, BT, BK, BV, decay, h0 is not None, ht is not None, prec, num_warps=_or(num_warps, _WARPS),
+    _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, BK, BV, decay, h0 is not None,
+        ht is not None, prec, packed is not None, num_warps=_or(num_warps, _WARPS),
         num_stages=_or(num_stages, _STAGES))
     return h, ht
 
 
 def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages):
-    """_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
+                  num_stages, packed=None):
+    """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _delta_blocks(BK)
+    rows = B if packed is None else packed.N  # the states' batch
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
-    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _delta_state_kernel[(triton.cdiv(V, BV), B * H)](
-        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K,
-        V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
-        num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=_or(num_stages, _STAGES))
+    _delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None,
+        ht is not None, prec, packed is not None, num_warps=_or(num_warps, _DELTA_STATE_WARPS),
+        num_stages=_or(num_stages, _STAGES))
     return h, ht
 
 
@@ -933,26 +1013,43 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 
 def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                      allow_tf32=None):
+                      allow_tf32=None, cu_seqlens=None):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that).
 
     Differentiable: with grad enabled and an input that requires grad it runs as _ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
-    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it."""
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it.
+
+    cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
+    packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
+    is [N, H, K, V]. The kernel launches are the same for any N (`_Packed`)."""
+    if cu_seqlens is not None:
+        packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+        if initial_state is None:
+            initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
+        k, v, log_decay = packed.pad(k), packed.pad(v), packed.pad(log_decay)
+        queries = [(packed.pad(q), e) for q, e in queries]
+    else:
+        packed = None
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
+    if packed is not None:
+        BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, k, v, log_decay, initial_state,
+        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state,
                                             *[q for q, _ in queries])
-        return list(flat[:-1]), (flat[-1] if output_final_state else None)
-    outs, ht, _ = _linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
-                                  output_final_state, cfg)
-    return outs, ht
+        outs, ht = list(flat[:-1]), flat[-1]
+    else:
+        outs, ht, _ = _linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
+                                      initial_state, output_final_state, cfg, packed)
+    if packed is not None:
+        outs = [packed.unpad(o) for o in outs]
+    return outs, (ht if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -980,17 +1077,27 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 
 
 @triton.jit
-def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NT,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
-                         STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                         STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
-    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total."""
+    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
+    VARLEN: as in _chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # dh is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -1000,9 +1107,9 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: tl.cons
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_r in range(0, NT):
-        i_n = NT - 1 - i_r
-        p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_dh = dh + (i_row.to(tl.int64) * NT + i_n) * (K * V) + o_kv
         if ACC:
             tl.store(p_dh, tl.load(p_dh, mask=m_kv, other=0.0) + b_dh, mask=m_kv)
         else:
@@ -1177,13 +1284,13 @@ def _dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT
     tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
 
 
-def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg):
+def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages)."""
+    num_warps, num_stages); packed: a `_Packed` whose layout the tensors are in, or None."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages)
+                          num_stages, packed)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht, h
 
@@ -1193,14 +1300,14 @@ class _ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, k, v, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         outs, ht, h = _linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg)
+                                      cfg, packed)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
-        ctx.decay_cls, ctx.exclusive, ctx.cfg = decay_cls, exclusive, cfg
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed = decay_cls, exclusive, cfg, packed
         return (*outs, ht)
 
     @staticmethod
@@ -1210,18 +1317,20 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
         dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
-                                                  initial_state, h, ht, outs, grads[:nq], grads[nq])
+                                                  initial_state, h, ht, outs, grads[:nq], grads[nq], ctx.packed)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, cast(dk, k, 3), cast(dv, v, 4), cast(dlog, log_decay, 5),
-                cast(dh0, initial_state, 6), *(cast(dq, q, 7 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, cast(dk, k, 4), cast(dv, v, 5), cast(dlog, log_decay, 6),
+                cast(dh0, initial_state, 7), *(cast(dq, q, 8 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht):
-    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above."""
+def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
+                     packed=None):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
+    `_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -1240,12 +1349,14 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
 
     # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
+    rows = B if packed is None else packed.N  # the states' batch
     dh = torch.empty((B, H, NT, K, V), dtype=f32, device=dev)
-    dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
+    dh0 = torch.empty((rows, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
-        _chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh, T, H, K, V, NT, BT, BK,
-            BV, value, excl, i == 0 and dht is not None, i > 0, dh0 is not None, prec, num_warps=warps,
+        _chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
+            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, value, excl,
+            i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
             num_stages=stages)
     hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
 
@@ -1295,7 +1406,10 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                 b += term
             else:
                 a += term
-        h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        if packed is None:
+            h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        else:
+            h_end = packed.chunk_ends(h, ht)
         hdh = (h_end * dh).sum(dim=-2 if value else -1).contiguous()  # [B, H, NT, D]
         dlog = torch.empty((B, T, H, D), dtype=f32, device=dev)
         BD = min(32, _pow2_at_least_16(D))
@@ -1333,14 +1447,35 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
 
 def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None):
+                     allow_tf32=None, cu_seqlens=None):
     """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDeltaDecay; KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (chunked_delta does
     that). Under autograd (an input requiring grad) it is `_ChunkedDeltaFunction`, differentiated by Triton
-    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there.
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for chunked_linear_by
+    (a zero step, beta = 0 and k = 0, is the identity of the delta step too)."""
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32)
+    if cu_seqlens is None:
+        return _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, **options)
+    packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
+    outs, ht = _delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
+                         packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
+                         **options)
+    return [packed.unpad(o) for o in outs], ht
+
+
+def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
+              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
+    """chunked_delta_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     if T == 0:
         return _empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
@@ -1350,7 +1485,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
                                       "decay's is KeyDeltaDecay); call it under torch.no_grad() and differentiate "
                                       "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, allow_tf32=allow_tf32)
+                       num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
         *outs, ht = _ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
                                                 log_decay, initial_state, *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
@@ -1358,7 +1493,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
     gc, eg, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages)
+                                           BK, BV, BVS, prec, num_warps, num_stages, packed)
     outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
@@ -1439,15 +1574,25 @@ def _delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K:
 
 
 @triton.jit
-def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr, K: tl.constexpr,
+def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
     [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
-    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS."""
+    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS.
+    VARLEN: as in _delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # dh, dhq are [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -1458,9 +1603,9 @@ def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_r in range(0, NT):
-        i_n = NT - 1 - i_r
-        p_n = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_n = (i_row.to(tl.int64) * NT + i_n) * (K * V)
         tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
@@ -1494,7 +1639,7 @@ def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr
 def _delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, ENDS: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
     (dgk [B, T, H, NKB], one column per K block, summed by the caller).
@@ -1503,7 +1648,8 @@ def _delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, d
     tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _delta_bwd_intra_kernel
     and writes only dq's inter-chunk term exp(Gq) (dO S0^T), with FIRST dk = exp(G_last - G) (U dS1^T) (the state
     update's share, every factor with G_t on its minus side) and dgk [B, T, H, K] = sum over V of dS1 * S1 on the
-    chunk's last row (the G_last term), zero on the others."""
+    chunk's last row (the G_last term), zero on the others. ENDS (packed sequences): `ht` holds the state at the end
+    of every chunk, [B, H, NT, K, V] (`_Packed.chunk_ends`), since a sequence's last chunk is not the row's."""
     i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -1523,9 +1669,12 @@ def _delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, d
     p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S0 of the chunk
     p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # dS1
-    p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
-    if i_n == NT - 1:
-        p_hn = ht + i_bh.to(tl.int64) * (K * V)
+    if ENDS:
+        p_hn = ht + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S1, the chunk's end state
+    else:
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
+        if i_n == NT - 1:
+            p_hn = ht + i_bh.to(tl.int64) * (K * V)
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
     b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -1817,7 +1966,7 @@ def _delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta, dgin,
 
 
 def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages):
+                  num_warps, num_stages, packed=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
     state (or None). k, y, beta contiguous."""
@@ -1834,7 +1983,7 @@ def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_
         H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_or(num_warps, _WARPS),
         num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages)
+                          num_warps, num_stages, packed)
     return gc, eg, Akk, w, u, h, ht
 
 
@@ -1850,21 +1999,26 @@ def _delta_bwd_intra(M: Tensor, x: Tensor, gc: Tensor, out: Tensor, shift: bool,
 
 
 def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
-                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32):
+                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
     """Gradients of chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
-    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None)."""
+    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None);
+    packed: as for `_delta_by` (the state gradient then runs per sequence, grad_final and dS0 [N, H, K, V])."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
     code = decay_cls.code
     # (T == 0 never gets here: chunked_delta_by returns the empty result before the Function runs)
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
+    rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages)
+                                             BVS, prec, num_warps, num_stages, packed)
+    ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
@@ -1882,12 +2036,13 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
             q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
-    dS0 = torch.empty((B, H, K, V), **f32)
+    dS0 = torch.empty((rows, H, K, V), **f32)
     du = torch.empty((B, T, H, V), **f32)
     dht = None if grad_final is None else grad_final.float().contiguous()
-    _delta_bwd_dh_kernel[(triton.cdiv(V, BVS), B * H)](
-        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du, T, H, K, V, NT, BT, BK, BVS, code,
-        dht is not None, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
+    _delta_bwd_dh_kernel[(triton.cdiv(V, BVS), rows * H)](
+        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
+        packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BVS, code, dht is not None, prec,
+        packed is not None, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
     dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
     dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
@@ -1895,8 +2050,9 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
-            code, bool(exclusive), j == 0, prec, num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K,
+            V, NT, NKB, BT, KB, BV, code, bool(exclusive), j == 0, prec, ends is not None,
+            num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -1943,8 +2099,7 @@ class _ChunkedDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
         queries = list(zip(qs, exclusives))
-        outs, ht = chunked_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state,
-                                    output_final_state=True, **options)
+        outs, ht = _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, **options)
         ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
         ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
         return (*outs, ht)

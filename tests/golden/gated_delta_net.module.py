@@ -360,8 +360,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
-    `call.reverse` each sequence runs from its last step to its first.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
+    with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -375,8 +375,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
-        extra = dict(options.get(chosen, {}))
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
@@ -408,26 +408,100 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         if not call.reverse:
             return run(piece, piece_states, length)
         # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
-        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
-        # sequence, so each is flipped on its own.
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
+        # one sequence (all of one length), so each is flipped on its own.
         out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
         return {k: v.flip(1) for k, v in out.items()}, fin
 
     if call.cu_seqlens is None:
         outputs, finals = run_directed(inputs, states, call.length)
     else:
-        bounds = call.cu_seqlens.tolist()
-        out_pieces, final_pieces = [], []
-        for n in range(len(bounds) - 1):
-            lo, hi = bounds[n], bounds[n + 1]
-            piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
-            out_pieces.append(o)
-            final_pieces.append(f)
-        outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}
-        finals = {s.name: torch.cat([f[s.name] for f in final_pieces], dim=0) for s in spec.states}
+        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
+                                      call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
+    forms of linear classes: their kernels walk each sequence's chunks through index tables built once per call,
+    codegen/triton_runtime.py `_Packed`). Returns `fn`."""
+    fn.takes_cu_seqlens = True
+    return fn
+
+
+def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
+    int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
+    sqrt(2 T) + 1 distinct lengths, so this is also a bound on the number of groups."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    values, inverse = torch.unique(lengths, sorted=True, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=len(values)).tolist()
+    return list(zip(values.tolist(), torch.split(order, counts)))
+
+
+def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
+    """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
+
+    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
+    on a backend whose chunked form does) runs once for all sequences: its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows, gathered from the
+    packed tensor and scattered back by index (differentiable): no step of one sequence meets another's or any
+    padding, so outputs and final states are those of the one-by-one loop for every class, linear or not, and a
+    reverse run flips each row on its own. A packed form that meets a step its masked matmuls cannot take
+    (`UnsafeSteps`, whose step counts along the packed T) leaves it to the batches by length."""
+    cu = call.cu_seqlens
+    fn = form_fns.get("chunked")
+    packed = (fn is not None and getattr(fn, "takes_cu_seqlens", False) and form in ("auto", "chunked")
+              and call.length > 0)
+    if packed:
+        flip = None
+        if call.reverse:  # each sequence's steps in reverse order: a permutation of the packed steps, its own inverse
+            seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+            flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+        try:
+            piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
+            return ({k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin)
+        except UnsafeSteps:
+            pass  # the batches below step through where the packed form could not
+        except DecayNotPositive:
+            if form != "auto":
+                raise
+    groups = length_groups(cu)
+    starts = cu[:-1]
+    out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
+    final_parts: dict[str, list] = {s.name: [] for s in spec.states}
+    positions, order = [], []
+    for length, ids in groups:
+        order.append(ids)
+        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one
+            for name in final_parts:
+                final_parts[name].append(rows[name])
+            continue
+        index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
+        positions.append(index)
+        index = index.to(call.device)
+        piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, rows, length)
+        for name in out_parts:
+            out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
+        for name in final_parts:
+            final_parts[name].append(fin[name])
+    # Back to packed order: the groups' steps (and sequences) concatenated are a permutation of the packed ones.
+    undo = torch.argsort(torch.cat(positions)).to(call.device) if positions else None
+    unsort = torch.argsort(torch.cat(order)).to(call.device)
+    outputs = {}
+    for o in spec.outputs:
+        if undo is None:
+            outputs[o.name] = inputs[spec.inputs[0].name].new_zeros((1, 0, call.heads) + call.dims(o))
+        else:
+            outputs[o.name] = torch.cat(out_parts[o.name]).index_select(0, undo)[None]
+    finals = {name: torch.cat(parts).index_select(0, unsort) for name, parts in final_parts.items()}
+    return outputs, finals
 
 
 def _flatten(args) -> tuple[list, list]:
@@ -1616,15 +1690,26 @@ def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.c
 
 
 @triton.jit
-def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                        VARLEN: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
-    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n."""
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
+    _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # h is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -1642,8 +1727,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         if NK > 2:
             b_h3 += _triton_block_load(p_h0, 2, o_v, m_v, K, V, KB)
             b_h4 += _triton_block_load(p_h0, 3, o_v, m_v, K, V, KB)
-    for i_n in range(0, NT):
-        p_hn = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_n in range(c0, c1):
+        p_hn = h + (i_row.to(tl.int64) * NT + i_n) * (K * V)
         _triton_block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
         if NK > 1:
             _triton_block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
@@ -1776,6 +1861,59 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _triton_Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
+    `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
+    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: triton_Tensor | None) -> triton_Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: triton_Tensor) -> triton_Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -1797,19 +1935,21 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages):
-    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
+                  num_stages, packed=None):
+    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
+    rows = B if packed is None else packed.N  # the states' batch
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
-    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _triton_delta_state_kernel[(triton.cdiv(V, BV), B * H)](
-        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K,
-        V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
-        num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=_triton_or(num_stages, _STAGES))
+    _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None,
+        ht is not None, prec, packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
@@ -1906,14 +2046,35 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None):
+                     allow_tf32=None, cu_seqlens=None):
     """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDeltaDecay; triton_KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (triton_chunked_delta does
     that). Under autograd (an input requiring grad) it is `_triton_ChunkedDeltaFunction`, differentiated by Triton
-    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there.
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for triton_chunked_linear_by
+    (a zero step, beta = 0 and k = 0, is the identity of the delta step too)."""
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32)
+    if cu_seqlens is None:
+        return _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, **options)
+    packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
+    outs, ht = _triton_delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
+                         packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
+                         **options)
+    return [packed.unpad(o) for o in outs], ht
+
+
+def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
+              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
+    """triton_chunked_delta_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
@@ -1923,7 +2084,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
                                       "decay's is triton_KeyDeltaDecay); call it under torch.no_grad() and differentiate "
                                       "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, allow_tf32=allow_tf32)
+                       num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
         *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
                                                 log_decay, initial_state, *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
@@ -1931,7 +2092,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
     gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages)
+                                           BK, BV, BVS, prec, num_warps, num_stages, packed)
     outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
@@ -1993,15 +2154,25 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.conste
 
 
 @triton.jit
-def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr, K: tl.constexpr,
+def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
     [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
-    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS."""
+    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS.
+    VARLEN: as in _triton_delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # dh, dhq are [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -2012,9 +2183,9 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.co
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_r in range(0, NT):
-        i_n = NT - 1 - i_r
-        p_n = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_n = (i_row.to(tl.int64) * NT + i_n) * (K * V)
         tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
@@ -2041,7 +2212,7 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.co
 def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, ENDS: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
     (dgk [B, T, H, NKB], one column per K block, summed by the caller).
@@ -2050,7 +2221,8 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
     tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _triton_delta_bwd_intra_kernel
     and writes only dq's inter-chunk term exp(Gq) (dO S0^T), with FIRST dk = exp(G_last - G) (U dS1^T) (the state
     update's share, every factor with G_t on its minus side) and dgk [B, T, H, K] = sum over V of dS1 * S1 on the
-    chunk's last row (the G_last term), zero on the others."""
+    chunk's last row (the G_last term), zero on the others. ENDS (packed sequences): `ht` holds the state at the end
+    of every chunk, [B, H, NT, K, V] (`_triton_Packed.chunk_ends`), since a sequence's last chunk is not the row's."""
     i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -2066,9 +2238,12 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
     p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S0 of the chunk
     p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # dS1
-    p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
-    if i_n == NT - 1:
-        p_hn = ht + i_bh.to(tl.int64) * (K * V)
+    if ENDS:
+        p_hn = ht + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S1, the chunk's end state
+    else:
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
+        if i_n == NT - 1:
+            p_hn = ht + i_bh.to(tl.int64) * (K * V)
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
     b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -2226,7 +2401,7 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages):
+                  num_warps, num_stages, packed=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
     state (or None). k, y, beta contiguous."""
@@ -2243,26 +2418,31 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
         H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_triton_or(num_warps, _WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages)
+                          num_warps, num_stages, packed)
     return gc, eg, Akk, w, u, h, ht
 
 
 def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
-                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32):
+                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
     """Gradients of triton_chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
-    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None)."""
+    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None);
+    packed: as for `_triton_delta_by` (the state gradient then runs per sequence, grad_final and dS0 [N, H, K, V])."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
     code = decay_cls.code
     # (T == 0 never gets here: triton_chunked_delta_by returns the empty result before the Function runs)
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _triton_delta_blocks(BK)[0]
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
+    rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages)
+                                             BVS, prec, num_warps, num_stages, packed)
+    ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
@@ -2280,12 +2460,13 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
             q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
-    dS0 = torch.empty((B, H, K, V), **f32)
+    dS0 = torch.empty((rows, H, K, V), **f32)
     du = torch.empty((B, T, H, V), **f32)
     dht = None if grad_final is None else grad_final.float().contiguous()
-    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), B * H)](
-        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du, T, H, K, V, NT, BT, BK, BVS, code,
-        dht is not None, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), rows * H)](
+        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
+        packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BVS, code, dht is not None, prec,
+        packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
     dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
     dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
@@ -2293,8 +2474,9 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
-            code, bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K,
+            V, NT, NKB, BT, KB, BV, code, bool(exclusive), j == 0, prec, ends is not None,
+            num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -2341,8 +2523,7 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
         queries = list(zip(qs, exclusives))
-        outs, ht = triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state,
-                                    output_final_state=True, **options)
+        outs, ht = _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, **options)
         ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
         ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
         return (*outs, ht)
@@ -2746,7 +2927,7 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
 
 _gated_delta_net_forms = {'recurrent': gated_delta_net__recurrent, 'chunked': gated_delta_net__chunked}
 _gated_delta_net_out, _gated_delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_gated_delta_net_triton_forms = {'recurrent': with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True), 'chunked': gated_delta_net__chunked_triton} if HAVE_TRITON else None
+_gated_delta_net_triton_forms = {'recurrent': with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True), 'chunked': takes_cu_seqlens(gated_delta_net__chunked_triton)} if HAVE_TRITON else None
 
 
 class _GatedDeltaNetLayer(Layer):
