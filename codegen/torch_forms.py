@@ -28,7 +28,9 @@ from recurrence_dsl.adjoint import (
     NoAdjoint,
     canonical_key,
     derive_adjoint,
+    factor_sums,
     grad_name,
+    nest_sums,
     reads,
     update_order,
 )
@@ -49,12 +51,13 @@ def _leaf(e: sympy.Expr) -> bool:
 
 
 def _has_whole(e: sympy.Expr, indices: set, names) -> bool:
-    """Whether `e` is, or sums or multiplies, a tensor of `names` read over all of `indices`."""
+    """Whether `e` is, or sums, multiplies or maps elementwise (a function, a power), a tensor of `names` read over
+    all of `indices`."""
     if isinstance(e, sympy.Indexed):
         return str(e.base) in names and set(e.indices) == indices and len(e.indices) == len(indices)
     if isinstance(e, sympy.Symbol):
         return e.name in names and not indices
-    if isinstance(e, (sympy.Add, sympy.Mul)):
+    if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow, sympy.Function, sympy.Min, sympy.Max)):
         return any(_has_whole(a, indices, names) for a in e.args)
     return False
 
@@ -431,11 +434,12 @@ class TorchFormWriter:
         table: dict = {}
         counter = itertools.count()
 
-        def hoist(d):
-            return d.indices, self._hoist(d.expr, table, counter, self.state_names | carried_names | total_names,
-                                          ranges)
+        def hoist(d, nest=True):
+            # (sums over several indices nested, so that a contraction two gradients share is one sum node)
+            e = factor_sums(nest_sums(d.expr, ranges)) if nest else d.expr
+            return d.indices, self._hoist(e, table, counter, self.state_names | carried_names | total_names, ranges)
 
-        updates = {n: hoist(d) for n, d in self.a.ir.updates.items()}
+        updates = {n: hoist(d, nest=False) for n, d in self.a.ir.updates.items()}  # as the loop prints them
         new_states = [(d.name, hoist(d)) for d in adj.new_states]
         previous = {n: hoist(d) for n, d in adj.previous.items()}
         local = [x for x in rec.inputs + rec.params if {**adj.inputs, **adj.params}[x.name] is not None]

@@ -130,10 +130,11 @@ def test_gradients_match_the_reference(name, backend, block, every, monkeypatch)
 
 def test_adjoint_block_choice(monkeypatch):
     """The block of steps whose gradients are computed at once: forced by the environment; else as many CPU steps
-    as keep the block's states and total gradients within BLOCK_BYTES, between 1 and a segment."""
+    as keep the block's states and total gradients within BLOCK_BYTES (4 MiB), between 1 and a segment."""
     monkeypatch.delenv(ADJOINT_BLOCK, raising=False)
-    gla = [torch.zeros(2, 4, 64, 64)]  # 128 KiB of float32 a step: 4 steps of states and gradients in 1 MiB
-    assert adjoint_block(gla, 64) == 4
+    gla = [torch.zeros(2, 4, 64, 64)]  # 128 KiB of float32 a step: 16 steps of states and gradients in 4 MiB
+    assert adjoint_block(gla, 64) == 16
+    assert adjoint_block(gla, 8) == 8  # never more than a segment
     assert adjoint_block([torch.zeros(2, 4, 64)], 64) == 64  # small states: the whole segment
     assert adjoint_block([torch.zeros(8, 16, 128, 128)], 64) == 1  # 4 MiB a step: one step at a time
     monkeypatch.setenv(ADJOINT_BLOCK, "7")

@@ -467,11 +467,12 @@ CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES (cache-sized: a block of
-# large states out of cache costs more than the per-step calls it saves), at least 1 and at most a segment; on a GPU
-# a whole segment (each call is a kernel launch).
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 4 << 20
 
 
 def adjoint_block(states, every: int) -> int:
@@ -2360,11 +2361,12 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
             grad_S = torch.addcmul(grad_S__new_at[t], -beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
             if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
                 t2 = min(t + block, t1 - t0)
+                sum_grad_S__new_k = torch.broadcast_to((k_seg[t:t2][..., None, :] @ grad_S__new_steps[t:t2])[..., 0, :], (t2 - t, B_, H_, V))  # used more than once
                 add_S_k_v = torch.broadcast_to(-(k_seg[t:t2][..., None, :] @ S_steps[t:t2])[..., 0, :] + v_seg[t:t2], (t2 - t, B_, H_, V))  # used more than once
                 grad_q[:, t0 + t:t0 + t2] = ((grad_o_seg[t:t2][..., None, :] @ S_steps[t + 1:t2 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
-                grad_k[:, t0 + t:t0 + t2] = (torch.addcmul(beta_seg[t:t2][..., None] * (add_S_k_v[..., None, :] @ grad_S__new_steps[t:t2].mT)[..., 0, :], -beta_seg[t:t2][..., None], ((k_seg[t:t2][..., None, :] @ grad_S__new_steps[t:t2])[..., 0, :][..., None, :] @ S_steps[t:t2].mT)[..., 0, :])).transpose(0, 1)
-                grad_v[:, t0 + t:t0 + t2] = (beta_seg[t:t2][..., None] * (k_seg[t:t2][..., None, :] @ grad_S__new_steps[t:t2])[..., 0, :]).transpose(0, 1)
-                grad_beta[:, t0 + t:t0 + t2] = (((add_S_k_v[..., None, :] @ grad_S__new_steps[t:t2].mT)[..., 0, :] * k_seg[t:t2]).sum(dim=-1)).transpose(0, 1)
+                grad_k[:, t0 + t:t0 + t2] = (torch.addcmul(beta_seg[t:t2][..., None] * (add_S_k_v[..., None, :] @ grad_S__new_steps[t:t2].mT)[..., 0, :], -beta_seg[t:t2][..., None], (sum_grad_S__new_k[..., None, :] @ S_steps[t:t2].mT)[..., 0, :])).transpose(0, 1)
+                grad_v[:, t0 + t:t0 + t2] = (beta_seg[t:t2][..., None] * sum_grad_S__new_k).transpose(0, 1)
+                grad_beta[:, t0 + t:t0 + t2] = ((add_S_k_v * sum_grad_S__new_k).sum(dim=-1)).transpose(0, 1)
     return [grad_q, grad_k, grad_v, grad_beta], {'S': grad_S}
 
 

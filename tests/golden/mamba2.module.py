@@ -474,11 +474,12 @@ CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES (cache-sized: a block of
-# large states out of cache costs more than the per-step calls it saves), at least 1 and at most a segment; on a GPU
-# a whole segment (each call is a kernel launch).
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 4 << 20
 
 
 def adjoint_block(states, every: int) -> int:
@@ -2442,9 +2443,10 @@ def mamba2__recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_outputs, grad
             grad_h = exp_A_dt_t[..., None, None] * grad_h__new_at[t]  # d loss / d h before step t
             if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
                 t2 = min(t + block, t1 - t0)
+                sum_B_grad_h__new_ = torch.broadcast_to((B_seg[t:t2][..., None, :] @ grad_h__new_steps[t:t2])[..., 0, :], (t2 - t, B_, H_, P))  # used more than once
                 sum_h_grad_h__new_ = torch.broadcast_to((h_steps[t:t2] * grad_h__new_steps[t:t2]).sum(dim=(-2, -1)), (t2 - t, B_, H_))  # used more than once
-                grad_x[:, t0 + t:t0 + t2] = (torch.addcmul(D[..., None] * grad_y_seg[t:t2], dt_seg[t:t2][..., None], (B_seg[t:t2][..., None, :] @ grad_h__new_steps[t:t2])[..., 0, :])).transpose(0, 1)
-                grad_dt[:, t0 + t:t0 + t2] = (torch.addcmul(((B_seg[t:t2][..., None, :] @ grad_h__new_steps[t:t2])[..., 0, :] * x_seg[t:t2]).sum(dim=-1), sum_h_grad_h__new_ * exp_A_dt[t:t2], A)).transpose(0, 1)
+                grad_x[:, t0 + t:t0 + t2] = (torch.addcmul(D[..., None] * grad_y_seg[t:t2], dt_seg[t:t2][..., None], sum_B_grad_h__new_)).transpose(0, 1)
+                grad_dt[:, t0 + t:t0 + t2] = (torch.addcmul((sum_B_grad_h__new_ * x_seg[t:t2]).sum(dim=-1), sum_h_grad_h__new_ * exp_A_dt[t:t2], A)).transpose(0, 1)
                 grad_B[:, t0 + t:t0 + t2] = (dt_seg[t:t2][..., None] * (x_seg[t:t2][..., None, :] @ grad_h__new_steps[t:t2].mT)[..., 0, :]).transpose(0, 1)
                 grad_C[:, t0 + t:t0 + t2] = ((grad_y_seg[t:t2][..., None, :] @ h_steps[t + 1:t2 + 1].mT)[..., 0, :]).transpose(0, 1)
                 grad_A = grad_A + (torch.broadcast_to(sum_h_grad_h__new_ * exp_A_dt[t:t2] * dt_seg[t:t2], (t2 - t, B_, H_))).sum((0, 1))
