@@ -61,8 +61,6 @@ def main() -> None:
     rows = []
     for name in args.specs.split(","):
         rec = recurrence_dsl.load(ROOT / "specs" / f"{name}.rec")[name].checked
-        if rec.params:
-            raise SystemExit(f"{name}: specs with params are not supported here (the loop takes them after states)")
         sizes = {s: args.D for s in rec.sizes}
         inputs, _ = sample_arguments(rec, sizes, B, args.T, H, dtype=torch.float32, seed=0)
         states = {s.name: torch.zeros((B, H) + tuple(sizes[d] for d in s.dims)) for s in rec.states}

@@ -284,22 +284,26 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 
-# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
-# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
-# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
-# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
-# is a kernel launch).
-ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
-STEPWISE_ELEMENTS = 8192
+# How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
+# segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
+BLOCK_BYTES = 4 << 20
 
 
-def adjoint_stepwise(states) -> bool:
-    forced = os.environ.get(ADJOINT_STEPWISE, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+def adjoint_block(states, every: int) -> int:
+    """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
+    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
     states = list(states)
-    return (all(s.device.type == "cpu" for s in states)
-            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+    if not all(s.device.type == "cpu" for s in states):
+        return every
+    step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
+    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
 def checkpoint_every(length: int) -> int:
@@ -314,13 +318,13 @@ class _AdjointBackward(torch.autograd.Function):
     loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
 
     @staticmethod
-    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+    def forward(ctx, loop, adjoint, layout, names, every, kernels, *tensors):
         args = _unflatten(layout, tensors)
         outputs, finals, checkpoints = loop(*args, every=every)
         results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
-        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         ctx.count = (len(tensors), len(checkpoints))
         ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
@@ -341,8 +345,10 @@ class _AdjointBackward(torch.autograd.Function):
         grad_states = dict(zip(state_names, grads[len(out_names):]))
         args = _unflatten(ctx.layout, tensors)
         at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        # (A Triton adjoint is one kernel: it has no blocks to choose.)
+        extra = {} if ctx.kernels else {"block": adjoint_block(grad_states.values(), ctx.every)}
         positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
-                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+                                              every=ctx.every, **extra)
         positional = iter(positional)
         flat_grads = []
         for kind, info in ctx.layout:
@@ -350,8 +356,8 @@ class _AdjointBackward(torch.autograd.Function):
                 flat_grads.append(next(positional))
             elif kind == "dict":
                 flat_grads.extend(state_grads[k] for k in info)
-        needed = ctx.needs_input_grad[5:]
-        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+        needed = ctx.needs_input_grad[6:]
+        return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
 def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
@@ -370,7 +376,7 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      *tensors)
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 

@@ -29,7 +29,9 @@ from recurrence_dsl.adjoint import (
     NoAdjoint,
     canonical_key,
     derive_adjoint,
+    factor_sums,
     grad_name,
+    nest_sums,
     reads,
     update_order,
 )
@@ -50,14 +52,45 @@ def _leaf(e: sympy.Expr) -> bool:
 
 
 def _has_whole(e: sympy.Expr, indices: set, names) -> bool:
-    """Whether `e` is, or sums or multiplies, a tensor of `names` read over all of `indices`."""
+    """Whether `e` is, or sums, multiplies or maps elementwise (a function, a power), a tensor of `names` read over
+    all of `indices`."""
     if isinstance(e, sympy.Indexed):
         return str(e.base) in names and set(e.indices) == indices and len(e.indices) == len(indices)
     if isinstance(e, sympy.Symbol):
         return e.name in names and not indices
-    if isinstance(e, (sympy.Add, sympy.Mul)):
+    if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow, sympy.Function, sympy.Min, sympy.Max)):
         return any(_has_whole(a, indices, names) for a in e.args)
     return False
+
+
+# Torch functions whose printed call can write its result into an existing tensor (`out=`).
+_OUT_CALLS = {"addcmul", "add", "sub", "mul", "div", "tanh", "sigmoid", "exp", "log", "sqrt", "abs", "neg",
+              "maximum", "minimum"}
+
+
+def _into(value: str, target: str) -> str:
+    """Source writing the tensor `value` (printed source, of the target's shape or broadcasting to it) into the
+    existing tensor `target`: through the `out=` of its top-level torch call where it is one (no extra pass over the
+    result), else `target.copy_(value)` (which broadcasts; a `torch.broadcast_to` around `value` is dropped)."""
+    def call(text: str) -> tuple[str, str] | None:
+        """(function, arguments) of `text` when all of it is one call `torch.f(arguments)`."""
+        head = text.split("(", 1)[0]
+        if not head.startswith("torch.") or not text.endswith(")"):
+            return None
+        depth = 0
+        for n, ch in enumerate(text[len(head):], len(head)):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                return (head[len("torch."):], text[len(head) + 1:-1]) if n == len(text) - 1 else None
+        return None
+
+    parts = call(value)
+    if parts and parts[0] == "broadcast_to":
+        inner = parts[1].rsplit(", (", 1)[0]  # broadcast_to(value, (shape)): copy_ broadcasts by itself
+        return f"{target}.copy_({inner})"
+    if parts and parts[0] in _OUT_CALLS:
+        return f"torch.{parts[0]}({parts[1]}, out={target})"
+    return f"{target}.copy_({value})"
 
 
 class TorchFormWriter:
@@ -364,12 +397,15 @@ class TorchFormWriter:
 
     def write_recurrent_adjoint(self, adj) -> str:
         """The backward of the step loop, printed from the adjoint step that `recurrence_dsl.adjoint` derives
-        symbolically from the spec (no autograd). Segment by segment from the last: the segment's states are
-        recomputed from its checkpoint; the states' gradients run back through its steps one at a time; every
-        input's and param's gradient is local to its step (given the states before and after it and the total
-        gradient of the state after it), so it is computed either at each step of that loop (`stepwise`: large
-        states, whose per-step tensors stay in cache) or afterwards for all the segment's steps at once (small
-        states, where the per-step calls would cost more than the arithmetic)."""
+        symbolically from the spec (no autograd). Segment by segment from the last, the Python loops over steps do
+        only what is sequential: the segment's states are recomputed from its checkpoint into a buffer
+        [every + 1, B, H, ...] (time-major, so a run of steps is one contiguous slice), and the states' gradients
+        run back through its steps, the total gradient of each state after a step kept in a buffer
+        [every, B, H, ...]. Every input's and param's gradient is local to its step given the states before and
+        after it and that total gradient, so the same printed expressions are evaluated once for each `block`
+        consecutive steps, on their slices of the buffers (batched over time), as soon as the reverse loop has
+        passed them: the dispatcher picks `block` so that those slices stay in cache (codegen/dispatch.py
+        `adjoint_block`)."""
         self.shown, self.taken = {}, set()
         rec, py = self.rec, self.py
         # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.
@@ -389,8 +425,6 @@ class TorchFormWriter:
             grad[x.name] = alloc(f"grad_{py[x.name]}")
         carried = {s.name: alloc(f"grad_{py[s.name]}") for s in rec.states}  # d/dS_t from after step t
         total = {s.name: alloc(f"grad_{py[s.name]}{NEW_SUFFIX}") for s in rec.states}  # d/dS_t, all of it
-        totals = {s.name: alloc(f"grad_{py[s.name]}{NEW_SUFFIX}_steps") for s in rec.states}
-        steps = {s.name: alloc(f"{py[s.name]}_steps") for s in rec.states}
         state_names = [s.name for s in rec.states]
         new_names = {s + NEW_SUFFIX for s in state_names}
         carried_names = {grad_name(s) for s in state_names}
@@ -401,11 +435,12 @@ class TorchFormWriter:
         table: dict = {}
         counter = itertools.count()
 
-        def hoist(d):
-            return d.indices, self._hoist(d.expr, table, counter, self.state_names | carried_names | total_names,
-                                          ranges)
+        def hoist(d, nest=True):
+            # (sums over several indices nested, so that a contraction two gradients share is one sum node)
+            e = factor_sums(nest_sums(d.expr, ranges)) if nest else d.expr
+            return d.indices, self._hoist(e, table, counter, self.state_names | carried_names | total_names, ranges)
 
-        updates = {n: hoist(d) for n, d in self.a.ir.updates.items()}
+        updates = {n: hoist(d, nest=False) for n, d in self.a.ir.updates.items()}  # as the loop prints them
         new_states = [(d.name, hoist(d)) for d in adj.new_states]
         previous = {n: hoist(d) for n, d in adj.previous.items()}
         local = [x for x in rec.inputs + rec.params if {**adj.inputs, **adj.params}[x.name] is not None]
@@ -413,8 +448,8 @@ class TorchFormWriter:
         per_step_hoisted, constant_hoisted = self._hoisted_kinds(table, {i.name for i in rec.inputs} | out_grads)
         shown = dict(self.shown)
 
-        # Subexpressions used more than once: at a step of the recomputation; at a step of the adjoint before the
-        # states' gradients; in the gradients at a step (stepwise) or at the segment's steps (not stepwise).
+        # Subexpressions used more than once: at a step of the recomputation; at a step of the adjoint; in the
+        # gradients of a block of steps.
         temp_counter = itertools.count()
         shared, update_temps = self._share([e for _, e in updates.values()], ranges, new_names, temp_counter)
         updates = {n: (idx, e) for (n, (idx, _)), e in zip(updates.items(), shared)}
@@ -422,72 +457,82 @@ class TorchFormWriter:
                                          carried_names | total_names, temp_counter)
         new_states = [(n, (idx, e)) for (n, (idx, _)), e in zip(new_states, shared)]
         previous = {n: (idx, e) for (n, (idx, _)), e in zip(previous.items(), shared[len(new_states):])}
-        # At a step (stepwise) the gradients and the state's gradient before the step are shared together: in the
-        # delta rule `k^T dS` feeds dv, dk and dS alike, one state-sized pass instead of three.
-        shared, step_temps = self._share([e for _, e in grads.values()] + [e for _, e in previous.values()],
-                                         ranges, carried_names, temp_counter, loop_temps)
-        step_grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
-        step_previous = {n: (idx, e) for (n, (idx, _)), e in zip(previous.items(), shared[len(grads):])}
         shared, local_temps = self._share([e for _, e in grads.values()], ranges, set(), temp_counter)
         grads = {n: (grads[n][0], e) for n, e in zip(grads, shared)}
 
         update_exprs = [e for _, e in updates.values()] + [e for _, _, e in update_temps]
         loop_exprs = ([e for _, (_, e) in new_states] + [e for _, e in previous.values()]
                       + [e for _, _, e in loop_temps])
-        step_exprs = ([e for _, e in step_grads.values()] + [e for _, e in step_previous.values()]
-                      + [e for _, _, e in step_temps])
         read_update = self._names_read(update_exprs)
         read_loop = self._names_read(loop_exprs)
-        read_step = self._names_read(step_exprs) - read_loop  # read only by the gradients at a step
         read_local = self._names_read([e for _, e in grads.values()] + [e for _, _, e in local_temps])
-        # The states kept per step of the segment: those the adjoint reads, before (S) or after (S__new) a step.
-        keep = [s for s in rec.states if {s.name, s.name + NEW_SUFFIX} & (read_local | read_loop | read_step)]
+        read_hoisted = self._names_read([e for name, _, e, _ in table.values() if name in per_step_hoisted])
+        # The states kept in a buffer over the segment: those the adjoint reads, before (S) or after (S__new) a
+        # step; a state none of it reads is recomputed in a variable only (a kept state's update may read it).
+        keep = [s for s in rec.states if {s.name, s.name + NEW_SUFFIX} & (read_local | read_loop)]
+        kept = {s.name for s in keep}
+        # The total gradients after each step that the block gradients read, kept in a buffer over the segment.
         stacked = [s for s in rec.states if grad_name(s.name + NEW_SUFFIX) in read_local]
+        state_buffer = {s.name: alloc(f"{py[s.name]}_steps") for s in keep}  # [every + 1, B, H, ...]
+        state_at = {s.name: alloc(f"{py[s.name]}_at") for s in keep}  # its views, one per step
+        total_buffer = {s.name: alloc(f"{total[s.name]}_steps") for s in stacked}  # [every, B, H, ...]
+        total_at = {s.name: alloc(f"{total[s.name]}_at") for s in stacked}
 
-        # Names over a segment's steps ([B, t1 - t0, H, ...]) and at one step ([B, H, ...]).
-        segment = {**py, **shown, **{i.name: f"{py[i.name]}[:, t0:t1]" for i in rec.inputs},
-                   **{grad_name(o.name): f"{grad[o.name]}[:, t0:t1]" for o in rec.outputs}}
-        step = {**py, **shown}
+        # The segment's per-step values, time-major [t1 - t0, B, H, ...] (the grad outputs' too).
+        read_any = read_update | read_loop | read_local | read_hoisted
+        seg = {}
+        for i in rec.inputs:
+            if i.name in read_any:
+                seg[i.name] = alloc(f"{py[i.name]}_seg")
+        for o in rec.outputs:
+            if grad_name(o.name) in read_any:
+                seg[grad_name(o.name)] = alloc(f"{grad[o.name]}_seg")
+        for n in per_step_hoisted:
+            seg[n] = shown[n]
+        # ... and as lists of their steps, for the loops (a list index is cheaper than a slice).
+        unbound = {n: alloc(f"{seg[n][:-len('_seg')] if seg[n].endswith('_seg') else seg[n]}_steps")
+                   for n in seg if n in read_update | read_loop}
+
+        segment = {**py, **shown, **seg}  # names over the segment's steps
+        step = {**py, **shown}  # names at one step t
         for n in [i.name for i in rec.inputs + rec.params] + per_step_hoisted + constant_hoisted:
             step[n] = f"{step.get(n, n)}_t"
         for o in rec.outputs:
             step[grad_name(o.name)] = grad_t[o.name]
         for s in rec.states:
-            step[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
+            if s.name in kept:
+                step[s.name] = f"{state_at[s.name]}[t]"
+                step[s.name + NEW_SUFFIX] = f"{state_at[s.name]}[t + 1]"
+            else:
+                step[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
             step[grad_name(s.name)] = carried[s.name]
-            step[grad_name(s.name + NEW_SUFFIX)] = total[s.name]
+            step[grad_name(s.name + NEW_SUFFIX)] = f"{total_at[s.name]}[t]" if s in stacked else total[s.name]
+        # Names over a block of steps t .. t2 - 1 of the segment: slices of the segment's tensors and buffers.
+        block = {**py, **shown, **{n: f"{name}[t:t2]" for n, name in seg.items()}}
+        for s in keep:
+            block[s.name] = f"{state_buffer[s.name]}[t:t2]"
+            block[s.name + NEW_SUFFIX] = f"{state_buffer[s.name]}[t + 1:t2 + 1]"
+        for s in stacked:
+            block[grad_name(s.name + NEW_SUFFIX)] = f"{total_buffer[s.name]}[t:t2]"
 
         w = SourceWriter()
 
-        # Per-step values as the segment's steps, unbound once per segment (a list index is cheaper than a slice).
-        read_per_step = read_update | read_loop | read_step
-        unbound = {}  # IR name -> (the list's name, the tensor it unbinds)
-        for i in rec.inputs:
-            if i.name in read_per_step:
-                unbound[i.name] = (alloc(f"{py[i.name]}_steps"), f"{py[i.name]}[:, t0:t1]")
-        for o in rec.outputs:
-            if grad_name(o.name) in read_per_step:
-                unbound[grad_name(o.name)] = (alloc(f"{grad[o.name]}_steps"), f"{grad[o.name]}[:, t0:t1]")
-        for n in per_step_hoisted:
-            if n in read_per_step:
-                unbound[n] = (alloc(f"{shown[n]}_steps"), shown[n])
-
         def fetch(used: set[str], indent: int) -> None:
             """The per-step values that expressions reading `used` need, at step t."""
-            for n, (name, _) in unbound.items():
+            for n, name in unbound.items():
                 if n in used:
-                    w(f"{step[n]} = {name}[t - t0]", indent)
+                    w(f"{step[n]} = {name}[t]", indent)
 
         def dims_of(x) -> str:
             return "".join(f", {self._dim(d)}" for d in x.dims)
 
         args = ", ".join(self.args + ["checkpoints", "grad_outputs", "grad_states"] + [py[n] for n in rec.sizes])
-        w(f"def {self.fn}__recurrent_adjoint{self.suffix}({args}, every=64, stepwise=False):", 0)
+        w(f"def {self.fn}__recurrent_adjoint{self.suffix}({args}, every=64, block=64):", 0)
         w(f'"""The backward of {self.fn}__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the '
           "states' gradients")
         w("run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the "
           "inputs'")
-        w("and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.")
+        w("and params' gradients for `block` steps at once, on slices of the segment's buffers.")
         w('Returns ([gradient of each input and param], {state: gradient of its initial value})."""')
         self._unpack_shape(w)
         for x in rec.inputs + rec.params:
@@ -498,108 +543,93 @@ class TorchFormWriter:
         for s in rec.states:
             w(f"{carried[s.name]} = grad_states['{s.name}']  # d loss / d {s.name} after the step, from the steps "
               "after it")
+        by_name = {s.name: s for s in rec.states}
+        if keep or stacked:
+            w("# Buffers over a segment, time-major: the states before and after each step, the total gradient of "
+              "each", 1)
+            w("# state after each step (the block gradients read slices of them).", 1)
+        for s in keep:
+            w(f"{state_buffer[s.name]} = {carried[s.name]}.new_empty((min(every, T_) + 1, B_, H_{dims_of(s)}))", 1)
+            w(f"{state_at[s.name]} = {state_buffer[s.name]}.unbind(0)", 1)
+        for s in stacked:
+            w(f"{total_buffer[s.name]} = {carried[s.name]}.new_empty((min(every, T_), B_, H_{dims_of(s)}))", 1)
+            w(f"{total_at[s.name]} = {total_buffer[s.name]}.unbind(0)", 1)
         constant_printer = TorchPrinter(self.sizes, ranges, {**py, **shown})
         for n in constant_hoisted:
             _, idx, e, _ = next(v for v in table.values() if v[0] == n)
             w(f"{shown[n]} = {constant_printer.print_expr(e, idx)}  # [1, 1, H, ...]: the same at every step")
         for n in [p.name for p in rec.params] + constant_hoisted:
-            if n in read_update | read_loop | read_step:
+            if n in read_update | read_loop:
                 w(f"{step[n]} = {({**py, **shown})[n]}[:, 0]  # the same at every step")
         w("for t0 in reversed(range(0, T_, every)):")
         w("t1 = min(t0 + every, T_)", 2)
+        for n, name in seg.items():
+            if n in per_step_hoisted:
+                continue
+            source = f"{py[n]}[:, t0:t1]" if n in py else f"{grad[n[:-len(GRAD_SUFFIX)]]}[:, t0:t1]"
+            dims = next(x for x in rec.inputs + rec.outputs if x.name == n.removesuffix(GRAD_SUFFIX)).dims
+            w(f"{name} = {source}.transpose(0, 1)  # [t1 - t0, B, H{''.join(f', {self._dim(d)}' for d in dims)}]",
+              2)
         if per_step_hoisted:
             w("# Hoisted: state-free subexpressions at the segment's steps.", 2)
         segment_printer = TorchPrinter(self.sizes, ranges, segment)
         for n in per_step_hoisted:
             _, idx, e, _ = next(v for v in table.values() if v[0] == n)
-            w(f"{shown[n]} = {segment_printer.print_expr(e, idx)}  # {self._shape_comment(idx, ranges, 't1 - t0')}", 2)
-        for name, tensor in unbound.values():
-            w(f"{name} = {tensor}.unbind(1)", 2)
+            shape = "[t1 - t0, B, H" + "".join(f", {ranges[i]}" for i in idx) + "]"
+            w(f"{shown[n]} = {segment_printer.print_expr(e, idx)}  # {shape}", 2)
+        for n, name in unbound.items():
+            w(f"{name} = {seg[n]}.unbind(0)", 2)
         if keep:
             w("# The segment's states, recomputed from its checkpoint.", 2)
             for s in rec.states:
-                w(f"{py[s.name]} = checkpoints[t0 // every]['{s.name}']", 2)
-            for s in keep:
-                w(f"{steps[s.name]} = [{py[s.name]}]", 2)
-            w("for t in range(t0, t1):", 2)
+                if s.name in kept:
+                    w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
+                else:
+                    w(f"{py[s.name]} = checkpoints[t0 // every]['{s.name}']", 2)
+            w("for t in range(t1 - t0):", 2)
             fetch(read_update, 3)
             self._write_shared(w, update_temps, step, step, ranges, "B_, H_", 3)
             step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
             for s in self._update_order():
                 idx, e = updates[s.name]
-                w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-                  f"# {self.cite[s.name]}", 3)
+                value = self._broadcast(step_printer, e, idx, self._state_shape(s), whole)
+                if s.name in kept:
+                    w(f"{_into(value, step[s.name + NEW_SUFFIX])}  # {self.cite[s.name]}", 3)
+                else:
+                    w(f"{py[s.name]}{NEW_SUFFIX} = {value}  # {self.cite[s.name]}", 3)
             for s in rec.states:
-                w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 3)
-            for s in keep:
-                w(f"{steps[s.name]}.append({py[s.name]})", 3)
-        w("# The adjoint step, backwards in time: the gradient of the state before the step from the one after.", 2)
-        for s in stacked:
-            w(f"{totals[s.name]} = [None] * (t1 - t0)", 2)
-        w("for t in reversed(range(t0, t1)):", 2)
-
-        def fetch_states(used: set[str], indent: int) -> None:
-            for s in keep:
-                if s.name in used:
-                    w(f"{py[s.name]} = {steps[s.name]}[t - t0]", indent)
-                if s.name + NEW_SUFFIX in used:
-                    w(f"{py[s.name]}{NEW_SUFFIX} = {steps[s.name]}[t - t0 + 1]", indent)
-
+                if s.name not in kept:
+                    w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 3)
+        w("# The adjoint step, backwards in time: the gradient of the state before the step from the one after;", 2)
+        w("# the gradients of the inputs and params at a block of steps once the loop has passed them.", 2)
+        w("for t in reversed(range(t1 - t0)):", 2)
         fetch(read_loop, 3)
-        fetch_states(read_loop, 3)
         self._write_shared(w, loop_temps, step, step, ranges, "B_, H_", 3)
         step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
-        by_name = {s.name: s for s in rec.states}
         for name, (idx, e) in new_states:
             s = by_name[name[: -len(NEW_SUFFIX + GRAD_SUFFIX)]]
-            w(f"{total[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-              f"# d loss / d {s.name} after step t", 3)
-        if step_grads:
-            w("if stepwise:  # each input's and param's gradient at this step", 3)
-            fetch(read_step, 4)
-            fetch_states(read_step, 4)
-            self._write_shared(w, step_temps, step, step, ranges, "B_, H_", 4)
-            step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
-            for x in local:
-                idx, e = step_grads[x.name]
-                value = self._broadcast(step_printer, e, idx, f"(B_, H_{dims_of(x)})",
-                                        None if x in rec.inputs else whole)
-                if x in rec.inputs:
-                    w(f"{grad[x.name]}[:, t] = {value}", 4)
-                else:
-                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum(0)", 4)
-            for s in rec.states:
-                idx, e = step_previous[s.name]
-                w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-                  f"# d loss / d {s.name} before step t", 4)
-            w("else:" + ("  # kept for after the loop" if stacked else ""), 3)
-            for s in stacked:
-                w(f"{totals[s.name]}[t - t0] = {total[s.name]}", 4)
-        step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+            value = self._broadcast(step_printer, e, idx, self._state_shape(s), whole)
+            if s in stacked:
+                w(f"{_into(value, step[grad_name(s.name + NEW_SUFFIX)])}  # d loss / d {s.name} after step t", 3)
+            else:
+                w(f"{total[s.name]} = {value}  # d loss / d {s.name} after step t", 3)
         for s in rec.states:
             idx, e = previous[s.name]
             w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-              f"# d loss / d {s.name} before step t", 4 if step_grads else 3)
+              f"# d loss / d {s.name} before step t", 3)
         if grads:
-            w("if not stepwise:  # each input's and param's gradient at the segment's steps, all at once", 2)
-            for s in keep:
-                if {s.name, s.name + NEW_SUFFIX} & read_local:
-                    w(f"{steps[s.name]} = torch.stack({steps[s.name]}, dim=1)  # [B, t1 - t0 + 1, H{dims_of(s)}]", 3)
-                    segment[s.name] = f"{steps[s.name]}[:, :-1]"
-                    segment[s.name + NEW_SUFFIX] = f"{steps[s.name]}[:, 1:]"
-            for s in stacked:
-                w(f"{totals[s.name]} = torch.stack({totals[s.name]}, dim=1)", 3)
-                segment[grad_name(s.name + NEW_SUFFIX)] = totals[s.name]
-            self._write_shared(w, local_temps, segment, segment, ranges, "B_, t1 - t0, H_", 3)
-            segment_printer = TorchPrinter(self.sizes, ranges, segment, fuse=True)
+            w("if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once", 3)
+            w("t2 = min(t + block, t1 - t0)", 4)
+            self._write_shared(w, local_temps, block, block, ranges, "t2 - t, B_, H_", 4)
+            block_printer = TorchPrinter(self.sizes, ranges, block, fuse=True)
             for x in local:
                 idx, e = grads[x.name]
-                value = self._broadcast(segment_printer, e, idx, f"(B_, t1 - t0, H_{dims_of(x)})",
+                value = self._broadcast(block_printer, e, idx, f"(t2 - t, B_, H_{dims_of(x)})",
                                         None if x in rec.inputs else whole)
                 if x in rec.inputs:
-                    w(f"{grad[x.name]}[:, t0:t1] = {value}", 3)
+                    w(f"{grad[x.name]}[:, t0 + t:t0 + t2] = ({value}).transpose(0, 1)", 4)
                 else:
-                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", 3)
+                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", 4)
         w(f"return [{', '.join(grad[x.name] for x in rec.inputs + rec.params)}], "
           f"{{{', '.join(f'{s.name!r}: {carried[s.name]}' for s in rec.states)}}}")
         return w.text()

@@ -1065,14 +1065,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes + ["*", "every=64",
-                                                                                          "stepwise=False"]
+        sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes + ["*", "every=64"]
                         + blocks + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
         w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
         w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
         w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
-        w("outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.")
+        w("outputs [B, T, H, ...] and of the final states [B, H, ...].")
         w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
         first = _user(self.inputs[0].name)
         w(f"B_, T_, H_ = {first}.shape[:3]")

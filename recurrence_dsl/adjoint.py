@@ -198,6 +198,32 @@ def factor_sums(e: sympy.Expr) -> sympy.Expr:
     return e.func(*[factor_sums(a) for a in e.args])
 
 
+def nest_sums(e: sympy.Expr, ranges: dict) -> sympy.Expr:
+    """A sum over several indices of a product as nested sums, the innermost over the index whose factors leave the
+    fewest free indices (`ranges`: the index symbols): `sum(i, j, S[a, j] * G[i, j] * k[i])` becomes
+    `sum(j, S[a, j] * sum(i, G[i, j] * k[i]))`. The inner `k^T G` is then a sum of its own, which a printer's
+    common-subexpression pass can share with another gradient that reads it (the delta rule's dk, dv and dbeta all
+    contract `k` with the state's gradient)."""
+    if not e.has(sympy.Sum) or isinstance(e, (sympy.Indexed, sympy.Symbol)):
+        return e
+    if not isinstance(e, sympy.Sum):
+        return e.func(*[nest_sums(a, ranges) for a in e.args])
+    body = nest_sums(e.function, ranges)
+    factors = sympy.Mul.make_args(body)
+    choices = []
+    for n, (var, _, _) in enumerate(e.limits):
+        inside = [f for f in factors if var in f.free_symbols]
+        if 0 < len(inside) < len(factors):
+            left = set().union(*(f.free_symbols for f in inside)) & set(ranges) - {var}
+            choices.append((len(left), n, inside))
+    if len(e.limits) < 2 or not choices:
+        return sympy.Sum(body, *e.limits)
+    _, n, inside = min(choices, key=lambda c: c[:2])
+    inner = sympy.Sum(sympy.Mul(*inside), e.limits[n])
+    outside = sympy.Mul(*[f for f in factors if f not in inside]) * inner
+    return nest_sums(sympy.Sum(outside, *(e.limits[:n] + e.limits[n + 1:])), ranges)
+
+
 def _tensor(name: str, indices: tuple) -> sympy.Expr:
     return sympy.IndexedBase(name)[indices] if indices else sympy.Symbol(name)
 
@@ -280,4 +306,4 @@ def derive_adjoint(rec: CheckedRecurrence, ir: StepIR) -> AdjointStep:
 
 
 __all__ = ["GRAD_SUFFIX", "AdjointStep", "NoAdjoint", "canonical_bound", "canonical_key", "derive_adjoint",
-           "factor_sums", "grad_name", "update_order"]
+           "factor_sums", "grad_name", "nest_sums", "update_order"]

@@ -3,7 +3,7 @@ segments recomputed from checkpoints (codegen/dispatch.py `with_adjoint`, codege
 
 Every spec of specs/: gradients of every input, param and initial state, with a gradient on the final state too,
 from the recurrent form against the float64 reference interpreter's autograd (relative error <= 1e-5 in float32),
-on the torch backend (the inputs' gradients at each step and for a whole segment at once) and on the triton
+on the torch backend (the inputs' gradients for blocks of one and of three steps) and on the triton
 backend (the same adjoint as a Triton kernel, tests/test_triton_adjoint.py); several segments (a checkpoint
 every 4 steps). `torch.autograd.gradcheck` in float64 on tiny shapes for every spec and for bodies that use every
 function, a scalar and a 3-axis state, and states that read each other's new values; packed sequences with an
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import recurrence_dsl
-from codegen.dispatch import ADJOINT_STEPWISE, CHECKPOINT_EVERY, RECURRENT_BACKWARD, checkpoint_every
+from codegen.dispatch import ADJOINT_BLOCK, CHECKPOINT_EVERY, RECURRENT_BACKWARD, adjoint_block, checkpoint_every
 from recurrence_dsl.adjoint import derive_adjoint
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
@@ -104,8 +104,8 @@ def _sample(rec, dtype=torch.float64, length=T, rows=None, batch=B, seed=0):
                             with_initial_state=True, rows=rows)
 
 
-def _compare(rec, backend: str, stepwise: str, monkeypatch):
-    monkeypatch.setenv(ADJOINT_STEPWISE, stepwise)
+def _compare(rec, backend: str, block: str, monkeypatch):
+    monkeypatch.setenv(ADJOINT_BLOCK, block)
     args, initial = _sample(rec)
     ref, weights = _grads(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, backend=backend, form="recurrent", tuning=False)
@@ -117,13 +117,28 @@ def _compare(rec, backend: str, stepwise: str, monkeypatch):
     assert max(errors.values()) <= TOL, errors
 
 
-CASES = [pytest.param(name, backend, stepwise, id=f"{name}-{backend}-{'step' if stepwise == '1' else 'segment'}")
-         for name in sorted(SPECS) for backend, stepwise in (("torch", "1"), ("torch", "0"), ("triton", "1"))]
+# Blocks of one step, and of three (segments of 4 + 4 + 3 steps: a block of three and a block of one, or a whole
+# segment); the Triton adjoint has no blocks.
+CASES = [pytest.param(name, backend, block, id=f"{name}-{backend}" + (f"-block{block}" if backend == "torch" else ""))
+         for name in sorted(SPECS) for backend, block in (("torch", "1"), ("torch", "3"), ("triton", "0"))]
 
 
-@pytest.mark.parametrize(("name", "backend", "stepwise"), CASES)
-def test_gradients_match_the_reference(name, backend, stepwise, every, monkeypatch):
-    _compare(SPECS[name], backend, stepwise, monkeypatch)
+@pytest.mark.parametrize(("name", "backend", "block"), CASES)
+def test_gradients_match_the_reference(name, backend, block, every, monkeypatch):
+    _compare(SPECS[name], backend, block, monkeypatch)
+
+
+def test_adjoint_block_choice(monkeypatch):
+    """The block of steps whose gradients are computed at once: forced by the environment; else as many CPU steps
+    as keep the block's states and total gradients within BLOCK_BYTES (4 MiB), between 1 and a segment."""
+    monkeypatch.delenv(ADJOINT_BLOCK, raising=False)
+    gla = [torch.zeros(2, 4, 64, 64)]  # 128 KiB of float32 a step: 16 steps of states and gradients in 4 MiB
+    assert adjoint_block(gla, 64) == 16
+    assert adjoint_block(gla, 8) == 8  # never more than a segment
+    assert adjoint_block([torch.zeros(2, 4, 64)], 64) == 64  # small states: the whole segment
+    assert adjoint_block([torch.zeros(8, 16, 128, 128)], 64) == 1  # 4 MiB a step: one step at a time
+    monkeypatch.setenv(ADJOINT_BLOCK, "7")
+    assert adjoint_block(gla, 64) == 7
 
 
 @pytest.mark.parametrize("name", sorted(SPECS) + ["scalar_state", "coupled_after", "coupled_before"])

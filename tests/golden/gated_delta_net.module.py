@@ -539,22 +539,26 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 
-# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
-# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
-# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
-# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
-# is a kernel launch).
-ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
-STEPWISE_ELEMENTS = 8192
+# How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
+# segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
+BLOCK_BYTES = 4 << 20
 
 
-def adjoint_stepwise(states) -> bool:
-    forced = os.environ.get(ADJOINT_STEPWISE, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+def adjoint_block(states, every: int) -> int:
+    """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
+    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
     states = list(states)
-    return (all(s.device.type == "cpu" for s in states)
-            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+    if not all(s.device.type == "cpu" for s in states):
+        return every
+    step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
+    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
 def checkpoint_every(length: int) -> int:
@@ -569,13 +573,13 @@ class _AdjointBackward(torch.autograd.Function):
     loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
 
     @staticmethod
-    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+    def forward(ctx, loop, adjoint, layout, names, every, kernels, *tensors):
         args = _unflatten(layout, tensors)
         outputs, finals, checkpoints = loop(*args, every=every)
         results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
-        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         ctx.count = (len(tensors), len(checkpoints))
         ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
@@ -596,8 +600,10 @@ class _AdjointBackward(torch.autograd.Function):
         grad_states = dict(zip(state_names, grads[len(out_names):]))
         args = _unflatten(ctx.layout, tensors)
         at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        # (A Triton adjoint is one kernel: it has no blocks to choose.)
+        extra = {} if ctx.kernels else {"block": adjoint_block(grad_states.values(), ctx.every)}
         positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
-                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+                                              every=ctx.every, **extra)
         positional = iter(positional)
         flat_grads = []
         for kind, info in ctx.layout:
@@ -605,8 +611,8 @@ class _AdjointBackward(torch.autograd.Function):
                 flat_grads.append(next(positional))
             elif kind == "dict":
                 flat_grads.extend(state_grads[k] for k in info)
-        needed = ctx.needs_input_grad[5:]
-        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+        needed = ctx.needs_input_grad[6:]
+        return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
 def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
@@ -625,7 +631,7 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      *tensors)
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -2621,10 +2627,10 @@ def gated_delta_net__recurrent_loop(q, k, v, g, beta, states, K, V, every=0):
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
-def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, every=64, stepwise=False):
+def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, every=64, block=64):
     """The backward of gated_delta_net__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
     run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
-    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    and params' gradients for `block` steps at once, on slices of the segment's buffers.
     Returns ([gradient of each input and param], {state: gradient of its initial value})."""
     B_, T_, H_ = q.shape[:3]
     grad_q = q.new_zeros(q.shape)
@@ -2634,60 +2640,56 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
     grad_beta = beta.new_zeros(beta.shape)
     grad_o = grad_outputs['o']
     grad_S = grad_states['S']  # d loss / d S after the step, from the steps after it
+    # Buffers over a segment, time-major: the states before and after each step, the total gradient of each
+    # state after each step (the block gradients read slices of them).
+    S_steps = grad_S.new_empty((min(every, T_) + 1, B_, H_, K, V))
+    S_at = S_steps.unbind(0)
+    grad_S__new_steps = grad_S.new_empty((min(every, T_), B_, H_, K, V))
+    grad_S__new_at = grad_S__new_steps.unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
+        q_seg = q[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
+        k_seg = k[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
+        v_seg = v[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
+        g_seg = g[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H]
+        beta_seg = beta[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H]
+        grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # Hoisted: state-free subexpressions at the segment's steps.
-        exp_g = torch.exp(g[:, t0:t1])  # [B, t1 - t0, H]
-        q_steps = q[:, t0:t1].unbind(1)
-        k_steps = k[:, t0:t1].unbind(1)
-        v_steps = v[:, t0:t1].unbind(1)
-        beta_steps = beta[:, t0:t1].unbind(1)
-        grad_o_steps = grad_o[:, t0:t1].unbind(1)
-        exp_g_steps = exp_g.unbind(1)
+        exp_g = torch.exp(g_seg)  # [t1 - t0, B, H]
+        q_steps = q_seg.unbind(0)
+        k_steps = k_seg.unbind(0)
+        v_steps = v_seg.unbind(0)
+        beta_steps = beta_seg.unbind(0)
+        grad_o_steps = grad_o_seg.unbind(0)
+        exp_g_steps = exp_g.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        S = checkpoints[t0 // every]['S']
-        S_steps = [S]
-        for t in range(t0, t1):
-            k_t = k_steps[t - t0]
-            v_t = v_steps[t - t0]
-            beta_t = beta_steps[t - t0]
-            exp_g_t = exp_g_steps[t - t0]
-            S__new = torch.addcmul(exp_g_t[..., None, None] * S, beta_t[..., None, None] * k_t[..., :, None], -((exp_g_t[..., None] * k_t)[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :])  # gated_delta_net.rec:11,12
-            S = S__new
-            S_steps.append(S)
-        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
-        grad_S__new_steps = [None] * (t1 - t0)
-        for t in reversed(range(t0, t1)):
-            q_t = q_steps[t - t0]
-            k_t = k_steps[t - t0]
-            beta_t = beta_steps[t - t0]
-            grad_o_t = grad_o_steps[t - t0]
-            exp_g_t = exp_g_steps[t - t0]
-            grad_S__new = torch.addcmul(grad_S, q_t[..., :, None] / (K**0.5), grad_o_t[..., None, :])  # d loss / d S after step t
-            if stepwise:  # each input's and param's gradient at this step
-                v_t = v_steps[t - t0]
-                S = S_steps[t - t0]
-                S__new = S_steps[t - t0 + 1]
-                sum_grad_S__new_k = torch.broadcast_to((k_t[..., None, :] @ grad_S__new)[..., 0, :], (B_, H_, V))  # used more than once
-                add_exp_g_S_k_v = torch.broadcast_to(torch.addcmul(v_t, -exp_g_t[..., None], (k_t[..., None, :] @ S)[..., 0, :]), (B_, H_, V))  # used more than once
-                grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / (K**0.5)
-                grad_k[:, t] = torch.addcmul(beta_t[..., None] * (add_exp_g_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :], -(exp_g_t[..., None] * beta_t[..., None]), ((k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :] @ S.mT)[..., 0, :])
-                grad_v[:, t] = beta_t[..., None] * sum_grad_S__new_k
-                grad_g[:, t] = torch.addcmul(exp_g_t * (S * grad_S__new).sum(dim=(-2, -1)), -(beta_t * (((k_t[..., None, :] @ S)[..., 0, :][..., None, :] @ grad_S__new.mT)[..., 0, :] * k_t).sum(dim=-1)), exp_g_t)
-                grad_beta[:, t] = ((add_exp_g_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :] * k_t).sum(dim=-1)
-                grad_S = torch.addcmul(exp_g_t[..., None, None] * grad_S__new, -exp_g_t[..., None, None] * beta_t[..., None, None] * k_t[..., :, None], sum_grad_S__new_k[..., None, :])  # d loss / d S before step t
-            else:  # kept for after the loop
-                grad_S__new_steps[t - t0] = grad_S__new
-                grad_S = torch.addcmul(exp_g_t[..., None, None] * grad_S__new, -exp_g_t[..., None, None] * beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
-        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
-            S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
-            grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)
-            add_exp_g_S_k_v_2 = torch.broadcast_to(torch.addcmul(v[:, t0:t1], -exp_g[..., None], (k[:, t0:t1][..., None, :] @ S_steps[:, :-1])[..., 0, :]), (B_, t1 - t0, H_, V))  # used more than once
-            grad_q[:, t0:t1] = (grad_o[:, t0:t1][..., None, :] @ S_steps[:, 1:].mT)[..., 0, :] / (K**0.5)
-            grad_k[:, t0:t1] = torch.addcmul(beta[:, t0:t1][..., None] * (add_exp_g_S_k_v_2[..., None, :] @ grad_S__new_steps.mT)[..., 0, :], -(exp_g[..., None] * beta[:, t0:t1][..., None]), ((k[:, t0:t1][..., None, :] @ grad_S__new_steps)[..., 0, :][..., None, :] @ S_steps[:, :-1].mT)[..., 0, :])
-            grad_v[:, t0:t1] = beta[:, t0:t1][..., None] * (k[:, t0:t1][..., None, :] @ grad_S__new_steps)[..., 0, :]
-            grad_g[:, t0:t1] = torch.addcmul(exp_g * (S_steps[:, :-1] * grad_S__new_steps).sum(dim=(-2, -1)), -(beta[:, t0:t1] * (((k[:, t0:t1][..., None, :] @ S_steps[:, :-1])[..., 0, :][..., None, :] @ grad_S__new_steps.mT)[..., 0, :] * k[:, t0:t1]).sum(dim=-1)), exp_g)
-            grad_beta[:, t0:t1] = ((add_exp_g_S_k_v_2[..., None, :] @ grad_S__new_steps.mT)[..., 0, :] * k[:, t0:t1]).sum(dim=-1)
+        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        for t in range(t1 - t0):
+            k_t = k_steps[t]
+            v_t = v_steps[t]
+            beta_t = beta_steps[t]
+            exp_g_t = exp_g_steps[t]
+            torch.addcmul(exp_g_t[..., None, None] * S_at[t], beta_t[..., None, None] * k_t[..., :, None], -((exp_g_t[..., None] * k_t)[..., None, :] @ S_at[t])[..., 0, :][..., None, :] + v_t[..., None, :], out=S_at[t + 1])  # gated_delta_net.rec:11,12
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
+        # the gradients of the inputs and params at a block of steps once the loop has passed them.
+        for t in reversed(range(t1 - t0)):
+            q_t = q_steps[t]
+            k_t = k_steps[t]
+            beta_t = beta_steps[t]
+            grad_o_t = grad_o_steps[t]
+            exp_g_t = exp_g_steps[t]
+            torch.addcmul(grad_S, q_t[..., :, None] / (K**0.5), grad_o_t[..., None, :], out=grad_S__new_at[t])  # d loss / d S after step t
+            grad_S = torch.addcmul(exp_g_t[..., None, None] * grad_S__new_at[t], -exp_g_t[..., None, None] * beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
+            if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
+                t2 = min(t + block, t1 - t0)
+                sum_grad_S__new_k = torch.broadcast_to((k_seg[t:t2][..., None, :] @ grad_S__new_steps[t:t2])[..., 0, :], (t2 - t, B_, H_, V))  # used more than once
+                add_exp_g_S_k_v = torch.broadcast_to(torch.addcmul(v_seg[t:t2], -exp_g[t:t2][..., None], (k_seg[t:t2][..., None, :] @ S_steps[t:t2])[..., 0, :]), (t2 - t, B_, H_, V))  # used more than once
+                sum_sum_grad_S__new_k_S = torch.broadcast_to((sum_grad_S__new_k[..., None, :] @ S_steps[t:t2].mT)[..., 0, :], (t2 - t, B_, H_, K))  # used more than once
+                grad_q[:, t0 + t:t0 + t2] = ((grad_o_seg[t:t2][..., None, :] @ S_steps[t + 1:t2 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
+                grad_k[:, t0 + t:t0 + t2] = (torch.addcmul(beta_seg[t:t2][..., None] * (add_exp_g_S_k_v[..., None, :] @ grad_S__new_steps[t:t2].mT)[..., 0, :], -(exp_g[t:t2][..., None] * beta_seg[t:t2][..., None]), sum_sum_grad_S__new_k_S)).transpose(0, 1)
+                grad_v[:, t0 + t:t0 + t2] = (beta_seg[t:t2][..., None] * sum_grad_S__new_k).transpose(0, 1)
+                grad_g[:, t0 + t:t0 + t2] = (torch.addcmul(exp_g[t:t2] * (S_steps[t:t2] * grad_S__new_steps[t:t2]).sum(dim=(-2, -1)), -(beta_seg[t:t2] * (sum_sum_grad_S__new_k_S * k_seg[t:t2]).sum(dim=-1)), exp_g[t:t2])).transpose(0, 1)
+                grad_beta[:, t0 + t:t0 + t2] = ((add_exp_g_S_k_v * sum_grad_S__new_k).sum(dim=-1)).transpose(0, 1)
     return [grad_q, grad_k, grad_v, grad_g, grad_beta], {'S': grad_S}
 
 
@@ -2872,11 +2874,11 @@ def gated_delta_net__triton_recurrent_adjoint_kernel(
     tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
 
 
-def gated_delta_net__triton_recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, stepwise=False, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def gated_delta_net__triton_recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """The backward of gated_delta_net__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form gated_delta_net__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    outputs [B, T, H, ...] and of the final states [B, H, ...].
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
     B_, T_, H_ = q.shape[:3]
     dev = q.device

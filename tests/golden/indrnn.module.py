@@ -537,22 +537,26 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 
-# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
-# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
-# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
-# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
-# is a kernel launch).
-ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
-STEPWISE_ELEMENTS = 8192
+# How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
+# segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
+BLOCK_BYTES = 4 << 20
 
 
-def adjoint_stepwise(states) -> bool:
-    forced = os.environ.get(ADJOINT_STEPWISE, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+def adjoint_block(states, every: int) -> int:
+    """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
+    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
     states = list(states)
-    return (all(s.device.type == "cpu" for s in states)
-            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+    if not all(s.device.type == "cpu" for s in states):
+        return every
+    step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
+    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
 def checkpoint_every(length: int) -> int:
@@ -567,13 +571,13 @@ class _AdjointBackward(torch.autograd.Function):
     loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
 
     @staticmethod
-    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+    def forward(ctx, loop, adjoint, layout, names, every, kernels, *tensors):
         args = _unflatten(layout, tensors)
         outputs, finals, checkpoints = loop(*args, every=every)
         results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
-        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         ctx.count = (len(tensors), len(checkpoints))
         ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
@@ -594,8 +598,10 @@ class _AdjointBackward(torch.autograd.Function):
         grad_states = dict(zip(state_names, grads[len(out_names):]))
         args = _unflatten(ctx.layout, tensors)
         at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        # (A Triton adjoint is one kernel: it has no blocks to choose.)
+        extra = {} if ctx.kernels else {"block": adjoint_block(grad_states.values(), ctx.every)}
         positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
-                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+                                              every=ctx.every, **extra)
         positional = iter(positional)
         flat_grads = []
         for kind, info in ctx.layout:
@@ -603,8 +609,8 @@ class _AdjointBackward(torch.autograd.Function):
                 flat_grads.append(next(positional))
             elif kind == "dict":
                 flat_grads.extend(state_grads[k] for k in info)
-        needed = ctx.needs_input_grad[5:]
-        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+        needed = ctx.needs_input_grad[6:]
+        return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
 def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
@@ -623,7 +629,7 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      *tensors)
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1459,10 +1465,10 @@ def indrnn__recurrent_loop(x, w, states, D, every=0):
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
-def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, every=64, stepwise=False):
+def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, every=64, block=64):
     """The backward of indrnn__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
     run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
-    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    and params' gradients for `block` steps at once, on slices of the segment's buffers.
     Returns ([gradient of each input and param], {state: gradient of its initial value})."""
     B_, T_, H_ = x.shape[:3]
     grad_x = x.new_zeros(x.shape)
@@ -1470,40 +1476,35 @@ def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, e
     w = w[None, None]  # [1, 1, H, D]
     grad_y = grad_outputs['y']
     grad_h = grad_states['h']  # d loss / d h after the step, from the steps after it
+    # Buffers over a segment, time-major: the states before and after each step, the total gradient of each
+    # state after each step (the block gradients read slices of them).
+    h_steps = grad_h.new_empty((min(every, T_) + 1, B_, H_, D))
+    h_at = h_steps.unbind(0)
+    grad_h__new_steps = grad_h.new_empty((min(every, T_), B_, H_, D))
+    grad_h__new_at = grad_h__new_steps.unbind(0)
     w_t = w[:, 0]  # the same at every step
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
-        x_steps = x[:, t0:t1].unbind(1)
-        grad_y_steps = grad_y[:, t0:t1].unbind(1)
+        x_seg = x[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
+        grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
+        x_steps = x_seg.unbind(0)
+        grad_y_steps = grad_y_seg.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        h = checkpoints[t0 // every]['h']
-        h_steps = [h]
-        for t in range(t0, t1):
-            x_t = x_steps[t - t0]
-            h__new = torch.broadcast_to(torch.tanh(torch.addcmul(x_t, w_t, h)), (B_, H_, D))  # indrnn.rec:11
-            h = h__new
-            h_steps.append(h)
-        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
-        grad_h__new_steps = [None] * (t1 - t0)
-        for t in reversed(range(t0, t1)):
-            grad_y_t = grad_y_steps[t - t0]
-            h__new = h_steps[t - t0 + 1]
-            grad_h__new = grad_h + grad_y_t  # d loss / d h after step t
-            if stepwise:  # each input's and param's gradient at this step
-                h = h_steps[t - t0]
-                add_h__new_ = torch.broadcast_to(1.0 - h__new ** 2.0, (B_, H_, D))  # used more than once
-                grad_x[:, t] = add_h__new_ * grad_h__new
-                grad_w = grad_w + (add_h__new_ * h * grad_h__new).sum(0)
-                grad_h = add_h__new_ * grad_h__new * w_t  # d loss / d h before step t
-            else:  # kept for after the loop
-                grad_h__new_steps[t - t0] = grad_h__new
-                grad_h = (1.0 - h__new ** 2.0) * grad_h__new * w_t  # d loss / d h before step t
-        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
-            h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D]
-            grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)
-            add_h__new_2 = torch.broadcast_to(1.0 - h_steps[:, 1:] ** 2.0, (B_, t1 - t0, H_, D))  # used more than once
-            grad_x[:, t0:t1] = add_h__new_2 * grad_h__new_steps
-            grad_w = grad_w + (add_h__new_2 * h_steps[:, :-1] * grad_h__new_steps).sum((0, 1))
+        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        for t in range(t1 - t0):
+            x_t = x_steps[t]
+            torch.tanh(torch.addcmul(x_t, w_t, h_at[t]), out=h_at[t + 1])  # indrnn.rec:11
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
+        # the gradients of the inputs and params at a block of steps once the loop has passed them.
+        for t in reversed(range(t1 - t0)):
+            grad_y_t = grad_y_steps[t]
+            grad_h__new_at[t].copy_(grad_h + grad_y_t)  # d loss / d h after step t
+            grad_h = (1.0 - h_at[t + 1] ** 2.0) * grad_h__new_at[t] * w_t  # d loss / d h before step t
+            if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
+                t2 = min(t + block, t1 - t0)
+                add_h__new_ = torch.broadcast_to(1.0 - h_steps[t + 1:t2 + 1] ** 2.0, (t2 - t, B_, H_, D))  # used more than once
+                grad_x[:, t0 + t:t0 + t2] = (add_h__new_ * grad_h__new_steps[t:t2]).transpose(0, 1)
+                grad_w = grad_w + (add_h__new_ * h_steps[t:t2] * grad_h__new_steps[t:t2]).sum((0, 1))
     return [grad_x, grad_w], {'h': grad_h}
 
 
@@ -1627,11 +1628,11 @@ def indrnn__triton_recurrent_adjoint_kernel(
     tl.store(dw + (i_row.to(tl.int64) * H_ + i_h) * D + offs_D, b_dw, mask=mask_D)
 
 
-def indrnn__triton_recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, *, every=64, stepwise=False, block_D=None, num_warps=None, num_stages=1):
+def indrnn__triton_recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, *, every=64, block_D=None, num_warps=None, num_stages=1):
     """The backward of indrnn__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form indrnn__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    outputs [B, T, H, ...] and of the final states [B, H, ...].
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
     B_, T_, H_ = x.shape[:3]
     dev = x.device
