@@ -31,6 +31,12 @@ simple and conservative; every estimate is float32 (the kernels upcast every til
 
 Soft rules spill rather than fail: when every config that passes the hard rules fails a soft one (a state too
 large for any num_warps), those with the fewest elements per thread are kept, and their `notes` say so.
+
+The shared-memory and register rules are an estimate, kept by hand. The tuner uses them only when the toolchain
+that compiles kernels for a GPU target (ptxas, cuobjdump from the triton wheel) is missing: otherwise it calls
+`config_space(..., estimate=False)`, which applies only the exact rules (redundancy, padding, the delta rule, idle
+warps), and drops a config when the compiler itself reports a spill or too much shared memory for it
+(`autotune.figures`).
 """
 
 from __future__ import annotations
@@ -232,7 +238,8 @@ def shared_memory_bytes(config: dict) -> int:
     return (bt * bk + bk * bv + bt * bv + bt * bt) * FLOAT_BYTES * max(1, config["num_stages"])
 
 
-def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                          estimate: bool = True) -> tuple[list[str], list[str]]:
     hard, soft = [], []
     bt, bk, bv, nw = config["chunk_size"], config["block_k"], config["block_v"], config["num_warps"]
     padded_t = pow2_at_least_16(problem.length)
@@ -251,6 +258,8 @@ def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) 
             if s.delta and bk < s.K:
                 hard.append(f"delta rule: state {s.name} needs block_k >= K = {s.K} (chunked_delta's state "
                             f"program holds whole columns of S), got {bk}")
+    if not estimate:
+        return hard, soft
     smem = shared_memory_bytes(config)
     if smem > limits.smem_bytes:
         hard.append(f"shared memory: (BT*BK + BK*BV + BT*BV + BT*BT) * 4 B * {config['num_stages']} stages = "
@@ -269,7 +278,8 @@ def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) 
     return hard, soft
 
 
-def _chunked_torch_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+def _chunked_torch_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                        estimate: bool = True) -> tuple[list[str], list[str]]:
     c = config["chunk_size"]
     padded_t = 1 << max(problem.length - 1, 0).bit_length()
     if c > max(padded_t, 16):
@@ -278,14 +288,15 @@ def _chunked_torch_rules(config: dict, problem: Problem, limits: DeviceLimits) -
     return [], []
 
 
-def _recurrent_triton_rules(config: dict, problem: Problem, limits: DeviceLimits) -> tuple[list[str], list[str]]:
+def _recurrent_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                            estimate: bool = True) -> tuple[list[str], list[str]]:
     hard, soft = [], []
     nw = config["num_warps"]
     threads = THREADS_PER_WARP * nw
     n = problem.state_elements
     if nw > 1 and n < threads:
         hard.append(f"idle warps: {threads} threads at num_warps={nw} for {n} state elements")
-    if n / threads > limits.register_tile_limit:
+    if estimate and n / threads > limits.register_tile_limit:
         soft.append(f"registers: the state tiles ({n} elements) are {n // threads} float32 per thread "
                     f"at num_warps={nw} (> {limits.register_tile_limit})")
     return hard, soft
@@ -307,8 +318,10 @@ def _pressure(config: dict, form: str, problem: Problem) -> float:
     return max(bk * bv, bt * bv + bt * bt, bt * bt + bt * bk) / threads
 
 
-def check_config(config: dict, form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90) -> str | None:
-    """Why `config` is pruned ("; "-joined reasons, hard and soft), or None when every rule holds."""
+def check_config(config: dict, form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90,
+                 estimate: bool = True) -> str | None:
+    """Why `config` is pruned ("; "-joined reasons, hard and soft), or None when every rule holds; estimate=False
+    leaves out the hand-kept shared-memory and register estimates (the compiler's figures decide those)."""
     _check_tunable(form, backend)
     expected = set(SPACES[(form, backend)])
     if set(config) != expected:
@@ -316,17 +329,20 @@ def check_config(config: dict, form: str, backend: str, problem: Problem, limits
     for name, value in config.items():
         if value not in SPACES[(form, backend)][name]:
             return f"bad config: {name}={value!r} is not one of {SPACES[(form, backend)][name]}"
-    hard, soft = _RULES[(form, backend)](config, problem, limits)
+    hard, soft = _RULES[(form, backend)](config, problem, limits, estimate)
     return "; ".join(hard + soft) or None
 
 
-def config_space(form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90) -> Space:
-    """Every config of (form, backend), pruned by the constraint model for `problem` on `limits`."""
+def config_space(form: str, backend: str, problem: Problem, limits: DeviceLimits = SM90,
+                 estimate: bool = True) -> Space:
+    """Every config of (form, backend), pruned by the constraint model for `problem` on `limits`. estimate=False:
+    only the exact rules (no shared-memory or register estimate; the tuner then prunes with the compiler's own
+    figures, `autotune.figures`)."""
     _check_tunable(form, backend)
     rule = _RULES[(form, backend)]
     kept, pruned, soft_only = [], [], []
     for config in raw_configs(form, backend):
-        hard, soft = rule(config, problem, limits)
+        hard, soft = rule(config, problem, limits, estimate)
         if not hard and not soft:
             kept.append(config)
         else:

@@ -10,8 +10,14 @@ and declare a config over the default only when it wins beyond the timing noise.
 
 How a search runs:
 
-1. The config space of (form, backend) is pruned by the constraint model (`autotune.space`) for these sizes
-   and this device before anything is timed.
+1. The config space of (form, backend) is pruned by the exact rules of `autotune.space` (redundant chunk sizes,
+   padding lanes, the delta rule's whole-column state, idle warps) before anything is timed. On the Triton
+   backend each config is then compiled for the GPU target it is tuned for (`target`: the CUDA device's, sm_90
+   on a CPU) without running it, just before it would be timed (`autotune.figures`, cached on disk per kernel
+   source, config, dtype, shape, target and toolchain): a config whose kernels spill registers or need more
+   shared memory than the target has is dropped untimed (a "pruned" trial with the compiler's reason), and every
+   timed config carries its registers and spills into the table. Without ptxas / cuobjdump (or compiler=False)
+   the hand-kept shared-memory and register estimate of `autotune.space` prunes instead, and a note says so.
 2. Candidates. When the pruned space has at most `trials` configs (the torch chunk sizes: five), every one is
    a candidate. Otherwise optuna's TPE sampler (fixed seed) screens `trials` distinct configs, each timed on
    its own (`warmup` + `repeat` runs, median), proposing them as ONE categorical parameter whose choices are
@@ -56,7 +62,18 @@ import torch
 
 from .lookup import INTERPRETER, clear_cache, device_name, spec_hash_of
 from .runner import run_config
-from .space import SPACES, Problem, Space, config_key, config_space, device_limits, parse_config_key, tunable
+from .space import (
+    SPACES,
+    Problem,
+    Space,
+    check_config,
+    config_key,
+    config_space,
+    device_limits,
+    parse_config_key,
+    raw_configs,
+    tunable,
+)
 from .store import LOCK_WAIT_S, StoreLocked, TuningStore, dtype_name, library_versions, open_store, shape_bucket
 from .threads import thread_settings, timing_warnings
 
@@ -81,6 +98,8 @@ class TrialResult:
     rel_error: float | None = None
     iqr_ms: float | None = None  # the interquartile range of times_ms: the trial's spread
     final: bool = False  # timed in the interleaved final (else only screened)
+    figures: dict | None = None  # the compiler's figures for the target (autotune.figures.ConfigFigures.as_dict)
+    pruned: bool = False  # dropped untimed because the compiler reported a spill or too much shared memory
 
     @property
     def ok(self) -> bool:
@@ -104,6 +123,7 @@ class TuneResult:
     reason: str = ""
     threads: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    compiler: dict = field(default_factory=dict)  # target, what pruned (compiler or estimate), compiled, cached
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
@@ -138,7 +158,7 @@ class TuneResult:
     def table(self) -> str:
         """One line per timed config, fastest first, failures last, with its spread and the speed-up over the
         slowest, then the decision."""
-        rows = sorted(self.trials, key=lambda t: (not t.ok, not t.final, t.median_ms or math.inf, t.number))
+        rows = sorted(self.trials, key=lambda t: (not t.ok, t.pruned, not t.final, t.median_ms or math.inf, t.number))
         slowest = max((t.median_ms for t in self.trials if t.ok), default=None)
         default = config_key(self.space.default)
         chosen = config_key(self.chosen) if self.chosen is not None else None
@@ -150,22 +170,28 @@ class TuneResult:
                          f"OMP_WAIT_POLICY={t.get('OMP_WAIT_POLICY')}, load {t.get('load_average_1m')} on "
                          f"{t['cpu_count']} cores")
         lines += [f"note: {n}" for n in self.space.notes]
+        if self.compiler.get("source") == "compiler":
+            lines.append(f"compiler: {self.compiler['compiled']} configs compiled for {self.compiler['target']}, "
+                         f"{self.compiler['cached']} read from the cache; regs and spill B are the worst kernel's")
         lines += [f"warning: {w}" for w in self.warnings]
         width = max([len(config_key(t.config)) for t in rows] + [6])
         lines.append(f"  {'#':>3}  {'config':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'runs':>4}  "
-                     f"{'vs slowest':>10}")
+                     f"{'vs slowest':>10}  {'regs':>4}  {'spill B':>7}")
         for t in rows:
             key = config_key(t.config)
             mark = (" (default)" if key == default else "") + (" (chosen)" if key == chosen else "") + \
-                ("" if t.final else " (screened only)")
+                ("" if t.final or t.pruned else " (screened only)")
+            regs, spill = (f"{t.figures['registers']:>4}", f"{t.figures['spill_bytes']:>7}") if t.figures \
+                else (f"{'-':>4}", f"{'-':>7}")
             if t.ok:
                 speed = f"{slowest / t.median_ms:9.2f}x" if t.median_ms > 0 else "-"
                 iqr = f"{t.iqr_ms:8.4f}" if t.iqr_ms is not None else f"{'-':>8}"
                 lines.append(f"  {t.number:>3}  {key:<{width}}  {t.median_ms:>10.4f}  {iqr}  {len(t.times_ms):>4}  "
-                             f"{speed:>10}{mark}")
+                             f"{speed:>10}  {regs}  {spill}{mark}")
             else:
-                lines.append(f"  {t.number:>3}  {key:<{width}}  {'failed':>10}  {'':>8}  {'':>4}  {'':>10}{mark}  "
-                             f"{t.error}")
+                status = "pruned" if t.pruned else "failed"
+                lines.append(f"  {t.number:>3}  {key:<{width}}  {status:>10}  {'':>8}  {'':>4}  {'':>10}  {regs}  "
+                             f"{spill}{mark}  {t.error}")
         if self.chosen is not None:
             lines.append(f"chosen: {chosen}: {self.reason}")
         elif self.best_trial is not None:
@@ -180,8 +206,10 @@ class TuneResult:
                 "form": self.form, "backend": self.backend, "mode": self.mode, "study": self.study,
                 "default": self.space.default, "chosen": self.chosen, "reason": self.reason,
                 "elapsed_s": self.elapsed_s, "threads": self.threads, "warnings": self.warnings,
+                "compiler": self.compiler,
                 "trials": [{"number": t.number, "config": t.config, "median_ms": t.median_ms, "iqr_ms": t.iqr_ms,
-                            "times_ms": t.times_ms, "error": t.error, "rel_error": t.rel_error, "final": t.final}
+                            "times_ms": t.times_ms, "error": t.error, "rel_error": t.rel_error, "final": t.final,
+                            "pruned": t.pruned, "figures": t.figures}
                            for t in self.trials]}
 
 
@@ -242,7 +270,8 @@ def decide(default: TrialResult | None, fastest: TrialResult | None) -> tuple[bo
     if fastest is None:
         return False, "every trial failed"
     if default is None or not default.ok:
-        why = "failed" if default is not None else "was not timed (pruned)"
+        why = ("was not timed (pruned)" if default is None else
+               "was pruned by the compiler" if default.pruned else "failed")
         return True, f"the default {why}; the fastest config ran in {fastest.median_ms:.4f} ms"
     if config_key(fastest.config) == config_key(default.config):
         return False, f"the default is the fastest ({default.median_ms:.4f} ms, IQR {default.iqr_ms or 0:.4f})"
@@ -302,11 +331,37 @@ def _step(layer, backend: str, form: str, config: dict, args: list, mode: str):
 # -- the search -------------------------------------------------------------------------------------------------
 
 
+def _compiler_figures(analysis, sizes, batch, length, heads, dtype, form, target, device, mode, compiler):
+    """(a `figures.CompilerFigures` or None, what prunes: {"source", "target", "note", ...}) for a Triton tune."""
+    from .figures import CompilerFigures, target_for_device
+
+    estimate = "pruned by the hand-kept shared-memory and register estimate of autotune/space.py instead"
+    if compiler is False:
+        return None, {"source": "estimate", "note": f"compiler=False: {estimate}"}
+    name = target or target_for_device(device)
+    if name is None:
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        why = f"no compile-only target for compute capability {cap} (pass target=)"
+        if compiler:
+            raise ValueError(why)
+        return None, {"source": "estimate", "note": f"{why}: {estimate}"}
+    figures = CompilerFigures(analysis, sizes, batch, length, heads, dtype, form, name, backward=mode == "fwdbwd")
+    if not figures.available:
+        if compiler:
+            raise ValueError(f"compiler=True: {figures.why}")
+        return None, {"source": "estimate", "target": name, "note": f"{figures.why}: {estimate}"}
+    return figures, {"source": "compiler", "target": name, "compiled": 0, "cached": 0,
+                     "note": f"each config is compiled for {name} before it is timed and dropped when a kernel "
+                             "spills or needs more shared memory than the target has (the hand estimate is unused)"}
+
+
+
 def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype: torch.dtype = torch.float32,
          form: str = "chunked", backend: str = "torch", trials: int = 20, store=None, device=None, *,
          warmup: int = 2, repeat: int = 5, seed: int = 0, limits=None, check: bool = True,
          verbose: bool = False, mode: str = "fwdbwd", finalists: int = 3, progress=None,
-         lock_wait_s: float = LOCK_WAIT_S, on_lock_wait=None) -> TuneResult:
+         lock_wait_s: float = LOCK_WAIT_S, on_lock_wait=None, target: str | None = None,
+         compiler: bool | None = None, candidates: list[dict] | None = None) -> TuneResult:
     """Tune `rec`'s `form` on `backend` for inputs [batch, length, heads, ...] of `dtype` with spec `sizes`.
 
     rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path, or None (the rule's store,
@@ -314,8 +369,13 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     limits: `space.DeviceLimits` to override the device's; mode: "fwdbwd" (what training runs, the default) or
     "fwd" (inference); finalists: screened configs re-timed against the default in the interleaved final;
     progress: `progress(done, total, label)` after each timed unit; lock_wait_s / on_lock_wait: see
-    `TuningStore.save_study`. Returns a `TuneResult`; raises `NoLegalConfig` when the constraint model leaves
-    nothing to time, ValueError for a bad request, `store.StoreError` for a store that cannot be written (before
+    `TuningStore.save_study`; target: the GPU target the Triton backend's configs are compiled for to read their
+    registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA device's, sm_90 on a CPU);
+    compiler: None uses those figures when ptxas and cuobjdump are found (else the hand estimate, with a note),
+    True requires them (ValueError without), False always uses the estimate; candidates: time only these configs
+    (and the default), each still pruned by the rules and the compiler. Returns a `TuneResult`; raises
+    `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad request,
+    `store.StoreError` for a store that cannot be written (before
     timing anything) and `store.StoreLocked` (naming the side file holding the trials) when it stays locked.
     """
     import optuna
@@ -353,14 +413,35 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
     layer = load_layer(analysis).options(tuning=False)  # every trial runs exactly its config
     problem = Problem.from_analysis(analysis, sizes, length)
-    space = config_space(form, backend, problem, limits if limits is not None else device_limits(device))
+    figures, compiler_info = (None, {"source": "none"}) if backend != "triton" else _compiler_figures(
+        analysis, sizes, batch, length, heads, dtype, form, target, device, mode, compiler)
+    space = config_space(form, backend, problem, limits if limits is not None else device_limits(device),
+                         estimate=figures is None)
+    if compiler_info.get("note"):
+        space.notes.append(compiler_info["note"])
+    if candidates is not None:
+        raw = {config_key(c) for c in raw_configs(form, backend)}
+        for c in candidates:
+            if not isinstance(c, dict) or config_key(c) not in raw:
+                raise ValueError(f"candidates: {c!r} is not a {form}/{backend} config "
+                                 f"({check_config(c, form, backend, problem) if isinstance(c, dict) else 'a dict'})")
+        wanted = {config_key(c) for c in candidates} | {config_key(space.default)}
+        space.notes.append(f"restricted to {len(candidates)} given candidates and the default")
+        space.configs = [c for c in space.configs if config_key(c) in wanted]
     if not space.configs:
+        if figures is not None:
+            figures.close()
         reasons = sorted({p.reason for p in space.pruned})[:5]
         raise NoLegalConfig(f"no {form}/{backend} config fits {checked.name} with sizes {sizes}, T={length} on "
                             f"{space.limits.name}; e.g. " + " | ".join(reasons))
 
-    store = open_store(store)
-    store.check_writable()  # a bad store fails here, before minutes of timing
+    try:
+        store = open_store(store)
+        store.check_writable()  # a bad store fails here, before minutes of timing
+    except BaseException:
+        if figures is not None:
+            figures.close()
+        raise
     spec_hash = spec_hash_of(rec)
     dev_name = device_name(device, backend)
     dname = dtype_name(dtype)
@@ -416,7 +497,36 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
             shown = f"{result.median_ms:.4f} ms (IQR {result.iqr_ms or 0:.4f})" if result.ok else result.error
             print(f"[tune {stage} {result.number}] {config_key(result.config)}: {shown}", flush=True)
 
+    def compiled(number: int, config: dict) -> TrialResult | None:
+        """The compiler's verdict on `config` before it is timed: a pruned trial, or None (time it)."""
+        if figures is None:
+            return None
+        key = config_key(config)
+        if key not in seen_figures:
+            try:
+                seen_figures[key] = figures.get(config)
+            except Exception as err:  # noqa: BLE001 - no figures: time the config as the estimate let it through
+                compiler_info.setdefault("errors", []).append(f"{key}: {_message(err)}")
+                return None
+        f = seen_figures[key]
+        problems = f.problems()
+        if not problems:
+            return None
+        result = TrialResult(number, config, None, f"pruned by the compiler ({f.target}): " + "; ".join(problems),
+                             figures=f.as_dict(), pruned=True)
+        say(result, "compile")
+        return result
+
+    def with_figures(result: TrialResult) -> TrialResult:
+        f = seen_figures.get(config_key(result.config))
+        if f is not None:
+            result.figures = f.as_dict()
+        return result
+
     def screen(number: int, config: dict) -> TrialResult:
+        pruned = compiled(number, config)
+        if pruned is not None:
+            return pruned
         try:
             rel = checked_first(config)
             times, _ = measure(lambda: call(config), device, max(warmup - 1, 0), repeat)
@@ -425,13 +535,14 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
             result = failed(number, config, err)
         tick(f"screen {config_key(config)}")
         say(result, "screen")
-        return result
+        return with_figures(result)
 
     old_verbosity = optuna.logging.get_verbosity()
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     done: dict[str, TrialResult] = {}
+    seen_figures: dict = {}
     default = config_key(space.default)
     try:
         if exhaustive:
@@ -445,13 +556,17 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
             if default in keys:
                 study.enqueue_trial({"config": default})
             asks = 0
-            while len(done) < budget and asks < 4 * budget + 16:
+            # configs the compiler prunes are not timed, so they do not use up the budget (the asks bound it)
+            while (sum(not t.pruned for t in done.values()) < budget and asks < 4 * budget + 16
+                   and len(done) < len(keys)):
                 asks += 1
                 trial = study.ask(distributions)
                 key = trial.params["config"]
                 if key not in done:
                     done[key] = screen(len(done), parse_config_key(key))
                 else:  # proposed again: answer from the first timing and steer to an untimed config
+                    study.enqueue_trial({"config": next(k for k in fill if k not in done)})
+                if done[key].pruned and len(done) < len(keys):
                     study.enqueue_trial({"config": next(k for k in fill if k not in done)})
                 result = done[key]
                 if result.ok:
@@ -466,6 +581,11 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         for key in candidates:
             number = done[key].number if key in done else len(done) + len(final)
             config = parse_config_key(key)
+            pruned = compiled(number, config)
+            if pruned is not None:
+                final[key] = pruned
+                tick(f"pruned {key}", 1 + repeat)
+                continue
             try:
                 rel = checked_first(config)
                 for _ in range(max(warmup - 1, 0)):
@@ -477,6 +597,8 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
                 tick(f"failed {key}", repeat)
             tick(f"warm up {key}")
         running = [k for k in candidates if final[k].error is None]
+        for key in running:
+            with_figures(final[key])
         for r in range(repeat):
             order = running[r % len(running):] + running[:r % len(running)] if running else []
             for key in order:
@@ -498,13 +620,16 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         done.update(final)
     finally:
         optuna.logging.set_verbosity(old_verbosity)
+        if figures is not None:
+            compiler_info.update(compiled=figures.compiled, cached=figures.cached)
+            figures.close()
     ok_final = [t for t in final.values() if t.ok]
     fastest = min(ok_final, key=lambda t: (t.median_ms, t.number)) if ok_final else None
     wins, reason = decide(final.get(default), fastest)
     chosen = dict(fastest.config) if wins else None
     ordered = sorted(done.values(), key=lambda t: t.number)
     result = TuneResult(spec_hash, dev_name, dname, bucket, form, backend, study_id, space, ordered,
-                        time.perf_counter() - started, mode, chosen, reason, threads, notes)
+                        time.perf_counter() - started, mode, chosen, reason, threads, notes, compiler_info)
     versions = {**library_versions(), "threads": threads}
     rows = [dict(spec_hash=spec_hash, device=dev_name, dtype=dname, bucket=bucket, form=form, backend=backend,
                  config=t.config, median_ms=t.median_ms, error=t.error, study=study_id, versions=versions,

@@ -2,12 +2,13 @@
 
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
-        [--compare benchmarks/results/kernels_gpu_h200.json]
+        [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
-inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the forward call at
-B=2, T=256, H=4 (the shape of benchmarks/gpu_kernel_report.py) with default configs, every kernel it launches
-compiled for the target by `codegen.kernel_report` (the compile-only driver: no GPU). Prints one row per kernel
+inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
+B=2, T=256, H=4 (the shape of benchmarks/gpu_kernel_report.py) with default configs, forward and backward (outputs
+summed; --forward-only skips the backward), every kernel it launches compiled for the target by
+`codegen.kernel_report` (the compile-only driver: no GPU); each kernel row carries its phase. Prints one row per kernel
 and a summary (how many spill, how many need more shared memory than the target has), and writes JSON (date,
 versions, every row) after every call, so a stopped run keeps what it did.
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="64,128", help="every spec size, one run each (default 64,128)")
     parser.add_argument("--dtypes", default="bfloat16,float16")
     parser.add_argument("--targets", default="sm_80,sm_90")
+    parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
@@ -90,11 +92,12 @@ def main(argv=None) -> int:
     report = {"benchmark": "kernel_matrix.py", "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU needed", "versions": versions,
               "shape": SHAPE, "targets": {t: kr.TARGETS[t].max_shared_bytes for t in targets},
-              "note": "forward calls, default configs; spill_bytes = local memory per thread (cuobjdump STACK + "
-                      "LOCAL); a GPU's Triton n_spills is spill_bytes / 4", "runs": []}
+              "note": ("forward calls" if args.forward_only else "forward and backward calls")
+              + ", default configs; spill_bytes = local memory per thread (cuobjdump STACK + LOCAL); a GPU's "
+                "Triton n_spills is spill_bytes / 4", "runs": []}
     started = time.time()
-    print(f"{'recurrence':<28} {'size':>4} {'dtype':<8} {'target':<6} {'form':<9} {'kernel':<44} {'regs':>4} "
-          f"{'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
+    print(f"{'recurrence':<28} {'size':>4} {'dtype':<8} {'target':<6} {'form':<9} {'phase':<8} {'kernel':<44} "
+          f"{'regs':>4} {'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
     for path in paths:
         for name, rec in recurrence_dsl.load(path).items():
             forms = kr.triton_forms_of(rec)
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
                                    "form": form}
                             try:
                                 kernels = kr.report_recurrence(rec, sizes, SHAPE["B"], SHAPE["T"], SHAPE["H"],
-                                                               dtype=getattr(torch, dtype), target=target, form=form)
+                                                               dtype=getattr(torch, dtype), target=target, form=form,
+                                                               backward=not args.forward_only)
                                 run["kernels"] = [k.as_dict() for k in kernels]
                                 run["problems"] = [p for k in kernels for p in k.problems()]
                             except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result
@@ -118,9 +122,9 @@ def main(argv=None) -> int:
                                 flag = "  SPILLS" if k["spill_bytes"] else ""
                                 if k["shared_bytes"] > kr.TARGETS[target].max_shared_bytes:
                                     flag += "  SHARED > LIMIT"
-                                print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} {k['name']:<44} "
-                                      f"{k['registers']:>4} {k['spill_bytes']:>7} {k['shared_bytes']:>8} "
-                                      f"{k['compile_seconds']:>9.2f}{flag}", flush=True)
+                                print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} {k['phase']:<8} "
+                                      f"{k['name']:<44} {k['registers']:>4} {k['spill_bytes']:>7} "
+                                      f"{k['shared_bytes']:>8} {k['compile_seconds']:>9.2f}{flag}", flush=True)
                             report["runs"].append(run)
                             args.out.parent.mkdir(parents=True, exist_ok=True)
                             args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -131,9 +135,13 @@ def main(argv=None) -> int:
     failed = [r for r in report["runs"] if "error" in r]
     by_target = {t: sum(1 for r in report["runs"] if r["target"] == t for k in r.get("kernels", [])
                         if k["spill_bytes"] > 0) for t in targets}
+    by_phase = {p: sum(1 for k in spilling if k["phase"] == p) for p in ("forward", "backward")}
+    kernels_by_phase = {p: sum(1 for k in kernels if k["phase"] == p) for p in ("forward", "backward")}
     names = sorted({k["name"] for k in spilling})
     report["summary"] = {"calls": len(report["runs"]), "kernels": len(kernels), "spilling": len(spilling),
-                         "spilling_by_target": by_target, "over_shared_memory": len(over), "failed_calls": len(failed),
+                         "spilling_by_target": by_target,
+                         "kernels_by_phase": kernels_by_phase, "spilling_by_phase": by_phase,
+                         "over_shared_memory": len(over), "failed_calls": len(failed),
                          "spilling_kernel_names": names, "compile_seconds": round(sum(k["compile_seconds"]
                                                                                       for k in kernels), 1),
                          "wall_seconds": round(time.time() - started, 1)}
@@ -150,7 +158,8 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     s = report["summary"]
     per_target = ", ".join(f"{t}: {n}" for t, n in by_target.items())
-    print(f"\n{s['spilling']} of {s['kernels']} compiled kernels spill ({per_target}); "
+    print(f"\n{s['spilling']} of {s['kernels']} compiled kernels spill ({per_target}; forward {by_phase['forward']} "
+          f"of {kernels_by_phase['forward']}, backward {by_phase['backward']} of {kernels_by_phase['backward']}); "
           f"{s['over_shared_memory']} need more shared memory than their target; {s['failed_calls']} calls failed; "
           f"{s['compile_seconds']} s compiling, {s['wall_seconds']} s in all; wrote {args.out}")
     return 0

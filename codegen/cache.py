@@ -55,16 +55,21 @@ def _safe_directory(path: Path) -> None:
     _check_owner(path.parent, path.parent.stat(), own=False)
 
 
-def cache_directory() -> Path:
-    """The first usable cache directory (see the module docstring); raises CacheError naming every refusal."""
+def cache_directory(kind: str = "modules") -> Path:
+    """The first usable cache directory for `kind` (see the module docstring): "modules" for generated modules,
+    "kernel-figures" (a sibling of "modules") for the tuner's compile-only kernel figures (autotune/figures.py).
+    Raises CacheError naming every refusal."""
+    if not kind.replace("-", "").isalnum():
+        raise ValueError(f"cache kind must be a plain directory name, got {kind!r}")
     refusals = []
-    for path in _candidates():
+    for path in (p if kind == "modules" else p.parent / kind for p in _candidates()):
         try:
             _safe_directory(path)
             return path
         except OSError as err:
             refusals.append(f"{path}: {err}")
-    raise CacheError("no usable cache directory for generated modules: " + "; ".join(refusals))
+    what = "generated modules" if kind == "modules" else kind
+    raise CacheError(f"no usable cache directory for {what}: " + "; ".join(refusals))
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -1390,8 +1390,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
             num_stages=stages)
         M, x, z, dm, out, D, DZ, BD, BZ = plain
         _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
-            num_stages=stages)
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+            num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
         dqs.append(dq)
 
     dlog = None
@@ -1503,6 +1503,14 @@ def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_f
 # ----------------------------------------------------------------------------------------------------------
 
 _DELTA_BWD_WY_WARPS = 8  # _delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
+_DELTA_BWD_WY_BV = 32  # its V block (the dU / Y tiles of dTm and dy): 64 spilled on sm_80
+# _delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+_DELTA_BWD_DQK_WARPS = 8
+_DELTA_BWD_DQK_BK = 32
+_DELTA_BWD_DQK_BV = 32
+_DELTA_BWD_LOCAL_BV = 32  # _delta_bwd_local_kernel's V block (64 spilled on sm_80 with a scalar decay)
+_CHUNK_BWD_PLAIN_WARPS = 8  # _chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
@@ -1834,15 +1842,14 @@ def _delta_bwd_intra_kernel(M, x, gc, out, T, H: tl.constexpr, K: tl.constexpr, 
 
 
 @triton.jit
-def _delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+def _delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
-    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
-    dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
-    _delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t). With a key decay the decayed scores
-    are the forward's (Akk, from _intra_attn_kernel), exp(G) per key comes from eg, and dA is left undecayed: the
-    per-key factors are applied by _delta_bwd_intra_kernel."""
+    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T. Stores Tm^T to Tt and dTm to dA [B*H, NT*BT, BT] and,
+    without a key decay, the decayed scores to Ab (same shape), for _delta_bwd_dl_kernel, which forms dL, dbeta's
+    share and dA from them. With a key decay the decayed scores are the forward's (Akk, from _intra_attn_kernel)
+    and exp(G) per key comes from eg."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -1872,6 +1879,8 @@ def _delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, 
     b_A = b_A * b_D  # decayed and strictly lower: L = diag(beta) A
     # Tm = (I + L)^-1 by the forward's substitution, row by row
     b_T = -(b_beta[:, None] * b_A)
+    if DECAY != 2:  # the decayed scores, for _delta_bwd_dl_kernel's dbeta (a key decay's are Akk already)
+        tl.store(Ab + p_tt, b_A, mask=m_tt)
     for i in range(1, BT):
         b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)
         b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
@@ -1895,10 +1904,37 @@ def _delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, 
         if DECAY == 2:
             b_kb = b_kb * tl.load(eg + p_tk, mask=m_tk, other=0.0)
         b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_kb), input_precision=PREC)
+    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    tl.store(dA + p_tt, b_dT, mask=m_tt)  # dTm, which _delta_bwd_dl_kernel turns into dA in place
+
+
+@triton.jit
+def _delta_bwd_dl_kernel(beta, gc, Ab, Tt, dA, dbeta, T, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr,
+                         PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), middle part: dL = -Tm^T dTm Tm^T (strictly
+    lower) from Tm^T (Tt) and dTm (dA, as _delta_bwd_wy_kernel left it); dbeta = sum_s dL_ts (L_ts / beta_t), from
+    the decayed scores Ab; dA = diag(beta) dL * decay, in place of dTm. A kernel of its own because the two chained
+    [BT, BT] dots, next to the first part's tiles, spilled registers on sm_80."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)
+    b_Tt = tl.load(Tt + p_tt, mask=m_tt, other=0.0)
+    b_dT = tl.load(dA + p_tt, mask=m_tt, other=0.0)
     b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
+    b_A = tl.where(o_i[:, None] > o_i[None, :], tl.load(Ab + p_tt, mask=m_tt, other=0.0), 0.0)  # decayed k_t . k_s
+    b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)
     tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
-    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    if DECAY == 1:
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+        b_D = tl.where(o_i[:, None] > o_i[None, :], _decay(b_g[:, None], b_g[None, :]), 0.0)
+    else:
+        b_D = tl.where(o_i[:, None] > o_i[None, :], 1.0, 0.0)
     tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
 
 
@@ -2013,7 +2049,9 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
         BT = packed.BT
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _delta_blocks(BK)[0]
-    NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
+    KBQ = KB if block_k is not None else min(KB, _DELTA_BWD_DQK_BK)  # _delta_bwd_dqk_kernel's K block
+    BVL = BV if block_v is not None else min(BV, _DELTA_BWD_LOCAL_BV)  # _delta_bwd_local_kernel's V block
+    NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
@@ -2032,8 +2070,8 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
         # a key decay's P: the forward's decayed scores (_intra_attn_kernel), recomputed
         A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
                                        num_stages) if code == 2 else k
-        _delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+        _delta_bwd_local_kernel[(triton.cdiv(V, BVL), NT, B * H)](
+            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BVL, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((rows, H, K, V), **f32)
@@ -2048,11 +2086,12 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
+    BVQ = BV if block_v is not None else min(BV, _DELTA_BWD_DQK_BV)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _delta_bwd_dqk_kernel[(NKB, NT, B * H)](
             q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K,
-            V, NT, NKB, BT, KB, BV, code, bool(exclusive), j == 0, prec, ends is not None,
-            num_warps=_or(num_warps, _DELTA_STATE_WARPS), num_stages=stages)
+            V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
+            num_warps=_or(num_warps, _DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -2076,10 +2115,13 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     dbeta = torch.empty((B, T, H), **f32)
     Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
     dA = torch.empty((B * H, NT * BT, BT), **f32)
+    Ab = Akk if code == 2 else torch.empty((B * H, NT * BT, BT), **f32)  # the decayed scores, for dbeta
     _delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB,
-        min(BV, 64), code, prec,
+        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, Ab, T, H, K, V, BT, KB,
+        min(BV, _DELTA_BWD_WY_BV), code, prec,
         num_warps=_or(num_warps, _DELTA_BWD_WY_WARPS), num_stages=stages)
+    _delta_bwd_dl_kernel[(NT, B * H)](beta, g_or_k, Ab, Tt, dA, dbeta, T, H, BT, code, prec, num_warps=warps,
+                                      num_stages=stages)
     dkp = dk
     if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
         dkp = torch.empty((B, T, H, K), **f32)

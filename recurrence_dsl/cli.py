@@ -9,7 +9,8 @@ traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
-                [--store PATH] [--lock-wait 60] [--warmup 2] [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
+                [--repeat 5] [--seed 0] [--no-check] [--verbose]
                 [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
                 [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|all] [--config JSON]
@@ -399,7 +400,8 @@ def cmd_tune(args) -> int:
                           given.get("H", TUNE_DEFAULTS["H"]), getattr(torch, args.dtype), form, backend,
                           args.trials, store, device, warmup=args.warmup, repeat=args.repeat, seed=args.seed,
                           check=not args.no_check, verbose=args.verbose, mode=args.mode, progress=progress.step,
-                          lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting)
+                          lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting, target=args.target,
+                          compiler=False if args.no_compiler else None)
         except NoLegalConfig as err:
             print(f"{rec.name}: {err}", file=sys.stderr)
             status = 1
@@ -629,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for a store another process holds locked before saving the trials "
                       "to a side file (default 60)")
+    tune.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"),
+                      help="triton: the GPU target each config is compiled for (without running) to read its "
+                           "registers, spills and shared memory; configs that spill are dropped untimed "
+                           "(default: the CUDA device's, sm_90 on cpu)")
+    tune.add_argument("--no-compiler", action="store_true",
+                      help="triton: prune with the hand-kept estimate of autotune/space.py instead of the "
+                           "compiler's figures (what happens anyway without ptxas / cuobjdump)")
     tune.add_argument("--warmup", type=int, default=2, help="untimed runs per config (default 2)")
     tune.add_argument("--repeat", type=int, default=5, help="interleaved rounds: timed runs per config, median and "
                       "IQR kept (default 5)")

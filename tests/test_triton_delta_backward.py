@@ -163,9 +163,8 @@ def test_packed_sequences_through_the_chunked_triton_form(monkeypatch):
     assert lengths == [21, 0, 19]
 
 
-def _runtime_case(axis, excl, length, seed, with_initial=True, neg_inf=False):
+def _runtime_case(axis, excl, length, seed, with_initial=True, neg_inf=False, K=16, V=32):
     gen = torch.Generator().manual_seed(seed)
-    K, V = 16, 32
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -229,6 +228,22 @@ def test_runtime_gradients_match_the_torch_runtime(axis, excl, length, with_init
     for g, r in zip(got, ref):
         if r.norm() == 0:  # an unused query: exactly zero
             assert not g.any()
+
+
+@pytest.mark.parametrize("axis", [None, "scalar"])
+def test_runtime_gradients_with_several_key_and_value_blocks(axis):
+    """K = V = 64: the default blocks split the backward's loops (_delta_bwd_dqk_kernel over two K blocks of 32
+    and V blocks of 32, _delta_bwd_local_kernel over two V tiles, _delta_bwd_wy_kernel's V loop in two, dL in
+    _delta_bwd_dl_kernel), the configs chosen so that nothing spills on sm_80 (tests/test_no_spills.py)."""
+    excl, length = (True, False), 21
+    case = _runtime_case(axis, excl, length, seed=3, neg_inf=axis is not None, K=64, V=64)
+    gen = torch.Generator().manual_seed(8)
+    weights = ([torch.randn(B, length, H, 64, generator=gen, dtype=torch.float64) for _ in excl],
+               torch.randn(B, H, 64, 64, generator=gen, dtype=torch.float64))
+    ref = _runtime_grads(torch_runtime.chunked_delta, case, excl, torch.float64, weights, CHUNK, axis)
+    got = _runtime_grads(triton_runtime.chunked_delta, case, excl, torch.float32, weights, CHUNK, axis)
+    errors = [_rel(g, r) for g, r in zip(got, ref)]
+    assert max(errors) <= TOL, errors
 
 
 def test_zero_length():
