@@ -23,6 +23,7 @@ TC = TransitionClass
 SPEC_CLASSES = {
     "linear_attention": TC.IDENTITY,
     "normalized_linear_attention": TC.IDENTITY,
+    "based": TC.IDENTITY,
     "retention": TC.SCALAR,
     "lightning_attention": TC.SCALAR,
     "mamba2": TC.SCALAR,
@@ -43,6 +44,7 @@ EXAMPLE_CLASSES = {
     "delta_net": TC.RANK_ONE_UPDATE,
     "rwkv6": TC.DIAGONAL_ROW,
     "normalized_linear_attention": TC.IDENTITY,
+    "based": TC.IDENTITY,
 }
 
 SCAN = {TC.IDENTITY, TC.SCALAR, TC.DIAGONAL_ROW, TC.DIAGONAL_COL, TC.ELEMENTWISE}
