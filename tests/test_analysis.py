@@ -44,7 +44,6 @@ EXAMPLE_CLASSES = {
     "delta_net": TC.RANK_ONE_UPDATE,
     "rwkv6": TC.DIAGONAL_ROW,
     "normalized_linear_attention": TC.IDENTITY,
-    "based": TC.IDENTITY,
 }
 
 SCAN = {TC.IDENTITY, TC.SCALAR, TC.DIAGONAL_ROW, TC.DIAGONAL_COL, TC.ELEMENTWISE}

@@ -215,7 +215,7 @@ def hand_based(q, k, v, S0=None):
         st["S2"] = st["S2"] + kk[..., None] * vt[..., None, None, :]
         st["z0"], st["z1"], st["z2"] = st["z0"] + 1, st["z1"] + kt, st["z2"] + kk
         xx = x[..., :, None] * x[..., None, :]
-        num = st["S0"] + _readout(x, st["S1"]) + torch.einsum("bhab,bhabv->bhv", xx, st["S2"]) / 2
+        num = st["S0"] + _readout(x, st["S1"]) + torch.einsum("bhxy,bhxyv->bhv", xx, st["S2"]) / 2
         den = st["z0"] + (x * st["z1"]).sum(-1) + (xx * st["z2"]).sum((-2, -1)) / 2
         out.append(num / den[..., None])
     return torch.stack(out, 1), st
