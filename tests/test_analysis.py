@@ -23,6 +23,7 @@ TC = TransitionClass
 SPEC_CLASSES = {
     "linear_attention": TC.IDENTITY,
     "normalized_linear_attention": TC.IDENTITY,
+    "based": TC.IDENTITY,
     "retention": TC.SCALAR,
     "lightning_attention": TC.SCALAR,
     "mamba2": TC.SCALAR,

@@ -285,7 +285,7 @@ def test_show_and_prove_say_what_was_flattened(capsys):
     shown = capsys.readouterr().out
     assert ("chunked as S2[(a, b), j]: its first two axes flattened into one key axis of size K * K "
             "(p = a * K + b)") in shown
-    assert "readout R_3[j] = sum_(a, b) (q[a]*q[b]) * S2_t[a, b, j]" in shown
+    assert "= sum_(a, b) (q[a]*q[b]) * S2_t[a, b, j]" in shown
     code = recdsl_main(["check", str(DATA / "pair_states.rec"), "--name", "pair_scalar", "--prove",
                         "--shape", "B=1,T=6,H=1,K=3,D=2,V=2"])
     printed = capsys.readouterr().out

@@ -6,6 +6,8 @@ Each `hand_*` function below is written from the spec's text alone (not from the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
@@ -198,7 +200,29 @@ def hand_minimal_rnn(x, Uh, Uz, bu, h0=None):
     return torch.stack(out, 1), h
 
 
+def hand_based(q, k, v, S0=None):
+    """Based (Arora et al. 2024): the paper's states sum phi(k) v^T and sum phi(k) kept as their parts of order 0,
+    1, 2; o = phi(x)^T S / phi(x)^T z with phi(x) = [1, x, x (x) x / sqrt(2)] and x = q / sqrt(K)."""
+    Bn, T, H, K = q.shape
+    V = v.shape[-1]
+    names = {"S0": (V,), "S1": (K, V), "S2": (K, K, V), "z0": (), "z1": (K,), "z2": (K, K)}
+    st = {n: (S0[n].clone() if S0 is not None else q.new_zeros((Bn, H) + d)) for n, d in names.items()}
+    out = []
+    for t in range(T):
+        kt, vt, x = k[:, t], v[:, t], q[:, t] / math.sqrt(K)
+        kk = kt[..., :, None] * kt[..., None, :]
+        st["S0"], st["S1"] = st["S0"] + vt, st["S1"] + _outer(kt, vt)
+        st["S2"] = st["S2"] + kk[..., None] * vt[..., None, None, :]
+        st["z0"], st["z1"], st["z2"] = st["z0"] + 1, st["z1"] + kt, st["z2"] + kk
+        xx = x[..., :, None] * x[..., None, :]
+        num = st["S0"] + _readout(x, st["S1"]) + torch.einsum("bhxy,bhxyv->bhv", xx, st["S2"]) / 2
+        den = st["z0"] + (x * st["z1"]).sum(-1) + (xx * st["z2"]).sum((-2, -1)) / 2
+        out.append(num / den[..., None])
+    return torch.stack(out, 1), st
+
+
 HAND_LOOPS = {
+    "based": hand_based,
     "linear_attention": hand_linear_attention,
     "gla": hand_gla,
     "retention": hand_retention,

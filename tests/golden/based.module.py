@@ -8,15 +8,14 @@ The spec:
 
     recurrence based(q[K], k[K], v[V]) -> o[V] {
         state S0[V], S1[K, V], S2[K, K, V], z0, z1[K], z2[K, K]
-        x[i] = q[i] * K ** -0.5                    # the scaled query
         S0[j] = S0[j] + v[j]
         S1[i, j] = S1[i, j] + k[i] * v[j]
         S2[a, b, j] = S2[a, b, j] + k[a] * k[b] * v[j]
         z0 = z0 + 1
         z1[i] = z1[i] + k[i]
         z2[a, b] = z2[a, b] + k[a] * k[b]
-        num[j] = S0[j] + sum(i, x[i] * S1[i, j]) + sum(a, b, x[a] * x[b] * S2[a, b, j]) / 2
-        den = z0 + sum(i, x[i] * z1[i]) + sum(a, b, x[a] * x[b] * z2[a, b]) / 2
+        num[j] = S0[j] + K ** -0.5 * sum(i, q[i] * S1[i, j]) + sum(a, b, q[a] * q[b] * S2[a, b, j]) / (2 * K)
+        den = z0 + K ** -0.5 * sum(i, q[i] * z1[i]) + sum(a, b, q[a] * q[b] * z2[a, b]) / (2 * K)
         o[j] = num[j] / den
     }
 """
@@ -2316,7 +2315,7 @@ _based_spec = _Spec(
     states=(_Sym('S0', ('V',)), _Sym('S1', ('K', 'V')), _Sym('S2', ('K', 'K', 'V')), _Sym('z0', ()), _Sym('z1', ('K',)), _Sym('z2', ('K', 'K'))),
     outputs=(_Sym('o', ('V',)),),
     sizes=('K', 'V'),
-    spec_hash='4e61f1b3080a4424',
+    spec_hash='31cbc1f60d05ad90',
     unavailable=(),
 )
 
@@ -2345,7 +2344,7 @@ def based__recurrent_loop(q, k, v, states, K, V, every=0):
         z0__new = torch.broadcast_to(1.0 + z0, (B_, H_))  # based.rec:19
         z1__new = torch.broadcast_to(k_t + z1, (B_, H_, K))  # based.rec:20
         z2__new = torch.broadcast_to(torch.addcmul(z2, k_t[..., None, :], k_t[..., :, None]), (B_, H_, K, K))  # based.rec:21
-        o_steps.append(torch.broadcast_to(((((q_t / (K**1.0))[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 + S0__new + ((q_t / (K**0.5))[..., None, :] @ S1__new)[..., 0, :]) / (z0__new[..., None] + (((q_t / (K**1.0))[..., None, :] @ z2__new)[..., 0, :] * q_t).sum(dim=-1)[..., None] / 2.0 + ((q_t / (K**0.5)) * z1__new).sum(dim=-1)[..., None]), (B_, H_, V)))  # based.rec:15,22,23,24
+        o_steps.append(torch.broadcast_to(((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / K + S0__new) / (z0__new[..., None] + (q_t * z1__new).sum(dim=-1)[..., None] / (K**0.5) + ((q_t[..., None, :] @ z2__new)[..., 0, :] * q_t).sum(dim=-1)[..., None] / 2.0 / K), (B_, H_, V)))  # based.rec:22,23,24
         S0 = S0__new
         S1 = S1__new
         S2 = S2__new
@@ -2426,19 +2425,19 @@ def based__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K,
             z0__new = z0_steps[t - t0 + 1]
             z1__new = z1_steps[t - t0 + 1]
             z2__new = z2_steps[t - t0 + 1]
-            add_q_z0__new_z1__new_z2__new_ = torch.broadcast_to(z0__new + (q_t * z1__new).sum(dim=-1) / (K**0.5) + ((q_t[..., None, :] @ z2__new)[..., 0, :] * q_t).sum(dim=-1) / 2.0 / (K**1.0), (B_, H_))  # used more than once
-            sum_S0__new_S1__new_S2__new_grad_o_q = torch.broadcast_to((((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / (K**1.0) + S0__new) * grad_o_t).sum(dim=-1), (B_, H_))  # used more than once
-            grad_z2__new = torch.addcmul(grad_z2, (-0.5) * sum_S0__new_S1__new_S2__new_grad_o_q[..., None, None] / (K**1.0) * q_t[..., None, :] / add_q_z0__new_z1__new_z2__new_[..., None, None] ** 2.0, q_t[..., :, None])  # d loss / d z2 after step t
+            add_q_z0__new_z1__new_z2__new_ = torch.broadcast_to(z0__new + (q_t * z1__new).sum(dim=-1) / (K**0.5) + ((q_t[..., None, :] @ z2__new)[..., 0, :] * q_t).sum(dim=-1) / 2.0 / K, (B_, H_))  # used more than once
+            sum_S0__new_S1__new_S2__new_grad_o_q = torch.broadcast_to((((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / K + S0__new) * grad_o_t).sum(dim=-1), (B_, H_))  # used more than once
+            grad_z2__new = torch.addcmul(grad_z2, (-0.5) * sum_S0__new_S1__new_S2__new_grad_o_q[..., None, None] / K * q_t[..., None, :] / add_q_z0__new_z1__new_z2__new_[..., None, None] ** 2.0, q_t[..., :, None])  # d loss / d z2 after step t
             grad_z1__new = torch.addcmul(grad_z1, -(sum_S0__new_S1__new_S2__new_grad_o_q[..., None] / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / (K**0.5)), q_t)  # d loss / d z1 after step t
             grad_z0__new = torch.addcmul(grad_z0, -add_q_z0__new_z1__new_z2__new_ ** (-2.0), sum_S0__new_S1__new_S2__new_grad_o_q)  # d loss / d z0 after step t
-            grad_S2__new = torch.addcmul(grad_S2, 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None, None, None] / (K**1.0) * q_t[..., :, None, None] * q_t[..., None, :, None], grad_o_t[..., None, None, :])  # d loss / d S2 after step t
+            grad_S2__new = torch.addcmul(grad_S2, 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None, None, None] / K * q_t[..., :, None, None] * q_t[..., None, :, None], grad_o_t[..., None, None, :])  # d loss / d S2 after step t
             grad_S1__new = torch.addcmul(grad_S1, 1.0 / add_q_z0__new_z1__new_z2__new_[..., None, None] / (K**0.5) * q_t[..., :, None], grad_o_t[..., None, :])  # d loss / d S1 after step t
             grad_S0__new = torch.addcmul(grad_S0, 1.0 / add_q_z0__new_z1__new_z2__new_[..., None], grad_o_t)  # d loss / d S0 after step t
             if stepwise:  # each input's and param's gradient at this step
                 k_t = k_steps[t - t0]
                 v_t = v_steps[t - t0]
-                add_S0__new_S1__new_S2__new_q = torch.broadcast_to((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / (K**1.0) + S0__new, (B_, H_, V))  # used more than once
-                grad_q[:, t] = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(1.0 / add_q_z0__new_z1__new_z2__new_[..., None] / (K**0.5) * (grad_o_t[..., None, :] @ S1__new.mT)[..., 0, :], 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None] / (K**1.0), ((grad_o_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new.movedim((-1, -2, -3), (-3, -2, -1))).sum(dim=(-3, -2))), 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None] / (K**1.0), ((grad_o_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new.movedim((-1, -3, -2), (-3, -2, -1))).sum(dim=(-3, -2))), (-0.5) / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / (K**1.0), (((add_S0__new_S1__new_S2__new_q * grad_o_t).sum(dim=-1)[..., None] * q_t)[..., None, :] @ z2__new.mT)[..., 0, :]), (-0.5) / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / (K**1.0), (((add_S0__new_S1__new_S2__new_q * grad_o_t).sum(dim=-1)[..., None] * q_t)[..., None, :] @ z2__new)[..., 0, :]), -(sum_S0__new_S1__new_S2__new_grad_o_q[..., None] / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / (K**0.5)), z1__new)
+                add_S0__new_S1__new_S2__new_q = torch.broadcast_to((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / K + S0__new, (B_, H_, V))  # used more than once
+                grad_q[:, t] = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(1.0 / add_q_z0__new_z1__new_z2__new_[..., None] / (K**0.5) * (grad_o_t[..., None, :] @ S1__new.mT)[..., 0, :], 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None] / K, ((grad_o_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new.movedim((-1, -2, -3), (-3, -2, -1))).sum(dim=(-3, -2))), 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_[..., None] / K, ((grad_o_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new.movedim((-1, -3, -2), (-3, -2, -1))).sum(dim=(-3, -2))), (-0.5) / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / K, (((add_S0__new_S1__new_S2__new_q * grad_o_t).sum(dim=-1)[..., None] * q_t)[..., None, :] @ z2__new.mT)[..., 0, :]), (-0.5) / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / K, (((add_S0__new_S1__new_S2__new_q * grad_o_t).sum(dim=-1)[..., None] * q_t)[..., None, :] @ z2__new)[..., 0, :]), -(sum_S0__new_S1__new_S2__new_grad_o_q[..., None] / add_q_z0__new_z1__new_z2__new_[..., None] ** 2.0 / (K**0.5)), z1__new)
                 grad_k[:, t] = grad_z1__new + (k_t[..., None, :] @ grad_z2__new)[..., 0, :] + (k_t[..., None, :] @ grad_z2__new.mT)[..., 0, :] + (v_t[..., None, :] @ grad_S1__new.mT)[..., 0, :] + ((k_t[..., :, None] * v_t[..., None, :])[..., :, :, None] * grad_S2__new.movedim((-3, -1, -2), (-3, -2, -1))).sum(dim=(-3, -2)) + ((k_t[..., :, None] * v_t[..., None, :])[..., :, :, None] * grad_S2__new.movedim((-2, -1, -3), (-3, -2, -1))).sum(dim=(-3, -2))
                 grad_v[:, t] = grad_S0__new + (k_t[..., None, :] @ grad_S1__new)[..., 0, :] + ((k_t[..., :, None] * k_t[..., None, :])[..., :, :, None] * grad_S2__new).sum(dim=(-3, -2))
                 grad_S0 = grad_S0__new  # d loss / d S0 before step t
@@ -2471,9 +2470,9 @@ def based__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K,
             grad_S2__new_steps = torch.stack(grad_S2__new_steps, dim=1)
             grad_z1__new_steps = torch.stack(grad_z1__new_steps, dim=1)
             grad_z2__new_steps = torch.stack(grad_z2__new_steps, dim=1)
-            add_S0__new_S1__new_S2__new_q_2 = torch.broadcast_to((q[:, t0:t1][..., None, :] @ S1_steps[:, 1:])[..., 0, :] / (K**0.5) + ((q[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:]).sum(dim=(-3, -2)) / 2.0 / (K**1.0) + S0_steps[:, 1:], (B_, t1 - t0, H_, V))  # used more than once
-            add_q_z0__new_z1__new_z2__new_2 = torch.broadcast_to(z0_steps[:, 1:] + (q[:, t0:t1] * z1_steps[:, 1:]).sum(dim=-1) / (K**0.5) + ((q[:, t0:t1][..., None, :] @ z2_steps[:, 1:])[..., 0, :] * q[:, t0:t1]).sum(dim=-1) / 2.0 / (K**1.0), (B_, t1 - t0, H_))  # used more than once
-            grad_q[:, t0:t1] = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(1.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / (K**0.5) * (grad_o[:, t0:t1][..., None, :] @ S1_steps[:, 1:].mT)[..., 0, :], 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / (K**1.0), ((grad_o[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:].movedim((-1, -2, -3), (-3, -2, -1))).sum(dim=(-3, -2))), 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / (K**1.0), ((grad_o[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:].movedim((-1, -3, -2), (-3, -2, -1))).sum(dim=(-3, -2))), (-0.5) / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / (K**1.0), (((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] * q[:, t0:t1])[..., None, :] @ z2_steps[:, 1:].mT)[..., 0, :]), (-0.5) / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / (K**1.0), (((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] * q[:, t0:t1])[..., None, :] @ z2_steps[:, 1:])[..., 0, :]), -((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / (K**0.5)), z1_steps[:, 1:])
+            add_S0__new_S1__new_S2__new_q_2 = torch.broadcast_to((q[:, t0:t1][..., None, :] @ S1_steps[:, 1:])[..., 0, :] / (K**0.5) + ((q[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:]).sum(dim=(-3, -2)) / 2.0 / K + S0_steps[:, 1:], (B_, t1 - t0, H_, V))  # used more than once
+            add_q_z0__new_z1__new_z2__new_2 = torch.broadcast_to(z0_steps[:, 1:] + (q[:, t0:t1] * z1_steps[:, 1:]).sum(dim=-1) / (K**0.5) + ((q[:, t0:t1][..., None, :] @ z2_steps[:, 1:])[..., 0, :] * q[:, t0:t1]).sum(dim=-1) / 2.0 / K, (B_, t1 - t0, H_))  # used more than once
+            grad_q[:, t0:t1] = torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(torch.addcmul(1.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / (K**0.5) * (grad_o[:, t0:t1][..., None, :] @ S1_steps[:, 1:].mT)[..., 0, :], 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / K, ((grad_o[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:].movedim((-1, -2, -3), (-3, -2, -1))).sum(dim=(-3, -2))), 1.0 / 2.0 / add_q_z0__new_z1__new_z2__new_2[..., None] / K, ((grad_o[:, t0:t1][..., :, None] * q[:, t0:t1][..., None, :])[..., :, :, None] * S2_steps[:, 1:].movedim((-1, -3, -2), (-3, -2, -1))).sum(dim=(-3, -2))), (-0.5) / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / K, (((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] * q[:, t0:t1])[..., None, :] @ z2_steps[:, 1:].mT)[..., 0, :]), (-0.5) / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / K, (((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] * q[:, t0:t1])[..., None, :] @ z2_steps[:, 1:])[..., 0, :]), -((add_S0__new_S1__new_S2__new_q_2 * grad_o[:, t0:t1]).sum(dim=-1)[..., None] / add_q_z0__new_z1__new_z2__new_2[..., None] ** 2.0 / (K**0.5)), z1_steps[:, 1:])
             grad_k[:, t0:t1] = grad_z1__new_steps + (k[:, t0:t1][..., None, :] @ grad_z2__new_steps)[..., 0, :] + (k[:, t0:t1][..., None, :] @ grad_z2__new_steps.mT)[..., 0, :] + (v[:, t0:t1][..., None, :] @ grad_S1__new_steps.mT)[..., 0, :] + ((k[:, t0:t1][..., :, None] * v[:, t0:t1][..., None, :])[..., :, :, None] * grad_S2__new_steps.movedim((-3, -1, -2), (-3, -2, -1))).sum(dim=(-3, -2)) + ((k[:, t0:t1][..., :, None] * v[:, t0:t1][..., None, :])[..., :, :, None] * grad_S2__new_steps.movedim((-2, -1, -3), (-3, -2, -1))).sum(dim=(-3, -2))
             grad_v[:, t0:t1] = grad_S0__new_steps + (k[:, t0:t1][..., None, :] @ grad_S1__new_steps)[..., 0, :] + ((k[:, t0:t1][..., :, None] * k[:, t0:t1][..., None, :])[..., :, :, None] * grad_S2__new_steps).sum(dim=(-3, -2))
     return [grad_q, grad_k, grad_v], {'S0': grad_S0, 'S1': grad_S1, 'S2': grad_S2, 'z0': grad_z0, 'z1': grad_z1, 'z2': grad_z2}
@@ -2503,7 +2502,7 @@ def based__scan(q, k, v, states, K, V):
     b_z2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:21
     a_z2 = b_z2.new_full((1,) * b_z2.dim(), 1.0)  # a constant decay
     all_z2 = scan_diagonal(a_z2, b_z2, states['z2'])  # [B, T, H, K, K]
-    o = torch.broadcast_to(((((q / (K**1.0))[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 + all_S0 + ((q / (K**0.5))[..., None, :] @ all_S1)[..., 0, :]) / (all_z0[..., None] + (((q / (K**1.0))[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 + ((q / (K**0.5)) * all_z1).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:15,22,23,24
+    o = torch.broadcast_to(((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + ((q[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 / K + all_S0) / (all_z0[..., None] + (q * all_z1).sum(dim=-1)[..., None] / (K**0.5) + ((q[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 / K), (B_, T_, H_, V))  # based.rec:22,23,24
     return {'o': o}, {'S0': all_S0[:, -1] if T_ else states['S0'], 'S1': all_S1[:, -1] if T_ else states['S1'], 'S2': all_S2[:, -1] if T_ else states['S2'], 'z0': all_z0[:, -1] if T_ else states['z0'], 'z1': all_z1[:, -1] if T_ else states['z1'], 'z2': all_z2[:, -1] if T_ else states['z2']}
 
 
@@ -2514,21 +2513,21 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
     v_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
     # S0 is held as [1, V] here: a key axis of size 1 in front
-    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:15,22,23,24
+    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_S0, k_S0, v_S0], [])
     (read_S0,), final_S0 = chunked_linear_by(NoDecay, [(query_read_S0, False)], k_S0, v_S0, None, initial_state=states['S0'][..., None, :], chunk_size=chunk_size, output_final_state=True)
     final_S0 = final_S0[..., 0, :]  # without the size-1 key axis
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
     k_S1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:17
     v_S1 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:17
-    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_S1, k_S1, v_S1], [])
     (read_S1,), final_S1 = chunked_linear_by(NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
     k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:18
     v_S2 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:18
-    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:15,22,23,24
+    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:22,23,24
     _check_steps([query_read_S2, k_S2, v_S2], [])
     (read_S2,), final_S2 = chunked_linear_by(NoDecay, [(query_read_S2, False)], k_S2, v_S2, None, initial_state=states['S2'].flatten(-3, -2), chunk_size=chunk_size, output_final_state=True)
     final_S2 = final_S2.unflatten(-2, (K, K))  # the pair's two axes again
@@ -2536,7 +2535,7 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     k_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:19
     v_z0 = k_z0.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     # z0 is held as [1] here: a key axis of size 1 in front
-    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:15,22,23,24
+    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_z0, k_z0, v_z0], [])
     (read_z0,), final_z0 = chunked_linear_by(NoDecay, [(query_read_z0, False)], k_z0, v_z0, None, initial_state=states['z0'][..., None, None], chunk_size=chunk_size, output_final_state=True)
     final_z0 = final_z0[..., 0]
@@ -2545,7 +2544,7 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
     k_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
     v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_z1, k_z1, v_z1], [])
     (read_z1,), final_z1 = chunked_linear_by(NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=states['z1'][..., None], chunk_size=chunk_size, output_final_state=True)
     final_z1 = final_z1[..., 0]
@@ -2553,10 +2552,10 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
     k_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
     v_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = chunked_linear_by(NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / (K**1.0) + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / (K**1.0)) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:15,22,23,24
+    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
@@ -2565,7 +2564,7 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
 @triton.jit
 def based__triton_recurrent_kernel(
     q, k, v,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S0, h0_S1, h0_S2, h0_z0, h0_z1, h0_z2, o, ht_S0, ht_S1, ht_S2, ht_z0, ht_z1, ht_z2, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, c_K_pow_m1_0, c_K_pow_m0_5, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
+    h0_S0, h0_S1, h0_S2, h0_z0, h0_z1, h0_z2, o, ht_S0, ht_S1, ht_S2, ht_z0, ht_z1, ht_z2, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, c_K_pow_m0_5, c_1_div_K, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
 ):
     """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
     i_bh = tl.program_id(0)
@@ -2613,11 +2612,11 @@ def based__triton_recurrent_kernel(
         b_z0_new = b_z0 + 1.0  # based.rec:19
         b_z1_new = b_k + b_z1  # [BLOCK_K] based.rec:20
         b_z2_new = b_k[:, None] * b_k[None, :] + b_z2  # [BLOCK_K, BLOCK_K] based.rec:21
-        b_sum0 = tl.sum(tl.sum(c_K_pow_m1_0 * b_q[:, None] * b_q[None, :] * b_z2_new, axis=1), axis=0)  # scalar
-        b_sum1 = tl.sum(c_K_pow_m0_5 * b_q * b_z1_new, axis=0)  # scalar
-        b_sum2 = tl.sum(tl.sum(c_K_pow_m1_0 * b_q[:, None, None] * b_q[None, :, None] * b_S2_new, axis=1), axis=0)  # [BLOCK_V]
-        b_sum3 = tl.sum(c_K_pow_m0_5 * b_q[:, None] * b_S1_new, axis=0)  # [BLOCK_V]
-        b_o = (b_sum2 / 2.0 + b_S0_new + b_sum3) / (b_sum1 + b_z0_new + b_sum0 / 2.0)  # [BLOCK_V] based.rec:15,22,23,24
+        b_sum0 = tl.sum(b_q * b_z1_new, axis=0)  # scalar
+        b_sum1 = tl.sum(tl.sum(b_q[:, None] * b_q[None, :] * b_z2_new, axis=1), axis=0)  # scalar
+        b_sum2 = tl.sum(b_q[:, None] * b_S1_new, axis=0)  # [BLOCK_V]
+        b_sum3 = tl.sum(tl.sum(b_q[:, None, None] * b_q[None, :, None] * b_S2_new, axis=1), axis=0)  # [BLOCK_V]
+        b_o = (c_K_pow_m0_5 * b_sum2 + c_1_div_K * b_sum3 / 2.0 + b_S0_new) / (b_z0_new + c_K_pow_m0_5 * b_sum0 + c_1_div_K * b_sum1 / 2.0)  # [BLOCK_V] based.rec:22,23,24
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_V)
         b_S0 = b_S0_new
         b_S1 = b_S1_new
@@ -2672,11 +2671,11 @@ def based__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, block_K=None
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K)
-    c_K_pow_m1_0 = _triton_size_constant(lambda K: K**(-1.0), K)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
+    c_1_div_K = _triton_size_constant(lambda K: 1/K, K)
     if B_ * H_ > 0:
         based__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            q, k, v, h0_S0, h0_S1, h0_S2, h0_z0, h0_z1, h0_z2, o, ht_S0, ht_S1, ht_S2, ht_z0, ht_z1, ht_z2, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, c_K_pow_m1_0, c_K_pow_m0_5, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, h0_S0, h0_S1, h0_S2, h0_z0, h0_z1, h0_z2, o, ht_S0, ht_S1, ht_S2, ht_z0, ht_z1, ht_z2, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, c_K_pow_m0_5, c_1_div_K, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S0': ht_S0, 'S1': ht_S1, 'S2': ht_S2, 'z0': ht_z0, 'z1': ht_z1, 'z2': ht_z2}, [{'S0': ck_S0[:, :, n], 'S1': ck_S1[:, :, n], 'S2': ck_S2[:, :, n], 'z0': ck_z0[:, :, n], 'z1': ck_z1[:, :, n], 'z2': ck_z2[:, :, n]} for n in range(NC_)]
 
@@ -2684,7 +2683,7 @@ def based__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, block_K=None
 @triton.jit
 def based__triton_recurrent_adjoint_kernel(
     q, k, v,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_K_pow_m1_0, c_K_pow_m0_5, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_1_div_K, c_K_pow_m0_5, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of based__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
@@ -2780,26 +2779,26 @@ def based__triton_recurrent_adjoint_kernel(
             b_sum0 = tl.sum(b_q * b_z1_new, axis=0)  # scalar
             b_sum1 = tl.sum(b_q[:, None] * b_z2_new, axis=0)  # [BLOCK_K]
             b_sum2 = tl.sum(b_sum1 * b_q, axis=0)  # scalar
-            b_t3 = b_z0_new + c_K_pow_m0_5 * b_sum0 + c_K_pow_m1_0 * b_sum2 / 2.0  # scalar
+            b_t3 = b_z0_new + c_K_pow_m0_5 * b_sum0 + c_1_div_K * b_sum2 / 2.0  # scalar
             b_t4 = 1.0 / (b_t3 * b_t3)  # scalar
             b_sum5 = tl.sum(b_q[:, None] * b_S1_new, axis=0)  # [BLOCK_V]
             b_sum6 = tl.sum(b_q[:, None, None] * b_S2_new, axis=0)  # [BLOCK_K, BLOCK_V]
             b_sum7 = tl.sum(b_q[:, None] * b_sum6, axis=0)  # [BLOCK_V]
-            b_sum8 = tl.sum((c_K_pow_m0_5 * b_sum5 + c_K_pow_m1_0 * b_sum7 / 2.0 + b_S0_new) * b_do, axis=0)  # scalar
-            b_dz2_new = b_dz2 - c_K_pow_m1_0 * b_t4 * b_sum8 * b_q[:, None] * b_q[None, :] / 2.0  # d loss / d z2 after step i_t
+            b_sum8 = tl.sum((c_K_pow_m0_5 * b_sum5 + c_1_div_K * b_sum7 / 2.0 + b_S0_new) * b_do, axis=0)  # scalar
+            b_dz2_new = b_dz2 - c_1_div_K * b_t4 * b_sum8 * b_q[:, None] * b_q[None, :] / 2.0  # d loss / d z2 after step i_t
             b_dz1_new = b_dz1 - c_K_pow_m0_5 * b_t4 * b_sum8 * b_q  # d loss / d z1 after step i_t
             b_dz0_new = b_dz0 - b_t4 * b_sum8  # d loss / d z0 after step i_t
             b_t9 = 1.0 / b_t3  # scalar
-            b_dS2_new = c_K_pow_m1_0 * b_t9 * b_do[None, None, :] * b_q[:, None, None] * b_q[None, :, None] / 2.0 + b_dS2  # d loss / d S2 after step i_t
+            b_dS2_new = c_1_div_K * b_t9 * b_do[None, None, :] * b_q[:, None, None] * b_q[None, :, None] / 2.0 + b_dS2  # d loss / d S2 after step i_t
             b_dS1_new = c_K_pow_m0_5 * b_t9 * b_do[None, :] * b_q[:, None] + b_dS1  # d loss / d S1 after step i_t
             b_dS0_new = b_t9 * b_do + b_dS0  # d loss / d S0 after step i_t
             b_sum10 = tl.sum(b_do[None, :] * b_S1_new, axis=1)  # [BLOCK_K]
             b_sum11 = tl.sum(b_do[None, None, :] * b_S2_new, axis=2)  # [BLOCK_K, BLOCK_K]
             b_sum12 = tl.sum(b_q[None, :] * b_sum11, axis=1)  # [BLOCK_K]
             b_sum13 = tl.sum(b_q[:, None] * b_sum11, axis=0)  # [BLOCK_K]
-            b_sum14 = tl.sum(b_sum8 * b_q[:, None] * b_z2_new, axis=0)  # [BLOCK_K]
-            b_sum15 = tl.sum(b_sum8 * b_q[None, :] * b_z2_new, axis=1)  # [BLOCK_K]
-            b_dq = c_K_pow_m0_5 * b_t9 * b_sum10 + c_K_pow_m1_0 * b_t9 * b_sum12 / 2.0 + c_K_pow_m1_0 * b_t9 * b_sum13 / 2.0 - c_K_pow_m1_0 * b_t4 * b_sum14 / 2.0 - c_K_pow_m1_0 * b_t4 * b_sum15 / 2.0 - c_K_pow_m0_5 * b_t4 * b_sum8 * b_z1_new  # [BLOCK_K]
+            b_sum14 = tl.sum(b_sum8 * b_q[None, :] * b_z2_new, axis=1)  # [BLOCK_K]
+            b_sum15 = tl.sum(b_sum8 * b_q[:, None] * b_z2_new, axis=0)  # [BLOCK_K]
+            b_dq = c_K_pow_m0_5 * b_t9 * b_sum10 + c_1_div_K * b_t9 * b_sum12 / 2.0 + c_1_div_K * b_t9 * b_sum13 / 2.0 - c_1_div_K * b_t4 * b_sum14 / 2.0 - c_1_div_K * b_t4 * b_sum15 / 2.0 - c_K_pow_m0_5 * b_t4 * b_sum8 * b_z1_new  # [BLOCK_K]
             tl.store(dq + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
             b_sum16 = tl.sum(b_k[:, None] * b_dz2_new, axis=0)  # [BLOCK_K]
             b_sum17 = tl.sum(b_k[None, :] * b_dz2_new, axis=1)  # [BLOCK_K]
@@ -2887,11 +2886,11 @@ def based__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_sta
     sc_z2 = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
         num_warps = _triton_warps(4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 * 1 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K)
-    c_K_pow_m1_0 = _triton_size_constant(lambda K: K**(-1.0), K)
+    c_1_div_K = _triton_size_constant(lambda K: 1/K, K)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         based__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_K_pow_m1_0, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_1_div_K, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
         )
     return [dq.sum(0), dk.sum(0), dv], {'S0': dh0_S0, 'S1': dh0_S1, 'S2': dh0_S2, 'z0': dh0_z0.sum(0), 'z1': dh0_z1.sum(0), 'z2': dh0_z2.sum(0)}
 
@@ -2903,21 +2902,21 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
     v_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
     # S0 is held as [1, V] here: a key axis of size 1 in front
-    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:15,22,23,24
+    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_S0, k_S0, v_S0], [])
     (read_S0,), final_S0 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S0, False)], k_S0, v_S0, None, initial_state=states['S0'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_S0 = final_S0[..., 0, :]  # without the size-1 key axis
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
     k_S1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:17
     v_S1 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:17
-    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_S1, k_S1, v_S1], [])
     (read_S1,), final_S1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True, **options)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
     k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:18
     v_S2 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:18
-    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:15,22,23,24
+    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:22,23,24
     _check_steps([query_read_S2, k_S2, v_S2], [])
     (read_S2,), final_S2 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S2, False)], k_S2, v_S2, None, initial_state=states['S2'].flatten(-3, -2), chunk_size=chunk_size, output_final_state=True, **options)
     final_S2 = final_S2.unflatten(-2, (K, K))  # the pair's two axes again
@@ -2925,7 +2924,7 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     k_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:19
     v_z0 = k_z0.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     # z0 is held as [1] here: a key axis of size 1 in front
-    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:15,22,23,24
+    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_z0, k_z0, v_z0], [])
     (read_z0,), final_z0 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z0, False)], k_z0, v_z0, None, initial_state=states['z0'][..., None, None], chunk_size=chunk_size, output_final_state=True, **options)
     final_z0 = final_z0[..., 0]
@@ -2934,7 +2933,7 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
     k_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
     v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_z1, k_z1, v_z1], [])
     (read_z1,), final_z1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=states['z1'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
     final_z1 = final_z1[..., 0]
@@ -2942,10 +2941,10 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
     k_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
     v_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:15,22,23,24
+    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True, **options)
-    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / (K**1.0) + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / (K**1.0)) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:15,22,23,24
+    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
