@@ -376,11 +376,12 @@ class _Builder:
 def build_step_ir(rec: CheckedRecurrence) -> StepIR:
     """Translate a checked recurrence into sympy and compose its statements (with `stages` for every state
     assigned more than once)."""
-    ir = _Builder(rec).build()
+    first = _Builder(rec)
+    ir = first.build()
     if not any(n > 1 for n in _assignment_counts(rec).values()):
         return ir
     builder = _Builder(rec, staged=True)
-    builder.fresh = itertools.count(1000)  # its renamed sums must not clash with the first pass's names
+    builder.fresh = itertools.count(next(first.fresh))  # its renamed sums must not clash with the first pass's
     staged = builder.build()
     # (index symbols of the staged pass's sums join the ranges; both passes name targets alike)
     return StepIR(ir.statements, ir.updates, ir.outputs, {**staged.ranges, **ir.ranges}, ir.sizes, staged.stages)

@@ -25,8 +25,9 @@ from recurrence_dsl.errors import CallError
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CASES = ["linear_attention", "retention", "gla", "delta_net", "indrnn"]
 # On 2 ranks also: two states (a dict of initial states), an elementwise decay (Mamba: scan form), and the
-# delta rule written in the papers' S[V, K] layout (its transition mixes the state's second axis).
-EXTRA_CASES = ["normalized_linear_attention", "mamba", "delta_net_vk"]
+# delta rule written in the papers' S[V, K] layout (its transition mixes the state's second axis), and DeltaProduct
+# (a rank-r update: its slice transition is a K x K matrix as the delta rule's).
+EXTRA_CASES = ["normalized_linear_attention", "mamba", "delta_net_vk", "delta_product"]
 DELTA_NET_VK = """recurrence delta_net_vk(q[K], k[K], v[V], beta) -> o[V] {
     state S[V, K]
     u[i] = v[i] - sum(j, S[i, j] * k[j])
@@ -197,7 +198,8 @@ def test_summary_sizes_and_paths():
     from recurrence_dsl.distributed import context_parallel, summary_elements
 
     want = {"linear_attention": (0, "all_gather"), "retention": (1, "all_gather"), "gla": (8, "all_gather"),
-            "delta_net": (64, "all_gather"), "mamba": (64, "all_gather"), "indrnn": (None, "relay")}
+            "delta_net": (64, "all_gather"), "delta_product": (64, "all_gather"), "mamba": (64, "all_gather"),
+            "indrnn": (None, "relay")}
     for name, (elements, path) in want.items():
         rec = recurrence_dsl.load(SPECS / f"{name}.rec")[name]
         cp = context_parallel(recurrence_dsl.compile(rec, backend="torch", tuning=False))

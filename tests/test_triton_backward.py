@@ -35,8 +35,9 @@ recurrence value_gated(q[K], k[K], v[V], g[V]) -> o[V] {
     o[j] = sum(i, q[i] * S[i, j]) + before[j]
 }
 """, "value_gated.rec")
-_DELTA = {TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE}
-# the delta rule's Triton backward has its own file, tests/test_triton_delta_backward.py
+_DELTA = {TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE}
+# the delta rule's Triton backward has its own file, tests/test_triton_delta_backward.py (the rank-r update's,
+# DeltaProduct run as the delta rule, tests/test_delta_product.py)
 LINEAR = sorted(n for n, r in SPECS.items() if chunked_backward_in_triton(a := analyse(r.checked))
                 and not any(p.cls in _DELTA for p in a.chunk_analysis.states.values()))
 B, T, H, CHUNK, SIZE = 1, 37, 2, 16, 16  # chunks of 16 + 16 + 5 steps
