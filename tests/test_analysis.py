@@ -37,6 +37,11 @@ SPEC_CLASSES = {
     "delta_product": TC.RANK_R_UPDATE,
     "indrnn": TC.NON_LINEAR,
     "minimal_rnn": TC.NON_LINEAR,
+    "mlstm": TC.SCALAR,  # the matrix memory and its normaliser, both decayed by sigmoid(fg)
+    "min_gru": TC.DIAGONAL_ROW,  # a vector state with a per-channel decay: chunked as h[1, D]
+    "rg_lru": TC.DIAGONAL_ROW,
+    "bidirectional_mamba_forward": TC.ELEMENTWISE,
+    "bidirectional_mamba_backward": TC.ELEMENTWISE,
 }
 EXAMPLE_CLASSES = {
     "gla": TC.DIAGONAL_ROW,

@@ -80,9 +80,16 @@ DECAYS = {
     "mamba2": Decay("dt", "dt", "x"),  # exp(dt * A), input dt * B[n] * x[p]
     "lightning_attention": Decay("rate", "slope"),  # exp(-slope), a per-head constant
     "retention": Decay("gamma", "gamma"),  # gamma, a per-head constant
+    "bidirectional_mamba_forward": Decay("dt", "dt", "x"),  # Mamba's S6 step, one pass each way
+    "bidirectional_mamba_backward": Decay("dt", "dt", "x"),
 }
 # Specs with no decay to draw: delta_net, linear_attention and normalized_linear_attention (identity
-# transitions), indrnn and minimal_rnn (non-linear: tanh / a sigmoid gate of the state).
+# transitions), indrnn and minimal_rnn (non-linear: tanh / a sigmoid gate of the state). mlstm, min_gru and rg_lru
+# decay through a function of their gate (exp(logsigmoid(fg)), exp(logsigmoid(-z)), exp(-8 sigmoid(gr) ...)) that no
+# input sets to a chosen log decay: their gates are drawn as sample_arguments draws them, non-finite values included.
+
+# Inputs inside an exp(...) that scale the update, not the state: drawn as sample_arguments draws them (negative).
+NOT_DECAYS = {"mlstm": {"ig"}}  # exp(ig), the mLSTM's exponential input gate
 
 LOG_VALUES = {"neginf": -math.inf, "neg1e4": -1e4, "neg100": -100.0, "zero": 0.0}
 
@@ -164,7 +171,8 @@ def draw_arguments(name: str, case: Case, dtype: torch.dtype = F32, device: str 
     """(args, initial state, reference args, reference initial state, first unsafe step) of one example.
 
     args in `dtype` on `device` (the initial state in float32), the reference's the same values in float64 on
-    the CPU; the first unsafe step is the first holding a non-finite input (T when none does)."""
+    the CPU; the first unsafe step is the first holding a non-finite input (T when none does), counted in the
+    recurrence's direction: for a reverse recurrence, from the last step (step T - 1 is its first)."""
     rec = RECS[name]
     checked = rec.checked
     args, initial = sample_arguments(checked, {s: SIZE for s in checked.sizes}, case.B, case.T, case.H, dtype=F64,
@@ -195,7 +203,7 @@ def draw_arguments(name: str, case: Case, dtype: torch.dtype = F32, device: str 
         x[(pos % B, t, (pos // 2) % H) + tuple((pos // 4) % r for r in x.shape[3:])] = value
         reset = decay is not None and decay.kind == "log" and target == decay.name and value == -math.inf
         if not reset:  # a log decay of -inf is a reset, not a non-finite value
-            first_unsafe = min(first_unsafe, t)
+            first_unsafe = min(first_unsafe, T - 1 - t if checked.reverse else t)
     args = [values[n].to(device=device, dtype=dtype) for n in names]
     if isinstance(initial, dict):
         initial = {k: v.to(device=device, dtype=F32) for k, v in initial.items()}
@@ -281,7 +289,11 @@ def check_case(name: str, backend: str, form: str, case: Case, dtype: torch.dtyp
     ref_out = as_dict(ref_out, rec.checked.outputs)
     for key, got in as_dict(out, rec.checked.outputs).items():
         assert got.dtype == dtype
-        assert_causal(f"{label}: output {key}", got, ref_out[key], first_unsafe, tol)
+        if rec.checked.reverse:  # causal in its own direction: the steps after the last non-finite input are safe
+            assert_causal(f"{label}: output {key} (time flipped)", got.flip(1), ref_out[key].flip(1), first_unsafe,
+                          tol)
+        else:
+            assert_causal(f"{label}: output {key}", got, ref_out[key], first_unsafe, tol)
         assert_agrees(f"{label}: output {key}", got, ref_out[key], tol)
     ref_final = as_dict(ref_final, rec.checked.states)
     for key, got in as_dict(final, rec.checked.states).items():
@@ -338,7 +350,8 @@ def test_every_decay_is_drawn():
     property tests draw its decays rather than ordinary inputs; and every DECAYS entry names a spec's symbol."""
     for name, rec in RECS.items():
         roles = _Roles(rec.checked)
-        in_decay = set(roles.sign) | roles.decays
+        assert NOT_DECAYS.get(name, set()) <= set(roles.sign), f"{name}: NOT_DECAYS names no input inside exp"
+        in_decay = (set(roles.sign) | roles.decays) - NOT_DECAYS.get(name, set())
         if in_decay:
             assert name in DECAYS, f"{name}: {sorted(in_decay)} enter its decay; add it to DECAYS"
     for name, decay in DECAYS.items():

@@ -50,7 +50,13 @@ def run_case(name: str, sizes: dict, T: int, dtype: torch.dtype, seed: int = 0) 
     ref_out = as_dict(out, checked.outputs)
     ref_final = as_dict(final, checked.states)
     states = {k: v.to(torch.float32) for k, v in as_dict(initial, checked.states).items()}
-    got_out, got_final = launcher(name)(*(a.to(dtype) for a in args), states, *(sizes[s] for s in checked.sizes))
+    # The launcher runs forward in time; a reverse recurrence is the forward run on the time-flipped inputs, its
+    # outputs flipped back, as the layer's dispatcher calls it.
+    n_inputs = len(checked.inputs)
+    launch = [a.flip(1) if checked.reverse and i < n_inputs else a for i, a in enumerate(args)]
+    got_out, got_final = launcher(name)(*(a.to(dtype) for a in launch), states, *(sizes[s] for s in checked.sizes))
+    if checked.reverse:
+        got_out = {k: v.flip(1) for k, v in got_out.items()}
     worst = 0.0
     for o in checked.outputs:
         assert got_out[o.name].shape == ref_out[o.name].shape

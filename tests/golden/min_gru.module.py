@@ -8,7 +8,7 @@ The spec:
 
     recurrence min_gru(z[D], hc[D]) -> y[D] {
         state h[D]
-        h[d] = (1 - sigmoid(z[d])) * h[d] + sigmoid(z[d]) * hc[d]
+        h[d] = exp(logsigmoid(-z[d])) * h[d] + sigmoid(z[d]) * hc[d]
         y[d] = h[d]
     }
 """
@@ -1553,12 +1553,6 @@ def _check_steps(values, log_decays):
         raise UnsafeSteps(first)
 
 
-def _require_positive(decay, what, form):
-    if not bool((torch.as_tensor(decay) > 0).all()):  # (a float for a decay of sizes only, say 1 - 1 / K)
-        raise DecayNotPositive(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
-                               "use form='recurrent' or 'scan'")
-
-
 # ====================================================================================================
 # Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
@@ -2406,7 +2400,7 @@ _min_gru_spec = _Spec(
     states=(_Sym('h', ('D',)),),
     outputs=(_Sym('y', ('D',)),),
     sizes=('D',),
-    spec_hash='45e66e423f0b9be0',
+    spec_hash='d7b143e53e913d4e',
     unavailable=(),
 )
 
@@ -2416,7 +2410,7 @@ def min_gru__recurrent_loop(z, hc, states, D, every=0):
     states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = z.shape[:3]
     # Hoisted: state-free subexpressions, computed once for all steps.
-    add_z = 1.0 - torch.sigmoid(z)  # [B, T, H, D]
+    exp_z = torch.exp(F.logsigmoid(-z))  # [B, T, H, D]
     sigmoid_z = torch.sigmoid(z)  # [B, T, H, D]
     h = states['h']
     y_steps = []
@@ -2425,10 +2419,10 @@ def min_gru__recurrent_loop(z, hc, states, D, every=0):
         if every and t % every == 0:
             checkpoints.append({'h': h})
         hc_t = hc[:, t]
-        add_z_t = add_z[:, t]
+        exp_z_t = exp_z[:, t]
         sigmoid_z_t = sigmoid_z[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(add_z_t * h, hc_t, sigmoid_z_t), (B_, H_, D))  # min_gru.rec:10
-        y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # min_gru.rec:11
+        h__new = torch.broadcast_to(torch.addcmul(exp_z_t * h, hc_t, sigmoid_z_t), (B_, H_, D))  # min_gru.rec:14
+        y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # min_gru.rec:15
         h = h__new
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), z)}, {'h': h}, checkpoints
 
@@ -2446,42 +2440,45 @@ def min_gru__recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D,
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
         # Hoisted: state-free subexpressions at the segment's steps.
-        add_z = 1.0 - torch.sigmoid(z[:, t0:t1])  # [B, t1 - t0, H, D]
+        exp_z = torch.exp(F.logsigmoid(-z[:, t0:t1]))  # [B, t1 - t0, H, D]
         sigmoid_z = torch.sigmoid(z[:, t0:t1])  # [B, t1 - t0, H, D]
+        add_z = 1.0 - torch.sigmoid(z[:, t0:t1])  # [B, t1 - t0, H, D]
         hc_steps = hc[:, t0:t1].unbind(1)
         grad_y_steps = grad_y[:, t0:t1].unbind(1)
-        add_z_steps = add_z.unbind(1)
+        exp_z_steps = exp_z.unbind(1)
         sigmoid_z_steps = sigmoid_z.unbind(1)
+        add_z_steps = add_z.unbind(1)
         # The segment's states, recomputed from its checkpoint.
         h = checkpoints[t0 // every]['h']
         h_steps = [h]
         for t in range(t0, t1):
             hc_t = hc_steps[t - t0]
-            add_z_t = add_z_steps[t - t0]
+            exp_z_t = exp_z_steps[t - t0]
             sigmoid_z_t = sigmoid_z_steps[t - t0]
-            h__new = torch.addcmul(add_z_t * h, hc_t, sigmoid_z_t)  # min_gru.rec:10
+            h__new = torch.addcmul(exp_z_t * h, hc_t, sigmoid_z_t)  # min_gru.rec:14
             h = h__new
             h_steps.append(h)
         # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
         grad_h__new_steps = [None] * (t1 - t0)
         for t in reversed(range(t0, t1)):
             grad_y_t = grad_y_steps[t - t0]
-            add_z_t = add_z_steps[t - t0]
+            exp_z_t = exp_z_steps[t - t0]
             grad_h__new = grad_h + grad_y_t  # d loss / d h after step t
             if stepwise:  # each input's and param's gradient at this step
                 hc_t = hc_steps[t - t0]
                 sigmoid_z_t = sigmoid_z_steps[t - t0]
+                add_z_t = add_z_steps[t - t0]
                 h = h_steps[t - t0]
-                grad_z[:, t] = torch.addcmul(add_z_t * sigmoid_z_t * grad_h__new * hc_t, -(sigmoid_z_t * h * grad_h__new), add_z_t)
+                grad_z[:, t] = torch.addcmul(sigmoid_z_t * add_z_t * grad_h__new * hc_t, -(sigmoid_z_t * h * grad_h__new), exp_z_t)
                 grad_hc[:, t] = sigmoid_z_t * grad_h__new
-                grad_h = add_z_t * grad_h__new  # d loss / d h before step t
+                grad_h = exp_z_t * grad_h__new  # d loss / d h before step t
             else:  # kept for after the loop
                 grad_h__new_steps[t - t0] = grad_h__new
-                grad_h = add_z_t * grad_h__new  # d loss / d h before step t
+                grad_h = exp_z_t * grad_h__new  # d loss / d h before step t
         if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
             h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D]
             grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)
-            grad_z[:, t0:t1] = torch.addcmul(add_z * sigmoid_z * grad_h__new_steps * hc[:, t0:t1], -(sigmoid_z * h_steps[:, :-1] * grad_h__new_steps), add_z)
+            grad_z[:, t0:t1] = torch.addcmul(sigmoid_z * add_z * grad_h__new_steps * hc[:, t0:t1], -(sigmoid_z * h_steps[:, :-1] * grad_h__new_steps), exp_z)
             grad_hc[:, t0:t1] = sigmoid_z * grad_h__new_steps
     return [grad_z, grad_hc], {'h': grad_h}
 
@@ -2492,27 +2489,26 @@ min_gru__recurrent = with_adjoint(min_gru__recurrent_loop, min_gru__recurrent_ad
 def min_gru__scan(z, hc, states, D):
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
     B_, T_, H_ = z.shape[:3]
-    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:10
-    a_h = 1.0 - torch.sigmoid(z)  # decay, broadcastable
+    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
+    a_h = torch.exp(F.logsigmoid(-z))  # decay, broadcastable
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D]
-    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:11
+    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:15
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
 def min_gru__chunked(z, hc, states, D, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = z.shape[:3]
-    # state h (min_gru.rec:10): diagonal-col; column d of h is scaled by 1 - sigmoid(z[d])
-    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:10
-    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:10
+    # state h (min_gru.rec:14): diagonal-col; column d of h is scaled by exp(logsigmoid(-z[d]))
+    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
+    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
     # h is held as [1, D] here: a key axis of size 1 in front
-    _require_positive(1.0 - torch.sigmoid(z[..., None, :]), 'the decay 1 - sigmoid(z[d]) of h', 'chunked')
-    log_decay_h = torch.broadcast_to(torch.log(1.0 - torch.sigmoid(z)), (B_, T_, H_, D))  # min_gru.rec:10
-    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:11
+    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
+    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = chunked_linear_by(ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:11
+    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:15
     return {'y': y}, {'h': final_h}
 
 
@@ -2541,9 +2537,8 @@ def min_gru__triton_recurrent_kernel(
                 tl.store(p_ck_h + (i_t // every) * D, b_h, mask=mask_D)
         b_z = tl.load(p_z, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_hc = tl.load(p_hc, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-        b_sigmoid0 = tl.sigmoid(b_z)  # [BLOCK_D]
-        b_h_new = (1.0 - b_sigmoid0) * b_h + b_sigmoid0 * b_hc  # [BLOCK_D] min_gru.rec:10
-        b_y = b_h_new  # [BLOCK_D] min_gru.rec:11
+        b_h_new = b_h * tl.exp(tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z))))) + b_hc * tl.sigmoid(b_z)  # [BLOCK_D] min_gru.rec:14
+        b_y = b_h_new  # [BLOCK_D] min_gru.rec:15
         tl.store(p_y, b_y.to(p_y.dtype.element_ty), mask=mask_D)
         b_h = b_h_new
         p_z += H_ * D
@@ -2611,9 +2606,9 @@ def min_gru__triton_recurrent_adjoint_kernel(
             tl.store(p_sc_h + (i_t - t0) * BLOCK_D, b_h, mask=mask_D)
             b_z = tl.load(z + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_hc = tl.load(hc + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-            b_sigmoid0 = tl.sigmoid(b_z)  # [BLOCK_D]
-            b_t1 = 1.0 - b_sigmoid0  # [BLOCK_D]
-            b_h_new = b_sigmoid0 * b_hc + b_t1 * b_h  # [BLOCK_D] min_gru.rec:10
+            b_exp0 = tl.exp(tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z)))))  # [BLOCK_D]
+            b_sigmoid1 = tl.sigmoid(b_z)  # [BLOCK_D]
+            b_h_new = b_exp0 * b_h + b_sigmoid1 * b_hc  # [BLOCK_D] min_gru.rec:14
             b_h = b_h_new
         tl.debug_barrier()
         # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
@@ -2625,13 +2620,13 @@ def min_gru__triton_recurrent_adjoint_kernel(
             b_hc = tl.load(hc + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_dy = tl.load(dy + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_dh_new = b_dh + b_dy  # d loss / d h after step i_t
-            b_sigmoid0 = tl.sigmoid(b_z)  # [BLOCK_D]
-            b_t1 = 1.0 - b_sigmoid0  # [BLOCK_D]
-            b_dz = b_sigmoid0 * b_t1 * b_dh_new * b_hc - b_sigmoid0 * b_t1 * b_h * b_dh_new  # [BLOCK_D]
+            b_exp0 = tl.exp(tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z)))))  # [BLOCK_D]
+            b_sigmoid1 = tl.sigmoid(b_z)  # [BLOCK_D]
+            b_dz = (1.0 - b_sigmoid1) * b_sigmoid1 * b_dh_new * b_hc - b_exp0 * b_sigmoid1 * b_h * b_dh_new  # [BLOCK_D]
             tl.store(dz + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dz, mask=mask_D)
-            b_dhc = b_sigmoid0 * b_dh_new  # [BLOCK_D]
+            b_dhc = b_sigmoid1 * b_dh_new  # [BLOCK_D]
             tl.store(dhc + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dhc, mask=mask_D)
-            b_dh_prev = b_t1 * b_dh_new  # d loss / d h before step i_t
+            b_dh_prev = b_exp0 * b_dh_new  # d loss / d h before step i_t
             b_dh = b_dh_prev
             b_h_new = b_h
     # The initial states' gradients; the params' (this program's part: summed by the launcher).
@@ -2671,17 +2666,16 @@ def min_gru__triton_recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_sta
 def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = z.shape[:3]
-    # state h (min_gru.rec:10): diagonal-col; column d of h is scaled by 1 - sigmoid(z[d])
-    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:10
-    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:10
+    # state h (min_gru.rec:14): diagonal-col; column d of h is scaled by exp(logsigmoid(-z[d]))
+    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
+    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
     # h is held as [1, D] here: a key axis of size 1 in front
-    _require_positive(1.0 - torch.sigmoid(z[..., None, :]), 'the decay 1 - sigmoid(z[d]) of h', 'chunked')
-    log_decay_h = torch.broadcast_to(torch.log(1.0 - torch.sigmoid(z)), (B_, T_, H_, D))  # min_gru.rec:10
-    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:11
+    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
+    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = triton_chunked_linear_by(triton_ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:11
+    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:15
     return {'y': y}, {'h': final_h}
 
 
