@@ -444,30 +444,18 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
     A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences: its launches do not grow with N. Otherwise
-    the sequences of each length run as one batch of B = (how many have that length) rows, gathered from the
-    packed tensor and scattered back by index (differentiable): no step of one sequence meets another's or any
-    padding, so outputs and final states are those of the one-by-one loop for every class, linear or not, and a
-    reverse run flips each row on its own. A packed form that meets a step its masked matmuls cannot take
-    (`UnsafeSteps`, whose step counts along the packed T) leaves it to the batches by length."""
+    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
+    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
+    linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
+    batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    fn = form_fns.get("chunked")
-    packed = (fn is not None and getattr(fn, "takes_cu_seqlens", False) and form in ("auto", "chunked")
-              and call.length > 0)
-    if packed:
-        flip = None
-        if call.reverse:  # each sequence's steps in reverse order: a permutation of the packed steps, its own inverse
-            seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
-            flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
-        try:
-            piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
-            return ({k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin)
-        except UnsafeSteps:
-            pass  # the batches below step through where the packed form could not
-        except DecayNotPositive:
-            if form != "auto":
-                raise
+    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
+    if runner is not None and form in ("auto", "chunked") and call.length > 0:
+        done = runner(form, call, inputs, states, call_form)
+        if done is not None:
+            return done
     groups = length_groups(cu)
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
