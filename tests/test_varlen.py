@@ -131,8 +131,9 @@ def test_length_groups_are_ascending_and_cover_every_sequence():
     assert [ids.tolist() for _, ids in groups] == [[2], [1, 6], [4], [0, 5], [3]]
 
 
-@pytest.mark.parametrize("name,form", [("gla", "chunked"), ("hgrn2", "chunked"), ("normalized_linear_attention", "auto"),
-                                       ("gated_delta_net", "auto")])  # key, value, no decay (two states); delta
+# decays on the key axis, the value axis, none (two states); a delta rule
+@pytest.mark.parametrize("name,form", [("gla", "chunked"), ("hgrn2", "chunked"),
+                                       ("normalized_linear_attention", "auto"), ("gated_delta_net", "auto")])
 def test_triton_chunked_kernels_take_packed_sequences(name, form):
     layer = _layer(name)
     assert getattr(layer.triton_forms["chunked"], "run_packed", None) is not None  # takes_cu_seqlens
