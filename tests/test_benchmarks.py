@@ -131,3 +131,17 @@ def test_scaling_benchmark_fits_the_exponent_of_a_power_law():
     lengths = [1024, 2048, 4096, 8192]
     assert abs(slope(lengths, [3e-6 * t for t in lengths]) - 1.0) < 1e-12
     assert abs(slope(lengths, [1e-9 * t ** 1.5 for t in lengths]) - 1.5) < 1e-12
+
+
+def test_varlen_benchmark_smoke_run_writes_its_report(tmp_path):
+    out = tmp_path / "varlen.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_varlen.py"), "--smoke", "--specs", "gla",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and {r["pass"] for r in report["rows"]} == {"fwd", "fwd+bwd"}
+    for row in report["rows"]:
+        assert row["spec"] == "gla" and row["sequences"] == 4 and row["length"] == 3
+        assert row["one_long_s"] > 0 and row["packed_s"] > 0 and row["loop_s"] > 0
+        assert row["packed_over_one_long"] == row["packed_s"] / row["one_long_s"]
+    assert "256 x 16" not in run.stdout and "4 x 3" in run.stdout

@@ -347,9 +347,16 @@ def triton_options(call, options: dict | None) -> dict:
     return options
 
 
-def pick_form(forms, length: int, chunk_size: int) -> str:
-    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
-    if length <= 16 or len(forms) == 1:
+# Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
+# writes rows x length states where a chunk writes rows states (256 x 16 steps of mamba2 on CPU: 5.7x one sequence
+# of 4096 steps through the loop, 1.9x through chunks; benchmarks/bench_varlen.py).
+BATCHED_ROWS = 8
+
+
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
+    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
+    packed sequences of that length run together (`_run_packed`)."""
+    if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
         return "parallel"
@@ -386,8 +393,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         ordered = [piece[i.name] for i in spec.inputs]
         return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
 
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
+    def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
+        chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
         try:
             return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
@@ -406,13 +413,13 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                               length - step)
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
-    def run_directed(piece: dict, piece_states: dict, length: int):
+    def run_directed(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if not call.reverse:
-            return run(piece, piece_states, length)
+            return run(piece, piece_states, length, rows)
         # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
         # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
         # one sequence (all of one length), so each is flipped on its own.
-        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
+        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length, rows)
         return {k: v.flip(1) for k, v in out.items()}, fin
 
     if call.cu_seqlens is None:
@@ -427,10 +434,33 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 def takes_cu_seqlens(fn):
     """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
     [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
-    forms of linear classes: their kernels walk each sequence's chunks through index tables built once per call,
-    codegen/triton_runtime.py `_Packed`). Returns `fn`."""
-    fn.takes_cu_seqlens = True
+    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
+    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
+    (an attribute, so a generated module without such a form keeps none of it)."""
+    fn.run_packed = _run_packed_form
     return fn
+
+
+def _run_packed_form(form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
+    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
+    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
+    cu = call.cu_seqlens
+    flip = None
+    if call.reverse:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    try:
+        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
+    except UnsafeSteps:
+        return None
+    except DecayNotPositive:
+        if form != "auto":
+            raise
+        return None
+    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
 
 
 def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -448,30 +478,18 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
     A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences: its launches do not grow with N. Otherwise
-    the sequences of each length run as one batch of B = (how many have that length) rows, gathered from the
-    packed tensor and scattered back by index (differentiable): no step of one sequence meets another's or any
-    padding, so outputs and final states are those of the one-by-one loop for every class, linear or not, and a
-    reverse run flips each row on its own. A packed form that meets a step its masked matmuls cannot take
-    (`UnsafeSteps`, whose step counts along the packed T) leaves it to the batches by length."""
+    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
+    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
+    linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
+    batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    fn = form_fns.get("chunked")
-    packed = (fn is not None and getattr(fn, "takes_cu_seqlens", False) and form in ("auto", "chunked")
-              and call.length > 0)
-    if packed:
-        flip = None
-        if call.reverse:  # each sequence's steps in reverse order: a permutation of the packed steps, its own inverse
-            seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
-            flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
-        try:
-            piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-            out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
-            return ({k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin)
-        except UnsafeSteps:
-            pass  # the batches below step through where the packed form could not
-        except DecayNotPositive:
-            if form != "auto":
-                raise
+    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
+    if runner is not None and form in ("auto", "chunked") and call.length > 0:
+        done = runner(form, call, inputs, states, call_form)
+        if done is not None:
+            return done
     groups = length_groups(cu)
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
@@ -488,7 +506,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         positions.append(index)
         index = index.to(call.device)
         piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
-        out, fin = run_directed(piece, rows, length)
+        out, fin = run_directed(piece, rows, length, len(ids))
         for name in out_parts:
             out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
         for name in final_parts:
