@@ -891,8 +891,15 @@ class TorchFormWriter:
         outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
         target = f"({outs}), final_{name}" if plan.readouts else f"_, final_{name}"
         state = f"states['{name}']" + (".transpose(-1, -2)" if name in view.transposed else "")
+        options = ""
+        if self.options:
+            # Packed sequences: a sequence's step t is sub-steps r t .. r t + r - 1, so its bounds scale by r.
+            w(f"options_{name} = dict(options)")
+            w(f"if options_{name}.get('cu_seqlens') is not None:")
+            w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
+            options = f", **options_{name}"
         w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, beta_{name}, "
-          f"{decay}, initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
+          f"{decay}, initial_state={state}, chunk_size=chunk_size, output_final_state=True{options})")
         for ro in plan.readouts:
             at = 0 if ro.exclusive else r - 1
             w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
