@@ -626,13 +626,44 @@ class TorchFormWriter:
                 idx, e = grads[x.name]
                 value = self._broadcast(block_printer, e, idx, f"(t2 - t, B_, H_{dims_of(x)})",
                                         None if x in rec.inputs else whole)
+                outer = None if x in rec.inputs else self._outer_sum(block_printer, e, idx, ranges, whole)
                 if x in rec.inputs:
                     w(f"{grad[x.name]}[:, t0 + t:t0 + t2] = ({value}).transpose(0, 1)", 4)
+                elif outer is not None:
+                    w(f"{grad[x.name]} = {grad[x.name]} + {outer}  # summed over the block's steps and rows", 4)
                 else:
                     w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", 4)
         w(f"return [{', '.join(grad[x.name] for x in rec.inputs + rec.params)}], "
           f"{{{', '.join(f'{s.name!r}: {carried[s.name]}' for s in rec.states)}}}")
         return w.text()
+
+    def _outer_sum(self, printer: TorchPrinter, e: sympy.Expr, idx, ranges, full) -> str | None:
+        """A matrix param's gradient over a block, `e` summed over the block's steps and rows, as matrix products
+        when every term of `e` is a product of factors over its first index and factors over its second: then
+        sum over (t, b) of X[t, b, h, d] * Y[t, b, h, e] is X^T Y per head, instead of a [t, B, H, D, E] tensor of
+        outer products summed (MinimalRNN's Uh, Uz); terms with the same Y share one product. None when a factor
+        reads both indices (Mamba's A[d, n]). `full`: names already of the block's whole shape."""
+        if len(idx) != 2:
+            return None
+        first, second = idx
+        by_right: dict[sympy.Expr, list[sympy.Expr]] = {}
+        for term in sympy.Add.make_args(e):
+            sides: tuple[list, list] = ([], [])
+            for factor in sympy.Mul.make_args(term):
+                axes = {s for s in factor.free_symbols if s in ranges}
+                if axes <= {first}:
+                    sides[0].append(factor)
+                elif axes <= {second}:
+                    sides[1].append(factor)
+                else:
+                    return None
+            by_right.setdefault(sympy.Mul(*sides[1]), []).append(sympy.Mul(*sides[0]))
+        products = []
+        for right, lefts in by_right.items():
+            x, y = (self._broadcast(printer, side, (var,), f"(t2 - t, B_, H_, {self._range_dim(ranges[var])})", full)
+                    for side, var in ((sympy.Add(*lefts), first), (right, second)))
+            products.append(f"({x}).flatten(0, 1).permute(1, 2, 0) @ ({y}).flatten(0, 1).transpose(0, 1)")
+        return " + ".join(f"({p})" for p in products) if len(products) > 1 else products[0]
 
     # -- scan -----------------------------------------------------------------
 

@@ -14,11 +14,12 @@ derivation refuses (a diagonal read) falls back to it; the forward keeps O(T / e
 from __future__ import annotations
 
 import pytest
+import sympy
 import torch
 
 import recurrence_dsl
 from codegen.dispatch import ADJOINT_BLOCK, CHECKPOINT_EVERY, RECURRENT_BACKWARD, adjoint_block, checkpoint_every
-from recurrence_dsl.adjoint import derive_adjoint
+from recurrence_dsl.adjoint import canonical_key, derive_adjoint, factor_sums, nest_sums
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
@@ -252,3 +253,20 @@ def test_gradients_of_generated_programs(program, every):
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     errors = {n: _rel(g, r) if r.abs().max() > 0 else g.abs().max().item() for n, g, r in zip(names, got, ref)}
     assert max(errors.values()) <= 1e-9, (errors, program.text)
+
+
+def test_nest_sums_keeps_the_shared_contraction_a_sum_of_its_own():
+    """DeltaNet's dk holds sum(i, j, S[a, j] * dS[i, j] * k[i]); nested, its inner sum is dv's sum(i, dS[i, j] * k[i])
+    (equal up to index names), which the printer then computes once for dk, dv and dbeta; no sum over several
+    indices is left."""
+    a = analyse(SPECS["delta_net"].checked)
+    adj = derive_adjoint(a.recurrence, a.ir)
+    flat = adj.inputs["k"].expr
+    assert any(len(s.limits) == 2 for s in flat.atoms(sympy.Sum))
+    nested = factor_sums(nest_sums(flat, adj.ranges))
+    assert all(len(s.limits) == 1 for s in nested.atoms(sympy.Sum))
+    (dv_sum,) = adj.inputs["v"].expr.atoms(sympy.Sum)
+    assert canonical_key(dv_sum, adj.ranges)[0] in {canonical_key(s, adj.ranges)[0] for s in nested.atoms(sympy.Sum)}
+    # The same value: at sizes K = V = 2 both expand to the same polynomial.
+    sizes = {s: 2 for s in (nested - flat).free_symbols if s.name in ("K", "V")}
+    assert sympy.expand((nested - flat).subs(sizes).doit()) == 0
