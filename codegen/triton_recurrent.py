@@ -80,6 +80,9 @@ _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "m
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
+# The adjoint's step holds more temporaries than its footprint counts (the state's gradient terms): past this many
+# footprint elements a thread at 4 warps it runs 8 (rwkv6 / rwkv7 at K = V = 64 spilled 8 B on sm_80 at 4 warps).
+ADJOINT_ELEMENTS_AT_4_WARPS = 48
 _TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
 _CONST_PREFIX = "_const"
 
@@ -1122,7 +1125,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
         w("if num_warps is None:")
-        w(f"num_warps = _warps({self._adjoint_footprint()})", 2)
+        w(f"num_warps = _adjoint_warps({self._adjoint_footprint()})", 2)
         names = self._adjoint_names()
         for ir_name, src, used in self.consts.values():
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
@@ -1184,6 +1187,13 @@ def _warps(elements):
     return warps
 
 
+def _adjoint_warps(elements):
+    """num_warps for an adjoint program: `_warps`, but 8 rather than 4 past {adjoint_at_4} elements a thread at 4
+    warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _warps(elements)
+    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 else warps
+
+
 def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
@@ -1203,7 +1213,8 @@ def _initial_state(states, name, shape, dev):
 
 def prelude(name: str) -> str:
     """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in)."""
-    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD)
+    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
+                          adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
 
 
 def triton_recurrent_source(analysis: Analysis) -> str:
