@@ -1838,6 +1838,13 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
 # ----------------------------------------------------------------------------------------------------------
 
 _triton_DELTA_BWD_WY_WARPS = 8  # _triton_delta_bwd_wy_kernel holds four [BT, BT] float32 tiles (scores, Tm^T, dTm, dL)
+_triton_DELTA_BWD_WY_BV = 32  # its V block (the dU / Y tiles of dTm and dy): 64 spilled on sm_80
+# _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+_triton_DELTA_BWD_DQK_WARPS = 8
+_triton_DELTA_BWD_DQK_BK = 32
+_triton_DELTA_BWD_DQK_BV = 32
+_triton_DELTA_BWD_LOCAL_BV = 32  # _triton_delta_bwd_local_kernel's V block (64 spilled on sm_80 with a scalar decay)
 _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
@@ -1995,15 +2002,14 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
 
 
 @triton.jit
-def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbeta, T, H: tl.constexpr, K: tl.constexpr,
+def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
-    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T; dL = -Tm^T dTm Tm^T (strictly lower). Stores Tm^T and
-    dA = diag(beta) dL * decay (the gradient of the decayed k_t . k_s) to Tt and dA [B*H, NT*BT, BT] for
-    _triton_delta_bwd_wy_k_kernel, and dbeta's share sum_s dL_ts (L_ts / beta_t). With a key decay the decayed scores
-    are the forward's (Akk, from _triton_intra_attn_kernel), exp(G) per key comes from eg, and dA is left undecayed: the
-    per-key factors are applied by _triton_delta_bwd_intra_kernel."""
+    it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T. Stores Tm^T to Tt and dTm to dA [B*H, NT*BT, BT] and,
+    without a key decay, the decayed scores to Ab (same shape), for _triton_delta_bwd_dl_kernel, which forms dL, dbeta's
+    share and dA from them. With a key decay the decayed scores are the forward's (Akk, from _triton_intra_attn_kernel)
+    and exp(G) per key comes from eg."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -2025,6 +2031,7 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbe
     b_A = b_A * b_D  # decayed and strictly lower: L = diag(beta) A
     # Tm = (I + L)^-1 by the forward's substitution, row by row
     b_T = -(b_beta[:, None] * b_A)
+    tl.store(Ab + p_tt, b_A, mask=m_tt)
     for i in range(1, BT):
         b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)
         b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
@@ -2046,10 +2053,33 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, dbe
         p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
         b_kb = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32) * b_be[:, None]
         b_dT += tl.dot(tl.load(dw + p_tk, mask=m_tk, other=0.0), tl.trans(b_kb), input_precision=PREC)
+    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    tl.store(dA + p_tt, b_dT, mask=m_tt)  # dTm, which _triton_delta_bwd_dl_kernel turns into dA in place
+
+
+@triton.jit
+def _triton_delta_bwd_dl_kernel(beta, gc, Ab, Tt, dA, dbeta, T, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr,
+                         PREC: tl.constexpr):
+    """The WY representation's backward for one (chunk, batch*head), middle part: dL = -Tm^T dTm Tm^T (strictly
+    lower) from Tm^T (Tt) and dTm (dA, as _triton_delta_bwd_wy_kernel left it); dbeta = sum_s dL_ts (L_ts / beta_t), from
+    the decayed scores Ab; dA = diag(beta) dL * decay, in place of dTm. A kernel of its own because the two chained
+    [BT, BT] dots, next to the first part's tiles, spilled registers on sm_80."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = ((i_bh // H).to(tl.int64) * T + t0) * H + i_bh % H
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    p_tt = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]  # [BT, BT]
+    m_tt = (o_i[:, None] < BT) & (o_i[None, :] < BT)
+    b_Tt = tl.load(Tt + p_tt, mask=m_tt, other=0.0)
+    b_dT = tl.load(dA + p_tt, mask=m_tt, other=0.0)
     b_dL = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
     b_dL = tl.where(o_i[:, None] > o_i[None, :], b_dL, 0.0)
+    b_A = tl.where(o_i[:, None] > o_i[None, :], tl.load(Ab + p_tt, mask=m_tt, other=0.0), 0.0)  # decayed k_t . k_s
+    b_beta = tl.load(beta + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)
     tl.store(dbeta + bos + o_i * H, tl.sum(b_dL * b_A, axis=1), mask=m_t)
-    tl.store(Tt + p_tt, b_Tt, mask=m_tt)
+    b_D = tl.where(o_i[:, None] > o_i[None, :], 1.0, 0.0)
     tl.store(dA + p_tt, b_dL * b_beta[:, None] * b_D, mask=m_tt)
 
 
@@ -2129,7 +2159,9 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _triton_delta_blocks(BK)[0]
-    NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KB)
+    KBQ = KB if block_k is not None else min(KB, _triton_DELTA_BWD_DQK_BK)  # _triton_delta_bwd_dqk_kernel's K block
+    BVL = BV if block_v is not None else min(BV, _triton_DELTA_BWD_LOCAL_BV)  # _triton_delta_bwd_local_kernel's V block
+    NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
                                              BVS, prec, num_warps, num_stages)
@@ -2146,8 +2178,8 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         # a key decay's P: the forward's decayed scores (_triton_intra_attn_kernel), recomputed
         A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
                                        num_stages) if code == 2 else k
-        _triton_delta_bwd_local_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BV, code, bool(exclusive),
+        _triton_delta_bwd_local_kernel[(triton.cdiv(V, BVL), NT, B * H)](
+            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BVL, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
     dS0 = torch.empty((B, H, K, V), **f32)
@@ -2161,10 +2193,11 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
+    BVQ = BV if block_v is not None else min(BV, _triton_DELTA_BWD_DQK_BV)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KB, BV,
-            code, bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KBQ, BVQ,
+            code, bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -2188,10 +2221,13 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     dbeta = torch.empty((B, T, H), **f32)
     Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
     dA = torch.empty((B * H, NT * BT, BT), **f32)
+    Ab = Akk if code == 2 else torch.empty((B * H, NT * BT, BT), **f32)  # the decayed scores, for dbeta
     _triton_delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, dbeta, T, H, K, V, BT, KB,
-        min(BV, 64), code, prec,
+        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, Ab, T, H, K, V, BT, KB,
+        min(BV, _triton_DELTA_BWD_WY_BV), code, prec,
         num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
+    _triton_delta_bwd_dl_kernel[(NT, B * H)](beta, g_or_k, Ab, Tt, dA, dbeta, T, H, BT, code, prec, num_warps=warps,
+                                      num_stages=stages)
     dkp = dk
     if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
         dkp = torch.empty((B, T, H, K), **f32)
@@ -2253,6 +2289,13 @@ def _triton_warps(elements):
     while warps < 16 and elements > 96 * 32 * warps:
         warps *= 2
     return warps
+
+
+def _triton_adjoint_warps(elements):
+    """num_warps for an adjoint program: `_triton_warps`, but 8 rather than 4 past 48 elements a thread at 4
+    warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _triton_warps(elements)
+    return 8 if warps == 4 and elements > 48 * 32 * 4 else warps
 
 
 def _triton_size_constant(value, *sizes):
@@ -2564,7 +2607,7 @@ def delta_net__triton_recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_warps(4 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         delta_net__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](

@@ -1385,6 +1385,9 @@ def _stack_steps(steps, B_, H_, dims, like):
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
+# _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+
 
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
@@ -1410,6 +1413,13 @@ def _triton_warps(elements):
     while warps < 16 and elements > 96 * 32 * warps:
         warps *= 2
     return warps
+
+
+def _triton_adjoint_warps(elements):
+    """num_warps for an adjoint program: `_triton_warps`, but 8 rather than 4 past 48 elements a thread at 4
+    warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _triton_warps(elements)
+    return 8 if warps == 4 and elements > 48 * 32 * 4 else warps
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -1744,7 +1754,7 @@ def mamba__triton_recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_out
     dh0_h = torch.empty((B_, H_, D, N), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D * BLOCK_N,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_warps(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N + 2 * BLOCK_D)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N + 2 * BLOCK_D)
     if B_ * H_ > 0:
         mamba__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, dt, B, C, A, Dskip, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dDskip, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,

@@ -1655,6 +1655,9 @@ def _check_steps(values, log_decays):
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
+# _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+
 
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
@@ -1680,6 +1683,13 @@ def _triton_warps(elements):
     while warps < 16 and elements > 96 * 32 * warps:
         warps *= 2
     return warps
+
+
+def _triton_adjoint_warps(elements):
+    """num_warps for an adjoint program: `_triton_warps`, but 8 rather than 4 past 48 elements a thread at 4
+    warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _triton_warps(elements)
+    return 8 if warps == 4 and elements > 48 * 32 * 4 else warps
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -2051,7 +2061,7 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_warps(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
     if B_ * H_ > 0:
         rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
