@@ -1942,7 +1942,9 @@ _triton_DELTA_BWD_WY_BV = 32  # its V block (the dU / Y tiles of dTm and dy): 64
 _triton_DELTA_BWD_DQK_WARPS = 8
 _triton_DELTA_BWD_DQK_BK = 32
 _triton_DELTA_BWD_DQK_BV = 32
-_triton_DELTA_BWD_LOCAL_BV = 32  # _triton_delta_bwd_local_kernel's V block (64 spilled on sm_80 with a scalar decay)
+# _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
+# 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+_triton_DELTA_BWD_LOCAL_BV = 32
 _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
@@ -2286,7 +2288,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _triton_delta_blocks(BK)[0]
     KBQ = KB if block_k is not None else min(KB, _triton_DELTA_BWD_DQK_BK)  # _triton_delta_bwd_dqk_kernel's K block
-    BVL = BV if block_v is not None else min(BV, _triton_DELTA_BWD_LOCAL_BV)  # _triton_delta_bwd_local_kernel's V block
+    BVL = BV if block_v is not None or code == 0 else min(BV, _triton_DELTA_BWD_LOCAL_BV)  # the local kernel's V block
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,

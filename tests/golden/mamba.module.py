@@ -1387,6 +1387,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 # _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
 # of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+# _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
+# 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 
 
 def _triton_block(n, given, what):
