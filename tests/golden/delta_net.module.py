@@ -2294,10 +2294,20 @@ def _triton_warps(elements):
 
 
 def _triton_adjoint_warps(elements):
-    """num_warps for an adjoint program: `_triton_warps`, but 8 rather than 4 past 48 elements a thread at 4
-    warps (its step holds gradient temporaries its footprint does not count)."""
+    """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
+    elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+
+
+def _triton_cuda_arch():
+    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
+    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
 
 
 def _triton_size_constant(value, *sizes):
