@@ -12,7 +12,7 @@ local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target'
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
-on two idle cores, about 70 s since the sm_80 backward calls joined.
+on two idle cores, about 50 s with the sm_80 backward calls.
 """
 
 from __future__ import annotations
