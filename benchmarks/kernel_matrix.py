@@ -2,7 +2,7 @@
 
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
-        [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
+        [--forms recurrent,chunked] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
 inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="64,128", help="every spec size, one run each (default 64,128)")
     parser.add_argument("--dtypes", default="bfloat16,float16")
     parser.add_argument("--targets", default="sm_80,sm_90")
+    parser.add_argument("--forms", help="only these Triton forms, e.g. recurrent (default: every form)")
     parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
           f"{'regs':>4} {'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
     for path in paths:
         for name, rec in recurrence_dsl.load(path).items():
-            forms = kr.triton_forms_of(rec)
+            forms = [f for f in kr.triton_forms_of(rec) if not args.forms or f in _list(args.forms)]
             for size in (int(s) for s in _list(args.sizes)):
                 sizes = {s: size for s in rec.checked.sizes}
                 for dtype in _list(args.dtypes):

@@ -80,6 +80,10 @@ _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "m
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
+# The adjoint's step holds more temporaries than its footprint counts (the state's gradient terms): below sm_90, past
+# this many footprint elements a thread at 4 warps it runs 8 (rwkv6 / rwkv7 at K = V = 64 spilled 8 B on sm_80 at 4
+# warps; on sm_90 4 warps run clean there and 8 left lightning_attention's adjoint an 8-byte stack slot).
+ADJOINT_ELEMENTS_AT_4_WARPS = 48
 _TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
 _CONST_PREFIX = "_const"
 
@@ -1121,7 +1125,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
         w("if num_warps is None:")
-        w(f"num_warps = _warps({self._adjoint_footprint()})", 2)
+        w(f"num_warps = _adjoint_warps({self._adjoint_footprint()})", 2)
         names = self._adjoint_names()
         for ir_name, src, used in self.consts.values():
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
@@ -1183,6 +1187,23 @@ def _warps(elements):
     return warps
 
 
+def _adjoint_warps(elements):
+    """num_warps for an adjoint program: `_warps`, but on a GPU below sm_90 8 rather than 4 past {adjoint_at_4}
+    elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _warps(elements)
+    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _cuda_arch() < 90 else warps
+
+
+def _cuda_arch():
+    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
+    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
@@ -1202,7 +1223,8 @@ def _initial_state(states, name, shape, dev):
 
 def prelude(name: str) -> str:
     """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in)."""
-    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD)
+    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
+                          adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
 
 
 def triton_recurrent_source(analysis: Analysis) -> str:

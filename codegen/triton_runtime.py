@@ -1509,7 +1509,9 @@ _DELTA_BWD_WY_BV = 32  # its V block (the dU / Y tiles of dTm and dy): 64 spille
 _DELTA_BWD_DQK_WARPS = 8
 _DELTA_BWD_DQK_BK = 32
 _DELTA_BWD_DQK_BV = 32
-_DELTA_BWD_LOCAL_BV = 32  # _delta_bwd_local_kernel's V block (64 spilled on sm_80 with a scalar decay)
+# _delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
+# 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+_DELTA_BWD_LOCAL_BV = 32
 _CHUNK_BWD_PLAIN_WARPS = 8  # _chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
@@ -2050,7 +2052,7 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _delta_blocks(BK)[0]
     KBQ = KB if block_k is not None else min(KB, _DELTA_BWD_DQK_BK)  # _delta_bwd_dqk_kernel's K block
-    BVL = BV if block_v is not None else min(BV, _DELTA_BWD_LOCAL_BV)  # _delta_bwd_local_kernel's V block
+    BVL = BV if block_v is not None or code == 0 else min(BV, _DELTA_BWD_LOCAL_BV)  # the local kernel's V block
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()

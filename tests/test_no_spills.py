@@ -1,17 +1,18 @@
 """No register spills at the default configs (issue 10), on a representative subset, compiled without a GPU.
 
 benchmarks/kernel_matrix.py checks every spec (K = V in {64, 128}, bfloat16 and float16, sm_80 and sm_90, each
-Triton form) in about a quarter of an hour; this file checks the kernels with the least headroom there, at
-K = V = 128 in bfloat16: gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and
-output kernels) and gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S)
-for sm_90 and sm_80 (on sm_90 with their backward kernels too), one recurrent kernel (rwkv7, whose [K, V] state is
-split over programs along V) for sm_90, and the key-decay delta rule's (tests/data/kda.rec, KDA) with its backward
-kernels for sm_90. Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the
-target's shared memory.
+Triton form, forward and backward); this file checks the kernels with the least headroom there, in bfloat16:
+gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state and output kernels) and
+gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S) at K = V = 128 for
+sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where the delta rule's backward
+(dq/dk, WY, dL and local kernels) and the linear forms' `_chunk_bwd_plain_kernel` once spilled; one recurrent
+kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64; and
+the key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90. Every kernel must use no
+local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
-on two cores.
+on two idle cores, about 50 s with the sm_80 backward calls.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ try:
 except kernel_report.ToolMissing as err:
     _MISSING = str(err)
 
-# (spec, form, target, B, T, H, backward): the calls compiled, all at K = V = 128 in bfloat16; on sm_90 with their
-# backward (the chunked forms' Triton backward kernels, codegen/triton_runtime.py)
+# (spec, form, target, B, T, H, backward, K = V): the calls compiled, in bfloat16; with backward, the backward's
+# kernels too (the chunked forms' Triton backward kernels, codegen/triton_runtime.py; the recurrent adjoint)
 CALLS = [
-    ("gla", "chunked", "sm_90", 2, 256, 4, True),
-    ("gla", "chunked", "sm_80", 2, 256, 4, False),
-    ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, True),
-    ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, False),
-    ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False),
-    ("kda", "chunked", "sm_90", 1, 256, 2, True),  # tests/data/kda.rec: the key-decay delta rule's backward
+    ("gla", "chunked", "sm_90", 2, 256, 4, True, 128),
+    ("gla", "chunked", "sm_80", 2, 256, 4, False, 128),
+    ("gla", "chunked", "sm_80", 1, 128, 2, True, 64),  # _chunk_bwd_plain_kernel spilled 16 B at 4 warps
+    ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, True, 128),
+    ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, True, 128),
+    ("gated_delta_net", "chunked", "sm_80", 1, 128, 2, True, 64),  # dqk / WY spilled 832 / 840 B here
+    ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False, 128),
+    ("rwkv7", "recurrent", "sm_80", 1, 64, 2, True, 64),  # the adjoint spilled 8 B at 4 warps
+    ("kda", "chunked", "sm_90", 1, 256, 2, True, 128),  # tests/data/kda.rec: the key-decay delta rule's backward
 ]
 
 CHILD = '''
@@ -55,13 +59,14 @@ from codegen import kernel_report as kr
 
 calls, dirs = json.loads(sys.argv[1]), sys.argv[2:]
 runs = []
-for name, form, target, B, T, H, backward in calls:
+for name, form, target, B, T, H, backward, size in calls:
     path = next(p for p in (f"{d}/{name}.rec" for d in dirs) if os.path.exists(p))
     rec = recurrence_dsl.load(path)[name]
-    sizes = {s: 128 for s in rec.checked.sizes}
+    sizes = {s: size for s in rec.checked.sizes}
     kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form,
                                    backward=backward)
-    runs.append({"name": name, "form": form, "target": target, "kernels": [k.as_dict() for k in kernels]})
+    runs.append({"name": name, "form": form, "target": target, "size": size,
+                 "kernels": [k.as_dict() for k in kernels]})
 print(json.dumps(runs))
 '''
 
@@ -76,9 +81,10 @@ def test_no_spills_at_default_configs():
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     assert [(r["name"], r["form"], r["target"]) for r in runs] == [c[:3] for c in CALLS]
-    rows = [(r["name"], r["target"], k) for r in runs for k in r["kernels"]]
-    table = "\n".join(f"{n} {t} {k['name']}: grid {k['grid']}, {k['num_warps']} warps, {k['registers']} registers, "
-                      f"{k['spill_bytes']} B local, {k['shared_bytes']} B shared" for n, t, k in rows)
+    rows = [(f"{r['name']} K=V={r['size']}", r["target"], k) for r in runs for k in r["kernels"]]
+    table = "\n".join(f"{n} {t} {k['phase']} {k['name']}: grid {k['grid']}, {k['num_warps']} warps, "
+                      f"{k['registers']} registers, {k['spill_bytes']} B local, {k['shared_bytes']} B shared"
+                      for n, t, k in rows)
     print(table)
     spilling = [f"{n} {t} {k['name']}" for n, t, k in rows if k["spill_bytes"] != 0]
     assert not spilling, f"spilling kernels: {spilling}\n{table}"
@@ -86,14 +92,20 @@ def test_no_spills_at_default_configs():
         assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS
         assert k["shared_bytes"] <= kernel_report.TARGETS[t].max_shared_bytes, table
     names = {(r["name"], r["target"], phase): {k["name"] for k in r["kernels"] if k["phase"] == phase}
-             for r in runs for phase in ("forward", "backward")}
+             for r in runs if r["size"] == 128 for phase in ("forward", "backward")}
+    small = {(r["name"], r["target"]): {k["name"] for k in r["kernels"] if k["phase"] == "backward"}
+             for r in runs if r["size"] == 64}
     assert names[("gla", "sm_90", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
                                                   "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
     assert names[("gla", "sm_90", "backward")] == {
         "_triton_cumsum_kernel", "_triton_chunk_dstate_kernel", "_triton_intra_attn_kernel",
         "_triton_chunk_output_value_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
         "_triton_dlog_decay_kernel"}
-    assert not names[("gla", "sm_80", "backward")]
+    assert not names[("gla", "sm_80", "backward")]  # a forward-only call
+    assert "_triton_chunk_bwd_plain_kernel" in small[("gla", "sm_80")]
+    assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "wy", "dl", "wy_k")} <= small[
+        ("gated_delta_net", "sm_80")] == names[("gated_delta_net", "sm_80", "backward")]
+    assert small[("rwkv7", "sm_80")] == {"rwkv7__triton_recurrent_adjoint_kernel"}
     assert names[("gated_delta_net", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_delta_wy_kernel",
                                                    "_triton_delta_state_kernel", "_triton_chunk_output_kernel"}
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "wy", "wy_k")} <= names[
@@ -101,5 +113,5 @@ def test_no_spills_at_default_configs():
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "intra", "wy", "wy_k")} <= names[
         ("kda", "sm_90", "backward")]
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
-    (recurrent,) = runs[-2]["kernels"]
+    (recurrent,) = runs[-3]["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]

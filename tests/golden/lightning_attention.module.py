@@ -2467,8 +2467,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
             num_stages=stages)
         M, x, z, dm, out, D, DZ, BD, BZ = plain
         _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
-            num_stages=stages)
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+            num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
         dqs.append(dq)
 
     dlog = None
@@ -2501,6 +2501,12 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
 
+# _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+# _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
+# 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+_triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+
 
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
@@ -2526,6 +2532,23 @@ def _triton_warps(elements):
     while warps < 16 and elements > 96 * 32 * warps:
         warps *= 2
     return warps
+
+
+def _triton_adjoint_warps(elements):
+    """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
+    elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _triton_warps(elements)
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+
+
+def _triton_cuda_arch():
+    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
+    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -2830,7 +2853,7 @@ def lightning_attention__triton_recurrent_adjoint(q, k, v, slope, checkpoints, g
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_warps(4 * BLOCK_K * BLOCK_V + 2 * 1 + 1)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 2 * 1 + 1)
     if B_ * H_ > 0:
         lightning_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             q, k, v, slope, ck_S, dht_S, do, dq, dk, dv, dslope, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
