@@ -345,9 +345,16 @@ def triton_options(call, options: dict | None) -> dict:
     return options
 
 
-def pick_form(forms, length: int, chunk_size: int) -> str:
-    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
-    if length <= 16 or len(forms) == 1:
+# Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
+# writes rows x length states where a chunk writes rows states (256 x 16 steps of mamba2 on CPU: 5.7x one sequence
+# of 4096 steps through the loop, 1.9x through chunks; benchmarks/bench_varlen.py).
+BATCHED_ROWS = 8
+
+
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
+    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
+    packed sequences of that length run together (`_run_packed`)."""
+    if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
         return "parallel"
@@ -360,8 +367,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
-    `call.reverse` each sequence runs from its last step to its first.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
+    with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -375,8 +382,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
-        extra = dict(options.get(chosen, {}))
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
@@ -384,8 +391,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         ordered = [piece[i.name] for i in spec.inputs]
         return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
 
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
+    def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
+        chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
         try:
             return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
@@ -404,30 +411,115 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                               length - step)
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
-    def run_directed(piece: dict, piece_states: dict, length: int):
+    def run_directed(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if not call.reverse:
-            return run(piece, piece_states, length)
+            return run(piece, piece_states, length, rows)
         # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
-        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
-        # sequence, so each is flipped on its own.
-        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
+        # one sequence (all of one length), so each is flipped on its own.
+        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length, rows)
         return {k: v.flip(1) for k, v in out.items()}, fin
 
     if call.cu_seqlens is None:
         outputs, finals = run_directed(inputs, states, call.length)
     else:
-        bounds = call.cu_seqlens.tolist()
-        out_pieces, final_pieces = [], []
-        for n in range(len(bounds) - 1):
-            lo, hi = bounds[n], bounds[n + 1]
-            piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
-            out_pieces.append(o)
-            final_pieces.append(f)
-        outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}
-        finals = {s.name: torch.cat([f[s.name] for f in final_pieces], dim=0) for s in spec.states}
+        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
+                                      call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
+    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
+    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
+    (an attribute, so a generated module without such a form keeps none of it)."""
+    fn.run_packed = _run_packed_form
+    return fn
+
+
+def _run_packed_form(form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
+    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
+    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
+    cu = call.cu_seqlens
+    flip = None
+    if call.reverse:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    try:
+        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
+    except UnsafeSteps:
+        return None
+    except DecayNotPositive:
+        if form != "auto":
+            raise
+        return None
+    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
+
+
+def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
+    int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
+    sqrt(2 T) + 1 distinct lengths, so this is also a bound on the number of groups."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    values, inverse = torch.unique(lengths, sorted=True, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=len(values)).tolist()
+    return list(zip(values.tolist(), torch.split(order, counts)))
+
+
+def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
+    """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
+
+    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
+    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
+    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
+    linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
+    batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
+    cu = call.cu_seqlens
+    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
+    if runner is not None and form in ("auto", "chunked") and call.length > 0:
+        done = runner(form, call, inputs, states, call_form)
+        if done is not None:
+            return done
+    groups = length_groups(cu)
+    starts = cu[:-1]
+    out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
+    final_parts: dict[str, list] = {s.name: [] for s in spec.states}
+    positions, order = [], []
+    for length, ids in groups:
+        order.append(ids)
+        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one
+            for name in final_parts:
+                final_parts[name].append(rows[name])
+            continue
+        index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
+        positions.append(index)
+        index = index.to(call.device)
+        piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, rows, length, len(ids))
+        for name in out_parts:
+            out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
+        for name in final_parts:
+            final_parts[name].append(fin[name])
+    # Back to packed order: the groups' steps (and sequences) concatenated are a permutation of the packed ones.
+    undo = torch.argsort(torch.cat(positions)).to(call.device) if positions else None
+    unsort = torch.argsort(torch.cat(order)).to(call.device)
+    outputs = {}
+    for o in spec.outputs:
+        if undo is None:
+            outputs[o.name] = inputs[spec.inputs[0].name].new_zeros((1, 0, call.heads) + call.dims(o))
+        else:
+            outputs[o.name] = torch.cat(out_parts[o.name]).index_select(0, undo)[None]
+    finals = {name: torch.cat(parts).index_select(0, unsort) for name, parts in final_parts.items()}
+    return outputs, finals
 
 
 def _flatten(args) -> tuple[list, list]:
@@ -465,22 +557,26 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 
-# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
-# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
-# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
-# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
-# is a kernel launch).
-ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
-STEPWISE_ELEMENTS = 8192
+# How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
+# segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
+BLOCK_BYTES = 4 << 20
 
 
-def adjoint_stepwise(states) -> bool:
-    forced = os.environ.get(ADJOINT_STEPWISE, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+def adjoint_block(states, every: int) -> int:
+    """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
+    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
     states = list(states)
-    return (all(s.device.type == "cpu" for s in states)
-            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+    if not all(s.device.type == "cpu" for s in states):
+        return every
+    step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
+    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
 def checkpoint_every(length: int) -> int:
@@ -495,13 +591,13 @@ class _AdjointBackward(torch.autograd.Function):
     loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
 
     @staticmethod
-    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+    def forward(ctx, loop, adjoint, layout, names, every, kernels, *tensors):
         args = _unflatten(layout, tensors)
         outputs, finals, checkpoints = loop(*args, every=every)
         results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
-        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         ctx.count = (len(tensors), len(checkpoints))
         ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
@@ -522,8 +618,10 @@ class _AdjointBackward(torch.autograd.Function):
         grad_states = dict(zip(state_names, grads[len(out_names):]))
         args = _unflatten(ctx.layout, tensors)
         at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        # (A Triton adjoint is one kernel: it has no blocks to choose.)
+        extra = {} if ctx.kernels else {"block": adjoint_block(grad_states.values(), ctx.every)}
         positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
-                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+                                              every=ctx.every, **extra)
         positional = iter(positional)
         flat_grads = []
         for kind, info in ctx.layout:
@@ -531,8 +629,8 @@ class _AdjointBackward(torch.autograd.Function):
                 flat_grads.append(next(positional))
             elif kind == "dict":
                 flat_grads.extend(state_grads[k] for k in info)
-        needed = ctx.needs_input_grad[5:]
-        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+        needed = ctx.needs_input_grad[6:]
+        return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
 def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
@@ -551,11 +649,15 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      *tensors)
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
     return run
+
+
+# Steps per block of the scan form (`in_blocks`); unset or 0: a power of two in [16, 1024] that keeps one block's
+# states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
 
 
 # ====================================================================================================
@@ -571,6 +673,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 
@@ -1425,7 +1528,7 @@ def _check_steps(values, log_decays):
 
 
 # ====================================================================================================
-# Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
+# Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
 triton_Tensor = torch.Tensor
@@ -1539,15 +1642,26 @@ def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.c
 
 
 @triton.jit
-def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                        VARLEN: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
-    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n."""
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
+    _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # h is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -1565,8 +1679,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, T, H: tl.constexpr, K: tl
         if NK > 2:
             b_h3 += _triton_block_load(p_h0, 2, o_v, m_v, K, V, KB)
             b_h4 += _triton_block_load(p_h0, 3, o_v, m_v, K, V, KB)
-    for i_n in range(0, NT):
-        p_hn = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_n in range(c0, c1):
+        p_hn = h + (i_row.to(tl.int64) * NT + i_n) * (K * V)
         _triton_block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
         if NK > 1:
             _triton_block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
@@ -1685,6 +1799,59 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _triton_Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
+    `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
+    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: triton_Tensor | None) -> triton_Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: triton_Tensor) -> triton_Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -1692,19 +1859,21 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages):
-    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K."""
+                  num_stages, packed=None):
+    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
+    rows = B if packed is None else packed.N  # the states' batch
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
-    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _triton_delta_state_kernel[(triton.cdiv(V, BV), B * H)](
-        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K,
-        V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
-        num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=_triton_or(num_stages, _STAGES))
+    _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None,
+        ht is not None, prec, packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
@@ -1803,14 +1972,35 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None):
+                     allow_tf32=None, cu_seqlens=None):
     """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDeltaDecay; triton_KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (triton_chunked_delta does
     that). Under autograd (an input requiring grad) it is `_triton_ChunkedDeltaFunction`, differentiated by Triton
-    kernels; a class whose `delta_backward` is False raises NotImplementedError there."""
+    kernels; a class whose `delta_backward` is False raises NotImplementedError there.
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for triton_chunked_linear_by
+    (a zero step, beta = 0 and k = 0, is the identity of the delta step too)."""
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32)
+    if cu_seqlens is None:
+        return _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, **options)
+    packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
+    outs, ht = _triton_delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
+                         packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
+                         **options)
+    return [packed.unpad(o) for o in outs], ht
+
+
+def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
+              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
+    """triton_chunked_delta_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
@@ -1820,7 +2010,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
                                       "decay's is triton_KeyDeltaDecay); call it under torch.no_grad() and differentiate "
                                       "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, allow_tf32=allow_tf32)
+                       num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
         *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
                                                 log_decay, initial_state, *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
@@ -1828,7 +2018,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
     gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages)
+                                           BK, BV, BVS, prec, num_warps, num_stages, packed)
     outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht
 
@@ -1896,15 +2086,25 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.conste
 
 
 @triton.jit
-def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.constexpr, K: tl.constexpr,
+def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
     [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
-    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS."""
+    dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS.
+    VARLEN: as in _triton_delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # dh, dhq are [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -1915,9 +2115,9 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.co
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_r in range(0, NT):
-        i_n = NT - 1 - i_r
-        p_n = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_n = (i_row.to(tl.int64) * NT + i_n) * (K * V)
         tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
@@ -1940,7 +2140,7 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, T, H: tl.co
 def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, ENDS: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
     (dgk [B, T, H, NKB], one column per K block, summed by the caller).
@@ -1949,7 +2149,8 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
     tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _triton_delta_bwd_intra_kernel
     and writes only dq's inter-chunk term exp(Gq) (dO S0^T), with FIRST dk = exp(G_last - G) (U dS1^T) (the state
     update's share, every factor with G_t on its minus side) and dgk [B, T, H, K] = sum over V of dS1 * S1 on the
-    chunk's last row (the G_last term), zero on the others."""
+    chunk's last row (the G_last term), zero on the others. ENDS (packed sequences): `ht` holds the state at the end
+    of every chunk, [B, H, NT, K, V] (`_triton_Packed.chunk_ends`), since a sequence's last chunk is not the row's."""
     i_kt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -1965,9 +2166,12 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
     p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, BK]
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S0 of the chunk
     p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # dS1
-    p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
-    if i_n == NT - 1:
-        p_hn = ht + i_bh.to(tl.int64) * (K * V)
+    if ENDS:
+        p_hn = ht + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S1, the chunk's end state
+    else:
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
+        if i_n == NT - 1:
+            p_hn = ht + i_bh.to(tl.int64) * (K * V)
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
     b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -2128,7 +2332,7 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages):
+                  num_warps, num_stages, packed=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
     state (or None). k, y, beta contiguous."""
@@ -2145,28 +2349,33 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
         H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_triton_or(num_warps, _WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages)
+                          num_warps, num_stages, packed)
     return gc, eg, Akk, w, u, h, ht
 
 
 def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
-                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32):
+                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
     """Gradients of triton_chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
-    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None)."""
+    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None);
+    packed: as for `_triton_delta_by` (the state gradient then runs per sequence, grad_final and dS0 [N, H, K, V])."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
     code = decay_cls.code
     # (T == 0 never gets here: triton_chunked_delta_by returns the empty result before the Function runs)
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if code == 2 else 1))
     KB = _triton_delta_blocks(BK)[0]
     KBQ = KB if block_k is not None else min(KB, _triton_DELTA_BWD_DQK_BK)  # _triton_delta_bwd_dqk_kernel's K block
     BVL = BV if block_v is not None or code == 0 else min(BV, _triton_DELTA_BWD_LOCAL_BV)  # the local kernel's V block
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
+    rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages)
+                                             BVS, prec, num_warps, num_stages, packed)
+    ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
@@ -2184,12 +2393,13 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
             q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BVL, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = torch.empty((B, H, NT, K, V), **f32)
-    dS0 = torch.empty((B, H, K, V), **f32)
+    dS0 = torch.empty((rows, H, K, V), **f32)
     du = torch.empty((B, T, H, V), **f32)
     dht = None if grad_final is None else grad_final.float().contiguous()
-    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), B * H)](
-        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du, T, H, K, V, NT, BT, BK, BVS, code,
-        dht is not None, prec, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), rows * H)](
+        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
+        packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BVS, code, dht is not None, prec,
+        packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
     dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
     dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
@@ -2198,8 +2408,9 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     BVQ = BV if block_v is not None else min(BV, _triton_DELTA_BWD_DQK_BV)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, eg_or_k, h, ht, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K, V, NT, NKB, BT, KBQ, BVQ,
-            code, bool(exclusive), j == 0, prec, num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
+            q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K,
+            V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
+            num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -2249,8 +2460,7 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
         queries = list(zip(qs, exclusives))
-        outs, ht = triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state,
-                                    output_final_state=True, **options)
+        outs, ht = _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, **options)
         ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
         ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
         return (*outs, ht)
@@ -2362,10 +2572,10 @@ def delta_net__recurrent_loop(q, k, v, beta, states, K, V, every=0):
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
-def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_states, K, V, every=64, stepwise=False):
+def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_states, K, V, every=64, block=64):
     """The backward of delta_net__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
     run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
-    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    and params' gradients for `block` steps at once, on slices of the segment's buffers.
     Returns ([gradient of each input and param], {state: gradient of its initial value})."""
     B_, T_, H_ = q.shape[:3]
     grad_q = q.new_zeros(q.shape)
@@ -2374,53 +2584,48 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
     grad_beta = beta.new_zeros(beta.shape)
     grad_o = grad_outputs['o']
     grad_S = grad_states['S']  # d loss / d S after the step, from the steps after it
+    # Buffers over a segment, time-major: the states before and after each step, the total gradient of each
+    # state after each step (the block gradients read slices of them).
+    S_steps = grad_S.new_empty((min(every, T_) + 1, B_, H_, K, V))
+    S_at = S_steps.unbind(0)
+    grad_S__new_steps = grad_S.new_empty((min(every, T_), B_, H_, K, V))
+    grad_S__new_at = grad_S__new_steps.unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
-        q_steps = q[:, t0:t1].unbind(1)
-        k_steps = k[:, t0:t1].unbind(1)
-        v_steps = v[:, t0:t1].unbind(1)
-        beta_steps = beta[:, t0:t1].unbind(1)
-        grad_o_steps = grad_o[:, t0:t1].unbind(1)
+        q_seg = q[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
+        k_seg = k[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
+        v_seg = v[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
+        beta_seg = beta[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H]
+        grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
+        q_steps = q_seg.unbind(0)
+        k_steps = k_seg.unbind(0)
+        v_steps = v_seg.unbind(0)
+        beta_steps = beta_seg.unbind(0)
+        grad_o_steps = grad_o_seg.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        S = checkpoints[t0 // every]['S']
-        S_steps = [S]
-        for t in range(t0, t1):
-            k_t = k_steps[t - t0]
-            v_t = v_steps[t - t0]
-            beta_t = beta_steps[t - t0]
-            S__new = torch.addcmul(S, beta_t[..., None, None] * k_t[..., :, None], -(k_t[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :])  # delta_net.rec:13,14
-            S = S__new
-            S_steps.append(S)
-        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
-        grad_S__new_steps = [None] * (t1 - t0)
-        for t in reversed(range(t0, t1)):
-            q_t = q_steps[t - t0]
-            k_t = k_steps[t - t0]
-            beta_t = beta_steps[t - t0]
-            grad_o_t = grad_o_steps[t - t0]
-            grad_S__new = torch.addcmul(grad_S, q_t[..., :, None] / (K**0.5), grad_o_t[..., None, :])  # d loss / d S after step t
-            if stepwise:  # each input's and param's gradient at this step
-                v_t = v_steps[t - t0]
-                S = S_steps[t - t0]
-                S__new = S_steps[t - t0 + 1]
-                sum_grad_S__new_k = torch.broadcast_to((k_t[..., None, :] @ grad_S__new)[..., 0, :], (B_, H_, V))  # used more than once
-                add_S_k_v = torch.broadcast_to(-(k_t[..., None, :] @ S)[..., 0, :] + v_t, (B_, H_, V))  # used more than once
-                grad_q[:, t] = (grad_o_t[..., None, :] @ S__new.mT)[..., 0, :] / (K**0.5)
-                grad_k[:, t] = torch.addcmul(beta_t[..., None] * (add_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :], -beta_t[..., None], ((k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :] @ S.mT)[..., 0, :])
-                grad_v[:, t] = beta_t[..., None] * sum_grad_S__new_k
-                grad_beta[:, t] = ((add_S_k_v[..., None, :] @ grad_S__new.mT)[..., 0, :] * k_t).sum(dim=-1)
-                grad_S = torch.addcmul(grad_S__new, -beta_t[..., None, None] * k_t[..., :, None], sum_grad_S__new_k[..., None, :])  # d loss / d S before step t
-            else:  # kept for after the loop
-                grad_S__new_steps[t - t0] = grad_S__new
-                grad_S = torch.addcmul(grad_S__new, -beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new)[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
-        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
-            S_steps = torch.stack(S_steps, dim=1)  # [B, t1 - t0 + 1, H, K, V]
-            grad_S__new_steps = torch.stack(grad_S__new_steps, dim=1)
-            add_S_k_v_2 = torch.broadcast_to(-(k[:, t0:t1][..., None, :] @ S_steps[:, :-1])[..., 0, :] + v[:, t0:t1], (B_, t1 - t0, H_, V))  # used more than once
-            grad_q[:, t0:t1] = (grad_o[:, t0:t1][..., None, :] @ S_steps[:, 1:].mT)[..., 0, :] / (K**0.5)
-            grad_k[:, t0:t1] = torch.addcmul(beta[:, t0:t1][..., None] * (add_S_k_v_2[..., None, :] @ grad_S__new_steps.mT)[..., 0, :], -beta[:, t0:t1][..., None], ((k[:, t0:t1][..., None, :] @ grad_S__new_steps)[..., 0, :][..., None, :] @ S_steps[:, :-1].mT)[..., 0, :])
-            grad_v[:, t0:t1] = beta[:, t0:t1][..., None] * (k[:, t0:t1][..., None, :] @ grad_S__new_steps)[..., 0, :]
-            grad_beta[:, t0:t1] = ((add_S_k_v_2[..., None, :] @ grad_S__new_steps.mT)[..., 0, :] * k[:, t0:t1]).sum(dim=-1)
+        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        for t in range(t1 - t0):
+            k_t = k_steps[t]
+            v_t = v_steps[t]
+            beta_t = beta_steps[t]
+            torch.addcmul(S_at[t], beta_t[..., None, None] * k_t[..., :, None], -(k_t[..., None, :] @ S_at[t])[..., 0, :][..., None, :] + v_t[..., None, :], out=S_at[t + 1])  # delta_net.rec:13,14
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
+        # the gradients of the inputs and params at a block of steps once the loop has passed them.
+        for t in reversed(range(t1 - t0)):
+            q_t = q_steps[t]
+            k_t = k_steps[t]
+            beta_t = beta_steps[t]
+            grad_o_t = grad_o_steps[t]
+            torch.addcmul(grad_S, q_t[..., :, None] / (K**0.5), grad_o_t[..., None, :], out=grad_S__new_at[t])  # d loss / d S after step t
+            grad_S = torch.addcmul(grad_S__new_at[t], -beta_t[..., None, None] * (k_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k_t[..., :, None])  # d loss / d S before step t
+            if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
+                t2 = min(t + block, t1 - t0)
+                sum_grad_S__new_k = torch.broadcast_to((k_seg[t:t2][..., None, :] @ grad_S__new_steps[t:t2])[..., 0, :], (t2 - t, B_, H_, V))  # used more than once
+                add_S_k_v = torch.broadcast_to(-(k_seg[t:t2][..., None, :] @ S_steps[t:t2])[..., 0, :] + v_seg[t:t2], (t2 - t, B_, H_, V))  # used more than once
+                grad_q[:, t0 + t:t0 + t2] = ((grad_o_seg[t:t2][..., None, :] @ S_steps[t + 1:t2 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
+                grad_k[:, t0 + t:t0 + t2] = (torch.addcmul(beta_seg[t:t2][..., None] * (add_S_k_v[..., None, :] @ grad_S__new_steps[t:t2].mT)[..., 0, :], -beta_seg[t:t2][..., None], (sum_grad_S__new_k[..., None, :] @ S_steps[t:t2].mT)[..., 0, :])).transpose(0, 1)
+                grad_v[:, t0 + t:t0 + t2] = (beta_seg[t:t2][..., None] * sum_grad_S__new_k).transpose(0, 1)
+                grad_beta[:, t0 + t:t0 + t2] = ((add_S_k_v * sum_grad_S__new_k).sum(dim=-1)).transpose(0, 1)
     return [grad_q, grad_k, grad_v, grad_beta], {'S': grad_S}
 
 
@@ -2441,7 +2646,7 @@ def delta_net__chunked(q, k, v, beta, states, K, V, chunk_size=64):
     return {'o': o}, {'S': final_S}
 
 
-# Triton forms: the recurrent kernel printed from the step, the chunked form around the Triton runtime.
+# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms around the Triton runtime.
 
 @triton.jit
 def delta_net__triton_recurrent_kernel(
@@ -2592,11 +2797,11 @@ def delta_net__triton_recurrent_adjoint_kernel(
     tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
 
 
-def delta_net__triton_recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, stepwise=False, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def delta_net__triton_recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """The backward of delta_net__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form delta_net__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    outputs [B, T, H, ...] and of the final states [B, H, ...].
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
     B_, T_, H_ = q.shape[:3]
     dev = q.device
@@ -2644,7 +2849,7 @@ def delta_net__chunked_triton(q, k, v, beta, states, K, V, chunk_size=64, **opti
 
 _delta_net_forms = {'recurrent': delta_net__recurrent, 'chunked': delta_net__chunked}
 _delta_net_out, _delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_delta_net_triton_forms = {'recurrent': with_adjoint(delta_net__triton_recurrent_loop, delta_net__triton_recurrent_adjoint, _delta_net_out, _delta_net_st, kernels=True), 'chunked': delta_net__chunked_triton} if HAVE_TRITON else None
+_delta_net_triton_forms = {'recurrent': with_adjoint(delta_net__triton_recurrent_loop, delta_net__triton_recurrent_adjoint, _delta_net_out, _delta_net_st, kernels=True), 'chunked': takes_cu_seqlens(delta_net__chunked_triton)} if HAVE_TRITON else None
 
 
 class _DeltaNetLayer(Layer):

@@ -768,6 +768,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 
@@ -1505,9 +1506,10 @@ def _stack_steps(steps, B_, H_, dims, like):
 
 
 # ====================================================================================================
-# Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
+# Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
+triton_Tensor = torch.Tensor
 
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
@@ -1579,6 +1581,147 @@ def _stack_steps(steps, B_, H_, dims, like):
 # of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+
+
+_triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
+_triton_SCAN_BN = 64  # state elements per program
+_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_WARPS = 4
+
+
+@triton.jit
+def _triton_scan_combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): the affine map s -> a2 (a1 s + b1) + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _triton_scan_last_row(x, BT: tl.constexpr):
+    """Row BT - 1 of x [BT, BN] as [BN] (a select, so a non-finite value in another row stays there)."""
+    return tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_first_row(x, BT: tl.constexpr):
+    return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN]
+        b_a = tl.load(a + off, mask=m, other=1.0).to(s.dtype.element_ty)
+        b_b = tl.load(b + off, mask=m, other=0.0).to(s.dtype.element_ty)
+        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _triton_scan_combine)  # the chunk from a zero start
+        b_s = b_A * b_h[None, :] + b_B
+        tl.store(s + off, b_s.to(s.dtype.element_ty), mask=m)
+        b_h = _triton_scan_last_row(b_s, BT)  # the state after the chunk (padded steps are the identity)
+
+
+@triton.jit
+def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N
+    b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
+    b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
+    NT = tl.cdiv(T, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]
+        # a_(t+1), the factor that carries g_(t+1) back to step t (1 past the end: nothing comes from there)
+        m_next = (o_t + 1 < T)[:, None] & m_n[None, :]
+        b_an = tl.load(a + off + N, mask=m_next, other=1.0).to(da.dtype.element_ty)
+        b_ds = tl.load(ds + off, mask=m, other=0.0).to(da.dtype.element_ty)
+        b_A, b_G = tl.associative_scan((b_an, b_ds), 0, _triton_scan_combine, reverse=True)
+        b_gt = b_A * b_g[None, :] + b_G  # [BT, BN] g_t
+        m_prev = (o_t >= 1)[:, None] & m
+        b_sp = tl.load(s + off - N, mask=m_prev, other=0.0).to(da.dtype.element_ty)  # s_(t-1)
+        b_sp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_sp)
+        tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
+        tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
+        b_g = _triton_scan_first_row(b_gt, BT)
+    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
+
+
+def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    BT = _triton_SCAN_BT if block_t is None else block_t
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
+    for name, value in (("block_t", BT), ("block_n", BN)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+
+
+class _triton_ScanFunction(torch.autograd.Function):
+    """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
+    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+
+    @staticmethod
+    def forward(ctx, a, b, h0, kernels, config):
+        BT, BN, warps = config
+        B, T, N = b.shape[:3]
+        s = torch.empty_like(b)
+        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.save_for_backward(a, s, h0)
+        ctx.kernels, ctx.config = kernels, config
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds):
+        a, s, h0 = ctx.saved_tensors
+        BT, BN, warps = ctx.config
+        B, T, N = s.shape[:3]
+        ds = ds.contiguous()
+        da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
+        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        return da, db, dh0, None, None
+
+
+def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
+    return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None) -> triton_Tensor:
+    """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
+
+    b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
+    [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
+    Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
+    initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
+    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    """
+    dt = _triton_scan_dtype(b)
+    config = _triton_scan_config(block_t, block_n, num_warps, 1)
+    if a.dim() != b.dim():
+        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    if T == 0:
+        return b.to(dt)
+    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    N = b[0, 0].numel()
+    s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
+                            config)
+    return s.view(b.shape)
 
 
 def _triton_block(n, given, what):
@@ -1760,7 +1903,7 @@ def mamba__scan_block(x, dt, B, C, A, Dskip, states, D, N):
 mamba__scan = in_blocks(mamba__scan_block, 4, ('y',), ('h',))
 
 
-# Triton forms: the recurrent kernel printed from the step, the chunked form around the Triton runtime.
+# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms around the Triton runtime.
 
 @triton.jit
 def mamba__triton_recurrent_kernel(
@@ -1957,13 +2100,25 @@ def mamba__triton_recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_out
     return [dx, ddt, dB.sum(0), dC.sum(0), dA.sum((0, 1)), dDskip.sum((0, 1))], {'h': dh0_h}
 
 
+def mamba__scan_triton(x, dt, B, C, A, Dskip, states, D, N, **options):
+    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+    B_, T_, H_ = x.shape[:3]
+    A = A[None, None]  # [1, 1, H, D, N]
+    Dskip = Dskip[None, None]  # [1, 1, H, D]
+    b_h = torch.broadcast_to(B[..., None, :] * dt[..., :, None] * x[..., :, None], (B_, T_, H_, D, N))  # mamba.rec:12
+    a_h = torch.exp(dt[..., :, None] * A)  # decay, broadcastable
+    all_h = triton_scan_diagonal(a_h, b_h, states['h'], **options)  # [B, T, H, D, N]
+    y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))  # mamba.rec:13
+    return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
+
+
 _mamba_forms = {'recurrent': mamba__recurrent, 'scan': mamba__scan}
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba_triton_forms = {'recurrent': with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)} if HAVE_TRITON else None
+_mamba_triton_forms = {'recurrent': with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True), 'scan': mamba__scan_triton} if HAVE_TRITON else None
 
 
 class _MambaLayer(Layer):
-    """mamba: elementwise recurrence; forms recurrent, scan; triton: recurrent."""
+    """mamba: elementwise recurrence; forms recurrent, scan; triton: recurrent, scan."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
                  form=None, backend=None, chunk_size=None, config=None, **inputs):

@@ -344,9 +344,16 @@ def triton_options(call, options: dict | None) -> dict:
     return options
 
 
-def pick_form(forms, length: int, chunk_size: int) -> str:
-    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has."""
-    if length <= 16 or len(forms) == 1:
+# Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
+# writes rows x length states where a chunk writes rows states (256 x 16 steps of mamba2 on CPU: 5.7x one sequence
+# of 4096 steps through the loop, 1.9x through chunks; benchmarks/bench_varlen.py).
+BATCHED_ROWS = 8
+
+
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
+    """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
+    packed sequences of that length run together (`_run_packed`)."""
+    if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
         return "parallel"
@@ -359,8 +366,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run one by one; with
-    `call.reverse` each sequence runs from its last step to its first.
+    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
+    with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
@@ -374,8 +381,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
                                       device=call.device) for s in spec.states}
 
-    def call_form(chosen: str, piece: dict, piece_states: dict, length: int):
-        extra = dict(options.get(chosen, {}))
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
@@ -383,8 +390,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         ordered = [piece[i.name] for i in spec.inputs]
         return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
 
-    def run(piece: dict, piece_states: dict, length: int):
-        chosen = pick_form(tuple(form_fns), length, chunk_size) if form == "auto" else form
+    def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
+        chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
         try:
             return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
@@ -403,30 +410,115 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                               length - step)
             return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
 
-    def run_directed(piece: dict, piece_states: dict, length: int):
+    def run_directed(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if not call.reverse:
-            return run(piece, piece_states, length)
+            return run(piece, piece_states, length, rows)
         # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
-        # (and its backward, through the flips) serves both directions. Under cu_seqlens each piece is one
-        # sequence, so each is flipped on its own.
-        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length)
+        # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
+        # one sequence (all of one length), so each is flipped on its own.
+        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length, rows)
         return {k: v.flip(1) for k, v in out.items()}, fin
 
     if call.cu_seqlens is None:
         outputs, finals = run_directed(inputs, states, call.length)
     else:
-        bounds = call.cu_seqlens.tolist()
-        out_pieces, final_pieces = [], []
-        for n in range(len(bounds) - 1):
-            lo, hi = bounds[n], bounds[n + 1]
-            piece = {k: v[:, lo:hi] for k, v in inputs.items()}
-            o, f = run_directed(piece, {k: v[n : n + 1] for k, v in states.items()}, hi - lo)
-            out_pieces.append(o)
-            final_pieces.append(f)
-        outputs = {o.name: torch.cat([p[o.name] for p in out_pieces], dim=1) for o in spec.outputs}
-        finals = {s.name: torch.cat([f[s.name] for f in final_pieces], dim=0) for s in spec.states}
+        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
+                                      call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
+    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
+    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
+    (an attribute, so a generated module without such a form keeps none of it)."""
+    fn.run_packed = _run_packed_form
+    return fn
+
+
+def _run_packed_form(form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
+    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
+    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
+    cu = call.cu_seqlens
+    flip = None
+    if call.reverse:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    try:
+        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
+    except UnsafeSteps:
+        return None
+    except DecayNotPositive:
+        if form != "auto":
+            raise
+        return None
+    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
+
+
+def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
+    int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
+    sqrt(2 T) + 1 distinct lengths, so this is also a bound on the number of groups."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    values, inverse = torch.unique(lengths, sorted=True, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=len(values)).tolist()
+    return list(zip(values.tolist(), torch.split(order, counts)))
+
+
+def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
+    """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
+
+    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
+    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
+    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
+    linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
+    batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
+    cu = call.cu_seqlens
+    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
+    if runner is not None and form in ("auto", "chunked") and call.length > 0:
+        done = runner(form, call, inputs, states, call_form)
+        if done is not None:
+            return done
+    groups = length_groups(cu)
+    starts = cu[:-1]
+    out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
+    final_parts: dict[str, list] = {s.name: [] for s in spec.states}
+    positions, order = [], []
+    for length, ids in groups:
+        order.append(ids)
+        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one
+            for name in final_parts:
+                final_parts[name].append(rows[name])
+            continue
+        index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
+        positions.append(index)
+        index = index.to(call.device)
+        piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, rows, length, len(ids))
+        for name in out_parts:
+            out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
+        for name in final_parts:
+            final_parts[name].append(fin[name])
+    # Back to packed order: the groups' steps (and sequences) concatenated are a permutation of the packed ones.
+    undo = torch.argsort(torch.cat(positions)).to(call.device) if positions else None
+    unsort = torch.argsort(torch.cat(order)).to(call.device)
+    outputs = {}
+    for o in spec.outputs:
+        if undo is None:
+            outputs[o.name] = inputs[spec.inputs[0].name].new_zeros((1, 0, call.heads) + call.dims(o))
+        else:
+            outputs[o.name] = torch.cat(out_parts[o.name]).index_select(0, undo)[None]
+    finals = {name: torch.cat(parts).index_select(0, unsort) for name, parts in final_parts.items()}
+    return outputs, finals
 
 
 def _flatten(args) -> tuple[list, list]:
@@ -464,22 +556,26 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 
 
-# Where the derived backward computes the inputs' and params' gradients: "1" at each step of its reverse loop, "0"
-# for a whole segment at once after it; unset: at each step for CPU states of >= STEPWISE_ELEMENTS numbers (all
-# rows and heads together), whose per-step tensors stay in cache where a whole segment's would not; for a whole
-# segment otherwise (small states, where per-step calls cost more than the arithmetic, and GPUs, where each call
-# is a kernel launch).
-ADJOINT_STEPWISE = "RECURRENCE_DSL_ADJOINT_STEPWISE"
-STEPWISE_ELEMENTS = 8192
+# How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
+# segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
+# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
+# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
+# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
+# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
+BLOCK_BYTES = 4 << 20
 
 
-def adjoint_stepwise(states) -> bool:
-    forced = os.environ.get(ADJOINT_STEPWISE, "")
-    if forced in ("0", "1"):
-        return forced == "1"
+def adjoint_block(states, every: int) -> int:
+    """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
+    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
     states = list(states)
-    return (all(s.device.type == "cpu" for s in states)
-            and sum(s.numel() for s in states) >= STEPWISE_ELEMENTS)
+    if not all(s.device.type == "cpu" for s in states):
+        return every
+    step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
+    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
 def checkpoint_every(length: int) -> int:
@@ -494,13 +590,13 @@ class _AdjointBackward(torch.autograd.Function):
     loop by codegen/torch_forms.py), which recomputes each segment's states from its checkpoint."""
 
     @staticmethod
-    def forward(ctx, loop, adjoint, layout, names, every, *tensors):
+    def forward(ctx, loop, adjoint, layout, names, every, kernels, *tensors):
         args = _unflatten(layout, tensors)
         outputs, finals, checkpoints = loop(*args, every=every)
         results = [outputs[n] for n in names[0]] + [finals[n] for n in names[1]]
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
-        ctx.adjoint, ctx.layout, ctx.names, ctx.every = adjoint, layout, names, every
+        ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         ctx.count = (len(tensors), len(checkpoints))
         ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
@@ -521,8 +617,10 @@ class _AdjointBackward(torch.autograd.Function):
         grad_states = dict(zip(state_names, grads[len(out_names):]))
         args = _unflatten(ctx.layout, tensors)
         at = next(n for n, (kind, _) in enumerate(ctx.layout) if kind == "dict")  # the states
+        # (A Triton adjoint is one kernel: it has no blocks to choose.)
+        extra = {} if ctx.kernels else {"block": adjoint_block(grad_states.values(), ctx.every)}
         positional, state_grads = ctx.adjoint(*args[:at], checkpoints, grad_outputs, grad_states, *args[at + 1:],
-                                              every=ctx.every, stepwise=adjoint_stepwise(grad_states.values()))
+                                              every=ctx.every, **extra)
         positional = iter(positional)
         flat_grads = []
         for kind, info in ctx.layout:
@@ -530,8 +628,8 @@ class _AdjointBackward(torch.autograd.Function):
                 flat_grads.append(next(positional))
             elif kind == "dict":
                 flat_grads.extend(state_grads[k] for k in info)
-        needed = ctx.needs_input_grad[5:]
-        return (None,) * 5 + tuple(g if need else None for g, need in zip(flat_grads, needed))
+        needed = ctx.needs_input_grad[6:]
+        return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
 def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
@@ -550,11 +648,135 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      *tensors)
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
     return run
+
+
+# Steps per block of the scan form (`in_blocks`); unset or 0: a power of two in [16, 1024] that keeps one block's
+# states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
+SCAN_BLOCK = "RECURRENCE_DSL_SCAN_BLOCK"
+SCAN_BLOCK_ELEMENTS = 1 << 17
+
+
+def scan_block_steps(states) -> int:
+    """Steps per block for states (tensors [B, H, ...]) of this size: fixed for a shape, independent of T."""
+    forced = int(os.environ.get(SCAN_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
+    per_step = max(1, sum(s.numel() for s in states))
+    return 1 << max(4, min(10, (SCAN_BLOCK_ELEMENTS // per_step).bit_length() - 1))
+
+
+def in_blocks(block, n_inputs, output_names, state_names):
+    """The scan form from `block`, the scan of one stretch of steps (same signature as a form function; it
+    returns its outputs [B, L, H, ...] and the states after its last step).
+
+    Sequences longer than `scan_block_steps` run block by block, the states carried from one block to the next.
+    The scan of a whole sequence would keep every doubling level of the [B, T, H, *S] states for its backward;
+    here memory and time per step do not depend on T. Under autograd (`_BlockBackward`) the forward keeps the
+    inputs and the state entering each block; the backward walks the blocks from the last, re-runs each under
+    autograd from its entering state and writes its inputs' gradients into full-length buffers (one slice per
+    block, never a full-size zero gradient per block). Under torch.compile the whole sequence is one block: the
+    compiled graph then does not depend on the number of blocks, so lengths do not recompile."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        at = next(n for n, a in enumerate(args) if isinstance(a, dict))  # the states
+        steps = scan_block_steps(args[at].values())
+        if args[0].shape[1] <= steps or torch.compiler.is_compiling():
+            return block(*args)
+        layout, tensors = _flatten(args)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            outputs, finals, _ = _run_blocks(block, args, n_inputs, at, steps)
+            return outputs, finals
+        flat = _BlockBackward.apply(block, layout, names, n_inputs, steps, *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
+def _run_blocks(block, args, n_inputs, at, steps):
+    """(outputs, final states, the states entering each block) of `block` run over blocks of `steps` steps."""
+    pieces = [x.split(steps, dim=1) for x in args[:n_inputs]]
+    states, entering, outputs = args[at], [], []
+    for n in range(len(pieces[0])):
+        entering.append(states)
+        out, finals = block(*[p[n] for p in pieces], *args[n_inputs:at], states, *args[at + 1:])
+        outputs.append(out)
+        # A copy: the final state is a view of the block's [B, L, H, *S] states, which it would keep alive.
+        states = {k: v.clone() for k, v in finals.items()}
+    return {k: torch.cat([o[k] for o in outputs], dim=1) for k in outputs[0]}, states, entering
+
+
+class _BlockBackward(torch.autograd.Function):
+    """The scan form run block by block (`in_blocks`) under autograd: forward without a graph, keeping the inputs
+    and the state entering each block; backward one block at a time from the last, re-running the block under
+    autograd and carrying the states' gradient to the block before."""
+
+    @staticmethod
+    def forward(ctx, block, layout, names, n_inputs, steps, *tensors):
+        args = _unflatten(layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(layout) if kind == "dict")
+        with torch.no_grad():
+            outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
+        ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        ctx.count = (len(tensors), len(entering))
+        ctx.save_for_backward(*tensors, *[e[n] for e in entering for n in names[1]])
+        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per, n_in, at = len(state_names), ctx.n_inputs, ctx.at
+        entering = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        args = _unflatten(ctx.layout, tensors)
+        inputs, params, sizes = args[:n_in], args[n_in:at], args[at + 1:]
+        need = ctx.needs_input_grad[5:]
+        need_inputs, need_params = need[:n_in], need[n_in:at]
+        pieces = [x.split(ctx.steps, dim=1) for x in inputs]
+        grad_pieces = [g.split(ctx.steps, dim=1) if g is not None else None for g in grads[: len(out_names)]]
+        # The inputs' gradients: full-length buffers, each block writes its own slice.
+        buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
+                   for x, want in zip(inputs, need_inputs)]
+        buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        param_grads = [None] * len(params)
+        carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
+        for n in reversed(range(len(entering))):
+            with torch.enable_grad():
+                block_inputs = [p[n].detach().requires_grad_(want) for p, want in zip(pieces, need_inputs)]
+                block_params = [p.detach().requires_grad_(want) for p, want in zip(params, need_params)]
+                block_states = {k: v.detach().requires_grad_() for k, v in entering[n].items()}
+                outputs, finals = ctx.block(*block_inputs, *block_params, block_states, *sizes)
+            pairs = [(outputs[name], g[n]) for name, g in zip(out_names, grad_pieces) if g is not None]
+            pairs += [(finals[name], carried[name]) for name in state_names if carried[name] is not None]
+            pairs = [(r, g) for r, g in pairs if r.requires_grad]
+            wanted = [t for t in block_inputs + block_params + list(block_states.values()) if t.requires_grad]
+            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs else [None] * len(wanted))
+            got = iter(got)
+            for i, t in enumerate(block_inputs):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is None:
+                        buffer_pieces[i][n].zero_()
+                    else:
+                        buffer_pieces[i][n].copy_(g)
+            for i, t in enumerate(block_params):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            carried = {name: next(got) for name in state_names}
+        need_states = need[at:]
+        state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
 # ====================================================================================================
@@ -570,6 +792,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 
@@ -1554,7 +1777,7 @@ def _check_steps(values, log_decays):
 
 
 # ====================================================================================================
-# Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
+# Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
 triton_Tensor = torch.Tensor
@@ -1689,16 +1912,27 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
+    VARLEN (packed sequences, `_triton_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
+    boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # h is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -1708,8 +1942,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, T, H: tl.constexpr, K: tl.co
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_n in range(0, NT):
-        tl.store(h + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
+    for i_n in range(c0, c1):
+        tl.store(h + (i_row.to(tl.int64) * NT + i_n) * (K * V) + o_kv, b_h, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
         m_t = t0 + o_i < T
@@ -1888,6 +2122,59 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _triton_Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
+    `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
+    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: triton_Tensor | None) -> triton_Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: triton_Tensor) -> triton_Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -1920,17 +2207,20 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None)."""
+                  num_stages, packed=None):
+    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
+    `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V]."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
+    rows = B if packed is None else packed.N  # the states' batch
     h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
-    ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h, T, H, K, V,
-        NT, BT, BK, BV, decay, h0 is not None, ht is not None, prec, num_warps=_triton_or(num_warps, _WARPS),
+    _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+        k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, BK, BV, decay, h0 is not None,
+        ht is not None, prec, packed is not None, num_warps=_triton_or(num_warps, _WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
@@ -1993,26 +2283,43 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                      allow_tf32=None):
+                      allow_tf32=None, cu_seqlens=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
     Differentiable: with grad enabled and an input that requires grad it runs as _triton_ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
-    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it."""
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it.
+
+    cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
+    packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
+    is [N, H, K, V]. The kernel launches are the same for any N (`_triton_Packed`)."""
+    if cu_seqlens is not None:
+        packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+        if initial_state is None:
+            initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
+        k, v, log_decay = packed.pad(k), packed.pad(v), packed.pad(log_decay)
+        queries = [(packed.pad(q), e) for q, e in queries]
+    else:
+        packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
+    if packed is not None:
+        BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if k.shape[1] == 0:
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, k, v, log_decay, initial_state,
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state,
                                             *[q for q, _ in queries])
-        return list(flat[:-1]), (flat[-1] if output_final_state else None)
-    outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
-                                  output_final_state, cfg)
-    return outs, ht
+        outs, ht = list(flat[:-1]), flat[-1]
+    else:
+        outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
+                                      initial_state, output_final_state, cfg, packed)
+    if packed is not None:
+        outs = [packed.unpad(o) for o in outs]
+    return outs, (ht if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2040,17 +2347,27 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
 
 @triton.jit
-def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NT,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
-                         STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                         STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
-    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total."""
+    Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
+    VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    bt0 = i_b.to(tl.int64) * T
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h  # dh is [1, H, NT, K, V]
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -2060,9 +2377,9 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, T, H: tl.constexpr, K: 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_r in range(0, NT):
-        i_n = NT - 1 - i_r
-        p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V) + o_kv
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_dh = dh + (i_row.to(tl.int64) * NT + i_n) * (K * V) + o_kv
         if ACC:
             tl.store(p_dh, tl.load(p_dh, mask=m_kv, other=0.0) + b_dh, mask=m_kv)
         else:
@@ -2227,13 +2544,13 @@ def _triton_dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.conste
     tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
 
 
-def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg):
+def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages)."""
+    num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages)
+                          num_stages, packed)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
     return outs, ht, h
 
@@ -2243,14 +2560,14 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, k, v, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg)
+                                      cfg, packed)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
-        ctx.decay_cls, ctx.exclusive, ctx.cfg = decay_cls, exclusive, cfg
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed = decay_cls, exclusive, cfg, packed
         return (*outs, ht)
 
     @staticmethod
@@ -2260,18 +2577,20 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
         dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
-                                                  initial_state, h, ht, outs, grads[:nq], grads[nq])
+                                                  initial_state, h, ht, outs, grads[:nq], grads[nq], ctx.packed)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, cast(dk, k, 3), cast(dv, v, 4), cast(dlog, log_decay, 5),
-                cast(dh0, initial_state, 6), *(cast(dq, q, 7 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, cast(dk, k, 4), cast(dv, v, 5), cast(dlog, log_decay, 6),
+                cast(dh0, initial_state, 7), *(cast(dq, q, 8 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht):
-    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above."""
+def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
+                     packed=None):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
+    `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -2290,12 +2609,14 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
 
     # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
+    rows = B if packed is None else packed.N  # the states' batch
     dh = torch.empty((B, H, NT, K, V), dtype=f32, device=dev)
-    dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
+    dh0 = torch.empty((rows, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
-        _triton_chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh, T, H, K, V, NT, BT, BK,
-            BV, value, excl, i == 0 and dht is not None, i > 0, dh0 is not None, prec, num_warps=warps,
+        _triton_chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
+            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, value, excl,
+            i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
             num_stages=stages)
     hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
 
@@ -2329,8 +2650,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
             num_stages=stages)
         M, x, z, dm, out, D, DZ, BD, BZ = plain
         _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, num_warps=warps,
-            num_stages=stages)
+            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+            num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
         dqs.append(dq)
 
     dlog = None
@@ -2345,7 +2666,10 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
                 b += term
             else:
                 a += term
-        h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        if packed is None:
+            h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
+        else:
+            h_end = packed.chunk_ends(h, ht)
         hdh = (h_end * dh).sum(dim=-2 if value else -1).contiguous()  # [B, H, NT, D]
         dlog = torch.empty((B, T, H, D), dtype=f32, device=dev)
         BD = min(32, _triton_pow2_at_least_16(D))
@@ -2359,6 +2683,153 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 # ----------------------------------------------------------------------------------------------------------
 # the delta rule's backward (see the module docstring for the derivation)
 # ----------------------------------------------------------------------------------------------------------
+
+# _triton_delta_bwd_dqk_kernel keeps four accumulators ([BT, BT] dP, three [BT, BK]) across its V loop: 8 warps, K blocks
+# of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
+# _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
+# 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+_triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+
+
+_triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
+_triton_SCAN_BN = 64  # state elements per program
+_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_WARPS = 4
+
+
+@triton.jit
+def _triton_scan_combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): the affine map s -> a2 (a1 s + b1) + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _triton_scan_last_row(x, BT: tl.constexpr):
+    """Row BT - 1 of x [BT, BN] as [BN] (a select, so a non-finite value in another row stays there)."""
+    return tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_first_row(x, BT: tl.constexpr):
+    return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN]
+        b_a = tl.load(a + off, mask=m, other=1.0).to(s.dtype.element_ty)
+        b_b = tl.load(b + off, mask=m, other=0.0).to(s.dtype.element_ty)
+        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _triton_scan_combine)  # the chunk from a zero start
+        b_s = b_A * b_h[None, :] + b_B
+        tl.store(s + off, b_s.to(s.dtype.element_ty), mask=m)
+        b_h = _triton_scan_last_row(b_s, BT)  # the state after the chunk (padded steps are the identity)
+
+
+@triton.jit
+def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N
+    b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
+    b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
+    NT = tl.cdiv(T, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]
+        # a_(t+1), the factor that carries g_(t+1) back to step t (1 past the end: nothing comes from there)
+        m_next = (o_t + 1 < T)[:, None] & m_n[None, :]
+        b_an = tl.load(a + off + N, mask=m_next, other=1.0).to(da.dtype.element_ty)
+        b_ds = tl.load(ds + off, mask=m, other=0.0).to(da.dtype.element_ty)
+        b_A, b_G = tl.associative_scan((b_an, b_ds), 0, _triton_scan_combine, reverse=True)
+        b_gt = b_A * b_g[None, :] + b_G  # [BT, BN] g_t
+        m_prev = (o_t >= 1)[:, None] & m
+        b_sp = tl.load(s + off - N, mask=m_prev, other=0.0).to(da.dtype.element_ty)  # s_(t-1)
+        b_sp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_sp)
+        tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
+        tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
+        b_g = _triton_scan_first_row(b_gt, BT)
+    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
+
+
+def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    BT = _triton_SCAN_BT if block_t is None else block_t
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
+    for name, value in (("block_t", BT), ("block_n", BN)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+
+
+class _triton_ScanFunction(torch.autograd.Function):
+    """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
+    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+
+    @staticmethod
+    def forward(ctx, a, b, h0, kernels, config):
+        BT, BN, warps = config
+        B, T, N = b.shape[:3]
+        s = torch.empty_like(b)
+        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.save_for_backward(a, s, h0)
+        ctx.kernels, ctx.config = kernels, config
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds):
+        a, s, h0 = ctx.saved_tensors
+        BT, BN, warps = ctx.config
+        B, T, N = s.shape[:3]
+        ds = ds.contiguous()
+        da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
+        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        return da, db, dh0, None, None
+
+
+def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
+    return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None) -> triton_Tensor:
+    """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
+
+    b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
+    [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
+    Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
+    initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
+    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    """
+    dt = _triton_scan_dtype(b)
+    config = _triton_scan_config(block_t, block_n, num_warps, 1)
+    if a.dim() != b.dim():
+        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    if T == 0:
+        return b.to(dt)
+    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    N = b[0, 0].numel()
+    s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
+                            config)
+    return s.view(b.shape)
 
 
 def _triton_tile(n, given, what):
@@ -2377,6 +2848,23 @@ def _triton_warps(elements):
     while warps < 16 and elements > 96 * 32 * warps:
         warps *= 2
     return warps
+
+
+def _triton_adjoint_warps(elements):
+    """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
+    elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
+    warps = _triton_warps(elements)
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+
+
+def _triton_cuda_arch():
+    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
+    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -2427,73 +2915,71 @@ def min_gru__recurrent_loop(z, hc, states, D, every=0):
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), z)}, {'h': h}, checkpoints
 
 
-def min_gru__recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D, every=64, stepwise=False):
+def min_gru__recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D, every=64, block=64):
     """The backward of min_gru__recurrent_loop, derived from the step (recurrence_dsl/adjoint.py): the states' gradients
     run backwards in time from grad_states, each segment of `every` steps recomputed from its checkpoint; the inputs'
-    and params' gradients at each step of that loop (stepwise) or after it for all the segment's steps at once.
+    and params' gradients for `block` steps at once, on slices of the segment's buffers.
     Returns ([gradient of each input and param], {state: gradient of its initial value})."""
     B_, T_, H_ = z.shape[:3]
     grad_z = z.new_zeros(z.shape)
     grad_hc = hc.new_zeros(hc.shape)
     grad_y = grad_outputs['y']
     grad_h = grad_states['h']  # d loss / d h after the step, from the steps after it
+    # Buffers over a segment, time-major: the states before and after each step, the total gradient of each
+    # state after each step (the block gradients read slices of them).
+    h_steps = grad_h.new_empty((min(every, T_) + 1, B_, H_, D))
+    h_at = h_steps.unbind(0)
+    grad_h__new_steps = grad_h.new_empty((min(every, T_), B_, H_, D))
+    grad_h__new_at = grad_h__new_steps.unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
+        z_seg = z[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
+        hc_seg = hc[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
+        grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
         # Hoisted: state-free subexpressions at the segment's steps.
-        exp_z = torch.exp(F.logsigmoid(-z[:, t0:t1]))  # [B, t1 - t0, H, D]
-        sigmoid_z = torch.sigmoid(z[:, t0:t1])  # [B, t1 - t0, H, D]
-        add_z = 1.0 - torch.sigmoid(z[:, t0:t1])  # [B, t1 - t0, H, D]
-        hc_steps = hc[:, t0:t1].unbind(1)
-        grad_y_steps = grad_y[:, t0:t1].unbind(1)
-        exp_z_steps = exp_z.unbind(1)
-        sigmoid_z_steps = sigmoid_z.unbind(1)
-        add_z_steps = add_z.unbind(1)
+        exp_z = torch.exp(F.logsigmoid(-z_seg))  # [t1 - t0, B, H, D]
+        sigmoid_z = torch.sigmoid(z_seg)  # [t1 - t0, B, H, D]
+        add_z = 1.0 - torch.sigmoid(z_seg)  # [t1 - t0, B, H, D]
+        hc_steps = hc_seg.unbind(0)
+        grad_y_steps = grad_y_seg.unbind(0)
+        exp_z_steps = exp_z.unbind(0)
+        sigmoid_z_steps = sigmoid_z.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        h = checkpoints[t0 // every]['h']
-        h_steps = [h]
-        for t in range(t0, t1):
-            hc_t = hc_steps[t - t0]
-            exp_z_t = exp_z_steps[t - t0]
-            sigmoid_z_t = sigmoid_z_steps[t - t0]
-            h__new = torch.addcmul(exp_z_t * h, hc_t, sigmoid_z_t)  # min_gru.rec:14
-            h = h__new
-            h_steps.append(h)
-        # The adjoint step, backwards in time: the gradient of the state before the step from the one after.
-        grad_h__new_steps = [None] * (t1 - t0)
-        for t in reversed(range(t0, t1)):
-            grad_y_t = grad_y_steps[t - t0]
-            exp_z_t = exp_z_steps[t - t0]
-            grad_h__new = grad_h + grad_y_t  # d loss / d h after step t
-            if stepwise:  # each input's and param's gradient at this step
-                hc_t = hc_steps[t - t0]
-                sigmoid_z_t = sigmoid_z_steps[t - t0]
-                add_z_t = add_z_steps[t - t0]
-                h = h_steps[t - t0]
-                grad_z[:, t] = torch.addcmul(sigmoid_z_t * add_z_t * grad_h__new * hc_t, -(sigmoid_z_t * h * grad_h__new), exp_z_t)
-                grad_hc[:, t] = sigmoid_z_t * grad_h__new
-                grad_h = exp_z_t * grad_h__new  # d loss / d h before step t
-            else:  # kept for after the loop
-                grad_h__new_steps[t - t0] = grad_h__new
-                grad_h = exp_z_t * grad_h__new  # d loss / d h before step t
-        if not stepwise:  # each input's and param's gradient at the segment's steps, all at once
-            h_steps = torch.stack(h_steps, dim=1)  # [B, t1 - t0 + 1, H, D]
-            grad_h__new_steps = torch.stack(grad_h__new_steps, dim=1)
-            grad_z[:, t0:t1] = torch.addcmul(sigmoid_z * add_z * grad_h__new_steps * hc[:, t0:t1], -(sigmoid_z * h_steps[:, :-1] * grad_h__new_steps), exp_z)
-            grad_hc[:, t0:t1] = sigmoid_z * grad_h__new_steps
+        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        for t in range(t1 - t0):
+            hc_t = hc_steps[t]
+            exp_z_t = exp_z_steps[t]
+            sigmoid_z_t = sigmoid_z_steps[t]
+            torch.addcmul(exp_z_t * h_at[t], hc_t, sigmoid_z_t, out=h_at[t + 1])  # min_gru.rec:14
+        # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
+        # the gradients of the inputs and params at a block of steps once the loop has passed them.
+        for t in reversed(range(t1 - t0)):
+            grad_y_t = grad_y_steps[t]
+            exp_z_t = exp_z_steps[t]
+            grad_h__new_at[t].copy_(grad_h + grad_y_t)  # d loss / d h after step t
+            grad_h = exp_z_t * grad_h__new_at[t]  # d loss / d h before step t
+            if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once
+                t2 = min(t + block, t1 - t0)
+                grad_z[:, t0 + t:t0 + t2] = (torch.addcmul(sigmoid_z[t:t2] * add_z[t:t2] * grad_h__new_steps[t:t2] * hc_seg[t:t2], -(sigmoid_z[t:t2] * h_steps[t:t2] * grad_h__new_steps[t:t2]), exp_z[t:t2])).transpose(0, 1)
+                grad_hc[:, t0 + t:t0 + t2] = (sigmoid_z[t:t2] * grad_h__new_steps[t:t2]).transpose(0, 1)
     return [grad_z, grad_hc], {'h': grad_h}
 
 
 min_gru__recurrent = with_adjoint(min_gru__recurrent_loop, min_gru__recurrent_adjoint, ('y',), ('h',))
 
 
-def min_gru__scan(z, hc, states, D):
-    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+def min_gru__scan_block(z, hc, states, D):
+    """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = z.shape[:3]
     b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
     a_h = torch.exp(F.logsigmoid(-z))  # decay, broadcastable
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D]
     y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:15
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
+
+
+# The scan form: blocks of steps, the states carried from one to the next (dispatch's `in_blocks`).
+min_gru__scan = in_blocks(min_gru__scan_block, 2, ('y',), ('h',))
 
 
 def min_gru__chunked(z, hc, states, D, chunk_size=64):
@@ -2512,7 +2998,7 @@ def min_gru__chunked(z, hc, states, D, chunk_size=64):
     return {'y': y}, {'h': final_h}
 
 
-# Triton forms: the recurrent kernel printed from the step, the chunked form around the Triton runtime.
+# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms around the Triton runtime.
 
 @triton.jit
 def min_gru__triton_recurrent_kernel(
@@ -2633,11 +3119,11 @@ def min_gru__triton_recurrent_adjoint_kernel(
     tl.store(dh0_h + (i_b.to(tl.int64) * H_ + i_h) * D + offs_D, b_dh, mask=mask_D)
 
 
-def min_gru__triton_recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D, *, every=64, stepwise=False, block_D=None, num_warps=None, num_stages=1):
+def min_gru__triton_recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D, *, every=64, block_D=None, num_warps=None, num_stages=1):
     """The backward of min_gru__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form min_gru__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...]; stepwise: the torch form's choice, unused here.
+    outputs [B, T, H, ...] and of the final states [B, H, ...].
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
     B_, T_, H_ = z.shape[:3]
     dev = z.device
@@ -2655,12 +3141,22 @@ def min_gru__triton_recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_sta
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_warps(4 * BLOCK_D)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_D)
     if B_ * H_ > 0:
         min_gru__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             z, hc, ck_h, dht_h, dy, dz, dhc, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
         )
     return [dz, dhc], {'h': dh0_h}
+
+
+def min_gru__scan_triton(z, hc, states, D, **options):
+    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+    B_, T_, H_ = z.shape[:3]
+    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
+    a_h = torch.exp(F.logsigmoid(-z))  # decay, broadcastable
+    all_h = triton_scan_diagonal(a_h, b_h, states['h'], **options)  # [B, T, H, D]
+    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:15
+    return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
 def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
@@ -2681,11 +3177,11 @@ def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
 
 _min_gru_forms = {'recurrent': min_gru__recurrent, 'scan': min_gru__scan, 'chunked': min_gru__chunked, 'parallel': min_gru__chunked}
 _min_gru_out, _min_gru_st = ('y',), ('h',)  # output and state names, for the backward
-_min_gru_triton_forms = {'recurrent': with_adjoint(min_gru__triton_recurrent_loop, min_gru__triton_recurrent_adjoint, _min_gru_out, _min_gru_st, kernels=True), 'chunked': min_gru__chunked_triton} if HAVE_TRITON else None
+_min_gru_triton_forms = {'recurrent': with_adjoint(min_gru__triton_recurrent_loop, min_gru__triton_recurrent_adjoint, _min_gru_out, _min_gru_st, kernels=True), 'scan': min_gru__scan_triton, 'chunked': takes_cu_seqlens(min_gru__chunked_triton)} if HAVE_TRITON else None
 
 
 class _MinGruLayer(Layer):
-    """min_gru: diagonal-row recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, chunked."""
+    """min_gru: diagonal-row recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, scan, chunked."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
                  form=None, backend=None, chunk_size=None, config=None, **inputs):

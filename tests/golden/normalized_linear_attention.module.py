@@ -658,6 +658,130 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     return run
 
 
+# Steps per block of the scan form (`in_blocks`); unset or 0: a power of two in [16, 1024] that keeps one block's
+# states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
+SCAN_BLOCK = "RECURRENCE_DSL_SCAN_BLOCK"
+SCAN_BLOCK_ELEMENTS = 1 << 17
+
+
+def scan_block_steps(states) -> int:
+    """Steps per block for states (tensors [B, H, ...]) of this size: fixed for a shape, independent of T."""
+    forced = int(os.environ.get(SCAN_BLOCK, "0") or 0)
+    if forced > 0:
+        return forced
+    per_step = max(1, sum(s.numel() for s in states))
+    return 1 << max(4, min(10, (SCAN_BLOCK_ELEMENTS // per_step).bit_length() - 1))
+
+
+def in_blocks(block, n_inputs, output_names, state_names):
+    """The scan form from `block`, the scan of one stretch of steps (same signature as a form function; it
+    returns its outputs [B, L, H, ...] and the states after its last step).
+
+    Sequences longer than `scan_block_steps` run block by block, the states carried from one block to the next.
+    The scan of a whole sequence would keep every doubling level of the [B, T, H, *S] states for its backward;
+    here memory and time per step do not depend on T. Under autograd (`_BlockBackward`) the forward keeps the
+    inputs and the state entering each block; the backward walks the blocks from the last, re-runs each under
+    autograd from its entering state and writes its inputs' gradients into full-length buffers (one slice per
+    block, never a full-size zero gradient per block). Under torch.compile the whole sequence is one block: the
+    compiled graph then does not depend on the number of blocks, so lengths do not recompile."""
+    names = (tuple(output_names), tuple(state_names))
+
+    def run(*args):
+        at = next(n for n, a in enumerate(args) if isinstance(a, dict))  # the states
+        steps = scan_block_steps(args[at].values())
+        if args[0].shape[1] <= steps or torch.compiler.is_compiling():
+            return block(*args)
+        layout, tensors = _flatten(args)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            outputs, finals, _ = _run_blocks(block, args, n_inputs, at, steps)
+            return outputs, finals
+        flat = _BlockBackward.apply(block, layout, names, n_inputs, steps, *tensors)
+        n = len(names[0])
+        return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
+
+    return run
+
+
+def _run_blocks(block, args, n_inputs, at, steps):
+    """(outputs, final states, the states entering each block) of `block` run over blocks of `steps` steps."""
+    pieces = [x.split(steps, dim=1) for x in args[:n_inputs]]
+    states, entering, outputs = args[at], [], []
+    for n in range(len(pieces[0])):
+        entering.append(states)
+        out, finals = block(*[p[n] for p in pieces], *args[n_inputs:at], states, *args[at + 1:])
+        outputs.append(out)
+        # A copy: the final state is a view of the block's [B, L, H, *S] states, which it would keep alive.
+        states = {k: v.clone() for k, v in finals.items()}
+    return {k: torch.cat([o[k] for o in outputs], dim=1) for k in outputs[0]}, states, entering
+
+
+class _BlockBackward(torch.autograd.Function):
+    """The scan form run block by block (`in_blocks`) under autograd: forward without a graph, keeping the inputs
+    and the state entering each block; backward one block at a time from the last, re-running the block under
+    autograd and carrying the states' gradient to the block before."""
+
+    @staticmethod
+    def forward(ctx, block, layout, names, n_inputs, steps, *tensors):
+        args = _unflatten(layout, tensors)
+        at = next(n for n, (kind, _) in enumerate(layout) if kind == "dict")
+        with torch.no_grad():
+            outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
+        ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        ctx.count = (len(tensors), len(entering))
+        ctx.save_for_backward(*tensors, *[e[n] for e in entering for n in names[1]])
+        return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+        out_names, state_names = ctx.names
+        per, n_in, at = len(state_names), ctx.n_inputs, ctx.at
+        entering = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        args = _unflatten(ctx.layout, tensors)
+        inputs, params, sizes = args[:n_in], args[n_in:at], args[at + 1:]
+        need = ctx.needs_input_grad[5:]
+        need_inputs, need_params = need[:n_in], need[n_in:at]
+        pieces = [x.split(ctx.steps, dim=1) for x in inputs]
+        grad_pieces = [g.split(ctx.steps, dim=1) if g is not None else None for g in grads[: len(out_names)]]
+        # The inputs' gradients: full-length buffers, each block writes its own slice.
+        buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
+                   for x, want in zip(inputs, need_inputs)]
+        buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        param_grads = [None] * len(params)
+        carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
+        for n in reversed(range(len(entering))):
+            with torch.enable_grad():
+                block_inputs = [p[n].detach().requires_grad_(want) for p, want in zip(pieces, need_inputs)]
+                block_params = [p.detach().requires_grad_(want) for p, want in zip(params, need_params)]
+                block_states = {k: v.detach().requires_grad_() for k, v in entering[n].items()}
+                outputs, finals = ctx.block(*block_inputs, *block_params, block_states, *sizes)
+            pairs = [(outputs[name], g[n]) for name, g in zip(out_names, grad_pieces) if g is not None]
+            pairs += [(finals[name], carried[name]) for name in state_names if carried[name] is not None]
+            pairs = [(r, g) for r, g in pairs if r.requires_grad]
+            wanted = [t for t in block_inputs + block_params + list(block_states.values()) if t.requires_grad]
+            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs else [None] * len(wanted))
+            got = iter(got)
+            for i, t in enumerate(block_inputs):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is None:
+                        buffer_pieces[i][n].zero_()
+                    else:
+                        buffer_pieces[i][n].copy_(g)
+            for i, t in enumerate(block_params):
+                if t.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            carried = {name: next(got) for name in state_names}
+        need_states = need[at:]
+        state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -671,6 +795,7 @@ CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
+    ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
 
 
@@ -1549,7 +1674,7 @@ def _check_steps(values, log_decays):
 
 
 # ====================================================================================================
-# Triton runtime of the chunked forms (codegen/triton_runtime.py) and the helpers of the recurrent kernels; names prefixed with triton_
+# Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
 triton_Tensor = torch.Tensor
@@ -2463,6 +2588,147 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
 
 
+_triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
+_triton_SCAN_BN = 64  # state elements per program
+_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_WARPS = 4
+
+
+@triton.jit
+def _triton_scan_combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): the affine map s -> a2 (a1 s + b1) + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _triton_scan_last_row(x, BT: tl.constexpr):
+    """Row BT - 1 of x [BT, BN] as [BN] (a select, so a non-finite value in another row stays there)."""
+    return tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_first_row(x, BT: tl.constexpr):
+    return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN]
+        b_a = tl.load(a + off, mask=m, other=1.0).to(s.dtype.element_ty)
+        b_b = tl.load(b + off, mask=m, other=0.0).to(s.dtype.element_ty)
+        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _triton_scan_combine)  # the chunk from a zero start
+        b_s = b_A * b_h[None, :] + b_B
+        tl.store(s + off, b_s.to(s.dtype.element_ty), mask=m)
+        b_h = _triton_scan_last_row(b_s, BT)  # the state after the chunk (padded steps are the identity)
+
+
+@triton.jit
+def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    base = i_b.to(tl.int64) * T * N
+    b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
+    b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
+    NT = tl.cdiv(T, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        o_t = i_t * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_n[None, :]
+        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]
+        # a_(t+1), the factor that carries g_(t+1) back to step t (1 past the end: nothing comes from there)
+        m_next = (o_t + 1 < T)[:, None] & m_n[None, :]
+        b_an = tl.load(a + off + N, mask=m_next, other=1.0).to(da.dtype.element_ty)
+        b_ds = tl.load(ds + off, mask=m, other=0.0).to(da.dtype.element_ty)
+        b_A, b_G = tl.associative_scan((b_an, b_ds), 0, _triton_scan_combine, reverse=True)
+        b_gt = b_A * b_g[None, :] + b_G  # [BT, BN] g_t
+        m_prev = (o_t >= 1)[:, None] & m
+        b_sp = tl.load(s + off - N, mask=m_prev, other=0.0).to(da.dtype.element_ty)  # s_(t-1)
+        b_sp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_sp)
+        tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
+        tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
+        b_g = _triton_scan_first_row(b_gt, BT)
+    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
+
+
+def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    BT = _triton_SCAN_BT if block_t is None else block_t
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
+    for name, value in (("block_t", BT), ("block_n", BN)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+
+
+class _triton_ScanFunction(torch.autograd.Function):
+    """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
+    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+
+    @staticmethod
+    def forward(ctx, a, b, h0, kernels, config):
+        BT, BN, warps = config
+        B, T, N = b.shape[:3]
+        s = torch.empty_like(b)
+        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.save_for_backward(a, s, h0)
+        ctx.kernels, ctx.config = kernels, config
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds):
+        a, s, h0 = ctx.saved_tensors
+        BT, BN, warps = ctx.config
+        B, T, N = s.shape[:3]
+        ds = ds.contiguous()
+        da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
+        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        return da, db, dh0, None, None
+
+
+def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
+    return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None) -> triton_Tensor:
+    """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
+
+    b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
+    [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
+    Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
+    initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
+    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    """
+    dt = _triton_scan_dtype(b)
+    config = _triton_scan_config(block_t, block_n, num_warps, 1)
+    if a.dim() != b.dim():
+        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    if T == 0:
+        return b.to(dt)
+    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    N = b[0, 0].numel()
+    s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
+                            config)
+    return s.view(b.shape)
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
@@ -2629,8 +2895,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
 normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'))
 
 
-def normalized_linear_attention__scan(q, k, v, states, K, V):
-    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+def normalized_linear_attention__scan_block(q, k, v, states, K, V):
+    """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
     b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
@@ -2640,6 +2906,10 @@ def normalized_linear_attention__scan(q, k, v, states, K, V):
     all_z = scan_diagonal(a_z, b_z, states['z'])  # [B, T, H, K]
     o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S'], 'z': all_z[:, -1] if T_ else states['z']}
+
+
+# The scan form: blocks of steps, the states carried from one to the next (dispatch's `in_blocks`).
+normalized_linear_attention__scan = in_blocks(normalized_linear_attention__scan_block, 3, ('o',), ('S', 'z'))
 
 
 def normalized_linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
@@ -2663,7 +2933,7 @@ def normalized_linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
     return {'o': o}, {'S': final_S, 'z': final_z}
 
 
-# Triton forms: the recurrent kernel printed from the step, the chunked form around the Triton runtime.
+# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms around the Triton runtime.
 
 @triton.jit
 def normalized_linear_attention__triton_recurrent_kernel(
@@ -2874,6 +3144,19 @@ def normalized_linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, 
     return [dq.sum(0), dk.sum(0), dv], {'S': dh0_S, 'z': dh0_z.sum(0)}
 
 
+def normalized_linear_attention__scan_triton(q, k, v, states, K, V, **options):
+    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+    B_, T_, H_ = q.shape[:3]
+    b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
+    a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
+    all_S = triton_scan_diagonal(a_S, b_S, states['S'], **options)  # [B, T, H, K, V]
+    b_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
+    a_z = b_z.new_full((1,) * b_z.dim(), 1.0)  # a constant decay
+    all_z = triton_scan_diagonal(a_z, b_z, states['z'], **options)  # [B, T, H, K]
+    o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    return {'o': o}, {'S': all_S[:, -1] if T_ else states['S'], 'z': all_z[:, -1] if T_ else states['z']}
+
+
 def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
@@ -2897,11 +3180,11 @@ def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_siz
 
 _normalized_linear_attention_forms = {'recurrent': normalized_linear_attention__recurrent, 'scan': normalized_linear_attention__scan, 'chunked': normalized_linear_attention__chunked, 'parallel': normalized_linear_attention__chunked}
 _normalized_linear_attention_out, _normalized_linear_attention_st = ('o',), ('S', 'z')  # output and state names, for the backward
-_normalized_linear_attention_triton_forms = {'recurrent': with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True), 'chunked': takes_cu_seqlens(normalized_linear_attention__chunked_triton)} if HAVE_TRITON else None
+_normalized_linear_attention_triton_forms = {'recurrent': with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True), 'scan': normalized_linear_attention__scan_triton, 'chunked': takes_cu_seqlens(normalized_linear_attention__chunked_triton)} if HAVE_TRITON else None
 
 
 class _NormalizedLinearAttentionLayer(Layer):
-    """normalized_linear_attention: identity recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, chunked."""
+    """normalized_linear_attention: identity recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, scan, chunked."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
                  form=None, backend=None, chunk_size=None, config=None, **inputs):
