@@ -330,6 +330,24 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.co
 
 
 @triton.jit
+def _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
+    """The chunks a state-passing program walks, (first, end, the state row, the row's first step): all NT chunks
+    of batch row i_b, or with VARLEN (packed sequences, `_Packed`) sequence i_b's chunks offsets[i_b] ..
+    offsets[i_b + 1] - 1 of the one packed row, whose states are [1, H, NT, ...] (row i_h)."""
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
+    return c0, c1, i_row, bt0
+
+
+@triton.jit
 def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
@@ -341,16 +359,7 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # h is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -449,16 +458,7 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: 
     _chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # h is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -1088,16 +1088,7 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K
     VARLEN: as in _chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # dh is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -1593,16 +1584,7 @@ def _delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.
     VARLEN: as in _delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # dh, dhq are [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh, dhq [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K

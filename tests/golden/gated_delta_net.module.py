@@ -585,6 +585,20 @@ def checkpoint_every(length: int) -> int:
     return every if every > 0 else max(64, math.isqrt(length))
 
 
+def _save_with_states(ctx, tensors, snapshots: list[dict], state_names) -> None:
+    """Save `tensors` and the states of every snapshot (a dict per checkpoint or block) for the backward."""
+    ctx.count = (len(tensors), len(snapshots))
+    ctx.save_for_backward(*tensors, *[snap[n] for snap in snapshots for n in state_names])
+
+
+def _saved_with_states(ctx, state_names) -> tuple[tuple, list[dict]]:
+    """(tensors, snapshots) as `_save_with_states` saved them."""
+    saved = ctx.saved_tensors
+    tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+    per = len(state_names)
+    return tensors, [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+
+
 class _AdjointBackward(torch.autograd.Function):
     """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
     of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
@@ -599,18 +613,14 @@ class _AdjointBackward(torch.autograd.Function):
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
-        ctx.count = (len(tensors), len(checkpoints))
-        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
         out_names, state_names = ctx.names
-        per = len(state_names)
-        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        tensors, checkpoints = _saved_with_states(ctx, state_names)
         # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
         grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
                  for g, (shape, dtype) in zip(grads, ctx.shapes)]
@@ -1672,6 +1682,24 @@ def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
 
+@triton.jit
+def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
+    """The chunks a state-passing program walks, (first, end, the state row, the row's first step): all NT chunks
+    of batch row i_b, or with VARLEN (packed sequences, `_triton_Packed`) sequence i_b's chunks offsets[i_b] ..
+    offsets[i_b + 1] - 1 of the one packed row, whose states are [1, H, NT, ...] (row i_h)."""
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
+    return c0, c1, i_row, bt0
+
+
 # The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
 # row blocks of KB rows, each its own [KB, BV] tile (b_h1 .. b_h4), so every tl.dot and every k / w tile is
 # [BT, KB] or [KB, BT] and is loaded just before its use: no [BT, K] tile is ever live (flash-linear-attention's
@@ -1724,16 +1752,7 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constex
     _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # h is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_v = i_vt * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -2196,16 +2215,7 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
     VARLEN: as in _triton_delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # dh, dhq are [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh, dhq [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K

@@ -592,6 +592,20 @@ def checkpoint_every(length: int) -> int:
     return every if every > 0 else max(64, math.isqrt(length))
 
 
+def _save_with_states(ctx, tensors, snapshots: list[dict], state_names) -> None:
+    """Save `tensors` and the states of every snapshot (a dict per checkpoint or block) for the backward."""
+    ctx.count = (len(tensors), len(snapshots))
+    ctx.save_for_backward(*tensors, *[snap[n] for snap in snapshots for n in state_names])
+
+
+def _saved_with_states(ctx, state_names) -> tuple[tuple, list[dict]]:
+    """(tensors, snapshots) as `_save_with_states` saved them."""
+    saved = ctx.saved_tensors
+    tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
+    per = len(state_names)
+    return tensors, [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+
+
 class _AdjointBackward(torch.autograd.Function):
     """The recurrent form under autograd: forward through the step loop, keeping only the inputs and a checkpoint
     of the states every `every` steps; backward through the adjoint derived from the spec (printed beside the
@@ -606,18 +620,14 @@ class _AdjointBackward(torch.autograd.Function):
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
         ctx.shapes = [(r.shape, r.dtype) for r in results]
-        ctx.count = (len(tensors), len(checkpoints))
-        ctx.save_for_backward(*tensors, *[c[n] for c in checkpoints for n in names[1]])
+        _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
         out_names, state_names = ctx.names
-        per = len(state_names)
-        checkpoints = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        tensors, checkpoints = _saved_with_states(ctx, state_names)
         # (A loss such as out.sum() sends expanded gradients, which every step's matmul would copy.)
         grads = [g.contiguous() if g is not None else torch.zeros(shape, dtype=dtype, device=tensors[0].device)
                  for g, (shape, dtype) in zip(grads, ctx.shapes)]
@@ -732,18 +742,15 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
-        ctx.count = (len(tensors), len(entering))
-        ctx.save_for_backward(*tensors, *[e[n] for e in entering for n in names[1]])
+        _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        tensors, flat = saved[: ctx.count[0]], saved[ctx.count[0]:]
         out_names, state_names = ctx.names
-        per, n_in, at = len(state_names), ctx.n_inputs, ctx.at
-        entering = [dict(zip(state_names, flat[n * per:(n + 1) * per])) for n in range(ctx.count[1])]
+        n_in, at = ctx.n_inputs, ctx.at
+        tensors, entering = _saved_with_states(ctx, state_names)
         args = _unflatten(ctx.layout, tensors)
         inputs, params, sizes = args[:n_in], args[n_in:at], args[at + 1:]
         need = ctx.needs_input_grad[5:]
@@ -1854,6 +1861,24 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
+def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
+    """The chunks a state-passing program walks, (first, end, the state row, the row's first step): all NT chunks
+    of batch row i_b, or with VARLEN (packed sequences, `_triton_Packed`) sequence i_b's chunks offsets[i_b] ..
+    offsets[i_b + 1] - 1 of the one packed row, whose states are [1, H, NT, ...] (row i_h)."""
+    if VARLEN:
+        c0 = tl.load(offsets + i_b)
+        c1 = tl.load(offsets + i_b + 1)
+        i_row = i_h
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
+    return c0, c1, i_row, bt0
+
+
+@triton.jit
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
@@ -1865,16 +1890,7 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr,
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # h is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
@@ -2306,16 +2322,7 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
     VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
-        i_row = i_h  # dh is [1, H, NT, K, V]
-        bt0 = 0
-    else:
-        c0 = 0
-        c1 = NT
-        i_row = i_bh
-        bt0 = i_b.to(tl.int64) * T
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh is [1, H, NT, K, V]
     o_i = tl.arange(0, BT)
     o_k = i_kt * BK + tl.arange(0, BK)
     o_v = i_vt * BV + tl.arange(0, BV)
