@@ -234,18 +234,18 @@ def test_compile_refuses_bad_defaults_whatever_came_before():
     for bad in (True, 1.0, 64.0):
         with pytest.raises(ValueError, match="chunk_size"):
             recurrence_dsl.compile(rec, chunk_size=bad)
-    with pytest.raises(ValueError, match="no 'scan' form on the triton backend"):
-        recurrence_dsl.compile(rec, form="scan", backend="triton")
+    with pytest.raises(ValueError, match="no 'parallel' form on the triton backend"):
+        recurrence_dsl.compile(rec, form="parallel", backend="triton")
 
 
 def test_backend_rules_for_other_devices_forms_and_configs():
     rec = recurrence_dsl.load(GLA)["gla"]
     layer = recurrence_dsl.compile(rec, tuning=False)
     assert layer.backend_for(torch.device("meta"), torch.float32) == "torch"
-    assert layer.backend_for(torch.device("cpu"), torch.float32, form="scan") == "torch"  # triton has no scan
+    assert layer.backend_for(torch.device("cpu"), torch.float32, form="parallel") == "torch"  # not on triton
     args, init = _args(rec, T=12)
     ref = rec.reference(*[a.double() for a in args], initial_state=init)[0]
-    out, _ = layer(*args, initial_state=init.float(), form="scan")  # auto: torch, the form triton lacks
+    out, _ = layer(*args, initial_state=init.float(), form="parallel")  # auto: torch, the form triton lacks
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
     with pytest.raises(recurrence_dsl.CallError, match="CUDA tensors, or CPU tensors"):
         layer(*[a.to("meta") for a in args], backend="triton")

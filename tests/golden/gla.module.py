@@ -2882,7 +2882,7 @@ def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: trit
     state_shape = (B,) + tuple(b.shape[2:])
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0:
+    if T == 0 or B == 0:  # nothing to scan: the (empty) states
         return b.to(dt)
     a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
     b = b.to(dt).contiguous()
