@@ -1983,8 +1983,9 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
     of batch row i_b, or with VARLEN (packed sequences, `_triton_Packed`) sequence i_b's chunks offsets[i_b] ..
     offsets[i_b + 1] - 1 of the one packed row, whose states are [1, H, NT, ...] (row i_h)."""
     if VARLEN:
-        c0 = tl.load(offsets + i_b)
-        c1 = tl.load(offsets + i_b + 1)
+        # (the grid has one program per sequence, so both loads are in bounds: the mask is the GPU rule's form)
+        c0 = tl.load(offsets + i_b, mask=i_b >= 0, other=0)
+        c1 = tl.load(offsets + i_b + 1, mask=i_b >= 0, other=0)
         i_row = i_h
         bt0 = 0
     else:
