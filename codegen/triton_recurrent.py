@@ -63,6 +63,7 @@ from recurrence_dsl.step_ir import NEW_SUFFIX, has_infinity
 from .cache import load_source
 from .kernel_rules import check_kernel_source
 from .printing import SourceWriter, constant_source, py_name
+from .triton_block_scan import triton_scan_refusal
 from .triton_printer import (
     MULTI_USE,
     TritonPrinter,
@@ -1262,16 +1263,31 @@ _ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
 
 # -- loading ----------------------------------------------------------------------------------------------
 
+def triton_unavailable(analysis: Analysis) -> dict[str, str]:
+    """Why the Triton backend lacks each form the analysis found (the torch backend runs it): {form: why}."""
+    why = {}
+    if "chunked" in analysis.forms:
+        rank = [n for n, s in analysis.chunk_analysis.states.items()
+                if s.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE]
+        if rank:
+            why["chunked"] = (f"{rank[0]} is diagonal-plus-rank-one, whose chunked form has no Triton kernels yet "
+                              "(the torch chunked form runs it)")
+    if "scan" in analysis.forms:
+        for s in analysis.states.values():
+            refusal = None if s.block is None else triton_scan_refusal(len(s.block.states))
+            if refusal:
+                why["scan"] = f"{', '.join(s.block.states)} are coupled in blocks of {len(s.block.states)}: {refusal}"
+                break
+    return why
+
+
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     """The forms the Triton backend runs: recurrent always; scan where `triton_scan` has its kernels (every
-    state elementwise, or coupled in 2 x 2 blocks: its block kernel's size); chunked where `triton_runtime` has
-    its kernels (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
-    view = analysis.chunk_analysis
-    kernels = "chunked" in analysis.forms and all(
-        s.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE for s in view.states.values())
-    scan = "scan" in analysis.forms and all(
-        s.block is None or len(s.block.states) == 2 for s in analysis.states.values())
-    return ("recurrent",) + (("scan",) if scan else ()) + (("chunked",) if kernels else ())
+    state elementwise, or coupled in m x m blocks, m <= `triton_block_scan.MAX_BLOCK`); chunked where
+    `triton_runtime` has its kernels (every chunkable class but diagonal-plus-rank-one, whose chunked form is
+    torch-only for now). `triton_unavailable` says why a form is missing."""
+    missing = triton_unavailable(analysis)
+    return ("recurrent",) + tuple(f for f in ("scan", "chunked") if f in analysis.forms and f not in missing)
 
 
 def build_triton_recurrent(analysis: Analysis):
@@ -1284,4 +1300,4 @@ def build_triton_recurrent(analysis: Analysis):
 
 
 __all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "has_triton_adjoint",
-           "triton_adjoint_source", "triton_recurrent_source"]
+           "triton_adjoint_source", "triton_form_names", "triton_recurrent_source", "triton_unavailable"]

@@ -5,9 +5,9 @@ per-step tensors [B, T, ...], the state elements flattened to N numbers per step
 
   scan_diagonal   s_t = a_t * s_{t-1} + b_t, elementwise                  (the identity, scalar, diagonal and
                                                                             elementwise classes)
-  scan_block      s_t = A_t s_{t-1} + b_t, a 2 x 2 block per element      (coupled-elementwise: a cascade of two
-                                                                            diagonal decays, a complex diagonal as
-                                                                            a real and an imaginary state)
+  scan_block      s_t = A_t s_{t-1} + b_t, an m x m block per element,    (coupled-elementwise: a cascade of
+                  m = 2 .. 4                                               diagonal decays, a complex diagonal as
+                                                                            a real and an imaginary state, ...)
 
 The combine of two steps, earlier (A1, b1) then later (A2, b2), is (A2 A1, A2 b1 + b2): it composes affine maps, so
 it is associative (Blelloch 1990, "Prefix sums and their applications", section 1.4) and `tl.associative_scan` runs
@@ -16,7 +16,7 @@ chunks in order, carrying the state at each chunk's end into the next chunk: s_t
 (the chunk's scan from a zero start), c the chunk's first step. Elements are independent, so the grid is
 (cdiv(N, BN), B) and nothing is shared between programs.
 
-Backward (`_ScanFunction`, `_BlockScanFunction`): with g_t the gradient of the loss with respect to s_t through every
+Backward (`_ScanFunction`, for both kinds): with g_t the gradient of the loss with respect to s_t through every
 later step, g_t = ds_t + A_(t+1)^T g_(t+1) (g_(T-1) = ds_(T-1)): the same affine recurrence run from the last step
 to the first, with the transposed transitions shifted by one step. The kernels scan it with `reverse=True` over each
 chunk, carrying g across chunks from the last, and form the local gradients at once:
@@ -27,8 +27,9 @@ Kernels and grids:
 
   _scan_fwd_kernel        (cdiv(N, BN), B)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
   _scan_bwd_kernel        (cdiv(N, BN), B)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
-  _block_scan_fwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: a [B, T, N, 2, 2], b and s [B, T, N, 2], h0 [B, N, 2]
-  _block_scan_bwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: da, db, dh0 likewise
+  _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (cdiv(N, BN), B)   m x m blocks: a [B, T, N, m, m], b and s
+                          [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
+                          per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
 
 Numerics: loads are masked and taken to the states' dtype (float32 for every call of a generated module, whose
 dispatcher upcasts half inputs; float64 where a caller passes float64, as gradcheck does); steps past T load as
@@ -46,7 +47,13 @@ from torch import Tensor
 
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
-_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+# m x m blocks per program, by m: m * m + m scanned tiles (the 2 x 2 backward reached 255 registers at 64); no
+# spills at sm_80 / sm_90 with these (tests/test_triton_scan.py)
+_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}
+# m -> (forward, backward) kernels of the m x m block scan: a generated module registers the sizes its layers use
+# next to their printed kernels; imported from the package, any size is printed on first use (_PRINT_BLOCK_KERNELS)
+_BLOCK_KERNELS = {}
+_PRINT_BLOCK_KERNELS = None
 _SCAN_WARPS = 4
 
 
@@ -116,102 +123,9 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
 
-@triton.jit
-def _block_combine(p1, q1, r1, u1, x1, y1, p2, q2, r2, u2, x2, y2):
-    """([[p1, q1], [r1, u1]], [x1, y1]) then ([[p2, q2], [r2, u2]], [x2, y2]): (A2 A1, A2 b1 + b2)."""
-    return (p2 * p1 + q2 * r1, p2 * q1 + q2 * u1, r2 * p1 + u2 * r1, r2 * q1 + u2 * u1,
-            p2 * x1 + q2 * y1 + x2, r2 * x1 + u2 * y1 + y2)
-
-
-@triton.jit
-def _block_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
-    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * 2
-    b_h1 = tl.load(p_h0, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN] the first state of the pair
-    b_h2 = tl.load(p_h0 + 1, mask=m_n, other=0.0).to(s.dtype.element_ty)
-    for i_t in range(0, tl.cdiv(T, BT)):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m = (o_t < T)[:, None] & m_n[None, :]
-        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN] element index
-        # the transition [[p, q], [r, u]] (row r: the coefficients of both states in state r's update); a padded
-        # step is the identity
-        b_p = tl.load(a + off * 4, mask=m, other=1.0).to(s.dtype.element_ty)
-        b_q = tl.load(a + off * 4 + 1, mask=m, other=0.0).to(s.dtype.element_ty)
-        b_r = tl.load(a + off * 4 + 2, mask=m, other=0.0).to(s.dtype.element_ty)
-        b_u = tl.load(a + off * 4 + 3, mask=m, other=1.0).to(s.dtype.element_ty)
-        b_x = tl.load(b + off * 2, mask=m, other=0.0).to(s.dtype.element_ty)
-        b_y = tl.load(b + off * 2 + 1, mask=m, other=0.0).to(s.dtype.element_ty)
-        b_p, b_q, b_r, b_u, b_x, b_y = tl.associative_scan((b_p, b_q, b_r, b_u, b_x, b_y), 0, _block_combine)
-        b_s1 = b_p * b_h1[None, :] + b_q * b_h2[None, :] + b_x
-        b_s2 = b_r * b_h1[None, :] + b_u * b_h2[None, :] + b_y
-        tl.store(s + off * 2, b_s1.to(s.dtype.element_ty), mask=m)
-        tl.store(s + off * 2 + 1, b_s2.to(s.dtype.element_ty), mask=m)
-        b_h1 = _scan_last_row(b_s1, BT)
-        b_h2 = _scan_last_row(b_s2, BT)
-
-
-@triton.jit
-def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
-    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * 2
-    b_h01 = tl.load(p_h0, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_h02 = tl.load(p_h0 + 1, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_g1 = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
-    b_g2 = tl.zeros([BN], dtype=da.dtype.element_ty)
-    NT = tl.cdiv(T, BT)
-    for i_r in range(0, NT):
-        i_t = NT - 1 - i_r
-        o_t = i_t * BT + tl.arange(0, BT)
-        m = (o_t < T)[:, None] & m_n[None, :]
-        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]
-        # A_(t+1)^T carries g_(t+1) back to step t: [[p, r], [q, u]] of the next step (past the end: I)
-        m_next = (o_t + 1 < T)[:, None] & m_n[None, :]
-        p_an = a + (off + N) * 4
-        b_p = tl.load(p_an, mask=m_next, other=1.0).to(da.dtype.element_ty)
-        b_q = tl.load(p_an + 1, mask=m_next, other=0.0).to(da.dtype.element_ty)
-        b_r = tl.load(p_an + 2, mask=m_next, other=0.0).to(da.dtype.element_ty)
-        b_u = tl.load(p_an + 3, mask=m_next, other=1.0).to(da.dtype.element_ty)
-        b_d1 = tl.load(ds + off * 2, mask=m, other=0.0).to(da.dtype.element_ty)
-        b_d2 = tl.load(ds + off * 2 + 1, mask=m, other=0.0).to(da.dtype.element_ty)
-        # scanned as the transposes (p, r, q, u); b_p .. b_u then hold the entries of the products of the transposes
-        b_p, b_q, b_r, b_u, b_d1, b_d2 = tl.associative_scan((b_p, b_r, b_q, b_u, b_d1, b_d2), 0, _block_combine,
-                                                             reverse=True)
-        b_gt1 = b_p * b_g1[None, :] + b_q * b_g2[None, :] + b_d1  # [BT, BN] g_t
-        b_gt2 = b_r * b_g1[None, :] + b_u * b_g2[None, :] + b_d2
-        m_prev = (o_t >= 1)[:, None] & m
-        b_s1 = tl.load(s + (off - N) * 2, mask=m_prev, other=0.0).to(da.dtype.element_ty)  # s_(t-1)
-        b_s2 = tl.load(s + (off - N) * 2 + 1, mask=m_prev, other=0.0).to(da.dtype.element_ty)
-        first = (o_t == 0)[:, None]
-        b_s1 = tl.where(first, b_h01[None, :], b_s1)
-        b_s2 = tl.where(first, b_h02[None, :], b_s2)
-        tl.store(db + off * 2, b_gt1.to(db.dtype.element_ty), mask=m)
-        tl.store(db + off * 2 + 1, b_gt2.to(db.dtype.element_ty), mask=m)
-        tl.store(da + off * 4, (b_gt1 * b_s1).to(da.dtype.element_ty), mask=m)  # dA_t = g_t s_(t-1)^T
-        tl.store(da + off * 4 + 1, (b_gt1 * b_s2).to(da.dtype.element_ty), mask=m)
-        tl.store(da + off * 4 + 2, (b_gt2 * b_s1).to(da.dtype.element_ty), mask=m)
-        tl.store(da + off * 4 + 3, (b_gt2 * b_s2).to(da.dtype.element_ty), mask=m)
-        b_g1 = _scan_first_row(b_gt1, BT)
-        b_g2 = _scan_first_row(b_gt2, BT)
-    # the initial state's gradient A_0^T g_0
-    p_a0 = a + (base + o_n) * 4
-    b_p0 = tl.load(p_a0, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_q0 = tl.load(p_a0 + 1, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_r0 = tl.load(p_a0 + 2, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_u0 = tl.load(p_a0 + 3, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    p_dh0 = dh0 + (i_b.to(tl.int64) * N + o_n) * 2
-    tl.store(p_dh0, (b_p0 * b_g1 + b_r0 * b_g2).to(dh0.dtype.element_ty), mask=m_n)
-    tl.store(p_dh0 + 1, (b_q0 * b_g1 + b_u0 * b_g2).to(dh0.dtype.element_ty), mask=m_n)
-
-
 def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
     BT = _SCAN_BT if block_t is None else block_t
-    BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK) if block_n is None else block_n
+    BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
     for name, value in (("block_t", BT), ("block_n", BN)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
@@ -220,7 +134,7 @@ def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
 
 class _ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
     T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
@@ -278,39 +192,51 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     return s.view(b.shape)
 
 
+def _block_kernels(m: int) -> tuple:
+    """(forward, backward) kernels of the m x m block scan: registered in this module, or printed now."""
+    if m not in _BLOCK_KERNELS:
+        if _PRINT_BLOCK_KERNELS is None:  # a generated module holds the sizes of its own layers only
+            raise ValueError(f"this module has no Triton scan kernels for {m} x {m} blocks (it has "
+                             f"{sorted(_BLOCK_KERNELS) or 'none'})")
+        _BLOCK_KERNELS[m] = _PRINT_BLOCK_KERNELS(m)
+    return _BLOCK_KERNELS[m]
+
+
 def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
                block_n: int | None = None, num_warps: int | None = None) -> Tensor:
-    """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, 2 states per element, by
-    `_block_scan_fwd_kernel`.
+    """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, m states per element (m = 2 .. 4),
+    by the printed `_block{m}_scan_fwd_kernel`.
 
-    a [B, T, H, *S, 2, 2] (A_t per element: row r holds the coefficients of both states in the update of state
-    r); b [B, T, H, *S, 2]; initial_state [B, H, *S, 2] or None (zeros). Returns [B, T, H, *S, 2] in float32
-    (float64 for float64 b). Differentiable in a, b and initial_state through `_block_scan_bwd_kernel`. Raises
-    ValueError for blocks other than 2 x 2 (the torch runtime's `scan_block` takes any size) or mismatched shapes.
+    a [B, T, H, *S, m, m] (A_t per element: row r holds the coefficients of every state in the update of state
+    r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns [B, T, H, *S, m] in float32
+    (float64 for float64 b). Differentiable in a, b and initial_state through `_block{m}_scan_bwd_kernel`.
+    Raises ValueError for a block size without kernels (m < 2, m > 4; the torch runtime's `scan_block` takes any
+    size), a not [..., m, m] for b [..., m], mismatched shapes or a block size not a power of two.
     """
     dt = _scan_dtype(b)
-    config = _scan_config(block_t, block_n, num_warps, 2)
-    m = b.shape[-1]
-    if m != 2 or tuple(a.shape[-2:]) != (2, 2):
-        raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
+    m = b.shape[-1] if b.dim() >= 3 else 0
+    if m < 2 or tuple(a.shape[-2:]) != (m, m):
+        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
                          f"{list(b.shape)} and a {list(a.shape)}")
+    config = _scan_config(block_t, block_n, num_warps, m)
+    kernels = _block_kernels(m)
     B, T = b.shape[:2]
     state_shape = (B,) + tuple(b.shape[2:])
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
     if T == 0 or B == 0:  # nothing to scan: the (empty) states
         return b.to(dt)
-    a = a.to(dt).expand(tuple(b.shape) + (2,)).contiguous()
+    a = a.to(dt).expand(tuple(b.shape) + (m,)).contiguous()
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
-    N = b[0, 0].numel() // 2
-    s = _ScanFunction.apply(a.view(B, T, N, 2, 2), b.view(B, T, N, 2), h0.view(B, N, 2),
-                            (_block_scan_fwd_kernel, _block_scan_bwd_kernel), config)
+    N = b[0, 0].numel() // m
+    s = _ScanFunction.apply(a.view(B, T, N, m, m), b.view(B, T, N, m), h0.view(B, N, m), kernels, config)
     return s.view(b.shape)
 
 
 if "vectorise_interpreter_scans" not in globals():  # imported from the package (a generated module drops this)
     from .interpreter import vectorise_interpreter_scans
+    from .triton_block_scan import load_block_kernels as _PRINT_BLOCK_KERNELS  # noqa: N811
 
     vectorise_interpreter_scans()  # the interpreter's associative_scan, one numpy call per step (interpreter.py)
 
