@@ -226,7 +226,12 @@ def cmd_show(args) -> int:
         for line in d["statements"]:
             print(f"    {line}")
         print()
-        print(explain(analyse(rec.checked)))
+        analysis = analyse(rec.checked)
+        print(explain(analysis))
+        from codegen.triton_recurrent import triton_unavailable
+
+        for form, why in triton_unavailable(analysis).items():
+            print(f"  on the triton backend, no {form} form: {why}")
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

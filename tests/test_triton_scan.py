@@ -1,17 +1,19 @@
 """The scan form on the Triton backend (issues 10 and 12): codegen/triton_scan.py's chunked associative scans.
 
 Every recurrence of specs/ and tests/data/ whose Triton backend has a scan form (the identity, scalar, diagonal and
-elementwise classes, and coupled elementwise states in 2 x 2 blocks: tests/data/coupled.rec's cascade,
-tests/data/rotation.rec's complex diagonal) runs `form="scan"` on the Triton backend in float32 against the float64
+elementwise classes, and coupled elementwise states in m x m blocks, m = 2 .. 4: tests/data/coupled.rec's cascade,
+tests/data/rotation.rec's complex diagonal, tests/data/coupled_blocks.rec's cascades of three and four states and a
+complex diagonal feeding a third state) runs `form="scan"` on the Triton backend in float32 against the float64
 reference interpreter: outputs, final states, and the gradients of every input, param and initial state (a random
 weighting of every output and final state), while every torch runtime scan of the generated module raises (so the
 backward is the scan kernels' own, whose runs are counted). T = 37 in chunks of 16 (the last one partial) over
 several programs per row, and with the default blocks; packed sequences (`cu_seqlens`) and `reverse=True` on the
-elementwise and coupled classes; the runtime itself in float64 against `torch.autograd.gradcheck` and the torch
-runtime; resets (a decay of exactly 0) and a decay above 1. The Triton interpreter runs the kernels (conftest), with
+elementwise and coupled classes; the runtime itself (2 x 2, 3 x 3 and 4 x 4 blocks) in float64 against
+`torch.autograd.gradcheck` and the torch runtime; five coupled states, which the Triton scan refuses with its reason
+(the analysis, `show` and the call's error); resets (a decay of exactly 0) and a decay above 1. The Triton interpreter runs the kernels (conftest), with
 its associative_scan vectorised over the non-scan axes (codegen/interpreter.py; checked here to give the
-interpreter's own numbers bit for bit). The compile-only report: the four scan kernels for sm_90 and sm_80, bfloat16,
-D = 128, no spills.
+interpreter's own numbers bit for bit). The compile-only report: the scan kernels (diagonal, and blocks of 2, 3 and 4)
+for sm_90 and sm_80, bfloat16, D = 128, no spills.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def test_every_scan_class_is_covered():
     """The recurrences checked here: every one with a scan form has it on the Triton backend (a new one joins by
     itself), the elementwise and coupled ones among them."""
     assert {"mamba:mamba", "gla:gla", "retention:retention", "coupled:cascade", "rotation:rotation",
-            "state_shapes:running_count"} <= set(SCAN)
+            "state_shapes:running_count", "coupled_blocks:cascade3", "coupled_blocks:cascade4",
+            "coupled_blocks:rotation_plus"} <= set(SCAN)
     for key, rec in RECS.items():
         a = analyse(rec.checked)
         assert ("scan" in a.forms) == (key in SCAN), key
@@ -142,7 +145,8 @@ def test_default_blocks_two_rows(key, monkeypatch):
     _check(key, monkeypatch, B=2, T=45)
 
 
-@pytest.mark.parametrize("key", ["mamba:mamba", "rotation:rotation", "coupled:cascade", "gla:gla"])
+@pytest.mark.parametrize("key", ["mamba:mamba", "rotation:rotation", "coupled:cascade", "gla:gla",
+                                 "coupled_blocks:cascade3", "coupled_blocks:cascade4"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_packed_sequences_and_reverse(key, reverse, monkeypatch):
     """cu_seqlens with three sequences (one empty), each from its own initial state; reverse=True runs each one
@@ -214,33 +218,75 @@ def test_diagonal_runtime_against_torch_and_gradcheck(shapes):
                                     _leaves(*draw(*shapes[2:])), fast_mode=True)
 
 
-def test_block_runtime_against_torch_and_gradcheck():
-    gen = torch.Generator().manual_seed(6)
-    A = torch.randn(2, 23, 3, 5, 2, 2, generator=gen, dtype=F64) * 0.7
-    A[:, 4] = 0.0  # a reset of both states
-    b = torch.randn(2, 23, 3, 5, 2, generator=gen, dtype=F64)
-    h0 = torch.randn(2, 3, 5, 2, generator=gen, dtype=F64)
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_block_runtime_against_torch_and_gradcheck(m):
+    """The printed m x m kernels against the torch runtime's block scan (T = 23 over chunks of 8, several programs
+    a row, a reset of every state at step 4), and gradcheck on a small case."""
+    gen = torch.Generator().manual_seed(6 + m)
+    A = torch.randn(2, 23, 3, 5, m, m, generator=gen, dtype=F64) * (1.4 / m)
+    A[:, 4] = 0.0  # a reset of every state
+    b = torch.randn(2, 23, 3, 5, m, generator=gen, dtype=F64)
+    h0 = torch.randn(2, 3, 5, m, generator=gen, dtype=F64)
     mine, ref = _leaves(A, b, h0), _leaves(A, b, h0)
     s = triton_scan.scan_block(*mine, block_t=8, block_n=4)
     s_ref = torch_runtime.scan_block(*ref)
     w = torch.randn(s.shape, generator=gen, dtype=F64)
     (s * w).sum().backward()
     (s_ref * w).sum().backward()
-    assert _rel(s, s_ref) <= 1e-13
+    assert s.dtype == F64 and _rel(s, s_ref) <= 1e-13
     for x, y in zip(mine, ref):
-        assert _rel(x.grad, y.grad) <= 1e-13
+        assert x.grad.shape == y.grad.shape and _rel(x.grad, y.grad) <= 1e-13
     assert torch.autograd.gradcheck(lambda a_, b_, h_: triton_scan.scan_block(a_, b_, h_, block_t=4, block_n=2),
                                     _leaves(A[:1, :6, :1, :2], b[:1, :6, :1, :2], h0[:1, :1, :2]), fast_mode=True)
 
 
+FIVE = """
+recurrence cascade5(x[D], a[D]) -> y[D] {
+    state h1[D], h2[D], h3[D], h4[D], h5[D]
+    h1[d] = sigmoid(a[d]) * h1[d] + x[d]
+    h2[d] = 0.5 * h2[d] + h1[d]
+    h3[d] = 0.5 * h3[d] + h2[d]
+    h4[d] = 0.5 * h4[d] + h3[d]
+    h5[d] = 0.5 * h5[d] + h4[d]
+    y[d] = h5[d]
+}
+"""
+
+
+def test_five_coupled_states_have_no_triton_scan_and_say_why(capsys, tmp_path):
+    """A 5 x 5 block: the torch backend scans it, the Triton backend refuses the scan form with the reason, in
+    the call's error and in `recdsl show`; the runtime names the block size it has no kernels for."""
+    from codegen.triton_block_scan import MAX_BLOCK
+    from codegen.triton_recurrent import triton_unavailable
+    from recurrence_dsl.cli import main as recdsl_main
+
+    rec = recurrence_dsl.load(FIVE)["cascade5"]
+    a = analyse(rec.checked)
+    assert "scan" in a.forms and triton_form_names(a) == ("recurrent",) and MAX_BLOCK == 4
+    why = triton_unavailable(a)["scan"]
+    assert "h1, h2, h3, h4, h5 are coupled in blocks of 5" in why and "at most 4 coupled states" in why, why
+    layer = recurrence_dsl.compile(rec, backend="triton", tuning=False)
+    args, _ = sample_arguments(rec.checked, {"D": 3}, 1, 6, 1, dtype=F32, seed=2)
+    with pytest.raises(ValueError, match=r"has no 'scan' form on the triton backend \(h1, h2, h3, h4, h5 are coupled"):
+        layer(*args, form="scan")
+    torch_layer = recurrence_dsl.compile(rec, backend="torch", form="scan", tuning=False)
+    ref, _ = rec.reference(*[x.double() for x in args])
+    assert _rel(torch_layer(*args)[0], ref) <= TOL
+    with pytest.raises(ValueError, match="take 2 to 4 coupled states, got m = 5"):
+        triton_scan.scan_block(torch.rand(1, 3, 2, 5, 5), torch.randn(1, 3, 2, 5))
+    (tmp_path / "five.rec").write_text(FIVE)
+    assert recdsl_main(["show", str(tmp_path / "five.rec")]) == 0
+    shown = capsys.readouterr().out
+    assert "forms: recurrent, scan" in shown
+    assert "on the triton backend, no scan form: h1, h2, h3, h4, h5 are coupled in blocks of 5" in shown, shown
 def test_runtime_errors_name_the_argument():
     b = torch.randn(1, 5, 2, 3)
     with pytest.raises(ValueError, match="as many dims as b"):
         triton_scan.scan_diagonal(torch.rand(1, 5, 2), b)
     with pytest.raises(ValueError, match=r"initial_state must be \[1, 2, 3\]"):
         triton_scan.scan_diagonal(torch.rand(1, 5, 2, 3), b, torch.zeros(1, 3, 2))
-    with pytest.raises(ValueError, match="2 x 2 blocks"):
-        triton_scan.scan_block(torch.rand(1, 5, 2, 3, 3), torch.randn(1, 5, 2, 3))
+    with pytest.raises(ValueError, match=r"m x m blocks, m >= 2: b \[..., m\] and a \[..., m, m\]"):
+        triton_scan.scan_block(torch.rand(1, 5, 2, 3, 2), torch.randn(1, 5, 2, 3))
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         triton_scan.scan_diagonal(torch.rand(1, 5, 2, 3), b, block_n=6)
     assert triton_scan.scan_diagonal(torch.rand(1, 0, 2, 3), torch.randn(1, 0, 2, 3)).shape == (1, 0, 2, 3)
@@ -304,12 +350,17 @@ print(json.dumps(runs))
 
 @pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "-")
 def test_scan_kernels_compile_without_spills():
-    """mamba (D = 128, N = 16) and the rotation (D = 128) in bfloat16, forward and backward, for sm_90 and sm_80:
-    every scan kernel compiles, uses no local memory and fits the target's shared memory. The compiles run in a
-    child process without TRITON_INTERPRET (as in tests/test_no_spills.py)."""
+    """mamba (D = 128, N = 16), the rotation (2 x 2 blocks), the three-state cascade (3 x 3) and the four-state one
+    (4 x 4), D = 128, in bfloat16, forward and backward, for sm_90 and sm_80: every scan kernel compiles, uses no
+    local memory and fits the target's shared memory. The compiles run in a child process without
+    TRITON_INTERPRET (as in tests/test_no_spills.py)."""
+    data = REPO / "tests" / "data"
     calls = [(str(REPO / "specs" / "mamba.rec"), "mamba", {"D": 128, "N": 16}, "sm_90"),
-             (str(REPO / "tests" / "data" / "rotation.rec"), "rotation", {"D": 128}, "sm_90"),
-             (str(REPO / "tests" / "data" / "rotation.rec"), "rotation", {"D": 128}, "sm_80")]
+             (str(data / "rotation.rec"), "rotation", {"D": 128}, "sm_90"),
+             (str(data / "rotation.rec"), "rotation", {"D": 128}, "sm_80"),
+             (str(data / "coupled_blocks.rec"), "cascade3", {"D": 128}, "sm_90"),
+             (str(data / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_90"),
+             (str(data / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_80")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(calls)], capture_output=True, text=True, env=env,
@@ -318,8 +369,9 @@ def test_scan_kernels_compile_without_spills():
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     names = [{(k["name"], k["phase"]) for k in run} for run in runs]
     assert names[0] == {("_triton_scan_fwd_kernel", "forward"), ("_triton_scan_bwd_kernel", "backward")}
-    assert names[1] == names[2] == {("_triton_block_scan_fwd_kernel", "forward"),
-                                    ("_triton_block_scan_bwd_kernel", "backward")}
+    for run, m in zip(names[1:], (2, 2, 3, 4, 4)):
+        assert run == {(f"_triton_block{m}_scan_fwd_kernel", "forward"), (f"_triton_block{m}_scan_bwd_kernel",
+                                                                         "backward")}
     for (_, _, _, target), run in zip(calls, runs):
         for k in run:
             assert k["spill_bytes"] == 0, k
@@ -327,3 +379,5 @@ def test_scan_kernels_compile_without_spills():
             assert k["shared_bytes"] <= kernel_report.TARGETS[target].max_shared_bytes, k
     # mamba: B * H * D * N = 2 * 4 * 128 * 16 state elements, 64 a program: a grid of 128 x 2
     assert runs[0][0]["grid"] == [128, 2, 1]
+    # the 4 x 4 cascade: B * H * D = 2 * 4 * 128 blocks, 8 a program
+    assert runs[4][0]["grid"] == [64, 2, 1]
