@@ -61,8 +61,8 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
         why = dict(getattr(spec, "triton_unavailable", ())).get(form)
-        return (f"{spec.name} has no {form!r} form on the triton backend"
-                + (f" ({why})" if why else "") + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 

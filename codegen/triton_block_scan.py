@@ -18,9 +18,9 @@ dA_t = g_t s_(t-1)^T and dh0 = A_0^T g_0 (docstring of `codegen/triton_scan.py`)
 
 The blocks are dense: a structural zero of A (a cascade's upper triangle) is scanned like any entry, so one pair of
 kernels serves every spec with m states. The tiles grow as m * m, so the states per program shrink with m
-(`_SCAN_BN_BLOCK` in `codegen/triton_scan.py`) to keep the kernels free of spills at sm_80 / sm_90 (`recdsl kernels ... --form scan
---backward`; tests/test_triton_scan.py); beyond `MAX_BLOCK` states the Triton backend offers no scan form and the
-analysis says so (`triton_scan_refusal`).
+(`_SCAN_BN_BLOCK` in `codegen/triton_scan.py`) to keep the kernels free of spills at sm_80 / sm_90 (`recdsl kernels
+... --form scan --backward`; tests/test_triton_scan.py); beyond `MAX_BLOCK` states the Triton backend offers no scan
+form and the analysis says so (`triton_scan_refusal`).
 
 A generated module carries the printed kernels of the sizes its layers use (`codegen/module.py`) and registers them
 in `_BLOCK_KERNELS`; imported from the package, `codegen.triton_scan.scan_block` prints and loads any size on
@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import functools
 
-MAX_BLOCK = 4  # the most coupled states a block of the Triton scan takes (registers: `_SCAN_BN_BLOCK` in triton_scan.py)
+# The most coupled states a block of the Triton scan takes: at 4, 20 scanned tiles already need 8 state elements a
+# program to stay below 255 registers (168 at sm_90, bf16); 5 would need 30 tiles.
+MAX_BLOCK = 4
 
 def triton_scan_refusal(m: int) -> str | None:
     """Why the Triton backend has no scan form for m coupled states, or None when it has one."""
@@ -47,31 +49,48 @@ def _names(prefix: str, m: int, suffix: str = "") -> tuple[list[str], list[str]]
             [f"{prefix}x{r}{suffix}" for r in range(m)])
 
 
+def _grouped(names: list[str], m: int, indent: str, first: str = "", last: str = "") -> list[str]:
+    """`names` (a block's m * m entries then its m-vector) as lines of m names each, after `first` and before
+    `last`, the lines after the first indented by `indent`."""
+    rows = [", ".join(names[i:i + m]) for i in range(0, len(names), m)]
+    lines = [f"{indent if n else ''}{row}," for n, row in enumerate(rows)]
+    lines[0], lines[-1] = first + lines[0], lines[-1][:-1] + last
+    return lines
+
+
 def _combine(m: int) -> list[str]:
     a1, x1 = _names("", m, "_1")
     a2, x2 = _names("", m, "_2")
-    lines = ["@triton.jit",
-             f"def _block{m}_combine({', '.join(a1 + x1)},",
-             f"{' ' * (len(f'def _block{m}_combine('))}{', '.join(a2 + x2)}):",
-             f'    """(A1, x1) then (A2, x2), {m} x {m} row-major: the affine map s -> A2 (A1 s + x1) + x2."""',
-             "    return ("]
+    head = f"def _block{m}_combine("
+    lines = ["@triton.jit"]
+    lines += _grouped(a1 + x1 + a2 + x2, m, " " * len(head), head, "):")
+    lines += [f'    """(A1, x1) then (A2, x2), {m} x {m} row-major: the affine map s -> A2 (A1 s + x1) + x2."""',
+              "    return ("]
     for r in range(m):
-        row = [" + ".join(f"a{r}{k}_2 * a{k}{c}_1" for k in range(m)) for c in range(m)]
-        lines.append(f"        {', '.join(row)},  # row {r} of A2 A1")
-    vec = [" + ".join([f"a{r}{k}_2 * x{k}_1" for k in range(m)] + [f"x{r}_2"]) for r in range(m)]
-    for r, v in enumerate(vec):
-        lines.append(f"        {v}{',' if r < m - 1 else ''}" + ("  # A2 x1 + x2" if r == 0 else ""))
+        for c in range(m):
+            entry = " + ".join(f"a{r}{k}_2 * a{k}{c}_1" for k in range(m))
+            lines.append(f"        {entry}," + (f"  # row {r} of A2 A1" if c == 0 else ""))
+    for r in range(m):
+        entry = " + ".join([f"a{r}{k}_2 * x{k}_1" for k in range(m)] + [f"x{r}_2"])
+        lines.append(f"        {entry}{',' if r < m - 1 else ''}" + ("  # A2 x1 + x2" if r == 0 else ""))
     lines.append("    )")
+    return lines
+
+
+def _scan_call(targets: list[str], operands: list[str], m: int, tail: str, note: str = "") -> list[str]:
+    """`(targets) = tl.associative_scan((operands), 0, tail)`, m names a line."""
+    lines = _grouped(targets, m, "         ", "        (", ") = tl.associative_scan(")
+    lines += _grouped(operands, m, "             ", "            (", f"), 0, {tail}){note}")
     return lines
 
 
 def _forward(m: int) -> list[str]:
     a, x = _names("b_", m)
     mm = m * m
-    scanned = ", ".join(a + x)
     lines = ["@triton.jit",
              f"def _block{m}_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):",
-             f'    """{m} x {m} blocks: s [B, T, N, {m}] from a [B, T, N, {m}, {m}], b [B, T, N, {m}], h0 [B, N, {m}]."""',
+             f'    """{m} x {m} blocks: s [B, T, N, {m}] from a [B, T, N, {m}, {m}], b [B, T, N, {m}] and h0 '
+             f'[B, N, {m}]."""',
              "    i_n, i_b = tl.program_id(0), tl.program_id(1)",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
@@ -80,12 +99,12 @@ def _forward(m: int) -> list[str]:
              f"    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * {m}"]
     for r in range(m):
         lines.append(f"    b_h{r} = tl.load(p_h0 + {r}, mask=m_n, other=0.0).to(s.dtype.element_ty)"
-                     + ("  # [BN] state r entering the chunk" if r == 0 else ""))
+                     + ("  # [BN] the states entering the chunk" if r == 0 else ""))
     lines += ["    for i_t in range(0, tl.cdiv(T, BT)):",
               "        o_t = i_t * BT + tl.arange(0, BT)",
               "        m = (o_t < T)[:, None] & m_n[None, :]",
               "        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN] element index",
-              "        # A_t row-major (row r: the coefficients of every state in state r's update); a padded step is I"]
+              "        # A_t row-major (row r: the coefficients of every state in state r's update); padded steps: I"]
     for r in range(m):
         for c in range(m):
             other = "1.0" if r == c else "0.0"
@@ -93,8 +112,7 @@ def _forward(m: int) -> list[str]:
                          ".to(s.dtype.element_ty)")
     for r in range(m):
         lines.append(f"        b_x{r} = tl.load(b + off * {m} + {r}, mask=m, other=0.0).to(s.dtype.element_ty)")
-    lines.append(f"        {scanned} = tl.associative_scan(")
-    lines.append(f"            ({scanned}), 0, _block{m}_combine)  # the chunk from a zero start")
+    lines += _scan_call(a + x, a + x, m, f"_block{m}_combine", "  # the chunk from a zero start")
     for r in range(m):
         terms = " + ".join(f"b_a{r}{c} * b_h{c}[None, :]" for c in range(m))
         lines.append(f"        b_s{r} = {terms} + b_x{r}")
@@ -110,12 +128,13 @@ def _backward(m: int) -> list[str]:
     a, x = _names("b_", m)
     mm = m * m
     # the loaded A_(t+1) enters the combine transposed: position (r, c) of the scan takes entry (c, r)
-    transposed = ", ".join([f"b_a{c}{r}" for r in range(m) for c in range(m)] + [f"b_d{r}" for r in range(m)])
-    scanned = ", ".join(a + [f"b_d{r}" for r in range(m)])
+    transposed = [f"b_a{c}{r}" for r in range(m) for c in range(m)] + [f"b_d{r}" for r in range(m)]
+    scanned = a + [f"b_d{r}" for r in range(m)]
     dt = "da.dtype.element_ty"
     lines = ["@triton.jit",
              f"def _block{m}_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):",
-             f'    """{m} x {m} blocks: da [B, T, N, {m}, {m}], db [B, T, N, {m}], dh0 [B, N, {m}] from ds and the saved s."""',
+             f'    """{m} x {m} blocks: da [B, T, N, {m}, {m}], db [B, T, N, {m}] and dh0 [B, N, {m}] from ds and the '
+             'saved s."""',
              "    i_n, i_b = tl.program_id(0), tl.program_id(1)",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
@@ -144,8 +163,7 @@ def _backward(m: int) -> list[str]:
     for r in range(m):
         lines.append(f"        b_d{r} = tl.load(ds + off * {m} + {r}, mask=m, other=0.0).to({dt})")
     lines.append("        # scanned as A_(t+1)^T: afterwards b_a.. hold the entries of the products of the transposes")
-    lines.append(f"        {scanned} = tl.associative_scan(")
-    lines.append(f"            ({transposed}), 0, _block{m}_combine, reverse=True)")
+    lines += _scan_call(scanned, transposed, m, f"_block{m}_combine, reverse=True")
     for r in range(m):
         terms = " + ".join(f"b_a{r}{c} * b_g{c}[None, :]" for c in range(m))
         lines.append(f"        b_gt{r} = {terms} + b_d{r}" + ("  # [BT, BN] g_t" if r == 0 else ""))

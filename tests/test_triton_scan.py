@@ -10,10 +10,10 @@ backward is the scan kernels' own, whose runs are counted). T = 37 in chunks of 
 several programs per row, and with the default blocks; packed sequences (`cu_seqlens`) and `reverse=True` on the
 elementwise and coupled classes; the runtime itself (2 x 2, 3 x 3 and 4 x 4 blocks) in float64 against
 `torch.autograd.gradcheck` and the torch runtime; five coupled states, which the Triton scan refuses with its reason
-(the analysis, `show` and the call's error); resets (a decay of exactly 0) and a decay above 1. The Triton interpreter runs the kernels (conftest), with
-its associative_scan vectorised over the non-scan axes (codegen/interpreter.py; checked here to give the
-interpreter's own numbers bit for bit). The compile-only report: the scan kernels (diagonal, and blocks of 2, 3 and 4)
-for sm_90 and sm_80, bfloat16, D = 128, no spills.
+(the analysis, `show` and the call's error); resets (a decay of exactly 0) and a decay above 1. The Triton
+interpreter runs the kernels (conftest), with its associative_scan vectorised over the non-scan axes
+(codegen/interpreter.py; checked here to give the interpreter's own numbers bit for bit). The compile-only report:
+the scan kernels (diagonal, and blocks of 2, 3 and 4) for sm_90 and sm_80, bfloat16, D = 128, no spills.
 """
 
 from __future__ import annotations
