@@ -47,13 +47,9 @@ from torch import Tensor
 
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
-# m x m blocks per program, by m: m * m + m scanned tiles (the 2 x 2 backward reached 255 registers at 64); no
-# spills at sm_80 / sm_90 with these (tests/test_triton_scan.py)
-_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}
-# m -> (forward, backward) kernels of the m x m block scan: a generated module registers the sizes its layers use
-# next to their printed kernels; imported from the package, any size is printed on first use (_PRINT_BLOCK_KERNELS)
-_BLOCK_KERNELS = {}
-_PRINT_BLOCK_KERNELS = None
+_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_scan_config`)
+_BLOCK_KERNELS = {}  # m -> (forward, backward) kernels of the m x m block scan (see `_block_kernels`)
+_PRINT_BLOCK_KERNELS = None  # the package's printer of the block kernels for any m (see `_block_kernels`)
 _SCAN_WARPS = 4
 
 
@@ -124,6 +120,9 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
 
 
 def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
+    of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_SCAN_BN_BLOCK` no kernel spills at
+    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
     BT = _SCAN_BT if block_t is None else block_t
     BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
     for name, value in (("block_t", BT), ("block_n", BN)):
@@ -193,7 +192,9 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
 
 
 def _block_kernels(m: int) -> tuple:
-    """(forward, backward) kernels of the m x m block scan: registered in this module, or printed now."""
+    """(forward, backward) kernels of the m x m block scan. A generated module registers in `_BLOCK_KERNELS` the
+    sizes its layers use, next to their printed kernels; imported from the package, any size is printed and
+    loaded on first use (`_PRINT_BLOCK_KERNELS`: codegen/triton_block_scan.py's `load_block_kernels`)."""
     if m not in _BLOCK_KERNELS:
         if _PRINT_BLOCK_KERNELS is None:  # a generated module holds the sizes of its own layers only
             raise ValueError(f"this module has no Triton scan kernels for {m} x {m} blocks (it has "

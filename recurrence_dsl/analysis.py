@@ -20,7 +20,17 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
-from .step_ir import NEW_SUFFIX, STAGE_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol
+from .step_ir import (
+    NEW_SUFFIX,
+    STAGE_SUFFIX,
+    Definition,
+    StepIR,
+    build_step_ir,
+    has_infinity,
+    index_symbol,
+    logsigmoid,
+    sigmoid,
+)
 
 
 class TransitionClass(enum.Enum):
@@ -147,18 +157,35 @@ def _split_factors(expr: sympy.Expr, groups: list[set[sympy.Symbol]], index_set:
     return parts, rest
 
 
+def _exact_log(factor: sympy.Expr) -> sympy.Expr | None:
+    """log(factor) where it has a form that is finite for every finite input, else None:
+    exp(x) -> x; sigmoid(x) -> logsigmoid(x); 1 - sigmoid(x) -> logsigmoid(-x), as 1 - sigmoid(x) = sigmoid(-x)
+    (the "z" gates of GRU and minGRU, Feng et al. 2024, arXiv:2410.01201, sec. 3.1: h_t = (1 - z_t) h_(t-1) + ...,
+    whose log is logsigmoid(-x) even where 1 - sigmoid(x) rounds to 0, from x ~ 17 in float32)."""
+    if isinstance(factor, sympy.exp):
+        return factor.args[0]
+    if isinstance(factor, sigmoid):
+        return logsigmoid(factor.args[0])
+    complement = sympy.expand(1 - factor)
+    if isinstance(complement, sigmoid):
+        return logsigmoid(-complement.args[0])
+    return None
+
+
 def _as_log(coeff: sympy.Expr) -> tuple[sympy.Expr, bool] | None:
-    """log(coeff), and whether that is exact without a positivity check at run time (coeff is a product
-    of exp(x) and positive numbers); None when coeff is a number that is not positive."""
+    """log(coeff), and whether that is exact without a positivity check at run time (coeff is a product of
+    positive numbers and factors with an exact log: exp(x), sigmoid(x), 1 - sigmoid(x); see `_exact_log`); None
+    when coeff is a number that is not positive."""
     factors = sympy.Mul.make_args(coeff)
     numbers = [f for f in factors if f.is_number]
+    logs = {f: _exact_log(f) for f in factors if not f.is_number}
     if any(not f.is_positive for f in numbers):
-        if len(numbers) == len(factors) or all(isinstance(f, sympy.exp) or f.is_number for f in factors):
-            return None  # a constant <= 0, or one times exp(...): never positive
+        if len(numbers) == len(factors) or all(v is not None for v in logs.values()):
+            return None  # a constant <= 0, or one times positive factors: never positive
         return sympy.log(coeff), False
-    if all(isinstance(f, sympy.exp) or f.is_number for f in factors):
-        logs = [f.args[0] if isinstance(f, sympy.exp) else sympy.Float(float(sympy.log(f).evalf())) for f in factors]
-        return sympy.Add(*logs), True
+    if all(v is not None for v in logs.values()):
+        parts = [sympy.Float(float(sympy.log(f).evalf())) for f in numbers] + list(logs.values())
+        return sympy.Add(*parts), True
     return sympy.log(coeff), False
 
 

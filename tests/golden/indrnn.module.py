@@ -73,6 +73,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -692,8 +693,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 

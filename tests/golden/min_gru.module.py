@@ -72,6 +72,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -833,8 +834,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -2701,7 +2703,7 @@ _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x 
 
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
-_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
 _triton_SCAN_WARPS = 4
 
 
@@ -2772,8 +2774,11 @@ def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, B
 
 
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
+    of [BT, BN] (the backward 2 m more), so BN shrinks with m: with `_triton_SCAN_BN_BLOCK` no kernel spills at sm_80 /
+    sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
     BT = _triton_SCAN_BT if block_t is None else block_t
-    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
     for name, value in (("block_t", BT), ("block_n", BN)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
@@ -2782,7 +2787,7 @@ def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, 
 
 class _triton_ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
     T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
 
     @staticmethod

@@ -73,6 +73,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -692,8 +693,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1808,6 +1810,7 @@ _rwkv7_spec = _Spec(
     sizes=('K', 'V'),
     spec_hash='a42fc233ae83abc8',
     unavailable=(('scan', 'S has a diagonal-plus-rank-one transition (S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i])'), ('parallel', 'S has a diagonal-plus-rank-one transition: its products do not collapse to a decay mask (use chunked)')),
+    triton_unavailable=(('chunked', 'S is diagonal-plus-rank-one, whose chunked form has no Triton kernels yet (the torch chunked form runs it)'),),
 )
 
 
