@@ -2,9 +2,10 @@
 
 A seeded generator writes small but valid and numerically stable programs from templates: a scalar, vector or matrix
 state, a delta rule, a DeltaProduct (2 or 3 delta updates of one state per step: the rank-r update class), two
-states in one recurrence, or a 3-axis state read over its pair; a decay that is absent, an
+states in one recurrence, a 3-axis state read over its pair, or a cascade of 2, 3 or 4 vector states each reading
+the one before (coupled-elementwise: an m x m block per element, scanned); a decay that is absent, an
 `exp(...)` of an input (scalar, key axis, value axis), a constant (`0.9`, `exp(-1 / 8)`), a size expression
-(`(1 - 1 / K)`), a positive non-exp decay (`sigmoid(a)`, a plain input or param), or a param-driven
+(`(1 - 1 / K)`), a positive non-exp decay (`sigmoid(a)`, `1 - sigmoid(a)`, a plain input or param), or a param-driven
 `exp(-softplus(A[i]) * dt)`; constants in other places (a constant key or query, scale factors `/ sqrt(K)`,
 `K ** -0.5`, `sigmoid(2.0)`, a constant beta, a constant injection `c = a * c + 1`); readouts before and after the
 update, two readouts of one state, outputs combining two states and non-linear functions of a readout.
@@ -116,6 +117,10 @@ def decay_text(b: Builder, kind: str, axes: dict[str, tuple[str, str]], suffix: 
         if key is None:
             return f"sigmoid({b.inp('a' + suffix)})"
         return f"sigmoid({b.inp('a' + suffix, key[1])}[{key[0]}])"
+    if kind == "complement_sigmoid":  # GRU's z gate: the log decay is logsigmoid(-a)
+        if key is None:
+            return f"(1 - sigmoid({b.inp('a' + suffix)}))"
+        return f"(1 - sigmoid({b.inp('a' + suffix, key[1])}[{key[0]}]))"
     if kind == "softplus_param":
         dt = b.inp("dt" + suffix)
         if key is None:
@@ -369,6 +374,31 @@ def pair_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
     b.lines += [f"o[j] = {readout}", update] if before else [update, f"o[j] = {readout}"]
 
 
+COUPLED_DECAYS = ["complement_sigmoid", "sigmoid_key", "exp_key", "const_exp"]
+
+
+def coupled_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
+    """A cascade of m = 2, 3 or 4 vector states: h1 = decay * h1 + x, then each h_r = d_r * h_r + (1 - d_r) * h_(r-1)
+    (a smoothing of the state before it, read after its update), d_r a gate drawn per stage; for n = 3 the first
+    state also reads the last one's previous value (the block fills in). Coupled-elementwise: one m x m block per
+    element, whose scan form runs on both backends."""
+    m = 2 + n % 3
+    b.features.add(f"coupled:m{m}")
+    axes = {"key": ("d", "D"), "value": ("d", "D")}
+    for r in range(1, m + 1):
+        b.states[f"h{r}"] = ("D",)
+    first = f"{decayed(decay_text(b, decay, axes), 'h1[d]')} + {b.inp('x', 'D')}[d]"
+    if n % 4 == 3:
+        first += f" + 0.25 * h{m}[d]"
+        b.features.add("coupled:feedback")
+    b.lines.append(f"h1[d] = {first}")
+    for r in range(2, m + 1):
+        gate = decay_text(b, rng.choice(COUPLED_DECAYS), axes, str(r))
+        b.lines.append(f"h{r}[d] = {gate} * h{r}[d] + (1 - {gate}) * h{r - 1}[d]")
+    b.outputs["y"] = ("D",)
+    b.lines.append(f"y[d] = h{m}[d] - 0.5 * h1[d]")
+
+
 SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
     ("matrix", matrix_program, DECAY_KINDS, 24),
     ("delta", delta_program, DELTA_DECAYS, 10),
@@ -378,6 +408,7 @@ SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
                                 "softplus_param", "exp_value", "const_exp", "input_plain"], 10),
     ("pair", pair_program, PAIR_DECAYS, 4),
     ("product", product_program, ["exp_scalar", "exp_key", "none", "const_exp"], 4),
+    ("coupled", coupled_program, COUPLED_DECAYS, 4),  # last: the shared rng leaves the programs above as they were
 ]
 
 
@@ -417,7 +448,8 @@ def test_generator_covers_every_feature():
     wanted = {f"shape:{s[0]}" for s in SHAPES} | {f"decay:{k}" for k in DECAY_KINDS} | {
         f"scale:{s}" for s in SCALES} | {f"beta:{b}" for b in BETAS} | {f"two:{v}" for v in TWO_VARIANTS} | {
         "const_key", "const_query", "const_injection", "readout_before", "readout_after", "two_readouts",
-        "tanh_readout", "delta", "product:r2", "product:r3", "product:decay_alone"}
+        "tanh_readout", "delta", "product:r2", "product:r3", "product:decay_alone", "decay:complement_sigmoid",
+        "coupled:m2", "coupled:m3", "coupled:m4", "coupled:feedback"}
     assert wanted <= seen, f"features no program has: {sorted(wanted - seen)}"
     texts = "\n".join(p.text for p in PROGRAMS)
     for snippet in ["/ sqrt(K)", "K ** -0.5", "sigmoid(2.0)", "exp(-1 / 8)", "(1 - 1 / K)", "0.9 *",
@@ -430,6 +462,21 @@ def test_generator_covers_every_feature():
     for p in PROGRAMS:
         rec = recurrence_dsl.load(p.text)[p.name]
         assert rec.checked.inputs, f"a program without inputs cannot be called:\n{p.text}"
+
+
+def test_coupled_programs_are_scanned_as_blocks():
+    """The cascades are coupled-elementwise with one m x m block, and the Triton backend scans them (m <= 4)."""
+    from codegen.triton_recurrent import triton_form_names
+    from recurrence_dsl.analysis import analyse
+
+    coupled = [p for p in PROGRAMS if "shape:coupled" in p.features]
+    assert coupled
+    for p in coupled:
+        analysis = analyse(recurrence_dsl.load(p.text)[p.name].checked)
+        block = analysis.states["h1"].block
+        assert analysis.cls.value == "coupled-elementwise" and block is not None, (analysis.unavailable, p.text)
+        assert f"coupled:m{len(block.states)}" in p.features
+        assert "scan" in triton_form_names(analysis), p.text
 
 
 def test_pair_programs_get_the_flattened_chunked_form():
