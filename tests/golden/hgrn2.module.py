@@ -2829,8 +2829,8 @@ def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, B
 
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
     """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
-    of [BT, BN] (the backward 2 m more), so BN shrinks with m: with `_triton_SCAN_BN_BLOCK` no kernel spills at sm_80 /
-    sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
+    of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_triton_SCAN_BN_BLOCK` no kernel spills at
+    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
     BT = _triton_SCAN_BT if block_t is None else block_t
     BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
     for name, value in (("block_t", BT), ("block_n", BN)):
