@@ -435,30 +435,29 @@ def _sum_depth(expr: sympy.Expr) -> int:
 
 
 def _canonical(expr: sympy.Expr, made: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
-    """`expr` expanded into monomials, every one-index sum split over the terms of its body with the factors free
-    of its index taken out, and its index renamed after its range and nesting depth (`c1__K`, recorded in `made`
-    with its size): so a dot product reads the same wherever it was written, `Sum(k1[c1__K] * k2[c1__K], ...)`,
-    and two transitions are equal exactly when their difference expands to 0."""
+    """`expr` expanded into monomials, every sum split over the terms of its body with the factors free of its
+    index taken out, and its index renamed after its range and nesting depth (`c1__K`, recorded in `made` with its
+    size): so a dot product reads the same wherever it was written, `Sum(k1[c1__K] * k2[c1__K], ...)`, and two
+    transitions are equal exactly when their difference expands to 0."""
     if not expr.has(sympy.Sum):
         return sympy.expand(expr)
     if not isinstance(expr, sympy.Sum):
         return sympy.expand(expr.func(*[_canonical(a, made) for a in expr.args]))
-    if len(expr.limits) != 1:
-        return sympy.expand(expr)
-    var, low, high = expr.limits[0]
     body = _canonical(expr.function, made)
-    size = high - low + 1
-    dummy = index_symbol(f"c{1 + max((_sum_depth(s) for s in body.atoms(sympy.Sum)), default=0)}__"
-                         + "".join(ch if ch.isalnum() else "_" for ch in str(size)))
-    made[dummy] = size
-    body = body.xreplace({var: dummy})
-    total = sympy.Integer(0)
-    for term in sympy.Add.make_args(body):
-        factors = sympy.Mul.make_args(term)
-        inside = [f for f in factors if dummy in f.free_symbols]
-        outside = sympy.Mul(*[f for f in factors if dummy not in f.free_symbols])
-        total += outside * (sympy.Sum(sympy.Mul(*inside), (dummy, low, high)) if inside else size)
-    return sympy.expand(total)
+    for var, low, high in expr.limits:  # sum(a, b, f) is sum(b, sum(a, f)): one index at a time, innermost first
+        size = high - low + 1
+        depth = 1 + max((_sum_depth(s) for s in body.atoms(sympy.Sum)), default=0)
+        dummy = index_symbol(f"c{depth}__" + "".join(ch if ch.isalnum() else "_" for ch in str(size)))
+        made[dummy] = size
+        body = body.xreplace({var: dummy})
+        total = sympy.Integer(0)
+        for term in sympy.Add.make_args(body):
+            factors = sympy.Mul.make_args(term)
+            inside = [f for f in factors if dummy in f.free_symbols]
+            outside = sympy.Mul(*[f for f in factors if dummy not in f.free_symbols])
+            total += outside * (sympy.Sum(sympy.Mul(*inside), (dummy, low, high)) if inside else size)
+        body = sympy.expand(total)
+    return body
 
 
 def _outer_terms(expr: sympy.Expr, left: sympy.Symbol, right: sympy.Symbol,
@@ -557,7 +556,13 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     # A later factor's key multiplies an earlier one's in the cross terms: count the keys each one follows.
     follows = [sum(1 for q in range(r) if q != p and coeffs.get((p, q), 0) != 0) for p in range(r)]
     if sorted(follows) != list(range(r)):
-        return near_miss("its cross terms k_p k_q^T do not order the keys as a product's do (each pair once)")
+        for p, q in itertools.combinations(range(r), 2):
+            both = [coeffs.get((x, y), 0) != 0 for x, y in ((p, q), (q, p))]
+            if all(both) or not any(both):
+                return near_miss(f"it has {'cross terms both ways' if all(both) else 'no cross term'} between "
+                                 f"{keys[p]} and {keys[q]}, where a product of their two factors has one, "
+                                 "beta_p beta_q (k_p . k_q) k_p k_q^T with factor p after factor q")
+        return near_miss("its cross terms k_p k_q^T do not order the keys as the factors of a product")
     order = sorted(range(r), key=follows.__getitem__)
     keys = [keys[p] for p in order]
     coeffs = {(order.index(p), order.index(q)): c for (p, q), c in coeffs.items()}
