@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
-from .step_ir import NEW_SUFFIX, STAGE_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol
+from .step_ir import NEW_SUFFIX, STAGE_SUFFIX, Definition, StepIR, build_step_ir, has_infinity, index_symbol, tree_size
 
 
 class TransitionClass(enum.Enum):
@@ -485,6 +485,11 @@ def _paren(e: sympy.Expr) -> str:
     return f"({e})" if isinstance(e, sympy.Add) else str(e)
 
 
+# The largest composed update (in tree nodes) that `_factor_rank_r` expands: its monomials double with each factor,
+# and r = 6 Householder factors with a decay (about 2100 nodes) take a few seconds.
+_MAX_FACTORED = 2500
+
+
 def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
     """A matrix state whose composed update is `general` but linear in it, `S_t = A_t S_(t-1) + B_t` with
     `A_t = (I + sum_pq C_pq k_p k_q^T) D_t`: if `A_t` is a product of r >= 2 generalised Householder factors
@@ -506,6 +511,8 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     if sa.cls is not TransitionClass.GENERAL or len(sa.dims) != 2:
         return sa
     update = ir.updates[name]
+    if tree_size(update.expr) > _MAX_FACTORED:
+        return sa
     try:
         const, terms = linearize(update.expr, state_names)
     except NonLinear:
