@@ -319,6 +319,8 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
         else:
             cls, why = TransitionClass.ELEMENTWISE, f"each element of {name} is scaled by {diagonal}"
         return StateAnalysis(name, dims, cls, why, target, diagonal, const)
+    if len(target) == 3:
+        return _classify_pair_mixing(ir, name, dims, target, diagonal, mixing, const)
     # Row mixing: every mixing term must be sum_{a'} m(a, a') S[a', b].
     if len(target) not in (1, 2):
         return StateAnalysis(name, dims, TransitionClass.GENERAL,
@@ -371,6 +373,50 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
                          "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
+
+
+def _classify_pair_mixing(ir: StepIR, name: str, dims: tuple, target: tuple, diagonal: sympy.Expr,
+                          mixing: list[LinearTerm], const: sympy.Expr) -> StateAnalysis:
+    """A 3-axis state S[a, b, j] that mixes its pairs (a, b): a rank-one delta update over the flattened pair,
+    `S_t[a, b, j] = D(a, b) S[a, b, j] - beta k(a, b) sum(c, d, k(c, d) D(c, d) S[c, d, j]) + B(a, b, j)`
+    (DeltaNet on a second-order feature map, as in Based's Taylor state with the delta rule), which the chunked
+    form runs on S held as [X * Y, V] (`_plan_pair_chunks`); anything else is general, with the reason."""
+    a, b, j = target
+    index_set = set(ir.ranges)
+    mix = (index_symbol("a__mix0"), index_symbol("a__mix1"))
+    m = sympy.Integer(0)
+    for t in mixing:
+        pair = tuple(t.indices[:2])
+        if (len(t.indices) != 3 or t.indices[2] != j or j in t.bound or len(set(pair)) != 2
+                or not set(pair) <= set(t.bound)):
+            return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                                 f"{name} mixes its elements other than along its first two axes together "
+                                 f"({t.coeff} * {t.state}[{', '.join(map(str, t.indices))}] summed over {t.bound})",
+                                 target, None, const)
+        extra = [(x, 0, ir.ranges[x] - 1) for x in t.bound if x not in pair]
+        m += (sympy.Sum(t.coeff, *extra) if extra else t.coeff).xreplace(dict(zip(pair, mix)))
+    shown = m.xreplace(dict(zip(mix, (index_symbol(f"{a}'"), index_symbol(f"{b}'")))))  # the summed pair as a', b'
+    general = StateAnalysis(name, dims, TransitionClass.GENERAL,
+                            f"{name} mixes its pairs ({a}, {b}) by m({a}, {b}, {a}', {b}') = {shown} "
+                            "(not a (I - beta k k^T) D rank-one update over the pair)", target, None, const)
+    used = _free_indices(diagonal, index_set)
+    if diagonal == 0 or j in used or j in m.free_symbols:
+        return general
+    ratio = sympy.simplify(m / diagonal.xreplace({a: mix[0], b: mix[1]}))
+    split = _split_factors(ratio, [{a, b}, set(mix)], index_set | set(mix))
+    if split is None:
+        return general
+    (left, right), scale = split
+    probe = (index_symbol("a__probe0"), index_symbol("a__probe1"))
+    c = sympy.simplify(left.xreplace(dict(zip((a, b), probe))) / right.xreplace(dict(zip(mix, probe))))
+    if set(probe) & c.free_symbols or c == 0:
+        return general
+    k, beta = right.xreplace(dict(zip(mix, (a, b)))), sympy.simplify(-scale * c)
+    sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
+                       f"{name} is updated by (I - beta k k^T) D over its pair ({a}, {b}) flattened, with beta = "
+                       f"{beta}, k = {k}, D = {diagonal}", target, diagonal, const)
+    sa.rank_one = (beta, k)
+    return sa
 
 
 def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
@@ -935,9 +981,10 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         sa.chunk_reason = (f"{name} has {len(sa.dims)} axes (the chunked form takes 1 or 2, or 3 with the first two "
                            "flattened into one key axis)")
         return
-    if sa.cls not in _PAIR_DECAYS:
+    if sa.cls not in _PAIR_DECAYS and sa.cls is not TransitionClass.RANK_ONE_UPDATE:
         sa.chunk_reason = (f"at {where}: {name} has {_article(sa.cls.value)} {sa.cls.value} transition; a 3-axis "
-                           "state is chunked only as a decay times the state plus an outer product")
+                           "state is chunked only as a decay times the state plus an outer product, or as a rank-one "
+                           "delta update over its first two axes")
         return
     index_set = set(ir.ranges)
     a, b, j = sa.indices
@@ -963,6 +1010,17 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         return
     (key_part, value_part), scale = split
     on_pair = dict(zip((a, b), PAIR_KEY))
+    key, beta = scale * key_part, None
+    if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+        # The injection must lie along the update's direction k(a, b), as in `_plan_chunks`: B = k(a, b) y(j).
+        beta_expr, direction = sa.rank_one
+        ratio = sympy.simplify(key / direction)
+        if _free_indices(ratio, index_set) & {a, b}:
+            sa.chunk_reason = (f"at {where}: the injection {injection} of {name} is not along the rank-one update's "
+                               f"direction {direction}")
+            return
+        key, value_part = direction, ratio * value_part
+        beta = Definition(f"beta_{name}", (), beta_expr)
     log_decay, exact = None, True
     if decay_axis is not None:
         as_log = _as_log(sa.diagonal)
@@ -973,9 +1031,9 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         log_expr, exact = as_log
         indices = {"key": PAIR_KEY, "value": (PAIR_VALUE,), "scalar": ()}[decay_axis]
         log_decay = Definition(f"log_decay_{name}", indices, log_expr.xreplace({**on_pair, j: PAIR_VALUE}))
-    sa.chunk = ChunkPlan(0, Definition(f"k_{name}", PAIR_KEY, (scale * key_part).xreplace(on_pair)),
+    sa.chunk = ChunkPlan(0, Definition(f"k_{name}", PAIR_KEY, key.xreplace(on_pair)),
                          Definition(f"v_{name}", (PAIR_VALUE,), value_part.xreplace({j: PAIR_VALUE})), decay_axis,
-                         log_decay, exact, None, pair=True)
+                         log_decay, exact, beta, pair=True)
 
 
 def _pair_readout(ir: StepIR, output: str, symbol: sympy.Symbol, term: LinearTerm,
