@@ -9,7 +9,9 @@ the first update's result substituted into the second), tests/data/delta_product
   says why at the assignment's line:col;
 - `show`, `show --json` and `check --prove` say what was found;
 - the chunked form against the reference (torch float64 / float32, Triton interpreter float32, forward and the
-  gradient of every input and of the initial state) and against the multi-assignment spec's.
+  gradient of every input and of the initial state) and against the multi-assignment spec's;
+- a rank-one delta update of a 3-axis state over the pair of its first two axes (tests/data/pair_delta.rec) is
+  `rank-one-update`, chunked with the pair flattened, against the reference; a near miss keeps `general`.
 """
 
 from __future__ import annotations
@@ -126,3 +128,43 @@ def test_chunked_forward_and_gradients_match_the_reference(name, backend, dtype,
 def test_the_triton_chunked_form_has_its_own_backward():
     for name in PAIRS:
         assert chunked_backward_in_triton(analyse(ONE[name].checked)), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a rank-one delta update of a 3-axis state over its pair (tests/data/pair_delta.rec)
+# ---------------------------------------------------------------------------------------------------------
+
+PAIR = recurrence_dsl.load(TESTS / "data" / "pair_delta.rec")
+
+# The update reads the pair through k[c] * k[d] but writes along k[a] * w[b]: no (I - beta k k^T) over the pair.
+PAIR_NEAR = """
+recurrence pair_near(q[K], k[K], w[K], v[V], beta) -> o[V] {
+    state S[K, K, V]
+    S[a, b, j] = S[a, b, j] + beta * k[a] * w[b] * (v[j] - sum(c, d, k[c] * k[d] * S[c, d, j]))
+    o[j] = sum(a, b, q[a] * q[b] * S[a, b, j])
+}
+"""
+
+
+@pytest.mark.parametrize(("name", "decay"), [("pair_delta", None), ("pair_gated_delta", "key")])
+def test_a_pair_delta_update_is_rank_one_over_the_flattened_pair(name, decay):
+    a = analyse(PAIR[name].checked)
+    sa = a.states["S"]
+    assert sa.cls is TransitionClass.RANK_ONE_UPDATE and "over its pair (a, b) flattened" in sa.reason
+    assert a.forms == ("recurrent", "chunked")
+    plan = sa.chunk
+    assert plan.pair and plan.beta is not None and plan.decay_axis == decay
+    near = analyse(_load(PAIR_NEAR).checked)
+    assert near.states["S"].cls is TransitionClass.GENERAL and near.forms == ("recurrent",)
+    assert "not a (I - beta k k^T) D rank-one update over the pair" in near.states["S"].reason
+    assert "at 4:5" in near.unavailable["chunked"]
+
+
+@pytest.mark.parametrize(("name", "backend", "dtype", "tol"), [
+    ("pair_delta", "torch", torch.float64, 1e-10),
+    ("pair_gated_delta", "torch", torch.float32, 1e-5),
+    ("pair_gated_delta", "triton", torch.float32, 1e-5),
+], ids=lambda x: getattr(x, "__name__", str(x)).replace("torch.", ""))
+def test_pair_delta_chunked_matches_the_reference(name, backend, dtype, tol):
+    """K = 8: a flattened key axis of 64 (or 8 * 6); forward and every gradient."""
+    _check(PAIR[name], backend, dtype, tol)
