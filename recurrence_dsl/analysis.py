@@ -30,6 +30,7 @@ from .step_ir import (
     index_symbol,
     logsigmoid,
     sigmoid,
+    tree_size,
 )
 
 
@@ -346,6 +347,8 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
         else:
             cls, why = TransitionClass.ELEMENTWISE, f"each element of {name} is scaled by {diagonal}"
         return StateAnalysis(name, dims, cls, why, target, diagonal, const)
+    if len(target) == 3:
+        return _classify_pair_mixing(ir, name, dims, target, diagonal, mixing, const)
     # Row mixing: every mixing term must be sum_{a'} m(a, a') S[a', b].
     if len(target) not in (1, 2):
         return StateAnalysis(name, dims, TransitionClass.GENERAL,
@@ -400,6 +403,50 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          target, None, const)
 
 
+def _classify_pair_mixing(ir: StepIR, name: str, dims: tuple, target: tuple, diagonal: sympy.Expr,
+                          mixing: list[LinearTerm], const: sympy.Expr) -> StateAnalysis:
+    """A 3-axis state S[a, b, j] that mixes its pairs (a, b): a rank-one delta update over the flattened pair,
+    `S_t[a, b, j] = D(a, b) S[a, b, j] - beta k(a, b) sum(c, d, k(c, d) D(c, d) S[c, d, j]) + B(a, b, j)`
+    (DeltaNet on a second-order feature map, as in Based's Taylor state with the delta rule), which the chunked
+    form runs on S held as [X * Y, V] (`_plan_pair_chunks`); anything else is general, with the reason."""
+    a, b, j = target
+    index_set = set(ir.ranges)
+    mix = (index_symbol("a__mix0"), index_symbol("a__mix1"))
+    m = sympy.Integer(0)
+    for t in mixing:
+        pair = tuple(t.indices[:2])
+        if (len(t.indices) != 3 or t.indices[2] != j or j in t.bound or len(set(pair)) != 2
+                or not set(pair) <= set(t.bound)):
+            return StateAnalysis(name, dims, TransitionClass.GENERAL,
+                                 f"{name} mixes its elements other than along its first two axes together "
+                                 f"({t.coeff} * {t.state}[{', '.join(map(str, t.indices))}] summed over {t.bound})",
+                                 target, None, const)
+        extra = [(x, 0, ir.ranges[x] - 1) for x in t.bound if x not in pair]
+        m += (sympy.Sum(t.coeff, *extra) if extra else t.coeff).xreplace(dict(zip(pair, mix)))
+    shown = m.xreplace(dict(zip(mix, (index_symbol(f"{a}'"), index_symbol(f"{b}'")))))  # the summed pair as a', b'
+    general = StateAnalysis(name, dims, TransitionClass.GENERAL,
+                            f"{name} mixes its pairs ({a}, {b}) by m({a}, {b}, {a}', {b}') = {shown} "
+                            "(not a (I - beta k k^T) D rank-one update over the pair)", target, None, const)
+    used = _free_indices(diagonal, index_set)
+    if diagonal == 0 or j in used or j in m.free_symbols:
+        return general
+    ratio = sympy.simplify(m / diagonal.xreplace({a: mix[0], b: mix[1]}))
+    split = _split_factors(ratio, [{a, b}, set(mix)], index_set | set(mix))
+    if split is None:
+        return general
+    (left, right), scale = split
+    probe = (index_symbol("a__probe0"), index_symbol("a__probe1"))
+    c = sympy.simplify(left.xreplace(dict(zip((a, b), probe))) / right.xreplace(dict(zip(mix, probe))))
+    if set(probe) & c.free_symbols or c == 0:
+        return general
+    k, beta = right.xreplace(dict(zip(mix, (a, b)))), sympy.simplify(-scale * c)
+    sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
+                       f"{name} is updated by (I - beta k k^T) D over its pair ({a}, {b}) flattened, with beta = "
+                       f"{beta}, k = {k}, D = {diagonal}", target, diagonal, const)
+    sa.rank_one = (beta, k)
+    return sa
+
+
 def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
     """A state assigned more than once per step whose composed update is `general`: if every assignment, read
     on its own (`StepIR.stages`), is a rank-one delta update (I - beta_n k_n k_n^T) D_n S + beta_n k_n v_n^T, or
@@ -446,6 +493,219 @@ def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, stat
                            f"{name} is updated by r = {r} rank-one delta updates per step, "
                            f"prod_n (I - beta_n k_n k_n^T) D_n ({parts})", found[0].indices)
     rank_r.stages = tuple(found)
+    return rank_r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A rank-r update written as one assignment: its transition factored into r generalised Householder factors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sum_depth(expr: sympy.Expr) -> int:
+    """How deeply sums nest in `expr` (0 for none)."""
+    if isinstance(expr, sympy.Sum):
+        return 1 + max((_sum_depth(s) for s in expr.function.atoms(sympy.Sum)), default=0)
+    return max((_sum_depth(s) for s in expr.atoms(sympy.Sum)), default=0)
+
+
+def _canonical(expr: sympy.Expr, made: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
+    """`expr` expanded into monomials, every sum split over the terms of its body with the factors free of its
+    index taken out, and its index renamed after its range and nesting depth (`c1__K`, recorded in `made` with its
+    size): so a dot product reads the same wherever it was written, `Sum(k1[c1__K] * k2[c1__K], ...)`, and two
+    transitions are equal exactly when their difference expands to 0."""
+    if not expr.has(sympy.Sum):
+        return sympy.expand(expr)
+    if not isinstance(expr, sympy.Sum):
+        return sympy.expand(expr.func(*[_canonical(a, made) for a in expr.args]))
+    body = _canonical(expr.function, made)
+    for var, low, high in expr.limits:  # sum(a, b, f) is sum(b, sum(a, f)): one index at a time, innermost first
+        size = high - low + 1
+        depth = 1 + max((_sum_depth(s) for s in body.atoms(sympy.Sum)), default=0)
+        dummy = index_symbol(f"c{depth}__" + "".join(ch if ch.isalnum() else "_" for ch in str(size)))
+        made[dummy] = size
+        body = body.xreplace({var: dummy})
+        total = sympy.Integer(0)
+        for term in sympy.Add.make_args(body):
+            factors = sympy.Mul.make_args(term)
+            inside = [f for f in factors if dummy in f.free_symbols]
+            outside = sympy.Mul(*[f for f in factors if dummy not in f.free_symbols])
+            total += outside * (sympy.Sum(sympy.Mul(*inside), (dummy, low, high)) if inside else size)
+        body = sympy.expand(total)
+    return body
+
+
+def _outer_terms(expr: sympy.Expr, left: sympy.Symbol, right: sympy.Symbol,
+                 index_set: set[sympy.Symbol]) -> list[tuple[sympy.Expr, sympy.Expr, sympy.Expr]] | str:
+    """The monomials of a canonical `expr` (see `_canonical`) as (scalar, factor in `left`, factor in `right`)
+    triples, so `expr = sum scalar * l(left) * r(right)`; or, where a monomial mixes the two, why not."""
+    found = []
+    for monomial in sympy.Add.make_args(expr):
+        parts = {"scalar": sympy.Integer(1), left: sympy.Integer(1), right: sympy.Integer(1)}
+        for factor in sympy.Mul.make_args(monomial):
+            used = _free_indices(factor, index_set)
+            if len(used) > 1 or not used <= {left, right}:
+                return f"its term {monomial} is no product of a vector over {left} and one over {right}"
+            parts[next(iter(used)) if used else "scalar"] *= factor
+        found.append((parts["scalar"], parts[left], parts[right]))
+    return found
+
+
+def _product_of_factors(name: str, keys: list[sympy.Expr], betas: list[sympy.Expr]) -> str:
+    """(I - beta_r k_r k_r^T) ... (I - beta_1 k_1 k_1^T) in words, the first factor (applied first) rightmost."""
+    return "".join(f"(I - {_paren(b)} {k} {k}^T)" for b, k in reversed(list(zip(betas, keys))))
+
+
+def _paren(e: sympy.Expr) -> str:
+    return f"({e})" if isinstance(e, sympy.Add) else str(e)
+
+
+# The largest composed update (in tree nodes) that `_factor_rank_r` expands: its monomials double with each factor,
+# and r = 6 Householder factors with a decay (about 2100 nodes) take a few seconds.
+_MAX_FACTORED = 2500
+
+
+def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_names: set[str]) -> StateAnalysis:
+    """A matrix state whose composed update is `general` but linear in it, `S_t = A_t S_(t-1) + B_t` with
+    `A_t = (I + sum_pq C_pq k_p k_q^T) D_t`: if `A_t` is a product of r >= 2 generalised Householder factors
+    `(I - beta_r k_r k_r^T) ... (I - beta_1 k_1 k_1^T) D_t` and `B_t` lies along the keys, the state has a rank-r
+    update (DeltaProduct, Siems et al. 2025, Sec. 3) though it is assigned once, its r updates written as one
+    expression: `S + b1 k1 u1 + b2 k2 u2` with `u2` reading the once-updated state, or the first update's result
+    substituted into the second.
+
+    How the factors are found: the mixing `m(a, a')` (sums over other indices kept as dot products) divided by
+    the decay `D_t(a')` is expanded into monomials `c l(a) r(a')`; a monomial with `l = r` names a key `k_p`
+    with `C_pp = -beta_p`, and a cross term `k_p k_q^T` (`p != q`) puts factor p after factor q. The product of
+    the factors in that order is expanded and compared with every `C_pq` (dot products as canonical sums), and
+    the injection `B_t = sum_p k_p w_p^T` is solved for each update's value: with
+    `B_t = sum_n H_r ... H_(n+1) beta_n k_n v_n^T`, the coefficient of `k_n` gives `v_n` once `v_1 .. v_(n-1)`
+    are known. A body with two or more keys that fails any step keeps `sa` (its class) and its reason says why,
+    at the assignment's line:col. The result carries one rank-one `StateAnalysis` per factor (`stages`, the
+    decay on the first), which the multi-assignment path's chunk plan (`_plan_rank_r`) takes as it is."""
+    name = sa.name
+    if sa.cls is not TransitionClass.GENERAL or len(sa.dims) != 2:
+        return sa
+    update = ir.updates[name]
+    if tree_size(update.expr) > _MAX_FACTORED:
+        return sa
+    try:
+        const, terms = linearize(update.expr, state_names)
+    except NonLinear:
+        return sa
+    if any(t.base != name or t.reads_new for t in terms):
+        return sa
+    row, col = update.indices
+    index_set = set(ir.ranges)
+    mix = index_symbol("a__mix")
+    diagonal, mixing = sympy.Integer(0), sympy.Integer(0)
+    for t in terms:
+        if not t.bound and tuple(t.indices) == (row, col):
+            diagonal += t.coeff
+            continue
+        # sum(x, extra..., c(a, x, extra) * S[x, b]): a row mixing, the other sums dot products inside m(a, x)
+        if len(t.indices) != 2 or t.indices[1] != col or t.indices[0] not in t.bound or col in t.bound:
+            return sa
+        extra = [(b, 0, ir.ranges[b] - 1) for b in t.bound if b != t.indices[0]]
+        coeff = sympy.Sum(t.coeff, *extra) if extra else t.coeff
+        mixing += coeff.xreplace({t.indices[0]: mix})
+    if diagonal == 0 or mixing == 0 or col in _free_indices(diagonal, index_set) or col in mixing.free_symbols:
+        return sa
+    made: dict[sympy.Symbol, sympy.Expr] = {}
+    found = _outer_terms(_canonical(mixing / diagonal.xreplace({row: mix}), made), row, mix, index_set | {mix})
+    if isinstance(found, str):
+        return sa
+    keys: list[sympy.Expr] = []
+    for _, left, right in found:
+        if left.xreplace({row: mix}) == right and left not in keys:
+            keys.append(left)
+    if len(keys) < 2:
+        return sa
+    where = f"at {_where(rec, name)}"
+    shown = ", ".join(map(str, keys))
+
+    def near_miss(why: str) -> StateAnalysis:
+        sa.reason += (f"; {where}, its transition mixes rows along the {len(keys)} keys {shown} but is not a "
+                      f"product of {len(keys)} (I - beta k k^T) factors, so no rank-r update: {why}")
+        return sa
+
+    coeffs: dict[tuple[int, int], sympy.Expr] = {}
+    for scalar, left, right in found:
+        p, q = left, right.xreplace({mix: row})
+        if p not in keys or q not in keys:
+            return near_miss(f"its term {scalar * left * right} is not k_p[{row}] k_q[{mix}] for two of the keys")
+        coeffs[keys.index(p), keys.index(q)] = coeffs.get((keys.index(p), keys.index(q)), 0) + scalar
+    r = len(keys)
+    # A later factor's key multiplies an earlier one's in the cross terms: count the keys each one follows.
+    follows = [sum(1 for q in range(r) if q != p and coeffs.get((p, q), 0) != 0) for p in range(r)]
+    if sorted(follows) != list(range(r)):
+        for p, q in itertools.combinations(range(r), 2):
+            both = [coeffs.get((x, y), 0) != 0 for x, y in ((p, q), (q, p))]
+            if all(both) or not any(both):
+                return near_miss(f"it has {'cross terms both ways' if all(both) else 'no cross term'} between "
+                                 f"{keys[p]} and {keys[q]}, where a product of their two factors has one, "
+                                 "beta_p beta_q (k_p . k_q) k_p k_q^T with factor p after factor q")
+        return near_miss("its cross terms k_p k_q^T do not order the keys as the factors of a product")
+    order = sorted(range(r), key=follows.__getitem__)
+    keys = [keys[p] for p in order]
+    coeffs = {(order.index(p), order.index(q)): c for (p, q), c in coeffs.items()}
+    betas = [-coeffs[p, p] for p in range(r)]
+    size = ir.ranges[row]
+    dummy = index_symbol("a__dot")
+
+    def dot(p: int, q: int) -> sympy.Expr:
+        return _canonical(sympy.Sum(keys[p].xreplace({row: dummy}) * keys[q].xreplace({row: dummy}),
+                                    (dummy, 0, size - 1)), made)
+
+    # The product H_r ... H_1 - I as coefficients of k_p k_q^T: H_n (I + X) = I + X - beta_n k_n (k_n^T + k_n^T X).
+    product: dict[tuple[int, int], sympy.Expr] = {}
+    for n in range(r):
+        step = {(n, n): -betas[n]}
+        for (p, q), c in product.items():
+            step[n, q] = step.get((n, q), 0) - betas[n] * dot(n, p) * c
+        for pq, c in step.items():
+            product[pq] = product.get(pq, 0) + c
+    factors = _product_of_factors(name, keys, betas)
+    for p, q in sorted(set(product) | set(coeffs)):
+        expected, got = product.get((p, q), sympy.Integer(0)), coeffs.get((p, q), sympy.Integer(0))
+        if _canonical(expected - got, made) != 0:
+            term = f"{keys[p]} {keys[q]}^T"
+            return near_miss(f"{factors} has {sympy.expand(expected)} * {term}, the update "
+                             f"{sympy.expand(got) if got != 0 else 'no such term'}")
+    # The injection along the keys: B = sum_p k_p w_p^T.
+    along = _outer_terms(_canonical(const, made), row, col, index_set)
+    if isinstance(along, str):
+        return near_miss(f"its injection {const} is not a sum of outer products k_p[{row}] w_p[{col}] ({along})")
+    w = [sympy.Integer(0)] * r
+    for scalar, left, right in along:
+        if left not in keys:
+            return near_miss(f"its injection's term {scalar * left * right} does not lie along one of the keys")
+        w[keys.index(left)] += scalar * right
+    # Solve B = sum_n H_r ... H_(n+1) beta_n k_n v_n^T for v_1, ..., v_r in turn (triangular in the keys).
+    values: list[sympy.Expr] = []
+    reaching: list[dict[int, sympy.Expr]] = []  # H_r ... H_(n+1) k_n in the keys
+    for n in range(r):
+        vec = {n: sympy.Integer(1)}
+        for m in range(n + 1, r):
+            vec[m] = vec.get(m, 0) - betas[m] * sum((c * dot(m, p) for p, c in vec.items()), sympy.Integer(0))
+        reaching.append(vec)
+    for n in range(r):
+        known = sum((betas[m] * reaching[m].get(n, 0) * values[m] for m in range(n)), sympy.Integer(0))
+        values.append(_canonical((w[n] - known) / betas[n], made))
+    ir.ranges.update(made)  # (the canonical dot products' indices, which the printers look up)
+    stages = []
+    for n in range(r):
+        decay = diagonal if n == 0 else sympy.Integer(1)
+        one = StateAnalysis(name, sa.dims, TransitionClass.RANK_ONE_UPDATE,
+                            f"update {n + 1} of {name}: (I - beta k k^T) D with beta = {betas[n]}, k = {keys[n]}, "
+                            f"D = {decay}", (row, col), decay, betas[n] * keys[n] * values[n])
+        one.rank_one = (betas[n], keys[n])
+        stages.append(one)
+    parts = "; ".join(f"{n + 1}: beta = {betas[n]}, k = {keys[n]}, D = {one.diagonal}"
+                      for n, one in enumerate(stages))
+    rank_r = StateAnalysis(name, sa.dims, TransitionClass.RANK_R_UPDATE,
+                           f"{name} is updated by r = {r} rank-one delta updates per step, prod_n (I - beta_n k_n "
+                           f"k_n^T) D_n ({parts}), found by factoring the transition of its assignment {where}",
+                           (row, col))
+    rank_r.stages = tuple(stages)
     return rank_r
 
 
@@ -749,9 +1009,10 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         sa.chunk_reason = (f"{name} has {len(sa.dims)} axes (the chunked form takes 1 or 2, or 3 with the first two "
                            "flattened into one key axis)")
         return
-    if sa.cls not in _PAIR_DECAYS:
+    if sa.cls not in _PAIR_DECAYS and sa.cls is not TransitionClass.RANK_ONE_UPDATE:
         sa.chunk_reason = (f"at {where}: {name} has {_article(sa.cls.value)} {sa.cls.value} transition; a 3-axis "
-                           "state is chunked only as a decay times the state plus an outer product")
+                           "state is chunked only as a decay times the state plus an outer product, or as a rank-one "
+                           "delta update over its first two axes")
         return
     index_set = set(ir.ranges)
     a, b, j = sa.indices
@@ -777,6 +1038,17 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         return
     (key_part, value_part), scale = split
     on_pair = dict(zip((a, b), PAIR_KEY))
+    key, beta = scale * key_part, None
+    if sa.cls is TransitionClass.RANK_ONE_UPDATE:
+        # The injection must lie along the update's direction k(a, b), as in `_plan_chunks`: B = k(a, b) y(j).
+        beta_expr, direction = sa.rank_one
+        ratio = sympy.simplify(key / direction)
+        if _free_indices(ratio, index_set) & {a, b}:
+            sa.chunk_reason = (f"at {where}: the injection {injection} of {name} is not along the rank-one update's "
+                               f"direction {direction}")
+            return
+        key, value_part = direction, ratio * value_part
+        beta = Definition(f"beta_{name}", (), beta_expr)
     log_decay, exact = None, True
     if decay_axis is not None:
         as_log = _as_log(sa.diagonal)
@@ -787,9 +1059,9 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         log_expr, exact = as_log
         indices = {"key": PAIR_KEY, "value": (PAIR_VALUE,), "scalar": ()}[decay_axis]
         log_decay = Definition(f"log_decay_{name}", indices, log_expr.xreplace({**on_pair, j: PAIR_VALUE}))
-    sa.chunk = ChunkPlan(0, Definition(f"k_{name}", PAIR_KEY, (scale * key_part).xreplace(on_pair)),
+    sa.chunk = ChunkPlan(0, Definition(f"k_{name}", PAIR_KEY, key.xreplace(on_pair)),
                          Definition(f"v_{name}", (PAIR_VALUE,), value_part.xreplace({j: PAIR_VALUE})), decay_axis,
-                         log_decay, exact, None, pair=True)
+                         log_decay, exact, beta, pair=True)
 
 
 def _pair_readout(ir: StepIR, output: str, symbol: sympy.Symbol, term: LinearTerm,
@@ -966,6 +1238,7 @@ def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> A
         # Reads of another state's new value (z__new) count as state reads, so the coupling is seen.
         sa = _classify_state(ir, sym.name, dims[sym.name], state_names)
         sa = _classify_stages(rec, ir, sa, state_names)
+        sa = _factor_rank_r(rec, ir, sa, state_names)
         if not infinite:  # (with an infinite constant, only the recurrent form: no chunk plan, no readouts)
             if len(dims[sym.name]) > 2:
                 _plan_pair_chunks(rec, ir, sa)

@@ -1,9 +1,10 @@
 """Breadth: generated `.rec` recurrences, every form the analysis offers against the float64 reference.
 
 A seeded generator writes small but valid and numerically stable programs from templates: a scalar, vector or matrix
-state, a delta rule, a DeltaProduct (2 or 3 delta updates of one state per step: the rank-r update class), two
-states in one recurrence, a 3-axis state read over its pair, or a cascade of 2, 3 or 4 vector states each reading
-the one before (coupled-elementwise: an m x m block per element, scanned); a decay that is absent, an
+state, a delta rule, a DeltaProduct (2 or 3 delta updates of one state per step: the rank-r update class; the
+state assigned r times, or once with the r updates in one expression), two states in one recurrence, a 3-axis state
+read over its pair, or a cascade of 2, 3 or 4 vector states each reading the one before (coupled-elementwise: an
+m x m block per element, scanned); a decay that is absent, an
 `exp(...)` of an input (scalar, key axis, value axis), a constant (`0.9`, `exp(-1 / 8)`), a size expression
 (`(1 - 1 / K)`), a positive non-exp decay (`sigmoid(a)`, `1 - sigmoid(a)`, a plain input or param), or a param-driven
 `exp(-softplus(A[i]) * dt)`; constants in other places (a constant key or query, scale factors `/ sqrt(K)`,
@@ -212,9 +213,9 @@ def delta_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
 
 
 def product_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
-    """DeltaProduct: r = 2 or 3 delta updates of one state per step (the state assigned r times), a decay on the
-    first (or, with `n` odd, written as an assignment of its own before them), the readout after the last or, for
-    n = 1, before the first and after the last."""
+    """DeltaProduct: r = 2 or 3 delta updates of one state per step (the state assigned r times; for n = 4 once,
+    the r updates in one expression), a decay on the first (or, with `n` odd, written as an assignment of its own
+    before them), the readout after the last or, for n = 1, before the first and after the last."""
     b.states["S"] = ("K", "V")
     r = 2 + n % 2
     dec = decay_text(b, decay, {"key": ("i", "K")} if decay in ("exp_key", "size_expr") else {})
@@ -228,7 +229,15 @@ def product_program(b: Builder, n: int, decay: str, rng: random.Random) -> None:
         b.lines.append(f"S[i, j] = {dec} * S[i, j]")
         b.features.add("product:decay_alone")
         dec = None
-    for m in range(1, r + 1):
+    if n == 4:  # the r updates as ONE assignment: u_m reads the state as the updates before it left it
+        start, updates = decayed(dec, "S[i, j]"), ""
+        for m in range(1, r + 1):
+            k, v, beta = b.inp(f"k{m}", "K"), b.inp(f"v{m}", "V"), b.inp(f"b{m}")
+            b.lines.append(f"u{m}[j] = {v}[j] - sum(i, {k}[i] * ({start}{updates}))")
+            updates += f" + {beta} * {k}[i] * u{m}[j]"
+        b.lines.append(f"S[i, j] = {start}{updates}")
+        b.features.add("product:one_assignment")
+    for m in range(1, r + 1) if n != 4 else ():
         k, v, beta = b.inp(f"k{m}", "K"), b.inp(f"v{m}", "V"), b.inp(f"b{m}")
         b.lines.append(f"u{m}[j] = {v}[j] - sum(i, {k}[i] * {decayed(dec, 'S[i, j]')})")
         b.lines.append(f"S[i, j] = {decayed(dec, 'S[i, j]')} + {beta} * {k}[i] * u{m}[j]")
@@ -407,7 +416,7 @@ SHAPES = [  # (shape, builder, decay kinds cycled over, number of programs)
     ("two", two_state_program, ["exp_key", "none", "const", "exp_scalar", "size_expr", "sigmoid_key",
                                 "softplus_param", "exp_value", "const_exp", "input_plain"], 10),
     ("pair", pair_program, PAIR_DECAYS, 4),
-    ("product", product_program, ["exp_scalar", "exp_key", "none", "const_exp"], 4),
+    ("product", product_program, ["exp_scalar", "exp_key", "none", "const_exp"], 5),
     ("coupled", coupled_program, COUPLED_DECAYS, 4),  # last: the shared rng leaves the programs above as they were
 ]
 
@@ -449,7 +458,7 @@ def test_generator_covers_every_feature():
         f"scale:{s}" for s in SCALES} | {f"beta:{b}" for b in BETAS} | {f"two:{v}" for v in TWO_VARIANTS} | {
         "const_key", "const_query", "const_injection", "readout_before", "readout_after", "two_readouts",
         "tanh_readout", "delta", "product:r2", "product:r3", "product:decay_alone", "decay:complement_sigmoid",
-        "coupled:m2", "coupled:m3", "coupled:m4", "coupled:feedback"}
+        "product:one_assignment", "coupled:m2", "coupled:m3", "coupled:m4", "coupled:feedback"}
     assert wanted <= seen, f"features no program has: {sorted(wanted - seen)}"
     texts = "\n".join(p.text for p in PROGRAMS)
     for snippet in ["/ sqrt(K)", "K ** -0.5", "sigmoid(2.0)", "exp(-1 / 8)", "(1 - 1 / K)", "0.9 *",
@@ -489,6 +498,18 @@ def test_pair_programs_get_the_flattened_chunked_form():
         analysis = analyse(recurrence_dsl.load(p.text)[p.name].checked)
         assert "chunked" in analysis.forms, (analysis.unavailable, p.text)
         assert analysis.chunk_analysis.states["S"].chunk.pair, p.text
+
+
+def test_product_programs_get_the_rank_r_class():
+    """Every DeltaProduct program, the state assigned r times or once, is a rank-r update with a chunked form."""
+    from recurrence_dsl.analysis import TransitionClass, analyse
+
+    products = [p for p in PROGRAMS if "shape:product" in p.features]
+    assert any("product:one_assignment" in p.features for p in products)
+    for p in products:
+        analysis = analyse(recurrence_dsl.load(p.text)[p.name].checked)
+        assert analysis.states["S"].cls is TransitionClass.RANK_R_UPDATE, p.text
+        assert "chunked" in analysis.forms, (analysis.unavailable, p.text)
 
 
 # ---------------------------------------------------------------------------------------------------------
