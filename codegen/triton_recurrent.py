@@ -1262,13 +1262,30 @@ _ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
 
 # -- loading ----------------------------------------------------------------------------------------------
 
+def dplr_chunked_in_triton(analysis: Analysis) -> bool:
+    """Whether `analysis`'s chunked form runs on the Triton runtime's diagonal-plus-rank-one kernels
+    (`chunked_dplr_by`) and trains on the recurrent form's derived Triton adjoint, fed the chunk-start states as its
+    checkpoints: every state of the chunk plan diagonal-plus-rank-one, held as itself (not transposed, lifted or a
+    flattened pair; the checkpoints are the states the step loop holds), with no decay, a scalar or a key decay,
+    and the step has a derived Triton adjoint."""
+    if "chunked" not in analysis.forms:
+        return False
+    view = analysis.chunk_analysis
+    plans = [view.states[s.name] for s in analysis.recurrence.states]
+    return (all(p.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and not p.chunk.pair and p.chunk.v is not None
+                and p.chunk.decay_axis in (None, "scalar", "key") for p in plans)
+            and not view.transposed and not view.lifted and has_triton_adjoint(analysis))
+
+
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     """The forms the Triton backend runs: recurrent always; scan where `triton_scan` has its kernels (every
     state elementwise, or coupled in 2 x 2 blocks: its block kernel's size); chunked where `triton_runtime` has
-    its kernels (every chunkable class but diagonal-plus-rank-one, whose chunked form is torch-only for now)."""
+    its kernels: every chunkable class but diagonal-plus-rank-one, and that class where `dplr_chunked_in_triton`
+    (its states alone, trained through the derived adjoint)."""
     view = analysis.chunk_analysis
-    kernels = "chunked" in analysis.forms and all(
+    kernels = "chunked" in analysis.forms and (all(
         s.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE for s in view.states.values())
+        or dplr_chunked_in_triton(analysis))
     scan = "scan" in analysis.forms and all(
         s.block is None or len(s.block.states) == 2 for s in analysis.states.values())
     return ("recurrent",) + (("scan",) if scan else ()) + (("chunked",) if kernels else ())
@@ -1283,5 +1300,6 @@ def build_triton_recurrent(analysis: Analysis):
     return launcher
 
 
-__all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "has_triton_adjoint",
+__all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "dplr_chunked_in_triton",
+           "has_triton_adjoint",
            "triton_adjoint_source", "triton_recurrent_source"]
