@@ -146,6 +146,10 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 _DELTA_STATE_WARPS = 8  # _delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
 _DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
+# _delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+_DPLR_STATE_STAGES_SMALL_SHARED = 1
+_DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,17 +521,25 @@ def _delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexp
 
 
 @triton.jit
-def _delta_kv(k, gc, b_x, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-              DECAY: tl.constexpr, PREC: tl.constexpr):
-    """(k exp(G_last - G))[:, block]^T x for one chunk ([KB, BV]; a scalar decay is already in x)."""
+def _dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """S[block] <- D S[block] + (b exp(G_last - G))[:, block]^T U + (k exp(G_last - G))[:, block]^T v: the delta
+    update with the diagonal-plus-rank-one step's own k v^T beside it, both keys decayed by one factor tile (a
+    scalar decay is already in S, U and v)."""
     o_k = i_kb * KB + tl.arange(0, KB)
-    m_kt = (o_k < K)[:, None] & m_t[None, :]
-    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of k^T
-    b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    m_k = o_k < K
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of b^T and k^T
+    b_bt = tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32)
     if DECAY == 2:
-        b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=o_k < K, other=0.0)  # [KB]
-        b_kt = b_kt * _decay(b_gl[:, None], tl.load(gc + p_kt, mask=m_kt, other=0.0))
-    return tl.dot(b_kt, b_x, input_precision=PREC)
+        b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [KB]
+        b_dec = _decay(b_gl[:, None], tl.load(gc + p_kt, mask=m_kt, other=0.0))  # [KB, BT]
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None] + tl.dot(b_bt * b_dec, b_u, input_precision=PREC)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32) * b_dec  # (loaded once b's tile is spent)
+    else:
+        b_h = b_h + tl.dot(b_bt, b_u, input_precision=PREC)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    return b_h + tl.dot(b_kt, b_v, input_precision=PREC)
 
 
 @triton.jit
@@ -582,10 +594,14 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
             b_u -= _delta_ws(w, b_h3, bos, o_i, m_t, 2, H, K, KB, PREC)
             b_u -= _delta_ws(w, b_h4, bos, o_i, m_t, 3, H, K, KB, PREC)
         tl.store(u + p_tv, b_u, mask=m_tv)
+        if DPLR:  # the step's own k v^T beside (b, U): (k2 exp(G_last - G))^T v2
+            b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         if DECAY == 1:  # a scalar decay: exp(G_last - G_t) on the rows of U, exp(G_last) on S
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_u = b_u * _decay(b_gl, b_g)[:, None]
+            if DPLR:
+                b_v2 = b_v2 * _decay(b_gl, b_g)[:, None]
             b_dh = tl.exp(b_gl.to(tl.float32))
             b_h1 = b_h1 * b_dh
             if NK > 1:
@@ -593,22 +609,20 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
             if NK > 2:
                 b_h3 = b_h3 * b_dh
                 b_h4 = b_h4 * b_dh
-        b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
-        if NK > 1:
-            b_h2 = _delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
-        if NK > 2:
-            b_h3 = _delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
-            b_h4 = _delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
-        if DPLR:  # + (k2 exp(G_last - G))^T v2, once U is spent (S already carries the chunk's decay)
-            b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-            if DECAY == 1:
-                b_v2 = b_v2 * _decay(b_gl, b_g)[:, None]
-            b_h1 += _delta_kv(k2, gc, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+        if DPLR:
+            b_h1 = _dplr_h_update(k, k2, gc, b_h1, b_u, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
             if NK > 1:
-                b_h2 += _delta_kv(k2, gc, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+                b_h2 = _dplr_h_update(k, k2, gc, b_h2, b_u, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
             if NK > 2:
-                b_h3 += _delta_kv(k2, gc, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
-                b_h4 += _delta_kv(k2, gc, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+                b_h3 = _dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+                b_h4 = _dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+        else:
+            b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+            if NK > 1:
+                b_h2 = _delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+            if NK > 2:
+                b_h3 = _delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+                b_h4 = _delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
     if STORE_HT:
         p_ht = ht + i_bh.to(tl.int64) * (K * V)
         _block_store(p_ht, b_h1, 0, o_v, m_v, K, V, KB)
@@ -768,6 +782,16 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
 def _or(given, default):
     """A launch option: the call's, else the kernel's default."""
     return default if given is None else given
+
+
+def _arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -2351,9 +2375,10 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     _dplr_wy_kernel[(NT, B * H)](
         a, b, k, v, gc if gc is not None else k, eg if eg is not None else k, Aab if Aab is not None else w,
         Aak if Aak is not None else w, w, u, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec,
-        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
+        num_warps=_or(num_warps, _DPLR_WY_WARPS), num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages, kv=(k, v))
+                          num_warps, _or(num_stages, _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90
+                                         else _STAGES), kv=(k, v))
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)

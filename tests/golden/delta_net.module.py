@@ -1554,6 +1554,8 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 _triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
 _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
