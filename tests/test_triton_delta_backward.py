@@ -6,8 +6,9 @@ without `with_torch_backward` (codegen/specialize.py, `chunked_backward_in_trito
 interpreter at float32 against float64 autograd (relative error <= 1e-5):
 
 - every spec of specs/ with a chunked Triton delta form (delta_net, gated_delta_net; rwkv7's diagonal-plus-rank-one
-  class has no chunked Triton form): gradients of every input and the initial state, with a gradient on the final
-  state too, T not a multiple of the chunk, against the reference interpreter's autograd;
+  chunked form trains through the derived adjoint instead, tests/test_triton_dplr.py): gradients of every input
+  and the initial state, with a gradient on the final state too, T not a multiple of the chunk, against the
+  reference interpreter's autograd;
 - the key-axis decay (KDA, tests/data/kda.rec): gradients of every input and the initial state against the
   reference's autograd, with chunks of two 16-step sub-chunks (so the intra-chunk terms take both the sub-chunk
   pairs through a reference row and the diagonal sub-blocks), and with -inf log decays on whole steps and on some

@@ -196,3 +196,23 @@ def test_auto_picks_the_chunked_triton_form():
     args, s0 = sample_arguments(REC.checked, SIZES, 1, 512, 2, dtype=torch.float32, seed=0, with_initial_state=True)
     chosen = layer.config_for(*args, initial_state=s0)
     assert chosen["backend"] == "triton" and chosen["form"] == "chunked", chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gradients_on_a_gpu(dtype):
+    """On CUDA (deselected elsewhere, see conftest.py): K = V = 64, T = 300 (five chunks of 64, the last partial),
+    inputs in `dtype`, against the float64 reference on the same rounded inputs (bfloat16: fla's relative RMS
+    tolerance for dq/dk/dv, 0.008, doubled for the chain through six inputs)."""
+    assert torch.cuda.is_available(), "selected with -m gpu without a CUDA GPU"
+    args, s0 = sample_arguments(REC.checked, {"K": 64, "V": 64}, 2, 300, 2, dtype=torch.float64, seed=5,
+                                with_initial_state=True)
+    args = [x.to("cuda", dtype) for x in args]
+    s0 = s0.to("cuda", torch.float32)
+    ref, weights, _ = _grads(REC.reference, [x.double() for x in args], s0.double())
+    layer = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False)
+    got, _, _ = _grads(layer, args, s0, [w.cuda() for w in weights], chunk_size=64)
+    tol = TOL * 10 if dtype == torch.float32 else 0.016
+    errors = {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+    print(errors)
+    assert max(errors.values()) <= tol, errors
