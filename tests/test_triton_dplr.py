@@ -181,6 +181,38 @@ def test_gradients_of_packed_sequences(monkeypatch):
     assert max(errors.values()) <= TOL, errors
 
 
+# The class without a decay and with a scalar one (and an exclusive readout), through a generated module: its
+# kernels specialised to DECAY 0 / 1 (codegen/specialize.py), the adjoint derived from each body.
+BODIES = recurrence_dsl.load_text("""
+recurrence dplr_plain(q[K], k[K], v[V], a[K], b[K]) -> o[V] {
+    state S[K, V]
+    S[i, j] = S[i, j] + b[i] * sum(m, a[m] * S[m, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+recurrence dplr_scalar(q[K], k[K], v[V], a[K], b[K], g) -> o[V] {
+    state S[K, V]
+    before[j] = sum(i, q[i] * S[i, j])
+    S[i, j] = exp(g) * S[i, j] + b[i] * sum(m, a[m] * S[m, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j]) + before[j]
+}
+""", "dplr_bodies.rec")
+
+
+@pytest.mark.parametrize("name,axis", [("dplr_plain", None), ("dplr_scalar", "scalar")])
+def test_bodies_without_a_key_decay(name, axis):
+    rec = BODIES[name]
+    q, k, v, a, b, g, s0 = _inputs(axis, T=21, H=1, seed=4)  # chunks of 16 + 5
+    args = [q, k, v, a, b] + ([] if g is None else [g])
+    ref, weights, _ = _grads(rec.reference, [x.double() for x in args], s0.double())
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", tuning=False)
+    got, _, out = _grads(layer, args, s0, weights, chunk_size=16)
+    assert "_AdjointBackward" in type(out.grad_fn).__name__
+    names = ["q", "k", "v", "a", "b"] + ([] if g is None else ["g"]) + ["initial_state"]
+    errors = {n: _rel(x, r) for n, x, r in zip(names, got, ref, strict=True)}
+    print(name, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
 def test_no_steps(monkeypatch):
     """T = 0: no chunk, no checkpoint; zero input gradients, the final state's gradient for the initial one."""
     args, s0 = sample_arguments(REC.checked, SIZES, 2, 0, 2, dtype=torch.float32, seed=0, with_initial_state=True)
