@@ -168,9 +168,20 @@ def _compare(monkeypatch, batch, length, **call) -> dict[str, float]:
 
 
 def test_gradients_through_the_adjoint(monkeypatch):
-    """Every input's, the param's and the initial state's gradient; T = 37: three chunks, three checkpoints."""
+    """Every input's, the param's and the initial state's gradient; T = 37: three chunks of 16 + 16 + 5 steps, so
+    the adjoint gets three checkpoints, the chunk-start states, 16 steps apart."""
+    run = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False).triton_forms["chunked"]
+    cell = dict(zip(run.__code__.co_freevars, run.__closure__))["adjoint"]  # with_adjoint's derived backward
+    adjoint, seen = cell.cell_contents, []
+
+    def spy(*args, every, **kwargs):
+        seen.append((every, [c["S"].shape for c in args[7]]))  # after r, w, k, v, kk, a, u: the checkpoints
+        return adjoint(*args, every=every, **kwargs)
+
+    monkeypatch.setattr(cell, "cell_contents", spy)
     errors = _compare(monkeypatch, 1, 37)
     print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert seen == [(16, [(1, 2, 16, 16)] * 3)]
     assert max(errors.values()) <= TOL, errors
 
 
