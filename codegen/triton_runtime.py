@@ -6,6 +6,7 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
 
   chunked_linear   S_t = D_t S_{t-1} + k_t v_t^T                        decay_axis None, "scalar", "key", "value"
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
+  chunked_dplr     S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T          decay_axis None, "scalar", "key" (forward only)
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
 `num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)). A tuning argument left
@@ -34,6 +35,13 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
   _delta_wy_kernel      (NT, B*H)                delta only: L = tril(diag(beta) (K K^T decayed), -1), the C x C
                                                   inverse T = (I + L)^-1 by forward substitution (row by row, in
                                                   registers), then W = T diag(beta) (K * exp(G)) and Uy = T Y.
+  _dplr_wy_kernel       (NT, B*H)                diagonal plus rank one only: Tm = (I - L)^-1 for L_ts = a_t . b_s
+                                                  decayed from s to t - 1 (s < t), then w = -Tm (a exp(G_{t-1})) and
+                                                  u = Tm M v (M: the same scores for a_t . k_s); the state kernel is
+                                                  _delta_state_kernel with DPLR (keys b, pseudo-values U = u - w S,
+                                                  plus (k exp(G_last - G))^T v), the output kernel's DPLR adds the
+                                                  (b, U) pair. Its backward is the recurrent form's derived adjoint
+                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py).
   _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   linear only: the state passed over chunks in float32 registers;
                                                   writes the start state of every chunk to h [B, H, NT, K, V]
