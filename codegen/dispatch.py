@@ -388,12 +388,14 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -403,8 +405,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      kernels, *tensors)
+        length = tensors[0].shape[1]
+        every = checkpoint_every(length) if every_of is None else every_of(length, extra)
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 

@@ -5,6 +5,8 @@ The chunked Triton kernels are one family switched by `tl.constexpr` flags, as i
   DECAY      0 none, 1 scalar, 2 key, 3 value   the decay axis of the state's chunk plan
   DELTA      True for a rank-one (delta rule) update, False for a linear one
   EXCLUSIVE  whether a readout reads the state before its own step (output kernels only)
+  DPLR       True for the diagonal-plus-rank-one class (a second key / value pair in the delta state and output
+             kernels), False for every other
 
 The generated module launches these kernels only through the decay class its chunk plan names
 (`triton_chunked_linear_by(triton_KeyDecay, ...)`, see codegen/triton_runtime.py), so over the whole module each
@@ -70,7 +72,8 @@ def chunked_backward_in_triton(analysis: Analysis) -> bool:
 
 # The chunk plans whose Triton runtime call takes `cu_seqlens` (packed sequences in the kernels, `_Packed` in
 # codegen/triton_runtime.py): every linear plan (`chunked_linear_by`), and the delta-rule plans of
-# `_DELTA_BACKWARD_IN_TRITON` (`chunked_delta_by`). Not the DPLR class, which has no chunked Triton form.
+# `_DELTA_BACKWARD_IN_TRITON` (`chunked_delta_by`). Not the DPLR class, whose chunked Triton form trains on the derived
+# adjoint, which runs each sequence on its own.
 _PACKED_IN_TRITON = frozenset({TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
                                TransitionClass.DIAGONAL_COL})
 
@@ -104,7 +107,7 @@ def backward_flags(analyses: list[Analysis]) -> dict[str, dict[str, frozenset]]:
 
 def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
     """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form)."""
-    decay, delta, exclusive = set(), set(), set()
+    decay, delta, exclusive, dplr = set(), set(), set(), set()
     for a in analyses:
         if "chunked" not in triton_form_names(a):
             continue
@@ -114,7 +117,9 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
             decay.add(_DECAY_CODES[sa.chunk.decay_axis])
             delta.add(sa.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE))
             exclusive.update(bool(r.exclusive) for r in sa.chunk.readouts)
-    return {"DECAY": frozenset(decay), "DELTA": frozenset(delta), "EXCLUSIVE": frozenset(exclusive)}
+            dplr.add(sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE)
+    return {"DECAY": frozenset(decay), "DELTA": frozenset(delta), "EXCLUSIVE": frozenset(exclusive),
+            "DPLR": frozenset(dplr)}
 
 
 def specialize(text: str, analyses: list[Analysis]) -> str:

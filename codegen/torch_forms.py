@@ -96,11 +96,16 @@ def _into(value: str, target: str) -> str:
 class TorchFormWriter:
     """Writes the torch source of one recurrence's forms."""
 
-    def __init__(self, analysis: Analysis, runtime_prefix: str = "", suffix: str = "", options: bool = False):
+    def __init__(self, analysis: Analysis, runtime_prefix: str = "", suffix: str = "", options: bool = False,
+                 checkpoints: bool = False):
         self.rt = runtime_prefix  # how the printed code reaches the runtime's functions
         self.suffix = suffix  # appended to every form function's name (the Triton variants in a module)
         # The chunked form takes **options (block sizes, warps, stages of a tuning config) for its runtime.
         self.options = options
+        # The chunked form takes `every` and returns its chunk-start states as the checkpoints of the recurrent form's
+        # derived adjoint (the diagonal-plus-rank-one class on Triton: codegen/triton_recurrent.py
+        # `dplr_chunked_in_triton`), so that it trains through `with_adjoint`.
+        self.checkpoints = checkpoints
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -746,8 +751,14 @@ class TorchFormWriter:
         if "chunked" not in self.a.forms:
             return None
         w = SourceWriter()
-        self._header(w, "chunked", ", chunk_size=64" + (", **options" if self.options else ""))
-        w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
+        self._header(w, "chunked", ", chunk_size=64" + (", every=0" if self.checkpoints else "")
+                     + (", **options" if self.options else ""))
+        if self.checkpoints:
+            w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk. Returns (outputs, final')
+            w('states, checkpoints): with every > 0 (the chunk length) the states entering every chunk, from which the')
+            w('derived adjoint recomputes each chunk\'s steps."""')
+        else:
+            w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""')
         self._unpack_shape(w)
         self._params_to_time(w)
         printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
@@ -819,9 +830,11 @@ class TorchFormWriter:
                 w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, kdims)}  "
                   "# writes u_t back along b_t")
                 w(check)
-                w(f"{target} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
-                  f"a_{s.name}, b_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
-                  f"output_final_state=True{self._options_arg})")
+                starts = f", starts_{s.name}" if self.checkpoints else ""
+                w(f"{target}{starts} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, "
+                  f"v_{s.name}, a_{s.name}, b_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
+                  f"output_final_state=True{', output_chunk_states=True' if self.checkpoints else ''}"
+                  f"{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}  # {self.cite[s.name]}")
                 w(check)
@@ -852,7 +865,13 @@ class TorchFormWriter:
             w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}  # {self.cite[o.name]}")
             outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
-        w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
+        if self.checkpoints:
+            starts = ", ".join(f"'{s.name}': starts_{s.name}[:, :, n]" for s in self.rec.states)
+            first = self.rec.states[0].name
+            w(f"checkpoints = [{{{starts}}} for n in range(starts_{first}.shape[2])] if every else []")
+            w(f"return {{{', '.join(outs)}}}, {{{finals}}}, checkpoints")
+        else:
+            w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return w.text()
 
     def _write_rank_r(self, w: SourceWriter, printer: TorchPrinter, view, name: str, sa, readout_names: dict) -> None:

@@ -1263,15 +1263,31 @@ _ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
 
 # -- loading ----------------------------------------------------------------------------------------------
 
+def dplr_chunked_in_triton(analysis: Analysis) -> bool:
+    """Whether `analysis`'s chunked form runs on the Triton runtime's diagonal-plus-rank-one kernels
+    (`chunked_dplr_by`) and trains on the recurrent form's derived Triton adjoint, fed the chunk-start states as its
+    checkpoints: every state of the chunk plan diagonal-plus-rank-one, held as itself (not transposed, lifted or a
+    flattened pair; the checkpoints are the states the step loop holds), with no decay, a scalar or a key decay,
+    and the step has a derived Triton adjoint."""
+    if "chunked" not in analysis.forms:
+        return False
+    view = analysis.chunk_analysis
+    plans = [view.states[s.name] for s in analysis.recurrence.states]
+    return (all(p.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and not p.chunk.pair and p.chunk.v is not None
+                and p.chunk.decay_axis in (None, "scalar", "key") for p in plans)
+            and not view.transposed and not view.lifted and has_triton_adjoint(analysis))
+
+
 def triton_unavailable(analysis: Analysis) -> dict[str, str]:
     """Why the Triton backend lacks each form the analysis found (the torch backend runs it): {form: why}."""
     why = {}
     if "chunked" in analysis.forms:
         rank = [n for n, s in analysis.chunk_analysis.states.items()
                 if s.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE]
-        if rank:
-            why["chunked"] = (f"{rank[0]} is diagonal-plus-rank-one, whose chunked form has no Triton kernels yet "
-                              "(the torch chunked form runs it)")
+        if rank and not dplr_chunked_in_triton(analysis):
+            why["chunked"] = (f"{rank[0]} is diagonal-plus-rank-one, whose chunked Triton kernels need every "
+                              "state diagonal-plus-rank-one, untransposed, with no, a scalar or a key decay, and a "
+                              "derived Triton adjoint (the torch chunked form runs it)")
     if "scan" in analysis.forms:
         for s in analysis.states.values():
             refusal = None if s.block is None else triton_scan_refusal(len(s.block.states))
@@ -1284,8 +1300,8 @@ def triton_unavailable(analysis: Analysis) -> dict[str, str]:
 def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     """The forms the Triton backend runs: recurrent always; scan where `triton_scan` has its kernels (every
     state elementwise, or coupled in m x m blocks, m <= `triton_block_scan.MAX_BLOCK`); chunked where
-    `triton_runtime` has its kernels (every chunkable class but diagonal-plus-rank-one, whose chunked form is
-    torch-only for now). `triton_unavailable` says why a form is missing."""
+    `triton_runtime` has its kernels (every chunkable class; diagonal-plus-rank-one where `dplr_chunked_in_triton`,
+    trained through the derived adjoint). `triton_unavailable` says why a form is missing."""
     missing = triton_unavailable(analysis)
     return ("recurrent",) + tuple(f for f in ("scan", "chunked") if f in analysis.forms and f not in missing)
 
@@ -1299,5 +1315,6 @@ def build_triton_recurrent(analysis: Analysis):
     return launcher
 
 
-__all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "has_triton_adjoint",
-           "triton_adjoint_source", "triton_form_names", "triton_recurrent_source", "triton_unavailable"]
+__all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "dplr_chunked_in_triton",
+           "has_triton_adjoint", "triton_adjoint_source", "triton_form_names", "triton_recurrent_source",
+           "triton_unavailable"]

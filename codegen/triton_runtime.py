@@ -6,6 +6,7 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
 
   chunked_linear   S_t = D_t S_{t-1} + k_t v_t^T                        decay_axis None, "scalar", "key", "value"
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
+  chunked_dplr     S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T          decay_axis None, "scalar", "key" (forward only)
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
 `num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)). A tuning argument left
@@ -34,6 +35,13 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
   _delta_wy_kernel      (NT, B*H)                delta only: L = tril(diag(beta) (K K^T decayed), -1), the C x C
                                                   inverse T = (I + L)^-1 by forward substitution (row by row, in
                                                   registers), then W = T diag(beta) (K * exp(G)) and Uy = T Y.
+  _dplr_wy_kernel       (NT, B*H)                diagonal plus rank one only: Tm = (I - L)^-1 for L_ts = a_t . b_s
+                                                  decayed from s to t - 1 (s < t), then w = -Tm (a exp(G_{t-1})) and
+                                                  u = Tm M v (M: the same scores for a_t . k_s); the state kernel is
+                                                  _delta_state_kernel with DPLR (keys b, pseudo-values U = u - w S,
+                                                  plus (k exp(G_last - G))^T v), the output kernel's DPLR adds the
+                                                  (b, U) pair. Its backward is the recurrent form's derived adjoint
+                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py).
   _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   linear only: the state passed over chunks in float32 registers;
                                                   writes the start state of every chunk to h [B, H, NT, K, V]
@@ -146,6 +154,10 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 _DELTA_STATE_WARPS = 8  # _delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
 _DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
+# _delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+_DPLR_STATE_STAGES_SMALL_SHARED = 1
+_DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,6 +342,74 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.co
 
 
 @triton.jit
+def _dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """Diagonal plus rank one, per chunk: Tm = (I - L)^-1 with L_ts = (a_t . b_s) decayed from s to t - 1 (s < t),
+    M_ts the same for a_t . k_s; w = -Tm (a exp(G_{t-1})) and u = Tm M v (the pseudo-values' parts, U = u - w S0
+    in `_delta_state_kernel`). A key decay's L and M come from `_intra_attn_kernel` (Aab, Aak), others' are formed
+    here from a b^T and a k^T."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    m_tg = m_t & (o_i > 0)  # G_{t-1} inside the chunk, 0 (no decay) at its start
+    if DECAY == 1:
+        b_gq = tl.load(gc + bos + (o_i - 1) * H, mask=m_tg, other=0.0)  # [BT] G_{t-1}
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
+    if DECAY == 2:
+        p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+        m_A = (o_i[:, None] < BT) & (o_i[None, :] < BT)
+        b_L = tl.load(Aab + p_A, mask=m_A, other=0.0)
+        b_M = tl.load(Aak + p_A, mask=m_A, other=0.0)
+    else:
+        b_L = tl.zeros([BT, BT], dtype=tl.float32)
+        b_M = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_a = tl.load(a + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BT, BK]
+            p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of a transposed key
+            m_kt = m_k[:, None] & m_t[None, :]
+            b_L += tl.dot(b_a, tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32), input_precision=PREC)
+            b_M += tl.dot(b_a, tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32), input_precision=PREC)
+        if DECAY == 1:
+            b_L = b_L * _decay(b_gq[:, None], b_g[None, :])
+            b_M = b_M * _decay(b_gq[:, None], b_g[None, :])
+        b_L = tl.where(o_i[:, None] > o_i[None, :], b_L, 0.0)
+        b_M = tl.where(o_i[:, None] > o_i[None, :], b_M, 0.0)
+    # forward substitution: X = Tm - I is strictly lower and X_i = L_i + sum_{j<i} L_ij X_j
+    b_T = b_L
+    for i in range(1, BT):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)  # L_i (rows < i already hold X)
+        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    # w = -Tm (a_t exp(G_{t-1}))  [BT, K]
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        offs = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
+        b_a = tl.load(a + offs, mask=m, other=0.0).to(tl.float32)
+        if DECAY == 1:
+            b_a = b_a * _safe_exp(b_gq.to(tl.float32))[:, None]
+        elif DECAY == 2:
+            b_a = b_a * tl.load(eg + offs - H * K, mask=m_tg[:, None] & (o_k < K)[None, :], other=1.0)
+        tl.store(w + offs, -tl.dot(b_T, b_a, input_precision=PREC), mask=m)
+    # u = (Tm M) v  [BT, V]
+    b_TM = tl.dot(b_T, b_M, input_precision=PREC)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_v = tl.load(v + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + offs, tl.dot(b_TM, b_v, input_precision=PREC), mask=m)
+
+
+@triton.jit
 def _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
     """The chunks a state-passing program walks, (first, end, the state row, the row's first step): all NT chunks
     of batch row i_b, or with VARLEN (packed sequences, `_Packed`) sequence i_b's chunks offsets[i_b] ..
@@ -449,14 +529,38 @@ def _delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexp
 
 
 @triton.jit
-def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                        NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+def _dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """S[block] <- D S[block] + (b exp(G_last - G))[:, block]^T U + (k exp(G_last - G))[:, block]^T v: the delta
+    update with the diagonal-plus-rank-one step's own k v^T beside it, both keys decayed by one factor tile (a
+    scalar decay is already in S, U and v)."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of b^T and k^T
+    b_bt = tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    if DECAY == 2:
+        b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [KB]
+        b_dec = _decay(b_gl[:, None], tl.load(gc + p_kt, mask=m_kt, other=0.0))  # [KB, BT]
+        b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None] + tl.dot(b_bt * b_dec, b_u, input_precision=PREC)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32) * b_dec  # (loaded once b's tile is spent)
+    else:
+        b_h = b_h + tl.dot(b_bt, b_u, input_precision=PREC)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    return b_h + tl.dot(b_kt, b_v, input_precision=PREC)
+
+
+@triton.jit
+def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
                         DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
-                        VARLEN: tl.constexpr):
+                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
     S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
-    _chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
+    _chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1).
+    DPLR (the diagonal-plus-rank-one class, `chunked_dplr_by`: k holds its b, W its -W): the step's own key and
+    value add (k2 exp(G_last - G))^T v2 to every chunk's update."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
@@ -498,10 +602,14 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: 
             b_u -= _delta_ws(w, b_h3, bos, o_i, m_t, 2, H, K, KB, PREC)
             b_u -= _delta_ws(w, b_h4, bos, o_i, m_t, 3, H, K, KB, PREC)
         tl.store(u + p_tv, b_u, mask=m_tv)
+        if DPLR:  # the step's own k v^T beside (b, U): (k2 exp(G_last - G))^T v2
+            b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         if DECAY == 1:  # a scalar decay: exp(G_last - G_t) on the rows of U, exp(G_last) on S
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_u = b_u * _decay(b_gl, b_g)[:, None]
+            if DPLR:
+                b_v2 = b_v2 * _decay(b_gl, b_g)[:, None]
             b_dh = tl.exp(b_gl.to(tl.float32))
             b_h1 = b_h1 * b_dh
             if NK > 1:
@@ -509,12 +617,20 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: 
             if NK > 2:
                 b_h3 = b_h3 * b_dh
                 b_h4 = b_h4 * b_dh
-        b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
-        if NK > 1:
-            b_h2 = _delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
-        if NK > 2:
-            b_h3 = _delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
-            b_h4 = _delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+        if DPLR:
+            b_h1 = _dplr_h_update(k, k2, gc, b_h1, b_u, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+            if NK > 1:
+                b_h2 = _dplr_h_update(k, k2, gc, b_h2, b_u, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+            if NK > 2:
+                b_h3 = _dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+                b_h4 = _dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+        else:
+            b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+            if NK > 1:
+                b_h2 = _delta_h_update(k, gc, b_h2, b_u, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+            if NK > 2:
+                b_h3 = _delta_h_update(k, gc, b_h3, b_u, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+                b_h4 = _delta_h_update(k, gc, b_h4, b_u, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
     if STORE_HT:
         p_ht = ht + i_bh.to(tl.int64) * (K * V)
         _block_store(p_ht, b_h1, 0, o_v, m_v, K, V, KB)
@@ -526,10 +642,12 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: 
 
 
 @triton.jit
-def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -547,6 +665,8 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.con
     m_v = o_v < V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    if DPLR:
+        b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -563,23 +683,37 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.con
                            other=0.0).to(tl.float32)  # [BK, BT]
             b_o += tl.dot(b_q, b_h, input_precision=PREC)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+            if DPLR:
+                b_k2t = tl.load(k2 + bos * K + o_i[None, :] * (H * K) + o_k[:, None],
+                                mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+                b_A2 += tl.dot(b_q, b_k2t, input_precision=PREC)
     if DECAY == 2:
-        p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
-        b_A = tl.load(p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
+        p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+        b_A = tl.load(A + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
+        if DPLR:
+            b_A2 = tl.load(A2 + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     else:
         if DECAY == 1:
             b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_o = b_o * _safe_exp(b_gq.to(tl.float32))[:, None]
             b_A = b_A * _decay(b_gq[:, None], b_g[None, :])
+            if DPLR:
+                b_A2 = b_A2 * _decay(b_gq[:, None], b_g[None, :])
         if EXCLUSIVE:
-            b_A = tl.where(o_i[:, None] > o_i[None, :], b_A, 0.0)
+            m_A = o_i[:, None] > o_i[None, :]
         else:
-            b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+            m_A = o_i[:, None] >= o_i[None, :]
+        b_A = tl.where(m_A, b_A, 0.0)
+        if DPLR:
+            b_A2 = tl.where(m_A, b_A2, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
+    if DPLR:
+        b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -656,6 +790,16 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
 def _or(given, default):
     """A launch option: the call's, else the kernel's default."""
     return default if given is None else given
+
+
+def _arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -825,8 +969,9 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
 
 
 def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None):
-    """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states."""
+                  num_stages, packed=None, kv=None):
+    """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states. kv: None, or
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -837,22 +982,24 @@ def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT
     h0 = None if initial_state is None else initial_state.contiguous()
     _delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
         k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
-        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None,
-        ht is not None, prec, packed is not None, num_warps=_or(num_warps, _DELTA_STATE_WARPS),
+        packed.offsets if packed is not None else h, k if kv is None else kv[0], u if kv is None else kv[1], T, H,
+        K, V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec, packed is not None, kv is not None,
+        num_warps=_or(num_warps, _DELTA_STATE_WARPS),
         num_stages=_or(num_stages, _STAGES))
     return h, ht
 
 
 def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages) -> None:
+                  num_stages, pair=None) -> None:
     """Launch _chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G))."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
-        exclusive, prec, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
-        num_stages=_or(num_stages, _STAGES))
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, T, H, K, V, BT, BK, BV, decay, exclusive, prec, pair is not None,
+        num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -880,8 +1027,16 @@ class NoDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        """The diagonal-plus-rank-one class's scores, when `_dplr_wy_kernel` does not form them itself."""
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+        """o = q's readouts of the chunk-start states h plus the intra-chunk sums over (k, v), and over pair
+        (the diagonal-plus-rank-one class's (b, U)) when given."""
+        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None))
 
 
 class ScalarDecay:
@@ -899,8 +1054,13 @@ class ScalarDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+        _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None))
 
 
 class KeyDecay:
@@ -918,9 +1078,18 @@ class KeyDecay:
         return _intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
         A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
-        _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages)
+        if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
+            pair = (*pair, _intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages))
+        _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair)
+
+    @staticmethod
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        """The diagonal-plus-rank-one class's decayed a_t . b_s and a_t . k_s, s < t, through G_{t-1} (exclusive),
+        each [B * H, NT * BT, BT] float32; other decays form them in `_dplr_wy_kernel`."""
+        return (_intra_attn(a, b, gc, 2, True, True, BT, BK, prec, num_warps, num_stages),
+                _intra_attn(a, k, gc, 2, True, True, BT, BK, prec, num_warps, num_stages))
 
 
 class KeyDeltaDecay(KeyDecay):
@@ -1365,7 +1534,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                do, do, k, gc, eg, hT, dA, dq, do, k, dA, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
@@ -2141,3 +2310,87 @@ class _ChunkedDeltaFunction(torch.autograd.Function):
                 None if log_decay is None else dg.to(log_decay.dtype),
                 None if initial_state is None else dS0.to(initial_state.dtype),
                 *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chunk_every(length: int, options: dict) -> int:
+    """The chunk length BT = min(chunk_size, pow2(T) >= 16) of a call of `length` steps with these form options:
+    the steps between the chunk-start states `chunked_dplr_by` returns, so the recurrent form's derived adjoint
+    (`with_adjoint(..., every_of=chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start."""
+    return min(int(options.get("chunk_size", 64)), _pow2_at_least_16(length))
+
+
+def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
+                 output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                 allow_tf32=None, output_chunk_states=False):
+    """Chunked form of S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T on the GPU (Triton); the same maths and
+    arguments as codegen.torch_runtime.chunked_dplr (RWKV-7: Peng et al. 2025, arXiv:2503.14456, eq. 16).
+
+    k, a, b [B, T, H, K] and v [B, T, H, V] in float16, bfloat16 or float32; decay_axis None, "scalar" or "key"
+    (a value decay raises NotImplementedError); queries, initial_state, chunk_size, the tuning arguments and the
+    returns as chunked_linear (block_k, when given, must be >= K, as for chunked_delta). output_chunk_states: also
+    return the float32 state entering every chunk, [B, H, NT, K, V]. Forward only: under autograd it raises
+    NotImplementedError (a generated module differentiates its chunked form through the derived adjoint).
+    Raises ValueError naming the argument for a bad shape, dtype or block size."""
+    if decay_axis == "value":
+        raise NotImplementedError("chunked_dplr supports decay_axis None, 'scalar' or 'key'")
+    _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
+    for name, x in (("a", a), ("b", b)):
+        if tuple(x.shape) != tuple(k.shape):
+            raise ValueError(f"{name} must have k's shape {list(k.shape)}, got {list(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 for the Triton runtime, got {x.dtype}")
+    return chunked_dplr_by(_DECAYS[decay_axis], queries, k, v, a, b, log_decay, initial_state, chunk_size,
+                           output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                           num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
+
+
+def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
+                    output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                    allow_tf32=None, output_chunk_states=False):
+    """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point of
+    generated modules; its arguments are not checked (chunked_dplr does that).
+
+    Per chunk with start state S0 (the derivation of codegen.torch_runtime.chunked_dplr): u_t = S_{t-1}^T a_t
+    solves (I - L) U = Ag S0 + M V, so U = Tm M V + Tm Ag S0 (`_dplr_wy_kernel`, Tm = (I - L)^-1); the state
+    passes as S' = D S0 + Bd^T U + Kd^T V (`_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
+    the linear form's over both pairs (b, U) and (k, v) (`_chunk_output_kernel` with DPLR). Returns (outputs,
+    final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
+        raise NotImplementedError("chunked_dplr_by has no autograd of its own: a generated module differentiates "
+                                  "its chunked form through the recurrent form's derived adjoint; call it under "
+                                  "torch.no_grad()")
+    BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if T == 0:
+        outs, ht = _empty_result(queries, k, v, initial_state, output_final_state)
+        empty = torch.empty((B, H, 0, K, V), dtype=torch.float32, device=k.device)
+        return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
+    k, v, a, b = k.contiguous(), v.contiguous(), a.contiguous(), b.contiguous()
+    KB = _delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    NT = triton.cdiv(T, BT)
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Aab, Aak = decay_cls.dplr_scores(a, b, k, gc, BT, KB, prec, num_warps, num_stages)  # None: formed in the kernel
+    w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
+    u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
+    _dplr_wy_kernel[(NT, B * H)](
+        a, b, k, v, gc if gc is not None else k, eg if eg is not None else k, Aab if Aab is not None else w,
+        Aak if Aak is not None else w, w, u, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec,
+        num_warps=_or(num_warps, _DPLR_WY_WARPS), num_stages=_or(num_stages, _STAGES))
+    h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
+                          num_warps, _or(num_stages, _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90
+                                         else _STAGES), kv=(k, v))
+    outs = []
+    for q, exclusive in queries:
+        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, KB, BV, prec, num_warps,
+                         num_stages, pair=(b, u))
+        outs.append(o)
+    return (outs, ht, h) if output_chunk_states else (outs, ht)

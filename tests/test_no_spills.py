@@ -6,8 +6,9 @@ gla's chunked form (a per-key decay: cumulative sums, intra-chunk scores, state 
 gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole columns of S) at K = V = 128 for
 sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where the delta rule's backward
 (dq/dk, WY, dL and local kernels) and the linear forms' `_chunk_bwd_plain_kernel` once spilled; one recurrent
-kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64; and
-the key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90. Every kernel must use no
+kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64;
+rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the recurrent adjoint); and the
+key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90. Every kernel must use no
 local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's shared memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
@@ -46,6 +47,9 @@ CALLS = [
     ("gated_delta_net", "chunked", "sm_90", 2, 256, 4, True, 128),
     ("gated_delta_net", "chunked", "sm_80", 2, 256, 4, True, 128),
     ("gated_delta_net", "chunked", "sm_80", 1, 128, 2, True, 64),  # dqk / WY spilled 832 / 840 B here
+    # the diagonal-plus-rank-one chunked form: its state kernel (DPLR) at 1 stage below sm_90 (2 needed 177 KB of
+    # shared memory), its WY kernel at 8 warps (16 B spilled at 4); the backward is the recurrent adjoint
+    ("rwkv7", "chunked", "sm_80", 1, 128, 2, True, 128),
     ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False, 128),
     ("rwkv7", "recurrent", "sm_80", 1, 64, 2, True, 64),  # the adjoint spilled 8 B at 4 warps
     ("kda", "chunked", "sm_90", 1, 256, 2, True, 128),  # tests/data/kda.rec: the key-decay delta rule's backward
@@ -112,6 +116,10 @@ def test_no_spills_at_default_configs():
         ("gated_delta_net", "sm_90", "backward")]
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "intra", "wy", "wy_k")} <= names[
         ("kda", "sm_90", "backward")]
+    assert names[("rwkv7", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
+                                                    "_triton_dplr_wy_kernel", "_triton_delta_state_kernel",
+                                                    "_triton_chunk_output_kernel"}
+    assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel"}
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
     (recurrent,) = runs[-3]["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]

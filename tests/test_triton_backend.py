@@ -38,6 +38,7 @@ import recurrence_dsl  # noqa: E402
 from codegen.layer import interpreting  # noqa: E402
 from codegen.load import triton_available  # noqa: E402
 from codegen.specialize import chunked_backward_in_triton  # noqa: E402
+from codegen.triton_recurrent import dplr_chunked_in_triton  # noqa: E402
 from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
@@ -79,10 +80,11 @@ for _n, _block in enumerate(_blocks):
 def triton_form_names(key: str) -> list[str]:
     """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
     Triton scan kernels take every elementwise state; the specs' coupled states are none or 2 x 2 blocks), chunked
-    where the analysis derives it and a Triton chunked kernel exists (every chunkable class but
-    diagonal-plus-rank-one)."""
+    where the analysis derives it and a Triton chunked kernel exists (every chunkable class; diagonal-plus-rank-one
+    where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7)."""
     analysis = analyse(RECS[key].checked)
-    kernel = "chunked" in analysis.forms and analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
+    kernel = "chunked" in analysis.forms and (analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
+                                              or dplr_chunked_in_triton(analysis))
     return ["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
 
 
@@ -150,7 +152,22 @@ def _smoke_cases(key: str, form: str) -> list[Case]:
             Case(key, form, F32, 63, _uniform(key, 16), lengths=(1, 62, 0))]
 
 
-CASES = ([c for k in FULL_KEYS for f in FORMS[k] for c in _full_cases(k, f)]
+def _sparse_cases(key: str, form: str) -> list[Case]:
+    """Every axis value of the full matrix once: for a diagonal-plus-rank-one chunked form, whose key-decay kernels
+    the interpreter runs slowly (its full matrix passed in 233 s for rwkv7 alone; these take about 40 s);
+    tests/test_triton_dplr.py covers the rest of that form."""
+    return [Case(key, form, F32, 1, _uniform(key, 48)), Case(key, form, F32, 64, _uniform(key, 32)),
+            Case(key, form, F32, 200, _uniform(key, 16)), Case(key, form, F16, 63, _uniform(key, 48)),
+            Case(key, form, F32, 64, _uniform(key, 16), chunk=64),
+            Case(key, form, F16, 63, _uniform(key, 16), lengths=(1, 62, 0))]
+
+
+def _cases(key: str, form: str) -> list[Case]:
+    dplr = form == "chunked" and analyse(RECS[key].checked).cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE
+    return _sparse_cases(key, form) if dplr else _full_cases(key, form)
+
+
+CASES = ([c for k in FULL_KEYS for f in FORMS[k] for c in _cases(k, f)]
          + [c for k in SMOKE_KEYS for f in FORMS[k] for c in _smoke_cases(k, f)])
 
 
@@ -361,7 +378,7 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("rwkv7", "chunked"), ("retention", "parallel")])
+@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("retention", "parallel")])
 def test_forms_the_triton_backend_lacks(key, form):
     layer = layer_for(key)
     assert form in layer.forms  # the torch backend has it

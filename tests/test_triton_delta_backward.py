@@ -6,8 +6,9 @@ without `with_torch_backward` (codegen/specialize.py, `chunked_backward_in_trito
 interpreter at float32 against float64 autograd (relative error <= 1e-5):
 
 - every spec of specs/ with a chunked Triton delta form (delta_net, gated_delta_net; rwkv7's diagonal-plus-rank-one
-  class has no chunked Triton form): gradients of every input and the initial state, with a gradient on the final
-  state too, T not a multiple of the chunk, against the reference interpreter's autograd;
+  chunked form trains through the derived adjoint instead, tests/test_triton_dplr.py): gradients of every input
+  and the initial state, with a gradient on the final state too, T not a multiple of the chunk, against the
+  reference interpreter's autograd;
 - the key-axis decay (KDA, tests/data/kda.rec): gradients of every input and the initial state against the
   reference's autograd, with chunks of two 16-step sub-chunks (so the intra-chunk terms take both the sub-chunk
   pairs through a reference row and the diagonal sub-blocks), and with -inf log decays on whole steps and on some
@@ -90,14 +91,14 @@ def _sample(rec, seed=0, batch=B, length=T):
 
 def test_the_delta_specs_are_the_ones_with_a_differentiable_chunked_triton_form():
     """Every spec whose chunked Triton form is a delta rule with decay None / scalar is tested below (specs/ has
-    none with a key decay: KDA comes from tests/data); rwkv7
-    (diagonal-plus-rank-one) has no chunked Triton form, so its Triton backward stays the torch recompute."""
+    none with a key decay: KDA comes from tests/data); rwkv7 (diagonal-plus-rank-one) has a chunked Triton form
+    that trains through the recurrent form's derived adjoint instead (tests/test_triton_dplr.py)."""
     analyses = {name: analyse(rec.checked) for name, rec in SPECS.items()}
     delta = {TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE}
     found = sorted(name for name, a in analyses.items() if chunked_backward_in_triton(a)
                    and any(p.cls in delta for p in a.chunk_analysis.states.values()))
     assert found == DELTA_SPECS
-    assert "chunked" not in triton_form_names(analyses["rwkv7"])
+    assert "chunked" in triton_form_names(analyses["rwkv7"]) and not chunked_backward_in_triton(analyses["rwkv7"])
     kda = analyse(KDA.checked)
     assert kda.chunk_analysis.states["S"].chunk.decay_axis == "key"
     assert "chunked" in triton_form_names(kda) and chunked_backward_in_triton(kda)

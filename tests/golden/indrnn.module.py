@@ -619,12 +619,14 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -634,8 +636,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      kernels, *tensors)
+        length = tensors[0].shape[1]
+        every = checkpoint_every(length) if every_of is None else every_of(length, extra)
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1345,6 +1348,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1412,6 +1417,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _triton_tile(n, given, what):

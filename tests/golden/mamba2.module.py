@@ -651,12 +651,14 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -666,8 +668,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      kernels, *tensors)
+        length = tensors[0].shape[1]
+        every = checkpoint_every(length) if every_of is None else every_of(length, extra)
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -1734,6 +1737,8 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1925,10 +1930,12 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr,
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1957,7 +1964,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
     b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
     b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
     b_A = b_A * _triton_decay(b_gq[:, None], b_g[None, :])
-    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -2176,15 +2184,16 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages) -> None:
+                  num_stages, pair=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G))."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
-        exclusive, prec, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
-        num_stages=_triton_or(num_stages, _STAGES))
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, T, H, K, V, BT, BK, BV, decay, exclusive, prec, pair is not None,
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2210,8 +2219,13 @@ class triton_ScalarDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None))
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
@@ -2585,7 +2599,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                do, do, k, gc, eg, hT, dA, dq, do, k, dA, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
@@ -2641,6 +2655,11 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
 
 
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows

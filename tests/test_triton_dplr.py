@@ -1,0 +1,261 @@
+"""The diagonal-plus-rank-one class's chunked Triton form (RWKV-7; issues 10 and 9), in Triton's interpreter.
+
+Forward: `codegen.triton_runtime.chunked_dplr` (the WY-like solve per chunk, one state pass, the outputs over the
+(k, v) and (b, U) pairs) against a float64 step-by-step loop of S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T: outputs,
+final state and the state entering every chunk, for no decay, a scalar and a key decay, inclusive and exclusive
+queries, a last chunk that is partly padding, and reset decays (-inf and -1e4 log decays, exact).
+Backward: the generated rwkv7 layer's `backend="triton", form="chunked"` trains through the recurrent form's derived
+Triton adjoint, fed the chunked forward's chunk-start states as its checkpoints. Its gradients of every input, param
+and the initial state (with an incoming final-state gradient) match the float64 reference's autograd to 1e-5
+(float32), with every torch form of the module made to raise, also under `cu_seqlens` (one sequence at a time) and
+for no steps; `form="auto"` picks it where it picks chunked. Relative errors: ||x - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import REPO
+
+pytest.importorskip("triton")
+
+from codegen import triton_runtime as tr  # noqa: E402  (after the interpreter is set by conftest)
+
+TOL = 1e-5
+REC = recurrence_dsl.load(REPO / "specs" / "rwkv7.rec")["rwkv7"]
+SIZES = {"K": 16, "V": 16}
+# the generated module's torch forms: none may run on the Triton chunked path, forward or backward
+TORCH_FORMS = ("recurrent_loop", "recurrent_adjoint", "chunked")
+TORCH_RUNTIME = ("chunked_dplr_by", "chunked_linear_by", "chunked_delta_by")
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _steps(queries, k, v, a, b, log_decay, axis, s0, chunk):
+    """float64 step loop: (outputs, final state, the state entering every chunk of `chunk` steps)."""
+    B, T, H, K = k.shape
+    S = s0.double().clone()
+    outs = [torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64) for _ in queries]
+    starts = []
+    for t in range(T):
+        if t % chunk == 0:
+            starts.append(S.clone())
+        if axis is None:
+            D = torch.ones(B, H, K, 1, dtype=torch.float64)
+        elif axis == "scalar":
+            D = torch.exp(log_decay[:, t].double())[..., None, None].expand(B, H, K, 1)
+        else:
+            D = torch.exp(log_decay[:, t].double())[..., None]
+        new = D * S + b[:, t, ..., None].double() * (a[:, t, :, None, :].double() @ S) \
+            + k[:, t, ..., None].double() * v[:, t, :, None, :].double()
+        for o, (q, exclusive) in zip(outs, queries):
+            o[:, t] = (q[:, t, :, None, :].double() @ (S if exclusive else new))[..., 0, :]
+        S = new
+    return outs, S, torch.stack(starts, dim=2) if starts else S.new_zeros(B, H, 0, K, v.shape[-1])
+
+
+def _inputs(axis, B=1, T=37, H=2, K=16, V=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, T, H, K, generator=gen) * 0.3
+    v = torch.randn(B, T, H, V, generator=gen)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    lr = torch.rand(B, T, H, K, generator=gen)  # RWKV-7's in-context learning rate in (0, 1)
+    q = torch.randn(B, T, H, K, generator=gen)
+    shape = {None: None, "scalar": (B, T, H), "key": (B, T, H, K)}[axis]
+    g = None if shape is None else -torch.rand(shape, generator=gen) * 0.5
+    s0 = torch.randn(B, H, K, V, generator=gen)
+    return q, k, v, kk, -lr * kk, g, s0
+
+
+@pytest.mark.parametrize("axis,exclusive", [(None, False), ("scalar", True), ("key", False), ("key", True)])
+def test_forward_matches_the_step_loop(axis, exclusive):
+    """Outputs, final state and chunk-start states; T = 37 is chunks of 16 + 16 + 5 (the last partly padding)."""
+    q, k, v, a, b, g, s0 = _inputs(axis)
+    (o,), S, h = tr.chunked_dplr([(q, exclusive)], k, v, a, b, g, axis, s0, 16, True, output_chunk_states=True)
+    (ro,), rS, rh = _steps([(q, exclusive)], k, v, a, b, g, axis, s0, 16)
+    errors = {"o": _rel(o, ro), "S": _rel(S, rS), "h": _rel(h, rh)}
+    print(axis, exclusive, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert h.shape == (1, 2, 3, 16, 16) and o.dtype == torch.float32 and S.dtype == torch.float32
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_reset_decays_are_exact():
+    """Log decays of -inf (a reset: exp = 0 exactly) and -1e4 at some steps and channels, a small one after them:
+    every decay factor spanning a reset is 0, the others keep float32's accuracy."""
+    q, k, v, a, b, g, s0 = _inputs("key", T=33, seed=3)
+    g[:, 5, :, :4] = -float("inf")
+    g[:, 20, 1] = -float("inf")
+    g[:, 9, 0, 8:] = -1e4
+    g[:, 10:12] = -1e-4
+    (o,), S = tr.chunked_dplr([(q, False)], k, v, a, b, g, "key", s0, 16, True)
+    (ro,), rS, _ = _steps([(q, False)], k, v, a, b, g, "key", s0, 16)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert _rel(o, ro) <= TOL and _rel(S, rS) <= TOL, (_rel(o, ro), _rel(S, rS))
+
+
+def test_runtime_checks_its_arguments_and_refuses_autograd():
+    q, k, v, a, b, g, s0 = _inputs(None, T=5)
+    with pytest.raises(ValueError, match=r"b must have k's shape"):
+        tr.chunked_dplr([], k, v, a, b[..., :8])
+    with pytest.raises(NotImplementedError, match="decay_axis None, 'scalar' or 'key'"):
+        tr.chunked_dplr([], k, v, a, b, torch.zeros(1, 5, 2, 16), "value")
+    wide = torch.randn(1, 5, 2, 32)  # K = 32 keys: the state program holds whole columns of S
+    with pytest.raises(ValueError, match="block_k >= K"):
+        tr.chunked_dplr([], wide, v, wide, wide, block_k=16)
+    with pytest.raises(NotImplementedError, match="derived adjoint"):
+        tr.chunked_dplr([(q, False)], k.requires_grad_(), v, a, b)
+
+
+def test_chunk_every_is_the_chunk_length():
+    """The adjoint's checkpoints fall where the forward's chunks start: BT = min(chunk_size, pow2(T) >= 16)."""
+    assert tr.chunk_every(37, {"chunk_size": 16}) == 16
+    assert tr.chunk_every(5, {"chunk_size": 64}) == 16
+    assert tr.chunk_every(100, {"chunk_size": 64}) == 64
+    assert tr.chunk_every(100, {}) == 64
+
+
+def _layer(monkeypatch):
+    """The rwkv7 layer on the Triton backend, with its module's torch forms and torch runtime made to raise."""
+    layer = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False)
+    module = sys.modules[type(layer).__module__]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch form of the recurrence ran on the Triton path")
+
+    for form in TORCH_FORMS:
+        fn = getattr(module, f"rwkv7__{form}")
+        monkeypatch.setattr(fn, "__code__", refuse.__code__)  # every reference to it (closures too) raises
+    for name in TORCH_RUNTIME:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, refuse)
+    return layer
+
+
+def _grads(fn, args, s0, weights=None, **kwargs):
+    """Gradients of every argument and the initial state for sum(w * output) + sum(w * final state)."""
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    init = s0.detach().clone().requires_grad_()
+    out, final = fn(*leaves, initial_state=init, output_final_state=True, **kwargs)
+    if weights is None:
+        gen = torch.Generator().manual_seed(5)
+        weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (out, final)]
+    ((out.double() * weights[0]).sum() + (final.double() * weights[1]).sum()).backward()
+    return [x.grad for x in leaves] + [init.grad], weights, out
+
+
+NAMES = [s.name for s in REC.checked.inputs + REC.checked.params] + ["initial_state"]
+
+
+def _compare(monkeypatch, batch, length, **call) -> dict[str, float]:
+    rows = None if "cu_seqlens" not in call else len(call["cu_seqlens"]) - 1
+    args, s0 = sample_arguments(REC.checked, SIZES, batch, length, 2, dtype=torch.float64, seed=2,
+                                with_initial_state=True, rows=rows)
+    ref, weights, _ = _grads(REC.reference, args, s0, **call)
+    got, _, out = _grads(_layer(monkeypatch), [x.float() for x in args], s0.float(), weights, chunk_size=16, **call)
+    if "cu_seqlens" not in call:
+        assert "_AdjointBackward" in type(out.grad_fn).__name__  # the derived backward, not a torch re-run
+    for n, g, r in zip(NAMES, got, ref):
+        assert g is not None and g.shape == r.shape, n
+    return {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+
+
+def test_gradients_through_the_adjoint(monkeypatch):
+    """Every input's, the param's and the initial state's gradient; T = 37: three chunks of 16 + 16 + 5 steps, so
+    the adjoint gets three checkpoints, the chunk-start states, 16 steps apart."""
+    run = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False).triton_forms["chunked"]
+    cell = dict(zip(run.__code__.co_freevars, run.__closure__))["adjoint"]  # with_adjoint's derived backward
+    adjoint, seen = cell.cell_contents, []
+
+    def spy(*args, every, **kwargs):
+        seen.append((every, [c["S"].shape for c in args[7]]))  # after r, w, k, v, kk, a, u: the checkpoints
+        return adjoint(*args, every=every, **kwargs)
+
+    monkeypatch.setattr(cell, "cell_contents", spy)
+    errors = _compare(monkeypatch, 1, 37)
+    print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert seen == [(16, [(1, 2, 16, 16)] * 3)]
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_gradients_of_packed_sequences(monkeypatch):
+    """cu_seqlens with an empty sequence: the chunked form runs each length's sequences as a batch."""
+    errors = _compare(monkeypatch, 1, 21, cu_seqlens=torch.tensor([0, 6, 6, 21]))
+    print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
+# The class without a decay and with a scalar one (and an exclusive readout), through a generated module: its
+# kernels specialised to DECAY 0 / 1 (codegen/specialize.py), the adjoint derived from each body.
+BODIES = recurrence_dsl.load_text("""
+recurrence dplr_plain(q[K], k[K], v[V], a[K], b[K]) -> o[V] {
+    state S[K, V]
+    S[i, j] = S[i, j] + b[i] * sum(m, a[m] * S[m, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+recurrence dplr_scalar(q[K], k[K], v[V], a[K], b[K], g) -> o[V] {
+    state S[K, V]
+    before[j] = sum(i, q[i] * S[i, j])
+    S[i, j] = exp(g) * S[i, j] + b[i] * sum(m, a[m] * S[m, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j]) + before[j]
+}
+""", "dplr_bodies.rec")
+
+
+@pytest.mark.parametrize("name,axis", [("dplr_plain", None), ("dplr_scalar", "scalar")])
+def test_bodies_without_a_key_decay(name, axis):
+    rec = BODIES[name]
+    q, k, v, a, b, g, s0 = _inputs(axis, T=21, H=1, seed=4)  # chunks of 16 + 5
+    args = [q, k, v, a, b] + ([] if g is None else [g])
+    ref, weights, _ = _grads(rec.reference, [x.double() for x in args], s0.double())
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", tuning=False)
+    got, _, out = _grads(layer, args, s0, weights, chunk_size=16)
+    assert "_AdjointBackward" in type(out.grad_fn).__name__
+    names = ["q", "k", "v", "a", "b"] + ([] if g is None else ["g"]) + ["initial_state"]
+    errors = {n: _rel(x, r) for n, x, r in zip(names, got, ref, strict=True)}
+    print(name, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_no_steps(monkeypatch):
+    """T = 0: no chunk, no checkpoint; zero input gradients, the final state's gradient for the initial one."""
+    args, s0 = sample_arguments(REC.checked, SIZES, 2, 0, 2, dtype=torch.float32, seed=0, with_initial_state=True)
+    got, weights, _ = _grads(_layer(monkeypatch), args, s0, chunk_size=16)
+    for g, x in zip(got, args):
+        assert g.shape == x.shape and not g.any()
+    assert torch.allclose(got[-1], weights[1].float())
+
+
+def test_auto_picks_the_chunked_triton_form():
+    layer = recurrence_dsl.compile(REC, backend="triton", tuning=False)
+    assert "chunked" in layer.triton_forms
+    args, s0 = sample_arguments(REC.checked, SIZES, 1, 512, 2, dtype=torch.float32, seed=0, with_initial_state=True)
+    chosen = layer.config_for(*args, initial_state=s0)
+    assert chosen["backend"] == "triton" and chosen["form"] == "chunked", chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gradients_on_a_gpu(dtype):
+    """On CUDA (deselected elsewhere, see conftest.py): K = V = 64, T = 300 (five chunks of 64, the last partial),
+    inputs in `dtype`, against the float64 reference on the same rounded inputs (bfloat16: fla's relative RMS
+    tolerance for dq/dk/dv, 0.008, doubled for the chain through six inputs)."""
+    assert torch.cuda.is_available(), "selected with -m gpu without a CUDA GPU"
+    args, s0 = sample_arguments(REC.checked, {"K": 64, "V": 64}, 2, 300, 2, dtype=torch.float64, seed=5,
+                                with_initial_state=True)
+    args = [x.to("cuda", dtype) for x in args]
+    s0 = s0.to("cuda", torch.float32)
+    ref, weights, _ = _grads(REC.reference, [x.double() for x in args], s0.double())
+    layer = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False)
+    got, _, _ = _grads(layer, args, s0, [w.cuda() for w in weights], chunk_size=64)
+    tol = TOL * 10 if dtype == torch.float32 else 0.016
+    errors = {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+    print(errors)
+    assert max(errors.values()) <= tol, errors
