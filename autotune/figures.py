@@ -23,9 +23,12 @@ The cache. One JSON file per (call, config) under the cache directory family of 
 (`codegen.cache.cache_directory("kernel-figures")`, next to `modules/`), named by a SHA-256 of: the generated
 module's source (which holds every kernel's source, so a changed kernel or default is another key), the form, the
 config (block sizes, num_warps, num_stages: the kernels' constexprs), the input dtype, the call's shape and spec
-sizes (Triton specialises on the strides' divisibility), the target, fwd or fwd+bwd, and the versions of triton,
-ptxas and cuobjdump. A file is written atomically and read only when its recorded key matches; a file that does
-not parse is a miss.
+sizes (Triton specialises on the strides' divisibility), the target, fwd or fwd+bwd, the versions of triton,
+ptxas and cuobjdump, the environment variables Triton itself counts as changing a compile (TRITON_DEFAULT_FP_FUSION,
+...) and the source of the compile-only driver (`codegen/kernel_report.py`, which draws the call's arguments). A
+file is written atomically and read only when its recorded key matches; a file that does not parse or does not
+hold figures is a miss. A config that failed to compile is remembered for this object only, never written: the
+failure may be a passing one (a full disk, a killed ptxas) and must not prune the config from every later tune.
 
 When ptxas or cuobjdump is missing (`kernel_report.ToolMissing`), `CompilerFigures.available` is False and `why`
 says so: the tuner then prunes with the hand-kept estimate of `autotune.space` instead, and its table says that.
@@ -154,8 +157,10 @@ class CompilerFigures:
         self.available, self.why = True, f"compiled for {self.target} (ptxas {tools['ptxas']})"
         module_file = Path(load_module(analysis).__file__)
         self._base = {"format": FORMAT, "module_sha256": hashlib.sha256(module_file.read_bytes()).hexdigest(),
+                      "driver_sha256": hashlib.sha256(Path(kr.__file__).read_bytes()).hexdigest(),
                       "form": form, "dtype": self.dtype, "shape": list(self.shape), "sizes": self.sizes,
-                      "target": self.target, "backward": backward, "triton": triton.__version__, **tools}
+                      "target": self.target, "backward": backward, "triton": triton.__version__,
+                      "triton_env": _triton_compile_env(), **tools}
         if cache_dir is None:
             from codegen.cache import cache_directory
 
@@ -180,7 +185,14 @@ class CompilerFigures:
             return None
         if not isinstance(data, dict) or data.get("key") != key:
             return None  # another key with the same digest prefix, or a stale format
-        return self._figures(key["config"], data.get("kernels") or [], data.get("error"), cached=True)
+        kernels = data.get("kernels")
+        if data.get("error") is not None or not isinstance(kernels, list):
+            return None  # (errors are never written: such a file is not this module's)
+        try:
+            found = self._figures(key["config"], kernels, None, cached=True)
+        except TypeError:  # kernel entries without the fields of KernelFigures
+            return None
+        return found if all(_well_formed(k) for k in found.kernels) else None
 
     def _write(self, key: dict, figures: ConfigFigures) -> None:
         from codegen.cache import write_atomically
@@ -213,7 +225,8 @@ class CompilerFigures:
             kernels, error = self._compile(key["config"])
             self.compiled += 1
             found = self._figures(key["config"], kernels, error, cached=False)
-            self._write(key, found)
+            if error is None:  # a failure may pass (see the module docstring): this object remembers it, no file
+                self._write(key, found)
         self._memo[memo] = found
         return found
 
@@ -264,6 +277,23 @@ class CompilerFigures:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _well_formed(kernel: KernelFigures) -> bool:
+    """Whether a kernel's figures read from a file are of the types a compile gives (names, counts >= 0)."""
+    counts = (kernel.registers, kernel.spill_bytes, kernel.shared_bytes, kernel.num_warps, kernel.num_stages)
+    return (isinstance(kernel.name, str) and isinstance(kernel.phase, str)
+            and all(type(n) is int and n >= 0 for n in counts))
+
+
+def _triton_compile_env() -> dict[str, str]:
+    """The environment variables set now that Triton counts as changing a compile (its own cache key holds them);
+    empty where this Triton does not say (the name is not public API, so it is looked up, not relied on)."""
+    try:
+        from triton.runtime.jit import get_cache_invalidating_env_vars
+    except ImportError:
+        return {}
+    return {str(k): str(v) for k, v in sorted(get_cache_invalidating_env_vars().items())}
 
 
 def _start_worker() -> subprocess.Popen:

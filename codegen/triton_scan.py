@@ -14,7 +14,7 @@ it is associative (Blelloch 1990, "Prefix sums and their applications", section 
 it over a chunk of BT steps in log2(BT) levels. A program owns BN state elements of one batch row and walks its
 chunks in order, carrying the state at each chunk's end into the next chunk: s_t = (A_t ... A_c) s_(c-1) +
 (the chunk's scan from a zero start), c the chunk's first step. Elements are independent, so the grid is
-(cdiv(N, BN), B) and nothing is shared between programs.
+B * cdiv(N, BN) programs on one axis (`_scan_program`) and nothing is shared between programs.
 
 Backward (`_ScanFunction`, `_BlockScanFunction`): with g_t the gradient of the loss with respect to s_t through every
 later step, g_t = ds_t + A_(t+1)^T g_(t+1) (g_(T-1) = ds_(T-1)): the same affine recurrence run from the last step
@@ -25,10 +25,10 @@ s_t of the forward are all the backward reads besides a; nothing is recomputed.
 
 Kernels and grids:
 
-  _scan_fwd_kernel        (cdiv(N, BN), B)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
-  _scan_bwd_kernel        (cdiv(N, BN), B)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
-  _block_scan_fwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: a [B, T, N, 2, 2], b and s [B, T, N, 2], h0 [B, N, 2]
-  _block_scan_bwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: da, db, dh0 likewise
+  _scan_fwd_kernel        (B * cdiv(N, BN),)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
+  _scan_bwd_kernel        (B * cdiv(N, BN),)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
+  _block_scan_fwd_kernel  (B * cdiv(N, BN),)   2 x 2 blocks: a [B, T, N, 2, 2], b and s [B, T, N, 2], h0 [B, N, 2]
+  _block_scan_bwd_kernel  (B * cdiv(N, BN),)   2 x 2 blocks: da, db, dh0 likewise
 
 Numerics: loads are masked and taken to the states' dtype (float32 for every call of a generated module, whose
 dispatcher upcasts half inputs; float64 where a caller passes float64, as gradcheck does); steps past T load as
@@ -64,12 +64,23 @@ def _scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
+def _scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
+
+
+@triton.jit
 def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
@@ -88,7 +99,7 @@ def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -125,7 +136,7 @@ def _block_combine(p1, q1, r1, u1, x1, y1, p2, q2, r2, u2, x2, y2):
 
 @triton.jit
 def _block_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -155,7 +166,7 @@ def _block_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr
 
 @triton.jit
 def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -228,7 +239,7 @@ class _ScanFunction(torch.autograd.Function):
         BT, BN, warps = config
         B, T, N = b.shape[:3]
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
         ctx.save_for_backward(a, s, h0)
         ctx.kernels, ctx.config = kernels, config
         return s
@@ -241,12 +252,44 @@ class _ScanFunction(torch.autograd.Function):
         B, T, N = s.shape[:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN) * B,)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
         return da, db, dh0, None, None
 
 
 def _scan_dtype(b: Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def _scan_operands(a: Tensor, b: Tensor, initial_state: Tensor | None, m: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m = 2: 2 x 2
+    blocks (b [B, T, ..., 2], a broadcastable to [B, T, ..., 2, 2]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', 2' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != 2 or tuple(a.shape[-2:]) != (2, 2)):
+        raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
 
 
 def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
@@ -259,19 +302,12 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     initial_state through `_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
     Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
     """
-    dt = _scan_dtype(b)
     config = _scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    empty, operands = _scan_operands(a, b, initial_state, 1)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel()
     s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_scan_fwd_kernel, _scan_bwd_kernel),
                             config)
@@ -283,26 +319,18 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, 2 states per element, by
     `_block_scan_fwd_kernel`.
 
-    a [B, T, H, *S, 2, 2] (A_t per element: row r holds the coefficients of both states in the update of state
-    r); b [B, T, H, *S, 2]; initial_state [B, H, *S, 2] or None (zeros). Returns [B, T, H, *S, 2] in float32
-    (float64 for float64 b). Differentiable in a, b and initial_state through `_block_scan_bwd_kernel`. Raises
-    ValueError for blocks other than 2 x 2 (the torch runtime's `scan_block` takes any size) or mismatched shapes.
+    a [B, T, H, *S, 2, 2] or broadcastable to it (A_t per element: row r holds the coefficients of both states in
+    the update of state r); b [B, T, H, *S, 2]; initial_state [B, H, *S, 2] or None (zeros). Returns
+    [B, T, H, *S, 2] in float32 (float64 for float64 b). Differentiable in a, b and initial_state through
+    `_block_scan_bwd_kernel`. Raises ValueError for blocks other than 2 x 2 (the torch runtime's `scan_block`
+    takes any size), mismatched shapes or a block size not a power of two.
     """
-    dt = _scan_dtype(b)
     config = _scan_config(block_t, block_n, num_warps, 2)
-    m = b.shape[-1]
-    if m != 2 or tuple(a.shape[-2:]) != (2, 2):
-        raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
-                         f"{list(b.shape)} and a {list(a.shape)}")
+    empty, operands = _scan_operands(a, b, initial_state, 2)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(tuple(b.shape) + (2,)).contiguous()
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel() // 2
     s = _ScanFunction.apply(a.view(B, T, N, 2, 2), b.view(B, T, N, 2), h0.view(B, N, 2),
                             (_block_scan_fwd_kernel, _block_scan_bwd_kernel), config)

@@ -2620,12 +2620,23 @@ def _triton_scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _triton_scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_triton_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
+def _triton_scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
+
+
+@triton.jit
 def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
@@ -2644,7 +2655,7 @@ def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexp
 
 @triton.jit
 def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -2691,7 +2702,7 @@ class _triton_ScanFunction(torch.autograd.Function):
         BT, BN, warps = config
         B, T, N = b.shape[:3]
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
         ctx.save_for_backward(a, s, h0)
         ctx.kernels, ctx.config = kernels, config
         return s
@@ -2704,12 +2715,44 @@ class _triton_ScanFunction(torch.autograd.Function):
         B, T, N = s.shape[:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN) * B,)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
         return da, db, dh0, None, None
 
 
 def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None, m: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m = 2: 2 x 2
+    blocks (b [B, T, ..., 2], a broadcastable to [B, T, ..., 2, 2]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_triton_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', 2' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != 2 or tuple(a.shape[-2:]) != (2, 2)):
+        raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _triton_scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
 
 
 def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
@@ -2722,19 +2765,12 @@ def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: trit
     initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
     Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
     """
-    dt = _triton_scan_dtype(b)
     config = _triton_scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    empty, operands = _triton_scan_operands(a, b, initial_state, 1)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel()
     s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
                             config)
