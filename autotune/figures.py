@@ -41,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,8 +255,10 @@ class CompilerFigures:
         else:
             why = "it exited"
         if not line:
+            log = _worker_log(self._worker)
             self.close()
-            raise RuntimeError(f"the compile-only worker (python -m autotune.figures) failed: {why}")
+            raise RuntimeError(f"the compile-only worker (python -m autotune.figures) failed: {why}"
+                               + (f"; its stderr ends:\n{log}" if log else ""))
         answer = json.loads(line)
         if "fatal" in answer:
             raise RuntimeError(f"the compile-only worker failed: {answer['fatal']}")
@@ -271,6 +274,8 @@ class CompilerFigures:
             except (OSError, subprocess.TimeoutExpired):
                 worker.kill()
                 worker.wait()
+        if getattr(worker, "log", None) is not None:
+            worker.log.close()
 
     def __enter__(self) -> CompilerFigures:
         return self
@@ -296,12 +301,25 @@ def _triton_compile_env() -> dict[str, str]:
     return {str(k): str(v) for k, v in sorted(get_cache_invalidating_env_vars().items())}
 
 
-def _start_worker() -> subprocess.Popen:
+def _start_worker(args: tuple[str, ...] = ("-m", "autotune.figures")) -> subprocess.Popen:
+    """The worker process (`_worker_main`; args: what the Python interpreter runs), without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])  # the directory holding the autotune package
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return subprocess.Popen([sys.executable, "-m", "autotune.figures"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, bufsize=1)
+    log = tempfile.TemporaryFile()  # the worker's stderr (and its stray stdout), read back when it fails
+    worker = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env, bufsize=1)
+    worker.log = log
+    return worker
+
+
+def _worker_log(worker: subprocess.Popen | None, chars: int = 2000) -> str:
+    """The last `chars` characters the worker wrote to its stderr."""
+    log = getattr(worker, "log", None)
+    if log is None or log.closed:
+        return ""
+    log.seek(0)
+    return log.read().decode(errors="replace")[-chars:].strip()
 
 
 def _compile_request(request: dict, analysis=None) -> tuple[list[dict], str | None]:
@@ -331,7 +349,13 @@ def _compile_request(request: dict, analysis=None) -> tuple[list[dict], str | No
 
 
 def _worker_main() -> int:
-    """The worker loop: one JSON request a line on stdin, one JSON answer a line on stdout, until stdin closes."""
+    """The worker loop: one JSON request a line on stdin, one JSON answer a line on stdout, until stdin closes.
+
+    The answers go to a copy of the stdout file descriptor taken first; stdout itself (descriptor 1) then points
+    where stderr does, so a print of Triton, ptxas or a library during a compile cannot land inside the answers."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
     analyses: dict[tuple[str, str, str], object] = {}
     for line in sys.stdin:
         if not line.strip():
@@ -348,8 +372,8 @@ def _worker_main() -> int:
             answer = {"kernels": kernels, "error": error}
         except Exception as err:  # noqa: BLE001 - reported to the tuner, which stops with it
             answer = {"fatal": f"{type(err).__name__}: {err}"[:2000]}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
     return 0
 
 

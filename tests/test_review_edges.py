@@ -10,14 +10,16 @@ Each test here failed before its fix:
   makes one batch row of every packed sequence of a length;
 - a cache file that parses but does not hold figures crashed `CompilerFigures.get`; a compile that failed was
   written to disk, so a passing fault pruned the config from every later tune; Triton's compile-changing
-  environment variables and the compile-only driver were not in the key.
+  environment variables and the compile-only driver were not in the key; a print to stdout in the compile worker
+  (Python's or a child process's) broke its answers, and a worker that died was reported without its stderr.
 The interpreter's scan is also checked against the interpreter's own on the shapes the kernels do not use
-(1-D, the second axis, a scalar-returning combine, float16). About 10 s on an idle core.
+(1-D, the second axis, a scalar-returning combine, float16). About 30 s on an idle core.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -257,3 +259,46 @@ def test_the_key_holds_tritons_compile_environment_and_the_driver(tmp_path, monk
     fused = _figures(tmp_path, monkeypatch, ([KERNEL], None))[0].key(CONFIG)
     assert plain != fused and fused["triton_env"].get("TRITON_DEFAULT_FP_FUSION") in ("0", "false")
     assert plain["driver_sha256"] and (REPO / "codegen" / "kernel_report.py").is_file()
+
+
+WORKER = r'''
+import os, sys
+import autotune.figures as figures
+
+def noisy(request, analysis=None):
+    print("a library's print")  # Python's stdout
+    os.system("echo a tool print")  # descriptor 1, as a child process writes it
+    return [dict(name="k", phase="forward", registers=1, spill_bytes=0, shared_bytes=0, num_warps=1,
+                 num_stages=1)], None
+
+figures._compile_request = noisy
+sys.exit(figures._worker_main())
+'''
+
+
+def test_the_workers_answers_are_the_only_thing_on_its_stdout():
+    import subprocess
+    import sys
+
+    text = (SPECS_DIR / "linear_attention.rec").read_text()
+    request = json.dumps({"text": text, "filename": "linear_attention.rec", "name": "linear_attention"})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", WORKER], input=request + "\n" + request + "\n", capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["kernels"][0]["name"] == "k" for x in lines), done.stdout
+    assert done.stderr.count("a library's print") == 2 and done.stderr.count("a tool print") == 2
+
+
+@pytest.mark.skipif(not interpreting(), reason="the worker compiles only where Triton runs in its interpreter")
+def test_a_dead_worker_is_reported_with_its_stderr(tmp_path, monkeypatch):
+    from autotune import figures
+
+    f, _ = _figures(tmp_path, monkeypatch, None)
+    monkeypatch.undo()  # the real _compile, through a worker that dies at once
+    start = figures._start_worker
+    monkeypatch.setattr(figures, "_start_worker", lambda: start(("-c", "import sys; sys.exit('no ptxas here')")))
+    with pytest.raises(RuntimeError, match="(?s)worker.*failed.*stderr ends:.*no ptxas here"):
+        f._compile(CONFIG)
+    assert f._worker is None
