@@ -302,3 +302,10 @@ def test_a_dead_worker_is_reported_with_its_stderr(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="(?s)worker.*failed.*stderr ends:.*no ptxas here"):
         f._compile(CONFIG)
     assert f._worker is None
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y", "0", "false", "off", "no", "2", ""])
+def test_triton_interpret_is_read_as_triton_reads_it(value, monkeypatch):
+    """A value Triton takes as off ("false", "off") must not send CPU tensors to Triton kernels that cannot run."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == triton.knobs.runtime.interpret
