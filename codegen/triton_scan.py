@@ -221,12 +221,15 @@ def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN
 
 
 def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    """(BT, BN, num_warps) with the defaults filled in (m: 1 diagonal, 2 blocks). Raises ValueError for a value
+    that is not a power of two (Triton's rule for a tl.arange length and for num_warps)."""
     BT = _SCAN_BT if block_t is None else block_t
     BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK) if block_n is None else block_n
-    for name, value in (("block_t", BT), ("block_n", BN)):
+    warps = _SCAN_WARPS if num_warps is None else num_warps
+    for name, value in (("block_t", BT), ("block_n", BN), ("num_warps", warps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
-    return BT, BN, _SCAN_WARPS if num_warps is None else num_warps
+    return BT, BN, warps
 
 
 class _ScanFunction(torch.autograd.Function):

@@ -11,7 +11,11 @@ Each test here failed before its fix:
 - a cache file that parses but does not hold figures crashed `CompilerFigures.get`; a compile that failed was
   written to disk, so a passing fault pruned the config from every later tune; Triton's compile-changing
   environment variables and the compile-only driver were not in the key; a print to stdout in the compile worker
-  (Python's or a child process's) broke its answers, and a worker that died was reported without its stderr.
+  (Python's or a child process's) broke its answers, and a worker that died was reported without its stderr;
+- TRITON_INTERPRET=false (or off, no) counted as on: CPU tensors went to Triton kernels that cannot run there;
+- the scan in blocks (`_BlockBackward`) gave an input no loss term depends on a zero gradient, where one block
+  gives None (and differentiated every block's unused outputs against zeros to get it);
+- num_warps=3 reached the scan kernels (the interpreter ignores it; a GPU compile refuses it).
 The interpreter's scan is also checked against the interpreter's own on the shapes the kernels do not use
 (1-D, the second axis, a scalar-returning combine, float16). About 30 s on an idle core.
 """
@@ -90,6 +94,8 @@ def test_scan_shapes_that_do_not_fit_name_the_argument():
         triton_scan.scan_diagonal(torch.rand(5), torch.rand(5))
     with pytest.raises(ValueError, match=r"a \[1, 5, 3, 2, 2\] does not broadcast to \[1, 5, 4, 2, 2\]"):
         triton_scan.scan_block(torch.rand(1, 5, 3, 2, 2), torch.rand(1, 5, 4, 2))
+    with pytest.raises(ValueError, match="num_warps must be a power of two, got 3"):  # the interpreter ignores it
+        triton_scan.scan_diagonal(torch.rand(1, 5, 4), b, num_warps=3)
 
 
 class _Recorded:
@@ -309,3 +315,23 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, monkeypatch):
     """A value Triton takes as off ("false", "off") must not send CPU tensors to Triton kernels that cannot run."""
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() == triton.knobs.runtime.interpret
+
+
+def test_blocks_give_an_unused_input_no_gradient_as_one_block_does(monkeypatch):
+    """mlstm's final state does not depend on q: a loss on the final state alone gives q the gradient None through
+    the whole sequence, and must through blocks of 4 steps too (zeros before); the other gradients agree."""
+    from codegen.dispatch import SCAN_BLOCK
+
+    rec = recurrence_dsl.load(SPECS_DIR / "mlstm.rec")["mlstm"]
+    args, init = sample_arguments(rec.checked, {s: 3 for s in rec.checked.sizes}, 2, 9, 2, dtype=F64, seed=3,
+                                  with_initial_state=True)
+    layer = recurrence_dsl.compile(rec, backend="torch", tuning=False)
+    grads = []
+    for block in (4, 1000):
+        monkeypatch.setenv(SCAN_BLOCK, str(block))
+        leaves = [a.clone().requires_grad_() for a in args]
+        _, final = layer(*leaves, initial_state=init, output_final_state=True, form="scan")
+        grads.append(torch.autograd.grad(sum(f.sum() for f in final.values()), leaves, allow_unused=True))
+    assert grads[1][0] is None and grads[0][0] is None
+    for g, r in zip(grads[0][1:], grads[1][1:]):
+        assert torch.allclose(g, r, rtol=1e-12, atol=1e-14)
