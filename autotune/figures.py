@@ -23,9 +23,12 @@ The cache. One JSON file per (call, config) under the cache directory family of 
 (`codegen.cache.cache_directory("kernel-figures")`, next to `modules/`), named by a SHA-256 of: the generated
 module's source (which holds every kernel's source, so a changed kernel or default is another key), the form, the
 config (block sizes, num_warps, num_stages: the kernels' constexprs), the input dtype, the call's shape and spec
-sizes (Triton specialises on the strides' divisibility), the target, fwd or fwd+bwd, and the versions of triton,
-ptxas and cuobjdump. A file is written atomically and read only when its recorded key matches; a file that does
-not parse is a miss.
+sizes (Triton specialises on the strides' divisibility), the target, fwd or fwd+bwd, the versions of triton,
+ptxas and cuobjdump, the environment variables Triton itself counts as changing a compile (TRITON_DEFAULT_FP_FUSION,
+...) and the source of the compile-only driver (`codegen/kernel_report.py`, which draws the call's arguments). A
+file is written atomically and read only when its recorded key matches; a file that does not parse or does not
+hold figures is a miss. A config that failed to compile is remembered for this object only, never written: the
+failure may be a passing one (a full disk, a killed ptxas) and must not prune the config from every later tune.
 
 When ptxas or cuobjdump is missing (`kernel_report.ToolMissing`), `CompilerFigures.available` is False and `why`
 says so: the tuner then prunes with the hand-kept estimate of `autotune.space` instead, and its table says that.
@@ -38,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +158,10 @@ class CompilerFigures:
         self.available, self.why = True, f"compiled for {self.target} (ptxas {tools['ptxas']})"
         module_file = Path(load_module(analysis).__file__)
         self._base = {"format": FORMAT, "module_sha256": hashlib.sha256(module_file.read_bytes()).hexdigest(),
+                      "driver_sha256": hashlib.sha256(Path(kr.__file__).read_bytes()).hexdigest(),
                       "form": form, "dtype": self.dtype, "shape": list(self.shape), "sizes": self.sizes,
-                      "target": self.target, "backward": backward, "triton": triton.__version__, **tools}
+                      "target": self.target, "backward": backward, "triton": triton.__version__,
+                      "triton_env": _triton_compile_env(), **tools}
         if cache_dir is None:
             from codegen.cache import cache_directory
 
@@ -180,7 +186,14 @@ class CompilerFigures:
             return None
         if not isinstance(data, dict) or data.get("key") != key:
             return None  # another key with the same digest prefix, or a stale format
-        return self._figures(key["config"], data.get("kernels") or [], data.get("error"), cached=True)
+        kernels = data.get("kernels")
+        if data.get("error") is not None or not isinstance(kernels, list):
+            return None  # (errors are never written: such a file is not this module's)
+        try:
+            found = self._figures(key["config"], kernels, None, cached=True)
+        except TypeError:  # kernel entries without the fields of KernelFigures
+            return None
+        return found if all(_well_formed(k) for k in found.kernels) else None
 
     def _write(self, key: dict, figures: ConfigFigures) -> None:
         from codegen.cache import write_atomically
@@ -213,7 +226,8 @@ class CompilerFigures:
             kernels, error = self._compile(key["config"])
             self.compiled += 1
             found = self._figures(key["config"], kernels, error, cached=False)
-            self._write(key, found)
+            if error is None:  # a failure may pass (see the module docstring): this object remembers it, no file
+                self._write(key, found)
         self._memo[memo] = found
         return found
 
@@ -241,8 +255,10 @@ class CompilerFigures:
         else:
             why = "it exited"
         if not line:
+            log = _worker_log(self._worker)
             self.close()
-            raise RuntimeError(f"the compile-only worker (python -m autotune.figures) failed: {why}")
+            raise RuntimeError(f"the compile-only worker (python -m autotune.figures) failed: {why}"
+                               + (f"; its stderr ends:\n{log}" if log else ""))
         answer = json.loads(line)
         if "fatal" in answer:
             raise RuntimeError(f"the compile-only worker failed: {answer['fatal']}")
@@ -258,6 +274,8 @@ class CompilerFigures:
             except (OSError, subprocess.TimeoutExpired):
                 worker.kill()
                 worker.wait()
+        if getattr(worker, "log", None) is not None:
+            worker.log.close()
 
     def __enter__(self) -> CompilerFigures:
         return self
@@ -266,12 +284,42 @@ class CompilerFigures:
         self.close()
 
 
-def _start_worker() -> subprocess.Popen:
+def _well_formed(kernel: KernelFigures) -> bool:
+    """Whether a kernel's figures read from a file are of the types a compile gives (names, counts >= 0)."""
+    counts = (kernel.registers, kernel.spill_bytes, kernel.shared_bytes, kernel.num_warps, kernel.num_stages)
+    return (isinstance(kernel.name, str) and isinstance(kernel.phase, str)
+            and all(type(n) is int and n >= 0 for n in counts))
+
+
+def _triton_compile_env() -> dict[str, str]:
+    """The environment variables set now that Triton counts as changing a compile (its own cache key holds them);
+    empty where this Triton does not say (the name is not public API, so it is looked up, not relied on)."""
+    try:
+        from triton.runtime.jit import get_cache_invalidating_env_vars
+    except ImportError:
+        return {}
+    return {str(k): str(v) for k, v in sorted(get_cache_invalidating_env_vars().items())}
+
+
+def _start_worker(args: tuple[str, ...] = ("-m", "autotune.figures")) -> subprocess.Popen:
+    """The worker process (`_worker_main`; args: what the Python interpreter runs), without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])  # the directory holding the autotune package
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return subprocess.Popen([sys.executable, "-m", "autotune.figures"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, bufsize=1)
+    log = tempfile.TemporaryFile()  # the worker's stderr (and its stray stdout), read back when it fails
+    worker = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env, bufsize=1)
+    worker.log = log
+    return worker
+
+
+def _worker_log(worker: subprocess.Popen | None, chars: int = 2000) -> str:
+    """The last `chars` characters the worker wrote to its stderr."""
+    log = getattr(worker, "log", None)
+    if log is None or log.closed:
+        return ""
+    log.seek(0)
+    return log.read().decode(errors="replace")[-chars:].strip()
 
 
 def _compile_request(request: dict, analysis=None) -> tuple[list[dict], str | None]:
@@ -301,7 +349,13 @@ def _compile_request(request: dict, analysis=None) -> tuple[list[dict], str | No
 
 
 def _worker_main() -> int:
-    """The worker loop: one JSON request a line on stdin, one JSON answer a line on stdout, until stdin closes."""
+    """The worker loop: one JSON request a line on stdin, one JSON answer a line on stdout, until stdin closes.
+
+    The answers go to a copy of the stdout file descriptor taken first; stdout itself (descriptor 1) then points
+    where stderr does, so a print of Triton, ptxas or a library during a compile cannot land inside the answers."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
     analyses: dict[tuple[str, str, str], object] = {}
     for line in sys.stdin:
         if not line.strip():
@@ -318,8 +372,8 @@ def _worker_main() -> int:
             answer = {"kernels": kernels, "error": error}
         except Exception as err:  # noqa: BLE001 - reported to the tuner, which stops with it
             answer = {"fatal": f"{type(err).__name__}: {err}"[:2000]}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
     return 0
 
 

@@ -483,6 +483,8 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
+        ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
@@ -502,6 +504,7 @@ class _BlockBackward(torch.autograd.Function):
         buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
                    for x, want in zip(inputs, need_inputs)]
         buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        used = [False] * len(inputs)  # an input no block's results depend on gets None, as from one block
         param_grads = [None] * len(params)
         carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
         for n in reversed(range(len(entering))):
@@ -524,6 +527,7 @@ class _BlockBackward(torch.autograd.Function):
                         buffer_pieces[i][n].zero_()
                     else:
                         buffer_pieces[i][n].copy_(g)
+                        used[i] = True
             for i, t in enumerate(block_params):
                 if t.requires_grad:
                     g = next(got)
@@ -532,6 +536,7 @@ class _BlockBackward(torch.autograd.Function):
             carried = {name: next(got) for name in state_names}
         need_states = need[at:]
         state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        buffers = [b if u else None for b, u in zip(buffers, used)]
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 

@@ -13,7 +13,7 @@ compiled for a GPU are untouched: this only changes how the interpreter evaluate
 
 from __future__ import annotations
 
-import os
+from .layer import interpreting
 
 _INSTALLED = False
 ORIGINAL_GENERIC_SCAN = None  # the interpreter's own, kept to compare against (tests/test_triton_scan.py)
@@ -46,7 +46,7 @@ def vectorise_interpreter_scans() -> bool:
     global _INSTALLED, ORIGINAL_GENERIC_SCAN
     if _INSTALLED:
         return True
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         return False
     try:
         from triton.runtime import interpreter

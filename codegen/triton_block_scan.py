@@ -91,7 +91,8 @@ def _forward(m: int) -> list[str]:
              f"def _block{m}_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):",
              f'    """{m} x {m} blocks: s [B, T, N, {m}] from a [B, T, N, {m}, {m}], b [B, T, N, {m}] and h0 '
              f'[B, N, {m}]."""',
-             "    i_n, i_b = tl.program_id(0), tl.program_id(1)",
+             "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
+             "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
              "    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]",
@@ -135,7 +136,8 @@ def _backward(m: int) -> list[str]:
              f"def _block{m}_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):",
              f'    """{m} x {m} blocks: da [B, T, N, {m}, {m}], db [B, T, N, {m}] and dh0 [B, N, {m}] from ds and the '
              'saved s."""',
-             "    i_n, i_b = tl.program_id(0), tl.program_id(1)",
+             "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
+             "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
              "    base = i_b.to(tl.int64) * T * N",

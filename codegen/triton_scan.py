@@ -14,7 +14,7 @@ it is associative (Blelloch 1990, "Prefix sums and their applications", section 
 it over a chunk of BT steps in log2(BT) levels. A program owns BN state elements of one batch row and walks its
 chunks in order, carrying the state at each chunk's end into the next chunk: s_t = (A_t ... A_c) s_(c-1) +
 (the chunk's scan from a zero start), c the chunk's first step. Elements are independent, so the grid is
-(cdiv(N, BN), B) and nothing is shared between programs.
+B * cdiv(N, BN) programs on one axis (`_scan_program`) and nothing is shared between programs.
 
 Backward (`_ScanFunction`, for both kinds): with g_t the gradient of the loss with respect to s_t through every
 later step, g_t = ds_t + A_(t+1)^T g_(t+1) (g_(T-1) = ds_(T-1)): the same affine recurrence run from the last step
@@ -25,9 +25,9 @@ s_t of the forward are all the backward reads besides a; nothing is recomputed.
 
 Kernels and grids:
 
-  _scan_fwd_kernel        (cdiv(N, BN), B)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
-  _scan_bwd_kernel        (cdiv(N, BN), B)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
-  _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (cdiv(N, BN), B)   m x m blocks: a [B, T, N, m, m], b and s
+  _scan_fwd_kernel        (B * cdiv(N, BN),)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
+  _scan_bwd_kernel        (B * cdiv(N, BN),)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
+  _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (B * cdiv(N, BN),)   m x m blocks: a [B, T, N, m, m], b and s
                           [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
                           per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
 
@@ -67,12 +67,23 @@ def _scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
+def _scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
+
+
+@triton.jit
 def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
@@ -91,7 +102,7 @@ def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -122,13 +133,16 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
 def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
     """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
     of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_SCAN_BN_BLOCK` no kernel spills at
-    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
+    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py).
+    Raises ValueError for a value that is not a power of two (Triton's rule for a tl.arange length and for
+    num_warps)."""
     BT = _SCAN_BT if block_t is None else block_t
     BN = (_SCAN_BN if m == 1 else _SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
-    for name, value in (("block_t", BT), ("block_n", BN)):
+    warps = _SCAN_WARPS if num_warps is None else num_warps
+    for name, value in (("block_t", BT), ("block_n", BN), ("num_warps", warps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
-    return BT, BN, _SCAN_WARPS if num_warps is None else num_warps
+    return BT, BN, warps
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -141,7 +155,7 @@ class _ScanFunction(torch.autograd.Function):
         BT, BN, warps = config
         B, T, N = b.shape[:3]
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
         ctx.save_for_backward(a, s, h0)
         ctx.kernels, ctx.config = kernels, config
         return s
@@ -154,12 +168,44 @@ class _ScanFunction(torch.autograd.Function):
         B, T, N = s.shape[:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN) * B,)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
         return da, db, dh0, None, None
 
 
 def _scan_dtype(b: Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def _scan_operands(a: Tensor, b: Tensor, initial_state: Tensor | None, m: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m >= 2: m x m
+    blocks (b [B, T, ..., m], a broadcastable to [B, T, ..., m, m]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', m' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != m or tuple(a.shape[-2:]) != (m, m)):
+        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
 
 
 def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
@@ -172,19 +218,12 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     initial_state through `_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
     Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
     """
-    dt = _scan_dtype(b)
     config = _scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    empty, operands = _scan_operands(a, b, initial_state, 1)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel()
     s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_scan_fwd_kernel, _scan_bwd_kernel),
                             config)
@@ -208,28 +247,24 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, m states per element (m = 2 .. 4),
     by the printed `_block{m}_scan_fwd_kernel`.
 
-    a [B, T, H, *S, m, m] (A_t per element: row r holds the coefficients of every state in the update of state
-    r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns [B, T, H, *S, m] in float32
-    (float64 for float64 b). Differentiable in a, b and initial_state through `_block{m}_scan_bwd_kernel`.
-    Raises ValueError for a block size without kernels (m < 2, m > 4; the torch runtime's `scan_block` takes any
-    size), a not [..., m, m] for b [..., m], mismatched shapes or a block size not a power of two.
+    a [B, T, H, *S, m, m] or broadcastable to it (A_t per element: row r holds the coefficients of every state in
+    the update of state r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns
+    [B, T, H, *S, m] in float32 (float64 for float64 b). Differentiable in a, b and initial_state through
+    `_block{m}_scan_bwd_kernel`. Raises ValueError for a block size without kernels (m < 2, m > 4; the torch
+    runtime's `scan_block` takes any size), a not [..., m, m] for b [..., m], mismatched shapes or a block size
+    not a power of two.
     """
-    dt = _scan_dtype(b)
     m = b.shape[-1] if b.dim() >= 3 else 0
-    if m < 2 or tuple(a.shape[-2:]) != (m, m):
-        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
+    if m < 2:
+        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [B, T, ..., m], got b "
                          f"{list(b.shape)} and a {list(a.shape)}")
     config = _scan_config(block_t, block_n, num_warps, m)
+    empty, operands = _scan_operands(a, b, initial_state, m)
+    if operands is None:
+        return empty
     kernels = _block_kernels(m)
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(tuple(b.shape) + (m,)).contiguous()
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel() // m
     s = _ScanFunction.apply(a.view(B, T, N, m, m), b.view(B, T, N, m), h0.view(B, N, m), kernels, config)
     return s.view(b.shape)

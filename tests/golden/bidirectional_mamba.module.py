@@ -80,7 +80,6 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
-    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -626,14 +625,12 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
-    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
-    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints."""
+    does not apply to it."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -643,9 +640,8 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        length = tensors[0].shape[1]
-        every = checkpoint_every(length) if every_of is None else every_of(length, extra)
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, every, kernels, *tensors)
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+                                      kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -721,6 +717,8 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
+        ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
@@ -740,6 +738,7 @@ class _BlockBackward(torch.autograd.Function):
         buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
                    for x, want in zip(inputs, need_inputs)]
         buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        used = [False] * len(inputs)  # an input no block's results depend on gets None, as from one block
         param_grads = [None] * len(params)
         carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
         for n in reversed(range(len(entering))):
@@ -762,6 +761,7 @@ class _BlockBackward(torch.autograd.Function):
                         buffer_pieces[i][n].zero_()
                     else:
                         buffer_pieces[i][n].copy_(g)
+                        used[i] = True
             for i, t in enumerate(block_params):
                 if t.requires_grad:
                     g = next(got)
@@ -770,6 +770,7 @@ class _BlockBackward(torch.autograd.Function):
             carried = {name: next(got) for name in state_names}
         need_states = need[at:]
         state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        buffers = [b if u else None for b, u in zip(buffers, used)]
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
@@ -790,9 +791,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -820,9 +826,8 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
-        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
-                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
+        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
+                "(use backend='torch' for the others)")
     return None
 
 
@@ -1533,8 +1538,6 @@ triton_Tensor = torch.Tensor
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
-# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
-# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1604,14 +1607,9 @@ triton_Tensor = torch.Tensor
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
-# ----------------------------------------------------------------------------------------------------------
-
-
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
-_triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
+_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
 _triton_SCAN_WARPS = 4
 
 
@@ -1629,12 +1627,23 @@ def _triton_scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _triton_scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_triton_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
+def _triton_scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
+
+
+@triton.jit
 def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
@@ -1653,7 +1662,7 @@ def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexp
 
 @triton.jit
 def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     base = i_b.to(tl.int64) * T * N
@@ -1682,20 +1691,20 @@ def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, B
 
 
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
-    """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
-    of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_triton_SCAN_BN_BLOCK` no kernel spills at
-    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py)."""
+    """(BT, BN, num_warps) with the defaults filled in (m: 1 diagonal, 2 blocks). Raises ValueError for a value
+    that is not a power of two (Triton's rule for a tl.arange length and for num_warps)."""
     BT = _triton_SCAN_BT if block_t is None else block_t
-    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
-    for name, value in (("block_t", BT), ("block_n", BN)):
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
+    warps = _triton_SCAN_WARPS if num_warps is None else num_warps
+    for name, value in (("block_t", BT), ("block_n", BN), ("num_warps", warps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
-    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+    return BT, BN, warps
 
 
 class _triton_ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
+    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
     T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
@@ -1703,7 +1712,7 @@ class _triton_ScanFunction(torch.autograd.Function):
         BT, BN, warps = config
         B, T, N = b.shape[:3]
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
         ctx.save_for_backward(a, s, h0)
         ctx.kernels, ctx.config = kernels, config
         return s
@@ -1716,12 +1725,44 @@ class _triton_ScanFunction(torch.autograd.Function):
         B, T, N = s.shape[:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN) * B,)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
         return da, db, dh0, None, None
 
 
 def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None, m: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m = 2: 2 x 2
+    blocks (b [B, T, ..., 2], a broadcastable to [B, T, ..., 2, 2]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_triton_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', 2' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != 2 or tuple(a.shape[-2:]) != (2, 2)):
+        raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (B,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _triton_scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
 
 
 def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
@@ -1734,19 +1775,12 @@ def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: trit
     initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
     Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
     """
-    dt = _triton_scan_dtype(b)
     config = _triton_scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
+    empty, operands = _triton_scan_operands(a, b, initial_state, 1)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     N = b[0, 0].numel()
     s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
                             config)
