@@ -118,8 +118,7 @@ def test_scan_grids_have_one_axis_for_any_batch(block):
     a = torch.rand((3, 9, 5) + ((2, 2) if block else ()), generator=gen, dtype=F64)
     b = torch.randn((3, 9, 5) + ((2,) if block else ()), generator=gen, dtype=F64)
     h0 = torch.randn((3, 5) + ((2,) if block else ()), generator=gen, dtype=F64)
-    pair = ((triton_scan._block_scan_fwd_kernel, triton_scan._block_scan_bwd_kernel) if block
-            else (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel))
+    pair = (triton_scan._block_kernels(2) if block else (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel))
     kernels = tuple(_Recorded(k) for k in pair)
     leaves = [x.clone().requires_grad_() for x in (a, b, h0)]
     N = 5
