@@ -534,6 +534,39 @@ def _canonical(expr: sympy.Expr, made: dict[sympy.Symbol, sympy.Expr]) -> sympy.
     return body
 
 
+_ATOM = index_symbol("x__atom")
+
+
+def _atomize(expr: sympy.Expr, index_set: set[sympy.Symbol], atoms: dict[sympy.Expr, sympy.IndexedBase],
+             value: sympy.Symbol | None = None) -> sympy.Expr:
+    """`expr` with every sum of terms over one index other than `value` (a feature map `elu(k[i]) + 1`, a shifted
+    key) held as one vector `vec__n[i]` (its sign taken out, `atoms` maps each to its value at `x__atom`), so that
+    expanding a transition does not split a key into pieces that are no keys; `_restore` puts them back. (Sums over
+    the value axis are left to expand: the values solved for must cancel term by term.)"""
+    def atom(e: sympy.Expr) -> sympy.Expr:
+        (index,) = _free_indices(e, index_set)
+        sign = -1 if e.could_extract_minus_sign() else 1
+        at = (sign * e).xreplace({index: _ATOM})
+        return sign * atoms.setdefault(at, sympy.IndexedBase(f"vec__{len(atoms)}"))[index]
+
+    def vector(e: sympy.Expr) -> bool:
+        used = _free_indices(e, index_set) if isinstance(e, sympy.Add) else set()
+        return len(used) == 1 and value not in used
+
+    return expr.replace(vector, atom)
+
+
+def _restore(expr: sympy.Expr, atoms: dict[sympy.Expr, sympy.IndexedBase]) -> sympy.Expr:
+    """`expr` with the vectors of `_atomize` written out again."""
+    back = {base: value for value, base in atoms.items()}
+    for _ in range(len(atoms) + 1):  # (an atom's value may hold an earlier atom)
+        if not any(isinstance(e, sympy.Indexed) and e.base in back for e in sympy.preorder_traversal(expr)):
+            break
+        expr = expr.replace(lambda e: isinstance(e, sympy.Indexed) and e.base in back,
+                            lambda e: back[e.base].xreplace({_ATOM: e.indices[0]}))
+    return expr
+
+
 def _outer_terms(expr: sympy.Expr, left: sympy.Symbol, right: sympy.Symbol,
                  index_set: set[sympy.Symbol]) -> list[tuple[sympy.Expr, sympy.Expr, sympy.Expr]] | str:
     """The monomials of a canonical `expr` (see `_canonical`) as (scalar, factor in `left`, factor in `right`)
@@ -610,7 +643,9 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     if diagonal == 0 or mixing == 0 or col in _free_indices(diagonal, index_set) or col in mixing.free_symbols:
         return sa
     made: dict[sympy.Symbol, sympy.Expr] = {}
-    found = _outer_terms(_canonical(mixing / diagonal.xreplace({row: mix}), made), row, mix, index_set | {mix})
+    atoms: dict[sympy.Expr, sympy.IndexedBase] = {}
+    ratio = _atomize(mixing / diagonal.xreplace({row: mix}), index_set | {mix}, atoms)
+    found = _outer_terms(_canonical(ratio, made), row, mix, index_set | {mix})
     if isinstance(found, str):
         return sa
     keys: list[sympy.Expr] = []
@@ -620,7 +655,7 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     if len(keys) < 2:
         return sa
     where = f"at {_where(rec, name)}"
-    shown = ", ".join(map(str, keys))
+    shown = ", ".join(str(_restore(k, atoms)) for k in keys)
 
     def near_miss(why: str) -> StateAnalysis:
         sa.reason += (f"; {where}, its transition mixes rows along the {len(keys)} keys {shown} but is not a "
@@ -671,7 +706,7 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
             return near_miss(f"{factors} has {sympy.expand(expected)} * {term}, the update "
                              f"{sympy.expand(got) if got != 0 else 'no such term'}")
     # The injection along the keys: B = sum_p k_p w_p^T.
-    along = _outer_terms(_canonical(const, made), row, col, index_set)
+    along = _outer_terms(_canonical(_atomize(const, index_set, atoms, col), made), row, col, index_set)
     if isinstance(along, str):
         return near_miss(f"its injection {const} is not a sum of outer products k_p[{row}] w_p[{col}] ({along})")
     w = [sympy.Integer(0)] * r
@@ -691,6 +726,7 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
         known = sum((betas[m] * reaching[m].get(n, 0) * values[m] for m in range(n)), sympy.Integer(0))
         values.append(_canonical((w[n] - known) / betas[n], made))
     ir.ranges.update(made)  # (the canonical dot products' indices, which the printers look up)
+    keys, betas, values = ([_restore(e, atoms) for e in part] for part in (keys, betas, values))
     stages = []
     for n in range(r):
         decay = diagonal if n == 0 else sympy.Integer(1)

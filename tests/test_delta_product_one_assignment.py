@@ -64,6 +64,17 @@ def test_one_assignment_is_classed_rank_r(name):
         assert one.log_decay is None or one.log_decay.expr == other.log_decay.expr
 
 
+def test_keys_that_are_sums_of_terms_are_found_whole():
+    """A feature map `elu(k[i]) + 1` on each key: expanding the transition must not split the keys apart."""
+    rec = ONE["featured_product_once"]
+    sa = analyse(rec.checked).states["S"]
+    assert sa.cls is TransitionClass.RANK_R_UPDATE and sa.rank == 2
+    plan = sa.chunk
+    assert [str(p.k.expr) for p in plan.sub_steps] == ["elu(k1[a__k]) + 1", "elu(k2[a__k]) + 1"]
+    assert [str(p.v.expr) for p in plan.sub_steps] == ["b1*v1[a__v]", "b2*v2[a__v]"]
+    _check(rec, "torch", torch.float64, 1e-10)
+
+
 @pytest.mark.parametrize(("name", "line", "why"), [
     ("both_against_old", 8, "no cross term between k1[i] and k2[i]"),
     ("wrong_cross", 17, "has b1*b2*Sum(k1[c1__K]*k2[c1__K], (c1__K, 0, K - 1)) * k2[i] k1[i]^T, the update b2**2"),
