@@ -68,11 +68,16 @@ def _scan_first_row(x, BT: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
     for i_t in range(0, tl.cdiv(T, BT)):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -87,11 +92,17 @@ def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr,
+                     VARLEN: tl.constexpr):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
     b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
     NT = tl.cdiv(T, BT)
@@ -112,7 +123,9 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
         tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
         tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
         b_g = _scan_first_row(b_gt, BT)
-    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    # step 0 (an empty sequence of a packed row: none, and its g is zero)
+    m_0 = m_n & (tl.zeros_like(o_n) < T)  # (a tensor: T is a plain int in the interpreter)
+    b_a0 = tl.load(a + base + o_n, mask=m_0, other=0.0).to(da.dtype.element_ty)
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
 
@@ -124,11 +137,16 @@ def _block_combine(p1, q1, r1, u1, x1, y1, p2, q2, r2, u2, x2, y2):
 
 
 @triton.jit
-def _block_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _block_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * 2
     b_h1 = tl.load(p_h0, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN] the first state of the pair
     b_h2 = tl.load(p_h0 + 1, mask=m_n, other=0.0).to(s.dtype.element_ty)
@@ -154,11 +172,17 @@ def _block_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr
 
 
 @triton.jit
-def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr,
+                           VARLEN: tl.constexpr):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * 2
     b_h01 = tl.load(p_h0, mask=m_n, other=0.0).to(da.dtype.element_ty)
     b_h02 = tl.load(p_h0 + 1, mask=m_n, other=0.0).to(da.dtype.element_ty)
@@ -200,10 +224,11 @@ def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN
         b_g2 = _scan_first_row(b_gt2, BT)
     # the initial state's gradient A_0^T g_0
     p_a0 = a + (base + o_n) * 4
-    b_p0 = tl.load(p_a0, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_q0 = tl.load(p_a0 + 1, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_r0 = tl.load(p_a0 + 2, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_u0 = tl.load(p_a0 + 3, mask=m_n, other=0.0).to(da.dtype.element_ty)
+    m_0 = m_n & (tl.zeros_like(o_n) < T)  # (an empty sequence of a packed row has no step 0; its g is zero)
+    b_p0 = tl.load(p_a0, mask=m_0, other=0.0).to(da.dtype.element_ty)
+    b_q0 = tl.load(p_a0 + 1, mask=m_0, other=0.0).to(da.dtype.element_ty)
+    b_r0 = tl.load(p_a0 + 2, mask=m_0, other=0.0).to(da.dtype.element_ty)
+    b_u0 = tl.load(p_a0 + 3, mask=m_0, other=0.0).to(da.dtype.element_ty)
     p_dh0 = dh0 + (i_b.to(tl.int64) * N + o_n) * 2
     tl.store(p_dh0, (b_p0 * b_g1 + b_r0 * b_g2).to(dh0.dtype.element_ty), mask=m_n)
     tl.store(p_dh0 + 1, (b_q0 * b_g1 + b_u0 * b_g2).to(dh0.dtype.element_ty), mask=m_n)
@@ -221,16 +246,20 @@ def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
 class _ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
     h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
-    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+    T >= 1. cu: None, or the int64 [N_seq + 1] boundaries (on the tensors' device) of N_seq sequences packed in one
+    row (B = 1, h0 [N_seq, ...]), each scanned from its own initial state. (The kernels come as an argument so that
+    a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
-    def forward(ctx, a, b, h0, kernels, config):
+    def forward(ctx, a, b, h0, cu, kernels, config):
         BT, BN, warps = config
-        B, T, N = b.shape[:3]
+        T, N = b.shape[1:3]
+        B = h0.shape[0]  # rows, or packed sequences (cu: their int64 [B + 1] boundaries in the one row)
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
+                                             num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.kernels, ctx.config = kernels, config
+        ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
         return s
 
     @staticmethod
@@ -238,11 +267,12 @@ class _ScanFunction(torch.autograd.Function):
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config
-        B, T, N = s.shape[:3]
+        T, N = s.shape[1:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
-        return da, db, dh0, None, None
+        ctx.kernels[1][(triton.cdiv(N, BN), h0.shape[0])](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
+                                                          VARLEN=ctx.cu is not None, num_warps=warps)
+        return da, db, dh0, None, None, None
 
 
 def _scan_dtype(b: Tensor) -> torch.dtype:
@@ -250,20 +280,25 @@ def _scan_dtype(b: Tensor) -> torch.dtype:
 
 
 def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+                  block_n: int | None = None, num_warps: int | None = None,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
     """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_scan_fwd_kernel`.
 
     b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
     [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
     Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
     initial_state through `_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
-    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed in one row (b [1, T, H, *S],
+    initial_state [N, H, *S], cu_seqlens[-1] = T): one launch scans them all, each from its own initial state
+    (`_packed`). Raises ValueError for a's number of dims, shapes that do not broadcast, a block size not a power
+    of two or bad boundaries.
     """
     dt = _scan_dtype(b)
     config = _scan_config(block_t, block_n, num_warps, 1)
     if a.dim() != b.dim():
         raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
     B, T = b.shape[:2]
+    cu, B = _packed(cu_seqlens, b, B)
     state_shape = (B,) + tuple(b.shape[2:])
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
@@ -272,21 +307,22 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
-    N = b[0, 0].numel()
-    s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_scan_fwd_kernel, _scan_bwd_kernel),
-                            config)
+    rows, N = b.shape[0], b[0, 0].numel()
+    s = _ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(B, N), cu,
+                            (_scan_fwd_kernel, _scan_bwd_kernel), config)
     return s.view(b.shape)
 
 
 def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
-               block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+               block_n: int | None = None, num_warps: int | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
     """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, 2 states per element, by
     `_block_scan_fwd_kernel`.
 
     a [B, T, H, *S, 2, 2] (A_t per element: row r holds the coefficients of both states in the update of state
     r); b [B, T, H, *S, 2]; initial_state [B, H, *S, 2] or None (zeros). Returns [B, T, H, *S, 2] in float32
-    (float64 for float64 b). Differentiable in a, b and initial_state through `_block_scan_bwd_kernel`. Raises
-    ValueError for blocks other than 2 x 2 (the torch runtime's `scan_block` takes any size) or mismatched shapes.
+    (float64 for float64 b). Differentiable in a, b and initial_state through `_block_scan_bwd_kernel`.
+    cu_seqlens: packed sequences, as for `scan_diagonal`. Raises ValueError for blocks other than 2 x 2 (the torch
+    runtime's `scan_block` takes any size), mismatched shapes or bad boundaries.
     """
     dt = _scan_dtype(b)
     config = _scan_config(block_t, block_n, num_warps, 2)
@@ -295,6 +331,7 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
         raise ValueError(f"the Triton block scan takes 2 x 2 blocks: b [..., 2] and a [..., 2, 2], got b "
                          f"{list(b.shape)} and a {list(a.shape)}")
     B, T = b.shape[:2]
+    cu, B = _packed(cu_seqlens, b, B)
     state_shape = (B,) + tuple(b.shape[2:])
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
@@ -303,10 +340,53 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     a = a.to(dt).expand(tuple(b.shape) + (2,)).contiguous()
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
-    N = b[0, 0].numel() // 2
-    s = _ScanFunction.apply(a.view(B, T, N, 2, 2), b.view(B, T, N, 2), h0.view(B, N, 2),
+    rows, N = b.shape[0], b[0, 0].numel() // 2
+    s = _ScanFunction.apply(a.view(rows, T, N, 2, 2), b.view(rows, T, N, 2), h0.view(B, N, 2), cu,
                             (_block_scan_fwd_kernel, _block_scan_bwd_kernel), config)
     return s.view(b.shape)
+
+
+def _packed(cu_seqlens: Tensor | None, b: Tensor, rows: int) -> tuple[Tensor | None, int]:
+    """(the boundaries on b's device or None, the number of scanned sequences): `rows` unpacked, N packed.
+    Raises ValueError unless cu_seqlens is int64 [N + 1], from 0 to b's length, not decreasing, with b of one row."""
+    if cu_seqlens is None:
+        return None, rows
+    cu = cu_seqlens.detach().to("cpu")
+    T = b.shape[1]
+    if (cu.dtype != torch.int64 or cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != T
+            or bool((cu[1:] < cu[:-1]).any()) or rows != 1):
+        raise ValueError(f"cu_seqlens must be int64 [N + 1] boundaries from 0 to T = {T} of sequences packed in one "
+                         f"row, got {cu.tolist()[:8]} for b of shape {list(b.shape)}")
+    return cu.to(b.device), len(cu) - 1
+
+
+def scan_final_states(states: Tensor, initial_state: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """The state after each sequence's last step: states [B, T, H, *S] (every step's, from `scan_diagonal`),
+    initial_state [B, H, *S]; packed (cu_seqlens int64 [N + 1], states [1, T, ...], initial_state [N, ...]) the
+    state at step cu[n + 1] - 1 of the row, or sequence n's initial state where it is empty. Returns [B or N, H, *S]."""
+    if cu_seqlens is None:
+        return states[:, -1] if states.shape[1] else initial_state
+    cu = cu_seqlens.detach().to(states.device)
+    last = states[0].index_select(0, (cu[1:] - 1).clamp_min(0))
+    empty = (cu[1:] == cu[:-1]).view((-1,) + (1,) * (last.dim() - 1))
+    return torch.where(empty, initial_state.to(last.dtype), last)
+
+
+def scan_previous_states(states: Tensor, initial_state: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """The state before each step: states [B, T, H, *S] shifted one step later, each sequence's first step getting
+    its initial state (initial_state [B, H, *S]; packed: [N, H, *S], with states [1, T, ...] and cu_seqlens int64
+    [N + 1]). Returns [B, T, H, *S]."""
+    initial_state = initial_state.to(states.dtype)
+    if cu_seqlens is None:
+        return torch.cat([initial_state[:, None], states[:, :-1]], dim=1)
+    cu = cu_seqlens.detach().to(states.device)
+    T = states.shape[1]
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=states.device), lengths, output_size=T)
+    first = torch.arange(T, device=states.device) == cu[:-1][seq]  # the steps that start a sequence
+    shifted = torch.cat([states[:, :1], states[:, :-1]], dim=1)
+    start = initial_state.index_select(0, seq)[None]  # [1, T, H, *S]
+    return torch.where(first.view((1, T) + (1,) * (states.dim() - 2)), start, shifted)
 
 
 if "vectorise_interpreter_scans" not in globals():  # imported from the package (a generated module drops this)
@@ -315,4 +395,4 @@ if "vectorise_interpreter_scans" not in globals():  # imported from the package 
     vectorise_interpreter_scans()  # the interpreter's associative_scan, one numpy call per step (interpreter.py)
 
 
-__all__ = ["scan_block", "scan_diagonal"]
+__all__ = ["scan_block", "scan_diagonal", "scan_final_states", "scan_previous_states"]
