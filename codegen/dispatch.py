@@ -141,15 +141,15 @@ def takes_cu_seqlens(fn):
 
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
-    length then run): `form` itself, or under "auto" what `pick_form` picks among the forms that take cu_seqlens
-    for the longest sequence, all N sequences counted as rows."""
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
     if call.length == 0:
         return None
     packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
     if form != "auto":
         return form if form in packed else None
-    if not packed:
-        return None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
     lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
     return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
 

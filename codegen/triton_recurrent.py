@@ -43,7 +43,14 @@ Kernel design (the torch per-step loop, moved into one program):
 - not supported: a recurrence with no input (no time axis); a state tile is held in registers,
   so a state with no axis to split (or a very large tile of one) will spill.
 - pointers: inputs and outputs are made contiguous; the (batch, head) base offset is int64, and
-  per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable).
+  per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable);
+- packed sequences (`cu_seqlens=`, int64 [N + 1] boundaries of N sequences in one row [1, T, H, ...]):
+  the same kernels with VARLEN set, a program per (sequence, head, tile) whose loop runs its own steps
+  cu[n] .. cu[n + 1] (read in the kernel, as fla's IS_VARLEN kernels do), initial and final states
+  [N, H, ...]; the checkpoints of sequence n (cdiv(length_n, every) of them) are rows first[n] .. of one
+  [1, H, NC, ...] tensor, `first` a table the launcher builds once per call (`_sequences`), so one launch
+  of the loop and one of the adjoint serve any N. A reverse run is the dispatcher's: each sequence's steps
+  flipped in place (codegen/dispatch.py `_run_packed_form`).
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ from .triton_printer import (
 # generated prefixes, gets a trailing underscore inside the kernel.
 _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
              "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "R_", "num_warps", "num_stages", "kernel", "out_dtype", "dev",
-             "cu_", "ck_first_", "bos_", "L_", "NS_", "x_row_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_"}
+             "cu_", "ck_first_", "bos_", "L_", "NS_", "TT_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_"}
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
@@ -532,25 +539,24 @@ class TritonRecurrentWriter:
         return w.text()
 
     def _write_sequence(self, w: SourceWriter, adjoint: bool = False) -> None:
-        """The program's sequence: its first step `bos_` in the rows of [R, T_, H_, ...] steps, its length `L_`, its
-        first checkpoint row `ck_row_` ([R, H_, NC_, ...] checkpoints) and, for a gradient summed over tiles
-        ([tiles, R, T_, H_, ...]), the row of its first step `x_row_`. Packed (VARLEN, one row R = 1 holding the
-        sequences cu_[0] .. cu_[N]), the sequence's checkpoints are contiguous from ck_first_[i_b], a table the
-        launcher builds once per call, since their count differs between sequences (as fla's IS_VARLEN kernels
-        read bos / eos from cu_seqlens)."""
-        tiled = self.tile is not None
+        """The program's sequence: its first step `bos_` in the rows of [R, T_, H_, ...] steps, its length `L_` and
+        its first checkpoint row `ck_row_` ([R, H_, NC_, ...] checkpoints); in the adjoint also its segments `NS_`.
+        Packed (VARLEN, one row R = 1 holding the sequences cu_[0] .. cu_[N]), the sequence's checkpoints are
+        contiguous from ck_first_[i_b], a table the launcher builds once per call, since their count differs
+        between sequences (as fla's IS_VARLEN kernels read bos / eos from cu_seqlens). Unpacked, the length and
+        the segments stay the kernel's arguments (no register holds them through the loops)."""
         w("if VARLEN:")
         w("bos_ = tl.load(cu_ + i_b).to(tl.int64)", 2)
         w("L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_", 2)
         w("ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)", 2)
         if adjoint:
-            w("x_row_ = i_tile * T_ + bos_" if tiled else "x_row_ = bos_", 2)
+            w("NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)", 2)
         w("else:")
         w("bos_ = i_b.to(tl.int64) * T_", 2)
         w("L_ = T_", 2)
         w("ck_row_ = i_bh.to(tl.int64) * NC_", 2)
         if adjoint:
-            w("x_row_ = (i_tile * B_ + i_b).to(tl.int64) * T_" if tiled else "x_row_ = bos_", 2)
+            w("NS_ = NC_", 2)
 
     def _tile_axis(self) -> sympy.Symbol | None:
         """The size whose lanes no step couples, so that its axis can be split over programs: no `sum` runs over
@@ -897,7 +903,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [self.grad_ptr[o.name] for o in self.outputs]
                 + [self.grad_ptr[x.name] for x in self.inputs + self.params]
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
-                + ["cu_", "ck_first_"] + consts + ["B_", "T_", "H_", "every", "NC_", "SLOTS_"]
+                + ["cu_", "ck_first_"] + consts + ["B_", "T_", "TT_", "H_", "every", "NC_", "SLOTS_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
                 + ["VARLEN: tl.constexpr"])
         w("@triton.jit", 0)
@@ -981,7 +987,6 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 else:
                     w(f"b_{u} = tl.load({at}).to(tl.float32)", indent)
 
-        w("NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)")
         w("for i_r in range(0, NS_):")
         w("i_c = NS_ - 1 - i_r  # segments from the last", 2)
         w("t0 = i_c * every", 2)
@@ -1043,7 +1048,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             if x in self.params:
                 w(f"{u} += {text}", 3)
                 continue
-            row = "bos_" if self._spans_tile(x) else "x_row_"  # its own gradient, or its tile's part
+            # its own gradient, or its tile's part ([tiles, R, T_, H_, ...]: a tile's part is TT_ = R * T_ steps on)
+            row = "bos_" if self._spans_tile(x) else ("bos_ + i_tile * TT_" if self.tile is not None else "bos_")
             at = f"{self.grad_ptr[x.name]} + (({row} + i_t) * H_ + i_h) * {self._factor(x)}"
             w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), 3)
             if x.dims:
@@ -1167,7 +1173,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [self.grad_ptr[x.name] for x in self.inputs + self.params]
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
                 + ["cu_", "ck_first_"]
-                + [names[c] for c, _, _ in self.consts.values()] + ["B_", "T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
+                + [names[c] for c, _, _ in self.consts.values()]
+                + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
                 + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
         w("if B_ * H_ > 0:")
         w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)

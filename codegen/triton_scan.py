@@ -25,10 +25,17 @@ s_t of the forward are all the backward reads besides a; nothing is recomputed.
 
 Kernels and grids:
 
+  (B: the rows, or the packed sequences)
   _scan_fwd_kernel        (cdiv(N, BN), B)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
   _scan_bwd_kernel        (cdiv(N, BN), B)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
   _block_scan_fwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: a [B, T, N, 2, 2], b and s [B, T, N, 2], h0 [B, N, 2]
   _block_scan_bwd_kernel  (cdiv(N, BN), B)   2 x 2 blocks: da, db, dh0 likewise
+
+Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the grid's
+second axis runs over the sequences, each program reads its sequence's first step and length from the boundaries
+(VARLEN) and scans from its own initial state, so the carry resets at every sequence's start and one launch (forward,
+backward) serves any N. `scan_final_states` and `scan_previous_states` pick each sequence's last state and shift
+the states by one step within each sequence.
 
 Numerics: loads are masked and taken to the states' dtype (float32 for every call of a generated module, whose
 dispatcher upcasts half inputs; float64 where a caller passes float64, as gradcheck does); steps past T load as
@@ -65,6 +72,16 @@ def _scan_last_row(x, BT: tl.constexpr):
 @triton.jit
 def _scan_first_row(x, BT: tl.constexpr):
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _first_step_mask(m_n, T, VARLEN: tl.constexpr):
+    """The lanes of step 0 to load: a packed row's empty sequence has no step 0 (and its g is zero); a row of its
+    own has T >= 1 (the launcher's rule)."""
+    if VARLEN:
+        return m_n & (tl.zeros_like(m_n.to(tl.int32)) < T)  # (a tensor: T is a plain int in the interpreter)
+    else:
+        return m_n
 
 
 @triton.jit
@@ -124,7 +141,7 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: 
         tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
         b_g = _scan_first_row(b_gt, BT)
     # step 0 (an empty sequence of a packed row: none, and its g is zero)
-    m_0 = m_n & (tl.zeros_like(o_n) < T)  # (a tensor: T is a plain int in the interpreter)
+    m_0 = _first_step_mask(m_n, T, VARLEN)
     b_a0 = tl.load(a + base + o_n, mask=m_0, other=0.0).to(da.dtype.element_ty)
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
@@ -224,7 +241,7 @@ def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr
         b_g2 = _scan_first_row(b_gt2, BT)
     # the initial state's gradient A_0^T g_0
     p_a0 = a + (base + o_n) * 4
-    m_0 = m_n & (tl.zeros_like(o_n) < T)  # (an empty sequence of a packed row has no step 0; its g is zero)
+    m_0 = _first_step_mask(m_n, T, VARLEN)
     b_p0 = tl.load(p_a0, mask=m_0, other=0.0).to(da.dtype.element_ty)
     b_q0 = tl.load(p_a0 + 1, mask=m_0, other=0.0).to(da.dtype.element_ty)
     b_r0 = tl.load(p_a0 + 2, mask=m_0, other=0.0).to(da.dtype.element_ty)

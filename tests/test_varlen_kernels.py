@@ -23,9 +23,10 @@ import torch
 
 import recurrence_dsl
 from codegen import triton_scan
+from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import REPO, SPECS_DIR
-from .test_varlen import CHUNK, CU, _assert_close, _case, _layer, _results, _tools_missing
+from .test_varlen import CHUNK, CU, LENGTHS, SIZE, _assert_close, _case, _layer, _results, _tools_missing
 
 DATA = REPO / "tests" / "data"
 
@@ -58,15 +59,28 @@ def _rotation():
 _LAYERS: dict = {}
 
 
-# a value-tiled state (gla), the delta rule, a non-linear state with no free axis (minimal_rnn, one program per
-# (sequence, head)), an elementwise state; the scan: a diagonal state, a scalar decay, a coupled 2 x 2 block
+def _sized_case(layer, sizes: dict):
+    """`_case` (float32, one head) at other sizes than the tests' 16."""
+    rec = layer.checked
+    args, init = sample_arguments(rec, {s: sizes.get(s, SIZE) for s in rec.sizes}, len(LENGTHS), int(CU[-1]), 1,
+                                  dtype=torch.float64, seed=0, with_initial_state=True)
+    inputs = len(rec.inputs)
+    args = [(a[:1] if i < inputs else a).float() for i, a in enumerate(args)]
+    init = init if isinstance(init, dict) else {rec.states[0].name: init}
+    return args, {k: v.float() for k, v in init.items()}
+
+
+# a value-tiled state (gla; V = 48: two tiles of 32 lanes, the second part padding), the delta rule, a non-linear
+# state with no free axis (minimal_rnn, one program per (sequence, head)), an elementwise state; the scan: a diagonal
+# state, a scalar decay, a coupled 2 x 2 block
 @pytest.mark.parametrize("name,form,reverse", [
     ("gla", "recurrent", True), ("gated_delta_net", "recurrent", False), ("minimal_rnn", "recurrent", True),
     ("mamba", "recurrent", False), ("mamba", "scan", False), ("mamba2", "scan", True), ("rotation", "scan", True)])
 def test_packed_kernels_match_the_loop_over_sequences(name, form, reverse):
     layer = _rotation() if name == "rotation" else _layer(name)
     assert getattr(layer.triton_forms[form], "run_packed", None) is not None  # takes_cu_seqlens
-    args, init = _case(layer, torch.float32, heads=1)  # one head: the interpreter runs every program in turn
+    # one head: the interpreter runs every program in turn
+    args, init = _sized_case(layer, {"V": 48} if name == "gla" else {})
     calls: list = []
     packed = _counting(layer, form, calls)
     kwargs = dict(backend="triton", form=form, chunk_size=CHUNK, reverse=reverse)
