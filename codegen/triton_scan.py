@@ -109,8 +109,9 @@ def _scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, 
 
 
 @triton.jit
-def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr,
-                     VARLEN: tl.constexpr):
+def _scan_bwd_kernel(
+    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
+):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
@@ -189,8 +190,9 @@ def _block_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.const
 
 
 @triton.jit
-def _block_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr,
-                           VARLEN: tl.constexpr):
+def _block_scan_bwd_kernel(
+    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
+):
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
