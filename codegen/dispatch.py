@@ -129,31 +129,47 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
 def takes_cu_seqlens(fn):
     """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
-    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
-    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
-    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
-    (an attribute, so a generated module without such a form keeps none of it)."""
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
+    whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
+    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
+    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
+    module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
     return fn
 
 
-def _run_packed_form(form, call, inputs, states, call_form):
-    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
-    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
-    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+    """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    if call.length == 0:
+        return None
+    packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
+    if form != "auto":
+        return form if form in packed else None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
+    lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+
+
+def _run_packed_form(chosen, form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the form `chosen`, or None where
+    a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
+    T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
+    where they can (they step exactly as the reference does), else the batches by length step through.
     A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
     cu = call.cu_seqlens
     flip = None
     if call.reverse:
         seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
         flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
     try:
-        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
-    except UnsafeSteps:
-        return None
-    except DecayNotPositive:
-        if form != "auto":
+        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+    except (UnsafeSteps, DecayNotPositive) as failed:
+        if isinstance(failed, DecayNotPositive) and form != "auto":
             raise
         return None
     return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
@@ -173,17 +189,20 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
-    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
+    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
-    if runner is not None and form in ("auto", "chunked") and call.length > 0:
-        done = runner(form, call, inputs, states, call_form)
+    chosen = packed_form(form_fns, form, call, chunk_size)
+    if chosen is not None:
+        done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
+        if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
+                                                                                      chunk_size):
+            done = _run_packed_form("recurrent", form, call, inputs, states, call_form)
         if done is not None:
             return done
     groups = length_groups(cu)
@@ -395,7 +414,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
     does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
     options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
-    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints."""
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -407,7 +428,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         length = tensors[0].shape[1]
         every = checkpoint_every(length) if every_of is None else every_of(length, extra)
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, every, kernels, *tensors)
+        cu = extra.get("cu_seqlens")
+        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 

@@ -181,14 +181,14 @@ def _entry_points(analysis: Analysis) -> str:
     forward_inputs = ", ".join(s.name for s in rec.inputs)
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
     triton_names = triton_form_names(analysis)
-    if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel
-        tri = [f"'recurrent': with_adjoint({name}__triton_recurrent_loop, {name}__triton_recurrent_adjoint, "
-               f"_{name}_out, _{name}_st, kernels=True)"]
+    if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel; both walk packed sequences
+        tri = [f"'recurrent': takes_cu_seqlens(with_adjoint({name}__triton_recurrent_loop, "
+               f"{name}__triton_recurrent_adjoint, _{name}_out, _{name}_st, kernels=True))"]
     else:  # the torch recurrent form's backward, from the saved inputs
         tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, "
                f"_{name}_st)"]
     if "scan" in triton_names:  # differentiable on its own: the scan kernels' autograd.Function (triton_scan.py)
-        tri.append(f"'scan': {name}__scan_triton")
+        tri.append(f"'scan': takes_cu_seqlens({name}__scan_triton)")  # its kernels walk packed sequences
     if "chunked" in triton_names:
         if dplr_chunked_in_triton(analysis):
             # the Triton forward's chunk-start states are the checkpoints of the recurrent form's derived adjoint

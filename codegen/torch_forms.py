@@ -678,8 +678,9 @@ class TorchFormWriter:
         w = SourceWriter()
         if self.options:
             # Triton: the scan kernels loop over chunks of steps themselves, so the whole sequence is one call.
-            self._header(w, "scan", ", **options")
-            w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""')
+            self._header(w, "scan", ", cu_seqlens=None, **options")
+            w('"""Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:')
+            w('None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""')
         else:
             self._header(w, "scan_block")
             w('"""One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""')
@@ -700,10 +701,10 @@ class TorchFormWriter:
                 w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value})  # a constant decay")
             else:
                 w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
-            w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}']{self._options_arg})  "
-              f"# [B, T, H{dims}]")
+            w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}']{self._scan_options})"
+              f"  # [B, T, H{dims}]")
             if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
-                w(f"prev_{s.name} = torch.cat([states['{s.name}'][:, None], all_{s.name}[:, :-1]], dim=1)")
+                w(f"prev_{s.name} = {self._previous(s.name)}")
             names[s.name] = f"prev_{s.name}"
             names[s.name + NEW_SUFFIX] = f"all_{s.name}"
         out_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
@@ -712,7 +713,12 @@ class TorchFormWriter:
             d = self.a.ir.outputs[o.name]
             w(f"{self.py[o.name]} = {self._full(out_printer, d.expr, d.indices, o.dims)}  # {self.cite[o.name]}")
             outs.append(f"'{o.name}': {self.py[o.name]}")
-        finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']" for s in self.rec.states)
+        if self.options:  # (packed sequences: each one's last step)
+            finals = ", ".join(f"'{s.name}': {self.rt}scan_final_states(all_{s.name}, states['{s.name}'], cu_seqlens)"
+                               for s in self.rec.states)
+        else:
+            finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']"
+                               for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         if self.options:
             return w.text()
@@ -722,6 +728,16 @@ class TorchFormWriter:
                 "(dispatch's `in_blocks`).\n"
                 f"{self.fn}__scan{self.suffix} = in_blocks({self.fn}__scan_block{self.suffix}, {len(self.rec.inputs)}, "
                 f"{outs!r}, {sts!r})\n")
+
+    @property
+    def _scan_options(self) -> str:
+        return ", cu_seqlens=cu_seqlens, **options" if self.options else ""
+
+    def _previous(self, name: str) -> str:
+        """The state before each step, from all_NAME (the state after it); packed: each sequence from its own."""
+        if self.options:
+            return f"{self.rt}scan_previous_states(all_{name}, states['{name}'], cu_seqlens)"
+        return f"torch.cat([states['{name}'][:, None], all_{name}[:, :-1]], dim=1)"
 
     def _write_block_scan(self, w: SourceWriter, printer: TorchPrinter, block, sym_dims, names: dict) -> None:
         """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element."""
@@ -737,11 +753,12 @@ class TorchFormWriter:
         injections = ", ".join(self._full(printer, b, block.indices, sym_dims) for b in block.injection)
         w(f"b_{group} = torch.stack([{injections}], dim=-1)  # [B, T, H, ..., {m}]")
         init = ", ".join(f"states['{n}']" for n in members)
-        w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1){self._options_arg})")
+        w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1)"
+          f"{self._scan_options})")
         for r, n in enumerate(members):
             w(f"all_{n} = all_{group}[..., {r}]  # {self.cite[n]}")
             if any(self._reads(d.expr, n) for d in self.a.ir.outputs.values()):
-                w(f"prev_{n} = torch.cat([states['{n}'][:, None], all_{n}[:, :-1]], dim=1)")
+                w(f"prev_{n} = {self._previous(n)}")
             names[n] = f"prev_{n}"
             names[n + NEW_SUFFIX] = f"all_{n}"
 

@@ -88,14 +88,21 @@ def _forward(m: int) -> list[str]:
     a, x = _names("b_", m)
     mm = m * m
     lines = ["@triton.jit",
-             f"def _block{m}_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):",
+             f"def _block{m}_scan_fwd_kernel(",
+             "    a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,",
+             "):",
              f'    """{m} x {m} blocks: s [B, T, N, {m}] from a [B, T, N, {m}, {m}], b [B, T, N, {m}] and h0 '
              f'[B, N, {m}]."""',
              "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
              "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
-             "    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]",
+             "    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]",
+             "        bos = tl.load(cu + i_b).to(tl.int64)",
+             "        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)",
+             "    else:",
+             "        bos = i_b.to(tl.int64) * T",
+             "    base = bos * N  # the sequence's first step in [B, T, N]",
              "    last = (tl.arange(0, BT) == BT - 1)[:, None]  # the chunk's last row, selected (a sum of one term)",
              f"    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * {m}"]
     for r in range(m):
@@ -133,14 +140,21 @@ def _backward(m: int) -> list[str]:
     scanned = a + [f"b_d{r}" for r in range(m)]
     dt = "da.dtype.element_ty"
     lines = ["@triton.jit",
-             f"def _block{m}_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):",
+             f"def _block{m}_scan_bwd_kernel(",
+             "    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,",
+             "):",
              f'    """{m} x {m} blocks: da [B, T, N, {m}, {m}], db [B, T, N, {m}] and dh0 [B, N, {m}] from ds and the '
              'saved s."""',
              "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
              "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
              "    o_n = i_n * BN + tl.arange(0, BN)",
              "    m_n = o_n < N",
-             "    base = i_b.to(tl.int64) * T * N",
+             "    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]",
+             "        bos = tl.load(cu + i_b).to(tl.int64)",
+             "        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)",
+             "    else:",
+             "        bos = i_b.to(tl.int64) * T",
+             "    base = bos * N  # the sequence's first step in [B, T, N]",
              "    first_row = (tl.arange(0, BT) == 0)[:, None]",
              f"    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * {m}"]
     for r in range(m):
@@ -183,11 +197,16 @@ def _backward(m: int) -> list[str]:
                          + ("  # dA_t = g_t s_(t-1)^T" if r == c == 0 else ""))
     for r in range(m):
         lines.append(f"        b_g{r} = tl.sum(tl.where(first_row, b_gt{r}, 0.0), axis=0)")
-    lines.append("    # the initial state's gradient A_0^T g_0 (T >= 1: the launcher's rule)")
-    lines.append(f"    p_a0 = a + (base + o_n) * {mm}")
+    lines += ["    # the initial state's gradient A_0^T g_0 (an empty sequence of a packed row has no step 0, and its",
+              "    # g is zero; a row of its own has T >= 1, the launcher's rule)",
+              "    if VARLEN:  # (a tensor compare: T is a plain int in the interpreter)",
+              "        m_0 = m_n & (tl.zeros_like(m_n.to(tl.int32)) < T)",
+              "    else:",
+              "        m_0 = m_n",
+              f"    p_a0 = a + (base + o_n) * {mm}"]
     for r in range(m):
         for c in range(m):
-            lines.append(f"    b_a{r}{c} = tl.load(p_a0 + {r * m + c}, mask=m_n, other=0.0).to({dt})")
+            lines.append(f"    b_a{r}{c} = tl.load(p_a0 + {r * m + c}, mask=m_0, other=0.0).to({dt})")
     lines.append(f"    p_dh0 = dh0 + (i_b.to(tl.int64) * N + o_n) * {m}")
     for c in range(m):
         terms = " + ".join(f"b_a{r}{c} * b_g{r}" for r in range(m))

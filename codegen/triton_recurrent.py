@@ -43,7 +43,14 @@ Kernel design (the torch per-step loop, moved into one program):
 - not supported: a recurrence with no input (no time axis); a state tile is held in registers,
   so a state with no axis to split (or a very large tile of one) will spill.
 - pointers: inputs and outputs are made contiguous; the (batch, head) base offset is int64, and
-  per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable).
+  per-step pointers advance by H * (elements per step) each step (no `.to()` on the loop variable);
+- packed sequences (`cu_seqlens=`, int64 [N + 1] boundaries of N sequences in one row [1, T, H, ...]):
+  the same kernels with VARLEN set, a program per (sequence, head, tile) whose loop runs its own steps
+  cu[n] .. cu[n + 1] (read in the kernel, as fla's IS_VARLEN kernels do), initial and final states
+  [N, H, ...]; the checkpoints of sequence n (cdiv(length_n, every) of them) are rows first[n] .. of one
+  [1, H, NC, ...] tensor, `first` a table the launcher builds once per call (`_sequences`), so one launch
+  of the loop and one of the adjoint serve any N. A reverse run is the dispatcher's: each sequence's steps
+  flipped in place (codegen/dispatch.py `_run_packed_form`).
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ from .triton_printer import (
 # Names the generated module uses itself; a user name equal to one of them, or starting with one of the
 # generated prefixes, gets a trailing underscore inside the kernel.
 _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
-             "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "num_warps", "num_stages", "kernel", "out_dtype", "dev"}
+             "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "R_", "num_warps", "num_stages", "kernel", "out_dtype", "dev",
+             "cu_", "ck_first_", "bos_", "L_", "NS_", "TT_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_"}
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
@@ -396,26 +404,29 @@ class TritonRecurrentWriter:
         args = ([_user(s.name) for s in self.inputs] + [_user(s.name) for s in self.params]
                 + [f"h0_{_user(s.name)}" for s in self.states] + [_user(s.name) for s in self.outputs]
                 + [f"ht_{_user(s.name)}" for s in self.states] + [f"ck_{_user(s.name)}" for s in self.states]
-                + consts + ["T_", "H_", "every", "NC_"]
+                + ["cu_", "ck_first_"] + consts + ["T_", "H_", "every", "NC_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes]
-                + ["CHECKPOINT: tl.constexpr"])
+                + ["CHECKPOINT: tl.constexpr", "VARLEN: tl.constexpr"])
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
         rest = args[len(self.inputs) + len(self.params):]
-        w(", ".join(rest) + ",  # states in, outputs, states out, checkpoints, constants, sizes, blocks")
+        w(", ".join(rest) + ",  # states in, outputs, states out, checkpoints, cu_seqlens, constants, sizes, blocks")
         w("):", 0)
         if self.tile is None:
-            w('"""One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""')
+            w('"""One (batch, head) per program; the whole state in registers; t = 0 .. L_ - 1 in a loop.')
         else:
             size = self._size_src(self.tile)
             w(f'"""One (batch, head, {block_name(self.tile)} lanes of {size}) per program (no step couples lanes of '
-              f'{size}); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""')
+              f'{size}); its tile of the state in registers; t = 0 .. L_ - 1 in a loop.')
+        w("VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..")
+        w('cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
         if self.tile is not None:
             w("i_tile = tl.program_id(1)")
+        self._write_sequence(w)
         for d in all_sizes:
             if d == self.tile:
                 w(f"{offs_name(d)} = i_tile * {block_name(d)} + tl.arange(0, {block_name(d)})")
@@ -447,12 +458,11 @@ class TritonRecurrentWriter:
         # the checkpoints [B, H, NC_, ...]: the states before steps 0, every, 2 * every, ... (CHECKPOINT only)
         for s in self.states:
             u = _user(s.name)
-            w(f"p_ck_{u} = ck_{u} + i_bh.to(tl.int64) * NC_ * {self._factor(s)}"
-              + (f" + {self._offsets(s)}" if s.dims else ""))
+            w(f"p_ck_{u} = ck_{u} + ck_row_ * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else ""))
         # loop-invariant temporaries
         self._write_prologue_temps(w, printer)
         # per-step pointers at t = 0
-        seq_base = "(i_b.to(tl.int64) * T_ * H_ + i_h)"
+        seq_base = "(bos_ * H_ + i_h)"
         stepped = []
         for s in self.inputs:
             if s.name not in used:
@@ -473,7 +483,7 @@ class TritonRecurrentWriter:
                 w(f"p_{u} = {u} + {seq_base}")
             stepped.append(o)
 
-        w("for i_t in range(0, T_):")
+        w("for i_t in range(0, L_):")
         w("if CHECKPOINT:", 2)
         w("if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment", 3)
         for s in self.states:
@@ -528,6 +538,26 @@ class TritonRecurrentWriter:
             else:
                 w(f"tl.store(ht_{u} + i_bh, b_{u})")
         return w.text()
+
+    def _write_sequence(self, w: SourceWriter, adjoint: bool = False) -> None:
+        """The program's sequence: its first step `bos_` in the rows of [R, T_, H_, ...] steps, its length `L_` and
+        its first checkpoint row `ck_row_` ([R, H_, NC_, ...] checkpoints); in the adjoint also its segments `NS_`.
+        Packed (VARLEN, one row R = 1 holding the sequences cu_[0] .. cu_[N]), the sequence's checkpoints are
+        contiguous from ck_first_[i_b], a table the launcher builds once per call, since their count differs
+        between sequences (as fla's IS_VARLEN kernels read bos / eos from cu_seqlens). Unpacked, the length and
+        the segments stay the kernel's arguments (no register holds them through the loops)."""
+        w("if VARLEN:")
+        w("bos_ = tl.load(cu_ + i_b).to(tl.int64)", 2)
+        w("L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_", 2)
+        w("ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)", 2)
+        if adjoint:
+            w("NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)", 2)
+        w("else:")
+        w("bos_ = i_b.to(tl.int64) * T_", 2)
+        w("L_ = T_", 2)
+        w("ck_row_ = i_bh.to(tl.int64) * NC_", 2)
+        if adjoint:
+            w("NS_ = NC_", 2)
 
     def _tile_axis(self) -> sympy.Symbol | None:
         """The size whose lanes no step couples, so that its axis can be split over programs: no `sum` runs over
@@ -623,7 +653,8 @@ class TritonRecurrentWriter:
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0"] + blocks + ["num_warps=None", "num_stages=1"])
+        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0", "cu_seqlens=None"] + blocks
+                        + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent_loop({sig}):", 0)
         if self.tile is None:
             w('"""Per-step loop in one Triton program per (batch, head); returns (outputs, final states, checkpoints):')
@@ -632,10 +663,13 @@ class TritonRecurrentWriter:
               f'{self._size_src(self.tile)}); returns')
             w("(outputs, final states, checkpoints):")
         w("with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),")
-        w('from which the derived backward recomputes the others."""')
+        w("from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N")
+        w("sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their")
+        w('checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_sequences`)."""')
         first = _user(self.inputs[0].name)
-        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"R_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
+        w("B_, cu_, ck_first_, NC_, _ = _sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences")
         for a in args:
             w(f"{a} = {a}.contiguous()")
         w("states = states or {}")
@@ -644,13 +678,12 @@ class TritonRecurrentWriter:
             w(f"h0_{_user(s.name)} = _initial_state(states, {s.name!r}, (B_, H_{dims}), dev)")
         for o in self.outputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(o))
-            w(f"{_user(o.name)} = torch.empty((B_, T_, H_{dims}), dtype={first}.dtype, device=dev)")
+            w(f"{_user(o.name)} = torch.empty((R_, T_, H_{dims}), dtype={first}.dtype, device=dev)")
         for s in self.states:
             w(f"ht_{_user(s.name)} = torch.empty_like(h0_{_user(s.name)})")
-        w("NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints")
         for s in self.states:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
-            w(f"ck_{_user(s.name)} = torch.empty((B_, H_, NC_{dims}), dtype=torch.float32, device=dev)")
+            w(f"ck_{_user(s.name)} = torch.empty((R_, H_, NC_{dims}), dtype=torch.float32, device=dev)")
         kw = []
         for d in self.block_sizes:
             if d == self.tile:
@@ -668,9 +701,9 @@ class TritonRecurrentWriter:
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
         call = ([_user(s.name) for s in self.inputs + self.params] + [f"h0_{_user(s.name)}" for s in self.states]
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
-                + [f"ck_{_user(s.name)}" for s in self.states]
+                + [f"ck_{_user(s.name)}" for s in self.states] + ["cu_", "ck_first_"]
                 + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_", "max(every, 1)", "NC_"] + sizes + kw
-                + ["CHECKPOINT=NC_ > 0", "num_warps=num_warps", "num_stages=num_stages"])
+                + ["CHECKPOINT=NC_ > 0", "VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
         if self.tile is None:
             grid = "(B_ * H_,)"
         else:
@@ -871,8 +904,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [self.grad_ptr[o.name] for o in self.outputs]
                 + [self.grad_ptr[x.name] for x in self.inputs + self.params]
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
-                + consts + ["B_", "T_", "H_", "every", "NC_", "SLOTS_"] + [_user(s) for s in self.sizes]
-                + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes])
+                + ["cu_", "ck_first_"] + consts + ["B_", "T_", "TT_", "H_", "every", "NC_", "SLOTS_"]
+                + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
+                + ["VARLEN: tl.constexpr"])
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(head) + ",  # inputs [B, T, H, ...], params [H, ...]")
@@ -882,7 +916,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                  else f"(batch, head, {block_name(tile)} lanes of {self._size_src(tile)})")
         w(f'"""The derived backward of {self.fn}__triton_recurrent_kernel, one {where} per program.')
         w("Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the")
-        w('program\'s scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""')
+        w("program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.")
+        w('VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence\'s segments."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
@@ -893,6 +928,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         else:
             w("i_row = i_b")
             w("i_slot = i_bh.to(tl.int64)  # this program's scratch")
+        self._write_sequence(w, adjoint=True)
         for d in self.block_sizes:
             if d == tile:
                 w(f"{offs_name(d)} = i_tile * {block_name(d)} + tl.arange(0, {block_name(d)})")
@@ -928,8 +964,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             if s.dims and len(s.dims) > 1:
                 w(f"m_{u} = {self._mask(s)}")
             w(f"{names[grad_name(s.name)]} = {seed(s, at)}")
-            w(f"p_ck_{u} = ck_{u} + i_bh.to(tl.int64) * NC_ * {self._factor(s)}"
-              + (f" + {self._offsets(s)}" if s.dims else ""))
+            w(f"p_ck_{u} = ck_{u} + ck_row_ * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else ""))
             w(f"p_sc_{u} = sc_{u} + i_slot * SLOTS_ * {self._slot(s)}"
               + (f" + {self._local_offsets(s)}" if s.dims else ""))
         self._write_prologue_temps(w, printer)
@@ -946,19 +981,19 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 if x.name not in read:
                     continue
                 u = _user(x.name)
-                at = f"{u} + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(x)}"
+                at = f"{u} + ((bos_ + i_t) * H_ + i_h) * {self._factor(x)}"
                 if x.dims:
                     w(f"b_{u} = tl.load({at} + {self._offsets(x)}, mask={self._mask(x)}, other=0.0).to(tl.float32)"
                       f"  # {self._shape(x)}", indent)
                 else:
                     w(f"b_{u} = tl.load({at}).to(tl.float32)", indent)
 
-        w("for i_r in range(0, NC_):")
-        w("i_c = NC_ - 1 - i_r  # segments from the last", 2)
+        w("for i_r in range(0, NS_):")
+        w("i_c = NS_ - 1 - i_r  # segments from the last", 2)
         w("t0 = i_c * every", 2)
         w("t1 = t0 + every", 2)
-        w("if t1 > T_:", 2)
-        w("t1 = T_", 3)
+        w("if t1 > L_:", 2)
+        w("t1 = L_", 3)
         w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch", 2)
         w("# slot (the barriers: a slot is written and read by different threads of the program).", 2)
         w("tl.debug_barrier()", 2)
@@ -993,7 +1028,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for o in self.outputs:
             if grad_name(o.name) not in read_adjoint:
                 continue
-            at = f"{self.grad_ptr[o.name]} + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(o)}"
+            at = f"{self.grad_ptr[o.name]} + ((bos_ + i_t) * H_ + i_h) * {self._factor(o)}"
             if o.dims:
                 at += f" + {self._offsets(o)}"
             w(f"{names[grad_name(o.name)]} = {seed(o, at)}", 3)
@@ -1014,8 +1049,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             if x in self.params:
                 w(f"{u} += {text}", 3)
                 continue
-            row = "i_b" if self._spans_tile(x) else "i_row"
-            at = f"{self.grad_ptr[x.name]} + (({row}.to(tl.int64) * T_ + i_t) * H_ + i_h) * {self._factor(x)}"
+            # its own gradient, or its tile's part ([tiles, R, T_, H_, ...]: a tile's part is TT_ = R * T_ steps on)
+            row = "bos_" if self._spans_tile(x) else ("bos_ + i_tile * TT_" if self.tile is not None else "bos_")
+            at = f"{self.grad_ptr[x.name]} + (({row} + i_t) * H_ + i_h) * {self._factor(x)}"
             w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), 3)
             if x.dims:
                 w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", 3)
@@ -1070,25 +1106,28 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes + ["*", "every=64"]
-                        + blocks + ["num_warps=None", "num_stages=1"])
+        sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes
+                        + ["*", "every=64", "cu_seqlens=None"] + blocks + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
         w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
         w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
         w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
-        w("outputs [B, T, H, ...] and of the final states [B, H, ...].")
+        w("outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:")
+        w("inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).")
         w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
         first = _user(self.inputs[0].name)
-        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"R_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
+        w("B_, cu_, ck_first_, NC_, LMAX_ = _sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences")
+        w("if NC_ != len(checkpoints):")
+        w("raise ValueError(f\"{len(checkpoints)} checkpoints given, {NC_} expected every {every} steps\")", 2)
         for a in args:
             w(f"{a} = {a}.contiguous()")
-        w("NC_ = len(checkpoints)")
         for s in self.states:
             u = _user(s.name)
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
             w(f"ck_{u} = (torch.stack([c[{s.name!r}] for c in checkpoints], dim=2) if NC_ else "
-              f"torch.empty((B_, H_, 0{dims}), device=dev)).float().contiguous()  # [B, H, NC, ...]")
+              f"torch.empty((R_, H_, 0{dims}), device=dev)).float().contiguous()  # [R, H, NC, ...]")
             w(f"dht_{u} = grad_states[{s.name!r}].float().contiguous()")
         for o in self.outputs:
             w(f"{self.grad_ptr[o.name]} = grad_outputs[{o.name!r}].contiguous()")
@@ -1106,13 +1145,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         else:
             w(f"NT_ = triton.cdiv(max({self._size_src(self.tile)}, 1), {block_name(self.tile)})  # tiles of "
               f"{self._size_src(self.tile)}")
-        w("SLOTS_ = max(min(every, T_), 1)  # states kept per segment")
+        w("SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment")
         f32 = "dtype=torch.float32, device=dev"
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
             lead = "" if self._spans_tile(x) else "NT_, "
             note = "" if self._spans_tile(x) else "  # a part per tile, summed below"
-            w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}B_, T_, H_{dims}), "
+            w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}R_, T_, H_{dims}), "
               f"{f32}){note}")
         for p in self.params:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(p))
@@ -1134,8 +1173,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [self.grad_ptr[o.name] for o in self.outputs]
                 + [self.grad_ptr[x.name] for x in self.inputs + self.params]
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
-                + [names[c] for c, _, _ in self.consts.values()] + ["B_", "T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
-                + sizes + kw + ["num_warps=num_warps", "num_stages=num_stages"])
+                + ["cu_", "ck_first_"]
+                + [names[c] for c, _, _ in self.consts.values()]
+                + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
+                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
         w("if B_ * H_ > 0:")
         w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
         w(", ".join(call) + ",", 3)
@@ -1209,6 +1250,26 @@ def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
     return float(value(*(torch.tensor(float(s), dtype=torch.float64) for s in sizes)))
+
+
+def _sequences(cu_seqlens, rows, length, every, dev):
+    """(B, cu, first, NC, longest) of a call on [rows, length, H, ...] inputs with checkpoints every `every` steps
+    (none when every = 0): without cu_seqlens B = rows, cu = first = None, NC = cdiv(length, every) checkpoints per
+    row; with cu_seqlens (int64 [N + 1] boundaries of N sequences packed in one row, cu_seqlens[-1] = length) B = N,
+    cu the boundaries on `dev`, first[n] the first of sequence n's cdiv(length_n, every) checkpoints, NC their total
+    (a table built once on the host: the sequences' checkpoint counts differ) and longest the longest sequence.
+    Raises ValueError for packed inputs of more than one row or boundaries that do not end at `length`."""
+    if cu_seqlens is None:
+        return rows, None, None, (triton.cdiv(length, every) if every > 0 else 0), length
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if rows != 1 or int(cu[-1]) != length:
+        raise ValueError(f"cu_seqlens {{cu.tolist()[:4]}}... must pack its sequences in one row of {{length}} steps, "
+                         f"got inputs of {{rows}} rows")
+    lengths = cu[1:] - cu[:-1]
+    counts = (lengths + every - 1) // every if every > 0 else torch.zeros_like(lengths)
+    first = torch.cumsum(counts, 0) - counts
+    longest = int(lengths.max()) if len(lengths) else 0
+    return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
 def _initial_state(states, name, shape, dev):

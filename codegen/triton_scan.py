@@ -31,6 +31,12 @@ Kernels and grids:
                           [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
                           per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
 
+Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the programs'
+rows are the sequences, each program reads its sequence's first step and length from the boundaries
+(VARLEN) and scans from its own initial state, so the carry resets at every sequence's start and one launch (forward,
+backward) serves any N. `scan_final_states` and `scan_previous_states` pick each sequence's last state and shift
+the states by one step within each sequence.
+
 Numerics: loads are masked and taken to the states' dtype (float32 for every call of a generated module, whose
 dispatcher upcasts half inputs; float64 where a caller passes float64, as gradcheck does); steps past T load as
 the identity step (A = I, b = 0), so the last row of a chunk's scan is always the state at its last real step.
@@ -82,11 +88,26 @@ def _scan_program(N, BN: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _first_step_mask(m_n, T, VARLEN: tl.constexpr):
+    """The lanes of step 0 to load: a packed row's empty sequence has no step 0 (and its g is zero); a row of its
+    own has T >= 1 (the launcher's rule)."""
+    if VARLEN:
+        return m_n & (tl.zeros_like(m_n.to(tl.int32)) < T)  # (a tensor: T is a plain int in the interpreter)
+    else:
+        return m_n
+
+
+@triton.jit
+def _scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
     i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
     for i_t in range(0, tl.cdiv(T, BT)):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -101,11 +122,18 @@ def _scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+def _scan_bwd_kernel(
+    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
+):
     i_b, i_n = _scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
     b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
     NT = tl.cdiv(T, BT)
@@ -126,7 +154,9 @@ def _scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.c
         tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
         tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
         b_g = _scan_first_row(b_gt, BT)
-    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    # step 0 (an empty sequence of a packed row: none, and its g is zero)
+    m_0 = _first_step_mask(m_n, T, VARLEN)
+    b_a0 = tl.load(a + base + o_n, mask=m_0, other=0.0).to(da.dtype.element_ty)
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
 
@@ -148,16 +178,20 @@ def _scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
 class _ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
     h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
-    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+    T >= 1. cu: None, or the int64 [N_seq + 1] boundaries (on the tensors' device) of N_seq sequences packed in one
+    row (B = 1, h0 [N_seq, ...]), each scanned from its own initial state. (The kernels come as an argument so that
+    a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
-    def forward(ctx, a, b, h0, kernels, config):
+    def forward(ctx, a, b, h0, cu, kernels, config):
         BT, BN, warps = config
-        B, T, N = b.shape[:3]
+        T, N = b.shape[1:3]
+        B = h0.shape[0]  # rows, or packed sequences (cu: their int64 [B + 1] boundaries in the one row)
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
+                                              num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.kernels, ctx.config = kernels, config
+        ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
         return s
 
     @staticmethod
@@ -165,24 +199,26 @@ class _ScanFunction(torch.autograd.Function):
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config
-        B, T, N = s.shape[:3]
+        T, N = s.shape[1:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN) * B,)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
-        return da, db, dh0, None, None
+        ctx.kernels[1][(triton.cdiv(N, BN) * h0.shape[0],)](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
+                                                            VARLEN=ctx.cu is not None, num_warps=warps)
+        return da, db, dh0, None, None, None
 
 
 def _scan_dtype(b: Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
 
 
-def _scan_operands(a: Tensor, b: Tensor, initial_state: Tensor | None, m: int):
+def _scan_operands(a: Tensor, b: Tensor, initial_state: Tensor | None, m: int, states: int):
     """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m >= 2: m x m
     blocks (b [B, T, ..., m], a broadcastable to [B, T, ..., m, m]). Returns (s, None) when there is nothing to
     scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
     its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_scan_dtype`),
     contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
-    (zeros for None). Raises ValueError naming the argument whose shape does not fit."""
+    (zeros for None). states: the number of initial states, B or (packed, b of one row) the sequences' number.
+    Raises ValueError naming the argument whose shape does not fit."""
     if b.dim() < 2 + (m > 1):
         raise ValueError(f"b must be [B, T, ...{', m' if m > 1 else ''}], got shape {list(b.shape)}")
     if m > 1 and (b.shape[-1] != m or tuple(a.shape[-2:]) != (m, m)):
@@ -195,38 +231,43 @@ def _scan_operands(a: Tensor, b: Tensor, initial_state: Tensor | None, m: int):
     if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
         raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
     B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
+    state_shape = (states,) + tuple(b.shape[2:])
     if initial_state is not None and tuple(initial_state.shape) != state_shape:
         raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
     dt = _scan_dtype(b)
     a = a.to(dt).expand(a_shape)
     if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
         s = b.to(dt) + (a.sum(-1) if m > 1 else a)
-        return (s if initial_state is None else s + initial_state.to(dt)[:, None]), None
+        return (s if initial_state is None else s + initial_state.to(dt).sum(0, keepdim=True)[:, None]), None
     b = b.to(dt).contiguous()
     h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
     return None, (a.contiguous(), b, h0)
 
 
 def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+                  block_n: int | None = None, num_warps: int | None = None,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
     """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_scan_fwd_kernel`.
 
     b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
     [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
     Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
     initial_state through `_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
-    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed in one row (b [1, T, H, *S],
+    initial_state [N, H, *S], cu_seqlens[-1] = T): one launch scans them all, each from its own initial state
+    (`_packed`). Raises ValueError for a's number of dims, shapes that do not broadcast, a block size not a power
+    of two or bad boundaries.
     """
     config = _scan_config(block_t, block_n, num_warps, 1)
-    empty, operands = _scan_operands(a, b, initial_state, 1)
+    cu, states = _packed(cu_seqlens, b)
+    empty, operands = _scan_operands(a, b, initial_state, 1, states)
     if operands is None:
         return empty
     a, b, h0 = operands
-    B, T = b.shape[:2]
+    rows, T = b.shape[:2]
     N = b[0, 0].numel()
-    s = _ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_scan_fwd_kernel, _scan_bwd_kernel),
-                            config)
+    s = _ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(states, N), cu,
+                            (_scan_fwd_kernel, _scan_bwd_kernel), config)
     return s.view(b.shape)
 
 
@@ -243,7 +284,7 @@ def _block_kernels(m: int) -> tuple:
 
 
 def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, block_t: int | None = None,
-               block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+               block_n: int | None = None, num_warps: int | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
     """All states of the coupled elementwise recurrence s_t = A_t s_{t-1} + b_t, m states per element (m = 2 .. 4),
     by the printed `_block{m}_scan_fwd_kernel`.
 
@@ -251,23 +292,68 @@ def scan_block(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, blo
     the update of state r); b [B, T, H, *S, m]; initial_state [B, H, *S, m] or None (zeros). Returns
     [B, T, H, *S, m] in float32 (float64 for float64 b). Differentiable in a, b and initial_state through
     `_block{m}_scan_bwd_kernel`. Raises ValueError for a block size without kernels (m < 2, m > 4; the torch
-    runtime's `scan_block` takes any size), a not [..., m, m] for b [..., m], mismatched shapes or a block size
-    not a power of two.
+    runtime's `scan_block` takes any size), a not [..., m, m] for b [..., m], mismatched shapes, a block size
+    not a power of two or bad boundaries. cu_seqlens: packed sequences, as for `scan_diagonal`.
     """
     m = b.shape[-1] if b.dim() >= 3 else 0
     if m < 2:
         raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [B, T, ..., m], got b "
                          f"{list(b.shape)} and a {list(a.shape)}")
     config = _scan_config(block_t, block_n, num_warps, m)
-    empty, operands = _scan_operands(a, b, initial_state, m)
+    cu, states = _packed(cu_seqlens, b)
+    empty, operands = _scan_operands(a, b, initial_state, m, states)
     if operands is None:
         return empty
     kernels = _block_kernels(m)
     a, b, h0 = operands
-    B, T = b.shape[:2]
+    rows, T = b.shape[:2]
     N = b[0, 0].numel() // m
-    s = _ScanFunction.apply(a.view(B, T, N, m, m), b.view(B, T, N, m), h0.view(B, N, m), kernels, config)
+    s = _ScanFunction.apply(a.view(rows, T, N, m, m), b.view(rows, T, N, m), h0.view(states, N, m), cu, kernels,
+                            config)
     return s.view(b.shape)
+
+
+def _packed(cu_seqlens: Tensor | None, b: Tensor) -> tuple[Tensor | None, int]:
+    """(the boundaries on b's device or None, the number of scanned sequences): b's rows unpacked, N packed.
+    Raises ValueError unless cu_seqlens is int64 [N + 1], from 0 to b's length, not decreasing, with b of one row."""
+    if cu_seqlens is None:
+        return None, (b.shape[0] if b.dim() else 0)
+    cu = cu_seqlens.detach().to("cpu")
+    T = b.shape[1]
+    if (cu.dtype != torch.int64 or cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != T
+            or bool((cu[1:] < cu[:-1]).any()) or b.shape[0] != 1):
+        raise ValueError(f"cu_seqlens must be int64 [N + 1] boundaries from 0 to T = {T} of sequences packed in one "
+                         f"row, got {cu.tolist()[:8]} for b of shape {list(b.shape)}")
+    return cu.to(b.device), len(cu) - 1
+
+
+def scan_final_states(states: Tensor, initial_state: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """The state after each sequence's last step: states [B, T, H, *S] (every step's, from `scan_diagonal`),
+    initial_state [B, H, *S]; packed (cu_seqlens int64 [N + 1], states [1, T, ...], initial_state [N, ...]) the
+    state at step cu[n + 1] - 1 of the row, or sequence n's initial state where it is empty. Returns [B or N, H, *S]."""
+    if cu_seqlens is None:
+        return states[:, -1] if states.shape[1] else initial_state
+    cu = cu_seqlens.detach().to(states.device)
+    last = states[0].index_select(0, (cu[1:] - 1).clamp_min(0))
+    empty = (cu[1:] == cu[:-1]).view((-1,) + (1,) * (last.dim() - 1))
+    return torch.where(empty, initial_state.to(last.dtype), last)
+
+
+def scan_previous_states(states: Tensor, initial_state: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """The state before each step: states [B, T, H, *S] shifted one step later, each sequence's first step getting
+    its initial state (initial_state [B, H, *S]; packed: [N, H, *S], with states [1, T, ...] and cu_seqlens int64
+    [N + 1]). Returns [B, T, H, *S]."""
+    initial_state = initial_state.to(states.dtype)
+    if cu_seqlens is None:
+        return torch.cat([initial_state[:, None], states[:, :-1]], dim=1)
+    cu = cu_seqlens.detach().to(states.device)
+    T = states.shape[1]
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=states.device), lengths, output_size=T)
+    first = torch.arange(T, device=states.device) == cu[:-1][seq]  # the steps that start a sequence
+    shifted = torch.cat([states[:, :1], states[:, :-1]], dim=1)
+    start = initial_state.index_select(0, seq)[None]  # [1, T, H, *S]
+    return torch.where(first.view((1, T) + (1,) * (states.dim() - 2)), start, shifted)
 
 
 if "vectorise_interpreter_scans" not in globals():  # imported from the package (a generated module drops this)
@@ -277,4 +363,4 @@ if "vectorise_interpreter_scans" not in globals():  # imported from the package 
     vectorise_interpreter_scans()  # the interpreter's associative_scan, one numpy call per step (interpreter.py)
 
 
-__all__ = ["scan_block", "scan_diagonal"]
+__all__ = ["scan_block", "scan_diagonal", "scan_final_states", "scan_previous_states"]
