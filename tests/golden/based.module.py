@@ -79,6 +79,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -668,13 +669,16 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it. A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk
-    each sequence themselves) goes to both the loop and the backward."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -684,10 +688,11 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        length = tensors[0].shape[1]
+        every = checkpoint_every(length) if every_of is None else every_of(length, extra)
         cu = extra.get("cu_seqlens")
         backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
-        flat = _AdjointBackward.apply(forward, backward, layout, names, checkpoint_every(tensors[0].shape[1]),
-                                      kernels, *tensors)
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -763,6 +768,8 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
+        ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
@@ -782,6 +789,7 @@ class _BlockBackward(torch.autograd.Function):
         buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
                    for x, want in zip(inputs, need_inputs)]
         buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        used = [False] * len(inputs)  # an input no block's results depend on gets None, as from one block
         param_grads = [None] * len(params)
         carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
         for n in reversed(range(len(entering))):
@@ -804,6 +812,7 @@ class _BlockBackward(torch.autograd.Function):
                         buffer_pieces[i][n].zero_()
                     else:
                         buffer_pieces[i][n].copy_(g)
+                        used[i] = True
             for i, t in enumerate(block_params):
                 if t.requires_grad:
                     g = next(got)
@@ -812,6 +821,7 @@ class _BlockBackward(torch.autograd.Function):
             carried = {name: next(got) for name in state_names}
         need_states = need[at:]
         state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        buffers = [b if u else None for b, u in zip(buffers, used)]
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
@@ -832,9 +842,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -862,8 +877,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1719,6 +1735,8 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1906,10 +1924,12 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr,
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1934,7 +1954,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -2153,15 +2174,16 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages) -> None:
+                  num_stages, pair=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G))."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
-        exclusive, prec, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
-        num_stages=_triton_or(num_stages, _STAGES))
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, T, H, K, V, BT, BK, BV, decay, exclusive, prec, pair is not None,
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2189,8 +2211,16 @@ class triton_NoDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        """The diagonal-plus-rank-one class's scores, when `_triton_dplr_wy_kernel` does not form them itself."""
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+        """o = q's readouts of the chunk-start states h plus the intra-chunk sums over (k, v), and over pair
+        (the diagonal-plus-rank-one class's (b, U)) when given."""
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None))
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
@@ -2564,7 +2594,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                do, do, k, gc, eg, hT, dA, dq, do, k, dA, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
@@ -2622,9 +2652,14 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
-_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
 _triton_SCAN_WARPS = 4
 
 
@@ -2642,7 +2677,18 @@ def _triton_scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _triton_scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_triton_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _triton_scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
 
 
 @triton.jit
@@ -2657,7 +2703,7 @@ def _triton_first_step_mask(m_n, T, VARLEN: tl.constexpr):
 
 @triton.jit
 def _triton_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
@@ -2683,7 +2729,7 @@ def _triton_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.cons
 def _triton_scan_bwd_kernel(
     a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
@@ -2719,17 +2765,23 @@ def _triton_scan_bwd_kernel(
 
 
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
+    of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_triton_SCAN_BN_BLOCK` no kernel spills at
+    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py).
+    Raises ValueError for a value that is not a power of two (Triton's rule for a tl.arange length and for
+    num_warps)."""
     BT = _triton_SCAN_BT if block_t is None else block_t
-    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
-    for name, value in (("block_t", BT), ("block_n", BN)):
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
+    warps = _triton_SCAN_WARPS if num_warps is None else num_warps
+    for name, value in (("block_t", BT), ("block_n", BN), ("num_warps", warps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
-    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+    return BT, BN, warps
 
 
 class _triton_ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
+    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
     T >= 1. cu: None, or the int64 [N_seq + 1] boundaries (on the tensors' device) of N_seq sequences packed in one
     row (B = 1, h0 [N_seq, ...]), each scanned from its own initial state. (The kernels come as an argument so that
     a generated module holds only the pair its layer uses.)"""
@@ -2740,8 +2792,8 @@ class _triton_ScanFunction(torch.autograd.Function):
         T, N = b.shape[1:3]
         B = h0.shape[0]  # rows, or packed sequences (cu: their int64 [B + 1] boundaries in the one row)
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
-                                             num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
+                                              num_warps=warps)
         ctx.save_for_backward(a, s, h0)
         ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
         return s
@@ -2754,13 +2806,46 @@ class _triton_ScanFunction(torch.autograd.Function):
         T, N = s.shape[1:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), h0.shape[0])](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
-                                                          VARLEN=ctx.cu is not None, num_warps=warps)
+        ctx.kernels[1][(triton.cdiv(N, BN) * h0.shape[0],)](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
+                                                            VARLEN=ctx.cu is not None, num_warps=warps)
         return da, db, dh0, None, None, None
 
 
 def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
+def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None, m: int, states: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m >= 2: m x m
+    blocks (b [B, T, ..., m], a broadcastable to [B, T, ..., m, m]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_triton_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). states: the number of initial states, B or (packed, b of one row) the sequences' number.
+    Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', m' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != m or tuple(a.shape[-2:]) != (m, m)):
+        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (states,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _triton_scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt).sum(0, keepdim=True)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
 
 
 def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
@@ -2777,35 +2862,28 @@ def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: trit
     (`_triton_packed`). Raises ValueError for a's number of dims, shapes that do not broadcast, a block size not a power
     of two or bad boundaries.
     """
-    dt = _triton_scan_dtype(b)
     config = _triton_scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
-    B, T = b.shape[:2]
-    cu, B = _triton_packed(cu_seqlens, b, B)
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
-    rows, N = b.shape[0], b[0, 0].numel()
-    s = _triton_ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(B, N), cu,
+    cu, states = _triton_packed(cu_seqlens, b)
+    empty, operands = _triton_scan_operands(a, b, initial_state, 1, states)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
+    rows, T = b.shape[:2]
+    N = b[0, 0].numel()
+    s = _triton_ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(states, N), cu,
                             (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel), config)
     return s.view(b.shape)
 
 
-def _triton_packed(cu_seqlens: triton_Tensor | None, b: triton_Tensor, rows: int) -> tuple[triton_Tensor | None, int]:
-    """(the boundaries on b's device or None, the number of scanned sequences): `rows` unpacked, N packed.
+def _triton_packed(cu_seqlens: triton_Tensor | None, b: triton_Tensor) -> tuple[triton_Tensor | None, int]:
+    """(the boundaries on b's device or None, the number of scanned sequences): b's rows unpacked, N packed.
     Raises ValueError unless cu_seqlens is int64 [N + 1], from 0 to b's length, not decreasing, with b of one row."""
     if cu_seqlens is None:
-        return None, rows
+        return None, (b.shape[0] if b.dim() else 0)
     cu = cu_seqlens.detach().to("cpu")
     T = b.shape[1]
     if (cu.dtype != torch.int64 or cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != T
-            or bool((cu[1:] < cu[:-1]).any()) or rows != 1):
+            or bool((cu[1:] < cu[:-1]).any()) or b.shape[0] != 1):
         raise ValueError(f"cu_seqlens must be int64 [N + 1] boundaries from 0 to T = {T} of sequences packed in one "
                          f"row, got {cu.tolist()[:8]} for b of shape {list(b.shape)}")
     return cu.to(b.device), len(cu) - 1
