@@ -122,7 +122,7 @@ def test_scan_grids_have_one_axis_for_any_batch(block):
     kernels = tuple(_Recorded(k) for k in pair)
     leaves = [x.clone().requires_grad_() for x in (a, b, h0)]
     N = 5
-    s = triton_scan._ScanFunction.apply(leaves[0], leaves[1], leaves[2], kernels, (4, 2, 1))
+    s = triton_scan._ScanFunction.apply(leaves[0], leaves[1], leaves[2], None, kernels, (4, 2, 1))
     w = torch.randn(s.shape, generator=gen, dtype=F64)
     (s * w).sum().backward()
     assert kernels[0].grids == kernels[1].grids == [(3 * triton.cdiv(N, 2),)]
