@@ -2774,6 +2774,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -3364,7 +3378,7 @@ def based__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_sta
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         based__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_1_div_K, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, ck_S0, ck_S1, ck_S2, ck_z0, ck_z1, ck_z2, dht_S0, dht_S1, dht_S2, dht_z0, dht_z1, dht_z2, do, dq, dk, dv, dh0_S0, dh0_S1, dh0_S2, dh0_z0, dh0_z1, dh0_z2, sc_S0, sc_S1, sc_S2, sc_z0, sc_z1, sc_z2, c_1_div_K, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dq.sum(0), dk.sum(0), dv], {'S0': dh0_S0, 'S1': dh0_S1, 'S2': dh0_S2, 'z0': dh0_z0.sum(0), 'z1': dh0_z1.sum(0), 'z2': dh0_z2.sum(0)}
 

@@ -2815,6 +2815,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -3134,7 +3148,7 @@ def lightning_attention__triton_recurrent_adjoint(q, k, v, slope, checkpoints, g
         num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 2 * 1 + 1)
     if B_ * H_ > 0:
         lightning_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, slope, ck_S, dht_S, do, dq, dk, dv, dslope, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, slope, ck_S, dht_S, do, dq, dk, dv, dslope, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dq.sum(0), dk.sum(0), dv, dslope.sum((0, 1))], {'S': dh0_S}
 

@@ -1438,6 +1438,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -1634,7 +1648,7 @@ def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, blo
 @triton.jit
 def minimal_rnn__triton_recurrent_adjoint_kernel(
     x, Uh, Uz, bu,  # inputs [B, T, H, ...], params [H, ...]
-    ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, every, NC_, SLOTS_, D, BLOCK_D: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, B_, T_, H_, every, NC_, SLOTS_, D, BLOCK_D: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of minimal_rnn__triton_recurrent_kernel, one (batch, head) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
@@ -1646,11 +1660,7 @@ def minimal_rnn__triton_recurrent_adjoint_kernel(
     i_slot = i_bh.to(tl.int64)  # this program's scratch
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D
-    b_Uh = tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
-    b_Uz = tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
     b_bu = tl.load(bu + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-    b_dUh = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
-    b_dUz = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
     b_dbu = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the steps
     # The final states' gradients (from the loss), then carried back step by step.
     b_dh = tl.load(dht_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
@@ -1670,8 +1680,8 @@ def minimal_rnn__triton_recurrent_adjoint_kernel(
             tl.store(p_sc_h + (i_t - t0) * BLOCK_D, b_h, mask=mask_D)
             b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
-            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
-            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sum0 = tl.sum(b_h[None, :] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
             b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
             b_h_new = b_tanh1 * b_t4 + b_sigmoid3 * b_h  # [BLOCK_D] minimal_rnn.rec:12,13,14
@@ -1685,29 +1695,32 @@ def minimal_rnn__triton_recurrent_adjoint_kernel(
             b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_dy = tl.load(dy + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_dh_new = b_dh + b_dy  # d loss / d h after step i_t
-            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
+            b_sum0 = tl.sum(b_h[None, :] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
-            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
             b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
             b_t7 = b_tanh1 * b_tanh1  # [BLOCK_D]
             b_t8 = 1.0 - b_t7  # [BLOCK_D]
-            b_sum9 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
-            b_sum10 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
-            b_dx = (b_t7 - 1.0) * b_sum10 + b_t8 * b_sum9 + b_t4 * b_t8 * b_dh_new  # [BLOCK_D]
+            b_sum9 = tl.sum(((b_t7[None, :] - 1.0) * (b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new)[:, None] + (b_sigmoid3 * b_t4 * b_h * b_dh_new)[:, None] * b_t8[None, :]) * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=0)  # [BLOCK_D]
+            b_dx = b_t4 * b_t8 * b_dh_new + b_sum9  # [BLOCK_D]
             tl.store(dx + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
-            b_dUh += b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_h[None, :] * b_dh_new[:, None] - b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[None, :] * b_dh_new[:, None]
-            b_dUz += b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] - b_tanh1[:, None] * b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None]
-            b_dbu += b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new
-            b_sum5 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
-            b_sum6 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
-            b_dh_prev = b_sigmoid3 * b_dh_new + b_sum6 - b_sum5  # d loss / d h before step i_t
+            b_dUh_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            tl.store(dUh_row + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_row0, mask=mask_D)
+            b_dUh_col0 = b_h  # [BLOCK_D]
+            tl.store(dUh_col + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_col0, mask=mask_D)
+            b_dUz_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            tl.store(dUz_row + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_row0, mask=mask_D)
+            b_dUz_col0 = b_tanh1  # [BLOCK_D]
+            tl.store(dUz_col + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_col0, mask=mask_D)
+            b_t5 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            b_dbu += b_t5
+            b_sum6 = tl.sum(b_t5[:, None] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=0)  # [BLOCK_D]
+            b_dh_prev = b_sigmoid3 * b_dh_new + b_sum6  # d loss / d h before step i_t
             b_dh = b_dh_prev
             b_h_new = b_h
     # The initial states' gradients; the params' (this program's part: summed by the launcher).
     tl.store(dh0_h + (i_b.to(tl.int64) * H_ + i_h) * D + offs_D, b_dh, mask=mask_D)
-    tl.store(dUh + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUh, mask=mask_D[:, None] & mask_D[None, :])
-    tl.store(dUz + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUz, mask=mask_D[:, None] & mask_D[None, :])
     tl.store(dbu + (i_row.to(tl.int64) * H_ + i_h) * D + offs_D, b_dbu, mask=mask_D)
 
 
@@ -1731,18 +1744,20 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     NT_ = 1  # one program per (batch, head)
     SLOTS_ = max(min(every, T_), 1)  # states kept per segment
     dx = torch.empty((NT_, B_, T_, H_, D), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dUh = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
-    dUz = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    dUh_row = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUh_col = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUz_row = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
+    dUz_col = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
     dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
+            x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
-    return [dx.sum(0), dUh.sum((0, 1)), dUz.sum((0, 1)), dbu.sum((0, 1))], {'h': dh0_h}
+    return [dx.sum(0), torch.einsum("bthjr,bthjc->hrc", dUh_row, dUh_col), torch.einsum("bthjr,bthjc->hrc", dUz_row, dUz_col), dbu.sum((0, 1))], {'h': dh0_h}
 
 
 _minimal_rnn_forms = {'recurrent': minimal_rnn__recurrent}

@@ -2874,6 +2874,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -3213,7 +3227,7 @@ def rg_lru__triton_recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, 
         num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D + BLOCK_D)
     if B_ * H_ > 0:
         rg_lru__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            x, gr, gi, lam, ck_h, dht_h, dy, dx, dgr, dgi, dlam, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
+            x, gr, gi, lam, ck_h, dht_h, dy, dx, dgr, dgi, dlam, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dx, dgr, dgi, dlam.sum((0, 1))], {'h': dh0_h}
 
