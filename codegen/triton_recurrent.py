@@ -798,6 +798,14 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     without the axis) is a partial sum over the program's lanes, stored per tile ([tiles, B, T, H, ...]) and summed
     by the launcher. A cotangent without the free axis (an output or a final state without it) is seeded in the
     first tile only, so it is counted once.
+
+    Registers (issue 10: no spills at the default configs). With no free axis, a program holds whole [D0, D1]
+    params (minimal_rnn's Uh, Uz): such a param is read at each use (`streamed`: one tile live at a time, from L1)
+    and the step's sums over it are merged (`merge_sums`: dh's two passes over Uh become one); a [D0, D1] param whose
+    step gradient is a few outer products (`outer_factors`, `sum_j L_j[r] R_j[c]`) is not summed in a register
+    tile: the kernel stores L_j and R_j per step ([B, T, H, J, D0] and [B, T, H, J, D1]) and the launcher contracts
+    them over (batch, time) in one einsum, a matmul. The launch passes maxnreg = 64K registers over the program's
+    threads (at most 255): unasked, ptxas stops at 128 registers a thread at 8 warps and spills.
     """
 
     def __init__(self, analysis: Analysis, adjoint: AdjointStep):
