@@ -93,6 +93,9 @@ ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's l
 # this many footprint elements a thread at 4 warps it runs 8 (rwkv6 / rwkv7 at K = V = 64 spilled 8 B on sm_80 at 4
 # warps; on sm_90 4 warps run clean there and 8 left lightning_attention's adjoint an 8-byte stack slot).
 ADJOINT_ELEMENTS_AT_4_WARPS = 48
+# A [D0, D1] param's gradient that is a sum of at most this many outer products per step is not summed in registers:
+# the adjoint kernel stores the per-step factors and the launcher contracts them over (batch, time) in one matmul.
+OUTER_FACTORS_MAX = 4
 _TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
 _CONST_PREFIX = "_const"
 
@@ -751,6 +754,67 @@ def split_sums(e: sympy.Expr, ranges: dict) -> sympy.Expr:
     return sympy.Sum(body, *limits)
 
 
+def outer_factors(e: sympy.Expr, row: sympy.Symbol, col: sympy.Symbol,
+                  most: int = OUTER_FACTORS_MAX) -> list[tuple[sympy.Expr, sympy.Expr]] | None:
+    """`e[row, col]` as a short sum of outer products `sum_j L_j[row] * R_j[col]`, as [(L_j, R_j)], or None.
+
+    Each term of `e` (as written, not expanded) must be a product whose factors read `row` or `col` but not both;
+    terms with the same `col` factor share one pair, so minimal_rnn's dUh, `a[d] h[e] - b[d] h[e]`, is the one pair
+    (a - b, h). None when a factor reads both indices (a state `S[d, n]`, say) or more than `most` pairs remain."""
+    pairs: dict[sympy.Expr, sympy.Expr] = {}
+    for term in sympy.Add.make_args(e):
+        left, right = [], []
+        for f in sympy.Mul.make_args(term):
+            reads = f.free_symbols & {row, col}
+            if reads == {row, col}:
+                return None
+            (right if col in reads else left).append(f)
+        key = sympy.Mul(*right)
+        pairs[key] = pairs.get(key, sympy.Integer(0)) + sympy.Mul(*left)
+    if len(pairs) > most:
+        return None
+    return [(left, right) for right, left in pairs.items()]
+
+
+def merge_sums(e: sympy.Expr, tiles: set[str]) -> sympy.Expr:
+    """`e` with the sums of one Add that read the same tile of a param in `tiles` (as `P[v, j]`, `v` the summed
+    index) merged into one sum over `P` times the sum of the rest: minimal_rnn's dh, `sum(d, Uh[d, e] a[d]) -
+    sum(d, Uh[d, e] b[d])` as the adjoint derives it, becomes `sum(d, Uh[d, e] (a[d] - b[d]))`, one pass over a
+    [D, D] tile instead of two. Sums with several limits, or whose body is not one read of the tile times the
+    rest, stay."""
+    if not e.args or _leaf(e):
+        return e
+    e = e.func(*[merge_sums(a, tiles) for a in e.args])
+    if not isinstance(e, sympy.Add):
+        return e
+    key_var = sympy.Symbol("_merged")  # the summed index, renamed alike in every sum of a group for its key
+    groups: dict[tuple, list[tuple[sympy.Symbol, sympy.Expr, sympy.Expr]]] = {}
+    kept = []
+    for term in e.args:
+        sums = [f for f in sympy.Mul.make_args(term) if isinstance(f, sympy.Sum)]
+        if len(sums) != 1 or len(sums[0].limits) != 1:
+            kept.append(term)
+            continue
+        (total,) = sums
+        var, lo, hi = total.limits[0]
+        factors = sympy.Mul.make_args(total.function)
+        reads = [f for f in factors if isinstance(f, sympy.Indexed) and str(f.base) in tiles and var in f.indices]
+        if len(reads) != 1:
+            kept.append(term)
+            continue
+        rest = sympy.Mul(*[f for f in factors if f != reads[0]])
+        coeff = sympy.Mul(*[f for f in sympy.Mul.make_args(term) if f is not total])
+        groups.setdefault((reads[0].subs(var, key_var), lo, hi), []).append((var, coeff * rest, term))
+    for (read, lo, hi), parts in groups.items():
+        if len(parts) == 1:
+            kept.append(parts[0][2])
+            continue
+        var = parts[0][0]
+        body = sympy.Add(*[part.subs(v, var) for v, part, _ in parts])
+        kept.append(sympy.Sum(read.subs(key_var, var) * body, (var, lo, hi)))
+    return sympy.Add(*kept)
+
+
 class TritonAdjointWriter(TritonRecurrentWriter):
     """Writes the Triton kernel and launcher of the recurrent form's derived backward
     (`NAME__triton_recurrent_adjoint`).
@@ -768,6 +832,14 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     without the axis) is a partial sum over the program's lanes, stored per tile ([tiles, B, T, H, ...]) and summed
     by the launcher. A cotangent without the free axis (an output or a final state without it) is seeded in the
     first tile only, so it is counted once.
+
+    Registers (issue 10: no spills at the default configs). With no free axis, a program holds whole [D0, D1]
+    params (minimal_rnn's Uh, Uz): such a param is read at each use (`streamed`: one tile live at a time, from L1)
+    and the step's sums over it are merged (`merge_sums`: dh's two passes over Uh become one); a [D0, D1] param whose
+    step gradient is a few outer products (`outer_factors`, `sum_j L_j[r] R_j[c]`) is not summed in a register
+    tile: the kernel stores L_j and R_j per step ([B, T, H, J, D0] and [B, T, H, J, D1]) and the launcher contracts
+    them over (batch, time) in one einsum, a matmul. The launch passes maxnreg = 64K registers over the program's
+    threads (at most 255): unasked, ptxas stops at 128 registers a thread at 8 warps and spills.
     """
 
     def __init__(self, analysis: Analysis, adjoint: AdjointStep):
@@ -801,8 +873,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         adj = self.adj
         updates = {n: (d.indices, fold(d.expr)) for n, d in self.a.ir.updates.items()}
 
+        # [D0, D1] params held whole by one program (no tiled axis: minimal_rnn's Uh, Uz) are read at each use
+        # rather than held through the loops: two [128, 128] float32 tiles are all of a 16-warp program's registers,
+        # while the L1-resident tile costs a load per use. The sums over one such tile are merged (`merge_sums`).
+        self.streamed = {p.name for p in self.params if len(p.dims) >= 2 and self.tile is None}
+
         def prepared(d) -> sympy.Expr:
-            return fold(split_sums(d.expr, self.ranges))
+            return fold(merge_sums(split_sums(d.expr, self.ranges), self.streamed))
 
         totals = [(d.name, d.indices, prepared(d)) for d in adj.new_states]
         previous = {n: (d.indices, prepared(d)) for n, d in adj.previous.items()}
@@ -817,6 +894,16 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         self.previous_ir = {n: (idx, self._bind(e, counts)) for n, (idx, e) in previous.items()}
         self.grads_ir = {n: (idx, self._bind(e, counts)) for n, (idx, e) in grads.items()}
         self.outputs_ir = {}
+        # [D0, D1] params whose per-step gradient is a few outer products: their factors go to memory, not a
+        # [D0, D1] register tile per param (minimal_rnn's Uh and Uz at D = 128 spilled 608-728 B). Only without
+        # a tiled axis: a program then holds every lane of both factors.
+        self.outer: dict[str, list[tuple[sympy.Expr, sympy.Expr]]] = {}
+        for p in self.params:
+            if p in self.grads and len(p.dims) == 2 and self.tile is None:
+                idx, e = self.grads_ir[p.name]
+                pairs = outer_factors(e, *idx)
+                if pairs is not None:
+                    self.outer[p.name] = pairs
 
     def _reads(self, exprs) -> set[str]:
         """The names `exprs` read, through the temporaries they read."""
@@ -843,6 +930,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for sym in self.outputs + self.inputs + self.params + self.states:
             u = _user(sym.name)
             self.grad_ptr[sym.name] = fresh(f"d{u}", f"grad_{u}")
+        # an outer-product param's gradient: its row factors [B, T, H, J, D0] and column factors [B, T, H, J, D1]
+        self.factor_ptr = {n: (fresh(f"d{_user(n)}_row", f"grad_{_user(n)}_row"),
+                               fresh(f"d{_user(n)}_col", f"grad_{_user(n)}_col")) for n in self.outer}
         for o in self.outputs:
             names[grad_name(o.name)] = fresh(f"b_d{_user(o.name)}", f"b_grad_{_user(o.name)}")
         for x in self.grads:
@@ -853,6 +943,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             names[grad_name(s.name + NEW_SUFFIX)] = fresh(f"b_d{u}_new", f"b_grad_{u}_new")
             names[grad_name(s.name) + "_prev"] = fresh(f"b_d{u}_prev", f"b_grad_{u}_prev")
         return names
+
+    def _grad_args(self) -> list[str]:
+        """The kernel's gradient arguments of the inputs and params: an outer-product param's two factor buffers."""
+        return [a for x in self.inputs + self.params
+                for a in (self.factor_ptr[x.name] if x.name in self.outer else (self.grad_ptr[x.name],))]
 
     def _spans_tile(self, sym) -> bool:
         return self.tile is not None and size_key(self.tile) in [size_key(d) for d in self._dims(sym)]
@@ -885,9 +980,15 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         self._forward_layout()
         self._prepare_adjoint()
         names = self._adjoint_names()
+        for p in self.params:
+            if p.name in self.streamed:  # printed as its load wherever the step reads it
+                u = _user(p.name)
+                names[p.name] = (f"tl.load({u} + i_h * {self._factor(p)} + {self._offsets(p)}, mask={self._mask(p)}, "
+                                 "other=0.0).to(tl.float32)")
         zero_padded = ({s.name for s in self.inputs + self.params + self.states} | self.new_names | self.carried
                        | self.out_grads)
         printer = TritonPrinter(set(self.sizes), self.ranges, names, zero_padded, self.temps)
+        printer.group_factors = bool(self.streamed)  # the sums over a streamed tile: one full-tile product each
         update_exprs = [e for _, e in self.updates.values()]
         adjoint_exprs = ([e for _, _, e in self.totals_ir] + [e for _, e in self.previous_ir.values()]
                          + [e for _, e in self.grads_ir.values()])
@@ -902,7 +1003,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         head = [_user(s.name) for s in self.inputs + self.params]
         rest = ([f"ck_{_user(s.name)}" for s in self.states] + [f"dht_{_user(s.name)}" for s in self.states]
                 + [self.grad_ptr[o.name] for o in self.outputs]
-                + [self.grad_ptr[x.name] for x in self.inputs + self.params]
+                + self._grad_args()
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
                 + ["cu_", "ck_first_"] + consts + ["B_", "T_", "TT_", "H_", "every", "NC_", "SLOTS_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
@@ -945,7 +1046,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             return f"{load}.to(tl.float32)"
 
         for p in self.params:
-            if p.name not in self.used:
+            if p.name not in self.used or p.name in self.streamed:
                 continue
             u = _user(p.name)
             if p.dims:
@@ -954,7 +1055,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             else:
                 w(f"b_{u} = tl.load({u} + i_h).to(tl.float32)")
         for p in self.params:
-            if p in self.grads:
+            if p in self.grads and p.name not in self.outer:
                 shape = f"[{', '.join(block_name(d) for d in self._dims(p))}]"
                 w(f"{names[grad_name(p.name)]} = tl.zeros({shape}, dtype=tl.float32)  # summed over the steps")
         w("# The final states' gradients (from the loss), then carried back step by step.")
@@ -1043,6 +1144,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"{names[name]} = {text}  # d loss / d {s.name} after step i_t", 3)
         for x in self.grads:
             idx, e = self.grads_ir[x.name]
+            if x.name in self.outer:
+                self._write_outer_factors(w, printer, x, idx, emitted)
+                continue
             self._write_temps_for(w, printer, e, emitted, 3)
             text = self._full(printer, e, idx)
             u = names[grad_name(x.name)]
@@ -1078,7 +1182,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             else:
                 w(f"tl.store({at}, {names[grad_name(s.name)]})")
         for p in self.params:
-            if p not in self.grads:
+            if p not in self.grads or p.name in self.outer:
                 continue
             at = f"{self.grad_ptr[p.name]} + (i_row.to(tl.int64) * H_ + i_h) * {self._factor(p)}"
             if p.dims:
@@ -1087,16 +1191,39 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 w(f"tl.store({at}, {names[grad_name(p.name)]})")
         return w.text()
 
+    def _write_outer_factors(self, w: SourceWriter, printer: TritonPrinter, p, idx, emitted: set) -> None:
+        """Store step i_t's factors of an outer-product param's gradient, `d p[r, c] = sum_j L_j[r] * R_j[c]`:
+        L_j at [b, t, h, j, :] of the row buffer, R_j of the column buffer (the launcher contracts them)."""
+        rows, cols = self.factor_ptr[p.name]
+        pairs = self.outer[p.name]
+        dims = self._dims(p)
+        u = _user(p.name)
+        for j, (left, right) in enumerate(pairs):
+            for buf, e, axis, dim, side in ((rows, left, idx[0], dims[0], "row"),
+                                            (cols, right, idx[1], dims[1], "col")):
+                self._write_temps_for(w, printer, e, emitted, 3)
+                step = "((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h)"
+                if len(pairs) > 1:
+                    step = f"({step} * {len(pairs)} + {j})"
+                at = f"{buf} + {step} * {self._size_src(dim)} + {offs_name(dim)}"
+                w(f"b_d{u}_{side}{j} = {self._full(printer, e, (axis,))}  # [{block_name(dim)}]", 3)
+                w(f"tl.store({at}, b_d{u}_{side}{j}, mask={mask_name(dim)})", 3)
+
     # -- the launcher -------------------------------------------------------------------
 
     def _adjoint_footprint(self) -> str:
         """Float32 elements a program holds through its loops: each state tile four times (S, S_new and their
-        gradients), each param and its gradient, each loop-invariant temporary."""
+        gradients), each param and its gradient (not an outer-product param's: its factors go to memory), the
+        largest param tile read at each use, each loop-invariant temporary."""
         def tile(dims) -> str:
             return " * ".join(block_name(d) for d in dims) if dims else "1"
 
         terms = [f"4 * {tile(self._dims(st))}" for st in self.states]
-        terms += [f"2 * {tile(self._dims(p))}" for p in self.params if p.name in self.used]
+        terms += [("" if p.name in self.outer else "2 * ") + tile(self._dims(p)) for p in self.params
+                  if p.name in self.used and p.name not in self.streamed]  # an outer-product param's gradient
+        streamed = sorted({tile(self._dims(p)) for p in self.params if p.name in self.used and p.name in self.streamed})
+        if streamed:  # one tile of the params read at each use is live at a time
+            terms.append(streamed[0] if len(streamed) == 1 else f"max({', '.join(streamed)})")
         terms += [tile([self.ranges[a] for a in self.temps[n][0]]) for n in self.temps
                   if self.temp_phase[n] == "prologue"]
         return " + ".join(terms) or "0"
@@ -1155,6 +1282,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
               f"{f32}){note}")
         for p in self.params:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(p))
+            if p.name in self.outer:
+                rows, cols = self.factor_ptr[p.name]
+                pairs = len(self.outer[p.name])
+                for buf, d in ((rows, self._dims(p)[0]), (cols, self._dims(p)[1])):
+                    w(f"{buf} = torch.empty((B_, T_, H_, {pairs}, {self._size_src(d)}), {f32})  # per-step factors "
+                      f"of d{_user(p.name)}")
+                continue
             w(f"{self.grad_ptr[p.name]} = torch.zeros((NT_, B_, H_{dims}), {f32})  # a part per tile and row, summed "
               "below")
         for s in self.states:
@@ -1171,12 +1305,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
         call = (args + [f"ck_{_user(s.name)}" for s in self.states] + [f"dht_{_user(s.name)}" for s in self.states]
                 + [self.grad_ptr[o.name] for o in self.outputs]
-                + [self.grad_ptr[x.name] for x in self.inputs + self.params]
+                + self._grad_args()
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
                 + ["cu_", "ck_first_"]
                 + [names[c] for c, _, _ in self.consts.values()]
                 + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
-                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
+                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages",
+                             "**_register_limit(num_warps)"])
         w("if B_ * H_ > 0:")
         w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
         w(", ".join(call) + ",", 3)
@@ -1185,7 +1320,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for x in self.inputs:
             grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else ".sum(0)"))
         for p in self.params:
-            grads.append(f"{self.grad_ptr[p.name]}.sum((0, 1))")
+            if p.name in self.outer:
+                rows, cols = self.factor_ptr[p.name]
+                grads.append(f'torch.einsum("bthjr,bthjc->hrc", {rows}, {cols})')
+            else:
+                grads.append(f"{self.grad_ptr[p.name]}.sum((0, 1))")
         finals = []
         for s in self.states:
             u = _user(s.name)
@@ -1234,6 +1373,20 @@ def _adjoint_warps(elements):
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _warps(elements)
     return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _cuda_arch() < 90 else warps
+
+
+def _register_limit(num_warps):
+    """{{"maxnreg": the registers a thread of a num_warps program may use}} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {{}} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {{}}
+    if getattr(target, "backend", None) != "cuda":
+        return {{}}
+    return {{"maxnreg": min(255, 65536 // (32 * num_warps))}}
 
 
 def _cuda_arch():

@@ -7,13 +7,16 @@ gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole 
 sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where the delta rule's backward
 (dq/dk, WY, dL and local kernels) and the linear forms' `_chunk_bwd_plain_kernel` once spilled; one recurrent
 kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64;
-rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the recurrent adjoint); and the
-key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90. Every kernel must use no
-local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's shared memory.
+rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the recurrent adjoint); the
+key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
+that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90).
+Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's shared
+memory.
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
-on two idle cores, about 50 s with the sm_80 backward calls.
+on two idle cores, about 50 s with the sm_80 backward calls; with the recurrent adjoints 72 s of CPU time (7 minutes
+of wall time on the shared machine under load, 2026-11-30).
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ CALLS = [
     ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False, 128),
     ("rwkv7", "recurrent", "sm_80", 1, 64, 2, True, 64),  # the adjoint spilled 8 B at 4 warps
     ("kda", "chunked", "sm_90", 1, 256, 2, True, 128),  # tests/data/kda.rec: the key-decay delta rule's backward
+    # The recurrent adjoints that spilled last: minimal_rnn's (its [D, D] params; 608-728 B), and on sm_90 those
+    # ptxas stopped at 128 registers at 8 warps (8-32 B) before the launcher passed maxnreg.
+    ("minimal_rnn", "recurrent", "sm_90", 1, 64, 2, True, 128),
+    ("minimal_rnn", "recurrent", "sm_80", 1, 64, 2, True, 128),
+    ("retention", "recurrent", "sm_90", 1, 64, 2, True, 128),
+    ("mamba2", "recurrent", "sm_90", 1, 64, 2, True, 128),
 ]
 
 CHILD = '''
@@ -121,5 +130,14 @@ def test_no_spills_at_default_configs():
                                                     "_triton_chunk_output_kernel"}
     assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel"}
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
-    (recurrent,) = runs[-3]["kernels"]
+    (recurrent,) = next(r for r in runs if (r["name"], r["target"]) == ("rwkv7", "sm_90"))["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]
+    adjoints = {(r["name"], r["target"]): [k for k in r["kernels"] if k["phase"] == "backward"] for r in runs
+                if r["form"] == "recurrent" and r["size"] == 128}
+    for key in [("minimal_rnn", "sm_90"), ("minimal_rnn", "sm_80"), ("retention", "sm_90"), ("mamba2", "sm_90")]:
+        (adjoint,) = adjoints[key]
+        assert adjoint["name"] == f"{key[0]}__triton_recurrent_adjoint_kernel", adjoint
+    # minimal_rnn holds its whole [128, 128] params' step in one program per (batch, head): 8 warps, and the
+    # register limit lets ptxas use 255 registers a thread (it stopped at 128 unasked)
+    assert [k["num_warps"] for k in adjoints[("minimal_rnn", "sm_90")]] == [8]
+    assert adjoints[("minimal_rnn", "sm_90")][0]["registers"] > 128
