@@ -1193,7 +1193,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
 
     def _write_outer_factors(self, w: SourceWriter, printer: TritonPrinter, p, idx, emitted: set) -> None:
         """Store step i_t's factors of an outer-product param's gradient, `d p[r, c] = sum_j L_j[r] * R_j[c]`:
-        L_j at [b, t, h, j, :] of the row buffer, R_j of the column buffer (the launcher contracts them)."""
+        L_j at [r, t, h, j, :] of the row buffer (r, t: the step's row and place in it, packed or not), R_j of the
+        column buffer (the launcher contracts them)."""
         rows, cols = self.factor_ptr[p.name]
         pairs = self.outer[p.name]
         dims = self._dims(p)
@@ -1202,7 +1203,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             for buf, e, axis, dim, side in ((rows, left, idx[0], dims[0], "row"),
                                             (cols, right, idx[1], dims[1], "col")):
                 self._write_temps_for(w, printer, e, emitted, 3)
-                step = "((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h)"
+                step = "((bos_ + i_t) * H_ + i_h)"  # the step's place in [R, T_, H_]: packed or not
                 if len(pairs) > 1:
                     step = f"({step} * {len(pairs)} + {j})"
                 at = f"{buf} + {step} * {self._size_src(dim)} + {offs_name(dim)}"
@@ -1286,7 +1287,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 rows, cols = self.factor_ptr[p.name]
                 pairs = len(self.outer[p.name])
                 for buf, d in ((rows, self._dims(p)[0]), (cols, self._dims(p)[1])):
-                    w(f"{buf} = torch.empty((B_, T_, H_, {pairs}, {self._size_src(d)}), {f32})  # per-step factors "
+                    w(f"{buf} = torch.empty((R_, T_, H_, {pairs}, {self._size_src(d)}), {f32})  # per-step factors "
                       f"of d{_user(p.name)}")
                 continue
             w(f"{self.grad_ptr[p.name]} = torch.zeros((NT_, B_, H_{dims}), {f32})  # a part per tile and row, summed "

@@ -1821,13 +1821,13 @@ def minimal_rnn__triton_recurrent_adjoint_kernel(
             b_dx = b_t4 * b_t8 * b_dh_new + b_sum9  # [BLOCK_D]
             tl.store(dx + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
             b_dUh_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
-            tl.store(dUh_row + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_row0, mask=mask_D)
+            tl.store(dUh_row + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_row0, mask=mask_D)
             b_dUh_col0 = b_h  # [BLOCK_D]
-            tl.store(dUh_col + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_col0, mask=mask_D)
+            tl.store(dUh_col + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_col0, mask=mask_D)
             b_dUz_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
-            tl.store(dUz_row + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_row0, mask=mask_D)
+            tl.store(dUz_row + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_row0, mask=mask_D)
             b_dUz_col0 = b_tanh1  # [BLOCK_D]
-            tl.store(dUz_col + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_col0, mask=mask_D)
+            tl.store(dUz_col + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_col0, mask=mask_D)
             b_t5 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
             b_dbu += b_t5
             b_sum6 = tl.sum(b_t5[:, None] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=0)  # [BLOCK_D]
@@ -1862,10 +1862,10 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     NT_ = 1  # one program per (batch, head)
     SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
     dx = torch.empty((NT_, R_, T_, H_, D), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dUh_row = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
-    dUh_col = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
-    dUz_row = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
-    dUz_col = torch.empty((B_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
+    dUh_row = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUh_col = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUz_row = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
+    dUz_col = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
     dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
