@@ -78,7 +78,7 @@ for _n, _block in enumerate(_blocks):
 
 def triton_form_names(key: str) -> list[str]:
     """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
-    Triton scan kernels take every elementwise state; the specs' coupled states are none or 2 x 2 blocks), chunked
+    Triton scan kernels take every elementwise state; the specs' coupled states are blocks of 2 to 4), chunked
     where the analysis derives it and a Triton chunked kernel exists (every chunkable class but
     diagonal-plus-rank-one)."""
     analysis = analyse(RECS[key].checked)
