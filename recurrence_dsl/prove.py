@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import sympy
 
 from .analysis import Analysis, TransitionClass
-from .step_ir import NEW_SUFFIX
+from .step_ir import NEW_SUFFIX, logsigmoid, sigmoid
 
 
 @dataclass
@@ -445,6 +445,11 @@ def _exact(e: sympy.Expr) -> sympy.Expr:
 
     e = e.replace(lambda n: isinstance(n, sympy.exp) and any(isinstance(a, sympy.Float)
                                                              for a in sympy.Add.make_args(n.args[0])), split)
+    # The analysis writes the log of a gate 1 - sigmoid(x) as logsigmoid(-x) and of sigmoid(x) as logsigmoid(x):
+    # spelled back as logs of the gates, exp(log(...)) meets the decay as the recurrence writes it.
+    e = e.replace(lambda n: isinstance(n, logsigmoid),
+                  lambda n: sympy.log(1 - sigmoid(-n.args[0])) if n.args[0].could_extract_minus_sign()
+                  else sympy.log(sigmoid(n.args[0])))
     return e.xreplace({f: _rational(f) for f in e.atoms(sympy.Float)})
 
 

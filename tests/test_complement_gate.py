@@ -1,13 +1,14 @@
 """A decay written `1 - sigmoid(x)` (the "z" gate of GRU and minGRU, Feng et al. 2024, arXiv:2410.01201, sec. 3.1)
 is a decay with the exact log decay logsigmoid(-x) (issue 12).
 
-In float32, 1 - sigmoid(x) is exactly 0 from x ~ 17 on, so a chunked form that took log(1 - sigmoid(x)) met
-log(0) and refused the call (a run-time positivity check); read as logsigmoid(-x) the log decay is finite for every
-finite x and needs no check. Here: the analysis's log decays for `1 - sigmoid(x)`, `sigmoid(x)` and products with
-exp and positive numbers; `show` prints the log decay; and a GRU-gated vector state and a GLA-like key-gated matrix
-state, their gates saturating at x = +30 (decay ~ 1e-13, 0 in float32) and x = -30 (decay 1 - 1e-13, 1 in float32)
-on some steps and channels, run every form on both backends in float32 against the float64 reference: outputs,
-final states and the gradients of every input and initial state, relative error <= 1e-5.
+In float32, 1 - sigmoid(x) is exactly 0 from x ~ 17 on, so a chunked form that took log(1 - sigmoid(x)) met log(0)
+and refused the call (a run-time positivity check); read as logsigmoid(-x) the log decay is finite for every finite
+x and needs no check. Here: the analysis's log decays (and `--prove`'s exact proof of every form) for `1 -
+sigmoid(x)`, `sigmoid(x)` and products with exp and positive numbers; `show` prints the log decay; and a GRU-gated
+vector state and a GLA-like key-gated matrix state, their gates saturating at x = +30 (decay ~ 1e-13, 0 in float32)
+and x = -30 (decay 1 - 1e-13, 1 in float32) on some steps and channels, run every form on both backends in float32
+against the float64 reference: outputs, final states and the gradients of every input and initial state, relative
+error <= 1e-5.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import recurrence_dsl
 from recurrence_dsl.analysis import _as_log, analyse
 from recurrence_dsl.explain import explain
+from recurrence_dsl.prove import prove
 from recurrence_dsl.sampling import sample_arguments
 from recurrence_dsl.step_ir import logsigmoid, sigmoid
 
@@ -69,6 +71,7 @@ def test_analysis_and_show_give_the_log_decay(name):
     source = recurrence_dsl.compile(RECS[name], backend="torch", tuning=False).source
     assert "\n    _require_positive(" not in source  # no run-time check of the decay
     shown = explain(analysis)  # what `recdsl show` prints for the analysis
+    assert all(r.proved for r in prove(analysis))  # --prove: every form equals the recurrence, exactly
     axis = "value" if name == "zgru" else "key"
     index = "b" if name == "zgru" else "a"
     assert f"log decay ({axis}) g_t[{index}] = logsigmoid(-{gate}[{index}])\n" in shown, shown

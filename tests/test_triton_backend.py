@@ -79,7 +79,7 @@ for _n, _block in enumerate(_blocks):
 
 def triton_form_names(key: str) -> list[str]:
     """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
-    Triton scan kernels take every elementwise state; the specs' coupled states are none or 2 x 2 blocks), chunked
+    Triton scan kernels take every elementwise state; the specs' coupled states are blocks of 2 to 4), chunked
     where the analysis derives it and a Triton chunked kernel exists (every chunkable class; diagonal-plus-rank-one
     where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7)."""
     analysis = analyse(RECS[key].checked)
