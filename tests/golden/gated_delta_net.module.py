@@ -1554,7 +1554,7 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):
+def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
@@ -1564,8 +1564,19 @@ def _check_steps(values, log_decays):
         return
     bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
-        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
-        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+        if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
+            g, head = x
+            dims = [d for d in range(g.dim()) if d not in (1, 2)]
+            head = head.reshape(-1)
+            # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
+            # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
+            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            bad = bad | ~(hi.amax(dim=-1) <= 0)
+            continue
+        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        dims = [d for d in range(x.dim()) if d != 1]
+        hi = x.amax(dim=dims)
+        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)
@@ -1610,10 +1621,12 @@ def _triton_decay(g_to, g_from):
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
+    HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
+    prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1624,7 +1637,10 @@ def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    if HEAD:
+        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * tl.load(gh + i_h).to(tl.float32)).to(tl.float64)
+    else:
+        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     b_gc = tl.cumsum(b_g, axis=0)
     tl.store(gc + offs, b_gc, mask=m)
@@ -1633,10 +1649,11 @@ def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl
 
 
 @triton.jit
-def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     PREC: tl.constexpr):
-    """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
+                     PREC: tl.constexpr, VSTEP: tl.constexpr):
+    """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y.
+    VSTEP (a fused prologue): y_t is vs[t] * y[t] (gated DeltaNet's beta * v), scaled as it is loaded."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1679,6 +1696,8 @@ def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K
         m = m_t[:, None] & (o_v < V)[None, :]
         offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_y = b_y * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
 
@@ -1819,10 +1838,15 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constex
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, VSTEP: tl.constexpr, SKIP: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+
+    The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
+    as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
+    constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
+    D * x)."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1855,7 +1879,12 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
+    b_o = b_o * scale
+    if SKIP:
+        b_o += tl.load(sw + i_h).to(tl.float32) * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -1964,16 +1993,18 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     return KB, BK // KB
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None):
     """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
-    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
+    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
     eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
     _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
-        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        head is not None,
         num_warps=_triton_or(num_warps, _WARPS))
     return gc, eg
 
@@ -1998,15 +2029,18 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages) -> None:
+                  num_stages, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G))."""
+    exp(G)); fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    f = fused if fused is not None else _triton_NOT_FUSED
+    vs = f.v_step
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, T, H, K, V, BT, BK, BV, decay,
-        exclusive, prec, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
-        num_stages=_triton_or(num_stages, _STAGES))
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, vs if vs is not None else o,
+        f.skip if f.skip is not None else o, f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V,
+        BT, BK, BV, decay, exclusive, prec, vs is not None, f.skip is not None,
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2024,28 +2058,106 @@ class triton_ScalarDecay:
     delta_backward = True
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        return _triton_cumsum(log_decay, 1, BT, num_warps)
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _triton_cumsum(log_decay, 1, BT, num_warps, head=head)
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
-        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages)
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, fused=None):
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages, fused)
 
 
-def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
-                         num_stages)
+                         num_stages, fused)
         outs.append(o)
     return outs
+
+
+class _triton_Fused:
+    """The per-step prologue and the readout's epilogue of a spec, applied by the kernels at their loads and
+    stores instead of as [B, T, H, ...] torch tensors (the issue's "prologue fused into the kernels", done here as
+    runtime kernel arguments, not yet as printed @triton.jit helpers):
+
+      v_step [B, T, H]      a per-step scalar factor of the update k_t v_t^T (gated DeltaNet's beta * v, Mamba2's
+                            dt * B), applied to the rows of v (of y in the delta rule) as they are loaded;
+      decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
+                            applied by the cumulative-sum kernel;
+      scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
+      skip [B, T, H, V], skip_weight [H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+
+    One query only (the epilogue belongs to its output); not with a value decay."""
+
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+        self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
+        self.skip, self.skip_weight = skip, skip_weight
+
+    @property
+    def epilogue(self) -> bool:
+        return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    def tensors(self) -> list:
+        return [self.v_step, self.decay_head, self.skip, self.skip_weight]
+
+
+_triton_NOT_FUSED = _triton_Fused()
+
+
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int):
+    """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None:
+        return None
+    if (scale != 1.0 or skip is not None) and len(queries) != 1:
+        raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
+    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
+        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
+    if decay_head is not None:
+        decay_head = decay_head.reshape(-1)
+        if decay_head.numel() != H:
+            raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
+    if (skip is None) != (skip_weight is None):
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
+    if skip_weight is not None:
+        skip_weight = skip_weight.reshape(-1)
+        if skip_weight.numel() != H:
+            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
+
+
+def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
+    """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
+    v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = (dv * v.float()).sum(-1)
+        dv = dv * fused.v_step.float()[..., None]
+    if fused.decay_head is not None and dlog is not None:
+        shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
+        ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
+        dlog = dlog * fused.decay_head.float().view(shape)
+    if fused.skip is not None and grads_out is not None:
+        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
+    return dv, dlog, dvs, ddh, dskip, dsw
+
+
+def _triton_materialise(fused, v, log_decay):
+    """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
+    if fused.decay_head is not None and log_decay is not None:
+        log_decay = log_decay * fused.decay_head.view((1, 1, -1) + (1,) * (log_decay.dim() - 3)).to(log_decay.dtype)
+    return v, log_decay
 
 
 def _triton_empty_result(queries, k, v, initial_state, output_final_state):
@@ -2090,30 +2202,41 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None, cu_seqlens=None):
+                     allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                     skip_weight=None):
     """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDeltaDecay; triton_KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (triton_chunked_delta does
     that). Under autograd (an input requiring grad) it is `_triton_ChunkedDeltaFunction`, differentiated by Triton
     kernels; a class whose `delta_backward` is False raises NotImplementedError there.
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for triton_chunked_linear_by
-    (a zero step, beta = 0 and k = 0, is the identity of the delta step too)."""
+    (a zero step, beta = 0 and k = 0, is the identity of the delta step too).
+
+    v_step, decay_head, scale, skip, skip_weight: the fused prologue and epilogue, as for triton_chunked_linear_by (the
+    values are y_t = v_step_t * y_t, gated DeltaNet's beta * v, applied by the WY kernel)."""
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32)
+    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if cu_seqlens is None:
-        return _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, **options)
+        return _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, fused=fused,
+                         **options)
     packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
+    if fused is not None:
+        fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
+                       fused.skip_weight)
     outs, ht = _triton_delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
                          packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
-                         **options)
+                         fused=fused, **options)
     return [packed.unpad(o) for o in outs], ht
 
 
 def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
-              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
-    """triton_chunked_delta_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
+              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, fused=None):
+    """triton_chunked_delta_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed); fused: a
+    `_triton_Fused` or None."""
+    f = fused if fused is not None else _triton_NOT_FUSED
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -2122,22 +2245,27 @@ def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, o
     if T == 0:
         return _triton_empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
+                                       for x in [k, y, beta, log_decay, initial_state] + f.tensors()
+                                       + [q for q, _ in queries]):
         if not decay_cls.delta_backward:
             raise NotImplementedError(f"triton_chunked_delta_by({decay_cls.__name__}) has no Triton backward yet (a key "
                                       "decay's is triton_KeyDeltaDecay); call it under torch.no_grad() and differentiate "
                                       "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
-        *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
-                                                log_decay, initial_state, *[q for q, _ in queries])
+        *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, f.scale, k, y,
+                                                beta, log_decay, initial_state, *f.tensors(),
+                                                *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages, packed)
-    outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
+                                           BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
+    if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
+        fused = _triton_Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+    outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht
 
 
@@ -2469,21 +2597,22 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages, packed=None):
+                  num_warps, num_stages, packed=None, v_step=None, decay_head=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
-    state (or None). k, y, beta contiguous."""
+    state (or None). k, y, beta contiguous; v_step [B, T, H] contiguous and decay_head [H]: fused (`_triton_Fused`)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     NT = triton.cdiv(T, BT)
     KB = _triton_delta_blocks(BK)[0]
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=decay_head)  # None without a decay
     Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _triton_delta_wy_kernel[(NT, B * H)](
-        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u, T,
-        H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_triton_or(num_warps, _WARPS),
+        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
+        v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
+        num_warps=_triton_or(num_warps, _WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)
@@ -2595,23 +2724,33 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
     that recomputes the chunk-start states from the saved inputs (nothing per step or per chunk is saved)."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusives, options, scale, k, y, beta, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
         queries = list(zip(qs, exclusives))
-        outs, ht = _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, **options)
-        ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
-        ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
+        fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight)
+        outs, ht = _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, fused=fused, **options)
+        ctx.save_for_backward(k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.decay_cls, ctx.exclusives, ctx.options, ctx.scale = decay_cls, exclusives, options, scale
         return (*outs, ht)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, y, beta, log_decay, initial_state, *qs = ctx.saved_tensors
+        k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # as _triton_ChunkedLinearFunction: the backward on the materialised prologue, then the chain rule (`_triton_unfuse`)
+        y_m, log_m = _triton_materialise(fused, y, log_decay)
+        dos = [None if g is None else g * ctx.scale for g in grads[:-1]] if ctx.scale != 1.0 else list(grads[:-1])
         dqs, dk, dy, dbeta, dg, dS0 = _triton_delta_backward(
-            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y, beta, log_decay, initial_state, list(grads[:-1]),
+            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y_m, beta, log_m, initial_state, dos,
             grads[-1], **ctx.options)
-        return (None, None, None, dk.to(k.dtype), dy.to(y.dtype), dbeta.to(beta.dtype),
-                None if log_decay is None else dg.to(log_decay.dtype),
-                None if initial_state is None else dS0.to(initial_state.dtype),
-                *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
+        dy, dg, dvs, ddh, dskip, dsw = _triton_unfuse(fused, y, log_decay, grads[0] if qs else None, dy, dg)
+
+        def cast(grad, like):
+            return None if grad is None or like is None else grad.to(like.dtype)
+
+        return (None, None, None, None, dk.to(k.dtype), dy.to(y.dtype), dbeta.to(beta.dtype), cast(dg, log_decay),
+                cast(dS0, initial_state), cast(dvs, v_step), cast(ddh, decay_head), cast(dskip, skip),
+                cast(dsw, skip_weight), *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
 
 
 def _triton_block(n, given, what):
@@ -3001,14 +3140,16 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # state S (gated_delta_net.rec:11,12): rank-one-update; S is updated by (I - beta k k^T) D with beta = beta, k = k[i], D = exp(g)
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
+    v_step_S = torch.broadcast_to(beta, (B_, T_, H_))  # a factor of k v^T
     k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # gated_delta_net.rec:11,12
-    v_S = torch.broadcast_to(beta[..., None] * v, (B_, T_, H_, V))  # gated_delta_net.rec:11,12
+    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # gated_delta_net.rec:11,12
     log_decay_S = torch.broadcast_to(g, (B_, T_, H_))  # gated_delta_net.rec:11,12
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # gated_delta_net.rec:13
     beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # gated_delta_net.rec:11,12
-    _check_steps([query_read_S, k_S, v_S, beta_S], [log_decay_S])
-    (read_S,), final_S = triton_chunked_delta_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, beta_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # gated_delta_net.rec:13
+    _check_steps([query_read_S, k_S, v_S, beta_S, v_step_S], [log_decay_S])
+    (read_S,), final_S = triton_chunked_delta_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, beta_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_S, scale=(K**(-0.5)), **options)
+    o = read_S  # gated_delta_net.rec:13, its epilogue in the kernels
     return {'o': o}, {'S': final_S}
 
 

@@ -1775,7 +1775,7 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):
+def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
@@ -1785,8 +1785,19 @@ def _check_steps(values, log_decays):
         return
     bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
-        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
-        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+        if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
+            g, head = x
+            dims = [d for d in range(g.dim()) if d not in (1, 2)]
+            head = head.reshape(-1)
+            # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
+            # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
+            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            bad = bad | ~(hi.amax(dim=-1) <= 0)
+            continue
+        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        dims = [d for d in range(x.dim()) if d != 1]
+        hi = x.amax(dim=dims)
+        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)
@@ -1830,10 +1841,12 @@ def _triton_decay(g_to, g_from):
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
+    HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
+    prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1844,7 +1857,10 @@ def _triton_cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    if HEAD:
+        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * tl.load(gh + i_h).to(tl.float32)).to(tl.float64)
+    else:
+        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     b_gc = tl.cumsum(b_g, axis=0)
     tl.store(gc + offs, b_gc, mask=m)
@@ -1947,14 +1963,17 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                        VSTEP: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
     VARLEN (packed sequences, `_triton_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
+    VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
+    as it is loaded.
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1980,6 +1999,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr,
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
         b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
         b_v = b_v * _triton_decay(b_gl[None, :], b_g)
@@ -1996,10 +2017,15 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr,
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key."""
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, VSTEP: tl.constexpr, SKIP: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+
+    The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
+    as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
+    constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
+    D * x)."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2037,7 +2063,12 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, T, H: tl.constexpr, K:
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
+    b_o = b_o * scale
+    if SKIP:
+        b_o += tl.load(sw + i_h).to(tl.float32) * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -2207,16 +2238,18 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     return KB, BK // KB
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None):
     """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
-    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
+    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
     eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
     _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
-        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        head is not None,
         num_warps=_triton_or(num_warps, _WARPS))
     return gc, eg
 
@@ -2233,9 +2266,10 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None):
+                  num_stages, packed=None, v_step=None):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
-    `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V]."""
+    `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
+    v_step: a per-step factor [B, T, H] of v (fused), or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -2245,9 +2279,9 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
-        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, BK, BV, decay, h0 is not None,
-        ht is not None, prec, packed is not None, num_warps=_triton_or(num_warps, _WARPS),
-        num_stages=_triton_or(num_stages, _STAGES))
+        packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
@@ -2266,11 +2300,13 @@ class triton_ValueDecay:
     delta_backward = False
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        return _triton_cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _triton_cumsum(log_decay, log_decay.shape[3], BT, num_warps, head=head)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, fused=None):
+        if fused is not None and fused.epilogue:
+            raise NotImplementedError("the value-decay output kernel takes no fused prologue or epilogue")
         B, T, H, K = k.shape
         V = v.shape[-1]
         A = _triton_intra_attn(q, k, None, 3, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
@@ -2279,16 +2315,94 @@ class triton_ValueDecay:
             num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
-def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
-                         num_stages)
+                         num_stages, fused)
         outs.append(o)
     return outs
+
+
+class _triton_Fused:
+    """The per-step prologue and the readout's epilogue of a spec, applied by the kernels at their loads and
+    stores instead of as [B, T, H, ...] torch tensors (the issue's "prologue fused into the kernels", done here as
+    runtime kernel arguments, not yet as printed @triton.jit helpers):
+
+      v_step [B, T, H]      a per-step scalar factor of the update k_t v_t^T (gated DeltaNet's beta * v, Mamba2's
+                            dt * B), applied to the rows of v (of y in the delta rule) as they are loaded;
+      decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
+                            applied by the cumulative-sum kernel;
+      scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
+      skip [B, T, H, V], skip_weight [H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+
+    One query only (the epilogue belongs to its output); not with a value decay."""
+
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+        self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
+        self.skip, self.skip_weight = skip, skip_weight
+
+    @property
+    def epilogue(self) -> bool:
+        return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    def tensors(self) -> list:
+        return [self.v_step, self.decay_head, self.skip, self.skip_weight]
+
+
+_triton_NOT_FUSED = _triton_Fused()
+
+
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int):
+    """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None:
+        return None
+    if (scale != 1.0 or skip is not None) and len(queries) != 1:
+        raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
+    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
+        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
+    if decay_head is not None:
+        decay_head = decay_head.reshape(-1)
+        if decay_head.numel() != H:
+            raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
+    if (skip is None) != (skip_weight is None):
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
+    if skip_weight is not None:
+        skip_weight = skip_weight.reshape(-1)
+        if skip_weight.numel() != H:
+            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
+
+
+def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
+    """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
+    v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = (dv * v.float()).sum(-1)
+        dv = dv * fused.v_step.float()[..., None]
+    if fused.decay_head is not None and dlog is not None:
+        shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
+        ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
+        dlog = dlog * fused.decay_head.float().view(shape)
+    if fused.skip is not None and grads_out is not None:
+        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
+    return dv, dlog, dvs, ddh, dskip, dsw
+
+
+def _triton_materialise(fused, v, log_decay):
+    """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
+    if fused.decay_head is not None and log_decay is not None:
+        log_decay = log_decay * fused.decay_head.view((1, 1, -1) + (1,) * (log_decay.dim() - 3)).to(log_decay.dtype)
+    return v, log_decay
 
 
 def _triton_empty_result(queries, k, v, initial_state, output_final_state):
@@ -2309,7 +2423,8 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                      allow_tf32=None, cu_seqlens=None):
+                      allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                      skip_weight=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -2319,13 +2434,22 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
-    is [N, H, K, V]. The kernel launches are the same for any N (`_triton_Packed`)."""
+    is [N, H, K, V]. The kernel launches are the same for any N (`_triton_Packed`).
+
+    The spec's prologue and epilogue, fused into the kernels (`_triton_Fused`; one query, no value decay): v_step
+    [B, T, H] (the update is k_t (v_step_t v_t)^T), decay_head [H] (the log decays are log_decay * decay_head),
+    scale (the output is scale * o) and skip [B, T, H, V] with skip_weight [H] (plus skip_weight[h] * skip_t).
+    Their gradients come from the unfused backward's by the chain rule (`_triton_unfuse`). ValueError for a bad one."""
+    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
             initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
         k, v, log_decay = packed.pad(k), packed.pad(v), packed.pad(log_decay)
         queries = [(packed.pad(q), e) for q, e in queries]
+        if fused is not None:
+            fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
+                           fused.skip_weight)
     else:
         packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -2334,15 +2458,16 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     if k.shape[1] == 0:
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
-    tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
+    f = fused if fused is not None else _triton_NOT_FUSED
+    tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state,
-                                            *[q for q, _ in queries])
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, k, v, log_decay,
+                                            initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                      initial_state, output_final_state, cfg, packed)
+                                      initial_state, output_final_state, cfg, packed, fused)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -2561,14 +2686,19 @@ def _triton_dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.conste
     tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
 
 
-def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None):
+def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
+                    fused=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None."""
+    num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    f = fused if fused is not None else _triton_NOT_FUSED
+    vs = None if f.v_step is None else f.v_step.contiguous()
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed)
-    outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+                          num_stages, packed, vs)
+    if fused is not None:
+        fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+    outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
 
@@ -2577,31 +2707,41 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, k, v, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
+        fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg, packed)
+                                      cfg, packed, fused)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
-        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
-        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed = decay_cls, exclusive, cfg, packed
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
+                              *saved_outs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
         return (*outs, ht)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
+        k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
-        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
-                                                  initial_state, h, ht, outs, grads[:nq], grads[nq], ctx.packed)
+        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
+        # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back.
+        v_m, log_m = _triton_materialise(fused, v, log_decay)
+        dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
+        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
+        dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, cast(dk, k, 4), cast(dv, v, 5), cast(dlog, log_decay, 6),
-                cast(dh0, initial_state, 7), *(cast(dq, q, 8 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
+                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
+                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
@@ -2650,7 +2790,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                do, do, k, gc, eg, hT, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
