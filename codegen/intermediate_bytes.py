@@ -74,8 +74,10 @@ class IntermediateReport:
         return {"total": self.total, "by_phase": dict(self.by_phase), "tensors": [r.as_dict() for r in self.rows]}
 
 
-def _site(depth_limit: int = 60) -> str | None:
-    """The call's innermost frame outside torch and this file, as `fn (file:line): source`; None inside Triton."""
+def _site(depth_limit: int = 80) -> str | None:
+    """The call's innermost frame outside torch and this file, as `fn (file:line): source`; None inside a Triton
+    launch; the autograd engine's own work (gradient casts and sums it makes between the call's backward
+    functions) when the backward reaches `measure` first."""
     frame = sys._getframe(2)
     chosen = None
     for _ in range(depth_limit):
@@ -84,8 +86,11 @@ def _site(depth_limit: int = 60) -> str | None:
         name = frame.f_code.co_filename
         if _TRITON_DIR and name.startswith(_TRITON_DIR):
             return None  # inside a Triton launch (the interpreter's argument copies)
-        if chosen is None and not name.startswith(_TORCH_DIR) and str(Path(name).resolve()) != _THIS:
+        if frame.f_code is measure.__code__:
+            return "(autograd engine: gradient casts and accumulation between the call's backward functions)"
+        if not name.startswith(_TORCH_DIR) and str(Path(name).resolve()) != _THIS:
             chosen = frame
+            break
         frame = frame.f_back
     if chosen is None:
         return "(torch internals)"
@@ -139,11 +144,11 @@ def _flat(x) -> list[torch.Tensor]:
     return []
 
 
-def measure(fn, inputs: list[torch.Tensor], *, backward: bool = False) -> IntermediateReport:
+def measure(fn, inputs: list[torch.Tensor], *, backward: bool = False, before_backward=None) -> IntermediateReport:
     """Intermediate bytes of `fn()` (it returns its outputs and final states, any nesting of tensors); `inputs`:
     the tensors it reads (their storages are not counted). backward: also run a backward pass from the outputs
     that require grad (seeded with ones made outside the count) and count its allocations, less the gradients
-    handed to `inputs`."""
+    handed to `inputs`; `before_backward()` is called just before it."""
     known = {k for k in map(_storage_key, inputs) if k is not None}
     counter = _Counter(known)
     with counter:
@@ -153,6 +158,8 @@ def measure(fn, inputs: list[torch.Tensor], *, backward: bool = False) -> Interm
         outs = [t for t in _flat(result) if t.requires_grad]
         seeds = [torch.ones_like(t) for t in outs]  # outside the count: the caller's gradient, not the call's
         counter.phase = "backward"
+        if before_backward is not None:
+            before_backward()
         with counter:
             torch.autograd.backward(outs, seeds)
         kept |= {k for k in (_storage_key(x.grad) for x in inputs if x.grad is not None) if k is not None}
