@@ -856,6 +856,8 @@ class TorchFormWriter:
                 self._write_rank_r(w, printer, view, s.name, sa, readout_names)
                 continue
             fuse = self._fusion(view, s, sa, printer)
+            if fuse and not (fuse["v_step"] or fuse.get("decay_head") or fuse.get("out")):
+                fuse = None  # nothing to hand to the kernels: the plain call
             k_expr, v_expr = (fuse["k"], fuse["v"]) if fuse else (plan.k.expr, plan.v and plan.v.expr)
             fused_args, fused_checks = "", []
             if fuse:

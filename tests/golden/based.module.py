@@ -3548,7 +3548,6 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     (read_S0,), final_S0 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S0, False)], k_S0, v_S0, None, initial_state=states['S0'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_S0 = final_S0[..., 0, :]  # without the size-1 key axis
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
-    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_S1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:17
     v_S1 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:17
     query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
@@ -3581,7 +3580,6 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     final_z1 = final_z1[..., 0]
     read_z1 = read_z1[..., 0]
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
-    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
     v_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
     query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24

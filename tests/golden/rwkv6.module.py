@@ -3439,7 +3439,6 @@ def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options)
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # state S (rwkv6.rec:13): diagonal-row; row i of S is scaled by exp(w[i])
-    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv6.rec:13
     v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv6.rec:13
     log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv6.rec:13
