@@ -1793,7 +1793,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, 
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        b_o += tl.load(sw + i_h).to(tl.float32) * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 

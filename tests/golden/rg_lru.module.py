@@ -1858,7 +1858,8 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     if HEAD:
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * tl.load(gh + i_h).to(tl.float32)).to(tl.float64)
+        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
+        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
     else:
         b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
@@ -2068,7 +2069,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, 
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        b_o += tl.load(sw + i_h).to(tl.float32) * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
