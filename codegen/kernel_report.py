@@ -434,11 +434,33 @@ def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", for
     summed) and report its launches with phase "backward". Raises ValueError for a bad call or config,
     KernelReportError when no report can be made.
     """
+    return _report_call(layer, args, kwargs, target=target, form=form, chunk_size=chunk_size, config=config,
+                        backward=backward)[0]
+
+
+def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, backward, count=False):
+    """(kernels, IntermediateReport or None): `report_call`, and with `count` the bytes of intermediate tensors
+    the same call allocates (`codegen.intermediate_bytes.measure`, counted in the same compile-only block)."""
     _check_not_interpreted(sys.modules[type(layer).__module__])
     if backward:
         args = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
+    counted = None
     with compile_only(target) as launches:
-        if backward:
+        if count:
+            from .intermediate_bytes import measure
+
+            inputs = [a for a in args if torch.is_tensor(a)]
+            inputs += [v for v in (kwargs or {}).values() if torch.is_tensor(v)]
+
+            def call():
+                return run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
+
+            def to_backward():
+                launches.phase = "backward"
+
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                counted = measure(call, inputs, backward=backward, before_backward=to_backward)
+        elif backward:
             result = run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
             launches.phase = "backward"
             outputs = [t for t in _tensors(result) if t.requires_grad]
@@ -447,7 +469,7 @@ def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", for
         else:
             with torch.no_grad():
                 run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
-    return launches.kernels()
+    return launches.kernels(), counted
 
 
 def _tensors(result) -> list:
@@ -463,11 +485,13 @@ def _tensors(result) -> list:
 def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads: int, *,
                       dtype: torch.dtype = torch.bfloat16, target: str | Target = "sm_90", form: str = "auto",
                       chunk_size: int | None = None, config: dict | None = None, backward: bool = False,
-                      seed: int = 0) -> list[KernelReport]:
+                      seed: int = 0, intermediates: bool = False):
     """`report_call` on a recurrence's layer (its generated module, no tuning lookup) with arguments drawn by
     `recurrence_dsl.sampling.sample_arguments` (seeded, stable) at [batch, length, heads] and spec `sizes`.
 
-    rec: a Recurrence, CheckedRecurrence or Analysis."""
+    rec: a Recurrence, CheckedRecurrence or Analysis. intermediates: return (kernels, IntermediateReport), the
+    bytes of intermediate tensors the call allocates (its final states asked for, so they are outputs) counted in
+    the same compile-only block (`codegen.intermediate_bytes`); else the list of kernels."""
     from recurrence_dsl.analysis import Analysis, analyse
     from recurrence_dsl.sampling import sample_arguments
 
@@ -481,6 +505,9 @@ def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads
     args, _ = sample_arguments(checked, {s: int(sizes[s]) for s in checked.sizes}, batch, length, heads,
                                dtype=torch.float64, seed=seed)
     args = [a.to(dtype) for a in args]
+    if intermediates:
+        return _report_call(load_layer(analysis), args, {"output_final_state": True}, target=target, form=form,
+                            chunk_size=chunk_size, config=config, backward=backward, count=True)
     return report_call(load_layer(analysis), args, target=target, form=form, chunk_size=chunk_size,
                        config=config, backward=backward)
 

@@ -150,6 +150,91 @@ class TorchFormWriter:
         """`expr` as a [B, T, H, *sym_dims] tensor."""
         return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {self._dim(d)}' for d in sym_dims)})")
 
+    # -- the chunked Triton form's fused prologue and epilogue -------------------------------------------
+
+    def _scalar_step(self, e: sympy.Expr) -> bool:
+        """e is a product of scalar inputs, scalar params and numbers/sizes with at least one scalar input: a
+        per-step scalar [B, T, H] (`dt`, `beta`)."""
+        scalar_inputs = {i.name for i in self.rec.inputs if not i.dims}
+        scalar_params = {p.name for p in self.rec.params if not p.dims}
+        if e.atoms(sympy.Indexed):
+            return False
+        names = {str(x) for x in e.free_symbols}
+        return bool(names & scalar_inputs) and names <= scalar_inputs | scalar_params | self.sizes and e.is_Mul
+
+    def _split_step(self, expr: sympy.Expr, index) -> tuple[sympy.Expr, sympy.Expr | None] | None:
+        """(leaf, factor) when expr = factor * leaf, leaf an input indexed by `index` alone and factor a per-step
+        scalar (`_scalar_step`; None when expr is the leaf itself); None for any other expression."""
+        inputs = {i.name for i in self.rec.inputs}
+        factors = sympy.Mul.make_args(expr)
+        leaves = [f for f in factors if isinstance(f, sympy.Indexed)]
+        if len(leaves) != 1 or str(leaves[0].base) not in inputs or tuple(leaves[0].indices) != tuple(index):
+            return None
+        rest = sympy.Mul(*[f for f in factors if f is not leaves[0]])
+        if rest == 1:
+            return leaves[0], None
+        single = len(sympy.Mul.make_args(rest)) == 1 and str(rest) in {i.name for i in self.rec.inputs if not i.dims}
+        return (leaves[0], rest) if single or self._scalar_step(rest) else None
+
+    def _fusion(self, view, s, sa, printer) -> dict | None:
+        """What the Triton runtime applies in its kernels for state `s` (`triton_runtime._Fused`): {"k", "v" (the
+        leaves printed instead of the products), "v_step" (source of the per-step factor), "log_decay" and
+        "decay_head" (a scalar log decay `input * param`), "scale", "skip", "skip_weight" (an output
+        `scale * read + weight * input`, for the state's one readout, `out`: that output's name)}; None when the
+        plan is not of that shape (then the prologue and epilogue stay torch tensors)."""
+        plan = sa.chunk
+        if (not self.options or plan.pair or plan.v is None or s.name in view.transposed
+                or view.lifted.get(s.name) or sa.cls not in (TransitionClass.IDENTITY, TransitionClass.SCALAR,
+                                                              TransitionClass.DIAGONAL_ROW,
+                                                              TransitionClass.RANK_ONE_UPDATE)
+                or plan.decay_axis == "value"):
+            return None
+        ks = self._split_step(plan.k.expr, plan.k.indices)
+        vs = self._split_step(plan.v.expr, plan.v.indices)
+        if ks is None or vs is None:
+            return None
+        if sa.cls is TransitionClass.RANK_ONE_UPDATE and ks[1] is not None:
+            return None  # the delta rule's k enters its K K^T as well: only the values take a factor
+        factor = sympy.Mul(*[f for f in (ks[1], vs[1]) if f is not None])
+        out = {"k": ks[0], "v": vs[0], "v_step": None if factor == 1 else printer.print_expr(factor, ())}
+        if plan.log_decay is not None and plan.decay_axis == "scalar":
+            parts = sympy.Mul.make_args(plan.log_decay.expr)
+            inputs = [f for f in parts if str(f) in {i.name for i in self.rec.inputs if not i.dims}]
+            params = [f for f in parts if str(f) in {p.name for p in self.rec.params if not p.dims}]
+            if len(parts) == 2 and len(inputs) == 1 and len(params) == 1:
+                out["log_decay"], out["decay_head"] = inputs[0], self.py[str(params[0])]
+        # the epilogue: the one output reads this state's one readout as scale * read (+ weight * input)
+        if len(plan.readouts) == 1 and len(self.rec.outputs) == 1 and len(self.rec.states) == 1:
+            o = self.rec.outputs[0]
+            oa = view.outputs[o.name]
+            read = plan.readouts[0].name
+            terms = sympy.Add.make_args(sympy.expand(oa.expr))
+            scale, skip = None, None
+            for t in terms:
+                hits = [a for a in t.atoms(sympy.Indexed) if str(a.base) == read]
+                if hits:
+                    coeff = sympy.simplify(t / hits[0])
+                    if (len(hits) != 1 or tuple(hits[0].indices) != tuple(oa.indices) or scale is not None
+                            or not is_constant(coeff, self.sizes)):
+                        return out
+                    scale = coeff
+                else:  # weight * input: one scalar param times an input indexed as the output
+                    factors = sympy.Mul.make_args(t)
+                    leaf = [f for f in factors if isinstance(f, sympy.Indexed)]
+                    weight = [f for f in factors if str(f) in {p.name for p in self.rec.params if not p.dims}]
+                    if (skip is not None or len(factors) != 2 or len(leaf) != 1 or len(weight) != 1
+                            or str(leaf[0].base) not in {i.name for i in self.rec.inputs}
+                            or tuple(leaf[0].indices) != tuple(oa.indices)):
+                        return out
+                    skip = (leaf[0], self.py[str(weight[0])])
+            if scale is None or tuple(o.dims) != (s.dims[-1],):
+                return out
+            out["out"] = o.name
+            out["scale"] = printer.print_expr(scale, ()) if scale != 1 else None
+            if skip is not None:
+                out["skip"], out["skip_weight"] = printer.print_expr(skip[0], oa.indices), skip[1]
+        return out
+
     def _header(self, w: SourceWriter, form: str, extra: str = "") -> None:
         w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
 
@@ -781,6 +866,7 @@ class TorchFormWriter:
         printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
         view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
         readout_names = dict(self.py)
+        epilogue_done: dict[str, str] = {}  # outputs the kernels store whole (a fused epilogue) -> their tensor
         for s in self.rec.states:
             sa = view.states[s.name]
             plan = sa.chunk
@@ -797,9 +883,21 @@ class TorchFormWriter:
             if sa.cls is TransitionClass.RANK_R_UPDATE:
                 self._write_rank_r(w, printer, view, s.name, sa, readout_names)
                 continue
-            w(f"k_{s.name} = {self._full(printer, plan.k.expr, plan.k.indices, kdims)}{flat}  # {self.cite[s.name]}")
+            fuse = self._fusion(view, s, sa, printer)
+            if fuse and not (fuse["v_step"] or fuse.get("decay_head") or fuse.get("out")):
+                fuse = None  # nothing to hand to the kernels: the plain call
+            k_expr, v_expr = (fuse["k"], fuse["v"]) if fuse else (plan.k.expr, plan.v and plan.v.expr)
+            fused_args, fused_checks = "", []
+            if fuse:
+                w("# the prologue's per-step factors and the readout's epilogue are applied inside the kernels "
+                  "(triton_runtime._Fused)")
+                if fuse["v_step"]:
+                    w(f"v_step_{s.name} = torch.broadcast_to({fuse['v_step']}, (B_, T_, H_))  # a factor of k v^T")
+                    fused_args += f", v_step=v_step_{s.name}"
+                    fused_checks.append(f"v_step_{s.name}")
+            w(f"k_{s.name} = {self._full(printer, k_expr, plan.k.indices, kdims)}{flat}  # {self.cite[s.name]}")
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer, plan.v.expr, plan.v.indices, (dims[-1],))}  "
+                w(f"v_{s.name} = {self._full(printer, v_expr, plan.v.indices, (dims[-1],))}  "
                   f"# {self.cite[s.name]}")
                 state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
                 if plan.pair:
@@ -818,10 +916,15 @@ class TorchFormWriter:
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
-                log_decay = self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape[plan.decay_axis])
+                head = fuse.get("decay_head") if fuse else None
+                g_expr = fuse["log_decay"] if head else plan.log_decay.expr
+                log_decay = self._full(printer, g_expr, plan.log_decay.indices, shape[plan.decay_axis])
                 log_decay += flat if plan.decay_axis == "key" else ""
-                w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}")
+                w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}"
+                  + (f"; times {head} per head in the kernels" if head else ""))
                 decay = f"log_decay_{s.name}"
+                if head:
+                    fused_args += f", decay_head={head}"
             queries = []
             for n, r in enumerate(plan.readouts):
                 # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
@@ -834,8 +937,16 @@ class TorchFormWriter:
                 checked += [f"a_{s.name}", f"b_{s.name}"]
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 checked.append(f"beta_{s.name}")
+            checked += fused_checks
+            if fuse and fuse.get("out"):
+                if fuse.get("scale"):
+                    fused_args += f", scale={fuse['scale']}"
+                if fuse.get("skip"):
+                    fused_args += f", skip={fuse['skip']}, skip_weight={fuse['skip_weight']}"
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
-            check = f"_check_steps([{', '.join(checked)}], [{'' if decay == 'None' else decay}])"
+            logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
+                                               else decay)
+            check = f"_check_steps([{', '.join(checked)}], [{logs}])"
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             if sa.cls is TransitionClass.RANK_ONE_UPDATE and plan.decay_axis == "key":
                 axis = self.rt + "KeyDeltaDecay"  # the Triton runtime's key decay with the delta backward's steps
@@ -857,12 +968,15 @@ class TorchFormWriter:
                 w(check)
                 w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"beta_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
-                  f"output_final_state=True{self._options_arg})")
+                  f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 w(check)
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"{decay}, "
-                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{self._options_arg})")
+                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{fused_args}"
+                  f"{self._options_arg})")
+            if fuse and fuse.get("out"):
+                epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
             if s.name in view.transposed:
                 w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")
             if plan.pair:
@@ -879,6 +993,10 @@ class TorchFormWriter:
         outs = []
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
+            if o.name in epilogue_done:  # the kernels stored the whole expression
+                w(f"{self.py[o.name]} = {epilogue_done[o.name]}  # {self.cite[o.name]}, its epilogue in the kernels")
+                outs.append(f"'{o.name}': {self.py[o.name]}")
+                continue
             w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}  # {self.cite[o.name]}")
             outs.append(f"'{o.name}': {self.py[o.name]}")
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
@@ -986,7 +1104,7 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):
+def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
@@ -996,8 +1114,19 @@ def _check_steps(values, log_decays):
         return
     bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
-        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
-        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+        if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
+            g, head = x
+            dims = [d for d in range(g.dim()) if d not in (1, 2)]
+            head = head.reshape(-1)
+            # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
+            # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
+            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            bad = bad | ~(hi.amax(dim=-1) <= 0)
+            continue
+        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        dims = [d for d in range(x.dim()) if d != 1]
+        hi = x.amax(dim=dims)
+        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)

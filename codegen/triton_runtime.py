@@ -183,10 +183,12 @@ def _decay(g_to, g_from):
 
 
 @triton.jit
-def _cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr):
+def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_decay`).
+    HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
+    prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
 
     The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -197,7 +199,11 @@ def _cumsum_kernel(g, gc, eg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.conste
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    if HEAD:
+        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
+        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
+    else:
+        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     b_gc = tl.cumsum(b_g, axis=0)
     tl.store(gc + offs, b_gc, mask=m)
@@ -281,10 +287,11 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     PREC: tl.constexpr):
-    """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y."""
+                     PREC: tl.constexpr, VSTEP: tl.constexpr):
+    """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y.
+    VSTEP (a fused prologue): y_t is vs[t] * y[t] (gated DeltaNet's beta * v), scaled as it is loaded."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -338,6 +345,8 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, T, H: tl.constexpr, K: tl.co
         m = m_t[:, None] & (o_v < V)[None, :]
         offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_y = b_y * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
 
@@ -429,14 +438,17 @@ def _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                        VSTEP: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
     VARLEN (packed sequences, `_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
+    VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
+    as it is loaded.
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -462,6 +474,8 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         if DECAY == 1:
             b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
@@ -642,12 +656,18 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
 
 
 @triton.jit
-def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr):
+def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
-    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v."""
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
+
+    The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
+    as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
+    constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
+    D * x)."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -710,10 +730,16 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, T, H: tl.constexp
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     if DPLR:
         b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
+    b_o = b_o * scale
+    if SKIP:
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -924,16 +950,18 @@ def _delta_blocks(BK: int) -> tuple[int, int]:
     return KB, BK // KB
 
 
-def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False):
+def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: Tensor | None = None):
     """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _LOG_DECAY_FLOOR, float64,
-    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None)."""
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
+    [H] of every log decay (fused: `_Fused.decay_head`), or None."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(32, _pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
     eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
     _cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
-        g, gc, eg if with_exp else gc, T, H, D, BT, BD, _LOG_DECAY_FLOOR, with_exp,
+        g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _LOG_DECAY_FLOOR, with_exp,
+        head is not None,
         num_warps=_or(num_warps, _WARPS))
     return gc, eg
 
@@ -950,9 +978,10 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
 
 
 def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None):
+                  num_stages, packed=None, v_step=None):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
-    `_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V]."""
+    `_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
+    v_step: a per-step factor [B, T, H] of v (fused), or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -962,9 +991,9 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
     h0 = None if initial_state is None else initial_state.contiguous()
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
-        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, BK, BV, decay, h0 is not None,
-        ht is not None, prec, packed is not None, num_warps=_or(num_warps, _WARPS),
-        num_stages=_or(num_stages, _STAGES))
+        packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
     return h, ht
 
 
@@ -990,15 +1019,20 @@ def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT
 
 
 def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, pair=None) -> None:
+                  num_stages, pair=None, fused=None) -> None:
     """Launch _chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR)."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
+    fused: the `_Fused` prologue and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     k2, v2, A2 = pair if pair is not None else (k, v, A)
+    f = fused if fused is not None else _NOT_FUSED
+    vs = f.v_step
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
-        A2 if A2 is not None else A, T, H, K, V, BT, BK, BV, decay, exclusive, prec, pair is not None,
+        A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
+        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        pair is not None, vs is not None, f.skip is not None,
         num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES))
 
 
@@ -1017,8 +1051,9 @@ class NoDecay:
     delta_backward = True  # chunked_delta_by differentiates in Triton kernels (`_delta_backward`)
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        """(G, exp(G)): the float64 cumulative log decays and, where the kernels read it, their float32 exp."""
+    def cumsum(log_decay, BT, num_warps, head=None):
+        """(G, exp(G)): the float64 cumulative log decays (times the per-head factor `head` [H], if given) and,
+        where the kernels read it, their float32 exp."""
         return None, None
 
     @staticmethod
@@ -1032,11 +1067,12 @@ class NoDecay:
         return None, None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
         """o = q's readouts of the chunk-start states h plus the intra-chunk sums over (k, v), and over pair
         (the diagonal-plus-rank-one class's (b, U)) when given."""
         _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages,
-                      None if pair is None else (*pair, None))
+                      None if pair is None else (*pair, None), fused)
 
 
 class ScalarDecay:
@@ -1046,8 +1082,8 @@ class ScalarDecay:
     delta_backward = True
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        return _cumsum(log_decay, 1, BT, num_warps)
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _cumsum(log_decay, 1, BT, num_warps, head=head)
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
@@ -1058,9 +1094,10 @@ class ScalarDecay:
         return None, None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
         _chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages,
-                      None if pair is None else (*pair, None))
+                      None if pair is None else (*pair, None), fused)
 
 
 class KeyDecay:
@@ -1070,19 +1107,21 @@ class KeyDecay:
     delta_backward = False  # KeyDeltaDecay has it
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps, with_exp=True)
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps, with_exp=True, head=head)
 
     @staticmethod
     def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
         return _intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
         A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
         if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
             pair = (*pair, _intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages))
-        _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair)
+        _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair,
+                      fused)
 
     @staticmethod
     def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
@@ -1117,11 +1156,13 @@ class ValueDecay:
     delta_backward = False
 
     @staticmethod
-    def cumsum(log_decay, BT, num_warps):
-        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps)
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _cumsum(log_decay, log_decay.shape[3], BT, num_warps, head=head)
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages):
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, fused=None):
+        if fused is not None and fused.epilogue:
+            raise NotImplementedError("the value-decay output kernel takes no fused prologue or epilogue")
         B, T, H, K = k.shape
         V = v.shape[-1]
         A = _intra_attn(q, k, None, 3, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
@@ -1134,16 +1175,94 @@ _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": Value
 _DELTA_DECAYS = {**_DECAYS, "key": KeyDeltaDecay}  # chunked_delta's classes
 
 
-def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype):
+def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
     B, T, H, K = k.shape
     V = v.shape[-1]
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
-                         num_stages)
+                         num_stages, fused)
         outs.append(o)
     return outs
+
+
+class _Fused:
+    """The per-step prologue and the readout's epilogue of a spec, applied by the kernels at their loads and
+    stores instead of as [B, T, H, ...] torch tensors (the issue's "prologue fused into the kernels", done here as
+    runtime kernel arguments, not yet as printed @triton.jit helpers):
+
+      v_step [B, T, H]      a per-step scalar factor of the update k_t v_t^T (gated DeltaNet's beta * v, Mamba2's
+                            dt * B), applied to the rows of v (of y in the delta rule) as they are loaded;
+      decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
+                            applied by the cumulative-sum kernel;
+      scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
+      skip [B, T, H, V], skip_weight [H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+
+    One query only (the epilogue belongs to its output); not with a value decay."""
+
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+        self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
+        self.skip, self.skip_weight = skip, skip_weight
+
+    @property
+    def epilogue(self) -> bool:
+        return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    def tensors(self) -> list:
+        return [self.v_step, self.decay_head, self.skip, self.skip_weight]
+
+
+_NOT_FUSED = _Fused()
+
+
+def _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int):
+    """The call's `_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None:
+        return None
+    if (scale != 1.0 or skip is not None) and len(queries) != 1:
+        raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
+    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
+        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
+    if decay_head is not None:
+        decay_head = decay_head.reshape(-1)
+        if decay_head.numel() != H:
+            raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
+    if (skip is None) != (skip_weight is None):
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
+    if skip_weight is not None:
+        skip_weight = skip_weight.reshape(-1)
+        if skip_weight.numel() != H:
+            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
+    return _Fused(v_step, decay_head, float(scale), skip, skip_weight)
+
+
+def _unfuse(fused, v, log_decay, grads_out, dv, dlog):
+    """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
+    v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = (dv * v.float()).sum(-1)
+        dv = dv * fused.v_step.float()[..., None]
+    if fused.decay_head is not None and dlog is not None:
+        shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
+        ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
+        dlog = dlog * fused.decay_head.float().view(shape)
+    if fused.skip is not None and grads_out is not None:
+        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
+    return dv, dlog, dvs, ddh, dskip, dsw
+
+
+def _materialise(fused, v, log_decay):
+    """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
+    if fused.decay_head is not None and log_decay is not None:
+        log_decay = log_decay * fused.decay_head.view((1, 1, -1) + (1,) * (log_decay.dim() - 3)).to(log_decay.dtype)
+    return v, log_decay
 
 
 def _empty_result(queries, k, v, initial_state, output_final_state):
@@ -1183,7 +1302,8 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 
 def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                      allow_tf32=None, cu_seqlens=None):
+                      allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                      skip_weight=None):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that).
 
@@ -1193,13 +1313,22 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
-    is [N, H, K, V]. The kernel launches are the same for any N (`_Packed`)."""
+    is [N, H, K, V]. The kernel launches are the same for any N (`_Packed`).
+
+    The spec's prologue and epilogue, fused into the kernels (`_Fused`; one query, no value decay): v_step
+    [B, T, H] (the update is k_t (v_step_t v_t)^T), decay_head [H] (the log decays are log_decay * decay_head),
+    scale (the output is scale * o) and skip [B, T, H, V] with skip_weight [H] (plus skip_weight[h] * skip_t).
+    Their gradients come from the unfused backward's by the chain rule (`_unfuse`). ValueError for a bad one."""
+    fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if cu_seqlens is not None:
         packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
             initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
         k, v, log_decay = packed.pad(k), packed.pad(v), packed.pad(log_decay)
         queries = [(packed.pad(q), e) for q, e in queries]
+        if fused is not None:
+            fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
+                           fused.skip_weight)
     else:
         packed = None
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -1208,15 +1337,16 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
-    tensors = [k, v, log_decay, initial_state] + [q for q, _ in queries]
+    f = fused if fused is not None else _NOT_FUSED
+    tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state,
-                                            *[q for q, _ in queries])
+        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, k, v, log_decay,
+                                            initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                      initial_state, output_final_state, cfg, packed)
+                                      initial_state, output_final_state, cfg, packed, fused)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -1445,14 +1575,19 @@ def _dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT
     tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
 
 
-def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None):
+def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
+                    fused=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages); packed: a `_Packed` whose layout the tensors are in, or None."""
+    num_warps, num_stages); packed: a `_Packed` whose layout the tensors are in, or None; fused: a `_Fused`."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    f = fused if fused is not None else _NOT_FUSED
+    vs = None if f.v_step is None else f.v_step.contiguous()
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed)
-    outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype)
+                          num_stages, packed, vs)
+    if fused is not None:
+        fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+    outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
 
@@ -1461,31 +1596,41 @@ class _ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, k, v, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, k, v, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
+        fused = _Fused(v_step, decay_head, scale, skip, skip_weight)
         outs, ht, h = _linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg, packed)
+                                      cfg, packed, fused)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
-        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, *qs, *saved_outs)
-        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed = decay_cls, exclusive, cfg, packed
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
+                              *saved_outs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
         return (*outs, ht)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, h, ht, *rest = ctx.saved_tensors
+        k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
-        dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v, log_decay,
-                                                  initial_state, h, ht, outs, grads[:nq], grads[nq], ctx.packed)
+        fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
+        # the backward only) and the outputs' gradients times the scale; `_unfuse` maps the result back.
+        v_m, log_m = _materialise(fused, v, log_decay)
+        dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
+        dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
+        dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, cast(dk, k, 4), cast(dv, v, 5), cast(dlog, log_decay, 6),
-                cast(dh0, initial_state, 7), *(cast(dq, q, 8 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
+                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
+                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
@@ -1534,7 +1679,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, do, k, dA, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
+                do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
+                False, False,
                 num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
@@ -1608,30 +1754,41 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
 
 def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None, cu_seqlens=None):
+                     allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                     skip_weight=None):
     """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDeltaDecay; KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (chunked_delta does
     that). Under autograd (an input requiring grad) it is `_ChunkedDeltaFunction`, differentiated by Triton
     kernels; a class whose `delta_backward` is False raises NotImplementedError there.
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for chunked_linear_by
-    (a zero step, beta = 0 and k = 0, is the identity of the delta step too)."""
+    (a zero step, beta = 0 and k = 0, is the identity of the delta step too).
+
+    v_step, decay_head, scale, skip, skip_weight: the fused prologue and epilogue, as for chunked_linear_by (the
+    values are y_t = v_step_t * y_t, gated DeltaNet's beta * v, applied by the WY kernel)."""
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32)
+    fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if cu_seqlens is None:
-        return _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, **options)
+        return _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, fused=fused,
+                         **options)
     packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
+    if fused is not None:
+        fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
+                       fused.skip_weight)
     outs, ht = _delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
                          packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
-                         **options)
+                         fused=fused, **options)
     return [packed.unpad(o) for o in outs], ht
 
 
 def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
-              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
-    """chunked_delta_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed)."""
+              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, fused=None):
+    """chunked_delta_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed); fused: a
+    `_Fused` or None."""
+    f = fused if fused is not None else _NOT_FUSED
     B, T, H, K = k.shape
     V = y.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -1640,22 +1797,27 @@ def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_f
     if T == 0:
         return _empty_result(queries, k, y, initial_state, output_final_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, y, beta, log_decay, initial_state] + [q for q, _ in queries]):
+                                       for x in [k, y, beta, log_decay, initial_state] + f.tensors()
+                                       + [q for q, _ in queries]):
         if not decay_cls.delta_backward:
             raise NotImplementedError(f"chunked_delta_by({decay_cls.__name__}) has no Triton backward yet (a key "
                                       "decay's is KeyDeltaDecay); call it under torch.no_grad() and differentiate "
                                       "another form")
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
-        *outs, ht = _ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, k, y, beta,
-                                                log_decay, initial_state, *[q for q, _ in queries])
+        *outs, ht = _ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, f.scale, k, y,
+                                                beta, log_decay, initial_state, *f.tensors(),
+                                                *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages, packed)
-    outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype)
+                                           BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
+    if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
+        fused = _Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+    outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht
 
 
@@ -2156,21 +2318,22 @@ def _delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta, dgin,
 
 
 def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages, packed=None):
+                  num_warps, num_stages, packed=None, v_step=None, decay_head=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
-    state (or None). k, y, beta contiguous."""
+    state (or None). k, y, beta contiguous; v_step [B, T, H] contiguous and decay_head [H]: fused (`_Fused`)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     NT = triton.cdiv(T, BT)
     KB = _delta_blocks(BK)[0]
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=decay_head)  # None without a decay
     Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _delta_wy_kernel[(NT, B * H)](
-        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u, T,
-        H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, num_warps=_or(num_warps, _WARPS),
+        k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
+        v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
+        num_warps=_or(num_warps, _WARPS),
         num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)
@@ -2293,23 +2456,33 @@ class _ChunkedDeltaFunction(torch.autograd.Function):
     that recomputes the chunk-start states from the saved inputs (nothing per step or per chunk is saved)."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusives, options, k, y, beta, log_decay, initial_state, *qs):
+    def forward(ctx, decay_cls, exclusives, options, scale, k, y, beta, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
         queries = list(zip(qs, exclusives))
-        outs, ht = _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, **options)
-        ctx.save_for_backward(k, y, beta, log_decay, initial_state, *qs)
-        ctx.decay_cls, ctx.exclusives, ctx.options = decay_cls, exclusives, options
+        fused = _Fused(v_step, decay_head, scale, skip, skip_weight)
+        outs, ht = _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, fused=fused, **options)
+        ctx.save_for_backward(k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.decay_cls, ctx.exclusives, ctx.options, ctx.scale = decay_cls, exclusives, options, scale
         return (*outs, ht)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, y, beta, log_decay, initial_state, *qs = ctx.saved_tensors
+        k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # as _ChunkedLinearFunction: the backward on the materialised prologue, then the chain rule (`_unfuse`)
+        y_m, log_m = _materialise(fused, y, log_decay)
+        dos = [None if g is None else g * ctx.scale for g in grads[:-1]] if ctx.scale != 1.0 else list(grads[:-1])
         dqs, dk, dy, dbeta, dg, dS0 = _delta_backward(
-            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y, beta, log_decay, initial_state, list(grads[:-1]),
+            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y_m, beta, log_m, initial_state, dos,
             grads[-1], **ctx.options)
-        return (None, None, None, dk.to(k.dtype), dy.to(y.dtype), dbeta.to(beta.dtype),
-                None if log_decay is None else dg.to(log_decay.dtype),
-                None if initial_state is None else dS0.to(initial_state.dtype),
-                *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
+        dy, dg, dvs, ddh, dskip, dsw = _unfuse(fused, y, log_decay, grads[0] if qs else None, dy, dg)
+
+        def cast(grad, like):
+            return None if grad is None or like is None else grad.to(like.dtype)
+
+        return (None, None, None, None, dk.to(k.dtype), dy.to(y.dtype), dbeta.to(beta.dtype), cast(dg, log_decay),
+                cast(dS0, initial_state), cast(dvs, v_step), cast(ddh, decay_head), cast(dskip, skip),
+                cast(dsw, skip_weight), *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -469,6 +469,30 @@ def config_lines(rec: Recurrence, sizes: dict[str, int], batch: int, length: int
     return lines
 
 
+def _intermediates(rec, counted, sizes, batch, length, heads, dtype, config) -> dict:
+    """The run's "intermediate_bytes": the bytes of intermediate tensors the call allocated (total, per phase, per
+    allocation site) and, for a spec a published kernel implements, that kernel's figure at the same shape."""
+    from codegen.intermediate_bytes import hand_written_for
+
+    out = counted.as_dict()
+    chunk = (config or {}).get("chunk_size", 64)
+    out["hand_written"] = hand_written_for(rec.name, sizes, batch, length, heads, chunk=chunk, dtype=dtype)
+    return out
+
+
+def _print_intermediates(summary: dict, counted) -> None:
+    from codegen.intermediate_bytes import format_rows
+
+    phases = ", ".join(f"{k} {v:,d}" for k, v in summary["by_phase"].items())
+    line = f"  intermediate tensors: {summary['total']:,d} bytes" + (f" ({phases})" if phases else "")
+    hand = summary.get("hand_written")
+    if hand:
+        line += f"; hand-written forward ({hand['kind']}): {hand['total']:,d} bytes"
+    print(line)
+    if counted.rows:
+        print(format_rows(counted, indent="    ", limit=8))
+
+
 def cmd_kernels(args) -> int:
     import os
 
@@ -515,8 +539,9 @@ def cmd_kernels(args) -> int:
             if form == "auto":
                 run["runs_form"] = pick_form(tuple(available), length, (config or {}).get("chunk_size", 64))
             try:
-                kernels = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype, target=target,
-                                               form=form, config=config, backward=args.backward)
+                kernels, counted = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype,
+                                                        target=target, form=form, config=config,
+                                                        backward=args.backward, intermediates=True)
             except kr.CompileFailed as err:
                 run["error"] = str(err)
                 problems.append(str(err))
@@ -534,6 +559,7 @@ def cmd_kernels(args) -> int:
                 if not run["backward"]:
                     run["backward_note"] = "no Triton backward kernels yet: the backward re-runs the torch form"
             run["problems"] = [p for k in kernels for p in k.problems()]
+            run["intermediate_bytes"] = _intermediates(rec, counted, sizes, batch, length, heads, dtype, config)
             problems += run["problems"]
             runs.append(run)
             if not args.json:
@@ -544,6 +570,7 @@ def cmd_kernels(args) -> int:
                 if args.backward:
                     back = [k for k in kernels if k.phase == "backward"]
                     print(kr.format_table(back) if back else f"  backward: {run['backward_note']}")
+                _print_intermediates(run["intermediate_bytes"], counted)
                 for p in run["problems"]:
                     print(f"  ! {p}")
                 print()
@@ -677,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--backward", action="store_true", help="also run a backward pass and report the Triton "
                          "kernels it launches")
     kernels.add_argument("--json", action="store_true", help="print JSON {\"target\", \"runs\": [{\"name\", "
-                         "\"form\", \"kernels\": [...]}], \"problems\", \"ok\", ...}")
+                         "\"form\", \"kernels\": [...], \"intermediate_bytes\": {\"total\", \"tensors\", "
+                         "\"hand_written\"}}], \"problems\", \"ok\", ...}")
     kernels.set_defaults(run=cmd_kernels)
     return parser
 

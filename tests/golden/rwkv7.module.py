@@ -1713,7 +1713,7 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):
+def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
@@ -1723,8 +1723,19 @@ def _check_steps(values, log_decays):
         return
     bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
-        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
-        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+        if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
+            g, head = x
+            dims = [d for d in range(g.dim()) if d not in (1, 2)]
+            head = head.reshape(-1)
+            # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
+            # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
+            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            bad = bad | ~(hi.amax(dim=-1) <= 0)
+            continue
+        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        dims = [d for d in range(x.dim()) if d != 1]
+        hi = x.amax(dim=dims)
+        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)
