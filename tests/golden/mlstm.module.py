@@ -553,8 +553,14 @@ def _unflatten(layout, tensors) -> list:
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
 # runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
 RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
-# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)), and on CPU at most as many
+# steps as keep a segment's two buffers (its states and their total gradients) within SEGMENT_BYTES, but at least
+# MIN_EVERY. The backward re-reads those buffers three times (the reverse loop, the block gradients); a segment that
+# stays in the cache made fwd+bwd of GLA / Mamba2 (B=2, H=4, K=V=64, T=2048, CPU) 10-15% faster at 16 steps than at
+# 64. Memory is (T / every + 2 * every) states either way: for these shapes 160 states at 16 and at 64.
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+SEGMENT_BYTES = 4 << 20
+MIN_EVERY = 16
 
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
@@ -579,10 +585,18 @@ def adjoint_block(states, every: int) -> int:
     return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
-def checkpoint_every(length: int) -> int:
-    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+def checkpoint_every(length: int, states=()) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps with initial states like `states` ([B, H, ...]
+    each; none given: the rule for the length alone): memory O(T / every + every) states."""
     every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
-    return every if every > 0 else max(64, math.isqrt(length))
+    if every > 0:
+        return every
+    every = max(64, math.isqrt(length))
+    states = list(states)
+    if states and all(s.device.type == "cpu" for s in states):
+        step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # a step's states and total gradients
+        every = max(MIN_EVERY, min(every, SEGMENT_BYTES // max(step_bytes, 1)))
+    return every
 
 
 def _save_with_states(ctx, tensors, snapshots: list[dict], state_names) -> None:
@@ -658,7 +672,8 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+        states = next(a for a in args if isinstance(a, dict)).values()
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
                                       kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
@@ -2908,21 +2923,17 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
         exp_ig = torch.exp(ig_seg)  # [t1 - t0, B, H]
         sigmoid_fg = torch.sigmoid(-fg_seg)  # [t1 - t0, B, H]
         q_steps = q_seg.unbind(0)
-        k_steps = k_seg.unbind(0)
-        v_steps = v_seg.unbind(0)
         grad_h_steps = grad_h_seg.unbind(0)
         exp_fg_steps = exp_fg.unbind(0)
-        exp_ig_steps = exp_ig.unbind(0)
         # The segment's states, recomputed from its checkpoint.
         C_at[0].copy_(checkpoints[t0 // every]['C'])
         n_at[0].copy_(checkpoints[t0 // every]['n'])
+        torch.mul(exp_ig[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=C_steps[1:t1 - t0 + 1])  # the state-free terms of C's update at every step
+        torch.mul(exp_ig[..., None], k_seg, out=n_steps[1:t1 - t0 + 1])  # the state-free terms of n's update at every step
         for t in range(t1 - t0):
-            k_t = k_steps[t]
-            v_t = v_steps[t]
             exp_fg_t = exp_fg_steps[t]
-            exp_ig_t = exp_ig_steps[t]
-            torch.addcmul(exp_fg_t[..., None, None] * C_at[t], exp_ig_t[..., None, None] * v_t[..., None, :], k_t[..., :, None], out=C_at[t + 1])  # mlstm.rec:17
-            torch.addcmul(exp_fg_t[..., None] * n_at[t], exp_ig_t[..., None], k_t, out=n_at[t + 1])  # mlstm.rec:18
+            C_at[t + 1].addcmul_(exp_fg_t[..., None, None], C_at[t])  # mlstm.rec:17
+            n_at[t + 1].addcmul_(exp_fg_t[..., None], n_at[t])  # mlstm.rec:18
         # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
         # the gradients of the inputs and params at a block of steps once the loop has passed them.
         for t in reversed(range(t1 - t0)):

@@ -555,8 +555,14 @@ def _unflatten(layout, tensors) -> list:
 # The recurrent form's backward: "adjoint" (the default) runs the derived adjoint (`with_adjoint`); "autograd"
 # runs autograd through the step loop, keeping every step's tensors (the old way, kept to compare against).
 RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
-# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)).
+# Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)), and on CPU at most as many
+# steps as keep a segment's two buffers (its states and their total gradients) within SEGMENT_BYTES, but at least
+# MIN_EVERY. The backward re-reads those buffers three times (the reverse loop, the block gradients); a segment that
+# stays in the cache made fwd+bwd of GLA / Mamba2 (B=2, H=4, K=V=64, T=2048, CPU) 10-15% faster at 16 steps than at
+# 64. Memory is (T / every + 2 * every) states either way: for these shapes 160 states at 16 and at 64.
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
+SEGMENT_BYTES = 4 << 20
+MIN_EVERY = 16
 
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
@@ -581,10 +587,18 @@ def adjoint_block(states, every: int) -> int:
     return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
 
 
-def checkpoint_every(length: int) -> int:
-    """Steps between the checkpoints of a sequence of `length` steps: memory O(T / every + every) states."""
+def checkpoint_every(length: int, states=()) -> int:
+    """Steps between the checkpoints of a sequence of `length` steps with initial states like `states` ([B, H, ...]
+    each; none given: the rule for the length alone): memory O(T / every + every) states."""
     every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
-    return every if every > 0 else max(64, math.isqrt(length))
+    if every > 0:
+        return every
+    every = max(64, math.isqrt(length))
+    states = list(states)
+    if states and all(s.device.type == "cpu" for s in states):
+        step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # a step's states and total gradients
+        every = max(MIN_EVERY, min(every, SEGMENT_BYTES // max(step_bytes, 1)))
+    return every
 
 
 def _save_with_states(ctx, tensors, snapshots: list[dict], state_names) -> None:
@@ -660,7 +674,8 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1]),
+        states = next(a for a in args if isinstance(a, dict)).values()
+        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
                                       kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
@@ -2867,20 +2882,16 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
         add_q = 1.0 + F.elu(q_seg)  # [t1 - t0, B, H, K]
         piecewise_q = torch.where(q_seg > 0.0, 1.0, torch.exp(q_seg))  # [t1 - t0, B, H, K]
         piecewise_k = torch.where(k_seg > 0.0, 1.0, torch.exp(k_seg))  # [t1 - t0, B, H, K]
-        v_steps = v_seg.unbind(0)
         grad_o_steps = grad_o_seg.unbind(0)
-        add_k_steps = add_k.unbind(0)
-        elu_k_steps = elu_k.unbind(0)
         add_q_steps = add_q.unbind(0)
         # The segment's states, recomputed from its checkpoint.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         z_at[0].copy_(checkpoints[t0 // every]['z'])
+        torch.mul(v_seg[..., None, :], add_k[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
+        z_steps[1:t1 - t0 + 1].copy_(1.0 + elu_k)  # the state-free terms of z's update at every step
         for t in range(t1 - t0):
-            v_t = v_steps[t]
-            add_k_t = add_k_steps[t]
-            elu_k_t = elu_k_steps[t]
-            torch.addcmul(S_at[t], v_t[..., None, :], add_k_t[..., :, None], out=S_at[t + 1])  # normalized_linear_attention.rec:11,12
-            z_at[t + 1].copy_(1.0 + elu_k_t + z_at[t])  # normalized_linear_attention.rec:11,13
+            S_at[t + 1].add_(S_at[t])  # normalized_linear_attention.rec:11,12
+            z_at[t + 1].add_(z_at[t])  # normalized_linear_attention.rec:11,13
         # The adjoint step, backwards in time: the gradient of the state before the step from the one after;
         # the gradients of the inputs and params at a block of steps once the loop has passed them.
         for t in reversed(range(t1 - t0)):
