@@ -63,12 +63,14 @@ def main() -> None:
     torch.set_num_threads(1)
     B, H = 2, 4
     rows = []
-    for name in args.specs.split(","):
-        rec = recurrence_dsl.load(ROOT / "specs" / f"{name}.rec")[name].checked
+    # A spec file may hold several recurrences (bidirectional_mamba: a forward and a reverse one): each is a row.
+    recurrences = [(file, name, r.checked) for file in args.specs.split(",")
+                   for name, r in recurrence_dsl.load(ROOT / "specs" / f"{file}.rec").items()]
+    for file, name, rec in recurrences:
         sizes = {s: args.D for s in rec.sizes}
         inputs, _ = sample_arguments(rec, sizes, B, args.T, H, dtype=torch.float32, seed=0)
         states = {s.name: torch.zeros((B, H) + tuple(sizes[d] for d in s.dims)) for s in rec.states}
-        recurrent = {tag: getattr(_load(folder / f"{name}.module.py", f"_{tag}_{name}"), f"{name}__recurrent")
+        recurrent = {tag: getattr(_load(folder / f"{file}.module.py", f"_{tag}_{name}"), f"{name}__recurrent")
                      for tag, folder in (("before", args.before), ("after", args.after))}
 
         def fwd_bwd(fn):

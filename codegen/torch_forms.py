@@ -478,7 +478,12 @@ class TorchFormWriter:
         split = self._split_updates(updates, kept) if not update_temps else {}
         # The reverse loop in blocks (see `_readout_blocks`): each total gradient `S__grad + R` has its readout
         # terms R (free of the gradients carried back) written for a block of steps at once.
-        readouts = self._readout_blocks(new_states, previous, carried_names, total_names) if not loop_temps else None
+        # (Subexpressions the totals share, such as a normaliser's denominator, are then computed for the block too;
+        # not where one reads a gradient carried back or the backward maps read one.)
+        temp_names = {n for n, _, _ in loop_temps}
+        readouts = (self._readout_blocks(new_states, previous, carried_names, total_names)
+                    if not any(reads(e, carried_names | total_names) for _, _, e in loop_temps)
+                    and not any(reads(e, temp_names) for _, e in previous.values()) else None)
         if readouts is not None:
             stacked = list(rec.states)  # every total gradient in a buffer: the reverse loop accumulates into it
         # What the loops read at each step: a split update only its state-dependent terms, the blocked reverse loop
@@ -664,7 +669,7 @@ class TorchFormWriter:
         if readouts is not None:
             self._write_blocked_reverse(w, readouts, previous, block_names, block_gradients if grads else None,
                                         step, fetch, step_loop, by_name, carried, total_at, total_buffer, dims_of,
-                                        ranges, whole)
+                                        ranges, whole, loop_temps)
         if grads and readouts is None:
             w("if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once", 3)
             w("t2 = min(t + block, t1 - t0)", 4)
@@ -754,7 +759,7 @@ class TorchFormWriter:
 
     def _write_blocked_reverse(self, w: SourceWriter, readouts: dict, previous: dict, block_names, block_gradients,
                                step: dict, fetch, step_loop: set[str], by_name: dict, carried: dict, total_at: dict,
-                               total_buffer: dict, dims_of, ranges: dict, whole: set[str]) -> None:
+                               total_buffer: dict, dims_of, ranges: dict, whole: set[str], temps=()) -> None:
         """The reverse loop of `write_recurrent_adjoint` when `_readout_blocks` applies: a block of steps t2 .. t3 - 1
         at a time (from the last), the readout terms of every state's total gradient written for the whole block
         at once, then step by step the backward map of step t added into the total gradient of step t - 1 (in
@@ -770,6 +775,7 @@ class TorchFormWriter:
         w("for t2 in reversed(range(0, t1 - t0, block)):", 2)
         w("t3 = min(t2 + block, t1 - t0)", 3)
         block = block_names("t2", "t3")
+        self._write_shared(w, temps, block, block, ranges, "t3 - t2, B_, H_", 3)
         block_printer = TorchPrinter(self.sizes, ranges, block, fuse=True)
         per_step = {n for n, source in block.items() if "[t2" in source}  # the block's slices
         for s in names:
