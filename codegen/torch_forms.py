@@ -405,7 +405,9 @@ class TorchFormWriter:
         after it and that total gradient, so the same printed expressions are evaluated once for each `block`
         consecutive steps, on their slices of the buffers (batched over time), as soon as the reverse loop has
         passed them: the dispatcher picks `block` so that those slices stay in cache (codegen/dispatch.py
-        `adjoint_block`)."""
+        `adjoint_block`). Where they apply, a state's update has its state-free terms written for the whole segment
+        at once (`_split_updates`), and the reverse loop writes the readout terms of a block's total gradients at
+        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`)."""
         self.shown, self.taken = {}, set()
         rec, py = self.rec, self.py
         # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.

@@ -556,8 +556,9 @@ RECURRENT_BACKWARD = "RECURRENCE_DSL_RECURRENT_BACKWARD"
 # Steps between two checkpoints of the derived backward; unset or 0: max(64, isqrt(T)), and on CPU at most as many
 # steps as keep a segment's two buffers (its states and their total gradients) within SEGMENT_BYTES, but at least
 # MIN_EVERY. The backward re-reads those buffers three times (the reverse loop, the block gradients); a segment that
-# stays in the cache made fwd+bwd of GLA / Mamba2 (B=2, H=4, K=V=64, T=2048, CPU) 10-15% faster at 16 steps than at
-# 64. Memory is (T / every + 2 * every) states either way: for these shapes 160 states at 16 and at 64.
+# stays in the cache made fwd+bwd of GLA / Mamba2 (B=2, H=4, K=V=64, T=2048, CPU time, one run each under load)
+# 13-15% faster at 16 steps than at 64. Memory is (T / every + 2 * every) states either way: for these shapes 160
+# states at 16 and at 64.
 CHECKPOINT_EVERY = "RECURRENCE_DSL_CHECKPOINT_EVERY"
 SEGMENT_BYTES = 4 << 20
 MIN_EVERY = 16
