@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,7 +70,10 @@ def main() -> None:
     parser.add_argument("--no-autograd", action="store_true", help="skip the (slow) autograd-through-the-loop runs")
     parser.add_argument("--smoke", action="store_true", help="B=1, H=1, T=20, D=8, one repeat")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "backward_cpu.json"))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time)")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     lengths = [int(t) for t in args.T.split(",")]
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -87,19 +91,19 @@ def main() -> None:
             sizes = {s: args.D for s in rec.checked.sizes}
             inputs, _ = sample_arguments(rec.checked, sizes, args.B, length, args.H, dtype=torch.float32, seed=0)
             with torch.no_grad():
-                forward = timed(lambda: layer(*inputs, form="recurrent", output_final_state=True), args.repeats)
+                forward = timed(lambda: layer(*inputs, form="recurrent", output_final_state=True), args.repeats, clock)
             adjoint_run = forward_backward(layer, inputs, "recurrent")
-            adjoint = timed(adjoint_run, args.repeats)
+            adjoint = timed(adjoint_run, args.repeats, clock)
             autograd = None
             error = None
             if not args.no_autograd:
                 autograd_run = forward_backward(layer, inputs, "recurrent", "autograd")
-                autograd = timed(autograd_run, 1)
+                autograd = timed(autograd_run, 1, clock)
                 ours, theirs = adjoint_run(), autograd_run()
                 error = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(ours, theirs))
             chunked = None
             if "chunked" in layer.forms:
-                chunked = timed(forward_backward(layer, inputs, "chunked"), args.repeats)
+                chunked = timed(forward_backward(layer, inputs, "chunked"), args.repeats, clock)
             row = {"spec": name, "T": length, "recurrent_forward_s": forward, "recurrent_fwd_bwd_adjoint_s": adjoint,
                    "recurrent_fwd_bwd_autograd_s": autograd, "chunked_fwd_bwd_s": chunked,
                    "adjoint_over_forward": adjoint / forward,
@@ -125,7 +129,7 @@ def main() -> None:
         "recurrence_dsl": recurrence_dsl.__version__,
         "dtype": "float32",
         "shape": {"B": args.B, "H": args.H, "K": args.D, "V": args.D, "T": lengths},
-        "smoke": args.smoke,
+        "smoke": args.smoke, "clock": args.clock,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

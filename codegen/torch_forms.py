@@ -495,7 +495,9 @@ class TorchFormWriter:
         after it and that total gradient, so the same printed expressions are evaluated once for each `block`
         consecutive steps, on their slices of the buffers (batched over time), as soon as the reverse loop has
         passed them: the dispatcher picks `block` so that those slices stay in cache (codegen/dispatch.py
-        `adjoint_block`)."""
+        `adjoint_block`). Where they apply, a state's update has its state-free terms written for the whole segment
+        at once (`_split_updates`), and the reverse loop writes the readout terms of a block's total gradients at
+        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`)."""
         self.shown, self.taken = {}, set()
         rec, py = self.rec, self.py
         # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.
@@ -563,6 +565,24 @@ class TorchFormWriter:
         kept = {s.name for s in keep}
         # The total gradients after each step that the block gradients read, kept in a buffer over the segment.
         stacked = [s for s in rec.states if grad_name(s.name + NEW_SUFFIX) in read_local]
+        # Split updates (see `_split_updates`): a kept state's update `U + c * S` (U free of every state) has U
+        # written for the whole segment at once and only `c * S` added per step, in place.
+        split = self._split_updates(updates, kept) if not update_temps else {}
+        # The reverse loop in blocks (see `_readout_blocks`): each total gradient `S__grad + R` has its readout
+        # terms R (free of the gradients carried back) written for a block of steps at once.
+        # (Subexpressions the totals share, such as a normaliser's denominator, are then computed for the block too;
+        # not where one reads a gradient carried back or the backward maps read one.)
+        temp_names = {n for n, _, _ in loop_temps}
+        readouts = (self._readout_blocks(new_states, previous, carried_names, total_names)
+                    if not any(reads(e, carried_names | total_names) for _, _, e in loop_temps)
+                    and not any(reads(e, temp_names) for _, e in previous.values()) else None)
+        if readouts is not None:
+            stacked = list(rec.states)  # every total gradient in a buffer: the reverse loop accumulates into it
+        # What the loops read at each step: a split update only its state-dependent terms, the blocked reverse loop
+        # only the states' backward maps.
+        step_update = self._names_read([e for n, (_, e) in updates.items() if n not in split]
+                                       + [x for n in split for x in split[n][1]] + [e for _, _, e in update_temps])
+        step_loop = self._names_read([e for _, e in previous.values()]) if readouts is not None else read_loop
         state_buffer = {s.name: alloc(f"{py[s.name]}_steps") for s in keep}  # [every + 1, B, H, ...]
         state_at = {s.name: alloc(f"{py[s.name]}_at") for s in keep}  # its views, one per step
         total_buffer = {s.name: alloc(f"{total[s.name]}_steps") for s in stacked}  # [every, B, H, ...]
@@ -581,7 +601,7 @@ class TorchFormWriter:
             seg[n] = shown[n]
         # ... and as lists of their steps, for the loops (a list index is cheaper than a slice).
         unbound = {n: alloc(f"{seg[n][:-len('_seg')] if seg[n].endswith('_seg') else seg[n]}_steps")
-                   for n in seg if n in read_update | read_loop}
+                   for n in seg if n in step_update | step_loop}
 
         segment = {**py, **shown, **seg}  # names over the segment's steps
         step = {**py, **shown}  # names at one step t
@@ -597,13 +617,15 @@ class TorchFormWriter:
                 step[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
             step[grad_name(s.name)] = carried[s.name]
             step[grad_name(s.name + NEW_SUFFIX)] = f"{total_at[s.name]}[t]" if s in stacked else total[s.name]
-        # Names over a block of steps t .. t2 - 1 of the segment: slices of the segment's tensors and buffers.
-        block = {**py, **shown, **{n: f"{name}[t:t2]" for n, name in seg.items()}}
-        for s in keep:
-            block[s.name] = f"{state_buffer[s.name]}[t:t2]"
-            block[s.name + NEW_SUFFIX] = f"{state_buffer[s.name]}[t + 1:t2 + 1]"
-        for s in stacked:
-            block[grad_name(s.name + NEW_SUFFIX)] = f"{total_buffer[s.name]}[t:t2]"
+        def block_names(lo: str, hi: str) -> dict:
+            """Names over a block of steps lo .. hi - 1 of the segment: slices of its tensors and buffers."""
+            block = {**py, **shown, **{n: f"{name}[{lo}:{hi}]" for n, name in seg.items()}}
+            for s in keep:
+                block[s.name] = f"{state_buffer[s.name]}[{lo}:{hi}]"
+                block[s.name + NEW_SUFFIX] = f"{state_buffer[s.name]}[{lo} + 1:{hi} + 1]"
+            for s in stacked:
+                block[grad_name(s.name + NEW_SUFFIX)] = f"{total_buffer[s.name]}[{lo}:{hi}]"
+            return block
 
         w = SourceWriter()
 
@@ -649,7 +671,7 @@ class TorchFormWriter:
             _, idx, e, _ = next(v for v in table.values() if v[0] == n)
             w(f"{shown[n]} = {constant_printer.print_expr(e, idx)}  # [1, 1, H, ...]: the same at every step")
         for n in [p.name for p in rec.params] + constant_hoisted:
-            if n in read_update | read_loop:
+            if n in step_update | step_loop:
                 w(f"{step[n]} = {({**py, **shown})[n]}[:, 0]  # the same at every step")
         w("for t0 in reversed(range(0, T_, every)):")
         w("t1 = min(t0 + every, T_)", 2)
@@ -676,12 +698,22 @@ class TorchFormWriter:
                     w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
                 else:
                     w(f"{py[s.name]} = checkpoints[t0 // every]['{s.name}']", 2)
+            for name, (free, _) in split.items():
+                idx = updates[name][0]
+                target = f"{state_buffer[name]}[1:t1 - t0 + 1]"
+                shape = f"(t1 - t0, B_, H_{dims_of(by_name[name])})"
+                w(f"{self._fill(segment_printer, free, idx, target, shape, set(seg), whole)}  # the state-free terms "
+                  f"of {name}'s update at every step", 2)
             w("for t in range(t1 - t0):", 2)
-            fetch(read_update, 3)
+            fetch(step_update, 3)
             self._write_shared(w, update_temps, step, step, ranges, "B_, H_", 3)
             step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
             for s in self._update_order():
                 idx, e = updates[s.name]
+                if s.name in split:
+                    for line in self._accumulate(step_printer, split[s.name][1], idx, step[s.name + NEW_SUFFIX]):
+                        w(f"{line}  # {self.cite[s.name]}", 3)
+                    continue
                 value = self._broadcast(step_printer, e, idx, self._state_shape(s), whole)
                 if s.name in kept:
                     w(f"{_into(value, step[s.name + NEW_SUFFIX])}  # {self.cite[s.name]}", 3)
@@ -690,44 +722,183 @@ class TorchFormWriter:
             for s in rec.states:
                 if s.name not in kept:
                     w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 3)
-        w("# The adjoint step, backwards in time: the gradient of the state before the step from the one after;", 2)
-        w("# the gradients of the inputs and params at a block of steps once the loop has passed them.", 2)
-        w("for t in reversed(range(t1 - t0)):", 2)
-        fetch(read_loop, 3)
-        self._write_shared(w, loop_temps, step, step, ranges, "B_, H_", 3)
-        step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
-        for name, (idx, e) in new_states:
-            s = by_name[name[: -len(NEW_SUFFIX + GRAD_SUFFIX)]]
-            value = self._broadcast(step_printer, e, idx, self._state_shape(s), whole)
-            if s in stacked:
-                w(f"{_into(value, step[grad_name(s.name + NEW_SUFFIX)])}  # d loss / d {s.name} after step t", 3)
-            else:
-                w(f"{total[s.name]} = {value}  # d loss / d {s.name} after step t", 3)
-        for s in rec.states:
-            idx, e = previous[s.name]
-            w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
-              f"# d loss / d {s.name} before step t", 3)
-        if grads:
-            w("if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once", 3)
-            w("t2 = min(t + block, t1 - t0)", 4)
-            self._write_shared(w, local_temps, block, block, ranges, "t2 - t, B_, H_", 4)
+        if readouts is None:
+            w("# The adjoint step, backwards in time: the gradient of the state before the step from the one after;",
+              2)
+            w("# the gradients of the inputs and params at a block of steps once the loop has passed them.", 2)
+            w("for t in reversed(range(t1 - t0)):", 2)
+            fetch(read_loop, 3)
+            self._write_shared(w, loop_temps, step, step, ranges, "B_, H_", 3)
+            step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+            for name, (idx, e) in new_states:
+                s = by_name[name[: -len(NEW_SUFFIX + GRAD_SUFFIX)]]
+                value = self._broadcast(step_printer, e, idx, self._state_shape(s), whole)
+                if s in stacked:
+                    w(f"{_into(value, step[grad_name(s.name + NEW_SUFFIX)])}  # d loss / d {s.name} after step t", 3)
+                else:
+                    w(f"{total[s.name]} = {value}  # d loss / d {s.name} after step t", 3)
+            for s in rec.states:
+                idx, e = previous[s.name]
+                w(f"{carried[s.name]} = {self._broadcast(step_printer, e, idx, self._state_shape(s), whole)}  "
+                  f"# d loss / d {s.name} before step t", 3)
+        def block_gradients(lo: str, hi: str, indent: int) -> None:
+            """Each input's and param's gradient at the steps lo .. hi - 1 of the segment, all at once."""
+            block = block_names(lo, hi)
+            self._write_shared(w, local_temps, block, block, ranges, f"{hi} - {lo}, B_, H_", indent)
             block_printer = TorchPrinter(self.sizes, ranges, block, fuse=True)
             for x in local:
                 idx, e = grads[x.name]
-                value = self._broadcast(block_printer, e, idx, f"(t2 - t, B_, H_{dims_of(x)})",
+                value = self._broadcast(block_printer, e, idx, f"({hi} - {lo}, B_, H_{dims_of(x)})",
                                         None if x in rec.inputs else whole)
-                outer = None if x in rec.inputs else self._outer_sum(block_printer, e, idx, ranges, whole)
+                outer = None if x in rec.inputs else self._outer_sum(block_printer, e, idx, ranges, whole, hi, lo)
                 if x in rec.inputs:
-                    w(f"{grad[x.name]}[:, t0 + t:t0 + t2] = ({value}).transpose(0, 1)", 4)
+                    w(f"{grad[x.name]}[:, t0 + {lo}:t0 + {hi}] = ({value}).transpose(0, 1)", indent)
                 elif outer is not None:
-                    w(f"{grad[x.name]} = {grad[x.name]} + {outer}  # summed over the block's steps and rows", 4)
+                    w(f"{grad[x.name]} = {grad[x.name]} + {outer}  # summed over the block's steps and rows", indent)
                 else:
-                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", 4)
+                    w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", indent)
+
+        if readouts is not None:
+            self._write_blocked_reverse(w, readouts, previous, block_names, block_gradients if grads else None,
+                                        step, fetch, step_loop, by_name, carried, total_at, total_buffer, dims_of,
+                                        ranges, whole, loop_temps)
+        if grads and readouts is None:
+            w("if t % block == 0:  # each input's and param's gradient at steps t .. t2 - 1, all at once", 3)
+            w("t2 = min(t + block, t1 - t0)", 4)
+            block_gradients("t", "t2", 4)
         w(f"return [{', '.join(grad[x.name] for x in rec.inputs + rec.params)}], "
           f"{{{', '.join(f'{s.name!r}: {carried[s.name]}' for s in rec.states)}}}")
         return w.text()
 
-    def _outer_sum(self, printer: TorchPrinter, e: sympy.Expr, idx, ranges, full) -> str | None:
+    def _split_updates(self, updates: dict, kept: set[str]) -> dict[str, tuple[sympy.Expr, list]]:
+        """{state: (U, [term])} for each kept state whose update (IR, as the recomputation prints it) is a sum
+        `U + term` with U free of every state and one term reading states (`exp(g[i]) * S[i, j]`, or `S[i, j]`):
+        the recomputation then writes U for the whole segment at once and adds the term per step in place, one
+        pass over the state per step rather than two (`c * S` formed, then `+ k v^T`)."""
+        split = {}
+        for s in self.rec.states:
+            if s.name not in kept:
+                continue
+            _, e = updates[s.name]
+            terms = sympy.Add.make_args(e)
+            free = [x for x in terms if not self._mentions_state(x)]
+            dependent = [x for x in terms if self._mentions_state(x)]
+            if free and len(dependent) == 1 and not is_constant(sympy.Add(*free), self.sizes):
+                split[s.name] = (sympy.Add(*free), dependent)
+        return split
+
+    def _readout_blocks(self, new_states: list, previous: dict, carried_names: set[str],
+                        total_names: set[str]) -> dict[str, sympy.Expr] | None:
+        """{state: R} when every state's total gradient after a step is `S__grad + R`, R free of the gradients
+        carried back (the outputs' and later states' terms: `q[i] * do[j]`), and every state's gradient before the
+        step reads its own total gradient only (`exp(g[i]) * S__new__grad[i, j]`); else None. Then
+        S__new__grad(t - 1) = R(t - 1) + (S__grad before step t), so the reverse loop writes R for a block of steps
+        at once and adds the backward map of each step into the slot of the step before it, in place."""
+        readouts = {}
+        for name, (idx, e) in new_states:
+            s = name[: -len(NEW_SUFFIX + GRAD_SUFFIX)]
+            incoming = sympy.IndexedBase(grad_name(s))[idx] if idx else sympy.Symbol(grad_name(s))
+            terms = list(sympy.Add.make_args(e))
+            if incoming not in terms:
+                return None
+            rest = [x for x in terms if x != incoming]
+            if any(reads(x, carried_names | total_names) for x in rest):
+                return None
+            readouts[s] = sympy.Add(*rest)
+        for s, (_, e) in previous.items():
+            if reads(e, carried_names | (total_names - {grad_name(s + NEW_SUFFIX)})):
+                return None
+        return readouts
+
+    def _accumulate(self, printer: TorchPrinter, terms, idx, target: str) -> list[str]:
+        """Source adding each of `terms` (over `idx`) into the existing tensor `target` in place: a product as
+        `addcmul_` (its factor with the most axes times the others), a tensor times numbers as `add_(x, alpha=c)`,
+        anything else as `add_`. No temporary of the target's size is formed."""
+        lines = []
+        for term in terms:
+            factors = sympy.Mul.make_args(term)
+            constant = sympy.Mul(*[f for f in factors if is_constant(f, self.sizes)])
+            tensors = [f for f in factors if not is_constant(f, self.sizes)]
+            if len(tensors) == 1 and (isinstance(term, sympy.Mul) or _leaf(term)):
+                x = printer.print_expr(tensors[0], idx)
+                lines.append(f"{target}.add_({x})" if constant == 1 else
+                             f"{target}.add_({x}, alpha={printer.print_expr(constant, idx)})")
+            elif len(tensors) > 1 and isinstance(term, sympy.Mul):
+                k = max(range(len(tensors)), key=lambda n: len(printer._axes_of(tensors[n])))
+                small = sympy.Mul(constant, *(tensors[:k] + tensors[k + 1:]))
+                lines.append(f"{target}.addcmul_({printer.print_expr(small, idx)}, "
+                             f"{printer.print_expr(tensors[k], idx)})")
+            else:
+                lines.append(f"{target}.add_({printer.print_expr(term, idx)})")
+        return lines
+
+    def _fill(self, printer: TorchPrinter, e: sympy.Expr, idx, target: str, shape: str, per_step: set[str],
+              full) -> str:
+        """Source writing `e` (over `idx`, for a run of steps) into the existing tensor `target` of `shape`: a
+        product of a per-step tensor and others over all of `idx` as `torch.mul(..., out=target)` (no temporary),
+        else through `_into`; zero as `zero_()`."""
+        if e == 0:
+            return f"{target}.zero_()"
+        tensors = [f for f in sympy.Mul.make_args(e) if not is_constant(f, self.sizes)]
+        if (isinstance(e, sympy.Mul) and len(tensors) > 1 and printer._axes_of(e) == set(idx)
+                and any(reads(f, per_step) for f in tensors)):
+            constant = [f for f in sympy.Mul.make_args(e) if is_constant(f, self.sizes)]
+            k = max(range(len(tensors)), key=lambda n: len(printer._axes_of(tensors[n])))
+            small = sympy.Mul(*constant, *(tensors[:k] + tensors[k + 1:]))
+            return (f"torch.mul({printer.print_expr(small, idx)}, {printer.print_expr(tensors[k], idx)}, "
+                    f"out={target})")
+        return _into(self._broadcast(printer, e, idx, shape, full), target)
+
+    def _write_blocked_reverse(self, w: SourceWriter, readouts: dict, previous: dict, block_names, block_gradients,
+                               step: dict, fetch, step_loop: set[str], by_name: dict, carried: dict, total_at: dict,
+                               total_buffer: dict, dims_of, ranges: dict, whole: set[str], temps=()) -> None:
+        """The reverse loop of `write_recurrent_adjoint` when `_readout_blocks` applies: a block of steps t2 .. t3 - 1
+        at a time (from the last), the readout terms of every state's total gradient written for the whole block
+        at once, then step by step the backward map of step t added into the total gradient of step t - 1 (in
+        place), then the block's input and param gradients. The gradient before the segment's first step is the
+        backward map of that step."""
+        names = {s: s for s in readouts}
+        w("# The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout "
+          "terms of", 2)
+        w("# each state's total gradient for the whole block at once, then step by step the gradient of the state "
+          "before", 2)
+        w("# step t added in place into the total of step t - 1; then the inputs' and params' gradients at the "
+          "block.", 2)
+        w("for t2 in reversed(range(0, t1 - t0, block)):", 2)
+        w("t3 = min(t2 + block, t1 - t0)", 3)
+        block = block_names("t2", "t3")
+        self._write_shared(w, temps, block, block, ranges, "t3 - t2, B_, H_", 3)
+        block_printer = TorchPrinter(self.sizes, ranges, block, fuse=True)
+        per_step = {n for n, source in block.items() if "[t2" in source}  # the block's slices
+        for s in names:
+            idx = previous[s][0]
+            shape = f"(t3 - t2, B_, H_{dims_of(by_name[s])})"
+            w(f"{self._fill(block_printer, readouts[s], idx, f'{total_buffer[s]}[t2:t3]', shape, per_step, whole)}"
+              f"  # d loss / d {s} after each step, from its outputs", 3)
+        w("if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it", 3)
+        for s in names:
+            w(f"{total_at[s]}[t3 - 1].add_({carried[s]})", 4)
+        w("for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):", 3)
+        fetch(step_loop, 4)
+        step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
+        for s in names:
+            idx, e = previous[s]
+            for line in self._accumulate(step_printer, sympy.Add.make_args(e) if e != 0 else (), idx,
+                                         f"{total_at[s]}[t - 1]"):
+                w(f"{line}  # d loss / d {s} before step t", 4)
+        if block_gradients is not None:
+            block_gradients("t2", "t3", 3)
+        w("t = 0", 2)
+        fetch(step_loop, 2)
+        for s in names:
+            idx, e = previous[s]
+            value = self._broadcast(step_printer, e, idx, self._state_shape(by_name[s]), whole)
+            if value == f"{total_at[s]}[t]":  # a view of the buffer, which the segment before overwrites
+                value += ".clone()"
+            w(f"{carried[s]} = {value}  # d loss / d {s} before the segment", 2)
+
+    def _outer_sum(self, printer: TorchPrinter, e: sympy.Expr, idx, ranges, full, hi: str = "t2",
+                   lo: str = "t") -> str | None:
         """A matrix param's gradient over a block, `e` summed over the block's steps and rows, as matrix products
         when every term of `e` is a product of factors over its first index and factors over its second: then
         sum over (t, b) of X[t, b, h, d] * Y[t, b, h, e] is X^T Y per head, instead of a [t, B, H, D, E] tensor of
@@ -750,7 +921,8 @@ class TorchFormWriter:
             by_right.setdefault(sympy.Mul(*sides[1]), []).append(sympy.Mul(*sides[0]))
         products = []
         for right, lefts in by_right.items():
-            x, y = (self._broadcast(printer, side, (var,), f"(t2 - t, B_, H_, {self._range_dim(ranges[var])})", full)
+            x, y = (self._broadcast(printer, side, (var,), f"({hi} - {lo}, B_, H_, {self._range_dim(ranges[var])})",
+                                    full)
                     for side, var in ((sympy.Add(*lefts), first), (right, second)))
             products.append(f"({x}).flatten(0, 1).permute(1, 2, 0) @ ({y}).flatten(0, 1).transpose(0, 1)")
         return " + ".join(f"({p})" for p in products) if len(products) > 1 else products[0]

@@ -226,6 +226,19 @@ def test_the_forward_keeps_checkpoints_only(monkeypatch):
     assert checkpoint_every(100) == 64 and checkpoint_every(1 << 20) == 1024
 
 
+def test_a_segment_of_large_states_is_shorter_on_cpu():
+    """On CPU a segment's two buffers stay within SEGMENT_BYTES, never below MIN_EVERY steps; small states keep
+    max(64, isqrt(T)); an explicit RECURRENCE_DSL_CHECKPOINT_EVERY wins."""
+    from codegen.dispatch import MIN_EVERY, SEGMENT_BYTES
+
+    gla = [torch.zeros(2, 4, 64, 64)]  # 128 KiB a step: 4 MiB / (2 * 128 KiB) = 16 steps
+    assert checkpoint_every(2048, gla) == max(MIN_EVERY, SEGMENT_BYTES // (2 * 128 << 10)) == 16
+    assert checkpoint_every(2048, [torch.empty(1).expand(2, 4, 64, 256, 256)]) == MIN_EVERY  # 32 MiB a step
+    assert checkpoint_every(2048, [torch.zeros(2, 4, 64)]) == 64
+    assert checkpoint_every(1 << 20, [torch.zeros(2, 4, 64)]) == 1024
+    assert checkpoint_every(2048) == 64
+
+
 def test_the_adjoint_of_gla_as_mathematics():
     """The derived step: dS_(t-1) = exp(g) * dS_t, dq = sum_j S_t[i, j] do[j] / sqrt(K), dk = dS_t v, ..."""
     a = analyse(SPECS["gla"].checked)

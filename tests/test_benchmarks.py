@@ -98,6 +98,20 @@ def test_compare_adjoint_of_identical_modules_runs_and_agrees(tmp_path):
     assert row["fwd_bwd_before_s"] > 0 and row["fwd_bwd_after_s"] > 0 and "after/before" in run.stdout
 
 
+def test_compare_adjoint_times_each_recurrence_of_a_file_on_either_clock(tmp_path):
+    out = tmp_path / "compare.json"
+    golden = REPO / "tests" / "golden"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(golden),
+                          "--after", str(golden), "--specs", "bidirectional_mamba", "--T", "12", "--D", "4",
+                          "--repeats", "1", "--clock", "cpu", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["clock"] == "cpu"
+    assert [r["spec"] for r in report["rows"]] == ["bidirectional_mamba_forward", "bidirectional_mamba_backward"]
+    assert all(r["max_rel_grad_difference"] == 0.0 for r in report["rows"])
+
+
 def test_compare_adjoint_names_a_missing_module(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(tmp_path),
                           "--specs", "delta_net", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
