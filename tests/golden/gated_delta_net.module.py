@@ -73,6 +73,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -431,31 +432,47 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
 def takes_cu_seqlens(fn):
     """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
-    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
-    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
-    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
-    (an attribute, so a generated module without such a form keeps none of it)."""
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
+    whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
+    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
+    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
+    module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
     return fn
 
 
-def _run_packed_form(form, call, inputs, states, call_form):
-    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
-    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
-    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+    """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    if call.length == 0:
+        return None
+    packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
+    if form != "auto":
+        return form if form in packed else None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
+    lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+
+
+def _run_packed_form(chosen, form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the form `chosen`, or None where
+    a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
+    T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
+    where they can (they step exactly as the reference does), else the batches by length step through.
     A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
     cu = call.cu_seqlens
     flip = None
     if call.reverse:
         seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
         flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
     try:
-        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
-    except UnsafeSteps:
-        return None
-    except DecayNotPositive:
-        if form != "auto":
+        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+    except (UnsafeSteps, DecayNotPositive) as failed:
+        if isinstance(failed, DecayNotPositive) and form != "auto":
             raise
         return None
     return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
@@ -475,17 +492,20 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
-    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
+    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
-    if runner is not None and form in ("auto", "chunked") and call.length > 0:
-        done = runner(form, call, inputs, states, call_form)
+    chosen = packed_form(form_fns, form, call, chunk_size)
+    if chosen is not None:
+        done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
+        if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
+                                                                                      chunk_size):
+            done = _run_packed_form("recurrent", form, call, inputs, states, call_form)
         if done is not None:
             return done
     groups = length_groups(cu)
@@ -658,12 +678,16 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -673,9 +697,12 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        length = tensors[0].shape[1]
         states = next(a for a in args if isinstance(a, dict)).values()
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
-                                      kernels, *tensors)
+        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        cu = extra.get("cu_seqlens")
+        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -703,9 +730,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -733,8 +765,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1612,6 +1645,8 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 _triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
 _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1779,14 +1814,16 @@ def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.c
 
 
 @triton.jit
-def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                        NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
                         DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
-                        VARLEN: tl.constexpr):
+                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
     S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
-    _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1)."""
+    _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1).
+    DPLR (the diagonal-plus-rank-one class, `triton_chunked_dplr_by`: k holds its b, W its -W): the step's own key and
+    value add (k2 exp(G_last - G))^T v2 to every chunk's update."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
@@ -1855,10 +1892,13 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, T, H: tl.constex
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, VSTEP: tl.constexpr, SKIP: tl.constexpr):
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
 
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
@@ -1892,7 +1932,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, 
     b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
     b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))[:, None]
     b_A = b_A * _triton_decay(b_gq[:, None], b_g[None, :])
-    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -2028,8 +2069,9 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None):
-    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states."""
+                  num_stages, packed=None, kv=None):
+    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -2040,24 +2082,28 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
         k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
-        packed.offsets if packed is not None else h, T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None,
-        ht is not None, prec, packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS),
+        packed.offsets if packed is not None else h, k if kv is None else kv[0], u if kv is None else kv[1], T, H,
+        K, V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec, packed is not None, kv is not None,
+        num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, fused=None) -> None:
+                  num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)); fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
+    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = f.v_step
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, vs if vs is not None else o,
-        f.skip if f.skip is not None else o, f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V,
-        BT, BK, BV, decay, exclusive, prec, vs is not None, f.skip is not None,
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
+        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        pair is not None, vs is not None, f.skip is not None,
         num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
@@ -2084,8 +2130,14 @@ class triton_ScalarDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, fused=None):
-        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages, fused)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None), fused)
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
@@ -2771,6 +2823,11 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
                 cast(dsw, skip_weight), *[dq.to(q.dtype) for dq, q in zip(dqs, qs)])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
@@ -2804,6 +2861,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -2818,6 +2889,26 @@ def _triton_size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
     return float(value(*(torch.tensor(float(s), dtype=torch.float64) for s in sizes)))
+
+
+def _triton_sequences(cu_seqlens, rows, length, every, dev):
+    """(B, cu, first, NC, longest) of a call on [rows, length, H, ...] inputs with checkpoints every `every` steps
+    (none when every = 0): without cu_seqlens B = rows, cu = first = None, NC = cdiv(length, every) checkpoints per
+    row; with cu_seqlens (int64 [N + 1] boundaries of N sequences packed in one row, cu_seqlens[-1] = length) B = N,
+    cu the boundaries on `dev`, first[n] the first of sequence n's cdiv(length_n, every) checkpoints, NC their total
+    (a table built once on the host: the sequences' checkpoint counts differ) and longest the longest sequence.
+    Raises ValueError for packed inputs of more than one row or boundaries that do not end at `length`."""
+    if cu_seqlens is None:
+        return rows, None, None, (triton.cdiv(length, every) if every > 0 else 0), length
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if rows != 1 or int(cu[-1]) != length:
+        raise ValueError(f"cu_seqlens {cu.tolist()[:4]}... must pack its sequences in one row of {length} steps, "
+                         f"got inputs of {rows} rows")
+    lengths = cu[1:] - cu[:-1]
+    counts = (lengths + every - 1) // every if every > 0 else torch.zeros_like(lengths)
+    first = torch.cumsum(counts, 0) - counts
+    longest = int(lengths.max()) if len(lengths) else 0
+    return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -2963,27 +3054,37 @@ def gated_delta_net__chunked(q, k, v, g, beta, states, K, V, chunk_size=64):
 @triton.jit
 def gated_delta_net__triton_recurrent_kernel(
     q, k, v, g, beta,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S, o, ht_S, ck_S, c_K_pow_m0_5, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
+    h0_S, o, ht_S, ck_S, cu_, ck_first_, c_K_pow_m0_5, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr, VARLEN: tl.constexpr,  # states in, outputs, states out, checkpoints, cu_seqlens, constants, sizes, blocks
 ):
-    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. L_ - 1 in a loop.
+    VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..
+    cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_V = offs_V < V
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
-    p_q = q + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_k = k + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_v = v + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    p_g = g + (i_b.to(tl.int64) * T_ * H_ + i_h)
-    p_beta = beta + (i_b.to(tl.int64) * T_ * H_ + i_h)
-    p_o = o + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    for i_t in range(0, T_):
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_q = q + (bos_ * H_ + i_h) * K + offs_K
+    p_k = k + (bos_ * H_ + i_h) * K + offs_K
+    p_v = v + (bos_ * H_ + i_h) * V + offs_V
+    p_g = g + (bos_ * H_ + i_h)
+    p_beta = beta + (bos_ * H_ + i_h)
+    p_o = o + (bos_ * H_ + i_h) * V + offs_V
+    for i_t in range(0, L_):
         if CHECKPOINT:
             if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
                 tl.store(p_ck_S + (i_t // every) * (K * V), b_S, mask=m_S)
@@ -3008,13 +3109,16 @@ def gated_delta_net__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def gated_delta_net__triton_recurrent_loop(q, k, v, g, beta, states, K, V, *, every=0, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def gated_delta_net__triton_recurrent_loop(q, k, v, g, beta, states, K, V, *, every=0, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns
     (outputs, final states, checkpoints):
     with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
-    from which the derived backward recomputes the others."""
-    B_, T_, H_ = q.shape[:3]
+    from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N
+    sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their
+    checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_triton_sequences`)."""
+    R_, T_, H_ = q.shape[:3]
     dev = q.device
+    B_, cu_, ck_first_, NC_, _ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
@@ -3022,10 +3126,9 @@ def gated_delta_net__triton_recurrent_loop(q, k, v, g, beta, states, K, V, *, ev
     beta = beta.contiguous()
     states = states or {}
     h0_S = _triton_initial_state(states, 'S', (B_, H_, K, V), dev)
-    o = torch.empty((B_, T_, H_, V), dtype=q.dtype, device=dev)
+    o = torch.empty((R_, T_, H_, V), dtype=q.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
-    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
-    ck_S = torch.empty((B_, H_, NC_, K, V), dtype=torch.float32, device=dev)
+    ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
@@ -3033,7 +3136,7 @@ def gated_delta_net__triton_recurrent_loop(q, k, v, g, beta, states, K, V, *, ev
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         gated_delta_net__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            q, k, v, g, beta, h0_S, o, ht_S, ck_S, c_K_pow_m0_5, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, g, beta, h0_S, o, ht_S, ck_S, cu_, ck_first_, c_K_pow_m0_5, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
 
@@ -3041,17 +3144,28 @@ def gated_delta_net__triton_recurrent_loop(q, k, v, g, beta, states, K, V, *, ev
 @triton.jit
 def gated_delta_net__triton_recurrent_adjoint_kernel(
     q, k, v, g, beta,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S, dht_S, do, dq, dk, dv, dg, dbeta, dh0_S, sc_S, c_K_pow_m0_5, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S, dht_S, do, dq, dk, dv, dg, dbeta, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of gated_delta_net__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
-    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.
+    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
     i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
     i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+        NS_ = NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -3059,24 +3173,24 @@ def gated_delta_net__triton_recurrent_adjoint_kernel(
     # The final states' gradients (from the loss), then carried back step by step.
     m_S = mask_K[:, None] & mask_V[None, :]
     b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    for i_r in range(0, NC_):
-        i_c = NC_ - 1 - i_r  # segments from the last
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r  # segments from the last
         t0 = i_c * every
         t1 = t0 + every
-        if t1 > T_:
-            t1 = T_
+        if t1 > L_:
+            t1 = L_
         # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
         # slot (the barriers: a slot is written and read by different threads of the program).
         tl.debug_barrier()
         b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
         for i_t in range(t0, t1):
             tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_g = tl.load(g + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1).to(tl.float32)
-            b_beta = tl.load(beta + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1).to(tl.float32)
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_g = tl.load(g + ((bos_ + i_t) * H_ + i_h) * 1).to(tl.float32)
+            b_beta = tl.load(beta + ((bos_ + i_t) * H_ + i_h) * 1).to(tl.float32)
             b_exp0 = tl.exp(b_g)  # scalar
             b_sum1 = tl.sum(b_exp0 * b_k[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_S_new = b_exp0 * b_S + b_beta * (b_v[None, :] - b_sum1[None, :]) * b_k[:, None]  # [BLOCK_K, BLOCK_V] gated_delta_net.rec:11,12
@@ -3087,16 +3201,16 @@ def gated_delta_net__triton_recurrent_adjoint_kernel(
         for i_s in range(0, t1 - t0):
             i_t = t1 - 1 - i_s
             b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
-            b_q = tl.load(q + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_g = tl.load(g + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1).to(tl.float32)
-            b_beta = tl.load(beta + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1).to(tl.float32)
-            b_do = tl.load(do + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+            b_q = tl.load(q + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_g = tl.load(g + ((bos_ + i_t) * H_ + i_h) * 1).to(tl.float32)
+            b_beta = tl.load(beta + ((bos_ + i_t) * H_ + i_h) * 1).to(tl.float32)
+            b_do = tl.load(do + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
             b_dS_new = c_K_pow_m0_5 * b_do[None, :] * b_q[:, None] + b_dS  # d loss / d S after step i_t
             b_sum3 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
             b_dq = c_K_pow_m0_5 * b_sum3  # [BLOCK_K]
-            tl.store(dq + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
+            tl.store(dq + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
             b_exp0 = tl.exp(b_g)  # scalar
             b_sum4 = tl.sum(b_k[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_t5 = b_v - b_exp0 * b_sum4  # [BLOCK_V]
@@ -3104,16 +3218,16 @@ def gated_delta_net__triton_recurrent_adjoint_kernel(
             b_sum2 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_sum7 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
             b_dk = b_beta * b_sum6 - b_exp0 * b_beta * b_sum7  # [BLOCK_K]
-            tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
             b_dv = b_beta * b_sum2  # [BLOCK_V]
-            tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
             b_sum8 = tl.sum(tl.sum(b_S * b_dS_new, axis=1), axis=0)  # scalar
             b_sum9 = tl.sum(b_sum7 * b_k, axis=0)  # scalar
             b_dg = b_exp0 * b_sum8 - b_exp0 * b_sum9 * b_beta
-            tl.store(dg + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1, b_dg)
+            tl.store(dg + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * 1, b_dg)
             b_sum10 = tl.sum(b_sum2 * b_t5, axis=0)  # scalar
             b_dbeta = b_sum10
-            tl.store(dbeta + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * 1, b_dbeta)
+            tl.store(dbeta + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * 1, b_dbeta)
             b_dS_prev = b_exp0 * b_dS_new - b_exp0 * b_beta * b_sum2[None, :] * b_k[:, None]  # d loss / d S before step i_t
             b_dS = b_dS_prev
             b_S_new = b_S
@@ -3121,32 +3235,35 @@ def gated_delta_net__triton_recurrent_adjoint_kernel(
     tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
 
 
-def gated_delta_net__triton_recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def gated_delta_net__triton_recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outputs, grad_states, K, V, *, every=64, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """The backward of gated_delta_net__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form gated_delta_net__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...].
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:
+    inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
-    B_, T_, H_ = q.shape[:3]
+    R_, T_, H_ = q.shape[:3]
     dev = q.device
+    B_, cu_, ck_first_, NC_, LMAX_ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
+    if NC_ != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints given, {NC_} expected every {every} steps")
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
     g = g.contiguous()
     beta = beta.contiguous()
-    NC_ = len(checkpoints)
-    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, K, V), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S = grad_states['S'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
-    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
-    dq = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dv = torch.empty((B_, T_, H_, V), dtype=torch.float32, device=dev)
-    dg = torch.empty((NT_, B_, T_, H_), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dbeta = torch.empty((NT_, B_, T_, H_), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
+    dq = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
+    dg = torch.empty((NT_, R_, T_, H_), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dbeta = torch.empty((NT_, R_, T_, H_), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
@@ -3154,7 +3271,7 @@ def gated_delta_net__triton_recurrent_adjoint(q, k, v, g, beta, checkpoints, gra
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         gated_delta_net__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, g, beta, ck_S, dht_S, do, dq, dk, dv, dg, dbeta, dh0_S, sc_S, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, g, beta, ck_S, dht_S, do, dq, dk, dv, dg, dbeta, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dq.sum(0), dk.sum(0), dv, dg.sum(0), dbeta.sum(0)], {'S': dh0_S}
 
@@ -3178,7 +3295,7 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
 
 _gated_delta_net_forms = {'recurrent': gated_delta_net__recurrent, 'chunked': gated_delta_net__chunked}
 _gated_delta_net_out, _gated_delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_gated_delta_net_triton_forms = {'recurrent': with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True), 'chunked': takes_cu_seqlens(gated_delta_net__chunked_triton)} if HAVE_TRITON else None
+_gated_delta_net_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True)), 'chunked': takes_cu_seqlens(gated_delta_net__chunked_triton)} if HAVE_TRITON else None
 
 
 class _GatedDeltaNetLayer(Layer):

@@ -72,6 +72,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -430,31 +431,47 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
 def takes_cu_seqlens(fn):
     """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
-    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states (the chunked Triton
-    forms of linear and delta-rule classes: their kernels walk each sequence's chunks through index tables built
-    once per call, codegen/triton_runtime.py `_Packed`). Returns `fn`, whose `run_packed` is `_run_packed_form`
-    (an attribute, so a generated module without such a form keeps none of it)."""
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
+    whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
+    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
+    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
+    module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
     return fn
 
 
-def _run_packed_form(form, call, inputs, states, call_form):
-    """(outputs, final states) of every packed sequence of `call` in one call of the chunked form, or None where
-    that form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed T)
-    or, under "auto", a decay that is not positive: the batches by length then step through instead.
+def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+    """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    if call.length == 0:
+        return None
+    packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
+    if form != "auto":
+        return form if form in packed else None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
+    lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+
+
+def _run_packed_form(chosen, form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the form `chosen`, or None where
+    a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
+    T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
+    where they can (they step exactly as the reference does), else the batches by length step through.
     A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
     cu = call.cu_seqlens
     flip = None
     if call.reverse:
         seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
         flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
     try:
-        piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
-        out, fin = call_form("chunked", piece, states, call.length, cu_seqlens=cu)
-    except UnsafeSteps:
-        return None
-    except DecayNotPositive:
-        if form != "auto":
+        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+    except (UnsafeSteps, DecayNotPositive) as failed:
+        if isinstance(failed, DecayNotPositive) and form != "auto":
             raise
         return None
     return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
@@ -474,17 +491,20 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
-    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
+    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
-    if runner is not None and form in ("auto", "chunked") and call.length > 0:
-        done = runner(form, call, inputs, states, call_form)
+    chosen = packed_form(form_fns, form, call, chunk_size)
+    if chosen is not None:
+        done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
+        if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
+                                                                                      chunk_size):
+            done = _run_packed_form("recurrent", form, call, inputs, states, call_form)
         if done is not None:
             return done
     groups = length_groups(cu)
@@ -657,12 +677,16 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -672,9 +696,12 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        length = tensors[0].shape[1]
         states = next(a for a in args if isinstance(a, dict)).values()
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
-                                      kernels, *tensors)
+        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        cu = extra.get("cu_seqlens")
+        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -750,6 +777,8 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
+        ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
@@ -769,6 +798,7 @@ class _BlockBackward(torch.autograd.Function):
         buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
                    for x, want in zip(inputs, need_inputs)]
         buffer_pieces = [b.split(ctx.steps, dim=1) if b is not None else None for b in buffers]
+        used = [False] * len(inputs)  # an input no block's results depend on gets None, as from one block
         param_grads = [None] * len(params)
         carried = dict(zip(state_names, grads[len(out_names):]))  # d loss / d (states after the block)
         for n in reversed(range(len(entering))):
@@ -791,6 +821,7 @@ class _BlockBackward(torch.autograd.Function):
                         buffer_pieces[i][n].zero_()
                     else:
                         buffer_pieces[i][n].copy_(g)
+                        used[i] = True
             for i, t in enumerate(block_params):
                 if t.requires_grad:
                     g = next(got)
@@ -799,6 +830,7 @@ class _BlockBackward(torch.autograd.Function):
             carried = {name: next(got) for name in state_names}
         need_states = need[at:]
         state_grads = [carried[k] if want else None for k, want in zip(ctx.layout[at][1], need_states)]
+        buffers = [b if u else None for b, u in zip(buffers, used)]
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
@@ -819,9 +851,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -849,8 +886,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1717,6 +1755,8 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1915,10 +1955,13 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, VSTEP: tl.constexpr, SKIP: tl.constexpr):
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
 
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
@@ -1948,7 +1991,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, vs, sx, sw, scale, T, 
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    b_A = tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -2176,17 +2220,20 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, fused=None) -> None:
+                  num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)); fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
+    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = f.v_step
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, vs if vs is not None else o,
-        f.skip if f.skip is not None else o, f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V,
-        BT, BK, BV, decay, exclusive, prec, vs is not None, f.skip is not None,
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
+        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        pair is not None, vs is not None, f.skip is not None,
         num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
@@ -2216,8 +2263,17 @@ class triton_NoDecay:
         return None
 
     @staticmethod
-    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, fused=None):
-        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages, fused)
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        """The diagonal-plus-rank-one class's scores, when `_triton_dplr_wy_kernel` does not form them itself."""
+        return None, None
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
+        """o = q's readouts of the chunk-start states h plus the intra-chunk sums over (k, v), and over pair
+        (the diagonal-plus-rank-one class's (b, U)) when given."""
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages,
+                      None if pair is None else (*pair, None), fused)
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
@@ -2695,7 +2751,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False, False,
+                do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
+                False, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
@@ -2753,9 +2810,14 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
-_triton_SCAN_BN_BLOCK = 32  # 2 x 2 blocks per program: six scanned tiles (the backward reached 255 registers at 64)
+_triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
 _triton_SCAN_WARPS = 4
 
 
@@ -2773,15 +2835,41 @@ def _triton_scan_last_row(x, BT: tl.constexpr):
 
 @triton.jit
 def _triton_scan_first_row(x, BT: tl.constexpr):
+    """Row 0 of x [BT, BN] as [BN] (a select, as `_triton_scan_last_row`)."""
     return tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], x, 0.0), axis=0)
 
 
 @triton.jit
-def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+def _triton_scan_program(N, BN: tl.constexpr):
+    """(batch row, block of BN state elements) of this program. The grid is one axis of B * cdiv(N, BN) programs,
+    the element blocks of a row adjacent: a CUDA grid's second and third axes stop at 65535, and B can pass that
+    (`_run_packed` batches every packed sequence of one length as a row)."""
+    NB = tl.cdiv(N, BN)
+    i = tl.program_id(0)
+    return i // NB, i % NB
+
+
+@triton.jit
+def _triton_first_step_mask(m_n, T, VARLEN: tl.constexpr):
+    """The lanes of step 0 to load: a packed row's empty sequence has no step 0 (and its g is zero); a row of its
+    own has T >= 1 (the launcher's rule)."""
+    if VARLEN:
+        return m_n & (tl.zeros_like(m_n.to(tl.int32)) < T)  # (a tensor: T is a plain int in the interpreter)
+    else:
+        return m_n
+
+
+@triton.jit
+def _triton_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N  # row i_b of [B, T, N]
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
     for i_t in range(0, tl.cdiv(T, BT)):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -2796,11 +2884,18 @@ def _triton_scan_fwd_kernel(a, b, h0, s, T, N, BT: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+def _triton_scan_bwd_kernel(
+    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
+):
+    i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    base = i_b.to(tl.int64) * T * N
+    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
+        bos = tl.load(cu + i_b).to(tl.int64)
+        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    base = bos * N  # the sequence's first step in [B, T, N]
     b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
     b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
     NT = tl.cdiv(T, BT)
@@ -2821,32 +2916,44 @@ def _triton_scan_bwd_kernel(a, s, h0, ds, da, db, dh0, T, N, BT: tl.constexpr, B
         tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
         tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
         b_g = _triton_scan_first_row(b_gt, BT)
-    b_a0 = tl.load(a + base + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)  # step 0 (T >= 1: the launcher's rule)
+    # step 0 (an empty sequence of a packed row: none, and its g is zero)
+    m_0 = _triton_first_step_mask(m_n, T, VARLEN)
+    b_a0 = tl.load(a + base + o_n, mask=m_0, other=0.0).to(da.dtype.element_ty)
     tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
 
 
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
+    """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
+    of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_triton_SCAN_BN_BLOCK` no kernel spills at
+    sm_80 / sm_90 in bfloat16 (the 2 x 2 backward reached 255 registers at BN = 64; tests/test_triton_scan.py).
+    Raises ValueError for a value that is not a power of two (Triton's rule for a tl.arange length and for
+    num_warps)."""
     BT = _triton_SCAN_BT if block_t is None else block_t
-    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK) if block_n is None else block_n
-    for name, value in (("block_t", BT), ("block_n", BN)):
+    BN = (_triton_SCAN_BN if m == 1 else _triton_SCAN_BN_BLOCK.get(m, 4)) if block_n is None else block_n
+    warps = _triton_SCAN_WARPS if num_warps is None else num_warps
+    for name, value in (("block_t", BT), ("block_n", BN), ("num_warps", warps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value!r}")
-    return BT, BN, _triton_SCAN_WARPS if num_warps is None else num_warps
+    return BT, BN, warps
 
 
 class _triton_ScanFunction(torch.autograd.Function):
     """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the 2 x 2 block pair (a [B, T, N, 2, 2], b [B, T, N, 2], h0 [B, N, 2]); all contiguous, one dtype;
-    T >= 1. (The kernels come as an argument so that a generated module holds only the pair its layer uses.)"""
+    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
+    T >= 1. cu: None, or the int64 [N_seq + 1] boundaries (on the tensors' device) of N_seq sequences packed in one
+    row (B = 1, h0 [N_seq, ...]), each scanned from its own initial state. (The kernels come as an argument so that
+    a generated module holds only the pair its layer uses.)"""
 
     @staticmethod
-    def forward(ctx, a, b, h0, kernels, config):
+    def forward(ctx, a, b, h0, cu, kernels, config):
         BT, BN, warps = config
-        B, T, N = b.shape[:3]
+        T, N = b.shape[1:3]
+        B = h0.shape[0]  # rows, or packed sequences (cu: their int64 [B + 1] boundaries in the one row)
         s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN), B)](a, b, h0, s, T, N, BT=BT, BN=BN, num_warps=warps)
+        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
+                                              num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.kernels, ctx.config = kernels, config
+        ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
         return s
 
     @staticmethod
@@ -2854,44 +2961,102 @@ class _triton_ScanFunction(torch.autograd.Function):
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config
-        B, T, N = s.shape[:3]
+        T, N = s.shape[1:3]
         ds = ds.contiguous()
         da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN), B)](a, s, h0, ds, da, db, dh0, T, N, BT=BT, BN=BN, num_warps=warps)
-        return da, db, dh0, None, None
+        ctx.kernels[1][(triton.cdiv(N, BN) * h0.shape[0],)](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
+                                                            VARLEN=ctx.cu is not None, num_warps=warps)
+        return da, db, dh0, None, None, None
 
 
 def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
     return torch.float64 if b.dtype == torch.float64 else torch.float32
 
 
+def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None, m: int, states: int):
+    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m >= 2: m x m
+    blocks (b [B, T, ..., m], a broadcastable to [B, T, ..., m, m]). Returns (s, None) when there is nothing to
+    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
+    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_triton_scan_dtype`),
+    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
+    (zeros for None). states: the number of initial states, B or (packed, b of one row) the sequences' number.
+    Raises ValueError naming the argument whose shape does not fit."""
+    if b.dim() < 2 + (m > 1):
+        raise ValueError(f"b must be [B, T, ...{', m' if m > 1 else ''}], got shape {list(b.shape)}")
+    if m > 1 and (b.shape[-1] != m or tuple(a.shape[-2:]) != (m, m)):
+        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
+                         f"{list(b.shape)} and a {list(a.shape)}")
+    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
+    if a.dim() != len(a_shape):
+        what = "as many dims as b" if m == 1 else "one dim more than b"
+        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
+    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
+        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
+    B, T = b.shape[:2]
+    state_shape = (states,) + tuple(b.shape[2:])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    dt = _triton_scan_dtype(b)
+    a = a.to(dt).expand(a_shape)
+    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
+        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
+        return (s if initial_state is None else s + initial_state.to(dt).sum(0, keepdim=True)[:, None]), None
+    b = b.to(dt).contiguous()
+    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    return None, (a.contiguous(), b, h0)
+
+
 def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None) -> triton_Tensor:
+                  block_n: int | None = None, num_warps: int | None = None,
+                  cu_seqlens: triton_Tensor | None = None) -> triton_Tensor:
     """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
 
     b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
     [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
     Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
     initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
-    Raises ValueError for a's number of dims, shapes that do not broadcast or a block size not a power of two.
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed in one row (b [1, T, H, *S],
+    initial_state [N, H, *S], cu_seqlens[-1] = T): one launch scans them all, each from its own initial state
+    (`_triton_packed`). Raises ValueError for a's number of dims, shapes that do not broadcast, a block size not a power
+    of two or bad boundaries.
     """
-    dt = _triton_scan_dtype(b)
     config = _triton_scan_config(block_t, block_n, num_warps, 1)
-    if a.dim() != b.dim():
-        raise ValueError(f"a must have as many dims as b ({b.dim()}), got shape {list(a.shape)}")
-    B, T = b.shape[:2]
-    state_shape = (B,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    if T == 0 or B == 0:  # nothing to scan: the (empty) states
-        return b.to(dt)
-    a = a.to(dt).expand(b.shape).contiguous()  # [B, T, H, *S]: the expand's backward sums a broadcast gradient
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
+    cu, states = _triton_packed(cu_seqlens, b)
+    empty, operands = _triton_scan_operands(a, b, initial_state, 1, states)
+    if operands is None:
+        return empty
+    a, b, h0 = operands
+    rows, T = b.shape[:2]
     N = b[0, 0].numel()
-    s = _triton_ScanFunction.apply(a.view(B, T, N), b.view(B, T, N), h0.view(B, N), (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel),
-                            config)
+    s = _triton_ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(states, N), cu,
+                            (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel), config)
     return s.view(b.shape)
+
+
+def _triton_packed(cu_seqlens: triton_Tensor | None, b: triton_Tensor) -> tuple[triton_Tensor | None, int]:
+    """(the boundaries on b's device or None, the number of scanned sequences): b's rows unpacked, N packed.
+    Raises ValueError unless cu_seqlens is int64 [N + 1], from 0 to b's length, not decreasing, with b of one row."""
+    if cu_seqlens is None:
+        return None, (b.shape[0] if b.dim() else 0)
+    cu = cu_seqlens.detach().to("cpu")
+    T = b.shape[1]
+    if (cu.dtype != torch.int64 or cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != T
+            or bool((cu[1:] < cu[:-1]).any()) or b.shape[0] != 1):
+        raise ValueError(f"cu_seqlens must be int64 [N + 1] boundaries from 0 to T = {T} of sequences packed in one "
+                         f"row, got {cu.tolist()[:8]} for b of shape {list(b.shape)}")
+    return cu.to(b.device), len(cu) - 1
+
+
+def triton_scan_final_states(states: triton_Tensor, initial_state: triton_Tensor, cu_seqlens: triton_Tensor | None = None) -> triton_Tensor:
+    """The state after each sequence's last step: states [B, T, H, *S] (every step's, from `triton_scan_diagonal`),
+    initial_state [B, H, *S]; packed (cu_seqlens int64 [N + 1], states [1, T, ...], initial_state [N, ...]) the
+    state at step cu[n + 1] - 1 of the row, or sequence n's initial state where it is empty. Returns [B or N, H, *S]."""
+    if cu_seqlens is None:
+        return states[:, -1] if states.shape[1] else initial_state
+    cu = cu_seqlens.detach().to(states.device)
+    last = states[0].index_select(0, (cu[1:] - 1).clamp_min(0))
+    empty = (cu[1:] == cu[:-1]).view((-1,) + (1,) * (last.dim() - 1))
+    return torch.where(empty, initial_state.to(last.dtype), last)
 
 
 def _triton_block(n, given, what):
@@ -2927,6 +3092,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -2941,6 +3120,26 @@ def _triton_size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
     return float(value(*(torch.tensor(float(s), dtype=torch.float64) for s in sizes)))
+
+
+def _triton_sequences(cu_seqlens, rows, length, every, dev):
+    """(B, cu, first, NC, longest) of a call on [rows, length, H, ...] inputs with checkpoints every `every` steps
+    (none when every = 0): without cu_seqlens B = rows, cu = first = None, NC = cdiv(length, every) checkpoints per
+    row; with cu_seqlens (int64 [N + 1] boundaries of N sequences packed in one row, cu_seqlens[-1] = length) B = N,
+    cu the boundaries on `dev`, first[n] the first of sequence n's cdiv(length_n, every) checkpoints, NC their total
+    (a table built once on the host: the sequences' checkpoint counts differ) and longest the longest sequence.
+    Raises ValueError for packed inputs of more than one row or boundaries that do not end at `length`."""
+    if cu_seqlens is None:
+        return rows, None, None, (triton.cdiv(length, every) if every > 0 else 0), length
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if rows != 1 or int(cu[-1]) != length:
+        raise ValueError(f"cu_seqlens {cu.tolist()[:4]}... must pack its sequences in one row of {length} steps, "
+                         f"got inputs of {rows} rows")
+    lengths = cu[1:] - cu[:-1]
+    counts = (lengths + every - 1) // every if every > 0 else torch.zeros_like(lengths)
+    first = torch.cumsum(counts, 0) - counts
+    longest = int(lengths.max()) if len(lengths) else 0
+    return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -3069,25 +3268,35 @@ def linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
 @triton.jit
 def linear_attention__triton_recurrent_kernel(
     q, k, v,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S, o, ht_S, ck_S, c_K_pow_m0_5, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
+    h0_S, o, ht_S, ck_S, cu_, ck_first_, c_K_pow_m0_5, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr, VARLEN: tl.constexpr,  # states in, outputs, states out, checkpoints, cu_seqlens, constants, sizes, blocks
 ):
-    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. L_ - 1 in a loop.
+    VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..
+    cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_V = offs_V < V
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
-    p_q = q + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_k = k + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_v = v + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    p_o = o + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    for i_t in range(0, T_):
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_q = q + (bos_ * H_ + i_h) * K + offs_K
+    p_k = k + (bos_ * H_ + i_h) * K + offs_K
+    p_v = v + (bos_ * H_ + i_h) * V + offs_V
+    p_o = o + (bos_ * H_ + i_h) * V + offs_V
+    for i_t in range(0, L_):
         if CHECKPOINT:
             if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
                 tl.store(p_ck_S + (i_t // every) * (K * V), b_S, mask=m_S)
@@ -3106,22 +3315,24 @@ def linear_attention__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns
     (outputs, final states, checkpoints):
     with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
-    from which the derived backward recomputes the others."""
-    B_, T_, H_ = q.shape[:3]
+    from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N
+    sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their
+    checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_triton_sequences`)."""
+    R_, T_, H_ = q.shape[:3]
     dev = q.device
+    B_, cu_, ck_first_, NC_, _ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
     states = states or {}
     h0_S = _triton_initial_state(states, 'S', (B_, H_, K, V), dev)
-    o = torch.empty((B_, T_, H_, V), dtype=q.dtype, device=dev)
+    o = torch.empty((R_, T_, H_, V), dtype=q.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
-    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
-    ck_S = torch.empty((B_, H_, NC_, K, V), dtype=torch.float32, device=dev)
+    ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
@@ -3129,7 +3340,7 @@ def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, b
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         linear_attention__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            q, k, v, h0_S, o, ht_S, ck_S, c_K_pow_m0_5, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, h0_S, o, ht_S, ck_S, cu_, ck_first_, c_K_pow_m0_5, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
 
@@ -3137,17 +3348,28 @@ def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, b
 @triton.jit
 def linear_attention__triton_recurrent_adjoint_kernel(
     q, k, v,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S, dht_S, do, dq, dk, dv, dh0_S, sc_S, c_K_pow_m0_5, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S, dht_S, do, dq, dk, dv, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of linear_attention__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
-    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.
+    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
     i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
     i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+        NS_ = NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -3155,22 +3377,22 @@ def linear_attention__triton_recurrent_adjoint_kernel(
     # The final states' gradients (from the loss), then carried back step by step.
     m_S = mask_K[:, None] & mask_V[None, :]
     b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    for i_r in range(0, NC_):
-        i_c = NC_ - 1 - i_r  # segments from the last
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r  # segments from the last
         t0 = i_c * every
         t1 = t0 + every
-        if t1 > T_:
-            t1 = T_
+        if t1 > L_:
+            t1 = L_
         # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
         # slot (the barriers: a slot is written and read by different threads of the program).
         tl.debug_barrier()
         b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
         for i_t in range(t0, t1):
             tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
             b_S_new = b_k[:, None] * b_v[None, :] + b_S  # [BLOCK_K, BLOCK_V] linear_attention.rec:11
             b_S = b_S_new
         tl.debug_barrier()
@@ -3179,20 +3401,20 @@ def linear_attention__triton_recurrent_adjoint_kernel(
         for i_s in range(0, t1 - t0):
             i_t = t1 - 1 - i_s
             b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
-            b_q = tl.load(q + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_do = tl.load(do + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+            b_q = tl.load(q + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_do = tl.load(do + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
             b_dS_new = c_K_pow_m0_5 * b_do[None, :] * b_q[:, None] + b_dS  # d loss / d S after step i_t
             b_sum0 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
             b_dq = c_K_pow_m0_5 * b_sum0  # [BLOCK_K]
-            tl.store(dq + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
+            tl.store(dq + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dq, mask=mask_K)
             b_sum1 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dk = b_sum1  # [BLOCK_K]
-            tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
             b_sum2 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dv = b_sum2  # [BLOCK_V]
-            tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
             b_dS_prev = b_dS_new  # d loss / d S before step i_t
             b_dS = b_dS_prev
             b_S_new = b_S
@@ -3200,28 +3422,31 @@ def linear_attention__triton_recurrent_adjoint_kernel(
     tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
 
 
-def linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K, V, *, every=64, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K, V, *, every=64, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """The backward of linear_attention__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form linear_attention__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...].
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:
+    inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
-    B_, T_, H_ = q.shape[:3]
+    R_, T_, H_ = q.shape[:3]
     dev = q.device
+    B_, cu_, ck_first_, NC_, LMAX_ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
+    if NC_ != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints given, {NC_} expected every {every} steps")
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
-    NC_ = len(checkpoints)
-    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, K, V), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S = grad_states['S'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
-    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
-    dq = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dv = torch.empty((B_, T_, H_, V), dtype=torch.float32, device=dev)
+    SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
+    dq = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
@@ -3229,19 +3454,20 @@ def linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, grad_output
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         linear_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, ck_S, dht_S, do, dq, dk, dv, dh0_S, sc_S, c_K_pow_m0_5, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            q, k, v, ck_S, dht_S, do, dq, dk, dv, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dq.sum(0), dk.sum(0), dv], {'S': dh0_S}
 
 
-def linear_attention__scan_triton(q, k, v, states, K, V, **options):
-    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time."""
+def linear_attention__scan_triton(q, k, v, states, K, V, cu_seqlens=None, **options):
+    """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
+    None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
     b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # linear_attention.rec:11
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
-    all_S = triton_scan_diagonal(a_S, b_S, states['S'], **options)  # [B, T, H, K, V]
+    all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
     o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # linear_attention.rec:12
-    return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
+    return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
 def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
@@ -3260,7 +3486,7 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
 
 _linear_attention_forms = {'recurrent': linear_attention__recurrent, 'scan': linear_attention__scan, 'chunked': linear_attention__chunked, 'parallel': linear_attention__chunked}
 _linear_attention_out, _linear_attention_st = ('o',), ('S',)  # output and state names, for the backward
-_linear_attention_triton_forms = {'recurrent': with_adjoint(linear_attention__triton_recurrent_loop, linear_attention__triton_recurrent_adjoint, _linear_attention_out, _linear_attention_st, kernels=True), 'scan': linear_attention__scan_triton, 'chunked': takes_cu_seqlens(linear_attention__chunked_triton)} if HAVE_TRITON else None
+_linear_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(linear_attention__triton_recurrent_loop, linear_attention__triton_recurrent_adjoint, _linear_attention_out, _linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(linear_attention__scan_triton), 'chunked': takes_cu_seqlens(linear_attention__chunked_triton)} if HAVE_TRITON else None
 
 
 class _LinearAttentionLayer(Layer):

@@ -75,6 +75,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -438,6 +439,54 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
+    whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
+    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
+    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
+    module without such a form keeps none of it)."""
+    fn.run_packed = _run_packed_form
+    return fn
+
+
+def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+    """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    if call.length == 0:
+        return None
+    packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
+    if form != "auto":
+        return form if form in packed else None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
+    lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+
+
+def _run_packed_form(chosen, form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the form `chosen`, or None where
+    a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
+    T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
+    where they can (they step exactly as the reference does), else the batches by length step through.
+    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
+    cu = call.cu_seqlens
+    flip = None
+    if call.reverse:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+    try:
+        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+    except (UnsafeSteps, DecayNotPositive) as failed:
+        if isinstance(failed, DecayNotPositive) and form != "auto":
+            raise
+        return None
+    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
+
+
 def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
     int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
@@ -452,17 +501,20 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
-    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
+    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
-    if runner is not None and form in ("auto", "chunked") and call.length > 0:
-        done = runner(form, call, inputs, states, call_form)
+    chosen = packed_form(form_fns, form, call, chunk_size)
+    if chosen is not None:
+        done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
+        if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
+                                                                                      chunk_size):
+            done = _run_packed_form("recurrent", form, call, inputs, states, call_form)
         if done is not None:
             return done
     groups = length_groups(cu)
@@ -635,12 +687,16 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -650,9 +706,12 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        length = tensors[0].shape[1]
         states = next(a for a in args if isinstance(a, dict)).values()
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
-                                      kernels, *tensors)
+        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        cu = extra.get("cu_seqlens")
+        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -680,9 +739,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -710,8 +774,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1361,6 +1426,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1430,6 +1497,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
@@ -1454,6 +1526,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -1462,6 +1548,26 @@ def _triton_cuda_arch():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
+
+
+def _triton_sequences(cu_seqlens, rows, length, every, dev):
+    """(B, cu, first, NC, longest) of a call on [rows, length, H, ...] inputs with checkpoints every `every` steps
+    (none when every = 0): without cu_seqlens B = rows, cu = first = None, NC = cdiv(length, every) checkpoints per
+    row; with cu_seqlens (int64 [N + 1] boundaries of N sequences packed in one row, cu_seqlens[-1] = length) B = N,
+    cu the boundaries on `dev`, first[n] the first of sequence n's cdiv(length_n, every) checkpoints, NC their total
+    (a table built once on the host: the sequences' checkpoint counts differ) and longest the longest sequence.
+    Raises ValueError for packed inputs of more than one row or boundaries that do not end at `length`."""
+    if cu_seqlens is None:
+        return rows, None, None, (triton.cdiv(length, every) if every > 0 else 0), length
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if rows != 1 or int(cu[-1]) != length:
+        raise ValueError(f"cu_seqlens {cu.tolist()[:4]}... must pack its sequences in one row of {length} steps, "
+                         f"got inputs of {rows} rows")
+    lengths = cu[1:] - cu[:-1]
+    counts = (lengths + every - 1) // every if every > 0 else torch.zeros_like(lengths)
+    first = torch.cumsum(counts, 0) - counts
+    longest = int(lengths.max()) if len(lengths) else 0
+    return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -1588,22 +1694,32 @@ minimal_rnn__recurrent = with_adjoint(minimal_rnn__recurrent_loop, minimal_rnn__
 @triton.jit
 def minimal_rnn__triton_recurrent_kernel(
     x, Uh, Uz, bu,  # inputs [B, T, H, ...], params [H, ...]
-    h0_h, y, ht_h, ck_h, T_, H_, every, NC_, D, BLOCK_D: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
+    h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, every, NC_, D, BLOCK_D: tl.constexpr, CHECKPOINT: tl.constexpr, VARLEN: tl.constexpr,  # states in, outputs, states out, checkpoints, cu_seqlens, constants, sizes, blocks
 ):
-    """One (batch, head) per program; the whole state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head) per program; the whole state in registers; t = 0 .. L_ - 1 in a loop.
+    VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..
+    cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D
     b_Uh = tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
     b_Uz = tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
     b_bu = tl.load(bu + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
     b_h = tl.load(h0_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * D + offs_D
-    p_x = x + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
-    p_y = y + (i_b.to(tl.int64) * T_ * H_ + i_h) * D + offs_D
-    for i_t in range(0, T_):
+    p_ck_h = ck_h + ck_row_ * D + offs_D
+    p_x = x + (bos_ * H_ + i_h) * D + offs_D
+    p_y = y + (bos_ * H_ + i_h) * D + offs_D
+    for i_t in range(0, L_):
         if CHECKPOINT:
             if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
                 tl.store(p_ck_h + (i_t // every) * D, b_h, mask=mask_D)
@@ -1621,28 +1737,30 @@ def minimal_rnn__triton_recurrent_kernel(
     tl.store(ht_h + i_bh.to(tl.int64) * D + offs_D, b_h, mask=mask_D)
 
 
-def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, block_D=None, num_warps=None, num_stages=1):
+def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, cu_seqlens=None, block_D=None, num_warps=None, num_stages=1):
     """Per-step loop in one Triton program per (batch, head); returns (outputs, final states, checkpoints):
     with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
-    from which the derived backward recomputes the others."""
-    B_, T_, H_ = x.shape[:3]
+    from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N
+    sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their
+    checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_triton_sequences`)."""
+    R_, T_, H_ = x.shape[:3]
     dev = x.device
+    B_, cu_, ck_first_, NC_, _ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
     x = x.contiguous()
     Uh = Uh.contiguous()
     Uz = Uz.contiguous()
     bu = bu.contiguous()
     states = states or {}
     h0_h = _triton_initial_state(states, 'h', (B_, H_, D), dev)
-    y = torch.empty((B_, T_, H_, D), dtype=x.dtype, device=dev)
+    y = torch.empty((R_, T_, H_, D), dtype=x.dtype, device=dev)
     ht_h = torch.empty_like(h0_h)
-    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
-    ck_h = torch.empty((B_, H_, NC_, D), dtype=torch.float32, device=dev)
+    ck_h = torch.empty((R_, H_, NC_, D), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_kernel[(B_ * H_,)](
-            x, Uh, Uz, bu, h0_h, y, ht_h, ck_h, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
+            x, Uh, Uz, bu, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return {'y': y}, {'h': ht_h}, [{'h': ck_h[:, :, n]} for n in range(NC_)]
 
@@ -1650,44 +1768,51 @@ def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, blo
 @triton.jit
 def minimal_rnn__triton_recurrent_adjoint_kernel(
     x, Uh, Uz, bu,  # inputs [B, T, H, ...], params [H, ...]
-    ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, every, NC_, SLOTS_, D, BLOCK_D: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, D, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of minimal_rnn__triton_recurrent_kernel, one (batch, head) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
-    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.
+    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_row = i_b
     i_slot = i_bh.to(tl.int64)  # this program's scratch
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+        NS_ = NC_
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D
-    b_Uh = tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
-    b_Uz = tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_D]
     b_bu = tl.load(bu + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-    b_dUh = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
-    b_dUz = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # summed over the steps
     b_dbu = tl.zeros([BLOCK_D], dtype=tl.float32)  # summed over the steps
     # The final states' gradients (from the loss), then carried back step by step.
     b_dh = tl.load(dht_h + i_bh.to(tl.int64) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
-    p_ck_h = ck_h + i_bh.to(tl.int64) * NC_ * D + offs_D
+    p_ck_h = ck_h + ck_row_ * D + offs_D
     p_sc_h = sc_h + i_slot * SLOTS_ * BLOCK_D + tl.arange(0, BLOCK_D)
-    for i_r in range(0, NC_):
-        i_c = NC_ - 1 - i_r  # segments from the last
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r  # segments from the last
         t0 = i_c * every
         t1 = t0 + every
-        if t1 > T_:
-            t1 = T_
+        if t1 > L_:
+            t1 = L_
         # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
         # slot (the barriers: a slot is written and read by different threads of the program).
         tl.debug_barrier()
         b_h = tl.load(p_ck_h + i_c * D, mask=mask_D, other=0.0)
         for i_t in range(t0, t1):
             tl.store(p_sc_h + (i_t - t0) * BLOCK_D, b_h, mask=mask_D)
-            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_x = tl.load(x + ((bos_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
-            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
-            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sum0 = tl.sum(b_h[None, :] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
             b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
             b_h_new = b_tanh1 * b_t4 + b_sigmoid3 * b_h  # [BLOCK_D] minimal_rnn.rec:12,13,14
@@ -1698,72 +1823,80 @@ def minimal_rnn__triton_recurrent_adjoint_kernel(
         for i_s in range(0, t1 - t0):
             i_t = t1 - 1 - i_s
             b_h = tl.load(p_sc_h + (i_t - t0) * BLOCK_D, mask=mask_D, other=0.0)
-            b_x = tl.load(x + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
-            b_dy = tl.load(dy + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_x = tl.load(x + ((bos_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
+            b_dy = tl.load(dy + ((bos_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_dh_new = b_dh + b_dy  # d loss / d h after step i_t
-            b_sum0 = tl.sum(b_h[None, :] * b_Uh, axis=1)  # [BLOCK_D]
+            b_sum0 = tl.sum(b_h[None, :] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_tanh1 = 2.0 * tl.sigmoid(2.0 * b_x) - 1.0  # [BLOCK_D]
-            b_sum2 = tl.sum(b_tanh1[None, :] * b_Uz, axis=1)  # [BLOCK_D]
+            b_sum2 = tl.sum(b_tanh1[None, :] * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=1)  # [BLOCK_D]
             b_sigmoid3 = tl.sigmoid(b_sum0 + b_sum2 + b_bu)  # [BLOCK_D]
             b_t4 = 1.0 - b_sigmoid3  # [BLOCK_D]
             b_t7 = b_tanh1 * b_tanh1  # [BLOCK_D]
             b_t8 = 1.0 - b_t7  # [BLOCK_D]
-            b_sum9 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
-            b_sum10 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uz, axis=0)  # [BLOCK_D]
-            b_dx = (b_t7 - 1.0) * b_sum10 + b_t8 * b_sum9 + b_t4 * b_t8 * b_dh_new  # [BLOCK_D]
-            tl.store(dx + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
-            b_dUh += b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_h[None, :] * b_dh_new[:, None] - b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[None, :] * b_dh_new[:, None]
-            b_dUz += b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] - b_tanh1[:, None] * b_tanh1[None, :] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None]
-            b_dbu += b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new
-            b_sum5 = tl.sum(b_tanh1[:, None] * b_sigmoid3[:, None] * b_t4[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
-            b_sum6 = tl.sum(b_sigmoid3[:, None] * b_t4[:, None] * b_h[:, None] * b_dh_new[:, None] * b_Uh, axis=0)  # [BLOCK_D]
-            b_dh_prev = b_sigmoid3 * b_dh_new + b_sum6 - b_sum5  # d loss / d h before step i_t
+            b_sum9 = tl.sum(((b_t7[None, :] - 1.0) * (b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new)[:, None] + (b_sigmoid3 * b_t4 * b_h * b_dh_new)[:, None] * b_t8[None, :]) * tl.load(Uz + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=0)  # [BLOCK_D]
+            b_dx = b_t4 * b_t8 * b_dh_new + b_sum9  # [BLOCK_D]
+            tl.store(dx + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
+            b_dUh_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            tl.store(dUh_row + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_row0, mask=mask_D)
+            b_dUh_col0 = b_h  # [BLOCK_D]
+            tl.store(dUh_col + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUh_col0, mask=mask_D)
+            b_dUz_row0 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            tl.store(dUz_row + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_row0, mask=mask_D)
+            b_dUz_col0 = b_tanh1  # [BLOCK_D]
+            tl.store(dUz_col + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dUz_col0, mask=mask_D)
+            b_t5 = b_sigmoid3 * b_t4 * b_h * b_dh_new - b_tanh1 * b_sigmoid3 * b_t4 * b_dh_new  # [BLOCK_D]
+            b_dbu += b_t5
+            b_sum6 = tl.sum(b_t5[:, None] * tl.load(Uh + i_h * (D * D) + offs_D[:, None] * D + offs_D[None, :], mask=mask_D[:, None] & mask_D[None, :], other=0.0).to(tl.float32), axis=0)  # [BLOCK_D]
+            b_dh_prev = b_sigmoid3 * b_dh_new + b_sum6  # d loss / d h before step i_t
             b_dh = b_dh_prev
             b_h_new = b_h
     # The initial states' gradients; the params' (this program's part: summed by the launcher).
     tl.store(dh0_h + (i_b.to(tl.int64) * H_ + i_h) * D + offs_D, b_dh, mask=mask_D)
-    tl.store(dUh + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUh, mask=mask_D[:, None] & mask_D[None, :])
-    tl.store(dUz + (i_row.to(tl.int64) * H_ + i_h) * (D * D) + offs_D[:, None] * D + offs_D[None, :], b_dUz, mask=mask_D[:, None] & mask_D[None, :])
     tl.store(dbu + (i_row.to(tl.int64) * H_ + i_h) * D + offs_D, b_dbu, mask=mask_D)
 
 
-def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outputs, grad_states, D, *, every=64, block_D=None, num_warps=None, num_stages=1):
+def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outputs, grad_states, D, *, every=64, cu_seqlens=None, block_D=None, num_warps=None, num_stages=1):
     """The backward of minimal_rnn__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form minimal_rnn__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...].
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:
+    inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
-    B_, T_, H_ = x.shape[:3]
+    R_, T_, H_ = x.shape[:3]
     dev = x.device
+    B_, cu_, ck_first_, NC_, LMAX_ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
+    if NC_ != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints given, {NC_} expected every {every} steps")
     x = x.contiguous()
     Uh = Uh.contiguous()
     Uz = Uz.contiguous()
     bu = bu.contiguous()
-    NC_ = len(checkpoints)
-    ck_h = (torch.stack([c['h'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, D), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    ck_h = (torch.stack([c['h'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, D), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_h = grad_states['h'].float().contiguous()
     dy = grad_outputs['y'].contiguous()
     BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
     NT_ = 1  # one program per (batch, head)
-    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
-    dx = torch.empty((NT_, B_, T_, H_, D), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dUh = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
-    dUz = torch.zeros((NT_, B_, H_, D, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
+    dx = torch.empty((NT_, R_, T_, H_, D), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dUh_row = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUh_col = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUh
+    dUz_row = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
+    dUz_col = torch.empty((R_, T_, H_, 1, D), dtype=torch.float32, device=dev)  # per-step factors of dUz
     dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D * BLOCK_D + 2 * BLOCK_D)
+        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh, dUz, dbu, dh0_h, sc_h, B_, T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
+            x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
-    return [dx.sum(0), dUh.sum((0, 1)), dUz.sum((0, 1)), dbu.sum((0, 1))], {'h': dh0_h}
+    return [dx.sum(0), torch.einsum("bthjr,bthjc->hrc", dUh_row, dUh_col), torch.einsum("bthjr,bthjc->hrc", dUz_row, dUz_col), dbu.sum((0, 1))], {'h': dh0_h}
 
 
 _minimal_rnn_forms = {'recurrent': minimal_rnn__recurrent}
 _minimal_rnn_out, _minimal_rnn_st = ('y',), ('h',)  # output and state names, for the backward
-_minimal_rnn_triton_forms = {'recurrent': with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True)} if HAVE_TRITON else None
+_minimal_rnn_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True))} if HAVE_TRITON else None
 
 
 class _MinimalRnnLayer(Layer):

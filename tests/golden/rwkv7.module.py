@@ -73,6 +73,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
@@ -436,6 +437,54 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
 
 
+def takes_cu_seqlens(fn):
+    """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
+    [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
+    whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
+    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
+    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
+    module without such a form keeps none of it)."""
+    fn.run_packed = _run_packed_form
+    return fn
+
+
+def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+    """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
+    length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    if call.length == 0:
+        return None
+    packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
+    if form != "auto":
+        return form if form in packed else None
+    if not packed or "chunked" in packed:
+        return "chunked" if packed else None
+    lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+
+
+def _run_packed_form(chosen, form, call, inputs, states, call_form):
+    """(outputs, final states) of every packed sequence of `call` in one call of the form `chosen`, or None where
+    a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
+    T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
+    where they can (they step exactly as the reference does), else the batches by length step through.
+    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
+    cu = call.cu_seqlens
+    flip = None
+    if call.reverse:
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
+        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
+    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+    try:
+        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+    except (UnsafeSteps, DecayNotPositive) as failed:
+        if isinstance(failed, DecayNotPositive) and form != "auto":
+            raise
+        return None
+    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
+
+
 def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """The packed sequences of `cu_seqlens` (int64 [N + 1] on the CPU) grouped by length: [(length, ids)], ids an
     int64 tensor of the sequences of that length in order, lengths ascending. N sequences in T steps have at most
@@ -450,17 +499,20 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A chunked form that takes `cu_seqlens` itself (`takes_cu_seqlens`; chosen when `form` is "chunked", or "auto"
-    on a backend whose chunked form does) runs once for all sequences (`_run_packed_form`): its launches do not
-    grow with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
+    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
+    the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
-    runner = getattr(form_fns.get("chunked"), "run_packed", None)  # set by `takes_cu_seqlens`
-    if runner is not None and form in ("auto", "chunked") and call.length > 0:
-        done = runner(form, call, inputs, states, call_form)
+    chosen = packed_form(form_fns, form, call, chunk_size)
+    if chosen is not None:
+        done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
+        if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
+                                                                                      chunk_size):
+            done = _run_packed_form("recurrent", form, call, inputs, states, call_form)
         if done is not None:
             return done
     groups = length_groups(cu)
@@ -633,12 +685,16 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
     kernels: the loop runs Triton kernels, which autograd cannot run through, so RECURRENT_BACKWARD=autograd
-    does not apply to it."""
+    does not apply to it. every_of: None (checkpoints every `checkpoint_every(T)` steps), or (T, the call's keyword
+    options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
+    chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
+    A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
+    themselves) goes to both the loop and the backward."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -648,9 +704,12 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False):
             outputs, finals, _ = loop(*args, **extra)
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
+        length = tensors[0].shape[1]
         states = next(a for a in args if isinstance(a, dict)).values()
-        flat = _AdjointBackward.apply(forward, adjoint, layout, names, checkpoint_every(tensors[0].shape[1], states),
-                                      kernels, *tensors)
+        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        cu = extra.get("cu_seqlens")
+        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))
 
@@ -678,9 +737,14 @@ CONFIG_KEYS = {
 }
 
 
+# The values of TRITON_INTERPRET that switch Triton's interpreter on, in any case (triton.knobs reads the variable
+# so); any other value, "false" and "off" among them, leaves it off, and must here too.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
@@ -708,8 +772,9 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
                                                        or f"choose from {', '.join(forms)} or auto")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
-        return (f"{spec.name} has no {form!r} form on the triton backend; it has {', '.join(triton_forms)} "
-                "(use backend='torch' for the others)")
+        why = dict(getattr(spec, "triton_unavailable", ())).get(form)
+        return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
+                + f"; it has {', '.join(triton_forms)} (use backend='torch' for the others)")
     return None
 
 
@@ -1664,7 +1729,7 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):
+def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
@@ -1674,8 +1739,19 @@ def _check_steps(values, log_decays):
         return
     bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
-        flags = torch.isnan(x) | (x > 0) if log else ~torch.isfinite(x)
-        bad = bad | (flags.sum(dim=[d for d in range(x.dim()) if d != 1]) > 0)
+        if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
+            g, head = x
+            dims = [d for d in range(g.dim()) if d not in (1, 2)]
+            head = head.reshape(-1)
+            # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
+            # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
+            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            bad = bad | ~(hi.amax(dim=-1) <= 0)
+            continue
+        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        dims = [d for d in range(x.dim()) if d != 1]
+        hi = x.amax(dim=dims)
+        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)
@@ -1685,10 +1761,21 @@ def _check_steps(values, log_decays):
 # Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form (codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with triton_
 # ====================================================================================================
 
+triton_Tensor = torch.Tensor
 
+_triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
+_triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+_WARPS, _STAGES = 4, 2  # every launch but the two below
+_triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+_triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
+_triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
+# _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
+# sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+_triton_DPLR_STATE_STAGES_SMALL_SHARED = 1
+_triton_DPLR_WY_WARPS = 8  # _triton_dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1696,8 +1783,182 @@ def _check_steps(values, log_decays):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _triton_safe_exp(x):
+    """exp(x) for x <= 0; clamped at 0 so garbage in masked-out lanes never overflows."""
+    return tl.exp(tl.minimum(x, 0.0))
+
+
+@triton.jit
+def _triton_decay(g_to, g_from):
+    """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
+    the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
+    return _triton_safe_exp((g_to - g_from).to(tl.float32))
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
+
+
+@triton.jit
+def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
+    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
+    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
+    HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
+    prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
+
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
+    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
+    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
+    if HEAD:
+        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
+        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
+    else:
+        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + offs, b_gc, mask=m)
+    if EXP:
+        tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
+
+
+@triton.jit
+def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
+                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+    """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
+
+    A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
+    Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
+    decay, applied by the output kernel) plain q_t . k_s.
+    An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
+    """
+    i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_j = i_ij // NC, i_ij % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
+    o_c = tl.arange(0, BC)
+    o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
+    o_ik = i_j * BC + o_c  # [BC] key rows
+    m_tq, m_tk = t0 + o_iq < T, t0 + o_ik < T
+    if SHIFT:  # Gq_t = G_{t-1} inside the chunk, 0 at its start
+        o_ig = o_iq - 1
+        m_tg = m_tq & (o_iq > 0)
+    else:
+        o_ig = o_iq
+        m_tg = m_tq
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    if i_i > i_j:
+        i_ref = i_i * BC - 1  # last row of sub-chunk i - 1: Gq_t <= G_ref <= G_s for t in sub-chunk i, s in j
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_kt = m_k[:, None] & m_tk[None, :]
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                           other=0.0)  # [BC, BK]
+            b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+            b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+            b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
+            b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
+            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    elif i_i == i_j:
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                           other=0.0)  # [BC, BK] float64: every column's difference needs it exact
+            for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                i_s = i_i * BC + c
+                m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
+                b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+        if STRICT:
+            b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
+        else:
+            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.0)
+    # rows t0 + o_iq of A always exist (it has NT * BT rows); blocks above the diagonal are written as zeros
+    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_iq[:, None] * BT + o_ik[None, :]
+    tl.store(p_A, b_A, mask=(o_iq[:, None] < BT) & (o_ik[None, :] < BT))
+
+
+@triton.jit
+def _triton_dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """Diagonal plus rank one, per chunk: Tm = (I - L)^-1 with L_ts = (a_t . b_s) decayed from s to t - 1 (s < t),
+    M_ts the same for a_t . k_s; w = -Tm (a exp(G_{t-1})) and u = Tm M v (the pseudo-values' parts, U = u - w S0
+    in `_triton_delta_state_kernel`). A key decay's L and M come from `_triton_intra_attn_kernel` (Aab, Aak), others' are formed
+    here from a b^T and a k^T."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    m_tg = m_t & (o_i > 0)  # G_{t-1} inside the chunk, 0 (no decay) at its start
+    p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+    m_A = (o_i[:, None] < BT) & (o_i[None, :] < BT)
+    b_L = tl.load(Aab + p_A, mask=m_A, other=0.0)
+    b_M = tl.load(Aak + p_A, mask=m_A, other=0.0)
+    # forward substitution: X = Tm - I is strictly lower and X_i = L_i + sum_{j<i} L_ij X_j
+    b_T = b_L
+    for i in range(1, BT):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)  # L_i (rows < i already hold X)
+        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    # w = -Tm (a_t exp(G_{t-1}))  [BT, K]
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        offs = bos * K + o_i[:, None] * (H * K) + o_k[None, :]
+        b_a = tl.load(a + offs, mask=m, other=0.0).to(tl.float32)
+        b_a = b_a * tl.load(eg + offs - H * K, mask=m_tg[:, None] & (o_k < K)[None, :], other=1.0)
+        tl.store(w + offs, -tl.dot(b_T, b_a, input_precision=PREC), mask=m)
+    # u = (Tm M) v  [BT, V]
+    b_TM = tl.dot(b_T, b_M, input_precision=PREC)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_v = tl.load(v + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(u + offs, tl.dot(b_TM, b_v, input_precision=PREC), mask=m)
+
+
+@triton.jit
+def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
+    """The chunks a state-passing program walks, (first, end, the state row, the row's first step): all NT chunks
+    of batch row i_b, or with VARLEN (packed sequences, `_triton_Packed`) sequence i_b's chunks offsets[i_b] ..
+    offsets[i_b + 1] - 1 of the one packed row, whose states are [1, H, NT, ...] (row i_h)."""
+    if VARLEN:
+        # (the grid has one program per sequence, so both loads are in bounds: the mask is the GPU rule's form)
+        c0 = tl.load(offsets + i_b, mask=i_b >= 0, other=0)
+        c1 = tl.load(offsets + i_b + 1, mask=i_b >= 0, other=0)
+        i_row = i_h
+        bt0 = 0
+    else:
+        c0 = 0
+        c1 = NT
+        i_row = i_bh
+        bt0 = i_b.to(tl.int64) * T
+    return c0, c1, i_row, bt0
 
 
 # The delta rule's state kernel holds whole columns of S (U = Uy - W S reads all K rows of a column) as NK <= 4
@@ -1706,9 +1967,297 @@ def _check_steps(values, log_decays):
 # chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
 
 
+@triton.jit
+def _triton_block_load(p, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    """Rows i_kb * KB .. + KB of a [K, V] float32 matrix at p, columns o_v."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    return tl.load(p + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
+
+
+@triton.jit
+def _triton_block_store(p, b, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr):
+    o_k = i_kb * KB + tl.arange(0, KB)
+    tl.store(p + o_k[:, None] * V + o_v[None, :], b, mask=(o_k < K)[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+              PREC: tl.constexpr):
+    """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                  other=0.0)  # [BT, KB] float32
+    return tl.dot(b_w, b_h, input_precision=PREC)
+
+
+@triton.jit
+def _triton_dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """S[block] <- D S[block] + (b exp(G_last - G))[:, block]^T U + (k exp(G_last - G))[:, block]^T v: the delta
+    update with the diagonal-plus-rank-one step's own k v^T beside it, both keys decayed by one factor tile (a
+    scalar decay is already in S, U and v)."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_kt = m_k[:, None] & m_t[None, :]
+    p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of b^T and k^T
+    b_bt = tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [KB]
+    b_dec = _triton_decay(b_gl[:, None], tl.load(gc + p_kt, mask=m_kt, other=0.0))  # [KB, BT]
+    b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None] + tl.dot(b_bt * b_dec, b_u, input_precision=PREC)
+    b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32) * b_dec  # (loaded once b's tile is spent)
+    return b_h + tl.dot(b_kt, b_v, input_precision=PREC)
+
+
+@triton.jit
+def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
+    """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
+    row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
+    S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
+    _triton_chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1).
+    DPLR (the diagonal-plus-rank-one class, `triton_chunked_dplr_by`: k holds its b, W its -W): the step's own key and
+    value add (k2 exp(G_last - G))^T v2 to every chunk's update."""
+    i_vt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
+    o_i = tl.arange(0, BT)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_h1 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 1:
+        b_h2 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 2:
+        b_h3 = tl.zeros([KB, BV], dtype=tl.float32)
+        b_h4 = tl.zeros([KB, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0 = h0 + i_bh.to(tl.int64) * (K * V)
+        b_h1 += _triton_block_load(p_h0, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            b_h2 += _triton_block_load(p_h0, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            b_h3 += _triton_block_load(p_h0, 2, o_v, m_v, K, V, KB)
+            b_h4 += _triton_block_load(p_h0, 3, o_v, m_v, K, V, KB)
+    for i_n in range(c0, c1):
+        p_hn = h + (i_row.to(tl.int64) * NT + i_n) * (K * V)
+        _triton_block_store(p_hn, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _triton_block_store(p_hn, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _triton_block_store(p_hn, b_h3, 2, o_v, m_v, K, V, KB)
+            _triton_block_store(p_hn, b_h4, 3, o_v, m_v, K, V, KB)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K, KB, PREC)
+        if NK > 1:
+            b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
+        if NK > 2:
+            b_u -= _triton_delta_ws(w, b_h3, bos, o_i, m_t, 2, H, K, KB, PREC)
+            b_u -= _triton_delta_ws(w, b_h4, bos, o_i, m_t, 3, H, K, KB, PREC)
+        tl.store(u + p_tv, b_u, mask=m_tv)
+        b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_h1 = _triton_dplr_h_update(k, k2, gc, b_h1, b_u, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+        if NK > 1:
+            b_h2 = _triton_dplr_h_update(k, k2, gc, b_h2, b_u, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+        if NK > 2:
+            b_h3 = _triton_dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+            b_h4 = _triton_dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+    if STORE_HT:
+        p_ht = ht + i_bh.to(tl.int64) * (K * V)
+        _triton_block_store(p_ht, b_h1, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            _triton_block_store(p_ht, b_h2, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            _triton_block_store(p_ht, b_h3, 2, o_v, m_v, K, V, KB)
+            _triton_block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
+
+
+@triton.jit
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+    """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
+    DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
+
+    The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
+    as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
+    constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
+    D * x)."""
+    i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    o_ig = o_i
+    m_tg = m_t
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
+    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                       mask=m_tg[:, None] & m_k[None, :], other=1.0)
+        b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
+    p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+    b_A = tl.load(A + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
+    b_A2 = tl.load(A2 + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
+    b_o += tl.dot(b_A, b_v, input_precision=PREC)
+    b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
+    b_o = b_o * scale
+    if SKIP:
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_or(given, default):
+    """A launch option: the call's, else the kernel's default."""
+    return default if given is None else given
+
+
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
+def _triton_pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _triton_check_block(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs every dimension >= 16 on a GPU), "
+                         f"got {value!r}")
+
+
+def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: bool):
+    """(BT, BK, BV, dot precision) with the defaults filled in and the GPU's rules checked.
+
+    BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
+    chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
+    pow2(K), the whole of K, which every kernel but the state kernel walks in blocks of KB = `_triton_delta_blocks`),
+    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers.
+    """
+    T, K = k.shape[1], k.shape[-1]
+    _triton_check_block("chunk_size", chunk_size)
+    BT = min(chunk_size, _triton_pow2_at_least_16(T))
+    if block_k is None:
+        block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
+    _triton_check_block("block_k", block_k)
+    if block_v is None:
+        kb = _triton_delta_blocks(block_k)[0] if delta else block_k
+        block_v = min(_triton_pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
+    _triton_check_block("block_v", block_v)
+    if delta and block_k < K:
+        raise ValueError(f"triton_chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
+                         f"U = Uy - W S), got block_k={block_k} < K={K}")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _triton_delta_blocks(BK: int) -> tuple[int, int]:
+    """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
+    KB = max(min(64, BK), BK // 4)
+    return KB, BK // KB
+
+
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None):
+    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
+    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
+    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None."""
+    g = log_decay.contiguous()
+    B, T, H = g.shape[:3]
+    BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
+    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
+    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
+        g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
+        head is not None,
+        num_warps=_triton_or(num_warps, _WARPS))
+    return gc, eg
+
+
+def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
+                num_warps: int, num_stages: int) -> triton_Tensor:
+    B, T, H, K = k.shape
+    NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
+    A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
+    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+    return A
+
+
+def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
+                  num_stages, packed=None, kv=None):
+    """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR)."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, BT)
+    KB, NK = _triton_delta_blocks(BK)
+    rows = B if packed is None else packed.N  # the states' batch
+    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
+    h0 = None if initial_state is None else initial_state.contiguous()
+    _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
+        k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
+        packed.offsets if packed is not None else h, k if kv is None else kv[0], u if kv is None else kv[1], T, H,
+        K, V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec, packed is not None, kv is not None,
+        num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS),
+        num_stages=_triton_or(num_stages, _STAGES))
+    return h, ht
+
+
+def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
+                  num_stages, pair=None, fused=None) -> None:
+    """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
+    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
+    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    k2, v2, A2 = pair if pair is not None else (k, v, A)
+    f = fused if fused is not None else _triton_NOT_FUSED
+    vs = f.v_step
+    _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+        q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
+        A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
+        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        pair is not None, vs is not None, f.skip is not None,
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1717,6 +2266,78 @@ def _check_steps(values, log_decays):
 # a generated module names the class its chunk plan fixes (`triton_chunked_linear_by(triton_KeyDecay, ...)`), so it keeps
 # only the kernels that class launches, and codegen/specialize.py drops the kernels' branches for other codes.
 # ----------------------------------------------------------------------------------------------------------
+
+
+class triton_KeyDecay:
+    """decay_axis "key": log_decay [B, T, H, K]; intra-chunk scores from _triton_intra_attn_kernel."""
+
+    code = 2
+    delta_backward = False  # triton_KeyDeltaDecay has it
+
+    @staticmethod
+    def cumsum(log_decay, BT, num_warps, head=None):
+        return _triton_cumsum(log_decay, log_decay.shape[3], BT, num_warps, with_exp=True, head=head)
+
+    @staticmethod
+    def wy_scores(k, gc, BT, BK, prec, num_warps, num_stages):
+        return _triton_intra_attn(k, k, gc, 2, False, True, BT, BK, prec, num_warps, num_stages)
+
+    @staticmethod
+    def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
+               fused=None):
+        A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+        if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
+            pair = (*pair, _triton_intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages))
+        _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair,
+                      fused)
+
+    @staticmethod
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+        """The diagonal-plus-rank-one class's decayed a_t . b_s and a_t . k_s, s < t, through G_{t-1} (exclusive),
+        each [B * H, NT * BT, BT] float32; other decays form them in `_triton_dplr_wy_kernel`."""
+        return (_triton_intra_attn(a, b, gc, 2, True, True, BT, BK, prec, num_warps, num_stages),
+                _triton_intra_attn(a, k, gc, 2, True, True, BT, BK, prec, num_warps, num_stages))
+
+
+class _triton_Fused:
+    """The per-step prologue and the readout's epilogue of a spec, applied by the kernels at their loads and
+    stores instead of as [B, T, H, ...] torch tensors (the issue's "prologue fused into the kernels", done here as
+    runtime kernel arguments, not yet as printed @triton.jit helpers):
+
+      v_step [B, T, H]      a per-step scalar factor of the update k_t v_t^T (gated DeltaNet's beta * v, Mamba2's
+                            dt * B), applied to the rows of v (of y in the delta rule) as they are loaded;
+      decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
+                            applied by the cumulative-sum kernel;
+      scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
+      skip [B, T, H, V], skip_weight [H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+
+    One query only (the epilogue belongs to its output); not with a value decay."""
+
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+        self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
+        self.skip, self.skip_weight = skip, skip_weight
+
+    @property
+    def epilogue(self) -> bool:
+        return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    def tensors(self) -> list:
+        return [self.v_step, self.decay_head, self.skip, self.skip_weight]
+
+
+_triton_NOT_FUSED = _triton_Fused()
+
+
+def _triton_empty_result(queries, k, v, initial_state, output_final_state):
+    B, _, H, K = k.shape
+    V = v.shape[-1]
+    outs = [torch.empty((B, 0, H, V), dtype=k.dtype, device=k.device) for _ in queries]
+    if not output_final_state:
+        return outs, None
+    s0 = (torch.zeros((B, H, K, V), dtype=torch.float32, device=k.device) if initial_state is None
+          else initial_state.to(torch.float32))
+    return outs, s0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1758,6 +2379,65 @@ def _check_steps(values, log_decays):
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def triton_chunk_every(length: int, options: dict) -> int:
+    """The chunk length BT = min(chunk_size, pow2(T) >= 16) of a call of `length` steps with these form options:
+    the steps between the chunk-start states `triton_chunked_dplr_by` returns, so the recurrent form's derived adjoint
+    (`with_adjoint(..., every_of=triton_chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start."""
+    return min(int(options.get("chunk_size", 64)), _triton_pow2_at_least_16(length))
+
+
+def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
+                    output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                    allow_tf32=None, output_chunk_states=False):
+    """triton_chunked_dplr with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point of
+    generated modules; its arguments are not checked (triton_chunked_dplr does that).
+
+    Per chunk with start state S0 (the derivation of codegen.torch_runtime.chunked_dplr): u_t = S_{t-1}^T a_t
+    solves (I - L) U = Ag S0 + M V, so U = Tm M V + Tm Ag S0 (`_triton_dplr_wy_kernel`, Tm = (I - L)^-1); the state
+    passes as S' = D S0 + Bd^T U + Kd^T V (`_triton_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
+    the linear form's over both pairs (b, U) and (k, v) (`_triton_chunk_output_kernel` with DPLR). Returns (outputs,
+    final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
+        raise NotImplementedError("triton_chunked_dplr_by has no autograd of its own: a generated module differentiates "
+                                  "its chunked form through the recurrent form's derived adjoint; call it under "
+                                  "torch.no_grad()")
+    BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if T == 0:
+        outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
+        empty = torch.empty((B, H, 0, K, V), dtype=torch.float32, device=k.device)
+        return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
+    k, v, a, b = k.contiguous(), v.contiguous(), a.contiguous(), b.contiguous()
+    KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
+    NT = triton.cdiv(T, BT)
+    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
+    Aab, Aak = decay_cls.dplr_scores(a, b, k, gc, BT, KB, prec, num_warps, num_stages)  # None: formed in the kernel
+    w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
+    u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
+    _triton_dplr_wy_kernel[(NT, B * H)](
+        a, b, k, v, gc if gc is not None else k, eg if eg is not None else k, Aab if Aab is not None else w,
+        Aak if Aak is not None else w, w, u, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec,
+        num_warps=_triton_or(num_warps, _triton_DPLR_WY_WARPS), num_stages=_triton_or(num_stages, _STAGES))
+    h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
+                          num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
+                                         else _STAGES), kv=(k, v))
+    outs = []
+    for q, exclusive in queries:
+        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, KB, BV, prec, num_warps,
+                         num_stages, pair=(b, u))
+        outs.append(o)
+    return (outs, ht, h) if output_chunk_states else (outs, ht)
+
+
 def _triton_block(n, given, what):
     """The tile extent of an axis of n lanes: a power of two >= 16 (or `given`, checked)."""
     block = max(16, triton.next_power_of_2(int(n))) if given is None else int(given)
@@ -1791,6 +2471,20 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+def _triton_register_limit(num_warps):
+    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
+    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
+    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
+    at 4) and spill the rest to local memory."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    if getattr(target, "backend", None) != "cuda":
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def _triton_cuda_arch():
     """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
     none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
@@ -1799,6 +2493,26 @@ def _triton_cuda_arch():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
+
+
+def _triton_sequences(cu_seqlens, rows, length, every, dev):
+    """(B, cu, first, NC, longest) of a call on [rows, length, H, ...] inputs with checkpoints every `every` steps
+    (none when every = 0): without cu_seqlens B = rows, cu = first = None, NC = cdiv(length, every) checkpoints per
+    row; with cu_seqlens (int64 [N + 1] boundaries of N sequences packed in one row, cu_seqlens[-1] = length) B = N,
+    cu the boundaries on `dev`, first[n] the first of sequence n's cdiv(length_n, every) checkpoints, NC their total
+    (a table built once on the host: the sequences' checkpoint counts differ) and longest the longest sequence.
+    Raises ValueError for packed inputs of more than one row or boundaries that do not end at `length`."""
+    if cu_seqlens is None:
+        return rows, None, None, (triton.cdiv(length, every) if every > 0 else 0), length
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if rows != 1 or int(cu[-1]) != length:
+        raise ValueError(f"cu_seqlens {cu.tolist()[:4]}... must pack its sequences in one row of {length} steps, "
+                         f"got inputs of {rows} rows")
+    lengths = cu[1:] - cu[:-1]
+    counts = (lengths + every - 1) // every if every > 0 else torch.zeros_like(lengths)
+    first = torch.cumsum(counts, 0) - counts
+    longest = int(lengths.max()) if len(lengths) else 0
+    return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
 def _triton_initial_state(states, name, shape, dev):
@@ -1958,13 +2672,23 @@ def rwkv7__chunked(r, w, k, v, kk, a, u, states, K, V, chunk_size=64):
 @triton.jit
 def rwkv7__triton_recurrent_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
-    h0_S, o, ht_S, ck_S, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr,  # states in, outputs, states out, checkpoints, constants, sizes, blocks
+    h0_S, o, ht_S, ck_S, cu_, ck_first_, T_, H_, every, NC_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, CHECKPOINT: tl.constexpr, VARLEN: tl.constexpr,  # states in, outputs, states out, checkpoints, cu_seqlens, constants, sizes, blocks
 ):
-    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. T_ - 1 in a loop."""
+    """One (batch, head, BLOCK_V lanes of V) per program (no step couples lanes of V); its tile of the state in registers; t = 0 .. L_ - 1 in a loop.
+    VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..
+    cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -1972,15 +2696,15 @@ def rwkv7__triton_recurrent_kernel(
     b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
     m_S = mask_K[:, None] & mask_V[None, :]
     b_S = tl.load(h0_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
-    p_r = r + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_w = w + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_k = k + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_v = v + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    p_kk = kk + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_a = a + (i_b.to(tl.int64) * T_ * H_ + i_h) * K + offs_K
-    p_o = o + (i_b.to(tl.int64) * T_ * H_ + i_h) * V + offs_V
-    for i_t in range(0, T_):
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_r = r + (bos_ * H_ + i_h) * K + offs_K
+    p_w = w + (bos_ * H_ + i_h) * K + offs_K
+    p_k = k + (bos_ * H_ + i_h) * K + offs_K
+    p_v = v + (bos_ * H_ + i_h) * V + offs_V
+    p_kk = kk + (bos_ * H_ + i_h) * K + offs_K
+    p_a = a + (bos_ * H_ + i_h) * K + offs_K
+    p_o = o + (bos_ * H_ + i_h) * V + offs_V
+    for i_t in range(0, L_):
         if CHECKPOINT:
             if i_t % every == 0:  # the state before step i_t, from which the backward recomputes the segment
                 tl.store(p_ck_S + (i_t // every) * (K * V), b_S, mask=m_S)
@@ -2007,13 +2731,16 @@ def rwkv7__triton_recurrent_kernel(
     tl.store(ht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_S, mask=m_S)
 
 
-def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """Per-step loop in one Triton program per (batch, head, tile of BLOCK_V lanes of V); returns
     (outputs, final states, checkpoints):
     with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),
-    from which the derived backward recomputes the others."""
-    B_, T_, H_ = r.shape[:3]
+    from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N
+    sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their
+    checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_triton_sequences`)."""
+    R_, T_, H_ = r.shape[:3]
     dev = r.device
+    B_, cu_, ck_first_, NC_, _ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
     r = r.contiguous()
     w = w.contiguous()
     k = k.contiguous()
@@ -2023,17 +2750,16 @@ def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0,
     u = u.contiguous()
     states = states or {}
     h0_S = _triton_initial_state(states, 'S', (B_, H_, K, V), dev)
-    o = torch.empty((B_, T_, H_, V), dtype=r.dtype, device=dev)
+    o = torch.empty((R_, T_, H_, V), dtype=r.dtype, device=dev)
     ht_S = torch.empty_like(h0_S)
-    NC_ = triton.cdiv(T_, every) if every > 0 else 0  # checkpoints
-    ck_S = torch.empty((B_, H_, NC_, K, V), dtype=torch.float32, device=dev)
+    ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V + BLOCK_K)
     if B_ * H_ > 0:
         rwkv7__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
-            r, w, k, v, kk, a, u, h0_S, o, ht_S, ck_S, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, num_warps=num_warps, num_stages=num_stages,
+            r, w, k, v, kk, a, u, h0_S, o, ht_S, ck_S, cu_, ck_first_, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
 
@@ -2041,17 +2767,28 @@ def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0,
 @triton.jit
 def rwkv7__triton_recurrent_adjoint_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, B_, T_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of rwkv7__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
-    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them."""
+    program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.
+    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
     i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
     i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    if VARLEN:
+        bos_ = tl.load(cu_ + i_b).to(tl.int64)
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every  # the sequence's segments (and checkpoints)
+    else:
+        bos_ = i_b.to(tl.int64) * T_
+        L_ = T_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+        NS_ = NC_
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
     offs_V = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -2061,25 +2798,25 @@ def rwkv7__triton_recurrent_adjoint_kernel(
     # The final states' gradients (from the loss), then carried back step by step.
     m_S = mask_K[:, None] & mask_V[None, :]
     b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
-    p_ck_S = ck_S + i_bh.to(tl.int64) * NC_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+    p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    for i_r in range(0, NC_):
-        i_c = NC_ - 1 - i_r  # segments from the last
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r  # segments from the last
         t0 = i_c * every
         t1 = t0 + every
-        if t1 > T_:
-            t1 = T_
+        if t1 > L_:
+            t1 = L_
         # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
         # slot (the barriers: a slot is written and read by different threads of the program).
         tl.debug_barrier()
         b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
         for i_t in range(t0, t1):
             tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
-            b_w = tl.load(w + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_kk = tl.load(kk + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_a = tl.load(a + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
             b_exp0 = tl.exp(b_w)  # [BLOCK_K]
             b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_S_new = b_exp0[:, None] * b_S + b_k[:, None] * b_v[None, :] - b_sum1[None, :] * b_a[:, None] * b_kk[:, None]  # [BLOCK_K, BLOCK_V] rwkv7.rec:13
@@ -2090,37 +2827,37 @@ def rwkv7__triton_recurrent_adjoint_kernel(
         for i_s in range(0, t1 - t0):
             i_t = t1 - 1 - i_s
             b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
-            b_r = tl.load(r + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_w = tl.load(w + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_kk = tl.load(kk + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_a = tl.load(a + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_do = tl.load(do + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+            b_r = tl.load(r + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+            b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+            b_do = tl.load(do + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
             b_dS_new = b_do[None, :] * b_r[:, None] + b_dS  # d loss / d S after step i_t
             b_sum3 = tl.sum(b_do * b_v, axis=0)  # scalar
             b_sum4 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
             b_dr = b_sum3 * b_k * b_u + b_sum4  # [BLOCK_K]
-            tl.store(dr + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
+            tl.store(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
             b_exp0 = tl.exp(b_w)  # [BLOCK_K]
             b_sum5 = tl.sum(b_S * b_dS_new, axis=1)  # [BLOCK_K]
             b_dw = b_exp0 * b_sum5  # [BLOCK_K]
-            tl.store(dw + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
+            tl.store(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
             b_sum6 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dk = b_sum3 * b_r * b_u + b_sum6  # [BLOCK_K]
-            tl.store(dk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
             b_sum7 = tl.sum(b_k * b_r * b_u, axis=0)  # scalar
             b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
-            tl.store(dv + ((i_b.to(tl.int64) * T_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
             b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
             b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
-            tl.store(dkk + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
+            tl.store(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
             b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
-            tl.store(da + ((i_row.to(tl.int64) * T_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
+            tl.store(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
             b_du += b_sum3 * b_k * b_r
             b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
             b_dS = b_dS_prev
@@ -2130,14 +2867,18 @@ def rwkv7__triton_recurrent_adjoint_kernel(
     tl.store(du + (i_row.to(tl.int64) * H_ + i_h) * K + offs_K, b_du, mask=mask_K)
 
 
-def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, grad_states, K, V, *, every=64, block_K=None, block_V=None, num_warps=None, num_stages=1):
+def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, grad_states, K, V, *, every=64, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
     """The backward of rwkv7__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form rwkv7__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
-    outputs [B, T, H, ...] and of the final states [B, H, ...].
+    outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:
+    inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
-    B_, T_, H_ = r.shape[:3]
+    R_, T_, H_ = r.shape[:3]
     dev = r.device
+    B_, cu_, ck_first_, NC_, LMAX_ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
+    if NC_ != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints given, {NC_} expected every {every} steps")
     r = r.contiguous()
     w = w.contiguous()
     k = k.contiguous()
@@ -2145,20 +2886,19 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     kk = kk.contiguous()
     a = a.contiguous()
     u = u.contiguous()
-    NC_ = len(checkpoints)
-    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((B_, H_, 0, K, V), device=dev)).float().contiguous()  # [B, H, NC, ...]
+    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S = grad_states['S'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
-    SLOTS_ = max(min(every, T_), 1)  # states kept per segment
-    dr = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dw = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dv = torch.empty((B_, T_, H_, V), dtype=torch.float32, device=dev)
-    dkk = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    da = torch.empty((NT_, B_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
+    dr = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dw = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
+    dkk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    da = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     du = torch.zeros((NT_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
@@ -2166,18 +2906,38 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
         num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
     if B_ * H_ > 0:
         rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, B_, T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=num_warps, num_stages=num_stages,
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
         )
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
 
+def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, every=0, **options):
+    """Chunked form: intra-chunk masked matmuls, the state passed once per chunk. Returns (outputs, final
+    states, checkpoints): with every > 0 (the chunk length) the states entering every chunk, from which the
+    derived adjoint recomputes each chunk's steps."""
+    B_, T_, H_ = r.shape[:3]
+    u = u[None, None]  # [1, 1, H, K]
+    # state S (rwkv7.rec:13): diagonal-plus-rank-one; S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i]
+    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv7.rec:13
+    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv7.rec:13
+    log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv7.rec:13
+    query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv7.rec:14
+    a_S = torch.broadcast_to(kk, (B_, T_, H_, K))  # reads the state: u_t = S_(t-1)^T a_t
+    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
+    _check_steps([query_read_S, k_S, v_S, a_S, b_S], [log_decay_S])
+    (read_S,), final_S, starts_S = triton_chunked_dplr_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, output_chunk_states=True, **options)
+    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))  # rwkv7.rec:14
+    checkpoints = [{'S': starts_S[:, :, n]} for n in range(starts_S.shape[2])] if every else []
+    return {'o': o}, {'S': final_S}, checkpoints
+
+
 _rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': rwkv7__chunked}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = {'recurrent': with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)} if HAVE_TRITON else None
+_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': with_adjoint(rwkv7__chunked_triton, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every)} if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
-    """rwkv7: diagonal-plus-rank-one recurrence; forms recurrent, chunked; triton: recurrent."""
+    """rwkv7: diagonal-plus-rank-one recurrence; forms recurrent, chunked; triton: recurrent, chunked."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
                  form=None, backend=None, chunk_size=None, config=None, **inputs):
