@@ -1182,7 +1182,7 @@ def _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, n
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
-                         num_stages, fused)
+                         num_stages, fused=fused)
         outs.append(o)
     return outs
 

@@ -1832,6 +1832,8 @@ def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds 
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
+            if g.numel() == 0:  # a zero-size axis: no values at any step
+                continue
             dims = [d for d in range(g.dim()) if d not in (1, 2)]
             head = head.reshape(-1)
             # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
@@ -1840,6 +1842,8 @@ def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds 
             bad = bad | ~(hi.amax(dim=-1) <= 0)
             continue
         # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
+        if x.numel() == 0:
+            continue
         dims = [d for d in range(x.dim()) if d != 1]
         hi = x.amax(dim=dims)
         bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
@@ -2375,7 +2379,7 @@ def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_w
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=out_dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps,
-                         num_stages, fused)
+                         num_stages, fused=fused)
         outs.append(o)
     return outs
 
