@@ -1112,7 +1112,7 @@ class TorchFormWriter:
             checked += fused_checks
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
-                    fused_args += f", scale={fuse['scale']}"
+                    fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"
                 if fuse.get("skip"):
                     fused_args += f", skip={fuse['skip']}, skip_weight={fuse['skip_weight']}"
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
@@ -1269,6 +1269,16 @@ class TorchFormWriter:
 
 
 PRELUDE = '''
+def _fused_scale(scale):
+    """The readout's constant factor the kernels apply (`scale=`), from `scale()`, a size expression such as
+    K ** -0.5: the number the unfused epilogue multiplies by, with a zero size's negative power (K = 0, a call with
+    no keys) as inf, as the unfused `x / K ** 0.5` divides by 0.0."""
+    try:
+        return float(scale())
+    except ZeroDivisionError:
+        return math.inf
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:

@@ -1564,6 +1564,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # Helpers of the printed forms
 # ====================================================================================================
 
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:

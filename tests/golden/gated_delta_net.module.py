@@ -1596,6 +1596,16 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # Helpers of the printed forms
 # ====================================================================================================
 
+def _fused_scale(scale):
+    """The readout's constant factor the kernels apply (`scale=`), from `scale()`, a size expression such as
+    K ** -0.5: the number the unfused epilogue multiplies by, with a zero size's negative power (K = 0, a call with
+    no keys) as inf, as the unfused `x / K ** 0.5` divides by 0.0."""
+    try:
+        return float(scale())
+    except ZeroDivisionError:
+        return math.inf
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3292,7 +3302,7 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # gated_delta_net.rec:13
     beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # gated_delta_net.rec:11,12
     _check_steps([query_read_S, k_S, v_S, beta_S, v_step_S], [log_decay_S])
-    (read_S,), final_S = triton_chunked_delta_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, beta_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_S, scale=(K**(-0.5)), **options)
+    (read_S,), final_S = triton_chunked_delta_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, beta_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_S, scale=_fused_scale(lambda: (K**(-0.5))), **options)
     o = read_S  # gated_delta_net.rec:13, its epilogue in the kernels
     return {'o': o}, {'S': final_S}
 

@@ -1707,6 +1707,16 @@ def scan_diagonal(a, b, initial_state=None):
 # Helpers of the printed forms
 # ====================================================================================================
 
+def _fused_scale(scale):
+    """The readout's constant factor the kernels apply (`scale=`), from `scale()`, a size expression such as
+    K ** -0.5: the number the unfused epilogue multiplies by, with a zero size's negative power (K = 0, a call with
+    no keys) as inf, as the unfused `x / K ** 0.5` divides by 0.0."""
+    try:
+        return float(scale())
+    except ZeroDivisionError:
+        return math.inf
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3483,7 +3493,7 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
     v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # linear_attention.rec:11
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # linear_attention.rec:12
     _check_steps([query_read_S, k_S, v_S], [])
-    (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, scale=(K**(-0.5)), **options)
+    (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, scale=_fused_scale(lambda: (K**(-0.5))), **options)
     o = read_S  # linear_attention.rec:12, its epilogue in the kernels
     return {'o': o}, {'S': final_S}
 

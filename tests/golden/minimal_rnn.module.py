@@ -1411,6 +1411,7 @@ def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | Non
 # Helpers of the printed forms
 # ====================================================================================================
 
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:

@@ -1872,6 +1872,7 @@ def scan_diagonal(a, b, initial_state=None):
 # Helpers of the printed forms
 # ====================================================================================================
 
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
