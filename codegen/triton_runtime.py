@@ -287,6 +287,18 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
+def _unit_lower_inverse(b_N, o_i, BT: tl.constexpr):
+    """(I - N)^-1 for a strictly lower [BT, BT] N, by forward substitution: X = (I - N)^-1 - I is strictly lower
+    and its row i is X_i = N_i + sum_{j<i} N_ij X_j (rows above i already hold X when row i is formed)."""
+    b_T = b_N
+    for i in range(1, BT):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    return b_T + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+
+
+@triton.jit
 def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      PREC: tl.constexpr, VSTEP: tl.constexpr):
@@ -319,13 +331,7 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: t
         if DECAY == 1:
             b_A = b_A * _decay(b_g[:, None], b_g[None, :])
     b_L = tl.where(o_i[:, None] > o_i[None, :], b_beta[:, None] * b_A, 0.0)
-    # forward substitution: X = Tm - I is strictly lower and X_i = N_i + sum_{j<i} N_ij X_j with N = -L
-    b_T = -b_L
-    for i in range(1, BT):
-        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)  # N_i (rows < i already hold X)
-        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
-        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
-    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_T = _unit_lower_inverse(-b_L, o_i, BT)  # Tm = (I + L)^-1
     # w = Tm (beta_t k_t exp(G_t))  [BT, K]
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -390,13 +396,7 @@ def _dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: t
             b_M = b_M * _decay(b_gq[:, None], b_g[None, :])
         b_L = tl.where(o_i[:, None] > o_i[None, :], b_L, 0.0)
         b_M = tl.where(o_i[:, None] > o_i[None, :], b_M, 0.0)
-    # forward substitution: X = Tm - I is strictly lower and X_i = L_i + sum_{j<i} L_ij X_j
-    b_T = b_L
-    for i in range(1, BT):
-        b_row = tl.sum(tl.where(o_i[:, None] == i, b_T, 0.0), axis=0)  # L_i (rows < i already hold X)
-        b_row = b_row + tl.sum(b_row[:, None] * b_T, axis=0)
-        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
-    b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_T = _unit_lower_inverse(b_L, o_i, BT)  # Tm = (I - L)^-1
     # w = -Tm (a_t exp(G_{t-1}))  [BT, K]
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
