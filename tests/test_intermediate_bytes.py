@@ -114,7 +114,8 @@ def test_results_and_gradients_match_the_reference(name):
 
 def test_the_three_specs_call_the_fused_runtime():
     """What the generated Triton forms hand to the kernels instead of computing in torch."""
-    expected = {"gla": ["scale=(K**(-0.5))"], "gated_delta_net": ["v_step=v_step_S", "scale=(K**(-0.5))"],
+    scale = "scale=_fused_scale(lambda: (K**(-0.5)))"
+    expected = {"gla": [scale], "gated_delta_net": ["v_step=v_step_S", scale],
                 "mamba2": ["v_step=v_step_h", "decay_head=A", "skip=x, skip_weight=D"]}
     for name, args in expected.items():
         form = load_layer(analyse(_rec(name).checked)).triton_forms["chunked"]
