@@ -16,8 +16,9 @@ the target has; `recdsl tune` prints each config's registers and spills beside i
 Where the compiles run. Triton's interpreter (TRITON_INTERPRET=1, how Triton kernels run on a CPU) replaces the
 kernels at import, so a process where it is on cannot compile them: there, one worker child process without
 TRITON_INTERPRET (`python -m autotune.figures`, started on the first miss, kept for the tune and closed after it)
-loads the recurrence from its spec text and compiles each config it is sent. Elsewhere (a GPU tune) the compiles
-run in this process, inside `kernel_report.compile_only` blocks.
+loads the recurrence from its spec text and compiles each config it is sent. A worker that gives no answer within
+$RECURRENCE_DSL_COMPILE_TIMEOUT seconds (default 600) is killed and the call raises RuntimeError. Elsewhere (a
+GPU tune) the compiles run in this process, inside `kernel_report.compile_only` blocks.
 
 The cache. One JSON file per (call, config) under the cache directory family of generated modules
 (`codegen.cache.cache_directory("kernel-figures")`, next to `modules/`), named by a SHA-256 of: the generated
@@ -42,12 +43,19 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 FORMAT = 1  # bump when what a cache file holds changes
+
+# Seconds the compile-only worker may take over one config (all its kernels, forward and backward) before it is
+# taken as hung and killed: ptxas on the largest configs takes tens of seconds, a hang takes forever. The
+# environment variable of that name overrides it.
+WORKER_TIMEOUT = "RECURRENCE_DSL_COMPILE_TIMEOUT"
+WORKER_TIMEOUT_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -244,12 +252,15 @@ class CompilerFigures:
         request = self._request(config)
         if not interpreting():
             return _compile_request(request, self.analysis)
+        timeout = worker_timeout()
         if self._worker is None or self._worker.poll() is not None:
             self._worker = _start_worker()
         try:
             self._worker.stdin.write(json.dumps(request) + "\n")
             self._worker.stdin.flush()
-            line = self._worker.stdout.readline()
+            line = _read_answer(self._worker, timeout)
+        except TimeoutError:  # (an OSError too: caught first)
+            line, why = "", f"no answer within {timeout:g} s ({WORKER_TIMEOUT}); it was killed"
         except (BrokenPipeError, OSError) as err:
             line, why = "", str(err)
         else:
@@ -311,6 +322,36 @@ def _start_worker(args: tuple[str, ...] = ("-m", "autotune.figures")) -> subproc
                               stdout=subprocess.PIPE, stderr=log, text=True, env=env, bufsize=1)
     worker.log = log
     return worker
+
+
+def worker_timeout() -> float:
+    """Seconds the compile worker may take over one config: $RECURRENCE_DSL_COMPILE_TIMEOUT, else
+    WORKER_TIMEOUT_SECONDS. Raises ValueError naming the variable for a value that is not a positive number."""
+    text = os.environ.get(WORKER_TIMEOUT, "").strip()
+    if not text:
+        return WORKER_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{WORKER_TIMEOUT} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _read_answer(worker: subprocess.Popen, timeout: float) -> str:
+    """The worker's next line on stdout ("" when it exits first). Raises TimeoutError after `timeout` seconds
+    without a full line, having killed the worker (a blocking readline would otherwise hang the tune for ever)."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(worker.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        worker.kill()  # closes the pipe's far end, so the reader's readline returns and the thread ends
+        worker.wait()
+        reader.join()
+        raise TimeoutError
+    return got[0] if got else ""
 
 
 def _worker_log(worker: subprocess.Popen | None, chars: int = 2000) -> str:

@@ -309,6 +309,34 @@ def test_a_dead_worker_is_reported_with_its_stderr(tmp_path, monkeypatch):
     assert f._worker is None
 
 
+@pytest.mark.skipif(not interpreting(), reason="the worker compiles only where Triton runs in its interpreter")
+def test_a_hung_worker_is_killed_after_the_timeout(tmp_path, monkeypatch):
+    """A worker that never answers (a hung ptxas) must not hang the tune: after the timeout it is killed and the
+    call raises, naming the variable that sets the limit."""
+    import time
+
+    from autotune import figures
+
+    f, _ = _figures(tmp_path, monkeypatch, None)
+    monkeypatch.undo()
+    start = figures._start_worker
+    monkeypatch.setattr(figures, "_start_worker", lambda: start(("-c", "import time; time.sleep(600)")))
+    monkeypatch.setenv(figures.WORKER_TIMEOUT, "0.5")
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="no answer within 0.5 s.*RECURRENCE_DSL_COMPILE_TIMEOUT.*killed"):
+        f._compile(CONFIG)
+    assert time.monotonic() - began < 60 and f._worker is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_the_compile_timeout_names_its_variable(value, monkeypatch):
+    from autotune import figures
+
+    monkeypatch.setenv(figures.WORKER_TIMEOUT, value)
+    with pytest.raises(ValueError, match="RECURRENCE_DSL_COMPILE_TIMEOUT must be a positive number"):
+        figures.worker_timeout()
+
+
 @pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y", "0", "false", "off", "no", "2", ""])
 def test_triton_interpret_is_read_as_triton_reads_it(value, monkeypatch):
     """A value Triton takes as off ("false", "off") must not send CPU tensors to Triton kernels that cannot run."""
