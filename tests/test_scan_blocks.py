@@ -144,3 +144,21 @@ def test_block_length_rule(monkeypatch):
     assert all(s & (s - 1) == 0 for s in (scan_block_steps(x) for x in (small, gla, big)))
     monkeypatch.setenv(SCAN_BLOCK, "24")
     assert scan_block_steps(gla) == 24
+
+
+@pytest.mark.parametrize("variable", ["RECURRENCE_DSL_SCAN_BLOCK", "RECURRENCE_DSL_CHECKPOINT_EVERY",
+                                      "RECURRENCE_DSL_ADJOINT_BLOCK"])
+@pytest.mark.parametrize("value", ["16k", "2.5", "-4"])
+def test_a_step_count_that_is_not_a_whole_number_names_its_variable(variable, value, monkeypatch):
+    """A mistyped block size must say which variable is wrong, not raise int()'s bare message."""
+    from codegen.dispatch import adjoint_block, checkpoint_every
+
+    monkeypatch.setenv(variable, value)
+    gla = [torch.zeros(1, 2, 8, 8)]
+    read = {"RECURRENCE_DSL_SCAN_BLOCK": lambda: scan_block_steps(gla),
+            "RECURRENCE_DSL_CHECKPOINT_EVERY": lambda: checkpoint_every(100, gla),
+            "RECURRENCE_DSL_ADJOINT_BLOCK": lambda: adjoint_block(gla, 16)}[variable]
+    with pytest.raises(ValueError, match=f"{variable} must be a whole number of steps.*got '{value}'"):
+        read()
+    monkeypatch.setenv(variable, " 0 ")  # unset or 0: chosen per call, as before
+    assert read() > 0

@@ -601,9 +601,25 @@ ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
 
+def forced_steps(variable: str) -> int:
+    """The number of steps the environment variable `variable` forces (ADJOINT_BLOCK, CHECKPOINT_EVERY,
+    SCAN_BLOCK); 0 where it is unset, empty or 0 (the size is then chosen per call). Raises ValueError naming the
+    variable for a value that is not a whole number >= 0 (a bare int() error would name none)."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return 0
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise ValueError(f"{variable} must be a whole number of steps (unset or 0: chosen per call), got {text!r}")
+    return steps
+
+
 def adjoint_block(states, every: int) -> int:
     """Steps per block of the derived backward's gradients for states like `states` ([B, H, ...] each)."""
-    forced = int(os.environ.get(ADJOINT_BLOCK, "0") or 0)
+    forced = forced_steps(ADJOINT_BLOCK)
     if forced > 0:
         return forced
     states = list(states)
@@ -616,7 +632,7 @@ def adjoint_block(states, every: int) -> int:
 def checkpoint_every(length: int, states=()) -> int:
     """Steps between the checkpoints of a sequence of `length` steps with initial states like `states` ([B, H, ...]
     each; none given: the rule for the length alone): memory O(T / every + every) states."""
-    every = int(os.environ.get(CHECKPOINT_EVERY, "0") or 0)
+    every = forced_steps(CHECKPOINT_EVERY)
     if every > 0:
         return every
     every = max(64, math.isqrt(length))
@@ -724,7 +740,7 @@ SCAN_BLOCK_ELEMENTS = 1 << 17
 
 def scan_block_steps(states) -> int:
     """Steps per block for states (tensors [B, H, ...]) of this size: fixed for a shape, independent of T."""
-    forced = int(os.environ.get(SCAN_BLOCK, "0") or 0)
+    forced = forced_steps(SCAN_BLOCK)
     if forced > 0:
         return forced
     per_step = max(1, sum(s.numel() for s in states))
