@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -28,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from codegen.layer import interpreting  # noqa: E402
 
 # Each case: our spec, the fla function (module, name) and how our arguments map onto it.
 CASES = {
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         parser.error("no GPU: pass --smoke (tiny shapes in Triton's interpreter) or run on a GPU machine")
-    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not cuda and not interpreting():  # Triton's own reading: "false" or "off" is off, as "0" is
         parser.error("on CPU the Triton kernels need TRITON_INTERPRET=1 set before Python starts")
     shape = dict(B=1, T=48, H=2, K=16) if args.smoke else dict(B=4, T=4096, H=16, K=128)
     if args.shape:

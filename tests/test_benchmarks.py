@@ -36,6 +36,15 @@ def test_triton_benchmark_refuses_a_full_run_without_a_gpu(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_triton_benchmark_refuses_a_smoke_run_with_the_interpreter_off(tmp_path):
+    """TRITON_INTERPRET=false is off for Triton: the smoke run must say so, not send CPU tensors to kernels."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "false"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--smoke", "--out",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "need TRITON_INTERPRET=1" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
     out = tmp_path / "backward.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_backward.py"), "--smoke", "--specs",
