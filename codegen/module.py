@@ -352,19 +352,22 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
                           "triton_"))
     parts.append(triton_parts[0])
+    printed = []  # the printed forms, whose calls of the runtime tell what the runtime is passed
     for a in analyses:
         writer = TorchFormWriter(a, runtime_prefix="")
+        printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts.append(_section(f"recurrence {a.recurrence.name}: {a.cls.value}"))
         parts.append(_spec_data(a))
         parts.append("\n\n")
-        parts.append(writer.write_all())
+        parts.append(printed[-2])
         parts.append("\n")
         parts.append("\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
                      "around the Triton runtime.\n\n")
-        parts.append(triton_parts[1][a.recurrence.name])
+        parts.append(printed[-1])
         parts.append("\n")
         parts.append(_entry_points(a))
-    text = specialize("".join(parts), analyses)  # the kernels without the branches their plans never take
+    # the runtime without the branches its plans and its printed calls never take
+    text = specialize("".join(parts), analyses, "\n\n".join(printed))
     text = _prune(text, [n for a in analyses for n in _public_names(a)])
     text = re.sub(r"\n{4,}", "\n\n\n", text).rstrip("\n") + "\n"
     _check_names(text, analyses)

@@ -16,8 +16,16 @@ value takes: `if DECAY == 2: A else: B` becomes `A` in a key-decay module. The k
 sites stay as they are (the flag is still passed and still a constexpr), so specialising changes no result; it
 only leaves out code that cannot run, which keeps a module to what its layer runs (tests/test_module_coverage.py).
 
-Only tests of the form `FLAG`, `not FLAG`, `FLAG == constant`, `FLAG != constant` and their `and` / `or` are
-decided; any other test is kept whole. Comments and layout of the kept lines are preserved (the edits are made
+The same folding applies to the runtime's host-side (Python) functions, on two facts of the module: the decay
+codes of its plans (`decay_cls.code`, the class the printed call names) and the fused prologue and epilogue keywords
+its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight` of `_Fused`): one no call passes is None in
+every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels' VSTEP, HEAD and
+SKIP flags are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, and a module
+without a decay no cumulative-sum kernel.
+
+Only tests of the form `FLAG`, `not FLAG`, `FLAG == constant`, `FLAG != constant`, `x is None`, `x is not None`
+(FLAG and x a name or an attribute with a known value) and their `and` / `or` are decided; any other test is kept
+whole. Comments and layout of the kept lines are preserved (the edits are made
 on the text, at the lines the AST gives).
 """
 
@@ -122,9 +130,70 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
             "DPLR": frozenset(dplr)}
 
 
-def specialize(text: str, analyses: list[Analysis]) -> str:
-    """`text` (a generated module) with the runtime kernels' never-taken flag branches removed."""
-    return specialize_kernels(text, plan_flags(analyses), backward_flags(analyses))
+# The keywords of the runtime's fused prologue and epilogue (`_Fused` in codegen/triton_runtime.py) that are None
+# when a call leaves them out, and the kernel flag each one sets (`x is not None` at the launch). `scale` is not
+# here: left out it is 1.0, and the name means other things in other runtime functions.
+_FUSED_FLAGS = {"v_step": "VSTEP", "decay_head": "HEAD", "skip": "SKIP", "skip_weight": None}
+_RUNTIME_ENTRIES = ("chunked_linear_by", "chunked_delta_by")  # the runtime calls that take the fused keywords
+
+
+def fused_keywords(printed: str) -> frozenset[str]:
+    """The fused keywords (`_FUSED_FLAGS`) that the printed forms' source `printed` passes to the runtime's chunked
+    entry points. A `**options` argument is a call's form options (block sizes, `layer.CONFIG_KEYS`), never a fused
+    keyword."""
+    used = set()
+    for node in ast.walk(ast.parse(printed)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id.endswith(_RUNTIME_ENTRIES)):
+            used.update(kw.arg for kw in node.keywords if kw.arg in _FUSED_FLAGS)
+    return frozenset(used)
+
+
+def runtime_facts(analyses: list[Analysis], fused: frozenset[str]) -> dict[str, frozenset]:
+    """What the runtime's host-side functions can see in a module of `analyses` whose printed calls pass the fused
+    keywords `fused`: `decay_cls.code` (the plans' decay codes), and None for each fused keyword left out (the name,
+    and `.name` for the attribute on any object)."""
+    facts = {}
+    codes = plan_flags(analyses)["DECAY"]
+    if codes:
+        facts["decay_cls.code"] = codes
+    for name in _FUSED_FLAGS:
+        if name not in fused:
+            facts[name] = facts["." + name] = frozenset({None})
+    return facts
+
+
+def specialize(text: str, analyses: list[Analysis], printed: str | None = None) -> str:
+    """`text` (a generated module) with the runtime's never-taken branches removed: the kernels' flag branches, and
+    with `printed` (the source of the module's printed forms, which make its runtime calls) the host-side
+    functions' branches on the decay code and on the fused keywords those calls leave out (`runtime_facts`)."""
+    flags = dict(plan_flags(analyses))
+    facts = None
+    if printed is not None:
+        fused = fused_keywords(printed)
+        if flags["DECAY"]:  # a chunked Triton form exists: its kernels' fused flags are known too
+            flags.update({flag: frozenset({False, name in fused}) for name, flag in _FUSED_FLAGS.items() if flag})
+        facts = runtime_facts(analyses, fused)
+        skip = {n for node in ast.parse(printed).body for n in _defined_names(node)}
+    text = specialize_kernels(text, flags, backward_flags(analyses))
+    return text if facts is None else specialize_host(text, facts, skip)
+
+
+def _defined_names(node: ast.stmt) -> list[str]:
+    return [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
+
+
+def specialize_host(text: str, facts: dict[str, frozenset], skip: set[str] = frozenset()) -> str:
+    """Fold the branches that `facts` (an expression's text, or `.attr` for that attribute on any object -> the
+    values it can take) decide in the runtime's top-level host-side functions (named `triton_...` or `_triton_...`,
+    not `@triton.jit`, not in `skip`: the printed forms' own)."""
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    for fn in reversed(tree.body):  # bottom-up, so earlier line numbers stay valid
+        if (isinstance(fn, ast.FunctionDef) and fn.name.startswith((_RUNTIME_PREFIX, _RUNTIME_PREFIX[1:]))
+                and not _is_triton_jit(fn) and fn.name not in skip):
+            lines[fn.lineno - 1:fn.end_lineno] = _fold_function(lines[fn.lineno - 1:fn.end_lineno], facts)
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
 def specialize_kernels(text: str, flags: dict[str, frozenset],
@@ -149,18 +218,30 @@ def specialize_kernels(text: str, flags: dict[str, frozenset],
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
+def _values(node: ast.expr, known: dict[str, frozenset]) -> frozenset | None:
+    """The values `known` gives the name or attribute `node` (by its text, else `.attr` for an attribute), or None."""
+    if isinstance(node, ast.Name):
+        return known.get(node.id)
+    if isinstance(node, ast.Attribute):
+        return known.get(ast.unparse(node), known.get("." + node.attr))
+    return None
+
+
 def _truth(test: ast.expr, known: dict[str, frozenset]) -> bool | None:
     """True / False when every value of the known flags decides `test`, else None."""
-    if isinstance(test, ast.Name) and test.id in known:
-        outcomes = {bool(v) for v in known[test.id]}
+    values = _values(test, known) if isinstance(test, ast.Name) else None
+    compared = (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.comparators[0], ast.Constant)
+                and _values(test.left, known))
+    if values is not None:
+        outcomes = {bool(v) for v in values}
     elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
         inner = _truth(test.operand, known)
         return None if inner is None else not inner
-    elif (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], (ast.Eq, ast.NotEq))
-          and isinstance(test.left, ast.Name) and test.left.id in known
-          and isinstance(test.comparators[0], ast.Constant)):
+    elif compared and isinstance(test.ops[0], (ast.Eq, ast.NotEq)):
         c = test.comparators[0].value
-        outcomes = {(v == c) == isinstance(test.ops[0], ast.Eq) for v in known[test.left.id]}
+        outcomes = {(v == c) == isinstance(test.ops[0], ast.Eq) for v in compared}
+    elif compared and isinstance(test.ops[0], (ast.Is, ast.IsNot)) and test.comparators[0].value is None:
+        outcomes = {(v is None) == isinstance(test.ops[0], ast.Is) for v in compared}
     elif isinstance(test, ast.BoolOp):
         parts = [_truth(v, known) for v in test.values]
         stop = isinstance(test.op, ast.Or)  # the value that decides the whole
@@ -271,7 +352,8 @@ def _folded(node: ast.If, siblings: list, lines: list[str], known) -> list[str]:
         first = first[first.index(" "):] if first.startswith(("if ", "elif ")) else first
         out += [indent + ("if" if i == 0 else "elif") + first] + header[1:] + lines[body_start:end]
     if final is not None:
-        out += [indent + "else:"] + lines[final[0]:final[1]]
+        header = lines[final[0] - 1].lstrip()  # the `else:` line itself keeps its comment; a hoisted branch's does not
+        out += [indent + (header if header.startswith("else") else "else:")] + lines[final[0]:final[1]]
     return out
 
 

@@ -402,3 +402,54 @@ def test_specialize_folds_only_the_branches_the_flags_decide():
             if isinstance(fn, ast.FunctionDef) and "DECAY ==" in ast.get_source_segment(source, fn)]
     assert kept == ["_triton_intra_attn_kernel"] and "class triton_KeyDecay" in source
     assert "class ScalarDecay" not in source and "class triton_ScalarDecay" not in source
+
+
+_HOST = '''def _triton_unfuse(fused, decay_cls, dv):
+    if fused.v_step is not None:
+        dv = dv * fused.v_step
+    if decay_cls.code == 0:
+        g = None
+    else:  # a decay
+        g = 1
+    if fused.skip is not None and dv is not None:
+        dv = dv + 1
+    return dv, g
+
+
+def triton_x__chunked(fused):  # a printed form of a spec named triton_x
+    if fused.v_step is not None:
+        return 1
+'''
+
+
+def test_specialize_folds_the_runtimes_host_code_on_the_calls_facts():
+    """The host-side runtime functions lose the branches on fused keywords no printed call passes and on decay
+    codes no plan has; a printed form's own function is left alone, and an `else:` keeps its comment."""
+    from codegen.specialize import fused_keywords, specialize_host
+
+    facts = {"decay_cls.code": frozenset({1, 2}), "v_step": frozenset({None}), ".v_step": frozenset({None}),
+             "skip": frozenset({None}), ".skip": frozenset({None})}
+    folded = specialize_host(_HOST, facts, skip={"triton_x__chunked"})
+    assert folded.splitlines()[:3] == ["def _triton_unfuse(fused, decay_cls, dv):", "    g = 1", "    return dv, g"]
+    assert "    if fused.v_step is not None:\n        return 1" in folded  # a printed form's: not the runtime's
+    kept = specialize_host(_HOST, {"decay_cls.code": frozenset({0, 1})})
+    assert "    if decay_cls.code == 0:\n        g = None\n    else:  # a decay\n" in kept
+    assert "fused.v_step is not None" in kept
+    call = "out = triton_chunked_delta_by(cls, q, k, v, b, v_step=v_step_S, scale=2.0, **options)"
+    assert fused_keywords(call) == {"v_step"}
+    assert fused_keywords("triton_chunked_linear_by(cls, q, k, v, skip=x, skip_weight=w)") == {"skip", "skip_weight"}
+
+
+def test_a_module_keeps_only_the_fused_branches_its_calls_take():
+    """linear_attention (no decay, no per-step factor) has no cumulative-sum kernel and no fused-prologue branch;
+    mamba2 (dt * A per head, dt a factor of k v^T, D * x added) keeps the ones it runs. Read from the golden
+    modules, which tests/test_golden.py holds equal to what `module_source` writes."""
+    golden = SPEC_FILES[0].parent.parent / "tests" / "golden"
+    plain, mamba2 = ((golden / f"{name}.module.py").read_text() for name in ("linear_attention", "mamba2"))
+    for gone in ("def _triton_cumsum_kernel", "fused.v_step is not None", "fused.decay_head is not None",
+                 "if VSTEP:", "if SKIP:", "if decay_cls.code == 0:"):
+        assert gone not in plain, gone
+    assert "def _triton_unfuse" in plain  # called by the backward either way, now without branches
+    for kept in ("_triton_cumsum_kernel", "if HEAD:", "if VSTEP:", "fused.decay_head is not None",
+                 "fused.v_step is not None", "decay_head=", "v_step="):
+        assert kept in mamba2, kept

@@ -1718,11 +1718,7 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    if HEAD:
-        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
-    else:
-        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     b_gc = tl.cumsum(b_g, axis=0)
     tl.store(gc + offs, b_gc, mask=m)
@@ -1977,9 +1973,6 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
-    if SKIP:
-        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
-        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -2224,18 +2217,8 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
-    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
-        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
-    if decay_head is not None:
-        decay_head = decay_head.reshape(-1)
-        if decay_head.numel() != H:
-            raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
     if (skip is None) != (skip_weight is None):
         raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
-    if skip_weight is not None:
-        skip_weight = skip_weight.reshape(-1)
-        if skip_weight.numel() != H:
-            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
     return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
 
 
@@ -2247,13 +2230,6 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     if fused.v_step is not None:
         dvs = (dv * v.float()).sum(-1)
         dv = dv * fused.v_step.float()[..., None]
-    if fused.decay_head is not None and dlog is not None:
-        shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
-        ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
-        dlog = dlog * fused.decay_head.float().view(shape)
-    if fused.skip is not None and grads_out is not None:
-        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
-        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
@@ -2261,8 +2237,6 @@ def _triton_materialise(fused, v, log_decay):
     """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
     if fused.v_step is not None:
         v = v * fused.v_step[..., None].to(v.dtype)
-    if fused.decay_head is not None and log_decay is not None:
-        log_decay = log_decay * fused.decay_head.view((1, 1, -1) + (1,) * (log_decay.dim() - 3)).to(log_decay.dtype)
     return v, log_decay
 
 

@@ -1812,35 +1812,6 @@ def _triton_decay(g_to, g_from):
 
 
 @triton.jit
-def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
-    """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
-    with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
-    HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
-    prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
-
-    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
-    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    o_i = tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
-    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    if HEAD:
-        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
-    else:
-        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
-    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
-    b_gc = tl.cumsum(b_g, axis=0)
-    tl.store(gc + offs, b_gc, mask=m)
-    if EXP:
-        tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
-
-
-@triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                        DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
@@ -1971,8 +1942,6 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        if VSTEP:
-            b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         b_h += tl.dot(b_kt, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_bh.to(tl.int64) * (K * V) + o_kv, b_h, mask=m_kv)
@@ -2026,13 +1995,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    if VSTEP:
-        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
-    if SKIP:
-        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
-        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -2202,22 +2166,6 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     return KB, BK // KB
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None):
-    """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
-    same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
-    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None."""
-    g = log_decay.contiguous()
-    B, T, H = g.shape[:3]
-    BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
-    gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-    eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
-    _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
-        g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
-        head is not None,
-        num_warps=_triton_or(num_warps, _WARPS))
-    return gc, eg
-
-
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
                 num_warps: int, num_stages: int) -> triton_Tensor:
     B, T, H, K = k.shape
@@ -2354,18 +2302,8 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
-    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
-        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
-    if decay_head is not None:
-        decay_head = decay_head.reshape(-1)
-        if decay_head.numel() != H:
-            raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
     if (skip is None) != (skip_weight is None):
         raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
-    if skip_weight is not None:
-        skip_weight = skip_weight.reshape(-1)
-        if skip_weight.numel() != H:
-            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
     return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
 
 
@@ -2374,25 +2312,11 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
     (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
     dvs = ddh = dskip = dsw = None
-    if fused.v_step is not None:
-        dvs = (dv * v.float()).sum(-1)
-        dv = dv * fused.v_step.float()[..., None]
-    if fused.decay_head is not None and dlog is not None:
-        shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
-        ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
-        dlog = dlog * fused.decay_head.float().view(shape)
-    if fused.skip is not None and grads_out is not None:
-        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
-        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
 def _triton_materialise(fused, v, log_decay):
     """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
-    if fused.v_step is not None:
-        v = v * fused.v_step[..., None].to(v.dtype)
-    if fused.decay_head is not None and log_decay is not None:
-        log_decay = log_decay * fused.decay_head.view((1, 1, -1) + (1,) * (log_decay.dim() - 3)).to(log_decay.dtype)
     return v, log_decay
 
 
@@ -2746,12 +2670,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     value = decay_cls.code == 3
     dev, f32 = k.device, torch.float32
     # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
-    if decay_cls.code == 0:
-        g = None
-        gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
-    else:
-        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
-        gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
+    g = None
+    gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
@@ -2784,7 +2704,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
                 do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 False, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
+        else:
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                 do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
                 num_stages=stages)
@@ -2824,8 +2744,6 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         BD = min(32, _triton_pow2_at_least_16(D))
         _triton_dlog_decay_kernel[(NT, triton.cdiv(D, BD), B * H)](a, b, hdh, g, dlog, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
                                                              num_warps=warps)
-        if decay_cls.code == 1:
-            dlog = dlog.sum(-1)
     return dk, dv, dlog, dh0, dqs
 
 

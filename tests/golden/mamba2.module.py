@@ -2389,8 +2389,6 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
-    if decay_cls.code == 3 and (v_step is not None or scale != 1.0 or skip is not None):
-        raise ValueError("a value decay's output kernel takes no fused v_step, scale or skip")
     if decay_head is not None:
         decay_head = decay_head.reshape(-1)
         if decay_head.numel() != H:
@@ -2781,12 +2779,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     value = decay_cls.code == 3
     dev, f32 = k.device, torch.float32
     # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
-    if decay_cls.code == 0:
-        g = None
-        gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
-    else:
-        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
-        gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
+    g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
+    gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
@@ -2819,7 +2813,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
                 do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 False, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
+        else:
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                 do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
                 num_stages=stages)
@@ -2859,8 +2853,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         BD = min(32, _triton_pow2_at_least_16(D))
         _triton_dlog_decay_kernel[(NT, triton.cdiv(D, BD), B * H)](a, b, hdh, g, dlog, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR,
                                                              num_warps=warps)
-        if decay_cls.code == 1:
-            dlog = dlog.sum(-1)
+        dlog = dlog.sum(-1)
     return dk, dv, dlog, dh0, dqs
 
 

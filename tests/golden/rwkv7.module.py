@@ -1838,11 +1838,7 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
     o_d = i_d * BD + tl.arange(0, BD)
     m = (t0 + o_i < T)[:, None] & (o_d < D)[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    if HEAD:
-        b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
-    else:
-        b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
+    b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     b_gc = tl.cumsum(b_g, axis=0)
     tl.store(gc + offs, b_gc, mask=m)
@@ -2147,15 +2143,10 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    if VSTEP:
-        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
-    if SKIP:
-        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
-        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
