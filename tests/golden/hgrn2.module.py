@@ -2896,7 +2896,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
                 do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
                 False, False,
                 num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-        else:
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                 do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
                 num_stages=stages)
