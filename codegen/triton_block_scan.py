@@ -84,6 +84,22 @@ def _scan_call(targets: list[str], operands: list[str], m: int, tail: str, note:
     return lines
 
 
+# The first lines of both kernels: the program's sequence i_b and block of state elements o_n on one grid axis, and
+# where the sequence starts (its own row, or cu[i_b] in the packed row, whose length T then is its own).
+_PREAMBLE = (
+    "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
+    "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
+    "    o_n = i_n * BN + tl.arange(0, BN)",
+    "    m_n = o_n < N",
+    "    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]",
+    "        bos = tl.load(cu + i_b).to(tl.int64)",
+    "        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)",
+    "    else:",
+    "        bos = i_b.to(tl.int64) * T",
+    "    base = bos * N  # the sequence's first step in [B, T, N]",
+)
+
+
 def _forward(m: int) -> list[str]:
     a, x = _names("b_", m)
     mm = m * m
@@ -93,16 +109,7 @@ def _forward(m: int) -> list[str]:
              "):",
              f'    """{m} x {m} blocks: s [B, T, N, {m}] from a [B, T, N, {m}, {m}], b [B, T, N, {m}] and h0 '
              f'[B, N, {m}]."""',
-             "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
-             "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
-             "    o_n = i_n * BN + tl.arange(0, BN)",
-             "    m_n = o_n < N",
-             "    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]",
-             "        bos = tl.load(cu + i_b).to(tl.int64)",
-             "        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)",
-             "    else:",
-             "        bos = i_b.to(tl.int64) * T",
-             "    base = bos * N  # the sequence's first step in [B, T, N]",
+             *_PREAMBLE,
              "    last = (tl.arange(0, BT) == BT - 1)[:, None]  # the chunk's last row, selected (a sum of one term)",
              f"    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * {m}"]
     for r in range(m):
@@ -145,16 +152,7 @@ def _backward(m: int) -> list[str]:
              "):",
              f'    """{m} x {m} blocks: da [B, T, N, {m}, {m}], db [B, T, N, {m}] and dh0 [B, N, {m}] from ds and the '
              'saved s."""',
-             "    NB = tl.cdiv(N, BN)  # one grid axis of B * NB programs (a CUDA grid's second axis stops at 65535)",
-             "    i_b, i_n = tl.program_id(0) // NB, tl.program_id(0) % NB",
-             "    o_n = i_n * BN + tl.arange(0, BN)",
-             "    m_n = o_n < N",
-             "    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]",
-             "        bos = tl.load(cu + i_b).to(tl.int64)",
-             "        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)",
-             "    else:",
-             "        bos = i_b.to(tl.int64) * T",
-             "    base = bos * N  # the sequence's first step in [B, T, N]",
+             *_PREAMBLE,
              "    first_row = (tl.arange(0, BT) == 0)[:, None]",
              f"    p_h0 = h0 + (i_b.to(tl.int64) * N + o_n) * {m}"]
     for r in range(m):
