@@ -3,6 +3,7 @@
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
         [--forms recurrent,chunked] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
+        [--cached] [--resume]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
 inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
@@ -11,6 +12,11 @@ summed; --forward-only skips the backward), every kernel it launches compiled fo
 `codegen.kernel_report` (the compile-only driver: no GPU); each kernel row carries its phase. Prints one row per kernel
 and a summary (how many spill, how many need more shared memory than the target has), and writes JSON (date,
 versions, every row) after every call, so a stopped run keeps what it did.
+
+--cached: take kernels compiled before from Triton's on-disk cache ($TRITON_CACHE_DIR; the key holds the kernel's
+source, target and options, so a hit is the same binary): float16 calls compile the kernels bfloat16 calls did, and
+a run after a change to a few kernels compiles only those; such rows carry `cached` and the lookup's seconds.
+--resume: keep the calls already in --out that compiled (no error) and run only the others (a stopped run goes on).
 
 --compare: a GPU run of benchmarks/gpu_kernel_report.py (registers from the device, `n_spills` = local bytes / 4);
 its rows are set beside this run's sm_90 bfloat16 rows of the same spec, size, form and kernel.
@@ -43,6 +49,10 @@ def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _key(run: dict) -> tuple:
+    return tuple(run[k] for k in ("spec", "name", "size", "dtype", "target", "form"))
+
+
 def compare(rows: list[dict], gpu_path: Path) -> list[dict]:
     """This run's sm_90 bfloat16 kernels beside a GPU run's (same spec, size, form, kernel)."""
     gpu = json.loads(gpu_path.read_text())
@@ -73,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="sm_80,sm_90")
     parser.add_argument("--forms", help="only these Triton forms, e.g. recurrent (default: every form)")
     parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
+    parser.add_argument("--cached", action="store_true", help="reuse Triton's on-disk cache of compiled kernels")
+    parser.add_argument("--resume", action="store_true", help="keep the compiled calls already in --out")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
@@ -94,8 +106,12 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU needed", "versions": versions,
               "shape": SHAPE, "targets": {t: kr.TARGETS[t].max_shared_bytes for t in targets},
               "note": ("forward calls" if args.forward_only else "forward and backward calls")
-              + ", default configs; spill_bytes = local memory per thread (cuobjdump STACK + LOCAL); a GPU's "
+              + ", default configs" + (", kernels compiled before taken from Triton's cache" if args.cached else "")
+              + "; spill_bytes = local memory per thread (cuobjdump STACK + LOCAL); a GPU's "
                 "Triton n_spills is spill_bytes / 4", "runs": []}
+    done = {}
+    if args.resume and args.out.exists():
+        done = {_key(r): r for r in json.loads(args.out.read_text())["runs"] if "error" not in r}
     started = time.time()
     print(f"{'recurrence':<28} {'size':>4} {'dtype':<8} {'target':<6} {'form':<9} {'phase':<8} {'kernel':<44} "
           f"{'regs':>4} {'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
@@ -109,10 +125,13 @@ def main(argv=None) -> int:
                         for form in forms:
                             run = {"spec": path.name, "name": name, "size": size, "dtype": dtype, "target": target,
                                    "form": form}
+                            if _key(run) in done:
+                                report["runs"].append(done[_key(run)])
+                                continue
                             try:
                                 kernels = kr.report_recurrence(rec, sizes, SHAPE["B"], SHAPE["T"], SHAPE["H"],
                                                                dtype=getattr(torch, dtype), target=target, form=form,
-                                                               backward=not args.forward_only)
+                                                               backward=not args.forward_only, cached=args.cached)
                                 run["kernels"] = [k.as_dict() for k in kernels]
                                 run["problems"] = [p for k in kernels for p in k.problems()]
                             except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result
