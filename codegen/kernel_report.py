@@ -87,6 +87,10 @@ TARGETS = {
     "sm_100": Target("sm_100", 100, 227 * 1024, "B200"),  # 232448 bytes
 }
 MAX_REGISTERS = 255
+# The most blocks along each grid axis (x, y, z; Triton's program_id 0, 1, 2) on every target here: the CUDA C++
+# Programming Guide, "Technical Specifications per Compute Capability" (2^31 - 1 for x, 65535 for y and z). A
+# launch past them fails on the GPU ("invalid argument") where the compile-only driver records it.
+MAX_GRID = (2**31 - 1, 65535, 65535)
 
 DEFAULT_SHAPE = {"B": 2, "T": 256, "H": 4}  # the call `recdsl kernels` compiles when --shape does not say
 DEFAULT_DIM = 64  # every spec size (K, V, ...) not given
@@ -129,8 +133,11 @@ class KernelReport:
     signature: dict = field(default_factory=dict, compare=False, repr=False)
 
     def problems(self) -> list[str]:
-        """What would go wrong on the target: register spills, too much shared memory."""
+        """What would go wrong on the target: register spills, too much shared memory, a grid past `MAX_GRID`."""
         out = []
+        for axis, (n, limit) in enumerate(zip(self.grid, MAX_GRID)):
+            if n > limit:
+                out.append(f"{self.name} launches {n} programs along grid axis {axis}; CUDA allows {limit}")
         if self.spill_bytes > 0:
             out.append(f"{self.name} spills: {self.spill_bytes} bytes of local memory per thread "
                        f"({self.registers} registers)")
@@ -553,7 +560,7 @@ def versions(target: str | Target = "sm_90") -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton.__version__, **tool_versions(target)}
 
 
-__all__ = ["DEFAULT_DIM", "DEFAULT_SHAPE", "MAX_REGISTERS", "TARGETS", "CompileFailed", "InterpreterOn",
+__all__ = ["DEFAULT_DIM", "DEFAULT_SHAPE", "MAX_GRID", "MAX_REGISTERS", "TARGETS", "CompileFailed", "InterpreterOn",
            "KernelReport", "KernelReportError", "Launches", "Target", "ToolMissing", "compile_only", "find_tools",
            "format_table", "report_call", "report_recurrence", "resource_usage", "run_call", "target_of",
            "tool_versions", "triton_forms_of", "versions"]
