@@ -134,6 +134,14 @@ def main(argv=None) -> int:
                                                                backward=not args.forward_only, cached=args.cached)
                                 run["kernels"] = [k.as_dict() for k in kernels]
                                 run["problems"] = [p for k in kernels for p in k.problems()]
+                            except ValueError as err:
+                                if not getattr(err, "does_not_fit", False):
+                                    raise
+                                # the form cannot hold its state at these sizes (the recurrent form's
+                                # StateTooLarge): no kernel is compiled, and "auto" runs another form
+                                run["does_not_fit"] = str(err)[:600]
+                                print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} does not fit: "
+                                      f"{run['does_not_fit'][:160]}", flush=True)
                             except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result
                                 run["error"] = f"{type(err).__name__}: {err}"[:600]
                                 print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} failed: "
@@ -153,6 +161,8 @@ def main(argv=None) -> int:
     over = [(r["target"], k) for r in report["runs"] for k in r.get("kernels", [])
             if k["shared_bytes"] > kr.TARGETS[r["target"]].max_shared_bytes]
     failed = [r for r in report["runs"] if "error" in r]
+    unfit = [r for r in report["runs"] if "does_not_fit" in r]
+    illegal = [k for k in kernels if any(n > lim for n, lim in zip(k["grid"], kr.MAX_GRID))]
     by_target = {t: sum(1 for r in report["runs"] if r["target"] == t for k in r.get("kernels", [])
                         if k["spill_bytes"] > 0) for t in targets}
     by_phase = {p: sum(1 for k in spilling if k["phase"] == p) for p in ("forward", "backward")}
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
     report["summary"] = {"calls": len(report["runs"]), "kernels": len(kernels), "spilling": len(spilling),
                          "spilling_by_target": by_target,
                          "kernels_by_phase": kernels_by_phase, "spilling_by_phase": by_phase,
-                         "over_shared_memory": len(over), "failed_calls": len(failed),
+                         "over_shared_memory": len(over), "illegal_grids": len(illegal), "failed_calls": len(failed),
+                         "forms_that_do_not_fit": sorted({f"{r['name']} {r['size']} {r['form']}" for r in unfit}),
                          "spilling_kernel_names": names, "compile_seconds": round(sum(k["compile_seconds"]
                                                                                       for k in kernels), 1),
                          "wall_seconds": round(time.time() - started, 1)}
@@ -180,7 +191,8 @@ def main(argv=None) -> int:
     per_target = ", ".join(f"{t}: {n}" for t, n in by_target.items())
     print(f"\n{s['spilling']} of {s['kernels']} compiled kernels spill ({per_target}; forward {by_phase['forward']} "
           f"of {kernels_by_phase['forward']}, backward {by_phase['backward']} of {kernels_by_phase['backward']}); "
-          f"{s['over_shared_memory']} need more shared memory than their target; {s['failed_calls']} calls failed; "
+          f"{s['over_shared_memory']} need more shared memory than their target; {s['illegal_grids']} launch a grid "
+          f"past CUDA's limits; {len(unfit)} calls' forms do not fit; {s['failed_calls']} calls failed; "
           f"{s['compile_seconds']} s compiling, {s['wall_seconds']} s in all; wrote {args.out}")
     return 0
 

@@ -104,6 +104,14 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
             return call_form("recurrent", piece, piece_states, length)
+        except ValueError as err:
+            others = tuple(f for f in form_fns if f != chosen)
+            if form != "auto" or not getattr(err, "does_not_fit", False) or not others:
+                raise
+            # The form cannot hold its state at these sizes (the Triton recurrent form's `StateTooLarge`): the
+            # chunked form, else the scan, holds tiles of it.
+            fallback = next((f for f in ("chunked", "scan") if f in others), others[0])
+            return call_form(fallback, piece, piece_states, length)
         except UnsafeSteps as unsafe:
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
             # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.

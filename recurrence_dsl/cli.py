@@ -551,8 +551,15 @@ def cmd_kernels(args) -> int:
                 continue
             except kr.KernelReportError as err:
                 raise UsageError(str(err)) from None
-            except ValueError as err:  # a bad config or call
-                raise UsageError(str(err)) from None
+            except ValueError as err:  # a bad config or call, or a form that cannot hold its state at these sizes
+                if not getattr(err, "does_not_fit", False):
+                    raise UsageError(str(err)) from None
+                run["error"] = str(err)
+                problems.append(str(err))
+                runs.append(run)
+                if not args.json:
+                    print(f"{rec.name} ({form}): {err}\n")
+                continue
             run["kernels"] = [k.as_dict() for k in kernels if k.phase == "forward"]
             if args.backward:
                 run["backward"] = [k.as_dict() for k in kernels if k.phase == "backward"]

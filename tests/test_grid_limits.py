@@ -157,3 +157,26 @@ def test_large_batch_heads_launch_legal_grids():
     # 512 * 128 rows * heads = 65536: one piece of 511 batch rows (65408 programs on the axis) and one of 1
     axes = {n for k in kernels for n in k["grid"]}
     assert 511 * 128 in axes and 128 in axes, sorted(axes)
+
+
+def test_recurrent_state_too_large_runs_chunked_under_auto():
+    """based's S2[K, K, V] at K = V = 64 is [64, 64, 16] a program at the smallest value tile: twice that (S and
+    S_new) is more float32 values than an SM's 64K registers, so the recurrent launcher refuses it (no kernel
+    compiled) with StateTooLarge, and the form "auto", which picks the recurrent form for a short sequence, runs
+    the chunked one instead: outputs as the torch backend's."""
+    layer = _layer("based")
+    rec = layer.checked
+    args, _ = sample_arguments(rec, {"K": 64, "V": 64}, 1, 4, 1, dtype=torch.float64, seed=0)
+    args = [a.float() for a in args]
+    with pytest.raises(ValueError, match=r"based__triton_recurrent_kernel: a program would hold \d+ float32 values"
+                                         r".*more than an SM's 65536 registers") as err:
+        layer(*args, backend="triton", form="recurrent")
+    assert err.value.does_not_fit
+    ran = []
+    forms = {name: (lambda fn, name: lambda *a, **k: ran.append(name) or fn(*a, **k))(fn, name)
+             for name, fn in layer.triton_forms.items()}
+    auto = type(layer)(layer.recurrence, layer.forms, forms, backend="triton", tuning=False)
+    got = auto(*args, form="auto", chunk_size=16)[0]
+    assert ran == ["recurrent", "chunked"]  # refused before any kernel, then the chunked form
+    want = layer(*args, backend="torch", form="recurrent")[0]
+    assert ((got - want).norm() / want.norm()).item() < 1e-4

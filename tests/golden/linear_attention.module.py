@@ -406,6 +406,14 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
             return call_form("recurrent", piece, piece_states, length)
+        except ValueError as err:
+            others = tuple(f for f in form_fns if f != chosen)
+            if form != "auto" or not getattr(err, "does_not_fit", False) or not others:
+                raise
+            # The form cannot hold its state at these sizes (the Triton recurrent form's `StateTooLarge`): the
+            # chunked form, else the scan, holds tiles of it.
+            fallback = next((f for f in ("chunked", "scan") if f in others), others[0])
+            return call_form(fallback, piece, piece_states, length)
         except UnsafeSteps as unsafe:
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
             # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
@@ -3206,6 +3214,30 @@ def _triton_adjoint_warps(elements):
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
 
 
+# An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"), the most one program (thread block) can hold.
+triton_REGISTER_FILE = 65536
+
+
+class triton_StateTooLarge(ValueError):
+    """The recurrent form's program would hold more float32 values through its loop than an SM has registers, so
+    its state tile cannot stay in registers at these sizes (based's S2[K, K, V] at K = V = 64: [64, 64, 16] tiles).
+    `does_not_fit`: the dispatcher's "auto" then runs another form (codegen/dispatch.py)."""
+
+    does_not_fit = True
+
+
+def _triton_check_fits(elements, kernel):
+    """Raise triton_StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
+    S_new, params, loop-invariant temporaries) > triton_REGISTER_FILE float32 values: no num_warps keeps them in registers,
+    and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
+    if elements > triton_REGISTER_FILE:
+        raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
+                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+
+
 def _triton_register_limit(num_warps):
     """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
     the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
@@ -3449,6 +3481,7 @@ def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, c
     ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    _triton_check_fits(2 * BLOCK_K * BLOCK_V, 'linear_attention__triton_recurrent_kernel')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
@@ -3563,6 +3596,7 @@ def linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, grad_output
     dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    _triton_check_fits(4 * BLOCK_K * BLOCK_V, 'linear_attention__triton_recurrent_adjoint_kernel')
     if num_warps is None:
         num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
