@@ -83,11 +83,20 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="sm_80,sm_90")
     parser.add_argument("--forms", help="only these Triton forms, e.g. recurrent (default: every form)")
     parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
+    parser.add_argument("--shape", help="the call's B, T, H, e.g. B=1,T=16,H=1 (default B=2,T=256,H=4); rows "
+                        "record a shape other than the default (for a form whose per-step states do not fit "
+                        "this machine's memory at the default: based's scan at K = V = 128)")
     parser.add_argument("--cached", action="store_true", help="reuse Triton's on-disk cache of compiled kernels")
     parser.add_argument("--resume", action="store_true", help="keep the compiled calls already in --out")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
+    shape = dict(SHAPE)
+    for item in _list(args.shape or ""):
+        key, _, value = item.partition("=")
+        if key not in shape or not value.isdigit():
+            parser.error(f"--shape: {item!r} is not B=, T= or H= a number")
+        shape[key] = int(value)
     for t in targets:
         if t not in kr.TARGETS:
             parser.error(f"--targets: unknown target {t!r}; choose from {', '.join(kr.TARGETS)}")
@@ -124,12 +133,12 @@ def main(argv=None) -> int:
                     for target in targets:
                         for form in forms:
                             run = {"spec": path.name, "name": name, "size": size, "dtype": dtype, "target": target,
-                                   "form": form}
+                                   "form": form, **({"shape": shape} if shape != SHAPE else {})}
                             if _key(run) in done:
                                 report["runs"].append(done[_key(run)])
                                 continue
                             try:
-                                kernels = kr.report_recurrence(rec, sizes, SHAPE["B"], SHAPE["T"], SHAPE["H"],
+                                kernels = kr.report_recurrence(rec, sizes, shape["B"], shape["T"], shape["H"],
                                                                dtype=getattr(torch, dtype), target=target, form=form,
                                                                backward=not args.forward_only, cached=args.cached)
                                 run["kernels"] = [k.as_dict() for k in kernels]
