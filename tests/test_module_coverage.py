@@ -160,6 +160,19 @@ def _run_limits(layer, rec):
             args, init = _arguments(rec, 1, CU[-1], seed=1, rows=len(CU) - 1)
             layer(*[a.detach() for a in args], initial_state=init, cu_seqlens=torch.tensor(CU), form="chunked",
                   backend="triton", chunk_size=CHUNK)
+    # The pieces themselves on a stand-in chunked form that returns its piece and states (every module carries
+    # the dispatcher, chunked Triton form or not): 2 rows of 40 steps, then 3 packed sequences.
+    def echo(chosen, piece, states, length, **more):
+        return dict(piece), dict(states)
+
+    with unittest.mock.patch.multiple(module, GRID_LIMITS=(2**31 - 1, HEADS, HEADS), PIECE_STEPS=16):
+        run = module.in_grid_pieces(echo, HEADS, CHUNK)
+        x, s = torch.randn(2, LENGTH, HEADS), torch.randn(2, HEADS)
+        out, fin = run("chunked", {"x": x}, {"s": s}, LENGTH)
+        assert torch.equal(out["x"], x) and torch.equal(fin["s"], s)
+        x, s = torch.randn(1, CU[-1], HEADS), torch.randn(len(CU) - 1, HEADS)
+        out, fin = run("chunked", {"x": x}, {"s": s}, CU[-1], cu_seqlens=torch.tensor(CU))
+        assert torch.equal(out["x"], x) and torch.equal(fin["s"], s)
     args, _ = _arguments(rec, 1, 8)
     with unittest.mock.patch.object(module, "triton_REGISTER_FILE", 0):
         if len(layer.triton_forms) > 1:
