@@ -3,6 +3,7 @@
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
         [--forms recurrent,chunked] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
+        [--cached] [--resume]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
 inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
@@ -11,6 +12,11 @@ summed; --forward-only skips the backward), every kernel it launches compiled fo
 `codegen.kernel_report` (the compile-only driver: no GPU); each kernel row carries its phase. Prints one row per kernel
 and a summary (how many spill, how many need more shared memory than the target has), and writes JSON (date,
 versions, every row) after every call, so a stopped run keeps what it did.
+
+--cached: take kernels compiled before from Triton's on-disk cache ($TRITON_CACHE_DIR; the key holds the kernel's
+source, target and options, so a hit is the same binary): float16 calls compile the kernels bfloat16 calls did, and
+a run after a change to a few kernels compiles only those; such rows carry `cached` and the lookup's seconds.
+--resume: keep the calls already in --out that compiled (no error) and run only the others (a stopped run goes on).
 
 --compare: a GPU run of benchmarks/gpu_kernel_report.py (registers from the device, `n_spills` = local bytes / 4);
 its rows are set beside this run's sm_90 bfloat16 rows of the same spec, size, form and kernel.
@@ -43,6 +49,10 @@ def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _key(run: dict) -> tuple:
+    return tuple(run[k] for k in ("spec", "name", "size", "dtype", "target", "form"))
+
+
 def compare(rows: list[dict], gpu_path: Path) -> list[dict]:
     """This run's sm_90 bfloat16 kernels beside a GPU run's (same spec, size, form, kernel)."""
     gpu = json.loads(gpu_path.read_text())
@@ -73,9 +83,20 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="sm_80,sm_90")
     parser.add_argument("--forms", help="only these Triton forms, e.g. recurrent (default: every form)")
     parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
+    parser.add_argument("--shape", help="the call's B, T, H, e.g. B=1,T=16,H=1 (default B=2,T=256,H=4); rows "
+                        "record a shape other than the default (for a form whose per-step states do not fit "
+                        "this machine's memory at the default: based's scan at K = V = 128)")
+    parser.add_argument("--cached", action="store_true", help="reuse Triton's on-disk cache of compiled kernels")
+    parser.add_argument("--resume", action="store_true", help="keep the compiled calls already in --out")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
+    shape = dict(SHAPE)
+    for item in _list(args.shape or ""):
+        key, _, value = item.partition("=")
+        if key not in shape or not value.isdigit():
+            parser.error(f"--shape: {item!r} is not B=, T= or H= a number")
+        shape[key] = int(value)
     for t in targets:
         if t not in kr.TARGETS:
             parser.error(f"--targets: unknown target {t!r}; choose from {', '.join(kr.TARGETS)}")
@@ -94,8 +115,12 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU needed", "versions": versions,
               "shape": SHAPE, "targets": {t: kr.TARGETS[t].max_shared_bytes for t in targets},
               "note": ("forward calls" if args.forward_only else "forward and backward calls")
-              + ", default configs; spill_bytes = local memory per thread (cuobjdump STACK + LOCAL); a GPU's "
+              + ", default configs" + (", kernels compiled before taken from Triton's cache" if args.cached else "")
+              + "; spill_bytes = local memory per thread (cuobjdump STACK + LOCAL); a GPU's "
                 "Triton n_spills is spill_bytes / 4", "runs": []}
+    done = {}
+    if args.resume and args.out.exists():
+        done = {_key(r): r for r in json.loads(args.out.read_text())["runs"] if "error" not in r}
     started = time.time()
     print(f"{'recurrence':<28} {'size':>4} {'dtype':<8} {'target':<6} {'form':<9} {'phase':<8} {'kernel':<44} "
           f"{'regs':>4} {'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
@@ -108,13 +133,24 @@ def main(argv=None) -> int:
                     for target in targets:
                         for form in forms:
                             run = {"spec": path.name, "name": name, "size": size, "dtype": dtype, "target": target,
-                                   "form": form}
+                                   "form": form, **({"shape": shape} if shape != SHAPE else {})}
+                            if _key(run) in done:
+                                report["runs"].append(done[_key(run)])
+                                continue
                             try:
-                                kernels = kr.report_recurrence(rec, sizes, SHAPE["B"], SHAPE["T"], SHAPE["H"],
+                                kernels = kr.report_recurrence(rec, sizes, shape["B"], shape["T"], shape["H"],
                                                                dtype=getattr(torch, dtype), target=target, form=form,
-                                                               backward=not args.forward_only)
+                                                               backward=not args.forward_only, cached=args.cached)
                                 run["kernels"] = [k.as_dict() for k in kernels]
                                 run["problems"] = [p for k in kernels for p in k.problems()]
+                            except ValueError as err:
+                                if not getattr(err, "does_not_fit", False):
+                                    raise
+                                # the form cannot hold its state at these sizes (the recurrent form's
+                                # StateTooLarge): no kernel is compiled, and "auto" runs another form
+                                run["does_not_fit"] = str(err)[:600]
+                                print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} does not fit: "
+                                      f"{run['does_not_fit'][:160]}", flush=True)
                             except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result
                                 run["error"] = f"{type(err).__name__}: {err}"[:600]
                                 print(f"{name:<28} {size:>4} {dtype:<8} {target:<6} {form:<9} failed: "
@@ -134,6 +170,8 @@ def main(argv=None) -> int:
     over = [(r["target"], k) for r in report["runs"] for k in r.get("kernels", [])
             if k["shared_bytes"] > kr.TARGETS[r["target"]].max_shared_bytes]
     failed = [r for r in report["runs"] if "error" in r]
+    unfit = [r for r in report["runs"] if "does_not_fit" in r]
+    illegal = [k for k in kernels if any(n > lim for n, lim in zip(k["grid"], kr.MAX_GRID))]
     by_target = {t: sum(1 for r in report["runs"] if r["target"] == t for k in r.get("kernels", [])
                         if k["spill_bytes"] > 0) for t in targets}
     by_phase = {p: sum(1 for k in spilling if k["phase"] == p) for p in ("forward", "backward")}
@@ -142,7 +180,8 @@ def main(argv=None) -> int:
     report["summary"] = {"calls": len(report["runs"]), "kernels": len(kernels), "spilling": len(spilling),
                          "spilling_by_target": by_target,
                          "kernels_by_phase": kernels_by_phase, "spilling_by_phase": by_phase,
-                         "over_shared_memory": len(over), "failed_calls": len(failed),
+                         "over_shared_memory": len(over), "illegal_grids": len(illegal), "failed_calls": len(failed),
+                         "forms_that_do_not_fit": sorted({f"{r['name']} {r['size']} {r['form']}" for r in unfit}),
                          "spilling_kernel_names": names, "compile_seconds": round(sum(k["compile_seconds"]
                                                                                       for k in kernels), 1),
                          "wall_seconds": round(time.time() - started, 1)}
@@ -161,7 +200,8 @@ def main(argv=None) -> int:
     per_target = ", ".join(f"{t}: {n}" for t, n in by_target.items())
     print(f"\n{s['spilling']} of {s['kernels']} compiled kernels spill ({per_target}; forward {by_phase['forward']} "
           f"of {kernels_by_phase['forward']}, backward {by_phase['backward']} of {kernels_by_phase['backward']}); "
-          f"{s['over_shared_memory']} need more shared memory than their target; {s['failed_calls']} calls failed; "
+          f"{s['over_shared_memory']} need more shared memory than their target; {s['illegal_grids']} launch a grid "
+          f"past CUDA's limits; {len(unfit)} calls' forms do not fit; {s['failed_calls']} calls failed; "
           f"{s['compile_seconds']} s compiling, {s['wall_seconds']} s in all; wrote {args.out}")
     return 0
 

@@ -61,13 +61,16 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
     return "scan" if "scan" in forms else "recurrent"
 
 
-def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None):
+def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
+              grid_limits: bool = False):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
     returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
     with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
+    grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
+    limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
     dtype = compute_dtype(call.dtype)
@@ -89,6 +92,9 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         ordered = [piece[i.name] for i in spec.inputs]
         return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
 
+    if grid_limits:
+        call_form = in_grid_pieces(call_form, call.heads, chunk_size)
+
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
         chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
         try:
@@ -98,6 +104,14 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
             return call_form("recurrent", piece, piece_states, length)
+        except ValueError as err:
+            others = tuple(f for f in form_fns if f != chosen)
+            if form != "auto" or not getattr(err, "does_not_fit", False) or not others:
+                raise
+            # The form cannot hold its state at these sizes (the Triton recurrent form's `StateTooLarge`): the
+            # chunked form, else the scan, holds tiles of it.
+            fallback = next((f for f in ("chunked", "scan") if f in others), others[0])
+            return call_form(fallback, piece, piece_states, length)
         except UnsafeSteps as unsafe:
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
             # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
@@ -125,6 +139,99 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                       call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+# CUDA's grid limits (the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): at most
+# 2^31 - 1 blocks along a grid's x axis (Triton's axis 0) and 65535 along y and z (axes 1 and 2).
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+# The steps of one piece of a chunked call: its kernels put the chunks, or the 16-step sub-chunks, of a sequence
+# on axis 0 or 1, cdiv(T, BT) * BT / 16 <= 2^15 of them here for every chunk length BT <= 2^19 (a power of two).
+PIECE_STEPS = 1 << 19
+
+
+def in_grid_pieces(call_form, heads: int, chunk_size: int):
+    """`call_form` (of `run_forms`) whose chunked form runs a call too large for `GRID_LIMITS` in pieces that fit.
+
+    The chunked Triton kernels (codegen/triton_runtime.py) put batch * heads, or sequences * heads for packed
+    sequences, on grid axis 1 or 2 (at most 65535 programs) and the chunks or sub-chunks of the time axis on axis
+    0 or 1, so: rows (batch, or packed sequences) run in groups of at most 65535 // heads, each group's outputs
+    and final states concatenated (a row never meets another, so this is exact); a sequence longer than
+    `PIECE_STEPS` runs piece after piece in time, each from the state the last one ended in (exactly what the
+    chunked form does between its own chunks); packed sequences group so that a group's padded steps (each
+    sequence padded to whole chunks of at most `chunk_size`) stay within `PIECE_STEPS`, and one sequence longer
+    than that runs alone, unpacked, in time pieces. Gradients flow through the concatenations and the carried
+    states. Other forms launch grids within the limits for any call (batch * heads on axis 0) and run unchanged.
+    Raises ValueError when the heads alone exceed axis 1's limit."""
+    rows_limit = GRID_LIMITS[1]
+
+    def per_rows() -> int:
+        if heads > rows_limit:
+            raise ValueError(f"heads: {heads} heads exceed the {rows_limit} programs a CUDA grid axis holds; the "
+                             "chunked Triton kernels launch one program per (row, head) on that axis")
+        return max(1, rows_limit // max(heads, 1))
+
+    def cat_results(parts, out_dim: int):
+        outs = {k: torch.cat([o[k] for o, _ in parts], dim=out_dim) for k in parts[0][0]}
+        return outs, {k: torch.cat([f[k] for _, f in parts], dim=0) for k in parts[0][1]}
+
+    def in_time(chosen, piece, states, length, **more):
+        if length <= PIECE_STEPS:
+            return call_form(chosen, piece, states, length, **more)
+        outs = []
+        for t0 in range(0, length, PIECE_STEPS):
+            steps = min(PIECE_STEPS, length - t0)
+            try:
+                out, states = call_form(chosen, {k: v[:, t0:t0 + steps] for k, v in piece.items()}, states, steps,
+                                        **more)
+            except UnsafeSteps as unsafe:  # its step counts from this piece's start
+                raise UnsafeSteps(t0 + unsafe.step) from None
+            outs.append(out)
+        return {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}, states
+
+    def run(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        if chosen != "chunked":
+            return call_form(chosen, piece, piece_states, length, **more)
+        cu = more.pop("cu_seqlens", None)
+        per = per_rows()
+        if cu is None:
+            rows = next(iter(piece.values())).shape[0]
+            if rows <= per:
+                return in_time(chosen, piece, piece_states, length, **more)
+            return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
+                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                for r in range(0, rows, per)], 0)
+        groups = sequence_groups(cu, per, chunk_size)
+        if len(groups) == 1 and groups[0][1] - groups[0][0] > 1:
+            return call_form(chosen, piece, piece_states, length, cu_seqlens=cu, **more)
+        parts = []
+        for n0, n1 in groups:
+            t0, t1 = int(cu[n0]), int(cu[n1])
+            sub = {k: v[:, t0:t1] for k, v in piece.items()}
+            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
+                parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
+            else:
+                parts.append(call_form(chosen, sub, sub_states, t1 - t0, cu_seqlens=cu[n0:n1 + 1] - cu[n0], **more))
+        return cat_results(parts, 1)
+
+    return run
+
+
+def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Consecutive packed sequences [(n0, n1)] of `cu_seqlens` (int64 [N + 1], CPU) in groups of at most `per`
+    sequences whose steps, each sequence padded to whole chunks of `chunk_size` (the most a packed chunked call
+    pads one to), total at most `PIECE_STEPS`; a sequence longer than that makes a group of its own. Empty
+    sequences join any group (none for N = 0)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    groups, start, steps = [], 0, 0
+    for n, length in enumerate(lengths):
+        padded = -(-length // chunk_size) * chunk_size
+        if n > start and (n - start >= per or steps + padded > PIECE_STEPS):
+            groups.append((start, n))
+            start, steps = n, 0
+        steps += padded
+    groups.append((start, len(lengths)))
+    return groups
 
 
 def takes_cu_seqlens(fn):

@@ -34,7 +34,10 @@ specialises on) and dtype, and the host-side torch code of the forms (torch.empt
 so a report's call returns uninitialised tensors; only the launches are the result.
 
 Each block compiles every kernel afresh (`always_compile`), so `compile_seconds` is the compiler's wall time
-(Triton's own `CompileTimes`), not a read from Triton's on-disk cache. Registers and local memory come from
+(Triton's own `CompileTimes`), not a read from Triton's on-disk cache; `compile_only(target, cached=True)` lets
+Triton answer from that cache instead (same binaries: the cache key holds the source, target and options), so a
+sweep that meets a kernel again, or runs again after a change to a few kernels, compiles only what changed; such
+a row has `cached` set and the lookup's seconds. Registers and local memory come from
 `cuobjdump --dump-resource-usage` on the kernel's cubin (cuobjdump ships in the triton wheel next to ptxas):
 `registers` is REG, `spill_bytes` is STACK + LOCAL, the local memory each thread uses, which for Triton kernels
 (no calls, no local arrays) is where ptxas spills registers. On a GPU, Triton's `CompiledKernel.n_spills` is
@@ -84,6 +87,10 @@ TARGETS = {
     "sm_100": Target("sm_100", 100, 227 * 1024, "B200"),  # 232448 bytes
 }
 MAX_REGISTERS = 255
+# The most blocks along each grid axis (x, y, z; Triton's program_id 0, 1, 2) on every target here: the CUDA C++
+# Programming Guide, "Technical Specifications per Compute Capability" (2^31 - 1 for x, 65535 for y and z). A
+# launch past them fails on the GPU ("invalid argument") where the compile-only driver records it.
+MAX_GRID = (2**31 - 1, 65535, 65535)
 
 DEFAULT_SHAPE = {"B": 2, "T": 256, "H": 4}  # the call `recdsl kernels` compiles when --shape does not say
 DEFAULT_DIM = 64  # every spec size (K, V, ...) not given
@@ -122,11 +129,15 @@ class KernelReport:
     target: str
     launches: int = 1
     phase: str = "forward"
+    cached: bool = False
     signature: dict = field(default_factory=dict, compare=False, repr=False)
 
     def problems(self) -> list[str]:
-        """What would go wrong on the target: register spills, too much shared memory."""
+        """What would go wrong on the target: register spills, too much shared memory, a grid past `MAX_GRID`."""
         out = []
+        for axis, (n, limit) in enumerate(zip(self.grid, MAX_GRID)):
+            if n > limit:
+                out.append(f"{self.name} launches {n} programs along grid axis {axis}; CUDA allows {limit}")
         if self.spill_bytes > 0:
             out.append(f"{self.name} spills: {self.spill_bytes} bytes of local memory per thread "
                        f"({self.registers} registers)")
@@ -140,7 +151,7 @@ class KernelReport:
         return {"name": self.name, "grid": list(self.grid), "num_warps": self.num_warps, "num_stages": self.num_stages,
                 "registers": self.registers, "spill_bytes": self.spill_bytes, "shared_bytes": self.shared_bytes,
                 "compile_seconds": round(self.compile_seconds, 3), "target": self.target, "launches": self.launches,
-                "phase": self.phase}
+                "phase": self.phase, **({"cached": True} if self.cached else {})}
 
 
 def target_of(name: str) -> Target:
@@ -238,6 +249,7 @@ class Launches:
         self.target, self.device, self.tools = target, device, tools
         self.records: list[tuple] = []
         self.compile_seconds: dict[str, float] = {}
+        self.cache_hits: set[str] = set()
         self.compiling: str | None = None
         self.phase = "forward"
         self._kernels: dict[str, object] = {}  # hash -> CompiledKernel
@@ -281,7 +293,7 @@ class Launches:
         return KernelReport(name=meta.name, grid=grid, num_warps=meta.num_warps, num_stages=meta.num_stages,
                             registers=u["registers"], spill_bytes=u["stack"] + u["local"], shared_bytes=meta.shared,
                             compile_seconds=self.compile_seconds.get(hash_, 0.0), target=self.target.name,
-                            phase=phase, signature=dict(kernel.src.signature))
+                            phase=phase, cached=hash_ in self.cache_hits, signature=dict(kernel.src.signature))
 
     def forget(self) -> None:
         """Drop this block's entries from the JIT caches (they belong to the stand-in device; the reports keep
@@ -294,8 +306,9 @@ _BLOCKS = itertools.count()
 
 
 @contextlib.contextmanager
-def compile_only(target: str | Target = "sm_90"):
+def compile_only(target: str | Target = "sm_90", *, cached: bool = False):
     """Within the block, every Triton kernel launched compiles for `target` and does not run; yields `Launches`.
+    cached: take a kernel Triton compiled before from its on-disk cache (a report row then has `cached` set).
 
     Raises ToolMissing without triton, ptxas or cuobjdump; CompileFailed (naming the kernel) when a kernel does
     not compile for the target. The previous driver, knobs and hooks are back after the block.
@@ -355,6 +368,8 @@ def compile_only(target: str | Target = "sm_90"):
 
     def listener(*, src, metadata, metadata_group, times, cache_hit):
         launches.compile_seconds[metadata["hash"]] = times.total / 1e6
+        if cache_hit:
+            launches.cache_hits.add(metadata["hash"])
         launches.compiling = None
 
     previous = driver._active  # None until a driver was chosen: setting it back keeps Triton's lazy choice
@@ -363,7 +378,7 @@ def compile_only(target: str | Target = "sm_90"):
         with knobs.compilation.scope(), knobs.runtime.scope(), warnings.catch_warnings():
             # Triton (3.9) warns once that its fp-fusion default changes in 3.10: noise for a report of today's code.
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
-            knobs.compilation.always_compile = True
+            knobs.compilation.always_compile = not cached
             knobs.compilation.listener = listener
             knobs.runtime.jit_cache_hook = before_compile
             try:
@@ -426,26 +441,27 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
 
 def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", form: str = "auto",
                 chunk_size: int | None = None, config: dict | None = None,
-                backward: bool = False) -> list[KernelReport]:
+                backward: bool = False, cached: bool = False) -> list[KernelReport]:
     """The kernels `layer`'s call on `args` launches on its Triton forms, compiled for `target`.
 
     args: CPU tensors (inputs and params in declared order) in the call's dtype; kwargs: the call's other
     arguments (initial_state, output_final_state, cu_seqlens). backward: also run a backward pass (outputs
-    summed) and report its launches with phase "backward". Raises ValueError for a bad call or config,
-    KernelReportError when no report can be made.
+    summed) and report its launches with phase "backward". cached: see `compile_only`. Raises ValueError for a
+    bad call or config, KernelReportError when no report can be made.
     """
     return _report_call(layer, args, kwargs, target=target, form=form, chunk_size=chunk_size, config=config,
-                        backward=backward)[0]
+                        backward=backward, cached=cached)[0]
 
 
-def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, backward, count=False):
+def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, backward, count=False,
+                 cached=False):
     """(kernels, IntermediateReport or None): `report_call`, and with `count` the bytes of intermediate tensors
     the same call allocates (`codegen.intermediate_bytes.measure`, counted in the same compile-only block)."""
     _check_not_interpreted(sys.modules[type(layer).__module__])
     if backward:
         args = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
     counted = None
-    with compile_only(target) as launches:
+    with compile_only(target, cached=cached) as launches:
         if count:
             from .intermediate_bytes import measure
 
@@ -485,7 +501,7 @@ def _tensors(result) -> list:
 def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads: int, *,
                       dtype: torch.dtype = torch.bfloat16, target: str | Target = "sm_90", form: str = "auto",
                       chunk_size: int | None = None, config: dict | None = None, backward: bool = False,
-                      seed: int = 0, intermediates: bool = False):
+                      seed: int = 0, intermediates: bool = False, cached: bool = False):
     """`report_call` on a recurrence's layer (its generated module, no tuning lookup) with arguments drawn by
     `recurrence_dsl.sampling.sample_arguments` (seeded, stable) at [batch, length, heads] and spec `sizes`.
 
@@ -507,9 +523,9 @@ def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads
     args = [a.to(dtype) for a in args]
     if intermediates:
         return _report_call(load_layer(analysis), args, {"output_final_state": True}, target=target, form=form,
-                            chunk_size=chunk_size, config=config, backward=backward, count=True)
+                            chunk_size=chunk_size, config=config, backward=backward, count=True, cached=cached)
     return report_call(load_layer(analysis), args, target=target, form=form, chunk_size=chunk_size,
-                       config=config, backward=backward)
+                       config=config, backward=backward, cached=cached)
 
 
 def triton_forms_of(rec) -> list[str]:
@@ -544,7 +560,7 @@ def versions(target: str | Target = "sm_90") -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton.__version__, **tool_versions(target)}
 
 
-__all__ = ["DEFAULT_DIM", "DEFAULT_SHAPE", "MAX_REGISTERS", "TARGETS", "CompileFailed", "InterpreterOn",
+__all__ = ["DEFAULT_DIM", "DEFAULT_SHAPE", "MAX_GRID", "MAX_REGISTERS", "TARGETS", "CompileFailed", "InterpreterOn",
            "KernelReport", "KernelReportError", "Launches", "Target", "ToolMissing", "compile_only", "find_tools",
            "format_table", "report_call", "report_recurrence", "resource_usage", "run_call", "target_of",
            "tool_versions", "triton_forms_of", "versions"]

@@ -696,6 +696,7 @@ class TritonRecurrentWriter:
             else:
                 w(f"{block_name(d)} = {block_for(int(d))}")
             kw.append(f"{block_name(d)}={block_name(d)}")
+        w(f"_check_fits({self._footprint()}, {self.fn + '__triton_recurrent_kernel'!r})")
         w("if num_warps is None:")
         w(f"num_warps = _warps({self._footprint()})", 2)
         names = self._names()
@@ -1299,6 +1300,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"dh0_{u} = torch.empty(({lead}B_, H_{dims}), {f32})")
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
+        w(f"_check_fits({self._adjoint_footprint()}, {self.fn + '__triton_recurrent_adjoint_kernel'!r})")
         w("if num_warps is None:")
         w(f"num_warps = _adjoint_warps({self._adjoint_footprint()})", 2)
         names = self._adjoint_names()
@@ -1374,6 +1376,30 @@ def _adjoint_warps(elements):
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _warps(elements)
     return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _cuda_arch() < 90 else warps
+
+
+# An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"), the most one program (thread block) can hold.
+REGISTER_FILE = 65536
+
+
+class StateTooLarge(ValueError):
+    """The recurrent form's program would hold more float32 values through its loop than an SM has registers, so
+    its state tile cannot stay in registers at these sizes (based's S2[K, K, V] at K = V = 64: [64, 64, 16] tiles).
+    `does_not_fit`: the dispatcher's "auto" then runs another form (codegen/dispatch.py)."""
+
+    does_not_fit = True
+
+
+def _check_fits(elements, kernel):
+    """Raise StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
+    S_new, params, loop-invariant temporaries) > REGISTER_FILE float32 values: no num_warps keeps them in registers,
+    and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
+    if elements > REGISTER_FILE:
+        raise StateTooLarge(f"{{kernel}}: a program would hold {{elements}} float32 values through its loop (its state "
+                            f"tiles, params and loop-invariant temporaries), more than an SM's {{REGISTER_FILE}} "
+                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _register_limit(num_warps):

@@ -1672,7 +1672,10 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
         # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
-        A = _intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+        # (with no decay, plain q k^T: G = 0 needs no exp, and the key-decay path's diagonal column loop spilled
+        # 8 B on sm_80 where K = 1, based's z0)
+        plain = value or decay_cls.code == 0
+        A = _intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
                         num_stages)
         dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                          num_stages)

@@ -1,11 +1,11 @@
 """`recdsl`: check, show, compile, tune `.rec` specs and report their kernels from the command line.
 
 Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
-spills, needs too much shared memory or does not compile (kernels), 2 on a spec error (a FILE that is not UTF-8
-or holds no recurrence too), a bad command line or an output it will not replace (kernels: also when triton,
-ptxas or cuobjdump is missing). None of these prints a Python traceback. Any other exception is a bug in
-recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a report, exit 3; the
-traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
+spills, needs too much shared memory, launches a grid past CUDA's limits or does not compile (kernels), 2 on a spec
+error (a FILE that is not UTF-8 or holds no recurrence too), a bad command line or an output it will not replace
+(kernels: also when triton, ptxas or cuobjdump is missing). None of these prints a Python traceback. Any other
+exception is a bug in recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a
+report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -551,8 +551,15 @@ def cmd_kernels(args) -> int:
                 continue
             except kr.KernelReportError as err:
                 raise UsageError(str(err)) from None
-            except ValueError as err:  # a bad config or call
-                raise UsageError(str(err)) from None
+            except ValueError as err:  # a bad config or call, or a form that cannot hold its state at these sizes
+                if not getattr(err, "does_not_fit", False):
+                    raise UsageError(str(err)) from None
+                run["error"] = str(err)
+                problems.append(str(err))
+                runs.append(run)
+                if not args.json:
+                    print(f"{rec.name} ({form}): {err}\n")
+                continue
             run["kernels"] = [k.as_dict() for k in kernels if k.phase == "forward"]
             if args.backward:
                 run["backward"] = [k.as_dict() for k in kernels if k.phase == "backward"]
@@ -584,7 +591,7 @@ def cmd_kernels(args) -> int:
         print(f"{len(rows)} kernels ({sum(k['launches'] for k in rows)} launches) compiled for {target.name} "
               f"(shared memory per block at most {target.max_shared_bytes} bytes): "
               + (f"{len(problems)} problem{'s' * (len(problems) != 1)}" if problems
-                 else "no spills, shared memory within the limit"))
+                 else "no spills, shared memory and grids within the limits"))
     return 1 if problems else 0
 
 
@@ -688,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "call launches (forward; --backward also runs a backward pass), and print per kernel "
                              "its grid, num_warps, num_stages, registers, spilled bytes (local memory per thread), "
                              "shared memory and compile time. Exits 1 if a kernel spills, needs more shared "
-                             "memory than the target has or does not compile.")
+                             "memory than the target has, launches a grid past CUDA's limits (2^31 - 1 programs "
+                             "on axis 0, 65535 on axes 1 and 2) or does not compile.")
     kernels.add_argument("file", metavar="FILE")
     kernels.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     kernels.add_argument("--shape", help="sizes, e.g. B=2,T=256,H=4,K=64,V=64 (defaults B=2, T=256, H=4, every "

@@ -130,6 +130,7 @@ def _run_auto(layer, rec):
         _backward(layer(*grad_args, initial_state=init, output_final_state=True, form="chunked", backend="triton",
                         config=TRITON_CONFIG))
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
+    _run_limits(layer, rec)
     tuned = layer.options(form="auto", backend="torch", tuning=os.path.join(os.sep, "nonexistent", "t.sqlite"))
     tuned(*args)  # the module's own store lookup runs (and finds no store)
     plan = tuned.config_for(*args)
@@ -145,6 +146,40 @@ def _run_auto(layer, rec):
                 assert "not positive" in str(err)
     assert layer.name == rec.name and rec.name in repr(layer) and layer.source.startswith("# Generated")
     assert layer.backend_for(torch.device("cpu"), torch.float32) == ("triton" if interpreting() else "torch")
+
+
+def _run_limits(layer, rec):
+    """CUDA's grid limits made tiny (`in_grid_pieces`: rows, time pieces, packed groups) and an SM's register
+    file made empty (the recurrent form's StateTooLarge, after which "auto" runs another form)."""
+    module = sys.modules[type(layer).__module__]
+    if "chunked" in layer.triton_forms:
+        with unittest.mock.patch.multiple(module, GRID_LIMITS=(2**31 - 1, HEADS, HEADS), PIECE_STEPS=16):
+            args, init = _arguments(rec, 2, LENGTH)
+            layer(*[a.detach() for a in args], initial_state=init, form="chunked", backend="triton",
+                  chunk_size=CHUNK)
+            args, init = _arguments(rec, 1, CU[-1], seed=1, rows=len(CU) - 1)
+            layer(*[a.detach() for a in args], initial_state=init, cu_seqlens=torch.tensor(CU), form="chunked",
+                  backend="triton", chunk_size=CHUNK)
+    # The pieces themselves on a stand-in chunked form that returns its piece and states (every module carries
+    # the dispatcher, chunked Triton form or not): 2 rows of 40 steps, then 3 packed sequences.
+    def echo(chosen, piece, states, length, **more):
+        return dict(piece), dict(states)
+
+    with unittest.mock.patch.multiple(module, GRID_LIMITS=(2**31 - 1, HEADS, HEADS), PIECE_STEPS=16):
+        run = module.in_grid_pieces(echo, HEADS, CHUNK)
+        x, s = torch.randn(2, LENGTH, HEADS), torch.randn(2, HEADS)
+        out, fin = run("chunked", {"x": x}, {"s": s}, LENGTH)
+        assert torch.equal(out["x"], x) and torch.equal(fin["s"], s)
+        x, s = torch.randn(1, CU[-1], HEADS), torch.randn(len(CU) - 1, HEADS)
+        out, fin = run("chunked", {"x": x}, {"s": s}, CU[-1], cu_seqlens=torch.tensor(CU))
+        assert torch.equal(out["x"], x) and torch.equal(fin["s"], s)
+    args, _ = _arguments(rec, 1, 8)
+    with unittest.mock.patch.object(module, "triton_REGISTER_FILE", 0):
+        if len(layer.triton_forms) > 1:
+            layer(*[a.detach() for a in args], backend="triton", chunk_size=CHUNK)
+        else:
+            with pytest.raises(ValueError, match="more than an SM's 0 registers"):
+                layer(*[a.detach() for a in args], backend="triton", chunk_size=CHUNK)
 
 
 def _run_tuning(layer, args):

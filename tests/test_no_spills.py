@@ -10,8 +10,8 @@ kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and 
 rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the recurrent adjoint); the
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90).
-Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL) and fit the target's shared
-memory.
+Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
+memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
@@ -104,6 +104,7 @@ def test_no_spills_at_default_configs():
     for _, t, k in rows:
         assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS
         assert k["shared_bytes"] <= kernel_report.TARGETS[t].max_shared_bytes, table
+        assert all(n <= limit for n, limit in zip(k["grid"], kernel_report.MAX_GRID)), table
     names = {(r["name"], r["target"], phase): {k["name"] for k in r["kernels"] if k["phase"] == phase}
              for r in runs if r["size"] == 128 for phase in ("forward", "backward")}
     small = {(r["name"], r["target"]): {k["name"] for k in r["kernels"] if k["phase"] == "backward"}

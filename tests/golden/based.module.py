@@ -370,13 +370,16 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
     return "scan" if "scan" in forms else "recurrent"
 
 
-def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None):
+def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
+              grid_limits: bool = False):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
     returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
     with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
+    grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
+    limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
     dtype = compute_dtype(call.dtype)
@@ -398,6 +401,9 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         ordered = [piece[i.name] for i in spec.inputs]
         return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
 
+    if grid_limits:
+        call_form = in_grid_pieces(call_form, call.heads, chunk_size)
+
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
         chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
         try:
@@ -407,6 +413,14 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                 raise
             # The decay is not positive somewhere (say a zero-initialised gamma): step through instead.
             return call_form("recurrent", piece, piece_states, length)
+        except ValueError as err:
+            others = tuple(f for f in form_fns if f != chosen)
+            if form != "auto" or not getattr(err, "does_not_fit", False) or not others:
+                raise
+            # The form cannot hold its state at these sizes (the Triton recurrent form's `StateTooLarge`): the
+            # chunked form, else the scan, holds tiles of it.
+            fallback = next((f for f in ("chunked", "scan") if f in others), others[0])
+            return call_form(fallback, piece, piece_states, length)
         except UnsafeSteps as unsafe:
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
             # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
@@ -434,6 +448,99 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                       call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+# CUDA's grid limits (the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): at most
+# 2^31 - 1 blocks along a grid's x axis (Triton's axis 0) and 65535 along y and z (axes 1 and 2).
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+# The steps of one piece of a chunked call: its kernels put the chunks, or the 16-step sub-chunks, of a sequence
+# on axis 0 or 1, cdiv(T, BT) * BT / 16 <= 2^15 of them here for every chunk length BT <= 2^19 (a power of two).
+PIECE_STEPS = 1 << 19
+
+
+def in_grid_pieces(call_form, heads: int, chunk_size: int):
+    """`call_form` (of `run_forms`) whose chunked form runs a call too large for `GRID_LIMITS` in pieces that fit.
+
+    The chunked Triton kernels (codegen/triton_runtime.py) put batch * heads, or sequences * heads for packed
+    sequences, on grid axis 1 or 2 (at most 65535 programs) and the chunks or sub-chunks of the time axis on axis
+    0 or 1, so: rows (batch, or packed sequences) run in groups of at most 65535 // heads, each group's outputs
+    and final states concatenated (a row never meets another, so this is exact); a sequence longer than
+    `PIECE_STEPS` runs piece after piece in time, each from the state the last one ended in (exactly what the
+    chunked form does between its own chunks); packed sequences group so that a group's padded steps (each
+    sequence padded to whole chunks of at most `chunk_size`) stay within `PIECE_STEPS`, and one sequence longer
+    than that runs alone, unpacked, in time pieces. Gradients flow through the concatenations and the carried
+    states. Other forms launch grids within the limits for any call (batch * heads on axis 0) and run unchanged.
+    Raises ValueError when the heads alone exceed axis 1's limit."""
+    rows_limit = GRID_LIMITS[1]
+
+    def per_rows() -> int:
+        if heads > rows_limit:
+            raise ValueError(f"heads: {heads} heads exceed the {rows_limit} programs a CUDA grid axis holds; the "
+                             "chunked Triton kernels launch one program per (row, head) on that axis")
+        return max(1, rows_limit // max(heads, 1))
+
+    def cat_results(parts, out_dim: int):
+        outs = {k: torch.cat([o[k] for o, _ in parts], dim=out_dim) for k in parts[0][0]}
+        return outs, {k: torch.cat([f[k] for _, f in parts], dim=0) for k in parts[0][1]}
+
+    def in_time(chosen, piece, states, length, **more):
+        if length <= PIECE_STEPS:
+            return call_form(chosen, piece, states, length, **more)
+        outs = []
+        for t0 in range(0, length, PIECE_STEPS):
+            steps = min(PIECE_STEPS, length - t0)
+            try:
+                out, states = call_form(chosen, {k: v[:, t0:t0 + steps] for k, v in piece.items()}, states, steps,
+                                        **more)
+            except UnsafeSteps as unsafe:  # its step counts from this piece's start
+                raise UnsafeSteps(t0 + unsafe.step) from None
+            outs.append(out)
+        return {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}, states
+
+    def run(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        if chosen != "chunked":
+            return call_form(chosen, piece, piece_states, length, **more)
+        cu = more.pop("cu_seqlens", None)
+        per = per_rows()
+        if cu is None:
+            rows = next(iter(piece.values())).shape[0]
+            if rows <= per:
+                return in_time(chosen, piece, piece_states, length, **more)
+            return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
+                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                for r in range(0, rows, per)], 0)
+        groups = sequence_groups(cu, per, chunk_size)
+        if len(groups) == 1 and groups[0][1] - groups[0][0] > 1:
+            return call_form(chosen, piece, piece_states, length, cu_seqlens=cu, **more)
+        parts = []
+        for n0, n1 in groups:
+            t0, t1 = int(cu[n0]), int(cu[n1])
+            sub = {k: v[:, t0:t1] for k, v in piece.items()}
+            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
+                parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
+            else:
+                parts.append(call_form(chosen, sub, sub_states, t1 - t0, cu_seqlens=cu[n0:n1 + 1] - cu[n0], **more))
+        return cat_results(parts, 1)
+
+    return run
+
+
+def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Consecutive packed sequences [(n0, n1)] of `cu_seqlens` (int64 [N + 1], CPU) in groups of at most `per`
+    sequences whose steps, each sequence padded to whole chunks of `chunk_size` (the most a packed chunked call
+    pads one to), total at most `PIECE_STEPS`; a sequence longer than that makes a group of its own. Empty
+    sequences join any group (none for N = 0)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    groups, start, steps = [], 0, 0
+    for n, length in enumerate(lengths):
+        padded = -(-length // chunk_size) * chunk_size
+        if n > start and (n - start >= per or steps + padded > PIECE_STEPS):
+            groups.append((start, n))
+            start, steps = n, 0
+        steps += padded
+    groups.append((start, len(lengths)))
+    return groups
 
 
 def takes_cu_seqlens(fn):
@@ -1012,7 +1119,8 @@ class Layer:
         fns = self.triton_forms if backend == "triton" else self.forms
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
-        return run_forms(self.recurrence, fns, call, form, chunk, options)  # noqa: F821 - from dispatch.py
+        return run_forms(self.recurrence, fns, call, form, chunk, options,  # noqa: F821 - from dispatch.py
+                         grid_limits=backend == "triton")
 
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                    config: dict | None = None, **kwargs) -> dict:
@@ -2692,7 +2800,10 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
         # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
-        A = _triton_intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+        # (with no decay, plain q k^T: G = 0 needs no exp, and the key-decay path's diagonal column loop spilled
+        # 8 B on sm_80 where K = 1, based's z0)
+        plain = value or decay_cls.code == 0
+        A = _triton_intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
                         num_stages)
         dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                          num_stages)
@@ -3036,6 +3147,30 @@ def _triton_adjoint_warps(elements):
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
     return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+
+
+# An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"), the most one program (thread block) can hold.
+triton_REGISTER_FILE = 65536
+
+
+class triton_StateTooLarge(ValueError):
+    """The recurrent form's program would hold more float32 values through its loop than an SM has registers, so
+    its state tile cannot stay in registers at these sizes (based's S2[K, K, V] at K = V = 64: [64, 64, 16] tiles).
+    `does_not_fit`: the dispatcher's "auto" then runs another form (codegen/dispatch.py)."""
+
+    does_not_fit = True
+
+
+def _triton_check_fits(elements, kernel):
+    """Raise triton_StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
+    S_new, params, loop-invariant temporaries) > triton_REGISTER_FILE float32 values: no num_warps keeps them in registers,
+    and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
+    if elements > triton_REGISTER_FILE:
+        raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
+                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _triton_register_limit(num_warps):
@@ -3467,6 +3602,7 @@ def based__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, cu_seqlens=N
     ck_z2 = torch.empty((R_, H_, NC_, K, K), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
+    _triton_check_fits(2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K, 'based__triton_recurrent_kernel')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
@@ -3696,6 +3832,7 @@ def based__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_sta
     sc_z1 = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     dh0_z2 = torch.empty((NT_, B_, H_, K, K), dtype=torch.float32, device=dev)
     sc_z2 = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    _triton_check_fits(4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 * 1 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K, 'based__triton_recurrent_adjoint_kernel')
     if num_warps is None:
         num_warps = _triton_adjoint_warps(4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 * 1 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K)
     c_1_div_K = _triton_size_constant(lambda K: 1/K, K)
