@@ -57,7 +57,8 @@ def comba_loop(a, init):
     out = []
     for t in range(q.shape[1]):
         kt = k[:, t]
-        trans = torch.exp(g[:, t])[..., None, None] * eye - bt[:, t, :, None, None] * kt[..., :, None] * kt[..., None, :]
+        kk = kt[..., :, None] * kt[..., None, :]
+        trans = torch.exp(g[:, t])[..., None, None] * eye - bt[:, t, :, None, None] * kk
         S = S @ trans + beta[:, t, :, None, None] * v[:, t, :, :, None] * kt[..., None, :]
         out.append((S @ (q[:, t] - d[:, None] * kt)[..., None])[..., 0] * k.shape[-1] ** -0.5)
     return torch.stack(out, 1), {"S": S.transpose(-1, -2)}
@@ -77,7 +78,7 @@ def longhorn_loop(a, init):
 
 
 def gateloop_loop(a, init):
-    """S_t = a_t . S_{t-1} + k_t v_t^T with complex a_t = sigmoid(r_t) e^(i theta_t) per key row; y_t = Re(q_t^T S_t)."""
+    """S_t = a_t . S_{t-1} + k_t v_t^T, complex a_t = sigmoid(r_t) e^(i theta_t) per key row; y_t = Re(q_t^T S_t)."""
     q, k, v, r, theta = a
     S = torch.complex(init["Sr"], init["Si"])
     out = []
@@ -109,7 +110,7 @@ def slstm_loop(a, init):
 
 
 def titans_loop(a, init):
-    """Z_t = eta Z_{t-1} - theta grad, grad = k (M_{t-1}^T k - v)^T of ||M^T k - v||^2 / 2; M_t = (1 - alpha) M + Z_t."""
+    """Z_t = eta Z_{t-1} - theta k (M_{t-1}^T k - v)^T (the gradient of ||M^T k - v||^2 / 2); M_t = (1 - alpha) M + Z_t."""
     q, k, v, eta, theta, alpha = a
     M, Z = init["M"].clone(), init["Z"].clone()
     out = []
