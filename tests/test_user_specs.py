@@ -110,7 +110,7 @@ def slstm_loop(a, init):
 
 
 def titans_loop(a, init):
-    """Z_t = eta Z_{t-1} - theta k (M_{t-1}^T k - v)^T (the gradient of ||M^T k - v||^2 / 2); M_t = (1 - alpha) M + Z_t."""
+    """Z_t = eta Z_{t-1} - theta k (M_{t-1}^T k - v)^T (grad of ||M^T k - v||^2 / 2); M_t = (1 - alpha) M + Z_t."""
     q, k, v, eta, theta, alpha = a
     M, Z = init["M"].clone(), init["Z"].clone()
     out = []
