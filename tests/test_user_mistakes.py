@@ -123,3 +123,19 @@ def test_cli_prints_warnings_on_stderr_and_succeeds(tmp_path, capsys):
 def test_no_published_spec_warns(path):
     for rec in recurrence_dsl.load(path).values():
         assert rec.warnings == (), [w.render() for w in rec.warnings]
+
+
+def test_non_linear_reasons_stay_short_and_use_the_step_names():
+    """sLSTM (tests/data/slstm.rec) writes each gate out in full: a reason quotes at most 160 characters of it,
+    and a state's value from this step as `n_t` (the step lines' name), not the step IR's `n__new`."""
+    from recurrence_dsl.analysis import analyse
+
+    from .conftest import TESTS
+
+    (rec,) = recurrence_dsl.load(TESTS / "data" / "slstm.rec").values()
+    analysis = analyse(rec.checked)
+    reasons = [s.reason for s in analysis.states.values()]
+    assert len(reasons) == 4 and all(len(r) < 320 for r in reasons), reasons
+    assert not any("__new" in r for r in reasons)
+    assert any("1/n_t[d] * c_t[d]" in r for r in reasons)
+    assert len(analysis.unavailable["scan"]) < 1400
