@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -59,6 +60,17 @@ _ORDER = list(TransitionClass)
 _DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW,
              TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE, TransitionClass.COUPLED_ELEMENTWISE}
 FORMS = ("recurrent", "scan", "chunked", "parallel")
+
+
+# The most characters of an expression a reason quotes: an sLSTM gate written out is thousands.
+_LONGEST_QUOTED = 160
+
+
+def _shown(expr: sympy.Expr) -> str:
+    """`expr` as a reason quotes it: a state's value from this step (`c__new`, the step IR's name) written `c_t` as
+    the step lines write it, and a long expression cut to its first _LONGEST_QUOTED characters."""
+    text = re.sub(rf"(\w+){NEW_SUFFIX}\b", r"\1_t", str(expr))
+    return text if len(text) <= _LONGEST_QUOTED else text[:_LONGEST_QUOTED] + " ..."
 
 
 class NonLinear(Exception):
@@ -117,7 +129,8 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
         dependent = [a for a in expr.args if _mentions(a, states)]
         free = sympy.Mul(*[a for a in expr.args if not _mentions(a, states)])
         if len(dependent) > 1:
-            raise NonLinear(f"a product of two state-dependent factors: {dependent[0]} * {dependent[1]}")
+            raise NonLinear(f"a product of two state-dependent factors: {_shown(dependent[0])} * "
+                            f"{_shown(dependent[1])}")
         c, terms = linearize(dependent[0], states)
         const = free * c if c != 0 else sympy.Integer(0)  # (not oo * 0 = nan for a factor 1e999)
         return const, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]
@@ -128,11 +141,11 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
         return const, [LinearTerm(t.coeff, bound + t.bound, t.state, t.indices) for t in terms]
     if isinstance(expr, sympy.Pow):
         if _mentions(expr.exp, states):
-            raise NonLinear(f"a state in an exponent: {expr}")
-        raise NonLinear(f"a state raised to the power {expr.exp}: {expr}")
+            raise NonLinear(f"a state in an exponent: {_shown(expr)}")
+        raise NonLinear(f"a state raised to the power {expr.exp}: {_shown(expr)}")
     if isinstance(expr, sympy.Function) or isinstance(expr, (sympy.Min, sympy.Max)):
-        raise NonLinear(f"{type(expr).__name__}() applied to a state: {expr}")
-    raise NonLinear(f"cannot see {expr} as affine in the states")
+        raise NonLinear(f"{type(expr).__name__}() applied to a state: {_shown(expr)}")
+    raise NonLinear(f"cannot see {_shown(expr)} as affine in the states")
 
 
 def _free_indices(expr: sympy.Expr, index_set: set[sympy.Symbol]) -> set[sympy.Symbol]:

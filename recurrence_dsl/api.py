@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .check import CheckedRecurrence, check_program
-from .errors import Source, Span, SpecError
+from .errors import Source, Span, SpecError, SpecWarning
 from .parse import parse_program
 from .reference import run_reference
 
@@ -32,6 +32,12 @@ class Recurrence:
     def spec_hash(self) -> str:
         """Hash of the recurrence's source text: identifies compiled artefacts and tuning records."""
         return spec_hash(self.checked)
+
+    @property
+    def warnings(self) -> tuple[SpecWarning, ...]:
+        """Likely mistakes in a valid spec (an input never read, a state that never reaches an output), each at
+        its line:col; `w.render()` prints one as the command line does. Empty for a clean spec."""
+        return self.checked.warnings
 
     def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs):
         """Run the body step by step in `dtype` (float64 by default): `(output, final_state)`."""

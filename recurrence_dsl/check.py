@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import syntax as ast
-from .errors import CAUSAL_HINT, Source, Span, SpecError, did_you_mean, shown_number
+from .errors import CAUSAL_HINT, Source, Span, SpecError, SpecWarning, did_you_mean, shown_number
 
 UNARY_FUNCTIONS = ("exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu",
                    "cos", "sin")
@@ -108,6 +108,8 @@ class CheckedRecurrence:
     span: Span
     source: Source = field(compare=False)
     reverse: bool = False  # `reverse recurrence`: a call runs its steps from the last to the first by default
+    # Likely mistakes in a valid body (an input never read, a state no output sees); see `_warnings`.
+    warnings: tuple[SpecWarning, ...] = field(default=(), compare=False)
 
     @property
     def text(self) -> str:
@@ -199,6 +201,7 @@ class _Checker:
         rec = self.rec
         inputs = tuple(self.declare(d, SymbolKind.INPUT) for d in rec.inputs)
         outputs = tuple(self.declare(d, SymbolKind.OUTPUT) for d in rec.outputs)
+        self.check_output_sizes(outputs)
         params: list[Symbol] = []
         states: list[Symbol] = []
         temps: list[Symbol] = []
@@ -256,7 +259,20 @@ class _Checker:
             span=rec.span,
             source=self.source,
             reverse=rec.reverse,
+            warnings=_warnings(inputs, tuple(params), tuple(states), outputs, tuple(statements), self.source),
         )
+
+    def check_output_sizes(self, outputs: tuple[Symbol, ...]) -> None:
+        """A size that only outputs use can never be bound from the call's tensors. Checked before the body,
+        whose lines would otherwise report it as an index ranging over two sizes (`o[M]` assigned from `v[V]`)."""
+        bindable = {d.size for d in self.rec.inputs for d in d.dims}
+        bindable |= {dim.size for stmt in self.rec.statements if isinstance(stmt, ast.DeclStatement)
+                     for decl in stmt.decls for dim in decl.dims}
+        for out in outputs:
+            for size in out.dims:
+                if isinstance(size, str) and size not in bindable:
+                    raise self.error(f"size '{size}' is used only by outputs, so no argument fixes it",
+                                     self.sizes[size], hint="give an input, param or state this dimension")
 
     # -- assignments ----------------------------------------------------
 
@@ -498,3 +514,64 @@ def _index_hint(sym: Symbol) -> str:
     if not sym.dims:
         return ""
     return "[" + ", ".join(letters[p % len(letters)] for p in range(len(sym.dims))) + "]"
+
+
+def _names_read(expr: ast.Expr) -> set[str]:
+    """The value names (and sizes used as numbers) an expression reads."""
+    if isinstance(expr, ast.Name):
+        return {expr.name}
+    if isinstance(expr, ast.Indexed):
+        return {expr.name}
+    if isinstance(expr, ast.Sum):
+        return _names_read(expr.body)
+    if isinstance(expr, ast.BinOp):
+        return _names_read(expr.left) | _names_read(expr.right)
+    if isinstance(expr, ast.Neg):
+        return _names_read(expr.operand)
+    if isinstance(expr, ast.Call):
+        return set().union(*(_names_read(a) for a in expr.args))
+    return set()
+
+
+def _warnings(inputs: tuple[Symbol, ...], params: tuple[Symbol, ...], states: tuple[Symbol, ...],
+              outputs: tuple[Symbol, ...], statements: tuple[CheckedAssign, ...],
+              source: Source) -> tuple[SpecWarning, ...]:
+    """Likely mistakes that still make a valid program: an input or param no line reads, a state never assigned
+    (it keeps its initial state), a state or temporary whose value never reaches an output (only a final state
+    would show it). Each is a `SpecWarning` at the name's declaration or first assignment."""
+    reads: dict[str, set[str]] = {}
+    first_assigned: dict[str, CheckedAssign] = {}
+    for st in statements:
+        reads.setdefault(st.target.name, set()).update(_names_read(st.value))
+        first_assigned.setdefault(st.target.name, st)
+    read_anywhere = set().union(*reads.values()) if reads else set()
+    # Everything an output depends on, through temporaries and states, across steps.
+    reaches: set[str] = set()
+    todo = [o.name for o in outputs]
+    while todo:
+        name = todo.pop()
+        if name not in reaches:
+            reaches.add(name)
+            todo.extend(reads.get(name, ()))
+    found: list[SpecWarning] = []
+    for sym in inputs + params:
+        if sym.name not in read_anywhere:
+            found.append(SpecWarning(f"{sym.kind.value} '{sym.name}' is never read", sym.span, source,
+                                     hint="use it in the body or remove it (a call still has to pass it)"))
+    for sym in states:
+        if sym.name not in first_assigned:
+            found.append(SpecWarning(
+                f"state '{sym.name}' is never assigned, so every step sees its initial state (zero unless "
+                "initial_state gives one)", sym.span, source,
+                hint=f"add its update, '{sym.name}{_index_hint(sym)} = ...', or make it a param"))
+        elif sym.name not in reaches:
+            found.append(SpecWarning(
+                f"state '{sym.name}' never reaches an output: only its final state (output_final_state=True) "
+                "shows it", sym.span, source,
+                hint="read it in an output's line, or remove it if it is left over"))
+    for name, st in first_assigned.items():
+        if st.target.kind is SymbolKind.TEMP and name not in read_anywhere:
+            found.append(SpecWarning(f"temporary '{name}' is assigned but never read", st.target.span, source,
+                                     hint=did_you_mean(name, read_anywhere)
+                                     or "read it in a later line, or remove it"))
+    return tuple(found)

@@ -60,6 +60,11 @@ def load_file(file: str) -> dict[str, Recurrence]:
     recs = load(Path(file))
     if not recs:
         raise FileError(f"{file}: error: no recurrence in this file")
+    # Every command that reads a spec says what in it is most likely a mistake, on stderr (stdout stays the
+    # command's own output, e.g. `show --json`).
+    for rec in recs.values():
+        for warning in rec.warnings:
+            print(warning.render(), file=sys.stderr)
     return recs
 
 

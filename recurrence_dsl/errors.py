@@ -1,5 +1,6 @@
 """The two error types a user sees: `SpecError` for a bad `.rec` program,
-`CallError` for a bad call of a compiled or reference layer.
+`CallError` for a bad call of a compiled or reference layer; and `SpecWarning`,
+printed like an error, for a valid program that is most likely not what was meant.
 
 A `SpecError` carries the source position and prints the way compilers do:
 
@@ -12,7 +13,7 @@ A `SpecError` carries the source position and prints the way compilers do:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,33 @@ CAUSAL_HINT = ("the language is causal: a step reads its own inputs (x[i], not x
 _LONGEST_SHOWN = 120
 
 
+def render_at(label: str, message: str, span: Span, source: Source, hint: str | None) -> str:
+    """`FILE:LINE:COL: LABEL: MESSAGE`, the source line, a caret under `span`, and the hint if any."""
+    head = f"{source.filename}:{span.line}:{span.column}: {label}: {message}"
+    text = source.line_text(span.line)
+    parts = [head]
+    if text:
+        width = 1
+        if span.end_line == span.line and span.end_column > span.column:
+            width = span.end_column - span.column
+        width = max(1, min(width, len(text) - span.column + 1))
+        column = span.column
+        if len(text) > _LONGEST_SHOWN:
+            # A very long line (a 5000-digit literal): show a window around the error, marked with '...'.
+            start = max(0, column - 1 - _LONGEST_SHOWN // 3)
+            end = min(len(text), start + _LONGEST_SHOWN)
+            width = min(width, end - (column - 1))
+            text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+            column = column - start + (3 if start else 0)
+        # Keep tabs in the gutter so the caret lines up under tab-indented code.
+        gutter = "".join(c if c == "\t" else " " for c in text[: column - 1])
+        parts.append("    " + text)
+        parts.append("    " + gutter + "^" + "~" * (width - 1))
+    if hint:
+        parts.append(f"hint: {hint}")
+    return "\n".join(parts)
+
+
 class SpecError(Exception):
     """An error in a `.rec` program, with its position in the source."""
 
@@ -85,29 +113,30 @@ class SpecError(Exception):
 
     def render(self) -> str:
         """`FILE:LINE:COL: error: MESSAGE`, the source line, a caret, and a hint if any."""
-        head = f"{self.source.filename}:{self.span.line}:{self.span.column}: error: {self.message}"
-        text = self.source.line_text(self.span.line)
-        parts = [head]
-        if text:
-            width = 1
-            if self.span.end_line == self.span.line and self.span.end_column > self.span.column:
-                width = self.span.end_column - self.span.column
-            width = max(1, min(width, len(text) - self.span.column + 1))
-            column = self.span.column
-            if len(text) > _LONGEST_SHOWN:
-                # A very long line (a 5000-digit literal): show a window around the error, marked with '...'.
-                start = max(0, column - 1 - _LONGEST_SHOWN // 3)
-                end = min(len(text), start + _LONGEST_SHOWN)
-                width = min(width, end - (column - 1))
-                text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
-                column = column - start + (3 if start else 0)
-            # Keep tabs in the gutter so the caret lines up under tab-indented code.
-            gutter = "".join(c if c == "\t" else " " for c in text[: column - 1])
-            parts.append("    " + text)
-            parts.append("    " + gutter + "^" + "~" * (width - 1))
-        if self.hint:
-            parts.append(f"hint: {self.hint}")
-        return "\n".join(parts)
+        return render_at("error", self.message, self.span, self.source, self.hint)
+
+
+@dataclass(frozen=True)
+class SpecWarning:
+    """Something in a valid `.rec` program that is most likely a mistake (a state no output ever sees, an input
+    never read). Not raised: `Recurrence.warnings` holds them and the command line prints them on stderr."""
+
+    message: str
+    span: Span
+    source: Source = field(compare=False, repr=False)
+    hint: str | None = None
+
+    @property
+    def line(self) -> int:
+        return self.span.line
+
+    @property
+    def column(self) -> int:
+        return self.span.column
+
+    def render(self) -> str:
+        """`FILE:LINE:COL: warning: MESSAGE`, the source line, a caret, and a hint if any."""
+        return render_at("warning", self.message, self.span, self.source, self.hint)
 
 
 class CallError(ValueError):

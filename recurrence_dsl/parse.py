@@ -21,6 +21,7 @@ from .errors import (
     Source,
     Span,
     SpecError,
+    did_you_mean,
     shown_number,
 )
 
@@ -205,12 +206,21 @@ def _describe_expected(expected: set[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+# Characters from other languages' notations, and what to write in a spec instead.
+_CHARACTER_HINTS = {
+    "^": "write a power as x ** y ('^' is not an operator)",
+    "@": "there is no matrix product: write the contraction with sum, e.g. o[j] = sum(i, q[i] * S[i, j])",
+    "'": "there is no transpose: index the other way, e.g. S[j, i], or sum over the other axis",
+}
+_DECLARATIONS = ("state", "param")
+
+
 def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecError:
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
         span = Span(err.line, err.column, err.line, err.column + 1)
         shown = char if char.isprintable() else repr(char)[1:-1]  # '\r', '\x00' rather than the raw byte
-        return SpecError(f"unexpected character '{shown}'", span, source)
+        return SpecError(f"unexpected character '{shown}'", span, source, hint=_CHARACTER_HINTS.get(char))
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         lines = source.lines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
@@ -254,6 +264,13 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
                 "NAME(...)' or call the layer with reverse=True")
     elif tok.type == "NAME" and "LBRACE" in expected:
         hint = "the body of a recurrence starts with '{' after its outputs"
+    elif tok.type == "NAME" and "EQUAL" in expected and err.token_history and \
+            err.token_history[-1].type == "NAME" and did_you_mean(str(err.token_history[-1]), _DECLARATIONS):
+        # `stat S[K, V]`, `params A`: a misspelt declaration parses as the start of an assignment to it.
+        prev = err.token_history[-1]
+        return SpecError(f"unknown declaration '{prev}'", _token_span(prev), source,
+                         hint=f"{did_you_mean(str(prev), _DECLARATIONS)} A declaration reads 'state S[K, V]' or "
+                              "'param A, u[K]'")
     return SpecError(message, span, source, hint=hint)
 
 

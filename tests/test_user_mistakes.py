@@ -1,0 +1,141 @@
+"""Mistakes a new user makes in a first spec, and what they are told (found by trying the tool from a fresh clone).
+
+Errors: a size only an output uses is named as such, before the body reports it as an index over two sizes; `^`,
+`@` and `'` from other notations get a hint; a misspelt declaration (`stat`, `params`) is reported at the word
+itself. Warnings (`Recurrence.warnings`, printed on stderr by every command): an input or param never read, a state
+never assigned, a state whose value never reaches an output, a temporary never read. No spec in specs/ warns.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import recurrence_dsl
+from recurrence_dsl.cli import main
+
+from .conftest import SPECS_DIR
+
+GLA_BODY = """\
+    state S[K, V]
+    S[i, j] = exp(g[i]) * S[i, j] + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+
+def error_of(text: str) -> recurrence_dsl.SpecError:
+    with pytest.raises(recurrence_dsl.SpecError) as info:
+        recurrence_dsl.load_text(text, "bad.rec")
+    return info.value
+
+
+def test_output_only_size_is_named_before_the_body():
+    err = error_of("recurrence gla(q[K], k[K], v[V], g[K]) -> o[M] {\n" + GLA_BODY)
+    assert err.message == "size 'M' is used only by outputs, so no argument fixes it"
+    assert (err.line, err.column) == (1, 45)
+    assert err.hint == "give an input, param or state this dimension"
+
+
+@pytest.mark.parametrize(("line", "column", "hint"), [
+    ("    o[j] = K ^ -0.5 * sum(i, q[i] * S[i, j])", 14, "write a power as x ** y ('^' is not an operator)"),
+    ("    o = q @ S", 11, "there is no matrix product: write the contraction with sum, e.g. o[j] = sum(i, q[i] * "
+                          "S[i, j])"),
+    ("    o[j] = sum(i, q[i] * S'[i, j])", 27, "there is no transpose: index the other way, e.g. S[j, i], or sum "
+                                               "over the other axis"),
+])
+def test_other_notations_get_a_hint(line, column, hint):
+    err = error_of("recurrence la(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V]\n"
+                   "    S[i, j] = S[i, j] + k[i] * v[j]\n" + line + "\n}\n")
+    assert (err.line, err.column, err.hint) == (4, column, hint)
+    assert err.message.startswith("unexpected character")
+
+
+@pytest.mark.parametrize(("word", "meant"), [("stat", "state"), ("states", "state"), ("params", "param"),
+                                             ("parm", "param")])
+def test_misspelt_declaration_is_reported_at_the_word(word, meant):
+    err = error_of(f"recurrence r(x[D]) -> y[D] {{\n    {word} h[D]\n    h[d] = 0.5 * h[d] + x[d]\n"
+                   "    y[d] = h[d]\n}\n")
+    assert err.message == f"unknown declaration '{word}'"
+    assert (err.line, err.column) == (2, 5)
+    assert err.hint.startswith(f"did you mean '{meant}'?")
+    assert f"^{'~' * (len(word) - 1)}\n" in err.render()
+
+
+def test_an_assignment_to_an_unrelated_name_keeps_the_plain_message():
+    err = error_of("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    hh d = 0.5 * h[d] + x[d]\n    y[d] = h[d]\n}\n")
+    assert err.message == "unexpected name 'd', expected '=' or '['"
+    assert err.hint is None
+
+
+def warnings_of(text: str) -> list[tuple[int, int, str]]:
+    (rec,) = recurrence_dsl.load_text(text, "w.rec").values()
+    return [(w.line, w.column, w.message) for w in rec.warnings]
+
+
+def test_state_that_never_reaches_an_output():
+    text = ("recurrence la(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V], z[K]\n"
+            "    S[i, j] = S[i, j] + k[i] * v[j]\n    z[i] = z[i] + k[i]\n    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert warnings_of(text) == [(2, 20, "state 'z' never reaches an output: only its final state "
+                                         "(output_final_state=True) shows it")]
+
+
+def test_state_read_through_a_temporary_and_another_state_reaches_the_output():
+    # z feeds n, n feeds the output through a temporary: no warning.
+    text = ("recurrence la(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V], z[K], n\n"
+            "    z[i] = 0.5 * z[i] + k[i]\n    n = n + sum(i, z[i])\n    S[i, j] = S[i, j] + k[i] * v[j]\n"
+            "    t = n + 1\n    o[j] = sum(i, q[i] * S[i, j]) / t\n}\n")
+    assert warnings_of(text) == []
+
+
+def test_state_never_assigned_and_inputs_never_read():
+    text = "recurrence la(q[K], k[K], v[V]) -> o[V] {\n    param w\n    state S[K, V]\n" \
+           "    o[j] = sum(i, q[i] * S[i, j])\n}\n"
+    assert warnings_of(text) == [
+        (1, 21, "input 'k' is never read"), (1, 27, "input 'v' is never read"), (2, 11, "param 'w' is never read"),
+        (3, 11, "state 'S' is never assigned, so every step sees its initial state (zero unless initial_state "
+                "gives one)")]
+
+
+def test_temporary_never_read_suggests_the_name_read():
+    text = ("recurrence dn(q[K], k[K], v[V], beta) -> o[V] {\n    state S[K, V]\n"
+            "    err[j] = v[j] - sum(i, k[i] * S[i, j])\n    er[j] = 0 * v[j]\n"
+            "    S[i, j] = S[i, j] + beta * k[i] * er[j]\n    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    (rec,) = recurrence_dsl.load_text(text, "w.rec").values()
+    (warning,) = rec.warnings
+    assert (warning.line, warning.column, warning.message) == (3, 5, "temporary 'err' is assigned but never read")
+    assert warning.hint == "did you mean 'er'?"
+
+
+def test_cli_prints_warnings_on_stderr_and_succeeds(tmp_path, capsys):
+    spec = tmp_path / "la.rec"
+    spec.write_text("recurrence la(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V], z[K]\n"
+                    "    S[i, j] = S[i, j] + k[i] * v[j]\n    z[i] = z[i] + k[i]\n"
+                    "    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert main(["show", str(spec), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("{") and "warning" not in out
+    assert err.splitlines()[:3] == [f"{spec}:2:20: warning: state 'z' never reaches an output: only its final "
+                                    "state (output_final_state=True) shows it",
+                                    "        state S[K, V], z[K]", "                       ^~~~"]
+
+
+@pytest.mark.parametrize("path", sorted(SPECS_DIR.glob("*.rec")), ids=lambda p: p.stem)
+def test_no_published_spec_warns(path):
+    for rec in recurrence_dsl.load(path).values():
+        assert rec.warnings == (), [w.render() for w in rec.warnings]
+
+
+def test_non_linear_reasons_stay_short_and_use_the_step_names():
+    """sLSTM (tests/data/slstm.rec) writes each gate out in full: a reason quotes at most 160 characters of it,
+    and a state's value from this step as `n_t` (the step lines' name), not the step IR's `n__new`."""
+    from recurrence_dsl.analysis import analyse
+
+    from .conftest import TESTS
+
+    (rec,) = recurrence_dsl.load(TESTS / "data" / "slstm.rec").values()
+    analysis = analyse(rec.checked)
+    reasons = [s.reason for s in analysis.states.values()]
+    assert len(reasons) == 4 and all(len(r) < 320 for r in reasons), reasons
+    assert not any("__new" in r for r in reasons)
+    assert any("1/n_t[d] * c_t[d]" in r for r in reasons)
+    assert len(analysis.unavailable["scan"]) < 1400
