@@ -191,9 +191,11 @@ def _entry_points(analysis: Analysis) -> str:
         tri.append(f"'scan': takes_cu_seqlens({name}__scan_triton)")  # its kernels walk packed sequences
     if "chunked" in triton_names:
         if dplr_chunked_in_triton(analysis):
-            # the Triton forward's chunk-start states are the checkpoints of the recurrent form's derived adjoint
-            tri.append(f"'chunked': with_adjoint({name}__chunked_triton, {name}__triton_recurrent_adjoint, "
-                       f"_{name}_out, _{name}_st, kernels=True, every_of=triton_chunk_every)")
+            # the Triton forward's chunk-start states are the checkpoints of the recurrent form's derived adjoint;
+            # both walk packed sequences in their kernels (the checkpoints: each sequence's chunk starts)
+            tri.append(f"'chunked': takes_cu_seqlens(with_adjoint({name}__chunked_triton, "
+                       f"{name}__triton_recurrent_adjoint, _{name}_out, _{name}_st, kernels=True, "
+                       f"every_of=triton_chunk_every))")
         elif chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
             # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
             tri.append(f"'chunked': takes_cu_seqlens({name}__chunked_triton)")

@@ -2199,6 +2199,59 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _triton_Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
+    `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
+    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: triton_Tensor | None) -> triton_Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: triton_Tensor) -> triton_Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -2398,29 +2451,65 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunk_every(length: int, options: dict) -> int:
     """The chunk length BT = min(chunk_size, pow2(T) >= 16) of a call of `length` steps with these form options:
     the steps between the chunk-start states `triton_chunked_dplr_by` returns, so the recurrent form's derived adjoint
-    (`with_adjoint(..., every_of=triton_chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start."""
+    (`with_adjoint(..., every_of=triton_chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start.
+    With `cu_seqlens` among the options (packed sequences) it is `_triton_Packed`'s BT, min(chunk_size, pow2(longest
+    sequence) >= 16): every sequence starts a chunk, so sequence n's chunk starts are its cdiv(length_n, BT)
+    checkpoints, the layout of the adjoint's packed checkpoints (one table row per sequence)."""
+    cu = options.get("cu_seqlens")
+    if cu is not None:
+        lengths = cu[1:] - cu[:-1]
+        length = int(lengths.max()) if len(lengths) else 1
     return min(int(options.get("chunk_size", 64)), _triton_pow2_at_least_16(length))
 
 
 def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                    allow_tf32=None, output_chunk_states=False):
+                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
     """triton_chunked_dplr with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point of
     generated modules; its arguments are not checked (triton_chunked_dplr does that).
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_triton_Packed`: each sequence moved
+    to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
+    the step): the WY and output kernels run as for one long row, the state kernel one program per (sequence, head,
+    V block) over that sequence's chunks, so the launches are the same for any N. States [N, H, K, V]; the
+    chunk-start states [1, H, NT, K, V] hold sequence n's at `_triton_Packed.offsets[n]` onwards, the order of the
+    recurrent adjoint's packed checkpoints every `triton_chunk_every` steps.
 
     Per chunk with start state S0 (the derivation of codegen.torch_runtime.chunked_dplr): u_t = S_{t-1}^T a_t
     solves (I - L) U = Ag S0 + M V, so U = Tm M V + Tm Ag S0 (`_triton_dplr_wy_kernel`, Tm = (I - L)^-1); the state
     passes as S' = D S0 + Bd^T U + Kd^T V (`_triton_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_triton_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
         raise NotImplementedError("triton_chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
+    if cu_seqlens is None:
+        return _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, **options)
+    packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
+    if packed.NT == 0:  # every sequence empty: no chunk, the final states are the initial ones
+        outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
+        empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
+        return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    result = _triton_dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
+                      packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
+                      packed=packed, **options)
+    return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
+
+
+def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
+             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
+    """triton_chunked_dplr_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if T == 0:
         outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
         empty = torch.empty((B, H, 0, K, V), dtype=torch.float32, device=k.device)
@@ -2439,7 +2528,7 @@ def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initi
         num_warps=_triton_or(num_warps, _triton_DPLR_WY_WARPS), num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
-                                         else _STAGES), kv=(k, v))
+                                         else _STAGES), packed=packed, kv=(k, v))
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
@@ -2944,7 +3033,7 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
 
 _rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': rwkv7__chunked}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': with_adjoint(rwkv7__chunked_triton, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every)} if HAVE_TRITON else None
+_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))} if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
