@@ -51,6 +51,16 @@ Kernel design (the torch per-step loop, moved into one program):
   [1, H, NC, ...] tensor, `first` a table the launcher builds once per call (`_sequences`), so one launch
   of the loop and one of the adjoint serve any N. A reverse run is the dispatcher's: each sequence's steps
   flipped in place (codegen/dispatch.py `_run_packed_form`).
+- the adjoint's chunk-parallel mode (`segments=True`; printed where the writer is asked for it and
+  `TritonAdjointWriter._segmentable` holds: one state [A, F] whose gradient's map across a segment is linear and
+  the same for every lane of the tiled axis F): for segment c, dS_start = P_c dS_end + r_c with P_c [A, A]. The
+  kernel's SEGMENTS variant runs one program per (batch, head, F tile, segment) from a given dS_end; launched on
+  zero dS_end it gives r_c, launched on the identity (F standing for A lanes, every value over F zero) it gives
+  P_c; `NAME__triton_segment_scan_kernel` then walks the segments from the last (NC small matmuls per program, no
+  step) for every segment's dS_end, and a last SEGMENTS launch computes every gradient, all segments at once.
+  Three launches of B * H * tiles * NC programs and one of B * H * tiles where the sequential mode launches
+  B * H * tiles programs over all T steps; the chunked form of the diagonal-plus-rank-one class (RWKV-7) trains
+  on it (codegen/module.py), its checkpoints the chunk starts.
 """
 
 from __future__ import annotations
@@ -827,7 +837,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     the forward's free axis), segments of `every` steps from the last: the segment's states are recomputed from its
     checkpoint (stored by the forward kernel's CHECKPOINT variant) into a per-program scratch buffer of `every`
     states, then the states' gradients run back through the segment one step at a time, each input's gradient is
-    stored at its step and each param's accumulated in registers.
+    stored at its step and each param's accumulated in registers. With `segments` (and `_segmentable`), also the
+    chunk-parallel mode (the module docstring; `_write_segmented_launch`, `_segment_scan_kernel`).
 
     Splitting over the free axis (V of `S[K, V]`): no step couples its lanes, so every gradient is linear in the
     lanes' cotangents, and a program computes the part of each gradient that its own lanes' cotangents cause.
@@ -1521,7 +1532,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w("# 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c", 2)
         w(f"{self.fn}__triton_segment_scan_kernel[(B_ * H_, NT_)](", 2)
         w(f"P_{u}, r_{u}, de_{u}, dht_{u}, dh0_{u}, cu_, ck_first_, every, NC_, H_, {a_src}, {f_src}, "
-          f"{block_name(A)}, {block_name(F)}, VARLEN=cu_ is not None, num_warps=num_warps,", 3)
+          f"{block_name(A)}, {block_name(F)}, min({block_name(A)}, 32), VARLEN=cu_ is not None, "
+          "num_warps=num_warps,", 3)
         w(")", 2)
         w("# 4. every segment's gradients, in parallel from its end's", 2)
         w(f"{self.fn}__triton_recurrent_adjoint_kernel{grid}(", 2)
@@ -1536,11 +1548,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         ba, bf = block_name(A), block_name(F)
         return f'''@triton.jit
 def {self.fn}__triton_segment_scan_kernel(P, r, de, dht, dh0, cu_, ck_first_, every, NC_, H_, A, F,
-                                  {ba}: tl.constexpr, {bf}: tl.constexpr, VARLEN: tl.constexpr):
+                                  {ba}: tl.constexpr, {bf}: tl.constexpr, BM: tl.constexpr,
+                                  VARLEN: tl.constexpr):
     """The state gradient at every segment's end, from the last segment: de[c] = dS, then dS = P_c dS + r_c (the
     segment's linear map, P [R, H, NC, A, A] and r [R, H, NC, A, F]); the initial state's gradient dh0 = dS.
     One program per (batch, head, {bf} lanes of F): its segments only (packed: its sequence's, from
-    ck_first_[sequence])."""
+    ck_first_[sequence]). P_c dS runs over BM columns of P at a time against the rows of dS just stored to de[c]
+    (a whole [A, A] tile of P spilled at A = 128); tf32x3 dots keep float32's accuracy on tensor cores."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
@@ -1553,18 +1567,25 @@ def {self.fn}__triton_segment_scan_kernel(P, r, de, dht, dh0, cu_, ck_first_, ev
         NS_ = NC_
         ck_row_ = i_bh.to(tl.int64) * NC_
     o_a = tl.arange(0, {ba})
-    o_m = tl.arange(0, {ba})
     o_f = i_tile * {bf} + tl.arange(0, {bf})
-    m_af = (o_a < A)[:, None] & (o_f < F)[None, :]
-    m_aa = (o_a < A)[:, None] & (o_m < A)[None, :]
+    m_a = o_a < A
+    m_af = m_a[:, None] & (o_f < F)[None, :]
     o_af = o_a[:, None] * F + o_f[None, :]
     b_dS = tl.load(dht + i_bh.to(tl.int64) * (A * F) + o_af, mask=m_af, other=0.0).to(tl.float32)  # [{ba}, {bf}]
     for i_r in range(0, NS_):
         i_c = NS_ - 1 - i_r
-        tl.store(de + (ck_row_ + i_c) * (A * F) + o_af, b_dS, mask=m_af)
-        b_P = tl.load(P + (ck_row_ + i_c) * (A * A) + o_a[:, None] * A + o_m[None, :], mask=m_aa, other=0.0)
-        b_r = tl.load(r + (ck_row_ + i_c) * (A * F) + o_af, mask=m_af, other=0.0)
-        b_dS = tl.dot(b_P, b_dS, input_precision="ieee") + b_r
+        p_de = de + (ck_row_ + i_c) * (A * F)
+        tl.store(p_de + o_af, b_dS, mask=m_af)
+        tl.debug_barrier()  # (the blocks below read rows that other threads of the program stored)
+        b_dS = tl.load(r + (ck_row_ + i_c) * (A * F) + o_af, mask=m_af, other=0.0)
+        for i_m in range(0, tl.cdiv(A, BM)):
+            o_m = i_m * BM + tl.arange(0, BM)
+            m_m = o_m < A
+            b_P = tl.load(P + (ck_row_ + i_c) * (A * A) + o_a[:, None] * A + o_m[None, :],
+                          mask=m_a[:, None] & m_m[None, :], other=0.0)  # [{ba}, BM]
+            b_x = tl.load(p_de + o_m[:, None] * F + o_f[None, :], mask=m_m[:, None] & (o_f < F)[None, :],
+                          other=0.0)  # [BM, {bf}]
+            b_dS += tl.dot(b_P, b_x, input_precision="tf32x3")
     tl.store(dh0 + i_bh.to(tl.int64) * (A * F) + o_af, b_dS, mask=m_af)
 
 

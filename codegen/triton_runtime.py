@@ -42,7 +42,8 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   _delta_state_kernel with DPLR (keys b, pseudo-values U = u - w S,
                                                   plus (k exp(G_last - G))^T v), the output kernel's DPLR adds the
                                                   (b, U) pair. Its backward is the recurrent form's derived adjoint
-                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py).
+                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py),
+                                                  run chunk-parallel (codegen/triton_recurrent.py, segments).
   _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   linear only: the state passed over chunks in float32 registers;
                                                   writes the start state of every chunk to h [B, H, NT, K, V]

@@ -168,22 +168,91 @@ def _compare(monkeypatch, batch, length, layer=None, **call) -> dict[str, float]
     return {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
 
 
+class _Grids:
+    """A kernel whose launches record their grids (the interpreter looks the kernel up at each launch)."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
 def test_gradients_through_the_adjoint(monkeypatch):
-    """Every input's, the param's and the initial state's gradient; T = 37: three chunks of 16 + 16 + 5 steps, so
-    the adjoint gets three checkpoints, the chunk-start states, 16 steps apart."""
-    run = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False).triton_forms["chunked"]
+    """Every input's, the param's and the initial state's gradient (with the final state's); T = 37: three chunks
+    of 16 + 16 + 5 steps, so the adjoint gets three checkpoints, the chunk-start states, 16 steps apart, and runs
+    chunk-parallel: each of its three launches has a program per (batch * head, V tile, chunk), 2 x 1 x 3, around
+    one scan over the chunks (a program per (batch * head, V tile))."""
+    layer = _layer(monkeypatch)
+    run = layer.triton_forms["chunked"]
     cell = dict(zip(run.__code__.co_freevars, run.__closure__))["adjoint"]  # with_adjoint's derived backward
-    adjoint, seen = cell.cell_contents, []
+    adjoint, seen, grids = cell.cell_contents, [], {}
 
     def spy(*args, every, **kwargs):
         seen.append((every, [c["S"].shape for c in args[7]]))  # after r, w, k, v, kk, a, u: the checkpoints
         return adjoint(*args, every=every, **kwargs)
 
     monkeypatch.setattr(cell, "cell_contents", spy)
-    errors = _compare(monkeypatch, 1, 37)
-    print({n: f"{e:.1e}" for n, e in errors.items()})
+    module = sys.modules[type(layer).__module__]
+    for name in ("rwkv7__triton_recurrent_adjoint_kernel", "rwkv7__triton_segment_scan_kernel"):
+        monkeypatch.setattr(module, name, _Grids(getattr(module, name), grids.setdefault(name, [])))
+    errors = _compare(monkeypatch, 1, 37, layer=layer)
+    print({n: f"{e:.1e}" for n, e in errors.items()}, grids)
     assert seen == [(16, [(1, 2, 16, 16)] * 3)]
+    assert grids == {"rwkv7__triton_recurrent_adjoint_kernel": [(2, 1, 3)] * 3,
+                     "rwkv7__triton_segment_scan_kernel": [(2, 1)]}
     assert max(errors.values()) <= TOL, errors
+
+
+def test_segmented_adjoint_equals_the_sequential_one(monkeypatch):
+    """The derived adjoint's two modes on the same checkpoints (the chunk starts, every 16 steps; T = 40, V = 48:
+    two V tiles, the second half padding; two rows, two heads): the chunk-parallel one (segments=True) gives the
+    sequential one's gradients to float32 rounding, packed (three sequences, one empty) and not, also with fewer
+    programs than chunks (two segment lanes, as past the scratch cap: each program takes its chunks in turn)."""
+    layer = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False)
+    module = sys.modules[type(layer).__module__]
+    sizes = {"K": 16, "V": 48}
+    for cu in (None, torch.tensor([0, 23, 23, 40])):
+        rows = 2 if cu is None else 1
+        args, s0 = sample_arguments(REC.checked, sizes, rows, 40, 2, dtype=torch.float32, seed=11,
+                                    with_initial_state=True, rows=None if cu is None else 3)
+        options = {} if cu is None else {"cu_seqlens": cu}
+        _, final, checkpoints = module.rwkv7__chunked_triton(*args, {"S": s0}, 16, 48, chunk_size=16, every=16,
+                                                             **options)
+        gen = torch.Generator().manual_seed(12)
+        do = {"o": torch.randn(rows, 40, 2, 48, generator=gen)}
+        dS = {"S": torch.randn(final["S"].shape, generator=gen)}
+        results = [module.rwkv7__triton_recurrent_adjoint(*args, checkpoints, do, dS, 16, 48, every=16,
+                                                          segments=segments, **options)
+                   for segments in (False, True)]
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "rwkv7__segment_lanes", lambda segments, programs, slot: 2)
+            results.append(module.rwkv7__triton_recurrent_adjoint(*args, checkpoints, do, dS, 16, 48, every=16,
+                                                                   segments=True, **options))
+        (seq, seq_s), *others = results
+        for par, par_s in others:
+            errors = [_rel(p, q) for p, q in zip(par + [par_s["S"]], seq + [seq_s["S"]], strict=True)]
+            print(cu, [f"{e:.1e}" for e in errors])
+            assert max(errors) <= 1e-6, errors
+
+
+def test_which_adjoints_are_segmented():
+    """`_segmentable`: one [A, F] state whose gradient's map reads no state and nothing over the tiled axis F (the
+    DPLR class, the delta rule, a key decay), not Mamba's (its decay exp(dt[d] * A[d, n]) is over the tiled axis)
+    or a non-linear state; the mode is printed only where asked (the DPLR chunked form's adjoint)."""
+    from codegen.triton_recurrent import TritonAdjointWriter, has_segmented_adjoint
+    from recurrence_dsl.adjoint import derive_adjoint
+    from recurrence_dsl.analysis import analyse
+
+    found = {}
+    for name in ("rwkv7", "gla", "delta_net", "mamba", "minimal_rnn"):
+        analysis = analyse(recurrence_dsl.load(REPO / "specs" / f"{name}.rec")[name].checked)
+        writer = TritonAdjointWriter(analysis, derive_adjoint(analysis.recurrence, analysis.ir), segments=True)
+        writer.write()
+        found[name] = (writer.segmented, has_segmented_adjoint(analysis))
+    assert found == {"rwkv7": (True, True), "gla": (True, False), "delta_net": (True, False),
+                     "mamba": (False, False), "minimal_rnn": (False, False)}
 
 
 def test_gradients_of_packed_sequences(monkeypatch):

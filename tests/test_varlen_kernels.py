@@ -147,6 +147,7 @@ LAUNCHES = textwrap.dedent('''
         for label, cu in (("1", torch.tensor([0, T])), ("1000", many)):
             kernels = report_call(layer, args, {"cu_seqlens": cu}, target="sm_90", form=form, backward=True)
             counts[f"{form} {label}"] = sorted((k.name, k.phase, k.launches, list(k.grid)) for k in kernels)
+    counts["T"] = T
     print(json.dumps(counts))
 ''')
 
@@ -173,7 +174,11 @@ def test_launches_for_1000_packed_sequences_equal_those_for_one():
         assert set(kernels) <= set(grids), grids
         if form == "recurrent":  # a program per (sequence, head) and tile of V
             assert [grids[k][0] for k in kernels] == [2000, 2000]
-        elif form == "chunked":  # the state pass: (V blocks, sequence * head); the adjoint: (sequence * head, tiles)
-            assert grids[kernels[0]] == [1, 2000, 1] and grids[kernels[1]][:2] == [2000, 1], grids
+        elif form == "chunked":  # the state pass: (V blocks, sequence * head); the adjoint chunk-parallel: (head,
+            # V tile, chunk of any sequence), each sequence here one chunk of 64 (one sequence: cdiv(T, 64) chunks)
+            assert grids[kernels[0]] == [1, 2000, 1], grids
+            assert {tuple(k[3]) for k in many if k[0] == kernels[1]} == {(2, 1, 1000)}
+            assert {tuple(k[3]) for k in one if k[0] == kernels[1]} == {(2, 1, -(-counts["T"] // 64))}
+            assert grids["rwkv7__triton_segment_scan_kernel"] == [2000, 1, 1]  # the scan over each one's chunks
         else:  # a program per block of state elements and sequence, on one grid axis
             assert [grids[k][0] % 1000 for k in kernels] == [0, 0] and [grids[k][1] for k in kernels] == [1, 1]
