@@ -51,6 +51,16 @@ Kernel design (the torch per-step loop, moved into one program):
   [1, H, NC, ...] tensor, `first` a table the launcher builds once per call (`_sequences`), so one launch
   of the loop and one of the adjoint serve any N. A reverse run is the dispatcher's: each sequence's steps
   flipped in place (codegen/dispatch.py `_run_packed_form`).
+- the adjoint's chunk-parallel mode (`segments=True`; printed where the writer is asked for it and
+  `TritonAdjointWriter._segmentable` holds: one state [A, F] whose gradient's map across a segment is linear and
+  the same for every lane of the tiled axis F): for segment c, dS_start = P_c dS_end + r_c with P_c [A, A]. The
+  kernel's SEGMENTS variant runs one program per (batch, head, F tile, segment) from a given dS_end; launched on
+  zero dS_end it gives r_c, launched on the identity (F standing for A lanes, every value over F zero) it gives
+  P_c; `NAME__triton_segment_scan_kernel` then walks the segments from the last (NC small matmuls per program, no
+  step) for every segment's dS_end, and a last SEGMENTS launch computes every gradient, all segments at once.
+  Three launches of B * H * tiles * NC programs and one of B * H * tiles where the sequential mode launches
+  B * H * tiles programs over all T steps; the chunked form of the diagonal-plus-rank-one class (RWKV-7) trains
+  on it (codegen/module.py), its checkpoints the chunk starts.
 """
 
 from __future__ import annotations
@@ -93,6 +103,9 @@ ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's l
 # this many footprint elements a thread at 4 warps it runs 8 (rwkv6 / rwkv7 at K = V = 64 spilled 8 B on sm_80 at 4
 # warps; on sm_90 4 warps run clean there and 8 left lightning_attention's adjoint an 8-byte stack slot).
 ADJOINT_ELEMENTS_AT_4_WARPS = 48
+# The segmented adjoint's scratch (each program's segment of states) is capped here: past it, fewer programs than
+# segments, each taking several in turn (issue 9's memory bound: the states are never all held at once).
+SEGMENT_SCRATCH_BYTES = 1 << 30
 # A [D0, D1] param's gradient that is a sum of at most this many outer products per step is not summed in registers:
 # the adjoint kernel stores the per-step factors and the launcher contracts them over (batch, time) in one matmul.
 OUTER_FACTORS_MAX = 4
@@ -825,7 +838,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     the forward's free axis), segments of `every` steps from the last: the segment's states are recomputed from its
     checkpoint (stored by the forward kernel's CHECKPOINT variant) into a per-program scratch buffer of `every`
     states, then the states' gradients run back through the segment one step at a time, each input's gradient is
-    stored at its step and each param's accumulated in registers.
+    stored at its step and each param's accumulated in registers. With `segments` (and `_segmentable`), also the
+    chunk-parallel mode (the module docstring; `_write_segmented_launch`, `_segment_scan_kernel`).
 
     Splitting over the free axis (V of `S[K, V]`): no step couples its lanes, so every gradient is linear in the
     lanes' cotangents, and a program computes the part of each gradient that its own lanes' cotangents cause.
@@ -843,9 +857,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     threads (at most 255): unasked, ptxas stops at 128 registers a thread at 8 warps and spills.
     """
 
-    def __init__(self, analysis: Analysis, adjoint: AdjointStep):
+    def __init__(self, analysis: Analysis, adjoint: AdjointStep, segments: bool = False):
         super().__init__(analysis)
         self.adj = adjoint
+        self.want_segments = segments  # print the chunk-parallel mode where `_segmentable` allows it
         self.ranges.update(adjoint.ranges)
         self.out_grads = {grad_name(o.name) for o in self.outputs}
         self.carried = {grad_name(s.name) for s in self.states}
@@ -905,6 +920,37 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 pairs = outer_factors(e, *idx)
                 if pairs is not None:
                     self.outer[p.name] = pairs
+
+    def _segmentable(self) -> bool:
+        """Whether the state gradient's map across a segment is one linear map shared by every lane of the tiled
+        axis: one state [A, F], F the tiled axis (V of S[K, V]), whose adjoint step dS_{t-1} = A_t^T dS_t + (terms
+        of the outputs' gradients) reads, once the outputs' gradients are zero, only the state's gradients and
+        inputs and params without F, and sums over no F (so no state, no lane's own data: the linear classes with
+        a transition on the first axis, the delta rule, the diagonal-plus-rank-one class). Then a segment's
+        dS_start = P_c dS_end + r_c with P_c an [A, A] matrix: the segmented mode (`SEGMENTS`) forms P_c by running
+        the segment on the identity (F := A lanes), r_c on the outputs' gradients alone, and every segment runs in
+        parallel from the dS_end a scan over segments gives it."""
+        if self.tile is None or len(self.states) != 1:
+            return False
+        dims = self._dims(self.states[0])
+        if len(dims) != 2 or size_key(dims[1]) != size_key(self.tile) or size_key(dims[0]) == size_key(self.tile):
+            return False
+        zero = {grad_name(o.name) for o in self.outputs}
+        allowed = self.carried | self.totals | {x.name for x in self.inputs + self.params if not self._spans_tile(x)}
+        tiled = size_key(self.tile)
+        exprs = [d.expr for d in self.adj.new_states] + [d.expr for d in self.adj.previous.values()]
+        for e in exprs:
+            e = e.xreplace({n: sympy.Integer(0) for n in e.atoms(sympy.Indexed, sympy.Symbol)
+                            if (str(n.base) if isinstance(n, sympy.Indexed) else n.name) in zero})
+            for n in sympy.preorder_traversal(e):
+                if isinstance(n, sympy.Sum) and any(size_key(self.ranges[v]) == tiled for v, _, _ in n.limits):
+                    return False
+                if isinstance(n, sympy.Indexed) and str(n.base) not in allowed:
+                    return False
+                if isinstance(n, sympy.Symbol) and n not in self.ranges and n.name not in self.sizes \
+                        and n.name not in allowed:
+                    return False
+        return True
 
     def _reads(self, exprs) -> set[str]:
         """The names `exprs` read, through the temporaries they read."""
@@ -997,6 +1043,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         read_adjoint = self._reads(adjoint_exprs)
         self.used = read_update | read_adjoint
         tile = self.tile
+        self.segmented = seg = self.want_segments and self._segmentable()
+        state = _user(self.states[0].name) if seg else None
 
         w = SourceWriter()
         kernel = f"{self.fn}__triton_recurrent_adjoint_kernel"
@@ -1009,6 +1057,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + ["cu_", "ck_first_"] + consts + ["B_", "T_", "TT_", "H_", "every", "NC_", "SLOTS_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
                 + ["VARLEN: tl.constexpr"])
+        if seg:  # the segmented mode's gradients at the segments' ends (in) and starts (out), its table and flags
+            rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SEGMENTS: tl.constexpr",
+                     "STORE_GRADS: tl.constexpr"]
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(head) + ",  # inputs [B, T, H, ...], params [H, ...]")
@@ -1019,7 +1070,14 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(f'"""The derived backward of {self.fn}__triton_recurrent_kernel, one {where} per program.')
         w("Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the")
         w("program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.")
-        w('VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence\'s segments."""')
+        if seg:
+            w("VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments.")
+            w("SEGMENTS: one program per (batch, head, tile, segment lane i_p) taking segments i_p, i_p + NP_, ... of")
+            w("the launch (packed: of every sequence, its sequence from the table seq_), each from the state gradient")
+            w("at its end, de, storing the one at its start to ds (`_segmentable`); STORE_GRADS: store the inputs'")
+            w('and params\' gradients (off where only ds is wanted)."""')
+        else:
+            w('VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence\'s segments."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
@@ -1030,6 +1088,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         else:
             w("i_row = i_b")
             w("i_slot = i_bh.to(tl.int64)  # this program's scratch")
+        if seg:
+            w("if SEGMENTS:")
+            w("i_p = tl.program_id(2)  # the segment lane", 2)
+            w("i_row = (i_tile * NP_ + i_p) * B_ + i_b", 2)
+            w("i_slot = i_slot * NP_ + i_p", 2)
         self._write_sequence(w, adjoint=True)
         for d in self.block_sizes:
             if d == tile:
@@ -1065,7 +1128,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             at = f"dht_{u} + i_bh.to(tl.int64) * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else "")
             if s.dims and len(s.dims) > 1:
                 w(f"m_{u} = {self._mask(s)}")
-            w(f"{names[grad_name(s.name)]} = {seed(s, at)}")
+            if seg:  # (segments: seeded from de, each at its own end)
+                w("if SEGMENTS:")
+                w(f"{names[grad_name(s.name)]} = tl.zeros({self._shape(s)}, dtype=tl.float32)", 2)
+                w("else:")
+                w(f"{names[grad_name(s.name)]} = {seed(s, at)}", 2)
+            else:
+                w(f"{names[grad_name(s.name)]} = {seed(s, at)}")
             w(f"p_ck_{u} = ck_{u} + ck_row_ * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else ""))
             w(f"p_sc_{u} = sc_{u} + i_slot * SLOTS_ * {self._slot(s)}"
               + (f" + {self._local_offsets(s)}" if s.dims else ""))
@@ -1090,8 +1159,31 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 else:
                     w(f"b_{u} = tl.load({at}).to(tl.float32)", indent)
 
-        w("for i_r in range(0, NS_):")
+        if seg:
+            s0 = self.states[0]
+            w("r0_ = 0")
+            w("r1_ = NS_")
+            w("rs_ = 1")
+            w("if SEGMENTS:  # every segment of the launch (packed: of all sequences), NP_ apart")
+            w("r0_ = i_p", 2)
+            w("r1_ = NC_", 2)
+            w("rs_ = NP_", 2)
+            w("for i_r in range(r0_, r1_, rs_):")
+        else:
+            w("for i_r in range(0, NS_):")
         w("i_c = NS_ - 1 - i_r  # segments from the last", 2)
+        if seg:
+            w("if SEGMENTS:", 2)
+            w("i_c = i_r", 3)
+            w("if VARLEN:  # the sequence of packed segment i_r", 3)
+            w("i_b = tl.load(seq_ + i_r)", 4)
+            w("bos_ = tl.load(cu_ + i_b).to(tl.int64)", 4)
+            w("L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_", 4)
+            w("i_c = i_r - tl.load(ck_first_ + i_b)", 4)
+            w("ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)", 4)
+            w(f"p_ck_{state} = ck_{state} + ck_row_ * {self._factor(s0)} + {self._offsets(s0)}", 4)
+            w(f"{names[grad_name(s0.name)]} = tl.load(de_{state} + (ck_row_ + i_c) * {self._factor(s0)} + "
+              f"{self._offsets(s0)}, mask={self._state_mask(s0)}, other=0.0)  # at the segment's end", 3)
         w("t0 = i_c * every", 2)
         w("t1 = t0 + every", 2)
         w("if t1 > L_:", 2)
@@ -1158,10 +1250,12 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             row = "bos_" if self._spans_tile(x) else ("bos_ + i_tile * TT_" if self.tile is not None else "bos_")
             at = f"{self.grad_ptr[x.name]} + (({row} + i_t) * H_ + i_h) * {self._factor(x)}"
             w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), 3)
+            if seg:
+                w("if STORE_GRADS:", 3)
             if x.dims:
-                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", 3)
+                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", 4 if seg else 3)
             else:
-                w(f"tl.store({at}, {u})", 3)
+                w(f"tl.store({at}, {u})", 4 if seg else 3)
         for s in self.states:
             idx, e = self.previous_ir[s.name]
             self._write_temps_for(w, printer, e, emitted, 3)
@@ -1173,23 +1267,34 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             u = _user(s.name)
             w(f"{names[grad_name(s.name)]} = {names[grad_name(s.name) + '_prev']}", 3)
             w(f"b_{u}_new = b_{u}", 3)
+        if seg:
+            s0 = self.states[0]
+            w("if SEGMENTS:", 2)
+            w(f"tl.store(ds_{state} + (ck_row_ + i_c) * {self._factor(s0)} + {self._offsets(s0)}, "
+              f"{names[grad_name(s0.name)]}, mask={self._state_mask(s0)})  # at the segment's start", 3)
         w("# The initial states' gradients; the params' (this program's part: summed by the launcher).")
+        if seg:
+            w("if not SEGMENTS:  # (segments: the launcher's scan over them gives the initial states' gradients)")
         for s in self.states:
             u = _user(s.name)
             row = "i_b" if self._spans_tile(s) or tile is None else "i_row"
             at = f"dh0_{u} + ({row}.to(tl.int64) * H_ + i_h) * {self._factor(s)}"
             if s.dims:
-                w(f"tl.store({at} + {self._offsets(s)}, {names[grad_name(s.name)]}, mask={self._state_mask(s)})")
+                w(f"tl.store({at} + {self._offsets(s)}, {names[grad_name(s.name)]}, mask={self._state_mask(s)})",
+                  2 if seg else 1)
             else:
-                w(f"tl.store({at}, {names[grad_name(s.name)]})")
+                w(f"tl.store({at}, {names[grad_name(s.name)]})", 2 if seg else 1)
+        if seg and any(p in self.grads and p.name not in self.outer for p in self.params):
+            w("if STORE_GRADS:")
         for p in self.params:
             if p not in self.grads or p.name in self.outer:
                 continue
             at = f"{self.grad_ptr[p.name]} + (i_row.to(tl.int64) * H_ + i_h) * {self._factor(p)}"
             if p.dims:
-                w(f"tl.store({at} + {self._offsets(p)}, {names[grad_name(p.name)]}, mask={self._mask(p)})")
+                w(f"tl.store({at} + {self._offsets(p)}, {names[grad_name(p.name)]}, mask={self._mask(p)})",
+                  2 if seg else 1)
             else:
-                w(f"tl.store({at}, {names[grad_name(p.name)]})")
+                w(f"tl.store({at}, {names[grad_name(p.name)]})", 2 if seg else 1)
         return w.text()
 
     def _write_outer_factors(self, w: SourceWriter, printer: TritonPrinter, p, idx, emitted: set) -> None:
@@ -1235,14 +1340,22 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
+        seg = self.segmented
         sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes
-                        + ["*", "every=64", "cu_seqlens=None"] + blocks + ["num_warps=None", "num_stages=1"])
+                        + ["*", "every=64", "cu_seqlens=None"] + blocks + ["num_warps=None", "num_stages=1"]
+                        + (["segments=False"] if seg else []))
         w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
         w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
         w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
         w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
         w("outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:")
         w("inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).")
+        if seg:
+            w("segments: the chunk-parallel backward (one program per (batch, head, tile, segment); `_segmentable`):")
+            w("each segment's map of the state gradient, dS_start = P_c dS_end + r_c, as r_c (the segment run on the")
+            w("outputs' gradients alone) and P_c (run on the identity, the tiled axis of the state standing for its")
+            w("first axis, every value over it zero), a scan over the segments for each one's dS_end (the only")
+            w("sequential part: NC_ small matmuls), then every segment's gradients in parallel from its dS_end.")
         w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
         first = _user(self.inputs[0].name)
         w(f"R_, T_, H_ = {first}.shape[:3]")
@@ -1276,6 +1389,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
               f"{self._size_src(self.tile)}")
         w("SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment")
         f32 = "dtype=torch.float32, device=dev"
+        if seg:
+            st = self.states[0]
+            w("segments = bool(segments) and NC_ > 0 and B_ * H_ > 0")
+            w("G0_ = (1 if cu_ is not None else B_) * H_  # grid axis 0 of the segmented launches: (row, head)")
+            w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_ * NT_, SLOTS_ * {self._slot(st)}) if segments else 1")
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
             lead = "" if self._spans_tile(x) else "NT_, "
@@ -1291,6 +1409,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                     w(f"{buf} = torch.empty((R_, T_, H_, {pairs}, {self._size_src(d)}), {f32})  # per-step factors "
                       f"of d{_user(p.name)}")
                 continue
+            if seg:
+                w(f"{self.grad_ptr[p.name]} = torch.zeros((NT_ * NP_, B_, H_{dims}), {f32})  # a part per tile, "
+                  "segment lane and row, summed below")
+                continue
             w(f"{self.grad_ptr[p.name]} = torch.zeros((NT_, B_, H_{dims}), {f32})  # a part per tile and row, summed "
               "below")
         for s in self.states:
@@ -1298,6 +1420,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
             lead = "" if self._spans_tile(s) or self.tile is None else "NT_, "
             w(f"dh0_{u} = torch.empty(({lead}B_, H_{dims}), {f32})")
+            if seg:
+                w(f"sc_{u} = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * SLOTS_ * {self._slot(s)},), "
+                  f"{f32})  # scratch: a segment's states per program")
+                continue
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
         w(f"_check_fits({self._adjoint_footprint()}, {self.fn + '__triton_recurrent_adjoint_kernel'!r})")
@@ -1315,10 +1441,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
                 + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages",
                              "**_register_limit(num_warps)"])
-        w("if B_ * H_ > 0:")
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
-        w(", ".join(call) + ",", 3)
-        w(")", 2)
+        if seg:
+            self._write_segmented_launch(w, args, sizes, call, names)
+        else:
+            w("if B_ * H_ > 0:")
+            w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
+            w(", ".join(call) + ",", 3)
+            w(")", 2)
         grads = []
         for x in self.inputs:
             grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else ".sum(0)"))
@@ -1333,7 +1462,149 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             u = _user(s.name)
             finals.append(f"{s.name!r}: dh0_{u}" + ("" if self._spans_tile(s) or self.tile is None else ".sum(0)"))
         w(f"return [{', '.join(grads)}], {{{', '.join(finals)}}}")
+        if seg:
+            return self._segment_scan_kernel() + "\n\n" + w.text()
         return w.text()
+
+    def _write_segmented_launch(self, w: SourceWriter, args: list[str], sizes: list[str], call: list[str],
+                                names: dict) -> None:
+        """The launches of the segmented mode (`_segmentable`), or the one sequential launch without `segments`."""
+        st = self.states[0]
+        u = _user(st.name)
+        A, F = self._dims(st)
+        a_src, f_src = self._size_src(A), self._size_src(F)
+        f32 = "dtype=torch.float32, device=dev"
+        flags = ["seq_=seq_", "NP_=NP_"]
+        w("if not segments:")
+        w("if B_ * H_ > 0:", 2)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 3)
+        w(", ".join(call + [f"de_{u}=dh0_{u}", f"ds_{u}=dh0_{u}", "seq_=None", "NP_=1", "SEGMENTS=False",
+                            "STORE_GRADS=True"]) + ",", 4)
+        w(")", 3)
+        w("else:")
+        w(f"seq_ = {self.fn}__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)",
+          2)
+        w(f"r_{u} = torch.empty((R_, H_, NC_, {a_src}, {f_src}), {f32})  # r_c", 2)
+        w(f"de_{u} = torch.zeros_like(r_{u})", 2)
+        w("# 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)", 2)
+        grid = "[(G0_, NT_, NP_)]"
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel{grid}(", 2)
+        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"]) + ",",
+          3)
+        w(")", 2)
+        # 2. P_c: the same kernel on A lanes for F, every value over F zero, the identity at each segment's end
+        w(f"# 2. P_c [{a_src}, {a_src}]: the segment's map of the gradient at its end, run on the identity: the "
+          f"tiled axis {f_src} stands", 2)
+        w(f"# for {a_src} lanes, every input, param and output gradient over it zero (the map reads none of them)", 2)
+        bp = f"{block_name(F)}_P"
+        w(f"{bp} = _tile({a_src}, None, {block_name(F)!r})", 2)
+        w(f"NTP_ = triton.cdiv(max({a_src}, 1), {bp})", 2)
+        swap = {}
+        for x in self.inputs + self.params:
+            if not self._spans_tile(x):
+                continue
+            dims = ", ".join(a_src if size_key(d) == size_key(F) else self._size_src(d) for d in self._dims(x))
+            lead = "R_, T_, H_, " if x in self.inputs else "H_, "
+            swap[_user(x.name)] = f"zero_{_user(x.name)}"
+            w(f"zero_{_user(x.name)} = torch.zeros(({lead}{dims}), {f32})", 2)
+        for o in self.outputs:
+            g = self.grad_ptr[o.name]
+            if self._spans_tile(o):
+                dims = ", ".join(a_src if size_key(d) == size_key(F) else self._size_src(d) for d in self._dims(o))
+                w(f"zero_{g} = torch.zeros((R_, T_, H_, {dims}), {f32})", 2)
+            else:
+                w(f"zero_{g} = torch.zeros_like({g})", 2)
+            swap[g] = f"zero_{g}"
+        w(f"P_{u} = torch.empty((R_, H_, NC_, {a_src}, {a_src}), {f32})", 2)
+        w(f"eye_{u} = torch.eye({a_src}, {f32}).expand(R_, H_, NC_, {a_src}, {a_src}).contiguous()", 2)
+        swap[f"ck_{u}"] = f"torch.zeros_like(eye_{u})"  # the states are not read by the map: any will do
+        swap[f"sc_{u}"] = (f"torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * {block_name(A)} * {bp},), {f32})")
+        for x in self.inputs + self.params:  # no gradient is stored: any float32 buffer stands for them
+            if x in self.grads:
+                for a in (self.factor_ptr[x.name] if x.name in self.outer else (self.grad_ptr[x.name],)):
+                    swap[a] = f"P_{u}"
+        swap[f"dh0_{u}"] = f"P_{u}"
+        swap[f_src] = a_src
+        swap[f"{block_name(F)}={block_name(F)}"] = f"{block_name(F)}={bp}"
+        p_call = [swap.get(c, c) for c in call]
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(G0_, NTP_, NP_)](", 2)
+        w(", ".join(p_call + [f"de_{u}=eye_{u}", f"ds_{u}=P_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"])
+          + ",", 3)
+        w(")", 2)
+        w("# 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c", 2)
+        w(f"{self.fn}__triton_segment_scan_kernel[(B_ * H_, NT_)](", 2)
+        w(f"P_{u}, r_{u}, de_{u}, dht_{u}, dh0_{u}, cu_, ck_first_, every, NC_, H_, {a_src}, {f_src}, "
+          f"{block_name(A)}, {block_name(F)}, min({block_name(A)}, 32), VARLEN=cu_ is not None, "
+          "num_warps=num_warps,", 3)
+        w(")", 2)
+        w("# 4. every segment's gradients, in parallel from its end's", 2)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel{grid}(", 2)
+        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=True"]) + ",",
+          3)
+        w(")", 2)
+
+    def _segment_scan_kernel(self) -> str:
+        """The segmented mode's scan over segments, one program per (batch, head, tile of the state's F axis)."""
+        st = self.states[0]
+        A, F = self._dims(st)
+        ba, bf = block_name(A), block_name(F)
+        return f'''@triton.jit
+def {self.fn}__triton_segment_scan_kernel(P, r, de, dht, dh0, cu_, ck_first_, every, NC_, H_, A, F,
+                                  {ba}: tl.constexpr, {bf}: tl.constexpr, BM: tl.constexpr,
+                                  VARLEN: tl.constexpr):
+    """The state gradient at every segment's end, from the last segment: de[c] = dS, then dS = P_c dS + r_c (the
+    segment's linear map, P [R, H, NC, A, A] and r [R, H, NC, A, F]); the initial state's gradient dh0 = dS.
+    One program per (batch, head, {bf} lanes of F): its segments only (packed: its sequence's, from
+    ck_first_[sequence]). P_c dS runs over BM columns of P at a time against the rows of dS just stored to de[c]
+    (a whole [A, A] tile of P spilled at A = 128); tf32x3 dots keep float32's accuracy on tensor cores."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_tile = tl.program_id(1)
+    if VARLEN:
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - tl.load(cu_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        NS_ = NC_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+    o_a = tl.arange(0, {ba})
+    o_f = i_tile * {bf} + tl.arange(0, {bf})
+    m_a = o_a < A
+    m_af = m_a[:, None] & (o_f < F)[None, :]
+    o_af = o_a[:, None] * F + o_f[None, :]
+    b_dS = tl.load(dht + i_bh.to(tl.int64) * (A * F) + o_af, mask=m_af, other=0.0).to(tl.float32)  # [{ba}, {bf}]
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r
+        p_de = de + (ck_row_ + i_c) * (A * F)
+        tl.store(p_de + o_af, b_dS, mask=m_af)
+        tl.debug_barrier()  # (the blocks below read rows that other threads of the program stored)
+        b_dS = tl.load(r + (ck_row_ + i_c) * (A * F) + o_af, mask=m_af, other=0.0)
+        for i_m in range(0, tl.cdiv(A, BM)):
+            o_m = i_m * BM + tl.arange(0, BM)
+            m_m = o_m < A
+            b_P = tl.load(P + (ck_row_ + i_c) * (A * A) + o_a[:, None] * A + o_m[None, :],
+                          mask=m_a[:, None] & m_m[None, :], other=0.0)  # [{ba}, BM]
+            b_x = tl.load(p_de + o_m[:, None] * F + o_f[None, :], mask=m_m[:, None] & (o_f < F)[None, :],
+                          other=0.0)  # [BM, {bf}]
+            b_dS += tl.dot(b_P, b_x, input_precision="tf32x3")
+    tl.store(dh0 + i_bh.to(tl.int64) * (A * F) + o_af, b_dS, mask=m_af)
+
+
+def {self.fn}__segment_lanes(segments, programs, slot):
+    """NP_, the segment lanes of a segmented launch of `programs` programs per lane: every segment its own program
+    (NP_ = segments) unless their scratch, NP_ * programs * slot float32 values, passes {SEGMENT_SCRATCH_BYTES >> 20}
+    MiB; then fewer lanes, each taking its segments in turn (memory stays bounded whatever T)."""
+    return max(1, min(segments, {SEGMENT_SCRATCH_BYTES} // max(1, 4 * programs * slot)))
+
+
+def {self.fn}__segment_sequences(cu, first, segments, dev):
+    """The sequence of each of the `segments` packed segments (int32, on dev; None when not packed): sequence n
+    holds segments first[n] .. first[n + 1] - 1."""
+    if cu is None:
+        return None
+    counts = torch.diff(first.cpu(), append=torch.tensor([segments], dtype=first.dtype))
+    return torch.repeat_interleave(torch.arange(len(counts)), counts).to(device=dev, dtype=torch.int32)'''
 
 
 PRELUDE = '''"""Generated by recurrence_dsl (codegen/triton_recurrent.py): the Triton recurrent form of {name}."""
@@ -1485,13 +1756,22 @@ def triton_adjoint_source(analysis: Analysis) -> str | None:
     holds a function the Triton printer lacks; the recurrent form then keeps the torch form's backward."""
     key = id(analysis)
     if key not in _ADJOINT_SOURCES:
+        segmented = False
         try:
-            writer = TritonAdjointWriter(analysis, derive_adjoint(analysis.recurrence, analysis.ir))
+            # the chunk-parallel mode where the chunked Triton form trains through this adjoint
+            writer = TritonAdjointWriter(analysis, derive_adjoint(analysis.recurrence, analysis.ir),
+                                         segments=_dplr_chunk_plan(analysis))
             source = writer.write() + "\n\n" + writer.write_launcher()
+            segmented = writer.segmented
         except (NoAdjoint, NotImplementedError):
             source = None
-        _ADJOINT_SOURCES[key] = (analysis, source)  # the analysis kept alive, so its id is not reused
+        _ADJOINT_SOURCES[key] = (analysis, source, segmented)  # the analysis kept alive, so its id is not reused
     return _ADJOINT_SOURCES[key][1]
+
+
+def has_segmented_adjoint(analysis: Analysis) -> bool:
+    """Whether the Triton adjoint has the chunk-parallel mode (`segments=True`, `TritonAdjointWriter._segmentable`)."""
+    return triton_adjoint_source(analysis) is not None and _ADJOINT_SOURCES[id(analysis)][2]
 
 
 def has_triton_adjoint(analysis: Analysis) -> bool:
@@ -1499,7 +1779,7 @@ def has_triton_adjoint(analysis: Analysis) -> bool:
     return triton_adjoint_source(analysis) is not None
 
 
-_ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None]] = {}
+_ADJOINT_SOURCES: dict[int, tuple[Analysis, str | None, bool]] = {}
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -1510,13 +1790,18 @@ def dplr_chunked_in_triton(analysis: Analysis) -> bool:
     checkpoints: every state of the chunk plan diagonal-plus-rank-one, held as itself (not transposed, lifted or a
     flattened pair; the checkpoints are the states the step loop holds), with no decay, a scalar or a key decay,
     and the step has a derived Triton adjoint."""
+    return _dplr_chunk_plan(analysis) and has_triton_adjoint(analysis)
+
+
+def _dplr_chunk_plan(analysis: Analysis) -> bool:
+    """`dplr_chunked_in_triton` but for the adjoint (which it reads)."""
     if "chunked" not in analysis.forms:
         return False
     view = analysis.chunk_analysis
     plans = [view.states[s.name] for s in analysis.recurrence.states]
     return (all(p.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and not p.chunk.pair and p.chunk.v is not None
                 and p.chunk.decay_axis in (None, "scalar", "key") for p in plans)
-            and not view.transposed and not view.lifted and has_triton_adjoint(analysis))
+            and not view.transposed and not view.lifted)
 
 
 def triton_unavailable(analysis: Analysis) -> dict[str, str]:
@@ -1557,5 +1842,5 @@ def build_triton_recurrent(analysis: Analysis):
 
 
 __all__ = ["TritonAdjointWriter", "TritonRecurrentWriter", "build_triton_recurrent", "dplr_chunked_in_triton",
-           "has_triton_adjoint", "triton_adjoint_source", "triton_form_names", "triton_recurrent_source",
-           "triton_unavailable"]
+           "has_segmented_adjoint", "has_triton_adjoint", "triton_adjoint_source", "triton_form_names",
+           "triton_recurrent_source", "triton_unavailable"]

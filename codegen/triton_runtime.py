@@ -6,7 +6,8 @@ per-step tensors [B, T, H, ...], states [B, H, K, V]; a query (q, exclusive) rea
 
   chunked_linear   S_t = D_t S_{t-1} + k_t v_t^T                        decay_axis None, "scalar", "key", "value"
   chunked_delta    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + k_t y_t^T decay_axis None, "scalar", "key"
-  chunked_dplr     S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T          decay_axis None, "scalar", "key" (forward only)
+  chunked_dplr     S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T          decay_axis None, "scalar", "key" (forward only;
+                                                                         cu_seqlens as the others, `_Packed`)
 
 plus keyword-only tuning arguments chosen by the caller (never `triton.autotune`): `block_k`, `block_v`,
 `num_warps`, `num_stages`, `allow_tf32`; the chunk length is BT = min(chunk_size, pow2(T)). A tuning argument left
@@ -41,7 +42,8 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   _delta_state_kernel with DPLR (keys b, pseudo-values U = u - w S,
                                                   plus (k exp(G_last - G))^T v), the output kernel's DPLR adds the
                                                   (b, U) pair. Its backward is the recurrent form's derived adjoint
-                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py).
+                                                  from the chunk-start states (`chunk_every`, codegen/dispatch.py),
+                                                  run chunk-parallel (codegen/triton_recurrent.py, segments).
   _chunk_state_kernel   (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   linear only: the state passed over chunks in float32 registers;
                                                   writes the start state of every chunk to h [B, H, NT, K, V]
@@ -899,8 +901,9 @@ class _Packed:
     sequence, and those two (`_chunk_state_kernel`, `_chunk_dstate_kernel`; the delta rule's `_delta_state_kernel`,
     `_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
     from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
-    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
-    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0; a = b = 0 in the diagonal-plus-rank-one
+    class) is the identity of every linear, delta-rule and DPLR step, so the filler changes no state; its outputs
+    are dropped by `unpad`.
 
     cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
     min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
@@ -2496,13 +2499,20 @@ class _ChunkedDeltaFunction(torch.autograd.Function):
 def chunk_every(length: int, options: dict) -> int:
     """The chunk length BT = min(chunk_size, pow2(T) >= 16) of a call of `length` steps with these form options:
     the steps between the chunk-start states `chunked_dplr_by` returns, so the recurrent form's derived adjoint
-    (`with_adjoint(..., every_of=chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start."""
+    (`with_adjoint(..., every_of=chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start.
+    With `cu_seqlens` among the options (packed sequences) it is `_Packed`'s BT, min(chunk_size, pow2(longest
+    sequence) >= 16): every sequence starts a chunk, so sequence n's chunk starts are its cdiv(length_n, BT)
+    checkpoints, the layout of the adjoint's packed checkpoints (one table row per sequence)."""
+    cu = options.get("cu_seqlens")
+    if cu is not None:
+        lengths = cu[1:] - cu[:-1]
+        length = int(lengths.max()) if len(lengths) else 1
     return min(int(options.get("chunk_size", 64)), _pow2_at_least_16(length))
 
 
 def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
                  output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                 allow_tf32=None, output_chunk_states=False):
+                 allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
     """Chunked form of S_t = (D_t + b_t a_t^T) S_{t-1} + k_t v_t^T on the GPU (Triton); the same maths and
     arguments as codegen.torch_runtime.chunked_dplr (RWKV-7: Peng et al. 2025, arXiv:2503.14456, eq. 16).
 
@@ -2511,10 +2521,19 @@ def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_s
     returns as chunked_linear (block_k, when given, must be >= K, as for chunked_delta). output_chunk_states: also
     return the float32 state entering every chunk, [B, H, NT, K, V]. Forward only: under autograd it raises
     NotImplementedError (a generated module differentiates its chunked form through the derived adjoint).
-    Raises ValueError naming the argument for a bad shape, dtype or block size."""
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1, as for chunked_linear_by
+    (initial and final states [N, H, K, V]; the chunk-start states [1, H, NT, K, V], sequence n's chunks from
+    `_Packed.offsets[n]`). Raises ValueError naming the argument for a bad shape, dtype, block size or
+    cu_seqlens."""
     if decay_axis == "value":
         raise NotImplementedError("chunked_dplr supports decay_axis None, 'scalar' or 'key'")
-    _check_inputs(queries, k, v, log_decay, decay_axis, initial_state)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, k)
+        rows = len(cu_seqlens) - 1  # the states' batch: one row per sequence
+        if initial_state is not None and tuple(initial_state.shape) != (rows, *k.shape[2:], v.shape[-1]):
+            raise ValueError(f"initial_state must have shape {[rows, *k.shape[2:], v.shape[-1]]} (one row per "
+                             f"sequence of cu_seqlens), got {list(initial_state.shape)}")
+    _check_inputs(queries, k, v, log_decay, decay_axis, None if cu_seqlens is not None else initial_state)
     for name, x in (("a", a), ("b", b)):
         if tuple(x.shape) != tuple(k.shape):
             raise ValueError(f"{name} must have k's shape {list(k.shape)}, got {list(x.shape)}")
@@ -2522,28 +2541,69 @@ def chunked_dplr(queries, k, v, a, b, log_decay=None, decay_axis=None, initial_s
             raise ValueError(f"{name} must be float16, bfloat16 or float32 for the Triton runtime, got {x.dtype}")
     return chunked_dplr_by(_DECAYS[decay_axis], queries, k, v, a, b, log_decay, initial_state, chunk_size,
                            output_final_state, block_k=block_k, block_v=block_v, num_warps=num_warps,
-                           num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
+                           num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states,
+                           cu_seqlens=cu_seqlens)
+
+
+def _check_cu_seqlens(cu_seqlens, k: Tensor) -> None:
+    """cu_seqlens as the packed kernels read it: int64 [N + 1], from 0 to k's T, non-decreasing, over one row."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 1 \
+            or cu_seqlens.dtype != torch.int64:
+        raise ValueError("cu_seqlens must be an int64 tensor [N + 1] of sequence boundaries")
+    cu = cu_seqlens.detach().cpu()
+    if k.shape[0] != 1 or int(cu[0]) != 0 or int(cu[-1]) != k.shape[1] or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must run from 0 to T = {k.shape[1]} without decreasing, over inputs of one "
+                         f"row (B = 1), got {cu.tolist()[:6]} for B = {k.shape[0]}")
 
 
 def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                    allow_tf32=None, output_chunk_states=False):
+                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point of
     generated modules; its arguments are not checked (chunked_dplr does that).
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_Packed`: each sequence moved
+    to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
+    the step): the WY and output kernels run as for one long row, the state kernel one program per (sequence, head,
+    V block) over that sequence's chunks, so the launches are the same for any N. States [N, H, K, V]; the
+    chunk-start states [1, H, NT, K, V] hold sequence n's at `_Packed.offsets[n]` onwards, the order of the
+    recurrent adjoint's packed checkpoints every `chunk_every` steps.
 
     Per chunk with start state S0 (the derivation of codegen.torch_runtime.chunked_dplr): u_t = S_{t-1}^T a_t
     solves (I - L) U = Ag S0 + M V, so U = Tm M V + Tm Ag S0 (`_dplr_wy_kernel`, Tm = (I - L)^-1); the state
     passes as S' = D S0 + Bd^T U + Kd^T V (`_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
         raise NotImplementedError("chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
+    if cu_seqlens is None:
+        return _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, **options)
+    packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
+    if packed.NT == 0:  # every sequence empty: no chunk, the final states are the initial ones
+        outs, ht = _empty_result(queries, k, v, initial_state, output_final_state)
+        empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
+        return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    result = _dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
+                      packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
+                      packed=packed, **options)
+    return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
+
+
+def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
+             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
+    """chunked_dplr_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if T == 0:
         outs, ht = _empty_result(queries, k, v, initial_state, output_final_state)
         empty = torch.empty((B, H, 0, K, V), dtype=torch.float32, device=k.device)
@@ -2562,7 +2622,7 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
         num_warps=_or(num_warps, _DPLR_WY_WARPS), num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _or(num_stages, _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90
-                                         else _STAGES), kv=(k, v))
+                                         else _STAGES), packed=packed, kv=(k, v))
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)

@@ -7,7 +7,7 @@ gated_delta_net's (the delta rule: WY kernel and the state kernel holding whole 
 sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where the delta rule's backward
 (dq/dk, WY, dL and local kernels) and the linear forms' `_chunk_bwd_plain_kernel` once spilled; one recurrent
 kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64;
-rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the recurrent adjoint); the
+rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the chunk-parallel adjoint); the
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90).
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
@@ -129,7 +129,9 @@ def test_no_spills_at_default_configs():
     assert names[("rwkv7", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
                                                     "_triton_dplr_wy_kernel", "_triton_delta_state_kernel",
                                                     "_triton_chunk_output_kernel"}
-    assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel"}
+    # (the chunked form trains through the recurrent adjoint's chunk-parallel mode: its scan over the chunks too)
+    assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel",
+                                                     "rwkv7__triton_segment_scan_kernel"}
     # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
     (recurrent,) = next(r for r in runs if (r["name"], r["target"]) == ("rwkv7", "sm_90"))["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]

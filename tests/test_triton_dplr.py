@@ -7,8 +7,9 @@ queries, a last chunk that is partly padding, and reset decays (-inf and -1e4 lo
 Backward: the generated rwkv7 layer's `backend="triton", form="chunked"` trains through the recurrent form's derived
 Triton adjoint, fed the chunked forward's chunk-start states as its checkpoints. Its gradients of every input, param
 and the initial state (with an incoming final-state gradient) match the float64 reference's autograd to 1e-5
-(float32), with every torch form of the module made to raise, also under `cu_seqlens` (one sequence at a time) and
-for no steps; `form="auto"` picks it where it picks chunked. Relative errors: ||x - ref|| / ||ref||.
+(float32), with every torch form of the module made to raise, also under `cu_seqlens` (every sequence in one call:
+the kernels read the boundaries, the adjoint's checkpoints are each sequence's chunk starts; against one call per
+sequence too) and for no steps; `form="auto"` picks it where it picks chunked. Relative errors: ||x - ref|| / ||ref||.
 """
 
 from __future__ import annotations
@@ -154,42 +155,196 @@ def _grads(fn, args, s0, weights=None, **kwargs):
 NAMES = [s.name for s in REC.checked.inputs + REC.checked.params] + ["initial_state"]
 
 
-def _compare(monkeypatch, batch, length, **call) -> dict[str, float]:
+def _compare(monkeypatch, batch, length, layer=None, **call) -> dict[str, float]:
     rows = None if "cu_seqlens" not in call else len(call["cu_seqlens"]) - 1
     args, s0 = sample_arguments(REC.checked, SIZES, batch, length, 2, dtype=torch.float64, seed=2,
                                 with_initial_state=True, rows=rows)
     ref, weights, _ = _grads(REC.reference, args, s0, **call)
-    got, _, out = _grads(_layer(monkeypatch), [x.float() for x in args], s0.float(), weights, chunk_size=16, **call)
-    if "cu_seqlens" not in call:
-        assert "_AdjointBackward" in type(out.grad_fn).__name__  # the derived backward, not a torch re-run
+    layer = layer if layer is not None else _layer(monkeypatch)
+    got, _, out = _grads(layer, [x.float() for x in args], s0.float(), weights, chunk_size=16, **call)
+    assert "_AdjointBackward" in type(out.grad_fn).__name__  # the derived backward, not a torch re-run
     for n, g, r in zip(NAMES, got, ref):
         assert g is not None and g.shape == r.shape, n
     return {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
 
 
+class _Grids:
+    """A kernel whose launches record their grids (the interpreter looks the kernel up at each launch)."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
 def test_gradients_through_the_adjoint(monkeypatch):
-    """Every input's, the param's and the initial state's gradient; T = 37: three chunks of 16 + 16 + 5 steps, so
-    the adjoint gets three checkpoints, the chunk-start states, 16 steps apart."""
-    run = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False).triton_forms["chunked"]
+    """Every input's, the param's and the initial state's gradient (with the final state's); T = 37: three chunks
+    of 16 + 16 + 5 steps, so the adjoint gets three checkpoints, the chunk-start states, 16 steps apart, and runs
+    chunk-parallel: each of its three launches has a program per (batch * head, V tile, chunk), 2 x 1 x 3, around
+    one scan over the chunks (a program per (batch * head, V tile))."""
+    layer = _layer(monkeypatch)
+    run = layer.triton_forms["chunked"]
     cell = dict(zip(run.__code__.co_freevars, run.__closure__))["adjoint"]  # with_adjoint's derived backward
-    adjoint, seen = cell.cell_contents, []
+    adjoint, seen, grids = cell.cell_contents, [], {}
 
     def spy(*args, every, **kwargs):
         seen.append((every, [c["S"].shape for c in args[7]]))  # after r, w, k, v, kk, a, u: the checkpoints
         return adjoint(*args, every=every, **kwargs)
 
     monkeypatch.setattr(cell, "cell_contents", spy)
-    errors = _compare(monkeypatch, 1, 37)
-    print({n: f"{e:.1e}" for n, e in errors.items()})
+    module = sys.modules[type(layer).__module__]
+    for name in ("rwkv7__triton_recurrent_adjoint_kernel", "rwkv7__triton_segment_scan_kernel"):
+        monkeypatch.setattr(module, name, _Grids(getattr(module, name), grids.setdefault(name, [])))
+    errors = _compare(monkeypatch, 1, 37, layer=layer)
+    print({n: f"{e:.1e}" for n, e in errors.items()}, grids)
     assert seen == [(16, [(1, 2, 16, 16)] * 3)]
+    assert grids == {"rwkv7__triton_recurrent_adjoint_kernel": [(2, 1, 3)] * 3,
+                     "rwkv7__triton_segment_scan_kernel": [(2, 1)]}
     assert max(errors.values()) <= TOL, errors
+
+
+def test_segmented_adjoint_equals_the_sequential_one(monkeypatch):
+    """The derived adjoint's two modes on the same checkpoints (the chunk starts, every 16 steps; T = 40, V = 48:
+    two V tiles, the second half padding; one head): the chunk-parallel one (segments=True) gives the sequential
+    one's gradients to float32 rounding, on two rows and on packed sequences (three, one empty), these also with
+    fewer programs than chunks (two segment lanes, as past the scratch cap: each program takes its chunks in turn)."""
+    layer = recurrence_dsl.compile(REC, backend="triton", form="chunked", tuning=False)
+    module = sys.modules[type(layer).__module__]
+    sizes = {"K": 16, "V": 48}
+    for cu in (None, torch.tensor([0, 23, 23, 40])):
+        rows = 2 if cu is None else 1
+        args, s0 = sample_arguments(REC.checked, sizes, rows, 40, 1, dtype=torch.float32, seed=11,
+                                    with_initial_state=True, rows=None if cu is None else 3)
+        options = {} if cu is None else {"cu_seqlens": cu}
+        _, final, checkpoints = module.rwkv7__chunked_triton(*args, {"S": s0}, 16, 48, chunk_size=16, every=16,
+                                                             **options)
+        gen = torch.Generator().manual_seed(12)
+        do = {"o": torch.randn(rows, 40, 1, 48, generator=gen)}
+        dS = {"S": torch.randn(final["S"].shape, generator=gen)}
+        results = [module.rwkv7__triton_recurrent_adjoint(*args, checkpoints, do, dS, 16, 48, every=16,
+                                                          segments=segments, **options)
+                   for segments in (False, True)]
+        if cu is not None:  # two segment lanes for four chunks: packed only, the harder case
+            with monkeypatch.context() as patch:
+                patch.setattr(module, "rwkv7__segment_lanes", lambda segments, programs, slot: 2)
+                results.append(module.rwkv7__triton_recurrent_adjoint(*args, checkpoints, do, dS, 16, 48,
+                                                                       every=16, segments=True, **options))
+        (seq, seq_s), *others = results
+        for par, par_s in others:
+            errors = [_rel(p, q) for p, q in zip(par + [par_s["S"]], seq + [seq_s["S"]], strict=True)]
+            print(cu, [f"{e:.1e}" for e in errors])
+            assert max(errors) <= 1e-6, errors
+
+
+def test_which_adjoints_are_segmented():
+    """`_segmentable`: one [A, F] state whose gradient's map reads no state and nothing over the tiled axis F (the
+    DPLR class, the delta rule, a key decay), not Mamba's (its decay exp(dt[d] * A[d, n]) is over the tiled axis)
+    or a non-linear state; the mode is printed only where asked (the DPLR chunked form's adjoint)."""
+    from codegen.triton_recurrent import TritonAdjointWriter, has_segmented_adjoint
+    from recurrence_dsl.adjoint import derive_adjoint
+    from recurrence_dsl.analysis import analyse
+
+    found = {}
+    for name in ("rwkv7", "gla", "delta_net", "mamba", "minimal_rnn"):
+        analysis = analyse(recurrence_dsl.load(REPO / "specs" / f"{name}.rec")[name].checked)
+        writer = TritonAdjointWriter(analysis, derive_adjoint(analysis.recurrence, analysis.ir), segments=True)
+        writer.write()
+        found[name] = (writer.segmented, has_segmented_adjoint(analysis))
+    assert found == {"rwkv7": (True, True), "gla": (True, False), "delta_net": (True, False),
+                     "mamba": (False, False), "minimal_rnn": (False, False)}
 
 
 def test_gradients_of_packed_sequences(monkeypatch):
-    """cu_seqlens with an empty sequence: the chunked form runs each length's sequences as a batch."""
-    errors = _compare(monkeypatch, 1, 21, cu_seqlens=torch.tensor([0, 6, 6, 21]))
+    """cu_seqlens with an empty sequence: one call of the chunked form takes every sequence (its kernels read the
+    boundaries), against the float64 reference's autograd."""
+    layer = _layer(monkeypatch)
+    calls = []
+    run = layer.triton_forms["chunked"]
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens") is not None)
+        return run(*args, **kwargs)
+
+    counted.run_packed = run.run_packed  # (takes_cu_seqlens)
+    monkeypatch.setitem(layer.triton_forms, "chunked", counted)
+    errors = _compare(monkeypatch, 1, 21, layer=layer, cu_seqlens=torch.tensor([0, 6, 6, 21]))
     print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert calls == [True]
     assert max(errors.values()) <= TOL, errors
+
+
+PACKED = (5, 1, 0, 17, 3, 33)  # a 1-step and an empty sequence, lengths across one and three chunks of 16
+
+
+@pytest.mark.parametrize("axis", [None, "scalar", "key"])
+def test_packed_chunked_dplr_matches_the_step_loop(axis):
+    """`chunked_dplr(..., cu_seqlens=)`: outputs, final states and the chunk-start states of every sequence (in the
+    packed layout: sequence n's chunks from _Packed.offsets[n]), each sequence from its own initial state."""
+    cu = torch.tensor([0] + torch.tensor(PACKED).cumsum(0).tolist())
+    q, k, v, a, b, g, _ = _inputs(axis, T=int(cu[-1]), seed=6)
+    s0 = torch.randn(len(PACKED), 2, 16, 16, generator=torch.Generator().manual_seed(7))
+    (o,), S, h = tr.chunked_dplr([(q, axis == "scalar")], k, v, a, b, g, axis, s0, 16, True,
+                                 output_chunk_states=True, cu_seqlens=cu)
+    errors, starts = {}, []
+    for n in range(len(PACKED)):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        part = [None if x is None else x[:, lo:hi] for x in (q, k, v, a, b, g)]
+        (ro,), rS, rh = _steps([(part[0], axis == "scalar")], *part[1:], axis, s0[n:n + 1], 16)
+        if hi > lo:
+            errors[f"o{n}"] = _rel(o[:, lo:hi], ro)
+        errors[f"S{n}"] = _rel(S[n:n + 1], rS)
+        starts.append(rh)
+    assert h.shape == (1, 2, 1 + 1 + 0 + 2 + 1 + 3, 16, 16) and S.shape == (len(PACKED), 2, 16, 16)
+    errors["h"] = _rel(h, torch.cat(starts, dim=2))
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_packed_runtime_checks_cu_seqlens():
+    q, k, v, a, b, g, _ = _inputs(None, T=9)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T = 9"):
+        tr.chunked_dplr([(q, False)], k, v, a, b, cu_seqlens=torch.tensor([0, 4, 8]))
+    with pytest.raises(ValueError, match="cu_seqlens must be an int64"):
+        tr.chunked_dplr([(q, False)], k, v, a, b, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one row per sequence"):
+        tr.chunked_dplr([(q, False)], k, v, a, b, initial_state=torch.zeros(3, 2, 16, 16),
+                        cu_seqlens=torch.tensor([0, 4, 9]))
+    assert tr.chunk_every(9, {"chunk_size": 64, "cu_seqlens": torch.tensor([0, 4, 9])}) == 16
+    assert tr.chunk_every(200, {"chunk_size": 64, "cu_seqlens": torch.tensor([0, 20, 200])}) == 64
+    assert tr.chunk_every(200, {"chunk_size": 64, "cu_seqlens": torch.tensor([0, 20, 40, 60])}) == 32
+
+
+def test_packed_layer_matches_one_call_per_sequence(monkeypatch):
+    """The layer on packed sequences (one call, the kernels reading cu_seqlens; the adjoint's checkpoints each
+    sequence's chunk starts) against one call per sequence: outputs, final states and the gradients of every input,
+    the param and the initial states agree to float32 rounding (float32, the interpreter)."""
+    layer = _layer(monkeypatch)
+    cu = torch.tensor([0] + torch.tensor(PACKED).cumsum(0).tolist())
+    args, s0 = sample_arguments(REC.checked, SIZES, len(PACKED), int(cu[-1]), 1, dtype=torch.float32, seed=8,
+                                with_initial_state=True)
+    inputs = len(REC.checked.inputs)
+    args = [x[:1] if i < inputs else x for i, x in enumerate(args)]
+
+    def run(packed: bool):
+        leaves = [x.detach().clone().requires_grad_() for x in args]
+        init = s0.detach().clone().requires_grad_()
+        if packed:
+            out, final = layer(*leaves, initial_state=init, output_final_state=True, cu_seqlens=cu, chunk_size=16)
+        else:
+            parts = [layer(*[x[:, int(cu[n]):int(cu[n + 1])] if i < inputs else x for i, x in enumerate(leaves)],
+                           initial_state=init[n:n + 1], output_final_state=True, chunk_size=16)
+                     for n in range(len(PACKED))]
+            out, final = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
+        gen = torch.Generator().manual_seed(9)
+        loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum() for x in (out, final))
+        loss.backward()
+        return [out.detach(), final.detach()] + [x.grad for x in leaves] + [init.grad]
+
+    names = ["o", "final"] + NAMES
+    errors = {n: _rel(g, w) for n, g, w in zip(names, run(True), run(False), strict=True)}
+    print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= 1e-6, errors
 
 
 # The class without a decay and with a scalar one (and an exclusive readout), through a generated module: its

@@ -6,8 +6,9 @@ scan kernels (codegen/triton_scan.py) reset their carry at each sequence's start
 one call of the form (codegen/dispatch.py `packed_form`), checked here against the one-call-per-sequence loop
 (outputs, final states and the gradients of every input, param and initial state; float32 in the interpreter; the
 lengths of tests/test_varlen.py: repeated, 1-step and empty sequences), forward and reverse; and its kernel launches
-for 1000 sequences are those for one (the compile-only driver of codegen/kernel_report.py, in a child process
-without TRITON_INTERPRET, as tests/test_varlen.py counts the chunked forms').
+for 1000 sequences are those for one, also for rwkv7's chunked form, whose backward is the derived adjoint (the
+compile-only driver of codegen/kernel_report.py, in a child process without TRITON_INTERPRET, as
+tests/test_varlen.py counts the chunked forms').
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ LAUNCHES = textwrap.dedent('''
         for label, cu in (("1", torch.tensor([0, T])), ("1000", many)):
             kernels = report_call(layer, args, {"cu_seqlens": cu}, target="sm_90", form=form, backward=True)
             counts[f"{form} {label}"] = sorted((k.name, k.phase, k.launches, list(k.grid)) for k in kernels)
+    counts["T"] = T
     print(json.dumps(counts))
 ''')
 
@@ -154,13 +156,16 @@ LAUNCHES = textwrap.dedent('''
 def test_launches_for_1000_packed_sequences_equal_those_for_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
-    cases = [str(SPECS_DIR / "gla.rec"), "gla", "recurrent", str(SPECS_DIR / "mamba2.rec"), "mamba2", "scan"]
+    cases = [str(SPECS_DIR / "gla.rec"), "gla", "recurrent", str(SPECS_DIR / "mamba2.rec"), "mamba2", "scan",
+             str(SPECS_DIR / "rwkv7.rec"), "rwkv7", "chunked"]
     run = subprocess.run([sys.executable, "-c", LAUNCHES, *cases], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     expected = {"recurrent": ("gla__triton_recurrent_kernel", "gla__triton_recurrent_adjoint_kernel"),
-                "scan": ("_triton_scan_fwd_kernel", "_triton_scan_bwd_kernel")}
+                "scan": ("_triton_scan_fwd_kernel", "_triton_scan_bwd_kernel"),
+                # the DPLR class's chunked forward (its state pass) and the derived adjoint it trains through
+                "chunked": ("_triton_delta_state_kernel", "rwkv7__triton_recurrent_adjoint_kernel")}
     for form, kernels in expected.items():
         one, many = counts[f"{form} 1"], counts[f"{form} 1000"]
         assert [k[:3] for k in one] == [k[:3] for k in many]  # the same kernels, each launched as often
@@ -169,5 +174,11 @@ def test_launches_for_1000_packed_sequences_equal_those_for_one():
         assert set(kernels) <= set(grids), grids
         if form == "recurrent":  # a program per (sequence, head) and tile of V
             assert [grids[k][0] for k in kernels] == [2000, 2000]
+        elif form == "chunked":  # the state pass: (V blocks, sequence * head); the adjoint chunk-parallel: (head,
+            # V tile, chunk of any sequence), each sequence here one chunk of 64 (one sequence: cdiv(T, 64) chunks)
+            assert grids[kernels[0]] == [1, 2000, 1], grids
+            assert {tuple(k[3]) for k in many if k[0] == kernels[1]} == {(2, 1, 1000)}
+            assert {tuple(k[3]) for k in one if k[0] == kernels[1]} == {(2, 1, -(-counts["T"] // 64))}
+            assert grids["rwkv7__triton_segment_scan_kernel"] == [2000, 1, 1]  # the scan over each one's chunks
         else:  # a program per block of state elements and sequence, on one grid axis
             assert [grids[k][0] % 1000 for k in kernels] == [0, 0] and [grids[k][1] for k in kernels] == [1, 1]

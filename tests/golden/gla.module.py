@@ -2408,8 +2408,9 @@ class _triton_Packed:
     sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
     `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
     from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
-    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0) is the identity of every linear and
-    delta-rule step, so the filler changes no state; its outputs are dropped by `unpad`.
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0; a = b = 0 in the diagonal-plus-rank-one
+    class) is the identity of every linear, delta-rule and DPLR step, so the filler changes no state; its outputs
+    are dropped by `unpad`.
 
     cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
     min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.

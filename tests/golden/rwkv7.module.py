@@ -2314,6 +2314,60 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+class _triton_Packed:
+    """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
+
+    Each sequence is moved to start at a chunk boundary of one packed row of NT chunks of BT steps (its last chunk
+    filled up with zero steps): every kernel but the two that pass the state over chunks then runs as for one long
+    sequence, and those two (`_triton_chunk_state_kernel`, `_triton_chunk_dstate_kernel`; the delta rule's `_triton_delta_state_kernel`,
+    `_triton_delta_bwd_dh_kernel`) run one program per (sequence, head) over its chunks offsets[n] .. offsets[n + 1] - 1,
+    from its own initial state (to its own final state), as flash-linear-attention's varlen kernels walk their
+    chunk index tables. A zero step (k = 0, v = 0, beta = 0, log decay 0; a = b = 0 in the diagonal-plus-rank-one
+    class) is the identity of every linear, delta-rule and DPLR step, so the filler changes no state; its outputs
+    are dropped by `unpad`.
+
+    cu_seqlens: int64 [N + 1] (checked by the caller); T: the packed length; chunk_size: the call's. BT is
+    min(chunk_size, pow2(longest sequence), at least 16), so short sequences are not padded to a long chunk.
+    Tables (on `device`): src [NT * BT] (the packed step each padded step reads, T for a zero step), dst [T] (the
+    padded step of each packed step), offsets int32 [N + 1] (each sequence's first chunk), last_chunk / last_seq
+    (the last chunk of each non-empty sequence, and that sequence)."""
+
+    def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        self.N = len(lengths)
+        self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        self.NT = int(offsets[-1])
+        seq = torch.repeat_interleave(torch.arange(self.N), lengths, output_size=T)
+        dst = offsets[seq] * BT + torch.arange(T) - cu[:-1][seq]
+        src = torch.full((self.NT * BT,), T, dtype=torch.int64)
+        src[dst] = torch.arange(T)
+        self.src, self.dst = src.to(device), dst.to(device)
+        self.offsets = offsets.to(device=device, dtype=torch.int32)
+        nonempty = chunks > 0
+        self.last_chunk = (offsets[1:] - 1)[nonempty].to(device)
+        self.last_seq = torch.nonzero(nonempty)[:, 0].to(device)
+
+    def pad(self, x: triton_Tensor | None) -> triton_Tensor | None:
+        """[1, T, H, ...] -> [1, NT * BT, H, ...], zero steps filling each sequence's last chunk (differentiable)."""
+        if x is None:
+            return None
+        return torch.cat([x, x.new_zeros((1, 1) + tuple(x.shape[2:]))], dim=1).index_select(1, self.src)
+
+    def unpad(self, x: triton_Tensor) -> triton_Tensor:
+        """[1, NT * BT, H, ...] -> [1, T, H, ...]: the packed steps' rows back in packed order."""
+        return x.index_select(1, self.dst)
+
+    def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
+        """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
+        last chunk that sequence's final state ht [N, H, K, V]."""
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
+        return ends
+
+
 def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     """(KB, NK): the delta state kernel's row blocks, NK <= 4 blocks of KB = max(min(64, BK), BK / 4) rows."""
     KB = max(min(64, BK), BK // 4)
@@ -2513,29 +2567,65 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunk_every(length: int, options: dict) -> int:
     """The chunk length BT = min(chunk_size, pow2(T) >= 16) of a call of `length` steps with these form options:
     the steps between the chunk-start states `triton_chunked_dplr_by` returns, so the recurrent form's derived adjoint
-    (`with_adjoint(..., every_of=triton_chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start."""
+    (`with_adjoint(..., every_of=triton_chunk_every)` in codegen/dispatch.py) recomputes each chunk from its start.
+    With `cu_seqlens` among the options (packed sequences) it is `_triton_Packed`'s BT, min(chunk_size, pow2(longest
+    sequence) >= 16): every sequence starts a chunk, so sequence n's chunk starts are its cdiv(length_n, BT)
+    checkpoints, the layout of the adjoint's packed checkpoints (one table row per sequence)."""
+    cu = options.get("cu_seqlens")
+    if cu is not None:
+        lengths = cu[1:] - cu[:-1]
+        length = int(lengths.max()) if len(lengths) else 1
     return min(int(options.get("chunk_size", 64)), _triton_pow2_at_least_16(length))
 
 
 def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                    allow_tf32=None, output_chunk_states=False):
+                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
     """triton_chunked_dplr with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point of
     generated modules; its arguments are not checked (triton_chunked_dplr does that).
+
+    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_triton_Packed`: each sequence moved
+    to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
+    the step): the WY and output kernels run as for one long row, the state kernel one program per (sequence, head,
+    V block) over that sequence's chunks, so the launches are the same for any N. States [N, H, K, V]; the
+    chunk-start states [1, H, NT, K, V] hold sequence n's at `_triton_Packed.offsets[n]` onwards, the order of the
+    recurrent adjoint's packed checkpoints every `triton_chunk_every` steps.
 
     Per chunk with start state S0 (the derivation of codegen.torch_runtime.chunked_dplr): u_t = S_{t-1}^T a_t
     solves (I - L) U = Ag S0 + M V, so U = Tm M V + Tm Ag S0 (`_triton_dplr_wy_kernel`, Tm = (I - L)^-1); the state
     passes as S' = D S0 + Bd^T U + Kd^T V (`_triton_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_triton_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                        for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
         raise NotImplementedError("triton_chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
+    options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
+                   num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
+    if cu_seqlens is None:
+        return _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, **options)
+    packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
+    if initial_state is None:
+        initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
+    if packed.NT == 0:  # every sequence empty: no chunk, the final states are the initial ones
+        outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
+        empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
+        return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    result = _triton_dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
+                      packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
+                      packed=packed, **options)
+    return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
+
+
+def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
+             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
+    """triton_chunked_dplr_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
+    if packed is not None:
+        BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if T == 0:
         outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
         empty = torch.empty((B, H, 0, K, V), dtype=torch.float32, device=k.device)
@@ -2554,7 +2644,7 @@ def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initi
         num_warps=_triton_or(num_warps, _triton_DPLR_WY_WARPS), num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
-                                         else _STAGES), kv=(k, v))
+                                         else _STAGES), packed=packed, kv=(k, v))
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
@@ -2918,18 +3008,26 @@ def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0,
 @triton.jit
 def rwkv7__triton_recurrent_adjoint_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, de_S, ds_S, seq_, NP_, SEGMENTS: tl.constexpr, STORE_GRADS: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of rwkv7__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
     program's scratch slots, then the adjoint step (recurrence_dsl/adjoint.py) backwards through them.
-    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments."""
+    VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence's segments.
+    SEGMENTS: one program per (batch, head, tile, segment lane i_p) taking segments i_p, i_p + NP_, ... of
+    the launch (packed: of every sequence, its sequence from the table seq_), each from the state gradient
+    at its end, de, storing the one at its start to ds (`_segmentable`); STORE_GRADS: store the inputs'
+    and params' gradients (off where only ds is wanted)."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
     i_tile = tl.program_id(1)
     i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
     i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    if SEGMENTS:
+        i_p = tl.program_id(2)  # the segment lane
+        i_row = (i_tile * NP_ + i_p) * B_ + i_b
+        i_slot = i_slot * NP_ + i_p
     if VARLEN:
         bos_ = tl.load(cu_ + i_b).to(tl.int64)
         L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
@@ -2948,11 +3046,31 @@ def rwkv7__triton_recurrent_adjoint_kernel(
     b_du = tl.zeros([BLOCK_K], dtype=tl.float32)  # summed over the steps
     # The final states' gradients (from the loss), then carried back step by step.
     m_S = mask_K[:, None] & mask_V[None, :]
-    b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
+    if SEGMENTS:
+        b_dS = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    else:
+        b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
     p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
     p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    for i_r in range(0, NS_):
+    r0_ = 0
+    r1_ = NS_
+    rs_ = 1
+    if SEGMENTS:  # every segment of the launch (packed: of all sequences), NP_ apart
+        r0_ = i_p
+        r1_ = NC_
+        rs_ = NP_
+    for i_r in range(r0_, r1_, rs_):
         i_c = NS_ - 1 - i_r  # segments from the last
+        if SEGMENTS:
+            i_c = i_r
+            if VARLEN:  # the sequence of packed segment i_r
+                i_b = tl.load(seq_ + i_r)
+                bos_ = tl.load(cu_ + i_b).to(tl.int64)
+                L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - bos_
+                i_c = i_r - tl.load(ck_first_ + i_b)
+                ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+                p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
+            b_dS = tl.load(de_S + (ck_row_ + i_c) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0)  # at the segment's end
         t0 = i_c * every
         t1 = t0 + every
         if t1 > L_:
@@ -2989,41 +3107,114 @@ def rwkv7__triton_recurrent_adjoint_kernel(
             b_sum3 = tl.sum(b_do * b_v, axis=0)  # scalar
             b_sum4 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
             b_dr = b_sum3 * b_k * b_u + b_sum4  # [BLOCK_K]
-            tl.store(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
+            if STORE_GRADS:
+                tl.store(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
             b_exp0 = tl.exp(b_w)  # [BLOCK_K]
             b_sum5 = tl.sum(b_S * b_dS_new, axis=1)  # [BLOCK_K]
             b_dw = b_exp0 * b_sum5  # [BLOCK_K]
-            tl.store(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
+            if STORE_GRADS:
+                tl.store(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
             b_sum6 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dk = b_sum3 * b_r * b_u + b_sum6  # [BLOCK_K]
-            tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+            if STORE_GRADS:
+                tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
             b_sum7 = tl.sum(b_k * b_r * b_u, axis=0)  # scalar
             b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
-            tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+            if STORE_GRADS:
+                tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
             b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
             b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
             b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
             b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
             b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
-            tl.store(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
+            if STORE_GRADS:
+                tl.store(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
             b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
-            tl.store(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
+            if STORE_GRADS:
+                tl.store(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
             b_du += b_sum3 * b_k * b_r
             b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
             b_dS = b_dS_prev
             b_S_new = b_S
+        if SEGMENTS:
+            tl.store(ds_S + (ck_row_ + i_c) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)  # at the segment's start
     # The initial states' gradients; the params' (this program's part: summed by the launcher).
-    tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
-    tl.store(du + (i_row.to(tl.int64) * H_ + i_h) * K + offs_K, b_du, mask=mask_K)
+    if not SEGMENTS:  # (segments: the launcher's scan over them gives the initial states' gradients)
+        tl.store(dh0_S + (i_b.to(tl.int64) * H_ + i_h) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)
+    if STORE_GRADS:
+        tl.store(du + (i_row.to(tl.int64) * H_ + i_h) * K + offs_K, b_du, mask=mask_K)
 
 
-def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, grad_states, K, V, *, every=64, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1):
+@triton.jit
+def rwkv7__triton_segment_scan_kernel(P, r, de, dht, dh0, cu_, ck_first_, every, NC_, H_, A, F,
+                                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BM: tl.constexpr,
+                                  VARLEN: tl.constexpr):
+    """The state gradient at every segment's end, from the last segment: de[c] = dS, then dS = P_c dS + r_c (the
+    segment's linear map, P [R, H, NC, A, A] and r [R, H, NC, A, F]); the initial state's gradient dh0 = dS.
+    One program per (batch, head, BLOCK_V lanes of F): its segments only (packed: its sequence's, from
+    ck_first_[sequence]). P_c dS runs over BM columns of P at a time against the rows of dS just stored to de[c]
+    (a whole [A, A] tile of P spilled at A = 128); tf32x3 dots keep float32's accuracy on tensor cores."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H_
+    i_h = i_bh % H_
+    i_tile = tl.program_id(1)
+    if VARLEN:
+        L_ = tl.load(cu_ + i_b + 1).to(tl.int64) - tl.load(cu_ + i_b).to(tl.int64)
+        NS_ = (L_ + every - 1) // every
+        ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
+    else:
+        NS_ = NC_
+        ck_row_ = i_bh.to(tl.int64) * NC_
+    o_a = tl.arange(0, BLOCK_K)
+    o_f = i_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_a = o_a < A
+    m_af = m_a[:, None] & (o_f < F)[None, :]
+    o_af = o_a[:, None] * F + o_f[None, :]
+    b_dS = tl.load(dht + i_bh.to(tl.int64) * (A * F) + o_af, mask=m_af, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_V]
+    for i_r in range(0, NS_):
+        i_c = NS_ - 1 - i_r
+        p_de = de + (ck_row_ + i_c) * (A * F)
+        tl.store(p_de + o_af, b_dS, mask=m_af)
+        tl.debug_barrier()  # (the blocks below read rows that other threads of the program stored)
+        b_dS = tl.load(r + (ck_row_ + i_c) * (A * F) + o_af, mask=m_af, other=0.0)
+        for i_m in range(0, tl.cdiv(A, BM)):
+            o_m = i_m * BM + tl.arange(0, BM)
+            m_m = o_m < A
+            b_P = tl.load(P + (ck_row_ + i_c) * (A * A) + o_a[:, None] * A + o_m[None, :],
+                          mask=m_a[:, None] & m_m[None, :], other=0.0)  # [BLOCK_K, BM]
+            b_x = tl.load(p_de + o_m[:, None] * F + o_f[None, :], mask=m_m[:, None] & (o_f < F)[None, :],
+                          other=0.0)  # [BM, BLOCK_V]
+            b_dS += tl.dot(b_P, b_x, input_precision="tf32x3")
+    tl.store(dh0 + i_bh.to(tl.int64) * (A * F) + o_af, b_dS, mask=m_af)
+
+
+def rwkv7__segment_lanes(segments, programs, slot):
+    """NP_, the segment lanes of a segmented launch of `programs` programs per lane: every segment its own program
+    (NP_ = segments) unless their scratch, NP_ * programs * slot float32 values, passes 1024
+    MiB; then fewer lanes, each taking its segments in turn (memory stays bounded whatever T)."""
+    return max(1, min(segments, 1073741824 // max(1, 4 * programs * slot)))
+
+
+def rwkv7__segment_sequences(cu, first, segments, dev):
+    """The sequence of each of the `segments` packed segments (int32, on dev; None when not packed): sequence n
+    holds segments first[n] .. first[n + 1] - 1."""
+    if cu is None:
+        return None
+    counts = torch.diff(first.cpu(), append=torch.tensor([segments], dtype=first.dtype))
+    return torch.repeat_interleave(torch.arange(len(counts)), counts).to(device=dev, dtype=torch.int32)
+
+def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, grad_states, K, V, *, every=64, cu_seqlens=None, block_K=None, block_V=None, num_warps=None, num_stages=1, segments=False):
     """The backward of rwkv7__triton_recurrent_loop in one Triton kernel, derived from the step
     (recurrence_dsl/adjoint.py; the torch form rwkv7__recurrent_adjoint prints the same expressions).
     checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the
     outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:
     inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).
+    segments: the chunk-parallel backward (one program per (batch, head, tile, segment); `_segmentable`):
+    each segment's map of the state gradient, dS_start = P_c dS_end + r_c, as r_c (the segment run on the
+    outputs' gradients alone) and P_c (run on the identity, the tiled axis of the state standing for its
+    first axis, every value over it zero), a scan over the segments for each one's dS_end (the only
+    sequential part: NC_ small matmuls), then every segment's gradients in parallel from its dS_end.
     Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
     R_, T_, H_ = r.shape[:3]
     dev = r.device
@@ -3044,21 +3235,52 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
     NT_ = triton.cdiv(max(V, 1), BLOCK_V)  # tiles of V
     SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
+    segments = bool(segments) and NC_ > 0 and B_ * H_ > 0
+    G0_ = (1 if cu_ is not None else B_) * H_  # grid axis 0 of the segmented launches: (row, head)
+    NP_ = rwkv7__segment_lanes(NC_, G0_ * NT_, SLOTS_ * BLOCK_K * BLOCK_V) if segments else 1
     dr = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dw = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
     dkk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     da = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    du = torch.zeros((NT_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
+    du = torch.zeros((NT_ * NP_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, segment lane and row, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
-    sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
+    sc_S = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states per program
     _triton_check_fits(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K, 'rwkv7__triton_recurrent_adjoint_kernel')
     if num_warps is None:
         num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
-    if B_ * H_ > 0:
-        rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
+    if not segments:
+        if B_ * H_ > 0:
+            rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
+                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=dh0_S, ds_S=dh0_S, seq_=None, NP_=1, SEGMENTS=False, STORE_GRADS=True,
+            )
+    else:
+        seq_ = rwkv7__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)
+        r_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)  # r_c
+        de_S = torch.zeros_like(r_S)
+        # 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)
+        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NT_, NP_)](
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+        )
+        # 2. P_c [K, K]: the segment's map of the gradient at its end, run on the identity: the tiled axis V stands
+        # for K lanes, every input, param and output gradient over it zero (the map reads none of them)
+        BLOCK_V_P = _triton_tile(K, None, 'BLOCK_V')
+        NTP_ = triton.cdiv(max(K, 1), BLOCK_V_P)
+        zero_v = torch.zeros((R_, T_, H_, K), dtype=torch.float32, device=dev)
+        zero_do = torch.zeros((R_, T_, H_, K), dtype=torch.float32, device=dev)
+        P_S = torch.empty((R_, H_, NC_, K, K), dtype=torch.float32, device=dev)
+        eye_S = torch.eye(K, dtype=torch.float32, device=dev).expand(R_, H_, NC_, K, K).contiguous()
+        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NTP_, NP_)](
+            r, w, k, zero_v, kk, a, u, torch.zeros_like(eye_S), dht_S, zero_do, P_S, P_S, P_S, P_S, P_S, P_S, P_S, P_S, torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * BLOCK_K * BLOCK_V_P,), dtype=torch.float32, device=dev), cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, K, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V_P, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=eye_S, ds_S=P_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+        )
+        # 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c
+        rwkv7__triton_segment_scan_kernel[(B_ * H_, NT_)](
+            P_S, r_S, de_S, dht_S, dh0_S, cu_, ck_first_, every, NC_, H_, K, V, BLOCK_K, BLOCK_V, min(BLOCK_K, 32), VARLEN=cu_ is not None, num_warps=num_warps,
+        )
+        # 4. every segment's gradients, in parallel from its end's
+        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NT_, NP_)](
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=True,
         )
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
@@ -3085,7 +3307,7 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
 
 _rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': rwkv7__chunked}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': with_adjoint(rwkv7__chunked_triton, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every)} if HAVE_TRITON else None
+_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))} if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
