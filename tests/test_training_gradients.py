@@ -1,6 +1,6 @@
 """Issue 9's gradient matrix: every spec of specs/, every form, both backends, under `cu_seqlens`.
 
-For each (spec, backend, form) one float32 call packs three sequences (B = 1, lengths 13, 0 and 20: an empty one, and
+For each (spec, backend, form) one float32 call packs three sequences (B = 1, H = 2 on torch, 1 on Triton, lengths 13, 0 and 20: an empty one, and
 sequences that are no multiple of the Triton chunk of 16, so chunks are partial and one crosses a chunk boundary)
 from a three-row initial state, with `output_final_state=True`. The loss weights every output and every final
 state with fixed random float64 cotangents, so the final states' incoming gradient reaches the backward. The
@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import recurrence_dsl
+from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
@@ -35,13 +36,14 @@ for _path in SPEC_FILES:
 LENGTHS = (13, 0, 20)  # an empty sequence; 20 = a whole chunk of 16 and a partial one
 CU = torch.tensor([0, 13, 13, 33])
 H, CHUNK, TOL = 2, 16, 1e-5
+TRITON_H = 1  # the interpreter runs every program in turn; the torch runs keep two heads
 TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal", "scan_block")
 TORCH_FORMS = ("recurrent_loop", "recurrent_adjoint", "scan_block", "chunked")
 
 
 def _sizes(rec) -> dict[str, int]:
-    """Distinct sizes (a transposed axis fails on its shape); 16 where a Triton tile needs it."""
-    return {name: (16, 8)[i % 2] for i, name in enumerate(rec.checked.sizes)}
+    """Distinct small sizes, so a transposed axis fails on its shape (the Triton runtime pads tiles to 16)."""
+    return {name: (4, 8)[i % 2] for i, name in enumerate(rec.checked.sizes)}
 
 
 def _torch_form_ran(*args, **kwargs):
@@ -87,7 +89,8 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _check(name: str, backend: str, form: str, monkeypatch) -> dict[str, float]:
     rec = SPECS[name]
-    args, initial = sample_arguments(rec.checked, _sizes(rec), 1, int(CU[-1]), H, dtype=torch.float64, seed=3,
+    heads = TRITON_H if backend == "triton" else H
+    args, initial = sample_arguments(rec.checked, _sizes(rec), 1, int(CU[-1]), heads, dtype=torch.float64, seed=3,
                                      with_initial_state=True, rows=len(LENGTHS))
     args = [a.float().double() for a in args]  # the values the float32 call sees
     initial = {k: v.float().double() for k, v in as_dict(initial, rec.checked.states).items()}
@@ -107,10 +110,11 @@ def _check(name: str, backend: str, form: str, monkeypatch) -> dict[str, float]:
 
 
 def _cases(backend: str) -> list:
+    """(spec, form) for every form of the backend (from the analysis: nothing is compiled while collecting)."""
     cases = []
     for name in sorted(SPECS):
-        layer = recurrence_dsl.compile(SPECS[name], backend=backend, tuning=False)
-        forms = analyse(SPECS[name].checked).forms if backend == "torch" else list(layer.triton_forms)
+        analysis = analyse(SPECS[name].checked)
+        forms = analysis.forms if backend == "torch" else triton_form_names(analysis)
         cases += [pytest.param(name, form, id=f"{name}-{form}") for form in forms]
     return cases
 
@@ -125,12 +129,21 @@ def test_triton_gradients_under_cu_seqlens_without_torch_forms(name, form, monke
     _check(name, "triton", form, monkeypatch)
 
 
-def _torch_forms() -> list:
-    return [pytest.param(name, form, id=f"{name}-{form}") for name in sorted(SPECS)
-            for form in analyse(SPECS[name].checked).forms]
+@pytest.mark.parametrize("name", ["gla", "rwkv7"])
+def test_the_refused_torch_forms_raise_where_a_torch_form_runs(name, monkeypatch):
+    """The guard reaches the forms a call runs: with it on, the same module's torch backend raises for every form,
+    so a Triton form that fell back to (or re-ran) a torch form would fail the matrix above."""
+    rec = SPECS[name]
+    args, initial = sample_arguments(rec.checked, _sizes(rec), 1, 5, 1, with_initial_state=True)
+    layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=CHUNK, tuning=False)
+    _refuse_torch_forms(layer, rec, monkeypatch)
+    assert list(layer.triton_forms) == list(triton_form_names(analyse(rec.checked)))
+    for form in analyse(rec.checked).forms:
+        with pytest.raises(AssertionError, match="a torch form ran on the Triton path"):
+            layer(*args, initial_state=initial, backend="torch", form=form)
 
 
-@pytest.mark.parametrize("name, form", _torch_forms())
+@pytest.mark.parametrize("name, form", _cases("torch"))
 def test_gradcheck_float64_every_torch_form(name, form):
     """`torch.autograd.gradcheck` (fast mode: a random projection of the Jacobian, against finite differences) of
     outputs and final states in every input, param and initial state; T = 7 in chunks of 4 (a partial chunk)."""
