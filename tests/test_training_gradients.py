@@ -1,12 +1,12 @@
 """Issue 9's gradient matrix: every spec of specs/, every form, both backends, under `cu_seqlens`.
 
-For each (spec, backend, form) one float32 call packs three sequences (B = 1, H = 2 on torch, 1 on Triton, lengths 13, 0 and 20: an empty one, and
-sequences that are no multiple of the Triton chunk of 16, so chunks are partial and one crosses a chunk boundary)
-from a three-row initial state, with `output_final_state=True`. The loss weights every output and every final
-state with fixed random float64 cotangents, so the final states' incoming gradient reaches the backward. The
-gradients of every input, param and initial-state row are compared with the float64 reference interpreter's
-autograd on the same float32-rounded values (`rec.reference(..., cu_seqlens=...)`), relative error
-||x - ref|| / ||ref|| <= 1e-5 per argument.
+For each (spec, backend, form) one float32 call packs three sequences (B = 1; H = 2 on torch, 1 on Triton;
+lengths 13, 0 and 20: an empty one, and sequences that are no multiple of the Triton chunk of 16, so chunks are
+partial and one crosses a chunk boundary) from a three-row initial state, with `output_final_state=True`.
+The loss weights every output and every final state with fixed random float64 cotangents, so the final states'
+incoming gradient reaches the backward. The gradients of every input, param and initial-state row are compared
+with the float64 reference interpreter's autograd on the same float32-rounded values
+(`rec.reference(..., cu_seqlens=...)`), relative error ||x - ref|| / ||ref|| <= 1e-5 per argument.
 
 On the Triton backend (kernels in Triton's interpreter, tests/conftest.py) every torch form of the generated
 module (the step loop and its torch adjoint, the scan blocks, the chunked forms) and every torch runtime entry
