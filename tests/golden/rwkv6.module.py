@@ -343,9 +343,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def triton_options(call, options: dict | None) -> dict:
     """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
     of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
-    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
-    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
+    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
+    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
+    config's own `allow_tf32` wins."""
     options = dict(options or {})
     chunked = dict(options.get("chunked", {}))
     chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
@@ -376,8 +377,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
     dtype where it `takes_input_dtype`; states always in the compute dtype) and returns `(outputs: dict,
-    final_states: dict)`; outputs come back in the call's dtype. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
-    with `call.reverse` each sequence runs from its last step to its first.
+    final_states: dict)`; outputs come back in the call's dtype. Packed sequences (`cu_seqlens`) run batched
+    (`_run_packed`); with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     """
     options = options or {}
