@@ -1844,7 +1844,7 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -1852,7 +1852,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x)."""
+    D * x).
+    SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2021,8 +2023,9 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
                   num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
-    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
+    diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
+    and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     k2, v2, A2 = pair if pair is not None else (k, v, A)
@@ -2032,7 +2035,7 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        pair is not None, vs is not None, f.skip is not None,
+        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 

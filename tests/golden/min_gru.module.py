@@ -1905,6 +1905,14 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
+@triton.jit
+def _triton_floored(x):
+    """A tile of log decays as float32, each floored at _triton_LOG_DECAY_FLOOR = -1000 as `_triton_cumsum_kernel` floors them
+    (a select, so a NaN stays NaN)."""
+    x = x.to(tl.float32)
+    return tl.where(x < -1000.0, -1000.0, x)
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -1941,13 +1949,16 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
+                       SPANS: tl.constexpr = False):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
     Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
     decay, applied by the output kernel) plain q_t . k_s.
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
+    SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
+    floored log decays over the steps it spans (`_triton_linear_forward`), never a difference of G.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -1976,7 +1987,25 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            if DECAY == 2:
+            if DECAY == 2 and SPANS:
+                # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
+                m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                b_dq = tl.cumsum(_triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq,
+                                                  other=0.0)), axis=0)  # [BC, BK]
+                # G_ref - G_s: rows s + 1 .. i * BC - 1, the rest of sub-chunk j (summed up from its end) and the
+                # whole sub-chunks between j and i
+                o_in = o_ik + 1
+                m_gk = m_k[:, None] & ((o_in < (i_j + 1) * BC) & (t0 + o_in < T))[None, :]
+                b_dk = tl.cumsum(_triton_floored(tl.load(p_g + o_in[None, :] * (H * K) + o_k[:, None], mask=m_gk,
+                                                  other=0.0)), axis=1, reverse=True)  # [BK, BC]
+                for i_m in range(i_j + 1, i_i):
+                    o_im = i_m * BC + o_c
+                    m_gm = m_k[:, None] & (t0 + o_im < T)[None, :]
+                    b_dk += tl.sum(_triton_floored(tl.load(p_g + o_im[None, :] * (H * K) + o_k[:, None], mask=m_gm,
+                                                    other=0.0)), axis=1)[:, None]
+                b_q = b_q * _triton_safe_exp(b_dq)
+                b_kt = b_kt * _triton_safe_exp(b_dk)
+            elif DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK]
                 b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
@@ -1990,7 +2019,18 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             m_k = o_k < K
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
-            if DECAY == 2:
+            if DECAY == 2 and SPANS:
+                # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
+                m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                b_gq = _triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq, other=0.0))
+                for c in range(0, BC):  # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
+                    i_s = i_i * BC + c
+                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
+                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_safe_exp(b_span), axis=1)  # [BC]
+                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+            elif DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK] float64: every column's difference needs it exact
                 for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
@@ -2036,7 +2076,7 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                        VSTEP: tl.constexpr):
+                        VSTEP: tl.constexpr, SPANS: tl.constexpr = False):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
@@ -2044,6 +2084,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
     as it is loaded.
+    SPANS (a key decay): gc holds the log decays themselves; G_last - G_s is their float32 sum over s + 1 .. last
+    (a reverse cumulative sum), G_last their sum over the chunk.
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -2090,7 +2132,7 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2098,7 +2140,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x)."""
+    D * x).
+    SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2119,7 +2163,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if DECAY == 2:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
+        if DECAY == 2 and SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
+            b_eq = _triton_safe_exp(tl.cumsum(_triton_floored(tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                                                        mask=m_tg[:, None] & m_k[None, :], other=0.0)), axis=0))
+            b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
+        elif DECAY == 2:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
             b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                            mask=m_tg[:, None] & m_k[None, :], other=1.0)
             b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
@@ -2330,21 +2378,24 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int) -> triton_Tensor:
+                num_warps: int, num_stages: int, spans: bool = False) -> triton_Tensor:
+    """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
+    themselves (its SPANS)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return A
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, v_step=None):
+                  num_stages, packed=None, v_step=None, spans=False):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None."""
+    v_step: a per-step factor [B, T, H] of v (fused), or None; spans: gc holds a key decay's log decays
+    themselves (the kernel's SPANS)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -2355,7 +2406,7 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
-        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None, spans,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
@@ -2768,9 +2819,16 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
+    spans = decay_cls.code == 2 and f.decay_head is None
+    if spans:
+        # A key decay's kernels sum the log decays over the steps each factor spans (their SPANS): no G, no exp(G)
+        # is allocated (flash-linear-attention keeps a float32 G [B, T, H, K]), and no factor is a difference of
+        # two large partial sums, so a small log decay after a reset keeps its float32 precision.
+        gc, eg = log_decay.contiguous(), None
+    else:
+        gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed, vs)
+                          num_stages, packed, vs, spans)
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
