@@ -25,7 +25,9 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   for a scalar decay, K or V for a per-channel one), each floored
                                                   at _LOG_DECAY_FLOOR = -1000, float64; for a key decay also
                                                   exp(G) in float32 (read by the output and WY kernels, so they
-                                                  hold no float64 tile for a lone G).
+                                                  hold no float64 tile for a lone G). Not launched by the linear
+                                                  form's forward with a key decay (GLA): its kernels sum the log
+                                                  decays themselves over the steps each factor spans (SPANS).
   _intra_attn_kernel    (NT, NC*NC, B*H)         key/value decay only: the intra-chunk scores
                                                   A_ts = sum_i q_t[i] k_s[i] exp(Gq_t[i] - G_s[i]) (s <= t, or s < t),
                                                   one 16 x 16 sub-block (i, j) per program (NC = BT / 16): below the
@@ -87,7 +89,14 @@ module upcasts a call's inputs before they reach these kernels, so it passes all
 (codegen/dispatch.py, `triton_options`). Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors
 each log decay at -1000 (a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay
 spanning it, as -inf does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log
-decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. A decay factor is formed by
+decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. The linear form's forward with a
+key decay allocates no G (SPANS in _intra_attn_kernel and _chunk_output_kernel; _chunk_state_kernel's DECAY 2):
+each kernel loads the floored log decays (in their own dtype, upcast) and forms every exponent as the float32 sum
+over exactly the steps the factor spans (a cumulative sum down a tile, reversed for G_last - G_s, plus whole
+sub-chunk sums between a key sub-chunk and the reference row), as the torch runtime does. A sum of <= 64 terms of
+one sign has a relative error of a few float32 ulps, and a floored step inside a span makes that exponent <= -1000,
+so a reset zeroes exactly what it should and a small log decay after it stays exact (tests/test_decay_exactness.py:
+8.8e-8 against 8.6e-8 with float64 G for GLA with a reset of -1e4). A decay factor is formed by
 `_decay`: the difference G_a - G_b (G_a later than G_b, so <= 0) in float64, rounded to float32 at once, then exp in
 float32; a lone G (exp(G_t), exp(G_last)) is rounded the same way. `_safe_exp` clamps the exponent at 0 so padded
 rows (whose G is loaded as 0) can never make an inf, and masks select (tl.where) rather than multiply, hence no 0 *
@@ -481,7 +490,7 @@ def _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                        VSTEP: tl.constexpr, SPANS: tl.constexpr = False):
+                        VSTEP: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
@@ -489,8 +498,8 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K:
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
     as it is loaded.
-    SPANS (a key decay): gc holds the log decays themselves; G_last - G_s is their float32 sum over s + 1 .. last
-    (a reverse cumulative sum), G_last their sum over the chunk.
+    A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
+    s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_linear_forward`).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -523,17 +532,12 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K:
             b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
             b_kt = b_kt * _decay(b_gl, b_g)[None, :]
             b_h = b_h * tl.exp(b_gl.to(tl.float32))
-        elif DECAY == 2 and SPANS:
+        elif DECAY == 2:
             m_kn = m_k[:, None] & ((o_i + 1 < BT) & (t0 + o_i + 1 < T))[None, :]
             b_gn = _floored(tl.load(gc + p_kt + H * K, mask=m_kn, other=0.0))  # [BK, BT] the log decay of step s + 1
             b_kt = b_kt * _safe_exp(tl.cumsum(b_gn, axis=1, reverse=True))  # exp(G_last - G_s)
             b_gl = tl.sum(_floored(tl.load(gc + p_kt, mask=m_kt, other=0.0)), axis=1)  # [BK] G_last
             b_h = b_h * _safe_exp(b_gl)[:, None]
-        elif DECAY == 2:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-            b_kt = b_kt * _decay(b_gl[:, None], b_g)
-            b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
         elif DECAY == 3:
             b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
             b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
@@ -1034,11 +1038,11 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
 
 
 def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, v_step=None, spans=False):
+                  num_stages, packed=None, v_step=None):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None; spans: gc holds a key decay's log decays
-    themselves (the kernel's SPANS)."""
+    v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
+    themselves, not their cumulative sum."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -1049,7 +1053,7 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
-        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None, spans,
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
         num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
     return h, ht
 
@@ -1643,16 +1647,18 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
-    spans = decay_cls.code == 2 and f.decay_head is None
-    if spans:
+    if decay_cls.code == 2:
         # A key decay's kernels sum the log decays over the steps each factor spans (their SPANS): no G, no exp(G)
         # is allocated (flash-linear-attention keeps a float32 G [B, T, H, K]), and no factor is a difference of
-        # two large partial sums, so a small log decay after a reset keeps its float32 precision.
-        gc, eg = log_decay.contiguous(), None
+        # two large partial sums, so a small log decay after a reset keeps its float32 precision. A per-head factor
+        # (no spec of specs/ fuses one with a key decay) is applied in torch.
+        head = f.decay_head
+        gc = log_decay if head is None else log_decay * head.view(1, 1, -1, 1).to(log_decay.dtype)
+        gc, eg = gc.contiguous(), None
     else:
         gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed, vs, spans)
+                          num_stages, packed, vs)
     if fused is not None:
         fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)

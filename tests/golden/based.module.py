@@ -1977,7 +1977,7 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                        VSTEP: tl.constexpr, SPANS: tl.constexpr = False):
+                        VSTEP: tl.constexpr):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
@@ -1985,8 +1985,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
     as it is loaded.
-    SPANS (a key decay): gc holds the log decays themselves; G_last - G_s is their float32 sum over s + 1 .. last
-    (a reverse cumulative sum), G_last their sum over the chunk.
+    A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
+    s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_triton_linear_forward`).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -2275,11 +2275,11 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, v_step=None, spans=False):
+                  num_stages, packed=None, v_step=None):
     """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None; spans: gc holds a key decay's log decays
-    themselves (the kernel's SPANS)."""
+    v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
+    themselves, not their cumulative sum."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -2290,7 +2290,7 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
-        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None, spans,
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return h, ht
 
@@ -2731,16 +2731,18 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
-    spans = decay_cls.code == 2 and f.decay_head is None
-    if spans:
+    if decay_cls.code == 2:
         # A key decay's kernels sum the log decays over the steps each factor spans (their SPANS): no G, no exp(G)
         # is allocated (flash-linear-attention keeps a float32 G [B, T, H, K]), and no factor is a difference of
-        # two large partial sums, so a small log decay after a reset keeps its float32 precision.
-        gc, eg = log_decay.contiguous(), None
+        # two large partial sums, so a small log decay after a reset keeps its float32 precision. A per-head factor
+        # (no spec of specs/ fuses one with a key decay) is applied in torch.
+        head = f.decay_head
+        gc = log_decay if head is None else log_decay * head.view(1, 1, -1, 1).to(log_decay.dtype)
+        gc, eg = gc.contiguous(), None
     else:
         gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed, vs, spans)
+                          num_stages, packed, vs)
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
