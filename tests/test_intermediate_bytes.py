@@ -11,7 +11,8 @@ scale and a per-head skip term, applied in the kernels).
 - Half precision: float16 values and gradients against the reference at float16 tolerance; bfloat16 outputs and
   gradients come back in bfloat16.
 
-Kernels run in Triton's interpreter (tests/conftest.py); about 60 s on an idle two-core machine.
+Kernels run in Triton's interpreter (tests/conftest.py); about 70 s on an idle two-core machine (117 s measured on the
+shared one).
 """
 
 from __future__ import annotations

@@ -1874,7 +1874,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
@@ -1988,7 +1989,7 @@ class _triton_Packed:
     def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
         """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
         last chunk that sequence's final state ht [N, H, K, V]."""
-        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2).to(ht.dtype)
         ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
         return ends
 

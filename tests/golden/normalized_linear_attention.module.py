@@ -2055,7 +2055,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
@@ -2104,7 +2105,8 @@ def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: 
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
                    other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
@@ -2230,7 +2232,7 @@ class _triton_Packed:
     def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
         """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
         last chunk that sequence's final state ht [N, H, K, V]."""
-        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2).to(ht.dtype)
         ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
         return ends
 
@@ -2272,15 +2274,19 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, v_step=None):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
+    """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
     v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
-    themselves, not their cumulative sum."""
+    themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
+    keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
+    stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
+    steps can pass float16's largest number (65504)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32,
+                    device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
@@ -2464,7 +2470,8 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
     Differentiable: with grad enabled and an input that requires grad it runs as _triton_ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
-    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it.
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] (float32; bfloat16 for
+    bfloat16 inputs) for it.
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state

@@ -2172,7 +2172,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         if DECAY == 2 and SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
             b_eq = _triton_safe_exp(tl.cumsum(_triton_floored(tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                                                         mask=m_tg[:, None] & m_k[None, :], other=0.0)), axis=0))
