@@ -166,6 +166,9 @@ _DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are f
 # _delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 _DPLR_STATE_STAGES_SMALL_SHARED = 1
+# _delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
+_DELTA_WY_HALF_WARPS = 8
 _DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
@@ -2414,7 +2417,7 @@ def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_
     _delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
         v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
-        num_warps=_or(num_warps, _WARPS),
+        num_warps=_or(num_warps, _WARPS if k.dtype == torch.float32 else _DELTA_WY_HALF_WARPS),
         num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)

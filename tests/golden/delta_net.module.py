@@ -1644,6 +1644,9 @@ _triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] colum
 _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
+_triton_DELTA_WY_HALF_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2593,7 +2596,7 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
     _triton_delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
         v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
-        num_warps=_triton_or(num_warps, _WARPS),
+        num_warps=_triton_or(num_warps, _WARPS if k.dtype == torch.float32 else _triton_DELTA_WY_HALF_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)

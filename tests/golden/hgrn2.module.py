@@ -1936,6 +1936,8 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------

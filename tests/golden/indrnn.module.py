@@ -1434,6 +1434,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1787,6 +1787,8 @@ _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tile
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 _triton_DPLR_STATE_STAGES_SMALL_SHARED = 1
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 _triton_DPLR_WY_WARPS = 8  # _triton_dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
