@@ -1070,13 +1070,16 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
 def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, kv=None):
     """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states. kv: None, or
-    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR)."""
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR). h is
+    bfloat16 for bfloat16 inputs as in `_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
+    from these states)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    half = k.dtype == torch.bfloat16 and kv is None
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
@@ -2457,6 +2460,7 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
                                              BVS, prec, num_warps, num_stages, packed)
+    h = h.float()  # the backward's own recomputed h: float32 for its kernels (a no-op unless bfloat16)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms

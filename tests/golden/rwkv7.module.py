@@ -2296,13 +2296,16 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, kv=None):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
-    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR)."""
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
+    bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
+    from these states)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    half = k.dtype == torch.bfloat16 and kv is None
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
