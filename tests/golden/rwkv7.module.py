@@ -1892,7 +1892,7 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-            if DECAY == 2 and SPANS:
+            if SPANS:
                 # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
                 m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
                 b_dq = tl.cumsum(_triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq,
@@ -1924,11 +1924,12 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             m_k = o_k < K
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
-            if DECAY == 2 and SPANS:
+            if SPANS:
                 # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
                 m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
                 b_gq = _triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq, other=0.0))
-                for c in range(0, BC):  # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
+                # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
+                for c in range(0, BC):
                     i_s = i_i * BC + c
                     m_s = m_k & (o_k * 0 + t0 + i_s < T)
                     b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
@@ -2176,7 +2177,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
-        if DECAY == 2 and SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
+        if SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
             b_eq = _triton_safe_exp(tl.cumsum(_triton_floored(tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                                                         mask=m_tg[:, None] & m_k[None, :], other=0.0)), axis=0))
             b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
