@@ -206,9 +206,10 @@ def _entry_points(analysis: Analysis) -> str:
                        f"_{name}_st, kernels=True, every_of=triton_chunk_every))")
         elif chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
             # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
-            tri.append(f"'chunked': takes_cu_seqlens({name}__chunked_triton)")
+            # and load half-precision inputs as they are (no float32 copies)
+            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens({name}__chunked_triton))")
         elif chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
-            tri.append(f"'chunked': {name}__chunked_triton")
+            tri.append(f"'chunked': takes_input_dtype({name}__chunked_triton)")
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")

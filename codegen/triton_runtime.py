@@ -26,7 +26,9 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   for a scalar decay, K or V for a per-channel one), each floored
                                                   at _LOG_DECAY_FLOOR = -1000, float64; for a key decay also
                                                   exp(G) in float32 (read by the output and WY kernels, so they
-                                                  hold no float64 tile for a lone G).
+                                                  hold no float64 tile for a lone G). Not launched by the linear
+                                                  form's forward with a key decay (GLA): its kernels sum the log
+                                                  decays themselves over the steps each factor spans (SPANS).
   _intra_attn_kernel    (NT, NC*NC, B*H)         key/value decay only: the intra-chunk scores
                                                   A_ts = sum_i q_t[i] k_s[i] exp(Gq_t[i] - G_s[i]) (s <= t, or s < t),
                                                   one 16 x 16 sub-block (i, j) per program (NC = BT / 16): below the
@@ -89,7 +91,14 @@ module upcasts a call's inputs before they reach these kernels, so it passes all
 (codegen/dispatch.py, `triton_options`). Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors
 each log decay at -1000 (a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay
 spanning it, as -inf does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log
-decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. A decay factor is formed by
+decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. The linear form's forward with a
+key decay allocates no G (SPANS in _intra_attn_kernel and _chunk_output_kernel; _chunk_state_kernel's DECAY 2):
+each kernel loads the floored log decays (in their own dtype, upcast) and forms every exponent as the float32 sum
+over exactly the steps the factor spans (a cumulative sum down a tile, reversed for G_last - G_s, plus whole
+sub-chunk sums between a key sub-chunk and the reference row), as the torch runtime does. A sum of <= 64 terms of
+one sign has a relative error of a few float32 ulps, and a floored step inside a span makes that exponent <= -1000,
+so a reset zeroes exactly what it should and a small log decay after it stays exact (tests/test_decay_exactness.py:
+8.8e-8 against 8.6e-8 with float64 G for GLA with a reset of -1e4). A decay factor is formed by
 `_decay`: the difference G_a - G_b (G_a later than G_b, so <= 0) in float64, rounded to float32 at once, then exp in
 float32; a lone G (exp(G_t), exp(G_last)) is rounded the same way. `_safe_exp` clamps the exponent at 0 so padded
 rows (whose G is loaded as 0) can never make an inf, and masks select (tl.where) rather than multiply, hence no 0 *
@@ -159,6 +168,9 @@ _DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are f
 # _delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 _DPLR_STATE_STAGES_SMALL_SHARED = 1
+# _delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
+_DELTA_WY_HALF_WARPS = 8
 _DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
 
 
@@ -178,6 +190,14 @@ def _decay(g_to, g_from):
     """exp(g_to - g_from) for float64 cumulative log decays (g_to at or after g_from, so the exponent is <= 0):
     the difference is exact in float64, rounded to float32 at once, and exponentiated in float32."""
     return _safe_exp((g_to - g_from).to(tl.float32))
+
+
+@triton.jit
+def _floored(x):
+    """A tile of log decays as float32, each floored at _LOG_DECAY_FLOOR = -1000 as `_cumsum_kernel` floors them
+    (a select, so a NaN stays NaN)."""
+    x = x.to(tl.float32)
+    return tl.where(x < -1000.0, -1000.0, x)
 
 
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
@@ -216,13 +236,16 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
 @triton.jit
 def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
+                       SPANS: tl.constexpr = False):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
     Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
     decay, applied by the output kernel) plain q_t . k_s.
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
+    SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
+    floored log decays over the steps it spans (`_linear_forward`), never a difference of G.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -252,12 +275,31 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
-                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                b_q = b_q * _decay(b_gq, b_gr[None, :])
-                b_kt = b_kt * _decay(b_gr[:, None], b_gk)
+                if SPANS:
+                    # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
+                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                    b_dq = tl.cumsum(_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq,
+                                                      other=0.0)), axis=0)  # [BC, BK]
+                    # G_ref - G_s: rows s + 1 .. i * BC - 1, the rest of sub-chunk j (summed up from its end) and the
+                    # whole sub-chunks between j and i
+                    o_in = o_ik + 1
+                    m_gk = m_k[:, None] & ((o_in < (i_j + 1) * BC) & (t0 + o_in < T))[None, :]
+                    b_dk = tl.cumsum(_floored(tl.load(p_g + o_in[None, :] * (H * K) + o_k[:, None], mask=m_gk,
+                                                      other=0.0)), axis=1, reverse=True)  # [BK, BC]
+                    for i_m in range(i_j + 1, i_i):
+                        o_im = i_m * BC + o_c
+                        m_gm = m_k[:, None] & (t0 + o_im < T)[None, :]
+                        b_dk += tl.sum(_floored(tl.load(p_g + o_im[None, :] * (H * K) + o_k[:, None], mask=m_gm,
+                                                        other=0.0)), axis=1)[:, None]
+                    b_q = b_q * _safe_exp(b_dq)
+                    b_kt = b_kt * _safe_exp(b_dk)
+                else:
+                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                                   other=0.0)  # [BC, BK]
+                    b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                    b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+                    b_q = b_q * _decay(b_gq, b_gr[None, :])
+                    b_kt = b_kt * _decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -266,15 +308,28 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
-                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
-                    i_s = i_i * BC + c
-                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                    b_col = tl.sum(b_q * b_ks[None, :] * _decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
-                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+                if SPANS:
+                    # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
+                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                    b_gq = _floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq, other=0.0))
+                    # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
+                    for c in range(0, BC):
+                        i_s = i_i * BC + c
+                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
+                        b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_span), axis=1)  # [BC]
+                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+                else:
+                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                                   other=0.0)  # [BC, BK] float64: every column's difference needs it exact
+                    for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                        i_s = i_i * BC + c
+                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                        b_col = tl.sum(b_q * b_ks[None, :] * _decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
+                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
@@ -451,6 +506,8 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K:
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
     as it is loaded.
+    A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
+    s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_linear_forward`).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -484,10 +541,11 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K:
             b_kt = b_kt * _decay(b_gl, b_g)[None, :]
             b_h = b_h * tl.exp(b_gl.to(tl.float32))
         elif DECAY == 2:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_g = tl.load(gc + p_kt, mask=m_kt, other=0.0)  # [BK, BT]
-            b_kt = b_kt * _decay(b_gl[:, None], b_g)
-            b_h = b_h * tl.exp(b_gl.to(tl.float32))[:, None]
+            m_kn = m_k[:, None] & ((o_i + 1 < BT) & (t0 + o_i + 1 < T))[None, :]
+            b_gn = _floored(tl.load(gc + p_kt + H * K, mask=m_kn, other=0.0))  # [BK, BT] the log decay of step s + 1
+            b_kt = b_kt * _safe_exp(tl.cumsum(b_gn, axis=1, reverse=True))  # exp(G_last - G_s)
+            b_gl = tl.sum(_floored(tl.load(gc + p_kt, mask=m_kt, other=0.0)), axis=1)  # [BK] G_last
+            b_h = b_h * _safe_exp(b_gl)[:, None]
         elif DECAY == 3:
             b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
             b_g = tl.load(gc + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
@@ -661,7 +719,7 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
 def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -669,7 +727,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x)."""
+    D * x).
+    SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -695,11 +755,17 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if DECAY == 2:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
-            b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
-                           mask=m_tg[:, None] & m_k[None, :], other=1.0)
-            b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_chunk_states`)
+        if DECAY == 2:
+            if SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
+                b_eq = _safe_exp(tl.cumsum(_floored(tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                                                            mask=m_tg[:, None] & m_k[None, :], other=0.0)), axis=0))
+                b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
+            else:  # exp(Gq) from the cumsum kernel (float32: half the registers of float64 G)
+                b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
+                               mask=m_tg[:, None] & m_k[None, :], other=1.0)
+                b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
         else:
             b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                            other=0.0).to(tl.float32)  # [BK, BT]
@@ -778,7 +844,8 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_chunk_states`)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
                    other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
@@ -942,7 +1009,7 @@ class _Packed:
     def chunk_ends(self, h: Tensor, ht: Tensor) -> Tensor:
         """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
         last chunk that sequence's final state ht [N, H, K, V]."""
-        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2).to(ht.dtype)
         ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
         return ends
 
@@ -970,26 +1037,33 @@ def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int, with_exp: bool =
 
 
 def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int) -> Tensor:
+                num_warps: int, num_stages: int, spans: bool = False) -> Tensor:
+    """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_intra_attn_kernel`; spans: gc holds the log decays
+    themselves (its SPANS)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec,
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
     return A
 
 
 def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, v_step=None):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
+    """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None."""
+    v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
+    themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
+    keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
+    stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
+    steps can pass float16's largest number (65504)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32,
+                    device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
@@ -1003,13 +1077,16 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
 def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, kv=None):
     """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states. kv: None, or
-    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR)."""
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR). h is
+    bfloat16 for bfloat16 inputs as in `_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
+    from these states)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    half = k.dtype == torch.bfloat16 and kv is None
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
@@ -1024,8 +1101,9 @@ def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT
 def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
                   num_stages, pair=None, fused=None) -> None:
     """Launch _chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
-    fused: the `_Fused` prologue and epilogue of this output, or None."""
+    exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
+    diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_Fused` prologue
+    and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     k2, v2, A2 = pair if pair is not None else (k, v, A)
@@ -1035,7 +1113,7 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        pair is not None, vs is not None, f.skip is not None,
+        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES))
 
 
@@ -1120,9 +1198,12 @@ class KeyDecay:
     @staticmethod
     def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
                fused=None):
-        A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
+        """eg None: gc holds the log decays themselves (the linear form's spans, `_linear_forward`)."""
+        spans = eg is None
+        A = _intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages, spans)
         if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
-            pair = (*pair, _intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages))
+            pair = (*pair, _intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages,
+                                       spans))
         _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair,
                       fused)
 
@@ -1312,7 +1393,8 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 
     Differentiable: with grad enabled and an input that requires grad it runs as _ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
-    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it.
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] (float32; bfloat16 for
+    bfloat16 inputs) for it.
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
@@ -1585,7 +1667,16 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
-    gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
+    if decay_cls.code == 2:
+        # A key decay's kernels sum the log decays over the steps each factor spans (their SPANS): no G, no exp(G)
+        # is allocated (flash-linear-attention keeps a float32 G [B, T, H, K]), and no factor is a difference of
+        # two large partial sums, so a small log decay after a reset keeps its float32 precision. A per-head factor
+        # (no spec of specs/ fuses one with a key decay) is applied in torch.
+        head = f.decay_head
+        gc = log_decay if head is None else log_decay * head.view(1, 1, -1, 1).to(log_decay.dtype)
+        gc, eg = gc.contiguous(), None
+    else:
+        gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                           num_stages, packed, vs)
     if fused is not None:
@@ -2339,7 +2430,7 @@ def _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_
     _delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
         v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
-        num_warps=_or(num_warps, _WARPS),
+        num_warps=_or(num_warps, _WARPS if k.dtype == torch.float32 else _DELTA_WY_HALF_WARPS),
         num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)
@@ -2379,6 +2470,7 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
                                              BVS, prec, num_warps, num_stages, packed)
+    h = h.float()  # the backward's own recomputed h: float32 for its kernels (a no-op unless bfloat16)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms

@@ -349,10 +349,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def triton_options(call, options: dict | None) -> dict:
     """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
-    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
-    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
-    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
+    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
+    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
+    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
+    config's own `allow_tf32` wins."""
     options = dict(options or {})
     chunked = dict(options.get("chunked", {}))
     chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
@@ -382,17 +383,20 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
               grid_limits: bool = False):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
-    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
-    with `call.reverse` each sequence runs from its last step to its first.
+    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
+    dtype where it `takes_input_dtype`; states always in the compute dtype) and returns `(outputs: dict,
+    final_states: dict)`; outputs come back in the call's dtype. Packed sequences (`cu_seqlens`) run batched
+    (`_run_packed`); with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
     limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
     dtype = compute_dtype(call.dtype)
-    inputs = {k: v.to(dtype) for k, v in call.inputs.items()}
-    params = [call.params[p.name].to(dtype) for p in spec.params]
+    # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
+    # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
+    inputs = dict(call.inputs)
+    params = [call.params[p.name] for p in spec.params]
     sizes = [call.sizes[s] for s in spec.sizes]
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
@@ -407,7 +411,10 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+        fn = form_fns[chosen]
+        if getattr(fn, "input_dtype", False):
+            return fn(*ordered, *params, piece_states, *sizes, **extra)
+        return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
 
     if grid_limits:
         call_form = in_grid_pieces(call_form, call.heads, chunk_size)
@@ -1741,6 +1748,8 @@ triton_Tensor = torch.Tensor
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -337,10 +337,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def triton_options(call, options: dict | None) -> dict:
     """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
-    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
-    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
-    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
+    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
+    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
+    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
+    config's own `allow_tf32` wins."""
     options = dict(options or {})
     chunked = dict(options.get("chunked", {}))
     chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
@@ -370,17 +371,20 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
               grid_limits: bool = False):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
-    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
-    with `call.reverse` each sequence runs from its last step to its first.
+    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
+    dtype where it `takes_input_dtype`; states always in the compute dtype) and returns `(outputs: dict,
+    final_states: dict)`; outputs come back in the call's dtype. Packed sequences (`cu_seqlens`) run batched
+    (`_run_packed`); with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
     limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
     dtype = compute_dtype(call.dtype)
-    inputs = {k: v.to(dtype) for k, v in call.inputs.items()}
-    params = [call.params[p.name].to(dtype) for p in spec.params]
+    # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
+    # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
+    inputs = dict(call.inputs)
+    params = [call.params[p.name] for p in spec.params]
     sizes = [call.sizes[s] for s in spec.sizes]
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
@@ -395,7 +399,10 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+        fn = form_fns[chosen]
+        if getattr(fn, "input_dtype", False):
+            return fn(*ordered, *params, piece_states, *sizes, **extra)
+        return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
 
     if grid_limits:
         call_form = in_grid_pieces(call_form, call.heads, chunk_size)
@@ -548,6 +555,16 @@ def takes_cu_seqlens(fn):
     codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
     module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
+    return fn
+
+
+def takes_input_dtype(fn):
+    """Mark the form function `fn` as one that takes float16 / bfloat16 inputs and params as they are: the Triton
+    chunked forms whose kernels upcast every load to float32, compute and accumulate in float32 and store outputs
+    (and, through their autograd.Function, gradients) in the inputs' dtype (codegen/triton_runtime.py), so a half
+    call makes no float32 copy of q, k, v, g. Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
+    States are float32 for every form. Returns `fn`."""
+    fn.input_dtype = True
     return fn
 
 
@@ -1744,6 +1761,9 @@ _triton_DELTA_STATE_WARPS = 8  # _triton_delta_state_kernel (whole [K, BV] colum
 _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
+_triton_DELTA_WY_HALF_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1942,7 +1962,7 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -1950,7 +1970,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x)."""
+    D * x).
+    SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1970,7 +1992,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
@@ -2080,7 +2103,7 @@ class _triton_Packed:
     def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
         """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
         last chunk that sequence's final state ht [N, H, K, V]."""
-        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2).to(ht.dtype)
         ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
         return ends
 
@@ -2094,13 +2117,16 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, kv=None):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
-    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR)."""
+    the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
+    bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
+    from these states)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    half = k.dtype == torch.bfloat16 and kv is None
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
@@ -2115,8 +2141,9 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
                   num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
-    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
+    diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
+    and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     k2, v2, A2 = pair if pair is not None else (k, v, A)
@@ -2126,7 +2153,7 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        pair is not None, vs is not None, f.skip is not None,
+        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
@@ -2659,7 +2686,7 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
     _triton_delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
         v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
-        num_warps=_triton_or(num_warps, _WARPS),
+        num_warps=_triton_or(num_warps, _WARPS if k.dtype == torch.float32 else _triton_DELTA_WY_HALF_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, num_stages, packed)
@@ -2688,6 +2715,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
                                              BVS, prec, num_warps, num_stages, packed)
+    h = h.float()  # the backward's own recomputed h: float32 for its kernels (a no-op unless bfloat16)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
@@ -3372,7 +3400,7 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
 
 _delta_product_forms = {'recurrent': delta_product__recurrent, 'chunked': delta_product__chunked}
 _delta_product_out, _delta_product_st = ('o',), ('S',)  # output and state names, for the backward
-_delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_cu_seqlens(delta_product__chunked_triton)} if HAVE_TRITON else None
+_delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(delta_product__chunked_triton))} if HAVE_TRITON else None
 
 
 class _DeltaProductLayer(Layer):

@@ -337,10 +337,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def triton_options(call, options: dict | None) -> dict:
     """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands every form float32 tensors, so the kernels cannot tell a float16 or
-    bfloat16 call from a float32 one; for half inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the
-    Triton runtime's default for half inputs: tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which
-    runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A config's own `allow_tf32` wins."""
+    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
+    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
+    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
+    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
+    config's own `allow_tf32` wins."""
     options = dict(options or {})
     chunked = dict(options.get("chunked", {}))
     chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
@@ -370,17 +371,20 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
               grid_limits: bool = False):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
-    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype and
-    returns `(outputs: dict, final_states: dict)`. Packed sequences (`cu_seqlens`) run batched (`_run_packed`);
-    with `call.reverse` each sequence runs from its last step to its first.
+    Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
+    dtype where it `takes_input_dtype`; states always in the compute dtype) and returns `(outputs: dict,
+    final_states: dict)`; outputs come back in the call's dtype. Packed sequences (`cu_seqlens`) run batched
+    (`_run_packed`); with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
     limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
     dtype = compute_dtype(call.dtype)
-    inputs = {k: v.to(dtype) for k, v in call.inputs.items()}
-    params = [call.params[p.name].to(dtype) for p in spec.params]
+    # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
+    # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
+    inputs = dict(call.inputs)
+    params = [call.params[p.name] for p in spec.params]
     sizes = [call.sizes[s] for s in spec.sizes]
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
@@ -395,7 +399,10 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        return form_fns[chosen](*ordered, *params, piece_states, *sizes, **extra)
+        fn = form_fns[chosen]
+        if getattr(fn, "input_dtype", False):
+            return fn(*ordered, *params, piece_states, *sizes, **extra)
+        return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
 
     if grid_limits:
         call_form = in_grid_pieces(call_form, call.heads, chunk_size)
@@ -548,6 +555,16 @@ def takes_cu_seqlens(fn):
     codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
     module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
+    return fn
+
+
+def takes_input_dtype(fn):
+    """Mark the form function `fn` as one that takes float16 / bfloat16 inputs and params as they are: the Triton
+    chunked forms whose kernels upcast every load to float32, compute and accumulate in float32 and store outputs
+    (and, through their autograd.Function, gradients) in the inputs' dtype (codegen/triton_runtime.py), so a half
+    call makes no float32 copy of q, k, v, g. Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
+    States are float32 for every form. Returns `fn`."""
+    fn.input_dtype = True
     return fn
 
 
@@ -1889,6 +1906,8 @@ _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
+# _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
+# spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1909,6 +1928,14 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
+@triton.jit
+def _triton_floored(x):
+    """A tile of log decays as float32, each floored at _triton_LOG_DECAY_FLOOR = -1000 as `_triton_cumsum_kernel` floors them
+    (a select, so a NaN stays NaN)."""
+    x = x.to(tl.float32)
+    return tl.where(x < -1000.0, -1000.0, x)
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -1916,13 +1943,16 @@ def _triton_decay(g_to, g_from):
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
+                       SPANS: tl.constexpr = False):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
     Gq_t = G_t, or G_{t-1} if SHIFT (0 at the chunk start). With DECAY 2 (a key decay); with DECAY 3 (a value
     decay, applied by the output kernel) plain q_t . k_s.
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
+    SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
+    floored log decays over the steps it spans (`_triton_linear_forward`), never a difference of G.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -1952,12 +1982,31 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
-                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
-                b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
+                if SPANS:
+                    # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
+                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                    b_dq = tl.cumsum(_triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq,
+                                                      other=0.0)), axis=0)  # [BC, BK]
+                    # G_ref - G_s: rows s + 1 .. i * BC - 1, the rest of sub-chunk j (summed up from its end) and the
+                    # whole sub-chunks between j and i
+                    o_in = o_ik + 1
+                    m_gk = m_k[:, None] & ((o_in < (i_j + 1) * BC) & (t0 + o_in < T))[None, :]
+                    b_dk = tl.cumsum(_triton_floored(tl.load(p_g + o_in[None, :] * (H * K) + o_k[:, None], mask=m_gk,
+                                                      other=0.0)), axis=1, reverse=True)  # [BK, BC]
+                    for i_m in range(i_j + 1, i_i):
+                        o_im = i_m * BC + o_c
+                        m_gm = m_k[:, None] & (t0 + o_im < T)[None, :]
+                        b_dk += tl.sum(_triton_floored(tl.load(p_g + o_im[None, :] * (H * K) + o_k[:, None], mask=m_gm,
+                                                        other=0.0)), axis=1)[:, None]
+                    b_q = b_q * _triton_safe_exp(b_dq)
+                    b_kt = b_kt * _triton_safe_exp(b_dk)
+                else:
+                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                                   other=0.0)  # [BC, BK]
+                    b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                    b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+                    b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
+                    b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -1966,15 +2015,28 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
-                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
-                    i_s = i_i * BC + c
-                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
-                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+                if SPANS:
+                    # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
+                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
+                    b_gq = _triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq, other=0.0))
+                    # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
+                    for c in range(0, BC):
+                        i_s = i_i * BC + c
+                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
+                        b_col = tl.sum(b_q * b_ks[None, :] * _triton_safe_exp(b_span), axis=1)  # [BC]
+                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+                else:
+                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                                   other=0.0)  # [BC, BK] float64: every column's difference needs it exact
+                    for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                        i_s = i_i * BC + c
+                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                        b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
+                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
@@ -2019,6 +2081,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
     as it is loaded.
+    A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
+    s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_triton_linear_forward`).
     """
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -2059,7 +2123,7 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2067,7 +2131,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x)."""
+    D * x).
+    SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2087,7 +2153,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
@@ -2131,7 +2198,8 @@ def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: 
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
                    other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
@@ -2258,7 +2326,7 @@ class _triton_Packed:
     def chunk_ends(self, h: triton_Tensor, ht: triton_Tensor) -> triton_Tensor:
         """The state at the end of every chunk [1, H, NT, K, V]: the next chunk's start state h, or at a sequence's
         last chunk that sequence's final state ht [N, H, K, V]."""
-        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2)
+        ends = torch.cat([h[:, :, 1:], torch.zeros_like(h[:, :, :1])], dim=2).to(ht.dtype)
         ends[0, :, self.last_chunk] = ht[self.last_seq].transpose(0, 1)
         return ends
 
@@ -2270,26 +2338,33 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int) -> triton_Tensor:
+                num_warps: int, num_stages: int, spans: bool = False) -> triton_Tensor:
+    """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
+    themselves (its SPANS)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
-        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec,
+        q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
     return A
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
                   num_stages, packed=None, v_step=None):
-    """(h [B, H, NT, K, V] float32 chunk-start states, final state [B, H, K, V] float32 or None); packed (a
+    """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None."""
+    v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
+    themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
+    keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
+    stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
+    steps can pass float16's largest number (65504)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=k.device)
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32,
+                    device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
@@ -2303,8 +2378,9 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
                   num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
-    exp(G)). pair: None, or the diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR);
-    fused: the `_triton_Fused` prologue and epilogue of this output, or None."""
+    exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
+    diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
+    and epilogue of this output, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     k2, v2, A2 = pair if pair is not None else (k, v, A)
@@ -2314,7 +2390,7 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        pair is not None, vs is not None, f.skip is not None,
+        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
 
 
@@ -2448,7 +2524,8 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
     Differentiable: with grad enabled and an input that requires grad it runs as _triton_ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
-    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] float32 for it.
+    final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] (float32; bfloat16 for
+    bfloat16 inputs) for it.
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
@@ -3650,7 +3727,7 @@ def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_siz
 
 _normalized_linear_attention_forms = {'recurrent': normalized_linear_attention__recurrent, 'scan': normalized_linear_attention__scan, 'chunked': normalized_linear_attention__chunked, 'parallel': normalized_linear_attention__chunked}
 _normalized_linear_attention_out, _normalized_linear_attention_st = ('o',), ('S', 'z')  # output and state names, for the backward
-_normalized_linear_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(normalized_linear_attention__scan_triton), 'chunked': takes_cu_seqlens(normalized_linear_attention__chunked_triton)} if HAVE_TRITON else None
+_normalized_linear_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(normalized_linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(normalized_linear_attention__chunked_triton))} if HAVE_TRITON else None
 
 
 class _NormalizedLinearAttentionLayer(Layer):
