@@ -163,6 +163,7 @@ def _spec_data(analysis: Analysis) -> str:
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
             f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rec)!r},\n"
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
+            f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
             + ("    reverse=True,\n" if rec.reverse else "") + ")\n")
 
@@ -308,6 +309,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 

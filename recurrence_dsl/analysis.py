@@ -66,10 +66,17 @@ FORMS = ("recurrent", "scan", "chunked", "parallel")
 _LONGEST_QUOTED = 160
 
 
+def readable_dummies(text: str) -> str:
+    """Summation indices the IR numbers (`e__2`) written as `recdsl show` writes them everywhere (`e_2`): one
+    spelling in the step lines and in the reasons that quote the same expression."""
+    return re.sub(r"([A-Za-z])__(\d+)", r"\1_\2", text)
+
+
 def _shown(expr: sympy.Expr) -> str:
-    """`expr` as a reason quotes it: a state's value from this step (`c__new`, the step IR's name) written `c_t` as
-    the step lines write it, and a long expression cut to its first _LONGEST_QUOTED characters."""
-    text = re.sub(rf"(\w+){NEW_SUFFIX}\b", r"\1_t", str(expr))
+    """`expr` as a reason quotes it: a state's value from this step (`c__new`, the step IR's name) written `c_t` and
+    a summation index `e__2` written `e_2`, as the step lines write them, and a long expression cut to its first
+    _LONGEST_QUOTED characters."""
+    text = readable_dummies(re.sub(rf"(\w+){NEW_SUFFIX}\b", r"\1_t", str(expr)))
     return text if len(text) <= _LONGEST_QUOTED else text[:_LONGEST_QUOTED] + " ..."
 
 

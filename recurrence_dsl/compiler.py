@@ -32,7 +32,10 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     chunk_size: None (64 unless the store chose another) or the chunked form's chunk length for every call
     that gives none itself (it wins over the store). tuning: where calls look their config up: True (the
     rule's store, see the module docstring), a path or an `autotune.TuningStore`, or False (never).
-    Raises ValueError for an unknown backend or form, a bad chunk_size, or backend="triton" without triton.
+    Raises `CallError` (a ValueError), as a call with the same argument does, for an unknown backend, a form the
+    recurrence lacks (naming its class and why, as `recdsl show` does), a chunk_size that is not an integer >= 1,
+    or backend="triton" without triton. (Triton's power-of-two chunk_size rule is checked at a call that runs a
+    chunked or parallel form: the recurrent and scan forms ignore chunk_size.)
     """
     layer = load_layer(analyse(getattr(rec, "checked", rec)))
     tuning = getattr(tuning, "path", tuning)  # a TuningStore reads as its path
@@ -41,7 +44,7 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     store_key = tuning if isinstance(tuning, bool) else str(tuning)
     # Types in the key: True == 1 == 1.0 must not find the layer of chunk_size=1 (Layer refuses True and 1.0).
     key = (id(layer), form, backend, type(chunk_size), repr(chunk_size), store_key)
-    if key not in _LAYERS:  # Layer checks the defaults (ValueError naming the bad one)
+    if key not in _LAYERS:  # Layer checks the defaults (CallError naming the bad one)
         _LAYERS[key] = layer.options(form=form, backend=backend, chunk_size=chunk_size, tuning=tuning)
     return _LAYERS[key]
 

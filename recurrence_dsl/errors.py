@@ -140,7 +140,7 @@ class SpecWarning:
 
 
 class CallError(ValueError):
-    """A layer was called with arguments that do not fit its declaration."""
+    """A layer was called (or compiled, `compile(rec, form=...)`) with arguments that do not fit its declaration."""
 
 
 def did_you_mean(word: str, candidates) -> str | None:

@@ -7,11 +7,9 @@ decays `G`.
 
 from __future__ import annotations
 
-import re
-
 import sympy
 
-from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass
+from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass, readable_dummies
 from .step_ir import NEW_SUFFIX
 
 
@@ -24,7 +22,7 @@ def _text(expr) -> str:
     for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a"), ("p__k0", "a"), ("p__k1", "b"),
                             ("p__q0", "a"), ("p__q1", "b"), ("p__v", "j")):
         text = text.replace(internal, shown)
-    return re.sub(r"([A-Za-z])__(\d+)", r"\1_\2", text)
+    return readable_dummies(text)
 
 
 def _idx(indices) -> str:

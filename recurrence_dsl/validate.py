@@ -116,7 +116,10 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
                      dtype: torch.dtype = torch.float32, seed: int = 0,
                      paths: dict[str, Callable] | None = None, device: str = "cpu",
                      triton: bool = True) -> CheckReport:
-    """Run each path on the same random inputs (with an initial state) and compare with the reference."""
+    """Run each path on the same random inputs (with an initial state) and compare with the reference.
+
+    Every value must have the reference's shape. At length 0 the rows check empty outputs of the right shape
+    and final states equal to the initial state (see `_compare`)."""
     args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
                                      with_initial_state=True)
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
@@ -131,6 +134,7 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
             cast_initial = {k: v.to(device=device, dtype=dtype) for k, v in initial.items()}
         else:
             cast_initial = initial.to(device=device, dtype=dtype)
+    start = _as_dict(rec, (), cast_initial)  # "final S" -> the initial S each path is given
     rows = []
     for name, fn in paths.items():
         if fn is rec.reference:
@@ -149,8 +153,24 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
                 continue
         got = _as_dict(rec, out, fin)
         for key, ref in reference.items():
-            rows.append(PathCheck(name, key, relative_error(got[key], ref), TOLERANCE[dtype]))
+            rows.append(_compare(name, key, got.get(key), ref, start.get(key), length, TOLERANCE[dtype]))
     return CheckReport(rec.name, dict(sizes), dtype, rows, skipped)
+
+
+def _compare(path: str, key: str, got: torch.Tensor | None, ref: torch.Tensor, initial: torch.Tensor | None,
+             length: int, tolerance: float) -> PathCheck:
+    """One row: `got` against the reference's `ref`. A value of another shape (or none) fails, naming both shapes.
+    At T = 0 a relative error says nothing (the outputs are empty), so the row checks what an empty sequence
+    must give: an empty output of the reference's shape, and a final state equal, exactly, to the initial state
+    the path was given (in the dtype under test)."""
+    if got is None or tuple(got.shape) != tuple(ref.shape):
+        shape = "none" if got is None else f"shape {list(got.shape)}"
+        return PathCheck(path, key, math.inf, tolerance, f"{shape} where the reference's is {list(ref.shape)}")
+    if length == 0 and initial is not None:  # a final state
+        return PathCheck(path, f"{key} = initial", relative_error(got, initial), 0.0)
+    if length == 0:
+        return PathCheck(path, f"{key} empty {list(got.shape)}", 0.0, tolerance)
+    return PathCheck(path, key, relative_error(got, ref), tolerance)
 
 
 def format_report(report: CheckReport) -> str:

@@ -73,6 +73,7 @@ class _Spec:
     sizes: tuple
     spec_hash: str  # of the recurrence's source text: the key of its tuning records
     unavailable: tuple = ()  # (form, why the analysis found no such form) pairs
+    recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
@@ -1020,7 +1021,14 @@ def _runs_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _INTERPRETING)
 
 
+# The forms whose functions take the chunk length (the parallel form runs the chunked function on one chunk).
+CHUNKING_FORMS = ("chunked", "parallel")
+
+
 def _chunk_size_error(chunk_size, backend: str) -> str | None:
+    """Why `chunk_size` cannot run a chunking form on `backend`, or None. Pass backend "torch" when no chunking
+    form runs: the value must still be an integer >= 1, but Triton's power-of-two rule (a block dimension) only
+    binds the Triton chunked kernels."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         return f"chunk_size must be an integer >= 1, got {chunk_size!r}"
     if backend == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
@@ -1029,10 +1037,14 @@ def _chunk_size_error(chunk_size, backend: str) -> str | None:
 
 
 def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend: str) -> str | None:
-    """Why `form` cannot run on `backend` ("auto" always can), or None."""
+    """Why `form` cannot run on `backend` ("auto" always can), or None. A form the analysis did not derive is
+    explained as `recdsl show` explains it: why not, then the recurrence's class and the forms it has."""
     if form != "auto" and form not in forms:
-        return f"{spec.name} has no {form!r} form: " + (dict(spec.unavailable).get(form)
-                                                       or f"choose from {', '.join(forms)} or auto")
+        why = dict(spec.unavailable).get(form)
+        if why is None:  # not a form name at all
+            return f"{spec.name} has no {form!r} form: choose from {', '.join(forms)} or auto"
+        return (f"{spec.name} has no {form!r} form: {why} ({spec.name}: class {spec.recurrence_class}; "
+                f"forms: {', '.join(forms)}, or auto)")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
         why = dict(getattr(spec, "triton_unavailable", ())).get(form)
         return (f"{spec.name} has no {form!r} form on the triton backend" + (f" ({why})" if why else "")
@@ -1058,16 +1070,18 @@ class Layer:
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
                  chunk_size: int | None = None, tuning=True):
+        # CallError (a ValueError), as a call with the same bad argument raises: compile(rec, form="chunked") and
+        # layer(..., form="chunked") of a recurrence without a chunked form fail alike.
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+            raise CallError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")  # noqa: F821
         if backend == "triton" and triton_forms is None:
-            raise ValueError(_NEEDS_TRITON)
+            raise CallError(_NEEDS_TRITON)  # noqa: F821
         why = _form_error(spec, form, forms, triton_forms, backend) or (
             None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
         if why:
-            raise ValueError(why)
+            raise CallError(why)  # noqa: F821
         if not (isinstance(tuning, (bool, str)) or hasattr(tuning, "__fspath__")):
-            raise ValueError(f"tuning must be True, False or a store path, got {type(tuning).__name__}")
+            raise CallError(f"tuning must be True, False or a store path, got {type(tuning).__name__}")  # noqa: F821
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
@@ -1176,7 +1190,7 @@ class Layer:
                 raise CallError(why)  # noqa: F821
         fns = self.triton_forms if backend == "triton" else self.forms
         chunk = self.chunk_size if chunk_size is None else chunk_size
-        why = _chunk_size_error(chunk, backend if "chunked" in fns else "torch")
+        why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk) else "torch")
         if config is not None or chunk_size is not None:
             source, reason = "call", "given to the call"
         elif self.chunk_size_given:
@@ -1197,11 +1211,29 @@ class Layer:
         if config is not None:
             target = self._config_form(config, form if form != "auto" else None, fns, backend)
             chunk = config.get("chunk_size", chunk)
-            why = _chunk_size_error(chunk, backend)
+            why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk, target) else "torch")
             options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
         if why:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
+
+    @staticmethod
+    def _chunks(call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
+        """Whether the call may run a form that takes the chunk length (chunked, or parallel), so the backend's
+        chunk_size rule binds: the form given; with "auto", the config's form (`target`) or the one auto picks
+        for the call's length, and any chunking form the recurrence has when packed sequences each pick their
+        own. A recurrent or scan form ignores chunk_size, so the Triton rule must not refuse it there."""
+        if form != "auto":
+            return form in CHUNKING_FORMS
+        if target is not None:
+            return target in CHUNKING_FORMS
+        if not any(f in fns for f in CHUNKING_FORMS):
+            return False
+        # (Under torch.compile the length is symbolic: picking would guard on it, so the rule binds as before.)
+        if call.cu_seqlens is not None or torch.compiler.is_compiling():
+            return True
+        picks = pick_form(tuple(fns), call.length, chunk if isinstance(chunk, int) and chunk >= 1 else 1)  # noqa: F821
+        return picks in CHUNKING_FORMS
 
     def _through_op(self, call, form: str, backend: str, chunk: int, options: dict):
         """A planned call as one call of the recurrence's op (what torch.compile traces); the op runs `_op_forward`
@@ -3548,6 +3580,7 @@ _rwkv6_spec = _Spec(
     sizes=('K', 'V'),
     spec_hash='095a56f9cd487f5f',
     unavailable=(),
+    recurrence_class='diagonal-row',
 )
 
 
