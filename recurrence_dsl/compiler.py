@@ -45,7 +45,9 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     # Types in the key: True == 1 == 1.0 must not find the layer of chunk_size=1 (Layer refuses True and 1.0).
     key = (id(layer), form, backend, type(chunk_size), repr(chunk_size), store_key)
     if key not in _LAYERS:  # Layer checks the defaults (CallError naming the bad one)
-        _LAYERS[key] = layer.options(form=form, backend=backend, chunk_size=chunk_size, tuning=tuning)
+        # setdefault: threads that built the same layer at once all return the one stored first.
+        return _LAYERS.setdefault(key, layer.options(form=form, backend=backend, chunk_size=chunk_size,
+                                                     tuning=tuning))
     return _LAYERS[key]
 
 
