@@ -137,7 +137,7 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
     start = _as_dict(rec, (), cast_initial)  # "final S" -> the initial S each path is given
     rows = []
     for name, fn in paths.items():
-        if fn is rec.reference:
+        if fn == rec.reference:  # a bound method: a new object at each access, so `==`, not `is`
             # The interpreter in the dtype under test (bfloat16/float16 steps would only measure rounding).
             ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
             out, fin = rec.reference(*cast_args, initial_state=cast_initial, output_final_state=True, dtype=ref_dtype)
