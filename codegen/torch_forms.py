@@ -56,6 +56,18 @@ class _Ranges:
         self.ranges = ranges
 
 
+def _drop_unused_shape(text: str) -> str:
+    """`text` (printed functions) without the `B_, T_, H_ = ...` line of a function that reads none of the three."""
+    functions = text.split("\n\n\n")
+    for n, f in enumerate(functions):
+        lines = f.split("\n")
+        at = [m for m, line in enumerate(lines) if line.strip().startswith("B_, T_, H_ = ")]
+        if at and not any(x in line for line in lines[at[0] + 1:] for x in ("B_", "T_", "H_")):
+            del lines[at[0]]
+            functions[n] = "\n".join(lines)
+    return "\n\n\n".join(functions)
+
+
 def _leaf(e: sympy.Expr) -> bool:
     return isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number, sympy.NumberSymbol))
 
@@ -1048,6 +1060,7 @@ class TorchFormWriter:
         rec, py = self.rec, self.py
         self.shown, self.taken = {ir: p for ir, p in reads}, set()
         name = f"{self.fn}__{stem}{self.suffix}"
+        fwd, vjp = f"{self.fn}__{stem}_fwd{self.suffix}", f"{self.fn}__{stem}_vjp{self.suffix}"
         used = self._names_read([v[1] for v in values])
         spec_args = [x for x in rec.inputs + rec.params if x.name in used]
         tensors = [p for _, p in reads] + [py[x.name] for x in spec_args]
@@ -1059,7 +1072,7 @@ class TorchFormWriter:
             shaped = [py[rec.inputs[0].name]]
         first = shaped[0]
         w = SourceWriter()
-        w(f"def {name}_fwd({', '.join(tensors + sizes)}):", 0)
+        w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
         w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
         printer = TorchPrinter(self.sizes, ranges, {**py, **dict(reads)})
@@ -1082,7 +1095,7 @@ class TorchFormWriter:
                 site = tuple(own[i] for i in indices)
                 deriver.walk(expr.xreplace(own), _tensor(grad_name(out), site), site)
         except NoAdjoint:
-            return w.text().replace(f"def {name}_fwd(", f"def {name}(", 1), False, tensors + sizes
+            return _drop_unused_shape(w.text().replace(f"def {fwd}(", f"def {name}(", 1)), False, tensors + sizes
         targets = [(ir, p, "read") for ir, p in reads]
         targets += [(x.name, py[x.name], "param" if x in rec.params else "input") for x in spec_args]
         derived = []  # (Python name of the tensor, kind, indices, gradient), the gradients that are not zero
@@ -1090,13 +1103,17 @@ class TorchFormWriter:
             found = deriver.found.get(ir)
             if found:
                 idx = found[0][0]
-                derived.append((p, kind, idx, factor_sums(nest_sums(deriver.gradient(ir, idx), deriver.ranges))))
+                # common factors of the terms pulled out (factor_terms), sums nested and their constant factors
+                # moved in front, as the recurrent adjoint prints them
+                grad = sympy.factor_terms(deriver.gradient(ir, idx))
+                derived.append((p, kind, idx, factor_sums(nest_sums(grad, deriver.ranges))))
         exprs, temps = self._share([d[3] for d in derived], deriver.ranges, set())
         w()
         w()
-        w(f"def {name}_vjp({', '.join(tensors + list(grads.values()) + sizes)}):", 0)
-        w(f'"""The VJP of {name}_fwd, printed from sympy\'s derivatives of its expressions: the gradient of each')
-        w('argument (None where it is not differentiable) from those of its values; a param\'s summed over B and T."""')
+        w(f"def {vjp}({', '.join(tensors + list(grads.values()) + sizes)}):", 0)
+        w(f'"""The vector-Jacobian product of {fwd}, from sympy\'s derivatives of its expressions:')
+        w("the gradient of each argument (None where it is not differentiable) from those of its values; a param's")
+        w('summed over B and T."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
         names = {**py, **dict(reads), **{grad_name(out): g for out, g in grads.items()}}
         self.taken = set(names.values()) | {f"grad_{p}" for p in tensors}
@@ -1115,8 +1132,8 @@ class TorchFormWriter:
         w(f"return {', '.join(result.get(p, 'None') for p in tensors)}{',' if len(tensors) == 1 else ''}")
         w()
         w()
-        w(f"{name} = with_vjp({name}_fwd, {name}_vjp, {len(tensors)})", 0)
-        return w.text(), True, tensors + sizes
+        w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
+        return _drop_unused_shape(w.text()), True, tensors + sizes
 
     # -- chunked ----------------------------------------------------------------
 
@@ -1144,7 +1161,16 @@ class TorchFormWriter:
         seen: dict = {}  # (expression, indices, dims) -> the value computed first
         at = len(w.lines)  # where the call of the prologue goes
 
+        inputs = {i.name for i in self.rec.inputs}
+
         def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
+            if (isinstance(expr, sympy.Indexed) and str(expr.base) in inputs
+                    and tuple(expr.indices) == tuple(indices)) or (isinstance(expr, sympy.Symbol) and not indices
+                                                                  and expr.name in inputs):
+                # an input as it is: the runtime reads the argument itself
+                w(f"{name} = {self.py[str(getattr(expr, 'base', expr))]}{after}" + (f"  # {comment}" if comment
+                                                                                      else ""))
+                return
             key = (sympy.srepr(expr), tuple(indices), tuple(dims))
             if key in seen and not after:
                 w(f"{name} = {seen[key]}  # {comment}; the same tensor" if comment else f"{name} = {seen[key]}")
@@ -1278,8 +1304,13 @@ class TorchFormWriter:
         epilogue = []  # the outputs computed from the readouts: (Python name, IR expression, indices, dims)
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
+            bare = oa.expr if isinstance(oa.expr, (sympy.Indexed, sympy.Symbol)) else None
             if o.name in epilogue_done:  # the kernels stored the whole expression
                 w(f"{self.py[o.name]} = {epilogue_done[o.name]}  # {self.cite[o.name]}, its epilogue in the kernels")
+            elif bare is not None and str(getattr(bare, "base", bare)) in readout_names and \
+                    str(getattr(bare, "base", bare)) not in self.py and tuple(getattr(bare, "indices", ())) == \
+                    tuple(oa.indices):
+                w(f"{self.py[o.name]} = {readout_names[str(getattr(bare, 'base', bare))]}  # {self.cite[o.name]}")
             else:
                 epilogue.append((self.py[o.name], oa.expr, tuple(oa.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
@@ -1304,7 +1335,8 @@ class TorchFormWriter:
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
             call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
-            lines = ["    # the prologue, its VJP printed from sympy (NAME__chunked_prologue_vjp):"] if derived else []
+            lines = [f"    # the prologue; its backward: {self.fn}__chunked_prologue_vjp{self.suffix}, printed from sympy"]
+            lines = lines if derived else []
             lines.append("    " + call)
             w.lines[at:at] = lines
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
