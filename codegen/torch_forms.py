@@ -27,10 +27,9 @@ import sympy
 from recurrence_dsl.adjoint import (
     GRAD_SUFFIX,
     NoAdjoint,
-    _Deriver,
-    _tensor,
     canonical_key,
     derive_adjoint,
+    derive_vjp,
     factor_sums,
     grad_name,
     nest_sums,
@@ -47,13 +46,6 @@ from .torch_printer import TorchPrinter
 # The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
 # ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
 _DECAY_CLASSES = {None: "NoDecay", "scalar": "ScalarDecay", "key": "KeyDecay", "value": "ValueDecay"}
-
-
-class _Ranges:
-    """The one field of a step IR that the adjoint's `_Deriver` reads: the range of every index symbol."""
-
-    def __init__(self, ranges: dict):
-        self.ranges = ranges
 
 
 def _drop_unused_shape(text: str) -> str:
@@ -1081,8 +1073,9 @@ class TorchFormWriter:
                                                                        else ""))
         w(f"return {', '.join(v[0] for v in values)}{',' if len(values) == 1 else ''}")
         wrt = {ir for ir, _ in reads} | {x.name for x in spec_args}
-        deriver = _Deriver(_Ranges(ranges), wrt)
         grads = {out: f"grad_{out}" for out, *_ in values}
+        ranges = dict(ranges)
+        walked = []
         try:
             for n, (out, expr, indices, dims, *_) in enumerate(values):
                 # Each value's own index symbols, ranging over its own dims: the chunk plans reuse one key index
@@ -1091,23 +1084,21 @@ class TorchFormWriter:
                     raise NoAdjoint(f"{out} has {len(indices)} indices for {len(dims)} axes")
                 own = {i: index_symbol(f"{i.name.split('__')[0]}__p{n}_{m}") for m, i in enumerate(indices)}
                 for i, d in zip(indices, dims):
-                    deriver.ranges[own[i]] = size_symbol(d) if isinstance(d, str) else sympy.Integer(d)
-                site = tuple(own[i] for i in indices)
-                deriver.walk(expr.xreplace(own), _tensor(grad_name(out), site), site)
+                    ranges[own[i]] = size_symbol(d) if isinstance(d, str) else sympy.Integer(d)
+                walked.append((out, tuple(own[i] for i in indices), expr.xreplace(own)))
+            found, ranges = derive_vjp(walked, wrt, ranges)
         except NoAdjoint:
             return _drop_unused_shape(w.text().replace(f"def {fwd}(", f"def {name}(", 1)), False, tensors + sizes
         targets = [(ir, p, "read") for ir, p in reads]
         targets += [(x.name, py[x.name], "param" if x in rec.params else "input") for x in spec_args]
         derived = []  # (Python name of the tensor, kind, indices, gradient), the gradients that are not zero
         for ir, p, kind in targets:
-            found = deriver.found.get(ir)
-            if found:
-                idx = found[0][0]
+            if ir in found:
                 # common factors of the terms pulled out (factor_terms), sums nested and their constant factors
                 # moved in front, as the recurrent adjoint prints them
-                grad = sympy.factor_terms(deriver.gradient(ir, idx))
-                derived.append((p, kind, idx, factor_sums(nest_sums(grad, deriver.ranges))))
-        exprs, temps = self._share([d[3] for d in derived], deriver.ranges, set())
+                grad = sympy.factor_terms(found[ir].expr)
+                derived.append((p, kind, found[ir].indices, factor_sums(nest_sums(grad, ranges))))
+        exprs, temps = self._share([d[3] for d in derived], ranges, set())
         w()
         w()
         w(f"def {vjp}({', '.join(tensors + list(grads.values()) + sizes)}):", 0)
@@ -1118,8 +1109,8 @@ class TorchFormWriter:
         names = {**py, **dict(reads), **{grad_name(out): g for out, g in grads.items()}}
         self.taken = set(names.values()) | {f"grad_{p}" for p in tensors}
         shared: dict[str, str] = {}
-        self._write_shared(w, temps, shared, names, deriver.ranges, "B_, T_, H_", 1)
-        printer = TorchPrinter(self.sizes, deriver.ranges, {**names, **shared})
+        self._write_shared(w, temps, shared, names, ranges, "B_, T_, H_", 1)
+        printer = TorchPrinter(self.sizes, ranges, {**names, **shared})
         result = {}
         for (p, kind, idx, _), e in zip(derived, exprs):
             value = printer.print_expr(e, idx)
@@ -1315,7 +1306,6 @@ class TorchFormWriter:
                 epilogue.append((self.py[o.name], oa.expr, tuple(oa.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
         functions = []
-        sizes = [self.py[n] for n in self.rec.sizes]
         if epilogue:
             reads = [(ir, p) for ir, p in readout_names.items() if ir not in self.py]
             text, derived, call_args = self._write_printed_vjp(
@@ -1335,8 +1325,8 @@ class TorchFormWriter:
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
             call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
-            lines = [f"    # the prologue; its backward: {self.fn}__chunked_prologue_vjp{self.suffix}, printed from sympy"]
-            lines = lines if derived else []
+            vjp = f"{self.fn}__chunked_prologue_vjp{self.suffix}"
+            lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
             lines.append("    " + call)
             w.lines[at:at] = lines
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
