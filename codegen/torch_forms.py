@@ -1043,7 +1043,7 @@ class TorchFormWriter:
         expression, indices, dims, comment)].
 
         Its backward is printed too (`NAME__<stem>_vjp`): reverse mode on the sympy expressions
-        (recurrence_dsl/adjoint.py `_Deriver`, the same walk as the recurrent adjoint's), each value's cotangent
+        (recurrence_dsl/adjoint.py `derive_vjp`, the same walk as the recurrent adjoint's), each value's cotangent
         `grad_<value>` carried down to the leaves, a leaf's contribution summed over the indices it does not carry;
         a param's gradient is summed over B and T (it is broadcast over them). The two are joined by dispatch's
         `with_vjp`, so autograd builds no graph through the prologue's or the epilogue's ops. Where the walk meets
@@ -1073,7 +1073,11 @@ class TorchFormWriter:
                                                                        else ""))
         w(f"return {', '.join(v[0] for v in values)}{',' if len(values) == 1 else ''}")
         wrt = {ir for ir, _ in reads} | {x.name for x in spec_args}
-        grads = {out: f"grad_{out}" for out, *_ in values}
+
+        def fresh(text: str) -> str:  # a gradient's name, apart from the arguments' (a spec may name one grad_x)
+            return fresh(text + "_") if text in tensors else text
+
+        grads = {out: fresh(f"grad_{out}") for out, *_ in values}
         ranges = dict(ranges)
         walked = []
         try:
@@ -1107,20 +1111,20 @@ class TorchFormWriter:
         w('summed over B and T."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
         names = {**py, **dict(reads), **{grad_name(out): g for out, g in grads.items()}}
-        self.taken = set(names.values()) | {f"grad_{p}" for p in tensors}
+        result = {p: fresh(f"grad_{p}") for p in tensors}
+        self.taken = set(names.values()) | set(result.values())
         shared: dict[str, str] = {}
         self._write_shared(w, temps, shared, names, ranges, "B_, T_, H_", 1)
         printer = TorchPrinter(self.sizes, ranges, {**names, **shared})
-        result = {}
         for (p, kind, idx, _), e in zip(derived, exprs):
             value = printer.print_expr(e, idx)
             if kind == "param":  # broadcast over B and T in the prologue: its gradient sums over them
-                result[p] = f"grad_{p}"
-                w(f"grad_{p} = torch.broadcast_to({value}, (B_, T_) + {p}.shape[2:]).sum((0, 1), keepdim=True)")
+                w(f"{result[p]} = torch.broadcast_to({value}, (B_, T_) + {p}.shape[2:]).sum((0, 1), keepdim=True)")
             else:
-                result[p] = f"grad_{p}"
-                w(f"grad_{p} = torch.broadcast_to({value}, {p}.shape)")
-        w(f"return {', '.join(result.get(p, 'None') for p in tensors)}{',' if len(tensors) == 1 else ''}")
+                w(f"{result[p]} = torch.broadcast_to({value}, {p}.shape)")
+        written = {d[0] for d in derived}
+        returned = [result[p] if p in written else "None" for p in tensors]
+        w(f"return {', '.join(returned)}{',' if len(tensors) == 1 else ''}")
         w()
         w()
         w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)

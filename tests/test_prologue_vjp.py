@@ -157,3 +157,34 @@ def test_the_module_prints_the_vjps():
     vjp = nla.split("def normalized_linear_attention__chunked_prologue_vjp(")[1].split("\n\n\n")[0]
     assert "grad_q_S * torch.where(q > 0.0, 1.0, torch.exp(q))".replace("grad_q_S", "grad_query_read_S") in vjp, vjp
     assert "F.elu" not in vjp  # the derivative, not the map
+
+
+L2_GLA = recurrence_dsl.load_text("""
+recurrence l2_gla(q[K], k[K], v[V], beta, w[K]) -> o[V] {
+    param u[K]
+    state S[K, V]
+    kn[i] = k[i] / sqrt(sum(m, k[m] * k[m]) + 1e-6)
+    qn[i] = softplus(u[i]) * q[i] / sqrt(sum(m, q[m] * q[m]) + 1e-6)
+    S[i, j] = exp(-softplus(w[i])) * S[i, j] + sigmoid(beta) * kn[i] * v[j]
+    o[j] = sum(i, qn[i] * S[i, j]) * tanh(beta)
+}
+""", "l2_gla.rec")["l2_gla"]
+
+
+def test_sums_and_a_vector_param_in_the_prologue():
+    """L2-normalised keys and queries (a sum over the key axis inside the prologue and the epilogue: the VJP of
+    k / |k| contracts over it), a per-head vector param u[K] broadcast over B and T (its gradient sums over them),
+    a gate of a scalar input in both; both backends against the reference."""
+    rec = L2_GLA
+    args, initial = _arguments(rec)
+    ref, weights = _grads(rec.reference, rec, args, initial)
+    layer = recurrence_dsl.compile(rec, form="chunked", chunk_size=CHUNK, tuning=False)
+    source = Path(layer.forms["chunked"].__globals__["__file__"]).read_text()
+    assert "def l2_gla__chunked_prologue_vjp(" in source and "def l2_gla__chunked_epilogue_vjp(" in source
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    errors = {}
+    for backend in ("torch", "triton"):
+        got, _ = _grads(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
+        errors.update({f"{backend}:{n}": _rel(g, r) for n, g, r in zip(names, got, ref)})
+    assert max(errors.values()) <= TOL, errors
