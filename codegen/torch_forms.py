@@ -1058,10 +1058,12 @@ class TorchFormWriter:
         tensors = [p for _, p in reads] + [py[x.name] for x in spec_args]
         sizes = [py[n] for n in rec.sizes]
         shaped = [py[x.name] for x in spec_args if x in rec.inputs] + [p for _, p in reads]
-        if not shaped:  # only params and sizes: no tensor has B and T, so the caller's first input comes along
+        constants = any(is_constant(v[1], self.sizes) for v in values)  # printed as `<first input>.new_full(...)`
+        if rec.inputs[0] not in spec_args and (constants or not shaped):
+            # a value of numbers and sizes alone, or only params read: the caller's first input comes along
             spec_args.insert(0, rec.inputs[0])
             tensors.insert(len(reads), py[rec.inputs[0].name])
-            shaped = [py[rec.inputs[0].name]]
+            shaped.insert(0, py[rec.inputs[0].name])
         first = shaped[0]
         w = SourceWriter()
         w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
