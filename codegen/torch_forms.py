@@ -29,6 +29,7 @@ from recurrence_dsl.adjoint import (
     NoAdjoint,
     canonical_key,
     derive_adjoint,
+    derive_vjp,
     factor_sums,
     grad_name,
     nest_sums,
@@ -37,7 +38,7 @@ from recurrence_dsl.adjoint import (
 )
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.dataflow import cite
-from recurrence_dsl.step_ir import NEW_SUFFIX
+from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
@@ -45,6 +46,18 @@ from .torch_printer import TorchPrinter
 # The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
 # ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
 _DECAY_CLASSES = {None: "NoDecay", "scalar": "ScalarDecay", "key": "KeyDecay", "value": "ValueDecay"}
+
+
+def _drop_unused_shape(text: str) -> str:
+    """`text` (printed functions) without the `B_, T_, H_ = ...` line of a function that reads none of the three."""
+    functions = text.split("\n\n\n")
+    for n, f in enumerate(functions):
+        lines = f.split("\n")
+        at = [m for m, line in enumerate(lines) if line.strip().startswith("B_, T_, H_ = ")]
+        if at and not any(x in line for line in lines[at[0] + 1:] for x in ("B_", "T_", "H_")):
+            del lines[at[0]]
+            functions[n] = "\n".join(lines)
+    return "\n\n\n".join(functions)
 
 
 def _leaf(e: sympy.Expr) -> bool:
@@ -196,7 +209,8 @@ class TorchFormWriter:
         if sa.cls is TransitionClass.RANK_ONE_UPDATE and ks[1] is not None:
             return None  # the delta rule's k enters its K K^T as well: only the values take a factor
         factor = sympy.Mul(*[f for f in (ks[1], vs[1]) if f is not None])
-        out = {"k": ks[0], "v": vs[0], "v_step": None if factor == 1 else printer.print_expr(factor, ())}
+        out = {"k": ks[0], "v": vs[0], "v_step": None if factor == 1 else printer.print_expr(factor, ()),
+               "v_step_expr": factor}
         if plan.log_decay is not None and plan.decay_axis == "scalar":
             parts = sympy.Mul.make_args(plan.log_decay.expr)
             inputs = [f for f in parts if str(f) in {i.name for i in self.rec.inputs if not i.dims}]
@@ -1019,6 +1033,105 @@ class TorchFormWriter:
             names[n] = f"prev_{n}"
             names[n + NEW_SUFFIX] = f"all_{n}"
 
+    # -- the chunked form's prologue and epilogue, with their VJPs printed from sympy -------------------------
+
+    def _write_printed_vjp(self, stem: str, what: str, values: list, reads: list,
+                           ranges: dict) -> tuple[str, bool, list[str]]:
+        """(source, whether a VJP was derived, its arguments) of `NAME__<stem>`: a function of the tensors `reads`
+        (readouts: [(IR name, Python name)]), then the spec's inputs (`[B, T, H, ...]`) and params (`[1, 1, H, ...]`,
+        as the form holds them) that the values read, then the sizes, returning the `values` [(Python name, IR
+        expression, indices, dims, comment)].
+
+        Its backward is printed too (`NAME__<stem>_vjp`): reverse mode on the sympy expressions
+        (recurrence_dsl/adjoint.py `derive_vjp`, the same walk as the recurrent adjoint's), each value's cotangent
+        `grad_<value>` carried down to the leaves, a leaf's contribution summed over the indices it does not carry;
+        a param's gradient is summed over B and T (it is broadcast over them). The two are joined by dispatch's
+        `with_vjp`, so autograd builds no graph through the prologue's or the epilogue's ops. Where the walk meets
+        something it cannot differentiate (`NoAdjoint`), only the function is printed and autograd runs through it.
+        """
+        rec, py = self.rec, self.py
+        self.shown, self.taken = {ir: p for ir, p in reads}, set()
+        name = f"{self.fn}__{stem}{self.suffix}"
+        fwd, vjp = f"{self.fn}__{stem}_fwd{self.suffix}", f"{self.fn}__{stem}_vjp{self.suffix}"
+        used = self._names_read([v[1] for v in values])
+        spec_args = [x for x in rec.inputs + rec.params if x.name in used]
+        tensors = [p for _, p in reads] + [py[x.name] for x in spec_args]
+        sizes = [py[n] for n in rec.sizes]
+        shaped = [py[x.name] for x in spec_args if x in rec.inputs] + [p for _, p in reads]
+        constants = any(is_constant(v[1], self.sizes) for v in values)  # printed as `<first input>.new_full(...)`
+        if rec.inputs[0] not in spec_args and (constants or not shaped):
+            # a value of numbers and sizes alone, or only params read: the caller's first input comes along
+            spec_args.insert(0, rec.inputs[0])
+            tensors.insert(len(reads), py[rec.inputs[0].name])
+            shaped.insert(0, py[rec.inputs[0].name])
+        first = shaped[0]
+        w = SourceWriter()
+        w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
+        w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        printer = TorchPrinter(self.sizes, ranges, {**py, **dict(reads)})
+        for out, expr, indices, dims, *comment in values:
+            w(f"{out} = {self._full(printer, expr, indices, dims)}" + (f"  # {comment[0]}" if comment and comment[0]
+                                                                       else ""))
+        w(f"return {', '.join(v[0] for v in values)}{',' if len(values) == 1 else ''}")
+        wrt = {ir for ir, _ in reads} | {x.name for x in spec_args}
+
+        def fresh(text: str) -> str:  # a gradient's name, apart from the arguments' (a spec may name one grad_x)
+            return fresh(text + "_") if text in tensors else text
+
+        grads = {out: fresh(f"grad_{out}") for out, *_ in values}
+        ranges = dict(ranges)
+        walked = []
+        try:
+            for n, (out, expr, indices, dims, *_) in enumerate(values):
+                # Each value's own index symbols, ranging over its own dims: the chunk plans reuse one key index
+                # (a__k) for states whose key axes differ.
+                if len(indices) != len(dims):
+                    raise NoAdjoint(f"{out} has {len(indices)} indices for {len(dims)} axes")
+                own = {i: index_symbol(f"{i.name.split('__')[0]}__p{n}_{m}") for m, i in enumerate(indices)}
+                for i, d in zip(indices, dims):
+                    ranges[own[i]] = size_symbol(d) if isinstance(d, str) else sympy.Integer(d)
+                walked.append((out, tuple(own[i] for i in indices), expr.xreplace(own)))
+            found, ranges = derive_vjp(walked, wrt, ranges)
+        except NoAdjoint:
+            return _drop_unused_shape(w.text().replace(f"def {fwd}(", f"def {name}(", 1)), False, tensors + sizes
+        targets = [(ir, p, "read") for ir, p in reads]
+        targets += [(x.name, py[x.name], "param" if x in rec.params else "input") for x in spec_args]
+        derived = []  # (Python name of the tensor, kind, indices, gradient), the gradients that are not zero
+        for ir, p, kind in targets:
+            if ir in found:
+                # common factors of the terms pulled out (factor_terms), sums nested and their constant factors
+                # moved in front, as the recurrent adjoint prints them
+                grad = sympy.factor_terms(found[ir].expr)
+                derived.append((p, kind, found[ir].indices, factor_sums(nest_sums(grad, ranges))))
+        exprs, temps = self._share([d[3] for d in derived], ranges, set())
+        w()
+        w()
+        w(f"def {vjp}({', '.join(tensors + list(grads.values()) + sizes)}):", 0)
+        w(f'"""The vector-Jacobian product of {fwd}, from sympy\'s derivatives of its expressions:')
+        w("the gradient of each argument (None where it is not differentiable) from those of its values; a param's")
+        w('summed over B and T."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        names = {**py, **dict(reads), **{grad_name(out): g for out, g in grads.items()}}
+        result = {p: fresh(f"grad_{p}") for p in tensors}
+        self.taken = set(names.values()) | set(result.values())
+        shared: dict[str, str] = {}
+        self._write_shared(w, temps, shared, names, ranges, "B_, T_, H_", 1)
+        printer = TorchPrinter(self.sizes, ranges, {**names, **shared})
+        for (p, kind, idx, _), e in zip(derived, exprs):
+            value = printer.print_expr(e, idx)
+            if kind == "param":  # broadcast over B and T in the prologue: its gradient sums over them
+                w(f"{result[p]} = torch.broadcast_to({value}, (B_, T_) + {p}.shape[2:]).sum((0, 1), keepdim=True)")
+            else:
+                w(f"{result[p]} = torch.broadcast_to({value}, {p}.shape)")
+        written = {d[0] for d in derived}
+        returned = [result[p] if p in written else "None" for p in tensors]
+        w(f"return {', '.join(returned)}{',' if len(tensors) == 1 else ''}")
+        w()
+        w()
+        w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
+        return _drop_unused_shape(w.text()), True, tensors + sizes
+
     # -- chunked ----------------------------------------------------------------
 
     def write_chunked(self) -> str | None:
@@ -1039,6 +1152,31 @@ class TorchFormWriter:
         view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
         readout_names = dict(self.py)
         epilogue_done: dict[str, str] = {}  # outputs the kernels store whole (a fused epilogue) -> their tensor
+        # The prologue: every tensor the runtime receives that is a function of the inputs and params, computed by
+        # one printed function (NAME__chunked_prologue) whose VJP is printed from sympy (`_write_printed_vjp`).
+        prologue: list = []  # (Python name, IR expression, indices, dims)
+        seen: dict = {}  # (expression, indices, dims) -> the value computed first
+        at = len(w.lines)  # where the call of the prologue goes
+
+        inputs = {i.name for i in self.rec.inputs}
+
+        def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
+            if (isinstance(expr, sympy.Indexed) and str(expr.base) in inputs
+                    and tuple(expr.indices) == tuple(indices)) or (isinstance(expr, sympy.Symbol) and not indices
+                                                                  and expr.name in inputs):
+                # an input as it is: the runtime reads the argument itself
+                w(f"{name} = {self.py[str(getattr(expr, 'base', expr))]}{after}" + (f"  # {comment}" if comment
+                                                                                      else ""))
+                return
+            key = (sympy.srepr(expr), tuple(indices), tuple(dims))
+            if key in seen and not after:
+                w(f"{name} = {seen[key]}  # {comment}; the same tensor" if comment else f"{name} = {seen[key]}")
+                return
+            if not after:
+                seen[key] = name
+            prologue.append((name, expr, tuple(indices), tuple(dims), comment))
+            if after:
+                w(f"{name} = {name}{after}")
         for s in self.rec.states:
             sa = view.states[s.name]
             plan = sa.chunk
@@ -1064,13 +1202,12 @@ class TorchFormWriter:
                 w("# the prologue's per-step factors and the readout's epilogue are applied inside the kernels "
                   "(triton_runtime._Fused)")
                 if fuse["v_step"]:
-                    w(f"v_step_{s.name} = torch.broadcast_to({fuse['v_step']}, (B_, T_, H_))  # a factor of k v^T")
+                    pro(f"v_step_{s.name}", fuse["v_step_expr"], (), (), comment="a factor of k v^T")
                     fused_args += f", v_step=v_step_{s.name}"
                     fused_checks.append(f"v_step_{s.name}")
-            w(f"k_{s.name} = {self._full(printer, k_expr, plan.k.indices, kdims)}{flat}  # {self.cite[s.name]}")
+            pro(f"k_{s.name}", k_expr, plan.k.indices, kdims, flat, self.cite[s.name])
             if plan.v is not None:
-                w(f"v_{s.name} = {self._full(printer, v_expr, plan.v.indices, (dims[-1],))}  "
-                  f"# {self.cite[s.name]}")
+                pro(f"v_{s.name}", v_expr, plan.v.indices, (dims[-1],), comment=self.cite[s.name])
                 state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
                 if plan.pair:
                     state += ".flatten(-3, -2)"
@@ -1090,10 +1227,9 @@ class TorchFormWriter:
                       f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
                 head = fuse.get("decay_head") if fuse else None
                 g_expr = fuse["log_decay"] if head else plan.log_decay.expr
-                log_decay = self._full(printer, g_expr, plan.log_decay.indices, shape[plan.decay_axis])
-                log_decay += flat if plan.decay_axis == "key" else ""
-                w(f"log_decay_{s.name} = {log_decay}  # {self.cite[s.name]}"
-                  + (f"; times {head} per head in the kernels" if head else ""))
+                pro(f"log_decay_{s.name}", g_expr, plan.log_decay.indices, shape[plan.decay_axis],
+                    flat if plan.decay_axis == "key" else "",
+                    self.cite[s.name] + (f"; times {head} per head in the kernels" if head else ""))
                 decay = f"log_decay_{s.name}"
                 if head:
                     fused_args += f", decay_head={head}"
@@ -1101,8 +1237,8 @@ class TorchFormWriter:
             for n, r in enumerate(plan.readouts):
                 # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
                 readout_names[r.name] = f"read_{s.name}" + (f"_{n + 1}" if n else "")
-                w(f"query_{readout_names[r.name]} = "
-                  f"{self._full(printer, r.query.expr, r.query.indices, kdims)}{flat}  # {self._readers(view, r.name)}")
+                pro(f"query_{readout_names[r.name]}", r.query.expr, r.query.indices, kdims, flat,
+                    self._readers(view, r.name))
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
             checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", f"v_{s.name}"]
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
@@ -1125,10 +1261,10 @@ class TorchFormWriter:
             outs = ", ".join(readout_names[r.name] for r in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
             target = f"({outs}), final_{s.name}" if plan.readouts else f"_, final_{s.name}"
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
-                w(f"a_{s.name} = {self._full(printer, plan.mix_read.expr, plan.mix_read.indices, kdims)}  "
-                  "# reads the state: u_t = S_(t-1)^T a_t")
-                w(f"b_{s.name} = {self._full(printer, plan.mix_write.expr, plan.mix_write.indices, kdims)}  "
-                  "# writes u_t back along b_t")
+                pro(f"a_{s.name}", plan.mix_read.expr, plan.mix_read.indices, kdims,
+                    comment="reads the state: u_t = S_(t-1)^T a_t")
+                pro(f"b_{s.name}", plan.mix_write.expr, plan.mix_write.indices, kdims,
+                    comment="writes u_t back along b_t")
                 w(check)
                 starts = f", starts_{s.name}" if self.checkpoints else ""
                 w(f"{target}{starts} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, "
@@ -1136,7 +1272,7 @@ class TorchFormWriter:
                   f"output_final_state=True{', output_chunk_states=True' if self.checkpoints else ''}"
                   f"{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
-                w(f"beta_{s.name} = {self._full(printer, plan.beta.expr, (), ())}  # {self.cite[s.name]}")
+                pro(f"beta_{s.name}", plan.beta.expr, (), (), comment=self.cite[s.name])
                 w(check)
                 w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"beta_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
@@ -1161,16 +1297,44 @@ class TorchFormWriter:
             if lift:
                 rest = "" if lift == "scalar" else ", :"
                 w(f"final_{s.name} = final_{s.name}[..., 0{rest}]  # without the size-1 key axis")
-        out_printer = TorchPrinter(self.sizes, view.ir.ranges, readout_names)
         outs = []
+        epilogue = []  # the outputs computed from the readouts: (Python name, IR expression, indices, dims)
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
+            bare = oa.expr if isinstance(oa.expr, (sympy.Indexed, sympy.Symbol)) else None
             if o.name in epilogue_done:  # the kernels stored the whole expression
                 w(f"{self.py[o.name]} = {epilogue_done[o.name]}  # {self.cite[o.name]}, its epilogue in the kernels")
-                outs.append(f"'{o.name}': {self.py[o.name]}")
-                continue
-            w(f"{self.py[o.name]} = {self._full(out_printer, oa.expr, oa.indices, o.dims)}  # {self.cite[o.name]}")
+            elif bare is not None and str(getattr(bare, "base", bare)) in readout_names and \
+                    str(getattr(bare, "base", bare)) not in self.py and tuple(getattr(bare, "indices", ())) == \
+                    tuple(oa.indices):
+                w(f"{self.py[o.name]} = {readout_names[str(getattr(bare, 'base', bare))]}  # {self.cite[o.name]}")
+            else:
+                epilogue.append((self.py[o.name], oa.expr, tuple(oa.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
+        functions = []
+        if epilogue:
+            reads = [(ir, p) for ir, p in readout_names.items() if ir not in self.py]
+            text, derived, call_args = self._write_printed_vjp(
+                "chunked_epilogue", "The chunked form's epilogue: its outputs from the runtime's readouts", epilogue,
+                reads, view.ir.ranges)
+            functions.append(text)
+            targets = ", ".join(e[0] for e in epilogue) + ("," if len(epilogue) == 1 else "")
+            call_args = ", ".join(call_args)
+            w(f"{targets} = {self.fn}__chunked_epilogue{self.suffix}({call_args})  "
+              f"# {', '.join(self.cite[o.name] for o in self.rec.outputs if self.py[o.name] in targets)}"
+              + ("" if derived else "; differentiated by autograd"))
+        if prologue:
+            text, derived, call_args = self._write_printed_vjp(
+                "chunked_prologue", "The chunked form's prologue: the tensors its runtime receives", prologue, [],
+                self.a.ir.ranges)
+            functions.insert(0, text)
+            targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
+            call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
+                    + ("" if derived else "  # differentiated by autograd"))
+            vjp = f"{self.fn}__chunked_prologue_vjp{self.suffix}"
+            lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
+            lines.append("    " + call)
+            w.lines[at:at] = lines
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         if self.checkpoints:
             starts = ", ".join(f"'{s.name}': starts_{s.name}[:, :, n]" for s in self.rec.states)
@@ -1179,7 +1343,7 @@ class TorchFormWriter:
             w(f"return {{{', '.join(outs)}}}, {{{finals}}}, checkpoints")
         else:
             w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
-        return w.text()
+        return "\n\n".join(functions + [w.text()])
 
     def _write_rank_r(self, w: SourceWriter, printer: TorchPrinter, view, name: str, sa, readout_names: dict) -> None:
         """A rank-r update (DeltaProduct): the r delta-rule updates of step t run as steps r t, ..., r t + r - 1 of

@@ -305,5 +305,30 @@ def derive_adjoint(rec: CheckedRecurrence, ir: StepIR) -> AdjointStep:
     return AdjointStep(tuple(new_states), previous, inputs, params, d.ranges)
 
 
+class _Ranges:
+    """What `_Deriver` reads of a step IR: the range of every index symbol."""
+
+    def __init__(self, ranges: dict):
+        self.ranges = ranges
+
+
+def derive_vjp(values: list[tuple[str, tuple, sympy.Expr]], wrt: set[str],
+               ranges: dict[sympy.Symbol, sympy.Expr]) -> tuple[dict[str, Definition], dict]:
+    """The vector-Jacobian product of a function of tensors: `values` [(name, indices, expression)] are its results
+    (each `name[indices] = expression`), `wrt` the names of its arguments; the cotangent of `name` is the tensor
+    `name__grad` over the value's indices. Returns ({argument read: Definition(argument, its indices, its gradient)},
+    the ranges of every index, the fresh ones of the walk included). The same reverse-mode walk as `derive_adjoint`
+    (see the module docstring), for a function with no state: the chunked forms' prologue and epilogue
+    (codegen/torch_forms.py). Raises `NoAdjoint` for what it cannot differentiate."""
+    d = _Deriver(_Ranges(dict(ranges)), wrt)
+    for name, indices, expr in values:
+        d.walk(expr, _tensor(grad_name(name), indices), indices)
+    out = {}
+    for name, found in d.found.items():
+        idx = found[0][0]  # the first leaf's indices (distinct symbols), for readable printed code
+        out[name] = Definition(name, idx, d.gradient(name, idx))
+    return out, d.ranges
+
+
 __all__ = ["GRAD_SUFFIX", "AdjointStep", "NoAdjoint", "canonical_bound", "canonical_key", "derive_adjoint",
-           "factor_sums", "grad_name", "nest_sums", "update_order"]
+           "derive_vjp", "factor_sums", "grad_name", "nest_sums", "update_order"]

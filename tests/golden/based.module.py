@@ -982,6 +982,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3538,56 +3573,105 @@ def based__scan_block(q, k, v, states, K, V):
 based__scan = in_blocks(based__scan_block, 3, ('o',), ('S0', 'S1', 'S2', 'z0', 'z1', 'z2'))
 
 
+def based__chunked_prologue_fwd(q, k, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
+    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
+    k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:18
+    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K))  # based.rec:22,23,24
+    return k_S0, query_read_S0, k_S2, query_read_S2
+
+
+def based__chunked_prologue_vjp(q, k, grad_k_S0, grad_query_read_S0, grad_k_S2, grad_query_read_S2, K, V):
+    """The vector-Jacobian product of based__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_q = torch.broadcast_to((q[..., None, :] @ grad_query_read_S2.mT)[..., 0, :] + (q[..., None, :] @ grad_query_read_S2)[..., 0, :], q.shape)
+    grad_k = torch.broadcast_to((k[..., None, :] @ grad_k_S2.mT)[..., 0, :] + (k[..., None, :] @ grad_k_S2)[..., 0, :], k.shape)
+    return grad_q, grad_k
+
+
+based__chunked_prologue = with_vjp(based__chunked_prologue_fwd, based__chunked_prologue_vjp, 2)
+
+
+def based__chunked_epilogue_fwd(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))
+    return o,
+
+
+def based__chunked_epilogue_vjp(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, grad_o, K, V):
+    """The vector-Jacobian product of based__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    add_read_z1_read_z2_read_z0_q = torch.broadcast_to(read_z0 + read_z1 / (K**0.5) + (read_z2 * q).sum(dim=-1) / 2.0 / K, (B_, T_, H_))  # used more than once
+    sum_read_S1_read_S2_read_S0_grad_o = torch.broadcast_to(((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) * grad_o).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S0 = torch.broadcast_to(grad_o / add_read_z1_read_z2_read_z0_q[..., None], read_S0.shape)
+    grad_read_S1 = torch.broadcast_to(1.0 / add_read_z1_read_z2_read_z0_q[..., None] / (K**0.5) * grad_o, read_S1.shape)
+    grad_read_S2 = torch.broadcast_to(1.0 / 2.0 / add_read_z1_read_z2_read_z0_q[..., None] / K * grad_o, read_S2.shape)
+    grad_read_z0 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0), read_z0.shape)
+    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
+    grad_read_z2 = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * q / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, read_z2.shape)
+    grad_q = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * read_z2 / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, q.shape)
+    return grad_read_S0, grad_read_S1, grad_read_S2, grad_read_z0, grad_read_z1, grad_read_z2, grad_q
+
+
+based__chunked_epilogue = with_vjp(based__chunked_epilogue_fwd, based__chunked_epilogue_vjp, 7)
+
+
 def based__chunked(q, k, v, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: based__chunked_prologue_vjp, printed from sympy
+    k_S0, query_read_S0, k_S2, query_read_S2 = based__chunked_prologue(q, k, K, V)
     # state S0 (based.rec:16): identity; S0 is carried unchanged plus an injection
-    k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
-    v_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
+    v_S0 = v  # based.rec:16
     # S0 is held as [1, V] here: a key axis of size 1 in front
-    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_S0, k_S0, v_S0], [])
     (read_S0,), final_S0 = chunked_linear_by(NoDecay, [(query_read_S0, False)], k_S0, v_S0, None, initial_state=states['S0'][..., None, :], chunk_size=chunk_size, output_final_state=True)
     final_S0 = final_S0[..., 0, :]  # without the size-1 key axis
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
-    k_S1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:17
-    v_S1 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:17
-    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    k_S1 = k  # based.rec:17
+    v_S1 = v  # based.rec:17
+    query_read_S1 = q  # based.rec:22,23,24
     _check_steps([query_read_S1, k_S1, v_S1], [])
     (read_S1,), final_S1 = chunked_linear_by(NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
-    k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:18
-    v_S2 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:18
-    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:22,23,24
+    k_S2 = k_S2.flatten(-2)
+    v_S2 = v  # based.rec:18
+    query_read_S2 = query_read_S2.flatten(-2)
     _check_steps([query_read_S2, k_S2, v_S2], [])
     (read_S2,), final_S2 = chunked_linear_by(NoDecay, [(query_read_S2, False)], k_S2, v_S2, None, initial_state=states['S2'].flatten(-3, -2), chunk_size=chunk_size, output_final_state=True)
     final_S2 = final_S2.unflatten(-2, (K, K))  # the pair's two axes again
     # state z0 (based.rec:19): identity; z0 is carried unchanged plus an injection
-    k_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:19
+    k_z0 = k_S0  # based.rec:19; the same tensor
     v_z0 = k_z0.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     # z0 is held as [1] here: a key axis of size 1 in front
-    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
+    query_read_z0 = query_read_S0  # based.rec:22,23,24; the same tensor
     _check_steps([query_read_z0, k_z0, v_z0], [])
     (read_z0,), final_z0 = chunked_linear_by(NoDecay, [(query_read_z0, False)], k_z0, v_z0, None, initial_state=states['z0'][..., None, None], chunk_size=chunk_size, output_final_state=True)
     final_z0 = final_z0[..., 0]
     read_z0 = read_z0[..., 0]
     final_z0 = final_z0[..., 0]  # without the size-1 key axis
     # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
-    k_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
+    k_z1 = k  # based.rec:20
     v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    query_read_z1 = q  # based.rec:22,23,24
     _check_steps([query_read_z1, k_z1, v_z1], [])
     (read_z1,), final_z1 = chunked_linear_by(NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=states['z1'][..., None], chunk_size=chunk_size, output_final_state=True)
     final_z1 = final_z1[..., 0]
     read_z1 = read_z1[..., 0]
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
-    k_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    v_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    k_z2 = k  # based.rec:21
+    v_z2 = k  # based.rec:21
+    query_read_z2 = q  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = chunked_linear_by(NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:22,23,24
+    o, = based__chunked_epilogue(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
@@ -3981,56 +4065,105 @@ def based__scan_triton(q, k, v, states, K, V, cu_seqlens=None, **options):
     return {'o': o}, {'S0': triton_scan_final_states(all_S0, states['S0'], cu_seqlens), 'S1': triton_scan_final_states(all_S1, states['S1'], cu_seqlens), 'S2': triton_scan_final_states(all_S2, states['S2'], cu_seqlens), 'z0': triton_scan_final_states(all_z0, states['z0'], cu_seqlens), 'z1': triton_scan_final_states(all_z1, states['z1'], cu_seqlens), 'z2': triton_scan_final_states(all_z2, states['z2'], cu_seqlens)}
 
 
+def based__chunked_prologue_fwd_triton(q, k, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
+    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
+    k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:18
+    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K))  # based.rec:22,23,24
+    return k_S0, query_read_S0, k_S2, query_read_S2
+
+
+def based__chunked_prologue_vjp_triton(q, k, grad_k_S0, grad_query_read_S0, grad_k_S2, grad_query_read_S2, K, V):
+    """The vector-Jacobian product of based__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_q = torch.broadcast_to((q[..., None, :] @ grad_query_read_S2.mT)[..., 0, :] + (q[..., None, :] @ grad_query_read_S2)[..., 0, :], q.shape)
+    grad_k = torch.broadcast_to((k[..., None, :] @ grad_k_S2.mT)[..., 0, :] + (k[..., None, :] @ grad_k_S2)[..., 0, :], k.shape)
+    return grad_q, grad_k
+
+
+based__chunked_prologue_triton = with_vjp(based__chunked_prologue_fwd_triton, based__chunked_prologue_vjp_triton, 2)
+
+
+def based__chunked_epilogue_fwd_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))
+    return o,
+
+
+def based__chunked_epilogue_vjp_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, grad_o, K, V):
+    """The vector-Jacobian product of based__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    add_read_z1_read_z2_read_z0_q = torch.broadcast_to(read_z0 + read_z1 / (K**0.5) + (read_z2 * q).sum(dim=-1) / 2.0 / K, (B_, T_, H_))  # used more than once
+    sum_read_S1_read_S2_read_S0_grad_o = torch.broadcast_to(((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) * grad_o).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S0 = torch.broadcast_to(grad_o / add_read_z1_read_z2_read_z0_q[..., None], read_S0.shape)
+    grad_read_S1 = torch.broadcast_to(1.0 / add_read_z1_read_z2_read_z0_q[..., None] / (K**0.5) * grad_o, read_S1.shape)
+    grad_read_S2 = torch.broadcast_to(1.0 / 2.0 / add_read_z1_read_z2_read_z0_q[..., None] / K * grad_o, read_S2.shape)
+    grad_read_z0 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0), read_z0.shape)
+    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
+    grad_read_z2 = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * q / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, read_z2.shape)
+    grad_q = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * read_z2 / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, q.shape)
+    return grad_read_S0, grad_read_S1, grad_read_S2, grad_read_z0, grad_read_z1, grad_read_z2, grad_q
+
+
+based__chunked_epilogue_triton = with_vjp(based__chunked_epilogue_fwd_triton, based__chunked_epilogue_vjp_triton, 7)
+
+
 def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: based__chunked_prologue_vjp_triton, printed from sympy
+    k_S0, query_read_S0, k_S2, query_read_S2 = based__chunked_prologue_triton(q, k, K, V)
     # state S0 (based.rec:16): identity; S0 is carried unchanged plus an injection
-    k_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:16
-    v_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
+    v_S0 = v  # based.rec:16
     # S0 is held as [1, V] here: a key axis of size 1 in front
-    query_read_S0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
     _check_steps([query_read_S0, k_S0, v_S0], [])
     (read_S0,), final_S0 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S0, False)], k_S0, v_S0, None, initial_state=states['S0'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_S0 = final_S0[..., 0, :]  # without the size-1 key axis
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
-    k_S1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:17
-    v_S1 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:17
-    query_read_S1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    k_S1 = k  # based.rec:17
+    v_S1 = v  # based.rec:17
+    query_read_S1 = q  # based.rec:22,23,24
     _check_steps([query_read_S1, k_S1, v_S1], [])
     (read_S1,), final_S1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True, **options)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
-    k_S2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:18
-    v_S2 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:18
-    query_read_S2 = torch.broadcast_to(q[..., :, None] * q[..., None, :], (B_, T_, H_, K, K)).flatten(-2)  # based.rec:22,23,24
+    k_S2 = k_S2.flatten(-2)
+    v_S2 = v  # based.rec:18
+    query_read_S2 = query_read_S2.flatten(-2)
     _check_steps([query_read_S2, k_S2, v_S2], [])
     (read_S2,), final_S2 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S2, False)], k_S2, v_S2, None, initial_state=states['S2'].flatten(-3, -2), chunk_size=chunk_size, output_final_state=True, **options)
     final_S2 = final_S2.unflatten(-2, (K, K))  # the pair's two axes again
     # state z0 (based.rec:19): identity; z0 is carried unchanged plus an injection
-    k_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:19
+    k_z0 = k_S0  # based.rec:19; the same tensor
     v_z0 = k_z0.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     # z0 is held as [1] here: a key axis of size 1 in front
-    query_read_z0 = q.new_full((B_, T_, H_, 1), 1.0)  # based.rec:22,23,24
+    query_read_z0 = query_read_S0  # based.rec:22,23,24; the same tensor
     _check_steps([query_read_z0, k_z0, v_z0], [])
     (read_z0,), final_z0 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z0, False)], k_z0, v_z0, None, initial_state=states['z0'][..., None, None], chunk_size=chunk_size, output_final_state=True, **options)
     final_z0 = final_z0[..., 0]
     read_z0 = read_z0[..., 0]
     final_z0 = final_z0[..., 0]  # without the size-1 key axis
     # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
-    k_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
+    k_z1 = k  # based.rec:20
     v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    query_read_z1 = q  # based.rec:22,23,24
     _check_steps([query_read_z1, k_z1, v_z1], [])
     (read_z1,), final_z1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=states['z1'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
     final_z1 = final_z1[..., 0]
     read_z1 = read_z1[..., 0]
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
-    k_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    v_z2 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:21
-    query_read_z2 = torch.broadcast_to(q, (B_, T_, H_, K))  # based.rec:22,23,24
+    k_z2 = k  # based.rec:21
+    v_z2 = k  # based.rec:21
+    query_read_z2 = q  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True, **options)
-    o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # based.rec:22,23,24
+    o, = based__chunked_epilogue_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 

@@ -854,6 +854,41 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
 # states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3099,17 +3134,55 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
 delta_net__recurrent = with_adjoint(delta_net__recurrent_loop, delta_net__recurrent_adjoint, ('o',), ('S',))
 
 
+def delta_net__chunked_prologue_fwd(v, beta, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = v.shape[:3]
+    v_S = torch.broadcast_to(beta[..., None] * v, (B_, T_, H_, V))  # delta_net.rec:13,14
+    return v_S,
+
+
+def delta_net__chunked_prologue_vjp(v, beta, grad_v_S, K, V):
+    """The vector-Jacobian product of delta_net__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_v = torch.broadcast_to(beta[..., None] * grad_v_S, v.shape)
+    grad_beta = torch.broadcast_to((v * grad_v_S).sum(dim=-1), beta.shape)
+    return grad_v, grad_beta
+
+
+delta_net__chunked_prologue = with_vjp(delta_net__chunked_prologue_fwd, delta_net__chunked_prologue_vjp, 2)
+
+
+def delta_net__chunked_epilogue_fwd(read_S, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def delta_net__chunked_epilogue_vjp(read_S, grad_o, K, V):
+    """The vector-Jacobian product of delta_net__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
+    return grad_read_S,
+
+
+delta_net__chunked_epilogue = with_vjp(delta_net__chunked_epilogue_fwd, delta_net__chunked_epilogue_vjp, 1)
+
+
 def delta_net__chunked(q, k, v, beta, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: delta_net__chunked_prologue_vjp, printed from sympy
+    v_S, = delta_net__chunked_prologue(v, beta, K, V)
     # state S (delta_net.rec:13,14): rank-one-update; S is updated by (I - beta k k^T) D with beta = beta, k = k[i], D = 1
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # delta_net.rec:13,14
-    v_S = torch.broadcast_to(beta[..., None] * v, (B_, T_, H_, V))  # delta_net.rec:13,14
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # delta_net.rec:15
-    beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # delta_net.rec:13,14
+    k_S = k  # delta_net.rec:13,14
+    query_read_S = q  # delta_net.rec:15
+    beta_S = beta  # delta_net.rec:13,14
     _check_steps([query_read_S, k_S, v_S, beta_S], [])
     (read_S,), final_S = chunked_delta_by(NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # delta_net.rec:15
+    o, = delta_net__chunked_epilogue(read_S, K, V)  # delta_net.rec:15
     return {'o': o}, {'S': final_S}
 
 
@@ -3333,11 +3406,11 @@ def delta_net__chunked_triton(q, k, v, beta, states, K, V, chunk_size=64, **opti
     B_, T_, H_ = q.shape[:3]
     # state S (delta_net.rec:13,14): rank-one-update; S is updated by (I - beta k k^T) D with beta = beta, k = k[i], D = 1
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    v_step_S = torch.broadcast_to(beta, (B_, T_, H_))  # a factor of k v^T
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # delta_net.rec:13,14
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # delta_net.rec:13,14
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # delta_net.rec:15
-    beta_S = torch.broadcast_to(beta, (B_, T_, H_))  # delta_net.rec:13,14
+    v_step_S = beta  # a factor of k v^T
+    k_S = k  # delta_net.rec:13,14
+    v_S = v  # delta_net.rec:13,14
+    query_read_S = q  # delta_net.rec:15
+    beta_S = beta  # delta_net.rec:13,14
     _check_steps([query_read_S, k_S, v_S, beta_S, v_step_S], [])
     (read_S,), final_S = triton_chunked_delta_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_S, scale=_fused_scale(lambda: (K**(-0.5))), **options)
     o = read_S  # delta_net.rec:15, its epilogue in the kernels

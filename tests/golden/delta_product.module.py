@@ -856,6 +856,41 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
 # states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3118,6 +3153,24 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
 delta_product__recurrent = with_adjoint(delta_product__recurrent_loop, delta_product__recurrent_adjoint, ('o',), ('S',))
 
 
+def delta_product__chunked_epilogue_fwd(read_S, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def delta_product__chunked_epilogue_vjp(read_S, grad_o, K, V):
+    """The vector-Jacobian product of delta_product__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
+    return grad_read_S,
+
+
+delta_product__chunked_epilogue = with_vjp(delta_product__chunked_epilogue_fwd, delta_product__chunked_epilogue_vjp, 1)
+
+
 def delta_product__chunked(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
@@ -3137,7 +3190,7 @@ def delta_product__chunked(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk_size=6
     query_read_S = torch.stack([torch.zeros_like(query_read_S), query_read_S], dim=2).flatten(1, 2)
     (read_S,), final_S = chunked_delta_by(NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     read_S = read_S[:, 1::2]  # back to one value per step
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # delta_product.rec:17
+    o, = delta_product__chunked_epilogue(read_S, K, V)  # delta_product.rec:17
     return {'o': o}, {'S': final_S}
 
 
@@ -3405,6 +3458,24 @@ def delta_product__triton_recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoin
     return [dq.sum(0), dk1.sum(0), dk2.sum(0), dv1, dv2, db1.sum(0), db2.sum(0)], {'S': dh0_S}
 
 
+def delta_product__chunked_epilogue_fwd_triton(read_S, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def delta_product__chunked_epilogue_vjp_triton(read_S, grad_o, K, V):
+    """The vector-Jacobian product of delta_product__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
+    return grad_read_S,
+
+
+delta_product__chunked_epilogue_triton = with_vjp(delta_product__chunked_epilogue_fwd_triton, delta_product__chunked_epilogue_vjp_triton, 1)
+
+
 def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
@@ -3427,7 +3498,7 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
         options_S['cu_seqlens'] = options_S['cu_seqlens'] * 2  # bounds in sub-steps
     (read_S,), final_S = triton_chunked_delta_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options_S)
     read_S = read_S[:, 1::2]  # back to one value per step
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # delta_product.rec:17
+    o, = delta_product__chunked_epilogue_triton(read_S, K, V)  # delta_product.rec:17
     return {'o': o}, {'S': final_S}
 
 

@@ -975,6 +975,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3668,17 +3703,35 @@ def gla__scan_block(q, k, v, g, states, K, V):
 gla__scan = in_blocks(gla__scan_block, 4, ('o',), ('S',))
 
 
+def gla__chunked_epilogue_fwd(read_S, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def gla__chunked_epilogue_vjp(read_S, grad_o, K, V):
+    """The vector-Jacobian product of gla__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
+    return grad_read_S,
+
+
+gla__chunked_epilogue = with_vjp(gla__chunked_epilogue_fwd, gla__chunked_epilogue_vjp, 1)
+
+
 def gla__chunked(q, k, v, g, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # state S (gla.rec:10): diagonal-row; row i of S is scaled by exp(g[i])
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # gla.rec:10
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # gla.rec:10
-    log_decay_S = torch.broadcast_to(g, (B_, T_, H_, K))  # gla.rec:10
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # gla.rec:11
+    k_S = k  # gla.rec:10
+    v_S = v  # gla.rec:10
+    log_decay_S = g  # gla.rec:10
+    query_read_S = q  # gla.rec:11
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = chunked_linear_by(KeyDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # gla.rec:11
+    o, = gla__chunked_epilogue(read_S, K, V)  # gla.rec:11
     return {'o': o}, {'S': final_S}
 
 
@@ -3909,10 +3962,10 @@ def gla__chunked_triton(q, k, v, g, states, K, V, chunk_size=64, **options):
     B_, T_, H_ = q.shape[:3]
     # state S (gla.rec:10): diagonal-row; row i of S is scaled by exp(g[i])
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # gla.rec:10
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # gla.rec:10
-    log_decay_S = torch.broadcast_to(g, (B_, T_, H_, K))  # gla.rec:10
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # gla.rec:11
+    k_S = k  # gla.rec:10
+    v_S = v  # gla.rec:10
+    log_decay_S = g  # gla.rec:10
+    query_read_S = q  # gla.rec:11
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, scale=_fused_scale(lambda: (K**(-0.5))), **options)
     o = read_S  # gla.rec:11, its epilogue in the kernels

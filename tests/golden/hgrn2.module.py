@@ -975,6 +975,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3652,17 +3687,36 @@ def hgrn2__scan_block(q, f, v, states, K, V):
 hgrn2__scan = in_blocks(hgrn2__scan_block, 3, ('o',), ('S',))
 
 
+def hgrn2__chunked_prologue_fwd(f, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = f.shape[:3]
+    k_S = torch.broadcast_to(1.0 - torch.exp(f), (B_, T_, H_, K))  # hgrn2.rec:12
+    return k_S,
+
+
+def hgrn2__chunked_prologue_vjp(f, grad_k_S, K, V):
+    """The vector-Jacobian product of hgrn2__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_f = torch.broadcast_to(-(grad_k_S * torch.exp(f)), f.shape)
+    return grad_f,
+
+
+hgrn2__chunked_prologue = with_vjp(hgrn2__chunked_prologue_fwd, hgrn2__chunked_prologue_vjp, 1)
+
+
 def hgrn2__chunked(q, f, v, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: hgrn2__chunked_prologue_vjp, printed from sympy
+    k_S, = hgrn2__chunked_prologue(f, K, V)
     # state S (hgrn2.rec:12): diagonal-row; row i of S is scaled by exp(f[i])
-    k_S = torch.broadcast_to(1.0 - torch.exp(f), (B_, T_, H_, K))  # hgrn2.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # hgrn2.rec:12
-    log_decay_S = torch.broadcast_to(f, (B_, T_, H_, K))  # hgrn2.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # hgrn2.rec:13
+    v_S = v  # hgrn2.rec:12
+    log_decay_S = f  # hgrn2.rec:12
+    query_read_S = q  # hgrn2.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = chunked_linear_by(KeyDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S, (B_, T_, H_, V))  # hgrn2.rec:13
+    o = read_S  # hgrn2.rec:13
     return {'o': o}, {'S': final_S}
 
 
@@ -3879,17 +3933,36 @@ def hgrn2__scan_triton(q, f, v, states, K, V, cu_seqlens=None, **options):
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
+def hgrn2__chunked_prologue_fwd_triton(f, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = f.shape[:3]
+    k_S = torch.broadcast_to(1.0 - torch.exp(f), (B_, T_, H_, K))  # hgrn2.rec:12
+    return k_S,
+
+
+def hgrn2__chunked_prologue_vjp_triton(f, grad_k_S, K, V):
+    """The vector-Jacobian product of hgrn2__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_f = torch.broadcast_to(-(grad_k_S * torch.exp(f)), f.shape)
+    return grad_f,
+
+
+hgrn2__chunked_prologue_triton = with_vjp(hgrn2__chunked_prologue_fwd_triton, hgrn2__chunked_prologue_vjp_triton, 1)
+
+
 def hgrn2__chunked_triton(q, f, v, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: hgrn2__chunked_prologue_vjp_triton, printed from sympy
+    k_S, = hgrn2__chunked_prologue_triton(f, K, V)
     # state S (hgrn2.rec:12): diagonal-row; row i of S is scaled by exp(f[i])
-    k_S = torch.broadcast_to(1.0 - torch.exp(f), (B_, T_, H_, K))  # hgrn2.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # hgrn2.rec:12
-    log_decay_S = torch.broadcast_to(f, (B_, T_, H_, K))  # hgrn2.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # hgrn2.rec:13
+    v_S = v  # hgrn2.rec:12
+    log_decay_S = f  # hgrn2.rec:12
+    query_read_S = q  # hgrn2.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
-    o = torch.broadcast_to(read_S, (B_, T_, H_, V))  # hgrn2.rec:13
+    o = read_S  # hgrn2.rec:13
     return {'o': o}, {'S': final_S}
 
 

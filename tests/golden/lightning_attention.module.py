@@ -983,6 +983,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3525,18 +3560,38 @@ def lightning_attention__scan_block(q, k, v, slope, states, K, V):
 lightning_attention__scan = in_blocks(lightning_attention__scan_block, 3, ('o',), ('S',))
 
 
+def lightning_attention__chunked_prologue_fwd(q, slope, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    log_decay_S = torch.broadcast_to(-slope, (B_, T_, H_))  # lightning_attention.rec:12
+    return log_decay_S,
+
+
+def lightning_attention__chunked_prologue_vjp(q, slope, grad_log_decay_S, K, V):
+    """The vector-Jacobian product of lightning_attention__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    grad_slope = torch.broadcast_to(-grad_log_decay_S, (B_, T_) + slope.shape[2:]).sum((0, 1), keepdim=True)
+    return None, grad_slope
+
+
+lightning_attention__chunked_prologue = with_vjp(lightning_attention__chunked_prologue_fwd, lightning_attention__chunked_prologue_vjp, 2)
+
+
 def lightning_attention__chunked(q, k, v, slope, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     slope = slope[None, None]  # [1, 1, H]
+    # the prologue; its backward: lightning_attention__chunked_prologue_vjp, printed from sympy
+    log_decay_S, = lightning_attention__chunked_prologue(q, slope, K, V)
     # state S (lightning_attention.rec:12): scalar; S is scaled by the scalar exp(-slope)
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # lightning_attention.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # lightning_attention.rec:12
-    log_decay_S = torch.broadcast_to(-slope, (B_, T_, H_))  # lightning_attention.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # lightning_attention.rec:13
+    k_S = k  # lightning_attention.rec:12
+    v_S = v  # lightning_attention.rec:12
+    query_read_S = q  # lightning_attention.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = chunked_linear_by(ScalarDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S, (B_, T_, H_, V))  # lightning_attention.rec:13
+    o = read_S  # lightning_attention.rec:13
     return {'o': o}, {'S': final_S}
 
 
@@ -3759,16 +3814,36 @@ def lightning_attention__scan_triton(q, k, v, slope, states, K, V, cu_seqlens=No
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
+def lightning_attention__chunked_prologue_fwd_triton(q, slope, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    log_decay_S = torch.broadcast_to(-slope, (B_, T_, H_))  # lightning_attention.rec:12
+    return log_decay_S,
+
+
+def lightning_attention__chunked_prologue_vjp_triton(q, slope, grad_log_decay_S, K, V):
+    """The vector-Jacobian product of lightning_attention__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    grad_slope = torch.broadcast_to(-grad_log_decay_S, (B_, T_) + slope.shape[2:]).sum((0, 1), keepdim=True)
+    return None, grad_slope
+
+
+lightning_attention__chunked_prologue_triton = with_vjp(lightning_attention__chunked_prologue_fwd_triton, lightning_attention__chunked_prologue_vjp_triton, 2)
+
+
 def lightning_attention__chunked_triton(q, k, v, slope, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     slope = slope[None, None]  # [1, 1, H]
+    # the prologue; its backward: lightning_attention__chunked_prologue_vjp_triton, printed from sympy
+    log_decay_S, = lightning_attention__chunked_prologue_triton(q, slope, K, V)
     # state S (lightning_attention.rec:12): scalar; S is scaled by the scalar exp(-slope)
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # lightning_attention.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # lightning_attention.rec:12
-    log_decay_S = torch.broadcast_to(-slope, (B_, T_, H_))  # lightning_attention.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # lightning_attention.rec:13
+    k_S = k  # lightning_attention.rec:12
+    v_S = v  # lightning_attention.rec:12
+    query_read_S = q  # lightning_attention.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
     o = read_S  # lightning_attention.rec:13, its epilogue in the kernels

@@ -983,6 +983,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3575,19 +3610,62 @@ def mamba2__scan_block(x, dt, B, C, A, D, states, P, N):
 mamba2__scan = in_blocks(mamba2__scan_block, 4, ('y',), ('h',))
 
 
+def mamba2__chunked_prologue_fwd(dt, B, A, P, N):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = dt.shape[:3]
+    k_h = torch.broadcast_to(dt[..., None] * B, (B_, T_, H_, N))  # mamba2.rec:12
+    log_decay_h = torch.broadcast_to(A * dt, (B_, T_, H_))  # mamba2.rec:12
+    return k_h, log_decay_h
+
+
+def mamba2__chunked_prologue_vjp(dt, B, A, grad_k_h, grad_log_decay_h, P, N):
+    """The vector-Jacobian product of mamba2__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = dt.shape[:3]
+    grad_dt = torch.broadcast_to(A * grad_log_decay_h + (B * grad_k_h).sum(dim=-1), dt.shape)
+    grad_B = torch.broadcast_to(dt[..., None] * grad_k_h, B.shape)
+    grad_A = torch.broadcast_to(dt * grad_log_decay_h, (B_, T_) + A.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_dt, grad_B, grad_A
+
+
+mamba2__chunked_prologue = with_vjp(mamba2__chunked_prologue_fwd, mamba2__chunked_prologue_vjp, 3)
+
+
+def mamba2__chunked_epilogue_fwd(read_h, x, D, P, N):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    y = torch.broadcast_to(D[..., None] * x + read_h, (B_, T_, H_, P))
+    return y,
+
+
+def mamba2__chunked_epilogue_vjp(read_h, x, D, grad_y, P, N):
+    """The vector-Jacobian product of mamba2__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    grad_read_h = torch.broadcast_to(grad_y, read_h.shape)
+    grad_x = torch.broadcast_to(D[..., None] * grad_y, x.shape)
+    grad_D = torch.broadcast_to((x * grad_y).sum(dim=-1), (B_, T_) + D.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_read_h, grad_x, grad_D
+
+
+mamba2__chunked_epilogue = with_vjp(mamba2__chunked_epilogue_fwd, mamba2__chunked_epilogue_vjp, 3)
+
+
 def mamba2__chunked(x, dt, B, C, A, D, states, P, N, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H]
     D = D[None, None]  # [1, 1, H]
+    # the prologue; its backward: mamba2__chunked_prologue_vjp, printed from sympy
+    k_h, log_decay_h = mamba2__chunked_prologue(dt, B, A, P, N)
     # state h (mamba2.rec:12): scalar; h is scaled by the scalar exp(A*dt)
-    k_h = torch.broadcast_to(dt[..., None] * B, (B_, T_, H_, N))  # mamba2.rec:12
-    v_h = torch.broadcast_to(x, (B_, T_, H_, P))  # mamba2.rec:12
-    log_decay_h = torch.broadcast_to(A * dt, (B_, T_, H_))  # mamba2.rec:12
-    query_read_h = torch.broadcast_to(C, (B_, T_, H_, N))  # mamba2.rec:13
+    v_h = x  # mamba2.rec:12
+    query_read_h = C  # mamba2.rec:13
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = chunked_linear_by(ScalarDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'], chunk_size=chunk_size, output_final_state=True)
-    y = torch.broadcast_to(D[..., None] * x + read_h, (B_, T_, H_, P))  # mamba2.rec:13
+    y, = mamba2__chunked_epilogue(read_h, x, D, P, N)  # mamba2.rec:13
     return {'y': y}, {'h': final_h}
 
 
@@ -3838,11 +3916,11 @@ def mamba2__chunked_triton(x, dt, B, C, A, D, states, P, N, chunk_size=64, **opt
     D = D[None, None]  # [1, 1, H]
     # state h (mamba2.rec:12): scalar; h is scaled by the scalar exp(A*dt)
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    v_step_h = torch.broadcast_to(dt, (B_, T_, H_))  # a factor of k v^T
-    k_h = torch.broadcast_to(B, (B_, T_, H_, N))  # mamba2.rec:12
-    v_h = torch.broadcast_to(x, (B_, T_, H_, P))  # mamba2.rec:12
-    log_decay_h = torch.broadcast_to(dt, (B_, T_, H_))  # mamba2.rec:12; times A per head in the kernels
-    query_read_h = torch.broadcast_to(C, (B_, T_, H_, N))  # mamba2.rec:13
+    v_step_h = dt  # a factor of k v^T
+    k_h = B  # mamba2.rec:12
+    v_h = x  # mamba2.rec:12
+    log_decay_h = dt  # mamba2.rec:12; times A per head in the kernels
+    query_read_h = C  # mamba2.rec:13
     _check_steps([query_read_h, k_h, v_h, v_step_h], [(log_decay_h, A)])
     (read_h,), final_h = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_h, decay_head=A, skip=x, skip_weight=D, **options)
     y = read_h  # mamba2.rec:13, its epilogue in the kernels

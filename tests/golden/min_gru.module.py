@@ -975,6 +975,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3568,19 +3603,41 @@ def min_gru__scan_block(z, hc, states, D):
 min_gru__scan = in_blocks(min_gru__scan_block, 2, ('y',), ('h',))
 
 
+def min_gru__chunked_prologue_fwd(z, hc, D):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = z.shape[:3]
+    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
+    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
+    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
+    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
+    return k_h, v_h, log_decay_h, query_read_h
+
+
+def min_gru__chunked_prologue_vjp(z, hc, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
+    """The vector-Jacobian product of min_gru__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = z.shape[:3]
+    sigmoid_z = torch.broadcast_to(torch.sigmoid(z), (B_, T_, H_, D))  # used more than once
+    grad_z = torch.broadcast_to((-grad_log_decay_h + (1.0 - sigmoid_z) * hc * grad_v_h) * sigmoid_z, z.shape)
+    grad_hc = torch.broadcast_to(sigmoid_z * grad_v_h, hc.shape)
+    return grad_z, grad_hc
+
+
+min_gru__chunked_prologue = with_vjp(min_gru__chunked_prologue_fwd, min_gru__chunked_prologue_vjp, 2)
+
+
 def min_gru__chunked(z, hc, states, D, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = z.shape[:3]
+    # the prologue; its backward: min_gru__chunked_prologue_vjp, printed from sympy
+    k_h, v_h, log_decay_h, query_read_h = min_gru__chunked_prologue(z, hc, D)
     # state h (min_gru.rec:14): diagonal-col; column d of h is scaled by exp(logsigmoid(-z[d]))
-    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
-    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
     # h is held as [1, D] here: a key axis of size 1 in front
-    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
-    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = chunked_linear_by(ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:15
+    y = read_h  # min_gru.rec:15
     return {'y': y}, {'h': final_h}
 
 
@@ -3774,19 +3831,41 @@ def min_gru__scan_triton(z, hc, states, D, cu_seqlens=None, **options):
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
+def min_gru__chunked_prologue_fwd_triton(z, hc, D):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = z.shape[:3]
+    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
+    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
+    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
+    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
+    return k_h, v_h, log_decay_h, query_read_h
+
+
+def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
+    """The vector-Jacobian product of min_gru__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = z.shape[:3]
+    sigmoid_z = torch.broadcast_to(torch.sigmoid(z), (B_, T_, H_, D))  # used more than once
+    grad_z = torch.broadcast_to((-grad_log_decay_h + (1.0 - sigmoid_z) * hc * grad_v_h) * sigmoid_z, z.shape)
+    grad_hc = torch.broadcast_to(sigmoid_z * grad_v_h, hc.shape)
+    return grad_z, grad_hc
+
+
+min_gru__chunked_prologue_triton = with_vjp(min_gru__chunked_prologue_fwd_triton, min_gru__chunked_prologue_vjp_triton, 2)
+
+
 def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = z.shape[:3]
+    # the prologue; its backward: min_gru__chunked_prologue_vjp_triton, printed from sympy
+    k_h, v_h, log_decay_h, query_read_h = min_gru__chunked_prologue_triton(z, hc, D)
     # state h (min_gru.rec:14): diagonal-col; column d of h is scaled by exp(logsigmoid(-z[d]))
-    k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
-    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
     # h is held as [1, D] here: a key axis of size 1 in front
-    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
-    query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = triton_chunked_linear_by(triton_ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # min_gru.rec:15
+    y = read_h  # min_gru.rec:15
     return {'y': y}, {'h': final_h}
 
 

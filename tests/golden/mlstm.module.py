@@ -976,6 +976,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3552,26 +3587,71 @@ def mlstm__scan_block(q, k, v, ig, fg, states, K, V):
 mlstm__scan = in_blocks(mlstm__scan_block, 5, ('h',), ('C', 'n'))
 
 
+def mlstm__chunked_prologue_fwd(k, ig, fg, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
+    log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
+    return k_C, log_decay_C
+
+
+def mlstm__chunked_prologue_vjp(k, ig, fg, grad_k_C, grad_log_decay_C, K, V):
+    """The vector-Jacobian product of mlstm__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = k.shape[:3]
+    exp_ig = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # used more than once
+    grad_k = torch.broadcast_to(exp_ig[..., None] * grad_k_C, k.shape)
+    grad_ig = torch.broadcast_to(exp_ig * (k * grad_k_C).sum(dim=-1), ig.shape)
+    grad_fg = torch.broadcast_to(grad_log_decay_C * torch.sigmoid(-fg), fg.shape)
+    return grad_k, grad_ig, grad_fg
+
+
+mlstm__chunked_prologue = with_vjp(mlstm__chunked_prologue_fwd, mlstm__chunked_prologue_vjp, 3)
+
+
+def mlstm__chunked_epilogue_fwd(read_C, read_n, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_C.shape[:3]
+    h = torch.broadcast_to(read_C / torch.clamp(torch.abs(read_n[..., None]), min=1.0), (B_, T_, H_, V))
+    return h,
+
+
+def mlstm__chunked_epilogue_vjp(read_C, read_n, grad_h, K, V):
+    """The vector-Jacobian product of mlstm__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = read_C.shape[:3]
+    abs_read_n = torch.broadcast_to(torch.abs(read_n), (B_, T_, H_))  # used more than once
+    pre_abs_read_n = torch.broadcast_to(torch.clamp(abs_read_n, min=1.0), (B_, T_, H_))  # used more than once
+    grad_read_C = torch.broadcast_to(grad_h / pre_abs_read_n[..., None], read_C.shape)
+    grad_read_n = torch.broadcast_to(-(torch.relu(torch.sign((-1.0) + abs_read_n)) * (read_C * grad_h).sum(dim=-1) * torch.sign(read_n) / pre_abs_read_n ** 2.0), read_n.shape)
+    return grad_read_C, grad_read_n
+
+
+mlstm__chunked_epilogue = with_vjp(mlstm__chunked_epilogue_fwd, mlstm__chunked_epilogue_vjp, 2)
+
+
 def mlstm__chunked(q, k, v, ig, fg, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: mlstm__chunked_prologue_vjp, printed from sympy
+    k_C, log_decay_C = mlstm__chunked_prologue(k, ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
-    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
-    v_C = torch.broadcast_to(v, (B_, T_, H_, V))  # mlstm.rec:17
-    log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
-    query_read_C = torch.broadcast_to(q, (B_, T_, H_, K))  # mlstm.rec:19
+    v_C = v  # mlstm.rec:17
+    query_read_C = q  # mlstm.rec:19
     _check_steps([query_read_C, k_C, v_C], [log_decay_C])
     (read_C,), final_C = chunked_linear_by(ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True)
     # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    k_n = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:18
+    k_n = k_C  # mlstm.rec:18; the same tensor
     v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    log_decay_n = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:18
-    query_read_n = torch.broadcast_to(q, (B_, T_, H_, K))  # mlstm.rec:19
+    log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
+    query_read_n = q  # mlstm.rec:19
     _check_steps([query_read_n, k_n, v_n], [log_decay_n])
     (read_n,), final_n = chunked_linear_by(ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=states['n'][..., None], chunk_size=chunk_size, output_final_state=True)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]
-    h = torch.broadcast_to(read_C / torch.clamp(torch.abs(read_n[..., None]), min=1.0), (B_, T_, H_, V))  # mlstm.rec:19
+    h, = mlstm__chunked_epilogue(read_C, read_n, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': final_C, 'n': final_n}
 
 
@@ -3853,26 +3933,71 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
     return {'h': h}, {'C': triton_scan_final_states(all_C, states['C'], cu_seqlens), 'n': triton_scan_final_states(all_n, states['n'], cu_seqlens)}
 
 
+def mlstm__chunked_prologue_fwd_triton(k, ig, fg, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
+    log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
+    return k_C, log_decay_C
+
+
+def mlstm__chunked_prologue_vjp_triton(k, ig, fg, grad_k_C, grad_log_decay_C, K, V):
+    """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = k.shape[:3]
+    exp_ig = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # used more than once
+    grad_k = torch.broadcast_to(exp_ig[..., None] * grad_k_C, k.shape)
+    grad_ig = torch.broadcast_to(exp_ig * (k * grad_k_C).sum(dim=-1), ig.shape)
+    grad_fg = torch.broadcast_to(grad_log_decay_C * torch.sigmoid(-fg), fg.shape)
+    return grad_k, grad_ig, grad_fg
+
+
+mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 3)
+
+
+def mlstm__chunked_epilogue_fwd_triton(read_C, read_n, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_C.shape[:3]
+    h = torch.broadcast_to(read_C / torch.clamp(torch.abs(read_n[..., None]), min=1.0), (B_, T_, H_, V))
+    return h,
+
+
+def mlstm__chunked_epilogue_vjp_triton(read_C, read_n, grad_h, K, V):
+    """The vector-Jacobian product of mlstm__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = read_C.shape[:3]
+    abs_read_n = torch.broadcast_to(torch.abs(read_n), (B_, T_, H_))  # used more than once
+    pre_abs_read_n = torch.broadcast_to(torch.clamp(abs_read_n, min=1.0), (B_, T_, H_))  # used more than once
+    grad_read_C = torch.broadcast_to(grad_h / pre_abs_read_n[..., None], read_C.shape)
+    grad_read_n = torch.broadcast_to(-(torch.relu(torch.sign((-1.0) + abs_read_n)) * (read_C * grad_h).sum(dim=-1) * torch.sign(read_n) / pre_abs_read_n ** 2.0), read_n.shape)
+    return grad_read_C, grad_read_n
+
+
+mlstm__chunked_epilogue_triton = with_vjp(mlstm__chunked_epilogue_fwd_triton, mlstm__chunked_epilogue_vjp_triton, 2)
+
+
 def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: mlstm__chunked_prologue_vjp_triton, printed from sympy
+    k_C, log_decay_C = mlstm__chunked_prologue_triton(k, ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
-    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
-    v_C = torch.broadcast_to(v, (B_, T_, H_, V))  # mlstm.rec:17
-    log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
-    query_read_C = torch.broadcast_to(q, (B_, T_, H_, K))  # mlstm.rec:19
+    v_C = v  # mlstm.rec:17
+    query_read_C = q  # mlstm.rec:19
     _check_steps([query_read_C, k_C, v_C], [log_decay_C])
     (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, **options)
     # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    k_n = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:18
+    k_n = k_C  # mlstm.rec:18; the same tensor
     v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    log_decay_n = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:18
-    query_read_n = torch.broadcast_to(q, (B_, T_, H_, K))  # mlstm.rec:19
+    log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
+    query_read_n = q  # mlstm.rec:19
     _check_steps([query_read_n, k_n, v_n], [log_decay_n])
     (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=states['n'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]
-    h = torch.broadcast_to(read_C / torch.clamp(torch.abs(read_n[..., None]), min=1.0), (B_, T_, H_, V))  # mlstm.rec:19
+    h, = mlstm__chunked_epilogue_triton(read_C, read_n, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': final_C, 'n': final_n}
 
 

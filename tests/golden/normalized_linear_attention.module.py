@@ -978,6 +978,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3463,24 +3498,65 @@ def normalized_linear_attention__scan_block(q, k, v, states, K, V):
 normalized_linear_attention__scan = in_blocks(normalized_linear_attention__scan_block, 3, ('o',), ('S', 'z'))
 
 
+def normalized_linear_attention__chunked_prologue_fwd(q, k, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    k_S = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,12
+    query_read_S = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    return k_S, query_read_S
+
+
+def normalized_linear_attention__chunked_prologue_vjp(q, k, grad_k_S, grad_query_read_S, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_q = torch.broadcast_to(grad_query_read_S * torch.where(q > 0.0, 1.0, torch.exp(q)), q.shape)
+    grad_k = torch.broadcast_to(grad_k_S * torch.where(k > 0.0, 1.0, torch.exp(k)), k.shape)
+    return grad_q, grad_k
+
+
+normalized_linear_attention__chunked_prologue = with_vjp(normalized_linear_attention__chunked_prologue_fwd, normalized_linear_attention__chunked_prologue_vjp, 2)
+
+
+def normalized_linear_attention__chunked_epilogue_fwd(read_S, read_z, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (1e-06 + read_z[..., None]), (B_, T_, H_, V))
+    return o,
+
+
+def normalized_linear_attention__chunked_epilogue_vjp(read_S, read_z, grad_o, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = read_S.shape[:3]
+    add_read_z = torch.broadcast_to(1e-06 + read_z, (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o / add_read_z[..., None], read_S.shape)
+    grad_read_z = torch.broadcast_to(-((read_S * grad_o).sum(dim=-1) / add_read_z ** 2.0), read_z.shape)
+    return grad_read_S, grad_read_z
+
+
+normalized_linear_attention__chunked_epilogue = with_vjp(normalized_linear_attention__chunked_epilogue_fwd, normalized_linear_attention__chunked_epilogue_vjp, 2)
+
+
 def normalized_linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: normalized_linear_attention__chunked_prologue_vjp, printed from sympy
+    k_S, query_read_S = normalized_linear_attention__chunked_prologue(q, k, K, V)
     # state S (normalized_linear_attention.rec:11,12): identity; S is carried unchanged plus an injection
-    k_S = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # normalized_linear_attention.rec:11,12
-    query_read_S = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    v_S = v  # normalized_linear_attention.rec:11,12
     _check_steps([query_read_S, k_S, v_S], [])
     (read_S,), final_S = chunked_linear_by(NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     # state z (normalized_linear_attention.rec:11,13): identity; z is carried unchanged plus an injection
-    k_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
+    k_z = k_S  # normalized_linear_attention.rec:11,13; the same tensor
     v_z = k_z.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    query_read_z = query_read_S  # normalized_linear_attention.rec:10,14; the same tensor
     _check_steps([query_read_z, k_z, v_z], [])
     (read_z,), final_z = chunked_linear_by(NoDecay, [(query_read_z, False)], k_z, v_z, None, initial_state=states['z'][..., None], chunk_size=chunk_size, output_final_state=True)
     final_z = final_z[..., 0]
     read_z = read_z[..., 0]
-    o = torch.broadcast_to(read_S / (1e-06 + read_z[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    o, = normalized_linear_attention__chunked_epilogue(read_S, read_z, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': final_S, 'z': final_z}
 
 
@@ -3737,24 +3813,65 @@ def normalized_linear_attention__scan_triton(q, k, v, states, K, V, cu_seqlens=N
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens), 'z': triton_scan_final_states(all_z, states['z'], cu_seqlens)}
 
 
+def normalized_linear_attention__chunked_prologue_fwd_triton(q, k, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    k_S = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,12
+    query_read_S = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    return k_S, query_read_S
+
+
+def normalized_linear_attention__chunked_prologue_vjp_triton(q, k, grad_k_S, grad_query_read_S, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_q = torch.broadcast_to(grad_query_read_S * torch.where(q > 0.0, 1.0, torch.exp(q)), q.shape)
+    grad_k = torch.broadcast_to(grad_k_S * torch.where(k > 0.0, 1.0, torch.exp(k)), k.shape)
+    return grad_q, grad_k
+
+
+normalized_linear_attention__chunked_prologue_triton = with_vjp(normalized_linear_attention__chunked_prologue_fwd_triton, normalized_linear_attention__chunked_prologue_vjp_triton, 2)
+
+
+def normalized_linear_attention__chunked_epilogue_fwd_triton(read_S, read_z, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (1e-06 + read_z[..., None]), (B_, T_, H_, V))
+    return o,
+
+
+def normalized_linear_attention__chunked_epilogue_vjp_triton(read_S, read_z, grad_o, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = read_S.shape[:3]
+    add_read_z = torch.broadcast_to(1e-06 + read_z, (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o / add_read_z[..., None], read_S.shape)
+    grad_read_z = torch.broadcast_to(-((read_S * grad_o).sum(dim=-1) / add_read_z ** 2.0), read_z.shape)
+    return grad_read_S, grad_read_z
+
+
+normalized_linear_attention__chunked_epilogue_triton = with_vjp(normalized_linear_attention__chunked_epilogue_fwd_triton, normalized_linear_attention__chunked_epilogue_vjp_triton, 2)
+
+
 def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
+    # the prologue; its backward: normalized_linear_attention__chunked_prologue_vjp_triton, printed from sympy
+    k_S, query_read_S = normalized_linear_attention__chunked_prologue_triton(q, k, K, V)
     # state S (normalized_linear_attention.rec:11,12): identity; S is carried unchanged plus an injection
-    k_S = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # normalized_linear_attention.rec:11,12
-    query_read_S = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    v_S = v  # normalized_linear_attention.rec:11,12
     _check_steps([query_read_S, k_S, v_S], [])
     (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
     # state z (normalized_linear_attention.rec:11,13): identity; z is carried unchanged plus an injection
-    k_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
+    k_z = k_S  # normalized_linear_attention.rec:11,13; the same tensor
     v_z = k_z.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # normalized_linear_attention.rec:10,14
+    query_read_z = query_read_S  # normalized_linear_attention.rec:10,14; the same tensor
     _check_steps([query_read_z, k_z, v_z], [])
     (read_z,), final_z = triton_chunked_linear_by(triton_NoDecay, [(query_read_z, False)], k_z, v_z, None, initial_state=states['z'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
     final_z = final_z[..., 0]
     read_z = read_z[..., 0]
-    o = torch.broadcast_to(read_S / (1e-06 + read_z[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    o, = normalized_linear_attention__chunked_epilogue_triton(read_S, read_z, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': final_S, 'z': final_z}
 
 

@@ -983,6 +983,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3543,19 +3578,57 @@ def retention__scan_block(q, k, v, gamma, states, K, V):
 retention__scan = in_blocks(retention__scan_block, 3, ('o',), ('S',))
 
 
+def retention__chunked_prologue_fwd(q, gamma, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    log_decay_S = torch.broadcast_to(torch.log(gamma), (B_, T_, H_))  # retention.rec:12
+    return log_decay_S,
+
+
+def retention__chunked_prologue_vjp(q, gamma, grad_log_decay_S, K, V):
+    """The vector-Jacobian product of retention__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    grad_gamma = torch.broadcast_to(grad_log_decay_S / gamma, (B_, T_) + gamma.shape[2:]).sum((0, 1), keepdim=True)
+    return None, grad_gamma
+
+
+retention__chunked_prologue = with_vjp(retention__chunked_prologue_fwd, retention__chunked_prologue_vjp, 2)
+
+
+def retention__chunked_epilogue_fwd(read_S, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = read_S.shape[:3]
+    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def retention__chunked_epilogue_vjp(read_S, grad_o, K, V):
+    """The vector-Jacobian product of retention__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
+    return grad_read_S,
+
+
+retention__chunked_epilogue = with_vjp(retention__chunked_epilogue_fwd, retention__chunked_epilogue_vjp, 1)
+
+
 def retention__chunked(q, k, v, gamma, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     gamma = gamma[None, None]  # [1, 1, H]
+    # the prologue; its backward: retention__chunked_prologue_vjp, printed from sympy
+    log_decay_S, = retention__chunked_prologue(q, gamma, K, V)
     # state S (retention.rec:12): scalar; S is scaled by the scalar gamma
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # retention.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # retention.rec:12
+    k_S = k  # retention.rec:12
+    v_S = v  # retention.rec:12
     _require_positive(gamma[..., None, None], 'the decay gamma of S', 'chunked')
-    log_decay_S = torch.broadcast_to(torch.log(gamma), (B_, T_, H_))  # retention.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # retention.rec:13
+    query_read_S = q  # retention.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = chunked_linear_by(ScalarDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))  # retention.rec:13
+    o, = retention__chunked_epilogue(read_S, K, V)  # retention.rec:13
     return {'o': o}, {'S': final_S}
 
 
@@ -3778,17 +3851,37 @@ def retention__scan_triton(q, k, v, gamma, states, K, V, cu_seqlens=None, **opti
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
+def retention__chunked_prologue_fwd_triton(q, gamma, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    log_decay_S = torch.broadcast_to(torch.log(gamma), (B_, T_, H_))  # retention.rec:12
+    return log_decay_S,
+
+
+def retention__chunked_prologue_vjp_triton(q, gamma, grad_log_decay_S, K, V):
+    """The vector-Jacobian product of retention__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    grad_gamma = torch.broadcast_to(grad_log_decay_S / gamma, (B_, T_) + gamma.shape[2:]).sum((0, 1), keepdim=True)
+    return None, grad_gamma
+
+
+retention__chunked_prologue_triton = with_vjp(retention__chunked_prologue_fwd_triton, retention__chunked_prologue_vjp_triton, 2)
+
+
 def retention__chunked_triton(q, k, v, gamma, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     gamma = gamma[None, None]  # [1, 1, H]
+    # the prologue; its backward: retention__chunked_prologue_vjp_triton, printed from sympy
+    log_decay_S, = retention__chunked_prologue_triton(q, gamma, K, V)
     # state S (retention.rec:12): scalar; S is scaled by the scalar gamma
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # retention.rec:12
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # retention.rec:12
+    k_S = k  # retention.rec:12
+    v_S = v  # retention.rec:12
     _require_positive(gamma[..., None, None], 'the decay gamma of S', 'chunked')
-    log_decay_S = torch.broadcast_to(torch.log(gamma), (B_, T_, H_))  # retention.rec:12
-    query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # retention.rec:13
+    query_read_S = q  # retention.rec:13
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, scale=_fused_scale(lambda: (K**(-0.5))), **options)
     o = read_S  # retention.rec:13, its epilogue in the kernels

@@ -984,6 +984,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3594,20 +3629,48 @@ def rg_lru__scan_block(x, gr, gi, lam, states, D):
 rg_lru__scan = in_blocks(rg_lru__scan_block, 3, ('y',), ('h',))
 
 
+def rg_lru__chunked_prologue_fwd(x, gr, gi, lam, D):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
+    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
+    return k_h, v_h, log_decay_h, query_read_h
+
+
+def rg_lru__chunked_prologue_vjp(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
+    """The vector-Jacobian product of rg_lru__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    sigmoid_gi = torch.broadcast_to(torch.sigmoid(gi), (B_, T_, H_, D))  # used more than once
+    sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
+    softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
+    exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    add_exp_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - exp_softplus_lam_sigmoid_gr, (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gi = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_x, grad_gr, grad_gi, grad_lam
+
+
+rg_lru__chunked_prologue = with_vjp(rg_lru__chunked_prologue_fwd, rg_lru__chunked_prologue_vjp, 4)
+
+
 def rg_lru__chunked(x, gr, gi, lam, states, D, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
+    # the prologue; its backward: rg_lru__chunked_prologue_vjp, printed from sympy
+    k_h, v_h, log_decay_h, query_read_h = rg_lru__chunked_prologue(x, gr, gi, lam, D)
     # state h (rg_lru.rec:15,16): diagonal-col; column d of h is scaled by exp(-8*sigmoid(gr[d])*softplus(-lam[d]))
-    k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
-    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
     # h is held as [1, D] here: a key axis of size 1 in front
-    log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
-    query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = chunked_linear_by(ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # rg_lru.rec:17
+    y = read_h  # rg_lru.rec:17
     return {'y': y}, {'h': final_h}
 
 
@@ -3834,20 +3897,48 @@ def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
+def rg_lru__chunked_prologue_fwd_triton(x, gr, gi, lam, D):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
+    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
+    return k_h, v_h, log_decay_h, query_read_h
+
+
+def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
+    """The vector-Jacobian product of rg_lru__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    sigmoid_gi = torch.broadcast_to(torch.sigmoid(gi), (B_, T_, H_, D))  # used more than once
+    sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
+    softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
+    exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    add_exp_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - exp_softplus_lam_sigmoid_gr, (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gi = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_x, grad_gr, grad_gi, grad_lam
+
+
+rg_lru__chunked_prologue_triton = with_vjp(rg_lru__chunked_prologue_fwd_triton, rg_lru__chunked_prologue_vjp_triton, 4)
+
+
 def rg_lru__chunked_triton(x, gr, gi, lam, states, D, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
+    # the prologue; its backward: rg_lru__chunked_prologue_vjp_triton, printed from sympy
+    k_h, v_h, log_decay_h, query_read_h = rg_lru__chunked_prologue_triton(x, gr, gi, lam, D)
     # state h (rg_lru.rec:15,16): diagonal-col; column d of h is scaled by exp(-8*sigmoid(gr[d])*softplus(-lam[d]))
-    k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
-    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
     # h is held as [1, D] here: a key axis of size 1 in front
-    log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
-    query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
     _check_steps([query_read_h, k_h, v_h], [log_decay_h])
     (read_h,), final_h = triton_chunked_linear_by(triton_ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
-    y = torch.broadcast_to(read_h, (B_, T_, H_, D))  # rg_lru.rec:17
+    y = read_h  # rg_lru.rec:17
     return {'y': y}, {'h': final_h}
 
 

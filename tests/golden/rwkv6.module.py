@@ -983,6 +983,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -3694,18 +3729,42 @@ def rwkv6__scan_block(r, k, v, w, u, states, K, V):
 rwkv6__scan = in_blocks(rwkv6__scan_block, 4, ('o',), ('S',))
 
 
+def rwkv6__chunked_epilogue_fwd(read_S, r, k, v, u, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = r.shape[:3]
+    o = torch.broadcast_to(read_S + (((k * r) * u).sum(dim=-1)[..., None] * v), (B_, T_, H_, V))
+    return o,
+
+
+def rwkv6__chunked_epilogue_vjp(read_S, r, k, v, u, grad_o, K, V):
+    """The vector-Jacobian product of rwkv6__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o, read_S.shape)
+    grad_r = torch.broadcast_to(sum_grad_o_v[..., None] * k * u, r.shape)
+    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
+    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
+    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_read_S, grad_r, grad_k, grad_v, grad_u
+
+
+rwkv6__chunked_epilogue = with_vjp(rwkv6__chunked_epilogue_fwd, rwkv6__chunked_epilogue_vjp, 5)
+
+
 def rwkv6__chunked(r, k, v, w, u, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # state S (rwkv6.rec:13): diagonal-row; row i of S is scaled by exp(w[i])
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv6.rec:13
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv6.rec:13
-    log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv6.rec:13
-    query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv6.rec:12
+    k_S = k  # rwkv6.rec:13
+    v_S = v  # rwkv6.rec:13
+    log_decay_S = w  # rwkv6.rec:13
+    query_read_S = r  # rwkv6.rec:12
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = chunked_linear_by(KeyDecay, [(query_read_S, True)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(read_S + (((k * r) * u).sum(dim=-1)[..., None] * v), (B_, T_, H_, V))  # rwkv6.rec:12
+    o, = rwkv6__chunked_epilogue(read_S, r, k, v, u, K, V)  # rwkv6.rec:12
     return {'o': o}, {'S': final_S}
 
 
@@ -3941,18 +4000,42 @@ def rwkv6__scan_triton(r, k, v, w, u, states, K, V, cu_seqlens=None, **options):
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
+def rwkv6__chunked_epilogue_fwd_triton(read_S, r, k, v, u, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = r.shape[:3]
+    o = torch.broadcast_to(read_S + (((k * r) * u).sum(dim=-1)[..., None] * v), (B_, T_, H_, V))
+    return o,
+
+
+def rwkv6__chunked_epilogue_vjp_triton(read_S, r, k, v, u, grad_o, K, V):
+    """The vector-Jacobian product of rwkv6__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o, read_S.shape)
+    grad_r = torch.broadcast_to(sum_grad_o_v[..., None] * k * u, r.shape)
+    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
+    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
+    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_read_S, grad_r, grad_k, grad_v, grad_u
+
+
+rwkv6__chunked_epilogue_triton = with_vjp(rwkv6__chunked_epilogue_fwd_triton, rwkv6__chunked_epilogue_vjp_triton, 5)
+
+
 def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # state S (rwkv6.rec:13): diagonal-row; row i of S is scaled by exp(w[i])
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv6.rec:13
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv6.rec:13
-    log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv6.rec:13
-    query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv6.rec:12
+    k_S = k  # rwkv6.rec:13
+    v_S = v  # rwkv6.rec:13
+    log_decay_S = w  # rwkv6.rec:13
+    query_read_S = r  # rwkv6.rec:12
     _check_steps([query_read_S, k_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_KeyDecay, [(query_read_S, True)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options)
-    o = torch.broadcast_to(read_S + (((k * r) * u).sum(dim=-1)[..., None] * v), (B_, T_, H_, V))  # rwkv6.rec:12
+    o, = rwkv6__chunked_epilogue_triton(read_S, r, k, v, u, K, V)  # rwkv6.rec:12
     return {'o': o}, {'S': final_S}
 
 

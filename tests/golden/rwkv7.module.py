@@ -851,6 +851,41 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
 # states near SCAN_BLOCK_ELEMENTS numbers, so a block's tensors stay in cache whatever the sequence's length.
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -2992,20 +3027,64 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
 rwkv7__recurrent = with_adjoint(rwkv7__recurrent_loop, rwkv7__recurrent_adjoint, ('o',), ('S',))
 
 
+def rwkv7__chunked_prologue_fwd(kk, a, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = kk.shape[:3]
+    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
+    return b_S,
+
+
+def rwkv7__chunked_prologue_vjp(kk, a, grad_b_S, K, V):
+    """The vector-Jacobian product of rwkv7__chunked_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_kk = torch.broadcast_to(-(a * grad_b_S), kk.shape)
+    grad_a = torch.broadcast_to(-(grad_b_S * kk), a.shape)
+    return grad_kk, grad_a
+
+
+rwkv7__chunked_prologue = with_vjp(rwkv7__chunked_prologue_fwd, rwkv7__chunked_prologue_vjp, 2)
+
+
+def rwkv7__chunked_epilogue_fwd(read_S, r, k, v, u, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = r.shape[:3]
+    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))
+    return o,
+
+
+def rwkv7__chunked_epilogue_vjp(read_S, r, k, v, u, grad_o, K, V):
+    """The vector-Jacobian product of rwkv7__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o, read_S.shape)
+    grad_r = torch.broadcast_to(sum_grad_o_v[..., None] * k * u, r.shape)
+    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
+    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
+    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_read_S, grad_r, grad_k, grad_v, grad_u
+
+
+rwkv7__chunked_epilogue = with_vjp(rwkv7__chunked_epilogue_fwd, rwkv7__chunked_epilogue_vjp, 5)
+
+
 def rwkv7__chunked(r, w, k, v, kk, a, u, states, K, V, chunk_size=64):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
+    # the prologue; its backward: rwkv7__chunked_prologue_vjp, printed from sympy
+    b_S, = rwkv7__chunked_prologue(kk, a, K, V)
     # state S (rwkv7.rec:13): diagonal-plus-rank-one; S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i]
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv7.rec:13
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv7.rec:13
-    log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv7.rec:13
-    query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv7.rec:14
-    a_S = torch.broadcast_to(kk, (B_, T_, H_, K))  # reads the state: u_t = S_(t-1)^T a_t
-    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
+    k_S = k  # rwkv7.rec:13
+    v_S = v  # rwkv7.rec:13
+    log_decay_S = w  # rwkv7.rec:13
+    query_read_S = r  # rwkv7.rec:14
+    a_S = kk  # reads the state: u_t = S_(t-1)^T a_t
     _check_steps([query_read_S, k_S, v_S, a_S, b_S], [log_decay_S])
     (read_S,), final_S = chunked_dplr_by(KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))  # rwkv7.rec:14
+    o, = rwkv7__chunked_epilogue(read_S, r, k, v, u, K, V)  # rwkv7.rec:14
     return {'o': o}, {'S': final_S}
 
 
@@ -3387,22 +3466,66 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
 
+def rwkv7__chunked_prologue_fwd_triton(kk, a, K, V):
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = kk.shape[:3]
+    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
+    return b_S,
+
+
+def rwkv7__chunked_prologue_vjp_triton(kk, a, grad_b_S, K, V):
+    """The vector-Jacobian product of rwkv7__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_kk = torch.broadcast_to(-(a * grad_b_S), kk.shape)
+    grad_a = torch.broadcast_to(-(grad_b_S * kk), a.shape)
+    return grad_kk, grad_a
+
+
+rwkv7__chunked_prologue_triton = with_vjp(rwkv7__chunked_prologue_fwd_triton, rwkv7__chunked_prologue_vjp_triton, 2)
+
+
+def rwkv7__chunked_epilogue_fwd_triton(read_S, r, k, v, u, K, V):
+    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = r.shape[:3]
+    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))
+    return o,
+
+
+def rwkv7__chunked_epilogue_vjp_triton(read_S, r, k, v, u, grad_o, K, V):
+    """The vector-Jacobian product of rwkv7__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_read_S = torch.broadcast_to(grad_o, read_S.shape)
+    grad_r = torch.broadcast_to(sum_grad_o_v[..., None] * k * u, r.shape)
+    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
+    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
+    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_read_S, grad_r, grad_k, grad_v, grad_u
+
+
+rwkv7__chunked_epilogue_triton = with_vjp(rwkv7__chunked_epilogue_fwd_triton, rwkv7__chunked_epilogue_vjp_triton, 5)
+
+
 def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, every=0, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk. Returns (outputs, final
     states, checkpoints): with every > 0 (the chunk length) the states entering every chunk, from which the
     derived adjoint recomputes each chunk's steps."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
+    # the prologue; its backward: rwkv7__chunked_prologue_vjp_triton, printed from sympy
+    b_S, = rwkv7__chunked_prologue_triton(kk, a, K, V)
     # state S (rwkv7.rec:13): diagonal-plus-rank-one; S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i]
-    k_S = torch.broadcast_to(k, (B_, T_, H_, K))  # rwkv7.rec:13
-    v_S = torch.broadcast_to(v, (B_, T_, H_, V))  # rwkv7.rec:13
-    log_decay_S = torch.broadcast_to(w, (B_, T_, H_, K))  # rwkv7.rec:13
-    query_read_S = torch.broadcast_to(r, (B_, T_, H_, K))  # rwkv7.rec:14
-    a_S = torch.broadcast_to(kk, (B_, T_, H_, K))  # reads the state: u_t = S_(t-1)^T a_t
-    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
+    k_S = k  # rwkv7.rec:13
+    v_S = v  # rwkv7.rec:13
+    log_decay_S = w  # rwkv7.rec:13
+    query_read_S = r  # rwkv7.rec:14
+    a_S = kk  # reads the state: u_t = S_(t-1)^T a_t
     _check_steps([query_read_S, k_S, v_S, a_S, b_S], [log_decay_S])
     (read_S,), final_S, starts_S = triton_chunked_dplr_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, output_chunk_states=True, **options)
-    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))  # rwkv7.rec:14
+    o, = rwkv7__chunked_epilogue_triton(read_S, r, k, v, u, K, V)  # rwkv7.rec:14
     checkpoints = [{'S': starts_S[:, :, n]} for n in range(starts_S.shape[2])] if every else []
     return {'o': o}, {'S': final_S}, checkpoints
 
