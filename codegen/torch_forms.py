@@ -1149,6 +1149,34 @@ class TorchFormWriter:
                 lines.append(f"{target}.add_({printer.print_expr(term, idx)})")
         return lines
 
+    def _outer_products(self, printer: TorchPrinter, e: sympy.Expr, idx, shape: str, full) -> str | None:
+        """`e` over two indices (i, j) as one matrix product when it is a sum of r >= 2 outer products
+        `x_r[i] * y_r[j]` (the delta product's state-free terms `b1 k1 v1^T + b2 k2 v2^T + ...`):
+        `torch.matmul(stack of x [..., K, r], stack of y [..., r, V])`, one pass over the result instead of a
+        temporary per term. None otherwise. `shape`: the result's, ending in the two indices' sizes."""
+        if len(idx) != 2 or not isinstance(e, sympy.Add):
+            return None
+        dims = [self._range_dim(printer.ranges[i]) for i in idx]
+        if not shape.endswith(f", {dims[0]}, {dims[1]})"):
+            return None
+        lead = shape[: -len(f", {dims[0]}, {dims[1]})")]
+        sides: tuple[list, list] = ([], [])
+        for term in e.args:
+            left, right = [], []
+            for f in sympy.Mul.make_args(term):
+                axes = printer._axes_of(f)
+                if axes <= {idx[0]}:
+                    left.append(f)
+                elif axes == {idx[1]}:
+                    right.append(f)
+                else:
+                    return None
+            if not right or not any(printer._axes_of(f) for f in left):
+                return None
+            sides[0].append(self._broadcast(printer, sympy.Mul(*left), idx[:1], f"{lead}, {dims[0]})", full))
+            sides[1].append(self._broadcast(printer, sympy.Mul(*right), idx[1:], f"{lead}, {dims[1]})", full))
+        return f"torch.matmul(torch.stack([{', '.join(sides[0])}], -1), torch.stack([{', '.join(sides[1])}], -2))"
+
     def _fill(self, printer: TorchPrinter, e: sympy.Expr, idx, target: str, shape: str, per_step: set[str],
               full) -> str:
         """Source writing `e` (over `idx`, for a run of steps) into the existing tensor `target` of `shape`: a
@@ -1156,6 +1184,9 @@ class TorchFormWriter:
         else through `_into`; zero as `zero_()`."""
         if e == 0:
             return f"{target}.zero_()"
+        outer = self._outer_products(printer, e, idx, shape, set(full or ()) | set(per_step))
+        if outer is not None:
+            return f"{outer[:-1]}, out={target})"
         tensors = [f for f in sympy.Mul.make_args(e) if not is_constant(f, self.sizes)]
         if (isinstance(e, sympy.Mul) and len(tensors) > 1 and printer._axes_of(e) == set(idx)
                 and any(reads(f, per_step) for f in tensors)):

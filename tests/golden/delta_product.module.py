@@ -2908,7 +2908,7 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the products with the state before it and the terms that read it.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
-        S_steps[1:t1 - t0 + 1].copy_(b1_seg[..., None, None] * k1_seg[..., :, None] * v1_seg[..., None, :] + b2_seg[..., None, None] * k2_seg[..., :, None] * v2_seg[..., None, :] - b2_seg[..., None, None] * k2_seg[..., :, None] * (((b1_seg[..., None] * k1_seg) * k2_seg).sum(dim=-1)[..., None] * v1_seg)[..., None, :])  # the state-free terms of S's update at every step
+        torch.matmul(torch.stack([b1_seg[..., None] * k1_seg, b2_seg[..., None] * k2_seg, -b2_seg[..., None] * k2_seg], -1), torch.stack([v1_seg, v2_seg, torch.broadcast_to((((b1_seg[..., None] * k1_seg) * k2_seg).sum(dim=-1)[..., None] * v1_seg), (t1 - t0, B_, H_, V))], -2), out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(k1_bmm[t], S_bmm[t], out=sum_S_k1_bmm[t])  # sum_S_k1 before step t
             torch.bmm(k2_bmm[t], S_bmm[t], out=sum_S_k2_bmm[t])  # sum_S_k2 before step t
