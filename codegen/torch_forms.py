@@ -879,11 +879,11 @@ class TorchFormWriter:
         return split
 
     def _product_plan(self, updates: dict, previous: dict, ranges: dict, totals: dict) -> dict | None:
-        """The per-step products of the delta-rule family, or None. Applies when every state's update (IR, hoisted)
-        is `U + sum over readers of c * reader`, U free of the states and not zero, and every state's gradient
-        before a step is `sum over readers of c * reader` of its own total gradient, each reader the state (or
-        its total) itself or its contraction with a state-free vector (`_linear_terms`, `_contraction`), at least
-        one a contraction. Returns {"update": {state: (U, [(reader, c)])}, "previous": {state: [(reader, c)]},
+        """The loops' terms and the delta-rule family's per-step products, or None. Applies when every state's update
+        (IR, hoisted) is `U + sum over readers of c * reader`, U free of the states and not zero, and every state's
+        gradient before a step is `sum over readers of c * reader` of its own total gradient, each reader the state
+        (or its total) itself or its contraction with a state-free vector (`_linear_terms`, `_contraction`).
+        Returns {"update": {state: (U, [(reader, c)], indices)}, "previous": {state: [(reader, c)]},
         "products": {canonical key: (name, reader, c, X)}}: each contraction (`k^T S`, `k^T dS`) is computed once
         per step into a buffer over the segment (a [1, K] @ [K, V] `bmm`), which the block gradients read too, and
         each coefficient (`-beta k`) once per segment, so that a step is a `bmm`, an `add_` and an `addcmul_`.
@@ -926,8 +926,6 @@ class TorchFormWriter:
                 return None
             plan["previous"][s.name] = found[1]
             plan.setdefault("previous_idx", {})[s.name] = idx
-        if not products:
-            return None
         plan["products"] = products
         return plan
 
@@ -940,9 +938,10 @@ class TorchFormWriter:
         """The per-step products' buffers [every, B, H, V] (allocated once) with their views: [B * H, 1, V] per step
         for `bmm`'s out=, and placed against the state's axes for `addcmul_`; and the [B * H, K, V] views of the
         matrices they contract. Returns {IR name of each contracted matrix: its views}."""
-        w("# The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the", 1)
-        w("# [B * H, K, V] views of the buffers they contract.", 1)
         bmm: dict[str, str] = {}
+        if plan["products"]:
+            w("# The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the", 1)
+            w("# [B * H, K, V] views of the buffers they contract.", 1)
         for name, _, _, x, _ in plan["products"].values():
             s = self._state_of(str(x.base))
             buffer = state_buffer[s] if str(x.base) == s else total_buffer[s]
@@ -963,27 +962,34 @@ class TorchFormWriter:
         """Per segment: each product's vector as [B * H, 1, K] per step and each coefficient of the loops' terms
         placed against its state's axes, both as lists of steps. Returns {"vector": {product key: name},
         "coefficient": {(coefficient, indices): name}}."""
-        w("# The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms that", 2)
-        w("# read the states and their gradients in the loops, for the segment's steps.", 2)
         made: dict = {"vector": {}, "coefficient": {}}
         vectors: dict = {}
+        lines = []
         for key, (_, _, c, x, _) in plan["products"].items():
             var = x.indices[0]
             c_key = canonical_key(c, ranges)[0]
             if c_key not in vectors:
                 label = str(c.base) if isinstance(c, sympy.Indexed) else self._describe(c, ranges)
                 vectors[c_key] = alloc(f"{self.py.get(label, label)}_bmm")
-                w(f"{vectors[c_key]} = ({printer.print_expr(c, (var,))}).reshape(t1 - t0, B_ * H_, 1, "
-                  f"{self._range_dim(ranges[var])}).unbind(0)", 2)
+                lines.append(f"{vectors[c_key]} = ({printer.print_expr(c, (var,))}).reshape(t1 - t0, B_ * H_, 1, "
+                             f"{self._range_dim(ranges[var])}).unbind(0)")
             made["vector"][key] = vectors[c_key]
         terms = [(idx, c) for _, (_, rs, idx) in plan["update"].items() for _, c in rs]
         terms += [(plan["previous_idx"][s], c) for s, rs in plan["previous"].items() for _, c in rs]
         for idx, c in terms:
             if is_constant(c, self.sizes) or (sympy.srepr(c), tuple(idx)) in made["coefficient"]:
                 continue
-            name = alloc(f"{self._describe(c, ranges)}_steps")
+            name = alloc(f"{self._describe(c, ranges).removeprefix('pre_')}_steps")
             made["coefficient"][(sympy.srepr(c), tuple(idx))] = name
-            w(f"{name} = ({printer.print_expr(c, tuple(idx))}).unbind(0)", 2)
+            lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))}).unbind(0)")
+        if plan["products"]:
+            w("# The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms", 2)
+            w("# that read the states and their gradients in the loops, for the segment's steps.", 2)
+        elif lines:
+            w("# The coefficients of the terms that read the states and their gradients in the loops, placed", 2)
+            w("# against the states' axes, for the segment's steps.", 2)
+        for line in lines:
+            w(line, 2)
         return made
 
     def _term_line(self, target: str, reader: str, c: sympy.Expr, idx, made: dict, printer: TorchPrinter,
@@ -1012,7 +1018,8 @@ class TorchFormWriter:
         whole segment in one op, then per step the products with the state before it (kept for the block
         gradients) and each term reading the state added in place."""
         w("# The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole", 2)
-        w("# segment at once, then per step the products with the state before it and the terms that read it.", 2)
+        w("# segment at once, then per step the terms that read the state before it, in place"
+          + (" (its products first)." if plan["products"] else "."), 2)
         by_name = {s.name: s for s in self.rec.states}
         for s in self.rec.states:
             w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
@@ -1042,11 +1049,20 @@ class TorchFormWriter:
         block before it, once its readout terms are written."""
         w("# The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout "
           "terms of", 2)
-        w("# each state's total gradient for the whole block at once; then step by step the products with the total "
-          "of", 2)
-        w("# step t, and the backward map of step t added in place into the total of step t - 1 (that of step t2 at "
-          "the", 2)
-        w("# start of the block before); then the inputs' and params' gradients at the block.", 2)
+        reverse = [(key, p) for key, p in plan["products"].items() if str(p[3].base) not in
+                   {s.name for s in self.rec.states}]
+        if reverse:
+            w("# each state's total gradient for the whole block at once; then step by step the products with the "
+              "total of", 2)
+            w("# step t, and the backward map of step t added in place into the total of step t - 1 (that of step t2 "
+              "at the", 2)
+            w("# start of the block before); then the inputs' and params' gradients at the block.", 2)
+        else:
+            w("# each state's total gradient for the whole block at once; then step by step the backward map of step t "
+              "added in", 2)
+            w("# place into the total of step t - 1 (that of step t2 at the start of the block before); then the "
+              "inputs' and", 2)
+            w("# params' gradients at the block.", 2)
         w("for t2 in reversed(range(0, t1 - t0, block)):", 2)
         w("t3 = min(t2 + block, t1 - t0)", 3)
         block = block_names("t2", "t3")
@@ -1071,16 +1087,19 @@ class TorchFormWriter:
         w("if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it", 3)
         for s in readouts:
             w(f"{total_at[s]}[t3 - 1].add_({carried[s]})", 4)
-        w("else:  # the backward map of step t3, whose products were taken with the block after this one", 3)
+        w("else:  # the backward map of step t3 (the block after this one's first)", 3)
         w("t = t3", 4)
         backward_map(4)
-        w("for t in reversed(range(t2, t3)):", 3)
-        for key, (name, reader, _, x, _) in plan["products"].items():
-            if str(x.base) not in {s.name for s in self.rec.states}:
+        if reverse:
+            w("for t in reversed(range(t2, t3)):", 3)
+            for key, (name, reader, _, x, _) in reverse:
                 w(f"torch.bmm({made['vector'][key]}[t], {bmm[str(x.base)]}[t], out={name}_bmm[t])  "
                   f"# {self._describe(reader, ranges)} after step t", 4)
-        w("if t > t2:", 4)
-        backward_map(5)
+            w("if t > t2:", 4)
+            backward_map(5)
+        else:
+            w("for t in reversed(range(t2 + 1, t3)):", 3)
+            backward_map(4)
         if block_gradients is not None:
             block_gradients("t2", "t3", 3)
         w("t = 0", 2)
