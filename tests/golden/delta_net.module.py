@@ -2886,12 +2886,12 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
         v_seg = v[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         beta_seg = beta[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H]
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
-        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms that
-        # read the states and their gradients in the loops, for the segment's steps.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
         k_bmm = (k_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
         mul_beta_k_steps = (-beta_seg[..., None, None] * k_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
-        # segment at once, then per step the products with the state before it and the terms that read it.
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(beta_seg[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
@@ -2907,7 +2907,7 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            else:  # the backward map of step t3, whose products were taken with the block after this one
+            else:  # the backward map of step t3 (the block after this one's first)
                 t = t3
                 grad_S__new_at[t - 1].addcmul_(mul_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before step t
                 grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t

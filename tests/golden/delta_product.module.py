@@ -2897,8 +2897,8 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # Hoisted: state-free subexpressions at the segment's steps.
         sum_k1_k2 = (k1_seg * k2_seg).sum(dim=-1)  # [t1 - t0, B, H]
-        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms that
-        # read the states and their gradients in the loops, for the segment's steps.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
         k1_bmm = (k1_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
         k2_bmm = (k2_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
         add_b1_b2_k1_k2_steps = (-b1_seg[..., None, None] * k1_seg[..., :, None] + b1_seg[..., None, None] * b2_seg[..., None, None] * k2_seg[..., :, None] * (k1_seg * k2_seg).sum(dim=-1)[..., None, None]).unbind(0)
@@ -2906,7 +2906,7 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         mul_b1_k1_steps = (-b1_seg[..., None, None] * k1_seg[..., :, None]).unbind(0)
         add_sum_k1_k2_b1_b2_k1_k2_steps = (-b2_seg[..., None, None] * k2_seg[..., :, None] + sum_k1_k2[..., None, None] * b1_seg[..., None, None] * b2_seg[..., None, None] * k1_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
-        # segment at once, then per step the products with the state before it and the terms that read it.
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.matmul(torch.stack([b1_seg[..., None] * k1_seg, b2_seg[..., None] * k2_seg, -b2_seg[..., None] * k2_seg], -1), torch.stack([v1_seg, v2_seg, torch.broadcast_to((((b1_seg[..., None] * k1_seg) * k2_seg).sum(dim=-1)[..., None] * v1_seg), (t1 - t0, B_, H_, V))], -2), out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
@@ -2924,7 +2924,7 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            else:  # the backward map of step t3, whose products were taken with the block after this one
+            else:  # the backward map of step t3 (the block after this one's first)
                 t = t3
                 grad_S__new_at[t - 1].addcmul_(mul_b1_k1_steps[t], sum_grad_S__new_k1_at[t])  # d loss / d S before step t
                 grad_S__new_at[t - 1].addcmul_(add_sum_k1_k2_b1_b2_k1_k2_steps[t], sum_grad_S__new_k2_at[t])  # d loss / d S before step t

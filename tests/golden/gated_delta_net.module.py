@@ -3023,18 +3023,18 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # Hoisted: state-free subexpressions at the segment's steps.
         exp_g = torch.exp(g_seg)  # [t1 - t0, B, H]
-        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms that
-        # read the states and their gradients in the loops, for the segment's steps.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
         k_bmm = (k_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
-        pre_exp_g_steps = (exp_g[..., None, None]).unbind(0)
+        exp_g_steps = (exp_g[..., None, None]).unbind(0)
         mul_exp_g_beta_k_steps = (-exp_g[..., None, None] * beta_seg[..., None, None] * k_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
-        # segment at once, then per step the products with the state before it and the terms that read it.
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(beta_seg[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(k_bmm[t], S_bmm[t], out=sum_S_k_bmm[t])  # sum_S_k before step t
-            S_at[t + 1].addcmul_(pre_exp_g_steps[t], S_at[t])  # gated_delta_net.rec:11,12
+            S_at[t + 1].addcmul_(exp_g_steps[t], S_at[t])  # gated_delta_net.rec:11,12
             S_at[t + 1].addcmul_(mul_exp_g_beta_k_steps[t], sum_S_k_at[t])  # gated_delta_net.rec:11,12
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
         # each state's total gradient for the whole block at once; then step by step the products with the total of
@@ -3045,14 +3045,14 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            else:  # the backward map of step t3, whose products were taken with the block after this one
+            else:  # the backward map of step t3 (the block after this one's first)
                 t = t3
-                grad_S__new_at[t - 1].addcmul_(pre_exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
                 grad_S__new_at[t - 1].addcmul_(mul_exp_g_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before step t
             for t in reversed(range(t2, t3)):
                 torch.bmm(k_bmm[t], grad_S__new_bmm[t], out=sum_grad_S__new_k_bmm[t])  # sum_grad_S__new_k after step t
                 if t > t2:
-                    grad_S__new_at[t - 1].addcmul_(pre_exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                    grad_S__new_at[t - 1].addcmul_(exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].addcmul_(mul_exp_g_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before step t
             add_exp_g_sum_S_k_v = torch.broadcast_to(torch.addcmul(v_seg[t2:t3], -exp_g[t2:t3][..., None], sum_S_k_steps[t2:t3]), (t3 - t2, B_, H_, V))  # used more than once
             sum_S_sum_grad_S__new_k = torch.broadcast_to((sum_grad_S__new_k_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, K))  # used more than once
@@ -3062,7 +3062,7 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
             grad_g[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_g[t2:t3] * (S_steps[t2:t3] * grad_S__new_steps[t2:t3]).sum(dim=(-2, -1)), -(beta_seg[t2:t3] * (sum_S_sum_grad_S__new_k * k_seg[t2:t3]).sum(dim=-1)), exp_g[t2:t3])).transpose(0, 1)
             grad_beta[:, t0 + t2:t0 + t3] = ((add_exp_g_sum_S_k_v * sum_grad_S__new_k_steps[t2:t3]).sum(dim=-1)).transpose(0, 1)
         t = 0
-        grad_S = pre_exp_g_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S = exp_g_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
         grad_S.addcmul_(mul_exp_g_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before the segment
     return [grad_q, grad_k, grad_v, grad_g, grad_beta], {'S': grad_S}
 

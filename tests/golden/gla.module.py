@@ -3395,31 +3395,35 @@ def gla__recurrent_adjoint(q, k, v, g, checkpoints, grad_outputs, grad_states, K
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # Hoisted: state-free subexpressions at the segment's steps.
         exp_g = torch.exp(g_seg)  # [t1 - t0, B, H, K]
-        exp_g_steps = exp_g.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_g_steps = (exp_g[..., :, None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
-            exp_g_t = exp_g_steps[t]
-            S_at[t + 1].addcmul_(exp_g_t[..., :, None], S_at[t])  # gla.rec:10
+            S_at[t + 1].addcmul_(exp_g_steps[t], S_at[t])  # gla.rec:10
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_g_t = exp_g_steps[t]
-                grad_S__new_at[t - 1].addcmul_(exp_g_t[..., :, None], grad_S__new_at[t])  # d loss / d S before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_S__new_at[t - 1].addcmul_(exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_S__new_at[t - 1].addcmul_(exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = ((v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :]).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = ((k_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :]).transpose(0, 1)
             grad_g[:, t0 + t2:t0 + t3] = (exp_g[t2:t3] * (S_steps[t2:t3] * grad_S__new_steps[t2:t3]).sum(dim=-1)).transpose(0, 1)
         t = 0
-        exp_g_t = exp_g_steps[t]
-        grad_S = exp_g_t[..., :, None] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S = exp_g_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
     return [grad_q, grad_k, grad_v, grad_g], {'S': grad_S}
 
 

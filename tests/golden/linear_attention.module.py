@@ -3228,20 +3228,25 @@ def linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad
         k_seg = k[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
         v_seg = v[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
-        # The segment's states, recomputed from its checkpoint.
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].add_(S_at[t])  # linear_attention.rec:11
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
+            for t in reversed(range(t2 + 1, t3)):
                 grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = ((v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :]).transpose(0, 1)

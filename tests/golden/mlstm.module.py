@@ -3271,19 +3271,23 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
         exp_fg = torch.exp(F.logsigmoid(fg_seg))  # [t1 - t0, B, H]
         exp_ig = torch.exp(ig_seg)  # [t1 - t0, B, H]
         sigmoid_fg = torch.sigmoid(-fg_seg)  # [t1 - t0, B, H]
-        exp_fg_steps = exp_fg.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_fg_steps = (exp_fg[..., None, None]).unbind(0)
+        exp_fg_steps_2 = (exp_fg[..., None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         C_at[0].copy_(checkpoints[t0 // every]['C'])
         n_at[0].copy_(checkpoints[t0 // every]['n'])
         torch.mul(exp_ig[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=C_steps[1:t1 - t0 + 1])  # the state-free terms of C's update at every step
         torch.mul(exp_ig[..., None], k_seg, out=n_steps[1:t1 - t0 + 1])  # the state-free terms of n's update at every step
         for t in range(t1 - t0):
-            exp_fg_t = exp_fg_steps[t]
-            C_at[t + 1].addcmul_(exp_fg_t[..., None, None], C_at[t])  # mlstm.rec:17
-            n_at[t + 1].addcmul_(exp_fg_t[..., None], n_at[t])  # mlstm.rec:18
+            C_at[t + 1].addcmul_(exp_fg_steps[t], C_at[t])  # mlstm.rec:17
+            n_at[t + 1].addcmul_(exp_fg_steps_2[t], n_at[t])  # mlstm.rec:18
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             sum_n__new_q = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
@@ -3294,10 +3298,13 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_n__new_at[t3 - 1].add_(grad_n)
                 grad_C__new_at[t3 - 1].add_(grad_C)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_fg_t = exp_fg_steps[t]
-                grad_n__new_at[t - 1].addcmul_(exp_fg_t[..., None], grad_n__new_at[t])  # d loss / d n before step t
-                grad_C__new_at[t - 1].addcmul_(exp_fg_t[..., None, None], grad_C__new_at[t])  # d loss / d C before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_n__new_at[t - 1].addcmul_(exp_fg_steps_2[t], grad_n__new_at[t])  # d loss / d n before step t
+                grad_C__new_at[t - 1].addcmul_(exp_fg_steps[t], grad_C__new_at[t])  # d loss / d C before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_n__new_at[t - 1].addcmul_(exp_fg_steps_2[t], grad_n__new_at[t])  # d loss / d n before step t
+                grad_C__new_at[t - 1].addcmul_(exp_fg_steps[t], grad_C__new_at[t])  # d loss / d C before step t
             sum_grad_C__new_k = torch.broadcast_to((k_seg[t2:t3][..., None, :] @ grad_C__new_steps[t2:t3])[..., 0, :], (t3 - t2, B_, H_, V))  # used more than once
             sum_n__new_q_2 = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
             abs_sum_n__new_q_2 = torch.broadcast_to(torch.abs(sum_n__new_q_2), (t3 - t2, B_, H_))  # used more than once
@@ -3308,9 +3315,8 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
             grad_ig[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_ig[t2:t3] * (sum_grad_C__new_k * v_seg[t2:t3]).sum(dim=-1), (k_seg[t2:t3] * grad_n__new_steps[t2:t3]).sum(dim=-1), exp_ig[t2:t3])).transpose(0, 1)
             grad_fg[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_fg[t2:t3] * sigmoid_fg[t2:t3] * (n_steps[t2:t3] * grad_n__new_steps[t2:t3]).sum(dim=-1), sigmoid_fg[t2:t3] * (C_steps[t2:t3] * grad_C__new_steps[t2:t3]).sum(dim=(-2, -1)), exp_fg[t2:t3])).transpose(0, 1)
         t = 0
-        exp_fg_t = exp_fg_steps[t]
-        grad_n = exp_fg_t[..., None] * grad_n__new_at[t]  # d loss / d n before the segment
-        grad_C = exp_fg_t[..., None, None] * grad_C__new_at[t]  # d loss / d C before the segment
+        grad_n = exp_fg_steps_2[t] * grad_n__new_at[t]  # d loss / d n before the segment
+        grad_C = exp_fg_steps[t] * grad_C__new_at[t]  # d loss / d C before the segment
     return [grad_q, grad_k, grad_v, grad_ig, grad_fg], {'C': grad_C, 'n': grad_n}
 
 

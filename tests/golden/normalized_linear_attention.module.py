@@ -3235,7 +3235,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
         add_q = 1.0 + F.elu(q_seg)  # [t1 - t0, B, H, K]
         piecewise_q = torch.where(q_seg > 0.0, 1.0, torch.exp(q_seg))  # [t1 - t0, B, H, K]
         piecewise_k = torch.where(k_seg > 0.0, 1.0, torch.exp(k_seg))  # [t1 - t0, B, H, K]
-        # The segment's states, recomputed from its checkpoint.
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         z_at[0].copy_(checkpoints[t0 // every]['z'])
         torch.mul(v_seg[..., None, :], add_k[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
@@ -3244,8 +3245,9 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
             S_at[t + 1].add_(S_at[t])  # normalized_linear_attention.rec:11,12
             z_at[t + 1].add_(z_at[t])  # normalized_linear_attention.rec:11,13
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             add_add_q_z__new_ = torch.broadcast_to(1e-06 + (add_q[t2:t3] * z_steps[t2 + 1:t3 + 1]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
@@ -3254,7 +3256,11 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_z__new_at[t3 - 1].add_(grad_z)
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_z__new_at[t - 1].add_(grad_z__new_at[t])  # d loss / d z before step t
+                grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
+            for t in reversed(range(t2 + 1, t3)):
                 grad_z__new_at[t - 1].add_(grad_z__new_at[t])  # d loss / d z before step t
                 grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
             add_add_q_z__new_2 = torch.broadcast_to(1e-06 + (add_q[t2:t3] * z_steps[t2 + 1:t3 + 1]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once

@@ -2628,20 +2628,20 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
         exp_w = torch.exp(w_seg)  # [t1 - t0, B, H, K]
         sum_grad_o_v = (grad_o_seg * v_seg).sum(dim=-1)  # [t1 - t0, B, H]
         sum_k_r_u = ((k_seg * r_seg) * u).sum(dim=-1)  # [t1 - t0, B, H]
-        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms that
-        # read the states and their gradients in the loops, for the segment's steps.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
         kk_bmm = (kk_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
         mul_a_kk_bmm = (a_seg * kk_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
-        pre_exp_w_steps = (exp_w[..., :, None]).unbind(0)
+        exp_w_steps = (exp_w[..., :, None]).unbind(0)
         mul_a_kk_steps = (-(a_seg[..., :, None] * kk_seg[..., :, None])).unbind(0)
         mul_kk_steps = (-kk_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
-        # segment at once, then per step the products with the state before it and the terms that read it.
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(kk_bmm[t], S_bmm[t], out=sum_S_kk_bmm[t])  # sum_S_kk before step t
-            S_at[t + 1].addcmul_(pre_exp_w_steps[t], S_at[t])  # rwkv7.rec:13
+            S_at[t + 1].addcmul_(exp_w_steps[t], S_at[t])  # rwkv7.rec:13
             S_at[t + 1].addcmul_(mul_a_kk_steps[t], sum_S_kk_at[t])  # rwkv7.rec:13
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
         # each state's total gradient for the whole block at once; then step by step the products with the total of
@@ -2652,14 +2652,14 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
             torch.mul(r_seg[t2:t3][..., :, None], grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            else:  # the backward map of step t3, whose products were taken with the block after this one
+            else:  # the backward map of step t3 (the block after this one's first)
                 t = t3
-                grad_S__new_at[t - 1].addcmul_(pre_exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
                 grad_S__new_at[t - 1].addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before step t
             for t in reversed(range(t2, t3)):
                 torch.bmm(mul_a_kk_bmm[t], grad_S__new_bmm[t], out=sum_grad_S__new_a_kk_bmm[t])  # sum_grad_S__new_a_kk after step t
                 if t > t2:
-                    grad_S__new_at[t - 1].addcmul_(pre_exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                    grad_S__new_at[t - 1].addcmul_(exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before step t
             sum_grad_S__new_sum_S_kk = torch.broadcast_to((sum_S_kk_steps[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, K))  # used more than once
             grad_r[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :], sum_grad_o_v[t2:t3][..., None] * u, k_seg[t2:t3])).transpose(0, 1)
@@ -2670,7 +2670,7 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
             grad_a[:, t0 + t2:t0 + t3] = (-(sum_grad_S__new_sum_S_kk * kk_seg[t2:t3])).transpose(0, 1)
             grad_u = grad_u + (torch.broadcast_to(sum_grad_o_v[t2:t3][..., None] * k_seg[t2:t3] * r_seg[t2:t3], (t3 - t2, B_, H_, K))).sum((0, 1))
         t = 0
-        grad_S = pre_exp_w_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S = exp_w_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
         grad_S.addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before the segment
     return [grad_r, grad_w, grad_k, grad_v, grad_kk, grad_a, grad_u], {'S': grad_S}
 
