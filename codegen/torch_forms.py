@@ -775,7 +775,7 @@ class TorchFormWriter:
         for n, name in unbound.items():
             w(f"{name} = {seg[n]}.unbind(0)", 2)
         if plan is not None:
-            per_segment = self._write_product_segment(w, plan, ranges, segment_printer, alloc)
+            per_segment = self._write_product_segment(w, plan, ranges, segment_printer, alloc, set(seg))
             self._write_product_recompute(w, plan, ranges, segment_printer, state_buffer, state_at, bmm, per_segment,
                                           dims_of, whole, set(seg))
         elif keep:
@@ -958,11 +958,12 @@ class TorchFormWriter:
         return bmm
 
     def _write_product_segment(self, w: SourceWriter, plan: dict, ranges: dict, printer: TorchPrinter,
-                               alloc) -> dict:
+                               alloc, per_step: set[str]) -> dict:
         """Per segment: each product's vector as [B * H, 1, K] per step and each coefficient of the loops' terms
         placed against its state's axes, both as lists of steps. Returns {"vector": {product key: name},
-        "coefficient": {(coefficient, indices): name}}."""
-        made: dict = {"vector": {}, "coefficient": {}}
+        "coefficient": {(coefficient, indices): name}, "constant": names of those the same at every step}.
+        `per_step`: the IR names that change per step."""
+        made: dict = {"vector": {}, "coefficient": {}, "constant": set()}
         vectors: dict = {}
         lines = []
         for key, (_, _, c, x, _) in plan["products"].items():
@@ -979,9 +980,14 @@ class TorchFormWriter:
         for idx, c in terms:
             if is_constant(c, self.sizes) or (sympy.srepr(c), tuple(idx)) in made["coefficient"]:
                 continue
-            name = alloc(f"{self._describe(c, ranges).removeprefix('pre_')}_steps")
+            changes = reads(c, per_step)
+            name = alloc(self._describe(c, ranges).removeprefix('pre_') + ("_steps" if changes else "_placed"))
             made["coefficient"][(sympy.srepr(c), tuple(idx))] = name
-            lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))}).unbind(0)")
+            if changes:
+                lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))}).unbind(0)")
+            else:  # params only: the same at every step ([1, 1, H, ...] less its time axis)
+                lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))})[0]")
+                made["constant"].add(name)
         if plan["products"]:
             w("# The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms", 2)
             w("# that read the states and their gradients in the loops, for the segment's steps.", 2)
@@ -1001,9 +1007,11 @@ class TorchFormWriter:
             return f"{target}.add_({reader})" if c == 1 else \
                 f"{target}.add_({reader}, alpha={printer.print_expr(c, ())})"
         coefficient = made["coefficient"][(sympy.srepr(c), tuple(idx))]
+        if coefficient not in made["constant"]:
+            coefficient += "[t]"
         if new is not None:
-            return f"{new} = {coefficient}[t] * {reader}"
-        return f"{target}.addcmul_({coefficient}[t], {reader})"
+            return f"{new} = {coefficient} * {reader}"
+        return f"{target}.addcmul_({coefficient}, {reader})"
 
     def _reader(self, reader: sympy.Expr, plan: dict, ranges: dict, buffer_at: str) -> str:
         """The step-t source of a term's reader: the state's (or total gradient's) buffer, or a product's."""

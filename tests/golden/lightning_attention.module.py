@@ -3266,13 +3266,13 @@ def lightning_attention__recurrent_adjoint(q, k, v, slope, checkpoints, grad_out
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # The coefficients of the terms that read the states and their gradients in the loops, placed
         # against the states' axes, for the segment's steps.
-        exp_slope_steps = (exp_slope[..., None, None]).unbind(0)
+        exp_slope_placed = (exp_slope[..., None, None])[0]
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
-            S_at[t + 1].addcmul_(exp_slope_steps[t], S_at[t])  # lightning_attention.rec:12
+            S_at[t + 1].addcmul_(exp_slope_placed, S_at[t])  # lightning_attention.rec:12
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
         # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
         # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
@@ -3284,15 +3284,15 @@ def lightning_attention__recurrent_adjoint(q, k, v, slope, checkpoints, grad_out
                 grad_S__new_at[t3 - 1].add_(grad_S)
             else:  # the backward map of step t3 (the block after this one's first)
                 t = t3
-                grad_S__new_at[t - 1].addcmul_(exp_slope_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(exp_slope_placed, grad_S__new_at[t])  # d loss / d S before step t
             for t in reversed(range(t2 + 1, t3)):
-                grad_S__new_at[t - 1].addcmul_(exp_slope_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(exp_slope_placed, grad_S__new_at[t])  # d loss / d S before step t
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :]).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = ((v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :]).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = ((k_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :]).transpose(0, 1)
             grad_slope = grad_slope + (torch.broadcast_to(-(exp_slope * (S_steps[t2:t3] * grad_S__new_steps[t2:t3]).sum(dim=(-2, -1))), (t3 - t2, B_, H_))).sum((0, 1))
         t = 0
-        grad_S = exp_slope_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S = exp_slope_placed * grad_S__new_at[t]  # d loss / d S before the segment
     return [grad_q, grad_k, grad_v, grad_slope], {'S': grad_S}
 
 
