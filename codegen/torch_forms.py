@@ -603,6 +603,7 @@ class TorchFormWriter:
         local = [x for x in rec.inputs + rec.params if {**adj.inputs, **adj.params}[x.name] is not None]
         grads = {x.name: hoist({**adj.inputs, **adj.params}[x.name]) for x in local}
         updates_ir, previous_ir, grads_ir = dict(updates), dict(previous), dict(grads)  # before sharing
+        new_states_ir = list(new_states)
         per_step_hoisted, constant_hoisted = self._hoisted_kinds(table, {i.name for i in rec.inputs} | out_grads)
         shown = dict(self.shown)
 
@@ -652,8 +653,15 @@ class TorchFormWriter:
         products = plan["products"] if plan is not None else {}
         if plan is not None:
             split = {}
-            shared, local_temps = self._share([self._substitute_products(e, products, ranges)
-                                               for _, e in grads_ir.values()], ranges, set(), temp_counter)
+            local_exprs = [self._substitute_products(e, products, ranges) for _, e in grads_ir.values()]
+            readouts_ir = self._readout_blocks(new_states_ir, previous_ir, carried_names, total_names)
+            if readouts_ir is not None:
+                # The readout terms and the block gradients share their subexpressions free of the gradients
+                # (normalised attention's q^T S and q^T z), computed once at the block's start.
+                shared, loop_temps = self._share(list(readouts_ir.values()) + local_exprs, ranges,
+                                                 carried_names | total_names, temp_counter)
+                readouts, local_exprs = dict(zip(readouts_ir, shared[:len(readouts_ir)])), shared[len(readouts_ir):]
+            shared, local_temps = self._share(local_exprs, ranges, set(), temp_counter)
             grads = {n: (grads_ir[n][0], e) for n, e in zip(grads_ir, shared)}
         # What the loops read at each step: a split update only its state-dependent terms, the blocked reverse loop
         # only the states' backward maps.
@@ -699,6 +707,8 @@ class TorchFormWriter:
         def block_names(lo: str, hi: str) -> dict:
             """Names over a block of steps lo .. hi - 1 of the segment: slices of its tensors and buffers."""
             block = {**py, **shown, **{n: f"{name}[{lo}:{hi}]" for n, name in seg.items()}}
+            # (the temps printed at the block's start)
+            block.update({n: self.shown[n] for n, _, _ in loop_temps if n in self.shown})
             for s in keep:
                 block[s.name] = f"{state_buffer[s.name]}[{lo}:{hi}]"
                 block[s.name + NEW_SUFFIX] = f"{state_buffer[s.name]}[{lo} + 1:{hi} + 1]"
