@@ -658,8 +658,10 @@ class TorchFormWriter:
             if readouts_ir is not None:
                 # The readout terms and the block gradients share their subexpressions free of the gradients
                 # (normalised attention's q^T S and q^T z), computed once at the block's start.
+                # (not those reading a gradient, nor a product with one, known only after the reverse loop)
+                of_gradients = {p[0] for p in products.values() if str(p[3].base) in total_names}
                 shared, loop_temps = self._share(list(readouts_ir.values()) + local_exprs, ranges,
-                                                 carried_names | total_names, temp_counter)
+                                                 carried_names | total_names | of_gradients, temp_counter)
                 readouts, local_exprs = dict(zip(readouts_ir, shared[:len(readouts_ir)])), shared[len(readouts_ir):]
             shared, local_temps = self._share(local_exprs, ranges, set(), temp_counter)
             grads = {n: (grads_ir[n][0], e) for n, e in zip(grads_ir, shared)}

@@ -2904,6 +2904,7 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
         # start of the block before); then the inputs' and params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
+            add_sum_S_k_v = torch.broadcast_to(-sum_S_k_steps[t2:t3] + v_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
@@ -2916,7 +2917,6 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
                 if t > t2:
                     grad_S__new_at[t - 1].addcmul_(mul_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
-            add_sum_S_k_v = torch.broadcast_to(-sum_S_k_steps[t2:t3] + v_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul(beta_seg[t2:t3][..., None] * (add_sum_S_k_v[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -beta_seg[t2:t3][..., None], (sum_grad_S__new_k_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = (beta_seg[t2:t3][..., None] * sum_grad_S__new_k_steps[t2:t3]).transpose(0, 1)

@@ -2921,6 +2921,9 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         # start of the block before); then the inputs' and params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
+            add_sum_S_k1_v1 = torch.broadcast_to(-sum_S_k1_steps[t2:t3] + v1_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
+            add_add_sum_S_k1_v1_S_b1_k1 = torch.broadcast_to(torch.addcmul(S_steps[t2:t3], b1_seg[t2:t3][..., None, None] * k1_seg[t2:t3][..., :, None], add_sum_S_k1_v1[..., None, :]), (t3 - t2, B_, H_, K, V))  # used more than once
+            add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2 = torch.broadcast_to(-(k2_seg[t2:t3][..., None, :] @ add_add_sum_S_k1_v1_S_b1_k1)[..., 0, :] + v2_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
@@ -2936,10 +2939,7 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
                     grad_S__new_at[t - 1].addcmul_(mul_b1_k1_steps[t], sum_grad_S__new_k1_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].addcmul_(add_sum_k1_k2_b1_b2_k1_k2_steps[t], sum_grad_S__new_k2_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
-            add_sum_S_k1_v1 = torch.broadcast_to(-sum_S_k1_steps[t2:t3] + v1_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
-            add_add_sum_S_k1_v1_S_b1_k1 = torch.broadcast_to(torch.addcmul(S_steps[t2:t3], b1_seg[t2:t3][..., None, None] * k1_seg[t2:t3][..., :, None], add_sum_S_k1_v1[..., None, :]), (t3 - t2, B_, H_, K, V))  # used more than once
             sum_add_sum_S_k1_v1_sum_grad_S__new_k2 = torch.broadcast_to((add_sum_S_k1_v1 * sum_grad_S__new_k2_steps[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2 = torch.broadcast_to(-(k2_seg[t2:t3][..., None, :] @ add_add_sum_S_k1_v1_S_b1_k1)[..., 0, :] + v2_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
             grad_k1[:, t0 + t2:t0 + t3] = (torch.addcmul(torch.addcmul(torch.addcmul(b1_seg[t2:t3][..., None] * (add_sum_S_k1_v1[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b1_seg[t2:t3][..., None], (sum_grad_S__new_k1_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), sum_k1_k2[t2:t3][..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None], (sum_grad_S__new_k2_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), -(sum_add_sum_S_k1_v1_sum_grad_S__new_k2[..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None]), k2_seg[t2:t3])).transpose(0, 1)
             grad_k2[:, t0 + t2:t0 + t3] = (torch.addcmul(b2_seg[t2:t3][..., None] * (add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b2_seg[t2:t3][..., None], (sum_grad_S__new_k2_steps[t2:t3][..., None, :] @ add_add_sum_S_k1_v1_S_b1_k1.mT)[..., 0, :])).transpose(0, 1)

@@ -3042,6 +3042,7 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
         # start of the block before); then the inputs' and params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
+            add_exp_g_sum_S_k_v = torch.broadcast_to(torch.addcmul(v_seg[t2:t3], -exp_g[t2:t3][..., None], sum_S_k_steps[t2:t3]), (t3 - t2, B_, H_, V))  # used more than once
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
@@ -3054,7 +3055,6 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
                 if t > t2:
                     grad_S__new_at[t - 1].addcmul_(exp_g_steps[t], grad_S__new_at[t])  # d loss / d S before step t
                     grad_S__new_at[t - 1].addcmul_(mul_exp_g_beta_k_steps[t], sum_grad_S__new_k_at[t])  # d loss / d S before step t
-            add_exp_g_sum_S_k_v = torch.broadcast_to(torch.addcmul(v_seg[t2:t3], -exp_g[t2:t3][..., None], sum_S_k_steps[t2:t3]), (t3 - t2, B_, H_, V))  # used more than once
             sum_S_sum_grad_S__new_k = torch.broadcast_to((sum_grad_S__new_k_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, K))  # used more than once
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul(beta_seg[t2:t3][..., None] * (add_exp_g_sum_S_k_v[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -(exp_g[t2:t3][..., None] * beta_seg[t2:t3][..., None]), sum_S_sum_grad_S__new_k)).transpose(0, 1)

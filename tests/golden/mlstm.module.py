@@ -3292,8 +3292,11 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
             t3 = min(t2 + block, t1 - t0)
             sum_n__new_q = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
             abs_sum_n__new_q = torch.broadcast_to(torch.abs(sum_n__new_q), (t3 - t2, B_, H_))  # used more than once
+            sign_sum_n__new_q = torch.broadcast_to(torch.sign(sum_n__new_q), (t3 - t2, B_, H_))  # used more than once
             pre_abs_sum_n__new_q = torch.broadcast_to(torch.clamp(abs_sum_n__new_q, min=1.0), (t3 - t2, B_, H_))  # used more than once
-            torch.mul(-(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q[..., None])) * (grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None] * torch.sign(sum_n__new_q[..., None]) / pre_abs_sum_n__new_q[..., None] ** 2.0), q_seg[t2:t3], out=grad_n__new_steps[t2:t3])  # d loss / d n after each step, from its outputs
+            sum_C__new_grad_h_q = torch.broadcast_to((grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
+            heaviside_abs_sum_n__new_q = torch.broadcast_to(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q)), (t3 - t2, B_, H_))  # used more than once
+            torch.mul(-(sign_sum_n__new_q[..., None] * heaviside_abs_sum_n__new_q[..., None] * sum_C__new_grad_h_q[..., None] / pre_abs_sum_n__new_q[..., None] ** 2.0), q_seg[t2:t3], out=grad_n__new_steps[t2:t3])  # d loss / d n after each step, from its outputs
             torch.mul(q_seg[t2:t3][..., :, None] / pre_abs_sum_n__new_q[..., None, None], grad_h_seg[t2:t3][..., None, :], out=grad_C__new_steps[t2:t3])  # d loss / d C after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_n__new_at[t3 - 1].add_(grad_n)
@@ -3306,10 +3309,7 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
                 grad_n__new_at[t - 1].addcmul_(exp_fg_steps_2[t], grad_n__new_at[t])  # d loss / d n before step t
                 grad_C__new_at[t - 1].addcmul_(exp_fg_steps[t], grad_C__new_at[t])  # d loss / d C before step t
             sum_grad_C__new_k = torch.broadcast_to((k_seg[t2:t3][..., None, :] @ grad_C__new_steps[t2:t3])[..., 0, :], (t3 - t2, B_, H_, V))  # used more than once
-            sum_n__new_q_2 = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            abs_sum_n__new_q_2 = torch.broadcast_to(torch.abs(sum_n__new_q_2), (t3 - t2, B_, H_))  # used more than once
-            pre_abs_sum_n__new_q_2 = torch.broadcast_to(torch.clamp(abs_sum_n__new_q_2, min=1.0), (t3 - t2, B_, H_))  # used more than once
-            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_h_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / pre_abs_sum_n__new_q_2[..., None], -(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q_2[..., None])) * (grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None] * torch.sign(sum_n__new_q_2[..., None]) / pre_abs_sum_n__new_q_2[..., None] ** 2.0), n_steps[t2 + 1:t3 + 1])).transpose(0, 1)
+            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_h_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / pre_abs_sum_n__new_q[..., None], -(sign_sum_n__new_q[..., None] * heaviside_abs_sum_n__new_q[..., None] * sum_C__new_grad_h_q[..., None] / pre_abs_sum_n__new_q[..., None] ** 2.0), n_steps[t2 + 1:t3 + 1])).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_ig[t2:t3][..., None] * grad_n__new_steps[t2:t3], exp_ig[t2:t3][..., None], (v_seg[t2:t3][..., None, :] @ grad_C__new_steps[t2:t3].mT)[..., 0, :])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = (exp_ig[t2:t3][..., None] * sum_grad_C__new_k).transpose(0, 1)
             grad_ig[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_ig[t2:t3] * (sum_grad_C__new_k * v_seg[t2:t3]).sum(dim=-1), (k_seg[t2:t3] * grad_n__new_steps[t2:t3]).sum(dim=-1), exp_ig[t2:t3])).transpose(0, 1)

@@ -3251,7 +3251,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             add_add_q_z__new_ = torch.broadcast_to(1e-06 + (add_q[t2:t3] * z_steps[t2 + 1:t3 + 1]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            torch.mul(-((grad_o_seg[t2:t3] * (add_q[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None] / add_add_q_z__new_[..., None] ** 2.0), add_q[t2:t3], out=grad_z__new_steps[t2:t3])  # d loss / d z after each step, from its outputs
+            sum_add_q_S__new_grad_o = torch.broadcast_to((grad_o_seg[t2:t3] * (add_q[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
+            torch.mul(-(sum_add_q_S__new_grad_o[..., None] / add_add_q_z__new_[..., None] ** 2.0), add_q[t2:t3], out=grad_z__new_steps[t2:t3])  # d loss / d z after each step, from its outputs
             torch.mul(grad_o_seg[t2:t3][..., None, :] / add_add_q_z__new_[..., None, None], add_q[t2:t3][..., :, None], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_z__new_at[t3 - 1].add_(grad_z)
@@ -3263,8 +3264,7 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
             for t in reversed(range(t2 + 1, t3)):
                 grad_z__new_at[t - 1].add_(grad_z__new_at[t])  # d loss / d z before step t
                 grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
-            add_add_q_z__new_2 = torch.broadcast_to(1e-06 + (add_q[t2:t3] * z_steps[t2 + 1:t3 + 1]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul(piecewise_q[t2:t3] * (grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / add_add_q_z__new_2[..., None], -add_add_q_z__new_2[..., None] ** (-2.0) * z_steps[t2 + 1:t3 + 1] * (grad_o_seg[t2:t3] * (add_q[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None], piecewise_q[t2:t3])).transpose(0, 1)
+            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul(piecewise_q[t2:t3] * (grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / add_add_q_z__new_[..., None], -sum_add_q_S__new_grad_o[..., None] * z_steps[t2 + 1:t3 + 1] / add_add_q_z__new_[..., None] ** 2.0, piecewise_q[t2:t3])).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul(piecewise_k[t2:t3] * grad_z__new_steps[t2:t3], (v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], piecewise_k[t2:t3])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = ((add_k[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :]).transpose(0, 1)
         t = 0
