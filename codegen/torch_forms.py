@@ -562,7 +562,11 @@ class TorchFormWriter:
         passed them: the dispatcher picks `block` so that those slices stay in cache (codegen/dispatch.py
         `adjoint_block`). Where they apply, a state's update has its state-free terms written for the whole segment
         at once (`_split_updates`), and the reverse loop writes the readout terms of a block's total gradients at
-        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`)."""
+        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`). Where the
+        update and the backward map are linear in the states, both loops are printed as in-place terms with
+        coefficients made per segment, and each contraction of a state or its gradient with a vector (the delta
+        rule's `k^T S`, `k^T dS`) is one `bmm` a step into a buffer the block gradients read (`_product_plan`,
+        `_write_product_recompute`, `_write_product_reverse`)."""
         self.shown, self.taken = {}, set()
         rec, py = self.rec, self.py
         # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.
