@@ -27,6 +27,7 @@ import sympy
 from recurrence_dsl.adjoint import (
     GRAD_SUFFIX,
     NoAdjoint,
+    canonical_bound,
     canonical_key,
     derive_adjoint,
     derive_vjp,
@@ -74,6 +75,70 @@ def _has_whole(e: sympy.Expr, indices: set, names) -> bool:
     if isinstance(e, (sympy.Add, sympy.Mul, sympy.Pow, sympy.Function, sympy.Min, sympy.Max)):
         return any(_has_whole(a, indices, names) for a in e.args)
     return False
+
+
+def _linear_terms(e: sympy.Expr, readers: set[str]) -> list[tuple[sympy.Expr, sympy.Expr | None]] | None:
+    """`e` as a sum of terms `coefficient * reader`, the coefficients free of `readers` and each reader one of them
+    read as it is (`S[i, j]`) or contracted with a vector free of them (`sum(m, k[m] * S[m, j])`); reader None: a
+    term free of them. Sums are distributed over their bodies (the delta product's second update reads the first's
+    result: `sum(m, k2[m] * (S[m, j] + b1 * k1[m] * u1[j]))` is `k2^T S` plus a state-free dot product times `u1`).
+    None where `e` is not linear in `readers` that way (a function of a state, a product of two, a nested
+    contraction)."""
+    if not reads(e, readers):
+        return [(e, None)]
+    if (isinstance(e, sympy.Indexed) and str(e.base) in readers) or (isinstance(e, sympy.Symbol)
+                                                                    and e.name in readers):
+        return [(sympy.Integer(1), e)]
+    if isinstance(e, sympy.Add):
+        terms: list = []
+        for arg in e.args:
+            found = _linear_terms(arg, readers)
+            if found is None:
+                return None
+            terms += found
+        return terms
+    if isinstance(e, sympy.Mul):
+        dependent = [n for n, arg in enumerate(e.args) if reads(arg, readers)]
+        if len(dependent) != 1:
+            return None
+        rest = sympy.Mul(*[arg for n, arg in enumerate(e.args) if n != dependent[0]])
+        found = _linear_terms(e.args[dependent[0]], readers)
+        return None if found is None else [(rest * c, r) for c, r in found]
+    if isinstance(e, sympy.Sum) and len(e.limits) == 1:
+        var = e.limits[0][0]
+        found = _linear_terms(e.function, readers)
+        if found is None:
+            return None
+        terms = []
+        for c, r in found:
+            inside = sympy.Mul(*[f for f in sympy.Mul.make_args(c) if var in f.free_symbols])
+            outside = sympy.Mul(*[f for f in sympy.Mul.make_args(c) if var not in f.free_symbols])
+            if r is None:
+                terms.append((sympy.Sum(c, *e.limits), None))
+            elif var not in r.free_symbols:
+                terms.append((outside * sympy.Sum(inside, *e.limits), r))
+            elif isinstance(r, sympy.Indexed):
+                terms.append((outside, sympy.Sum(inside * r, *e.limits)))
+            else:
+                return None  # a contraction of a contraction
+        return terms
+    return None
+
+
+def _contraction(reader: sympy.Expr, readers: set[str], ranges: dict) -> tuple[sympy.Expr, sympy.Indexed] | None:
+    """(c, X[m, j]) when `reader` is `sum(m, c[m] * X[m, j])`: a matrix X contracted over its first index with a
+    vector c (a [1, K] @ [K, V] product per batch row), X one of `readers`; else None."""
+    if not isinstance(reader, sympy.Sum):
+        return None
+    var = reader.limits[0][0]
+    leaves = [f for f in sympy.Mul.make_args(reader.function) if isinstance(f, sympy.Indexed)
+              and str(f.base) in readers]
+    if len(leaves) != 1 or len(leaves[0].indices) != 2 or leaves[0].indices[0] != var or leaves[0].indices[1] == var:
+        return None
+    c = sympy.Mul(*[f for f in sympy.Mul.make_args(reader.function) if f is not leaves[0]])
+    if {x for x in c.free_symbols if x in ranges} != {var}:
+        return None
+    return c, leaves[0]
 
 
 # Torch functions whose printed call can write its result into an existing tensor (`out=`).
@@ -511,7 +576,11 @@ class TorchFormWriter:
         passed them: the dispatcher picks `block` so that those slices stay in cache (codegen/dispatch.py
         `adjoint_block`). Where they apply, a state's update has its state-free terms written for the whole segment
         at once (`_split_updates`), and the reverse loop writes the readout terms of a block's total gradients at
-        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`)."""
+        once and adds each step's backward map in place (`_readout_blocks`, `_write_blocked_reverse`). Where the
+        update and the backward map are linear in the states, both loops are printed as in-place terms with
+        coefficients made per segment, and each contraction of a state or its gradient with a vector (the delta
+        rule's `k^T S`, `k^T dS`) is one `bmm` a step into a buffer the block gradients read (`_product_plan`,
+        `_write_product_recompute`, `_write_product_reverse`)."""
         self.shown, self.taken = {}, set()
         rec, py = self.rec, self.py
         # Names of the spec's values at one step (x_t, S__new) are taken too; `alloc` gives out the others.
@@ -551,6 +620,8 @@ class TorchFormWriter:
         previous = {n: hoist(d) for n, d in adj.previous.items()}
         local = [x for x in rec.inputs + rec.params if {**adj.inputs, **adj.params}[x.name] is not None]
         grads = {x.name: hoist({**adj.inputs, **adj.params}[x.name]) for x in local}
+        updates_ir, previous_ir, grads_ir = dict(updates), dict(previous), dict(grads)  # before sharing
+        new_states_ir = list(new_states)
         per_step_hoisted, constant_hoisted = self._hoisted_kinds(table, {i.name for i in rec.inputs} | out_grads)
         shown = dict(self.shown)
 
@@ -592,11 +663,33 @@ class TorchFormWriter:
                     and not any(reads(e, temp_names) for _, e in previous.values()) else None)
         if readouts is not None:
             stacked = list(rec.states)  # every total gradient in a buffer: the reverse loop accumulates into it
+        # The delta-rule family's per-step products (`_product_plan`): both loops then read only buffers and lists
+        # made per segment, and the block gradients read the products instead of contracting again.
+        plan = (self._product_plan(updates_ir, previous_ir, ranges,
+                                   {s.name: grad_name(s.name + NEW_SUFFIX) for s in rec.states})
+                if readouts is not None and len(keep) == len(rec.states) else None)
+        products = plan["products"] if plan is not None else {}
+        if plan is not None:
+            split = {}
+            local_exprs = [self._substitute_products(e, products, ranges) for _, e in grads_ir.values()]
+            readouts_ir = self._readout_blocks(new_states_ir, previous_ir, carried_names, total_names)
+            if readouts_ir is not None:
+                # The readout terms and the block gradients share their subexpressions free of the gradients
+                # (normalised attention's q^T S and q^T z), computed once at the block's start.
+                # (not those reading a gradient, nor a product with one, known only after the reverse loop)
+                of_gradients = {p[0] for p in products.values() if str(p[3].base) in total_names}
+                shared, loop_temps = self._share(list(readouts_ir.values()) + local_exprs, ranges,
+                                                 carried_names | total_names | of_gradients, temp_counter)
+                readouts, local_exprs = dict(zip(readouts_ir, shared[:len(readouts_ir)])), shared[len(readouts_ir):]
+            shared, local_temps = self._share(local_exprs, ranges, set(), temp_counter)
+            grads = {n: (grads_ir[n][0], e) for n, e in zip(grads_ir, shared)}
         # What the loops read at each step: a split update only its state-dependent terms, the blocked reverse loop
         # only the states' backward maps.
         step_update = self._names_read([e for n, (_, e) in updates.items() if n not in split]
                                        + [x for n in split for x in split[n][1]] + [e for _, _, e in update_temps])
         step_loop = self._names_read([e for _, e in previous.values()]) if readouts is not None else read_loop
+        if plan is not None:
+            step_update, step_loop = set(), set()
         state_buffer = {s.name: alloc(f"{py[s.name]}_steps") for s in keep}  # [every + 1, B, H, ...]
         state_at = {s.name: alloc(f"{py[s.name]}_at") for s in keep}  # its views, one per step
         total_buffer = {s.name: alloc(f"{total[s.name]}_steps") for s in stacked}  # [every, B, H, ...]
@@ -634,11 +727,15 @@ class TorchFormWriter:
         def block_names(lo: str, hi: str) -> dict:
             """Names over a block of steps lo .. hi - 1 of the segment: slices of its tensors and buffers."""
             block = {**py, **shown, **{n: f"{name}[{lo}:{hi}]" for n, name in seg.items()}}
+            # (the temps printed at the block's start)
+            block.update({n: self.shown[n] for n, _, _ in loop_temps if n in self.shown})
             for s in keep:
                 block[s.name] = f"{state_buffer[s.name]}[{lo}:{hi}]"
                 block[s.name + NEW_SUFFIX] = f"{state_buffer[s.name]}[{lo} + 1:{hi} + 1]"
             for s in stacked:
                 block[grad_name(s.name + NEW_SUFFIX)] = f"{total_buffer[s.name]}[{lo}:{hi}]"
+            for name, *_ in products.values():
+                block[name] = f"{name}_steps[{lo}:{hi}]"
             return block
 
         w = SourceWriter()
@@ -680,6 +777,8 @@ class TorchFormWriter:
         for s in stacked:
             w(f"{total_buffer[s.name]} = {carried[s.name]}.new_empty((min(every, T_), B_, H_{dims_of(s)}))", 1)
             w(f"{total_at[s.name]} = {total_buffer[s.name]}.unbind(0)", 1)
+        if plan is not None:
+            bmm = self._write_product_buffers(w, plan, ranges, state_buffer, total_buffer, carried, alloc)
         constant_printer = TorchPrinter(self.sizes, ranges, {**py, **shown})
         for n in constant_hoisted:
             _, idx, e, _ = next(v for v in table.values() if v[0] == n)
@@ -705,7 +804,11 @@ class TorchFormWriter:
             w(f"{shown[n]} = {segment_printer.print_expr(e, idx)}  # {shape}", 2)
         for n, name in unbound.items():
             w(f"{name} = {seg[n]}.unbind(0)", 2)
-        if keep:
+        if plan is not None:
+            per_segment = self._write_product_segment(w, plan, ranges, segment_printer, alloc, set(seg))
+            self._write_product_recompute(w, plan, ranges, segment_printer, state_buffer, state_at, bmm, per_segment,
+                                          dims_of, whole, set(seg))
+        elif keep:
             w("# The segment's states, recomputed from its checkpoint.", 2)
             for s in rec.states:
                 if s.name in kept:
@@ -772,7 +875,11 @@ class TorchFormWriter:
                 else:
                     w(f"{grad[x.name]} = {grad[x.name]} + ({value}).sum((0, 1))", indent)
 
-        if readouts is not None:
+        if plan is not None:
+            self._write_product_reverse(w, plan, readouts, previous, block_names, block_gradients if grads else None,
+                                        by_name, carried, total_at, total_buffer, bmm, per_segment, dims_of, ranges,
+                                        whole, loop_temps)
+        elif readouts is not None:
             self._write_blocked_reverse(w, readouts, previous, block_names, block_gradients if grads else None,
                                         step, fetch, step_loop, by_name, carried, total_at, total_buffer, dims_of,
                                         ranges, whole, loop_temps)
@@ -800,6 +907,259 @@ class TorchFormWriter:
             if free and len(dependent) == 1 and not is_constant(sympy.Add(*free), self.sizes):
                 split[s.name] = (sympy.Add(*free), dependent)
         return split
+
+    def _product_plan(self, updates: dict, previous: dict, ranges: dict, totals: dict) -> dict | None:
+        """The loops' terms and the delta-rule family's per-step products, or None. Applies when every state's update
+        (IR, hoisted) is `U + sum over readers of c * reader`, U free of the states and not zero, and every state's
+        gradient before a step is `sum over readers of c * reader` of its own total gradient, each reader the state
+        (or its total) itself or its contraction with a state-free vector (`_linear_terms`, `_contraction`).
+        Returns {"update": {state: (U, [(reader, c)], indices)}, "previous": {state: [(reader, c)]},
+        "products": {canonical key: (name, reader, c, X)}}: each contraction (`k^T S`, `k^T dS`) is computed once
+        per step into a buffer over the segment (a [1, K] @ [K, V] `bmm`), which the block gradients read too, and
+        each coefficient (`-beta k`) once per segment, so that a step is a `bmm`, an `add_` and an `addcmul_`.
+        `totals`: state -> the IR name of its total gradient after a step."""
+        products: dict = {}
+
+        def group(e, readers: set[str], idx, own: str):
+            terms = _linear_terms(e, readers)
+            if terms is None:
+                return None
+            by_reader: dict = {}
+            for c, r in terms:
+                if r is None:
+                    continue
+                if isinstance(r, sympy.Indexed):
+                    if str(r.base) != own or tuple(r.indices) != tuple(idx):
+                        return None  # another state, or this one transposed
+                else:
+                    found = _contraction(r, readers, ranges)
+                    if found is None:
+                        return None
+                    key = canonical_key(r, ranges)
+                    if key[0] not in products:
+                        products[key[0]] = (self._unique(self._describe(r, ranges)), r, found[0], found[1], key[1])
+                        self.taken.add(products[key[0]][0])
+                entry = by_reader.setdefault(canonical_bound(r), [r, sympy.Integer(0)])
+                entry[1] += c
+            return sympy.Add(*[c for c, r in terms if r is None]), [(r, c) for r, c in by_reader.values()]
+
+        plan: dict = {"update": {}, "previous": {}}
+        for s in self.rec.states:
+            idx, e = updates[s.name]
+            found = group(e, {x.name for x in self.rec.states}, idx, s.name)
+            if found is None or found[0] == 0:
+                return None
+            plan["update"][s.name] = (*found, idx)
+            idx, e = previous[s.name]
+            found = group(e, {totals[s.name]}, idx, totals[s.name])
+            if found is None or found[0] != 0 or not any(isinstance(r, sympy.Indexed) for r, _ in found[1]):
+                return None
+            plan["previous"][s.name] = found[1]
+            plan.setdefault("previous_idx", {})[s.name] = idx
+        plan["products"] = products
+        return plan
+
+    def _state_of(self, x: str) -> str:
+        """The state whose value (S) or total gradient (S__new__grad) the IR name `x` is."""
+        return x[: -len(NEW_SUFFIX + GRAD_SUFFIX)] if x.endswith(NEW_SUFFIX + GRAD_SUFFIX) else x
+
+    def _write_product_buffers(self, w: SourceWriter, plan: dict, ranges: dict, state_buffer: dict,
+                               total_buffer: dict, carried: dict, alloc) -> dict[str, str]:
+        """The per-step products' buffers [every, B, H, V] (allocated once) with their views: [B * H, 1, V] per step
+        for `bmm`'s out=, and placed against the state's axes for `addcmul_`; and the [B * H, K, V] views of the
+        matrices they contract. Returns {IR name of each contracted matrix: its views}."""
+        bmm: dict[str, str] = {}
+        if plan["products"]:
+            w("# The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the", 1)
+            w("# [B * H, K, V] views of the buffers they contract.", 1)
+        for name, _, _, x, _ in plan["products"].values():
+            s = self._state_of(str(x.base))
+            buffer = state_buffer[s] if str(x.base) == s else total_buffer[s]
+            rows, cols = (self._range_dim(ranges[i]) for i in x.indices)
+            if str(x.base) not in bmm:
+                bmm[str(x.base)] = alloc(f"{buffer.removesuffix('_steps')}_bmm")
+                w(f"{bmm[str(x.base)]} = {buffer}.view(-1, B_ * H_, {rows}, {cols}).unbind(0)", 1)
+            idx = plan["update"][s][2] if str(x.base) == s else plan["previous_idx"][s]
+            free = x.indices[1]
+            placed = TorchPrinter(self.sizes, ranges, {})._place(f"{name}_steps", (free,), tuple(idx))
+            w(f"{name}_steps = {carried[s]}.new_empty((min(every, T_), B_, H_, {cols}))", 1)
+            w(f"{name}_bmm = {name}_steps.view(-1, B_ * H_, 1, {cols}).unbind(0)", 1)
+            w(f"{name}_at = {placed}.unbind(0)", 1)
+        return bmm
+
+    def _write_product_segment(self, w: SourceWriter, plan: dict, ranges: dict, printer: TorchPrinter,
+                               alloc, per_step: set[str]) -> dict:
+        """Per segment: each product's vector as [B * H, 1, K] per step and each coefficient of the loops' terms
+        placed against its state's axes, both as lists of steps. Returns {"vector": {product key: name},
+        "coefficient": {(coefficient, indices): name}, "constant": names of those the same at every step}.
+        `per_step`: the IR names that change per step."""
+        made: dict = {"vector": {}, "coefficient": {}, "constant": set()}
+        vectors: dict = {}
+        lines = []
+        for key, (_, _, c, x, _) in plan["products"].items():
+            var = x.indices[0]
+            c_key = canonical_key(c, ranges)[0]
+            if c_key not in vectors:
+                label = str(c.base) if isinstance(c, sympy.Indexed) else self._describe(c, ranges)
+                vectors[c_key] = alloc(f"{self.py.get(label, label)}_bmm")
+                lines.append(f"{vectors[c_key]} = ({printer.print_expr(c, (var,))}).reshape(t1 - t0, B_ * H_, 1, "
+                             f"{self._range_dim(ranges[var])}).unbind(0)")
+            made["vector"][key] = vectors[c_key]
+        terms = [(idx, c) for _, (_, rs, idx) in plan["update"].items() for _, c in rs]
+        terms += [(plan["previous_idx"][s], c) for s, rs in plan["previous"].items() for _, c in rs]
+        for idx, c in terms:
+            if is_constant(c, self.sizes) or (sympy.srepr(c), tuple(idx)) in made["coefficient"]:
+                continue
+            changes = reads(c, per_step)
+            name = alloc(self._describe(c, ranges).removeprefix('pre_') + ("_steps" if changes else "_placed"))
+            made["coefficient"][(sympy.srepr(c), tuple(idx))] = name
+            if changes:
+                lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))}).unbind(0)")
+            else:  # params only: the same at every step ([1, 1, H, ...] less its time axis)
+                lines.append(f"{name} = ({printer.print_expr(c, tuple(idx))})[0]")
+                made["constant"].add(name)
+        if plan["products"]:
+            w("# The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms", 2)
+            w("# that read the states and their gradients in the loops, for the segment's steps.", 2)
+        elif lines:
+            w("# The coefficients of the terms that read the states and their gradients in the loops, placed", 2)
+            w("# against the states' axes, for the segment's steps.", 2)
+        for line in lines:
+            w(line, 2)
+        return made
+
+    def _term_line(self, target: str, reader: str, c: sympy.Expr, idx, made: dict, printer: TorchPrinter,
+                   new: str | None = None) -> str:
+        """Source adding `c * reader` at step t into `target` in place (`new`: into a new tensor of that name)."""
+        if is_constant(c, self.sizes):
+            if new is not None:
+                return f"{new} = {reader}.clone()" if c == 1 else f"{new} = {reader} * {printer.print_expr(c, ())}"
+            return f"{target}.add_({reader})" if c == 1 else \
+                f"{target}.add_({reader}, alpha={printer.print_expr(c, ())})"
+        coefficient = made["coefficient"][(sympy.srepr(c), tuple(idx))]
+        if coefficient not in made["constant"]:
+            coefficient += "[t]"
+        if new is not None:
+            return f"{new} = {coefficient} * {reader}"
+        return f"{target}.addcmul_({coefficient}, {reader})"
+
+    def _reader(self, reader: sympy.Expr, plan: dict, ranges: dict, buffer_at: str) -> str:
+        """The step-t source of a term's reader: the state's (or total gradient's) buffer, or a product's."""
+        if isinstance(reader, sympy.Indexed):
+            return f"{buffer_at}[t]"
+        return f"{plan['products'][canonical_key(reader, ranges)[0]][0]}_at[t]"
+
+    def _write_product_recompute(self, w: SourceWriter, plan: dict, ranges: dict, printer: TorchPrinter,
+                                 state_buffer: dict, state_at: dict, bmm: dict, made: dict, dims_of, whole,
+                                 per_step: set[str]) -> None:
+        """The recomputation of a segment's states under `_product_plan`: each update's state-free terms for the
+        whole segment in one op, then per step the products with the state before it (kept for the block
+        gradients) and each term reading the state added in place."""
+        w("# The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole", 2)
+        w("# segment at once, then per step the terms that read the state before it, in place"
+          + (" (its products first)." if plan["products"] else "."), 2)
+        by_name = {s.name: s for s in self.rec.states}
+        for s in self.rec.states:
+            w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
+        for s in self.rec.states:
+            free, _, idx = plan["update"][s.name]
+            shape = f"(t1 - t0, B_, H_{dims_of(by_name[s.name])})"
+            w(f"{self._fill(printer, free, idx, f'{state_buffer[s.name]}[1:t1 - t0 + 1]', shape, per_step, whole)}"
+              f"  # the state-free terms of {s.name}'s update at every step", 2)
+        w("for t in range(t1 - t0):", 2)
+        for key, (name, reader, _, x, _) in plan["products"].items():
+            if str(x.base) in {s.name for s in self.rec.states}:
+                w(f"torch.bmm({made['vector'][key]}[t], {bmm[str(x.base)]}[t], out={name}_bmm[t])  "
+                  f"# {self._describe(reader, ranges)} before step t", 3)
+        for s in self._update_order():
+            _, terms, idx = plan["update"][s.name]
+            for reader, c in terms:
+                source = self._reader(reader, plan, ranges, state_at[s.name])
+                w(f"{self._term_line(f'{state_at[s.name]}[t + 1]', source, c, idx, made, printer)}  "
+                  f"# {self.cite[s.name]}", 3)
+
+    def _write_product_reverse(self, w: SourceWriter, plan: dict, readouts: dict, previous: dict, block_names,
+                               block_gradients, by_name: dict, carried: dict, total_at: dict, total_buffer: dict,
+                               bmm: dict, made: dict, dims_of, ranges: dict, whole: set[str], temps=()) -> None:
+        """The blocked reverse loop (`_write_blocked_reverse`) under `_product_plan`: within a block, from its last
+        step, the products with each total gradient (kept for the block gradients) and then the backward map of
+        step t added into the total of step t - 1; the map of a block's first step is added at the start of the
+        block before it, once its readout terms are written."""
+        w("# The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout "
+          "terms of", 2)
+        reverse = [(key, p) for key, p in plan["products"].items() if str(p[3].base) not in
+                   {s.name for s in self.rec.states}]
+        if reverse:
+            w("# each state's total gradient for the whole block at once; then step by step the products with the "
+              "total of", 2)
+            w("# step t, and the backward map of step t added in place into the total of step t - 1 (that of step t2 "
+              "at the", 2)
+            w("# start of the block before); then the inputs' and params' gradients at the block.", 2)
+        else:
+            w("# each state's total gradient for the whole block at once; then step by step the backward map of step t "
+              "added in", 2)
+            w("# place into the total of step t - 1 (that of step t2 at the start of the block before); then the "
+              "inputs' and", 2)
+            w("# params' gradients at the block.", 2)
+        w("for t2 in reversed(range(0, t1 - t0, block)):", 2)
+        w("t3 = min(t2 + block, t1 - t0)", 3)
+        block = block_names("t2", "t3")
+        self._write_shared(w, temps, block, block, ranges, "t3 - t2, B_, H_", 3)
+        block_printer = TorchPrinter(self.sizes, ranges, block, fuse=True)
+        per_step = {n for n, source in block.items() if "[t2" in source}
+        printer = TorchPrinter(self.sizes, ranges, {}, fuse=True)
+        for s in readouts:
+            idx = previous[s][0]
+            shape = f"(t3 - t2, B_, H_{dims_of(by_name[s])})"
+            w(f"{self._fill(block_printer, readouts[s], idx, f'{total_buffer[s]}[t2:t3]', shape, per_step, whole)}"
+              f"  # d loss / d {s} after each step, from its outputs", 3)
+
+        def backward_map(indent: int) -> None:
+            for s in readouts:
+                idx = plan["previous_idx"][s]
+                for reader, c in plan["previous"][s]:
+                    source = self._reader(reader, plan, ranges, total_at[s])
+                    w(f"{self._term_line(f'{total_at[s]}[t - 1]', source, c, idx, made, printer)}  "
+                      f"# d loss / d {s} before step t", indent)
+
+        w("if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it", 3)
+        for s in readouts:
+            w(f"{total_at[s]}[t3 - 1].add_({carried[s]})", 4)
+        w("else:  # the backward map of step t3 (the block after this one's first)", 3)
+        w("t = t3", 4)
+        backward_map(4)
+        if reverse:
+            w("for t in reversed(range(t2, t3)):", 3)
+            for key, (name, reader, _, x, _) in reverse:
+                w(f"torch.bmm({made['vector'][key]}[t], {bmm[str(x.base)]}[t], out={name}_bmm[t])  "
+                  f"# {self._describe(reader, ranges)} after step t", 4)
+            w("if t > t2:", 4)
+            backward_map(5)
+        else:
+            w("for t in reversed(range(t2 + 1, t3)):", 3)
+            backward_map(4)
+        if block_gradients is not None:
+            block_gradients("t2", "t3", 3)
+        w("t = 0", 2)
+        for s in readouts:
+            idx = plan["previous_idx"][s]
+            terms = sorted(plan["previous"][s], key=lambda rc: not isinstance(rc[0], sympy.Indexed))
+            for n, (reader, c) in enumerate(terms):
+                source = self._reader(reader, plan, ranges, total_at[s])
+                w(f"{self._term_line(carried[s], source, c, idx, made, printer, new=carried[s] if n == 0 else None)}"
+                  f"  # d loss / d {s} before the segment", 2)
+
+    def _substitute_products(self, e: sympy.Expr, products: dict, ranges: dict) -> sympy.Expr:
+        """`e` with each contraction equal to a per-step product (up to index names) read from its buffer."""
+        if isinstance(e, (sympy.Indexed, sympy.Symbol, sympy.Number)) or not e.args:
+            return e
+        if isinstance(e, sympy.Sum):
+            key, order = canonical_key(e, ranges)
+            if key in products:
+                name, _, _, _, first = products[key]
+                return sympy.IndexedBase(name)[tuple(order)] if order else sympy.Symbol(name)
+            return sympy.Sum(self._substitute_products(e.function, products, ranges), *e.limits)
+        return e.func(*[self._substitute_products(a, products, ranges) for a in e.args])
 
     def _readout_blocks(self, new_states: list, previous: dict, carried_names: set[str],
                         total_names: set[str]) -> dict[str, sympy.Expr] | None:
@@ -846,6 +1206,34 @@ class TorchFormWriter:
                 lines.append(f"{target}.add_({printer.print_expr(term, idx)})")
         return lines
 
+    def _outer_products(self, printer: TorchPrinter, e: sympy.Expr, idx, shape: str, full) -> str | None:
+        """`e` over two indices (i, j) as one matrix product when it is a sum of r >= 2 outer products
+        `x_r[i] * y_r[j]` (the delta product's state-free terms `b1 k1 v1^T + b2 k2 v2^T + ...`):
+        `torch.matmul(stack of x [..., K, r], stack of y [..., r, V])`, one pass over the result instead of a
+        temporary per term. None otherwise. `shape`: the result's, ending in the two indices' sizes."""
+        if len(idx) != 2 or not isinstance(e, sympy.Add):
+            return None
+        dims = [self._range_dim(printer.ranges[i]) for i in idx]
+        if not shape.endswith(f", {dims[0]}, {dims[1]})"):
+            return None
+        lead = shape[: -len(f", {dims[0]}, {dims[1]})")]
+        sides: tuple[list, list] = ([], [])
+        for term in e.args:
+            left, right = [], []
+            for f in sympy.Mul.make_args(term):
+                axes = printer._axes_of(f)
+                if axes <= {idx[0]}:
+                    left.append(f)
+                elif axes == {idx[1]}:
+                    right.append(f)
+                else:
+                    return None
+            if not right or not any(printer._axes_of(f) for f in left):
+                return None
+            sides[0].append(self._broadcast(printer, sympy.Mul(*left), idx[:1], f"{lead}, {dims[0]})", full))
+            sides[1].append(self._broadcast(printer, sympy.Mul(*right), idx[1:], f"{lead}, {dims[1]})", full))
+        return f"torch.matmul(torch.stack([{', '.join(sides[0])}], -1), torch.stack([{', '.join(sides[1])}], -2))"
+
     def _fill(self, printer: TorchPrinter, e: sympy.Expr, idx, target: str, shape: str, per_step: set[str],
               full) -> str:
         """Source writing `e` (over `idx`, for a run of steps) into the existing tensor `target` of `shape`: a
@@ -853,6 +1241,9 @@ class TorchFormWriter:
         else through `_into`; zero as `zero_()`."""
         if e == 0:
             return f"{target}.zero_()"
+        outer = self._outer_products(printer, e, idx, shape, set(full or ()) | set(per_step))
+        if outer is not None:
+            return f"{outer[:-1]}, out={target})"
         tensors = [f for f in sympy.Mul.make_args(e) if not is_constant(f, self.sizes)]
         if (isinstance(e, sympy.Mul) and len(tensors) > 1 and printer._axes_of(e) == set(idx)
                 and any(reads(f, per_step) for f in tensors)):

@@ -715,10 +715,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -748,7 +748,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -2281,24 +2285,29 @@ def bidirectional_mamba_forward__recurrent_adjoint(x, dt, B, C, A, checkpoints, 
         grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
         # Hoisted: state-free subexpressions at the segment's steps.
         exp_A_dt = torch.exp(dt_seg[..., :, None] * A)  # [t1 - t0, B, H, D, N]
-        exp_A_dt_steps = exp_A_dt.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_A_dt_steps = (exp_A_dt).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         h_at[0].copy_(checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., :, None] * x_seg[..., :, None], B_seg[..., None, :], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
-            exp_A_dt_t = exp_A_dt_steps[t]
-            h_at[t + 1].addcmul_(h_at[t], exp_A_dt_t)  # bidirectional_mamba.rec:18
+            h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # bidirectional_mamba.rec:18
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(grad_y_seg[t2:t3][..., :, None], C_seg[t2:t3][..., None, :], out=grad_h__new_steps[t2:t3])  # d loss / d h after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_h__new_at[t3 - 1].add_(grad_h)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_A_dt_t = exp_A_dt_steps[t]
-                grad_h__new_at[t - 1].addcmul_(grad_h__new_at[t], exp_A_dt_t)  # d loss / d h before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_h__new_at[t - 1].addcmul_(exp_A_dt_steps[t], grad_h__new_at[t])  # d loss / d h before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_h__new_at[t - 1].addcmul_(exp_A_dt_steps[t], grad_h__new_at[t])  # d loss / d h before step t
             sum_B_grad_h__new_ = torch.broadcast_to((B_seg[t2:t3][..., None, :] @ grad_h__new_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, D))  # used more than once
             grad_x[:, t0 + t2:t0 + t3] = (sum_B_grad_h__new_ * dt_seg[t2:t3]).transpose(0, 1)
             grad_dt[:, t0 + t2:t0 + t3] = (torch.addcmul((((A * exp_A_dt[t2:t3]) * h_steps[t2:t3]) * grad_h__new_steps[t2:t3]).sum(dim=-1), x_seg[t2:t3], sum_B_grad_h__new_)).transpose(0, 1)
@@ -2306,8 +2315,7 @@ def bidirectional_mamba_forward__recurrent_adjoint(x, dt, B, C, A, checkpoints, 
             grad_C[:, t0 + t2:t0 + t3] = ((grad_y_seg[t2:t3][..., None, :] @ h_steps[t2 + 1:t3 + 1])[..., 0, :]).transpose(0, 1)
             grad_A = grad_A + (dt_seg[t2:t3][..., :, None] * exp_A_dt[t2:t3] * h_steps[t2:t3] * grad_h__new_steps[t2:t3]).sum((0, 1))
         t = 0
-        exp_A_dt_t = exp_A_dt_steps[t]
-        grad_h = exp_A_dt_t * grad_h__new_at[t]  # d loss / d h before the segment
+        grad_h = exp_A_dt_steps[t] * grad_h__new_at[t]  # d loss / d h before the segment
     return [grad_x, grad_dt, grad_B, grad_C, grad_A], {'h': grad_h}
 
 
@@ -2678,24 +2686,29 @@ def bidirectional_mamba_backward__recurrent_adjoint(x, dt, B, C, A, checkpoints,
         grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
         # Hoisted: state-free subexpressions at the segment's steps.
         exp_A_dt = torch.exp(dt_seg[..., :, None] * A)  # [t1 - t0, B, H, D, N]
-        exp_A_dt_steps = exp_A_dt.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_A_dt_steps = (exp_A_dt).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         h_at[0].copy_(checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., :, None] * x_seg[..., :, None], B_seg[..., None, :], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
-            exp_A_dt_t = exp_A_dt_steps[t]
-            h_at[t + 1].addcmul_(h_at[t], exp_A_dt_t)  # bidirectional_mamba.rec:26
+            h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # bidirectional_mamba.rec:26
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(grad_y_seg[t2:t3][..., :, None], C_seg[t2:t3][..., None, :], out=grad_h__new_steps[t2:t3])  # d loss / d h after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_h__new_at[t3 - 1].add_(grad_h)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_A_dt_t = exp_A_dt_steps[t]
-                grad_h__new_at[t - 1].addcmul_(grad_h__new_at[t], exp_A_dt_t)  # d loss / d h before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_h__new_at[t - 1].addcmul_(exp_A_dt_steps[t], grad_h__new_at[t])  # d loss / d h before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_h__new_at[t - 1].addcmul_(exp_A_dt_steps[t], grad_h__new_at[t])  # d loss / d h before step t
             sum_B_grad_h__new_ = torch.broadcast_to((B_seg[t2:t3][..., None, :] @ grad_h__new_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, D))  # used more than once
             grad_x[:, t0 + t2:t0 + t3] = (sum_B_grad_h__new_ * dt_seg[t2:t3]).transpose(0, 1)
             grad_dt[:, t0 + t2:t0 + t3] = (torch.addcmul((((A * exp_A_dt[t2:t3]) * h_steps[t2:t3]) * grad_h__new_steps[t2:t3]).sum(dim=-1), x_seg[t2:t3], sum_B_grad_h__new_)).transpose(0, 1)
@@ -2703,8 +2716,7 @@ def bidirectional_mamba_backward__recurrent_adjoint(x, dt, B, C, A, checkpoints,
             grad_C[:, t0 + t2:t0 + t3] = ((grad_y_seg[t2:t3][..., None, :] @ h_steps[t2 + 1:t3 + 1])[..., 0, :]).transpose(0, 1)
             grad_A = grad_A + (dt_seg[t2:t3][..., :, None] * exp_A_dt[t2:t3] * h_steps[t2:t3] * grad_h__new_steps[t2:t3]).sum((0, 1))
         t = 0
-        exp_A_dt_t = exp_A_dt_steps[t]
-        grad_h = exp_A_dt_t * grad_h__new_at[t]  # d loss / d h before the segment
+        grad_h = exp_A_dt_steps[t] * grad_h__new_at[t]  # d loss / d h before the segment
     return [grad_x, grad_dt, grad_B, grad_C, grad_A], {'h': grad_h}
 
 

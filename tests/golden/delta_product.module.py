@@ -713,10 +713,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -746,7 +746,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -3079,6 +3083,22 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
     S_at = S_steps.unbind(0)
     grad_S__new_steps = grad_S.new_empty((min(every, T_), B_, H_, K, V))
     grad_S__new_at = grad_S__new_steps.unbind(0)
+    # The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the
+    # [B * H, K, V] views of the buffers they contract.
+    S_bmm = S_steps.view(-1, B_ * H_, K, V).unbind(0)
+    sum_S_k1_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_S_k1_bmm = sum_S_k1_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_S_k1_at = sum_S_k1_steps[..., None, :].unbind(0)
+    sum_S_k2_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_S_k2_bmm = sum_S_k2_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_S_k2_at = sum_S_k2_steps[..., None, :].unbind(0)
+    grad_S__new_bmm = grad_S__new_steps.view(-1, B_ * H_, K, V).unbind(0)
+    sum_grad_S__new_k1_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_grad_S__new_k1_bmm = sum_grad_S__new_k1_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_grad_S__new_k1_at = sum_grad_S__new_k1_steps[..., None, :].unbind(0)
+    sum_grad_S__new_k2_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_grad_S__new_k2_bmm = sum_grad_S__new_k2_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_grad_S__new_k2_at = sum_grad_S__new_k2_steps[..., None, :].unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
         q_seg = q[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
@@ -3091,62 +3111,60 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # Hoisted: state-free subexpressions at the segment's steps.
         sum_k1_k2 = (k1_seg * k2_seg).sum(dim=-1)  # [t1 - t0, B, H]
-        k1_steps = k1_seg.unbind(0)
-        k2_steps = k2_seg.unbind(0)
-        v1_steps = v1_seg.unbind(0)
-        v2_steps = v2_seg.unbind(0)
-        b1_steps = b1_seg.unbind(0)
-        b2_steps = b2_seg.unbind(0)
-        sum_k1_k2_steps = sum_k1_k2.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
+        k1_bmm = (k1_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
+        k2_bmm = (k2_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
+        add_b1_b2_k1_k2_steps = (-b1_seg[..., None, None] * k1_seg[..., :, None] + b1_seg[..., None, None] * b2_seg[..., None, None] * k2_seg[..., :, None] * (k1_seg * k2_seg).sum(dim=-1)[..., None, None]).unbind(0)
+        mul_b2_k2_steps = (-b2_seg[..., None, None] * k2_seg[..., :, None]).unbind(0)
+        mul_b1_k1_steps = (-b1_seg[..., None, None] * k1_seg[..., :, None]).unbind(0)
+        add_sum_k1_k2_b1_b2_k1_k2_steps = (-b2_seg[..., None, None] * k2_seg[..., :, None] + sum_k1_k2[..., None, None] * b1_seg[..., None, None] * b2_seg[..., None, None] * k1_seg[..., :, None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
+        torch.matmul(torch.stack([b1_seg[..., None] * k1_seg, b2_seg[..., None] * k2_seg, -b2_seg[..., None] * k2_seg], -1), torch.stack([v1_seg, v2_seg, torch.broadcast_to((((b1_seg[..., None] * k1_seg) * k2_seg).sum(dim=-1)[..., None] * v1_seg), (t1 - t0, B_, H_, V))], -2), out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
-            k1_t = k1_steps[t]
-            k2_t = k2_steps[t]
-            v1_t = v1_steps[t]
-            v2_t = v2_steps[t]
-            b1_t = b1_steps[t]
-            b2_t = b2_steps[t]
-            add_S_k1_v1 = torch.broadcast_to(-(k1_t[..., None, :] @ S_at[t])[..., 0, :] + v1_t, (B_, H_, V))  # used more than once
-            torch.addcmul(torch.addcmul(S_at[t], b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]), b2_t[..., None, None] * k2_t[..., :, None], -(k2_t[..., None, :] @ torch.addcmul(S_at[t], b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]))[..., 0, :][..., None, :] + v2_t[..., None, :], out=S_at[t + 1])  # delta_product.rec:13,14,15,16
+            torch.bmm(k1_bmm[t], S_bmm[t], out=sum_S_k1_bmm[t])  # sum_S_k1 before step t
+            torch.bmm(k2_bmm[t], S_bmm[t], out=sum_S_k2_bmm[t])  # sum_S_k2 before step t
+            S_at[t + 1].addcmul_(add_b1_b2_k1_k2_steps[t], sum_S_k1_at[t])  # delta_product.rec:13,14,15,16
+            S_at[t + 1].addcmul_(mul_b2_k2_steps[t], sum_S_k2_at[t])  # delta_product.rec:13,14,15,16
+            S_at[t + 1].add_(S_at[t])  # delta_product.rec:13,14,15,16
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the products with the total of
+        # step t, and the backward map of step t added in place into the total of step t - 1 (that of step t2 at the
+        # start of the block before); then the inputs' and params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
+            add_sum_S_k1_v1 = torch.broadcast_to(-sum_S_k1_steps[t2:t3] + v1_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
+            add_add_sum_S_k1_v1_S_b1_k1 = torch.broadcast_to(torch.addcmul(S_steps[t2:t3], b1_seg[t2:t3][..., None, None] * k1_seg[t2:t3][..., :, None], add_sum_S_k1_v1[..., None, :]), (t3 - t2, B_, H_, K, V))  # used more than once
+            add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2 = torch.broadcast_to(-(k2_seg[t2:t3][..., None, :] @ add_add_sum_S_k1_v1_S_b1_k1)[..., 0, :] + v2_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
             torch.mul(q_seg[t2:t3][..., :, None] / (K**0.5), grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                k1_t = k1_steps[t]
-                k2_t = k2_steps[t]
-                b1_t = b1_steps[t]
-                b2_t = b2_steps[t]
-                sum_k1_k2_t = sum_k1_k2_steps[t]
-                grad_S__new_at[t - 1].addcmul_(-b1_t[..., None, None] * (k1_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k1_t[..., :, None])  # d loss / d S before step t
-                grad_S__new_at[t - 1].addcmul_(-b2_t[..., None, None] * (k2_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k2_t[..., :, None])  # d loss / d S before step t
-                grad_S__new_at[t - 1].addcmul_(sum_k1_k2_t[..., None, None] * b1_t[..., None, None] * b2_t[..., None, None] * (k2_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k1_t[..., :, None])  # d loss / d S before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_S__new_at[t - 1].addcmul_(mul_b1_k1_steps[t], sum_grad_S__new_k1_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(add_sum_k1_k2_b1_b2_k1_k2_steps[t], sum_grad_S__new_k2_at[t])  # d loss / d S before step t
                 grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
-            sum_grad_S__new_k1 = torch.broadcast_to((k1_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :], (t3 - t2, B_, H_, V))  # used more than once
-            sum_grad_S__new_k2 = torch.broadcast_to((k2_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :], (t3 - t2, B_, H_, V))  # used more than once
-            add_S_k1_v1_2 = torch.broadcast_to(-(k1_seg[t2:t3][..., None, :] @ S_steps[t2:t3])[..., 0, :] + v1_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
-            add_add_S_k1_v1_2_S_b1_k1 = torch.broadcast_to(torch.addcmul(S_steps[t2:t3], b1_seg[t2:t3][..., None, None] * k1_seg[t2:t3][..., :, None], add_S_k1_v1_2[..., None, :]), (t3 - t2, B_, H_, K, V))  # used more than once
-            sum_add_S_k1_v1_2_sum_grad_S__new_k2 = torch.broadcast_to((add_S_k1_v1_2 * sum_grad_S__new_k2).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            add_add_add_S_k1_v1_2_S_b1_k1_k2_v2 = torch.broadcast_to(-(k2_seg[t2:t3][..., None, :] @ add_add_S_k1_v1_2_S_b1_k1)[..., 0, :] + v2_seg[t2:t3], (t3 - t2, B_, H_, V))  # used more than once
+            for t in reversed(range(t2, t3)):
+                torch.bmm(k1_bmm[t], grad_S__new_bmm[t], out=sum_grad_S__new_k1_bmm[t])  # sum_grad_S__new_k1 after step t
+                torch.bmm(k2_bmm[t], grad_S__new_bmm[t], out=sum_grad_S__new_k2_bmm[t])  # sum_grad_S__new_k2 after step t
+                if t > t2:
+                    grad_S__new_at[t - 1].addcmul_(mul_b1_k1_steps[t], sum_grad_S__new_k1_at[t])  # d loss / d S before step t
+                    grad_S__new_at[t - 1].addcmul_(add_sum_k1_k2_b1_b2_k1_k2_steps[t], sum_grad_S__new_k2_at[t])  # d loss / d S before step t
+                    grad_S__new_at[t - 1].add_(grad_S__new_at[t])  # d loss / d S before step t
+            sum_add_sum_S_k1_v1_sum_grad_S__new_k2 = torch.broadcast_to((add_sum_S_k1_v1 * sum_grad_S__new_k2_steps[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / (K**0.5)).transpose(0, 1)
-            grad_k1[:, t0 + t2:t0 + t3] = (torch.addcmul(torch.addcmul(torch.addcmul(b1_seg[t2:t3][..., None] * (add_S_k1_v1_2[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b1_seg[t2:t3][..., None], (sum_grad_S__new_k1[..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), sum_k1_k2[t2:t3][..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None], (sum_grad_S__new_k2[..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), -(sum_add_S_k1_v1_2_sum_grad_S__new_k2[..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None]), k2_seg[t2:t3])).transpose(0, 1)
-            grad_k2[:, t0 + t2:t0 + t3] = (torch.addcmul(b2_seg[t2:t3][..., None] * (add_add_add_S_k1_v1_2_S_b1_k1_k2_v2[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b2_seg[t2:t3][..., None], (sum_grad_S__new_k2[..., None, :] @ add_add_S_k1_v1_2_S_b1_k1.mT)[..., 0, :])).transpose(0, 1)
-            grad_v1[:, t0 + t2:t0 + t3] = (torch.addcmul(b1_seg[t2:t3][..., None] * sum_grad_S__new_k1, -(sum_k1_k2[t2:t3][..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None]), sum_grad_S__new_k2)).transpose(0, 1)
-            grad_v2[:, t0 + t2:t0 + t3] = (b2_seg[t2:t3][..., None] * sum_grad_S__new_k2).transpose(0, 1)
-            grad_b1[:, t0 + t2:t0 + t3] = (torch.addcmul((add_S_k1_v1_2 * sum_grad_S__new_k1).sum(dim=-1), -(sum_k1_k2[t2:t3] * b2_seg[t2:t3]), sum_add_S_k1_v1_2_sum_grad_S__new_k2)).transpose(0, 1)
-            grad_b2[:, t0 + t2:t0 + t3] = ((add_add_add_S_k1_v1_2_S_b1_k1_k2_v2 * sum_grad_S__new_k2).sum(dim=-1)).transpose(0, 1)
+            grad_k1[:, t0 + t2:t0 + t3] = (torch.addcmul(torch.addcmul(torch.addcmul(b1_seg[t2:t3][..., None] * (add_sum_S_k1_v1[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b1_seg[t2:t3][..., None], (sum_grad_S__new_k1_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), sum_k1_k2[t2:t3][..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None], (sum_grad_S__new_k2_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :]), -(sum_add_sum_S_k1_v1_sum_grad_S__new_k2[..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None]), k2_seg[t2:t3])).transpose(0, 1)
+            grad_k2[:, t0 + t2:t0 + t3] = (torch.addcmul(b2_seg[t2:t3][..., None] * (add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2[..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], -b2_seg[t2:t3][..., None], (sum_grad_S__new_k2_steps[t2:t3][..., None, :] @ add_add_sum_S_k1_v1_S_b1_k1.mT)[..., 0, :])).transpose(0, 1)
+            grad_v1[:, t0 + t2:t0 + t3] = (torch.addcmul(b1_seg[t2:t3][..., None] * sum_grad_S__new_k1_steps[t2:t3], -(sum_k1_k2[t2:t3][..., None] * b1_seg[t2:t3][..., None] * b2_seg[t2:t3][..., None]), sum_grad_S__new_k2_steps[t2:t3])).transpose(0, 1)
+            grad_v2[:, t0 + t2:t0 + t3] = (b2_seg[t2:t3][..., None] * sum_grad_S__new_k2_steps[t2:t3]).transpose(0, 1)
+            grad_b1[:, t0 + t2:t0 + t3] = (torch.addcmul((add_sum_S_k1_v1 * sum_grad_S__new_k1_steps[t2:t3]).sum(dim=-1), -(sum_k1_k2[t2:t3] * b2_seg[t2:t3]), sum_add_sum_S_k1_v1_sum_grad_S__new_k2)).transpose(0, 1)
+            grad_b2[:, t0 + t2:t0 + t3] = ((add_add_add_sum_S_k1_v1_S_b1_k1_k2_v2 * sum_grad_S__new_k2_steps[t2:t3]).sum(dim=-1)).transpose(0, 1)
         t = 0
-        k1_t = k1_steps[t]
-        k2_t = k2_steps[t]
-        b1_t = b1_steps[t]
-        b2_t = b2_steps[t]
-        sum_k1_k2_t = sum_k1_k2_steps[t]
-        grad_S = torch.addcmul(torch.addcmul(torch.addcmul(grad_S__new_at[t], -b1_t[..., None, None] * (k1_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k1_t[..., :, None]), -b2_t[..., None, None] * (k2_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k2_t[..., :, None]), sum_k1_k2_t[..., None, None] * b1_t[..., None, None] * b2_t[..., None, None] * (k2_t[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], k1_t[..., :, None])  # d loss / d S before the segment
+        grad_S = grad_S__new_at[t].clone()  # d loss / d S before the segment
+        grad_S.addcmul_(mul_b1_k1_steps[t], sum_grad_S__new_k1_at[t])  # d loss / d S before the segment
+        grad_S.addcmul_(add_sum_k1_k2_b1_b2_k1_k2_steps[t], sum_grad_S__new_k2_at[t])  # d loss / d S before the segment
     return [grad_q, grad_k1, grad_k2, grad_v1, grad_v2, grad_b1, grad_b2], {'S': grad_S}
 
 

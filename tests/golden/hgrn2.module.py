@@ -710,10 +710,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -743,7 +743,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -3643,30 +3647,34 @@ def hgrn2__recurrent_adjoint(q, f, v, checkpoints, grad_outputs, grad_states, K,
         # Hoisted: state-free subexpressions at the segment's steps.
         add_f = 1.0 - torch.exp(f_seg)  # [t1 - t0, B, H, K]
         exp_f = torch.exp(f_seg)  # [t1 - t0, B, H, K]
-        exp_f_steps = exp_f.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_f_steps = (exp_f[..., :, None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         S_at[0].copy_(checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], add_f[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
-            exp_f_t = exp_f_steps[t]
-            S_at[t + 1].addcmul_(exp_f_t[..., :, None], S_at[t])  # hgrn2.rec:12
+            S_at[t + 1].addcmul_(exp_f_steps[t], S_at[t])  # hgrn2.rec:12
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(q_seg[t2:t3][..., :, None], grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_f_t = exp_f_steps[t]
-                grad_S__new_at[t - 1].addcmul_(exp_f_t[..., :, None], grad_S__new_at[t])  # d loss / d S before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_S__new_at[t - 1].addcmul_(exp_f_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_S__new_at[t - 1].addcmul_(exp_f_steps[t], grad_S__new_at[t])  # d loss / d S before step t
             grad_q[:, t0 + t2:t0 + t3] = ((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :]).transpose(0, 1)
             grad_f[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_f[t2:t3] * (S_steps[t2:t3] * grad_S__new_steps[t2:t3]).sum(dim=-1), -(v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], exp_f[t2:t3])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = ((add_f[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :]).transpose(0, 1)
         t = 0
-        exp_f_t = exp_f_steps[t]
-        grad_S = exp_f_t[..., :, None] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S = exp_f_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
     return [grad_q, grad_f, grad_v], {'S': grad_S}
 
 

@@ -711,10 +711,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -744,7 +744,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -3524,46 +3528,52 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
         exp_fg = torch.exp(F.logsigmoid(fg_seg))  # [t1 - t0, B, H]
         exp_ig = torch.exp(ig_seg)  # [t1 - t0, B, H]
         sigmoid_fg = torch.sigmoid(-fg_seg)  # [t1 - t0, B, H]
-        exp_fg_steps = exp_fg.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_fg_steps = (exp_fg[..., None, None]).unbind(0)
+        exp_fg_steps_2 = (exp_fg[..., None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         C_at[0].copy_(checkpoints[t0 // every]['C'])
         n_at[0].copy_(checkpoints[t0 // every]['n'])
         torch.mul(exp_ig[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=C_steps[1:t1 - t0 + 1])  # the state-free terms of C's update at every step
         torch.mul(exp_ig[..., None], k_seg, out=n_steps[1:t1 - t0 + 1])  # the state-free terms of n's update at every step
         for t in range(t1 - t0):
-            exp_fg_t = exp_fg_steps[t]
-            C_at[t + 1].addcmul_(exp_fg_t[..., None, None], C_at[t])  # mlstm.rec:17
-            n_at[t + 1].addcmul_(exp_fg_t[..., None], n_at[t])  # mlstm.rec:18
+            C_at[t + 1].addcmul_(exp_fg_steps[t], C_at[t])  # mlstm.rec:17
+            n_at[t + 1].addcmul_(exp_fg_steps_2[t], n_at[t])  # mlstm.rec:18
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             sum_n__new_q = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
             abs_sum_n__new_q = torch.broadcast_to(torch.abs(sum_n__new_q), (t3 - t2, B_, H_))  # used more than once
+            sign_sum_n__new_q = torch.broadcast_to(torch.sign(sum_n__new_q), (t3 - t2, B_, H_))  # used more than once
             pre_abs_sum_n__new_q = torch.broadcast_to(torch.clamp(abs_sum_n__new_q, min=1.0), (t3 - t2, B_, H_))  # used more than once
-            torch.mul(-(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q[..., None])) * (grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None] * torch.sign(sum_n__new_q[..., None]) / pre_abs_sum_n__new_q[..., None] ** 2.0), q_seg[t2:t3], out=grad_n__new_steps[t2:t3])  # d loss / d n after each step, from its outputs
+            sum_C__new_grad_h_q = torch.broadcast_to((grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
+            heaviside_abs_sum_n__new_q = torch.broadcast_to(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q)), (t3 - t2, B_, H_))  # used more than once
+            torch.mul(-(sign_sum_n__new_q[..., None] * heaviside_abs_sum_n__new_q[..., None] * sum_C__new_grad_h_q[..., None] / pre_abs_sum_n__new_q[..., None] ** 2.0), q_seg[t2:t3], out=grad_n__new_steps[t2:t3])  # d loss / d n after each step, from its outputs
             torch.mul(q_seg[t2:t3][..., :, None] / pre_abs_sum_n__new_q[..., None, None], grad_h_seg[t2:t3][..., None, :], out=grad_C__new_steps[t2:t3])  # d loss / d C after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_n__new_at[t3 - 1].add_(grad_n)
                 grad_C__new_at[t3 - 1].add_(grad_C)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_fg_t = exp_fg_steps[t]
-                grad_n__new_at[t - 1].addcmul_(exp_fg_t[..., None], grad_n__new_at[t])  # d loss / d n before step t
-                grad_C__new_at[t - 1].addcmul_(exp_fg_t[..., None, None], grad_C__new_at[t])  # d loss / d C before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_n__new_at[t - 1].addcmul_(exp_fg_steps_2[t], grad_n__new_at[t])  # d loss / d n before step t
+                grad_C__new_at[t - 1].addcmul_(exp_fg_steps[t], grad_C__new_at[t])  # d loss / d C before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_n__new_at[t - 1].addcmul_(exp_fg_steps_2[t], grad_n__new_at[t])  # d loss / d n before step t
+                grad_C__new_at[t - 1].addcmul_(exp_fg_steps[t], grad_C__new_at[t])  # d loss / d C before step t
             sum_grad_C__new_k = torch.broadcast_to((k_seg[t2:t3][..., None, :] @ grad_C__new_steps[t2:t3])[..., 0, :], (t3 - t2, B_, H_, V))  # used more than once
-            sum_n__new_q_2 = torch.broadcast_to((n_steps[t2 + 1:t3 + 1] * q_seg[t2:t3]).sum(dim=-1), (t3 - t2, B_, H_))  # used more than once
-            abs_sum_n__new_q_2 = torch.broadcast_to(torch.abs(sum_n__new_q_2), (t3 - t2, B_, H_))  # used more than once
-            pre_abs_sum_n__new_q_2 = torch.broadcast_to(torch.clamp(abs_sum_n__new_q_2, min=1.0), (t3 - t2, B_, H_))  # used more than once
-            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_h_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / pre_abs_sum_n__new_q_2[..., None], -(torch.relu(torch.sign((-1.0) + abs_sum_n__new_q_2[..., None])) * (grad_h_seg[t2:t3] * (q_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1])[..., 0, :]).sum(dim=-1)[..., None] * torch.sign(sum_n__new_q_2[..., None]) / pre_abs_sum_n__new_q_2[..., None] ** 2.0), n_steps[t2 + 1:t3 + 1])).transpose(0, 1)
+            grad_q[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_h_seg[t2:t3][..., None, :] @ C_steps[t2 + 1:t3 + 1].mT)[..., 0, :] / pre_abs_sum_n__new_q[..., None], -(sign_sum_n__new_q[..., None] * heaviside_abs_sum_n__new_q[..., None] * sum_C__new_grad_h_q[..., None] / pre_abs_sum_n__new_q[..., None] ** 2.0), n_steps[t2 + 1:t3 + 1])).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_ig[t2:t3][..., None] * grad_n__new_steps[t2:t3], exp_ig[t2:t3][..., None], (v_seg[t2:t3][..., None, :] @ grad_C__new_steps[t2:t3].mT)[..., 0, :])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = (exp_ig[t2:t3][..., None] * sum_grad_C__new_k).transpose(0, 1)
             grad_ig[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_ig[t2:t3] * (sum_grad_C__new_k * v_seg[t2:t3]).sum(dim=-1), (k_seg[t2:t3] * grad_n__new_steps[t2:t3]).sum(dim=-1), exp_ig[t2:t3])).transpose(0, 1)
             grad_fg[:, t0 + t2:t0 + t3] = (torch.addcmul(exp_fg[t2:t3] * sigmoid_fg[t2:t3] * (n_steps[t2:t3] * grad_n__new_steps[t2:t3]).sum(dim=-1), sigmoid_fg[t2:t3] * (C_steps[t2:t3] * grad_C__new_steps[t2:t3]).sum(dim=(-2, -1)), exp_fg[t2:t3])).transpose(0, 1)
         t = 0
-        exp_fg_t = exp_fg_steps[t]
-        grad_n = exp_fg_t[..., None] * grad_n__new_at[t]  # d loss / d n before the segment
-        grad_C = exp_fg_t[..., None, None] * grad_C__new_at[t]  # d loss / d C before the segment
+        grad_n = exp_fg_steps_2[t] * grad_n__new_at[t]  # d loss / d n before the segment
+        grad_C = exp_fg_steps[t] * grad_C__new_at[t]  # d loss / d C before the segment
     return [grad_q, grad_k, grad_v, grad_ig, grad_fg], {'C': grad_C, 'n': grad_n}
 
 

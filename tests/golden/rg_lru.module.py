@@ -719,10 +719,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -752,7 +752,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -3583,31 +3587,35 @@ def rg_lru__recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, grad_st
         pow_gr_lam_2 = (1.0 - torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))) ** (-0.5)  # [t1 - t0, B, H, D]
         exp_gr_lam_2 = torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))  # [t1 - t0, B, H, D]
         add_gi = 1.0 - torch.sigmoid(gi_seg)  # [t1 - t0, B, H, D]
-        exp_gr_lam_steps = exp_gr_lam.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The coefficients of the terms that read the states and their gradients in the loops, placed
+        # against the states' axes, for the segment's steps.
+        exp_gr_lam_steps = (exp_gr_lam).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place.
         h_at[0].copy_(checkpoints[t0 // every]['h'])
         torch.mul(sigmoid_gi * x_seg, pow_gr_lam, out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
-            exp_gr_lam_t = exp_gr_lam_steps[t]
-            h_at[t + 1].addcmul_(h_at[t], exp_gr_lam_t)  # rg_lru.rec:15,16
+            h_at[t + 1].addcmul_(exp_gr_lam_steps[t], h_at[t])  # rg_lru.rec:15,16
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the backward map of step t added in
+        # place into the total of step t - 1 (that of step t2 at the start of the block before); then the inputs' and
+        # params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             grad_h__new_steps[t2:t3].copy_(grad_y_seg[t2:t3])  # d loss / d h after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_h__new_at[t3 - 1].add_(grad_h)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                exp_gr_lam_t = exp_gr_lam_steps[t]
-                grad_h__new_at[t - 1].addcmul_(grad_h__new_at[t], exp_gr_lam_t)  # d loss / d h before step t
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_h__new_at[t - 1].addcmul_(exp_gr_lam_steps[t], grad_h__new_at[t])  # d loss / d h before step t
+            for t in reversed(range(t2 + 1, t3)):
+                grad_h__new_at[t - 1].addcmul_(exp_gr_lam_steps[t], grad_h__new_at[t])  # d loss / d h before step t
             grad_x[:, t0 + t2:t0 + t3] = (pow_gr_lam[t2:t3] * sigmoid_gi[t2:t3] * grad_h__new_steps[t2:t3]).transpose(0, 1)
             grad_gr[:, t0 + t2:t0 + t3] = (torch.addcmul((-8.0) * exp_gr_lam[t2:t3] * add_gr[t2:t3] * sigmoid_gr[t2:t3] * softplus_lam * h_steps[t2:t3] * grad_h__new_steps[t2:t3], 8.0 * add_gr[t2:t3] * sigmoid_gr[t2:t3] * softplus_lam * pow_gr_lam_2[t2:t3] * exp_gr_lam_2[t2:t3] * grad_h__new_steps[t2:t3] * x_seg[t2:t3], sigmoid_gi[t2:t3])).transpose(0, 1)
             grad_gi[:, t0 + t2:t0 + t3] = (pow_gr_lam[t2:t3] * sigmoid_gi[t2:t3] * add_gi[t2:t3] * grad_h__new_steps[t2:t3] * x_seg[t2:t3]).transpose(0, 1)
             grad_lam = grad_lam + (torch.addcmul(8.0 * exp_gr_lam[t2:t3] * sigmoid_gr[t2:t3] * sigmoid_lam * h_steps[t2:t3] * grad_h__new_steps[t2:t3], (-8.0) * sigmoid_gr[t2:t3] * pow_gr_lam_2[t2:t3] * exp_gr_lam_2[t2:t3] * sigmoid_lam * grad_h__new_steps[t2:t3] * x_seg[t2:t3], sigmoid_gi[t2:t3])).sum((0, 1))
         t = 0
-        exp_gr_lam_t = exp_gr_lam_steps[t]
-        grad_h = exp_gr_lam_t * grad_h__new_at[t]  # d loss / d h before the segment
+        grad_h = exp_gr_lam_steps[t] * grad_h__new_at[t]  # d loss / d h before the segment
     return [grad_x, grad_gr, grad_gi, grad_lam], {'h': grad_h}
 
 

@@ -708,10 +708,10 @@ MIN_EVERY = 16
 
 # How many consecutive steps' input and param gradients the derived backward computes at once (on slices of its
 # segment buffers, time-major), as soon as its reverse loop has passed them: a positive number forces it; unset or 0:
-# on CPU as many steps as keep the block's states and their gradients within BLOCK_BYTES, at least 1 and at most a
-# segment; on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC (1 MiB L2 per core,
-# 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of 16-64 steps were
-# fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
+# on CPU the segment in as many equal blocks as keep a block's states and their gradients near BLOCK_BYTES (at least
+# 1 step, at most a segment); on a GPU a whole segment (each call is a kernel launch). Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3), fwd+bwd of GLA and DeltaNet, B=2, H=4: at K=V=64 (128 KiB states) blocks of
+# 16-64 steps were fastest, at K=V=128 (512 KiB) blocks of 2-4, slower beyond: large blocks fall out of cache.
 ADJOINT_BLOCK = "RECURRENCE_DSL_ADJOINT_BLOCK"
 BLOCK_BYTES = 4 << 20
 
@@ -741,7 +741,11 @@ def adjoint_block(states, every: int) -> int:
     if not all(s.device.type == "cpu" for s in states):
         return every
     step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # the states and their total gradients
-    return max(1, min(every, BLOCK_BYTES // max(step_bytes, 1)))
+    # The segment in equal blocks of about BLOCK_BYTES: a cap of BLOCK_BYTES // step_bytes would cut mLSTM's
+    # 16-step segment (C[K, V] and n[K], a little over 256 KiB a step) into 15 steps and 1, and each block costs
+    # its own dozen batched calls.
+    blocks = max(1, round(every * step_bytes / BLOCK_BYTES))
+    return max(1, -(-every // blocks))
 
 
 def checkpoint_every(length: int, states=()) -> int:
@@ -2967,6 +2971,16 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
     S_at = S_steps.unbind(0)
     grad_S__new_steps = grad_S.new_empty((min(every, T_), B_, H_, K, V))
     grad_S__new_at = grad_S__new_steps.unbind(0)
+    # The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the
+    # [B * H, K, V] views of the buffers they contract.
+    S_bmm = S_steps.view(-1, B_ * H_, K, V).unbind(0)
+    sum_S_kk_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_S_kk_bmm = sum_S_kk_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_S_kk_at = sum_S_kk_steps[..., None, :].unbind(0)
+    grad_S__new_bmm = grad_S__new_steps.view(-1, B_ * H_, K, V).unbind(0)
+    sum_grad_S__new_a_kk_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
+    sum_grad_S__new_a_kk_bmm = sum_grad_S__new_a_kk_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_grad_S__new_a_kk_at = sum_grad_S__new_a_kk_steps[..., None, :].unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)
         r_seg = r[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, K]
@@ -2980,47 +2994,50 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
         exp_w = torch.exp(w_seg)  # [t1 - t0, B, H, K]
         sum_grad_o_v = (grad_o_seg * v_seg).sum(dim=-1)  # [t1 - t0, B, H]
         sum_k_r_u = ((k_seg * r_seg) * u).sum(dim=-1)  # [t1 - t0, B, H]
-        k_steps = k_seg.unbind(0)
-        v_steps = v_seg.unbind(0)
-        kk_steps = kk_seg.unbind(0)
-        a_steps = a_seg.unbind(0)
-        exp_w_steps = exp_w.unbind(0)
-        # The segment's states, recomputed from its checkpoint.
+        # The vectors of the per-step products ([B * H, 1, K] a step) and the coefficients of the terms
+        # that read the states and their gradients in the loops, for the segment's steps.
+        kk_bmm = (kk_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
+        mul_a_kk_bmm = (a_seg * kk_seg).reshape(t1 - t0, B_ * H_, 1, K).unbind(0)
+        exp_w_steps = (exp_w[..., :, None]).unbind(0)
+        mul_a_kk_steps = (-(a_seg[..., :, None] * kk_seg[..., :, None])).unbind(0)
+        mul_kk_steps = (-kk_seg[..., :, None]).unbind(0)
+        # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
+        # segment at once, then per step the terms that read the state before it, in place (its products first).
         S_at[0].copy_(checkpoints[t0 // every]['S'])
+        torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
-            k_t = k_steps[t]
-            v_t = v_steps[t]
-            kk_t = kk_steps[t]
-            a_t = a_steps[t]
-            exp_w_t = exp_w_steps[t]
-            torch.addcmul(torch.addcmul(exp_w_t[..., :, None] * S_at[t], v_t[..., None, :], k_t[..., :, None]), -kk_t[..., :, None] * (kk_t[..., None, :] @ S_at[t])[..., 0, :][..., None, :], a_t[..., :, None], out=S_at[t + 1])  # rwkv7.rec:13
+            torch.bmm(kk_bmm[t], S_bmm[t], out=sum_S_kk_bmm[t])  # sum_S_kk before step t
+            S_at[t + 1].addcmul_(exp_w_steps[t], S_at[t])  # rwkv7.rec:13
+            S_at[t + 1].addcmul_(mul_a_kk_steps[t], sum_S_kk_at[t])  # rwkv7.rec:13
         # The adjoint, backwards in time, a block of steps t2 .. t3 - 1 at a time (from the last): the readout terms of
-        # each state's total gradient for the whole block at once, then step by step the gradient of the state before
-        # step t added in place into the total of step t - 1; then the inputs' and params' gradients at the block.
+        # each state's total gradient for the whole block at once; then step by step the products with the total of
+        # step t, and the backward map of step t added in place into the total of step t - 1 (that of step t2 at the
+        # start of the block before); then the inputs' and params' gradients at the block.
         for t2 in reversed(range(0, t1 - t0, block)):
             t3 = min(t2 + block, t1 - t0)
             torch.mul(r_seg[t2:t3][..., :, None], grad_o_seg[t2:t3][..., None, :], out=grad_S__new_steps[t2:t3])  # d loss / d S after each step, from its outputs
             if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it
                 grad_S__new_at[t3 - 1].add_(grad_S)
-            for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):
-                kk_t = kk_steps[t]
-                a_t = a_steps[t]
-                exp_w_t = exp_w_steps[t]
-                grad_S__new_at[t - 1].addcmul_(exp_w_t[..., :, None], grad_S__new_at[t])  # d loss / d S before step t
-                grad_S__new_at[t - 1].addcmul_(-((a_t * kk_t)[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], kk_t[..., :, None])  # d loss / d S before step t
-            sum_S_grad_S__new_kk = torch.broadcast_to(((kk_seg[t2:t3][..., None, :] @ S_steps[t2:t3])[..., 0, :][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, K))  # used more than once
+            else:  # the backward map of step t3 (the block after this one's first)
+                t = t3
+                grad_S__new_at[t - 1].addcmul_(exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                grad_S__new_at[t - 1].addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before step t
+            for t in reversed(range(t2, t3)):
+                torch.bmm(mul_a_kk_bmm[t], grad_S__new_bmm[t], out=sum_grad_S__new_a_kk_bmm[t])  # sum_grad_S__new_a_kk after step t
+                if t > t2:
+                    grad_S__new_at[t - 1].addcmul_(exp_w_steps[t], grad_S__new_at[t])  # d loss / d S before step t
+                    grad_S__new_at[t - 1].addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before step t
+            sum_grad_S__new_sum_S_kk = torch.broadcast_to((sum_S_kk_steps[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], (t3 - t2, B_, H_, K))  # used more than once
             grad_r[:, t0 + t2:t0 + t3] = (torch.addcmul((grad_o_seg[t2:t3][..., None, :] @ S_steps[t2 + 1:t3 + 1].mT)[..., 0, :], sum_grad_o_v[t2:t3][..., None] * u, k_seg[t2:t3])).transpose(0, 1)
             grad_w[:, t0 + t2:t0 + t3] = (exp_w[t2:t3] * (S_steps[t2:t3] * grad_S__new_steps[t2:t3]).sum(dim=-1)).transpose(0, 1)
             grad_k[:, t0 + t2:t0 + t3] = (torch.addcmul((v_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3].mT)[..., 0, :], sum_grad_o_v[t2:t3][..., None] * u, r_seg[t2:t3])).transpose(0, 1)
             grad_v[:, t0 + t2:t0 + t3] = (torch.addcmul((k_seg[t2:t3][..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :], sum_k_r_u[t2:t3][..., None], grad_o_seg[t2:t3])).transpose(0, 1)
-            grad_kk[:, t0 + t2:t0 + t3] = (torch.addcmul(-(((a_seg[t2:t3] * kk_seg[t2:t3])[..., None, :] @ grad_S__new_steps[t2:t3])[..., 0, :][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :], -a_seg[t2:t3], sum_S_grad_S__new_kk)).transpose(0, 1)
-            grad_a[:, t0 + t2:t0 + t3] = (-(sum_S_grad_S__new_kk * kk_seg[t2:t3])).transpose(0, 1)
+            grad_kk[:, t0 + t2:t0 + t3] = (torch.addcmul(-(sum_grad_S__new_a_kk_steps[t2:t3][..., None, :] @ S_steps[t2:t3].mT)[..., 0, :], -a_seg[t2:t3], sum_grad_S__new_sum_S_kk)).transpose(0, 1)
+            grad_a[:, t0 + t2:t0 + t3] = (-(sum_grad_S__new_sum_S_kk * kk_seg[t2:t3])).transpose(0, 1)
             grad_u = grad_u + (torch.broadcast_to(sum_grad_o_v[t2:t3][..., None] * k_seg[t2:t3] * r_seg[t2:t3], (t3 - t2, B_, H_, K))).sum((0, 1))
         t = 0
-        kk_t = kk_steps[t]
-        a_t = a_steps[t]
-        exp_w_t = exp_w_steps[t]
-        grad_S = torch.addcmul(exp_w_t[..., :, None] * grad_S__new_at[t], -((a_t * kk_t)[..., None, :] @ grad_S__new_at[t])[..., 0, :][..., None, :], kk_t[..., :, None])  # d loss / d S before the segment
+        grad_S = exp_w_steps[t] * grad_S__new_at[t]  # d loss / d S before the segment
+        grad_S.addcmul_(mul_kk_steps[t], sum_grad_S__new_a_kk_at[t])  # d loss / d S before the segment
     return [grad_r, grad_w, grad_k, grad_v, grad_kk, grad_a, grad_u], {'S': grad_S}
 
 
