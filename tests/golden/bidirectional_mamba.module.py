@@ -1895,6 +1895,17 @@ def _triton_scan_program(N, BN: tl.constexpr):
 
 
 @triton.jit
+def _triton_sequence_start(cu, i_b, T, VARLEN: tl.constexpr):
+    """(its first step's index in the [B, T] steps, its length) of the sequence of batch row i_b: under VARLEN
+    sequence i_b of the packed row, steps cu[i_b] .. cu[i_b + 1]; else row i_b, T steps."""
+    if VARLEN:
+        bos = tl.load(cu + i_b).to(tl.int64)
+        return bos, (tl.load(cu + i_b + 1) - bos).to(tl.int32)
+    else:
+        return i_b.to(tl.int64) * T, T
+
+
+@triton.jit
 def _triton_first_step_mask(m_n, T, VARLEN: tl.constexpr):
     """The lanes of step 0 to load: a packed row's empty sequence has no step 0 (and its g is zero); a row of its
     own has T >= 1 (the launcher's rule)."""
@@ -1909,11 +1920,7 @@ def _triton_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.cons
     i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
-        bos = tl.load(cu + i_b).to(tl.int64)
-        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
+    bos, T = _triton_sequence_start(cu, i_b, T, VARLEN)
     base = bos * N  # the sequence's first step in [B, T, N]
     b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
     for i_t in range(0, tl.cdiv(T, BT)):
@@ -1935,11 +1942,7 @@ def _triton_scan_bwd_kernel(
     i_b, i_n = _triton_scan_program(N, BN)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    if VARLEN:  # sequence i_b of the packed row: steps cu[i_b] .. cu[i_b + 1]
-        bos = tl.load(cu + i_b).to(tl.int64)
-        T = (tl.load(cu + i_b + 1) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
+    bos, T = _triton_sequence_start(cu, i_b, T, VARLEN)
     base = bos * N  # the sequence's first step in [B, T, N]
     b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
     b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
