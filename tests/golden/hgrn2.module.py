@@ -2371,6 +2371,12 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     T, K = k.shape[1], k.shape[-1]
     _triton_check_block("chunk_size", chunk_size)
     BT = min(chunk_size, _triton_pow2_at_least_16(T))
+    # CUDA allows 65535 programs on grid axes 1 and 2, where the kernels put B * H and the chunks' 16-step
+    # sub-chunks; a layer's call runs in pieces within both (codegen/dispatch.py `in_grid_pieces`)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, BT) * max(BT // _triton_SUB, 1) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or T = {T} (at most "
+                         f"65535 sub-chunks of {_triton_SUB} steps) is past CUDA's grid limits; split the call (a layer "
+                         "does: codegen/dispatch.py in_grid_pieces)")
     if block_k is None:
         block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
