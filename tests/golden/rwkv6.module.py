@@ -2033,6 +2033,9 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
+# it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
+_triton_FUSED_OUTPUT_BV = 32
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 
@@ -2516,6 +2519,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     k2, v2, A2 = pair if pair is not None else (k, v, A)
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = f.v_step
+    if vs is not None or f.skip is not None:
+        BV = min(BV, _triton_FUSED_OUTPUT_BV)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
