@@ -3,7 +3,7 @@
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
         [--forms recurrent,chunked] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
-        [--cached] [--resume]
+        [--cached] [--resume] [--shape B=1,T=16,H=1] [--merge A.json B.json ...]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
 inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
@@ -17,6 +17,7 @@ versions, every row) after every call, so a stopped run keeps what it did.
 source, target and options, so a hit is the same binary): float16 calls compile the kernels bfloat16 calls did, and
 a run after a change to a few kernels compiles only those; such rows carry `cached` and the lookup's seconds.
 --resume: keep the calls already in --out that compiled (no error) and run only the others (a stopped run goes on).
+--merge: compile nothing; join runs made separately (per spec, or at another --shape) into one table and summary.
 
 --compare: a GPU run of benchmarks/gpu_kernel_report.py (registers from the device, `n_spills` = local bytes / 4);
 its rows are set beside this run's sm_90 bfloat16 rows of the same spec, size, form and kernel.
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
                         "this machine's memory at the default: based's scan at K = V = 128)")
     parser.add_argument("--cached", action="store_true", help="reuse Triton's on-disk cache of compiled kernels")
     parser.add_argument("--resume", action="store_true", help="keep the compiled calls already in --out")
+    parser.add_argument("--merge", type=Path, nargs="+", help="compile nothing: join the runs of these JSON files "
+                        "(a later file's call replaces an earlier one's) into --out with one summary")
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
@@ -122,6 +125,13 @@ def main(argv=None) -> int:
     if args.resume and args.out.exists():
         done = {_key(r): r for r in json.loads(args.out.read_text())["runs"] if "error" not in r}
     started = time.time()
+    if args.merge:
+        joined = {}
+        for path in args.merge:
+            joined.update({_key(r): r for r in json.loads(path.read_text())["runs"]})
+        report["runs"] = list(joined.values())
+        report["merged_from"] = [str(p) for p in args.merge]
+        paths = []
     print(f"{'recurrence':<28} {'size':>4} {'dtype':<8} {'target':<6} {'form':<9} {'phase':<8} {'kernel':<44} "
           f"{'regs':>4} {'spill B':>7} {'shared B':>8} {'compile s':>9}", flush=True)
     for path in paths:

@@ -208,7 +208,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
                                         {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
-        if len(groups) == 1 and groups[0][1] - groups[0][0] > 1:
+        if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
             return call_form(chosen, piece, piece_states, length, cu_seqlens=cu, **more)
         parts = []
         for n0, n1 in groups:

@@ -163,6 +163,9 @@ _LOG_DECAY_FLOOR = -1000.0  # _cumsum_kernel floors every log decay here (exp(-1
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
+# it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
+_FUSED_OUTPUT_BV = 32
 _DELTA_STATE_WARPS = 8  # _delta_state_kernel (whole [K, BV] columns of S, [BT, KB] tiles of W and k)
 _DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tiles are float64)
 # _delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
@@ -945,6 +948,12 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     T, K = k.shape[1], k.shape[-1]
     _check_block("chunk_size", chunk_size)
     BT = min(chunk_size, _pow2_at_least_16(T))
+    # CUDA allows 65535 programs on grid axes 1 and 2, where the kernels put B * H and the chunks' 16-step
+    # sub-chunks; a layer's call runs in pieces within both (codegen/dispatch.py `in_grid_pieces`)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, BT) * max(BT // _SUB, 1) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or T = {T} (at most "
+                         f"65535 sub-chunks of {_SUB} steps) is past CUDA's grid limits; split the call (a layer "
+                         "does: codegen/dispatch.py in_grid_pieces)")
     if block_k is None:
         block_k = _pow2_at_least_16(K) if delta else min(64, _pow2_at_least_16(K))
     _check_block("block_k", block_k)
@@ -1109,6 +1118,8 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     k2, v2, A2 = pair if pair is not None else (k, v, A)
     f = fused if fused is not None else _NOT_FUSED
     vs = f.v_step
+    if vs is not None or f.skip is not None:
+        BV = min(BV, _FUSED_OUTPUT_BV)
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,

@@ -180,3 +180,13 @@ def test_recurrent_state_too_large_runs_chunked_under_auto():
     assert ran == ["recurrent", "chunked"]  # refused before any kernel, then the chunked form
     want = layer(*args, backend="torch", form="recurrent")[0]
     assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+def test_runtime_refuses_a_call_past_the_limits():
+    """The chunked runtime called directly (no dispatcher to split it): a clear error naming k's shape, before any
+    kernel is launched."""
+    from codegen import triton_runtime
+
+    k = torch.zeros(65536, 1, 1, 16)  # B * H = 65536
+    with pytest.raises(ValueError, match=r"k \[65536, 1, 1, 16\]: B \* H = 65536 .* past CUDA's grid limits"):
+        triton_runtime.chunked_linear([(k, False)], k, k, None, None, None, 16, True)

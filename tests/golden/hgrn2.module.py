@@ -511,7 +511,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
                                         {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
-        if len(groups) == 1 and groups[0][1] - groups[0][0] > 1:
+        if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
             return call_form(chosen, piece, piece_states, length, cu_seqlens=cu, **more)
         parts = []
         for n0, n1 in groups:
@@ -2129,6 +2129,9 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
+# it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
+_triton_FUSED_OUTPUT_BV = 32
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 # _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
@@ -2521,6 +2524,12 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     T, K = k.shape[1], k.shape[-1]
     _triton_check_block("chunk_size", chunk_size)
     BT = min(chunk_size, _triton_pow2_at_least_16(T))
+    # CUDA allows 65535 programs on grid axes 1 and 2, where the kernels put B * H and the chunks' 16-step
+    # sub-chunks; a layer's call runs in pieces within both (codegen/dispatch.py `in_grid_pieces`)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, BT) * max(BT // _triton_SUB, 1) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or T = {T} (at most "
+                         f"65535 sub-chunks of {_triton_SUB} steps) is past CUDA's grid limits; split the call (a layer "
+                         "does: codegen/dispatch.py in_grid_pieces)")
     if block_k is None:
         block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
@@ -2661,6 +2670,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     k2, v2, A2 = pair if pair is not None else (k, v, A)
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = f.v_step
+    if vs is not None or f.skip is not None:
+        BV = min(BV, _triton_FUSED_OUTPUT_BV)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,

@@ -521,7 +521,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
                                         {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
-        if len(groups) == 1 and groups[0][1] - groups[0][0] > 1:
+        if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
             return call_form(chosen, piece, piece_states, length, cu_seqlens=cu, **more)
         parts = []
         for n0, n1 in groups:
@@ -1594,6 +1594,8 @@ def _stack_steps(steps, B_, H_, dims, like):
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+# _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
+# it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 # _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
