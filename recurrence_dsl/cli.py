@@ -553,17 +553,10 @@ def cmd_kernels(args) -> int:
                 kernels, counted = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype,
                                                         target=target, form=form, config=config,
                                                         backward=args.backward, intermediates=True)
-            except kr.CompileFailed as err:
-                run["error"] = str(err)
-                problems.append(str(err))
-                runs.append(run)
-                if not args.json:
-                    print(f"{rec.name} ({form}): {err}\n")
-                continue
-            except kr.KernelReportError as err:
-                raise UsageError(str(err)) from None
-            except ValueError as err:  # a bad config or call, or a form that cannot hold its state at these sizes
-                if not getattr(err, "does_not_fit", False):
+            except (kr.KernelReportError, ValueError) as err:
+                # A failed compile, or a form that cannot hold its state at these sizes, is a row of the report;
+                # any other error is the command's (a bad config or call).
+                if not isinstance(err, kr.CompileFailed) and not getattr(err, "does_not_fit", False):
                     raise UsageError(str(err)) from None
                 run["error"] = str(err)
                 problems.append(str(err))

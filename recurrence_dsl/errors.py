@@ -93,7 +93,29 @@ def render_at(label: str, message: str, span: Span, source: Source, hint: str | 
     return "\n".join(parts)
 
 
-class SpecError(Exception):
+class _AtSpan:
+    """A message about a place in a `.rec` program: its line and column, and its rendering with the source line."""
+
+    kind = "error"
+    message: str
+    span: Span
+    source: Source
+    hint: str | None
+
+    @property
+    def line(self) -> int:
+        return self.span.line
+
+    @property
+    def column(self) -> int:
+        return self.span.column
+
+    def render(self) -> str:
+        """`FILE:LINE:COL: KIND: MESSAGE`, the source line, a caret, and a hint if any."""
+        return render_at(self.kind, self.message, self.span, self.source, self.hint)
+
+
+class SpecError(_AtSpan, Exception):
     """An error in a `.rec` program, with its position in the source."""
 
     def __init__(self, message: str, span: Span, source: Source, hint: str | None = None):
@@ -103,21 +125,9 @@ class SpecError(Exception):
         self.hint = hint
         super().__init__(self.render())
 
-    @property
-    def line(self) -> int:
-        return self.span.line
-
-    @property
-    def column(self) -> int:
-        return self.span.column
-
-    def render(self) -> str:
-        """`FILE:LINE:COL: error: MESSAGE`, the source line, a caret, and a hint if any."""
-        return render_at("error", self.message, self.span, self.source, self.hint)
-
 
 @dataclass(frozen=True)
-class SpecWarning:
+class SpecWarning(_AtSpan):
     """Something in a valid `.rec` program that is most likely a mistake (a state no output ever sees, an input
     never read). Not raised: `Recurrence.warnings` holds them and the command line prints them on stderr."""
 
@@ -125,18 +135,7 @@ class SpecWarning:
     span: Span
     source: Source = field(compare=False, repr=False)
     hint: str | None = None
-
-    @property
-    def line(self) -> int:
-        return self.span.line
-
-    @property
-    def column(self) -> int:
-        return self.span.column
-
-    def render(self) -> str:
-        """`FILE:LINE:COL: warning: MESSAGE`, the source line, a caret, and a hint if any."""
-        return render_at("warning", self.message, self.span, self.source, self.hint)
+    kind = "warning"
 
 
 class CallError(ValueError):
