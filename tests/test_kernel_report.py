@@ -36,8 +36,7 @@ def _tools_missing() -> str:
 
 needs_tools = pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
 
-GLA_KERNELS = {"_triton_cumsum_kernel", "_triton_intra_attn_kernel", "_triton_chunk_state_kernel",
-               "_triton_chunk_output_kernel"}
+GLA_KERNELS = {"_triton_intra_attn_kernel", "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
 
 
 def _child_env() -> dict:
