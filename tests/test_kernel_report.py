@@ -83,14 +83,23 @@ def test_gla_forward_and_backward_for_sm90_as_json():
 @needs_tools
 def test_a_spilling_kernel_exits_1_and_is_named():
     # minimal_rnn's recurrent kernel holds its two [D, D] params in registers (no axis of its state can be split
-    # over programs: the step reads h across D): at D = 256, 128 K float32 on 16 warps, 256 values per thread.
-    run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
-                  "--form", "recurrent", "--dtype", "float32")
+    # over programs: the step reads h across D): at D = 128 on one warp, 32 K float32 on 32 threads, 1024 values
+    # per thread. (At D = 256 the footprint passes an SM's registers and the launcher refuses before compiling.)
+    run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=128",
+                  "--form", "recurrent", "--dtype", "float32", "--config", '{"num_warps": 1}')
     assert run.returncode == 1, run.stdout + run.stderr
     assert "minimal_rnn__triton_recurrent_kernel spills" in run.stdout and "Traceback" not in run.stderr
     header = next(line for line in run.stdout.splitlines() if "regs" in line)
     assert header.split()[:3] == ["kernel", "grid", "warps"] and "spill B" in header and "compile s" in header
 
+
+def test_a_form_that_cannot_hold_its_state_exits_1_with_the_reason():
+    # At D = 256 minimal_rnn's recurrent kernel would hold 2 [D, D] params: more than an SM's 65536 registers.
+    run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
+                  "--form", "recurrent", "--dtype", "float32")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "cannot keep its state in registers" in run.stdout and "Traceback" not in run.stderr
+    assert "0 kernels (0 launches) compiled" in run.stdout
 
 HOG = '''
 import triton
