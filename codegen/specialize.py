@@ -7,6 +7,8 @@ The chunked Triton kernels are one family switched by `tl.constexpr` flags, as i
   EXCLUSIVE  whether a readout reads the state before its own step (output kernels only)
   DPLR       True for the diagonal-plus-rank-one class (a second key / value pair in the delta state and output
              kernels), False for every other
+  SPANS      True only in the linear class's forward with a key decay (the kernels sum the raw log decays over
+             the steps each factor spans); False everywhere else
 
 The generated module launches these kernels only through the decay class its chunk plan names
 (`triton_chunked_linear_by(triton_KeyDecay, ...)`, see codegen/triton_runtime.py), so over the whole module each
@@ -116,18 +118,23 @@ def backward_flags(analyses: list[Analysis]) -> dict[str, dict[str, frozenset]]:
 def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
     """The values each kernel flag takes over the chunked Triton forms of `analyses` (empty: no such form)."""
     decay, delta, exclusive, dplr = set(), set(), set(), set()
+    spans = {False}  # the default, and every backward's
     for a in analyses:
         if "chunked" not in triton_form_names(a):
             continue
         view = a.chunk_analysis
         for s in a.recurrence.states:
             sa = view.states[s.name]
-            decay.add(_DECAY_CODES[sa.chunk.decay_axis])
-            delta.add(sa.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE))
+            code = _DECAY_CODES[sa.chunk.decay_axis]
+            decay.add(code)
+            is_delta = sa.cls in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.RANK_R_UPDATE)
+            delta.add(is_delta)
             exclusive.update(bool(r.exclusive) for r in sa.chunk.readouts)
             dplr.add(sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE)
+            # Only the linear class's forward with a key decay sums its log decays over spans (`_linear_forward`).
+            spans.add(code == 2 and not is_delta and sa.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE)
     return {"DECAY": frozenset(decay), "DELTA": frozenset(delta), "EXCLUSIVE": frozenset(exclusive),
-            "DPLR": frozenset(dplr)}
+            "DPLR": frozenset(dplr), "SPANS": frozenset(spans)}
 
 
 # The keywords of the runtime's fused prologue and epilogue (`_Fused` in codegen/triton_runtime.py) that are None

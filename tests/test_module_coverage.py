@@ -312,8 +312,11 @@ def _bad_calls(module, layer, rec):
         (args, {"chunk_size": 0}),
         (args, {"chunk_size": 16, "config": {"chunk_size": 16}}),
         (args, {"config": {"nonsense": 1}, "backend": "torch", "form": "recurrent"}),
+        (args, {"config": [16]}),  # not a dict
+        (args, {"reverse": "yes"}),
         ([a.double() for a in args], {"backend": "triton"}),
     ]
+    bad += [(args, {"form": form}) for form in ("recurrent", "scan", "chunked", "parallel") if form not in layer.forms]
     if len(rec.checked.inputs) > 1:
         bad.append(((args[0], args[1][:, :3], *args[2:]), {}))  # a second input of another length
     if len(rec.checked.states) > 1:
@@ -347,6 +350,16 @@ def _bad_calls(module, layer, rec):
     for kwargs in ({"backend": "nonsense"}, {"form": "nonsense"}, {"chunk_size": 0}):
         with pytest.raises(ValueError):
             type(layer)(layer.recurrence, layer.forms, layer.triton_forms, **kwargs)
+    with pytest.raises(ValueError, match="tuning"):
+        type(layer)(layer.recurrence, layer.forms, layer.triton_forms, tuning=3)
+    for variable in ("RECURRENCE_DSL_CHECKPOINT_EVERY", "RECURRENCE_DSL_ADJOINT_BLOCK"):  # a bad forced step count
+        os.environ[variable] = "16k"
+        try:
+            with pytest.raises(ValueError, match=variable):
+                _backward(layer(*[a.clone().requires_grad_() for a in args], initial_state=init, backend="torch",
+                                form="recurrent"))
+        finally:
+            del os.environ[variable]
     with pytest.raises(ValueError, match="triton"):
         type(layer)(layer.recurrence, layer.forms, None, backend="triton")
     no_triton = type(layer)(layer.recurrence, layer.forms, None)

@@ -2041,14 +2041,6 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
-@triton.jit
-def _triton_floored(x):
-    """A tile of log decays as float32, each floored at _triton_LOG_DECAY_FLOOR = -1000 as `_triton_cumsum_kernel` floors them
-    (a select, so a NaN stays NaN)."""
-    x = x.to(tl.float32)
-    return tl.where(x < -1000.0, -1000.0, x)
-
-
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -2124,31 +2116,12 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             if DECAY == 2:
-                if SPANS:
-                    # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
-                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
-                    b_dq = tl.cumsum(_triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq,
-                                                      other=0.0)), axis=0)  # [BC, BK]
-                    # G_ref - G_s: rows s + 1 .. i * BC - 1, the rest of sub-chunk j (summed up from its end) and the
-                    # whole sub-chunks between j and i
-                    o_in = o_ik + 1
-                    m_gk = m_k[:, None] & ((o_in < (i_j + 1) * BC) & (t0 + o_in < T))[None, :]
-                    b_dk = tl.cumsum(_triton_floored(tl.load(p_g + o_in[None, :] * (H * K) + o_k[:, None], mask=m_gk,
-                                                      other=0.0)), axis=1, reverse=True)  # [BK, BC]
-                    for i_m in range(i_j + 1, i_i):
-                        o_im = i_m * BC + o_c
-                        m_gm = m_k[:, None] & (t0 + o_im < T)[None, :]
-                        b_dk += tl.sum(_triton_floored(tl.load(p_g + o_im[None, :] * (H * K) + o_k[:, None], mask=m_gm,
-                                                        other=0.0)), axis=1)[:, None]
-                    b_q = b_q * _triton_safe_exp(b_dq)
-                    b_kt = b_kt * _triton_safe_exp(b_dk)
-                else:
-                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                                   other=0.0)  # [BC, BK]
-                    b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                    b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                    b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
-                    b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK]
+                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
+                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
+                b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
+                b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -2157,28 +2130,15 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             if DECAY == 2:
-                if SPANS:
-                    # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
-                    m_gq = (m_tg & (o_ig >= i_i * BC))[:, None] & m_k[None, :]
-                    b_gq = _triton_floored(tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_gq, other=0.0))
-                    # one key column at a time: Gq_t - G_s summed over the steps s + 1 .. o_ig[t]
-                    for c in range(0, BC):
-                        i_s = i_i * BC + c
-                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                        b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
-                        b_col = tl.sum(b_q * b_ks[None, :] * _triton_safe_exp(b_span), axis=1)  # [BC]
-                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
-                else:
-                    b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                                   other=0.0)  # [BC, BK] float64: every column's difference needs it exact
-                    for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
-                        i_s = i_i * BC + c
-                        m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                        b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                        b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
-                        b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
+                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
+                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
+                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
+                    i_s = i_i * BC + c
+                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
+                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
+                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
+                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
