@@ -709,6 +709,10 @@ class TritonRecurrentWriter:
             else:
                 w(f"{block_name(d)} = {block_for(int(d))}")
             kw.append(f"{block_name(d)}={block_name(d)}")
+        if self.tile is not None:
+            t = block_name(self.tile)
+            w(f"{t} = _fit_tile(lambda {t}: {self._footprint()}, {t}, block_{size_key(self.tile)})  # a narrower "
+              "tile while a program would pass an SM's registers")
         w(f"_check_fits({self._footprint()}, {self.fn + '__triton_recurrent_kernel'!r})")
         w("if num_warps is None:")
         w(f"num_warps = _warps({self._footprint()})", 2)
@@ -1662,11 +1666,20 @@ class StateTooLarge(ValueError):
     does_not_fit = True
 
 
+def _fit_tile(footprint, block, given):
+    """The widest tile <= block, halved down to 16 lanes, whose program footprint (`footprint(tile)` float32
+    values) fits an SM's registers: more programs, each holding less (based's S2[K, K, V] at K = 32 fits at 16
+    lanes of V, not at 32). A block the caller gave (`given`) is kept as given."""
+    while given is None and block > 16 and footprint(block) > REGISTER_FILE and _compiles_for_cuda():
+        block //= 2
+    return block
+
+
 def _check_fits(elements, kernel):
     """Raise StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
     S_new, params, loop-invariant temporaries) > REGISTER_FILE float32 values: no num_warps keeps them in registers,
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
-    if elements > REGISTER_FILE:
+    if elements > REGISTER_FILE and _compiles_for_cuda():
         raise StateTooLarge(f"{{kernel}}: a program would hold {{elements}} float32 values through its loop (its state "
                             f"tiles, params and loop-invariant temporaries), more than an SM's {{REGISTER_FILE}} "
                             "registers, so the recurrent form cannot keep its state in registers at these sizes; "
@@ -1678,13 +1691,17 @@ def _register_limit(num_warps):
     the program's threads, at most 255 (one program per SM is what the recurrent grids get); {{}} elsewhere (the
     interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
     at 4) and spill the rest to local memory."""
+    return {{"maxnreg": min(255, 65536 // (32 * num_warps))}} if _compiles_for_cuda() else {{}}
+
+
+def _compiles_for_cuda():
+    """Whether Triton's active driver compiles for a CUDA target (a GPU, or `recdsl kernels`' compile-only
+    stand-in); False in the CPU interpreter, where no kernel is compiled and registers do not limit a program."""
     try:
         target = triton.runtime.driver.active.get_current_target()
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {{}}
-    if getattr(target, "backend", None) != "cuda":
-        return {{}}
-    return {{"maxnreg": min(255, 65536 // (32 * num_warps))}}
+        return False
+    return getattr(target, "backend", None) == "cuda"
 
 
 def _cuda_arch():

@@ -2155,11 +2155,20 @@ class triton_StateTooLarge(ValueError):
     does_not_fit = True
 
 
+def _triton_fit_tile(footprint, block, given):
+    """The widest tile <= block, halved down to 16 lanes, whose program footprint (`footprint(tile)` float32
+    values) fits an SM's registers: more programs, each holding less (based's S2[K, K, V] at K = 32 fits at 16
+    lanes of V, not at 32). A block the caller gave (`given`) is kept as given."""
+    while given is None and block > 16 and footprint(block) > triton_REGISTER_FILE and _triton_compiles_for_cuda():
+        block //= 2
+    return block
+
+
 def _triton_check_fits(elements, kernel):
     """Raise triton_StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
     S_new, params, loop-invariant temporaries) > triton_REGISTER_FILE float32 values: no num_warps keeps them in registers,
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
-    if elements > triton_REGISTER_FILE:
+    if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
                             f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
                             "registers, so the recurrent form cannot keep its state in registers at these sizes; "
@@ -2171,13 +2180,17 @@ def _triton_register_limit(num_warps):
     the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
     interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
     at 4) and spill the rest to local memory."""
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if _triton_compiles_for_cuda() else {}
+
+
+def _triton_compiles_for_cuda():
+    """Whether Triton's active driver compiles for a CUDA target (a GPU, or `recdsl kernels`' compile-only
+    stand-in); False in the CPU interpreter, where no kernel is compiled and registers do not limit a program."""
     try:
         target = triton.runtime.driver.active.get_current_target()
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    if getattr(target, "backend", None) != "cuda":
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+        return False
+    return getattr(target, "backend", None) == "cuda"
 
 
 def _triton_cuda_arch():
@@ -2420,6 +2433,7 @@ def bidirectional_mamba_forward__triton_recurrent_loop(x, dt, B, C, A, states, D
     ck_h = torch.empty((R_, H_, NC_, D, N), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
+    BLOCK_D = _triton_fit_tile(lambda BLOCK_D: 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
     _triton_check_fits(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, 'bidirectional_mamba_forward__triton_recurrent_kernel')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N)
@@ -2821,6 +2835,7 @@ def bidirectional_mamba_backward__triton_recurrent_loop(x, dt, B, C, A, states, 
     ck_h = torch.empty((R_, H_, NC_, D, N), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
+    BLOCK_D = _triton_fit_tile(lambda BLOCK_D: 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
     _triton_check_fits(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, 'bidirectional_mamba_backward__triton_recurrent_kernel')
     if num_warps is None:
         num_warps = _triton_warps(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N)

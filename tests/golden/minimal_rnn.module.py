@@ -1715,7 +1715,7 @@ def _triton_check_fits(elements, kernel):
     """Raise triton_StateTooLarge when a program of `kernel` holds `elements` (its footprint: each state tile as S and
     S_new, params, loop-invariant temporaries) > triton_REGISTER_FILE float32 values: no num_warps keeps them in registers,
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
-    if elements > triton_REGISTER_FILE:
+    if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
                             f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
                             "registers, so the recurrent form cannot keep its state in registers at these sizes; "
@@ -1727,13 +1727,17 @@ def _triton_register_limit(num_warps):
     the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
     interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
     at 4) and spill the rest to local memory."""
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if _triton_compiles_for_cuda() else {}
+
+
+def _triton_compiles_for_cuda():
+    """Whether Triton's active driver compiles for a CUDA target (a GPU, or `recdsl kernels`' compile-only
+    stand-in); False in the CPU interpreter, where no kernel is compiled and registers do not limit a program."""
     try:
         target = triton.runtime.driver.active.get_current_target()
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    if getattr(target, "backend", None) != "cuda":
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))}
+        return False
+    return getattr(target, "backend", None) == "cuda"
 
 
 def _triton_cuda_arch():
