@@ -583,11 +583,13 @@ class _LayerOp:
         return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
 
     def _setup_context(self, ctx, inputs, output):
-        tensors, cu_seqlens, *static, needs = inputs
+        tensors, cu_seqlens, *static, needs = inputs  # (torch fills `needs` in when the call left it out)
         kept = bool(needs) and any(needs)  # the forward kept its graph: its last output is the token
         ctx.needs = [t.requires_grad for t in tensors]
         ctx.static = static
-        ctx.count, ctx.kept = len(tensors), kept
+        # The backward returns one gradient per argument the dispatcher passed on, and it drops a trailing
+        # argument equal to its default: `needs` counts only when it is not None.
+        ctx.count, ctx.kept, ctx.arity = len(tensors), kept, len(inputs) - (needs is None)
         ctx.save_for_backward(*tensors, cu_seqlens, *(output if kept else ()))
 
     def _differentiate(self, ctx, grads):
@@ -596,7 +598,7 @@ class _LayerOp:
         results, token = (kept[:-1], kept[-1]) if ctx.kept else ([], None)
         grads = list(grads[:len(grads) - ctx.kept])  # none for the token
         got = iter(self.backward(tensors, cu_seqlens, results, token, grads, ctx.needs, *ctx.static))
-        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (2 + len(ctx.static))
+        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (ctx.arity - 1)
 
 
 def _layer_op(layer) -> tuple:
