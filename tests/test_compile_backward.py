@@ -19,7 +19,7 @@ import torch._functorch.config
 import torch.nn.functional as F
 
 import recurrence_dsl
-from codegen.layer import _stored_grads, _StoredForwards, interpreting
+from codegen.layer import _LayerOp, interpreting
 from recurrence_dsl.compiler import triton_available
 
 from .conftest import SPECS_DIR
@@ -137,12 +137,13 @@ def test_forwards_without_a_backward_keep_the_table_bounded(gla, runs, monkeypat
     loss_fn = _loss_fn(gla, backend="torch", chunk_size=16)
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend="aot_eager")
-    stored = _op_entry(gla).stored
+    entry = _op_entry(gla)
+    stored = entry.stored
     leaves = _args(20)
     for _ in range(4):  # validation under grad: each step's graph dies with its loss, and its entry with it
         compiled(*leaves)
         assert len(stored) == 0
-    monkeypatch.setattr(stored, "limit", 3)
+    monkeypatch.setattr(entry, "limit", 3)
     kept = []
     for _ in range(6):  # losses kept alive without a backward: at most `limit` graphs stay, the oldest go
         kept.append(compiled(*leaves))
@@ -196,20 +197,21 @@ def test_the_op_told_its_needs_returns_a_token_and_its_backward_uses_it(gla, run
     _assert_grads(grads, torch.autograd.grad(_loss_fn(gla, backend="torch", chunk_size=16)(*leaves), wanted))
 
 
-def test_the_stored_forwards_table():
-    stored = _StoredForwards(limit=2)
+def test_the_table_of_kept_graphs(gla, monkeypatch):
+    entry = _op_entry(gla)
+    monkeypatch.setattr(entry, "limit", 2)
     x = torch.ones(3, requires_grad=True)
-    tokens = [stored.put([x], [x * n]) for n in range(3)]
-    assert len(stored) == 2 and stored.pop(tokens[0]) is None  # the oldest went
-    leaves, roots = stored.pop(tokens[1])
-    assert leaves[0] is x and stored.pop(tokens[1]) is None  # popped once only
+    tokens = [entry._keep([x], [x * n]) for n in range(3)]
+    assert len(entry.stored) == 2 and entry._take(tokens[0]) is None  # the oldest went
+    leaves, roots = entry._take(tokens[1])
+    assert leaves[0] is x and entry._take(tokens[1]) is None  # taken once only
     del tokens
     gc.collect()
-    assert len(stored) == 0  # the last entry went with its token
+    assert len(entry.stored) == 0  # the last entry went with its token
     # A graph whose saved tensor changed in place since cannot give gradients: None, and the caller recomputes.
     y = x.exp()
     with torch.no_grad():
         y.add_(1)
-    assert _stored_grads(([x], [y]), [torch.ones(3)], [True]) is None
+    assert _LayerOp._kept_grads(([x], [y]), [torch.ones(3)], [True]) is None
     z = x.exp()
-    torch.testing.assert_close(_stored_grads(([x], [z]), [torch.ones(3)], [True])[0], x.detach().exp())
+    torch.testing.assert_close(_LayerOp._kept_grads(([x], [z]), [torch.ones(3)], [True])[0], x.detach().exp())

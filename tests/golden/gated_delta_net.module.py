@@ -1152,8 +1152,12 @@ class Layer:
         tensors = [call.inputs[s.name] for s in spec.inputs] + [call.params[s.name] for s in spec.params]
         if call.initial_state is not None:
             tensors += [call.initial_state[s.name] for s in spec.states]
+        # Which tensors a backward will want gradients of, known while Dynamo traces (it guards on grad mode and
+        # on its inputs' requires_grad): with any, the op keeps its forward's autograd graph for the backward op
+        # and returns one more output, the token naming it (ignored here: `flat` is indexed below).
+        needs = [torch.is_grad_enabled() and t.requires_grad for t in tensors]
         flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_options(options),
-                        call.output_final_state, self._op_index)
+                        call.output_final_state, self._op_index, needs if any(needs) else None)
         count = len(spec.outputs)
         outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
         finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
@@ -1175,21 +1179,21 @@ class Layer:
             flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
         return flat
 
-    def _op_forward(self, tensors, cu_seqlens, *static) -> list:
-        with torch.no_grad():
-            flat = self._op_results(tensors, cu_seqlens, *static)
-        # An op's outputs may not alias its inputs or each other (the final state of an empty sequence is its
-        # initial state), and they are laid out as the fake ones are (contiguous).
-        seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
-        # (No assignment inside an `if` here or below: module.py's name check counts those as module names.)
-        results = []
-        for value in flat:
-            value = value.contiguous()
-            value = value.clone() if value.numel() and value.untyped_storage().data_ptr() in seen else value
-            seen.add(value.untyped_storage().data_ptr())
-            results.append(value)
-        return results
-
+    def _op_forward(self, tensors, cu_seqlens, *static, needs=None, store=None) -> list:
+        """The op's outputs (contiguous, aliasing neither the inputs nor each other). With `needs` (a flag per
+        tensor) and a `store`, the forms run under autograd on detached leaves, the graph is kept in `store` and
+        a 0-dim int64 token naming it is appended: the backward op differentiates that graph instead of running
+        the forward again."""
+        if store is None or not needs or not any(needs):
+            with torch.no_grad():
+                return _unaliased(self._op_results(tensors, cu_seqlens, *static), tensors)
+        leaves = [t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
+        with _autograd_reenabled(), torch.enable_grad():
+            # The copies _unaliased makes are recorded too, so each output is the very tensor differentiated.
+            roots = _unaliased(self._op_results(leaves, cu_seqlens, *static), leaves)
+        # (detach shares the version counter: an in-place change of an output makes the stored graph refuse,
+        # and the backward op falls back to recomputing.)
+        return [r.detach() for r in roots] + [store.put(leaves, roots)]
     def _op_fake(self, tensors, cu_seqlens, output_final_state) -> list:
         """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
         the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
@@ -1214,16 +1218,19 @@ class Layer:
                         for s in spec.states]
         return results
 
-    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static) -> list:
-        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated."""
+    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static, entry=None) -> list:
+        """The gradients of the tensors in `needs`: from the graph the forward kept (`entry`, (leaves, roots)
+        popped from the store by the caller) when there is one that can give them, else from the forward
+        recomputed under autograd (an evicted entry, a second backward through retain_graph, an output changed in
+        place, a forward run without `needs`)."""
+        got = None if entry is None else _stored_grads(entry, grads, needs)
+        if got is not None:
+            return got
         leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
-        wanted = [t for t in leaves if t.requires_grad]
         with _autograd_reenabled(), torch.enable_grad():
             flat = self._op_results(leaves, cu_seqlens, *static)
-            pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
-            got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                   if pairs and wanted else [None] * len(wanted))
-        return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
+            got = _grads(flat, grads, [t for t in leaves if t.requires_grad])
+        return got
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -1275,9 +1282,14 @@ class Layer:
 OP_NAMESPACE = "recurrence_dsl"
 _OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
 _OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str options, "
-              "bool output_final_state, int layer) -> Tensor[]")
-_OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor?[] grads, bool[] needs, str form, str backend, "
-                       "int chunk_size, str options, bool output_final_state, int layer) -> Tensor[]")
+              "bool output_final_state, int layer, bool[]? needs=None) -> Tensor[]")
+_OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor[] results, Tensor? token, Tensor?[] grads, "
+                       "bool[] needs, str form, str backend, int chunk_size, str options, bool output_final_state, "
+                       "int layer) -> Tensor[]")
+# At most this many forwards' graphs are kept for their backward (oldest dropped first): a graph is also dropped
+# when its token dies, so this bounds only forwards whose outputs stay alive without a backward (each holds what
+# eager autograd would hold for it). A backward whose graph was dropped recomputes the forward.
+STORED_FORWARDS_LIMIT = 256
 
 
 def op_name(spec) -> str:
@@ -1302,6 +1314,92 @@ def _decode_options(text: str) -> dict:
     return options
 
 
+def _unaliased(flat: list, tensors: list) -> list:
+    """`flat` made contiguous and aliasing neither `tensors` nor each other (copies where they would), as an op's
+    outputs must be (the final state of an empty sequence is its initial state), laid out as the fake ones are."""
+    seen = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+    # (No assignment inside an `if` here or below: module.py's name check counts those as module names.)
+    results = []
+    for value in flat:
+        value = value.contiguous()
+        value = value.clone() if value.numel() and value.untyped_storage().data_ptr() in seen else value
+        seen.add(value.untyped_storage().data_ptr())
+        results.append(value)
+    return results
+
+
+def _grads(flat: list, grads: list, wanted: list) -> list:
+    """The gradients of `wanted` (leaves) given the incoming `grads` of `flat` (None: no gradient), zeros for a
+    leaf the outputs do not depend on. Called under `_autograd_reenabled()`."""
+    pairs = [(r, g) for r, g in zip(flat, grads) if g is not None and r.requires_grad]
+    got = (torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+           if pairs and wanted else [None] * len(wanted))
+    return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
+
+
+def _stored_grads(entry: tuple, grads: list, needs: list) -> list | None:
+    """The gradients of the tensors in `needs` from a forward's kept graph (`entry`: its leaves and outputs), or
+    None where that graph cannot give them: a tensor needed that the forward did not record, or a saved tensor
+    changed in place since (autograd refuses it; recomputing from the op's saved inputs is still right)."""
+    leaves, roots = entry
+    if any(need and not leaf.requires_grad for leaf, need in zip(leaves, needs)):
+        return None
+    wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+    try:
+        with _autograd_reenabled(), torch.enable_grad():
+            return _grads(roots, grads, wanted)
+    except RuntimeError as error:
+        if "modified by an inplace operation" in str(error):
+            return None
+        raise
+
+
+class _StoredForwards:
+    """The autograd graphs of the op's forwards, kept for its backward, by token (an int): bounded, thread-safe.
+
+    `put` returns the token as a 0-dim int64 CPU tensor (read in the backward without a device sync) and drops
+    the entry when that tensor dies (the step's graph freed without a backward: a forward under grad for
+    validation, an exception) or when more than `limit` entries live (oldest first); `pop` takes it out once."""
+
+    def __init__(self, limit: int):
+        import itertools
+        import threading
+
+        self.limit = limit
+        self._entries: dict = {}  # token -> (leaves, roots, weak reference to the token tensor); oldest first
+        self._tokens = itertools.count(1)
+        self._lock = threading.RLock()  # a token may die (and call `_drop`) on any thread, this one included
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, leaves: list, roots: list) -> torch.Tensor:
+        import weakref
+
+        with self._lock:
+            key = next(self._tokens)
+        token = torch.tensor(key, dtype=torch.int64)
+        entry = (leaves, roots, weakref.ref(token, lambda _, key=key: self._drop(key)))
+        with self._lock:
+            self._entries[key] = entry
+            evicted = [self._entries.pop(k) for k in list(self._entries)[:max(0, len(self._entries) - self.limit)]]
+        del evicted  # their graphs are freed here, outside the lock
+        return token
+
+    def pop(self, token: torch.Tensor | None) -> tuple | None:
+        """(leaves, roots) of the forward `token` names, removed from the table; None when it is not there."""
+        if token is None:
+            return None
+        with self._lock:
+            entry = self._entries.pop(int(token), None)
+        return None if entry is None else entry[:2]
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        del entry
+
+
 def _autograd_reenabled():
     """A guard under which autograd records again inside an op's kernel: torch runs custom-op kernels below
     autograd (its autograd dispatch keys excluded, thread-locally), so without it the backward's recompute
@@ -1320,6 +1418,7 @@ class _LayerOp:
     def __init__(self, name: str):
         self.layers: list = []
         self.keys: dict = {}
+        self.stored = _StoredForwards(STORED_FORWARDS_LIMIT)
         qualified = f"{OP_NAMESPACE}::{name}"
         # The forms read values on the host (syncs), so a CUDA graph may not capture the op: inductor's cudagraph
         # trees run it between graphs.
@@ -1343,29 +1442,43 @@ class _LayerOp:
         return index
 
     # The kernels: each hands its call to the layer it names.
-    def _forward(self, tensors, cu_seqlens, *static):
-        return self.layers[static[-1]]._op_forward(tensors, cu_seqlens, *static[:-1])
+    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
+                 needs=None):
+        return self.layers[layer]._op_forward(tensors, cu_seqlens, form, backend, chunk_size, options,
+                                              output_final_state, needs=needs, store=self.stored)
 
-    def _forward_fake(self, tensors, cu_seqlens, *static):
-        return self.layers[static[-1]]._op_fake(tensors, cu_seqlens, static[-2])
+    def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
+                      needs=None):
+        results = self.layers[layer]._op_fake(tensors, cu_seqlens, output_final_state)
+        # The token: a CPU tensor whatever the inputs' device, as `_StoredForwards.put` makes it.
+        return results + ([torch.empty((), dtype=torch.int64)] if needs and any(needs) else [])
 
-    def _backward(self, tensors, cu_seqlens, grads, needs, *static):
-        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1])
+    def _backward(self, tensors, cu_seqlens, results, token, grads, needs, *static):
+        # (`results`, the forward's outputs, are unused: taking them keeps a compiled graph from reusing their
+        # memory before this backward, while the kept graph may still read them.)
+        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1],
+                                                    entry=self.stored.pop(token))
 
-    def _backward_fake(self, tensors, cu_seqlens, grads, needs, *static):
+    def _backward_fake(self, tensors, cu_seqlens, results, token, grads, needs, *static):
         return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
 
     def _setup_context(self, ctx, inputs, output):
-        tensors, cu_seqlens, *static = inputs
+        tensors, cu_seqlens, *static, needs = inputs  # (torch fills `needs` in when the call left it out)
+        kept = bool(needs) and any(needs)  # the forward kept its graph: its last output is the token
         ctx.needs = [t.requires_grad for t in tensors]
         ctx.static = static
-        ctx.count = len(tensors)
-        ctx.save_for_backward(*tensors, cu_seqlens)
+        # The backward returns one gradient per argument the dispatcher passed on, and it drops a trailing
+        # argument equal to its default: `needs` counts only when it is not None.
+        ctx.count, ctx.kept, ctx.arity = len(tensors), kept, len(inputs) - (needs is None)
+        ctx.save_for_backward(*tensors, cu_seqlens, *(output if kept else ()))
 
     def _differentiate(self, ctx, grads):
         saved = ctx.saved_tensors
-        got = iter(self.backward(list(saved[: ctx.count]), saved[ctx.count], list(grads), ctx.needs, *ctx.static))
-        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (1 + len(ctx.static))
+        tensors, cu_seqlens, kept = list(saved[:ctx.count]), saved[ctx.count], list(saved[ctx.count + 1:])
+        results, token = (kept[:-1], kept[-1]) if ctx.kept else ([], None)
+        grads = list(grads[:len(grads) - ctx.kept])  # none for the token
+        got = iter(self.backward(tensors, cu_seqlens, results, token, grads, ctx.needs, *ctx.static))
+        return ([next(got) if need else None for need in ctx.needs],) + (None,) * (ctx.arity - 1)
 
 
 def _layer_op(layer) -> tuple:
