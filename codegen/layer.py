@@ -168,7 +168,7 @@ class Layer:
         Under torch.compile the checks run while Dynamo traces (so a bad call raises the same `CallError` as in
         eager mode, at trace time) and the run is one call of the recurrence's op (`_layer_op`), which Dynamo
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
-        (the op's backward recomputes the forward, which an eager call need not pay)."""
+        (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
         call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
         backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
@@ -370,17 +370,35 @@ class Layer:
 # tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
 # chunk_size, block sizes, output_final_state, and which layer), and returning the outputs and, when
 # asked, the final states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes,
-# so a symbolic T flows through and one graph serves every length. Its autograd formula is a second op,
-# `..._backward`, that recomputes the forward under autograd and differentiates it (torch.autograd.grad), so
-# whatever backward the form has (the derived adjoint of the recurrent form, autograd through the chunked form,
-# the Triton path's own backward) runs inside it, unchanged. That costs one more forward per backward, which is
-# why eager calls keep calling the forms directly (Layer._call).
+# so a symbolic T flows through and one graph serves every length.
+#
+# Its autograd formula is a second op, `..._backward`. A training step must run the forward once (issue 9), but
+# AOTAutograd runs the op's kernel with autograd off and cannot see inside it, and the forms' residuals are
+# form-, length- and data-dependent (autograd through the chunked form, the fall-back to the step-by-step form,
+# the Triton path's own saved tensors), so they cannot be declared as outputs with shapes the fake knows. So the
+# forward op takes one more static argument, `needs` (which tensors a backward wants gradients of; _through_op
+# reads requires_grad and grad mode while Dynamo traces, and Dynamo guards on both): when any, its kernel runs the
+# forms under autograd (`_autograd_reenabled`) on detached leaves, keeps (leaves, outputs) in the op's table under
+# an integer token, and returns the token as one more output, a 0-dim int64 CPU tensor (the fake returns one too).
+# The backward op takes the token, pops the entry and differentiates it (torch.autograd.grad), so whatever backward
+# the form has runs inside it, unchanged. It also takes the forward's outputs, unused, so a compiled graph cannot
+# reuse their memory while the kept graph may still read them.
+#
+# Correctness never depends on the table: with no usable entry (evicted, popped by a first backward through
+# retain_graph, a process that never ran this forward, a tensor changed in place since) the backward op recomputes
+# the forward under autograd from its saved inputs, as it did before the table existed. The table cannot grow
+# without bound: an entry goes when its token tensor dies (the step's graph freed without a backward: validation
+# under grad, an exception) and the oldest go past STORED_FORWARDS_LIMIT live entries; a lock guards it. Without
+# `needs` (torch.no_grad, inference_mode, no tensor requiring grad, callers of the op that leave it out) the op
+# keeps nothing and returns no token. (retain_graph under torch.compile also needs
+# torch._functorch.config.donated_buffer=False, as any compiled graph saving an intermediate does.) Eager calls
+# keep calling the forms directly (Layer._call): autograd records them with no op in between.
 #
 # The op is keyed by the spec's hash, so a module loaded twice in one process (the compile() cache and a file
 # written by `recdsl compile`) registers it once: the second finds it in a table kept on the `torch.ops` namespace
 # object (shared by every copy of this code, which a module-level dict here would not be). The op's `layer`
 # argument indexes the layers of that table, and every kernel runs the methods of that layer (Layer._op_*), so
-# each module's layers run their own module's code.
+# each module's layers run their own module's code; the table of kept graphs is the registering copy's `_LayerOp`.
 # ----------------------------------------------------------------------------------------------------------------
 
 OP_NAMESPACE = "recurrence_dsl"

@@ -1170,7 +1170,7 @@ class Layer:
         Under torch.compile the checks run while Dynamo traces (so a bad call raises the same `CallError` as in
         eager mode, at trace time) and the run is one call of the recurrence's op (`_layer_op`), which Dynamo
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
-        (the op's backward recomputes the forward, which an eager call need not pay)."""
+        (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
         call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
         backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
@@ -1301,21 +1301,11 @@ class Layer:
             flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
         return flat
 
-    def _op_forward(self, tensors, cu_seqlens, *static, needs=None, store=None) -> list:
-        """The op's outputs (contiguous, aliasing neither the inputs nor each other). With `needs` (a flag per
-        tensor) and a `store`, the forms run under autograd on detached leaves, the graph is kept in `store` and
-        a 0-dim int64 token naming it is appended: the backward op differentiates that graph instead of running
-        the forward again."""
-        if store is None or not needs or not any(needs):
-            with torch.no_grad():
-                return _unaliased(self._op_results(tensors, cu_seqlens, *static), tensors)
-        leaves = [t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
-        with _autograd_reenabled(), torch.enable_grad():
-            # The copies _unaliased makes are recorded too, so each output is the very tensor differentiated.
-            roots = _unaliased(self._op_results(leaves, cu_seqlens, *static), leaves)
-        # (detach shares the version counter: an in-place change of an output makes the stored graph refuse,
-        # and the backward op falls back to recomputing.)
-        return [r.detach() for r in roots] + [store.put(leaves, roots)]
+    def _op_forward(self, tensors, cu_seqlens, *static) -> list:
+        """The op's outputs, run without autograd: contiguous, aliasing neither the inputs nor each other."""
+        with torch.no_grad():
+            return _unaliased(self._op_results(tensors, cu_seqlens, *static), tensors)
+
     def _op_fake(self, tensors, cu_seqlens, output_final_state) -> list:
         """Empty outputs [B, T, H, dims] in the inputs' dtype and final states [N, H, dims] in the compute dtype,
         the sizes read from the arguments' shapes (symbolic under torch.compile(dynamic=True))."""
@@ -1340,19 +1330,13 @@ class Layer:
                         for s in spec.states]
         return results
 
-    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static, entry=None) -> list:
-        """The gradients of the tensors in `needs`: from the graph the forward kept (`entry`, (leaves, roots)
-        popped from the store by the caller) when there is one that can give them, else from the forward
-        recomputed under autograd (an evicted entry, a second backward through retain_graph, an output changed in
-        place, a forward run without `needs`)."""
-        got = None if entry is None else _stored_grads(entry, grads, needs)
-        if got is not None:
-            return got
+    def _op_backward(self, tensors, cu_seqlens, grads, needs, *static) -> list:
+        """The gradients of the tensors in `needs`: the forward recomputed under autograd, then differentiated (the
+        op's backward when its forward kept no graph it can use: see `_LayerOp`)."""
         leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
         with _autograd_reenabled(), torch.enable_grad():
             flat = self._op_results(leaves, cu_seqlens, *static)
-            got = _grads(flat, grads, [t for t in leaves if t.requires_grad])
-        return got
+            return _grads(flat, grads, [t for t in leaves if t.requires_grad])
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
@@ -1388,17 +1372,35 @@ class Layer:
 # tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
 # chunk_size, block sizes, output_final_state, and which layer), and returning the outputs and, when
 # asked, the final states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes,
-# so a symbolic T flows through and one graph serves every length. Its autograd formula is a second op,
-# `..._backward`, that recomputes the forward under autograd and differentiates it (torch.autograd.grad), so
-# whatever backward the form has (the derived adjoint of the recurrent form, autograd through the chunked form,
-# the Triton path's own backward) runs inside it, unchanged. That costs one more forward per backward, which is
-# why eager calls keep calling the forms directly (Layer._call).
+# so a symbolic T flows through and one graph serves every length.
+#
+# Its autograd formula is a second op, `..._backward`. A training step must run the forward once (issue 9), but
+# AOTAutograd runs the op's kernel with autograd off and cannot see inside it, and the forms' residuals are
+# form-, length- and data-dependent (autograd through the chunked form, the fall-back to the step-by-step form,
+# the Triton path's own saved tensors), so they cannot be declared as outputs with shapes the fake knows. So the
+# forward op takes one more static argument, `needs` (which tensors a backward wants gradients of; _through_op
+# reads requires_grad and grad mode while Dynamo traces, and Dynamo guards on both): when any, its kernel runs the
+# forms under autograd (`_autograd_reenabled`) on detached leaves, keeps (leaves, outputs) in the op's table under
+# an integer token, and returns the token as one more output, a 0-dim int64 CPU tensor (the fake returns one too).
+# The backward op takes the token, pops the entry and differentiates it (torch.autograd.grad), so whatever backward
+# the form has runs inside it, unchanged. It also takes the forward's outputs, unused, so a compiled graph cannot
+# reuse their memory while the kept graph may still read them.
+#
+# Correctness never depends on the table: with no usable entry (evicted, popped by a first backward through
+# retain_graph, a process that never ran this forward, a tensor changed in place since) the backward op recomputes
+# the forward under autograd from its saved inputs, as it did before the table existed. The table cannot grow
+# without bound: an entry goes when its token tensor dies (the step's graph freed without a backward: validation
+# under grad, an exception) and the oldest go past STORED_FORWARDS_LIMIT live entries; a lock guards it. Without
+# `needs` (torch.no_grad, inference_mode, no tensor requiring grad, callers of the op that leave it out) the op
+# keeps nothing and returns no token. (retain_graph under torch.compile also needs
+# torch._functorch.config.donated_buffer=False, as any compiled graph saving an intermediate does.) Eager calls
+# keep calling the forms directly (Layer._call): autograd records them with no op in between.
 #
 # The op is keyed by the spec's hash, so a module loaded twice in one process (the compile() cache and a file
 # written by `recdsl compile`) registers it once: the second finds it in a table kept on the `torch.ops` namespace
 # object (shared by every copy of this code, which a module-level dict here would not be). The op's `layer`
 # argument indexes the layers of that table, and every kernel runs the methods of that layer (Layer._op_*), so
-# each module's layers run their own module's code.
+# each module's layers run their own module's code; the table of kept graphs is the registering copy's `_LayerOp`.
 # ----------------------------------------------------------------------------------------------------------------
 
 OP_NAMESPACE = "recurrence_dsl"
@@ -1459,69 +1461,6 @@ def _grads(flat: list, grads: list, wanted: list) -> list:
     return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(got, wanted)]
 
 
-def _stored_grads(entry: tuple, grads: list, needs: list) -> list | None:
-    """The gradients of the tensors in `needs` from a forward's kept graph (`entry`: its leaves and outputs), or
-    None where that graph cannot give them: a tensor needed that the forward did not record, or a saved tensor
-    changed in place since (autograd refuses it; recomputing from the op's saved inputs is still right)."""
-    leaves, roots = entry
-    if any(need and not leaf.requires_grad for leaf, need in zip(leaves, needs)):
-        return None
-    wanted = [leaf for leaf, need in zip(leaves, needs) if need]
-    try:
-        with _autograd_reenabled(), torch.enable_grad():
-            return _grads(roots, grads, wanted)
-    except RuntimeError as error:
-        if "modified by an inplace operation" in str(error):
-            return None
-        raise
-
-
-class _StoredForwards:
-    """The autograd graphs of the op's forwards, kept for its backward, by token (an int): bounded, thread-safe.
-
-    `put` returns the token as a 0-dim int64 CPU tensor (read in the backward without a device sync) and drops
-    the entry when that tensor dies (the step's graph freed without a backward: a forward under grad for
-    validation, an exception) or when more than `limit` entries live (oldest first); `pop` takes it out once."""
-
-    def __init__(self, limit: int):
-        import itertools
-        import threading
-
-        self.limit = limit
-        self._entries: dict = {}  # token -> (leaves, roots, weak reference to the token tensor); oldest first
-        self._tokens = itertools.count(1)
-        self._lock = threading.RLock()  # a token may die (and call `_drop`) on any thread, this one included
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def put(self, leaves: list, roots: list) -> torch.Tensor:
-        import weakref
-
-        with self._lock:
-            key = next(self._tokens)
-        token = torch.tensor(key, dtype=torch.int64)
-        entry = (leaves, roots, weakref.ref(token, lambda _, key=key: self._drop(key)))
-        with self._lock:
-            self._entries[key] = entry
-            evicted = [self._entries.pop(k) for k in list(self._entries)[:max(0, len(self._entries) - self.limit)]]
-        del evicted  # their graphs are freed here, outside the lock
-        return token
-
-    def pop(self, token: torch.Tensor | None) -> tuple | None:
-        """(leaves, roots) of the forward `token` names, removed from the table; None when it is not there."""
-        if token is None:
-            return None
-        with self._lock:
-            entry = self._entries.pop(int(token), None)
-        return None if entry is None else entry[:2]
-
-    def _drop(self, key: int) -> None:
-        with self._lock:
-            entry = self._entries.pop(key, None)
-        del entry
-
-
 def _autograd_reenabled():
     """A guard under which autograd records again inside an op's kernel: torch runs custom-op kernels below
     autograd (its autograd dispatch keys excluded, thread-locally), so without it the backward's recompute
@@ -1535,12 +1474,24 @@ def _autograd_reenabled():
 
 
 class _LayerOp:
-    """A recurrence's forward and backward ops, and the layers (of every module copy) that call them."""
+    """A recurrence's forward and backward ops, the layers (of every module copy) that call them, and the autograd
+    graphs its forwards keep for its backward.
+
+    The table of kept graphs, by token (an int): `_keep` returns the token as a 0-dim int64 CPU tensor (read in the
+    backward without a device sync) and drops the entry when that tensor dies (the step's graph freed without a
+    backward: a forward under grad for validation, an exception) or when more than `limit` entries live (oldest
+    first); `_take` removes it once. A lock guards it: a token may die on any thread, this one included."""
 
     def __init__(self, name: str):
+        import itertools
+        import threading
+
         self.layers: list = []
         self.keys: dict = {}
-        self.stored = _StoredForwards(STORED_FORWARDS_LIMIT)
+        self.stored: dict = {}  # token -> (leaves, roots, weak reference to the token tensor); oldest first
+        self.limit = STORED_FORWARDS_LIMIT
+        self._tokens = itertools.count(1)
+        self._lock = threading.RLock()
         qualified = f"{OP_NAMESPACE}::{name}"
         # The forms read values on the host (syncs), so a CUDA graph may not capture the op: inductor's cudagraph
         # trees run it between graphs.
@@ -1563,23 +1514,35 @@ class _LayerOp:
             self.layers.append(layer)  # kept: the ids in the key stay those of live objects
         return index
 
-    # The kernels: each hands its call to the layer it names.
+    # The kernels: each hands the forms' run to the layer it names (its own module's code).
     def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
                  needs=None):
-        return self.layers[layer]._op_forward(tensors, cu_seqlens, form, backend, chunk_size, options,
-                                              output_final_state, needs=needs, store=self.stored)
+        static = (form, backend, chunk_size, options, output_final_state)
+        if not needs or not any(needs):
+            return self.layers[layer]._op_forward(tensors, cu_seqlens, *static)
+        # A backward will follow: run the forms under autograd on detached leaves and keep the graph, so the
+        # backward op differentiates it instead of running the forward again.
+        leaves = [t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
+        with _autograd_reenabled(), torch.enable_grad():
+            # The copies _unaliased makes are recorded too: each output is the very tensor differentiated.
+            roots = _unaliased(self.layers[layer]._op_results(leaves, cu_seqlens, *static), leaves)
+        # (detach shares the version counter: an output changed in place makes the kept graph refuse, and the
+        # backward recomputes.)
+        return [r.detach() for r in roots] + [self._keep(leaves, roots)]
 
     def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
                       needs=None):
         results = self.layers[layer]._op_fake(tensors, cu_seqlens, output_final_state)
-        # The token: a CPU tensor whatever the inputs' device, as `_StoredForwards.put` makes it.
+        # The token: a CPU tensor whatever the inputs' device, as `_keep` makes it.
         return results + ([torch.empty((), dtype=torch.int64)] if needs and any(needs) else [])
 
     def _backward(self, tensors, cu_seqlens, results, token, grads, needs, *static):
         # (`results`, the forward's outputs, are unused: taking them keeps a compiled graph from reusing their
         # memory before this backward, while the kept graph may still read them.)
-        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1],
-                                                    entry=self.stored.pop(token))
+        got = self._kept_grads(self._take(token), grads, needs)
+        if got is not None:
+            return got
+        return self.layers[static[-1]]._op_backward(tensors, cu_seqlens, grads, needs, *static[:-1])
 
     def _backward_fake(self, tensors, cu_seqlens, results, token, grads, needs, *static):
         return [t.new_empty(t.shape) for t, need in zip(tensors, needs) if need]
@@ -1601,6 +1564,52 @@ class _LayerOp:
         grads = list(grads[:len(grads) - ctx.kept])  # none for the token
         got = iter(self.backward(tensors, cu_seqlens, results, token, grads, ctx.needs, *ctx.static))
         return ([next(got) if need else None for need in ctx.needs],) + (None,) * (ctx.arity - 1)
+
+    # The table of kept graphs.
+    def _keep(self, leaves: list, roots: list) -> torch.Tensor:
+        import weakref
+
+        with self._lock:
+            key = next(self._tokens)
+        token = torch.tensor(key, dtype=torch.int64)
+        entry = (leaves, roots, weakref.ref(token, lambda _, key=key: self._drop(key)))
+        with self._lock:
+            self.stored[key] = entry
+            evicted = [self.stored.pop(k) for k in list(self.stored)[:max(0, len(self.stored) - self.limit)]]
+        del evicted  # their graphs are freed here, outside the lock
+        return token
+
+    def _take(self, token: torch.Tensor | None) -> tuple | None:
+        """(leaves, roots) of the forward `token` names, removed from the table; None when it is not there."""
+        if token is None:
+            return None
+        with self._lock:
+            entry = self.stored.pop(int(token), None)
+        return None if entry is None else entry[:2]
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            entry = self.stored.pop(key, None)
+        del entry
+
+    @staticmethod
+    def _kept_grads(entry: tuple | None, grads: list, needs: list) -> list | None:
+        """The gradients of the tensors in `needs` from a kept graph (`entry`: its leaves and outputs), or None
+        where there is none or it cannot give them: a tensor needed that the forward did not record, or a saved
+        tensor changed in place since (autograd refuses; recomputing from the op's saved inputs is still right)."""
+        if entry is None:
+            return None
+        leaves, roots = entry
+        if any(need and not leaf.requires_grad for leaf, need in zip(leaves, needs)):
+            return None
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+        try:
+            with _autograd_reenabled(), torch.enable_grad():
+                return _grads(roots, grads, wanted)
+        except RuntimeError as error:
+            if "modified by an inplace operation" in str(error):
+                return None
+            raise
 
 
 def _layer_op(layer) -> tuple:
