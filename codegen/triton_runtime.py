@@ -215,7 +215,7 @@ def _mapped(x, m, MAP: tl.constexpr):
 
 @triton.jit
 def _map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements (float32): the backward's transient mapped inputs (`_apply_maps`)."""
+    """y = MAP(x) over N elements (float32): the backward's transient mapped inputs (`_apply_map`)."""
     o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = o < N
     tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)), mask=m)
@@ -303,11 +303,11 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_kt = m_k[:, None] & m_tk[None, :]
-            m_qk = m_tq[:, None] & m_k[None, :]
-            b_q = _mapped(tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_qk,
-                                  other=0.0).to(tl.float32), m_qk, QMAP)  # [BC, BK]
-            b_kt = _mapped(tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32),
-                           m_kt, KMAP)
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_q = _mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
+            b_kt = _mapped(b_kt, m_kt, KMAP)
             if DECAY == 2:
                 if SPANS:
                     # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
@@ -339,9 +339,9 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            m_qk = m_tq[:, None] & m_k[None, :]
-            b_q = _mapped(tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_qk,
-                                  other=0.0).to(tl.float32), m_qk, QMAP)  # [BC, BK]
+            b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BC, BK]
+            b_q = _mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
             if DECAY == 2:
                 if SPANS:
                     # the rows' own log decays (row t holds step o_ig[t]); rows before the sub-chunk are never spanned
@@ -351,8 +351,8 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                     for c in range(0, BC):
                         i_s = i_i * BC + c
                         m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                        b_ks = _mapped(tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32),
-                                       m_s, KMAP)  # [BK]
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_ks = _mapped(b_ks, m_s, KMAP)
                         b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
                         b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_span), axis=1)  # [BC]
                         b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
@@ -362,15 +362,15 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                     for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
                         i_s = i_i * BC + c
                         m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                        b_ks = _mapped(tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32),
-                                       m_s, KMAP)  # [BK]
+                        b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                        b_ks = _mapped(b_ks, m_s, KMAP)
                         b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
                         b_col = tl.sum(b_q * b_ks[None, :] * _decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                         b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
-                m_kt = m_k[:, None] & m_tk[None, :]
-                b_kt = _mapped(tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt,
-                                       other=0.0).to(tl.float32), m_kt, KMAP)
+                b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
+                               other=0.0).to(tl.float32)
+                b_kt = _mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP)
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
         if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
@@ -569,7 +569,8 @@ def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K:
         m_tv = m_t[:, None] & m_v[None, :]
         p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
-        b_kt = _mapped(tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32), m_kt, KMAP)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+        b_kt = _mapped(b_kt, m_kt, KMAP)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         if VSTEP:
             b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
@@ -792,9 +793,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_qk = m_t[:, None] & m_k[None, :]
-        b_q = _mapped(tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_qk,
-                              other=0.0).to(tl.float32), m_qk, QMAP)  # [BT, BK]
+        b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0).to(tl.float32)  # [BT, BK]
+        b_q = _mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_chunk_states`)
         if DECAY == 2:
@@ -807,9 +808,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
                                mask=m_tg[:, None] & m_k[None, :], other=1.0)
                 b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
         else:
-            m_kt = m_k[:, None] & m_t[None, :]
-            b_kt = _mapped(tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_kt,
-                                   other=0.0).to(tl.float32), m_kt, KMAP)  # [BK, BT]
+            b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                           other=0.0).to(tl.float32)  # [BK, BT]
+            b_kt = _mapped(b_kt, m_k[:, None] & m_t[None, :], KMAP)
             b_o += tl.dot(b_q, b_h, input_precision=PREC)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
             if DPLR:
@@ -1092,7 +1093,8 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _intra_attn_kernel[(NT, NC * NC, B * H)](
         q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec, spans,
-        _map_of(q_map), _map_of(k_map), num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), QMAP=_map_of(q_map),
+        KMAP=_map_of(k_map))
     return A
 
 
@@ -1117,8 +1119,8 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
-        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None, _map_of(k_map),
-        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
+        BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), KMAP=_map_of(k_map))
     return h, ht
 
 
@@ -1163,9 +1165,9 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
-        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None, _map_of(f.q_map),
-        _map_of(f.k_map), num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS),
-        num_stages=_or(num_stages, _STAGES))
+        pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
+        num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES),
+        QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1499,7 +1501,7 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                           fused.skip_weight, *fused.maps)
+                           fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -1767,7 +1769,7 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
                           num_stages, packed, vs, f.k_map)
     if fused is not None:
         fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
-                       *f.maps)
+                       q_map=f.q_map, k_map=f.k_map)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
