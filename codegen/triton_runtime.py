@@ -1839,16 +1839,16 @@ def _apply_map(pair, x: Tensor) -> Tensor:
 
 
 def _unmap(pair, x: Tensor, grad: Tensor | None) -> Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32): vjp(x, grad) by `_map_vjp_kernel`
-    (the chain rule through an elementwise map: grad * map'(x)); grad itself without a map."""
+    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
+    by `_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
+    element reads only its own); grad itself without a map."""
     if pair is None or grad is None:
         return grad
-    grad = grad.contiguous()
-    dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    grad = grad.to(torch.float32).contiguous()
     n = x.numel()
     if n:
-        _map_vjp_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x, grad, dx, n, pair[1], _MAP_BLOCK)
-    return dx
+        _map_vjp_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _MAP_BLOCK)
+    return grad
 
 
 def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,

@@ -2976,16 +2976,16 @@ def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
 
 
 def _triton_unmap(pair, x: triton_Tensor, grad: triton_Tensor | None) -> triton_Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32): vjp(x, grad) by `_triton_map_vjp_kernel`
-    (the chain rule through an elementwise map: grad * map'(x)); grad itself without a map."""
+    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
+    by `_triton_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
+    element reads only its own); grad itself without a map."""
     if pair is None or grad is None:
         return grad
-    grad = grad.contiguous()
-    dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    grad = grad.to(torch.float32).contiguous()
     n = x.numel()
     if n:
-        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, grad, dx, n, pair[1], _triton_MAP_BLOCK)
-    return dx
+        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _triton_MAP_BLOCK)
+    return grad
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
