@@ -215,10 +215,11 @@ def _mapped(x, m, MAP: tl.constexpr):
 
 @triton.jit
 def _map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements (float32): the backward's transient mapped inputs (`_apply_map`)."""
+    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
+    inputs (`_apply_map`)."""
     o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)), mask=m)
+    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -1827,11 +1828,13 @@ _MAP_BLOCK = 1024  # elements per program of `_map_kernel` and `_map_vjp_kernel`
 
 
 def _apply_map(pair, x: Tensor) -> Tensor:
-    """x itself without a map; else map(x) float32 [x's shape] (`_map_kernel`), a transient of the backward."""
+    """x itself without a map; else map(x) [x's shape] (`_map_kernel`), a transient of the backward: bfloat16 for
+    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
+    of float16 values can pass float16's largest number)."""
     if pair is None:
         return x
     x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
     n = x.numel()
     if n:
         _map_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x, y, n, pair[0], _MAP_BLOCK)

@@ -2116,10 +2116,11 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
 
 @triton.jit
 def _triton_map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements (float32): the backward's transient mapped inputs (`_triton_apply_map`)."""
+    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
+    inputs (`_triton_apply_map`)."""
     o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)), mask=m)
+    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -3094,11 +3095,13 @@ _triton_MAP_BLOCK = 1024  # elements per program of `_triton_map_kernel` and `_t
 
 
 def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
-    """x itself without a map; else map(x) float32 [x's shape] (`_triton_map_kernel`), a transient of the backward."""
+    """x itself without a map; else map(x) [x's shape] (`_triton_map_kernel`), a transient of the backward: bfloat16 for
+    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
+    of float16 values can pass float16's largest number)."""
     if pair is None:
         return x
     x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
     n = x.numel()
     if n:
         _triton_map_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, y, n, pair[0], _triton_MAP_BLOCK)
