@@ -1454,6 +1454,14 @@ class TorchFormWriter:
                 return None
         return leaf, f
 
+    @staticmethod
+    def _finite_at_reset(f: sympy.Expr) -> bool:
+        """f(x) has a finite limit as x -> -inf (a log decay's reset), as far as sympy can tell."""
+        try:
+            return bool(sympy.limit(f, next(iter(f.free_symbols)), -sympy.oo).is_finite)
+        except (NotImplementedError, ValueError, TypeError):
+            return False
+
     def _map_helpers(self, name: str, f: sympy.Expr) -> str:
         """The source of `name(x)` = f(x) and `name_vjp(x, grad)` = grad * f'(x) (sympy's derivative), both
         `@triton.jit`, printed with the Triton printer of the recurrent kernels."""
@@ -1721,6 +1729,10 @@ class TorchFormWriter:
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 checked.append(f"beta_{s.name}")
             checked += fused_checks
+            if k_map and k_map[0] == log_leaf and self._finite_at_reset(k_map[1]):
+                # k is the log decay's own input, mapped: its check there (NaN or > 0) covers it, and a reset (-inf)
+                # maps to a finite key (HGRN2's 1 - exp(-inf) = 1), so it need not leave the chunks
+                checked.remove(f"k_{s.name}")
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
                     fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"

@@ -162,3 +162,22 @@ def test_bfloat16_runs_in_its_own_dtype():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert all(x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_a_reset_stays_in_the_chunks():
+    """HGRN2's key is mapped from its log decay f: a reset (f = -inf, key 1 - exp(-inf) = 1) is checked as a log
+    decay only, so the chunked Triton form takes it (no UnsafeSteps) and matches the float64 reference."""
+    from codegen.load import load_module
+
+    rec = _rec("hgrn2")
+    args, initial = sample_arguments(rec.checked, {s: D for s in rec.checked.sizes}, B, T, H, dtype=torch.float64,
+                                     seed=6, with_initial_state=True)
+    q, f, v = args
+    f = f.clone()
+    f[:, 20, 1, :5] = float("-inf")
+    module = load_module(analyse(rec.checked))
+    outs, finals = module.hgrn2__chunked_triton(q.float(), f.float(), v.float(), {"S": initial.float()}, D, D,
+                                                 chunk_size=CHUNK)
+    ref, ref_final = rec.reference(q, f, v, initial_state=initial, output_final_state=True)
+    assert torch.isfinite(outs["o"]).all()
+    assert _rel(outs["o"], ref) <= 1e-5 and _rel(finals["S"], ref_final) <= 1e-5

@@ -4105,7 +4105,7 @@ def hgrn2__chunked_triton(q, f, v, states, K, V, chunk_size=64, **options):
     v_S = v  # hgrn2.rec:12
     log_decay_S = f  # hgrn2.rec:12
     query_read_S = q  # hgrn2.rec:13
-    _check_steps([query_read_S, k_S, v_S], [log_decay_S])
+    _check_steps([query_read_S, v_S], [log_decay_S])
     (read_S,), final_S = triton_chunked_linear_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, k_map=(hgrn2__map_f, hgrn2__map_f_vjp), **options)
     o = read_S  # hgrn2.rec:13
     return {'o': o}, {'S': final_S}
