@@ -5,7 +5,8 @@ scale and a per-head skip term, applied in the kernels).
 - The count: a known intermediate is counted at its size and site; inputs, outputs and views are not.
 - Results and gradients of the chunked Triton form against the float64 reference for GLA, gated DeltaNet and
   Mamba2 (whose prologue and epilogue are fused) and for normalised linear attention (whose feature maps are
-  printed helpers the kernels apply, and whose divided readout is not fused): relative error <= 1e-5 in float32, T = 37 in chunks of 16.
+  printed helpers the kernels apply, and whose divided readout is not fused): relative error <= 1e-5 in
+  float32, T = 37 in chunks of 16.
 - The forward's intermediate bytes at B=1, T=128, H=2, K=V=N=P=32, chunks of 64, float32 and bfloat16, against the
   hand-written kernels' figure (`hand_written_bytes`): GLA, gated DeltaNet and Mamba2 at most that figure.
 - Half precision: float16 values and gradients against the reference at float16 tolerance; bfloat16 outputs and
