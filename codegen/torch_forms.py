@@ -43,6 +43,7 @@ from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
+from .triton_printer import TritonPrinter
 
 # The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
 # ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
@@ -1424,6 +1425,61 @@ class TorchFormWriter:
             names[n] = f"prev_{n}"
             names[n + NEW_SUFFIX] = f"all_{n}"
 
+    # -- the chunked Triton form's elementwise maps, printed as @triton.jit helpers ---------------------------
+
+    def _map_of(self, expr: sympy.Expr, indices, log_leaf) -> tuple[sympy.Expr, sympy.Expr] | None:
+        """(leaf, f(x)) when `expr` is f(leaf), an elementwise function of ONE raw input `leaf` indexed by `indices`
+        alone (normalized linear attention's elu(k[i]) + 1, HGRN2's 1 - exp(f[i])) that the Triton runtime can apply
+        where its kernels load the input (`triton_runtime._Fused.k_map`); None for the input itself or anything
+        else. The runtime's `_check_steps` then sees the raw input, not f of it, so f must be finite wherever the
+        input is: no log, division or negative power of x, and exp only of an input that is also the state's log
+        decay (`log_leaf`, checked <= 0 by `_check_steps`, so exp(x) <= 1)."""
+        leaves = expr.atoms(sympy.Indexed)
+        if len(leaves) != 1 or isinstance(expr, sympy.Indexed):
+            return None
+        leaf = next(iter(leaves))
+        if str(leaf.base) not in {i.name for i in self.rec.inputs} or tuple(leaf.indices) != tuple(indices):
+            return None
+        x = sympy.Symbol("x", real=True)
+        f = expr.xreplace({leaf: x})
+        if f.free_symbols != {x}:
+            return None
+        for node in sympy.preorder_traversal(f):
+            if not (isinstance(node, sympy.Basic) and node.has(x)):
+                continue
+            if isinstance(node, sympy.log) or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer
+                                                                                     and node.exp > 0)):
+                return None
+            if isinstance(node, sympy.exp) and leaf != log_leaf:
+                return None
+        return leaf, f
+
+    @staticmethod
+    def _finite_at_reset(f: sympy.Expr) -> bool:
+        """f(x) has a finite limit as x -> -inf (a log decay's reset), as far as sympy can tell."""
+        try:
+            return bool(sympy.limit(f, next(iter(f.free_symbols)), -sympy.oo).is_finite)
+        except (NotImplementedError, ValueError, TypeError):
+            return False
+
+    def _map_helpers(self, name: str, f: sympy.Expr) -> str:
+        """The source of `name(x)` = f(x) and `name_vjp(x, grad)` = grad * f'(x) (sympy's derivative), both
+        `@triton.jit`, printed with the Triton printer of the recurrent kernels."""
+        x, grad = sympy.Symbol("x", real=True), sympy.Symbol("grad", real=True)
+        printer = TritonPrinter(set(), {}, {"x": "x", "grad": "grad"})
+        w = SourceWriter()
+        w("@triton.jit", 0)
+        w(f"def {name}(x):", 0)
+        w(f'"""{sympy.sstr(f)} of the raw input x, applied where the chunked kernels load it (QMAP / KMAP)."""')
+        w(f"return {printer.print_expr(f, ())}")
+        w()
+        w()
+        w("@triton.jit", 0)
+        w(f"def {name}_vjp(x, grad):", 0)
+        w(f'"""grad * d/dx ({sympy.sstr(f)}): the raw input\'s gradient from its mapped value\'s, from sympy."""')
+        w(f"return {printer.print_expr(grad * sympy.diff(f, x), ())}")
+        return w.text()
+
     # -- the chunked form's prologue and epilogue, with their VJPs printed from sympy -------------------------
 
     def _write_printed_vjp(self, stem: str, what: str, values: list, reads: list,
@@ -1548,6 +1604,18 @@ class TorchFormWriter:
         prologue: list = []  # (Python name, IR expression, indices, dims)
         seen: dict = {}  # (expression, indices, dims) -> the value computed first
         at = len(w.lines)  # where the call of the prologue goes
+        # The Triton form's elementwise maps (`_map_of`), printed once each as @triton.jit helpers named after the
+        # raw input they map (NAME__map_k): (input, srepr of f(x)) -> the helper's name, and the helpers' source.
+        map_names: dict[tuple, str] = {}
+        map_sources: list[str] = []
+
+        def map_helper(leaf: sympy.Indexed, f: sympy.Expr) -> str:
+            key = (str(leaf.base), sympy.srepr(f))
+            if key not in map_names:
+                taken = sum(1 for k in map_names if k[0] == key[0])
+                map_names[key] = f"{self.fn}__map_{self.py[key[0]]}" + (f"_{taken + 1}" if taken else "")
+                map_sources.append(self._map_helpers(map_names[key], f))
+            return map_names[key]
 
         inputs = {i.name for i in self.rec.inputs}
 
@@ -1589,6 +1657,17 @@ class TorchFormWriter:
                 fuse = None  # nothing to hand to the kernels: the plain call
             k_expr, v_expr = (fuse["k"], fuse["v"]) if fuse else (plan.k.expr, plan.v and plan.v.expr)
             fused_args, fused_checks = "", []
+            # Elementwise maps of one raw input (feature maps, gates) go to the linear kernels of the Triton runtime
+            # as printed helpers applied at their loads, in place of [B, T, H, K] prologue tensors.
+            maps = (self.options and not plan.pair and s.name not in view.transposed and not view.lifted.get(s.name)
+                    and sa.cls not in (TransitionClass.RANK_ONE_UPDATE, TransitionClass.DIAGONAL_PLUS_RANK_ONE)
+                    and plan.decay_axis != "value")
+            log_leaf = (plan.log_decay.expr if plan.log_decay is not None and not (fuse and fuse.get("decay_head"))
+                        else None)
+            k_map = self._map_of(k_expr, plan.k.indices, log_leaf) if maps else None
+            q_maps = [self._map_of(r.query.expr, r.query.indices, log_leaf) for r in plan.readouts] if maps else []
+            q_map = (q_maps[0] if q_maps and all(q_maps) and len({(m[0], sympy.srepr(m[1])) for m in q_maps}) == 1
+                     else None)
             if fuse:
                 w("# the prologue's per-step factors and the readout's epilogue are applied inside the kernels "
                   "(triton_runtime._Fused)")
@@ -1596,7 +1675,13 @@ class TorchFormWriter:
                     pro(f"v_step_{s.name}", fuse["v_step_expr"], (), (), comment="a factor of k v^T")
                     fused_args += f", v_step=v_step_{s.name}"
                     fused_checks.append(f"v_step_{s.name}")
-            pro(f"k_{s.name}", k_expr, plan.k.indices, kdims, flat, self.cite[s.name])
+            if k_map:
+                helper = map_helper(*k_map)
+                w(f"k_{s.name} = {self.py[str(k_map[0].base)]}  # {self.cite[s.name]}; mapped by {helper} in the "
+                  "kernels")
+                fused_args += f", k_map=({helper}, {helper}_vjp)"
+            else:
+                pro(f"k_{s.name}", k_expr, plan.k.indices, kdims, flat, self.cite[s.name])
             if plan.v is not None:
                 pro(f"v_{s.name}", v_expr, plan.v.indices, (dims[-1],), comment=self.cite[s.name])
                 state = f"states['{s.name}']" + (".transpose(-1, -2)" if s.name in view.transposed else "")
@@ -1628,15 +1713,26 @@ class TorchFormWriter:
             for n, r in enumerate(plan.readouts):
                 # The readouts sum(i, query[i] * S[i, j]) of this state, named after it: read_S (read_S_2, ...).
                 readout_names[r.name] = f"read_{s.name}" + (f"_{n + 1}" if n else "")
-                pro(f"query_{readout_names[r.name]}", r.query.expr, r.query.indices, kdims, flat,
-                    self._readers(view, r.name))
+                if q_map:
+                    helper = map_helper(*q_map)
+                    w(f"query_{readout_names[r.name]} = {self.py[str(q_map[0].base)]}  # {self._readers(view, r.name)}"
+                      f"; mapped by {helper} in the kernels")
+                else:
+                    pro(f"query_{readout_names[r.name]}", r.query.expr, r.query.indices, kdims, flat,
+                        self._readers(view, r.name))
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
+            if q_map:
+                fused_args += f", q_map=({helper}, {helper}_vjp)"
             checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", f"v_{s.name}"]
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
                 checked += [f"a_{s.name}", f"b_{s.name}"]
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 checked.append(f"beta_{s.name}")
             checked += fused_checks
+            if k_map and k_map[0] == log_leaf and self._finite_at_reset(k_map[1]):
+                # k is the log decay's own input, mapped: its check there (NaN or > 0) covers it, and a reset (-inf)
+                # maps to a finite key (HGRN2's 1 - exp(-inf) = 1), so it need not leave the chunks
+                checked.remove(f"k_{s.name}")
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
                     fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"
@@ -1726,6 +1822,10 @@ class TorchFormWriter:
             lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
             lines.append("    " + call)
             w.lines[at:at] = lines
+        if map_sources:
+            functions.append("# The elementwise maps of raw inputs, applied by the chunked kernels where they load "
+                             "them (QMAP / KMAP),\n# each with its derivative for the backward, from sympy\n\n\n"
+                             + "\n\n\n".join(map_sources))
         finals = ", ".join(f"'{s.name}': final_{s.name}" for s in self.rec.states)
         if self.checkpoints:
             starts = ", ".join(f"'{s.name}': starts_{s.name}[:, :, n]" for s in self.rec.states)

@@ -2022,6 +2022,16 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
+@triton.jit
+def _triton_mapped(x, m, MAP: tl.constexpr):
+    """MAP(x) on the lanes of mask m, 0 elsewhere: a spec's elementwise feature map or gate (a printed `@triton.jit`
+    helper of the generated module, passed as a constexpr function; None for none) applied where the kernel loads
+    its raw input. A map of 0 need not be 0 (elu(0) + 1 = 1), so masked lanes are zeroed again after it."""
+    if MAP is not None:
+        x = tl.where(m, MAP(x), 0.0)
+    return x
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -2252,7 +2262,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2260,7 +2271,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x).
+    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -2282,10 +2293,12 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
+        b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
+        b_kt = _triton_mapped(b_kt, m_k[:, None] & m_t[None, :], KMAP)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
@@ -2474,7 +2487,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
+        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2533,17 +2547,28 @@ class _triton_Fused:
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
       skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
+                            `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
+                            `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
+                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
+                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
 
-    One query only (the epilogue belongs to its output); not with a value decay."""
+    One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
-    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                 k_map=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
+        self.q_map, self.k_map = q_map, k_map
 
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def maps(self) -> tuple:
+        return self.q_map, self.k_map
 
     def tensors(self) -> list:
         return [self.v_step, self.decay_head, self.skip, self.skip_weight]
@@ -2552,15 +2577,31 @@ class _triton_Fused:
 _triton_NOT_FUSED = _triton_Fused()
 
 
-def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int):
+def _triton_map_of(pair):
+    """The map helper of a (map, vjp) pair, or None: a kernel's QMAP / KMAP."""
+    return None if pair is None else pair[0]
+
+
+def _triton_check_map(name: str, pair) -> None:
+    if pair is None:
+        return
+    if (not isinstance(pair, tuple) or len(pair) != 2
+            or not all(callable(f) for f in pair)):
+        raise ValueError(f"{name} must be None or a pair (map, vjp) of @triton.jit functions, map(x) and "
+                         f"vjp(x, grad), got {pair!r}")
+
+
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    if v_step is None and decay_head is None and scale == 1.0 and skip is None:
+    _triton_check_map("q_map", q_map)
+    _triton_check_map("k_map", k_map)
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
     if (skip is None) != (skip_weight is None):
         raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
-    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):

@@ -2163,6 +2163,35 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
+@triton.jit
+def _triton_mapped(x, m, MAP: tl.constexpr):
+    """MAP(x) on the lanes of mask m, 0 elsewhere: a spec's elementwise feature map or gate (a printed `@triton.jit`
+    helper of the generated module, passed as a constexpr function; None for none) applied where the kernel loads
+    its raw input. A map of 0 need not be 0 (elu(0) + 1 = 1), so masked lanes are zeroed again after it."""
+    if MAP is not None:
+        x = tl.where(m, MAP(x), 0.0)
+    return x
+
+
+@triton.jit
+def _triton_map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
+    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
+    inputs (`_triton_apply_map`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _triton_map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
+    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
+    map's printed derivative helper (`_triton_unmap`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -2200,7 +2229,7 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                        DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
-                       SPANS: tl.constexpr = False):
+                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
@@ -2209,6 +2238,7 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
     SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
     floored log decays over the steps it spans (`_triton_linear_forward`), never a difference of G.
+    QMAP, KMAP (`_triton_mapped`): the spec's elementwise maps of the raw q and k, applied as they are loaded.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -2237,6 +2267,8 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
+            b_kt = _triton_mapped(b_kt, m_kt, KMAP)
             if DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK]
@@ -2251,6 +2283,7 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             m_k = o_k < K
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
+            b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
             if DECAY == 2:
                 b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                                other=0.0)  # [BC, BK] float64: every column's difference needs it exact
@@ -2258,12 +2291,14 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                     i_s = i_i * BC + c
                     m_s = m_k & (o_k * 0 + t0 + i_s < T)
                     b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                    b_ks = _triton_mapped(b_ks, m_s, KMAP)
                     b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
                     b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                     b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
+                b_kt = _triton_mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP)
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
         if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
@@ -2297,14 +2332,14 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                        VSTEP: tl.constexpr):
+                        VSTEP: tl.constexpr, KMAP: tl.constexpr = None):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
     VARLEN (packed sequences, `_triton_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
-    as it is loaded.
+    as it is loaded; KMAP (`_triton_mapped`): the spec's elementwise map of the raw k, applied as it is loaded.
     A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
     s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_triton_linear_forward`).
     """
@@ -2331,6 +2366,7 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
         p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of k^T
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of v
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+        b_kt = _triton_mapped(b_kt, m_kt, KMAP)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         if VSTEP:
             b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
@@ -2353,7 +2389,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2361,7 +2398,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x).
+    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -2383,10 +2420,12 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
+        b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
+        b_kt = _triton_mapped(b_kt, m_k[:, None] & m_t[None, :], KMAP)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
@@ -2599,23 +2638,25 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int, spans: bool = False) -> triton_Tensor:
+                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
     """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
-    themselves (its SPANS)."""
+    themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_triton_Fused`)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
         q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(q_map),
+        KMAP=_triton_map_of(k_map))
     return A
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, v_step=None):
+                  num_stages, packed=None, v_step=None, k_map=None):
     """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
-    v_step: a per-step factor [B, T, H] of v (fused), or None. With a key decay (2) gc holds the log decays
+    v_step: a per-step factor [B, T, H] of v (fused), or None; k_map: None or the (map, vjp) helpers of k (fused,
+    `_triton_Fused`). With a key decay (2) gc holds the log decays
     themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
     keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
     stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
@@ -2632,7 +2673,7 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map))
     return h, ht
 
 
@@ -2654,7 +2695,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
+        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2713,17 +2755,28 @@ class _triton_Fused:
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
       skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
+                            `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
+                            `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
+                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
+                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
 
-    One query only (the epilogue belongs to its output); not with a value decay."""
+    One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
-    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                 k_map=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
+        self.q_map, self.k_map = q_map, k_map
 
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def maps(self) -> tuple:
+        return self.q_map, self.k_map
 
     def tensors(self) -> list:
         return [self.v_step, self.decay_head, self.skip, self.skip_weight]
@@ -2732,9 +2785,25 @@ class _triton_Fused:
 _triton_NOT_FUSED = _triton_Fused()
 
 
-def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int):
+def _triton_map_of(pair):
+    """The map helper of a (map, vjp) pair, or None: a kernel's QMAP / KMAP."""
+    return None if pair is None else pair[0]
+
+
+def _triton_check_map(name: str, pair) -> None:
+    if pair is None:
+        return
+    if (not isinstance(pair, tuple) or len(pair) != 2
+            or not all(callable(f) for f in pair)):
+        raise ValueError(f"{name} must be None or a pair (map, vjp) of @triton.jit functions, map(x) and "
+                         f"vjp(x, grad), got {pair!r}")
+
+
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    if v_step is None and decay_head is None and scale == 1.0 and skip is None:
+    _triton_check_map("q_map", q_map)
+    _triton_check_map("k_map", k_map)
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
@@ -2748,7 +2817,7 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
         skip_weight = skip_weight.reshape(-1)
         if skip_weight.numel() != H:
             raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
-    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight)
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
@@ -2797,7 +2866,7 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                      skip_weight=None):
+                      skip_weight=None, q_map=None, k_map=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -2813,8 +2882,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     The spec's prologue and epilogue, fused into the kernels (`_triton_Fused`; one query, no value decay): v_step
     [B, T, H] (the update is k_t (v_step_t v_t)^T), decay_head [H] (the log decays are log_decay * decay_head),
     scale (the output is scale * o) and skip [B, T, H, V] with skip_weight [H] (plus skip_weight[h] * skip_t).
-    Their gradients come from the unfused backward's by the chain rule (`_triton_unfuse`). ValueError for a bad one."""
-    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
+    Their gradients come from the unfused backward's by the chain rule (`_triton_unfuse`). q_map, k_map: None or
+    (map, vjp), a pair of `@triton.jit` helpers of the spec's elementwise feature map of every query / of the keys
+    (printed by the generated module, `NAME__map_<value>`): q and k are then the raw inputs, mapped where the
+    kernels load them, and their gradients are the raw inputs' (`_triton_Fused`). ValueError for a bad one."""
+    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
@@ -2823,7 +2895,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                           fused.skip_weight)
+                           fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -2836,7 +2908,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, k, v, log_decay,
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, k, v, log_decay,
                                             initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
@@ -3069,9 +3141,10 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed, vs)
+                          num_stages, packed, vs, f.k_map)
     if fused is not None:
-        fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+        fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
+                       q_map=f.q_map, k_map=f.k_map)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
@@ -3081,17 +3154,18 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, k, v, log_decay, initial_state, v_step, decay_head,
-                skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, k, v, log_decay, initial_state, v_step,
+                decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
-        fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight)
+        fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
                                       cfg, packed, fused)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
+        ctx.maps = maps
         return (*outs, ht)
 
     @staticmethod
@@ -3104,18 +3178,54 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
         # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back.
         v_m, log_m = _triton_materialise(fused, v, log_decay)
+        # mapped q and k (`_triton_Fused.q_map`, `k_map`): transient tensors of the backward, as v * v_step above
+        q_map, k_map = ctx.maps
+        qs_m = [_triton_apply_map(q_map, q) for q in qs]
+        k_m = _triton_apply_map(k_map, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
-        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
                                                   initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
+        dk = _triton_unmap(k_map, k, dk)
+        dqs = [_triton_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
-                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
-                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, cast(dk, k, 6), cast(dv, v, 7), cast(dlog, log_decay, 8),
+                cast(dh0, initial_state, 9), cast(dvs, v_step, 10), cast(ddh, decay_head, 11), cast(dskip, skip, 12),
+                cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+_triton_MAP_BLOCK = 1024  # elements per program of `_triton_map_kernel` and `_triton_map_vjp_kernel`
+
+
+def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
+    """x itself without a map; else map(x) [x's shape] (`_triton_map_kernel`), a transient of the backward: bfloat16 for
+    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
+    of float16 values can pass float16's largest number)."""
+    if pair is None:
+        return x
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
+    n = x.numel()
+    if n:
+        _triton_map_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, y, n, pair[0], _triton_MAP_BLOCK)
+    return y
+
+
+def _triton_unmap(pair, x: triton_Tensor, grad: triton_Tensor | None) -> triton_Tensor | None:
+    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
+    by `_triton_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
+    element reads only its own); grad itself without a map."""
+    if pair is None or grad is None:
+        return grad
+    grad = grad.to(torch.float32).contiguous()
+    n = x.numel()
+    if n:
+        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _triton_MAP_BLOCK)
+    return grad
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,

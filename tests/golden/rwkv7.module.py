@@ -2130,6 +2130,16 @@ def _triton_decay(g_to, g_from):
     return _triton_safe_exp((g_to - g_from).to(tl.float32))
 
 
+@triton.jit
+def _triton_mapped(x, m, MAP: tl.constexpr):
+    """MAP(x) on the lanes of mask m, 0 elsewhere: a spec's elementwise feature map or gate (a printed `@triton.jit`
+    helper of the generated module, passed as a constexpr function; None for none) applied where the kernel loads
+    its raw input. A map of 0 need not be 0 (elu(0) + 1 = 1), so masked lanes are zeroed again after it."""
+    if MAP is not None:
+        x = tl.where(m, MAP(x), 0.0)
+    return x
+
+
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -2163,7 +2173,7 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                        DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
-                       SPANS: tl.constexpr = False):
+                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
@@ -2172,6 +2182,7 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
     SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
     floored log decays over the steps it spans (`_triton_linear_forward`), never a difference of G.
+    QMAP, KMAP (`_triton_mapped`): the spec's elementwise maps of the raw q and k, applied as they are loaded.
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -2200,6 +2211,8 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+            b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
+            b_kt = _triton_mapped(b_kt, m_kt, KMAP)
             b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                            other=0.0)  # [BC, BK]
             b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
@@ -2213,12 +2226,14 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             m_k = o_k < K
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
+            b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
             b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
                            other=0.0)  # [BC, BK] float64: every column's difference needs it exact
             for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
                 i_s = i_i * BC + c
                 m_s = m_k & (o_k * 0 + t0 + i_s < T)
                 b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
+                b_ks = _triton_mapped(b_ks, m_s, KMAP)
                 b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
                 b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                 b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
@@ -2420,7 +2435,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False):
+                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2428,7 +2444,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x).
+    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -2451,6 +2467,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
+        b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
@@ -2608,15 +2625,16 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int, spans: bool = False) -> triton_Tensor:
+                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
     """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
-    themselves (its SPANS)."""
+    themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_triton_Fused`)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
         q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(q_map),
+        KMAP=_triton_map_of(k_map))
     return A
 
 
@@ -2662,7 +2680,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES))
+        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
+        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2692,7 +2711,9 @@ class triton_KeyDecay:
                fused=None):
         """eg None: gc holds the log decays themselves (the linear form's spans, `_triton_linear_forward`)."""
         spans = eg is None
-        A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages, spans)
+        f = fused if fused is not None else _triton_NOT_FUSED
+        A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages, spans, f.q_map,
+                        f.k_map)
         if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
             pair = (*pair, _triton_intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages,
                                        spans))
@@ -2718,23 +2739,39 @@ class _triton_Fused:
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
       skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored.
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
+                            `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
+                            `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
+                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
+                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
 
-    One query only (the epilogue belongs to its output); not with a value decay."""
+    One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
-    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None):
+    def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                 k_map=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
+        self.q_map, self.k_map = q_map, k_map
 
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def maps(self) -> tuple:
+        return self.q_map, self.k_map
 
     def tensors(self) -> list:
         return [self.v_step, self.decay_head, self.skip, self.skip_weight]
 
 
 _triton_NOT_FUSED = _triton_Fused()
+
+
+def _triton_map_of(pair):
+    """The map helper of a (map, vjp) pair, or None: a kernel's QMAP / KMAP."""
+    return None if pair is None else pair[0]
 
 
 def _triton_empty_result(queries, k, v, initial_state, output_final_state):
