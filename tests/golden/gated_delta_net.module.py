@@ -2957,8 +2957,8 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
     qs = [q.contiguous() for q, _ in queries]
-    # the kernels load dO in its own dtype and compute in float32: no float32 copy of a half dO
-    dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.contiguous() for d in grad_outputs]
+    # dO in float32: loading a half dO spilled _triton_delta_bwd_local_kernel on sm_80 (no decay, K = V = 64 and 128)
+    dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
     g_or_k = gc if gc is not None else k
     eg_or_k = eg if eg is not None else k
     dv = torch.empty((B, T, H, V), **f32)
