@@ -17,13 +17,17 @@ temporary freed at once counts in full, because a hand-written kernel would not 
 
 Allocations made while a Triton kernel runs in the interpreter (its argument copies) are not the call's and are
 skipped (any frame inside the `triton` package); under `kernel_report.compile_only` no kernel runs and the
-buffers the host code allocates for them are counted exactly as on a GPU. Every allocated tensor is kept alive
-until the count is done, so an address freed and reused cannot hide a later allocation.
+buffers the host code allocates for them are counted exactly as on a GPU. Every allocated storage is kept alive
+until the count is done, so an address freed and reused cannot hide a later allocation; the storage, not the tensor:
+a reference to the tensor would make autograd's AccumulateGrad copy a gradient it would otherwise keep as `.grad`,
+and the gradient the call handed back would then count as an intermediate.
 
 The hand-written figures (`hand_written_bytes`) are formulas, one per class of spec, from the buffers the
 published chunked kernels allocate for one forward call (see each class's docstring): B, T, H, K, V as the call,
 NT = ceil(T / BT) chunks of BT = min(chunk, pow2(T), >= 16) steps, `elt` the bytes of the call's dtype for the
 tensors those kernels keep in the input dtype, float32 for the rest. Outputs and final states are not counted.
+`hand_written_backward_bytes` gives the buffers the same libraries' backward allocates besides the gradients it
+hands back (recomputed forward buffers included), so a training step's figure is the sum of the two.
 """
 
 from __future__ import annotations
@@ -109,13 +113,14 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 class _Counter(TorchDispatchMode):
-    """Records every new storage an op returns (size, site, phase), keeping the tensors alive."""
+    """Records every new storage an op returns (size, site, phase), keeping the storages alive (not the tensors:
+    a tensor's extra reference would change what autograd does with a gradient)."""
 
     def __init__(self, known: set[int]):
         super().__init__()
         self.known = set(known)
         self.records: list[tuple[int, int, str, tuple, str, str]] = []  # (key, bytes, where, shape, dtype, phase)
-        self.alive: list[torch.Tensor] = []
+        self.alive: list = []  # untyped storages
         self.phase = "forward"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -128,7 +133,7 @@ class _Counter(TorchDispatchMode):
             where = _site()
             if where is None:
                 continue
-            self.alive.append(t)
+            self.alive.append(t.untyped_storage())
             self.records.append((key, t.untyped_storage().nbytes(), where, tuple(t.shape),
                                  str(t.dtype).replace("torch.", ""), self.phase))
         return out
@@ -252,21 +257,90 @@ def hand_written_bytes(kind: str, *, B: int, T: int, H: int, K: int, V: int, chu
     raise ValueError(f"unknown kind {kind!r}; choose from gla, gated_delta, mamba2")
 
 
+def hand_written_backward_bytes(kind: str, *, B: int, T: int, H: int, K: int, V: int, chunk: int = 64,
+                                elt: int = 4) -> dict[str, int]:
+    """{buffer: bytes} the published chunked backward allocates for one call besides the gradients it hands back
+    (the same kinds and conventions as `hand_written_bytes`; buffers it recomputes count again). A gradient kept in
+    float32 for an input of another dtype counts (its cast is what is handed back); `elt` 4 is float32 inputs.
+
+    kind:
+      "gla"    flash-linear-attention `fla/ops/gla/chunk.py`, `ChunkGLAFunction.backward` -> `chunk_gla_bwd`: the
+               states recomputed `h` [B, NT, H, K, V] float32 (`chunk_fwd_h(..., states_in_fp32=True)`), their
+               gradients `dh` [B, NT, H, K, V] float32 (`chunk_bwd_dh(..., states_in_fp32=True)`), the scores' gradient
+               `dA` [B, T, H, BT] float32 (`chunk_gla_bwd_dA`), the intra-chunk dq, dk [B, T, H, K] float32 each
+               (`chunk_gla_bwd_dqk_intra`), and for inputs not in float32 the cumsum `g_cumsum` recomputed (its
+               forward keeps it only for float32 g) and the float32 dq, dk, dg that `chunk_gla_bwd_dqkg` returns
+               (cast to the input dtype on the way out). dv (`chunk_gla_bwd_dv`, like do) is the gradient.
+      "gated_delta" flash-linear-attention `fla/ops/gated_delta_rule/chunk.py`, `chunk_gated_delta_rule_bwd`: W and U
+               recomputed (`recompute_w_u_fwd`, [B, T, H, K] and [B, T, H, V] in the input dtype), h and v_new
+               recomputed (`chunk_gated_delta_rule_fwd_h`: [B, NT, H, K, V] and [B, T, H, V], input dtype), the local
+               dv (`chunk_bwd_dv_local`, [B, T, H, V]), dh [B, NT, H, K, V] and the updated dv
+               (`chunk_gated_delta_rule_bwd_dhu`, input dtype), dw [B, T, H, K] and the per-key-block dg
+               [NK, B, T, H] float32 with its sum (`chunk_bwd_dqkwg`, NK = K / 128 on sm_90), and from
+               `prepare_wy_repr_bwd` dk2 [B, T, H, K] (added into dk) and dg2 [B, T, H] float32; for inputs not in
+               float32, the reverse cumsum of dg [B, T, H] float32 before its cast. dq, dk, dv, dbeta: gradients.
+      "mamba2" mamba_ssm `ops/triton/ssd_combined.py`, `_mamba_chunk_scan_combined_bwd` (fla's Mamba2 layer calls
+               it): dt's copy `dt_in` [B, T, H] (dt's dtype), `dA_cumsum` and `dt` again [B, H, NT, BT] float32
+               (`_chunk_cumsum_fwd`), `CB` [B, NT, H, BT, BT] float32 (`_bmm_chunk_fwd`), the chunk states and the
+               passed states [B, NT, H, P, N] float32 (`_chunk_state_fwd(..., states_in_fp32=True)`,
+               `_state_passing_fwd`), `dstates` [B, NT, H, P, N] float32 (`_chunk_scan_bwd_dstates`), then the passed
+               dstates and states in the input dtype (`_state_passing_bwd(..., dstates_dtype=x.dtype,
+               states_dtype=x.dtype)`), `ddt` [B, H, NT, BT] float32 (`_chunk_scan_chunk_state_bwd_dx`), `dB`
+               [B, T, H, N] float32 with `ddA_next` (`_chunk_state_bwd_db`), `dC` [B, T, H, N] float32 with
+               `ddA_cumsum_prev` (`_chunk_scan_bwd_dC`), `dCB` [B, NT, H, BT, BT] float32 (`_chunk_scan_bwd_dcb`),
+               the reverse cumsum of ddA_cumsum_prev (flip, cumsum, flip) and `ddA` (`_chunk_scan_bwd_ddAcs_stable`),
+               each [B, H, NT, BT] float32. G = H groups, K = N, V = P as in `hand_written_bytes`.
+    Raises ValueError for another kind."""
+    BT, NT = _chunk(T, chunk)
+    states = B * NT * H * K * V
+    steps = B * T * H
+    half = elt != 4  # a float32 gradient is then not the one handed back
+    if kind == "gla":
+        out = {"h": 4 * states, "dh": 4 * states, "dA": 4 * steps * BT, "dq_dk_intra": 8 * steps * K}
+        if half:
+            out.update(g_cumsum=4 * steps * K, dq_dk_dg_float32=12 * steps * K)
+        return out
+    if kind == "gated_delta":
+        NK = -(-K // 128)
+        out = {"w": elt * steps * K, "u": elt * steps * V, "h": elt * states, "v_new": elt * steps * V,
+               "dv_local": elt * steps * V, "dh": elt * states, "dv_dhu": elt * steps * V, "dw": elt * steps * K,
+               "dg_blocks": 4 * NK * steps + 4 * steps, "dk_wy": elt * steps * K, "dg_wy": 4 * steps}
+        if half:
+            out["dg_cumsum"] = 4 * steps
+        return out
+    if kind == "mamba2":
+        Q = B * H * NT * BT  # one float32 [B, H, NT, BT] buffer
+        return {"dt_in": elt * steps, "dA_cumsum": 4 * Q, "dt": 4 * Q, "CB": 4 * B * NT * H * BT * BT,
+                "states": 4 * states, "states_passed": 4 * states, "dstates": 4 * states,
+                "dstates_passed": elt * states, "states_cast": elt * states, "ddt": 4 * Q, "dB": 4 * steps * K,
+                "ddA_next": 4 * Q, "dC": 4 * steps * K, "ddA_cumsum_prev": 4 * Q, "dCB": 4 * B * NT * H * BT * BT,
+                "ddA_prev": 3 * 4 * Q, "ddA": 4 * Q}
+    raise ValueError(f"unknown kind {kind!r}; choose from gla, gated_delta, mamba2")
+
+
 # Which published kernels a spec of `specs/` compares with (by name).
 HAND_WRITTEN = {"gla": "gla", "gated_delta_net": "gated_delta", "mamba2": "mamba2"}
 
 
 def hand_written_for(name: str, sizes: dict[str, int], B: int, T: int, H: int, *, chunk: int = 64,
-                     dtype: torch.dtype = torch.float32) -> dict | None:
+                     dtype: torch.dtype = torch.float32, backward: bool = False) -> dict | None:
     """{"kind", "total", "buffers"} of the hand-written figure for the spec called `name` at this call's shape,
-    or None when no published kernel is compared with it. sizes: the spec's sizes (K, V; mamba2's N, P)."""
+    or None when no published kernel is compared with it. sizes: the spec's sizes (K, V; mamba2's N, P).
+    backward: the figure of a forward and backward call (a training step): "total" is the sum of the forward's
+    and the backward's buffers, "forward" and "backward" each one's, "buffers" the forward's and
+    "backward_buffers" the backward's (`hand_written_backward_bytes`)."""
     kind = HAND_WRITTEN.get(name)
     if kind is None:
         return None
     K, V = (sizes["N"], sizes["P"]) if kind == "mamba2" else (sizes["K"], sizes["V"])
     elt = torch.empty((), dtype=dtype).element_size()
     buffers = hand_written_bytes(kind, B=B, T=T, H=H, K=K, V=V, chunk=chunk, elt=elt)
-    return {"kind": kind, "total": sum(buffers.values()), "buffers": buffers}
+    out = {"kind": kind, "total": sum(buffers.values()), "buffers": buffers}
+    if backward:
+        back = hand_written_backward_bytes(kind, B=B, T=T, H=H, K=K, V=V, chunk=chunk, elt=elt)
+        out.update(forward=out["total"], backward=sum(back.values()), backward_buffers=back)
+        out["total"] = out["forward"] + out["backward"]
+    return out
 
 
 def format_rows(report: IntermediateReport, indent: str = "  ", limit: int = 12) -> str:
@@ -279,5 +353,5 @@ def format_rows(report: IntermediateReport, indent: str = "  ", limit: int = 12)
     return "\n".join(lines)
 
 
-__all__ = ["HAND_WRITTEN", "IntermediateReport", "Site", "format_rows", "hand_written_bytes", "hand_written_for",
-           "measure", "measure_call"]
+__all__ = ["HAND_WRITTEN", "IntermediateReport", "Site", "format_rows", "hand_written_backward_bytes",
+           "hand_written_bytes", "hand_written_for", "measure", "measure_call"]

@@ -480,14 +480,16 @@ def config_lines(rec: Recurrence, sizes: dict[str, int], batch: int, length: int
     return lines
 
 
-def _intermediates(rec, counted, sizes, batch, length, heads, dtype, config) -> dict:
+def _intermediates(rec, counted, sizes, batch, length, heads, dtype, config, backward=False) -> dict:
     """The run's "intermediate_bytes": the bytes of intermediate tensors the call allocated (total, per phase, per
-    allocation site) and, for a spec a published kernel implements, that kernel's figure at the same shape."""
+    allocation site) and, for a spec a published kernel implements, that kernel's figure at the same shape (with
+    `backward`, its forward and backward: `hand_written_backward_bytes`)."""
     from codegen.intermediate_bytes import hand_written_for
 
     out = counted.as_dict()
     chunk = (config or {}).get("chunk_size", 64)
-    out["hand_written"] = hand_written_for(rec.name, sizes, batch, length, heads, chunk=chunk, dtype=dtype)
+    out["hand_written"] = hand_written_for(rec.name, sizes, batch, length, heads, chunk=chunk, dtype=dtype,
+                                           backward=backward)
     return out
 
 
@@ -497,7 +499,10 @@ def _print_intermediates(summary: dict, counted) -> None:
     phases = ", ".join(f"{k} {v:,d}" for k, v in summary["by_phase"].items())
     line = f"  intermediate tensors: {summary['total']:,d} bytes" + (f" ({phases})" if phases else "")
     hand = summary.get("hand_written")
-    if hand:
+    if hand and "backward" in hand:
+        line += (f"; hand-written forward + backward ({hand['kind']}): {hand['total']:,d} bytes (forward "
+                 f"{hand['forward']:,d}, backward {hand['backward']:,d})")
+    elif hand:
         line += f"; hand-written forward ({hand['kind']}): {hand['total']:,d} bytes"
     print(line)
     if counted.rows:
@@ -570,7 +575,8 @@ def cmd_kernels(args) -> int:
                 if not run["backward"]:
                     run["backward_note"] = "no Triton backward kernels yet: the backward re-runs the torch form"
             run["problems"] = [p for k in kernels for p in k.problems()]
-            run["intermediate_bytes"] = _intermediates(rec, counted, sizes, batch, length, heads, dtype, config)
+            run["intermediate_bytes"] = _intermediates(rec, counted, sizes, batch, length, heads, dtype, config,
+                                                       args.backward)
             problems += run["problems"]
             runs.append(run)
             if not args.json:

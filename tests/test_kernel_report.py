@@ -76,6 +76,10 @@ def test_gla_forward_and_backward_for_sm90_as_json():
     assert {"_triton_chunk_dstate_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
             "_triton_dlog_decay_kernel"} <= back and "backward_note" not in gla
     assert all(k["phase"] == "backward" and k["spill_bytes"] == 0 for k in gla["backward"])
+    # with --backward the hand-written figure is fla's forward + backward (`hand_written_backward_bytes`)
+    counted, hand = gla["intermediate_bytes"], gla["intermediate_bytes"]["hand_written"]
+    assert hand["kind"] == "gla" and hand["total"] == hand["forward"] + hand["backward"] > hand["forward"] > 0
+    assert set(hand["backward_buffers"]) >= {"h", "dh", "dA"} and counted["by_phase"]["backward"] > 0
     # at K = V = 16 nothing spills, so the command succeeds
     assert report["problems"] == [] and report["ok"] is True and run.returncode == 0, run.stdout
 

@@ -2164,7 +2164,7 @@ def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constex
     """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
     o_k = i_kb * KB + tl.arange(0, KB)
     b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
-                  other=0.0)  # [BT, KB] float32
+                  other=0.0).to(tl.float32)  # [BT, KB] (W is stored in a half input's dtype)
     return tl.dot(b_w, b_h, input_precision=PREC)
 
 
@@ -2225,7 +2225,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
         i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
-        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K, KB, PREC)
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
+                                                                                  KB, PREC)
         if NK > 1:
             b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
@@ -2446,17 +2447,17 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, kv=None):
+                  num_stages, packed=None, kv=None, float32_states=False):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
     the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
     bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
-    from these states)."""
+    from these states; float32_states: float32 always)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    half = k.dtype == torch.bfloat16 and kv is None
+    half = k.dtype == torch.bfloat16 and kv is None and not float32_states
     h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -2607,11 +2608,14 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
     v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
-    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments. dv and dlog are
+    the backward's own float32 buffers and are scaled in place; the per-step sums are contractions (no [B, T, H, V]
+    product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
+    d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
     if fused.v_step is not None:
-        dvs = (dv * v.float()).sum(-1)
-        dv = dv * fused.v_step.float()[..., None]
+        dvs = torch.einsum("bthv,bthv->bth", dv, v.to(dv.dtype))
+        dv = dv.mul_(fused.v_step.to(dv.dtype)[..., None])
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
@@ -2820,7 +2824,6 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
     for i_r in range(0, c1 - c0):
         i_n = c1 - 1 - i_r
         p_n = (i_row.to(tl.int64) * NT + i_n) * (K * V)
-        tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
         t0 = i_n * BT
         bos = (bt0 + t0) * H + i_h
         m_t = t0 + o_i < T
@@ -2836,9 +2839,12 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
         b_du = tl.load(dv + p_tv, mask=m_tv, other=0.0) + tl.dot(b_k, b_dh, input_precision=PREC)  # [BT, BV]
         tl.store(du + p_tv, b_du, mask=m_tv)
         b_wt = tl.load(w + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                       other=0.0)  # [BK, BT] float32
+                       other=0.0).to(tl.float32)  # [BK, BT]
+        # dhq[n] is read before dh[n] is stored, so dh and dhq may be one buffer (the tile is this program's)
+        b_dhq = tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0)
+        tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
         b_dh = b_dh * tl.exp(b_gl.to(tl.float32))
-        b_dh += tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0) - tl.dot(b_wt, b_du, input_precision=PREC)
+        b_dh += b_dhq - tl.dot(b_wt, b_du, input_precision=PREC)
     tl.store(dh0 + i_bh.to(tl.int64) * (K * V) + o_kv, b_dh, mask=m_kv)
 
 
@@ -2891,7 +2897,7 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
         o_kv = o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0)  # [BT, BV] float32
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV] (a half input's dtype stored)
         b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
         b_dP += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
         b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
@@ -3059,25 +3065,30 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages, packed=None, v_step=None, decay_head=None):
+                  num_warps, num_stages, packed=None, v_step=None, decay_head=None, float32_states=False):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
-    W and the pseudo-values U [B, T, H, K / V] float32, the chunk-start states h [B, H, NT, K, V] and the final
-    state (or None). k, y, beta contiguous; v_step [B, T, H] contiguous and decay_head [H]: fused (`_triton_Fused`)."""
+    W and the pseudo-values U [B, T, H, K / V] (float32; bfloat16 / float16 for such inputs), the chunk-start states
+    h [B, H, NT, K, V] (as `_triton_delta_states`; float32_states: float32 always, as the backward's kernels read them)
+    and the final state (or None). k, y, beta contiguous; v_step [B, T, H] contiguous and decay_head [H]: fused
+    (`_triton_Fused`)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     NT = triton.cdiv(T, BT)
     KB = _triton_delta_blocks(BK)[0]
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=decay_head)  # None without a decay
     Akk = decay_cls.wy_scores(k, gc, BT, KB, prec, num_warps, num_stages)  # None: the WY kernel forms it itself
-    w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
-    u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
+    # W and U in a half input's dtype, as flash-linear-attention keeps them (`recompute_w_u_fwd`): the kernels compute
+    # in float32 and round only the stored copy; float32 inputs keep float32
+    wu = k.dtype if k.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    w = torch.empty((B, T, H, K), dtype=wu, device=k.device)
+    u = torch.empty((B, T, H, V), dtype=wu, device=k.device)
     _triton_delta_wy_kernel[(NT, B * H)](
         k, y, beta, gc if gc is not None else k, eg if eg is not None else k, Akk if Akk is not None else w, w, u,
         v_step if v_step is not None else w, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec, v_step is not None,
         num_warps=_triton_or(num_warps, _WARPS if k.dtype == torch.float32 else _triton_DELTA_WY_HALF_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages, packed)
+                          num_warps, num_stages, packed, float32_states=float32_states)
     return gc, eg, Akk, w, u, h, ht
 
 
@@ -3101,14 +3112,15 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
+    # the backward's own recomputed h, float32 as its kernels read it beside the float32 final state
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages, packed)
-    h = h.float()  # the backward's own recomputed h: float32 for its kernels (a no-op unless bfloat16)
+                                             BVS, prec, num_warps, num_stages, packed, float32_states=True)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
     qs = [q.contiguous() for q, _ in queries]
+    # dO in float32: loading a half dO spilled _triton_delta_bwd_local_kernel on sm_80 (no decay, K = V = 64 and 128)
     dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
     g_or_k = gc if gc is not None else k
     eg_or_k = eg if eg is not None else k
@@ -3121,7 +3133,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         _triton_delta_bwd_local_kernel[(triton.cdiv(V, BVL), NT, B * H)](
             q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BVL, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
-    dh = torch.empty((B, H, NT, K, V), **f32)
+    dh = dhq  # the dh kernel reads each chunk's dhq before it stores that chunk's dh over it
     dS0 = torch.empty((rows, H, K, V), **f32)
     du = torch.empty((B, T, H, V), **f32)
     dht = None if grad_final is None else grad_final.float().contiguous()
@@ -3150,9 +3162,9 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         dG = dgk.sum(-1) if code == 1 else dgk
         first = (torch.arange(T, device=k.device) % BT == 0).view(1, T, 1, *([1] * (code - 1)))
         for (_, exclusive), q, dq in zip(queries, qs, dqs):
-            qdq = q.float() * dq  # the q-side factor exp(Gq_t) (per key: [B, T, H, K]), at Gq's row
-            if code == 1:
-                qdq = qdq.sum(-1)
+            # the q-side factor exp(Gq_t) (per key: [B, T, H, K]), at Gq's row; a scalar decay's summed over K as
+            # a contraction (no [B, T, H, K] product)
+            qdq = torch.einsum("bthk,bthk->bth", q.to(dq.dtype), dq) if code == 1 else q.to(dq.dtype) * dq
             if exclusive:  # Gq_t = G_{t-1} inside the chunk: row t's term goes to row t - 1, a chunk's first to none
                 qdq = torch.where(first, 0.0, qdq)
                 dG[:, :-1] += qdq[:, 1:]

@@ -2728,7 +2728,10 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
     v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
-    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments. dv and dlog are
+    the backward's own float32 buffers and are scaled in place; the per-step sums are contractions (no [B, T, H, V]
+    product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
+    d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
     return dv, dlog, dvs, ddh, dskip, dsw
 

@@ -2823,19 +2823,33 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     """The chain rule through a fused prologue and epilogue, for a backward that ran on the materialised tensors
     v * v_step and log_decay * decay_head with the outputs' gradients times scale: returns
-    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments."""
+    (dv, dlog_decay, d v_step, d decay_head, d skip, d skip_weight) for the call's own arguments. dv and dlog are
+    the backward's own float32 buffers and are scaled in place; the per-step sums are contractions (no [B, T, H, V]
+    product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
+    d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
     if fused.v_step is not None:
-        dvs = (dv * v.float()).sum(-1)
-        dv = dv * fused.v_step.float()[..., None]
+        dvs = torch.einsum("bthv,bthv->bth", dv, v.to(dv.dtype))
+        dv = dv.mul_(fused.v_step.to(dv.dtype)[..., None])
     if fused.decay_head is not None and dlog is not None:
         shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)
         ddh = (dlog * log_decay.float()).sum([d for d in range(dlog.dim()) if d != 2])
-        dlog = dlog * fused.decay_head.float().view(shape)
+        dlog = dlog.mul_(fused.decay_head.float().view(shape))
     if fused.skip is not None and grads_out is not None:
-        dskip = grads_out.float() * fused.skip_weight.float().view(1, 1, -1, 1)
-        dsw = (grads_out.float() * fused.skip.float()).sum((0, 1, 3))
+        go = grads_out.float()  # one float32 copy (none for float32) serves both terms
+        weight = fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype)).sum((0, 1))
+        if _triton_same_tensor(fused.skip, v) and dv.dtype == go.dtype:
+            dv = dv.addcmul_(go, weight)
+        else:
+            dskip = go * weight
     return dv, dlog, dvs, ddh, dskip, dsw
+
+
+def _triton_same_tensor(a: triton_Tensor, b: triton_Tensor) -> bool:
+    """a and b are views of the same elements (the same argument passed twice)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
 
 
 def _triton_materialise(fused, v, log_decay):

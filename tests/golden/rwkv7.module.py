@@ -2340,7 +2340,7 @@ def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constex
     """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
     o_k = i_kb * KB + tl.arange(0, KB)
     b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
-                  other=0.0)  # [BT, KB] float32
+                  other=0.0).to(tl.float32)  # [BT, KB] (W is stored in a half input's dtype)
     return tl.dot(b_w, b_h, input_precision=PREC)
 
 
@@ -2407,7 +2407,8 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
         i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
-        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K, KB, PREC)
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
+                                                                                  KB, PREC)
         if NK > 1:
             b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
@@ -2639,17 +2640,17 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, kv=None):
+                  num_stages, packed=None, kv=None, float32_states=False):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
     the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
     bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
-    from these states)."""
+    from these states; float32_states: float32 always)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
     KB, NK = _triton_delta_blocks(BK)
     rows = B if packed is None else packed.N  # the states' batch
-    half = k.dtype == torch.bfloat16 and kv is None
+    half = k.dtype == torch.bfloat16 and kv is None and not float32_states
     h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
