@@ -3788,10 +3788,13 @@ def based__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, cu_seqlens=N
     ck_z2 = torch.empty((R_, H_, NC_, K, K), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K, 'based__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'based__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_V + 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K * BLOCK_K * BLOCK_V + 2 * 1 + 2 * BLOCK_K + 2 * BLOCK_K * BLOCK_K)
+        num_warps = _triton_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     c_1_div_K = _triton_size_constant(lambda K: 1/K, K)
     if B_ * H_ > 0:
@@ -4019,9 +4022,10 @@ def based__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_sta
     sc_z1 = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     dh0_z2 = torch.empty((NT_, B_, H_, K, K), dtype=torch.float32, device=dev)
     sc_z2 = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 * 1 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K, 'based__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'based__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_V + 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K * BLOCK_K * BLOCK_V + 4 * 1 + 4 * BLOCK_K + 4 * BLOCK_K * BLOCK_K)
+        num_warps = _triton_adjoint_warps(elements_)
     c_1_div_K = _triton_size_constant(lambda K: 1/K, K)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:

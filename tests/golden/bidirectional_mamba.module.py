@@ -2433,10 +2433,13 @@ def bidirectional_mamba_forward__triton_recurrent_loop(x, dt, B, C, A, states, D
     ck_h = torch.empty((R_, H_, NC_, D, N), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
-    BLOCK_D = _triton_fit_tile(lambda BLOCK_D: 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, 'bidirectional_mamba_forward__triton_recurrent_kernel')
+    def footprint_(BLOCK_D):  # float32 values a program holds through its loop
+        return 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N
+    BLOCK_D = _triton_fit_tile(footprint_, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_D)
+    _triton_check_fits(elements_, 'bidirectional_mamba_forward__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         bidirectional_mamba_forward__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(D, 1), BLOCK_D))](
             x, dt, B, C, A, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -2563,9 +2566,10 @@ def bidirectional_mamba_forward__triton_recurrent_adjoint(x, dt, B, C, A, checkp
     dA = torch.zeros((NT_, B_, H_, D, N), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D, N), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D * BLOCK_N,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N, 'bidirectional_mamba_forward__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'bidirectional_mamba_forward__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         bidirectional_mamba_forward__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, dt, B, C, A, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
@@ -2835,10 +2839,13 @@ def bidirectional_mamba_backward__triton_recurrent_loop(x, dt, B, C, A, states, 
     ck_h = torch.empty((R_, H_, NC_, D, N), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
-    BLOCK_D = _triton_fit_tile(lambda BLOCK_D: 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N, 'bidirectional_mamba_backward__triton_recurrent_kernel')
+    def footprint_(BLOCK_D):  # float32 values a program holds through its loop
+        return 2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N
+    BLOCK_D = _triton_fit_tile(footprint_, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_D)
+    _triton_check_fits(elements_, 'bidirectional_mamba_backward__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_D * BLOCK_N + BLOCK_D * BLOCK_N)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         bidirectional_mamba_backward__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(D, 1), BLOCK_D))](
             x, dt, B, C, A, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -2965,9 +2972,10 @@ def bidirectional_mamba_backward__triton_recurrent_adjoint(x, dt, B, C, A, check
     dA = torch.zeros((NT_, B_, H_, D, N), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D, N), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D * BLOCK_N,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N, 'bidirectional_mamba_backward__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'bidirectional_mamba_backward__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D * BLOCK_N + 2 * BLOCK_D * BLOCK_N)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         bidirectional_mamba_backward__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, dt, B, C, A, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

@@ -3846,10 +3846,13 @@ def gla__triton_recurrent_loop(q, k, v, g, states, K, V, *, every=0, cu_seqlens=
     ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_K * BLOCK_V, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_K * BLOCK_V, 'gla__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_K * BLOCK_V
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'gla__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         gla__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
@@ -3971,9 +3974,10 @@ def gla__triton_recurrent_adjoint(q, k, v, g, checkpoints, grad_outputs, grad_st
     dg = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_K * BLOCK_V, 'gla__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_K * BLOCK_V  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'gla__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_adjoint_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         gla__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](

@@ -3578,10 +3578,13 @@ def linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *, every=0, c
     ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_K * BLOCK_V, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_K * BLOCK_V, 'linear_attention__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_K * BLOCK_V
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'linear_attention__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         linear_attention__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
@@ -3694,9 +3697,10 @@ def linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, grad_output
     dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_K * BLOCK_V, 'linear_attention__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_K * BLOCK_V  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'linear_attention__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_adjoint_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         linear_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](

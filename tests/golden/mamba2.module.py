@@ -3744,10 +3744,13 @@ def mamba2__triton_recurrent_loop(x, dt, B, C, A, D, states, P, N, *, every=0, c
     ck_h = torch.empty((R_, H_, NC_, N, P), dtype=torch.float32, device=dev)
     BLOCK_P = _triton_tile(P, block_P, 'BLOCK_P')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
-    BLOCK_P = _triton_fit_tile(lambda BLOCK_P: 2 * BLOCK_N * BLOCK_P + 1 + 1, BLOCK_P, block_P)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_N * BLOCK_P + 1 + 1, 'mamba2__triton_recurrent_kernel')
+    def footprint_(BLOCK_P):  # float32 values a program holds through its loop
+        return 2 * BLOCK_N * BLOCK_P + 1 + 1
+    BLOCK_P = _triton_fit_tile(footprint_, BLOCK_P, block_P)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_P)
+    _triton_check_fits(elements_, 'mamba2__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_N * BLOCK_P + 1 + 1)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         mamba2__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(P, 1), BLOCK_P))](
             x, dt, B, C, A, D, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, P, N, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -3882,9 +3885,10 @@ def mamba2__triton_recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_output
     dD = torch.zeros((NT_, B_, H_), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, N, P), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_N * BLOCK_P,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1, 'mamba2__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'mamba2__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         mamba2__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, dt, B, C, A, D, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dD, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, P, N, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

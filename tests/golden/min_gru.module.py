@@ -3691,10 +3691,13 @@ def min_gru__triton_recurrent_loop(z, hc, states, D, *, every=0, cu_seqlens=None
     ht_h = torch.empty_like(h0_h)
     ck_h = torch.empty((R_, H_, NC_, D), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_tile(D, block_D, 'BLOCK_D')
-    BLOCK_D = _triton_fit_tile(lambda BLOCK_D: 2 * BLOCK_D, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_D, 'min_gru__triton_recurrent_kernel')
+    def footprint_(BLOCK_D):  # float32 values a program holds through its loop
+        return 2 * BLOCK_D
+    BLOCK_D = _triton_fit_tile(footprint_, BLOCK_D, block_D)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_D)
+    _triton_check_fits(elements_, 'min_gru__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_D)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         min_gru__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(D, 1), BLOCK_D))](
             z, hc, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -3798,9 +3801,10 @@ def min_gru__triton_recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_sta
     dhc = torch.empty((R_, T_, H_, D), dtype=torch.float32, device=dev)
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_D, 'min_gru__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_D  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'min_gru__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         min_gru__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             z, hc, ck_h, dht_h, dy, dz, dhc, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

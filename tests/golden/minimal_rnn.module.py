@@ -1957,9 +1957,10 @@ def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, cu_
     ht_h = torch.empty_like(h0_h)
     ck_h = torch.empty((R_, H_, NC_, D), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
-    _triton_check_fits(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D, 'minimal_rnn__triton_recurrent_kernel')
+    elements_ = 2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D  # float32 values a program holds through its loop
+    _triton_check_fits(elements_, 'minimal_rnn__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_kernel[(B_ * H_,)](
             x, Uh, Uz, bu, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -2087,9 +2088,10 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D, 'minimal_rnn__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'minimal_rnn__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

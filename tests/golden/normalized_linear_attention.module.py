@@ -3641,10 +3641,13 @@ def normalized_linear_attention__triton_recurrent_loop(q, k, v, states, K, V, *,
     ck_z = torch.empty((R_, H_, NC_, K), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K, 'normalized_linear_attention__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'normalized_linear_attention__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V + 2 * BLOCK_K)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         normalized_linear_attention__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
             q, k, v, h0_S, h0_z, o, ht_S, ht_z, ck_S, ck_z, cu_, ck_first_, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -3787,9 +3790,10 @@ def normalized_linear_attention__triton_recurrent_adjoint(q, k, v, checkpoints, 
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
     dh0_z = torch.empty((NT_, B_, H_, K), dtype=torch.float32, device=dev)
     sc_z = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K, 'normalized_linear_attention__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'normalized_linear_attention__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V + 4 * BLOCK_K)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         normalized_linear_attention__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             q, k, v, ck_S, ck_z, dht_S, dht_z, do, dq, dk, dv, dh0_S, dh0_z, sc_S, sc_z, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
