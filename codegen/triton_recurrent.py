@@ -65,8 +65,10 @@ Kernel design (the torch per-step loop, moved into one program):
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
+from pathlib import Path
 
 import sympy
 from sympy.core.relational import Relational
@@ -1658,7 +1660,7 @@ def _adjoint_warps(elements):
     """num_warps for an adjoint program: `_warps`, but on a GPU below sm_90 8 rather than 4 past {adjoint_at_4}
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _warps(elements)
-    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -1712,16 +1714,6 @@ def _compiles_for_cuda():
     return getattr(target, "backend", None) == "cuda"
 
 
-def _cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
-
-
 def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
@@ -1759,10 +1751,23 @@ def _initial_state(states, name, shape, dev):
 '''
 
 
-def prelude(name: str) -> str:
-    """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in)."""
-    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
-                          adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
+def prelude(name: str, standalone: bool = True) -> str:
+    """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in). `standalone`: with the
+    Triton runtime's `_arch` (codegen/triton_runtime.py, copied as text); a generated module that holds the whole
+    runtime (codegen/module.py) passes False and reads the runtime's own."""
+    source = PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
+                            adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
+    return source.rstrip("\n") + "\n\n\n" + _runtime_function("_arch") if standalone else source
+
+
+def _runtime_function(name: str) -> str:
+    """The source of the top-level function `name` of codegen/triton_runtime.py, read as text (printing imports
+    no triton) so a standalone recurrent module shares the runtime's helper rather than a copy kept in step."""
+    text = (Path(__file__).parent / "triton_runtime.py").read_text(encoding="utf-8")
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_source_segment(text, node) + "\n"
+    raise LookupError(f"codegen/triton_runtime.py defines no function {name!r}")
 
 
 def triton_recurrent_source(analysis: Analysis) -> str:

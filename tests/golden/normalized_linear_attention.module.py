@@ -2275,6 +2275,17 @@ def _triton_or(given, default):
     return default if given is None else given
 
 
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 def _triton_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -3265,7 +3276,7 @@ def _triton_adjoint_warps(elements):
     """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -3317,16 +3328,6 @@ def _triton_compiles_for_cuda():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return False
     return getattr(target, "backend", None) == "cuda"
-
-
-def _triton_cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
 
 
 def _triton_sequences(cu_seqlens, rows, length, every, dev):
