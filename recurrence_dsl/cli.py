@@ -5,7 +5,7 @@ spills, needs too much shared memory, launches a grid past CUDA's limits or does
 error (a FILE that is not UTF-8 or holds no recurrence too), a bad command line or an output it will not replace
 (kernels: also when triton, ptxas or cuobjdump is missing). None of these prints a Python traceback. Any other
 exception is a bug in recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a
-report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
+report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG set (0, off, false, no: unset).
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -743,13 +743,19 @@ def run_command(args) -> int:
         print(f"recdsl {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - anything else is ours to fix: say so, in one line
-        if getattr(args, "debug", False) or os.environ.get("RECURRENCE_DSL_DEBUG", "") not in ("", "0"):
+        if getattr(args, "debug", False) or _debug_from_environment():
             traceback.print_exc()
         what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         print(f"recdsl {args.command}: internal error (recdsl {__version__}): {what}; this is a bug in "
               "recurrence_dsl: please report it with the spec file and this command line (run again with --debug "
               "for the traceback)", file=sys.stderr)
         return BUG_EXIT
+
+
+def _debug_from_environment() -> bool:
+    """Whether RECURRENCE_DSL_DEBUG asks for tracebacks: set and not 0, off, false or no (any case, spaces
+    ignored), read as RECURRENCE_DSL_TUNING is (codegen/tuning.py), so RECURRENCE_DSL_DEBUG=false means off."""
+    return os.environ.get("RECURRENCE_DSL_DEBUG", "").strip().lower() not in ("", "0", "off", "false", "no")
 
 
 def main(argv: list[str] | None = None) -> int:

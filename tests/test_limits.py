@@ -158,3 +158,22 @@ def test_an_internal_error_is_reported_as_a_bug_in_one_line(tmp_path, capsys, mo
     monkeypatch.setenv("RECURRENCE_DSL_DEBUG", "1")
     assert main(["show", str(spec)]) == BUG_EXIT
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_recurrence_dsl_debug_off_words_keep_the_traceback_out(tmp_path, capsys, monkeypatch):
+    # RECURRENCE_DSL_DEBUG reads as RECURRENCE_DSL_TUNING does: 0, off, false, no (any case, spaces) are off.
+    spec = tmp_path / "ok.rec"
+    spec.write_text(scalar("2 * x"))
+
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("recurrence_dsl.cli.analyse", broken)
+    for off in ("0", "false", "No", " off ", ""):
+        monkeypatch.setenv("RECURRENCE_DSL_DEBUG", off)
+        assert main(["show", str(spec)]) == BUG_EXIT
+        assert "Traceback" not in capsys.readouterr().err, off
+    for on in ("1", "yes", "TRUE"):
+        monkeypatch.setenv("RECURRENCE_DSL_DEBUG", on)
+        assert main(["show", str(spec)]) == BUG_EXIT
+        assert "Traceback" in capsys.readouterr().err, on
