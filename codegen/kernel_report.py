@@ -92,6 +92,8 @@ MAX_REGISTERS = 255
 # launch past them fails on the GPU ("invalid argument") where the compile-only driver records it.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
+# cuobjdump on one cubin and `ptxas --version` answer in well under a second; past this a tool is taken as hung.
+TOOL_TIMEOUT_S = 120.0
 DEFAULT_SHAPE = {"B": 2, "T": 256, "H": 4}  # the call `recdsl kernels` compiles when --shape does not say
 DEFAULT_DIM = 64  # every spec size (K, V, ...) not given
 
@@ -194,10 +196,23 @@ def tool_versions(target: str | Target = "sm_90") -> dict[str, str]:
     """The release of each tool (`ptxas` for the target, `cuobjdump`), for reports."""
     out = {}
     for role, path in find_tools(target).items():
-        text = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        text = _run_tool([path, "--version"]).stdout
         found = re.search(r"release ([\d.]+), V([\d.]+)", text)
         out[role] = found.group(2) if found else "unknown"
     return out
+
+
+def _run_tool(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a CUDA tool (its text output captured), at most TOOL_TIMEOUT_S seconds. Raises KernelReportError naming
+    the command when it does not answer in time or cannot start (a report never waits on a hung tool)."""
+    shown = " ".join([Path(argv[0]).name, *argv[1:2]])
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise KernelReportError(f"{shown} ({argv[0]}) gave no answer within {TOOL_TIMEOUT_S:g} s; it was "
+                                "stopped") from None
+    except OSError as err:
+        raise KernelReportError(f"{shown} ({argv[0]}) did not start: {err}") from None
 
 
 _USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -208,7 +223,7 @@ def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
     with tempfile.TemporaryDirectory(prefix="recdsl-kernels-") as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        done = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True)
+        done = _run_tool([cuobjdump, "--dump-resource-usage", str(path)])
     if done.returncode != 0:
         raise KernelReportError(f"cuobjdump --dump-resource-usage failed: {done.stderr.strip()[:400]}")
     return {m.group(1): {"registers": int(m.group(2)), "stack": int(m.group(3)), "static_shared": int(m.group(4)),

@@ -214,3 +214,16 @@ def test_the_interpreter_is_refused_with_a_reason():
     rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
     with pytest.raises(kernel_report.InterpreterOn, match="TRITON_INTERPRET"):
         kernel_report.report_recurrence(rec, {"K": 16, "V": 16}, 1, 32, 1)
+
+
+def test_a_tool_that_hangs_is_a_report_error_naming_it(tmp_path, monkeypatch):
+    # cuobjdump and `ptxas --version` run with a timeout: a hung tool ends the report with a reason, not a hang.
+    tool = tmp_path / "cuobjdump"
+    tool.write_text("#!/bin/sh\nsleep 30\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(kernel_report, "TOOL_TIMEOUT_S", 0.2)
+    with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump .*no answer within 0\.2 s"):
+        kernel_report.resource_usage(b"\0", str(tool))
+    monkeypatch.setattr(kernel_report, "find_tools", lambda target: {"cuobjdump": str(tool)})
+    with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump --version.*no answer within 0\.2 s"):
+        kernel_report.tool_versions("sm_90")
