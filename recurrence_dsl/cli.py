@@ -513,7 +513,6 @@ def cmd_kernels(args) -> int:
     import torch
 
     from codegen import kernel_report as kr
-    from codegen.dispatch import pick_form
 
     target = kr.TARGETS[args.target]
     recs = _select(load_file(args.file), args.name)
@@ -547,12 +546,11 @@ def cmd_kernels(args) -> int:
             continue
         for form in forms:
             run = {"name": rec.name, "form": form, "sizes": sizes}
-            if form == "auto":
-                run["runs_form"] = pick_form(tuple(available), length, (config or {}).get("chunk_size", 64))
+            ran: list[str] = []  # the forms the call ran, after "auto"'s fallbacks (a form that does not fit)
             try:
                 kernels, counted = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype,
                                                         target=target, form=form, config=config,
-                                                        backward=args.backward, intermediates=True)
+                                                        backward=args.backward, intermediates=True, ran=ran)
             except (kr.KernelReportError, ValueError) as err:
                 # A failed compile, or a form that cannot hold its state at these sizes, is a row of the report;
                 # any other error is the command's (a bad config or call).
@@ -564,6 +562,8 @@ def cmd_kernels(args) -> int:
                 if not args.json:
                     print(f"{rec.name} ({form}): {err}\n")
                 continue
+            if form == "auto":
+                run["runs_form"] = ", ".join(dict.fromkeys(ran))
             run["kernels"] = [k.as_dict() for k in kernels if k.phase == "forward"]
             if args.backward:
                 run["backward"] = [k.as_dict() for k in kernels if k.phase == "backward"]

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from codegen import kernel_report
 from codegen.kernel_report import TARGETS, KernelReport
@@ -227,3 +228,22 @@ def test_a_tool_that_hangs_is_a_report_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel_report, "find_tools", lambda target: {"cuobjdump": str(tool)})
     with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump --version.*no answer within 0\.2 s"):
         kernel_report.tool_versions("sm_90")
+
+
+def test_run_call_names_the_form_auto_ran_after_a_form_that_does_not_fit(monkeypatch):
+    # `recdsl kernels --form auto` said "runs recurrent" for a short based call (pick_form's choice) while the
+    # recurrent form, refused (StateTooLarge at K = V = 64 on a CUDA target), left the call to the chunked form.
+    import recurrence_dsl
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = recurrence_dsl.load(SPECS_DIR / "based.rec")["based"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    monkeypatch.setattr(module, "_triton_compiles_for_cuda", lambda: True)  # the refusal only a GPU target makes
+    args, _ = sample_arguments(rec.checked, {s: 64 for s in rec.checked.sizes}, 1, 8, 1, dtype=torch.float32)
+    ran: list[str] = []
+    forms = layer.triton_forms
+    out = kernel_report.run_call(layer, args, form="auto", ran=ran)
+    assert ran == ["chunked"] and layer.triton_forms is forms  # the layer's own forms are back
+    want = layer(*args, backend="torch", form="chunked")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
