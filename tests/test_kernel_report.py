@@ -94,6 +94,19 @@ def test_a_spilling_kernel_exits_1_and_is_named():
     assert header.split()[:3] == ["kernel", "grid", "warps"] and "spill B" in header and "compile s" in header
 
 
+@needs_tools
+def test_based_at_k32_compiles_on_the_narrowed_value_tile_without_spills():
+    # based's S2[K, K, V] at K = V = 32 passes an SM's registers on 32 lanes of V; `_fit_tile` halves the tile to
+    # 16 lanes, so two programs share V and each compiles without spilling (measured: 16 warps, 128 registers).
+    run = _recdsl("kernels", SPECS_DIR / "based.rec", "--shape", "B=1,T=16,H=1,K=32,V=32", "--form", "recurrent",
+                  "--target", "sm_90", "--json")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    (based,) = json.loads(run.stdout)["runs"]
+    (kernel,) = based["kernels"]
+    assert kernel["name"] == "based__triton_recurrent_kernel" and kernel["grid"] == [1, 2, 1], kernel
+    assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= kernel_report.MAX_REGISTERS
+
+
 def test_a_form_that_cannot_hold_its_state_exits_1_with_the_reason():
     # At D = 256 minimal_rnn's recurrent kernel would hold 2 [D, D] params: more than an SM's 65536 registers.
     run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
