@@ -253,6 +253,10 @@ def cmd_show(args) -> int:
     return 0
 
 
+# Graphviz renders a step's dataflow graph in well under a second; past this `dot` is taken as hung.
+GRAPH_TIMEOUT_S = 120.0
+
+
 def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
     and a PNG beside it when the `dot` program is installed. A file there that does not start with
@@ -297,7 +301,12 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
             raise UsageError(f"--graph: cannot write {dot_path}: {err.strerror or err}") from None
         print(f"wrote {dot_path}", file=sys.stderr)
         if shutil.which("dot") and not in_place:
-            done = subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], capture_output=True, text=True)
+            try:
+                done = subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], capture_output=True,
+                                      text=True, timeout=GRAPH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise UsageError(f"--graph: dot gave no answer within {GRAPH_TIMEOUT_S:g} s rendering {png}; it "
+                                 f"was stopped ({dot_path} is written)") from None
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["failed"])[-1]
                 raise UsageError(f"--graph: dot could not write {png}: {last}")

@@ -233,7 +233,7 @@ def test_the_interpreter_is_refused_with_a_reason():
 def test_a_tool_that_hangs_is_a_report_error_naming_it(tmp_path, monkeypatch):
     # cuobjdump and `ptxas --version` run with a timeout: a hung tool ends the report with a reason, not a hang.
     tool = tmp_path / "cuobjdump"
-    tool.write_text("#!/bin/sh\nsleep 30\n")
+    tool.write_text("#!/bin/sh\nexec sleep 30\n")
     tool.chmod(0o755)
     monkeypatch.setattr(kernel_report, "TOOL_TIMEOUT_S", 0.2)
     with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump .*no answer within 0\.2 s"):
