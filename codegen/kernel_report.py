@@ -53,6 +53,7 @@ The stand-in driver is process-wide while a block runs: do not launch real kerne
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import re
 import subprocess
@@ -92,6 +93,8 @@ MAX_REGISTERS = 255
 # launch past them fails on the GPU ("invalid argument") where the compile-only driver records it.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
+# cuobjdump on one cubin and `ptxas --version` answer in well under a second; past this a tool is taken as hung.
+TOOL_TIMEOUT_S = 120.0
 DEFAULT_SHAPE = {"B": 2, "T": 256, "H": 4}  # the call `recdsl kernels` compiles when --shape does not say
 DEFAULT_DIM = 64  # every spec size (K, V, ...) not given
 
@@ -194,10 +197,23 @@ def tool_versions(target: str | Target = "sm_90") -> dict[str, str]:
     """The release of each tool (`ptxas` for the target, `cuobjdump`), for reports."""
     out = {}
     for role, path in find_tools(target).items():
-        text = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        text = _run_tool([path, "--version"]).stdout
         found = re.search(r"release ([\d.]+), V([\d.]+)", text)
         out[role] = found.group(2) if found else "unknown"
     return out
+
+
+def _run_tool(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a CUDA tool (its text output captured), at most TOOL_TIMEOUT_S seconds. Raises KernelReportError naming
+    the command when it does not answer in time or cannot start (a report never waits on a hung tool)."""
+    shown = " ".join([Path(argv[0]).name, *argv[1:2]])
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise KernelReportError(f"{shown} ({argv[0]}) gave no answer within {TOOL_TIMEOUT_S:g} s; it was "
+                                "stopped") from None
+    except OSError as err:
+        raise KernelReportError(f"{shown} ({argv[0]}) did not start: {err}") from None
 
 
 _USAGE = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -208,7 +224,7 @@ def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
     with tempfile.TemporaryDirectory(prefix="recdsl-kernels-") as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        done = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True)
+        done = _run_tool([cuobjdump, "--dump-resource-usage", str(path)])
     if done.returncode != 0:
         raise KernelReportError(f"cuobjdump --dump-resource-usage failed: {done.stderr.strip()[:400]}")
     return {m.group(1): {"registers": int(m.group(2)), "stack": int(m.group(3)), "static_shared": int(m.group(4)),
@@ -410,10 +426,12 @@ def _check_not_interpreted(module) -> None:
 
 
 def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | None = None,
-             config: dict | None = None):
+             config: dict | None = None, ran: list[str] | None = None):
     """Run `layer`'s call on its Triton forms as `layer(*args, backend="triton", form=..., ...)` does, on any
     device: the generated module's own `bind_call` and `run_forms` (dtype, packed sequences, the auto form and
-    its fallbacks), skipping only the rule that Triton runs CUDA tensors. ValueError for a bad form or config."""
+    its fallbacks), skipping only the rule that Triton runs CUDA tensors. ValueError for a bad form or config.
+    ran: a list that gets the name of each form whose function returned, in call order (what "auto" ran after
+    its fallbacks: based's recurrent form does not fit at K = V = 64, so a short call runs chunked)."""
     module = sys.modules[type(layer).__module__]
     fns = layer.triton_forms
     if fns is None:
@@ -436,7 +454,24 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
                                          if (f, "triton") in keys))
         chunk = config.get("chunk_size", chunk)
         options = {fits[0]: {k: v for k, v in config.items() if k != "chunk_size"}}
-    return layer._run(call, form, "triton", chunk, options)  # the layer's own Triton path, on any device
+    if ran is None:
+        return layer._run(call, form, "triton", chunk, options)  # the layer's own Triton path, on any device
+    layer.triton_forms = {name: _recorded(name, fn, ran) for name, fn in fns.items()}
+    try:
+        return layer._run(call, form, "triton", chunk, options)
+    finally:
+        layer.triton_forms = fns
+
+
+def _recorded(name: str, fn, ran: list[str]):
+    """`fn` (a form function, its attributes kept: run_packed, input_dtype) that appends `name` to `ran` when
+    it returns; one that raises (a form that does not fit, a decay that is not positive) is not counted."""
+    def run(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        ran.append(name)
+        return result
+
+    return functools.update_wrapper(run, fn)
 
 
 def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", form: str = "auto",
@@ -454,7 +489,7 @@ def report_call(layer, args, kwargs=None, *, target: str | Target = "sm_90", for
 
 
 def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, backward, count=False,
-                 cached=False):
+                 cached=False, ran=None):
     """(kernels, IntermediateReport or None): `report_call`, and with `count` the bytes of intermediate tensors
     the same call allocates (`codegen.intermediate_bytes.measure`, counted in the same compile-only block)."""
     _check_not_interpreted(sys.modules[type(layer).__module__])
@@ -469,7 +504,7 @@ def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, 
             inputs += [v for v in (kwargs or {}).values() if torch.is_tensor(v)]
 
             def call():
-                return run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
+                return run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config, ran=ran)
 
             def to_backward():
                 launches.phase = "backward"
@@ -477,14 +512,14 @@ def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, 
             with contextlib.nullcontext() if backward else torch.no_grad():
                 counted = measure(call, inputs, backward=backward, before_backward=to_backward)
         elif backward:
-            result = run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
+            result = run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config, ran=ran)
             launches.phase = "backward"
             outputs = [t for t in _tensors(result) if t.requires_grad]
             if outputs:
                 torch.autograd.backward([t.float().nan_to_num().sum() for t in outputs])
         else:
             with torch.no_grad():
-                run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config)
+                run_call(layer, args, kwargs, form=form, chunk_size=chunk_size, config=config, ran=ran)
     return launches.kernels(), counted
 
 
@@ -501,13 +536,14 @@ def _tensors(result) -> list:
 def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads: int, *,
                       dtype: torch.dtype = torch.bfloat16, target: str | Target = "sm_90", form: str = "auto",
                       chunk_size: int | None = None, config: dict | None = None, backward: bool = False,
-                      seed: int = 0, intermediates: bool = False, cached: bool = False):
+                      seed: int = 0, intermediates: bool = False, cached: bool = False,
+                      ran: list[str] | None = None):
     """`report_call` on a recurrence's layer (its generated module, no tuning lookup) with arguments drawn by
     `recurrence_dsl.sampling.sample_arguments` (seeded, stable) at [batch, length, heads] and spec `sizes`.
 
     rec: a Recurrence, CheckedRecurrence or Analysis. intermediates: return (kernels, IntermediateReport), the
     bytes of intermediate tensors the call allocates (its final states asked for, so they are outputs) counted in
-    the same compile-only block (`codegen.intermediate_bytes`); else the list of kernels."""
+    the same compile-only block (`codegen.intermediate_bytes`); else the list of kernels. ran: see `run_call`."""
     from recurrence_dsl.analysis import Analysis, analyse
     from recurrence_dsl.sampling import sample_arguments
 
@@ -523,7 +559,8 @@ def report_recurrence(rec, sizes: dict[str, int], batch: int, length: int, heads
     args = [a.to(dtype) for a in args]
     if intermediates:
         return _report_call(load_layer(analysis), args, {"output_final_state": True}, target=target, form=form,
-                            chunk_size=chunk_size, config=config, backward=backward, count=True, cached=cached)
+                            chunk_size=chunk_size, config=config, backward=backward, count=True, cached=cached,
+                            ran=ran)
     return report_call(load_layer(analysis), args, target=target, form=form, chunk_size=chunk_size,
                        config=config, backward=backward, cached=cached)
 

@@ -85,7 +85,7 @@ def _triton_shared():
 
     runtime = _copyable(_ROOT / "triton_runtime.py")
     scan = _copyable(_ROOT / "triton_scan.py")
-    helpers = _copyable_text(triton_recurrent.prelude(""))
+    helpers = _copyable_text(triton_recurrent.prelude("", standalone=False))  # the runtime has _arch
     rename = _renamer(_top_level_names(runtime) + _top_level_names(scan) + _top_level_names(helpers))
     return rename(runtime) + "\n\n" + rename(scan) + "\n\n" + rename(helpers), rename
 

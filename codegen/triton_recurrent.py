@@ -65,8 +65,10 @@ Kernel design (the torch per-step loop, moved into one program):
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
+from pathlib import Path
 
 import sympy
 from sympy.core.relational import Relational
@@ -95,7 +97,8 @@ from .triton_printer import (
 # generated prefixes, gets a trailing underscore inside the kernel.
 _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
              "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "R_", "num_warps", "num_stages", "kernel", "out_dtype", "dev",
-             "cu_", "ck_first_", "bos_", "L_", "NS_", "TT_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_"}
+             "cu_", "ck_first_", "bos_", "L_", "NS_", "TT_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_",
+             "footprint_", "elements_"}
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
@@ -658,7 +661,7 @@ class TritonRecurrentWriter:
         def tile(dims) -> str:
             return " * ".join(block_name(d) for d in dims) if dims else "1"
 
-        terms = [f"2 * {tile(self._dims(st))}" for st in self.states]
+        terms = [f"2 * {tile(self._dims(st))}" if self._dims(st) else "2" for st in self.states]
         terms += [tile(self._dims(p)) for p in self.params if p.name in self.used]
         terms += [tile([self.ranges[a] for a in self.temps[n][0]]) for n in self.temps
                   if self.temp_phase[n] == "prologue"]
@@ -709,13 +712,19 @@ class TritonRecurrentWriter:
             else:
                 w(f"{block_name(d)} = {block_for(int(d))}")
             kw.append(f"{block_name(d)}={block_name(d)}")
+        # The footprint is printed once: a function of the tile where the tile can narrow, else a value.
         if self.tile is not None:
             t = block_name(self.tile)
-            w(f"{t} = _fit_tile(lambda {t}: {self._footprint()}, {t}, block_{size_key(self.tile)})  # a narrower "
-              "tile while a program would pass an SM's registers")
-        w(f"_check_fits({self._footprint()}, {self.fn + '__triton_recurrent_kernel'!r})")
+            w(f"def footprint_({t}):  # float32 values a program holds through its loop")
+            w(f"return {self._footprint()}", 2)
+            w(f"{t} = _fit_tile(footprint_, {t}, block_{size_key(self.tile)})  # a narrower tile while a program "
+              "would pass an SM's registers")
+            w(f"elements_ = footprint_({t})")
+        else:
+            w(f"elements_ = {self._footprint()}  # float32 values a program holds through its loop")
+        w(f"_check_fits(elements_, {self.fn + '__triton_recurrent_kernel'!r})")
         w("if num_warps is None:")
-        w(f"num_warps = _warps({self._footprint()})", 2)
+        w("num_warps = _warps(elements_)", 2)
         names = self._names()
         for ir_name, src, used in self.consts.values():
             # float64 arithmetic on the sizes, as the reference's: K ** -0.5 at K = 0 is inf (Python's raises).
@@ -1329,7 +1338,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         def tile(dims) -> str:
             return " * ".join(block_name(d) for d in dims) if dims else "1"
 
-        terms = [f"4 * {tile(self._dims(st))}" for st in self.states]
+        terms = [f"4 * {tile(self._dims(st))}" if self._dims(st) else "4" for st in self.states]
         terms += [("" if p.name in self.outer else "2 * ") + tile(self._dims(p)) for p in self.params
                   if p.name in self.used and p.name not in self.streamed]  # an outer-product param's gradient
         streamed = sorted({tile(self._dims(p)) for p in self.params if p.name in self.used and p.name in self.streamed})
@@ -1430,9 +1439,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 continue
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
-        w(f"_check_fits({self._adjoint_footprint()}, {self.fn + '__triton_recurrent_adjoint_kernel'!r})")
+        w(f"elements_ = {self._adjoint_footprint()}  # float32 values a program holds through its loops")
+        w(f"_check_fits(elements_, {self.fn + '__triton_recurrent_adjoint_kernel'!r})")
         w("if num_warps is None:")
-        w(f"num_warps = _adjoint_warps({self._adjoint_footprint()})", 2)
+        w("num_warps = _adjoint_warps(elements_)", 2)
         names = self._adjoint_names()
         for ir_name, src, used in self.consts.values():
             w(f"{names[ir_name]} = _size_constant(lambda {', '.join(used)}: {src}, {', '.join(used)})")
@@ -1650,7 +1660,7 @@ def _adjoint_warps(elements):
     """num_warps for an adjoint program: `_warps`, but on a GPU below sm_90 8 rather than 4 past {adjoint_at_4}
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _warps(elements)
-    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > {adjoint_at_4} * 32 * 4 and _arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -1704,16 +1714,6 @@ def _compiles_for_cuda():
     return getattr(target, "backend", None) == "cuda"
 
 
-def _cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
-
-
 def _size_constant(value, *sizes):
     """A launcher constant of sizes, computed as the reference computes it: `value` gets each size as a
     float64 tensor, so K ** -0.5 at K = 0 is inf (as a Python int, 0 ** -0.5 raises)."""
@@ -1751,10 +1751,23 @@ def _initial_state(states, name, shape, dev):
 '''
 
 
-def prelude(name: str) -> str:
-    """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in)."""
-    return PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
-                          adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
+def prelude(name: str, standalone: bool = True) -> str:
+    """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in). `standalone`: with the
+    Triton runtime's `_arch` (codegen/triton_runtime.py, copied as text); a generated module that holds the whole
+    runtime (codegen/module.py) passes False and reads the runtime's own."""
+    source = PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
+                            adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
+    return source.rstrip("\n") + "\n\n\n" + _runtime_function("_arch") if standalone else source
+
+
+def _runtime_function(name: str) -> str:
+    """The source of the top-level function `name` of codegen/triton_runtime.py, read as text (printing imports
+    no triton) so a standalone recurrent module shares the runtime's helper rather than a copy kept in step."""
+    text = (Path(__file__).parent / "triton_runtime.py").read_text(encoding="utf-8")
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_source_segment(text, node) + "\n"
+    raise LookupError(f"codegen/triton_runtime.py defines no function {name!r}")
 
 
 def triton_recurrent_source(analysis: Analysis) -> str:

@@ -933,7 +933,8 @@ def _or(given, default):
 
 def _arch() -> int:
     """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
-    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory."""
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
     try:
         arch = triton.runtime.driver.active.get_current_target().arch
     except Exception:  # no active driver (the interpreter on a machine without a GPU)

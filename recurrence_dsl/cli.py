@@ -5,7 +5,7 @@ spills, needs too much shared memory, launches a grid past CUDA's limits or does
 error (a FILE that is not UTF-8 or holds no recurrence too), a bad command line or an output it will not replace
 (kernels: also when triton, ptxas or cuobjdump is missing). None of these prints a Python traceback. Any other
 exception is a bug in recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a
-report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG=1.
+report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG set (0, off, false, no: unset).
 
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -253,6 +253,10 @@ def cmd_show(args) -> int:
     return 0
 
 
+# Graphviz renders a step's dataflow graph in well under a second; past this `dot` is taken as hung.
+GRAPH_TIMEOUT_S = 120.0
+
+
 def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
     and a PNG beside it when the `dot` program is installed. A file there that does not start with
@@ -297,7 +301,12 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
             raise UsageError(f"--graph: cannot write {dot_path}: {err.strerror or err}") from None
         print(f"wrote {dot_path}", file=sys.stderr)
         if shutil.which("dot") and not in_place:
-            done = subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], capture_output=True, text=True)
+            try:
+                done = subprocess.run(["dot", "-Tpng", str(dot_path), "-o", str(png)], capture_output=True,
+                                      text=True, timeout=GRAPH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise UsageError(f"--graph: dot gave no answer within {GRAPH_TIMEOUT_S:g} s rendering {png}; it "
+                                 f"was stopped ({dot_path} is written)") from None
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["failed"])[-1]
                 raise UsageError(f"--graph: dot could not write {png}: {last}")
@@ -518,7 +527,6 @@ def cmd_kernels(args) -> int:
     import torch
 
     from codegen import kernel_report as kr
-    from codegen.dispatch import pick_form
 
     target = kr.TARGETS[args.target]
     recs = _select(load_file(args.file), args.name)
@@ -552,12 +560,11 @@ def cmd_kernels(args) -> int:
             continue
         for form in forms:
             run = {"name": rec.name, "form": form, "sizes": sizes}
-            if form == "auto":
-                run["runs_form"] = pick_form(tuple(available), length, (config or {}).get("chunk_size", 64))
+            ran: list[str] = []  # the forms the call ran, after "auto"'s fallbacks (a form that does not fit)
             try:
                 kernels, counted = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype,
                                                         target=target, form=form, config=config,
-                                                        backward=args.backward, intermediates=True)
+                                                        backward=args.backward, intermediates=True, ran=ran)
             except (kr.KernelReportError, ValueError) as err:
                 # A failed compile, or a form that cannot hold its state at these sizes, is a row of the report;
                 # any other error is the command's (a bad config or call).
@@ -569,6 +576,8 @@ def cmd_kernels(args) -> int:
                 if not args.json:
                     print(f"{rec.name} ({form}): {err}\n")
                 continue
+            if form == "auto":
+                run["runs_form"] = ", ".join(dict.fromkeys(ran))
             run["kernels"] = [k.as_dict() for k in kernels if k.phase == "forward"]
             if args.backward:
                 run["backward"] = [k.as_dict() for k in kernels if k.phase == "backward"]
@@ -749,13 +758,19 @@ def run_command(args) -> int:
         print(f"recdsl {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - anything else is ours to fix: say so, in one line
-        if getattr(args, "debug", False) or os.environ.get("RECURRENCE_DSL_DEBUG", "") not in ("", "0"):
+        if getattr(args, "debug", False) or _debug_from_environment():
             traceback.print_exc()
         what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         print(f"recdsl {args.command}: internal error (recdsl {__version__}): {what}; this is a bug in "
               "recurrence_dsl: please report it with the spec file and this command line (run again with --debug "
               "for the traceback)", file=sys.stderr)
         return BUG_EXIT
+
+
+def _debug_from_environment() -> bool:
+    """Whether RECURRENCE_DSL_DEBUG asks for tracebacks: set and not 0, off, false or no (any case, spaces
+    ignored), read as RECURRENCE_DSL_TUNING is (codegen/tuning.py), so RECURRENCE_DSL_DEBUG=false means off."""
+    return os.environ.get("RECURRENCE_DSL_DEBUG", "").strip().lower() not in ("", "0", "off", "false", "no")
 
 
 def main(argv: list[str] | None = None) -> int:

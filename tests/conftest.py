@@ -87,6 +87,25 @@ def as_dict(value, decls) -> dict:
     return {decls[0].name: value}
 
 
+def weighted_gradients(fn, rec, args, initial, weights=None, seed: int = 1, **kwargs):
+    """(gradients of every argument and initial state, weights) for the loss sum(w * outputs) + sum(w * final
+    states) of `fn(*args, initial_state=..., output_final_state=True, **kwargs)`; weights float64 normal, drawn
+    from `seed` when not given (pass the reference's to compare another path's gradients with it)."""
+    checked = rec.checked
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
+    out, final = fn(*leaves, initial_state=init if len(init) > 1 else next(iter(init.values())),
+                    output_final_state=True, **kwargs)
+    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
+    if weights is None:
+        gen = torch.Generator().manual_seed(seed)
+        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in d.items()}
+                   for d in (out, final)]
+    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
+    (loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())).backward()
+    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights
+
+
 def pytest_collection_modifyitems(config, items):
     """Without CUDA, GPU tests are deselected (not skipped) unless a `-m` expression selects them on purpose:
     then they run and fail, so a GPU run can never pass without a GPU."""

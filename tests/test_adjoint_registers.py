@@ -91,3 +91,31 @@ def test_the_register_limit_is_the_register_file_over_the_threads_on_cuda_only(m
     assert [module._register_limit(w)["maxnreg"] for w in (4, 8, 16, 32)] == [255, 255, 128, 64]
     monkeypatch.setattr(module, "triton", driver("hip"))
     assert module._register_limit(8) == {}
+
+
+def test_the_adjoints_warps_read_the_runtimes_arch_below_sm_90_only(monkeypatch):
+    # A standalone recurrent module carries the Triton runtime's `_arch` (one helper, no copy kept in step).
+    import ast
+    from types import SimpleNamespace
+
+    from codegen.cache import load_source
+    from codegen.triton_recurrent import ADJOINT_ELEMENTS_AT_4_WARPS, prelude
+
+    source = prelude("arch")
+    defined = [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)]
+    assert defined.count("_arch") == 1 and "_cuda_arch" not in defined
+    assert "def _arch" not in prelude("arch", standalone=False)  # a generated module reads the runtime's
+    module = load_source(source, "arch_triton_recurrent_prelude")
+    elements = (ADJOINT_ELEMENTS_AT_4_WARPS + 1) * 32 * 4
+    assert module._adjoint_warps(elements) == 4  # the interpreter: 90, no target to ask
+
+    def driver(arch):
+        target = SimpleNamespace(backend="cuda", arch=arch)
+        active = SimpleNamespace(get_current_target=lambda: target)
+        return SimpleNamespace(runtime=SimpleNamespace(driver=SimpleNamespace(active=active)))
+
+    monkeypatch.setattr(module, "triton", driver(80))
+    assert module._adjoint_warps(elements) == 8
+    assert module._adjoint_warps(elements - 32 * 4) == 4  # at the bound: 4
+    monkeypatch.setattr(module, "triton", driver(90))
+    assert module._adjoint_warps(elements) == 4

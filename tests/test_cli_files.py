@@ -157,3 +157,17 @@ def test_show_graph_replaces_only_its_own_graphs_without_force(tmp_path, capsys)
     assert user.read_text().startswith(GRAPH_MARKER)
     code, out, err = _run(capsys, "show", GLA, "--graph", tmp_path)
     assert code == 2 and f"{tmp_path} is a directory" in err
+
+
+def test_a_dot_that_hangs_is_stopped_with_a_reason(tmp_path, capsys, monkeypatch):
+    # `dot` renders the PNG with a timeout (GRAPH_TIMEOUT_S): a hung Graphviz ends in a usage error, the .dot kept.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dot").write_text("#!/bin/sh\nexec sleep 30\n")
+    (bin_dir / "dot").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr("recurrence_dsl.cli.GRAPH_TIMEOUT_S", 0.2)
+    graph = tmp_path / "gla.dot"
+    code, _, err = _run(capsys, "show", GLA, "--graph", graph)
+    assert code == 2 and "--graph: dot gave no answer within 0.2 s" in err, err
+    assert graph.read_text().startswith(GRAPH_MARKER) and not graph.with_suffix(".png").exists()

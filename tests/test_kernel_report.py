@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from codegen import kernel_report
 from codegen.kernel_report import TARGETS, KernelReport
@@ -95,6 +96,19 @@ def test_a_spilling_kernel_exits_1_and_is_named():
     assert "minimal_rnn__triton_recurrent_kernel spills" in run.stdout and "Traceback" not in run.stderr
     header = next(line for line in run.stdout.splitlines() if "regs" in line)
     assert header.split()[:3] == ["kernel", "grid", "warps"] and "spill B" in header and "compile s" in header
+
+
+@needs_tools
+def test_based_at_k32_compiles_on_the_narrowed_value_tile_without_spills():
+    # based's S2[K, K, V] at K = V = 32 passes an SM's registers on 32 lanes of V; `_fit_tile` halves the tile to
+    # 16 lanes, so two programs share V and each compiles without spilling (measured: 16 warps, 128 registers).
+    run = _recdsl("kernels", SPECS_DIR / "based.rec", "--shape", "B=1,T=16,H=1,K=32,V=32", "--form", "recurrent",
+                  "--target", "sm_90", "--json")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    (based,) = json.loads(run.stdout)["runs"]
+    (kernel,) = based["kernels"]
+    assert kernel["name"] == "based__triton_recurrent_kernel" and kernel["grid"] == [1, 2, 1], kernel
+    assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= kernel_report.MAX_REGISTERS
 
 
 def test_a_form_that_cannot_hold_its_state_exits_1_with_the_reason():
@@ -218,3 +232,35 @@ def test_the_interpreter_is_refused_with_a_reason():
     rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
     with pytest.raises(kernel_report.InterpreterOn, match="TRITON_INTERPRET"):
         kernel_report.report_recurrence(rec, {"K": 16, "V": 16}, 1, 32, 1)
+
+
+def test_a_tool_that_hangs_is_a_report_error_naming_it(tmp_path, monkeypatch):
+    # cuobjdump and `ptxas --version` run with a timeout: a hung tool ends the report with a reason, not a hang.
+    tool = tmp_path / "cuobjdump"
+    tool.write_text("#!/bin/sh\nexec sleep 30\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(kernel_report, "TOOL_TIMEOUT_S", 0.2)
+    with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump .*no answer within 0\.2 s"):
+        kernel_report.resource_usage(b"\0", str(tool))
+    monkeypatch.setattr(kernel_report, "find_tools", lambda target: {"cuobjdump": str(tool)})
+    with pytest.raises(kernel_report.KernelReportError, match=r"cuobjdump --version.*no answer within 0\.2 s"):
+        kernel_report.tool_versions("sm_90")
+
+
+def test_run_call_names_the_form_auto_ran_after_a_form_that_does_not_fit(monkeypatch):
+    # `recdsl kernels --form auto` said "runs recurrent" for a short based call (pick_form's choice) while the
+    # recurrent form, refused (StateTooLarge at K = V = 64 on a CUDA target), left the call to the chunked form.
+    import recurrence_dsl
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = recurrence_dsl.load(SPECS_DIR / "based.rec")["based"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    monkeypatch.setattr(module, "_triton_compiles_for_cuda", lambda: True)  # the refusal only a GPU target makes
+    args, _ = sample_arguments(rec.checked, {s: 64 for s in rec.checked.sizes}, 1, 8, 1, dtype=torch.float32)
+    ran: list[str] = []
+    forms = layer.triton_forms
+    out = kernel_report.run_call(layer, args, form="auto", ran=ran)
+    assert ran == ["chunked"] and layer.triton_forms is forms  # the layer's own forms are back
+    want = layer(*args, backend="torch", form="chunked")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)

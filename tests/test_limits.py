@@ -139,7 +139,9 @@ def test_the_command_line_reports_a_deep_spec_as_a_spec_error(tmp_path, capsys):
     assert not (tmp_path / "out.py").exists()
 
 
-def test_an_internal_error_is_reported_as_a_bug_in_one_line(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def broken_spec(tmp_path, monkeypatch):
+    """A valid spec whose analysis raises (a bug of ours, as `recdsl` sees it)."""
     spec = tmp_path / "ok.rec"
     spec.write_text(scalar("2 * x"))
 
@@ -147,6 +149,11 @@ def test_an_internal_error_is_reported_as_a_bug_in_one_line(tmp_path, capsys, mo
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr("recurrence_dsl.cli.analyse", broken)
+    return spec
+
+
+def test_an_internal_error_is_reported_as_a_bug_in_one_line(broken_spec, capsys, monkeypatch):
+    spec = broken_spec
     monkeypatch.delenv("RECURRENCE_DSL_DEBUG", raising=False)
     assert main(["show", str(spec)]) == BUG_EXIT
     err = capsys.readouterr().err
@@ -158,3 +165,16 @@ def test_an_internal_error_is_reported_as_a_bug_in_one_line(tmp_path, capsys, mo
     monkeypatch.setenv("RECURRENCE_DSL_DEBUG", "1")
     assert main(["show", str(spec)]) == BUG_EXIT
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_recurrence_dsl_debug_off_words_keep_the_traceback_out(broken_spec, capsys, monkeypatch):
+    # RECURRENCE_DSL_DEBUG reads as RECURRENCE_DSL_TUNING does: 0, off, false, no (any case, spaces) are off.
+    spec = broken_spec
+    for off in ("0", "false", "No", " off ", ""):
+        monkeypatch.setenv("RECURRENCE_DSL_DEBUG", off)
+        assert main(["show", str(spec)]) == BUG_EXIT
+        assert "Traceback" not in capsys.readouterr().err, off
+    for on in ("1", "yes", "TRUE"):
+        monkeypatch.setenv("RECURRENCE_DSL_DEBUG", on)
+        assert main(["show", str(spec)]) == BUG_EXIT
+        assert "Traceback" in capsys.readouterr().err, on

@@ -24,7 +24,7 @@ import torch
 import recurrence_dsl
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPEC_FILES, as_dict
+from .conftest import SPEC_FILES, as_dict, weighted_gradients
 
 SPECS: dict[str, recurrence_dsl.Recurrence] = {}
 for _path in SPEC_FILES:
@@ -53,35 +53,18 @@ def _arguments(rec, seed=0):
     return sample_arguments(rec.checked, sizes, B, T, H, dtype=torch.float64, seed=seed, with_initial_state=True)
 
 
-def _grads(fn, rec, args, initial, weights=None, **kwargs):
-    """Gradients of every argument and initial state for sum(w * outputs) + sum(w * final states)."""
-    checked = rec.checked
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
-    out, final = fn(*leaves, initial_state=init if len(init) > 1 else next(iter(init.values())),
-                    output_final_state=True, **kwargs)
-    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
-    if weights is None:
-        gen = torch.Generator().manual_seed(1)
-        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in d.items()}
-                   for d in (out, final)]
-    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
-    (loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())).backward()
-    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights
-
-
 @pytest.mark.parametrize("name", NONTRIVIAL)
 def test_gradients_match_the_reference(name):
     """Both backends' chunked forms, through the printed VJPs: every gradient within 1e-5 of the reference's."""
     rec = SPECS[name]
     args, initial = _arguments(rec)
-    ref, weights = _grads(rec.reference, rec, args, initial)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, form="chunked", chunk_size=CHUNK, tuning=False)
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     errors = {}
     for backend in ("torch", "triton") if name in TRITON_HERE else ("torch",):
-        got, _ = _grads(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
+        got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
         errors.update({f"{backend}:{n}": _rel(g, r) for n, g, r in zip(names, got, ref)})
     assert max(errors.values()) <= TOL, errors
 
@@ -181,7 +164,7 @@ def test_sums_and_a_vector_param_in_the_prologue():
     a gate of a scalar input in both; both backends against the reference."""
     rec = L2_GLA
     args, initial = _arguments(rec)
-    ref, weights = _grads(rec.reference, rec, args, initial)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, form="chunked", chunk_size=CHUNK, tuning=False)
     source = Path(layer.forms["chunked"].__globals__["__file__"]).read_text()
     assert "def l2_gla__chunked_prologue_vjp(" in source and "def l2_gla__chunked_epilogue_vjp(" in source
@@ -189,6 +172,6 @@ def test_sums_and_a_vector_param_in_the_prologue():
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     errors = {}
     for backend in ("torch", "triton"):
-        got, _ = _grads(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
+        got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
         errors.update({f"{backend}:{n}": _rel(g, r) for n, g, r in zip(names, got, ref)})
     assert max(errors.values()) <= TOL, errors

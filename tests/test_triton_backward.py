@@ -20,7 +20,7 @@ import recurrence_dsl
 from codegen.specialize import chunked_backward_in_triton
 from recurrence_dsl.analysis import TransitionClass, analyse
 
-from .conftest import SPEC_FILES, as_dict
+from .conftest import SPEC_FILES, as_dict, weighted_gradients
 
 triton_runtime = pytest.importorskip("codegen.triton_runtime")
 
@@ -56,23 +56,6 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _grads(fn, rec, args, initial, weights=None, **kwargs):
-    """Gradients of every argument and initial state for sum(w * outputs) + sum(w * final states)."""
-    checked = rec.checked
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
-    out, final = fn(*leaves, initial_state=init if len(init) > 1 else next(iter(init.values())),
-                    output_final_state=True, **kwargs)
-    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
-    if weights is None:
-        gen = torch.Generator().manual_seed(1)
-        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in d.items()}
-                   for d in (out, final)]
-    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
-    (loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())).backward()
-    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights
-
-
 def _no_torch_forms(layer, monkeypatch) -> list:
     """Make every torch runtime form of the layer's generated module raise; count the Triton backward's runs."""
     scope = layer.triton_forms["chunked"].__globals__
@@ -101,11 +84,11 @@ def _check_spec(rec, monkeypatch, args=None, initial=None):
         sizes = {s: SIZE for s in rec.checked.sizes}
         args, initial = sample_arguments(rec.checked, sizes, B, T, H, dtype=torch.float64, seed=0,
                                          with_initial_state=True)
-    ref, weights = _grads(rec.reference, rec, args, initial)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
     runs = _no_torch_forms(layer, monkeypatch)
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
-    got, _ = _grads(layer, rec, [a.float() for a in args], init32, weights)
+    got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights)
     assert runs, "the chunked Triton form's own backward did not run"
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}

@@ -2240,6 +2240,17 @@ def _triton_or(given, default):
     return default if given is None else given
 
 
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 def _triton_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -3137,7 +3148,7 @@ def _triton_adjoint_warps(elements):
     """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -3189,16 +3200,6 @@ def _triton_compiles_for_cuda():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return False
     return getattr(target, "backend", None) == "cuda"
-
-
-def _triton_cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
 
 
 def _triton_size_constant(value, *sizes):
@@ -3482,10 +3483,13 @@ def delta_net__triton_recurrent_loop(q, k, v, beta, states, K, V, *, every=0, cu
     ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_K * BLOCK_V, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_K * BLOCK_V, 'delta_net__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_K * BLOCK_V
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'delta_net__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         delta_net__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
@@ -3610,9 +3614,10 @@ def delta_net__triton_recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs
     dbeta = torch.empty((NT_, R_, T_, H_), dtype=torch.float32, device=dev)  # a part per tile, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_K * BLOCK_V, 'delta_net__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_K * BLOCK_V  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'delta_net__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_adjoint_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
         delta_net__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](

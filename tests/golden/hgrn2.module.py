@@ -2664,6 +2664,17 @@ def _triton_or(given, default):
     return default if given is None else given
 
 
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 def _triton_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -3751,7 +3762,7 @@ def _triton_adjoint_warps(elements):
     """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -3803,16 +3814,6 @@ def _triton_compiles_for_cuda():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return False
     return getattr(target, "backend", None) == "cuda"
-
-
-def _triton_cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
 
 
 def _triton_sequences(cu_seqlens, rows, length, every, dev):
@@ -4065,10 +4066,13 @@ def hgrn2__triton_recurrent_loop(q, f, v, states, K, V, *, every=0, cu_seqlens=N
     ck_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
     BLOCK_V = _triton_tile(V, block_V, 'BLOCK_V')
-    BLOCK_V = _triton_fit_tile(lambda BLOCK_V: 2 * BLOCK_K * BLOCK_V, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_K * BLOCK_V, 'hgrn2__triton_recurrent_kernel')
+    def footprint_(BLOCK_V):  # float32 values a program holds through its loop
+        return 2 * BLOCK_K * BLOCK_V
+    BLOCK_V = _triton_fit_tile(footprint_, BLOCK_V, block_V)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_V)
+    _triton_check_fits(elements_, 'hgrn2__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         hgrn2__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(V, 1), BLOCK_V))](
             q, f, v, h0_S, o, ht_S, ck_S, cu_, ck_first_, T_, H_, max(every, 1), NC_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -4185,9 +4189,10 @@ def hgrn2__triton_recurrent_adjoint(q, f, v, checkpoints, grad_outputs, grad_sta
     dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_K * BLOCK_V, 'hgrn2__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_K * BLOCK_V  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'hgrn2__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_K * BLOCK_V)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         hgrn2__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             q, f, v, ck_S, dht_S, do, dq, df, dv, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

@@ -2519,6 +2519,17 @@ def _triton_or(given, default):
     return default if given is None else given
 
 
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 def _triton_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -3627,7 +3638,7 @@ def _triton_adjoint_warps(elements):
     """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -3679,16 +3690,6 @@ def _triton_compiles_for_cuda():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return False
     return getattr(target, "backend", None) == "cuda"
-
-
-def _triton_cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
 
 
 def _triton_sequences(cu_seqlens, rows, length, every, dev):
@@ -3990,10 +3991,13 @@ def mamba2__triton_recurrent_loop(x, dt, B, C, A, D, states, P, N, *, every=0, c
     ck_h = torch.empty((R_, H_, NC_, N, P), dtype=torch.float32, device=dev)
     BLOCK_P = _triton_tile(P, block_P, 'BLOCK_P')
     BLOCK_N = _triton_block(N, block_N, 'BLOCK_N')
-    BLOCK_P = _triton_fit_tile(lambda BLOCK_P: 2 * BLOCK_N * BLOCK_P + 1 + 1, BLOCK_P, block_P)  # a narrower tile while a program would pass an SM's registers
-    _triton_check_fits(2 * BLOCK_N * BLOCK_P + 1 + 1, 'mamba2__triton_recurrent_kernel')
+    def footprint_(BLOCK_P):  # float32 values a program holds through its loop
+        return 2 * BLOCK_N * BLOCK_P + 1 + 1
+    BLOCK_P = _triton_fit_tile(footprint_, BLOCK_P, block_P)  # a narrower tile while a program would pass an SM's registers
+    elements_ = footprint_(BLOCK_P)
+    _triton_check_fits(elements_, 'mamba2__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_N * BLOCK_P + 1 + 1)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         mamba2__triton_recurrent_kernel[(B_ * H_, triton.cdiv(max(P, 1), BLOCK_P))](
             x, dt, B, C, A, D, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, P, N, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -4128,9 +4132,10 @@ def mamba2__triton_recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_output
     dD = torch.zeros((NT_, B_, H_), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, N, P), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_N * BLOCK_P,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1, 'mamba2__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'mamba2__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_N * BLOCK_P + 2 * 1 + 2 * 1)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         mamba2__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, dt, B, C, A, D, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dD, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, P, N, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),

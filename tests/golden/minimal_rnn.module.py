@@ -1744,6 +1744,17 @@ def _stack_steps(steps, B_, H_, dims, like):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _triton_arch() -> int:
+    """The compute capability Triton compiles for (80 for sm_80) as its active driver reports it; 90 when there is
+    none to ask (the interpreter) or it is not a CUDA target. Picks launch defaults that depend on shared memory
+    (and the recurrent adjoint's num_warps: codegen/triton_recurrent.py prints this function into its modules)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return 90
+    return arch if isinstance(arch, int) else 90
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
 # the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_triton_DECAYS`;
@@ -1817,7 +1828,7 @@ def _triton_adjoint_warps(elements):
     """num_warps for an adjoint program: `_triton_warps`, but on a GPU below sm_90 8 rather than 4 past 48
     elements a thread at 4 warps (its step holds gradient temporaries its footprint does not count)."""
     warps = _triton_warps(elements)
-    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_cuda_arch() < 90 else warps
+    return 8 if warps == 4 and elements > 48 * 32 * 4 and _triton_arch() < 90 else warps
 
 
 # An SM's register file: 64K 32-bit registers on sm_80, sm_90 and sm_100 (the CUDA C++ Programming Guide,
@@ -1860,16 +1871,6 @@ def _triton_compiles_for_cuda():
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return False
     return getattr(target, "backend", None) == "cuda"
-
-
-def _triton_cuda_arch():
-    """The compute capability Triton compiles for (80 for sm_80), as its active driver reports it; 90 when there is
-    none to ask (Triton's CPU interpreter) or it is not a CUDA target."""
-    try:
-        arch = triton.runtime.driver.active.get_current_target().arch
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return 90
-    return arch if isinstance(arch, int) else 90
 
 
 def _triton_sequences(cu_seqlens, rows, length, every, dev):
@@ -2079,9 +2080,10 @@ def minimal_rnn__triton_recurrent_loop(x, Uh, Uz, bu, states, D, *, every=0, cu_
     ht_h = torch.empty_like(h0_h)
     ck_h = torch.empty((R_, H_, NC_, D), dtype=torch.float32, device=dev)
     BLOCK_D = _triton_block(D, block_D, 'BLOCK_D')
-    _triton_check_fits(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D, 'minimal_rnn__triton_recurrent_kernel')
+    elements_ = 2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D  # float32 values a program holds through its loop
+    _triton_check_fits(elements_, 'minimal_rnn__triton_recurrent_kernel')
     if num_warps is None:
-        num_warps = _triton_warps(2 * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D * BLOCK_D + BLOCK_D)
+        num_warps = _triton_warps(elements_)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_kernel[(B_ * H_,)](
             x, Uh, Uz, bu, h0_h, y, ht_h, ck_h, cu_, ck_first_, T_, H_, max(every, 1), NC_, D, BLOCK_D=BLOCK_D, CHECKPOINT=NC_ > 0, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
@@ -2209,9 +2211,10 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     dbu = torch.zeros((NT_, B_, H_, D), dtype=torch.float32, device=dev)  # a part per tile and row, summed below
     dh0_h = torch.empty((B_, H_, D), dtype=torch.float32, device=dev)
     sc_h = torch.empty((B_ * H_ * NT_ * SLOTS_ * BLOCK_D,), dtype=torch.float32, device=dev)  # scratch: a segment's states
-    _triton_check_fits(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D, 'minimal_rnn__triton_recurrent_adjoint_kernel')
+    elements_ = 4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D  # float32 values a program holds through its loops
+    _triton_check_fits(elements_, 'minimal_rnn__triton_recurrent_adjoint_kernel')
     if num_warps is None:
-        num_warps = _triton_adjoint_warps(4 * BLOCK_D + 2 * BLOCK_D + BLOCK_D * BLOCK_D)
+        num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
         minimal_rnn__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
             x, Uh, Uz, bu, ck_h, dht_h, dy, dx, dUh_row, dUh_col, dUz_row, dUz_col, dbu, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, BLOCK_D=BLOCK_D, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
