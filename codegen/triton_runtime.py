@@ -76,7 +76,8 @@ chunk-start states h; a scalar or no decay runs as a key decay with G broadcast 
                                                   output axis D): dk for a key decay, dv for a value decay.
   _chunk_bwd_plain_kernel (cdiv(D, BD), NT, B*H)  A^T @ x plus the chunk-end term (z exp(G_last - G)) @ dh: dv for
                                                   a key decay, dk for a value decay.
-  _dlog_decay_kernel    (NT, cdiv(D, BD), B*H)    reverse cumulative sums of the per-step terms inside each chunk.
+  _dlog_pairs_kernel    (NT, cdiv(D, BD), B*H)    the intra-chunk pair term of the log decays' gradient (one dot
+                                                  per step of the chunk; the rest are float64 einsums).
 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
@@ -1648,11 +1649,13 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
 
 
 @triton.jit
-def _dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                       FLOOR: tl.constexpr):
-    """dg_t = sum_{u >= t} a_u + sum_{u > t} b_u + hdh[n] inside chunk n (a: terms of step u, b: exclusive queries'
-    terms, which belong to step u - 1); 0 where the log decay was floored (exp' = exp is 0 there, as in the
-    reference: a -inf step gets no gradient)."""
+def _dlog_pairs_kernel(M, x, y, gc, r, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The intra-chunk pair term of the log decays' gradient, one chunk and BD columns of the decayed axis D:
+    r_t (+)= sum_{u >= t (u > t if SHIFT)} sum_{s < t} M_us x_u exp(Gq_u - G_{t-1}) y_s exp(G_{t-1} - G_s).
+    M [B*H, NT*BT, BT] the plain (undecayed) scores over the other axis, causal mask included; x, y [B, T, H, D];
+    G [B, T, H, D] float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Both exponents are
+    <= 0 (every pair spans step t), so no term is a difference of large sums; one [BT, BT] x [BT, BD] dot per t."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1661,14 +1664,31 @@ def _dlog_decay_kernel(a, b, hdh, g, dg, T, H: tl.constexpr, D: tl.constexpr, BT
     o_i = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    m = (t0 + o_i < T)[:, None] & m_d[None, :]
+    m_t = t0 + o_i < T
+    m = m_t[:, None] & m_d[None, :]
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    b_a = tl.load(a + offs, mask=m, other=0.0)
-    b_b = tl.load(b + offs, mask=m, other=0.0)
-    b_dg = tl.cumsum(b_a, axis=0, reverse=True) + tl.cumsum(b_b, axis=0, reverse=True) - b_b
-    b_dg += tl.load(hdh + (i_bh.to(tl.int64) * NT + i_n) * D + o_d, mask=m_d, other=0.0)[None, :]
-    b_g = tl.load(g + offs, mask=m, other=0.0)
-    tl.store(dg + offs, tl.where(b_g < FLOOR, 0.0, b_dg), mask=m)
+    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
+    b_M = tl.load(p_M + o_i[:, None] * BT + o_i[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)  # [u, s]
+    b_x = tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
+    b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(gc + offs, mask=m, other=0.0)  # float64
+    if SHIFT:
+        b_gq = tl.load(gc + offs - H * D, mask=m & (o_i[:, None] >= 1), other=0.0)
+    else:
+        b_gq = b_g
+    b_r = tl.zeros([BT, BD], dtype=tl.float32)
+    for t in range(1, BT):
+        b_gp = tl.sum(tl.where(o_i[:, None] == t - 1, b_g, 0.0), axis=0)  # [BD] G_{t-1}
+        m_s = o_i < t
+        m_u = (o_i > t) if SHIFT else (o_i >= t)
+        b_ys = tl.where(m_s[:, None], b_y * _decay(b_gp[None, :], tl.where(m_s[:, None], b_g, b_gp[None, :])), 0.0)
+        b_xu = tl.where(m_u[:, None], b_x * _decay(tl.where(m_u[:, None], b_gq, b_gp[None, :]), b_gp[None, :]), 0.0)
+        b_z = tl.dot(b_M, b_ys, input_precision=PREC)  # [BT (u), BD]
+        b_rt = tl.sum(b_xu * b_z, axis=0)
+        b_r = tl.where(o_i[:, None] == t, b_rt[None, :], b_r)
+    if ACC:
+        b_r += tl.load(r + offs, mask=m, other=0.0)
+    tl.store(r + offs, b_r, mask=m)
 
 
 def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
@@ -1773,7 +1793,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
-    dqs = []
+    dqs, A_all, dA_all = [], [], []  # the plain scores of each query (A for a value decay, dA else)
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
         # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
@@ -1784,6 +1804,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                         num_stages)
         dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                          num_stages)
+        (A_all if value else dA_all).append(A if value else dA)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
@@ -1811,28 +1832,62 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
 
     dlog = None
     if g is not None:
-        D = V if value else K
-        # per-step terms: a (inclusive queries and the key / value term), b (exclusive queries, one step later)
-        a = -(v.to(f32) * dv) if value else -(k.to(f32) * dk)
-        b = torch.zeros_like(a)
-        for q, excl, do, dq, o in zip(qs, exclusive, dos, dqs, outs if value else qs):
-            term = o.to(f32) * do.to(f32) if value else q.to(f32) * dq
-            if excl:
-                b += term
-            else:
-                a += term
-        if packed is None:
-            h_end = torch.cat([h[:, :, 1:], ht[:, :, None]], dim=2)  # the state at the end of each chunk
-        else:
-            h_end = packed.chunk_ends(h, ht)
-        hdh = (h_end * dh).sum(dim=-2 if value else -1).contiguous()  # [B, H, NT, D]
-        dlog = torch.empty((B, T, H, D), dtype=f32, device=dev)
-        BD = min(32, _pow2_at_least_16(D))
-        _dlog_decay_kernel[(NT, triton.cdiv(D, BD), B * H)](a, b, hdh, g, dlog, T, H, D, BT, BD, _LOG_DECAY_FLOOR,
-                                                             num_warps=warps)
+        dlog = _dlog_decay(value, exclusive, qs, k, v, dos, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
+        dlog = torch.where(g < _LOG_DECAY_FLOOR, 0.0, dlog).float()  # a floored (-inf) step gets no gradient
         if decay_cls.code == 1:
             dlog = dlog.sum(-1)
     return dk, dv, dlog, dh0, dqs
+
+
+def _chunks(x: Tensor, BT: int) -> Tensor:
+    """[B, T, H, D] -> [B, NT, BT, H, D], zero steps after T."""
+    B, T = x.shape[:2]
+    NT = triton.cdiv(T, BT)
+    if NT * BT != T:
+        x = torch.cat([x, x.new_zeros((B, NT * BT - T) + tuple(x.shape[2:]))], dim=1)
+    return x.reshape((B, NT, BT) + tuple(x.shape[2:]))
+
+
+def _dlog_decay(value: bool, exclusive, qs, k, v, dos, gc, h, dh, plain, BT: int, prec: str, warps: int) -> Tensor:
+    """dL/d(log decay) [B, T, H, D] float64 of the linear chunked form (D = K, or V for a value decay), summed
+    directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
+    et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
+    param summing dG over every step lost 1e-5 relative). Per chunk n (start state h_n, gradient dh_n of its end
+    state, G chunk-local, G_L its last), with the state S_{t-1} = exp(G_{t-1}) h_n + sum_{s<t} exp(G_{t-1} - G_s)
+    k_s v_s^T and dS_t = exp(G_L - G_t) dh_n + sum_{u>=t} exp(Gq_u - G_t) q_u do_u^T (over D: key decay rows,
+    value decay columns):
+        dG_t = exp(G_L) sum(h_n * dh_n)                                 (every t)
+             + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n)                     (u > t for an exclusive query)
+             + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n)
+             + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)                (`_dlog_pairs_kernel`)
+    with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
+    exponent <= 0 and every term a part of the true sum. The inter-chunk terms are float64 einsums here."""
+    f64 = torch.float64
+    B, T, H, D = gc.shape
+    NT = triton.cdiv(T, BT)
+    G = _chunks(gc, BT)  # [B, NT, BT, H, D] float64
+    t0 = torch.arange(NT, device=gc.device) * BT
+    last = (t0 + BT - 1).clamp(max=T - 1) - t0  # each chunk's last step, local
+    GL = G.gather(2, last.view(1, NT, 1, 1, 1).expand(B, NT, 1, H, D))  # [B, NT, 1, H, D]
+    hn, dhn = h.to(f64), dh.to(f64)  # [B, H, NT, K, V]
+    ax = -2 if value else -1  # the undecayed axis of the state
+    dg = (GL.exp() * (hn * dhn).sum(ax).transpose(1, 2)[:, :, None]).expand(B, NT, BT, H, D).clone()
+    # the chunk-end term: y_s exp(G_L - G_s) (z_s . dh_n), for t > s (an exclusive cumulative sum)
+    y, z = (v, k) if value else (k, v)
+    zd = torch.einsum("bnchk,bhnkv->bnchv" if value else "bnchv,bhnkv->bnchk", _chunks(z.to(f64), BT), dhn)
+    t3 = _chunks(y.to(f64), BT) * (GL - G).clamp(max=0).exp() * zd
+    dg += t3.cumsum(2) - t3
+    r = torch.empty((B, T, H, D), dtype=torch.float32, device=gc.device)
+    BD = min(32, _pow2_at_least_16(D))
+    for i, (q, excl, do, M) in enumerate(zip(qs, exclusive, dos, plain)):
+        x, w = (do, q) if value else (q, do)
+        Gq = torch.cat([torch.zeros_like(G[:, :, :1]), G[:, :, :-1]], dim=2) if excl else G
+        wh = torch.einsum("bnchk,bhnkv->bnchv" if value else "bnchv,bhnkv->bnchk", _chunks(w.to(f64), BT), hn)
+        t2 = _chunks(x.to(f64), BT) * Gq.clamp(max=0).exp() * wh
+        dg += t2.flip(2).cumsum(2).flip(2) - (t2 if excl else 0.0)  # for t <= u (t < u: exclusive)
+        _dlog_pairs_kernel[(NT, triton.cdiv(D, BD), B * H)](M, x, y, gc, r, T, H, D, BT, BD, excl, i > 0, prec,
+                                                            num_warps=warps)
+    return dg.reshape(B, NT * BT, H, D)[:, :T] + r
 
 
 def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_state=None, chunk_size=64,
