@@ -74,7 +74,7 @@ def test_gla_forward_and_backward_for_sm90_as_json():
     # the linear chunked form's backward runs in Triton kernels (codegen/triton_runtime.py, _linear_backward)
     back = {k["name"] for k in gla["backward"]}
     assert {"_triton_chunk_dstate_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
-            "_triton_dlog_pairs_kernel"} <= back and "backward_note" not in gla
+            "_triton_dlog_chunk_kernel"} <= back and "backward_note" not in gla
     assert all(k["phase"] == "backward" and k["spill_bytes"] == 0 for k in gla["backward"])
     # at K = V = 16 nothing spills, so the command succeeds
     assert report["problems"] == [] and report["ok"] is True and run.returncode == 0, run.stdout
