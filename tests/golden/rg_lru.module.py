@@ -2937,16 +2937,18 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
 
 
 @triton.jit
-def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
-                       SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                       SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       FLOOR: tl.constexpr):
     """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
     `_triton_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
     + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
     M [B*H, NT*BT, BT] the plain scores over the undecayed axis E, [u, s], causal mask included; x, y [B, T, H, D];
     w, z [B, T, H, E]; h, dh [B, H, NT, K, V] float32 (D = K rows if not VALUE, V columns if VALUE); G [B, T, H, D]
     float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Every exponent is <= 0 and every
-    term a part of the true sum: nothing cancels. The pair term is one [BT, BT] block per lane (a reverse cumsum
+    term a part of the true sum: nothing cancels. 0 where the log decay g was floored (exp' = exp is 0 there, as in
+    the reference: a -inf step gets no gradient). The pair term is one [BT, BT] block per lane (a reverse cumsum
     over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -2983,11 +2985,11 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, gc, r, T, H: tl.constexpr, D
         else:
             p_de = o_d[None, :] * E + o_e[:, None]
         m_de = m_e[:, None] & m_d[None, :]
-        b_h = tl.load(h + p_h + p_de, mask=m_de, other=0.0)
+        b_h = tl.load(h + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)  # h may be stored in the input dtype
         b_w = tl.load(w + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
         b_wh += tl.dot(b_w, b_h, input_precision=PREC)
         if STATE:
-            b_dh = tl.load(dh + p_h + p_de, mask=m_de, other=0.0)
+            b_dh = tl.load(dh + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)
             b_z = tl.load(z + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
             b_zd += tl.dot(b_z, b_dh, input_precision=PREC)
             b_hdh += tl.sum(b_h * b_dh, axis=0)
@@ -3027,6 +3029,7 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, gc, r, T, H: tl.constexpr, D
         b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
     if ACC:
         b_r += tl.load(r + offs, mask=m, other=0.0)
+    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
     tl.store(r + offs, b_r, mask=m)
 
 
@@ -3158,12 +3161,11 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 
     dlog = None
     if g is not None:
-        dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
-        dlog = torch.where(g < _triton_LOG_DECAY_FLOOR, 0.0, dlog).float()  # a floored (-inf) step gets no gradient
+        dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
     return dk, dv, dlog, dh0, dqs
 
 
-def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
+def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
     """dL/d(log decay) [B, T, H, D] float32 of the linear chunked form (D = K, or V for a value decay), summed
     directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
     et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
@@ -3177,7 +3179,7 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, gc, h, dh, plain, 
              + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)
     with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
     exponent <= 0 and every term a part of the true sum. One `_triton_dlog_chunk_kernel` launch per query, in float32,
-    O(BT^2 D + BT K V) per chunk."""
+    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored."""
     B, T, H, D = gc.shape
     NT = triton.cdiv(T, BT)
     y, z = (v, k) if value else (k, v)
@@ -3188,7 +3190,8 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, gc, h, dh, plain, 
     for i, (q, excl, do, M) in enumerate(zip(qs, exclusive, dos, plain)):
         x, w = (do, q) if value else (q, do)
         _triton_dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
-            M, x, y, w, z, h, dh, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec, num_warps=warps)
+            M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
+            _triton_LOG_DECAY_FLOOR, num_warps=warps)
     return r
 
 
