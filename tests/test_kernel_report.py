@@ -75,7 +75,7 @@ def test_gla_forward_and_backward_for_sm90_as_json():
     # the linear chunked form's backward runs in Triton kernels (codegen/triton_runtime.py, _linear_backward)
     back = {k["name"] for k in gla["backward"]}
     assert {"_triton_chunk_dstate_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
-            "_triton_dlog_decay_kernel"} <= back and "backward_note" not in gla
+            "_triton_dlog_chunk_kernel"} <= back and "backward_note" not in gla
     assert all(k["phase"] == "backward" and k["spill_bytes"] == 0 for k in gla["backward"])
     # with --backward the hand-written figure is fla's forward + backward (`hand_written_backward_bytes`)
     counted, hand = gla["intermediate_bytes"], gla["intermediate_bytes"]["hand_written"]

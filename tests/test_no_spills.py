@@ -114,7 +114,7 @@ def test_no_spills_at_default_configs():
     assert names[("gla", "sm_90", "backward")] == {
         "_triton_cumsum_kernel", "_triton_chunk_dstate_kernel", "_triton_intra_attn_kernel",
         "_triton_chunk_output_value_kernel", "_triton_chunk_bwd_decayed_kernel", "_triton_chunk_bwd_plain_kernel",
-        "_triton_dlog_decay_kernel"}
+        "_triton_dlog_chunk_kernel"}
     assert not names[("gla", "sm_80", "backward")]  # a forward-only call
     assert "_triton_chunk_bwd_plain_kernel" in small[("gla", "sm_80")]
     assert {f"_triton_delta_bwd_{k}_kernel" for k in ("local", "dh", "dqk", "wy", "dl", "wy_k")} <= small[

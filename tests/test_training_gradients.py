@@ -110,12 +110,7 @@ def _check(name: str, backend: str, form: str, monkeypatch) -> dict[str, float]:
 
 
 # Known gaps, each failing as stated (strict: a fix makes the case pass and the mark must go).
-KNOWN = {
-    ("triton", "lightning_attention", "chunked"): (
-        "the per-head slope's gradient (a sum over every step of the log decay's gradient, which the chunked Triton "
-        "backward gets by reverse cumulative sums) has relative error 3.2e-5 here (torch chunked form 3.1e-7, "
-        "Triton recurrent 5.7e-7 on the same values); 2.2e-6 for one sequence of 33 steps, 7.7e-6 for (13, 20)"),
-}
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 
 def _cases(backend: str) -> list:
