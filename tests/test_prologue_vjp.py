@@ -185,10 +185,10 @@ def test_rg_lru_lam_on_the_triton_chunked_form():
     sizes = {s: 8 for s in rec.checked.sizes}
     args, initial = sample_arguments(rec.checked, sizes, 1, 21, H, dtype=torch.float64, seed=0,
                                      with_initial_state=True)
-    ref, weights = _grads(rec.reference, rec, args, initial)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, form="chunked", chunk_size=CHUNK, tuning=False)
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
-    got, _ = _grads(layer, rec, [a.float() for a in args], init32, weights, backend="triton")
+    got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, backend="triton")
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
     assert errors["lam"] <= TOL and errors["gr"] <= TOL and max(errors.values()) <= TOL, errors
