@@ -1407,7 +1407,8 @@ class TorchFormWriter:
             used = self._names_read([e[1] for e in epilogue])
             reads = [(ir, names[ir]) for ir in sorted(self.state_names & used, key=lambda n: names[n])]
             text, derived, call_args = self._write_printed_vjp(
-                "scan_epilogue", "The scan form's epilogue: its outputs from the states (all_S after each step)",
+                "scan_epilogue",
+                "The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it)",
                 epilogue, reads, self.a.ir.ranges, suffix="")
             functions.append(text)
             targets = ", ".join(e[0] for e in epilogue) + ("," if len(epilogue) == 1 else "")
