@@ -3562,7 +3562,7 @@ based__scan_prologue = with_vjp(based__scan_prologue_fwd, based__scan_prologue_v
 
 
 def based__scan_epilogue_fwd(all_S0, all_S1, all_S2, all_z0, all_z1, all_z2, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to(((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + ((q[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 / K + all_S0) / (all_z0[..., None] + (q * all_z1).sum(dim=-1)[..., None] / (K**0.5) + ((q[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 / K), (B_, T_, H_, V))
     return o,

@@ -2401,7 +2401,7 @@ bidirectional_mamba_forward__scan_prologue = with_vjp(bidirectional_mamba_forwar
 
 
 def bidirectional_mamba_forward__scan_epilogue_fwd(all_h, C, D, N):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = C.shape[:3]
     y = torch.broadcast_to((C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))
     return y,
@@ -2847,7 +2847,7 @@ bidirectional_mamba_backward__scan_prologue = with_vjp(bidirectional_mamba_backw
 
 
 def bidirectional_mamba_backward__scan_epilogue_fwd(all_h, C, D, N):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = C.shape[:3]
     y = torch.broadcast_to((C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))
     return y,

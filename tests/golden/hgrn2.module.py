@@ -3731,7 +3731,7 @@ hgrn2__scan_prologue = with_vjp(hgrn2__scan_prologue_fwd, hgrn2__scan_prologue_v
 
 
 def hgrn2__scan_epilogue_fwd(all_S, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :], (B_, T_, H_, V))
     return o,

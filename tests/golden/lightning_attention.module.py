@@ -3566,7 +3566,7 @@ lightning_attention__scan_prologue = with_vjp(lightning_attention__scan_prologue
 
 
 def lightning_attention__scan_epilogue_fwd(all_S, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :], (B_, T_, H_, V))
     return o,

@@ -2399,7 +2399,7 @@ mamba__scan_prologue = with_vjp(mamba__scan_prologue_fwd, mamba__scan_prologue_v
 
 
 def mamba__scan_epilogue_fwd(all_h, x, C, Dskip, D, N):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = x.shape[:3]
     y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))
     return y,

@@ -3616,7 +3616,7 @@ mamba2__scan_prologue = with_vjp(mamba2__scan_prologue_fwd, mamba2__scan_prologu
 
 
 def mamba2__scan_epilogue_fwd(all_h, x, C, D, P, N):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = x.shape[:3]
     y = torch.broadcast_to(D[..., None] * x + (C[..., None, :] @ all_h)[..., 0, :], (B_, T_, H_, P))
     return y,

@@ -3595,7 +3595,7 @@ mlstm__scan_prologue = with_vjp(mlstm__scan_prologue_fwd, mlstm__scan_prologue_v
 
 
 def mlstm__scan_epilogue_fwd(all_C, all_n, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     h = torch.broadcast_to((q[..., None, :] @ all_C)[..., 0, :] / torch.clamp(torch.abs((all_n * q).sum(dim=-1)[..., None]), min=1.0), (B_, T_, H_, V))
     return h,

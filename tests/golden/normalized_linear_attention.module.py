@@ -3499,7 +3499,7 @@ normalized_linear_attention__scan_prologue = with_vjp(normalized_linear_attentio
 
 
 def normalized_linear_attention__scan_epilogue_fwd(all_S, all_z, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))
     return o,

@@ -3584,7 +3584,7 @@ retention__scan_prologue = with_vjp(retention__scan_prologue_fwd, retention__sca
 
 
 def retention__scan_epilogue_fwd(all_S, q, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))
     return o,

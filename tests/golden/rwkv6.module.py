@@ -3766,7 +3766,7 @@ rwkv6__scan_prologue = with_vjp(rwkv6__scan_prologue_fwd, rwkv6__scan_prologue_v
 
 
 def rwkv6__scan_epilogue_fwd(prev_S, r, k, v, u, K, V):
-    """The scan form's epilogue: its outputs from the states (all_S after each step); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = r.shape[:3]
     o = torch.broadcast_to((r[..., None, :] @ (k[..., :, None] * u[..., :, None] * v[..., None, :] + prev_S))[..., 0, :], (B_, T_, H_, V))
     return o,
