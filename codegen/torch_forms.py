@@ -1336,6 +1336,13 @@ class TorchFormWriter:
     # -- scan -----------------------------------------------------------------
 
     def write_scan(self) -> str | None:
+        """The scan form (torch: `NAME__scan_block`, one block of steps run by dispatch's `in_blocks`; Triton:
+        `NAME__scan_triton`, the whole sequence). Three pieces, each one autograd node: the prologue
+        (`NAME__scan_prologue`: inputs and params -> each state's decay a_S and injection b_S, as
+        s_t = a_t * s_(t-1) + b_t), the runtime's scan (its own backward), and the epilogue (`NAME__scan_epilogue`:
+        the outputs from the states before and after each step, and the inputs). The prologue's and the epilogue's
+        backwards are printed from sympy (`_write_printed_vjp`, as the chunked form's); the epilogue's VJP gives
+        the states' gradients, which the scan's backward takes."""
         if "scan" not in self.a.forms:
             return None
         w = SourceWriter()
@@ -1351,31 +1358,64 @@ class TorchFormWriter:
         self._params_to_time(w)
         printer = TorchPrinter(self.sizes, self.a.ir.ranges, self.py)
         names = dict(self.py)
+        prologue: list = []  # (Python name, IR expression, indices, dims, comment): NAME__scan_prologue's values
+        at = len(w.lines)  # where the call of the prologue goes
         for s in self.rec.states:
             sa = self.a.states[s.name]
             dims = "".join(f", {self._dim(d)}" for d in s.dims)
             if sa.block is not None:
                 if sa.block.states[0] == s.name:
-                    self._write_block_scan(w, printer, sa.block, s.dims, names)
+                    self._write_block_scan(w, sa.block, s.dims, names, prologue)
                 continue
-            w(f"b_{s.name} = {self._full(printer, sa.injection, sa.indices, s.dims)}  # {self.cite[s.name]}")
             if is_constant(sa.diagonal, self.sizes):
                 value = printer.print_expr(sa.diagonal, sa.indices)
                 w(f"a_{s.name} = b_{s.name}.new_full((1,) * b_{s.name}.dim(), {value})  # a constant decay")
             else:
-                w(f"a_{s.name} = {printer.print_expr(sa.diagonal, sa.indices)}  # decay, broadcastable")
+                prologue.append((f"a_{s.name}", sa.diagonal, tuple(sa.indices), tuple(s.dims), "decay"))
+            prologue.append((f"b_{s.name}", sa.injection, tuple(sa.indices), tuple(s.dims), self.cite[s.name]))
             w(f"all_{s.name} = {self.rt}scan_diagonal(a_{s.name}, b_{s.name}, states['{s.name}']{self._scan_options})"
               f"  # [B, T, H{dims}]")
             if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
                 w(f"prev_{s.name} = {self._previous(s.name)}")
             names[s.name] = f"prev_{s.name}"
             names[s.name + NEW_SUFFIX] = f"all_{s.name}"
-        out_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names)
-        outs = []
+        # The prologue and the epilogue are the same torch ops on either backend: the Triton scan form calls the
+        # torch scan form's (printed before it in the module, codegen/module.py), so each is printed once.
+        functions = []
+        if prologue:
+            text, derived, call_args = self._write_printed_vjp(
+                "scan_prologue", "The scan form's prologue: each state's decay a and injection b", prologue, [],
+                self.a.ir.ranges, suffix="")
+            functions.append(text)
+            targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
+            call = (f"{targets} = {self.fn}__scan_prologue({', '.join(call_args)})"
+                    + ("" if derived else "  # differentiated by autograd"))
+            vjp = f"{self.fn}__scan_prologue_vjp"
+            lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
+            w.lines[at:at] = [*lines, "    " + call]
+        outs, epilogue = [], []  # epilogue: the outputs computed from the states (Python name, IR expr, indices, dims)
         for o in self.rec.outputs:
             d = self.a.ir.outputs[o.name]
-            w(f"{self.py[o.name]} = {self._full(out_printer, d.expr, d.indices, o.dims)}  # {self.cite[o.name]}")
+            bare = d.expr if isinstance(d.expr, (sympy.Indexed, sympy.Symbol)) else None
+            name = str(getattr(bare, "base", bare))
+            if bare is not None and name in self.state_names and tuple(getattr(bare, "indices", ())) == \
+                    tuple(d.indices) and len(d.indices) == len(o.dims):
+                w(f"{self.py[o.name]} = {names[name]}  # {self.cite[o.name]}")  # a state as it is: no epilogue
+            else:
+                epilogue.append((self.py[o.name], d.expr, tuple(d.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
+        if epilogue:
+            used = self._names_read([e[1] for e in epilogue])
+            reads = [(ir, names[ir]) for ir in sorted(self.state_names & used, key=lambda n: names[n])]
+            text, derived, call_args = self._write_printed_vjp(
+                "scan_epilogue",
+                "The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it)",
+                epilogue, reads, self.a.ir.ranges, suffix="")
+            functions.append(text)
+            targets = ", ".join(e[0] for e in epilogue) + ("," if len(epilogue) == 1 else "")
+            cites = ", ".join(self.cite[o.name] for o in self.rec.outputs if self.py[o.name] in targets)
+            w(f"{targets} = {self.fn}__scan_epilogue({', '.join(call_args)})  # {cites}"
+              + ("" if derived else "; differentiated by autograd"))
         if self.options:  # (packed sequences: each one's last step)
             finals = ", ".join(f"'{s.name}': {self.rt}scan_final_states(all_{s.name}, states['{s.name}'], cu_seqlens)"
                                for s in self.rec.states)
@@ -1385,9 +1425,10 @@ class TorchFormWriter:
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         if self.options:
             return w.text()
+        text = "\n\n".join(functions + [w.text()])
         outs = tuple(o.name for o in self.rec.outputs)
         sts = tuple(s.name for s in self.rec.states)
-        return (f"{w.text()}\n\n# The scan form: blocks of steps, the states carried from one to the next "
+        return (f"{text}\n\n# The scan form: blocks of steps, the states carried from one to the next "
                 "(dispatch's `in_blocks`).\n"
                 f"{self.fn}__scan{self.suffix} = in_blocks({self.fn}__scan_block{self.suffix}, {len(self.rec.inputs)}, "
                 f"{outs!r}, {sts!r})\n")
@@ -1402,19 +1443,22 @@ class TorchFormWriter:
             return f"{self.rt}scan_previous_states(all_{name}, states['{name}'], cu_seqlens)"
         return f"torch.cat([states['{name}'][:, None], all_{name}[:, :-1]], dim=1)"
 
-    def _write_block_scan(self, w: SourceWriter, printer: TorchPrinter, block, sym_dims, names: dict) -> None:
-        """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element."""
+    def _write_block_scan(self, w: SourceWriter, block, sym_dims, names: dict, prologue: list) -> None:
+        """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element. The
+        coefficients and injections are values of the prologue (`prologue`), stacked here."""
         members = block.states
         group = "_".join(members)
         m = len(members)
         rows = []
         for r, row in enumerate(block.matrix):
-            w(f"a_{group}_{r} = [{', '.join(self._full(printer, c, block.indices, sym_dims) for c in row)}]  "
-              f"# row {r}: the coefficients of {', '.join(members)} in {members[r]}'s update")
-            rows.append(f"torch.stack(a_{group}_{r}, dim=-1)")
+            for c, coefficient in enumerate(row):
+                prologue.append((f"a_{group}_{r}{c}", coefficient, tuple(block.indices), tuple(sym_dims),
+                                 f"the coefficient of {members[c]} in {members[r]}'s update"))
+            rows.append(f"torch.stack([{', '.join(f'a_{group}_{r}{c}' for c in range(m))}], dim=-1)")
+        for r, injection in enumerate(block.injection):
+            prologue.append((f"b_{group}_{r}", injection, tuple(block.indices), tuple(sym_dims), self.cite[members[r]]))
         w(f"a_{group} = torch.stack([{', '.join(rows)}], dim=-2)  # [B, T, H, ..., {m}, {m}]")
-        injections = ", ".join(self._full(printer, b, block.indices, sym_dims) for b in block.injection)
-        w(f"b_{group} = torch.stack([{injections}], dim=-1)  # [B, T, H, ..., {m}]")
+        w(f"b_{group} = torch.stack([{', '.join(f'b_{group}_{r}' for r in range(m))}], dim=-1)  # [B, T, H, ..., {m}]")
         init = ", ".join(f"states['{n}']" for n in members)
         w(f"all_{group} = {self.rt}scan_block(a_{group}, b_{group}, torch.stack([{init}], dim=-1)"
           f"{self._scan_options})")
@@ -1482,8 +1526,8 @@ class TorchFormWriter:
 
     # -- the chunked form's prologue and epilogue, with their VJPs printed from sympy -------------------------
 
-    def _write_printed_vjp(self, stem: str, what: str, values: list, reads: list,
-                           ranges: dict) -> tuple[str, bool, list[str]]:
+    def _write_printed_vjp(self, stem: str, what: str, values: list, reads: list, ranges: dict,
+                           suffix: str | None = None) -> tuple[str, bool, list[str]]:
         """(source, whether a VJP was derived, its arguments) of `NAME__<stem>`: a function of the tensors `reads`
         (readouts: [(IR name, Python name)]), then the spec's inputs (`[B, T, H, ...]`) and params (`[1, 1, H, ...]`,
         as the form holds them) that the values read, then the sizes, returning the `values` [(Python name, IR
@@ -1495,11 +1539,13 @@ class TorchFormWriter:
         a param's gradient is summed over B and T (it is broadcast over them). The two are joined by dispatch's
         `with_vjp`, so autograd builds no graph through the prologue's or the epilogue's ops. Where the walk meets
         something it cannot differentiate (`NoAdjoint`), only the function is printed and autograd runs through it.
+        `suffix`: appended to the three names (default: the writer's).
         """
         rec, py = self.rec, self.py
+        suffix = self.suffix if suffix is None else suffix
         self.shown, self.taken = {ir: p for ir, p in reads}, set()
-        name = f"{self.fn}__{stem}{self.suffix}"
-        fwd, vjp = f"{self.fn}__{stem}_fwd{self.suffix}", f"{self.fn}__{stem}_vjp{self.suffix}"
+        name = f"{self.fn}__{stem}{suffix}"
+        fwd, vjp = f"{self.fn}__{stem}_fwd{suffix}", f"{self.fn}__{stem}_vjp{suffix}"
         used = self._names_read([v[1] for v in values])
         spec_args = [x for x in rec.inputs + rec.params if x.name in used]
         tensors = [p for _, p in reads] + [py[x.name] for x in spec_args]

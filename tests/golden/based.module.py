@@ -987,7 +987,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1011,7 +1011,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3857,28 +3857,82 @@ def based__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K,
 based__recurrent = with_adjoint(based__recurrent_loop, based__recurrent_adjoint, ('o',), ('S0', 'S1', 'S2', 'z0', 'z1', 'z2'))
 
 
+def based__scan_prologue_fwd(q, k, v, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    b_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
+    b_S1 = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # based.rec:17
+    b_S2 = torch.broadcast_to(k[..., :, None, None] * k[..., None, :, None] * v[..., None, None, :], (B_, T_, H_, K, K, V))  # based.rec:18
+    b_z0 = q.new_full((B_, T_, H_), 1.0)  # based.rec:19
+    b_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
+    b_z2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:21
+    return b_S0, b_S1, b_S2, b_z0, b_z1, b_z2
+
+
+def based__scan_prologue_vjp(q, k, v, grad_b_S0, grad_b_S1, grad_b_S2, grad_b_z0, grad_b_z1, grad_b_z2, K, V):
+    """The vector-Jacobian product of based__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    sum_grad_b_S2_k = torch.broadcast_to((k[..., :, None, None] * grad_b_S2).sum(dim=-3), (B_, T_, H_, K, V))  # used more than once
+    grad_k = torch.broadcast_to(grad_b_z1 + (k[..., None, :] @ grad_b_z2)[..., 0, :] + (k[..., None, :] @ grad_b_z2.mT)[..., 0, :] + (v[..., None, :] @ grad_b_S1.mT)[..., 0, :] + (v[..., None, :] @ (k[..., :, None, None] * grad_b_S2.movedim((-2, -3, -1), (-3, -2, -1))).sum(dim=-3).mT)[..., 0, :] + (v[..., None, :] @ sum_grad_b_S2_k.mT)[..., 0, :], k.shape)
+    grad_v = torch.broadcast_to(grad_b_S0 + (k[..., None, :] @ sum_grad_b_S2_k)[..., 0, :] + (k[..., None, :] @ grad_b_S1)[..., 0, :], v.shape)
+    return None, grad_k, grad_v
+
+
+based__scan_prologue = with_vjp(based__scan_prologue_fwd, based__scan_prologue_vjp, 3)
+
+
+def based__scan_epilogue_fwd(all_S0, all_S1, all_S2, all_z0, all_z1, all_z2, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to(((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + ((q[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 / K + all_S0) / (all_z0[..., None] + (q * all_z1).sum(dim=-1)[..., None] / (K**0.5) + ((q[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 / K), (B_, T_, H_, V))
+    return o,
+
+
+def based__scan_epilogue_vjp(all_S0, all_S1, all_S2, all_z0, all_z1, all_z2, q, grad_o, K, V):
+    """The vector-Jacobian product of based__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    sum_all_S2_grad_o = torch.broadcast_to((grad_o[..., :, None, None] * all_S2.movedim((-1, -3, -2), (-3, -2, -1))).sum(dim=-3), (B_, T_, H_, K, K))  # used more than once
+    sum_q_all_z1 = torch.broadcast_to((q * all_z1).sum(dim=-1), (B_, T_, H_))  # used more than once
+    sum_q_all_z2 = torch.broadcast_to((q[..., None, :] @ all_z2)[..., 0, :], (B_, T_, H_, K))  # used more than once
+    sum_sum_q_all_z2_q = torch.broadcast_to((sum_q_all_z2 * q).sum(dim=-1), (B_, T_, H_))  # used more than once
+    add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0 = torch.broadcast_to(all_z0 + sum_q_all_z1 / (K**0.5) + sum_sum_q_all_z2_q / 2.0 / K, (B_, T_, H_))  # used more than once
+    add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2 = torch.broadcast_to(2.0 * all_z0 + sum_sum_q_all_z2_q / K + 2.0 * sum_q_all_z1 / (K**0.5), (B_, T_, H_))  # used more than once
+    sum_all_S0_all_S1_all_S2_grad_o_q = torch.broadcast_to((((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + (q[..., None, :] @ (q[..., :, None, None] * all_S2).sum(dim=-3))[..., 0, :] / 2.0 / K + all_S0) * grad_o).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_all_S0 = torch.broadcast_to(grad_o / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0[..., None], all_S0.shape)
+    grad_all_S1 = torch.broadcast_to(1.0 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0[..., None, None] / (K**0.5) * grad_o[..., None, :] * q[..., :, None], all_S1.shape)
+    grad_all_S2 = torch.broadcast_to(1.0 / 2.0 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0[..., None, None, None] / K * grad_o[..., None, None, :] * q[..., :, None, None] * q[..., None, :, None], all_S2.shape)
+    grad_all_z0 = torch.broadcast_to(-(sum_all_S0_all_S1_all_S2_grad_o_q / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0 ** 2.0), all_z0.shape)
+    grad_all_z1 = torch.broadcast_to(-(sum_all_S0_all_S1_all_S2_grad_o_q[..., None] / (K**0.5)) * q / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0[..., None] ** 2.0, all_z1.shape)
+    grad_all_z2 = torch.broadcast_to((-0.5) * sum_all_S0_all_S1_all_S2_grad_o_q[..., None, None] / K * q[..., :, None] * q[..., None, :] / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0[..., None, None] ** 2.0, all_z2.shape)
+    grad_q = torch.broadcast_to(1.0 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] / K * (q[..., None, :] @ sum_all_S2_grad_o)[..., 0, :] + 1.0 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] / K * (q[..., None, :] @ sum_all_S2_grad_o.mT)[..., 0, :] + 2.0 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] / (K**0.5) * (grad_o[..., None, :] @ all_S1.mT)[..., 0, :] - 4.0 * sum_all_S0_all_S1_all_S2_grad_o_q[..., None] / (K**0.5) * all_z1 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] ** 2.0 - 2.0 * sum_all_S0_all_S1_all_S2_grad_o_q[..., None] / K * sum_q_all_z2 / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] ** 2.0 - 2.0 * sum_all_S0_all_S1_all_S2_grad_o_q[..., None] / K * (q[..., None, :] @ all_z2.mT)[..., 0, :] / add_sum_sum_q_all_z2_q_sum_q_all_z1_all_z0_2[..., None] ** 2.0, q.shape)
+    return grad_all_S0, grad_all_S1, grad_all_S2, grad_all_z0, grad_all_z1, grad_all_z2, grad_q
+
+
+based__scan_epilogue = with_vjp(based__scan_epilogue_fwd, based__scan_epilogue_vjp, 7)
+
+
 def based__scan_block(q, k, v, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
-    b_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
+    # the prologue; its backward: based__scan_prologue_vjp, printed from sympy
+    b_S0, b_S1, b_S2, b_z0, b_z1, b_z2 = based__scan_prologue(q, k, v, K, V)
     a_S0 = b_S0.new_full((1,) * b_S0.dim(), 1.0)  # a constant decay
     all_S0 = scan_diagonal(a_S0, b_S0, states['S0'])  # [B, T, H, V]
-    b_S1 = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # based.rec:17
     a_S1 = b_S1.new_full((1,) * b_S1.dim(), 1.0)  # a constant decay
     all_S1 = scan_diagonal(a_S1, b_S1, states['S1'])  # [B, T, H, K, V]
-    b_S2 = torch.broadcast_to(k[..., :, None, None] * k[..., None, :, None] * v[..., None, None, :], (B_, T_, H_, K, K, V))  # based.rec:18
     a_S2 = b_S2.new_full((1,) * b_S2.dim(), 1.0)  # a constant decay
     all_S2 = scan_diagonal(a_S2, b_S2, states['S2'])  # [B, T, H, K, K, V]
-    b_z0 = q.new_full((B_, T_, H_), 1.0)  # based.rec:19
     a_z0 = b_z0.new_full((1,) * b_z0.dim(), 1.0)  # a constant decay
     all_z0 = scan_diagonal(a_z0, b_z0, states['z0'])  # [B, T, H]
-    b_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
     a_z1 = b_z1.new_full((1,) * b_z1.dim(), 1.0)  # a constant decay
     all_z1 = scan_diagonal(a_z1, b_z1, states['z1'])  # [B, T, H, K]
-    b_z2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:21
     a_z2 = b_z2.new_full((1,) * b_z2.dim(), 1.0)  # a constant decay
     all_z2 = scan_diagonal(a_z2, b_z2, states['z2'])  # [B, T, H, K, K]
-    o = torch.broadcast_to(((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + ((q[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 / K + all_S0) / (all_z0[..., None] + (q * all_z1).sum(dim=-1)[..., None] / (K**0.5) + ((q[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 / K), (B_, T_, H_, V))  # based.rec:22,23,24
+    o, = based__scan_epilogue(all_S0, all_S1, all_S2, all_z0, all_z1, all_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': all_S0[:, -1] if T_ else states['S0'], 'S1': all_S1[:, -1] if T_ else states['S1'], 'S2': all_S2[:, -1] if T_ else states['S2'], 'z0': all_z0[:, -1] if T_ else states['z0'], 'z1': all_z1[:, -1] if T_ else states['z1'], 'z2': all_z2[:, -1] if T_ else states['z2']}
 
 
@@ -4361,25 +4415,21 @@ def based__scan_triton(q, k, v, states, K, V, cu_seqlens=None, **options):
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
-    b_S0 = torch.broadcast_to(v, (B_, T_, H_, V))  # based.rec:16
+    # the prologue; its backward: based__scan_prologue_vjp, printed from sympy
+    b_S0, b_S1, b_S2, b_z0, b_z1, b_z2 = based__scan_prologue(q, k, v, K, V)
     a_S0 = b_S0.new_full((1,) * b_S0.dim(), 1.0)  # a constant decay
     all_S0 = triton_scan_diagonal(a_S0, b_S0, states['S0'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, V]
-    b_S1 = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # based.rec:17
     a_S1 = b_S1.new_full((1,) * b_S1.dim(), 1.0)  # a constant decay
     all_S1 = triton_scan_diagonal(a_S1, b_S1, states['S1'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    b_S2 = torch.broadcast_to(k[..., :, None, None] * k[..., None, :, None] * v[..., None, None, :], (B_, T_, H_, K, K, V))  # based.rec:18
     a_S2 = b_S2.new_full((1,) * b_S2.dim(), 1.0)  # a constant decay
     all_S2 = triton_scan_diagonal(a_S2, b_S2, states['S2'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, K, V]
-    b_z0 = q.new_full((B_, T_, H_), 1.0)  # based.rec:19
     a_z0 = b_z0.new_full((1,) * b_z0.dim(), 1.0)  # a constant decay
     all_z0 = triton_scan_diagonal(a_z0, b_z0, states['z0'], cu_seqlens=cu_seqlens, **options)  # [B, T, H]
-    b_z1 = torch.broadcast_to(k, (B_, T_, H_, K))  # based.rec:20
     a_z1 = b_z1.new_full((1,) * b_z1.dim(), 1.0)  # a constant decay
     all_z1 = triton_scan_diagonal(a_z1, b_z1, states['z1'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K]
-    b_z2 = torch.broadcast_to(k[..., :, None] * k[..., None, :], (B_, T_, H_, K, K))  # based.rec:21
     a_z2 = b_z2.new_full((1,) * b_z2.dim(), 1.0)  # a constant decay
     all_z2 = triton_scan_diagonal(a_z2, b_z2, states['z2'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, K]
-    o = torch.broadcast_to(((q[..., None, :] @ all_S1)[..., 0, :] / (K**0.5) + ((q[..., :, None] * q[..., None, :])[..., :, :, None] * all_S2).sum(dim=(-3, -2)) / 2.0 / K + all_S0) / (all_z0[..., None] + (q * all_z1).sum(dim=-1)[..., None] / (K**0.5) + ((q[..., None, :] @ all_z2)[..., 0, :] * q).sum(dim=-1)[..., None] / 2.0 / K), (B_, T_, H_, V))  # based.rec:22,23,24
+    o, = based__scan_epilogue(all_S0, all_S1, all_S2, all_z0, all_z1, all_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': triton_scan_final_states(all_S0, states['S0'], cu_seqlens), 'S1': triton_scan_final_states(all_S1, states['S1'], cu_seqlens), 'S2': triton_scan_final_states(all_S2, states['S2'], cu_seqlens), 'z0': triton_scan_final_states(all_z0, states['z0'], cu_seqlens), 'z1': triton_scan_final_states(all_z1, states['z1'], cu_seqlens), 'z2': triton_scan_final_states(all_z2, states['z2'], cu_seqlens)}
 
 

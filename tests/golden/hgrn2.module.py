@@ -980,7 +980,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1004,7 +1004,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -4032,13 +4032,54 @@ def hgrn2__recurrent_adjoint(q, f, v, checkpoints, grad_outputs, grad_states, K,
 hgrn2__recurrent = with_adjoint(hgrn2__recurrent_loop, hgrn2__recurrent_adjoint, ('o',), ('S',))
 
 
+def hgrn2__scan_prologue_fwd(f, v, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = f.shape[:3]
+    a_S = torch.broadcast_to(torch.exp(f[..., :, None]), (B_, T_, H_, K, V))  # decay
+    b_S = torch.broadcast_to((1.0 - torch.exp(f[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # hgrn2.rec:12
+    return a_S, b_S
+
+
+def hgrn2__scan_prologue_vjp(f, v, grad_a_S, grad_b_S, K, V):
+    """The vector-Jacobian product of hgrn2__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = f.shape[:3]
+    exp_f = torch.broadcast_to(torch.exp(f), (B_, T_, H_, K))  # used more than once
+    grad_f = torch.broadcast_to((-(v[..., None, :] @ grad_b_S.mT)[..., 0, :] + (grad_a_S).sum(dim=-1)) * exp_f, f.shape)
+    grad_v = torch.broadcast_to(((1.0 - exp_f)[..., None, :] @ grad_b_S)[..., 0, :], v.shape)
+    return grad_f, grad_v
+
+
+hgrn2__scan_prologue = with_vjp(hgrn2__scan_prologue_fwd, hgrn2__scan_prologue_vjp, 2)
+
+
+def hgrn2__scan_epilogue_fwd(all_S, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :], (B_, T_, H_, V))
+    return o,
+
+
+def hgrn2__scan_epilogue_vjp(all_S, q, grad_o, K, V):
+    """The vector-Jacobian product of hgrn2__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_all_S = torch.broadcast_to(grad_o[..., None, :] * q[..., :, None], all_S.shape)
+    grad_q = torch.broadcast_to((grad_o[..., None, :] @ all_S.mT)[..., 0, :], q.shape)
+    return grad_all_S, grad_q
+
+
+hgrn2__scan_epilogue = with_vjp(hgrn2__scan_epilogue_fwd, hgrn2__scan_epilogue_vjp, 2)
+
+
 def hgrn2__scan_block(q, f, v, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to((1.0 - torch.exp(f[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # hgrn2.rec:12
-    a_S = torch.exp(f[..., :, None])  # decay, broadcastable
+    # the prologue; its backward: hgrn2__scan_prologue_vjp, printed from sympy
+    a_S, b_S = hgrn2__scan_prologue(f, v, K, V)
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :], (B_, T_, H_, V))  # hgrn2.rec:13
+    o, = hgrn2__scan_epilogue(all_S, q, K, V)  # hgrn2.rec:13
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
 
@@ -4290,10 +4331,10 @@ def hgrn2__scan_triton(q, f, v, states, K, V, cu_seqlens=None, **options):
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to((1.0 - torch.exp(f[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # hgrn2.rec:12
-    a_S = torch.exp(f[..., :, None])  # decay, broadcastable
+    # the prologue; its backward: hgrn2__scan_prologue_vjp, printed from sympy
+    a_S, b_S = hgrn2__scan_prologue(f, v, K, V)
     all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :], (B_, T_, H_, V))  # hgrn2.rec:13
+    o, = hgrn2__scan_epilogue(all_S, q, K, V)  # hgrn2.rec:13
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 

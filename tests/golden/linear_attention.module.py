@@ -980,7 +980,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1004,7 +1004,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3783,13 +3783,52 @@ def linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad
 linear_attention__recurrent = with_adjoint(linear_attention__recurrent_loop, linear_attention__recurrent_adjoint, ('o',), ('S',))
 
 
+def linear_attention__scan_prologue_fwd(k, v, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # linear_attention.rec:11
+    return b_S,
+
+
+def linear_attention__scan_prologue_vjp(k, v, grad_b_S, K, V):
+    """The vector-Jacobian product of linear_attention__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_k = torch.broadcast_to((v[..., None, :] @ grad_b_S.mT)[..., 0, :], k.shape)
+    grad_v = torch.broadcast_to((k[..., None, :] @ grad_b_S)[..., 0, :], v.shape)
+    return grad_k, grad_v
+
+
+linear_attention__scan_prologue = with_vjp(linear_attention__scan_prologue_fwd, linear_attention__scan_prologue_vjp, 2)
+
+
+def linear_attention__scan_epilogue_fwd(all_S, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def linear_attention__scan_epilogue_vjp(all_S, q, grad_o, K, V):
+    """The vector-Jacobian product of linear_attention__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_all_S = torch.broadcast_to(grad_o[..., None, :] / (K**0.5) * q[..., :, None], all_S.shape)
+    grad_q = torch.broadcast_to((grad_o[..., None, :] @ all_S.mT)[..., 0, :] / (K**0.5), q.shape)
+    return grad_all_S, grad_q
+
+
+linear_attention__scan_epilogue = with_vjp(linear_attention__scan_epilogue_fwd, linear_attention__scan_epilogue_vjp, 2)
+
+
 def linear_attention__scan_block(q, k, v, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # linear_attention.rec:11
+    # the prologue; its backward: linear_attention__scan_prologue_vjp, printed from sympy
+    b_S, = linear_attention__scan_prologue(k, v, K, V)
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # linear_attention.rec:12
+    o, = linear_attention__scan_epilogue(all_S, q, K, V)  # linear_attention.rec:12
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
 
@@ -4035,10 +4074,11 @@ def linear_attention__scan_triton(q, k, v, states, K, V, cu_seqlens=None, **opti
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # linear_attention.rec:11
+    # the prologue; its backward: linear_attention__scan_prologue_vjp, printed from sympy
+    b_S, = linear_attention__scan_prologue(k, v, K, V)
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
     all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # linear_attention.rec:12
+    o, = linear_attention__scan_epilogue(all_S, q, K, V)  # linear_attention.rec:12
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 

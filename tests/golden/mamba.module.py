@@ -977,6 +977,41 @@ class _BlockBackward(torch.autograd.Function):
         return (None,) * 5 + tuple(buffers) + tuple(param_grads) + tuple(state_grads)
 
 
+class _PrintedVJP(torch.autograd.Function):
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
+    vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
+    arguments and the outputs' gradients (zeros for an output the loss does not use)."""
+
+    @staticmethod
+    def forward(ctx, fn, vjp, n_tensors, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        ctx.vjp, ctx.rest = vjp, rest
+        ctx.save_for_backward(*tensors)
+        outs = fn(*args)
+        # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
+        return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        got = ctx.vjp(*tensors, *grads, *ctx.rest)
+        return (None, None, None) + tuple(got) + (None,) * len(ctx.rest)
+
+
+def with_vjp(fn, vjp, n_tensors: int):
+    """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
+    `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
+    sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
+
+    def call(*args):
+        return _PrintedVJP.apply(fn, vjp, n_tensors, *args)
+
+    call.__name__ = getattr(fn, "__name__", "printed")
+    return call
+
+
 # ====================================================================================================
 # The layer (codegen/layer.py)
 # ====================================================================================================
@@ -2461,15 +2496,62 @@ def mamba__recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_outputs, g
 mamba__recurrent = with_adjoint(mamba__recurrent_loop, mamba__recurrent_adjoint, ('y',), ('h',))
 
 
+def mamba__scan_prologue_fwd(x, dt, B, A, D, N):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    a_h = torch.broadcast_to(torch.exp(dt[..., :, None] * A), (B_, T_, H_, D, N))  # decay
+    b_h = torch.broadcast_to(B[..., None, :] * dt[..., :, None] * x[..., :, None], (B_, T_, H_, D, N))  # mamba.rec:12
+    return a_h, b_h
+
+
+def mamba__scan_prologue_vjp(x, dt, B, A, grad_a_h, grad_b_h, D, N):
+    """The vector-Jacobian product of mamba__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    exp_A_dt = torch.broadcast_to(torch.exp(dt[..., :, None] * A), (B_, T_, H_, D, N))  # used more than once
+    sum_B_grad_b_h = torch.broadcast_to((B[..., None, :] @ grad_b_h.mT)[..., 0, :], (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(sum_B_grad_b_h * dt, x.shape)
+    grad_dt = torch.broadcast_to(sum_B_grad_b_h * x + ((A * exp_A_dt) * grad_a_h).sum(dim=-1), dt.shape)
+    grad_B = torch.broadcast_to(((dt * x)[..., None, :] @ grad_b_h)[..., 0, :], B.shape)
+    grad_A = torch.broadcast_to(dt[..., :, None] * exp_A_dt * grad_a_h, (B_, T_) + A.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_x, grad_dt, grad_B, grad_A
+
+
+mamba__scan_prologue = with_vjp(mamba__scan_prologue_fwd, mamba__scan_prologue_vjp, 4)
+
+
+def mamba__scan_epilogue_fwd(all_h, x, C, Dskip, D, N):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))
+    return y,
+
+
+def mamba__scan_epilogue_vjp(all_h, x, C, Dskip, grad_y, D, N):
+    """The vector-Jacobian product of mamba__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    grad_all_h = torch.broadcast_to(C[..., None, :] * grad_y[..., :, None], all_h.shape)
+    grad_x = torch.broadcast_to(Dskip * grad_y, x.shape)
+    grad_C = torch.broadcast_to((grad_y[..., None, :] @ all_h)[..., 0, :], C.shape)
+    grad_Dskip = torch.broadcast_to(x * grad_y, (B_, T_) + Dskip.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_all_h, grad_x, grad_C, grad_Dskip
+
+
+mamba__scan_epilogue = with_vjp(mamba__scan_epilogue_fwd, mamba__scan_epilogue_vjp, 4)
+
+
 def mamba__scan_block(x, dt, B, C, A, Dskip, states, D, N):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H, D, N]
     Dskip = Dskip[None, None]  # [1, 1, H, D]
-    b_h = torch.broadcast_to(B[..., None, :] * dt[..., :, None] * x[..., :, None], (B_, T_, H_, D, N))  # mamba.rec:12
-    a_h = torch.exp(dt[..., :, None] * A)  # decay, broadcastable
+    # the prologue; its backward: mamba__scan_prologue_vjp, printed from sympy
+    a_h, b_h = mamba__scan_prologue(x, dt, B, A, D, N)
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D, N]
-    y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))  # mamba.rec:13
+    y, = mamba__scan_epilogue(all_h, x, C, Dskip, D, N)  # mamba.rec:13
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
@@ -2713,10 +2795,10 @@ def mamba__scan_triton(x, dt, B, C, A, Dskip, states, D, N, cu_seqlens=None, **o
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H, D, N]
     Dskip = Dskip[None, None]  # [1, 1, H, D]
-    b_h = torch.broadcast_to(B[..., None, :] * dt[..., :, None] * x[..., :, None], (B_, T_, H_, D, N))  # mamba.rec:12
-    a_h = torch.exp(dt[..., :, None] * A)  # decay, broadcastable
+    # the prologue; its backward: mamba__scan_prologue_vjp, printed from sympy
+    a_h, b_h = mamba__scan_prologue(x, dt, B, A, D, N)
     all_h = triton_scan_diagonal(a_h, b_h, states['h'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, D, N]
-    y = torch.broadcast_to(Dskip * x + (C[..., None, :] @ all_h.mT)[..., 0, :], (B_, T_, H_, D))  # mamba.rec:13
+    y, = mamba__scan_epilogue(all_h, x, C, Dskip, D, N)  # mamba.rec:13
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 

@@ -988,7 +988,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1012,7 +1012,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3922,15 +3922,63 @@ def mamba2__recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_outputs, grad
 mamba2__recurrent = with_adjoint(mamba2__recurrent_loop, mamba2__recurrent_adjoint, ('y',), ('h',))
 
 
+def mamba2__scan_prologue_fwd(x, dt, B, A, P, N):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    a_h = torch.broadcast_to(torch.exp(A[..., None, None] * dt[..., None, None]), (B_, T_, H_, N, P))  # decay
+    b_h = torch.broadcast_to(dt[..., None, None] * B[..., :, None] * x[..., None, :], (B_, T_, H_, N, P))  # mamba2.rec:12
+    return a_h, b_h
+
+
+def mamba2__scan_prologue_vjp(x, dt, B, A, grad_a_h, grad_b_h, P, N):
+    """The vector-Jacobian product of mamba2__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    exp_A_dt = torch.broadcast_to(torch.exp(A * dt), (B_, T_, H_))  # used more than once
+    sum_grad_a_h = torch.broadcast_to((grad_a_h).sum(dim=(-2, -1)), (B_, T_, H_))  # used more than once
+    sum_B_grad_b_h = torch.broadcast_to((B[..., None, :] @ grad_b_h)[..., 0, :], (B_, T_, H_, P))  # used more than once
+    grad_x = torch.broadcast_to(dt[..., None] * sum_B_grad_b_h, x.shape)
+    grad_dt = torch.broadcast_to(A * sum_grad_a_h * exp_A_dt + (sum_B_grad_b_h * x).sum(dim=-1), dt.shape)
+    grad_B = torch.broadcast_to(dt[..., None] * (x[..., None, :] @ grad_b_h.mT)[..., 0, :], B.shape)
+    grad_A = torch.broadcast_to(sum_grad_a_h * exp_A_dt * dt, (B_, T_) + A.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_x, grad_dt, grad_B, grad_A
+
+
+mamba2__scan_prologue = with_vjp(mamba2__scan_prologue_fwd, mamba2__scan_prologue_vjp, 4)
+
+
+def mamba2__scan_epilogue_fwd(all_h, x, C, D, P, N):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    y = torch.broadcast_to(D[..., None] * x + (C[..., None, :] @ all_h)[..., 0, :], (B_, T_, H_, P))
+    return y,
+
+
+def mamba2__scan_epilogue_vjp(all_h, x, C, D, grad_y, P, N):
+    """The vector-Jacobian product of mamba2__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    grad_all_h = torch.broadcast_to(C[..., :, None] * grad_y[..., None, :], all_h.shape)
+    grad_x = torch.broadcast_to(D[..., None] * grad_y, x.shape)
+    grad_C = torch.broadcast_to((grad_y[..., None, :] @ all_h.mT)[..., 0, :], C.shape)
+    grad_D = torch.broadcast_to((x * grad_y).sum(dim=-1), (B_, T_) + D.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_all_h, grad_x, grad_C, grad_D
+
+
+mamba2__scan_epilogue = with_vjp(mamba2__scan_epilogue_fwd, mamba2__scan_epilogue_vjp, 4)
+
+
 def mamba2__scan_block(x, dt, B, C, A, D, states, P, N):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H]
     D = D[None, None]  # [1, 1, H]
-    b_h = torch.broadcast_to(dt[..., None, None] * B[..., :, None] * x[..., None, :], (B_, T_, H_, N, P))  # mamba2.rec:12
-    a_h = torch.exp(A[..., None, None] * dt[..., None, None])  # decay, broadcastable
+    # the prologue; its backward: mamba2__scan_prologue_vjp, printed from sympy
+    a_h, b_h = mamba2__scan_prologue(x, dt, B, A, P, N)
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, N, P]
-    y = torch.broadcast_to(D[..., None] * x + (C[..., None, :] @ all_h)[..., 0, :], (B_, T_, H_, P))  # mamba2.rec:13
+    y, = mamba2__scan_epilogue(all_h, x, C, D, P, N)  # mamba2.rec:13
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
@@ -4235,10 +4283,10 @@ def mamba2__scan_triton(x, dt, B, C, A, D, states, P, N, cu_seqlens=None, **opti
     B_, T_, H_ = x.shape[:3]
     A = A[None, None]  # [1, 1, H]
     D = D[None, None]  # [1, 1, H]
-    b_h = torch.broadcast_to(dt[..., None, None] * B[..., :, None] * x[..., None, :], (B_, T_, H_, N, P))  # mamba2.rec:12
-    a_h = torch.exp(A[..., None, None] * dt[..., None, None])  # decay, broadcastable
+    # the prologue; its backward: mamba2__scan_prologue_vjp, printed from sympy
+    a_h, b_h = mamba2__scan_prologue(x, dt, B, A, P, N)
     all_h = triton_scan_diagonal(a_h, b_h, states['h'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, N, P]
-    y = torch.broadcast_to(D[..., None] * x + (C[..., None, :] @ all_h)[..., 0, :], (B_, T_, H_, P))  # mamba2.rec:13
+    y, = mamba2__scan_epilogue(all_h, x, C, D, P, N)  # mamba2.rec:13
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 

@@ -980,7 +980,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1004,7 +1004,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3900,13 +3900,35 @@ def min_gru__recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D,
 min_gru__recurrent = with_adjoint(min_gru__recurrent_loop, min_gru__recurrent_adjoint, ('y',), ('h',))
 
 
+def min_gru__scan_prologue_fwd(z, hc, D):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = z.shape[:3]
+    a_h = torch.broadcast_to(torch.exp(F.logsigmoid(-z)), (B_, T_, H_, D))  # decay
+    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
+    return a_h, b_h
+
+
+def min_gru__scan_prologue_vjp(z, hc, grad_a_h, grad_b_h, D):
+    """The vector-Jacobian product of min_gru__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = z.shape[:3]
+    sigmoid_z = torch.broadcast_to(torch.sigmoid(z), (B_, T_, H_, D))  # used more than once
+    grad_z = torch.broadcast_to((-(grad_a_h * torch.exp(F.logsigmoid(-z))) + (1.0 - sigmoid_z) * grad_b_h * hc) * sigmoid_z, z.shape)
+    grad_hc = torch.broadcast_to(sigmoid_z * grad_b_h, hc.shape)
+    return grad_z, grad_hc
+
+
+min_gru__scan_prologue = with_vjp(min_gru__scan_prologue_fwd, min_gru__scan_prologue_vjp, 2)
+
+
 def min_gru__scan_block(z, hc, states, D):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = z.shape[:3]
-    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
-    a_h = torch.exp(F.logsigmoid(-z))  # decay, broadcastable
+    # the prologue; its backward: min_gru__scan_prologue_vjp, printed from sympy
+    a_h, b_h = min_gru__scan_prologue(z, hc, D)
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D]
-    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:15
+    y = all_h  # min_gru.rec:15
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
@@ -4140,10 +4162,10 @@ def min_gru__scan_triton(z, hc, states, D, cu_seqlens=None, **options):
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = z.shape[:3]
-    b_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
-    a_h = torch.exp(F.logsigmoid(-z))  # decay, broadcastable
+    # the prologue; its backward: min_gru__scan_prologue_vjp, printed from sympy
+    a_h, b_h = min_gru__scan_prologue(z, hc, D)
     all_h = triton_scan_diagonal(a_h, b_h, states['h'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, D]
-    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # min_gru.rec:15
+    y = all_h  # min_gru.rec:15
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 

@@ -981,7 +981,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1005,7 +1005,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3889,16 +3889,68 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
 mlstm__recurrent = with_adjoint(mlstm__recurrent_loop, mlstm__recurrent_adjoint, ('h',), ('C', 'n'))
 
 
+def mlstm__scan_prologue_fwd(k, v, ig, fg, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    a_C = torch.broadcast_to(torch.exp(F.logsigmoid(fg[..., None, None])), (B_, T_, H_, K, V))  # decay
+    b_C = torch.broadcast_to(k[..., :, None] * v[..., None, :] * torch.exp(ig[..., None, None]), (B_, T_, H_, K, V))  # mlstm.rec:17
+    a_n = torch.broadcast_to(torch.exp(F.logsigmoid(fg[..., None])), (B_, T_, H_, K))  # decay
+    b_n = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:18
+    return a_C, b_C, a_n, b_n
+
+
+def mlstm__scan_prologue_vjp(k, v, ig, fg, grad_a_C, grad_b_C, grad_a_n, grad_b_n, K, V):
+    """The vector-Jacobian product of mlstm__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = k.shape[:3]
+    exp_ig = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # used more than once
+    sum_grad_b_C_k = torch.broadcast_to((k[..., None, :] @ grad_b_C)[..., 0, :], (B_, T_, H_, V))  # used more than once
+    grad_k = torch.broadcast_to(exp_ig[..., None] * (grad_b_n + (v[..., None, :] @ grad_b_C.mT)[..., 0, :]), k.shape)
+    grad_v = torch.broadcast_to(exp_ig[..., None] * sum_grad_b_C_k, v.shape)
+    grad_ig = torch.broadcast_to(exp_ig * ((sum_grad_b_C_k * v).sum(dim=-1) + (grad_b_n * k).sum(dim=-1)), ig.shape)
+    grad_fg = torch.broadcast_to(((grad_a_n).sum(dim=-1) + (grad_a_C).sum(dim=(-2, -1))) * torch.exp(F.logsigmoid(fg)) * torch.sigmoid(-fg), fg.shape)
+    return grad_k, grad_v, grad_ig, grad_fg
+
+
+mlstm__scan_prologue = with_vjp(mlstm__scan_prologue_fwd, mlstm__scan_prologue_vjp, 4)
+
+
+def mlstm__scan_epilogue_fwd(all_C, all_n, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    h = torch.broadcast_to((q[..., None, :] @ all_C)[..., 0, :] / torch.clamp(torch.abs((all_n * q).sum(dim=-1)[..., None]), min=1.0), (B_, T_, H_, V))
+    return h,
+
+
+def mlstm__scan_epilogue_vjp(all_C, all_n, q, grad_h, K, V):
+    """The vector-Jacobian product of mlstm__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    sum_all_n_q = torch.broadcast_to((all_n * q).sum(dim=-1), (B_, T_, H_))  # used more than once
+    abs_sum_all_n_q = torch.broadcast_to(torch.abs(sum_all_n_q), (B_, T_, H_))  # used more than once
+    sign_sum_all_n_q = torch.broadcast_to(torch.sign(sum_all_n_q), (B_, T_, H_))  # used more than once
+    pre_abs_sum_all_n_q = torch.broadcast_to(torch.clamp(abs_sum_all_n_q, min=1.0), (B_, T_, H_))  # used more than once
+    sum_all_C_grad_h_q = torch.broadcast_to((grad_h * (q[..., None, :] @ all_C)[..., 0, :]).sum(dim=-1), (B_, T_, H_))  # used more than once
+    heaviside_abs_sum_all_n_q = torch.broadcast_to(torch.relu(torch.sign((-1.0) + abs_sum_all_n_q)), (B_, T_, H_))  # used more than once
+    grad_all_C = torch.broadcast_to(grad_h[..., None, :] * q[..., :, None] / pre_abs_sum_all_n_q[..., None, None], all_C.shape)
+    grad_all_n = torch.broadcast_to(-heaviside_abs_sum_all_n_q[..., None] * sum_all_C_grad_h_q[..., None] * sign_sum_all_n_q[..., None] * q / pre_abs_sum_all_n_q[..., None] ** 2.0, all_n.shape)
+    grad_q = torch.broadcast_to((grad_h[..., None, :] @ all_C.mT)[..., 0, :] / pre_abs_sum_all_n_q[..., None] - heaviside_abs_sum_all_n_q[..., None] * sum_all_C_grad_h_q[..., None] * sign_sum_all_n_q[..., None] * all_n / pre_abs_sum_all_n_q[..., None] ** 2.0, q.shape)
+    return grad_all_C, grad_all_n, grad_q
+
+
+mlstm__scan_epilogue = with_vjp(mlstm__scan_epilogue_fwd, mlstm__scan_epilogue_vjp, 3)
+
+
 def mlstm__scan_block(q, k, v, ig, fg, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
-    b_C = torch.broadcast_to(k[..., :, None] * v[..., None, :] * torch.exp(ig[..., None, None]), (B_, T_, H_, K, V))  # mlstm.rec:17
-    a_C = torch.exp(F.logsigmoid(fg[..., None, None]))  # decay, broadcastable
+    # the prologue; its backward: mlstm__scan_prologue_vjp, printed from sympy
+    a_C, b_C, a_n, b_n = mlstm__scan_prologue(k, v, ig, fg, K, V)
     all_C = scan_diagonal(a_C, b_C, states['C'])  # [B, T, H, K, V]
-    b_n = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:18
-    a_n = torch.exp(F.logsigmoid(fg[..., None]))  # decay, broadcastable
     all_n = scan_diagonal(a_n, b_n, states['n'])  # [B, T, H, K]
-    h = torch.broadcast_to((q[..., None, :] @ all_C)[..., 0, :] / torch.clamp(torch.abs((all_n * q).sum(dim=-1)[..., None]), min=1.0), (B_, T_, H_, V))  # mlstm.rec:19
+    h, = mlstm__scan_epilogue(all_C, all_n, q, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': all_C[:, -1] if T_ else states['C'], 'n': all_n[:, -1] if T_ else states['n']}
 
 
@@ -4247,13 +4299,11 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
-    b_C = torch.broadcast_to(k[..., :, None] * v[..., None, :] * torch.exp(ig[..., None, None]), (B_, T_, H_, K, V))  # mlstm.rec:17
-    a_C = torch.exp(F.logsigmoid(fg[..., None, None]))  # decay, broadcastable
+    # the prologue; its backward: mlstm__scan_prologue_vjp, printed from sympy
+    a_C, b_C, a_n, b_n = mlstm__scan_prologue(k, v, ig, fg, K, V)
     all_C = triton_scan_diagonal(a_C, b_C, states['C'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    b_n = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:18
-    a_n = torch.exp(F.logsigmoid(fg[..., None]))  # decay, broadcastable
     all_n = triton_scan_diagonal(a_n, b_n, states['n'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K]
-    h = torch.broadcast_to((q[..., None, :] @ all_C)[..., 0, :] / torch.clamp(torch.abs((all_n * q).sum(dim=-1)[..., None]), min=1.0), (B_, T_, H_, V))  # mlstm.rec:19
+    h, = mlstm__scan_epilogue(all_C, all_n, q, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': triton_scan_final_states(all_C, states['C'], cu_seqlens), 'n': triton_scan_final_states(all_n, states['n'], cu_seqlens)}
 
 

@@ -983,7 +983,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1007,7 +1007,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3800,16 +3800,60 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
 normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'))
 
 
+def normalized_linear_attention__scan_prologue_fwd(k, v, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
+    b_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
+    return b_S, b_z
+
+
+def normalized_linear_attention__scan_prologue_vjp(k, v, grad_b_S, grad_b_z, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_k = torch.broadcast_to((grad_b_z + (v[..., None, :] @ grad_b_S.mT)[..., 0, :]) * torch.where(k > 0.0, 1.0, torch.exp(k)), k.shape)
+    grad_v = torch.broadcast_to(((1.0 + F.elu(k))[..., None, :] @ grad_b_S)[..., 0, :], v.shape)
+    return grad_k, grad_v
+
+
+normalized_linear_attention__scan_prologue = with_vjp(normalized_linear_attention__scan_prologue_fwd, normalized_linear_attention__scan_prologue_vjp, 2)
+
+
+def normalized_linear_attention__scan_epilogue_fwd(all_S, all_z, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))
+    return o,
+
+
+def normalized_linear_attention__scan_epilogue_vjp(all_S, all_z, q, grad_o, K, V):
+    """The vector-Jacobian product of normalized_linear_attention__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = q.shape[:3]
+    add_q = torch.broadcast_to(1.0 + F.elu(q), (B_, T_, H_, K))  # used more than once
+    add_add_q_all_z = torch.broadcast_to(1e-06 + (add_q * all_z).sum(dim=-1), (B_, T_, H_))  # used more than once
+    sum_add_q_all_S_grad_o = torch.broadcast_to((grad_o * (add_q[..., None, :] @ all_S)[..., 0, :]).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_all_S = torch.broadcast_to(add_q[..., :, None] * grad_o[..., None, :] / add_add_q_all_z[..., None, None], all_S.shape)
+    grad_all_z = torch.broadcast_to(-sum_add_q_all_S_grad_o[..., None] * add_q / add_add_q_all_z[..., None] ** 2.0, all_z.shape)
+    grad_q = torch.broadcast_to(((grad_o[..., None, :] @ all_S.mT)[..., 0, :] / add_add_q_all_z[..., None] - sum_add_q_all_S_grad_o[..., None] * all_z / add_add_q_all_z[..., None] ** 2.0) * torch.where(q > 0.0, 1.0, torch.exp(q)), q.shape)
+    return grad_all_S, grad_all_z, grad_q
+
+
+normalized_linear_attention__scan_epilogue = with_vjp(normalized_linear_attention__scan_epilogue_fwd, normalized_linear_attention__scan_epilogue_vjp, 3)
+
+
 def normalized_linear_attention__scan_block(q, k, v, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
+    # the prologue; its backward: normalized_linear_attention__scan_prologue_vjp, printed from sympy
+    b_S, b_z = normalized_linear_attention__scan_prologue(k, v, K, V)
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    b_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
     a_z = b_z.new_full((1,) * b_z.dim(), 1.0)  # a constant decay
     all_z = scan_diagonal(a_z, b_z, states['z'])  # [B, T, H, K]
-    o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    o, = normalized_linear_attention__scan_epilogue(all_S, all_z, q, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S'], 'z': all_z[:, -1] if T_ else states['z']}
 
 
@@ -4127,13 +4171,13 @@ def normalized_linear_attention__scan_triton(q, k, v, states, K, V, cu_seqlens=N
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
-    b_S = torch.broadcast_to((1.0 + F.elu(k[..., :, None])) * v[..., None, :], (B_, T_, H_, K, V))  # normalized_linear_attention.rec:11,12
+    # the prologue; its backward: normalized_linear_attention__scan_prologue_vjp, printed from sympy
+    b_S, b_z = normalized_linear_attention__scan_prologue(k, v, K, V)
     a_S = b_S.new_full((1,) * b_S.dim(), 1.0)  # a constant decay
     all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    b_z = torch.broadcast_to(1.0 + F.elu(k), (B_, T_, H_, K))  # normalized_linear_attention.rec:11,13
     a_z = b_z.new_full((1,) * b_z.dim(), 1.0)  # a constant decay
     all_z = triton_scan_diagonal(a_z, b_z, states['z'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K]
-    o = torch.broadcast_to(((1.0 + F.elu(q))[..., None, :] @ all_S)[..., 0, :] / (1e-06 + ((1.0 + F.elu(q)) * all_z).sum(dim=-1)[..., None]), (B_, T_, H_, V))  # normalized_linear_attention.rec:10,14
+    o, = normalized_linear_attention__scan_epilogue(all_S, all_z, q, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens), 'z': triton_scan_final_states(all_z, states['z'], cu_seqlens)}
 
 

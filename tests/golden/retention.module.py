@@ -988,7 +988,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1012,7 +1012,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3883,14 +3883,55 @@ def retention__recurrent_adjoint(q, k, v, gamma, checkpoints, grad_outputs, grad
 retention__recurrent = with_adjoint(retention__recurrent_loop, retention__recurrent_adjoint, ('o',), ('S',))
 
 
+def retention__scan_prologue_fwd(k, v, gamma, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    a_S = torch.broadcast_to(gamma[..., None, None], (B_, T_, H_, K, V))  # decay
+    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # retention.rec:12
+    return a_S, b_S
+
+
+def retention__scan_prologue_vjp(k, v, gamma, grad_a_S, grad_b_S, K, V):
+    """The vector-Jacobian product of retention__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = k.shape[:3]
+    grad_k = torch.broadcast_to((v[..., None, :] @ grad_b_S.mT)[..., 0, :], k.shape)
+    grad_v = torch.broadcast_to((k[..., None, :] @ grad_b_S)[..., 0, :], v.shape)
+    grad_gamma = torch.broadcast_to((grad_a_S).sum(dim=(-2, -1)), (B_, T_) + gamma.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_k, grad_v, grad_gamma
+
+
+retention__scan_prologue = with_vjp(retention__scan_prologue_fwd, retention__scan_prologue_vjp, 3)
+
+
+def retention__scan_epilogue_fwd(all_S, q, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = q.shape[:3]
+    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))
+    return o,
+
+
+def retention__scan_epilogue_vjp(all_S, q, grad_o, K, V):
+    """The vector-Jacobian product of retention__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_all_S = torch.broadcast_to(grad_o[..., None, :] / (K**0.5) * q[..., :, None], all_S.shape)
+    grad_q = torch.broadcast_to((grad_o[..., None, :] @ all_S.mT)[..., 0, :] / (K**0.5), q.shape)
+    return grad_all_S, grad_q
+
+
+retention__scan_epilogue = with_vjp(retention__scan_epilogue_fwd, retention__scan_epilogue_vjp, 2)
+
+
 def retention__scan_block(q, k, v, gamma, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = q.shape[:3]
     gamma = gamma[None, None]  # [1, 1, H]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # retention.rec:12
-    a_S = gamma[..., None, None]  # decay, broadcastable
+    # the prologue; its backward: retention__scan_prologue_vjp, printed from sympy
+    a_S, b_S = retention__scan_prologue(k, v, gamma, K, V)
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # retention.rec:13
+    o, = retention__scan_epilogue(all_S, q, K, V)  # retention.rec:13
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
 
@@ -4169,10 +4210,10 @@ def retention__scan_triton(q, k, v, gamma, states, K, V, cu_seqlens=None, **opti
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
     gamma = gamma[None, None]  # [1, 1, H]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # retention.rec:12
-    a_S = gamma[..., None, None]  # decay, broadcastable
+    # the prologue; its backward: retention__scan_prologue_vjp, printed from sympy
+    a_S, b_S = retention__scan_prologue(k, v, gamma, K, V)
     all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
-    o = torch.broadcast_to((q[..., None, :] @ all_S)[..., 0, :] / (K**0.5), (B_, T_, H_, V))  # retention.rec:13
+    o, = retention__scan_epilogue(all_S, q, K, V)  # retention.rec:13
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 

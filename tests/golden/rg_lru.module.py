@@ -989,7 +989,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1013,7 +1013,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -3925,14 +3925,42 @@ def rg_lru__recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, grad_st
 rg_lru__recurrent = with_adjoint(rg_lru__recurrent_loop, rg_lru__recurrent_adjoint, ('y',), ('h',))
 
 
+def rg_lru__scan_prologue_fwd(x, gr, gi, lam, D):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = x.shape[:3]
+    a_h = torch.broadcast_to(torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam)), (B_, T_, H_, D))  # decay
+    b_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    return a_h, b_h
+
+
+def rg_lru__scan_prologue_vjp(x, gr, gi, lam, grad_a_h, grad_b_h, D):
+    """The vector-Jacobian product of rg_lru__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = x.shape[:3]
+    sigmoid_gi = torch.broadcast_to(torch.sigmoid(gi), (B_, T_, H_, D))  # used more than once
+    sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
+    softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
+    exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-8.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    add_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(torch.sqrt(add_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_b_h, x.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_a_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(add_softplus_lam_sigmoid_gr)) * exp_softplus_lam_sigmoid_gr * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gi = torch.broadcast_to(torch.sqrt(add_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_b_h * x, gi.shape)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(add_softplus_lam_sigmoid_gr)) + grad_a_h) * exp_softplus_lam_sigmoid_gr * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_x, grad_gr, grad_gi, grad_lam
+
+
+rg_lru__scan_prologue = with_vjp(rg_lru__scan_prologue_fwd, rg_lru__scan_prologue_vjp, 4)
+
+
 def rg_lru__scan_block(x, gr, gi, lam, states, D):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
-    b_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
-    a_h = torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam))  # decay, broadcastable
+    # the prologue; its backward: rg_lru__scan_prologue_vjp, printed from sympy
+    a_h, b_h = rg_lru__scan_prologue(x, gr, gi, lam, D)
     all_h = scan_diagonal(a_h, b_h, states['h'])  # [B, T, H, D]
-    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # rg_lru.rec:17
+    y = all_h  # rg_lru.rec:17
     return {'y': y}, {'h': all_h[:, -1] if T_ else states['h']}
 
 
@@ -4206,10 +4234,10 @@ def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
-    b_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
-    a_h = torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam))  # decay, broadcastable
+    # the prologue; its backward: rg_lru__scan_prologue_vjp, printed from sympy
+    a_h, b_h = rg_lru__scan_prologue(x, gr, gi, lam, D)
     all_h = triton_scan_diagonal(a_h, b_h, states['h'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, D]
-    y = torch.broadcast_to(all_h, (B_, T_, H_, D))  # rg_lru.rec:17
+    y = all_h  # rg_lru.rec:17
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 

@@ -988,7 +988,7 @@ class _BlockBackward(torch.autograd.Function):
 
 
 class _PrintedVJP(torch.autograd.Function):
-    """A printed function of tensors (the chunked form's prologue or epilogue) whose backward is its printed
+    """A printed function of tensors (a chunked or scan form's prologue or epilogue) whose backward is its printed
     vector-Jacobian product: the forward runs without an autograd graph, the backward calls the VJP on the saved
     arguments and the outputs' gradients (zeros for an output the loss does not use)."""
 
@@ -1012,7 +1012,7 @@ class _PrintedVJP(torch.autograd.Function):
 def with_vjp(fn, vjp, n_tensors: int):
     """`fn(*tensors, *sizes) -> tuple of tensors` as one autograd node whose backward is
     `vjp(*tensors, *grads of fn's outputs, *sizes) -> [gradient or None for each of the n_tensors tensors]`
-    (each gradient of its tensor's shape): the chunked forms' prologue and epilogue, their VJPs printed from
+    (each gradient of its tensor's shape): the chunked and scan forms' prologue and epilogue, their VJPs printed from
     sympy's derivatives (codegen/torch_forms.py `_write_printed_vjp`), so no graph is built through their ops."""
 
     def call(*args):
@@ -4068,15 +4068,60 @@ def rwkv6__recurrent_adjoint(r, k, v, w, u, checkpoints, grad_outputs, grad_stat
 rwkv6__recurrent = with_adjoint(rwkv6__recurrent_loop, rwkv6__recurrent_adjoint, ('o',), ('S',))
 
 
+def rwkv6__scan_prologue_fwd(k, v, w, K, V):
+    """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = k.shape[:3]
+    a_S = torch.broadcast_to(torch.exp(w[..., :, None]), (B_, T_, H_, K, V))  # decay
+    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # rwkv6.rec:13
+    return a_S, b_S
+
+
+def rwkv6__scan_prologue_vjp(k, v, w, grad_a_S, grad_b_S, K, V):
+    """The vector-Jacobian product of rwkv6__scan_prologue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    grad_k = torch.broadcast_to((v[..., None, :] @ grad_b_S.mT)[..., 0, :], k.shape)
+    grad_v = torch.broadcast_to((k[..., None, :] @ grad_b_S)[..., 0, :], v.shape)
+    grad_w = torch.broadcast_to((grad_a_S).sum(dim=-1) * torch.exp(w), w.shape)
+    return grad_k, grad_v, grad_w
+
+
+rwkv6__scan_prologue = with_vjp(rwkv6__scan_prologue_fwd, rwkv6__scan_prologue_vjp, 3)
+
+
+def rwkv6__scan_epilogue_fwd(prev_S, r, k, v, u, K, V):
+    """The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it); inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    B_, T_, H_ = r.shape[:3]
+    o = torch.broadcast_to((r[..., None, :] @ (k[..., :, None] * u[..., :, None] * v[..., None, :] + prev_S))[..., 0, :], (B_, T_, H_, V))
+    return o,
+
+
+def rwkv6__scan_epilogue_vjp(prev_S, r, k, v, u, grad_o, K, V):
+    """The vector-Jacobian product of rwkv6__scan_epilogue_fwd, from sympy's derivatives of its expressions:
+    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
+    summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
+    grad_prev_S = torch.broadcast_to(grad_o[..., None, :] * r[..., :, None], prev_S.shape)
+    grad_r = torch.broadcast_to((grad_o[..., None, :] @ (k[..., :, None] * u[..., :, None] * v[..., None, :] + prev_S).mT)[..., 0, :], r.shape)
+    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
+    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
+    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_prev_S, grad_r, grad_k, grad_v, grad_u
+
+
+rwkv6__scan_epilogue = with_vjp(rwkv6__scan_epilogue_fwd, rwkv6__scan_epilogue_vjp, 5)
+
+
 def rwkv6__scan_block(r, k, v, w, u, states, K, V):
     """One block of steps: each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # rwkv6.rec:13
-    a_S = torch.exp(w[..., :, None])  # decay, broadcastable
+    # the prologue; its backward: rwkv6__scan_prologue_vjp, printed from sympy
+    a_S, b_S = rwkv6__scan_prologue(k, v, w, K, V)
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
     prev_S = torch.cat([states['S'][:, None], all_S[:, :-1]], dim=1)
-    o = torch.broadcast_to((r[..., None, :] @ (k[..., :, None] * u[..., :, None] * v[..., None, :] + prev_S))[..., 0, :], (B_, T_, H_, V))  # rwkv6.rec:12
+    o, = rwkv6__scan_epilogue(prev_S, r, k, v, u, K, V)  # rwkv6.rec:12
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
 
@@ -4352,11 +4397,11 @@ def rwkv6__scan_triton(r, k, v, w, u, states, K, V, cu_seqlens=None, **options):
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
-    b_S = torch.broadcast_to(k[..., :, None] * v[..., None, :], (B_, T_, H_, K, V))  # rwkv6.rec:13
-    a_S = torch.exp(w[..., :, None])  # decay, broadcastable
+    # the prologue; its backward: rwkv6__scan_prologue_vjp, printed from sympy
+    a_S, b_S = rwkv6__scan_prologue(k, v, w, K, V)
     all_S = triton_scan_diagonal(a_S, b_S, states['S'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, K, V]
     prev_S = triton_scan_previous_states(all_S, states['S'], cu_seqlens)
-    o = torch.broadcast_to((r[..., None, :] @ (k[..., :, None] * u[..., :, None] * v[..., None, :] + prev_S))[..., 0, :], (B_, T_, H_, V))  # rwkv6.rec:12
+    o, = rwkv6__scan_epilogue(prev_S, r, k, v, u, K, V)  # rwkv6.rec:12
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
