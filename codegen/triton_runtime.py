@@ -2018,7 +2018,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
         dqs.append(dq)
 
     dlog = None
-    if g is not None:
+    if decay_cls.code != 0:  # (not `g is not None`: codegen/specialize.py folds this test in a module without decay)
         dlog = _dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
         if decay_cls.code == 1:
             dlog = dlog.sum(-1)

@@ -2097,7 +2097,6 @@ def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds 
 triton_Tensor = torch.Tensor
 
 _triton_SUB = 16  # sub-chunk length for per-channel decays (and the smallest legal tl.dot dimension)
-_triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log decay here (exp(-1000) is exactly 0)
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
@@ -3013,103 +3012,6 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
     tl.store(out + p_td, b_o, mask=m_td)
 
 
-@triton.jit
-def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
-                       SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                       FLOOR: tl.constexpr):
-    """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
-    `_triton_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
-    + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
-    M [B*H, NT*BT, BT] the plain scores over the undecayed axis E, [u, s], causal mask included; x, y [B, T, H, D];
-    w, z [B, T, H, E]; h, dh [B, H, NT, K, V] float32 (D = K rows if not VALUE, V columns if VALUE); G [B, T, H, D]
-    float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Every exponent is <= 0 and every
-    term a part of the true sum: nothing cancels. 0 where the log decay g was floored (exp' = exp is 0 there, as in
-    the reference: a -inf step gets no gradient). The pair term is one [BT, BT] block per lane (a reverse cumsum
-    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots."""
-    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    o_i = tl.arange(0, BT)
-    o_j = tl.arange(0, BD)
-    o_d = i_d * BD + o_j
-    m_d = o_d < D
-    m_t = t0 + o_i < T
-    m = m_t[:, None] & m_d[None, :]
-    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
-    last = tl.minimum(BT, T - t0) - 1  # the chunk's last step, local
-    b_g = tl.load(gc + offs, mask=m, other=0.0)  # float64
-    b_gl = tl.load(gc + bos * D + last * (H * D) + o_d, mask=m_d, other=0.0)  # [BD] G_L
-    if SHIFT:
-        b_gq = tl.load(gc + offs - H * D, mask=m & (o_i[:, None] >= 1), other=0.0)
-    else:
-        b_gq = b_g
-    b_x = tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
-    # the state terms: w_u . h_n and z_s . dh_n over the undecayed axis E, h_n's [d, e] element at d*V + e (rows)
-    # or e*V + d (a value decay's columns)
-    p_h = (i_bh.to(tl.int64) * NT + i_n) * (D * E)
-    offs_e = bos * E + o_i[:, None] * (H * E)
-    b_wh = tl.zeros([BT, BD], dtype=tl.float32)
-    b_zd = tl.zeros([BT, BD], dtype=tl.float32)
-    b_hdh = tl.zeros([BD], dtype=tl.float32)
-    for e0 in range(0, E, BE):
-        o_e = e0 + tl.arange(0, BE)
-        m_e = o_e < E
-        if VALUE:
-            p_de = o_e[:, None] * D + o_d[None, :]  # [BE, BD]
-        else:
-            p_de = o_d[None, :] * E + o_e[:, None]
-        m_de = m_e[:, None] & m_d[None, :]
-        b_h = tl.load(h + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)  # h may be stored in the input dtype
-        b_w = tl.load(w + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
-        b_wh += tl.dot(b_w, b_h, input_precision=PREC)
-        if STATE:
-            b_dh = tl.load(dh + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)
-            b_z = tl.load(z + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
-            b_zd += tl.dot(b_z, b_dh, input_precision=PREC)
-            b_hdh += tl.sum(b_h * b_dh, axis=0)
-    # sum_{u >= t} x_u exp(Gq_u) (w_u . h_n); a strict reverse sum for an exclusive query
-    b_t2 = tl.where(m, b_x * _triton_decay(b_gq, 0.0) * b_wh, 0.0)
-    b_r = tl.cumsum(b_t2, axis=0, reverse=True)
-    if SHIFT:
-        b_r -= b_t2
-    if STATE:
-        b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
-        b_t3 = tl.where(m, b_y * _triton_decay(b_gl[None, :], tl.where(m, b_g, b_gl[None, :])) * b_zd, 0.0)
-        b_r += tl.cumsum(b_t3, axis=0) - b_t3  # for s < t
-        b_r += (_triton_decay(b_gl, 0.0) * b_hdh)[None, :]
-    # the pair term, one lane at a time: P[u, s] = M_us x_u y_s exp(Gq_u - G_s) for s < u, then
-    # C[t, s] = sum_{u >= t} P[u, s] and r_t += sum_{s < t} C[t, s]
-    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
-    m_us = o_i[None, :] < o_i[:, None]  # s < u
-    b_M = tl.load(p_M + o_i[:, None] * BT + o_i[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
-    b_M = tl.where(m_us, b_M, 0.0)
-    for j in range(0, BD):
-        d = i_d * BD + j
-        m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
-        p_c = bos * D + o_i * (H * D) + d
-        b_xc = tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_yc = tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_gc = tl.load(gc + p_c, mask=m_c, other=0.0)
-        if SHIFT:
-            b_gqc = tl.load(gc + p_c - H * D, mask=m_c & (o_i >= 1), other=0.0)
-        else:
-            b_gqc = b_gc
-        b_gu = tl.where(m_us, b_gqc[:, None], b_gc[None, :])  # masked pairs get exp(0), times M = 0
-        b_P = b_M * b_xc[:, None] * b_yc[None, :] * _triton_decay(b_gu, b_gc[None, :])
-        b_C = tl.cumsum(b_P, axis=0, reverse=True)
-        if SHIFT:
-            b_C -= b_P
-        b_rc = tl.sum(tl.where(m_us, b_C, 0.0), axis=1)  # [t]: the rows are t, s < t
-        b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
-    if ACC:
-        b_r += tl.load(r + offs, mask=m, other=0.0)
-    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
-    tl.store(r + offs, b_r, mask=m)
-
-
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
                     fused=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
@@ -3275,39 +3177,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dqs.append(dq)
 
     dlog = None
-    if g is not None:
-        dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
     return dk, dv, dlog, dh0, dqs
-
-
-def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
-    """dL/d(log decay) [B, T, H, D] float32 of the linear chunked form (D = K, or V for a value decay), summed
-    directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
-    et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
-    param summing dG over every step lost 1e-5 relative). Per chunk n (start state h_n, gradient dh_n of its end
-    state, G chunk-local, G_L its last), with the state S_{t-1} = exp(G_{t-1}) h_n + sum_{s<t} exp(G_{t-1} - G_s)
-    k_s v_s^T and dS_t = exp(G_L - G_t) dh_n + sum_{u>=t} exp(Gq_u - G_t) q_u do_u^T (over D: key decay rows,
-    value decay columns):
-        dG_t = exp(G_L) sum(h_n * dh_n)                                 (every t)
-             + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n)                     (u > t for an exclusive query)
-             + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n)
-             + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)
-    with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
-    exponent <= 0 and every term a part of the true sum. One `_triton_dlog_chunk_kernel` launch per query, in float32,
-    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored."""
-    B, T, H, D = gc.shape
-    NT = triton.cdiv(T, BT)
-    y, z = (v, k) if value else (k, v)
-    E = z.shape[-1]
-    r = torch.empty((B, T, H, D), dtype=torch.float32, device=gc.device)
-    BD = min(32, _triton_pow2_at_least_16(D))
-    BE = min(64, _triton_pow2_at_least_16(E))
-    for i, (q, excl, do, M) in enumerate(zip(qs, exclusive, dos, plain)):
-        x, w = (do, q) if value else (q, do)
-        _triton_dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
-            M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _triton_LOG_DECAY_FLOOR, num_warps=warps)
-    return r
 
 
 # ----------------------------------------------------------------------------------------------------------

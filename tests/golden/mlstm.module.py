@@ -3344,9 +3344,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dqs.append(dq)
 
     dlog = None
-    if g is not None:
-        dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
-        dlog = dlog.sum(-1)
+    dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
+    dlog = dlog.sum(-1)
     return dk, dv, dlog, dh0, dqs
 
 
