@@ -2666,12 +2666,14 @@ _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 
 
 
 @triton.jit
-def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                            EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, scale, T, H: tl.constexpr, K: tl.constexpr,
+                            V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
     dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state. With a
-    key decay (DECAY 2) P is read from A (the forward's _triton_intra_attn_kernel scores) and exp(Gq) from eg."""
+    key decay (DECAY 2) P is read from A (the forward's _triton_intra_attn_kernel scores) and exp(Gq) from eg. dO is the
+    output's gradient in its own dtype, times the fused readout's scale as it is loaded (no scaled or float32 copy);
+    dhq may be bfloat16 (the backward's dh buffer for bfloat16 inputs): it is summed in float32 and rounded once."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2685,7 +2687,7 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.conste
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32) * scale  # [BT, BV]
     b_doq = b_do
     b_At = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]: P_ts
     p_hq = dhq + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
@@ -2701,8 +2703,8 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, T, H: tl.conste
         p_kv = p_hq + o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         if ACC:
-            b_hq += tl.load(p_kv, mask=m_kv, other=0.0)
-        tl.store(p_kv, b_hq, mask=m_kv)
+            b_hq += tl.load(p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        tl.store(p_kv, b_hq.to(dhq.dtype.element_ty), mask=m_kv)
     b_At = tl.where(o_i[None, :] >= o_i[:, None], b_At, 0.0)
     b_dv = tl.dot(b_At, b_do, input_precision=PREC)  # [BT, BV]
     if ACC:
@@ -2717,7 +2719,9 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
     """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
     [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
     dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS.
-    VARLEN: as in _triton_delta_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
+    dS is carried in float32; dh and dhq (one buffer) may be bfloat16, as flash-linear-attention keeps dh in the
+    input dtype (`chunk_gated_delta_rule_bwd_dhu`). VARLEN: as in _triton_delta_state_kernel, sequence i_bh // H's chunks
+    only, from dht[seq] back to dh0[seq]."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh, dhq [1, H, NT, K, V]
@@ -2748,20 +2752,23 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
         b_wt = tl.load(w + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         # dhq[n] is read before dh[n] is stored, so dh and dhq may be one buffer (the tile is this program's)
-        b_dhq = tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0)
-        tl.store(dh + p_n + o_kv, b_dh, mask=m_kv)
+        b_dhq = tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        tl.store(dh + p_n + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         b_dh += b_dhq - tl.dot(b_wt, b_du, input_precision=PREC)
     tl.store(dh0 + i_bh.to(tl.int64) * (K * V) + o_kv, b_dh, mask=m_kv)
 
 
 @triton.jit
-def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, T, H: tl.constexpr, K: tl.constexpr,
-                          V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, FIRST: tl.constexpr,
-                          PREC: tl.constexpr, ENDS: tl.constexpr):
+def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, scale, T, H: tl.constexpr,
+                          K: tl.constexpr, V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                          FIRST: tl.constexpr, PREC: tl.constexpr, ENDS: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
-    with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms
-    (dgk [B, T, H, NKB], one column per K block, summed by the caller).
+    with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms;
+    with a scalar decay also its q-side term q_t . dq_t at Gq's row (dgk [B, T, H, NKB], one column per K block,
+    summed by the caller). dO in its own dtype times `scale` (as _triton_delta_bwd_local_kernel); h and dh may be
+    bfloat16 (upcast at the load), the final state ht float32; dq is stored in its buffer's dtype (the query's own
+    for decay None and scalar: the gradient handed back, summed in float32 and rounded once).
 
     With a key decay (DECAY 2) the intra-chunk terms need a per-key factor exp(Gq_t[i] - G_s[i]) that no plain
     tl.dot carries: this kernel stores the masked dP = dO U^T to dPs [B*H, NT*BT, BT] for _triton_delta_bwd_intra_kernel
@@ -2786,10 +2793,9 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
     p_dh = dh + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # dS1
     if ENDS:
         p_hn = ht + (i_bh.to(tl.int64) * NT + i_n) * (K * V)  # S1, the chunk's end state
-    else:
-        p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)  # S1: the next chunk's S0, or the final state
-        if i_n == NT - 1:
-            p_hn = ht + i_bh.to(tl.int64) * (K * V)
+    else:  # S1: the next chunk's S0 (h's dtype), or after the last chunk the final state (ht, float32)
+        p_hn = h + (i_bh.to(tl.int64) * NT + i_n + 1) * (K * V)
+        p_ht = ht + i_bh.to(tl.int64) * (K * V)
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
     b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO S0^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -2802,20 +2808,21 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32) * scale  # [BT, BV]
         b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV] (a half input's dtype stored)
-        b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_h = tl.load(p_h + o_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV]
         b_dP += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
         b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
         if FIRST:
             b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)
-            b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.0)
+            b_dh = tl.load(p_dh + o_kv, mask=m_kv, other=0.0).to(tl.float32)
             b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PREC)
             b_dkh += tl.dot(b_u, tl.trans(b_dh), input_precision=PREC)
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_dP = tl.where(o_i[:, None] >= o_i[None, :], b_dP, 0.0)
-    tl.store(dq + p_tk, b_dqh + tl.dot(b_dP, b_k, input_precision=PREC), mask=m_tk)
+    b_dq = b_dqh + tl.dot(b_dP, b_k, input_precision=PREC)
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     b_dkn = tl.dot(tl.trans(b_dP), b_q, input_precision=PREC)  # [BT, BK] this call's k-side share of dk
     if FIRST:
         b_dkn += b_dkh
@@ -2826,14 +2833,16 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
 
 
 @triton.jit
-def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         PREC: tl.constexpr):
+def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab, vs, dvs, T, H: tl.constexpr,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, PREC: tl.constexpr, USE_VS: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
     it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T. Stores Tm^T to Tt and dTm to dA [B*H, NT*BT, BT] and,
     without a key decay, the decayed scores to Ab (same shape), for _triton_delta_bwd_dl_kernel, which forms dL, dbeta's
     share and dA from them. With a key decay the decayed scores are the forward's (Akk, from _triton_intra_attn_kernel)
-    and exp(G) per key comes from eg."""
+    and exp(G) per key comes from eg. USE_VS: the values are Y = v_step * y (gated DeltaNet's beta * v, the fused
+    prologue of `_triton_Fused`): y's gradient is stored as v_step * (Tm^T dU), in dy's dtype, and v_step's, the row sum
+    of (Tm^T dU) * y, to dvs [B, T, H] float32, so no product v_step * y nor its gradient is a tensor."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
@@ -2863,14 +2872,24 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab,
     b_T += tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
     b_Tt = tl.trans(b_T)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    if USE_VS:
+        b_vs = tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+        b_dvs = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-        b_du = tl.load(du + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
+        b_du = tl.load(du + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
         b_y = tl.load(y + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_dy = tl.dot(b_Tt, b_du, input_precision=PREC)
+        if USE_VS:
+            b_dvs += tl.sum(b_dy * b_y, axis=1)
+            b_y = b_y * b_vs[:, None]
+            b_dy = b_dy * b_vs[:, None]
         b_dT += tl.dot(b_du, tl.trans(b_y), input_precision=PREC)
-        tl.store(dy + p_tv, tl.dot(b_Tt, b_du, input_precision=PREC), mask=m_tv)
+        tl.store(dy + p_tv, b_dy.to(dy.dtype.element_ty), mask=m_tv)
+    if USE_VS:
+        tl.store(dvs + bos + o_i * H, b_dvs, mask=m_t)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
@@ -2977,11 +2996,35 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
     return gc, eg, Akk, w, u, h, ht
 
 
+def _triton_scratch(pool: list, shape: tuple, dtype: torch.dtype, device) -> triton_Tensor:
+    """A [shape] dtype buffer on the storage of a buffer of `pool` that no kernel reads any more (each entry a
+    contiguous tensor, or the uint8 rest of one), or a new one when none has room; the rest of the one it takes
+    stays in the pool. Memory is then reused across the backward's phases as a hand-written backward reuses it,
+    rather than allocated per phase."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    for i, buf in enumerate(pool):
+        raw = buf.reshape(-1).view(torch.uint8)  # the whole storage of a contiguous buffer, as bytes
+        if raw.numel() >= nbytes and raw.storage_offset() % 16 == 0:
+            taken = -(-nbytes // 16) * 16  # keep the rest 16-byte aligned
+            pool[i] = raw[taken:]
+            return raw[:nbytes].view(dtype).view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
-                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None):
-    """Gradients of triton_chunked_delta_by's inputs (float32): ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0)
-    for the outputs' gradients grad_outputs (a list, None for an unused output) and the final state's (or None);
-    packed: as for `_triton_delta_by` (the state gradient then runs per sequence, grad_final and dS0 [N, H, K, V])."""
+                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, scale=1.0,
+                    v_step=None):
+    """Gradients of triton_chunked_delta_by's inputs: ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0, dv_step or
+    None) for the outputs' gradients grad_outputs (a list, None for an unused output; each times `scale`, the fused
+    readout's factor, as the kernels load it) and the final state's (or None); v_step [B, T, H] or None: the values
+    are v_step * y (`_triton_Fused`), differentiated in _triton_delta_bwd_wy_kernel. dq (decay None and scalar) and dy come in
+    the input's dtype (summed in float32 in the kernels, rounded once), the others float32. packed: as for
+    `_triton_delta_by` (the state gradient then runs per sequence, grad_final and dS0 [N, H, K, V]).
+
+    Memory, for bfloat16 inputs as flash-linear-attention's chunk_gated_delta_rule_bwd keeps it: the recomputed
+    chunk-start states h and their gradients dh in bfloat16 (dS carried in float32 inside _triton_delta_bwd_dh_kernel),
+    W and U in the input dtype; the per-chunk WY buffers (Tm^T, dA, the decayed scores) on the storage of h and dh
+    once _triton_delta_bwd_dqk_kernel has read them, dW on that of the scores' dv (`_triton_scratch`)."""
     B, T, H, K = k.shape
     V = y.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
@@ -2997,26 +3040,29 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     NT, NKB = triton.cdiv(T, BT), triton.cdiv(K, KBQ)
     rows = B if packed is None else packed.N  # the states' batch
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
-    # the backward's own recomputed h, float32 as its kernels read it beside the float32 final state
+    vs = None if v_step is None else v_step.contiguous()
+    # the chunk-start states recomputed as the forward keeps them (bfloat16 for bfloat16 inputs)
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages, packed, float32_states=True)
+                                             BVS, prec, num_warps, num_stages, packed, vs)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
         queries, grad_outputs = [(torch.zeros_like(k), False)], [None]
     qs = [q.contiguous() for q, _ in queries]
-    # dO in float32: loading a half dO spilled _triton_delta_bwd_local_kernel on sm_80 (no decay, K = V = 64 and 128)
-    dos = [torch.zeros((B, T, H, V), **f32) if d is None else d.float().contiguous() for d in grad_outputs]
+    # dO as autograd hands it (its dtype; times scale at the load): no float32 or scaled copy
+    dos = [torch.zeros((B, T, H, V), dtype=k.dtype, device=k.device) if d is None else d.contiguous()
+           for d in grad_outputs]
     g_or_k = gc if gc is not None else k
     eg_or_k = eg if eg is not None else k
     dv = torch.empty((B, T, H, V), **f32)
-    dhq = torch.empty((B, H, NT, K, V), **f32)
+    # dh (and the queries' shares dhq summed into the same buffer) in h's dtype
+    dhq = torch.empty((B, H, NT, K, V), dtype=h.dtype, device=k.device)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         # a key decay's P: the forward's decayed scores (_triton_intra_attn_kernel), recomputed
         A = decay_cls.delta_bwd_scores(q, k, gc, bool(exclusive), BT, KB, prec, num_warps,
                                        num_stages) if code == 2 else k
         _triton_delta_bwd_local_kernel[(triton.cdiv(V, BVL), NT, B * H)](
-            q, k, g_or_k, eg_or_k, A, do, dv, dhq, T, H, K, V, BT, KB, BVL, code, bool(exclusive),
+            q, k, g_or_k, eg_or_k, A, do, dv, dhq, float(scale), T, H, K, V, BT, KB, BVL, code, bool(exclusive),
             j > 0, prec, num_warps=warps, num_stages=stages)
     dh = dhq  # the dh kernel reads each chunk's dhq before it stores that chunk's dh over it
     dS0 = torch.empty((rows, H, K, V), **f32)
@@ -3026,16 +3072,18 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
         packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BVS, code, dht is not None, prec,
         packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
-    dqs = [torch.empty((B, T, H, K), **f32) for _ in queries]
-    dk, dw = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
+    # a key decay's dq is summed over three kernels (float32); otherwise one kernel stores it, in q's dtype
+    dqs = [torch.empty((B, T, H, K), dtype=torch.float32 if code == 2 else q.dtype, device=k.device) for q in qs]
+    dk = torch.empty((B, T, H, K), **f32)
+    dw = _triton_scratch([dv], (B, T, H, K), torch.float32, k.device)  # dv is read by the dh kernel only
     dgk = {1: lambda: torch.empty((B, T, H, NKB), **f32), 2: lambda: torch.empty((B, T, H, K), **f32)}.get(
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     BVQ = BV if block_v is not None else min(BV, _triton_DELTA_BWD_DQK_BV)
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
-            q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs, T, H, K,
-            V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
+            q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs,
+            float(scale), T, H, K, V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
             num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
@@ -3043,27 +3091,32 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
             decay_cls.delta_bwd_intra(dPs, q, gc, dk, bool(exclusive), True, True, BT, KB, prec, num_warps,
                                       num_stages)
     dG = dg = None
-    if code in (1, 2):
-        dG = dgk.sum(-1) if code == 1 else dgk
-        first = (torch.arange(T, device=k.device) % BT == 0).view(1, T, 1, *([1] * (code - 1)))
+    if code == 1:  # its q-side terms are in dgk already (_triton_delta_bwd_dqk_kernel)
+        dG = dgk.sum(-1)
+    elif code == 2:
+        dG = dgk
+        first = (torch.arange(T, device=k.device) % BT == 0).view(1, T, 1, 1)
         for (_, exclusive), q, dq in zip(queries, qs, dqs):
-            # the q-side factor exp(Gq_t) (per key: [B, T, H, K]), at Gq's row; a scalar decay's summed over K as
-            # a contraction (no [B, T, H, K] product)
-            qdq = torch.einsum("bthk,bthk->bth", q.to(dq.dtype), dq) if code == 1 else q.to(dq.dtype) * dq
+            qdq = q.to(dq.dtype) * dq  # the q-side factor exp(Gq_t) per key, at Gq's row
             if exclusive:  # Gq_t = G_{t-1} inside the chunk: row t's term goes to row t - 1, a chunk's first to none
                 qdq = torch.where(first, 0.0, qdq)
                 dG[:, :-1] += qdq[:, 1:]
             else:
                 dG += qdq
+    if code in (1, 2):
         dg = torch.empty(log_decay.shape, **f32)
-    dy = torch.empty((B, T, H, V), **f32)
+    # h and dh are read by nothing after the dqk kernel (a key decay's dPs lives on)
+    pool = [h, dh] if ends is None else [h, dh, ends]
+    dy = torch.empty((B, T, H, V), dtype=y.dtype, device=k.device)  # y's gradient, handed back
+    dvs = None if vs is None else torch.empty((B, T, H), **f32)
     dbeta = torch.empty((B, T, H), **f32)
-    Tt = torch.empty((B * H, NT * BT, BT), **f32)  # per chunk: Tm^T, and dA, the gradient of the decayed K K^T
-    dA = torch.empty((B * H, NT * BT, BT), **f32)
-    Ab = Akk if code == 2 else torch.empty((B * H, NT * BT, BT), **f32)  # the decayed scores, for dbeta
+    Tt = _triton_scratch(pool, (B * H, NT * BT, BT), torch.float32, k.device)  # per chunk: Tm^T, and dA, the gradient
+    dA = _triton_scratch(pool, (B * H, NT * BT, BT), torch.float32, k.device)  # of the decayed K K^T
+    Ab = Akk if code == 2 else _triton_scratch(pool, (B * H, NT * BT, BT), torch.float32, k.device)  # decayed scores
     _triton_delta_bwd_wy_kernel[(NT, B * H)](
-        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, Ab, T, H, K, V, BT, KB,
-        min(BV, _triton_DELTA_BWD_WY_BV), code, prec,
+        k, y, beta, g_or_k, eg_or_k, Akk if Akk is not None else dA, dw, du, dy, Tt, dA, Ab,
+        vs if vs is not None else beta, dvs if dvs is not None else dbeta, T, H, K, V, BT, KB,
+        min(BV, _triton_DELTA_BWD_WY_BV), code, prec, vs is not None,
         num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
     _triton_delta_bwd_dl_kernel[(NT, B * H)](beta, g_or_k, Ab, Tt, dA, dbeta, T, H, BT, code, prec, num_warps=warps,
                                       num_stages=stages)
@@ -3076,7 +3129,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         k, beta, log_decay.contiguous() if log_decay is not None else k, g_or_k, eg_or_k, dw, Tt, dA, dkp, dk, dbeta,
         dG if dG is not None else dk, dg if dg is not None else dk, T, H, K, BT, min(KB, _triton_DELTA_BWD_WY_K_BK), code,
         _triton_LOG_DECAY_FLOOR, prec, num_warps=warps, num_stages=stages)
-    return dqs, dk, dy, dbeta, dg, dS0
+    return dqs, dk, dy, dbeta, dg, dS0, dvs
 
 
 class _triton_ChunkedDeltaFunction(torch.autograd.Function):
@@ -3096,14 +3149,14 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
-        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
-        # as _triton_ChunkedLinearFunction: the backward on the materialised prologue, then the chain rule (`_triton_unfuse`)
-        y_m, log_m = _triton_materialise(fused, y, log_decay)
-        dos = [None if g is None else g * ctx.scale for g in grads[:-1]] if ctx.scale != 1.0 else list(grads[:-1])
-        dqs, dk, dy, dbeta, dg, dS0 = _triton_delta_backward(
-            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y_m, beta, log_m, initial_state, dos,
-            grads[-1], **ctx.options)
-        dy, dg, dvs, ddh, dskip, dsw = _triton_unfuse(fused, y, log_decay, grads[0] if qs else None, dy, dg)
+        # the kernels apply v_step (the WY kernels) and scale (at dO's loads) themselves; the rest of the prologue
+        # is materialised for the backward and chained back (`_triton_unfuse`), as in _triton_ChunkedLinearFunction
+        fused = _triton_Fused(None, decay_head, ctx.scale, skip, skip_weight)
+        _, log_m = _triton_materialise(fused, None, log_decay)
+        dqs, dk, dy, dbeta, dg, dS0, dvs = _triton_delta_backward(
+            ctx.decay_cls, list(zip(qs, ctx.exclusives)), k, y, beta, log_m, initial_state, list(grads[:-1]),
+            grads[-1], scale=ctx.scale, v_step=v_step, **ctx.options)
+        dy, dg, _, ddh, dskip, dsw = _triton_unfuse(fused, y, log_decay, grads[0] if qs else None, dy, dg)
 
         def cast(grad, like):
             return None if grad is None or like is None else grad.to(like.dtype)
