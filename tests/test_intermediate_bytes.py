@@ -276,9 +276,9 @@ def test_gated_delta_net_training_step_within_the_hand_written_figure():
     """Compiled for sm_90 (no kernel runs; a child process, since this one runs Triton's interpreter): at B=2,
     T=1024, H=4, K=V=128, the forward + backward allocates no more than flash-linear-attention's
     chunk_gated_delta_rule forward + backward, and the forward alone no more than its forward, in float32
-    (71,434,240 bytes; measured 58,763,088) and in bfloat16 (36,864,000; measured 35,667,984: h, dh, W and U in
-    bfloat16, dO read as given, v_step and scale applied in the kernels, the WY scratch on the storage of h and
-    dh; 79,791,120 before). About 40 s."""
+    (71,434,240 bytes; measured 52,422,672, 71,347,216 before) and in bfloat16 (36,864,000; measured 35,667,984,
+    79,791,120 before: h, dh, W and U in bfloat16, dO read as given, v_step and scale applied in the kernels, dq
+    and dv stored in the input dtype, the WY scratch on the storage of h and dh). About 40 s."""
     from codegen import kernel_report
 
     try:

@@ -2953,10 +2953,10 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages, packed=None, v_step=None, decay_head=None, float32_states=False):
+                  num_warps, num_stages, packed=None, v_step=None, decay_head=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] (float32; bfloat16 / float16 for such inputs), the chunk-start states
-    h [B, H, NT, K, V] (as `_triton_delta_states`; float32_states: float32 always, as the backward's kernels read them)
+    h [B, H, NT, K, V] (as `_triton_delta_states`: bfloat16 for bfloat16 inputs, which the backward's kernels read too)
     and the final state (or None). k, y, beta contiguous; v_step [B, T, H] contiguous and decay_head [H]: fused
     (`_triton_Fused`)."""
     B, T, H, K = k.shape
@@ -2976,7 +2976,7 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
         num_warps=_triton_or(num_warps, _WARPS if k.dtype == torch.float32 else _triton_DELTA_WY_HALF_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages, packed, float32_states=float32_states)
+                          num_warps, num_stages, packed)
     return gc, eg, Akk, w, u, h, ht
 
 
