@@ -257,7 +257,9 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     if HEAD:
         b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
+        # masked lanes load 1, not 0: a reset head (gh = -inf) would make 0 * -inf = NaN there (never stored, but
+        # a floating-point "invalid" the interpreter reports as a RuntimeWarning)
+        b_g = (tl.load(g + offs, mask=m, other=1.0).to(tl.float32) * b_gh).to(tl.float64)
     else:
         b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
