@@ -208,9 +208,11 @@ def _entry_points(analysis: Analysis) -> str:
         elif chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
             # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
             # and load half-precision inputs as they are (no float32 copies)
-            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens({name}__chunked_triton))")
+            # and take None for a state the call gives no initial value of (the kernels start from zero)
+            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state("
+                       f"{name}__chunked_triton)))")
         elif chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
-            tri.append(f"'chunked': takes_input_dtype({name}__chunked_triton)")
+            tri.append(f"'chunked': takes_input_dtype(takes_no_initial_state({name}__chunked_triton))")
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
