@@ -714,7 +714,7 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
         b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
-                                                                                  KB, PREC)
+                                                                                 KB, PREC)
         if NK > 1:
             b_u -= _delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
