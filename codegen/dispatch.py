@@ -89,8 +89,12 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         states = {s.name: None for s in spec.states}
 
     def zero_states(piece: dict, piece_states: dict, more: dict) -> dict:
+        """piece_states with zeros [rows, H, ...] for each None: rows, the piece's sequences (packed or batch)."""
         cu = more.get("cu_seqlens")
-        rows = len(cu) - 1 if cu is not None else next(iter(piece.values())).shape[0] if piece else call.num_sequences
+        if cu is not None:
+            rows = len(cu) - 1
+        else:
+            rows = next(iter(piece.values())).shape[0] if piece else call.num_sequences
         return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
                 if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
