@@ -448,10 +448,12 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
             raise ValueError(f"config must be a dict of block sizes, got {type(config).__name__}")
         keys = module.CONFIG_KEYS
         fits = [f for f in ([form] if form != "auto" else fns) if set(keys.get((f, "triton"), ())) == set(config)]
-        if not fits:
-            raise ValueError(f"config keys {sorted(config)} fit no Triton form of {layer.name}; "
-                             + "; ".join(f"{f} takes {sorted(keys[(f, 'triton')])}" for f in fns
-                                         if (f, "triton") in keys))
+        if not fits:  # a config names every key of one form, no more and no fewer
+            raise ValueError(f"config keys {sorted(config)} are not the keys of any Triton form of {layer.name} "
+                             "(a config gives every key of one form); "
+                             + "; ".join(f"{f} takes {sorted(keys[(f, 'triton')])}"
+                                         + _key_difference(set(keys[(f, "triton")]), set(config))
+                                         for f in ([form] if form != "auto" else fns) if (f, "triton") in keys))
         chunk = config.get("chunk_size", chunk)
         options = {fits[0]: {k: v for k, v in config.items() if k != "chunk_size"}}
     if ran is None:
@@ -461,6 +463,13 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
         return layer._run(call, form, "triton", chunk, options)
     finally:
         layer.triton_forms = fns
+
+
+def _key_difference(wanted: set, given: set) -> str:
+    """` (missing a, b; unknown c)` for a config's keys `given` against a form's `wanted`, or ''."""
+    parts = [f"{what} {', '.join(sorted(keys))}" for what, keys in (("missing", wanted - given),
+                                                                    ("unknown", given - wanted)) if keys]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _recorded(name: str, fn, ran: list[str]):

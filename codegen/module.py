@@ -16,7 +16,9 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import torch
@@ -73,9 +75,47 @@ def _renamer(names: list[str]):
     pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")\b")
 
     def rename(text: str) -> str:
-        return pattern.sub(lambda m: mapping[m.group(1)], text)
+        return _realigned(text, pattern.sub(lambda m: mapping[m.group(1)], text))
 
     return rename
+
+
+_LAYOUT_TOKENS = frozenset({tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER})
+
+
+def _realigned(before: str, after: str) -> str:
+    """`after` (the source `before` with names renamed longer) with every continuation line that starts inside a
+    bracket with code after it on its own line (a visual indent, `f(a,` over `  b)`) moved right as far as that
+    bracket moved, so the line keeps its place under the bracket as in the source. Renaming changes only names,
+    so the two texts have the same tokens, one for one; a hanging indent (nothing after the bracket) stays."""
+    old = tokenize.generate_tokens(io.StringIO(before).readline)
+    new = tokenize.generate_tokens(io.StringIO(after).readline)
+    shift: dict[int, int] = {}  # row (1-based) -> spaces added in front of it
+    moved: list[int | None] = []  # per open bracket: how far right it moved, None for a hanging one
+    pending = None  # (row) of a bracket just opened: visual if code follows on its row
+    last_row = 0
+    for o, n in zip(old, new):
+        if o.type in _LAYOUT_TOKENS:
+            continue
+        row = n.start[0]
+        if pending is not None and o.type != tokenize.COMMENT:
+            if row != pending:
+                moved[-1] = None  # a hanging bracket: its lines keep their indent
+            pending = None
+        if row != last_row and pending is None and moved and moved[-1]:  # a row's first token, in a moved bracket
+            shift[row] = moved[-1]
+        last_row = n.end[0]
+        if o.type == tokenize.OP and o.string in "([{":
+            moved.append(n.start[1] + shift.get(row, 0) - o.start[1])
+            pending = row
+        elif o.type == tokenize.OP and o.string in ")]}":
+            moved.pop()
+    if not shift:
+        return after
+    lines = after.splitlines(keepends=True)
+    for row, spaces in shift.items():
+        lines[row - 1] = " " * spaces + lines[row - 1]
+    return "".join(lines)
 
 
 @functools.cache
@@ -208,14 +248,17 @@ def _entry_points(analysis: Analysis) -> str:
         elif chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
             # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
             # and load half-precision inputs as they are (no float32 copies)
-            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens({name}__chunked_triton))")
+            # and take None for a state the call gives no initial value of (the kernels start from zero)
+            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state("
+                       f"{name}__chunked_triton)))")
         elif chunked_backward_in_triton(analysis):  # its runtime calls carry their own Triton backward
-            tri.append(f"'chunked': takes_input_dtype({name}__chunked_triton)")
+            tri.append(f"'chunked': takes_input_dtype(takes_no_initial_state({name}__chunked_triton))")
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
+    under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
     return f'''
 _{name}_forms = {{{forms}}}
 _{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward
@@ -258,8 +301,8 @@ class {cls}(torch.nn.Module):
     def forward(self, {forward_inputs}, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
         return {name}({forward_inputs}{forward_params}, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+{under}output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
+{under}form=self.form, backend=self.backend, chunk_size=self.chunk_size)
 '''
 
 

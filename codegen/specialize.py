@@ -20,10 +20,11 @@ only leaves out code that cannot run, which keeps a module to what its layer run
 
 The same folding applies to the runtime's host-side (Python) functions, on two facts of the module: the decay
 codes of its plans (`decay_cls.code`, the class the printed call names) and the fused prologue and epilogue keywords
-its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight` of `_Fused`): one no call passes is None in
-every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels' VSTEP, HEAD and
-SKIP flags are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, and a module
-without a decay no cumulative-sum kernel.
+its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight`, `q_map`, `k_map` of `_Fused`): one no call
+passes is None in every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels'
+VSTEP, HEAD and SKIP flags are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, a
+module without a decay no cumulative-sum kernel, and one without a prologue map (every spec but normalized linear
+attention's and HGRN2's) none of the map helpers and kernels (`_apply_map`, `_unmap`, `_check_map`, ...).
 
 Only tests of the form `FLAG`, `not FLAG`, `FLAG == constant`, `FLAG != constant`, `x is None`, `x is not None`
 (FLAG and x a name or an attribute with a known value) and their `and` / `or` are decided; any other test is kept
@@ -140,7 +141,8 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
 # The keywords of the runtime's fused prologue and epilogue (`_Fused` in codegen/triton_runtime.py) that are None
 # when a call leaves them out, and the kernel flag each one sets (`x is not None` at the launch). `scale` is not
 # here: left out it is 1.0, and the name means other things in other runtime functions.
-_FUSED_FLAGS = {"v_step": "VSTEP", "decay_head": "HEAD", "skip": "SKIP", "skip_weight": None}
+_FUSED_FLAGS = {"v_step": "VSTEP", "decay_head": "HEAD", "skip": "SKIP", "skip_weight": None, "q_map": None,
+                "k_map": None}
 _RUNTIME_ENTRIES = ("chunked_linear_by", "chunked_delta_by")  # the runtime calls that take the fused keywords
 
 

@@ -175,6 +175,14 @@ def _into(value: str, target: str) -> str:
 class TorchFormWriter:
     """Writes the torch source of one recurrence's forms."""
 
+    def _initial(self, name: str, state: str) -> str:
+        """The `initial_state=` argument of a chunked runtime call: `state` (the state `name` as the call holds it, a
+        view of `states[name]`). The Triton chunked forms take None for no initial state
+        (codegen/dispatch.py `takes_no_initial_state`), which a view must pass on as None."""
+        if not self.rt or state == f"states['{name}']":
+            return state
+        return f"None if states['{name}'] is None else {state}"
+
     def __init__(self, analysis: Analysis, runtime_prefix: str = "", suffix: str = "", options: bool = False,
                  checkpoints: bool = False):
         self.rt = runtime_prefix  # how the printed code reaches the runtime's functions
@@ -1808,13 +1816,14 @@ class TorchFormWriter:
                 pro(f"beta_{s.name}", plan.beta.expr, (), (), comment=self.cite[s.name])
                 w(check)
                 w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
-                  f"beta_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
+                  f"beta_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, "
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 w(check)
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"{decay}, "
-                  f"initial_state={state}, chunk_size=chunk_size, output_final_state=True{fused_args}"
+                  f"initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, output_final_state=True"
+                  f"{fused_args}"
                   f"{self._options_arg})")
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
@@ -1957,7 +1966,8 @@ class TorchFormWriter:
             w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
             options = f", **options_{name}"
         w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, beta_{name}, "
-          f"{decay}, initial_state={state}, chunk_size=chunk_size, output_final_state=True{options})")
+          f"{decay}, initial_state={self._initial(name, state)}, chunk_size=chunk_size, output_final_state=True"
+          f"{options})")
         for ro in plan.readouts:
             at = 0 if ro.exclusive else r - 1
             w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")

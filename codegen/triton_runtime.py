@@ -259,7 +259,9 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
     offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     if HEAD:
         b_gh = tl.load(gh + i_h, mask=i_h < H, other=0.0).to(tl.float32)  # (the mask: the GPU rule's form)
-        b_g = (tl.load(g + offs, mask=m, other=0.0).to(tl.float32) * b_gh).to(tl.float64)
+        # masked lanes load 1, not 0: a reset head (gh = -inf) would make 0 * -inf = NaN there (never stored, but
+        # a floating-point "invalid" the interpreter reports as a RuntimeWarning)
+        b_g = (tl.load(g + offs, mask=m, other=1.0).to(tl.float32) * b_gh).to(tl.float64)
     else:
         b_g = tl.load(g + offs, mask=m, other=0.0).to(tl.float64)
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
@@ -714,7 +716,7 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
         b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
-                                                                                  KB, PREC)
+                                                                                 KB, PREC)
         if NK > 1:
             b_u -= _delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
@@ -1349,7 +1351,7 @@ class _Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             kernels where they load q and k (`_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp (`_unmap`).
+                            transient tensors and returns the raw inputs' gradients through vjp.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -1390,11 +1392,12 @@ def _check_map(name: str, pair) -> None:
 
 def _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
     """The call's `_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    _check_map("q_map", q_map)
-    _check_map("k_map", k_map)
-    if (q_map is not None or k_map is not None) and decay_cls.code == 3:
-        raise ValueError("q_map and k_map are applied by the linear kernels of identity, scalar and key decays, not "
-                         "by a value decay's")
+    if q_map is not None or k_map is not None:  # a branch of its own, so a module without maps folds it away
+        _check_map("q_map", q_map)
+        _check_map("k_map", k_map)
+        if decay_cls.code == 3:
+            raise ValueError("q_map and k_map are applied by the linear kernels of identity, scalar and key decays, "
+                             "not by a value decay's")
     if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
@@ -1898,15 +1901,12 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         # the backward only) and the outputs' gradients times the scale; `_unfuse` maps the result back.
         v_m, log_m = _materialise(fused, v, log_decay)
         # mapped q and k (`_Fused.q_map`, `k_map`): transient tensors of the backward, as v * v_step above
-        q_map, k_map = ctx.maps
-        qs_m = [_apply_map(q_map, q) for q in qs]
-        k_m = _apply_map(k_map, k)
+        qs_m, k_m = _mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
                                                   initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
         dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk = _unmap(k_map, k, dk)
-        dqs = [_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
+        dk, dqs = _raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
@@ -1918,6 +1918,28 @@ class _ChunkedLinearFunction(torch.autograd.Function):
 
 
 _MAP_BLOCK = 1024  # elements per program of `_map_kernel` and `_map_vjp_kernel`
+
+
+def _mapped_inputs(maps, qs, k):
+    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
+    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
+    q_map, k_map = maps
+    if q_map is not None:
+        qs = [_apply_map(q_map, q) for q in qs]
+    if k_map is not None:
+        k = _apply_map(k_map, k)
+    return qs, k
+
+
+def _raw_gradients(maps, qs, k, dk, dqs):
+    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
+    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
+    q_map, k_map = maps
+    if k_map is not None:
+        dk = _unmap(k_map, k, dk)
+    if q_map is not None:
+        dqs = [_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
+    return dk, dqs
 
 
 def _apply_map(pair, x: Tensor) -> Tensor:

@@ -59,6 +59,8 @@ def load(path_or_text: str | Path) -> dict[str, Recurrence]:
     """Load a `.rec` file (a path) or `.rec` source text; the recurrences by name."""
     if isinstance(path_or_text, Path) or ("\n" not in path_or_text and "{" not in path_or_text):
         path = Path(path_or_text)
+        if path.is_dir():  # FileNotFoundError too: the CLI's "no such file" exit, with what the path is
+            raise FileNotFoundError(f"{path} is a directory, not a .rec file")
         if not path.is_file():
             raise FileNotFoundError(f"no such .rec file: {path}")
         return load_text(read_spec(path), str(path))

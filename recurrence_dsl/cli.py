@@ -28,6 +28,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from .analysis import TransitionClass, analyse
 from .api import Recurrence, load
@@ -614,8 +615,17 @@ def cmd_kernels(args) -> int:
     return 1 if problems else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too) with a bad command line reported in one line, as recdsl's other
+    errors are: `recdsl kernels: error: argument --target: invalid choice: ...; see recdsl kernels --help`, not the
+    whole usage block first. Exit status 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recdsl", description="Compile and check linear recurrences written "
+    parser = _Parser(prog="recdsl", description="Compile and check linear recurrences written "
                                      "as .rec specs.")
     parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error "

@@ -139,7 +139,8 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("recdsl: error: ") and err.count("\n") == 1 and "see recdsl --help" in err
 
 
 def _subprocess_env():
@@ -234,3 +235,41 @@ def test_show_says_a_state_is_chunked_as_its_transpose(tmp_path, capsys):
     assert code == 0 and "chunked as S^T" in out
     code, out, _ = _run_cli("show", GLA, "--json", capsys=capsys)
     assert json.loads(out)["recurrences"][0]["states"][0]["chunked_as_transpose"] is False
+
+
+# -- every subcommand on each kind of bad input: one line naming the problem and where, exit 2, no traceback --------
+
+SYNTAX = "recurrence bad(q[K], k[K] -> o[K] {\n    state S[K]\n}\n"
+COMMANDS = {"check": ["check"], "show": ["show"], "compile": ["compile", "-o", "{tmp}/out.py"],
+            "tune": ["tune", "--no-progress"], "kernels": ["kernels"]}
+# (what, extra argv before FILE, FILE, the commands it applies to, words the error line holds)
+BAD_INPUTS = [
+    ("missing file", [], "{tmp}/missing.rec", set(COMMANDS), ["no such .rec file", "missing.rec"]),
+    ("a directory", [], "{tmp}", set(COMMANDS), ["is a directory, not a .rec file"]),
+    ("syntax error", [], "{tmp}/syntax.rec", set(COMMANDS), ["syntax.rec:1:27: error: unexpected '->'"]),
+    ("--shape key", ["--shape", "B=2,Q=3"], str(GLA), {"check", "tune", "kernels"}, ["--shape", "no size Q"]),
+    ("--target", ["--target", "sm_75"], str(GLA), {"tune", "kernels"}, ["argument --target", "sm_75", "--help"]),
+    ("--name", ["--name", "nope"], str(GLA), set(COMMANDS), ["--name", "no recurrence 'nope'", "it has gla"]),
+]
+
+
+CASES = [(command, *bad[:3], bad[4]) for bad in BAD_INPUTS for command in sorted(COMMANDS) if command in bad[3]]
+
+
+@pytest.mark.parametrize("command, what, extra, file, words", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_each_command_reports_a_bad_input_in_one_line(tmp_path, capsys, monkeypatch, command, what, extra, file,
+                                                      words):
+    monkeypatch.setenv("RECURRENCE_DSL_DEBUG", "1")  # a traceback would print for an internal error only
+    (tmp_path / "syntax.rec").write_text(SYNTAX)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in COMMANDS[command] + extra + [file]]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, out, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    first = err.splitlines()[0]
+    assert all(w in first for w in words), (first, words)
+    if what != "syntax error":  # a syntax error adds the source line and a caret under the column
+        assert len(err.splitlines()) == 1, err

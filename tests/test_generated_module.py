@@ -12,12 +12,15 @@ it did not write (exit 2, --force), `--name`, and what the text does not contain
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -555,3 +558,48 @@ def test_names_the_generated_module_cannot_keep_are_spec_errors(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"bad.rec:{line}:{column}: error:" in err and words in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layout of the copied runtime
+# ---------------------------------------------------------------------------------------------------------
+
+_RENAMED = re.compile(r"(?<![\w.])_?triton_\w+")  # a runtime name as a generated module renames it
+
+
+def _misaligned_continuations(text: str) -> list[str]:
+    """The continuation lines that start inside a bracket with code after it on its own row (a visual indent) but
+    not one column right of it, where that row names a renamed runtime name before the bracket (`_triton_x(a,`):
+    lines left behind when the renaming made their first line longer."""
+    lines = text.splitlines()
+    bad, open_ = [], []  # open_: per bracket (row, col, visual)
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+              if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)]
+    last_row = 0
+    for i, tok in enumerate(tokens):
+        row, col = tok.start
+        if row != last_row and open_ and open_[-1][2] and tok.string not in ")]}":
+            b_row, b_col, _ = open_[-1]
+            if col != b_col + 1 and _RENAMED.search(lines[b_row - 1][:b_col]):
+                bad.append(f"{row}: {lines[row - 1].strip()[:80]} (bracket at {b_row}:{b_col})")
+        last_row = tok.end[0]
+        if tok.type == tokenize.OP and tok.string in "([{":
+            following = tokens[i + 1]
+            open_.append((row, col, following.start[0] == row and following.type != tokenize.COMMENT))
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            open_.pop()
+    return bad
+
+
+def test_the_alignment_check_finds_a_misaligned_line():
+    assert _misaligned_continuations("x = _triton_f(a,\n          b)\n") == ["2: b) (bracket at 1:13)"]
+    assert _misaligned_continuations("x = _triton_f(a,\n              b)\ny = _triton_f(\n    a)\n") == []
+
+
+@pytest.mark.parametrize("stem", ["gla", "gated_delta_net", "rwkv7"])
+def test_continuation_lines_of_renamed_calls_stay_under_their_bracket(generated, stem):
+    """codegen/module.py renames the copied Triton runtime's `_x` to `_triton_x` and moves the continuation lines
+    of each call that grew as far as its bracket moved (`_realigned`)."""
+    text = (generated / f"gen_{stem}.py").read_text()
+    assert "_triton_" in text
+    assert _misaligned_continuations(text) == []

@@ -15,6 +15,7 @@ scale and a per-head skip term, applied in the kernels).
   intermediate; and, compiled for sm_90 in a child process (no kernel runs) at B=2, T=1024, H=4, K=V=128, gated
   DeltaNet's forward + backward within the hand-written forward + backward and its forward within the hand-written
   forward, in float32 and in bfloat16.
+- No initial state: the linear chunked Triton forms take None (no zero state, no gradient of one), GLA and mLSTM.
 
 Kernels run in Triton's interpreter (tests/conftest.py); about 70 s on an idle two-core machine (117 s measured on the
 shared one).
@@ -295,3 +296,35 @@ def test_gated_delta_net_training_step_within_the_hand_written_figure():
         assert figure["ours"] <= figure["hand"], (key, figure)
         assert figure["forward"] <= figure["hand_forward"], (key, figure)
     assert not got["bf16"]["spills"], got
+
+
+# -- no initial state ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gla", "mlstm"])
+def test_no_initial_state_is_no_zero_state(name):
+    """Without `initial_state` the linear chunked Triton forms get None (codegen/dispatch.py
+    `takes_no_initial_state`; mLSTM's normaliser state reaches its runtime call as a view): neither the forward nor
+    the backward allocates a zero state [B, H, ...] or its gradient, and values and gradients equal those of an
+    explicit zero initial state."""
+    rec = _rec(name)
+    B, T, H, size = 2, 20, 2, 16
+    args, _ = _args(rec, B, T, H, size)
+    args = [a.float() for a in args]
+    layer = load_layer(analyse(rec.checked))
+    report = measure_call(layer, args, form="chunked", chunk_size=16, backward=True)
+    state_shapes = {(B, H) + tuple(size for _ in s.dims) for s in rec.checked.states}
+    assert not [r.where for r in report.rows if r.shape in state_shapes]
+
+    def run(initial):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        out, final = layer(*leaves, initial_state=initial, output_final_state=True, form="chunked",
+                           backend="triton", chunk_size=16)
+        parts = [*as_dict(out, rec.checked.outputs).values(), *as_dict(final, rec.checked.states).values()]
+        sum(p.sum() * (i + 1) for i, p in enumerate(parts)).backward()
+        return [p.detach() for p in parts], [x.grad for x in leaves]
+
+    zeros = {s.name: torch.zeros((B, H) + tuple(size for _ in s.dims)) for s in rec.checked.states}
+    got, want = run(None), run(zeros if len(zeros) > 1 else next(iter(zeros.values())))
+    for x, y in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

@@ -202,6 +202,21 @@ def test_bad_command_lines_exit_2_without_a_traceback(argv, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
+def test_a_config_missing_keys_names_them():
+    """A config gives every key of one form: one that gives only some is refused naming the missing keys (checked
+    before any kernel runs, so here in the interpreter too)."""
+    import recurrence_dsl
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, _ = sample_arguments(rec.checked, {"K": 16, "V": 16}, 1, 8, 1, dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"config keys \['chunk_size', 'nope'\] are not the keys of any Triton "
+                       r"form of gla .*chunked takes .* \(missing block_k, block_v, num_stages, num_warps; "
+                       r"unknown nope\)"):
+        kernel_report.run_call(layer, args, form="chunked", config={"chunk_size": 32, "nope": 1})
+
+
 def test_an_unknown_target_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["kernels", str(SPECS_DIR / "gla.rec"), "--target", "sm_70"])

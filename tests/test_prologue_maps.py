@@ -11,12 +11,15 @@ gradient the call returns is the raw input's.
   with an initial state, and with three sequences packed by cu_seqlens.
 - The forward allocates no [B, T, H, K] tensor for a mapped value (`codegen.intermediate_bytes`), and the module's
   source holds the printed helpers, the call passes them, and no torch prologue computes them.
+- A module without maps (gla) carries none of the runtime's map helpers and kernels; one with maps all of them.
 - The runtime: bad maps are refused naming the argument; a map matches the same call on the mapped tensors.
 
 Kernels run in Triton's interpreter (tests/conftest.py); about 40 s on an idle two-core machine.
 """
 
 from __future__ import annotations
+
+import ast
 
 import pytest
 import torch
@@ -112,6 +115,25 @@ def test_the_module_prints_the_helpers_and_no_prologue_tensor_is_allocated(name)
     # the [B, T, H, K] buffers left are none of the prologue's (no elu / exp of an input in torch)
     assert not [r for r in report.rows if "elu(" in r.where or "exp(" in r.where], [r.where for r in report.rows]
     assert all("torch.empty" in r.where for r in full), [r.where for r in full]
+
+
+# The runtime's map machinery as renamed in a generated module (codegen/triton_runtime.py `_apply_map`, ...).
+MAP_MACHINERY = {"_triton_apply_map", "_triton_unmap", "_triton_check_map", "_triton_map_kernel",
+                 "_triton_map_vjp_kernel"}
+
+
+@pytest.mark.parametrize("name", ["gla", "normalized_linear_attention"])
+def test_only_a_module_with_maps_carries_the_map_machinery(name):
+    """codegen/specialize.py folds `q_map` / `k_map` to None where no printed call passes them (gla), so the
+    module defines and names none of the map helpers and kernels; a module with maps keeps them all."""
+    analysis = analyse(_rec(name).checked)
+    tree = ast.parse(module_source([analysis], analysis.recurrence.source.filename))
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    if name in MAPPED:
+        assert MAP_MACHINERY <= defined and MAP_MACHINERY <= used
+    else:
+        assert not MAP_MACHINERY & (defined | used), sorted(MAP_MACHINERY & (defined | used))
 
 
 # -- the runtime ---------------------------------------------------------------------------------------------------

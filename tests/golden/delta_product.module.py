@@ -390,17 +390,30 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
     else:
-        states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
-                                      device=call.device) for s in spec.states}
+        # No initial state: None per state, which a form that `takes_no_initial_state` gets as it is (its kernels
+        # start from zero without reading one); `call_form` gives every other form zeros of its piece's rows.
+        states = {s.name: None for s in spec.states}
+
+    def zero_states(piece: dict, piece_states: dict, more: dict) -> dict:
+        """piece_states with zeros [rows, H, ...] for each None: rows, the piece's sequences (packed or batch)."""
+        cu = more.get("cu_seqlens")
+        if cu is not None:
+            rows = len(cu) - 1
+        else:
+            rows = next(iter(piece.values())).shape[0] if piece else call.num_sequences
+        return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
     def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        fn = form_fns[chosen]
+        if not getattr(fn, "no_initial_state", False) and any(v is None for v in piece_states.values()):
+            piece_states = zero_states(piece, piece_states, more)
         extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        fn = form_fns[chosen]
         if getattr(fn, "input_dtype", False):
             return fn(*ordered, *params, piece_states, *sizes, **extra)
         return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
@@ -511,7 +524,8 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
             if rows <= per:
                 return in_time(chosen, piece, piece_states, length, **more)
             return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
-                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                        {k: _rows(v, r, r + per) for k, v in piece_states.items()}, length,
+                                        **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
         if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
@@ -520,7 +534,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         for n0, n1 in groups:
             t0, t1 = int(cu[n0]), int(cu[n1])
             sub = {k: v[:, t0:t1] for k, v in piece.items()}
-            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            sub_states = {k: _rows(v, n0, n1) for k, v in piece_states.items()}
             if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
                 parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
             else:
@@ -528,6 +542,11 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         return cat_results(parts, 1)
 
     return run
+
+
+def _rows(state, r0: int, r1: int):
+    """Rows r0 .. r1 - 1 of an initial state, or None for none (`run_forms`)."""
+    return None if state is None else state[r0:r1]
 
 
 def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -566,6 +585,16 @@ def takes_input_dtype(fn):
     call makes no float32 copy of q, k, v, g. Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
     States are float32 for every form. Returns `fn`."""
     fn.input_dtype = True
+    return fn
+
+
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
     return fn
 
 
@@ -627,6 +656,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
+    dtype = compute_dtype(call.dtype)
     chosen = packed_form(form_fns, form, call, chunk_size)
     if chosen is not None:
         done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
@@ -642,10 +672,11 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     positions, order = [], []
     for length, ids in groups:
         order.append(ids)
-        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
-        if length == 0:  # empty sequences: no step, the final state is the initial one
-            for name in final_parts:
-                final_parts[name].append(rows[name])
+        rows = {k: None if v is None else v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one (zero when none is given)
+            for s in spec.states:
+                zero = torch.zeros((len(ids), call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                final_parts[s.name].append(zero if rows[s.name] is None else rows[s.name])
             continue
         index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
         positions.append(index)
@@ -1996,8 +2027,8 @@ def _triton_unit_lower_inverse(b_N, o_i, BT: tl.constexpr):
 
 @triton.jit
 def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     PREC: tl.constexpr, VSTEP: tl.constexpr):
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                            PREC: tl.constexpr, VSTEP: tl.constexpr):
     """Per chunk: Tm = (I + L)^-1, L_ts = beta_t (k_t . k_s) decayed, s < t; w = Tm (beta k exp(G)), u = Tm y.
     VSTEP (a fused prologue): y_t is vs[t] * y[t] (gated DeltaNet's beta * v), scaled as it is loaded."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -2077,7 +2108,7 @@ def _triton_block_store(p, b, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, 
 
 @triton.jit
 def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-              PREC: tl.constexpr):
+                     PREC: tl.constexpr):
     """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
     o_k = i_kb * KB + tl.arange(0, KB)
     b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
@@ -2087,7 +2118,7 @@ def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constex
 
 @triton.jit
 def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
-                    KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+                           KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
     """S[block] <- D S[block] + (k exp(G_last - G))[:, block]^T U (a scalar decay is already in S and U)."""
     o_k = i_kb * KB + tl.arange(0, KB)
     m_k = o_k < K
@@ -2099,9 +2130,9 @@ def _triton_delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.c
 
 @triton.jit
 def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
-                        V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
-                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
+                               V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                               DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                               VARLEN: tl.constexpr, DPLR: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
     S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
@@ -2143,7 +2174,7 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
         b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
-                                                                                  KB, PREC)
+                                                                                        KB, PREC)
         if NK > 1:
             b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
@@ -2168,10 +2199,10 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                                VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2343,7 +2374,7 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, kv=None, float32_states=False):
+                         num_stages, packed=None, kv=None, float32_states=False):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
     the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
     bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
@@ -2367,7 +2398,7 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, pair=None, fused=None) -> None:
+                         num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
     exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
     diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
@@ -2424,7 +2455,7 @@ class triton_NoDecay:
         """o = q's readouts of the chunk-start states h plus the intra-chunk sums over (k, v), and over pair
         (the diagonal-plus-rank-one class's (b, U)) when given."""
         _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 0, BT, BK, BV, prec, num_warps, num_stages,
-                      None if pair is None else (*pair, None), fused)
+                             None if pair is None else (*pair, None), fused)
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
@@ -2455,7 +2486,7 @@ class _triton_Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
+                            transient tensors and returns the raw inputs' gradients through vjp.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -2485,19 +2516,8 @@ def _triton_map_of(pair):
     return None if pair is None else pair[0]
 
 
-def _triton_check_map(name: str, pair) -> None:
-    if pair is None:
-        return
-    if (not isinstance(pair, tuple) or len(pair) != 2
-            or not all(callable(f) for f in pair)):
-        raise ValueError(f"{name} must be None or a pair (map, vjp) of @triton.jit functions, map(x) and "
-                         f"vjp(x, grad), got {pair!r}")
-
-
 def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    _triton_check_map("q_map", q_map)
-    _triton_check_map("k_map", k_map)
     if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
@@ -2564,9 +2584,9 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
-                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                     allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                     skip_weight=None):
+                            output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                            allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                            skip_weight=None):
     """triton_chunked_delta with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDeltaDecay; triton_KeyDecay runs
     forward only), the entry point of generated modules; shapes and dtypes are not checked (triton_chunked_delta does
     that). Under autograd (an input requiring grad) it is `_triton_ChunkedDeltaFunction`, differentiated by Triton
@@ -2582,21 +2602,21 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if cu_seqlens is None:
         return _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, fused=fused,
-                         **options)
+                                **options)
     packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
     if fused is not None:
         fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                       fused.skip_weight)
+                              fused.skip_weight)
     outs, ht = _triton_delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
-                         packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
-                         fused=fused, **options)
+                                packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
+                                fused=fused, **options)
     return [packed.unpad(o) for o in outs], ht
 
 
 def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_final_state, *, chunk_size,
-              block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, fused=None):
+                     block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, fused=None):
     """triton_chunked_delta_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed); fused: a
     `_triton_Fused` or None."""
     f = fused if fused is not None else _triton_NOT_FUSED
@@ -2617,15 +2637,15 @@ def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, o
         options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, allow_tf32=allow_tf32, packed=packed)
         *outs, ht = _triton_ChunkedDeltaFunction.apply(decay_cls, tuple(bool(e) for _, e in queries), options, f.scale, k, y,
-                                                beta, log_decay, initial_state, *f.tensors(),
-                                                *[q for q, _ in queries])
+                                                       beta, log_decay, initial_state, *f.tensors(),
+                                                       *[q for q, _ in queries])
         return list(outs), (ht if output_final_state else None)
     BVS = BV if block_v is not None else min(BV, _triton_DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, y, beta = k.contiguous(), y.contiguous(), beta.contiguous()
     KB = _triton_delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
     vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
-                                           BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
+                                                  BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
     if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
         fused = _triton_Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
     outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
@@ -2651,8 +2671,8 @@ _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 
 
 @triton.jit
 def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, scale, T, H: tl.constexpr, K: tl.constexpr,
-                            V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                   DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One query's chunk-local terms for one (BV tile, chunk, batch*head): dv (+)= P^T dO, the scores' share of
     dU, and dhq[n] (+)= (q * exp(Gq))^T dO, the query's share of the gradient of the chunk's start state. With a
     key decay (DECAY 2) P is read from A (the forward's _triton_intra_attn_kernel scores) and exp(Gq) from eg. dO is the
@@ -2698,8 +2718,8 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, scale, T, H: tl
 
 @triton.jit
 def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                                V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state's gradient dS passed backwards over the chunks of one (BV tile, batch*head), whole columns in one
     [BK, BV] float32 tile (BK >= K). For n = NT - 1 .. 0: dh[n] = dS (the gradient of the state after chunk n),
     dU = dv + (k exp(G_last - G)) dS (stored to du), dS <- exp(G_last) dS + dhq[n] - W^T dU; then dh0 = dS.
@@ -2744,9 +2764,9 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
 
 @triton.jit
 def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, scale, T, H: tl.constexpr,
-                          K: tl.constexpr, V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
-                          FIRST: tl.constexpr, PREC: tl.constexpr, ENDS: tl.constexpr):
+                                 K: tl.constexpr, V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr,
+                                 BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                                 FIRST: tl.constexpr, PREC: tl.constexpr, ENDS: tl.constexpr):
     """For one (BK block, chunk, batch*head) and one query: dq; the scores' share of dk (added to dk unless FIRST);
     with FIRST also the state update's share of dk, dW = -dU S0^T and, with a decay, dG's k-side and G_last terms;
     with a scalar decay also its q-side term q_t . dq_t at Gq's row (dgk [B, T, H, NKB], one column per K block,
@@ -2818,8 +2838,8 @@ def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw,
 
 @triton.jit
 def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab, vs, dvs, T, H: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, PREC: tl.constexpr, USE_VS: tl.constexpr):
+                                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                DECAY: tl.constexpr, PREC: tl.constexpr, USE_VS: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), first part: Tm recomputed as the forward forms
     it; dy = Tm^T dU; dTm = dU Y^T + dW (beta K exp(G))^T. Stores Tm^T to Tt and dTm to dA [B*H, NT*BT, BT] and,
     without a key decay, the decayed scores to Ab (same shape), for _triton_delta_bwd_dl_kernel, which forms dL, dbeta's
@@ -2886,7 +2906,7 @@ def _triton_delta_bwd_wy_kernel(k, y, beta, gc, eg, Akk, dw, du, dy, Tt, dA, Ab,
 
 @triton.jit
 def _triton_delta_bwd_dl_kernel(beta, gc, Ab, Tt, dA, dbeta, T, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr,
-                         PREC: tl.constexpr):
+                                PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), middle part: dL = -Tm^T dTm Tm^T (strictly
     lower) from Tm^T (Tt) and dTm (dA, as _triton_delta_bwd_wy_kernel left it); dbeta = sum_s dL_ts (L_ts / beta_t), from
     the decayed scores Ab; dA = diag(beta) dL * decay, in place of dTm. A kernel of its own because the two chained
@@ -2912,8 +2932,8 @@ def _triton_delta_bwd_dl_kernel(beta, gc, Ab, Tt, dA, dbeta, T, H: tl.constexpr,
 
 @triton.jit
 def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta, dgin, dg, T, H: tl.constexpr,
-                           K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr,
-                           FLOOR: tl.constexpr, PREC: tl.constexpr):
+                                  K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr,
+                                  FLOOR: tl.constexpr, PREC: tl.constexpr):
     """The WY representation's backward for one (chunk, batch*head), second part: with d(beta k exp(G)) = Tm^T dW
     and dA from _triton_delta_bwd_wy_kernel, dk (+)= its WY paths and dbeta (+)= its W path; with a decay dG (its WY terms
     plus dgin, the other kernels' terms) and dg = the chunk-local reverse cumulative sum of dG, zero where the log
@@ -2953,7 +2973,7 @@ def _triton_delta_bwd_wy_k_kernel(k, beta, g, gc, eg, dw, Tt, dA, dkp, dk, dbeta
 
 
 def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT, BK, BV, BVS, prec,
-                  num_warps, num_stages, packed=None, v_step=None, decay_head=None):
+                         num_warps, num_stages, packed=None, v_step=None, decay_head=None):
     """The forward's per-chunk quantities (gc, eg, Akk, w, u, h, ht): G and exp(G), the key decay's K K^T scores,
     W and the pseudo-values U [B, T, H, K / V] (float32; bfloat16 / float16 for such inputs), the chunk-start states
     h [B, H, NT, K, V] (as `_triton_delta_states`: bfloat16 for bfloat16 inputs, which the backward's kernels read too)
@@ -2976,7 +2996,7 @@ def _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output
         num_warps=_triton_or(num_warps, _WARPS if k.dtype == torch.float32 else _triton_DELTA_WY_HALF_WARPS),
         num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(k, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, num_stages, packed)
+                                 num_warps, num_stages, packed)
     return gc, eg, Akk, w, u, h, ht
 
 
@@ -2996,8 +3016,8 @@ def _triton_scratch(pool: list, shape: tuple, dtype: torch.dtype, device) -> tri
 
 
 def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
-                    chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, scale=1.0,
-                    v_step=None):
+                           chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, scale=1.0,
+                           v_step=None):
     """Gradients of triton_chunked_delta_by's inputs: ([dq per query], dk, dy, dbeta, dlog_decay or None, dS0, dv_step or
     None) for the outputs' gradients grad_outputs (a list, None for an unused output; each times `scale`, the fused
     readout's factor, as the kernels load it) and the final state's (or None); v_step [B, T, H] or None: the values
@@ -3027,7 +3047,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     vs = None if v_step is None else v_step.contiguous()
     # the chunk-start states recomputed as the forward keeps them (bfloat16 for bfloat16 inputs)
     gc, eg, Akk, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, True, BT, BK, BV,
-                                             BVS, prec, num_warps, num_stages, packed, vs)
+                                                    BVS, prec, num_warps, num_stages, packed, vs)
     ends = None if packed is None else packed.chunk_ends(h, ht)  # each chunk's end state, for dqk
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
     if not queries:  # no readout: one zero query carries the query-independent terms
@@ -3103,7 +3123,7 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         min(BV, _triton_DELTA_BWD_WY_BV), code, prec, vs is not None,
         num_warps=_triton_or(num_warps, _triton_DELTA_BWD_WY_WARPS), num_stages=stages)
     _triton_delta_bwd_dl_kernel[(NT, B * H)](beta, g_or_k, Ab, Tt, dA, dbeta, T, H, BT, code, prec, num_warps=warps,
-                                      num_stages=stages)
+                                             num_stages=stages)
     dkp = dk
     if code == 2:  # dA's per-key decayed paths: rows (G_t on the plus side) to dkp, columns added to dk
         dkp = torch.empty((B, T, H, K), **f32)
@@ -3216,9 +3236,9 @@ def _triton_check_fits(elements, kernel):
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
     if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
-                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
-                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
-                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+                                   f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                                   "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                                   "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _triton_register_limit(num_warps):
@@ -3781,7 +3801,7 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
 
 _delta_product_forms = {'recurrent': delta_product__recurrent, 'chunked': delta_product__chunked}
 _delta_product_out, _delta_product_st = ('o',), ('S',)  # output and state names, for the backward
-_delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(delta_product__chunked_triton))} if HAVE_TRITON else None
+_delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_product__chunked_triton)))} if HAVE_TRITON else None
 
 
 class _DeltaProductLayer(Layer):
@@ -3826,5 +3846,5 @@ class DeltaProduct(torch.nn.Module):
     def forward(self, q, k1, k2, v1, v2, b1, b2, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
         return delta_product(q, k1, k2, v1, v2, b1, b2, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                             form=self.form, backend=self.backend, chunk_size=self.chunk_size)

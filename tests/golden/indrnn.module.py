@@ -395,17 +395,30 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
     else:
-        states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
-                                      device=call.device) for s in spec.states}
+        # No initial state: None per state, which a form that `takes_no_initial_state` gets as it is (its kernels
+        # start from zero without reading one); `call_form` gives every other form zeros of its piece's rows.
+        states = {s.name: None for s in spec.states}
+
+    def zero_states(piece: dict, piece_states: dict, more: dict) -> dict:
+        """piece_states with zeros [rows, H, ...] for each None: rows, the piece's sequences (packed or batch)."""
+        cu = more.get("cu_seqlens")
+        if cu is not None:
+            rows = len(cu) - 1
+        else:
+            rows = next(iter(piece.values())).shape[0] if piece else call.num_sequences
+        return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
     def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        fn = form_fns[chosen]
+        if not getattr(fn, "no_initial_state", False) and any(v is None for v in piece_states.values()):
+            piece_states = zero_states(piece, piece_states, more)
         extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        fn = form_fns[chosen]
         if getattr(fn, "input_dtype", False):
             return fn(*ordered, *params, piece_states, *sizes, **extra)
         return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
@@ -516,7 +529,8 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
             if rows <= per:
                 return in_time(chosen, piece, piece_states, length, **more)
             return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
-                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                        {k: _rows(v, r, r + per) for k, v in piece_states.items()}, length,
+                                        **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
         if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
@@ -525,7 +539,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         for n0, n1 in groups:
             t0, t1 = int(cu[n0]), int(cu[n1])
             sub = {k: v[:, t0:t1] for k, v in piece.items()}
-            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            sub_states = {k: _rows(v, n0, n1) for k, v in piece_states.items()}
             if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
                 parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
             else:
@@ -533,6 +547,11 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         return cat_results(parts, 1)
 
     return run
+
+
+def _rows(state, r0: int, r1: int):
+    """Rows r0 .. r1 - 1 of an initial state, or None for none (`run_forms`)."""
+    return None if state is None else state[r0:r1]
 
 
 def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -622,6 +641,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
+    dtype = compute_dtype(call.dtype)
     chosen = packed_form(form_fns, form, call, chunk_size)
     if chosen is not None:
         done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
@@ -637,10 +657,11 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     positions, order = [], []
     for length, ids in groups:
         order.append(ids)
-        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
-        if length == 0:  # empty sequences: no step, the final state is the initial one
-            for name in final_parts:
-                final_parts[name].append(rows[name])
+        rows = {k: None if v is None else v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one (zero when none is given)
+            for s in spec.states:
+                zero = torch.zeros((len(ids), call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                final_parts[s.name].append(zero if rows[s.name] is None else rows[s.name])
             continue
         index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
         positions.append(index)
@@ -1858,9 +1879,9 @@ def _triton_check_fits(elements, kernel):
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
     if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
-                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
-                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
-                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+                                   f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                                   "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                                   "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _triton_register_limit(num_warps):
@@ -2218,5 +2239,5 @@ class Indrnn(torch.nn.Module):
     def forward(self, x, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
         return indrnn(x, self.w, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                      form=self.form, backend=self.backend, chunk_size=self.chunk_size)

@@ -388,17 +388,30 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
     else:
-        states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
-                                      device=call.device) for s in spec.states}
+        # No initial state: None per state, which a form that `takes_no_initial_state` gets as it is (its kernels
+        # start from zero without reading one); `call_form` gives every other form zeros of its piece's rows.
+        states = {s.name: None for s in spec.states}
+
+    def zero_states(piece: dict, piece_states: dict, more: dict) -> dict:
+        """piece_states with zeros [rows, H, ...] for each None: rows, the piece's sequences (packed or batch)."""
+        cu = more.get("cu_seqlens")
+        if cu is not None:
+            rows = len(cu) - 1
+        else:
+            rows = next(iter(piece.values())).shape[0] if piece else call.num_sequences
+        return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
     def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        fn = form_fns[chosen]
+        if not getattr(fn, "no_initial_state", False) and any(v is None for v in piece_states.values()):
+            piece_states = zero_states(piece, piece_states, more)
         extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        fn = form_fns[chosen]
         if getattr(fn, "input_dtype", False):
             return fn(*ordered, *params, piece_states, *sizes, **extra)
         return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
@@ -509,7 +522,8 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
             if rows <= per:
                 return in_time(chosen, piece, piece_states, length, **more)
             return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
-                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                        {k: _rows(v, r, r + per) for k, v in piece_states.items()}, length,
+                                        **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
         if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
@@ -518,7 +532,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         for n0, n1 in groups:
             t0, t1 = int(cu[n0]), int(cu[n1])
             sub = {k: v[:, t0:t1] for k, v in piece.items()}
-            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            sub_states = {k: _rows(v, n0, n1) for k, v in piece_states.items()}
             if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
                 parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
             else:
@@ -526,6 +540,11 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         return cat_results(parts, 1)
 
     return run
+
+
+def _rows(state, r0: int, r1: int):
+    """Rows r0 .. r1 - 1 of an initial state, or None for none (`run_forms`)."""
+    return None if state is None else state[r0:r1]
 
 
 def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -564,6 +583,16 @@ def takes_input_dtype(fn):
     call makes no float32 copy of q, k, v, g. Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
     States are float32 for every form. Returns `fn`."""
     fn.input_dtype = True
+    return fn
+
+
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
     return fn
 
 
@@ -625,6 +654,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
+    dtype = compute_dtype(call.dtype)
     chosen = packed_form(form_fns, form, call, chunk_size)
     if chosen is not None:
         done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
@@ -640,10 +670,11 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     positions, order = [], []
     for length, ids in groups:
         order.append(ids)
-        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
-        if length == 0:  # empty sequences: no step, the final state is the initial one
-            for name in final_parts:
-                final_parts[name].append(rows[name])
+        rows = {k: None if v is None else v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one (zero when none is given)
+            for s in spec.states:
+                zero = torch.zeros((len(ids), call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                final_parts[s.name].append(zero if rows[s.name] is None else rows[s.name])
             continue
         index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
         positions.append(index)
@@ -2166,32 +2197,13 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
     return x
 
 
-@triton.jit
-def _triton_map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
-    inputs (`_triton_apply_map`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _triton_map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
-    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
-    map's printed derivative helper (`_triton_unmap`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
-
-
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
 
 @triton.jit
 def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
+                          FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
     HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
@@ -2216,9 +2228,9 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
 
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
-                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                              DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
+                              SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
@@ -2319,9 +2331,9 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 
 @triton.jit
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                        NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                        VSTEP: tl.constexpr, KMAP: tl.constexpr = None):
+                               NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                               VSTEP: tl.constexpr, KMAP: tl.constexpr = None):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
@@ -2374,10 +2386,10 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                                VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2431,8 +2443,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
 
 @triton.jit
 def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+                                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
     o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -2631,7 +2643,7 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
+                       num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
     """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
     themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_triton_Fused`)."""
     B, T, H, K = k.shape
@@ -2645,7 +2657,7 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, v_step=None, k_map=None):
+                         num_stages, packed=None, v_step=None, k_map=None):
     """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
     v_step: a per-step factor [B, T, H] of v (fused), or None; k_map: None or the (map, vjp) helpers of k (fused,
@@ -2671,7 +2683,7 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, pair=None, fused=None) -> None:
+                         num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
     exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
     diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
@@ -2722,7 +2734,7 @@ class triton_ScalarDecay:
     def output(q, exclusive, k, v, gc, eg, h, o, BT, BK, BV, prec, num_warps, num_stages, pair=None,
                fused=None):
         _triton_chunk_output(q, exclusive, k, v, gc, eg, h, h, o, 1, BT, BK, BV, prec, num_warps, num_stages,
-                      None if pair is None else (*pair, None), fused)
+                             None if pair is None else (*pair, None), fused)
 
 
 def _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, out_dtype, fused=None):
@@ -2753,7 +2765,7 @@ class _triton_Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
+                            transient tensors and returns the raw inputs' gradients through vjp.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -2783,19 +2795,8 @@ def _triton_map_of(pair):
     return None if pair is None else pair[0]
 
 
-def _triton_check_map(name: str, pair) -> None:
-    if pair is None:
-        return
-    if (not isinstance(pair, tuple) or len(pair) != 2
-            or not all(callable(f) for f in pair)):
-        raise ValueError(f"{name} must be None or a pair (map, vjp) of @triton.jit functions, map(x) and "
-                         f"vjp(x, grad), got {pair!r}")
-
-
 def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    _triton_check_map("q_map", q_map)
-    _triton_check_map("k_map", k_map)
     if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
@@ -2838,9 +2839,9 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 
 
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
-                      output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                      allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                      skip_weight=None, q_map=None, k_map=None):
+                             output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                             allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
+                             skip_weight=None, q_map=None, k_map=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -2869,7 +2870,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                           fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
+                                  fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -2883,11 +2884,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
         flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, k, v, log_decay,
-                                            initial_state, *f.tensors(), *[q for q, _ in queries])
+                                                   initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                      initial_state, output_final_state, cfg, packed, fused)
+                                             initial_state, output_final_state, cfg, packed, fused)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -2919,9 +2920,9 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
 @triton.jit
 def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
-                         EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
-                         STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                                EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
+                                STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
@@ -2977,9 +2978,9 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
 
 @triton.jit
 def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
-                              BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
-                              NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                              PREC: tl.constexpr):
+                                     BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
+                                     NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
+                                     PREC: tl.constexpr):
     """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
     out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
     M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
@@ -3043,8 +3044,8 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
 
 @triton.jit
 def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
-                            BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
-                            ACC: tl.constexpr, PREC: tl.constexpr):
+                                   BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
+                                   ACC: tl.constexpr, PREC: tl.constexpr):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
     that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
     the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
@@ -3084,9 +3085,9 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
 
 @triton.jit
 def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
-                       SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                       FLOOR: tl.constexpr):
+                              BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
+                              SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                              FLOOR: tl.constexpr):
     """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
     `_triton_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
     + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
@@ -3180,7 +3181,7 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
 
 
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
-                    fused=None):
+                           fused=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
     num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
@@ -3188,10 +3189,10 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                          num_stages, packed, vs, f.k_map)
+                                 num_stages, packed, vs, f.k_map)
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
-                       q_map=f.q_map, k_map=f.k_map)
+                              q_map=f.q_map, k_map=f.k_map)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
@@ -3207,7 +3208,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg, packed, fused)
+                                             cfg, packed, fused)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
@@ -3226,15 +3227,12 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back.
         v_m, log_m = _triton_materialise(fused, v, log_decay)
         # mapped q and k (`_triton_Fused.q_map`, `k_map`): transient tensors of the backward, as v * v_step above
-        q_map, k_map = ctx.maps
-        qs_m = [_triton_apply_map(q_map, q) for q in qs]
-        k_m = _triton_apply_map(k_map, k)
+        qs_m, k_m = _triton_mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
-                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
+                                                         initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk = _triton_unmap(k_map, k, dk)
-        dqs = [_triton_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
+        dk, dqs = _triton_raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
@@ -3245,38 +3243,22 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
                 cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-_triton_MAP_BLOCK = 1024  # elements per program of `_triton_map_kernel` and `_triton_map_vjp_kernel`
+def _triton_mapped_inputs(maps, qs, k):
+    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
+    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
+    q_map, k_map = maps
+    return qs, k
 
 
-def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
-    """x itself without a map; else map(x) [x's shape] (`_triton_map_kernel`), a transient of the backward: bfloat16 for
-    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
-    of float16 values can pass float16's largest number)."""
-    if pair is None:
-        return x
-    x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
-    n = x.numel()
-    if n:
-        _triton_map_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, y, n, pair[0], _triton_MAP_BLOCK)
-    return y
-
-
-def _triton_unmap(pair, x: triton_Tensor, grad: triton_Tensor | None) -> triton_Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
-    by `_triton_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
-    element reads only its own); grad itself without a map."""
-    if pair is None or grad is None:
-        return grad
-    grad = grad.to(torch.float32).contiguous()
-    n = x.numel()
-    if n:
-        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _triton_MAP_BLOCK)
-    return grad
+def _triton_raw_gradients(maps, qs, k, dk, dqs):
+    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
+    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
+    q_map, k_map = maps
+    return dk, dqs
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
-                     packed=None):
+                            packed=None):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
@@ -3314,9 +3296,9 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         # 8 B on sm_80 where K = 1, based's z0)
         plain = value or decay_cls.code == 0
         A = _triton_intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
-                        num_stages)
+                               num_stages)
         dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
-                         num_stages)
+                                num_stages)
         (A_all if value else dA_all).append(A if value else dA)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
@@ -3590,8 +3572,8 @@ def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: tri
 
 
 def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None,
-                  cu_seqlens: triton_Tensor | None = None) -> triton_Tensor:
+                         block_n: int | None = None, num_warps: int | None = None,
+                         cu_seqlens: triton_Tensor | None = None) -> triton_Tensor:
     """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
 
     b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
@@ -3612,7 +3594,7 @@ def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: trit
     rows, T = b.shape[:2]
     N = b[0, 0].numel()
     s = _triton_ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(states, N), cu,
-                            (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel), config)
+                                   (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel), config)
     return s.view(b.shape)
 
 
@@ -3703,9 +3685,9 @@ def _triton_check_fits(elements, kernel):
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
     if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
-                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
-                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
-                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+                                   f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                                   "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                                   "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _triton_register_limit(num_warps):
@@ -4367,7 +4349,7 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
     query_read_n = q  # mlstm.rec:19
     _check_steps([query_read_n, k_n, v_n], [log_decay_n])
-    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=states['n'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
+    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]
     h, = mlstm__chunked_epilogue_triton(read_C, read_n, K, V)  # mlstm.rec:19
@@ -4376,7 +4358,7 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
 
 _mlstm_forms = {'recurrent': mlstm__recurrent, 'scan': mlstm__scan, 'chunked': mlstm__chunked, 'parallel': mlstm__chunked}
 _mlstm_out, _mlstm_st = ('h',), ('C', 'n')  # output and state names, for the backward
-_mlstm_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(mlstm__chunked_triton))} if HAVE_TRITON else None
+_mlstm_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mlstm__chunked_triton)))} if HAVE_TRITON else None
 
 
 class _MlstmLayer(Layer):
@@ -4419,5 +4401,5 @@ class Mlstm(torch.nn.Module):
     def forward(self, q, k, v, ig, fg, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
         return mlstm(q, k, v, ig, fg, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                     form=self.form, backend=self.backend, chunk_size=self.chunk_size)

@@ -395,17 +395,30 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     if call.initial_state is not None:
         states = {k: v.to(dtype) for k, v in call.initial_state.items()}
     else:
-        states = {s.name: torch.zeros((call.num_sequences, call.heads) + call.dims(s), dtype=dtype,
-                                      device=call.device) for s in spec.states}
+        # No initial state: None per state, which a form that `takes_no_initial_state` gets as it is (its kernels
+        # start from zero without reading one); `call_form` gives every other form zeros of its piece's rows.
+        states = {s.name: None for s in spec.states}
+
+    def zero_states(piece: dict, piece_states: dict, more: dict) -> dict:
+        """piece_states with zeros [rows, H, ...] for each None: rows, the piece's sequences (packed or batch)."""
+        cu = more.get("cu_seqlens")
+        if cu is not None:
+            rows = len(cu) - 1
+        else:
+            rows = next(iter(piece.values())).shape[0] if piece else call.num_sequences
+        return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
     def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        fn = form_fns[chosen]
+        if not getattr(fn, "no_initial_state", False) and any(v is None for v in piece_states.values()):
+            piece_states = zero_states(piece, piece_states, more)
         extra = dict(options.get(chosen, {}), **more)
         if chosen == "chunked":
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        fn = form_fns[chosen]
         if getattr(fn, "input_dtype", False):
             return fn(*ordered, *params, piece_states, *sizes, **extra)
         return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
@@ -516,7 +529,8 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
             if rows <= per:
                 return in_time(chosen, piece, piece_states, length, **more)
             return cat_results([in_time(chosen, {k: v[r:r + per] for k, v in piece.items()},
-                                        {k: v[r:r + per] for k, v in piece_states.items()}, length, **more)
+                                        {k: _rows(v, r, r + per) for k, v in piece_states.items()}, length,
+                                        **more)
                                 for r in range(0, rows, per)], 0)
         groups = sequence_groups(cu, per, chunk_size)
         if len(groups) == 1 and (groups[0][1] - groups[0][0] > 1 or length <= PIECE_STEPS):
@@ -525,7 +539,7 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         for n0, n1 in groups:
             t0, t1 = int(cu[n0]), int(cu[n1])
             sub = {k: v[:, t0:t1] for k, v in piece.items()}
-            sub_states = {k: v[n0:n1] for k, v in piece_states.items()}
+            sub_states = {k: _rows(v, n0, n1) for k, v in piece_states.items()}
             if n1 - n0 == 1:  # one sequence: a batch of one row, in time pieces if it is long
                 parts.append(in_time(chosen, sub, sub_states, t1 - t0, **more))
             else:
@@ -533,6 +547,11 @@ def in_grid_pieces(call_form, heads: int, chunk_size: int):
         return cat_results(parts, 1)
 
     return run
+
+
+def _rows(state, r0: int, r1: int):
+    """Rows r0 .. r1 - 1 of an initial state, or None for none (`run_forms`)."""
+    return None if state is None else state[r0:r1]
 
 
 def sequence_groups(cu_seqlens: torch.Tensor, per: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -622,6 +641,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
+    dtype = compute_dtype(call.dtype)
     chosen = packed_form(form_fns, form, call, chunk_size)
     if chosen is not None:
         done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
@@ -637,10 +657,11 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     positions, order = [], []
     for length, ids in groups:
         order.append(ids)
-        rows = {k: v.index_select(0, ids.to(v.device)) for k, v in states.items()}
-        if length == 0:  # empty sequences: no step, the final state is the initial one
-            for name in final_parts:
-                final_parts[name].append(rows[name])
+        rows = {k: None if v is None else v.index_select(0, ids.to(v.device)) for k, v in states.items()}
+        if length == 0:  # empty sequences: no step, the final state is the initial one (zero when none is given)
+            for s in spec.states:
+                zero = torch.zeros((len(ids), call.heads) + call.dims(s), dtype=dtype, device=call.device)
+                final_parts[s.name].append(zero if rows[s.name] is None else rows[s.name])
             continue
         index = (starts[ids][:, None] + torch.arange(length)[None, :]).reshape(-1)  # [m * length] packed steps
         positions.append(index)
@@ -2146,7 +2167,7 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
 
 @triton.jit
 def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
+                          FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
     HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
@@ -2171,9 +2192,9 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
 
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-                       DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
-                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                              DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
+                              SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
@@ -2260,7 +2281,7 @@ def _triton_unit_lower_inverse(b_N, o_i, BT: tl.constexpr):
 
 @triton.jit
 def _triton_dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
     """Diagonal plus rank one, per chunk: Tm = (I - L)^-1 with L_ts = (a_t . b_s) decayed from s to t - 1 (s < t),
     M_ts the same for a_t . k_s; w = -Tm (a exp(G_{t-1})) and u = Tm M v (the pseudo-values' parts, U = u - w S0
     in `_triton_delta_state_kernel`). A key decay's L and M come from `_triton_intra_attn_kernel` (Aab, Aak), others' are formed
@@ -2336,7 +2357,7 @@ def _triton_block_store(p, b, i_kb, o_v, m_v, K: tl.constexpr, V: tl.constexpr, 
 
 @triton.jit
 def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
-              PREC: tl.constexpr):
+                     PREC: tl.constexpr):
     """W[:, block] @ S[block, :] for one chunk ([BT, BV]): the block's share of W S."""
     o_k = i_kb * KB + tl.arange(0, KB)
     b_w = tl.load(w + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
@@ -2346,7 +2367,7 @@ def _triton_delta_ws(w, b_h, bos, o_i, m_t, i_kb, H: tl.constexpr, K: tl.constex
 
 @triton.jit
 def _triton_dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
-                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+                          KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
     """S[block] <- D S[block] + (b exp(G_last - G))[:, block]^T U + (k exp(G_last - G))[:, block]^T v: the delta
     update with the diagonal-plus-rank-one step's own k v^T beside it, both keys decayed by one factor tile (a
     scalar decay is already in S, U and v)."""
@@ -2364,9 +2385,9 @@ def _triton_dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, 
 
 @triton.jit
 def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
-                        V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
-                        DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
-                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
+                               V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
+                               DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+                               VARLEN: tl.constexpr, DPLR: tl.constexpr):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
     S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
@@ -2408,7 +2429,7 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]  # [BT, BV] offsets of u
         b_u = tl.load(u + p_tv, mask=m_tv, other=0.0).to(tl.float32) - _triton_delta_ws(w, b_h1, bos, o_i, m_t, 0, H, K,
-                                                                                  KB, PREC)
+                                                                                        KB, PREC)
         if NK > 1:
             b_u -= _triton_delta_ws(w, b_h2, bos, o_i, m_t, 1, H, K, KB, PREC)
         if NK > 2:
@@ -2434,10 +2455,10 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
-                         VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
+                                VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2627,7 +2648,7 @@ def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, wi
 
 
 def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
+                       num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> triton_Tensor:
     """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_triton_intra_attn_kernel`; spans: gc holds the log decays
     themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_triton_Fused`)."""
     B, T, H, K = k.shape
@@ -2641,7 +2662,7 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, kv=None, float32_states=False):
+                         num_stages, packed=None, kv=None, float32_states=False):
     """_triton_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _triton_chunk_states. kv: None, or
     the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_triton_delta_state_kernel`'s DPLR). h is
     bfloat16 for bfloat16 inputs as in `_triton_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
@@ -2665,7 +2686,7 @@ def _triton_delta_states(k, u, gc, w, initial_state, decay: int, output_final_st
 
 
 def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, prec, num_warps,
-                  num_stages, pair=None, fused=None) -> None:
+                         num_stages, pair=None, fused=None) -> None:
     """Launch _triton_chunk_output_kernel (decay None, scalar or key; A and eg: the key decay's intra-chunk scores and
     exp(G); eg None with a key decay: gc holds the log decays themselves, the kernel's SPANS). pair: None, or the
     diagonal-plus-rank-one class's second (keys, values, scores or None) (its DPLR); fused: the `_triton_Fused` prologue
@@ -2715,12 +2736,12 @@ class triton_KeyDecay:
         spans = eg is None
         f = fused if fused is not None else _triton_NOT_FUSED
         A = _triton_intra_attn(q, k, gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages, spans, f.q_map,
-                        f.k_map)
+                               f.k_map)
         if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
             pair = (*pair, _triton_intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages,
-                                       spans))
+                                              spans))
         _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair,
-                      fused)
+                             fused)
 
     @staticmethod
     def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
@@ -2746,7 +2767,7 @@ class _triton_Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp (`_triton_unmap`).
+                            transient tensors and returns the raw inputs' gradients through vjp.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -2846,8 +2867,8 @@ def triton_chunk_every(length: int, options: dict) -> int:
 
 
 def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
-                    output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
+                           output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
+                           allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
     """triton_chunked_dplr with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point of
     generated modules; its arguments are not checked (triton_chunked_dplr does that).
 
@@ -2880,13 +2901,13 @@ def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initi
         empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
     result = _triton_dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
-                      packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
-                      packed=packed, **options)
+                             packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
+                             packed=packed, **options)
     return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
 
 
 def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
-             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
+                    block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
     """triton_chunked_dplr_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -2910,8 +2931,8 @@ def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, ou
         Aak if Aak is not None else w, w, u, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec,
         num_warps=_triton_or(num_warps, _triton_DPLR_WY_WARPS), num_stages=_triton_or(num_stages, _STAGES))
     h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
-                          num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
-                                         else _STAGES), packed=packed, kv=(k, v))
+                                 num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
+                                                       else _STAGES), packed=packed, kv=(k, v))
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
@@ -2982,9 +3003,9 @@ def _triton_check_fits(elements, kernel):
     and compiling such a kernel takes minutes and gigabytes for a program that spills most of its state."""
     if elements > triton_REGISTER_FILE and _triton_compiles_for_cuda():
         raise triton_StateTooLarge(f"{kernel}: a program would hold {elements} float32 values through its loop (its state "
-                            f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
-                            "registers, so the recurrent form cannot keep its state in registers at these sizes; "
-                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+                                   f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
+                                   "registers, so the recurrent form cannot keep its state in registers at these sizes; "
+                                   "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
 def _triton_register_limit(num_warps):
@@ -3729,5 +3750,5 @@ class Rwkv7(torch.nn.Module):
     def forward(self, r, w, k, v, kk, a, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
         return rwkv7(r, w, k, v, kk, a, self.u, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                     form=self.form, backend=self.backend, chunk_size=self.chunk_size)
