@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
+import pytest
 import torch
 
 from .conftest import REPO
@@ -30,19 +32,41 @@ def _study():
     return module
 
 
-def test_gla_and_delta_net_layers_learn_associative_recall():
+# Issue 9: the model learns "on CPU in under a minute". Wall time on a shared CI machine measures its load, so the
+# bound is on the training loop's CPU time with torch on one thread (the forward and the CPU backward then run on the
+# calling thread, whose CPU time `time.thread_time` reads): 300 steps took 41-49 s of it on the 2-core development
+# machine, eager and compiled alike.
+MINUTE = 60.0
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train_timed(study, model, task) -> dict:
+    start = time.thread_time()
+    result = study.train(model, task, steps=300)
+    return {**result, "thread_cpu_seconds": time.thread_time() - start}
+
+
+def test_gla_and_delta_net_layers_learn_associative_recall(one_thread):
     study = _study()
     task = study.Task(pairs=8, queries=8)
     torch.manual_seed(0)
     model = study.build("recurrent", task, dim=64, heads=2, token_shift=True, backend="torch")
-    result = study.train(model, task, steps=300)
+    result = _train_timed(study, model, task)
     # Chance is 1/16 (loss log(16) = 2.77 on the query positions); the model ends near exact recall.
     assert result["first_loss"] > 3.0
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
+    assert result["thread_cpu_seconds"] < MINUTE, result
 
 
-def test_the_same_model_learns_under_torch_compile_fullgraph():
+def test_the_same_model_learns_under_torch_compile_fullgraph(one_thread):
     """The model compiled whole (`fullgraph=True`: each generated layer is one custom op, tests/test_compile.py)
     trains as the eager one does."""
     study = _study()
@@ -51,6 +75,7 @@ def test_the_same_model_learns_under_torch_compile_fullgraph():
     model = study.build("recurrent", task, dim=64, heads=2, token_shift=True, backend="torch")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    result = study.train(compiled, task, steps=300)
+    result = _train_timed(study, compiled, task)  # the compile itself (Dynamo, AOTAutograd) is inside the minute
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
+    assert result["thread_cpu_seconds"] < MINUTE, result
