@@ -50,7 +50,9 @@ def one_thread():
 def _train_timed(study, model, task) -> dict:
     start = time.thread_time()
     result = study.train(model, task, steps=300)
-    return {**result, "thread_cpu_seconds": time.thread_time() - start}
+    result = {**result, "thread_cpu_seconds": time.thread_time() - start}
+    print(result)  # shown with -s: the loss, accuracy, wall and CPU seconds
+    return result
 
 
 def test_gla_and_delta_net_layers_learn_associative_recall(one_thread):
