@@ -33,9 +33,9 @@ def _study():
 
 
 # Issue 9: the model learns "on CPU in under a minute". Wall time on a shared CI machine measures its load, so the
-# bound is on the training loop's CPU time with torch on one thread (the forward and the CPU backward then run on the
-# calling thread, whose CPU time `time.thread_time` reads): 300 steps took 41-49 s of it on the 2-core development
-# machine, eager and compiled alike.
+# bound is on the training loop's CPU time (`time.process_time`: this process, every thread) with torch on one thread
+# (no pool threads spinning): 300 steps, eager and compiled (the compile included), took 19 s and 24 s of CPU time on
+# the 2-core development machine at load 9, where their wall time was 52 s and 66 s.
 MINUTE = 60.0
 
 
@@ -48,9 +48,9 @@ def one_thread():
 
 
 def _train_timed(study, model, task) -> dict:
-    start = time.thread_time()
+    start = time.process_time()
     result = study.train(model, task, steps=300)
-    result = {**result, "thread_cpu_seconds": time.thread_time() - start}
+    result = {**result, "cpu_seconds": time.process_time() - start}
     print(result)  # shown with -s: the loss, accuracy, wall and CPU seconds
     return result
 
@@ -65,7 +65,7 @@ def test_gla_and_delta_net_layers_learn_associative_recall(one_thread):
     assert result["first_loss"] > 3.0
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
-    assert result["thread_cpu_seconds"] < MINUTE, result
+    assert result["cpu_seconds"] < MINUTE, result
 
 
 def test_the_same_model_learns_under_torch_compile_fullgraph(one_thread):
@@ -80,4 +80,4 @@ def test_the_same_model_learns_under_torch_compile_fullgraph(one_thread):
     result = _train_timed(study, compiled, task)  # the compile itself (Dynamo, AOTAutograd) is inside the minute
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
-    assert result["thread_cpu_seconds"] < MINUTE, result
+    assert result["cpu_seconds"] < MINUTE, result
