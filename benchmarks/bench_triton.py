@@ -124,11 +124,6 @@ def bench_case(name: str, shape: dict, dtype, device, measure, chunk_size: int) 
         entry = {"rel_error_vs_" + baseline.replace(" ", "_"): rel(outputs[path], outputs[baseline])}
         with torch.no_grad():
             entry["forward_ms"] = measure(lambda fn=fn: fn(*args))
-        if path == "ours triton recurrent" and T > 1024:
-            # Its backward is autograd through the torch step loop (issue 9): minutes at this length.
-            entry["forward_backward_ms"] = None
-            result["paths"][path] = entry
-            continue
         grads = [a.detach().clone().requires_grad_(a.dim() > 1) for a in args]
         out = fn(*grads)
         seed_grad = torch.randn_like(out)

@@ -4,7 +4,10 @@ Run on a machine with CUDA: `python -m pytest -m gpu tests/test_gpu.py` (run it 
 switch Triton's CPU interpreter on). Without CUDA these tests are deselected (conftest.py); selected
 explicitly without CUDA they fail rather than skip. The interpreter tests (test_triton_backend.py) pin the
 numerics at small shapes; these add what only a GPU shows: compilation for the chip, bfloat16 arithmetic,
-realistic sizes (K = V = 64 and 128, T up to 1000), and the recompute backward in half precision.
+realistic sizes (K = V = 64 and 128, T up to 1000), and the Triton backward in half precision: every spec and
+Triton form in float16 and bfloat16 at flash-linear-attention's gradient tolerances (issue 9; its harness,
+`half_gradient_errors`, also runs on CPU in Triton's interpreter: float16, K = V = 16, T = 37 gave relative RMS
+errors of 2-4e-4 for gla, gated_delta_net and rwkv7 chunked, delta_net recurrent, retention and mamba scan).
 """
 
 from __future__ import annotations
@@ -106,3 +109,53 @@ def test_gradients_in_half_precision(name, dtype):
     (ref_out * weight).sum().backward()
     for sym, got, want in zip(rec.checked.inputs + rec.checked.params, leaves, ref_leaves, strict=True):
         assert rel(got.grad, want.grad) <= (1e-4 if dtype == F32 else 5e-2), (name, sym.name)
+
+
+# Issue 9's GPU item: the gradient tests in float16 and bfloat16 at flash-linear-attention's tolerances, relative RMS
+# error sqrt(mean((x - ref)^2)) / sqrt(mean(ref^2)) (fla's `get_err_ratio`, the same number as `rel` above): 0.008
+# for dq / dk / dv (here: q, k, v and the initial state), 0.02 for dg / dbeta (here: every other input and param,
+# the gates, decays, step sizes and per-head params of the other specs).
+HALF_GRAD_TOL, GATE_GRAD_TOL = 0.008, 0.02
+HALF_GRAD_CASES = [(name, form, dtype) for name in sorted(RECS)
+                   for form in triton_form_names(analyse(RECS[name].checked)) for dtype in (F16, BF16)]
+
+
+def half_gradient_errors(rec, form: str, dtype, device, size: int = 64, T: int = 127, heads: int = 2,
+                         batch: int = 2) -> dict[str, tuple[float, float]]:
+    """{argument: (relative RMS error, tolerance)} of the gradients of every input, param and initial state of a
+    `backend="triton"` call in `dtype` against the float64 reference's autograd on the same (rounded) values, with
+    cotangents on the outputs and on the final states. T = 127: a partial last chunk of 64."""
+    args, init = sample_arguments(rec.checked, sizes_for(rec, size), batch, T, heads, dtype=F64, seed=11,
+                                  with_initial_state=True)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params]
+    args = [a.to(device, dtype) for a in args]
+    states = init if isinstance(init, dict) else {rec.checked.states[0].name: init}
+    states = {k: v.to(device, F32) for k, v in states.items()}
+
+    def grads(fn, tensors, rows, weights=None):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        given = {k: v.detach().clone().requires_grad_() for k, v in rows.items()}
+        out, final = fn(*leaves, initial_state=given if len(given) > 1 else next(iter(given.values())),
+                        output_final_state=True)
+        results = flat(out, final)
+        if weights is None:
+            gen = torch.Generator().manual_seed(0)
+            weights = [torch.randn(r.shape, generator=gen, dtype=F64).to(device) for r in results]
+        sum((r.double() * w).sum() for r, w in zip(results, weights, strict=True)).backward()
+        return [t.grad for t in leaves] + [given[k].grad for k in sorted(given)], weights
+
+    ref, weights = grads(rec.reference, [a.double() for a in args], {k: v.double() for k, v in states.items()})
+    layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=64, tuning=False)
+    got, _ = grads(lambda *a, **kw: layer(*a, form=form, **kw), args, states, weights)
+    keys = names + [f"initial_state[{k}]" for k in sorted(states)]
+    tight = {"q", "k", "v"} | {k for k in keys if k.startswith("initial_state")}
+    return {key: (rel(g, r), HALF_GRAD_TOL if key in tight else GATE_GRAD_TOL)
+            for key, g, r in zip(keys, got, ref, strict=True)}
+
+
+@pytest.mark.parametrize("name,form,dtype", HALF_GRAD_CASES,
+                         ids=[f"{n}-{f}-{str(d)[6:]}" for n, f, d in HALF_GRAD_CASES])
+def test_gradients_in_half_precision_at_fla_tolerances(name, form, dtype):
+    errors = half_gradient_errors(RECS[name], form, dtype, "cuda")
+    over = {k: e for k, (e, tol) in errors.items() if not e <= tol}
+    assert not over, (name, form, dtype, errors)

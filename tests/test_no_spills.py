@@ -53,7 +53,7 @@ CALLS = [
     # the diagonal-plus-rank-one chunked form: its state kernel (DPLR) at 1 stage below sm_90 (2 needed 177 KB of
     # shared memory), its WY kernel at 8 warps (16 B spilled at 4); the backward is the recurrent adjoint
     ("rwkv7", "chunked", "sm_80", 1, 128, 2, True, 128),
-    ("rwkv7", "recurrent", "sm_90", 1, 64, 16, False, 128),
+    ("rwkv7", "recurrent", "sm_90", 1, 64, 16, True, 128),  # the grid at decode shapes, forward and adjoint
     ("rwkv7", "recurrent", "sm_80", 1, 64, 2, True, 64),  # the adjoint spilled 8 B at 4 warps
     ("kda", "chunked", "sm_90", 1, 256, 2, True, 128),  # tests/data/kda.rec: the key-decay delta rule's backward
     # The recurrent adjoints that spilled last: minimal_rnn's (its [D, D] params; 608-728 B), and on sm_90 those
@@ -132,9 +132,11 @@ def test_no_spills_at_default_configs():
     # (the chunked form trains through the recurrent adjoint's chunk-parallel mode: its scan over the chunks too)
     assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel",
                                                      "rwkv7__triton_segment_scan_kernel"}
-    # The recurrent kernel tiles V: B = 1, H = 16, K = V = 128 launches 16 x 4 programs of [128, 32] state tiles.
-    (recurrent,) = next(r for r in runs if (r["name"], r["target"]) == ("rwkv7", "sm_90"))["kernels"]
+    # The recurrent kernel and its derived adjoint tile V (issue 10: B = 1, H = 16, K = V = 128 launches at least 64
+    # programs): 16 x 4 programs of [128, 32] state tiles each.
+    recurrent, adjoint = next(r for r in runs if (r["name"], r["target"]) == ("rwkv7", "sm_90"))["kernels"]
     assert recurrent["name"] == "rwkv7__triton_recurrent_kernel" and recurrent["grid"] == [16, 4, 1]
+    assert adjoint["name"] == "rwkv7__triton_recurrent_adjoint_kernel" and adjoint["grid"] == [16, 4, 1]
     adjoints = {(r["name"], r["target"]): [k for k in r["kernels"] if k["phase"] == "backward"] for r in runs
                 if r["form"] == "recurrent" and r["size"] == 128}
     for key in [("minimal_rnn", "sm_90"), ("minimal_rnn", "sm_80"), ("retention", "sm_90"), ("mamba2", "sm_90")]:

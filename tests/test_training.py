@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
+import pytest
 import torch
 
 from .conftest import REPO
@@ -30,19 +32,43 @@ def _study():
     return module
 
 
-def test_gla_and_delta_net_layers_learn_associative_recall():
+# Issue 9: the model learns "on CPU in under a minute". Wall time on a shared CI machine measures its load, so the
+# bound is on the training loop's CPU time (`time.process_time`: this process, every thread) with torch on one thread
+# (no pool threads spinning): 300 steps, eager and compiled (the compile included), took 19 s and 24 s of CPU time on
+# the 2-core development machine at load 9, where their wall time was 52 s and 66 s.
+MINUTE = 60.0
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train_timed(study, model, task) -> dict:
+    start = time.process_time()
+    result = study.train(model, task, steps=300)
+    result = {**result, "cpu_seconds": time.process_time() - start}
+    print(result)  # shown with -s: the loss, accuracy, wall and CPU seconds
+    return result
+
+
+def test_gla_and_delta_net_layers_learn_associative_recall(one_thread):
     study = _study()
     task = study.Task(pairs=8, queries=8)
     torch.manual_seed(0)
     model = study.build("recurrent", task, dim=64, heads=2, token_shift=True, backend="torch")
-    result = study.train(model, task, steps=300)
+    result = _train_timed(study, model, task)
     # Chance is 1/16 (loss log(16) = 2.77 on the query positions); the model ends near exact recall.
     assert result["first_loss"] > 3.0
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
+    assert result["cpu_seconds"] < MINUTE, result
 
 
-def test_the_same_model_learns_under_torch_compile_fullgraph():
+def test_the_same_model_learns_under_torch_compile_fullgraph(one_thread):
     """The model compiled whole (`fullgraph=True`: each generated layer is one custom op, tests/test_compile.py)
     trains as the eager one does."""
     study = _study()
@@ -51,6 +77,7 @@ def test_the_same_model_learns_under_torch_compile_fullgraph():
     model = study.build("recurrent", task, dim=64, heads=2, token_shift=True, backend="torch")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    result = study.train(compiled, task, steps=300)
+    result = _train_timed(study, compiled, task)  # the compile itself (Dynamo, AOTAutograd) is inside the minute
     assert result["last_loss"] < 0.2, result
     assert result["accuracy"] >= 0.95, result
+    assert result["cpu_seconds"] < MINUTE, result

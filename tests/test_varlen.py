@@ -7,8 +7,9 @@ the number of sequences. Each is checked against the one-call-per-sequence loop 
 outputs, final states and the gradients of every input, param and initial state, float32 and float64 (torch),
 float32 (Triton, in the interpreter), with repeated lengths, a 1-step and an empty sequence and lengths that are
 no multiple of the chunk; reverse runs; a NaN that sends the packed form back to the batches. The launch count
-for 1000 packed sequences against one comes from the compile-only driver (codegen/kernel_report.py) in a child
-process without TRITON_INTERPRET, as tests/test_kernel_report.py does.
+for 1000 packed sequences against one (linear attention and DeltaNet, forward and backward) comes from the
+compile-only driver (codegen/kernel_report.py) in a child process without TRITON_INTERPRET, as
+tests/test_kernel_report.py does.
 """
 
 from __future__ import annotations
@@ -175,32 +176,46 @@ LAUNCHES = textwrap.dedent('''
     from codegen.kernel_report import report_call
     from recurrence_dsl.sampling import sample_arguments
 
-    rec = recurrence_dsl.load(sys.argv[1])["linear_attention"]
-    layer = recurrence_dsl.compile(rec, tuning=False)
     lengths = torch.randint(1, 40, (1000,), generator=torch.Generator().manual_seed(0))
     many = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     T = int(many[-1])
-    args, _ = sample_arguments(rec.checked, {"K": 16, "V": 16}, 1, T, 2, dtype=torch.float32, seed=0)
     counts = {}
-    for label, cu in (("1", torch.tensor([0, T])), ("1000", many)):
-        kernels = report_call(layer, args, {"cu_seqlens": cu}, target="sm_90", backward=True)
-        counts[label] = sorted((k.name, k.phase, k.launches, list(k.grid)) for k in kernels)
+    for path, name in zip(sys.argv[1::2], sys.argv[2::2]):
+        rec = recurrence_dsl.load(path)[name]
+        layer = recurrence_dsl.compile(rec, tuning=False)
+        args, _ = sample_arguments(rec.checked, {s: 16 for s in rec.checked.sizes}, 1, T, 2, dtype=torch.float32,
+                                   seed=0)
+        for label, cu in (("1", torch.tensor([0, T])), ("1000", many)):
+            # cached: the 1000-sequence call launches the kernels the one-sequence call compiled (CI time)
+            kernels = report_call(layer, args, {"cu_seqlens": cu}, target="sm_90", backward=True, cached=True)
+            counts[f"{name} {label}"] = sorted((k.name, k.phase, k.launches, list(k.grid)) for k in kernels)
     print(json.dumps(counts))
 ''')
 
 
 @pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
 def test_launches_for_1000_packed_sequences_equal_those_for_one():
+    """Forward and backward, the linear class (linear attention) and the delta rule (DeltaNet: its WY, state and
+    output kernels, and the five backward kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
-    run = subprocess.run([sys.executable, "-c", LAUNCHES, str(SPECS_DIR / "linear_attention.rec")],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    cases = [str(SPECS_DIR / "linear_attention.rec"), "linear_attention", str(SPECS_DIR / "delta_net.rec"),
+             "delta_net"]
+    run = subprocess.run([sys.executable, "-c", LAUNCHES, *cases], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
-    one, many = counts["1"], counts["1000"]
-    assert [k[:3] for k in one] == [k[:3] for k in many]  # the same kernels, each launched as often
-    assert {k[1] for k in one} == {"forward", "backward"} and sum(k[2] for k in one) >= 6
-    grids = {(k[0], k[1]): k[3] for k in many}
+    for name in ("linear_attention", "delta_net"):
+        one, many = counts[f"{name} 1"], counts[f"{name} 1000"]
+        assert [k[:3] for k in one] == [k[:3] for k in many], name  # the same kernels, each launched as often
+        assert {k[1] for k in one} == {"forward", "backward"} and sum(k[2] for k in one) >= 6, name
+    grids = {(k[0], k[1]): k[3] for k in counts["linear_attention 1000"]}
     # the state passes run one program per (sequence, head): 1000 * 2 in the last grid axis
     assert grids[("_triton_chunk_state_kernel", "forward")][2] == 2000
     assert grids[("_triton_chunk_dstate_kernel", "backward")][2] == 2000
+    grids = {(k[0], k[1]): k[3] for k in counts["delta_net 1000"]}
+    # the delta rule's state passes, forward and backward (dS across chunks), one program per (sequence, head)
+    assert grids[("_triton_delta_state_kernel", "forward")] == [1, 2000, 1]
+    assert grids[("_triton_delta_bwd_dh_kernel", "backward")] == [1, 2000, 1]
+    assert {k[0] for k in counts["delta_net 1"] if k[1] == "backward"} >= {
+        f"_triton_delta_bwd_{k}_kernel" for k in ("dh", "dqk", "local", "wy")}
