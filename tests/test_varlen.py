@@ -14,8 +14,6 @@ process without TRITON_INTERPRET, as tests/test_kernel_report.py does.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -27,7 +25,8 @@ from codegen.dispatch import length_groups
 from codegen.kernel_report import ToolMissing, find_tools
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import REPO, SPECS_DIR
+from .children import Child
+from .conftest import SPECS_DIR
 
 LENGTHS = (5, 1, 0, 17, 3, 5, 1)  # repeated lengths, a 1-step and an empty sequence, none a multiple of 16
 CU = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist())
@@ -189,12 +188,14 @@ LAUNCHES = textwrap.dedent('''
 ''')
 
 
+# run in the background from the start of the session (tests/children.py)
+PACKED_LAUNCHES = Child("varlen_launches", [sys.executable, "-c", LAUNCHES, str(SPECS_DIR / "linear_attention.rec")])
+
+
 @pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
+@PACKED_LAUNCHES.needed
 def test_launches_for_1000_packed_sequences_equal_those_for_one():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    run = subprocess.run([sys.executable, "-c", LAUNCHES, str(SPECS_DIR / "linear_attention.rec")],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    run = PACKED_LAUNCHES.result()
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     one, many = counts["1"], counts["1000"]
