@@ -12,12 +12,13 @@ run on the other one, started as soon as collection is done, and the tests read 
         done = NO_SPILLS.result()          # a subprocess.CompletedProcess (text stdout/stderr), as subprocess.run's
 
 A child's command is fixed when its module is imported, and it runs in REPO with the environment the session had
-when collection finished (before any test's monkeypatch), less TRITON_INTERPRET, with PYTHONPATH = REPO: the same
-command the test ran itself before. `tests/conftest.py` starts the children the selected tests need, in the order of
-those tests, one at a time in a background thread, so at most one child competes with the test process. A test
-that reaches `result()` before its child started runs it at once itself; `-p no:randomly`-style reorders or `-k`
-selections only change when a child runs, never what it runs or what the test asserts. A child that fails or times
-out is reported by its test (`returncode`, `stderr`), exactly as a foreground run would.
+when collection finished (before any test's monkeypatch), changed by `env` (by default: less TRITON_INTERPRET,
+with PYTHONPATH = REPO, for compiles without the interpreter): the same command the test ran itself before.
+`tests/conftest.py` starts the children the selected tests need, in the order of those tests, one at a time in a
+background thread, so at most one child competes with the test process. A test that reaches `result()` before its
+child started runs it at once itself; a reordered or `-k`-selected session only changes when a child runs, never
+what it runs or what the test asserts. A child that fails or times out is reported by its test (`returncode`,
+`stderr`, or the TimeoutExpired), as a foreground run was.
 """
 
 from __future__ import annotations
@@ -40,16 +41,23 @@ _QUEUE_LOCK = threading.Lock()
 _WORKER: threading.Thread | None = None
 
 
-class Child:
-    """One child process: `argv` run in REPO (see the module docstring). `files` are written to a fresh temporary
-    directory first, whose path replaces "{dir}" in argv; `input` is its stdin; `timeout` its limit in seconds
-    (subprocess.TimeoutExpired from `result()` past it, as subprocess.run raises)."""
+COMPILE_ENV = {"TRITON_INTERPRET": None, "PYTHONPATH": str(REPO)}  # kernels compile for a GPU target
 
-    def __init__(self, name: str, argv: Sequence[str], *, files: dict[str, str] | None = None,
-                 input: str | None = None, timeout: float = 600):
+
+class Child:
+    """One child process: `argv` run in REPO (see the module docstring). `env`: changes to the session's environment
+    (a value of None removes the variable). `files` are written to a fresh temporary directory first, whose path
+    replaces "{dir}" in argv and is `self.dir` until the session ends (for the files the child writes); `input` is
+    its stdin; `timeout` its limit in seconds (subprocess.TimeoutExpired from `result()` past it, as
+    subprocess.run raises)."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, env: dict[str, str | None] | None = None,
+                 files: dict[str, str] | None = None, input: str | None = None, timeout: float = 600):
         if name in _CHILDREN and _CHILDREN[name].argv != list(argv):
             raise ValueError(f"a child named {name!r} exists already, with another command")
         self.name, self.argv, self.files, self.input, self.timeout = name, list(argv), files or {}, input, timeout
+        self.env = COMPILE_ENV if env is None else env
+        self.dir: Path | None = None
         self._lock = threading.Lock()  # held while the child runs: a second caller waits for the first's result
         self._done: subprocess.CompletedProcess | BaseException | None = None
         self._proc: subprocess.Popen | None = None
@@ -77,13 +85,17 @@ class Child:
             if self._done is not None:
                 return
             env = dict(_ENV if _ENV is not None else os.environ)
-            env.pop("TRITON_INTERPRET", None)
-            env["PYTHONPATH"] = str(REPO)
-            where = tempfile.mkdtemp(prefix=f"child-{self.name}-") if self.files else None
+            for key, value in self.env.items():
+                if value is None:
+                    env.pop(key, None)
+                else:
+                    env[key] = value
+            if self.files or any("{dir}" in a for a in self.argv):
+                self.dir = Path(tempfile.mkdtemp(prefix=f"child-{self.name}-"))
             try:
                 for rel, text in self.files.items():
-                    Path(where, rel).write_text(text)
-                argv = [a.replace("{dir}", where) if where else a for a in self.argv]
+                    (self.dir / rel).write_text(text)
+                argv = [a.replace("{dir}", str(self.dir)) if self.dir else a for a in self.argv]
                 self._proc = subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE,
                                               stdin=subprocess.PIPE if self.input is not None else None)
@@ -99,13 +111,13 @@ class Child:
                 self._done = err
             finally:
                 self._proc = None
-                if where:
-                    shutil.rmtree(where, ignore_errors=True)
 
     def stop(self) -> None:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.kill()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _work() -> None:
