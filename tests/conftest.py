@@ -22,7 +22,10 @@ os.environ.setdefault("RECURRENCE_DSL_TUNING", "0")
 import recurrence_dsl
 from recurrence_dsl.sampling import sample_arguments
 
-from . import children
+from . import children, fast_interpreter
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fast_interpreter.install()  # the per-launch search for builtins, done once (tests/fast_interpreter.py)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
