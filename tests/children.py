@@ -39,6 +39,7 @@ _ENV: dict[str, str] | None = None  # the session's environment once collection 
 _QUEUE: list[Child] = []
 _QUEUE_LOCK = threading.Lock()
 _WORKER: threading.Thread | None = None
+_STOPPED = threading.Event()  # set when the session ends: no child starts after it
 
 
 COMPILE_ENV = {"TRITON_INTERPRET": None, "PYTHONPATH": str(REPO)}  # kernels compile for a GPU target
@@ -93,6 +94,8 @@ class Child:
             if self.files or any("{dir}" in a for a in self.argv):
                 self.dir = Path(tempfile.mkdtemp(prefix=f"child-{self.name}-"))
             try:
+                if _STOPPED.is_set():
+                    raise RuntimeError(f"child {self.name}: the test session has ended")
                 for rel, text in self.files.items():
                     (self.dir / rel).write_text(text)
                 argv = [a.replace("{dir}", str(self.dir)) if self.dir else a for a in self.argv]
@@ -150,6 +153,7 @@ def start(items) -> None:
 
 def stop() -> None:
     """End the session: drop what has not started and kill what is running (an interrupted or -x session)."""
+    _STOPPED.set()
     with _QUEUE_LOCK:
         _QUEUE.clear()
     for child in _CHILDREN.values():
