@@ -136,6 +136,7 @@ def start(items) -> None:
     """Queue the children the collected `items` need, in their order, and start the background thread."""
     global _ENV, _WORKER
     _ENV = dict(os.environ)
+    _STOPPED.clear()
     wanted: list[Child] = []
     for item in items:
         if any(mark.args and mark.args[0] is True for mark in item.iter_markers("skipif")):
