@@ -22,6 +22,11 @@ os.environ.setdefault("RECURRENCE_DSL_TUNING", "0")
 import recurrence_dsl
 from recurrence_dsl.sampling import sample_arguments
 
+from . import children, fast_interpreter
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    fast_interpreter.install()  # the per-launch search for builtins, done once (tests/fast_interpreter.py)
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SPECS_DIR = REPO / "specs"
@@ -99,7 +104,8 @@ def weighted_gradients(fn, rec, args, initial, weights=None, seed: int = 1, **kw
     out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
     if weights is None:
         gen = torch.Generator().manual_seed(seed)
-        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in d.items()}
+        # drawn on the CPU (the same values on every machine), then moved to the outputs' device
+        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.device) for k, v in d.items()}
                    for d in (out, final)]
     loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
     (loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())).backward()
@@ -115,3 +121,17 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{children.MARKER}(name): reads the result of tests/children.py's child `name`")
+
+
+def pytest_collection_finish(session):
+    """Start the child processes the selected tests wait on (tests/children.py), in the background."""
+    if not session.config.option.collectonly:
+        children.start(session.items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    children.stop()

@@ -23,7 +23,7 @@ from recurrence_dsl.adjoint import canonical_key, derive_adjoint, factor_sums, n
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPEC_FILES, as_dict, small_sizes
+from .conftest import SPEC_FILES, as_dict, small_sizes, weighted_gradients
 from .test_breadth import PROGRAMS
 
 SPECS: dict[str, recurrence_dsl.Recurrence] = {}
@@ -72,28 +72,9 @@ def every(monkeypatch):
     monkeypatch.setenv(CHECKPOINT_EVERY, str(EVERY))
 
 
-def _loss_weights(outputs: dict, finals: dict, seed: int) -> tuple[dict, dict]:
-    """Random weights for sum(w * output) + sum(w * final state): a gradient on every output and final state."""
-    gen = torch.Generator().manual_seed(seed)
-    return ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in outputs.items()},
-            {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in finals.items()})
-
-
-def _grads(fn, rec, args, initial, weights=None, seed=0, **kwargs):
-    """Gradients of every argument and initial state of `fn(*args, initial_state=..., output_final_state=True)`
-    for the loss sum(w * outputs) + sum(w * final states), and the weights used."""
-    checked = rec.checked
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
-    given = init if len(checked.states) > 1 else init[checked.states[0].name]
-    out, final = fn(*leaves, initial_state=given, output_final_state=True, **kwargs)
-    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
-    if weights is None:
-        weights = _loss_weights(out, final, seed)
-    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
-    loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
-    loss.backward()
-    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights
+def _grads(fn, rec, args, initial, weights=None, **kwargs):
+    """conftest.weighted_gradients with this file's loss weights (seed 0)."""
+    return weighted_gradients(fn, rec, args, initial, weights, seed=0, **kwargs)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
+from .children import Child
 from .conftest import REPO
 
+GOLDEN = REPO / "tests" / "golden"
 
-def test_triton_benchmark_smoke_run_writes_its_report(tmp_path):
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--smoke", "--shape",
-                          "B=1,T=20,H=1,K=16", "--cases", "retention,delta_net", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+
+def _bench(script: str) -> str:
+    return str(REPO / "benchmarks" / script)
+
+
+
+# Each script runs in a child process started in the background at the session's start (tests/children.py), with
+# the session's environment changed as `env` says; "{dir}" is a fresh directory for its report (`child.dir`).
+TRITON_SMOKE = Child("bench_triton_smoke", [
+    sys.executable, _bench("bench_triton.py"), "--smoke", "--shape", "B=1,T=20,H=1,K=16", "--cases",
+    "retention,delta_net", "--out", "{dir}/bench.json"], env={"TRITON_INTERPRET": "1"})
+TRITON_NO_GPU = Child("bench_triton_no_gpu", [sys.executable, _bench("bench_triton.py"), "--out", "{dir}/x.json"],
+                      env={"CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+TRITON_NO_INTERPRETER = Child("bench_triton_no_interpreter", [
+    sys.executable, _bench("bench_triton.py"), "--smoke", "--out", "{dir}/x.json"],
+    env={"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "false"}, timeout=300)
+BACKWARD = Child("bench_backward", [sys.executable, _bench("bench_backward.py"), "--smoke", "--specs", "gla,indrnn",
+                                    "--out", "{dir}/backward.json"], env={})
+CONTEXT_PARALLEL = Child("bench_context_parallel", [sys.executable, _bench("bench_context_parallel.py"), "--smoke",
+                                                    "--specs", "gla", "--out", "{dir}/cp.json"], env={})
+VS_FLA = Child("bench_chunked_vs_fla", [sys.executable, _bench("bench_chunked_vs_fla.py"), "--smoke", "--specs",
+                                        "retention,delta_net", "--out", "{dir}/fla.json"], env={})
+COMPARE_SAME = Child("compare_adjoint_same", [
+    sys.executable, _bench("compare_adjoint.py"), "--before", str(GOLDEN), "--after", str(GOLDEN), "--specs",
+    "delta_net", "--T", "20", "--D", "8", "--repeats", "2", "--out", "{dir}/compare.json"], env={})
+COMPARE_FILE = Child("compare_adjoint_file", [
+    sys.executable, _bench("compare_adjoint.py"), "--before", str(GOLDEN), "--after", str(GOLDEN), "--specs",
+    "bidirectional_mamba", "--T", "12", "--D", "4", "--repeats", "1", "--clock", "cpu", "--out",
+    "{dir}/compare.json"], env={})
+COMPARE_MISSING = Child("compare_adjoint_missing", [
+    sys.executable, _bench("compare_adjoint.py"), "--before", "{dir}", "--specs", "delta_net", "--out",
+    "{dir}/x.json"], env={})
+SCALING = Child("bench_scaling", [sys.executable, _bench("bench_scaling.py"), "--smoke", "--specs", "gla,delta_net",
+                                  "--out", "{dir}/scaling.json"], env={"OMP_NUM_THREADS": "1"})
+VARLEN = Child("bench_varlen", [sys.executable, _bench("bench_varlen.py"), "--smoke", "--specs", "gla", "--out",
+                                "{dir}/varlen.json"], env={})
+
+
+@TRITON_SMOKE.needed
+def test_triton_benchmark_smoke_run_writes_its_report():
+    run = TRITON_SMOKE.result()
+    out = TRITON_SMOKE.dir / "bench.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["versions"]["torch"] == __import__("torch").__version__
@@ -28,27 +64,25 @@ def test_triton_benchmark_smoke_run_writes_its_report(tmp_path):
     assert "ours triton chunked" in run.stdout and "fwd+bwd ms" in run.stdout
 
 
-def test_triton_benchmark_refuses_a_full_run_without_a_gpu(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--out",
-                          str(tmp_path / "x.json")], capture_output=True, text=True, env=env, timeout=300)
+@TRITON_NO_GPU.needed
+def test_triton_benchmark_refuses_a_full_run_without_a_gpu():
+    run = TRITON_NO_GPU.result()
     assert run.returncode == 2 and "no GPU" in run.stderr and "Traceback" not in run.stderr
-    assert not (tmp_path / "x.json").exists()
+    assert not (TRITON_NO_GPU.dir / "x.json").exists()
 
 
-def test_triton_benchmark_refuses_a_smoke_run_with_the_interpreter_off(tmp_path):
+@TRITON_NO_INTERPRETER.needed
+def test_triton_benchmark_refuses_a_smoke_run_with_the_interpreter_off():
     """TRITON_INTERPRET=false is off for Triton: the smoke run must say so, not send CPU tensors to kernels."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_triton.py"), "--smoke", "--out",
-                          str(tmp_path / "x.json")], capture_output=True, text=True, env=env, timeout=300)
+    run = TRITON_NO_INTERPRETER.result()
     assert run.returncode == 2 and "need TRITON_INTERPRET=1" in run.stderr and "Traceback" not in run.stderr
-    assert not (tmp_path / "x.json").exists()
+    assert not (TRITON_NO_INTERPRETER.dir / "x.json").exists()
 
 
-def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
-    out = tmp_path / "backward.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_backward.py"), "--smoke", "--specs",
-                          "gla,indrnn", "--out", str(out)], capture_output=True, text=True, timeout=600)
+@BACKWARD.needed
+def test_backward_benchmark_smoke_run_writes_its_report():
+    run = BACKWARD.result()
+    out = BACKWARD.dir / "backward.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and {r["spec"] for r in report["rows"]} == {"gla", "indrnn"}
@@ -59,10 +93,10 @@ def test_backward_benchmark_smoke_run_writes_its_report(tmp_path):
     assert "fwd+bwd adjoint" in run.stdout
 
 
-def test_context_parallel_benchmark_smoke_run_writes_its_report(tmp_path):
-    out = tmp_path / "cp.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_context_parallel.py"), "--smoke",
-                          "--specs", "gla", "--out", str(out)], capture_output=True, text=True, timeout=600)
+@CONTEXT_PARALLEL.needed
+def test_context_parallel_benchmark_smoke_run_writes_its_report():
+    run = CONTEXT_PARALLEL.result()
+    out = CONTEXT_PARALLEL.dir / "cp.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["world"] == 2
@@ -76,13 +110,12 @@ def test_context_parallel_benchmark_smoke_run_writes_its_report(tmp_path):
     assert "all_gather" in run.stdout and "relay" in run.stdout
 
 
-def test_chunked_vs_fla_benchmark_smoke_run_writes_its_report(tmp_path):
+@VS_FLA.needed
+def test_chunked_vs_fla_benchmark_smoke_run_writes_its_report():
     """Runs with whatever fla the environment has: without it the fla columns are empty and the JSON says why;
     with it (PYTHONPATH=...:/tmp/fla-site) ours and fla's references must agree."""
-    out = tmp_path / "fla.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_chunked_vs_fla.py"), "--smoke",
-                          "--specs", "retention,delta_net", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600)
+    run = VS_FLA.result()
+    out = VS_FLA.dir / "fla.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and [r["spec"] for r in report["rows"]] == ["retention", "delta_net"]
@@ -95,25 +128,20 @@ def test_chunked_vs_fla_benchmark_smoke_run_writes_its_report(tmp_path):
     assert "fla/ours f+b" in run.stdout
 
 
-def test_compare_adjoint_of_identical_modules_runs_and_agrees(tmp_path):
-    out = tmp_path / "compare.json"
-    golden = REPO / "tests" / "golden"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(golden),
-                          "--after", str(golden), "--specs", "delta_net", "--T", "20", "--D", "8", "--repeats", "2",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+@COMPARE_SAME.needed
+def test_compare_adjoint_of_identical_modules_runs_and_agrees():
+    run = COMPARE_SAME.result()
+    out = COMPARE_SAME.dir / "compare.json"
     assert run.returncode == 0, run.stderr
     (row,) = json.loads(out.read_text())["rows"]
     assert row["spec"] == "delta_net" and row["max_rel_grad_difference"] == 0.0
     assert row["fwd_bwd_before_s"] > 0 and row["fwd_bwd_after_s"] > 0 and "after/before" in run.stdout
 
 
-def test_compare_adjoint_times_each_recurrence_of_a_file_on_either_clock(tmp_path):
-    out = tmp_path / "compare.json"
-    golden = REPO / "tests" / "golden"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(golden),
-                          "--after", str(golden), "--specs", "bidirectional_mamba", "--T", "12", "--D", "4",
-                          "--repeats", "1", "--clock", "cpu", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600)
+@COMPARE_FILE.needed
+def test_compare_adjoint_times_each_recurrence_of_a_file_on_either_clock():
+    run = COMPARE_FILE.result()
+    out = COMPARE_FILE.dir / "compare.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["clock"] == "cpu"
@@ -121,18 +149,17 @@ def test_compare_adjoint_times_each_recurrence_of_a_file_on_either_clock(tmp_pat
     assert all(r["max_rel_grad_difference"] == 0.0 for r in report["rows"])
 
 
-def test_compare_adjoint_names_a_missing_module(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare_adjoint.py"), "--before", str(tmp_path),
-                          "--specs", "delta_net", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode != 0 and f"no generated module at {tmp_path / 'delta_net.module.py'}" in run.stderr
+@COMPARE_MISSING.needed
+def test_compare_adjoint_names_a_missing_module():
+    run = COMPARE_MISSING.result()
+    missing = COMPARE_MISSING.dir / "delta_net.module.py"
+    assert run.returncode != 0 and f"no generated module at {missing}" in run.stderr
 
 
-def test_scaling_benchmark_smoke_run_fits_an_exponent_per_form(tmp_path):
-    out = tmp_path / "scaling.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scaling.py"), "--smoke", "--specs",
-                          "gla,delta_net", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+@SCALING.needed
+def test_scaling_benchmark_smoke_run_fits_an_exponent_per_form():
+    run = SCALING.result()
+    out = SCALING.dir / "scaling.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["shape"]["T"] == [64, 128] and report["limit"] == 1.15
@@ -156,10 +183,10 @@ def test_scaling_benchmark_fits_the_exponent_of_a_power_law():
     assert abs(slope(lengths, [1e-9 * t ** 1.5 for t in lengths]) - 1.5) < 1e-12
 
 
-def test_varlen_benchmark_smoke_run_writes_its_report(tmp_path):
-    out = tmp_path / "varlen.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_varlen.py"), "--smoke", "--specs", "gla",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+@VARLEN.needed
+def test_varlen_benchmark_smoke_run_writes_its_report():
+    run = VARLEN.result()
+    out = VARLEN.dir / "varlen.json"
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["smoke"] is True and {r["pass"] for r in report["rows"]} == {"fwd", "fwd+bwd"}

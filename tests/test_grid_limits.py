@@ -15,8 +15,6 @@ time, packed sequences in groups. Checked here:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import unittest.mock
 
@@ -28,7 +26,8 @@ from codegen import kernel_report
 from codegen.dispatch import PIECE_STEPS, sequence_groups
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import REPO, SPECS_DIR
+from .children import Child
+from .conftest import SPECS_DIR
 
 pytest.importorskip("triton")
 
@@ -143,12 +142,15 @@ print(json.dumps([k.as_dict() | {"problems": k.problems()} for k in kernels]))
 '''
 
 
+# run in the background from the start of the session (tests/children.py)
+LARGE_GRIDS = Child("grid_limits_large_batch_heads", [sys.executable, "-c", CHILD,
+                                                      str(SPECS_DIR / "linear_attention.rec")])
+
+
 @pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "-")
+@LARGE_GRIDS.needed
 def test_large_batch_heads_launch_legal_grids():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-c", CHILD, str(SPECS_DIR / "linear_attention.rec")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    done = LARGE_GRIDS.result()
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
     assert {k["phase"] for k in kernels} == {"forward", "backward"}

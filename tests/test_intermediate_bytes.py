@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -44,7 +42,8 @@ from codegen.load import load_layer
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import REPO, SPECS_DIR, as_dict
+from .children import Child
+from .conftest import SPECS_DIR, as_dict
 
 pytest.importorskip("triton")
 
@@ -273,6 +272,12 @@ print(json.dumps(out))
 """
 
 
+# run in the background from the start of the session (tests/children.py)
+GDN_BYTES = Child("intermediate_bytes_gated_delta_net", [sys.executable, "-c", CHILD,
+                                                         str(SPECS_DIR / "gated_delta_net.rec")])
+
+
+@GDN_BYTES.needed
 def test_gated_delta_net_training_step_within_the_hand_written_figure():
     """Compiled for sm_90 (no kernel runs; a child process, since this one runs Triton's interpreter): at B=2,
     T=1024, H=4, K=V=128, the forward + backward allocates no more than flash-linear-attention's
@@ -286,10 +291,7 @@ def test_gated_delta_net_training_step_within_the_hand_written_figure():
         kernel_report.find_tools("sm_90")
     except kernel_report.ToolMissing as err:
         pytest.fail(f"ptxas / cuobjdump from the triton wheel are needed: {err}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    run = subprocess.run([sys.executable, "-c", CHILD, str(SPECS_DIR / "gated_delta_net.rec")], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=600)
+    run = GDN_BYTES.result()
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     for key, figure in got.items():

@@ -8,8 +8,6 @@ runs in about half a minute on two cores (each compile is a real ptxas run for s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -20,7 +18,8 @@ from codegen import kernel_report
 from codegen.kernel_report import TARGETS, KernelReport
 from recurrence_dsl.cli import main
 
-from .conftest import REPO, SPECS_DIR
+from .children import Child
+from .conftest import SPECS_DIR
 
 triton = pytest.importorskip("triton")
 
@@ -40,21 +39,25 @@ needs_tools = pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing()
 GLA_KERNELS = {"_triton_intra_attn_kernel", "_triton_chunk_state_kernel", "_triton_chunk_output_kernel"}
 
 
-def _child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    return env
+def _recdsl(name: str, *argv) -> Child:
+    """`recdsl ARGV` in a child process, run in the background from the start of the session (tests/children.py)."""
+    return Child(name, [sys.executable, "-m", "recurrence_dsl", *map(str, argv)], timeout=300)
 
 
-def _recdsl(*argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "recurrence_dsl", *map(str, argv)], capture_output=True,
-                          text=True, env=_child_env(), cwd=REPO, timeout=timeout)
+GLA_JSON = _recdsl("kernels_gla_json", "kernels", SPECS_DIR / "gla.rec", "--shape", "B=1,T=64,H=1,K=16,V=16",
+                   "--target", "sm_90", "--form", "chunked", "--backward", "--json")
+SPILLING = _recdsl("kernels_spilling", "kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=128",
+                   "--form", "recurrent", "--dtype", "float32", "--config", '{"num_warps": 1}')
+BASED_K32 = _recdsl("kernels_based_k32", "kernels", SPECS_DIR / "based.rec", "--shape", "B=1,T=16,H=1,K=32,V=32",
+                    "--form", "recurrent", "--target", "sm_90", "--json")
+TOO_LARGE = _recdsl("kernels_too_large", "kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
+                    "--form", "recurrent", "--dtype", "float32")
 
 
 @needs_tools
+@GLA_JSON.needed
 def test_gla_forward_and_backward_for_sm90_as_json():
-    run = _recdsl("kernels", SPECS_DIR / "gla.rec", "--shape", "B=1,T=64,H=1,K=16,V=16", "--target", "sm_90",
-                  "--form", "chunked", "--backward", "--json")
+    run = GLA_JSON.result()
     assert "Traceback" not in run.stderr, run.stderr
     report = json.loads(run.stdout)
     assert report["target"] == "sm_90" and report["max_shared_bytes"] == 232448 == TARGETS["sm_90"].max_shared_bytes
@@ -86,12 +89,12 @@ def test_gla_forward_and_backward_for_sm90_as_json():
 
 
 @needs_tools
+@SPILLING.needed
 def test_a_spilling_kernel_exits_1_and_is_named():
     # minimal_rnn's recurrent kernel holds its two [D, D] params in registers (no axis of its state can be split
     # over programs: the step reads h across D): at D = 128 on one warp, 32 K float32 on 32 threads, 1024 values
     # per thread. (At D = 256 the footprint passes an SM's registers and the launcher refuses before compiling.)
-    run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=128",
-                  "--form", "recurrent", "--dtype", "float32", "--config", '{"num_warps": 1}')
+    run = SPILLING.result()
     assert run.returncode == 1, run.stdout + run.stderr
     assert "minimal_rnn__triton_recurrent_kernel spills" in run.stdout and "Traceback" not in run.stderr
     header = next(line for line in run.stdout.splitlines() if "regs" in line)
@@ -99,11 +102,11 @@ def test_a_spilling_kernel_exits_1_and_is_named():
 
 
 @needs_tools
+@BASED_K32.needed
 def test_based_at_k32_compiles_on_the_narrowed_value_tile_without_spills():
     # based's S2[K, K, V] at K = V = 32 passes an SM's registers on 32 lanes of V; `_fit_tile` halves the tile to
     # 16 lanes, so two programs share V and each compiles without spilling (measured: 16 warps, 128 registers).
-    run = _recdsl("kernels", SPECS_DIR / "based.rec", "--shape", "B=1,T=16,H=1,K=32,V=32", "--form", "recurrent",
-                  "--target", "sm_90", "--json")
+    run = BASED_K32.result()
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
     (based,) = json.loads(run.stdout)["runs"]
     (kernel,) = based["kernels"]
@@ -111,10 +114,10 @@ def test_based_at_k32_compiles_on_the_narrowed_value_tile_without_spills():
     assert kernel["spill_bytes"] == 0 and 0 < kernel["registers"] <= kernel_report.MAX_REGISTERS
 
 
+@TOO_LARGE.needed
 def test_a_form_that_cannot_hold_its_state_exits_1_with_the_reason():
     # At D = 256 minimal_rnn's recurrent kernel would hold 2 [D, D] params: more than an SM's 65536 registers.
-    run = _recdsl("kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
-                  "--form", "recurrent", "--dtype", "float32")
+    run = TOO_LARGE.result()
     assert run.returncode == 1, run.stdout + run.stderr
     assert "cannot keep its state in registers" in run.stdout and "Traceback" not in run.stderr
     assert "0 kernels (0 launches) compiled" in run.stdout
@@ -162,11 +165,15 @@ print(json.dumps([dict(k.as_dict(), problems=k.problems()) for k in launches.ker
 '''
 
 
+# hog_kernel.py written to a temporary directory ("{dir}"), run in the background (tests/children.py)
+HOG_COMPILES = Child("kernels_hog", [sys.executable, "-c", HOG_RUN, "{dir}"],
+                     files={"hog_kernel.py": textwrap.dedent(HOG)}, timeout=300)
+
+
 @needs_tools
-def test_compile_only_reports_a_kernel_written_to_spill_and_one_that_does_not_compile(tmp_path):
-    (tmp_path / "hog_kernel.py").write_text(textwrap.dedent(HOG))
-    run = subprocess.run([sys.executable, "-c", HOG_RUN, str(tmp_path)], capture_output=True, text=True,
-                         env=_child_env(), cwd=REPO, timeout=300)
+@HOG_COMPILES.needed
+def test_compile_only_reports_a_kernel_written_to_spill_and_one_that_does_not_compile():
+    run = HOG_COMPILES.result()
     assert run.returncode == 0, run.stderr
     assert "CompileFailed: odd_block_kernel does not compile for sm_80" in run.stdout, run.stdout
     small, big = json.loads(run.stdout.splitlines()[-1])

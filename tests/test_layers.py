@@ -6,45 +6,47 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from .children import Child
 from .conftest import REPO
 
-
-def _env() -> dict[str, str]:
-    """This checkout's packages first on the path (an editable install may point at another checkout)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+# This checkout's packages first on the path (an editable install may point at another checkout).
+_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def _tool(name: str) -> str:
+def _tool(name: str) -> str | None:
     """A console script of this interpreter's environment (next to sys.executable), else from PATH."""
     beside = Path(sys.executable).with_name(name)
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    assert found, f"{name} is not installed: pip install -e '.[dev]'"
-    return found
+    return str(beside) if beside.is_file() else shutil.which(name)
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+def _run(name: str, tool: str, *argv: str) -> Child:
+    """`tool ARGV` in REPO, run in the background from the start of the session (tests/children.py)."""
+    return Child(name, [_tool(tool) or tool, *argv], env=_ENV, timeout=300)
 
 
+LINT_IMPORTS = _run("lint_imports", "lint-imports", "--no-cache", "--no-logo")
+PRIVATE_NAMES = _run("ruff_private_names", "ruff", "check", "--no-cache", "--preview", "--select", "PLC2701",
+                     "--output-format", "concise", "recurrence_dsl", "codegen", "autotune", "grammar")
+
+
+@LINT_IMPORTS.needed
 def test_import_contracts_are_kept():
-    result = _run([_tool("lint-imports"), "--no-cache", "--no-logo"])
+    assert _tool("lint-imports"), "lint-imports is not installed: pip install -e '.[dev]'"
+    result = LINT_IMPORTS.result()
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@PRIVATE_NAMES.needed
 def test_no_private_names_across_packages():
-    result = _run([_tool("ruff"), "check", "--no-cache", "--preview", "--select", "PLC2701",
-                   "--output-format", "concise", "recurrence_dsl", "codegen", "autotune", "grammar"])
+    assert _tool("ruff"), "ruff is not installed: pip install -e '.[dev]'"
+    result = PRIVATE_NAMES.result()
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_facade_is_lazy():
-    probe = """
+FACADE_PROBE = """
 import sys
 import recurrence_dsl.analysis
 assert not any(m.split(".")[0] in ("codegen", "autotune") for m in sys.modules), sorted(sys.modules)
@@ -62,5 +64,10 @@ except AttributeError:
 else:
     raise AssertionError("recurrence_dsl.no_such_name")
 """
-    result = _run([sys.executable, "-c", probe])
+FACADE = Child("lazy_facade", [sys.executable, "-c", FACADE_PROBE], env=_ENV, timeout=300)
+
+
+@FACADE.needed
+def test_the_facade_is_lazy():
+    result = FACADE.result()
     assert result.returncode == 0, result.stdout + result.stderr

@@ -22,14 +22,13 @@ of wall time on the shared machine under load, 2026-11-30).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from codegen import kernel_report
 
+from .children import Child
 from .conftest import REPO
 
 pytest.importorskip("triton")
@@ -84,13 +83,15 @@ print(json.dumps(runs))
 '''
 
 
+# run in the background from the start of the session (tests/children.py)
+COMPILES = Child("no_spills", [sys.executable, "-c", CHILD, json.dumps(CALLS), str(REPO / "specs"),
+                               str(REPO / "tests" / "data")])
+
+
 @pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "-")
+@COMPILES.needed
 def test_no_spills_at_default_configs():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CALLS), str(REPO / "specs"),
-                           str(REPO / "tests" / "data")], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600)
+    done = COMPILES.result()
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     assert [(r["name"], r["form"], r["target"]) for r in runs] == [c[:3] for c in CALLS]

@@ -27,7 +27,7 @@ from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPEC_FILES, as_dict
+from .conftest import SPEC_FILES, as_dict, weighted_gradients
 
 SPECS: dict[str, recurrence_dsl.Recurrence] = {}
 for _path in SPEC_FILES:
@@ -65,21 +65,11 @@ def _refuse_torch_forms(layer, rec, monkeypatch) -> None:
 
 
 def _grads(fn, rec, args, initial, weights=None, **kwargs):
+    """conftest.weighted_gradients of a call packing CU's sequences (loss weights from seed 5), by argument name
+    (`initial_state[S]` for a state); None for an argument the call does not use."""
     checked = rec.checked
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
-    given = init if len(checked.states) > 1 else init[checked.states[0].name]
-    out, final = fn(*leaves, initial_state=given, output_final_state=True, cu_seqlens=CU, **kwargs)
-    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
-    if weights is None:
-        gen = torch.Generator().manual_seed(5)
-        weights = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in d.items()}
-                   for d in (out, final)]
-    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
-    loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
+    grads, weights = weighted_gradients(fn, rec, args, initial, weights, seed=5, cu_seqlens=CU, **kwargs)
     names = [s.name for s in checked.inputs + checked.params] + [f"initial_state[{s.name}]" for s in checked.states]
-    tensors = leaves + [init[s.name] for s in checked.states]
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     return dict(zip(names, grads, strict=True)), weights
 
 

@@ -15,8 +15,6 @@ K = V = 64 and T = 300 in float32 and bfloat16.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -29,7 +27,8 @@ from codegen.triton_recurrent import has_triton_adjoint
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import REPO, SPEC_FILES, as_dict, small_sizes
+from .children import Child
+from .conftest import REPO, SPEC_FILES, as_dict, small_sizes, weighted_gradients
 from .test_adjoint import EXTRA
 
 pytest.importorskip("triton")
@@ -66,21 +65,15 @@ def _layer(rec, monkeypatch):
 def _grads(fn, rec, args, initial, weights=None, seed=0, **kwargs):
     """Gradients of every argument and initial state for sum(w * outputs) + sum(w * final states), the weights,
     and the first output (to see which backward it has)."""
-    checked = rec.checked
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    init = {k: v.detach().clone().requires_grad_() for k, v in as_dict(initial, checked.states).items()}
-    given = init if len(checked.states) > 1 else init[checked.states[0].name]
-    out, final = fn(*leaves, initial_state=given, output_final_state=True, **kwargs)
-    out, final = as_dict(out, checked.outputs), as_dict(final, checked.states)
-    if weights is None:
-        gen = torch.Generator().manual_seed(seed)
-        weights = tuple({k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.device) for k, v in d.items()}
-                        for d in (out, final))
-    loss = sum((out[k].double() * w).sum() for k, w in weights[0].items())
-    loss = loss + sum((final[k].double() * w).sum() for k, w in weights[1].items())
-    loss.backward()
-    first = next(iter(out.values()))
-    return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights, first
+    calls = []
+
+    def call(*inputs, **options):  # keeps the call's result: its first output's grad_fn names the backward
+        calls.append(fn(*inputs, **options))
+        return calls[-1]
+
+    grads, weights = weighted_gradients(call, rec, args, initial, weights, seed=seed, **kwargs)
+    first = next(iter(as_dict(calls[0][0], rec.checked.outputs).values()))
+    return grads, weights, first
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -222,16 +215,20 @@ def _compile_tools_missing() -> str:
     return ""
 
 
+ADJOINT_NAMES = ["gated_delta_net", "minimal_rnn"]
+# run in the background from the start of the session (tests/children.py)
+ADJOINT_COMPILES = Child("triton_adjoint_sm90", [sys.executable, "-c", CHILD, json.dumps(ADJOINT_NAMES),
+                                                 str(REPO / "specs")])
+
+
 @pytest.mark.skipif(bool(_compile_tools_missing()), reason=_compile_tools_missing() or "-")
+@ADJOINT_COMPILES.needed
 def test_the_adjoint_kernels_compile_for_sm90_without_spills():
     """bfloat16, K = V = 64 (D = 64): the two adjoint kernels with the least headroom, gated_delta_net's (the
     delta rule, split over V) and minimal_rnn's (whole [D, D] params and their gradients in one program), compiled
     for sm_90 in a child process without the interpreter (as tests/test_no_spills.py does): no local memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    names = ["gated_delta_net", "minimal_rnn"]
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(names), str(REPO / "specs")], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600)
+    names = ADJOINT_NAMES
+    done = ADJOINT_COMPILES.result()
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
     adjoints = [k for k in kernels if k["name"].endswith("__triton_recurrent_adjoint_kernel")]

@@ -19,8 +19,6 @@ the scan kernels (diagonal, and blocks of 2, 3 and 4) for sm_90 and sm_80, bfloa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -33,6 +31,7 @@ from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
+from .children import Child
 from .conftest import REPO, SPEC_FILES, as_dict
 
 triton = pytest.importorskip("triton")
@@ -350,23 +349,25 @@ print(json.dumps(runs))
 '''
 
 
+_DATA = REPO / "tests" / "data"
+SCAN_CALLS = [(str(REPO / "specs" / "mamba.rec"), "mamba", {"D": 128, "N": 16}, "sm_90"),
+              (str(_DATA / "rotation.rec"), "rotation", {"D": 128}, "sm_90"),
+              (str(_DATA / "rotation.rec"), "rotation", {"D": 128}, "sm_80"),
+              (str(_DATA / "coupled_blocks.rec"), "cascade3", {"D": 128}, "sm_90"),
+              (str(_DATA / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_90"),
+              (str(_DATA / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_80")]
+# run in the background from the start of the session (tests/children.py)
+SCAN_COMPILES = Child("scan_kernels", [sys.executable, "-c", CHILD, json.dumps(SCAN_CALLS)])
+
+
 @pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "-")
+@SCAN_COMPILES.needed
 def test_scan_kernels_compile_without_spills():
     """mamba (D = 128, N = 16), the rotation (2 x 2 blocks), the three-state cascade (3 x 3) and the four-state one
     (4 x 4), D = 128, in bfloat16, forward and backward, for sm_90 and sm_80: every scan kernel compiles, uses no
     local memory and fits the target's shared memory. The compiles run in a child process without
     TRITON_INTERPRET (as in tests/test_no_spills.py)."""
-    data = REPO / "tests" / "data"
-    calls = [(str(REPO / "specs" / "mamba.rec"), "mamba", {"D": 128, "N": 16}, "sm_90"),
-             (str(data / "rotation.rec"), "rotation", {"D": 128}, "sm_90"),
-             (str(data / "rotation.rec"), "rotation", {"D": 128}, "sm_80"),
-             (str(data / "coupled_blocks.rec"), "cascade3", {"D": 128}, "sm_90"),
-             (str(data / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_90"),
-             (str(data / "coupled_blocks.rec"), "cascade4", {"D": 128}, "sm_80")]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(calls)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
+    done = SCAN_COMPILES.result()
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     names = [{(k["name"], k["phase"]) for k in run} for run in runs]
@@ -374,7 +375,7 @@ def test_scan_kernels_compile_without_spills():
     for run, m in zip(names[1:], (2, 2, 3, 4, 4)):
         assert run == {(f"_triton_block{m}_scan_fwd_kernel", "forward"), (f"_triton_block{m}_scan_bwd_kernel",
                                                                          "backward")}
-    for (_, _, _, target), run in zip(calls, runs):
+    for (_, _, _, target), run in zip(SCAN_CALLS, runs):
         for k in run:
             assert k["spill_bytes"] == 0, k
             assert 0 < k["registers"] <= kernel_report.MAX_REGISTERS, k

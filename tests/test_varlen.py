@@ -15,8 +15,6 @@ tests/test_kernel_report.py does.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -28,7 +26,8 @@ from codegen.dispatch import length_groups
 from codegen.kernel_report import ToolMissing, find_tools
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import REPO, SPECS_DIR
+from .children import Child
+from .conftest import SPECS_DIR
 
 LENGTHS = (5, 1, 0, 17, 3, 5, 1)  # repeated lengths, a 1-step and an empty sequence, none a multiple of 16
 CU = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist())
@@ -193,16 +192,17 @@ LAUNCHES = textwrap.dedent('''
 ''')
 
 
+# run in the background from the start of the session (tests/children.py)
+PACKED_LAUNCHES = Child("varlen_launches", [sys.executable, "-c", LAUNCHES, str(SPECS_DIR / "linear_attention.rec"),
+                                            "linear_attention", str(SPECS_DIR / "delta_net.rec"), "delta_net"])
+
+
 @pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
+@PACKED_LAUNCHES.needed
 def test_launches_for_1000_packed_sequences_equal_those_for_one():
     """Forward and backward, the linear class (linear attention) and the delta rule (DeltaNet: its WY, state and
     output kernels, and the five backward kernels)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    cases = [str(SPECS_DIR / "linear_attention.rec"), "linear_attention", str(SPECS_DIR / "delta_net.rec"),
-             "delta_net"]
-    run = subprocess.run([sys.executable, "-c", LAUNCHES, *cases], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=600)
+    run = PACKED_LAUNCHES.result()
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     for name in ("linear_attention", "delta_net"):

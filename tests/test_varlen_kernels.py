@@ -14,8 +14,6 @@ tests/test_varlen.py counts the chunked forms').
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -26,6 +24,7 @@ import recurrence_dsl
 from codegen import triton_scan
 from recurrence_dsl.sampling import sample_arguments
 
+from .children import Child
 from .conftest import REPO, SPECS_DIR
 from .test_varlen import CHUNK, CU, LENGTHS, SIZE, _assert_close, _case, _layer, _results, _tools_missing
 
@@ -154,14 +153,16 @@ LAUNCHES = textwrap.dedent('''
 ''')
 
 
+# run in the background from the start of the session (tests/children.py)
+PACKED_LAUNCHES = Child("varlen_kernels_launches", [
+    sys.executable, "-c", LAUNCHES, str(SPECS_DIR / "gla.rec"), "gla", "recurrent", str(SPECS_DIR / "mamba2.rec"),
+    "mamba2", "scan", str(SPECS_DIR / "rwkv7.rec"), "rwkv7", "chunked"])
+
+
 @pytest.mark.skipif(bool(_tools_missing()), reason=_tools_missing() or "-")
+@PACKED_LAUNCHES.needed
 def test_launches_for_1000_packed_sequences_equal_those_for_one():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    cases = [str(SPECS_DIR / "gla.rec"), "gla", "recurrent", str(SPECS_DIR / "mamba2.rec"), "mamba2", "scan",
-             str(SPECS_DIR / "rwkv7.rec"), "rwkv7", "chunked"]
-    run = subprocess.run([sys.executable, "-c", LAUNCHES, *cases], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=600)
+    run = PACKED_LAUNCHES.result()
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     expected = {"recurrent": ("gla__triton_recurrent_kernel", "gla__triton_recurrent_adjoint_kernel"),
