@@ -18,6 +18,9 @@ source, target and options, so a hit is the same binary): float16 calls compile 
 a run after a change to a few kernels compiles only those; such rows carry `cached` and the lookup's seconds.
 --resume: keep the calls already in --out that compiled (no error) and run only the others (a stopped run goes on).
 --merge: compile nothing; join runs made separately (per spec, or at another --shape) into one table and summary.
+--dtypes float32 (not in the default matrix): float32 calls keep "ieee" dots, which Triton lowers to FMA loops with
+whole operand rows and columns in registers; the delta rule runs them at smaller chunks and more warps
+(codegen/triton_runtime.py `_delta_ieee_defaults`), other kernels at the half-precision defaults.
 
 --compare: a GPU run of benchmarks/gpu_kernel_report.py (registers from the device, `n_spills` = local bytes / 4);
 its rows are set beside this run's sm_90 bfloat16 rows of the same spec, size, form and kernel.

@@ -83,7 +83,8 @@ chunk-start states h; a scalar or no decay runs as a key decay with G broadcast 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
 registers on sm_80 or sm_90 at K = V <= 128 with tf32 dots (checked by `recdsl kernels`, tests/test_no_spills.py
-and benchmarks/kernel_matrix.py). float32 ("ieee") dots run as FMA loops, which need far more registers.
+and benchmarks/kernel_matrix.py). float32 ("ieee") dots run as FMA loops, which need far more registers: the delta
+rule under them runs chunks of at most 32 steps at 8 warps and 1 stage (`_delta_ieee_defaults`).
 
 Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are float32;
 outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the
@@ -179,6 +180,15 @@ _DPLR_STATE_STAGES_SMALL_SHARED = 1
 # spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 _DELTA_WY_HALF_WARPS = 8
 _DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
+# The delta rule under "ieee" dots (float32 inputs without tf32): Triton runs such a tl.dot as an FMA loop whose
+# operands sit in registers in full along the contraction (a thread's rows of A and columns of B), not as tensor-core
+# fragments, so at the defaults above (BT = 64, 4 warps, 2 stages) ten of gated DeltaNet's thirteen kernels spilled
+# on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
+# [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
+# next chunk's tiles from the state kernels (`_delta_ieee_defaults`).
+_IEEE_DELTA_BT = 32
+_IEEE_DELTA_WARPS = 8
+_IEEE_DELTA_STAGES = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1015,6 +1025,19 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     if allow_tf32 is None:
         allow_tf32 = k.dtype != torch.float32
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _delta_ieee_defaults(k: Tensor, chunk_size: int, num_warps: int | None, num_stages: int | None,
+                         allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
+    """(chunk_size, num_warps, num_stages) of a delta-rule call (chunked_delta_by): under "ieee" dots (allow_tf32
+    False, or None with float32 k) the chunk is at most _IEEE_DELTA_BT steps and num_warps / num_stages default to
+    _IEEE_DELTA_WARPS / _IEEE_DELTA_STAGES (a given one is kept), so that no kernel spills registers (see the
+    constants); with tf32 dots (half-precision inputs) all three come back as given. Raises ValueError for a
+    chunk_size that is not a power of two >= 16 (checked before the cap, so a bad one is never hidden)."""
+    _check_block("chunk_size", chunk_size)
+    if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
+        return chunk_size, num_warps, num_stages
+    return min(chunk_size, _IEEE_DELTA_BT), _or(num_warps, _IEEE_DELTA_WARPS), _or(num_stages, _IEEE_DELTA_STAGES)
 
 
 class _Packed:
@@ -2090,7 +2113,8 @@ def chunked_delta(queries, k, y, beta, log_decay=None, decay_axis=None, initial_
     S <- D_chunk S0 + (K * exp(G_last - G))^T U; outputs are chunked_linear's with v replaced by U.
     block_k must cover K (default pow2(K)): the state kernel holds whole columns of S, as row blocks of 64
     (`_delta_blocks`), which every other kernel walks K by. block_v defaults to min(pow2(V), 64), and to 32 in the
-    state kernel (16 with a key decay).
+    state kernel (16 with a key decay). Under "ieee" dots (float32 inputs, allow_tf32 not True) the chunk is at most
+    32 steps and num_warps / num_stages default to 8 / 1 (`_delta_ieee_defaults`: fewer registers a thread).
     """
     if decay_axis == "value":
         raise NotImplementedError("chunked_delta supports decay_axis None, 'scalar' or 'key'; a value-axis decay "
@@ -2118,6 +2142,8 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 
     v_step, decay_head, scale, skip, skip_weight: the fused prologue and epilogue, as for chunked_linear_by (the
     values are y_t = v_step_t * y_t, gated DeltaNet's beta * v, applied by the WY kernel)."""
+    # float32 dots: smaller chunks, more warps, one stage (before the packed layout, whose chunk this sets)
+    chunk_size, num_warps, num_stages = _delta_ieee_defaults(k, chunk_size, num_warps, num_stages, allow_tf32)
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32)
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])

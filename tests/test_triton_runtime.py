@@ -168,6 +168,33 @@ def test_strong_decay_finite(axis):
                 chunk_size=32)
 
 
+def test_delta_defaults_under_ieee_dots():
+    """float32 inputs without tf32 (FMA-loop dots): the delta rule's chunk is capped at 32 steps and num_warps /
+    num_stages default to 8 / 1 (gated DeltaNet's backward spilled up to 7.6 KB a thread at 64 / 4 / 2 on sm_90);
+    tf32 dots (half inputs, or allow_tf32=True) and given warps / stages are left alone; a bad chunk_size still
+    raises, the cap does not hide it."""
+    k32, k16 = torch.zeros(1, 8, 1, 16, dtype=F32), torch.zeros(1, 8, 1, 16, dtype=F16)
+    assert tri._delta_ieee_defaults(k32, 64, None, None, None) == (32, 8, 1)
+    assert tri._delta_ieee_defaults(k32, 64, None, None, False) == (32, 8, 1)
+    assert tri._delta_ieee_defaults(k32, 16, 4, 2, None) == (16, 4, 2)
+    assert tri._delta_ieee_defaults(k32, 64, None, None, True) == (64, None, None)
+    assert tri._delta_ieee_defaults(k16, 64, None, None, None) == (64, None, None)
+    assert tri._delta_ieee_defaults(k16, 64, None, None, False) == (32, 8, 1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        tri._delta_ieee_defaults(k32, 48, None, None, None)
+
+
+def test_delta_float32_chunk_64_runs_chunks_of_32():
+    """A float32 call at chunk_size=64 gives the 32-step chunked result (the chunk is what the cap says) and agrees
+    with the float64 torch runtime at 64."""
+    d = make(70, 16, 16, "scalar", delta=True)
+    at_64, final_64 = call(tri.chunked_delta, d, "scalar", True, chunk_size=64, output_final_state=True)
+    at_32, final_32 = call(tri.chunked_delta, d, "scalar", True, chunk_size=32, output_final_state=True)
+    for a, b in zip(at_64 + [final_64], at_32 + [final_32], strict=True):
+        assert torch.equal(a, b)
+    compare(d, "scalar", True, "delta f32 C=64 (runs 32)", chunk_size=64)
+
+
 @pytest.mark.parametrize("delta", [False, True])
 def test_chunk_size_above_length(delta):
     """chunk_size >= T is one chunk (the parallel form), as in the torch runtime: BT = min(chunk_size, pow2(T))."""

@@ -1992,6 +1992,15 @@ _triton_DELTA_STATE_BV = 32  # its default BV (16 with a key decay, whose G tile
 # _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
 # spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 _triton_DELTA_WY_HALF_WARPS = 8
+# The delta rule under "ieee" dots (float32 inputs without tf32): Triton runs such a tl.dot as an FMA loop whose
+# operands sit in registers in full along the contraction (a thread's rows of A and columns of B), not as tensor-core
+# fragments, so at the defaults above (BT = 64, 4 warps, 2 stages) ten of gated DeltaNet's thirteen kernels spilled
+# on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
+# [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
+# next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+_triton_IEEE_DELTA_BT = 32
+_triton_IEEE_DELTA_WARPS = 8
+_triton_IEEE_DELTA_STAGES = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2313,6 +2322,19 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+def _triton_delta_ieee_defaults(k: triton_Tensor, chunk_size: int, num_warps: int | None, num_stages: int | None,
+                         allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
+    """(chunk_size, num_warps, num_stages) of a delta-rule call (triton_chunked_delta_by): under "ieee" dots (allow_tf32
+    False, or None with float32 k) the chunk is at most _triton_IEEE_DELTA_BT steps and num_warps / num_stages default to
+    _triton_IEEE_DELTA_WARPS / _triton_IEEE_DELTA_STAGES (a given one is kept), so that no kernel spills registers (see the
+    constants); with tf32 dots (half-precision inputs) all three come back as given. Raises ValueError for a
+    chunk_size that is not a power of two >= 16 (checked before the cap, so a bad one is never hidden)."""
+    _triton_check_block("chunk_size", chunk_size)
+    if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
+        return chunk_size, num_warps, num_stages
+    return min(chunk_size, _triton_IEEE_DELTA_BT), _triton_or(num_warps, _triton_IEEE_DELTA_WARPS), _triton_or(num_stages, _triton_IEEE_DELTA_STAGES)
+
+
 class _triton_Packed:
     """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
 
@@ -2597,6 +2619,8 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
 
     v_step, decay_head, scale, skip, skip_weight: the fused prologue and epilogue, as for triton_chunked_linear_by (the
     values are y_t = v_step_t * y_t, gated DeltaNet's beta * v, applied by the WY kernel)."""
+    # float32 dots: smaller chunks, more warps, one stage (before the packed layout, whose chunk this sets)
+    chunk_size, num_warps, num_stages = _triton_delta_ieee_defaults(k, chunk_size, num_warps, num_stages, allow_tf32)
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32)
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2])

@@ -2237,6 +2237,12 @@ _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q,
 # sm_80 has 163 KB; on sm_90, 1 stage spilled 160 B where 2 stages run clean in 222 KB)
 # _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
 # spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
+# The delta rule under "ieee" dots (float32 inputs without tf32): Triton runs such a tl.dot as an FMA loop whose
+# operands sit in registers in full along the contraction (a thread's rows of A and columns of B), not as tensor-core
+# fragments, so at the defaults above (BT = 64, 4 warps, 2 stages) ten of gated DeltaNet's thirteen kernels spilled
+# on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
+# [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
+# next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
 
 
 # ----------------------------------------------------------------------------------------------------------

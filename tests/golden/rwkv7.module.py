@@ -2131,6 +2131,12 @@ _triton_DPLR_STATE_STAGES_SMALL_SHARED = 1
 # _triton_delta_wy_kernel with half-precision inputs (bfloat16 / float16 pointers, upcast at the load): 8 warps; at 4 it
 # spilled 8 B on sm_80 at K = 64 (168 registers), where float32 inputs compile clean at 4 (219 registers)
 _triton_DPLR_WY_WARPS = 8  # _triton_dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B spilled at 4 warps (sm_80, K = 128)
+# The delta rule under "ieee" dots (float32 inputs without tf32): Triton runs such a tl.dot as an FMA loop whose
+# operands sit in registers in full along the contraction (a thread's rows of A and columns of B), not as tensor-core
+# fragments, so at the defaults above (BT = 64, 4 warps, 2 stages) ten of gated DeltaNet's thirteen kernels spilled
+# on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
+# [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
+# next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
 
 
 # ----------------------------------------------------------------------------------------------------------
