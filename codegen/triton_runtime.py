@@ -958,6 +958,18 @@ def _arch() -> int:
     return arch if isinstance(arch, int) else 90
 
 
+def _register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
+    128; benchmarks/kernel_matrix.py)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -1193,13 +1205,14 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     vs = f.v_step
     if vs is not None or f.skip is not None:
         BV = min(BV, _FUSED_OUTPUT_BV)
+    warps = _or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES),
-        QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map))
+        num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
+        **(_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
