@@ -62,23 +62,28 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
 
 Backward of chunked_linear (`_ChunkedLinearFunction`; the formulas above `_chunk_dstate_kernel`), from the saved
-chunk-start states h; a scalar or no decay runs as a key decay with G broadcast over K:
+chunk-start states h. No transposed copy of h or dh is made (the kernels that contract with h^T or dh^T read them in
+place: TRANS_H, TRANS_DM), a scalar decay's G stays [B, T, H] (its kernels load one G per row: DECAY 1) and no decay
+has no G (DECAY 0):
 
   _chunk_dstate_kernel  (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   the state gradient run backwards over chunks, one query per
                                                   launch (later ones add in): dh [B, H, NT, K, V] at chunk ends, dh0.
-  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v, one of
-                                                  the two decayed over the decay axis.
-  _chunk_output_value_kernel / _chunk_output_kernel (DECAY 2)
-                                                  reused for dq (key / value decay): do against h^T, dA against k.
+  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v: for a
+                                                  key / value decay one of the two decayed over the decay axis, for
+                                                  a scalar or no decay both plain (the kernels below decay them).
+  _chunk_output_kernel (DECAY 0 / 1, or 2 for a value decay) / _chunk_output_value_kernel (key decay), TRANS_H
+                                                  reused for dq: do against h^T, dA (decayed) against k.
   _chunk_bwd_decayed_kernel (cdiv(D, BD), NT*NC, B*H)
                                                   anti-causal mirror of _chunk_output_value_kernel (decay on the
                                                   output axis D): dk for a key decay, dv for a value decay.
   _chunk_bwd_plain_kernel (cdiv(D, BD), NT, B*H)  A^T @ x plus the chunk-end term (z exp(G_last - G)) @ dh: dv for
-                                                  a key decay, dk for a value decay.
-  _dlog_chunk_kernel    (NT, cdiv(D, BD), B*H)    the log decays' gradient, summed term by term (a [BT, BT] block
-                                                  per lane of D for the pairs inside the chunk, dots for the
-                                                  chunk-start / chunk-end state terms).
+                                                  a key decay, dk for a value decay, both for a scalar or no decay.
+  _dlog_chunk_kernel    (NT, cdiv(D, BD), B*H)    a key / value decay's log-decay gradient, summed term by term (a
+                                                  [BT, BT] block per lane of D for the pairs inside the chunk, dots
+                                                  for the chunk-start / chunk-end state terms).
+  _dlog_scalar_kernel   (NT, B*H)                 a scalar decay's: the same sum with the lanes summed inside its
+                                                  terms, one [BT, BT] block per chunk.
 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
@@ -1572,9 +1577,11 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
