@@ -2140,8 +2140,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                                                         (A, do, k, False, dv, V, K, BV, BK)):
                 _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
                     M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-                    decay_cls.code, excl, trans, num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS),
-                    num_stages=stages)
+                    decay_cls.code, excl, trans,
+                    num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
         else:
             # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
             # axis carries its decay
@@ -2344,6 +2344,7 @@ _DELTA_BWD_DQK_BV = 32
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _DELTA_BWD_LOCAL_BV = 32
 _CHUNK_BWD_PLAIN_WARPS = 8  # _chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 
