@@ -2657,6 +2657,7 @@ _triton_DELTA_BWD_DQK_BV = 32
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_DELTA_BWD_LOCAL_BV = 32
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 

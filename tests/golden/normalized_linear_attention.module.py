@@ -2997,8 +2997,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
                                                     (A, do, k, False, dv, V, K, BV, BK)):
             _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
                 M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-                decay_cls.code, excl, trans, num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS),
-                num_stages=stages)
+                decay_cls.code, excl, trans,
+                num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
         dqs.append(dq)
 
     dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
@@ -3017,6 +3017,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------
