@@ -47,10 +47,11 @@ _RUNTIME_PREFIX = "_triton_"  # the Triton runtime's kernels as renamed in a gen
 
 # The linear chunked form's Triton backward (codegen/triton_runtime.py, `_linear_backward`) launches two forward
 # kernels with decay codes other than its plan's: the intra-chunk scores with a per-channel decay and with none
-# (2 and 3) for every axis, and for a value decay dq through the key-decay output kernel (2). Those kernels keep
+# (2 and 3) for a key or value decay, with none (3) for a scalar or no decay (whose kernels apply a scalar decay to
+# the plain scores themselves), and for a value decay dq through the key-decay output kernel (2). Those kernels keep
 # the branches for these codes; every other kernel keeps only its plans' own.
 _LINEAR_BACKWARD_DECAYS = {
-    "_intra_attn_kernel": lambda axis: {2, 3},
+    "_intra_attn_kernel": lambda axis: {2, 3} if axis in ("key", "value") else {3},
     "_chunk_output_kernel": lambda axis: {2} if axis == "value" else set(),
 }
 

@@ -62,23 +62,28 @@ Kernels (the split of flash-linear-attention's chunk_h / chunk_o, written afresh
                                                   v * exp(Gref - G), the diagonal sub-block by a 16-column loop.
 
 Backward of chunked_linear (`_ChunkedLinearFunction`; the formulas above `_chunk_dstate_kernel`), from the saved
-chunk-start states h; a scalar or no decay runs as a key decay with G broadcast over K:
+chunk-start states h. No transposed copy of h or dh is made (the kernels that contract with h^T or dh^T read them in
+place: TRANS_H, TRANS_DM), a scalar decay's G stays [B, T, H] (its kernels load one G per row: DECAY 1) and no decay
+has no G (DECAY 0):
 
   _chunk_dstate_kernel  (cdiv(K, BK), cdiv(V, BV), B*H)
                                                   the state gradient run backwards over chunks, one query per
                                                   launch (later ones add in): dh [B, H, NT, K, V] at chunk ends, dh0.
-  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v, one of
-                                                  the two decayed over the decay axis.
-  _chunk_output_value_kernel / _chunk_output_kernel (DECAY 2)
-                                                  reused for dq (key / value decay): do against h^T, dA against k.
+  _intra_attn_kernel                              the forward's scores A and the scores dA of do against v: for a
+                                                  key / value decay one of the two decayed over the decay axis, for
+                                                  a scalar or no decay both plain (the kernels below decay them).
+  _chunk_output_kernel (DECAY 0 / 1, or 2 for a value decay) / _chunk_output_value_kernel (key decay), TRANS_H
+                                                  reused for dq: do against h^T, dA (decayed) against k.
   _chunk_bwd_decayed_kernel (cdiv(D, BD), NT*NC, B*H)
                                                   anti-causal mirror of _chunk_output_value_kernel (decay on the
                                                   output axis D): dk for a key decay, dv for a value decay.
   _chunk_bwd_plain_kernel (cdiv(D, BD), NT, B*H)  A^T @ x plus the chunk-end term (z exp(G_last - G)) @ dh: dv for
-                                                  a key decay, dk for a value decay.
-  _dlog_chunk_kernel    (NT, cdiv(D, BD), B*H)    the log decays' gradient, summed term by term (a [BT, BT] block
-                                                  per lane of D for the pairs inside the chunk, dots for the
-                                                  chunk-start / chunk-end state terms).
+                                                  a key decay, dk for a value decay, both for a scalar or no decay.
+  _dlog_chunk_kernel    (NT, cdiv(D, BD), B*H)    a key / value decay's log-decay gradient, summed term by term (a
+                                                  [BT, BT] block per lane of D for the pairs inside the chunk, dots
+                                                  for the chunk-start / chunk-end state terms).
+  _dlog_scalar_kernel   (NT, B*H)                 a scalar decay's: the same sum with the lanes summed inside its
+                                                  terms, one [BT, BT] block per chunk.
 
 Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stages, BK = BV = 64 (the delta
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
@@ -777,7 +782,7 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                          VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -787,7 +792,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
     D * x); QMAP, KMAP (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
-    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
+    state's V and K, `_linear_backward`), so no transposed copy of h is made."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -814,7 +821,11 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_chunk_states`)
         if DECAY == 2:
             if SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
@@ -874,9 +885,11 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
 @triton.jit
 def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr,
+                               TRANS_H: tl.constexpr = False):
     """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _intra_attn_kernel):
-    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
+    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_linear_backward`)."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -904,7 +917,11 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_chunk_states`)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
@@ -1601,9 +1618,11 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
@@ -1611,12 +1630,13 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 
 @triton.jit
 def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
                          STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
+    DECAY 0: no G (gc is not read); 1: a scalar decay, G [B, T, H] (one per row); 2 / 3: G [B, T, H, K / V].
     Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
     VARLEN: as in _chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1652,18 +1672,25 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
-        if VALUE:
+        if DECAY == 3:
             b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
             b_gq = tl.load(gc + bos * V + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
                            other=0.0)  # [BT, BV]
             b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[None, :]
             b_dh += tl.dot(b_qt, b_do * _safe_exp(b_gq.to(tl.float32)), input_precision=PREC)
-        else:
+        elif DECAY == 2:
             b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
             b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
                            other=0.0)  # [BK, BT]
             b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
             b_dh += tl.dot(b_qt * _safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
+        elif DECAY == 1:  # one G per row, broadcast over K
+            b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+            b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
+            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))
+            b_dh += tl.dot(b_qt * _safe_exp(b_gq.to(tl.float32))[None, :], b_do, input_precision=PREC)
+        else:
+            b_dh += tl.dot(b_qt, b_do, input_precision=PREC)
     if STORE_DH0:
         p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V) + o_kv
         if ACC:
@@ -1675,10 +1702,11 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K
 def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                               BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                              PREC: tl.constexpr):
+                              PREC: tl.constexpr, TRANS_DM: tl.constexpr):
     """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
     out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
-    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
+    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient
+    (TRANS_DM: stored [B*H, NT, D, DZ] and read transposed in place: a key decay's dk reads dh [K, V] as dh^T).
     The time-reversed mirror of _chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
     sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
     i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1734,7 +1762,11 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
             m_z = o_z < DZ
             b_z = tl.load(z + bos * DZ + o_is[:, None] * (H * DZ) + o_z[None, :], mask=m_s[:, None] & m_z[None, :],
                           other=0.0).to(tl.float32)  # [BC, BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            if TRANS_DM:  # element (z, d) of a stored [D, DZ] matrix
+                p_zd = p_dm + o_d[None, :] * DZ + o_z[:, None]
+            else:
+                p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
+            b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
         b_o += b_zh * _decay(b_gl[None, :], b_gs)
     p_out = out + bos * D + p_sd
@@ -1746,10 +1778,13 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
 @triton.jit
 def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                             BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
-                            ACC: tl.constexpr, PREC: tl.constexpr):
+                            ACC: tl.constexpr, PREC: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                            TRANS_DM: tl.constexpr):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
-    that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
-    the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
+    with their causal mask, dm [B*H, NT, DZ, D] the chunk's state gradient (TRANS_DM: stored [B*H, NT, D, DZ] and
+    read transposed in place). G, float64, by DECAY: 2 / 3 (a key / value decay) G [B, T, H, DZ] over z's axis (the
+    contraction axis of the state term), M holding its decays already; 1 (a scalar decay) G [B, T, H], one per row,
+    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G."""
     i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1764,21 +1799,38 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
     p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
     b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
                    other=0.0)  # [BT (s), BT (t)]: M^T
+    i_last = tl.minimum(BT, T - t0) - 1
+    if DECAY == 1:  # plain scores: M_ts exp(Gq_t - G_s) (M is 0 where s > t, whose factor _decay keeps <= 1)
+        b_gs = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+        if EXCLUSIVE:
+            b_gq = tl.load(gc + bos + (o_i - 1) * H, mask=m_t & (o_i > 0), other=0.0)
+        else:
+            b_gq = b_gs
+        b_Mt = b_Mt * _decay(b_gq[None, :], b_gs[:, None])
     b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
     b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
     if USE_H:
-        i_last = tl.minimum(BT, T - t0) - 1
         p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        if DECAY == 1:  # exp(G_last - G_s), one per row
+            b_zl = _decay(tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0), b_gs)  # [BT]
         for i_z in range(0, tl.cdiv(DZ, BZ)):
             o_z = i_z * BZ + tl.arange(0, BZ)
             m_z = o_z < DZ
             m_tz = m_t[:, None] & m_z[None, :]
             p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
             b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
-            b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
-            b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
-            b_o += tl.dot(b_z * _decay(b_gl[None, :], b_g), b_dm, input_precision=PREC)
+            if DECAY == 1:
+                b_z = b_z * b_zl[:, None]
+            elif DECAY != 0:
+                b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
+                b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
+                b_z = b_z * _decay(b_gl[None, :], b_g)
+            if TRANS_DM:  # element (z, d) of a stored [D, DZ] matrix
+                p_zd = p_dm + o_d[None, :] * DZ + o_z[:, None]
+            else:
+                p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
+            b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_o += tl.dot(b_z, b_dm, input_precision=PREC)
     if ACC:
         b_o += tl.load(out + p_td, mask=m_td, other=0.0)
     tl.store(out + p_td, b_o, mask=m_td)
@@ -1879,6 +1931,88 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
         b_r += tl.load(r + offs, mask=m, other=0.0)
     b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
     tl.store(r + offs, b_r, mask=m)
+
+
+@triton.jit
+def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHIFT: tl.constexpr,
+                        STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FLOOR: tl.constexpr):
+    """A scalar decay's log-decay gradient r [B, T, H] for one chunk n: `_dlog_chunk_kernel`'s sum with its K lanes
+    summed inside the terms, so the pair term is one [BT, BT] block per chunk, never one per lane:
+        r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} exp(G_L - G_s) (k_s^T dh_n v_s) if STATE]
+               + sum_{u>=t} exp(Gq_u) (q_u^T h_n do_u) + sum_{s<t<=u} A_us dA_us exp(Gq_u - G_s)   (u > t if SHIFT)
+    A = q k^T and dA = do v^T the plain scores [B*H, NT*BT, BT] (causal mask included), G [B, T, H] float64
+    chunk-local, Gq_u = G_u or G_{u-1} if SHIFT; h, dh [B, H, NT, K, V] (h may be bfloat16). 0 where the log decay g
+    [B, T, H] was floored. The bilinear state terms are [BT, BK] x [BK, BV] dots reduced against [BT, BV] tiles."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    t0 = i_n * BT
+    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
+    o_i = tl.arange(0, BT)
+    m_t = t0 + o_i < T
+    last = tl.minimum(BT, T - t0) - 1  # the chunk's last step, local
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+    b_gl = tl.load(gc + bos + last * H, mask=last >= 0, other=0.0)  # G_L
+    if SHIFT:
+        b_gq = tl.load(gc + bos + (o_i - 1) * H, mask=m_t & (o_i >= 1), other=0.0)
+    else:
+        b_gq = b_g
+    p_h = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    b_wh = tl.zeros([BT], dtype=tl.float32)  # q_u^T h_n do_u
+    b_zd = tl.zeros([BT], dtype=tl.float32)  # k_s^T dh_n v_s
+    b_hdh = tl.zeros([BV], dtype=tl.float32)  # sum(h_n * dh_n), by column
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_qh = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+            b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_qh += tl.dot(b_q, b_h, input_precision=PREC)
+        b_wh += tl.sum(b_qh * tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+        if STATE:  # a second K loop, so that only one [BT, BV] accumulator is live at a time
+            b_kd = tl.zeros([BT, BV], dtype=tl.float32)
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_tk = m_t[:, None] & (o_k < K)[None, :]
+                m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+                b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk,
+                              other=0.0).to(tl.float32)
+                b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+                b_kd += tl.dot(b_k, b_dh, input_precision=PREC)
+                b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+                b_hdh += tl.sum(b_h * b_dh, axis=0)
+            b_zd += tl.sum(b_kd * tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+    # sum_{u >= t} exp(Gq_u) (q_u^T h_n do_u); a strict reverse sum for an exclusive query
+    b_t2 = tl.where(m_t, _decay(b_gq, 0.0) * b_wh, 0.0)
+    b_r = tl.cumsum(b_t2, axis=0, reverse=True)
+    if SHIFT:
+        b_r -= b_t2
+    if STATE:
+        b_t3 = tl.where(m_t, _decay(b_gl, tl.where(m_t, b_g, b_gl)) * b_zd, 0.0)
+        b_r += tl.cumsum(b_t3, axis=0) - b_t3  # for s < t
+        b_r += _decay(b_gl, 0.0) * tl.sum(b_hdh, axis=0)
+    # the pair term: P[u, s] = A_us dA_us exp(Gq_u - G_s) for s < u, C[t, s] = sum_{u >= t} P[u, s],
+    # r_t += sum_{s < t} C[t, s]
+    p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+    m_A = m_t[:, None] & m_t[None, :]
+    m_us = o_i[None, :] < o_i[:, None]  # s < u
+    b_P = tl.load(A + p_A, mask=m_A, other=0.0) * tl.load(dA + p_A, mask=m_A, other=0.0)
+    # (a pair s >= u is dropped by the select; _decay clamps its exponent at 0, so it is never inf)
+    b_P = tl.where(m_us, b_P * _decay(b_gq[:, None], b_g[None, :]), 0.0)
+    b_C = tl.cumsum(b_P, axis=0, reverse=True)
+    if SHIFT:
+        b_C -= b_P
+    b_r += tl.sum(tl.where(m_us, b_C, 0.0), axis=1)
+    if ACC:
+        b_r += tl.load(r + bos + o_i * H, mask=m_t, other=0.0)
+    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0) < FLOOR, 0.0, b_r)
+    tl.store(r + bos + o_i * H, b_r, mask=m_t)
 
 
 def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
@@ -2008,19 +2142,24 @@ def _unmap(pair, x: Tensor, grad: Tensor | None) -> Tensor | None:
 def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
                      packed=None):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
-    `_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
+    `_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
+
+    No [B, T, H, K] G for a scalar or no decay: a scalar decay's G stays [B, T, H] (as the forward's ScalarDecay
+    keeps it) and its kernels load one G per row (their DECAY 1), no decay has none (DECAY 0); and no transposed
+    copy of h or dh: the kernels that contract with h^T or dh^T read them in place (TRANS_H, TRANS_DM)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     value = decay_cls.code == 3
     dev, f32 = k.device, torch.float32
-    # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
-    if decay_cls.code == 0:
-        g = None
-        gc, eg = torch.zeros((B, T, H, K), dtype=torch.float64, device=dev), None
-    else:
-        g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
+    # G over the decayed axis D (K, or V for a value decay), [B, T, H] for a scalar decay, None without a decay
+    g = gc = eg = None
+    if decay_cls.code == 1:
+        g = log_decay.contiguous()
+        gc, eg = _cumsum(g, 1, BT, num_warps)
+    elif decay_cls.code == 2 or decay_cls.code == 3:
+        g = log_decay.contiguous()
         gc, eg = _cumsum(g, V if value else K, BT, num_warps, with_exp=value)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
@@ -2032,57 +2171,98 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
     dh0 = torch.empty((rows, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         _chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
-            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
-            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, value, excl,
+            q, do, gc if gc is not None else dh, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
+            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, decay_cls.code, excl,
             i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
             num_stages=stages)
-    hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
-    dqs, A_all, dA_all = [], [], []  # the plain scores of each query (A for a value decay, dA else)
+    dqs, A_all, dA_all = [], [], []  # the scores of each query that the log decays' gradient reads
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
-        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
-        # (with no decay, plain q k^T: G = 0 needs no exp, and the key-decay path's diagonal column loop spilled
-        # 8 B on sm_80 where K = 1, based's z0)
-        plain = value or decay_cls.code == 0
-        A = _intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
-                        num_stages)
-        dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
-                         num_stages)
-        (A_all if value else dA_all).append(A if value else dA)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
+        if decay_cls.code == 0 or decay_cls.code == 1:
+            # the plain scores A = q k^T and dA = do v^T, masked; a scalar decay's exp(Gq_t - G_s) is applied by
+            # the kernels that read them
+            A = _intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages)
+            dA = _intra_attn(do, v, None, 3, excl, excl, BT, BV, prec, num_warps, num_stages)
+            A_all.append(A)
+            dA_all.append(dA)
+            # dq = exp(Gq) (do h^T) + (do v^T decayed, masked) k: the forward's output kernel with (q, k, v, h) =
+            # (do, v, k, h^T), h read transposed in place
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
-                False, False,
-                num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
-        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
-            _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                do, k, gc, hT, dA, dq, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, num_warps=warps,
+                do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV,
+                BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, num_warps=warps,
                 num_stages=stages)
-        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
-        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
-        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
-        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
-        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
-        M, x, z, dm, out, D, DZ, BD, BZ = decayed
-        _chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
-            num_stages=stages)
-        M, x, z, dm, out, D, DZ, BD, BZ = plain
-        _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-            num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
+            # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh)
+            for M, x, z, trans, out, D, DZ, BD, BZ in ((dA, q, v, True, dk, K, V, BK, BV),
+                                                        (A, do, k, False, dv, V, K, BV, BK)):
+                _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+                    M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+                    decay_cls.code, excl, trans,
+                    num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
+        else:
+            # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
+            # axis carries its decay
+            A = _intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
+                            num_stages)
+            dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
+                             num_stages)
+            (A_all if value else dA_all).append(A if value else dA)
+            if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
+                _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+                    do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                    False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
+            else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
+                _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
+                    do, k, gc, h, dA, dq, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, TRANS_H=True,
+                    num_warps=warps, num_stages=stages)
+            # (scores, x, z, dh read as dh^T, out, its width, z's width, their blocks): dk from dA and q, dv from A
+            # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
+            for_dk = (dA, q, v, True, dk, K, V, BK, BV)
+            for_dv = (A, do, k, False, dv, V, K, BV, BK)
+            decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
+            M, x, z, trans, out, D, DZ, BD, BZ = decayed
+            _chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
+                M, x, gc, z, dh, out, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, trans,
+                num_warps=warps, num_stages=stages)
+            M, x, z, trans, out, D, DZ, BD, BZ = plain
+            _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+                M, x, gc, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl, trans,
+                num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
         dqs.append(dq)
 
-    dlog = None
-    if decay_cls.code != 0:  # (not `g is not None`: codegen/specialize.py folds this test in a module without decay)
+    dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
+    if decay_cls.code == 1:
+        dlog = _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT, prec, num_warps)
+    elif decay_cls.code == 2 or decay_cls.code == 3:
         dlog = _dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
-        if decay_cls.code == 1:
-            dlog = dlog.sum(-1)
     return dk, dv, dlog, dh0, dqs
+
+
+_DLOG_SCALAR_BV = 32  # _dlog_scalar_kernel's V block: [BT, BV] accumulator and operand tiles beside [BT, BK] ones
+# _dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
+_DLOG_SCALAR_WARPS = 8
+
+
+def _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int, prec: str,
+                 num_warps: int | None) -> Tensor:
+    """dL/d(log decay) [B, T, H] float32 of a scalar decay: `_dlog_decay`'s sum with the K lanes summed inside its
+    terms (`_dlog_scalar_kernel`, one launch per query), so neither G nor the result is ever [B, T, H, K]. A_all,
+    dA_all: each query's plain scores q k^T and do v^T; g [B, T, H] the uncumulated log decays, gc their float64
+    chunk-local cumulative sum."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    r = torch.empty((B, T, H), dtype=torch.float32, device=k.device)
+    BK = min(64, _pow2_at_least_16(K))
+    BV = min(_DLOG_SCALAR_BV, _pow2_at_least_16(V))
+    for i, (q, excl, do, A, dA) in enumerate(zip(qs, exclusive, dos, A_all, dA_all)):
+        _dlog_scalar_kernel[(NT, B * H)](
+            A, dA, q, k, v, do, h, dh, g, gc, r, T, H, K, V, BT, BK, BV, excl, i == 0, i > 0, prec, _LOG_DECAY_FLOOR,
+            num_warps=_or(num_warps, _DLOG_SCALAR_WARPS))
+    return r
 
 
 def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> Tensor:
@@ -2227,6 +2407,7 @@ _DELTA_BWD_DQK_BV = 32
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _DELTA_BWD_LOCAL_BV = 32
 _CHUNK_BWD_PLAIN_WARPS = 8  # _chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 _DELTA_BWD_WY_K_BK = 32  # _delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 

@@ -12,9 +12,10 @@ scale and a per-head skip term, applied in the kernels).
 - Half precision: float16 values and gradients against the reference at float16 tolerance; bfloat16 outputs and
   gradients come back in bfloat16.
 - The backward (`hand_written_backward_bytes`): its formulas at one shape by hand; a gradient handed back is not an
-  intermediate; and, compiled for sm_90 in a child process (no kernel runs) at B=2, T=1024, H=4, K=V=128, gated
-  DeltaNet's forward + backward within the hand-written forward + backward and its forward within the hand-written
-  forward, in float32 and in bfloat16.
+  intermediate; GLA's and Mamba2's forward + backward at B=2, T=1024, H=4, K=V=128 in float32 and bfloat16 within
+  the hand-written forward + backward (the host's allocations, no kernel launched); and, compiled for sm_90 in a
+  child process (no kernel runs) at the same shape, gated DeltaNet's forward + backward within the hand-written
+  forward + backward and its forward within the hand-written forward, in float32 and in bfloat16.
 - No initial state: the linear chunked Triton forms take None (no zero state, no gradient of one), GLA and mLSTM.
 
 Kernels run in Triton's interpreter (tests/conftest.py); about 70 s on an idle two-core machine (117 s measured on the
@@ -32,6 +33,7 @@ import torch
 
 import recurrence_dsl
 from codegen.intermediate_bytes import (
+    format_rows,
     hand_written_backward_bytes,
     hand_written_bytes,
     hand_written_for,
@@ -251,6 +253,43 @@ def test_a_gradient_handed_back_is_not_an_intermediate():
     # (the sum's backward makes a [4, 1] gradient: 16 bytes; x's own [4, 8] gradient, 128 bytes, must not count)
     assert report.by_phase.get("backward", 0) < 4 * 8 * 4, [r.as_dict() for r in report.rows]
     assert x.grad is not None and torch.equal(x.grad, torch.full((4, 8), 3.0))
+
+
+# (spec, dtype) -> the hand-written figure of a training step at B=2, T=1024, H=4, K=V=128 (Mamba2: N=P=128), and what
+# the linear chunked form allocated when this was written (`recdsl kernels SPEC --backward --target sm_90` gives the
+# same figure, compiling the kernels instead of skipping them); before its backward read h and dh in place and kept
+# a scalar decay's G [B, T, H]: GLA 53,581,840 / 59,846,672 and Mamba2 64,405,524 / 72,800,340
+TRAINING_STEPS = {("gla", torch.float32): (41_943_040, 36_804_624), ("gla", torch.bfloat16): (54_525_952, 47_263_760),
+                  ("mamba2", torch.float32): (73_793_536, 30_916_628),
+                  ("mamba2", torch.bfloat16): (61_194_240, 45_602_900)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["gla", "mamba2"])
+def test_linear_training_step_within_the_hand_written_figure(name, dtype, monkeypatch):
+    """A forward + backward of GLA and Mamba2 at B=2, T=1024, H=4, K=V=128 (N=P=128) allocates no more than the
+    published kernels' forward + backward (flash-linear-attention's chunk_gla, mamba_ssm's chunk scan), with no
+    transposed copy of a state tensor and no scalar decay expanded over K (`triton_runtime._linear_backward`).
+    The kernels are not run (Triton's interpreter launches nothing here): the count is of the host's allocations,
+    the buffers the kernels would fill, as under `kernel_report.compile_only`. About 1 s each once the module is
+    loaded."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec(name)
+    sizes = {s: 128 for s in rec.checked.sizes}
+    args, _ = sample_arguments(rec.checked, sizes, 2, 1024, 4, dtype=torch.float32, seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="chunked",
+                          backward=True)
+    hand = hand_written_for(name, sizes, 2, 1024, 4, dtype=dtype, backward=True)
+    figure, measured = TRAINING_STEPS[(name, dtype)]
+    assert hand["total"] == figure
+    assert report.total <= hand["total"], (report.total, hand["total"], format_rows(report))
+    assert report.total == measured, format_rows(report)  # a change in either direction is worth a look
+    wheres = [r.where for r in report.rows]
+    assert not [w for w in wheres if "transpose" in w or "expand" in w], wheres
+    if name == "mamba2":  # the scalar decay's cumulative sums are [B, T, H]
+        assert all(r.shape == (2, 1024, 4) for r in report.rows if "_cumsum" in r.where), format_rows(report)
 
 
 CHILD = """

@@ -2304,7 +2304,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2314,7 +2314,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
     D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
-    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2335,7 +2337,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
@@ -2377,6 +2383,18 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
+    128; benchmarks/kernel_matrix.py)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2422,7 +2440,7 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
 
 
 def _triton_delta_ieee_defaults(k: triton_Tensor, chunk_size: int, num_warps: int | None, num_stages: int | None,
-                         allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
+                                allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
     """(chunk_size, num_warps, num_stages) of a delta-rule call (triton_chunked_delta_by): under "ieee" dots (allow_tf32
     False, or None with float32 k) the chunk is at most _triton_IEEE_DELTA_BT steps and num_warps / num_stages default to
     _triton_IEEE_DELTA_WARPS / _triton_IEEE_DELTA_STAGES (a given one is kept), so that no kernel spills registers (see the
@@ -2547,13 +2565,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     vs = f.v_step
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
+    warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
-        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
+        **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2711,12 +2730,17 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
+
+
+# _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
 
 
 def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_state=None, chunk_size=64,
@@ -2804,6 +2828,7 @@ _triton_DELTA_BWD_DQK_BV = 32
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_DELTA_BWD_LOCAL_BV = 32
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 _triton_DELTA_BWD_WY_K_BK = 32  # _triton_delta_bwd_wy_k_kernel's K block: [BT, 64] tiles spill there at K = 128 (sm_90)
 
 

@@ -2283,13 +2283,6 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
             b_kt = _triton_mapped(b_kt, m_kt, KMAP)
-            if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK]
-                b_gk = tl.load(p_g + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0)  # [BK, BC]
-                b_gr = tl.load(p_g + i_ref * (H * K) + o_k, mask=m_k & (o_k * 0 + t0 + i_ref < T), other=0.0)
-                b_q = b_q * _triton_decay(b_gq, b_gr[None, :])
-                b_kt = b_kt * _triton_decay(b_gr[:, None], b_gk)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -2298,22 +2291,10 @@ def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_iq[:, None] * (H * K) + o_k[None, :], mask=m_tq[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_q = _triton_mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
-            if DECAY == 2:
-                b_gq = tl.load(p_g + o_ig[:, None] * (H * K) + o_k[None, :], mask=m_tg[:, None] & m_k[None, :],
-                               other=0.0)  # [BC, BK] float64: every column's difference needs it exact
-                for c in range(0, BC):  # one key column at a time: exp(Gq_t - G_s) directly, t >= s
-                    i_s = i_i * BC + c
-                    m_s = m_k & (o_k * 0 + t0 + i_s < T)
-                    b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                    b_ks = _triton_mapped(b_ks, m_s, KMAP)
-                    b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
-                    b_col = tl.sum(b_q * b_ks[None, :] * _triton_decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
-                    b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
-            else:
-                b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
-                               other=0.0).to(tl.float32)
-                b_kt = _triton_mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP)
-                b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+            b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
+                           other=0.0).to(tl.float32)
+            b_kt = _triton_mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP)
+            b_A += tl.dot(b_q, b_kt, input_precision=PREC)
         if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
         else:
@@ -2402,7 +2383,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2412,7 +2393,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
     D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
-    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2433,7 +2416,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
@@ -2452,68 +2439,6 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
-    """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
-    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
-    i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_i = i_nc // NC, i_nc % NC
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_v, p_g = v + bos * V, gc + bos * V
-    o_c = tl.arange(0, BC)
-    o_it = i_i * BC + o_c  # [BC] query rows (local to the chunk)
-    m_t = t0 + o_it < T
-    o_ig = o_it
-    m_tg = m_t
-    o_v = i_vt * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_tv = m_t[:, None] & m_v[None, :]
-    # inter-chunk term
-    b_o = tl.zeros([BC, BV], dtype=tl.float32)
-    p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
-        b_o += tl.dot(b_q, b_h, input_precision=PREC)
-    b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
-                   other=0.0)  # [BC, BV] float64, kept for the diagonal sub-block
-    b_o = b_o * _triton_safe_exp(b_gq.to(tl.float32))
-    p_A = A + (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_it * BT  # [BC] row starts of A
-    # earlier sub-chunks j < i, through G at the end of sub-chunk i - 1
-    if i_i > 0:
-        i_ref = i_i * BC - 1
-        b_gr = tl.load(p_g + i_ref * (H * V) + o_v, mask=m_v & (o_v * 0 + t0 + i_ref < T), other=0.0)  # [BV]
-        b_off = tl.zeros([BC, BV], dtype=tl.float32)
-        for j in range(0, i_i):
-            o_is = j * BC + o_c
-            m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
-            p_sv = o_is[:, None] * (H * V) + o_v[None, :]
-            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
-            b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
-            b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
-                           other=0.0)  # [BC, BC]
-            b_off += tl.dot(b_Aj, b_vs * _triton_decay(b_gr[None, :], b_gs), input_precision=PREC)
-        b_o += b_off * _triton_decay(b_gq, b_gr[None, :])
-    # diagonal sub-block, one key column at a time (A is already causally masked)
-    for c in range(0, BC):
-        i_s = i_i * BC + c
-        m_s = m_v & (o_v * 0 + t0 + i_s < T)
-        b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
-        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
-        b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
-        b_o += b_a[:, None] * b_vs[None, :] * _triton_decay(b_gq, b_gs[None, :])
-    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2535,6 +2460,18 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
+    128; benchmarks/kernel_matrix.py)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2708,13 +2645,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     vs = f.v_step
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
+    warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
-        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
+        **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2923,9 +2861,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
@@ -2933,12 +2873,13 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
 @triton.jit
 def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                                 EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
                                 STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
+    DECAY 0: no G (gc is not read); 1: a scalar decay, G [B, T, H] (one per row); 2 / 3: G [B, T, H, K / V].
     Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
     VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -2970,18 +2911,10 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
-        if VALUE:
-            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
-            b_gq = tl.load(gc + bos * V + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
-                           other=0.0)  # [BT, BV]
-            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[None, :]
-            b_dh += tl.dot(b_qt, b_do * _triton_safe_exp(b_gq.to(tl.float32)), input_precision=PREC)
-        else:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
-                           other=0.0)  # [BK, BT]
-            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
-            b_dh += tl.dot(b_qt * _triton_safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
+        b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
+        b_gq = tl.load(gc + bos + o_ig * H, mask=m_tg, other=0.0)  # [BT]
+        b_dh = b_dh * tl.exp(b_gl.to(tl.float32))
+        b_dh += tl.dot(b_qt * _triton_safe_exp(b_gq.to(tl.float32))[None, :], b_do, input_precision=PREC)
     if STORE_DH0:
         p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V) + o_kv
         if ACC:
@@ -2990,78 +2923,15 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
 
 
 @triton.jit
-def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
-                                     BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
-                                     NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                                     PREC: tl.constexpr):
-    """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
-    out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
-    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
-    The time-reversed mirror of _triton_chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
-    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
-    i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_j = i_nc // NC, i_nc % NC
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    t0 = i_n * BT
-    bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_x, p_g = x + bos * D, gc + bos * D
-    o_c = tl.arange(0, BC)
-    o_is = i_j * BC + o_c  # [BC] output rows s (local to the chunk)
-    m_s = t0 + o_is < T
-    o_d = i_dt * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    m_sd = m_s[:, None] & m_d[None, :]
-    p_sd = o_is[:, None] * (H * D) + o_d[None, :]
-    b_gs = tl.load(p_g + p_sd, mask=m_sd, other=0.0)  # [BC, BD] float64
-    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT  # row t, column s at t * BT + s
-    b_o = tl.zeros([BC, BD], dtype=tl.float32)
-    if i_j < NC - 1:  # later sub-chunks, through G at the last row of sub-chunk j
-        i_ref = i_j * BC + BC - 1
-        b_gr = tl.load(p_g + i_ref * (H * D) + o_d, mask=m_d & (o_d * 0 + t0 + i_ref < T), other=0.0)  # [BD]
-        b_acc = tl.zeros([BC, BD], dtype=tl.float32)
-        for i in range(i_j + 1, NC):
-            o_it = i * BC + o_c
-            m_td = (t0 + o_it < T)[:, None] & m_d[None, :]
-            b_x = tl.load(p_x + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            b_gq = tl.load(p_g + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
-            b_Mt = tl.load(p_M + o_it[None, :] * BT + o_is[:, None], mask=(o_is[:, None] < BT) & (o_it[None, :] < BT),
-                           other=0.0)  # [BC (s), BC (t)]: M^T
-            b_acc += tl.dot(b_Mt, b_x * _triton_decay(b_gq, b_gr[None, :]), input_precision=PREC)
-        b_o += b_acc * _triton_decay(b_gr[None, :], b_gs)
-    for c in range(0, BC):  # the diagonal sub-block, one row t of M at a time (M is zero where s > t)
-        i_t = i_j * BC + c
-        m_td = m_d & (o_d * 0 + t0 + i_t < T)
-        b_m = tl.load(p_M + i_t * BT + o_is, mask=o_is < BT, other=0.0)  # [BC] row t of M, columns s
-        b_xt = tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32)  # [BD]
-        b_gqt = tl.load(p_g + i_t * (H * D) + o_d, mask=m_td, other=0.0)
-        b_o += b_m[:, None] * b_xt[None, :] * _triton_decay(b_gqt[None, :], b_gs)
-    if USE_H:  # the chunk-end state gradient's share: exp(G_last - G_s) * (z_s @ dm)
-        i_last = tl.minimum(BT, T - t0) - 1
-        b_gl = tl.load(p_g + i_last * (H * D) + o_d, mask=m_d, other=0.0)  # [BD]
-        p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
-        b_zh = tl.zeros([BC, BD], dtype=tl.float32)
-        for i_z in range(0, tl.cdiv(DZ, BZ)):
-            o_z = i_z * BZ + tl.arange(0, BZ)
-            m_z = o_z < DZ
-            b_z = tl.load(z + bos * DZ + o_is[:, None] * (H * DZ) + o_z[None, :], mask=m_s[:, None] & m_z[None, :],
-                          other=0.0).to(tl.float32)  # [BC, BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
-            b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
-        b_o += b_zh * _triton_decay(b_gl[None, :], b_gs)
-    p_out = out + bos * D + p_sd
-    if ACC:
-        b_o += tl.load(p_out, mask=m_sd, other=0.0)
-    tl.store(p_out, b_o, mask=m_sd)
-
-
-@triton.jit
 def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                    BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
-                                   ACC: tl.constexpr, PREC: tl.constexpr):
+                                   ACC: tl.constexpr, PREC: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                                   TRANS_DM: tl.constexpr):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
-    that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
-    the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
+    with their causal mask, dm [B*H, NT, DZ, D] the chunk's state gradient (TRANS_DM: stored [B*H, NT, D, DZ] and
+    read transposed in place). G, float64, by DECAY: 2 / 3 (a key / value decay) G [B, T, H, DZ] over z's axis (the
+    contraction axis of the state term), M holding its decays already; 1 (a scalar decay) G [B, T, H], one per row,
+    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G."""
     i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -3076,121 +2946,113 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
     p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
     b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
                    other=0.0)  # [BT (s), BT (t)]: M^T
+    i_last = tl.minimum(BT, T - t0) - 1
+    b_gs = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+    b_gq = b_gs
+    b_Mt = b_Mt * _triton_decay(b_gq[None, :], b_gs[:, None])
     b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
     b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
     if USE_H:
-        i_last = tl.minimum(BT, T - t0) - 1
         p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
+        b_zl = _triton_decay(tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0), b_gs)  # [BT]
         for i_z in range(0, tl.cdiv(DZ, BZ)):
             o_z = i_z * BZ + tl.arange(0, BZ)
             m_z = o_z < DZ
             m_tz = m_t[:, None] & m_z[None, :]
             p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
             b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
-            b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
-            b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
-            b_o += tl.dot(b_z * _triton_decay(b_gl[None, :], b_g), b_dm, input_precision=PREC)
+            b_z = b_z * b_zl[:, None]
+            if TRANS_DM:  # element (z, d) of a stored [D, DZ] matrix
+                p_zd = p_dm + o_d[None, :] * DZ + o_z[:, None]
+            else:
+                p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
+            b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_o += tl.dot(b_z, b_dm, input_precision=PREC)
     if ACC:
         b_o += tl.load(out + p_td, mask=m_td, other=0.0)
     tl.store(out + p_td, b_o, mask=m_td)
 
 
 @triton.jit
-def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                              BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
-                              SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                              FLOOR: tl.constexpr):
-    """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
-    `_triton_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
-    + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
-    M [B*H, NT*BT, BT] the plain scores over the undecayed axis E, [u, s], causal mask included; x, y [B, T, H, D];
-    w, z [B, T, H, E]; h, dh [B, H, NT, K, V] float32 (D = K rows if not VALUE, V columns if VALUE); G [B, T, H, D]
-    float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Every exponent is <= 0 and every
-    term a part of the true sum: nothing cancels. 0 where the log decay g was floored (exp' = exp is 0 there, as in
-    the reference: a -inf step gets no gradient). The pair term is one [BT, BT] block per lane (a reverse cumsum
-    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots."""
-    i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _triton_dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHIFT: tl.constexpr,
+                               STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FLOOR: tl.constexpr):
+    """A scalar decay's log-decay gradient r [B, T, H] for one chunk n: `_triton_dlog_chunk_kernel`'s sum with its K lanes
+    summed inside the terms, so the pair term is one [BT, BT] block per chunk, never one per lane:
+        r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} exp(G_L - G_s) (k_s^T dh_n v_s) if STATE]
+               + sum_{u>=t} exp(Gq_u) (q_u^T h_n do_u) + sum_{s<t<=u} A_us dA_us exp(Gq_u - G_s)   (u > t if SHIFT)
+    A = q k^T and dA = do v^T the plain scores [B*H, NT*BT, BT] (causal mask included), G [B, T, H] float64
+    chunk-local, Gq_u = G_u or G_{u-1} if SHIFT; h, dh [B, H, NT, K, V] (h may be bfloat16). 0 where the log decay g
+    [B, T, H] was floored. The bilinear state terms are [BT, BK] x [BK, BV] dots reduced against [BT, BV] tiles."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
     bos = (i_b.to(tl.int64) * T + t0) * H + i_h
     o_i = tl.arange(0, BT)
-    o_j = tl.arange(0, BD)
-    o_d = i_d * BD + o_j
-    m_d = o_d < D
     m_t = t0 + o_i < T
-    m = m_t[:, None] & m_d[None, :]
-    offs = bos * D + o_i[:, None] * (H * D) + o_d[None, :]  # [BT, BD]
     last = tl.minimum(BT, T - t0) - 1  # the chunk's last step, local
-    b_g = tl.load(gc + offs, mask=m, other=0.0)  # float64
-    b_gl = tl.load(gc + bos * D + last * (H * D) + o_d, mask=m_d, other=0.0)  # [BD] G_L
+    b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT] float64
+    b_gl = tl.load(gc + bos + last * H, mask=last >= 0, other=0.0)  # G_L
     if SHIFT:
-        b_gq = tl.load(gc + offs - H * D, mask=m & (o_i[:, None] >= 1), other=0.0)
+        b_gq = tl.load(gc + bos + (o_i - 1) * H, mask=m_t & (o_i >= 1), other=0.0)
     else:
         b_gq = b_g
-    b_x = tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
-    # the state terms: w_u . h_n and z_s . dh_n over the undecayed axis E, h_n's [d, e] element at d*V + e (rows)
-    # or e*V + d (a value decay's columns)
-    p_h = (i_bh.to(tl.int64) * NT + i_n) * (D * E)
-    offs_e = bos * E + o_i[:, None] * (H * E)
-    b_wh = tl.zeros([BT, BD], dtype=tl.float32)
-    b_zd = tl.zeros([BT, BD], dtype=tl.float32)
-    b_hdh = tl.zeros([BD], dtype=tl.float32)
-    for e0 in range(0, E, BE):
-        o_e = e0 + tl.arange(0, BE)
-        m_e = o_e < E
-        if VALUE:
-            p_de = o_e[:, None] * D + o_d[None, :]  # [BE, BD]
-        else:
-            p_de = o_d[None, :] * E + o_e[:, None]
-        m_de = m_e[:, None] & m_d[None, :]
-        b_h = tl.load(h + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)  # h may be stored in the input dtype
-        b_w = tl.load(w + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
-        b_wh += tl.dot(b_w, b_h, input_precision=PREC)
-        if STATE:
-            b_dh = tl.load(dh + p_h + p_de, mask=m_de, other=0.0).to(tl.float32)
-            b_z = tl.load(z + offs_e + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0).to(tl.float32)
-            b_zd += tl.dot(b_z, b_dh, input_precision=PREC)
-            b_hdh += tl.sum(b_h * b_dh, axis=0)
-    # sum_{u >= t} x_u exp(Gq_u) (w_u . h_n); a strict reverse sum for an exclusive query
-    b_t2 = tl.where(m, b_x * _triton_decay(b_gq, 0.0) * b_wh, 0.0)
+    p_h = (i_bh.to(tl.int64) * NT + i_n) * (K * V)
+    b_wh = tl.zeros([BT], dtype=tl.float32)  # q_u^T h_n do_u
+    b_zd = tl.zeros([BT], dtype=tl.float32)  # k_s^T dh_n v_s
+    b_hdh = tl.zeros([BV], dtype=tl.float32)  # sum(h_n * dh_n), by column
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_qh = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+            b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_qh += tl.dot(b_q, b_h, input_precision=PREC)
+        b_wh += tl.sum(b_qh * tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+        if STATE:  # a second K loop, so that only one [BT, BV] accumulator is live at a time
+            b_kd = tl.zeros([BT, BV], dtype=tl.float32)
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_tk = m_t[:, None] & (o_k < K)[None, :]
+                m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+                b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk,
+                              other=0.0).to(tl.float32)
+                b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+                b_kd += tl.dot(b_k, b_dh, input_precision=PREC)
+                b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+                b_hdh += tl.sum(b_h * b_dh, axis=0)
+            b_zd += tl.sum(b_kd * tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+    # sum_{u >= t} exp(Gq_u) (q_u^T h_n do_u); a strict reverse sum for an exclusive query
+    b_t2 = tl.where(m_t, _triton_decay(b_gq, 0.0) * b_wh, 0.0)
     b_r = tl.cumsum(b_t2, axis=0, reverse=True)
     if SHIFT:
         b_r -= b_t2
     if STATE:
-        b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
-        b_t3 = tl.where(m, b_y * _triton_decay(b_gl[None, :], tl.where(m, b_g, b_gl[None, :])) * b_zd, 0.0)
+        b_t3 = tl.where(m_t, _triton_decay(b_gl, tl.where(m_t, b_g, b_gl)) * b_zd, 0.0)
         b_r += tl.cumsum(b_t3, axis=0) - b_t3  # for s < t
-        b_r += (_triton_decay(b_gl, 0.0) * b_hdh)[None, :]
-    # the pair term, one lane at a time: P[u, s] = M_us x_u y_s exp(Gq_u - G_s) for s < u, then
-    # C[t, s] = sum_{u >= t} P[u, s] and r_t += sum_{s < t} C[t, s]
-    p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
+        b_r += _triton_decay(b_gl, 0.0) * tl.sum(b_hdh, axis=0)
+    # the pair term: P[u, s] = A_us dA_us exp(Gq_u - G_s) for s < u, C[t, s] = sum_{u >= t} P[u, s],
+    # r_t += sum_{s < t} C[t, s]
+    p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
+    m_A = m_t[:, None] & m_t[None, :]
     m_us = o_i[None, :] < o_i[:, None]  # s < u
-    b_M = tl.load(p_M + o_i[:, None] * BT + o_i[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
-    b_M = tl.where(m_us, b_M, 0.0)
-    for j in range(0, BD):
-        d = i_d * BD + j
-        m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
-        p_c = bos * D + o_i * (H * D) + d
-        b_xc = tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_yc = tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_gc = tl.load(gc + p_c, mask=m_c, other=0.0)
-        if SHIFT:
-            b_gqc = tl.load(gc + p_c - H * D, mask=m_c & (o_i >= 1), other=0.0)
-        else:
-            b_gqc = b_gc
-        b_gu = tl.where(m_us, b_gqc[:, None], b_gc[None, :])  # masked pairs get exp(0), times M = 0
-        b_P = b_M * b_xc[:, None] * b_yc[None, :] * _triton_decay(b_gu, b_gc[None, :])
-        b_C = tl.cumsum(b_P, axis=0, reverse=True)
-        if SHIFT:
-            b_C -= b_P
-        b_rc = tl.sum(tl.where(m_us, b_C, 0.0), axis=1)  # [t]: the rows are t, s < t
-        b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
+    b_P = tl.load(A + p_A, mask=m_A, other=0.0) * tl.load(dA + p_A, mask=m_A, other=0.0)
+    # (a pair s >= u is dropped by the select; _triton_decay clamps its exponent at 0, so it is never inf)
+    b_P = tl.where(m_us, b_P * _triton_decay(b_gq[:, None], b_g[None, :]), 0.0)
+    b_C = tl.cumsum(b_P, axis=0, reverse=True)
+    if SHIFT:
+        b_C -= b_P
+    b_r += tl.sum(tl.where(m_us, b_C, 0.0), axis=1)
     if ACC:
-        b_r += tl.load(r + offs, mask=m, other=0.0)
-    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
-    tl.store(r + offs, b_r, mask=m)
+        b_r += tl.load(r + bos + o_i * H, mask=m_t, other=0.0)
+    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0) < FLOOR, 0.0, b_r)
+    tl.store(r + bos + o_i * H, b_r, mask=m_t)
 
 
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
@@ -3273,16 +3135,21 @@ def _triton_raw_gradients(maps, qs, k, dk, dqs):
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
                             packed=None):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
-    `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
+    `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
+
+    No [B, T, H, K] G for a scalar or no decay: a scalar decay's G stays [B, T, H] (as the forward's triton_ScalarDecay
+    keeps it) and its kernels load one G per row (their DECAY 1), no decay has none (DECAY 0); and no transposed
+    copy of h or dh: the kernels that contract with h^T or dh^T read them in place (TRANS_H, TRANS_DM)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     value = decay_cls.code == 3
     dev, f32 = k.device, torch.float32
-    # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
-    g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
-    gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
+    # G over the decayed axis D (K, or V for a value decay), [B, T, H] for a scalar decay, None without a decay
+    g = gc = eg = None
+    g = log_decay.contiguous()
+    gc, eg = _triton_cumsum(g, 1, BT, num_warps)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
@@ -3293,84 +3160,62 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     dh0 = torch.empty((rows, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         _triton_chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
-            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
-            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, value, excl,
+            q, do, gc if gc is not None else dh, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
+            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, decay_cls.code, excl,
             i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
             num_stages=stages)
-    hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
-    dqs, A_all, dA_all = [], [], []  # the plain scores of each query (A for a value decay, dA else)
+    dqs, A_all, dA_all = [], [], []  # the scores of each query that the log decays' gradient reads
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
-        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
-        # (with no decay, plain q k^T: G = 0 needs no exp, and the key-decay path's diagonal column loop spilled
-        # 8 B on sm_80 where K = 1, based's z0)
-        plain = value or decay_cls.code == 0
-        A = _triton_intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
-                               num_stages)
-        dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
-                                num_stages)
-        (A_all if value else dA_all).append(A if value else dA)
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
-            _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
-                False, False,
-                num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
-            _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
-                num_stages=stages)
-        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
-        # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
-        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
-        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
-        decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
-        M, x, z, dm, out, D, DZ, BD, BZ = decayed
-        _triton_chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
+        A = _triton_intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages)
+        dA = _triton_intra_attn(do, v, None, 3, excl, excl, BT, BV, prec, num_warps, num_stages)
+        A_all.append(A)
+        dA_all.append(dA)
+        # dq = exp(Gq) (do h^T) + (do v^T decayed, masked) k: the forward's output kernel with (q, k, v, h) =
+        # (do, v, k, h^T), h read transposed in place
+        _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+            do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV,
+            BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, num_warps=warps,
             num_stages=stages)
-        M, x, z, dm, out, D, DZ, BD, BZ = plain
-        _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-            num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
+        # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh)
+        for M, x, z, trans, out, D, DZ, BD, BZ in ((dA, q, v, True, dk, K, V, BK, BV),
+                                                    (A, do, k, False, dv, V, K, BV, BK)):
+            _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+                M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+                decay_cls.code, excl, trans,
+                num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
         dqs.append(dq)
 
-    dlog = None
-    dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
-    dlog = dlog.sum(-1)
+    dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
+    dlog = _triton_dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT, prec, num_warps)
     return dk, dv, dlog, dh0, dqs
 
 
-def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
-    """dL/d(log decay) [B, T, H, D] float32 of the linear chunked form (D = K, or V for a value decay), summed
-    directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
-    et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
-    param summing dG over every step lost 1e-5 relative). Per chunk n (start state h_n, gradient dh_n of its end
-    state, G chunk-local, G_L its last), with the state S_{t-1} = exp(G_{t-1}) h_n + sum_{s<t} exp(G_{t-1} - G_s)
-    k_s v_s^T and dS_t = exp(G_L - G_t) dh_n + sum_{u>=t} exp(Gq_u - G_t) q_u do_u^T (over D: key decay rows,
-    value decay columns):
-        dG_t = exp(G_L) sum(h_n * dh_n)                                 (every t)
-             + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n)                     (u > t for an exclusive query)
-             + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n)
-             + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)
-    with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
-    exponent <= 0 and every term a part of the true sum. One `_triton_dlog_chunk_kernel` launch per query, in float32,
-    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored."""
-    B, T, H, D = gc.shape
+_triton_DLOG_SCALAR_BV = 32  # _triton_dlog_scalar_kernel's V block: [BT, BV] accumulator and operand tiles beside [BT, BK] ones
+# _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
+_triton_DLOG_SCALAR_WARPS = 8
+
+
+def _triton_dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int, prec: str,
+                        num_warps: int | None) -> triton_Tensor:
+    """dL/d(log decay) [B, T, H] float32 of a scalar decay: `_triton_dlog_decay`'s sum with the K lanes summed inside its
+    terms (`_triton_dlog_scalar_kernel`, one launch per query), so neither G nor the result is ever [B, T, H, K]. A_all,
+    dA_all: each query's plain scores q k^T and do v^T; g [B, T, H] the uncumulated log decays, gc their float64
+    chunk-local cumulative sum."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    y, z = (v, k) if value else (k, v)
-    E = z.shape[-1]
-    r = torch.empty((B, T, H, D), dtype=torch.float32, device=gc.device)
-    BD = min(32, _triton_pow2_at_least_16(D))
-    BE = min(64, _triton_pow2_at_least_16(E))
-    for i, (q, excl, do, M) in enumerate(zip(qs, exclusive, dos, plain)):
-        x, w = (do, q) if value else (q, do)
-        _triton_dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
-            M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _triton_LOG_DECAY_FLOOR, num_warps=warps)
+    r = torch.empty((B, T, H), dtype=torch.float32, device=k.device)
+    BK = min(64, _triton_pow2_at_least_16(K))
+    BV = min(_triton_DLOG_SCALAR_BV, _triton_pow2_at_least_16(V))
+    for i, (q, excl, do, A, dA) in enumerate(zip(qs, exclusive, dos, A_all, dA_all)):
+        _triton_dlog_scalar_kernel[(NT, B * H)](
+            A, dA, q, k, v, do, h, dh, g, gc, r, T, H, K, V, BT, BK, BV, excl, i == 0, i > 0, prec, _triton_LOG_DECAY_FLOOR,
+            num_warps=_triton_or(num_warps, _triton_DLOG_SCALAR_WARPS))
     return r
 
 
@@ -3383,6 +3228,7 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plai
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------

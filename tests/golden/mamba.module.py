@@ -1998,6 +1998,18 @@ def _triton_arch() -> int:
     return arch if isinstance(arch, int) else 90
 
 
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
+    128; benchmarks/kernel_matrix.py)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one class per decay axis: the host-side steps that differ (cumulative sums, the delta rule's decayed K K^T,
 # the output launch) and the kernels' DECAY code. The public forms pick one by `decay_axis` through `_triton_DECAYS`;
@@ -2027,12 +2039,17 @@ def _triton_arch() -> int:
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
+
+
+# _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2043,6 +2060,7 @@ def _triton_arch() -> int:
 # of 32 and V blocks of 32 (K blocks of 64 spilled 112-536 B on sm_80)
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------

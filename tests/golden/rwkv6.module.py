@@ -2567,7 +2567,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2577,7 +2577,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
     D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
-    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg."""
+    chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2598,7 +2600,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _triton_mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         if SPANS:  # exp(Gq): the log decays of steps 0 .. o_ig[t] summed down the chunk
             b_eq = _triton_safe_exp(tl.cumsum(_triton_floored(tl.load(gc + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
@@ -2621,9 +2627,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
 @triton.jit
 def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr,
+                                      TRANS_H: tl.constexpr = False):
     """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
-    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0."""
+    o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0.
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_triton_linear_backward`)."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -2647,7 +2655,11 @@ def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: 
         m_k = o_k < K
         b_q = tl.load(q + bos * K + o_it[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+        if TRANS_H:  # element (k, v) of a stored [V, K] matrix
+            p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
+        else:
+            p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
     b_gq = tl.load(p_g + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
@@ -2699,6 +2711,18 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
+    128; benchmarks/kernel_matrix.py)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2872,13 +2896,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     vs = f.v_step
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
+    warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
-        num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
-        QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map))
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
+        **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3098,9 +3123,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 #              dv = exp(G_last - G) * (k dh) + sum_{t>=s} A_ts do_t exp(Gq_t - G_s),      A = q k^T masked
 #              dk = dA^T q + (v exp(G_last - G)) dh^T
 #
-# A scalar decay (and no decay, G = 0) takes the key-axis path with G broadcast over K, its dlog_decay the sum over
-# K. The log decays' gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al.
-# 2023, section 4: writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
+# A scalar decay (and no decay, G = 0) is the key-axis case with G constant over K: its G stays [B, T, H], its
+# decay factors are one per row (or pair of rows) of A, dA and the state terms, so dq, dk and dv come from the
+# undecayed-axis kernels, and its dlog_decay is the key-axis sum over K taken inside each term. The log decays'
+# gradient is the reverse cumulative sum inside the chunk of the per-step terms (GLA, Yang et al. 2023, section 4:
+# writing q~ = q exp(G), k~ = k exp(-G), dG = q dq - k dk; for a value decay dG = o do - v dv)
 # plus the end-of-chunk term sum(h_{n+1} * dh_n) over the undecayed axis; an exclusive query's term belongs to the
 # step before it (a strict reverse sum). Every decay factor is `_triton_decay` of a difference of G, as in the forward.
 # ----------------------------------------------------------------------------------------------------------
@@ -3108,12 +3135,13 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
 @triton.jit
 def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VALUE: tl.constexpr,
+                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                                 EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
                                 STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
+    DECAY 0: no G (gc is not read); 1: a scalar decay, G [B, T, H] (one per row); 2 / 3: G [B, T, H, K / V].
     Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
     VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -3145,18 +3173,11 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
-        if VALUE:
-            b_gl = tl.load(gc + bos * V + i_last * (H * V) + o_v, mask=m_v, other=0.0)  # [BV]
-            b_gq = tl.load(gc + bos * V + o_ig[:, None] * (H * V) + o_v[None, :], mask=m_tg[:, None] & m_v[None, :],
-                           other=0.0)  # [BT, BV]
-            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[None, :]
-            b_dh += tl.dot(b_qt, b_do * _triton_safe_exp(b_gq.to(tl.float32)), input_precision=PREC)
-        else:
-            b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
-            b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
-                           other=0.0)  # [BK, BT]
-            b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
-            b_dh += tl.dot(b_qt * _triton_safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
+        b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
+        b_gq = tl.load(gc + bos * K + o_ig[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tg[None, :],
+                       other=0.0)  # [BK, BT]
+        b_dh = b_dh * tl.exp(b_gl.to(tl.float32))[:, None]
+        b_dh += tl.dot(b_qt * _triton_safe_exp(b_gq.to(tl.float32)), b_do, input_precision=PREC)
     if STORE_DH0:
         p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V) + o_kv
         if ACC:
@@ -3168,10 +3189,11 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
 def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                      BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                                     PREC: tl.constexpr):
+                                     PREC: tl.constexpr, TRANS_DM: tl.constexpr):
     """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
     out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
-    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient.
+    M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient
+    (TRANS_DM: stored [B*H, NT, D, DZ] and read transposed in place: a key decay's dk reads dh [K, V] as dh^T).
     The time-reversed mirror of _triton_chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
     sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
     i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -3221,7 +3243,11 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
             m_z = o_z < DZ
             b_z = tl.load(z + bos * DZ + o_is[:, None] * (H * DZ) + o_z[None, :], mask=m_s[:, None] & m_z[None, :],
                           other=0.0).to(tl.float32)  # [BC, BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
+            if TRANS_DM:  # element (z, d) of a stored [D, DZ] matrix
+                p_zd = p_dm + o_d[None, :] * DZ + o_z[:, None]
+            else:
+                p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
+            b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
         b_o += b_zh * _triton_decay(b_gl[None, :], b_gs)
     p_out = out + bos * D + p_sd
@@ -3233,10 +3259,13 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
 @triton.jit
 def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                    BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
-                                   ACC: tl.constexpr, PREC: tl.constexpr):
+                                   ACC: tl.constexpr, PREC: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
+                                   TRANS_DM: tl.constexpr):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
-    that already hold their decays and causal mask, G [B, T, H, DZ] float64 over z's axis (the contraction axis of
-    the state term), dm [B*H, NT, DZ, D] the chunk's state gradient."""
+    with their causal mask, dm [B*H, NT, DZ, D] the chunk's state gradient (TRANS_DM: stored [B*H, NT, D, DZ] and
+    read transposed in place). G, float64, by DECAY: 2 / 3 (a key / value decay) G [B, T, H, DZ] over z's axis (the
+    contraction axis of the state term), M holding its decays already; 1 (a scalar decay) G [B, T, H], one per row,
+    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G."""
     i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -3251,10 +3280,10 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
     p_M = M + (i_bh.to(tl.int64) * NT * BT + t0) * BT
     b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
                    other=0.0)  # [BT (s), BT (t)]: M^T
+    i_last = tl.minimum(BT, T - t0) - 1
     b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
     b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
     if USE_H:
-        i_last = tl.minimum(BT, T - t0) - 1
         p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
         for i_z in range(0, tl.cdiv(DZ, BZ)):
             o_z = i_z * BZ + tl.arange(0, BZ)
@@ -3264,8 +3293,13 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
             b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
             b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
             b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
-            b_dm = tl.load(p_dm + o_z[:, None] * D + o_d[None, :], mask=m_z[:, None] & m_d[None, :], other=0.0)
-            b_o += tl.dot(b_z * _triton_decay(b_gl[None, :], b_g), b_dm, input_precision=PREC)
+            b_z = b_z * _triton_decay(b_gl[None, :], b_g)
+            if TRANS_DM:  # element (z, d) of a stored [D, DZ] matrix
+                p_zd = p_dm + o_d[None, :] * DZ + o_z[:, None]
+            else:
+                p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
+            b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
+            b_o += tl.dot(b_z, b_dm, input_precision=PREC)
     if ACC:
         b_o += tl.load(out + p_td, mask=m_td, other=0.0)
     tl.store(out + p_td, b_o, mask=m_td)
@@ -3450,15 +3484,20 @@ def _triton_raw_gradients(maps, qs, k, dk, dqs):
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
                             packed=None):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
-    `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V])."""
+    `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
+
+    No [B, T, H, K] G for a scalar or no decay: a scalar decay's G stays [B, T, H] (as the forward's triton_ScalarDecay
+    keeps it) and its kernels load one G per row (their DECAY 1), no decay has none (DECAY 0); and no transposed
+    copy of h or dh: the kernels that contract with h^T or dh^T read them in place (TRANS_H, TRANS_DM)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     value = decay_cls.code == 3
     dev, f32 = k.device, torch.float32
-    # G over the decayed axis D (K, or V for a value decay): a scalar decay broadcast over K, none G = 0
-    g = (log_decay if decay_cls.code != 1 else log_decay[..., None].expand(B, T, H, K)).contiguous()
+    # G over the decayed axis D (K, or V for a value decay), [B, T, H] for a scalar decay, None without a decay
+    g = gc = eg = None
+    g = log_decay.contiguous()
     gc, eg = _triton_cumsum(g, V if value else K, BT, num_warps, with_exp=value)
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
@@ -3470,54 +3509,53 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     dh0 = torch.empty((rows, H, K, V), dtype=f32, device=dev) if initial_state is not None else None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         _triton_chunk_dstate_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
-            q, do, gc, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
-            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, value, excl,
+            q, do, gc if gc is not None else dh, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
+            packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, decay_cls.code, excl,
             i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
             num_stages=stages)
-    hT, dhT = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()  # [B, H, NT, V, K]
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
-    dqs, A_all, dA_all = [], [], []  # the plain scores of each query (A for a value decay, dA else)
+    dqs, A_all, dA_all = [], [], []  # the scores of each query that the log decays' gradient reads
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0
-        # the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed axis carries its decay
-        # (with no decay, plain q k^T: G = 0 needs no exp, and the key-decay path's diagonal column loop spilled
-        # 8 B on sm_80 where K = 1, based's z0)
-        plain = value or decay_cls.code == 0
-        A = _triton_intra_attn(q, k, None if plain else gc, 3 if plain else 2, excl, excl, BT, BK, prec, num_warps,
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
+        # axis carries its decay
+        A = _triton_intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
                                num_stages)
         dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                                 num_stages)
         (A_all if value else dA_all).append(A if value else dA)
-        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, hT, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec, False,
-                False, False,
-                num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
-        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel with (q, v, h) = (do, k, h^T)
+                do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                False, False, False, TRANS_H=True, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
+        else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                do, k, gc, hT, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, num_warps=warps,
-                num_stages=stages)
-        # (scores, x, z, state gradient, out, its width, z's width, their blocks): dk from dA and q, dv from A
+                do, k, gc, h, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, TRANS_H=True,
+                num_warps=warps, num_stages=stages)
+        # (scores, x, z, dh read as dh^T, out, its width, z's width, their blocks): dk from dA and q, dv from A
         # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
-        for_dk = (dA, q, v, dhT, dk, K, V, BK, BV)
-        for_dv = (A, do, k, dh, dv, V, K, BV, BK)
+        for_dk = (dA, q, v, True, dk, K, V, BK, BV)
+        for_dv = (A, do, k, False, dv, V, K, BV, BK)
         decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
-        M, x, z, dm, out, D, DZ, BD, BZ = decayed
+        M, x, z, trans, out, D, DZ, BD, BZ = decayed
         _triton_chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, num_warps=warps,
-            num_stages=stages)
-        M, x, z, dm, out, D, DZ, BD, BZ = plain
+            M, x, gc, z, dh, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, trans,
+            num_warps=warps, num_stages=stages)
+        M, x, z, trans, out, D, DZ, BD, BZ = plain
         _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dm, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
+            M, x, gc, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl, trans,
             num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
         dqs.append(dq)
 
-    dlog = None
+    dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
     dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
     return dk, dv, dlog, dh0, dqs
+
+
+# _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
 
 
 def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
@@ -3559,6 +3597,7 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plai
 # _triton_delta_bwd_local_kernel's V block with a decay (64 spilled 232-248 B on sm_80 with a scalar decay; without a decay
 # 64 runs clean and 32 leaves ptxas an 8-byte stack slot at K = 128 on sm_80, so no decay keeps the call's BV)
 _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x [64, 64] tiles spilled 16 B on sm_80 at 4 warps
+# (without a decay it takes the default 4: at 8 it spilled 8 B on sm_80 at K = V = 128 in float16, 80 registers)
 
 
 # ----------------------------------------------------------------------------------------------------------
