@@ -173,6 +173,7 @@ _LOG_DECAY_FLOOR = -1000.0  # _cumsum_kernel floors every log decay here (exp(-1
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+_DLOG_WARPS = 8  # _dlog_chunk_kernel: at 4 warps rwkv6's exclusive query spilled 24 B (255 registers, sm_90, bf16)
 # _chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 _FUSED_OUTPUT_BV = 32
@@ -2291,7 +2292,7 @@ def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: 
         x, w = (do, q) if value else (q, do)
         _dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
             M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _LOG_DECAY_FLOOR, num_warps=warps)
+            _LOG_DECAY_FLOOR, num_warps=_DLOG_WARPS, **_register_limit(_DLOG_WARPS))
     return r
 
 

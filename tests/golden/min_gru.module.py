@@ -2231,6 +2231,7 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
 _WARPS, _STAGES = 4, 2  # every launch but the two below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+_triton_DLOG_WARPS = 8  # _triton_dlog_chunk_kernel: at 4 warps rwkv6's exclusive query spilled 24 B (255 registers, sm_90, bf16)
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
@@ -3451,7 +3452,7 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plai
         x, w = (do, q) if value else (q, do)
         _triton_dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
             M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _triton_LOG_DECAY_FLOOR, num_warps=warps)
+            _triton_LOG_DECAY_FLOOR, num_warps=_triton_DLOG_WARPS, **_triton_register_limit(_triton_DLOG_WARPS))
     return r
 
 
