@@ -1696,14 +1696,6 @@ def _check_fits(elements, kernel):
                             "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
 
 
-def _register_limit(num_warps):
-    """{{"maxnreg": the registers a thread of a num_warps program may use}} on a CUDA target: an SM's 64K over
-    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {{}} elsewhere (the
-    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
-    at 4) and spill the rest to local memory."""
-    return {{"maxnreg": min(255, 65536 // (32 * num_warps))}} if _compiles_for_cuda() else {{}}
-
-
 def _compiles_for_cuda():
     """Whether Triton's active driver compiles for a CUDA target (a GPU, or `recdsl kernels`' compile-only
     stand-in); False in the CPU interpreter, where no kernel is compiled and registers do not limit a program."""
@@ -1753,11 +1745,13 @@ def _initial_state(states, name, shape, dev):
 
 def prelude(name: str, standalone: bool = True) -> str:
     """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in). `standalone`: with the
-    Triton runtime's `_arch` (codegen/triton_runtime.py, copied as text); a generated module that holds the whole
-    runtime (codegen/module.py) passes False and reads the runtime's own."""
+    Triton runtime's `_arch` and `_register_limit` (codegen/triton_runtime.py, copied as text); a generated module
+    that holds the whole runtime (codegen/module.py) passes False and reads the runtime's own."""
     source = PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
                             adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
-    return source.rstrip("\n") + "\n\n\n" + _runtime_function("_arch") if standalone else source
+    if not standalone:
+        return source
+    return "\n\n".join([source.rstrip("\n") + "\n", _runtime_function("_arch"), _runtime_function("_register_limit")])
 
 
 def _runtime_function(name: str) -> str:

@@ -979,8 +979,9 @@ def _arch() -> int:
 def _register_limit(num_warps: int) -> dict:
     """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
     a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
-    128; benchmarks/kernel_matrix.py)."""
+    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
+    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
+    them with this too)."""
     try:
         backend = triton.runtime.driver.active.get_current_target().backend
     except Exception:  # no active driver (the interpreter on a machine without a GPU)

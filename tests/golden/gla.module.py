@@ -2718,8 +2718,9 @@ def _triton_arch() -> int:
 def _triton_register_limit(num_warps: int) -> dict:
     """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
     a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers: the key-decay output kernel then spilled 8 B (float16, sm_80, K = V =
-    128; benchmarks/kernel_matrix.py)."""
+    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
+    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
+    them with this too)."""
     try:
         backend = triton.runtime.driver.active.get_current_target().backend
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
@@ -3918,14 +3919,6 @@ def _triton_check_fits(elements, kernel):
                                    f"tiles, params and loop-invariant temporaries), more than an SM's {triton_REGISTER_FILE} "
                                    "registers, so the recurrent form cannot keep its state in registers at these sizes; "
                                    "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
-
-
-def _triton_register_limit(num_warps):
-    """{"maxnreg": the registers a thread of a num_warps program may use} on a CUDA target: an SM's 64K over
-    the program's threads, at most 255 (one program per SM is what the recurrent grids get); {} elsewhere (the
-    interpreter, another backend). Unasked, ptxas 12.9 and 13.4 stop the adjoint at 128 registers at 8 warps (168
-    at 4) and spill the rest to local memory."""
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if _triton_compiles_for_cuda() else {}
 
 
 def _triton_compiles_for_cuda():
