@@ -73,7 +73,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 unset TRITON_INTERPRET
 export RECURRENCE_DSL_CACHE=/tmp/recdsl_cache
-LOGS=/tmp/gpu_session_logs
+LOGS=${GPU_SESSION_LOGS:-/tmp/gpu_session_logs}  # each step's whole log and the kernel shards: not returned
 rm -rf "$LOGS" && mkdir -p "$LOGS"
 {
   date -u +%FT%TZ
