@@ -255,7 +255,7 @@ def arguments(rec, shape, dtype, device, seed=0):
 
     B, T, H = shape["B"], shape["T"], shape["H"]
     args, _ = sample_arguments(rec.checked, {"K": shape["K"], "V": shape["V"]}, B, T, H, dtype=torch.float64,
-                               seed=seed)
+                               seed=seed, device=device)  # drawn where they run: seconds less per layer on a GPU
     if rec.name == "retention":  # RetNet's per-head decays, as fla's chunk_retention fixes them
         args[3] = 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64))
     return [a.to(device=device, dtype=dtype if a.dim() > 1 else torch.float32) for a in args]

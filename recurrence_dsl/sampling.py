@@ -116,9 +116,11 @@ def _factors(e) -> list:
 
 def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, length: int, heads: int,
                      dtype: torch.dtype = torch.float32, seed: int = 0, decay_scale: float = 1.0,
-                     with_initial_state: bool = False, rows: int | None = None):
-    """Inputs and params (in declared order) and optionally an initial state, drawn per the rules above."""
-    gen = torch.Generator().manual_seed(seed)
+                     with_initial_state: bool = False, rows: int | None = None, device: str | None = None):
+    """Inputs and params (in declared order) and optionally an initial state, drawn per the rules above.
+    device: where to draw (default the CPU); a CUDA device draws other numbers from the same seed, in
+    milliseconds where the CPU takes seconds at benchmark sizes."""
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     roles = _Roles(rec)
 
     def dims(sym):
@@ -126,22 +128,23 @@ def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, 
 
     def draw(sym, lead):
         shape = lead + dims(sym)
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64, device=device)
         sign = roles.sign.get(sym.name)
         if sign is not None:
             # Log-gates: magnitudes in (0.01, decay_scale]; inputs as in Mamba's dt when a param takes the sign.
-            mag = 0.01 + (decay_scale - 0.01) * torch.rand(shape, generator=gen, dtype=torch.float64)
+            mag = 0.01 + (decay_scale - 0.01) * torch.rand(shape, generator=gen, dtype=torch.float64, device=device)
             return sign * mag
         if sym.name in roles.positive:
-            return 0.1 + torch.rand(shape, generator=gen, dtype=torch.float64)
+            return 0.1 + torch.rand(shape, generator=gen, dtype=torch.float64, device=device)
         if sym.name in roles.decays:
-            return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64)
+            return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64, device=device)
         if sym.name in roles.unit_keys and sym.dims:
             return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         if not sym.dims and sym.kind is SymbolKind.INPUT:
             return torch.sigmoid(x)
         if sym.kind is SymbolKind.PARAM and not sym.dims:
-            return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64)  # e.g. RetNet's gamma
+            # e.g. RetNet's gamma
+            return 0.5 + 0.45 * torch.rand(shape, generator=gen, dtype=torch.float64, device=device)
         scale = 1.0 / math.sqrt(shape[-1]) if sym.dims and shape[-1] else 1.0  # (a zero-size axis: empty)
         return x * scale
 
@@ -150,7 +153,8 @@ def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, 
     initial = None
     if with_initial_state and rec.states:
         n = rows if rows is not None else batch
-        states = {s.name: (0.5 * torch.randn((n, heads) + dims(s), generator=gen, dtype=torch.float64)).to(dtype)
+        states = {s.name: (0.5 * torch.randn((n, heads) + dims(s), generator=gen, dtype=torch.float64,
+                                             device=device)).to(dtype)
                   for s in rec.states}
         initial = states if len(rec.states) > 1 else states[rec.states[0].name]
     return args, initial
