@@ -11,6 +11,8 @@
 # One call with every step also works: bench then gets what is left of CALL_LIMIT (580 s).
 # Limits (seconds, from the environment): TESTS_LIMIT, NUMERICS_LIMIT, KERNELS_LIMIT (150 each, concurrent),
 # BENCH_LIMIT (480), SETUP_LIMIT (30: wheels and the header), CALL_LIMIT (580: one invocation ends inside it).
+# BENCH_ARGS: more bench_triton.py arguments (a later session finishing what a first one's budget left undone:
+# BENCH_ARGS="--shapes 8x1024x8x64"; fla autotunes every kernel at every new shape, tens of seconds a layer).
 #
 # Carry the wheels benchmarks/fetch_device_wheels.sh puts in .whl/ (lark, optuna and its needs, fla-core): they go
 # to /tmp/site first. What lands in OUTDIR, files only, no folders (the device returns 8 files at most):
@@ -131,8 +133,9 @@ if has bench; then  # alone: fla's chunk_* and fused_recurrent_*, SDPA and ours 
   if [ $limit -lt $((BENCH_TAIL + 60)) ]; then
     echo "== bench: skipped, $limit s left of CALL_LIMIT $CALL_LIMIT s (run it as its own call)" | tee -a "$OUTDIR/session.log"
   else
+    # shellcheck disable=SC2086  # BENCH_ARGS: extra words, e.g. "--shapes 8x1024x8x64 --paths fla_chunk,ours_chunked"
     step bench "$limit" python3 benchmarks/bench_triton.py --budget $((limit - BENCH_TAIL)) \
-      --out "$OUTDIR/triton_gpu.json"
+      --out "$OUTDIR/triton_gpu.json" ${BENCH_ARGS:-}
     grep -v "^measured " "$LOGS/bench.log" | tail -80 | tee -a "$OUTDIR/session.log"
   fi
 fi

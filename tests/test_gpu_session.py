@@ -199,7 +199,7 @@ def test_session_script_runs_every_step_into_flat_outdir(tmp_path):
         (bin_dir / name).chmod(stat.S_IRWXU)
     log, out = tmp_path / "calls.log", tmp_path / "out"
     run = _session([str(out)], GPU_SESSION_LOGS=str(tmp_path / "logs"), PATH=f"{bin_dir}:{os.environ['PATH']}",
-                   STUB_LOG=str(log))
+                   STUB_LOG=str(log), BENCH_ARGS="--shapes 8x1024x8x64 --cell-budget 5")
     assert run.returncode == 0, run.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == ["gpu_tests.xml", "kernels_gpu.json", "numerics_gpu.xml", "session.log", "triton_gpu.json"]
@@ -207,6 +207,6 @@ def test_session_script_runs_every_step_into_flat_outdir(tmp_path):
     assert calls.count("gpu_kernel_report.py --shard") == 4 and "--merge" in calls
     bench = next(line for line in calls.splitlines() if "bench_triton.py" in line).split()
     budget = int(bench[bench.index("--budget") + 1])
-    assert 0 < budget <= 480 - 60
+    assert 0 < budget <= 480 - 60 and bench[-4:] == ["--shapes", "8x1024x8x64", "--cell-budget", "5"]
     session_log = (out / "session.log").read_text()
     assert "== tests: exit 0" in session_log and "== bench: exit 0" in session_log and "Stub GPU" in session_log
