@@ -86,10 +86,12 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 } 2>&1 | tee -a "$OUTDIR/session.log"
 
 # step NAME LIMIT COMMAND...: COMMAND under LIMIT seconds, its output in $LOGS/NAME.log with its exit status.
+# SIGINT at the limit: pytest then stops as on Ctrl-C and still writes its JUnit XML with the tests that ran
+# (SIGTERM would leave none); the Python scripts have written their JSON after every run or cell already.
 step() {
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
-  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)$([ $rc = 124 ] && echo ', stopped at its limit')" \
     >>"$LOGS/$name.log"
@@ -116,7 +118,7 @@ if has tests; then  # every test marked gpu, float32 / float16 / bfloat16 (forms
   pids+=($!)
 fi
 if has numerics; then  # issue 8's decay / non-finite properties on the GPU in float32, float16 and bfloat16
-  step numerics "$NUMERICS_LIMIT" "${pytest_gpu[@]}" -n 4 tests/test_numerics_gpu.py \
+  step numerics "$NUMERICS_LIMIT" "${pytest_gpu[@]}" -n 6 tests/test_numerics_gpu.py \
     --junitxml="$OUTDIR/numerics_gpu.xml" &
   pids+=($!)
 fi
