@@ -10,7 +10,7 @@
 # SESSION_LIMIT (690 s) is what the two take together: call 1's setup and slowest step, call 2's setup and bench.
 # One call with every step also works: bench then gets what is left of CALL_LIMIT (580 s).
 # Limits (seconds, from the environment): TESTS_LIMIT, NUMERICS_LIMIT, KERNELS_LIMIT (150 each, concurrent),
-# BENCH_LIMIT (480), SETUP_LIMIT (30: wheels and the header), CALL_LIMIT (580: one invocation ends inside it).
+# BENCH_LIMIT (420), SETUP_LIMIT (30: wheels and the header), CALL_LIMIT (580: one invocation ends inside it).
 # BENCH_ARGS: more bench_triton.py arguments (a later session finishing what a first one's budget left undone:
 # BENCH_ARGS="--shapes 8x1024x8x64"; fla autotunes every kernel at every new shape, tens of seconds a layer).
 #
@@ -30,7 +30,7 @@ for step in $STEPS; do
   case $step in tests|numerics|kernels|bench) ;; *) echo "unknown step '$step': choose from tests numerics kernels bench" >&2; exit 2 ;; esac
 done
 TESTS_LIMIT=${TESTS_LIMIT:-150} NUMERICS_LIMIT=${NUMERICS_LIMIT:-150} KERNELS_LIMIT=${KERNELS_LIMIT:-150}
-BENCH_LIMIT=${BENCH_LIMIT:-480} SETUP_LIMIT=${SETUP_LIMIT:-30} CALL_LIMIT=${CALL_LIMIT:-580}
+BENCH_LIMIT=${BENCH_LIMIT:-420} SETUP_LIMIT=${SETUP_LIMIT:-30} CALL_LIMIT=${CALL_LIMIT:-580}
 SESSION_LIMIT=${SESSION_LIMIT:-690}
 KERNEL_SHARDS=${KERNEL_SHARDS:-4}
 BENCH_TAIL=60  # seconds bench keeps after its --budget: the cell in flight, then the table

@@ -183,11 +183,11 @@ def test_session_script_parses_and_checks_its_limits(tmp_path):
     assert subprocess.run(["bash", "-n", str(SESSION)], capture_output=True).returncode == 0
     plan = _session(["--dry-run", str(tmp_path / "out")])
     assert plan.returncode == 0, plan.stderr
-    assert "bench: up to 480 s" in plan.stdout and "two calls: 690 s of SESSION_LIMIT 690 s" in plan.stdout
+    assert "bench: up to 420 s" in plan.stdout and "two calls: 630 s of SESSION_LIMIT 690 s" in plan.stdout
     assert not (tmp_path / "out").exists()
     bad = _session(["--dry-run", str(tmp_path), "tests", "benchmark"])
     assert bad.returncode == 2 and "unknown step 'benchmark'" in bad.stderr
-    over = _session(["--dry-run", str(tmp_path)], BENCH_LIMIT="600")
+    over = _session(["--dry-run", str(tmp_path)], BENCH_LIMIT="500")
     assert over.returncode == 2 and "over SESSION_LIMIT 690 s" in over.stderr
 
 
@@ -209,6 +209,6 @@ def test_session_script_runs_every_step_into_flat_outdir(tmp_path):
     assert calls.count("gpu_kernel_report.py --shard") == 4 and "--merge" in calls
     bench = next(line for line in calls.splitlines() if "bench_triton.py" in line).split()
     budget = int(bench[bench.index("--budget") + 1])
-    assert 0 < budget <= 480 - 60 and bench[-4:] == ["--shapes", "8x1024x8x64", "--cell-budget", "5"]
+    assert 0 < budget <= 420 - 60 and bench[-4:] == ["--shapes", "8x1024x8x64", "--cell-budget", "5"]
     session_log = (out / "session.log").read_text()
     assert "== tests: exit 0" in session_log and "== bench: exit 0" in session_log and "Stub GPU" in session_log
