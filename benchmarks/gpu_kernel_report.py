@@ -32,10 +32,11 @@ import torch  # noqa: E402
 
 
 def jit_functions() -> dict[str, object]:
-    """Every Triton JITFunction reachable from a loaded module, by module.qualified name."""
+    """Every Triton JITFunction reachable from a loaded module, by module.qualified name; a function imported
+    into several modules once (its first name), so its kernels are not counted twice."""
     from triton.runtime.jit import JITFunction
 
-    found = {}
+    found, seen = {}, set()
     for module_name, module in list(sys.modules.items()):
         if not (module_name.startswith(("recdsl_", "codegen", "recurrence_dsl"))):
             continue
@@ -43,7 +44,8 @@ def jit_functions() -> dict[str, object]:
             fn = value
             while fn is not None and not isinstance(fn, JITFunction):
                 fn = getattr(fn, "fn", None)
-            if fn is not None:
+            if fn is not None and id(fn) not in seen:
+                seen.add(id(fn))
                 found[f"{module_name}.{attr}"] = fn
     return found
 
