@@ -71,7 +71,10 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
   timeout "$SETUP_LIMIT" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site \
+    || echo "== setup: the wheels in .whl/ did not install (see above); lark, optuna and fla are missing" >&2
+else
+  echo "== setup: no .whl/ (run benchmarks/fetch_device_wheels.sh, carry .whl): lark, optuna and fla are missing" >&2
 fi
 unset TRITON_INTERPRET
 export RECURRENCE_DSL_CACHE=/tmp/recdsl_cache
