@@ -74,9 +74,12 @@ def test_triton_benchmark_smoke_run_writes_its_report():
                 line = cell["roofline"]
                 assert line["bytes"] > 0 and line["flops"] > 0 and 0 < line["of_roofline"] < 1, (name, path, line)
                 assert line["GB_per_s"] == pytest.approx(line["bytes"] / cell["ms"] / 1e6)
-        # the torch chunked form is the reference without fla: the others' outputs and gradients match it
-        assert paths["ours_chunked"]["forward"]["rel_error_vs_ours_torch_chunked"] <= 1e-5
-        assert paths["ours_recurrent"]["forward_backward"]["grad_rel_error_vs_ours_torch_chunked"] <= 1e-5
+        # without fla the torch chunked form is the reference (with fla that cannot run here, our chunked form):
+        # the others' outputs and gradients match it
+        errors = {key: value for path in ("ours_chunked", "ours_recurrent") for cell in paths[path].values()
+                  for key, value in cell.items() if "rel_error_vs_" in key}
+        assert fla_here or {"rel_error_vs_ours_torch_chunked", "grad_rel_error_vs_ours_torch_chunked"} <= set(errors)
+        assert errors and max(errors.values()) <= 1e-5, errors
         if fla_here:
             assert "forward" in paths["fla_chunk"], paths["fla_chunk"]
         else:
