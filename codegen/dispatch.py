@@ -287,7 +287,9 @@ def takes_no_initial_state(fn):
     chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
     zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
     calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
-    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
     fn.no_initial_state = True
     return fn
 
@@ -360,6 +362,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}
