@@ -287,7 +287,9 @@ def takes_no_initial_state(fn):
     chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
     zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
     calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
-    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
     fn.no_initial_state = True
     return fn
 
@@ -345,7 +347,8 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
     by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
     the sequences of each length run as one batch of B = (how many have that length) rows,
-    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
+    have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
@@ -360,6 +363,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}

@@ -177,9 +177,10 @@ class TorchFormWriter:
 
     def _initial(self, name: str, state: str) -> str:
         """The `initial_state=` argument of a chunked runtime call: `state` (the state `name` as the call holds it, a
-        view of `states[name]`). The Triton chunked forms take None for no initial state
-        (codegen/dispatch.py `takes_no_initial_state`), which a view must pass on as None."""
-        if not self.rt or state == f"states['{name}']":
+        view of `states[name]`). The chunked forms, torch and Triton, take None for no initial state
+        (codegen/dispatch.py `takes_no_initial_state`: their runtimes start from zero without allocating one), which
+        a view must pass on as None."""
+        if state == f"states['{name}']":
             return state
         return f"None if states['{name}'] is None else {state}"
 
@@ -1809,7 +1810,8 @@ class TorchFormWriter:
                 w(check)
                 starts = f", starts_{s.name}" if self.checkpoints else ""
                 w(f"{target}{starts} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, "
-                  f"v_{s.name}, a_{s.name}, b_{s.name}, {decay}, initial_state={state}, chunk_size=chunk_size, "
+                  f"v_{s.name}, a_{s.name}, b_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, "
+                  f"chunk_size=chunk_size, "
                   f"output_final_state=True{', output_chunk_states=True' if self.checkpoints else ''}"
                   f"{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:

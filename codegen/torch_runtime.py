@@ -486,24 +486,50 @@ _DECAYS = {None: NoDecay, "scalar": ScalarDecay, "key": KeyDecay, "value": Value
 KeyDeltaDecay = KeyDecay  # the delta rule's key decay (the Triton runtime's adds the steps of its backward)
 
 
-def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
-    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state."""
+def _prepare(k, log_decay, initial_state, chunk_size):
+    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state (None: zero, never allocated)."""
     dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    C, c = _chunk_sizes(T, chunk_size)
+    C, c = _chunk_sizes(k.shape[1], chunk_size)
     lg = None if log_decay is None else _chunk(log_decay.to(dt), C)  # [N, B, H, C(, D)]
-    s0 = k.new_zeros((B, H, K, v_dim), dtype=dt) if initial_state is None else initial_state.to(dt)
-    return dt, C, c, lg, s0
+    return dt, C, c, lg, None if initial_state is None else initial_state.to(dt)
 
 
-def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
-    """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
+def _empty_result(queries, k, s0, v_dim: int, dt, output_final_state: bool):
+    """What a chunked form returns for T = 0: empty outputs, and the start state (zeros for none) as the final one."""
+    B, _, H, K = k.shape
+    if output_final_state and s0 is None:
+        s0 = k.new_zeros((B, H, K, v_dim), dtype=dt)
+    return [k.new_zeros((B, 0, H, v_dim), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+
+
+def _stack(xs: list) -> Tensor:
+    """torch.stack along a new dim 0, a view for one tensor (a one-chunk call, e.g. a batch of short packed
+    sequences, then copies no [B, H, K, V] state or [B, H, C, V] value tensor)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def _chunk_starts(starts: list) -> Tensor | None:
+    """[N, B, H, K, V] the states entering each chunk, from the per-chunk list whose first entry is None for a zero
+    start: None when that is the only chunk (no output reads a start state then), else zeros in its place."""
+    if starts[0] is None:
+        if len(starts) == 1:
+            return None
+        starts = [torch.zeros_like(starts[1])] + starts[1:]
+    return _stack(starts)
+
+
+def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor | None, T: int) -> list:
+    """Per query: inter-chunk (start state; none for starts None: one chunk from zero) plus intra-chunk parts,
+    back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
         qc = _chunk(q.to(dt), C)  # [N, B, H, C, K]
         mode = "exclusive" if exclusive else "inclusive"
         qlev = decay.query_levels(qc, mode)
-        outs.append(_unchunk(decay.inter(qc, mode, qlev, starts) + decay.intra(qc, v, mode, qlev), T))
+        o = decay.intra(qc, v, mode, qlev)
+        if starts is not None:
+            o = decay.inter(qc, mode, qlev, starts) + o
+        outs.append(_unchunk(o, T))
     return outs
 
 
@@ -551,24 +577,22 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
                       output_final_state=False):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; log_decay is not checked against it (chunked_linear does that)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], v.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, vc = _chunk(k.to(dt), C), _chunk(v.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     decay = decay_cls(lg, c, kc, vc)
     ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
     whole = decay.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts = s0, []
+    state, starts = s0, []  # state None: zero, so the first chunk adds nothing to its increment
     # Per-chunk views by unbind, not ds[i]: the backward of one unbind stacks the gradients once, where N
     # index ops would each build a full-size zero gradient (O(N^2) in the number of chunks).
     for i, ds_i in enumerate(ds.unbind(0)):  # pass the state once per chunk
         starts.append(state)
-        state = ds_i + (state if whole is None else whole_i[i] * state)
-    starts = torch.stack(starts)  # [N, B, H, K, V]
-    outs = _outputs(queries, dt, C, decay, vc, starts, T)
+        state = ds_i if state is None else ds_i + (state if whole is None else whole_i[i] * state)
+    outs = _outputs(queries, dt, C, decay, vc, _chunk_starts(starts), T)
     return outs, (state if output_final_state else None)
 
 
@@ -601,31 +625,36 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
                      output_final_state=False):
     """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
     of generated modules; its arguments are not checked (chunked_delta does that)."""
-    B, T, H, K = k.shape
-    V = y.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], y.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, yc = _chunk(k.to(dt), C), _chunk(y.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     bc = _chunk(beta.to(dt), C).unsqueeze(-1)  # [N, B, H, C, 1]
     decay = decay_cls(lg, c, kc, yc)
     klev = decay.query_levels(kc, "inclusive")  # k as a query of the state after its own step
     lower = bc * decay.attn(kc, "strict", klev)  # [N, B, H, C, C], L_ts = beta_t decayed (k_t . k_s), s < t
-    kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
     inv = _unit_lower_inverse(lower, c)  # [N, B, H, C, C]
-    uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
+    uy = inv @ yc  # [N, B, H, C, V]
+    # W maps a chunk's start state into its pseudo-values; one chunk from zero (a batch of short packed sequences)
+    # has no start state to map, so neither W nor k_t * exp(G_t) is formed.
+    if s0 is None and kc.shape[0] == 1:
+        w = [None]
+    else:
+        kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
+        w = (inv @ (bc * kg)).unbind(0)  # [B, H, C, K] per chunk
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     whole = decay.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts, us = s0, [], []
-    chunks = zip(uy.unbind(0), w.unbind(0), kd_t.unbind(0))  # unbind: see chunked_linear_by
+    state, starts, us = s0, [], []  # state None: zero, so the first chunk's pseudo-values are its uy
+    chunks = zip(uy.unbind(0), w, kd_t.unbind(0))  # unbind: see chunked_linear_by
     for i, (uy_i, w_i, kd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the pseudo-values
-        u = uy_i - w_i @ state  # [B, H, C, V]
+        u = uy_i if state is None else uy_i - w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kd_t_i @ u + (state if whole is None else whole_i[i] * state)
-    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
-    outs = _outputs(queries, dt, C, decay, u, starts, T)
+        grown = kd_t_i @ u
+        state = grown if state is None else grown + (state if whole is None else whole_i[i] * state)
+    outs = _outputs(queries, dt, C, decay, _stack(us), _chunk_starts(starts), T)  # u: [N, B, H, C, V]
     return outs, (state if output_final_state else None)
 
 
@@ -657,38 +686,43 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
                     output_final_state=False):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
     of generated modules; its arguments are not checked (chunked_dplr does that)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], v.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
     by_k = decay_cls(lg, c, kc, vc)
     by_b = decay_cls(lg, c, bc, vc, blocks=by_k.blocks)
     alev = by_k.query_levels(ac, "exclusive")
     inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
     uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]
-    ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
-    w = inv @ ag  # [N, B, H, C, K]
+    if s0 is None and ac.shape[0] == 1:  # one chunk from zero: no start state to read (see chunked_delta_by)
+        w = [None]
+    else:
+        ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
+        w = (inv @ ag).unbind(0)  # [B, H, C, K] per chunk
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]
     whole = by_k.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts, us = s0, [], []
-    chunks = zip(uv.unbind(0), w.unbind(0), kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
+    state, starts, us = s0, [], []  # state None: zero, so the first chunk's reads are its uv
+    chunks = zip(uv.unbind(0), w, kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
     for i, (uv_i, w_i, kv_i, bd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the reads
-        u = uv_i + w_i @ state  # [B, H, C, V]
+        u = uv_i if state is None else uv_i + w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kv_i + bd_t_i @ u + (state if whole is None else whole_i[i] * state)
-    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
+        grown = kv_i + bd_t_i @ u
+        state = grown if state is None else grown + (state if whole is None else whole_i[i] * state)
+    starts, u = _chunk_starts(starts), _stack(us)  # [N, B, H, K, V] or None, [N, B, H, C, V]
     outs = []
     for q, exclusive in queries:
         qc = _chunk(q.to(dt), C)
         mode = "exclusive" if exclusive else "inclusive"
         qlev = by_k.query_levels(qc, mode)
-        o = by_k.inter(qc, mode, qlev, starts) + by_k.intra(qc, vc, mode, qlev) + by_b.intra(qc, u, mode, qlev)
-        outs.append(_unchunk(o, T))
+        o = by_k.intra(qc, vc, mode, qlev)
+        if starts is not None:
+            o = by_k.inter(qc, mode, qlev, starts) + o
+        outs.append(_unchunk(o + by_b.intra(qc, u, mode, qlev), T))
     return outs, (state if output_final_state else None)
 
 

@@ -484,3 +484,29 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.parametrize("form", ["linear", "delta", "dplr"])
+@pytest.mark.parametrize("T", [0, 16, 45])
+def test_no_initial_state_is_a_zero_start(form, T):
+    """initial_state=None starts from zero without allocating it (one chunk: no start state is read at all; a
+    packed batch of short sequences runs so): outputs, final state and gradients equal a zero initial state's."""
+    d = make(T, 8, 12, "key", delta=True, dtype=torch.float32)
+    a = (d["q1"] * 0.3).requires_grad_()  # the DPLR class's read and write vectors
+    leaves = [d["k"].requires_grad_(), d["v"].requires_grad_(), d["g"].requires_grad_()]
+    queries = [(d["q1"], True), (d["q2"], False)]
+
+    def run(s0):
+        if form == "linear":
+            outs, final = chunked_linear(queries, d["k"], d["v"], d["g"], "key", s0, 16, output_final_state=True)
+        elif form == "delta":
+            outs, final = chunked_delta(queries, d["k"], d["v"], d["beta"], d["g"], "key", s0, 16,
+                                        output_final_state=True)
+        else:
+            outs, final = chunked_dplr(queries, d["k"], d["v"], a, -a, d["g"], "key", s0, 16, output_final_state=True)
+        grads = torch.autograd.grad(sum(o.sum() for o in outs) + final.square().sum(), leaves + [a],
+                                    allow_unused=True) if T else []
+        return outs + [final] + [g for g in grads if g is not None]
+
+    got, want = run(None), run(torch.zeros_like(d["s0"]))
+    assert len(got) == len(want) and all(torch.equal(x, y) for x, y in zip(got, want, strict=True))

@@ -60,14 +60,15 @@ def _flat(layer, out, final) -> list:
     return list(outs) + finals
 
 
-def _results(layer, args, init, packed: bool, **kwargs) -> list:
-    """Outputs, final states, then the gradients of args and initial states of a fixed weighted sum of both."""
+def _results(layer, args, init, packed: bool, cu=CU, **kwargs) -> list:
+    """Outputs, final states, then the gradients of args and initial states of a fixed weighted sum of both
+    (init {}: no initial state)."""
     rec = layer.recurrence
     leaves = [a.detach().requires_grad_() for a in args]
     states = {k: v.detach().requires_grad_() for k, v in init.items()}
 
     def call(tensors, rows):
-        state = rows if len(rows) > 1 else next(iter(rows.values()))
+        state = rows if len(rows) > 1 else next(iter(rows.values()), None)
         return _flat(layer, *layer(*tensors, initial_state=state, output_final_state=True, **kwargs))
 
     if packed:
@@ -75,8 +76,8 @@ def _results(layer, args, init, packed: bool, **kwargs) -> list:
     else:  # one call per sequence
         inputs = len(rec.inputs)
         pieces = []
-        for n in range(len(LENGTHS)):
-            lo, hi = int(CU[n]), int(CU[n + 1])
+        for n in range(len(cu) - 1):
+            lo, hi = int(cu[n]), int(cu[n + 1])
             pieces.append(call([a[:, lo:hi] if i < inputs else a for i, a in enumerate(leaves)],
                                {k: v[n:n + 1] for k, v in states.items()}))
         count = len(rec.outputs)
@@ -104,6 +105,45 @@ def test_torch_path_batches_packed_sequences_as_the_loop_does(name, dtype):
     want = _results(layer, args, init, packed=False, **kwargs)
     got = _results(layer, args, init, packed=True, cu_seqlens=CU, **kwargs)
     _assert_close(got, want, 1e-11 if dtype == torch.float64 else 2e-6)
+
+
+# one chunk from zero (16 steps, chunks of 16) and three chunks (40 steps) per sequence
+@pytest.mark.parametrize("name", ["delta_net", "gla", "mamba2"])
+@pytest.mark.parametrize("length", [16, 40])
+def test_one_length_packed_sequences_without_initial_state_match_the_loop(name, length):
+    """Sequences of one length and no initial state: one batch of views from a zero start (no zero state), as
+    bench_varlen.py times it; float64, outputs, final states and gradients against one call per sequence."""
+    layer = _layer(name)
+    cu = torch.arange(0, 4 * length + 1, length)
+    rec = layer.checked
+    args, _ = sample_arguments(rec, {s: SIZE for s in rec.sizes}, 1, int(cu[-1]), HEADS, dtype=torch.float64, seed=2)
+    kwargs = dict(backend="torch", chunk_size=CHUNK)
+    want = _results(layer, args, {}, packed=False, cu=cu, **kwargs)
+    got = _results(layer, args, {}, packed=True, cu=cu, cu_seqlens=cu, **kwargs)
+    _assert_close(got, want, 1e-12)
+
+
+def test_one_length_packed_sequences_run_as_one_batch_of_views_from_no_state():
+    """256 x 16 as bench_varlen.py runs it, at small sizes: one chunked-form call with B = 256, its inputs views of
+    the packed ones (no gather), its states None (no zero [256, H, K, V] state allocated), outputs back as views."""
+    layer = _layer("delta_net")
+    calls = []
+
+    def counted(fn):
+        def run(*args, **kwargs):
+            calls.append((args[0].shape[:2], args[0].data_ptr(), args[len(layer.checked.inputs)]))
+            return fn(*args, **kwargs)
+        run.no_initial_state = getattr(fn, "no_initial_state", False)
+        return run
+
+    counting = type(layer)(layer.recurrence, {k: counted(f) for k, f in layer.forms.items()}, layer.triton_forms,
+                           backend="torch", tuning=False)
+    cu = torch.arange(0, 256 * 16 + 1, 16)
+    args, _ = sample_arguments(layer.checked, {s: 8 for s in layer.checked.sizes}, 1, 4096, 1, seed=3)
+    out, final = counting(*args, cu_seqlens=cu, output_final_state=True)
+    assert [(shape, ptr) for shape, ptr, _ in calls] == [((256, 16), args[0].data_ptr())]
+    assert calls[0][2] == {"S": None}
+    assert out.shape == (1, 4096, 1, 8) and final.shape == (256, 1, 8, 8)
 
 
 def test_torch_path_calls_a_form_once_per_distinct_length():
