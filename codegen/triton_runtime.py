@@ -765,7 +765,7 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                          VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
                          QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
-                         VMAP: tl.constexpr = None, OVJP: tl.constexpr = None):
+                         VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -773,7 +773,8 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x); QMAP, KMAP (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
     TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
@@ -862,7 +863,10 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
         b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        if SKIP_STEP:
+            b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
+        else:
+            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     if OVJP is not None:
         b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
@@ -1221,7 +1225,7 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
-        **(_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step, **(_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1390,8 +1394,9 @@ class _Fused:
       decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
-      skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      skip [B, T, H, V], skip_weight [H] or [B, T, H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), or skip_weight[t] * skip[t] with a
+                            weight per step (RWKV-6's bonus sum(r * u * k) * v), added as the output is stored;
       q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
@@ -1409,6 +1414,11 @@ class _Fused:
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def skip_step(self) -> bool:
+        """The skip term's weight is one per step, skip_weight [B, T, H] (else one per head, [H]: `_fused_of`)."""
+        return self.skip_weight is not None and self.skip_weight.dim() == 3
 
     @property
     def maps(self) -> tuple:
@@ -1459,11 +1469,12 @@ def _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, 
         if decay_head.numel() != H:
             raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
     if (skip is None) != (skip_weight is None):
-        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
-    if skip_weight is not None:
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
+    if skip_weight is not None and skip_weight.numel() == H:  # one weight per head (Mamba2's D), kept [H]
         skip_weight = skip_weight.reshape(-1)
-        if skip_weight.numel() != H:
-            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
+    elif skip_weight is not None and tuple(skip_weight.shape) != tuple(skip.shape[:3]):
+        raise ValueError(f"skip_weight must have one weight per head ([{H}]) or one per step (skip's [B, T, H] = "
+                         f"{list(skip.shape[:3])}), got shape {list(skip_weight.shape)}")
     return _Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
@@ -1484,8 +1495,12 @@ def _unfuse(fused, v, log_decay, grads_out, dv, dlog):
         dlog = dlog.mul_(fused.decay_head.float().view(shape))
     if fused.skip is not None and grads_out is not None:
         go = grads_out.float()  # one float32 copy (none for float32) serves both terms
-        weight = fused.skip_weight.float().view(1, 1, -1, 1)
-        dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype)).sum((0, 1))
+        dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype))
+        if fused.skip_step:  # one weight per step [B, T, H]
+            weight = fused.skip_weight.float()[..., None]
+        else:  # one per head [H], summed over B and T
+            weight = fused.skip_weight.float().view(1, 1, -1, 1)
+            dsw = dsw.sum((0, 1))
         if _same_tensor(fused.skip, v) and dv.dtype == go.dtype:
             dv = dv.addcmul_(go, weight)
         else:
@@ -1576,7 +1591,8 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                           fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
+                           packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight,
+                           q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -2052,8 +2068,8 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                           num_stages, packed, vs, f.k_map)
     if fused is not None:
-        fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
-                       q_map=f.q_map, k_map=f.k_map)
+        fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
+                       None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
@@ -2327,7 +2343,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
     if fused is not None:
         fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                       fused.skip_weight)
+                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
     outs, ht = _delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
                          packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
                          fused=fused, **options)
@@ -2366,7 +2382,8 @@ def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_f
     gc, eg, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
                                            BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
     if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
-        fused = _Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+        fused = _Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(),
+                       None if f.skip_weight is None else f.skip_weight.contiguous())
     outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht
 

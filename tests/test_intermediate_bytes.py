@@ -113,7 +113,7 @@ def _grads(fn, rec, args, initial, weights):
     return values, [x.grad for x in leaves] + [init[s.name].grad for s in checked.states]
 
 
-@pytest.mark.parametrize("name", [*FUSED, UNFUSED])
+@pytest.mark.parametrize("name", [*FUSED, UNFUSED, "rwkv6"])
 def test_results_and_gradients_match_the_reference(name):
     rec = _rec(name)
     args, initial = _args(rec, 1, 37, 2, 16, initial=True)
@@ -131,11 +131,14 @@ def test_results_and_gradients_match_the_reference(name):
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_the_three_specs_call_the_fused_runtime():
+def test_the_fused_specs_call_the_fused_runtime():
     """What the generated Triton forms hand to the kernels instead of computing in torch."""
     scale = "scale=_fused_scale(lambda: (K**(-0.5)))"
     expected = {"gla": [scale], "gated_delta_net": ["v_step=v_step_S", scale],
-                "mamba2": ["v_step=v_step_h", "decay_head=A", "skip=x, skip_weight=D"]}
+                "mamba2": ["v_step=v_step_h", "decay_head=A", "skip=x, skip_weight=D"],
+                # RWKV-6's bonus sum(i, r[i] * u[i] * k[i]) * v[j]: a weight per step [B, T, H] from the prologue
+                "rwkv6": ["skip=v, skip_weight=skip_weight_S",
+                          "o = read_S  # rwkv6.rec:12, its epilogue in the kernels"]}
     for name, args in expected.items():
         form = load_layer(analyse(_rec(name).checked)).triton_forms["chunked"]
         source = inspect.getsource(getattr(form, "__wrapped__", form))
@@ -293,21 +296,24 @@ def test_linear_training_step_within_the_hand_written_figure(name, dtype, monkey
         assert all(r.shape == (2, 1024, 4) for r in report.rows if "_cumsum" in r.where), format_rows(report)
 
 
-# (spec, dtype) -> a training step's intermediate bytes at B=2, T=1024, H=4, K=V=128 (host allocations, as above) of
+# (spec, dtype) -> a training step's intermediate bytes at B=2, T=1024, H=4, K=V=128 (host allocations, as above):
 # the specs whose q and k are elementwise maps of raw inputs (tests/test_prologue_maps.py), measured with the maps
-# applied by the backward's kernels at their loads and dq, dk stored through the vjp helpers; before (the backward
-# mapping q and k into transient tensors, `_apply_map`): normalised linear attention 71,960,608 / 65,439,776, HGRN2
-# 44,118,032 / 50,391,056
-MAPPED_STEPS = {("normalized_linear_attention", torch.float32): 55_183_392,
-                ("normalized_linear_attention", torch.bfloat16): 57_051_168,
-                ("hgrn2", torch.float32): 39_923_728, ("hgrn2", torch.bfloat16): 48_293_904}
+# applied by the backward's kernels at their loads and dq, dk stored through the vjp helpers (before, the backward
+# mapping q and k into transient tensors, `_apply_map`: normalised linear attention 71,960,608 / 65,439,776, HGRN2
+# 44,118,032 / 50,391,056); and RWKV-6, whose bonus term the output kernel adds as a skip term with a weight per step
+# (before, a torch epilogue and its VJP over [B, T, H, V]: 107,157,520 / 81,915,920)
+FUSED_STEPS = {("normalized_linear_attention", torch.float32): 55_183_392,
+               ("normalized_linear_attention", torch.bfloat16): 57_051_168,
+               ("hgrn2", torch.float32): 39_923_728, ("hgrn2", torch.bfloat16): 48_293_904,
+               ("rwkv6", torch.float32): 77_764_624, ("rwkv6", torch.bfloat16): 73_576_464}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("name", ["normalized_linear_attention", "hgrn2"])
-def test_mapped_training_step_makes_no_mapped_copy(name, dtype, monkeypatch):
-    """The backward of a chunked Triton form with prologue maps allocates no mapped q or k (the exact figure, and no
-    [B, T, H, K] buffer but the kernels' own). About 1 s each once the module is loaded (no kernel runs, as above)."""
+@pytest.mark.parametrize("name", ["normalized_linear_attention", "hgrn2", "rwkv6"])
+def test_fused_training_step_figures(name, dtype, monkeypatch):
+    """The backward of a chunked Triton form with prologue maps allocates no mapped q or k, and RWKV-6's call no
+    epilogue tensor (the exact figures, and no [B, T, H, K] buffer but the kernels' own, the prologue's gradients and
+    the casts of the gradients handed back). About 1 s each once the module is loaded (no kernel runs, as above)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
@@ -316,12 +322,13 @@ def test_mapped_training_step_makes_no_mapped_copy(name, dtype, monkeypatch):
                                seed=0)
     report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="chunked",
                           backward=True)
-    assert report.total == MAPPED_STEPS[(name, dtype)], format_rows(report)
+    assert report.total == FUSED_STEPS[(name, dtype)], format_rows(report)
     # every [B, T, H, 128] buffer left is a kernel's output or gradient buffer, a gradient's cast to the input
-    # dtype, or (normalised linear attention) its divided readout's epilogue in torch
+    # dtype, RWKV-6's prologue (its per-step weight and that weight's VJP) and skip weight's gradient (`_unfuse`),
+    # or normalised linear attention's divided readout's epilogue in torch
     full = [r for r in report.rows if r.shape == (2, 1024, 4, 128)]
-    assert full and all("torch.empty(" in r.where or "grad.to(like.dtype)" in r.where
-                        or "epilogue" in r.where for r in full), format_rows(report)
+    allowed = ("torch.empty(", "grad.to(like.dtype)") + (("prologue", "_unfuse") if name == "rwkv6" else ("epilogue",))
+    assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
 
 
 CHILD = """
