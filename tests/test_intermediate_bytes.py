@@ -11,6 +11,7 @@ scale and a per-head skip term, applied in the kernels).
   hand-written kernels' figure (`hand_written_bytes`): GLA, gated DeltaNet and Mamba2 at most that figure.
 - Half precision: float16 values and gradients against the reference at float16 tolerance; bfloat16 outputs and
   gradients come back in bfloat16.
+- A skip term with one weight per step (RWKV-6's bonus) against the explicit sum, packed.
 - The backward (`hand_written_backward_bytes`): its formulas at one shape by hand; a gradient handed back is not an
   intermediate; GLA's and Mamba2's forward + backward at B=2, T=1024, H=4, K=V=128 in float32 and bfloat16 within
   the hand-written forward + backward (the host's allocations, no kernel launched); and, compiled for sm_90 in a
@@ -144,6 +145,31 @@ def test_the_fused_specs_call_the_fused_runtime():
         source = inspect.getsource(getattr(form, "__wrapped__", form))
         assert all(a in source for a in args), (name, source)
         assert "K**0.5" not in source and "D[..., None] * x" not in source and "beta[..., None] * v" not in source
+
+
+def test_a_skip_weight_per_step_matches_the_explicit_sum():
+    """`skip_weight` [B, T, H] (one weight per step, RWKV-6's bonus): the output and every gradient, the weight's
+    included, equal those of the call without it plus weight * skip in torch; a key decay, an exclusive query, two
+    sequences packed by cu_seqlens (the weight padded as the other per-step tensors; the dense call is
+    test_results_and_gradients_match_the_reference's rwkv6). A weight of another shape is refused."""
+    from codegen import triton_runtime as rt
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, 20, 2, 16, generator=gen)).requires_grad_()
+    w = torch.randn(1, 20, 2, generator=gen, requires_grad=True)
+    kwargs = {"cu_seqlens": torch.tensor([0, 7, 20])}
+    (o,), ht = rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, None, 16, True, skip=v, skip_weight=w,
+                                    **kwargs)
+    (ref,), ref_ht = rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, None, 16, True, **kwargs)
+    ref = ref + w[..., None] * v
+    seeds = [torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)]
+    got = torch.autograd.grad((o * seeds[0]).sum() + (ht * seeds[1]).sum(), [q, k, v, g, w])
+    want = torch.autograd.grad((ref * seeds[0]).sum() + (ref_ht * seeds[1]).sum(), [q, k, v, g, w])
+    for x, y in zip([o, *got], [ref, *want]):
+        assert _rel(x, y.double()) <= 1e-6
+    with pytest.raises(ValueError, match=r"skip_weight must have one weight per head \(\[2\]\) or one per step"):
+        rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, skip=v, skip_weight=w[:, :5])
 
 
 # -- the bytes against the hand-written kernels ------------------------------------------------------------------
