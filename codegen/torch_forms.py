@@ -344,7 +344,8 @@ class TorchFormWriter:
         known = inputs | {p.name for p in self.rec.params}
         bound = {lim[0] for sm in weight.atoms(sympy.Sum) for lim in sm.limits}  # summed indices
         free = weight.atoms(sympy.Symbol) - bound  # sizes, scalar inputs and params, the arrays' labels
-        if (weight.has(leaves[0]) or not all(str(a.base) in known for a in weight.atoms(sympy.Indexed))
+        if (weight.has(leaves[0]) or not any(x.name in known for x in free)  # a constant weight: not per step
+                or not all(str(a.base) in known for a in weight.atoms(sympy.Indexed))
                 or not all(x.name in known | set(self.sizes) and x not in indices for x in free)
                 or any(set(a.indices) - bound for a in weight.atoms(sympy.Indexed))):
             return None
