@@ -24,7 +24,7 @@ its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight`, `q_map`, 
 passes is None in every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels'
 VSTEP, HEAD and SKIP flags are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, a
 module without a decay no cumulative-sum kernel, and one without a prologue map (every spec but normalized linear
-attention's and HGRN2's) none of the map helpers and kernels (`_apply_map`, `_unmap`, `_check_map`, ...).
+attention's and HGRN2's) none of the map checks (`_check_map`).
 
 Only tests of the form `FLAG`, `not FLAG`, `FLAG == constant`, `FLAG != constant`, `x is None`, `x is not None`
 (FLAG and x a name or an attribute with a known value) and their `and` / `or` are decided; any other test is kept

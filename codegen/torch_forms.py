@@ -307,22 +307,50 @@ class TorchFormWriter:
                             or not is_constant(coeff, self.sizes)):
                         return out
                     scale = coeff
-                else:  # weight * input: one scalar param times an input indexed as the output
-                    factors = sympy.Mul.make_args(t)
-                    leaf = [f for f in factors if isinstance(f, sympy.Indexed)]
-                    weight = [f for f in factors if str(f) in {p.name for p in self.rec.params if not p.dims}]
-                    if (skip is not None or len(factors) != 2 or len(leaf) != 1 or len(weight) != 1
-                            or str(leaf[0].base) not in {i.name for i in self.rec.inputs}
-                            or tuple(leaf[0].indices) != tuple(oa.indices)):
+                else:  # weight * input: an input indexed as the output times a per-head or per-step weight
+                    term = self._skip_term(t, oa.indices)
+                    if skip is not None or term is None:
                         return out
-                    skip = (leaf[0], self.py[str(weight[0])])
+                    skip = term
             if scale is None or tuple(o.dims) != (s.dims[-1],):
                 return out
             out["out"] = o.name
             out["scale"] = printer.print_expr(scale, ()) if scale != 1 else None
             if skip is not None:
-                out["skip"], out["skip_weight"] = printer.print_expr(skip[0], oa.indices), skip[1]
+                out["skip"] = printer.print_expr(skip[0], oa.indices)
+                if isinstance(skip[1], str):
+                    out["skip_weight"] = skip[1]
+                else:
+                    out["skip_weight_expr"] = skip[1]
         return out
+
+    def _skip_term(self, t: sympy.Expr, indices) -> tuple | None:
+        """(leaf, weight) when the epilogue term `t` is weight * leaf, leaf an input indexed as the output
+        (`indices`): weight one scalar param (returned as its Python name, a per-head weight: Mamba2's D * x), or a
+        scalar expression of the inputs and params free of the output's indices (returned as the sympy expression,
+        computed per step by the prologue: RWKV-6's sum(i, r[i] * u[i] * k[i]) * v[j], whose v[j] sympy keeps inside
+        the sum). None for anything else."""
+        inputs = {i.name for i in self.rec.inputs}
+        if isinstance(t, sympy.Sum):  # pull out the factors free of the summed indices
+            summed = [lim[0] for lim in t.limits]
+            outside, inside = t.function.as_independent(*summed, as_Add=False)
+            t = outside * sympy.Sum(inside, *t.limits)
+        leaves = [f for f in sympy.Mul.make_args(t) if isinstance(f, sympy.Indexed) and str(f.base) in inputs
+                  and tuple(f.indices) == tuple(indices)]
+        if len(leaves) != 1:
+            return None
+        weight = t / leaves[0]
+        if str(weight) in {p.name for p in self.rec.params if not p.dims}:
+            return leaves[0], self.py[str(weight)]
+        known = inputs | {p.name for p in self.rec.params}
+        bound = {lim[0] for sm in weight.atoms(sympy.Sum) for lim in sm.limits}  # summed indices
+        free = weight.atoms(sympy.Symbol) - bound  # sizes, scalar inputs and params, the arrays' labels
+        if (weight.has(leaves[0]) or not any(x.name in known for x in free)  # a constant weight: not per step
+                or not all(str(a.base) in known for a in weight.atoms(sympy.Indexed))
+                or not all(x.name in known | set(self.sizes) and x not in indices for x in free)
+                or any(set(a.indices) - bound for a in weight.atoms(sympy.Indexed))):
+            return None
+        return leaves[0], weight
 
     def _header(self, w: SourceWriter, form: str, extra: str = "") -> None:
         w(f"def {self.fn}__{form}{self.suffix}({self.signature}{extra}):", 0)
@@ -1791,7 +1819,11 @@ class TorchFormWriter:
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
                     fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"
-                if fuse.get("skip"):
+                if fuse.get("skip_weight_expr") is not None:  # a weight per step: a prologue value [B, T, H]
+                    pro(f"skip_weight_{s.name}", fuse["skip_weight_expr"], (), (),
+                        comment=f"{self.cite[fuse['out']]}: the skip term's weight per step")
+                    fused_args += f", skip={fuse['skip']}, skip_weight=skip_weight_{s.name}"
+                elif fuse.get("skip"):
                     fused_args += f", skip={fuse['skip']}, skip_weight={fuse['skip_weight']}"
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")

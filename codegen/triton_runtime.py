@@ -233,25 +233,6 @@ def _mapped(x, m, MAP: tl.constexpr):
     return x
 
 
-@triton.jit
-def _map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
-    inputs (`_apply_map`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
-    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
-    map's printed derivative helper (`_unmap`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
-
-
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
@@ -779,11 +760,12 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
 
 
 @triton.jit
-def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                          VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
+                         QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
+                         VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -791,11 +773,14 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x); QMAP, KMAP (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
     TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
-    state's V and K, `_linear_backward`), so no transposed copy of h is made."""
+    state's V and K, `_linear_backward`), so no transposed copy of h is made.
+    VMAP, OVJP (the backward's dq of a mapped query, whose v is the raw k): VMAP maps v as it is loaded; the result
+    is stored as OVJP(ox, o), the raw query ox's gradient (a printed derivative helper, grad * map'(x))."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -869,7 +854,7 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
             b_A2 = tl.where(m_A, b_A2, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_v = _mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
     if VSTEP:
         b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
@@ -878,19 +863,25 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale
         b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        if SKIP_STEP:
+            b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
+        else:
+            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
-def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_output_value_kernel(q, v, gc, h, A, o, ox, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr,
-                               TRANS_H: tl.constexpr = False):
+                               TRANS_H: tl.constexpr = False, VMAP: tl.constexpr = None, OVJP: tl.constexpr = None):
     """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _intra_attn_kernel):
     o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0.
-    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_linear_backward`)."""
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_linear_backward`).
+    VMAP, OVJP: as in `_chunk_output_kernel` (the key-decay backward's dq of a mapped query, v the raw k)."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -938,7 +929,7 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
             o_is = j * BC + o_c
             m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
             p_sv = o_is[:, None] * (H * V) + o_v[None, :]
-            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
+            b_vs = _mapped(tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32), m_sv, VMAP)
             b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
             b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
                            other=0.0)  # [BC, BC]
@@ -949,10 +940,13 @@ def _chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.cons
         i_s = i_i * BC + c
         m_s = m_v & (o_v * 0 + t0 + i_s < T)
         b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
-        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
+        b_vs = _mapped(tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32), m_s, VMAP)  # [BV]
         b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
         b_o += b_a[:, None] * b_vs[None, :] * _decay(b_gq, b_gs[None, :])
-    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+    p_tv = bos * V + o_it[:, None] * (H * V) + o_v[None, :]
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
+    tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1228,10 +1222,10 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
-        **(_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step, **(_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1370,7 +1364,7 @@ class ValueDecay:
         V = v.shape[-1]
         A = _intra_attn(q, k, None, 3, exclusive, exclusive, BT, BK, prec, num_warps, num_stages)
         _chunk_output_value_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT) * (BT // _SUB), B * H)](
-            q, v, gc, h, A, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
+            q, v, gc, h, A, o, o, T, H, K, V, BT, _SUB, BK, BV, BT // _SUB, exclusive, prec,
             num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES))
 
 
@@ -1400,13 +1394,14 @@ class _Fused:
       decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
-      skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      skip [B, T, H, V], skip_weight [H] or [B, T, H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), or skip_weight[t] * skip[t] with a
+                            weight per step (RWKV-6's bonus sum(r * u * k) * v), added as the output is stored;
       q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
-                            kernels where they load q and k (`_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp.
+                            and backward kernels where they load q and k (`_mapped`); the backward kernels store dq
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -1419,6 +1414,11 @@ class _Fused:
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def skip_step(self) -> bool:
+        """The skip term's weight is one per step, skip_weight [B, T, H] (else one per head, [H]: `_fused_of`)."""
+        return self.skip_weight is not None and self.skip_weight.dim() == 3
 
     @property
     def maps(self) -> tuple:
@@ -1434,6 +1434,11 @@ _NOT_FUSED = _Fused()
 def _map_of(pair):
     """The map helper of a (map, vjp) pair, or None: a kernel's QMAP / KMAP."""
     return None if pair is None else pair[0]
+
+
+def _vjp_of(pair):
+    """The derivative helper of a (map, vjp) pair, or None: a backward kernel's OVJP."""
+    return None if pair is None else pair[1]
 
 
 def _check_map(name: str, pair) -> None:
@@ -1464,11 +1469,12 @@ def _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, 
         if decay_head.numel() != H:
             raise ValueError(f"decay_head must have one factor per head ([{H}]), got {decay_head.numel()}")
     if (skip is None) != (skip_weight is None):
-        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
-    if skip_weight is not None:
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
+    if skip_weight is not None and skip_weight.numel() == H:  # one weight per head (Mamba2's D), kept [H]
         skip_weight = skip_weight.reshape(-1)
-        if skip_weight.numel() != H:
-            raise ValueError(f"skip_weight must have one weight per head ([{H}]), got {skip_weight.numel()}")
+    elif skip_weight is not None and tuple(skip_weight.shape) != tuple(skip.shape[:3]):
+        raise ValueError(f"skip_weight must have one weight per head ([{H}]) or one per step (skip's [B, T, H] = "
+                         f"{list(skip.shape[:3])}), got shape {list(skip_weight.shape)}")
     return _Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
@@ -1489,8 +1495,12 @@ def _unfuse(fused, v, log_decay, grads_out, dv, dlog):
         dlog = dlog.mul_(fused.decay_head.float().view(shape))
     if fused.skip is not None and grads_out is not None:
         go = grads_out.float()  # one float32 copy (none for float32) serves both terms
-        weight = fused.skip_weight.float().view(1, 1, -1, 1)
-        dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype)).sum((0, 1))
+        dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype))
+        if fused.skip_step:  # one weight per step [B, T, H]
+            weight = fused.skip_weight.float()[..., None]
+        else:  # one per head [H], summed over B and T
+            weight = fused.skip_weight.float().view(1, 1, -1, 1)
+            dsw = dsw.sum((0, 1))
         if _same_tensor(fused.skip, v) and dv.dtype == go.dtype:
             dv = dv.addcmul_(go, weight)
         else:
@@ -1570,7 +1580,8 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     Their gradients come from the unfused backward's by the chain rule (`_unfuse`). q_map, k_map: None or
     (map, vjp), a pair of `@triton.jit` helpers of the spec's elementwise feature map of every query / of the keys
     (printed by the generated module, `NAME__map_<value>`): q and k are then the raw inputs, mapped where the
-    kernels load them, and their gradients are the raw inputs' (`_Fused`). ValueError for a bad one."""
+    kernels (forward and backward) load them, and their gradients are the raw inputs' (`_Fused`). ValueError for a
+    bad one."""
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
@@ -1580,7 +1591,8 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                           fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
+                           packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight,
+                           q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -1634,13 +1646,15 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                          EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
-                         STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                         STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                         QMAP: tl.constexpr = None):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
     DECAY 0: no G (gc is not read); 1: a scalar decay, G [B, T, H] (one per row); 2 / 3: G [B, T, H, K / V].
     Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
-    VARLEN: as in _chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
+    VARLEN: as in _chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq].
+    QMAP (`_mapped`): the spec's elementwise map of the raw q, applied as it is loaded."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh is [1, H, NT, K, V]
@@ -1672,6 +1686,7 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K
             m_tg = m_t
         b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
+        b_qt = _mapped(b_qt, m_k[:, None] & m_t[None, :], QMAP)
         b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
         if DECAY == 3:
@@ -1701,16 +1716,20 @@ def _chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K
 
 
 @triton.jit
-def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                               BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
                               NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                              PREC: tl.constexpr, TRANS_DM: tl.constexpr):
+                              PREC: tl.constexpr, TRANS_DM: tl.constexpr, XMAP: tl.constexpr = None,
+                              OVJP: tl.constexpr = None):
     """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
     out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
     M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient
     (TRANS_DM: stored [B*H, NT, D, DZ] and read transposed in place: a key decay's dk reads dh [K, V] as dh^T).
     The time-reversed mirror of _chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
-    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
+    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time.
+    XMAP, OVJP (a key decay's dk with mapped q and k): XMAP maps the raw q x as it is loaded, and this launch's
+    share of out is OVJP(ox, share), the raw key ox's gradient (grad * map'(x), linear in grad, so the shares of
+    several queries still add up)."""
     i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_j = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -1736,6 +1755,7 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
             o_it = i * BC + o_c
             m_td = (t0 + o_it < T)[:, None] & m_d[None, :]
             b_x = tl.load(p_x + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_x = _mapped(b_x, m_td, XMAP)
             if EXCLUSIVE:  # Gq_t = G_{t-1}; t - 1 >= i_ref here
                 b_gq = tl.load(p_g + (o_it - 1)[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
             else:
@@ -1748,7 +1768,7 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
         i_t = i_j * BC + c
         m_td = m_d & (o_d * 0 + t0 + i_t < T)
         b_m = tl.load(p_M + i_t * BT + o_is, mask=o_is < BT, other=0.0)  # [BC] row t of M, columns s
-        b_xt = tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32)  # [BD]
+        b_xt = _mapped(tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32), m_td, XMAP)  # [BD]
         if EXCLUSIVE:
             b_gqt = tl.load(p_g + (i_t - 1) * (H * D) + o_d, mask=m_td & (o_d * 0 + i_t > 0), other=0.0)
         else:
@@ -1771,6 +1791,8 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
             b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
         b_o += b_zh * _decay(b_gl[None, :], b_gs)
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + bos * D + p_sd, mask=m_sd, other=0.0).to(tl.float32), b_o)
     p_out = out + bos * D + p_sd
     if ACC:
         b_o += tl.load(p_out, mask=m_sd, other=0.0)
@@ -1778,15 +1800,18 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.co
 
 
 @triton.jit
-def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                             BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
                             ACC: tl.constexpr, PREC: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
-                            TRANS_DM: tl.constexpr):
+                            TRANS_DM: tl.constexpr, XMAP: tl.constexpr = None, ZMAP: tl.constexpr = None,
+                            OVJP: tl.constexpr = None):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
     with their causal mask, dm [B*H, NT, DZ, D] the chunk's state gradient (TRANS_DM: stored [B*H, NT, D, DZ] and
     read transposed in place). G, float64, by DECAY: 2 / 3 (a key / value decay) G [B, T, H, DZ] over z's axis (the
     contraction axis of the state term), M holding its decays already; 1 (a scalar decay) G [B, T, H], one per row,
-    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G."""
+    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G.
+    XMAP, ZMAP, OVJP (mapped q and k): the maps of the raw x and z as they are loaded (dk's q, dv's k), and this
+    launch's share of out stored as OVJP(ox, share), the raw key ox's gradient (as `_chunk_bwd_decayed_kernel`)."""
     i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1809,7 +1834,7 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
         else:
             b_gq = b_gs
         b_Mt = b_Mt * _decay(b_gq[None, :], b_gs[:, None])
-    b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
+    b_x = _mapped(tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32), m_td, XMAP)  # [BT, BD]
     b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
     if USE_H:
         p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
@@ -1820,7 +1845,7 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
             m_z = o_z < DZ
             m_tz = m_t[:, None] & m_z[None, :]
             p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
-            b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
+            b_z = _mapped(tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32), m_tz, ZMAP)  # [BT, BZ]
             if DECAY == 1:
                 b_z = b_z * b_zl[:, None]
             elif DECAY != 0:
@@ -1833,6 +1858,8 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
                 p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
             b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_o += tl.dot(b_z, b_dm, input_precision=PREC)
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_td, mask=m_td, other=0.0).to(tl.float32), b_o)
     if ACC:
         b_o += tl.load(out + p_td, mask=m_td, other=0.0)
     tl.store(out + p_td, b_o, mask=m_td)
@@ -1842,7 +1869,7 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.cons
 def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
                        SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                       FLOOR: tl.constexpr):
+                       FLOOR: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
     """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
     `_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
     + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
@@ -1851,7 +1878,8 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
     float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Every exponent is <= 0 and every
     term a part of the true sum: nothing cancels. 0 where the log decay g was floored (exp' = exp is 0 there, as in
     the reference: a -inf step gets no gradient). The pair term is one [BT, BT] block per lane (a reverse cumsum
-    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots."""
+    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots.
+    XMAP, YMAP (`_mapped`): the spec's elementwise maps of the raw x and y (a key decay's q and k) as loaded."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1871,7 +1899,7 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
         b_gq = tl.load(gc + offs - H * D, mask=m & (o_i[:, None] >= 1), other=0.0)
     else:
         b_gq = b_g
-    b_x = tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
+    b_x = _mapped(tl.load(x + offs, mask=m, other=0.0).to(tl.float32), m, XMAP)
     # the state terms: w_u . h_n and z_s . dh_n over the undecayed axis E, h_n's [d, e] element at d*V + e (rows)
     # or e*V + d (a value decay's columns)
     p_h = (i_bh.to(tl.int64) * NT + i_n) * (D * E)
@@ -1901,7 +1929,7 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
     if SHIFT:
         b_r -= b_t2
     if STATE:
-        b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        b_y = _mapped(tl.load(y + offs, mask=m, other=0.0).to(tl.float32), m, YMAP)
         b_t3 = tl.where(m, b_y * _decay(b_gl[None, :], tl.where(m, b_g, b_gl[None, :])) * b_zd, 0.0)
         b_r += tl.cumsum(b_t3, axis=0) - b_t3  # for s < t
         b_r += (_decay(b_gl, 0.0) * b_hdh)[None, :]
@@ -1915,8 +1943,8 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
         d = i_d * BD + j
         m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
         p_c = bos * D + o_i * (H * D) + d
-        b_xc = tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_yc = tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32)
+        b_xc = _mapped(tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, XMAP)
+        b_yc = _mapped(tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, YMAP)
         b_gc = tl.load(gc + p_c, mask=m_c, other=0.0)
         if SHIFT:
             b_gqc = tl.load(gc + p_c - H * D, mask=m_c & (o_i >= 1), other=0.0)
@@ -1938,14 +1966,16 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
 @triton.jit
 def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SHIFT: tl.constexpr,
-                        STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FLOOR: tl.constexpr):
+                        STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FLOOR: tl.constexpr,
+                        QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
     """A scalar decay's log-decay gradient r [B, T, H] for one chunk n: `_dlog_chunk_kernel`'s sum with its K lanes
     summed inside the terms, so the pair term is one [BT, BT] block per chunk, never one per lane:
         r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} exp(G_L - G_s) (k_s^T dh_n v_s) if STATE]
                + sum_{u>=t} exp(Gq_u) (q_u^T h_n do_u) + sum_{s<t<=u} A_us dA_us exp(Gq_u - G_s)   (u > t if SHIFT)
     A = q k^T and dA = do v^T the plain scores [B*H, NT*BT, BT] (causal mask included), G [B, T, H] float64
     chunk-local, Gq_u = G_u or G_{u-1} if SHIFT; h, dh [B, H, NT, K, V] (h may be bfloat16). 0 where the log decay g
-    [B, T, H] was floored. The bilinear state terms are [BT, BK] x [BK, BV] dots reduced against [BT, BV] tiles."""
+    [B, T, H] was floored. The bilinear state terms are [BT, BK] x [BK, BV] dots reduced against [BT, BV] tiles.
+    QMAP, KMAP (`_mapped`): the spec's elementwise maps of the raw q and k, applied as they are loaded."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -1974,6 +2004,7 @@ def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr,
             m_tk = m_t[:, None] & (o_k < K)[None, :]
             m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
             b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_q = _mapped(b_q, m_tk, QMAP)
             b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_qh += tl.dot(b_q, b_h, input_precision=PREC)
         b_wh += tl.sum(b_qh * tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
@@ -1983,8 +2014,8 @@ def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr,
                 o_k = i_k * BK + tl.arange(0, BK)
                 m_tk = m_t[:, None] & (o_k < K)[None, :]
                 m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-                b_k = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk,
-                              other=0.0).to(tl.float32)
+                b_k = _mapped(tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_tk,
+                                      other=0.0).to(tl.float32), m_tk, KMAP)
                 b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
                 b_kd += tl.dot(b_k, b_dh, input_precision=PREC)
                 b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
@@ -2037,8 +2068,8 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
     h, ht = _chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                           num_stages, packed, vs, f.k_map)
     if fused is not None:
-        fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
-                       q_map=f.q_map, k_map=f.k_map)
+        fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
+                       None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
     outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
@@ -2070,15 +2101,14 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         qs, outs = rest[:nq], rest[nq:]
         fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
         # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
-        # the backward only) and the outputs' gradients times the scale; `_unfuse` maps the result back.
+        # the backward only) and the outputs' gradients times the scale; `_unfuse` maps the result back. The maps of
+        # q and k (`_Fused.q_map`, `k_map`) are applied by the backward's kernels as they load the raw inputs, and
+        # dq and dk come back as the raw inputs' gradients (their vjp helpers at the stores): no mapped copy.
         v_m, log_m = _materialise(fused, v, log_decay)
-        # mapped q and k (`_Fused.q_map`, `k_map`): transient tensors of the backward, as v * v_step above
-        qs_m, k_m = _mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
-        dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
-                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
+        dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed, ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk, dqs = _raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
@@ -2089,62 +2119,15 @@ class _ChunkedLinearFunction(torch.autograd.Function):
                 cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-_MAP_BLOCK = 1024  # elements per program of `_map_kernel` and `_map_vjp_kernel`
-
-
-def _mapped_inputs(maps, qs, k):
-    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
-    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
-    q_map, k_map = maps
-    if q_map is not None:
-        qs = [_apply_map(q_map, q) for q in qs]
-    if k_map is not None:
-        k = _apply_map(k_map, k)
-    return qs, k
-
-
-def _raw_gradients(maps, qs, k, dk, dqs):
-    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
-    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
-    q_map, k_map = maps
-    if k_map is not None:
-        dk = _unmap(k_map, k, dk)
-    if q_map is not None:
-        dqs = [_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
-    return dk, dqs
-
-
-def _apply_map(pair, x: Tensor) -> Tensor:
-    """x itself without a map; else map(x) [x's shape] (`_map_kernel`), a transient of the backward: bfloat16 for
-    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
-    of float16 values can pass float16's largest number)."""
-    if pair is None:
-        return x
-    x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
-    n = x.numel()
-    if n:
-        _map_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x, y, n, pair[0], _MAP_BLOCK)
-    return y
-
-
-def _unmap(pair, x: Tensor, grad: Tensor | None) -> Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
-    by `_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
-    element reads only its own); grad itself without a map."""
-    if pair is None or grad is None:
-        return grad
-    grad = grad.to(torch.float32).contiguous()
-    n = x.numel()
-    if n:
-        _map_vjp_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _MAP_BLOCK)
-    return grad
-
-
 def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
-                     packed=None):
+                     packed=None, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
+
+    maps: the (q_map, k_map) pairs of `_Fused` (None, or (map, vjp) helpers; not with a value decay): qs and k are
+    then the raw inputs, mapped by every kernel where it loads them, and dq and dk are the raw inputs' gradients,
+    each kernel storing them through the vjp helper (grad * map'(x), applied to its own share, so that shares added
+    over several queries stay right). No mapped q or k and no separate pass over the gradients.
 
     No [B, T, H, K] G for a scalar or no decay: a scalar decay's G stays [B, T, H] (as the forward's ScalarDecay
     keeps it) and its kernels load one G per row (their DECAY 1), no decay has none (DECAY 0); and no transposed
@@ -2166,6 +2149,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _or(num_warps, _WARPS), _or(num_stages, _STAGES)
+    q_map, k_map = maps
+    qmap, kmap, qvjp, kvjp = _map_of(q_map), _map_of(k_map), _vjp_of(q_map), _vjp_of(k_map)
 
     # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
     rows = B if packed is None else packed.N  # the states' batch
@@ -2176,7 +2161,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
             q, do, gc if gc is not None else dh, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
             packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, decay_cls.code, excl,
             i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, QMAP=qmap)
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
@@ -2187,59 +2172,64 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
         if decay_cls.code == 0 or decay_cls.code == 1:
             # the plain scores A = q k^T and dA = do v^T, masked; a scalar decay's exp(Gq_t - G_s) is applied by
             # the kernels that read them
-            A = _intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages)
+            A = _intra_attn(q, k, None, 3, excl, excl, BT, BK, prec, num_warps, num_stages, False, q_map, k_map)
             dA = _intra_attn(do, v, None, 3, excl, excl, BT, BV, prec, num_warps, num_stages)
             A_all.append(A)
             dA_all.append(dA)
             # dq = exp(Gq) (do h^T) + (do v^T decayed, masked) k: the forward's output kernel with (q, k, v, h) =
-            # (do, v, k, h^T), h read transposed in place
+            # (do, v, k, h^T), h read transposed in place (k mapped as loaded, dq stored as the raw q's)
             _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV,
-                BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, num_warps=warps,
-                num_stages=stages)
-            # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh)
-            for M, x, z, trans, out, D, DZ, BD, BZ in ((dA, q, v, True, dk, K, V, BK, BV),
-                                                        (A, do, k, False, dv, V, K, BV, BK)):
+                do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, q, 1.0, T, H, V, K, BT,
+                BV, BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, VMAP=kmap, OVJP=qvjp,
+                num_warps=warps, num_stages=stages)
+            # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
+            # (..., the map of x, of z, the vjp of out's raw input, that input)
+            for M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox in (
+                    (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k),
+                    (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)):
                 _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-                    M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-                    decay_cls.code, excl, trans,
+                    M, x, gc if gc is not None else M, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first,
+                    prec, decay_cls.code, excl, trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp,
                     num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
         else:
             # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
             # axis carries its decay
             A = _intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
-                            num_stages)
+                            num_stages, False, q_map, k_map)
             dA = _intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                              num_stages)
             (A_all if value else dA_all).append(A if value else dA)
             if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
                 _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                    do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                    do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
                     False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
             else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
                 _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                    do, k, gc, h, dA, dq, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, TRANS_H=True,
-                    num_warps=warps, num_stages=stages)
+                    do, k, gc, h, dA, dq, q, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, TRANS_H=True, VMAP=kmap,
+                    OVJP=qvjp, num_warps=warps, num_stages=stages)
             # (scores, x, z, dh read as dh^T, out, its width, z's width, their blocks): dk from dA and q, dv from A
             # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
-            for_dk = (dA, q, v, True, dk, K, V, BK, BV)
-            for_dv = (A, do, k, False, dv, V, K, BV, BK)
+            # (..., the map of x, of z, the vjp of out's raw input, that input; no maps with a value decay)
+            for_dk = (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k)
+            for_dv = (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)
             decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
-            M, x, z, trans, out, D, DZ, BD, BZ = decayed
+            M, x, z, trans, out, D, DZ, BD, BZ, xmap, _, ovjp, ox = decayed
             _chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
-                M, x, gc, z, dh, out, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, trans,
-                num_warps=warps, num_stages=stages)
-            M, x, z, trans, out, D, DZ, BD, BZ = plain
+                M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, trans,
+                XMAP=xmap, OVJP=ovjp, num_warps=warps, num_stages=stages)
+            M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox = plain
             _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-                M, x, gc, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl, trans,
-                num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
+                M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl,
+                trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp, num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS),
+                num_stages=stages)
         dqs.append(dq)
 
     dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
     if decay_cls.code == 1:
-        dlog = _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT, prec, num_warps)
+        dlog = _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT, prec, num_warps, qmap, kmap)
     elif decay_cls.code == 2 or decay_cls.code == 3:
-        dlog = _dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
+        dlog = _dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps,
+                           qmap, kmap)
     return dk, dv, dlog, dh0, dqs
 
 
@@ -2249,11 +2239,11 @@ _DLOG_SCALAR_WARPS = 8
 
 
 def _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int, prec: str,
-                 num_warps: int | None) -> Tensor:
+                 num_warps: int | None, qmap=None, kmap=None) -> Tensor:
     """dL/d(log decay) [B, T, H] float32 of a scalar decay: `_dlog_decay`'s sum with the K lanes summed inside its
     terms (`_dlog_scalar_kernel`, one launch per query), so neither G nor the result is ever [B, T, H, K]. A_all,
     dA_all: each query's plain scores q k^T and do v^T; g [B, T, H] the uncumulated log decays, gc their float64
-    chunk-local cumulative sum."""
+    chunk-local cumulative sum. qmap, kmap: the maps of the raw q and k (`_Fused`), or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -2263,11 +2253,12 @@ def _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int,
     for i, (q, excl, do, A, dA) in enumerate(zip(qs, exclusive, dos, A_all, dA_all)):
         _dlog_scalar_kernel[(NT, B * H)](
             A, dA, q, k, v, do, h, dh, g, gc, r, T, H, K, V, BT, BK, BV, excl, i == 0, i > 0, prec, _LOG_DECAY_FLOOR,
-            num_warps=_or(num_warps, _DLOG_SCALAR_WARPS))
+            QMAP=qmap, KMAP=kmap, num_warps=_or(num_warps, _DLOG_SCALAR_WARPS))
     return r
 
 
-def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> Tensor:
+def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int,
+                qmap=None, kmap=None) -> Tensor:
     """dL/d(log decay) [B, T, H, D] float32 of the linear chunked form (D = K, or V for a value decay), summed
     directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
     et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
@@ -2281,7 +2272,8 @@ def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: 
              + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)
     with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
     exponent <= 0 and every term a part of the true sum. One `_dlog_chunk_kernel` launch per query, in float32,
-    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored."""
+    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored. qmap, kmap: the
+    maps of the raw q and k (`_Fused`; a key decay's x and y), or None."""
     B, T, H, D = gc.shape
     NT = triton.cdiv(T, BT)
     y, z = (v, k) if value else (k, v)
@@ -2293,7 +2285,8 @@ def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: 
         x, w = (do, q) if value else (q, do)
         _dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
             M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _LOG_DECAY_FLOOR, num_warps=_DLOG_WARPS, **_register_limit(_DLOG_WARPS))
+            _LOG_DECAY_FLOOR, XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=_DLOG_WARPS,
+            **_register_limit(_DLOG_WARPS))
     return r
 
 
@@ -2350,7 +2343,7 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
     if fused is not None:
         fused = _Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                       fused.skip_weight)
+                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
     outs, ht = _delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
                          packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
                          fused=fused, **options)
@@ -2389,7 +2382,8 @@ def _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, output_f
     gc, eg, _, w, u, h, ht = _delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
                                            BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
     if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
-        fused = _Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+        fused = _Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(),
+                       None if f.skip_weight is None else f.skip_weight.contiguous())
     outs = _outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht
 

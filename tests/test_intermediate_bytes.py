@@ -11,6 +11,7 @@ scale and a per-head skip term, applied in the kernels).
   hand-written kernels' figure (`hand_written_bytes`): GLA, gated DeltaNet and Mamba2 at most that figure.
 - Half precision: float16 values and gradients against the reference at float16 tolerance; bfloat16 outputs and
   gradients come back in bfloat16.
+- A skip term with one weight per step (RWKV-6's bonus) against the explicit sum, packed.
 - The backward (`hand_written_backward_bytes`): its formulas at one shape by hand; a gradient handed back is not an
   intermediate; GLA's and Mamba2's forward + backward at B=2, T=1024, H=4, K=V=128 in float32 and bfloat16 within
   the hand-written forward + backward (the host's allocations, no kernel launched); and, compiled for sm_90 in a
@@ -113,7 +114,7 @@ def _grads(fn, rec, args, initial, weights):
     return values, [x.grad for x in leaves] + [init[s.name].grad for s in checked.states]
 
 
-@pytest.mark.parametrize("name", [*FUSED, UNFUSED])
+@pytest.mark.parametrize("name", [*FUSED, UNFUSED, "rwkv6"])
 def test_results_and_gradients_match_the_reference(name):
     rec = _rec(name)
     args, initial = _args(rec, 1, 37, 2, 16, initial=True)
@@ -131,16 +132,44 @@ def test_results_and_gradients_match_the_reference(name):
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_the_three_specs_call_the_fused_runtime():
+def test_the_fused_specs_call_the_fused_runtime():
     """What the generated Triton forms hand to the kernels instead of computing in torch."""
     scale = "scale=_fused_scale(lambda: (K**(-0.5)))"
     expected = {"gla": [scale], "gated_delta_net": ["v_step=v_step_S", scale],
-                "mamba2": ["v_step=v_step_h", "decay_head=A", "skip=x, skip_weight=D"]}
+                "mamba2": ["v_step=v_step_h", "decay_head=A", "skip=x, skip_weight=D"],
+                # RWKV-6's bonus sum(i, r[i] * u[i] * k[i]) * v[j]: a weight per step [B, T, H] from the prologue
+                "rwkv6": ["skip=v, skip_weight=skip_weight_S",
+                          "o = read_S  # rwkv6.rec:12, its epilogue in the kernels"]}
     for name, args in expected.items():
         form = load_layer(analyse(_rec(name).checked)).triton_forms["chunked"]
         source = inspect.getsource(getattr(form, "__wrapped__", form))
         assert all(a in source for a in args), (name, source)
         assert "K**0.5" not in source and "D[..., None] * x" not in source and "beta[..., None] * v" not in source
+
+
+def test_a_skip_weight_per_step_matches_the_explicit_sum():
+    """`skip_weight` [B, T, H] (one weight per step, RWKV-6's bonus): the output and every gradient, the weight's
+    included, equal those of the call without it plus weight * skip in torch; a key decay, an exclusive query, two
+    sequences packed by cu_seqlens (the weight padded as the other per-step tensors; the dense call is
+    test_results_and_gradients_match_the_reference's rwkv6). A weight of another shape is refused."""
+    from codegen import triton_runtime as rt
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, 20, 2, 16, generator=gen)).requires_grad_()
+    w = torch.randn(1, 20, 2, generator=gen, requires_grad=True)
+    kwargs = {"cu_seqlens": torch.tensor([0, 7, 20])}
+    (o,), ht = rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, None, 16, True, skip=v, skip_weight=w,
+                                    **kwargs)
+    (ref,), ref_ht = rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, None, 16, True, **kwargs)
+    ref = ref + w[..., None] * v
+    seeds = [torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)]
+    got = torch.autograd.grad((o * seeds[0]).sum() + (ht * seeds[1]).sum(), [q, k, v, g, w])
+    want = torch.autograd.grad((ref * seeds[0]).sum() + (ref_ht * seeds[1]).sum(), [q, k, v, g, w])
+    for x, y in zip([o, *got], [ref, *want]):
+        assert _rel(x, y.double()) <= 1e-6
+    with pytest.raises(ValueError, match=r"skip_weight must have one weight per head \(\[2\]\) or one per step"):
+        rt.chunked_linear_by(rt.KeyDecay, [(q, True)], k, v, g, skip=v, skip_weight=w[:, :5])
 
 
 # -- the bytes against the hand-written kernels ------------------------------------------------------------------
@@ -291,6 +320,41 @@ def test_linear_training_step_within_the_hand_written_figure(name, dtype, monkey
     assert not [w for w in wheres if "transpose" in w or "expand" in w], wheres
     if name == "mamba2":  # the scalar decay's cumulative sums are [B, T, H]
         assert all(r.shape == (2, 1024, 4) for r in report.rows if "_cumsum" in r.where), format_rows(report)
+
+
+# (spec, dtype) -> a training step's intermediate bytes at B=2, T=1024, H=4, K=V=128 (host allocations, as above):
+# the specs whose q and k are elementwise maps of raw inputs (tests/test_prologue_maps.py), measured with the maps
+# applied by the backward's kernels at their loads and dq, dk stored through the vjp helpers (before, the backward
+# mapping q and k into transient tensors, `_apply_map`: normalised linear attention 71,960,608 / 65,439,776, HGRN2
+# 44,118,032 / 50,391,056); and RWKV-6, whose bonus term the output kernel adds as a skip term with a weight per step
+# (before, a torch epilogue and its VJP over [B, T, H, V]: 107,157,520 / 81,915,920)
+FUSED_STEPS = {("normalized_linear_attention", torch.float32): 55_183_392,
+               ("normalized_linear_attention", torch.bfloat16): 57_051_168,
+               ("hgrn2", torch.float32): 39_923_728, ("hgrn2", torch.bfloat16): 48_293_904,
+               ("rwkv6", torch.float32): 77_764_624, ("rwkv6", torch.bfloat16): 73_576_464}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["normalized_linear_attention", "hgrn2", "rwkv6"])
+def test_fused_training_step_figures(name, dtype, monkeypatch):
+    """The backward of a chunked Triton form with prologue maps allocates no mapped q or k, and RWKV-6's call no
+    epilogue tensor (the exact figures, and no [B, T, H, K] buffer but the kernels' own, the prologue's gradients and
+    the casts of the gradients handed back). About 1 s each once the module is loaded (no kernel runs, as above)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec(name)
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 1024, 4, dtype=torch.float32,
+                               seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="chunked",
+                          backward=True)
+    assert report.total == FUSED_STEPS[(name, dtype)], format_rows(report)
+    # every [B, T, H, 128] buffer left is a kernel's output or gradient buffer, a gradient's cast to the input
+    # dtype, RWKV-6's prologue (its per-step weight and that weight's VJP) and skip weight's gradient (`_unfuse`),
+    # or normalised linear attention's divided readout's epilogue in torch
+    full = [r for r in report.rows if r.shape == (2, 1024, 4, 128)]
+    allowed = ("torch.empty(", "grad.to(like.dtype)") + (("prologue", "_unfuse") if name == "rwkv6" else ("epilogue",))
+    assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
 
 
 CHILD = """

@@ -4,15 +4,17 @@ fused into the kernels' loads).
 A prologue value that is an elementwise function of one raw input of its own layout (normalized linear attention's
 feature maps 1 + elu(q), 1 + elu(k); HGRN2's input gate 1 - exp(f) of its log forget gate f) is printed as a helper
 `NAME__map_<input>(x)` with its derivative `NAME__map_<input>_vjp(x, grad)` and handed to
-`triton_chunked_linear_by` as `q_map` / `k_map`: the forward kernels apply it where they load q or k, and the
-gradient the call returns is the raw input's.
+`triton_chunked_linear_by` as `q_map` / `k_map`: the forward and backward kernels apply it where they load q or k,
+and the backward kernels store dq and dk through the derivative helper, so the gradient the call returns is the raw
+input's and no mapped copy of q or k is made.
 
 - Results and every gradient against the float64 reference, float32, relative error <= 1e-5, T = 37 in chunks of 16,
   with an initial state, and with three sequences packed by cu_seqlens.
 - The forward allocates no [B, T, H, K] tensor for a mapped value (`codegen.intermediate_bytes`), and the module's
   source holds the printed helpers, the call passes them, and no torch prologue computes them.
 - A module without maps (gla) carries none of the runtime's map helpers and kernels; one with maps all of them.
-- The runtime: bad maps are refused naming the argument; a map matches the same call on the mapped tensors.
+- The runtime: bad maps are refused naming the argument; a map matches the same call on the mapped tensors, with a
+  scalar and a key decay, an inclusive and an exclusive query.
 
 Kernels run in Triton's interpreter (tests/conftest.py); about 40 s on an idle two-core machine.
 """
@@ -117,9 +119,9 @@ def test_the_module_prints_the_helpers_and_no_prologue_tensor_is_allocated(name)
     assert all("torch.empty" in r.where for r in full), [r.where for r in full]
 
 
-# The runtime's map machinery as renamed in a generated module (codegen/triton_runtime.py `_apply_map`, ...).
-MAP_MACHINERY = {"_triton_apply_map", "_triton_unmap", "_triton_check_map", "_triton_map_kernel",
-                 "_triton_map_vjp_kernel"}
+# The runtime's map machinery as renamed in a generated module (codegen/triton_runtime.py `_check_map`): the maps
+# themselves are kernel arguments (QMAP, KMAP, ...), applied at the loads of the forward and backward kernels.
+MAP_MACHINERY = {"_triton_check_map"}
 
 
 @pytest.mark.parametrize("name", ["gla", "normalized_linear_attention"])
@@ -149,18 +151,21 @@ def _elu1_vjp(x, grad):
     return grad * tl.where(x > 0.0, 1.0, tl.exp(x))
 
 
-def test_runtime_maps_match_the_mapped_tensors_and_refuse_bad_ones():
+@pytest.mark.parametrize("decay", ["ScalarDecay", "KeyDecay"])
+def test_runtime_maps_match_the_mapped_tensors_and_refuse_bad_ones(decay):
+    """Two queries, one exclusive (the key decay's dq runs through the value-decay output kernel and its dk through
+    the sub-chunked kernel, each with the maps at their loads and the vjp at their stores)."""
     from codegen import triton_runtime as rt
 
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 20, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
     v = torch.randn(1, 20, 2, 16, generator=gen, requires_grad=True)
-    g = (-torch.rand(1, 20, 2, generator=gen)).requires_grad_()
+    g = (-torch.rand((1, 20, 2) + ((16,) if decay == "KeyDecay" else ()), generator=gen)).requires_grad_()
     pair = (_elu1, _elu1_vjp)
-    outs, ht = rt.chunked_linear_by(rt.ScalarDecay, [(q, False), (q, True)], k, v, g, None, 16, True,
-                                    q_map=pair, k_map=pair)
-    ref_outs, ref_ht = rt.chunked_linear_by(rt.ScalarDecay, [(1 + F.elu(q), False), (1 + F.elu(q), True)],
-                                            1 + F.elu(k), v, g, None, 16, True)
+    cls = getattr(rt, decay)
+    outs, ht = rt.chunked_linear_by(cls, [(q, False), (q, True)], k, v, g, None, 16, True, q_map=pair, k_map=pair)
+    ref_outs, ref_ht = rt.chunked_linear_by(cls, [(1 + F.elu(q), False), (1 + F.elu(q), True)], 1 + F.elu(k), v, g,
+                                            None, 16, True)
     w = [torch.randn(o.shape, generator=gen) for o in outs] + [torch.randn(ht.shape, generator=gen)]
     got = torch.autograd.grad(sum((x * y).sum() for x, y in zip([*outs, ht], w)), [q, k, v, g])
     want = torch.autograd.grad(sum((x * y).sum() for x, y in zip([*ref_outs, ref_ht], w)), [q, k, v, g])
