@@ -1,0 +1,459 @@
+"""Triton kernels for the parallel form of a linear recurrence (identity and scalar decay), attention-style.
+
+Same arguments, maths and layout as `codegen/triton_runtime.py`'s `chunked_linear_by` (B batch, T time, H heads, K
+key dim, V value dim; per-step tensors [B, T, H, ...], states [B, H, K, V] float32; a query (q, exclusive) reads
+S_{t-1} if exclusive, else S_t), for S_t = exp(g_t) S_{t-1} + k_t v_t^T with g_t a scalar log decay per step and
+head (none: g = 0). With G_t = g_0 + ... + g_t (a cumulative sum over the whole sequence) and Gq_t = G_t (G_{t-1}
+for an exclusive query, G_{-1} = 0):
+
+  o_t = exp(Gq_t) q_t^T S0 + sum_{s <= t} exp(Gq_t - G_s) (q_t . k_s) v_s        (s < t for an exclusive query)
+  S_T = exp(G_last) S0 + sum_s exp(G_last - G_s) k_s v_s^T
+
+No state is formed per step or per chunk: for each (V tile, query block of BT rows, batch*head) the output kernel
+walks the key blocks j <= i and accumulates (q_i k_j^T * decay mask) v_j, as flash attention walks its key blocks;
+the final state is one pass over the steps per (K tile, V tile, batch*head). The reverse mode is the same two
+kernels with the roles of the tensors exchanged (one generic kernel each, `_parallel_attn_kernel` and
+`_parallel_state_kernel`): with dO the outputs' gradients and dS_T the final state's,
+
+  dq_t  = exp(Gq_t) dO_t S0^T + sum_{s <= t} exp(Gq_t - G_s) (dO_t . v_s) k_s
+                                                                   causal, (x, y, z, S) = (dO, v, k, S0^T)
+  dk_s  = exp(G_last - G_s) dS_T v_s + sum_{t >= s} exp(Gq_t - G_s) (v_s . dO_t) q_t
+                                                                   anti-causal, (x, y, z, S) = (v, dO, q, dS_T^T)
+  dv_s  = exp(G_last - G_s) dS_T^T k_s + sum_{t >= s} exp(Gq_t - G_s) (k_s . q_t) dO_t
+                                                                   anti-causal, (x, y, z, S) = (k, q, dO, dS_T)
+  dS0   = exp(G_last) dS_T + sum_t exp(Gq_t) q_t dO_t^T
+  dG_t  = (q . dq)_u - (k . dk)_t + [t = last] sum(S_T * dS_T),  u = t (t + 1 for an exclusive query),
+  dg    = the reverse cumulative sum of dG, 0 where the forward floored g,
+
+summed over the queries (each query's dq, dk and dv terms; the state terms once). G enters only through factors
+exp(G_a - G_b), so dG is the sum of (x . dx) over the factors where t is a minus those where it is b (GLA's identity,
+Yang et al. 2023 section 4); the chunked backward sums the log decays' gradient directly instead, because the two
+sides can cancel over long sequences, but the parallel form runs sequences no longer than a chunk (codegen/dispatch.py
+`pick_form`), and the two sides and the reverse cumulative sum are formed in float64 here.
+
+Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
+chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
+exactly, and G never holds -inf, so no -inf - -inf = nan). Every factor is `_decay` of a difference G_a - G_b with a
+at or after b (<= 0), formed in float64 and rounded to float32 at once; masks select (tl.where), so a padded or
+masked lane never makes 0 * inf. Loads are upcast to float32, dots and accumulators are float32, outputs are stored
+in k's dtype, states in float32, as in the chunked runtime.
+
+Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
+as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`). A key or value decay (GLA, HGRN2, RWKV6)
+has no parallel Triton kernel yet: its layers run the parallel form on the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_runtime import (
+    _LOG_DECAY_FLOOR,
+    _NOT_FUSED,
+    _STAGES,
+    _WARPS,
+    _check_block,
+    _decay,
+    _empty_result,
+    _Fused,
+    _fused_of,
+    _map_of,
+    _mapped,
+    _mapped_inputs,
+    _materialise,
+    _or,
+    _pow2_at_least_16,
+    _raw_gradients,
+    _safe_exp,
+    _unfuse,
+)
+
+Tensor = torch.Tensor
+
+_PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
+_PARALLEL_CODES = (0, 1)  # the decay classes' codes these kernels take: none, scalar
+
+
+@triton.jit
+def _row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
+    """G at the given rows [BT] of one (batch, head) (float64; 0 where masked); SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        return tl.load(g + base + (rows - 1) * H, mask=m & (rows > 0), other=0.0)
+    return tl.load(g + base + rows * H, mask=m, other=0.0)
+
+
+@triton.jit
+def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
+                          DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
+                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
+                          TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
+                          SKIP: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
+    """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
+
+    x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place);
+    g: G [B, T, H] float64 (DECAY 1). Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b),
+    D0_a = exp(Gq_a), Gq the shifted G if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE):
+    b >= a (b > a), D_ab = exp(Gq_b - G_a), D0_a = exp(G_last - G_a) (the backward's dk and dv).
+    The forward's fused prologue and epilogue (`_Fused`): ZSTEP z_b is zs[b] * z[b]; XMAP, YMAP map x and y as they
+    are loaded; SKIP adds sw[h] * sx[a] after the scale. ACC adds into out (later queries of the backward)."""
+    i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    base = i_b.to(tl.int64) * T * H + i_h  # flat row index of (b, 0, h)
+    o_i = tl.arange(0, BT)
+    rows_a = i_a * BT + o_i
+    m_a = rows_a < T
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_z = o_z < DZ
+    b_acc = tl.zeros([BT, BZ], dtype=tl.float32)
+    if DECAY == 1:
+        if REVERSE:  # G_a
+            b_ga = _row_g(g, base, rows_a, m_a, False, H)
+        else:  # Gq_a
+            b_ga = _row_g(g, base, rows_a, m_a, EXCLUSIVE, H)
+    if USE_S:
+        p_s = s + i_bh.to(tl.int64) * (DX * DZ)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _mapped(b_x, m_ax, XMAP)
+            if TRANS_S:
+                p_xz = p_s + o_z[None, :] * DX + o_x[:, None]
+            else:
+                p_xz = p_s + o_x[:, None] * DZ + o_z[None, :]
+            b_s = tl.load(p_xz, mask=m_x[:, None] & m_z[None, :], other=0.0).to(tl.float32)
+            b_acc += tl.dot(b_x, b_s, input_precision=PREC)
+        if DECAY == 1:
+            if REVERSE:
+                b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
+                b_acc = b_acc * _decay(b_gl, b_ga)[:, None]
+            else:
+                b_acc = b_acc * _safe_exp(b_ga.to(tl.float32))[:, None]
+    if REVERSE:
+        j_lo, j_hi = i_a, NT
+    else:
+        j_lo, j_hi = 0, i_a + 1
+    for i_j in range(j_lo, j_hi):
+        rows_b = i_j * BT + o_i
+        m_b = rows_b < T
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            m_xb = m_x[:, None] & m_b[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _mapped(b_x, m_ax, XMAP)
+            b_yt = tl.load(y + (base + rows_b[None, :] * H) * DX + o_x[:, None], mask=m_xb, other=0.0).to(tl.float32)
+            b_yt = _mapped(b_yt, m_xb, YMAP)
+            b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+        if REVERSE:
+            if EXCLUSIVE:
+                m_A = rows_b[None, :] > rows_a[:, None]
+            else:
+                m_A = rows_b[None, :] >= rows_a[:, None]
+        else:
+            if EXCLUSIVE:
+                m_A = rows_b[None, :] < rows_a[:, None]
+            else:
+                m_A = rows_b[None, :] <= rows_a[:, None]
+        m_A = m_A & m_b[None, :] & m_a[:, None]
+        if DECAY == 1:
+            if REVERSE:
+                b_gb = _row_g(g, base, rows_b, m_b, EXCLUSIVE, H)  # [BT] Gq_b
+                b_A = b_A * _decay(b_gb[None, :], b_ga[:, None])
+            else:
+                b_gb = _row_g(g, base, rows_b, m_b, False, H)  # [BT] G_b
+                b_A = b_A * _decay(b_ga[:, None], b_gb[None, :])
+        b_A = tl.where(m_A, b_A, 0.0)
+        m_bz = m_b[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
+        b_acc += tl.dot(b_A, b_z, input_precision=PREC)
+    b_acc = b_acc * scale
+    m_az = m_a[:, None] & m_z[None, :]
+    p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
+    if SKIP:
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_acc += b_sw * tl.load(sx + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az,
+                                other=0.0).to(tl.float32)
+    if ACC:
+        b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
+    tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
+
+
+@triton.jit
+def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
+                           BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
+                           EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr, ACC: tl.constexpr,
+                           PREC: tl.constexpr, ZSTEP: tl.constexpr, XMAP: tl.constexpr = None):
+    """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32.
+
+    REVERSE False (the final state, x = k, z = v, S = S0): w_t = exp(G_last - G_t). REVERSE (the initial state's
+    gradient, x = q, z = dO, S = dS_T): w_t = exp(Gq_t), Gq the shifted G if EXCLUSIVE. ZSTEP: z_t is zs[t] * z[t];
+    XMAP maps x as it is loaded; ACC adds into out (later queries)."""
+    i_xt, i_zt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    o_x = i_xt * BX + tl.arange(0, BX)
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_x, m_z = o_x < DX, o_z < DZ
+    m_xz = m_x[:, None] & m_z[None, :]
+    p_xz = i_bh.to(tl.int64) * (DX * DZ) + o_x[:, None] * DZ + o_z[None, :]
+    b_acc = tl.zeros([BX, BZ], dtype=tl.float32)
+    if DECAY == 1:
+        b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
+    if USE_S:
+        b_acc += tl.load(s + p_xz, mask=m_xz, other=0.0).to(tl.float32)
+        if DECAY == 1:
+            b_acc = b_acc * _safe_exp(b_gl.to(tl.float32))
+    for i_n in range(0, tl.cdiv(T, BT)):
+        rows = i_n * BT + o_i
+        m_t = rows < T
+        m_xt = m_x[:, None] & m_t[None, :]
+        b_xt = tl.load(x + (base + rows[None, :] * H) * DX + o_x[:, None], mask=m_xt, other=0.0).to(tl.float32)
+        b_xt = _mapped(b_xt, m_xt, XMAP)
+        m_tz = m_t[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows[:, None] * H) * DZ + o_z[None, :], mask=m_tz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
+        if DECAY == 1:
+            if REVERSE:
+                b_w = _safe_exp(_row_g(g, base, rows, m_t, EXCLUSIVE, H).to(tl.float32))
+            else:
+                b_w = _decay(b_gl, _row_g(g, base, rows, m_t, False, H))
+            b_xt = b_xt * tl.where(m_t, b_w, 0.0)[None, :]
+        b_acc += tl.dot(b_xt, b_z, input_precision=PREC)
+    if ACC:
+        b_acc += tl.load(out + p_xz, mask=m_xz, other=0.0)
+    tl.store(out + p_xz, b_acc, mask=m_xz)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cumulative_log_decays(log_decay, head=None):
+    """G [B, T, H] float64: the cumulative sum over the whole sequence of the log decays (times the per-head factor
+    head [H], the product rounded to float32 as `_cumsum_kernel` rounds it), each floored at _LOG_DECAY_FLOOR
+    (a select: a NaN stays NaN)."""
+    if log_decay is None:
+        return None
+    g = log_decay.float() * head.float().view(1, 1, -1) if head is not None else log_decay
+    g = g.to(torch.float64)
+    return torch.where(g < _LOG_DECAY_FLOOR, _LOG_DECAY_FLOOR, g).cumsum(1).contiguous()
+
+
+def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32):
+    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
+    min(64, pow2(K or V)) as the chunked runtime's; ValueError for a block that is not a power of two >= 16."""
+    T, K = k.shape[1], k.shape[-1]
+    block_t = _or(block_t, _PARALLEL_BT)
+    _check_block("block_t", block_t)
+    block_k = _or(block_k, min(64, _pow2_at_least_16(K)))
+    block_v = _or(block_v, min(64, _pow2_at_least_16(V)))
+    _check_block("block_k", block_k)
+    _check_block("block_v", block_v)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _pow2_at_least_16(T))) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or the query "
+                         "blocks are past CUDA's grid limits; split the call")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    return min(block_t, _pow2_at_least_16(T)), block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
+          prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
+          y_map=None) -> None:
+    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S)."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
+        x, y, z, G if G is not None else out, s if s is not None else out, out,
+        z_step if z_step is not None else out, skip if skip is not None else out,
+        skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
+        s is not None, trans_s, acc, prec, z_step is not None, skip is not None,
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map),
+        YMAP=_map_of(y_map))
+
+
+def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
+           num_stages, z_step=None, x_map=None) -> None:
+    """Launch `_parallel_state_kernel` over out [B, H, DX, DZ] float32."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    _parallel_state_kernel[(triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H)](
+        x, z, G if G is not None else out, s if s is not None else out, out, z_step if z_step is not None else out,
+        T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, acc, prec, z_step is not None,
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map))
+
+
+def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, fused=None):
+    """(outputs in k's dtype, final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec, num_warps,
+    num_stages)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    f = fused if fused is not None else _NOT_FUSED
+    vs = None if f.v_step is None else f.v_step.contiguous()
+    skip = None if f.skip is None else f.skip.contiguous()
+    G = _cumulative_log_decays(log_decay, f.decay_head) if decay_cls.code == 1 else None
+    s0 = None if initial_state is None else initial_state.contiguous()
+    outs = []
+    for q, exclusive in queries:
+        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        _attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
+              num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map)
+        outs.append(o)
+    ht = None
+    if output_final_state:
+        ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device)
+        _state(k, v, G, s0, ht, decay_cls.code, False, False, False, BT, BK, BV, prec, num_warps, num_stages, vs,
+               f.k_map)
+    return outs, ht
+
+
+def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, ht, dos, dht):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32 (the formulas of the module docstring), for
+    mapped qs and k, v times v_step and log_decay times decay_head (`_materialise`, `_mapped_inputs`)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dev, f32 = k.device, torch.float32
+    code = decay_cls.code
+    G = _cumulative_log_decays(log_decay) if code == 1 else None
+    dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
+    dht = None if dht is None else dht.to(f32).contiguous()
+    s0 = None if initial_state is None else initial_state.contiguous()
+    dqs = []
+    for excl, do in zip(exclusive, dos):
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages)
+        dqs.append(dq)
+    dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        first = i == 0  # the final state's term once, later queries add in
+        _attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
+              num_warps, num_stages)
+        _attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
+              num_warps, num_stages)
+    dh0 = None
+    if initial_state is not None:
+        dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
+        for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+            _state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
+                   num_stages)
+    dlog = None
+    if code == 1:
+        # dG_t = sum over queries of (q . dq) at the step whose G the query's factors use, minus (k . dk)_t, plus
+        # at the last step sum(S_T * dS_T); float64, so the reverse cumulative sum adds no float32 rounding
+        dG = -(k.double() * dk.double()).sum(-1)
+        for q, excl, dq in zip(qs, exclusive, dqs):
+            qdq = (q.double() * dq.double()).sum(-1)
+            if excl:  # Gq_t = G_{t-1}: the term belongs to step t - 1 (at t = 0 to the constant G_{-1} = 0)
+                dG[:, :-1] += qdq[:, 1:]
+            else:
+                dG += qdq
+        if dht is not None:
+            dG[:, -1] += (ht.double() * dht.double()).sum((-2, -1))
+        dlog = dG.flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
+    return dk, dv, dlog, dh0, dqs
+
+
+class _ParallelLinearFunction(torch.autograd.Function):
+    """parallel_linear_by with its backward in the kernels above; saves the inputs and the final state only."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusive, cfg, scale, maps, k, v, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
+        k, v = k.contiguous(), v.contiguous()
+        qs = tuple(q.contiguous() for q in qs)
+        fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
+        outs, ht = _parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
+                                     fused)
+        ctx.save_for_backward(k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
+        return (*outs, ht)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    def backward(ctx, *grads):
+        k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        nq = len(ctx.exclusive)
+        fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # as the chunked backward: the materialised prologue and the outputs' gradients times the scale, mapped
+        # back by `_unfuse` and `_raw_gradients`
+        v_m, log_m = _materialise(fused, v, log_decay)
+        qs_m, k_m = _mapped_inputs(ctx.maps, qs, k)
+        dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
+        dk, dv, dlog, dh0, dqs = _parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
+                                                    initial_state, ht, dos, grads[nq])
+        dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
+        dk, dqs = _raw_gradients(ctx.maps, qs, k, dk, dqs)
+        need = ctx.needs_input_grad
+
+        def cast(grad, like, i):
+            return None if grad is None or not need[i] else grad.to(like.dtype)
+
+        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
+                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
+                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
+                       block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
+                       v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                       k_map=None):
+    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), no decay or a scalar one
+    (decay_cls NoDecay or ScalarDecay of codegen/triton_runtime.py); `chunked_linear_by`'s arguments and results
+    (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H];
+    initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
+    float32 or None)) and its fused prologue and epilogue (`_Fused`), but no chunk: block_t rows (a power of two
+    >= 16, default 64) per query block and key block. Differentiable (`_ParallelLinearFunction`); no `cu_seqlens`
+    (the dispatcher batches packed sequences by length). ValueError for a key or value decay or a bad block."""
+    if decay_cls.code not in _PARALLEL_CODES:
+        raise ValueError(f"the parallel Triton form takes no decay or a scalar one, got {decay_cls.__name__}; run "
+                         "the chunked form, or the parallel form on the torch backend")
+    fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
+    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32)
+    if k.shape[1] == 0:
+        return _empty_result(queries, k, v, initial_state, output_final_state)
+    cfg = (BT, BK, BV, prec, num_warps, num_stages)
+    f = fused if fused is not None else _NOT_FUSED
+    tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        exclusive = tuple(bool(e) for _, e in queries)
+        flat = _ParallelLinearFunction.apply(decay_cls, exclusive, cfg, f.scale, f.maps, k, v, log_decay,
+                                             initial_state, *f.tensors(), *[q for q, _ in queries])
+        outs, ht = list(flat[:-1]), flat[-1]
+    else:
+        outs, ht = _parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
+                                     output_final_state, cfg, fused)
+    return outs, (ht if output_final_state else None)
+
+
+def in_parallel(chunked_form):
+    """The parallel Triton form of a generated module from its chunked Triton form function `chunked_form`: the
+    same prologue and readouts, its `chunked_linear_by` calls run as `parallel_linear_by` (the call's chunk_size,
+    the whole length, has no role: the kernels walk blocks of block_t rows, a config's key)."""
+
+    def parallel_form(*args, chunk_size=None, block_t=None, **options):
+        def parallel(*call, **kwargs):
+            return parallel_linear_by(*call, block_t=block_t, **kwargs)
+
+        return chunked_form(*args, parallel=parallel, **options)
+
+    parallel_form.__name__ = chunked_form.__name__.replace("chunked", "parallel")
+    return parallel_form
+
+
+__all__ = ["in_parallel", "parallel_linear_by"]
