@@ -22,14 +22,15 @@ kernels with the roles of the tensors exchanged (one generic kernel each, `_para
   dv_s  = exp(G_last - G_s) dS_T^T k_s + sum_{t >= s} exp(Gq_t - G_s) (k_s . q_t) dO_t
                                                                    anti-causal, (x, y, z, S) = (k, q, dO, dS_T)
   dS0   = exp(G_last) dS_T + sum_t exp(Gq_t) q_t dO_t^T
-  dG_t  = (q . dq)_u - (k . dk)_t + [t = last] sum(S_T * dS_T),  u = t (t + 1 for an exclusive query),
-  dg    = the reverse cumulative sum of dG, 0 where the forward floored g,
+  dG_t  = (q . dq)_u - (k . dk)_t + [t = last] sum(S_T * dS_T),  u = t (t + 1 for an exclusive query)
+                                                                   (`_row_dot_kernel`, one launch per term)
+  dg    = the reverse cumulative sum of dG over [B, T, H], in float64, 0 where the forward floored g,
 
 summed over the queries (each query's dq, dk and dv terms; the state terms once). G enters only through factors
 exp(G_a - G_b), so dG is the sum of (x . dx) over the factors where t is a minus those where it is b (GLA's identity,
 Yang et al. 2023 section 4); the chunked backward sums the log decays' gradient directly instead, because the two
 sides can cancel over long sequences, but the parallel form runs sequences no longer than a chunk (codegen/dispatch.py
-`pick_form`), and the two sides and the reverse cumulative sum are formed in float64 here.
+`pick_form`), and the reverse cumulative sum is formed in float64 here.
 
 Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
 chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
@@ -235,6 +236,34 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
     tl.store(out + p_xz, b_acc, mask=m_xz)
 
 
+@triton.jit
+def _row_dot_kernel(x, dx, r, sign, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                    SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """r[b, t, h] (+)= sign * (x_u . dx_u) over D, u = t + 1 if SHIFT (0 at the last step), else t: one block of
+    BT steps of one batch*head. The log decays' per-step terms (q . dq at the step whose G the query's factors use,
+    - k . dk), float32 dots of D lanes."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = i_b.to(tl.int64) * T * H + i_h
+    rows = i_n * BT + tl.arange(0, BT)
+    m_t = rows < T
+    if SHIFT:
+        src = rows + 1
+    else:
+        src = rows
+    m_src = src < T
+    b_r = tl.zeros([BT], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m = m_src[:, None] & (o_d < D)[None, :]
+        p = (base + src[:, None] * H) * D + o_d[None, :]
+        b_r += tl.sum(tl.load(x + p, mask=m, other=0.0).to(tl.float32) * tl.load(dx + p, mask=m, other=0.0), axis=1)
+    b_r = b_r * sign
+    if ACC:
+        b_r += tl.load(r + base + rows * H, mask=m_t, other=0.0)
+    tl.store(r + base + rows * H, b_r, mask=m_t)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
@@ -353,18 +382,19 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
                    num_stages)
     dlog = None
     if code == 1:
-        # dG_t = sum over queries of (q . dq) at the step whose G the query's factors use, minus (k . dk)_t, plus
-        # at the last step sum(S_T * dS_T); float64, so the reverse cumulative sum adds no float32 rounding
-        dG = -(k.double() * dk.double()).sum(-1)
+        # dG_t = sum over queries of (q . dq) at the step whose G the query's factors use (an exclusive query's
+        # Gq_t = G_{t-1}: its term belongs to step t - 1, at t = 0 to the constant G_{-1} = 0), minus (k . dk)_t,
+        # plus at the last step sum(S_T * dS_T)
+        dG = torch.empty((B, T, H), dtype=f32, device=dev)
+        BD = min(64, _pow2_at_least_16(K))
+        grid = (triton.cdiv(T, BT), B * H)
+        _row_dot_kernel[grid](k, dk, dG, -1.0, T, H, K, BT, BD, False, False, num_warps=_or(num_warps, _WARPS))
         for q, excl, dq in zip(qs, exclusive, dqs):
-            qdq = (q.double() * dq.double()).sum(-1)
-            if excl:  # Gq_t = G_{t-1}: the term belongs to step t - 1 (at t = 0 to the constant G_{-1} = 0)
-                dG[:, :-1] += qdq[:, 1:]
-            else:
-                dG += qdq
+            _row_dot_kernel[grid](q, dq, dG, 1.0, T, H, K, BT, BD, excl, True, num_warps=_or(num_warps, _WARPS))
         if dht is not None:
-            dG[:, -1] += (ht.double() * dht.double()).sum((-2, -1))
-        dlog = dG.flip(1).cumsum(1).flip(1)
+            dG[:, -1] += torch.einsum("bhkv,bhkv->bh", ht, dht)
+        # the reverse cumulative sum over [B, T, H] in float64 (no float32 rounding over long sums of both signs)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
         dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
     return dk, dv, dlog, dh0, dqs
 

@@ -81,17 +81,22 @@ def triton_form_names(key: str) -> list[str]:
     """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
     Triton scan kernels take every elementwise state; the specs' coupled states are blocks of 2 to 4), chunked
     where the analysis derives it and a Triton chunked kernel exists (every chunkable class; diagonal-plus-rank-one
-    where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7)."""
+    where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7), parallel where the analysis
+    derives it and every state's chunk plan has no or a scalar decay (codegen/triton_parallel.py)."""
     analysis = analyse(RECS[key].checked)
     kernel = "chunked" in analysis.forms and (analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
                                               or dplr_chunked_in_triton(analysis))
-    return ["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
+    parallel = "parallel" in analysis.forms and all(
+        p.chunk.decay_axis in (None, "scalar") for p in analysis.chunk_analysis.states.values())
+    return (["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
+            + (["parallel"] if parallel else []))
 
 
 TRITON_FORMS = {key: triton_form_names(key) for key in RECS}
 # The matrix below runs recurrent and chunked; the scan form's matrix (every spec and data file with a scan form,
-# forward and backward, cu_seqlens, reverse) is tests/test_triton_scan.py, at sizes the interpreter's scan affords.
-FORMS = {key: [f for f in forms if f != "scan"] for key, forms in TRITON_FORMS.items()}
+# forward and backward, cu_seqlens, reverse) is tests/test_triton_scan.py, at sizes the interpreter's scan affords;
+# the parallel form's (one spec per class it takes, forward and backward, cu_seqlens) tests/test_triton_parallel.py.
+FORMS = {key: [f for f in forms if f not in ("scan", "parallel")] for key, forms in TRITON_FORMS.items()}
 
 
 def layer_for(key: str):
@@ -378,7 +383,7 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("retention", "parallel")])
+@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("rwkv6", "parallel")])
 def test_forms_the_triton_backend_lacks(key, form):
     layer = layer_for(key)
     assert form in layer.forms  # the torch backend has it
