@@ -1,9 +1,10 @@
-"""Triton kernels for the parallel form of a linear recurrence (identity and scalar decay), attention-style.
+"""Triton kernels for the parallel form of a linear recurrence (no, a scalar or a key decay), attention-style.
 
 Same arguments, maths and layout as `codegen/triton_runtime.py`'s `chunked_linear_by` (B batch, T time, H heads, K
 key dim, V value dim; per-step tensors [B, T, H, ...], states [B, H, K, V] float32; a query (q, exclusive) reads
 S_{t-1} if exclusive, else S_t), for S_t = exp(g_t) S_{t-1} + k_t v_t^T with g_t a scalar log decay per step and
-head (none: g = 0). With G_t = g_0 + ... + g_t (a cumulative sum over the whole sequence) and Gq_t = G_t (G_{t-1}
+head (none: g = 0; a key decay: g_t [K] scales the rows of S, and every factor below is per key lane, inside the
+sums over K). With G_t = g_0 + ... + g_t (a cumulative sum over the whole sequence) and Gq_t = G_t (G_{t-1}
 for an exclusive query, G_{-1} = 0):
 
   o_t = exp(Gq_t) q_t^T S0 + sum_{s <= t} exp(Gq_t - G_s) (q_t . k_s) v_s        (s < t for an exclusive query)
@@ -39,9 +40,16 @@ at or after b (<= 0), formed in float64 and rounded to float32 at once; masks se
 masked lane never makes 0 * inf. Loads are upcast to float32, dots and accumulators are float32, outputs are stored
 in k's dtype, states in float32, as in the chunked runtime.
 
+A key decay's factor exp(Gq_t - G_s) differs per lane, so q k^T is no longer one dot: an off-diagonal block pair
+goes through a reference row r between the two blocks, q_t exp(Gq_t - G_r) and k_s exp(G_r - G_s), both bounded by
+1; the diagonal block takes one key column at a time (`_parallel_attn_kernel`). dq and dk carry the factor on their
+own (output) axis: the off-diagonal pairs scale z_b by exp(G_r - G_b) before the dot and the result by
+exp(Gq_a - G_r) after it. The log decays' gradient is the same formula per lane, dG_t = (q * dq)_u - (k * dk)_t
+(+ sum over V of S_T * dS_T at the last step).
+
 Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
-as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`). A key or value decay (GLA, HGRN2, RWKV6)
-has no parallel Triton kernel yet: its layers run the parallel form on the torch backend.
+as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`). A value decay (min_gru, rg_lru) has no
+parallel Triton kernel: its layers run the parallel form on the torch backend (`triton_unavailable` says so).
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ from .triton_runtime import (
 Tensor = torch.Tensor
 
 _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
-_PARALLEL_CODES = (0, 1)  # the decay classes' codes these kernels take: none, scalar
+_PARALLEL_CODES = (0, 1, 2)  # the decay classes' codes these kernels take: none, scalar, key
 
 
 @triton.jit
@@ -86,19 +94,59 @@ def _row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
+def _tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        src = rows - 1
+        m_src = m & (rows > 0)
+    else:
+        src = rows
+        m_src = m
+    return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
+
+
+@triton.jit
+def _lane_g(g, base, row, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BD] at one row (m_l: the lanes' mask, the row's own test included); SHIFT: G_{row-1}."""
+    if SHIFT:
+        return tl.load(g + (base + (row - 1) * H) * D + lanes, mask=m_l & (lanes * 0 + row > 0), other=0.0)
+    return tl.load(g + (base + row * H) * D + lanes, mask=m_l, other=0.0)
+
+
+@triton.jit
+def _state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
+    """The state term's per-lane factor of rows a [BT, BD]: exp(Gq_a) (b_ga holds Gq_a), or with REVERSE
+    exp(G_last - G_a) (b_ga holds G_a)."""
+    if REVERSE:
+        b_gl = tl.load(g + (base + (T - 1) * H) * D + lanes, mask=m_l, other=0.0)
+        return _decay(b_gl[None, :], b_ga)
+    return _safe_exp(b_ga.to(tl.float32))
+
+
+@triton.jit
 def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
                           DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
                           DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
                           TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
-                          SKIP: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
+                          SKIP: tl.constexpr, KEY_X: tl.constexpr = False, KEY_Z: tl.constexpr = False,
+                          SHIFT_A: tl.constexpr = False, SHIFT_B: tl.constexpr = False, XMAP: tl.constexpr = None,
+                          YMAP: tl.constexpr = None):
     """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
 
-    x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place);
-    g: G [B, T, H] float64 (DECAY 1). Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b),
-    D0_a = exp(Gq_a), Gq the shifted G if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE):
-    b >= a (b > a), D_ab = exp(Gq_b - G_a), D0_a = exp(G_last - G_a) (the backward's dk and dv).
+    x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place).
+    Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b), D0_a = exp(Gq_a), Gq the shifted G
+    if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE): b >= a (b > a), D_ab = exp(Gq_b - G_a),
+    D0_a = exp(G_last - G_a) (the backward's dk and dv). DECAY 1: g is G [B, T, H] float64, one factor per pair of
+    rows. DECAY 2 (a key decay): g is G [B, T, H, D] float64, one factor per lane of the axis of x and y (KEY_X: the
+    forward's o, dv) or of z (KEY_Z: dq, dk). A key block j before the diagonal goes through the reference row r
+    next to the query block (the row before it, or with REVERSE its last row): the a side takes exp(Gq_a - G_r)
+    (REVERSE exp(G_r - G_a)), the b side exp(G_r - G_b) (exp(Gq_b - G_r)), every exponent <= 0, and the pair is one
+    tl.dot; on the diagonal block, where no such row exists, one key column at a time (as the chunked runtime's
+    diagonal sub-blocks, `_intra_attn_kernel`, over BT columns instead of 16).
     The forward's fused prologue and epilogue (`_Fused`): ZSTEP z_b is zs[b] * z[b]; XMAP, YMAP map x and y as they
-    are loaded; SKIP adds sw[h] * sx[a] after the scale. ACC adds into out (later queries of the backward)."""
+    are loaded; SKIP adds sw[h] * sx[a] after the scale. ACC adds into out (later queries of the backward).
+    SHIFT_A, SHIFT_B (DECAY 2): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
+    side: a when causal, b when REVERSE), given by the host as flags of their own."""
     i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -108,12 +156,21 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
     m_a = rows_a < T
     o_z = i_zt * BZ + tl.arange(0, BZ)
     m_z = o_z < DZ
+    m_az = m_a[:, None] & m_z[None, :]
+    if REVERSE:  # the reference row of the off-diagonal blocks: the query block's last, or (causal) the row before
+        i_r = i_a * BT + BT - 1
+    else:
+        i_r = i_a * BT - 1
     b_acc = tl.zeros([BT, BZ], dtype=tl.float32)
     if DECAY == 1:
         if REVERSE:  # G_a
             b_ga = _row_g(g, base, rows_a, m_a, False, H)
         else:  # Gq_a
             b_ga = _row_g(g, base, rows_a, m_a, EXCLUSIVE, H)
+    if KEY_Z:  # the a side's G over z's lanes, and its reference row's (float64)
+        b_gaz = _tile_g(g, base, rows_a, m_a, o_z, m_z, SHIFT_A, H, DZ)
+        b_grz = tl.load(g + (base + i_r * H) * DZ + o_z, mask=m_z & (o_z * 0 + i_r < T) & (o_z * 0 + i_r >= 0),
+                        other=0.0)
     if USE_S:
         p_s = s + i_bh.to(tl.int64) * (DX * DZ)
         for i_x in range(0, tl.cdiv(DX, BX)):
@@ -122,6 +179,9 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             m_ax = m_a[:, None] & m_x[None, :]
             b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
             b_x = _mapped(b_x, m_ax, XMAP)
+            if KEY_X:
+                b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)
+                b_x = b_x * _state_factor(g, base, b_gax, o_x, m_x, T, H, DX, REVERSE)
             if TRANS_S:
                 p_xz = p_s + o_z[None, :] * DX + o_x[:, None]
             else:
@@ -134,6 +194,8 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
                 b_acc = b_acc * _decay(b_gl, b_ga)[:, None]
             else:
                 b_acc = b_acc * _safe_exp(b_ga.to(tl.float32))[:, None]
+        if KEY_Z:
+            b_acc = b_acc * _state_factor(g, base, b_gaz, o_z, m_z, T, H, DZ, REVERSE)
     if REVERSE:
         j_lo, j_hi = i_a, NT
     else:
@@ -141,6 +203,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
     for i_j in range(j_lo, j_hi):
         rows_b = i_j * BT + o_i
         m_b = rows_b < T
+        diagonal = i_j == i_a
         b_A = tl.zeros([BT, BT], dtype=tl.float32)
         for i_x in range(0, tl.cdiv(DX, BX)):
             o_x = i_x * BX + tl.arange(0, BX)
@@ -151,7 +214,33 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             b_x = _mapped(b_x, m_ax, XMAP)
             b_yt = tl.load(y + (base + rows_b[None, :] * H) * DX + o_x[:, None], mask=m_xb, other=0.0).to(tl.float32)
             b_yt = _mapped(b_yt, m_xb, YMAP)
-            b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+            if KEY_X:
+                b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)  # [BT, BX]
+                if diagonal:  # one key column at a time: exp(G_later - G_earlier) per lane, directly
+                    for c in range(0, BT):
+                        i_s = i_j * BT + c
+                        m_s = m_x & (o_x * 0 + i_s < T)
+                        b_ys = tl.sum(tl.where(o_i[None, :] == c, b_yt, 0.0), axis=1)  # [BX] column c of y^T
+                        b_gs = _lane_g(g, base, i_s, o_x, m_s, SHIFT_B, H, DX)  # [BX]
+                        if REVERSE:
+                            b_f = _decay(b_gs[None, :], b_gax)
+                        else:
+                            b_f = _decay(b_gax, b_gs[None, :])
+                        b_col = tl.sum(b_x * b_ys[None, :] * b_f, axis=1)  # [BT]
+                        b_A += tl.where(o_i[None, :] == c, b_col[:, None], 0.0)
+                else:  # through the reference row: both sides bounded, one dot
+                    m_r = m_x & (o_x * 0 + i_r >= 0) & (o_x * 0 + i_r < T)
+                    b_grx = tl.load(g + (base + i_r * H) * DX + o_x, mask=m_r, other=0.0)
+                    b_gbx = _tile_g(g, base, rows_b, m_b, o_x, m_x, SHIFT_B, H, DX)  # [BT, BX]
+                    if REVERSE:
+                        b_x = b_x * _decay(b_grx[None, :], b_gax)
+                        b_yt = b_yt * tl.trans(_decay(b_gbx, b_grx[None, :]))
+                    else:
+                        b_x = b_x * _decay(b_gax, b_grx[None, :])
+                        b_yt = b_yt * tl.trans(_decay(b_grx[None, :], b_gbx))
+                    b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+            else:
+                b_A += tl.dot(b_x, b_yt, input_precision=PREC)
         if REVERSE:
             if EXCLUSIVE:
                 m_A = rows_b[None, :] > rows_a[:, None]
@@ -175,9 +264,28 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
         b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
         if ZSTEP:
             b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
-        b_acc += tl.dot(b_A, b_z, input_precision=PREC)
+        if KEY_Z:
+            b_gbz = _tile_g(g, base, rows_b, m_b, o_z, m_z, SHIFT_B, H, DZ)  # [BT, BZ]
+            if diagonal:  # one key row at a time: out_a += A_ab z_b exp(G_later - G_earlier) per lane
+                for c in range(0, BT):
+                    b_a = tl.sum(tl.where(o_i[None, :] == c, b_A, 0.0), axis=1)  # [BT] column c of A
+                    b_zc = tl.sum(tl.where(o_i[:, None] == c, b_z, 0.0), axis=0)  # [BZ] row c of z
+                    b_gc = tl.sum(tl.where(o_i[:, None] == c, b_gbz, 0.0), axis=0)  # [BZ]
+                    if REVERSE:
+                        b_f = _decay(b_gc[None, :], b_gaz)
+                    else:
+                        b_f = _decay(b_gaz, b_gc[None, :])
+                    b_acc += b_a[:, None] * b_zc[None, :] * b_f
+            else:
+                if REVERSE:
+                    b_zf = b_z * _decay(b_gbz, b_grz[None, :])
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _decay(b_grz[None, :], b_gaz)
+                else:
+                    b_zf = b_z * _decay(b_grz[None, :], b_gbz)
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _decay(b_gaz, b_grz[None, :])
+        else:
+            b_acc += tl.dot(b_A, b_z, input_precision=PREC)
     b_acc = b_acc * scale
-    m_az = m_a[:, None] & m_z[None, :]
     p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
     if SKIP:
         b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
@@ -187,13 +295,13 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
         b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
 
-
 @triton.jit
 def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
                            BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
                            EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr, ACC: tl.constexpr,
                            PREC: tl.constexpr, ZSTEP: tl.constexpr, XMAP: tl.constexpr = None):
-    """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32.
+    """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32 (DECAY 2:
+    a key decay, G [B, T, H, DX], w_t and exp(G_last) per lane of x, so per row of S).
 
     REVERSE False (the final state, x = k, z = v, S = S0): w_t = exp(G_last - G_t). REVERSE (the initial state's
     gradient, x = q, z = dO, S = dS_T): w_t = exp(Gq_t), Gq the shifted G if EXCLUSIVE. ZSTEP: z_t is zs[t] * z[t];
@@ -210,10 +318,14 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
     b_acc = tl.zeros([BX, BZ], dtype=tl.float32)
     if DECAY == 1:
         b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
+    if DECAY == 2:  # G_last per lane of x
+        b_glx = tl.load(g + (base + (T - 1) * H) * DX + o_x, mask=m_x, other=0.0)
     if USE_S:
         b_acc += tl.load(s + p_xz, mask=m_xz, other=0.0).to(tl.float32)
         if DECAY == 1:
             b_acc = b_acc * _safe_exp(b_gl.to(tl.float32))
+        if DECAY == 2:
+            b_acc = b_acc * _safe_exp(b_glx.to(tl.float32))[:, None]
     for i_n in range(0, tl.cdiv(T, BT)):
         rows = i_n * BT + o_i
         m_t = rows < T
@@ -230,6 +342,12 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
             else:
                 b_w = _decay(b_gl, _row_g(g, base, rows, m_t, False, H))
             b_xt = b_xt * tl.where(m_t, b_w, 0.0)[None, :]
+        if DECAY == 2:
+            if REVERSE:  # exp(Gq_t) per lane, [BX, BT]
+                b_w2 = _safe_exp(tl.trans(_tile_g(g, base, rows, m_t, o_x, m_x, EXCLUSIVE, H, DX)).to(tl.float32))
+            else:  # exp(G_last - G_t)
+                b_w2 = _decay(b_glx[:, None], tl.trans(_tile_g(g, base, rows, m_t, o_x, m_x, False, H, DX)))
+            b_xt = b_xt * tl.where(m_xt, b_w2, 0.0)
         b_acc += tl.dot(b_xt, b_z, input_precision=PREC)
     if ACC:
         b_acc += tl.load(out + p_xz, mask=m_xz, other=0.0)
@@ -270,12 +388,13 @@ def _row_dot_kernel(x, dx, r, sign, T, H: tl.constexpr, D: tl.constexpr, BT: tl.
 
 
 def _cumulative_log_decays(log_decay, head=None):
-    """G [B, T, H] float64: the cumulative sum over the whole sequence of the log decays (times the per-head factor
-    head [H], the product rounded to float32 as `_cumsum_kernel` rounds it), each floored at _LOG_DECAY_FLOOR
-    (a select: a NaN stays NaN)."""
+    """G [B, T, H] (a key decay's [B, T, H, K]) float64: the cumulative sum over the whole sequence of the log
+    decays (times the per-head factor head [H], the product rounded to float32 as `_cumsum_kernel` rounds it), each
+    floored at _LOG_DECAY_FLOOR (a select: a NaN stays NaN)."""
     if log_decay is None:
         return None
-    g = log_decay.float() * head.float().view(1, 1, -1) if head is not None else log_decay
+    shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)  # [B, T, H] or a key decay's [B, T, H, K]
+    g = log_decay.float() * head.float().view(shape) if head is not None else log_decay
     g = g.to(torch.float64)
     return torch.where(g < _LOG_DECAY_FLOOR, _LOG_DECAY_FLOOR, g).cumsum(1).contiguous()
 
@@ -300,15 +419,18 @@ def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32):
 
 def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
           prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
-          y_map=None) -> None:
-    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S)."""
+          y_map=None, key_z: bool = False) -> None:
+    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a key
+    decay (2) over z's lanes, else over x's."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
+    key_x, key_z = decay == 2 and not key_z, decay == 2 and key_z
     _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
         x, y, z, G if G is not None else out, s if s is not None else out, out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
-        s is not None, trans_s, acc, prec, z_step is not None, skip is not None,
+        s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
+        exclusive and not reverse, exclusive and reverse,
         num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map),
         YMAP=_map_of(y_map))
 
@@ -333,7 +455,7 @@ def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output
     f = fused if fused is not None else _NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
     skip = None if f.skip is None else f.skip.contiguous()
-    G = _cumulative_log_decays(log_decay, f.decay_head) if decay_cls.code == 1 else None
+    G = _cumulative_log_decays(log_decay, f.decay_head) if decay_cls.code else None
     s0 = None if initial_state is None else initial_state.contiguous()
     outs = []
     for q, exclusive in queries:
@@ -357,21 +479,22 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
     V = v.shape[-1]
     dev, f32 = k.device, torch.float32
     code = decay_cls.code
-    G = _cumulative_log_decays(log_decay) if code == 1 else None
+    G = _cumulative_log_decays(log_decay) if code else None
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     s0 = None if initial_state is None else initial_state.contiguous()
     dqs = []
     for excl, do in zip(exclusive, dos):
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages)
+        _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
+              key_z=True)
         dqs.append(dq)
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0  # the final state's term once, later queries add in
         _attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
-              num_warps, num_stages)
+              num_warps, num_stages, key_z=True)
         _attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
               num_warps, num_stages)
     dh0 = None
@@ -396,6 +519,18 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
         # the reverse cumulative sum over [B, T, H] in float64 (no float32 rounding over long sums of both signs)
         dlog = dG.double().flip(1).cumsum(1).flip(1)
         dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
+    elif code == 2:
+        # the same per key lane: dG_t = (q * dq)_u - (k * dk)_t (+ sum over V of S_T * dS_T at the last step)
+        dG = -(k.float() * dk)
+        for q, excl, dq in zip(qs, exclusive, dqs):
+            if excl:
+                dG[:, :-1] += q[:, 1:].float() * dq[:, 1:]
+            else:
+                dG += q.float() * dq
+        if dht is not None:
+            dG[:, -1] += (ht * dht).sum(-1)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
     return dk, dv, dlog, dh0, dqs
 
 
@@ -443,16 +578,17 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
                        block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
                        v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
                        k_map=None):
-    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), no decay or a scalar one
-    (decay_cls NoDecay or ScalarDecay of codegen/triton_runtime.py); `chunked_linear_by`'s arguments and results
-    (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H];
+    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), no decay, a scalar or a key one
+    (decay_cls NoDecay, ScalarDecay or KeyDecay of codegen/triton_runtime.py); `chunked_linear_by`'s arguments and
+    results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H] or
+    [B, T, H, K];
     initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
     float32 or None)) and its fused prologue and epilogue (`_Fused`), but no chunk: block_t rows (a power of two
     >= 16, default 64) per query block and key block. Differentiable (`_ParallelLinearFunction`); no `cu_seqlens`
-    (the dispatcher batches packed sequences by length). ValueError for a key or value decay or a bad block."""
+    (the dispatcher batches packed sequences by length). ValueError for a value decay or a bad block."""
     if decay_cls.code not in _PARALLEL_CODES:
-        raise ValueError(f"the parallel Triton form takes no decay or a scalar one, got {decay_cls.__name__}; run "
-                         "the chunked form, or the parallel form on the torch backend")
+        raise ValueError(f"the parallel Triton form takes no decay, a scalar or a key one, got {decay_cls.__name__}; "
+                         "run the chunked form, or the parallel form on the torch backend")
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32)
     if k.shape[1] == 0:

@@ -82,12 +82,12 @@ def triton_form_names(key: str) -> list[str]:
     Triton scan kernels take every elementwise state; the specs' coupled states are blocks of 2 to 4), chunked
     where the analysis derives it and a Triton chunked kernel exists (every chunkable class; diagonal-plus-rank-one
     where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7), parallel where the analysis
-    derives it and every state's chunk plan has no or a scalar decay (codegen/triton_parallel.py)."""
+    derives it and no state's chunk plan decays along the value axis (codegen/triton_parallel.py)."""
     analysis = analyse(RECS[key].checked)
     kernel = "chunked" in analysis.forms and (analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
                                               or dplr_chunked_in_triton(analysis))
     parallel = "parallel" in analysis.forms and all(
-        p.chunk.decay_axis in (None, "scalar") for p in analysis.chunk_analysis.states.values())
+        p.chunk.decay_axis in (None, "scalar", "key") for p in analysis.chunk_analysis.states.values())
     return (["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
             + (["parallel"] if parallel else []))
 
@@ -383,7 +383,7 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("rwkv6", "parallel")])
+@pytest.mark.parametrize("key,form", [("min_gru", "parallel"), ("rg_lru", "parallel")])
 def test_forms_the_triton_backend_lacks(key, form):
     layer = layer_for(key)
     assert form in layer.forms  # the torch backend has it

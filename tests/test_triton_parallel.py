@@ -1,14 +1,16 @@
 """The parallel form on the Triton backend (codegen/triton_parallel.py): attention-style kernels for the linear
-classes with no or a scalar decay, forward and backward, no torch form on the way.
+classes with no, a scalar or a key decay, forward and backward, no torch form on the way.
 
-One spec per class it takes (linear_attention: identity; retention: scalar; mamba2: scalar with the fused prologue
-v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two readouts):
+One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
+with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
+readouts; gla: key decay; rwkv6: key decay, exclusive query):
 outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
 float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
 last one partial), while every torch runtime function of the generated module raises and the parallel Triton
 backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
-runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's. A key
-decay (GLA) has no parallel Triton form, and says so. Kernels run in the Triton interpreter (tests/conftest.py).
+runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
+scalar and a key decay. A value decay (min_gru) has no parallel Triton form, and says so. Kernels run in the
+Triton interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _no_torch_forms(layer, monkeypatch) -> list:
     return runs
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention"])
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
+                                  "rwkv6"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
 
@@ -94,47 +97,50 @@ def test_packed_sequences_match_the_reference():
 
 
 def _steps(q, k, v, g, s0, exclusive):
-    """The recurrence step by step in float64: (o, S_T) of S_t = exp(g_t) S_{t-1} + k_t v_t^T."""
+    """The recurrence step by step in float64: (o, S_T) of S_t = exp(g_t) S_{t-1} + k_t v_t^T, g_t a scalar
+    [B, T, H] or per key [B, T, H, K]."""
     S, outs = s0, []
     for t in range(q.shape[1]):
         before = S
-        S = S * g[:, t, :, None, None].exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
+        decay = g[:, t, :, None, None] if g.dim() == 3 else g[:, t, :, :, None]
+        S = S * decay.exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], before if exclusive else S))
     return torch.stack(outs, 1), S
 
 
-@pytest.mark.parametrize("exclusive", [False, True])
-def test_runtime_resets_and_exclusive_queries(exclusive):
-    """A scalar decay with resets (-inf, and -2000 below the floor) and small decays right after them: outputs, the
-    final state and gradients of every input (the log decays' is 0 at a reset, as the reference's) within 1e-5."""
+@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("scalar", True), ("key", True)])
+def test_runtime_resets_and_exclusive_queries(axis, exclusive):
+    """Resets (-inf, and -2000 below the floor) and small decays right after them: outputs, the final state and
+    gradients of every input (the log decays' is 0 at a reset, as the reference's) within 1e-5."""
     gen = torch.Generator().manual_seed(2)
-    Bt, Tt, Ht, K, V = 2, 37, 2, 16, 32
-    q, k, s0 = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(3))
+    Bt, Tt, Ht, K, V = 1, 37, 2, 16, 32
+    q, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
     v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
     s0 = torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
-    g = -0.1 * torch.rand(Bt, Tt, Ht, generator=gen, dtype=torch.float64)
-    g[0, 5, 0], g[1, 20, 1], g[0, 33, 1] = -float("inf"), -2000.0, -float("inf")
+    g = -0.1 * torch.rand((Bt, Tt, Ht) + ((K,) if axis == "key" else ()), generator=gen, dtype=torch.float64)
+    g[0, 5, 0], g[0, 20, 1], g[0, 33, 1] = -float("inf"), -2000.0, -float("inf")
     leaves = [x.requires_grad_() for x in (q, k, v, g, s0)]
     o_ref, s_ref = _steps(*leaves, exclusive)
     do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
     ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
     f32 = [x.detach().float().requires_grad_() for x in leaves]
-    (o,), ht = triton_parallel.parallel_linear_by(triton_runtime.ScalarDecay, [(f32[0], exclusive)], *f32[1:4],
-                                                  initial_state=f32[4], output_final_state=True, block_t=16)
+    decay_cls = triton_runtime.ScalarDecay if axis == "scalar" else triton_runtime.KeyDecay
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], exclusive)], *f32[1:4], initial_state=f32[4],
+                                                  output_final_state=True, block_t=16)
     assert _rel(o, o_ref) <= TOL and _rel(ht, s_ref) <= TOL
     got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), f32)
     errors = {n: _rel(a, b) for n, a, b in zip("q k v g s0".split(), got, want)}
     assert max(errors.values()) <= TOL, errors
-    assert got[3][0, 5, 0] == 0 and got[3][1, 20, 1] == 0 and torch.isfinite(got[3]).all()
+    assert (got[3][0, 5, 0] == 0).all() and (got[3][0, 20, 1] == 0).all() and torch.isfinite(got[3]).all()
 
 
-def test_a_key_decay_has_no_parallel_triton_form():
-    """GLA's key decay: the analysis offers the parallel form, the Triton backend says why it lacks it, and the
-    runtime refuses the key-decay class by name."""
-    analysis = analyse(SPECS["gla"].checked)
+def test_a_value_decay_has_no_parallel_triton_form():
+    """min_gru's value-axis decay: the analysis offers the parallel form, the Triton backend says why it lacks it,
+    and the runtime refuses the value-decay class by name."""
+    analysis = analyse(SPECS["min_gru"].checked)
     assert "parallel" in analysis.forms and "parallel" not in triton_form_names(analysis)
-    assert "key or value axis" in triton_unavailable(analysis)["parallel"]
+    assert "value axis" in triton_unavailable(analysis)["parallel"]
     k = torch.zeros(1, 4, 1, 16)
-    with pytest.raises(ValueError, match="KeyDecay"):
-        triton_parallel.parallel_linear_by(triton_runtime.KeyDecay, [(k, False)], k, k, k)
+    with pytest.raises(ValueError, match="ValueDecay"):
+        triton_parallel.parallel_linear_by(triton_runtime.ValueDecay, [(k, False)], k, k, k)
