@@ -75,6 +75,7 @@ from .triton_runtime import (
     _or,
     _pow2_at_least_16,
     _raw_gradients,
+    _register_limit,
     _safe_exp,
     _unfuse,
 )
@@ -82,6 +83,10 @@ from .triton_runtime import (
 Tensor = torch.Tensor
 
 _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
+# A key decay's defaults: block_t, block_k and block_v 32, and the launches' register limit (`_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+_PARALLEL_KEY_BLOCK = 32
 _PARALLEL_CODES = (0, 1, 2)  # the decay classes' codes these kernels take: none, scalar, key
 
 
@@ -399,14 +404,16 @@ def _cumulative_log_decays(log_decay, head=None):
     return torch.where(g < _LOG_DECAY_FLOOR, _LOG_DECAY_FLOOR, g).cumsum(1).contiguous()
 
 
-def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32):
+def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, key: bool = False):
     """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
-    min(64, pow2(K or V)) as the chunked runtime's; ValueError for a block that is not a power of two >= 16."""
+    min(64, pow2(K or V)) as the chunked runtime's (key: a key decay, all three default to 32); ValueError for a
+    block that is not a power of two >= 16."""
     T, K = k.shape[1], k.shape[-1]
-    block_t = _or(block_t, _PARALLEL_BT)
+    most = _PARALLEL_KEY_BLOCK if key else 64
+    block_t = _or(block_t, _PARALLEL_KEY_BLOCK if key else _PARALLEL_BT)
     _check_block("block_t", block_t)
-    block_k = _or(block_k, min(64, _pow2_at_least_16(K)))
-    block_v = _or(block_v, min(64, _pow2_at_least_16(V)))
+    block_k = _or(block_k, min(most, _pow2_at_least_16(K)))
+    block_v = _or(block_v, min(most, _pow2_at_least_16(V)))
     _check_block("block_k", block_k)
     _check_block("block_v", block_v)
     if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _pow2_at_least_16(T))) > 65535:
@@ -425,14 +432,15 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay == 2 and not key_z, decay == 2 and key_z
+    warps = _or(num_warps, _WARPS)
     _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
         x, y, z, G if G is not None else out, s if s is not None else out, out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
-        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map),
-        YMAP=_map_of(y_map))
+        num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
+        **(_register_limit(warps) if decay == 2 else {}))
 
 
 def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -590,7 +598,7 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
         raise ValueError(f"the parallel Triton form takes no decay, a scalar or a key one, got {decay_cls.__name__}; "
                          "run the chunked form, or the parallel form on the torch backend")
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
-    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32)
+    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code == 2)
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
