@@ -1,4 +1,4 @@
-"""Triton kernels for the parallel form of a linear recurrence (no, a scalar or a key decay), attention-style.
+"""Triton kernels for the parallel form of a linear recurrence (no, a scalar, a key or a value decay), attention-style.
 
 Same arguments, maths and layout as `codegen/triton_runtime.py`'s `chunked_linear_by` (B batch, T time, H heads, K
 key dim, V value dim; per-step tensors [B, T, H, ...], states [B, H, K, V] float32; a query (q, exclusive) reads
@@ -45,11 +45,12 @@ goes through a reference row r between the two blocks, q_t exp(Gq_t - G_r) and k
 1; the diagonal block takes one key column at a time (`_parallel_attn_kernel`). dq and dk carry the factor on their
 own (output) axis: the off-diagonal pairs scale z_b by exp(G_r - G_b) before the dot and the result by
 exp(Gq_a - G_r) after it. The log decays' gradient is the same formula per lane, dG_t = (q * dq)_u - (k * dk)_t
-(+ sum over V of S_T * dS_T at the last step).
+(+ sum over V of S_T * dS_T at the last step). A value decay (min_gru, rg_lru: g_t [V] scales the columns of S) is
+the same with the axes exchanged: o and dv carry the factor on their output axis, dq and dk on the contraction
+axis, and dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T), o recomputed by the forward kernel.
 
 Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
-as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`). A value decay (min_gru, rg_lru) has no
-parallel Triton kernel: its layers run the parallel form on the torch backend (`triton_unavailable` says so).
+as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`).
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ from .triton_runtime import (
 Tensor = torch.Tensor
 
 _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
-# A key decay's defaults: block_t, block_k and block_v 32, and the launches' register limit (`_register_limit`).
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_register_limit`).
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _PARALLEL_KEY_BLOCK = 32
-_PARALLEL_CODES = (0, 1, 2)  # the decay classes' codes these kernels take: none, scalar, key
+_PARALLEL_CODES = (0, 1, 2, 3)  # the decay classes' codes these kernels take: none, scalar, key, value
 
 
 @triton.jit
@@ -306,7 +308,8 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
                            EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr, ACC: tl.constexpr,
                            PREC: tl.constexpr, ZSTEP: tl.constexpr, XMAP: tl.constexpr = None):
     """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32 (DECAY 2:
-    a key decay, G [B, T, H, DX], w_t and exp(G_last) per lane of x, so per row of S).
+    a key decay, G [B, T, H, DX], w_t and exp(G_last) per lane of x, so per row of S; DECAY 3: a value decay,
+    G [B, T, H, DZ], per lane of z, so per column of S).
 
     REVERSE False (the final state, x = k, z = v, S = S0): w_t = exp(G_last - G_t). REVERSE (the initial state's
     gradient, x = q, z = dO, S = dS_T): w_t = exp(Gq_t), Gq the shifted G if EXCLUSIVE. ZSTEP: z_t is zs[t] * z[t];
@@ -325,12 +328,16 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
         b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
     if DECAY == 2:  # G_last per lane of x
         b_glx = tl.load(g + (base + (T - 1) * H) * DX + o_x, mask=m_x, other=0.0)
+    if DECAY == 3:  # G_last per lane of z
+        b_glz = tl.load(g + (base + (T - 1) * H) * DZ + o_z, mask=m_z, other=0.0)
     if USE_S:
         b_acc += tl.load(s + p_xz, mask=m_xz, other=0.0).to(tl.float32)
         if DECAY == 1:
             b_acc = b_acc * _safe_exp(b_gl.to(tl.float32))
         if DECAY == 2:
             b_acc = b_acc * _safe_exp(b_glx.to(tl.float32))[:, None]
+        if DECAY == 3:
+            b_acc = b_acc * _safe_exp(b_glz.to(tl.float32))[None, :]
     for i_n in range(0, tl.cdiv(T, BT)):
         rows = i_n * BT + o_i
         m_t = rows < T
@@ -353,6 +360,12 @@ def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.const
             else:  # exp(G_last - G_t)
                 b_w2 = _decay(b_glx[:, None], tl.trans(_tile_g(g, base, rows, m_t, o_x, m_x, False, H, DX)))
             b_xt = b_xt * tl.where(m_xt, b_w2, 0.0)
+        if DECAY == 3:
+            if REVERSE:  # exp(Gq_t) per lane of z, [BT, BZ]
+                b_w3 = _safe_exp(_tile_g(g, base, rows, m_t, o_z, m_z, EXCLUSIVE, H, DZ).to(tl.float32))
+            else:  # exp(G_last - G_t)
+                b_w3 = _decay(b_glz[None, :], _tile_g(g, base, rows, m_t, o_z, m_z, False, H, DZ))
+            b_z = b_z * tl.where(m_tz, b_w3, 0.0)
         b_acc += tl.dot(b_xt, b_z, input_precision=PREC)
     if ACC:
         b_acc += tl.load(out + p_xz, mask=m_xz, other=0.0)
@@ -427,11 +440,11 @@ def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, k
 def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
           prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
           y_map=None, key_z: bool = False) -> None:
-    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a key
-    decay (2) over z's lanes, else over x's."""
+    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a
+    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
-    key_x, key_z = decay == 2 and not key_z, decay == 2 and key_z
+    key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
     warps = _or(num_warps, _WARPS)
     _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
         x, y, z, G if G is not None else out, s if s is not None else out, out,
@@ -440,7 +453,7 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
-        **(_register_limit(warps) if decay == 2 else {}))
+        **(_register_limit(warps) if decay >= 2 else {}))
 
 
 def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -469,7 +482,7 @@ def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
         _attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
-              num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map)
+              num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map, key_z=decay_cls.code == 3)
         outs.append(o)
     ht = None
     if output_final_state:
@@ -487,6 +500,7 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
     V = v.shape[-1]
     dev, f32 = k.device, torch.float32
     code = decay_cls.code
+    value = code == 3  # a value decay's factors sit on the V axis: dq's and dk's contraction, o's and dv's output
     G = _cumulative_log_decays(log_decay) if code else None
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
@@ -495,16 +509,16 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
     for excl, do in zip(exclusive, dos):
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
-              key_z=True)
+              key_z=not value)
         dqs.append(dq)
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0  # the final state's term once, later queries add in
         _attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
-              num_warps, num_stages, key_z=True)
+              num_warps, num_stages, key_z=not value)
         _attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
-              num_warps, num_stages)
+              num_warps, num_stages, key_z=value)
     dh0 = None
     if initial_state is not None:
         dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
@@ -537,6 +551,22 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
                 dG += q.float() * dq
         if dht is not None:
             dG[:, -1] += (ht * dht).sum(-1)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
+    elif code == 3:
+        # per value lane: dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T at the last step), o the
+        # query's readout before the epilogue, recomputed by the forward kernel (the outputs are not saved)
+        dG = -(v.float() * dv)
+        for q, excl, do in zip(qs, exclusive, dos):
+            o = torch.empty((B, T, H, V), dtype=f32, device=dev)
+            _attn(q, k, v, G, s0, o, code, excl, False, False, False, BT, BK, BV, prec, num_warps, num_stages,
+                  key_z=True)
+            if excl:
+                dG[:, :-1] += o[:, 1:] * do[:, 1:].float()
+            else:
+                dG += o * do.float()
+        if dht is not None:
+            dG[:, -1] += (ht * dht).sum(-2)
         dlog = dG.double().flip(1).cumsum(1).flip(1)
         dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
     return dk, dv, dlog, dh0, dqs
@@ -586,19 +616,18 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
                        block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
                        v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
                        k_map=None):
-    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), no decay, a scalar or a key one
-    (decay_cls NoDecay, ScalarDecay or KeyDecay of codegen/triton_runtime.py); `chunked_linear_by`'s arguments and
-    results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H] or
-    [B, T, H, K];
+    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), any decay class of
+    codegen/triton_runtime.py (NoDecay, ScalarDecay, KeyDecay, ValueDecay); `chunked_linear_by`'s arguments and
+    results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H],
+    [B, T, H, K] or [B, T, H, V];
     initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
     float32 or None)) and its fused prologue and epilogue (`_Fused`), but no chunk: block_t rows (a power of two
     >= 16, default 64) per query block and key block. Differentiable (`_ParallelLinearFunction`); no `cu_seqlens`
-    (the dispatcher batches packed sequences by length). ValueError for a value decay or a bad block."""
+    (the dispatcher batches packed sequences by length). ValueError for another decay class or a bad block."""
     if decay_cls.code not in _PARALLEL_CODES:
-        raise ValueError(f"the parallel Triton form takes no decay, a scalar or a key one, got {decay_cls.__name__}; "
-                         "run the chunked form, or the parallel form on the torch backend")
+        raise ValueError(f"decay_cls must be NoDecay, ScalarDecay, KeyDecay or ValueDecay, got {decay_cls!r}")
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
-    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code == 2)
+    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
     if k.shape[1] == 0:
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)

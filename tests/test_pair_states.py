@@ -229,9 +229,7 @@ def test_pair_states_on_every_form_and_backend(name):
     assert all(r.proved for r in prove(analysis)), [r for r in prove(analysis) if not r.proved]
     torch_layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=8, tuning=False)
     triton_layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16, tuning=False)
-    # the parallel Triton kernels take no, a scalar or a key decay (codegen/triton_parallel.py)
-    parallel = ["parallel"] if analysis.chunk_analysis.states["S"].chunk.decay_axis != "value" else []
-    assert list(triton_layer.triton_forms) == ["recurrent", "scan", "chunked"] + parallel
+    assert list(triton_layer.triton_forms) == ALL_FORMS
     failures = []
     for T in (5, 19):
         args, initial = _sample(rec, T, seed=T)

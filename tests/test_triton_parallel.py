@@ -1,16 +1,16 @@
 """The parallel form on the Triton backend (codegen/triton_parallel.py): attention-style kernels for the linear
-classes with no, a scalar or a key decay, forward and backward, no torch form on the way.
+classes (no, a scalar, a key or a value decay), forward and backward, no torch form on the way.
 
 One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
 with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
-readouts; gla: key decay):
+readouts; gla: key decay; min_gru: value decay, a vector state run as h[1, D]):
 outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
 float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
 last one partial), while every torch runtime function of the generated module raises and the parallel Triton
 backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
 runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
-scalar and a key decay. A value decay (min_gru) has no parallel Triton form, and says so. Kernels run in the
-Triton interpreter (tests/conftest.py).
+scalar, a key and a value decay; bad blocks and decay classes are refused by name. Kernels run in the Triton
+interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import recurrence_dsl
-from codegen.triton_recurrent import triton_form_names, triton_unavailable
+from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 
 from .conftest import SPEC_FILES, as_dict, weighted_gradients
@@ -57,7 +57,8 @@ def _no_torch_forms(layer, monkeypatch) -> list:
     return runs
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla"])
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
+                                  "min_gru"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
 
@@ -97,17 +98,20 @@ def test_packed_sequences_match_the_reference():
 
 def _steps(q, k, v, g, s0, exclusive):
     """The recurrence step by step in float64: (o, S_T) of S_t = exp(g_t) S_{t-1} + k_t v_t^T, g_t a scalar
-    [B, T, H] or per key [B, T, H, K]."""
+    [B, T, H], per key [B, T, H, K] (rows of S) or per value [B, T, H, V] (columns)."""
     S, outs = s0, []
     for t in range(q.shape[1]):
         before = S
-        decay = g[:, t, :, None, None] if g.dim() == 3 else g[:, t, :, :, None]
+        if g.dim() == 3:
+            decay = g[:, t, :, None, None]
+        else:
+            decay = g[:, t, :, :, None] if g.shape[-1] == q.shape[-1] else g[:, t, :, None, :]
         S = S * decay.exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], before if exclusive else S))
     return torch.stack(outs, 1), S
 
 
-@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("scalar", True), ("key", True)])
+@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("scalar", True), ("key", True), ("value", False)])
 def test_runtime_resets_and_exclusive_queries(axis, exclusive):
     """Resets (-inf, and -2000 below the floor) and small decays right after them: outputs, the final state and
     gradients of every input (the log decays' is 0 at a reset, as the reference's) within 1e-5."""
@@ -116,7 +120,8 @@ def test_runtime_resets_and_exclusive_queries(axis, exclusive):
     q, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
     v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
     s0 = torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
-    g = -0.1 * torch.rand((Bt, Tt, Ht) + ((K,) if axis == "key" else ()), generator=gen, dtype=torch.float64)
+    lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.1 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
     g[0, 5, 0], g[0, 20, 1], g[0, 33, 1] = -float("inf"), -2000.0, -float("inf")
     leaves = [x.requires_grad_() for x in (q, k, v, g, s0)]
     o_ref, s_ref = _steps(*leaves, exclusive)
@@ -124,7 +129,8 @@ def test_runtime_resets_and_exclusive_queries(axis, exclusive):
     ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
     f32 = [x.detach().float().requires_grad_() for x in leaves]
-    decay_cls = triton_runtime.ScalarDecay if axis == "scalar" else triton_runtime.KeyDecay
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
     (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], exclusive)], *f32[1:4], initial_state=f32[4],
                                                   output_final_state=True, block_t=16)
     assert _rel(o, o_ref) <= TOL and _rel(ht, s_ref) <= TOL
@@ -134,12 +140,12 @@ def test_runtime_resets_and_exclusive_queries(axis, exclusive):
     assert (got[3][0, 5, 0] == 0).all() and (got[3][0, 20, 1] == 0).all() and torch.isfinite(got[3]).all()
 
 
-def test_a_value_decay_has_no_parallel_triton_form():
-    """min_gru's value-axis decay: the analysis offers the parallel form, the Triton backend says why it lacks it,
-    and the runtime refuses the value-decay class by name."""
-    analysis = analyse(SPECS["min_gru"].checked)
-    assert "parallel" in analysis.forms and "parallel" not in triton_form_names(analysis)
-    assert "value axis" in triton_unavailable(analysis)["parallel"]
+def test_bad_blocks_and_decay_classes_are_refused_by_name():
     k = torch.zeros(1, 4, 1, 16)
-    with pytest.raises(ValueError, match="ValueDecay"):
-        triton_parallel.parallel_linear_by(triton_runtime.ValueDecay, [(k, False)], k, k, k)
+    with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
+        triton_parallel.parallel_linear_by(triton_runtime.NoDecay, [(k, False)], k, k, block_t=24)
+    class Other:  # no decay class of the runtime
+        code = 4
+
+    with pytest.raises(ValueError, match="decay_cls must be"):
+        triton_parallel.parallel_linear_by(Other, [(k, False)], k, k)
