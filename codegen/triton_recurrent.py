@@ -1838,6 +1838,8 @@ def triton_unavailable(analysis: Analysis) -> dict[str, str]:
             why["chunked"] = (f"{rank[0]} is diagonal-plus-rank-one, whose chunked Triton kernels need every "
                               "state diagonal-plus-rank-one, untransposed, with no, a scalar or a key decay, and a "
                               "derived Triton adjoint (the torch chunked form runs it)")
+    if "parallel" in analysis.forms and "chunked" in why:
+        why["parallel"] = "it runs the chunked Triton form's function (codegen/triton_parallel.py), which is missing"
     if "scan" in analysis.forms:
         for s in analysis.states.values():
             refusal = None if s.block is None else triton_scan_refusal(len(s.block.states))
