@@ -89,7 +89,6 @@ _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `bloc
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _PARALLEL_KEY_BLOCK = 32
-_PARALLEL_CODES = (0, 1, 2, 3)  # the decay classes' codes these kernels take: none, scalar, key, value
 
 
 @triton.jit
@@ -144,15 +143,16 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
     Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b), D0_a = exp(Gq_a), Gq the shifted G
     if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE): b >= a (b > a), D_ab = exp(Gq_b - G_a),
     D0_a = exp(G_last - G_a) (the backward's dk and dv). DECAY 1: g is G [B, T, H] float64, one factor per pair of
-    rows. DECAY 2 (a key decay): g is G [B, T, H, D] float64, one factor per lane of the axis of x and y (KEY_X: the
-    forward's o, dv) or of z (KEY_Z: dq, dk). A key block j before the diagonal goes through the reference row r
-    next to the query block (the row before it, or with REVERSE its last row): the a side takes exp(Gq_a - G_r)
-    (REVERSE exp(G_r - G_a)), the b side exp(G_r - G_b) (exp(Gq_b - G_r)), every exponent <= 0, and the pair is one
-    tl.dot; on the diagonal block, where no such row exists, one key column at a time (as the chunked runtime's
-    diagonal sub-blocks, `_intra_attn_kernel`, over BT columns instead of 16).
+    rows. DECAY 2 or 3 (a key or value decay): g is G [B, T, H, D] float64, one factor per lane of the axis of x
+    and y (KEY_X: a key decay's o and dv, a value decay's dq and dk) or of z (KEY_Z: the others). A key block j
+    before the diagonal goes through the reference row r next to the query block (the row before it, or with
+    REVERSE its last row): the a side takes exp(Gq_a - G_r) (REVERSE exp(G_r - G_a)), the b side exp(G_r - G_b)
+    (exp(Gq_b - G_r)), every exponent <= 0, and the pair is one tl.dot; on the diagonal block, where no such row
+    exists, one key column at a time (as the chunked runtime's diagonal sub-blocks, `_intra_attn_kernel`, over BT
+    columns instead of 16).
     The forward's fused prologue and epilogue (`_Fused`): ZSTEP z_b is zs[b] * z[b]; XMAP, YMAP map x and y as they
     are loaded; SKIP adds sw[h] * sx[a] after the scale. ACC adds into out (later queries of the backward).
-    SHIFT_A, SHIFT_B (DECAY 2): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
+    SHIFT_A, SHIFT_B (DECAY 2, 3): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
     side: a when causal, b when REVERSE), given by the host as flags of their own."""
     i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -174,7 +174,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             b_ga = _row_g(g, base, rows_a, m_a, False, H)
         else:  # Gq_a
             b_ga = _row_g(g, base, rows_a, m_a, EXCLUSIVE, H)
-    if KEY_Z:  # the a side's G over z's lanes, and its reference row's (float64)
+    if (DECAY == 2 or DECAY == 3) and KEY_Z:  # the a side's G over z's lanes, and its reference row's (float64)
         b_gaz = _tile_g(g, base, rows_a, m_a, o_z, m_z, SHIFT_A, H, DZ)
         b_grz = tl.load(g + (base + i_r * H) * DZ + o_z, mask=m_z & (o_z * 0 + i_r < T) & (o_z * 0 + i_r >= 0),
                         other=0.0)
@@ -186,7 +186,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             m_ax = m_a[:, None] & m_x[None, :]
             b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
             b_x = _mapped(b_x, m_ax, XMAP)
-            if KEY_X:
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
                 b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)
                 b_x = b_x * _state_factor(g, base, b_gax, o_x, m_x, T, H, DX, REVERSE)
             if TRANS_S:
@@ -201,7 +201,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
                 b_acc = b_acc * _decay(b_gl, b_ga)[:, None]
             else:
                 b_acc = b_acc * _safe_exp(b_ga.to(tl.float32))[:, None]
-        if KEY_Z:
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
             b_acc = b_acc * _state_factor(g, base, b_gaz, o_z, m_z, T, H, DZ, REVERSE)
     if REVERSE:
         j_lo, j_hi = i_a, NT
@@ -221,7 +221,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             b_x = _mapped(b_x, m_ax, XMAP)
             b_yt = tl.load(y + (base + rows_b[None, :] * H) * DX + o_x[:, None], mask=m_xb, other=0.0).to(tl.float32)
             b_yt = _mapped(b_yt, m_xb, YMAP)
-            if KEY_X:
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
                 b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)  # [BT, BX]
                 if diagonal:  # one key column at a time: exp(G_later - G_earlier) per lane, directly
                     for c in range(0, BT):
@@ -271,7 +271,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
         b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
         if ZSTEP:
             b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
-        if KEY_Z:
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
             b_gbz = _tile_g(g, base, rows_b, m_b, o_z, m_z, SHIFT_B, H, DZ)  # [BT, BZ]
             if diagonal:  # one key row at a time: out_a += A_ab z_b exp(G_later - G_earlier) per lane
                 for c in range(0, BT):
@@ -526,7 +526,7 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
             _state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
                    num_stages)
     dlog = None
-    if code == 1:
+    if decay_cls.code == 1:
         # dG_t = sum over queries of (q . dq) at the step whose G the query's factors use (an exclusive query's
         # Gq_t = G_{t-1}: its term belongs to step t - 1, at t = 0 to the constant G_{-1} = 0), minus (k . dk)_t,
         # plus at the last step sum(S_T * dS_T)
@@ -541,7 +541,7 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
         # the reverse cumulative sum over [B, T, H] in float64 (no float32 rounding over long sums of both signs)
         dlog = dG.double().flip(1).cumsum(1).flip(1)
         dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
-    elif code == 2:
+    elif decay_cls.code == 2:
         # the same per key lane: dG_t = (q * dq)_u - (k * dk)_t (+ sum over V of S_T * dS_T at the last step)
         dG = -(k.float() * dk)
         for q, excl, dq in zip(qs, exclusive, dqs):
@@ -553,7 +553,7 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
             dG[:, -1] += (ht * dht).sum(-1)
         dlog = dG.double().flip(1).cumsum(1).flip(1)
         dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
-    elif code == 3:
+    elif decay_cls.code == 3:
         # per value lane: dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T at the last step), o the
         # query's readout before the epilogue, recomputed by the forward kernel (the outputs are not saved)
         dG = -(v.float() * dv)
@@ -623,9 +623,7 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
     initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
     float32 or None)) and its fused prologue and epilogue (`_Fused`), but no chunk: block_t rows (a power of two
     >= 16, default 64) per query block and key block. Differentiable (`_ParallelLinearFunction`); no `cu_seqlens`
-    (the dispatcher batches packed sequences by length). ValueError for another decay class or a bad block."""
-    if decay_cls.code not in _PARALLEL_CODES:
-        raise ValueError(f"decay_cls must be NoDecay, ScalarDecay, KeyDecay or ValueDecay, got {decay_cls!r}")
+    (the dispatcher batches packed sequences by length). ValueError for a bad block."""
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
     if k.shape[1] == 0:

@@ -9,7 +9,7 @@ float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T 
 last one partial), while every torch runtime function of the generated module raises and the parallel Triton
 backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
 runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
-scalar, a key and a value decay; bad blocks and decay classes are refused by name. Kernels run in the Triton
+scalar, a key and a value decay; a bad block is refused by name. Kernels run in the Triton
 interpreter (tests/conftest.py).
 """
 
@@ -140,12 +140,7 @@ def test_runtime_resets_and_exclusive_queries(axis, exclusive):
     assert (got[3][0, 5, 0] == 0).all() and (got[3][0, 20, 1] == 0).all() and torch.isfinite(got[3]).all()
 
 
-def test_bad_blocks_and_decay_classes_are_refused_by_name():
+def test_a_bad_block_is_refused_by_name():
     k = torch.zeros(1, 4, 1, 16)
     with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
         triton_parallel.parallel_linear_by(triton_runtime.NoDecay, [(k, False)], k, k, block_t=24)
-    class Other:  # no decay class of the runtime
-        code = 4
-
-    with pytest.raises(ValueError, match="decay_cls must be"):
-        triton_parallel.parallel_linear_by(Other, [(k, False)], k, k)
