@@ -31,16 +31,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def triton_options(call, options: dict | None) -> dict:
-    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
-    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
-    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
-    config's own `allow_tf32` wins."""
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
+    precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
+    `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
+    inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
+    tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
+    dots run as FMA loops. A config's own `allow_tf32` wins."""
     options = dict(options or {})
-    chunked = dict(options.get("chunked", {}))
-    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
-    options["chunked"] = chunked
+    for form in ("chunked", "parallel"):
+        chosen = dict(options.get(form, {}))
+        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        options[form] = chosen
     return options
 
 

@@ -25,6 +25,7 @@ DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the call
 CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("parallel", "triton"): ("block_t", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
     ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }

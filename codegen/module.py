@@ -125,9 +125,11 @@ def _triton_shared():
 
     runtime = _copyable(_ROOT / "triton_runtime.py")
     scan = _copyable(_ROOT / "triton_scan.py")
+    parallel = _copyable(_ROOT / "triton_parallel.py")
     helpers = _copyable_text(triton_recurrent.prelude("", standalone=False))  # the runtime has _arch
-    rename = _renamer(_top_level_names(runtime) + _top_level_names(scan) + _top_level_names(helpers))
-    return rename(runtime) + "\n\n" + rename(scan) + "\n\n" + rename(helpers), rename
+    rename = _renamer(_top_level_names(runtime) + _top_level_names(scan) + _top_level_names(parallel)
+                      + _top_level_names(helpers))
+    return "\n\n".join(rename(x) for x in (runtime, scan, parallel, helpers)), rename
 
 
 def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
@@ -259,6 +261,8 @@ def _entry_points(analysis: Analysis) -> str:
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
+    if "parallel" in triton_names:  # the chunked form's function with its runtime calls run attention-style
+        tri.append(f"'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel({name}__chunked_triton)))")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
     under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument

@@ -1838,6 +1838,8 @@ def triton_unavailable(analysis: Analysis) -> dict[str, str]:
             why["chunked"] = (f"{rank[0]} is diagonal-plus-rank-one, whose chunked Triton kernels need every "
                               "state diagonal-plus-rank-one, untransposed, with no, a scalar or a key decay, and a "
                               "derived Triton adjoint (the torch chunked form runs it)")
+    if "parallel" in analysis.forms and "chunked" in why:
+        why["parallel"] = "it runs the chunked Triton form's function (codegen/triton_parallel.py), which is missing"
     if "scan" in analysis.forms:
         for s in analysis.states.values():
             refusal = None if s.block is None else triton_scan_refusal(len(s.block.states))
@@ -1851,9 +1853,11 @@ def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     """The forms the Triton backend runs: recurrent always; scan where `triton_scan` has its kernels (every
     state elementwise, or coupled in m x m blocks, m <= `triton_block_scan.MAX_BLOCK`); chunked where
     `triton_runtime` has its kernels (every chunkable class; diagonal-plus-rank-one where `dplr_chunked_in_triton`,
-    trained through the derived adjoint). `triton_unavailable` says why a form is missing."""
+    trained through the derived adjoint); parallel wherever the analysis offers it (`triton_parallel`: every
+    linear class, no, a scalar, a key or a value decay). `triton_unavailable` says why a form is missing."""
     missing = triton_unavailable(analysis)
-    return ("recurrent",) + tuple(f for f in ("scan", "chunked") if f in analysis.forms and f not in missing)
+    return ("recurrent",) + tuple(f for f in ("scan", "chunked", "parallel")
+                                  if f in analysis.forms and f not in missing)
 
 
 def build_triton_recurrent(analysis: Analysis):

@@ -1561,7 +1561,7 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                      skip_weight=None, q_map=None, k_map=None):
+                      skip_weight=None, q_map=None, k_map=None, parallel=None):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that).
 
@@ -1581,7 +1581,19 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
     (map, vjp), a pair of `@triton.jit` helpers of the spec's elementwise feature map of every query / of the keys
     (printed by the generated module, `NAME__map_<value>`): q and k are then the raw inputs, mapped where the
     kernels (forward and backward) load them, and their gradients are the raw inputs' (`_Fused`). ValueError for a
-    bad one."""
+    bad one.
+
+    parallel: None, or the parallel form's runtime (codegen/triton_parallel.py `parallel_linear_by`, passed by the
+    `in_parallel` wrapper of a generated module's chunked form), which then runs the call with these arguments but
+    chunk_size (it has no chunks) and cu_seqlens (the dispatcher batches packed sequences by length for it)."""
+    if parallel is not None:
+        if cu_seqlens is not None:
+            raise ValueError("the parallel Triton form takes no cu_seqlens (the dispatcher runs packed sequences of "
+                             "one length as one batch)")
+        return parallel(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, block_k=block_k,
+                        block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
+                        v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
+                        q_map=q_map, k_map=k_map)
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)

@@ -734,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dtype of the call's inputs (default bfloat16)")
     kernels.add_argument("--target", choices=("sm_80", "sm_90", "sm_100"), default="sm_90",
                          help="the GPU to compile for: sm_80 (A100), sm_90 (H100, H200; the default), sm_100 (B200)")
-    kernels.add_argument("--form", choices=("auto", "recurrent", "scan", "chunked", "all"), default="auto",
+    kernels.add_argument("--form", choices=("auto", "recurrent", "scan", "chunked", "parallel", "all"), default="auto",
                          help="the form the call runs (default auto, as a call would; all: each Triton form)")
     kernels.add_argument("--config", metavar="JSON", help="a tuning config for the form, e.g. '{\"chunk_size\": 64, "
                          "\"block_k\": 64, \"block_v\": 32, \"num_warps\": 4, \"num_stages\": 2}'")

@@ -526,7 +526,7 @@ def test_spec_names_that_shadow_generated_ones_run_in_every_form_and_module(tmp_
             assert ((got - ref).norm() / ref.norm()).item() <= 1e-10, where
     assert module.Clash(2)(*args)[0][0].shape == ref_o.shape
     triton_layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16)  # the Triton interpreter on CPU
-    assert set(triton_layer.triton_forms) == {"recurrent", "scan", "chunked"}
+    assert set(triton_layer.triton_forms) == {"recurrent", "scan", "chunked", "parallel"}
     for form in triton_layer.triton_forms:
         (o, mx), s = triton_layer(*[a.float() for a in args], initial_state=init.float(), output_final_state=True,
                                   form=form)

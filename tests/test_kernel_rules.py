@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.rec"))
 
 
-def test_shipped_triton_runtime_keeps_the_rules():
-    check_kernel_source((ROOT / "codegen" / "triton_runtime.py").read_text())
+@pytest.mark.parametrize("name", ["triton_runtime", "triton_parallel"])
+def test_shipped_triton_runtime_keeps_the_rules(name):
+    check_kernel_source((ROOT / "codegen" / f"{name}.py").read_text())
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)

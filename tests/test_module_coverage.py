@@ -445,10 +445,12 @@ def test_specialize_folds_only_the_branches_the_flags_decide():
         .replace("_triton_kernel", "user_kernel")  # only the Triton runtime's kernels
     gla = recurrence_dsl.load(SPEC_FILES[0].parent / "gla.rec")["gla"]
     source = module_source([analyse(gla.checked)], "gla.rec")
-    # only the intra-chunk scores keep a DECAY test: the Triton backward also asks them for plain do v^T (code 3)
+    # only the intra-chunk scores keep a DECAY test: the Triton backward also asks them for plain do v^T (code 3);
+    # and the parallel form's attention kernel, whose per-lane branches test `(DECAY == 2 or DECAY == 3) and KEY_X`
+    # (or KEY_Z), undecided where both lanes run (a key decay's forward and backward)
     kept = [fn.name for fn in ast.parse(source).body
             if isinstance(fn, ast.FunctionDef) and "DECAY ==" in ast.get_source_segment(source, fn)]
-    assert kept == ["_triton_intra_attn_kernel"] and "class triton_KeyDecay" in source
+    assert kept == ["_triton_intra_attn_kernel", "_triton_parallel_attn_kernel"] and "class triton_KeyDecay" in source
     assert "class ScalarDecay" not in source and "class triton_ScalarDecay" not in source
 
 

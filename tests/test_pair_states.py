@@ -137,7 +137,7 @@ def test_based_every_form_equals_the_hand_written_loop():
     failures = []
     torch_layer = recurrence_dsl.compile(BASED, backend="torch", chunk_size=8, tuning=False)
     triton_layer = recurrence_dsl.compile(BASED, backend="triton", chunk_size=16, tuning=False)
-    assert list(torch_layer.forms) == ALL_FORMS and list(triton_layer.triton_forms) == ["recurrent", "scan", "chunked"]
+    assert list(torch_layer.forms) == ALL_FORMS and list(triton_layer.triton_forms) == ALL_FORMS
     for T in (5, 19):
         args, initial = based_inputs(2, T, seed=T)
         o_want, final_want = based_loop(*args, initial)
@@ -229,7 +229,7 @@ def test_pair_states_on_every_form_and_backend(name):
     assert all(r.proved for r in prove(analysis)), [r for r in prove(analysis) if not r.proved]
     torch_layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=8, tuning=False)
     triton_layer = recurrence_dsl.compile(rec, backend="triton", chunk_size=16, tuning=False)
-    assert list(triton_layer.triton_forms) == ["recurrent", "scan", "chunked"]
+    assert list(triton_layer.triton_forms) == ALL_FORMS
     failures = []
     for T in (5, 19):
         args, initial = _sample(rec, T, seed=T)

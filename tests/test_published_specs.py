@@ -35,9 +35,9 @@ RECS = {**_load("mlstm"), **_load("min_gru"), **_load("rg_lru"), **_load("bidire
 SIZES = {"mlstm": {"K": 4, "V": 3}, "min_gru": {"D": 5}, "rg_lru": {"D": 5},
          "bidirectional_mamba_forward": {"D": 4, "N": 3}, "bidirectional_mamba_backward": {"D": 4, "N": 3}}
 # What the analysis gives each layer; a change here is a change users see (and README's class table states).
-FORMS = {"mlstm": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked"]),
-         "min_gru": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked"]),
-         "rg_lru": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked"]),
+FORMS = {"mlstm": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked", "parallel"]),
+         "min_gru": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked", "parallel"]),
+         "rg_lru": (["recurrent", "scan", "chunked", "parallel"], ["recurrent", "scan", "chunked", "parallel"]),
          "bidirectional_mamba_forward": (["recurrent", "scan"], ["recurrent", "scan"]),
          "bidirectional_mamba_backward": (["recurrent", "scan"], ["recurrent", "scan"])}
 

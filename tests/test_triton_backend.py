@@ -81,17 +81,21 @@ def triton_form_names(key: str) -> list[str]:
     """The forms the triton backend should have: recurrent always, scan where the analysis derives it (the
     Triton scan kernels take every elementwise state; the specs' coupled states are blocks of 2 to 4), chunked
     where the analysis derives it and a Triton chunked kernel exists (every chunkable class; diagonal-plus-rank-one
-    where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7)."""
+    where it trains through the derived adjoint, `dplr_chunked_in_triton`: RWKV-7), parallel where the analysis
+    derives it (codegen/triton_parallel.py: every linear class)."""
     analysis = analyse(RECS[key].checked)
     kernel = "chunked" in analysis.forms and (analysis.cls is not TransitionClass.DIAGONAL_PLUS_RANK_ONE
                                               or dplr_chunked_in_triton(analysis))
-    return ["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
+    parallel = "parallel" in analysis.forms
+    return (["recurrent"] + (["scan"] if "scan" in analysis.forms else []) + (["chunked"] if kernel else [])
+            + (["parallel"] if parallel else []))
 
 
 TRITON_FORMS = {key: triton_form_names(key) for key in RECS}
 # The matrix below runs recurrent and chunked; the scan form's matrix (every spec and data file with a scan form,
-# forward and backward, cu_seqlens, reverse) is tests/test_triton_scan.py, at sizes the interpreter's scan affords.
-FORMS = {key: [f for f in forms if f != "scan"] for key, forms in TRITON_FORMS.items()}
+# forward and backward, cu_seqlens, reverse) is tests/test_triton_scan.py, at sizes the interpreter's scan affords;
+# the parallel form's (one spec per class it takes, forward and backward, cu_seqlens) tests/test_triton_parallel.py.
+FORMS = {key: [f for f in forms if f not in ("scan", "parallel")] for key, forms in TRITON_FORMS.items()}
 
 
 def layer_for(key: str):
@@ -378,9 +382,13 @@ def test_chunk_size_of_the_compiled_layer_is_checked_too():
         layer(*args, initial_state=init, form="chunked")
 
 
-@pytest.mark.parametrize("key,form", [("gla", "parallel"), ("retention", "parallel")])
-def test_forms_the_triton_backend_lacks(key, form):
-    layer = layer_for(key)
+def test_a_form_the_triton_backend_lacks():
+    """A layer whose Triton backend lacks a form the torch backend has (every linear spec now has the parallel
+    Triton form, so a layer is built without it): the call names the form and every form it could run."""
+    key, form = "gla", "parallel"
+    full = layer_for(key)
+    forms = {name: fn for name, fn in full.triton_forms.items() if name != form}
+    layer = type(full)(full.recurrence, full.forms, forms, backend="triton", tuning=False)
     assert form in layer.forms  # the torch backend has it
     sizes = {s: 16 for s in RECS[key].checked.sizes}
     args, init, _, _ = sample(key, sizes, 20, 1, F32, seed=0)
@@ -388,7 +396,7 @@ def test_forms_the_triton_backend_lacks(key, form):
         layer(*args, initial_state=init, form=form)
     message = str(info.value)
     assert form in message
-    for available in TRITON_FORMS[key]:
+    for available in forms:
         assert available in message, f"{message!r} does not name the available form {available!r}"
 
 

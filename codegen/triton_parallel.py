@@ -1,0 +1,740 @@
+"""Triton kernels for the parallel form of a linear recurrence (no, a scalar, a key or a value decay), attention-style.
+
+Same arguments, maths and layout as `codegen/triton_runtime.py`'s `chunked_linear_by` (B batch, T time, H heads, K
+key dim, V value dim; per-step tensors [B, T, H, ...], states [B, H, K, V] float32; a query (q, exclusive) reads
+S_{t-1} if exclusive, else S_t), for S_t = exp(g_t) S_{t-1} + k_t v_t^T with g_t a scalar log decay per step and
+head (none: g = 0; a key decay: g_t [K] scales the rows of S, and every factor below is per key lane, inside the
+sums over K). With G_t = g_0 + ... + g_t (a cumulative sum over the whole sequence) and Gq_t = G_t (G_{t-1}
+for an exclusive query, G_{-1} = 0):
+
+  o_t = exp(Gq_t) q_t^T S0 + sum_{s <= t} exp(Gq_t - G_s) (q_t . k_s) v_s        (s < t for an exclusive query)
+  S_T = exp(G_last) S0 + sum_s exp(G_last - G_s) k_s v_s^T
+
+No state is formed per step or per chunk: for each (V tile, query block of BT rows, batch*head) the output kernel
+walks the key blocks j <= i and accumulates (q_i k_j^T * decay mask) v_j, as flash attention walks its key blocks;
+the final state is one pass over the steps per (K tile, V tile, batch*head). The reverse mode is the same two
+kernels with the roles of the tensors exchanged (one generic kernel each, `_parallel_attn_kernel` and
+`_parallel_state_kernel`): with dO the outputs' gradients and dS_T the final state's,
+
+  dq_t  = exp(Gq_t) dO_t S0^T + sum_{s <= t} exp(Gq_t - G_s) (dO_t . v_s) k_s
+                                                                   causal, (x, y, z, S) = (dO, v, k, S0^T)
+  dk_s  = exp(G_last - G_s) dS_T v_s + sum_{t >= s} exp(Gq_t - G_s) (v_s . dO_t) q_t
+                                                                   anti-causal, (x, y, z, S) = (v, dO, q, dS_T^T)
+  dv_s  = exp(G_last - G_s) dS_T^T k_s + sum_{t >= s} exp(Gq_t - G_s) (k_s . q_t) dO_t
+                                                                   anti-causal, (x, y, z, S) = (k, q, dO, dS_T)
+  dS0   = exp(G_last) dS_T + sum_t exp(Gq_t) q_t dO_t^T
+  dG_t  = (q . dq)_u - (k . dk)_t + [t = last] sum(S_T * dS_T),  u = t (t + 1 for an exclusive query)
+                                                                   (`_row_dot_kernel`, one launch per term)
+  dg    = the reverse cumulative sum of dG over [B, T, H], in float64, 0 where the forward floored g,
+
+summed over the queries (each query's dq, dk and dv terms; the state terms once). G enters only through factors
+exp(G_a - G_b), so dG is the sum of (x . dx) over the factors where t is a minus those where it is b (GLA's identity,
+Yang et al. 2023 section 4); the chunked backward sums the log decays' gradient directly instead, because the two
+sides can cancel over long sequences, but the parallel form runs sequences no longer than a chunk (codegen/dispatch.py
+`pick_form`), and the reverse cumulative sum is formed in float64 here.
+
+Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
+chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
+exactly, and G never holds -inf, so no -inf - -inf = nan). Every factor is `_decay` of a difference G_a - G_b with a
+at or after b (<= 0), formed in float64 and rounded to float32 at once; masks select (tl.where), so a padded or
+masked lane never makes 0 * inf. Loads are upcast to float32, dots and accumulators are float32, outputs are stored
+in k's dtype, states in float32, as in the chunked runtime.
+
+A key decay's factor exp(Gq_t - G_s) differs per lane, so q k^T is no longer one dot: an off-diagonal block pair
+goes through a reference row r between the two blocks, q_t exp(Gq_t - G_r) and k_s exp(G_r - G_s), both bounded by
+1; the diagonal block takes one key column at a time (`_parallel_attn_kernel`). dq and dk carry the factor on their
+own (output) axis: the off-diagonal pairs scale z_b by exp(G_r - G_b) before the dot and the result by
+exp(Gq_a - G_r) after it. The log decays' gradient is the same formula per lane, dG_t = (q * dq)_u - (k * dk)_t
+(+ sum over V of S_T * dS_T at the last step). A value decay (min_gru, rg_lru: g_t [V] scales the columns of S) is
+the same with the axes exchanged: o and dv carry the factor on their output axis, dq and dk on the contraction
+axis, and dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T), o recomputed by the forward kernel.
+
+Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
+as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_runtime import (
+    _LOG_DECAY_FLOOR,
+    _NOT_FUSED,
+    _STAGES,
+    _WARPS,
+    _check_block,
+    _decay,
+    _empty_result,
+    _Fused,
+    _fused_of,
+    _map_of,
+    _mapped,
+    _materialise,
+    _or,
+    _pow2_at_least_16,
+    _register_limit,
+    _safe_exp,
+    _unfuse,
+)
+
+Tensor = torch.Tensor
+
+_PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+_PARALLEL_KEY_BLOCK = 32
+
+
+@triton.jit
+def _row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
+    """G at the given rows [BT] of one (batch, head) (float64; 0 where masked); SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        return tl.load(g + base + (rows - 1) * H, mask=m & (rows > 0), other=0.0)
+    return tl.load(g + base + rows * H, mask=m, other=0.0)
+
+
+@triton.jit
+def _tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        src = rows - 1
+        m_src = m & (rows > 0)
+    else:
+        src = rows
+        m_src = m
+    return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
+
+
+@triton.jit
+def _lane_g(g, base, row, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BD] at one row (m_l: the lanes' mask, the row's own test included); SHIFT: G_{row-1}."""
+    if SHIFT:
+        return tl.load(g + (base + (row - 1) * H) * D + lanes, mask=m_l & (lanes * 0 + row > 0), other=0.0)
+    return tl.load(g + (base + row * H) * D + lanes, mask=m_l, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
+# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
+# mapped copies, and the gradients are carried back through the map's printed derivative after.
+
+
+@triton.jit
+def _map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
+    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
+    inputs (`_apply_map`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
+    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
+    map's printed derivative helper (`_unmap`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
+
+
+_MAP_BLOCK = 1024  # elements per program of `_map_kernel` and `_map_vjp_kernel`
+
+
+def _mapped_inputs(maps, qs, k):
+    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
+    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
+    q_map, k_map = maps
+    if q_map is not None:
+        qs = [_apply_map(q_map, q) for q in qs]
+    if k_map is not None:
+        k = _apply_map(k_map, k)
+    return qs, k
+
+
+def _raw_gradients(maps, qs, k, dk, dqs):
+    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
+    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
+    q_map, k_map = maps
+    if k_map is not None:
+        dk = _unmap(k_map, k, dk)
+    if q_map is not None:
+        dqs = [_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
+    return dk, dqs
+
+
+def _apply_map(pair, x: Tensor) -> Tensor:
+    """x itself without a map; else map(x) [x's shape] (`_map_kernel`), a transient of the backward: bfloat16 for
+    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
+    of float16 values can pass float16's largest number)."""
+    if pair is None:
+        return x
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
+    n = x.numel()
+    if n:
+        _map_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x, y, n, pair[0], _MAP_BLOCK)
+    return y
+
+
+def _unmap(pair, x: Tensor, grad: Tensor | None) -> Tensor | None:
+    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
+    by `_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
+    element reads only its own); grad itself without a map."""
+    if pair is None or grad is None:
+        return grad
+    grad = grad.to(torch.float32).contiguous()
+    n = x.numel()
+    if n:
+        _map_vjp_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _MAP_BLOCK)
+    return grad
+
+
+@triton.jit
+def _state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
+    """The state term's per-lane factor of rows a [BT, BD]: exp(Gq_a) (b_ga holds Gq_a), or with REVERSE
+    exp(G_last - G_a) (b_ga holds G_a)."""
+    if REVERSE:
+        b_gl = tl.load(g + (base + (T - 1) * H) * D + lanes, mask=m_l, other=0.0)
+        return _decay(b_gl[None, :], b_ga)
+    return _safe_exp(b_ga.to(tl.float32))
+
+
+@triton.jit
+def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
+                          DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
+                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
+                          TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
+                          SKIP: tl.constexpr, KEY_X: tl.constexpr = False, KEY_Z: tl.constexpr = False,
+                          SHIFT_A: tl.constexpr = False, SHIFT_B: tl.constexpr = False, XMAP: tl.constexpr = None,
+                          YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+    """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
+
+    x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place).
+    Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b), D0_a = exp(Gq_a), Gq the shifted G
+    if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE): b >= a (b > a), D_ab = exp(Gq_b - G_a),
+    D0_a = exp(G_last - G_a) (the backward's dk and dv). DECAY 1: g is G [B, T, H] float64, one factor per pair of
+    rows. DECAY 2 or 3 (a key or value decay): g is G [B, T, H, D] float64, one factor per lane of the axis of x
+    and y (KEY_X: a key decay's o and dv, a value decay's dq and dk) or of z (KEY_Z: the others). A key block j
+    before the diagonal goes through the reference row r next to the query block (the row before it, or with
+    REVERSE its last row): the a side takes exp(Gq_a - G_r) (REVERSE exp(G_r - G_a)), the b side exp(G_r - G_b)
+    (exp(Gq_b - G_r)), every exponent <= 0, and the pair is one tl.dot; on the diagonal block, where no such row
+    exists, one key column at a time (as the chunked runtime's diagonal sub-blocks, `_intra_attn_kernel`, over BT
+    columns instead of 16).
+    The forward's fused prologue and epilogue (`_Fused`): ZSTEP z_b is zs[b] * z[b]; XMAP, YMAP map x and y as they
+    are loaded; SKIP adds sw[h] * sx[a] after the scale (SKIP_STEP: sw[a], a weight per step [B, T, H]). ACC adds
+    into out (later queries of the backward).
+    SHIFT_A, SHIFT_B (DECAY 2, 3): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
+    side: a when causal, b when REVERSE), given by the host as flags of their own."""
+    i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    base = i_b.to(tl.int64) * T * H + i_h  # flat row index of (b, 0, h)
+    o_i = tl.arange(0, BT)
+    rows_a = i_a * BT + o_i
+    m_a = rows_a < T
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_z = o_z < DZ
+    m_az = m_a[:, None] & m_z[None, :]
+    if REVERSE:  # the reference row of the off-diagonal blocks: the query block's last, or (causal) the row before
+        i_r = i_a * BT + BT - 1
+    else:
+        i_r = i_a * BT - 1
+    b_acc = tl.zeros([BT, BZ], dtype=tl.float32)
+    if DECAY == 1:
+        if REVERSE:  # G_a
+            b_ga = _row_g(g, base, rows_a, m_a, False, H)
+        else:  # Gq_a
+            b_ga = _row_g(g, base, rows_a, m_a, EXCLUSIVE, H)
+    if (DECAY == 2 or DECAY == 3) and KEY_Z:  # the a side's G over z's lanes, and its reference row's (float64)
+        b_gaz = _tile_g(g, base, rows_a, m_a, o_z, m_z, SHIFT_A, H, DZ)
+        b_grz = tl.load(g + (base + i_r * H) * DZ + o_z, mask=m_z & (o_z * 0 + i_r < T) & (o_z * 0 + i_r >= 0),
+                        other=0.0)
+    if USE_S:
+        p_s = s + i_bh.to(tl.int64) * (DX * DZ)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _mapped(b_x, m_ax, XMAP)
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
+                b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)
+                b_x = b_x * _state_factor(g, base, b_gax, o_x, m_x, T, H, DX, REVERSE)
+            if TRANS_S:
+                p_xz = p_s + o_z[None, :] * DX + o_x[:, None]
+            else:
+                p_xz = p_s + o_x[:, None] * DZ + o_z[None, :]
+            b_s = tl.load(p_xz, mask=m_x[:, None] & m_z[None, :], other=0.0).to(tl.float32)
+            b_acc += tl.dot(b_x, b_s, input_precision=PREC)
+        if DECAY == 1:
+            if REVERSE:
+                b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
+                b_acc = b_acc * _decay(b_gl, b_ga)[:, None]
+            else:
+                b_acc = b_acc * _safe_exp(b_ga.to(tl.float32))[:, None]
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
+            b_acc = b_acc * _state_factor(g, base, b_gaz, o_z, m_z, T, H, DZ, REVERSE)
+    if REVERSE:
+        j_lo, j_hi = i_a, NT
+    else:
+        j_lo, j_hi = 0, i_a + 1
+    for i_j in range(j_lo, j_hi):
+        rows_b = i_j * BT + o_i
+        m_b = rows_b < T
+        diagonal = i_j == i_a
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            m_xb = m_x[:, None] & m_b[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _mapped(b_x, m_ax, XMAP)
+            b_yt = tl.load(y + (base + rows_b[None, :] * H) * DX + o_x[:, None], mask=m_xb, other=0.0).to(tl.float32)
+            b_yt = _mapped(b_yt, m_xb, YMAP)
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
+                b_gax = _tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)  # [BT, BX]
+                if diagonal:  # one key column at a time: exp(G_later - G_earlier) per lane, directly
+                    for c in range(0, BT):
+                        i_s = i_j * BT + c
+                        m_s = m_x & (o_x * 0 + i_s < T)
+                        b_ys = tl.sum(tl.where(o_i[None, :] == c, b_yt, 0.0), axis=1)  # [BX] column c of y^T
+                        b_gs = _lane_g(g, base, i_s, o_x, m_s, SHIFT_B, H, DX)  # [BX]
+                        if REVERSE:
+                            b_f = _decay(b_gs[None, :], b_gax)
+                        else:
+                            b_f = _decay(b_gax, b_gs[None, :])
+                        b_col = tl.sum(b_x * b_ys[None, :] * b_f, axis=1)  # [BT]
+                        b_A += tl.where(o_i[None, :] == c, b_col[:, None], 0.0)
+                else:  # through the reference row: both sides bounded, one dot
+                    m_r = m_x & (o_x * 0 + i_r >= 0) & (o_x * 0 + i_r < T)
+                    b_grx = tl.load(g + (base + i_r * H) * DX + o_x, mask=m_r, other=0.0)
+                    b_gbx = _tile_g(g, base, rows_b, m_b, o_x, m_x, SHIFT_B, H, DX)  # [BT, BX]
+                    if REVERSE:
+                        b_x = b_x * _decay(b_grx[None, :], b_gax)
+                        b_yt = b_yt * tl.trans(_decay(b_gbx, b_grx[None, :]))
+                    else:
+                        b_x = b_x * _decay(b_gax, b_grx[None, :])
+                        b_yt = b_yt * tl.trans(_decay(b_grx[None, :], b_gbx))
+                    b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+            else:
+                b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+        if REVERSE:
+            if EXCLUSIVE:
+                m_A = rows_b[None, :] > rows_a[:, None]
+            else:
+                m_A = rows_b[None, :] >= rows_a[:, None]
+        else:
+            if EXCLUSIVE:
+                m_A = rows_b[None, :] < rows_a[:, None]
+            else:
+                m_A = rows_b[None, :] <= rows_a[:, None]
+        m_A = m_A & m_b[None, :] & m_a[:, None]
+        if DECAY == 1:
+            if REVERSE:
+                b_gb = _row_g(g, base, rows_b, m_b, EXCLUSIVE, H)  # [BT] Gq_b
+                b_A = b_A * _decay(b_gb[None, :], b_ga[:, None])
+            else:
+                b_gb = _row_g(g, base, rows_b, m_b, False, H)  # [BT] G_b
+                b_A = b_A * _decay(b_ga[:, None], b_gb[None, :])
+        b_A = tl.where(m_A, b_A, 0.0)
+        m_bz = m_b[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
+            b_gbz = _tile_g(g, base, rows_b, m_b, o_z, m_z, SHIFT_B, H, DZ)  # [BT, BZ]
+            if diagonal:  # one key row at a time: out_a += A_ab z_b exp(G_later - G_earlier) per lane
+                for c in range(0, BT):
+                    b_a = tl.sum(tl.where(o_i[None, :] == c, b_A, 0.0), axis=1)  # [BT] column c of A
+                    b_zc = tl.sum(tl.where(o_i[:, None] == c, b_z, 0.0), axis=0)  # [BZ] row c of z
+                    b_gc = tl.sum(tl.where(o_i[:, None] == c, b_gbz, 0.0), axis=0)  # [BZ]
+                    if REVERSE:
+                        b_f = _decay(b_gc[None, :], b_gaz)
+                    else:
+                        b_f = _decay(b_gaz, b_gc[None, :])
+                    b_acc += b_a[:, None] * b_zc[None, :] * b_f
+            else:
+                if REVERSE:
+                    b_zf = b_z * _decay(b_gbz, b_grz[None, :])
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _decay(b_grz[None, :], b_gaz)
+                else:
+                    b_zf = b_z * _decay(b_grz[None, :], b_gbz)
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _decay(b_gaz, b_grz[None, :])
+        else:
+            b_acc += tl.dot(b_A, b_z, input_precision=PREC)
+    b_acc = b_acc * scale
+    p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
+    if SKIP:
+        if SKIP_STEP:
+            b_sw = tl.load(sw + base + rows_a * H, mask=rows_a < T, other=0.0).to(tl.float32)[:, None]
+        else:
+            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_acc += b_sw * tl.load(sx + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az,
+                                other=0.0).to(tl.float32)
+    if ACC:
+        b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
+    tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
+
+@triton.jit
+def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
+                           BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
+                           EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr, ACC: tl.constexpr,
+                           PREC: tl.constexpr, ZSTEP: tl.constexpr, XMAP: tl.constexpr = None):
+    """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32 (DECAY 2:
+    a key decay, G [B, T, H, DX], w_t and exp(G_last) per lane of x, so per row of S; DECAY 3: a value decay,
+    G [B, T, H, DZ], per lane of z, so per column of S).
+
+    REVERSE False (the final state, x = k, z = v, S = S0): w_t = exp(G_last - G_t). REVERSE (the initial state's
+    gradient, x = q, z = dO, S = dS_T): w_t = exp(Gq_t), Gq the shifted G if EXCLUSIVE. ZSTEP: z_t is zs[t] * z[t];
+    XMAP maps x as it is loaded; ACC adds into out (later queries)."""
+    i_xt, i_zt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    o_x = i_xt * BX + tl.arange(0, BX)
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_x, m_z = o_x < DX, o_z < DZ
+    m_xz = m_x[:, None] & m_z[None, :]
+    p_xz = i_bh.to(tl.int64) * (DX * DZ) + o_x[:, None] * DZ + o_z[None, :]
+    b_acc = tl.zeros([BX, BZ], dtype=tl.float32)
+    if DECAY == 1:
+        b_gl = tl.load(g + base + (T - 1) * H, mask=T > 0, other=0.0)
+    if DECAY == 2:  # G_last per lane of x
+        b_glx = tl.load(g + (base + (T - 1) * H) * DX + o_x, mask=m_x, other=0.0)
+    if DECAY == 3:  # G_last per lane of z
+        b_glz = tl.load(g + (base + (T - 1) * H) * DZ + o_z, mask=m_z, other=0.0)
+    if USE_S:
+        b_acc += tl.load(s + p_xz, mask=m_xz, other=0.0).to(tl.float32)
+        if DECAY == 1:
+            b_acc = b_acc * _safe_exp(b_gl.to(tl.float32))
+        if DECAY == 2:
+            b_acc = b_acc * _safe_exp(b_glx.to(tl.float32))[:, None]
+        if DECAY == 3:
+            b_acc = b_acc * _safe_exp(b_glz.to(tl.float32))[None, :]
+    for i_n in range(0, tl.cdiv(T, BT)):
+        rows = i_n * BT + o_i
+        m_t = rows < T
+        m_xt = m_x[:, None] & m_t[None, :]
+        b_xt = tl.load(x + (base + rows[None, :] * H) * DX + o_x[:, None], mask=m_xt, other=0.0).to(tl.float32)
+        b_xt = _mapped(b_xt, m_xt, XMAP)
+        m_tz = m_t[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows[:, None] * H) * DZ + o_z[None, :], mask=m_tz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
+        if DECAY == 1:
+            if REVERSE:
+                b_w = _safe_exp(_row_g(g, base, rows, m_t, EXCLUSIVE, H).to(tl.float32))
+            else:
+                b_w = _decay(b_gl, _row_g(g, base, rows, m_t, False, H))
+            b_xt = b_xt * tl.where(m_t, b_w, 0.0)[None, :]
+        if DECAY == 2:
+            if REVERSE:  # exp(Gq_t) per lane, [BX, BT]
+                b_w2 = _safe_exp(tl.trans(_tile_g(g, base, rows, m_t, o_x, m_x, EXCLUSIVE, H, DX)).to(tl.float32))
+            else:  # exp(G_last - G_t)
+                b_w2 = _decay(b_glx[:, None], tl.trans(_tile_g(g, base, rows, m_t, o_x, m_x, False, H, DX)))
+            b_xt = b_xt * tl.where(m_xt, b_w2, 0.0)
+        if DECAY == 3:
+            if REVERSE:  # exp(Gq_t) per lane of z, [BT, BZ]
+                b_w3 = _safe_exp(_tile_g(g, base, rows, m_t, o_z, m_z, EXCLUSIVE, H, DZ).to(tl.float32))
+            else:  # exp(G_last - G_t)
+                b_w3 = _decay(b_glz[None, :], _tile_g(g, base, rows, m_t, o_z, m_z, False, H, DZ))
+            b_z = b_z * tl.where(m_tz, b_w3, 0.0)
+        b_acc += tl.dot(b_xt, b_z, input_precision=PREC)
+    if ACC:
+        b_acc += tl.load(out + p_xz, mask=m_xz, other=0.0)
+    tl.store(out + p_xz, b_acc, mask=m_xz)
+
+
+@triton.jit
+def _row_dot_kernel(x, dx, r, sign, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                    SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """r[b, t, h] (+)= sign * (x_u . dx_u) over D, u = t + 1 if SHIFT (0 at the last step), else t: one block of
+    BT steps of one batch*head. The log decays' per-step terms (q . dq at the step whose G the query's factors use,
+    - k . dk), float32 dots of D lanes."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = i_b.to(tl.int64) * T * H + i_h
+    rows = i_n * BT + tl.arange(0, BT)
+    m_t = rows < T
+    if SHIFT:
+        src = rows + 1
+    else:
+        src = rows
+    m_src = src < T
+    b_r = tl.zeros([BT], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m = m_src[:, None] & (o_d < D)[None, :]
+        p = (base + src[:, None] * H) * D + o_d[None, :]
+        b_r += tl.sum(tl.load(x + p, mask=m, other=0.0).to(tl.float32) * tl.load(dx + p, mask=m, other=0.0), axis=1)
+    b_r = b_r * sign
+    if ACC:
+        b_r += tl.load(r + base + rows * H, mask=m_t, other=0.0)
+    tl.store(r + base + rows * H, b_r, mask=m_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cumulative_log_decays(log_decay, head=None):
+    """G [B, T, H] (a key decay's [B, T, H, K]) float64: the cumulative sum over the whole sequence of the log
+    decays (times the per-head factor head [H], the product rounded to float32 as `_cumsum_kernel` rounds it), each
+    floored at _LOG_DECAY_FLOOR (a select: a NaN stays NaN)."""
+    if log_decay is None:
+        return None
+    shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)  # [B, T, H] or a key decay's [B, T, H, K]
+    g = log_decay.float() * head.float().view(shape) if head is not None else log_decay
+    g = g.to(torch.float64)
+    return torch.where(g < _LOG_DECAY_FLOOR, _LOG_DECAY_FLOOR, g).cumsum(1).contiguous()
+
+
+def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, key: bool = False):
+    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
+    min(64, pow2(K or V)) as the chunked runtime's (key: a key decay, all three default to 32); ValueError for a
+    block that is not a power of two >= 16."""
+    T, K = k.shape[1], k.shape[-1]
+    most = _PARALLEL_KEY_BLOCK if key else 64
+    block_t = _or(block_t, _PARALLEL_KEY_BLOCK if key else _PARALLEL_BT)
+    _check_block("block_t", block_t)
+    block_k = _or(block_k, min(most, _pow2_at_least_16(K)))
+    block_v = _or(block_v, min(most, _pow2_at_least_16(V)))
+    _check_block("block_k", block_k)
+    _check_block("block_v", block_v)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _pow2_at_least_16(T))) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or the query "
+                         "blocks are past CUDA's grid limits; split the call")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    return min(block_t, _pow2_at_least_16(T)), block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
+          prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
+          y_map=None, key_z: bool = False, skip_step: bool = False) -> None:
+    """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a
+    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
+    warps = _or(num_warps, _WARPS)
+    _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
+        x, y, z, G if G is not None else out, s if s is not None else out, out,
+        z_step if z_step is not None else out, skip if skip is not None else out,
+        skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
+        s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
+        exclusive and not reverse, exclusive and reverse,
+        num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
+        SKIP_STEP=skip_step, **(_register_limit(warps) if decay >= 2 else {}))
+
+
+def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
+           num_stages, z_step=None, x_map=None) -> None:
+    """Launch `_parallel_state_kernel` over out [B, H, DX, DZ] float32."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    _parallel_state_kernel[(triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H)](
+        x, z, G if G is not None else out, s if s is not None else out, out, z_step if z_step is not None else out,
+        T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, acc, prec, z_step is not None,
+        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map))
+
+
+def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, fused=None):
+    """(outputs in k's dtype, final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec, num_warps,
+    num_stages)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    f = fused if fused is not None else _NOT_FUSED
+    vs = None if f.v_step is None else f.v_step.contiguous()
+    skip = None if f.skip is None else f.skip.contiguous()
+    G = _cumulative_log_decays(log_decay, f.decay_head) if decay_cls.code else None
+    s0 = None if initial_state is None else initial_state.contiguous()
+    outs = []
+    for q, exclusive in queries:
+        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        _attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
+              num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map, key_z=decay_cls.code == 3,
+              skip_step=f.skip_step)
+        outs.append(o)
+    ht = None
+    if output_final_state:
+        ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device)
+        _state(k, v, G, s0, ht, decay_cls.code, False, False, False, BT, BK, BV, prec, num_warps, num_stages, vs,
+               f.k_map)
+    return outs, ht
+
+
+def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, ht, dos, dht):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32 (the formulas of the module docstring), for
+    mapped qs and k, v times v_step and log_decay times decay_head (`_materialise`, `_mapped_inputs`)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dev, f32 = k.device, torch.float32
+    code = decay_cls.code
+    value = code == 3  # a value decay's factors sit on the V axis: dq's and dk's contraction, o's and dv's output
+    G = _cumulative_log_decays(log_decay) if code else None
+    dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
+    dht = None if dht is None else dht.to(f32).contiguous()
+    s0 = None if initial_state is None else initial_state.contiguous()
+    dqs = []
+    for excl, do in zip(exclusive, dos):
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
+              key_z=not value)
+        dqs.append(dq)
+    dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        first = i == 0  # the final state's term once, later queries add in
+        _attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
+              num_warps, num_stages, key_z=not value)
+        _attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
+              num_warps, num_stages, key_z=value)
+    dh0 = None
+    if initial_state is not None:
+        dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
+        for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+            _state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
+                   num_stages)
+    dlog = None
+    if decay_cls.code == 1:
+        # dG_t = sum over queries of (q . dq) at the step whose G the query's factors use (an exclusive query's
+        # Gq_t = G_{t-1}: its term belongs to step t - 1, at t = 0 to the constant G_{-1} = 0), minus (k . dk)_t,
+        # plus at the last step sum(S_T * dS_T)
+        dG = torch.empty((B, T, H), dtype=f32, device=dev)
+        BD = min(64, _pow2_at_least_16(K))
+        grid = (triton.cdiv(T, BT), B * H)
+        _row_dot_kernel[grid](k, dk, dG, -1.0, T, H, K, BT, BD, False, False, num_warps=_or(num_warps, _WARPS))
+        for q, excl, dq in zip(qs, exclusive, dqs):
+            _row_dot_kernel[grid](q, dq, dG, 1.0, T, H, K, BT, BD, excl, True, num_warps=_or(num_warps, _WARPS))
+        if dht is not None:
+            dG[:, -1] += torch.einsum("bhkv,bhkv->bh", ht, dht)
+        # the reverse cumulative sum over [B, T, H] in float64 (no float32 rounding over long sums of both signs)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
+    elif decay_cls.code == 2:
+        # the same per key lane: dG_t = (q * dq)_u - (k * dk)_t (+ sum over V of S_T * dS_T at the last step)
+        dG = -(k.float() * dk)
+        for q, excl, dq in zip(qs, exclusive, dqs):
+            if excl:
+                dG[:, :-1] += q[:, 1:].float() * dq[:, 1:]
+            else:
+                dG += q.float() * dq
+        if dht is not None:
+            dG[:, -1] += (ht * dht).sum(-1)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
+    elif decay_cls.code == 3:
+        # per value lane: dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T at the last step), o the
+        # query's readout before the epilogue, recomputed by the forward kernel (the outputs are not saved)
+        dG = -(v.float() * dv)
+        for q, excl, do in zip(qs, exclusive, dos):
+            o = torch.empty((B, T, H, V), dtype=f32, device=dev)
+            _attn(q, k, v, G, s0, o, code, excl, False, False, False, BT, BK, BV, prec, num_warps, num_stages,
+                  key_z=True)
+            if excl:
+                dG[:, :-1] += o[:, 1:] * do[:, 1:].float()
+            else:
+                dG += o * do.float()
+        if dht is not None:
+            dG[:, -1] += (ht * dht).sum(-2)
+        dlog = dG.double().flip(1).cumsum(1).flip(1)
+        dlog = torch.where(log_decay < _LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
+    return dk, dv, dlog, dh0, dqs
+
+
+class _ParallelLinearFunction(torch.autograd.Function):
+    """parallel_linear_by with its backward in the kernels above; saves the inputs and the final state only."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusive, cfg, scale, maps, k, v, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
+        k, v = k.contiguous(), v.contiguous()
+        qs = tuple(q.contiguous() for q in qs)
+        fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
+        outs, ht = _parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
+                                     fused)
+        ctx.save_for_backward(k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
+        return (*outs, ht)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    def backward(ctx, *grads):
+        k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        nq = len(ctx.exclusive)
+        fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # as the chunked backward: the materialised prologue and the outputs' gradients times the scale, mapped
+        # back by `_unfuse` and `_raw_gradients`
+        v_m, log_m = _materialise(fused, v, log_decay)
+        qs_m, k_m = _mapped_inputs(ctx.maps, qs, k)
+        dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
+        dk, dv, dlog, dh0, dqs = _parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
+                                                    initial_state, ht, dos, grads[nq])
+        dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
+        dk, dqs = _raw_gradients(ctx.maps, qs, k, dk, dqs)
+        need = ctx.needs_input_grad
+
+        def cast(grad, like, i):
+            return None if grad is None or not need[i] else grad.to(like.dtype)
+
+        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
+                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
+                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
+                       block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
+                       v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                       k_map=None):
+    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), any decay class of
+    codegen/triton_runtime.py (NoDecay, ScalarDecay, KeyDecay, ValueDecay); `chunked_linear_by`'s arguments and
+    results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H],
+    [B, T, H, K] or [B, T, H, V];
+    initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
+    float32 or None)) and its fused prologue and epilogue (`_Fused`), but no chunk: block_t rows (a power of two
+    >= 16, default 64) per query block and key block. Differentiable (`_ParallelLinearFunction`); no `cu_seqlens`
+    (the dispatcher batches packed sequences by length). ValueError for a bad block."""
+    fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
+    BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
+    if k.shape[1] == 0:
+        return _empty_result(queries, k, v, initial_state, output_final_state)
+    cfg = (BT, BK, BV, prec, num_warps, num_stages)
+    f = fused if fused is not None else _NOT_FUSED
+    tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        exclusive = tuple(bool(e) for _, e in queries)
+        flat = _ParallelLinearFunction.apply(decay_cls, exclusive, cfg, f.scale, f.maps, k, v, log_decay,
+                                             initial_state, *f.tensors(), *[q for q, _ in queries])
+        outs, ht = list(flat[:-1]), flat[-1]
+    else:
+        outs, ht = _parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
+                                     output_final_state, cfg, fused)
+    return outs, (ht if output_final_state else None)
+
+
+def in_parallel(chunked_form):
+    """The parallel Triton form of a generated module from its chunked Triton form function `chunked_form`: the
+    same prologue and readouts, its `chunked_linear_by` calls run as `parallel_linear_by` (the call's chunk_size,
+    the whole length, has no role: the kernels walk blocks of block_t rows, a config's key)."""
+
+    def parallel_form(*args, chunk_size=None, block_t=None, **options):
+        def parallel(*call, **kwargs):
+            return parallel_linear_by(*call, block_t=block_t, **kwargs)
+
+        return chunked_form(*args, parallel=parallel, **options)
+
+    parallel_form.__name__ = chunked_form.__name__.replace("chunked", "parallel")
+    return parallel_form
+
+
+__all__ = ["in_parallel", "parallel_linear_by"]

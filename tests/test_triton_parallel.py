@@ -1,0 +1,146 @@
+"""The parallel form on the Triton backend (codegen/triton_parallel.py): attention-style kernels for the linear
+classes (no, a scalar, a key or a value decay), forward and backward, no torch form on the way.
+
+One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
+with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
+readouts; gla: key decay; min_gru: value decay, a vector state run as h[1, D]):
+outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
+float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
+last one partial), while every torch runtime function of the generated module raises and the parallel Triton
+backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
+runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
+scalar, a key and a value decay; a bad block is refused by name. Kernels run in the Triton
+interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from codegen.triton_recurrent import triton_form_names
+from recurrence_dsl.analysis import analyse
+
+from .conftest import SPEC_FILES, as_dict, weighted_gradients
+
+triton_runtime = pytest.importorskip("codegen.triton_runtime")
+triton_parallel = pytest.importorskip("codegen.triton_parallel")
+
+SPECS: dict[str, recurrence_dsl.Recurrence] = {}
+for _path in SPEC_FILES:
+    SPECS.update(recurrence_dsl.load(_path))
+B, T, H, SIZE = 1, 37, 1, 16
+TOL = 1e-5
+CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}  # query blocks 16 + 16 + 5
+TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal")
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _no_torch_forms(layer, monkeypatch) -> list:
+    """Make every torch runtime form of the layer's generated module raise; count the parallel backward's runs."""
+    scope = layer.triton_forms["chunked"].__globals__
+    for name in TORCH_RUNTIME:
+        if name in scope:
+            monkeypatch.setitem(scope, name, lambda *a, **kw: pytest.fail("a torch form ran on the Triton path"))
+    fn_cls = scope["_triton_ParallelLinearFunction"]
+    backward, runs = fn_cls.backward, []
+
+    def counted(ctx, *grads):
+        runs.append(len(grads))
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted))
+    return runs
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
+                                  "min_gru"])
+def test_gradients_match_the_reference(name, monkeypatch):
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = SPECS[name]
+    assert "parallel" in triton_form_names(analyse(rec.checked))
+    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, B, T, H,
+                                     dtype=torch.float64, seed=0, with_initial_state=True)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
+    runs = _no_torch_forms(layer, monkeypatch)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, config=CONFIG)
+    assert runs, "the parallel Triton form's own backward did not run"
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_packed_sequences_match_the_reference():
+    """cu_seqlens: sequences of 20, 17 and 20 steps (two query blocks each, one partial), run by the dispatcher as
+    one batch per length; outputs, final states and every gradient against the reference's packed call."""
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = SPECS["retention"]
+    cu = torch.tensor([0, 20, 37, 57])
+    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, 3, 57, H,
+                                     dtype=torch.float64, seed=1, with_initial_state=True)
+    args = [a[:1] if i < len(rec.checked.inputs) else a for i, a in enumerate(args)]  # one packed row
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial, cu_seqlens=cu)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, cu_seqlens=cu,
+                                config=CONFIG)
+    errors = [_rel(g, r) for g, r in zip(got, ref)]
+    assert max(errors) <= TOL, errors
+
+
+def _steps(q, k, v, g, s0, exclusive):
+    """The recurrence step by step in float64: (o, S_T) of S_t = exp(g_t) S_{t-1} + k_t v_t^T, g_t a scalar
+    [B, T, H], per key [B, T, H, K] (rows of S) or per value [B, T, H, V] (columns)."""
+    S, outs = s0, []
+    for t in range(q.shape[1]):
+        before = S
+        if g.dim() == 3:
+            decay = g[:, t, :, None, None]
+        else:
+            decay = g[:, t, :, :, None] if g.shape[-1] == q.shape[-1] else g[:, t, :, None, :]
+        S = S * decay.exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], before if exclusive else S))
+    return torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("scalar", True), ("key", True), ("value", False)])
+def test_runtime_resets_and_exclusive_queries(axis, exclusive):
+    """Resets (-inf, and -2000 below the floor) and small decays right after them: outputs, the final state and
+    gradients of every input (the log decays' is 0 at a reset, as the reference's) within 1e-5."""
+    gen = torch.Generator().manual_seed(2)
+    Bt, Tt, Ht, K, V = 1, 37, 2, 16, 32
+    q, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.1 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    g[0, 5, 0], g[0, 20, 1], g[0, 33, 1] = -float("inf"), -2000.0, -float("inf")
+    leaves = [x.requires_grad_() for x in (q, k, v, g, s0)]
+    o_ref, s_ref = _steps(*leaves, exclusive)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], exclusive)], *f32[1:4], initial_state=f32[4],
+                                                  output_final_state=True, block_t=16)
+    assert _rel(o, o_ref) <= TOL and _rel(ht, s_ref) <= TOL
+    got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), f32)
+    errors = {n: _rel(a, b) for n, a, b in zip("q k v g s0".split(), got, want)}
+    assert max(errors.values()) <= TOL, errors
+    assert (got[3][0, 5, 0] == 0).all() and (got[3][0, 20, 1] == 0).all() and torch.isfinite(got[3]).all()
+
+
+def test_a_bad_block_is_refused_by_name():
+    k = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
+        triton_parallel.parallel_linear_by(triton_runtime.NoDecay, [(k, False)], k, k, block_t=24)
