@@ -337,16 +337,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def triton_options(call, options: dict | None) -> dict:
-    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
-    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
-    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
-    config's own `allow_tf32` wins."""
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
+    precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
+    `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
+    inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
+    tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
+    dots run as FMA loops. A config's own `allow_tf32` wins."""
     options = dict(options or {})
-    chunked = dict(options.get("chunked", {}))
-    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
-    options["chunked"] = chunked
+    for form in ("chunked", "parallel"):
+        chosen = dict(options.get(form, {}))
+        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        options[form] = chosen
     return options
 
 
@@ -593,7 +594,9 @@ def takes_no_initial_state(fn):
     chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
     zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
     calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
-    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
     fn.no_initial_state = True
     return fn
 
@@ -651,7 +654,8 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
     by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
     the sequences of each length run as one batch of B = (how many have that length) rows,
-    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
+    have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
@@ -666,6 +670,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}
@@ -938,6 +949,7 @@ DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the call
 CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("parallel", "triton"): ("block_t", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
     ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
@@ -1835,24 +1847,50 @@ class NoDecay:
         return self.attn(q, mode, qlev) @ v
 
 
-def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
-    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state."""
+def _prepare(k, log_decay, initial_state, chunk_size):
+    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state (None: zero, never allocated)."""
     dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    C, c = _chunk_sizes(T, chunk_size)
+    C, c = _chunk_sizes(k.shape[1], chunk_size)
     lg = None if log_decay is None else _chunk(log_decay.to(dt), C)  # [N, B, H, C(, D)]
-    s0 = k.new_zeros((B, H, K, v_dim), dtype=dt) if initial_state is None else initial_state.to(dt)
-    return dt, C, c, lg, s0
+    return dt, C, c, lg, None if initial_state is None else initial_state.to(dt)
 
 
-def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
-    """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
+def _empty_result(queries, k, s0, v_dim: int, dt, output_final_state: bool):
+    """What a chunked form returns for T = 0: empty outputs, and the start state (zeros for none) as the final one."""
+    B, _, H, K = k.shape
+    if output_final_state and s0 is None:
+        s0 = k.new_zeros((B, H, K, v_dim), dtype=dt)
+    return [k.new_zeros((B, 0, H, v_dim), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+
+
+def _stack(xs: list) -> Tensor:
+    """torch.stack along a new dim 0, a view for one tensor (a one-chunk call, e.g. a batch of short packed
+    sequences, then copies no [B, H, K, V] state or [B, H, C, V] value tensor)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def _chunk_starts(starts: list) -> Tensor | None:
+    """[N, B, H, K, V] the states entering each chunk, from the per-chunk list whose first entry is None for a zero
+    start: None when that is the only chunk (no output reads a start state then), else zeros in its place."""
+    if starts[0] is None:
+        if len(starts) == 1:
+            return None
+        starts = [torch.zeros_like(starts[1])] + starts[1:]
+    return _stack(starts)
+
+
+def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor | None, T: int) -> list:
+    """Per query: inter-chunk (start state; none for starts None: one chunk from zero) plus intra-chunk parts,
+    back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
         qc = _chunk(q.to(dt), C)  # [N, B, H, C, K]
         mode = "exclusive" if exclusive else "inclusive"
         qlev = decay.query_levels(qc, mode)
-        outs.append(_unchunk(decay.inter(qc, mode, qlev, starts) + decay.intra(qc, v, mode, qlev), T))
+        o = decay.intra(qc, v, mode, qlev)
+        if starts is not None:
+            o = decay.inter(qc, mode, qlev, starts) + o
+        outs.append(_unchunk(o, T))
     return outs
 
 
@@ -1887,31 +1925,36 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
                      output_final_state=False):
     """chunked_delta with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
     of generated modules; its arguments are not checked (chunked_delta does that)."""
-    B, T, H, K = k.shape
-    V = y.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], y.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, yc = _chunk(k.to(dt), C), _chunk(y.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     bc = _chunk(beta.to(dt), C).unsqueeze(-1)  # [N, B, H, C, 1]
     decay = decay_cls(lg, c, kc, yc)
     klev = decay.query_levels(kc, "inclusive")  # k as a query of the state after its own step
     lower = bc * decay.attn(kc, "strict", klev)  # [N, B, H, C, C], L_ts = beta_t decayed (k_t . k_s), s < t
-    kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
     inv = _unit_lower_inverse(lower, c)  # [N, B, H, C, C]
-    uy, w = inv @ yc, inv @ (bc * kg)  # [N, B, H, C, V], [N, B, H, C, K]
+    uy = inv @ yc  # [N, B, H, C, V]
+    # W maps a chunk's start state into its pseudo-values; one chunk from zero (a batch of short packed sequences)
+    # has no start state to map, so neither W nor k_t * exp(G_t) is formed.
+    if s0 is None and kc.shape[0] == 1:
+        w = [None]
+    else:
+        kg = decay.from_start(kc, "inclusive", klev)  # k_t * exp(G_t)
+        w = (inv @ (bc * kg)).unbind(0)  # [B, H, C, K] per chunk
     kd_t = decay.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     whole = decay.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts, us = s0, [], []
-    chunks = zip(uy.unbind(0), w.unbind(0), kd_t.unbind(0))  # unbind: see chunked_linear_by
+    state, starts, us = s0, [], []  # state None: zero, so the first chunk's pseudo-values are its uy
+    chunks = zip(uy.unbind(0), w, kd_t.unbind(0))  # unbind: see chunked_linear_by
     for i, (uy_i, w_i, kd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the pseudo-values
-        u = uy_i - w_i @ state  # [B, H, C, V]
+        u = uy_i if state is None else uy_i - w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kd_t_i @ u + (state if whole is None else whole_i[i] * state)
-    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
-    outs = _outputs(queries, dt, C, decay, u, starts, T)
+        grown = kd_t_i @ u
+        state = grown if state is None else grown + (state if whole is None else whole_i[i] * state)
+    outs = _outputs(queries, dt, C, decay, _stack(us), _chunk_starts(starts), T)  # u: [N, B, H, C, V]
     return outs, (state if output_final_state else None)
 
 
@@ -2207,11 +2250,12 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
+                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2219,11 +2263,14 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
     TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
-    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made.
+    VMAP, OVJP (the backward's dq of a mapped query, whose v is the raw k): VMAP maps v as it is loaded; the result
+    is stored as OVJP(ox, o), the raw query ox's gradient (a printed derivative helper, grad * map'(x))."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2259,9 +2306,11 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_A = tl.where(m_A, b_A, 0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -2455,10 +2504,10 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2522,13 +2571,14 @@ class _triton_Fused:
       decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
-      skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      skip [B, T, H, V], skip_weight [H] or [B, T, H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), or skip_weight[t] * skip[t] with a
+                            weight per step (RWKV-6's bonus sum(r * u * k) * v), added as the output is stored;
       q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
-                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp.
+                            and backward kernels where they load q and k (`_triton_mapped`); the backward kernels store dq
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -2541,6 +2591,11 @@ class _triton_Fused:
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def skip_step(self) -> bool:
+        """The skip term's weight is one per step, skip_weight [B, T, H] (else one per head, [H]: `_triton_fused_of`)."""
+        return self.skip_weight is not None and self.skip_weight.dim() == 3
 
     @property
     def maps(self) -> tuple:
@@ -2565,7 +2620,7 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
     if (skip is None) != (skip_weight is None):
-        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
     return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
@@ -2657,7 +2712,7 @@ def triton_chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, init
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], y.shape[-1]), dtype=torch.float32)
     if fused is not None:
         fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                              fused.skip_weight)
+                              packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
     outs, ht = _triton_delta_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(y),
                                 packed.pad(beta), packed.pad(log_decay), initial_state, output_final_state, packed=packed,
                                 fused=fused, **options)
@@ -2696,7 +2751,8 @@ def _triton_delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, o
     gc, eg, _, w, u, h, ht = _triton_delta_chunks(decay_cls, k, y, beta, log_decay, initial_state, output_final_state, BT,
                                                   BK, BV, BVS, prec, num_warps, num_stages, packed, vs, f.decay_head)
     if fused is not None:  # U already carries v_step: the output kernel applies only the epilogue
-        fused = _triton_Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight)
+        fused = _triton_Fused(None, None, f.scale, None if f.skip is None else f.skip.contiguous(),
+                              None if f.skip_weight is None else f.skip_weight.contiguous())
     outs = _triton_outputs(queries, decay_cls, k, u, gc, eg, h, BT, KB, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht
 
@@ -3222,6 +3278,25 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------------------
 # the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+triton_Tensor = torch.Tensor
+
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_triton_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
+# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
+# mapped copies, and the gradients are carried back through the map's printed derivative after.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -3841,7 +3916,7 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
     return {'o': o}, {'S': final_S}
 
 
-_delta_product_forms = {'recurrent': delta_product__recurrent, 'chunked': delta_product__chunked}
+_delta_product_forms = {'recurrent': delta_product__recurrent, 'chunked': takes_no_initial_state(delta_product__chunked)}
 _delta_product_out, _delta_product_st = ('o',), ('S',)  # output and state names, for the backward
 _delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_product__chunked_triton)))} if HAVE_TRITON else None
 

@@ -334,16 +334,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def triton_options(call, options: dict | None) -> dict:
-    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
-    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
-    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
-    config's own `allow_tf32` wins."""
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
+    precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
+    `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
+    inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
+    tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
+    dots run as FMA loops. A config's own `allow_tf32` wins."""
     options = dict(options or {})
-    chunked = dict(options.get("chunked", {}))
-    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
-    options["chunked"] = chunked
+    for form in ("chunked", "parallel"):
+        chosen = dict(options.get(form, {}))
+        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        options[form] = chosen
     return options
 
 
@@ -590,7 +591,9 @@ def takes_no_initial_state(fn):
     chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
     zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
     calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
-    `chunked_delta_by`). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
     fn.no_initial_state = True
     return fn
 
@@ -648,7 +651,8 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
     by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
     the sequences of each length run as one batch of B = (how many have that length) rows,
-    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
+    have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
@@ -663,6 +667,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}
@@ -1057,6 +1068,7 @@ DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the call
 CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("parallel", "triton"): ("block_t", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
     ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
@@ -2111,24 +2123,50 @@ class KeyDecay:
         return self.attn(q, mode, qlev) @ v
 
 
-def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
-    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state."""
+def _prepare(k, log_decay, initial_state, chunk_size):
+    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state (None: zero, never allocated)."""
     dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    C, c = _chunk_sizes(T, chunk_size)
+    C, c = _chunk_sizes(k.shape[1], chunk_size)
     lg = None if log_decay is None else _chunk(log_decay.to(dt), C)  # [N, B, H, C(, D)]
-    s0 = k.new_zeros((B, H, K, v_dim), dtype=dt) if initial_state is None else initial_state.to(dt)
-    return dt, C, c, lg, s0
+    return dt, C, c, lg, None if initial_state is None else initial_state.to(dt)
 
 
-def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor, T: int) -> list:
-    """Per query: inter-chunk (start state) plus intra-chunk parts, back to [B, T, H, V]."""
+def _empty_result(queries, k, s0, v_dim: int, dt, output_final_state: bool):
+    """What a chunked form returns for T = 0: empty outputs, and the start state (zeros for none) as the final one."""
+    B, _, H, K = k.shape
+    if output_final_state and s0 is None:
+        s0 = k.new_zeros((B, H, K, v_dim), dtype=dt)
+    return [k.new_zeros((B, 0, H, v_dim), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+
+
+def _stack(xs: list) -> Tensor:
+    """torch.stack along a new dim 0, a view for one tensor (a one-chunk call, e.g. a batch of short packed
+    sequences, then copies no [B, H, K, V] state or [B, H, C, V] value tensor)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def _chunk_starts(starts: list) -> Tensor | None:
+    """[N, B, H, K, V] the states entering each chunk, from the per-chunk list whose first entry is None for a zero
+    start: None when that is the only chunk (no output reads a start state then), else zeros in its place."""
+    if starts[0] is None:
+        if len(starts) == 1:
+            return None
+        starts = [torch.zeros_like(starts[1])] + starts[1:]
+    return _stack(starts)
+
+
+def _outputs(queries, dt, C, decay, v: Tensor, starts: Tensor | None, T: int) -> list:
+    """Per query: inter-chunk (start state; none for starts None: one chunk from zero) plus intra-chunk parts,
+    back to [B, T, H, V]."""
     outs = []
     for q, exclusive in queries:
         qc = _chunk(q.to(dt), C)  # [N, B, H, C, K]
         mode = "exclusive" if exclusive else "inclusive"
         qlev = decay.query_levels(qc, mode)
-        outs.append(_unchunk(decay.inter(qc, mode, qlev, starts) + decay.intra(qc, v, mode, qlev), T))
+        o = decay.intra(qc, v, mode, qlev)
+        if starts is not None:
+            o = decay.inter(qc, mode, qlev, starts) + o
+        outs.append(_unchunk(o, T))
     return outs
 
 
@@ -2141,24 +2179,22 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
                       output_final_state=False):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; log_decay is not checked against it (chunked_linear does that)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], v.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, vc = _chunk(k.to(dt), C), _chunk(v.to(dt), C)  # [N, B, H, C, K], [N, B, H, C, V]
     decay = decay_cls(lg, c, kc, vc)
     ds = decay.k_to_end().transpose(-1, -2) @ decay.v_to_end()  # [N, B, H, K, V] each chunk's own increment
     whole = decay.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts = s0, []
+    state, starts = s0, []  # state None: zero, so the first chunk adds nothing to its increment
     # Per-chunk views by unbind, not ds[i]: the backward of one unbind stacks the gradients once, where N
     # index ops would each build a full-size zero gradient (O(N^2) in the number of chunks).
     for i, ds_i in enumerate(ds.unbind(0)):  # pass the state once per chunk
         starts.append(state)
-        state = ds_i + (state if whole is None else whole_i[i] * state)
-    starts = torch.stack(starts)  # [N, B, H, K, V]
-    outs = _outputs(queries, dt, C, decay, vc, starts, T)
+        state = ds_i if state is None else ds_i + (state if whole is None else whole_i[i] * state)
+    outs = _outputs(queries, dt, C, decay, vc, _chunk_starts(starts), T)
     return outs, (state if output_final_state else None)
 
 
@@ -2332,25 +2368,6 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
     if MAP is not None:
         x = tl.where(m, MAP(x), 0.0)
     return x
-
-
-@triton.jit
-def _triton_map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
-    inputs (`_triton_apply_map`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _triton_map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
-    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
-    map's printed derivative helper (`_triton_unmap`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
 
 
 # Addressing: a per-step tensor [B, T, H, D] is addressed from `bos`, the int64 flat row index (b, t0, h) of the
@@ -2575,11 +2592,12 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
+                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2587,11 +2605,14 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
     TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
-    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made.
+    VMAP, OVJP (the backward's dq of a mapped query, whose v is the raw k): VMAP maps v as it is loaded; the result
+    is stored as OVJP(ox, o), the raw query ox's gradient (a printed derivative helper, grad * map'(x))."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2630,20 +2651,23 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_A = tl.load(A + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
-def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, ox, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                       NC: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr,
-                                      TRANS_H: tl.constexpr = False):
+                                      TRANS_H: tl.constexpr = False, VMAP: tl.constexpr = None, OVJP: tl.constexpr = None):
     """Value decay, one BC-row query sub-chunk i of chunk n per program (A = causal q k^T from _triton_intra_attn_kernel):
     o_t = exp(Gq_t) * (q_t @ S_start) + sum_{s <= t} A_ts exp(Gq_t - G_s) * v_s, all exponents <= 0.
-    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_triton_linear_backward`)."""
+    TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the key-decay backward's dq, `_triton_linear_backward`).
+    VMAP, OVJP: as in `_triton_chunk_output_kernel` (the key-decay backward's dq of a mapped query, v the raw k)."""
     i_vt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -2687,7 +2711,7 @@ def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: 
             o_is = j * BC + o_c
             m_sv = (t0 + o_is < T)[:, None] & m_v[None, :]
             p_sv = o_is[:, None] * (H * V) + o_v[None, :]
-            b_vs = tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32)
+            b_vs = _triton_mapped(tl.load(p_v + p_sv, mask=m_sv, other=0.0).to(tl.float32), m_sv, VMAP)
             b_gs = tl.load(p_g + p_sv, mask=m_sv, other=0.0)
             b_Aj = tl.load(p_A[:, None] + o_is[None, :], mask=(o_c[:, None] < BC) & (o_is[None, :] < BT),
                            other=0.0)  # [BC, BC]
@@ -2698,10 +2722,13 @@ def _triton_chunk_output_value_kernel(q, v, gc, h, A, o, T, H: tl.constexpr, K: 
         i_s = i_i * BC + c
         m_s = m_v & (o_v * 0 + t0 + i_s < T)
         b_a = tl.load(p_A + i_s, mask=o_c < BC, other=0.0)  # [BC] column s of A
-        b_vs = tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32)  # [BV]
+        b_vs = _triton_mapped(tl.load(p_v + i_s * (H * V) + o_v, mask=m_s, other=0.0).to(tl.float32), m_s, VMAP)  # [BV]
         b_gs = tl.load(p_g + i_s * (H * V) + o_v, mask=m_s, other=0.0)  # [BV]
         b_o += b_a[:, None] * b_vs[None, :] * _triton_decay(b_gq, b_gs[None, :])
-    tl.store(o + bos * V + o_it[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+    p_tv = bos * V + o_it[:, None] * (H * V) + o_v[None, :]
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
+    tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2913,10 +2940,10 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2985,13 +3012,14 @@ class _triton_Fused:
       decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
-      skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      skip [B, T, H, V], skip_weight [H] or [B, T, H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), or skip_weight[t] * skip[t] with a
+                            weight per step (RWKV-6's bonus sum(r * u * k) * v), added as the output is stored;
       q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
-                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp.
+                            and backward kernels where they load q and k (`_triton_mapped`); the backward kernels store dq
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -3004,6 +3032,11 @@ class _triton_Fused:
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def skip_step(self) -> bool:
+        """The skip term's weight is one per step, skip_weight [B, T, H] (else one per head, [H]: `_triton_fused_of`)."""
+        return self.skip_weight is not None and self.skip_weight.dim() == 3
 
     @property
     def maps(self) -> tuple:
@@ -3019,6 +3052,11 @@ _triton_NOT_FUSED = _triton_Fused()
 def _triton_map_of(pair):
     """The map helper of a (map, vjp) pair, or None: a kernel's QMAP / KMAP."""
     return None if pair is None else pair[0]
+
+
+def _triton_vjp_of(pair):
+    """The derivative helper of a (map, vjp) pair, or None: a backward kernel's OVJP."""
+    return None if pair is None else pair[1]
 
 
 def _triton_check_map(name: str, pair) -> None:
@@ -3040,7 +3078,7 @@ def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, deca
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
     if (skip is None) != (skip_weight is None):
-        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t])")
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
     return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
 
 
@@ -3079,7 +3117,7 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                              output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                              allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                             skip_weight=None, q_map=None, k_map=None):
+                             skip_weight=None, q_map=None, k_map=None, parallel=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -3098,7 +3136,20 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     Their gradients come from the unfused backward's by the chain rule (`_triton_unfuse`). q_map, k_map: None or
     (map, vjp), a pair of `@triton.jit` helpers of the spec's elementwise feature map of every query / of the keys
     (printed by the generated module, `NAME__map_<value>`): q and k are then the raw inputs, mapped where the
-    kernels load them, and their gradients are the raw inputs' (`_triton_Fused`). ValueError for a bad one."""
+    kernels (forward and backward) load them, and their gradients are the raw inputs' (`_triton_Fused`). ValueError for a
+    bad one.
+
+    parallel: None, or the parallel form's runtime (codegen/triton_parallel.py `triton_parallel_linear_by`, passed by the
+    `triton_in_parallel` wrapper of a generated module's chunked form), which then runs the call with these arguments but
+    chunk_size (it has no chunks) and cu_seqlens (the dispatcher batches packed sequences by length for it)."""
+    if parallel is not None:
+        if cu_seqlens is not None:
+            raise ValueError("the parallel Triton form takes no cu_seqlens (the dispatcher runs packed sequences of "
+                             "one length as one batch)")
+        return parallel(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, block_k=block_k,
+                        block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
+                        v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
+                        q_map=q_map, k_map=k_map)
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
@@ -3108,7 +3159,8 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         queries = [(packed.pad(q), e) for q, e in queries]
         if fused is not None:
             fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
-                                  fused.skip_weight, q_map=fused.q_map, k_map=fused.k_map)
+                                  packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight,
+                                  q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
@@ -3162,13 +3214,15 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                 NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                                 EXCLUSIVE: tl.constexpr, USE_DHT: tl.constexpr, ACC: tl.constexpr,
-                                STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                                STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                                QMAP: tl.constexpr = None):
     """The state gradient run backwards over the chunks of one (BK tile, BV tile, batch*head), for one query:
     dh[bh, n] (+)= dL/d(state at the end of chunk n), then dh <- exp(G_last) dh + (q exp(Gq))^T do (a value
     decay: dh exp(G_last) + q^T (do exp(Gq)), its G over V); the gradient of the initial state last (dh0).
     DECAY 0: no G (gc is not read); 1: a scalar decay, G [B, T, H] (one per row); 2 / 3: G [B, T, H, K / V].
     Queries after the first add into dh and dh0 (ACC): the recurrence is linear, so their sum is the total.
-    VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq]."""
+    VARLEN: as in _triton_chunk_state_kernel, sequence i_bh // H's chunks only, from dht[seq] back to dh0[seq].
+    QMAP (`_triton_mapped`): the spec's elementwise map of the raw q, applied as it is loaded."""
     i_kt, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh is [1, H, NT, K, V]
@@ -3196,6 +3250,7 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
         m_tg = m_t
         b_qt = tl.load(q + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
+        b_qt = _triton_mapped(b_qt, m_k[:, None] & m_t[None, :], QMAP)
         b_do = tl.load(do + bos * V + o_i[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)  # [BT, BV]
         b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [BK]
@@ -3211,16 +3266,20 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
 
 
 @triton.jit
-def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                      BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr,
                                      NC: tl.constexpr, EXCLUSIVE: tl.constexpr, USE_H: tl.constexpr, ACC: tl.constexpr,
-                                     PREC: tl.constexpr, TRANS_DM: tl.constexpr):
+                                     PREC: tl.constexpr, TRANS_DM: tl.constexpr, XMAP: tl.constexpr = None,
+                                     OVJP: tl.constexpr = None):
     """One BC-row sub-chunk j of chunk n (rows s), decay on the output axis D (G [B, T, H, D], float64):
     out_s (+)= sum_{t >= s} M_ts x_t exp(Gq_t - G_s) [+ USE_H: exp(G_last - G_s) * (z_s @ dm_n)],
     M [B*H, NT*BT, BT] already causally masked (s <= t, or s < t), dm [B*H, NT, DZ, D] the chunk's state gradient
     (TRANS_DM: stored [B*H, NT, D, DZ] and read transposed in place: a key decay's dk reads dh [K, V] as dh^T).
     The time-reversed mirror of _triton_chunk_output_value_kernel: later sub-chunks i > j by tl.dot through G at the end of
-    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time."""
+    sub-chunk j (G_s >= G_ref >= Gq_t, every exponent <= 0), the diagonal sub-block one row t at a time.
+    XMAP, OVJP (a key decay's dk with mapped q and k): XMAP maps the raw q x as it is loaded, and this launch's
+    share of out is OVJP(ox, share), the raw key ox's gradient (grad * map'(x), linear in grad, so the shares of
+    several queries still add up)."""
     i_dt, i_nc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_j = i_nc // NC, i_nc % NC
     i_b, i_h = i_bh // H, i_bh % H
@@ -3246,6 +3305,7 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
             o_it = i * BC + o_c
             m_td = (t0 + o_it < T)[:, None] & m_d[None, :]
             b_x = tl.load(p_x + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            b_x = _triton_mapped(b_x, m_td, XMAP)
             b_gq = tl.load(p_g + o_it[:, None] * (H * D) + o_d[None, :], mask=m_td, other=0.0)
             b_Mt = tl.load(p_M + o_it[None, :] * BT + o_is[:, None], mask=(o_is[:, None] < BT) & (o_it[None, :] < BT),
                            other=0.0)  # [BC (s), BC (t)]: M^T
@@ -3255,7 +3315,7 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
         i_t = i_j * BC + c
         m_td = m_d & (o_d * 0 + t0 + i_t < T)
         b_m = tl.load(p_M + i_t * BT + o_is, mask=o_is < BT, other=0.0)  # [BC] row t of M, columns s
-        b_xt = tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32)  # [BD]
+        b_xt = _triton_mapped(tl.load(p_x + i_t * (H * D) + o_d, mask=m_td, other=0.0).to(tl.float32), m_td, XMAP)  # [BD]
         b_gqt = tl.load(p_g + i_t * (H * D) + o_d, mask=m_td, other=0.0)
         b_o += b_m[:, None] * b_xt[None, :] * _triton_decay(b_gqt[None, :], b_gs)
     if USE_H:  # the chunk-end state gradient's share: exp(G_last - G_s) * (z_s @ dm)
@@ -3275,6 +3335,8 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
             b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_zh += tl.dot(b_z, b_dm, input_precision=PREC)
         b_o += b_zh * _triton_decay(b_gl[None, :], b_gs)
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + bos * D + p_sd, mask=m_sd, other=0.0).to(tl.float32), b_o)
     p_out = out + bos * D + p_sd
     if ACC:
         b_o += tl.load(p_out, mask=m_sd, other=0.0)
@@ -3282,15 +3344,18 @@ def _triton_chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D
 
 
 @triton.jit
-def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
+def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                    BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
                                    ACC: tl.constexpr, PREC: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr,
-                                   TRANS_DM: tl.constexpr):
+                                   TRANS_DM: tl.constexpr, XMAP: tl.constexpr = None, ZMAP: tl.constexpr = None,
+                                   OVJP: tl.constexpr = None):
     """One chunk, BD columns: out (+)= M^T @ x [+ USE_H: (z * exp(G_last - G)) @ dm_n], M [B*H, NT*BT, BT] scores
     with their causal mask, dm [B*H, NT, DZ, D] the chunk's state gradient (TRANS_DM: stored [B*H, NT, D, DZ] and
     read transposed in place). G, float64, by DECAY: 2 / 3 (a key / value decay) G [B, T, H, DZ] over z's axis (the
     contraction axis of the state term), M holding its decays already; 1 (a scalar decay) G [B, T, H], one per row,
-    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G."""
+    and M the plain scores, decayed here as loaded, M_ts exp(Gq_t - G_s) (Gq_t = G_{t-1} if EXCLUSIVE); 0 no G.
+    XMAP, ZMAP, OVJP (mapped q and k): the maps of the raw x and z as they are loaded (dk's q, dv's k), and this
+    launch's share of out stored as OVJP(ox, share), the raw key ox's gradient (as `_triton_chunk_bwd_decayed_kernel`)."""
     i_dt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -3306,7 +3371,7 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
     b_Mt = tl.load(p_M + o_i[None, :] * BT + o_i[:, None], mask=(o_i[:, None] < BT) & (o_i[None, :] < BT),
                    other=0.0)  # [BT (s), BT (t)]: M^T
     i_last = tl.minimum(BT, T - t0) - 1
-    b_x = tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32)  # [BT, BD]
+    b_x = _triton_mapped(tl.load(x + p_td, mask=m_td, other=0.0).to(tl.float32), m_td, XMAP)  # [BT, BD]
     b_o = tl.dot(b_Mt, b_x, input_precision=PREC)
     if USE_H:
         p_dm = dm + (i_bh.to(tl.int64) * NT + i_n) * (DZ * D)
@@ -3315,7 +3380,7 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
             m_z = o_z < DZ
             m_tz = m_t[:, None] & m_z[None, :]
             p_tz = bos * DZ + o_i[:, None] * (H * DZ) + o_z[None, :]
-            b_z = tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32)  # [BT, BZ]
+            b_z = _triton_mapped(tl.load(z + p_tz, mask=m_tz, other=0.0).to(tl.float32), m_tz, ZMAP)  # [BT, BZ]
             b_g = tl.load(gc + p_tz, mask=m_tz, other=0.0)  # [BT, BZ] float64
             b_gl = tl.load(gc + bos * DZ + i_last * (H * DZ) + o_z, mask=m_z, other=0.0)  # [BZ]
             b_z = b_z * _triton_decay(b_gl[None, :], b_g)
@@ -3325,6 +3390,8 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
                 p_zd = p_dm + o_z[:, None] * D + o_d[None, :]
             b_dm = tl.load(p_zd, mask=m_z[:, None] & m_d[None, :], other=0.0)
             b_o += tl.dot(b_z, b_dm, input_precision=PREC)
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_td, mask=m_td, other=0.0).to(tl.float32), b_o)
     if ACC:
         b_o += tl.load(out + p_td, mask=m_td, other=0.0)
     tl.store(out + p_td, b_o, mask=m_td)
@@ -3334,7 +3401,7 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, T, H: tl.constexpr, D: 
 def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                               BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
                               SHIFT: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                              FLOOR: tl.constexpr):
+                              FLOOR: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
     """The log decays' gradient of one chunk n and BD lanes d of the decayed axis D, summed term by term (see
     `_triton_dlog_decay`): r_t (+)= [exp(G_L) sum(h_n * dh_n) + sum_{s<t} y_s exp(G_L - G_s) (z_s . dh_n) if STATE]
     + sum_{u>=t} x_u exp(Gq_u) (w_u . h_n) + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s) (u > t if SHIFT).
@@ -3343,7 +3410,8 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
     float64 chunk-local; Gq_u = G_u, or G_{u-1} if SHIFT (an exclusive query). Every exponent is <= 0 and every
     term a part of the true sum: nothing cancels. 0 where the log decay g was floored (exp' = exp is 0 there, as in
     the reference: a -inf step gets no gradient). The pair term is one [BT, BT] block per lane (a reverse cumsum
-    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots."""
+    over u, a masked sum over s), O(BT^2) per lane; the state terms are [BT, BE] x [BE, BD] dots.
+    XMAP, YMAP (`_triton_mapped`): the spec's elementwise maps of the raw x and y (a key decay's q and k) as loaded."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -3363,7 +3431,7 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
         b_gq = tl.load(gc + offs - H * D, mask=m & (o_i[:, None] >= 1), other=0.0)
     else:
         b_gq = b_g
-    b_x = tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
+    b_x = _triton_mapped(tl.load(x + offs, mask=m, other=0.0).to(tl.float32), m, XMAP)
     # the state terms: w_u . h_n and z_s . dh_n over the undecayed axis E, h_n's [d, e] element at d*V + e (rows)
     # or e*V + d (a value decay's columns)
     p_h = (i_bh.to(tl.int64) * NT + i_n) * (D * E)
@@ -3393,7 +3461,7 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
     if SHIFT:
         b_r -= b_t2
     if STATE:
-        b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        b_y = _triton_mapped(tl.load(y + offs, mask=m, other=0.0).to(tl.float32), m, YMAP)
         b_t3 = tl.where(m, b_y * _triton_decay(b_gl[None, :], tl.where(m, b_g, b_gl[None, :])) * b_zd, 0.0)
         b_r += tl.cumsum(b_t3, axis=0) - b_t3  # for s < t
         b_r += (_triton_decay(b_gl, 0.0) * b_hdh)[None, :]
@@ -3407,8 +3475,8 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
         d = i_d * BD + j
         m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
         p_c = bos * D + o_i * (H * D) + d
-        b_xc = tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32)
-        b_yc = tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32)
+        b_xc = _triton_mapped(tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, XMAP)
+        b_yc = _triton_mapped(tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, YMAP)
         b_gc = tl.load(gc + p_c, mask=m_c, other=0.0)
         if SHIFT:
             b_gqc = tl.load(gc + p_c - H * D, mask=m_c & (o_i >= 1), other=0.0)
@@ -3440,8 +3508,8 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
                                  num_stages, packed, vs, f.k_map)
     if fused is not None:
-        fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(), f.skip_weight,
-                              q_map=f.q_map, k_map=f.k_map)
+        fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
+                              None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
     return outs, ht, h
 
@@ -3473,15 +3541,14 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         qs, outs = rest[:nq], rest[nq:]
         fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
         # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
-        # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back.
+        # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back. The maps of
+        # q and k (`_triton_Fused.q_map`, `k_map`) are applied by the backward's kernels as they load the raw inputs, and
+        # dq and dk come back as the raw inputs' gradients (their vjp helpers at the stores): no mapped copy.
         v_m, log_m = _triton_materialise(fused, v, log_decay)
-        # mapped q and k (`_triton_Fused.q_map`, `k_map`): transient tensors of the backward, as v * v_step above
-        qs_m, k_m = _triton_mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
-        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
-                                                         initial_state, h, ht, outs, dos, grads[nq], ctx.packed)
+        dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                         initial_state, h, ht, outs, dos, grads[nq], ctx.packed, ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk, dqs = _triton_raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
@@ -3492,58 +3559,15 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
                 cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-_triton_MAP_BLOCK = 1024  # elements per program of `_triton_map_kernel` and `_triton_map_vjp_kernel`
-
-
-def _triton_mapped_inputs(maps, qs, k):
-    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
-    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
-    q_map, k_map = maps
-    if k_map is not None:
-        k = _triton_apply_map(k_map, k)
-    return qs, k
-
-
-def _triton_raw_gradients(maps, qs, k, dk, dqs):
-    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
-    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
-    q_map, k_map = maps
-    if k_map is not None:
-        dk = _triton_unmap(k_map, k, dk)
-    return dk, dqs
-
-
-def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
-    """x itself without a map; else map(x) [x's shape] (`_triton_map_kernel`), a transient of the backward: bfloat16 for
-    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
-    of float16 values can pass float16's largest number)."""
-    if pair is None:
-        return x
-    x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
-    n = x.numel()
-    if n:
-        _triton_map_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, y, n, pair[0], _triton_MAP_BLOCK)
-    return y
-
-
-def _triton_unmap(pair, x: triton_Tensor, grad: triton_Tensor | None) -> triton_Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
-    by `_triton_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
-    element reads only its own); grad itself without a map."""
-    if pair is None or grad is None:
-        return grad
-    grad = grad.to(torch.float32).contiguous()
-    n = x.numel()
-    if n:
-        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _triton_MAP_BLOCK)
-    return grad
-
-
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
-                            packed=None):
+                            packed=None, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
+
+    maps: the (q_map, k_map) pairs of `_triton_Fused` (None, or (map, vjp) helpers; not with a value decay): qs and k are
+    then the raw inputs, mapped by every kernel where it loads them, and dq and dk are the raw inputs' gradients,
+    each kernel storing them through the vjp helper (grad * map'(x), applied to its own share, so that shares added
+    over several queries stay right). No mapped q or k and no separate pass over the gradients.
 
     No [B, T, H, K] G for a scalar or no decay: a scalar decay's G stays [B, T, H] (as the forward's triton_ScalarDecay
     keeps it) and its kernels load one G per row (their DECAY 1), no decay has none (DECAY 0); and no transposed
@@ -3561,6 +3585,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
+    q_map, k_map = maps
+    qmap, kmap, qvjp, kvjp = _triton_map_of(q_map), _triton_map_of(k_map), _triton_vjp_of(q_map), _triton_vjp_of(k_map)
 
     # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
     rows = B if packed is None else packed.N  # the states' batch
@@ -3571,7 +3597,7 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
             q, do, gc if gc is not None else dh, dh, dht if dht is not None else dh, dh0 if dh0 is not None else dh,
             packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BV, decay_cls.code, excl,
             i == 0 and dht is not None, i > 0, dh0 is not None, prec, packed is not None, num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, QMAP=qmap)
 
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
@@ -3582,42 +3608,46 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
         # axis carries its decay
         A = _triton_intra_attn(q, k, None if value else gc, 3 if value else 2, excl, excl, BT, BK, prec, num_warps,
-                               num_stages)
+                               num_stages, False, q_map, k_map)
         dA = _triton_intra_attn(do, v, gc if value else None, 2 if value else 3, excl, excl, BT, BV, prec, num_warps,
                                 num_stages)
         (A_all if value else dA_all).append(A if value else dA)
         if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
             _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
-                do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
+                do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
                 False, False, False, TRANS_H=True, num_warps=_triton_or(num_warps, _triton_KEY_OUTPUT_WARPS), num_stages=stages)
         else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
             _triton_chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
-                do, k, gc, h, dA, dq, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, TRANS_H=True,
-                num_warps=warps, num_stages=stages)
+                do, k, gc, h, dA, dq, q, T, H, V, K, BT, _triton_SUB, BV, BK, NC, excl, prec, TRANS_H=True, VMAP=kmap,
+                OVJP=qvjp, num_warps=warps, num_stages=stages)
         # (scores, x, z, dh read as dh^T, out, its width, z's width, their blocks): dk from dA and q, dv from A
         # and do; the side whose output axis is the decayed one takes the sub-chunked kernel
-        for_dk = (dA, q, v, True, dk, K, V, BK, BV)
-        for_dv = (A, do, k, False, dv, V, K, BV, BK)
+        # (..., the map of x, of z, the vjp of out's raw input, that input; no maps with a value decay)
+        for_dk = (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k)
+        for_dv = (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)
         decayed, plain = (for_dv, for_dk) if value else (for_dk, for_dv)
-        M, x, z, trans, out, D, DZ, BD, BZ = decayed
+        M, x, z, trans, out, D, DZ, BD, BZ, xmap, _, ovjp, ox = decayed
         _triton_chunk_bwd_decayed_kernel[(triton.cdiv(D, BD), NT * NC, B * H)](
-            M, x, gc, z, dh, out, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, trans,
-            num_warps=warps, num_stages=stages)
-        M, x, z, trans, out, D, DZ, BD, BZ = plain
+            M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, _triton_SUB, BD, BZ, NC, excl, first, not first, prec, trans,
+            XMAP=xmap, OVJP=ovjp, num_warps=warps, num_stages=stages)
+        M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox = plain
         _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            M, x, gc, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl, trans,
-            num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS), num_stages=stages)
+            M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl,
+            trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp, num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS),
+            num_stages=stages)
         dqs.append(dq)
 
     dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
-    dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps)
+    dlog = _triton_dlog_decay(value, exclusive, qs, k, v, dos, g, gc, h, dh, (dA_all, A_all)[value], BT, prec, warps,
+                              qmap, kmap)
     return dk, dv, dlog, dh0, dqs
 
 
 # _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
 
 
-def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int) -> triton_Tensor:
+def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: int, prec: str, warps: int,
+                       qmap=None, kmap=None) -> triton_Tensor:
     """dL/d(log decay) [B, T, H, D] float32 of the linear chunked form (D = K, or V for a value decay), summed
     directly as sum_{k or v} (D_t S_{t-1}) * dS_t, never as the reverse sum of q dq - k dk (GLA's dG formula, Yang
     et al. 2023 section 4), whose two sides are each near the large state term and cancel (issue 9: a per-head
@@ -3631,7 +3661,8 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plai
              + sum_{s<t<=u} M_us x_u y_s exp(Gq_u - G_s)
     with (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay: every
     exponent <= 0 and every term a part of the true sum. One `_triton_dlog_chunk_kernel` launch per query, in float32,
-    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored."""
+    O(BT^2 D + BT K V) per chunk; 0 where g [B, T, H, D] (the uncumulated log decay) was floored. qmap, kmap: the
+    maps of the raw q and k (`_triton_Fused`; a key decay's x and y), or None."""
     B, T, H, D = gc.shape
     NT = triton.cdiv(T, BT)
     y, z = (v, k) if value else (k, v)
@@ -3643,7 +3674,8 @@ def _triton_dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plai
         x, w = (do, q) if value else (q, do)
         _triton_dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
             M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _triton_LOG_DECAY_FLOOR, num_warps=_triton_DLOG_WARPS, **_triton_register_limit(_triton_DLOG_WARPS))
+            _triton_LOG_DECAY_FLOOR, XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=_triton_DLOG_WARPS,
+            **_triton_register_limit(_triton_DLOG_WARPS))
     return r
 
 
@@ -3909,6 +3941,537 @@ def triton_scan_final_states(states: triton_Tensor, initial_state: triton_Tensor
     last = states[0].index_select(0, (cu[1:] - 1).clamp_min(0))
     empty = (cu[1:] == cu[:-1]).view((-1,) + (1,) * (last.dim() - 1))
     return torch.where(empty, initial_state.to(last.dtype), last)
+
+
+triton_Tensor = torch.Tensor
+
+_triton_PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_triton_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+_triton_PARALLEL_KEY_BLOCK = 32
+
+
+@triton.jit
+def _triton_tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        src = rows - 1
+        m_src = m & (rows > 0)
+    else:
+        src = rows
+        m_src = m
+    return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
+
+
+@triton.jit
+def _triton_lane_g(g, base, row, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BD] at one row (m_l: the lanes' mask, the row's own test included); SHIFT: G_{row-1}."""
+    if SHIFT:
+        return tl.load(g + (base + (row - 1) * H) * D + lanes, mask=m_l & (lanes * 0 + row > 0), other=0.0)
+    return tl.load(g + (base + row * H) * D + lanes, mask=m_l, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
+# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
+# mapped copies, and the gradients are carried back through the map's printed derivative after.
+
+
+@triton.jit
+def _triton_map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
+    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
+    inputs (`_triton_apply_map`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _triton_map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
+    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
+    map's printed derivative helper (`_triton_unmap`)."""
+    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m = o < N
+    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
+
+
+_triton_MAP_BLOCK = 1024  # elements per program of `_triton_map_kernel` and `_triton_map_vjp_kernel`
+
+
+def _triton_mapped_inputs(maps, qs, k):
+    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
+    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
+    q_map, k_map = maps
+    if k_map is not None:
+        k = _triton_apply_map(k_map, k)
+    return qs, k
+
+
+def _triton_raw_gradients(maps, qs, k, dk, dqs):
+    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
+    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
+    q_map, k_map = maps
+    if k_map is not None:
+        dk = _triton_unmap(k_map, k, dk)
+    return dk, dqs
+
+
+def _triton_apply_map(pair, x: triton_Tensor) -> triton_Tensor:
+    """x itself without a map; else map(x) [x's shape] (`_triton_map_kernel`), a transient of the backward: bfloat16 for
+    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
+    of float16 values can pass float16's largest number)."""
+    if pair is None:
+        return x
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
+    n = x.numel()
+    if n:
+        _triton_map_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x, y, n, pair[0], _triton_MAP_BLOCK)
+    return y
+
+
+def _triton_unmap(pair, x: triton_Tensor, grad: triton_Tensor | None) -> triton_Tensor | None:
+    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
+    by `_triton_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
+    element reads only its own); grad itself without a map."""
+    if pair is None or grad is None:
+        return grad
+    grad = grad.to(torch.float32).contiguous()
+    n = x.numel()
+    if n:
+        _triton_map_vjp_kernel[(triton.cdiv(n, _triton_MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _triton_MAP_BLOCK)
+    return grad
+
+
+@triton.jit
+def _triton_state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
+    """The state term's per-lane factor of rows a [BT, BD]: exp(Gq_a) (b_ga holds Gq_a), or with REVERSE
+    exp(G_last - G_a) (b_ga holds G_a)."""
+    if REVERSE:
+        b_gl = tl.load(g + (base + (T - 1) * H) * D + lanes, mask=m_l, other=0.0)
+        return _triton_decay(b_gl[None, :], b_ga)
+    return _triton_safe_exp(b_ga.to(tl.float32))
+
+
+@triton.jit
+def _triton_parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
+                                 DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
+                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
+                                 TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
+                                 SKIP: tl.constexpr, KEY_X: tl.constexpr = False, KEY_Z: tl.constexpr = False,
+                                 SHIFT_A: tl.constexpr = False, SHIFT_B: tl.constexpr = False, XMAP: tl.constexpr = None,
+                                 YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+    """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
+
+    x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place).
+    Causal (REVERSE False): b <= a (b < a if EXCLUSIVE), D_ab = exp(Gq_a - G_b), D0_a = exp(Gq_a), Gq the shifted G
+    if EXCLUSIVE (the forward's o, the backward's dq). Anti-causal (REVERSE): b >= a (b > a), D_ab = exp(Gq_b - G_a),
+    D0_a = exp(G_last - G_a) (the backward's dk and dv). DECAY 1: g is G [B, T, H] float64, one factor per pair of
+    rows. DECAY 2 or 3 (a key or value decay): g is G [B, T, H, D] float64, one factor per lane of the axis of x
+    and y (KEY_X: a key decay's o and dv, a value decay's dq and dk) or of z (KEY_Z: the others). A key block j
+    before the diagonal goes through the reference row r next to the query block (the row before it, or with
+    REVERSE its last row): the a side takes exp(Gq_a - G_r) (REVERSE exp(G_r - G_a)), the b side exp(G_r - G_b)
+    (exp(Gq_b - G_r)), every exponent <= 0, and the pair is one tl.dot; on the diagonal block, where no such row
+    exists, one key column at a time (as the chunked runtime's diagonal sub-blocks, `_triton_intra_attn_kernel`, over BT
+    columns instead of 16).
+    The forward's fused prologue and epilogue (`_triton_Fused`): ZSTEP z_b is zs[b] * z[b]; XMAP, YMAP map x and y as they
+    are loaded; SKIP adds sw[h] * sx[a] after the scale (SKIP_STEP: sw[a], a weight per step [B, T, H]). ACC adds
+    into out (later queries of the backward).
+    SHIFT_A, SHIFT_B (DECAY 2, 3): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
+    side: a when causal, b when REVERSE), given by the host as flags of their own."""
+    i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    base = i_b.to(tl.int64) * T * H + i_h  # flat row index of (b, 0, h)
+    o_i = tl.arange(0, BT)
+    rows_a = i_a * BT + o_i
+    m_a = rows_a < T
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_z = o_z < DZ
+    m_az = m_a[:, None] & m_z[None, :]
+    if REVERSE:  # the reference row of the off-diagonal blocks: the query block's last, or (causal) the row before
+        i_r = i_a * BT + BT - 1
+    else:
+        i_r = i_a * BT - 1
+    b_acc = tl.zeros([BT, BZ], dtype=tl.float32)
+    if (DECAY == 2 or DECAY == 3) and KEY_Z:  # the a side's G over z's lanes, and its reference row's (float64)
+        b_gaz = _triton_tile_g(g, base, rows_a, m_a, o_z, m_z, SHIFT_A, H, DZ)
+        b_grz = tl.load(g + (base + i_r * H) * DZ + o_z, mask=m_z & (o_z * 0 + i_r < T) & (o_z * 0 + i_r >= 0),
+                        other=0.0)
+    if USE_S:
+        p_s = s + i_bh.to(tl.int64) * (DX * DZ)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _triton_mapped(b_x, m_ax, XMAP)
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
+                b_gax = _triton_tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)
+                b_x = b_x * _triton_state_factor(g, base, b_gax, o_x, m_x, T, H, DX, REVERSE)
+            if TRANS_S:
+                p_xz = p_s + o_z[None, :] * DX + o_x[:, None]
+            else:
+                p_xz = p_s + o_x[:, None] * DZ + o_z[None, :]
+            b_s = tl.load(p_xz, mask=m_x[:, None] & m_z[None, :], other=0.0).to(tl.float32)
+            b_acc += tl.dot(b_x, b_s, input_precision=PREC)
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
+            b_acc = b_acc * _triton_state_factor(g, base, b_gaz, o_z, m_z, T, H, DZ, REVERSE)
+    if REVERSE:
+        j_lo, j_hi = i_a, NT
+    else:
+        j_lo, j_hi = 0, i_a + 1
+    for i_j in range(j_lo, j_hi):
+        rows_b = i_j * BT + o_i
+        m_b = rows_b < T
+        diagonal = i_j == i_a
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_x in range(0, tl.cdiv(DX, BX)):
+            o_x = i_x * BX + tl.arange(0, BX)
+            m_x = o_x < DX
+            m_ax = m_a[:, None] & m_x[None, :]
+            m_xb = m_x[:, None] & m_b[None, :]
+            b_x = tl.load(x + (base + rows_a[:, None] * H) * DX + o_x[None, :], mask=m_ax, other=0.0).to(tl.float32)
+            b_x = _triton_mapped(b_x, m_ax, XMAP)
+            b_yt = tl.load(y + (base + rows_b[None, :] * H) * DX + o_x[:, None], mask=m_xb, other=0.0).to(tl.float32)
+            b_yt = _triton_mapped(b_yt, m_xb, YMAP)
+            if (DECAY == 2 or DECAY == 3) and KEY_X:
+                b_gax = _triton_tile_g(g, base, rows_a, m_a, o_x, m_x, SHIFT_A, H, DX)  # [BT, BX]
+                if diagonal:  # one key column at a time: exp(G_later - G_earlier) per lane, directly
+                    for c in range(0, BT):
+                        i_s = i_j * BT + c
+                        m_s = m_x & (o_x * 0 + i_s < T)
+                        b_ys = tl.sum(tl.where(o_i[None, :] == c, b_yt, 0.0), axis=1)  # [BX] column c of y^T
+                        b_gs = _triton_lane_g(g, base, i_s, o_x, m_s, SHIFT_B, H, DX)  # [BX]
+                        if REVERSE:
+                            b_f = _triton_decay(b_gs[None, :], b_gax)
+                        else:
+                            b_f = _triton_decay(b_gax, b_gs[None, :])
+                        b_col = tl.sum(b_x * b_ys[None, :] * b_f, axis=1)  # [BT]
+                        b_A += tl.where(o_i[None, :] == c, b_col[:, None], 0.0)
+                else:  # through the reference row: both sides bounded, one dot
+                    m_r = m_x & (o_x * 0 + i_r >= 0) & (o_x * 0 + i_r < T)
+                    b_grx = tl.load(g + (base + i_r * H) * DX + o_x, mask=m_r, other=0.0)
+                    b_gbx = _triton_tile_g(g, base, rows_b, m_b, o_x, m_x, SHIFT_B, H, DX)  # [BT, BX]
+                    if REVERSE:
+                        b_x = b_x * _triton_decay(b_grx[None, :], b_gax)
+                        b_yt = b_yt * tl.trans(_triton_decay(b_gbx, b_grx[None, :]))
+                    else:
+                        b_x = b_x * _triton_decay(b_gax, b_grx[None, :])
+                        b_yt = b_yt * tl.trans(_triton_decay(b_grx[None, :], b_gbx))
+                    b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+            else:
+                b_A += tl.dot(b_x, b_yt, input_precision=PREC)
+        if REVERSE:
+            m_A = rows_b[None, :] >= rows_a[:, None]
+        else:
+            m_A = rows_b[None, :] <= rows_a[:, None]
+        m_A = m_A & m_b[None, :] & m_a[:, None]
+        b_A = tl.where(m_A, b_A, 0.0)
+        m_bz = m_b[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
+        if (DECAY == 2 or DECAY == 3) and KEY_Z:
+            b_gbz = _triton_tile_g(g, base, rows_b, m_b, o_z, m_z, SHIFT_B, H, DZ)  # [BT, BZ]
+            if diagonal:  # one key row at a time: out_a += A_ab z_b exp(G_later - G_earlier) per lane
+                for c in range(0, BT):
+                    b_a = tl.sum(tl.where(o_i[None, :] == c, b_A, 0.0), axis=1)  # [BT] column c of A
+                    b_zc = tl.sum(tl.where(o_i[:, None] == c, b_z, 0.0), axis=0)  # [BZ] row c of z
+                    b_gc = tl.sum(tl.where(o_i[:, None] == c, b_gbz, 0.0), axis=0)  # [BZ]
+                    if REVERSE:
+                        b_f = _triton_decay(b_gc[None, :], b_gaz)
+                    else:
+                        b_f = _triton_decay(b_gaz, b_gc[None, :])
+                    b_acc += b_a[:, None] * b_zc[None, :] * b_f
+            else:
+                if REVERSE:
+                    b_zf = b_z * _triton_decay(b_gbz, b_grz[None, :])
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _triton_decay(b_grz[None, :], b_gaz)
+                else:
+                    b_zf = b_z * _triton_decay(b_grz[None, :], b_gbz)
+                    b_acc += tl.dot(b_A, b_zf, input_precision=PREC) * _triton_decay(b_gaz, b_grz[None, :])
+        else:
+            b_acc += tl.dot(b_A, b_z, input_precision=PREC)
+    b_acc = b_acc * scale
+    p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
+    if ACC:
+        b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
+    tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
+
+@triton.jit
+def _triton_parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
+                                  BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
+                                  EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr, ACC: tl.constexpr,
+                                  PREC: tl.constexpr, ZSTEP: tl.constexpr, XMAP: tl.constexpr = None):
+    """One (BX tile, BZ tile, batch*head) of out = exp(G_last) S + sum_t w_t x_t z_t^T, [DX, DZ] float32 (DECAY 2:
+    a key decay, G [B, T, H, DX], w_t and exp(G_last) per lane of x, so per row of S; DECAY 3: a value decay,
+    G [B, T, H, DZ], per lane of z, so per column of S).
+
+    REVERSE False (the final state, x = k, z = v, S = S0): w_t = exp(G_last - G_t). REVERSE (the initial state's
+    gradient, x = q, z = dO, S = dS_T): w_t = exp(Gq_t), Gq the shifted G if EXCLUSIVE. ZSTEP: z_t is zs[t] * z[t];
+    XMAP maps x as it is loaded; ACC adds into out (later queries)."""
+    i_xt, i_zt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    base = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    o_x = i_xt * BX + tl.arange(0, BX)
+    o_z = i_zt * BZ + tl.arange(0, BZ)
+    m_x, m_z = o_x < DX, o_z < DZ
+    m_xz = m_x[:, None] & m_z[None, :]
+    p_xz = i_bh.to(tl.int64) * (DX * DZ) + o_x[:, None] * DZ + o_z[None, :]
+    b_acc = tl.zeros([BX, BZ], dtype=tl.float32)
+    b_glx = tl.load(g + (base + (T - 1) * H) * DX + o_x, mask=m_x, other=0.0)
+    if USE_S:
+        b_acc += tl.load(s + p_xz, mask=m_xz, other=0.0).to(tl.float32)
+        b_acc = b_acc * _triton_safe_exp(b_glx.to(tl.float32))[:, None]
+    for i_n in range(0, tl.cdiv(T, BT)):
+        rows = i_n * BT + o_i
+        m_t = rows < T
+        m_xt = m_x[:, None] & m_t[None, :]
+        b_xt = tl.load(x + (base + rows[None, :] * H) * DX + o_x[:, None], mask=m_xt, other=0.0).to(tl.float32)
+        b_xt = _triton_mapped(b_xt, m_xt, XMAP)
+        m_tz = m_t[:, None] & m_z[None, :]
+        b_z = tl.load(z + (base + rows[:, None] * H) * DZ + o_z[None, :], mask=m_tz, other=0.0).to(tl.float32)
+        if ZSTEP:
+            b_z = b_z * tl.load(zs + base + rows * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
+        if REVERSE:  # exp(Gq_t) per lane, [BX, BT]
+            b_w2 = _triton_safe_exp(tl.trans(_triton_tile_g(g, base, rows, m_t, o_x, m_x, EXCLUSIVE, H, DX)).to(tl.float32))
+        else:  # exp(G_last - G_t)
+            b_w2 = _triton_decay(b_glx[:, None], tl.trans(_triton_tile_g(g, base, rows, m_t, o_x, m_x, False, H, DX)))
+        b_xt = b_xt * tl.where(m_xt, b_w2, 0.0)
+        b_acc += tl.dot(b_xt, b_z, input_precision=PREC)
+    if ACC:
+        b_acc += tl.load(out + p_xz, mask=m_xz, other=0.0)
+    tl.store(out + p_xz, b_acc, mask=m_xz)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_cumulative_log_decays(log_decay, head=None):
+    """G [B, T, H] (a key decay's [B, T, H, K]) float64: the cumulative sum over the whole sequence of the log
+    decays (times the per-head factor head [H], the product rounded to float32 as `_triton_cumsum_kernel` rounds it), each
+    floored at _triton_LOG_DECAY_FLOOR (a select: a NaN stays NaN)."""
+    if log_decay is None:
+        return None
+    shape = (1, 1, -1) + (1,) * (log_decay.dim() - 3)  # [B, T, H] or a key decay's [B, T, H, K]
+    g = log_decay.float() * head.float().view(shape) if head is not None else log_decay
+    g = g.to(torch.float64)
+    return torch.where(g < _triton_LOG_DECAY_FLOOR, _triton_LOG_DECAY_FLOOR, g).cumsum(1).contiguous()
+
+
+def _triton_parallel_config(k: triton_Tensor, V: int, block_t, block_k, block_v, allow_tf32, key: bool = False):
+    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
+    min(64, pow2(K or V)) as the chunked runtime's (key: a key decay, all three default to 32); ValueError for a
+    block that is not a power of two >= 16."""
+    T, K = k.shape[1], k.shape[-1]
+    most = _triton_PARALLEL_KEY_BLOCK if key else 64
+    block_t = _triton_or(block_t, _triton_PARALLEL_KEY_BLOCK if key else _triton_PARALLEL_BT)
+    _triton_check_block("block_t", block_t)
+    block_k = _triton_or(block_k, min(most, _triton_pow2_at_least_16(K)))
+    block_v = _triton_or(block_v, min(most, _triton_pow2_at_least_16(V)))
+    _triton_check_block("block_k", block_k)
+    _triton_check_block("block_v", block_v)
+    if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _triton_pow2_at_least_16(T))) > 65535:
+        raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or the query "
+                         "blocks are past CUDA's grid limits; split the call")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    return min(block_t, _triton_pow2_at_least_16(T)), block_k, block_v, ("tf32" if allow_tf32 else "ieee")
+
+
+def _triton_attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
+                 prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
+                 y_map=None, key_z: bool = False, skip_step: bool = False) -> None:
+    """Launch `_triton_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a
+    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
+    warps = _triton_or(num_warps, _WARPS)
+    _triton_parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
+        x, y, z, G if G is not None else out, s if s is not None else out, out,
+        z_step if z_step is not None else out, skip if skip is not None else out,
+        skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
+        s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
+        exclusive and not reverse, exclusive and reverse,
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), XMAP=_triton_map_of(x_map), YMAP=_triton_map_of(y_map),
+        SKIP_STEP=skip_step, **(_triton_register_limit(warps) if decay >= 2 else {}))
+
+
+def _triton_state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
+                  num_stages, z_step=None, x_map=None) -> None:
+    """Launch `_triton_parallel_state_kernel` over out [B, H, DX, DZ] float32."""
+    B, T, H, DX = x.shape
+    DZ = z.shape[-1]
+    _triton_parallel_state_kernel[(triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H)](
+        x, z, G if G is not None else out, s if s is not None else out, out, z_step if z_step is not None else out,
+        T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, acc, prec, z_step is not None,
+        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), XMAP=_triton_map_of(x_map))
+
+
+def _triton_parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, fused=None):
+    """(outputs in k's dtype, final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec, num_warps,
+    num_stages)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    f = fused if fused is not None else _triton_NOT_FUSED
+    vs = None if f.v_step is None else f.v_step.contiguous()
+    skip = None if f.skip is None else f.skip.contiguous()
+    G = _triton_cumulative_log_decays(log_decay, f.decay_head) if decay_cls.code else None
+    s0 = None if initial_state is None else initial_state.contiguous()
+    outs = []
+    for q, exclusive in queries:
+        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        _triton_attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
+                     num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map, key_z=decay_cls.code == 3,
+                     skip_step=f.skip_step)
+        outs.append(o)
+    ht = None
+    if output_final_state:
+        ht = torch.empty((B, H, K, V), dtype=torch.float32, device=k.device)
+        _triton_state(k, v, G, s0, ht, decay_cls.code, False, False, False, BT, BK, BV, prec, num_warps, num_stages, vs,
+                      f.k_map)
+    return outs, ht
+
+
+def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, ht, dos, dht):
+    """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32 (the formulas of the module docstring), for
+    mapped qs and k, v times v_step and log_decay times decay_head (`_triton_materialise`, `_triton_mapped_inputs`)."""
+    BT, BK, BV, prec, num_warps, num_stages = cfg
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dev, f32 = k.device, torch.float32
+    code = decay_cls.code
+    value = code == 3  # a value decay's factors sit on the V axis: dq's and dk's contraction, o's and dv's output
+    G = _triton_cumulative_log_decays(log_decay) if code else None
+    dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
+    dht = None if dht is None else dht.to(f32).contiguous()
+    s0 = None if initial_state is None else initial_state.contiguous()
+    dqs = []
+    for excl, do in zip(exclusive, dos):
+        dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        _triton_attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
+                     key_z=not value)
+        dqs.append(dq)
+    dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        first = i == 0  # the final state's term once, later queries add in
+        _triton_attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
+                     num_warps, num_stages, key_z=not value)
+        _triton_attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
+                     num_warps, num_stages, key_z=value)
+    dh0 = None
+    if initial_state is not None:
+        dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
+        for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+            _triton_state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
+                          num_stages)
+    dlog = None
+    dG = -(k.float() * dk)
+    for q, excl, dq in zip(qs, exclusive, dqs):
+        if excl:
+            dG[:, :-1] += q[:, 1:].float() * dq[:, 1:]
+        else:
+            dG += q.float() * dq
+    if dht is not None:
+        dG[:, -1] += (ht * dht).sum(-1)
+    dlog = dG.double().flip(1).cumsum(1).flip(1)
+    dlog = torch.where(log_decay < _triton_LOG_DECAY_FLOOR, 0.0, dlog).to(f32)
+    return dk, dv, dlog, dh0, dqs
+
+
+class _triton_ParallelLinearFunction(torch.autograd.Function):
+    """triton_parallel_linear_by with its backward in the kernels above; saves the inputs and the final state only."""
+
+    @staticmethod
+    def forward(ctx, decay_cls, exclusive, cfg, scale, maps, k, v, log_decay, initial_state, v_step, decay_head,
+                skip, skip_weight, *qs):
+        k, v = k.contiguous(), v.contiguous()
+        qs = tuple(q.contiguous() for q in qs)
+        fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
+        outs, ht = _triton_parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
+                                            fused)
+        ctx.save_for_backward(k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
+        return (*outs, ht)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    def backward(ctx, *grads):
+        k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        nq = len(ctx.exclusive)
+        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        # as the chunked backward: the materialised prologue and the outputs' gradients times the scale, mapped
+        # back by `_triton_unfuse` and `_triton_raw_gradients`
+        v_m, log_m = _triton_materialise(fused, v, log_decay)
+        qs_m, k_m = _triton_mapped_inputs(ctx.maps, qs, k)
+        dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
+        dk, dv, dlog, dh0, dqs = _triton_parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
+                                                           initial_state, ht, dos, grads[nq])
+        dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
+        dk, dqs = _triton_raw_gradients(ctx.maps, qs, k, dk, dqs)
+        need = ctx.needs_input_grad
+
+        def cast(grad, like, i):
+            return None if grad is None or not need[i] else grad.to(like.dtype)
+
+        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
+                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
+                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+
+
+def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
+                              block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
+                              v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
+                              k_map=None):
+    """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), any decay class of
+    codegen/triton_runtime.py (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay, triton_ValueDecay); `triton_chunked_linear_by`'s arguments and
+    results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H],
+    [B, T, H, K] or [B, T, H, V];
+    initial_state [B, H, K, V] or None; returns (outputs [B, T, H, V] in k's dtype, final state [B, H, K, V]
+    float32 or None)) and its fused prologue and epilogue (`_triton_Fused`), but no chunk: block_t rows (a power of two
+    >= 16, default 64) per query block and key block. Differentiable (`_triton_ParallelLinearFunction`); no `cu_seqlens`
+    (the dispatcher batches packed sequences by length). ValueError for a bad block."""
+    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
+    BT, BK, BV, prec = _triton_parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
+    if k.shape[1] == 0:
+        return _triton_empty_result(queries, k, v, initial_state, output_final_state)
+    cfg = (BT, BK, BV, prec, num_warps, num_stages)
+    f = fused if fused is not None else _triton_NOT_FUSED
+    tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        exclusive = tuple(bool(e) for _, e in queries)
+        flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, f.scale, f.maps, k, v, log_decay,
+                                                    initial_state, *f.tensors(), *[q for q, _ in queries])
+        outs, ht = list(flat[:-1]), flat[-1]
+    else:
+        outs, ht = _triton_parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
+                                            output_final_state, cfg, fused)
+    return outs, (ht if output_final_state else None)
+
+
+def triton_in_parallel(chunked_form):
+    """The parallel Triton form of a generated module from its chunked Triton form function `chunked_form`: the
+    same prologue and readouts, its `triton_chunked_linear_by` calls run as `triton_parallel_linear_by` (the call's chunk_size,
+    the whole length, has no role: the kernels walk blocks of block_t rows, a config's key)."""
+
+    def parallel_form(*args, chunk_size=None, block_t=None, **options):
+        def parallel(*call, **kwargs):
+            return triton_parallel_linear_by(*call, block_t=block_t, **kwargs)
+
+        return chunked_form(*args, parallel=parallel, **options)
+
+    parallel_form.__name__ = chunked_form.__name__.replace("chunked", "parallel")
+    return parallel_form
 
 
 def _triton_block(n, given, what):
@@ -4453,13 +5016,13 @@ def hgrn2__chunked_triton(q, f, v, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S': final_S}
 
 
-_hgrn2_forms = {'recurrent': hgrn2__recurrent, 'scan': hgrn2__scan, 'chunked': hgrn2__chunked, 'parallel': hgrn2__chunked}
+_hgrn2_forms = {'recurrent': hgrn2__recurrent, 'scan': hgrn2__scan, 'chunked': takes_no_initial_state(hgrn2__chunked), 'parallel': takes_no_initial_state(hgrn2__chunked)}
 _hgrn2_out, _hgrn2_st = ('o',), ('S',)  # output and state names, for the backward
-_hgrn2_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(hgrn2__triton_recurrent_loop, hgrn2__triton_recurrent_adjoint, _hgrn2_out, _hgrn2_st, kernels=True)), 'scan': takes_cu_seqlens(hgrn2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(hgrn2__chunked_triton)))} if HAVE_TRITON else None
+_hgrn2_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(hgrn2__triton_recurrent_loop, hgrn2__triton_recurrent_adjoint, _hgrn2_out, _hgrn2_st, kernels=True)), 'scan': takes_cu_seqlens(hgrn2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(hgrn2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(hgrn2__chunked_triton)))} if HAVE_TRITON else None
 
 
 class _Hgrn2Layer(Layer):
-    """hgrn2: diagonal-row recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, scan, chunked."""
+    """hgrn2: diagonal-row recurrence; forms recurrent, scan, chunked, parallel; triton: recurrent, scan, chunked, parallel."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
                  form=None, backend=None, chunk_size=None, config=None, **inputs):

@@ -344,16 +344,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def triton_options(call, options: dict | None) -> dict:
-    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
-    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
-    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
-    config's own `allow_tf32` wins."""
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
+    precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
+    `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
+    inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
+    tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
+    dots run as FMA loops. A config's own `allow_tf32` wins."""
     options = dict(options or {})
-    chunked = dict(options.get("chunked", {}))
-    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
-    options["chunked"] = chunked
+    for form in ("chunked", "parallel"):
+        chosen = dict(options.get(form, {}))
+        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        options[form] = chosen
     return options
 
 
@@ -638,7 +639,8 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
     by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
     the sequences of each length run as one batch of B = (how many have that length) rows,
-    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
+    have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
@@ -653,6 +655,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}
@@ -890,6 +899,7 @@ DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the call
 CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("parallel", "triton"): ("block_t", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
     ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
@@ -1850,6 +1860,23 @@ def _triton_register_limit(num_warps: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # the diagonal-plus-rank-one class (RWKV-7): forward kernels; its backward is the derived adjoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_triton_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
+# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
+# mapped copies, and the gradients are carried back through the map's printed derivative after.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -342,16 +342,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def triton_options(call, options: dict | None) -> dict:
-    """A Triton call's per-form options (`run_forms`' `options`): the chunked form's kernels get the dot precision
-    of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that `takes_input_dtype`), so
-    their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half inputs their tl.dot operands
-    are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs: tf32 keeps float16's 10-bit
-    mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee") dots run as FMA loops. A
-    config's own `allow_tf32` wins."""
+    """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
+    precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
+    `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
+    inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
+    tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
+    dots run as FMA loops. A config's own `allow_tf32` wins."""
     options = dict(options or {})
-    chunked = dict(options.get("chunked", {}))
-    chunked.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
-    options["chunked"] = chunked
+    for form in ("chunked", "parallel"):
+        chosen = dict(options.get(form, {}))
+        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        options[form] = chosen
     return options
 
 
@@ -583,6 +584,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
+    return fn
+
+
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
@@ -636,7 +649,8 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
     by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
     the sequences of each length run as one batch of B = (how many have that length) rows,
-    gathered from the packed tensor and scattered back by index (differentiable): no step of one sequence meets
+    gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
+    have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
     linear or not, and a reverse run flips each row on its own. N sequences of T steps make at most sqrt(2 T) + 1
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
@@ -651,6 +665,13 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         if done is not None:
             return done
     groups = length_groups(cu)
+    if len(groups) == 1 and groups[0][0] > 0:
+        # Every sequence of one length L: the packed row [1, N * L, ...] is already the batch [N, L, ...] (ids in
+        # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
+        length, ids = groups[0]
+        piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
+        out, fin = run_directed(piece, states, length, len(ids))
+        return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
     final_parts: dict[str, list] = {s.name: [] for s in spec.states}
@@ -923,6 +944,7 @@ DEFAULT_CHUNK_SIZE = 64  # the chunked form's chunk length when neither the call
 CONFIG_KEYS = {
     ("chunked", "torch"): ("chunk_size",),
     ("chunked", "triton"): ("chunk_size", "block_k", "block_v", "num_warps", "num_stages"),
+    ("parallel", "triton"): ("block_t", "block_k", "block_v", "num_warps", "num_stages"),
     ("recurrent", "triton"): ("num_warps",),
     ("scan", "triton"): ("block_t", "block_n", "num_warps"),
 }
@@ -1977,14 +1999,36 @@ class KeyDecay:
         return self.attn(q, mode, qlev) @ v
 
 
-def _prepare(k, log_decay, initial_state, chunk_size, v_dim):
-    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state."""
+def _prepare(k, log_decay, initial_state, chunk_size):
+    """Common set-up: compute dtype, chunk sizes, chunked log decays, start state (None: zero, never allocated)."""
     dt = _compute_dtype(k)
-    B, T, H, K = k.shape
-    C, c = _chunk_sizes(T, chunk_size)
+    C, c = _chunk_sizes(k.shape[1], chunk_size)
     lg = None if log_decay is None else _chunk(log_decay.to(dt), C)  # [N, B, H, C(, D)]
-    s0 = k.new_zeros((B, H, K, v_dim), dtype=dt) if initial_state is None else initial_state.to(dt)
-    return dt, C, c, lg, s0
+    return dt, C, c, lg, None if initial_state is None else initial_state.to(dt)
+
+
+def _empty_result(queries, k, s0, v_dim: int, dt, output_final_state: bool):
+    """What a chunked form returns for T = 0: empty outputs, and the start state (zeros for none) as the final one."""
+    B, _, H, K = k.shape
+    if output_final_state and s0 is None:
+        s0 = k.new_zeros((B, H, K, v_dim), dtype=dt)
+    return [k.new_zeros((B, 0, H, v_dim), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+
+
+def _stack(xs: list) -> Tensor:
+    """torch.stack along a new dim 0, a view for one tensor (a one-chunk call, e.g. a batch of short packed
+    sequences, then copies no [B, H, K, V] state or [B, H, C, V] value tensor)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def _chunk_starts(starts: list) -> Tensor | None:
+    """[N, B, H, K, V] the states entering each chunk, from the per-chunk list whose first entry is None for a zero
+    start: None when that is the only chunk (no output reads a start state then), else zeros in its place."""
+    if starts[0] is None:
+        if len(starts) == 1:
+            return None
+        starts = [torch.zeros_like(starts[1])] + starts[1:]
+    return _stack(starts)
 
 
 def _unit_lower_inverse(L: Tensor, c: int) -> Tensor:
@@ -2018,38 +2062,43 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
                     output_final_state=False):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point
     of generated modules; its arguments are not checked (chunked_dplr does that)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size, V)
+    T, V = k.shape[1], v.shape[-1]
+    dt, C, c, lg, s0 = _prepare(k, log_decay, initial_state, chunk_size)
     if T == 0:
-        return [k.new_zeros((B, 0, H, V), dtype=dt) for _ in queries], (s0 if output_final_state else None)
+        return _empty_result(queries, k, s0, V, dt, output_final_state)
     kc, vc, ac, bc = (_chunk(x.to(dt), C) for x in (k, v, a, b))  # [N, B, H, C, K|V]
     by_k = decay_cls(lg, c, kc, vc)
     by_b = decay_cls(lg, c, bc, vc, blocks=by_k.blocks)
     alev = by_k.query_levels(ac, "exclusive")
     inv = _unit_lower_inverse(-by_b.attn(ac, "exclusive", alev), c)  # (I - L)^-1, [N, B, H, C, C]
     uv = inv @ (by_k.attn(ac, "exclusive", alev) @ vc)  # [N, B, H, C, V]
-    ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
-    w = inv @ ag  # [N, B, H, C, K]
+    if s0 is None and ac.shape[0] == 1:  # one chunk from zero: no start state to read (see chunked_delta_by)
+        w = [None]
+    else:
+        ag = by_k.from_start(ac, "exclusive", alev)  # a_t * exp(G_{t-1})
+        w = (inv @ ag).unbind(0)  # [B, H, C, K] per chunk
     kd_t, bd_t = by_k.k_to_end().transpose(-1, -2), by_b.k_to_end().transpose(-1, -2)  # [N, B, H, K, C]
     kv = kd_t @ vc  # [N, B, H, K, V]
     whole = by_k.whole()
     whole_i = None if whole is None else whole.unbind(0)
-    state, starts, us = s0, [], []
-    chunks = zip(uv.unbind(0), w.unbind(0), kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
+    state, starts, us = s0, [], []  # state None: zero, so the first chunk's reads are its uv
+    chunks = zip(uv.unbind(0), w, kv.unbind(0), bd_t.unbind(0))  # unbind: see chunked_linear_by
     for i, (uv_i, w_i, kv_i, bd_t_i) in enumerate(chunks):  # pass the state once per chunk, resolving the reads
-        u = uv_i + w_i @ state  # [B, H, C, V]
+        u = uv_i if state is None else uv_i + w_i @ state  # [B, H, C, V]
         starts.append(state)
         us.append(u)
-        state = kv_i + bd_t_i @ u + (state if whole is None else whole_i[i] * state)
-    starts, u = torch.stack(starts), torch.stack(us)  # [N, B, H, K, V], [N, B, H, C, V]
+        grown = kv_i + bd_t_i @ u
+        state = grown if state is None else grown + (state if whole is None else whole_i[i] * state)
+    starts, u = _chunk_starts(starts), _stack(us)  # [N, B, H, K, V] or None, [N, B, H, C, V]
     outs = []
     for q, exclusive in queries:
         qc = _chunk(q.to(dt), C)
         mode = "exclusive" if exclusive else "inclusive"
         qlev = by_k.query_levels(qc, mode)
-        o = by_k.inter(qc, mode, qlev, starts) + by_k.intra(qc, vc, mode, qlev) + by_b.intra(qc, u, mode, qlev)
-        outs.append(_unchunk(o, T))
+        o = by_k.intra(qc, vc, mode, qlev)
+        if starts is not None:
+            o = by_k.inter(qc, mode, qlev, starts) + o
+        outs.append(_unchunk(o + by_b.intra(qc, u, mode, qlev), T))
     return outs, (state if output_final_state else None)
 
 
@@ -2460,11 +2509,12 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
 
 
 @triton.jit
-def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, scale, T, H: tl.constexpr,
+def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
-                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False):
+                                QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
+                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2472,11 +2522,14 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x); QMAP, KMAP (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    (`_triton_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
     TRANS_H: h holds [V, K] matrices, read as S_start^T in place (the backward's dq: this kernel's K and V are the
-    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made."""
+    state's V and K, `_triton_linear_backward`), so no transposed copy of h is made.
+    VMAP, OVJP (the backward's dq of a mapped query, whose v is the raw k): VMAP maps v as it is loaded; the result
+    is stored as OVJP(ox, o), the raw query ox's gradient (a printed derivative helper, grad * map'(x))."""
     i_vt, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -2512,11 +2565,13 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_A2 = tl.load(A2 + p_A, mask=(o_i[:, None] < BT) & (o_i[None, :] < BT), other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
-    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
+    if OVJP is not None:
+        b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -2727,10 +2782,10 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2787,13 +2842,14 @@ class _triton_Fused:
       decay_head [H]        a per-head factor of the log decays (Mamba2's dt * A, the log decay of exp(dt * A)),
                             applied by the cumulative-sum kernel;
       scale (a number)      the readout's constant factor (K ** -0.5, flash-linear-attention's `scale`);
-      skip [B, T, H, V], skip_weight [H]
-                            o += skip_weight[h] * skip[t] (Mamba2's D * x), added as the output is stored;
+      skip [B, T, H, V], skip_weight [H] or [B, T, H]
+                            o += skip_weight[h] * skip[t] (Mamba2's D * x), or skip_weight[t] * skip[t] with a
+                            weight per step (RWKV-6's bonus sum(r * u * k) * v), added as the output is stored;
       q_map, k_map          (map, vjp): a spec's elementwise feature map of every query / of the keys (a printed
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
-                            kernels where they load q and k (`_triton_mapped`); the backward maps the raw inputs into
-                            transient tensors and returns the raw inputs' gradients through vjp.
+                            and backward kernels where they load q and k (`_triton_mapped`); the backward kernels store dq
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
@@ -2806,6 +2862,11 @@ class _triton_Fused:
     @property
     def epilogue(self) -> bool:
         return self.scale != 1.0 or self.skip is not None or self.v_step is not None
+
+    @property
+    def skip_step(self) -> bool:
+        """The skip term's weight is one per step, skip_weight [B, T, H] (else one per head, [H]: `_triton_fused_of`)."""
+        return self.skip_weight is not None and self.skip_weight.dim() == 3
 
     @property
     def maps(self) -> tuple:
@@ -2972,6 +3033,25 @@ def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, ou
                          num_stages, pair=(b, u))
         outs.append(o)
     return (outs, ht, h) if output_chunk_states else (outs, ht)
+
+
+triton_Tensor = torch.Tensor
+
+# A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
+# (`_triton_register_limit`).
+# Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
+# bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
+# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
+# mapped copies, and the gradients are carried back through the map's printed derivative after.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _triton_block(n, given, what):
@@ -3727,7 +3807,7 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
     return {'o': o}, {'S': final_S}, checkpoints
 
 
-_rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': rwkv7__chunked}
+_rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': takes_no_initial_state(rwkv7__chunked)}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
 _rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))} if HAVE_TRITON else None
 
