@@ -3,7 +3,8 @@ classes (no, a scalar, a key or a value decay), forward and backward, no torch f
 
 One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
 with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
-readouts; gla: key decay; min_gru: value decay, a vector state run as h[1, D]):
+readouts; gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value
+decay, a vector state run as h[1, D]):
 outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
 float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
 last one partial), while every torch runtime function of the generated module raises and the parallel Triton
@@ -58,7 +59,7 @@ def _no_torch_forms(layer, monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
-                                  "min_gru"])
+                                  "rwkv6", "min_gru"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
 
