@@ -75,6 +75,16 @@ def test_gradients_match_the_reference(name, monkeypatch):
     assert runs, "the parallel Triton form's own backward did not run"
     names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    # the outputs and final states too: a wrong forward term whose backward is right (the epilogue's gradients come
+    # from `_unfuse`, not from the kernels) shows only here
+    state = init32 if len(init32) > 1 else next(iter(init32.values()))
+    with torch.no_grad():
+        out, final = layer(*[a.float() for a in args], initial_state=state, output_final_state=True, config=CONFIG)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    for label, mine, theirs in (("output", out, ref_out), ("final state", final, ref_final)):
+        mine, theirs = as_dict(mine, rec.checked.outputs if label == "output" else rec.checked.states), \
+            as_dict(theirs, rec.checked.outputs if label == "output" else rec.checked.states)
+        errors.update({f"{label} {k}": _rel(mine[k], theirs[k]) for k in theirs})
     assert max(errors.values()) <= TOL, errors
 
 
