@@ -2198,12 +2198,15 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                 BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, num_warps=warps,
                 num_stages=stages)
             # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh)
+            plain_warps = _or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS)
+            # with no decay, maxnreg: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's
+            # (sm_80, bfloat16 and float16, K = V = 64 and 128; benchmarks/kernel_matrix.py), none with it
+            plain_limit = {} if decay_cls.code else _register_limit(plain_warps)
             for M, x, z, trans, out, D, DZ, BD, BZ in ((dA, q, v, True, dk, K, V, BK, BV),
                                                         (A, do, k, False, dv, V, K, BV, BK)):
                 _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
                     M, x, gc if gc is not None else M, z, dh, out, T, H, D, DZ, BT, BD, BZ, first, not first, prec,
-                    decay_cls.code, excl, trans,
-                    num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
+                    decay_cls.code, excl, trans, num_warps=plain_warps, num_stages=stages, **plain_limit)
         else:
             # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
             # axis carries its decay
