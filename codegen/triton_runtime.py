@@ -1179,11 +1179,15 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
                     device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
+    warps = _or(num_warps, _WARPS)
     _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), KMAP=_map_of(k_map))
+        num_warps=warps, num_stages=_or(num_stages, _STAGES), KMAP=_map_of(k_map),
+        # with no decay, maxnreg: normalized_linear_attention's spilled 8 B at ptxas' unasked 168 registers
+        # (sm_80, bfloat16, K = V = 64 and 128; benchmarks/kernel_matrix.py); the decayed launches stay as they were
+        **(_register_limit(warps) if decay == 0 else {}))
     return h, ht
 
 
