@@ -1185,9 +1185,9 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), KMAP=_map_of(k_map),
-        # with no decay, maxnreg: normalized_linear_attention's spilled 8 B at ptxas' unasked 168 registers
-        # (sm_80, bfloat16, K = V = 64 and 128; benchmarks/kernel_matrix.py); the decayed launches stay as they were
-        **(_register_limit(warps) if decay == 0 else {}))
+        # maxnreg: unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps)
+        # and mlstm's (80 registers, a stack slot), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
+        **_register_limit(warps))
     return h, ht
 
 
