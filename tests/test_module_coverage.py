@@ -51,6 +51,9 @@ MIN_COVERED = 0.90
 SIZE, LENGTH, HEADS, CHUNK = 16, 40, 2, 16
 CU = (0, 10, 10, 37)  # packed sequences, the second one empty
 TRITON_CONFIG = {"chunk_size": 32, "block_k": 16, "block_v": 16, "num_warps": 1, "num_stages": 1}  # 2 sub-chunks
+# the delta rule's state passes in 4 row blocks of 64 (K = 16: 3 of them masked), as float32 calls run them at
+# K = 256; otherwise a module's row-block branches (_delta_state_kernel, _delta_bwd_dh_rows_kernel) never run here
+DELTA_ROWS_CONFIG = {**TRITON_CONFIG, "block_k": 256}
 # Exclusions, each a line that cannot run in this process (see the module docstring); the rest counts.
 EXCLUDE = [r"^except ImportError:", r"^class _LayerOp\b"]
 
@@ -129,6 +132,9 @@ def _run_auto(layer, rec):
         grad_args, init = _arguments(rec, 1, LENGTH)  # the backward too, through two sub-chunks per chunk
         _backward(layer(*grad_args, initial_state=init, output_final_state=True, form="chunked", backend="triton",
                         config=TRITON_CONFIG))
+        if hasattr(sys.modules[type(layer).__module__], "_triton_delta_bwd_dh_rows_kernel"):
+            _backward(layer(*grad_args, initial_state=init, form="chunked", backend="triton",
+                            config=DELTA_ROWS_CONFIG))
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
     _run_limits(layer, rec)
     tuned = layer.options(form="auto", backend="torch", tuning=os.path.join(os.sep, "nonexistent", "t.sqlite"))

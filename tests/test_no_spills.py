@@ -63,6 +63,10 @@ CALLS = [
     ("mamba2", "recurrent", "sm_90", 1, 64, 2, True, 128),
     # the log-decay gradient of an exclusive query (rwkv6 reads S before the update) spilled 24 B at 4 warps
     ("rwkv6", "chunked", "sm_90", 1, 64, 2, True, 128),
+    # the chunk state kernel without maxnreg: 8 B at ptxas' 168-register cap (normalized_linear_attention) and a
+    # stack slot at 80 registers (mlstm), bfloat16 on sm_80 (benchmarks/kernel_matrix.py, 2026-12-01)
+    ("normalized_linear_attention", "chunked", "sm_80", 1, 64, 2, False, 64),
+    ("mlstm", "chunked", "sm_80", 1, 64, 2, False, 64),
 ]
 
 CHILD = '''

@@ -248,6 +248,25 @@ def test_runtime_gradients_with_several_key_and_value_blocks(axis):
     assert max(errors) <= TOL, errors
 
 
+@pytest.mark.parametrize("axis", ["scalar", "key"])
+def test_state_gradient_in_row_blocks(axis, monkeypatch):
+    """_delta_bwd_dh_kernel with dS in row blocks, as float32 calls run it at K = 128 (2 blocks of 64, since one
+    [128, BV] block spilled under ieee dots): here K = 64 in 4 blocks of 16, so every block's share of dU is summed
+    before any block moves on, each block with its own rows of the key decay."""
+    assert triton_runtime._delta_bwd_dh_blocks(128, "ieee") == (64, 2)
+    assert triton_runtime._delta_bwd_dh_blocks(128, "tf32") == (128, 1)
+    monkeypatch.setattr(triton_runtime, "_delta_bwd_dh_blocks", lambda BK, prec: (BK // 4, 4))
+    excl, length = (False,), 21
+    case = _runtime_case(axis, excl, length, seed=4, neg_inf=True, K=64, V=16)
+    gen = torch.Generator().manual_seed(9)
+    weights = ([torch.randn(B, length, H, 16, generator=gen, dtype=torch.float64)],
+               torch.randn(B, H, 64, 16, generator=gen, dtype=torch.float64))
+    ref = _runtime_grads(torch_runtime.chunked_delta, case, excl, torch.float64, weights, CHUNK, axis)
+    got = _runtime_grads(triton_runtime.chunked_delta, case, excl, torch.float32, weights, CHUNK, axis)
+    errors = [_rel(g, r) for g, r in zip(got, ref)]
+    assert max(errors) <= TOL, errors
+
+
 def test_zero_length():
     """No steps: zero gradients, and the initial state takes the final state's gradient."""
     case = _runtime_case("scalar", (False,), 0, seed=0)
