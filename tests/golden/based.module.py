@@ -2570,11 +2570,15 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
                     device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
+    warps = _triton_or(num_warps, _WARPS)
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map))
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map),
+        # maxnreg: unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps)
+        # and mlstm's (80 registers, a stack slot), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
+        **_triton_register_limit(warps))
     return h, ht
 
 
@@ -3068,13 +3072,17 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
             num_warps=warps, num_stages=stages)
         # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
         # (..., the map of x, of z, the vjp of out's raw input, that input)
+        plain_warps = _triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS)
+        # with no decay, maxnreg: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's
+        # (sm_80, bfloat16 and float16, K = V = 64 and 128; benchmarks/kernel_matrix.py), none with it
+        plain_limit = {} if decay_cls.code else _triton_register_limit(plain_warps)
         for M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox in (
                 (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k),
                 (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)):
             _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
                 M, x, gc if gc is not None else M, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first,
                 prec, decay_cls.code, excl, trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp,
-                num_warps=_triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS), num_stages=stages)
+                num_warps=plain_warps, num_stages=stages, **plain_limit)
         dqs.append(dq)
 
     dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)

@@ -2823,6 +2823,36 @@ def _triton_delta_bwd_local_kernel(q, k, gc, eg, A, do, dv, dhq, scale, T, H: tl
 
 
 @triton.jit
+def _triton_delta_dh_du(k, gc, b_dh, b_gl, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
+                        KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """(k exp(G_last - G))[:, block] @ dS[block, :] for one chunk ([BT, BV] float32): the block's share of dU.
+    b_gl: a scalar decay's G_last (DECAY 1; the caller loads it once per chunk)."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = bos * K + o_i[:, None] * (H * K) + o_k[None, :]  # [BT, KB] offsets of k
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+    return tl.dot(b_k, b_dh, input_precision=PREC)
+
+
+@triton.jit
+def _triton_delta_dh_update(w, gc, dhq, dh, b_dh, b_du, b_gl, p_n, bos, o_i, m_t, i_last, o_v, m_v, i_kb, H: tl.constexpr,
+                            K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """Stores dS[block] as dh[n][block] and returns exp(G_last) dS[block] + dhq[n][block] - W[:, block]^T dU
+    ([KB, BV] float32). dhq[n] is read before dh[n] is stored, so dh and dhq may be one buffer (the tile is this
+    program's). b_gl: as in _triton_delta_dh_du."""
+    o_k = i_kb * KB + tl.arange(0, KB)
+    m_k = o_k < K
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # [KB, BV]
+    b_wt = tl.load(w + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                   other=0.0).to(tl.float32)  # [KB, BT]
+    b_dhq = tl.load(dhq + p_n + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    tl.store(dh + p_n + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+    return b_dh + (b_dhq - tl.dot(b_wt, b_du, input_precision=PREC))
+
+
+@triton.jit
 def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
                                 V: tl.constexpr, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
@@ -2866,6 +2896,74 @@ def _triton_delta_bwd_dh_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T,
         tl.store(dh + p_n + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         b_dh += b_dhq - tl.dot(b_wt, b_du, input_precision=PREC)
     tl.store(dh0 + i_bh.to(tl.int64) * (K * V) + o_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _triton_delta_bwd_dh_rows_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H: tl.constexpr, K: tl.constexpr,
+                                     V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr,
+                                     BV: tl.constexpr, DECAY: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr,
+                                     VARLEN: tl.constexpr):
+    """_triton_delta_bwd_dh_kernel's pass with dS in NK <= 4 float32 row blocks of KB rows (NK * KB >= K), for "ieee" dots
+    (float32 inputs at K > 64, `_triton_delta_bwd_dh_blocks`): Triton lowers an ieee dot to FMA loops that hold an
+    operand's whole K extent per thread, so k [BT, 128] @ dS [128, BV] in one block spilled. Each chunk sums every
+    block's share of dU = dv + (k exp(G_last - G)) dS before any block of dS moves on (dU couples all K rows); the
+    rest is as in _triton_delta_bwd_dh_kernel, which the half-precision calls keep (one block: its registers unchanged)."""
+    i_vt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    c0, c1, i_row, bt0 = _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: dh, dhq [1, H, NT, K, V]
+    o_i = tl.arange(0, BT)
+    o_v = i_vt * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_dh1 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 1:
+        b_dh2 = tl.zeros([KB, BV], dtype=tl.float32)
+    if NK > 2:
+        b_dh3 = tl.zeros([KB, BV], dtype=tl.float32)
+        b_dh4 = tl.zeros([KB, BV], dtype=tl.float32)
+    if USE_DHT:
+        p_dht = dht + i_bh.to(tl.int64) * (K * V)
+        b_dh1 += _triton_block_load(p_dht, 0, o_v, m_v, K, V, KB)
+        if NK > 1:
+            b_dh2 += _triton_block_load(p_dht, 1, o_v, m_v, K, V, KB)
+        if NK > 2:
+            b_dh3 += _triton_block_load(p_dht, 2, o_v, m_v, K, V, KB)
+            b_dh4 += _triton_block_load(p_dht, 3, o_v, m_v, K, V, KB)
+    for i_r in range(0, c1 - c0):
+        i_n = c1 - 1 - i_r
+        p_n = (i_row.to(tl.int64) * NT + i_n) * (K * V)
+        t0 = i_n * BT
+        bos = (bt0 + t0) * H + i_h
+        m_t = t0 + o_i < T
+        i_last = tl.minimum(BT, T - t0) - 1  # last valid row of the chunk
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
+        b_gl = 0.0  # a scalar decay's G_last, loaded once for every block
+        # every block's share of dU before any block of dS moves on (dU couples all K rows)
+        b_du = tl.load(dv + p_tv, mask=m_tv, other=0.0) + _triton_delta_dh_du(k, gc, b_dh1, b_gl, bos, o_i, m_t, i_last, 0, H,
+                                                                              K, KB, DECAY, PREC)
+        if NK > 1:
+            b_du += _triton_delta_dh_du(k, gc, b_dh2, b_gl, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+        if NK > 2:
+            b_du += _triton_delta_dh_du(k, gc, b_dh3, b_gl, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
+            b_du += _triton_delta_dh_du(k, gc, b_dh4, b_gl, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+        tl.store(du + p_tv, b_du, mask=m_tv)
+        b_dh1 = _triton_delta_dh_update(w, gc, dhq, dh, b_dh1, b_du, b_gl, p_n, bos, o_i, m_t, i_last, o_v, m_v, 0,
+                                        H, K, V, KB, DECAY, PREC)
+        if NK > 1:
+            b_dh2 = _triton_delta_dh_update(w, gc, dhq, dh, b_dh2, b_du, b_gl, p_n, bos, o_i, m_t, i_last, o_v, m_v, 1,
+                                            H, K, V, KB, DECAY, PREC)
+        if NK > 2:
+            b_dh3 = _triton_delta_dh_update(w, gc, dhq, dh, b_dh3, b_du, b_gl, p_n, bos, o_i, m_t, i_last, o_v, m_v, 2,
+                                            H, K, V, KB, DECAY, PREC)
+            b_dh4 = _triton_delta_dh_update(w, gc, dhq, dh, b_dh4, b_du, b_gl, p_n, bos, o_i, m_t, i_last, o_v, m_v, 3,
+                                            H, K, V, KB, DECAY, PREC)
+    p_dh0 = dh0 + i_bh.to(tl.int64) * (K * V)
+    _triton_block_store(p_dh0, b_dh1, 0, o_v, m_v, K, V, KB)
+    if NK > 1:
+        _triton_block_store(p_dh0, b_dh2, 1, o_v, m_v, K, V, KB)
+    if NK > 2:
+        _triton_block_store(p_dh0, b_dh3, 2, o_v, m_v, K, V, KB)
+        _triton_block_store(p_dh0, b_dh4, 3, o_v, m_v, K, V, KB)
 
 
 @triton.jit
@@ -3121,6 +3219,14 @@ def _triton_scratch(pool: list, shape: tuple, dtype: torch.dtype, device) -> tri
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _triton_delta_bwd_dh_blocks(BK: int, prec: str) -> tuple[int, int]:
+    """(KB, NK): the row blocks of dS in the state gradient's pass. Under "ieee" dots (float32 inputs) those of the
+    state kernel (`_triton_delta_blocks`: K = 128 as 2 blocks of 64, run by _triton_delta_bwd_dh_rows_kernel), since one
+    [128, BV] block spilled 288-344 B there (gated DeltaNet and DeltaNet, sm_80 and sm_90); under tf32 dots (half
+    inputs) one block of BK rows (_triton_delta_bwd_dh_kernel, which does not spill)."""
+    return _triton_delta_blocks(BK) if prec == "ieee" else (BK, 1)
+
+
 def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, grad_outputs, grad_final, *,
                            chunk_size, block_k, block_v, num_warps, num_stages, allow_tf32, packed=None, scale=1.0,
                            v_step=None):
@@ -3178,10 +3284,15 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
     dS0 = torch.empty((rows, H, K, V), **f32)
     du = torch.empty((B, T, H, V), **f32)
     dht = None if grad_final is None else grad_final.float().contiguous()
-    _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), rows * H)](
-        k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
-        packed.offsets if packed is not None else dh, T, H, K, V, NT, BT, BK, BVS, code, dht is not None, prec,
-        packed is not None, num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    KBS, NKS = _triton_delta_bwd_dh_blocks(BK, prec)
+    dh_args = (k, g_or_k, w, dv, dhq, dht if dht is not None else dh, dh, dS0, du,
+               packed.offsets if packed is not None else dh, T, H, K, V, NT, BT)
+    dh_flags = (code, dht is not None, prec, packed is not None)
+    dh_launch = dict(num_warps=_triton_or(num_warps, _triton_DELTA_STATE_WARPS), num_stages=stages)
+    if NKS == 1:
+        _triton_delta_bwd_dh_kernel[(triton.cdiv(V, BVS), rows * H)](*dh_args, BK, BVS, *dh_flags, **dh_launch)
+    else:
+        _triton_delta_bwd_dh_rows_kernel[(triton.cdiv(V, BVS), rows * H)](*dh_args, KBS, NKS, BVS, *dh_flags, **dh_launch)
     # a key decay's dq is summed over three kernels (float32); otherwise one kernel stores it, in q's dtype
     dqs = [torch.empty((B, T, H, K), dtype=torch.float32 if code == 2 else q.dtype, device=k.device) for q in qs]
     dk = torch.empty((B, T, H, K), **f32)
@@ -3190,11 +3301,15 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     BVQ = BV if block_v is not None else min(BV, _triton_DELTA_BWD_DQK_BV)
+    dqk_warps = _triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS)
+    # under ieee dots ptxas stopped DeltaNet's float32 dqk kernel at 128 registers and spilled 8 B (sm_80,
+    # K = V = 128); the half calls' binaries stay as they were
+    dqk_limit = _triton_register_limit(dqk_warps) if prec == "ieee" else {}
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
         _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
             q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs,
             float(scale), T, H, K, V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
-            num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
+            num_warps=dqk_warps, num_stages=stages, **dqk_limit)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)

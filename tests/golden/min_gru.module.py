@@ -2827,11 +2827,15 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
                     device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
+    warps = _triton_or(num_warps, _WARPS)
     _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map))
+        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map),
+        # maxnreg: unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps)
+        # and mlstm's (80 registers, a stack slot), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
+        **_triton_register_limit(warps))
     return h, ht
 
 
