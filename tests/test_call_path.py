@@ -234,13 +234,19 @@ def test_compile_refuses_bad_defaults_whatever_came_before():
     for bad in (True, 1.0, 64.0):
         with pytest.raises(ValueError, match="chunk_size"):
             recurrence_dsl.compile(rec, chunk_size=bad)
-    with pytest.raises(ValueError, match="no 'parallel' form on the triton backend"):
-        recurrence_dsl.compile(rec, form="parallel", backend="triton")
+    recurrence_dsl.compile(rec, form="parallel", backend="triton")  # every linear class has it on Triton too
+    with pytest.raises(ValueError, match="no 'parallel' form"):  # the delta rule has none on either backend
+        recurrence_dsl.compile(recurrence_dsl.load(SPECS_DIR / "delta_net.rec")["delta_net"], form="parallel",
+                               backend="triton")
 
 
 def test_backend_rules_for_other_devices_forms_and_configs():
     rec = recurrence_dsl.load(GLA)["gla"]
-    layer = recurrence_dsl.compile(rec, tuning=False)
+    full = recurrence_dsl.compile(rec, tuning=False)
+    assert full.backend_for(torch.device("cpu"), torch.float32, form="parallel") == "triton"
+    # a layer whose Triton backend lacks a form the torch backend has (built so: every linear spec has them all)
+    layer = type(full)(full.recurrence, full.forms, {n: f for n, f in full.triton_forms.items() if n != "parallel"},
+                       tuning=False)
     assert layer.backend_for(torch.device("meta"), torch.float32) == "torch"
     assert layer.backend_for(torch.device("cpu"), torch.float32, form="parallel") == "torch"  # not on triton
     args, init = _args(rec, T=12)
