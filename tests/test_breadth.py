@@ -602,8 +602,8 @@ def test_torch_forms(program):
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=IDS)
 def test_triton_forms(program):
-    """Every Triton form of the program (recurrent, and scan and chunked where offered), float32, T = 5 and 19,
-    chunk 16."""
+    """Every Triton form of the program (recurrent, and scan, chunked and parallel where offered), float32, T = 5
+    and 19, chunk 16."""
     failures = []
     for T in TRITON_LENGTHS:
         rec, args, initial, ref = case(program, T)
@@ -613,7 +613,7 @@ def test_triton_forms(program):
         except Exception as error:
             pytest.fail(report(program, [("compile(backend='triton').triton_forms",
                                           f"raised {type(error).__name__}: {error}")]))
-        expected = ["recurrent"] + [f for f in ("scan", "chunked") if f in layer.forms]
+        expected = ["recurrent"] + [f for f in ("scan", "chunked", "parallel") if f in layer.forms]
         if forms != expected:
             failures.append(("triton_forms", f"forms {forms}, expected {expected}"))
         for form in forms:
