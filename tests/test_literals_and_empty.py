@@ -141,7 +141,7 @@ def test_inputs_named_math_nan_e_pi_run_every_form():
             torch.randn(2, 9, 1, 2, generator=g), torch.rand(2, 9, 1, generator=g), torch.rand(2, 9, 1, generator=g),
             torch.rand(2, 9, 1, generator=g), torch.rand(2, 9, 1, generator=g), torch.rand(2, 9, 1, generator=g)]
     ran = _every_form(rec, [a.double() for a in args], tol=1e-4)
-    assert set(ran) == {f"torch/{f}" for f in ALL_FORMS} | {"triton/recurrent", "triton/scan", "triton/chunked"}
+    assert set(ran) == {f"torch/{f}" for f in ALL_FORMS} | {f"triton/{f}" for f in ALL_FORMS}
 
 
 # ------------------------------------------------------------------------------------------------------------
