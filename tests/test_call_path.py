@@ -99,6 +99,37 @@ def test_a_per_call_backend_is_taken_by_both_paths(tmp_path, backend):
         module.gla(*args, backend="triton", chunk_size=24)
 
 
+def test_the_parallel_form_takes_any_chunk_size_on_triton(tmp_path):
+    """The parallel form ignores chunk_size (its kernels walk blocks of block_t rows), so Triton's power-of-two rule,
+    a block dimension of the chunked kernels, must not refuse it; where the chunked form runs it still does."""
+    rec = recurrence_dsl.load(GLA)["gla"]
+    module, _ = _written_module(tmp_path, GLA, "gla_parallel_chunk")
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, init = _args(rec, T=20)
+    ref, ref_final = rec.reference(*[a.double() for a in args], initial_state=init, output_final_state=True)
+    runs = (layer, module.gla, recurrence_dsl.compile(rec, backend="triton", form="parallel", chunk_size=24,
+                                                      tuning=False))
+    for fn in runs:
+        for form in ("parallel", "auto"):  # auto picks parallel: 16 < T = 20 <= 24
+            out, final = fn(*args, initial_state=init.float(), output_final_state=True, backend="triton",
+                            form=form, chunk_size=24)
+            assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+            assert ((final.double() - ref_final).norm() / ref_final.norm()).item() <= 1e-5
+    chosen = layer.config_for(*args, backend="triton", chunk_size=24)
+    assert (chosen["form"], chosen["chunk_size"]) == ("parallel", 24)
+    refused = "chunk_size must be a power of two >= 16 on the triton backend, got 24"
+    for fn in (layer, module.gla):
+        with pytest.raises(recurrence_dsl.CallError, match=refused):
+            fn(*args, backend="triton", form="chunked", chunk_size=24)
+        long_args, _ = _args(rec, T=40)
+        with pytest.raises(recurrence_dsl.CallError, match=refused):  # auto picks chunked: T = 40 > 24
+            fn(*long_args, backend="triton", chunk_size=24)
+        with pytest.raises(recurrence_dsl.CallError, match=refused):  # packed sequences may each pick chunked
+            fn(*args, backend="triton", chunk_size=24, cu_seqlens=torch.tensor([0, 5, 20]))
+    with pytest.raises(recurrence_dsl.CallError, match=r"chunk_size must be an integer >= 1, got 0"):
+        layer(*args, backend="triton", form="parallel", chunk_size=0)
+
+
 def test_both_paths_raise_the_same_errors(tmp_path):
     rec = recurrence_dsl.load(GLA)["gla"]
     module, _ = _written_module(tmp_path, GLA, "gla_errors")

@@ -1088,8 +1088,9 @@ def _runs_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _INTERPRETING)
 
 
-# The forms whose functions take the chunk length (the parallel form runs the chunked function on one chunk).
-CHUNKING_FORMS = ("chunked", "parallel")
+# The forms whose kernels take the call's chunk_size as a block dimension, where Triton's power-of-two rule binds.
+# (The parallel form runs the chunked function with chunk_size = its length, `run_forms`: the call's is unused.)
+CHUNKING_FORMS = ("chunked",)
 
 
 def _chunk_size_error(chunk_size, backend: str) -> str | None:
@@ -1286,10 +1287,11 @@ class Layer:
 
     @staticmethod
     def _chunks(call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
-        """Whether the call may run a form that takes the chunk length (chunked, or parallel), so the backend's
-        chunk_size rule binds: the form given; with "auto", the config's form (`target`) or the one auto picks
-        for the call's length, and any chunking form the recurrence has when packed sequences each pick their
-        own. A recurrent or scan form ignores chunk_size, so the Triton rule must not refuse it there."""
+        """Whether the call may run a form whose kernels take the chunk length (`CHUNKING_FORMS`: chunked), so the
+        backend's chunk_size rule binds: the form given; with "auto", the config's form (`target`) or the one auto
+        picks for the call's length, and any chunking form the recurrence has when packed sequences each pick
+        their own. The recurrent, scan and parallel forms ignore chunk_size (auto reads it only to pick the
+        parallel form for a length up to it), so the Triton rule must not refuse them."""
         if form != "auto":
             return form in CHUNKING_FORMS
         if target is not None:
