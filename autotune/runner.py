@@ -1,7 +1,8 @@
 """Run a layer with one tuning config: the tuner's timed call.
 
 A config is the keyword arguments of `autotune.space` ({"chunk_size": 32} for torch chunked; chunk_size,
-block_k, block_v, num_warps, num_stages for Triton chunked; num_warps for Triton recurrent). The layer itself
+block_k, block_v, num_warps, num_stages for Triton chunked; block_t, block_k, block_v, num_warps, num_stages for
+Triton parallel; num_warps for Triton recurrent). The layer itself
 takes it (`config=`, checked against `codegen.layer.CONFIG_KEYS`) and hands it to the form that runs, the same
 path a tuned `compile()` call takes.
 """

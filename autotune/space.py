@@ -5,6 +5,9 @@ A config is a plain dict of keyword arguments (JSON-able, ints only):
   (chunked, torch)      {"chunk_size"}                                        chunk_size in 16..256
   (chunked, triton)     {"chunk_size", "block_k", "block_v", "num_warps", "num_stages"}
                         chunk_size (BT) in 16..64, block_k / block_v in 16..128, num_warps 2/4/8, num_stages 1/2/3
+  (parallel, triton)    {"block_t", "block_k", "block_v", "num_warps", "num_stages"}
+                        block_t (rows of a query / key block) and block_k / block_v in 16..128, num_warps 2/4/8,
+                        num_stages 1/2/3 (codegen/triton_parallel.py `parallel_linear_by`)
   (recurrent, triton)   {"num_warps"}                                         1/2/4/8
 
 `config_space(form, backend, problem, limits)` returns every config of the cartesian product, split into the
@@ -13,20 +16,24 @@ tuner only ever offers kept configs to optuna, so a pruned config is never timed
 FlashRNN's constraint model (hardware limits written as inequalities over the tile sizes), is deliberately
 simple and conservative; every estimate is float32 (the kernels upcast every tile before arithmetic):
 
-- redundancy (hard): the Triton runtime runs BT = min(chunk_size, pow2(T)) and the torch runtime
-  C = min(chunk_size, T), so a chunk_size above the padded length is the same run as chunk_size = padded T;
+- redundancy (hard): the Triton runtime runs BT = min(chunk_size, pow2(T)) (the parallel form BT =
+  min(block_t, pow2(T))) and the torch runtime C = min(chunk_size, T), so a chunk_size (block_t) above the padded
+  length is the same run as chunk_size (block_t) = padded T;
   a block_k (block_v) above the padded K (V) of every chunked state only adds masked padding lanes
   (K < 16 pads to 16, so BK = 16 is always legal).
 - the delta rule (hard): chunked_delta's state program holds whole columns of S, so block_k >= K.
 - shared memory (hard): the tiles a chunked kernel stages through shared memory, BT*BK (q/k) + BK*BV (state)
   + BT*BV (v/o) + BT*BT (scores), times num_stages (software pipelining keeps that many copies), 4 bytes each,
   must fit the device's per-block limit: 227 KiB on sm90+ (H100, H200), 163 KiB on sm80 (A100), 99 KiB on
-  anything else (sm86/sm89, and unknown devices).
+  anything else (sm86/sm89, and unknown devices). The parallel form's attention kernel stages a query block and a
+  key block of the contracted axis, a block of the other and the BT x BT scores, 2*BT*BX + BT*BZ + BT*BT, where
+  (BX, BZ) is (BK, BV) in the forward and (BV, BK) in the backward's dq and dk; the larger of the two counts.
 - registers (soft): NVIDIA caps a thread at 255 32-bit registers; a tile held in registers is spread over
   32 * num_warps threads, and more than 128 float32 elements of one kernel's live tiles per thread spills.
   Chunked: the BK x BV state tile; the BT x BV accumulator plus the BT x BT scores of the output kernel; for
-  the delta rule the BT x BT inverse plus the BT x BK W tile. Recurrent: the whole state (every state tile,
-  each axis padded to a power of two >= 16) lives in registers.
+  the delta rule the BT x BT inverse plus the BT x BK W tile. Parallel: the BT x BZ accumulator and the BT x BT
+  scores, plus, with a key or value decay, two float64 BT x max(BK, BV) tiles of G (2 registers an element).
+  Recurrent: the whole state (every state tile, each axis padded to a power of two >= 16) lives in registers.
 - idle warps (hard, recurrent only): more threads than state elements leaves whole warps without work.
 
 Soft rules spill rather than fail: when every config that passes the hard rules fails a soft one (a state too
@@ -56,8 +63,20 @@ SPACES: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
         "num_warps": (2, 4, 8),
         "num_stages": (1, 2, 3),
     },
+    ("parallel", "triton"): {
+        "block_t": (16, 32, 64, 128),
+        "block_k": (16, 32, 64, 128),
+        "block_v": (16, 32, 64, 128),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1, 2, 3),
+    },
     ("recurrent", "triton"): {"num_warps": (1, 2, 4, 8)},
 }
+
+# codegen/triton_parallel.py's defaults: block_t 64 (`_PARALLEL_BT`); BK, BV at most 64, and all three 32 with a key
+# or value decay (`_PARALLEL_KEY_BLOCK`: its attention kernel holds float64 G tiles beside the scores).
+PARALLEL_BLOCK = 64
+PARALLEL_LANE_DECAY_BLOCK = 32
 
 FLOAT_BYTES = 4  # every tile is float32 inside the kernels
 REGISTER_TILE_LIMIT = 128  # float32 elements of live tiles per thread before spilling (of 255 registers)
@@ -104,7 +123,7 @@ def default_config(form: str, backend: str, problem: Problem) -> dict:
     chunked runtime's heaviest kernels 8 warps and the delta rule's state kernel a narrower BV, and the
     recurrent launcher picks num_warps from its tile sizes).
 
-    A chunk_size above the padded length is clamped to it (the runtimes run that anyway)."""
+    A chunk_size (block_t) above the padded length is clamped to it (the runtimes run that anyway)."""
     _check_tunable(form, backend)
     chunk = min(64, pow2_at_least_16(problem.length))
     if backend == "torch":
@@ -113,6 +132,10 @@ def default_config(form: str, backend: str, problem: Problem) -> dict:
         return {"num_warps": 4}
     K = max((s.K for s in problem.chunk_states), default=16)
     V = max((s.V for s in problem.chunk_states), default=16)
+    if form == "parallel":  # codegen/triton_parallel.py `_parallel_config`, per call the widest state's
+        most = PARALLEL_LANE_DECAY_BLOCK if problem.lane_decay else PARALLEL_BLOCK
+        return {"block_t": min(most, pow2_at_least_16(problem.length)), "block_k": min(most, pow2_at_least_16(K)),
+                "block_v": min(most, pow2_at_least_16(V)), "num_warps": 4, "num_stages": 2}
     delta = any(s.delta for s in problem.chunk_states)
     bk = pow2_at_least_16(K) if delta else min(64, pow2_at_least_16(K))
     bv = min(pow2_at_least_16(V), 64 if bk <= 64 else (32 if bk <= 128 else 16))
@@ -130,6 +153,7 @@ class ChunkState:
     K: int
     V: int
     delta: bool  # a rank-one (delta rule) update: chunked_delta
+    lane_decay: bool = False  # a key or value decay (a log decay per lane, not one per step and head)
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,11 @@ class Problem:
     length: int
     chunk_states: tuple[ChunkState, ...] = ()
     state_elements: int = 256  # padded elements of every state tile together (the recurrent kernel's registers)
+
+    @property
+    def lane_decay(self) -> bool:
+        """Whether a chunked state has a key or value decay (the parallel form's defaults and G tiles)."""
+        return any(s.lane_decay for s in self.chunk_states)
 
     @classmethod
     def from_analysis(cls, analysis, sizes: dict[str, int], length: int) -> Problem:
@@ -161,7 +190,7 @@ class Problem:
             else:
                 K, rest = dims[plan.key_axis], dims[: plan.key_axis] + dims[plan.key_axis + 1 :]
             V = math.prod(rest) if (rest and plan.v is not None) else 1
-            chunk_states.append(ChunkState(name, K, V, plan.beta is not None))
+            chunk_states.append(ChunkState(name, K, V, plan.beta is not None, plan.decay_axis in ("key", "value")))
         return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements)
 
 
@@ -278,6 +307,52 @@ def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
     return hard, soft
 
 
+def parallel_shared_memory_bytes(config: dict) -> int:
+    """The shared-memory estimate of a parallel Triton config (see the module docstring): the attention kernel's
+    query and key blocks of the contracted axis, a block of the other axis and the scores, for the worse of the
+    forward's (BK contracted) and the backward's (BV contracted) launches, times num_stages."""
+    bt, bk, bv = config["block_t"], config["block_k"], config["block_v"]
+    tiles = max(2 * bt * bk + bt * bv, 2 * bt * bv + bt * bk) + bt * bt
+    return tiles * FLOAT_BYTES * max(1, config["num_stages"])
+
+
+def _parallel_pressure(config: dict, problem: Problem) -> float:
+    """float32 registers per thread of the parallel attention kernel's live tiles (see the module docstring)."""
+    bt, bk, bv = config["block_t"], config["block_k"], config["block_v"]
+    live = bt * max(bk, bv) + bt * bt + (2 * 2 * bt * max(bk, bv) if problem.lane_decay else 0)
+    return live / (THREADS_PER_WARP * config["num_warps"])
+
+
+def _parallel_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                           estimate: bool = True) -> tuple[list[str], list[str]]:
+    hard, soft = [], []
+    bt, bk, bv, nw = config["block_t"], config["block_k"], config["block_v"], config["num_warps"]
+    padded_t = pow2_at_least_16(problem.length)
+    if bt > padded_t:
+        hard.append(f"redundant: block_t {bt} > padded T {padded_t} runs BT = {padded_t}, "
+                    f"the same kernel as block_t={padded_t}")
+    states = problem.chunk_states
+    if states:
+        pk = max(pow2_at_least_16(s.K) for s in states)
+        pv = max(pow2_at_least_16(s.V) for s in states)
+        if bk > pk:
+            hard.append(f"padding: block_k {bk} > padded K {pk}: lanes beyond K are masked padding")
+        if bv > pv:
+            hard.append(f"padding: block_v {bv} > padded V {pv}: lanes beyond V are masked padding")
+    if not estimate:
+        return hard, soft
+    smem = parallel_shared_memory_bytes(config)
+    if smem > limits.smem_bytes:
+        hard.append(f"shared memory: (2*BT*BX + BT*BZ + BT*BT) * 4 B * {config['num_stages']} stages = "
+                    f"{smem / KIB:g} KiB > {limits.smem_bytes / KIB:g} KiB on {limits.name}")
+    pressure = _parallel_pressure(config, problem)
+    if pressure > limits.register_tile_limit:
+        what = " and the float64 G tiles" if problem.lane_decay else ""
+        soft.append(f"registers: the attention kernel's {bt}x{max(bk, bv)} accumulator, {bt}x{bt} scores{what} "
+                    f"are {int(pressure)} float32 per thread at num_warps={nw} (> {limits.register_tile_limit})")
+    return hard, soft
+
+
 def _chunked_torch_rules(config: dict, problem: Problem, limits: DeviceLimits,
                         estimate: bool = True) -> tuple[list[str], list[str]]:
     c = config["chunk_size"]
@@ -305,6 +380,7 @@ def _recurrent_triton_rules(config: dict, problem: Problem, limits: DeviceLimits
 _RULES = {
     ("chunked", "torch"): _chunked_torch_rules,
     ("chunked", "triton"): _chunked_triton_rules,
+    ("parallel", "triton"): _parallel_triton_rules,
     ("recurrent", "triton"): _recurrent_triton_rules,
 }
 
@@ -314,6 +390,8 @@ def _pressure(config: dict, form: str, problem: Problem) -> float:
     threads = THREADS_PER_WARP * config["num_warps"]
     if form == "recurrent":
         return problem.state_elements / threads
+    if form == "parallel":
+        return _parallel_pressure(config, problem)
     bt, bk, bv = config["chunk_size"], config["block_k"], config["block_v"]
     return max(bk * bv, bt * bv + bt * bt, bt * bt + bt * bk) / threads
 
@@ -363,5 +441,5 @@ def config_space(form: str, backend: str, problem: Problem, limits: DeviceLimits
 __all__ = [
     "SPACES", "ChunkState", "DeviceLimits", "Problem", "Pruned", "Space", "check_config", "config_key",
     "config_space", "default_config", "device_limits", "limits_for_capability", "parse_config_key",
-    "pow2_at_least_16", "raw_configs", "shared_memory_bytes", "tunable",
+    "parallel_shared_memory_bytes", "pow2_at_least_16", "raw_configs", "shared_memory_bytes", "tunable",
 ]

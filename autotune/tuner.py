@@ -412,6 +412,9 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if form not in analysis.forms:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
     layer = load_layer(analysis).options(tuning=False)  # every trial runs exactly its config
+    if backend == "triton" and form not in (layer.triton_forms or {}):
+        raise ValueError(f"{checked.name} has no '{form}' form on the triton backend; it has "
+                         f"{', '.join(layer.triton_forms or {}) or 'none (triton does not import)'}")
     problem = Problem.from_analysis(analysis, sizes, length)
     figures, compiler_info = (None, {"source": "none"}) if backend != "triton" else _compiler_figures(
         analysis, sizes, batch, length, heads, dtype, form, target, device, mode, compiler)

@@ -384,6 +384,7 @@ class _Progress:
 def cmd_tune(args) -> int:
     import torch
 
+    from autotune.space import tunable
     from autotune.store import StoreError, StoreLocked, open_store
     from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
@@ -415,8 +416,8 @@ def cmd_tune(args) -> int:
         if form not in forms:
             print(f"{rec.name}: no {form} form; skipped", file=sys.stderr)
             continue
-        if (form, backend) == ("recurrent", "torch"):
-            print(f"{rec.name}: the torch recurrent form has nothing to tune; skipped (try --backend triton)",
+        if not tunable(form, backend):  # the torch recurrent and parallel forms take no config
+            print(f"{rec.name}: the {backend} {form} form has nothing to tune; skipped (try --backend triton)",
                   file=sys.stderr)
             continue
         sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
@@ -684,8 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
                       f"every spec size {TUNE_DIM})")
     tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
-    tune.add_argument("--form", choices=("chunked", "recurrent"), help="the form to tune (default: chunked "
-                      "where the spec has it, else recurrent)")
+    tune.add_argument("--form", choices=("chunked", "parallel", "recurrent"), help="the form to tune (default: "
+                      "chunked where the spec has it, else recurrent; parallel: the Triton backend's, which auto "
+                      "runs for 16 < T <= chunk_size)")
     tune.add_argument("--backend", choices=("torch", "triton"), help="default: triton on cuda, torch on cpu")
     tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
                       "runs in its interpreter and is stored as 'cpu-interpreter')")

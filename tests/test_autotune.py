@@ -29,8 +29,10 @@ from autotune.space import (
     config_key,
     config_space,
     limits_for_capability,
+    parallel_shared_memory_bytes,
     raw_configs,
     shared_memory_bytes,
+    tunable,
 )
 from autotune.store import TuningStore, shape_bucket
 from codegen.layer import interpreting
@@ -50,6 +52,10 @@ def _problem(name: str, sizes: dict[str, int], length: int) -> Problem:
 
 def _chunked(bt, bk, bv, nw, ns) -> dict:
     return {"chunk_size": bt, "block_k": bk, "block_v": bv, "num_warps": nw, "num_stages": ns}
+
+
+def _parallel(bt, bk, bv, nw, ns) -> dict:
+    return {"block_t": bt, "block_k": bk, "block_v": bv, "num_warps": nw, "num_stages": ns}
 
 
 # -- the constraint model -------------------------------------------------------------------------------------
@@ -285,6 +291,103 @@ def test_store_setup_retries_when_sqlite_refuses_to_wait(tmp_path, monkeypatch):
     with pytest.raises(store.sqlite3.OperationalError, match="disk I/O"):
         TuningStore(tmp_path / "u.sqlite").record("h", "dev", "float32", "b", "chunked", "torch", {"i": 0}, 1.0)
     assert len(refusals) == 3  # tried once, not retried
+
+
+def test_every_space_offers_exactly_the_keys_its_form_takes():
+    from codegen.layer import CONFIG_KEYS
+
+    for (form, backend), axes in SPACES.items():
+        assert set(axes) == set(CONFIG_KEYS[(form, backend)]), (form, backend)
+    assert tunable("parallel", "triton") and not tunable("parallel", "torch")
+
+
+def test_parallel_triton_space_prunes_with_reasons_and_defaults_as_the_runtime():
+    problem = _problem("retention", {"K": 64, "V": 64}, 64)  # a scalar decay
+    assert not problem.lane_decay
+    sp = config_space("parallel", "triton", problem, SM80)
+    assert len(sp.configs) + len(sp.pruned) == len(raw_configs("parallel", "triton")) == 4 * 4 * 4 * 3 * 3
+    for p in sp.pruned:
+        assert p.reason and check_config(p.config, "parallel", "triton", problem, SM80) == p.reason
+    for c in sp.configs:
+        assert check_config(c, "parallel", "triton", problem, SM80) is None
+        assert c["block_t"] <= 64 and c["block_k"] <= 64 and c["block_v"] <= 64
+        assert parallel_shared_memory_bytes(c) <= SM80.smem_bytes
+    # codegen/triton_parallel.py's defaults: 64 rows and lanes for a scalar decay, the config an untuned call runs
+    assert sp.default == _parallel(64, 64, 64, 4, 2) and sp.default in sp.configs
+    reason = sp.reason(_parallel(128, 128, 16, 2, 3))
+    for words in ("redundant: block_t 128 > padded T 64 runs BT = 64", "padding: block_k 128 > padded K 64",
+                  "shared memory", "> 163 KiB", "registers: the attention kernel's 128x128 accumulator"):
+        assert words in reason, reason
+    # (2*64*64 + 64*64 + 64*64) * 4 B * 3 stages: 192 KiB, within sm90's 227, not sm80's 163
+    assert parallel_shared_memory_bytes(_parallel(64, 64, 64, 4, 3)) == 192 * 1024
+    assert check_config(_parallel(64, 64, 64, 4, 3), "parallel", "triton", problem, SM90) is None
+    assert "shared memory" in sp.reason(_parallel(64, 64, 64, 4, 3))
+    # the backward's dq and dk contract V: a wide block_v counts twice there
+    assert parallel_shared_memory_bytes(_parallel(16, 16, 128, 4, 1)) == (2 * 16 * 128 + 16 * 16 + 16 * 16) * 4
+    # a short call: block_t above pow2(T) is the same run (the default clamped to it, as `_parallel_config` runs)
+    short = config_space("parallel", "triton", _problem("retention", {"K": 16, "V": 16}, 20), SM90)
+    assert {c["block_t"] for c in short.configs} == {16, 32} and short.default == _parallel(32, 16, 16, 4, 2)
+    assert {(c["block_k"], c["block_v"]) for c in short.configs} == {(16, 16)}
+    # only the exact rules without the estimate (the compiler's figures decide the rest)
+    exact = config_space("parallel", "triton", problem, SM80, estimate=False)
+    assert set(sp.keys()) < set(exact.keys()) and len(exact.configs) == 3 * 3 * 3 * 3 * 3
+
+
+def test_parallel_space_of_a_key_decay():
+    gla = _problem("gla", {"K": 64, "V": 64}, 64)
+    assert gla.lane_decay and gla.chunk_states == (ChunkState("S", 64, 64, False, True),)
+    assert _problem("min_gru", {"D": 16}, 64).lane_decay  # a value decay
+    sp = config_space("parallel", "triton", gla, SM90)
+    assert sp.default == _parallel(32, 32, 32, 4, 2) and sp.default in sp.configs  # `_PARALLEL_KEY_BLOCK`
+    # the float64 G tiles count: a config the scalar decay keeps spills with a key decay
+    config = _parallel(64, 64, 64, 4, 1)
+    assert check_config(config, "parallel", "triton", _problem("retention", {"K": 64, "V": 64}, 64)) is None
+    assert "float64 G tiles" in sp.reason(config)
+    assert len(sp.configs) < len(config_space("parallel", "triton", _problem("retention", {"K": 64, "V": 64}, 64),
+                                              SM90).configs)
+
+
+def test_a_parallel_config_reaches_the_parallel_runtime(tmp_path, monkeypatch):
+    """A config for (parallel, triton), given to the call or chosen in the store, is what `parallel_linear_by` gets:
+    through `Layer._plan`, `run_forms`' options and `in_parallel`'s block_t."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("Triton on a CPU needs TRITON_INTERPRET=1 (conftest sets it)")
+    gla = _spec("gla")
+    layer = recurrence_dsl.compile(gla, backend="triton", tuning=False)
+    module = sys.modules[type(layer).__module__]
+    seen = []
+    original = module.triton_parallel_linear_by
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("block_t", "block_k", "block_v", "num_warps", "num_stages")})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "triton_parallel_linear_by", spy)
+    args, init = recurrence_dsl.sampling.sample_arguments(gla.checked, GLA_SIZES, 1, 32, 2, with_initial_state=True)
+    ref = gla.reference(*args, initial_state=init)[0]
+    args = [a.float() for a in args]
+    config = _parallel(16, 16, 16, 2, 1)
+    out = layer(*args, initial_state=init.float(), form="parallel", config=config)[0]
+    assert seen == [config] and ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    layer(*args, form="parallel")
+    assert seen[-1] == dict.fromkeys(config)  # untuned: the runtime's own defaults
+    with pytest.raises(recurrence_dsl.CallError, match="parallel takes"):
+        layer(*args, form="parallel", config=_chunked(16, 16, 16, 2, 1))
+    # the store's choice for the key a forward call of T = 32 reads (auto picks parallel: 16 < 32 <= 64); the
+    # interpreter's timings are never looked up, so the call here poses as a GPU
+    monkeypatch.setattr(module, "tuning_device_name", lambda device, backend: "a GPU (test)")
+    s = TuningStore(tmp_path / "tuning.sqlite")
+    s.choose(gla.spec_hash, "a GPU (test)", "float32", shape_bucket(1, 2, 32, GLA_SIZES), "parallel", "triton",
+             "fwd", config, True, "test")
+    lookup.clear_cache()
+    stored = recurrence_dsl.compile(gla, backend="triton", tuning=s)
+    chosen = stored.config_for(*args)
+    assert (chosen["form"], chosen["source"], chosen["config"]) == ("parallel", "store", config)
+    seen.clear()
+    with torch.no_grad():
+        assert torch.equal(stored(*args, initial_state=init.float())[0], out)
+    assert seen == [config]
 
 
 # -- the tuner ------------------------------------------------------------------------------------------------

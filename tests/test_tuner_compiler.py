@@ -6,6 +6,8 @@ compiles nothing.
 The test session runs Triton in its interpreter (conftest), so the compiles happen in the figures' worker child
 process (without TRITON_INTERPRET) and the timings in the interpreter. One small call: linear attention, chunked,
 K = V = 128, B = H = 1, T = 16, float32, forward only; about 30 s on two idle cores (two configs compiled once).
+The parallel form's tune (K = V = 64, T = 64, three configs compiled, and `recdsl tune --form parallel` on a
+smaller shape) takes about 80 s on two loaded cores.
 """
 
 from __future__ import annotations
@@ -126,3 +128,58 @@ def test_without_the_toolchain_the_hand_estimate_prunes(tmp_path, monkeypatch):
     exact = config_space("chunked", "triton", problem, estimate=False).keys()
     assert config_key(SPILLING) not in keys and config_key(SPILLING) in exact and set(keys) < set(exact)
     assert target_for_device("cpu") == "sm_90"
+
+
+# The parallel form (codegen/triton_parallel.py) at K = V = 64, T = 64, float32 (sm_90): 64 x 64 blocks over two
+# warps spill thousands of bytes a thread; 32 x 32 blocks over four warps use under 100 registers and spill nothing.
+PARALLEL_SPILLING = {"block_t": 64, "block_k": 64, "block_v": 64, "num_warps": 2, "num_stages": 1}
+PARALLEL_CLEAN = {"block_t": 32, "block_k": 32, "block_v": 32, "num_warps": 4, "num_stages": 1}
+
+
+@needs_tools
+@needs_interpreter
+def test_the_parallel_form_is_tuned_with_the_compilers_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RECURRENCE_DSL_CACHE", str(tmp_path / "cache"))
+    s = TuningStore(tmp_path / "tuning.sqlite")
+    sizes = {"K": 64, "V": 64}
+    result = tuner.tune(_linear_attention(), sizes, 1, 64, 1, torch.float32, "parallel", "triton", 4, s, "cpu",
+                        warmup=1, repeat=1, mode="fwd", target="sm_90",
+                        candidates=[PARALLEL_SPILLING, PARALLEL_CLEAN])
+    table = result.table()
+    assert result.form == "parallel" and result.compiler["source"] == "compiler", table
+    assert result.space.default == {"block_t": 64, "block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
+    by_key = {config_key(t.config): t for t in result.trials}
+    assert set(by_key) == {config_key(result.space.default), config_key(PARALLEL_SPILLING),
+                           config_key(PARALLEL_CLEAN)}, table
+    spilled = by_key[config_key(PARALLEL_SPILLING)]
+    assert spilled.pruned and spilled.times_ms == [] and "spills" in spilled.error and \
+        spilled.figures["spill_bytes"] > 0, table
+    clean = by_key[config_key(PARALLEL_CLEAN)]
+    assert clean.ok and not clean.pruned and clean.rel_error < 2e-3, table
+    assert 0 < clean.figures["registers"] <= kernel_report.MAX_REGISTERS and clean.figures["spill_bytes"] == 0
+    assert {k["name"] for k in clean.figures["kernels"]} == {"_triton_parallel_attn_kernel",
+                                                             "_triton_parallel_state_kernel"}
+    for t in result.trials:  # whatever the default does, a config is timed exactly when it compiled clean
+        assert t.pruned == (t.figures["spill_bytes"] > 0), table
+    assert result.best is not None and config_key(result.best) != config_key(PARALLEL_SPILLING)
+    row = next(line for line in table.splitlines() if config_key(PARALLEL_CLEAN) in line)
+    assert f"  {clean.figures['registers']:>4}  {0:>7}" in row
+    assert {r.form for r in s.trials(study=result.study)} == {"parallel"}
+
+    # `recdsl tune --form parallel` (a small shape: one config compiled)
+    rc = main(["tune", str(SPECS_DIR / "gla.rec"), "--form", "parallel", "--shape", "B=1,T=32,H=1,K=16,V=16",
+               "--dtype", "float32", "--backend", "triton", "--device", "cpu", "--mode", "fwd", "--trials", "1",
+               "--warmup", "0", "--repeat", "1", "--target", "sm_90", "--store", str(tmp_path / "cli.sqlite"),
+               "--no-progress", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    (cli,) = out["results"]
+    assert (cli["form"], cli["backend"]) == ("parallel", "triton")
+    assert cli["default"] == {"block_t": 32, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 2}
+    timed = [t for t in cli["trials"] if t["median_ms"] is not None]
+    assert timed and all(t["figures"]["spill_bytes"] == 0 and t["figures"]["registers"] > 0 for t in timed)
+    # the torch backend's parallel form has nothing to tune: skipped, not an error
+    assert main(["tune", str(SPECS_DIR / "gla.rec"), "--form", "parallel", "--backend", "torch", "--device", "cpu",
+                 "--shape", "B=1,T=32,H=1,K=16,V=16", "--store", str(tmp_path / "cli.sqlite"),
+                 "--no-progress"]) == 0
+    assert "the torch parallel form has nothing to tune" in capsys.readouterr().err
