@@ -1,0 +1,138 @@
+"""The forward of the Triton chunked and parallel forms where a spec's epilogue is fused into the kernels (`_Fused`
+in codegen/triton_runtime.py): outputs and final states against the float64 reference, one call and packed
+sequences (`cu_seqlens`).
+
+tests/test_training_gradients.py compares gradients only, and an epilogue term's gradient comes from torch
+(`_unfuse`), not from the kernels, so a wrong fused forward term can pass it; here the forward is compared itself.
+Each spec is checked to pass the term it stands for (a spy on the generated module's `triton_chunked_linear_by`,
+which the parallel form's calls go through too):
+
+  gla                the readout's scale (K ** -0.5) with a key decay
+  retention          the scale with a scalar decay
+  mamba2             v_step (dt), decay_head (A), skip (x) with a weight per head (D)
+  rwkv6              skip (v) with a weight per step (the bonus sum(r * u * k)), an exclusive query
+
+Sizes 16 and 24 (a padded axis), H = 2 (a per-head term read at the wrong head shows), T = 40 in chunks / query
+blocks of 16 (the last partial); packed: sequences of 17, 5 and 18 steps. Relative error <= 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPECS_DIR, as_dict
+
+pytest.importorskip("triton")
+
+TOL = 1e-5
+T, H = 40, 2
+CU = torch.tensor([0, 17, 22, 40])
+PARALLEL_CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}
+# spec -> the fused terms its Triton chunked call must pass (checked on the call's keyword arguments)
+TERMS = {
+    "gla": ("scale",),
+    "retention": ("scale",),
+    "mamba2": ("v_step", "decay_head", "skip", "head_skip_weight"),
+    "rwkv6": ("skip", "step_skip_weight"),
+}
+SPECS = {name: recurrence_dsl.load(SPECS_DIR / f"{name}.rec")[name] for name in TERMS}
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _passes(term: str, kwargs: dict) -> bool:
+    """Whether a `chunked_linear_by` call's keyword arguments carry the fused `term`."""
+    if term == "scale":
+        return kwargs.get("scale", 1.0) != 1.0
+    weight, skip = kwargs.get("skip_weight"), kwargs.get("skip")
+    if term == "head_skip_weight":  # one weight per head, [H] (or [H, 1]: `_fused_of` flattens it)
+        return weight is not None and weight.numel() == skip.shape[2]
+    if term == "step_skip_weight":  # one weight per step, skip's [B, T, H]
+        return weight is not None and tuple(weight.shape) == tuple(skip.shape[:3])
+    return kwargs.get(term) is not None
+
+
+def _case(rec, packed: bool):
+    """(float64 args, initial state as the call takes it, call kwargs): one batch of 2, or 3 packed sequences."""
+    sizes = {s: (16, 24)[i % 2] for i, s in enumerate(rec.checked.sizes)}
+    batch = len(CU) - 1 if packed else 2
+    args, initial = sample_arguments(rec.checked, sizes, batch, T, H, dtype=torch.float64, seed=5,
+                                     with_initial_state=True)
+    if packed:  # one packed row of inputs; params and initial states as they are (N rows)
+        args = [a[:1] if i < len(rec.checked.inputs) else a for i, a in enumerate(args)]
+    return args, initial, ({"cu_seqlens": CU} if packed else {})
+
+
+def _run(layer, rec, form, args, initial, more, mutate=None):
+    """(outputs, final states) as dicts of the Triton `form` in float32, and the fused calls' keyword arguments;
+    mutate(kwargs): changes a call's arguments before it runs (to show a wrong term is caught)."""
+    scope = layer.triton_forms["chunked"].__globals__
+    original, calls = scope["triton_chunked_linear_by"], []
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        if mutate is not None:
+            kw = mutate(dict(kw))
+        return original(*a, **kw)
+
+    scope["triton_chunked_linear_by"] = spy
+    try:
+        init = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+        state = init if len(init) > 1 else next(iter(init.values()))
+        options = {"config": PARALLEL_CONFIG} if form == "parallel" else {"chunk_size": 16}
+        with torch.no_grad():
+            out, final = layer(*[a.float() for a in args], initial_state=state, output_final_state=True,
+                               form=form, **options, **more)
+    finally:
+        scope["triton_chunked_linear_by"] = original
+    return as_dict(out, rec.checked.outputs), as_dict(final, rec.checked.states), calls
+
+
+def _errors(rec, got, ref) -> dict:
+    out, final = got
+    ref_out, ref_final = as_dict(ref[0], rec.checked.outputs), as_dict(ref[1], rec.checked.states)
+    errors = {f"output {k}": _rel(out[k], ref_out[k]) for k in ref_out}
+    errors.update({f"final {k}": _rel(final[k], ref_final[k]) for k in ref_final})
+    return errors
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("form", ["chunked", "parallel"])
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_fused_epilogue_outputs_and_final_states(name, form, packed):
+    rec = SPECS[name]
+    layer = recurrence_dsl.compile(rec, backend="triton", tuning=False)
+    assert form in layer.triton_forms
+    args, initial, more = _case(rec, packed)
+    ref = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
+    out, final, calls = _run(layer, rec, form, args, initial, more)
+    assert calls and all((kw.get("parallel") is not None) == (form == "parallel") for kw in calls)
+    missing = [t for t in TERMS[name] if not any(_passes(t, kw) for kw in calls)]
+    assert not missing, f"{name}'s Triton call passes no fused {missing}"
+    assert all(v.dtype == torch.float32 for v in {**out, **final}.values())
+    errors = _errors(rec, (out, final), ref)
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("form", ["chunked", "parallel"])
+def test_a_wrong_fused_term_is_caught(form):
+    """RWKV-6's per-step skip weight halved on its way into the kernels: the outputs leave the tolerance (and the
+    final state, which the epilogue does not touch, stays within it)."""
+    rec = SPECS["rwkv6"]
+    layer = recurrence_dsl.compile(rec, backend="triton", tuning=False)
+    args, initial, more = _case(rec, packed=False)
+    ref = rec.reference(*args, initial_state=initial, output_final_state=True)
+
+    def halve(kw):
+        kw["skip_weight"] = kw["skip_weight"] * 0.5
+        return kw
+
+    out, final, _ = _run(layer, rec, form, args, initial, more, mutate=halve)
+    errors = _errors(rec, (out, final), ref)
+    assert errors["output o"] > 100 * TOL and errors["final S"] <= TOL, errors
