@@ -34,8 +34,8 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     rule's store, see the module docstring), a path or an `autotune.TuningStore`, or False (never).
     Raises `CallError` (a ValueError), as a call with the same argument does, for an unknown backend, a form the
     recurrence lacks (naming its class and why, as `recdsl show` does), a chunk_size that is not an integer >= 1,
-    or backend="triton" without triton. (Triton's power-of-two chunk_size rule is checked at a call that runs a
-    chunked or parallel form: the recurrent and scan forms ignore chunk_size.)
+    or backend="triton" without triton. (Triton's power-of-two chunk_size rule is checked at a call that runs the
+    chunked form: the recurrent, scan and parallel forms ignore chunk_size.)
     """
     layer = load_layer(analyse(getattr(rec, "checked", rec)))
     tuning = getattr(tuning, "path", tuning)  # a TuningStore reads as its path
