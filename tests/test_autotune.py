@@ -2,7 +2,8 @@
 
 Everything runs on a CPU in a few seconds: the torch chunked form's chunk_size is tuned for real (small
 shapes, few trials); the Triton spaces are searched with a stub runner (no kernel) or, for the recurrent
-kernel, in Triton's interpreter (two trials), whose timings are stored as "cpu-interpreter".
+kernel, in Triton's interpreter (two trials), whose timings are stored as "cpu-interpreter". The parallel form's
+space is checked rule by rule, and its config is followed from the call (and from the store) to the runtime.
 """
 
 from __future__ import annotations
