@@ -83,7 +83,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
-    output_final_state = bool(kwargs.pop("output_final_state", False))
+    output_final_state = kwargs.pop("output_final_state", False)
+    if not isinstance(output_final_state, bool):  # a truthy string such as "no" must not mean True
+        raise CallError(f"output_final_state must be True (return the final states) or False, got "
+                        f"{output_final_state!r}")
     cu_seqlens = kwargs.pop("cu_seqlens", None)
     # None: the direction the spec declares (`reverse recurrence` runs backwards); a bool overrides it.
     reverse = kwargs.pop("reverse", None)

@@ -9,6 +9,7 @@ never assigned, a state whose value never reaches an output, a temporary never r
 from __future__ import annotations
 
 import pytest
+import torch
 
 import recurrence_dsl
 from recurrence_dsl.cli import main
@@ -139,3 +140,14 @@ def test_non_linear_reasons_stay_short_and_use_the_step_names():
     assert not any("__new" in r for r in reasons)
     assert any("1/n_t[d] * c_t[d]" in r for r in reasons)
     assert len(analysis.unavailable["scan"]) < 1400
+
+
+def test_output_final_state_takes_a_bool_only():
+    """A truthy non-bool such as "no" must not quietly return the final states (found by trying the tool)."""
+    gla = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    q, k, v, g = (torch.randn(1, 3, 1, 2) for _ in range(4))
+    for bad in ("no", 1, None):
+        with pytest.raises(recurrence_dsl.CallError, match=r"output_final_state must be True .* got"):
+            gla.reference(q, k, v, -g.abs(), output_final_state=bad)
+    o, final = gla.reference(q, k, v, -g.abs(), output_final_state=False)
+    assert o.shape == (1, 3, 1, 2) and final is None
