@@ -444,18 +444,10 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
     chunk = layer.chunk_size if chunk_size is None else chunk_size
     options = {}
     if config:
-        if not isinstance(config, dict):
-            raise ValueError(f"config must be a dict of block sizes, got {type(config).__name__}")
-        keys = module.CONFIG_KEYS
-        fits = [f for f in ([form] if form != "auto" else fns) if set(keys.get((f, "triton"), ())) == set(config)]
-        if not fits:  # a config names every key of one form, no more and no fewer
-            raise ValueError(f"config keys {sorted(config)} are not the keys of any Triton form of {layer.name} "
-                             "(a config gives every key of one form); "
-                             + "; ".join(f"{f} takes {sorted(keys[(f, 'triton')])}"
-                                         + _key_difference(set(keys[(f, "triton")]), set(config))
-                                         for f in ([form] if form != "auto" else fns) if (f, "triton") in keys))
+        # the layer's own rule (every key of one form, launch values Triton takes), as a call with config= checks it
+        fitted = type(layer)._config_form(config, None if form == "auto" else form, fns, "triton")
         chunk = config.get("chunk_size", chunk)
-        options = {fits[0]: {k: v for k, v in config.items() if k != "chunk_size"}}
+        options = {fitted: {k: v for k, v in config.items() if k != "chunk_size"}}
     if ran is None:
         return layer._run(call, form, "triton", chunk, options)  # the layer's own Triton path, on any device
     layer.triton_forms = {name: _recorded(name, fn, ran) for name, fn in fns.items()}
@@ -463,13 +455,6 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
         return layer._run(call, form, "triton", chunk, options)
     finally:
         layer.triton_forms = fns
-
-
-def _key_difference(wanted: set, given: set) -> str:
-    """` (missing a, b; unknown c)` for a config's keys `given` against a form's `wanted`, or ''."""
-    parts = [f"{what} {', '.join(sorted(keys))}" for what, keys in (("missing", wanted - given),
-                                                                    ("unknown", given - wanted)) if keys]
-    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _recorded(name: str, fn, ran: list[str]):

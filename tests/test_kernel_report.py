@@ -218,10 +218,18 @@ def test_a_config_missing_keys_names_them():
     rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
     layer = recurrence_dsl.compile(rec, tuning=False)
     args, _ = sample_arguments(rec.checked, {"K": 16, "V": 16}, 1, 8, 1, dtype=torch.float32, seed=0)
-    with pytest.raises(ValueError, match=r"config keys \['chunk_size', 'nope'\] are not the keys of any Triton "
-                       r"form of gla .*chunked takes .* \(missing block_k, block_v, num_stages, num_warps; "
-                       r"unknown nope\)"):
+    with pytest.raises(ValueError, match=r"config keys \['chunk_size', 'nope'\] fit no form on the triton "
+                       r"backend here \(a config gives every key of one form\); chunked takes .* \(missing "
+                       r"block_k, block_v, num_stages, num_warps; unknown nope\)"):
         kernel_report.run_call(layer, args, form="chunked", config={"chunk_size": 32, "nope": 1})
+    # launch values Triton refuses are named before any kernel compiles, not met as Triton's own assertion
+    config = {"chunk_size": 32, "block_k": 16, "block_v": 16, "num_warps": 3, "num_stages": 2}
+    with pytest.raises(ValueError, match=r"config num_warps must be a power of two from 1 to 32, got 3"):
+        kernel_report.run_call(layer, args, form="chunked", config=config)
+    with pytest.raises(ValueError, match=r"config num_stages must be an integer >= 1, got 0"):
+        kernel_report.run_call(layer, args, form="chunked", config=dict(config, num_warps=4, num_stages=0))
+    with pytest.raises(ValueError, match=r"config num_warps must be .* got 0"):  # the layer's call, the same rule
+        layer(*args, form="chunked", backend="triton", config=dict(config, num_warps=0))
 
 
 def test_an_unknown_target_is_a_usage_error(capsys):
