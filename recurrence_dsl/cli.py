@@ -381,6 +381,20 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _form_to_tune(forms, backend: str, given: dict, tunable) -> str:
+    """The form `recdsl tune` tunes without --form: the one `form="auto"` runs for the shape's sequences at the
+    default chunk_size (so the stored config is the one a call of that shape reads), where that form takes a
+    config on `backend`; else chunked where the spec has it, else recurrent."""
+    from codegen.dispatch import pick_form
+    from codegen.layer import DEFAULT_CHUNK_SIZE
+
+    picked = pick_form(tuple(forms), given.get("T", TUNE_DEFAULTS["T"]), DEFAULT_CHUNK_SIZE,
+                       given.get("B", TUNE_DEFAULTS["B"]))
+    if tunable(picked, backend):
+        return picked
+    return "chunked" if "chunked" in forms else "recurrent"
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -407,12 +421,16 @@ def cmd_tune(args) -> int:
     if device == "cpu":
         for note in timing_warnings(thread_settings()):
             print(f"recdsl tune: warning: {note}", file=sys.stderr)
+    if args.repeat < 3:  # a median of one or two runs cannot set a slow outlier aside, nor an IQR measure spread
+        print(f"recdsl tune: warning: --repeat {args.repeat}: with fewer than 3 timed runs per config one slow run "
+              "can decide the choice; use --repeat 3 or more (default 5) for a config worth storing",
+              file=sys.stderr)
     status = 0
     results = []
     for rec in recs:
         check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
         forms = analyse(rec.checked).forms
-        form = args.form or ("chunked" if "chunked" in forms else "recurrent")
+        form = args.form or _form_to_tune(forms, backend, given, tunable)
         if form not in forms:
             print(f"{rec.name}: no {form} form; skipped", file=sys.stderr)
             continue
@@ -686,8 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                       f"every spec size {TUNE_DIM})")
     tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
     tune.add_argument("--form", choices=("chunked", "parallel", "recurrent"), help="the form to tune (default: "
-                      "chunked where the spec has it, else recurrent; parallel: the Triton backend's, which auto "
-                      "runs for 16 < T <= chunk_size)")
+                      "the one form='auto' runs at the shape's T with the default chunk_size, where it takes a "
+                      "config, else chunked where the spec has it, else recurrent; parallel: the Triton backend's, "
+                      "which auto runs for 16 < T <= chunk_size)")
     tune.add_argument("--backend", choices=("torch", "triton"), help="default: triton on cuda, torch on cpu")
     tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
                       "runs in its interpreter and is stored as 'cpu-interpreter')")

@@ -275,3 +275,17 @@ def test_each_command_reports_a_bad_input_in_one_line(tmp_path, capsys, monkeypa
     assert all(w in first for w in words), (first, words)
     if what != "syntax error":  # a syntax error adds the source line and a caret under the column
         assert len(err.splitlines()) == 1, err
+
+
+def test_tune_without_form_tunes_what_auto_runs_at_that_length():
+    """`recdsl tune` without --form tunes the form a call of the shape runs under form="auto" (found by trying the
+    tool: at T=64 it tuned chunked while the call ran the parallel form and never read that config)."""
+    from autotune.space import tunable
+    from recurrence_dsl.analysis import analyse
+    from recurrence_dsl.cli import _form_to_tune
+
+    forms = analyse(recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"].checked).forms
+    assert _form_to_tune(forms, "triton", {"T": 64}, tunable) == "parallel"
+    assert _form_to_tune(forms, "triton", {"T": 1024}, tunable) == "chunked"
+    assert _form_to_tune(forms, "torch", {"T": 64}, tunable) == "chunked"  # the torch parallel form takes no config
+    assert _form_to_tune(forms, "triton", {"T": 8, "B": 1}, tunable) == "recurrent"

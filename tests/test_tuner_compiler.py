@@ -96,6 +96,7 @@ def test_tuner_drops_a_spilling_config_and_caches_the_figures(tmp_path, monkeypa
 
     # `recdsl tune` prints the same columns (its default config's figures come from the cache: no compile)
     rc = main(["tune", str(SPECS_DIR / "linear_attention.rec"), "--shape", "B=1,T=16,H=1,K=128,V=128",
+               "--form", "chunked",  # (auto would run the recurrent form at T=16: tune's default form then)
                "--dtype", "float32", "--backend", "triton", "--device", "cpu", "--mode", "fwd", "--trials", "1",
                "--warmup", "0", "--repeat", "1", "--target", "sm_90", "--store", str(tmp_path / "cli.sqlite"),
                "--no-progress", "--json"])
