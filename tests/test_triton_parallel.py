@@ -2,7 +2,8 @@
 classes (no, a scalar, a key or a value decay), forward and backward, no torch form on the way.
 
 One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
-with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
+with the fused v_step, decay_head and skip; lightning_attention: a per-head constant decay; hgrn2: a key decay with
+its key 1 - exp(f) from the log decay; normalized_linear_attention: identity with a query / key map and two
 readouts; gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value
 decay, a vector state run as h[1, D]):
 outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
@@ -10,7 +11,8 @@ float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T 
 last one partial), while every torch runtime function of the generated module raises and the parallel Triton
 backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
 runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
-scalar, a key and a value decay; a bad block is refused by name. Kernels run in the Triton
+scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels (256 steps, 4 blocks);
+a bad block is refused by name. Kernels run in the Triton
 interpreter (tests/conftest.py).
 """
 
@@ -58,8 +60,8 @@ def _no_torch_forms(layer, monkeypatch) -> list:
     return runs
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
-                                  "rwkv6", "min_gru"])
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "lightning_attention",
+                                  "normalized_linear_attention", "gla", "hgrn2", "rwkv6", "min_gru"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
 
@@ -155,3 +157,34 @@ def test_a_bad_block_is_refused_by_name():
     k = torch.zeros(1, 4, 1, 16)
     with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
         triton_parallel.parallel_linear_by(triton_runtime.NoDecay, [(k, False)], k, k, block_t=24)
+
+
+@pytest.mark.parametrize("axis", ["scalar", "key"])
+def test_decay_gradient_does_not_cancel(axis):
+    """256 steps in 4 query blocks of 64, k close to q and dO close to v, strong decays (log decay in [-6, -3]): each
+    step's own pair (t, t), which spans no decay, dominates q . dq and k . dk, so their difference, the old
+    (q . dq)_t - (k . dk)_t formula, cancelled to 1e-4 relative on the log decays' gradient and 1e-2 on the per-head
+    factor's (decay_head: sum over every step of dlog * log_decay). The direct per-pair sum keeps both, and every
+    other gradient, within 1e-5 of the float64 reference, with an initial state and a final state's gradient."""
+    gen = torch.Generator().manual_seed(3)
+    Bt, Tt, Ht, K, V = 1, 256, 2, 16, 16
+    q, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = q + 0.1 * k
+    v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = 10.0 * torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = (K,) if axis == "key" else ()
+    g = -3.0 - 3.0 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    head = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, s0, head)]
+    shape = (1, 1, -1) + (1,) * len(lanes)
+    o_ref, s_ref = _steps(q, k, v, g * head.view(shape), s0, False)
+    do = v.detach() + 0.1 * torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = 10.0 * torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = triton_runtime.KeyDecay if axis == "key" else triton_runtime.ScalarDecay
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], False)], *f32[1:4], initial_state=f32[4],
+                                                  output_final_state=True, block_t=64, decay_head=f32[5])
+    got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), f32)
+    errors = {n: _rel(a, b) for n, a, b in zip("q k v g s0 head".split(), got, want)}
+    assert max(errors.values()) <= TOL, errors
