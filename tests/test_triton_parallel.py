@@ -25,7 +25,7 @@ import recurrence_dsl
 from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 
-from .conftest import SPEC_FILES, as_dict, weighted_gradients
+from .conftest import SPEC_FILES, as_dict, no_torch_forms, weighted_gradients
 
 triton_runtime = pytest.importorskip("codegen.triton_runtime")
 triton_parallel = pytest.importorskip("codegen.triton_parallel")
@@ -36,28 +36,10 @@ for _path in SPEC_FILES:
 B, T, H, SIZE = 1, 37, 1, 16
 TOL = 1e-5
 CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}  # query blocks 16 + 16 + 5
-TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal")
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _no_torch_forms(layer, monkeypatch) -> list:
-    """Make every torch runtime form of the layer's generated module raise; count the parallel backward's runs."""
-    scope = layer.triton_forms["chunked"].__globals__
-    for name in TORCH_RUNTIME:
-        if name in scope:
-            monkeypatch.setitem(scope, name, lambda *a, **kw: pytest.fail("a torch form ran on the Triton path"))
-    fn_cls = scope["_triton_ParallelLinearFunction"]
-    backward, runs = fn_cls.backward, []
-
-    def counted(ctx, *grads):
-        runs.append(len(grads))
-        return backward(ctx, *grads)
-
-    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted))
-    return runs
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "lightning_attention",
@@ -71,7 +53,7 @@ def test_gradients_match_the_reference(name, monkeypatch):
                                      dtype=torch.float64, seed=0, with_initial_state=True)
     ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
-    runs = _no_torch_forms(layer, monkeypatch)
+    runs = no_torch_forms(layer, monkeypatch, "_triton_ParallelLinearFunction")
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, config=CONFIG)
     assert runs, "the parallel Triton form's own backward did not run"
