@@ -23,15 +23,18 @@ kernels with the roles of the tensors exchanged (one generic kernel each, `_para
   dv_s  = exp(G_last - G_s) dS_T^T k_s + sum_{t >= s} exp(Gq_t - G_s) (k_s . q_t) dO_t
                                                                    anti-causal, (x, y, z, S) = (k, q, dO, dS_T)
   dS0   = exp(G_last) dS_T + sum_t exp(Gq_t) q_t dO_t^T
-  dG_t  = (q . dq)_u - (k . dk)_t + [t = last] sum(S_T * dS_T),  u = t (t + 1 for an exclusive query)
-                                                                   (`_row_dot_kernel`, one launch per term)
-  dg    = the reverse cumulative sum of dG over [B, T, H], in float64, 0 where the forward floored g,
+  dg_t  = exp(G_last) sum(S0 * dS_T) + sum_{u: t <= Tq(u)} exp(Gq_u) q_u^T S0 dO_u
+          + sum_{s < t} exp(G_last - G_s) k_s^T dS_T v_s + sum_{s < t <= Tq(u)} exp(Gq_u - G_s) (q_u . k_s)(dO_u . v_s)
+                                                                   (`_parallel_dlog`), 0 where the forward floored g,
 
-summed over the queries (each query's dq, dk and dv terms; the state terms once). G enters only through factors
-exp(G_a - G_b), so dG is the sum of (x . dx) over the factors where t is a minus those where it is b (GLA's identity,
-Yang et al. 2023 section 4); the chunked backward sums the log decays' gradient directly instead, because the two
-sides can cancel over long sequences, but the parallel form runs sequences no longer than a chunk (codegen/dispatch.py
-`pick_form`), and the reverse cumulative sum is formed in float64 here.
+Tq(u) = u (u - 1 for an exclusive query), summed over the queries (each query's dq, dk and dv terms; the state terms
+once). The log decays' gradient is summed directly, each term a part of the true sum and every exponent <= 0, as the
+chunked backward's `_dlog_decay` with the whole sequence as one chunk: not as GLA's identity dG_t = (q . dq)_u -
+(k . dk)_t reverse-summed (Yang et al. 2023 section 4), whose two sides each hold the step's own pair (t, t) and the
+large state terms and cancel (the per-head slope of lightning_attention lost 2e-5 relative). The pairs that span a
+step t of query block i lie in the diagonal block, in block i's rows with earlier key blocks, in its columns with
+later query blocks, or between an earlier and a later block (a whole-block sum per block pair, added by the host
+as a difference array over blocks in float64); see the kernels' section.
 
 Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
 chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
@@ -44,10 +47,14 @@ A key decay's factor exp(Gq_t - G_s) differs per lane, so q k^T is no longer one
 goes through a reference row r between the two blocks, q_t exp(Gq_t - G_r) and k_s exp(G_r - G_s), both bounded by
 1; the diagonal block takes one key column at a time (`_parallel_attn_kernel`). dq and dk carry the factor on their
 own (output) axis: the off-diagonal pairs scale z_b by exp(G_r - G_b) before the dot and the result by
-exp(Gq_a - G_r) after it. The log decays' gradient is the same formula per lane, dG_t = (q * dq)_u - (k * dk)_t
-(+ sum over V of S_T * dS_T at the last step). A value decay (min_gru, rg_lru: g_t [V] scales the columns of S) is
+exp(Gq_a - G_r) after it. The log decays' gradient is the same sum per lane (`_parallel_dlog_kernel`), the pairs'
+factor q_u k_s exp(Gq_u - G_s) per key lane. A value decay (min_gru, rg_lru: g_t [V] scales the columns of S) is
 the same with the axes exchanged: o and dv carry the factor on their output axis, dq and dk on the contraction
-axis, and dG_t = (o * dO)_u - (v * dv)_t (+ sum over K of S_T * dS_T), o recomputed by the forward kernel.
+axis, and the log decays' pairs take dO_u v_s exp(Gq_u - G_s) per value lane.
+
+Maps (`_Fused.q_map`, `k_map`: a spec's elementwise feature map of q and k, printed `@triton.jit` helpers): every
+kernel, forward and backward, maps q and k where it loads them, and the backward stores dq and dk through the
+maps' derivative helpers, as the chunked backward does: no mapped copy of q or k is made.
 
 Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
 as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`).
@@ -77,6 +84,7 @@ from .triton_runtime import (
     _register_limit,
     _safe_exp,
     _unfuse,
+    _vjp_of,
 )
 
 Tensor = torch.Tensor
@@ -117,83 +125,6 @@ def _lane_g(g, base, row, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: t
     return tl.load(g + (base + row * H) * D + lanes, mask=m_l, other=0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
-# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
-# mapped copies, and the gradients are carried back through the map's printed derivative after.
-
-
-@triton.jit
-def _map_kernel(x, y, N, MAP: tl.constexpr, BN: tl.constexpr):
-    """y = MAP(x) over N elements, computed in float32 and stored in y's dtype: the backward's transient mapped
-    inputs (`_apply_map`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    tl.store(y + o, MAP(tl.load(x + o, mask=m, other=0.0).to(tl.float32)).to(y.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _map_vjp_kernel(x, g, dx, N, VJP: tl.constexpr, BN: tl.constexpr):
-    """dx = VJP(x, g) over N elements (float32): the mapped value's gradient g carried to the raw input x by the
-    map's printed derivative helper (`_unmap`)."""
-    o = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    m = o < N
-    b_x = tl.load(x + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(dx + o, VJP(b_x, tl.load(g + o, mask=m, other=0.0).to(tl.float32)), mask=m)
-
-
-_MAP_BLOCK = 1024  # elements per program of `_map_kernel` and `_map_vjp_kernel`
-
-
-def _mapped_inputs(maps, qs, k):
-    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
-    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
-    q_map, k_map = maps
-    if q_map is not None:
-        qs = [_apply_map(q_map, q) for q in qs]
-    if k_map is not None:
-        k = _apply_map(k_map, k)
-    return qs, k
-
-
-def _raw_gradients(maps, qs, k, dk, dqs):
-    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
-    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
-    q_map, k_map = maps
-    if k_map is not None:
-        dk = _unmap(k_map, k, dk)
-    if q_map is not None:
-        dqs = [_unmap(q_map, q, dq) for q, dq in zip(qs, dqs)]
-    return dk, dqs
-
-
-def _apply_map(pair, x: Tensor) -> Tensor:
-    """x itself without a map; else map(x) [x's shape] (`_map_kernel`), a transient of the backward: bfloat16 for
-    bfloat16 x (the backward's kernels upcast at the load; bfloat16 has float32's range), float32 otherwise (a map
-    of float16 values can pass float16's largest number)."""
-    if pair is None:
-        return x
-    x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
-    n = x.numel()
-    if n:
-        _map_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x, y, n, pair[0], _MAP_BLOCK)
-    return y
-
-
-def _unmap(pair, x: Tensor, grad: Tensor | None) -> Tensor | None:
-    """The raw input x's gradient from its mapped value's `grad` (float32, the backward's own buffer): vjp(x, grad)
-    by `_map_vjp_kernel` (the chain rule through an elementwise map: grad * map'(x)), written over grad (each
-    element reads only its own); grad itself without a map."""
-    if pair is None or grad is None:
-        return grad
-    grad = grad.to(torch.float32).contiguous()
-    n = x.numel()
-    if n:
-        _map_vjp_kernel[(triton.cdiv(n, _MAP_BLOCK),)](x.contiguous(), grad, grad, n, pair[1], _MAP_BLOCK)
-    return grad
-
-
 @triton.jit
 def _state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
     """The state term's per-lane factor of rows a [BT, BD]: exp(Gq_a) (b_ga holds Gq_a), or with REVERSE
@@ -205,13 +136,14 @@ def _state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
+def _parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
                           DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
                           DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
                           TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
                           SKIP: tl.constexpr, KEY_X: tl.constexpr = False, KEY_Z: tl.constexpr = False,
                           SHIFT_A: tl.constexpr = False, SHIFT_B: tl.constexpr = False, XMAP: tl.constexpr = None,
-                          YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+                          YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
+                          ZMAP: tl.constexpr = None, OVJP: tl.constexpr = None):
     """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
 
     x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place).
@@ -229,7 +161,10 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
     are loaded; SKIP adds sw[h] * sx[a] after the scale (SKIP_STEP: sw[a], a weight per step [B, T, H]). ACC adds
     into out (later queries of the backward).
     SHIFT_A, SHIFT_B (DECAY 2, 3): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
-    side: a when causal, b when REVERSE), given by the host as flags of their own."""
+    side: a when causal, b when REVERSE), given by the host as flags of their own.
+    The backward's maps (the chunked backward's, `_Fused`): XMAP, YMAP, ZMAP map the raw x, y, z as they are
+    loaded; OVJP stores out as OVJP(ox, out), the raw input ox's gradient (grad * map'(ox), a printed derivative
+    helper), before ACC adds it, so each query's share goes through the map on its own."""
     i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -345,6 +280,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
         b_A = tl.where(m_A, b_A, 0.0)
         m_bz = m_b[:, None] & m_z[None, :]
         b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
+        b_z = _mapped(b_z, m_bz, ZMAP)
         if ZSTEP:
             b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
         if (DECAY == 2 or DECAY == 3) and KEY_Z:
@@ -377,6 +313,9 @@ def _parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.conste
             b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_acc += b_sw * tl.load(sx + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az,
                                 other=0.0).to(tl.float32)
+    if OVJP is not None:
+        b_ox = tl.load(ox + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az, other=0.0)
+        b_acc = OVJP(b_ox.to(tl.float32), b_acc)
     if ACC:
         b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
@@ -782,21 +721,23 @@ def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, k
 
 def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
           prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
-          y_map=None, key_z: bool = False, skip_step: bool = False) -> None:
+          y_map=None, key_z: bool = False, skip_step: bool = False, z_map=None, out_map=None, raw=None) -> None:
     """Launch `_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a
-    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's."""
+    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's. x_map, y_map, z_map: (map, vjp)
+    pairs or None, mapping x, y, z as loaded; out_map with raw: out is stored as the raw input raw's gradient."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
     warps = _or(num_warps, _WARPS)
     _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
-        x, y, z, G if G is not None else out, s if s is not None else out, out,
+        x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
-        SKIP_STEP=skip_step, **(_register_limit(warps) if decay >= 2 else {}))
+        SKIP_STEP=skip_step, ZMAP=_map_of(z_map), OVJP=_vjp_of(out_map),
+        **(_register_limit(warps) if decay >= 2 else {}))
 
 
 def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -836,9 +777,12 @@ def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output
     return outs, ht
 
 
-def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, ht, dos, dht):
+def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, dos, dht, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32 (the formulas of the module docstring), for
-    mapped qs and k, v times v_step and log_decay times decay_head (`_materialise`, `_mapped_inputs`)."""
+    v times v_step and log_decay times decay_head (`_materialise`). maps: the (q_map, k_map) pairs of `_Fused` (None
+    or (map, vjp); not with a value decay): qs and k are the raw inputs, mapped where each kernel loads them, and dq
+    and dk are stored through the vjp helpers as the raw inputs' gradients, as in the chunked backward: no mapped
+    copy of q or k."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -849,37 +793,42 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     s0 = None if initial_state is None else initial_state.contiguous()
+    q_map, k_map = maps
     dqs = []
-    for excl, do in zip(exclusive, dos):
+    for q, excl, do in zip(qs, exclusive, dos):
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         _attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
-              key_z=not value)
+              key_z=not value, z_map=k_map, out_map=q_map, raw=q)
         dqs.append(dq)
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0  # the final state's term once, later queries add in
         _attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
-              num_warps, num_stages, key_z=not value)
+              num_warps, num_stages, key_z=not value, z_map=q_map, out_map=k_map, raw=k)
         _attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
-              num_warps, num_stages, key_z=value)
+              num_warps, num_stages, x_map=k_map, y_map=q_map, key_z=value)
     dh0 = None
     if initial_state is not None:
         dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
         for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
             _state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
-                   num_stages)
+                   num_stages, x_map=q_map)
     dlog = None
     if code:
-        dlog = _parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps)
+        dlog = _parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
+                              num_stages)
     return dk, dv, dlog, dh0, dqs
 
 
 _PARALLEL_DLOG_WARPS = 8  # as the chunked runtime's `_DLOG_WARPS`, `_DLOG_SCALAR_WARPS`
+# one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
+# (255 registers, sm_80, bfloat16, K = V = 64)
+_PARALLEL_DLOG_STAGES = 1
 
 
 def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
-                   maps=(None, None)) -> Tensor:
+                   maps=(None, None), num_stages=None) -> Tensor:
     """dL/d(log decay) float32 ([B, T, H] for a scalar decay, code 1; [B, T, H, K] a key decay, 2; [B, T, H, V] a
     value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's identity, Yang et
     al. 2023 section 4), whose two sides are each near the large state terms and cancel. The chunked runtime's
@@ -900,7 +849,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     lanes = () if code == 1 else (G.shape[-1],)
     sums = torch.zeros((4, B * H, NT) + lanes, dtype=torch.float32, device=k.device)
     r = torch.empty((B, T, H) + lanes, dtype=torch.float32, device=k.device)
-    warps = _or(num_warps, _PARALLEL_DLOG_WARPS)
+    warps, stages = _or(num_warps, _PARALLEL_DLOG_WARPS), _or(num_stages, _PARALLEL_DLOG_STAGES)
     qmap, kmap = _map_of(maps[0]), _map_of(maps[1])
     use_s = s0 is not None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
@@ -909,7 +858,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
             _parallel_dlog_scalar_kernel[(NT, B * H)](
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
                 min(64, _pow2_at_least_16(K)), min(32, _pow2_at_least_16(V)), excl, use_s, state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, **_register_limit(warps))
+                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages, **_register_limit(warps))
         else:
             value = code == 3
             x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
@@ -918,7 +867,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
             _parallel_dlog_kernel[(NT, triton.cdiv(D, BD), B * H)](
                 x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
                 min(64, _pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
-                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps,
+                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages,
                 **_register_limit(warps))
     plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
     # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
@@ -945,25 +894,23 @@ class _ParallelLinearFunction(torch.autograd.Function):
         fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht = _parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
                                      fused)
-        ctx.save_for_backward(k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
         return (*outs, ht)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         nq = len(ctx.exclusive)
         fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
         # as the chunked backward: the materialised prologue and the outputs' gradients times the scale, mapped
-        # back by `_unfuse` and `_raw_gradients`
+        # back by `_unfuse`; q and k mapped by the kernels as they load them
         v_m, log_m = _materialise(fused, v, log_decay)
-        qs_m, k_m = _mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
-        dk, dv, dlog, dh0, dqs = _parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
-                                                    initial_state, ht, dos, grads[nq])
+        dk, dv, dlog, dh0, dqs = _parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                    initial_state, dos, grads[nq], ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk, dqs = _raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):

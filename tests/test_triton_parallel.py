@@ -1,19 +1,19 @@
 """The parallel form on the Triton backend (codegen/triton_parallel.py): attention-style kernels for the linear
 classes (no, a scalar, a key or a value decay), forward and backward, no torch form on the way.
 
-One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
-with the fused v_step, decay_head and skip; lightning_attention: a per-head constant decay; hgrn2: a key decay with
-its key 1 - exp(f) from the log decay; normalized_linear_attention: identity with a query / key map and two
-readouts; gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value
-decay, a vector state run as h[1, D]):
-outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
-float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
-last one partial), while every torch runtime function of the generated module raises and the parallel Triton
-backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
-runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
-scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels (256 steps, 4 blocks);
-a bad block is refused by name. Kernels run in the Triton
-interpreter (tests/conftest.py).
+One spec per class it takes and its prologue variants (linear_attention: identity; based: identity with several
+states and readouts, its second-order features products of q and k; retention: scalar; mamba2: scalar with the
+fused v_step, decay_head and skip; lightning_attention: a per-head constant decay; hgrn2: a key decay whose key is
+1 - exp(f), a map of the log decay; normalized_linear_attention: identity with a query / key map and two readouts;
+gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value decay, a vector
+state run as h[1, D]): outputs and gradients of every input, param and initial state, with a gradient on the final
+state, against the float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query
+blocks of 16 (three blocks, the last one partial), while every torch runtime function of the generated module
+raises and the parallel Triton backward is counted; the same with packed sequences (`cu_seqlens`, batched by length
+by the dispatcher). The runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as
+the reference's, for a scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels
+(256 steps, 4 blocks); a backward with maps makes no mapped copy of q or k (host allocations); a bad block is
+refused by name. Kernels run in the Triton interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "lightning_attention",
+@pytest.mark.parametrize("name", ["linear_attention", "based", "retention", "mamba2", "lightning_attention",
                                   "normalized_linear_attention", "gla", "hgrn2", "rwkv6", "min_gru"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
@@ -170,3 +170,36 @@ def test_decay_gradient_does_not_cancel(axis):
     got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), f32)
     errors = {n: _rel(a, b) for n, a, b in zip("q k v g s0 head".split(), got, want)}
     assert max(errors.values()) <= TOL, errors
+
+
+# (spec, dtype) -> the parallel form's forward + backward intermediate bytes at B=2, T=256, H=4, K=V=128 (host
+# allocations, no kernel run): with the maps applied by the backward's kernels at their loads and dq, dk stored
+# through the vjp helpers (before, mapped transient copies of q and k, `_apply_map`, and the log decays' gradient
+# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424)
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_474_720,
+                  ("normalized_linear_attention", torch.bfloat16): 8_998_432,
+                  ("hgrn2", torch.float32): 17_751_072, ("hgrn2", torch.bfloat16): 20_892_192}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["normalized_linear_attention", "hgrn2"])
+def test_backward_makes_no_mapped_copies(name, dtype, monkeypatch):
+    """The parallel form's backward of a spec with prologue maps allocates no mapped q or k: the exact figure, and
+    every [B, T, H, 128] buffer is a kernel's output or gradient buffer, a gradient's cast, the divided readout's
+    torch epilogue, or the log decays' G and gradient. The kernels do not run (the count is of host allocations)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from codegen.intermediate_bytes import format_rows, measure_call
+    from codegen.load import load_layer
+    from recurrence_dsl.sampling import sample_arguments
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = SPECS[name]
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 256, 4, dtype=torch.float32,
+                               seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="parallel",
+                          backward=True)
+    assert report.total == PARALLEL_STEPS[(name, dtype)], format_rows(report)
+    full = [r for r in report.rows if r.shape == (2, 256, 4, 128)]
+    allowed = ("torch.empty(", "grad.to(like.dtype)", "epilogue", "_cumulative_log_decays", "_parallel_dlog")
+    assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
