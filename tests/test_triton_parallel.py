@@ -12,7 +12,8 @@ blocks of 16 (three blocks, the last one partial), while every torch runtime fun
 raises and the parallel Triton backward is counted; the same with packed sequences (`cu_seqlens`, batched by length
 by the dispatcher). The runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as
 the reference's, for a scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels
-(256 steps, 4 blocks); a backward with maps makes no mapped copy of q or k (host allocations); a bad block is
+(256 steps, 4 blocks); two readouts, one exclusive, per decay class; a backward with maps makes no mapped copy of q
+or k (host allocations); a bad block is
 refused by name. Kernels run in the Triton interpreter (tests/conftest.py).
 """
 
@@ -203,3 +204,30 @@ def test_backward_makes_no_mapped_copies(name, dtype, monkeypatch):
     full = [r for r in report.rows if r.shape == (2, 256, 4, 128)]
     allowed = ("torch.empty(", "grad.to(like.dtype)", "epilogue", "_cumulative_log_decays", "_parallel_dlog")
     assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
+
+
+@pytest.mark.parametrize("axis", ["scalar", "key", "value"])
+def test_two_queries_one_exclusive(axis):
+    """Two readouts of one state, the first exclusive, T = 37 in blocks of 16: each query's share of every gradient
+    (the log decays' state terms once, its pair terms per query) within 1e-5 of the float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    Bt, Tt, Ht, K, V = 1, 37, 2, 16, 32
+    q1, q2, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(3))
+    v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.2 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q1, q2, k, v, g, s0)]
+    o1, s_ref = _steps(q1, k, v, g, s0, True)
+    o2, _ = _steps(q2, k, v, g, s0, False)
+    do1, do2 = (torch.randn(o1.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((o1 * do1).sum() + (o2 * do2).sum() + (s_ref * ds).sum(), leaves)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
+    (p1, p2), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], True), (f32[1], False)], *f32[2:5],
+                                                      initial_state=f32[5], output_final_state=True, block_t=16)
+    got = torch.autograd.grad((p1.double() * do1).sum() + (p2.double() * do2).sum() + (ht.double() * ds).sum(), f32)
+    errors = {n: _rel(a, b) for n, a, b in zip("q1 q2 k v g s0".split(), got, want)}
+    assert max(errors.values()) <= TOL, errors
