@@ -13,8 +13,7 @@ raises and the parallel Triton backward is counted; the same with packed sequenc
 by the dispatcher). The runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as
 the reference's, for a scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels
 (256 steps, 4 blocks); two readouts, one exclusive, per decay class; a backward with maps makes no mapped copy of q
-or k (host allocations); a bad block is
-refused by name. Kernels run in the Triton interpreter (tests/conftest.py).
+or k (host allocations); a bad block is refused by name. Kernels run in the Triton interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
