@@ -34,7 +34,7 @@ chunked backward's `_dlog_decay` with the whole sequence as one chunk: not as GL
 large state terms and cancel (the per-head slope of lightning_attention lost 2e-5 relative). The pairs that span a
 step t of query block i lie in the diagonal block, in block i's rows with earlier key blocks, in its columns with
 later query blocks, or between an earlier and a later block (a whole-block sum per block pair, added by the host
-as a difference array over blocks in float64); see the kernels' section.
+as a difference array over blocks in float64); see the comment that opens the log-decay kernels' section.
 
 Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
 chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
@@ -840,7 +840,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay, the lanes
     summed for a scalar decay; the sums over the undecayed axis. The kernels (`_parallel_dlog_kernel`,
     `_parallel_dlog_scalar_kernel`, one launch per query) sum what each block of steps gets from its own rows and
-    columns; the per-block sums they store are added here in float64 (module docstring of the kernels' section).
+    columns; the per-block sums they store are added here in float64 (the comment that opens the kernels' section).
     G [B, T, H(, D)] float64 over the whole sequence; 0 where log_decay was floored (the reference's -inf step).
     maps: the (q_map, k_map) pairs of `_Fused` (scalar and key decays), applied where q and k are loaded."""
     B, T, H, K = k.shape

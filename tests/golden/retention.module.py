@@ -4220,7 +4220,7 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay, the lanes
     summed for a scalar decay; the sums over the undecayed axis. The kernels (`_triton_parallel_dlog_kernel`,
     `_triton_parallel_dlog_scalar_kernel`, one launch per query) sum what each block of steps gets from its own rows and
-    columns; the per-block sums they store are added here in float64 (module docstring of the kernels' section).
+    columns; the per-block sums they store are added here in float64 (the comment that opens the kernels' section).
     G [B, T, H(, D)] float64 over the whole sequence; 0 where log_decay was floored (the reference's -inf step).
     maps: the (q_map, k_map) pairs of `_triton_Fused` (scalar and key decays), applied where q and k are loaded."""
     B, T, H, K = k.shape
