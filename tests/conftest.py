@@ -112,6 +112,33 @@ def weighted_gradients(fn, rec, args, initial, weights=None, seed: int = 1, **kw
     return [x.grad for x in leaves] + [init[s.name].grad for s in checked.states], weights
 
 
+# The torch runtime functions a generated module may call (codegen/torch_runtime.py): a Triton form must call none.
+TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal")
+
+
+def no_torch_forms(layer, monkeypatch, function: str) -> list:
+    """Make every torch runtime function (TORCH_RUNTIME) in the layer's generated module raise, and count the runs
+    of the backward of its Triton autograd class `function` (e.g. "_triton_ChunkedLinearFunction"): the returned
+    list gets one entry per backward run."""
+    scope = layer.triton_forms["chunked"].__globals__
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch form ran on the Triton path")
+
+    for name in TORCH_RUNTIME:
+        if name in scope:
+            monkeypatch.setitem(scope, name, refuse)
+    fn_cls = scope[function]
+    backward, runs = fn_cls.backward, []
+
+    def counted(ctx, *grads):
+        runs.append(len(grads))
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted))
+    return runs
+
+
 def pytest_collection_modifyitems(config, items):
     """Without CUDA, GPU tests are deselected (not skipped) unless a `-m` expression selects them on purpose:
     then they run and fail, so a GPU run can never pass without a GPU."""

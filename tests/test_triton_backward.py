@@ -20,7 +20,7 @@ import recurrence_dsl
 from codegen.specialize import chunked_backward_in_triton
 from recurrence_dsl.analysis import TransitionClass, analyse
 
-from .conftest import SPEC_FILES, as_dict, weighted_gradients
+from .conftest import SPEC_FILES, as_dict, no_torch_forms, weighted_gradients
 
 triton_runtime = pytest.importorskip("codegen.triton_runtime")
 
@@ -43,7 +43,6 @@ LINEAR = sorted(n for n, r in SPECS.items() if chunked_backward_in_triton(a := a
 B, T, H, CHUNK, SIZE = 1, 37, 2, 16, 16  # chunks of 16 + 16 + 5 steps
 TOL = 1e-5
 # the torch runtime's chunked functions, as a generated module names them: none may run in a Triton backward
-TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal")
 
 
 def test_every_linear_spec_is_covered():
@@ -56,27 +55,6 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _no_torch_forms(layer, monkeypatch) -> list:
-    """Make every torch runtime form of the layer's generated module raise; count the Triton backward's runs."""
-    scope = layer.triton_forms["chunked"].__globals__
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a torch form ran on the Triton path")
-
-    for name in TORCH_RUNTIME:
-        if name in scope:
-            monkeypatch.setitem(scope, name, refuse)
-    fn_cls = scope["_triton_ChunkedLinearFunction"]
-    backward, runs = fn_cls.backward, []
-
-    def counted(ctx, *grads):
-        runs.append(len(grads))
-        return backward(ctx, *grads)
-
-    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted))
-    return runs
-
-
 def _check_spec(rec, monkeypatch, args=None, initial=None):
     from recurrence_dsl.sampling import sample_arguments
 
@@ -86,7 +64,7 @@ def _check_spec(rec, monkeypatch, args=None, initial=None):
                                          with_initial_state=True)
     ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
-    runs = _no_torch_forms(layer, monkeypatch)
+    runs = no_torch_forms(layer, monkeypatch, "_triton_ChunkedLinearFunction")
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights)
     assert runs, "the chunked Triton form's own backward did not run"

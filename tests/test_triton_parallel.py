@@ -1,17 +1,19 @@
 """The parallel form on the Triton backend (codegen/triton_parallel.py): attention-style kernels for the linear
 classes (no, a scalar, a key or a value decay), forward and backward, no torch form on the way.
 
-One spec per class it takes and its prologue variants (linear_attention: identity; retention: scalar; mamba2: scalar
-with the fused v_step, decay_head and skip; normalized_linear_attention: identity with a query / key map and two
-readouts; gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value
-decay, a vector state run as h[1, D]):
-outputs and gradients of every input, param and initial state, with a gradient on the final state, against the
-float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query blocks of 16 (the
-last one partial), while every torch runtime function of the generated module raises and the parallel Triton
-backward is counted; the same with packed sequences (`cu_seqlens`, batched by length by the dispatcher). The
-runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as the reference's, for a
-scalar, a key and a value decay; a bad block is refused by name. Kernels run in the Triton
-interpreter (tests/conftest.py).
+One spec per class it takes and its prologue variants (linear_attention: identity; based: identity with several
+states and readouts, its second-order features products of q and k; retention: scalar; mamba2: scalar with the
+fused v_step, decay_head and skip; lightning_attention: a per-head constant decay; hgrn2: a key decay whose key is
+1 - exp(f), a map of the log decay; normalized_linear_attention: identity with a query / key map and two readouts;
+gla: key decay; rwkv6: key decay with an exclusive query and a per-step skip weight; min_gru: value decay, a vector
+state run as h[1, D]): outputs and gradients of every input, param and initial state, with a gradient on the final
+state, against the float64 reference interpreter's autograd (relative error <= 1e-5 in float32), T = 37 in query
+blocks of 16 (three blocks, the last one partial), while every torch runtime function of the generated module
+raises and the parallel Triton backward is counted; the same with packed sequences (`cu_seqlens`, batched by length
+by the dispatcher). The runtime on its own: exclusive queries and resets (log decay -inf), whose gradient is 0 as
+the reference's, for a scalar, a key and a value decay; the log decays' gradient where GLA's q.dq - k.dk cancels
+(256 steps, 4 blocks); two readouts, one exclusive, per decay class; a backward with maps makes no mapped copy of q
+or k (host allocations); a bad block is refused by name. Kernels run in the Triton interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import recurrence_dsl
 from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 
-from .conftest import SPEC_FILES, as_dict, weighted_gradients
+from .conftest import SPEC_FILES, as_dict, no_torch_forms, weighted_gradients
 
 triton_runtime = pytest.importorskip("codegen.triton_runtime")
 triton_parallel = pytest.importorskip("codegen.triton_parallel")
@@ -34,32 +36,14 @@ for _path in SPEC_FILES:
 B, T, H, SIZE = 1, 37, 1, 16
 TOL = 1e-5
 CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}  # query blocks 16 + 16 + 5
-TORCH_RUNTIME = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by", "scan_diagonal")
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _no_torch_forms(layer, monkeypatch) -> list:
-    """Make every torch runtime form of the layer's generated module raise; count the parallel backward's runs."""
-    scope = layer.triton_forms["chunked"].__globals__
-    for name in TORCH_RUNTIME:
-        if name in scope:
-            monkeypatch.setitem(scope, name, lambda *a, **kw: pytest.fail("a torch form ran on the Triton path"))
-    fn_cls = scope["_triton_ParallelLinearFunction"]
-    backward, runs = fn_cls.backward, []
-
-    def counted(ctx, *grads):
-        runs.append(len(grads))
-        return backward(ctx, *grads)
-
-    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted))
-    return runs
-
-
-@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "normalized_linear_attention", "gla",
-                                  "rwkv6", "min_gru"])
+@pytest.mark.parametrize("name", ["linear_attention", "based", "retention", "mamba2", "lightning_attention",
+                                  "normalized_linear_attention", "gla", "hgrn2", "rwkv6", "min_gru"])
 def test_gradients_match_the_reference(name, monkeypatch):
     from recurrence_dsl.sampling import sample_arguments
 
@@ -69,7 +53,7 @@ def test_gradients_match_the_reference(name, monkeypatch):
                                      dtype=torch.float64, seed=0, with_initial_state=True)
     ref, weights = weighted_gradients(rec.reference, rec, args, initial)
     layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
-    runs = _no_torch_forms(layer, monkeypatch)
+    runs = no_torch_forms(layer, monkeypatch, "_triton_ParallelLinearFunction")
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, config=CONFIG)
     assert runs, "the parallel Triton form's own backward did not run"
@@ -155,3 +139,94 @@ def test_a_bad_block_is_refused_by_name():
     k = torch.zeros(1, 4, 1, 16)
     with pytest.raises(ValueError, match="block_t must be a power of two >= 16"):
         triton_parallel.parallel_linear_by(triton_runtime.NoDecay, [(k, False)], k, k, block_t=24)
+
+
+@pytest.mark.parametrize("axis", ["scalar", "key"])
+def test_decay_gradient_does_not_cancel(axis):
+    """256 steps in 4 query blocks of 64, k close to q and dO close to v, strong decays (log decay in [-6, -3]): each
+    step's own pair (t, t), which spans no decay, dominates q . dq and k . dk, so their difference, the old
+    (q . dq)_t - (k . dk)_t formula, cancelled to 1e-4 relative on the log decays' gradient and 1e-2 on the per-head
+    factor's (decay_head: sum over every step of dlog * log_decay). The direct per-pair sum keeps both, and every
+    other gradient, within 1e-5 of the float64 reference, with an initial state and a final state's gradient."""
+    gen = torch.Generator().manual_seed(3)
+    Bt, Tt, Ht, K, V = 1, 256, 2, 16, 16
+    q, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = q + 0.1 * k
+    v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = 10.0 * torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = (K,) if axis == "key" else ()
+    g = -3.0 - 3.0 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    head = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, s0, head)]
+    shape = (1, 1, -1) + (1,) * len(lanes)
+    o_ref, s_ref = _steps(q, k, v, g * head.view(shape), s0, False)
+    do = v.detach() + 0.1 * torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = 10.0 * torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), leaves)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = triton_runtime.KeyDecay if axis == "key" else triton_runtime.ScalarDecay
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], False)], *f32[1:4], initial_state=f32[4],
+                                                  output_final_state=True, block_t=64, decay_head=f32[5])
+    got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), f32)
+    errors = {n: _rel(a, b) for n, a, b in zip("q k v g s0 head".split(), got, want)}
+    assert max(errors.values()) <= TOL, errors
+
+
+# (spec, dtype) -> the parallel form's forward + backward intermediate bytes at B=2, T=256, H=4, K=V=128 (host
+# allocations, no kernel run): with the maps applied by the backward's kernels at their loads and dq, dk stored
+# through the vjp helpers (before, mapped transient copies of q and k, `_apply_map`, and the log decays' gradient
+# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424)
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_474_720,
+                  ("normalized_linear_attention", torch.bfloat16): 8_998_432,
+                  ("hgrn2", torch.float32): 17_751_072, ("hgrn2", torch.bfloat16): 20_892_192}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["normalized_linear_attention", "hgrn2"])
+def test_backward_makes_no_mapped_copies(name, dtype, monkeypatch):
+    """The parallel form's backward of a spec with prologue maps allocates no mapped q or k: the exact figure, and
+    every [B, T, H, 128] buffer is a kernel's output or gradient buffer, a gradient's cast, the divided readout's
+    torch epilogue, or the log decays' G and gradient. The kernels do not run (the count is of host allocations)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from codegen.intermediate_bytes import format_rows, measure_call
+    from codegen.load import load_layer
+    from recurrence_dsl.sampling import sample_arguments
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = SPECS[name]
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 256, 4, dtype=torch.float32,
+                               seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="parallel",
+                          backward=True)
+    assert report.total == PARALLEL_STEPS[(name, dtype)], format_rows(report)
+    full = [r for r in report.rows if r.shape == (2, 256, 4, 128)]
+    allowed = ("torch.empty(", "grad.to(like.dtype)", "epilogue", "_cumulative_log_decays", "_parallel_dlog")
+    assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
+
+
+@pytest.mark.parametrize("axis", ["scalar", "key", "value"])
+def test_two_queries_one_exclusive(axis):
+    """Two readouts of one state, the first exclusive, T = 37 in blocks of 16: each query's share of every gradient
+    (the log decays' state terms once, its pair terms per query) within 1e-5 of the float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    Bt, Tt, Ht, K, V = 1, 37, 2, 16, 32
+    q1, q2, k = (torch.randn(Bt, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(3))
+    v = torch.randn(Bt, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(Bt, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.2 * torch.rand((Bt, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q1, q2, k, v, g, s0)]
+    o1, s_ref = _steps(q1, k, v, g, s0, True)
+    o2, _ = _steps(q2, k, v, g, s0, False)
+    do1, do2 = (torch.randn(o1.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((o1 * do1).sum() + (o2 * do2).sum() + (s_ref * ds).sum(), leaves)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
+    (p1, p2), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], True), (f32[1], False)], *f32[2:5],
+                                                      initial_state=f32[5], output_final_state=True, block_t=16)
+    got = torch.autograd.grad((p1.double() * do1).sum() + (p2.double() * do2).sum() + (ht.double() * ds).sum(), f32)
+    errors = {n: _rel(a, b) for n, a, b in zip("q1 q2 k v g s0".split(), got, want)}
+    assert max(errors.values()) <= TOL, errors

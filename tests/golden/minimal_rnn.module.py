@@ -1872,14 +1872,23 @@ def _triton_register_limit(num_warps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
-# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
-# mapped copies, and the gradients are carried back through the map's printed derivative after.
+# The log decays' gradient, summed directly. A factor exp(Gq_u - G_s) of the pair (query step u, key step s)
+# spans the steps s < t <= Tq(u) (Tq(u) = u, u - 1 for an exclusive query), so dg_t is the sum of the pair terms
+# P_us over those pairs plus the state terms (`_triton_parallel_dlog`). For t in block i and u in block a, s in block b
+# (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
+# sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
+# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
+# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
+# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
 
 
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
+
+
+# one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
+# (255 registers, sm_80, bfloat16, K = V = 64)
 
 
 def _triton_block(n, given, what):

@@ -3577,34 +3577,27 @@ def _triton_row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
     return tl.load(g + base + rows * H, mask=m, other=0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The backward's mapped inputs. Unlike the chunked backward, whose kernels map q and k as they load them, the
-# parallel form's backward kernels take x and y in swapped roles, so a map is applied once to make transient
-# mapped copies, and the gradients are carried back through the map's printed derivative after.
-
-
-def _triton_mapped_inputs(maps, qs, k):
-    """(the queries, the keys) mapped by the (q_map, k_map) pairs `maps`, or as they are where a map is None.
-    Each map is tested in a branch of its own, which codegen/specialize.py folds away in a module without maps."""
-    q_map, k_map = maps
-    return qs, k
-
-
-def _triton_raw_gradients(maps, qs, k, dk, dqs):
-    """(dk, [dq per query]) carried from the mapped values to the raw inputs qs and k by the (q_map, k_map) pairs
-    `maps` (the chain rule through each map's vjp helper); unchanged where a map is None (folded as above)."""
-    q_map, k_map = maps
-    return dk, dqs
+@triton.jit
+def _triton_tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
+    """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
+    if SHIFT:
+        src = rows - 1
+        m_src = m & (rows > 0)
+    else:
+        src = rows
+        m_src = m
+    return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
 
 
 @triton.jit
-def _triton_parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
+def _triton_parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
                                  DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
                                  DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, REVERSE: tl.constexpr, USE_S: tl.constexpr,
                                  TRANS_S: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, ZSTEP: tl.constexpr,
                                  SKIP: tl.constexpr, KEY_X: tl.constexpr = False, KEY_Z: tl.constexpr = False,
                                  SHIFT_A: tl.constexpr = False, SHIFT_B: tl.constexpr = False, XMAP: tl.constexpr = None,
-                                 YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+                                 YMAP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
+                                 ZMAP: tl.constexpr = None, OVJP: tl.constexpr = None):
     """One (BZ tile, block of BT rows a, batch*head) of out_a = scale * (D0_a x_a^T S + sum_b D_ab (x_a . y_b) z_b).
 
     x, y [B, T, H, DX]; z, out [B, T, H, DZ]; S [B, H, DX, DZ] (TRANS_S: [B, H, DZ, DX], read transposed in place).
@@ -3622,7 +3615,10 @@ def _triton_parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl
     are loaded; SKIP adds sw[h] * sx[a] after the scale (SKIP_STEP: sw[a], a weight per step [B, T, H]). ACC adds
     into out (later queries of the backward).
     SHIFT_A, SHIFT_B (DECAY 2, 3): whether the a side's, the b side's per-lane G is shifted (EXCLUSIVE on the later
-    side: a when causal, b when REVERSE), given by the host as flags of their own."""
+    side: a when causal, b when REVERSE), given by the host as flags of their own.
+    The backward's maps (the chunked backward's, `_triton_Fused`): XMAP, YMAP, ZMAP map the raw x, y, z as they are
+    loaded; OVJP stores out as OVJP(ox, out), the raw input ox's gradient (grad * map'(ox), a printed derivative
+    helper), before ACC adds it, so each query's share goes through the map on its own."""
     i_zt, i_a, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -3694,11 +3690,15 @@ def _triton_parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl
         b_A = tl.where(m_A, b_A, 0.0)
         m_bz = m_b[:, None] & m_z[None, :]
         b_z = tl.load(z + (base + rows_b[:, None] * H) * DZ + o_z[None, :], mask=m_bz, other=0.0).to(tl.float32)
+        b_z = _triton_mapped(b_z, m_bz, ZMAP)
         if ZSTEP:
             b_z = b_z * tl.load(zs + base + rows_b * H, mask=m_b, other=0.0).to(tl.float32)[:, None]
         b_acc += tl.dot(b_A, b_z, input_precision=PREC)
     b_acc = b_acc * scale
     p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
+    if OVJP is not None:
+        b_ox = tl.load(ox + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az, other=0.0)
+        b_acc = OVJP(b_ox.to(tl.float32), b_acc)
     if ACC:
         b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
@@ -3750,29 +3750,293 @@ def _triton_parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: t
     tl.store(out + p_xz, b_acc, mask=m_xz)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The log decays' gradient, summed directly. A factor exp(Gq_u - G_s) of the pair (query step u, key step s)
+# spans the steps s < t <= Tq(u) (Tq(u) = u, u - 1 for an exclusive query), so dg_t is the sum of the pair terms
+# P_us over those pairs plus the state terms (`_triton_parallel_dlog`). For t in block i and u in block a, s in block b
+# (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
+# sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
+# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
+# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
+# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
+
+
 @triton.jit
-def _triton_row_dot_kernel(x, dx, r, sign, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                           SHIFT: tl.constexpr, ACC: tl.constexpr):
-    """r[b, t, h] (+)= sign * (x_u . dx_u) over D, u = t + 1 if SHIFT (0 at the last step), else t: one block of
-    BT steps of one batch*head. The log decays' per-step terms (q . dq at the step whose G the query's factors use,
-    - k . dk), float32 dots of D lanes."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+def _triton_scores(a, b, base, rows_a, m_a, rows_b, m_b, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                   H: tl.constexpr, PREC: tl.constexpr, AMAP: tl.constexpr = None, BMAP: tl.constexpr = None):
+    """a_u . b_s over D lanes for the rows u = rows_a and s = rows_b of one (batch, head): [BT, BT] float32, 0 at
+    masked rows; a, b [B, T, H, D], mapped by AMAP, BMAP as loaded (`_triton_mapped`)."""
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_ad = m_a[:, None] & (o_d < D)[None, :]
+        m_db = (o_d < D)[:, None] & m_b[None, :]
+        b_a = tl.load(a + (base + rows_a[:, None] * H) * D + o_d[None, :], mask=m_ad, other=0.0).to(tl.float32)
+        b_bt = tl.load(b + (base + rows_b[None, :] * H) * D + o_d[:, None], mask=m_db, other=0.0).to(tl.float32)
+        b_A += tl.dot(_triton_mapped(b_a, m_ad, AMAP), _triton_mapped(b_bt, m_db, BMAP), input_precision=PREC)
+    return b_A
+
+
+@triton.jit
+def _triton_block_sums(sums, c, i_blk, i_bh, NBH, NT, o_d, m_d, b_v, D: tl.constexpr):
+    """sums[c, bh, i_blk, lanes] += b_v [BD] (sums [4, B*H, NT, D] float32, zeroed by the host)."""
+    p = sums + ((c * NBH + i_bh).to(tl.int64) * NT + i_blk) * D + o_d
+    tl.store(p, tl.load(p, mask=m_d, other=0.0) + b_v, mask=m_d)
+
+
+@triton.jit
+def _triton_dlog_rows(w, z, y, g, base, rows_a, m_a, i_j, o_d, m_d, b_gr, T, H: tl.constexpr, D: tl.constexpr,
+                      E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, YMAP: tl.constexpr):
+    """sum over s in key block j of M_us y_s exp(G_r - G_s), [BT (u), BD] float32: M_us = w_u . z_s (rows_a u),
+    y, G per lane, r the reference row (G_r [BD] in b_gr) at or after every s."""
+    rows_b = i_j * BT + tl.arange(0, BT)
+    m_b = rows_b < T
+    m_bd = m_b[:, None] & m_d[None, :]
+    b_M = _triton_scores(w, z, base, rows_a, m_a, rows_b, m_b, E, BE, BT, H, PREC)
+    b_y = _triton_mapped(tl.load(y + (base + rows_b[:, None] * H) * D + o_d[None, :], mask=m_bd, other=0.0).to(tl.float32),
+                         m_bd, YMAP)
+    b_gb = tl.load(g + (base + rows_b[:, None] * H) * D + o_d[None, :], mask=m_bd, other=0.0)
+    return tl.dot(b_M, b_y * _triton_decay(b_gr[None, :], b_gb), input_precision=PREC)
+
+
+@triton.jit
+def _triton_dlog_cols(w, z, x, g, base, rows_b, m_b, i_a, o_d, m_d, b_gr, T, H: tl.constexpr, D: tl.constexpr,
+                      E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, SHIFT: tl.constexpr,
+                      XMAP: tl.constexpr):
+    """sum over u in query block a of M_us x_u exp(Gq_u - G_r), [BT (s), BD] float32: M_us = w_u . z_s (rows_b s),
+    x, Gq per lane (Gq_u = G_{u-1} if SHIFT), r the reference row (b_gr) at or before every Tq(u)."""
+    rows_a = i_a * BT + tl.arange(0, BT)
+    m_a = rows_a < T
+    m_ad = m_a[:, None] & m_d[None, :]
+    b_M = _triton_scores(w, z, base, rows_a, m_a, rows_b, m_b, E, BE, BT, H, PREC)
+    b_x = _triton_mapped(tl.load(x + (base + rows_a[:, None] * H) * D + o_d[None, :], mask=m_ad, other=0.0).to(tl.float32),
+                         m_ad, XMAP)
+    b_gq = _triton_tile_g(g, base, rows_a, m_a, o_d, m_d, SHIFT, H, D)
+    return tl.dot(tl.trans(b_M), b_x * _triton_decay(b_gq, b_gr[None, :]), input_precision=PREC)
+
+
+@triton.jit
+def _triton_parallel_dlog_kernel(x, y, w, z, s, ds, g, r, sums, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
+                                 SHIFT: tl.constexpr, USE_S: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
+                                 PREC: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
+    """A key or value decay's log-decay gradient, one (block i of BT steps, BD lanes d of the decayed axis D,
+    batch*head): the terms of `_triton_parallel_dlog` that this block's steps and lanes get from its own rows, r [B, T, H, D]
+    (+)= float32, and its per-block sums into sums [4, B*H, NT, D] (PLUS, MINUS, the initial state's and the final
+    state's terms). x, y [B, T, H, D]; w, z [B, T, H, E]; s = S0, ds = dS_T [B, H, K, V] float32 (D = K rows of
+    S, or V columns if VALUE); G [B, T, H, D] float64 over the whole sequence. Every exponent is <= 0: the pairs
+    off the diagonal go through a reference row, the diagonal block one lane at a time (`_triton_dlog_chunk_kernel`'s).
+    USE_S: an initial state; STATE: a final state's gradient (the first query only); ACC adds into r."""
+    i_i, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NBH = tl.num_programs(2)
     i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
     base = i_b.to(tl.int64) * T * H + i_h
-    rows = i_n * BT + tl.arange(0, BT)
+    o_i = tl.arange(0, BT)
+    rows = i_i * BT + o_i
     m_t = rows < T
-    if SHIFT:
-        src = rows + 1
-    else:
-        src = rows
-    m_src = src < T
+    o_j = tl.arange(0, BD)
+    o_d = i_d * BD + o_j
+    m_d = o_d < D
+    m = m_t[:, None] & m_d[None, :]
+    offs = (base + rows[:, None] * H) * D + o_d[None, :]
+    b_g = tl.load(g + offs, mask=m, other=0.0)  # float64
+    b_gq = _triton_tile_g(g, base, rows, m_t, o_d, m_d, SHIFT, H, D)
+    b_x = _triton_mapped(tl.load(x + offs, mask=m, other=0.0).to(tl.float32), m, XMAP)
+    b_y = _triton_mapped(tl.load(y + offs, mask=m, other=0.0).to(tl.float32), m, YMAP)
+    b_r = tl.zeros([BT, BD], dtype=tl.float32)
+    # the state terms: x_u exp(Gq_u) (w_u . S0) for every t <= Tq(u), y_s exp(G_L - G_s) (z_s . dS_T) for t > s;
+    # S's [d, e] element at d*V + e (rows) or e*V + d (a value decay's columns)
+    if USE_S or STATE:
+        p_s = i_bh.to(tl.int64) * (D * E)
+        b_ws = tl.zeros([BT, BD], dtype=tl.float32)
+        b_zd = tl.zeros([BT, BD], dtype=tl.float32)
+        for e0 in range(0, E, BE):
+            o_e = e0 + tl.arange(0, BE)
+            m_e = o_e < E
+            if VALUE:
+                p_de = o_e[:, None] * D + o_d[None, :]  # [BE, BD]
+            else:
+                p_de = o_d[None, :] * E + o_e[:, None]
+            m_de = m_e[:, None] & m_d[None, :]
+            m_te = m_t[:, None] & m_e[None, :]
+            offs_e = (base + rows[:, None] * H) * E + o_e[None, :]
+            if USE_S:
+                b_w = tl.load(w + offs_e, mask=m_te, other=0.0).to(tl.float32)
+                b_ws += tl.dot(b_w, tl.load(s + p_s + p_de, mask=m_de, other=0.0), input_precision=PREC)
+            if STATE:
+                b_z = tl.load(z + offs_e, mask=m_te, other=0.0).to(tl.float32)
+                b_zd += tl.dot(b_z, tl.load(ds + p_s + p_de, mask=m_de, other=0.0), input_precision=PREC)
+        if USE_S:
+            b_e = tl.where(m, b_x * _triton_decay(b_gq, 0.0) * b_ws, 0.0)
+            b_r += tl.cumsum(b_e, axis=0, reverse=True)
+            if SHIFT:
+                b_r -= b_e
+            _triton_block_sums(sums, 2, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_e, axis=0), D)
+        if STATE:
+            b_gl = tl.load(g + (base + (T - 1) * H) * D + o_d, mask=m_d, other=0.0)
+            b_f = tl.where(m, b_y * _triton_decay(b_gl[None, :], b_g) * b_zd, 0.0)
+            b_r += tl.cumsum(b_f, axis=0) - b_f  # for s < t
+            _triton_block_sums(sums, 3, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_f, axis=0), D)
+    # the rows u of this block with the key blocks before it, through the reference row r = i*BT - 1 (the row
+    # before the block: at or before every Tq(u), at or after every s)
+    if i_i > 0:
+        b_grr = tl.load(g + (base + (i_i * BT - 1) * H) * D + o_d, mask=m_d, other=0.0)
+        b_xr = tl.where(m, b_x * _triton_decay(b_gq, b_grr[None, :]), 0.0)
+        b_q = tl.zeros([BT, BD], dtype=tl.float32)
+        for i_j in range(0, i_i - 1):  # b <= i - 2: also the whole-block sums of MINUS
+            b_q += _triton_dlog_rows(w, z, y, g, base, rows, m_t, i_j, o_d, m_d, b_grr, T, H, D, E, BT, BE, PREC, YMAP)
+        _triton_block_sums(sums, 1, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_xr * b_q, axis=0), D)
+        b_q += _triton_dlog_rows(w, z, y, g, base, rows, m_t, i_i - 1, o_d, m_d, b_grr, T, H, D, E, BT, BE, PREC, YMAP)
+        b_R = b_xr * b_q  # row sums over every earlier s
+        b_r += tl.cumsum(b_R, axis=0, reverse=True)
+        if SHIFT:
+            b_r -= b_R
+    # the columns s of this block with the query blocks after it, through the reference row r = its last row
+    if i_i < NT - 1:
+        b_grc = tl.load(g + (base + (i_i * BT + BT - 1) * H) * D + o_d, mask=m_d, other=0.0)
+        b_yr = tl.where(m, b_y * _triton_decay(b_grc[None, :], b_g), 0.0)
+        b_c = tl.zeros([BT, BD], dtype=tl.float32)
+        for i_a in range(i_i + 2, NT):  # a >= i + 2: also the whole-block sums of PLUS
+            b_c += _triton_dlog_cols(w, z, x, g, base, rows, m_t, i_a, o_d, m_d, b_grc, T, H, D, E, BT, BE, PREC, SHIFT,
+                                     XMAP)
+        _triton_block_sums(sums, 0, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_yr * b_c, axis=0), D)
+        b_c += _triton_dlog_cols(w, z, x, g, base, rows, m_t, i_i + 1, o_d, m_d, b_grc, T, H, D, E, BT, BE, PREC, SHIFT,
+                                 XMAP)
+        b_C = b_yr * b_c  # column sums over every later u
+        b_r += tl.cumsum(b_C, axis=0) - b_C  # for s < t
+    # the diagonal block, one lane at a time: P[u, s] = M_us x_u y_s exp(Gq_u - G_s) for s < u, then
+    # C[t, s] = sum_{u >= t} P[u, s] (u > t if SHIFT) and r_t += sum_{s < t} C[t, s]
+    m_us = o_i[None, :] < o_i[:, None]
+    b_M = tl.where(m_us, _triton_scores(w, z, base, rows, m_t, rows, m_t, E, BE, BT, H, PREC), 0.0)
+    for j in range(0, BD):
+        d = i_d * BD + j
+        m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
+        p_c = (base + rows * H) * D + d
+        b_xc = _triton_mapped(tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, XMAP)
+        b_yc = _triton_mapped(tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, YMAP)
+        b_gc = tl.load(g + p_c, mask=m_c, other=0.0)
+        if SHIFT:
+            b_gqc = tl.load(g + p_c - H * D, mask=m_c & (rows >= 1), other=0.0)
+        else:
+            b_gqc = b_gc
+        b_gu = tl.where(m_us, b_gqc[:, None], b_gc[None, :])  # masked pairs get exp(0), times M = 0
+        b_P = b_M * b_xc[:, None] * b_yc[None, :] * _triton_decay(b_gu, b_gc[None, :])
+        b_Cd = tl.cumsum(b_P, axis=0, reverse=True)
+        if SHIFT:
+            b_Cd -= b_P
+        b_rc = tl.sum(tl.where(m_us, b_Cd, 0.0), axis=1)
+        b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
+    if ACC:
+        b_r += tl.load(r + offs, mask=m, other=0.0)
+    tl.store(r + offs, b_r, mask=m)
+
+
+@triton.jit
+def _triton_scalar_pairs(q, k, v, do, g, base, rows_a, m_a, rows_b, m_b, T, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                         SHIFT: tl.constexpr, QMAP: tl.constexpr, KMAP: tl.constexpr):
+    """A scalar decay's pair terms P_us = (q_u . k_s)(do_u . v_s) exp(Gq_u - G_s) of query rows u = rows_a and
+    key rows s = rows_b, [BT, BT] float32, for blocks with every s <= Tq(u) (0 at masked rows)."""
+    b_A = _triton_scores(q, k, base, rows_a, m_a, rows_b, m_b, K, BK, BT, H, PREC, QMAP, KMAP)
+    b_M = _triton_scores(do, v, base, rows_a, m_a, rows_b, m_b, V, BV, BT, H, PREC)
+    b_gq = _triton_row_g(g, base, rows_a, m_a, SHIFT, H)
+    b_gs = _triton_row_g(g, base, rows_b, m_b, False, H)
+    return b_A * b_M * _triton_decay(b_gq[:, None], b_gs[None, :])
+
+
+@triton.jit
+def _triton_parallel_dlog_scalar_kernel(q, k, v, do, s, ds, g, r, sums, T, H: tl.constexpr, K: tl.constexpr,
+                                        V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                        SHIFT: tl.constexpr, USE_S: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
+                                        PREC: tl.constexpr, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+    """`_triton_parallel_dlog_kernel` for a scalar decay, one (block i of BT steps, batch*head), its K lanes summed inside
+    the terms: P_us = (q_u . k_s)(do_u . v_s) exp(Gq_u - G_s), the state terms exp(Gq_u) q_u^T S0 do_u and
+    exp(G_L - G_s) k_s^T dS_T v_s. r [B, T, H] (+)= float32; sums [4, B*H, NT] (`_triton_parallel_dlog`); G [B, T, H]
+    float64; S0, dS_T [B, H, K, V] float32. One G per row, so no reference row: each factor is formed directly."""
+    i_i, i_bh = tl.program_id(0), tl.program_id(1)
+    NBH = tl.num_programs(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NT = tl.cdiv(T, BT)
+    base = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    rows = i_i * BT + o_i
+    m_t = rows < T
+    o_0 = tl.arange(0, 1)  # the per-block sums' one slot, as a [1] tensor
+    m_0 = o_0 == 0
     b_r = tl.zeros([BT], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = i_d * BD + tl.arange(0, BD)
-        m = m_src[:, None] & (o_d < D)[None, :]
-        p = (base + src[:, None] * H) * D + o_d[None, :]
-        b_r += tl.sum(tl.load(x + p, mask=m, other=0.0).to(tl.float32) * tl.load(dx + p, mask=m, other=0.0), axis=1)
-    b_r = b_r * sign
+    if USE_S or STATE:
+        p_s = i_bh.to(tl.int64) * (K * V)
+        b_ws = tl.zeros([BT], dtype=tl.float32)  # q_u^T S0 do_u
+        b_zd = tl.zeros([BT], dtype=tl.float32)  # k_s^T dS_T v_s
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            p_tv = (base + rows[:, None] * H) * V + o_v[None, :]
+            if USE_S:
+                b_qs = tl.zeros([BT, BV], dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    o_k = k0 + tl.arange(0, BK)
+                    m_tk = m_t[:, None] & (o_k < K)[None, :]
+                    b_q = tl.load(q + (base + rows[:, None] * H) * K + o_k[None, :], mask=m_tk, other=0.0)
+                    b_s = tl.load(s + p_s + o_k[:, None] * V + o_v[None, :],
+                                  mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+                    b_qs += tl.dot(_triton_mapped(b_q.to(tl.float32), m_tk, QMAP), b_s, input_precision=PREC)
+                b_ws += tl.sum(b_qs * tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+            if STATE:
+                b_kd = tl.zeros([BT, BV], dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    o_k = k0 + tl.arange(0, BK)
+                    m_tk = m_t[:, None] & (o_k < K)[None, :]
+                    b_k = tl.load(k + (base + rows[:, None] * H) * K + o_k[None, :], mask=m_tk, other=0.0)
+                    b_ds = tl.load(ds + p_s + o_k[:, None] * V + o_v[None, :],
+                                   mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+                    b_kd += tl.dot(_triton_mapped(b_k.to(tl.float32), m_tk, KMAP), b_ds, input_precision=PREC)
+                b_zd += tl.sum(b_kd * tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
+        p_sum = sums + (i_bh.to(tl.int64) * NT + i_i) + o_0
+        if USE_S:
+            b_e = tl.where(m_t, _triton_decay(_triton_row_g(g, base, rows, m_t, SHIFT, H), 0.0) * b_ws, 0.0)
+            b_r += tl.cumsum(b_e, axis=0, reverse=True)
+            if SHIFT:
+                b_r -= b_e
+            p_e = p_sum + 2 * NBH * NT
+            tl.store(p_e, tl.load(p_e, mask=m_0, other=0.0) + tl.sum(b_e, axis=0), mask=m_0)
+        if STATE:
+            b_gl = tl.load(g + base + (T - 1) * H + o_0, mask=m_0, other=0.0)
+            b_f = tl.where(m_t, _triton_decay(b_gl, _triton_row_g(g, base, rows, m_t, False, H)) * b_zd, 0.0)
+            b_r += tl.cumsum(b_f, axis=0) - b_f  # for s < t
+            p_f = p_sum + 3 * NBH * NT
+            tl.store(p_f, tl.load(p_f, mask=m_0, other=0.0) + tl.sum(b_f, axis=0), mask=m_0)
+    # the rows u of this block with the key blocks before it: row sums, reverse-summed over u >= t (u > t)
+    b_R = tl.zeros([BT], dtype=tl.float32)
+    for i_j in range(0, i_i):
+        rows_b = i_j * BT + o_i
+        b_R += tl.sum(_triton_scalar_pairs(q, k, v, do, g, base, rows, m_t, rows_b, rows_b < T, T, H, K, V, BT, BK, BV,
+                                           PREC, SHIFT, QMAP, KMAP), axis=1)
+        if i_j == i_i - 2:  # b <= i - 2 so far: MINUS
+            p_m = sums + (NBH + i_bh).to(tl.int64) * NT + i_i + o_0
+            tl.store(p_m, tl.load(p_m, mask=m_0, other=0.0) + tl.sum(b_R, axis=0), mask=m_0)
+    b_r += tl.cumsum(b_R, axis=0, reverse=True)
+    if SHIFT:
+        b_r -= b_R
+    # the columns s of this block with the query blocks after it: column sums over s < t; PLUS from a >= i + 2
+    b_C = tl.zeros([BT], dtype=tl.float32)
+    for i_a in range(i_i + 1, NT):
+        rows_a = (NT + i_i - i_a) * BT + o_i  # a from the last block down, so that a = i + 1 comes last
+        b_C += tl.sum(_triton_scalar_pairs(q, k, v, do, g, base, rows_a, rows_a < T, rows, m_t, T, H, K, V, BT, BK, BV,
+                                           PREC, SHIFT, QMAP, KMAP), axis=0)
+        if i_a == NT - 2:  # a >= i + 2 so far
+            p_p = sums + i_bh.to(tl.int64) * NT + i_i + o_0
+            tl.store(p_p, tl.load(p_p, mask=m_0, other=0.0) + tl.sum(b_C, axis=0), mask=m_0)
+    b_r += tl.cumsum(b_C, axis=0) - b_C
+    # the diagonal block: P[u, s] for s < u, C[t, s] = sum_{u >= t} P[u, s] (u > t if SHIFT), r_t += sum_{s<t}
+    m_us = o_i[None, :] < o_i[:, None]
+    b_P = tl.where(m_us, _triton_scalar_pairs(q, k, v, do, g, base, rows, m_t, rows, m_t, T, H, K, V, BT, BK, BV, PREC,
+                                              SHIFT, QMAP, KMAP), 0.0)
+    b_Cd = tl.cumsum(b_P, axis=0, reverse=True)
+    if SHIFT:
+        b_Cd -= b_P
+    b_r += tl.sum(tl.where(m_us, b_Cd, 0.0), axis=1)
     if ACC:
         b_r += tl.load(r + base + rows * H, mask=m_t, other=0.0)
     tl.store(r + base + rows * H, b_r, mask=m_t)
@@ -3817,21 +4081,23 @@ def _triton_parallel_config(k: triton_Tensor, V: int, block_t, block_k, block_v,
 
 def _triton_attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_s: bool, acc: bool, BT, BX, BZ,
                  prec, num_warps, num_stages, z_step=None, scale=1.0, skip=None, skip_weight=None, x_map=None,
-                 y_map=None, key_z: bool = False, skip_step: bool = False) -> None:
+                 y_map=None, key_z: bool = False, skip_step: bool = False, z_map=None, out_map=None, raw=None) -> None:
     """Launch `_triton_parallel_attn_kernel` over out [B, T, H, DZ] (see it for the roles of x, y, z, S); key_z: a
-    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's."""
+    per-lane decay (a key decay 2, a value decay 3) over z's lanes, else over x's. x_map, y_map, z_map: (map, vjp)
+    pairs or None, mapping x, y, z as loaded; out_map with raw: out is stored as the raw input raw's gradient."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
     warps = _triton_or(num_warps, _WARPS)
     _triton_parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
-        x, y, z, G if G is not None else out, s if s is not None else out, out,
+        x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), XMAP=_triton_map_of(x_map), YMAP=_triton_map_of(y_map),
-        SKIP_STEP=skip_step, **(_triton_register_limit(warps) if decay >= 2 else {}))
+        SKIP_STEP=skip_step, ZMAP=_triton_map_of(z_map), OVJP=_triton_vjp_of(out_map),
+        **(_triton_register_limit(warps) if decay >= 2 else {}))
 
 
 def _triton_state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -3871,9 +4137,12 @@ def _triton_parallel_forward(decay_cls, queries, k, v, log_decay, initial_state,
     return outs, ht
 
 
-def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, ht, dos, dht):
+def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, dos, dht, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32 (the formulas of the module docstring), for
-    mapped qs and k, v times v_step and log_decay times decay_head (`_triton_materialise`, `_triton_mapped_inputs`)."""
+    v times v_step and log_decay times decay_head (`_triton_materialise`). maps: the (q_map, k_map) pairs of `_triton_Fused` (None
+    or (map, vjp); not with a value decay): qs and k are the raw inputs, mapped where each kernel loads them, and dq
+    and dk are stored through the vjp helpers as the raw inputs' gradients, as in the chunked backward: no mapped
+    copy of q or k."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -3884,39 +4153,94 @@ def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, in
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     s0 = None if initial_state is None else initial_state.contiguous()
+    q_map, k_map = maps
     dqs = []
-    for excl, do in zip(exclusive, dos):
+    for q, excl, do in zip(qs, exclusive, dos):
         dq = torch.empty((B, T, H, K), dtype=f32, device=dev)
         _triton_attn(do, v, k, G, s0, dq, code, excl, False, True, False, BT, BV, BK, prec, num_warps, num_stages,
-                     key_z=not value)
+                     key_z=not value, z_map=k_map, out_map=q_map, raw=q)
         dqs.append(dq)
     dk = torch.empty((B, T, H, K), dtype=f32, device=dev)
     dv = torch.empty((B, T, H, V), dtype=f32, device=dev)
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         first = i == 0  # the final state's term once, later queries add in
         _triton_attn(v, do, q, G, dht if first else None, dk, code, excl, True, True, not first, BT, BV, BK, prec,
-                     num_warps, num_stages, key_z=not value)
+                     num_warps, num_stages, key_z=not value, z_map=q_map, out_map=k_map, raw=k)
         _triton_attn(k, q, do, G, dht if first else None, dv, code, excl, True, False, not first, BT, BK, BV, prec,
-                     num_warps, num_stages, key_z=value)
+                     num_warps, num_stages, x_map=k_map, y_map=q_map, key_z=value)
     dh0 = None
     if initial_state is not None:
         dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
         for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
             _triton_state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
-                          num_stages)
+                          num_stages, x_map=q_map)
     dlog = None
-    dG = torch.empty((B, T, H), dtype=f32, device=dev)
-    BD = min(64, _triton_pow2_at_least_16(K))
-    grid = (triton.cdiv(T, BT), B * H)
-    _triton_row_dot_kernel[grid](k, dk, dG, -1.0, T, H, K, BT, BD, False, False, num_warps=_triton_or(num_warps, _WARPS))
-    for q, excl, dq in zip(qs, exclusive, dqs):
-        _triton_row_dot_kernel[grid](q, dq, dG, 1.0, T, H, K, BT, BD, excl, True, num_warps=_triton_or(num_warps, _WARPS))
-    if dht is not None:
-        dG[:, -1] += torch.einsum("bhkv,bhkv->bh", ht, dht)
-    # the reverse cumulative sum over [B, T, H] in float64 (no float32 rounding over long sums of both signs)
-    dlog = dG.double().flip(1).cumsum(1).flip(1)
-    dlog = torch.where(log_decay < _triton_LOG_DECAY_FLOOR, 0.0, dlog).to(f32)  # a floored step passes no gradient
+    if code:
+        dlog = _triton_parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
+                                     num_stages)
     return dk, dv, dlog, dh0, dqs
+
+
+_triton_PARALLEL_DLOG_WARPS = 8  # as the chunked runtime's `_triton_DLOG_WARPS`, `_triton_DLOG_SCALAR_WARPS`
+# one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
+# (255 registers, sm_80, bfloat16, K = V = 64)
+_triton_PARALLEL_DLOG_STAGES = 1
+
+
+def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
+                          maps=(None, None), num_stages=None) -> triton_Tensor:
+    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, code 1; [B, T, H, K] a key decay, 2; [B, T, H, V] a
+    value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's identity, Yang et
+    al. 2023 section 4), whose two sides are each near the large state terms and cancel. The chunked runtime's
+    `_triton_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
+        dg_t = exp(G_L) sum(S0 * dS_T)                                  (every t)
+             + sum_{u: t <= Tq(u)} x_u exp(Gq_u) (w_u . S0)
+             + sum_{s<t} y_s exp(G_L - G_s) (z_s . dS_T)
+             + sum_{s<t<=Tq(u)} M_us x_u y_s exp(Gq_u - G_s)
+    (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay, the lanes
+    summed for a scalar decay; the sums over the undecayed axis. The kernels (`_triton_parallel_dlog_kernel`,
+    `_triton_parallel_dlog_scalar_kernel`, one launch per query) sum what each block of steps gets from its own rows and
+    columns; the per-block sums they store are added here in float64 (the comment that opens the kernels' section).
+    G [B, T, H(, D)] float64 over the whole sequence; 0 where log_decay was floored (the reference's -inf step).
+    maps: the (q_map, k_map) pairs of `_triton_Fused` (scalar and key decays), applied where q and k are loaded."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    lanes = () if code == 1 else (G.shape[-1],)
+    sums = torch.zeros((4, B * H, NT) + lanes, dtype=torch.float32, device=k.device)
+    r = torch.empty((B, T, H) + lanes, dtype=torch.float32, device=k.device)
+    warps, stages = _triton_or(num_warps, _triton_PARALLEL_DLOG_WARPS), _triton_or(num_stages, _triton_PARALLEL_DLOG_STAGES)
+    qmap, kmap = _triton_map_of(maps[0]), _triton_map_of(maps[1])
+    use_s = s0 is not None
+    for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
+        state, acc = i == 0 and dht is not None, i > 0
+        if code == 1:
+            _triton_parallel_dlog_scalar_kernel[(NT, B * H)](
+                q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
+                min(64, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s, state, acc, prec,
+                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages, **_triton_register_limit(warps))
+        else:
+            value = code == 3
+            x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
+            D, E = y.shape[-1], z.shape[-1]
+            BD = min(32, _triton_pow2_at_least_16(D))
+            _triton_parallel_dlog_kernel[(NT, triton.cdiv(D, BD), B * H)](
+                x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
+                min(64, _triton_pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
+                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages,
+                **_triton_register_limit(warps))
+    plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
+    # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
+    # initial state's terms of the later blocks, the final state's of the earlier ones
+    X = (plus.cumsum(2) - plus - minus.cumsum(2) + first.flip(2).cumsum(2).flip(2) - first
+         + last.cumsum(2) - last)
+    if use_s and dht is not None:
+        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[code]
+        X = X + (G[:, -1].exp() * (s0.double() * dht.double()).sum(undecayed)).unsqueeze(2)
+    # one float32 rounding of the two parts' sum (each is float32-accurate already): no [B, T, H, D] float64 copy
+    block = torch.arange(T, device=k.device) // BT
+    r += X.to(torch.float32).index_select(2, block).movedim(2, 1)
+    return r.masked_fill_(log_decay < _triton_LOG_DECAY_FLOOR, 0.0)  # a floored step passes no gradient
 
 
 class _triton_ParallelLinearFunction(torch.autograd.Function):
@@ -3930,25 +4254,23 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht = _triton_parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
                                             fused)
-        ctx.save_for_backward(k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs)
+        ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
         return (*outs, ht)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, ht, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
+        k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         nq = len(ctx.exclusive)
         fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
         # as the chunked backward: the materialised prologue and the outputs' gradients times the scale, mapped
-        # back by `_triton_unfuse` and `_triton_raw_gradients`
+        # back by `_triton_unfuse`; q and k mapped by the kernels as they load them
         v_m, log_m = _triton_materialise(fused, v, log_decay)
-        qs_m, k_m = _triton_mapped_inputs(ctx.maps, qs, k)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
-        dk, dv, dlog, dh0, dqs = _triton_parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs_m, k_m, v_m, log_m,
-                                                           initial_state, ht, dos, grads[nq])
+        dk, dv, dlog, dh0, dqs = _triton_parallel_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
+                                                           initial_state, dos, grads[nq], ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
-        dk, dqs = _triton_raw_gradients(ctx.maps, qs, k, dk, dqs)
         need = ctx.needs_input_grad
 
         def cast(grad, like, i):
