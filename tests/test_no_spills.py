@@ -153,3 +153,59 @@ def test_no_spills_at_default_configs():
     # register limit lets ptxas use 255 registers a thread (it stopped at 128 unasked)
     assert [k["num_warps"] for k in adjoints[("minimal_rnn", "sm_90")]] == [8]
     assert adjoints[("minimal_rnn", "sm_90")][0]["registers"] > 128
+
+
+def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from codegen import triton_runtime as rt
+
+    launched = []
+
+    class Kernel:  # stands in for a @triton.jit function: kernel[grid](*args, **options) records the launch
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: launched.append(options)
+
+    def fn(x, DECAY, PREC="tf32"):
+        pass
+
+    key_only = rt._register_limited(lambda a: a["DECAY"] == 2)(Kernel(fn))
+    always, plain = rt._register_limited()(Kernel(fn)), Kernel(fn)
+    target = SimpleNamespace(backend="cuda", arch=90)
+    monkeypatch.setattr(rt, "triton", SimpleNamespace(runtime=SimpleNamespace(driver=SimpleNamespace(
+        active=SimpleNamespace(get_current_target=lambda: target)))))
+    rt._launch(key_only, (1,), 0, 2, num_warps=16)  # DECAY given by position
+    rt._launch(key_only, (1,), 0, DECAY=2, num_warps=4)  # ... and by name
+    rt._launch(key_only, (1,), 0, 1, num_warps=16)
+    rt._launch(always, (1,), 0, 1, num_warps=8)
+    rt._launch(always, (1,), 0, 1, num_warps=8, maxnreg=96)  # a limit the call gives wins
+    rt._launch(plain, (1,), 0, 2, num_warps=8)
+    assert [o.get("maxnreg") for o in launched] == [128, 255, None, 255, 96, None]
+    target.backend = "hip"  # not a CUDA target: no limit
+    rt._launch(always, (1,), 0, 1, num_warps=8)
+    assert "maxnreg" not in launched[-1]
+
+
+def test_every_register_limited_kernel_launches_through_the_one_helper():
+    # a kernel declared `_register_limited` launched as kernel[grid](...) would silently lose its limit, and a launch
+    # site that adds `_register_limit` itself is the per-site special case the declaration replaces
+    import ast
+
+    runtime = (REPO / "codegen" / "triton_runtime.py").read_text()
+    tree = ast.parse(runtime)
+    declared = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                and any("_register_limited" in ast.unparse(d) for d in node.decorator_list)}
+    assert {"_intra_attn_kernel", "_chunk_state_kernel", "_chunk_output_kernel", "_chunk_bwd_plain_kernel",
+            "_dlog_chunk_kernel", "_delta_bwd_dqk_kernel"} <= declared
+    for path in ("triton_runtime.py", "triton_recurrent.py"):
+        text = (REPO / "codegen" / path).read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                assert ast.unparse(node.func.value) not in declared, f"{path}: {ast.unparse(node)[:120]}"
+        outside = [ast.unparse(n)[:120] for f in ast.parse(text).body if isinstance(f, ast.FunctionDef)
+                   and f.name not in ("_launch", "_register_limit") for n in ast.walk(f)
+                   if isinstance(n, ast.Call) and ast.unparse(n.func) == "_register_limit"]
+        assert not outside, f"{path}: {outside}"
