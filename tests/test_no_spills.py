@@ -40,8 +40,9 @@ try:
 except kernel_report.ToolMissing as err:
     _MISSING = str(err)
 
-# (spec, form, target, B, T, H, backward, K = V): the calls compiled, in bfloat16; with backward, the backward's
-# kernels too (the chunked forms' Triton backward kernels, codegen/triton_runtime.py; the recurrent adjoint)
+# (spec, form, target, B, T, H, backward, K = V[, dtype]): the calls compiled, in bfloat16 unless a dtype is given;
+# with backward, the backward's kernels too (the chunked forms' Triton backward kernels, codegen/triton_runtime.py;
+# the recurrent adjoint)
 CALLS = [
     ("gla", "chunked", "sm_90", 2, 256, 4, True, 128),
     ("gla", "chunked", "sm_80", 2, 256, 4, False, 128),
@@ -67,6 +68,11 @@ CALLS = [
     # stack slot at 80 registers (mlstm), bfloat16 on sm_80 (benchmarks/kernel_matrix.py, 2026-12-01)
     ("normalized_linear_attention", "chunked", "sm_80", 1, 64, 2, False, 64),
     ("mlstm", "chunked", "sm_80", 1, 64, 2, False, 64),
+    # the key-decay chunk state kernel at 4 warps: 8 B at 255 registers (hgrn2, sm_80; T = 128, for with one chunk
+    # Triton specialises NT = 1 and the loop compiles clean), and the key decay's forward scores without maxnreg: a
+    # stack slot at 72 registers (rwkv6, float16, sm_90; benchmarks/kernel_matrix.py, 2026-12-01)
+    ("hgrn2", "chunked", "sm_80", 1, 128, 2, False, 64),
+    ("rwkv6", "chunked", "sm_90", 1, 64, 4, False, 128, "float16"),
 ]
 
 CHILD = '''
@@ -77,13 +83,13 @@ from codegen import kernel_report as kr
 
 calls, dirs = json.loads(sys.argv[1]), sys.argv[2:]
 runs = []
-for name, form, target, B, T, H, backward, size in calls:
+for name, form, target, B, T, H, backward, size, *dtype in calls:
     path = next(p for p in (f"{d}/{name}.rec" for d in dirs) if os.path.exists(p))
     rec = recurrence_dsl.load(path)[name]
     sizes = {s: size for s in rec.checked.sizes}
-    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form,
-                                   backward=backward)
-    runs.append({"name": name, "form": form, "target": target, "size": size,
+    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=getattr(torch, (dtype or ["bfloat16"])[0]),
+                                   target=target, form=form, backward=backward)
+    runs.append({"name": name, "form": form, "target": target, "size": size, "dtype": (dtype or ["bfloat16"])[0],
                  "kernels": [k.as_dict() for k in kernels]})
 print(json.dumps(runs))
 '''
@@ -153,6 +159,13 @@ def test_no_spills_at_default_configs():
     # register limit lets ptxas use 255 registers a thread (it stopped at 128 unasked)
     assert [k["num_warps"] for k in adjoints[("minimal_rnn", "sm_90")]] == [8]
     assert adjoints[("minimal_rnn", "sm_90")][0]["registers"] > 128
+    # the key decay's chunk state kernel runs 8 warps (hgrn2), its forward scores kernel with maxnreg (rwkv6 float16:
+    # more than the 72 registers ptxas stopped at unasked)
+    hgrn2 = {k["name"]: k for r in runs if r["name"] == "hgrn2" for k in r["kernels"]}
+    assert hgrn2["_triton_chunk_state_kernel"]["num_warps"] == 8
+    rwkv6 = {k["name"]: k for r in runs if (r["name"], r["dtype"]) == ("rwkv6", "float16") for k in r["kernels"]}
+    assert rwkv6.keys() == {"_triton_chunk_state_kernel", "_triton_intra_attn_kernel", "_triton_chunk_output_kernel"}
+    assert rwkv6["_triton_intra_attn_kernel"]["registers"] > 72
 
 
 def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):
