@@ -9,14 +9,16 @@ sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where
 kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64;
 rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the chunk-parallel adjoint); the
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
-that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90).
+that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
+the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90).
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
 on two idle cores, about 50 s with the sm_80 backward calls; with the recurrent adjoints 72 s of CPU time (7 minutes
-of wall time on the shared machine under load, 2026-11-30).
+of wall time on the shared machine under load, 2026-11-30; 190 s with the hgrn2 and rwkv6 calls, 2026-12-01). The
+last two tests check the register-limit declarations (`_register_limited`, `_launch`) without compiling.
 """
 
 from __future__ import annotations
