@@ -2,13 +2,13 @@
 
     nice python benchmarks/kernel_matrix.py [--out benchmarks/results/kernel_matrix.json]
         [--specs gla,delta_net] [--sizes 64,128] [--dtypes bfloat16,float16] [--targets sm_80,sm_90]
-        [--forms recurrent,chunked] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
+        [--forms recurrent,scan,chunked,parallel] [--forward-only] [--compare benchmarks/results/kernels_gpu_h200.json]
         [--cached] [--resume] [--shape B=1,T=16,H=1] [--merge A.json B.json ...]
 
 For every recurrence of every spec in `specs/`, every spec size (K, V, ...) in {64, 128}, bfloat16 and float16
-inputs, targets sm_80 and sm_90, and each form of the Triton backend (recurrent, chunked): the call at
-B=2, T=256, H=4 (the shape of benchmarks/gpu_kernel_report.py) with default configs, forward and backward (outputs
-summed; --forward-only skips the backward), every kernel it launches compiled for the target by
+inputs, targets sm_80 and sm_90, and each form of the Triton backend the recurrence has (recurrent, scan, chunked,
+parallel): the call at B=2, T=256, H=4 (the shape of benchmarks/gpu_kernel_report.py) with default configs, forward
+and backward (outputs summed; --forward-only skips the backward), every kernel it launches compiled for the target by
 `codegen.kernel_report` (the compile-only driver: no GPU); each kernel row carries its phase. Prints one row per kernel
 and a summary (how many spill, how many need more shared memory than the target has), and writes JSON (date,
 versions, every row) after every call, so a stopped run keeps what it did.

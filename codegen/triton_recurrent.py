@@ -866,8 +866,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
     and the step's sums over it are merged (`merge_sums`: dh's two passes over Uh become one); a [D0, D1] param whose
     step gradient is a few outer products (`outer_factors`, `sum_j L_j[r] R_j[c]`) is not summed in a register
     tile: the kernel stores L_j and R_j per step ([B, T, H, J, D0] and [B, T, H, J, D1]) and the launcher contracts
-    them over (batch, time) in one einsum, a matmul. The launch passes maxnreg = 64K registers over the program's
-    threads (at most 255): unasked, ptxas stops at 128 registers a thread at 8 warps and spills.
+    them over (batch, time) in one einsum, a matmul. The kernel is declared `_register_limited` (its launches pass
+    maxnreg = 64K registers over the program's threads, at most 255): unasked, ptxas stops at 128 registers a thread
+    at 8 warps and spills.
     """
 
     def __init__(self, analysis: Analysis, adjoint: AdjointStep, segments: bool = False):
@@ -1073,6 +1074,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         if seg:  # the segmented mode's gradients at the segments' ends (in) and starts (out), its table and flags
             rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SEGMENTS: tl.constexpr",
                      "STORE_GRADS: tl.constexpr"]
+        # unasked, ptxas stops at 128 registers a thread at 8 warps and spilled 8-32 B (the class docstring)
+        w("@_register_limited()", 0)
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(head) + ",  # inputs [B, T, H, ...], params [H, ...]")
@@ -1453,13 +1456,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + ["cu_", "ck_first_"]
                 + [names[c] for c, _, _ in self.consts.values()]
                 + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
-                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages",
-                             "**_register_limit(num_warps)"])
+                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
         if seg:
             self._write_segmented_launch(w, args, sizes, call, names)
         else:
             w("if B_ * H_ > 0:")
-            w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 2)
+            w("_launch(", 2)
+            w(f"{self.fn}__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),", 3)
             w(", ".join(call) + ",", 3)
             w(")", 2)
         grads = []
@@ -1491,7 +1494,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         flags = ["seq_=seq_", "NP_=NP_"]
         w("if not segments:")
         w("if B_ * H_ > 0:", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](", 3)
+        w("_launch(", 3)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),", 4)
         w(", ".join(call + [f"de_{u}=dh0_{u}", f"ds_{u}=dh0_{u}", "seq_=None", "NP_=1", "SEGMENTS=False",
                             "STORE_GRADS=True"]) + ",", 4)
         w(")", 3)
@@ -1501,8 +1505,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(f"r_{u} = torch.empty((R_, H_, NC_, {a_src}, {f_src}), {f32})  # r_c", 2)
         w(f"de_{u} = torch.zeros_like(r_{u})", 2)
         w("# 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)", 2)
-        grid = "[(G0_, NT_, NP_)]"
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel{grid}(", 2)
+        grid = "(G0_, NT_, NP_)"
+        w("_launch(", 2)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, {grid},", 3)
         w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"]) + ",",
           3)
         w(")", 2)
@@ -1541,7 +1546,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         swap[f_src] = a_src
         swap[f"{block_name(F)}={block_name(F)}"] = f"{block_name(F)}={bp}"
         p_call = [swap.get(c, c) for c in call]
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel[(G0_, NTP_, NP_)](", 2)
+        w("_launch(", 2)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NTP_, NP_),", 3)
         w(", ".join(p_call + [f"de_{u}=eye_{u}", f"ds_{u}=P_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"])
           + ",", 3)
         w(")", 2)
@@ -1552,7 +1558,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
           "num_warps=num_warps,", 3)
         w(")", 2)
         w("# 4. every segment's gradients, in parallel from its end's", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel{grid}(", 2)
+        w("_launch(", 2)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, {grid},", 3)
         w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=True"]) + ",",
           3)
         w(")", 2)
@@ -1745,13 +1752,15 @@ def _initial_state(states, name, shape, dev):
 
 def prelude(name: str, standalone: bool = True) -> str:
     """The recurrent module's header and helpers (`PRELUDE` with its numbers filled in). `standalone`: with the
-    Triton runtime's `_arch` and `_register_limit` (codegen/triton_runtime.py, copied as text); a generated module
-    that holds the whole runtime (codegen/module.py) passes False and reads the runtime's own."""
+    Triton runtime's `_arch` and register limits (`_register_limit`, `_register_limited`, `_launch`;
+    codegen/triton_runtime.py, copied as text); a generated module that holds the whole runtime (codegen/module.py)
+    passes False and reads the runtime's own."""
     source = PRELUDE.format(name=name, tile=TILE, per_thread=ELEMENTS_PER_THREAD,
                             adjoint_at_4=ADJOINT_ELEMENTS_AT_4_WARPS)
     if not standalone:
         return source
-    return "\n\n".join([source.rstrip("\n") + "\n", _runtime_function("_arch"), _runtime_function("_register_limit")])
+    return "\n\n".join([source.rstrip("\n") + "\n"] + [_runtime_function(f) for f in (
+        "_arch", "_register_limit", "_register_limited", "_launch")])
 
 
 def _runtime_function(name: str) -> str:

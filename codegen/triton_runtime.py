@@ -171,8 +171,12 @@ _LOG_DECAY_FLOOR = -1000.0  # _cumsum_kernel floors every log decay here (exp(-1
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
-_WARPS, _STAGES = 4, 2  # every launch but the two below
+_WARPS, _STAGES = 4, 2  # every launch but the three below
 _KEY_OUTPUT_WARPS = 8  # _chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
+# [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
+# and 128); at 8, 192 registers and none
+_KEY_STATE_WARPS = 8
 _DLOG_WARPS = 8  # _dlog_chunk_kernel: at 4 warps rwkv6's exclusive query spilled 24 B (255 registers, sm_90, bf16)
 # _chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
@@ -195,6 +199,49 @@ _DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B s
 _IEEE_DELTA_BT = 32
 _IEEE_DELTA_WARPS = 8
 _IEEE_DELTA_STAGES = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# register limits: a kernel that ptxas would otherwise stop short of the registers it needs declares it once, above
+# its @triton.jit (`_register_limited`), and every launch of it goes through `_launch`, which adds the limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers (168 at 4) and spills below that, or keeps a stack slot far below it
+    (the kernels declared `_register_limited` say where; codegen/triton_recurrent.py launches the recurrent adjoints
+    with it too)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
+def _register_limited(when=None):
+    """Declare that a kernel launches with `_register_limit(num_warps)`: always (when None), or at the launches where
+    `when(args)` holds, args the launch's arguments by parameter name (its constexprs: DECAY, PREC, ...). Used as a
+    decorator above `@triton.jit`; `_launch` applies it."""
+
+    def declare(kernel):
+        code = getattr(kernel, "fn", kernel).__code__  # the Python function (a plain one where triton is missing)
+        kernel.register_limited = (when, code.co_varnames[:code.co_argcount])
+        return kernel
+
+    return declare
+
+
+def _launch(kernel, grid, *args, **options):
+    """kernel[grid](*args, **options), with `_register_limit(num_warps)` added where the kernel's declaration
+    (`_register_limited`) asks for it at these arguments (a maxnreg given in options wins)."""
+    declared = getattr(kernel, "register_limited", None)
+    if declared is not None:
+        when, names = declared
+        if when is None or when({**dict(zip(names, args)), **options}):
+            options = {**_register_limit(options.get("num_warps", 4)), **options}
+    return kernel[grid](*args, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,6 +315,9 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
         tl.store(eg + offs, _safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
+@_register_limited(lambda a: a.get("SPANS", False))
+# the key decay's forward scores (SPANS): unasked, ptxas kept an 8 B stack slot at 72 registers in rwkv6's (float16,
+# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit
 @triton.jit
 def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -536,6 +586,9 @@ def _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
     return c0, c1, i_row, bt0
 
 
+@_register_limited()
+# unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps) and kept a stack
+# slot in mlstm's (80 registers), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
 @triton.jit
 def _chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -759,6 +812,9 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
             _block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
 
 
+@_register_limited(lambda a: a["DECAY"] == 2 and not a.get("TRANS_H", False))
+# a key decay's output (q, exp(G) and S tiles in the K loop): unasked, 8 B spilled (float16, sm_80, K = V = 128); the
+# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128)
 @triton.jit
 def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -970,19 +1026,6 @@ def _arch() -> int:
     return arch if isinstance(arch, int) else 90
 
 
-def _register_limit(num_warps: int) -> dict:
-    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
-    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
-    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
-    them with this too)."""
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
-
-
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -1148,7 +1191,8 @@ def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool,
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
-    _intra_attn_kernel[(NT, NC * NC, B * H)](
+    _launch(
+        _intra_attn_kernel, (NT, NC * NC, B * H),
         q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), QMAP=_map_of(q_map),
         KMAP=_map_of(k_map))
@@ -1173,15 +1217,13 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
                     device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    warps = _or(num_warps, _WARPS)
-    _chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+    _launch(
+        _chunk_state_kernel, (triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H),
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=warps, num_stages=_or(num_stages, _STAGES), KMAP=_map_of(k_map),
-        # maxnreg: unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps)
-        # and mlstm's (80 registers, a stack slot), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
-        **_register_limit(warps))
+        num_warps=_or(num_warps, _KEY_STATE_WARPS if decay == 2 else _WARPS), num_stages=_or(num_stages, _STAGES),
+        KMAP=_map_of(k_map))
     return h, ht
 
 
@@ -1223,13 +1265,14 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     if vs is not None or f.skip is not None:
         BV = min(BV, _FUSED_OUTPUT_BV)
     warps = _or(num_warps, _KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
-    _chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+    _launch(
+        _chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, **(_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1815,6 +1858,9 @@ def _chunk_bwd_decayed_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: t
     tl.store(p_out, b_o, mask=m_sd)
 
 
+@_register_limited(lambda a: a["DECAY"] == 0)
+# no decay: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's (sm_80, bfloat16 and float16,
+# K = V = 64 and 128; benchmarks/kernel_matrix.py), none with the limit
 @triton.jit
 def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                             BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
@@ -1881,6 +1927,7 @@ def _chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.
     tl.store(out + p_td, b_o, mask=m_td)
 
 
+@_register_limited()  # at _DLOG_WARPS (8) ptxas stops at 128 registers unasked
 @triton.jit
 def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                        BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
@@ -2194,23 +2241,22 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
             dA_all.append(dA)
             # dq = exp(Gq) (do h^T) + (do v^T decayed, masked) k: the forward's output kernel with (q, k, v, h) =
             # (do, v, k, h^T), h read transposed in place (k mapped as loaded, dq stored as the raw q's)
-            _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+            _launch(
+                _chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
                 do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, q, 1.0, T, H, V, K, BT,
                 BV, BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, VMAP=kmap, OVJP=qvjp,
                 num_warps=warps, num_stages=stages)
             # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
             # (..., the map of x, of z, the vjp of out's raw input, that input)
             plain_warps = _or(num_warps, _CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS)
-            # with no decay, maxnreg: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's
-            # (sm_80, bfloat16 and float16, K = V = 64 and 128; benchmarks/kernel_matrix.py), none with it
-            plain_limit = {} if decay_cls.code else _register_limit(plain_warps)
             for M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox in (
                     (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k),
                     (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)):
-                _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+                _launch(
+                    _chunk_bwd_plain_kernel, (triton.cdiv(D, BD), NT, B * H),
                     M, x, gc if gc is not None else M, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first,
                     prec, decay_cls.code, excl, trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp,
-                    num_warps=plain_warps, num_stages=stages, **plain_limit)
+                    num_warps=plain_warps, num_stages=stages)
         else:
             # a key or value decay: the forward's scores A = q k^T and dA = do v^T, masked; the one over the decayed
             # axis carries its decay
@@ -2220,7 +2266,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                              num_stages)
             (A_all if value else dA_all).append(A if value else dA)
             if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
-                _chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+                _launch(
+                    _chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
                     do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
                     False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
             else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
@@ -2238,7 +2285,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                 M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, _SUB, BD, BZ, NC, excl, first, not first, prec, trans,
                 XMAP=xmap, OVJP=ovjp, num_warps=warps, num_stages=stages)
             M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox = plain
-            _chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            _launch(
+                _chunk_bwd_plain_kernel, (triton.cdiv(D, BD), NT, B * H),
                 M, x, gc, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first, prec, decay_cls.code, excl,
                 trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp, num_warps=_or(num_warps, _CHUNK_BWD_PLAIN_WARPS),
                 num_stages=stages)
@@ -2303,10 +2351,10 @@ def _dlog_decay(value: bool, exclusive, qs, k, v, dos, g, gc, h, dh, plain, BT: 
     BE = min(64, _pow2_at_least_16(E))
     for i, (q, excl, do, M) in enumerate(zip(qs, exclusive, dos, plain)):
         x, w = (do, q) if value else (q, do)
-        _dlog_chunk_kernel[(NT, triton.cdiv(D, BD), B * H)](
+        _launch(
+            _dlog_chunk_kernel, (NT, triton.cdiv(D, BD), B * H),
             M, x, y, w, z, h, dh, g, gc, r, T, H, D, E, BT, BD, BE, value, excl, i == 0, i > 0, prec,
-            _LOG_DECAY_FLOOR, XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=_DLOG_WARPS,
-            **_register_limit(_DLOG_WARPS))
+            _LOG_DECAY_FLOOR, XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=_DLOG_WARPS)
     return r
 
 
@@ -2664,6 +2712,9 @@ def _delta_bwd_dh_rows_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offsets, T, H
         _block_store(p_dh0, b_dh4, 3, o_v, m_v, K, V, KB)
 
 
+@_register_limited(lambda a: a["PREC"] == "ieee")
+# under ieee dots ptxas stopped DeltaNet's float32 dqk kernel at 128 registers and spilled 8 B (sm_80, K = V = 128);
+# the half-precision calls' binaries stay as they were
 @triton.jit
 def _delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, scale, T, H: tl.constexpr,
                           K: tl.constexpr, V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr,
@@ -3182,15 +3233,12 @@ def _delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_state, gr
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     BVQ = BV if block_v is not None else min(BV, _DELTA_BWD_DQK_BV)
-    dqk_warps = _or(num_warps, _DELTA_BWD_DQK_WARPS)
-    # under ieee dots ptxas stopped DeltaNet's float32 dqk kernel at 128 registers and spilled 8 B (sm_80,
-    # K = V = 128); the half calls' binaries stay as they were
-    dqk_limit = _register_limit(dqk_warps) if prec == "ieee" else {}
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
-        _delta_bwd_dqk_kernel[(NKB, NT, B * H)](
+        _launch(
+            _delta_bwd_dqk_kernel, (NKB, NT, B * H),
             q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs,
             float(scale), T, H, K, V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
-            num_warps=dqk_warps, num_stages=stages, **dqk_limit)
+            num_warps=_or(num_warps, _DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)

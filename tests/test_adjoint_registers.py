@@ -5,6 +5,8 @@ tests/test_no_spills.py compiles the kernels; tests/test_triton_adjoint.py check
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 import recurrence_dsl
@@ -68,9 +70,12 @@ def test_minimal_rnn_adjoint_keeps_no_param_tile_through_its_loops():
 
 
 def test_every_adjoint_launch_asks_for_the_register_file():
+    # the kernel is declared register-limited once and every launch of it goes through `_launch`, which applies it
     for name in ("retention", "minimal_rnn", "rwkv7"):
         source = _source(name)
-        assert "**_register_limit(num_warps)" in source
+        kernel = f"{name}__triton_recurrent_adjoint_kernel"
+        assert f"@_register_limited()\n@triton.jit\ndef {kernel}(" in source
+        assert re.search(rf"_launch\(\s*{kernel}, \(", source) and f"{kernel}[" not in source
 
 
 def test_the_register_limit_is_the_register_file_over_the_threads_on_cuda_only(monkeypatch):

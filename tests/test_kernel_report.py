@@ -50,6 +50,8 @@ SPILLING = _recdsl("kernels_spilling", "kernels", SPECS_DIR / "minimal_rnn.rec",
                    "--form", "recurrent", "--dtype", "float32", "--config", '{"num_warps": 1}')
 BASED_K32 = _recdsl("kernels_based_k32", "kernels", SPECS_DIR / "based.rec", "--shape", "B=1,T=16,H=1,K=32,V=32",
                     "--form", "recurrent", "--target", "sm_90", "--json")
+GLA_PARALLEL = _recdsl("kernels_gla_parallel", "kernels", SPECS_DIR / "gla.rec", "--shape", "B=1,T=64,H=1,K=16,V=16",
+                       "--target", "sm_80", "--form", "parallel", "--backward", "--json")
 TOO_LARGE = _recdsl("kernels_too_large", "kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
                     "--form", "recurrent", "--dtype", "float32")
 
@@ -68,8 +70,10 @@ def test_gla_forward_and_backward_for_sm90_as_json():
     for k in gla["kernels"]:
         assert k["registers"] > 0 and k["target"] == "sm_90" and k["phase"] == "forward"
         assert len(k["grid"]) == 3 and all(g >= 1 for g in k["grid"]) and k["launches"] >= 1
-        # the key-decay output kernel's default is 8 warps (codegen/triton_runtime.py, _KEY_OUTPUT_WARPS)
-        assert k["num_warps"] == (8 if k["name"] == "_triton_chunk_output_kernel" else 4)
+        # a key decay's output and state kernels default to 8 warps (codegen/triton_runtime.py, _KEY_OUTPUT_WARPS,
+        # _KEY_STATE_WARPS)
+        assert k["num_warps"] == (8 if k["name"] in ("_triton_chunk_output_kernel", "_triton_chunk_state_kernel")
+                                  else 4)
         assert k["num_stages"] >= 1 and k["compile_seconds"] > 0
         assert 0 < k["shared_bytes"] <= 232448
     # B*H = 1, T = 64 in one chunk of 64 = 4 sub-chunks of 16: the intra-chunk scores are 4 x 4 sub-blocks
@@ -86,6 +90,23 @@ def test_gla_forward_and_backward_for_sm90_as_json():
     assert set(hand["backward_buffers"]) >= {"h", "dh", "dA"} and counted["by_phase"]["backward"] > 0
     # at K = V = 16 nothing spills, so the command succeeds
     assert report["problems"] == [] and report["ok"] is True and run.returncode == 0, run.stdout
+
+
+@needs_tools
+@GLA_PARALLEL.needed
+def test_the_parallel_form_for_sm80_forward_and_backward():
+    # `--form parallel` (codegen/triton_parallel.py): the attention-style output kernel and the final state's pass
+    # forward, the same attention kernel for dq, dk and dv backward (benchmarks/kernel_matrix.py runs this form too)
+    run = GLA_PARALLEL.result()
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    (gla,) = json.loads(run.stdout)["runs"]
+    assert gla["form"] == "parallel"
+    assert [k["name"] for k in gla["kernels"]] == ["_triton_parallel_attn_kernel", "_triton_parallel_state_kernel"]
+    back = [k["name"] for k in gla["backward"]]
+    assert back.count("_triton_parallel_attn_kernel") >= 3 and "backward_note" not in gla
+    for k in gla["kernels"] + gla["backward"]:
+        assert k["target"] == "sm_80" and k["registers"] > 0 and k["spill_bytes"] == 0
+        assert k["phase"] == ("forward" if k in gla["kernels"] else "backward")
 
 
 @needs_tools

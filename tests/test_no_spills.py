@@ -9,14 +9,16 @@ sm_90 and sm_80, with their backward kernels; on sm_80 also at K = V = 64, where
 kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and its adjoint for sm_80 at 64;
 rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the chunk-parallel adjoint); the
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
-that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90).
+that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
+the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90).
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
 The test session runs Triton in its interpreter (conftest), where kernels run instead of compiling, so the
 compiles happen in one child process without TRITON_INTERPRET (as in tests/test_kernel_report.py): about 25 s
 on two idle cores, about 50 s with the sm_80 backward calls; with the recurrent adjoints 72 s of CPU time (7 minutes
-of wall time on the shared machine under load, 2026-11-30).
+of wall time on the shared machine under load, 2026-11-30; 190 s with the hgrn2 and rwkv6 calls, 2026-12-01). The
+last two tests check the register-limit declarations (`_register_limited`, `_launch`) without compiling.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ try:
 except kernel_report.ToolMissing as err:
     _MISSING = str(err)
 
-# (spec, form, target, B, T, H, backward, K = V): the calls compiled, in bfloat16; with backward, the backward's
-# kernels too (the chunked forms' Triton backward kernels, codegen/triton_runtime.py; the recurrent adjoint)
+# (spec, form, target, B, T, H, backward, K = V[, dtype]): the calls compiled, in bfloat16 unless a dtype is given;
+# with backward, the backward's kernels too (the chunked forms' Triton backward kernels, codegen/triton_runtime.py;
+# the recurrent adjoint)
 CALLS = [
     ("gla", "chunked", "sm_90", 2, 256, 4, True, 128),
     ("gla", "chunked", "sm_80", 2, 256, 4, False, 128),
@@ -67,6 +70,11 @@ CALLS = [
     # stack slot at 80 registers (mlstm), bfloat16 on sm_80 (benchmarks/kernel_matrix.py, 2026-12-01)
     ("normalized_linear_attention", "chunked", "sm_80", 1, 64, 2, False, 64),
     ("mlstm", "chunked", "sm_80", 1, 64, 2, False, 64),
+    # the key-decay chunk state kernel at 4 warps: 8 B at 255 registers (hgrn2, sm_80; T = 128, for with one chunk
+    # Triton specialises NT = 1 and the loop compiles clean), and the key decay's forward scores without maxnreg: a
+    # stack slot at 72 registers (rwkv6, float16, sm_90; benchmarks/kernel_matrix.py, 2026-12-01)
+    ("hgrn2", "chunked", "sm_80", 1, 128, 2, False, 64),
+    ("rwkv6", "chunked", "sm_90", 1, 64, 4, False, 128, "float16"),
 ]
 
 CHILD = '''
@@ -77,13 +85,13 @@ from codegen import kernel_report as kr
 
 calls, dirs = json.loads(sys.argv[1]), sys.argv[2:]
 runs = []
-for name, form, target, B, T, H, backward, size in calls:
+for name, form, target, B, T, H, backward, size, *dtype in calls:
     path = next(p for p in (f"{d}/{name}.rec" for d in dirs) if os.path.exists(p))
     rec = recurrence_dsl.load(path)[name]
     sizes = {s: size for s in rec.checked.sizes}
-    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=torch.bfloat16, target=target, form=form,
-                                   backward=backward)
-    runs.append({"name": name, "form": form, "target": target, "size": size,
+    kernels = kr.report_recurrence(rec, sizes, B, T, H, dtype=getattr(torch, (dtype or ["bfloat16"])[0]),
+                                   target=target, form=form, backward=backward)
+    runs.append({"name": name, "form": form, "target": target, "size": size, "dtype": (dtype or ["bfloat16"])[0],
                  "kernels": [k.as_dict() for k in kernels]})
 print(json.dumps(runs))
 '''
@@ -153,3 +161,66 @@ def test_no_spills_at_default_configs():
     # register limit lets ptxas use 255 registers a thread (it stopped at 128 unasked)
     assert [k["num_warps"] for k in adjoints[("minimal_rnn", "sm_90")]] == [8]
     assert adjoints[("minimal_rnn", "sm_90")][0]["registers"] > 128
+    # the key decay's chunk state kernel runs 8 warps (hgrn2), its forward scores kernel with maxnreg (rwkv6 float16:
+    # more than the 72 registers ptxas stopped at unasked)
+    hgrn2 = {k["name"]: k for r in runs if r["name"] == "hgrn2" for k in r["kernels"]}
+    assert hgrn2["_triton_chunk_state_kernel"]["num_warps"] == 8
+    rwkv6 = {k["name"]: k for r in runs if (r["name"], r["dtype"]) == ("rwkv6", "float16") for k in r["kernels"]}
+    assert rwkv6.keys() == {"_triton_chunk_state_kernel", "_triton_intra_attn_kernel", "_triton_chunk_output_kernel"}
+    assert rwkv6["_triton_intra_attn_kernel"]["registers"] > 72
+
+
+def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from codegen import triton_runtime as rt
+
+    launched = []
+
+    class Kernel:  # stands in for a @triton.jit function: kernel[grid](*args, **options) records the launch
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: launched.append(options)
+
+    def fn(x, DECAY, PREC="tf32"):
+        pass
+
+    key_only = rt._register_limited(lambda a: a["DECAY"] == 2)(Kernel(fn))
+    always, plain = rt._register_limited()(Kernel(fn)), Kernel(fn)
+    target = SimpleNamespace(backend="cuda", arch=90)
+    monkeypatch.setattr(rt, "triton", SimpleNamespace(runtime=SimpleNamespace(driver=SimpleNamespace(
+        active=SimpleNamespace(get_current_target=lambda: target)))))
+    rt._launch(key_only, (1,), 0, 2, num_warps=16)  # DECAY given by position
+    rt._launch(key_only, (1,), 0, DECAY=2, num_warps=4)  # ... and by name
+    rt._launch(key_only, (1,), 0, 1, num_warps=16)
+    rt._launch(always, (1,), 0, 1, num_warps=8)
+    rt._launch(always, (1,), 0, 1, num_warps=8, maxnreg=96)  # a limit the call gives wins
+    rt._launch(plain, (1,), 0, 2, num_warps=8)
+    assert [o.get("maxnreg") for o in launched] == [128, 255, None, 255, 96, None]
+    target.backend = "hip"  # not a CUDA target: no limit
+    rt._launch(always, (1,), 0, 1, num_warps=8)
+    assert "maxnreg" not in launched[-1]
+
+
+def test_every_register_limited_kernel_launches_through_the_one_helper():
+    # a kernel declared `_register_limited` launched as kernel[grid](...) would silently lose its limit, and a launch
+    # site that adds `_register_limit` itself is the per-site special case the declaration replaces
+    import ast
+
+    runtime = (REPO / "codegen" / "triton_runtime.py").read_text()
+    tree = ast.parse(runtime)
+    declared = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                and any("_register_limited" in ast.unparse(d) for d in node.decorator_list)}
+    assert {"_intra_attn_kernel", "_chunk_state_kernel", "_chunk_output_kernel", "_chunk_bwd_plain_kernel",
+            "_dlog_chunk_kernel", "_delta_bwd_dqk_kernel"} <= declared
+    for path in ("triton_runtime.py", "triton_recurrent.py"):
+        text = (REPO / "codegen" / path).read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                assert ast.unparse(node.func.value) not in declared, f"{path}: {ast.unparse(node)[:120]}"
+        outside = [ast.unparse(n)[:120] for f in ast.parse(text).body if isinstance(f, ast.FunctionDef)
+                   and f.name not in ("_launch", "_register_limit") for n in ast.walk(f)
+                   if isinstance(n, ast.Call) and ast.unparse(n.func) == "_register_limit"]
+        assert not outside, f"{path}: {outside}"

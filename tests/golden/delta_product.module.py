@@ -2025,8 +2025,11 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
-_WARPS, _STAGES = 4, 2  # every launch but the two below
+_WARPS, _STAGES = 4, 2  # every launch but the three below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
+# [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
+# and 128); at 8, 192 registers and none
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 _triton_FUSED_OUTPUT_BV = 32
@@ -2046,6 +2049,49 @@ _triton_DELTA_WY_HALF_WARPS = 8
 _triton_IEEE_DELTA_BT = 32
 _triton_IEEE_DELTA_WARPS = 8
 _triton_IEEE_DELTA_STAGES = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# register limits: a kernel that ptxas would otherwise stop short of the registers it needs declares it once, above
+# its @triton.jit (`_triton_register_limited`), and every launch of it goes through `_triton_launch`, which adds the limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers (168 at 4) and spills below that, or keeps a stack slot far below it
+    (the kernels declared `_triton_register_limited` say where; codegen/triton_recurrent.py launches the recurrent adjoints
+    with it too)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
+def _triton_register_limited(when=None):
+    """Declare that a kernel launches with `_triton_register_limit(num_warps)`: always (when None), or at the launches where
+    `when(args)` holds, args the launch's arguments by parameter name (its constexprs: DECAY, PREC, ...). Used as a
+    decorator above `@triton.jit`; `_triton_launch` applies it."""
+
+    def declare(kernel):
+        code = getattr(kernel, "fn", kernel).__code__  # the Python function (a plain one where triton is missing)
+        kernel.register_limited = (when, code.co_varnames[:code.co_argcount])
+        return kernel
+
+    return declare
+
+
+def _triton_launch(kernel, grid, *args, **options):
+    """kernel[grid](*args, **options), with `_triton_register_limit(num_warps)` added where the kernel's declaration
+    (`_triton_register_limited`) asks for it at these arguments (a maxnreg given in options wins)."""
+    declared = getattr(kernel, "register_limited", None)
+    if declared is not None:
+        when, names = declared
+        if when is None or when({**dict(zip(names, args)), **options}):
+            options = {**_triton_register_limit(options.get("num_warps", 4)), **options}
+    return kernel[grid](*args, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2251,6 +2297,9 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
             _triton_block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
 
 
+@_triton_register_limited(lambda a: a["DECAY"] == 2 and not a.get("TRANS_H", False))
+# a key decay's output (q, exp(G) and S tiles in the K loop): unasked, 8 B spilled (float16, sm_80, K = V = 128); the
+# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128)
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -2335,19 +2384,6 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
-
-
-def _triton_register_limit(num_warps: int) -> dict:
-    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
-    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
-    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
-    them with this too)."""
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2503,13 +2539,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
     warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
-    _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+    _triton_launch(
+        _triton_chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2968,6 +3005,9 @@ def _triton_delta_bwd_dh_rows_kernel(k, gc, w, dv, dhq, dht, dh, dh0, du, offset
         _triton_block_store(p_dh0, b_dh4, 3, o_v, m_v, K, V, KB)
 
 
+@_triton_register_limited(lambda a: a["PREC"] == "ieee")
+# under ieee dots ptxas stopped DeltaNet's float32 dqk kernel at 128 registers and spilled 8 B (sm_80, K = V = 128);
+# the half-precision calls' binaries stay as they were
 @triton.jit
 def _triton_delta_bwd_dqk_kernel(q, k, gc, eg, h, ht, u, du, dh, do, dq, dk, dw, dgk, dPs, scale, T, H: tl.constexpr,
                                  K: tl.constexpr, V: tl.constexpr, NT, NKB: tl.constexpr, BT: tl.constexpr,
@@ -3303,15 +3343,12 @@ def _triton_delta_backward(decay_cls, queries, k, y, beta, log_decay, initial_st
         code, lambda: dk)()
     dPs = torch.empty((B * H, NT * BT, BT), **f32) if code == 2 else dk  # a key decay's masked dO U^T
     BVQ = BV if block_v is not None else min(BV, _triton_DELTA_BWD_DQK_BV)
-    dqk_warps = _triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS)
-    # under ieee dots ptxas stopped DeltaNet's float32 dqk kernel at 128 registers and spilled 8 B (sm_80,
-    # K = V = 128); the half calls' binaries stay as they were
-    dqk_limit = _triton_register_limit(dqk_warps) if prec == "ieee" else {}
     for j, ((_, exclusive), q, do) in enumerate(zip(queries, qs, dos)):
-        _triton_delta_bwd_dqk_kernel[(NKB, NT, B * H)](
+        _triton_launch(
+            _triton_delta_bwd_dqk_kernel, (NKB, NT, B * H),
             q, k, g_or_k, eg_or_k, h, ht if ends is None else ends, u, du, dh, do, dqs[j], dk, dw, dgk, dPs,
             float(scale), T, H, K, V, NT, NKB, BT, KBQ, BVQ, code, bool(exclusive), j == 0, prec, ends is not None,
-            num_warps=dqk_warps, num_stages=stages, **dqk_limit)
+            num_warps=_triton_or(num_warps, _triton_DELTA_BWD_DQK_WARPS), num_stages=stages)
         if code == 2:  # dq's and dk's intra-chunk terms, with their per-key decay factors
             decay_cls.delta_bwd_intra(dPs, k, gc, dqs[j], bool(exclusive), False, True, BT, KB, prec, num_warps,
                                       num_stages)
@@ -3835,6 +3872,7 @@ def delta_product__triton_recurrent_loop(q, k1, k2, v1, v2, b1, b2, states, K, V
     return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
 
 
+@_triton_register_limited()
 @triton.jit
 def delta_product__triton_recurrent_adjoint_kernel(
     q, k1, k2, v1, v2, b1, b2,  # inputs [B, T, H, ...], params [H, ...]
@@ -3992,8 +4030,9 @@ def delta_product__triton_recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoin
         num_warps = _triton_adjoint_warps(elements_)
     c_K_pow_m0_5 = _triton_size_constant(lambda K: K**(-0.5), K)
     if B_ * H_ > 0:
-        delta_product__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k1, k2, v1, v2, b1, b2, ck_S, dht_S, do, dq, dk1, dk2, dv1, dv2, db1, db2, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
+        _triton_launch(
+            delta_product__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),
+            q, k1, k2, v1, v2, b1, b2, ck_S, dht_S, do, dq, dk1, dk2, dv1, dv2, db1, db2, dh0_S, sc_S, cu_, ck_first_, c_K_pow_m0_5, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return [dq.sum(0), dk1.sum(0), dk2.sum(0), dv1, dv2, db1.sum(0), db2.sum(0)], {'S': dh0_S}
 

@@ -1965,6 +1965,9 @@ triton_Tensor = torch.Tensor
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
+# _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
+# [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
+# and 128); at 8, 192 registers and none
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
@@ -1977,6 +1980,49 @@ triton_Tensor = torch.Tensor
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# register limits: a kernel that ptxas would otherwise stop short of the registers it needs declares it once, above
+# its @triton.jit (`_triton_register_limited`), and every launch of it goes through `_triton_launch`, which adds the limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers (168 at 4) and spills below that, or keeps a stack slot far below it
+    (the kernels declared `_triton_register_limited` say where; codegen/triton_recurrent.py launches the recurrent adjoints
+    with it too)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
+def _triton_register_limited(when=None):
+    """Declare that a kernel launches with `_triton_register_limit(num_warps)`: always (when None), or at the launches where
+    `when(args)` holds, args the launch's arguments by parameter name (its constexprs: DECAY, PREC, ...). Used as a
+    decorator above `@triton.jit`; `_triton_launch` applies it."""
+
+    def declare(kernel):
+        code = getattr(kernel, "fn", kernel).__code__  # the Python function (a plain one where triton is missing)
+        kernel.register_limited = (when, code.co_varnames[:code.co_argcount])
+        return kernel
+
+    return declare
+
+
+def _triton_launch(kernel, grid, *args, **options):
+    """kernel[grid](*args, **options), with `_triton_register_limit(num_warps)` added where the kernel's declaration
+    (`_triton_register_limited`) asks for it at these arguments (a maxnreg given in options wins)."""
+    declared = getattr(kernel, "register_limited", None)
+    if declared is not None:
+        when, names = declared
+        if when is None or when({**dict(zip(names, args)), **options}):
+            options = {**_triton_register_limit(options.get("num_warps", 4)), **options}
+    return kernel[grid](*args, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2008,19 +2054,6 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
-
-
-def _triton_register_limit(num_warps: int) -> dict:
-    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
-    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
-    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
-    them with this too)."""
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2731,6 +2764,7 @@ def mamba__triton_recurrent_loop(x, dt, B, C, A, Dskip, states, D, N, *, every=0
     return {'y': y}, {'h': ht_h}, [{'h': ck_h[:, :, n]} for n in range(NC_)]
 
 
+@_triton_register_limited()
 @triton.jit
 def mamba__triton_recurrent_adjoint_kernel(
     x, dt, B, C, A, Dskip,  # inputs [B, T, H, ...], params [H, ...]
@@ -2861,8 +2895,9 @@ def mamba__triton_recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_out
     if num_warps is None:
         num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
-        mamba__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            x, dt, B, C, A, Dskip, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dDskip, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
+        _triton_launch(
+            mamba__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),
+            x, dt, B, C, A, Dskip, ck_h, dht_h, dy, dx, ddt, dB, dC, dA, dDskip, dh0_h, sc_h, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, D, N, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return [dx, ddt, dB.sum(0), dC.sum(0), dA.sum((0, 1)), dDskip.sum((0, 1))], {'h': dh0_h}
 

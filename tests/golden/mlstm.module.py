@@ -2196,8 +2196,12 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
-_WARPS, _STAGES = 4, 2  # every launch but the two below
+_WARPS, _STAGES = 4, 2  # every launch but the three below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
+# [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
+# and 128); at 8, 192 registers and none
+_triton_KEY_STATE_WARPS = 8
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 _triton_FUSED_OUTPUT_BV = 32
@@ -2211,6 +2215,49 @@ _triton_FUSED_OUTPUT_BV = 32
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# register limits: a kernel that ptxas would otherwise stop short of the registers it needs declares it once, above
+# its @triton.jit (`_triton_register_limited`), and every launch of it goes through `_triton_launch`, which adds the limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers (168 at 4) and spills below that, or keeps a stack slot far below it
+    (the kernels declared `_triton_register_limited` say where; codegen/triton_recurrent.py launches the recurrent adjoints
+    with it too)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
+def _triton_register_limited(when=None):
+    """Declare that a kernel launches with `_triton_register_limit(num_warps)`: always (when None), or at the launches where
+    `when(args)` holds, args the launch's arguments by parameter name (its constexprs: DECAY, PREC, ...). Used as a
+    decorator above `@triton.jit`; `_triton_launch` applies it."""
+
+    def declare(kernel):
+        code = getattr(kernel, "fn", kernel).__code__  # the Python function (a plain one where triton is missing)
+        kernel.register_limited = (when, code.co_varnames[:code.co_argcount])
+        return kernel
+
+    return declare
+
+
+def _triton_launch(kernel, grid, *args, **options):
+    """kernel[grid](*args, **options), with `_triton_register_limit(num_warps)` added where the kernel's declaration
+    (`_triton_register_limited`) asks for it at these arguments (a maxnreg given in options wins)."""
+    declared = getattr(kernel, "register_limited", None)
+    if declared is not None:
+        when, names = declared
+        if when is None or when({**dict(zip(names, args)), **options}):
+            options = {**_triton_register_limit(options.get("num_warps", 4)), **options}
+    return kernel[grid](*args, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2270,6 +2317,9 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
         tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
+@_triton_register_limited(lambda a: a.get("SPANS", False))
+# the key decay's forward scores (SPANS): unasked, ptxas kept an 8 B stack slot at 72 registers in rwkv6's (float16,
+# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -2354,6 +2404,9 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
     return c0, c1, i_row, bt0
 
 
+@_triton_register_limited()
+# unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps) and kept a stack
+# slot in mlstm's (80 registers), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
 @triton.jit
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -2409,6 +2462,9 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 # chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
 
 
+@_triton_register_limited(lambda a: a["DECAY"] == 2 and not a.get("TRANS_H", False))
+# a key decay's output (q, exp(G) and S tiles in the K loop): unasked, 8 B spilled (float16, sm_80, K = V = 128); the
+# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128)
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -2497,19 +2553,6 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
-
-
-def _triton_register_limit(num_warps: int) -> dict:
-    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
-    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
-    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
-    them with this too)."""
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2637,7 +2680,8 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
-    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
+    _triton_launch(
+        _triton_intra_attn_kernel, (NT, NC * NC, B * H),
         q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(q_map),
         KMAP=_triton_map_of(k_map))
@@ -2662,15 +2706,13 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
                     device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
-    warps = _triton_or(num_warps, _WARPS)
-    _triton_chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H)](
+    _triton_launch(
+        _triton_chunk_state_kernel, (triton.cdiv(K, BK), triton.cdiv(V, BV), rows * H),
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map),
-        # maxnreg: unasked, ptxas spilled 8 B in normalized_linear_attention's (168 registers, its cap at 4 warps)
-        # and mlstm's (80 registers, a stack slot), sm_80, bfloat16, K = V = 64 and 128 (benchmarks/kernel_matrix.py)
-        **_triton_register_limit(warps))
+        num_warps=_triton_or(num_warps, _triton_KEY_STATE_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
+        KMAP=_triton_map_of(k_map))
     return h, ht
 
 
@@ -2688,13 +2730,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
     warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
-    _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+    _triton_launch(
+        _triton_chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2992,6 +3035,9 @@ def _triton_chunk_dstate_kernel(q, do, gc, dh, dht, dh0, offsets, T, H: tl.const
         tl.store(p_dh0, b_dh, mask=m_kv)
 
 
+@_triton_register_limited(lambda a: a["DECAY"] == 0)
+# no decay: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's (sm_80, bfloat16 and float16,
+# K = V = 64 and 128; benchmarks/kernel_matrix.py), none with the limit
 @triton.jit
 def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr,
                                    BT: tl.constexpr, BD: tl.constexpr, BZ: tl.constexpr, USE_H: tl.constexpr,
@@ -3247,23 +3293,22 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
         dA_all.append(dA)
         # dq = exp(Gq) (do h^T) + (do v^T decayed, masked) k: the forward's output kernel with (q, k, v, h) =
         # (do, v, k, h^T), h read transposed in place (k mapped as loaded, dq stored as the raw q's)
-        _triton_chunk_output_kernel[(triton.cdiv(K, BK), NT, B * H)](
+        _triton_launch(
+            _triton_chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
             do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, q, 1.0, T, H, V, K, BT,
             BV, BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, VMAP=kmap, OVJP=qvjp,
             num_warps=warps, num_stages=stages)
         # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
         # (..., the map of x, of z, the vjp of out's raw input, that input)
         plain_warps = _triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS)
-        # with no decay, maxnreg: unasked, ptxas kept an 8 B stack slot at 72 registers in one of based's
-        # (sm_80, bfloat16 and float16, K = V = 64 and 128; benchmarks/kernel_matrix.py), none with it
-        plain_limit = {} if decay_cls.code else _triton_register_limit(plain_warps)
         for M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox in (
                 (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k),
                 (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)):
-            _triton_chunk_bwd_plain_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            _triton_launch(
+                _triton_chunk_bwd_plain_kernel, (triton.cdiv(D, BD), NT, B * H),
                 M, x, gc if gc is not None else M, z, dh, out, ox, T, H, D, DZ, BT, BD, BZ, first, not first,
                 prec, decay_cls.code, excl, trans, XMAP=xmap, ZMAP=zmap, OVJP=ovjp,
-                num_warps=plain_warps, num_stages=stages, **plain_limit)
+                num_warps=plain_warps, num_stages=stages)
         dqs.append(dq)
 
     dlog = None  # (tests of `decay_cls.code`, not of g: codegen/specialize.py folds them per module)
@@ -4807,6 +4852,7 @@ def mlstm__triton_recurrent_loop(q, k, v, ig, fg, states, K, V, *, every=0, cu_s
     return {'h': h}, {'C': ht_C, 'n': ht_n}, [{'C': ck_C[:, :, n], 'n': ck_n[:, :, n]} for n in range(NC_)]
 
 
+@_triton_register_limited()
 @triton.jit
 def mlstm__triton_recurrent_adjoint_kernel(
     q, k, v, ig, fg,  # inputs [B, T, H, ...], params [H, ...]
@@ -4964,8 +5010,9 @@ def mlstm__triton_recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, 
     if num_warps is None:
         num_warps = _triton_adjoint_warps(elements_)
     if B_ * H_ > 0:
-        mlstm__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-            q, k, v, ig, fg, ck_C, ck_n, dht_C, dht_n, dh, dq, dk, dv, dig, dfg, dh0_C, dh0_n, sc_C, sc_n, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps),
+        _triton_launch(
+            mlstm__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),
+            q, k, v, ig, fg, ck_C, ck_n, dht_C, dht_n, dh, dq, dk, dv, dig, dfg, dh0_C, dh0_n, sc_C, sc_n, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages,
         )
     return [dq.sum(0), dk.sum(0), dv, dig.sum(0), dfg.sum(0)], {'C': dh0_C, 'n': dh0_n.sum(0)}
 

@@ -2169,8 +2169,11 @@ _triton_LOG_DECAY_FLOOR = -1000.0  # _triton_cumsum_kernel floors every log deca
 # Launch defaults, for a call that gives no num_warps / num_stages / block_v (a given one applies to every launch).
 # Every tile is float32 (tl.dot operands included: tf32 or ieee), so a tile takes twice the registers of the bf16
 # tiles of hand-written kernels: the two kernels that hold the most tiles get 8 warps where those run 4.
-_WARPS, _STAGES = 4, 2  # every launch but the two below
+_WARPS, _STAGES = 4, 2  # every launch but the three below
 _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q, exp(G), S tiles in the K loop; scores; v)
+# _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
+# [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
+# and 128); at 8, 192 registers and none
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 _triton_FUSED_OUTPUT_BV = 32
@@ -2188,6 +2191,49 @@ _triton_DPLR_WY_WARPS = 8  # _triton_dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M 
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# register limits: a kernel that ptxas would otherwise stop short of the registers it needs declares it once, above
+# its @triton.jit (`_triton_register_limited`), and every launch of it goes through `_triton_launch`, which adds the limit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_register_limit(num_warps: int) -> dict:
+    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
+    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
+    caps an 8-warp kernel at 128 registers (168 at 4) and spills below that, or keeps a stack slot far below it
+    (the kernels declared `_triton_register_limited` say where; codegen/triton_recurrent.py launches the recurrent adjoints
+    with it too)."""
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no active driver (the interpreter on a machine without a GPU)
+        return {}
+    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
+
+
+def _triton_register_limited(when=None):
+    """Declare that a kernel launches with `_triton_register_limit(num_warps)`: always (when None), or at the launches where
+    `when(args)` holds, args the launch's arguments by parameter name (its constexprs: DECAY, PREC, ...). Used as a
+    decorator above `@triton.jit`; `_triton_launch` applies it."""
+
+    def declare(kernel):
+        code = getattr(kernel, "fn", kernel).__code__  # the Python function (a plain one where triton is missing)
+        kernel.register_limited = (when, code.co_varnames[:code.co_argcount])
+        return kernel
+
+    return declare
+
+
+def _triton_launch(kernel, grid, *args, **options):
+    """kernel[grid](*args, **options), with `_triton_register_limit(num_warps)` added where the kernel's declaration
+    (`_triton_register_limited`) asks for it at these arguments (a maxnreg given in options wins)."""
+    declared = getattr(kernel, "register_limited", None)
+    if declared is not None:
+        when, names = declared
+        if when is None or when({**dict(zip(names, args)), **options}):
+            options = {**_triton_register_limit(options.get("num_warps", 4)), **options}
+    return kernel[grid](*args, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2247,6 +2293,9 @@ def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT
         tl.store(eg + offs, _triton_safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
+@_triton_register_limited(lambda a: a.get("SPANS", False))
+# the key decay's forward scores (SPANS): unasked, ptxas kept an 8 B stack slot at 72 registers in rwkv6's (float16,
+# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -2510,6 +2559,9 @@ def _triton_delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl
             _triton_block_store(p_ht, b_h4, 3, o_v, m_v, K, V, KB)
 
 
+@_triton_register_limited(lambda a: a["DECAY"] == 2 and not a.get("TRANS_H", False))
+# a key decay's output (q, exp(G) and S tiles in the K loop): unasked, 8 B spilled (float16, sm_80, K = V = 128); the
+# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128)
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -2596,19 +2648,6 @@ def _triton_arch() -> int:
     except Exception:  # no active driver (the interpreter on a machine without a GPU)
         return 90
     return arch if isinstance(arch, int) else 90
-
-
-def _triton_register_limit(num_warps: int) -> dict:
-    """{"maxnreg": an SM's 64K registers over a num_warps program's threads, at most 255} when Triton compiles for
-    a CUDA target (a GPU, or `recdsl kernels`' compile-only driver), {} elsewhere (the interpreter). Unasked, ptxas
-    caps an 8-warp kernel at 128 registers (168 at 4): the key-decay output kernel then spilled 8 B (float16, sm_80,
-    K = V = 128; benchmarks/kernel_matrix.py), the recurrent adjoints 8-32 B (codegen/triton_recurrent.py launches
-    them with this too)."""
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no active driver (the interpreter on a machine without a GPU)
-        return {}
-    return {"maxnreg": min(255, 65536 // (32 * num_warps))} if backend == "cuda" else {}
 
 
 def _triton_pow2_at_least_16(n: int) -> int:
@@ -2736,7 +2775,8 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _triton_SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
-    _triton_intra_attn_kernel[(NT, NC * NC, B * H)](
+    _triton_launch(
+        _triton_intra_attn_kernel, (NT, NC * NC, B * H),
         q, k, gc if gc is not None else k, A, T, H, K, BT, _triton_SUB, BK, NC, decay, shift, strict, prec, spans,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(q_map),
         KMAP=_triton_map_of(k_map))
@@ -2781,13 +2821,14 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
     warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
-    _triton_chunk_output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+    _triton_launch(
+        _triton_chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, **(_triton_register_limit(warps) if decay == 2 else {}))
+        SKIP_STEP=f.skip_step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3473,6 +3514,7 @@ def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0,
     return {'o': o}, {'S': ht_S}, [{'S': ck_S[:, :, n]} for n in range(NC_)]
 
 
+@_triton_register_limited()
 @triton.jit
 def rwkv7__triton_recurrent_adjoint_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
@@ -3721,16 +3763,18 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
         num_warps = _triton_adjoint_warps(elements_)
     if not segments:
         if B_ * H_ > 0:
-            rwkv7__triton_recurrent_adjoint_kernel[(B_ * H_, NT_)](
-                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=dh0_S, ds_S=dh0_S, seq_=None, NP_=1, SEGMENTS=False, STORE_GRADS=True,
+            _triton_launch(
+                rwkv7__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),
+                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=dh0_S, ds_S=dh0_S, seq_=None, NP_=1, SEGMENTS=False, STORE_GRADS=True,
             )
     else:
         seq_ = rwkv7__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)
         r_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)  # r_c
         de_S = torch.zeros_like(r_S)
         # 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)
-        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NT_, NP_)](
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+        _triton_launch(
+            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
         )
         # 2. P_c [K, K]: the segment's map of the gradient at its end, run on the identity: the tiled axis V stands
         # for K lanes, every input, param and output gradient over it zero (the map reads none of them)
@@ -3740,16 +3784,18 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
         zero_do = torch.zeros((R_, T_, H_, K), dtype=torch.float32, device=dev)
         P_S = torch.empty((R_, H_, NC_, K, K), dtype=torch.float32, device=dev)
         eye_S = torch.eye(K, dtype=torch.float32, device=dev).expand(R_, H_, NC_, K, K).contiguous()
-        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NTP_, NP_)](
-            r, w, k, zero_v, kk, a, u, torch.zeros_like(eye_S), dht_S, zero_do, P_S, P_S, P_S, P_S, P_S, P_S, P_S, P_S, torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * BLOCK_K * BLOCK_V_P,), dtype=torch.float32, device=dev), cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, K, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V_P, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=eye_S, ds_S=P_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+        _triton_launch(
+            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NTP_, NP_),
+            r, w, k, zero_v, kk, a, u, torch.zeros_like(eye_S), dht_S, zero_do, P_S, P_S, P_S, P_S, P_S, P_S, P_S, P_S, torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * BLOCK_K * BLOCK_V_P,), dtype=torch.float32, device=dev), cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, K, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V_P, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=eye_S, ds_S=P_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
         )
         # 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c
         rwkv7__triton_segment_scan_kernel[(B_ * H_, NT_)](
             P_S, r_S, de_S, dht_S, dh0_S, cu_, ck_first_, every, NC_, H_, K, V, BLOCK_K, BLOCK_V, min(BLOCK_K, 32), VARLEN=cu_ is not None, num_warps=num_warps,
         )
         # 4. every segment's gradients, in parallel from its end's
-        rwkv7__triton_recurrent_adjoint_kernel[(G0_, NT_, NP_)](
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, **_triton_register_limit(num_warps), de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=True,
+        _triton_launch(
+            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=True,
         )
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
