@@ -76,12 +76,13 @@ from .triton_runtime import (
     _empty_result,
     _Fused,
     _fused_of,
+    _launch,
     _map_of,
     _mapped,
     _materialise,
     _or,
     _pow2_at_least_16,
-    _register_limit,
+    _register_limited,
     _safe_exp,
     _unfuse,
     _vjp_of,
@@ -91,10 +92,14 @@ Tensor = torch.Tensor
 
 _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
 # A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
-# (`_register_limit`).
+# (`_register_limit`, applied by `_launch`).
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _PARALLEL_KEY_BLOCK = 32
+# The attention kernel's warps when it maps x or y as it loads them (normalized_linear_attention, hgrn2), else
+# _WARPS; every attention and state launch has the register limit (`_register_limited`): without it
+# normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
+_MAPPED_WARPS = 8
 
 
 @triton.jit
@@ -135,6 +140,7 @@ def _state_factor(g, base, b_ga, lanes, m_l, T, H: tl.constexpr, D: tl.constexpr
     return _safe_exp(b_ga.to(tl.float32))
 
 
+@_register_limited()
 @triton.jit
 def _parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
                           DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
@@ -320,6 +326,7 @@ def _parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.co
         b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
 
+@_register_limited()
 @triton.jit
 def _parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
                            BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
@@ -455,6 +462,7 @@ def _dlog_cols(w, z, x, g, base, rows_b, m_b, i_a, o_d, m_d, b_gr, T, H: tl.cons
     return tl.dot(tl.trans(b_M), b_x * _decay(b_gq, b_gr[None, :]), input_precision=PREC)
 
 
+@_register_limited()
 @triton.jit
 def _parallel_dlog_kernel(x, y, w, z, s, ds, g, r, sums, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                           BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
@@ -585,6 +593,7 @@ def _scalar_pairs(q, k, v, do, g, base, rows_a, m_a, rows_b, m_b, T, H: tl.const
     return b_A * b_M * _decay(b_gq[:, None], b_gs[None, :])
 
 
+@_register_limited()
 @triton.jit
 def _parallel_dlog_scalar_kernel(q, k, v, do, s, ds, g, r, sums, T, H: tl.constexpr, K: tl.constexpr,
                                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -728,16 +737,18 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
-    warps = _or(num_warps, _WARPS)
-    _parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
+    # a mapped load holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward spilled
+    # 24 B on sm_80 at K = 128 (168 registers)
+    warps = _or(num_warps, _MAPPED_WARPS if x_map is not None or y_map is not None else _WARPS)
+    _launch(
+        _parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
-        SKIP_STEP=skip_step, ZMAP=_map_of(z_map), OVJP=_vjp_of(out_map),
-        **(_register_limit(warps) if decay >= 2 else {}))
+        SKIP_STEP=skip_step, ZMAP=_map_of(z_map), OVJP=_vjp_of(out_map))
 
 
 def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -745,7 +756,8 @@ def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: boo
     """Launch `_parallel_state_kernel` over out [B, H, DX, DZ] float32."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
-    _parallel_state_kernel[(triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H)](
+    _launch(
+        _parallel_state_kernel, (triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H),
         x, z, G if G is not None else out, s if s is not None else out, out, z_step if z_step is not None else out,
         T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, acc, prec, z_step is not None,
         num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map))
@@ -855,20 +867,21 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         state, acc = i == 0 and dht is not None, i > 0
         if code == 1:
-            _parallel_dlog_scalar_kernel[(NT, B * H)](
+            _launch(
+                _parallel_dlog_scalar_kernel, (NT, B * H),
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
                 min(64, _pow2_at_least_16(K)), min(32, _pow2_at_least_16(V)), excl, use_s, state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages, **_register_limit(warps))
+                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
         else:
             value = code == 3
             x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
             D, E = y.shape[-1], z.shape[-1]
             BD = min(32, _pow2_at_least_16(D))
-            _parallel_dlog_kernel[(NT, triton.cdiv(D, BD), B * H)](
+            _launch(
+                _parallel_dlog_kernel, (NT, triton.cdiv(D, BD), B * H),
                 x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
                 min(64, _pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
-                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages,
-                **_register_limit(warps))
+                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages)
     plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
     # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
     # initial state's terms of the later blocks, the final state's of the earlier ones
