@@ -2489,10 +2489,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        if SKIP_STEP:
-            b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
-        else:
-            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     if OVJP is not None:
         b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
@@ -2858,11 +2855,8 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     if fused.skip is not None and grads_out is not None:
         go = grads_out.float()  # one float32 copy (none for float32) serves both terms
         dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype))
-        if fused.skip_step:  # one weight per step [B, T, H]
-            weight = fused.skip_weight.float()[..., None]
-        else:  # one per head [H], summed over B and T
-            weight = fused.skip_weight.float().view(1, 1, -1, 1)
-            dsw = dsw.sum((0, 1))
+        weight = fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = dsw.sum((0, 1))
         if _triton_same_tensor(fused.skip, v) and dv.dtype == go.dtype:
             dv = dv.addcmul_(go, weight)
         else:
@@ -3759,10 +3753,7 @@ def _triton_parallel_attn_kernel(x, y, z, g, s, out, zs, sx, sw, scale, T, H: tl
     b_acc = b_acc * scale
     p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
     if SKIP:
-        if SKIP_STEP:
-            b_sw = tl.load(sw + base + rows_a * H, mask=rows_a < T, other=0.0).to(tl.float32)[:, None]
-        else:
-            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_acc += b_sw * tl.load(sx + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az,
                                 other=0.0).to(tl.float32)
     if ACC:
