@@ -241,14 +241,14 @@ class TorchFormWriter:
     # -- the chunked Triton form's fused prologue and epilogue -------------------------------------------
 
     def _scalar_step(self, e: sympy.Expr) -> bool:
-        """e is a product of scalar inputs, scalar params and numbers/sizes with at least one scalar input: a
-        per-step scalar [B, T, H] (`dt`, `beta`)."""
+        """e is an expression of scalar inputs, scalar params and numbers/sizes that reads at least one scalar
+        input: a per-step scalar [B, T, H] (`dt * A`, `beta`, mLSTM's input gate `exp(ig)`)."""
         scalar_inputs = {i.name for i in self.rec.inputs if not i.dims}
         scalar_params = {p.name for p in self.rec.params if not p.dims}
         if e.atoms(sympy.Indexed):
             return False
         names = {str(x) for x in e.free_symbols}
-        return bool(names & scalar_inputs) and names <= scalar_inputs | scalar_params | self.sizes and e.is_Mul
+        return bool(names & scalar_inputs) and names <= scalar_inputs | scalar_params | self.sizes
 
     def _split_step(self, expr: sympy.Expr, index) -> tuple[sympy.Expr, sympy.Expr | None] | None:
         """(leaf, factor) when expr = factor * leaf, leaf an input indexed by `index` alone and factor a per-step
@@ -271,14 +271,15 @@ class TorchFormWriter:
         `scale * read + weight * input`, for the state's one readout, `out`: that output's name)}; None when the
         plan is not of that shape (then the prologue and epilogue stay torch tensors)."""
         plan = sa.chunk
-        if (not self.options or plan.pair or plan.v is None or s.name in view.transposed
+        if (not self.options or plan.pair or s.name in view.transposed
                 or view.lifted.get(s.name) or sa.cls not in (TransitionClass.IDENTITY, TransitionClass.SCALAR,
                                                               TransitionClass.DIAGONAL_ROW,
                                                               TransitionClass.RANK_ONE_UPDATE)
                 or plan.decay_axis == "value"):
             return None
         ks = self._split_step(plan.k.expr, plan.k.indices)
-        vs = self._split_step(plan.v.expr, plan.v.indices)
+        # a state with no value axis (mLSTM's normaliser n) runs with values of ones: a factor of its k is theirs
+        vs = self._split_step(plan.v.expr, plan.v.indices) if plan.v is not None else (None, None)
         if ks is None or vs is None:
             return None
         if sa.cls is TransitionClass.RANK_ONE_UPDATE and ks[1] is not None:

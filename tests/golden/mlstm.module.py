@@ -2392,6 +2392,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_kt = _triton_mapped(b_kt, m_kt, KMAP)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
         b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
@@ -2469,6 +2471,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if OVJP is not None:
@@ -2816,11 +2820,16 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
     d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = torch.einsum("bthv,bthv->bth", dv, v.to(dv.dtype))
+        dv = dv.mul_(fused.v_step.to(dv.dtype)[..., None])
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
 def _triton_materialise(fused, v, log_decay):
     """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
     return v, log_decay
 
 
@@ -4658,27 +4667,24 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
     return {'h': h}, {'C': triton_scan_final_states(all_C, states['C'], cu_seqlens), 'n': triton_scan_final_states(all_n, states['n'], cu_seqlens)}
 
 
-def mlstm__chunked_prologue_fwd_triton(k, ig, fg, K, V):
+def mlstm__chunked_prologue_fwd_triton(ig, fg, K, V):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
-    B_, T_, H_ = k.shape[:3]
-    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
+    B_, T_, H_ = ig.shape[:3]
+    v_step_C = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # a factor of k v^T
     log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
-    return k_C, log_decay_C
+    return v_step_C, log_decay_C
 
 
-def mlstm__chunked_prologue_vjp_triton(k, ig, fg, grad_k_C, grad_log_decay_C, K, V):
+def mlstm__chunked_prologue_vjp_triton(ig, fg, grad_v_step_C, grad_log_decay_C, K, V):
     """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
     the gradient of each argument (None where it is not differentiable) from those of its values; a param's
     summed over B and T."""
-    B_, T_, H_ = k.shape[:3]
-    exp_ig = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # used more than once
-    grad_k = torch.broadcast_to(exp_ig[..., None] * grad_k_C, k.shape)
-    grad_ig = torch.broadcast_to(exp_ig * (k * grad_k_C).sum(dim=-1), ig.shape)
+    grad_ig = torch.broadcast_to(grad_v_step_C * torch.exp(ig), ig.shape)
     grad_fg = torch.broadcast_to(grad_log_decay_C * torch.sigmoid(-fg), fg.shape)
-    return grad_k, grad_ig, grad_fg
+    return grad_ig, grad_fg
 
 
-mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 3)
+mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 2)
 
 
 def mlstm__chunked_epilogue_fwd_triton(read_C, read_n, K, V):
@@ -4707,19 +4713,23 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # the prologue; its backward: mlstm__chunked_prologue_vjp_triton, printed from sympy
-    k_C, log_decay_C = mlstm__chunked_prologue_triton(k, ig, fg, K, V)
+    v_step_C, log_decay_C = mlstm__chunked_prologue_triton(ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
+    k_C = k  # mlstm.rec:17
     v_C = v  # mlstm.rec:17
     query_read_C = q  # mlstm.rec:19
-    _check_steps([query_read_C, k_C, v_C], [log_decay_C])
-    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, **options)
+    _check_steps([query_read_C, k_C, v_C, v_step_C], [log_decay_C])
+    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_C, **options)
     # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    k_n = k_C  # mlstm.rec:18; the same tensor
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
+    v_step_n = v_step_C  # a factor of k v^T; the same tensor
+    k_n = k  # mlstm.rec:18
     v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
     query_read_n = q  # mlstm.rec:19
-    _check_steps([query_read_n, k_n, v_n], [log_decay_n])
-    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
+    _check_steps([query_read_n, k_n, v_n, v_step_n], [log_decay_n])
+    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, v_step=v_step_n, **options)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]
     h, = mlstm__chunked_epilogue_triton(read_C, read_n, K, V)  # mlstm.rec:19
