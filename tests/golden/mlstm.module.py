@@ -2144,6 +2144,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4141,8 +4158,8 @@ def mlstm__recurrent_loop(q, k, v, ig, fg, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_fg = torch.exp(F.logsigmoid(fg))  # [B, T, H]
     exp_ig = torch.exp(ig)  # [B, T, H]
-    C = states['C']
-    n = states['n']
+    C = states.get('C')
+    n = states.get('n')
     h_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4153,11 +4170,17 @@ def mlstm__recurrent_loop(q, k, v, ig, fg, states, K, V, every=0):
         v_t = v[:, t]
         exp_fg_t = exp_fg[:, t]
         exp_ig_t = exp_ig[:, t]
-        C__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None, None] * C, exp_ig_t[..., None, None] * v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # mlstm.rec:17
-        n__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None] * n, exp_ig_t[..., None], k_t), (B_, H_, K))  # mlstm.rec:18
+        if C is None:  # the first step, from a zero state
+            C__new = torch.broadcast_to(exp_ig_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # mlstm.rec:17
+            n__new = torch.broadcast_to(exp_ig_t[..., None] * k_t, (B_, H_, K))  # mlstm.rec:18
+        else:
+            C__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None, None] * C, exp_ig_t[..., None, None] * v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # mlstm.rec:17
+            n__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None] * n, exp_ig_t[..., None], k_t), (B_, H_, K))  # mlstm.rec:18
         h_steps.append(torch.broadcast_to((q_t[..., None, :] @ C__new)[..., 0, :] / torch.clamp(torch.abs((n__new * q_t).sum(dim=-1)[..., None]), min=1.0), (B_, H_, V)))  # mlstm.rec:19
         C = C__new
         n = n__new
+    C = C if C is not None else q.new_zeros((B_, H_, K, V))
+    n = n if n is not None else q.new_zeros((B_, H_, K))
     return {'h': _stack_steps(h_steps, B_, H_, (V, ), q)}, {'C': C, 'n': n}, checkpoints
 
 
@@ -4203,8 +4226,8 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
         exp_fg_steps_2 = (exp_fg[..., None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        C_at[0].copy_(checkpoints[t0 // every]['C'])
-        n_at[0].copy_(checkpoints[t0 // every]['n'])
+        _copy_start(C_at[0], checkpoints[t0 // every]['C'])
+        _copy_start(n_at[0], checkpoints[t0 // every]['n'])
         torch.mul(exp_ig[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=C_steps[1:t1 - t0 + 1])  # the state-free terms of C's update at every step
         torch.mul(exp_ig[..., None], k_seg, out=n_steps[1:t1 - t0 + 1])  # the state-free terms of n's update at every step
         for t in range(t1 - t0):
@@ -4736,7 +4759,7 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     return {'h': h}, {'C': final_C, 'n': final_n}
 
 
-_mlstm_forms = {'recurrent': mlstm__recurrent, 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}
+_mlstm_forms = {'recurrent': _zero_start(mlstm__recurrent), 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}
 _mlstm_out, _mlstm_st = ('h',), ('C', 'n')  # output and state names, for the backward
 _mlstm_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mlstm__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mlstm__chunked_triton)))} if HAVE_TRITON else None
 
