@@ -217,9 +217,11 @@ def _entry_points(analysis: Analysis) -> str:
     name = rec.name
     args = [s.name for s in rec.inputs + rec.params]
     # The chunked form (and the parallel form, the same function with one chunk) passes each state only as a
-    # runtime call's `initial_state=`, which takes None for a zero start (codegen/dispatch.py `takes_no_initial_state`)
-    forms = ", ".join(f"{f!r}: takes_no_initial_state({name}__chunked)" if f in ("chunked", "parallel")
-                      else f"{f!r}: {name}__{f}" for f in analysis.forms)
+    # runtime call's `initial_state=`, which takes None for a zero start (codegen/dispatch.py `takes_no_initial_state`);
+    # the recurrent form's loop takes its first step from zero (`_zero_start`, codegen/torch_forms.py)
+    wrapped = {"chunked": "takes_no_initial_state({}__chunked)", "parallel": "takes_no_initial_state({}__chunked)",
+               "recurrent": "_zero_start({}__recurrent)"}
+    forms = ", ".join(f"{f!r}: {wrapped.get(f, '{}__' + f).format(name)}" for f in analysis.forms)
     shapes = "\n".join(
         [f"            {s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]  (input)" for s in rec.inputs]
         + [f"            {s.name}: [H{''.join(', ' + str(d) for d in s.dims)}]  (param)" for s in rec.params])

@@ -22,7 +22,8 @@ The same folding applies to the runtime's host-side (Python) functions, on two f
 codes of its plans (`decay_cls.code`, the class the printed call names) and the fused prologue and epilogue keywords
 its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight`, `q_map`, `k_map` of `_Fused`): one no call
 passes is None in every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels'
-VSTEP, HEAD and SKIP flags are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, a
+VSTEP, HEAD and SKIP flags are False; and without a skip weight per step (`skip_per_step`) the kernels' SKIP_STEP
+and `_Fused.skip_step` are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, a
 module without a decay no cumulative-sum kernel, and one without a prologue map (every spec but normalized linear
 attention's and HGRN2's) none of the map checks (`_check_map`).
 
@@ -159,10 +160,34 @@ def fused_keywords(printed: str) -> frozenset[str]:
     return frozenset(used)
 
 
-def runtime_facts(analyses: list[Analysis], fused: frozenset[str]) -> dict[str, frozenset]:
+def skip_per_step(printed: str) -> bool:
+    """True when a call of the runtime's chunked entry points in the printed forms' source `printed` may pass a skip
+    weight per step ([B, T, H]: `_Fused.skip_step`, the kernels' SKIP_STEP). The printer passes a per-head weight
+    (Mamba2's D) as the spec's param, an argument of the printed function, and a per-step one (RWKV-6's bonus) as a
+    value its prologue computes: a `skip_weight` that is anything but an argument of the function around the call
+    counts as per step, so an unknown one keeps the branch."""
+    tree = ast.parse(printed)
+    # innermost function first (ast.walk lists outer ones before inner ones): a call is judged by its own function's
+    # arguments
+    scopes = [(fn, {a.arg for a in fn.args.args + fn.args.kwonlyargs})
+              for fn in reversed(list(ast.walk(tree))) if isinstance(fn, ast.FunctionDef)] + [(tree, set())]
+    seen = set()
+    for scope, arguments in scopes:
+        for node in ast.walk(scope):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id.endswith(_RUNTIME_ENTRIES) and id(node) not in seen):
+                seen.add(id(node))
+                for kw in node.keywords:
+                    if kw.arg == "skip_weight" and not (isinstance(kw.value, ast.Name) and kw.value.id in arguments):
+                        return True
+    return False
+
+
+def runtime_facts(analyses: list[Analysis], fused: frozenset[str], per_step: bool = True) -> dict[str, frozenset]:
     """What the runtime's host-side functions can see in a module of `analyses` whose printed calls pass the fused
-    keywords `fused`: `decay_cls.code` (the plans' decay codes), and None for each fused keyword left out (the name,
-    and `.name` for the attribute on any object)."""
+    keywords `fused`: `decay_cls.code` (the plans' decay codes), None for each fused keyword left out (the name,
+    and `.name` for the attribute on any object), and False for `skip_step` (`_Fused.skip_step`, and the name)
+    unless `per_step` (`skip_per_step`)."""
     facts = {}
     codes = plan_flags(analyses)["DECAY"]
     if codes:
@@ -170,6 +195,8 @@ def runtime_facts(analyses: list[Analysis], fused: frozenset[str]) -> dict[str, 
     for name in _FUSED_FLAGS:
         if name not in fused:
             facts[name] = facts["." + name] = frozenset({None})
+    if not per_step:
+        facts["skip_step"] = facts[".skip_step"] = frozenset({False})
     return facts
 
 
@@ -181,9 +208,11 @@ def specialize(text: str, analyses: list[Analysis], printed: str | None = None) 
     facts = None
     if printed is not None:
         fused = fused_keywords(printed)
+        per_step = "skip_weight" in fused and skip_per_step(printed)
         if flags["DECAY"]:  # a chunked Triton form exists: its kernels' fused flags are known too
             flags.update({flag: frozenset({False, name in fused}) for name, flag in _FUSED_FLAGS.items() if flag})
-        facts = runtime_facts(analyses, fused)
+            flags["SKIP_STEP"] = frozenset({False, per_step})
+        facts = runtime_facts(analyses, fused, per_step)
         skip = {n for node in ast.parse(printed).body for n in _defined_names(node)}
     text = specialize_kernels(text, flags, backward_flags(analyses))
     return text if facts is None else specialize_host(text, facts, skip)
@@ -239,7 +268,7 @@ def _values(node: ast.expr, known: dict[str, frozenset]) -> frozenset | None:
 
 def _truth(test: ast.expr, known: dict[str, frozenset]) -> bool | None:
     """True / False when every value of the known flags decides `test`, else None."""
-    values = _values(test, known) if isinstance(test, ast.Name) else None
+    values = _values(test, known) if isinstance(test, (ast.Name, ast.Attribute)) else None
     compared = (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.comparators[0], ast.Constant)
                 and _values(test.left, known))
     if values is not None:

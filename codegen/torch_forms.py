@@ -7,7 +7,8 @@ arguments `(inputs..., params..., states, sizes...)` already bound and cast:
   a prologue computed once for the whole sequence, those used twice in a step computed once per step) whose
   backward is `NAME__recurrent_adjoint`, the adjoint step that `recurrence_dsl.adjoint` derives symbolically
   from the spec, printed here and run backwards over segments recomputed from checkpoints (the two joined by
-  `dispatch.with_adjoint`);
+  `dispatch.with_adjoint`); a state it is not given (`_zero_start`: a call without an initial state) starts
+  from zero, its first step printed with the terms that read the state left out (`_zero_states`);
 - `NAME__scan`: every state element as s_t = a_t s_{t-1} + b_t, by associative scan inside blocks of a
   fixed number of steps (`NAME__scan_block`), the states carried across blocks (`dispatch.in_blocks`);
 - `NAME__chunked(..., chunk_size)`: prologue (k, v, decays, queries), the chunked
@@ -241,14 +242,14 @@ class TorchFormWriter:
     # -- the chunked Triton form's fused prologue and epilogue -------------------------------------------
 
     def _scalar_step(self, e: sympy.Expr) -> bool:
-        """e is a product of scalar inputs, scalar params and numbers/sizes with at least one scalar input: a
-        per-step scalar [B, T, H] (`dt`, `beta`)."""
+        """e is an expression of scalar inputs, scalar params and numbers/sizes that reads at least one scalar
+        input: a per-step scalar [B, T, H] (`dt * A`, `beta`, mLSTM's input gate `exp(ig)`)."""
         scalar_inputs = {i.name for i in self.rec.inputs if not i.dims}
         scalar_params = {p.name for p in self.rec.params if not p.dims}
         if e.atoms(sympy.Indexed):
             return False
         names = {str(x) for x in e.free_symbols}
-        return bool(names & scalar_inputs) and names <= scalar_inputs | scalar_params | self.sizes and e.is_Mul
+        return bool(names & scalar_inputs) and names <= scalar_inputs | scalar_params | self.sizes
 
     def _split_step(self, expr: sympy.Expr, index) -> tuple[sympy.Expr, sympy.Expr | None] | None:
         """(leaf, factor) when expr = factor * leaf, leaf an input indexed by `index` alone and factor a per-step
@@ -271,14 +272,15 @@ class TorchFormWriter:
         `scale * read + weight * input`, for the state's one readout, `out`: that output's name)}; None when the
         plan is not of that shape (then the prologue and epilogue stay torch tensors)."""
         plan = sa.chunk
-        if (not self.options or plan.pair or plan.v is None or s.name in view.transposed
+        if (not self.options or plan.pair or s.name in view.transposed
                 or view.lifted.get(s.name) or sa.cls not in (TransitionClass.IDENTITY, TransitionClass.SCALAR,
                                                               TransitionClass.DIAGONAL_ROW,
                                                               TransitionClass.RANK_ONE_UPDATE)
                 or plan.decay_axis == "value"):
             return None
         ks = self._split_step(plan.k.expr, plan.k.indices)
-        vs = self._split_step(plan.v.expr, plan.v.indices)
+        # a state with no value axis (mLSTM's normaliser n) runs with values of ones: a factor of its k is theirs
+        vs = self._split_step(plan.v.expr, plan.v.indices) if plan.v is not None else (None, None)
         if ks is None or vs is None:
             return None
         if sa.cls is TransitionClass.RANK_ONE_UPDATE and ks[1] is not None:
@@ -572,8 +574,10 @@ class TorchFormWriter:
             names[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
         for n in constant:
             w(f"{names[n]} = {py.get(n, n)}[:, 0]  # the same at every step")
+        first = py[self.rec.states[0].name]
         for s in self.rec.states:
-            w(f"{py[s.name]} = states['{s.name}']")
+            # absent (`_zero_start`): the call gave no initial state, and the first step starts from zero
+            w(f"{py[s.name]} = states.get('{s.name}')")
         for o in self.rec.outputs:
             w(f"{py[o.name]}_steps = []")
         w("checkpoints = []")
@@ -582,25 +586,54 @@ class TorchFormWriter:
         w(f"checkpoints.append({{{', '.join(f'{s.name!r}: {py[s.name]}' for s in self.rec.states)}}})", 3)
         for n in per_step:
             w(f"{names[n]} = {py.get(n, n)}[:, t]", 2)
-        self._write_shared(w, temps, names, names, self.a.ir.ranges, "B_, H_", 2)
-        step_printer = TorchPrinter(self.sizes, self.a.ir.ranges, names, fuse=True)
-        for s in self._update_order():
-            idx, e = updates[s.name]
-            w(f"{py[s.name]}{NEW_SUFFIX} = {self._broadcast(step_printer, e, idx, self._state_shape(s))}  "
-              f"# {self.cite[s.name]}", 2)
-        for o in self.rec.outputs:
-            idx, e = outputs[o.name]
-            dims = "".join(f", {self._dim(d)}" for d in o.dims)
-            w(f"{py[o.name]}_steps.append({self._broadcast(step_printer, e, idx, f'(B_, H_{dims})')})  "
-              f"# {self.cite[o.name]}", 2)
+        for n in temps:
+            names[n[0]] = self.shown[n[0]] = self._unique(self._describe(n[2], self.a.ir.ranges))
+        old = {s.name for s in self.rec.states}  # the states before the step (not their `__new` values)
+        zero = [(n, idx, _zero_states(e, old)) for n, idx, e in temps]
+        zero_updates = {n: (idx, _zero_states(e, old)) for n, (idx, e) in updates.items()}
+        zero_outputs = {n: (idx, _zero_states(e, old)) for n, (idx, e) in outputs.items()}
+        if (zero, zero_updates) != (temps, updates) or zero_outputs != outputs:
+            # The step from a zero state, with the terms that read it left out: no zero state is made or multiplied.
+            # An output that reads only the new states is the same in both and follows them.
+            same = {n: v for n, v in outputs.items() if zero_outputs[n] == v}
+            w(f"if {first} is None:  # the first step, from a zero state", 2)
+            self._write_step(w, zero, zero_updates, {n: v for n, v in zero_outputs.items() if n not in same}, names, 3)
+            w("else:", 2)
+            self._write_step(w, temps, updates, {n: v for n, v in outputs.items() if n not in same}, names, 3)
+            self._write_step(w, [], {}, same, names, 2)
+        else:
+            self._write_step(w, temps, updates, outputs, names, 2)
         for s in self.rec.states:
             w(f"{py[s.name]} = {py[s.name]}{NEW_SUFFIX}", 2)
+        for s in self.rec.states:  # no steps: the zero start is the final state
+            w(f"{py[s.name]} = {py[s.name]} if {py[s.name]} is not None else "
+              f"{py[self.rec.inputs[0].name]}.new_zeros({self._state_shape(s)})")
         outs = ", ".join(f"'{o.name}': _stack_steps({py[o.name]}_steps, B_, H_, "
                          f"({''.join(f'{self._dim(d)}, ' for d in o.dims)}), {py[self.rec.inputs[0].name]})"
                          for o in self.rec.outputs)
         finals = ", ".join(f"'{s.name}': {py[s.name]}" for s in self.rec.states)
         w(f"return {{{outs}}}, {{{finals}}}, checkpoints")
         return w.text()
+
+    def _write_step(self, w: SourceWriter, temps, updates: dict, outputs: dict, names: dict, indent: int) -> None:
+        """One step of the recurrent loop: the shared subexpressions `temps` (named in `names` already), the states'
+        new values and the outputs' values appended to their lists."""
+        py = self.py
+        printer = TorchPrinter(self.sizes, self.a.ir.ranges, names, fuse=True)
+        for name, idx, e in temps:
+            dims = "".join(f", {self._range_dim(self.a.ir.ranges[i])}" for i in idx)
+            w(f"{names[name]} = {self._broadcast(printer, e, idx, f'(B_, H_{dims})')}  # used more than once", indent)
+        for s in [s for s in self._update_order() if s.name in updates]:
+            idx, e = updates[s.name]
+            value = self._broadcast(printer, e, idx, self._state_shape(s))
+            if _leaf(e) and not is_constant(e, self.sizes):
+                value += ".clone()"  # a step's input as it is (from a zero state): the state must not be a view of it
+            w(f"{py[s.name]}{NEW_SUFFIX} = {value}  # {self.cite[s.name]}", indent)
+        for o in [o for o in self.rec.outputs if o.name in outputs]:
+            idx, e = outputs[o.name]
+            dims = "".join(f", {self._dim(d)}" for d in o.dims)
+            w(f"{py[o.name]}_steps.append({self._broadcast(printer, e, idx, f'(B_, H_{dims})')})  "
+              f"# {self.cite[o.name]}", indent)
 
     def write_recurrent_adjoint(self, adj) -> str:
         """The backward of the step loop, printed from the adjoint step that `recurrence_dsl.adjoint` derives
@@ -850,9 +883,9 @@ class TorchFormWriter:
             w("# The segment's states, recomputed from its checkpoint.", 2)
             for s in rec.states:
                 if s.name in kept:
-                    w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
+                    w(f"_copy_start({state_at[s.name]}[0], checkpoints[t0 // every]['{s.name}'])", 2)
                 else:
-                    w(f"{py[s.name]} = checkpoints[t0 // every]['{s.name}']", 2)
+                    w(f"{py[s.name]} = _start(checkpoints[t0 // every]['{s.name}'], {carried[s.name]})", 2)
             for name, (free, _) in split.items():
                 idx = updates[name][0]
                 target = f"{state_buffer[name]}[1:t1 - t0 + 1]"
@@ -1098,7 +1131,7 @@ class TorchFormWriter:
           + (" (its products first)." if plan["products"] else "."), 2)
         by_name = {s.name: s for s in self.rec.states}
         for s in self.rec.states:
-            w(f"{state_at[s.name]}[0].copy_(checkpoints[t0 // every]['{s.name}'])", 2)
+            w(f"_copy_start({state_at[s.name]}[0], checkpoints[t0 // every]['{s.name}'])", 2)
         for s in self.rec.states:
             free, _, idx = plan["update"][s.name]
             shape = f"(t1 - t0, B_, H_{dims_of(by_name[s.name])})"
@@ -2013,6 +2046,15 @@ class TorchFormWriter:
         return "\n\n".join(p for p in parts if p)
 
 
+def _zero_states(e: sympy.Expr, states: set[str]) -> sympy.Expr:
+    """`e` with every read of the `states` (an indexed state, or a scalar one) set to zero: its value at a step from
+    a zero state (sympy drops the products with it)."""
+    e = e.xreplace({a: sympy.Integer(0) for a in e.atoms(sympy.Indexed) if str(a.base) in states})
+    e = e.xreplace({x: sympy.Integer(0) for x in e.free_symbols if isinstance(x, sympy.Symbol) and x.name in states})
+    # a sum over a zero state (sympy keeps Sum(0, ...)) is zero, and so are the products with it
+    return e.replace(lambda x: isinstance(x, sympy.Sum) and x.function.is_zero, lambda x: sympy.Integer(0))
+
+
 PRELUDE = '''
 def _fused_scale(scale):
     """The readout's constant factor the kernels apply (`scale=`), from `scale()`, a size expression such as
@@ -2022,6 +2064,29 @@ def _fused_scale(scale):
         return float(scale())
     except ZeroDivisionError:
         return math.inf
+
+
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
+def _start(state, like):
+    """A segment's first state: the checkpoint `state`, or (None: a zero start) zeros like `like` (the backward's
+    own, made only where the recomputation reads the state in place of a buffer slot)."""
+    return torch.zeros_like(like) if state is None else state
 
 
 def _stack_steps(steps, B_, H_, dims, like):

@@ -81,16 +81,31 @@ def test_counts_a_known_intermediate_not_inputs_outputs_or_views():
 
 
 def test_counts_an_unfused_prologue_of_a_spec():
-    """mLSTM's keys k * exp(ig) (a value of two inputs, not an elementwise map of one that the kernels apply:
-    tests/test_prologue_maps.py) stay a torch tensor [B, T, H, K]: the report names the generated line and counts
-    it at its size."""
+    """RG-LRU's values sqrt(1 - a^2) * x * sigmoid(gi) (a value of several inputs over D, not an elementwise map of
+    one that the kernels apply: tests/test_prologue_maps.py) stay a torch tensor [B, T, H, D]: the report names the
+    generated line and counts it at its size."""
+    rec = _rec("rg_lru")
+    B, T, H, D = 1, 32, 2, 16
+    args, _ = _args(rec, B, T, H, D)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.float() for a in args], form="chunked")
+    values = [r for r in report.rows if "v_h = " in r.where]
+    assert values, [r.where for r in report.rows]
+    assert sum(r.bytes for r in values) >= B * T * H * D * 4
+
+
+def test_mlstm_key_factor_is_a_per_step_factor_of_the_kernels():
+    """mLSTM's k * exp(ig): exp(ig) is a per-step scalar [B, T, H], which the kernels apply to v as they load it
+    (`_Fused.v_step`: the update c_t k_t v_t^T is k_t (c_t v_t)^T), for C and for the normaliser n (whose values are
+    ones): the call reads the raw k and allocates no [B, T, H, K] key tensor."""
     rec = _rec("mlstm")
+    form = load_layer(analyse(rec.checked)).triton_forms["chunked"]
+    source = inspect.getsource(getattr(form, "__wrapped__", form))
+    assert "v_step=v_step_C" in source and "v_step=v_step_n" in source and "k_C = k  #" in source, source
     B, T, H, K = 1, 32, 2, 16
     args, _ = _args(rec, B, T, H, K)
     report = measure_call(load_layer(analyse(rec.checked)), [a.float() for a in args], form="chunked")
-    keys = [r for r in report.rows if "k * torch.exp(ig" in r.where]
-    assert keys, [r.where for r in report.rows]
-    assert sum(r.bytes for r in keys) >= B * T * H * K * 4
+    assert not [r for r in report.rows if "exp(ig" in r.where and r.shape == (B, T, H, K)], format_rows(report)
+    assert [r for r in report.rows if "v_step_C = " in r.where and r.shape == (B, T, H)], format_rows(report)
 
 
 # -- results and gradients ---------------------------------------------------------------------------------------
@@ -114,7 +129,7 @@ def _grads(fn, rec, args, initial, weights):
     return values, [x.grad for x in leaves] + [init[s.name].grad for s in checked.states]
 
 
-@pytest.mark.parametrize("name", [*FUSED, UNFUSED, "rwkv6"])
+@pytest.mark.parametrize("name", [*FUSED, UNFUSED, "rwkv6", "mlstm"])
 def test_results_and_gradients_match_the_reference(name):
     rec = _rec(name)
     args, initial = _args(rec, 1, 37, 2, 16, initial=True)
@@ -355,6 +370,32 @@ def test_fused_training_step_figures(name, dtype, monkeypatch):
     full = [r for r in report.rows if r.shape == (2, 1024, 4, 128)]
     allowed = ("torch.empty(", "grad.to(like.dtype)") + (("prologue", "_unfuse") if name == "rwkv6" else ("epilogue",))
     assert full and all(any(a in r.where for a in allowed) for r in full), format_rows(report)
+
+
+# dtype -> mLSTM's chunked Triton call at B=2, T=1024, H=4, K=V=128 (host allocations, no kernel runs, as above):
+# (forward, forward + backward) bytes with its input gate exp(ig) a per-step factor the kernels apply (`v_step`).
+# Before, with k * exp(ig) a [B, T, H, K] prologue tensor and its VJP: float32 17,412,128 / 68,632,608, bfloat16
+# 8,822,816 / 63,975,456. bfloat16's forward + backward is 0.4% over that (its backward's `_unfuse` sums dv * v over
+# a float32 copy of v for each state, and k's gradient is cast back once per state)
+MLSTM_STEPS = {torch.float32: (13_271_072, 60_395_552), torch.bfloat16: (6_762_528, 64_225_312)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_mlstm_training_step_figures(dtype, monkeypatch):
+    """mLSTM's forward allocates no [B, T, H, K] prologue tensor (its keys are the raw k) and its forward + backward
+    the measured figures. About 1 s each once the module is loaded (no kernel runs)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec("mlstm")
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 1024, 4, dtype=torch.float32,
+                               seed=0)
+    layer = load_layer(analyse(rec.checked))
+    forward = measure_call(layer, [a.to(dtype) for a in args], form="chunked")
+    step = measure_call(layer, [a.to(dtype) for a in args], form="chunked", backward=True)
+    assert (forward.total, step.total) == MLSTM_STEPS[dtype], (format_rows(forward), format_rows(step))
+    assert not [r for r in forward.rows if r.shape == (2, 1024, 4, 128) and "torch.empty(" not in r.where], \
+        format_rows(forward)
 
 
 CHILD = """

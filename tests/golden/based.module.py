@@ -2118,6 +2118,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4294,12 +4311,12 @@ def based__recurrent_loop(q, k, v, states, K, V, every=0):
     """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
     states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
-    S0 = states['S0']
-    S1 = states['S1']
-    S2 = states['S2']
-    z0 = states['z0']
-    z1 = states['z1']
-    z2 = states['z2']
+    S0 = states.get('S0')
+    S1 = states.get('S1')
+    S2 = states.get('S2')
+    z0 = states.get('z0')
+    z1 = states.get('z1')
+    z2 = states.get('z2')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4308,12 +4325,20 @@ def based__recurrent_loop(q, k, v, states, K, V, every=0):
         q_t = q[:, t]
         k_t = k[:, t]
         v_t = v[:, t]
-        S0__new = torch.broadcast_to(S0 + v_t, (B_, H_, V))  # based.rec:16
-        S1__new = torch.broadcast_to(torch.addcmul(S1, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # based.rec:17
-        S2__new = torch.broadcast_to(torch.addcmul(S2, k_t[..., None, :, None] * v_t[..., None, None, :], k_t[..., :, None, None]), (B_, H_, K, K, V))  # based.rec:18
-        z0__new = torch.broadcast_to(1.0 + z0, (B_, H_))  # based.rec:19
-        z1__new = torch.broadcast_to(k_t + z1, (B_, H_, K))  # based.rec:20
-        z2__new = torch.broadcast_to(torch.addcmul(z2, k_t[..., None, :], k_t[..., :, None]), (B_, H_, K, K))  # based.rec:21
+        if S0 is None:  # the first step, from a zero state
+            S0__new = torch.broadcast_to(v_t, (B_, H_, V)).clone()  # based.rec:16
+            S1__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # based.rec:17
+            S2__new = torch.broadcast_to(k_t[..., :, None, None] * k_t[..., None, :, None] * v_t[..., None, None, :], (B_, H_, K, K, V))  # based.rec:18
+            z0__new = q.new_full((B_, H_), 1.0)  # based.rec:19
+            z1__new = torch.broadcast_to(k_t, (B_, H_, K)).clone()  # based.rec:20
+            z2__new = torch.broadcast_to(k_t[..., :, None] * k_t[..., None, :], (B_, H_, K, K))  # based.rec:21
+        else:
+            S0__new = torch.broadcast_to(S0 + v_t, (B_, H_, V))  # based.rec:16
+            S1__new = torch.broadcast_to(torch.addcmul(S1, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # based.rec:17
+            S2__new = torch.broadcast_to(torch.addcmul(S2, k_t[..., None, :, None] * v_t[..., None, None, :], k_t[..., :, None, None]), (B_, H_, K, K, V))  # based.rec:18
+            z0__new = torch.broadcast_to(1.0 + z0, (B_, H_))  # based.rec:19
+            z1__new = torch.broadcast_to(k_t + z1, (B_, H_, K))  # based.rec:20
+            z2__new = torch.broadcast_to(torch.addcmul(z2, k_t[..., None, :], k_t[..., :, None]), (B_, H_, K, K))  # based.rec:21
         o_steps.append(torch.broadcast_to(((q_t[..., None, :] @ S1__new)[..., 0, :] / (K**0.5) + ((q_t[..., :, None] * q_t[..., None, :])[..., :, :, None] * S2__new).sum(dim=(-3, -2)) / 2.0 / K + S0__new) / (z0__new[..., None] + (q_t * z1__new).sum(dim=-1)[..., None] / (K**0.5) + ((q_t[..., None, :] @ z2__new)[..., 0, :] * q_t).sum(dim=-1)[..., None] / 2.0 / K), (B_, H_, V)))  # based.rec:22,23,24
         S0 = S0__new
         S1 = S1__new
@@ -4321,6 +4346,12 @@ def based__recurrent_loop(q, k, v, states, K, V, every=0):
         z0 = z0__new
         z1 = z1__new
         z2 = z2__new
+    S0 = S0 if S0 is not None else q.new_zeros((B_, H_, V))
+    S1 = S1 if S1 is not None else q.new_zeros((B_, H_, K, V))
+    S2 = S2 if S2 is not None else q.new_zeros((B_, H_, K, K, V))
+    z0 = z0 if z0 is not None else q.new_zeros((B_, H_))
+    z1 = z1 if z1 is not None else q.new_zeros((B_, H_, K))
+    z2 = z2 if z2 is not None else q.new_zeros((B_, H_, K, K))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S0': S0, 'S1': S1, 'S2': S2, 'z0': z0, 'z1': z1, 'z2': z2}, checkpoints
 
 
@@ -4373,12 +4404,12 @@ def based__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_states, K,
         v_seg = v[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # The segment's states, recomputed from its checkpoint.
-        S0_at[0].copy_(checkpoints[t0 // every]['S0'])
-        S1_at[0].copy_(checkpoints[t0 // every]['S1'])
-        S2_at[0].copy_(checkpoints[t0 // every]['S2'])
-        z0_at[0].copy_(checkpoints[t0 // every]['z0'])
-        z1_at[0].copy_(checkpoints[t0 // every]['z1'])
-        z2_at[0].copy_(checkpoints[t0 // every]['z2'])
+        _copy_start(S0_at[0], checkpoints[t0 // every]['S0'])
+        _copy_start(S1_at[0], checkpoints[t0 // every]['S1'])
+        _copy_start(S2_at[0], checkpoints[t0 // every]['S2'])
+        _copy_start(z0_at[0], checkpoints[t0 // every]['z0'])
+        _copy_start(z1_at[0], checkpoints[t0 // every]['z1'])
+        _copy_start(z2_at[0], checkpoints[t0 // every]['z2'])
         S0_steps[1:t1 - t0 + 1].copy_(v_seg)  # the state-free terms of S0's update at every step
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S1_steps[1:t1 - t0 + 1])  # the state-free terms of S1's update at every step
         torch.mul(k_seg[..., None, :, None] * v_seg[..., None, None, :], k_seg[..., :, None, None], out=S2_steps[1:t1 - t0 + 1])  # the state-free terms of S2's update at every step
@@ -5119,7 +5150,7 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
-_based_forms = {'recurrent': based__recurrent, 'scan': based__scan, 'chunked': takes_no_initial_state(based__chunked), 'parallel': takes_no_initial_state(based__chunked)}
+_based_forms = {'recurrent': _zero_start(based__recurrent), 'scan': based__scan, 'chunked': takes_no_initial_state(based__chunked), 'parallel': takes_no_initial_state(based__chunked)}
 _based_out, _based_st = ('o',), ('S0', 'S1', 'S2', 'z0', 'z1', 'z2')  # output and state names, for the backward
 _based_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(based__triton_recurrent_loop, based__triton_recurrent_adjoint, _based_out, _based_st, kernels=True)), 'scan': takes_cu_seqlens(based__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(based__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(based__chunked_triton)))} if HAVE_TRITON else None
 

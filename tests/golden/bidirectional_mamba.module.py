@@ -591,6 +591,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
+    return fn
+
+
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
@@ -1956,6 +1968,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2526,7 +2555,7 @@ def bidirectional_mamba_forward__recurrent_loop(x, dt, B, C, A, states, D, N, ev
     A = A[None, None]  # [1, 1, H, D, N]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_A_dt = torch.exp(dt[..., :, None] * A)  # [B, T, H, D, N]
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -2537,9 +2566,13 @@ def bidirectional_mamba_forward__recurrent_loop(x, dt, B, C, A, states, D, N, ev
         B_t = B[:, t]
         C_t = C[:, t]
         exp_A_dt_t = exp_A_dt[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # bidirectional_mamba.rec:18
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(B_t[..., None, :] * dt_t[..., :, None] * x_t[..., :, None], (B_, H_, D, N))  # bidirectional_mamba.rec:18
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # bidirectional_mamba.rec:18
         y_steps.append(torch.broadcast_to((C_t[..., None, :] @ h__new.mT)[..., 0, :], (B_, H_, D)))  # bidirectional_mamba.rec:19
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D, N))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -2577,7 +2610,7 @@ def bidirectional_mamba_forward__recurrent_adjoint(x, dt, B, C, A, checkpoints, 
         exp_A_dt_steps = (exp_A_dt).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., :, None] * x_seg[..., :, None], B_seg[..., None, :], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # bidirectional_mamba.rec:18
@@ -2904,7 +2937,7 @@ def bidirectional_mamba_forward__scan_triton(x, dt, B, C, A, states, D, N, cu_se
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_forward_forms = {'recurrent': bidirectional_mamba_forward__recurrent, 'scan': bidirectional_mamba_forward__scan}
+_bidirectional_mamba_forward_forms = {'recurrent': _zero_start(bidirectional_mamba_forward__recurrent), 'scan': bidirectional_mamba_forward__scan}
 _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st = ('y',), ('h',)  # output and state names, for the backward
 _bidirectional_mamba_forward_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_forward__triton_recurrent_loop, bidirectional_mamba_forward__triton_recurrent_adjoint, _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_forward__scan_triton)} if HAVE_TRITON else None
 
@@ -2978,7 +3011,7 @@ def bidirectional_mamba_backward__recurrent_loop(x, dt, B, C, A, states, D, N, e
     A = A[None, None]  # [1, 1, H, D, N]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_A_dt = torch.exp(dt[..., :, None] * A)  # [B, T, H, D, N]
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -2989,9 +3022,13 @@ def bidirectional_mamba_backward__recurrent_loop(x, dt, B, C, A, states, D, N, e
         B_t = B[:, t]
         C_t = C[:, t]
         exp_A_dt_t = exp_A_dt[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # bidirectional_mamba.rec:26
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(B_t[..., None, :] * dt_t[..., :, None] * x_t[..., :, None], (B_, H_, D, N))  # bidirectional_mamba.rec:26
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # bidirectional_mamba.rec:26
         y_steps.append(torch.broadcast_to((C_t[..., None, :] @ h__new.mT)[..., 0, :], (B_, H_, D)))  # bidirectional_mamba.rec:27
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D, N))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -3029,7 +3066,7 @@ def bidirectional_mamba_backward__recurrent_adjoint(x, dt, B, C, A, checkpoints,
         exp_A_dt_steps = (exp_A_dt).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., :, None] * x_seg[..., :, None], B_seg[..., None, :], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # bidirectional_mamba.rec:26
@@ -3356,7 +3393,7 @@ def bidirectional_mamba_backward__scan_triton(x, dt, B, C, A, states, D, N, cu_s
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_backward_forms = {'recurrent': bidirectional_mamba_backward__recurrent, 'scan': bidirectional_mamba_backward__scan}
+_bidirectional_mamba_backward_forms = {'recurrent': _zero_start(bidirectional_mamba_backward__recurrent), 'scan': bidirectional_mamba_backward__scan}
 _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st = ('y',), ('h',)  # output and state names, for the backward
 _bidirectional_mamba_backward_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_backward__triton_recurrent_loop, bidirectional_mamba_backward__triton_recurrent_adjoint, _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_backward__scan_triton)} if HAVE_TRITON else None
 

@@ -1982,6 +1982,23 @@ def _fused_scale(scale):
         return math.inf
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3612,7 +3629,7 @@ def delta_net__recurrent_loop(q, k, v, beta, states, K, V, every=0):
     """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
     states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -3622,9 +3639,13 @@ def delta_net__recurrent_loop(q, k, v, beta, states, K, V, every=0):
         k_t = k[:, t]
         v_t = v[:, t]
         beta_t = beta[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(S, beta_t[..., None, None] * k_t[..., :, None], -(k_t[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :]), (B_, H_, K, V))  # delta_net.rec:13,14
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(beta_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # delta_net.rec:13,14
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(S, beta_t[..., None, None] * k_t[..., :, None], -(k_t[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :]), (B_, H_, K, V))  # delta_net.rec:13,14
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # delta_net.rec:15
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -3669,7 +3690,7 @@ def delta_net__recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs, grad_
         mul_beta_k_steps = (-beta_seg[..., None, None] * k_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place (its products first).
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(beta_seg[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(k_bmm[t], S_bmm[t], out=sum_S_k_bmm[t])  # sum_S_k before step t
@@ -3997,7 +4018,7 @@ def delta_net__chunked_triton(q, k, v, beta, states, K, V, chunk_size=64, **opti
     return {'o': o}, {'S': final_S}
 
 
-_delta_net_forms = {'recurrent': delta_net__recurrent, 'chunked': takes_no_initial_state(delta_net__chunked)}
+_delta_net_forms = {'recurrent': _zero_start(delta_net__recurrent), 'chunked': takes_no_initial_state(delta_net__chunked)}
 _delta_net_out, _delta_net_st = ('o',), ('S',)  # output and state names, for the backward
 _delta_net_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_net__triton_recurrent_loop, delta_net__triton_recurrent_adjoint, _delta_net_out, _delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_net__chunked_triton)))} if HAVE_TRITON else None
 

@@ -1975,6 +1975,23 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3596,7 +3613,7 @@ def delta_product__recurrent_loop(q, k1, k2, v1, v2, b1, b2, states, K, V, every
     """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
     states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -3609,10 +3626,15 @@ def delta_product__recurrent_loop(q, k1, k2, v1, v2, b1, b2, states, K, V, every
         v2_t = v2[:, t]
         b1_t = b1[:, t]
         b2_t = b2[:, t]
-        add_S_k1_v1 = torch.broadcast_to(-(k1_t[..., None, :] @ S)[..., 0, :] + v1_t, (B_, H_, V))  # used more than once
-        S__new = torch.broadcast_to(torch.addcmul(torch.addcmul(S, b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]), b2_t[..., None, None] * k2_t[..., :, None], -(k2_t[..., None, :] @ torch.addcmul(S, b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]))[..., 0, :][..., None, :] + v2_t[..., None, :]), (B_, H_, K, V))  # delta_product.rec:13,14,15,16
+        if S is None:  # the first step, from a zero state
+            add_S_k1_v1 = torch.broadcast_to(v1_t, (B_, H_, V))  # used more than once
+            S__new = torch.broadcast_to(torch.addcmul(b1_t[..., None, None] * add_S_k1_v1[..., None, :] * k1_t[..., :, None], b2_t[..., None, None] * k2_t[..., :, None], -((k1_t * k2_t).sum(dim=-1)[..., None] * (b1_t[..., None] * add_S_k1_v1))[..., None, :] + v2_t[..., None, :]), (B_, H_, K, V))  # delta_product.rec:13,14,15,16
+        else:
+            add_S_k1_v1 = torch.broadcast_to(-(k1_t[..., None, :] @ S)[..., 0, :] + v1_t, (B_, H_, V))  # used more than once
+            S__new = torch.broadcast_to(torch.addcmul(torch.addcmul(S, b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]), b2_t[..., None, None] * k2_t[..., :, None], -(k2_t[..., None, :] @ torch.addcmul(S, b1_t[..., None, None] * k1_t[..., :, None], add_S_k1_v1[..., None, :]))[..., 0, :][..., None, :] + v2_t[..., None, :]), (B_, H_, K, V))  # delta_product.rec:13,14,15,16
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # delta_product.rec:17
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -3675,7 +3697,7 @@ def delta_product__recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoints, gra
         add_sum_k1_k2_b1_b2_k1_k2_steps = (-b2_seg[..., None, None] * k2_seg[..., :, None] + sum_k1_k2[..., None, None] * b1_seg[..., None, None] * b2_seg[..., None, None] * k1_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place (its products first).
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.matmul(torch.stack([b1_seg[..., None] * k1_seg, b2_seg[..., None] * k2_seg, -b2_seg[..., None] * k2_seg], -1), torch.stack([v1_seg, v2_seg, torch.broadcast_to((((b1_seg[..., None] * k1_seg) * k2_seg).sum(dim=-1)[..., None] * v1_seg), (t1 - t0, B_, H_, V))], -2), out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(k1_bmm[t], S_bmm[t], out=sum_S_k1_bmm[t])  # sum_S_k1 before step t
@@ -4081,7 +4103,7 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
     return {'o': o}, {'S': final_S}
 
 
-_delta_product_forms = {'recurrent': delta_product__recurrent, 'chunked': takes_no_initial_state(delta_product__chunked)}
+_delta_product_forms = {'recurrent': _zero_start(delta_product__recurrent), 'chunked': takes_no_initial_state(delta_product__chunked)}
 _delta_product_out, _delta_product_st = ('o',), ('S',)  # output and state names, for the backward
 _delta_product_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_product__chunked_triton)))} if HAVE_TRITON else None
 

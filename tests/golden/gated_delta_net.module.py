@@ -2016,6 +2016,23 @@ def _fused_scale(scale):
         return math.inf
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3750,7 +3767,7 @@ def gated_delta_net__recurrent_loop(q, k, v, g, beta, states, K, V, every=0):
     B_, T_, H_ = q.shape[:3]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_g = torch.exp(g)  # [B, T, H]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -3761,9 +3778,13 @@ def gated_delta_net__recurrent_loop(q, k, v, g, beta, states, K, V, every=0):
         v_t = v[:, t]
         beta_t = beta[:, t]
         exp_g_t = exp_g[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(exp_g_t[..., None, None] * S, beta_t[..., None, None] * k_t[..., :, None], -((exp_g_t[..., None] * k_t)[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :]), (B_, H_, K, V))  # gated_delta_net.rec:11,12
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(beta_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # gated_delta_net.rec:11,12
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(exp_g_t[..., None, None] * S, beta_t[..., None, None] * k_t[..., :, None], -((exp_g_t[..., None] * k_t)[..., None, :] @ S)[..., 0, :][..., None, :] + v_t[..., None, :]), (B_, H_, K, V))  # gated_delta_net.rec:11,12
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # gated_delta_net.rec:13
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -3813,7 +3834,7 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
         mul_exp_g_beta_k_steps = (-exp_g[..., None, None] * beta_seg[..., None, None] * k_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place (its products first).
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(beta_seg[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(k_bmm[t], S_bmm[t], out=sum_S_k_bmm[t])  # sum_S_k before step t
@@ -4159,7 +4180,7 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
     return {'o': o}, {'S': final_S}
 
 
-_gated_delta_net_forms = {'recurrent': gated_delta_net__recurrent, 'chunked': takes_no_initial_state(gated_delta_net__chunked)}
+_gated_delta_net_forms = {'recurrent': _zero_start(gated_delta_net__recurrent), 'chunked': takes_no_initial_state(gated_delta_net__chunked)}
 _gated_delta_net_out, _gated_delta_net_st = ('o',), ('S',)  # output and state names, for the backward
 _gated_delta_net_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gated_delta_net__chunked_triton)))} if HAVE_TRITON else None
 

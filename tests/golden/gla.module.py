@@ -2277,6 +2277,23 @@ def _fused_scale(scale):
         return math.inf
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4955,7 +4972,7 @@ def gla__recurrent_loop(q, k, v, g, states, K, V, every=0):
     B_, T_, H_ = q.shape[:3]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_g = torch.exp(g)  # [B, T, H, K]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4965,9 +4982,13 @@ def gla__recurrent_loop(q, k, v, g, states, K, V, every=0):
         k_t = k[:, t]
         v_t = v[:, t]
         exp_g_t = exp_g[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(exp_g_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # gla.rec:10
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # gla.rec:10
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(exp_g_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # gla.rec:10
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # gla.rec:11
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -5003,7 +5024,7 @@ def gla__recurrent_adjoint(q, k, v, g, checkpoints, grad_outputs, grad_states, K
         exp_g_steps = (exp_g[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].addcmul_(exp_g_steps[t], S_at[t])  # gla.rec:10
@@ -5363,7 +5384,7 @@ def gla__chunked_triton(q, k, v, g, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S': final_S}
 
 
-_gla_forms = {'recurrent': gla__recurrent, 'scan': gla__scan, 'chunked': takes_no_initial_state(gla__chunked), 'parallel': takes_no_initial_state(gla__chunked)}
+_gla_forms = {'recurrent': _zero_start(gla__recurrent), 'scan': gla__scan, 'chunked': takes_no_initial_state(gla__chunked), 'parallel': takes_no_initial_state(gla__chunked)}
 _gla_out, _gla_st = ('o',), ('S',)  # output and state names, for the backward
 _gla_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(gla__triton_recurrent_loop, gla__triton_recurrent_adjoint, _gla_out, _gla_st, kernels=True)), 'scan': takes_cu_seqlens(gla__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gla__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(gla__chunked_triton)))} if HAVE_TRITON else None
 

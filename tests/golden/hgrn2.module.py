@@ -2268,6 +2268,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4953,7 +4970,7 @@ def hgrn2__recurrent_loop(q, f, v, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     add_f = 1.0 - torch.exp(f)  # [B, T, H, K]
     exp_f = torch.exp(f)  # [B, T, H, K]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4963,9 +4980,13 @@ def hgrn2__recurrent_loop(q, f, v, states, K, V, every=0):
         v_t = v[:, t]
         add_f_t = add_f[:, t]
         exp_f_t = exp_f[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(add_f_t[..., :, None] * v_t[..., None, :], exp_f_t[..., :, None], S), (B_, H_, K, V))  # hgrn2.rec:12
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(add_f_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # hgrn2.rec:12
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(add_f_t[..., :, None] * v_t[..., None, :], exp_f_t[..., :, None], S), (B_, H_, K, V))  # hgrn2.rec:12
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :], (B_, H_, V)))  # hgrn2.rec:13
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -5000,7 +5021,7 @@ def hgrn2__recurrent_adjoint(q, f, v, checkpoints, grad_outputs, grad_states, K,
         exp_f_steps = (exp_f[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], add_f[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].addcmul_(exp_f_steps[t], S_at[t])  # hgrn2.rec:12
@@ -5367,7 +5388,7 @@ def hgrn2__chunked_triton(q, f, v, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S': final_S}
 
 
-_hgrn2_forms = {'recurrent': hgrn2__recurrent, 'scan': hgrn2__scan, 'chunked': takes_no_initial_state(hgrn2__chunked), 'parallel': takes_no_initial_state(hgrn2__chunked)}
+_hgrn2_forms = {'recurrent': _zero_start(hgrn2__recurrent), 'scan': hgrn2__scan, 'chunked': takes_no_initial_state(hgrn2__chunked), 'parallel': takes_no_initial_state(hgrn2__chunked)}
 _hgrn2_out, _hgrn2_st = ('o',), ('S',)  # output and state names, for the backward
 _hgrn2_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(hgrn2__triton_recurrent_loop, hgrn2__triton_recurrent_adjoint, _hgrn2_out, _hgrn2_st, kernels=True)), 'scan': takes_cu_seqlens(hgrn2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(hgrn2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(hgrn2__chunked_triton)))} if HAVE_TRITON else None
 

@@ -584,6 +584,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
+    return fn
+
+
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
@@ -1732,6 +1744,23 @@ def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | Non
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2043,16 +2072,20 @@ def indrnn__recurrent_loop(x, w, states, D, every=0):
     B_, T_, H_ = x.shape[:3]
     w = w[None, None]  # [1, 1, H, D]
     w_t = w[:, 0]  # the same at every step
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
         if every and t % every == 0:
             checkpoints.append({'h': h})
         x_t = x[:, t]
-        h__new = torch.broadcast_to(torch.tanh(torch.addcmul(x_t, w_t, h)), (B_, H_, D))  # indrnn.rec:11
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(torch.tanh(x_t), (B_, H_, D))  # indrnn.rec:11
+        else:
+            h__new = torch.broadcast_to(torch.tanh(torch.addcmul(x_t, w_t, h)), (B_, H_, D))  # indrnn.rec:11
         y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # indrnn.rec:12
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -2080,7 +2113,7 @@ def indrnn__recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_states, D, e
         grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
         x_steps = x_seg.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         for t in range(t1 - t0):
             x_t = x_steps[t]
             torch.tanh(torch.addcmul(x_t, w_t, h_at[t]), out=h_at[t + 1])  # indrnn.rec:11
@@ -2287,7 +2320,7 @@ def indrnn__triton_recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_state
     return [dx, dw.sum((0, 1))], {'h': dh0_h}
 
 
-_indrnn_forms = {'recurrent': indrnn__recurrent}
+_indrnn_forms = {'recurrent': _zero_start(indrnn__recurrent)}
 _indrnn_out, _indrnn_st = ('y',), ('h',)  # output and state names, for the backward
 _indrnn_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(indrnn__triton_recurrent_loop, indrnn__triton_recurrent_adjoint, _indrnn_out, _indrnn_st, kernels=True))} if HAVE_TRITON else None
 

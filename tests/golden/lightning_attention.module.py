@@ -2153,6 +2153,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4509,7 +4526,7 @@ def lightning_attention__recurrent_loop(q, k, v, slope, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_slope = torch.exp(-slope)  # [B, T, H]
     exp_slope_t = exp_slope[:, 0]  # the same at every step
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4518,9 +4535,13 @@ def lightning_attention__recurrent_loop(q, k, v, slope, states, K, V, every=0):
         q_t = q[:, t]
         k_t = k[:, t]
         v_t = v[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(exp_slope_t[..., None, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # lightning_attention.rec:12
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # lightning_attention.rec:12
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(exp_slope_t[..., None, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # lightning_attention.rec:12
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :], (B_, H_, V)))  # lightning_attention.rec:13
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -4555,7 +4576,7 @@ def lightning_attention__recurrent_adjoint(q, k, v, slope, checkpoints, grad_out
         exp_slope_placed = (exp_slope[..., None, None])[0]
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].addcmul_(exp_slope_placed, S_at[t])  # lightning_attention.rec:12
@@ -4938,7 +4959,7 @@ def lightning_attention__chunked_triton(q, k, v, slope, states, K, V, chunk_size
     return {'o': o}, {'S': final_S}
 
 
-_lightning_attention_forms = {'recurrent': lightning_attention__recurrent, 'scan': lightning_attention__scan, 'chunked': takes_no_initial_state(lightning_attention__chunked), 'parallel': takes_no_initial_state(lightning_attention__chunked)}
+_lightning_attention_forms = {'recurrent': _zero_start(lightning_attention__recurrent), 'scan': lightning_attention__scan, 'chunked': takes_no_initial_state(lightning_attention__chunked), 'parallel': takes_no_initial_state(lightning_attention__chunked)}
 _lightning_attention_out, _lightning_attention_st = ('o',), ('S',)  # output and state names, for the backward
 _lightning_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(lightning_attention__triton_recurrent_loop, lightning_attention__triton_recurrent_adjoint, _lightning_attention_out, _lightning_attention_st, kernels=True)), 'scan': takes_cu_seqlens(lightning_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(lightning_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(lightning_attention__chunked_triton)))} if HAVE_TRITON else None
 

@@ -2120,6 +2120,23 @@ def _fused_scale(scale):
         return math.inf
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4296,7 +4313,7 @@ def linear_attention__recurrent_loop(q, k, v, states, K, V, every=0):
     """Per-step loop: every class, linear or not. Returns (outputs, final states, checkpoints): with every > 0, the
     states before steps 0, every, 2 * every, ... (from which the derived backward recomputes the others)."""
     B_, T_, H_ = q.shape[:3]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4305,9 +4322,13 @@ def linear_attention__recurrent_loop(q, k, v, states, K, V, every=0):
         q_t = q[:, t]
         k_t = k[:, t]
         v_t = v[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # linear_attention.rec:11
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # linear_attention.rec:11
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # linear_attention.rec:11
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # linear_attention.rec:12
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -4336,7 +4357,7 @@ def linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad
         grad_o_seg = grad_o[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, V]
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].add_(S_at[t])  # linear_attention.rec:11
@@ -4680,7 +4701,7 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
     return {'o': o}, {'S': final_S}
 
 
-_linear_attention_forms = {'recurrent': linear_attention__recurrent, 'scan': linear_attention__scan, 'chunked': takes_no_initial_state(linear_attention__chunked), 'parallel': takes_no_initial_state(linear_attention__chunked)}
+_linear_attention_forms = {'recurrent': _zero_start(linear_attention__recurrent), 'scan': linear_attention__scan, 'chunked': takes_no_initial_state(linear_attention__chunked), 'parallel': takes_no_initial_state(linear_attention__chunked)}
 _linear_attention_out, _linear_attention_st = ('o',), ('S',)  # output and state names, for the backward
 _linear_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(linear_attention__triton_recurrent_loop, linear_attention__triton_recurrent_adjoint, _linear_attention_out, _linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(linear_attention__chunked_triton)))} if HAVE_TRITON else None
 

@@ -584,6 +584,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
+    return fn
+
+
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
@@ -1949,6 +1961,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2521,7 +2550,7 @@ def mamba__recurrent_loop(x, dt, B, C, A, Dskip, states, D, N, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_A_dt = torch.exp(dt[..., :, None] * A)  # [B, T, H, D, N]
     Dskip_t = Dskip[:, 0]  # the same at every step
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -2532,9 +2561,13 @@ def mamba__recurrent_loop(x, dt, B, C, A, Dskip, states, D, N, every=0):
         B_t = B[:, t]
         C_t = C[:, t]
         exp_A_dt_t = exp_A_dt[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # mamba.rec:12
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(B_t[..., None, :] * dt_t[..., :, None] * x_t[..., :, None], (B_, H_, D, N))  # mamba.rec:12
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t * h, dt_t[..., :, None] * x_t[..., :, None], B_t[..., None, :]), (B_, H_, D, N))  # mamba.rec:12
         y_steps.append(torch.broadcast_to(torch.addcmul((C_t[..., None, :] @ h__new.mT)[..., 0, :], x_t, Dskip_t), (B_, H_, D)))  # mamba.rec:13
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D, N))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -2574,7 +2607,7 @@ def mamba__recurrent_adjoint(x, dt, B, C, A, Dskip, checkpoints, grad_outputs, g
         exp_A_dt_steps = (exp_A_dt).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., :, None] * x_seg[..., :, None], B_seg[..., None, :], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # mamba.rec:12
@@ -2915,7 +2948,7 @@ def mamba__scan_triton(x, dt, B, C, A, Dskip, states, D, N, cu_seqlens=None, **o
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_mamba_forms = {'recurrent': mamba__recurrent, 'scan': mamba__scan}
+_mamba_forms = {'recurrent': _zero_start(mamba__recurrent), 'scan': mamba__scan}
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
 _mamba_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)), 'scan': takes_cu_seqlens(mamba__scan_triton)} if HAVE_TRITON else None
 

@@ -2153,6 +2153,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2547,10 +2564,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        if SKIP_STEP:
-            b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
-        else:
-            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     if OVJP is not None:
         b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
@@ -2903,11 +2917,8 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     if fused.skip is not None and grads_out is not None:
         go = grads_out.float()  # one float32 copy (none for float32) serves both terms
         dsw = torch.einsum("bthv,bthv->bth", go, fused.skip.to(go.dtype))
-        if fused.skip_step:  # one weight per step [B, T, H]
-            weight = fused.skip_weight.float()[..., None]
-        else:  # one per head [H], summed over B and T
-            weight = fused.skip_weight.float().view(1, 1, -1, 1)
-            dsw = dsw.sum((0, 1))
+        weight = fused.skip_weight.float().view(1, 1, -1, 1)
+        dsw = dsw.sum((0, 1))
         if _triton_same_tensor(fused.skip, v) and dv.dtype == go.dtype:
             dv = dv.addcmul_(go, weight)
         else:
@@ -3803,10 +3814,7 @@ def _triton_parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H
     b_acc = b_acc * scale
     p_out = out + (base + rows_a[:, None] * H) * DZ + o_z[None, :]
     if SKIP:
-        if SKIP_STEP:
-            b_sw = tl.load(sw + base + rows_a * H, mask=rows_a < T, other=0.0).to(tl.float32)[:, None]
-        else:
-            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
         b_acc += b_sw * tl.load(sx + (base + rows_a[:, None] * H) * DZ + o_z[None, :], mask=m_az,
                                 other=0.0).to(tl.float32)
     if OVJP is not None:
@@ -4571,7 +4579,7 @@ def mamba2__recurrent_loop(x, dt, B, C, A, D, states, P, N, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_A_dt = torch.exp(A * dt)  # [B, T, H]
     D_t = D[:, 0]  # the same at every step
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4582,9 +4590,13 @@ def mamba2__recurrent_loop(x, dt, B, C, A, D, states, P, N, every=0):
         B_t = B[:, t]
         C_t = C[:, t]
         exp_A_dt_t = exp_A_dt[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t[..., None, None] * h, dt_t[..., None, None] * x_t[..., None, :], B_t[..., :, None]), (B_, H_, N, P))  # mamba2.rec:12
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(dt_t[..., None, None] * B_t[..., :, None] * x_t[..., None, :], (B_, H_, N, P))  # mamba2.rec:12
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_A_dt_t[..., None, None] * h, dt_t[..., None, None] * x_t[..., None, :], B_t[..., :, None]), (B_, H_, N, P))  # mamba2.rec:12
         y_steps.append(torch.broadcast_to(torch.addcmul((C_t[..., None, :] @ h__new)[..., 0, :], D_t[..., None], x_t), (B_, H_, P)))  # mamba2.rec:13
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, N, P))
     return {'y': _stack_steps(y_steps, B_, H_, (P, ), x)}, {'h': h}, checkpoints
 
 
@@ -4625,7 +4637,7 @@ def mamba2__recurrent_adjoint(x, dt, B, C, A, D, checkpoints, grad_outputs, grad
         exp_A_dt_steps = (exp_A_dt[..., None, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(dt_seg[..., None, None] * x_seg[..., None, :], B_seg[..., :, None], out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_A_dt_steps[t], h_at[t])  # mamba2.rec:12
@@ -5047,7 +5059,7 @@ def mamba2__chunked_triton(x, dt, B, C, A, D, states, P, N, chunk_size=64, **opt
     return {'y': y}, {'h': final_h}
 
 
-_mamba2_forms = {'recurrent': mamba2__recurrent, 'scan': mamba2__scan, 'chunked': takes_no_initial_state(mamba2__chunked), 'parallel': takes_no_initial_state(mamba2__chunked)}
+_mamba2_forms = {'recurrent': _zero_start(mamba2__recurrent), 'scan': mamba2__scan, 'chunked': takes_no_initial_state(mamba2__chunked), 'parallel': takes_no_initial_state(mamba2__chunked)}
 _mamba2_out, _mamba2_st = ('y',), ('h',)  # output and state names, for the backward
 _mamba2_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mamba2__triton_recurrent_loop, mamba2__triton_recurrent_adjoint, _mamba2_out, _mamba2_st, kernels=True)), 'scan': takes_cu_seqlens(mamba2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mamba2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mamba2__chunked_triton)))} if HAVE_TRITON else None
 

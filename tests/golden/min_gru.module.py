@@ -2217,6 +2217,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4807,7 +4824,7 @@ def min_gru__recurrent_loop(z, hc, states, D, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_z = torch.exp(F.logsigmoid(-z))  # [B, T, H, D]
     sigmoid_z = torch.sigmoid(z)  # [B, T, H, D]
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4816,9 +4833,13 @@ def min_gru__recurrent_loop(z, hc, states, D, every=0):
         hc_t = hc[:, t]
         exp_z_t = exp_z[:, t]
         sigmoid_z_t = sigmoid_z[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_z_t * h, hc_t, sigmoid_z_t), (B_, H_, D))  # min_gru.rec:14
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(sigmoid_z_t * hc_t, (B_, H_, D))  # min_gru.rec:14
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_z_t * h, hc_t, sigmoid_z_t), (B_, H_, D))  # min_gru.rec:14
         y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # min_gru.rec:15
         h = h__new
+    h = h if h is not None else z.new_zeros((B_, H_, D))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), z)}, {'h': h}, checkpoints
 
 
@@ -4852,7 +4873,7 @@ def min_gru__recurrent_adjoint(z, hc, checkpoints, grad_outputs, grad_states, D,
         exp_z_steps = (exp_z).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(hc_seg, sigmoid_z, out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_z_steps[t], h_at[t])  # min_gru.rec:14
@@ -5189,7 +5210,7 @@ def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
     return {'y': y}, {'h': final_h}
 
 
-_min_gru_forms = {'recurrent': min_gru__recurrent, 'scan': min_gru__scan, 'chunked': takes_no_initial_state(min_gru__chunked), 'parallel': takes_no_initial_state(min_gru__chunked)}
+_min_gru_forms = {'recurrent': _zero_start(min_gru__recurrent), 'scan': min_gru__scan, 'chunked': takes_no_initial_state(min_gru__chunked), 'parallel': takes_no_initial_state(min_gru__chunked)}
 _min_gru_out, _min_gru_st = ('y',), ('h',)  # output and state names, for the backward
 _min_gru_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(min_gru__triton_recurrent_loop, min_gru__triton_recurrent_adjoint, _min_gru_out, _min_gru_st, kernels=True)), 'scan': takes_cu_seqlens(min_gru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(min_gru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(min_gru__chunked_triton)))} if HAVE_TRITON else None
 

@@ -586,6 +586,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_no_initial_state(fn):
+    """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
+    chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
+    zero [N, H, ...] tensor is allocated or, in the backward, its gradient): the Triton chunked forms whose runtime
+    calls pass each state only as `initial_state=` (codegen/triton_runtime.py `chunked_linear_by`,
+    `chunked_delta_by`), and the torch chunked and parallel forms (codegen/torch_runtime.py: the first chunk skips
+    its start state's terms, and one chunk from zero, a batch of short packed sequences, reads no start state at
+    all). Every other form gets zeros (`run_forms`). Returns `fn`."""
+    fn.no_initial_state = True
+    return fn
+
+
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
@@ -1734,6 +1746,23 @@ def tuning_lookup(layer, call, form: str, backend: str, config_keys: tuple | Non
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2041,7 +2070,7 @@ def minimal_rnn__recurrent_loop(x, Uh, Uz, bu, states, D, every=0):
     tanh_x = torch.tanh(x)  # [B, T, H, D]
     Uh_t = Uh[:, 0]  # the same at every step
     bu_t = bu[:, 0]  # the same at every step
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -2049,10 +2078,15 @@ def minimal_rnn__recurrent_loop(x, Uh, Uz, bu, states, D, every=0):
             checkpoints.append({'h': h})
         sum_Uz_x_t = sum_Uz_x[:, t]
         tanh_x_t = tanh_x[:, t]
-        sigmoid_sum_Uz_x_Uh_bu_h = torch.broadcast_to(torch.sigmoid(sum_Uz_x_t + bu_t + (h[..., None, :] @ Uh_t.mT)[..., 0, :]), (B_, H_, D))  # used more than once
-        h__new = torch.broadcast_to(torch.addcmul((1.0 - sigmoid_sum_Uz_x_Uh_bu_h) * tanh_x_t, h, sigmoid_sum_Uz_x_Uh_bu_h), (B_, H_, D))  # minimal_rnn.rec:12,13,14
+        if h is None:  # the first step, from a zero state
+            sigmoid_sum_Uz_x_Uh_bu_h = torch.broadcast_to(torch.sigmoid(sum_Uz_x_t + bu_t), (B_, H_, D))  # used more than once
+            h__new = torch.broadcast_to((1.0 - sigmoid_sum_Uz_x_Uh_bu_h) * tanh_x_t, (B_, H_, D))  # minimal_rnn.rec:12,13,14
+        else:
+            sigmoid_sum_Uz_x_Uh_bu_h = torch.broadcast_to(torch.sigmoid(sum_Uz_x_t + bu_t + (h[..., None, :] @ Uh_t.mT)[..., 0, :]), (B_, H_, D))  # used more than once
+            h__new = torch.broadcast_to(torch.addcmul((1.0 - sigmoid_sum_Uz_x_Uh_bu_h) * tanh_x_t, h, sigmoid_sum_Uz_x_Uh_bu_h), (B_, H_, D))  # minimal_rnn.rec:12,13,14
         y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # minimal_rnn.rec:15
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -2092,7 +2126,7 @@ def minimal_rnn__recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outputs, gra
         sum_Uz_x_steps = sum_Uz_x.unbind(0)
         tanh_x_steps = tanh_x.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         for t in range(t1 - t0):
             sum_Uz_x_t = sum_Uz_x_steps[t]
             tanh_x_t = tanh_x_steps[t]
@@ -2333,7 +2367,7 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     return [dx.sum(0), torch.einsum("bthjr,bthjc->hrc", dUh_row, dUh_col), torch.einsum("bthjr,bthjc->hrc", dUz_row, dUz_col), dbu.sum((0, 1))], {'h': dh0_h}
 
 
-_minimal_rnn_forms = {'recurrent': minimal_rnn__recurrent}
+_minimal_rnn_forms = {'recurrent': _zero_start(minimal_rnn__recurrent)}
 _minimal_rnn_out, _minimal_rnn_st = ('y',), ('h',)  # output and state names, for the backward
 _minimal_rnn_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True))} if HAVE_TRITON else None
 

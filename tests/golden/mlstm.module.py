@@ -2146,6 +2146,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -2447,6 +2464,8 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
         b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
         b_kt = _triton_mapped(b_kt, m_kt, KMAP)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         b_gl = tl.load(gc + bos + i_last * H, mask=i_last >= 0, other=0.0)
         b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)  # [BT]
         b_kt = b_kt * _triton_decay(b_gl, b_g)[None, :]
@@ -2527,6 +2546,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if OVJP is not None:
@@ -2861,11 +2882,16 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
     d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = torch.einsum("bthv,bthv->bth", dv, v.to(dv.dtype))
+        dv = dv.mul_(fused.v_step.to(dv.dtype)[..., None])
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
 def _triton_materialise(fused, v, log_decay):
     """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
     return v, log_decay
 
 
@@ -4501,8 +4527,8 @@ def mlstm__recurrent_loop(q, k, v, ig, fg, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_fg = torch.exp(F.logsigmoid(fg))  # [B, T, H]
     exp_ig = torch.exp(ig)  # [B, T, H]
-    C = states['C']
-    n = states['n']
+    C = states.get('C')
+    n = states.get('n')
     h_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4513,11 +4539,17 @@ def mlstm__recurrent_loop(q, k, v, ig, fg, states, K, V, every=0):
         v_t = v[:, t]
         exp_fg_t = exp_fg[:, t]
         exp_ig_t = exp_ig[:, t]
-        C__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None, None] * C, exp_ig_t[..., None, None] * v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # mlstm.rec:17
-        n__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None] * n, exp_ig_t[..., None], k_t), (B_, H_, K))  # mlstm.rec:18
+        if C is None:  # the first step, from a zero state
+            C__new = torch.broadcast_to(exp_ig_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # mlstm.rec:17
+            n__new = torch.broadcast_to(exp_ig_t[..., None] * k_t, (B_, H_, K))  # mlstm.rec:18
+        else:
+            C__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None, None] * C, exp_ig_t[..., None, None] * v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # mlstm.rec:17
+            n__new = torch.broadcast_to(torch.addcmul(exp_fg_t[..., None] * n, exp_ig_t[..., None], k_t), (B_, H_, K))  # mlstm.rec:18
         h_steps.append(torch.broadcast_to((q_t[..., None, :] @ C__new)[..., 0, :] / torch.clamp(torch.abs((n__new * q_t).sum(dim=-1)[..., None]), min=1.0), (B_, H_, V)))  # mlstm.rec:19
         C = C__new
         n = n__new
+    C = C if C is not None else q.new_zeros((B_, H_, K, V))
+    n = n if n is not None else q.new_zeros((B_, H_, K))
     return {'h': _stack_steps(h_steps, B_, H_, (V, ), q)}, {'C': C, 'n': n}, checkpoints
 
 
@@ -4563,8 +4595,8 @@ def mlstm__recurrent_adjoint(q, k, v, ig, fg, checkpoints, grad_outputs, grad_st
         exp_fg_steps_2 = (exp_fg[..., None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        C_at[0].copy_(checkpoints[t0 // every]['C'])
-        n_at[0].copy_(checkpoints[t0 // every]['n'])
+        _copy_start(C_at[0], checkpoints[t0 // every]['C'])
+        _copy_start(n_at[0], checkpoints[t0 // every]['n'])
         torch.mul(exp_ig[..., None, None] * v_seg[..., None, :], k_seg[..., :, None], out=C_steps[1:t1 - t0 + 1])  # the state-free terms of C's update at every step
         torch.mul(exp_ig[..., None], k_seg, out=n_steps[1:t1 - t0 + 1])  # the state-free terms of n's update at every step
         for t in range(t1 - t0):
@@ -5029,27 +5061,24 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
     return {'h': h}, {'C': triton_scan_final_states(all_C, states['C'], cu_seqlens), 'n': triton_scan_final_states(all_n, states['n'], cu_seqlens)}
 
 
-def mlstm__chunked_prologue_fwd_triton(k, ig, fg, K, V):
+def mlstm__chunked_prologue_fwd_triton(ig, fg, K, V):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
-    B_, T_, H_ = k.shape[:3]
-    k_C = torch.broadcast_to(k * torch.exp(ig[..., None]), (B_, T_, H_, K))  # mlstm.rec:17
+    B_, T_, H_ = ig.shape[:3]
+    v_step_C = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # a factor of k v^T
     log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
-    return k_C, log_decay_C
+    return v_step_C, log_decay_C
 
 
-def mlstm__chunked_prologue_vjp_triton(k, ig, fg, grad_k_C, grad_log_decay_C, K, V):
+def mlstm__chunked_prologue_vjp_triton(ig, fg, grad_v_step_C, grad_log_decay_C, K, V):
     """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
     the gradient of each argument (None where it is not differentiable) from those of its values; a param's
     summed over B and T."""
-    B_, T_, H_ = k.shape[:3]
-    exp_ig = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # used more than once
-    grad_k = torch.broadcast_to(exp_ig[..., None] * grad_k_C, k.shape)
-    grad_ig = torch.broadcast_to(exp_ig * (k * grad_k_C).sum(dim=-1), ig.shape)
+    grad_ig = torch.broadcast_to(grad_v_step_C * torch.exp(ig), ig.shape)
     grad_fg = torch.broadcast_to(grad_log_decay_C * torch.sigmoid(-fg), fg.shape)
-    return grad_k, grad_ig, grad_fg
+    return grad_ig, grad_fg
 
 
-mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 3)
+mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 2)
 
 
 def mlstm__chunked_epilogue_fwd_triton(read_C, read_n, K, V):
@@ -5078,26 +5107,30 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # the prologue; its backward: mlstm__chunked_prologue_vjp_triton, printed from sympy
-    k_C, log_decay_C = mlstm__chunked_prologue_triton(k, ig, fg, K, V)
+    v_step_C, log_decay_C = mlstm__chunked_prologue_triton(ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
+    k_C = k  # mlstm.rec:17
     v_C = v  # mlstm.rec:17
     query_read_C = q  # mlstm.rec:19
-    _check_steps([query_read_C, k_C, v_C], [log_decay_C])
-    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, **options)
+    _check_steps([query_read_C, k_C, v_C, v_step_C], [log_decay_C])
+    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_C, **options)
     # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    k_n = k_C  # mlstm.rec:18; the same tensor
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
+    v_step_n = v_step_C  # a factor of k v^T; the same tensor
+    k_n = k  # mlstm.rec:18
     v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
     query_read_n = q  # mlstm.rec:19
-    _check_steps([query_read_n, k_n, v_n], [log_decay_n])
-    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
+    _check_steps([query_read_n, k_n, v_n, v_step_n], [log_decay_n])
+    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, v_step=v_step_n, **options)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]
     h, = mlstm__chunked_epilogue_triton(read_C, read_n, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': final_C, 'n': final_n}
 
 
-_mlstm_forms = {'recurrent': mlstm__recurrent, 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}
+_mlstm_forms = {'recurrent': _zero_start(mlstm__recurrent), 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}
 _mlstm_out, _mlstm_st = ('h',), ('C', 'n')  # output and state names, for the backward
 _mlstm_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mlstm__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mlstm__chunked_triton)))} if HAVE_TRITON else None
 

@@ -2114,6 +2114,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4300,8 +4317,8 @@ def normalized_linear_attention__recurrent_loop(q, k, v, states, K, V, every=0):
     add_k = 1.0 + F.elu(k)  # [B, T, H, K]
     elu_k = F.elu(k)  # [B, T, H, K]
     add_q = 1.0 + F.elu(q)  # [B, T, H, K]
-    S = states['S']
-    z = states['z']
+    S = states.get('S')
+    z = states.get('z')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4311,11 +4328,17 @@ def normalized_linear_attention__recurrent_loop(q, k, v, states, K, V, every=0):
         add_k_t = add_k[:, t]
         elu_k_t = elu_k[:, t]
         add_q_t = add_q[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(S, v_t[..., None, :], add_k_t[..., :, None]), (B_, H_, K, V))  # normalized_linear_attention.rec:11,12
-        z__new = torch.broadcast_to(1.0 + elu_k_t + z, (B_, H_, K))  # normalized_linear_attention.rec:11,13
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(add_k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # normalized_linear_attention.rec:11,12
+            z__new = torch.broadcast_to(1.0 + elu_k_t, (B_, H_, K))  # normalized_linear_attention.rec:11,13
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(S, v_t[..., None, :], add_k_t[..., :, None]), (B_, H_, K, V))  # normalized_linear_attention.rec:11,12
+            z__new = torch.broadcast_to(1.0 + elu_k_t + z, (B_, H_, K))  # normalized_linear_attention.rec:11,13
         o_steps.append(torch.broadcast_to((add_q_t[..., None, :] @ S__new)[..., 0, :] / (1e-06 + (add_q_t * z__new).sum(dim=-1)[..., None]), (B_, H_, V)))  # normalized_linear_attention.rec:10,14
         S = S__new
         z = z__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
+    z = z if z is not None else q.new_zeros((B_, H_, K))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S, 'z': z}, checkpoints
 
 
@@ -4355,8 +4378,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
         piecewise_k = torch.where(k_seg > 0.0, 1.0, torch.exp(k_seg))  # [t1 - t0, B, H, K]
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
-        z_at[0].copy_(checkpoints[t0 // every]['z'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
+        _copy_start(z_at[0], checkpoints[t0 // every]['z'])
         torch.mul(v_seg[..., None, :], add_k[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         z_steps[1:t1 - t0 + 1].copy_(1.0 + elu_k)  # the state-free terms of z's update at every step
         for t in range(t1 - t0):
@@ -4847,7 +4870,7 @@ def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_siz
     return {'o': o}, {'S': final_S, 'z': final_z}
 
 
-_normalized_linear_attention_forms = {'recurrent': normalized_linear_attention__recurrent, 'scan': normalized_linear_attention__scan, 'chunked': takes_no_initial_state(normalized_linear_attention__chunked), 'parallel': takes_no_initial_state(normalized_linear_attention__chunked)}
+_normalized_linear_attention_forms = {'recurrent': _zero_start(normalized_linear_attention__recurrent), 'scan': normalized_linear_attention__scan, 'chunked': takes_no_initial_state(normalized_linear_attention__chunked), 'parallel': takes_no_initial_state(normalized_linear_attention__chunked)}
 _normalized_linear_attention_out, _normalized_linear_attention_st = ('o',), ('S', 'z')  # output and state names, for the backward
 _normalized_linear_attention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(normalized_linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(normalized_linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(normalized_linear_attention__chunked_triton)))} if HAVE_TRITON else None
 

@@ -2162,6 +2162,23 @@ def _fused_scale(scale):
         return math.inf
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4528,7 +4545,7 @@ def retention__recurrent_loop(q, k, v, gamma, states, K, V, every=0):
     B_, T_, H_ = q.shape[:3]
     gamma = gamma[None, None]  # [1, 1, H]
     gamma_t = gamma[:, 0]  # the same at every step
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4537,9 +4554,13 @@ def retention__recurrent_loop(q, k, v, gamma, states, K, V, every=0):
         q_t = q[:, t]
         k_t = k[:, t]
         v_t = v[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(gamma_t[..., None, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # retention.rec:12
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # retention.rec:12
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(gamma_t[..., None, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # retention.rec:12
         o_steps.append(torch.broadcast_to((q_t[..., None, :] @ S__new)[..., 0, :] / (K**0.5), (B_, H_, V)))  # retention.rec:13
         S = S__new
+    S = S if S is not None else q.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), q)}, {'S': S}, checkpoints
 
 
@@ -4573,7 +4594,7 @@ def retention__recurrent_adjoint(q, k, v, gamma, checkpoints, grad_outputs, grad
         gamma_placed = (gamma[..., None, None])[0]
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             S_at[t + 1].addcmul_(gamma_placed, S_at[t])  # retention.rec:12
@@ -4976,7 +4997,7 @@ def retention__chunked_triton(q, k, v, gamma, states, K, V, chunk_size=64, **opt
     return {'o': o}, {'S': final_S}
 
 
-_retention_forms = {'recurrent': retention__recurrent, 'scan': retention__scan, 'chunked': takes_no_initial_state(retention__chunked), 'parallel': takes_no_initial_state(retention__chunked)}
+_retention_forms = {'recurrent': _zero_start(retention__recurrent), 'scan': retention__scan, 'chunked': takes_no_initial_state(retention__chunked), 'parallel': takes_no_initial_state(retention__chunked)}
 _retention_out, _retention_st = ('o',), ('S',)  # output and state names, for the backward
 _retention_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(retention__triton_recurrent_loop, retention__triton_recurrent_adjoint, _retention_out, _retention_st, kernels=True)), 'scan': takes_cu_seqlens(retention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(retention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(retention__chunked_triton)))} if HAVE_TRITON else None
 

@@ -2226,6 +2226,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -4818,7 +4835,7 @@ def rg_lru__recurrent_loop(x, gr, gi, lam, states, D, every=0):
     exp_gr_lam = torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam))  # [B, T, H, D]
     pow_gr_lam = torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam)))  # [B, T, H, D]
     sigmoid_gi = torch.sigmoid(gi)  # [B, T, H, D]
-    h = states['h']
+    h = states.get('h')
     y_steps = []
     checkpoints = []
     for t in range(T_):
@@ -4828,9 +4845,13 @@ def rg_lru__recurrent_loop(x, gr, gi, lam, states, D, every=0):
         exp_gr_lam_t = exp_gr_lam[:, t]
         pow_gr_lam_t = pow_gr_lam[:, t]
         sigmoid_gi_t = sigmoid_gi[:, t]
-        h__new = torch.broadcast_to(torch.addcmul(exp_gr_lam_t * h, sigmoid_gi_t * x_t, pow_gr_lam_t), (B_, H_, D))  # rg_lru.rec:15,16
+        if h is None:  # the first step, from a zero state
+            h__new = torch.broadcast_to(pow_gr_lam_t * sigmoid_gi_t * x_t, (B_, H_, D))  # rg_lru.rec:15,16
+        else:
+            h__new = torch.broadcast_to(torch.addcmul(exp_gr_lam_t * h, sigmoid_gi_t * x_t, pow_gr_lam_t), (B_, H_, D))  # rg_lru.rec:15,16
         y_steps.append(torch.broadcast_to(h__new, (B_, H_, D)))  # rg_lru.rec:17
         h = h__new
+    h = h if h is not None else x.new_zeros((B_, H_, D))
     return {'y': _stack_steps(y_steps, B_, H_, (D, ), x)}, {'h': h}, checkpoints
 
 
@@ -4875,7 +4896,7 @@ def rg_lru__recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, grad_st
         exp_gr_lam_steps = (exp_gr_lam).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place.
-        h_at[0].copy_(checkpoints[t0 // every]['h'])
+        _copy_start(h_at[0], checkpoints[t0 // every]['h'])
         torch.mul(sigmoid_gi * x_seg, pow_gr_lam, out=h_steps[1:t1 - t0 + 1])  # the state-free terms of h's update at every step
         for t in range(t1 - t0):
             h_at[t + 1].addcmul_(exp_gr_lam_steps[t], h_at[t])  # rg_lru.rec:15,16
@@ -5268,7 +5289,7 @@ def rg_lru__chunked_triton(x, gr, gi, lam, states, D, chunk_size=64, **options):
     return {'y': y}, {'h': final_h}
 
 
-_rg_lru_forms = {'recurrent': rg_lru__recurrent, 'scan': rg_lru__scan, 'chunked': takes_no_initial_state(rg_lru__chunked), 'parallel': takes_no_initial_state(rg_lru__chunked)}
+_rg_lru_forms = {'recurrent': _zero_start(rg_lru__recurrent), 'scan': rg_lru__scan, 'chunked': takes_no_initial_state(rg_lru__chunked), 'parallel': takes_no_initial_state(rg_lru__chunked)}
 _rg_lru_out, _rg_lru_st = ('y',), ('h',)  # output and state names, for the backward
 _rg_lru_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rg_lru__triton_recurrent_loop, rg_lru__triton_recurrent_adjoint, _rg_lru_out, _rg_lru_st, kernels=True)), 'scan': takes_cu_seqlens(rg_lru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rg_lru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rg_lru__chunked_triton)))} if HAVE_TRITON else None
 

@@ -2276,6 +2276,23 @@ def scan_diagonal(a, b, initial_state=None):
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -5003,7 +5020,7 @@ def rwkv6__recurrent_loop(r, k, v, w, u, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_w = torch.exp(w)  # [B, T, H, K]
     u_t = u[:, 0]  # the same at every step
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -5013,9 +5030,14 @@ def rwkv6__recurrent_loop(r, k, v, w, u, states, K, V, every=0):
         k_t = k[:, t]
         v_t = v[:, t]
         exp_w_t = exp_w[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(exp_w_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # rwkv6.rec:13
-        o_steps.append(torch.broadcast_to((r_t[..., None, :] @ torch.addcmul(S, u_t[..., :, None] * v_t[..., None, :], k_t[..., :, None]))[..., 0, :], (B_, H_, V)))  # rwkv6.rec:12
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # rwkv6.rec:13
+            o_steps.append(torch.broadcast_to((((k_t * r_t) * u_t).sum(dim=-1)[..., None] * v_t), (B_, H_, V)))  # rwkv6.rec:12
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(exp_w_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), (B_, H_, K, V))  # rwkv6.rec:13
+            o_steps.append(torch.broadcast_to((r_t[..., None, :] @ torch.addcmul(S, u_t[..., :, None] * v_t[..., None, :], k_t[..., :, None]))[..., 0, :], (B_, H_, V)))  # rwkv6.rec:12
         S = S__new
+    S = S if S is not None else r.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), r)}, {'S': S}, checkpoints
 
 
@@ -5054,7 +5076,7 @@ def rwkv6__recurrent_adjoint(r, k, v, w, u, checkpoints, grad_outputs, grad_stat
         grad_o_steps = grad_o_seg.unbind(0)
         exp_w_steps = exp_w.unbind(0)
         # The segment's states, recomputed from its checkpoint.
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             exp_w_t = exp_w_steps[t]
@@ -5467,7 +5489,7 @@ def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options)
     return {'o': o}, {'S': final_S}
 
 
-_rwkv6_forms = {'recurrent': rwkv6__recurrent, 'scan': rwkv6__scan, 'chunked': takes_no_initial_state(rwkv6__chunked), 'parallel': takes_no_initial_state(rwkv6__chunked)}
+_rwkv6_forms = {'recurrent': _zero_start(rwkv6__recurrent), 'scan': rwkv6__scan, 'chunked': takes_no_initial_state(rwkv6__chunked), 'parallel': takes_no_initial_state(rwkv6__chunked)}
 _rwkv6_out, _rwkv6_st = ('o',), ('S',)  # output and state names, for the backward
 _rwkv6_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv6__triton_recurrent_loop, rwkv6__triton_recurrent_adjoint, _rwkv6_out, _rwkv6_st, kernels=True)), 'scan': takes_cu_seqlens(rwkv6__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rwkv6__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rwkv6__chunked_triton)))} if HAVE_TRITON else None
 

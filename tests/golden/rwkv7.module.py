@@ -2119,6 +2119,23 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
 # ====================================================================================================
 
 
+def _zero_start(form):
+    """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
+    initial state (codegen/dispatch.py `takes_no_initial_state`): they are left out of its states dict, so its loop
+    takes its first step from zero without a zero state (`states.get`), and autograd neither saves nor
+    differentiates one. Returns the marked form."""
+    def run(*args, **extra):
+        args = [{k: v for k, v in a.items() if v is not None} if isinstance(a, dict) else a for a in args]
+        return form(*args, **extra)
+
+    return takes_no_initial_state(run)
+
+
+def _copy_start(into, state):
+    """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
+    return into.zero_() if state is None else into.copy_(state)
+
+
 def _stack_steps(steps, B_, H_, dims, like):
     """Per-step outputs [B, H, ...] -> [B, T, H, ...] (an empty sequence gives T = 0)."""
     if not steps:
@@ -3237,7 +3254,7 @@ def rwkv7__recurrent_loop(r, w, k, v, kk, a, u, states, K, V, every=0):
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_w = torch.exp(w)  # [B, T, H, K]
     sum_k_r_u = ((k * r) * u).sum(dim=-1)  # [B, T, H]
-    S = states['S']
+    S = states.get('S')
     o_steps = []
     checkpoints = []
     for t in range(T_):
@@ -3250,9 +3267,13 @@ def rwkv7__recurrent_loop(r, w, k, v, kk, a, u, states, K, V, every=0):
         a_t = a[:, t]
         exp_w_t = exp_w[:, t]
         sum_k_r_u_t = sum_k_r_u[:, t]
-        S__new = torch.broadcast_to(torch.addcmul(torch.addcmul(exp_w_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), -kk_t[..., :, None] * (kk_t[..., None, :] @ S)[..., 0, :][..., None, :], a_t[..., :, None]), (B_, H_, K, V))  # rwkv7.rec:13
+        if S is None:  # the first step, from a zero state
+            S__new = torch.broadcast_to(k_t[..., :, None] * v_t[..., None, :], (B_, H_, K, V))  # rwkv7.rec:13
+        else:
+            S__new = torch.broadcast_to(torch.addcmul(torch.addcmul(exp_w_t[..., :, None] * S, v_t[..., None, :], k_t[..., :, None]), -kk_t[..., :, None] * (kk_t[..., None, :] @ S)[..., 0, :][..., None, :], a_t[..., :, None]), (B_, H_, K, V))  # rwkv7.rec:13
         o_steps.append(torch.broadcast_to(torch.addcmul((r_t[..., None, :] @ S__new)[..., 0, :], sum_k_r_u_t[..., None], v_t), (B_, H_, V)))  # rwkv7.rec:14
         S = S__new
+    S = S if S is not None else r.new_zeros((B_, H_, K, V))
     return {'o': _stack_steps(o_steps, B_, H_, (V, ), r)}, {'S': S}, checkpoints
 
 
@@ -3310,7 +3331,7 @@ def rwkv7__recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outputs, gr
         mul_kk_steps = (-kk_seg[..., :, None]).unbind(0)
         # The segment's states, recomputed from its checkpoint: each update's state-free terms for the whole
         # segment at once, then per step the terms that read the state before it, in place (its products first).
-        S_at[0].copy_(checkpoints[t0 // every]['S'])
+        _copy_start(S_at[0], checkpoints[t0 // every]['S'])
         torch.mul(v_seg[..., None, :], k_seg[..., :, None], out=S_steps[1:t1 - t0 + 1])  # the state-free terms of S's update at every step
         for t in range(t1 - t0):
             torch.bmm(kk_bmm[t], S_bmm[t], out=sum_S_kk_bmm[t])  # sum_S_kk before step t
@@ -3864,7 +3885,7 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
     return {'o': o}, {'S': final_S}, checkpoints
 
 
-_rwkv7_forms = {'recurrent': rwkv7__recurrent, 'chunked': takes_no_initial_state(rwkv7__chunked)}
+_rwkv7_forms = {'recurrent': _zero_start(rwkv7__recurrent), 'chunked': takes_no_initial_state(rwkv7__chunked)}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
 _rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))} if HAVE_TRITON else None
 
