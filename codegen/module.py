@@ -299,9 +299,10 @@ class _{cls}Layer(Layer):
 
 
 class {cls}(torch.nn.Module):
-    """`{name}` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given)."""
+    """`{name}` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=64{init_params}):
+    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}):
         super().__init__()
         sizes = dict(sizes or {{}})  # sizes of the params' axes, e.g. {{"K": 64}}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size

@@ -1816,7 +1816,7 @@ class TorchFormWriter:
                 shape = {"scalar": (), "key": kdims, "value": (dims[-1] if len(dims) > 1 else 1,)}
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
-                      f"'the decay {sa.diagonal} of {s.name}', 'chunked')")
+                      f"'the decay {sa.diagonal} of {s.name}', ('chunked', 'parallel'))")  # one function, both forms
                 head = fuse.get("decay_head") if fuse else None
                 g_expr = fuse["log_decay"] if head else plan.log_decay.expr
                 pro(f"log_decay_{s.name}", g_expr, plan.log_decay.indices, shape[plan.decay_axis],
@@ -1985,7 +1985,7 @@ class TorchFormWriter:
             if sub.log_decay is not None:
                 if not sub.decay_exact:
                     w(f"_require_positive({printer.print_expr(one.diagonal, one.indices)}, "
-                      f"'the decay {one.diagonal} of {name} (update {n})', 'chunked')")
+                      f"'the decay {one.diagonal} of {name} (update {n})', ('chunked',))")
                 shape = (kdim,) if sub.decay_axis == "key" else ()
                 w(f"log_decay_{tag} = {self._full(printer, sub.log_decay.expr, sub.log_decay.indices, shape)}")
                 logs.append(f"log_decay_{tag}")
@@ -2128,10 +2128,11 @@ def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds 
         raise UnsafeSteps(first)
 
 
-def _require_positive(decay, what, form):
+def _require_positive(decay, what, forms):
     if not bool((torch.as_tensor(decay) > 0).all()):  # (a float for a decay of sizes only, say 1 - 1 / K)
-        raise DecayNotPositive(f"form '{form}' takes the logarithm of {what}, which is not positive everywhere; "
-                               "use form='recurrent' or 'scan'")
+        named = " and ".join(f"'{f}'" for f in forms)
+        raise DecayNotPositive(f"form{'s' * (len(forms) > 1)} {named} take{'s' * (len(forms) == 1)} the logarithm "
+                               f"of {what}, which is not positive everywhere; use form='recurrent' or 'scan'")
 '''
 
 

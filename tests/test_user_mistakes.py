@@ -151,3 +151,18 @@ def test_output_final_state_takes_a_bool_only():
             gla.reference(q, k, v, -g.abs(), output_final_state=bad)
     o, final = gla.reference(q, k, v, -g.abs(), output_final_state=False)
     assert o.shape == (1, 3, 1, 2) and final is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_forced_parallel_form_with_a_zero_decay_is_named(backend):
+    """The parallel form runs the chunked form's prologue: its refusal of a decay that is not positive names it too
+    (it named only 'chunked', found by trying the tool)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    retention = recurrence_dsl.load(SPECS_DIR / "retention.rec")["retention"]
+    layer = recurrence_dsl.compile(retention, tuning=False)
+    q = torch.randn(1, 20, 2, 16)
+    with pytest.raises(ValueError, match=r"forms 'chunked' and 'parallel' take the logarithm of the decay gamma"):
+        layer(q, q, q, torch.tensor([0.0, 0.9]), form="parallel", backend=backend)
+    out, _ = layer(q, q, q, torch.tensor([0.0, 0.9]), form="auto", backend=backend)  # auto steps instead
+    assert torch.isfinite(out).all()

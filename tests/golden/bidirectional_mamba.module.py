@@ -159,7 +159,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
-    output_final_state = bool(kwargs.pop("output_final_state", False))
+    output_final_state = kwargs.pop("output_final_state", False)
+    if not isinstance(output_final_state, bool):  # a truthy string such as "no" must not mean True
+        raise CallError(f"output_final_state must be True (return the final states) or False, got "
+                        f"{output_final_state!r}")
     cu_seqlens = kwargs.pop("cu_seqlens", None)
     # None: the direction the spec declares (`reverse recurrence` runs backwards); a bool overrides it.
     reverse = kwargs.pop("reverse", None)
@@ -1132,6 +1135,19 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
+def _check_launch_values(config: dict) -> None:
+    """CallError unless a config's launch options are what Triton takes: num_warps a power of two from 1 to 32
+    (a CTA holds at most 1024 threads), num_stages an integer >= 1 (block sizes are checked by the kernels' own
+    runtime, which names the block)."""
+    warps = config.get("num_warps")
+    if warps is not None and (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps > 32
+                              or warps & (warps - 1)):
+        raise CallError(f"config num_warps must be a power of two from 1 to 32, got {warps!r}")  # noqa: F821
+    stages = config.get("num_stages")
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+        raise CallError(f"config num_stages must be an integer >= 1, got {stages!r}")  # noqa: F821
+
+
 class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
@@ -1395,11 +1411,19 @@ class Layer:
             raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
         fits = [f for f in ([form] if form else fns) if set(CONFIG_KEYS.get((f, backend), ("-",))) == set(config)]
         if fits:
+            _check_launch_values(config)
             return fits[0]
-        accepted = {f: sorted(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
+        accepted = {f: set(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
                     if (f, backend) in CONFIG_KEYS}
-        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here; "  # noqa: F821
-                        + ("; ".join(f"{f} takes {keys}" for f, keys in accepted.items())
+
+        def differs(keys: set) -> str:
+            parts = [f"{what} {', '.join(sorted(names))}" for what, names in (("missing", keys - set(config)),
+                                                                             ("unknown", set(config) - keys)) if names]
+            return "; ".join(parts)
+
+        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here (a config gives "  # noqa: F821
+                        "every key of one form); "
+                        + ("; ".join(f"{f} takes {sorted(keys)} ({differs(keys)})" for f, keys in accepted.items())
                            or f"no form{' ' + repr(form) if form else ''} takes a config there"))
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
@@ -2400,9 +2424,12 @@ def triton_scan_final_states(states: triton_Tensor, initial_state: triton_Tensor
 triton_Tensor = torch.Tensor
 
 # A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
-# (`_triton_register_limit`).
+# (`_triton_register_limit`, applied by `_triton_launch`).
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
+# The attention kernel's warps when it maps x or y as it loads them (normalized_linear_attention, hgrn2), else
+# _WARPS; every attention and state launch has the register limit (`_triton_register_limited`): without it
+# normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2971,9 +2998,10 @@ bidirectional_mamba_forward = _BidirectionalMambaForwardLayer(_bidirectional_mam
 
 
 class BidirectionalMambaForward(torch.nn.Module):
-    """`bidirectional_mamba_forward` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given)."""
+    """`bidirectional_mamba_forward` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=64, A=None):
+    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, A=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
@@ -3427,9 +3455,10 @@ bidirectional_mamba_backward = _BidirectionalMambaBackwardLayer(_bidirectional_m
 
 
 class BidirectionalMambaBackward(torch.nn.Module):
-    """`bidirectional_mamba_backward` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given)."""
+    """`bidirectional_mamba_backward` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=64, A=None):
+    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, A=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size

@@ -144,7 +144,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     traces, where a value read would break the graph, and the boundaries are checked inside the layer's op."""
     kwargs = dict(kwargs)
     initial_state = kwargs.pop("initial_state", None)
-    output_final_state = bool(kwargs.pop("output_final_state", False))
+    output_final_state = kwargs.pop("output_final_state", False)
+    if not isinstance(output_final_state, bool):  # a truthy string such as "no" must not mean True
+        raise CallError(f"output_final_state must be True (return the final states) or False, got "
+                        f"{output_final_state!r}")
     cu_seqlens = kwargs.pop("cu_seqlens", None)
     # None: the direction the spec declares (`reverse recurrence` runs backwards); a bool overrides it.
     reverse = kwargs.pop("reverse", None)
@@ -1127,6 +1130,19 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
+def _check_launch_values(config: dict) -> None:
+    """CallError unless a config's launch options are what Triton takes: num_warps a power of two from 1 to 32
+    (a CTA holds at most 1024 threads), num_stages an integer >= 1 (block sizes are checked by the kernels' own
+    runtime, which names the block)."""
+    warps = config.get("num_warps")
+    if warps is not None and (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps > 32
+                              or warps & (warps - 1)):
+        raise CallError(f"config num_warps must be a power of two from 1 to 32, got {warps!r}")  # noqa: F821
+    stages = config.get("num_stages")
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+        raise CallError(f"config num_stages must be an integer >= 1, got {stages!r}")  # noqa: F821
+
+
 class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
@@ -1390,11 +1406,19 @@ class Layer:
             raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
         fits = [f for f in ([form] if form else fns) if set(CONFIG_KEYS.get((f, backend), ("-",))) == set(config)]
         if fits:
+            _check_launch_values(config)
             return fits[0]
-        accepted = {f: sorted(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
+        accepted = {f: set(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
                     if (f, backend) in CONFIG_KEYS}
-        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here; "  # noqa: F821
-                        + ("; ".join(f"{f} takes {keys}" for f, keys in accepted.items())
+
+        def differs(keys: set) -> str:
+            parts = [f"{what} {', '.join(sorted(names))}" for what, names in (("missing", keys - set(config)),
+                                                                             ("unknown", set(config) - keys)) if names]
+            return "; ".join(parts)
+
+        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here (a config gives "  # noqa: F821
+                        "every key of one form); "
+                        + ("; ".join(f"{f} takes {sorted(keys)} ({differs(keys)})" for f, keys in accepted.items())
                            or f"no form{' ' + repr(form) if form else ''} takes a config there"))
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
@@ -3439,10 +3463,14 @@ triton_Tensor = torch.Tensor
 
 _triton_PARALLEL_BT = 64  # rows of a query block and of a key block (the default `block_t`)
 # A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit
-# (`_triton_register_limit`).
+# (`_triton_register_limit`, applied by `_triton_launch`).
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _triton_PARALLEL_KEY_BLOCK = 32
+# The attention kernel's warps when it maps x or y as it loads them (normalized_linear_attention, hgrn2), else
+# _WARPS; every attention and state launch has the register limit (`_triton_register_limited`): without it
+# normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
+_triton_MAPPED_WARPS = 8
 
 
 @triton.jit
@@ -3465,6 +3493,7 @@ def _triton_tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.cons
     return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
 
 
+@_triton_register_limited()
 @triton.jit
 def _triton_parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
                                  DZ: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr,
@@ -3564,6 +3593,7 @@ def _triton_parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H
         b_acc += tl.load(p_out, mask=m_az, other=0.0).to(tl.float32)
     tl.store(p_out, b_acc.to(out.dtype.element_ty), mask=m_az)
 
+@_triton_register_limited()
 @triton.jit
 def _triton_parallel_state_kernel(x, z, g, s, out, zs, T, H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
                                   BT: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, DECAY: tl.constexpr,
@@ -3669,6 +3699,7 @@ def _triton_dlog_cols(w, z, x, g, base, rows_b, m_b, i_a, o_d, m_d, b_gr, T, H: 
     return tl.dot(tl.trans(b_M), b_x * _triton_decay(b_gq, b_gr[None, :]), input_precision=PREC)
 
 
+@_triton_register_limited()
 @triton.jit
 def _triton_parallel_dlog_kernel(x, y, w, z, s, ds, g, r, sums, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
                                  BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
@@ -3799,6 +3830,7 @@ def _triton_scalar_pairs(q, k, v, do, g, base, rows_a, m_a, rows_b, m_b, T, H: t
     return b_A * b_M * _triton_decay(b_gq[:, None], b_gs[None, :])
 
 
+@_triton_register_limited()
 @triton.jit
 def _triton_parallel_dlog_scalar_kernel(q, k, v, do, s, ds, g, r, sums, T, H: tl.constexpr, K: tl.constexpr,
                                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -3942,16 +3974,18 @@ def _triton_attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool,
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
-    warps = _triton_or(num_warps, _WARPS)
-    _triton_parallel_attn_kernel[(triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H)](
+    # a mapped load holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward spilled
+    # 24 B on sm_80 at K = 128 (168 registers)
+    warps = _triton_or(num_warps, _triton_MAPPED_WARPS if x_map is not None or y_map is not None else _WARPS)
+    _triton_launch(
+        _triton_parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
         z_step if z_step is not None else out, skip if skip is not None else out,
         skip_weight if skip is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
         s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), XMAP=_triton_map_of(x_map), YMAP=_triton_map_of(y_map),
-        SKIP_STEP=skip_step, ZMAP=_triton_map_of(z_map), OVJP=_triton_vjp_of(out_map),
-        **(_triton_register_limit(warps) if decay >= 2 else {}))
+        SKIP_STEP=skip_step, ZMAP=_triton_map_of(z_map), OVJP=_triton_vjp_of(out_map))
 
 
 def _triton_state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: bool, BT, BX, BZ, prec, num_warps,
@@ -3959,7 +3993,8 @@ def _triton_state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, a
     """Launch `_triton_parallel_state_kernel` over out [B, H, DX, DZ] float32."""
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
-    _triton_parallel_state_kernel[(triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H)](
+    _triton_launch(
+        _triton_parallel_state_kernel, (triton.cdiv(DX, BX), triton.cdiv(DZ, BZ), B * H),
         x, z, G if G is not None else out, s if s is not None else out, out, z_step if z_step is not None else out,
         T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, acc, prec, z_step is not None,
         num_warps=_triton_or(num_warps, _WARPS), num_stages=_triton_or(num_stages, _STAGES), XMAP=_triton_map_of(x_map))
@@ -4069,20 +4104,21 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         state, acc = i == 0 and dht is not None, i > 0
         if code == 1:
-            _triton_parallel_dlog_scalar_kernel[(NT, B * H)](
+            _triton_launch(
+                _triton_parallel_dlog_scalar_kernel, (NT, B * H),
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
                 min(64, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s, state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages, **_triton_register_limit(warps))
+                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
         else:
             value = code == 3
             x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
             D, E = y.shape[-1], z.shape[-1]
             BD = min(32, _triton_pow2_at_least_16(D))
-            _triton_parallel_dlog_kernel[(NT, triton.cdiv(D, BD), B * H)](
+            _triton_launch(
+                _triton_parallel_dlog_kernel, (NT, triton.cdiv(D, BD), B * H),
                 x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
                 min(64, _triton_pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
-                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages,
-                **_triton_register_limit(warps))
+                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages)
     plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
     # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
     # initial state's terms of the later blocks, the final state's of the earlier ones
@@ -4733,9 +4769,10 @@ linear_attention = _LinearAttentionLayer(_linear_attention_spec, _linear_attenti
 
 
 class LinearAttention(torch.nn.Module):
-    """`linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given)."""
+    """`linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=64):
+    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
