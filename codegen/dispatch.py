@@ -536,15 +536,18 @@ def adjoint_block(states, every: int) -> int:
     return max(1, -(-every // blocks))
 
 
-def checkpoint_every(length: int, states=()) -> int:
+def checkpoint_every(length: int, states=(), on_cpu: bool | None = None) -> int:
     """Steps between the checkpoints of a sequence of `length` steps with initial states like `states` ([B, H, ...]
-    each; none given: the rule for the length alone): memory O(T / every + every) states."""
+    each, real or "meta" tensors; none given: the rule for the length alone): memory O(T / every + every) states.
+    on_cpu: whether the call runs on the CPU (None: where `states` are)."""
     every = forced_steps(CHECKPOINT_EVERY)
     if every > 0:
         return every
     every = max(64, math.isqrt(length))
     states = list(states)
-    if states and all(s.device.type == "cpu" for s in states):
+    if on_cpu is None:
+        on_cpu = all(s.device.type == "cpu" for s in states)
+    if states and on_cpu:
         step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # a step's states and total gradients
         every = max(MIN_EVERY, min(every, SEGMENT_BYTES // max(step_bytes, 1)))
     return every
@@ -608,7 +611,7 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None, state_dims=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
@@ -617,7 +620,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
     options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
     chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
     A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
-    themselves) goes to both the loop and the backward."""
+    themselves) goes to both the loop and the backward. state_dims: None, or (the call's sizes) -> {state: its dims
+    after [B, H]}, for the checkpoint rule's state bytes when a call starts from zero and passes no state
+    (`takes_no_initial_state`)."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -628,8 +633,16 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         length = tensors[0].shape[1]
-        states = next(a for a in args if isinstance(a, dict)).values()
-        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        at = next(i for i, a in enumerate(args) if isinstance(a, dict))
+        states = list(args[at].values())
+        if state_dims is not None and len(states) < len(state_names):
+            # a zero start: the missing states' sizes as "meta" tensors (no memory), the call's device decides
+            dims = state_dims(*args[at + 1:])
+            first = tensors[0]
+            states += [torch.empty((first.shape[0], first.shape[2]) + tuple(dims[n]), dtype=first.dtype,
+                                   device="meta") for n in state_names if n not in args[at]]
+        on_cpu = tensors[0].device.type == "cpu" if tensors else None
+        every = checkpoint_every(length, states, on_cpu) if every_of is None else every_of(length, extra)
         cu = extra.get("cu_seqlens")
         backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
         flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)

@@ -537,9 +537,13 @@ class TorchFormWriter:
         if adjoint is None:
             return (f"{loop}\n\n# No derived backward ({reason}): autograd runs through the loop.\n"
                     f"{name} = with_adjoint({self.fn}__recurrent_loop{self.suffix}, None, {outs!r}, {sts!r})\n")
+        sizes = ", ".join(self.py[n] for n in self.rec.sizes)  # the loop's size arguments, as in its signature
+        dims = ", ".join(f"{s.name!r}: ({', '.join(str(self.py.get(d, d)) for d in s.dims)}{',' * (len(s.dims) == 1)})"
+                         for s in self.rec.states)
         return (f"{loop}\n\n{self.write_recurrent_adjoint(adjoint)}\n\n"
                 f"{name} = with_adjoint({self.fn}__recurrent_loop{self.suffix}, "
-                f"{self.fn}__recurrent_adjoint{self.suffix}, {outs!r}, {sts!r})\n")
+                f"{self.fn}__recurrent_adjoint{self.suffix}, {outs!r}, {sts!r},\n"
+                f"    state_dims=lambda {sizes}: {{{dims}}})  # the states' dims after [B, H] (checkpoint rule)\n")
 
     def write_recurrent_loop(self) -> str:
         self.shown, self.taken = {}, set()

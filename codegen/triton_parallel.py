@@ -96,7 +96,7 @@ _PARALLEL_BT = 64  # rows of a query block and of a key block (the default `bloc
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _PARALLEL_KEY_BLOCK = 32
-# The attention kernel's warps when it maps x or y as it loads them (normalized_linear_attention, hgrn2), else
+# The attention kernel's warps when it maps a load or a stored gradient (normalized_linear_attention, hgrn2), else
 # _WARPS; every attention and state launch has the register limit (`_register_limited`): without it
 # normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
 _MAPPED_WARPS = 8
@@ -737,9 +737,10 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
-    # a mapped load holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward spilled
-    # 24 B on sm_80 at K = 128 (168 registers)
-    warps = _or(num_warps, _MAPPED_WARPS if x_map is not None or y_map is not None else _WARPS)
+    # a mapped load or store holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward
+    # spilled 24 B on sm_80 at K = 128 (168 registers), its backward 8-32 B (255)
+    mapped = any(m is not None for m in (x_map, y_map, z_map, out_map))
+    warps = _or(num_warps, _MAPPED_WARPS if mapped else _WARPS)
     _launch(
         _parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,

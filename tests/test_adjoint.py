@@ -264,3 +264,26 @@ def test_nest_sums_keeps_the_shared_contraction_a_sum_of_its_own():
     # The same value: at sizes K = V = 2 both expand to the same polynomial.
     sizes = {s: 2 for s in (nested - flat).free_symbols if s.name in ("K", "V")}
     assert sympy.expand((nested - flat).subs(sizes).doit()) == 0
+
+
+def test_a_zero_start_keeps_the_checkpoint_rule_of_its_state_size(monkeypatch):
+    """A call without an initial state passes no state to the torch recurrent form (`takes_no_initial_state`);
+    its checkpoints still follow the CPU rule for the states' size (from the printed `state_dims`), not the
+    length-only rule (GLA at K = V = 128: 16 steps, not 64)."""
+    import sys
+
+    from codegen import dispatch
+
+    from .conftest import SPECS_DIR
+
+    gla = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    layer = recurrence_dsl.compile(gla, backend="torch", tuning=False)
+    module = sys.modules[type(layer).__module__]  # the layer's module, with its own copy of the dispatcher
+    seen = []
+    real = module.checkpoint_every
+    monkeypatch.setattr(module, "checkpoint_every", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    q, k, v = (torch.randn(2, 200, 4, 128, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(2, 200, 4, 128)).requires_grad_()
+    o, _ = layer(q, k, v, g, form="recurrent")
+    o.sum().backward()
+    assert seen == [max(dispatch.MIN_EVERY, dispatch.SEGMENT_BYTES // (2 * 2 * 4 * 128 * 128 * 4))] == [16]

@@ -75,6 +75,9 @@ CALLS = [
     # stack slot at 72 registers (rwkv6, float16, sm_90; benchmarks/kernel_matrix.py, 2026-12-01)
     ("hgrn2", "chunked", "sm_80", 1, 128, 2, False, 64),
     ("rwkv6", "chunked", "sm_90", 1, 64, 4, False, 128, "float16"),
+    # the parallel form's attention kernel with a mapped load or gradient store at 4 warps: 8-32 B at 255
+    # registers (normalized_linear_attention's backward, sm_80; benchmarks/kernel_matrix.py --forms parallel)
+    ("normalized_linear_attention", "parallel", "sm_80", 1, 64, 2, True, 64),
 ]
 
 CHILD = '''

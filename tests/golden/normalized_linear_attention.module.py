@@ -798,15 +798,18 @@ def adjoint_block(states, every: int) -> int:
     return max(1, -(-every // blocks))
 
 
-def checkpoint_every(length: int, states=()) -> int:
+def checkpoint_every(length: int, states=(), on_cpu: bool | None = None) -> int:
     """Steps between the checkpoints of a sequence of `length` steps with initial states like `states` ([B, H, ...]
-    each; none given: the rule for the length alone): memory O(T / every + every) states."""
+    each, real or "meta" tensors; none given: the rule for the length alone): memory O(T / every + every) states.
+    on_cpu: whether the call runs on the CPU (None: where `states` are)."""
     every = forced_steps(CHECKPOINT_EVERY)
     if every > 0:
         return every
     every = max(64, math.isqrt(length))
     states = list(states)
-    if states and all(s.device.type == "cpu" for s in states):
+    if on_cpu is None:
+        on_cpu = all(s.device.type == "cpu" for s in states)
+    if states and on_cpu:
         step_bytes = 2 * sum(s.numel() * s.element_size() for s in states)  # a step's states and total gradients
         every = max(MIN_EVERY, min(every, SEGMENT_BYTES // max(step_bytes, 1)))
     return every
@@ -870,7 +873,7 @@ class _AdjointBackward(torch.autograd.Function):
         return (None,) * 6 + tuple(g if need else None for g, need in zip(flat_grads, needed))
 
 
-def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None):
+def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_of=None, state_dims=None):
     """The recurrent form from its printed step loop `loop` (returning outputs, final states and checkpoints)
     and its derived backward `adjoint` (None: none was derived, and autograd runs through the loop). Keyword
     options of a call (a Triton kernel's num_warps) go to the loop only: the backward picks its own.
@@ -879,7 +882,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
     options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
     chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
     A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
-    themselves) goes to both the loop and the backward."""
+    themselves) goes to both the loop and the backward. state_dims: None, or (the call's sizes) -> {state: its dims
+    after [B, H]}, for the checkpoint rule's state bytes when a call starts from zero and passes no state
+    (`takes_no_initial_state`)."""
     names = (tuple(output_names), tuple(state_names))
 
     def run(*args, **extra):
@@ -890,8 +895,16 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
             return outputs, finals
         forward = (lambda *a, every: loop(*a, every=every, **extra)) if extra else loop
         length = tensors[0].shape[1]
-        states = next(a for a in args if isinstance(a, dict)).values()
-        every = checkpoint_every(length, states) if every_of is None else every_of(length, extra)
+        at = next(i for i, a in enumerate(args) if isinstance(a, dict))
+        states = list(args[at].values())
+        if state_dims is not None and len(states) < len(state_names):
+            # a zero start: the missing states' sizes as "meta" tensors (no memory), the call's device decides
+            dims = state_dims(*args[at + 1:])
+            first = tensors[0]
+            states += [torch.empty((first.shape[0], first.shape[2]) + tuple(dims[n]), dtype=first.dtype,
+                                   device="meta") for n in state_names if n not in args[at]]
+        on_cpu = tensors[0].device.type == "cpu" if tensors else None
+        every = checkpoint_every(length, states, on_cpu) if every_of is None else every_of(length, extra)
         cu = extra.get("cu_seqlens")
         backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
         flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
@@ -3473,7 +3486,7 @@ _triton_PARALLEL_BT = 64  # rows of a query block and of a key block (the defaul
 # Its attention kernel holds float64 G tiles beside the scores; at 64 / 64 / 64 it spilled 320-704 B (sm_90,
 # bfloat16, K = V = 64 and 128), and at 32 without the limit 24-48 B (K = V = 64, ptxas' default cap of 168).
 _triton_PARALLEL_KEY_BLOCK = 32
-# The attention kernel's warps when it maps x or y as it loads them (normalized_linear_attention, hgrn2), else
+# The attention kernel's warps when it maps a load or a stored gradient (normalized_linear_attention, hgrn2), else
 # _WARPS; every attention and state launch has the register limit (`_triton_register_limited`): without it
 # normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
 _triton_MAPPED_WARPS = 8
@@ -3980,9 +3993,10 @@ def _triton_attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool,
     B, T, H, DX = x.shape
     DZ = z.shape[-1]
     key_x, key_z = decay >= 2 and not key_z, decay >= 2 and key_z
-    # a mapped load holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward spilled
-    # 24 B on sm_80 at K = 128 (168 registers)
-    warps = _triton_or(num_warps, _triton_MAPPED_WARPS if x_map is not None or y_map is not None else _WARPS)
+    # a mapped load or store holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward
+    # spilled 24 B on sm_80 at K = 128 (168 registers), its backward 8-32 B (255)
+    mapped = any(m is not None for m in (x_map, y_map, z_map, out_map))
+    warps = _triton_or(num_warps, _triton_MAPPED_WARPS if mapped else _WARPS)
     _triton_launch(
         _triton_parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
@@ -4450,7 +4464,8 @@ def normalized_linear_attention__recurrent_adjoint(q, k, v, checkpoints, grad_ou
     return [grad_q, grad_k, grad_v], {'S': grad_S, 'z': grad_z}
 
 
-normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'))
+normalized_linear_attention__recurrent = with_adjoint(normalized_linear_attention__recurrent_loop, normalized_linear_attention__recurrent_adjoint, ('o',), ('S', 'z'),
+    state_dims=lambda K, V: {'S': (K, V), 'z': (K,)})  # the states' dims after [B, H] (checkpoint rule)
 
 
 def normalized_linear_attention__scan_prologue_fwd(k, v, K, V):
