@@ -4745,6 +4745,8 @@ _triton_PARALLEL_DLOG_WARPS = 8  # as the chunked runtime's `_triton_DLOG_WARPS`
 # one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
 # (255 registers, sm_80, bfloat16, K = V = 64)
 _triton_PARALLEL_DLOG_STAGES = 1
+# the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
+_triton_PARALLEL_DLOG_SCALAR_BK = 32
 
 
 def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
@@ -4778,7 +4780,8 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
             _triton_launch(
                 _triton_parallel_dlog_scalar_kernel, (NT, B * H),
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
-                min(64, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s, state, acc, prec,
+                min(_triton_PARALLEL_DLOG_SCALAR_BK, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s,
+                state, acc, prec,
                 QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
         else:
             value = code == 3

@@ -2456,6 +2456,7 @@ triton_Tensor = torch.Tensor
 
 # one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
 # (255 registers, sm_80, bfloat16, K = V = 64)
+# the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
 
 
 def _triton_block(n, given, what):
