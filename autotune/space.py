@@ -267,14 +267,15 @@ def shared_memory_bytes(config: dict) -> int:
     return (bt * bk + bk * bv + bt * bv + bt * bt) * FLOAT_BYTES * max(1, config["num_stages"])
 
 
-def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
-                          estimate: bool = True) -> tuple[list[str], list[str]]:
-    hard, soft = [], []
-    bt, bk, bv, nw = config["chunk_size"], config["block_k"], config["block_v"], config["num_warps"]
+def _padding_rules(time_key: str, bt: int, bk: int, bv: int, problem: Problem) -> list[str]:
+    """The hard rules a chunked or parallel Triton config shares: a time block (`time_key`, chunk_size or block_t)
+    past the padded T runs the same kernel as the padded T; a K or V block past the padded K or V is masked
+    padding."""
+    hard = []
     padded_t = pow2_at_least_16(problem.length)
     if bt > padded_t:
-        hard.append(f"redundant: chunk_size {bt} > padded T {padded_t} runs BT = {padded_t}, "
-                    f"the same kernel as chunk_size={padded_t}")
+        hard.append(f"redundant: {time_key} {bt} > padded T {padded_t} runs BT = {padded_t}, "
+                    f"the same kernel as {time_key}={padded_t}")
     states = problem.chunk_states
     if states:
         pk = max(pow2_at_least_16(s.K) for s in states)
@@ -283,10 +284,18 @@ def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
             hard.append(f"padding: block_k {bk} > padded K {pk}: lanes beyond K are masked padding")
         if bv > pv:
             hard.append(f"padding: block_v {bv} > padded V {pv}: lanes beyond V are masked padding")
-        for s in states:
-            if s.delta and bk < s.K:
-                hard.append(f"delta rule: state {s.name} needs block_k >= K = {s.K} (chunked_delta's state "
-                            f"program holds whole columns of S), got {bk}")
+    return hard
+
+
+def _chunked_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                          estimate: bool = True) -> tuple[list[str], list[str]]:
+    bt, bk, bv, nw = config["chunk_size"], config["block_k"], config["block_v"], config["num_warps"]
+    hard, soft = _padding_rules("chunk_size", bt, bk, bv, problem), []
+    states = problem.chunk_states
+    for s in states:
+        if s.delta and bk < s.K:
+            hard.append(f"delta rule: state {s.name} needs block_k >= K = {s.K} (chunked_delta's state "
+                        f"program holds whole columns of S), got {bk}")
     if not estimate:
         return hard, soft
     smem = shared_memory_bytes(config)
@@ -325,20 +334,8 @@ def _parallel_pressure(config: dict, problem: Problem) -> float:
 
 def _parallel_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
                            estimate: bool = True) -> tuple[list[str], list[str]]:
-    hard, soft = [], []
     bt, bk, bv, nw = config["block_t"], config["block_k"], config["block_v"], config["num_warps"]
-    padded_t = pow2_at_least_16(problem.length)
-    if bt > padded_t:
-        hard.append(f"redundant: block_t {bt} > padded T {padded_t} runs BT = {padded_t}, "
-                    f"the same kernel as block_t={padded_t}")
-    states = problem.chunk_states
-    if states:
-        pk = max(pow2_at_least_16(s.K) for s in states)
-        pv = max(pow2_at_least_16(s.V) for s in states)
-        if bk > pk:
-            hard.append(f"padding: block_k {bk} > padded K {pk}: lanes beyond K are masked padding")
-        if bv > pv:
-            hard.append(f"padding: block_v {bv} > padded V {pv}: lanes beyond V are masked padding")
+    hard, soft = _padding_rules("block_t", bt, bk, bv, problem), []
     if not estimate:
         return hard, soft
     smem = parallel_shared_memory_bytes(config)
