@@ -828,8 +828,8 @@ def _parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_s
             _state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
                    num_stages, x_map=q_map)
     dlog = None
-    if code:
-        dlog = _parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
+    if decay_cls.code:  # (tests of `decay_cls.code`: codegen/specialize.py folds them per module)
+        dlog = _parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
                               num_stages)
     return dk, dv, dlog, dh0, dqs
 
@@ -842,12 +842,12 @@ _PARALLEL_DLOG_STAGES = 1
 _PARALLEL_DLOG_SCALAR_BK = 32
 
 
-def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
+def _parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
                    maps=(None, None), num_stages=None) -> Tensor:
-    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, code 1; [B, T, H, K] a key decay, 2; [B, T, H, V] a
-    value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's identity, Yang et
-    al. 2023 section 4), whose two sides are each near the large state terms and cancel. The chunked runtime's
-    `_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
+    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, `decay_cls.code` 1; [B, T, H, K] a key decay, 2;
+    [B, T, H, V] a value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's
+    identity, Yang et al. 2023 section 4), whose two sides are each near the large state terms and cancel. The
+    chunked runtime's `_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
         dg_t = exp(G_L) sum(S0 * dS_T)                                  (every t)
              + sum_{u: t <= Tq(u)} x_u exp(Gq_u) (w_u . S0)
              + sum_{s<t} y_s exp(G_L - G_s) (z_s . dS_T)
@@ -861,7 +861,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    lanes = () if code == 1 else (G.shape[-1],)
+    lanes = () if decay_cls.code == 1 else (G.shape[-1],)
     sums = torch.zeros((4, B * H, NT) + lanes, dtype=torch.float32, device=k.device)
     r = torch.empty((B, T, H) + lanes, dtype=torch.float32, device=k.device)
     warps, stages = _or(num_warps, _PARALLEL_DLOG_WARPS), _or(num_stages, _PARALLEL_DLOG_STAGES)
@@ -869,7 +869,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     use_s = s0 is not None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         state, acc = i == 0 and dht is not None, i > 0
-        if code == 1:
+        if decay_cls.code == 1:
             _launch(
                 _parallel_dlog_scalar_kernel, (NT, B * H),
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
@@ -877,7 +877,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
                 state, acc, prec,
                 QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
         else:
-            value = code == 3
+            value = decay_cls.code == 3
             x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
             D, E = y.shape[-1], z.shape[-1]
             BD = min(32, _pow2_at_least_16(D))
@@ -892,7 +892,7 @@ def _parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     X = (plus.cumsum(2) - plus - minus.cumsum(2) + first.flip(2).cumsum(2).flip(2) - first
          + last.cumsum(2) - last)
     if use_s and dht is not None:
-        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[code]
+        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[decay_cls.code]
         X = X + (G[:, -1].exp() * (s0.double() * dht.double()).sum(undecayed)).unsqueeze(2)
     # one float32 rounding of the two parts' sum (each is float32-accurate already): no [B, T, H, D] float64 copy
     block = torch.arange(T, device=k.device) // BT

@@ -320,6 +320,9 @@ def _bad_calls(module, layer, rec):
         (args, {"config": {"nonsense": 1}, "backend": "torch", "form": "recurrent"}),
         (args, {"config": [16]}),  # not a dict
         (args, {"reverse": "yes"}),
+        (args, {"output_final_state": "no"}),  # a truthy string is not True
+        (args, {"form": "recurrent", "backend": "triton", "config": {"num_warps": 3}}),  # not a power of two
+        (args, {"form": "recurrent", "backend": "triton", "config": {"num_warps": 1, "chunk_size": 16}}),  # unknown
         ([a.double() for a in args], {"backend": "triton"}),
     ]
     bad += [(args, {"form": form}) for form in ("recurrent", "scan", "chunked", "parallel") if form not in layer.forms]
@@ -331,6 +334,7 @@ def _bad_calls(module, layer, rec):
         bad.append((args, {"chunk_size": 24, "backend": "triton"}))  # not a power of two
         bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "block_k": 24}}))
         bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "chunk_size": 24}}))
+        bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "num_stages": 0}}))
     for form in layer.forms:
         if form not in layer.triton_forms:
             bad.append((args, {"form": form, "backend": "triton"}))

@@ -4067,14 +4067,6 @@ _triton_MAPPED_WARPS = 8
 
 
 @triton.jit
-def _triton_row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
-    """G at the given rows [BT] of one (batch, head) (float64; 0 where masked); SHIFT: G_{t-1}, 0 at t = 0."""
-    if SHIFT:
-        return tl.load(g + base + (rows - 1) * H, mask=m & (rows > 0), other=0.0)
-    return tl.load(g + base + rows * H, mask=m, other=0.0)
-
-
-@triton.jit
 def _triton_tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
     """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
     if SHIFT:
@@ -4490,117 +4482,6 @@ def _triton_parallel_dlog_kernel(x, y, w, z, s, ds, g, r, sums, T, H: tl.constex
     tl.store(r + offs, b_r, mask=m)
 
 
-@triton.jit
-def _triton_scalar_pairs(q, k, v, do, g, base, rows_a, m_a, rows_b, m_b, T, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                         SHIFT: tl.constexpr, QMAP: tl.constexpr, KMAP: tl.constexpr):
-    """A scalar decay's pair terms P_us = (q_u . k_s)(do_u . v_s) exp(Gq_u - G_s) of query rows u = rows_a and
-    key rows s = rows_b, [BT, BT] float32, for blocks with every s <= Tq(u) (0 at masked rows)."""
-    b_A = _triton_scores(q, k, base, rows_a, m_a, rows_b, m_b, K, BK, BT, H, PREC, QMAP, KMAP)
-    b_M = _triton_scores(do, v, base, rows_a, m_a, rows_b, m_b, V, BV, BT, H, PREC)
-    b_gq = _triton_row_g(g, base, rows_a, m_a, SHIFT, H)
-    b_gs = _triton_row_g(g, base, rows_b, m_b, False, H)
-    return b_A * b_M * _triton_decay(b_gq[:, None], b_gs[None, :])
-
-
-@_triton_register_limited()
-@triton.jit
-def _triton_parallel_dlog_scalar_kernel(q, k, v, do, s, ds, g, r, sums, T, H: tl.constexpr, K: tl.constexpr,
-                                        V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                                        SHIFT: tl.constexpr, USE_S: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
-                                        PREC: tl.constexpr, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
-    """`_triton_parallel_dlog_kernel` for a scalar decay, one (block i of BT steps, batch*head), its K lanes summed inside
-    the terms: P_us = (q_u . k_s)(do_u . v_s) exp(Gq_u - G_s), the state terms exp(Gq_u) q_u^T S0 do_u and
-    exp(G_L - G_s) k_s^T dS_T v_s. r [B, T, H] (+)= float32; sums [4, B*H, NT] (`_triton_parallel_dlog`); G [B, T, H]
-    float64; S0, dS_T [B, H, K, V] float32. One G per row, so no reference row: each factor is formed directly."""
-    i_i, i_bh = tl.program_id(0), tl.program_id(1)
-    NBH = tl.num_programs(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    base = i_b.to(tl.int64) * T * H + i_h
-    o_i = tl.arange(0, BT)
-    rows = i_i * BT + o_i
-    m_t = rows < T
-    o_0 = tl.arange(0, 1)  # the per-block sums' one slot, as a [1] tensor
-    m_0 = o_0 == 0
-    b_r = tl.zeros([BT], dtype=tl.float32)
-    if USE_S or STATE:
-        p_s = i_bh.to(tl.int64) * (K * V)
-        b_ws = tl.zeros([BT], dtype=tl.float32)  # q_u^T S0 do_u
-        b_zd = tl.zeros([BT], dtype=tl.float32)  # k_s^T dS_T v_s
-        for v0 in range(0, V, BV):
-            o_v = v0 + tl.arange(0, BV)
-            m_tv = m_t[:, None] & (o_v < V)[None, :]
-            p_tv = (base + rows[:, None] * H) * V + o_v[None, :]
-            if USE_S:
-                b_qs = tl.zeros([BT, BV], dtype=tl.float32)
-                for k0 in range(0, K, BK):
-                    o_k = k0 + tl.arange(0, BK)
-                    m_tk = m_t[:, None] & (o_k < K)[None, :]
-                    b_q = tl.load(q + (base + rows[:, None] * H) * K + o_k[None, :], mask=m_tk, other=0.0)
-                    b_s = tl.load(s + p_s + o_k[:, None] * V + o_v[None, :],
-                                  mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-                    b_qs += tl.dot(_triton_mapped(b_q.to(tl.float32), m_tk, QMAP), b_s, input_precision=PREC)
-                b_ws += tl.sum(b_qs * tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
-            if STATE:
-                b_kd = tl.zeros([BT, BV], dtype=tl.float32)
-                for k0 in range(0, K, BK):
-                    o_k = k0 + tl.arange(0, BK)
-                    m_tk = m_t[:, None] & (o_k < K)[None, :]
-                    b_k = tl.load(k + (base + rows[:, None] * H) * K + o_k[None, :], mask=m_tk, other=0.0)
-                    b_ds = tl.load(ds + p_s + o_k[:, None] * V + o_v[None, :],
-                                   mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-                    b_kd += tl.dot(_triton_mapped(b_k.to(tl.float32), m_tk, KMAP), b_ds, input_precision=PREC)
-                b_zd += tl.sum(b_kd * tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), axis=1)
-        p_sum = sums + (i_bh.to(tl.int64) * NT + i_i) + o_0
-        if USE_S:
-            b_e = tl.where(m_t, _triton_decay(_triton_row_g(g, base, rows, m_t, SHIFT, H), 0.0) * b_ws, 0.0)
-            b_r += tl.cumsum(b_e, axis=0, reverse=True)
-            if SHIFT:
-                b_r -= b_e
-            p_e = p_sum + 2 * NBH * NT
-            tl.store(p_e, tl.load(p_e, mask=m_0, other=0.0) + tl.sum(b_e, axis=0), mask=m_0)
-        if STATE:
-            b_gl = tl.load(g + base + (T - 1) * H + o_0, mask=m_0, other=0.0)
-            b_f = tl.where(m_t, _triton_decay(b_gl, _triton_row_g(g, base, rows, m_t, False, H)) * b_zd, 0.0)
-            b_r += tl.cumsum(b_f, axis=0) - b_f  # for s < t
-            p_f = p_sum + 3 * NBH * NT
-            tl.store(p_f, tl.load(p_f, mask=m_0, other=0.0) + tl.sum(b_f, axis=0), mask=m_0)
-    # the rows u of this block with the key blocks before it: row sums, reverse-summed over u >= t (u > t)
-    b_R = tl.zeros([BT], dtype=tl.float32)
-    for i_j in range(0, i_i):
-        rows_b = i_j * BT + o_i
-        b_R += tl.sum(_triton_scalar_pairs(q, k, v, do, g, base, rows, m_t, rows_b, rows_b < T, T, H, K, V, BT, BK, BV,
-                                           PREC, SHIFT, QMAP, KMAP), axis=1)
-        if i_j == i_i - 2:  # b <= i - 2 so far: MINUS
-            p_m = sums + (NBH + i_bh).to(tl.int64) * NT + i_i + o_0
-            tl.store(p_m, tl.load(p_m, mask=m_0, other=0.0) + tl.sum(b_R, axis=0), mask=m_0)
-    b_r += tl.cumsum(b_R, axis=0, reverse=True)
-    if SHIFT:
-        b_r -= b_R
-    # the columns s of this block with the query blocks after it: column sums over s < t; PLUS from a >= i + 2
-    b_C = tl.zeros([BT], dtype=tl.float32)
-    for i_a in range(i_i + 1, NT):
-        rows_a = (NT + i_i - i_a) * BT + o_i  # a from the last block down, so that a = i + 1 comes last
-        b_C += tl.sum(_triton_scalar_pairs(q, k, v, do, g, base, rows_a, rows_a < T, rows, m_t, T, H, K, V, BT, BK, BV,
-                                           PREC, SHIFT, QMAP, KMAP), axis=0)
-        if i_a == NT - 2:  # a >= i + 2 so far
-            p_p = sums + i_bh.to(tl.int64) * NT + i_i + o_0
-            tl.store(p_p, tl.load(p_p, mask=m_0, other=0.0) + tl.sum(b_C, axis=0), mask=m_0)
-    b_r += tl.cumsum(b_C, axis=0) - b_C
-    # the diagonal block: P[u, s] for s < u, C[t, s] = sum_{u >= t} P[u, s] (u > t if SHIFT), r_t += sum_{s<t}
-    m_us = o_i[None, :] < o_i[:, None]
-    b_P = tl.where(m_us, _triton_scalar_pairs(q, k, v, do, g, base, rows, m_t, rows, m_t, T, H, K, V, BT, BK, BV, PREC,
-                                              SHIFT, QMAP, KMAP), 0.0)
-    b_Cd = tl.cumsum(b_P, axis=0, reverse=True)
-    if SHIFT:
-        b_Cd -= b_P
-    b_r += tl.sum(tl.where(m_us, b_Cd, 0.0), axis=1)
-    if ACC:
-        b_r += tl.load(r + base + rows * H, mask=m_t, other=0.0)
-    tl.store(r + base + rows * H, b_r, mask=m_t)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
@@ -4738,9 +4619,8 @@ def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, in
             _triton_state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
                           num_stages, x_map=q_map)
     dlog = None
-    if code:
-        dlog = _triton_parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
-                                     num_stages)
+    dlog = _triton_parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
+                                 num_stages)
     return dk, dv, dlog, dh0, dqs
 
 
@@ -4749,15 +4629,14 @@ _triton_PARALLEL_DLOG_WARPS = 8  # as the chunked runtime's `_triton_DLOG_WARPS`
 # (255 registers, sm_80, bfloat16, K = V = 64)
 _triton_PARALLEL_DLOG_STAGES = 1
 # the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
-_triton_PARALLEL_DLOG_SCALAR_BK = 32
 
 
-def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
+def _triton_parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
                           maps=(None, None), num_stages=None) -> triton_Tensor:
-    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, code 1; [B, T, H, K] a key decay, 2; [B, T, H, V] a
-    value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's identity, Yang et
-    al. 2023 section 4), whose two sides are each near the large state terms and cancel. The chunked runtime's
-    `_triton_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
+    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, `decay_cls.code` 1; [B, T, H, K] a key decay, 2;
+    [B, T, H, V] a value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's
+    identity, Yang et al. 2023 section 4), whose two sides are each near the large state terms and cancel. The
+    chunked runtime's `_triton_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
         dg_t = exp(G_L) sum(S0 * dS_T)                                  (every t)
              + sum_{u: t <= Tq(u)} x_u exp(Gq_u) (w_u . S0)
              + sum_{s<t} y_s exp(G_L - G_s) (z_s . dS_T)
@@ -4771,7 +4650,7 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    lanes = () if code == 1 else (G.shape[-1],)
+    lanes = () if decay_cls.code == 1 else (G.shape[-1],)
     sums = torch.zeros((4, B * H, NT) + lanes, dtype=torch.float32, device=k.device)
     r = torch.empty((B, T, H) + lanes, dtype=torch.float32, device=k.device)
     warps, stages = _triton_or(num_warps, _triton_PARALLEL_DLOG_WARPS), _triton_or(num_stages, _triton_PARALLEL_DLOG_STAGES)
@@ -4779,30 +4658,22 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     use_s = s0 is not None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         state, acc = i == 0 and dht is not None, i > 0
-        if code == 1:
-            _triton_launch(
-                _triton_parallel_dlog_scalar_kernel, (NT, B * H),
-                q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
-                min(_triton_PARALLEL_DLOG_SCALAR_BK, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s,
-                state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
-        else:
-            value = code == 3
-            x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
-            D, E = y.shape[-1], z.shape[-1]
-            BD = min(32, _triton_pow2_at_least_16(D))
-            _triton_launch(
-                _triton_parallel_dlog_kernel, (NT, triton.cdiv(D, BD), B * H),
-                x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
-                min(64, _triton_pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
-                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages)
+        value = decay_cls.code == 3
+        x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
+        D, E = y.shape[-1], z.shape[-1]
+        BD = min(32, _triton_pow2_at_least_16(D))
+        _triton_launch(
+            _triton_parallel_dlog_kernel, (NT, triton.cdiv(D, BD), B * H),
+            x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
+            min(64, _triton_pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
+            XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages)
     plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
     # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
     # initial state's terms of the later blocks, the final state's of the earlier ones
     X = (plus.cumsum(2) - plus - minus.cumsum(2) + first.flip(2).cumsum(2).flip(2) - first
          + last.cumsum(2) - last)
     if use_s and dht is not None:
-        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[code]
+        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[decay_cls.code]
         X = X + (G[:, -1].exp() * (s0.double() * dht.double()).sum(undecayed)).unsqueeze(2)
     # one float32 rounding of the two parts' sum (each is float32-accurate already): no [B, T, H, D] float64 copy
     block = torch.arange(T, device=k.device) // BT

@@ -3703,18 +3703,6 @@ def _triton_row_g(g, base, rows, m, SHIFT: tl.constexpr, H: tl.constexpr):
     return tl.load(g + base + rows * H, mask=m, other=0.0)
 
 
-@triton.jit
-def _triton_tile_g(g, base, rows, m, lanes, m_l, SHIFT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
-    """A key decay's G [BT, BD] (float64, 0 where masked) at the given rows and lanes; SHIFT: G_{t-1}, 0 at t = 0."""
-    if SHIFT:
-        src = rows - 1
-        m_src = m & (rows > 0)
-    else:
-        src = rows
-        m_src = m
-    return tl.load(g + (base + src[:, None] * H) * D + lanes[None, :], mask=m_src[:, None] & m_l[None, :], other=0.0)
-
-
 @_triton_register_limited()
 @triton.jit
 def _triton_parallel_attn_kernel(x, y, z, g, s, out, ox, zs, sx, sw, scale, T, H: tl.constexpr, DX: tl.constexpr,
@@ -3903,162 +3891,6 @@ def _triton_scores(a, b, base, rows_a, m_a, rows_b, m_b, D: tl.constexpr, BD: tl
         b_bt = tl.load(b + (base + rows_b[None, :] * H) * D + o_d[:, None], mask=m_db, other=0.0).to(tl.float32)
         b_A += tl.dot(_triton_mapped(b_a, m_ad, AMAP), _triton_mapped(b_bt, m_db, BMAP), input_precision=PREC)
     return b_A
-
-
-@triton.jit
-def _triton_block_sums(sums, c, i_blk, i_bh, NBH, NT, o_d, m_d, b_v, D: tl.constexpr):
-    """sums[c, bh, i_blk, lanes] += b_v [BD] (sums [4, B*H, NT, D] float32, zeroed by the host)."""
-    p = sums + ((c * NBH + i_bh).to(tl.int64) * NT + i_blk) * D + o_d
-    tl.store(p, tl.load(p, mask=m_d, other=0.0) + b_v, mask=m_d)
-
-
-@triton.jit
-def _triton_dlog_rows(w, z, y, g, base, rows_a, m_a, i_j, o_d, m_d, b_gr, T, H: tl.constexpr, D: tl.constexpr,
-                      E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, YMAP: tl.constexpr):
-    """sum over s in key block j of M_us y_s exp(G_r - G_s), [BT (u), BD] float32: M_us = w_u . z_s (rows_a u),
-    y, G per lane, r the reference row (G_r [BD] in b_gr) at or after every s."""
-    rows_b = i_j * BT + tl.arange(0, BT)
-    m_b = rows_b < T
-    m_bd = m_b[:, None] & m_d[None, :]
-    b_M = _triton_scores(w, z, base, rows_a, m_a, rows_b, m_b, E, BE, BT, H, PREC)
-    b_y = _triton_mapped(tl.load(y + (base + rows_b[:, None] * H) * D + o_d[None, :], mask=m_bd, other=0.0).to(tl.float32),
-                         m_bd, YMAP)
-    b_gb = tl.load(g + (base + rows_b[:, None] * H) * D + o_d[None, :], mask=m_bd, other=0.0)
-    return tl.dot(b_M, b_y * _triton_decay(b_gr[None, :], b_gb), input_precision=PREC)
-
-
-@triton.jit
-def _triton_dlog_cols(w, z, x, g, base, rows_b, m_b, i_a, o_d, m_d, b_gr, T, H: tl.constexpr, D: tl.constexpr,
-                      E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, SHIFT: tl.constexpr,
-                      XMAP: tl.constexpr):
-    """sum over u in query block a of M_us x_u exp(Gq_u - G_r), [BT (s), BD] float32: M_us = w_u . z_s (rows_b s),
-    x, Gq per lane (Gq_u = G_{u-1} if SHIFT), r the reference row (b_gr) at or before every Tq(u)."""
-    rows_a = i_a * BT + tl.arange(0, BT)
-    m_a = rows_a < T
-    m_ad = m_a[:, None] & m_d[None, :]
-    b_M = _triton_scores(w, z, base, rows_a, m_a, rows_b, m_b, E, BE, BT, H, PREC)
-    b_x = _triton_mapped(tl.load(x + (base + rows_a[:, None] * H) * D + o_d[None, :], mask=m_ad, other=0.0).to(tl.float32),
-                         m_ad, XMAP)
-    b_gq = _triton_tile_g(g, base, rows_a, m_a, o_d, m_d, SHIFT, H, D)
-    return tl.dot(tl.trans(b_M), b_x * _triton_decay(b_gq, b_gr[None, :]), input_precision=PREC)
-
-
-@_triton_register_limited()
-@triton.jit
-def _triton_parallel_dlog_kernel(x, y, w, z, s, ds, g, r, sums, T, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, VALUE: tl.constexpr,
-                                 SHIFT: tl.constexpr, USE_S: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
-                                 PREC: tl.constexpr, XMAP: tl.constexpr = None, YMAP: tl.constexpr = None):
-    """A key or value decay's log-decay gradient, one (block i of BT steps, BD lanes d of the decayed axis D,
-    batch*head): the terms of `_triton_parallel_dlog` that this block's steps and lanes get from its own rows, r [B, T, H, D]
-    (+)= float32, and its per-block sums into sums [4, B*H, NT, D] (PLUS, MINUS, the initial state's and the final
-    state's terms). x, y [B, T, H, D]; w, z [B, T, H, E]; s = S0, ds = dS_T [B, H, K, V] float32 (D = K rows of
-    S, or V columns if VALUE); G [B, T, H, D] float64 over the whole sequence. Every exponent is <= 0: the pairs
-    off the diagonal go through a reference row, the diagonal block one lane at a time (`_triton_dlog_chunk_kernel`'s).
-    USE_S: an initial state; STATE: a final state's gradient (the first query only); ACC adds into r."""
-    i_i, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NBH = tl.num_programs(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    NT = tl.cdiv(T, BT)
-    base = i_b.to(tl.int64) * T * H + i_h
-    o_i = tl.arange(0, BT)
-    rows = i_i * BT + o_i
-    m_t = rows < T
-    o_j = tl.arange(0, BD)
-    o_d = i_d * BD + o_j
-    m_d = o_d < D
-    m = m_t[:, None] & m_d[None, :]
-    offs = (base + rows[:, None] * H) * D + o_d[None, :]
-    b_g = tl.load(g + offs, mask=m, other=0.0)  # float64
-    b_gq = _triton_tile_g(g, base, rows, m_t, o_d, m_d, SHIFT, H, D)
-    b_x = _triton_mapped(tl.load(x + offs, mask=m, other=0.0).to(tl.float32), m, XMAP)
-    b_y = _triton_mapped(tl.load(y + offs, mask=m, other=0.0).to(tl.float32), m, YMAP)
-    b_r = tl.zeros([BT, BD], dtype=tl.float32)
-    # the state terms: x_u exp(Gq_u) (w_u . S0) for every t <= Tq(u), y_s exp(G_L - G_s) (z_s . dS_T) for t > s;
-    # S's [d, e] element at d*V + e (rows) or e*V + d (a value decay's columns)
-    if USE_S or STATE:
-        p_s = i_bh.to(tl.int64) * (D * E)
-        b_ws = tl.zeros([BT, BD], dtype=tl.float32)
-        b_zd = tl.zeros([BT, BD], dtype=tl.float32)
-        for e0 in range(0, E, BE):
-            o_e = e0 + tl.arange(0, BE)
-            m_e = o_e < E
-            if VALUE:
-                p_de = o_e[:, None] * D + o_d[None, :]  # [BE, BD]
-            else:
-                p_de = o_d[None, :] * E + o_e[:, None]
-            m_de = m_e[:, None] & m_d[None, :]
-            m_te = m_t[:, None] & m_e[None, :]
-            offs_e = (base + rows[:, None] * H) * E + o_e[None, :]
-            if USE_S:
-                b_w = tl.load(w + offs_e, mask=m_te, other=0.0).to(tl.float32)
-                b_ws += tl.dot(b_w, tl.load(s + p_s + p_de, mask=m_de, other=0.0), input_precision=PREC)
-            if STATE:
-                b_z = tl.load(z + offs_e, mask=m_te, other=0.0).to(tl.float32)
-                b_zd += tl.dot(b_z, tl.load(ds + p_s + p_de, mask=m_de, other=0.0), input_precision=PREC)
-        if USE_S:
-            b_e = tl.where(m, b_x * _triton_decay(b_gq, 0.0) * b_ws, 0.0)
-            b_r += tl.cumsum(b_e, axis=0, reverse=True)
-            if SHIFT:
-                b_r -= b_e
-            _triton_block_sums(sums, 2, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_e, axis=0), D)
-        if STATE:
-            b_gl = tl.load(g + (base + (T - 1) * H) * D + o_d, mask=m_d, other=0.0)
-            b_f = tl.where(m, b_y * _triton_decay(b_gl[None, :], b_g) * b_zd, 0.0)
-            b_r += tl.cumsum(b_f, axis=0) - b_f  # for s < t
-            _triton_block_sums(sums, 3, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_f, axis=0), D)
-    # the rows u of this block with the key blocks before it, through the reference row r = i*BT - 1 (the row
-    # before the block: at or before every Tq(u), at or after every s)
-    if i_i > 0:
-        b_grr = tl.load(g + (base + (i_i * BT - 1) * H) * D + o_d, mask=m_d, other=0.0)
-        b_xr = tl.where(m, b_x * _triton_decay(b_gq, b_grr[None, :]), 0.0)
-        b_q = tl.zeros([BT, BD], dtype=tl.float32)
-        for i_j in range(0, i_i - 1):  # b <= i - 2: also the whole-block sums of MINUS
-            b_q += _triton_dlog_rows(w, z, y, g, base, rows, m_t, i_j, o_d, m_d, b_grr, T, H, D, E, BT, BE, PREC, YMAP)
-        _triton_block_sums(sums, 1, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_xr * b_q, axis=0), D)
-        b_q += _triton_dlog_rows(w, z, y, g, base, rows, m_t, i_i - 1, o_d, m_d, b_grr, T, H, D, E, BT, BE, PREC, YMAP)
-        b_R = b_xr * b_q  # row sums over every earlier s
-        b_r += tl.cumsum(b_R, axis=0, reverse=True)
-        if SHIFT:
-            b_r -= b_R
-    # the columns s of this block with the query blocks after it, through the reference row r = its last row
-    if i_i < NT - 1:
-        b_grc = tl.load(g + (base + (i_i * BT + BT - 1) * H) * D + o_d, mask=m_d, other=0.0)
-        b_yr = tl.where(m, b_y * _triton_decay(b_grc[None, :], b_g), 0.0)
-        b_c = tl.zeros([BT, BD], dtype=tl.float32)
-        for i_a in range(i_i + 2, NT):  # a >= i + 2: also the whole-block sums of PLUS
-            b_c += _triton_dlog_cols(w, z, x, g, base, rows, m_t, i_a, o_d, m_d, b_grc, T, H, D, E, BT, BE, PREC, SHIFT,
-                                     XMAP)
-        _triton_block_sums(sums, 0, i_i, i_bh, NBH, NT, o_d, m_d, tl.sum(b_yr * b_c, axis=0), D)
-        b_c += _triton_dlog_cols(w, z, x, g, base, rows, m_t, i_i + 1, o_d, m_d, b_grc, T, H, D, E, BT, BE, PREC, SHIFT,
-                                 XMAP)
-        b_C = b_yr * b_c  # column sums over every later u
-        b_r += tl.cumsum(b_C, axis=0) - b_C  # for s < t
-    # the diagonal block, one lane at a time: P[u, s] = M_us x_u y_s exp(Gq_u - G_s) for s < u, then
-    # C[t, s] = sum_{u >= t} P[u, s] (u > t if SHIFT) and r_t += sum_{s < t} C[t, s]
-    m_us = o_i[None, :] < o_i[:, None]
-    b_M = tl.where(m_us, _triton_scores(w, z, base, rows, m_t, rows, m_t, E, BE, BT, H, PREC), 0.0)
-    for j in range(0, BD):
-        d = i_d * BD + j
-        m_c = m_t & (o_i * 0 + d < D)  # a [BT] mask (the interpreter takes no scalar one)
-        p_c = (base + rows * H) * D + d
-        b_xc = _triton_mapped(tl.load(x + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, XMAP)
-        b_yc = _triton_mapped(tl.load(y + p_c, mask=m_c, other=0.0).to(tl.float32), m_c, YMAP)
-        b_gc = tl.load(g + p_c, mask=m_c, other=0.0)
-        if SHIFT:
-            b_gqc = tl.load(g + p_c - H * D, mask=m_c & (rows >= 1), other=0.0)
-        else:
-            b_gqc = b_gc
-        b_gu = tl.where(m_us, b_gqc[:, None], b_gc[None, :])  # masked pairs get exp(0), times M = 0
-        b_P = b_M * b_xc[:, None] * b_yc[None, :] * _triton_decay(b_gu, b_gc[None, :])
-        b_Cd = tl.cumsum(b_P, axis=0, reverse=True)
-        if SHIFT:
-            b_Cd -= b_P
-        b_rc = tl.sum(tl.where(m_us, b_Cd, 0.0), axis=1)
-        b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
-    if ACC:
-        b_r += tl.load(r + offs, mask=m, other=0.0)
-    tl.store(r + offs, b_r, mask=m)
 
 
 @triton.jit
@@ -4309,9 +4141,8 @@ def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, in
             _triton_state(q, do, G, dht if i == 0 else None, dh0, code, excl, True, i > 0, BT, BK, BV, prec, num_warps,
                           num_stages, x_map=q_map)
     dlog = None
-    if code:
-        dlog = _triton_parallel_dlog(code, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
-                                     num_stages)
+    dlog = _triton_parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT, prec, num_warps, maps,
+                                 num_stages)
     return dk, dv, dlog, dh0, dqs
 
 
@@ -4323,12 +4154,12 @@ _triton_PARALLEL_DLOG_STAGES = 1
 _triton_PARALLEL_DLOG_SCALAR_BK = 32
 
 
-def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
+def _triton_parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
                           maps=(None, None), num_stages=None) -> triton_Tensor:
-    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, code 1; [B, T, H, K] a key decay, 2; [B, T, H, V] a
-    value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's identity, Yang et
-    al. 2023 section 4), whose two sides are each near the large state terms and cancel. The chunked runtime's
-    `_triton_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
+    """dL/d(log decay) float32 ([B, T, H] for a scalar decay, `decay_cls.code` 1; [B, T, H, K] a key decay, 2;
+    [B, T, H, V] a value decay, 3), summed directly, never as the reverse sum of (q . dq)_u - (k . dk)_t (GLA's
+    identity, Yang et al. 2023 section 4), whose two sides are each near the large state terms and cancel. The
+    chunked runtime's `_triton_dlog_decay` sum with the whole sequence as one chunk (h_n = S0, dh_n = dS_T):
         dg_t = exp(G_L) sum(S0 * dS_T)                                  (every t)
              + sum_{u: t <= Tq(u)} x_u exp(Gq_u) (w_u . S0)
              + sum_{s<t} y_s exp(G_L - G_s) (z_s . dS_T)
@@ -4342,7 +4173,7 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    lanes = () if code == 1 else (G.shape[-1],)
+    lanes = () if decay_cls.code == 1 else (G.shape[-1],)
     sums = torch.zeros((4, B * H, NT) + lanes, dtype=torch.float32, device=k.device)
     r = torch.empty((B, T, H) + lanes, dtype=torch.float32, device=k.device)
     warps, stages = _triton_or(num_warps, _triton_PARALLEL_DLOG_WARPS), _triton_or(num_stages, _triton_PARALLEL_DLOG_STAGES)
@@ -4350,30 +4181,19 @@ def _triton_parallel_dlog(code: int, exclusive, qs, k, v, dos, G, log_decay, s0,
     use_s = s0 is not None
     for i, (q, excl, do) in enumerate(zip(qs, exclusive, dos)):
         state, acc = i == 0 and dht is not None, i > 0
-        if code == 1:
-            _triton_launch(
-                _triton_parallel_dlog_scalar_kernel, (NT, B * H),
-                q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
-                min(_triton_PARALLEL_DLOG_SCALAR_BK, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s,
-                state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
-        else:
-            value = code == 3
-            x, y, w, z = (do, v, q, k) if value else (q, k, do, v)
-            D, E = y.shape[-1], z.shape[-1]
-            BD = min(32, _triton_pow2_at_least_16(D))
-            _triton_launch(
-                _triton_parallel_dlog_kernel, (NT, triton.cdiv(D, BD), B * H),
-                x, y, w, z, s0 if use_s else r, dht if state else r, G, r, sums, T, H, D, E, BT, BD,
-                min(64, _triton_pow2_at_least_16(E)), value, excl, use_s, state, acc, prec,
-                XMAP=None if value else qmap, YMAP=None if value else kmap, num_warps=warps, num_stages=stages)
+        _triton_launch(
+            _triton_parallel_dlog_scalar_kernel, (NT, B * H),
+            q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
+            min(_triton_PARALLEL_DLOG_SCALAR_BK, _triton_pow2_at_least_16(K)), min(32, _triton_pow2_at_least_16(V)), excl, use_s,
+            state, acc, prec,
+            QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
     plus, minus, first, last = sums.double().view((4, B, H, NT) + lanes).unbind(0)
     # per block i: sum_{b < i} PLUS_b - sum_{a <= i} MINUS_a (the difference array of the whole-block sums), the
     # initial state's terms of the later blocks, the final state's of the earlier ones
     X = (plus.cumsum(2) - plus - minus.cumsum(2) + first.flip(2).cumsum(2).flip(2) - first
          + last.cumsum(2) - last)
     if use_s and dht is not None:
-        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[code]
+        undecayed = {1: (-2, -1), 2: (-1,), 3: (-2,)}[decay_cls.code]
         X = X + (G[:, -1].exp() * (s0.double() * dht.double()).sum(undecayed)).unsqueeze(2)
     # one float32 rounding of the two parts' sum (each is float32-accurate already): no [B, T, H, D] float64 copy
     block = torch.arange(T, device=k.device) // BT
