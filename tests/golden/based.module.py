@@ -3769,16 +3769,17 @@ def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, in
 
 
 class _triton_ParallelLinearFunction(torch.autograd.Function):
-    """triton_parallel_linear_by with its backward in the kernels above; saves the inputs and the final state only."""
+    """triton_parallel_linear_by with its backward in the kernels above; saves the inputs only (the backward needs no
+    state). The final state is formed only when asked (output_final_state), else returned as None."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, scale, maps, k, v, log_decay, initial_state, v_step, decay_head,
-                skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, scale, maps, output_final_state, k, v, log_decay, initial_state,
+                v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
-        outs, ht = _triton_parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True, cfg,
-                                            fused)
+        outs, ht = _triton_parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state,
+                                            output_final_state, cfg, fused)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
         return (*outs, ht)
@@ -3801,9 +3802,9 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, cast(dk, k, 5), cast(dv, v, 6), cast(dlog, log_decay, 7),
-                cast(dh0, initial_state, 8), cast(dvs, v_step, 9), cast(ddh, decay_head, 10), cast(dskip, skip, 11),
-                cast(dsw, skip_weight, 12), *(cast(dq, q, 13 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, cast(dk, k, 6), cast(dv, v, 7), cast(dlog, log_decay, 8),
+                cast(dh0, initial_state, 9), cast(dvs, v_step, 10), cast(ddh, decay_head, 11), cast(dskip, skip, 12),
+                cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
@@ -3827,8 +3828,8 @@ def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, f.scale, f.maps, k, v, log_decay,
-                                                    initial_state, *f.tensors(), *[q for q, _ in queries])
+        flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, f.scale, f.maps, bool(output_final_state),
+                                                    k, v, log_decay, initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht = _triton_parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
