@@ -294,36 +294,42 @@ class TorchFormWriter:
             params = [f for f in parts if str(f) in {p.name for p in self.rec.params if not p.dims}]
             if len(parts) == 2 and len(inputs) == 1 and len(params) == 1:
                 out["log_decay"], out["decay_head"] = inputs[0], self.py[str(params[0])]
-        # the epilogue: the one output reads this state's one readout as scale * read (+ weight * input)
-        if len(plan.readouts) == 1 and len(self.rec.outputs) == 1 and len(self.rec.states) == 1:
-            o = self.rec.outputs[0]
-            oa = view.outputs[o.name]
-            read = plan.readouts[0].name
-            terms = sympy.Add.make_args(sympy.expand(oa.expr))
-            scale, skip = None, None
-            for t in terms:
-                hits = [a for a in t.atoms(sympy.Indexed) if str(a.base) == read]
-                if hits:
-                    coeff = sympy.simplify(t / hits[0])
-                    if (len(hits) != 1 or tuple(hits[0].indices) != tuple(oa.indices) or scale is not None
-                            or not is_constant(coeff, self.sizes)):
-                        return out
-                    scale = coeff
-                else:  # weight * input: an input indexed as the output times a per-head or per-step weight
-                    term = self._skip_term(t, oa.indices)
-                    if skip is not None or term is None:
-                        return out
-                    skip = term
-            if scale is None or tuple(o.dims) != (s.dims[-1],):
-                return out
-            out["out"] = o.name
-            out["scale"] = printer.print_expr(scale, ()) if scale != 1 else None
-            if skip is not None:
-                out["skip"] = printer.print_expr(skip[0], oa.indices)
-                if isinstance(skip[1], str):
-                    out["skip_weight"] = skip[1]
-                else:
-                    out["skip_weight_expr"] = skip[1]
+        out.update(self._epilogue_of(view, s, plan, printer) or {})
+        return out
+
+    def _epilogue_of(self, view, s, plan, printer) -> dict | None:
+        """The readout's epilogue the kernels can apply for state `s` (`triton_runtime._Fused`): {"out" (the
+        output's name), "scale" (printed, or None for 1), "skip" and "skip_weight" or "skip_weight_expr" (an
+        output `scale * read + weight * input`)} when the spec's one output reads the one readout of its one state
+        so; None otherwise (the epilogue stays a printed torch function)."""
+        if not (len(plan.readouts) == 1 and len(self.rec.outputs) == 1 and len(self.rec.states) == 1):
+            return None
+        o = self.rec.outputs[0]
+        oa = view.outputs[o.name]
+        read = plan.readouts[0].name
+        scale, skip = None, None
+        for t in sympy.Add.make_args(sympy.expand(oa.expr)):
+            hits = [a for a in t.atoms(sympy.Indexed) if str(a.base) == read]
+            if hits:
+                coeff = sympy.simplify(t / hits[0])
+                if (len(hits) != 1 or tuple(hits[0].indices) != tuple(oa.indices) or scale is not None
+                        or not is_constant(coeff, self.sizes)):
+                    return None
+                scale = coeff
+            else:  # weight * input: an input indexed as the output times a per-head or per-step weight
+                term = self._skip_term(t, oa.indices)
+                if skip is not None or term is None:
+                    return None
+                skip = term
+        if scale is None or tuple(o.dims) != (s.dims[-1],):
+            return None
+        out = {"out": o.name, "scale": printer.print_expr(scale, ()) if scale != 1 else None}
+        if skip is not None:
+            out["skip"] = printer.print_expr(skip[0], oa.indices)
+            if isinstance(skip[1], str):
+                out["skip_weight"] = skip[1]
+            else:
+                out["skip_weight_expr"] = skip[1]
         return out
 
     def _skip_term(self, t: sympy.Expr, indices) -> tuple | None:
@@ -1770,7 +1776,9 @@ class TorchFormWriter:
                 w(f"# {s.name} is [{', '.join(map(str, s.dims))}] and read along its second axis: the chunked form "
                   f"runs on its transpose")
             if sa.cls is TransitionClass.RANK_R_UPDATE:
-                self._write_rank_r(w, printer, view, s.name, sa, readout_names)
+                done = self._write_rank_r(w, printer, view, s, sa, readout_names)
+                if done:
+                    epilogue_done[done] = readout_names[sa.chunk.readouts[0].name]
                 continue
             fuse = self._fusion(view, s, sa, printer)
             if fuse and not (fuse["v_step"] or fuse.get("decay_head") or fuse.get("out")):
@@ -1962,11 +1970,16 @@ class TorchFormWriter:
             w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
         return "\n\n".join(functions + [w.text()])
 
-    def _write_rank_r(self, w: SourceWriter, printer: TorchPrinter, view, name: str, sa, readout_names: dict) -> None:
+    def _write_rank_r(self, w: SourceWriter, printer: TorchPrinter, view, s, sa, readout_names: dict) -> str | None:
         """A rank-r update (DeltaProduct): the r delta-rule updates of step t run as steps r t, ..., r t + r - 1 of
         a sequence r times as long (only the first r t + n carrying its own decay, 0 in log space where an update
         has none), through the delta rule's chunked (WY/UT) form; step t's outputs are read after its last update
-        (a readout of S_(t-1) before its first). Siems et al. 2025, "DeltaProduct", Sec. 3."""
+        (a readout of S_(t-1) before its first). Siems et al. 2025, "DeltaProduct", Sec. 3.
+
+        On the Triton runtime an update's values `beta_n * v_n` go in as v_n with the per-step factor `v_step`, and
+        the readout's constant factor (`scale`) is applied by the output kernel (`triton_runtime._Fused`): no
+        [B, T, H, V] product in the prologue or the epilogue. Returns the output the kernels stored whole, or None."""
+        name = s.name
         plan = sa.chunk
         r = len(plan.sub_steps)
         kdim, vdim = sa.dims
@@ -1975,14 +1988,23 @@ class TorchFormWriter:
         w(f"# its {r} updates per step run as delta-rule steps {positions} of a sequence {r} times as long")
         lines = [st.span.line for st in self.rec.statements if st.target.name == name]
         spec = cite(self.rec, "")  # the file name alone
-        names = {"k": [], "v": [], "beta": [], "log_decay": []}
+        names = {"k": [], "v": [], "beta": [], "log_decay": [], "v_step": []}
         logs = []
+        # every update's values a per-step factor times an input (DeltaProduct's b_n * v_n): the factors to the kernels
+        splits = [self._split_step(sub.v.expr, sub.v.indices) for sub in plan.sub_steps] if self.options else []
+        v_step = bool(splits) and all(x is not None and x[1] is not None for x in splits)
         for n, (one, sub) in enumerate(zip(sa.stages, plan.sub_steps), start=1):
             tag = f"{name}_{n}"
             where = f" ({spec}:{lines[n - 1]})" if len(lines) == r else ""  # (a decay alone is no update)
             w(f"k_{tag} = {self._full(printer, sub.k.expr, sub.k.indices, (kdim,))}  # update {n}{where}")
-            w(f"v_{tag} = {self._full(printer, sub.v.expr, sub.v.indices, (vdim,))}")
+            v_expr = splits[n - 1][0] if v_step else sub.v.expr
+            w(f"v_{tag} = {self._full(printer, v_expr, sub.v.indices, (vdim,))}")
             w(f"beta_{tag} = {self._full(printer, sub.beta.expr, (), ())}")
+            if v_step and splits[n - 1][1] == sub.beta.expr:
+                names["v_step"].append(f"beta_{tag}")
+            elif v_step:
+                w(f"v_step_{tag} = {self._full(printer, splits[n - 1][1], (), ())}  # a factor of the values")
+                names["v_step"].append(f"v_step_{tag}")
             names["k"].append(f"k_{tag}")
             names["v"].append(f"v_{tag}")
             names["beta"].append(f"beta_{tag}")
@@ -2006,6 +2028,7 @@ class TorchFormWriter:
               f"# {self._readers(view, ro.name)}")
         checked = [f"query_{readout_names[ro.name]}" for ro in plan.readouts]
         checked += [x for n in range(r) for x in (names["k"][n], names["v"][n], names["beta"][n])]
+        checked += [x for x in names["v_step"] if x not in checked]
         # Checked per step, before interleaving, so that an unsafe step is named by its own t.
         w(f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
 
@@ -2014,6 +2037,19 @@ class TorchFormWriter:
 
         for part in ("k", "v", "beta"):
             w(f"{part}_{name} = {interleave(names[part])}  # step t's updates at {positions}")
+        fused_args = ""
+        if v_step:
+            if names["v_step"] == names["beta"]:
+                fused_args += f", v_step=beta_{name}"  # the values are beta * v: the kernels scale them
+            else:
+                w(f"v_step_{name} = {interleave(names['v_step'])}  # the values' factors, applied in the kernels")
+                fused_args += f", v_step=v_step_{name}"
+        # the readout's constant factor to the output kernel (a skip term stays in torch: it would need interleaving)
+        epilogue = self._epilogue_of(view, s, plan, printer) if self.options else None
+        if epilogue and epilogue.get("skip"):
+            epilogue = None
+        if epilogue and epilogue["scale"]:
+            fused_args += f", scale=_fused_scale(lambda: {epilogue['scale']})"
         decay = "None"
         if plan.decay_axis is not None:
             w(f"log_decay_{name} = {interleave(names['log_decay'])}")
@@ -2022,8 +2058,7 @@ class TorchFormWriter:
             query = f"query_{readout_names[ro.name]}"
             # A readout of S_t reads after the step's last update; one of S_(t-1) before its first.
             at = 0 if ro.exclusive else r - 1
-            spread = [query if n == at else f"torch.zeros_like({query})" for n in range(r)]
-            w(f"{query} = {interleave(spread)}")
+            w(f"{query} = _spread_steps({query}, {r}, {at})  # read at sub-step {at} of each step, zeros between")
             queries.append(f"({query}, {ro.exclusive})")
         axis = self.rt + ("KeyDeltaDecay" if plan.decay_axis == "key" else _DECAY_CLASSES[plan.decay_axis])
         outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
@@ -2038,12 +2073,13 @@ class TorchFormWriter:
             options = f", **options_{name}"
         w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, beta_{name}, "
           f"{decay}, initial_state={self._initial(name, state)}, chunk_size=chunk_size, output_final_state=True"
-          f"{options})")
+          f"{fused_args}{options})")
         for ro in plan.readouts:
             at = 0 if ro.exclusive else r - 1
             w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
         if name in view.transposed:
             w(f"final_{name} = final_{name}.transpose(-1, -2)")
+        return epilogue["out"] if epilogue else None
 
     def write_all(self) -> str:
         parts = [self.write_recurrent(), self.write_scan(), self.write_chunked()]
@@ -2091,6 +2127,14 @@ def _start(state, like):
     """A segment's first state: the checkpoint `state`, or (None: a zero start) zeros like `like` (the backward's
     own, made only where the recomputation reads the state in place of a buffer slot)."""
     return torch.zeros_like(like) if state is None else state
+
+
+def _spread_steps(x, r, at):
+    """x [B, T, H, ...] as steps at, at + r, at + 2 r, ... of a sequence r times as long, zeros between (a rank-r
+    update's readout, read at one of its r sub-steps): one allocation, where a stack with zeros_like makes two."""
+    out = x.new_zeros((x.shape[0], x.shape[1], r) + tuple(x.shape[2:]))
+    out[:, :, at] = x
+    return out.flatten(1, 2)
 
 
 def _stack_steps(steps, B_, H_, dims, like):
