@@ -17,6 +17,7 @@ scale and a per-head skip term, applied in the kernels).
   the hand-written forward + backward (the host's allocations, no kernel launched); and, compiled for sm_90 in a
   child process (no kernel runs) at the same shape, gated DeltaNet's forward + backward within the hand-written
   forward + backward and its forward within the hand-written forward, in float32 and in bfloat16.
+- DeltaProduct's forward + backward at that shape in bfloat16: its exact figure, with no prologue or epilogue tensor.
 - No initial state: the linear chunked Triton forms take None (no zero state, no gradient of one), GLA and mLSTM.
 
 Kernels run in Triton's interpreter (tests/conftest.py); about 70 s on an idle two-core machine (117 s measured on the
@@ -478,3 +479,27 @@ def test_no_initial_state_is_no_zero_state(name):
     got, want = run(None), run(zeros if len(zeros) > 1 else next(iter(zeros.values())))
     for x, y in zip(got[0] + got[1], want[0] + want[1]):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+# DeltaProduct's chunked Triton call at B=2, T=1024, H=4, K=V=128 in bfloat16 (host allocations, no kernel runs, as
+# above): forward + backward with its updates' values b_n * v_n applied by the delta kernels (`v_step`) and the
+# readout's K ** -0.5 by the output kernel and dO's loads (`scale`). Before, two [B, T, H, V] products b_n * v_n and
+# their VJPs, a torch epilogue and its VJP, and the readout's queries interleaved with a zeros_like copy:
+# 114,605,072 bytes (`recdsl kernels specs/delta_product.rec --backward --json` at that shape)
+DELTA_PRODUCT_STEP = 102_120_464
+
+
+def test_delta_product_training_step_figure(monkeypatch):
+    """No [B, T, H, V] tensor of the prologue or epilogue: every one left is a kernel's buffer, a gradient's cast, the
+    sub-steps' interleaving (k, v and the spread queries) or autograd's casts between the backward functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec("delta_product")
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 1024, 4, dtype=torch.float32,
+                               seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(torch.bfloat16) for a in args], form="chunked",
+                          backward=True)
+    assert report.total == DELTA_PRODUCT_STEP, format_rows(report)
+    assert not [r for r in report.rows if "epilogue" in r.where or "prologue" in r.where or " * " in r.where
+                and "__chunked" in r.where], format_rows(report)

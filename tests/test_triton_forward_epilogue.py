@@ -12,6 +12,10 @@ which the parallel form's calls go through too):
   mamba2             v_step (dt), decay_head (A), skip (x) with a weight per head (D)
   rwkv6              skip (v) with a weight per step (the bonus sum(r * u * k)), an exclusive query
 
+and DeltaProduct (specs/delta_product.rec, and a gated variant in tests/data), whose r updates per step run as
+sub-steps through `triton_chunked_delta_by`: the updates' b_n * v_n as v_step and the readout's K ** -0.5 as scale,
+checked with the gradients of every input and the initial state (the delta backward applies both in its kernels).
+
 Sizes 16 and 24 (a padded axis), H = 2 (a per-head term read at the wrong head shows), T = 40 in chunks / query
 blocks of 16 (the last partial); packed: sequences of 17, 5 and 18 steps. Relative error <= 1e-5 in float32.
 """
@@ -24,7 +28,7 @@ import torch
 import recurrence_dsl
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPECS_DIR, as_dict
+from .conftest import SPECS_DIR, TESTS, as_dict
 
 pytest.importorskip("triton")
 
@@ -136,3 +140,50 @@ def test_a_wrong_fused_term_is_caught(form):
     out, final, _ = _run(layer, rec, form, args, initial, more, mutate=halve)
     errors = _errors(rec, (out, final), ref)
     assert errors["output o"] > 100 * TOL and errors["final S"] <= TOL, errors
+
+
+# -- a rank-r update: DeltaProduct's sub-steps through the delta rule's kernels --------------------------------------
+
+# DeltaProduct's updates' values b_n * v_n go to `triton_chunked_delta_by` as the raw v_n with v_step (the b_n,
+# interleaved like the sub-steps), and its readout's K ** -0.5 as scale: the kernels apply both, so its forward and
+# its gradients (the delta backward's own dv_step and scaled dO) are compared here.
+RANK_R = {name: recurrence_dsl.load(path)[name] for name, path in
+          [("delta_product", SPECS_DIR / "delta_product.rec"),
+           ("gated_delta_product", TESTS / "data" / "gated_delta_product.rec")]}
+
+
+def _rank_r_grads(layer, rec, args, initial, weights, dtype, more, calls=None):
+    """(outputs, final state, gradients of every input and the initial state) of sum(w * o) + sum(w * S) in
+    `dtype`; calls: a list that receives each `triton_chunked_delta_by` call's keyword arguments."""
+    scope = layer.triton_forms["chunked"].__globals__ if calls is not None else None
+    original = scope["triton_chunked_delta_by"] if scope else None
+    if scope:
+        scope["triton_chunked_delta_by"] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+    try:
+        leaves = [a.detach().to(dtype).requires_grad_() for a in args]
+        s0 = initial.detach().to(dtype).requires_grad_()
+        out, final = layer(*leaves, initial_state=s0, output_final_state=True, **more)
+    finally:
+        if scope:
+            scope["triton_chunked_delta_by"] = original
+    (out.double() * weights[0]).sum().add((final.double() * weights[1]).sum()).backward()
+    return [out.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("name", sorted(RANK_R))
+def test_rank_r_fused_values_and_scale_with_gradients(name, packed):
+    rec = RANK_R[name]
+    args, initial, more = _case(rec, packed)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ref_out, ref_final)]
+    ref = _rank_r_grads(rec.reference, rec, args, initial, weights, torch.float64, more)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
+    calls = []
+    got = _rank_r_grads(layer, rec, args, initial, weights, torch.float32, more, calls)
+    K = args[0].shape[-1]  # q [B, T, H, K]
+    assert len(calls) == 1 and calls[0].get("v_step") is not None and calls[0].get("scale") == K ** -0.5, calls
+    names = ["output o", "final S"] + [f"d{i.name}" for i in rec.checked.inputs] + ["dS0"]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errors.values()) <= TOL, errors
