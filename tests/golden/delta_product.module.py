@@ -2011,6 +2011,15 @@ def chunked_delta_by(decay_cls, queries, k, y, beta, log_decay=None, initial_sta
 # Helpers of the printed forms
 # ====================================================================================================
 
+def _fused_scale(scale):
+    """The readout's constant factor the kernels apply (`scale=`), from `scale()`, a size expression such as
+    K ** -0.5: the number the unfused epilogue multiplies by, with a zero size's negative power (K = 0, a call with
+    no keys) as inf, as the unfused `x / K ** 0.5` divides by 0.0."""
+    try:
+        return float(scale())
+    except ZeroDivisionError:
+        return math.inf
+
 
 def _zero_start(form):
     """The recurrent form `form` (`with_adjoint` of a printed loop) taking None for the states of a call without an
@@ -2027,6 +2036,14 @@ def _zero_start(form):
 def _copy_start(into, state):
     """A segment's first state into its buffer slot `into`: the checkpoint `state`, or zero (None: a zero start)."""
     return into.zero_() if state is None else into.copy_(state)
+
+
+def _spread_steps(x, r, at):
+    """x [B, T, H, ...] as steps at, at + r, at + 2 r, ... of a sequence r times as long, zeros between (a rank-r
+    update's readout, read at one of its r sub-steps): one allocation, where a stack with zeros_like makes two."""
+    out = x.new_zeros((x.shape[0], x.shape[1], r) + tuple(x.shape[2:]))
+    out[:, :, at] = x
+    return out.flatten(1, 2)
 
 
 def _stack_steps(steps, B_, H_, dims, like):
@@ -2219,6 +2236,8 @@ def _triton_delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexp
         m = m_t[:, None] & (o_v < V)[None, :]
         offs = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
         b_y = tl.load(y + offs, mask=m, other=0.0).to(tl.float32)
+        if VSTEP:
+            b_y = b_y * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
         tl.store(u + offs, tl.dot(b_T, b_y, input_precision=PREC), mask=m)
 
 
@@ -2412,6 +2431,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
+    if VSTEP:
+        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if OVJP is not None:
@@ -2725,11 +2746,16 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
     product is allocated); a skip term that is v itself (Mamba2's D * x) adds its gradient into dv and returns no
     d skip, so autograd has no second [B, T, H, V] gradient to sum."""
     dvs = ddh = dskip = dsw = None
+    if fused.v_step is not None:
+        dvs = torch.einsum("bthv,bthv->bth", dv, v.to(dv.dtype))
+        dv = dv.mul_(fused.v_step.to(dv.dtype)[..., None])
     return dv, dlog, dvs, ddh, dskip, dsw
 
 
 def _triton_materialise(fused, v, log_decay):
     """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    if fused.v_step is not None:
+        v = v * fused.v_step[..., None].to(v.dtype)
     return v, log_decay
 
 
@@ -3823,7 +3849,7 @@ def delta_product__chunked(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk_size=6
     k_S = torch.stack([k_S_1, k_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
     v_S = torch.stack([v_S_1, v_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
     beta_S = torch.stack([beta_S_1, beta_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
-    query_read_S = torch.stack([torch.zeros_like(query_read_S), query_read_S], dim=2).flatten(1, 2)
+    query_read_S = _spread_steps(query_read_S, 2, 1)  # read at sub-step 1 of each step, zeros between
     (read_S,), final_S = chunked_delta_by(NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
     read_S = read_S[:, 1::2]  # back to one value per step
     o, = delta_product__chunked_epilogue(read_S, K, V)  # delta_product.rec:17
@@ -4101,47 +4127,29 @@ def delta_product__triton_recurrent_adjoint(q, k1, k2, v1, v2, b1, b2, checkpoin
     return [dq.sum(0), dk1.sum(0), dk2.sum(0), dv1, dv2, db1.sum(0), db2.sum(0)], {'S': dh0_S}
 
 
-def delta_product__chunked_epilogue_fwd_triton(read_S, K, V):
-    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
-    B_, T_, H_ = read_S.shape[:3]
-    o = torch.broadcast_to(read_S / (K**0.5), (B_, T_, H_, V))
-    return o,
-
-
-def delta_product__chunked_epilogue_vjp_triton(read_S, grad_o, K, V):
-    """The vector-Jacobian product of delta_product__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
-    grad_read_S = torch.broadcast_to(grad_o / (K**0.5), read_S.shape)
-    return grad_read_S,
-
-
-delta_product__chunked_epilogue_triton = with_vjp(delta_product__chunked_epilogue_fwd_triton, delta_product__chunked_epilogue_vjp_triton, 1)
-
-
 def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # state S (delta_product.rec:13,14,15,16): rank-r-update; S is updated by r = 2 rank-one delta updates per step, prod_n (I - beta_n k_n k_n^T) D_n (1: beta = b1, k = k1[i], D = 1; 2: beta = b2, k = k2[i], D = 1)
     # its 2 updates per step run as delta-rule steps 2t, 2t + 1 of a sequence 2 times as long
     k_S_1 = torch.broadcast_to(k1, (B_, T_, H_, K))  # update 1 (delta_product.rec:14)
-    v_S_1 = torch.broadcast_to(b1[..., None] * v1, (B_, T_, H_, V))
+    v_S_1 = torch.broadcast_to(v1, (B_, T_, H_, V))
     beta_S_1 = torch.broadcast_to(b1, (B_, T_, H_))
     k_S_2 = torch.broadcast_to(k2, (B_, T_, H_, K))  # update 2 (delta_product.rec:16)
-    v_S_2 = torch.broadcast_to(b2[..., None] * v2, (B_, T_, H_, V))
+    v_S_2 = torch.broadcast_to(v2, (B_, T_, H_, V))
     beta_S_2 = torch.broadcast_to(b2, (B_, T_, H_))
     query_read_S = torch.broadcast_to(q, (B_, T_, H_, K))  # delta_product.rec:17
     _check_steps([query_read_S, k_S_1, v_S_1, beta_S_1, k_S_2, v_S_2, beta_S_2], [])
     k_S = torch.stack([k_S_1, k_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
     v_S = torch.stack([v_S_1, v_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
     beta_S = torch.stack([beta_S_1, beta_S_2], dim=2).flatten(1, 2)  # step t's updates at 2t, 2t + 1
-    query_read_S = torch.stack([torch.zeros_like(query_read_S), query_read_S], dim=2).flatten(1, 2)
+    query_read_S = _spread_steps(query_read_S, 2, 1)  # read at sub-step 1 of each step, zeros between
     options_S = dict(options)
     if options_S.get('cu_seqlens') is not None:
         options_S['cu_seqlens'] = options_S['cu_seqlens'] * 2  # bounds in sub-steps
-    (read_S,), final_S = triton_chunked_delta_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, **options_S)
+    (read_S,), final_S = triton_chunked_delta_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, beta_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, v_step=beta_S, scale=_fused_scale(lambda: (K**(-0.5))), **options_S)
     read_S = read_S[:, 1::2]  # back to one value per step
-    o, = delta_product__chunked_epilogue_triton(read_S, K, V)  # delta_product.rec:17
+    o = read_S  # delta_product.rec:17, its epilogue in the kernels
     return {'o': o}, {'S': final_S}
 
 
