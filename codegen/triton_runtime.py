@@ -89,7 +89,9 @@ Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stag
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
 registers on sm_80 or sm_90 at K = V <= 128 with tf32 dots (checked by `recdsl kernels`, tests/test_no_spills.py
 and benchmarks/kernel_matrix.py). float32 ("ieee") dots run as FMA loops, which need far more registers: the delta
-rule under them runs chunks of at most 32 steps at 8 warps and 1 stage (`_delta_ieee_defaults`).
+rule under them runs chunks of at most 32 steps at 8 warps and 1 stage (`_delta_ieee_defaults`), the linear form
+chunks of at most 32 steps (16 with a key decay) and K / V blocks of 32 (`_linear_ieee_defaults`;
+benchmarks/results/kernel_matrix_float32.json).
 
 Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are float32;
 outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the
