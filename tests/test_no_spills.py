@@ -10,7 +10,9 @@ kernel (rwkv7, whose [K, V] state is split over programs along V) for sm_90 and 
 rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward (the chunk-parallel adjoint); the
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
-the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90).
+the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90);
+and four float32 calls ("ieee" dots) at float32's own defaults, the parallel form's (linear_attention, retention,
+gla) and the linear chunked form's (benchmarks/results/kernel_matrix_float32.json), about 20 s of CPU time more.
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
