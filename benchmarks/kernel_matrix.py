@@ -18,9 +18,11 @@ source, target and options, so a hit is the same binary): float16 calls compile 
 a run after a change to a few kernels compiles only those; such rows carry `cached` and the lookup's seconds.
 --resume: keep the calls already in --out that compiled (no error) and run only the others (a stopped run goes on).
 --merge: compile nothing; join runs made separately (per spec, or at another --shape) into one table and summary.
---dtypes float32 (not in the default matrix): float32 calls keep "ieee" dots, which Triton lowers to FMA loops with
-whole operand rows and columns in registers; the delta rule runs them at smaller chunks and more warps
-(codegen/triton_runtime.py `_delta_ieee_defaults`), other kernels at the half-precision defaults.
+--dtypes float32 (not in the default matrix; benchmarks/results/kernel_matrix_float32.json): float32 calls keep
+"ieee" dots, which Triton lowers to FMA loops with whole operand rows and columns in registers, so their defaults
+are their own: the delta rule's smaller chunks and more warps (codegen/triton_runtime.py `_delta_ieee_defaults`),
+the linear chunked form's chunks of 32 (16 with a key decay) and K / V blocks of 32 (`_linear_ieee_defaults`), the
+parallel form's blocks of 16 rows (codegen/triton_parallel.py `_PARALLEL_IEEE_BT`).
 
 --compare: a GPU run of benchmarks/gpu_kernel_report.py (registers from the device, `n_spills` = local bytes / 4);
 its rows are set beside this run's sm_90 bfloat16 rows of the same spec, size, form and kernel.
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_matrix.json")
     parser.add_argument("--specs", help="spec file stems (default: every spec in specs/)")
     parser.add_argument("--sizes", default="64,128", help="every spec size, one run each (default 64,128)")
-    parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--dtypes", default="bfloat16,float16", help="input dtypes (default bfloat16,float16; "
+                        "float32 too)")
     parser.add_argument("--targets", default="sm_80,sm_90")
     parser.add_argument("--forms", help="only these Triton forms, e.g. recurrent (default: every form)")
     parser.add_argument("--forward-only", action="store_true", help="compile the forward calls only")
@@ -97,6 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", type=Path, help="a benchmarks/gpu_kernel_report.py JSON to set beside sm_90")
     args = parser.parse_args(argv)
     targets = _list(args.targets)
+    for d in _list(args.dtypes):
+        if d not in ("bfloat16", "float16", "float32"):
+            parser.error(f"--dtypes: {d!r} is not bfloat16, float16 or float32 (the Triton kernels' input dtypes)")
     shape = dict(SHAPE)
     for item in _list(args.shape or ""):
         key, _, value = item.partition("=")

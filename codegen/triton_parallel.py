@@ -100,6 +100,14 @@ _PARALLEL_KEY_BLOCK = 32
 # _WARPS; every attention and state launch has the register limit (`_register_limited`): without it
 # normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
 _MAPPED_WARPS = 8
+# block_t under "ieee" dots (float32 inputs without tf32), every decay class: Triton runs such a tl.dot as an FMA
+# loop holding a thread's rows of A and columns of B whole in registers, not tensor-core fragments; at the defaults
+# above every attention kernel spilled in float32 (up to 2.5 KB a thread: retention, mamba2; sm_80 and sm_90, K = V
+# = 64 and 128), at block_t 32 the reverse launches (dk, dv) still 16-128 B, and the log-decay kernels 24-56 B
+# (gla, rwkv6). At 16: no spill (benchmarks/results/kernel_matrix_float32.json).
+_PARALLEL_IEEE_BT = 16
+# ... where a key decay's attention kernel also runs _MAPPED_WARPS: at 4, the backward's spilled 8-16 B at K = V =
+# 128 on sm_90 (gla, rwkv6; 255 registers), at 8 at most 214 registers.
 
 
 @triton.jit
@@ -709,12 +717,15 @@ def _cumulative_log_decays(log_decay, head=None):
 
 
 def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, key: bool = False):
-    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
-    min(64, pow2(K or V)) as the chunked runtime's (key: a key decay, all three default to 32); ValueError for a
-    block that is not a power of two >= 16."""
+    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64; 16 under
+    "ieee" dots, `_PARALLEL_IEEE_BT`), BK and BV min(64, pow2(K or V)) as the chunked runtime's (key: a key or value
+    decay, all three default to 32, block_t still 16 under "ieee"). The precision is "tf32" if allow_tf32, "ieee" if
+    not, and for None "ieee" for float32 k only. ValueError for a block that is not a power of two >= 16."""
     T, K = k.shape[1], k.shape[-1]
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
     most = _PARALLEL_KEY_BLOCK if key else 64
-    block_t = _or(block_t, _PARALLEL_KEY_BLOCK if key else _PARALLEL_BT)
+    block_t = _or(block_t, _PARALLEL_IEEE_BT if not allow_tf32 else (_PARALLEL_KEY_BLOCK if key else _PARALLEL_BT))
     _check_block("block_t", block_t)
     block_k = _or(block_k, min(most, _pow2_at_least_16(K)))
     block_v = _or(block_v, min(most, _pow2_at_least_16(V)))
@@ -723,8 +734,6 @@ def _parallel_config(k: Tensor, V: int, block_t, block_k, block_v, allow_tf32, k
     if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _pow2_at_least_16(T))) > 65535:
         raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or the query "
                          "blocks are past CUDA's grid limits; split the call")
-    if allow_tf32 is None:
-        allow_tf32 = k.dtype != torch.float32
     return min(block_t, _pow2_at_least_16(T)), block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
@@ -740,7 +749,7 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
     # a mapped load or store holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward
     # spilled 24 B on sm_80 at K = 128 (168 registers), its backward 8-32 B (255)
     mapped = any(m is not None for m in (x_map, y_map, z_map, out_map))
-    warps = _or(num_warps, _MAPPED_WARPS if mapped else _WARPS)
+    warps = _or(num_warps, _MAPPED_WARPS if mapped or (decay == 2 and prec == "ieee") else _WARPS)
     _launch(
         _parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
@@ -840,6 +849,10 @@ _PARALLEL_DLOG_WARPS = 8  # as the chunked runtime's `_DLOG_WARPS`, `_DLOG_SCALA
 _PARALLEL_DLOG_STAGES = 1
 # the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
 _PARALLEL_DLOG_SCALAR_BK = 32
+# the scalar one's warps under "ieee" dots (float32, at _PARALLEL_IEEE_BT rows): at 8, 8-48 B spilled at K = V = 128
+# (retention, mamba2; sm_80 and sm_90), at 4 at most 120-128 registers. (The key and value decays' kernel keeps 8:
+# at 4, gla's spilled 8-24 B at K = V = 64.)
+_PARALLEL_IEEE_DLOG_SCALAR_WARPS = 4
 
 
 def _parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, BT: int, prec: str, num_warps,
@@ -874,8 +887,8 @@ def _parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
                 _parallel_dlog_scalar_kernel, (NT, B * H),
                 q, k, v, do, s0 if use_s else r, dht if state else r, G, r, sums, T, H, K, V, BT,
                 min(_PARALLEL_DLOG_SCALAR_BK, _pow2_at_least_16(K)), min(32, _pow2_at_least_16(V)), excl, use_s,
-                state, acc, prec,
-                QMAP=qmap, KMAP=kmap, num_warps=warps, num_stages=stages)
+                state, acc, prec, QMAP=qmap, KMAP=kmap, num_stages=stages,
+                num_warps=_or(num_warps, _PARALLEL_DLOG_WARPS if prec == "tf32" else _PARALLEL_IEEE_DLOG_SCALAR_WARPS))
         else:
             value = decay_cls.code == 3
             x, y, w, z = (do, v, q, k) if value else (q, k, do, v)

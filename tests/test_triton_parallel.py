@@ -175,10 +175,12 @@ def test_decay_gradient_does_not_cancel(axis):
 # (spec, dtype) -> the parallel form's forward + backward intermediate bytes at B=2, T=256, H=4, K=V=128 (host
 # allocations, no kernel run): with the maps applied by the backward's kernels at their loads and dq, dk stored
 # through the vjp helpers (before, mapped transient copies of q and k, `_apply_map`, and the log decays' gradient
-# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424)
+# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424).
+# float32 runs blocks of 16 rows (`_PARALLEL_IEEE_BT`): HGRN2's log-decay gradient keeps twice the per-block sums of
+# its 32-row blocks (17,751,072 before).
 PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_474_720,
                   ("normalized_linear_attention", torch.bfloat16): 8_998_432,
-                  ("hgrn2", torch.float32): 17_751_072, ("hgrn2", torch.bfloat16): 20_892_192}
+                  ("hgrn2", torch.float32): 18_963_488, ("hgrn2", torch.bfloat16): 20_892_192}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -1828,6 +1828,11 @@ def _stack_steps(steps, B_, H_, dims, like):
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+# The linear chunked form (triton_chunked_linear_by) under "ieee" dots (`_triton_linear_ieee_defaults`): at BT = BK = BV = 64
+# every kernel but the intra scores spilled, up to 9.8 KB a thread (linear_attention's output kernel at 32
+# registers, sm_80, K = V = 64); at chunks of 32 steps and K / V blocks of 32 none did but a scalar decay's state
+# kernel (16-24 B on sm_90: retention, mamba2; V blocks of 16) and a key decay's log-decay gradient (16 B on sm_90
+# at K = 64: gla, rwkv6; chunks of 16). benchmarks/results/kernel_matrix_float32.json.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1969,6 +1974,13 @@ def _triton_arch() -> int:
 # The attention kernel's warps when it maps a load or a stored gradient (normalized_linear_attention, hgrn2), else
 # _WARPS; every attention and state launch has the register limit (`_triton_register_limited`): without it
 # normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
+# block_t under "ieee" dots (float32 inputs without tf32), every decay class: Triton runs such a tl.dot as an FMA
+# loop holding a thread's rows of A and columns of B whole in registers, not tensor-core fragments; at the defaults
+# above every attention kernel spilled in float32 (up to 2.5 KB a thread: retention, mamba2; sm_80 and sm_90, K = V
+# = 64 and 128), at block_t 32 the reverse launches (dk, dv) still 16-128 B, and the log-decay kernels 24-56 B
+# (gla, rwkv6). At 16: no spill (benchmarks/results/kernel_matrix_float32.json).
+# ... where a key decay's attention kernel also runs _triton_MAPPED_WARPS: at 4, the backward's spilled 8-16 B at K = V =
+# 128 on sm_90 (gla, rwkv6; 255 registers), at 8 at most 214 registers.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1990,6 +2002,9 @@ def _triton_arch() -> int:
 # one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
 # (255 registers, sm_80, bfloat16, K = V = 64)
 # the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
+# the scalar one's warps under "ieee" dots (float32, at _triton_PARALLEL_IEEE_BT rows): at 8, 8-48 B spilled at K = V = 128
+# (retention, mamba2; sm_80 and sm_90), at 4 at most 120-128 registers. (The key and value decays' kernel keeps 8:
+# at 4, gla's spilled 8-24 B at K = V = 64.)
 
 
 def _triton_tile(n, given, what):

@@ -2243,6 +2243,15 @@ _triton_FUSED_OUTPUT_BV = 32
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+# The linear chunked form (triton_chunked_linear_by) under "ieee" dots (`_triton_linear_ieee_defaults`): at BT = BK = BV = 64
+# every kernel but the intra scores spilled, up to 9.8 KB a thread (linear_attention's output kernel at 32
+# registers, sm_80, K = V = 64); at chunks of 32 steps and K / V blocks of 32 none did but a scalar decay's state
+# kernel (16-24 B on sm_90: retention, mamba2; V blocks of 16) and a key decay's log-decay gradient (16 B on sm_90
+# at K = 64: gla, rwkv6; chunks of 16). benchmarks/results/kernel_matrix_float32.json.
+_triton_IEEE_LINEAR_BT = 32
+_triton_IEEE_KEY_LINEAR_BT = 16
+_triton_IEEE_LINEAR_BLOCK = 32
+_triton_IEEE_SCALAR_LINEAR_BV = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2579,6 +2588,22 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
+def _triton_linear_ieee_defaults(code: int, k: triton_Tensor, V: int, chunk_size: int, block_k: int | None, block_v: int | None,
+                                 allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
+    """(chunk_size, block_k, block_v) of a linear chunked call (triton_chunked_linear_by, decay class `code`): under "ieee"
+    dots (allow_tf32 False, or None with float32 k) the chunk is at most _triton_IEEE_LINEAR_BT steps (a key decay's
+    _triton_IEEE_KEY_LINEAR_BT) and the K / V blocks default to _triton_IEEE_LINEAR_BLOCK (a scalar decay's V block to
+    _triton_IEEE_SCALAR_LINEAR_BV), a given block kept; with tf32 dots all three come back as given. ValueError for a
+    chunk_size that is not a power of two >= 16 (checked before the cap)."""
+    _triton_check_block("chunk_size", chunk_size)
+    if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
+        return chunk_size, block_k, block_v
+    bv = _triton_IEEE_SCALAR_LINEAR_BV if code == 1 else _triton_IEEE_LINEAR_BLOCK
+    return (min(chunk_size, _triton_IEEE_KEY_LINEAR_BT if code == 2 else _triton_IEEE_LINEAR_BT),
+            _triton_or(block_k, min(_triton_IEEE_LINEAR_BLOCK, _triton_pow2_at_least_16(k.shape[-1]))),
+            _triton_or(block_v, min(bv, _triton_pow2_at_least_16(V))))
+
+
 class _triton_Packed:
     """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
 
@@ -2894,6 +2919,9 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
                         q_map=q_map, k_map=k_map)
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
+    # float32 dots: smaller chunks and blocks (before the packed layout, whose chunk this sets)
+    chunk_size, block_k, block_v = _triton_linear_ieee_defaults(decay_cls.code, k, v.shape[-1], chunk_size, block_k, block_v,
+                                                                allow_tf32)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
@@ -3471,6 +3499,14 @@ _triton_PARALLEL_KEY_BLOCK = 32
 # _WARPS; every attention and state launch has the register limit (`_triton_register_limited`): without it
 # normalized_linear_attention's and based's kernels spilled 8-24 B on sm_80 (benchmarks/kernel_matrix.py).
 _triton_MAPPED_WARPS = 8
+# block_t under "ieee" dots (float32 inputs without tf32), every decay class: Triton runs such a tl.dot as an FMA
+# loop holding a thread's rows of A and columns of B whole in registers, not tensor-core fragments; at the defaults
+# above every attention kernel spilled in float32 (up to 2.5 KB a thread: retention, mamba2; sm_80 and sm_90, K = V
+# = 64 and 128), at block_t 32 the reverse launches (dk, dv) still 16-128 B, and the log-decay kernels 24-56 B
+# (gla, rwkv6). At 16: no spill (benchmarks/results/kernel_matrix_float32.json).
+_triton_PARALLEL_IEEE_BT = 16
+# ... where a key decay's attention kernel also runs _triton_MAPPED_WARPS: at 4, the backward's spilled 8-16 B at K = V =
+# 128 on sm_90 (gla, rwkv6; 255 registers), at 8 at most 214 registers.
 
 
 @_triton_register_limited()
@@ -3643,12 +3679,15 @@ def _triton_cumulative_log_decays(log_decay, head=None):
 
 
 def _triton_parallel_config(k: triton_Tensor, V: int, block_t, block_k, block_v, allow_tf32, key: bool = False):
-    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64), BK and BV
-    min(64, pow2(K or V)) as the chunked runtime's (key: a key decay, all three default to 32); ValueError for a
-    block that is not a power of two >= 16."""
+    """(BT, BK, BV, dot precision): BT = min(block_t, pow2(T)) rows per query / key block (default 64; 16 under
+    "ieee" dots, `_triton_PARALLEL_IEEE_BT`), BK and BV min(64, pow2(K or V)) as the chunked runtime's (key: a key or value
+    decay, all three default to 32, block_t still 16 under "ieee"). The precision is "tf32" if allow_tf32, "ieee" if
+    not, and for None "ieee" for float32 k only. ValueError for a block that is not a power of two >= 16."""
     T, K = k.shape[1], k.shape[-1]
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
     most = _triton_PARALLEL_KEY_BLOCK if key else 64
-    block_t = _triton_or(block_t, _triton_PARALLEL_KEY_BLOCK if key else _triton_PARALLEL_BT)
+    block_t = _triton_or(block_t, _triton_PARALLEL_IEEE_BT if not allow_tf32 else (_triton_PARALLEL_KEY_BLOCK if key else _triton_PARALLEL_BT))
     _triton_check_block("block_t", block_t)
     block_k = _triton_or(block_k, min(most, _triton_pow2_at_least_16(K)))
     block_v = _triton_or(block_v, min(most, _triton_pow2_at_least_16(V)))
@@ -3657,8 +3696,6 @@ def _triton_parallel_config(k: triton_Tensor, V: int, block_t, block_k, block_v,
     if k.shape[0] * k.shape[2] > 65535 or triton.cdiv(T, min(block_t, _triton_pow2_at_least_16(T))) > 65535:
         raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or the query "
                          "blocks are past CUDA's grid limits; split the call")
-    if allow_tf32 is None:
-        allow_tf32 = k.dtype != torch.float32
     return min(block_t, _triton_pow2_at_least_16(T)), block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
@@ -3674,7 +3711,7 @@ def _triton_attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool,
     # a mapped load or store holds the raw and the mapped tile: at 4 warps normalized_linear_attention's forward
     # spilled 24 B on sm_80 at K = 128 (168 registers), its backward 8-32 B (255)
     mapped = any(m is not None for m in (x_map, y_map, z_map, out_map))
-    warps = _triton_or(num_warps, _triton_MAPPED_WARPS if mapped else _WARPS)
+    warps = _triton_or(num_warps, _triton_MAPPED_WARPS if mapped or (decay == 2 and prec == "ieee") else _WARPS)
     _triton_launch(
         _triton_parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
@@ -3768,6 +3805,9 @@ def _triton_parallel_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, in
 # one stage: the block loops' loads are not pipelined; at Triton's default 3, gla's key-decay kernel spilled 8 B
 # (255 registers, sm_80, bfloat16, K = V = 64)
 # the scalar one's K block: at 64, mlstm's spilled 8 B (255 registers, float16, sm_80, K = V = 64); 183 at 32
+# the scalar one's warps under "ieee" dots (float32, at _triton_PARALLEL_IEEE_BT rows): at 8, 8-48 B spilled at K = V = 128
+# (retention, mamba2; sm_80 and sm_90), at 4 at most 120-128 registers. (The key and value decays' kernel keeps 8:
+# at 4, gla's spilled 8-24 B at K = V = 64.)
 
 
 class _triton_ParallelLinearFunction(torch.autograd.Function):
