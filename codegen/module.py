@@ -18,6 +18,7 @@ import builtins
 import functools
 import io
 import re
+import textwrap
 import tokenize
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
 from recurrence_dsl.errors import SpecError
+from recurrence_dsl.sampling import param_roles
 from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
@@ -210,6 +212,54 @@ def _spec_data(analysis: Analysis) -> str:
             + ("    reverse=True,\n" if rec.reverse else "") + ")\n")
 
 
+# A param's start in the generated nn.Module (a format string of its dims' expression) by its role in a decay.
+# Zero would make a decay written as the param itself 0, which the chunked and parallel forms cannot take the log
+# of (form="auto" would then step through the recurrent form), and a decay written exp(+-param * ...) 1 (no decay).
+_STARTS = {
+    "factor": "_head_decays(heads, {})",  # S = gamma * S: gamma in (0, 1)
+    "negative": "_head_decays(heads, {}, log=True)",  # S = exp(dt * A) * S: A < 0
+    "positive": "-_head_decays(heads, {}, log=True)",  # S = exp(-slope) * S: slope > 0
+    None: "torch.zeros((heads,) + {})",  # a bonus, a skip weight, a weight of a non-linear step
+}
+
+
+def _decay_params(analysis: Analysis) -> set[str]:
+    """Names of the params that a state's per-step decay (a diagonal class's d, a coupled block's matrix) reads."""
+    exprs = []
+    for s in analysis.states.values():
+        exprs += [s.diagonal] + [t.diagonal for t in s.stages]
+        if s.block is not None:
+            exprs += [e for row in s.block.matrix for e in row]
+    names = {str(getattr(sym, "base", sym)) for e in exprs if e is not None for sym in e.free_symbols}
+    return names & {p.name for p in analysis.recurrence.params}
+
+
+def _param_starts(analysis: Analysis) -> dict[str, str]:
+    """Param name -> the expression (a format string of its dims) the generated nn.Module starts it from: a param
+    of a decay whose sign or range the sampling rules know (recurrence_dsl/sampling.py `param_roles`) gives each
+    head h the decay 1 - 2^(-5 - h) (`_head_decays`), every other param starts at zero."""
+    decays = _decay_params(analysis)
+    roles = {k: v for k, v in param_roles(analysis.recurrence).items() if k in decays}
+    return {p.name: _STARTS[roles.get(p.name)] for p in analysis.recurrence.params}
+
+
+def _param_start_doc(analysis: Analysis, starts: dict[str, str]) -> str:
+    """The nn.Module docstring's lines on where its params start (wrapped, each line indented as the docstring)."""
+    params = analysis.recurrence.params
+    if not params:
+        return ""
+    decays = [p.name for p in params if starts[p.name] != _STARTS[None]]
+    zeros = [p.name for p in params if starts[p.name] == _STARTS[None]]
+    words = []
+    if decays:
+        words.append(f"{', '.join(decays)} start{'s' if len(decays) == 1 else ''} where head h's decay is "
+                     "1 - 2^(-5 - h), the decay's other factors 1 (RetNet's per-head decays, `_head_decays`)")
+    if zeros:
+        words.append(f"{', '.join(zeros)} start{'s' if len(zeros) == 1 else ''} at zero")
+    text = "Unless given, " + "; ".join(words) + "."
+    return "".join(f"\n    {line}" for line in textwrap.wrap(text, 112))
+
+
 def _entry_points(analysis: Analysis) -> str:
     """The recurrence's layer (a `Layer` subclass with the recurrence's own signature, and its instance) and
     its `torch.nn.Module` wrapper."""
@@ -228,9 +278,12 @@ def _entry_points(analysis: Analysis) -> str:
     state_doc = ", ".join(f"{s.name}: [N, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states) or "none"
     out_doc = ", ".join(f"{s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.outputs)
     cls = _class_name(name)
-    param_lines = "\n".join(
-        f"        self.{p.name} = torch.nn.Parameter(torch.zeros((heads,) + _dims({p.dims!r}, sizes)) "
-        f"if {p.name} is None else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
+    starts = _param_starts(analysis)
+    param_lines = "\n".join(  # the given value on a line of its own, under the start's first character
+        f"        self.{p.name} = torch.nn.Parameter({starts[p.name].format(f'_dims({p.dims!r}, sizes)')} "
+        f"if {p.name} is None\n{' ' * len(f'        self.{p.name} = torch.nn.Parameter(')}"
+        f"else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
+    start_doc = _param_start_doc(analysis, starts)
     init_params = "".join(f", {p.name}=None" for p in rec.params)
     forward_inputs = ", ".join(s.name for s in rec.inputs)
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
@@ -299,7 +352,7 @@ class _{cls}Layer(Layer):
 
 
 class {cls}(torch.nn.Module):
-    """`{name}` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`{name}` as a module; params are trainable `nn.Parameter`s of shape [H, ...].{start_doc}
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}):
@@ -365,6 +418,15 @@ class _Spec:
     recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
+
+
+def _head_decays(heads, dims, log=False):
+    """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
+    2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
+    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32."""
+    h = torch.arange(heads, dtype=torch.float64)
+    per_head = torch.log1p(-torch.exp2(-5 - h)) if log else 1 - torch.exp2(-5 - h)
+    return per_head.to(torch.float32).reshape((heads,) + (1,) * len(dims)).expand((heads,) + dims).clone()
 
 
 def _dims(dims, sizes):

@@ -4857,7 +4857,7 @@ based = _BasedLayer(_based_spec, _based_forms, _based_triton_forms)
 
 
 class Based(torch.nn.Module):
-    """`based` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`based` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

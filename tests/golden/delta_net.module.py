@@ -4093,7 +4093,7 @@ delta_net = _DeltaNetLayer(_delta_net_spec, _delta_net_forms, _delta_net_triton_
 
 
 class DeltaNet(torch.nn.Module):
-    """`delta_net` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`delta_net` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

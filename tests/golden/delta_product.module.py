@@ -4181,7 +4181,7 @@ delta_product = _DeltaProductLayer(_delta_product_spec, _delta_product_forms, _d
 
 
 class DeltaProduct(torch.nn.Module):
-    """`delta_product` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`delta_product` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

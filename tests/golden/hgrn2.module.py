@@ -5346,7 +5346,7 @@ hgrn2 = _Hgrn2Layer(_hgrn2_spec, _hgrn2_forms, _hgrn2_triton_forms)
 
 
 class Hgrn2(torch.nn.Module):
-    """`hgrn2` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`hgrn2` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

@@ -2393,14 +2393,16 @@ indrnn = _IndrnnLayer(_indrnn_spec, _indrnn_forms, _indrnn_triton_forms)
 
 
 class Indrnn(torch.nn.Module):
-    """`indrnn` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`indrnn` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    Unless given, w starts at zero.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, w=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.w = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if w is None else torch.as_tensor(w, dtype=torch.float32).clone())
+        self.w = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if w is None
+                                    else torch.as_tensor(w, dtype=torch.float32).clone())
 
     def forward(self, x, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):

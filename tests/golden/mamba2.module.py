@@ -78,6 +78,15 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
+def _head_decays(heads, dims, log=False):
+    """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
+    2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
+    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32."""
+    h = torch.arange(heads, dtype=torch.float64)
+    per_head = torch.log1p(-torch.exp2(-5 - h)) if log else 1 - torch.exp2(-5 - h)
+    return per_head.to(torch.float32).reshape((heads,) + (1,) * len(dims)).expand((heads,) + dims).clone()
+
+
 def _dims(dims, sizes):
     missing = [d for d in dims if isinstance(d, str) and d not in sizes]
     if missing:
@@ -4969,15 +4978,19 @@ mamba2 = _Mamba2Layer(_mamba2_spec, _mamba2_forms, _mamba2_triton_forms)
 
 
 class Mamba2(torch.nn.Module):
-    """`mamba2` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`mamba2` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    Unless given, A starts where head h's decay is 1 - 2^(-5 - h), the decay's other factors 1 (RetNet's per-head
+    decays, `_head_decays`); D starts at zero.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, A=None, D=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.A = torch.nn.Parameter(torch.zeros((heads,) + _dims((), sizes)) if A is None else torch.as_tensor(A, dtype=torch.float32).clone())
-        self.D = torch.nn.Parameter(torch.zeros((heads,) + _dims((), sizes)) if D is None else torch.as_tensor(D, dtype=torch.float32).clone())
+        self.A = torch.nn.Parameter(_head_decays(heads, _dims((), sizes), log=True) if A is None
+                                    else torch.as_tensor(A, dtype=torch.float32).clone())
+        self.D = torch.nn.Parameter(torch.zeros((heads,) + _dims((), sizes)) if D is None
+                                    else torch.as_tensor(D, dtype=torch.float32).clone())
 
     def forward(self, x, dt, B, C, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):

@@ -2442,16 +2442,20 @@ minimal_rnn = _MinimalRnnLayer(_minimal_rnn_spec, _minimal_rnn_forms, _minimal_r
 
 
 class MinimalRnn(torch.nn.Module):
-    """`minimal_rnn` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`minimal_rnn` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    Unless given, Uh, Uz, bu start at zero.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, Uh=None, Uz=None, bu=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.Uh = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D', 'D'), sizes)) if Uh is None else torch.as_tensor(Uh, dtype=torch.float32).clone())
-        self.Uz = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D', 'D'), sizes)) if Uz is None else torch.as_tensor(Uz, dtype=torch.float32).clone())
-        self.bu = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if bu is None else torch.as_tensor(bu, dtype=torch.float32).clone())
+        self.Uh = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D', 'D'), sizes)) if Uh is None
+                                     else torch.as_tensor(Uh, dtype=torch.float32).clone())
+        self.Uz = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D', 'D'), sizes)) if Uz is None
+                                     else torch.as_tensor(Uz, dtype=torch.float32).clone())
+        self.bu = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if bu is None
+                                     else torch.as_tensor(bu, dtype=torch.float32).clone())
 
     def forward(self, x, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):

@@ -4577,7 +4577,7 @@ normalized_linear_attention = _NormalizedLinearAttentionLayer(_normalized_linear
 
 
 class NormalizedLinearAttention(torch.nn.Module):
-    """`normalized_linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`normalized_linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

@@ -5248,14 +5248,16 @@ rg_lru = _RgLruLayer(_rg_lru_spec, _rg_lru_forms, _rg_lru_triton_forms)
 
 
 class RgLru(torch.nn.Module):
-    """`rg_lru` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`rg_lru` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    Unless given, lam starts at zero.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, lam=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.lam = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if lam is None else torch.as_tensor(lam, dtype=torch.float32).clone())
+        self.lam = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if lam is None
+                                      else torch.as_tensor(lam, dtype=torch.float32).clone())
 
     def forward(self, x, gr, gi, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):

@@ -3963,14 +3963,16 @@ rwkv7 = _Rwkv7Layer(_rwkv7_spec, _rwkv7_forms, _rwkv7_triton_forms)
 
 
 class Rwkv7(torch.nn.Module):
-    """`rwkv7` as a module; params are trainable `nn.Parameter`s of shape [H, ...] (zeros unless given).
+    """`rwkv7` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    Unless given, u starts at zero.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, u=None):
         super().__init__()
         sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.u = torch.nn.Parameter(torch.zeros((heads,) + _dims(('K',), sizes)) if u is None else torch.as_tensor(u, dtype=torch.float32).clone())
+        self.u = torch.nn.Parameter(torch.zeros((heads,) + _dims(('K',), sizes)) if u is None
+                                    else torch.as_tensor(u, dtype=torch.float32).clone())
 
     def forward(self, r, w, k, v, kk, a, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None):
