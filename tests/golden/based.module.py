@@ -4926,9 +4926,9 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
-_based_forms = no_double_backward({'recurrent': _zero_start(based__recurrent), 'scan': based__scan, 'chunked': takes_no_initial_state(based__chunked), 'parallel': takes_no_initial_state(based__chunked)}, 'based', "torch")
+_based_forms = no_double_backward({'recurrent': _zero_start(based__recurrent), 'scan': based__scan, 'chunked': takes_no_initial_state(based__chunked), 'parallel': takes_no_initial_state(based__chunked)}, 'based', 'torch')
 _based_out, _based_st = ('o',), ('S0', 'S1', 'S2', 'z0', 'z1', 'z2')  # output and state names, for the backward
-_based_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(based__triton_recurrent_loop, based__triton_recurrent_adjoint, _based_out, _based_st, kernels=True)), 'scan': takes_cu_seqlens(based__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(based__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(based__chunked_triton)))}, 'based', "triton") if HAVE_TRITON else None
+_based_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(based__triton_recurrent_loop, based__triton_recurrent_adjoint, _based_out, _based_st, kernels=True)), 'scan': takes_cu_seqlens(based__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(based__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(based__chunked_triton)))}, 'based', 'triton') if HAVE_TRITON else None
 
 
 class _BasedLayer(Layer):

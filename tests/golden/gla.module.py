@@ -5411,9 +5411,9 @@ def gla__chunked_triton(q, k, v, g, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S': final_S}
 
 
-_gla_forms = no_double_backward({'recurrent': _zero_start(gla__recurrent), 'scan': gla__scan, 'chunked': takes_no_initial_state(gla__chunked), 'parallel': takes_no_initial_state(gla__chunked)}, 'gla', "torch")
+_gla_forms = no_double_backward({'recurrent': _zero_start(gla__recurrent), 'scan': gla__scan, 'chunked': takes_no_initial_state(gla__chunked), 'parallel': takes_no_initial_state(gla__chunked)}, 'gla', 'torch')
 _gla_out, _gla_st = ('o',), ('S',)  # output and state names, for the backward
-_gla_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(gla__triton_recurrent_loop, gla__triton_recurrent_adjoint, _gla_out, _gla_st, kernels=True)), 'scan': takes_cu_seqlens(gla__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gla__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(gla__chunked_triton)))}, 'gla', "triton") if HAVE_TRITON else None
+_gla_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(gla__triton_recurrent_loop, gla__triton_recurrent_adjoint, _gla_out, _gla_st, kernels=True)), 'scan': takes_cu_seqlens(gla__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gla__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(gla__chunked_triton)))}, 'gla', 'triton') if HAVE_TRITON else None
 
 
 class _GlaLayer(Layer):

@@ -5415,9 +5415,9 @@ def hgrn2__chunked_triton(q, f, v, states, K, V, chunk_size=64, **options):
     return {'o': o}, {'S': final_S}
 
 
-_hgrn2_forms = no_double_backward({'recurrent': _zero_start(hgrn2__recurrent), 'scan': hgrn2__scan, 'chunked': takes_no_initial_state(hgrn2__chunked), 'parallel': takes_no_initial_state(hgrn2__chunked)}, 'hgrn2', "torch")
+_hgrn2_forms = no_double_backward({'recurrent': _zero_start(hgrn2__recurrent), 'scan': hgrn2__scan, 'chunked': takes_no_initial_state(hgrn2__chunked), 'parallel': takes_no_initial_state(hgrn2__chunked)}, 'hgrn2', 'torch')
 _hgrn2_out, _hgrn2_st = ('o',), ('S',)  # output and state names, for the backward
-_hgrn2_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(hgrn2__triton_recurrent_loop, hgrn2__triton_recurrent_adjoint, _hgrn2_out, _hgrn2_st, kernels=True)), 'scan': takes_cu_seqlens(hgrn2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(hgrn2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(hgrn2__chunked_triton)))}, 'hgrn2', "triton") if HAVE_TRITON else None
+_hgrn2_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(hgrn2__triton_recurrent_loop, hgrn2__triton_recurrent_adjoint, _hgrn2_out, _hgrn2_st, kernels=True)), 'scan': takes_cu_seqlens(hgrn2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(hgrn2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(hgrn2__chunked_triton)))}, 'hgrn2', 'triton') if HAVE_TRITON else None
 
 
 class _Hgrn2Layer(Layer):

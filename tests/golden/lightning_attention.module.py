@@ -4944,9 +4944,9 @@ def lightning_attention__chunked_triton(q, k, v, slope, states, K, V, chunk_size
     return {'o': o}, {'S': final_S}
 
 
-_lightning_attention_forms = no_double_backward({'recurrent': _zero_start(lightning_attention__recurrent), 'scan': lightning_attention__scan, 'chunked': takes_no_initial_state(lightning_attention__chunked), 'parallel': takes_no_initial_state(lightning_attention__chunked)}, 'lightning_attention', "torch")
+_lightning_attention_forms = no_double_backward({'recurrent': _zero_start(lightning_attention__recurrent), 'scan': lightning_attention__scan, 'chunked': takes_no_initial_state(lightning_attention__chunked), 'parallel': takes_no_initial_state(lightning_attention__chunked)}, 'lightning_attention', 'torch')
 _lightning_attention_out, _lightning_attention_st = ('o',), ('S',)  # output and state names, for the backward
-_lightning_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(lightning_attention__triton_recurrent_loop, lightning_attention__triton_recurrent_adjoint, _lightning_attention_out, _lightning_attention_st, kernels=True)), 'scan': takes_cu_seqlens(lightning_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(lightning_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(lightning_attention__chunked_triton)))}, 'lightning_attention', "triton") if HAVE_TRITON else None
+_lightning_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(lightning_attention__triton_recurrent_loop, lightning_attention__triton_recurrent_adjoint, _lightning_attention_out, _lightning_attention_st, kernels=True)), 'scan': takes_cu_seqlens(lightning_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(lightning_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(lightning_attention__chunked_triton)))}, 'lightning_attention', 'triton') if HAVE_TRITON else None
 
 
 class _LightningAttentionLayer(Layer):

@@ -4477,9 +4477,9 @@ def linear_attention__chunked_triton(q, k, v, states, K, V, chunk_size=64, **opt
     return {'o': o}, {'S': final_S}
 
 
-_linear_attention_forms = no_double_backward({'recurrent': _zero_start(linear_attention__recurrent), 'scan': linear_attention__scan, 'chunked': takes_no_initial_state(linear_attention__chunked), 'parallel': takes_no_initial_state(linear_attention__chunked)}, 'linear_attention', "torch")
+_linear_attention_forms = no_double_backward({'recurrent': _zero_start(linear_attention__recurrent), 'scan': linear_attention__scan, 'chunked': takes_no_initial_state(linear_attention__chunked), 'parallel': takes_no_initial_state(linear_attention__chunked)}, 'linear_attention', 'torch')
 _linear_attention_out, _linear_attention_st = ('o',), ('S',)  # output and state names, for the backward
-_linear_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(linear_attention__triton_recurrent_loop, linear_attention__triton_recurrent_adjoint, _linear_attention_out, _linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(linear_attention__chunked_triton)))}, 'linear_attention', "triton") if HAVE_TRITON else None
+_linear_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(linear_attention__triton_recurrent_loop, linear_attention__triton_recurrent_adjoint, _linear_attention_out, _linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(linear_attention__chunked_triton)))}, 'linear_attention', 'triton') if HAVE_TRITON else None
 
 
 class _LinearAttentionLayer(Layer):

@@ -5044,9 +5044,9 @@ def mamba2__chunked_triton(x, dt, B, C, A, D, states, P, N, chunk_size=64, **opt
     return {'y': y}, {'h': final_h}
 
 
-_mamba2_forms = no_double_backward({'recurrent': _zero_start(mamba2__recurrent), 'scan': mamba2__scan, 'chunked': takes_no_initial_state(mamba2__chunked), 'parallel': takes_no_initial_state(mamba2__chunked)}, 'mamba2', "torch")
+_mamba2_forms = no_double_backward({'recurrent': _zero_start(mamba2__recurrent), 'scan': mamba2__scan, 'chunked': takes_no_initial_state(mamba2__chunked), 'parallel': takes_no_initial_state(mamba2__chunked)}, 'mamba2', 'torch')
 _mamba2_out, _mamba2_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba2_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mamba2__triton_recurrent_loop, mamba2__triton_recurrent_adjoint, _mamba2_out, _mamba2_st, kernels=True)), 'scan': takes_cu_seqlens(mamba2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mamba2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mamba2__chunked_triton)))}, 'mamba2', "triton") if HAVE_TRITON else None
+_mamba2_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mamba2__triton_recurrent_loop, mamba2__triton_recurrent_adjoint, _mamba2_out, _mamba2_st, kernels=True)), 'scan': takes_cu_seqlens(mamba2__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mamba2__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mamba2__chunked_triton)))}, 'mamba2', 'triton') if HAVE_TRITON else None
 
 
 class _Mamba2Layer(Layer):

@@ -5237,9 +5237,9 @@ def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
     return {'y': y}, {'h': final_h}
 
 
-_min_gru_forms = no_double_backward({'recurrent': _zero_start(min_gru__recurrent), 'scan': min_gru__scan, 'chunked': takes_no_initial_state(min_gru__chunked), 'parallel': takes_no_initial_state(min_gru__chunked)}, 'min_gru', "torch")
+_min_gru_forms = no_double_backward({'recurrent': _zero_start(min_gru__recurrent), 'scan': min_gru__scan, 'chunked': takes_no_initial_state(min_gru__chunked), 'parallel': takes_no_initial_state(min_gru__chunked)}, 'min_gru', 'torch')
 _min_gru_out, _min_gru_st = ('y',), ('h',)  # output and state names, for the backward
-_min_gru_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(min_gru__triton_recurrent_loop, min_gru__triton_recurrent_adjoint, _min_gru_out, _min_gru_st, kernels=True)), 'scan': takes_cu_seqlens(min_gru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(min_gru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(min_gru__chunked_triton)))}, 'min_gru', "triton") if HAVE_TRITON else None
+_min_gru_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(min_gru__triton_recurrent_loop, min_gru__triton_recurrent_adjoint, _min_gru_out, _min_gru_st, kernels=True)), 'scan': takes_cu_seqlens(min_gru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(min_gru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(min_gru__chunked_triton)))}, 'min_gru', 'triton') if HAVE_TRITON else None
 
 
 class _MinGruLayer(Layer):

@@ -5106,9 +5106,9 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     return {'h': h}, {'C': final_C, 'n': final_n}
 
 
-_mlstm_forms = no_double_backward({'recurrent': _zero_start(mlstm__recurrent), 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}, 'mlstm', "torch")
+_mlstm_forms = no_double_backward({'recurrent': _zero_start(mlstm__recurrent), 'scan': mlstm__scan, 'chunked': takes_no_initial_state(mlstm__chunked), 'parallel': takes_no_initial_state(mlstm__chunked)}, 'mlstm', 'torch')
 _mlstm_out, _mlstm_st = ('h',), ('C', 'n')  # output and state names, for the backward
-_mlstm_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mlstm__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mlstm__chunked_triton)))}, 'mlstm', "triton") if HAVE_TRITON else None
+_mlstm_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mlstm__triton_recurrent_loop, mlstm__triton_recurrent_adjoint, _mlstm_out, _mlstm_st, kernels=True)), 'scan': takes_cu_seqlens(mlstm__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(mlstm__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(mlstm__chunked_triton)))}, 'mlstm', 'triton') if HAVE_TRITON else None
 
 
 class _MlstmLayer(Layer):

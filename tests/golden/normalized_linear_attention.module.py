@@ -4646,9 +4646,9 @@ def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_siz
     return {'o': o}, {'S': final_S, 'z': final_z}
 
 
-_normalized_linear_attention_forms = no_double_backward({'recurrent': _zero_start(normalized_linear_attention__recurrent), 'scan': normalized_linear_attention__scan, 'chunked': takes_no_initial_state(normalized_linear_attention__chunked), 'parallel': takes_no_initial_state(normalized_linear_attention__chunked)}, 'normalized_linear_attention', "torch")
+_normalized_linear_attention_forms = no_double_backward({'recurrent': _zero_start(normalized_linear_attention__recurrent), 'scan': normalized_linear_attention__scan, 'chunked': takes_no_initial_state(normalized_linear_attention__chunked), 'parallel': takes_no_initial_state(normalized_linear_attention__chunked)}, 'normalized_linear_attention', 'torch')
 _normalized_linear_attention_out, _normalized_linear_attention_st = ('o',), ('S', 'z')  # output and state names, for the backward
-_normalized_linear_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(normalized_linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(normalized_linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(normalized_linear_attention__chunked_triton)))}, 'normalized_linear_attention', "triton") if HAVE_TRITON else None
+_normalized_linear_attention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(normalized_linear_attention__triton_recurrent_loop, normalized_linear_attention__triton_recurrent_adjoint, _normalized_linear_attention_out, _normalized_linear_attention_st, kernels=True)), 'scan': takes_cu_seqlens(normalized_linear_attention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(normalized_linear_attention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(normalized_linear_attention__chunked_triton)))}, 'normalized_linear_attention', 'triton') if HAVE_TRITON else None
 
 
 class _NormalizedLinearAttentionLayer(Layer):

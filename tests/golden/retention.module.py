@@ -4983,9 +4983,9 @@ def retention__chunked_triton(q, k, v, gamma, states, K, V, chunk_size=64, **opt
     return {'o': o}, {'S': final_S}
 
 
-_retention_forms = no_double_backward({'recurrent': _zero_start(retention__recurrent), 'scan': retention__scan, 'chunked': takes_no_initial_state(retention__chunked), 'parallel': takes_no_initial_state(retention__chunked)}, 'retention', "torch")
+_retention_forms = no_double_backward({'recurrent': _zero_start(retention__recurrent), 'scan': retention__scan, 'chunked': takes_no_initial_state(retention__chunked), 'parallel': takes_no_initial_state(retention__chunked)}, 'retention', 'torch')
 _retention_out, _retention_st = ('o',), ('S',)  # output and state names, for the backward
-_retention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(retention__triton_recurrent_loop, retention__triton_recurrent_adjoint, _retention_out, _retention_st, kernels=True)), 'scan': takes_cu_seqlens(retention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(retention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(retention__chunked_triton)))}, 'retention', "triton") if HAVE_TRITON else None
+_retention_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(retention__triton_recurrent_loop, retention__triton_recurrent_adjoint, _retention_out, _retention_st, kernels=True)), 'scan': takes_cu_seqlens(retention__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(retention__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(retention__chunked_triton)))}, 'retention', 'triton') if HAVE_TRITON else None
 
 
 class _RetentionLayer(Layer):

@@ -5316,9 +5316,9 @@ def rg_lru__chunked_triton(x, gr, gi, lam, states, D, chunk_size=64, **options):
     return {'y': y}, {'h': final_h}
 
 
-_rg_lru_forms = no_double_backward({'recurrent': _zero_start(rg_lru__recurrent), 'scan': rg_lru__scan, 'chunked': takes_no_initial_state(rg_lru__chunked), 'parallel': takes_no_initial_state(rg_lru__chunked)}, 'rg_lru', "torch")
+_rg_lru_forms = no_double_backward({'recurrent': _zero_start(rg_lru__recurrent), 'scan': rg_lru__scan, 'chunked': takes_no_initial_state(rg_lru__chunked), 'parallel': takes_no_initial_state(rg_lru__chunked)}, 'rg_lru', 'torch')
 _rg_lru_out, _rg_lru_st = ('y',), ('h',)  # output and state names, for the backward
-_rg_lru_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rg_lru__triton_recurrent_loop, rg_lru__triton_recurrent_adjoint, _rg_lru_out, _rg_lru_st, kernels=True)), 'scan': takes_cu_seqlens(rg_lru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rg_lru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rg_lru__chunked_triton)))}, 'rg_lru', "triton") if HAVE_TRITON else None
+_rg_lru_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rg_lru__triton_recurrent_loop, rg_lru__triton_recurrent_adjoint, _rg_lru_out, _rg_lru_st, kernels=True)), 'scan': takes_cu_seqlens(rg_lru__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rg_lru__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rg_lru__chunked_triton)))}, 'rg_lru', 'triton') if HAVE_TRITON else None
 
 
 class _RgLruLayer(Layer):

@@ -5516,9 +5516,9 @@ def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options)
     return {'o': o}, {'S': final_S}
 
 
-_rwkv6_forms = no_double_backward({'recurrent': _zero_start(rwkv6__recurrent), 'scan': rwkv6__scan, 'chunked': takes_no_initial_state(rwkv6__chunked), 'parallel': takes_no_initial_state(rwkv6__chunked)}, 'rwkv6', "torch")
+_rwkv6_forms = no_double_backward({'recurrent': _zero_start(rwkv6__recurrent), 'scan': rwkv6__scan, 'chunked': takes_no_initial_state(rwkv6__chunked), 'parallel': takes_no_initial_state(rwkv6__chunked)}, 'rwkv6', 'torch')
 _rwkv6_out, _rwkv6_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv6_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rwkv6__triton_recurrent_loop, rwkv6__triton_recurrent_adjoint, _rwkv6_out, _rwkv6_st, kernels=True)), 'scan': takes_cu_seqlens(rwkv6__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rwkv6__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rwkv6__chunked_triton)))}, 'rwkv6', "triton") if HAVE_TRITON else None
+_rwkv6_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rwkv6__triton_recurrent_loop, rwkv6__triton_recurrent_adjoint, _rwkv6_out, _rwkv6_st, kernels=True)), 'scan': takes_cu_seqlens(rwkv6__scan_triton), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(rwkv6__chunked_triton))), 'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel(rwkv6__chunked_triton)))}, 'rwkv6', 'triton') if HAVE_TRITON else None
 
 
 class _Rwkv6Layer(Layer):
