@@ -158,3 +158,18 @@ def sample_arguments(rec: CheckedRecurrence, sizes: dict[str, int], batch: int, 
                   for s in rec.states}
         initial = states if len(rec.states) > 1 else states[rec.states[0].name]
     return args, initial
+
+
+def param_roles(rec: CheckedRecurrence) -> dict[str, str]:
+    """How each param that the rules above constrain must be drawn, by name: "negative" or "positive" (inside an
+    `exp(...)` argument, the sign that makes it negative), "factor" (multiplies a state directly: in (0, 1)).
+    Params the rules say nothing about are absent. The generated nn.Module starts its decay params from these."""
+    roles = _Roles(rec)
+    found = {}
+    for p in rec.params:
+        sign = roles.sign.get(p.name)
+        if sign is not None:  # the same order as `sample_arguments`' draw: a sign wins
+            found[p.name] = "negative" if sign < 0 else "positive"
+        elif p.name in roles.decays:
+            found[p.name] = "factor"
+    return found
