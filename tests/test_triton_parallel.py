@@ -230,3 +230,78 @@ def test_two_queries_one_exclusive(axis):
     got = torch.autograd.grad((p1.double() * do1).sum() + (p2.double() * do2).sum() + (ht.double() * ds).sum(), f32)
     errors = {n: _rel(a, b) for n, a, b in zip("q1 q2 k v g s0".split(), got, want)}
     assert max(errors.values()) <= TOL, errors
+
+
+LENGTHS = [5, 0, 37, 16, 1]  # in blocks of 16: one partial block, an empty sequence, three blocks, one, one step
+
+
+@pytest.mark.parametrize("with_initial", [True, False], ids=["s0", "zero"])
+@pytest.mark.parametrize("axis,exclusive", [("none", False), ("scalar", False), ("key", True), ("key", False),
+                                            ("value", False)])
+def test_runtime_packed_sequences(axis, exclusive, with_initial):
+    """cu_seqlens read by the kernels (`_Varlen`): sequences of LENGTHS packed into one row, run in one call, each
+    from its own initial state (or zero) to its own final state (an empty one's is its initial state): outputs,
+    final states and the gradients of q, k, v, the log decays, the per-head decay factor and the initial states
+    within 1e-5 of the float64 step-by-step reference run per sequence, and of the one-sequence calls' outputs."""
+    gen = torch.Generator().manual_seed(5)
+    N, Tt, Ht, K, V = len(LENGTHS), sum(LENGTHS), 2, 16, 32
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    q, k = (torch.randn(1, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(N, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = {"none": (), "scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.3 * torch.rand((1, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    if axis == "none":
+        g = torch.zeros_like(g)
+    else:
+        g[0, 30] = -float("inf")  # a reset inside the third sequence
+    head = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, s0, head)]
+    shape = (1, 1, -1) + (1,) * len(lanes)
+    outs, finals = [], []
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if a == b:
+            outs.append(v[:, a:b])
+            finals.append(s0[n:n + 1] if with_initial else torch.zeros_like(s0[n:n + 1]))
+            continue
+        o_n, s_n = _steps(q[:, a:b], k[:, a:b], v[:, a:b], (g * head.view(shape))[:, a:b],
+                          s0[n:n + 1] if with_initial else torch.zeros_like(s0[n:n + 1]), exclusive)
+        outs.append(o_n)
+        finals.append(s_n)
+    o_ref, s_ref = torch.cat(outs, 1), torch.cat(finals, 0)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    used = leaves if with_initial else leaves[:4] + leaves[5:]
+    want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), used, allow_unused=True)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = {"none": triton_runtime.NoDecay, "scalar": triton_runtime.ScalarDecay,
+                 "key": triton_runtime.KeyDecay, "value": triton_runtime.ValueDecay}[axis]
+    log_decay, decay_head = (None, None) if axis == "none" else (f32[3], f32[5])
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], exclusive)], f32[1], f32[2], log_decay,
+                                                  f32[4] if with_initial else None, True, block_t=16,
+                                                  decay_head=decay_head, cu_seqlens=cu)
+    assert o.shape == (1, Tt, Ht, V) and ht.shape == (N, Ht, K, V)
+    errors = {"o": _rel(o, o_ref), "ht": _rel(ht, s_ref)}
+    mine = [f32[i] for i in range(6) if with_initial or i != 4]
+    got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), mine, allow_unused=True)
+    names = [n for n in "q k v g s0 head".split() if with_initial or n != "s0"]
+    for n, a, b in zip(names, got, want):
+        if axis == "none" and n in ("g", "head"):
+            assert a is None
+            continue
+        errors[n] = _rel(a, b)
+    assert max(errors.values()) <= TOL, errors
+    if with_initial:  # the empty sequence: its final state is its initial one, its gradient dS_T's
+        assert torch.equal(ht[1], f32[4][1].detach())
+        assert torch.equal(got[names.index("s0")][1], ds[1].float())
+    with torch.no_grad():  # the one-sequence calls
+        for n in range(N):
+            a, b = int(cu[n]), int(cu[n + 1])
+            if a == b:
+                continue
+            (o_n,), _ = triton_parallel.parallel_linear_by(
+                decay_cls, [(f32[0][:, a:b], exclusive)], f32[1][:, a:b], f32[2][:, a:b],
+                None if log_decay is None else log_decay[:, a:b], f32[4][n:n + 1] if with_initial else None, False,
+                block_t=16, decay_head=decay_head)
+            assert _rel(o[:, a:b], o_n.double()) <= TOL
