@@ -904,8 +904,9 @@ def _attn(x, y, z, G, s, out, decay: int, exclusive: bool, reverse: bool, trans_
         _parallel_attn_kernel, (triton.cdiv(DZ, BZ), triton.cdiv(T, BT), B * H),
         x, y, z, G if G is not None else out, s if s is not None else out, out, raw if raw is not None else out,
         z_step if z_step is not None else out, skip if skip is not None else out,
-        skip_weight if skip is not None else out, varlen.table if varlen is not None else out, float(scale), T, H, DX, DZ, BT, BX, BZ, decay, exclusive, reverse,
-        s is not None, trans_s, acc, prec, z_step is not None, skip is not None, key_x, key_z,
+        skip_weight if skip is not None else out, varlen.table if varlen is not None else out, float(scale), T, H,
+        DX, DZ, BT, BX, BZ, decay, exclusive, reverse, s is not None, trans_s, acc, prec, z_step is not None,
+        skip is not None, key_x, key_z,
         exclusive and not reverse, exclusive and reverse,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), XMAP=_map_of(x_map), YMAP=_map_of(y_map),
         SKIP_STEP=skip_step, ZMAP=_map_of(z_map), OVJP=_vjp_of(out_map), VARLEN=varlen is not None)
