@@ -56,8 +56,17 @@ Maps (`_Fused.q_map`, `k_map`: a spec's elementwise feature map of q and k, prin
 kernel, forward and backward, maps q and k where it loads them, and the backward stores dq and dk through the
 maps' derivative helpers, as the chunked backward does: no mapped copy of q or k is made.
 
-Packed sequences (`cu_seqlens`): these kernels do not walk them; the dispatcher runs the sequences of one length
-as one batch (codegen/dispatch.py, the form is not `takes_cu_seqlens`).
+Packed sequences (`cu_seqlens`, B = 1, states [N, H, K, V]): the kernels walk them, so one set of launches runs
+every sequence, forward and backward, for any N (the form is `takes_cu_seqlens`, codegen/dispatch.py). The steps
+are laid out as the chunked runtime's `_Packed` lays them out (each sequence from a block boundary of BT rows, BT
+at most pow2(longest sequence); zero steps, the identity, fill its last block), with a per-block table of the
+block's sequence's first and last block and its index (`_Varlen`). G restarts at each sequence's first step (an
+exclusive query's Gq there is 0), by one carry kernel per (sequence, head) (`_parallel_cumsum_kernel`); a query
+block walks key blocks from its sequence's first block (causal) or to its last (anti-causal), its state term reads
+S0 or dS_T of its sequence, G_last is G at the sequence's last row; the state kernel runs one program per
+(sequence, head) over its blocks (an empty sequence's final state is its initial one); the log decays' kernels
+pair blocks of one sequence, and their whole-block sums are folded per sequence in float64
+(`_parallel_dlog_fold_kernel`).
 """
 
 from __future__ import annotations
