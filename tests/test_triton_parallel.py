@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import recurrence_dsl
+from codegen.specialize import chunked_packed_in_triton
 from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 
@@ -35,6 +36,7 @@ for _path in SPEC_FILES:
     SPECS.update(recurrence_dsl.load(_path))
 B, T, H, SIZE = 1, 37, 1, 16
 TOL = 1e-5
+LENGTHS = [5, 0, 37, 16, 1]  # packed, in blocks of 16: a partial block, an empty sequence, three blocks, one, a step
 CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}  # query blocks 16 + 16 + 5
 
 
@@ -72,23 +74,39 @@ def test_gradients_match_the_reference(name, monkeypatch):
     assert max(errors.values()) <= TOL, errors
 
 
-def test_packed_sequences_match_the_reference():
-    """cu_seqlens: sequences of 20, 17 and 20 steps (two query blocks each, one partial), run by the dispatcher as
-    one batch per length; outputs, final states and every gradient against the reference's packed call."""
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "gla", "rwkv6", "min_gru"])
+def test_packed_sequences_match_the_reference(name, monkeypatch):
+    """cu_seqlens: sequences of 5, 0, 37, 16 and 1 steps in query blocks of 16, run by the parallel kernels in one
+    call (`_Varlen`: one backward run per state, not one per length); outputs, final states and every gradient
+    (inputs, params, each sequence's initial state) against the reference's packed call."""
     from recurrence_dsl.sampling import sample_arguments
 
-    rec = SPECS["retention"]
-    cu = torch.tensor([0, 20, 37, 57])
-    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, 3, 57, H,
+    rec = SPECS[name]
+    assert chunked_packed_in_triton(analyse(rec.checked))  # the module marks the form takes_cu_seqlens
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    N, Tt = len(LENGTHS), int(cu[-1])
+    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, N, Tt, H,
                                      dtype=torch.float64, seed=1, with_initial_state=True)
     args = [a[:1] if i < len(rec.checked.inputs) else a for i, a in enumerate(args)]  # one packed row
     ref, weights = weighted_gradients(rec.reference, rec, args, initial, cu_seqlens=cu)
     layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
+    runs = no_torch_forms(layer, monkeypatch, "_triton_ParallelLinearFunction")
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, cu_seqlens=cu,
                                 config=CONFIG)
-    errors = [_rel(g, r) for g, r in zip(got, ref)]
-    assert max(errors) <= TOL, errors
+    assert len(runs) == len(rec.checked.states), runs
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    state = init32 if len(init32) > 1 else next(iter(init32.values()))
+    with torch.no_grad():
+        out, final = layer(*[a.float() for a in args], initial_state=state, output_final_state=True, cu_seqlens=cu,
+                           config=CONFIG)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu)
+    for label, mine, theirs in (("output", out, ref_out), ("final state", final, ref_final)):
+        decl = rec.checked.outputs if label == "output" else rec.checked.states
+        mine, theirs = as_dict(mine, decl), as_dict(theirs, decl)
+        errors.update({f"{label} {k}": _rel(mine[k], theirs[k]) for k in theirs})
+    assert max(errors.values()) <= TOL, errors
 
 
 def _steps(q, k, v, g, s0, exclusive):
@@ -230,9 +248,6 @@ def test_two_queries_one_exclusive(axis):
     got = torch.autograd.grad((p1.double() * do1).sum() + (p2.double() * do2).sum() + (ht.double() * ds).sum(), f32)
     errors = {n: _rel(a, b) for n, a, b in zip("q1 q2 k v g s0".split(), got, want)}
     assert max(errors.values()) <= TOL, errors
-
-
-LENGTHS = [5, 0, 37, 16, 1]  # in blocks of 16: one partial block, an empty sequence, three blocks, one, one step
 
 
 @pytest.mark.parametrize("with_initial", [True, False], ids=["s0", "zero"])
