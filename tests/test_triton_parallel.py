@@ -320,3 +320,35 @@ def test_runtime_packed_sequences(axis, exclusive, with_initial):
                 None if log_decay is None else log_decay[:, a:b], f32[4][n:n + 1] if with_initial else None, False,
                 block_t=16, decay_head=decay_head)
             assert _rel(o[:, a:b], o_n.double()) <= TOL
+
+
+@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("key", True), ("value", False)])
+def test_packed_launches_do_not_grow_with_n(axis, exclusive, monkeypatch):
+    """The kernels launched (names, in order; the kernels themselves do not run: the count is of launches) by a
+    forward and backward call on N = 1000 packed sequences of 1 to 8 steps, with initial and final states, are
+    those of one sequence (10 for a scalar decay: G, the output, the final state; G again, dq, dk, dv, dS0, the
+    log decays' kernel and its fold)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = []
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.fn.__name__))
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
+
+    def launches(lengths):
+        gen = torch.Generator().manual_seed(6)
+        cu = torch.tensor([0] + lengths).cumsum(0)
+        Tt, Ht, K, V = int(cu[-1]), 2, 16, 16
+        lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+        q, k, v = (torch.randn(1, Tt, Ht, 16, generator=gen).requires_grad_() for _ in range(3))
+        g = (-torch.rand((1, Tt, Ht) + lanes, generator=gen)).requires_grad_()
+        s0 = torch.randn(len(lengths), Ht, K, V, generator=gen).requires_grad_()
+        launched.clear()
+        (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(q, exclusive)], k, v, g, s0, True, block_t=16,
+                                                      cu_seqlens=cu)
+        (o.sum() + ht.sum()).backward()
+        return list(launched)
+
+    many = launches([1 + n % 8 for n in range(1000)])
+    one = launches([8])
+    assert many == one and len(one) >= 10, (many, one)
