@@ -350,8 +350,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
 
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, parallel, scan and recurrent
     forms; chosen by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow
-    with N. Otherwise
-    the sequences of each length run as one batch of B = (how many have that length) rows,
+    with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
     have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
