@@ -33,8 +33,9 @@ chunked backward's `_dlog_decay` with the whole sequence as one chunk: not as GL
 (k . dk)_t reverse-summed (Yang et al. 2023 section 4), whose two sides each hold the step's own pair (t, t) and the
 large state terms and cancel (the per-head slope of lightning_attention lost 2e-5 relative). The pairs that span a
 step t of query block i lie in the diagonal block, in block i's rows with earlier key blocks, in its columns with
-later query blocks, or between an earlier and a later block (a whole-block sum per block pair, added by the host
-as a difference array over blocks in float64); see the comment that opens the log-decay kernels' section.
+later query blocks, or between an earlier and a later block (a whole-block sum per block pair, added as a
+difference array over each sequence's blocks in float64, `_parallel_dlog_fold_kernel`); see the comment that
+opens the log-decay kernels' section.
 
 Numerics: G is the float64 cumulative sum of the log decays, each floored at _LOG_DECAY_FLOOR = -1000 as the
 chunked kernels floor them (a select, so a NaN stays NaN; a reset, log decay -inf, zeroes every factor spanning it
@@ -450,9 +451,10 @@ def _parallel_state_kernel(x, z, g, s, out, zs, offsets, T, H: tl.constexpr, DX:
 # P_us over those pairs plus the state terms (`_parallel_dlog`). For t in block i and u in block a, s in block b
 # (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
 # sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
-# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
-# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
-# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
+# b < i < a takes the whole block sum tot_ab for every t of block i, which `_parallel_dlog_fold_kernel` adds as a
+# difference array over the sequence's blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block
+# sums the kernels store: block b's column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over
+# b <= a - 2 (MINUS). Packed sequences (`_Varlen`): every pair, and the fold, stays inside one sequence.
 
 
 @triton.jit
@@ -1029,8 +1031,9 @@ def _parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0, dht, B
     (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay, the lanes
     summed for a scalar decay; the sums over the undecayed axis. The kernels (`_parallel_dlog_kernel`,
     `_parallel_dlog_scalar_kernel`, one launch per query) sum what each block of steps gets from its own rows and
-    columns; the per-block sums they store are added here in float64 (the comment that opens the kernels' section).
-    G [B, T, H(, D)] float64 over the whole sequence; 0 where log_decay was floored (the reference's -inf step).
+    columns; the per-block sums they store are added per sequence in float64 by `_parallel_dlog_fold_kernel` (the
+    comment that opens the kernels' section). G [B, T, H(, D)] float64 over each sequence; 0 where log_decay was
+    floored (the reference's -inf step).
     maps: the (q_map, k_map) pairs of `_Fused` (scalar and key decays), applied where q and k are loaded.
     varlen: a `_Varlen` (B = 1; S0, dS_T [N, H, K, V]; G restarting per sequence) or None: each term, and the
     whole-block sums' difference array (`_parallel_dlog_fold_kernel`), stays inside its own sequence."""
