@@ -354,3 +354,20 @@ def test_packed_launches_do_not_grow_with_n(axis, exclusive, monkeypatch):
     many = launches([1 + n % 8 for n in range(1000)])
     one = launches([8])
     assert many == one and len(one) >= 10, (many, one)
+
+
+def test_packed_call_of_empty_sequences_only():
+    """cu_seqlens of two empty sequences (T = 0): no kernel runs, outputs [1, 0, H, V], each final state its initial
+    one (zero without one), and the initial states' gradient is the final states'."""
+    k = torch.zeros(1, 0, 2, 16)
+    v = torch.zeros(1, 0, 2, 32)
+    s0 = torch.randn(2, 2, 16, 32, requires_grad=True)
+    cu = torch.tensor([0, 0, 0])
+    (o,), ht = triton_parallel.parallel_linear_by(triton_runtime.KeyDecay, [(k, True)], k, v, k, s0, True,
+                                                  cu_seqlens=cu)
+    assert o.shape == (1, 0, 2, 32) and torch.equal(ht, s0.detach())
+    ht.sum().backward()
+    assert torch.equal(s0.grad, torch.ones_like(s0))
+    _, zero = triton_parallel.parallel_linear_by(triton_runtime.KeyDecay, [(k, True)], k, v, k, None, True,
+                                                 cu_seqlens=cu)
+    assert zero.shape == (2, 2, 16, 32) and not zero.any()
