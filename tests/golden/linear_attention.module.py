@@ -3656,9 +3656,10 @@ def _triton_parallel_state_kernel(x, z, g, s, out, zs, offsets, T, H: tl.constex
 # P_us over those pairs plus the state terms (`_triton_parallel_dlog`). For t in block i and u in block a, s in block b
 # (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
 # sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
-# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
-# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
-# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
+# b < i < a takes the whole block sum tot_ab for every t of block i, which `_triton_parallel_dlog_fold_kernel` adds as a
+# difference array over the sequence's blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block
+# sums the kernels store: block b's column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over
+# b <= a - 2 (MINUS). Packed sequences (`_triton_Varlen`): every pair, and the fold, stays inside one sequence.
 
 
 @triton.jit

@@ -3909,9 +3909,10 @@ def _triton_parallel_state_kernel(x, z, g, s, out, zs, offsets, T, H: tl.constex
 # P_us over those pairs plus the state terms (`_triton_parallel_dlog`). For t in block i and u in block a, s in block b
 # (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
 # sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
-# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
-# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
-# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
+# b < i < a takes the whole block sum tot_ab for every t of block i, which `_triton_parallel_dlog_fold_kernel` adds as a
+# difference array over the sequence's blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block
+# sums the kernels store: block b's column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over
+# b <= a - 2 (MINUS). Packed sequences (`_triton_Varlen`): every pair, and the fold, stays inside one sequence.
 
 
 @triton.jit
@@ -4320,8 +4321,9 @@ def _triton_parallel_dlog(decay_cls, exclusive, qs, k, v, dos, G, log_decay, s0,
     (x, y, w, z, M) = (q, k, do, v, do v^T) for a key decay, (do, v, q, k, q k^T) for a value decay, the lanes
     summed for a scalar decay; the sums over the undecayed axis. The kernels (`_triton_parallel_dlog_kernel`,
     `_triton_parallel_dlog_scalar_kernel`, one launch per query) sum what each block of steps gets from its own rows and
-    columns; the per-block sums they store are added here in float64 (the comment that opens the kernels' section).
-    G [B, T, H(, D)] float64 over the whole sequence; 0 where log_decay was floored (the reference's -inf step).
+    columns; the per-block sums they store are added per sequence in float64 by `_triton_parallel_dlog_fold_kernel` (the
+    comment that opens the kernels' section). G [B, T, H(, D)] float64 over each sequence; 0 where log_decay was
+    floored (the reference's -inf step).
     maps: the (q_map, k_map) pairs of `_triton_Fused` (scalar and key decays), applied where q and k are loaded.
     varlen: a `_triton_Varlen` (B = 1; S0, dS_T [N, H, K, V]; G restarting per sequence) or None: each term, and the
     whole-block sums' difference array (`_triton_parallel_dlog_fold_kernel`), stays inside its own sequence."""
