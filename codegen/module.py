@@ -316,8 +316,12 @@ def _entry_points(analysis: Analysis) -> str:
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
-    if "parallel" in triton_names:  # the chunked form's function with its runtime calls run attention-style
-        tri.append(f"'parallel': takes_input_dtype(takes_no_initial_state(triton_in_parallel({name}__chunked_triton)))")
+    if "parallel" in triton_names:
+        # the chunked form's function with its runtime calls run attention-style, whose kernels walk packed
+        # sequences themselves (codegen/triton_parallel.py `_Varlen`): one call for every sequence (the parallel
+        # form's classes, no decay to a value decay, are all linear: `chunked_packed_in_triton` holds for each)
+        tri.append(f"'parallel': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state("
+                   f"triton_in_parallel({name}__chunked_triton))))")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
     under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument

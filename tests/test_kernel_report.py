@@ -95,13 +95,15 @@ def test_gla_forward_and_backward_for_sm90_as_json():
 @needs_tools
 @GLA_PARALLEL.needed
 def test_the_parallel_form_for_sm80_forward_and_backward():
-    # `--form parallel` (codegen/triton_parallel.py): the attention-style output kernel and the final state's pass
-    # forward, the same attention kernel for dq, dk and dv backward (benchmarks/kernel_matrix.py runs this form too)
+    # `--form parallel` (codegen/triton_parallel.py): the log decays' cumulative sum, the attention-style output
+    # kernel and the final state's pass forward, the same attention kernel for dq, dk and dv backward
+    # (benchmarks/kernel_matrix.py runs this form too)
     run = GLA_PARALLEL.result()
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
     (gla,) = json.loads(run.stdout)["runs"]
     assert gla["form"] == "parallel"
-    assert [k["name"] for k in gla["kernels"]] == ["_triton_parallel_attn_kernel", "_triton_parallel_state_kernel"]
+    assert [k["name"] for k in gla["kernels"]] == ["_triton_parallel_cumsum_kernel", "_triton_parallel_attn_kernel",
+                                                  "_triton_parallel_state_kernel"]
     back = [k["name"] for k in gla["backward"]]
     assert back.count("_triton_parallel_attn_kernel") >= 3 and "backward_note" not in gla
     for k in gla["kernels"] + gla["backward"]:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import recurrence_dsl
+from codegen.specialize import chunked_packed_in_triton
 from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 
@@ -35,6 +36,7 @@ for _path in SPEC_FILES:
     SPECS.update(recurrence_dsl.load(_path))
 B, T, H, SIZE = 1, 37, 1, 16
 TOL = 1e-5
+LENGTHS = [5, 0, 37, 16, 1]  # packed, in blocks of 16: a partial block, an empty sequence, three blocks, one, a step
 CONFIG = {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 1}  # query blocks 16 + 16 + 5
 
 
@@ -72,23 +74,39 @@ def test_gradients_match_the_reference(name, monkeypatch):
     assert max(errors.values()) <= TOL, errors
 
 
-def test_packed_sequences_match_the_reference():
-    """cu_seqlens: sequences of 20, 17 and 20 steps (two query blocks each, one partial), run by the dispatcher as
-    one batch per length; outputs, final states and every gradient against the reference's packed call."""
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "gla", "rwkv6", "min_gru"])
+def test_packed_sequences_match_the_reference(name, monkeypatch):
+    """cu_seqlens: sequences of 5, 0, 37, 16 and 1 steps in query blocks of 16, run by the parallel kernels in one
+    call (`_Varlen`: one backward run per state, not one per length); outputs, final states and every gradient
+    (inputs, params, each sequence's initial state) against the reference's packed call."""
     from recurrence_dsl.sampling import sample_arguments
 
-    rec = SPECS["retention"]
-    cu = torch.tensor([0, 20, 37, 57])
-    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, 3, 57, H,
+    rec = SPECS[name]
+    assert chunked_packed_in_triton(analyse(rec.checked))  # the module marks the form takes_cu_seqlens
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    N, Tt = len(LENGTHS), int(cu[-1])
+    args, initial = sample_arguments(rec.checked, {s: SIZE for s in rec.checked.sizes}, N, Tt, H,
                                      dtype=torch.float64, seed=1, with_initial_state=True)
     args = [a[:1] if i < len(rec.checked.inputs) else a for i, a in enumerate(args)]  # one packed row
     ref, weights = weighted_gradients(rec.reference, rec, args, initial, cu_seqlens=cu)
     layer = recurrence_dsl.compile(rec, backend="triton", form="parallel", tuning=False)
+    runs = no_torch_forms(layer, monkeypatch, "_triton_ParallelLinearFunction")
     init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
     got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, cu_seqlens=cu,
                                 config=CONFIG)
-    errors = [_rel(g, r) for g, r in zip(got, ref)]
-    assert max(errors) <= TOL, errors
+    assert len(runs) == len(rec.checked.states), runs
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    state = init32 if len(init32) > 1 else next(iter(init32.values()))
+    with torch.no_grad():
+        out, final = layer(*[a.float() for a in args], initial_state=state, output_final_state=True, cu_seqlens=cu,
+                           config=CONFIG)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu)
+    for label, mine, theirs in (("output", out, ref_out), ("final state", final, ref_final)):
+        decl = rec.checked.outputs if label == "output" else rec.checked.states
+        mine, theirs = as_dict(mine, decl), as_dict(theirs, decl)
+        errors.update({f"{label} {k}": _rel(mine[k], theirs[k]) for k in theirs})
+    assert max(errors.values()) <= TOL, errors
 
 
 def _steps(q, k, v, g, s0, exclusive):
@@ -175,12 +193,13 @@ def test_decay_gradient_does_not_cancel(axis):
 # (spec, dtype) -> the parallel form's forward + backward intermediate bytes at B=2, T=256, H=4, K=V=128 (host
 # allocations, no kernel run): with the maps applied by the backward's kernels at their loads and dq, dk stored
 # through the vjp helpers (before, mapped transient copies of q and k, `_apply_map`, and the log decays' gradient
-# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424).
-# float32 runs blocks of 16 rows (`_PARALLEL_IEEE_BT`): HGRN2's log-decay gradient keeps twice the per-block sums of
-# its 32-row blocks (17,751,072 before).
+# from q . dq - k . dk: normalised linear attention 11,669,024 / 11,095,584, HGRN2 30,694,440 / 35,408,424); G by
+# `_parallel_cumsum_kernel` (before, torch's float64 copy, where and cumsum of the log decays in the forward and
+# the backward: HGRN2 17,751,072 / 20,892,192). float32 runs blocks of 16 rows (`_PARALLEL_IEEE_BT`): HGRN2's
+# log-decay gradient keeps twice the per-block sums of its 32-row blocks.
 PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_474_720,
                   ("normalized_linear_attention", torch.bfloat16): 8_998_432,
-                  ("hgrn2", torch.float32): 18_963_488, ("hgrn2", torch.bfloat16): 20_892_192}
+                  ("hgrn2", torch.float32): 6_835_216, ("hgrn2", torch.bfloat16): 9_845_264}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -232,3 +251,124 @@ def test_two_queries_one_exclusive(axis):
     got = torch.autograd.grad((p1.double() * do1).sum() + (p2.double() * do2).sum() + (ht.double() * ds).sum(), f32)
     errors = {n: _rel(a, b) for n, a, b in zip("q1 q2 k v g s0".split(), got, want)}
     assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("with_initial", [True, False], ids=["s0", "zero"])
+@pytest.mark.parametrize("axis,exclusive", [("none", False), ("scalar", False), ("key", True), ("key", False),
+                                            ("value", False)])
+def test_runtime_packed_sequences(axis, exclusive, with_initial):
+    """cu_seqlens read by the kernels (`_Varlen`): sequences of LENGTHS packed into one row, run in one call, each
+    from its own initial state (or zero) to its own final state (an empty one's is its initial state): outputs,
+    final states and the gradients of q, k, v, the log decays, the per-head decay factor and the initial states
+    within 1e-5 of the float64 step-by-step reference run per sequence, and of the one-sequence calls' outputs."""
+    gen = torch.Generator().manual_seed(5)
+    N, Tt, Ht, K, V = len(LENGTHS), sum(LENGTHS), 2, 16, 32
+    cu = torch.tensor([0] + LENGTHS).cumsum(0)
+    q, k = (torch.randn(1, Tt, Ht, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, Tt, Ht, V, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(N, Ht, K, V, generator=gen, dtype=torch.float64)
+    lanes = {"none": (), "scalar": (), "key": (K,), "value": (V,)}[axis]
+    g = -0.3 * torch.rand((1, Tt, Ht) + lanes, generator=gen, dtype=torch.float64)
+    if axis == "none":
+        g = torch.zeros_like(g)
+    else:
+        g[0, 30] = -float("inf")  # a reset inside the third sequence
+    head = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, s0, head)]
+    shape = (1, 1, -1) + (1,) * len(lanes)
+    outs, finals = [], []
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if a == b:
+            outs.append(v[:, a:b])
+            finals.append(s0[n:n + 1] if with_initial else torch.zeros_like(s0[n:n + 1]))
+            continue
+        o_n, s_n = _steps(q[:, a:b], k[:, a:b], v[:, a:b], (g * head.view(shape))[:, a:b],
+                          s0[n:n + 1] if with_initial else torch.zeros_like(s0[n:n + 1]), exclusive)
+        outs.append(o_n)
+        finals.append(s_n)
+    o_ref, s_ref = torch.cat(outs, 1), torch.cat(finals, 0)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    ds = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64)
+    used = leaves if with_initial else leaves[:4] + leaves[5:]
+    want = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), used, allow_unused=True)
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    decay_cls = {"none": triton_runtime.NoDecay, "scalar": triton_runtime.ScalarDecay,
+                 "key": triton_runtime.KeyDecay, "value": triton_runtime.ValueDecay}[axis]
+    log_decay, decay_head = (None, None) if axis == "none" else (f32[3], f32[5])
+    (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(f32[0], exclusive)], f32[1], f32[2], log_decay,
+                                                  f32[4] if with_initial else None, True, block_t=16,
+                                                  decay_head=decay_head, cu_seqlens=cu)
+    assert o.shape == (1, Tt, Ht, V) and ht.shape == (N, Ht, K, V)
+    errors = {"o": _rel(o, o_ref), "ht": _rel(ht, s_ref)}
+    mine = [f32[i] for i in range(6) if with_initial or i != 4]
+    got = torch.autograd.grad((o.double() * do).sum() + (ht.double() * ds).sum(), mine, allow_unused=True)
+    names = [n for n in "q k v g s0 head".split() if with_initial or n != "s0"]
+    for n, a, b in zip(names, got, want):
+        if axis == "none" and n in ("g", "head"):
+            assert a is None
+            continue
+        errors[n] = _rel(a, b)
+    assert max(errors.values()) <= TOL, errors
+    if with_initial:  # the empty sequence: its final state is its initial one, its gradient dS_T's
+        assert torch.equal(ht[1], f32[4][1].detach())
+        assert torch.equal(got[names.index("s0")][1], ds[1].float())
+    with torch.no_grad():  # the one-sequence calls
+        for n in range(N):
+            a, b = int(cu[n]), int(cu[n + 1])
+            if a == b:
+                continue
+            (o_n,), _ = triton_parallel.parallel_linear_by(
+                decay_cls, [(f32[0][:, a:b], exclusive)], f32[1][:, a:b], f32[2][:, a:b],
+                None if log_decay is None else log_decay[:, a:b], f32[4][n:n + 1] if with_initial else None, False,
+                block_t=16, decay_head=decay_head)
+            assert _rel(o[:, a:b], o_n.double()) <= TOL
+
+
+@pytest.mark.parametrize("axis,exclusive", [("scalar", False), ("key", True), ("value", False)])
+def test_packed_launches_do_not_grow_with_n(axis, exclusive, monkeypatch):
+    """The kernels launched (names, in order; the kernels themselves do not run: the count is of launches) by a
+    forward and backward call on N = 1000 packed sequences of 1 to 8 steps, with initial and final states, are
+    those of one sequence (10 for a scalar decay: G, the output, the final state; G again, dq, dk, dv, dS0, the
+    log decays' kernel and its fold)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = []
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.fn.__name__))
+    decay_cls = {"scalar": triton_runtime.ScalarDecay, "key": triton_runtime.KeyDecay,
+                 "value": triton_runtime.ValueDecay}[axis]
+
+    def launches(lengths):
+        gen = torch.Generator().manual_seed(6)
+        cu = torch.tensor([0] + lengths).cumsum(0)
+        Tt, Ht, K, V = int(cu[-1]), 2, 16, 16
+        lanes = {"scalar": (), "key": (K,), "value": (V,)}[axis]
+        q, k, v = (torch.randn(1, Tt, Ht, 16, generator=gen).requires_grad_() for _ in range(3))
+        g = (-torch.rand((1, Tt, Ht) + lanes, generator=gen)).requires_grad_()
+        s0 = torch.randn(len(lengths), Ht, K, V, generator=gen).requires_grad_()
+        launched.clear()
+        (o,), ht = triton_parallel.parallel_linear_by(decay_cls, [(q, exclusive)], k, v, g, s0, True, block_t=16,
+                                                      cu_seqlens=cu)
+        (o.sum() + ht.sum()).backward()
+        return list(launched)
+
+    many = launches([1 + n % 8 for n in range(1000)])
+    one = launches([8])
+    assert many == one and len(one) >= 10, (many, one)
+
+
+def test_packed_call_of_empty_sequences_only():
+    """cu_seqlens of two empty sequences (T = 0): no kernel runs, outputs [1, 0, H, V], each final state its initial
+    one (zero without one), and the initial states' gradient is the final states'."""
+    k = torch.zeros(1, 0, 2, 16)
+    v = torch.zeros(1, 0, 2, 32)
+    s0 = torch.randn(2, 2, 16, 32, requires_grad=True)
+    cu = torch.tensor([0, 0, 0])
+    (o,), ht = triton_parallel.parallel_linear_by(triton_runtime.KeyDecay, [(k, True)], k, v, k, s0, True,
+                                                  cu_seqlens=cu)
+    assert o.shape == (1, 0, 2, 32) and torch.equal(ht, s0.detach())
+    ht.sum().backward()
+    assert torch.equal(s0.grad, torch.ones_like(s0))
+    _, zero = triton_parallel.parallel_linear_by(triton_runtime.KeyDecay, [(k, True)], k, v, k, None, True,
+                                                 cu_seqlens=cu)
+    assert zero.shape == (2, 2, 16, 32) and not zero.any()

@@ -666,8 +666,9 @@ def takes_cu_seqlens(fn):
     """Mark the form function `fn` as one that runs packed sequences itself, given `cu_seqlens=` (the call's int64
     [N + 1] boundaries, checked, on the CPU) with [1, T, H, ...] inputs and [N, H, ...] states: the Triton forms
     whose kernels read the boundaries (the chunked forms of linear and delta-rule classes through chunk index
-    tables, codegen/triton_runtime.py `_Packed`; the recurrent kernels and their derived adjoints, a program per
-    (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
+    tables, codegen/triton_runtime.py `_Packed`; the parallel forms of linear classes through `_Packed`'s layout and
+    a per-block table, codegen/triton_parallel.py `_Varlen`; the recurrent kernels and their derived adjoints, a
+    program per (sequence, head, tile) walking its sequence's steps, codegen/triton_recurrent.py; the scan kernels,
     codegen/triton_scan.py). Returns `fn`, whose `run_packed` is `_run_packed_form` (an attribute, so a generated
     module without such a form keeps none of it)."""
     fn.run_packed = _run_packed_form
@@ -699,7 +700,9 @@ def takes_no_initial_state(fn):
 def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
-    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows."""
+    `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows. "auto"
+    keeps the chunked form even where the parallel one also takes cu_seqlens and the longest sequence fits
+    `pick_form`'s parallel rule: no GPU measurement says the packed parallel kernels are faster there."""
     if call.length == 0:
         return None
     packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
@@ -746,9 +749,9 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
-    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, scan and recurrent forms; chosen
-    by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow with N. Otherwise
-    the sequences of each length run as one batch of B = (how many have that length) rows,
+    A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, parallel, scan and recurrent
+    forms; chosen by `packed_form`) runs once for all sequences (`_run_packed_form`): its launches do not grow
+    with N. Otherwise the sequences of each length run as one batch of B = (how many have that length) rows,
     gathered from the packed tensor and scattered back by index (differentiable; views of it when all sequences
     have one length, the packed row then being the batch itself): no step of one sequence meets
     another's or any padding, so outputs and final states are those of the one-by-one loop for every class,
@@ -3628,9 +3631,10 @@ triton_Tensor = torch.Tensor
 # P_us over those pairs plus the state terms (`_triton_parallel_dlog`). For t in block i and u in block a, s in block b
 # (b <= i <= a): b = a = i is the diagonal block's [BT, BT] sum; b < a = i is a reverse cumulative sum of P's row
 # sums over u >= t (u > t if exclusive); b = i < a an exclusive cumulative sum of its column sums over s < t; and
-# b < i < a takes the whole block sum tot_ab for every t of block i, which the host adds as a difference array
-# over blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block sums the kernels store: block b's
-# column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over b <= a - 2 (MINUS).
+# b < i < a takes the whole block sum tot_ab for every t of block i, which `_triton_parallel_dlog_fold_kernel` adds as a
+# difference array over the sequence's blocks (+tot_ab from block b + 1, -tot_ab from block a on), from per-block
+# sums the kernels store: block b's column side sums tot_ab over a >= b + 2 (PLUS), block a's row side over
+# b <= a - 2 (MINUS). Packed sequences (`_triton_Varlen`): every pair, and the fold, stays inside one sequence.
 
 
 # ----------------------------------------------------------------------------------------------------------
