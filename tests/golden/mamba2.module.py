@@ -3152,11 +3152,11 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
     parallel: None, or the parallel form's runtime (codegen/triton_parallel.py `triton_parallel_linear_by`, passed by the
     `triton_in_parallel` wrapper of a generated module's chunked form), which then runs the call with these arguments but
-    chunk_size (it has no chunks) and cu_seqlens (the dispatcher batches packed sequences by length for it)."""
+    chunk_size (it has no chunks) and cu_seqlens (which `triton_in_parallel` hands to `triton_parallel_linear_by` itself)."""
     if parallel is not None:
         if cu_seqlens is not None:
-            raise ValueError("the parallel Triton form takes no cu_seqlens (the dispatcher runs packed sequences of "
-                             "one length as one batch)")
+            raise ValueError("the parallel Triton form takes cu_seqlens through `triton_in_parallel`'s option, not the "
+                             "chunked runtime's")
         return parallel(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, block_k=block_k,
                         block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
