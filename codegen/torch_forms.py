@@ -39,6 +39,7 @@ from recurrence_dsl.adjoint import (
     update_order,
 )
 from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.check import require_state
 from recurrence_dsl.dataflow import cite
 from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol
 
@@ -578,6 +579,7 @@ class TorchFormWriter:
             names[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
         for n in constant:
             w(f"{names[n]} = {py.get(n, n)}[:, 0]  # the same at every step")
+        require_state(self.rec)  # (a stateless body has no first step to tell apart)
         first = py[self.rec.states[0].name]
         for s in self.rec.states:
             # absent (`_zero_start`): the call gave no initial state, and the first step starts from zero

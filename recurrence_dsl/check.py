@@ -138,6 +138,20 @@ def _check_python_name(name: str, span: Span, source: Source) -> None:
                         hint=f"rename it, say '{name}_'")
 
 
+def require_state(rec: CheckedRecurrence) -> None:
+    """A `SpecError` at the recurrence's name when it declares no state. Such a body is valid and the reference
+    runs it, but every compiled form (and the calling convention's final_state) carries at least one state, so
+    compiling one stops here rather than deep in code generation."""
+    if not rec.states:
+        line = rec.source.line_text(rec.span.line)
+        start = line.find(rec.name, line.find("recurrence") + len("recurrence"))
+        at = Span(rec.span.line, start + 1, rec.span.line, start + 1 + len(rec.name)) if start >= 0 else rec.span
+        raise SpecError(f"recurrence '{rec.name}' has no state: a compiled recurrence needs at least one state",
+                        at, rec.source,
+                        hint="declare one in the body, e.g. `state h[D]`, and update it; a map with no state "
+                             "is plain torch code")
+
+
 def check_program(program: ast.Program) -> list[CheckedRecurrence]:
     """Check every recurrence of a program; two recurrences may not share a name."""
     seen: dict[str, ast.RecurrenceSyntax] = {}
