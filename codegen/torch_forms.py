@@ -39,9 +39,9 @@ from recurrence_dsl.adjoint import (
     update_order,
 )
 from recurrence_dsl.analysis import Analysis, TransitionClass
-from recurrence_dsl.check import require_state
+from recurrence_dsl.check import require_state, undefined_from_zero
 from recurrence_dsl.dataflow import cite
-from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol
+from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol, undefined
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
@@ -598,6 +598,9 @@ class TorchFormWriter:
         zero = [(n, idx, _zero_states(e, old)) for n, idx, e in temps]
         zero_updates = {n: (idx, _zero_states(e, old)) for n, (idx, e) in updates.items()}
         zero_outputs = {n: (idx, _zero_states(e, old)) for n, (idx, e) in outputs.items()}
+        for n, (_, e) in [(n, (i, e)) for n, i, e in zero] + list(zero_updates.items()) + list(zero_outputs.items()):
+            if undefined(e):  # (`1e400 * h[d]`: inf * 0) NaN for every input, as in the reference
+                raise undefined_from_zero(self.rec, n)
         if (zero, zero_updates) != (temps, updates) or zero_outputs != outputs:
             # The step from a zero state, with the terms that read it left out: no zero state is made or multiplied.
             # An output that reads only the new states is the same in both and follows them.

@@ -70,3 +70,28 @@ def test_a_leading_byte_order_mark_is_accepted(tmp_path, capsys):
     path.write_bytes(text.encode() + b"\xef\xbb\xbf\n")
     assert main(["show", str(path)]) == 2
     assert "unexpected character" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("update", "column"), [("1e400 * h[d] + x[d]", 12), ("exp(1000) * h[d] + x[d]", 12),
+                                                ("x[d] + h[d] * -1e999", 12)])
+def test_an_infinite_decay_is_an_error_at_the_update_when_compiled(tmp_path, capsys, update, column):
+    path = tmp_path / "inf.rec"
+    path.write_text(f"recurrence r(x[D]) -> y[D] {{\n    state h[D]\n    h[d] = {update}\n    y[d] = h[d]\n}}\n")
+    rec = recurrence_dsl.load(str(path))["r"]
+    with pytest.raises(recurrence_dsl.SpecError) as info:
+        recurrence_dsl.compile(rec)
+    assert (info.value.line, info.value.column) == (3, column)
+    assert "'h' is NaN" in info.value.message and "without an initial state" in info.value.message
+    # the reference computes that NaN (inf * 0) too
+    assert torch.isnan(rec.reference(torch.ones(1, 2, 1, 2, dtype=torch.float64))[0]).all()
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"inf.rec:3:{column}: error:" in err and "internal error" not in err
+
+
+def test_an_infinite_constant_that_does_not_multiply_the_state_still_compiles():
+    rec = recurrence_dsl.load_text("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    h[d] = h[d] + 1e999 * x[d]\n"
+                                   "    y[d] = h[d]\n}\n")["r"]
+    x = torch.ones(1, 2, 1, 2, dtype=torch.float64)
+    out, _ = recurrence_dsl.compile(rec, backend="torch")(x)
+    assert torch.equal(out, rec.reference(x)[0]) and torch.isinf(out).all()
