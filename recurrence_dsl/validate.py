@@ -16,6 +16,7 @@ import torch
 from codegen.dispatch import DecayNotPositive
 
 from .api import Recurrence
+from .explain import tidy
 from .sampling import sample_arguments
 
 # Relative-error tolerance of a path run in each dtype, against the float64 reference.
@@ -188,5 +189,5 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"  {r.path:<{width}}  {r.value:<{vwidth}}  {r.rel_error:>10.2e}  {r.tolerance:>9.0e}  "
                      f"{'ok' if r.ok else 'FAIL'}")
     for path, why in report.skipped:
-        lines.append(f"  {path:<{width}}  not available: {why}")
+        lines.append(f"  {path:<{width}}  not available: {tidy(why)}")
     return "\n".join(lines)

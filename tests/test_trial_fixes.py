@@ -95,3 +95,30 @@ def test_an_infinite_constant_that_does_not_multiply_the_state_still_compiles():
     x = torch.ones(1, 2, 1, 2, dtype=torch.float64)
     out, _ = recurrence_dsl.compile(rec, backend="torch")(x)
     assert torch.equal(out, rec.reference(x)[0]) and torch.isinf(out).all()
+
+
+NDELTA = """\
+recurrence ndelta(q[K], k[K], v[V], b) -> o[V] {
+    state S[K, V]
+    n = sqrt(sum(i, k[i] * k[i]) + 1e-6)
+    kn[i] = k[i] / n
+    u[j] = v[j] - sum(i, kn[i] * S[i, j])
+    S[i, j] = S[i, j] + sigmoid(b) * kn[i] * u[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+
+def test_messages_quoting_a_sum_show_no_internal_index_names(tmp_path, capsys):
+    path = tmp_path / "ndelta.rec"
+    path.write_text(NDELTA)
+    rec = recurrence_dsl.load(str(path))["ndelta"]
+    with pytest.raises(recurrence_dsl.CallError) as info:
+        recurrence_dsl.compile(rec, form="scan")
+    assert "Sum(k[i_" in str(info.value) and "__" not in str(info.value)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "state S[i, j]: rank-one-update -- S is updated by" in out and "Sum(k[i_" in out and "__" not in out
+    assert main(["check", str(path), "--shape", "B=1,T=3,H=1,K=2,V=2", "--device", "cpu", "--no-triton"]) == 0
+    out = capsys.readouterr().out
+    assert "not available: S has a rank-one-update" in out and "Sum(k[i_" in out and "__" not in out
