@@ -75,9 +75,6 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
         why = dict(spec.unavailable).get(form)
         if why is None:  # not a form name at all
             return f"{spec.name} has no {form!r} form: choose from {', '.join(forms)} or auto"
-        from recurrence_dsl.explain import tidy  # (imported here: layers load without the analysis)
-
-        why = tidy(why)
         return (f"{spec.name} has no {form!r} form: {why} ({spec.name}: class {spec.recurrence_class}; "
                 f"forms: {', '.join(forms)}, or auto)")
     if backend == "triton" and form != "auto" and triton_forms is not None and form not in triton_forms:
