@@ -148,7 +148,7 @@ def cmd_check(args) -> int:
         length = given.get("T", DEFAULT_SIZES["T"])
         heads = given.get("H", DEFAULT_SIZES["H"])
         report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
-                                  triton=use_triton)
+                                  triton=use_triton, grad=not args.no_grad)
         print(format_report(report))
         print("\n".join(config_lines(rec, sizes, batch, length, heads, dtype, device)))
         print()
@@ -671,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", choices=("cpu", "cuda"), help="where the paths run (default: cuda if available; "
                        "on cpu, Triton kernels run in Triton's interpreter)")
     check.add_argument("--no-triton", action="store_true", help="skip the Triton paths")
+    check.add_argument("--no-grad", action="store_true", help="skip the gradient rows (each path's gradients of "
+                       "a weighted sum of its outputs and final states, against the reference's autograd)")
     check.add_argument("--prove", action="store_true", help="also prove with sympy, on a small unrolled "
                        "instance, that each derived form equals the recurrence exactly")
     check.set_defaults(run=cmd_check)
