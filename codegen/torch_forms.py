@@ -39,8 +39,9 @@ from recurrence_dsl.adjoint import (
     update_order,
 )
 from recurrence_dsl.analysis import Analysis, TransitionClass
+from recurrence_dsl.check import require_state, undefined_from_zero
 from recurrence_dsl.dataflow import cite
-from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol
+from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol, undefined
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
@@ -584,6 +585,7 @@ class TorchFormWriter:
             names[s.name + NEW_SUFFIX] = py[s.name] + NEW_SUFFIX
         for n in constant:
             w(f"{names[n]} = {py.get(n, n)}[:, 0]  # the same at every step")
+        require_state(self.rec)  # (a stateless body has no first step to tell apart)
         first = py[self.rec.states[0].name]
         for s in self.rec.states:
             # absent (`_zero_start`): the call gave no initial state, and the first step starts from zero
@@ -602,6 +604,9 @@ class TorchFormWriter:
         zero = [(n, idx, _zero_states(e, old)) for n, idx, e in temps]
         zero_updates = {n: (idx, _zero_states(e, old)) for n, (idx, e) in updates.items()}
         zero_outputs = {n: (idx, _zero_states(e, old)) for n, (idx, e) in outputs.items()}
+        for n, (_, e) in [(n, (i, e)) for n, i, e in zero] + list(zero_updates.items()) + list(zero_outputs.items()):
+            if undefined(e):  # (`1e400 * h[d]`: inf * 0) NaN for every input, as in the reference
+                raise undefined_from_zero(self.rec, n)
         if (zero, zero_updates) != (temps, updates) or zero_outputs != outputs:
             # The step from a zero state, with the terms that read it left out: no zero state is made or multiplied.
             # An output that reads only the new states is the same in both and follows them.

@@ -312,6 +312,13 @@ class Analysis:
     # per-channel decay of h becomes a value-axis decay). Name -> "scalar" or "row".
     lifted: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # The reasons are shown as they are (show, check, a form's CallError, the generated module's spec): with
+        # explain's tidy of the IR's internal names (i__2 -> i_2). (Imported here: explain imports this module.)
+        from .explain import tidy
+
+        self.unavailable = {form: tidy(why) for form, why in self.unavailable.items()}
+
     @property
     def chunk_analysis(self) -> Analysis:
         """The analysis the chunked and parallel forms are built from (this one, or its transposed view)."""

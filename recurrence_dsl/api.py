@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .check import CheckedRecurrence, check_program
-from .errors import Source, Span, SpecError, SpecWarning
+from .errors import Source, Span, SpecError, SpecWarning, did_you_mean
 from .parse import parse_program
 from .reference import run_reference
 
@@ -49,13 +49,27 @@ class Recurrence:
                 f"{', '.join(s.name for s in c.outputs)}>")
 
 
-def load_text(text: str, filename: str = "<string>") -> dict[str, Recurrence]:
+class Recurrences(dict):
+    """What `load` returns: the recurrences of one file by name, in file order. A name the file lacks is a
+    `KeyError` that names those it has."""
+
+    def __init__(self, recurrences, filename: str = "<string>"):
+        super().__init__(recurrences)
+        self.filename = filename
+
+    def __missing__(self, name):
+        close = did_you_mean(str(name), self)
+        raise KeyError(f"{self.filename} has no recurrence {name!r}; it has {', '.join(map(repr, self)) or 'none'}"
+                       + (f" ({close})" if close else ""))
+
+
+def load_text(text: str, filename: str = "<string>") -> Recurrences:
     """Parse and check `.rec` text; the recurrences by name, in file order. Raises `SpecError`."""
     program = parse_program(text, filename)
-    return {c.name: Recurrence(c) for c in check_program(program)}
+    return Recurrences({c.name: Recurrence(c) for c in check_program(program)}, filename)
 
 
-def load(path_or_text: str | Path) -> dict[str, Recurrence]:
+def load(path_or_text: str | Path) -> Recurrences:
     """Load a `.rec` file (a path) or `.rec` source text; the recurrences by name."""
     if isinstance(path_or_text, Path) or ("\n" not in path_or_text and "{" not in path_or_text):
         path = Path(path_or_text)
@@ -70,6 +84,8 @@ def load(path_or_text: str | Path) -> dict[str, Recurrence]:
 def read_spec(path: Path) -> str:
     """The text of a `.rec` file; a `SpecError` at the line and column of the first byte that is not UTF-8."""
     data = Path(path).read_bytes()
+    # A leading byte-order mark (editors on Windows write one) is not part of the text.
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

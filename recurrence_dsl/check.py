@@ -138,6 +138,33 @@ def _check_python_name(name: str, span: Span, source: Source) -> None:
                         hint=f"rename it, say '{name}_'")
 
 
+def require_state(rec: CheckedRecurrence) -> None:
+    """A `SpecError` at the recurrence's name when it declares no state. Such a body is valid and the reference
+    runs it, but every compiled form (and the calling convention's final_state) carries at least one state, so
+    compiling one stops here rather than deep in code generation."""
+    if not rec.states:
+        line = rec.source.line_text(rec.span.line)
+        start = line.find(rec.name, line.find("recurrence") + len("recurrence"))
+        at = Span(rec.span.line, start + 1, rec.span.line, start + 1 + len(rec.name)) if start >= 0 else rec.span
+        raise SpecError(f"recurrence '{rec.name}' has no state: a compiled recurrence needs at least one state",
+                        at, rec.source,
+                        hint="declare one in the body, e.g. `state h[D]`, and update it; a map with no state "
+                             "is plain torch code")
+
+
+def undefined_from_zero(rec: CheckedRecurrence, name: str) -> SpecError:
+    """The `SpecError` for a value (`name`: a state, temporary or output) that is NaN for every input at a step
+    from a zero state, at its last assignment: an infinite constant times the state (`1e400 * h[d]`: inf * 0).
+    The reference computes the same NaN; the compiled forms, which leave the zero state's terms out of the first
+    step, have no number to write for it."""
+    stmt = [s for s in rec.statements if s.target.name == name][-1]
+    return SpecError(f"'{name}' is NaN (not a number) for every input at the first step of a call without an "
+                     "initial state: an infinite constant multiplies the zero state (inf * 0 is NaN in float64)",
+                     stmt.value.span, rec.source,
+                     hint="a number beyond 1.8e308 (1e400) or exp(1000) is infinity; a decay is meant to be "
+                          "finite, say exp(-g[d]) or 0.9")
+
+
 def check_program(program: ast.Program) -> list[CheckedRecurrence]:
     """Check every recurrence of a program; two recurrences may not share a name."""
     seen: dict[str, ast.RecurrenceSyntax] = {}

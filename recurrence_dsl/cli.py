@@ -112,6 +112,16 @@ def _prepare_triton(device: str) -> bool:
     return triton_available()
 
 
+def _device(args) -> str:
+    """--device, or cuda when there is one; a UsageError (exit 2) for --device cuda on a machine without CUDA."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"--device cuda: {why}; the only device available here is cpu (--device cpu)")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_shape_names(rec, given: dict, call_sizes, only: bool) -> None:
     """--shape may name the call's own sizes (B, T, H) and the recurrence's; with one recurrence, nothing else."""
     unknown = set(given) - set(call_sizes) - set(rec.checked.sizes)
@@ -128,7 +138,7 @@ def cmd_check(args) -> int:
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     use_triton = not args.no_triton and _prepare_triton(device)
     status = 0
     for rec in recs:
@@ -138,7 +148,7 @@ def cmd_check(args) -> int:
         length = given.get("T", DEFAULT_SIZES["T"])
         heads = given.get("H", DEFAULT_SIZES["H"])
         report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
-                                  triton=use_triton)
+                                  triton=use_triton, grad=not args.no_grad)
         print(format_report(report))
         print("\n".join(config_lines(rec, sizes, batch, length, heads, dtype, device)))
         print()
@@ -403,9 +413,7 @@ def cmd_tune(args) -> int:
     from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    device = _device(args)
     backend = args.backend or ("triton" if device == "cuda" else "torch")
     if args.lock_wait < 0:
         raise UsageError(f"--lock-wait must be >= 0 seconds, got {args.lock_wait:g}")
@@ -663,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", choices=("cpu", "cuda"), help="where the paths run (default: cuda if available; "
                        "on cpu, Triton kernels run in Triton's interpreter)")
     check.add_argument("--no-triton", action="store_true", help="skip the Triton paths")
+    check.add_argument("--no-grad", action="store_true", help="skip the gradient rows (each path's gradients of "
+                       "a weighted sum of its outputs and final states, against the reference's autograd)")
     check.add_argument("--prove", action="store_true", help="also prove with sympy, on a small unrolled "
                        "instance, that each derived form equals the recurrence exactly")
     check.set_defaults(run=cmd_check)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from codegen.load import load_layer, triton_available
 
 from .analysis import analyse
+from .check import CheckedRecurrence, require_state
 
 __all__ = ["compile_recurrence", "triton_available"]
 
@@ -37,7 +38,11 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     or backend="triton" without triton. (Triton's power-of-two chunk_size rule is checked at a call that runs the
     chunked form: the recurrent, scan and parallel forms ignore chunk_size.)
     """
-    layer = load_layer(analyse(getattr(rec, "checked", rec)))
+    checked = getattr(rec, "checked", rec)
+    if not isinstance(checked, CheckedRecurrence):
+        raise TypeError(_what_to_pass(rec))
+    require_state(checked)
+    layer = load_layer(analyse(checked))
     tuning = getattr(tuning, "path", tuning)  # a TuningStore reads as its path
     if (form, backend, chunk_size, tuning) == ("auto", "auto", None, True):
         return layer
@@ -53,3 +58,14 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
 
 # One layer per (module layer, defaults, store): compile() twice with the same arguments gives the same object.
 _LAYERS: dict[tuple, object] = {}
+
+
+def _what_to_pass(rec) -> str:
+    """The TypeError message for `compile` given something other than a recurrence: what to pass instead."""
+    got = f"{type(rec).__name__} {rec!r}" if isinstance(rec, str) and len(rec) <= 80 else type(rec).__name__
+    if isinstance(rec, dict):
+        names = ", ".join(map(repr, rec)) or "none"
+        return (f"compile() takes one recurrence, not the dict that load() returns (its recurrences: {names}); "
+                f"pass load(path)[name]")
+    return (f"compile() takes a recurrence, got {got}; load the file first: "
+            "recurrence_dsl.compile(recurrence_dsl.load(path)[name])")

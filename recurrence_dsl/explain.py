@@ -13,8 +13,9 @@ from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass, reada
 from .step_ir import NEW_SUFFIX
 
 
-def _text(expr) -> str:
-    """sympy's text with the IR's internal names made readable (a__k -> a, i__0 -> i_0, S__new -> S_t)."""
+def tidy(expr) -> str:
+    """sympy's text (or a message quoting it) with the IR's internal names made readable (a__k -> a, i__0 -> i_0,
+    S__new -> S_t): the one tidy of every message that shows an expression (`show`, `check`, a form's CallError)."""
     if not isinstance(expr, str):  # float64's infinity (a literal 1e999) as `inf`, not sympy's `oo`
         expr = expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")})
     text = expr if isinstance(expr, str) else sympy.sstr(expr)
@@ -35,9 +36,9 @@ def _rank_r_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     lines = [f"    {s}_t = (I - beta_{r} k_{r} k_{r}^T) D_{r} ... (I - beta_1 k_1 k_1^T) D_1 {s}_(t-1) + ...   "
              f"(rank r = {r}: {r} Householder factors per step)"]
     for n, sub in enumerate(plan.sub_steps, start=1):
-        decay = "1" if sub.log_decay is None else f"exp({_text(sub.log_decay.expr)})"
-        lines.append(f"    update {n}: k_{n}[a] = {_text(sub.k.expr)};  v_{n}[b] = {_text(sub.v.expr)};  "
-                     f"beta_{n} = {_text(sub.beta.expr)};  D_{n} = {decay}")
+        decay = "1" if sub.log_decay is None else f"exp({tidy(sub.log_decay.expr)})"
+        lines.append(f"    update {n}: k_{n}[a] = {tidy(sub.k.expr)};  v_{n}[b] = {tidy(sub.v.expr)};  "
+                     f"beta_{n} = {tidy(sub.beta.expr)};  D_{n} = {decay}")
     positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
     lines.append(f"    chunked: the updates of step t are delta-rule steps {positions} of a sequence {r} times as long "
                  "(decay 1 where an update has none), run in the UT/WY form below; step t's")
@@ -51,15 +52,15 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     s = sa.name
     if sa.cls is TransitionClass.RANK_R_UPDATE:
         return _rank_r_lines(sa, plan)
-    lines = [f"    k_t{_text(_idx(plan.k.indices))} = {_text(plan.k.expr)}"]
+    lines = [f"    k_t{tidy(_idx(plan.k.indices))} = {tidy(plan.k.expr)}"]
     if plan.v is not None:
-        lines.append(f"    v_t{_text(_idx(plan.v.indices))} = {_text(plan.v.expr)}")
+        lines.append(f"    v_t{tidy(_idx(plan.v.indices))} = {tidy(plan.v.expr)}")
     else:
         lines.append("    v_t = 1  (the state has no value axis)")
     if plan.log_decay is not None:
         note = "" if plan.decay_exact else "   (needs the decay > 0)"
-        lines.append(f"    log decay ({plan.decay_axis}) g_t{_text(_idx(plan.log_decay.indices))} = "
-                     f"{_text(plan.log_decay.expr)}{note}")
+        lines.append(f"    log decay ({plan.decay_axis}) g_t{tidy(_idx(plan.log_decay.indices))} = "
+                     f"{tidy(plan.log_decay.expr)}{note}")
         lines.append("    G_t = sum_{r <= t in the chunk} g_r               (cumulative log decay)")
         if plan.decay_axis == "key":
             mask = "A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])   for s <= t"
@@ -78,7 +79,7 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         inter = "Q S_0"
         carry = f"{s}_C = {s}_0 + K^T V"
     if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
-        lines.append(f"    a_t = {_text(plan.mix_read.expr)};  b_t = {_text(plan.mix_write.expr)};  "
+        lines.append(f"    a_t = {tidy(plan.mix_read.expr)};  b_t = {tidy(plan.mix_write.expr)};  "
                      f"{s}_t = (D_t + b_t a_t^T) {s}_(t-1) + k_t v_t^T")
         lines.append(f"    u_t = {s}_(t-1)^T a_t;  then {s}_t = D_t {s}_(t-1) + b_t u_t^T + k_t v_t^T   (keys b, k)")
         lines.append("    (I - L_ab) U = (A * exp(G_(t-1))) S_0 + L_ak V,  L_xy[t, s] = (x_t . y_s) decayed, s < t")
@@ -86,7 +87,7 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         lines.append(f"    {s}_C = exp(G_C) {s}_0 + (B * exp(G_C - G))^T U + (K * exp(G_C - G))^T V")
         return lines
     if sa.cls is TransitionClass.RANK_ONE_UPDATE:
-        lines.append(f"    beta_t = {_text(plan.beta.expr)};  {s}_t = (I - beta_t k_t k_t^T) D_t {s}_(t-1) "
+        lines.append(f"    beta_t = {tidy(plan.beta.expr)};  {s}_t = (I - beta_t k_t k_t^T) D_t {s}_(t-1) "
                      "+ k_t v_t^T")
         lines.append("    T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1   (UT transform, C x C)")
         lines.append(f"    U = T (V - diag(beta * exp(G)) K {s}_0)             (pseudo-values)")
@@ -110,24 +111,24 @@ def explain(analysis: Analysis) -> str:
     view = analysis.chunk_analysis
     for name, sa in analysis.states.items():
         update = analysis.ir.updates[name]
-        lines.append(f"  state {name}{_idx(update.indices)}: {sa.cls.value} -- {sa.reason}")
-        step = _text(update.expr).replace(name + "[", name + "_(t-1)[")
+        lines.append(f"  state {name}{_idx(update.indices)}: {sa.cls.value} -- {tidy(sa.reason)}")
+        step = tidy(update.expr).replace(name + "[", name + "_(t-1)[")
         lines.append(f"    step: {name}_t{_idx(update.indices)} = {step}")
         if name in view.transposed:
             update = view.ir.updates[name]
             lines.append(f"    chunked as {name}^T, read along its first axis: "
-                         f"{name}^T_t{_idx(update.indices)} = {_text(update.expr).replace(name + '[', name + '^T[')}")
+                         f"{name}^T_t{_idx(update.indices)} = {tidy(update.expr).replace(name + '[', name + '^T[')}")
         if sa.block is not None and sa.block.states[0] == name:
             members = ", ".join(sa.block.states)
             idx = _idx(sa.block.indices)
             for r, row in enumerate(sa.block.matrix):
-                cells = ", ".join(_text(c) for c in row)
+                cells = ", ".join(tidy(c) for c in row)
                 lines.append(f"    block row {r}: {sa.block.states[r]}_t{idx} = [{cells}] . ({members})_(t-1){idx} + "
-                             f"{_text(sa.block.injection[r])}")
+                             f"{tidy(sa.block.injection[r])}")
             lines.append("    scan combine: (A1, b1) . (A2, b2) = (A2 A1, A2 b1 + b2), per element")
         lift = view.lifted.get(name)
         if lift:
-            held = f"{name}[1]" if lift == "scalar" else f"{name}[1, {_text(update.indices[0])}]"
+            held = f"{name}[1]" if lift == "scalar" else f"{name}[1, {tidy(update.indices[0])}]"
             lines.append(f"    chunked as {held}: a key axis of size 1 in front, so "
                          + (f"{name} is a key-only state with k_t its injection"
                             if lift == "scalar" else f"an elementwise read {name}[d] is a readout with q = 1 and "
@@ -135,7 +136,7 @@ def explain(analysis: Analysis) -> str:
         sa = view.states[name]
         pair = sa.chunk is not None and sa.chunk.pair
         if pair:
-            x, y, j = (_text(i) for i in update.indices)
+            x, y, j = (tidy(i) for i in update.indices)
             lines.append(f"    chunked as {name}[({x}, {y}), {j}]: its first two axes flattened into one key axis of "
                          f"size {sa.dims[0]} * {sa.dims[1]} (p = {x} * {sa.dims[1]} + {y}), with k_t[p] and each "
                          f"readout's q_t[p] built per step from the pair")
@@ -147,9 +148,9 @@ def explain(analysis: Analysis) -> str:
             value = f"[{r.value_index}]" if r.value_index is not None else ""
             axes = ("a, b" if pair else "a") + (f", {r.value_index}" if r.value_index is not None else "")
             summed = "sum_(a, b)" if pair else "sum_a"
-            lines.append(f"    readout {_text(r.name)}{value} = {summed} ({_text(r.query.expr)}) * {when}[{axes}]")
+            lines.append(f"    readout {tidy(r.name)}{value} = {summed} ({tidy(r.query.expr)}) * {when}[{axes}]")
     for name, oa in view.outputs.items():
-        lines.append(f"  output {name}{_idx(oa.indices)} = {_text(oa.expr)}")
+        lines.append(f"  output {name}{_idx(oa.indices)} = {tidy(oa.expr)}")
     for form, why in analysis.unavailable.items():
-        lines.append(f"  no {form} form: {why}")
+        lines.append(f"  no {form} form: {tidy(why)}")
     return "\n".join(lines)

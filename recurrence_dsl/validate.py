@@ -2,7 +2,9 @@
 
 Used by `recdsl check` and the tests. A path is a function with the layer's
 calling convention; each output and final state is compared by relative error
-`||x - ref|| / ||ref||`.
+`||x - ref|| / ||ref||`, and so are the gradients of one scalar loss (every output and final state times fixed
+random weights, summed) with respect to every input, param and initial state, against the float64 reference's
+autograd gradients (rows `grad x`, `grad initial S`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from codegen.dispatch import DecayNotPositive
 
 from .api import Recurrence
+from .explain import tidy
 from .sampling import sample_arguments
 
 # Relative-error tolerance of a path run in each dtype, against the float64 reference.
@@ -115,15 +118,17 @@ def _bind_form(layer, form: str) -> Callable:
 def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int,
                      dtype: torch.dtype = torch.float32, seed: int = 0,
                      paths: dict[str, Callable] | None = None, device: str = "cpu",
-                     triton: bool = True) -> CheckReport:
+                     triton: bool = True, grad: bool = True) -> CheckReport:
     """Run each path on the same random inputs (with an initial state) and compare with the reference.
 
     Every value must have the reference's shape. At length 0 the rows check empty outputs of the right shape
-    and final states equal to the initial state (see `_compare`)."""
+    and final states equal to the initial state (see `_compare`). With `grad`, each path is run once more with
+    gradients and its gradients of `_loss` are compared too (`_gradient_rows`)."""
     args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
                                      with_initial_state=True)
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
     reference = _as_dict(rec, ref_out, ref_final)
+    ref_grads, weights = _reference_gradients(rec, args, initial, reference, seed) if grad else ({}, {})
     skipped: list[tuple[str, str]] = []
     if paths is None:
         paths, skipped = executable_paths(rec, triton=triton, dtype=dtype)
@@ -154,7 +159,75 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
         got = _as_dict(rec, out, fin)
         for key, ref in reference.items():
             rows.append(_compare(name, key, got.get(key), ref, start.get(key), length, TOLERANCE[dtype]))
+        if grad:
+            rows += _gradient_rows(rec, name, fn, cast_args, cast_initial, weights, ref_grads, dtype)
     return CheckReport(rec.name, dict(sizes), dtype, rows, skipped)
+
+
+def _leaves(rec: Recurrence, args, initial) -> dict[str, torch.Tensor]:
+    """What the loss is differentiated against, by row name: each input and param (`x`), each initial state
+    (`initial S`); copies of the call's tensors that require grad."""
+    c = rec.checked
+    names = [s.name for s in c.inputs + c.params]
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in zip(names, args)}
+    if initial is not None:
+        given = initial if isinstance(initial, dict) else {c.states[0].name: initial}
+        leaves.update({f"initial {n}": t.detach().clone().requires_grad_() for n, t in given.items()})
+    return leaves
+
+
+def _call_with(rec: Recurrence, leaves: dict[str, torch.Tensor]) -> tuple[list, object]:
+    """The call's positional arguments and initial_state (a tensor, or a dict for several states) from `leaves`."""
+    args = [t for n, t in leaves.items() if not n.startswith("initial ")]
+    states = {n.removeprefix("initial "): t for n, t in leaves.items() if n.startswith("initial ")}
+    if not states:
+        return args, None
+    return args, states if len(rec.checked.states) > 1 else next(iter(states.values()))
+
+
+def _loss(values: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum over every output and final state of `value * weight`, in float64: one scalar whose gradient reaches
+    every output and final state with a different weight per entry (a plain sum would hide a transposed one)."""
+    return sum((values[k].to(torch.float64) * w).sum() for k, w in weights.items())
+
+
+def _reference_gradients(rec: Recurrence, args, initial, reference: dict[str, torch.Tensor], seed: int):
+    """The float64 reference's autograd gradients of `_loss` by row name, and the loss's weights (standard normal,
+    seeded by `seed`, one per entry of each output and final state)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in reference.items()}
+    leaves = _leaves(rec, args, initial)
+    call_args, call_initial = _call_with(rec, leaves)
+    out, fin = rec.reference(*call_args, initial_state=call_initial, output_final_state=True)
+    return _gradients(_loss(_as_dict(rec, out, fin), weights), leaves), weights
+
+
+def _gradients(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d loss / d leaf for each leaf; zeros for a leaf the loss does not depend on."""
+    if not loss.requires_grad:  # nothing reaches the loss (T = 0 with no state, say)
+        return {n: torch.zeros_like(t) for n, t in leaves.items()}
+    found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), found)}
+
+
+def _gradient_rows(rec: Recurrence, name: str, fn: Callable, args, initial, weights, ref_grads,
+                   dtype: torch.dtype) -> list[PathCheck]:
+    """The rows `grad x`, `grad initial S` of one path: its gradients of `_loss` (its outputs in `dtype`, the
+    loss in float64) against the reference's, with the forward's tolerance for `dtype`."""
+    leaves = _leaves(rec, args, initial)
+    call_args, call_initial = _call_with(rec, leaves)
+    try:
+        with torch.enable_grad():
+            if fn == rec.reference:
+                ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+                out, fin = rec.reference(*call_args, initial_state=call_initial, output_final_state=True,
+                                         dtype=ref_dtype)
+            else:
+                out, fin = fn(*call_args, initial_state=call_initial, output_final_state=True)
+            grads = _gradients(_loss(_as_dict(rec, out, fin), weights), leaves)
+    except Exception as error:  # a backward that raises is a FAIL row, as a forward that raises is
+        return [PathCheck(name, "(gradients)", math.inf, TOLERANCE[dtype], f"{type(error).__name__}: {error}")]
+    return [_compare(name, f"grad {n}", grads[n], ref, None, 1, TOLERANCE[dtype]) for n, ref in ref_grads.items()]
 
 
 def _compare(path: str, key: str, got: torch.Tensor | None, ref: torch.Tensor, initial: torch.Tensor | None,
@@ -188,5 +261,5 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"  {r.path:<{width}}  {r.value:<{vwidth}}  {r.rel_error:>10.2e}  {r.tolerance:>9.0e}  "
                      f"{'ok' if r.ok else 'FAIL'}")
     for path, why in report.skipped:
-        lines.append(f"  {path:<{width}}  not available: {why}")
+        lines.append(f"  {path:<{width}}  not available: {tidy(why)}")
     return "\n".join(lines)
