@@ -89,9 +89,7 @@ Launch defaults (a call's num_warps / block_v override them): 4 warps and 2 stag
 rule's state kernel: BV = 32 and 8 warps; the key-decay output kernel: 8 warps), chosen so that no kernel spills
 registers on sm_80 or sm_90 at K = V <= 128 with tf32 dots (checked by `recdsl kernels`, tests/test_no_spills.py
 and benchmarks/kernel_matrix.py). float32 ("ieee") dots run as FMA loops, which need far more registers: the delta
-rule under them runs chunks of at most 32 steps at 8 warps and 1 stage (`_delta_ieee_defaults`), the linear form
-chunks of at most 32 steps (16 with a key decay) and K / V blocks of 32 (`_linear_ieee_defaults`;
-benchmarks/results/kernel_matrix_float32.json).
+rule under them runs chunks of at most 32 steps at 8 warps and 1 stage (`_delta_ieee_defaults`).
 
 Numerics: every load is masked and upcast to float32, except G (float64); arithmetic and accumulation are float32;
 outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the
@@ -201,15 +199,6 @@ _DPLR_WY_WARPS = 8  # _dplr_wy_kernel ([BT, BT] L, M, Tm and Tm M tiles): 16 B s
 _IEEE_DELTA_BT = 32
 _IEEE_DELTA_WARPS = 8
 _IEEE_DELTA_STAGES = 1
-# The linear chunked form (chunked_linear_by) under "ieee" dots (`_linear_ieee_defaults`): at BT = BK = BV = 64
-# every kernel but the intra scores spilled, up to 9.8 KB a thread (linear_attention's output kernel at 32
-# registers, sm_80, K = V = 64); at chunks of 32 steps and K / V blocks of 32 none did but a scalar decay's state
-# kernel (16-24 B on sm_90: retention, mamba2; V blocks of 16) and a key decay's log-decay gradient (16 B on sm_90
-# at K = 64: gla, rwkv6; chunks of 16). benchmarks/results/kernel_matrix_float32.json.
-_IEEE_LINEAR_BT = 32
-_IEEE_KEY_LINEAR_BT = 16
-_IEEE_LINEAR_BLOCK = 32
-_IEEE_SCALAR_LINEAR_BV = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1106,22 +1095,6 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _linear_ieee_defaults(code: int, k: Tensor, V: int, chunk_size: int, block_k: int | None, block_v: int | None,
-                          allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
-    """(chunk_size, block_k, block_v) of a linear chunked call (chunked_linear_by, decay class `code`): under "ieee"
-    dots (allow_tf32 False, or None with float32 k) the chunk is at most _IEEE_LINEAR_BT steps (a key decay's
-    _IEEE_KEY_LINEAR_BT) and the K / V blocks default to _IEEE_LINEAR_BLOCK (a scalar decay's V block to
-    _IEEE_SCALAR_LINEAR_BV), a given block kept; with tf32 dots all three come back as given. ValueError for a
-    chunk_size that is not a power of two >= 16 (checked before the cap)."""
-    _check_block("chunk_size", chunk_size)
-    if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
-        return chunk_size, block_k, block_v
-    bv = _IEEE_SCALAR_LINEAR_BV if code == 1 else _IEEE_LINEAR_BLOCK
-    return (min(chunk_size, _IEEE_KEY_LINEAR_BT if code == 2 else _IEEE_LINEAR_BT),
-            _or(block_k, min(_IEEE_LINEAR_BLOCK, _pow2_at_least_16(k.shape[-1]))),
-            _or(block_v, min(bv, _pow2_at_least_16(V))))
-
-
 def _delta_ieee_defaults(k: Tensor, chunk_size: int, num_warps: int | None, num_stages: int | None,
                          allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
     """(chunk_size, num_warps, num_stages) of a delta-rule call (chunked_delta_by): under "ieee" dots (allow_tf32
@@ -1669,9 +1642,6 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
                         q_map=q_map, k_map=k_map)
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
-    # float32 dots: smaller chunks and blocks (before the packed layout, whose chunk this sets)
-    chunk_size, block_k, block_v = _linear_ieee_defaults(decay_cls.code, k, v.shape[-1], chunk_size, block_k, block_v,
-                                                         allow_tf32)
     if cu_seqlens is not None:
         packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:

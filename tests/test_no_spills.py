@@ -11,8 +11,8 @@ rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
 the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90);
-and four float32 calls ("ieee" dots) at float32's own defaults, the parallel form's (linear_attention, retention,
-gla) and the linear chunked form's (benchmarks/results/kernel_matrix_float32.json), about 20 s of CPU time more.
+and three float32 calls ("ieee" dots) at float32's own defaults, the parallel form's (linear_attention, retention,
+gla; benchmarks/results/kernel_matrix_float32.json), about 15 s of CPU time more.
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
@@ -82,13 +82,11 @@ CALLS = [
     ("normalized_linear_attention", "parallel", "sm_80", 1, 64, 2, True, 64),
     # float32 ("ieee" dots: FMA loops holding a thread's operand rows and columns in registers) at the half-precision
     # blocks spilled: the parallel attention kernels 1.1-1.6 KB (block_t 64; linear_attention, sm_80) and 248-296 B
-    # (retention at K = V = 128, sm_90), gla's 16 B and its log-decay kernel 56 B (block_t 32), the chunked output
-    # kernel 9.7 KB and the plain backward 672-752 B (linear_attention, sm_80; benchmarks/kernel_matrix.py --dtypes
-    # float32, 2026-12-01)
+    # (retention at K = V = 128, sm_90), gla's 16 B and its log-decay kernel 56 B (block_t 32; benchmarks/
+    # kernel_matrix.py --dtypes float32, 2026-12-01)
     ("linear_attention", "parallel", "sm_80", 1, 64, 2, True, 64, "float32"),
     ("retention", "parallel", "sm_90", 1, 64, 2, True, 128, "float32"),
     ("gla", "parallel", "sm_90", 1, 64, 2, True, 64, "float32"),
-    ("linear_attention", "chunked", "sm_80", 1, 64, 2, True, 64, "float32"),
 ]
 
 CHILD = '''
@@ -183,7 +181,7 @@ def test_no_spills_at_default_configs():
     assert rwkv6.keys() == {"_triton_chunk_state_kernel", "_triton_intra_attn_kernel", "_triton_chunk_output_kernel"}
     assert rwkv6["_triton_intra_attn_kernel"]["registers"] > 72
     # float32's defaults: the parallel form's blocks of 16 rows (T = 64: 4 query blocks), the scalar log-decay kernel
-    # at 4 warps, a key decay's attention kernel at 8; the linear chunked form's K and V blocks of 32
+    # at 4 warps, a key decay's attention kernel at 8
     f32 = {(r["name"], r["form"]): r["kernels"] for r in runs if r["dtype"] == "float32"}
     for name in ("linear_attention", "retention", "gla"):
         attn = [k for k in f32[(name, "parallel")] if k["name"] == "_triton_parallel_attn_kernel"]
@@ -191,8 +189,6 @@ def test_no_spills_at_default_configs():
         assert {k["num_warps"] for k in attn} == ({8} if name == "gla" else {4})
     (dlog,) = [k for k in f32[("retention", "parallel")] if k["name"] == "_triton_parallel_dlog_scalar_kernel"]
     assert dlog["num_warps"] == 4 and dlog["grid"][0] == 4
-    state = next(k for k in f32[("linear_attention", "chunked")] if k["name"] == "_triton_chunk_state_kernel")
-    assert state["grid"] == [2, 2, 2]
 
 
 def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):
@@ -252,12 +248,11 @@ def test_every_register_limited_kernel_launches_through_the_one_helper():
 
 
 def test_float32_defaults_leave_half_precision_as_they_were():
-    # the float32 ("ieee") block sizes, chunks and warps of the parallel and linear chunked forms, and that a half-
-    # precision call (or a float32 one with allow_tf32) keeps the defaults the bfloat16 matrix was run at
+    # the float32 ("ieee") block sizes of the parallel form, and that a half-precision call (or a float32 one with
+    # allow_tf32) keeps the defaults the bfloat16 matrix was run at
     import torch
 
     from codegen import triton_parallel as tp
-    from codegen import triton_runtime as rt
 
     def k_of(dtype, K=128):
         return torch.zeros(1, 256, 2, K, dtype=dtype)
@@ -268,13 +263,3 @@ def test_float32_defaults_leave_half_precision_as_they_were():
     assert tp._parallel_config(k_of(torch.bfloat16), 128, None, None, None, None) == (64, 64, 64, "tf32")
     assert tp._parallel_config(k_of(torch.float16), 128, None, None, None, None, True) == (32, 32, 32, "tf32")
     assert tp._parallel_config(k_of(torch.float32), 128, None, None, None, True) == (64, 64, 64, "tf32")
-    f32 = k_of(torch.float32)
-    assert rt._linear_ieee_defaults(0, f32, 128, 64, None, None, None) == (32, 32, 32)
-    assert rt._linear_ieee_defaults(1, f32, 128, 64, None, None, None) == (32, 32, 16)
-    assert rt._linear_ieee_defaults(2, f32, 128, 64, None, None, None) == (16, 32, 32)
-    assert rt._linear_ieee_defaults(3, f32, 128, 16, 64, None, False) == (16, 64, 32)  # given values kept
-    for dtype in (torch.bfloat16, torch.float16):
-        assert rt._linear_ieee_defaults(2, k_of(dtype), 128, 64, None, None, None) == (64, None, None)
-    assert rt._linear_ieee_defaults(2, f32, 128, 64, None, None, True) == (64, None, None)
-    with pytest.raises(ValueError, match="chunk_size"):
-        rt._linear_ieee_defaults(0, f32, 128, 48, None, None, None)

@@ -2148,11 +2148,6 @@ triton_Tensor = torch.Tensor
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
-# The linear chunked form (triton_chunked_linear_by) under "ieee" dots (`_triton_linear_ieee_defaults`): at BT = BK = BV = 64
-# every kernel but the intra scores spilled, up to 9.8 KB a thread (linear_attention's output kernel at 32
-# registers, sm_80, K = V = 64); at chunks of 32 steps and K / V blocks of 32 none did but a scalar decay's state
-# kernel (16-24 B on sm_90: retention, mamba2; V blocks of 16) and a key decay's log-decay gradient (16 B on sm_90
-# at K = 64: gla, rwkv6; chunks of 16). benchmarks/results/kernel_matrix_float32.json.
 
 
 # ----------------------------------------------------------------------------------------------------------

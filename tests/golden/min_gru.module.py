@@ -2433,15 +2433,6 @@ _triton_DLOG_WARPS = 8  # _triton_dlog_chunk_kernel: at 4 warps rwkv6's exclusiv
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
-# The linear chunked form (triton_chunked_linear_by) under "ieee" dots (`_triton_linear_ieee_defaults`): at BT = BK = BV = 64
-# every kernel but the intra scores spilled, up to 9.8 KB a thread (linear_attention's output kernel at 32
-# registers, sm_80, K = V = 64); at chunks of 32 steps and K / V blocks of 32 none did but a scalar decay's state
-# kernel (16-24 B on sm_90: retention, mamba2; V blocks of 16) and a key decay's log-decay gradient (16 B on sm_90
-# at K = 64: gla, rwkv6; chunks of 16). benchmarks/results/kernel_matrix_float32.json.
-_triton_IEEE_LINEAR_BT = 32
-_triton_IEEE_KEY_LINEAR_BT = 16
-_triton_IEEE_LINEAR_BLOCK = 32
-_triton_IEEE_SCALAR_LINEAR_BV = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2920,22 +2911,6 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
-def _triton_linear_ieee_defaults(code: int, k: triton_Tensor, V: int, chunk_size: int, block_k: int | None, block_v: int | None,
-                                 allow_tf32: bool | None) -> tuple[int, int | None, int | None]:
-    """(chunk_size, block_k, block_v) of a linear chunked call (triton_chunked_linear_by, decay class `code`): under "ieee"
-    dots (allow_tf32 False, or None with float32 k) the chunk is at most _triton_IEEE_LINEAR_BT steps (a key decay's
-    _triton_IEEE_KEY_LINEAR_BT) and the K / V blocks default to _triton_IEEE_LINEAR_BLOCK (a scalar decay's V block to
-    _triton_IEEE_SCALAR_LINEAR_BV), a given block kept; with tf32 dots all three come back as given. ValueError for a
-    chunk_size that is not a power of two >= 16 (checked before the cap)."""
-    _triton_check_block("chunk_size", chunk_size)
-    if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
-        return chunk_size, block_k, block_v
-    bv = _triton_IEEE_SCALAR_LINEAR_BV if code == 1 else _triton_IEEE_LINEAR_BLOCK
-    return (min(chunk_size, _triton_IEEE_KEY_LINEAR_BT if code == 2 else _triton_IEEE_LINEAR_BT),
-            _triton_or(block_k, min(_triton_IEEE_LINEAR_BLOCK, _triton_pow2_at_least_16(k.shape[-1]))),
-            _triton_or(block_v, min(bv, _triton_pow2_at_least_16(V))))
-
-
 class _triton_Packed:
     """Packed sequences (`cu_seqlens`) laid out for the chunked kernels, as index tables built once per call.
 
@@ -3236,9 +3211,6 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
                         q_map=q_map, k_map=k_map)
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
-    # float32 dots: smaller chunks and blocks (before the packed layout, whose chunk this sets)
-    chunk_size, block_k, block_v = _triton_linear_ieee_defaults(decay_cls.code, k, v.shape[-1], chunk_size, block_k, block_v,
-                                                                allow_tf32)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
