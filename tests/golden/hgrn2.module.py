@@ -143,9 +143,11 @@ def no_double_backward(layer, form, backend, args, inputs, initial_state):
     what supports it. Under torch.compile (an opaque op, codegen/layer.py) they pass as they are."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return args, inputs, initial_state
-    states = initial_state if isinstance(initial_state, dict) else {}  # a dict, one tensor, or None (bind_call
-    if isinstance(initial_state, torch.Tensor):                          # refuses anything else after this)
+    states = initial_state if isinstance(initial_state, dict) else {}
+    if isinstance(initial_state, torch.Tensor):
         states = {None: initial_state}
+    elif isinstance(initial_state, (tuple, list)):
+        states = dict(enumerate(initial_state))
     groups = (dict(enumerate(args)), dict(inputs), dict(states))
     at = [(g, k) for g, group in enumerate(groups) for k, t in group.items()
           if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -162,6 +164,8 @@ def no_double_backward(layer, form, backend, args, inputs, initial_state):
     args = tuple(groups[0][n] for n in range(len(args)))
     if isinstance(initial_state, torch.Tensor):
         initial_state = groups[2][None]
+    elif isinstance(initial_state, (tuple, list)):
+        initial_state = type(initial_state)(groups[2][n] for n in range(len(initial_state)))
     elif isinstance(initial_state, dict):
         initial_state = groups[2]
     return args, groups[1], initial_state

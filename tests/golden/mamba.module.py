@@ -137,35 +137,46 @@ def _without_graph(grad, budget=10000) -> bool:
     return False
 
 
-def no_double_backward(layer, form, backend, args, inputs, initial_state):
-    """A layer call's (args, inputs by name, initial_state) with every tensor that requires grad passed through
-    `_SecondOrderGuard` while autograd records, so that a double backward (a gradient taken with create_graph=True,
-    then differentiated) through a form whose backward records no graph names the layer, its form and backend, and
-    what supports it. Under torch.compile (an opaque op, codegen/layer.py) they pass as they are."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return args, inputs, initial_state
-    states = initial_state if isinstance(initial_state, dict) else {}  # a dict, one tensor, or None (bind_call
-    if isinstance(initial_state, torch.Tensor):                          # refuses anything else after this)
-        states = {None: initial_state}
-    groups = (dict(enumerate(args)), dict(inputs), dict(states))
-    at = [(g, k) for g, group in enumerate(groups) for k, t in group.items()
-          if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not at:
-        return args, inputs, initial_state
-    message = (f"{layer} (form={form!r}, backend={backend!r}): double backward (differentiating a gradient taken "
-               "with create_graph=True) is not supported: the forms' backward (Triton kernels, the derived adjoint, "
-               "printed VJPs) records no graph. The torch recurrent form supports it with "
-               "RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop): "
-               "call with backend='torch', form='recurrent'.")
-    passed = _SecondOrderGuard.apply(message, *[groups[g][k] for g, k in at])
-    for (g, k), t in zip(at, passed):
-        groups[g][k] = t
-    args = tuple(groups[0][n] for n in range(len(args)))
-    if isinstance(initial_state, torch.Tensor):
-        initial_state = groups[2][None]
-    elif isinstance(initial_state, dict):
-        initial_state = groups[2]
-    return args, groups[1], initial_state
+def no_double_backward(forms, layer, backend):
+    """`forms` (form name -> form function) with each function's tensor arguments (and its states dict's) passed
+    through `_SecondOrderGuard` while autograd records, so that a double backward (a gradient taken with
+    create_graph=True, then differentiated) through a form whose backward is not differentiable names the layer, the
+    form and what does support it. The functions keep their marks (`no_initial_state`, `run_packed`, ...)."""
+
+    def guarded(form, fn):
+        if backend == "torch" and form == "recurrent":
+            why = "its derived adjoint records no graph"
+        elif backend == "torch":
+            why = "parts of its backward (printed VJPs, the torch runtime's autograd functions) record no graph"
+        else:
+            why = "its backward runs Triton kernels, which autograd cannot differentiate"
+        message = (f"{layer}: double backward (differentiating a gradient taken with create_graph=True) is not "
+                   f"supported by the {backend} {form} form: {why}. The torch recurrent form supports it with "
+                   f"RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop): "
+                   f"call with backend='torch', form='recurrent'.")
+
+        def run(*args, **extra):
+            if not torch.is_grad_enabled():
+                return fn(*args, **extra)
+            at = [(n, None) for n, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+            at += [(n, k) for n, a in enumerate(args) if isinstance(a, dict)
+                   for k, v in a.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+            if not at:
+                return fn(*args, **extra)
+            passed = _SecondOrderGuard.apply(message, *[args[n] if k is None else args[n][k] for n, k in at])
+            args = [dict(a) if isinstance(a, dict) else a for a in args]
+            for (n, k), t in zip(at, passed):
+                if k is None:
+                    args[n] = t
+                else:
+                    args[n][k] = t
+            return fn(*args, **extra)
+
+        run.__dict__.update(fn.__dict__)
+        run.__name__ = getattr(fn, "__name__", form)
+        return run
+
+    return {form: guarded(form, fn) for form, fn in forms.items()}
 
 
 def _head_decays(heads, dims, log=False):
@@ -3103,9 +3114,9 @@ def mamba__scan_triton(x, dt, B, C, A, Dskip, states, D, N, cu_seqlens=None, **o
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_mamba_forms = {'recurrent': _zero_start(mamba__recurrent), 'scan': mamba__scan}
+_mamba_forms = no_double_backward({'recurrent': _zero_start(mamba__recurrent), 'scan': mamba__scan}, 'mamba', 'torch')
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)), 'scan': takes_cu_seqlens(mamba__scan_triton)} if HAVE_TRITON else None
+_mamba_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)), 'scan': takes_cu_seqlens(mamba__scan_triton)}, 'mamba', 'triton') if HAVE_TRITON else None
 
 
 class _MambaLayer(Layer):
@@ -3130,8 +3141,6 @@ class _MambaLayer(Layer):
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
-        args, inputs, initial_state = no_double_backward(self.name, form or self.form, backend or self.backend,
-                                                         args, inputs, initial_state)
         return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
                                      cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config)
 
