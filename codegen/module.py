@@ -326,9 +326,9 @@ def _entry_points(analysis: Analysis) -> str:
     sts = tuple(s.name for s in rec.states)
     under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
     return f'''
-_{name}_forms = no_double_backward({{{forms}}}, {name!r}, 'torch')
+_{name}_forms = no_double_backward({{{forms}}}, {name!r}, "torch")
 _{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward
-_{name}_triton_forms = no_double_backward({{{", ".join(tri)}}}, {name!r}, 'triton') if HAVE_TRITON else None
+_{name}_triton_forms = no_double_backward({{{", ".join(tri)}}}, {name!r}, "triton") if HAVE_TRITON else None
 
 
 class _{cls}Layer(Layer):

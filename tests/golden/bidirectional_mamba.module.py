@@ -3103,9 +3103,9 @@ def bidirectional_mamba_forward__scan_triton(x, dt, B, C, A, states, D, N, cu_se
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_forward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_forward__recurrent), 'scan': bidirectional_mamba_forward__scan}, 'bidirectional_mamba_forward', 'torch')
+_bidirectional_mamba_forward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_forward__recurrent), 'scan': bidirectional_mamba_forward__scan}, 'bidirectional_mamba_forward', "torch")
 _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st = ('y',), ('h',)  # output and state names, for the backward
-_bidirectional_mamba_forward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_forward__triton_recurrent_loop, bidirectional_mamba_forward__triton_recurrent_adjoint, _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_forward__scan_triton)}, 'bidirectional_mamba_forward', 'triton') if HAVE_TRITON else None
+_bidirectional_mamba_forward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_forward__triton_recurrent_loop, bidirectional_mamba_forward__triton_recurrent_adjoint, _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_forward__scan_triton)}, 'bidirectional_mamba_forward', "triton") if HAVE_TRITON else None
 
 
 class _BidirectionalMambaForwardLayer(Layer):
@@ -3564,9 +3564,9 @@ def bidirectional_mamba_backward__scan_triton(x, dt, B, C, A, states, D, N, cu_s
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_backward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_backward__recurrent), 'scan': bidirectional_mamba_backward__scan}, 'bidirectional_mamba_backward', 'torch')
+_bidirectional_mamba_backward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_backward__recurrent), 'scan': bidirectional_mamba_backward__scan}, 'bidirectional_mamba_backward', "torch")
 _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st = ('y',), ('h',)  # output and state names, for the backward
-_bidirectional_mamba_backward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_backward__triton_recurrent_loop, bidirectional_mamba_backward__triton_recurrent_adjoint, _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_backward__scan_triton)}, 'bidirectional_mamba_backward', 'triton') if HAVE_TRITON else None
+_bidirectional_mamba_backward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_backward__triton_recurrent_loop, bidirectional_mamba_backward__triton_recurrent_adjoint, _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_backward__scan_triton)}, 'bidirectional_mamba_backward', "triton") if HAVE_TRITON else None
 
 
 class _BidirectionalMambaBackwardLayer(Layer):

@@ -4175,9 +4175,9 @@ def delta_net__chunked_triton(q, k, v, beta, states, K, V, chunk_size=64, **opti
     return {'o': o}, {'S': final_S}
 
 
-_delta_net_forms = no_double_backward({'recurrent': _zero_start(delta_net__recurrent), 'chunked': takes_no_initial_state(delta_net__chunked)}, 'delta_net', 'torch')
+_delta_net_forms = no_double_backward({'recurrent': _zero_start(delta_net__recurrent), 'chunked': takes_no_initial_state(delta_net__chunked)}, 'delta_net', "torch")
 _delta_net_out, _delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_delta_net_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(delta_net__triton_recurrent_loop, delta_net__triton_recurrent_adjoint, _delta_net_out, _delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_net__chunked_triton)))}, 'delta_net', 'triton') if HAVE_TRITON else None
+_delta_net_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(delta_net__triton_recurrent_loop, delta_net__triton_recurrent_adjoint, _delta_net_out, _delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_net__chunked_triton)))}, 'delta_net', "triton") if HAVE_TRITON else None
 
 
 class _DeltaNetLayer(Layer):

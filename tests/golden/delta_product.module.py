@@ -4268,9 +4268,9 @@ def delta_product__chunked_triton(q, k1, k2, v1, v2, b1, b2, states, K, V, chunk
     return {'o': o}, {'S': final_S}
 
 
-_delta_product_forms = no_double_backward({'recurrent': _zero_start(delta_product__recurrent), 'chunked': takes_no_initial_state(delta_product__chunked)}, 'delta_product', 'torch')
+_delta_product_forms = no_double_backward({'recurrent': _zero_start(delta_product__recurrent), 'chunked': takes_no_initial_state(delta_product__chunked)}, 'delta_product', "torch")
 _delta_product_out, _delta_product_st = ('o',), ('S',)  # output and state names, for the backward
-_delta_product_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_product__chunked_triton)))}, 'delta_product', 'triton') if HAVE_TRITON else None
+_delta_product_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(delta_product__triton_recurrent_loop, delta_product__triton_recurrent_adjoint, _delta_product_out, _delta_product_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(delta_product__chunked_triton)))}, 'delta_product', "triton") if HAVE_TRITON else None
 
 
 class _DeltaProductLayer(Layer):

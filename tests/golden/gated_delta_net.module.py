@@ -4337,9 +4337,9 @@ def gated_delta_net__chunked_triton(q, k, v, g, beta, states, K, V, chunk_size=6
     return {'o': o}, {'S': final_S}
 
 
-_gated_delta_net_forms = no_double_backward({'recurrent': _zero_start(gated_delta_net__recurrent), 'chunked': takes_no_initial_state(gated_delta_net__chunked)}, 'gated_delta_net', 'torch')
+_gated_delta_net_forms = no_double_backward({'recurrent': _zero_start(gated_delta_net__recurrent), 'chunked': takes_no_initial_state(gated_delta_net__chunked)}, 'gated_delta_net', "torch")
 _gated_delta_net_out, _gated_delta_net_st = ('o',), ('S',)  # output and state names, for the backward
-_gated_delta_net_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gated_delta_net__chunked_triton)))}, 'gated_delta_net', 'triton') if HAVE_TRITON else None
+_gated_delta_net_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(gated_delta_net__triton_recurrent_loop, gated_delta_net__triton_recurrent_adjoint, _gated_delta_net_out, _gated_delta_net_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(takes_no_initial_state(gated_delta_net__chunked_triton)))}, 'gated_delta_net', "triton") if HAVE_TRITON else None
 
 
 class _GatedDeltaNetLayer(Layer):

@@ -2477,9 +2477,9 @@ def indrnn__triton_recurrent_adjoint(x, w, checkpoints, grad_outputs, grad_state
     return [dx, dw.sum((0, 1))], {'h': dh0_h}
 
 
-_indrnn_forms = no_double_backward({'recurrent': _zero_start(indrnn__recurrent)}, 'indrnn', 'torch')
+_indrnn_forms = no_double_backward({'recurrent': _zero_start(indrnn__recurrent)}, 'indrnn', "torch")
 _indrnn_out, _indrnn_st = ('y',), ('h',)  # output and state names, for the backward
-_indrnn_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(indrnn__triton_recurrent_loop, indrnn__triton_recurrent_adjoint, _indrnn_out, _indrnn_st, kernels=True))}, 'indrnn', 'triton') if HAVE_TRITON else None
+_indrnn_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(indrnn__triton_recurrent_loop, indrnn__triton_recurrent_adjoint, _indrnn_out, _indrnn_st, kernels=True))}, 'indrnn', "triton") if HAVE_TRITON else None
 
 
 class _IndrnnLayer(Layer):

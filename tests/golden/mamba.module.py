@@ -3114,9 +3114,9 @@ def mamba__scan_triton(x, dt, B, C, A, Dskip, states, D, N, cu_seqlens=None, **o
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_mamba_forms = no_double_backward({'recurrent': _zero_start(mamba__recurrent), 'scan': mamba__scan}, 'mamba', 'torch')
+_mamba_forms = no_double_backward({'recurrent': _zero_start(mamba__recurrent), 'scan': mamba__scan}, 'mamba', "torch")
 _mamba_out, _mamba_st = ('y',), ('h',)  # output and state names, for the backward
-_mamba_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)), 'scan': takes_cu_seqlens(mamba__scan_triton)}, 'mamba', 'triton') if HAVE_TRITON else None
+_mamba_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(mamba__triton_recurrent_loop, mamba__triton_recurrent_adjoint, _mamba_out, _mamba_st, kernels=True)), 'scan': takes_cu_seqlens(mamba__scan_triton)}, 'mamba', "triton") if HAVE_TRITON else None
 
 
 class _MambaLayer(Layer):

@@ -2524,9 +2524,9 @@ def minimal_rnn__triton_recurrent_adjoint(x, Uh, Uz, bu, checkpoints, grad_outpu
     return [dx.sum(0), torch.einsum("bthjr,bthjc->hrc", dUh_row, dUh_col), torch.einsum("bthjr,bthjc->hrc", dUz_row, dUz_col), dbu.sum((0, 1))], {'h': dh0_h}
 
 
-_minimal_rnn_forms = no_double_backward({'recurrent': _zero_start(minimal_rnn__recurrent)}, 'minimal_rnn', 'torch')
+_minimal_rnn_forms = no_double_backward({'recurrent': _zero_start(minimal_rnn__recurrent)}, 'minimal_rnn', "torch")
 _minimal_rnn_out, _minimal_rnn_st = ('y',), ('h',)  # output and state names, for the backward
-_minimal_rnn_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True))}, 'minimal_rnn', 'triton') if HAVE_TRITON else None
+_minimal_rnn_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(minimal_rnn__triton_recurrent_loop, minimal_rnn__triton_recurrent_adjoint, _minimal_rnn_out, _minimal_rnn_st, kernels=True))}, 'minimal_rnn', "triton") if HAVE_TRITON else None
 
 
 class _MinimalRnnLayer(Layer):

@@ -4058,9 +4058,9 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
     return {'o': o}, {'S': final_S}, checkpoints
 
 
-_rwkv7_forms = no_double_backward({'recurrent': _zero_start(rwkv7__recurrent), 'chunked': takes_no_initial_state(rwkv7__chunked)}, 'rwkv7', 'torch')
+_rwkv7_forms = no_double_backward({'recurrent': _zero_start(rwkv7__recurrent), 'chunked': takes_no_initial_state(rwkv7__chunked)}, 'rwkv7', "torch")
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))}, 'rwkv7', 'triton') if HAVE_TRITON else None
+_rwkv7_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))}, 'rwkv7', "triton") if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
