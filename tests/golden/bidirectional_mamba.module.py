@@ -85,107 +85,6 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
-class _SecondOrderGuard(torch.autograd.Function):
-    """Identity on a form's tensor arguments that marks, in a backward recording a graph (create_graph=True), each
-    gradient the form's backward returned without one (`once_differentiable`: the derived adjoint, printed VJPs,
-    Triton kernels), so that differentiating it again raises `message` (`_Refused`) rather than torch's "element 0
-    of tensors does not require grad" or "trying to differentiate twice". A differentiable gradient passes as it is."""
-
-    @staticmethod
-    def forward(ctx, message, *tensors):
-        ctx.message = message
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if not torch.is_grad_enabled():  # a plain backward: nothing to mark
-            return (None, *grads)
-        marked = [n for n, g in enumerate(grads) if g is not None and _without_graph(g)]
-        if not marked:
-            return (None, *grads)
-        anchor = torch.zeros((), requires_grad=True)  # a leaf, so that the marked gradients require grad
-        refused = iter(_Refused.apply(ctx.message, anchor, *[grads[n] for n in marked]))
-        grads = list(grads)
-        for n in marked:
-            grads[n] = next(refused)
-        return (None, *grads)
-
-
-class _Refused(torch.autograd.Function):
-    """Identity whose backward raises `message`: a gradient that cannot be differentiated again."""
-
-    @staticmethod
-    def forward(ctx, message, anchor, *grads):
-        ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
-
-
-def _without_graph(grad, budget=10000) -> bool:
-    """Whether a gradient returned under create_graph=True cannot be differentiated: it does not require grad, or its
-    graph reaches once_differentiable's error node (which would raise torch's generic message). The search stops at
-    the guards of this and other layers (their gradients are marked already) and after `budget` nodes."""
-    if not grad.requires_grad:
-        return True
-    todo, seen = [grad.grad_fn], set()
-    while todo and len(seen) < budget:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = node.name()
-        if name == "torch::autograd::Error":
-            return True
-        if name not in ("_SecondOrderGuardBackward", "_RefusedBackward"):
-            todo.extend(n for n, _ in node.next_functions)
-    return False
-
-
-def no_double_backward(forms, layer, backend):
-    """`forms` (form name -> form function) with each function's tensor arguments (and its states dict's) passed
-    through `_SecondOrderGuard` while autograd records, so that a double backward (a gradient taken with
-    create_graph=True, then differentiated) through a form whose backward is not differentiable names the layer, the
-    form and what does support it. The functions keep their marks (`no_initial_state`, `run_packed`, ...)."""
-
-    def guarded(form, fn):
-        if backend == "torch" and form == "recurrent":
-            why = "its derived adjoint records no graph"
-        elif backend == "torch":
-            why = "parts of its backward (printed VJPs, the torch runtime's autograd functions) record no graph"
-        else:
-            why = "its backward runs Triton kernels, which autograd cannot differentiate"
-        message = (f"{layer}: double backward (differentiating a gradient taken with create_graph=True) is not "
-                   f"supported by the {backend} {form} form: {why}. The torch recurrent form supports it with "
-                   f"RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop): "
-                   f"call with backend='torch', form='recurrent'.")
-
-        def run(*args, **extra):
-            if not torch.is_grad_enabled():
-                return fn(*args, **extra)
-            at = [(n, None) for n, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-            at += [(n, k) for n, a in enumerate(args) if isinstance(a, dict)
-                   for k, v in a.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-            if not at:
-                return fn(*args, **extra)
-            passed = _SecondOrderGuard.apply(message, *[args[n] if k is None else args[n][k] for n, k in at])
-            args = [dict(a) if isinstance(a, dict) else a for a in args]
-            for (n, k), t in zip(at, passed):
-                if k is None:
-                    args[n] = t
-                else:
-                    args[n][k] = t
-            return fn(*args, **extra)
-
-        run.__dict__.update(fn.__dict__)
-        run.__name__ = getattr(fn, "__name__", form)
-        return run
-
-    return {form: guarded(form, fn) for form, fn in forms.items()}
-
-
 def _head_decays(heads, dims, log=False):
     """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
     2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
@@ -3103,9 +3002,9 @@ def bidirectional_mamba_forward__scan_triton(x, dt, B, C, A, states, D, N, cu_se
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_forward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_forward__recurrent), 'scan': bidirectional_mamba_forward__scan}, 'bidirectional_mamba_forward', "torch")
+_bidirectional_mamba_forward_forms = {'recurrent': _zero_start(bidirectional_mamba_forward__recurrent), 'scan': bidirectional_mamba_forward__scan}
 _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st = ('y',), ('h',)  # output and state names, for the backward
-_bidirectional_mamba_forward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_forward__triton_recurrent_loop, bidirectional_mamba_forward__triton_recurrent_adjoint, _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_forward__scan_triton)}, 'bidirectional_mamba_forward', "triton") if HAVE_TRITON else None
+_bidirectional_mamba_forward_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_forward__triton_recurrent_loop, bidirectional_mamba_forward__triton_recurrent_adjoint, _bidirectional_mamba_forward_out, _bidirectional_mamba_forward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_forward__scan_triton)} if HAVE_TRITON else None
 
 
 class _BidirectionalMambaForwardLayer(Layer):
@@ -3564,9 +3463,9 @@ def bidirectional_mamba_backward__scan_triton(x, dt, B, C, A, states, D, N, cu_s
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
-_bidirectional_mamba_backward_forms = no_double_backward({'recurrent': _zero_start(bidirectional_mamba_backward__recurrent), 'scan': bidirectional_mamba_backward__scan}, 'bidirectional_mamba_backward', "torch")
+_bidirectional_mamba_backward_forms = {'recurrent': _zero_start(bidirectional_mamba_backward__recurrent), 'scan': bidirectional_mamba_backward__scan}
 _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st = ('y',), ('h',)  # output and state names, for the backward
-_bidirectional_mamba_backward_triton_forms = no_double_backward({'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_backward__triton_recurrent_loop, bidirectional_mamba_backward__triton_recurrent_adjoint, _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_backward__scan_triton)}, 'bidirectional_mamba_backward', "triton") if HAVE_TRITON else None
+_bidirectional_mamba_backward_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(bidirectional_mamba_backward__triton_recurrent_loop, bidirectional_mamba_backward__triton_recurrent_adjoint, _bidirectional_mamba_backward_out, _bidirectional_mamba_backward_st, kernels=True)), 'scan': takes_cu_seqlens(bidirectional_mamba_backward__scan_triton)} if HAVE_TRITON else None
 
 
 class _BidirectionalMambaBackwardLayer(Layer):
