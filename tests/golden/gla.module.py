@@ -77,100 +77,6 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
-class _SecondOrderGuard(torch.autograd.Function):
-    """Identity on a form's tensor arguments that marks, in a backward recording a graph (create_graph=True), each
-    gradient the form's backward returned without one (`once_differentiable`: the derived adjoint, printed VJPs,
-    Triton kernels), so that differentiating it again raises `message` (`_Refused`) rather than torch's "element 0
-    of tensors does not require grad" or "trying to differentiate twice". A differentiable gradient passes as it is."""
-
-    @staticmethod
-    def forward(ctx, message, *tensors):
-        ctx.message = message
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if not torch.is_grad_enabled():  # a plain backward: nothing to mark
-            return (None, *grads)
-        marked = [n for n, g in enumerate(grads) if g is not None and _without_graph(g)]
-        if not marked:
-            return (None, *grads)
-        anchor = torch.zeros((), requires_grad=True)  # a leaf, so that the marked gradients require grad
-        refused = iter(_Refused.apply(ctx.message, anchor, *[grads[n] for n in marked]))
-        grads = list(grads)
-        for n in marked:
-            grads[n] = next(refused)
-        return (None, *grads)
-
-
-class _Refused(torch.autograd.Function):
-    """Identity whose backward raises `message`: a gradient that cannot be differentiated again."""
-
-    @staticmethod
-    def forward(ctx, message, anchor, *grads):
-        ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
-
-
-def _without_graph(grad, budget=10000) -> bool:
-    """Whether a gradient returned under create_graph=True cannot be differentiated: it does not require grad, or its
-    graph reaches once_differentiable's error node (which would raise torch's generic message). The search stops at
-    the guards of this and other layers (their gradients are marked already) and after `budget` nodes."""
-    if not grad.requires_grad:
-        return True
-    todo, seen = [grad.grad_fn], set()
-    while todo and len(seen) < budget:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = node.name()
-        if name == "torch::autograd::Error":
-            return True
-        if name not in ("_SecondOrderGuardBackward", "_RefusedBackward"):
-            todo.extend(n for n, _ in node.next_functions)
-    return False
-
-
-def no_double_backward(layer, form, backend, args, inputs, initial_state):
-    """A layer call's (args, inputs by name, initial_state) with every tensor that requires grad passed through
-    `_SecondOrderGuard` while autograd records, so that a double backward (a gradient taken with create_graph=True,
-    then differentiated) through a form whose backward records no graph names the layer, its form and backend, and
-    what supports it. Under torch.compile (an opaque op, codegen/layer.py) they pass as they are."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return args, inputs, initial_state
-    states = initial_state if isinstance(initial_state, dict) else {}
-    if isinstance(initial_state, torch.Tensor):
-        states = {None: initial_state}
-    elif isinstance(initial_state, (tuple, list)):
-        states = dict(enumerate(initial_state))
-    groups = (dict(enumerate(args)), dict(inputs), dict(states))
-    at = [(g, k) for g, group in enumerate(groups) for k, t in group.items()
-          if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not at:
-        return args, inputs, initial_state
-    message = (f"{layer} (form={form!r}, backend={backend!r}): double backward (differentiating a gradient taken "
-               "with create_graph=True) is not supported: the forms' backward (Triton kernels, the derived adjoint, "
-               "printed VJPs) records no graph. The torch recurrent form supports it with "
-               "RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop): "
-               "call with backend='torch', form='recurrent'.")
-    passed = _SecondOrderGuard.apply(message, *[groups[g][k] for g, k in at])
-    for (g, k), t in zip(at, passed):
-        groups[g][k] = t
-    args = tuple(groups[0][n] for n in range(len(args)))
-    if isinstance(initial_state, torch.Tensor):
-        initial_state = groups[2][None]
-    elif isinstance(initial_state, (tuple, list)):
-        initial_state = type(initial_state)(groups[2][n] for n in range(len(initial_state)))
-    elif isinstance(initial_state, dict):
-        initial_state = groups[2]
-    return args, groups[1], initial_state
-
-
 @dataclass
 class BoundCall:
     inputs: dict[str, torch.Tensor]  # [B, T, H, *dims]
@@ -5629,8 +5535,6 @@ class _GlaLayer(Layer):
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
         length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
         """
-        args, inputs, initial_state = no_double_backward(self.name, form or self.form, backend or self.backend,
-                                                         args, inputs, initial_state)
         return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
                                      cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config)
 
