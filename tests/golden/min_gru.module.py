@@ -4489,8 +4489,7 @@ class _triton_Varlen:
 
     def __init__(self, cu_seqlens: triton_Tensor, T: int, BT: int, device):
         self.packed = p = _triton_Packed(cu_seqlens, T, BT, device)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).detach().to("cpu", torch.int64)
-        offsets = torch.cat([lengths.new_zeros(1), ((lengths + p.BT - 1) // p.BT).cumsum(0)])
+        offsets = p.offsets.to("cpu", torch.int64)  # each sequence's first block, as _triton_Packed laid them out
         seq = torch.repeat_interleave(torch.arange(p.N), offsets[1:] - offsets[:-1], output_size=p.NT)
         self.table = torch.stack([offsets[seq], offsets[seq + 1] - 1, seq]).to(device=device, dtype=torch.int32)
         self.last_rows = (offsets[1:] * p.BT - 1).clamp(min=0).to(device)
