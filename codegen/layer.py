@@ -84,19 +84,6 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
-def _check_launch_values(config: dict) -> None:
-    """CallError unless a config's launch options are what Triton takes: num_warps a power of two from 1 to 32
-    (a CTA holds at most 1024 threads), num_stages an integer >= 1 (block sizes are checked by the kernels' own
-    runtime, which names the block)."""
-    warps = config.get("num_warps")
-    if warps is not None and (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps > 32
-                              or warps & (warps - 1)):
-        raise CallError(f"config num_warps must be a power of two from 1 to 32, got {warps!r}")  # noqa: F821
-    stages = config.get("num_stages")
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
-        raise CallError(f"config num_stages must be an integer >= 1, got {stages!r}")  # noqa: F821
-
-
 class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
@@ -354,26 +341,10 @@ class Layer:
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
-        """The form a config is for: `form` when given (the config must have its keys), else the one form of
-        `fns` whose keys it has (with form "auto" it applies whenever that form runs)."""
-        if not isinstance(config, dict):
-            raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
-        fits = [f for f in ([form] if form else fns) if set(CONFIG_KEYS.get((f, backend), ("-",))) == set(config)]
-        if fits:
-            _check_launch_values(config)
-            return fits[0]
-        accepted = {f: set(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
-                    if (f, backend) in CONFIG_KEYS}
-
-        def differs(keys: set) -> str:
-            parts = [f"{what} {', '.join(sorted(names))}" for what, names in (("missing", keys - set(config)),
-                                                                             ("unknown", set(config) - keys)) if names]
-            return "; ".join(parts)
-
-        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here (a config gives "  # noqa: F821
-                        "every key of one form); "
-                        + ("; ".join(f"{f} takes {sorted(keys)} ({differs(keys)})" for f, keys in accepted.items())
-                           or f"no form{' ' + repr(form) if form else ''} takes a config there"))
+        """The form a config is for (`form` when given, else the one of `fns` taking every key it gives), the
+        config checked (dispatch.py's `config_form`): a config may give some of a form's keys."""
+        accepted = {f: CONFIG_KEYS[(f, backend)] for f in ([form] if form else fns) if (f, backend) in CONFIG_KEYS}
+        return config_form(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):

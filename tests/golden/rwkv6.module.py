@@ -359,6 +359,78 @@ def triton_options(call, options: dict | None) -> dict:
     return options
 
 
+# The least block size a config may give, per form: the chunked and parallel kernels' blocks are tl.dot operands,
+# whose every dimension must be >= 16 on a GPU; the scan's are tl.arange lengths, any power of two.
+_LEAST_BLOCK = {"chunked": 16, "parallel": 16}
+
+
+def _config_value_error(form: str, key: str, value) -> str | None:
+    """Why `value` cannot be `key` of a config for `form`, or None (chunk_size is checked by the layer, by the
+    chunk_size rule of the backend). Triton takes num_warps a power of two up to 32 (1024 threads a CTA)."""
+    if key == "chunk_size":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"config {key} must be an integer, got {value!r}"
+    if key == "num_stages":
+        return None if value >= 1 else f"config num_stages must be an integer >= 1, got {value}"
+    least = 1 if key == "num_warps" or form not in _LEAST_BLOCK else _LEAST_BLOCK[form]
+    if value < least or value & (value - 1) or (key == "num_warps" and value > 32):
+        bounds = "from 1 to 32" if key == "num_warps" else f">= {least}"
+        return f"config {key} must be a power of two {bounds}, got {value} (the {form} form)"
+    return None
+
+
+def _close(key: str, keys) -> str:
+    """' (did you mean 'x'?)' when `key` looks like a misspelling of one of `keys`, else ''."""
+    import difflib  # here: a generated module copies this file without its top-level imports
+
+    match = difflib.get_close_matches(key, list(keys), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
+    """The form a call's `config=` is for, after checking the config; its keys override that form's defaults.
+
+    accepted: form name -> the keys a config of that form may give on `backend` (codegen.layer.CONFIG_KEYS),
+    for the form given or, with form None ("auto"), for every form the layer has there. A config may give any
+    of a form's keys (the form's defaults fill in the rest). With form None it is for the one form taking every
+    key it gives. CallError (from calling.py) for a config that is not a dict, a key no form takes (naming
+    it, the form and its keys, with a close match), keys that fit no form or several, or a bad value."""
+    if not isinstance(config, dict):
+        raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
+    accepted = {f: tuple(keys) for f, keys in accepted.items()}
+    where = f"on the {backend} backend"
+    if not accepted:
+        raise CallError(f"no form{' ' + repr(form) if form else ''} takes a config {where}; got "  # noqa: F821
+                        f"{sorted(config)}")
+    if not config:
+        raise CallError("config is empty: give at least one key, or leave config out")  # noqa: F821
+    taken = {k for keys in accepted.values() for k in keys}
+
+    def takes(f: str) -> str:
+        return f"{f} takes {', '.join(accepted[f])}"
+
+    valid = "valid keys: " + "; ".join(takes(f) for f in accepted)
+    unknown = [k for k in config if k not in taken]
+    if unknown:
+        key = unknown[0]
+        named = f"a key of the {form} form" if form else "taken by any form"
+        raise CallError(f"config key {key!r} is not {named} {where}{_close(str(key), taken)}; {valid}")  # noqa: F821
+    given = ", ".join(config)
+    fits = [f for f, keys in accepted.items() if set(config) <= set(keys)]
+    if not fits:
+        raise CallError(f"config keys {given} are not all keys of one form {where} (a config is for one form); "  # noqa: F821
+                        + valid)
+    if len(fits) > 1:
+        raise CallError(f"config {given} fits the forms {', '.join(fits)} {where}: pass form= to say which "  # noqa: F821
+                        "runs with it")
+    for key, value in config.items():
+        why = _config_value_error(fits[0], key, value)
+        if why:
+            raise CallError(why)  # noqa: F821
+    return fits[0]
+
+
 # Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
 # writes rows x length states where a chunk writes rows states (256 x 16 steps of mamba2 on CPU: 5.7x one sequence
 # of 4096 steps through the loop, 1.9x through chunks; benchmarks/bench_varlen.py).
@@ -1154,19 +1226,6 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
-def _check_launch_values(config: dict) -> None:
-    """CallError unless a config's launch options are what Triton takes: num_warps a power of two from 1 to 32
-    (a CTA holds at most 1024 threads), num_stages an integer >= 1 (block sizes are checked by the kernels' own
-    runtime, which names the block)."""
-    warps = config.get("num_warps")
-    if warps is not None and (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps > 32
-                              or warps & (warps - 1)):
-        raise CallError(f"config num_warps must be a power of two from 1 to 32, got {warps!r}")  # noqa: F821
-    stages = config.get("num_stages")
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
-        raise CallError(f"config num_stages must be an integer >= 1, got {stages!r}")  # noqa: F821
-
-
 class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
@@ -1424,26 +1483,10 @@ class Layer:
 
     @staticmethod
     def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
-        """The form a config is for: `form` when given (the config must have its keys), else the one form of
-        `fns` whose keys it has (with form "auto" it applies whenever that form runs)."""
-        if not isinstance(config, dict):
-            raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
-        fits = [f for f in ([form] if form else fns) if set(CONFIG_KEYS.get((f, backend), ("-",))) == set(config)]
-        if fits:
-            _check_launch_values(config)
-            return fits[0]
-        accepted = {f: set(CONFIG_KEYS[(f, backend)]) for f in ([form] if form else fns)
-                    if (f, backend) in CONFIG_KEYS}
-
-        def differs(keys: set) -> str:
-            parts = [f"{what} {', '.join(sorted(names))}" for what, names in (("missing", keys - set(config)),
-                                                                             ("unknown", set(config) - keys)) if names]
-            return "; ".join(parts)
-
-        raise CallError(f"config keys {sorted(config)} fit no form on the {backend} backend here (a config gives "  # noqa: F821
-                        "every key of one form); "
-                        + ("; ".join(f"{f} takes {sorted(keys)} ({differs(keys)})" for f, keys in accepted.items())
-                           or f"no form{' ' + repr(form) if form else ''} takes a config there"))
+        """The form a config is for (`form` when given, else the one of `fns` taking every key it gives), the
+        config checked (dispatch.py's `config_form`): a config may give some of a form's keys."""
+        accepted = {f: CONFIG_KEYS[(f, backend)] for f in ([form] if form else fns) if (f, backend) in CONFIG_KEYS}
+        return config_form(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):

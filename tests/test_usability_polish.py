@@ -1,0 +1,69 @@
+"""Small usability fixes a new user met: a partial `config=` overrides the defaults for the keys it gives (bad
+keys and values named), meta-device calls, `recdsl tune` checking its arguments before any work, every name
+clash of a spec with the generated module in one error, and `recdsl explain`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPECS_DIR
+
+GLA = str(SPECS_DIR / "gla.rec")
+
+
+@pytest.fixture(scope="module")
+def gla():
+    rec = recurrence_dsl.load(GLA)["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, _ = sample_arguments(rec.checked, {"K": 16, "V": 16}, 1, 40, 1, dtype=torch.float32, seed=0)
+    return layer, args
+
+
+# -- 1. config= may give some of a form's keys --------------------------------------------------------------------
+
+
+def test_a_single_key_config_overrides_that_key_and_keeps_the_other_defaults(gla):
+    layer, args = gla
+    plan = layer.config_for(*args, backend="torch", config={"chunk_size": 16})
+    assert (plan["form"], plan["chunk_size"], plan["config"], plan["source"]) == ("chunked", 16, {}, "call")
+    plan = layer.config_for(*args, backend="triton", form="chunked", config={"block_k": 16})
+    assert (plan["chunk_size"], plan["config"]) == (64, {"block_k": 16})  # the layer's chunk_size is kept
+    plan = layer.config_for(*args, backend="triton", form="parallel", config={"num_warps": 2})
+    assert plan["config"] == {"num_warps": 2}
+    ref = layer(*args, backend="torch")[0]
+    for backend in ("torch", "triton"):
+        out = layer(*args, backend=backend, config={"chunk_size": 16})[0]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out = layer(*args, backend="triton", form="parallel", config={"block_t": 16})[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "form", "config", "message"), [
+    ("torch", None, {"chunk_sise": 32}, r"config key 'chunk_sise' is not taken by any form on the torch backend "
+     r"\(did you mean 'chunk_size'\?\); valid keys: chunked takes chunk_size$"),
+    ("triton", "parallel", {"chunk_size": 32}, r"config key 'chunk_size' is not a key of the parallel form on the "
+     r"triton backend; valid keys: parallel takes block_t, block_k, block_v, num_warps, num_stages$"),
+    ("triton", "chunked", {"blok_v": 32}, r"'blok_v' is not a key of the chunked form .*did you mean 'block_v'.*"
+     r"valid keys: chunked takes chunk_size, block_k, block_v, num_warps, num_stages"),
+    ("triton", None, {"block_t": 16, "chunk_size": 32}, r"config keys block_t, chunk_size are not all keys of one "
+     r"form on the triton backend"),
+    ("triton", None, {"num_warps": 4}, r"config num_warps fits the forms .*chunked.*: pass form= to say which"),
+    ("triton", "chunked", {"block_k": 24}, r"config block_k must be a power of two >= 16, got 24 \(the chunked"),
+    ("triton", "scan", {"block_n": 0}, r"config block_n must be a power of two >= 1, got 0 \(the scan form\)"),
+    ("triton", "chunked", {"num_warps": 64}, r"config num_warps must be a power of two from 1 to 32, got 64"),
+    ("triton", "chunked", {"num_stages": 0}, r"config num_stages must be an integer >= 1, got 0"),
+    ("triton", "chunked", {"block_v": "32"}, r"config block_v must be an integer, got '32'"),
+    ("triton", None, {"chunk_size": 24}, r"chunk_size must be a power of two >= 16 on the triton backend, got 24"),
+    ("torch", None, {"chunk_size": -1}, r"chunk_size must be an integer >= 1, got -1"),
+    ("torch", None, {}, r"config is empty"),
+])
+def test_a_bad_config_key_or_value_is_named(gla, backend, form, config, message):
+    layer, args = gla
+    with pytest.raises(recurrence_dsl.CallError, match=message):
+        layer.config_for(*args, backend=backend, form=form, config=config)
+    with pytest.raises(recurrence_dsl.CallError, match=message):  # the call itself, before any kernel runs
+        layer(*args, backend=backend, form=form, config=config)
