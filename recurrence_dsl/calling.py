@@ -167,7 +167,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
         if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+        # (A meta cu_seqlens has no values to check: a meta call only gives the outputs' shapes.)
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values and not cu_seqlens.is_meta else cu_seqlens
     rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)

@@ -67,3 +67,41 @@ def test_a_bad_config_key_or_value_is_named(gla, backend, form, config, message)
         layer.config_for(*args, backend=backend, form=form, config=config)
     with pytest.raises(recurrence_dsl.CallError, match=message):  # the call itself, before any kernel runs
         layer(*args, backend=backend, form=form, config=config)
+
+
+# -- 2. meta tensors: outputs of the right shapes, no values read --------------------------------------------------
+
+
+def test_a_meta_call_gives_meta_outputs_of_the_shapes_a_real_call_gives(gla):
+    layer, args = gla
+    real, real_final = layer(*args, backend="torch", output_final_state=True)
+    meta = [a.to("meta").requires_grad_() for a in args]
+    out, final = layer(*meta, output_final_state=True)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", real.shape, real.dtype)
+    assert (final.device.type, final.shape, final.dtype) == ("meta", real_final.shape, real_final.dtype)
+    out.sum().backward()  # autograd reaches every input: meta gradients of the inputs' shapes
+    assert all(a.grad is not None and a.grad.shape == a.shape and a.grad.is_meta for a in meta)
+    half = [a.to("meta", torch.bfloat16) for a in args]
+    out, final = layer(*half, cu_seqlens=torch.tensor([0, 15, 40], device="meta"), output_final_state=True,
+                       form="chunked")  # packed: a final state per sequence, boundaries not read
+    assert (out.shape, out.dtype, final.shape, final.dtype) == (real.shape, torch.bfloat16,
+                                                                (2,) + real_final.shape[1:], torch.float32)
+    with pytest.raises(recurrence_dsl.CallError, match="input 'k' is on cpu but 'q' is on meta"):
+        layer(meta[0], *args[1:])
+    with pytest.raises(recurrence_dsl.CallError, match="got meta tensors: use backend='torch'"):
+        layer(*meta, backend="triton")
+
+
+def test_a_module_built_on_the_meta_device_runs_forward_and_backward():
+    import sys
+
+    rec = recurrence_dsl.load(str(SPECS_DIR / "mamba2.rec"))["mamba2"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    cls = getattr(sys.modules[type(layer).__module__], "Mamba2")
+    with torch.device("meta"):
+        module = cls(2, sizes={"N": 4, "P": 3})
+        x, dt, b, c = (torch.randn(1, 6, 2, n) for n in (3, 1, 4, 4))
+    out, _ = module(x, dt[..., 0], b, c)
+    assert out.is_meta and out.shape == (1, 6, 2, 3)
+    out.sum().backward()
+    assert {name: p.grad.shape for name, p in module.named_parameters()} == {"A": (2,), "D": (2,)}

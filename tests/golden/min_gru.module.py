@@ -228,7 +228,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
         if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
-        cu = check_cu_seqlens(cu_seqlens, length) if check_values else cu_seqlens
+        # (A meta cu_seqlens has no values to check: a meta call only gives the outputs' shapes.)
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values and not cu_seqlens.is_meta else cu_seqlens
     rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
@@ -454,6 +455,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     limits runs in pieces that fit (`in_grid_pieces`).
     """
     options = options or {}
+    if call.device.type == "meta":
+        return meta_result(spec, call)
     dtype = compute_dtype(call.dtype)
     # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
     # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
@@ -538,6 +541,32 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
                                       call_form)
     outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def meta_result(spec, call):
+    """What a call of meta tensors returns: meta outputs [B, T, H, *dims] in the call's dtype and, when asked,
+    final states [N, H, *dims] in the compute dtype, as a call with data would (shape inference: a model built
+    on the meta device runs, and its backward gives meta gradients of the right shapes). No form runs: a meta
+    tensor has no values, and the forms read some (the chunked forms' step check, the packed sequences'
+    boundaries). The outputs depend on every input and param that requires grad, through a zero, so autograd
+    reaches them."""
+    tensors = list(call.inputs.values()) + list(call.params.values()) + list((call.initial_state or {}).values())
+    anchor = None
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                anchor = t.sum() * 0 if anchor is None else anchor + t.sum() * 0
+
+    def empty(shape, dtype):
+        out = torch.empty(shape, dtype=dtype, device="meta")
+        return out if anchor is None else out + anchor.to(dtype)
+
+    outputs = {o.name: empty((call.batch, call.length, call.heads) + call.dims(o), call.dtype) for o in spec.outputs}
+    finals = None
+    if call.output_final_state:
+        finals = {s.name: empty((call.num_sequences, call.heads) + call.dims(s), compute_dtype(call.dtype))
+                  for s in spec.states}
+    return pack_result(spec, outputs, finals)  # noqa: F821 - from calling.py
 
 
 # CUDA's grid limits (the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): at most
