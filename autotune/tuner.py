@@ -403,6 +403,8 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         raise ValueError(f"trials must be at least 1, got {trials}")
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be at least 0, got {warmup}")
     missing = set(checked.sizes) - set(sizes)
     if missing:
         raise ValueError(f"sizes: {checked.name} needs {', '.join(sorted(missing))}")

@@ -642,6 +642,22 @@ def cmd_kernels(args) -> int:
     return 1 if problems else 0
 
 
+def _integer_at_least(least: int):
+    """An argparse type: an integer >= `least`, so a bad count is refused while the command line is parsed, before
+    any spec is read or any work (a progress bar, a timing) starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser (its subcommands' too) with a bad command line reported in one line, as recdsl's other
     errors are: `recdsl kernels: error: argument --target: invalid choice: ...; see recdsl kernels --help`, not the
@@ -720,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--backend", choices=("torch", "triton"), help="default: triton on cuda, torch on cpu")
     tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
                       "runs in its interpreter and is stored as 'cpu-interpreter')")
-    tune.add_argument("--trials", type=int, default=20, help="configs to time (default 20)")
+    tune.add_argument("--trials", type=_integer_at_least(1), default=20, help="configs to time (default 20)")
     tune.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd",
                       help="what is timed: fwdbwd (default), forward and backward, what a training step runs and "
                       "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
@@ -737,9 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-compiler", action="store_true",
                       help="triton: prune with the hand-kept estimate of autotune/space.py instead of the "
                            "compiler's figures (what happens anyway without ptxas / cuobjdump)")
-    tune.add_argument("--warmup", type=int, default=2, help="untimed runs per config (default 2)")
-    tune.add_argument("--repeat", type=int, default=5, help="interleaved rounds: timed runs per config, median and "
-                      "IQR kept (default 5)")
+    tune.add_argument("--warmup", type=_integer_at_least(0), default=2, help="untimed runs per config (default 2)")
+    tune.add_argument("--repeat", type=_integer_at_least(1), default=5, help="interleaved rounds: timed runs per "
+                      "config, median and IQR kept (default 5)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the sampler")
     tune.add_argument("--no-check", action="store_true", help="skip the check of each config's outputs "
                       "against the torch form")

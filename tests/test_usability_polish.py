@@ -105,3 +105,32 @@ def test_a_module_built_on_the_meta_device_runs_forward_and_backward():
     assert out.is_meta and out.shape == (1, 6, 2, 3)
     out.sum().backward()
     assert {name: p.grad.shape for name, p in module.named_parameters()} == {"A": (2,), "D": (2,)}
+
+
+# -- 3. recdsl tune checks its counts while parsing, before any work -----------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--trials", "0"], "argument --trials: must be an integer >= 1, got 0"),
+    (["--trials", "many"], "argument --trials: must be an integer >= 1, got 'many'"),
+    (["--repeat", "0"], "argument --repeat: must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+])
+def test_tune_refuses_a_bad_count_before_reading_the_spec_or_drawing_progress(argv, message, capsys, tmp_path):
+    from recurrence_dsl.cli import main
+
+    missing = str(tmp_path / "not_there.rec")  # never read: the command line is refused first
+    with pytest.raises(SystemExit) as info:
+        main(["tune", missing, "--store", str(tmp_path / "t.sqlite"), *argv])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err == f"recdsl tune: error: {message}; see recdsl tune --help\n"  # one line: no bar, no warning
+    assert not (tmp_path / "t.sqlite").exists()
+
+
+def test_tune_itself_refuses_a_negative_warmup():
+    from autotune.tuner import tune
+
+    rec = recurrence_dsl.load(GLA)["gla"]
+    with pytest.raises(ValueError, match="warmup must be at least 0, got -1"):
+        tune(rec, {"K": 16, "V": 16}, 1, 32, 1, warmup=-1, store=False)
