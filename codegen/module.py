@@ -593,30 +593,56 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
         for name in names:
             bound[name] = bound.get(name, 0) + 1
     defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    clashes: list[SpecError] = []  # every clash of every recurrence: a user renames them all in one go
     for a in analyses:
         rec = a.recurrence
         for name in (rec.name, _class_name(rec.name)):
             if bound.get(name, 0) > 1:
                 what = f"recurrence name '{name}'" if name == rec.name else f"module class '{name}' of '{rec.name}'"
-                raise SpecError(f"the {what} clashes with another '{name}' of the generated module", rec.span,
-                                rec.source, hint="rename the recurrence")
+                clashes.append(SpecError(f"the {what} clashes with another '{name}' of the generated module",
+                                         rec.span, rec.source, hint="rename the recurrence"))
         user = {s.name for s in rec.inputs + rec.params}
         classes = (defs[f"_{_class_name(rec.name)}Layer"], defs[_class_name(rec.name)])
         functions = [f for c in classes for f in c.body if isinstance(f, ast.FunctionDef)]
+        hidden: dict[str, list[str]] = {}  # spec name -> the generated functions it would hide a name in
         for fn in functions:
             needed = {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
             needed |= {n.value.id for n in ast.walk(fn)
                        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
             for name in sorted(user & needed):
-                raise SpecError(f"'{name}' would hide '{name}' in the generated module's {fn.name}()",
-                                rec.symbol(name).span, rec.source, hint=f"rename it, say '{name}_'")
+                hidden.setdefault(name, []).append(f"{fn.name}()")
+        for name, where in hidden.items():
+            clashes.append(SpecError(f"'{name}' would hide '{name}' in the generated module's {', '.join(where)}",
+                                     rec.symbol(name).span, rec.source, hint=f"rename it, say '{name}_'"))
         for p in rec.params:
             if p.name in _MODULE_ATTRIBUTES:
-                raise SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the generated "
-                                "torch.nn.Module", p.span, rec.source, hint=f"rename it, say '{p.name}_'")
+                clashes.append(SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the "
+                                         "generated torch.nn.Module", p.span, rec.source,
+                                         hint=f"rename it, say '{p.name}_'"))
             if p.name in _MODULE_INIT_ARGUMENTS:
-                raise SpecError(f"param '{p.name}' would clash with the argument '{p.name}' of the generated "
-                                "torch.nn.Module's __init__", p.span, rec.source, hint=f"rename it, say '{p.name}_'")
+                clashes.append(SpecError(f"param '{p.name}' would clash with the argument '{p.name}' of the "
+                                         "generated torch.nn.Module's __init__", p.span, rec.source,
+                                         hint=f"rename it, say '{p.name}_'"))
+    if len(clashes) == 1:
+        raise clashes[0]
+    if clashes:
+        raise NameClashes(clashes)
+
+
+class NameClashes(SpecError):
+    """Several spec names clash with the generated module's: one error holding each (`clashes`), rendered one after
+    the other, each at its own place; `line`, `column` and `message` are the first's."""
+
+    def __init__(self, clashes: list[SpecError]):
+        self.clashes = list(clashes)
+        first = self.clashes[0]
+        super().__init__(f"{first.message} (and {len(self.clashes) - 1} more name clash"
+                         f"{'es' * (len(self.clashes) > 2)} below)", first.span, first.source, first.hint)
+
+    def render(self) -> str:
+        head = (f"{self.source.filename}: error: {len(self.clashes)} names clash with the generated module's own; "
+                "rename them all:")
+        return "\n".join([head] + [c.render() for c in self.clashes])
 
 
 class OverwriteError(Exception):

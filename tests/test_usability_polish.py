@@ -134,3 +134,35 @@ def test_tune_itself_refuses_a_negative_warmup():
     rec = recurrence_dsl.load(GLA)["gla"]
     with pytest.raises(ValueError, match="warmup must be at least 0, got -1"):
         tune(rec, {"K": 16, "V": 16}, 1, 32, 1, warmup=-1, store=False)
+
+
+# -- 4. every name clash with the generated module in one error -----------------------------------------------------
+
+CLASHES = """\
+recurrence tl(x[D], self) -> y[D] {
+    param training[D], sizes[D]
+    state h[D]
+    h[d] = sigmoid(training[d] + sizes[d] + self) * h[d] + x[d]
+    y[d] = h[d]
+}
+"""
+
+
+def test_every_name_clash_is_reported_in_one_error(tmp_path, capsys):
+    from recurrence_dsl.cli import main
+
+    spec = tmp_path / "clashes.rec"
+    spec.write_text(CLASHES)
+    assert main(["compile", str(spec), "-o", str(tmp_path / "out.py")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{spec}: error: 4 names clash with the generated module's own; rename them all:\n")
+    for where, words in (("1:1", "the recurrence name 'tl' clashes"), ("1:21", "'self' would hide 'self'"),
+                         ("2:11", "param 'training' would replace the attribute"),
+                         ("2:24", "param 'sizes' would clash with the argument 'sizes'")):
+        assert f"clashes.rec:{where}: error: {words}" in err, err
+    assert err.count("hint: rename") == 4 and "Traceback" not in err
+    assert not (tmp_path / "out.py").exists()
+    with pytest.raises(recurrence_dsl.SpecError) as info:  # compile() raises the same one error
+        recurrence_dsl.compile(recurrence_dsl.load_text(CLASHES, "clashes.rec")["tl"])
+    assert (info.value.line, info.value.column) == (1, 1) and len(info.value.clashes) == 4
+    assert "and 3 more name clashes" in info.value.message
