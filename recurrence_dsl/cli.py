@@ -1,4 +1,4 @@
-"""`recdsl`: check, show, compile, tune `.rec` specs and report their kernels from the command line.
+"""`recdsl`: check, show, explain, compile, tune `.rec` specs and report their kernels from the command line.
 
 Exit status: 0 on success, 1 when a path exceeds its tolerance (check), every trial failed (tune) or a kernel
 spills, needs too much shared memory, launches a grid past CUDA's limits or does not compile (kernels), 2 on a spec
@@ -7,6 +7,7 @@ error (a FILE that is not UTF-8 or holds no recurrence too), a bad command line 
 exception is a bug in recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a
 report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG set (0, off, false, no: unset).
 
+    recdsl explain FILE [--name NAME] [--json]
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
@@ -223,6 +224,32 @@ def describe(rec: Recurrence) -> dict:
     }
 
 
+def explanation(rec: Recurrence) -> str:
+    """The analysis in words (`recdsl explain`, and `recdsl show` after the declarations): the recurrence's class,
+    each state's class and why, the forms derived with their mathematics, why each other form is not there, and
+    the forms the Triton backend lacks and why."""
+    from codegen.triton_recurrent import triton_unavailable
+
+    analysis = analyse(rec.checked)
+    lines = [explain(analysis)]
+    lines += [f"  on the triton backend, no {form} form: {why}" for form, why in triton_unavailable(analysis).items()]
+    return "\n".join(lines)
+
+
+def cmd_explain(args) -> int:
+    recs = _select(load_file(args.file), args.name)
+    if args.json:
+        from codegen.triton_recurrent import triton_unavailable
+
+        keys = ("name", "spec_hash", "class", "states", "forms", "unavailable")
+        print(json.dumps({"recurrences": [
+            {**{k: v for k, v in describe(r).items() if k in keys},
+             "triton_unavailable": dict(triton_unavailable(analyse(r.checked)))} for r in recs]}, indent=2))
+        return 0
+    print("\n\n".join(explanation(rec) for rec in recs))
+    return 0
+
+
 def cmd_show(args) -> int:
     recs = _select(load_file(args.file), args.name)
     if args.graph:
@@ -248,12 +275,7 @@ def cmd_show(args) -> int:
         for line in d["statements"]:
             print(f"    {line}")
         print()
-        analysis = analyse(rec.checked)
-        print(explain(analysis))
-        from codegen.triton_recurrent import triton_unavailable
-
-        for form, why in triton_unavailable(analysis).items():
-            print(f"  on the triton backend, no {form} form: {why}")
+        print(explanation(rec))
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -703,6 +725,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--force", action="store_true", help="let --graph replace a file recdsl did not write "
                       "(never the spec itself)")
     show.set_defaults(run=cmd_show)
+
+    expl = sub.add_parser("explain", help="explain the analysis: classes, forms, why the others are not there",
+                          description="Print, per recurrence of FILE, what the analysis derived: the recurrence's "
+                          "class, each state's class and why, the forms it has with their mathematics, why each "
+                          "other form is not there, and the forms the Triton backend lacks (what `recdsl show` "
+                          "prints after the declarations).")
+    expl.add_argument("file", metavar="FILE")
+    expl.add_argument("--name", help="only this recurrence")
+    expl.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [{\"name\", \"class\", "
+                      "\"states\", \"forms\", \"unavailable\", \"triton_unavailable\", ...}]}")
+    expl.set_defaults(run=cmd_explain)
 
     comp = sub.add_parser("compile", help="write a standalone Python module for the recurrences of FILE",
                           description="Write one standalone, readable module (importing only torch, and triton "

@@ -289,3 +289,32 @@ def test_tune_without_form_tunes_what_auto_runs_at_that_length():
     assert _form_to_tune(forms, "triton", {"T": 1024}, tunable) == "chunked"
     assert _form_to_tune(forms, "torch", {"T": 64}, tunable) == "chunked"  # the torch parallel form takes no config
     assert _form_to_tune(forms, "triton", {"T": 8, "B": 1}, tunable) == "recurrent"
+
+
+def test_explain_prints_the_analysis_show_prints_and_help_lists_it(capsys):
+    """`recdsl explain FILE` (what a new user typed): the analysis alone, the same text `show` prints after the
+    declarations, for each recurrence; forms that are missing say why, on either backend."""
+    delta = SPECS_DIR / "delta_net.rec"
+    assert main(["explain", str(delta)]) == 0
+    explained = capsys.readouterr().out
+    assert explained.startswith("recurrence delta_net: class rank-one-update; forms: recurrent, chunked\n")
+    assert "  state S[i, j]: rank-one-update -- " in explained
+    assert "  no scan form: S has a rank-one-update transition" in explained
+    assert "  no parallel form: " in explained and "spec hash" not in explained and "config of a call" not in explained
+    assert main(["show", str(delta)]) == 0
+    assert explained.rstrip("\n") in capsys.readouterr().out  # one text, reused
+    assert main(["explain", str(GLA), "--json"]) == 0
+    (gla,) = json.loads(capsys.readouterr().out)["recurrences"]
+    assert (gla["name"], gla["class"], gla["forms"]) == ("gla", "diagonal-row", ["recurrent", "scan", "chunked",
+                                                                               "parallel"])
+    assert isinstance(gla["unavailable"], dict) and isinstance(gla["triton_unavailable"], dict)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "    explain   " in capsys.readouterr().out
+
+
+def test_explain_of_a_bad_spec_or_name_exits_2(bad_spec, capsys):
+    assert main(["explain", str(bad_spec)]) == 2
+    assert "bad.rec:2:12: error:" in capsys.readouterr().err
+    assert main(["explain", str(GLA), "--name", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
