@@ -86,6 +86,8 @@ def test_a_meta_call_gives_meta_outputs_of_the_shapes_a_real_call_gives(gla):
                        form="chunked")  # packed: a final state per sequence, boundaries not read
     assert (out.shape, out.dtype, final.shape, final.dtype) == (real.shape, torch.bfloat16,
                                                                 (2,) + real_final.shape[1:], torch.float32)
+    with pytest.raises(recurrence_dsl.CallError, match="cu_seqlens is on meta but the inputs are on cpu"):
+        layer(*[a[:1] for a in args], cu_seqlens=torch.tensor([0, 15, 40], device="meta"))
     with pytest.raises(recurrence_dsl.CallError, match="input 'k' is on cpu but 'q' is on meta"):
         layer(meta[0], *args[1:])
     with pytest.raises(recurrence_dsl.CallError, match="got meta tensors: use backend='torch'"):

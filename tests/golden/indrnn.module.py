@@ -236,8 +236,12 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
         if cu_seqlens.shape[0] < 2:
             raise CallError("cu_seqlens must hold at least two boundaries [0, T]")
+        on_meta = cu_seqlens.device.type == "meta"  # (device, not is_meta: a FakeTensor under torch.compile)
+        if on_meta != (device.type == "meta"):
+            raise CallError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}: a meta call "
+                            "(shapes only) takes a meta cu_seqlens, any other call one with values")
         # (A meta cu_seqlens has no values to check: a meta call only gives the outputs' shapes.)
-        cu = check_cu_seqlens(cu_seqlens, length) if check_values and not cu_seqlens.is_meta else cu_seqlens
+        cu = check_cu_seqlens(cu_seqlens, length) if check_values and not on_meta else cu_seqlens
     rows = batch if cu is None else cu.shape[0] - 1
 
     states = _normalise_states(rec, initial_state)
