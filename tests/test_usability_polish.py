@@ -34,6 +34,8 @@ def test_a_single_key_config_overrides_that_key_and_keeps_the_other_defaults(gla
     assert (plan["chunk_size"], plan["config"]) == (64, {"block_k": 16})  # the layer's chunk_size is kept
     plan = layer.config_for(*args, backend="triton", form="parallel", config={"num_warps": 2})
     assert plan["config"] == {"num_warps": 2}
+    # every key of one form: that form, though others take the key too (the tuning store's recurrent configs)
+    assert type(layer)._config_form({"num_warps": 4}, None, layer.triton_forms, "triton") == "recurrent"
     ref = layer(*args, backend="torch")[0]
     for backend in ("torch", "triton"):
         out = layer(*args, backend=backend, config={"chunk_size": 16})[0]
@@ -51,7 +53,8 @@ def test_a_single_key_config_overrides_that_key_and_keeps_the_other_defaults(gla
      r"valid keys: chunked takes chunk_size, block_k, block_v, num_warps, num_stages"),
     ("triton", None, {"block_t": 16, "chunk_size": 32}, r"config keys block_t, chunk_size are not all keys of one "
      r"form on the triton backend"),
-    ("triton", None, {"num_warps": 4}, r"config num_warps fits the forms .*chunked.*: pass form= to say which"),
+    ("triton", None, {"block_k": 16}, r"config block_k fits the forms chunked, parallel on the triton backend: "
+     r"pass form= to say which"),
     ("triton", "chunked", {"block_k": 24}, r"config block_k must be a power of two >= 16, got 24 \(the chunked"),
     ("triton", "scan", {"block_n": 0}, r"config block_n must be a power of two >= 1, got 0 \(the scan form\)"),
     ("triton", "chunked", {"num_warps": 64}, r"config num_warps must be a power of two from 1 to 32, got 64"),

@@ -390,9 +390,10 @@ def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
 
     accepted: form name -> the keys a config of that form may give on `backend` (codegen.layer.CONFIG_KEYS),
     for the form given or, with form None ("auto"), for every form the layer has there. A config may give any
-    of a form's keys (the form's defaults fill in the rest). With form None it is for the one form taking every
-    key it gives. CallError (from calling.py) for a config that is not a dict, a key no form takes (naming
-    it, the form and its keys, with a close match), keys that fit no form or several, or a bad value."""
+    of a form's keys (the form's defaults fill in the rest). With form None it is for the one form whose keys it
+    gives all of, else for the one form taking every key it gives. CallError (from calling.py) for a config that
+    is not a dict, a key no form takes (naming it, the form and its keys, with a close match), keys that fit no
+    form or several, or a bad value."""
     if not isinstance(config, dict):
         raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
     accepted = {f: tuple(keys) for f, keys in accepted.items()}
@@ -414,7 +415,11 @@ def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
         named = f"a key of the {form} form" if form else "taken by any form"
         raise CallError(f"config key {key!r} is not {named} {where}{_close(str(key), taken)}; {valid}")  # noqa: F821
     given = ", ".join(config)
-    fits = [f for f, keys in accepted.items() if set(config) <= set(keys)]
+    # A config giving every key of one form is for that form (what the tuning store holds: the recurrent form's
+    # {num_warps} too, whose one key the other forms also take); else for the one form taking all its keys.
+    fits = [f for f, keys in accepted.items() if set(config) == set(keys)]
+    if len(fits) != 1:
+        fits = [f for f, keys in accepted.items() if set(config) <= set(keys)]
     if not fits:
         raise CallError(f"config keys {given} are not all keys of one form {where} (a config is for one form); "  # noqa: F821
                         + valid)
