@@ -444,7 +444,8 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
     chunk = layer.chunk_size if chunk_size is None else chunk_size
     options = {}
     if config:
-        # the layer's own rule (keys of one form, defaults for the rest, launch values Triton takes), as a call with config= checks it
+        # the layer's own rule (keys of one form, its defaults for the rest, launch values Triton takes), as a call
+        # with config= checks it
         fitted = type(layer)._config_form(config, None if form == "auto" else form, fns, "triton")
         chunk = config.get("chunk_size", chunk)
         options = {fitted: {k: v for k, v in config.items() if k != "chunk_size"}}
