@@ -152,20 +152,21 @@ RANK_R = {name: recurrence_dsl.load(path)[name] for name, path in
            ("gated_delta_product", TESTS / "data" / "gated_delta_product.rec")]}
 
 
-def _rank_r_grads(layer, rec, args, initial, weights, dtype, more, calls=None):
-    """(outputs, final state, gradients of every input and the initial state) of sum(w * o) + sum(w * S) in
-    `dtype`; calls: a list that receives each `triton_chunked_delta_by` call's keyword arguments."""
+def _spied_grads(layer, args, initial, weights, dtype, more, calls=None, entry="triton_chunked_delta_by"):
+    """[output, final state, the gradients of every input and param and of the initial state] of
+    sum(w * o) + sum(w * S) in `dtype`, for a spec of one output and one state; calls: a list that receives the
+    keyword arguments of each call of the runtime's `entry` the chunked Triton form makes."""
     scope = layer.triton_forms["chunked"].__globals__ if calls is not None else None
-    original = scope["triton_chunked_delta_by"] if scope else None
+    original = scope[entry] if scope else None
     if scope:
-        scope["triton_chunked_delta_by"] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+        scope[entry] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
     try:
         leaves = [a.detach().to(dtype).requires_grad_() for a in args]
         s0 = initial.detach().to(dtype).requires_grad_()
         out, final = layer(*leaves, initial_state=s0, output_final_state=True, **more)
     finally:
         if scope:
-            scope["triton_chunked_delta_by"] = original
+            scope[entry] = original
     (out.double() * weights[0]).sum().add((final.double() * weights[1]).sum()).backward()
     return [out.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
 
@@ -178,12 +179,35 @@ def test_rank_r_fused_values_and_scale_with_gradients(name, packed):
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ref_out, ref_final)]
-    ref = _rank_r_grads(rec.reference, rec, args, initial, weights, torch.float64, more)
+    ref = _spied_grads(rec.reference, args, initial, weights, torch.float64, more)
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
     calls = []
-    got = _rank_r_grads(layer, rec, args, initial, weights, torch.float32, more, calls)
+    got = _spied_grads(layer, args, initial, weights, torch.float32, more, calls)
     K = args[0].shape[-1]  # q [B, T, H, K]
     assert len(calls) == 1 and calls[0].get("v_step") is not None and calls[0].get("scale") == K ** -0.5, calls
     names = ["output o", "final S"] + [f"d{i.name}" for i in rec.checked.inputs] + ["dS0"]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errors.values()) <= TOL, errors
+
+
+# -- a diagonal-plus-rank-one state: RWKV-7's bonus in the output kernel ---------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+def test_rwkv7_bonus_is_a_skip_term_of_the_dplr_output_kernel(packed):
+    """RWKV-7's o = r . S + sum(r * u * k) * v: `triton_chunked_dplr_by` gets skip v and the per-step weight
+    sum(r * u * k) [B, T, H] (its output kernel adds them as it stores), and the outputs, the final state and the
+    gradients (the recurrent form's derived adjoint, fed the chunked form's checkpoints) match the reference."""
+    rec = recurrence_dsl.load(SPECS_DIR / "rwkv7.rec")["rwkv7"]
+    args, initial, more = _case(rec, packed)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ref_out, ref_final)]
+    ref = _spied_grads(rec.reference, args, initial, weights, torch.float64, more)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
+    calls = []
+    got = _spied_grads(layer, args, initial, weights, torch.float32, more, calls, entry="triton_chunked_dplr_by")
+    assert calls and all(_passes("skip", kw) and _passes("step_skip_weight", kw) for kw in calls), calls
+    names = ["output o", "final S"] + [f"d{x.name}" for x in rec.checked.inputs + rec.checked.params] + ["dS0"]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
     assert max(errors.values()) <= TOL, errors
