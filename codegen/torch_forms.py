@@ -1787,7 +1787,8 @@ class TorchFormWriter:
                 continue
             fuse = self._fusion(view, s, sa, printer)
             if (sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options and not plan.pair
-                    and s.name not in view.transposed and not view.lifted.get(s.name)):
+                    and s.name not in view.transposed and not view.lifted.get(s.name)
+                    and plan.decay_axis != "value"):  # (a value decay's output kernel takes no fused epilogue)
                 # its output kernel applies the readout's epilogue (RWKV-7's bonus as a skip term weighted per step)
                 epilogue = self._epilogue_of(view, s, sa.chunk, printer)
                 fuse = {"k": plan.k.expr, "v": plan.v.expr, "v_step": None, **epilogue} if epilogue else None
