@@ -3464,6 +3464,9 @@ def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_fi
     h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _or(num_stages, _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90
                                          else _STAGES), packed=packed, kv=(k, v))
+    if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
+        fused = _Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
+                       None if fused.skip_weight is None else fused.skip_weight.contiguous())
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)

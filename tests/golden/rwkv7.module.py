@@ -3160,6 +3160,9 @@ def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, ou
     h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                                  num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
                                                        else _STAGES), packed=packed, kv=(k, v))
+    if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
+        fused = _triton_Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
+                              None if fused.skip_weight is None else fused.skip_weight.contiguous())
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
