@@ -145,7 +145,7 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
 # here: left out it is 1.0, and the name means other things in other runtime functions.
 _FUSED_FLAGS = {"v_step": "VSTEP", "decay_head": "HEAD", "skip": "SKIP", "skip_weight": None, "q_map": None,
                 "k_map": None}
-_RUNTIME_ENTRIES = ("chunked_linear_by", "chunked_delta_by")  # the runtime calls that take the fused keywords
+_RUNTIME_ENTRIES = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by")  # the calls taking fused keywords
 
 
 def fused_keywords(printed: str) -> frozenset[str]:

@@ -1786,6 +1786,12 @@ class TorchFormWriter:
                     epilogue_done[done] = readout_names[sa.chunk.readouts[0].name]
                 continue
             fuse = self._fusion(view, s, sa, printer)
+            if (sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options and not plan.pair
+                    and s.name not in view.transposed and not view.lifted.get(s.name)
+                    and plan.decay_axis != "value"):  # (a value decay's output kernel takes no fused epilogue)
+                # its output kernel applies the readout's epilogue (RWKV-7's bonus as a skip term weighted per step)
+                epilogue = self._epilogue_of(view, s, sa.chunk, printer)
+                fuse = {"k": plan.k.expr, "v": plan.v.expr, "v_step": None, **epilogue} if epilogue else None
             if fuse and not (fuse["v_step"] or fuse.get("decay_head") or fuse.get("out")):
                 fuse = None  # nothing to hand to the kernels: the plain call
             k_expr, v_expr = (fuse["k"], fuse["v"]) if fuse else (plan.k.expr, plan.v and plan.v.expr)
@@ -1895,7 +1901,7 @@ class TorchFormWriter:
                   f"v_{s.name}, a_{s.name}, b_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, "
                   f"chunk_size=chunk_size, "
                   f"output_final_state=True{', output_chunk_states=True' if self.checkpoints else ''}"
-                  f"{self._options_arg})")
+                  f"{fused_args}{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 pro(f"beta_{s.name}", plan.beta.expr, (), (), comment=self.cite[s.name])
                 w(check)

@@ -3387,9 +3387,14 @@ def _check_cu_seqlens(cu_seqlens, k: Tensor) -> None:
 
 def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
+                    allow_tf32=None, output_chunk_states=False, cu_seqlens=None, scale=1.0, skip=None,
+                    skip_weight=None):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point of
     generated modules; its arguments are not checked (chunked_dplr does that).
+
+    scale, skip, skip_weight: the readout's fused epilogue, applied by the output kernel as it stores (`_Fused`, as
+    for chunked_linear_by): o = scale * o + skip_weight * skip, RWKV-7's bonus sum(r * u * k) * v with skip = v and
+    a weight per step [B, T, H], so no [B, T, H, V] epilogue tensor is made. One query only.
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_Packed`: each sequence moved
     to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
@@ -3403,15 +3408,18 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     passes as S' = D S0 + Bd^T U + Kd^T V (`_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
+    fused = _fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
+                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight]
+                                       + [q for q, _ in queries]):
         raise NotImplementedError("chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
     if cu_seqlens is None:
-        return _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, **options)
+        return _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, fused=fused,
+                        **options)
     packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
@@ -3419,15 +3427,19 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
         outs, ht = _empty_result(queries, k, v, initial_state, output_final_state)
         empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    if fused is not None:  # the epilogue's per-step tensors in the packed layout (zero steps between sequences)
+        fused = _Fused(None, None, fused.scale, packed.pad(fused.skip),
+                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
     result = _dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
                       packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
-                      packed=packed, **options)
+                      packed=packed, fused=fused, **options)
     return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
 
 
 def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
-             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
-    """chunked_dplr_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed)."""
+             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None, fused=None):
+    """chunked_dplr_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed); fused: the
+    output's `_Fused` epilogue, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -3452,10 +3464,13 @@ def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_fi
     h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _or(num_stages, _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90
                                          else _STAGES), packed=packed, kv=(k, v))
+    if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
+        fused = _Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
+                       None if fused.skip_weight is None else fused.skip_weight.contiguous())
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, KB, BV, prec, num_warps,
-                         num_stages, pair=(b, u))
+                         num_stages, pair=(b, u), fused=fused)
         outs.append(o)
     return (outs, ht, h) if output_chunk_states else (outs, ht)

@@ -504,3 +504,21 @@ def test_delta_product_training_step_figure(monkeypatch):
     assert report.total == DELTA_PRODUCT_STEP, format_rows(report)
     assert not [r for r in report.rows if "epilogue" in r.where or "prologue" in r.where or " * " in r.where
                 and "__chunked" in r.where], format_rows(report)
+
+
+# RWKV-7's chunked Triton forward at that shape in bfloat16 (host allocations, no kernel runs): its bonus
+# sum(r * u * k) * v added by the DPLR output kernel as a skip term weighted per step. Before, a torch epilogue over
+# [B, T, H, V] (16,809,984 bytes of it): 92,991,504 bytes.
+RWKV7_FORWARD = 84_602_896
+
+
+def test_rwkv7_forward_has_no_epilogue_tensor(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec("rwkv7")
+    args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 1024, 4, dtype=torch.float32,
+                               seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(torch.bfloat16) for a in args], form="chunked")
+    assert not [r for r in report.rows if "epilogue" in r.where], format_rows(report)
+    assert report.total == RWKV7_FORWARD, format_rows(report)

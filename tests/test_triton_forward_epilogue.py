@@ -14,7 +14,9 @@ which the parallel form's calls go through too):
 
 and DeltaProduct (specs/delta_product.rec, and a gated variant in tests/data), whose r updates per step run as
 sub-steps through `triton_chunked_delta_by`: the updates' b_n * v_n as v_step and the readout's K ** -0.5 as scale,
-checked with the gradients of every input and the initial state (the delta backward applies both in its kernels).
+checked with the gradients of every input and the initial state (the delta backward applies both in its kernels);
+and RWKV-7 (specs/rwkv7.rec), whose bonus sum(r * u * k) * v is the skip term of `triton_chunked_dplr_by`'s output
+kernel: with gradients, and with a NaN input (the steps before it then run as strided views of the call's inputs).
 
 Sizes 16 and 24 (a padded axis), H = 2 (a per-head term read at the wrong head shows), T = 40 in chunks / query
 blocks of 16 (the last partial); packed: sequences of 17, 5 and 18 steps. Relative error <= 1e-5 in float32.
@@ -152,20 +154,21 @@ RANK_R = {name: recurrence_dsl.load(path)[name] for name, path in
            ("gated_delta_product", TESTS / "data" / "gated_delta_product.rec")]}
 
 
-def _rank_r_grads(layer, rec, args, initial, weights, dtype, more, calls=None):
-    """(outputs, final state, gradients of every input and the initial state) of sum(w * o) + sum(w * S) in
-    `dtype`; calls: a list that receives each `triton_chunked_delta_by` call's keyword arguments."""
+def _spied_grads(layer, args, initial, weights, dtype, more, calls=None, entry="triton_chunked_delta_by"):
+    """[output, final state, the gradients of every input and param and of the initial state] of
+    sum(w * o) + sum(w * S) in `dtype`, for a spec of one output and one state; calls: a list that receives the
+    keyword arguments of each call of the runtime's `entry` the chunked Triton form makes."""
     scope = layer.triton_forms["chunked"].__globals__ if calls is not None else None
-    original = scope["triton_chunked_delta_by"] if scope else None
+    original = scope[entry] if scope else None
     if scope:
-        scope["triton_chunked_delta_by"] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+        scope[entry] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
     try:
         leaves = [a.detach().to(dtype).requires_grad_() for a in args]
         s0 = initial.detach().to(dtype).requires_grad_()
         out, final = layer(*leaves, initial_state=s0, output_final_state=True, **more)
     finally:
         if scope:
-            scope["triton_chunked_delta_by"] = original
+            scope[entry] = original
     (out.double() * weights[0]).sum().add((final.double() * weights[1]).sum()).backward()
     return [out.detach(), final.detach()] + [x.grad for x in leaves] + [s0.grad]
 
@@ -178,12 +181,81 @@ def test_rank_r_fused_values_and_scale_with_gradients(name, packed):
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ref_out, ref_final)]
-    ref = _rank_r_grads(rec.reference, rec, args, initial, weights, torch.float64, more)
+    ref = _spied_grads(rec.reference, args, initial, weights, torch.float64, more)
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
     calls = []
-    got = _rank_r_grads(layer, rec, args, initial, weights, torch.float32, more, calls)
+    got = _spied_grads(layer, args, initial, weights, torch.float32, more, calls)
     K = args[0].shape[-1]  # q [B, T, H, K]
     assert len(calls) == 1 and calls[0].get("v_step") is not None and calls[0].get("scale") == K ** -0.5, calls
     names = ["output o", "final S"] + [f"d{i.name}" for i in rec.checked.inputs] + ["dS0"]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
     assert max(errors.values()) <= TOL, errors
+
+
+# -- a diagonal-plus-rank-one state: RWKV-7's bonus in the output kernel ---------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+def test_rwkv7_bonus_is_a_skip_term_of_the_dplr_output_kernel(packed):
+    """RWKV-7's o = r . S + sum(r * u * k) * v: `triton_chunked_dplr_by` gets skip v and the per-step weight
+    sum(r * u * k) [B, T, H] (its output kernel adds them as it stores), and the outputs, the final state and the
+    gradients (the recurrent form's derived adjoint, fed the chunked form's checkpoints) match the reference."""
+    rec = recurrence_dsl.load(SPECS_DIR / "rwkv7.rec")["rwkv7"]
+    args, initial, more = _case(rec, packed)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ref_out, ref_final)]
+    ref = _spied_grads(rec.reference, args, initial, weights, torch.float64, more)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
+    calls = []
+    got = _spied_grads(layer, args, initial, weights, torch.float32, more, calls, entry="triton_chunked_dplr_by")
+    assert calls and all(_passes("skip", kw) and _passes("step_skip_weight", kw) for kw in calls), calls
+    names = ["output o", "final S"] + [f"d{x.name}" for x in rec.checked.inputs + rec.checked.params] + ["dS0"]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errors.values()) <= TOL, errors
+
+
+# A chunked call that meets a non-finite input (`_check_steps` raises UnsafeSteps) runs again on its steps before
+# that one, as views x[:, :t] of the call's inputs (codegen/dispatch.py), strided for more than one row; the fused
+# skip term (v itself) is one of them. (cu_seqlens, (row, step, head, channel) of a NaN in k)
+AFTER_A_NAN = {
+    "batch": (None, (1, 25, 0, 3)),  # steps 0..24 chunked, the rest step by step
+    "cu_seqlens": (torch.tensor([0, 20, 40]), (0, 33, 1, 3)),  # two sequences of 20: one batch of 2 rows
+}
+
+
+@pytest.mark.parametrize("case", sorted(AFTER_A_NAN))
+def test_rwkv7_bonus_before_and_after_a_nan_matches_the_reference(case):
+    """RWKV-7's chunked Triton form with a NaN in k: the call that runs the steps before it takes strided views
+    (its output kernel must read skip = v and the skip weight as dense rows); outputs and final state against the
+    reference, non-finite exactly where the reference's are and the finite entries within TOL (the property of
+    tests/test_numerics.py, whose rwkv7 example found a wrong bonus before the NaN)."""
+    rec = recurrence_dsl.load(SPECS_DIR / "rwkv7.rec")["rwkv7"]
+    cu, nan = AFTER_A_NAN[case]
+    args, initial, more = _case(rec, packed=False)
+    n_in = len(rec.checked.inputs)
+    if cu is not None:  # one packed row of two sequences; their initial states
+        args = [a[:1] if i < n_in else a for i, a in enumerate(args)]
+        more = {"cu_seqlens": cu}
+    args[2][nan] = float("nan")  # k [B, T, H, K]
+    ref = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
+    scope, calls = layer.triton_forms["chunked"].__globals__, []
+    original = scope["triton_chunked_dplr_by"]
+    scope["triton_chunked_dplr_by"] = lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+    try:
+        with torch.no_grad():
+            out, final = layer(*[a.float() for a in args], initial_state=initial.float(), output_final_state=True,
+                               **more)
+    finally:
+        scope["triton_chunked_dplr_by"] = original
+    # the call that ran the kernels (after the refused one) took a strided skip
+    assert any(kw.get("skip") is not None and not kw["skip"].is_contiguous() for kw in calls), calls
+    for what, got, want in [("output o", out, ref[0]), ("final S", final, ref[1])]:
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite), f"{case}: {what} is non-finite where the reference is not"
+        assert not finite.all(), f"{case}: {what}: the NaN should reach the reference's {what}"
+        err = _rel(got[finite], want[finite])
+        assert err <= TOL, f"{case}: {what}: rel err {err:.3g}"
+    head = _rel(out[:, :nan[1]], ref[0][:, :nan[1]])  # the steps before the NaN (packed: of both sequences)
+    assert head <= TOL, f"{case}: outputs before step {nan[1]}: rel err {head:.3g}"

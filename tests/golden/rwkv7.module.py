@@ -2762,6 +2762,12 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     b_v2 = tl.load(v2 + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
+    if SKIP:
+        if SKIP_STEP:
+            b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
+        else:
+            b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
+        b_o += b_sw * tl.load(sx + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     if OVJP is not None:
         b_o = OVJP(tl.load(ox + p_tv, mask=m_tv, other=0.0).to(tl.float32), b_o)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
@@ -3065,6 +3071,22 @@ def _triton_map_of(pair):
     return None if pair is None else pair[0]
 
 
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
+    """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
+    if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
+        return None
+    if (scale != 1.0 or skip is not None) and len(queries) != 1:
+        raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
+    if (skip is None) != (skip_weight is None):
+        raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
+    if skip_weight is not None and skip_weight.numel() == H:  # one weight per head (Mamba2's D), kept [H]
+        skip_weight = skip_weight.reshape(-1)
+    elif skip_weight is not None and tuple(skip_weight.shape) != tuple(skip.shape[:3]):
+        raise ValueError(f"skip_weight must have one weight per head ([{H}]) or one per step (skip's [B, T, H] = "
+                         f"{list(skip.shape[:3])}), got shape {list(skip_weight.shape)}")
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
+
+
 def _triton_empty_result(queries, k, v, initial_state, output_final_state):
     B, _, H, K = k.shape
     V = v.shape[-1]
@@ -3142,9 +3164,14 @@ def triton_chunk_every(length: int, options: dict) -> int:
 
 def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                            output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
-                           allow_tf32=None, output_chunk_states=False, cu_seqlens=None):
+                           allow_tf32=None, output_chunk_states=False, cu_seqlens=None, scale=1.0, skip=None,
+                           skip_weight=None):
     """triton_chunked_dplr with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay or triton_KeyDecay), the entry point of
     generated modules; its arguments are not checked (triton_chunked_dplr does that).
+
+    scale, skip, skip_weight: the readout's fused epilogue, applied by the output kernel as it stores (`_triton_Fused`, as
+    for triton_chunked_linear_by): o = scale * o + skip_weight * skip, RWKV-7's bonus sum(r * u * k) * v with skip = v and
+    a weight per step [B, T, H], so no [B, T, H, V] epilogue tensor is made. One query only.
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_triton_Packed`: each sequence moved
     to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
@@ -3158,15 +3185,18 @@ def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initi
     passes as S' = D S0 + Bd^T U + Kd^T V (`_triton_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_triton_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
+    fused = _triton_fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, v, a, b, log_decay, initial_state] + [q for q, _ in queries]):
+                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight]
+                                       + [q for q, _ in queries]):
         raise NotImplementedError("triton_chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
     options = dict(chunk_size=chunk_size, block_k=block_k, block_v=block_v, num_warps=num_warps,
                    num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
     if cu_seqlens is None:
-        return _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, **options)
+        return _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, fused=fused,
+                               **options)
     packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
@@ -3174,15 +3204,19 @@ def triton_chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initi
         outs, ht = _triton_empty_result(queries, k, v, initial_state, output_final_state)
         empty = torch.empty((1, k.shape[2], 0, k.shape[3], v.shape[-1]), dtype=torch.float32, device=k.device)
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
+    if fused is not None:  # the epilogue's per-step tensors in the packed layout (zero steps between sequences)
+        fused = _triton_Fused(None, None, fused.scale, packed.pad(fused.skip),
+                              packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
     result = _triton_dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
                              packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
-                             packed=packed, **options)
+                             packed=packed, fused=fused, **options)
     return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
 
 
 def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
-                    block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None):
-    """triton_chunked_dplr_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed)."""
+                    block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None, fused=None):
+    """triton_chunked_dplr_by on tensors in the layout of `packed` (a `_triton_Packed`, or None: not packed); fused: the
+    output's `_triton_Fused` epilogue, or None."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT, BK, BV, prec = _triton_config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -3207,11 +3241,14 @@ def _triton_dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, ou
     h, ht = _triton_delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                                  num_warps, _triton_or(num_stages, _triton_DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _triton_arch() < 90
                                                        else _STAGES), packed=packed, kv=(k, v))
+    if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
+        fused = _triton_Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
+                              None if fused.skip_weight is None else fused.skip_weight.contiguous())
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
         decay_cls.output(q.contiguous(), bool(exclusive), k, v, gc, eg, h, o, BT, KB, BV, prec, num_warps,
-                         num_stages, pair=(b, u))
+                         num_stages, pair=(b, u), fused=fused)
         outs.append(o)
     return (outs, ht, h) if output_chunk_states else (outs, ht)
 
@@ -3958,47 +3995,28 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
 
-def rwkv7__chunked_prologue_fwd_triton(kk, a, K, V):
+def rwkv7__chunked_prologue_fwd_triton(r, k, kk, a, u, K, V):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
-    B_, T_, H_ = kk.shape[:3]
+    B_, T_, H_ = r.shape[:3]
+    skip_weight_S = torch.broadcast_to(((k * r) * u).sum(dim=-1), (B_, T_, H_))  # rwkv7.rec:14: the skip term's weight per step
     b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
-    return b_S,
+    return skip_weight_S, b_S
 
 
-def rwkv7__chunked_prologue_vjp_triton(kk, a, grad_b_S, K, V):
+def rwkv7__chunked_prologue_vjp_triton(r, k, kk, a, u, grad_skip_weight_S, grad_b_S, K, V):
     """The vector-Jacobian product of rwkv7__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
     the gradient of each argument (None where it is not differentiable) from those of its values; a param's
     summed over B and T."""
+    B_, T_, H_ = r.shape[:3]
+    grad_r = torch.broadcast_to(grad_skip_weight_S[..., None] * k * u, r.shape)
+    grad_k = torch.broadcast_to(grad_skip_weight_S[..., None] * r * u, k.shape)
     grad_kk = torch.broadcast_to(-(a * grad_b_S), kk.shape)
     grad_a = torch.broadcast_to(-(grad_b_S * kk), a.shape)
-    return grad_kk, grad_a
+    grad_u = torch.broadcast_to(grad_skip_weight_S[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
+    return grad_r, grad_k, grad_kk, grad_a, grad_u
 
 
-rwkv7__chunked_prologue_triton = with_vjp(rwkv7__chunked_prologue_fwd_triton, rwkv7__chunked_prologue_vjp_triton, 2)
-
-
-def rwkv7__chunked_epilogue_fwd_triton(read_S, r, k, v, u, K, V):
-    """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
-    B_, T_, H_ = r.shape[:3]
-    o = torch.broadcast_to(v * ((k * r) * u).sum(dim=-1)[..., None] + read_S, (B_, T_, H_, V))
-    return o,
-
-
-def rwkv7__chunked_epilogue_vjp_triton(read_S, r, k, v, u, grad_o, K, V):
-    """The vector-Jacobian product of rwkv7__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
-    B_, T_, H_ = r.shape[:3]
-    sum_grad_o_v = torch.broadcast_to((grad_o * v).sum(dim=-1), (B_, T_, H_))  # used more than once
-    grad_read_S = torch.broadcast_to(grad_o, read_S.shape)
-    grad_r = torch.broadcast_to(sum_grad_o_v[..., None] * k * u, r.shape)
-    grad_k = torch.broadcast_to(sum_grad_o_v[..., None] * r * u, k.shape)
-    grad_v = torch.broadcast_to(grad_o * ((k * r) * u).sum(dim=-1)[..., None], v.shape)
-    grad_u = torch.broadcast_to(sum_grad_o_v[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
-    return grad_read_S, grad_r, grad_k, grad_v, grad_u
-
-
-rwkv7__chunked_epilogue_triton = with_vjp(rwkv7__chunked_epilogue_fwd_triton, rwkv7__chunked_epilogue_vjp_triton, 5)
+rwkv7__chunked_prologue_triton = with_vjp(rwkv7__chunked_prologue_fwd_triton, rwkv7__chunked_prologue_vjp_triton, 5)
 
 
 def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, every=0, **options):
@@ -4008,16 +4026,17 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # the prologue; its backward: rwkv7__chunked_prologue_vjp_triton, printed from sympy
-    b_S, = rwkv7__chunked_prologue_triton(kk, a, K, V)
+    skip_weight_S, b_S = rwkv7__chunked_prologue_triton(r, k, kk, a, u, K, V)
     # state S (rwkv7.rec:13): diagonal-plus-rank-one; S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i]
+    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_S = k  # rwkv7.rec:13
     v_S = v  # rwkv7.rec:13
     log_decay_S = w  # rwkv7.rec:13
     query_read_S = r  # rwkv7.rec:14
     a_S = kk  # reads the state: u_t = S_(t-1)^T a_t
     _check_steps([query_read_S, k_S, v_S, a_S, b_S], [log_decay_S])
-    (read_S,), final_S, starts_S = triton_chunked_dplr_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, output_chunk_states=True, **options)
-    o, = rwkv7__chunked_epilogue_triton(read_S, r, k, v, u, K, V)  # rwkv7.rec:14
+    (read_S,), final_S, starts_S = triton_chunked_dplr_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, output_chunk_states=True, skip=v, skip_weight=skip_weight_S, **options)
+    o = read_S  # rwkv7.rec:14, its epilogue in the kernels
     checkpoints = [{'S': starts_S[:, :, n]} for n in range(starts_S.shape[2])] if every else []
     return {'o': o}, {'S': final_S}, checkpoints
 
