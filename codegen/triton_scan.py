@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import first_order, form_call
+from .dispatch import _first_order, _form_call
 
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
@@ -196,11 +196,11 @@ class _ScanFunction(torch.autograd.Function):
         kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
                                               num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, form_call()
+        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
         return s
 
     @staticmethod
-    @first_order("its backward runs Triton kernels, which record no graph")
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config

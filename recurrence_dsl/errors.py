@@ -140,7 +140,7 @@ class SpecWarning(_AtSpan):
 
 class CallError(ValueError):
     """A layer was called (or compiled, `compile(rec, form=...)`) with arguments that do not fit its declaration,
-    or differentiated twice through a form whose backward records no graph (codegen/dispatch.py `first_order`)."""
+    or differentiated twice through a form whose backward records no graph (codegen/dispatch.py `_first_order`)."""
 
 
 def did_you_mean(word: str, candidates) -> str | None:

@@ -2,7 +2,7 @@
 backward records no graph (Triton kernels, the derived adjoint, printed VJPs) raises a CallError naming the layer,
 the form and the backend, and pointing at the torch recurrent form under RECURRENCE_DSL_RECURRENT_BACKWARD=autograd,
 which supports it. Neither a plain backward nor a create_graph=True one that is never differentiated again changes:
-same gradients, None where there was None (codegen/dispatch.py `first_order`)."""
+same gradients, None where there was None (codegen/dispatch.py `_first_order`)."""
 
 from __future__ import annotations
 

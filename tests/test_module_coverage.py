@@ -91,7 +91,7 @@ def _backward(result):
 
 def _double_backward(layer, rec):
     """A gradient taken with create_graph=True, then differentiated: refused by name through the torch recurrent
-    form's derived adjoint (codegen/dispatch.py `first_order`), done by autograd through its step loop under
+    form's derived adjoint (codegen/dispatch.py `_first_order`), done by autograd through its step loop under
     RECURRENCE_DSL_RECURRENT_BACKWARD=autograd."""
     args, init = _arguments(rec, 1, LENGTH)
     init = {k: v.requires_grad_() for k, v in init.items()} if isinstance(init, dict) else init.requires_grad_()

@@ -382,17 +382,17 @@ def _context_variable(name: str):
 
 
 # The form call running now, (recurrence name, form, backend), set by `run_forms` around each form function it
-# calls. The forms' autograd Functions keep it from their forward (`ctx.where = form_call()`), so that a double
-# backward through one of them names the call (`first_order`).
+# calls. The forms' autograd Functions keep it from their forward (`ctx.where = _form_call()`), so that a double
+# backward through one of them names the call (`_first_order`).
 _FORM_CALL = _context_variable("recurrence_dsl_form_call")
 
 
-def form_call():
+def _form_call():
     """(recurrence name, form, backend) of the form call running now; None outside `run_forms`."""
     return _FORM_CALL.get()
 
 
-def first_order(why: str):
+def _first_order(why: str):
     """Decorates the backward of an autograd Function whose backward records no graph (Triton kernels, a derived
     adjoint, a printed VJP; `why` says which), in place of torch's `once_differentiable`: the backward runs under
     no_grad, and under create_graph=True its gradients come back through `_NotTwice`, so that differentiating them
@@ -942,13 +942,13 @@ class _AdjointBackward(torch.autograd.Function):
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
-        ctx.where = form_call()
+        ctx.where = _form_call()
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
-    @first_order("its backward is the adjoint derived from the spec, which records no graph")
+    @_first_order("its backward is the adjoint derived from the spec, which records no graph")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         tensors, checkpoints = _saved_with_states(ctx, state_names)
@@ -1084,14 +1084,14 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
-        ctx.where = form_call()
+        ctx.where = _form_call()
         # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
         ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
     @staticmethod
-    @first_order("its backward re-runs each block of steps for first derivatives only")
+    @_first_order("its backward re-runs each block of steps for first derivatives only")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         n_in, at = ctx.n_inputs, ctx.at
@@ -1150,15 +1150,15 @@ class _PrintedVJP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, vjp, n_tensors, *args):
         tensors, rest = args[:n_tensors], args[n_tensors:]
-        ctx.vjp, ctx.rest, ctx.where = vjp, rest, form_call()
+        ctx.vjp, ctx.rest, ctx.where = vjp, rest, _form_call()
         ctx.save_for_backward(*tensors)
         outs = fn(*args)
         # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
         return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
-    @first_order("the backward of its prologue or epilogue is a printed vector-Jacobian product, which records no "
-                 "graph")
+    @_first_order("the backward of its prologue or epilogue is a printed vector-Jacobian product, which records no "
+                  "graph")
     def backward(ctx, *grads):
         tensors = ctx.saved_tensors
         got = ctx.vjp(*tensors, *grads, *ctx.rest)
@@ -2429,11 +2429,11 @@ class _triton_ScanFunction(torch.autograd.Function):
         kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
                                               num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, form_call()
+        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
         return s
 
     @staticmethod
-    @first_order("its backward runs Triton kernels, which record no graph")
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config

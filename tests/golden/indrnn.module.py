@@ -366,17 +366,17 @@ def _context_variable(name: str):
 
 
 # The form call running now, (recurrence name, form, backend), set by `run_forms` around each form function it
-# calls. The forms' autograd Functions keep it from their forward (`ctx.where = form_call()`), so that a double
-# backward through one of them names the call (`first_order`).
+# calls. The forms' autograd Functions keep it from their forward (`ctx.where = _form_call()`), so that a double
+# backward through one of them names the call (`_first_order`).
 _FORM_CALL = _context_variable("recurrence_dsl_form_call")
 
 
-def form_call():
+def _form_call():
     """(recurrence name, form, backend) of the form call running now; None outside `run_forms`."""
     return _FORM_CALL.get()
 
 
-def first_order(why: str):
+def _first_order(why: str):
     """Decorates the backward of an autograd Function whose backward records no graph (Triton kernels, a derived
     adjoint, a printed VJP; `why` says which), in place of torch's `once_differentiable`: the backward runs under
     no_grad, and under create_graph=True its gradients come back through `_NotTwice`, so that differentiating them
@@ -926,13 +926,13 @@ class _AdjointBackward(torch.autograd.Function):
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
-        ctx.where = form_call()
+        ctx.where = _form_call()
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
-    @first_order("its backward is the adjoint derived from the spec, which records no graph")
+    @_first_order("its backward is the adjoint derived from the spec, which records no graph")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         tensors, checkpoints = _saved_with_states(ctx, state_names)

@@ -366,17 +366,17 @@ def _context_variable(name: str):
 
 
 # The form call running now, (recurrence name, form, backend), set by `run_forms` around each form function it
-# calls. The forms' autograd Functions keep it from their forward (`ctx.where = form_call()`), so that a double
-# backward through one of them names the call (`first_order`).
+# calls. The forms' autograd Functions keep it from their forward (`ctx.where = _form_call()`), so that a double
+# backward through one of them names the call (`_first_order`).
 _FORM_CALL = _context_variable("recurrence_dsl_form_call")
 
 
-def form_call():
+def _form_call():
     """(recurrence name, form, backend) of the form call running now; None outside `run_forms`."""
     return _FORM_CALL.get()
 
 
-def first_order(why: str):
+def _first_order(why: str):
     """Decorates the backward of an autograd Function whose backward records no graph (Triton kernels, a derived
     adjoint, a printed VJP; `why` says which), in place of torch's `once_differentiable`: the backward runs under
     no_grad, and under create_graph=True its gradients come back through `_NotTwice`, so that differentiating them
@@ -936,13 +936,13 @@ class _AdjointBackward(torch.autograd.Function):
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
-        ctx.where = form_call()
+        ctx.where = _form_call()
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
-    @first_order("its backward is the adjoint derived from the spec, which records no graph")
+    @_first_order("its backward is the adjoint derived from the spec, which records no graph")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         tensors, checkpoints = _saved_with_states(ctx, state_names)
@@ -1078,14 +1078,14 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
-        ctx.where = form_call()
+        ctx.where = _form_call()
         # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
         ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
     @staticmethod
-    @first_order("its backward re-runs each block of steps for first derivatives only")
+    @_first_order("its backward re-runs each block of steps for first derivatives only")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         n_in, at = ctx.n_inputs, ctx.at
@@ -1144,15 +1144,15 @@ class _PrintedVJP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, vjp, n_tensors, *args):
         tensors, rest = args[:n_tensors], args[n_tensors:]
-        ctx.vjp, ctx.rest, ctx.where = vjp, rest, form_call()
+        ctx.vjp, ctx.rest, ctx.where = vjp, rest, _form_call()
         ctx.save_for_backward(*tensors)
         outs = fn(*args)
         # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
         return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
-    @first_order("the backward of its prologue or epilogue is a printed vector-Jacobian product, which records no "
-                 "graph")
+    @_first_order("the backward of its prologue or epilogue is a printed vector-Jacobian product, which records no "
+                  "graph")
     def backward(ctx, *grads):
         tensors = ctx.saved_tensors
         got = ctx.vjp(*tensors, *grads, *ctx.rest)
@@ -2154,7 +2154,7 @@ class _DiagonalScores(torch.autograd.Function):
     By hand rather than by autograd through a loop over rows: autograd would keep a product k_s e_t per row and
     give every row's slice of k a gradient the size of all of k (c zero-filled full-size tensors per call, most of
     the backward at T = 16k, issue 14). Here nothing per row is kept; the backward recomputes k_s e_t row by row
-    and accumulates k's gradient into one buffer. First derivatives only (a double backward raises, `first_order`)."""
+    and accumulates k's gradient into one buffer. First derivatives only (a double backward raises, `_first_order`)."""
 
     @staticmethod
     def forward(ctx, qs: Tensor, ks: Tensor, *rows: Tensor) -> Tensor:
@@ -2164,11 +2164,11 @@ class _DiagonalScores(torch.autograd.Function):
             if m:
                 out[..., t, :m] = ((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1)
         ctx.save_for_backward(qs, ks, *rows)
-        ctx.where = form_call()
+        ctx.where = _form_call()
         return out
 
     @staticmethod
-    @first_order("the backward of its key-decay scores is written out by hand and records no graph")
+    @_first_order("the backward of its key-decay scores is written out by hand and records no graph")
     def backward(ctx, grad: Tensor) -> tuple:
         qs, ks, *rows = ctx.saved_tensors
         grad_q, grad_k, grad_rows = torch.zeros_like(qs), torch.zeros_like(ks), []
@@ -3755,11 +3755,11 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
-        ctx.maps, ctx.where = maps, form_call()
+        ctx.maps, ctx.where = maps, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @first_order("its backward runs Triton kernels, which record no graph")
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
@@ -4064,11 +4064,11 @@ class _triton_ScanFunction(torch.autograd.Function):
         kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
                                               num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, form_call()
+        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
         return s
 
     @staticmethod
-    @first_order("its backward runs Triton kernels, which record no graph")
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config
@@ -5007,11 +5007,11 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
                                             output_final_state, cfg, fused, varlen)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
-        ctx.varlen, ctx.where = varlen, form_call()
+        ctx.varlen, ctx.where = varlen, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @first_order("its backward runs Triton kernels, which record no graph")
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         nq = len(ctx.exclusive)
