@@ -369,6 +369,8 @@ def triton_options(call, options: dict | None) -> dict:
 
 
 def _context_variable(name: str):
+    """A contextvars.ContextVar named `name`, None by default: per thread (and asyncio task), so calls on two
+    threads each see their own."""
     import contextvars  # here rather than at the top: generated modules copy this file without its imports
 
     return contextvars.ContextVar(name, default=None)
@@ -415,9 +417,9 @@ def _not_twice(ctx, why: str, grads: tuple, got):
     single = torch.is_tensor(got)
     got = [got] if single else list(got)
     at = [n for n, g in enumerate(got) if torch.is_tensor(g)]
-    ties = [t for t in tuple(ctx.saved_tensors) + grads if torch.is_tensor(t) and t.requires_grad]
     if not at:
         return got[0] if single else tuple(got)
+    ties = [t for t in tuple(ctx.saved_tensors) + grads if torch.is_tensor(t) and t.requires_grad]
     if not ties:  # nothing to tie to: a leaf, so that the gradients require grad and a .backward() still gets here
         ties = [torch.zeros((), requires_grad=True)]
     where = getattr(ctx, "where", None)  # None: the Function ran outside a layer call (its runtime called directly)
