@@ -184,7 +184,7 @@ class Layer:
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options,  # noqa: F821 - from dispatch.py
-                         grid_limits=backend == "triton")
+                         grid_limits=backend == "triton", backend=backend)
 
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                    config: dict | None = None, **kwargs) -> dict:

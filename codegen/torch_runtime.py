@@ -50,6 +50,9 @@ This file imports only torch and is copied verbatim into generated modules; it h
 
 import torch
 
+if "_first_order" not in globals():  # imported as a package module rather than copied beside dispatch.py
+    from .dispatch import _first_order, _form_call
+
 Tensor = torch.Tensor
 
 _AXES = (None, "scalar", "key", "value")
@@ -240,7 +243,7 @@ class _DiagonalScores(torch.autograd.Function):
     By hand rather than by autograd through a loop over rows: autograd would keep a product k_s e_t per row and
     give every row's slice of k a gradient the size of all of k (c zero-filled full-size tensors per call, most of
     the backward at T = 16k, issue 14). Here nothing per row is kept; the backward recomputes k_s e_t row by row
-    and accumulates k's gradient into one buffer. First derivatives only (no double backward)."""
+    and accumulates k's gradient into one buffer. First derivatives only (a double backward raises, `_first_order`)."""
 
     @staticmethod
     def forward(ctx, qs: Tensor, ks: Tensor, *rows: Tensor) -> Tensor:
@@ -250,10 +253,11 @@ class _DiagonalScores(torch.autograd.Function):
             if m:
                 out[..., t, :m] = ((ks[..., :m, :] * e) @ qs[..., t, :, None]).squeeze(-1)
         ctx.save_for_backward(qs, ks, *rows)
+        ctx.where = _form_call()
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("the backward of its key-decay scores is written out by hand and records no graph")
     def backward(ctx, grad: Tensor) -> tuple:
         qs, ks, *rows = ctx.saved_tensors
         grad_q, grad_k, grad_rows = torch.zeros_like(qs), torch.zeros_like(ks), []

@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import _first_order, _form_call
 from .triton_runtime import (
     _LOG_DECAY_FLOOR,
     _NOT_FUSED,
@@ -1108,11 +1109,11 @@ class _ParallelLinearFunction(torch.autograd.Function):
                                      output_final_state, cfg, fused, varlen)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
-        ctx.varlen = varlen
+        ctx.varlen, ctx.where = varlen, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         nq = len(ctx.exclusive)

@@ -162,6 +162,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import _first_order, _form_call
+
 Tensor = torch.Tensor
 
 _AXES = (None, "scalar", "key", "value")
@@ -2153,11 +2155,11 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
-        ctx.maps = maps
+        ctx.maps, ctx.where = maps, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
@@ -3298,9 +3300,11 @@ class _ChunkedDeltaFunction(torch.autograd.Function):
         outs, ht = _delta_by(decay_cls, queries, k, y, beta, log_decay, initial_state, True, fused=fused, **options)
         ctx.save_for_backward(k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusives, ctx.options, ctx.scale = decay_cls, exclusives, options, scale
+        ctx.where = _form_call()
         return (*outs, ht)
 
     @staticmethod
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, y, beta, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         # the kernels apply v_step (the WY kernels) and scale (at dO's loads) themselves; the rest of the prologue

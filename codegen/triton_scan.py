@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import _first_order, _form_call
+
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
 _SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_scan_config`)
@@ -194,11 +196,11 @@ class _ScanFunction(torch.autograd.Function):
         kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
                                               num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
+        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
         return s
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config

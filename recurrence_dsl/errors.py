@@ -139,7 +139,8 @@ class SpecWarning(_AtSpan):
 
 
 class CallError(ValueError):
-    """A layer was called (or compiled, `compile(rec, form=...)`) with arguments that do not fit its declaration."""
+    """A layer was called (or compiled, `compile(rec, form=...)`) with arguments that do not fit its declaration,
+    or differentiated twice through a form whose backward records no graph (codegen/dispatch.py `_first_order`)."""
 
 
 def did_you_mean(word: str, candidates) -> str | None:

@@ -3,7 +3,8 @@
 For every spec of specs/, the module `codegen.module.module_source` generates is written to a temporary file and
 imported from it under coverage.py (which also traces the Triton kernels, since TRITON_INTERPRET=1 runs them as
 Python). Each layer then runs every form it offers on both backends (`layer.forms`, `layer.triton_forms`) with an
-initial state, with and without `cu_seqlens` (one packed sequence empty), forward and backward; packed and reversed
+initial state, with and without `cu_seqlens` (one packed sequence empty), forward and backward; a double backward
+through the torch recurrent form, refused by name and done under autograd; packed and reversed
 in the form the dispatcher picks; `form="auto"` and
 `backend="auto"` at lengths that pick each form; configs and a tuned lookup; its `torch.nn.Module` wrapper; and a
 table of bad calls, each of which must raise CallError or ValueError. At least 90% of the module's statements must
@@ -86,6 +87,30 @@ def _backward(result):
     finals = tuple(final.values()) if isinstance(final, dict) else (() if final is None else (final,))
     loss = sum(o.float().sum() for o in outs) + sum(f.float().sum() for f in finals)
     loss.backward()
+
+
+def _double_backward(layer, rec):
+    """A gradient taken with create_graph=True, then differentiated: refused by name through the torch recurrent
+    form's derived adjoint (codegen/dispatch.py `_first_order`), done by autograd through its step loop under
+    RECURRENCE_DSL_RECURRENT_BACKWARD=autograd."""
+    args, init = _arguments(rec, 1, LENGTH)
+    init = {k: v.requires_grad_() for k, v in init.items()} if isinstance(init, dict) else init.requires_grad_()
+    leaves = args + (list(init.values()) if isinstance(init, dict) else [init])
+
+    def gradients():
+        out, final = layer(*args, initial_state=init, output_final_state=True, form="recurrent", backend="torch")
+        outs = out if isinstance(out, tuple) else (out,)
+        finals = tuple(final.values()) if isinstance(final, dict) else (final,)
+        loss = sum(o.square().sum() for o in outs) + sum(f.square().sum() for f in finals)
+        return torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+
+    penalty = sum(g.square().sum() for g in gradients() if g is not None)
+    with pytest.raises(CallError, match=rf"^{rec.name}: double backward .* its recurrent form on the torch backend"):
+        torch.autograd.grad(penalty, leaves, allow_unused=True)
+    with unittest.mock.patch.dict(os.environ, {"RECURRENCE_DSL_RECURRENT_BACKWARD": "autograd"}):
+        penalty = sum(g.square().sum() for g in gradients() if g is not None)
+        again = torch.autograd.grad(penalty, leaves, allow_unused=True)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in again)
 
 
 def _run_forms(layer, rec):
@@ -400,6 +425,7 @@ def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
         for rec in recs.values():
             layer = getattr(module, rec.name)
             _run_forms(layer, rec)
+            _double_backward(layer, rec)
             _run_auto(layer, rec)
             _run_op(layer, rec)
             _run_module_class(module, rec, layer)

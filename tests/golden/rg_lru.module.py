@@ -442,6 +442,86 @@ def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
     return fits[0]
 
 
+def _context_variable(name: str):
+    """A contextvars.ContextVar named `name`, None by default: per thread (and asyncio task), so calls on two
+    threads each see their own."""
+    import contextvars  # here rather than at the top: generated modules copy this file without its imports
+
+    return contextvars.ContextVar(name, default=None)
+
+
+# The form call running now, (recurrence name, form, backend), set by `run_forms` around each form function it
+# calls. The forms' autograd Functions keep it from their forward (`ctx.where = _form_call()`), so that a double
+# backward through one of them names the call (`_first_order`).
+_FORM_CALL = _context_variable("recurrence_dsl_form_call")
+
+
+def _form_call():
+    """(recurrence name, form, backend) of the form call running now; None outside `run_forms`."""
+    return _FORM_CALL.get()
+
+
+def _first_order(why: str):
+    """Decorates the backward of an autograd Function whose backward records no graph (Triton kernels, a derived
+    adjoint, a printed VJP; `why` says which), in place of torch's `once_differentiable`: the backward runs under
+    no_grad, and under create_graph=True its gradients come back through `_NotTwice`, so that differentiating them
+    again raises a CallError naming the form call (`ctx.where`, kept by the forward) and `why`. (torch's own answer
+    is "element 0 of tensors does not require grad", or, through `torch.autograd.grad` with an incoming gradient
+    that has a graph, a second derivative silently missing this Function's terms.) A plain backward gets the same
+    gradients, and its graph the same nodes."""
+
+    def wrap(backward):
+        def run(ctx, *grads):
+            with torch.no_grad():
+                got = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # a plain backward, or create_graph=False
+                return got
+            return _not_twice(ctx, why, grads, got)
+
+        return run
+
+    return wrap
+
+
+def _not_twice(ctx, why: str, grads: tuple, got):
+    """`got` (a backward's gradients, a tensor or a tuple with None for no gradient) with each tensor passed through
+    `_NotTwice`, whose inputs also include the Function's saved tensors and incoming gradients that require grad:
+    its node then lies on the path from these gradients to the call's inputs, so `torch.autograd.grad` of them
+    reaches it (a node off that path, as once_differentiable's, would never run)."""
+    single = torch.is_tensor(got)
+    got = [got] if single else list(got)
+    at = [n for n, g in enumerate(got) if torch.is_tensor(g)]
+    if not at:
+        return got[0] if single else tuple(got)
+    ties = [t for t in tuple(ctx.saved_tensors) + grads if torch.is_tensor(t) and t.requires_grad]
+    if not ties:  # nothing to tie to: a leaf, so that the gradients require grad and a .backward() still gets here
+        ties = [torch.zeros((), requires_grad=True)]
+    where = getattr(ctx, "where", None)  # None: the Function ran outside a layer call (its runtime called directly)
+    head = f"{where[0]}: double backward" if where else "double backward"
+    by = f"its {where[1]} form on the {where[2]} backend" if where else type(ctx).__name__.removesuffix("Backward")
+    message = (f"{head} (differentiating a gradient taken with create_graph=True) is not supported by {by}: {why}. "
+               "The torch recurrent form supports it with RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the "
+               "environment (autograd through its step loop): call with backend='torch', form='recurrent'.")
+    passed = _NotTwice.apply(message, len(at), *[got[n] for n in at], *ties)
+    for n, g in zip(at, passed):
+        got[n] = g
+    return got[0] if single else tuple(got)
+
+
+class _NotTwice(torch.autograd.Function):
+    """The first `n` tensors as they are (the others only tie the node to the call's inputs, `_not_twice`);
+    differentiating them raises CallError(message)."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise CallError(ctx.message)  # noqa: F821 - from recurrence_dsl/errors.py
+
+
 # Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
 # writes rows x length states where a chunk writes rows states (256 x 16 steps of mamba2 on CPU: 5.7x one sequence
 # of 4096 steps through the loop, 1.9x through chunks; benchmarks/bench_varlen.py).
@@ -461,7 +541,7 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
 
 
 def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
-              grid_limits: bool = False):
+              grid_limits: bool = False, backend: str | None = None):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
@@ -470,11 +550,13 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     (`_run_packed`); with `call.reverse` each sequence runs from its last step to its first.
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
-    limits runs in pieces that fit (`in_grid_pieces`).
+    limits runs in pieces that fit (`in_grid_pieces`). backend: the forms' backend as an error names it (None:
+    "triton" with grid_limits, else "torch").
     """
     options = options or {}
     if call.device.type == "meta":
         return meta_result(spec, call)
+    backend = backend or ("triton" if grid_limits else "torch")
     dtype = compute_dtype(call.dtype)
     # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
     # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
@@ -508,9 +590,15 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
         ordered = [piece[i.name] for i in spec.inputs]
-        if getattr(fn, "input_dtype", False):
-            return fn(*ordered, *params, piece_states, *sizes, **extra)
-        return fn(*[x.to(dtype) for x in ordered], *[p.to(dtype) for p in params], piece_states, *sizes, **extra)
+        if not getattr(fn, "input_dtype", False):
+            ordered, given = [x.to(dtype) for x in ordered], [p.to(dtype) for p in params]
+        else:
+            given = params
+        running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
+        try:
+            return fn(*ordered, *given, piece_states, *sizes, **extra)
+        finally:
+            _FORM_CALL.reset(running)
 
     if grid_limits:
         call_form = in_grid_pieces(call_form, call.heads, chunk_size)
@@ -961,12 +1049,13 @@ class _AdjointBackward(torch.autograd.Function):
         # A final state that is the initial one (no steps) leaves as a copy: an output of this function.
         results = [r.clone() if any(r is t for t in tensors) else r for r in results]
         ctx.adjoint, ctx.layout, ctx.names, ctx.every, ctx.kernels = adjoint, layout, names, every, kernels
+        ctx.where = _form_call()
         ctx.shapes = [(r.shape, r.dtype) for r in results]
         _save_with_states(ctx, tensors, checkpoints, names[1])
         return tuple(results)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("its backward is the adjoint derived from the spec, which records no graph")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         tensors, checkpoints = _saved_with_states(ctx, state_names)
@@ -1102,13 +1191,14 @@ class _BlockBackward(torch.autograd.Function):
         with torch.no_grad():
             outputs, finals, entering = _run_blocks(block, args, n_inputs, at, steps)
         ctx.block, ctx.layout, ctx.names, ctx.n_inputs, ctx.steps, ctx.at = block, layout, names, n_inputs, steps, at
+        ctx.where = _form_call()
         # An output the loss does not use comes to the backward as None, not zeros: no block differentiates it.
         ctx.set_materialize_grads(False)
         _save_with_states(ctx, tensors, entering, names[1])
         return tuple(outputs[n] for n in names[0]) + tuple(finals[n] for n in names[1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("its backward re-runs each block of steps for first derivatives only")
     def backward(ctx, *grads):
         out_names, state_names = ctx.names
         n_in, at = ctx.n_inputs, ctx.at
@@ -1167,14 +1257,15 @@ class _PrintedVJP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, vjp, n_tensors, *args):
         tensors, rest = args[:n_tensors], args[n_tensors:]
-        ctx.vjp, ctx.rest = vjp, rest
+        ctx.vjp, ctx.rest, ctx.where = vjp, rest, _form_call()
         ctx.save_for_backward(*tensors)
         outs = fn(*args)
         # An output that is an argument itself (a bare input) is returned as a view, as autograd.Function needs.
         return tuple(o.view_as(o) if any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("the backward of its prologue or epilogue is a printed vector-Jacobian product, which records no "
+                  "graph")
     def backward(ctx, *grads):
         tensors = ctx.saved_tensors
         got = ctx.vjp(*tensors, *grads, *ctx.rest)
@@ -1365,7 +1456,7 @@ class Layer:
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options,  # noqa: F821 - from dispatch.py
-                         grid_limits=backend == "triton")
+                         grid_limits=backend == "triton", backend=backend)
 
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                    config: dict | None = None, **kwargs) -> dict:
@@ -3592,11 +3683,11 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
-        ctx.maps = maps
+        ctx.maps, ctx.where = maps, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
@@ -3901,11 +3992,11 @@ class _triton_ScanFunction(torch.autograd.Function):
         kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
                                               num_warps=warps)
         ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config = cu, kernels, config
+        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
         return s
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, ds):
         a, s, h0 = ctx.saved_tensors
         BT, BN, warps = ctx.config
@@ -4819,11 +4910,11 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
                                             output_final_state, cfg, fused, varlen)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
-        ctx.varlen = varlen
+        ctx.varlen, ctx.where = varlen, _form_call()
         return (*outs, ht)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels record no graph: a double backward raises
+    @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
         k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs = ctx.saved_tensors
         nq = len(ctx.exclusive)
