@@ -1682,6 +1682,12 @@ class TorchFormWriter:
                 # moved in front, as the recurrent adjoint prints them
                 grad = sympy.factor_terms(found[ir].expr)
                 derived.append((p, kind, found[ir].indices, factor_sums(nest_sums(grad, ranges))))
+        self.prologue_checked = set()
+        if self.options and stem == "chunked_prologue" and not reads:
+            kernels = self._elementwise_prologue(name, fwd, vjp, what, values, tensors, sizes, first, grads, derived,
+                                                 ranges)
+            if kernels is not None:
+                return kernels, True, tensors + sizes
         exprs, temps = self._share([d[3] for d in derived], ranges, set())
         w()
         w()
@@ -1709,6 +1715,190 @@ class TorchFormWriter:
         w()
         w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
         return _drop_unused_shape(w.text()), True, tensors + sizes
+
+    def _elementwise_prologue(self, name: str, fwd: str, vjp: str, what: str, values: list, tensors: list,
+                              sizes: list, first: str, grads: dict, derived: list, ranges: dict) -> str | None:
+        """The Triton chunked form's prologue as two printed `@triton.jit` kernels, when it is elementwise over one
+        axis: every value that reads a tensor is [B, T, H, D] and reads only inputs [B, T, H, D] and params [H, D]
+        at its own index (RG-LRU's gates and input scale), and none sums. The forward kernel writes each value once
+        from the raw inputs and the backward kernel each input's gradient once from the values' (the expressions of
+        `_write_printed_vjp`, printed by the Triton printer in float32), so none of the torch form's per-op
+        [B, T, H, D] temporaries is allocated. None (the torch prologue) for any other prologue."""
+        rec, py = self.rec, self.py
+        by_py = {py[x.name]: x for x in rec.inputs + rec.params}
+        fields = [v for v in values if not is_constant(v[1], self.sizes)]
+        if not fields or any(len(v[3]) != 1 or v[1].has(sympy.Sum) or v[0] in self.headed_logs for v in fields):
+            return None
+        size = fields[0][3][0]
+        if any(v[3][0] != size for v in fields):
+            return None
+        read = self._names_read([v[1] for v in fields])
+        args = [p for p in tensors if by_py[p].name in read]  # the tensors the kernels load
+        if not any(by_py[p] in rec.inputs for p in args) or any(tuple(by_py[p].dims) != (size,) for p in args):
+            return None
+        for _out, expr, indices, *_ in fields:  # each leaf read at the value's own index
+            if any(tuple(n.indices) != tuple(indices) for n in expr.atoms(sympy.Indexed)):
+                return None
+        outs = [(p, kind, idx, e) for p, kind, idx, e in derived if p in args]
+        if len(outs) != len(derived) or any(e.has(sympy.Sum) or any(tuple(n.indices) != tuple(idx) for n in
+                                                                      e.atoms(sympy.Indexed)) for _, _, idx, e in outs):
+            return None
+        field_grads = [grads[v[0]] for v in fields]
+        leaves = {x.name: f"b_{py[x.name]}" for x in rec.inputs + rec.params}
+        leaves.update({grad_name(v[0]): f"b_{grads[v[0]]}" for v in fields})
+        printer = TritonPrinter(set(rec.sizes), ranges, {**leaves, **{n: py[n] for n in rec.sizes}})
+        param_leaves = {x.name for x in rec.params}
+        dim = self._dim(size)
+        kernel, kernel_vjp = f"{name}_kernel", f"{name}_vjp_kernel"
+        size_args = "".join(f", {n}" for n in sizes)
+        w = SourceWriter()
+
+        def body(exprs: list, loaded: list) -> tuple[list, list, list] | None:
+            """(lines before the row loop, lines inside it, the printed `exprs`): the loads, then the common
+            subexpressions as temporaries (sympy's cse), those of params alone before the loop (one per column)."""
+            temps, reduced = sympy.cse([e for e, _ in exprs], symbols=sympy.numbered_symbols("b_t"))
+            before = [f"b_{p} = tl.load({p} + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)"
+                      for p in loaded if by_py.get(p) in rec.params]
+            inside = [f"b_{p} = tl.load({p} + row + offs_c, mask=m, other=0.0).to(tl.float32)"
+                      for p in loaded if by_py.get(p) not in rec.params]
+            hoisted: set = set()
+            try:
+                for sym, e in temps:
+                    axes = exprs[0][1]
+                    for n in e.atoms(sympy.Indexed):
+                        axes = tuple(n.indices)
+                    line = f"{sym.name} = {printer.print_expr(e, axes)}"
+                    bases = {str(n.base) for n in e.atoms(sympy.Indexed)}
+                    if bases <= param_leaves and all(t in hoisted for t in e.free_symbols if t.name.startswith("b_t")):
+                        hoisted.add(sym)
+                        before.append(line)
+                    else:
+                        inside.append(line)
+                return before, inside, [printer.print_expr(e, idx) for e, (_, idx) in zip(reduced, exprs)]
+            except (NotImplementedError, ValueError):
+                return None
+
+        fwd_body = body([(v[1], tuple(v[2])) for v in fields], args)
+        vjp_body = body([(e, tuple(idx)) for _, _, idx, e in outs], args + field_grads)
+        if fwd_body is None or vjp_body is None:
+            return None
+
+        # -- the forward kernel
+        w("@triton.jit", 0)
+        w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, R, T, C{size_args}, "
+          "BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):", 0)
+        w(f'"""{what}, elementwise: its values {", ".join(v[0] for v in fields)} [B, T, H, {dim}] of the inputs '
+          f"[B, T, H, {dim}] and params [H, {dim}] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of "
+          f"[B * T, H * {dim}], in float32, each stored once in its own dtype: none of the torch prologue's per-op "
+          "temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite "
+          "number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it "
+          'reads no value again."""')
+        w("offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)")
+        for line in fwd_body[0]:
+            w(line)
+        w("b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)")
+        w("for i in range(BLOCK_R):")
+        w("r = tl.program_id(1) * BLOCK_R + i", 2)
+        w("m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row", 2)
+        w("row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31", 2)
+        for line in fwd_body[1]:
+            w(line, 2)
+        flags = []
+        for (out, *_), text in zip(fields, fwd_body[2]):
+            w(f"o_{out} = ({text}).to({out}.dtype.element_ty)", 2)
+            w(f"tl.store({out} + row + offs_c, o_{out}, mask=m)", 2)
+            # as stored: a value finite in float32 may round to inf in its dtype
+            flags.append(f"~(o_{out}.to(tl.float32) <= 0.0)" if out in self.plain_logs
+                         else f"~(tl.abs(o_{out}.to(tl.float32)) < float(\"inf\"))")
+        w(f"bad = m & ({' | '.join(flags)})  # NaN fails every comparison", 2)
+        w("b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))", 2)
+        w("tl.atomic_min(unsafe, b_first)")
+        w()
+        w()
+        # -- the backward kernel
+        w("@triton.jit", 0)
+        grad_outs = [f"d_{p}" for p, *_ in outs]
+        w(f"def {kernel_vjp}({', '.join(args + field_grads + grad_outs)}, R, C{size_args}, BLOCK_R: tl.constexpr, "
+          "BLOCK_C: tl.constexpr):", 0)
+        w(f'"""The gradients of {", ".join(args)} from those of the values (sympy\'s derivatives, those {vjp} '
+          "prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's "
+          "summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."
+          '"""')
+        w("offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)")
+        for line in vjp_body[0]:
+            w(line)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"b_sum_{p} = tl.zeros([BLOCK_C], dtype=tl.float32)")
+        w("for i in range(BLOCK_R):")
+        w("r = tl.program_id(1) * BLOCK_R + i", 2)
+        w("m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row", 2)
+        w("row = r.to(tl.int64) * C", 2)
+        for line in vjp_body[1]:
+            w(line, 2)
+        for (p, kind, *_), text in zip(outs, vjp_body[2]):
+            if kind == "param":  # masked: a padding lane's 0 / sqrt(0) must not reach the sum
+                w(f"b_sum_{p} += tl.where(m, {text}, 0.0)", 2)
+            else:
+                w(f"tl.store(d_{p} + row + offs_c, ({text}).to(d_{p}.dtype.element_ty), mask=m)", 2)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"tl.store(d_{p} + tl.program_id(1) * C + offs_c, b_sum_{p}, mask=offs_c < C)")
+        w()
+        w()
+        # -- the launchers: the signatures of the torch form's pair, joined by with_vjp
+        blocks = "BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block"
+        grid = "(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))"
+        w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
+        w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by {kernel}, and last '
+          'unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"R_, C_ = B_ * T_, H_ * {dim}")
+        w(f"dtype_ = {args[0]}.dtype")
+        for p in args[1:]:
+            w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
+        cprinter = TorchPrinter(self.sizes, ranges, py)
+        for out, expr, indices, dims, *comment in values:
+            note = f"  # {comment[0]}" if comment and comment[0] else ""
+            if is_constant(expr, self.sizes):
+                w(f"{out} = {self._full(cprinter, expr, indices, dims)}{note}")
+            else:
+                w(f"{out} = torch.empty((B_, T_, H_, {dim}), dtype=dtype_, device={first}.device){note}")
+        w(f"unsafe_ = torch.full((1,), T_, dtype=torch.int32, device={first}.device)")
+        w(blocks)
+        w("if R_ * C_:")
+        w(f"{kernel}[{grid}](", 2)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args)}, {', '.join(v[0] for v in fields)}, unsafe_, R_, T_, C_"
+          f"{size_args}, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)", 3)
+        w(f"return {', '.join(v[0] for v in values)}, unsafe_")
+        w()
+        w()
+        w(f"def {vjp}({', '.join(tensors + list(grads.values()))}, grad_unsafe_{size_args}):", 0)
+        w(f'"""The vector-Jacobian product of {fwd} by {kernel_vjp}: the gradient of each argument (None where it '
+          "is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block "
+          'of rows, summed here)."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"R_, C_ = B_ * T_, H_ * {dim}")
+        w(blocks)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"d_{p} = torch.empty((triton.cdiv(R_, BLOCK_R_), C_), dtype=torch.float32, device={first}.device)")
+            else:
+                w(f"d_{p} = torch.empty_like({p})")
+        w("if R_ * C_:")
+        w(f"{kernel_vjp}[{grid}](", 2)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args + field_grads)}, {', '.join(grad_outs)}, R_, C_"
+          f"{size_args}, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)", 3)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"d_{p} = d_{p}.sum(0).view({p}.shape).to({p}.dtype)")
+        returned = [f"d_{p}" if p in {o[0] for o in outs} else "None" for p in tensors]
+        w(f"return {', '.join(returned)}{',' if len(tensors) == 1 else ''}")
+        w()
+        w()
+        w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
+        self.prologue_checked = {v[0] for v in fields}
+        return w.text()
 
     # -- chunked ----------------------------------------------------------------
 
@@ -1749,6 +1939,10 @@ class TorchFormWriter:
             return map_names[key]
 
         inputs = {i.name for i in self.rec.inputs}
+        # The log decays checked as they are (<= 0), and those checked with a per-head factor (g, head), for a
+        # prologue the Triton kernels compute (`_elementwise_prologue`), and where each `_check_steps` line is
+        # ([values], log decays): those kernels check their own values, so the lines are written again without.
+        self.plain_logs, self.headed_logs, checks = set(), set(), []
 
         def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
             if (isinstance(expr, sympy.Indexed) and str(expr.base) in inputs
@@ -1878,7 +2072,9 @@ class TorchFormWriter:
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
                                                else decay)
+            (self.headed_logs if logs.startswith("(") else self.plain_logs).add(decay)
             check = f"_check_steps([{', '.join(checked)}], [{logs}])"
+            checks.append((list(checked), logs))
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             if sa.cls is TransitionClass.RANK_ONE_UPDATE and plan.decay_axis == "key":
                 axis = self.rt + "KeyDeltaDecay"  # the Triton runtime's key decay with the delta backward's steps
@@ -1955,6 +2151,14 @@ class TorchFormWriter:
                 self.a.ir.ranges)
             functions.insert(0, text)
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
+            done = self.prologue_checked
+            if done:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
+                targets = ", ".join(v[0] for v in prologue) + ", unsafe_"
+                for checked, logs in checks:
+                    rest = [c for c in checked if c not in done]
+                    old = f"_check_steps([{', '.join(checked)}], [{logs}])"
+                    new = f"_check_steps([{', '.join(rest)}], [{'' if logs in done else logs}], first=(unsafe_, T_))"
+                    w.lines = [line.replace(old, new) for line in w.lines]
             call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
             vjp = f"{self.fn}__chunked_prologue_vjp{self.suffix}"
@@ -2149,15 +2353,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
