@@ -45,7 +45,7 @@ from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol, undefi
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
-from .triton_printer import TritonPrinter
+from .triton_printer import TritonPrinter, block_name, mask_name, offs_name
 
 # The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
 # ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
@@ -1718,142 +1718,174 @@ class TorchFormWriter:
 
     def _elementwise_prologue(self, name: str, fwd: str, vjp: str, what: str, values: list, tensors: list,
                               sizes: list, first: str, grads: dict, derived: list, ranges: dict) -> str | None:
-        """The Triton chunked form's prologue as two printed `@triton.jit` kernels, when it is elementwise over one
-        axis: every value that reads a tensor is [B, T, H, D] and reads only inputs [B, T, H, D] and params [H, D]
-        at its own index (RG-LRU's gates and input scale), and none sums. The forward kernel writes each value once
-        from the raw inputs and the backward kernel each input's gradient once from the values' (the expressions of
-        `_write_printed_vjp`, printed by the Triton printer in float32), so none of the torch form's per-op
-        [B, T, H, D] temporaries is allocated. None (the torch prologue) for any other prologue."""
+        """The Triton chunked form's prologue as two printed `@triton.jit` kernels, when it is a function of each
+        step (b, t, h) alone: every value that reads a tensor is [B, T, H, D] or [B, T, H] (a sum over D) and reads
+        inputs [B, T, H, D] or [B, T, H] and params [H, D] or [H], D one size (RG-LRU's gates and input scale,
+        RWKV-6's skip weight sum(r * u * k), mLSTM's exp(ig) and logsigmoid(fg)). The forward kernel writes each
+        value once from the raw inputs, checking it for `_check_steps` as it goes, and the backward kernel each
+        input's gradient once from the values' (the expressions `_write_printed_vjp` derives, printed by the Triton
+        printer in float32), so none of the torch form's per-op temporaries is allocated. None (the torch prologue)
+        for any other prologue."""
         rec, py = self.rec, self.py
         by_py = {py[x.name]: x for x in rec.inputs + rec.params}
         fields = [v for v in values if not is_constant(v[1], self.sizes)]
-        if not fields or any(len(v[3]) != 1 or v[1].has(sympy.Sum) or v[0] in self.headed_logs for v in fields):
-            return None
-        size = fields[0][3][0]
-        if any(v[3][0] != size for v in fields):
+        if not fields or any(len(v[3]) > 1 or v[0] in self.headed_logs for v in fields):
             return None
         read = self._names_read([v[1] for v in fields])
         args = [p for p in tensors if by_py[p].name in read]  # the tensors the kernels load
-        if not any(by_py[p] in rec.inputs for p in args) or any(tuple(by_py[p].dims) != (size,) for p in args):
+        vectors = {tuple(by_py[p].dims) for p in args} | {tuple(v[3]) for v in fields}
+        vectors.discard(())
+        if len(vectors) > 1 or any(len(s) > 1 for s in vectors) or not any(by_py[p] in rec.inputs for p in args):
             return None
-        for _out, expr, indices, *_ in fields:  # each leaf read at the value's own index
-            if any(tuple(n.indices) != tuple(indices) for n in expr.atoms(sympy.Indexed)):
-                return None
+        size = next(iter(vectors))[0] if vectors else None
         outs = [(p, kind, idx, e) for p, kind, idx, e in derived if p in args]
-        if len(outs) != len(derived) or any(e.has(sympy.Sum) or any(tuple(n.indices) != tuple(idx) for n in
-                                                                      e.atoms(sympy.Indexed)) for _, _, idx, e in outs):
+        if len(outs) != len(derived):
             return None
         field_grads = [grads[v[0]] for v in fields]
+        is_vector = {**{p: bool(by_py[p].dims) for p in args}, **{v[0]: bool(v[3]) for v in fields},
+                     **{grads[v[0]]: bool(v[3]) for v in fields}}
         leaves = {x.name: f"b_{py[x.name]}" for x in rec.inputs + rec.params}
         leaves.update({grad_name(v[0]): f"b_{grads[v[0]]}" for v in fields})
         printer = TritonPrinter(set(rec.sizes), ranges, {**leaves, **{n: py[n] for n in rec.sizes}})
-        param_leaves = {x.name for x in rec.params}
-        dim = self._dim(size)
+        params = {x.name for x in rec.params}
+        dim = self._dim(size) if size is not None else None
+        block = block_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size)) if dim else None
+        offs, mask = ((offs_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size)),
+                       mask_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size))) if dim
+                      else (None, None))
         kernel, kernel_vjp = f"{name}_kernel", f"{name}_vjp_kernel"
         size_args = "".join(f", {n}" for n in sizes)
-        w = SourceWriter()
+        grad_outs = [f"d_{p}" for p, *_ in outs]
+        # the kernels' own names must not meet a tensor's (a spec may name an input `row`)
+        local = (args + [v[0] for v in fields] + field_grads + grad_outs + [f"b_{p}" for p in args + field_grads]
+                 + [f"o_{v[0]}" for v in fields] + [f"b_sum_{p}" for p, *_ in outs] + sizes
+                 + ["unsafe", "BT_", "H_", "T_", "BLOCK_R", "i_h", "i_r", "i", "bt", "row", "bad", "b_first"]
+                 + ([offs, mask, block] if dim else []))
+        if len(set(local)) != len(local) or any(n.startswith("b_t") and n[3:].isdigit() for n in local):
+            return None
+
+        def load(p: str) -> str:
+            if by_py.get(p) in rec.params:  # [H, D] or [H]: this program's head
+                at = f"{p} + i_h * {dim} + {offs}" if is_vector[p] else f"{p} + i_h"
+            else:  # [B, T, H, D] or [B, T, H]: the step `row`
+                at = f"{p} + row * {dim} + {offs}" if is_vector[p] else f"{p} + row"
+            return (f"b_{p} = tl.load({at}, mask={mask}, other=0.0).to(tl.float32)" if is_vector[p]
+                    else f"b_{p} = tl.load({at}).to(tl.float32)")
+
+        def axes_of(e: sympy.Expr) -> tuple:
+            """The index e spans (its leaves' but a sum's), or none: e is then one number per step."""
+            bound = {lim[0] for total in e.atoms(sympy.Sum) for lim in total.limits}
+            free = tuple({i for n in e.atoms(sympy.Indexed) for i in n.indices} - bound)
+            if len(free) > 1:
+                raise ValueError(f"{e} spans {free}")
+            return free
 
         def body(exprs: list, loaded: list) -> tuple[list, list, list] | None:
             """(lines before the row loop, lines inside it, the printed `exprs`): the loads, then the common
-            subexpressions as temporaries (sympy's cse), those of params alone before the loop (one per column)."""
-            temps, reduced = sympy.cse([e for e, _ in exprs], symbols=sympy.numbered_symbols("b_t"))
-            before = [f"b_{p} = tl.load({p} + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)"
-                      for p in loaded if by_py.get(p) in rec.params]
-            inside = [f"b_{p} = tl.load({p} + row + offs_c, mask=m, other=0.0).to(tl.float32)"
-                      for p in loaded if by_py.get(p) not in rec.params]
+            subexpressions as temporaries (sympy's cse), those of params alone before the loop (one per head)."""
+            temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("b_t"))
+            before = [load(p) for p in loaded if by_py.get(p) in rec.params]
+            inside = [load(p) for p in loaded if by_py.get(p) not in rec.params]
             hoisted: set = set()
             try:
                 for sym, e in temps:
-                    axes = exprs[0][1]
-                    for n in e.atoms(sympy.Indexed):
-                        axes = tuple(n.indices)
-                    line = f"{sym.name} = {printer.print_expr(e, axes)}"
-                    bases = {str(n.base) for n in e.atoms(sympy.Indexed)}
-                    if bases <= param_leaves and all(t in hoisted for t in e.free_symbols if t.name.startswith("b_t")):
+                    line = f"{sym.name} = {printer.print_expr(e, axes_of(e))}"
+                    bases = {str(n.base) for n in e.atoms(sympy.Indexed)} | {s.name for s in e.atoms(sympy.Symbol)}
+                    bases -= {str(i) for n in e.atoms(sympy.Indexed) for i in n.indices} | set(rec.sizes)
+                    if all(b in params or sympy.Symbol(b) in hoisted for b in bases):
                         hoisted.add(sym)
                         before.append(line)
                     else:
                         inside.append(line)
-                return before, inside, [printer.print_expr(e, idx) for e, (_, idx) in zip(reduced, exprs)]
-            except (NotImplementedError, ValueError):
+                return before, inside, [printer.print_expr(e, axes_of(e)) for e in reduced]
+            except (NotImplementedError, ValueError, KeyError):
                 return None
 
-        fwd_body = body([(v[1], tuple(v[2])) for v in fields], args)
-        vjp_body = body([(e, tuple(idx)) for _, _, idx, e in outs], args + field_grads)
+        fwd_body = body([v[1] for v in fields], args)
+        vjp_body = body([e for *_, e in outs], args + field_grads)
         if fwd_body is None or vjp_body is None:
             return None
+        w = SourceWriter()
+        shape_text = f"[B, T, H, {dim}] or [B, T, H]" if dim else "[B, T, H]"
+        head = ["i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)"]
+        if dim:
+            head += [f"{offs} = tl.arange(0, {block})", f"{mask} = {offs} < {dim}"]
+        blocks = f", {block}: tl.constexpr" if dim else ""
+
+        def row_loop(lines: list) -> None:
+            w("for i in range(BLOCK_R):")
+            w("bt = i_r * BLOCK_R + i", 2)
+            w("if bt < BT_:", 2)
+            w("row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31", 3)
+            for line in lines:
+                w(line, 3)
 
         # -- the forward kernel
         w("@triton.jit", 0)
-        w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, R, T, C{size_args}, "
-          "BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):", 0)
-        w(f'"""{what}, elementwise: its values {", ".join(v[0] for v in fields)} [B, T, H, {dim}] of the inputs '
-          f"[B, T, H, {dim}] and params [H, {dim}] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of "
-          f"[B * T, H * {dim}], in float32, each stored once in its own dtype: none of the torch prologue's per-op "
-          "temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite "
-          "number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it "
-          'reads no value again."""')
-        w("offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)")
-        for line in fwd_body[0]:
+        w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, BT_, H_, T_{size_args}, "
+          f"BLOCK_R: tl.constexpr{blocks}):", 0)
+        w(f'"""{what}, step by step: its values {", ".join(v[0] for v in fields)} {shape_text} of the inputs '
+          f"{shape_text} and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its "
+          "own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the "
+          "first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check "
+          '`_check_steps` makes, done here so that no value is read again for it."""')
+        for line in head + fwd_body[0]:
             w(line)
-        w("b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)")
-        w("for i in range(BLOCK_R):")
-        w("r = tl.program_id(1) * BLOCK_R + i", 2)
-        w("m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row", 2)
-        w("row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31", 2)
-        for line in fwd_body[1]:
-            w(line, 2)
-        flags = []
-        for (out, *_), text in zip(fields, fwd_body[2]):
-            w(f"o_{out} = ({text}).to({out}.dtype.element_ty)", 2)
-            w(f"tl.store({out} + row + offs_c, o_{out}, mask=m)", 2)
-            # as stored: a value finite in float32 may round to inf in its dtype
-            flags.append(f"~(o_{out}.to(tl.float32) <= 0.0)" if out in self.plain_logs
-                         else f"~(tl.abs(o_{out}.to(tl.float32)) < float(\"inf\"))")
-        w(f"bad = m & ({' | '.join(flags)})  # NaN fails every comparison", 2)
-        w("b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))", 2)
+        w("b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)")
+        lines, flags = list(fwd_body[1]), []
+        for (out, _, _, dims, *_), text in zip(fields, fwd_body[2]):
+            lines.append(f"o_{out} = ({text}).to({out}.dtype.element_ty)")
+            lines.append(f"tl.store({out} + row * {dim} + {offs}, o_{out}, mask={mask})" if dims
+                         else f"tl.store({out} + row, o_{out})")
+            # as stored: a value finite in float32 may round to inf in its dtype; NaN fails every comparison
+            cond = (f"~(o_{out}.to(tl.float32) <= 0.0)" if out in self.plain_logs
+                    else f"~(tl.abs(o_{out}.to(tl.float32)) < float(\"inf\"))")
+            flags.append(f"(tl.max(tl.where({mask} & {cond}, 1, 0), axis=0) > 0)" if dims else cond)
+        lines.append(f"bad = {' | '.join(flags)}")
+        lines.append("b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))")
+        row_loop(lines)
         w("tl.atomic_min(unsafe, b_first)")
         w()
         w()
         # -- the backward kernel
         w("@triton.jit", 0)
-        grad_outs = [f"d_{p}" for p, *_ in outs]
-        w(f"def {kernel_vjp}({', '.join(args + field_grads + grad_outs)}, R, C{size_args}, BLOCK_R: tl.constexpr, "
-          "BLOCK_C: tl.constexpr):", 0)
+        w(f"def {kernel_vjp}({', '.join(args + field_grads + grad_outs)}, BT_, H_{size_args}, BLOCK_R: tl.constexpr"
+          f"{blocks}):", 0)
         w(f'"""The gradients of {", ".join(args)} from those of the values (sympy\'s derivatives, those {vjp} '
           "prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's "
-          "summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."
+          "summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."
           '"""')
-        w("offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)")
-        for line in vjp_body[0]:
+        for line in head + vjp_body[0]:
             w(line)
         for p, kind, *_ in outs:
             if kind == "param":
-                w(f"b_sum_{p} = tl.zeros([BLOCK_C], dtype=tl.float32)")
-        w("for i in range(BLOCK_R):")
-        w("r = tl.program_id(1) * BLOCK_R + i", 2)
-        w("m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row", 2)
-        w("row = r.to(tl.int64) * C", 2)
-        for line in vjp_body[1]:
-            w(line, 2)
+                w(f"b_sum_{p} = tl.zeros([{block}], dtype=tl.float32)" if is_vector[p]
+                  else f"b_sum_{p} = tl.zeros([], dtype=tl.float32)")
+        lines = list(vjp_body[1])
         for (p, kind, *_), text in zip(outs, vjp_body[2]):
-            if kind == "param":  # masked: a padding lane's 0 / sqrt(0) must not reach the sum
-                w(f"b_sum_{p} += tl.where(m, {text}, 0.0)", 2)
+            if kind == "param" and is_vector[p]:  # masked: a padding lane's 0 / sqrt(0) must not reach the sum
+                lines.append(f"b_sum_{p} += tl.where({mask}, {text}, 0.0)")
+            elif kind == "param":
+                lines.append(f"b_sum_{p} += {text}")
+            elif is_vector[p]:
+                lines.append(f"tl.store(d_{p} + row * {dim} + {offs}, ({text}).to(d_{p}.dtype.element_ty), "
+                             f"mask={mask})")
             else:
-                w(f"tl.store(d_{p} + row + offs_c, ({text}).to(d_{p}.dtype.element_ty), mask=m)", 2)
+                lines.append(f"tl.store(d_{p} + row, ({text}).to(d_{p}.dtype.element_ty))")
+        row_loop(lines)
         for p, kind, *_ in outs:
             if kind == "param":
-                w(f"tl.store(d_{p} + tl.program_id(1) * C + offs_c, b_sum_{p}, mask=offs_c < C)")
+                w(f"tl.store(d_{p} + (i_r * H_ + i_h) * {dim} + {offs}, b_sum_{p}, mask={mask})" if is_vector[p]
+                  else f"tl.store(d_{p} + i_r * H_ + i_h, b_sum_{p})")
         w()
         w()
         # -- the launchers: the signatures of the torch form's pair, joined by with_vjp
-        blocks = "BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block"
-        grid = "(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))"
+        grid = "(H_, triton.cdiv(B_ * T_, BLOCK_R_))"
+        consts = "BLOCK_R=BLOCK_R_" + (f", {block}=triton.next_power_of_2({dim})" if dim else "")
         w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
         w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by {kernel}, and last '
           'unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
-        w(f"R_, C_ = B_ * T_, H_ * {dim}")
         w(f"dtype_ = {args[0]}.dtype")
         for p in args[1:]:
             w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
@@ -1863,13 +1895,14 @@ class TorchFormWriter:
             if is_constant(expr, self.sizes):
                 w(f"{out} = {self._full(cprinter, expr, indices, dims)}{note}")
             else:
-                w(f"{out} = torch.empty((B_, T_, H_, {dim}), dtype=dtype_, device={first}.device){note}")
+                shape = f"(B_, T_, H_, {dim})" if dims else "(B_, T_, H_)"
+                w(f"{out} = torch.empty({shape}, dtype=dtype_, device={first}.device){note}")
         w(f"unsafe_ = torch.full((1,), T_, dtype=torch.int32, device={first}.device)")
-        w(blocks)
-        w("if R_ * C_:")
+        w("BLOCK_R_ = 16  # rows (b, t) per program")
+        w("if B_ * T_ * H_:")
         w(f"{kernel}[{grid}](", 2)
-        w(f"{', '.join(f'{p}.contiguous()' for p in args)}, {', '.join(v[0] for v in fields)}, unsafe_, R_, T_, C_"
-          f"{size_args}, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)", 3)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args)}, {', '.join(v[0] for v in fields)}, unsafe_, B_ * T_, H_, "
+          f"T_{size_args}, {consts})", 3)
         w(f"return {', '.join(v[0] for v in values)}, unsafe_")
         w()
         w()
@@ -1878,17 +1911,18 @@ class TorchFormWriter:
           "is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block "
           'of rows, summed here)."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
-        w(f"R_, C_ = B_ * T_, H_ * {dim}")
-        w(blocks)
+        w("BLOCK_R_ = 16")
         for p, kind, *_ in outs:
             if kind == "param":
-                w(f"d_{p} = torch.empty((triton.cdiv(R_, BLOCK_R_), C_), dtype=torch.float32, device={first}.device)")
+                shape = f"(triton.cdiv(B_ * T_, BLOCK_R_), H_, {dim})" if is_vector[p] else \
+                    "(triton.cdiv(B_ * T_, BLOCK_R_), H_)"
+                w(f"d_{p} = torch.empty({shape}, dtype=torch.float32, device={first}.device)")
             else:
                 w(f"d_{p} = torch.empty_like({p})")
-        w("if R_ * C_:")
+        w("if B_ * T_ * H_:")
         w(f"{kernel_vjp}[{grid}](", 2)
-        w(f"{', '.join(f'{p}.contiguous()' for p in args + field_grads)}, {', '.join(grad_outs)}, R_, C_"
-          f"{size_args}, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)", 3)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args + field_grads)}, {', '.join(grad_outs)}, B_ * T_, H_"
+          f"{size_args}, {consts})", 3)
         for p, kind, *_ in outs:
             if kind == "param":
                 w(f"d_{p} = d_{p}.sum(0).view({p}.shape).to({p}.dtype)")

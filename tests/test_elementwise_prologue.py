@@ -24,7 +24,7 @@ from codegen.module import module_source
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPECS_DIR
+from .conftest import SPECS_DIR, as_dict
 from .test_prologue_maps import _rel, _run
 
 triton = pytest.importorskip("triton")
@@ -36,33 +36,46 @@ def _rec(name: str = "rg_lru") -> recurrence_dsl.Recurrence:
     return recurrence_dsl.load(SPECS_DIR / f"{name}.rec")[name]
 
 
-def _compare(form: str, packed: bool) -> dict:
-    rec = _rec()
+# spec -> its prologue values the kernels write (the rest of its prologue, if any, is constant)
+PRINTED = {"rg_lru": "v_h, log_decay_h", "min_gru": "v_h, log_decay_h", "mlstm": "v_step_C, log_decay_C",
+           "rwkv6": "skip_weight_S", "rwkv7": "b_S"}
+
+
+def _compare(name: str, form: str, packed: bool) -> dict:
+    """Relative errors of every result and gradient of the Triton form against the float64 reference."""
+    rec = _rec(name)
     rows = 3 if packed else B
     args, initial = sample_arguments(rec.checked, {s: D for s in rec.checked.sizes}, B, T, H,
                                      dtype=torch.float64, seed=3, with_initial_state=True)
     if packed:
-        initial = torch.randn((rows, H, D), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        initial = {s.name: torch.randn((rows, H) + (D,) * len(s.dims), dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(4)) for s in rec.checked.states}
     kwargs = {"cu_seqlens": torch.tensor([0, 5, 22, T])} if packed else {}
     gen = torch.Generator().manual_seed(1)
-    weights = [{"y": torch.randn((B, T, H, D), generator=gen, dtype=torch.float64)},
-               {"h": torch.randn((rows, H, D), generator=gen, dtype=torch.float64)}]
+    shapes = ([(o.name, (B, T, H) + (D,) * len(o.dims)) for o in rec.checked.outputs],
+              [(s.name, (rows, H) + (D,) * len(s.dims)) for s in rec.checked.states])
+    weights = [{n: torch.randn(shape, generator=gen, dtype=torch.float64) for n, shape in part} for part in shapes]
     ref_values, ref_grads = _run(rec.reference, rec, args, initial, weights, **kwargs)
     layer = recurrence_dsl.compile(rec, backend="triton", form=form, chunk_size=CHUNK, tuning=False)
-    values, grads = _run(layer, rec, [a.float() for a in args], initial.float(), weights, **kwargs)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    values, grads = _run(layer, rec, [a.float() for a in args], init32, weights, **kwargs)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
     errors = {f"value {i}": _rel(v, r) for i, (v, r) in enumerate(zip(values, ref_values))}
-    names = ["x", "gr", "gi", "lam", "h0"]
     errors.update({f"d{n}": _rel(g, r) for n, g, r in zip(names, grads, ref_grads)})
-    assert len(errors) == 2 + len(names) and all(g is not None for g in grads)
+    assert len(errors) == len(ref_values) + len(names) and all(g is not None for g in grads)
     return errors
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "cu_seqlens"])
-@pytest.mark.parametrize("form", ["chunked", "parallel"])
-def test_values_and_gradients_match_the_float64_reference(form, packed):
-    if form == "parallel" and packed:
-        pytest.skip("the parallel form's cu_seqlens path is the chunked one's prologue too; dense covers it")
-    errors = _compare(form, packed)
+@pytest.mark.parametrize("name", sorted(PRINTED))
+def test_values_and_gradients_match_the_float64_reference(name, packed):
+    errors = _compare(name, "chunked", packed)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("name", ["rg_lru", "rwkv6"])
+def test_the_parallel_form_runs_the_same_prologue(name):
+    errors = _compare(name, "parallel", False)
     assert max(errors.values()) <= 1e-5, errors
 
 
@@ -84,15 +97,18 @@ def test_an_unsafe_step_found_by_the_prologue_kernel_leaves_the_chunks():
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
 
 
-def test_the_module_prints_the_kernels_and_checks_their_values_there():
-    rec = _rec()
+@pytest.mark.parametrize("name", sorted(PRINTED))
+def test_the_module_prints_the_kernels_and_checks_their_values_there(name):
+    rec = _rec(name)
     analysis = analyse(rec.checked)
     source = module_source([analysis], analysis.recurrence.source.filename)
-    assert "@triton.jit\ndef rg_lru__chunked_prologue_triton_kernel(" in source
-    assert "@triton.jit\ndef rg_lru__chunked_prologue_triton_vjp_kernel(" in source
-    assert "_check_steps([query_read_h, k_h], [], first=(unsafe_, T_))" in source
-    # the torch variant keeps its torch prologue
-    assert "def rg_lru__chunked_prologue_vjp(x, gr, gi, lam, grad_k_h" in source
+    assert f"@triton.jit\ndef {name}__chunked_prologue_triton_kernel(" in source
+    assert f"@triton.jit\ndef {name}__chunked_prologue_triton_vjp_kernel(" in source
+    assert f"{PRINTED[name]}, unsafe_ = torch.empty" not in source
+    call = next(line for line in source.splitlines() if f"= {name}__chunked_prologue_triton(" in line)
+    assert PRINTED[name] in call and call.split(" = ")[0].endswith(", unsafe_"), call
+    checks = [line.strip() for line in source.splitlines() if "_check_steps([" in line and "first=" in line]
+    assert checks and all(v not in c for c in checks for v in PRINTED[name].split(", ")), checks
 
 
 # rg_lru's chunked Triton call, B=2, T=1024, H=4, D=128, forward + backward, host allocations (no kernel runs).

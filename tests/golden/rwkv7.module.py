@@ -2183,15 +2183,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
@@ -3877,20 +3881,65 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
 
 
+@triton.jit
+def rwkv7__chunked_prologue_triton_kernel(kk, a, b_S, unsafe, R, T, C, K, V, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, elementwise: its values b_S [B, T, H, K] of the inputs [B, T, H, K] and params [H, K] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of [B * T, H * K], in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it reads no value again."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)
+    for i in range(BLOCK_R):
+        r = tl.program_id(1) * BLOCK_R + i
+        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
+        row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31
+        b_kk = tl.load(kk + row + offs_c, mask=m, other=0.0).to(tl.float32)
+        b_a = tl.load(a + row + offs_c, mask=m, other=0.0).to(tl.float32)
+        o_b_S = (-(b_a * b_kk)).to(b_S.dtype.element_ty)
+        tl.store(b_S + row + offs_c, o_b_S, mask=m)
+        bad = m & (~(tl.abs(o_b_S.to(tl.float32)) < float("inf")))  # NaN fails every comparison
+        b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))
+    tl.atomic_min(unsafe, b_first)
+
+
+@triton.jit
+def rwkv7__chunked_prologue_triton_vjp_kernel(kk, a, grad_b_S, d_kk, d_a, R, C, K, V, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gradients of kk, a from those of the values (sympy's derivatives, those rwkv7__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i in range(BLOCK_R):
+        r = tl.program_id(1) * BLOCK_R + i
+        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
+        row = r.to(tl.int64) * C
+        b_kk = tl.load(kk + row + offs_c, mask=m, other=0.0).to(tl.float32)
+        b_a = tl.load(a + row + offs_c, mask=m, other=0.0).to(tl.float32)
+        b_grad_b_S = tl.load(grad_b_S + row + offs_c, mask=m, other=0.0).to(tl.float32)
+        tl.store(d_kk + row + offs_c, (-(b_a * b_grad_b_S)).to(d_kk.dtype.element_ty), mask=m)
+        tl.store(d_a + row + offs_c, (-(b_grad_b_S * b_kk)).to(d_a.dtype.element_ty), mask=m)
+
+
 def rwkv7__chunked_prologue_fwd_triton(kk, a, K, V):
-    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by rwkv7__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = kk.shape[:3]
-    b_S = torch.broadcast_to(-(a * kk), (B_, T_, H_, K))  # writes u_t back along b_t
-    return b_S,
+    R_, C_ = B_ * T_, H_ * K
+    dtype_ = kk.dtype
+    dtype_ = torch.promote_types(dtype_, a.dtype)  # the torch form's dtype
+    b_S = torch.empty((B_, T_, H_, K), dtype=dtype_, device=kk.device)  # writes u_t back along b_t
+    unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=kk.device)
+    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
+    if R_ * C_:
+        rwkv7__chunked_prologue_triton_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
+            kk.contiguous(), a.contiguous(), b_S, unsafe_, R_, T_, C_, K, V, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    return b_S, unsafe_
 
 
-def rwkv7__chunked_prologue_vjp_triton(kk, a, grad_b_S, K, V):
-    """The vector-Jacobian product of rwkv7__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
-    grad_kk = torch.broadcast_to(-(a * grad_b_S), kk.shape)
-    grad_a = torch.broadcast_to(-(grad_b_S * kk), a.shape)
-    return grad_kk, grad_a
+def rwkv7__chunked_prologue_vjp_triton(kk, a, grad_b_S, grad_unsafe_, K, V):
+    """The vector-Jacobian product of rwkv7__chunked_prologue_fwd_triton by rwkv7__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
+    B_, T_, H_ = kk.shape[:3]
+    R_, C_ = B_ * T_, H_ * K
+    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
+    d_kk = torch.empty_like(kk)
+    d_a = torch.empty_like(a)
+    if R_ * C_:
+        rwkv7__chunked_prologue_triton_vjp_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
+            kk.contiguous(), a.contiguous(), grad_b_S.contiguous(), d_kk, d_a, R_, C_, K, V, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    return d_kk, d_a
 
 
 rwkv7__chunked_prologue_triton = with_vjp(rwkv7__chunked_prologue_fwd_triton, rwkv7__chunked_prologue_vjp_triton, 2)
@@ -3927,14 +3976,14 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # the prologue; its backward: rwkv7__chunked_prologue_vjp_triton, printed from sympy
-    b_S, = rwkv7__chunked_prologue_triton(kk, a, K, V)
+    b_S, unsafe_ = rwkv7__chunked_prologue_triton(kk, a, K, V)
     # state S (rwkv7.rec:13): diagonal-plus-rank-one; S is updated by (D + b a^T) with D = exp(w[i]), b = -a[i]*kk[i], a = kk[i]
     k_S = k  # rwkv7.rec:13
     v_S = v  # rwkv7.rec:13
     log_decay_S = w  # rwkv7.rec:13
     query_read_S = r  # rwkv7.rec:14
     a_S = kk  # reads the state: u_t = S_(t-1)^T a_t
-    _check_steps([query_read_S, k_S, v_S, a_S, b_S], [log_decay_S])
+    _check_steps([query_read_S, k_S, v_S, a_S], [log_decay_S], first=(unsafe_, T_))
     (read_S,), final_S, starts_S = triton_chunked_dplr_by(triton_KeyDecay, [(query_read_S, False)], k_S, v_S, a_S, b_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, output_chunk_states=True, **options)
     o, = rwkv7__chunked_epilogue_triton(read_S, r, k, v, u, K, V)  # rwkv7.rec:14
     checkpoints = [{'S': starts_S[:, :, n]} for n in range(starts_S.shape[2])] if every else []
