@@ -1977,6 +1977,7 @@ class TorchFormWriter:
         # prologue the Triton kernels compute (`_elementwise_prologue`), and where each `_check_steps` line is
         # ([values], log decays): those kernels check their own values, so the lines are written again without.
         self.plain_logs, self.headed_logs, checks = set(), set(), []
+        aliases: dict[str, str] = {}  # a value that is another's tensor -> that value
 
         def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
             if (isinstance(expr, sympy.Indexed) and str(expr.base) in inputs
@@ -1989,6 +1990,7 @@ class TorchFormWriter:
             key = (sympy.srepr(expr), tuple(indices), tuple(dims))
             if key in seen and not after:
                 w(f"{name} = {seen[key]}  # {comment}; the same tensor" if comment else f"{name} = {seen[key]}")
+                aliases[name] = seen[key]
                 return
             if not after:
                 seen[key] = name
@@ -2106,7 +2108,7 @@ class TorchFormWriter:
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
                                                else decay)
-            (self.headed_logs if logs.startswith("(") else self.plain_logs).add(decay)
+            (self.headed_logs if logs.startswith("(") else self.plain_logs).add(aliases.get(decay, decay))
             check = f"_check_steps([{', '.join(checked)}], [{logs}])"
             checks.append((list(checked), logs))
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
@@ -2186,7 +2188,8 @@ class TorchFormWriter:
             functions.insert(0, text)
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
             done = self.prologue_checked
-            if done:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
+            done = done | {a for a, v in aliases.items() if v in done}
+            if self.prologue_checked:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
                 targets = ", ".join(v[0] for v in prologue) + ", unsafe_"
                 for checked, logs in checks:
                     rest = [c for c in checked if c not in done]
