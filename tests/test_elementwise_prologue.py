@@ -111,25 +111,28 @@ def test_the_module_prints_the_kernels_and_checks_their_values_there(name):
     assert checks and all(v not in c for c in checks for v in PRINTED[name].split(", ")), checks
 
 
-# rg_lru's chunked Triton call, B=2, T=1024, H=4, D=128, forward + backward, host allocations (no kernel runs).
-# Before (the torch prologue and its printed torch VJP): float32 228,976,656, bfloat16 136,634,384. What is left is
-# the runtime's (float64 cumulative log decays, scores, float32 gradient buffers), v and log_a, lam's block sums.
-RG_LRU_STEPS = {torch.float32: 44_649_496, torch.bfloat16: 44_602_392}
+# (spec, dtype) -> the chunked Triton call's training step, B=2, T=1024, H=4, D=128, host allocations (no kernel
+# runs). Before (the torch prologue and its printed torch VJP): rg_lru float32 228,976,656, bfloat16 136,634,384;
+# min_gru 82,159,632 / 63,225,872. What is left is the runtime's (float64 cumulative log decays, scores, float32
+# gradient buffers), v and log_a themselves, lam's per-block sums.
+STEPS = {("rg_lru", torch.float32): 44_649_496, ("rg_lru", torch.bfloat16): 44_602_392,
+         ("min_gru", torch.float32): 44_387_352, ("min_gru", torch.bfloat16): 44_338_200}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_training_step_allocates_no_prologue_temporary(dtype, monkeypatch):
+@pytest.mark.parametrize("name", ["rg_lru", "min_gru"])
+def test_training_step_allocates_no_prologue_temporary(name, dtype, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
-    rec = _rec()
+    rec = _rec(name)
     args, _ = sample_arguments(rec.checked, {"D": 128}, 2, 1024, 4, dtype=torch.float32, seed=0)
     report = measure_call(load_layer(analyse(rec.checked)), [a.to(dtype) for a in args], form="chunked",
                           backward=True)
     text = format_rows(report, limit=40)
-    assert report.total == RG_LRU_STEPS[dtype], text
+    assert report.total == STEPS[(name, dtype)], text
     prologue = [r for r in report.rows if "prologue" in r.where]
-    # v and log_a themselves (the runtime reads them), lam's per-block float32 sums, the constant k and q
+    # of the prologue's [B, T, H, D] tensors only the two values the runtime reads, once each
     full = [r for r in prologue if r.shape == (2, 1024, 4, 128)]
     assert sorted(r.where.split(": ", 1)[1].split(" =")[0] for r in full) == ["log_decay_h", "v_h"], text
     assert all(r.count == 1 for r in full), text

@@ -5301,46 +5301,49 @@ def min_gru__scan_triton(z, hc, states, D, cu_seqlens=None, **options):
 
 
 @triton.jit
-def min_gru__chunked_prologue_triton_kernel(z, hc, v_h, log_decay_h, unsafe, R, T, C, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, elementwise: its values v_h, log_decay_h [B, T, H, D] of the inputs [B, T, H, D] and params [H, D] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of [B * T, H * D], in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it reads no value again."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)
+def min_gru__chunked_prologue_triton_kernel(z, hc, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h, log_decay_h [B, T, H, D] or [B, T, H] of the inputs [B, T, H, D] or [B, T, H] and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31
-        b_z = tl.load(z + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_hc = tl.load(hc + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        o_v_h = (b_hc * tl.sigmoid(b_z)).to(v_h.dtype.element_ty)
-        tl.store(v_h + row + offs_c, o_v_h, mask=m)
-        o_log_decay_h = (tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z))))).to(log_decay_h.dtype.element_ty)
-        tl.store(log_decay_h + row + offs_c, o_log_decay_h, mask=m)
-        bad = m & (~(tl.abs(o_v_h.to(tl.float32)) < float("inf")) | ~(o_log_decay_h.to(tl.float32) <= 0.0))  # NaN fails every comparison
-        b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_z = tl.load(z + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_hc = tl.load(hc + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            o_v_h = (b_hc * tl.sigmoid(b_z)).to(v_h.dtype.element_ty)
+            tl.store(v_h + row * D + offs_D, o_v_h, mask=mask_D)
+            o_log_decay_h = (tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z))))).to(log_decay_h.dtype.element_ty)
+            tl.store(log_decay_h + row * D + offs_D, o_log_decay_h, mask=mask_D)
+            bad = (tl.max(tl.where(mask_D & ~(tl.abs(o_v_h.to(tl.float32)) < float("inf")), 1, 0), axis=0) > 0) | (tl.max(tl.where(mask_D & ~(o_log_decay_h.to(tl.float32) <= 0.0), 1, 0), axis=0) > 0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
     tl.atomic_min(unsafe, b_first)
 
 
 @triton.jit
-def min_gru__chunked_prologue_triton_vjp_kernel(z, hc, grad_v_h, grad_log_decay_h, d_z, d_hc, R, C, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradients of z, hc from those of the values (sympy's derivatives, those min_gru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def min_gru__chunked_prologue_triton_vjp_kernel(z, hc, grad_v_h, grad_log_decay_h, d_z, d_hc, BT_, H_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of z, hc from those of the values (sympy's derivatives, those min_gru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C
-        b_z = tl.load(z + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_hc = tl.load(hc + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_grad_v_h = tl.load(grad_v_h + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_grad_log_decay_h = tl.load(grad_log_decay_h + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_t0 = tl.sigmoid(b_z)
-        tl.store(d_z + row + offs_c, (b_t0 * ((1.0 - b_t0) * b_hc * b_grad_v_h - b_grad_log_decay_h)).to(d_z.dtype.element_ty), mask=m)
-        tl.store(d_hc + row + offs_c, (b_t0 * b_grad_v_h).to(d_hc.dtype.element_ty), mask=m)
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_z = tl.load(z + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_hc = tl.load(hc + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_v_h = tl.load(grad_v_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_log_decay_h = tl.load(grad_log_decay_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_z)
+            tl.store(d_z + row * D + offs_D, (b_t0 * ((1.0 - b_t0) * b_hc * b_grad_v_h - b_grad_log_decay_h)).to(d_z.dtype.element_ty), mask=mask_D)
+            tl.store(d_hc + row * D + offs_D, (b_t0 * b_grad_v_h).to(d_hc.dtype.element_ty), mask=mask_D)
 
 
 def min_gru__chunked_prologue_fwd_triton(z, hc, D):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by min_gru__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = z.shape[:3]
-    R_, C_ = B_ * T_, H_ * D
     dtype_ = z.dtype
     dtype_ = torch.promote_types(dtype_, hc.dtype)  # the torch form's dtype
     k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
@@ -5348,23 +5351,22 @@ def min_gru__chunked_prologue_fwd_triton(z, hc, D):
     log_decay_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=z.device)  # min_gru.rec:14
     query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=z.device)
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
-    if R_ * C_:
-        min_gru__chunked_prologue_triton_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            z.contiguous(), hc.contiguous(), v_h, log_decay_h, unsafe_, R_, T_, C_, D, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        min_gru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            z.contiguous(), hc.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
     return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
 def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, grad_unsafe_, D):
     """The vector-Jacobian product of min_gru__chunked_prologue_fwd_triton by min_gru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = z.shape[:3]
-    R_, C_ = B_ * T_, H_ * D
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
+    BLOCK_R_ = 16
     d_z = torch.empty_like(z)
     d_hc = torch.empty_like(hc)
-    if R_ * C_:
-        min_gru__chunked_prologue_triton_vjp_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, R_, C_, D, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    if B_ * T_ * H_:
+        min_gru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
     return d_z, d_hc
 
 

@@ -5373,62 +5373,65 @@ def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
 
 
 @triton.jit
-def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, unsafe, R, T, C, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, elementwise: its values v_h, log_decay_h [B, T, H, D] of the inputs [B, T, H, D] and params [H, D] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of [B * T, H * D], in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it reads no value again."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b_lam = tl.load(lam + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)
+def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h, log_decay_h [B, T, H, D] or [B, T, H] of the inputs [B, T, H, D] or [B, T, H] and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_lam = tl.load(lam + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31
-        b_x = tl.load(x + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_gr = tl.load(gr + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_gi = tl.load(gi + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_t0 = tl.sigmoid(b_gr) * (tl.maximum((-b_lam), 0.0) + tl.log(1.0 + tl.exp(-tl.abs((-b_lam)))))
-        o_v_h = (tl.sqrt(1.0 - tl.exp((-16.0) * b_t0)) * b_x * tl.sigmoid(b_gi)).to(v_h.dtype.element_ty)
-        tl.store(v_h + row + offs_c, o_v_h, mask=m)
-        o_log_decay_h = ((-8.0) * b_t0).to(log_decay_h.dtype.element_ty)
-        tl.store(log_decay_h + row + offs_c, o_log_decay_h, mask=m)
-        bad = m & (~(tl.abs(o_v_h.to(tl.float32)) < float("inf")) | ~(o_log_decay_h.to(tl.float32) <= 0.0))  # NaN fails every comparison
-        b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_x = tl.load(x + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gr = tl.load(gr + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gi = tl.load(gi + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_gr) * (tl.maximum((-b_lam), 0.0) + tl.log(1.0 + tl.exp(-tl.abs((-b_lam)))))
+            o_v_h = (tl.sqrt(1.0 - tl.exp((-16.0) * b_t0)) * b_x * tl.sigmoid(b_gi)).to(v_h.dtype.element_ty)
+            tl.store(v_h + row * D + offs_D, o_v_h, mask=mask_D)
+            o_log_decay_h = ((-8.0) * b_t0).to(log_decay_h.dtype.element_ty)
+            tl.store(log_decay_h + row * D + offs_D, o_log_decay_h, mask=mask_D)
+            bad = (tl.max(tl.where(mask_D & ~(tl.abs(o_v_h.to(tl.float32)) < float("inf")), 1, 0), axis=0) > 0) | (tl.max(tl.where(mask_D & ~(o_log_decay_h.to(tl.float32) <= 0.0), 1, 0), axis=0) > 0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
     tl.atomic_min(unsafe, b_first)
 
 
 @triton.jit
-def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_log_decay_h, d_x, d_gr, d_gi, d_lam, R, C, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradients of x, gr, gi, lam from those of the values (sympy's derivatives, those rg_lru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b_lam = tl.load(lam + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_log_decay_h, d_x, d_gr, d_gi, d_lam, BT_, H_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of x, gr, gi, lam from those of the values (sympy's derivatives, those rg_lru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_lam = tl.load(lam + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
     b_t1 = -b_lam
-    b_sum_lam = tl.zeros([BLOCK_C], dtype=tl.float32)
+    b_sum_lam = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C
-        b_x = tl.load(x + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_gr = tl.load(gr + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_gi = tl.load(gi + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_grad_v_h = tl.load(grad_v_h + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_grad_log_decay_h = tl.load(grad_log_decay_h + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_t0 = tl.sigmoid(b_gr)
-        b_t2 = b_t0 * (tl.maximum(b_t1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_t1))))
-        b_t3 = tl.exp((-16.0) * b_t2)
-        b_t4 = tl.sqrt(1.0 - b_t3)
-        b_t5 = tl.sigmoid(b_gi)
-        b_t6 = b_t4 * b_t5 * b_grad_v_h
-        b_t7 = b_grad_log_decay_h - b_t3 * b_t5 * b_grad_v_h * b_x / b_t4
-        tl.store(d_x + row + offs_c, (b_t6).to(d_x.dtype.element_ty), mask=m)
-        tl.store(d_gr + row + offs_c, ((-8.0) * b_t2 * b_t7 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=m)
-        tl.store(d_gi + row + offs_c, (b_t6 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=m)
-        b_sum_lam += tl.where(m, 8.0 * b_t0 * b_t7 * tl.sigmoid(b_t1), 0.0)
-    tl.store(d_lam + tl.program_id(1) * C + offs_c, b_sum_lam, mask=offs_c < C)
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_x = tl.load(x + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gr = tl.load(gr + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gi = tl.load(gi + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_v_h = tl.load(grad_v_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_log_decay_h = tl.load(grad_log_decay_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_gr)
+            b_t2 = b_t0 * (tl.maximum(b_t1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_t1))))
+            b_t3 = tl.exp((-16.0) * b_t2)
+            b_t4 = tl.sqrt(1.0 - b_t3)
+            b_t5 = tl.sigmoid(b_gi)
+            b_t6 = b_t4 * b_t5 * b_grad_v_h
+            b_t7 = b_grad_log_decay_h - b_t3 * b_t5 * b_grad_v_h * b_x / b_t4
+            tl.store(d_x + row * D + offs_D, (b_t6).to(d_x.dtype.element_ty), mask=mask_D)
+            tl.store(d_gr + row * D + offs_D, ((-8.0) * b_t2 * b_t7 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
+            tl.store(d_gi + row * D + offs_D, (b_t6 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
+            b_sum_lam += tl.where(mask_D, 8.0 * b_t0 * b_t7 * tl.sigmoid(b_t1), 0.0)
+    tl.store(d_lam + (i_r * H_ + i_h) * D + offs_D, b_sum_lam, mask=mask_D)
 
 
 def rg_lru__chunked_prologue_fwd_triton(x, gr, gi, lam, D):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by rg_lru__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = x.shape[:3]
-    R_, C_ = B_ * T_, H_ * D
     dtype_ = x.dtype
     dtype_ = torch.promote_types(dtype_, gr.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, gi.dtype)  # the torch form's dtype
@@ -5438,25 +5441,24 @@ def rg_lru__chunked_prologue_fwd_triton(x, gr, gi, lam, D):
     log_decay_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=x.device)  # rg_lru.rec:15,16
     query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=x.device)
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
-    if R_ * C_:
-        rg_lru__chunked_prologue_triton_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), v_h, log_decay_h, unsafe_, R_, T_, C_, D, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        rg_lru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
     return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
 def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, grad_unsafe_, D):
     """The vector-Jacobian product of rg_lru__chunked_prologue_fwd_triton by rg_lru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = x.shape[:3]
-    R_, C_ = B_ * T_, H_ * D
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
+    BLOCK_R_ = 16
     d_x = torch.empty_like(x)
     d_gr = torch.empty_like(gr)
     d_gi = torch.empty_like(gi)
-    d_lam = torch.empty((triton.cdiv(R_, BLOCK_R_), C_), dtype=torch.float32, device=x.device)
-    if R_ * C_:
-        rg_lru__chunked_prologue_triton_vjp_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_x, d_gr, d_gi, d_lam, R_, C_, D, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    d_lam = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, D), dtype=torch.float32, device=x.device)
+    if B_ * T_ * H_:
+        rg_lru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_x, d_gr, d_gi, d_lam, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
     d_lam = d_lam.sum(0).view(lam.shape).to(lam.dtype)
     return d_x, d_gr, d_gi, d_lam
 

@@ -3882,63 +3882,65 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
 
 
 @triton.jit
-def rwkv7__chunked_prologue_triton_kernel(kk, a, b_S, unsafe, R, T, C, K, V, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, elementwise: its values b_S [B, T, H, K] of the inputs [B, T, H, K] and params [H, K] on BLOCK_R rows (b, t) by BLOCK_C columns (h, i) of [B * T, H * K], in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so it reads no value again."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b_first = tl.zeros([], dtype=tl.int32) + T  # the first unsafe step of this program's rows (T: none)
+def rwkv7__chunked_prologue_triton_kernel(kk, a, b_S, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values b_S [B, T, H, K] or [B, T, H] of the inputs [B, T, H, K] or [B, T, H] and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C  # int64: B * T * H * D may pass 2**31
-        b_kk = tl.load(kk + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_a = tl.load(a + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        o_b_S = (-(b_a * b_kk)).to(b_S.dtype.element_ty)
-        tl.store(b_S + row + offs_c, o_b_S, mask=m)
-        bad = m & (~(tl.abs(o_b_S.to(tl.float32)) < float("inf")))  # NaN fails every comparison
-        b_first = tl.minimum(b_first, tl.where(tl.max(bad.to(tl.int32), axis=0) > 0, r % T, T))
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_kk = tl.load(kk + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_a = tl.load(a + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            o_b_S = (-(b_a * b_kk)).to(b_S.dtype.element_ty)
+            tl.store(b_S + row * K + offs_K, o_b_S, mask=mask_K)
+            bad = (tl.max(tl.where(mask_K & ~(tl.abs(o_b_S.to(tl.float32)) < float("inf")), 1, 0), axis=0) > 0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
     tl.atomic_min(unsafe, b_first)
 
 
 @triton.jit
-def rwkv7__chunked_prologue_triton_vjp_kernel(kk, a, grad_b_S, d_kk, d_a, R, C, K, V, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradients of kk, a from those of the values (sympy's derivatives, those rwkv7__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row program_id(1) of its [cdiv(R, BLOCK_R), C] float32 part."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def rwkv7__chunked_prologue_triton_vjp_kernel(kk, a, grad_b_S, d_kk, d_a, BT_, H_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gradients of kk, a from those of the values (sympy's derivatives, those rwkv7__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
     for i in range(BLOCK_R):
-        r = tl.program_id(1) * BLOCK_R + i
-        m = offs_c < tl.where(r < R, C, 0)  # the row's columns; none past the last row
-        row = r.to(tl.int64) * C
-        b_kk = tl.load(kk + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_a = tl.load(a + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        b_grad_b_S = tl.load(grad_b_S + row + offs_c, mask=m, other=0.0).to(tl.float32)
-        tl.store(d_kk + row + offs_c, (-(b_a * b_grad_b_S)).to(d_kk.dtype.element_ty), mask=m)
-        tl.store(d_a + row + offs_c, (-(b_grad_b_S * b_kk)).to(d_a.dtype.element_ty), mask=m)
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_kk = tl.load(kk + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_a = tl.load(a + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_grad_b_S = tl.load(grad_b_S + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            tl.store(d_kk + row * K + offs_K, (-(b_a * b_grad_b_S)).to(d_kk.dtype.element_ty), mask=mask_K)
+            tl.store(d_a + row * K + offs_K, (-(b_grad_b_S * b_kk)).to(d_a.dtype.element_ty), mask=mask_K)
 
 
 def rwkv7__chunked_prologue_fwd_triton(kk, a, K, V):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by rwkv7__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = kk.shape[:3]
-    R_, C_ = B_ * T_, H_ * K
     dtype_ = kk.dtype
     dtype_ = torch.promote_types(dtype_, a.dtype)  # the torch form's dtype
     b_S = torch.empty((B_, T_, H_, K), dtype=dtype_, device=kk.device)  # writes u_t back along b_t
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=kk.device)
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
-    if R_ * C_:
-        rwkv7__chunked_prologue_triton_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            kk.contiguous(), a.contiguous(), b_S, unsafe_, R_, T_, C_, K, V, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        rwkv7__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            kk.contiguous(), a.contiguous(), b_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
     return b_S, unsafe_
 
 
 def rwkv7__chunked_prologue_vjp_triton(kk, a, grad_b_S, grad_unsafe_, K, V):
     """The vector-Jacobian product of rwkv7__chunked_prologue_fwd_triton by rwkv7__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = kk.shape[:3]
-    R_, C_ = B_ * T_, H_ * K
-    BLOCK_R_, BLOCK_C_ = 16, min(256, triton.next_power_of_2(max(C_, 1)))  # a program's block
+    BLOCK_R_ = 16
     d_kk = torch.empty_like(kk)
     d_a = torch.empty_like(a)
-    if R_ * C_:
-        rwkv7__chunked_prologue_triton_vjp_kernel[(triton.cdiv(C_, BLOCK_C_), triton.cdiv(R_, BLOCK_R_))](
-            kk.contiguous(), a.contiguous(), grad_b_S.contiguous(), d_kk, d_a, R_, C_, K, V, BLOCK_R=BLOCK_R_, BLOCK_C=BLOCK_C_)
+    if B_ * T_ * H_:
+        rwkv7__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            kk.contiguous(), a.contiguous(), grad_b_S.contiguous(), d_kk, d_a, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
     return d_kk, d_a
 
 
