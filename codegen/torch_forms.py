@@ -1749,10 +1749,9 @@ class TorchFormWriter:
         printer = TritonPrinter(set(rec.sizes), ranges, {**leaves, **{n: py[n] for n in rec.sizes}})
         params = {x.name for x in rec.params}
         dim = self._dim(size) if size is not None else None
-        block = block_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size)) if dim else None
-        offs, mask = ((offs_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size)),
-                       mask_name(size_symbol(size) if isinstance(size, str) else sympy.Integer(size))) if dim
-                      else (None, None))
+        # the tile of D named as the Triton printer names it (a sum over D masks its body with `mask_D`)
+        size_sym = (size_symbol(size) if isinstance(size, str) else sympy.Integer(size)) if dim else None
+        block, offs, mask = (block_name(size_sym), offs_name(size_sym), mask_name(size_sym)) if dim else (None,) * 3
         kernel, kernel_vjp = f"{name}_kernel", f"{name}_vjp_kernel"
         size_args = "".join(f", {n}" for n in sizes)
         grad_outs = [f"d_{p}" for p, *_ in outs]
