@@ -1805,7 +1805,10 @@ class TorchFormWriter:
         if fwd_body is None or vjp_body is None:
             return None
         w = SourceWriter()
-        shape_text = f"[B, T, H, {dim}] or [B, T, H]" if dim else "[B, T, H]"
+
+        def shape_of(p: str) -> str:
+            lead = "[H" if by_py.get(p) in rec.params else "[B, T, H"
+            return f"{p} {lead}{f', {dim}' if is_vector[p] else ''}]"
         head = ["i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)"]
         if dim:
             head += [f"{offs} = tl.arange(0, {block})", f"{mask} = {offs} < {dim}"]
@@ -1823,11 +1826,11 @@ class TorchFormWriter:
         w("@triton.jit", 0)
         w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, BT_, H_, T_{size_args}, "
           f"BLOCK_R: tl.constexpr{blocks}):", 0)
-        w(f'"""{what}, step by step: its values {", ".join(v[0] for v in fields)} {shape_text} of the inputs '
-          f"{shape_text} and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its "
-          "own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the "
-          "first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check "
-          '`_check_steps` makes, done here so that no value is read again for it."""')
+        w(f'"""{what}, step by step: its values {", ".join(shape_of(v[0]) for v in fields)} of '
+          f"{', '.join(shape_of(p) for p in args)}, on BLOCK_R rows (b, t) of one head, in float32, each stored "
+          "once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): "
+          "lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value "
+          '> 0, the check `_check_steps` makes, done here so that no value is read again for it."""')
         for line in head + fwd_body[0]:
             w(line)
         w("b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)")

@@ -5302,7 +5302,7 @@ def min_gru__scan_triton(z, hc, states, D, cu_seqlens=None, **options):
 
 @triton.jit
 def min_gru__chunked_prologue_triton_kernel(z, hc, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h, log_decay_h [B, T, H, D] or [B, T, H] of the inputs [B, T, H, D] or [B, T, H] and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h [B, T, H, D], log_decay_h [B, T, H, D] of z [B, T, H, D], hc [B, T, H, D], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D

@@ -3883,7 +3883,7 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
 
 @triton.jit
 def rwkv7__chunked_prologue_triton_kernel(kk, a, b_S, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values b_S [B, T, H, K] or [B, T, H] of the inputs [B, T, H, K] or [B, T, H] and params [H, ...], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values b_S [B, T, H, K] of kk [B, T, H, K], a [B, T, H, K], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
