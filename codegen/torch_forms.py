@@ -45,7 +45,7 @@ from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol, undefi
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
-from .triton_printer import TritonPrinter
+from .triton_printer import TritonPrinter, block_name, mask_name, offs_name
 
 # The runtimes' class per decay axis: the chunked form names the one its plan fixes (`chunked_linear_by(KeyDecay,
 # ...)`), so a generated module keeps only that axis' code (codegen/module.py prunes by name).
@@ -1682,6 +1682,12 @@ class TorchFormWriter:
                 # moved in front, as the recurrent adjoint prints them
                 grad = sympy.factor_terms(found[ir].expr)
                 derived.append((p, kind, found[ir].indices, factor_sums(nest_sums(grad, ranges))))
+        self.prologue_checked = set()
+        if self.options and stem == "chunked_prologue" and not reads:
+            kernels = self._elementwise_prologue(name, fwd, vjp, what, values, tensors, sizes, first, grads, derived,
+                                                 ranges)
+            if kernels is not None:
+                return kernels, True, tensors + sizes
         exprs, temps = self._share([d[3] for d in derived], ranges, set())
         w()
         w()
@@ -1709,6 +1715,226 @@ class TorchFormWriter:
         w()
         w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
         return _drop_unused_shape(w.text()), True, tensors + sizes
+
+    def _elementwise_prologue(self, name: str, fwd: str, vjp: str, what: str, values: list, tensors: list,
+                              sizes: list, first: str, grads: dict, derived: list, ranges: dict) -> str | None:
+        """The Triton chunked form's prologue as two printed `@triton.jit` kernels, when it is a function of each
+        step (b, t, h) alone: every value that reads a tensor is [B, T, H, D] or [B, T, H] (a sum over D) and reads
+        inputs [B, T, H, D] or [B, T, H] and params [H, D] or [H], D one size (RG-LRU's gates and input scale,
+        RWKV-6's skip weight sum(r * u * k), mLSTM's exp(ig) and logsigmoid(fg)). The forward kernel writes each
+        value once from the raw inputs, checking it for `_check_steps` as it goes, and the backward kernel each
+        input's gradient once from the values' (the expressions `_write_printed_vjp` derives, printed by the Triton
+        printer in float32), so none of the torch form's per-op temporaries is allocated. None (the torch prologue)
+        for any other prologue."""
+        rec, py = self.rec, self.py
+        by_py = {py[x.name]: x for x in rec.inputs + rec.params}
+        fields = [v for v in values if not is_constant(v[1], self.sizes)]
+        if not fields or any(len(v[3]) > 1 or v[0] in self.headed_logs for v in fields):
+            return None
+        read = self._names_read([v[1] for v in fields])
+        args = [p for p in tensors if by_py[p].name in read]  # the tensors the kernels load
+        vectors = {tuple(by_py[p].dims) for p in args} | {tuple(v[3]) for v in fields}
+        vectors.discard(())
+        if len(vectors) > 1 or any(len(s) > 1 for s in vectors) or not any(by_py[p] in rec.inputs for p in args):
+            return None
+        size = next(iter(vectors))[0] if vectors else None
+        outs = [(p, kind, idx, e) for p, kind, idx, e in derived if p in args]
+        if len(outs) != len(derived):
+            return None
+        field_grads = [grads[v[0]] for v in fields]
+        is_vector = {**{p: bool(by_py[p].dims) for p in args}, **{v[0]: bool(v[3]) for v in fields},
+                     **{grads[v[0]]: bool(v[3]) for v in fields}}
+        leaves = {x.name: f"b_{py[x.name]}" for x in rec.inputs + rec.params}
+        leaves.update({grad_name(v[0]): f"b_{grads[v[0]]}" for v in fields})
+        printer = TritonPrinter(set(rec.sizes), ranges, {**leaves, **{n: py[n] for n in rec.sizes}})
+        params = {x.name for x in rec.params}
+        dim = self._dim(size) if size is not None else None
+        # the tile of D named as the Triton printer names it (a sum over D masks its body with `mask_D`)
+        size_sym = (size_symbol(size) if isinstance(size, str) else sympy.Integer(size)) if dim else None
+        block, offs, mask = (block_name(size_sym), offs_name(size_sym), mask_name(size_sym)) if dim else (None,) * 3
+        kernel, kernel_vjp = f"{name}_kernel", f"{name}_vjp_kernel"
+        size_args = "".join(f", {n}" for n in sizes)
+        grad_outs = [f"d_{p}" for p, *_ in outs]
+        # the kernels' own names must not meet a tensor's (a spec may name an input `row`)
+        local = (args + [v[0] for v in fields] + field_grads + grad_outs + [f"b_{p}" for p in args + field_grads]
+                 + [f"o_{v[0]}" for v in fields] + [f"b_sum_{p}" for p, *_ in outs] + sizes
+                 + ["unsafe", "BT_", "H_", "T_", "BLOCK_R", "i_h", "i_r", "i", "bt", "row", "bad", "b_first"]
+                 + ([offs, mask, block] if dim else []))
+        if len(set(local)) != len(local) or any(n.startswith("b_t") and n[3:].isdigit() for n in local):
+            return None
+
+        def load(p: str) -> str:
+            if by_py.get(p) in rec.params:  # [H, D] or [H]: this program's head
+                at = f"{p} + i_h * {dim} + {offs}" if is_vector[p] else f"{p} + i_h"
+            else:  # [B, T, H, D] or [B, T, H]: the step `row`
+                at = f"{p} + row * {dim} + {offs}" if is_vector[p] else f"{p} + row"
+            return (f"b_{p} = tl.load({at}, mask={mask}, other=0.0).to(tl.float32)" if is_vector[p]
+                    else f"b_{p} = tl.load({at}).to(tl.float32)")
+
+        def axes_of(e: sympy.Expr) -> tuple:
+            """The index e spans (its leaves' but a sum's), or none: e is then one number per step."""
+            bound = {lim[0] for total in e.atoms(sympy.Sum) for lim in total.limits}
+            free = tuple({i for n in e.atoms(sympy.Indexed) for i in n.indices} - bound)
+            if len(free) > 1:
+                raise ValueError(f"{e} spans {free}")
+            return free
+
+        def body(exprs: list, loaded: list) -> tuple[list, list, list] | None:
+            """(lines before the row loop, lines inside it, the printed `exprs`): the loads, then the common
+            subexpressions as temporaries (sympy's cse), those of params alone before the loop (one per head)."""
+            temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("b_t"))
+            before = [load(p) for p in loaded if by_py.get(p) in rec.params]
+            inside = [load(p) for p in loaded if by_py.get(p) not in rec.params]
+            hoisted: set = set()
+            try:
+                for sym, e in temps:
+                    line = f"{sym.name} = {printer.print_expr(e, axes_of(e))}"
+                    bases = {str(n.base) for n in e.atoms(sympy.Indexed)} | {s.name for s in e.atoms(sympy.Symbol)}
+                    bases -= {str(i) for n in e.atoms(sympy.Indexed) for i in n.indices} | set(rec.sizes)
+                    if all(b in params or sympy.Symbol(b) in hoisted for b in bases):
+                        hoisted.add(sym)
+                        before.append(line)
+                    else:
+                        inside.append(line)
+                return before, inside, [printer.print_expr(e, axes_of(e)) for e in reduced]
+            except (NotImplementedError, ValueError, KeyError):
+                return None
+
+        fwd_body = body([v[1] for v in fields], args)
+        vjp_body = body([e for *_, e in outs], args + field_grads)
+        if fwd_body is None or vjp_body is None:
+            return None
+        w = SourceWriter()
+
+        def shape_of(p: str) -> str:
+            lead = "[H" if by_py.get(p) in rec.params else "[B, T, H"
+            return f"{p} {lead}{f', {dim}' if is_vector[p] else ''}]"
+        head = ["i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)"]
+        if dim:
+            head += [f"{offs} = tl.arange(0, {block})", f"{mask} = {offs} < {dim}"]
+        blocks = f", {block}: tl.constexpr" if dim else ""
+
+        def row_loop(lines: list) -> None:
+            w("for i in range(BLOCK_R):")
+            w("bt = i_r * BLOCK_R + i", 2)
+            w("if bt < BT_:", 2)
+            w("row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31", 3)
+            for line in lines:
+                w(line, 3)
+
+        # -- the forward kernel
+        w("@triton.jit", 0)
+        w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, BT_, H_, T_{size_args}, "
+          f"BLOCK_R: tl.constexpr{blocks}):", 0)
+        w(f'"""{what}, step by step: its values {", ".join(shape_of(v[0]) for v in fields)} of '
+          f"{', '.join(shape_of(p) for p in args)}, on BLOCK_R rows (b, t) of one head, in float32, each stored "
+          "once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): "
+          "lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value "
+          '> 0, the check `_check_steps` makes, done here so that no value is read again for it."""')
+        for line in head + fwd_body[0]:
+            w(line)
+        w("b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)")
+        lines, flags = list(fwd_body[1]), []
+        for (out, _, _, dims, *_), text in zip(fields, fwd_body[2]):
+            lines.append(f"o_{out} = ({text}).to({out}.dtype.element_ty)")
+            lines.append(f"tl.store({out} + row * {dim} + {offs}, o_{out}, mask={mask})" if dims
+                         else f"tl.store({out} + row, o_{out})")
+            # as stored: a value finite in float32 may round to inf in its dtype; NaN fails every comparison
+            cond = (f"~(o_{out}.to(tl.float32) <= 0.0)" if out in self.plain_logs
+                    else f"~(tl.abs(o_{out}.to(tl.float32)) < float(\"inf\"))")
+            flags.append(f"(tl.max(tl.where({mask} & {cond}, 1, 0), axis=0) > 0)" if dims else cond)
+        lines.append(f"bad = {' | '.join(flags)}")
+        lines.append("b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))")
+        row_loop(lines)
+        w("tl.atomic_min(unsafe, b_first)")
+        w()
+        w()
+        # -- the backward kernel
+        w("@triton.jit", 0)
+        w(f"def {kernel_vjp}({', '.join(args + field_grads + grad_outs)}, BT_, H_{size_args}, BLOCK_R: tl.constexpr"
+          f"{blocks}):", 0)
+        w(f'"""The gradients of {", ".join(args)} from those of the values (sympy\'s derivatives, those {vjp} '
+          "prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's "
+          "summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."
+          '"""')
+        for line in head + vjp_body[0]:
+            w(line)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"b_sum_{p} = tl.zeros([{block}], dtype=tl.float32)" if is_vector[p]
+                  else f"b_sum_{p} = tl.zeros([], dtype=tl.float32)")
+        lines = list(vjp_body[1])
+        for (p, kind, *_), text in zip(outs, vjp_body[2]):
+            if kind == "param" and is_vector[p]:  # masked: a padding lane's 0 / sqrt(0) must not reach the sum
+                lines.append(f"b_sum_{p} += tl.where({mask}, {text}, 0.0)")
+            elif kind == "param":
+                lines.append(f"b_sum_{p} += {text}")
+            elif is_vector[p]:
+                lines.append(f"tl.store(d_{p} + row * {dim} + {offs}, ({text}).to(d_{p}.dtype.element_ty), "
+                             f"mask={mask})")
+            else:
+                lines.append(f"tl.store(d_{p} + row, ({text}).to(d_{p}.dtype.element_ty))")
+        row_loop(lines)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"tl.store(d_{p} + (i_r * H_ + i_h) * {dim} + {offs}, b_sum_{p}, mask={mask})" if is_vector[p]
+                  else f"tl.store(d_{p} + i_r * H_ + i_h, b_sum_{p})")
+        w()
+        w()
+        # -- the launchers: the signatures of the torch form's pair, joined by with_vjp
+        grid = "(H_, triton.cdiv(B_ * T_, BLOCK_R_))"
+        consts = "BLOCK_R=BLOCK_R_" + (f", {block}=triton.next_power_of_2({dim})" if dim else "")
+        w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
+        w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by {kernel}, and last '
+          'unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w(f"dtype_ = {args[0]}.dtype")
+        for p in args[1:]:
+            w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
+        cprinter = TorchPrinter(self.sizes, ranges, py)
+        for out, expr, indices, dims, *comment in values:
+            note = f"  # {comment[0]}" if comment and comment[0] else ""
+            if is_constant(expr, self.sizes):
+                w(f"{out} = {self._full(cprinter, expr, indices, dims)}{note}")
+            else:
+                shape = f"(B_, T_, H_, {dim})" if dims else "(B_, T_, H_)"
+                w(f"{out} = torch.empty({shape}, dtype=dtype_, device={first}.device){note}")
+        w(f"unsafe_ = torch.full((1,), T_, dtype=torch.int32, device={first}.device)")
+        w("BLOCK_R_ = 16  # rows (b, t) per program")
+        w("if B_ * T_ * H_:")
+        w(f"{kernel}[{grid}](", 2)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args)}, {', '.join(v[0] for v in fields)}, unsafe_, B_ * T_, H_, "
+          f"T_{size_args}, {consts})", 3)
+        w(f"return {', '.join(v[0] for v in values)}, unsafe_")
+        w()
+        w()
+        w(f"def {vjp}({', '.join(tensors + list(grads.values()))}, grad_unsafe_{size_args}):", 0)
+        w(f'"""The vector-Jacobian product of {fwd} by {kernel_vjp}: the gradient of each argument (None where it '
+          "is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block "
+          'of rows, summed here)."""')
+        w(f"B_, T_, H_ = {first}.shape[:3]")
+        w("BLOCK_R_ = 16")
+        for p, kind, *_ in outs:
+            if kind == "param":
+                shape = f"(triton.cdiv(B_ * T_, BLOCK_R_), H_, {dim})" if is_vector[p] else \
+                    "(triton.cdiv(B_ * T_, BLOCK_R_), H_)"
+                w(f"d_{p} = torch.empty({shape}, dtype=torch.float32, device={first}.device)")
+            else:
+                w(f"d_{p} = torch.empty_like({p})")
+        w("if B_ * T_ * H_:")
+        w(f"{kernel_vjp}[{grid}](", 2)
+        w(f"{', '.join(f'{p}.contiguous()' for p in args + field_grads)}, {', '.join(grad_outs)}, B_ * T_, H_"
+          f"{size_args}, {consts})", 3)
+        for p, kind, *_ in outs:
+            if kind == "param":
+                w(f"d_{p} = d_{p}.sum(0).view({p}.shape).to({p}.dtype)")
+        returned = [f"d_{p}" if p in {o[0] for o in outs} else "None" for p in tensors]
+        w(f"return {', '.join(returned)}{',' if len(tensors) == 1 else ''}")
+        w()
+        w()
+        w(f"{name} = with_vjp({fwd}, {vjp}, {len(tensors)})", 0)
+        self.prologue_checked = {v[0] for v in fields}
+        return w.text()
 
     # -- chunked ----------------------------------------------------------------
 
@@ -1749,6 +1975,11 @@ class TorchFormWriter:
             return map_names[key]
 
         inputs = {i.name for i in self.rec.inputs}
+        # The log decays checked as they are (<= 0), and those checked with a per-head factor (g, head), for a
+        # prologue the Triton kernels compute (`_elementwise_prologue`), and where each `_check_steps` line is
+        # ([values], log decays): those kernels check their own values, so the lines are written again without.
+        self.plain_logs, self.headed_logs, checks = set(), set(), []
+        aliases: dict[str, str] = {}  # a value that is another's tensor -> that value
 
         def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
             if (isinstance(expr, sympy.Indexed) and str(expr.base) in inputs
@@ -1761,6 +1992,7 @@ class TorchFormWriter:
             key = (sympy.srepr(expr), tuple(indices), tuple(dims))
             if key in seen and not after:
                 w(f"{name} = {seen[key]}  # {comment}; the same tensor" if comment else f"{name} = {seen[key]}")
+                aliases[name] = seen[key]
                 return
             if not after:
                 seen[key] = name
@@ -1884,7 +2116,9 @@ class TorchFormWriter:
             # Non-finite values and log decays > 0 leave the matmuls here for the step loop (see _check_steps).
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
                                                else decay)
+            (self.headed_logs if logs.startswith("(") else self.plain_logs).add(aliases.get(decay, decay))
             check = f"_check_steps([{', '.join(checked)}], [{logs}])"
+            checks.append((list(checked), logs))
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             if sa.cls is TransitionClass.RANK_ONE_UPDATE and plan.decay_axis == "key":
                 axis = self.rt + "KeyDeltaDecay"  # the Triton runtime's key decay with the delta backward's steps
@@ -1961,6 +2195,15 @@ class TorchFormWriter:
                 self.a.ir.ranges)
             functions.insert(0, text)
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
+            done = self.prologue_checked
+            done = done | {a for a, v in aliases.items() if v in done}
+            if self.prologue_checked:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
+                targets = ", ".join(v[0] for v in prologue) + ", unsafe_"
+                for checked, logs in checks:
+                    rest = [c for c in checked if c not in done]
+                    old = f"_check_steps([{', '.join(checked)}], [{logs}])"
+                    new = f"_check_steps([{', '.join(rest)}], [{'' if logs in done else logs}], first=(unsafe_, T_))"
+                    w.lines = [line.replace(old, new) for line in w.lines]
             call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
             vjp = f"{self.fn}__chunked_prologue_vjp{self.suffix}"
@@ -2155,15 +2398,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x

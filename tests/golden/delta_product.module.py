@@ -2227,15 +2227,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x

@@ -2453,15 +2453,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
@@ -5468,25 +5472,74 @@ def min_gru__scan_triton(z, hc, states, D, cu_seqlens=None, **options):
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
+@triton.jit
+def min_gru__chunked_prologue_triton_kernel(z, hc, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h [B, T, H, D], log_decay_h [B, T, H, D] of z [B, T, H, D], hc [B, T, H, D], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_z = tl.load(z + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_hc = tl.load(hc + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            o_v_h = (b_hc * tl.sigmoid(b_z)).to(v_h.dtype.element_ty)
+            tl.store(v_h + row * D + offs_D, o_v_h, mask=mask_D)
+            o_log_decay_h = (tl.minimum((-b_z), 0.0) - tl.log(1.0 + tl.exp(-tl.abs((-b_z))))).to(log_decay_h.dtype.element_ty)
+            tl.store(log_decay_h + row * D + offs_D, o_log_decay_h, mask=mask_D)
+            bad = (tl.max(tl.where(mask_D & ~(tl.abs(o_v_h.to(tl.float32)) < float("inf")), 1, 0), axis=0) > 0) | (tl.max(tl.where(mask_D & ~(o_log_decay_h.to(tl.float32) <= 0.0), 1, 0), axis=0) > 0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
+    tl.atomic_min(unsafe, b_first)
+
+
+@triton.jit
+def min_gru__chunked_prologue_triton_vjp_kernel(z, hc, grad_v_h, grad_log_decay_h, d_z, d_hc, BT_, H_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of z, hc from those of the values (sympy's derivatives, those min_gru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_z = tl.load(z + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_hc = tl.load(hc + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_v_h = tl.load(grad_v_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_log_decay_h = tl.load(grad_log_decay_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_z)
+            tl.store(d_z + row * D + offs_D, (b_t0 * ((1.0 - b_t0) * b_hc * b_grad_v_h - b_grad_log_decay_h)).to(d_z.dtype.element_ty), mask=mask_D)
+            tl.store(d_hc + row * D + offs_D, (b_t0 * b_grad_v_h).to(d_hc.dtype.element_ty), mask=mask_D)
+
+
 def min_gru__chunked_prologue_fwd_triton(z, hc, D):
-    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by min_gru__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = z.shape[:3]
+    dtype_ = z.dtype
+    dtype_ = torch.promote_types(dtype_, hc.dtype)  # the torch form's dtype
     k_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:14
-    v_h = torch.broadcast_to(hc * torch.sigmoid(z), (B_, T_, H_, D))  # min_gru.rec:14
-    log_decay_h = torch.broadcast_to(F.logsigmoid(-z), (B_, T_, H_, D))  # min_gru.rec:14
+    v_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=z.device)  # min_gru.rec:14
+    log_decay_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=z.device)  # min_gru.rec:14
     query_read_h = z.new_full((B_, T_, H_, 1), 1.0)  # min_gru.rec:15
-    return k_h, v_h, log_decay_h, query_read_h
+    unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=z.device)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        min_gru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            z.contiguous(), hc.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+    return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
-def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
-    """The vector-Jacobian product of min_gru__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
+def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, grad_unsafe_, D):
+    """The vector-Jacobian product of min_gru__chunked_prologue_fwd_triton by min_gru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = z.shape[:3]
-    sigmoid_z = torch.broadcast_to(torch.sigmoid(z), (B_, T_, H_, D))  # used more than once
-    grad_z = torch.broadcast_to((-grad_log_decay_h + (1.0 - sigmoid_z) * hc * grad_v_h) * sigmoid_z, z.shape)
-    grad_hc = torch.broadcast_to(sigmoid_z * grad_v_h, hc.shape)
-    return grad_z, grad_hc
+    BLOCK_R_ = 16
+    d_z = torch.empty_like(z)
+    d_hc = torch.empty_like(hc)
+    if B_ * T_ * H_:
+        min_gru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+    return d_z, d_hc
 
 
 min_gru__chunked_prologue_triton = with_vjp(min_gru__chunked_prologue_fwd_triton, min_gru__chunked_prologue_vjp_triton, 2)
@@ -5496,10 +5549,10 @@ def min_gru__chunked_triton(z, hc, states, D, chunk_size=64, **options):
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = z.shape[:3]
     # the prologue; its backward: min_gru__chunked_prologue_vjp_triton, printed from sympy
-    k_h, v_h, log_decay_h, query_read_h = min_gru__chunked_prologue_triton(z, hc, D)
+    k_h, v_h, log_decay_h, query_read_h, unsafe_ = min_gru__chunked_prologue_triton(z, hc, D)
     # state h (min_gru.rec:14): diagonal-col; column d of h is scaled by exp(logsigmoid(-z[d]))
     # h is held as [1, D] here: a key axis of size 1 in front
-    _check_steps([query_read_h, k_h, v_h], [log_decay_h])
+    _check_steps([query_read_h, k_h], [], first=(unsafe_, T_))
     (read_h,), final_h = triton_chunked_linear_by(triton_ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=None if states['h'] is None else states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
     y = read_h  # min_gru.rec:15

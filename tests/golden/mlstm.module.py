@@ -2382,15 +2382,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
@@ -5305,21 +5309,67 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
     return {'h': h}, {'C': triton_scan_final_states(all_C, states['C'], cu_seqlens), 'n': triton_scan_final_states(all_n, states['n'], cu_seqlens)}
 
 
+@triton.jit
+def mlstm__chunked_prologue_triton_kernel(ig, fg, v_step_C, log_decay_C, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_step_C [B, T, H], log_decay_C [B, T, H] of ig [B, T, H], fg [B, T, H], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_ig = tl.load(ig + row).to(tl.float32)
+            b_fg = tl.load(fg + row).to(tl.float32)
+            o_v_step_C = (tl.exp(b_ig)).to(v_step_C.dtype.element_ty)
+            tl.store(v_step_C + row, o_v_step_C)
+            o_log_decay_C = (tl.minimum(b_fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_fg)))).to(log_decay_C.dtype.element_ty)
+            tl.store(log_decay_C + row, o_log_decay_C)
+            bad = ~(tl.abs(o_v_step_C.to(tl.float32)) < float("inf")) | ~(o_log_decay_C.to(tl.float32) <= 0.0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
+    tl.atomic_min(unsafe, b_first)
+
+
+@triton.jit
+def mlstm__chunked_prologue_triton_vjp_kernel(ig, fg, grad_v_step_C, grad_log_decay_C, d_ig, d_fg, BT_, H_, K, V, BLOCK_R: tl.constexpr):
+    """The gradients of ig, fg from those of the values (sympy's derivatives, those mlstm__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_ig = tl.load(ig + row).to(tl.float32)
+            b_fg = tl.load(fg + row).to(tl.float32)
+            b_grad_v_step_C = tl.load(grad_v_step_C + row).to(tl.float32)
+            b_grad_log_decay_C = tl.load(grad_log_decay_C + row).to(tl.float32)
+            tl.store(d_ig + row, (b_grad_v_step_C * tl.exp(b_ig)).to(d_ig.dtype.element_ty))
+            tl.store(d_fg + row, (b_grad_log_decay_C * tl.sigmoid(-b_fg)).to(d_fg.dtype.element_ty))
+
+
 def mlstm__chunked_prologue_fwd_triton(ig, fg, K, V):
-    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by mlstm__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = ig.shape[:3]
-    v_step_C = torch.broadcast_to(torch.exp(ig), (B_, T_, H_))  # a factor of k v^T
-    log_decay_C = torch.broadcast_to(F.logsigmoid(fg), (B_, T_, H_))  # mlstm.rec:17
-    return v_step_C, log_decay_C
+    dtype_ = ig.dtype
+    dtype_ = torch.promote_types(dtype_, fg.dtype)  # the torch form's dtype
+    v_step_C = torch.empty((B_, T_, H_), dtype=dtype_, device=ig.device)  # a factor of k v^T
+    log_decay_C = torch.empty((B_, T_, H_), dtype=dtype_, device=ig.device)  # mlstm.rec:17
+    unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=ig.device)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        mlstm__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            ig.contiguous(), fg.contiguous(), v_step_C, log_decay_C, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_)
+    return v_step_C, log_decay_C, unsafe_
 
 
-def mlstm__chunked_prologue_vjp_triton(ig, fg, grad_v_step_C, grad_log_decay_C, K, V):
-    """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
-    grad_ig = torch.broadcast_to(grad_v_step_C * torch.exp(ig), ig.shape)
-    grad_fg = torch.broadcast_to(grad_log_decay_C * torch.sigmoid(-fg), fg.shape)
-    return grad_ig, grad_fg
+def mlstm__chunked_prologue_vjp_triton(ig, fg, grad_v_step_C, grad_log_decay_C, grad_unsafe_, K, V):
+    """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton by mlstm__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
+    B_, T_, H_ = ig.shape[:3]
+    BLOCK_R_ = 16
+    d_ig = torch.empty_like(ig)
+    d_fg = torch.empty_like(fg)
+    if B_ * T_ * H_:
+        mlstm__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            ig.contiguous(), fg.contiguous(), grad_v_step_C.contiguous(), grad_log_decay_C.contiguous(), d_ig, d_fg, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_)
+    return d_ig, d_fg
 
 
 mlstm__chunked_prologue_triton = with_vjp(mlstm__chunked_prologue_fwd_triton, mlstm__chunked_prologue_vjp_triton, 2)
@@ -5351,13 +5401,13 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     """Chunked form: intra-chunk masked matmuls, the state passed once per chunk."""
     B_, T_, H_ = q.shape[:3]
     # the prologue; its backward: mlstm__chunked_prologue_vjp_triton, printed from sympy
-    v_step_C, log_decay_C = mlstm__chunked_prologue_triton(ig, fg, K, V)
+    v_step_C, log_decay_C, unsafe_ = mlstm__chunked_prologue_triton(ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_C = k  # mlstm.rec:17
     v_C = v  # mlstm.rec:17
     query_read_C = q  # mlstm.rec:19
-    _check_steps([query_read_C, k_C, v_C, v_step_C], [log_decay_C])
+    _check_steps([query_read_C, k_C, v_C], [], first=(unsafe_, T_))
     (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_C, **options)
     # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
@@ -5366,7 +5416,7 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
     log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
     query_read_n = q  # mlstm.rec:19
-    _check_steps([query_read_n, k_n, v_n, v_step_n], [log_decay_n])
+    _check_steps([query_read_n, k_n, v_n], [], first=(unsafe_, T_))
     (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, v_step=v_step_n, **options)
     final_n = final_n[..., 0]
     read_n = read_n[..., 0]

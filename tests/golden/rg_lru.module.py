@@ -2462,15 +2462,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
@@ -5540,31 +5544,95 @@ def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 
 
+@triton.jit
+def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h [B, T, H, D], log_decay_h [B, T, H, D] of x [B, T, H, D], gr [B, T, H, D], gi [B, T, H, D], lam [H, D], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_lam = tl.load(lam + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_x = tl.load(x + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gr = tl.load(gr + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gi = tl.load(gi + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_gr) * (tl.maximum((-b_lam), 0.0) + tl.log(1.0 + tl.exp(-tl.abs((-b_lam)))))
+            o_v_h = (tl.sqrt(1.0 - tl.exp((-16.0) * b_t0)) * b_x * tl.sigmoid(b_gi)).to(v_h.dtype.element_ty)
+            tl.store(v_h + row * D + offs_D, o_v_h, mask=mask_D)
+            o_log_decay_h = ((-8.0) * b_t0).to(log_decay_h.dtype.element_ty)
+            tl.store(log_decay_h + row * D + offs_D, o_log_decay_h, mask=mask_D)
+            bad = (tl.max(tl.where(mask_D & ~(tl.abs(o_v_h.to(tl.float32)) < float("inf")), 1, 0), axis=0) > 0) | (tl.max(tl.where(mask_D & ~(o_log_decay_h.to(tl.float32) <= 0.0), 1, 0), axis=0) > 0)
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
+    tl.atomic_min(unsafe, b_first)
+
+
+@triton.jit
+def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_log_decay_h, d_x, d_gr, d_gi, d_lam, BT_, H_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of x, gr, gi, lam from those of the values (sympy's derivatives, those rg_lru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_D = tl.arange(0, BLOCK_D)
+    mask_D = offs_D < D
+    b_lam = tl.load(lam + i_h * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+    b_t1 = -b_lam
+    b_sum_lam = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_x = tl.load(x + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gr = tl.load(gr + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_gi = tl.load(gi + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_v_h = tl.load(grad_v_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_grad_log_decay_h = tl.load(grad_log_decay_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
+            b_t0 = tl.sigmoid(b_gr)
+            b_t2 = b_t0 * (tl.maximum(b_t1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_t1))))
+            b_t3 = tl.exp((-16.0) * b_t2)
+            b_t4 = tl.sqrt(1.0 - b_t3)
+            b_t5 = tl.sigmoid(b_gi)
+            b_t6 = b_t4 * b_t5 * b_grad_v_h
+            b_t7 = b_grad_log_decay_h - b_t3 * b_t5 * b_grad_v_h * b_x / b_t4
+            tl.store(d_x + row * D + offs_D, (b_t6).to(d_x.dtype.element_ty), mask=mask_D)
+            tl.store(d_gr + row * D + offs_D, ((-8.0) * b_t2 * b_t7 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
+            tl.store(d_gi + row * D + offs_D, (b_t6 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
+            b_sum_lam += tl.where(mask_D, 8.0 * b_t0 * b_t7 * tl.sigmoid(b_t1), 0.0)
+    tl.store(d_lam + (i_r * H_ + i_h) * D + offs_D, b_sum_lam, mask=mask_D)
+
+
 def rg_lru__chunked_prologue_fwd_triton(x, gr, gi, lam, D):
-    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by rg_lru__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = x.shape[:3]
+    dtype_ = x.dtype
+    dtype_ = torch.promote_types(dtype_, gr.dtype)  # the torch form's dtype
+    dtype_ = torch.promote_types(dtype_, gi.dtype)  # the torch form's dtype
+    dtype_ = torch.promote_types(dtype_, lam.dtype)  # the torch form's dtype
     k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
-    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
-    log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    v_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=x.device)  # rg_lru.rec:15,16
+    log_decay_h = torch.empty((B_, T_, H_, D), dtype=dtype_, device=x.device)  # rg_lru.rec:15,16
     query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
-    return k_h, v_h, log_decay_h, query_read_h
+    unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=x.device)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        rg_lru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+    return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
-def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, D):
-    """The vector-Jacobian product of rg_lru__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
+def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_decay_h, grad_query_read_h, grad_unsafe_, D):
+    """The vector-Jacobian product of rg_lru__chunked_prologue_fwd_triton by rg_lru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = x.shape[:3]
-    sigmoid_gi = torch.broadcast_to(torch.sigmoid(gi), (B_, T_, H_, D))  # used more than once
-    sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
-    softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
-    exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
-    add_exp_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - exp_softplus_lam_sigmoid_gr, (B_, T_, H_, D))  # used more than once
-    grad_x = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
-    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
-    grad_gi = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
-    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
-    return grad_x, grad_gr, grad_gi, grad_lam
+    BLOCK_R_ = 16
+    d_x = torch.empty_like(x)
+    d_gr = torch.empty_like(gr)
+    d_gi = torch.empty_like(gi)
+    d_lam = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, D), dtype=torch.float32, device=x.device)
+    if B_ * T_ * H_:
+        rg_lru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_x, d_gr, d_gi, d_lam, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+    d_lam = d_lam.sum(0).view(lam.shape).to(lam.dtype)
+    return d_x, d_gr, d_gi, d_lam
 
 
 rg_lru__chunked_prologue_triton = with_vjp(rg_lru__chunked_prologue_fwd_triton, rg_lru__chunked_prologue_vjp_triton, 4)
@@ -5575,10 +5643,10 @@ def rg_lru__chunked_triton(x, gr, gi, lam, states, D, chunk_size=64, **options):
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
     # the prologue; its backward: rg_lru__chunked_prologue_vjp_triton, printed from sympy
-    k_h, v_h, log_decay_h, query_read_h = rg_lru__chunked_prologue_triton(x, gr, gi, lam, D)
+    k_h, v_h, log_decay_h, query_read_h, unsafe_ = rg_lru__chunked_prologue_triton(x, gr, gi, lam, D)
     # state h (rg_lru.rec:15,16): diagonal-col; column d of h is scaled by exp(-8*sigmoid(gr[d])*softplus(-lam[d]))
     # h is held as [1, D] here: a key axis of size 1 in front
-    _check_steps([query_read_h, k_h, v_h], [log_decay_h])
+    _check_steps([query_read_h, k_h], [], first=(unsafe_, T_))
     (read_h,), final_h = triton_chunked_linear_by(triton_ValueDecay, [(query_read_h, False)], k_h, v_h, log_decay_h, initial_state=None if states['h'] is None else states['h'][..., None, :], chunk_size=chunk_size, output_final_state=True, **options)
     final_h = final_h[..., 0, :]  # without the size-1 key axis
     y = read_h  # rg_lru.rec:17

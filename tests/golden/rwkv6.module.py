@@ -2513,15 +2513,19 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays):  # noqa: C901 - one pass over three kinds of entry
+def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
-    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does."""
-    T_ = values[0].shape[1]
+    log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
+    first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
+    (T: none), taken in the same sync."""
+    T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
-    bad = torch.zeros(T_, dtype=torch.bool, device=values[0].device)
+    bad = torch.zeros(T_, dtype=torch.bool, device=first[0].device if first is not None else values[0].device)
+    if first is not None:
+        bad = bad | (torch.arange(T_, device=bad.device) >= first[0])
     for x, log in [(x, False) for x in values] + [(g, True) for g in log_decays]:
         if isinstance(x, tuple):  # (g, head): the log decays are g * head[h], a factor the kernels apply (fused)
             g, head = x
@@ -5748,22 +5752,76 @@ def rwkv6__scan_triton(r, k, v, w, u, states, K, V, cu_seqlens=None, **options):
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens)}
 
 
+@triton.jit
+def rwkv6__chunked_prologue_triton_kernel(r, k, u, skip_weight_S, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values skip_weight_S [B, T, H] of r [B, T, H, K], k [B, T, H, K], u [H, K], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
+    b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+    b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_r = tl.load(r + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_k = tl.load(k + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            o_skip_weight_S = (tl.sum(tl.where(mask_K, b_k * b_r * b_u, 0.0), axis=0)).to(skip_weight_S.dtype.element_ty)
+            tl.store(skip_weight_S + row, o_skip_weight_S)
+            bad = ~(tl.abs(o_skip_weight_S.to(tl.float32)) < float("inf"))
+            b_first = tl.minimum(b_first, tl.where(bad, bt % T_, T_))
+    tl.atomic_min(unsafe, b_first)
+
+
+@triton.jit
+def rwkv6__chunked_prologue_triton_vjp_kernel(r, k, u, grad_skip_weight_S, d_r, d_k, d_u, BT_, H_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gradients of r, k, u from those of the values (sympy's derivatives, those rwkv6__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_K = offs_K < K
+    b_u = tl.load(u + i_h * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+    b_sum_u = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for i in range(BLOCK_R):
+        bt = i_r * BLOCK_R + i
+        if bt < BT_:
+            row = bt.to(tl.int64) * H_ + i_h  # the step (b, t, h); int64: B * T * H * D may pass 2**31
+            b_r = tl.load(r + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_k = tl.load(k + row * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)
+            b_grad_skip_weight_S = tl.load(grad_skip_weight_S + row).to(tl.float32)
+            b_t0 = b_grad_skip_weight_S * b_u
+            tl.store(d_r + row * K + offs_K, (b_t0 * b_k).to(d_r.dtype.element_ty), mask=mask_K)
+            tl.store(d_k + row * K + offs_K, (b_t0 * b_r).to(d_k.dtype.element_ty), mask=mask_K)
+            b_sum_u += tl.where(mask_K, b_grad_skip_weight_S * b_k * b_r, 0.0)
+    tl.store(d_u + (i_r * H_ + i_h) * K + offs_K, b_sum_u, mask=mask_K)
+
+
 def rwkv6__chunked_prologue_fwd_triton(r, k, u, K, V):
-    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
+    """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by rwkv6__chunked_prologue_triton_kernel, and last unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""
     B_, T_, H_ = r.shape[:3]
-    skip_weight_S = torch.broadcast_to(((k * r) * u).sum(dim=-1), (B_, T_, H_))  # rwkv6.rec:12: the skip term's weight per step
-    return skip_weight_S,
+    dtype_ = r.dtype
+    dtype_ = torch.promote_types(dtype_, k.dtype)  # the torch form's dtype
+    dtype_ = torch.promote_types(dtype_, u.dtype)  # the torch form's dtype
+    skip_weight_S = torch.empty((B_, T_, H_), dtype=dtype_, device=r.device)  # rwkv6.rec:12: the skip term's weight per step
+    unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=r.device)
+    BLOCK_R_ = 16  # rows (b, t) per program
+    if B_ * T_ * H_:
+        rwkv6__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            r.contiguous(), k.contiguous(), u.contiguous(), skip_weight_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+    return skip_weight_S, unsafe_
 
 
-def rwkv6__chunked_prologue_vjp_triton(r, k, u, grad_skip_weight_S, K, V):
-    """The vector-Jacobian product of rwkv6__chunked_prologue_fwd_triton, from sympy's derivatives of its expressions:
-    the gradient of each argument (None where it is not differentiable) from those of its values; a param's
-    summed over B and T."""
+def rwkv6__chunked_prologue_vjp_triton(r, k, u, grad_skip_weight_S, grad_unsafe_, K, V):
+    """The vector-Jacobian product of rwkv6__chunked_prologue_fwd_triton by rwkv6__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = r.shape[:3]
-    grad_r = torch.broadcast_to(grad_skip_weight_S[..., None] * k * u, r.shape)
-    grad_k = torch.broadcast_to(grad_skip_weight_S[..., None] * r * u, k.shape)
-    grad_u = torch.broadcast_to(grad_skip_weight_S[..., None] * k * r, (B_, T_) + u.shape[2:]).sum((0, 1), keepdim=True)
-    return grad_r, grad_k, grad_u
+    BLOCK_R_ = 16
+    d_r = torch.empty_like(r)
+    d_k = torch.empty_like(k)
+    d_u = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, K), dtype=torch.float32, device=r.device)
+    if B_ * T_ * H_:
+        rwkv6__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
+            r.contiguous(), k.contiguous(), u.contiguous(), grad_skip_weight_S.contiguous(), d_r, d_k, d_u, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+    d_u = d_u.sum(0).view(u.shape).to(u.dtype)
+    return d_r, d_k, d_u
 
 
 rwkv6__chunked_prologue_triton = with_vjp(rwkv6__chunked_prologue_fwd_triton, rwkv6__chunked_prologue_vjp_triton, 3)
@@ -5774,14 +5832,14 @@ def rwkv6__chunked_triton(r, k, v, w, u, states, K, V, chunk_size=64, **options)
     B_, T_, H_ = r.shape[:3]
     u = u[None, None]  # [1, 1, H, K]
     # the prologue; its backward: rwkv6__chunked_prologue_vjp_triton, printed from sympy
-    skip_weight_S, = rwkv6__chunked_prologue_triton(r, k, u, K, V)
+    skip_weight_S, unsafe_ = rwkv6__chunked_prologue_triton(r, k, u, K, V)
     # state S (rwkv6.rec:13): diagonal-row; row i of S is scaled by exp(w[i])
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_S = k  # rwkv6.rec:13
     v_S = v  # rwkv6.rec:13
     log_decay_S = w  # rwkv6.rec:13
     query_read_S = r  # rwkv6.rec:12
-    _check_steps([query_read_S, k_S, v_S], [log_decay_S])
+    _check_steps([query_read_S, k_S, v_S], [log_decay_S], first=(unsafe_, T_))
     (read_S,), final_S = triton_chunked_linear_by(triton_KeyDecay, [(query_read_S, True)], k_S, v_S, log_decay_S, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, skip=v, skip_weight=skip_weight_S, **options)
     o = read_S  # rwkv6.rec:12, its epilogue in the kernels
     return {'o': o}, {'S': final_S}
