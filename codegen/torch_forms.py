@@ -1629,6 +1629,7 @@ class TorchFormWriter:
         rec, py = self.rec, self.py
         suffix = self.suffix if suffix is None else suffix
         self.shown, self.taken = {ir: p for ir, p in reads}, set()
+        self.prologue_checked = set()  # the values a printed prologue kernel checks (`_elementwise_prologue`)
         name = f"{self.fn}__{stem}{suffix}"
         fwd, vjp = f"{self.fn}__{stem}_fwd{suffix}", f"{self.fn}__{stem}_vjp{suffix}"
         used = self._names_read([v[1] for v in values])
@@ -1682,7 +1683,6 @@ class TorchFormWriter:
                 # moved in front, as the recurrent adjoint prints them
                 grad = sympy.factor_terms(found[ir].expr)
                 derived.append((p, kind, found[ir].indices, factor_sums(nest_sums(grad, ranges))))
-        self.prologue_checked = set()
         if self.options and stem == "chunked_prologue" and not reads:
             kernels = self._elementwise_prologue(name, fwd, vjp, what, values, tensors, sizes, first, grads, derived,
                                                  ranges)
