@@ -1920,7 +1920,8 @@ class TorchFormWriter:
                     "(triton.cdiv(B_ * T_, BLOCK_R_), H_)"
                 w(f"d_{p} = torch.empty({shape}, dtype=torch.float32, device={first}.device)")
             else:
-                w(f"d_{p} = torch.empty_like({p})")
+                # dense like the kernel writes it: empty_like alone keeps a transposed input's strides
+                w(f"d_{p} = torch.empty_like({p}, memory_format=torch.contiguous_format)")
         w("if B_ * T_ * H_:")
         w(f"{kernel_vjp}[{grid}](", 2)
         w(f"{', '.join(f'{p}.contiguous()' for p in args + field_grads)}, {', '.join(grad_outs)}, B_ * T_, H_"

@@ -73,6 +73,25 @@ def test_values_and_gradients_match_the_float64_reference(name, packed):
     assert max(errors.values()) <= 1e-5, errors
 
 
+@pytest.mark.parametrize("name", ["rg_lru", "min_gru"])
+def test_a_transposed_input_gets_the_right_gradient(name):
+    """A head-first input viewed as [B, T, H, D] (fla's old layout, `.transpose(1, 2)`): the VJP kernel writes its
+    gradient densely, so the gradient buffer must be dense too (an `empty_like` copy of the strides scrambled it)."""
+    rec = _rec(name)
+    args, _ = sample_arguments(rec.checked, {s: D for s in rec.checked.sizes}, B, T, H, dtype=torch.float64, seed=5)
+    n_in = len(rec.checked.inputs)
+    leaves = [a.transpose(1, 2).contiguous().transpose(1, 2) if i < n_in else a for i, a in enumerate(args)]
+    assert not leaves[0].is_contiguous()
+    layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=CHUNK, tuning=False)
+    got = [a.detach().float().requires_grad_() for a in leaves]
+    want = [a.detach().clone().requires_grad_() for a in leaves]
+    weights = torch.randn((B, T, H, D), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    (layer(*got)[0].double() * weights).sum().backward()
+    (rec.reference(*want)[0] * weights).sum().backward()
+    for g, w in zip(got, want):
+        assert _rel(g.grad, w.grad) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["rg_lru", "rwkv6"])
 def test_the_parallel_form_runs_the_same_prologue(name):
     errors = _compare(name, "parallel", False)

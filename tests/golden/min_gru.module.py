@@ -5534,8 +5534,8 @@ def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_dec
     """The vector-Jacobian product of min_gru__chunked_prologue_fwd_triton by min_gru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = z.shape[:3]
     BLOCK_R_ = 16
-    d_z = torch.empty_like(z)
-    d_hc = torch.empty_like(hc)
+    d_z = torch.empty_like(z, memory_format=torch.contiguous_format)
+    d_hc = torch.empty_like(hc, memory_format=torch.contiguous_format)
     if B_ * T_ * H_:
         min_gru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
             z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))

@@ -5364,8 +5364,8 @@ def mlstm__chunked_prologue_vjp_triton(ig, fg, grad_v_step_C, grad_log_decay_C, 
     """The vector-Jacobian product of mlstm__chunked_prologue_fwd_triton by mlstm__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = ig.shape[:3]
     BLOCK_R_ = 16
-    d_ig = torch.empty_like(ig)
-    d_fg = torch.empty_like(fg)
+    d_ig = torch.empty_like(ig, memory_format=torch.contiguous_format)
+    d_fg = torch.empty_like(fg, memory_format=torch.contiguous_format)
     if B_ * T_ * H_:
         mlstm__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
             ig.contiguous(), fg.contiguous(), grad_v_step_C.contiguous(), grad_log_decay_C.contiguous(), d_ig, d_fg, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_)

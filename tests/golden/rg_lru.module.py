@@ -5624,9 +5624,9 @@ def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad
     """The vector-Jacobian product of rg_lru__chunked_prologue_fwd_triton by rg_lru__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = x.shape[:3]
     BLOCK_R_ = 16
-    d_x = torch.empty_like(x)
-    d_gr = torch.empty_like(gr)
-    d_gi = torch.empty_like(gi)
+    d_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    d_gr = torch.empty_like(gr, memory_format=torch.contiguous_format)
+    d_gi = torch.empty_like(gi, memory_format=torch.contiguous_format)
     d_lam = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, D), dtype=torch.float32, device=x.device)
     if B_ * T_ * H_:
         rg_lru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](

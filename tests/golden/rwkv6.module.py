@@ -5814,8 +5814,8 @@ def rwkv6__chunked_prologue_vjp_triton(r, k, u, grad_skip_weight_S, grad_unsafe_
     """The vector-Jacobian product of rwkv6__chunked_prologue_fwd_triton by rwkv6__chunked_prologue_triton_vjp_kernel: the gradient of each argument (None where it is not differentiable) from those of its values; a param's summed over B and T (float32 parts per block of rows, summed here)."""
     B_, T_, H_ = r.shape[:3]
     BLOCK_R_ = 16
-    d_r = torch.empty_like(r)
-    d_k = torch.empty_like(k)
+    d_r = torch.empty_like(r, memory_format=torch.contiguous_format)
+    d_k = torch.empty_like(k, memory_format=torch.contiguous_format)
     d_u = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, K), dtype=torch.float32, device=r.device)
     if B_ * T_ * H_:
         rwkv6__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
