@@ -444,11 +444,11 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
     chunk = layer.chunk_size if chunk_size is None else chunk_size
     options = {}
     if config:
-        # the layer's own rule (keys of one form, its defaults for the rest, launch values Triton takes), as a call
-        # with config= checks it
-        fitted = type(layer)._config_form(config, None if form == "auto" else form, fns, "triton")
+        # the layer's own rule (each form its keys, its defaults for the rest, launch values Triton takes), as a
+        # call with config= checks it
+        shares = type(layer)._config_forms(config, None if form == "auto" else form, fns, "triton")
         chunk = config.get("chunk_size", chunk)
-        options = {fitted: {k: v for k, v in config.items() if k != "chunk_size"}}
+        options = {f: {k: v for k, v in share.items() if k != "chunk_size"} for f, share in shares.items()}
     if ran is None:
         return layer._run(call, form, "triton", chunk, options)  # the layer's own Triton path, on any device
     layer.triton_forms = {name: _recorded(name, fn, ran) for name, fn in fns.items()}

@@ -241,10 +241,23 @@ class Layer:
             source = "store" if config is not None else "default"
         options = {}
         if config is not None:
-            target = self._config_form(config, form if form != "auto" else None, fns, backend)
+            # the store's config is for the form it was looked up for; a call's under auto goes to every form
+            # taking its keys, so that the one auto runs gets its share
+            given = form if form != "auto" else (resolved if source == "store" else None)
+            shares = self._config_forms(config, given, fns, backend)
             chunk = config.get("chunk_size", chunk)
-            why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk, target) else "torch")
-            options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
+            if form == "auto" and source == "call" and call.cu_seqlens is None:
+                picks = chunk if isinstance(chunk, int) and chunk >= 1 else 1  # (a bad chunk_size is named below)
+                runs = pick_form(tuple(fns), call.length, picks)  # noqa: F821
+                blocks = [k for k in config if k != "chunk_size"]
+                if blocks and not set(shares.get(runs, {})) - {"chunk_size"}:
+                    takers = [f for f, share in shares.items() if set(share) - {"chunk_size"}]
+                    forms = " and ".join(takers) + (" forms" if len(takers) > 1 else " form")
+                    raise CallError(f"config {', '.join(blocks)} is for the {forms}, but auto "  # noqa: F821
+                                    f"runs the {runs} form for this call ({call.length} steps): pass form= to run "
+                                    "one that takes it, or leave those keys out")
+            why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk, given) else "torch")
+            options = {f: {k: v for k, v in share.items() if k != "chunk_size"} for f, share in shares.items()}
         if why:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
@@ -340,11 +353,11 @@ class Layer:
             return _grads(flat, grads, [t for t in leaves if t.requires_grad])
 
     @staticmethod
-    def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
-        """The form a config is for (`form` when given, else the one of `fns` taking every key it gives), the
-        config checked (dispatch.py's `config_form`): a config may give some of a form's keys."""
+    def _config_forms(config, form: str | None, fns: dict, backend: str) -> dict[str, dict]:
+        """form -> its share of a config (`form` when given, else every form of `fns` taking some of its keys),
+        the config checked (dispatch.py's `config_forms`): a config may give some of a form's keys."""
         accepted = {f: CONFIG_KEYS[(f, backend)] for f in ([form] if form else fns) if (f, backend) in CONFIG_KEYS}
-        return config_form(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
+        return config_forms(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):

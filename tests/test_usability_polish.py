@@ -34,8 +34,16 @@ def test_a_single_key_config_overrides_that_key_and_keeps_the_other_defaults(gla
     assert (plan["chunk_size"], plan["config"]) == (64, {"block_k": 16})  # the layer's chunk_size is kept
     plan = layer.config_for(*args, backend="triton", form="parallel", config={"num_warps": 2})
     assert plan["config"] == {"num_warps": 2}
-    # every key of one form: that form, though others take the key too (the tuning store's recurrent configs)
-    assert type(layer)._config_form({"num_warps": 4}, None, layer.triton_forms, "triton") == "recurrent"
+    # under auto each form gets the keys it takes, so the form auto runs has its share
+    shares = type(layer)._config_forms({"num_warps": 4}, None, layer.triton_forms, "triton")
+    assert shares == {f: {"num_warps": 4} for f in layer.triton_forms}
+    for T, runs in ((40, "parallel"), (200, "chunked")):
+        long_args, _ = sample_arguments(recurrence_dsl.load(GLA)["gla"].checked, {"K": 16, "V": 16}, 1, T, 1,
+                                        dtype=torch.float32, seed=0)
+        plan = layer.config_for(*long_args, backend="triton", config={"num_warps": 8})
+        assert (plan["form"], plan["config"]) == (runs, {"num_warps": 8})
+    plan = layer.config_for(*args, backend="triton", config={"block_k": 16})
+    assert (plan["form"], plan["config"]) == ("parallel", {"block_k": 16})
     ref = layer(*args, backend="torch")[0]
     for backend in ("torch", "triton"):
         out = layer(*args, backend=backend, config={"chunk_size": 16})[0]
@@ -51,10 +59,10 @@ def test_a_single_key_config_overrides_that_key_and_keeps_the_other_defaults(gla
      r"triton backend; valid keys: parallel takes block_t, block_k, block_v, num_warps, num_stages$"),
     ("triton", "chunked", {"blok_v": 32}, r"'blok_v' is not a key of the chunked form .*did you mean 'block_v'.*"
      r"valid keys: chunked takes chunk_size, block_k, block_v, num_warps, num_stages"),
-    ("triton", None, {"block_t": 16, "chunk_size": 32}, r"config keys block_t, chunk_size are not all keys of one "
-     r"form on the triton backend"),
-    ("triton", None, {"block_k": 16}, r"config block_k fits the forms chunked, parallel on the triton backend: "
-     r"pass form= to say which"),
+    ("triton", None, {"block_t": 16, "chunk_size": 32}, r"config block_t is for the scan and parallel forms, but "
+     r"auto runs the chunked form for this call \(40 steps\): pass form="),
+    ("triton", None, {"block_n": 16}, r"config block_n is for the scan form, but auto runs the parallel form for "
+     r"this call \(40 steps\)"),
     ("triton", "chunked", {"block_k": 24}, r"config block_k must be a power of two >= 16, got 24 \(the chunked"),
     ("triton", "scan", {"block_n": 0}, r"config block_n must be a power of two >= 1, got 0 \(the scan form\)"),
     ("triton", "chunked", {"num_warps": 64}, r"config num_warps must be a power of two from 1 to 32, got 64"),

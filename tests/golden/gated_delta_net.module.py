@@ -386,15 +386,16 @@ def _close(key: str, keys) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
-    """The form a call's `config=` is for, after checking the config; its keys override that form's defaults.
+def config_forms(config, accepted: dict, backend: str, form: str | None) -> dict[str, dict]:
+    """form name -> the part of a call's `config=` that form takes, after checking the config; its keys override
+    that form's defaults (the form's defaults fill in the keys it does not give).
 
     accepted: form name -> the keys a config of that form may give on `backend` (codegen.layer.CONFIG_KEYS),
-    for the form given or, with form None ("auto"), for every form the layer has there. A config may give any
-    of a form's keys (the form's defaults fill in the rest). With form None it is for the one form whose keys it
-    gives all of, else for the one form taking every key it gives. CallError (from calling.py) for a config that
-    is not a dict, a key no form takes (naming it, the form and its keys, with a close match), keys that fit no
-    form or several, or a bad value."""
+    for the form given or, with form None ("auto"), for every form the layer has there. With a form, every key
+    must be one of its keys; with None, each form gets the keys it takes (`{"num_warps": 8}` goes to every form,
+    `{"block_k": 16}` to the chunked and parallel ones), so the one auto runs has its share. CallError (from
+    calling.py) for a config that is not a dict or is empty, a key no form takes (naming it, the form and its
+    keys, with a close match), or a bad value (naming the key and the form)."""
     if not isinstance(config, dict):
         raise CallError(f"config must be a dict of block sizes, got {type(config).__name__}")  # noqa: F821
     accepted = {f: tuple(keys) for f, keys in accepted.items()}
@@ -405,33 +406,20 @@ def config_form(config, accepted: dict, backend: str, form: str | None) -> str:
     if not config:
         raise CallError("config is empty: give at least one key, or leave config out")  # noqa: F821
     taken = {k for keys in accepted.values() for k in keys}
-
-    def takes(f: str) -> str:
-        return f"{f} takes {', '.join(accepted[f])}"
-
-    valid = "valid keys: " + "; ".join(takes(f) for f in accepted)
+    valid = "valid keys: " + "; ".join(f"{f} takes {', '.join(keys)}" for f, keys in accepted.items())
     unknown = [k for k in config if k not in taken]
     if unknown:
         key = unknown[0]
         named = f"a key of the {form} form" if form else "taken by any form"
         raise CallError(f"config key {key!r} is not {named} {where}{_close(str(key), taken)}; {valid}")  # noqa: F821
-    given = ", ".join(config)
-    # A config giving every key of one form is for that form (what the tuning store holds: the recurrent form's
-    # {num_warps} too, whose one key the other forms also take); else for the one form taking all its keys.
-    fits = [f for f, keys in accepted.items() if set(config) == set(keys)]
-    if len(fits) != 1:
-        fits = [f for f, keys in accepted.items() if set(config) <= set(keys)]
-    if not fits:
-        raise CallError(f"config keys {given} are not all keys of one form {where} (a config is for one form); "  # noqa: F821
-                        + valid)
-    if len(fits) > 1:
-        raise CallError(f"config {given} fits the forms {', '.join(fits)} {where}: pass form= to say which "  # noqa: F821
-                        "runs with it")
-    for key, value in config.items():
-        why = _config_value_error(fits[0], key, value)
-        if why:
-            raise CallError(why)  # noqa: F821
-    return fits[0]
+    shares = {f: {k: v for k, v in config.items() if k in keys} for f, keys in accepted.items()}
+    shares = {f: share for f, share in shares.items() if share}
+    for f, share in shares.items():
+        for key, value in share.items():
+            why = _config_value_error(f, key, value)
+            if why:
+                raise CallError(why)  # noqa: F821
+    return shares
 
 
 def _context_variable(name: str):
@@ -1382,10 +1370,23 @@ class Layer:
             source = "store" if config is not None else "default"
         options = {}
         if config is not None:
-            target = self._config_form(config, form if form != "auto" else None, fns, backend)
+            # the store's config is for the form it was looked up for; a call's under auto goes to every form
+            # taking its keys, so that the one auto runs gets its share
+            given = form if form != "auto" else (resolved if source == "store" else None)
+            shares = self._config_forms(config, given, fns, backend)
             chunk = config.get("chunk_size", chunk)
-            why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk, target) else "torch")
-            options = {target: {k: v for k, v in config.items() if k != "chunk_size"}}
+            if form == "auto" and source == "call" and call.cu_seqlens is None:
+                picks = chunk if isinstance(chunk, int) and chunk >= 1 else 1  # (a bad chunk_size is named below)
+                runs = pick_form(tuple(fns), call.length, picks)  # noqa: F821
+                blocks = [k for k in config if k != "chunk_size"]
+                if blocks and not set(shares.get(runs, {})) - {"chunk_size"}:
+                    takers = [f for f, share in shares.items() if set(share) - {"chunk_size"}]
+                    forms = " and ".join(takers) + (" forms" if len(takers) > 1 else " form")
+                    raise CallError(f"config {', '.join(blocks)} is for the {forms}, but auto "  # noqa: F821
+                                    f"runs the {runs} form for this call ({call.length} steps): pass form= to run "
+                                    "one that takes it, or leave those keys out")
+            why = _chunk_size_error(chunk, backend if self._chunks(call, form, fns, chunk, given) else "torch")
+            options = {f: {k: v for k, v in share.items() if k != "chunk_size"} for f, share in shares.items()}
         if why:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
@@ -1481,11 +1482,11 @@ class Layer:
             return _grads(flat, grads, [t for t in leaves if t.requires_grad])
 
     @staticmethod
-    def _config_form(config, form: str | None, fns: dict, backend: str) -> str:
-        """The form a config is for (`form` when given, else the one of `fns` taking every key it gives), the
-        config checked (dispatch.py's `config_form`): a config may give some of a form's keys."""
+    def _config_forms(config, form: str | None, fns: dict, backend: str) -> dict[str, dict]:
+        """form -> its share of a config (`form` when given, else every form of `fns` taking some of its keys),
+        the config checked (dispatch.py's `config_forms`): a config may give some of a form's keys."""
         accepted = {f: CONFIG_KEYS[(f, backend)] for f in ([form] if form else fns) if (f, backend) in CONFIG_KEYS}
-        return config_form(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
+        return config_forms(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):
