@@ -1835,7 +1835,11 @@ class TorchFormWriter:
             w(line)
         w("b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)")
         lines, flags = list(fwd_body[1]), []
-        for (out, _, _, dims, *_), text in zip(fields, fwd_body[2]):
+        for (out, expr, indices, dims, *_), text in zip(fields, fwd_body[2]):
+            if dims and not any(sympy.sympify(expr).has(i) for i in indices if isinstance(i, sympy.Basic)):
+                # a value constant along its axis (a scalar per step spread over a size-1 axis): a [BLOCK] row, as
+                # the store and the check below take
+                text = f"({text}) + tl.zeros([{block}], dtype=tl.float32)"
             lines.append(f"o_{out} = ({text}).to({out}.dtype.element_ty)")
             lines.append(f"tl.store({out} + row * {dim} + {offs}, o_{out}, mask={mask})" if dims
                          else f"tl.store({out} + row, o_{out})")
