@@ -263,3 +263,76 @@ def test_float32_defaults_leave_half_precision_as_they_were():
     assert tp._parallel_config(k_of(torch.bfloat16), 128, None, None, None, None) == (64, 64, 64, "tf32")
     assert tp._parallel_config(k_of(torch.float16), 128, None, None, None, None, True) == (32, 32, 32, "tf32")
     assert tp._parallel_config(k_of(torch.float32), 128, None, None, None, True) == (64, 64, 64, "tf32")
+
+
+def test_float32_chunked_defaults_keep_the_chunk_and_leave_half_precision_as_they_were():
+    # the linear chunked form in float32 ("ieee" dots) narrows only its K / V blocks (chunk 64 kept: the chunk states
+    # a training step keeps scale with 1 / BT, tests/test_intermediate_bytes.py); half precision, a float32 call with
+    # allow_tf32 and given blocks keep what they ran; the delta rule keeps BK = K
+    import torch
+
+    from codegen import triton_runtime as rt
+
+    def k_of(dtype, K=128):
+        return torch.zeros(1, 256, 2, K, dtype=dtype)
+
+    f32 = k_of(torch.float32)
+    assert rt._config(f32, 128, 64, None, None, None, delta=False) == (64, 32, 32, "ieee")
+    assert rt._config(f32, 128, 64, None, None, None, delta=False, lane_decay=True) == (64, 32, 16, "ieee")
+    assert rt._config(k_of(torch.float32, 16), 8, 64, None, None, None, delta=False) == (64, 16, 16, "ieee")
+    assert rt._config(f32, 128, 64, 64, 64, None, delta=False, lane_decay=True) == (64, 64, 64, "ieee")  # given
+    assert rt._config(f32, 128, 64, None, None, True, delta=False) == (64, 64, 64, "tf32")
+    for half in (torch.bfloat16, torch.float16):
+        for lane_decay in (False, True):
+            assert rt._config(k_of(half), 128, 64, None, None, None, delta=False,
+                              lane_decay=lane_decay) == (64, 64, 64, "tf32")
+        assert rt._config(k_of(half), 128, 64, None, None, None, delta=True) == (64, 128, 64, "tf32")
+    assert rt._config(f32, 128, 32, None, None, None, delta=True) == (32, 128, 64, "ieee")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_config_says_the_runtimes_defaults_at_the_dtype(dtype):
+    # autotune's default config (what an untuned call runs) follows the dtype: float32's parallel block_t 16, its
+    # linear chunked blocks of 32 (16 for V with a key decay) at chunk 64, its delta rule's chunks of 32 at 8 warps
+    import torch
+
+    import recurrence_dsl
+    from autotune.space import Problem, default_config
+    from codegen import triton_parallel as tp
+    from codegen import triton_runtime as rt
+    from recurrence_dsl.analysis import analyse
+
+    def problem(name, size, length=256):
+        rec = recurrence_dsl.load(REPO / "specs" / f"{name}.rec")[name]
+        return Problem.from_analysis(analyse(rec.checked), {s: size for s in rec.checked.sizes}, length, dtype)
+
+    k = torch.zeros(1, 256, 2, 128, dtype=getattr(torch, dtype))
+    f32 = dtype == "float32"
+    for name, lane in (("linear_attention", False), ("gla", True)):
+        bt, bk, bv, _ = rt._config(k, 128, 64, None, None, None, delta=False, lane_decay=lane)
+        assert default_config("chunked", "triton", problem(name, 128)) == {
+            "chunk_size": bt, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": rt._IEEE_LINEAR_STAGES
+            if f32 else 2}
+        assert (bt, bk, bv) == ((64, 32, 16 if lane else 32) if f32 else (64, 64, 64))
+        bt, bk, bv, _ = tp._parallel_config(k, 128, None, None, None, None, lane)
+        assert default_config("parallel", "triton", problem(name, 128)) == {
+            "block_t": bt, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": 2}
+        assert bt == (16 if f32 else 32 if lane else 64)
+    chunk, warps, stages = rt._delta_ieee_defaults(k, 64, None, None, None)
+    delta = default_config("chunked", "triton", problem("delta_net", 128))
+    assert (delta["chunk_size"], delta["num_warps"], delta["num_stages"]) == (chunk, warps or 4, stages or 2)
+    assert delta["chunk_size"] == (32 if f32 else 64) and delta["block_k"] == 128
+    assert delta["block_v"] == rt._config(k, 128, 64, None, None, None, delta=True)[2] == 64  # K blocks of 64
+    assert default_config("chunked", "torch", problem("gla", 64)) == {"chunk_size": 64}
+    assert default_config("chunked", "triton", problem("gla", 64, length=20))["chunk_size"] == 32  # clamped
+
+
+def test_problem_dtype_defaults_to_bfloat16_and_takes_torch_dtypes():
+    import torch
+
+    from autotune.space import Problem
+
+    assert Problem(length=64).dtype == "bfloat16"
+    assert Problem(length=64, dtype=torch.float32).dtype == "float32"
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        Problem(length=64, dtype="float64")
