@@ -336,9 +336,10 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
         tl.store(eg + offs, _safe_exp(b_gc.to(tl.float32)), mask=m)
 
 
-@_register_limited(lambda a: a.get("SPANS", False))
+@_register_limited(lambda a: a.get("SPANS", False) or a["PREC"] == "ieee")
 # the key decay's forward scores (SPANS): unasked, ptxas kept an 8 B stack slot at 72 registers in rwkv6's (float16,
-# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit
+# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit; likewise under ieee dots
+# (float32) in min_gru's backward (8 B at 40 registers, sm_90, K = V = 64 and 128)
 @triton.jit
 def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -2356,7 +2357,8 @@ def _dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int,
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     r = torch.empty((B, T, H), dtype=torch.float32, device=k.device)
-    BK = min(64, _pow2_at_least_16(K))
+    # K blocks of 32 under ieee dots (float32): at 64, Mamba2's spilled 112 B at 255 registers (sm_80, K = V = 128)
+    BK = min(_IEEE_LINEAR_BLOCK if prec == "ieee" else 64, _pow2_at_least_16(K))
     BV = min(_DLOG_SCALAR_BV, _pow2_at_least_16(V))
     for i, (q, excl, do, A, dA) in enumerate(zip(qs, exclusive, dos, A_all, dA_all)):
         _launch(
