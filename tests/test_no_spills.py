@@ -11,8 +11,9 @@ rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
 the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90);
-and three float32 calls ("ieee" dots) at float32's own defaults, the parallel form's (linear_attention, retention,
-gla; benchmarks/results/kernel_matrix_float32.json), about 15 s of CPU time more.
+and six float32 calls ("ieee" dots) at float32's own defaults: three of the parallel form's (linear_attention,
+retention, gla; benchmarks/results/kernel_matrix_float32.json), about 15 s of CPU time more, and three of the linear
+chunked form's (linear_attention, gla, mamba2; benchmarks/results/kernel_matrix_float32_chunked.json), about 40 s more.
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
@@ -87,6 +88,13 @@ CALLS = [
     ("linear_attention", "parallel", "sm_80", 1, 64, 2, True, 64, "float32"),
     ("retention", "parallel", "sm_90", 1, 64, 2, True, 128, "float32"),
     ("gla", "parallel", "sm_90", 1, 64, 2, True, 64, "float32"),
+    # the linear chunked form in float32 at the half-precision blocks (BK = BV = 64, 4 warps, 2 stages) spilled:
+    # linear_attention's output kernel 9.8 KB (32 registers), gla's state, dstate and plain kernels up to 7.3 KB,
+    # Mamba2's output and scalar log-decay kernels 16-112 B; now chunks of 64 still, with K / V blocks of 32 (V 16
+    # for gla), 1 stage, 8 warps for the state and output kernels (results/kernel_matrix_float32_chunked.json)
+    ("linear_attention", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
+    ("gla", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
+    ("mamba2", "chunked", "sm_90", 1, 128, 2, True, 128, "float32"),
 ]
 
 CHILD = '''
@@ -189,6 +197,13 @@ def test_no_spills_at_default_configs():
         assert {k["num_warps"] for k in attn} == ({8} if name == "gla" else {4})
     (dlog,) = [k for k in f32[("retention", "parallel")] if k["name"] == "_triton_parallel_dlog_scalar_kernel"]
     assert dlog["num_warps"] == 4 and dlog["grid"][0] == 4
+    # the linear chunked form in float32: T = 128 still runs 2 chunks of 64 (grid axis 1 of the output kernel), its
+    # V in blocks of 32 (16 with gla's key decay), every kernel at 1 stage
+    for name, vblocks in (("linear_attention", 2), ("gla", 4), ("mamba2", 4)):
+        kernels = f32[(name, "chunked")]
+        out = [k for k in kernels if k["name"] == "_triton_chunk_output_kernel" and k["phase"] == "forward"]
+        assert out and all(k["grid"][:2] == [vblocks, 2] and k["num_warps"] == 8 for k in out), out
+        assert {k["num_stages"] for k in kernels if k["name"].startswith("_triton_")} == {1}
 
 
 def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):

@@ -3598,6 +3598,9 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 _triton_DLOG_SCALAR_BV = 32  # _triton_dlog_scalar_kernel's V block: [BT, BV] accumulator and operand tiles beside [BT, BK] ones
 # _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
 _triton_DLOG_SCALAR_WARPS = 8
+# its K block under ieee dots (float32): Mamba2's (K = V = 128) spilled 112 B at 255 registers on sm_80 at BK = 64, 8 B
+# on sm_90 at BK = 32 (mlstm's too); at 16, 233 registers and none on both
+_triton_IEEE_DLOG_SCALAR_BK = 16
 
 
 def _triton_dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, BT: int, prec: str,
@@ -3610,8 +3613,7 @@ def _triton_dlog_scalar(exclusive, qs, k, v, dos, g, gc, h, dh, A_all, dA_all, B
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     r = torch.empty((B, T, H), dtype=torch.float32, device=k.device)
-    # K blocks of 32 under ieee dots (float32): at 64, Mamba2's spilled 112 B at 255 registers (sm_80, K = V = 128)
-    BK = min(_triton_IEEE_LINEAR_BLOCK if prec == "ieee" else 64, _triton_pow2_at_least_16(K))
+    BK = min(_triton_IEEE_DLOG_SCALAR_BK if prec == "ieee" else 64, _triton_pow2_at_least_16(K))
     BV = min(_triton_DLOG_SCALAR_BV, _triton_pow2_at_least_16(V))
     for i, (q, excl, do, A, dA) in enumerate(zip(qs, exclusive, dos, A_all, dA_all)):
         _triton_launch(
