@@ -74,9 +74,19 @@ SPACES: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
 }
 
 # codegen/triton_parallel.py's defaults: block_t 64 (`_PARALLEL_BT`); BK, BV at most 64, and all three 32 with a key
-# or value decay (`_PARALLEL_KEY_BLOCK`: its attention kernel holds float64 G tiles beside the scores).
+# or value decay (`_PARALLEL_KEY_BLOCK`: its attention kernel holds float64 G tiles beside the scores). In float32
+# (its "ieee" dots) block_t is 16 (`_PARALLEL_IEEE_BT`), BK and BV as in half precision.
 PARALLEL_BLOCK = 64
 PARALLEL_LANE_DECAY_BLOCK = 32
+PARALLEL_IEEE_BLOCK_T = 16
+# codegen/triton_runtime.py's float32 ("ieee" dots) chunked defaults: the linear form keeps chunks of 64 with K / V
+# blocks of at most 32 (V 16 with a key or value decay: `_IEEE_LINEAR_BLOCK`, `_IEEE_LANE_DECAY_BV`) at 1 stage
+# (`_IEEE_LINEAR_STAGES`); the delta rule runs chunks of at most 32 at 8 warps and 1 stage (`_IEEE_DELTA_BT`,
+# `_IEEE_DELTA_WARPS`, `_IEEE_DELTA_STAGES`)
+IEEE_LINEAR_BLOCK = 32
+IEEE_LANE_DECAY_BV = 16
+IEEE_LINEAR_STAGES = 1
+IEEE_DELTA_CHUNK, IEEE_DELTA_WARPS, IEEE_DELTA_STAGES = 32, 8, 1
 
 FLOAT_BYTES = 4  # every tile is float32 inside the kernels
 REGISTER_TILE_LIMIT = 128  # float32 elements of live tiles per thread before spilling (of 255 registers)
@@ -118,27 +128,40 @@ def raw_configs(form: str, backend: str) -> list[dict]:
 
 
 def default_config(form: str, backend: str, problem: Problem) -> dict:
-    """What an untuned call runs: compile()'s chunk_size=64 and the Triton runtimes' own defaults, as far as one
-    config says them (a config's num_warps and block_v apply to every kernel, where an untuned call gives the
-    chunked runtime's heaviest kernels 8 warps and the delta rule's state kernel a narrower BV, and the
-    recurrent launcher picks num_warps from its tile sizes).
+    """What an untuned call runs: compile()'s chunk_size=64 and the Triton runtimes' own defaults at the problem's
+    dtype, as far as one config says them (a config's num_warps and block_v apply to every kernel, where an untuned
+    call gives the chunked runtime's heaviest kernels 8 warps and the delta rule's state kernel a narrower BV, and
+    the recurrent launcher picks num_warps from its tile sizes).
 
-    A chunk_size (block_t) above the padded length is clamped to it (the runtimes run that anyway)."""
+    float32 (the runtimes' "ieee" dots, allow_tf32 unset) differs from half precision: the parallel form's block_t
+    is 16; the linear chunked form keeps chunk 64 with block_k, block_v at most 32 (block_v 16 with a key or value
+    decay) at 1 stage; the delta rule runs chunks of at most 32 at 8 warps and 1 stage. A chunk_size (block_t)
+    above the padded length is clamped to it (the runtimes run that anyway)."""
     _check_tunable(form, backend)
     chunk = min(64, pow2_at_least_16(problem.length))
     if backend == "torch":
         return {"chunk_size": chunk}
     if form == "recurrent":
         return {"num_warps": 4}
+    ieee = problem.dtype == "float32"
     K = max((s.K for s in problem.chunk_states), default=16)
     V = max((s.V for s in problem.chunk_states), default=16)
     if form == "parallel":  # codegen/triton_parallel.py `_parallel_config`, per call the widest state's
         most = PARALLEL_LANE_DECAY_BLOCK if problem.lane_decay else PARALLEL_BLOCK
-        return {"block_t": min(most, pow2_at_least_16(problem.length)), "block_k": min(most, pow2_at_least_16(K)),
+        block_t = PARALLEL_IEEE_BLOCK_T if ieee else most
+        return {"block_t": min(block_t, pow2_at_least_16(problem.length)), "block_k": min(most, pow2_at_least_16(K)),
                 "block_v": min(most, pow2_at_least_16(V)), "num_warps": 4, "num_stages": 2}
     delta = any(s.delta for s in problem.chunk_states)
     bk = pow2_at_least_16(K) if delta else min(64, pow2_at_least_16(K))
-    bv = min(pow2_at_least_16(V), 64 if bk <= 64 else (32 if bk <= 128 else 16))
+    kb = max(min(64, bk), bk // 4) if delta else bk  # the delta rule's K blocks (`_delta_blocks`)
+    bv = min(pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
+    if ieee and delta:  # codegen/triton_runtime.py `_delta_ieee_defaults`
+        return {"chunk_size": min(chunk, IEEE_DELTA_CHUNK), "block_k": bk, "block_v": bv,
+                "num_warps": IEEE_DELTA_WARPS, "num_stages": IEEE_DELTA_STAGES}
+    if ieee:  # codegen/triton_runtime.py `_config`, `chunked_linear_by`
+        return {"chunk_size": chunk, "block_k": min(bk, IEEE_LINEAR_BLOCK),
+                "block_v": min(bv, IEEE_LANE_DECAY_BV if problem.lane_decay else IEEE_LINEAR_BLOCK), "num_warps": 4,
+                "num_stages": IEEE_LINEAR_STAGES}
     return {"chunk_size": chunk, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": 2}
 
 
@@ -163,6 +186,15 @@ class Problem:
     length: int
     chunk_states: tuple[ChunkState, ...] = ()
     state_elements: int = 256  # padded elements of every state tile together (the recurrent kernel's registers)
+    # the inputs' dtype by name ("float32", "bfloat16", "float16"; a torch.dtype is taken too): float32 runs other
+    # Triton defaults (`default_config`)
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        name = str(self.dtype).removeprefix("torch.")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"Problem dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", name)
 
     @property
     def lane_decay(self) -> bool:
@@ -170,8 +202,9 @@ class Problem:
         return any(s.lane_decay for s in self.chunk_states)
 
     @classmethod
-    def from_analysis(cls, analysis, sizes: dict[str, int], length: int) -> Problem:
-        """Read the chunked states (key axis, value axes, delta or not) and the state tiles off an `Analysis`."""
+    def from_analysis(cls, analysis, sizes: dict[str, int], length: int, dtype="bfloat16") -> Problem:
+        """Read the chunked states (key axis, value axes, delta or not) and the state tiles off an `Analysis`;
+        dtype: the call's (a name or torch.dtype)."""
 
         def extent(d) -> int:
             return int(sizes[d]) if isinstance(d, str) else int(d)
@@ -191,7 +224,7 @@ class Problem:
                 K, rest = dims[plan.key_axis], dims[: plan.key_axis] + dims[plan.key_axis + 1 :]
             V = math.prod(rest) if (rest and plan.v is not None) else 1
             chunk_states.append(ChunkState(name, K, V, plan.beta is not None, plan.decay_axis in ("key", "value")))
-        return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements)
+        return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements, dtype=dtype)
 
 
 @dataclass(frozen=True)

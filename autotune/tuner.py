@@ -417,7 +417,7 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if backend == "triton" and form not in (layer.triton_forms or {}):
         raise ValueError(f"{checked.name} has no '{form}' form on the triton backend; it has "
                          f"{', '.join(layer.triton_forms or {}) or 'none (triton does not import)'}")
-    problem = Problem.from_analysis(analysis, sizes, length)
+    problem = Problem.from_analysis(analysis, sizes, length, dtype)
     figures, compiler_info = (None, {"source": "none"}) if backend != "triton" else _compiler_figures(
         analysis, sizes, batch, length, heads, dtype, form, target, device, mode, compiler)
     space = config_space(form, backend, problem, limits if limits is not None else device_limits(device),

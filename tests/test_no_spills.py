@@ -11,8 +11,9 @@ rwkv7's chunked form (diagonal plus rank one) for sm_80 at 128 with its backward
 key-decay delta rule's (tests/data/kda.rec, KDA) with its backward kernels for sm_90; and the recurrent adjoints
 that spilled last (minimal_rnn's at D = 128 on both targets, retention's and mamba2's at K = V = 128 on sm_90);
 the key-decay chunked forward's last two spills (hgrn2's state kernel on sm_80, rwkv6's scores in float16 on sm_90);
-and three float32 calls ("ieee" dots) at float32's own defaults, the parallel form's (linear_attention, retention,
-gla; benchmarks/results/kernel_matrix_float32.json), about 15 s of CPU time more.
+and six float32 calls ("ieee" dots) at float32's own defaults: three of the parallel form's (linear_attention,
+retention, gla; benchmarks/results/kernel_matrix_float32.json), about 15 s of CPU time more, and three of the linear
+chunked form's (linear_attention, gla, mamba2; benchmarks/results/kernel_matrix_float32_chunked.json), about 40 s more.
 Every kernel must use no local memory (`spill_bytes == 0`: cuobjdump's STACK + LOCAL), fit the target's shared
 memory and launch a grid within CUDA's limits (tests/test_grid_limits.py checks a call past them).
 
@@ -87,6 +88,13 @@ CALLS = [
     ("linear_attention", "parallel", "sm_80", 1, 64, 2, True, 64, "float32"),
     ("retention", "parallel", "sm_90", 1, 64, 2, True, 128, "float32"),
     ("gla", "parallel", "sm_90", 1, 64, 2, True, 64, "float32"),
+    # the linear chunked form in float32 at the half-precision blocks (BK = BV = 64, 4 warps, 2 stages) spilled:
+    # linear_attention's output kernel 9.8 KB (32 registers), gla's state, dstate and plain kernels up to 7.3 KB,
+    # Mamba2's output and scalar log-decay kernels 16-112 B; now chunks of 64 still, with K / V blocks of 32 (V 16
+    # for gla), 1 stage, 8 warps for the state and output kernels (results/kernel_matrix_float32_chunked.json)
+    ("linear_attention", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
+    ("gla", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
+    ("mamba2", "chunked", "sm_90", 1, 128, 2, True, 128, "float32"),
 ]
 
 CHILD = '''
@@ -155,7 +163,8 @@ def test_no_spills_at_default_configs():
         ("kda", "sm_90", "backward")]
     assert names[("rwkv7", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
                                                     "_triton_dplr_wy_kernel", "_triton_delta_state_kernel",
-                                                    "_triton_chunk_output_kernel"}
+                                                    "_triton_chunk_output_kernel",
+                                                    "rwkv7__chunked_prologue_triton_kernel"}  # (its printed gates)
     # (the chunked form trains through the recurrent adjoint's chunk-parallel mode: its scan over the chunks too)
     assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel",
                                                      "rwkv7__triton_segment_scan_kernel"}
@@ -178,7 +187,8 @@ def test_no_spills_at_default_configs():
     hgrn2 = {k["name"]: k for r in runs if r["name"] == "hgrn2" for k in r["kernels"]}
     assert hgrn2["_triton_chunk_state_kernel"]["num_warps"] == 8
     rwkv6 = {k["name"]: k for r in runs if (r["name"], r["dtype"]) == ("rwkv6", "float16") for k in r["kernels"]}
-    assert rwkv6.keys() == {"_triton_chunk_state_kernel", "_triton_intra_attn_kernel", "_triton_chunk_output_kernel"}
+    assert rwkv6.keys() == {"_triton_chunk_state_kernel", "_triton_intra_attn_kernel", "_triton_chunk_output_kernel",
+                            "rwkv6__chunked_prologue_triton_kernel"}
     assert rwkv6["_triton_intra_attn_kernel"]["registers"] > 72
     # float32's defaults: the parallel form's blocks of 16 rows (T = 64: 4 query blocks), the scalar log-decay kernel
     # at 4 warps, a key decay's attention kernel at 8
@@ -189,6 +199,14 @@ def test_no_spills_at_default_configs():
         assert {k["num_warps"] for k in attn} == ({8} if name == "gla" else {4})
     (dlog,) = [k for k in f32[("retention", "parallel")] if k["name"] == "_triton_parallel_dlog_scalar_kernel"]
     assert dlog["num_warps"] == 4 and dlog["grid"][0] == 4
+    # the linear chunked form in float32: T = 128 still runs 2 chunks of 64 (grid axis 1 of the output kernel), its
+    # V in blocks of 32 (16 with gla's key decay), its state, output and plain kernels at 1 stage
+    for name, vblocks in (("linear_attention", 2), ("gla", 4), ("mamba2", 4)):
+        kernels = f32[(name, "chunked")]
+        out = [k for k in kernels if k["name"] == "_triton_chunk_output_kernel" and k["phase"] == "forward"]
+        assert out and all(k["grid"][:2] == [vblocks, 2] and k["num_warps"] == 8 for k in out), out
+        assert {k["num_stages"] for k in kernels if k["name"] in (
+            "_triton_chunk_state_kernel", "_triton_chunk_output_kernel", "_triton_chunk_bwd_plain_kernel")} == {1}
 
 
 def test_launch_adds_the_register_limit_where_a_kernel_declares_it(monkeypatch):
@@ -263,3 +281,76 @@ def test_float32_defaults_leave_half_precision_as_they_were():
     assert tp._parallel_config(k_of(torch.bfloat16), 128, None, None, None, None) == (64, 64, 64, "tf32")
     assert tp._parallel_config(k_of(torch.float16), 128, None, None, None, None, True) == (32, 32, 32, "tf32")
     assert tp._parallel_config(k_of(torch.float32), 128, None, None, None, True) == (64, 64, 64, "tf32")
+
+
+def test_float32_chunked_defaults_keep_the_chunk_and_leave_half_precision_as_they_were():
+    # the linear chunked form in float32 ("ieee" dots) narrows only its K / V blocks (chunk 64 kept: the chunk states
+    # a training step keeps scale with 1 / BT, tests/test_intermediate_bytes.py); half precision, a float32 call with
+    # allow_tf32 and given blocks keep what they ran; the delta rule keeps BK = K
+    import torch
+
+    from codegen import triton_runtime as rt
+
+    def k_of(dtype, K=128):
+        return torch.zeros(1, 256, 2, K, dtype=dtype)
+
+    f32 = k_of(torch.float32)
+    assert rt._config(f32, 128, 64, None, None, None, delta=False) == (64, 32, 32, "ieee")
+    assert rt._config(f32, 128, 64, None, None, None, delta=False, lane_decay=True) == (64, 32, 16, "ieee")
+    assert rt._config(k_of(torch.float32, 16), 8, 64, None, None, None, delta=False) == (64, 16, 16, "ieee")
+    assert rt._config(f32, 128, 64, 64, 64, None, delta=False, lane_decay=True) == (64, 64, 64, "ieee")  # given
+    assert rt._config(f32, 128, 64, None, None, True, delta=False) == (64, 64, 64, "tf32")
+    for half in (torch.bfloat16, torch.float16):
+        for lane_decay in (False, True):
+            assert rt._config(k_of(half), 128, 64, None, None, None, delta=False,
+                              lane_decay=lane_decay) == (64, 64, 64, "tf32")
+        assert rt._config(k_of(half), 128, 64, None, None, None, delta=True) == (64, 128, 64, "tf32")
+    assert rt._config(f32, 128, 32, None, None, None, delta=True) == (32, 128, 64, "ieee")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_config_says_the_runtimes_defaults_at_the_dtype(dtype):
+    # autotune's default config (what an untuned call runs) follows the dtype: float32's parallel block_t 16, its
+    # linear chunked blocks of 32 (16 for V with a key decay) at chunk 64, its delta rule's chunks of 32 at 8 warps
+    import torch
+
+    import recurrence_dsl
+    from autotune.space import Problem, default_config
+    from codegen import triton_parallel as tp
+    from codegen import triton_runtime as rt
+    from recurrence_dsl.analysis import analyse
+
+    def problem(name, size, length=256):
+        rec = recurrence_dsl.load(REPO / "specs" / f"{name}.rec")[name]
+        return Problem.from_analysis(analyse(rec.checked), {s: size for s in rec.checked.sizes}, length, dtype)
+
+    k = torch.zeros(1, 256, 2, 128, dtype=getattr(torch, dtype))
+    f32 = dtype == "float32"
+    for name, lane in (("linear_attention", False), ("gla", True)):
+        bt, bk, bv, _ = rt._config(k, 128, 64, None, None, None, delta=False, lane_decay=lane)
+        assert default_config("chunked", "triton", problem(name, 128)) == {
+            "chunk_size": bt, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": rt._IEEE_LINEAR_STAGES
+            if f32 else 2}
+        assert (bt, bk, bv) == ((64, 32, 16 if lane else 32) if f32 else (64, 64, 64))
+        bt, bk, bv, _ = tp._parallel_config(k, 128, None, None, None, None, lane)
+        assert default_config("parallel", "triton", problem(name, 128)) == {
+            "block_t": bt, "block_k": bk, "block_v": bv, "num_warps": 4, "num_stages": 2}
+        assert bt == (16 if f32 else 32 if lane else 64)
+    chunk, warps, stages = rt._delta_ieee_defaults(k, 64, None, None, None)
+    delta = default_config("chunked", "triton", problem("delta_net", 128))
+    assert (delta["chunk_size"], delta["num_warps"], delta["num_stages"]) == (chunk, warps or 4, stages or 2)
+    assert delta["chunk_size"] == (32 if f32 else 64) and delta["block_k"] == 128
+    assert delta["block_v"] == rt._config(k, 128, 64, None, None, None, delta=True)[2] == 64  # K blocks of 64
+    assert default_config("chunked", "torch", problem("gla", 64)) == {"chunk_size": 64}
+    assert default_config("chunked", "triton", problem("gla", 64, length=20))["chunk_size"] == 32  # clamped
+
+
+def test_problem_dtype_defaults_to_bfloat16_and_takes_torch_dtypes():
+    import torch
+
+    from autotune.space import Problem
+
+    assert Problem(length=64).dtype == "bfloat16"
+    assert Problem(length=64, dtype=torch.float32).dtype == "float32"
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        Problem(length=64, dtype="float64")

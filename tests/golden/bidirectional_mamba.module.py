@@ -2226,6 +2226,7 @@ triton_Tensor = torch.Tensor
 # _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
 # [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
 # and 128); at 8, 192 registers and none
+# (8 under ieee dots too, float32, at 1 stage: `_triton_IEEE_LINEAR_STAGES`)
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
 # _triton_delta_state_kernel with DPLR at K > 64 below sm_90: 1 stage (2 stages need 177 KB of shared memory at K = 128,
@@ -2238,6 +2239,19 @@ triton_Tensor = torch.Tensor
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+# The linear (non-delta) chunked form under "ieee" dots keeps chunks of 64 steps (the chunk states a training step
+# keeps scale with 1 / BT: tests/test_intermediate_bytes.py) and narrows the K / V blocks instead: at the
+# half-precision blocks (64) linear_attention's output kernel spilled 9.8 KB a thread (sm_80, K = V = 64) and its
+# backward's plain kernel 16 B; at 32, none (`_triton_config`). A key or value decay's state kernel (float64 G tiles beside
+# the [BK, BV] state) still spilled 16 B at BV = 32 (gla, rwkv6, sm_90, K = V = 128): BV 16 there, 244 registers.
+# ... and runs every kernel at 1 stage (as the delta rule's `_triton_IEEE_DELTA_STAGES`): at 2, mlstm's two state kernels
+# spilled 32 B at 255 registers (sm_90, K = V = 128, BK = BV = 32; one at 4 warps, the other at 8) and
+# normalized_linear_attention's backward plain kernel 40 B (8 warps); at 1, 71 and 96 registers and none
+# The diagonal-plus-rank-one form (rwkv7) under ieee dots, chunk 64 kept (its chunk is the recurrent adjoint's
+# checkpoint spacing): BV 16 for its WY and output kernels and 1 stage for its state kernel. At sm_80, K = V = 64 the
+# output kernel then compiles clean (250 registers; 136 B spilled at BV = 64) and the state kernel too (218; 16 B at
+# 2 stages); the WY kernel still spills (248 B, 6.2 KB at BV = 64: its [BT, BT] L, M and Tm tiles under FMA dots
+# want sub-chunk tiling), as does the state kernel at K = 128 on sm_90 (3.7 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2354,6 +2368,8 @@ def _triton_arch() -> int:
 
 
 # _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
+# its K block under ieee dots (float32): Mamba2's (K = V = 128) spilled 112 B at 255 registers on sm_80 at BK = 64, 8 B
+# on sm_90 at BK = 32 (mlstm's too); at 16, 233 registers and none on both
 
 
 # ----------------------------------------------------------------------------------------------------------

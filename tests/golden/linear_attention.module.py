@@ -2409,6 +2409,7 @@ _triton_KEY_OUTPUT_WARPS = 8  # _triton_chunk_output_kernel with a key decay (q,
 # _triton_chunk_state_kernel with a key decay ([BK, BT] k, log-decay and reverse-cumsum tiles beside [BT, BV] v and the
 # [BK, BV] state): at 4 warps every one took all 255 registers on sm_80 and hgrn2's spilled 8 B (bfloat16, K = V = 64
 # and 128); at 8, 192 registers and none
+# (8 under ieee dots too, float32, at 1 stage: `_triton_IEEE_LINEAR_STAGES`)
 _triton_KEY_STATE_WARPS = 8
 # _triton_chunk_output_kernel's value tile with a fused per-step v factor or skip term (Mamba2's dt and D * x): at BV = 64
 # it spilled 64 B at 4 warps (16 B at 8) on sm_80 at K = V = 64; at BV = 32 (or BK = 32) 182 registers, no spill
@@ -2423,6 +2424,22 @@ _triton_FUSED_OUTPUT_BV = 32
 # on sm_90 at K = V = 128 (up to 7.6 KB a thread: the WY, local, dh and dL kernels). Chunks of 32 steps halve every
 # [BT, BT] and [BT, KB] operand, 8 warps halve each thread's share, and 1 stage drops the prefetched copy of the
 # next chunk's tiles from the state kernels (`_triton_delta_ieee_defaults`).
+# The linear (non-delta) chunked form under "ieee" dots keeps chunks of 64 steps (the chunk states a training step
+# keeps scale with 1 / BT: tests/test_intermediate_bytes.py) and narrows the K / V blocks instead: at the
+# half-precision blocks (64) linear_attention's output kernel spilled 9.8 KB a thread (sm_80, K = V = 64) and its
+# backward's plain kernel 16 B; at 32, none (`_triton_config`). A key or value decay's state kernel (float64 G tiles beside
+# the [BK, BV] state) still spilled 16 B at BV = 32 (gla, rwkv6, sm_90, K = V = 128): BV 16 there, 244 registers.
+_triton_IEEE_LINEAR_BLOCK = 32
+_triton_IEEE_LANE_DECAY_BV = 16
+# ... and runs every kernel at 1 stage (as the delta rule's `_triton_IEEE_DELTA_STAGES`): at 2, mlstm's two state kernels
+# spilled 32 B at 255 registers (sm_90, K = V = 128, BK = BV = 32; one at 4 warps, the other at 8) and
+# normalized_linear_attention's backward plain kernel 40 B (8 warps); at 1, 71 and 96 registers and none
+_triton_IEEE_LINEAR_STAGES = 1
+# The diagonal-plus-rank-one form (rwkv7) under ieee dots, chunk 64 kept (its chunk is the recurrent adjoint's
+# checkpoint spacing): BV 16 for its WY and output kernels and 1 stage for its state kernel. At sm_80, K = V = 64 the
+# output kernel then compiles clean (250 registers; 136 B spilled at BV = 64) and the state kernel too (218; 16 B at
+# 2 stages); the WY kernel still spills (248 B, 6.2 KB at BV = 64: its [BT, BT] L, M and Tm tiles under FMA dots
+# want sub-chunk tiling), as does the state kernel at K = 128 on sm_90 (3.7 KB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2487,9 +2504,10 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
 # chunk's first step, plus int32 offsets local to the chunk (row i at i * H * D): no int32 overflow for any T.
 
 
-@_triton_register_limited(lambda a: a.get("SPANS", False))
+@_triton_register_limited(lambda a: a.get("SPANS", False) or a["PREC"] == "ieee")
 # the key decay's forward scores (SPANS): unasked, ptxas kept an 8 B stack slot at 72 registers in rwkv6's (float16,
-# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit
+# sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit; likewise under ieee dots
+# (float32) in min_gru's backward (8 B at 40 registers, sm_90, K = V = 64 and 128)
 @triton.jit
 def _triton_intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
@@ -2628,9 +2646,12 @@ def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.conste
 # chunk_gated_delta_rule_fwd_h splits K the same way). The helpers below work on one row block.
 
 
-@_triton_register_limited(lambda a: a["DECAY"] == 2 and not a.get("TRANS_H", False))
+@_triton_register_limited(lambda a: (a["DECAY"] == 2 or a["PREC"] == "ieee") and not a.get("TRANS_H", False))
 # a key decay's output (q, exp(G) and S tiles in the K loop): unasked, 8 B spilled (float16, sm_80, K = V = 128); the
-# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128)
+# value decay's dq in the backward (TRANS_H) compiles clean without the limit (80 registers, sm_80, K = V = 128).
+# Under ieee dots (float32; 8 warps, `_triton_chunk_output`) unasked ptxas stopped Mamba2's at 168 registers at 4 warps and
+# spilled 16 B (sm_90, K = V = 128, BK = BV = 32); its backward dq (TRANS_H) runs clean unasked at 202 registers and
+# spilled 16 B with the limit
 @triton.jit
 def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -2727,13 +2748,15 @@ def _triton_check_block(name: str, value: int) -> None:
                          f"got {value!r}")
 
 
-def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: bool):
+def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: bool, lane_decay: bool = False):
     """(BT, BK, BV, dot precision) with the defaults filled in and the GPU's rules checked.
 
     BT = min(chunk_size, pow2(T)): like the torch runtime's C = min(chunk_size, T), a chunk_size >= T gives one
     chunk (the parallel form) without padding it to the full chunk_size. BK defaults to min(64, pow2(K)) (delta:
     pow2(K), the whole of K, which every kernel but the state kernel walks in blocks of KB = `_triton_delta_blocks`),
-    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers.
+    BV to min(pow2(V), 64 / 32 / 16 for a K block <= 64 / 128 / more) to bound registers. Under "ieee" dots
+    (float32 k, allow_tf32 None or False) the linear form's (not delta) BK and BV default to at most
+    _triton_IEEE_LINEAR_BLOCK, BV to _triton_IEEE_LANE_DECAY_BV with a key or value decay (lane_decay); BT is unchanged.
     """
     T, K = k.shape[1], k.shape[-1]
     _triton_check_block("chunk_size", chunk_size)
@@ -2744,18 +2767,23 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
         raise ValueError(f"k {list(k.shape)}: B * H = {k.shape[0] * k.shape[2]} (at most 65535) or T = {T} (at most "
                          f"65535 sub-chunks of {_triton_SUB} steps) is past CUDA's grid limits; split the call (a layer "
                          "does: codegen/dispatch.py in_grid_pieces)")
+    if allow_tf32 is None:
+        allow_tf32 = k.dtype != torch.float32
+    # ieee dots run as FMA loops with whole operand rows in registers: narrower blocks (see _triton_IEEE_LINEAR_BLOCK)
+    ieee_linear = not allow_tf32 and not delta
     if block_k is None:
-        block_k = _triton_pow2_at_least_16(K) if delta else min(64, _triton_pow2_at_least_16(K))
+        block_k = _triton_pow2_at_least_16(K) if delta else min(_triton_IEEE_LINEAR_BLOCK if ieee_linear else 64,
+                                                                   _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
     if block_v is None:
         kb = _triton_delta_blocks(block_k)[0] if delta else block_k
         block_v = min(_triton_pow2_at_least_16(V), 64 if kb <= 64 else (32 if kb <= 128 else 16))
+        if ieee_linear:
+            block_v = min(block_v, _triton_IEEE_LANE_DECAY_BV if lane_decay else _triton_IEEE_LINEAR_BLOCK)
     _triton_check_block("block_v", block_v)
     if delta and block_k < K:
         raise ValueError(f"triton_chunked_delta needs block_k >= K (the state program holds whole columns of S to form "
                          f"U = Uy - W S), got block_k={block_k} < K={K}")
-    if allow_tf32 is None:
-        allow_tf32 = k.dtype != torch.float32
     return BT, block_k, block_v, ("tf32" if allow_tf32 else "ieee")
 
 
@@ -2857,8 +2885,8 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else h, ht if ht is not None else h,
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
-        num_warps=_triton_or(num_warps, _triton_KEY_STATE_WARPS if decay == 2 else _WARPS), num_stages=_triton_or(num_stages, _STAGES),
-        KMAP=_triton_map_of(k_map))
+        num_warps=_triton_or(num_warps, _triton_KEY_STATE_WARPS if decay == 2 or prec == "ieee" else _WARPS),
+        num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map))
     return h, ht
 
 
@@ -2875,7 +2903,8 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
     vs = f.v_step
     if vs is not None or f.skip is not None:
         BV = min(BV, _triton_FUSED_OUTPUT_BV)
-    warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 else _WARPS)
+    # 8 warps under ieee dots too (float32: FMA-loop dots hold whole operand rows; see _triton_chunk_output_kernel)
+    warps = _triton_or(num_warps, _triton_KEY_OUTPUT_WARPS if decay == 2 or prec == "ieee" else _WARPS)
     _triton_launch(
         _triton_chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
@@ -3086,7 +3115,10 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                                   q_map=fused.q_map, k_map=fused.k_map)
     else:
         packed = None
-    BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False)
+    BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False,
+                                      lane_decay=decay_cls.code >= 2)
+    if prec == "ieee":
+        num_stages = _triton_or(num_stages, _triton_IEEE_LINEAR_STAGES)
     if packed is not None:
         BT = packed.BT  # the sequences start at multiples of the packed layout's chunk
     if k.shape[1] == 0:
@@ -3357,7 +3389,9 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
             num_warps=warps, num_stages=stages)
         # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
         # (..., the map of x, of z, the vjp of out's raw input, that input)
-        plain_warps = _triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code else _WARPS)
+        # 8 warps under ieee dots too: at 4 linear_attention's spilled 16 B at 255 registers (float32, sm_90,
+        # K = V = 128), none at 8 (228 registers)
+        plain_warps = _triton_or(num_warps, _triton_CHUNK_BWD_PLAIN_WARPS if decay_cls.code or prec == "ieee" else _WARPS)
         for M, x, z, trans, out, D, DZ, BD, BZ, xmap, zmap, ovjp, ox in (
                 (dA, q, v, True, dk, K, V, BK, BV, qmap, None, kvjp, k),
                 (A, do, k, False, dv, V, K, BV, BK, None, kmap, None, dv)):
@@ -3373,6 +3407,8 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
 
 
 # _triton_dlog_scalar_kernel: 8 warps; at 4 it spilled 64 B (255 registers) on sm_90 at K = V = 128 in bfloat16
+# its K block under ieee dots (float32): Mamba2's (K = V = 128) spilled 112 B at 255 registers on sm_80 at BK = 64, 8 B
+# on sm_90 at BK = 32 (mlstm's too); at 16, 233 registers and none on both
 
 
 # ----------------------------------------------------------------------------------------------------------
