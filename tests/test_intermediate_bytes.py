@@ -512,8 +512,9 @@ def test_delta_product_training_step_figure(monkeypatch):
 
 # RWKV-7's chunked Triton forward at that shape in bfloat16 (host allocations, no kernel runs): its bonus
 # sum(r * u * k) * v added by the DPLR output kernel as a skip term weighted per step. Before, a torch epilogue over
-# [B, T, H, V] (16,809,984 bytes of it): 92,991,504 bytes.
-RWKV7_FORWARD = 84_602_896
+# [B, T, H, V] (16,809,984 bytes of it): 92,991,504 bytes; with the bonus fused 84,602,896; with its prologue's
+# b = -(a * kk) written by a printed Triton kernel (no torch temporaries; a 4-byte unsafe-step flag) 72,003,604.
+RWKV7_FORWARD = 72_003_604
 
 
 def test_rwkv7_forward_has_no_epilogue_tensor(monkeypatch):
