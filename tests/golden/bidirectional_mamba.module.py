@@ -522,7 +522,7 @@ class _NotTwice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise CallError(ctx.message)  # noqa: F821 - from recurrence_dsl/errors.py
+        raise CallError(ctx.message)  # noqa: F821 - from calling.py
 
 
 # Rows from which a batch of short sequences (packed ones of one length) takes a chunked form: the step loop then
