@@ -1887,7 +1887,8 @@ class TorchFormWriter:
         w()
         # -- the launchers: the signatures of the torch form's pair, joined by with_vjp
         grid = "(H_, triton.cdiv(B_ * T_, BLOCK_R_))"
-        consts = "BLOCK_R=BLOCK_R_" + (f", {block}=triton.next_power_of_2({dim})" if dim else "")
+        # max(D, 1): a zero-size axis still needs a one-lane block (every lane masked; a sum over D is then 0)
+        consts = "BLOCK_R=BLOCK_R_" + (f", {block}=triton.next_power_of_2(max({dim}, 1))" if dim else "")
         w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
         w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]: its values of the inputs by {kernel}, and last '
           'unsafe_ [1] int32, the first step _check_steps would refuse in them (T: none)."""')

@@ -5560,7 +5560,7 @@ def min_gru__chunked_prologue_fwd_triton(z, hc, D):
     BLOCK_R_ = 16  # rows (b, t) per program
     if B_ * T_ * H_:
         min_gru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            z.contiguous(), hc.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+            z.contiguous(), hc.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(max(D, 1)))
     return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
@@ -5572,7 +5572,7 @@ def min_gru__chunked_prologue_vjp_triton(z, hc, grad_k_h, grad_v_h, grad_log_dec
     d_hc = torch.empty_like(hc, memory_format=torch.contiguous_format)
     if B_ * T_ * H_:
         min_gru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+            z.contiguous(), hc.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_z, d_hc, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(max(D, 1)))
     return d_z, d_hc
 
 

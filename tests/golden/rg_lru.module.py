@@ -5650,7 +5650,7 @@ def rg_lru__chunked_prologue_fwd_triton(x, gr, gi, lam, D):
     BLOCK_R_ = 16  # rows (b, t) per program
     if B_ * T_ * H_:
         rg_lru__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), v_h, log_decay_h, unsafe_, B_ * T_, H_, T_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(max(D, 1)))
     return k_h, v_h, log_decay_h, query_read_h, unsafe_
 
 
@@ -5664,7 +5664,7 @@ def rg_lru__chunked_prologue_vjp_triton(x, gr, gi, lam, grad_k_h, grad_v_h, grad
     d_lam = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, D), dtype=torch.float32, device=x.device)
     if B_ * T_ * H_:
         rg_lru__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_x, d_gr, d_gi, d_lam, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(D))
+            x.contiguous(), gr.contiguous(), gi.contiguous(), lam.contiguous(), grad_v_h.contiguous(), grad_log_decay_h.contiguous(), d_x, d_gr, d_gi, d_lam, B_ * T_, H_, D, BLOCK_R=BLOCK_R_, BLOCK_D=triton.next_power_of_2(max(D, 1)))
     d_lam = d_lam.sum(0).view(lam.shape).to(lam.dtype)
     return d_x, d_gr, d_gi, d_lam
 

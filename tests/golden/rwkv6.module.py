@@ -5841,7 +5841,7 @@ def rwkv6__chunked_prologue_fwd_triton(r, k, u, K, V):
     BLOCK_R_ = 16  # rows (b, t) per program
     if B_ * T_ * H_:
         rwkv6__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            r.contiguous(), k.contiguous(), u.contiguous(), skip_weight_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+            r.contiguous(), k.contiguous(), u.contiguous(), skip_weight_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(max(K, 1)))
     return skip_weight_S, unsafe_
 
 
@@ -5854,7 +5854,7 @@ def rwkv6__chunked_prologue_vjp_triton(r, k, u, grad_skip_weight_S, grad_unsafe_
     d_u = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, K), dtype=torch.float32, device=r.device)
     if B_ * T_ * H_:
         rwkv6__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            r.contiguous(), k.contiguous(), u.contiguous(), grad_skip_weight_S.contiguous(), d_r, d_k, d_u, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+            r.contiguous(), k.contiguous(), u.contiguous(), grad_skip_weight_S.contiguous(), d_r, d_k, d_u, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(max(K, 1)))
     d_u = d_u.sum(0).view(u.shape).to(u.dtype)
     return d_r, d_k, d_u
 

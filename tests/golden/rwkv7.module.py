@@ -4192,7 +4192,7 @@ def rwkv7__chunked_prologue_fwd_triton(r, k, kk, a, u, K, V):
     BLOCK_R_ = 16  # rows (b, t) per program
     if B_ * T_ * H_:
         rwkv7__chunked_prologue_triton_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            r.contiguous(), k.contiguous(), kk.contiguous(), a.contiguous(), u.contiguous(), skip_weight_S, b_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+            r.contiguous(), k.contiguous(), kk.contiguous(), a.contiguous(), u.contiguous(), skip_weight_S, b_S, unsafe_, B_ * T_, H_, T_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(max(K, 1)))
     return skip_weight_S, b_S, unsafe_
 
 
@@ -4207,7 +4207,7 @@ def rwkv7__chunked_prologue_vjp_triton(r, k, kk, a, u, grad_skip_weight_S, grad_
     d_u = torch.empty((triton.cdiv(B_ * T_, BLOCK_R_), H_, K), dtype=torch.float32, device=r.device)
     if B_ * T_ * H_:
         rwkv7__chunked_prologue_triton_vjp_kernel[(H_, triton.cdiv(B_ * T_, BLOCK_R_))](
-            r.contiguous(), k.contiguous(), kk.contiguous(), a.contiguous(), u.contiguous(), grad_skip_weight_S.contiguous(), grad_b_S.contiguous(), d_r, d_k, d_kk, d_a, d_u, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(K))
+            r.contiguous(), k.contiguous(), kk.contiguous(), a.contiguous(), u.contiguous(), grad_skip_weight_S.contiguous(), grad_b_S.contiguous(), d_r, d_k, d_kk, d_a, d_u, B_ * T_, H_, K, V, BLOCK_R=BLOCK_R_, BLOCK_K=triton.next_power_of_2(max(K, 1)))
     d_u = d_u.sum(0).view(u.shape).to(u.dtype)
     return d_r, d_k, d_kk, d_a, d_u
 
