@@ -139,6 +139,19 @@ def _run_forms(layer, rec):
         layer(*[a.detach() for a in args], initial_state=init, form="chunked", backend="torch", chunk_size=12)
 
 
+def _run_meta(layer, rec):
+    """A call of meta tensors: meta outputs and final states of a real call's shapes, and a backward through them
+    (dispatch.py `meta_result`)."""
+    args, _ = _arguments(rec, 2, LENGTH)
+    real = layer(*[a.detach() for a in args], output_final_state=True, backend="torch")
+    meta = [a.detach().to("meta").requires_grad_() for a in args]
+    out, final = layer(*meta, output_final_state=True, backend="torch")
+    for got, want in zip(torch.utils._pytree.tree_leaves((out, final)), torch.utils._pytree.tree_leaves(real)):
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+    _backward((out, final))
+    assert all(a.grad is not None and a.grad.device.type == "meta" for a in meta)
+
+
 def _run_auto(layer, rec):
     """auto form and backend at lengths that pick each form; configs; a tuned lookup; the options copy."""
     for length, chunk in ((8, CHUNK), (LENGTH, CHUNK), (LENGTH, 64)):
@@ -161,6 +174,8 @@ def _run_auto(layer, rec):
             _backward(layer(*grad_args, initial_state=init, form="chunked", backend="triton",
                             config=DELTA_ROWS_CONFIG))
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
+    layer(*args, backend="triton", config={"num_warps": 4})  # auto: the form it runs takes its share
+    _run_meta(layer, rec)
     _run_limits(layer, rec)
     tuned = layer.options(form="auto", backend="torch", tuning=os.path.join(os.sep, "nonexistent", "t.sqlite"))
     tuned(*args)  # the module's own store lookup runs (and finds no store)
@@ -344,6 +359,8 @@ def _bad_calls(module, layer, rec):
         (args, {"chunk_size": 16, "config": {"chunk_size": 16}}),
         (args, {"config": {"nonsense": 1}, "backend": "torch", "form": "recurrent"}),
         (args, {"config": [16]}),  # not a dict
+        (args, {"config": {}}),  # empty
+        (args, {"form": "recurrent", "backend": "triton", "config": {"num_warps": "8"}}),  # not an integer
         (args, {"reverse": "yes"}),
         (args, {"output_final_state": "no"}),  # a truthy string is not True
         (args, {"form": "recurrent", "backend": "triton", "config": {"num_warps": 3}}),  # not a power of two
