@@ -1112,8 +1112,8 @@ def _config(k: Tensor, V: int, chunk_size, block_k, block_v, allow_tf32, delta: 
     # ieee dots run as FMA loops with whole operand rows in registers: narrower blocks (see _IEEE_LINEAR_BLOCK)
     ieee_linear = not allow_tf32 and not delta
     if block_k is None:
-        block_k = _pow2_at_least_16(K) if delta else min(_IEEE_LINEAR_BLOCK if ieee_linear else 64,
-                                                            _pow2_at_least_16(K))
+        widest = _IEEE_LINEAR_BLOCK if ieee_linear else 64
+        block_k = _pow2_at_least_16(K) if delta else min(widest, _pow2_at_least_16(K))
     _check_block("block_k", block_k)
     if block_v is None:
         kb = _delta_blocks(block_k)[0] if delta else block_k

@@ -3100,8 +3100,8 @@ def _triton_config(k: triton_Tensor, V: int, chunk_size, block_k, block_v, allow
     # ieee dots run as FMA loops with whole operand rows in registers: narrower blocks (see _triton_IEEE_LINEAR_BLOCK)
     ieee_linear = not allow_tf32 and not delta
     if block_k is None:
-        block_k = _triton_pow2_at_least_16(K) if delta else min(_triton_IEEE_LINEAR_BLOCK if ieee_linear else 64,
-                                                                   _triton_pow2_at_least_16(K))
+        widest = _triton_IEEE_LINEAR_BLOCK if ieee_linear else 64
+        block_k = _triton_pow2_at_least_16(K) if delta else min(widest, _triton_pow2_at_least_16(K))
     _triton_check_block("block_k", block_k)
     if block_v is None:
         kb = _triton_delta_blocks(block_k)[0] if delta else block_k
