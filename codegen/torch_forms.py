@@ -2201,10 +2201,9 @@ class TorchFormWriter:
                 self.a.ir.ranges)
             functions.insert(0, text)
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
-            done = self.prologue_checked
-            done = done | {a for a, v in aliases.items() if v in done}
             if self.prologue_checked:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
                 targets = ", ".join(v[0] for v in prologue) + ", unsafe_"
+                done = self.prologue_checked | {a for a, v in aliases.items() if v in self.prologue_checked}
                 for checked, logs in checks:
                     rest = [c for c in checked if c not in done]
                     old = f"_check_steps([{', '.join(checked)}], [{logs}])"
