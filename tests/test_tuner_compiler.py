@@ -148,7 +148,8 @@ def test_the_parallel_form_is_tuned_with_the_compilers_figures(tmp_path, monkeyp
                         candidates=[PARALLEL_SPILLING, PARALLEL_CLEAN])
     table = result.table()
     assert result.form == "parallel" and result.compiler["source"] == "compiler", table
-    assert result.space.default == {"block_t": 64, "block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
+    # float32 runs "ieee" dots, whose default query / key blocks are 16 rows (triton_parallel._PARALLEL_IEEE_BT)
+    assert result.space.default == {"block_t": 16, "block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
     by_key = {config_key(t.config): t for t in result.trials}
     assert set(by_key) == {config_key(result.space.default), config_key(PARALLEL_SPILLING),
                            config_key(PARALLEL_CLEAN)}, table
@@ -176,7 +177,7 @@ def test_the_parallel_form_is_tuned_with_the_compilers_figures(tmp_path, monkeyp
     assert rc == 0
     (cli,) = out["results"]
     assert (cli["form"], cli["backend"]) == ("parallel", "triton")
-    assert cli["default"] == {"block_t": 32, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 2}
+    assert cli["default"] == {"block_t": 16, "block_k": 16, "block_v": 16, "num_warps": 4, "num_stages": 2}
     timed = [t for t in cli["trials"] if t["median_ms"] is not None]
     assert timed and all(t["figures"]["spill_bytes"] == 0 and t["figures"]["registers"] > 0 for t in timed)
     # the torch backend's parallel form has nothing to tune: skipped, not an error
