@@ -194,7 +194,7 @@ class Layer:
         the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
-        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+        resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
         return {"backend": backend, "form": resolved, "chunk_size": chunk,
                 "config": dict(options.get(resolved, {})), "source": source, "why": why}
 
@@ -234,7 +234,7 @@ class Layer:
         elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
             source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
         else:
-            resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+            resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
             config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py
                                            CONFIG_KEYS.get((resolved, backend)),
                                            None if self.tuning is True else self.tuning)
@@ -248,7 +248,7 @@ class Layer:
             chunk = config.get("chunk_size", chunk)
             if form == "auto" and source == "call" and call.cu_seqlens is None:
                 picks = chunk if isinstance(chunk, int) and chunk >= 1 else 1  # (a bad chunk_size is named below)
-                runs = pick_form(tuple(fns), call.length, picks)  # noqa: F821
+                runs = self._auto_form(call, fns, picks, backend)
                 blocks = [k for k in config if k != "chunk_size"]
                 if blocks and not set(shares.get(runs, {})) - {"chunk_size"}:
                     takers = [f for f, share in shares.items() if set(share) - {"chunk_size"}]
@@ -261,6 +261,14 @@ class Layer:
         if why:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
+
+    def _auto_form(self, call, fns: dict, chunk: int, backend: str) -> str:
+        """The form "auto" runs for the whole of `call` (one sequence length: packed sequences pick per length)."""
+        held = 0
+        if backend == "triton":  # (the Triton scan form's held tensors: `pick_form`)
+            held = scan_held_bytes(self.recurrence, call, call.length,  # noqa: F821 - from dispatch.py
+                                   1 if call.cu_seqlens is not None else call.num_sequences)
+        return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
 
     @staticmethod
     def _chunks(call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
@@ -632,5 +640,5 @@ if "bind_call" not in globals():  # imported as a package module rather than cop
     from recurrence_dsl.calling import bind_call, pack_result  # noqa: E402, F401
     from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
-    from .dispatch import compute_dtype, pick_form, run_forms, triton_options  # noqa: E402, F401
+    from .dispatch import compute_dtype, pick_form, run_forms, scan_held_bytes, triton_options  # noqa: E402, F401
     from .tuning import tuning_lookup  # noqa: E402, F401

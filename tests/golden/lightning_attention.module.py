@@ -524,16 +524,54 @@ class _NotTwice(torch.autograd.Function):
 BATCHED_ROWS = 8
 
 
-def pick_form(forms, length: int, chunk_size: int, rows: int = 1) -> str:
+# Bytes of per-step state tensors the Triton scan form may keep for its backward before "auto" runs the Triton
+# recurrent form instead. The scan writes each state element's decay a, injection b and value s for every step
+# (float32 [B, T, H, *state]) and its backward reads them back; the recurrent kernels compute a and b in registers
+# from the inputs and keep only chunk checkpoints of the state. For Mamba-1 (h[D, N] from inputs of D and N
+# numbers) that is 3 * D * N against 3 * D + 2 * N numbers a step: at B=2, T=1024, H=4, D=128, N=16 a training
+# step allocates 1,072 MB through the scan and 38 MB through the recurrent kernels (`recdsl kernels --json`), as
+# mamba_ssm's selective scan keeps only its inputs and checkpoints. The limit is a memory bound, not a measured
+# crossover in time (no GPU run has compared the two yet); set RECURRENCE_DSL_SCAN_BYTES to move it (0: never
+# the scan when the recurrent form exists).
+SCAN_BYTES = "RECURRENCE_DSL_SCAN_BYTES"
+SCAN_HELD_BYTES = 256 << 20
+
+
+def scan_held_bytes(spec, call, length: int, rows: int) -> int:
+    """Bytes of the float32 [rows, length, H, *state] decays, injections and states the Triton scan form keeps for
+    a call of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`)."""
+    elements = sum(math.prod(call.dims(s)) for s in spec.states)
+    return 3 * 4 * rows * length * call.heads * elements
+
+
+def scan_bytes_limit() -> int:
+    """`SCAN_HELD_BYTES`, or the environment's RECURRENCE_DSL_SCAN_BYTES (a byte count, >= 0)."""
+    given = os.environ.get(SCAN_BYTES, "").strip()
+    if not given:
+        return SCAN_HELD_BYTES
+    try:
+        limit = int(given)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"{SCAN_BYTES}={given!r}: expected a byte count >= 0")
+    return limit
+
+
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: int = 0) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
-    packed sequences of that length run together (`_run_packed`)."""
+    packed sequences of that length run together (`_run_packed`); scan_bytes: what the scan form would keep for
+    its backward (`scan_held_bytes`, given on the Triton backend): past `scan_bytes_limit()` the recurrent form
+    runs where the recurrence has one."""
     if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
         return "parallel"
     if "chunked" in forms:
         return "chunked"
-    return "scan" if "scan" in forms else "recurrent"
+    if "scan" not in forms:
+        return "recurrent"
+    return "recurrent" if "recurrent" in forms and scan_bytes > scan_bytes_limit() else "scan"
 
 
 def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
@@ -600,7 +638,13 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         call_form = in_grid_pieces(call_form, call.heads, chunk_size)
 
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
-        chosen = pick_form(tuple(form_fns), length, chunk_size, rows) if form == "auto" else form
+        if form == "auto":
+            held = 0
+            if backend == "triton" and piece:
+                held = scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0])
+            chosen = pick_form(tuple(form_fns), length, chunk_size, rows, held)
+        else:
+            chosen = form
         try:
             return call_form(chosen, piece, piece_states, length)
         except DecayNotPositive:
@@ -805,12 +849,13 @@ def takes_no_initial_state(fn):
     return fn
 
 
-def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
+def packed_form(form_fns, form: str, call, chunk_size: int, spec=None) -> str | None:
     """The form that runs every packed sequence of `call` in one call (`takes_cu_seqlens`), or None (the batches by
     length then run): `form` itself, or under "auto" the chunked form where it takes cu_seqlens, else what
     `pick_form` picks among the forms that do for the longest sequence, all N sequences counted as rows. "auto"
     keeps the chunked form even where the parallel one also takes cu_seqlens and the longest sequence fits
-    `pick_form`'s parallel rule: no GPU measurement says the packed parallel kernels are faster there."""
+    `pick_form`'s parallel rule: no GPU measurement says the packed parallel kernels are faster there. spec: the
+    recurrence, for the scan form's held bytes (only Triton forms take cu_seqlens)."""
     if call.length == 0:
         return None
     packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
@@ -819,7 +864,9 @@ def packed_form(form_fns, form: str, call, chunk_size: int) -> str | None:
     if not packed or "chunked" in packed:
         return "chunked" if packed else None
     lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
-    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths))
+    # (the packed kernels keep every sequence's steps: the packed length, as one row)
+    held = scan_held_bytes(spec, call, call.length, 1) if spec is not None else 0
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths), held)
 
 
 def _run_packed_form(chosen, form, call, inputs, states, call_form):
@@ -867,7 +914,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
     batches (`length_groups`), each of which "auto" gives the form it would give one sequence of its length."""
     cu = call.cu_seqlens
     dtype = compute_dtype(call.dtype)
-    chosen = packed_form(form_fns, form, call, chunk_size)
+    chosen = packed_form(form_fns, form, call, chunk_size, spec)
     if chosen is not None:
         done = form_fns[chosen].run_packed(chosen, form, call, inputs, states, call_form)
         if done is None and chosen != "recurrent" and form == "auto" and packed_form(form_fns, "recurrent", call,
@@ -1462,7 +1509,7 @@ class Layer:
         the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
-        resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+        resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
         return {"backend": backend, "form": resolved, "chunk_size": chunk,
                 "config": dict(options.get(resolved, {})), "source": source, "why": why}
 
@@ -1502,7 +1549,7 @@ class Layer:
         elif torch.compiler.is_compiling():  # file access cannot be traced: see codegen/tuning.py
             source, reason = "default", "torch.compile is tracing: the store is not read (pass chunk_size=)"
         else:
-            resolved = form if form != "auto" else pick_form(tuple(fns), call.length, chunk)  # noqa: F821
+            resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
             config, reason = tuning_lookup(self, call, resolved, backend,  # noqa: F821 - from tuning.py
                                            CONFIG_KEYS.get((resolved, backend)),
                                            None if self.tuning is True else self.tuning)
@@ -1516,7 +1563,7 @@ class Layer:
             chunk = config.get("chunk_size", chunk)
             if form == "auto" and source == "call" and call.cu_seqlens is None:
                 picks = chunk if isinstance(chunk, int) and chunk >= 1 else 1  # (a bad chunk_size is named below)
-                runs = pick_form(tuple(fns), call.length, picks)  # noqa: F821
+                runs = self._auto_form(call, fns, picks, backend)
                 blocks = [k for k in config if k != "chunk_size"]
                 if blocks and not set(shares.get(runs, {})) - {"chunk_size"}:
                     takers = [f for f, share in shares.items() if set(share) - {"chunk_size"}]
@@ -1529,6 +1576,14 @@ class Layer:
         if why:
             raise CallError(why)  # noqa: F821
         return backend, fns, form, chunk, options, source, reason
+
+    def _auto_form(self, call, fns: dict, chunk: int, backend: str) -> str:
+        """The form "auto" runs for the whole of `call` (one sequence length: packed sequences pick per length)."""
+        held = 0
+        if backend == "triton":  # (the Triton scan form's held tensors: `pick_form`)
+            held = scan_held_bytes(self.recurrence, call, call.length,  # noqa: F821 - from dispatch.py
+                                   1 if call.cu_seqlens is not None else call.num_sequences)
+        return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
 
     @staticmethod
     def _chunks(call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
