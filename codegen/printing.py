@@ -8,6 +8,7 @@ import builtins
 import keyword
 import math
 import re
+import textwrap
 
 import sympy
 
@@ -113,6 +114,12 @@ class SourceWriter:
 
     def __call__(self, line: str = "", indent: int = 1) -> None:
         self.lines.append(("    " * indent + line) if line else "")
+
+    def doc(self, text: str, indent: int = 1, width: int = 120) -> None:
+        """A docstring `text` (without its quotes), wrapped at `width` columns."""
+        pad = "    " * indent
+        for line in textwrap.wrap(f'"""{text}"""', width - len(pad), break_long_words=False, break_on_hyphens=False):
+            self(line, indent)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

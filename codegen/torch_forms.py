@@ -1826,11 +1826,11 @@ class TorchFormWriter:
         w("@triton.jit", 0)
         w(f"def {kernel}({', '.join(args + [v[0] for v in fields])}, unsafe, BT_, H_, T_{size_args}, "
           f"BLOCK_R: tl.constexpr{blocks}):", 0)
-        w(f'"""{what}, step by step: its values {", ".join(shape_of(v[0]) for v in fields)} of '
-          f"{', '.join(shape_of(p) for p in args)}, on BLOCK_R rows (b, t) of one head, in float32, each stored "
-          "once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): "
-          "lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value "
-          '> 0, the check `_check_steps` makes, done here so that no value is read again for it."""')
+        w.doc(f'{what}, step by step: its values {", ".join(shape_of(v[0]) for v in fields)} of '
+              f"{', '.join(shape_of(p) for p in args)}, on BLOCK_R rows (b, t) of one head, in float32, each stored "
+              "once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on "
+              "entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold "
+              "NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it.")
         for line in head + fwd_body[0]:
             w(line)
         w("b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)")
@@ -1857,10 +1857,9 @@ class TorchFormWriter:
         w("@triton.jit", 0)
         w(f"def {kernel_vjp}({', '.join(args + field_grads + grad_outs)}, BT_, H_{size_args}, BLOCK_R: tl.constexpr"
           f"{blocks}):", 0)
-        w(f'"""The gradients of {", ".join(args)} from those of the values (sympy\'s derivatives, those {vjp} '
-          "prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's "
-          "summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."
-          '"""')
+        w.doc(f'The gradients of {", ".join(args)} from those of the values (sympy\'s derivatives, those {vjp} '
+              "prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's "
+              "summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts.")
         for line in head + vjp_body[0]:
             w(line)
         for p, kind, *_ in outs:

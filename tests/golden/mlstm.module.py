@@ -5408,7 +5408,11 @@ def mlstm__scan_triton(q, k, v, ig, fg, states, K, V, cu_seqlens=None, **options
 
 @triton.jit
 def mlstm__chunked_prologue_triton_kernel(ig, fg, v_step_C, log_decay_C, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_step_C [B, T, H], log_decay_C [B, T, H] of ig [B, T, H], fg [B, T, H], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_step_C [B, T, H],
+    log_decay_C [B, T, H] of ig [B, T, H], fg [B, T, H], on BLOCK_R rows (b, t) of one head, in float32, each stored
+    once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to
+    the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check
+    `_check_steps` makes, done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     b_first = tl.zeros([], dtype=tl.int32) + T_  # the first unsafe step of this program's rows (T: none)
     for i in range(BLOCK_R):
@@ -5428,7 +5432,9 @@ def mlstm__chunked_prologue_triton_kernel(ig, fg, v_step_C, log_decay_C, unsafe,
 
 @triton.jit
 def mlstm__chunked_prologue_triton_vjp_kernel(ig, fg, grad_v_step_C, grad_log_decay_C, d_ig, d_fg, BT_, H_, K, V, BLOCK_R: tl.constexpr):
-    """The gradients of ig, fg from those of the values (sympy's derivatives, those mlstm__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    """The gradients of ig, fg from those of the values (sympy's derivatives, those mlstm__chunked_prologue_vjp_triton
+    prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over
+    the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     for i in range(BLOCK_R):
         bt = i_r * BLOCK_R + i

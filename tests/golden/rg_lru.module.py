@@ -5635,7 +5635,11 @@ def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
 
 @triton.jit
 def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, unsafe, BT_, H_, T_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h [B, T, H, D], log_decay_h [B, T, H, D] of x [B, T, H, D], gr [B, T, H, D], gi [B, T, H, D], lam [H, D], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values v_h [B, T, H, D],
+    log_decay_h [B, T, H, D] of x [B, T, H, D], gr [B, T, H, D], gi [B, T, H, D], lam [H, D], on BLOCK_R rows (b, t) of
+    one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1]
+    int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN
+    or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D
@@ -5660,7 +5664,10 @@ def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, uns
 
 @triton.jit
 def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_log_decay_h, d_x, d_gr, d_gi, d_lam, BT_, H_, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The gradients of x, gr, gi, lam from those of the values (sympy's derivatives, those rg_lru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    """The gradients of x, gr, gi, lam from those of the values (sympy's derivatives, those
+    rg_lru__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in
+    its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32
+    parts."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_D = tl.arange(0, BLOCK_D)
     mask_D = offs_D < D

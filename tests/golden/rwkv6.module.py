@@ -5844,7 +5844,11 @@ def rwkv6__scan_triton(r, k, v, w, u, states, K, V, cu_seqlens=None, **options):
 
 @triton.jit
 def rwkv6__chunked_prologue_triton_kernel(r, k, u, skip_weight_S, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values skip_weight_S [B, T, H] of r [B, T, H, K], k [B, T, H, K], u [H, K], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values skip_weight_S [B, T, H]
+    of r [B, T, H, K], k [B, T, H, K], u [H, K], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its
+    own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step
+    t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes,
+    done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
@@ -5865,7 +5869,9 @@ def rwkv6__chunked_prologue_triton_kernel(r, k, u, skip_weight_S, unsafe, BT_, H
 
 @triton.jit
 def rwkv6__chunked_prologue_triton_vjp_kernel(r, k, u, grad_skip_weight_S, d_r, d_k, d_u, BT_, H_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The gradients of r, k, u from those of the values (sympy's derivatives, those rwkv6__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    """The gradients of r, k, u from those of the values (sympy's derivatives, those rwkv6__chunked_prologue_vjp_triton
+    prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over
+    the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K

@@ -4183,7 +4183,11 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
 
 @triton.jit
 def rwkv7__chunked_prologue_triton_kernel(r, k, kk, a, u, skip_weight_S, b_S, unsafe, BT_, H_, T_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The chunked form's prologue: the tensors its runtime receives, step by step: its values skip_weight_S [B, T, H], b_S [B, T, H, K] of r [B, T, H, K], k [B, T, H, K], kk [B, T, H, K], a [B, T, H, K], u [H, K], on BLOCK_R rows (b, t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries. unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
+    """The chunked form's prologue: the tensors its runtime receives, step by step: its values skip_weight_S [B, T, H],
+    b_S [B, T, H, K] of r [B, T, H, K], k [B, T, H, K], kk [B, T, H, K], a [B, T, H, K], u [H, K], on BLOCK_R rows (b,
+    t) of one head, in float32, each stored once in its own dtype: none of the torch prologue's per-op temporaries.
+    unsafe [1] int32 (T on entry): lowered to the first step t whose values hold a non-finite number or whose log decays
+    hold NaN or a value > 0, the check `_check_steps` makes, done here so that no value is read again for it."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
@@ -4208,7 +4212,10 @@ def rwkv7__chunked_prologue_triton_kernel(r, k, kk, a, u, skip_weight_S, b_S, un
 
 @triton.jit
 def rwkv7__chunked_prologue_triton_vjp_kernel(r, k, kk, a, u, grad_skip_weight_S, grad_b_S, d_r, d_k, d_kk, d_a, d_u, BT_, H_, K, V, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The gradients of r, k, kk, a, u from those of the values (sympy's derivatives, those rwkv7__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32 parts."""
+    """The gradients of r, k, kk, a, u from those of the values (sympy's derivatives, those
+    rwkv7__chunked_prologue_vjp_triton prints for torch), in float32 on the forward's blocks: an input's stored once in
+    its dtype, a param's summed over the block's rows into row i_r of its [cdiv(B * T, BLOCK_R), H, ...] float32
+    parts."""
     i_h, i_r = tl.program_id(0), tl.program_id(1)  # a head, a block of BLOCK_R rows (b, t)
     offs_K = tl.arange(0, BLOCK_K)
     mask_K = offs_K < K
