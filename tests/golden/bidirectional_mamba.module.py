@@ -1484,11 +1484,27 @@ class Layer:
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
         (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
-        call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
-        backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
         if compiling:
+            call = bind_call(self.recurrence, args, kwargs, check_values=False)  # noqa: F821 - calling.py
+            backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
             return self._through_op(call, form, backend, chunk, options)
-        return self._run(call, form, backend, chunk, options)
+        try:
+            call = bind_call(self.recurrence, args, kwargs)  # noqa: F821
+            backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+            return self._run(call, form, backend, chunk, options)
+        except RuntimeError as err:
+            if not _functorch_active():
+                raise
+            # torch.func's transforms meet the forms' autograd.Functions (no setup_context) or a host read of a
+            # value (vmap: the call's checks, a form's step check); under grad, torch's own error names neither.
+            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CallError(  # noqa: F821
+                f"{self.name}: torch.func transforms (grad, vjp, jacrev, jvp, vmap) are not supported here: the "
+                "forms' backwards are torch.autograd.Functions without functorch rules, and a call reads values on "
+                "the host. Take gradients with torch.autograd.grad or .backward() and batch along the batch axis; "
+                "or, for torch.func.grad, run backend='torch', form='recurrent' with "
+                "RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop, "
+                f"which torch.func differentiates). (torch: {said[:200]})") from None
 
     def _run(self, call, form: str, backend: str, chunk: int, options: dict):
         """Run a planned call through the forms (options: form name -> that form's keyword arguments)."""
@@ -1687,6 +1703,12 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running (a private torch query; False where it is gone)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 # ----------------------------------------------------------------------------------------------------------------
