@@ -101,8 +101,11 @@ def test_a_meta_call_gives_meta_outputs_of_the_shapes_a_real_call_gives(gla):
         layer(*[a[:1] for a in args], cu_seqlens=torch.tensor([0, 15, 40], device="meta"))
     with pytest.raises(recurrence_dsl.CallError, match="input 'k' is on cpu but 'q' is on meta"):
         layer(meta[0], *args[1:])
-    with pytest.raises(recurrence_dsl.CallError, match="got meta tensors: use backend='torch'"):
-        layer(*meta, backend="triton")
+    # a layer built for the Triton backend infers shapes on meta too (no kernel runs for a meta call)
+    out, final = layer(*meta, backend="triton", form="chunked", output_final_state=True)
+    assert (out.device.type, out.shape, final.shape) == ("meta", real.shape, real_final.shape)
+    with pytest.raises(recurrence_dsl.CallError, match="config key 'blok_v' is not a key of the chunked form"):
+        layer(*meta, backend="triton", form="chunked", config={"blok_v": 16})  # the call's checks still run
 
 
 def test_a_module_built_on_the_meta_device_runs_forward_and_backward():

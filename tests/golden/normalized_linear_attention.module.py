@@ -1527,7 +1527,7 @@ class Layer:
         if backend == "triton":
             if self.triton_forms is None:
                 raise CallError(_NEEDS_TRITON)  # noqa: F821
-            if not _runs_triton(call.device):
+            if not _runs_triton(call.device) and call.device.type != "meta":  # (meta: shapes only, any backend)
                 raise CallError(f"backend='triton' runs CUDA tensors, or CPU tensors in Triton's interpreter "  # noqa: F821
                                 f"(TRITON_INTERPRET=1 set before triton is imported); got {call.device.type} "
                                 "tensors: use backend='torch' (or 'auto')")
