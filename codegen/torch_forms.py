@@ -298,6 +298,52 @@ class TorchFormWriter:
         out.update(self._epilogue_of(view, s, plan, printer) or {})
         return out
 
+    def _value_columns(self, view, s, sa, k_expr, fuse, merged: dict) -> list[tuple[str, list]]:
+        """The later states that run in state `s`'s chunked call as extra value columns: (name, pairs) for each
+        state n with no value axis (mLSTM's normaliser n[K] beside C[K, V], normalised attention's z beside S) whose
+        class, decay (same expression over the renamed key index) and queries are s's and whose injection
+        k_n[i] is k_s[i] times s's per-step factor v_step (when fused): s's injection with its value replaced by 1.
+        Then C' = [C | n] is one linear recurrence over V + 1 columns, fed v' = [v, 1] (the hand-written kernels'
+        normaliser column), and its readouts and final state split back. pairs: (n's readout, s's readout of the
+        same query) for each of n's readouts. Only the linear classes (identity, scalar, key decay) qualify: a
+        value decay is per column and a delta rule's step reads the whole state."""
+        plan = sa.chunk
+        linear = (TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW)
+        if (self.checkpoints or plan.v is None or plan.pair or s.name in view.transposed or view.lifted.get(s.name)
+                or sa.cls not in linear or plan.decay_axis == "value" or not plan.readouts):
+            return []
+        factor = fuse["v_step_expr"] if fuse and fuse.get("v_step") else sympy.Integer(1)
+        names = [x.name for x in self.rec.states]
+        found = []
+        for other in names[names.index(s.name) + 1:]:
+            oa = view.states[other]
+            op = oa.chunk
+            if (other in merged or oa.cls is not sa.cls or op.v is not None or op.pair or other in view.transposed
+                    or view.lifted.get(other) or op.decay_axis != plan.decay_axis
+                    or op.decay_exact != plan.decay_exact or len(op.k.indices) != len(plan.k.indices)
+                    or not op.readouts):
+                continue
+            rename = dict(zip(op.k.indices, plan.k.indices))
+            if (op.log_decay is None) != (plan.log_decay is None) or (op.log_decay is not None and (
+                    op.log_decay.expr.xreplace(rename) != plan.log_decay.expr
+                    or tuple(rename.get(i, i) for i in op.log_decay.indices) != tuple(plan.log_decay.indices))):
+                continue
+            # Only a ratio of exactly 1: a column c = 1 / a (n's k without a factor a of s's) would be inf * 0 where
+            # a = 0, and the calls apart are finite there.
+            if sympy.simplify(op.k.expr.xreplace(rename) - k_expr * factor) != 0:
+                continue
+            pairs = []
+            for r in op.readouts:
+                for r2 in plan.readouts:
+                    qmap = dict(zip(r.query.indices, r2.query.indices))
+                    if (r.exclusive == r2.exclusive and len(r.query.indices) == len(r2.query.indices)
+                            and r.query.expr.xreplace(qmap) == r2.query.expr):
+                        pairs.append((r, r2))
+                        break
+            if len(pairs) == len(op.readouts):
+                found.append((other, pairs))
+        return found
+
     def _epilogue_of(self, view, s, plan, printer) -> dict | None:
         """The readout's epilogue the kernels can apply for state `s` (`triton_runtime._Fused`): {"out" (the
         output's name), "scale" (printed, or None for 1), "skip" and "skip_weight" or "skip_weight_expr" (an
@@ -2004,7 +2050,10 @@ class TorchFormWriter:
             prologue.append((name, expr, tuple(indices), tuple(dims), comment))
             if after:
                 w(f"{name} = {name}{after}")
+        merged: dict[str, str] = {}  # a state run as value columns of another's call -> that state
         for s in self.rec.states:
+            if s.name in merged:  # its readouts and final state were split off merged[s.name]'s call
+                continue
             sa = view.states[s.name]
             plan = sa.chunk
             dims = sa.dims
@@ -2066,6 +2115,28 @@ class TorchFormWriter:
             else:
                 w(f"v_{s.name} = k_{s.name}.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1")
                 state = f"states['{s.name}'][..., None]"
+            vname = f"v_{s.name}"
+            columns = self._value_columns(view, s, sa, k_expr, fuse, merged)
+            if columns:
+                # One call for s and its partners (C' = [C | n], v' = [v, 1]): the intra-chunk scores q k^T, the
+                # decays' cumsums and the chunk loop are shared instead of recomputed for one value column each.
+                # Zero columns round the width up to a multiple of 16: at V + 1 = 129 the kernels' rows lose the
+                # alignment of their vector loads (compile report on sm_90: 255 registers and a spill in the
+                # backward at K = V = 128 bfloat16, none at 144 columns); zero columns stay zero.
+                width = self._dim(dims[-1])
+                w(f"pad_ = -({width} + {len(columns)}) % 16  # zero columns: a width of a multiple of 16")
+                parts, starts = [vname], [state]
+                for other, _ in columns:
+                    merged[other] = s.name
+                    w(f"# state {other} ({self.cite[other]}): {s.name}'s decay, keys and queries, its injection "
+                      f"{s.name}'s with the value replaced by 1: one more value column of {s.name}'s call")
+                    parts.append(f"{vname}.new_ones(B_, T_, H_, 1)")
+                    starts.append(f"states['{other}'][..., None]")
+                parts.append(f"{vname}.new_zeros(B_, T_, H_, pad_)")
+                starts.append(f"{state}.new_zeros((*{state}.shape[:-1], pad_))")
+                vname = f"v_{'_'.join([s.name] + [c[0] for c in columns])}"
+                w(f"{vname} = torch.cat([{', '.join(parts)}], dim=-1)  # [B, T, H, {dims[-1]} + {len(columns)} + pad_]")
+                state = f"torch.cat([{', '.join(starts)}], dim=-1)"
             lift = view.lifted.get(s.name)
             if lift:
                 # held with a leading key axis of size 1: a count n as n[1], a vector read elementwise as h[1, D]
@@ -2099,7 +2170,7 @@ class TorchFormWriter:
                 queries.append(f"(query_{readout_names[r.name]}, {r.exclusive})")
             if q_map:
                 fused_args += f", q_map=({helper}, {helper}_vjp)"
-            checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", f"v_{s.name}"]
+            checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", vname]
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
                 checked += [f"a_{s.name}", f"b_{s.name}"]
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
@@ -2149,13 +2220,35 @@ class TorchFormWriter:
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 w(check)
-                w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
+                w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, {vname}, "
                   f"{decay}, "
                   f"initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, output_final_state=True"
                   f"{fused_args}"
                   f"{self._options_arg})")
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
+            if columns:
+                # split, not slices: its backward is one cat of the parts' gradients (zeros for the unused parts),
+                # where each slice's would be a zero tensor of all the columns, then summed with the others'
+                sizes = ", ".join([width] + ["1"] * len(columns) + ["pad_"])
+                parts = ", ".join([f"final_{s.name}"] + [f"final_{other}" for other, _ in columns] + ["_"])
+                w(f"{parts} = final_{s.name}.split([{sizes}], dim=-1)  # {s.name}'s columns, "
+                  f"{', '.join(other for other, _ in columns)}'s, the zeros")
+                for other, pairs in columns:
+                    for m, (r, _) in enumerate(pairs):
+                        readout_names[r.name] = f"read_{other}" + (f"_{m + 1}" if m else "")
+                for r2 in plan.readouts:
+                    # each partner's readouts of r2's query: the first takes its column, any other is the same tensor
+                    mine = [[r for r, rs in pairs if rs is r2] for _, pairs in columns]
+                    names = [readout_names[r2.name]] + [readout_names[m[0].name] if m else "_" for m in mine]
+                    w(f"{', '.join(names + ['_'])} = {readout_names[r2.name]}.split([{sizes}], dim=-1)")
+                    for m in mine:
+                        if m:
+                            w(f"{readout_names[m[0].name]} = {readout_names[m[0].name]}.squeeze(-1)")
+                        for r in m[1:]:
+                            w(f"{readout_names[r.name]} = {readout_names[m[0].name]}")
+                for other, _ in columns:
+                    w(f"final_{other} = final_{other}.squeeze(-1)")
             if s.name in view.transposed:
                 w(f"final_{s.name} = final_{s.name}.transpose(-1, -2)")
             if plan.pair:

@@ -4677,14 +4677,14 @@ def based__chunked_prologue_vjp(q, k, grad_k_S0, grad_query_read_S0, grad_k_S2, 
 based__chunked_prologue = with_vjp(based__chunked_prologue_fwd, based__chunked_prologue_vjp, 2)
 
 
-def based__chunked_epilogue_fwd(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V):
+def based__chunked_epilogue_fwd(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, K, V):
     """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))
     return o,
 
 
-def based__chunked_epilogue_vjp(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, grad_o, K, V):
+def based__chunked_epilogue_vjp(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, grad_o, K, V):
     """The vector-Jacobian product of based__chunked_epilogue_fwd, from sympy's derivatives of its expressions:
     the gradient of each argument (None where it is not differentiable) from those of its values; a param's
     summed over B and T."""
@@ -4693,12 +4693,12 @@ def based__chunked_epilogue_vjp(read_S0, read_S1, read_S2, read_z0, read_z1, rea
     sum_read_S1_read_S2_read_S0_grad_o = torch.broadcast_to(((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) * grad_o).sum(dim=-1), (B_, T_, H_))  # used more than once
     grad_read_S0 = torch.broadcast_to(grad_o / add_read_z1_read_z2_read_z0_q[..., None], read_S0.shape)
     grad_read_S1 = torch.broadcast_to(1.0 / add_read_z1_read_z2_read_z0_q[..., None] / (K**0.5) * grad_o, read_S1.shape)
+    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
     grad_read_S2 = torch.broadcast_to(1.0 / 2.0 / add_read_z1_read_z2_read_z0_q[..., None] / K * grad_o, read_S2.shape)
     grad_read_z0 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0), read_z0.shape)
-    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
     grad_read_z2 = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * q / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, read_z2.shape)
     grad_q = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * read_z2 / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, q.shape)
-    return grad_read_S0, grad_read_S1, grad_read_S2, grad_read_z0, grad_read_z1, grad_read_z2, grad_q
+    return grad_read_S0, grad_read_S1, grad_read_z1, grad_read_S2, grad_read_z0, grad_read_z2, grad_q
 
 
 based__chunked_epilogue = with_vjp(based__chunked_epilogue_fwd, based__chunked_epilogue_vjp, 7)
@@ -4718,9 +4718,16 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
     k_S1 = k  # based.rec:17
     v_S1 = v  # based.rec:17
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state z1 (based.rec:20): S1's decay, keys and queries, its injection S1's with the value replaced by 1: one more value column of S1's call
+    v_S1_z1 = torch.cat([v_S1, v_S1.new_ones(B_, T_, H_, 1), v_S1.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
     query_read_S1 = q  # based.rec:22,23,24
-    _check_steps([query_read_S1, k_S1, v_S1], [])
-    (read_S1,), final_S1 = chunked_linear_by(NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True)
+    _check_steps([query_read_S1, k_S1, v_S1_z1], [])
+    (read_S1,), final_S1 = chunked_linear_by(NoDecay, [(query_read_S1, False)], k_S1, v_S1_z1, None, initial_state=None if states['S1'] is None else torch.cat([states['S1'], states['z1'][..., None], states['S1'].new_zeros((*states['S1'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True)
+    final_S1, final_z1, _ = final_S1.split([V, 1, pad_], dim=-1)  # S1's columns, z1's, the zeros
+    read_S1, read_z1, _ = read_S1.split([V, 1, pad_], dim=-1)
+    read_z1 = read_z1.squeeze(-1)
+    final_z1 = final_z1.squeeze(-1)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
     k_S2 = k_S2.flatten(-2)
@@ -4739,21 +4746,13 @@ def based__chunked(q, k, v, states, K, V, chunk_size=64):
     final_z0 = final_z0[..., 0]
     read_z0 = read_z0[..., 0]
     final_z0 = final_z0[..., 0]  # without the size-1 key axis
-    # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
-    k_z1 = k  # based.rec:20
-    v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = q  # based.rec:22,23,24
-    _check_steps([query_read_z1, k_z1, v_z1], [])
-    (read_z1,), final_z1 = chunked_linear_by(NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=None if states['z1'] is None else states['z1'][..., None], chunk_size=chunk_size, output_final_state=True)
-    final_z1 = final_z1[..., 0]
-    read_z1 = read_z1[..., 0]
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
     k_z2 = k  # based.rec:21
     v_z2 = k  # based.rec:21
     query_read_z2 = q  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = chunked_linear_by(NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True)
-    o, = based__chunked_epilogue(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V)  # based.rec:22,23,24
+    o, = based__chunked_epilogue(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 
@@ -5172,14 +5171,14 @@ def based__chunked_prologue_vjp_triton(q, k, grad_k_S0, grad_query_read_S0, grad
 based__chunked_prologue_triton = with_vjp(based__chunked_prologue_fwd_triton, based__chunked_prologue_vjp_triton, 2)
 
 
-def based__chunked_epilogue_fwd_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V):
+def based__chunked_epilogue_fwd_triton(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, K, V):
     """The chunked form's epilogue: its outputs from the runtime's readouts; inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = q.shape[:3]
     o = torch.broadcast_to((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) / (read_z0[..., None] + read_z1[..., None] / (K**0.5) + ((read_z2 / 2.0 / K) * q).sum(dim=-1)[..., None]), (B_, T_, H_, V))
     return o,
 
 
-def based__chunked_epilogue_vjp_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, grad_o, K, V):
+def based__chunked_epilogue_vjp_triton(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, grad_o, K, V):
     """The vector-Jacobian product of based__chunked_epilogue_fwd_triton, from sympy's derivatives of its expressions:
     the gradient of each argument (None where it is not differentiable) from those of its values; a param's
     summed over B and T."""
@@ -5188,12 +5187,12 @@ def based__chunked_epilogue_vjp_triton(read_S0, read_S1, read_S2, read_z0, read_
     sum_read_S1_read_S2_read_S0_grad_o = torch.broadcast_to(((read_S1 / (K**0.5) + read_S2 / 2.0 / K + read_S0) * grad_o).sum(dim=-1), (B_, T_, H_))  # used more than once
     grad_read_S0 = torch.broadcast_to(grad_o / add_read_z1_read_z2_read_z0_q[..., None], read_S0.shape)
     grad_read_S1 = torch.broadcast_to(1.0 / add_read_z1_read_z2_read_z0_q[..., None] / (K**0.5) * grad_o, read_S1.shape)
+    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
     grad_read_S2 = torch.broadcast_to(1.0 / 2.0 / add_read_z1_read_z2_read_z0_q[..., None] / K * grad_o, read_S2.shape)
     grad_read_z0 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0), read_z0.shape)
-    grad_read_z1 = torch.broadcast_to(-(sum_read_S1_read_S2_read_S0_grad_o / add_read_z1_read_z2_read_z0_q ** 2.0 / (K**0.5)), read_z1.shape)
     grad_read_z2 = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * q / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, read_z2.shape)
     grad_q = torch.broadcast_to((-0.5) * sum_read_S1_read_S2_read_S0_grad_o[..., None] / K * read_z2 / add_read_z1_read_z2_read_z0_q[..., None] ** 2.0, q.shape)
-    return grad_read_S0, grad_read_S1, grad_read_S2, grad_read_z0, grad_read_z1, grad_read_z2, grad_q
+    return grad_read_S0, grad_read_S1, grad_read_z1, grad_read_S2, grad_read_z0, grad_read_z2, grad_q
 
 
 based__chunked_epilogue_triton = with_vjp(based__chunked_epilogue_fwd_triton, based__chunked_epilogue_vjp_triton, 7)
@@ -5213,9 +5212,16 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     # state S1 (based.rec:17): identity; S1 is carried unchanged plus an injection
     k_S1 = k  # based.rec:17
     v_S1 = v  # based.rec:17
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state z1 (based.rec:20): S1's decay, keys and queries, its injection S1's with the value replaced by 1: one more value column of S1's call
+    v_S1_z1 = torch.cat([v_S1, v_S1.new_ones(B_, T_, H_, 1), v_S1.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
     query_read_S1 = q  # based.rec:22,23,24
-    _check_steps([query_read_S1, k_S1, v_S1], [])
-    (read_S1,), final_S1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S1, False)], k_S1, v_S1, None, initial_state=states['S1'], chunk_size=chunk_size, output_final_state=True, **options)
+    _check_steps([query_read_S1, k_S1, v_S1_z1], [])
+    (read_S1,), final_S1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_S1, False)], k_S1, v_S1_z1, None, initial_state=None if states['S1'] is None else torch.cat([states['S1'], states['z1'][..., None], states['S1'].new_zeros((*states['S1'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True, **options)
+    final_S1, final_z1, _ = final_S1.split([V, 1, pad_], dim=-1)  # S1's columns, z1's, the zeros
+    read_S1, read_z1, _ = read_S1.split([V, 1, pad_], dim=-1)
+    read_z1 = read_z1.squeeze(-1)
+    final_z1 = final_z1.squeeze(-1)
     # state S2 (based.rec:18): identity; S2 is carried unchanged plus an injection
     # S2 is held as [K * K, V] here: its first two axes flattened into one key axis
     k_S2 = k_S2.flatten(-2)
@@ -5234,21 +5240,13 @@ def based__chunked_triton(q, k, v, states, K, V, chunk_size=64, **options):
     final_z0 = final_z0[..., 0]
     read_z0 = read_z0[..., 0]
     final_z0 = final_z0[..., 0]  # without the size-1 key axis
-    # state z1 (based.rec:20): identity; z1 is carried unchanged plus an injection
-    k_z1 = k  # based.rec:20
-    v_z1 = k_z1.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z1 = q  # based.rec:22,23,24
-    _check_steps([query_read_z1, k_z1, v_z1], [])
-    (read_z1,), final_z1 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z1, False)], k_z1, v_z1, None, initial_state=None if states['z1'] is None else states['z1'][..., None], chunk_size=chunk_size, output_final_state=True, **options)
-    final_z1 = final_z1[..., 0]
-    read_z1 = read_z1[..., 0]
     # state z2 (based.rec:21): identity; z2 is carried unchanged plus an injection
     k_z2 = k  # based.rec:21
     v_z2 = k  # based.rec:21
     query_read_z2 = q  # based.rec:22,23,24
     _check_steps([query_read_z2, k_z2, v_z2], [])
     (read_z2,), final_z2 = triton_chunked_linear_by(triton_NoDecay, [(query_read_z2, False)], k_z2, v_z2, None, initial_state=states['z2'], chunk_size=chunk_size, output_final_state=True, **options)
-    o, = based__chunked_epilogue_triton(read_S0, read_S1, read_S2, read_z0, read_z1, read_z2, q, K, V)  # based.rec:22,23,24
+    o, = based__chunked_epilogue_triton(read_S0, read_S1, read_z1, read_S2, read_z0, read_z2, q, K, V)  # based.rec:22,23,24
     return {'o': o}, {'S0': final_S0, 'S1': final_S1, 'S2': final_S2, 'z0': final_z0, 'z1': final_z1, 'z2': final_z2}
 
 

@@ -5129,18 +5129,16 @@ def mlstm__chunked(q, k, v, ig, fg, states, K, V, chunk_size=64):
     k_C, log_decay_C = mlstm__chunked_prologue(k, ig, fg, K, V)
     # state C (mlstm.rec:17): scalar; C is scaled by the scalar exp(logsigmoid(fg))
     v_C = v  # mlstm.rec:17
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state n (mlstm.rec:18): C's decay, keys and queries, its injection C's with the value replaced by 1: one more value column of C's call
+    v_C_n = torch.cat([v_C, v_C.new_ones(B_, T_, H_, 1), v_C.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
     query_read_C = q  # mlstm.rec:19
-    _check_steps([query_read_C, k_C, v_C], [log_decay_C])
-    (read_C,), final_C = chunked_linear_by(ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True)
-    # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    k_n = k_C  # mlstm.rec:18; the same tensor
-    v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
-    query_read_n = q  # mlstm.rec:19
-    _check_steps([query_read_n, k_n, v_n], [log_decay_n])
-    (read_n,), final_n = chunked_linear_by(ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True)
-    final_n = final_n[..., 0]
-    read_n = read_n[..., 0]
+    _check_steps([query_read_C, k_C, v_C_n], [log_decay_C])
+    (read_C,), final_C = chunked_linear_by(ScalarDecay, [(query_read_C, False)], k_C, v_C_n, log_decay_C, initial_state=None if states['C'] is None else torch.cat([states['C'], states['n'][..., None], states['C'].new_zeros((*states['C'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True)
+    final_C, final_n, _ = final_C.split([V, 1, pad_], dim=-1)  # C's columns, n's, the zeros
+    read_C, read_n, _ = read_C.split([V, 1, pad_], dim=-1)
+    read_n = read_n.squeeze(-1)
+    final_n = final_n.squeeze(-1)
     h, = mlstm__chunked_epilogue(read_C, read_n, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': final_C, 'n': final_n}
 
@@ -5531,20 +5529,16 @@ def mlstm__chunked_triton(q, k, v, ig, fg, states, K, V, chunk_size=64, **option
     # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
     k_C = k  # mlstm.rec:17
     v_C = v  # mlstm.rec:17
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state n (mlstm.rec:18): C's decay, keys and queries, its injection C's with the value replaced by 1: one more value column of C's call
+    v_C_n = torch.cat([v_C, v_C.new_ones(B_, T_, H_, 1), v_C.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
     query_read_C = q  # mlstm.rec:19
-    _check_steps([query_read_C, k_C, v_C], [], first=(unsafe_, T_))
-    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C, log_decay_C, initial_state=states['C'], chunk_size=chunk_size, output_final_state=True, v_step=v_step_C, **options)
-    # state n (mlstm.rec:18): scalar; n is scaled by the scalar exp(logsigmoid(fg))
-    # the prologue's per-step factors and the readout's epilogue are applied inside the kernels (triton_runtime._Fused)
-    v_step_n = v_step_C  # a factor of k v^T; the same tensor
-    k_n = k  # mlstm.rec:18
-    v_n = k_n.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    log_decay_n = log_decay_C  # mlstm.rec:18; the same tensor
-    query_read_n = q  # mlstm.rec:19
-    _check_steps([query_read_n, k_n, v_n], [], first=(unsafe_, T_))
-    (read_n,), final_n = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_n, False)], k_n, v_n, log_decay_n, initial_state=None if states['n'] is None else states['n'][..., None], chunk_size=chunk_size, output_final_state=True, v_step=v_step_n, **options)
-    final_n = final_n[..., 0]
-    read_n = read_n[..., 0]
+    _check_steps([query_read_C, k_C, v_C_n], [], first=(unsafe_, T_))
+    (read_C,), final_C = triton_chunked_linear_by(triton_ScalarDecay, [(query_read_C, False)], k_C, v_C_n, log_decay_C, initial_state=None if states['C'] is None else torch.cat([states['C'], states['n'][..., None], states['C'].new_zeros((*states['C'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True, v_step=v_step_C, **options)
+    final_C, final_n, _ = final_C.split([V, 1, pad_], dim=-1)  # C's columns, n's, the zeros
+    read_C, read_n, _ = read_C.split([V, 1, pad_], dim=-1)
+    read_n = read_n.squeeze(-1)
+    final_n = final_n.squeeze(-1)
     h, = mlstm__chunked_epilogue_triton(read_C, read_n, K, V)  # mlstm.rec:19
     return {'h': h}, {'C': final_C, 'n': final_n}
 

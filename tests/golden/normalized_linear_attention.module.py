@@ -4628,16 +4628,15 @@ def normalized_linear_attention__chunked(q, k, v, states, K, V, chunk_size=64):
     k_S, query_read_S = normalized_linear_attention__chunked_prologue(q, k, K, V)
     # state S (normalized_linear_attention.rec:11,12): identity; S is carried unchanged plus an injection
     v_S = v  # normalized_linear_attention.rec:11,12
-    _check_steps([query_read_S, k_S, v_S], [])
-    (read_S,), final_S = chunked_linear_by(NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True)
-    # state z (normalized_linear_attention.rec:11,13): identity; z is carried unchanged plus an injection
-    k_z = k_S  # normalized_linear_attention.rec:11,13; the same tensor
-    v_z = k_z.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z = query_read_S  # normalized_linear_attention.rec:10,14; the same tensor
-    _check_steps([query_read_z, k_z, v_z], [])
-    (read_z,), final_z = chunked_linear_by(NoDecay, [(query_read_z, False)], k_z, v_z, None, initial_state=None if states['z'] is None else states['z'][..., None], chunk_size=chunk_size, output_final_state=True)
-    final_z = final_z[..., 0]
-    read_z = read_z[..., 0]
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state z (normalized_linear_attention.rec:11,13): S's decay, keys and queries, its injection S's with the value replaced by 1: one more value column of S's call
+    v_S_z = torch.cat([v_S, v_S.new_ones(B_, T_, H_, 1), v_S.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
+    _check_steps([query_read_S, k_S, v_S_z], [])
+    (read_S,), final_S = chunked_linear_by(NoDecay, [(query_read_S, False)], k_S, v_S_z, None, initial_state=None if states['S'] is None else torch.cat([states['S'], states['z'][..., None], states['S'].new_zeros((*states['S'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True)
+    final_S, final_z, _ = final_S.split([V, 1, pad_], dim=-1)  # S's columns, z's, the zeros
+    read_S, read_z, _ = read_S.split([V, 1, pad_], dim=-1)
+    read_z = read_z.squeeze(-1)
+    final_z = final_z.squeeze(-1)
     o, = normalized_linear_attention__chunked_epilogue(read_S, read_z, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': final_S, 'z': final_z}
 
@@ -4957,17 +4956,16 @@ def normalized_linear_attention__chunked_triton(q, k, v, states, K, V, chunk_siz
     # state S (normalized_linear_attention.rec:11,12): identity; S is carried unchanged plus an injection
     k_S = k  # normalized_linear_attention.rec:11,12; mapped by normalized_linear_attention__map_k in the kernels
     v_S = v  # normalized_linear_attention.rec:11,12
+    pad_ = -(V + 1) % 16  # zero columns: a width of a multiple of 16
+    # state z (normalized_linear_attention.rec:11,13): S's decay, keys and queries, its injection S's with the value replaced by 1: one more value column of S's call
+    v_S_z = torch.cat([v_S, v_S.new_ones(B_, T_, H_, 1), v_S.new_zeros(B_, T_, H_, pad_)], dim=-1)  # [B, T, H, V + 1 + pad_]
     query_read_S = q  # normalized_linear_attention.rec:10,14; mapped by normalized_linear_attention__map_q in the kernels
-    _check_steps([query_read_S, k_S, v_S], [])
-    (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S, None, initial_state=states['S'], chunk_size=chunk_size, output_final_state=True, k_map=(normalized_linear_attention__map_k, normalized_linear_attention__map_k_vjp), q_map=(normalized_linear_attention__map_q, normalized_linear_attention__map_q_vjp), **options)
-    # state z (normalized_linear_attention.rec:11,13): identity; z is carried unchanged plus an injection
-    k_z = k  # normalized_linear_attention.rec:11,13; mapped by normalized_linear_attention__map_k in the kernels
-    v_z = k_z.new_ones(B_, T_, H_, 1)  # a state with no value axis: V = 1
-    query_read_z = q  # normalized_linear_attention.rec:10,14; mapped by normalized_linear_attention__map_q in the kernels
-    _check_steps([query_read_z, k_z, v_z], [])
-    (read_z,), final_z = triton_chunked_linear_by(triton_NoDecay, [(query_read_z, False)], k_z, v_z, None, initial_state=None if states['z'] is None else states['z'][..., None], chunk_size=chunk_size, output_final_state=True, k_map=(normalized_linear_attention__map_k, normalized_linear_attention__map_k_vjp), q_map=(normalized_linear_attention__map_q, normalized_linear_attention__map_q_vjp), **options)
-    final_z = final_z[..., 0]
-    read_z = read_z[..., 0]
+    _check_steps([query_read_S, k_S, v_S_z], [])
+    (read_S,), final_S = triton_chunked_linear_by(triton_NoDecay, [(query_read_S, False)], k_S, v_S_z, None, initial_state=None if states['S'] is None else torch.cat([states['S'], states['z'][..., None], states['S'].new_zeros((*states['S'].shape[:-1], pad_))], dim=-1), chunk_size=chunk_size, output_final_state=True, k_map=(normalized_linear_attention__map_k, normalized_linear_attention__map_k_vjp), q_map=(normalized_linear_attention__map_q, normalized_linear_attention__map_q_vjp), **options)
+    final_S, final_z, _ = final_S.split([V, 1, pad_], dim=-1)  # S's columns, z's, the zeros
+    read_S, read_z, _ = read_S.split([V, 1, pad_], dim=-1)
+    read_z = read_z.squeeze(-1)
+    final_z = final_z.squeeze(-1)
     o, = normalized_linear_attention__chunked_epilogue_triton(read_S, read_z, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': final_S, 'z': final_z}
 
