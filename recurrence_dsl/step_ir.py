@@ -121,6 +121,8 @@ class expm1(_NamedFunction):  # noqa: N801
     def eval(cls, x):
         if x.is_zero:
             return sympy.Integer(0)
+        if x is sympy.S.NegativeInfinity or x is sympy.S.Infinity:
+            return sympy.exp(x) - 1  # -1, oo: sympy's limits at a reset (x -> -oo) evaluate
         return None
 
     @staticmethod
@@ -145,6 +147,8 @@ class log1p(_NamedFunction):  # noqa: N801
     def eval(cls, x):
         if x.is_zero:
             return sympy.Integer(0)
+        if x is sympy.S.Infinity:
+            return sympy.S.Infinity
         return None
 
     @staticmethod
