@@ -143,3 +143,25 @@ def _both(x, e, l, N: tl.constexpr):
     special = ~finite
     torch.testing.assert_close(e[special], torch.expm1(x)[special], equal_nan=True)
     torch.testing.assert_close(l[special], torch.log1p(x)[special], equal_nan=True)
+
+
+@pytest.mark.parametrize("backend, form", FORMS)
+def test_fully_closed_gate_gradients_are_zero_not_nan(backend, form):
+    """gr = -200 on channels 0, 1: sigmoid(gr) is 0 in float32, log_a is 0 and the weight sqrt(-expm1(0)) exactly 0,
+    whose derivative is inf (the float64 reference's autograd: inf for gr, NaN for lam). With sqrt's derivative
+    bounded (recurrence_dsl/adjoint.py SQRT_FLOOR) the gradients of gr and lam there are their limit, 0, and every
+    other gradient still matches the reference's."""
+    rec, args, initial = _closed_gate_arguments()
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    args[names.index("gr")][..., :2] = -200.0
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
+    layer = recurrence_dsl.compile(rec, form=form, chunk_size=CHUNK, tuning=False)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    got, _ = weighted_gradients(layer, rec, [a.float() for a in args], init32, weights, backend=backend)
+    for name, g, r in zip(names, got, ref):
+        assert torch.isfinite(g).all(), f"{backend} {form}: d{name} has {(~torch.isfinite(g)).sum().item()} non-finite"
+        if name in ("gr", "lam"):
+            assert not torch.isfinite(r[..., :2]).all()  # the reference's own: inf / NaN
+            assert (g[..., :2] == 0).all()
+            g, r = g[..., 2:], r[..., 2:]
+        assert _rel(g, r) <= TOL, (name, _rel(g, r))

@@ -5230,7 +5230,7 @@ def rg_lru__recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, grad_st
         sigmoid_gi = torch.sigmoid(gi_seg)  # [t1 - t0, B, H, D]
         add_gr = 1.0 - torch.sigmoid(gr_seg)  # [t1 - t0, B, H, D]
         sigmoid_gr = torch.sigmoid(gr_seg)  # [t1 - t0, B, H, D]
-        pow_gr_lam_2 = (-torch.expm1((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))) ** (-0.5)  # [t1 - t0, B, H, D]
+        pow_gr_lam_2 = torch.clamp(-torch.expm1((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam)), min=1.1754943508222875e-38) ** (-0.5)  # [t1 - t0, B, H, D]
         exp_gr_lam_2 = torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))  # [t1 - t0, B, H, D]
         add_gi = 1.0 - torch.sigmoid(gi_seg)  # [t1 - t0, B, H, D]
         # The coefficients of the terms that read the states and their gradients in the loops, placed
@@ -5287,10 +5287,11 @@ def rg_lru__scan_prologue_vjp(x, gr, gi, lam, grad_a_h, grad_b_h, D):
     softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
     exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-8.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
     expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.expm1((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    pre_expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.clamp(-expm1_softplus_lam_sigmoid_gr, min=1.1754943508222875e-38), (B_, T_, H_, D))  # used more than once
     grad_x = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_b_h, x.shape)
-    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_a_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(-expm1_softplus_lam_sigmoid_gr)) * exp_softplus_lam_sigmoid_gr * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_a_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) * exp_softplus_lam_sigmoid_gr * softplus_lam * sigmoid_gr, gr.shape)
     grad_gi = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_b_h * x, gi.shape)
-    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(-expm1_softplus_lam_sigmoid_gr)) + grad_a_h) * exp_softplus_lam_sigmoid_gr * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) + grad_a_h) * exp_softplus_lam_sigmoid_gr * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
     return grad_x, grad_gr, grad_gi, grad_lam
 
 
@@ -5332,10 +5333,11 @@ def rg_lru__chunked_prologue_vjp(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_de
     softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
     exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
     expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.expm1((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    pre_expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.clamp(-expm1_softplus_lam_sigmoid_gr, min=1.1754943508222875e-38), (B_, T_, H_, D))  # used more than once
     grad_x = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
-    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(-expm1_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
     grad_gi = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
-    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(-expm1_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
     return grad_x, grad_gr, grad_gi, grad_lam
 
 
@@ -5521,7 +5523,7 @@ def rg_lru__triton_recurrent_adjoint_kernel(
             tl.store(dx + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
             b_exp2 = tl.exp((-8.0) * b_sigmoid0 * b_softplus1)  # [BLOCK_D]
             b_t7 = 1.0 - b_sigmoid0  # [BLOCK_D]
-            b_t8 = 1.0 / tl.sqrt(b_t4)  # [BLOCK_D]
+            b_t8 = 1.0 / tl.sqrt(tl.maximum(1.1754943508222875e-38, b_t4, propagate_nan=tl.PropagateNan.ALL))  # [BLOCK_D]
             b_exp9 = tl.exp(b_t3)  # [BLOCK_D]
             b_dgr = 8.0 * b_sigmoid0 * b_softplus1 * b_sigmoid6 * b_t7 * b_t8 * b_exp9 * b_dh_new * b_x - 8.0 * b_sigmoid0 * b_softplus1 * b_exp2 * b_t7 * b_h * b_dh_new  # [BLOCK_D]
             tl.store(dgr + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dgr, mask=mask_D)
@@ -5634,14 +5636,15 @@ def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_lo
             b_t0 = tl.sigmoid(b_gr)
             b_t2 = b_t0 * (tl.maximum(b_t1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_t1))))
             b_t3 = (-16.0) * b_t2
-            b_t4 = tl.sqrt(-_triton_expm1(b_t3))
+            b_t4 = -_triton_expm1(b_t3)
             b_t5 = tl.sigmoid(b_gi)
-            b_t6 = b_t4 * b_t5 * b_grad_v_h
-            b_t7 = b_grad_log_decay_h - b_t5 * b_grad_v_h * b_x * tl.exp(b_t3) / b_t4
-            tl.store(d_x + row * D + offs_D, (b_t6).to(d_x.dtype.element_ty), mask=mask_D)
-            tl.store(d_gr + row * D + offs_D, ((-8.0) * b_t2 * b_t7 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
-            tl.store(d_gi + row * D + offs_D, (b_t6 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
-            b_sum_lam += tl.where(mask_D, 8.0 * b_t0 * b_t7 * tl.sigmoid(b_t1), 0.0)
+            b_t6 = b_t5 * b_grad_v_h
+            b_t7 = b_t6 * tl.sqrt(b_t4)
+            b_t8 = b_t6 * b_x * tl.exp(b_t3) / tl.sqrt(tl.maximum(1.1754943508222875e-38, b_t4, propagate_nan=tl.PropagateNan.ALL)) - b_grad_log_decay_h
+            tl.store(d_x + row * D + offs_D, (b_t7).to(d_x.dtype.element_ty), mask=mask_D)
+            tl.store(d_gr + row * D + offs_D, (8.0 * b_t2 * b_t8 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
+            tl.store(d_gi + row * D + offs_D, (b_t7 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
+            b_sum_lam += tl.where(mask_D, (-8.0) * b_t0 * b_t8 * tl.sigmoid(b_t1), 0.0)
     tl.store(d_lam + (i_r * H_ + i_h) * D + offs_D, b_sum_lam, mask=mask_D)
 
 
