@@ -34,6 +34,7 @@ from .cache import write_atomically
 from .kernel_rules import check_kernel_source
 from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize
 from .torch_forms import PRELUDE, TorchFormWriter
+from .triton_printer import HELPERS
 from .triton_recurrent import (
     dplr_chunked_in_triton,
     has_segmented_adjoint,
@@ -128,7 +129,8 @@ def _triton_shared():
     runtime = _copyable(_ROOT / "triton_runtime.py")
     scan = _copyable(_ROOT / "triton_scan.py")
     parallel = _copyable(_ROOT / "triton_parallel.py")
-    helpers = _copyable_text(triton_recurrent.prelude("", standalone=False))  # the runtime has _arch
+    # the runtime has _arch; the printers' expm1 / log1p helpers (`_prune` drops them where no kernel calls them)
+    helpers = _copyable_text(triton_recurrent.prelude("", standalone=False) + "\n\n" + "\n\n".join(HELPERS.values()))
     rename = _renamer(_top_level_names(runtime) + _top_level_names(scan) + _top_level_names(parallel)
                       + _top_level_names(helpers))
     return "\n\n".join(rename(x) for x in (runtime, scan, parallel, helpers)), rename

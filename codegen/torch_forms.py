@@ -41,7 +41,7 @@ from recurrence_dsl.adjoint import (
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.check import require_state, undefined_from_zero
 from recurrence_dsl.dataflow import cite
-from recurrence_dsl.step_ir import NEW_SUFFIX, index_symbol, size_symbol, undefined
+from recurrence_dsl.step_ir import NEW_SUFFIX, expm1, index_symbol, size_symbol, undefined
 
 from .printing import SourceWriter, is_constant, py_name
 from .torch_printer import TorchPrinter
@@ -1625,7 +1625,7 @@ class TorchFormWriter:
             if isinstance(node, sympy.log) or (isinstance(node, sympy.Pow) and not (node.exp.is_Integer
                                                                                      and node.exp > 0)):
                 return None
-            if isinstance(node, sympy.exp) and leaf != log_leaf:
+            if isinstance(node, (sympy.exp, expm1)) and leaf != log_leaf:
                 return None
         return leaf, f
 
@@ -1642,6 +1642,7 @@ class TorchFormWriter:
         `@triton.jit`, printed with the Triton printer of the recurrent kernels."""
         x, grad = sympy.Symbol("x", real=True), sympy.Symbol("grad", real=True)
         printer = TritonPrinter(set(), {}, {"x": "x", "grad": "grad"})
+        printer.helper_prefix = "_" + self.rt  # its expm1 / log1p helpers as the module names them (`_triton_expm1`)
         w = SourceWriter()
         w("@triton.jit", 0)
         w(f"def {name}(x):", 0)
@@ -1793,6 +1794,7 @@ class TorchFormWriter:
         leaves = {x.name: f"b_{py[x.name]}" for x in rec.inputs + rec.params}
         leaves.update({grad_name(v[0]): f"b_{grads[v[0]]}" for v in fields})
         printer = TritonPrinter(set(rec.sizes), ranges, {**leaves, **{n: py[n] for n in rec.sizes}})
+        printer.helper_prefix = "_" + self.rt  # its expm1 / log1p helpers as the module names them (`_triton_expm1`)
         params = {x.name for x in rec.params}
         dim = self._dim(size) if size is not None else None
         # the tile of D named as the Triton printer names it (a sum over D masks its body with `mask_D`)

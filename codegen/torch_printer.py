@@ -16,7 +16,7 @@ import re
 
 import sympy
 
-from recurrence_dsl.step_ir import elu, logsigmoid, relu, sigmoid, silu, softplus, tanh
+from recurrence_dsl.step_ir import elu, expm1, log1p, logsigmoid, relu, sigmoid, silu, softplus, tanh
 
 from .printing import ADD as _ADD
 from .printing import ATOM as _ATOM
@@ -42,6 +42,8 @@ FUNCTIONS = {
     sympy.cos: "torch.cos",
     sympy.sin: "torch.sin",
     sympy.sign: "torch.sign",  # the derivative of abs
+    expm1: "torch.expm1",  # 1 - exp(y), exp(y) - 1 (step_ir.precise)
+    log1p: "torch.log1p",  # log(1 + y)
 }
 
 _RELATIONS = {sympy.StrictGreaterThan: ">", sympy.StrictLessThan: "<", sympy.GreaterThan: ">=",

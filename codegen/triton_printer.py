@@ -27,8 +27,10 @@ numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) +
 logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), silu(x) = x sigmoid(x),
 elu(x) = where(x > 0, x, exp(where(x > 0, 0, x)) - 1), relu(x) = max(x, 0); min / max to
 `tl.minimum` / `tl.maximum` with `propagate_nan=ALL`: a NaN comes out NaN, as in torch.
-Arithmetic is float32 throughout: Python float constants are float32 in Triton, loads are
-upcast by the caller.
+expm1 and log1p (the step IR's spelling of 1 - exp(y), exp(y) - 1 and log(1 + y): `step_ir.precise`) call the
+@triton.jit helpers `_expm1` / `_log1p` of `HELPERS`, which every module holding printed kernels defines (tl.math has
+no expm1 or log1p, and the interpreter none of libdevice's). Arithmetic is float32 throughout: Python float
+constants are float32 in Triton, loads are upcast by the caller.
 """
 
 from __future__ import annotations
@@ -37,7 +39,18 @@ import re
 
 import sympy
 
-from recurrence_dsl.step_ir import elu, has_infinity, logsigmoid, relu, sigmoid, silu, softplus, tanh
+from recurrence_dsl.step_ir import (
+    elu,
+    expm1,
+    has_infinity,
+    log1p,
+    logsigmoid,
+    relu,
+    sigmoid,
+    silu,
+    softplus,
+    tanh,
+)
 
 from .printing import ADD as _ADD
 from .printing import ATOM as _ATOM
@@ -63,7 +76,49 @@ FUNCTIONS = {
     # cos and sin are bounded, so finite on finite inputs; only sin(0) is 0.
     sympy.cos: ("tl.cos({x})", False, True, _ATOM),
     sympy.sin: ("tl.sin({x})", True, True, _ATOM),
+    # Calls of the `HELPERS` below (their names as printed: `TritonPrinter.helper_prefix`). expm1(0) = log1p(0) = 0;
+    # expm1 is finite where exp is, log1p(-1) is -inf.
+    expm1: ("_expm1({x})", True, True, _ATOM),
+    log1p: ("_log1p({x})", True, False, _ATOM),
 }
+_HELPER_CALLS = (expm1, log1p)
+
+# The @triton.jit helpers the printed calls of expm1 and log1p read. Each is exact to a few float32 ulps everywhere
+# and needs only tl.exp / tl.log, which a GPU may compute approximately (exp's and log's error near 1 is absolute,
+# about 1e-7, so neither exp(x) - 1 nor log(1 + x) may be used where the result is small): a short series near 0,
+# the plain formula from where the result is large enough (0.39, 0.22) for that error to be a few ulps.
+HELPERS = {
+    "_expm1": '''@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without its cancellation near 0: for |x| < 0.5 Taylor's series to x**8 / 8! (Horner; the rest,
+    below x**9 / 9!, is under 2e-8 of the value), else exp(x) - 1 (at least 0.39 in size there)."""
+    series = x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * (
+        0.0013888889 + x * (1.984127e-04 + x * 2.4801588e-05)))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
+''',
+    "_log1p": '''@triton.jit
+def _log1p(x):
+    """log(1 + x) without its cancellation near 0: for |x| < 0.25, 2 atanh(s) with s = x / (2 + x) by its series to
+    s**7 / 7 (|s| <= 1/7; the rest, below s**9 / 9, is under 2e-8 of the value), else log(1 + x)."""
+    s = x / (2.0 + x)
+    s2 = s * s
+    series = 2.0 * s * (1.0 + s2 * (0.33333334 + s2 * (0.2 + s2 * 0.14285715)))
+    return tl.where(tl.abs(x) < 0.25, series, tl.log(1.0 + x))
+''',
+}
+
+
+def helpers_source(text: str, prefix: str = "_") -> str:
+    """The source of the `HELPERS` that `text` (printed kernels, their helpers' names spelled with `prefix` in place
+    of the leading `_`) calls, so named; "" when it calls none."""
+    parts = []
+    for name, source in HELPERS.items():
+        printed = prefix + name[1:]
+        if re.search(r"(?<![\w.])" + re.escape(printed) + r"\(", text):
+            parts.append(source.replace(f"def {name}(", f"def {printed}("))
+    return "\n\n".join(parts)
+
+
 _SIMPLE_CALL = re.compile(r"tl\.\w+\(\{x\}\)")
 # Functions whose template repeats its argument: a non-trivial argument is worth a temporary.
 MULTI_USE = (tanh, sympy.tanh, logsigmoid, softplus, silu, elu, sympy.sign)
@@ -123,6 +178,9 @@ class TritonPrinter(ExprPrinter):
         self.names = names or {}
         self.zero_padded = zero_padded or set()
         self.temps = temps if temps is not None else {}
+        # How the printed calls spell the `HELPERS` (`_expm1`): a prefix in place of the leading `_`, for kernels
+        # printed into a module whose names are renamed (codegen/module.py: `_triton_expm1`).
+        self.helper_prefix = "_"
         # Print the factors of a product that span the same proper subset of its axes as one smaller tile, broadcast
         # once (`(a * b)[:, None] * W` rather than `a[:, None] * b[:, None] * W`): fewer full-tile products, fewer
         # live registers. Off by default, so the kernels that do not ask keep their printed form.
@@ -290,6 +348,8 @@ class TritonPrinter(ExprPrinter):
         if type(e) in _RELATIONS:
             a, b = e.args
             return f"{self._wrap(a, axes, _ADD)} {_RELATIONS[type(e)]} {self._wrap(b, axes, _ADD)}", 0
+        if type(e) in _HELPER_CALLS:
+            return f"{self.helper_prefix}{type(e).__name__}({self._p(e.args[0], axes)[0]})", _ATOM
         if isinstance(e, sympy.Function) and type(e) in FUNCTIONS:
             template, _, _, prec = FUNCTIONS[type(e)]
             if _SIMPLE_CALL.fullmatch(template):

@@ -88,6 +88,7 @@ from .triton_printer import (
     TritonPrinter,
     block_for,
     block_name,
+    helpers_source,
     mask_name,
     offs_name,
     size_key,
@@ -1778,7 +1779,8 @@ def triton_recurrent_source(analysis: Analysis) -> str:
     writer = TritonRecurrentWriter(analysis)
     kernel = writer.write()
     launcher = writer.write_launcher()
-    source = prelude(analysis.recurrence.name) + "\n\n" + kernel + "\n\n" + launcher
+    helpers = helpers_source(kernel)  # expm1 / log1p, where the kernel calls them
+    source = "\n\n".join(part for part in (prelude(analysis.recurrence.name), helpers, kernel, launcher) if part)
     check_kernel_source(source)
     return source
 

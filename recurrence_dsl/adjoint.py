@@ -43,6 +43,8 @@ from .check import CheckedRecurrence
 from .step_ir import NEW_SUFFIX, Definition, StepIR, index_symbol
 
 GRAD_SUFFIX = "__grad"
+# The least base of sqrt in its derivative (`_Deriver.walk`): float32's smallest normal number, 2**-126.
+SQRT_FLOOR = sympy.Float(2.0**-126)
 
 
 class NoAdjoint(Exception):  # noqa: N818 - a reason, like NonLinear in analysis
@@ -123,7 +125,12 @@ class _Deriver:
         elif isinstance(e, sympy.Pow):
             base, exp = e.args
             if reads(base, self.wrt):
-                self.walk(base, cot * exp * base ** (exp - 1), scope)
+                # sqrt's derivative 1 / (2 sqrt(x)) is inf at x = 0, and NaN times a factor that is 0 there (RG-LRU's
+                # fully closed gate: sqrt(1 - a^2) at a = 1, where the gate's own derivative is 0): in the derivative
+                # only, x is held at least SQRT_FLOOR, so the product is its limit, 0 (Griffin's RG-LRU bounds this
+                # derivative too, at a larger bound); the value, and the derivative wherever x >= SQRT_FLOOR, unchanged.
+                held = sympy.Max(base, SQRT_FLOOR) if exp == sympy.Rational(1, 2) and not base.is_number else base
+                self.walk(base, cot * exp * held ** (exp - 1), scope)
             if reads(exp, self.wrt):
                 self.walk(exp, cot * e * sympy.log(base), scope)
         elif isinstance(e, sympy.Sum):

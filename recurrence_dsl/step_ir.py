@@ -16,6 +16,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import mpmath
 import sympy
 from mpmath.libmp import prec_to_dps
 
@@ -110,6 +111,80 @@ class relu(_NamedFunction):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sympy.Heaviside(self.args[0])
+
+
+class expm1(_NamedFunction):  # noqa: N801
+    """exp(x) - 1, computed without the cancellation of exp(x) - 1 near x = 0 (torch.expm1): the step IR's
+    spelling of `exp(x) - 1` and of `1 - exp(x)` (as -expm1(x)), see `precise`."""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sympy.Integer(0)
+        if x is sympy.S.NegativeInfinity or x is sympy.S.Infinity:
+            return sympy.exp(x) - 1  # -1, oo: sympy's limits at a reset (x -> -oo) evaluate
+        return None
+
+    @staticmethod
+    def elementary(x):
+        return sympy.exp(x) - 1
+
+    def _eval_evalf(self, prec):
+        # mpmath's own expm1, not the elementary form's cancellation at the working precision
+        if self.args[0].is_number:
+            with mpmath.workprec(prec):
+                return sympy.Float(mpmath.expm1(self.args[0]._to_mpmath(prec)), precision=prec)
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.exp(self.args[0])
+
+
+class log1p(_NamedFunction):  # noqa: N801
+    """log(1 + x), accurate for small x (torch.log1p): the step IR's spelling of `log(1 + x)`, see `precise`."""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sympy.Integer(0)
+        if x is sympy.S.Infinity:
+            return sympy.S.Infinity
+        return None
+
+    @staticmethod
+    def elementary(x):
+        return sympy.log(1 + x)
+
+    def _eval_evalf(self, prec):
+        # mpmath's own log1p, not the elementary form's cancellation at the working precision
+        if self.args[0].is_number:
+            with mpmath.workprec(prec):
+                return sympy.Float(mpmath.log1p(self.args[0]._to_mpmath(prec)), precision=prec)
+        return None
+
+    def fdiff(self, argindex=1):
+        return 1 / (1 + self.args[0])
+
+
+def precise(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` (one node: its arguments are already rewritten) with the forms that lose every digit to
+    cancellation in float32 spelled with expm1 / log1p: `c - c * exp(y)` (c a nonzero number, other terms
+    allowed) is `-c * expm1(y)`, so `1 - exp(y)` is `-expm1(y)` and `exp(y) - 1` is `expm1(y)`; `log(1 + y)` is
+    `log1p(y)`. Same value in exact arithmetic; in float32, 1 - exp(-2e-9) is 0 but -expm1(-2e-9) is 2e-9, and
+    the derivative of sqrt(1 - exp(y)) (RG-LRU's input weight, a nearly closed gate) stays finite."""
+    if isinstance(expr, sympy.Add):
+        c, rest = expr.as_coeff_Add()
+        if c.is_zero or not c.is_finite:
+            return expr
+        terms = sympy.Add.make_args(rest)
+        for k, term in enumerate(terms):
+            coeff, factor = term.as_coeff_Mul()
+            if isinstance(factor, sympy.exp) and coeff == -c:
+                return sympy.Add(*terms[:k], *terms[k + 1:], -c * expm1(factor.args[0]))
+        return expr
+    if isinstance(expr, sympy.log) and isinstance(expr.args[0], sympy.Add) and sympy.Integer(1) in expr.args[0].args:
+        return log1p(expr.args[0] - 1)
+    return expr
 
 
 def to_elementary(expr: sympy.Expr) -> sympy.Expr:
@@ -273,7 +348,7 @@ class _Builder:
         return expr.xreplace(dict(zip(target, indices)))
 
     def expr(self, e: ast.Expr, as_written: bool) -> sympy.Expr:
-        result = self._expr(e, as_written)
+        result = precise(self._expr(e, as_written))
         if undefined(result):
             shown = str(result) if len(str(result)) <= 60 else str(result)[:57] + "..."
             raise SpecError("this expression is undefined in float64 (NaN, or a division by zero) for every input: "

@@ -5219,6 +5219,15 @@ def _triton_initial_state(states, name, shape, dev):
     return s.to(device=dev, dtype=torch.float32).contiguous()
 
 
+@triton.jit
+def _triton_expm1(x):
+    """exp(x) - 1 without its cancellation near 0: for |x| < 0.5 Taylor's series to x**8 / 8! (Horner; the rest,
+    below x**9 / 9!, is under 2e-8 of the value), else exp(x) - 1 (at least 0.39 in size there)."""
+    series = x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * (
+        0.0013888889 + x * (1.984127e-04 + x * 2.4801588e-05)))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
+
+
 # ====================================================================================================
 # recurrence rg_lru: diagonal-row
 # ====================================================================================================
@@ -5243,7 +5252,7 @@ def rg_lru__recurrent_loop(x, gr, gi, lam, states, D, every=0):
     lam = lam[None, None]  # [1, 1, H, D]
     # Hoisted: state-free subexpressions, computed once for all steps.
     exp_gr_lam = torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam))  # [B, T, H, D]
-    pow_gr_lam = torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam)))  # [B, T, H, D]
+    pow_gr_lam = torch.sqrt(-torch.expm1((-16.0) * torch.sigmoid(gr) * F.softplus(-lam)))  # [B, T, H, D]
     sigmoid_gi = torch.sigmoid(gi)  # [B, T, H, D]
     h = states.get('h')
     y_steps = []
@@ -5294,11 +5303,11 @@ def rg_lru__recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, grad_st
         grad_y_seg = grad_y[:, t0:t1].transpose(0, 1)  # [t1 - t0, B, H, D]
         # Hoisted: state-free subexpressions at the segment's steps.
         exp_gr_lam = torch.exp((-8.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))  # [t1 - t0, B, H, D]
-        pow_gr_lam = torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam)))  # [t1 - t0, B, H, D]
+        pow_gr_lam = torch.sqrt(-torch.expm1((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam)))  # [t1 - t0, B, H, D]
         sigmoid_gi = torch.sigmoid(gi_seg)  # [t1 - t0, B, H, D]
         add_gr = 1.0 - torch.sigmoid(gr_seg)  # [t1 - t0, B, H, D]
         sigmoid_gr = torch.sigmoid(gr_seg)  # [t1 - t0, B, H, D]
-        pow_gr_lam_2 = (1.0 - torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))) ** (-0.5)  # [t1 - t0, B, H, D]
+        pow_gr_lam_2 = torch.clamp(-torch.expm1((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam)), min=1.1754943508222875e-38) ** (-0.5)  # [t1 - t0, B, H, D]
         exp_gr_lam_2 = torch.exp((-16.0) * torch.sigmoid(gr_seg) * F.softplus(-lam))  # [t1 - t0, B, H, D]
         add_gi = 1.0 - torch.sigmoid(gi_seg)  # [t1 - t0, B, H, D]
         # The coefficients of the terms that read the states and their gradients in the loops, placed
@@ -5341,7 +5350,7 @@ def rg_lru__scan_prologue_fwd(x, gr, gi, lam, D):
     """The scan form's prologue: each state's decay a and injection b; inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = x.shape[:3]
     a_h = torch.broadcast_to(torch.exp((-8.0) * torch.sigmoid(gr) * F.softplus(-lam)), (B_, T_, H_, D))  # decay
-    b_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    b_h = torch.broadcast_to(torch.sqrt(-torch.expm1((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
     return a_h, b_h
 
 
@@ -5354,11 +5363,12 @@ def rg_lru__scan_prologue_vjp(x, gr, gi, lam, grad_a_h, grad_b_h, D):
     sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
     softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
     exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-8.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
-    add_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
-    grad_x = torch.broadcast_to(torch.sqrt(add_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_b_h, x.shape)
-    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_a_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(add_softplus_lam_sigmoid_gr)) * exp_softplus_lam_sigmoid_gr * softplus_lam * sigmoid_gr, gr.shape)
-    grad_gi = torch.broadcast_to(torch.sqrt(add_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_b_h * x, gi.shape)
-    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(add_softplus_lam_sigmoid_gr)) + grad_a_h) * exp_softplus_lam_sigmoid_gr * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.expm1((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    pre_expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.clamp(-expm1_softplus_lam_sigmoid_gr, min=1.1754943508222875e-38), (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_b_h, x.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_a_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) * exp_softplus_lam_sigmoid_gr * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gi = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_b_h * x, gi.shape)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_b_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) + grad_a_h) * exp_softplus_lam_sigmoid_gr * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
     return grad_x, grad_gr, grad_gi, grad_lam
 
 
@@ -5384,7 +5394,7 @@ def rg_lru__chunked_prologue_fwd(x, gr, gi, lam, D):
     """The chunked form's prologue: the tensors its runtime receives; inputs [B, T, H, ...], params [1, 1, H, ...]."""
     B_, T_, H_ = x.shape[:3]
     k_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:15,16
-    v_h = torch.broadcast_to(torch.sqrt(1.0 - torch.exp((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
+    v_h = torch.broadcast_to(torch.sqrt(-torch.expm1((-16.0) * torch.sigmoid(gr) * F.softplus(-lam))) * x * torch.sigmoid(gi), (B_, T_, H_, D))  # rg_lru.rec:15,16
     log_decay_h = torch.broadcast_to((-8.0) * torch.sigmoid(gr) * F.softplus(-lam), (B_, T_, H_, D))  # rg_lru.rec:15,16
     query_read_h = x.new_full((B_, T_, H_, 1), 1.0)  # rg_lru.rec:17
     return k_h, v_h, log_decay_h, query_read_h
@@ -5399,11 +5409,12 @@ def rg_lru__chunked_prologue_vjp(x, gr, gi, lam, grad_k_h, grad_v_h, grad_log_de
     sigmoid_gr = torch.broadcast_to(torch.sigmoid(gr), (B_, T_, H_, D))  # used more than once
     softplus_lam = torch.broadcast_to(F.softplus(-lam), (B_, T_, H_, D))  # used more than once
     exp_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.exp((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
-    add_exp_softplus_lam_sigmoid_gr = torch.broadcast_to(1.0 - exp_softplus_lam_sigmoid_gr, (B_, T_, H_, D))  # used more than once
-    grad_x = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
-    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
-    grad_gi = torch.broadcast_to(torch.sqrt(add_exp_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
-    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(add_exp_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
+    expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.expm1((-16.0) * softplus_lam * sigmoid_gr), (B_, T_, H_, D))  # used more than once
+    pre_expm1_softplus_lam_sigmoid_gr = torch.broadcast_to(torch.clamp(-expm1_softplus_lam_sigmoid_gr, min=1.1754943508222875e-38), (B_, T_, H_, D))  # used more than once
+    grad_x = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * sigmoid_gi * grad_v_h, x.shape)
+    grad_gr = torch.broadcast_to(8.0 * (1.0 - sigmoid_gr) * (-grad_log_decay_h + exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) * softplus_lam * sigmoid_gr, gr.shape)
+    grad_gi = torch.broadcast_to(torch.sqrt(-expm1_softplus_lam_sigmoid_gr) * (1.0 - sigmoid_gi) * sigmoid_gi * grad_v_h * x, gi.shape)
+    grad_lam = torch.broadcast_to(8.0 * (-(exp_softplus_lam_sigmoid_gr * sigmoid_gi * grad_v_h * x / torch.sqrt(pre_expm1_softplus_lam_sigmoid_gr)) + grad_log_decay_h) * sigmoid_gr * torch.sigmoid(-lam), (B_, T_) + lam.shape[2:]).sum((0, 1), keepdim=True)
     return grad_x, grad_gr, grad_gi, grad_lam
 
 
@@ -5465,7 +5476,7 @@ def rg_lru__triton_recurrent_kernel(
         b_gr = tl.load(p_gr, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_gi = tl.load(p_gi, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
         b_sigmoid0 = tl.sigmoid(b_gr)  # [BLOCK_D]
-        b_h_new = tl.where(mask_D, b_h * tl.exp((-8.0) * b_sigmoid0 * b_softplus1) + tl.sqrt(1.0 - tl.exp((-16.0) * b_sigmoid0 * b_softplus1)) * b_x * tl.sigmoid(b_gi), 0.0)  # [BLOCK_D] rg_lru.rec:15,16
+        b_h_new = tl.where(mask_D, b_h * tl.exp((-8.0) * b_sigmoid0 * b_softplus1) + tl.sqrt(-_triton_expm1((-16.0) * b_sigmoid0 * b_softplus1)) * b_x * tl.sigmoid(b_gi), 0.0)  # [BLOCK_D] rg_lru.rec:15,16
         b_y = b_h_new  # [BLOCK_D] rg_lru.rec:17
         tl.store(p_y, b_y.to(p_y.dtype.element_ty), mask=mask_D)
         b_h = b_h_new
@@ -5545,7 +5556,7 @@ def rg_lru__triton_recurrent_adjoint_kernel(
     p_ck_h = ck_h + ck_row_ * D + offs_D
     p_sc_h = sc_h + i_slot * SLOTS_ * BLOCK_D + tl.arange(0, BLOCK_D)
     b_softplus1 = tl.maximum((-b_lam), 0.0) + tl.log(1.0 + tl.exp(-tl.abs((-b_lam))))  # [BLOCK_D]
-    b_sigmoid9 = tl.sigmoid(-b_lam)  # [BLOCK_D]
+    b_sigmoid10 = tl.sigmoid(-b_lam)  # [BLOCK_D]
     for i_r in range(0, NS_):
         i_c = NS_ - 1 - i_r  # segments from the last
         t0 = i_c * every
@@ -5563,8 +5574,8 @@ def rg_lru__triton_recurrent_adjoint_kernel(
             b_gi = tl.load(gi + ((bos_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)  # [BLOCK_D]
             b_sigmoid0 = tl.sigmoid(b_gr)  # [BLOCK_D]
             b_exp2 = tl.exp((-8.0) * b_sigmoid0 * b_softplus1)  # [BLOCK_D]
-            b_exp3 = tl.exp((-16.0) * b_sigmoid0 * b_softplus1)  # [BLOCK_D]
-            b_t4 = 1.0 - b_exp3  # [BLOCK_D]
+            b_t3 = (-16.0) * b_sigmoid0 * b_softplus1  # [BLOCK_D]
+            b_t4 = -_triton_expm1(b_t3)  # [BLOCK_D]
             b_t5 = tl.sqrt(b_t4)  # [BLOCK_D]
             b_sigmoid6 = tl.sigmoid(b_gi)  # [BLOCK_D]
             b_h_new = tl.where(mask_D, b_exp2 * b_h + b_t5 * b_sigmoid6 * b_x, 0.0)  # [BLOCK_D] rg_lru.rec:15,16
@@ -5581,20 +5592,21 @@ def rg_lru__triton_recurrent_adjoint_kernel(
             b_dy = tl.load(dy + ((bos_ + i_t) * H_ + i_h) * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_dh_new = b_dh + b_dy  # d loss / d h after step i_t
             b_sigmoid0 = tl.sigmoid(b_gr)  # [BLOCK_D]
-            b_exp3 = tl.exp((-16.0) * b_sigmoid0 * b_softplus1)  # [BLOCK_D]
-            b_t4 = 1.0 - b_exp3  # [BLOCK_D]
+            b_t3 = (-16.0) * b_sigmoid0 * b_softplus1  # [BLOCK_D]
+            b_t4 = -_triton_expm1(b_t3)  # [BLOCK_D]
             b_t5 = tl.sqrt(b_t4)  # [BLOCK_D]
             b_sigmoid6 = tl.sigmoid(b_gi)  # [BLOCK_D]
             b_dx = b_t5 * b_sigmoid6 * b_dh_new  # [BLOCK_D]
             tl.store(dx + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dx, mask=mask_D)
             b_exp2 = tl.exp((-8.0) * b_sigmoid0 * b_softplus1)  # [BLOCK_D]
             b_t7 = 1.0 - b_sigmoid0  # [BLOCK_D]
-            b_t8 = 1.0 / tl.sqrt(b_t4)  # [BLOCK_D]
-            b_dgr = 8.0 * b_sigmoid0 * b_softplus1 * b_exp3 * b_sigmoid6 * b_t7 * b_t8 * b_dh_new * b_x - 8.0 * b_sigmoid0 * b_softplus1 * b_exp2 * b_t7 * b_h * b_dh_new  # [BLOCK_D]
+            b_t8 = 1.0 / tl.sqrt(tl.maximum(1.1754943508222875e-38, b_t4, propagate_nan=tl.PropagateNan.ALL))  # [BLOCK_D]
+            b_exp9 = tl.exp(b_t3)  # [BLOCK_D]
+            b_dgr = 8.0 * b_sigmoid0 * b_softplus1 * b_sigmoid6 * b_t7 * b_t8 * b_exp9 * b_dh_new * b_x - 8.0 * b_sigmoid0 * b_softplus1 * b_exp2 * b_t7 * b_h * b_dh_new  # [BLOCK_D]
             tl.store(dgr + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dgr, mask=mask_D)
             b_dgi = (1.0 - b_sigmoid6) * b_t5 * b_sigmoid6 * b_dh_new * b_x  # [BLOCK_D]
             tl.store(dgi + ((bos_ + i_t) * H_ + i_h) * D + offs_D, b_dgi, mask=mask_D)
-            b_dlam += 8.0 * b_sigmoid0 * b_exp2 * b_sigmoid9 * b_h * b_dh_new - 8.0 * b_sigmoid0 * b_exp3 * b_sigmoid6 * b_t8 * b_sigmoid9 * b_dh_new * b_x
+            b_dlam += 8.0 * b_sigmoid0 * b_sigmoid10 * b_exp2 * b_h * b_dh_new - 8.0 * b_sigmoid0 * b_sigmoid10 * b_sigmoid6 * b_t8 * b_exp9 * b_dh_new * b_x
             b_dh_prev = b_exp2 * b_dh_new  # d loss / d h before step i_t
             b_dh = b_dh_prev
             b_h_new = b_h
@@ -5675,7 +5687,7 @@ def rg_lru__chunked_prologue_triton_kernel(x, gr, gi, lam, v_h, log_decay_h, uns
             b_gr = tl.load(gr + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_gi = tl.load(gi + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_t0 = tl.sigmoid(b_gr) * (tl.maximum((-b_lam), 0.0) + tl.log(1.0 + tl.exp(-tl.abs((-b_lam)))))
-            o_v_h = (tl.sqrt(1.0 - tl.exp((-16.0) * b_t0)) * b_x * tl.sigmoid(b_gi)).to(v_h.dtype.element_ty)
+            o_v_h = (tl.sqrt(-_triton_expm1((-16.0) * b_t0)) * b_x * tl.sigmoid(b_gi)).to(v_h.dtype.element_ty)
             tl.store(v_h + row * D + offs_D, o_v_h, mask=mask_D)
             o_log_decay_h = ((-8.0) * b_t0).to(log_decay_h.dtype.element_ty)
             tl.store(log_decay_h + row * D + offs_D, o_log_decay_h, mask=mask_D)
@@ -5707,15 +5719,16 @@ def rg_lru__chunked_prologue_triton_vjp_kernel(x, gr, gi, lam, grad_v_h, grad_lo
             b_grad_log_decay_h = tl.load(grad_log_decay_h + row * D + offs_D, mask=mask_D, other=0.0).to(tl.float32)
             b_t0 = tl.sigmoid(b_gr)
             b_t2 = b_t0 * (tl.maximum(b_t1, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_t1))))
-            b_t3 = tl.exp((-16.0) * b_t2)
-            b_t4 = tl.sqrt(1.0 - b_t3)
+            b_t3 = (-16.0) * b_t2
+            b_t4 = -_triton_expm1(b_t3)
             b_t5 = tl.sigmoid(b_gi)
-            b_t6 = b_t4 * b_t5 * b_grad_v_h
-            b_t7 = b_grad_log_decay_h - b_t3 * b_t5 * b_grad_v_h * b_x / b_t4
-            tl.store(d_x + row * D + offs_D, (b_t6).to(d_x.dtype.element_ty), mask=mask_D)
-            tl.store(d_gr + row * D + offs_D, ((-8.0) * b_t2 * b_t7 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
-            tl.store(d_gi + row * D + offs_D, (b_t6 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
-            b_sum_lam += tl.where(mask_D, 8.0 * b_t0 * b_t7 * tl.sigmoid(b_t1), 0.0)
+            b_t6 = b_t5 * b_grad_v_h
+            b_t7 = b_t6 * tl.sqrt(b_t4)
+            b_t8 = b_t6 * b_x * tl.exp(b_t3) / tl.sqrt(tl.maximum(1.1754943508222875e-38, b_t4, propagate_nan=tl.PropagateNan.ALL)) - b_grad_log_decay_h
+            tl.store(d_x + row * D + offs_D, (b_t7).to(d_x.dtype.element_ty), mask=mask_D)
+            tl.store(d_gr + row * D + offs_D, (8.0 * b_t2 * b_t8 * (1.0 - b_t0)).to(d_gr.dtype.element_ty), mask=mask_D)
+            tl.store(d_gi + row * D + offs_D, (b_t7 * (1.0 - b_t5) * b_x).to(d_gi.dtype.element_ty), mask=mask_D)
+            b_sum_lam += tl.where(mask_D, (-8.0) * b_t0 * b_t8 * tl.sigmoid(b_t1), 0.0)
     tl.store(d_lam + (i_r * H_ + i_h) * D + offs_D, b_sum_lam, mask=mask_D)
 
 
