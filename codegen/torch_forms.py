@@ -1897,11 +1897,11 @@ class TorchFormWriter:
         for p in args[1:]:
             w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
         if any(not dims and not is_constant(expr, self.sizes) for _, expr, _, dims, *_ in values):
-            # A per-step scalar (mLSTM's exp(ig), a log decay) in float32 for half inputs, as the torch form keeps
-            # it: float16 overflows past exp(11.1), and rounding exp(ig) or a log decay to float16 or bfloat16 errs
-            # by up to 2**-11 or 2**-8 per step, which a readout's cancelling sum (mLSTM's q n) magnifies. One
-            # number per step and head: small beside the [B, T, H, D] tensors, which keep the inputs' dtype.
-            w("scalar_dtype_ = torch.promote_types(dtype_, torch.float32)")
+            # A per-step scalar (mLSTM's exp(ig), a log decay) in float32 for float16 inputs, as the torch form
+            # keeps it: float16 overflows past exp(11.1), and its rounding of exp(ig) or a log decay (2**-11 per
+            # step) is magnified by a readout's cancelling sum (mLSTM's q n). One number per step and head: small
+            # beside the [B, T, H, D] tensors, which keep the inputs' dtype. bfloat16 keeps its own.
+            w("scalar_dtype_ = torch.float32 if dtype_ == torch.float16 else dtype_")
         cprinter = TorchPrinter(self.sizes, ranges, py)
         for out, expr, indices, dims, *comment in values:
             note = f"  # {comment[0]}" if comment and comment[0] else ""
