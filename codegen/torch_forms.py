@@ -1943,6 +1943,12 @@ class TorchFormWriter:
         w(f"dtype_ = {args[0]}.dtype")
         for p in args[1:]:
             w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
+        if any(not dims and not is_constant(expr, self.sizes) for _, expr, _, dims, *_ in values):
+            # A per-step scalar (mLSTM's exp(ig), a log decay) in float32 for float16 inputs, as the torch form
+            # keeps it: float16 overflows past exp(11.1), and its rounding of exp(ig) or a log decay (2**-11 per
+            # step) is magnified by a readout's cancelling sum (mLSTM's q n). One number per step and head: small
+            # beside the [B, T, H, D] tensors, which keep the inputs' dtype. bfloat16 keeps its own.
+            w("scalar_dtype_ = torch.float32 if dtype_ == torch.float16 else dtype_")
         cprinter = TorchPrinter(self.sizes, ranges, py)
         for out, expr, indices, dims, *comment in values:
             note = f"  # {comment[0]}" if comment and comment[0] else ""
@@ -1950,7 +1956,8 @@ class TorchFormWriter:
                 w(f"{out} = {self._full(cprinter, expr, indices, dims)}{note}")
             else:
                 shape = f"(B_, T_, H_, {dim})" if dims else "(B_, T_, H_)"
-                w(f"{out} = torch.empty({shape}, dtype=dtype_, device={first}.device){note}")
+                w(f"{out} = torch.empty({shape}, dtype={'dtype_' if dims else 'scalar_dtype_'}, "
+                  f"device={first}.device){note}")
         w(f"unsafe_ = torch.full((1,), T_, dtype=torch.int32, device={first}.device)")
         w("BLOCK_R_ = 16  # rows (b, t) per program")
         w("if B_ * T_ * H_:")
@@ -2009,6 +2016,7 @@ class TorchFormWriter:
         view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
         readout_names = dict(self.py)
         epilogue_done: dict[str, str] = {}  # outputs the kernels store whole (a fused epilogue) -> their tensor
+        linear_calls: list[tuple[int, list[str]]] = []  # (line of a chunked_linear_by call, its readouts' IR names)
         # The prologue: every tensor the runtime receives that is a function of the inputs and params, computed by
         # one printed function (NAME__chunked_prologue) whose VJP is printed from sympy (`_write_printed_vjp`).
         prologue: list = []  # (Python name, IR expression, indices, dims)
@@ -2222,6 +2230,7 @@ class TorchFormWriter:
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 w(check)
+                linear_calls.append((len(w.lines), [r.name for r in plan.readouts]))
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, {vname}, "
                   f"{decay}, "
                   f"initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, output_final_state=True"
@@ -2278,6 +2287,15 @@ class TorchFormWriter:
                 epilogue.append((self.py[o.name], oa.expr, tuple(oa.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
         functions = []
+        if epilogue and self.rt:
+            # The Triton runtime's readouts that the epilogue reads stay float32 for float16 inputs (its
+            # `readouts`): mLSTM's q C and q n pass 65504 where their ratio does not.
+            used = {str(n.base) for e in epilogue for n in sympy.sympify(e[1]).atoms(sympy.Indexed)}
+            used |= {n.name for e in epilogue for n in sympy.sympify(e[1]).free_symbols}
+            for line, names in linear_calls:
+                if used & set(names):
+                    text, tail = w.lines[line], f"{self._options_arg})"
+                    w.lines[line] = text[:len(text) - len(tail)] + ", readouts=True" + tail
         if epilogue:
             reads = [(ir, p) for ir, p in readout_names.items() if ir not in self.py]
             text, derived, call_args = self._write_printed_vjp(

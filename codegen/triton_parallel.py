@@ -92,6 +92,7 @@ from .triton_runtime import (
     _mapped,
     _materialise,
     _or,
+    _out_dtype,
     _Packed,
     _pow2_at_least_16,
     _register_limited,
@@ -948,9 +949,10 @@ def _state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, acc: boo
 
 
 def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, fused=None,
-                      varlen=None):
-    """(outputs in k's dtype, final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec, num_warps,
-    num_stages); varlen: a `_Varlen` whose layout the tensors are in (B = 1, states [N, H, K, V]), or None."""
+                      varlen=None, out_dtype=None):
+    """(outputs in out_dtype (None: k's), final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec,
+    num_warps, num_stages); varlen: a `_Varlen` whose layout the tensors are in (B = 1, states [N, H, K, V]), or
+    None."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -961,7 +963,7 @@ def _parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output
     s0 = None if initial_state is None else initial_state.contiguous()
     outs = []
     for q, exclusive in queries:
-        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        o = torch.empty((B, T, H, V), dtype=out_dtype or k.dtype, device=k.device)
         _attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
               num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map, key_z=decay_cls.code == 3,
               skip_step=f.skip_step, varlen=varlen)
@@ -1100,13 +1102,13 @@ class _ParallelLinearFunction(torch.autograd.Function):
     state). The final state is formed only when asked (output_final_state), else returned as None."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, varlen, scale, maps, output_final_state, k, v, log_decay,
-                initial_state, v_step, decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, varlen, scale, maps, output_final_state, out_dtype, k, v,
+                log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht = _parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state,
-                                     output_final_state, cfg, fused, varlen)
+                                     output_final_state, cfg, fused, varlen, out_dtype)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
         ctx.varlen, ctx.where = varlen, _form_call()
@@ -1130,15 +1132,16 @@ class _ParallelLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, None, cast(dk, k, 7), cast(dv, v, 8), cast(dlog, log_decay, 9),
-                cast(dh0, initial_state, 10), cast(dvs, v_step, 11), cast(ddh, decay_head, 12), cast(dskip, skip, 13),
-                cast(dsw, skip_weight, 14), *(cast(dq, q, 15 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, None, cast(dk, k, 8), cast(dv, v, 9),
+                cast(dlog, log_decay, 10), cast(dh0, initial_state, 11), cast(dvs, v_step, 12),
+                cast(ddh, decay_head, 13), cast(dskip, skip, 14), cast(dsw, skip_weight, 15),
+                *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
                        block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
                        v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                       k_map=None, cu_seqlens=None):
+                       k_map=None, cu_seqlens=None, readouts=False):
     """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), any decay class of
     codegen/triton_runtime.py (NoDecay, ScalarDecay, KeyDecay, ValueDecay); `chunked_linear_by`'s arguments and
     results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H],
@@ -1152,7 +1155,8 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
     packed into B = 1, as for chunked_linear_by: each runs from its own row of initial_state [N, H, K, V] (zero if
     None), the final state is [N, H, K, V] (an empty sequence's is its initial one). The sequences are laid out as
     `_Packed` lays them out, at BT = min(block_t, pow2(longest sequence)) (`_Varlen`), and every kernel runs once
-    for all N, forward and backward: the launches are those of one sequence."""
+    for all N, forward and backward: the launches are those of one sequence. readouts: as for
+    chunked_linear_by (float16 outputs that a printed epilogue combines come back in float32)."""
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     BT, BK, BV, prec = _parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
     varlen = None
@@ -1174,16 +1178,17 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     f = fused if fused is not None else _NOT_FUSED
+    out_dtype = _out_dtype(k, readouts)
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
         flat = _ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps,
-                                             bool(output_final_state), k, v, log_decay, initial_state, *f.tensors(),
-                                             *[q for q, _ in queries])
+                                             bool(output_final_state), out_dtype, k, v, log_decay, initial_state,
+                                             *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht = _parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
-                                     output_final_state, cfg, fused, varlen)
+                                     output_final_state, cfg, fused, varlen, out_dtype)
     if varlen is not None:
         outs = [varlen.packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)

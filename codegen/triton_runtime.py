@@ -1614,6 +1614,13 @@ def _empty_result(queries, k, v, initial_state, output_final_state):
     return outs, s0
 
 
+def _out_dtype(k: Tensor, readouts: bool) -> torch.dtype:
+    """The outputs' dtype: k's, but float32 for float16 readouts that a printed epilogue combines (`readouts`,
+    mLSTM's h = (q C) / max(|q n|, 1)): q C and q n pass float16's largest number, 65504, once the input gates
+    exp(ig) pass about e^6, where the epilogue's ratio is of the size of v. bfloat16 has float32's range."""
+    return torch.float32 if readouts and k.dtype == torch.float16 else k.dtype
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public forms
 # ----------------------------------------------------------------------------------------------------------
@@ -1641,7 +1648,7 @@ def chunked_linear(queries, k, v, log_decay=None, decay_axis=None, initial_state
 def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                       output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                       allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                      skip_weight=None, q_map=None, k_map=None, parallel=None):
+                      skip_weight=None, q_map=None, k_map=None, parallel=None, readouts=False):
     """chunked_linear with the decay axis given as its class (NoDecay, ScalarDecay, KeyDecay or ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (chunked_linear does that).
 
@@ -1665,7 +1672,10 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
 
     parallel: None, or the parallel form's runtime (codegen/triton_parallel.py `parallel_linear_by`, passed by the
     `in_parallel` wrapper of a generated module's chunked form), which then runs the call with these arguments but
-    chunk_size (it has no chunks) and cu_seqlens (which `in_parallel` hands to `parallel_linear_by` itself)."""
+    chunk_size (it has no chunks) and cu_seqlens (which `in_parallel` hands to `parallel_linear_by` itself).
+
+    readouts: the outputs are readouts that a printed epilogue combines in float32 (a generated module passes
+    True where it does): float16 ones come back in float32 (`_out_dtype`), others in k's dtype."""
     if parallel is not None:
         if cu_seqlens is not None:
             raise ValueError("the parallel Triton form takes cu_seqlens through `in_parallel`'s option, not the "
@@ -1673,7 +1683,7 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
         return parallel(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, block_k=block_k,
                         block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
-                        q_map=q_map, k_map=k_map)
+                        q_map=q_map, k_map=k_map, readouts=readouts)
     fused = _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
@@ -1697,15 +1707,16 @@ def chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=No
         return _empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     f = fused if fused is not None else _NOT_FUSED
+    out_dtype = _out_dtype(k, readouts)
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, k, v, log_decay,
-                                            initial_state, *f.tensors(), *[q for q, _ in queries])
+        flat = _ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, out_dtype, k, v,
+                                            log_decay, initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                      initial_state, output_final_state, cfg, packed, fused)
+                                      initial_state, output_final_state, cfg, packed, fused, out_dtype)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -2151,9 +2162,10 @@ def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr,
 
 
 def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
-                    fused=None):
+                    fused=None, out_dtype=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages); packed: a `_Packed` whose layout the tensors are in, or None; fused: a `_Fused`."""
+    num_warps, num_stages); packed: a `_Packed` whose layout the tensors are in, or None; fused: a `_Fused`;
+    out_dtype: the outputs' dtype (None: k's; `_out_dtype`)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
@@ -2172,7 +2184,8 @@ def _linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_f
     if fused is not None:
         fused = _Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
                        None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
-    outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
+    outs = _outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages,
+                    out_dtype or k.dtype, fused)
     return outs, ht, h
 
 
@@ -2181,13 +2194,13 @@ class _ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, k, v, log_decay, initial_state, v_step,
-                decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, k, v, log_decay, initial_state,
+                v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                      cfg, packed, fused)
+                                      cfg, packed, fused, out_dtype)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
@@ -2216,9 +2229,9 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, cast(dk, k, 6), cast(dv, v, 7), cast(dlog, log_decay, 8),
-                cast(dh0, initial_state, 9), cast(dvs, v_step, 10), cast(ddh, decay_head, 11), cast(dskip, skip, 12),
-                cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, cast(dk, k, 7), cast(dv, v, 8), cast(dlog, log_decay, 9),
+                cast(dh0, initial_state, 10), cast(dvs, v_step, 11), cast(ddh, decay_head, 12), cast(dskip, skip, 13),
+                cast(dsw, skip_weight, 14), *(cast(dq, q, 15 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,

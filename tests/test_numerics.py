@@ -480,3 +480,87 @@ def test_nan_through_relu_elu_min_max(backend):
     assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
     assert not torch.isfinite(out[0, 3:, 0, 5]).any()
     assert torch.isfinite(out[0, :3]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mLSTM in float16 with large input gates (the Triton chunked and parallel forms)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mlstm_half_args(T: int = 96, B: int = 1, H: int = 2, seed_: int = 2) -> list[torch.Tensor]:
+    """q, k, v [B, T, H, 16] ~ N(0, 1), ig [B, T, H] ~ U(5, 8), fg ~ N(3, 1), in float16."""
+    gen = torch.Generator().manual_seed(seed_)
+    q, k, v = (torch.randn(B, T, H, SIZE, generator=gen) for _ in range(3))
+    ig = 5.0 + 3.0 * torch.rand(B, T, H, generator=gen)
+    fg = 3.0 + torch.randn(B, T, H, generator=gen)
+    return [x.half() for x in (q, k, v, ig, fg)]
+
+
+def _mlstm_readouts(q, k, v, ig, fg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_t C_t [B, T, H, V], q_t . n_t [B, T, H]) in float64, with C_t = sum_{s <= t} w_ts k_s v_s^T and
+    n_t = sum_{s <= t} w_ts k_s, w_ts = exp(ig_s + L_t - L_s), L the cumulative sum of logsigmoid(fg) (mlstm.rec
+    unrolled): the readouts the chunked kernels store."""
+    q, k, v, ig, fg = (x.double() for x in (q, k, v, ig, fg))
+    L = torch.nn.functional.logsigmoid(fg).cumsum(1)
+    expo = ig[:, None, :, :] + L[:, :, None, :] - L[:, None, :, :]  # [B, t, s, H]
+    causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()[None, :, :, None]
+    weights = torch.where(causal, expo, -math.inf).exp()
+    scores = torch.einsum("btsh,bthk,bshk->btsh", weights, q, k)
+    return torch.einsum("btsh,bshv->bthv", scores, v), scores.sum(2)
+
+
+@pytest.mark.parametrize("form", ["chunked", "parallel"])
+def test_mlstm_float16_large_input_gates(form):
+    """mLSTM, float16, B=1, T=96, H=2, K=V=16, ig ~ U(5, 8), fg ~ N(3, 1), chunks of 32, Triton: the readouts
+    q C and q n pass float16's 65504 (checked here) while h = q C / max(|q n|, 1) stays of the size of v. The
+    output, the final states and every input's gradient (of a loss scaled to keep them within float16's range)
+    within 5e-3 (float16's tolerance) of the float64 reference on the same float16 inputs. Before the fix the
+    readouts were stored in float16 (inf, then inf / inf) and the prologue rounded exp(ig) and logsigmoid(fg) to
+    float16 (errors of 3e-2 at ig ~ 4, magnified by the cancelling sum q n); the backward gave NaN gradients."""
+    rec = RECS["mlstm"]
+    args = _mlstm_half_args()
+    read_c, read_n = _mlstm_readouts(*args)
+    assert read_c.abs().max() > 65504 and read_n.abs().max() > 50000  # the case is the overflowing one
+    leaves = [a.double().requires_grad_() for a in args]
+    ref, ref_final = rec.reference(*leaves, output_final_state=True)
+    # a loss scale that keeps the gradients (dq ~ 1e4 here) within float16's range
+    weight = 1e-2 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
+    got_leaves = [a.clone().requires_grad_() for a in args]
+    out, final = layer_for("mlstm")(*got_leaves, form=form, backend="triton", chunk_size=32,
+                                    output_final_state=True)
+    assert out.dtype == F16 and torch.isfinite(ref).all()
+    what = f"mlstm float16 triton {form}"
+    assert_agrees(f"{what}: output", out, ref.detach(), TOL[F16])
+    ref_final = as_dict(ref_final, rec.checked.states)
+    for key, got in as_dict(final, rec.checked.states).items():
+        assert_agrees(f"{what}: final state {key}", got, ref_final[key].detach(), TOL[F16])
+    grads = torch.autograd.grad((out.float() * weight.float()).sum(), got_leaves)
+    for name, got, want in zip("q k v ig fg".split(), grads, ref_grads):
+        assert got.dtype == F16 and torch.isfinite(want.half()).all()
+        assert_agrees(f"{what}: d{name}", got, want, TOL[F16])
+
+
+def test_float16_readouts_come_back_in_float32():
+    """The runtimes' `readouts=True` (a printed epilogue reads the outputs): float16 outputs are stored in float32,
+    bfloat16 and float32 ones in k's dtype; without it every output is in k's dtype. A float16 readout past 65504
+    is then finite and equals the float32 call's."""
+    from codegen import triton_parallel as tp
+    from codegen import triton_runtime as rt
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=gen) for _ in range(3))
+    v = v * 3000.0  # q S_t sums up to 20 steps of k . q v: past 65504
+    for run in (lambda *a, **kw: rt.chunked_linear_by(rt.NoDecay, *a, chunk_size=16, **kw),
+                lambda *a, **kw: tp.parallel_linear_by(rt.NoDecay, *a, **kw)):
+        (want,), _ = run([(q, False)], k, v)
+        assert want.abs().max() > 65504
+        for dtype, readouts, expected in [(F16, True, F32), (F16, False, F16), (BF16, True, BF16),
+                                          (F32, True, F32)]:
+            (o,), _ = run([(q.to(dtype), False)], k.to(dtype), v.to(dtype), readouts=readouts)
+            assert o.dtype == expected, (dtype, readouts, o.dtype)
+        # the same float16 values run in float32: the float16 call differs by its rounding of the inputs alone
+        (o,), _ = run([(q.half(), False)], k.half(), v.half(), readouts=True)
+        (o_f32,), _ = run([(q.half().float(), False)], k.half().float(), v.half().float())
+        assert torch.isfinite(o).all() and o.abs().max() > 65504
+        assert_agrees("float16 readouts", o, o_f32.double(), 1e-5)

@@ -3252,6 +3252,13 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
     return outs, s0
 
 
+def _triton_out_dtype(k: triton_Tensor, readouts: bool) -> torch.dtype:
+    """The outputs' dtype: k's, but float32 for float16 readouts that a printed epilogue combines (`readouts`,
+    mLSTM's h = (q C) / max(|q n|, 1)): q C and q n pass float16's largest number, 65504, once the input gates
+    exp(ig) pass about e^6, where the epilogue's ratio is of the size of v. bfloat16 has float32's range."""
+    return torch.float32 if readouts and k.dtype == torch.float16 else k.dtype
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public forms
 # ----------------------------------------------------------------------------------------------------------
@@ -3260,7 +3267,7 @@ def _triton_empty_result(queries, k, v, initial_state, output_final_state):
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                              output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                              allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                             skip_weight=None, q_map=None, k_map=None, parallel=None):
+                             skip_weight=None, q_map=None, k_map=None, parallel=None, readouts=False):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -3284,7 +3291,10 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
 
     parallel: None, or the parallel form's runtime (codegen/triton_parallel.py `triton_parallel_linear_by`, passed by the
     `triton_in_parallel` wrapper of a generated module's chunked form), which then runs the call with these arguments but
-    chunk_size (it has no chunks) and cu_seqlens (which `triton_in_parallel` hands to `triton_parallel_linear_by` itself)."""
+    chunk_size (it has no chunks) and cu_seqlens (which `triton_in_parallel` hands to `triton_parallel_linear_by` itself).
+
+    readouts: the outputs are readouts that a printed epilogue combines in float32 (a generated module passes
+    True where it does): float16 ones come back in float32 (`_triton_out_dtype`), others in k's dtype."""
     if parallel is not None:
         if cu_seqlens is not None:
             raise ValueError("the parallel Triton form takes cu_seqlens through `triton_in_parallel`'s option, not the "
@@ -3292,7 +3302,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         return parallel(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, block_k=block_k,
                         block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
-                        q_map=q_map, k_map=k_map)
+                        q_map=q_map, k_map=k_map, readouts=readouts)
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
@@ -3316,15 +3326,16 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     f = fused if fused is not None else _triton_NOT_FUSED
+    out_dtype = _triton_out_dtype(k, readouts)
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, k, v, log_decay,
-                                                   initial_state, *f.tensors(), *[q for q, _ in queries])
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, out_dtype, k, v,
+                                                   log_decay, initial_state, *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                             initial_state, output_final_state, cfg, packed, fused)
+                                             initial_state, output_final_state, cfg, packed, fused, out_dtype)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -3558,9 +3569,10 @@ def _triton_dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.con
 
 
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
-                           fused=None):
+                           fused=None, out_dtype=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
-    num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`."""
+    num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`;
+    out_dtype: the outputs' dtype (None: k's; `_triton_out_dtype`)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
@@ -3570,7 +3582,8 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
                               None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
-    outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages, k.dtype, fused)
+    outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages,
+                           out_dtype or k.dtype, fused)
     return outs, ht, h
 
 
@@ -3579,13 +3592,13 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     [B, H, NT, K, V] (float32) and the final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, k, v, log_decay, initial_state, v_step,
-                decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, k, v, log_decay, initial_state,
+                v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                             cfg, packed, fused)
+                                             cfg, packed, fused, out_dtype)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
@@ -3614,9 +3627,9 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, cast(dk, k, 6), cast(dv, v, 7), cast(dlog, log_decay, 8),
-                cast(dh0, initial_state, 9), cast(dvs, v_step, 10), cast(ddh, decay_head, 11), cast(dskip, skip, 12),
-                cast(dsw, skip_weight, 13), *(cast(dq, q, 14 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, cast(dk, k, 7), cast(dv, v, 8), cast(dlog, log_decay, 9),
+                cast(dh0, initial_state, 10), cast(dvs, v_step, 11), cast(ddh, decay_head, 12), cast(dskip, skip, 13),
+                cast(dsw, skip_weight, 14), *(cast(dq, q, 15 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
@@ -4542,9 +4555,10 @@ def _triton_state(x, z, G, s, out, decay: int, exclusive: bool, reverse: bool, a
 
 
 def _triton_parallel_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, fused=None,
-                             varlen=None):
-    """(outputs in k's dtype, final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec, num_warps,
-    num_stages); varlen: a `_triton_Varlen` whose layout the tensors are in (B = 1, states [N, H, K, V]), or None."""
+                             varlen=None, out_dtype=None):
+    """(outputs in out_dtype (None: k's), final state [B, H, K, V] float32 or None); cfg = (BT, BK, BV, prec,
+    num_warps, num_stages); varlen: a `_triton_Varlen` whose layout the tensors are in (B = 1, states [N, H, K, V]), or
+    None."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -4555,7 +4569,7 @@ def _triton_parallel_forward(decay_cls, queries, k, v, log_decay, initial_state,
     s0 = None if initial_state is None else initial_state.contiguous()
     outs = []
     for q, exclusive in queries:
-        o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)
+        o = torch.empty((B, T, H, V), dtype=out_dtype or k.dtype, device=k.device)
         _triton_attn(q.contiguous(), k, v, G, s0, o, decay_cls.code, bool(exclusive), False, False, False, BT, BK, BV, prec,
                      num_warps, num_stages, vs, f.scale, skip, f.skip_weight, f.q_map, f.k_map, key_z=decay_cls.code == 3,
                      skip_step=f.skip_step, varlen=varlen)
@@ -4681,13 +4695,13 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
     state). The final state is formed only when asked (output_final_state), else returned as None."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, varlen, scale, maps, output_final_state, k, v, log_decay,
-                initial_state, v_step, decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, varlen, scale, maps, output_final_state, out_dtype, k, v,
+                log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht = _triton_parallel_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state,
-                                            output_final_state, cfg, fused, varlen)
+                                            output_final_state, cfg, fused, varlen, out_dtype)
         ctx.save_for_backward(k, v, log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.scale, ctx.maps = decay_cls, exclusive, cfg, scale, maps
         ctx.varlen, ctx.where = varlen, _form_call()
@@ -4711,15 +4725,16 @@ class _triton_ParallelLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, None, cast(dk, k, 7), cast(dv, v, 8), cast(dlog, log_decay, 9),
-                cast(dh0, initial_state, 10), cast(dvs, v_step, 11), cast(ddh, decay_head, 12), cast(dskip, skip, 13),
-                cast(dsw, skip_weight, 14), *(cast(dq, q, 15 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, None, cast(dk, k, 8), cast(dv, v, 9),
+                cast(dlog, log_decay, 10), cast(dh0, initial_state, 11), cast(dvs, v_step, 12),
+                cast(ddh, decay_head, 13), cast(dskip, skip, 14), cast(dsw, skip_weight, 15),
+                *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, output_final_state=False, *,
                               block_t=None, block_k=None, block_v=None, num_warps=None, num_stages=None, allow_tf32=None,
                               v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                              k_map=None, cu_seqlens=None):
+                              k_map=None, cu_seqlens=None, readouts=False):
     """The parallel form of S_t = D_t S_{t-1} + k_t v_t^T on the GPU (Triton), any decay class of
     codegen/triton_runtime.py (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay, triton_ValueDecay); `triton_chunked_linear_by`'s arguments and
     results (queries: list of (q [B, T, H, K], exclusive); k [B, T, H, K]; v [B, T, H, V]; log_decay [B, T, H],
@@ -4733,7 +4748,8 @@ def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_
     packed into B = 1, as for triton_chunked_linear_by: each runs from its own row of initial_state [N, H, K, V] (zero if
     None), the final state is [N, H, K, V] (an empty sequence's is its initial one). The sequences are laid out as
     `_triton_Packed` lays them out, at BT = min(block_t, pow2(longest sequence)) (`_triton_Varlen`), and every kernel runs once
-    for all N, forward and backward: the launches are those of one sequence."""
+    for all N, forward and backward: the launches are those of one sequence. readouts: as for
+    triton_chunked_linear_by (float16 outputs that a printed epilogue combines come back in float32)."""
     fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
     BT, BK, BV, prec = _triton_parallel_config(k, v.shape[-1], block_t, block_k, block_v, allow_tf32, decay_cls.code >= 2)
     varlen = None
@@ -4755,16 +4771,17 @@ def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_
         return _triton_empty_result(queries, k, v, initial_state, output_final_state)
     cfg = (BT, BK, BV, prec, num_warps, num_stages)
     f = fused if fused is not None else _triton_NOT_FUSED
+    out_dtype = _triton_out_dtype(k, readouts)
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
         flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps,
-                                                    bool(output_final_state), k, v, log_decay, initial_state, *f.tensors(),
-                                                    *[q for q, _ in queries])
+                                                    bool(output_final_state), out_dtype, k, v, log_decay, initial_state,
+                                                    *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht = _triton_parallel_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay, initial_state,
-                                            output_final_state, cfg, fused, varlen)
+                                            output_final_state, cfg, fused, varlen, out_dtype)
     if varlen is not None:
         outs = [varlen.packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
