@@ -443,6 +443,11 @@ def cmd_tune(args) -> int:
         _prepare_triton(device)
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
+    if given.get("T", 1) < 1:  # (check and kernels run T = 0; a timing of no steps has no backward, no meaning)
+        raise UsageError("--shape: tune times calls of at least one step, got T=0")
+    if backend == "triton" and args.dtype == "float64":
+        raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
+                         "with --backend torch)")
     store = open_store(args.store)
     try:
         store.check_writable()  # a bad --store fails before any timing
@@ -753,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "before timing any (optuna screens large spaces), then time the default and the "
                           "fastest candidates interleaved, --repeat rounds each, and report each one's median and "
                           "spread (IQR). A config is chosen only when its median beats the default's by more "
-                          "than 5%% and by more than half the sum of the two IQRs; otherwise the default is kept "
+                          "than 5% and by more than half the sum of the two IQRs; otherwise the default is kept "
                           "and the table says so. Every trial and the choice go to the tuning store that "
                           "compile() and generated modules read.",
                           epilog=STORE_RULE.replace("%", "%%"))

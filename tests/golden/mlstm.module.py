@@ -112,6 +112,18 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(_n(s) for s in t.shape) + "]"
 
 
+# cu_seqlens' dtypes, the integers: a bool or complex tensor is not floating point either, and was turned into int64
+# boundaries without a word
+_INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _what(value) -> str:
+    """What a call passed where a tensor was expected, for its error: a tensor's dtype and shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {_shape(value)}"
+    return type(value).__name__
+
+
 def _expected(prefix: tuple[str, ...], sym: Symbol) -> str:
     return "[" + ", ".join(prefix + tuple(str(d) for d in sym.dims)) + "]"
 
@@ -223,8 +235,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
 
     cu = None
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise CallError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+                or cu_seqlens.dtype not in _INDEX_DTYPES):
+            raise CallError(f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries, got "
+                            f"{_what(cu_seqlens)}")
         if batch != 1:
             raise CallError(f"cu_seqlens packs sequences along T and needs B == 1, got B={_n(batch)}")
         if cu_seqlens.shape[0] < 2:
@@ -247,7 +261,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
                 return _expected(("N" if cu is not None else "B", "H"), sym)
 
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise CallError(f"{what} must be a floating-point tensor of shape {describe()}")
+                raise CallError(f"{what} must be a floating-point tensor of shape {describe()}, got {_what(t)}")
             if t.dim() != 2 + len(sym.dims) or t.shape[0] != rows or t.shape[1] != heads:
                 rows_word = f"N={_n(rows)} sequences" if cu is not None else f"B={_n(rows)}"
                 raise CallError(f"{what} must have shape {describe()} with {rows_word}, H={_n(heads)}, "

@@ -1,0 +1,81 @@
+"""A second new-user trial of the newest features: what it ran into in the calling convention and the CLI, each now
+a clear error naming the argument and what it got (recurrence_dsl/calling.py, recurrence_dsl/cli.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.cli import main
+from recurrence_dsl.errors import CallError
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPECS_DIR
+
+MIN_GRU = recurrence_dsl.load(SPECS_DIR / "min_gru.rec")["min_gru"]
+LAYER = recurrence_dsl.compile(MIN_GRU, backend="torch", tuning=False)
+
+
+def _packed(length: int = 9):
+    args, init = sample_arguments(MIN_GRU.checked, {"D": 4}, 1, length, 2, seed=1, with_initial_state=True, rows=2)
+    return args, init
+
+
+@pytest.mark.parametrize(("cu_seqlens", "got"), [
+    (torch.tensor([0, 4, 9], dtype=torch.bool), "a bool tensor of shape [3]"),  # torch read it as [0, 1, 1]
+    (torch.tensor([0, 4, 9], dtype=torch.complex64), "a complex64 tensor of shape [3]"),
+    (torch.tensor([0.0, 4.0, 9.0]), "a float32 tensor of shape [3]"),
+    (torch.tensor([[0, 4, 9]]), "a int64 tensor of shape [1, 3]"),
+    ([0, 4, 9], "list"),
+])
+def test_a_bad_cu_seqlens_says_what_it_got(cu_seqlens, got):
+    args, _ = _packed()
+    with pytest.raises(CallError) as info:
+        LAYER(*args, cu_seqlens=cu_seqlens)
+    assert str(info.value) == f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries, got {got}"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8])
+def test_integer_cu_seqlens_of_any_width_still_run(dtype):
+    args, init = _packed()
+    cu = torch.tensor([0, 4, 9], dtype=dtype)
+    out, final = LAYER(*args, initial_state=init, output_final_state=True, cu_seqlens=cu)
+    ref, ref_final = MIN_GRU.reference(*args, initial_state=init, output_final_state=True, cu_seqlens=cu)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(final.double(), ref_final, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("state", "got"), [(torch.zeros(1, 2, 4, dtype=torch.int64), "a int64 tensor of shape "
+                                             r"\[1, 2, 4\]"), ([0.0] * 4, "list")])
+def test_a_non_float_initial_state_says_what_it_got(state, got):
+    args, _ = _packed()
+    with pytest.raises(CallError, match=rf"^initial_state must be a floating-point tensor of shape \[B, H, D\], "
+                                        rf"got {got}$"):
+        LAYER(*args, initial_state=state)
+
+
+def test_tune_description_shows_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tune", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "by more than 5% and" in text and "%%" not in text
+
+
+def test_tune_of_no_steps_is_a_usage_error_before_any_trial(tmp_path, capsys):
+    store = tmp_path / "t.sqlite"
+    code = main(["tune", str(SPECS_DIR / "min_gru.rec"), "--shape", "B=1,T=0,H=2,D=16", "--store", str(store)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--shape: tune times calls of at least one step, got T=0" in captured.err
+    assert "failed" not in captured.out and not store.exists()  # it stored no failed trial
+
+
+def test_tune_of_float64_on_triton_names_the_option(tmp_path, capsys):
+    code = main(["tune", str(SPECS_DIR / "min_gru.rec"), "--backend", "triton", "--dtype", "float64", "--device",
+                 "cpu", "--store", str(tmp_path / "t.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--dtype float64: the triton backend takes float32, float16 or bfloat16" in err
+    assert "Problem" not in err
