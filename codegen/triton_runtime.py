@@ -2069,7 +2069,7 @@ def _dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr, D: tl
         b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
     if ACC:
         b_r += tl.load(r + offs, mask=m, other=0.0)
-    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
+    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0).to(tl.float32) < FLOOR, 0.0, b_r)
     tl.store(r + offs, b_r, mask=m)
 
 
@@ -2157,7 +2157,7 @@ def _dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.constexpr,
     b_r += tl.sum(tl.where(m_us, b_C, 0.0), axis=1)
     if ACC:
         b_r += tl.load(r + bos + o_i * H, mask=m_t, other=0.0)
-    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0) < FLOOR, 0.0, b_r)
+    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32) < FLOOR, 0.0, b_r)
     tl.store(r + bos + o_i * H, b_r, mask=m_t)
 
 

@@ -79,3 +79,22 @@ def test_tune_of_float64_on_triton_names_the_option(tmp_path, capsys):
     assert code == 2
     assert "--dtype float64: the triton backend takes float32, float16 or bfloat16" in err
     assert "Problem" not in err
+
+
+def test_bfloat16_log_decay_gradients_of_the_chunked_triton_form_are_not_floored_away():
+    """The dlog kernels compared the raw bfloat16 log decay with FLOOR: Triton's interpreter gets comparisons of a
+    loaded bfloat16 tensor wrong, so every step read as floored and dg came back all zeros. Compared in float32
+    now (as the GPU compiles it anyway); dg against the float32 call's."""
+    rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, _ = sample_arguments(rec.checked, {"K": 16, "V": 16}, 1, 40, 1, dtype=torch.float32, seed=3)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [a.detach().to(dtype).requires_grad_(True) for a in args]
+        out = layer(*leaves, backend="triton", form="chunked", chunk_size=16)[0]
+        seed = torch.Generator().manual_seed(0)
+        out.backward(torch.randn(out.shape, generator=seed).to(dtype))
+        grads[dtype] = leaves[3].grad.float()  # g, the log decay
+    want, got = grads[torch.float32], grads[torch.bfloat16]
+    assert want.abs().max() > 1e-3
+    assert (got - want).norm() <= 5e-2 * want.norm()

@@ -3913,7 +3913,7 @@ def _triton_dlog_chunk_kernel(M, x, y, w, z, h, dh, g, gc, r, T, H: tl.constexpr
         b_r += tl.where(o_j[None, :] == j, b_rc[:, None], 0.0)
     if ACC:
         b_r += tl.load(r + offs, mask=m, other=0.0)
-    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0) < FLOOR, 0.0, b_r)
+    b_r = tl.where(tl.load(g + offs, mask=m, other=0.0).to(tl.float32) < FLOOR, 0.0, b_r)
     tl.store(r + offs, b_r, mask=m)
 
 

@@ -3578,7 +3578,7 @@ def _triton_dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.con
     b_r += tl.sum(tl.where(m_us, b_C, 0.0), axis=1)
     if ACC:
         b_r += tl.load(r + bos + o_i * H, mask=m_t, other=0.0)
-    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0) < FLOOR, 0.0, b_r)
+    b_r = tl.where(tl.load(g + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32) < FLOOR, 0.0, b_r)
     tl.store(r + bos + o_i * H, b_r, mask=m_t)
 
 
