@@ -75,7 +75,7 @@ def load(path_or_text: str | Path) -> Recurrences:
         path = Path(path_or_text)
         if path.is_dir():  # FileNotFoundError too: the CLI's "no such file" exit, with what the path is
             raise FileNotFoundError(f"{path} is a directory, not a .rec file")
-        if not path.is_file():
+        if not path.exists():  # (a pipe or a device, e.g. bash's <(...) or /dev/stdin, is read as it is)
             raise FileNotFoundError(f"no such .rec file: {path}")
         return load_text(read_spec(path), str(path))
     return load_text(path_or_text)

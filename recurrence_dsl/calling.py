@@ -71,7 +71,7 @@ class _SizeBinder:
 
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
-        self.origin: dict[str, str] = {}
+        self.origin: dict[str, tuple[str, torch.Tensor]] = {}  # size -> (the argument it came from, that argument)
 
     def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
         # Messages are built only when raised, their sizes through _n(): under torch.compile a size is symbolic.
@@ -81,10 +81,11 @@ class _SizeBinder:
                                 f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
-            raise CallError(f"size {size} is {_n(self.sizes[size])} from {self.origin[size]} but {_n(value)} from "
-                            f"{what} (expected {describe()}, got {_shape(got)})")
+            first, first_tensor = self.origin[size]
+            raise CallError(f"size {size} is {_n(self.sizes[size])} from {first} (shape {_shape(first_tensor)}) but "
+                            f"{_n(value)} from {what} (expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
-        self.origin.setdefault(size, what)
+        self.origin.setdefault(size, (what, got))
 
 
 def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:

@@ -298,6 +298,7 @@ def test_call_size_mismatch_between_arguments(gla, gla_args):
     # K is 4 from q and 5 from k: both arguments, both numbers and the shape are named.
     assert "size K" in msg and "input 'q'" in msg and "input 'k'" in msg
     assert "4" in msg and "5" in msg and "[B, T, H, K]" in msg and "[2, 4, 2, 5]" in msg
+    assert "from input 'q' (shape [2, 4, 2, 4])" in msg  # the first argument's shape too: either may be the wrong one
 
 
 def test_call_size_mismatch_with_a_param():

@@ -3,6 +3,9 @@ a clear error naming the argument and what it got (recurrence_dsl/calling.py, re
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
@@ -98,3 +101,32 @@ def test_bfloat16_log_decay_gradients_of_the_chunked_triton_form_are_not_floored
     want, got = grads[torch.float32], grads[torch.bfloat16]
     assert want.abs().max() > 1e-3
     assert (got - want).norm() <= 5e-2 * want.norm()
+
+
+def test_a_spec_from_a_pipe_is_read(tmp_path, capsys):
+    """`recdsl explain <(...)` (bash's process substitution, a pipe under /dev/fd) and /dev/null were "no such
+    .rec file" though they exist: only a path that does not exist is."""
+    fifo = tmp_path / "spec.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=((SPECS_DIR / "gla.rec").read_text(),))
+    writer.start()
+    assert main(["explain", str(fifo)]) == 0
+    writer.join()
+    assert capsys.readouterr().out.startswith("recurrence gla: class diagonal-row")
+    assert main(["explain", os.devnull]) == 2
+    assert "no recurrence in this file" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "missing.rec")]) == 2
+    assert "no such .rec file" in capsys.readouterr().err
+
+
+def test_a_bad_num_warps_under_auto_names_no_form_it_may_not_run(tmp_path):
+    """Under form auto a T=200 call runs the chunked form, but a bad num_warps said "(the recurrent form)": the
+    first form checked. num_warps' bound is every form's, so no form is named; a block's least size is its form's."""
+    rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, _ = sample_arguments(rec.checked, {"K": 8, "V": 8}, 1, 200, 1, dtype=torch.float32, seed=0)
+    with pytest.raises(CallError) as info:
+        layer(*args, backend="triton", config={"num_warps": 3})
+    assert str(info.value) == "config num_warps must be a power of two from 1 to 32, got 3"
+    with pytest.raises(CallError, match=r"config block_k must be a power of two >= 16, got 8 \(the chunked form\)"):
+        layer(*args, backend="triton", form="chunked", config={"block_k": 8})

@@ -133,7 +133,7 @@ class _SizeBinder:
 
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
-        self.origin: dict[str, str] = {}
+        self.origin: dict[str, tuple[str, torch.Tensor]] = {}  # size -> (the argument it came from, that argument)
 
     def bind(self, size: Size, value: int, what: str, describe, got: torch.Tensor) -> None:
         # Messages are built only when raised, their sizes through _n(): under torch.compile a size is symbolic.
@@ -143,10 +143,11 @@ class _SizeBinder:
                                 f"{size} is declared")
             return
         if size in self.sizes and self.sizes[size] != value:
-            raise CallError(f"size {size} is {_n(self.sizes[size])} from {self.origin[size]} but {_n(value)} from "
-                            f"{what} (expected {describe()}, got {_shape(got)})")
+            first, first_tensor = self.origin[size]
+            raise CallError(f"size {size} is {_n(self.sizes[size])} from {first} (shape {_shape(first_tensor)}) but "
+                            f"{_n(value)} from {what} (expected {describe()}, got {_shape(got)})")
         self.sizes.setdefault(size, value)
-        self.origin.setdefault(size, what)
+        self.origin.setdefault(size, (what, got))
 
 
 def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: bool = True) -> BoundCall:
@@ -376,7 +377,7 @@ def triton_options(call, options: dict | None) -> dict:
 _LEAST_BLOCK = {"chunked": 16, "parallel": 16}
 
 
-def _config_value_error(form: str, key: str, value) -> str | None:
+def _config_value_error(form: str, key: str, value, name_form: bool = True) -> str | None:
     """Why `value` cannot be `key` of a config for `form`, or None (chunk_size is checked by the layer, by the
     chunk_size rule of the backend). Triton takes num_warps a power of two up to 32 (1024 threads a CTA)."""
     if key == "chunk_size":
@@ -388,7 +389,9 @@ def _config_value_error(form: str, key: str, value) -> str | None:
     least = 1 if key == "num_warps" or form not in _LEAST_BLOCK else _LEAST_BLOCK[form]
     if value < least or value & (value - 1) or (key == "num_warps" and value > 32):
         bounds = "from 1 to 32" if key == "num_warps" else f">= {least}"
-        return f"config {key} must be a power of two {bounds}, got {value} (the {form} form)"
+        # (under auto, name_form False, a form only where the bound is that form's: num_warps' is every form's)
+        whose = f" (the {form} form)" if name_form or least > 1 else ""
+        return f"config {key} must be a power of two {bounds}, got {value}{whose}"
     return None
 
 
@@ -430,7 +433,7 @@ def config_forms(config, accepted: dict, backend: str, form: str | None) -> dict
     shares = {f: share for f, share in shares.items() if share}
     for f, share in shares.items():
         for key, value in share.items():
-            why = _config_value_error(f, key, value)
+            why = _config_value_error(f, key, value, name_form=form is not None)
             if why:
                 raise CallError(why)  # noqa: F821
     return shares
