@@ -412,6 +412,8 @@ def _bad_calls(module, layer, rec):
                                 form="recurrent"))
         finally:
             del os.environ[variable]
+    with pytest.raises(CallError, match="torch.func transforms"):  # the forms' Functions have no functorch rules
+        torch.func.grad(lambda x: layer(x, *args[1:], initial_state=init, backend="torch")[0].sum())(args[0])
     with pytest.raises(ValueError, match="triton"):
         type(layer)(layer.recurrence, layer.forms, None, backend="triton")
     no_triton = type(layer)(layer.recurrence, layer.forms, None)

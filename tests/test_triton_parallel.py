@@ -197,8 +197,11 @@ def test_decay_gradient_does_not_cancel(axis):
 # `_parallel_cumsum_kernel` (before, torch's float64 copy, where and cumsum of the log decays in the forward and
 # the backward: HGRN2 17,751,072 / 20,892,192). float32 runs blocks of 16 rows (`_PARALLEL_IEEE_BT`): HGRN2's
 # log-decay gradient keeps twice the per-block sums of its 32-row blocks.
-PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_474_720,
-                  ("normalized_linear_attention", torch.bfloat16): 8_998_432,
+# Normalised linear attention's normaliser runs as a value column of S's call since the twelfth session
+# (`[v, 1, zeros]`, 144 columns: one call where there were two): float32 7,474,720 -> 7,798,544 (the copy of v),
+# bfloat16 8,998,432 -> 7,509,776.
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_798_544,
+                  ("normalized_linear_attention", torch.bfloat16): 7_509_776,
                   ("hgrn2", torch.float32): 6_835_216, ("hgrn2", torch.bfloat16): 9_845_264}
 
 

@@ -546,16 +546,10 @@ def scan_held_bytes(spec, call, length: int, rows: int) -> int:
 
 def scan_bytes_limit() -> int:
     """`SCAN_HELD_BYTES`, or the environment's RECURRENCE_DSL_SCAN_BYTES (a byte count, >= 0)."""
-    given = os.environ.get(SCAN_BYTES, "").strip()
-    if not given:
-        return SCAN_HELD_BYTES
-    try:
-        limit = int(given)
-    except ValueError:
-        limit = -1
-    if limit < 0:
+    given = os.environ.get(SCAN_BYTES, "").strip() or str(SCAN_HELD_BYTES)
+    if not given.isdigit():
         raise ValueError(f"{SCAN_BYTES}={given!r}: expected a byte count >= 0")
-    return limit
+    return int(given)
 
 
 def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: int = 0) -> str:
