@@ -107,9 +107,11 @@ ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's l
 # this many footprint elements a thread at 4 warps it runs 8 (rwkv6 / rwkv7 at K = V = 64 spilled 8 B on sm_80 at 4
 # warps; on sm_90 4 warps run clean there and 8 left lightning_attention's adjoint an 8-byte stack slot).
 ADJOINT_ELEMENTS_AT_4_WARPS = 48
-# The segmented adjoint's scratch (each program's segment of states) is capped here: past it, fewer programs than
-# segments, each taking several in turn (issue 9's memory bound: the states are never all held at once).
-SEGMENT_SCRATCH_BYTES = 1 << 30
+# The segmented adjoint's scratch (each program's sub-segment starts and one sub-segment's states) is capped here:
+# past it, fewer programs than segments, each taking several in turn (issue 9's memory bound: the states are never
+# all held at once). 64 MiB: RWKV-7 at B=2, H=4, K=V=128 keeps 8 of 16 lanes (256 programs, about two per SM of an
+# H100); at 1 GiB every segment had its own and a training step allocated 1.3 GB.
+SEGMENT_SCRATCH_BYTES = 64 << 20
 # A [D0, D1] param's gradient that is a sum of at most this many outer products per step is not summed in registers:
 # the adjoint kernel stores the per-step factors and the launcher contracts them over (batch, time) in one matmul.
 OUTER_FACTORS_MAX = 4
@@ -967,6 +969,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                     return False
         return True
 
+    def _map_reads_state(self) -> bool:
+        """Whether the state gradient's step, the outputs' gradients' terms included, reads a state (before or after
+        the step): then the segmented launch for r_c recomputes the states; else it holds none."""
+        states = {s.name for s in self.states} | {s.name + NEW_SUFFIX for s in self.states}
+        exprs = [e for _, _, e in self.totals_ir] + [e for _, e in self.previous_ir.values()]
+        return bool(self._reads(exprs) & states)
+
     def _reads(self, exprs) -> set[str]:
         """The names `exprs` read, through the temporaries they read."""
         names: set[str] = set()
@@ -1073,8 +1082,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
                 + ["VARLEN: tl.constexpr"])
         if seg:  # the segmented mode's gradients at the segments' ends (in) and starts (out), its table and flags
-            rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SEGMENTS: tl.constexpr",
-                     "STORE_GRADS: tl.constexpr"]
+            rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SUB_", "NSUB_", "SEGMENTS: tl.constexpr",
+                     "STORE_GRADS: tl.constexpr", "RECOMPUTE: tl.constexpr", "EYE: tl.constexpr"]
         # unasked, ptxas stops at 128 registers a thread at 8 warps and spilled 8-32 B (the class docstring)
         w("@_register_limited()", 0)
         w("@triton.jit", 0)
@@ -1092,7 +1101,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("SEGMENTS: one program per (batch, head, tile, segment lane i_p) taking segments i_p, i_p + NP_, ... of")
             w("the launch (packed: of every sequence, its sequence from the table seq_), each from the state gradient")
             w("at its end, de, storing the one at its start to ds (`_segmentable`); STORE_GRADS: store the inputs'")
-            w('and params\' gradients (off where only ds is wanted)."""')
+            w("and params' gradients (off where only ds is wanted); RECOMPUTE: recompute the states (off where the")
+            w("state gradient's map reads none); EYE: the identity at every segment's end instead of de (P_c). The")
+            w('scratch: NSUB_ sub-segments\' first states, SUB_ steps apart, then one sub-segment\'s SUB_ states."""')
         else:
             w('VARLEN: packed sequences, as in the forward kernel; each program walks its own sequence\'s segments."""')
         w("i_bh = tl.program_id(0)")
@@ -1153,7 +1164,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             else:
                 w(f"{names[grad_name(s.name)]} = {seed(s, at)}")
             w(f"p_ck_{u} = ck_{u} + ck_row_ * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else ""))
-            w(f"p_sc_{u} = sc_{u} + i_slot * SLOTS_ * {self._slot(s)}"
+            slots = "(NSUB_ + SUB_)" if seg else "SLOTS_"  # (segmented: sub-segments' first states, then one's)
+            w(f"p_sc_{u} = sc_{u} + i_slot * {slots} * {self._slot(s)}"
               + (f" + {self._local_offsets(s)}" if s.dims else ""))
         self._write_prologue_temps(w, printer)
 
@@ -1199,91 +1211,143 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("i_c = i_r - tl.load(ck_first_ + i_b)", 4)
             w("ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)", 4)
             w(f"p_ck_{state} = ck_{state} + ck_row_ * {self._factor(s0)} + {self._offsets(s0)}", 4)
+            a_offs, f_offs = (offs_name(d) for d in self._dims(s0))
+            w("if EYE:  # (P_c: the identity, the tiled axis standing for the first)", 3)
+            w(f"{names[grad_name(s0.name)]} = tl.where({self._state_mask(s0)} & ({a_offs}[:, None] == "
+              f"{f_offs}[None, :]), 1.0, 0.0)", 4)
+            w("else:", 3)
             w(f"{names[grad_name(s0.name)]} = tl.load(de_{state} + (ck_row_ + i_c) * {self._factor(s0)} + "
-              f"{self._offsets(s0)}, mask={self._state_mask(s0)}, other=0.0)  # at the segment's end", 3)
+              f"{self._offsets(s0)}, mask={self._state_mask(s0)}, other=0.0)  # at the segment's end", 4)
         w("t0 = i_c * every", 2)
         w("t1 = t0 + every", 2)
         w("if t1 > L_:", 2)
         w("t1 = L_", 3)
-        w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch", 2)
-        w("# slot (the barriers: a slot is written and read by different threads of the program).", 2)
-        w("tl.debug_barrier()", 2)
-        for s in self.states:
-            load_state(s, f"p_ck_{_user(s.name)} + i_c * {self._factor(s)}", 2)
-        w("for i_t in range(t0, t1):", 2)
-        for s in self.states:
-            u = _user(s.name)
-            at = f"p_sc_{u} + (i_t - t0) * {self._slot(s)}"
-            w(f"tl.store({at}, b_{u}, mask={self._state_mask(s)})" if s.dims else f"tl.store({at}, b_{u})", 3)
-        load_inputs(read_update, 3)
-        emitted: set[str] = set()
-        for s in self._update_order():
-            idx, e = self.updates[s.name]
-            u = _user(s.name)
-            self._write_temps_for(w, printer, e, emitted, 3)
-            text = self._full(printer, e, idx)
-            if idx and printer.needs_mask(e, idx):
-                text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
-            w(f"b_{u}_new = {text}  # " + (f"{self._shape(s)} " if s.dims else "") + self.cite[s.name], 3)
-        for s in self.states:
-            w(f"b_{_user(s.name)} = b_{_user(s.name)}_new", 3)
-        w("tl.debug_barrier()", 2)
-        w("# The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.", 2)
-        for s in self.states:
-            w(f"b_{_user(s.name)}_new = b_{_user(s.name)}  # the state after the segment's last step", 2)
-        w("for i_s in range(0, t1 - t0):", 2)
-        w("i_t = t1 - 1 - i_s", 3)
-        for s in self.states:
-            load_state(s, f"p_sc_{_user(s.name)} + (i_t - t0) * {self._slot(s)}", 3)
-        load_inputs(read_adjoint, 3)
+        bi = 4 if seg else 3  # the indent of the adjoint step's body (segmented: inside the sub-segments' loop)
+
+        def recompute(first: str, last: str, slot: str, indent: int, every_sub: bool = False) -> None:
+            """The states of steps first .. last - 1 recomputed from b_<state>, the one before each step stored at
+            slot (every_sub: only at the sub-segments' starts, slot then their number)."""
+            w(f"for i_t in range({first}, {last}):", indent)
+            if every_sub:
+                w("if (i_t - t0) % SUB_ == 0:  # a sub-segment's first state", indent + 1)
+            for s in self.states:
+                u = _user(s.name)
+                at = f"p_sc_{u} + ({slot}) * {self._slot(s)}"
+                w(f"tl.store({at}, b_{u}, mask={self._state_mask(s)})" if s.dims else f"tl.store({at}, b_{u})",
+                  indent + 1 + every_sub)
+            load_inputs(read_update, indent + 1)
+            emitted: set[str] = set()
+            for s in self._update_order():
+                idx, e = self.updates[s.name]
+                u = _user(s.name)
+                self._write_temps_for(w, printer, e, emitted, indent + 1)
+                text = self._full(printer, e, idx)
+                if idx and printer.needs_mask(e, idx):
+                    text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
+                w(f"b_{u}_new = {text}  # " + (f"{self._shape(s)} " if s.dims else "") + self.cite[s.name],
+                  indent + 1)
+            for s in self.states:
+                w(f"b_{_user(s.name)} = b_{_user(s.name)}_new", indent + 1)
+
+        if seg:
+            # Two levels (issue: RWKV-7's step kept [B, H, T, K, V] float32 states in scratch): the segment's
+            # states recomputed once to keep each sub-segment's first (SUB_ steps apart, NSUB_ slots), then each
+            # sub-segment's again, from the last, into SUB_ slots after those, and the adjoint run back through it.
+            # RECOMPUTE off (the launches for r_c and P_c, whose map reads no state): no state is read at all.
+            st0 = _user(self.states[0].name)
+            w("# The segment's states recomputed from its checkpoint, keeping each sub-segment's first state (SUB_", 2)
+            w("# steps apart), then each sub-segment's from the last into SUB_ more slots, the adjoint step back", 2)
+            w("# through them. RECOMPUTE off: no state is read (the gradient's map reads none).", 2)
+            w("NQ_ = (t1 - t0 + SUB_ - 1) // SUB_  # sub-segments", 2)
+            w("if RECOMPUTE:", 2)
+            w("tl.debug_barrier()", 3)
+            load_state(self.states[0], f"p_ck_{st0} + i_c * {self._factor(self.states[0])}", 3)
+            recompute("t0", "t0 + (NQ_ - 1) * SUB_", "(i_t - t0) // SUB_", 3, every_sub=True)
+            w(f"tl.store(p_sc_{st0} + (NQ_ - 1) * {self._slot(self.states[0])}, b_{st0}, "
+              f"mask={self._state_mask(self.states[0])})  # the last sub-segment's first state", 3)
+            w("else:", 2)
+            w(f"b_{st0} = tl.zeros({self._shape(self.states[0])}, dtype=tl.float32)  # (read by no stored value)", 3)
+            w("for i_q in range(0, NQ_):", 2)
+            w("q0_ = t0 + (NQ_ - 1 - i_q) * SUB_  # the sub-segment's steps q0_ .. q1_ - 1, from the last", 3)
+            w("q1_ = q0_ + SUB_", 3)
+            w("if q1_ > t1:", 3)
+            w("q1_ = t1", 4)
+            w("if RECOMPUTE:", 3)
+            w("tl.debug_barrier()  # (a slot is written and read by different threads of the program)", 4)
+            load_state(self.states[0], f"p_sc_{st0} + ((q0_ - t0) // SUB_) * {self._slot(self.states[0])}", 4)
+            recompute("q0_", "q1_", "NSUB_ + i_t - q0_", 4)
+            w("tl.debug_barrier()", 4)
+            w(f"b_{st0}_new = b_{st0}  # the state after the sub-segment's last step", 3)
+            w("for i_s in range(0, q1_ - q0_):", 3)
+            w("i_t = q1_ - 1 - i_s", 4)
+            w("if RECOMPUTE:", 4)
+            load_state(self.states[0], f"p_sc_{st0} + (NSUB_ + i_t - q0_) * {self._slot(self.states[0])}", 5)
+        else:
+            w("# The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch",
+              2)
+            w("# slot (the barriers: a slot is written and read by different threads of the program).", 2)
+            w("tl.debug_barrier()", 2)
+            for s in self.states:
+                load_state(s, f"p_ck_{_user(s.name)} + i_c * {self._factor(s)}", 2)
+            recompute("t0", "t1", "i_t - t0", 2)
+            w("tl.debug_barrier()", 2)
+            w("# The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before "
+              "it.", 2)
+            for s in self.states:
+                w(f"b_{_user(s.name)}_new = b_{_user(s.name)}  # the state after the segment's last step", 2)
+            w("for i_s in range(0, t1 - t0):", 2)
+            w("i_t = t1 - 1 - i_s", 3)
+            for s in self.states:
+                load_state(s, f"p_sc_{_user(s.name)} + (i_t - t0) * {self._slot(s)}", 3)
+        load_inputs(read_adjoint, bi)
         for o in self.outputs:
             if grad_name(o.name) not in read_adjoint:
                 continue
             at = f"{self.grad_ptr[o.name]} + ((bos_ + i_t) * H_ + i_h) * {self._factor(o)}"
             if o.dims:
                 at += f" + {self._offsets(o)}"
-            w(f"{names[grad_name(o.name)]} = {seed(o, at)}", 3)
+            w(f"{names[grad_name(o.name)]} = {seed(o, at)}", bi)
         emitted = set()
         by_total = {grad_name(s.name + NEW_SUFFIX): s for s in self.states}
         for name, idx, e in self.totals_ir:
             s = by_total[name]
-            self._write_temps_for(w, printer, e, emitted, 3)
+            self._write_temps_for(w, printer, e, emitted, bi)
             text = self._full(printer, e, idx)
             if idx and printer.needs_mask(e, idx):
                 text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
-            w(f"{names[name]} = {text}  # d loss / d {s.name} after step i_t", 3)
+            w(f"{names[name]} = {text}  # d loss / d {s.name} after step i_t", bi)
         for x in self.grads:
             idx, e = self.grads_ir[x.name]
             if x.name in self.outer:
                 self._write_outer_factors(w, printer, x, idx, emitted)
                 continue
-            self._write_temps_for(w, printer, e, emitted, 3)
+            self._write_temps_for(w, printer, e, emitted, bi)
             text = self._full(printer, e, idx)
             u = names[grad_name(x.name)]
             if x in self.params:
-                w(f"{u} += {text}", 3)
+                w(f"{u} += {text}", bi)
                 continue
             # its own gradient, or its tile's part ([tiles, R, T_, H_, ...]: a tile's part is TT_ = R * T_ steps on)
             row = "bos_" if self._spans_tile(x) else ("bos_ + i_tile * TT_" if self.tile is not None else "bos_")
             at = f"{self.grad_ptr[x.name]} + (({row} + i_t) * H_ + i_h) * {self._factor(x)}"
-            w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), 3)
+            w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), bi)
             if seg:
-                w("if STORE_GRADS:", 3)
+                w("if STORE_GRADS:", bi)
             if x.dims:
-                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", 4 if seg else 3)
+                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", bi + 1 if seg else bi)
             else:
-                w(f"tl.store({at}, {u})", 4 if seg else 3)
+                w(f"tl.store({at}, {u})", bi + 1 if seg else bi)
         for s in self.states:
             idx, e = self.previous_ir[s.name]
-            self._write_temps_for(w, printer, e, emitted, 3)
+            self._write_temps_for(w, printer, e, emitted, bi)
             text = self._full(printer, e, idx)
             if idx and printer.needs_mask(e, idx):
                 text = f"tl.where({self._state_mask(s)}, {text}, 0.0)"
-            w(f"{names[grad_name(s.name) + '_prev']} = {text}  # d loss / d {s.name} before step i_t", 3)
+            w(f"{names[grad_name(s.name) + '_prev']} = {text}  # d loss / d {s.name} before step i_t", bi)
         for s in self.states:
             u = _user(s.name)
-            w(f"{names[grad_name(s.name)]} = {names[grad_name(s.name) + '_prev']}", 3)
-            w(f"b_{u}_new = b_{u}", 3)
+            w(f"{names[grad_name(s.name)]} = {names[grad_name(s.name) + '_prev']}", bi)
+            w(f"b_{u}_new = b_{u}", bi)
         if seg:
             s0 = self.states[0]
             w("if SEGMENTS:", 2)
@@ -1410,7 +1474,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             st = self.states[0]
             w("segments = bool(segments) and NC_ > 0 and B_ * H_ > 0")
             w("G0_ = (1 if cu_ is not None else B_) * H_  # grid axis 0 of the segmented launches: (row, head)")
-            w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_ * NT_, SLOTS_ * {self._slot(st)}) if segments else 1")
+            w("# sub-segments of SUB_ steps, about sqrt(SLOTS_): the scratch holds NSUB_ + SUB_ states, not SLOTS_")
+            w("# (the sequential launch keeps one sub-segment, the segment, as before)")
+            w("SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_")
+            w("NSUB_ = triton.cdiv(SLOTS_, SUB_)")
+            w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_ * NT_, (NSUB_ + SUB_) * {self._slot(st)}) if segments else 1")
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
             lead = "" if self._spans_tile(x) else "NT_, "
@@ -1438,8 +1506,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             lead = "" if self._spans_tile(s) or self.tile is None else "NT_, "
             w(f"dh0_{u} = torch.empty(({lead}B_, H_{dims}), {f32})")
             if seg:
-                w(f"sc_{u} = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * SLOTS_ * {self._slot(s)},), "
-                  f"{f32})  # scratch: a segment's states per program")
+                w(f"sc_{u} = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * (NSUB_ + SUB_) * "
+                  f"{self._slot(s)},), {f32})  # scratch: a segment's states per program")
                 continue
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
@@ -1492,25 +1560,32 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         A, F = self._dims(st)
         a_src, f_src = self._size_src(A), self._size_src(F)
         f32 = "dtype=torch.float32, device=dev"
-        flags = ["seq_=seq_", "NP_=NP_"]
+        flags = ["seq_=seq_", "SUB_=SUB_", "NSUB_=NSUB_"]
+        # the launches for r_c and P_c hold no states (RECOMPUTE off): every segment its own program (NC_ lanes)
+        light = flags + ["NP_=NC_", "SEGMENTS=True", "STORE_GRADS=False", "RECOMPUTE=False"]
         w("if not segments:")
         w("if B_ * H_ > 0:", 2)
         w("_launch(", 3)
         w(f"{self.fn}__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),", 4)
-        w(", ".join(call + [f"de_{u}=dh0_{u}", f"ds_{u}=dh0_{u}", "seq_=None", "NP_=1", "SEGMENTS=False",
-                            "STORE_GRADS=True"]) + ",", 4)
+        w(", ".join(call + [f"de_{u}=dh0_{u}", f"ds_{u}=dh0_{u}", "seq_=None", "NP_=1", "SUB_=SUB_", "NSUB_=NSUB_",
+                            "SEGMENTS=False", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False"]) + ",", 4)
         w(")", 3)
         w("else:")
         w(f"seq_ = {self.fn}__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)",
           2)
         w(f"r_{u} = torch.empty((R_, H_, NC_, {a_src}, {f_src}), {f32})  # r_c", 2)
         w(f"de_{u} = torch.zeros_like(r_{u})", 2)
+        w(f"dummy_{u} = torch.empty((1,), {f32})  # the scratch of a launch that recomputes no state", 2)
         w("# 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)", 2)
-        grid = "(G0_, NT_, NP_)"
+        # (its map of the gradient reads the states where the outputs' gradients' terms do: then they are recomputed)
         w("_launch(", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel, {grid},", 3)
-        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"]) + ",",
-          3)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NT_, NC_),", 3)
+        if self._map_reads_state():
+            first = flags + ["NP_=NP_", "SEGMENTS=True", "STORE_GRADS=False", "RECOMPUTE=True"]
+            w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + first + ["EYE=False"]) + ",", 3)
+        else:
+            w(", ".join([f"dummy_{u}" if c == f"sc_{u}" else c for c in call]
+                        + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + light + ["EYE=False"]) + ",", 3)
         w(")", 2)
         # 2. P_c: the same kernel on A lanes for F, every value over F zero, the identity at each segment's end
         w(f"# 2. P_c [{a_src}, {a_src}]: the segment's map of the gradient at its end, run on the identity: the "
@@ -1520,25 +1595,30 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(f"{bp} = _tile({a_src}, None, {block_name(F)!r})", 2)
         w(f"NTP_ = triton.cdiv(max({a_src}, 1), {bp})", 2)
         swap = {}
+        zeros: dict[str, str] = {}  # shape -> the zeros standing for every read-only value of that shape
+
+        def zero(name: str, shape: str) -> str:
+            if shape not in zeros:
+                zeros[shape] = f"zero_{name}"
+                w(f"zero_{name} = torch.zeros({shape}, {f32})", 2)
+            return zeros[shape]
+
         for x in self.inputs + self.params:
             if not self._spans_tile(x):
                 continue
             dims = ", ".join(a_src if size_key(d) == size_key(F) else self._size_src(d) for d in self._dims(x))
             lead = "R_, T_, H_, " if x in self.inputs else "H_, "
-            swap[_user(x.name)] = f"zero_{_user(x.name)}"
-            w(f"zero_{_user(x.name)} = torch.zeros(({lead}{dims}), {f32})", 2)
+            swap[_user(x.name)] = zero(_user(x.name), f"({lead}{dims})")
         for o in self.outputs:
             g = self.grad_ptr[o.name]
             if self._spans_tile(o):
                 dims = ", ".join(a_src if size_key(d) == size_key(F) else self._size_src(d) for d in self._dims(o))
-                w(f"zero_{g} = torch.zeros((R_, T_, H_, {dims}), {f32})", 2)
+                swap[g] = zero(g, f"(R_, T_, H_, {dims})")
             else:
                 w(f"zero_{g} = torch.zeros_like({g})", 2)
-            swap[g] = f"zero_{g}"
+                swap[g] = f"zero_{g}"
         w(f"P_{u} = torch.empty((R_, H_, NC_, {a_src}, {a_src}), {f32})", 2)
-        w(f"eye_{u} = torch.eye({a_src}, {f32}).expand(R_, H_, NC_, {a_src}, {a_src}).contiguous()", 2)
-        swap[f"ck_{u}"] = f"torch.zeros_like(eye_{u})"  # the states are not read by the map: any will do
-        swap[f"sc_{u}"] = (f"torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * {block_name(A)} * {bp},), {f32})")
+        swap[f"sc_{u}"] = f"dummy_{u}"  # (no state is recomputed: the checkpoints and scratch are not read)
         for x in self.inputs + self.params:  # no gradient is stored: any float32 buffer stands for them
             if x in self.grads:
                 for a in (self.factor_ptr[x.name] if x.name in self.outer else (self.grad_ptr[x.name],)):
@@ -1548,9 +1628,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         swap[f"{block_name(F)}={block_name(F)}"] = f"{block_name(F)}={bp}"
         p_call = [swap.get(c, c) for c in call]
         w("_launch(", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NTP_, NP_),", 3)
-        w(", ".join(p_call + [f"de_{u}=eye_{u}", f"ds_{u}=P_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=False"])
-          + ",", 3)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NTP_, NC_),", 3)
+        w(", ".join(p_call + [f"de_{u}=P_{u}", f"ds_{u}=P_{u}"] + light + ["EYE=True"]) + ",", 3)
         w(")", 2)
         w("# 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c", 2)
         w(f"{self.fn}__triton_segment_scan_kernel[(B_ * H_, NT_)](", 2)
@@ -1560,9 +1639,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(")", 2)
         w("# 4. every segment's gradients, in parallel from its end's", 2)
         w("_launch(", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel, {grid},", 3)
-        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags + ["SEGMENTS=True", "STORE_GRADS=True"]) + ",",
-          3)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),", 3)
+        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags
+                    + ["NP_=NP_", "SEGMENTS=True", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False"]) + ",", 3)
         w(")", 2)
 
     def _segment_scan_kernel(self) -> str:
