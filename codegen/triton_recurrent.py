@@ -1083,7 +1083,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + ["VARLEN: tl.constexpr"])
         if seg:  # the segmented mode's gradients at the segments' ends (in) and starts (out), its table and flags
             rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SUB_", "NSUB_", "SEGMENTS: tl.constexpr",
-                     "STORE_GRADS: tl.constexpr", "RECOMPUTE: tl.constexpr", "EYE: tl.constexpr"]
+                     "TILE0_", "STORE_GRADS: tl.constexpr", "RECOMPUTE: tl.constexpr", "EYE: tl.constexpr",
+                     "ACCUMULATE: tl.constexpr"]
         # unasked, ptxas stops at 128 registers a thread at 8 warps and spilled 8-32 B (the class docstring)
         w("@_register_limited()", 0)
         w("@triton.jit", 0)
@@ -1110,9 +1111,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
         if tile is not None:
-            w("i_tile = tl.program_id(1)")
+            w("i_tile = tl.program_id(1)" + (" + TILE0_  # (a launch per tile: from TILE0_)" if seg else ""))
             w("i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])")
-            w("i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch")
+            w("i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + " + ("tl.program_id(1)" if seg else "i_tile")
+              + "  # this program's scratch")
         else:
             w("i_row = i_b")
             w("i_slot = i_bh.to(tl.int64)  # this program's scratch")
@@ -1333,10 +1335,12 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), bi)
             if seg:
                 w("if STORE_GRADS:", bi)
-            if x.dims:
-                w(f"tl.store({at} + {self._offsets(x)}, {u}, mask={self._mask(x)})", bi + 1 if seg else bi)
-            else:
-                w(f"tl.store({at}, {u})", bi + 1 if seg else bi)
+            mask = f", mask={self._mask(x)}" if x.dims else ""
+            at += f" + {self._offsets(x)}" if x.dims else ""
+            if seg and not self._spans_tile(x):  # (one launch per tile, each adding its part: TT_ = 0)
+                w("if ACCUMULATE:", bi + 1)
+                w(f"{u} += tl.load({at}{mask}{', other=0.0' if mask else ''})", bi + 2)
+            w(f"tl.store({at}, {u}{mask})", bi + 1 if seg else bi)
         for s in self.states:
             idx, e = self.previous_ir[s.name]
             self._write_temps_for(w, printer, e, emitted, bi)
@@ -1449,7 +1453,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for s in self.states:
             u = _user(s.name)
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(s))
-            w(f"ck_{u} = (torch.stack([c[{s.name!r}] for c in checkpoints], dim=2) if NC_ else "
+            w(f"ck_{u} = (_stacked([c[{s.name!r}] for c in checkpoints], 2) if NC_ else "
               f"torch.empty((R_, H_, 0{dims}), device=dev)).float().contiguous()  # [R, H, NC, ...]")
             w(f"dht_{u} = grad_states[{s.name!r}].float().contiguous()")
         for o in self.outputs:
@@ -1478,11 +1482,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("# (the sequential launch keeps one sub-segment, the segment, as before)")
             w("SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_")
             w("NSUB_ = triton.cdiv(SLOTS_, SUB_)")
-            w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_ * NT_, (NSUB_ + SUB_) * {self._slot(st)}) if segments else 1")
+            w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_, (NSUB_ + SUB_) * {self._slot(st)}) if segments else 1")
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
-            lead = "" if self._spans_tile(x) else "NT_, "
+            lead = "" if self._spans_tile(x) else ("1 if segments else NT_, " if seg else "NT_, ")
             note = "" if self._spans_tile(x) else "  # a part per tile, summed below"
+            if seg and not self._spans_tile(x):
+                note = "  # a part per tile, summed below (segments: one, each tile's launch adding to it)"
             w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}R_, T_, H_{dims}), "
               f"{f32}){note}")
         for p in self.params:
@@ -1506,8 +1512,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             lead = "" if self._spans_tile(s) or self.tile is None else "NT_, "
             w(f"dh0_{u} = torch.empty(({lead}B_, H_{dims}), {f32})")
             if seg:
-                w(f"sc_{u} = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * (NSUB_ + SUB_) * "
-                  f"{self._slot(s)},), {f32})  # scratch: a segment's states per program")
+                w(f"sc_{u} = torch.empty(((G0_ * NP_ if segments else B_ * H_ * NT_) * (NSUB_ + SUB_) * "
+                  f"{self._slot(s)},), {f32})  # scratch: a segment's states per program (segments: a tile's launch's)")
                 continue
             w(f"sc_{u} = torch.empty((B_ * H_ * NT_ * SLOTS_ * {self._slot(s)},), {f32})  # scratch: a segment's "
               "states")
@@ -1535,8 +1541,14 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w(", ".join(call) + ",", 3)
             w(")", 2)
         grads = []
+        parts = [self.grad_ptr[x.name] for x in self.inputs if not self._spans_tile(x)]
+        if seg and parts:  # (the tiles' parts summed into the first in place: no new [R, T, H, ...] per gradient)
+            w(f"for i_ in range(1, {parts[0]}.shape[0]):")
+            for g in parts:
+                w(f"{g}[0] += {g}[i_]", 2)
         for x in self.inputs:
-            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else ".sum(0)"))
+            whole = "[0]" if seg else ".sum(0)"
+            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else whole))
         for p in self.params:
             if p.name in self.outer:
                 rows, cols = self.factor_ptr[p.name]
@@ -1560,7 +1572,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         A, F = self._dims(st)
         a_src, f_src = self._size_src(A), self._size_src(F)
         f32 = "dtype=torch.float32, device=dev"
-        flags = ["seq_=seq_", "SUB_=SUB_", "NSUB_=NSUB_"]
+        flags = ["seq_=seq_", "SUB_=SUB_", "NSUB_=NSUB_", "TILE0_=0", "ACCUMULATE=False"]
         # the launches for r_c and P_c hold no states (RECOMPUTE off): every segment its own program (NC_ lanes)
         light = flags + ["NP_=NC_", "SEGMENTS=True", "STORE_GRADS=False", "RECOMPUTE=False"]
         w("if not segments:")
@@ -1568,7 +1580,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w("_launch(", 3)
         w(f"{self.fn}__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),", 4)
         w(", ".join(call + [f"de_{u}=dh0_{u}", f"ds_{u}=dh0_{u}", "seq_=None", "NP_=1", "SUB_=SUB_", "NSUB_=NSUB_",
-                            "SEGMENTS=False", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False"]) + ",", 4)
+                            "TILE0_=0", "SEGMENTS=False", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False",
+                            "ACCUMULATE=False"]) + ",", 4)
         w(")", 3)
         w("else:")
         w(f"seq_ = {self.fn}__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)",
@@ -1637,12 +1650,17 @@ class TritonAdjointWriter(TritonRecurrentWriter):
           f"{block_name(A)}, {block_name(F)}, min({block_name(A)}, 32), VARLEN=cu_ is not None, "
           "num_warps=num_warps,", 3)
         w(")", 2)
-        w("# 4. every segment's gradients, in parallel from its end's", 2)
-        w("_launch(", 2)
-        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),", 3)
-        w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags
-                    + ["NP_=NP_", "SEGMENTS=True", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False"]) + ",", 3)
-        w(")", 2)
+        w("# 4. every segment's gradients, in parallel from its end's: a launch per tile of "
+          f"{f_src}, in order, each adding its", 2)
+        w(f"# part to the gradients without {f_src} (no [tiles, R, T, H, ...] parts; the sum's order fixed)", 2)
+        last = [c for c in flags if not c.startswith(("TILE0_=", "ACCUMULATE="))]
+        w("for i_ in range(NT_):", 2)
+        w("_launch(", 3)
+        w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, 1, NP_),", 4)
+        w(", ".join(["0" if c == "R_ * T_" else c for c in call] + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + last
+                    + ["TILE0_=i_", "NP_=NP_", "SEGMENTS=True", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False",
+                       "ACCUMULATE=i_ > 0"]) + ",", 4)
+        w(")", 3)
 
     def _segment_scan_kernel(self) -> str:
         """The segmented mode's scan over segments, one program per (batch, head, tile of the state's F axis)."""
@@ -1817,6 +1835,20 @@ def _sequences(cu_seqlens, rows, length, every, dev):
     first = torch.cumsum(counts, 0) - counts
     longest = int(lengths.max()) if len(lengths) else 0
     return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
+
+
+def _stacked(views, dim):
+    """torch.stack(views, dim), or without a copy the tensor whose slices along dim they are, when they are all of
+    them in order (a loop's checkpoints `starts[:, :, n]`)."""
+    base = views[0]._base if views else None
+    if base is None or base.dim() != views[0].dim() + 1 or base.shape[dim] != len(views):
+        return torch.stack(views, dim)
+    for n, v in enumerate(views):
+        s = base.select(dim, n)
+        if (v._base is not base or v.shape != s.shape or v.stride() != s.stride()
+                or v.storage_offset() != s.storage_offset()):
+            return torch.stack(views, dim)
+    return base
 
 
 def _initial_state(states, name, shape, dev):
