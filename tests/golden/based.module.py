@@ -4409,6 +4409,20 @@ def _triton_sequences(cu_seqlens, rows, length, every, dev):
     return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
+def _triton_stacked(views, dim):
+    """torch.stack(views, dim), or without a copy the tensor whose slices along dim they are, when they are all of
+    them in order (a loop's checkpoints `starts[:, :, n]`)."""
+    base = views[0]._base if views else None
+    if base is None or base.dim() != views[0].dim() + 1 or base.shape[dim] != len(views):
+        return torch.stack(views, dim)
+    for n, v in enumerate(views):
+        s = base.select(dim, n)
+        if (v._base is not base or v.shape != s.shape or v.stride() != s.stride()
+                or v.storage_offset() != s.storage_offset()):
+            return torch.stack(views, dim)
+    return base
+
+
 def _triton_initial_state(states, name, shape, dev):
     """The initial state [B, H, ...] as contiguous float32 (zero when not given)."""
     s = states.get(name)
@@ -5109,17 +5123,17 @@ def based__triton_recurrent_adjoint(q, k, v, checkpoints, grad_outputs, grad_sta
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
-    ck_S0 = (torch.stack([c['S0'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_S0 = (_triton_stacked([c['S0'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S0 = grad_states['S0'].float().contiguous()
-    ck_S1 = (torch.stack([c['S1'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_S1 = (_triton_stacked([c['S1'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S1 = grad_states['S1'].float().contiguous()
-    ck_S2 = (torch.stack([c['S2'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_S2 = (_triton_stacked([c['S2'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S2 = grad_states['S2'].float().contiguous()
-    ck_z0 = (torch.stack([c['z0'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_z0 = (_triton_stacked([c['z0'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_z0 = grad_states['z0'].float().contiguous()
-    ck_z1 = (torch.stack([c['z1'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_z1 = (_triton_stacked([c['z1'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_z1 = grad_states['z1'].float().contiguous()
-    ck_z2 = (torch.stack([c['z2'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, K), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_z2 = (_triton_stacked([c['z2'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K, K), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_z2 = grad_states['z2'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')

@@ -3948,6 +3948,20 @@ def _triton_sequences(cu_seqlens, rows, length, every, dev):
     return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
+def _triton_stacked(views, dim):
+    """torch.stack(views, dim), or without a copy the tensor whose slices along dim they are, when they are all of
+    them in order (a loop's checkpoints `starts[:, :, n]`)."""
+    base = views[0]._base if views else None
+    if base is None or base.dim() != views[0].dim() + 1 or base.shape[dim] != len(views):
+        return torch.stack(views, dim)
+    for n, v in enumerate(views):
+        s = base.select(dim, n)
+        if (v._base is not base or v.shape != s.shape or v.stride() != s.stride()
+                or v.storage_offset() != s.storage_offset()):
+            return torch.stack(views, dim)
+    return base
+
+
 def _triton_initial_state(states, name, shape, dev):
     """The initial state [B, H, ...] as contiguous float32 (zero when not given)."""
     s = states.get(name)
@@ -4327,7 +4341,7 @@ def delta_net__triton_recurrent_adjoint(q, k, v, beta, checkpoints, grad_outputs
     k = k.contiguous()
     v = v.contiguous()
     beta = beta.contiguous()
-    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_S = (_triton_stacked([c['S'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S = grad_states['S'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')

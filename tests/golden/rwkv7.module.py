@@ -3611,6 +3611,20 @@ def _triton_sequences(cu_seqlens, rows, length, every, dev):
     return len(lengths), cu.to(dev), first.to(dev), int(counts.sum()), longest
 
 
+def _triton_stacked(views, dim):
+    """torch.stack(views, dim), or without a copy the tensor whose slices along dim they are, when they are all of
+    them in order (a loop's checkpoints `starts[:, :, n]`)."""
+    base = views[0]._base if views else None
+    if base is None or base.dim() != views[0].dim() + 1 or base.shape[dim] != len(views):
+        return torch.stack(views, dim)
+    for n, v in enumerate(views):
+        s = base.select(dim, n)
+        if (v._base is not base or v.shape != s.shape or v.stride() != s.stride()
+                or v.storage_offset() != s.storage_offset()):
+            return torch.stack(views, dim)
+    return base
+
+
 def _triton_initial_state(states, name, shape, dev):
     """The initial state [B, H, ...] as contiguous float32 (zero when not given)."""
     s = states.get(name)
@@ -3932,7 +3946,7 @@ def rwkv7__triton_recurrent_loop(r, w, k, v, kk, a, u, states, K, V, *, every=0,
 @triton.jit
 def rwkv7__triton_recurrent_adjoint_kernel(
     r, w, k, v, kk, a, u,  # inputs [B, T, H, ...], params [H, ...]
-    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, de_S, ds_S, seq_, NP_, SEGMENTS: tl.constexpr, STORE_GRADS: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
+    ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, TT_, H_, every, NC_, SLOTS_, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, de_S, ds_S, seq_, NP_, SUB_, NSUB_, SEGMENTS: tl.constexpr, TILE0_, STORE_GRADS: tl.constexpr, RECOMPUTE: tl.constexpr, EYE: tl.constexpr, ACCUMULATE: tl.constexpr,  # checkpoints, final states' and outputs' gradients, gradients out, scratch, ...
 ):
     """The derived backward of rwkv7__triton_recurrent_kernel, one (batch, head, BLOCK_V lanes of V) per program.
     Segments of `every` steps from the last: the segment's states recomputed from its checkpoint into the
@@ -3941,13 +3955,15 @@ def rwkv7__triton_recurrent_adjoint_kernel(
     SEGMENTS: one program per (batch, head, tile, segment lane i_p) taking segments i_p, i_p + NP_, ... of
     the launch (packed: of every sequence, its sequence from the table seq_), each from the state gradient
     at its end, de, storing the one at its start to ds (`_segmentable`); STORE_GRADS: store the inputs'
-    and params' gradients (off where only ds is wanted)."""
+    and params' gradients (off where only ds is wanted); RECOMPUTE: recompute the states (off where the
+    state gradient's map reads none); EYE: the identity at every segment's end instead of de (P_c). The
+    scratch: NSUB_ sub-segments' first states, SUB_ steps apart, then one sub-segment's SUB_ states."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H_
     i_h = i_bh % H_
-    i_tile = tl.program_id(1)
+    i_tile = tl.program_id(1) + TILE0_  # (a launch per tile: from TILE0_)
     i_row = i_tile * B_ + i_b  # the row of a gradient summed over tiles afterwards ([tiles, B, ...])
-    i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + i_tile  # this program's scratch
+    i_slot = i_bh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # this program's scratch
     if SEGMENTS:
         i_p = tl.program_id(2)  # the segment lane
         i_row = (i_tile * NP_ + i_p) * B_ + i_b
@@ -3975,7 +3991,7 @@ def rwkv7__triton_recurrent_adjoint_kernel(
     else:
         b_dS = tl.load(dht_S + i_bh.to(tl.int64) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0).to(tl.float32)
     p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
-    p_sc_S = sc_S + i_slot * SLOTS_ * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    p_sc_S = sc_S + i_slot * (NSUB_ + SUB_) * BLOCK_K * BLOCK_V + tl.arange(0, BLOCK_K)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
     r0_ = 0
     r1_ = NS_
     rs_ = 1
@@ -3994,73 +4010,112 @@ def rwkv7__triton_recurrent_adjoint_kernel(
                 i_c = i_r - tl.load(ck_first_ + i_b)
                 ck_row_ = i_h * NC_ + tl.load(ck_first_ + i_b).to(tl.int64)
                 p_ck_S = ck_S + ck_row_ * (K * V) + offs_K[:, None] * V + offs_V[None, :]
-            b_dS = tl.load(de_S + (ck_row_ + i_c) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0)  # at the segment's end
+            if EYE:  # (P_c: the identity, the tiled axis standing for the first)
+                b_dS = tl.where(m_S & (offs_K[:, None] == offs_V[None, :]), 1.0, 0.0)
+            else:
+                b_dS = tl.load(de_S + (ck_row_ + i_c) * (K * V) + offs_K[:, None] * V + offs_V[None, :], mask=m_S, other=0.0)  # at the segment's end
         t0 = i_c * every
         t1 = t0 + every
         if t1 > L_:
             t1 = L_
-        # The segment's states, recomputed from its checkpoint; the state before each step kept in a scratch
-        # slot (the barriers: a slot is written and read by different threads of the program).
-        tl.debug_barrier()
-        b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
-        for i_t in range(t0, t1):
-            tl.store(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
-            b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_exp0 = tl.exp(b_w)  # [BLOCK_K]
-            b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
-            b_S_new = b_exp0[:, None] * b_S + b_k[:, None] * b_v[None, :] - b_sum1[None, :] * b_a[:, None] * b_kk[:, None]  # [BLOCK_K, BLOCK_V] rwkv7.rec:13
-            b_S = b_S_new
-        tl.debug_barrier()
-        # The adjoint step, backwards in time: from the gradient of the state after step i_t, the one before it.
-        b_S_new = b_S  # the state after the segment's last step
-        for i_s in range(0, t1 - t0):
-            i_t = t1 - 1 - i_s
-            b_S = tl.load(p_sc_S + (i_t - t0) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
-            b_r = tl.load(r + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
-            b_do = tl.load(do + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
-            b_dS_new = b_do[None, :] * b_r[:, None] + b_dS  # d loss / d S after step i_t
-            b_sum3 = tl.sum(b_do * b_v, axis=0)  # scalar
-            b_sum4 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
-            b_dr = b_sum3 * b_k * b_u + b_sum4  # [BLOCK_K]
-            if STORE_GRADS:
-                tl.store(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
-            b_exp0 = tl.exp(b_w)  # [BLOCK_K]
-            b_sum5 = tl.sum(b_S * b_dS_new, axis=1)  # [BLOCK_K]
-            b_dw = b_exp0 * b_sum5  # [BLOCK_K]
-            if STORE_GRADS:
-                tl.store(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
-            b_sum6 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
-            b_dk = b_sum3 * b_r * b_u + b_sum6  # [BLOCK_K]
-            if STORE_GRADS:
-                tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
-            b_sum7 = tl.sum(b_k * b_r * b_u, axis=0)  # scalar
-            b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
-            b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
-            if STORE_GRADS:
-                tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
-            b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
-            b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
-            b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
-            b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
-            b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
-            if STORE_GRADS:
-                tl.store(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
-            b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
-            if STORE_GRADS:
-                tl.store(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
-            b_du += b_sum3 * b_k * b_r
-            b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
-            b_dS = b_dS_prev
-            b_S_new = b_S
+        # The segment's states recomputed from its checkpoint, keeping each sub-segment's first state (SUB_
+        # steps apart), then each sub-segment's from the last into SUB_ more slots, the adjoint step back
+        # through them. RECOMPUTE off: no state is read (the gradient's map reads none).
+        NQ_ = (t1 - t0 + SUB_ - 1) // SUB_  # sub-segments
+        if RECOMPUTE:
+            tl.debug_barrier()
+            b_S = tl.load(p_ck_S + i_c * (K * V), mask=m_S, other=0.0)
+            for i_t in range(t0, t0 + (NQ_ - 1) * SUB_):
+                if (i_t - t0) % SUB_ == 0:  # a sub-segment's first state
+                    tl.store(p_sc_S + ((i_t - t0) // SUB_) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
+                b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+                b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_exp0 = tl.exp(b_w)  # [BLOCK_K]
+                b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
+                b_S_new = b_exp0[:, None] * b_S + b_k[:, None] * b_v[None, :] - b_sum1[None, :] * b_a[:, None] * b_kk[:, None]  # [BLOCK_K, BLOCK_V] rwkv7.rec:13
+                b_S = b_S_new
+            tl.store(p_sc_S + (NQ_ - 1) * BLOCK_K * BLOCK_V, b_S, mask=m_S)  # the last sub-segment's first state
+        else:
+            b_S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)  # (read by no stored value)
+        for i_q in range(0, NQ_):
+            q0_ = t0 + (NQ_ - 1 - i_q) * SUB_  # the sub-segment's steps q0_ .. q1_ - 1, from the last
+            q1_ = q0_ + SUB_
+            if q1_ > t1:
+                q1_ = t1
+            if RECOMPUTE:
+                tl.debug_barrier()  # (a slot is written and read by different threads of the program)
+                b_S = tl.load(p_sc_S + ((q0_ - t0) // SUB_) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
+                for i_t in range(q0_, q1_):
+                    tl.store(p_sc_S + (NSUB_ + i_t - q0_) * BLOCK_K * BLOCK_V, b_S, mask=m_S)
+                    b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                    b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                    b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+                    b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                    b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                    b_exp0 = tl.exp(b_w)  # [BLOCK_K]
+                    b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
+                    b_S_new = b_exp0[:, None] * b_S + b_k[:, None] * b_v[None, :] - b_sum1[None, :] * b_a[:, None] * b_kk[:, None]  # [BLOCK_K, BLOCK_V] rwkv7.rec:13
+                    b_S = b_S_new
+                tl.debug_barrier()
+            b_S_new = b_S  # the state after the sub-segment's last step
+            for i_s in range(0, q1_ - q0_):
+                i_t = q1_ - 1 - i_s
+                if RECOMPUTE:
+                    b_S = tl.load(p_sc_S + (NSUB_ + i_t - q0_) * BLOCK_K * BLOCK_V, mask=m_S, other=0.0)
+                b_r = tl.load(r + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_w = tl.load(w + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_k = tl.load(k + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_v = tl.load(v + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)  # [BLOCK_V]
+                b_kk = tl.load(kk + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_a = tl.load(a + ((bos_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0).to(tl.float32)  # [BLOCK_K]
+                b_do = tl.load(do + ((bos_ + i_t) * H_ + i_h) * V + offs_V, mask=mask_V, other=0.0).to(tl.float32)
+                b_dS_new = b_do[None, :] * b_r[:, None] + b_dS  # d loss / d S after step i_t
+                b_sum3 = tl.sum(b_do * b_v, axis=0)  # scalar
+                b_sum4 = tl.sum(b_do[None, :] * b_S_new, axis=1)  # [BLOCK_K]
+                b_dr = b_sum3 * b_k * b_u + b_sum4  # [BLOCK_K]
+                if STORE_GRADS:
+                    if ACCUMULATE:
+                        b_dr += tl.load(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0)
+                    tl.store(dr + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dr, mask=mask_K)
+                b_exp0 = tl.exp(b_w)  # [BLOCK_K]
+                b_sum5 = tl.sum(b_S * b_dS_new, axis=1)  # [BLOCK_K]
+                b_dw = b_exp0 * b_sum5  # [BLOCK_K]
+                if STORE_GRADS:
+                    if ACCUMULATE:
+                        b_dw += tl.load(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0)
+                    tl.store(dw + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dw, mask=mask_K)
+                b_sum6 = tl.sum(b_v[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
+                b_dk = b_sum3 * b_r * b_u + b_sum6  # [BLOCK_K]
+                if STORE_GRADS:
+                    if ACCUMULATE:
+                        b_dk += tl.load(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0)
+                    tl.store(dk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dk, mask=mask_K)
+                b_sum7 = tl.sum(b_k * b_r * b_u, axis=0)  # scalar
+                b_sum8 = tl.sum(b_k[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+                b_dv = b_sum7 * b_do + b_sum8  # [BLOCK_V]
+                if STORE_GRADS:
+                    tl.store(dv + ((bos_ + i_t) * H_ + i_h) * V + offs_V, b_dv, mask=mask_V)
+                b_sum2 = tl.sum(b_a[:, None] * b_kk[:, None] * b_dS_new, axis=0)  # [BLOCK_V]
+                b_sum9 = tl.sum(b_sum2[None, :] * b_S, axis=1)  # [BLOCK_K]
+                b_sum1 = tl.sum(b_kk[:, None] * b_S, axis=0)  # [BLOCK_V]
+                b_sum10 = tl.sum(b_sum1[None, :] * b_dS_new, axis=1)  # [BLOCK_K]
+                b_dkk = -b_sum9 - b_sum10 * b_a  # [BLOCK_K]
+                if STORE_GRADS:
+                    if ACCUMULATE:
+                        b_dkk += tl.load(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0)
+                    tl.store(dkk + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_dkk, mask=mask_K)
+                b_da = -(b_sum10 * b_kk)  # [BLOCK_K]
+                if STORE_GRADS:
+                    if ACCUMULATE:
+                        b_da += tl.load(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, mask=mask_K, other=0.0)
+                    tl.store(da + ((bos_ + i_tile * TT_ + i_t) * H_ + i_h) * K + offs_K, b_da, mask=mask_K)
+                b_du += b_sum3 * b_k * b_r
+                b_dS_prev = b_exp0[:, None] * b_dS_new - b_sum2[None, :] * b_kk[:, None]  # d loss / d S before step i_t
+                b_dS = b_dS_prev
+                b_S_new = b_S
         if SEGMENTS:
             tl.store(ds_S + (ck_row_ + i_c) * (K * V) + offs_K[:, None] * V + offs_V[None, :], b_dS, mask=m_S)  # at the segment's start
     # The initial states' gradients; the params' (this program's part: summed by the launcher).
@@ -4115,9 +4170,9 @@ def rwkv7__triton_segment_scan_kernel(P, r, de, dht, dh0, cu_, ck_first_, every,
 
 def rwkv7__segment_lanes(segments, programs, slot):
     """NP_, the segment lanes of a segmented launch of `programs` programs per lane: every segment its own program
-    (NP_ = segments) unless their scratch, NP_ * programs * slot float32 values, passes 1024
+    (NP_ = segments) unless their scratch, NP_ * programs * slot float32 values, passes 64
     MiB; then fewer lanes, each taking its segments in turn (memory stays bounded whatever T)."""
-    return max(1, min(segments, 1073741824 // max(1, 4 * programs * slot)))
+    return max(1, min(segments, 67108864 // max(1, 4 * programs * slot)))
 
 
 def rwkv7__segment_sequences(cu, first, segments, dev):
@@ -4152,7 +4207,7 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     kk = kk.contiguous()
     a = a.contiguous()
     u = u.contiguous()
-    ck_S = (torch.stack([c['S'] for c in checkpoints], dim=2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
+    ck_S = (_triton_stacked([c['S'] for c in checkpoints], 2) if NC_ else torch.empty((R_, H_, 0, K, V), device=dev)).float().contiguous()  # [R, H, NC, ...]
     dht_S = grad_states['S'].float().contiguous()
     do = grad_outputs['o'].contiguous()
     BLOCK_K = _triton_block(K, block_K, 'BLOCK_K')
@@ -4161,16 +4216,20 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     SLOTS_ = max(min(every, LMAX_), 1)  # states kept per segment
     segments = bool(segments) and NC_ > 0 and B_ * H_ > 0
     G0_ = (1 if cu_ is not None else B_) * H_  # grid axis 0 of the segmented launches: (row, head)
-    NP_ = rwkv7__segment_lanes(NC_, G0_ * NT_, SLOTS_ * BLOCK_K * BLOCK_V) if segments else 1
-    dr = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dw = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    dk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    # sub-segments of SUB_ steps, about sqrt(SLOTS_): the scratch holds NSUB_ + SUB_ states, not SLOTS_
+    # (the sequential launch keeps one sub-segment, the segment, as before)
+    SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_
+    NSUB_ = triton.cdiv(SLOTS_, SUB_)
+    NP_ = rwkv7__segment_lanes(NC_, G0_, (NSUB_ + SUB_) * BLOCK_K * BLOCK_V) if segments else 1
+    dr = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dw = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
     dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
-    dkk = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
-    da = torch.empty((NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below
+    dkk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    da = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
     du = torch.zeros((NT_ * NP_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, segment lane and row, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
-    sc_S = torch.empty(((G0_ * NP_ if segments else B_ * H_) * NT_ * SLOTS_ * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states per program
+    sc_S = torch.empty(((G0_ * NP_ if segments else B_ * H_ * NT_) * (NSUB_ + SUB_) * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states per program (segments: a tile's launch's)
     elements_ = 4 * BLOCK_K * BLOCK_V + 2 * BLOCK_K  # float32 values a program holds through its loops
     _triton_check_fits(elements_, 'rwkv7__triton_recurrent_adjoint_kernel')
     if num_warps is None:
@@ -4179,39 +4238,46 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
         if B_ * H_ > 0:
             _triton_launch(
                 rwkv7__triton_recurrent_adjoint_kernel, (B_ * H_, NT_),
-                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=dh0_S, ds_S=dh0_S, seq_=None, NP_=1, SEGMENTS=False, STORE_GRADS=True,
+                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=dh0_S, ds_S=dh0_S, seq_=None, NP_=1, SUB_=SUB_, NSUB_=NSUB_, TILE0_=0, SEGMENTS=False, STORE_GRADS=True, RECOMPUTE=True, EYE=False, ACCUMULATE=False,
             )
     else:
         seq_ = rwkv7__segment_sequences(cu_, ck_first_, NC_, dev)  # each packed segment's sequence (or None)
         r_S = torch.empty((R_, H_, NC_, K, V), dtype=torch.float32, device=dev)  # r_c
         de_S = torch.zeros_like(r_S)
+        dummy_S = torch.empty((1,), dtype=torch.float32, device=dev)  # the scratch of a launch that recomputes no state
         # 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)
         _triton_launch(
-            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NT_, NC_),
+            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, dummy_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, SUB_=SUB_, NSUB_=NSUB_, TILE0_=0, ACCUMULATE=False, NP_=NC_, SEGMENTS=True, STORE_GRADS=False, RECOMPUTE=False, EYE=False,
         )
         # 2. P_c [K, K]: the segment's map of the gradient at its end, run on the identity: the tiled axis V stands
         # for K lanes, every input, param and output gradient over it zero (the map reads none of them)
         BLOCK_V_P = _triton_tile(K, None, 'BLOCK_V')
         NTP_ = triton.cdiv(max(K, 1), BLOCK_V_P)
         zero_v = torch.zeros((R_, T_, H_, K), dtype=torch.float32, device=dev)
-        zero_do = torch.zeros((R_, T_, H_, K), dtype=torch.float32, device=dev)
         P_S = torch.empty((R_, H_, NC_, K, K), dtype=torch.float32, device=dev)
-        eye_S = torch.eye(K, dtype=torch.float32, device=dev).expand(R_, H_, NC_, K, K).contiguous()
         _triton_launch(
-            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NTP_, NP_),
-            r, w, k, zero_v, kk, a, u, torch.zeros_like(eye_S), dht_S, zero_do, P_S, P_S, P_S, P_S, P_S, P_S, P_S, P_S, torch.empty((G0_ * NP_ * NTP_ * SLOTS_ * BLOCK_K * BLOCK_V_P,), dtype=torch.float32, device=dev), cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, K, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V_P, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=eye_S, ds_S=P_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=False,
+            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NTP_, NC_),
+            r, w, k, zero_v, kk, a, u, ck_S, dht_S, zero_v, P_S, P_S, P_S, P_S, P_S, P_S, P_S, P_S, dummy_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, K, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V_P, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=P_S, ds_S=P_S, seq_=seq_, SUB_=SUB_, NSUB_=NSUB_, TILE0_=0, ACCUMULATE=False, NP_=NC_, SEGMENTS=True, STORE_GRADS=False, RECOMPUTE=False, EYE=True,
         )
         # 3. the gradient at every segment's end: from the final state's, dS_end(c - 1) = P_c dS_end(c) + r_c
         rwkv7__triton_segment_scan_kernel[(B_ * H_, NT_)](
             P_S, r_S, de_S, dht_S, dh0_S, cu_, ck_first_, every, NC_, H_, K, V, BLOCK_K, BLOCK_V, min(BLOCK_K, 32), VARLEN=cu_ is not None, num_warps=num_warps,
         )
-        # 4. every segment's gradients, in parallel from its end's
-        _triton_launch(
-            rwkv7__triton_recurrent_adjoint_kernel, (G0_, NT_, NP_),
-            r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, R_ * T_, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, NP_=NP_, SEGMENTS=True, STORE_GRADS=True,
-        )
-    return [dr.sum(0), dw.sum(0), dk.sum(0), dv, dkk.sum(0), da.sum(0), du.sum((0, 1))], {'S': dh0_S}
+        # 4. every segment's gradients, in parallel from its end's: a launch per tile of V, in order, each adding its
+        # part to the gradients without V (no [tiles, R, T, H, ...] parts; the sum's order fixed)
+        for i_ in range(NT_):
+            _triton_launch(
+                rwkv7__triton_recurrent_adjoint_kernel, (G0_, 1, NP_),
+                r, w, k, v, kk, a, u, ck_S, dht_S, do, dr, dw, dk, dv, dkk, da, du, dh0_S, sc_S, cu_, ck_first_, B_, T_, 0, H_, max(every, 1), NC_, SLOTS_, K, V, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, VARLEN=cu_ is not None, num_warps=num_warps, num_stages=num_stages, de_S=de_S, ds_S=r_S, seq_=seq_, SUB_=SUB_, NSUB_=NSUB_, TILE0_=i_, NP_=NP_, SEGMENTS=True, STORE_GRADS=True, RECOMPUTE=True, EYE=False, ACCUMULATE=i_ > 0,
+            )
+    for i_ in range(1, dr.shape[0]):
+        dr[0] += dr[i_]
+        dw[0] += dw[i_]
+        dk[0] += dk[i_]
+        dkk[0] += dkk[i_]
+        da[0] += da[i_]
+    return [dr[0], dw[0], dk[0], dv, dkk[0], da[0], du.sum((0, 1))], {'S': dh0_S}
 
 
 @triton.jit
