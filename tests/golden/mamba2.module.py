@@ -1498,16 +1498,15 @@ class Layer:
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
         (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
-        if compiling:
-            call = bind_call(self.recurrence, args, kwargs, check_values=False)  # noqa: F821 - calling.py
-            backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
-            return self._through_op(call, form, backend, chunk, options)
         try:
-            call = bind_call(self.recurrence, args, kwargs)  # noqa: F821
+            # (while tracing, cu_seqlens' boundaries are values Dynamo does not have: the op checks them, `_op_results`)
+            call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
             backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+            if compiling:
+                return self._through_op(call, form, backend, chunk, options)
             return self._run(call, form, backend, chunk, options)
         except RuntimeError as err:
-            if not _functorch_active():
+            if compiling or not _functorch_active():  # (compiling first: Dynamo need not trace that query)
                 raise
             # torch.func's transforms meet the forms' autograd.Functions (no setup_context) or a host read of a
             # value (vmap: the call's checks, a form's step check); under grad, torch's own error names neither.
