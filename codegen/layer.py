@@ -279,10 +279,10 @@ class Layer:
 
     def _auto_form(self, call, fns: dict, chunk: int, backend: str) -> str:
         """The form "auto" runs for the whole of `call` (one sequence length: packed sequences pick per length)."""
-        held = 0
-        if backend == "triton":  # (the Triton scan form's held tensors: `pick_form`)
-            held = scan_held_bytes(self.recurrence, call, call.length,  # noqa: F821 - from dispatch.py
-                                   1 if call.cu_seqlens is not None else call.num_sequences)
+        # The Triton scan form's held tensors, counted only where `pick_form` weighs the scan form.
+        rows = 1 if call.cu_seqlens is not None else call.num_sequences
+        held = ((lambda: scan_held_bytes(self.recurrence, call, call.length, rows))  # noqa: F821 - from dispatch.py
+                if backend == "triton" else 0)
         return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
 
     @staticmethod
