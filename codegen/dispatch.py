@@ -226,11 +226,11 @@ def scan_bytes_limit() -> int:
     return int(given)
 
 
-def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: int = 0) -> str:
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes=0) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
     packed sequences of that length run together (`_run_packed`); scan_bytes: what the scan form would keep for
-    its backward (`scan_held_bytes`, given on the Triton backend): past `scan_bytes_limit()` the recurrent form
-    runs where the recurrence has one."""
+    its backward (`scan_held_bytes`, given on the Triton backend), an int or a function returning it, called only
+    where the choice is between the scan and recurrent forms: past `scan_bytes_limit()` the recurrent form runs."""
     if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
@@ -239,7 +239,10 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: in
         return "chunked"
     if "scan" not in forms:
         return "recurrent"
-    return "recurrent" if "recurrent" in forms and scan_bytes > scan_bytes_limit() else "scan"
+    if "recurrent" not in forms:
+        return "scan"
+    held = scan_bytes() if callable(scan_bytes) else scan_bytes
+    return "recurrent" if held > scan_bytes_limit() else "scan"
 
 
 def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
@@ -307,9 +310,9 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if form == "auto":
-            held = 0
-            if backend == "triton" and piece:
-                held = scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0])
+            # (a function: `pick_form` counts the held bytes only where it weighs the scan form)
+            held = ((lambda: scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0]))
+                    if backend == "triton" and piece else 0)
             chosen = pick_form(tuple(form_fns), length, chunk_size, rows, held)
         else:
             chosen = form
@@ -533,7 +536,7 @@ def packed_form(form_fns, form: str, call, chunk_size: int, spec=None) -> str | 
         return "chunked" if packed else None
     lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
     # (the packed kernels keep every sequence's steps: the packed length, as one row)
-    held = scan_held_bytes(spec, call, call.length, 1) if spec is not None else 0
+    held = (lambda: scan_held_bytes(spec, call, call.length, 1)) if spec is not None else 0
     return pick_form(packed, int(lengths.max()), chunk_size, len(lengths), held)
 
 

@@ -172,16 +172,15 @@ class Layer:
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
         (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
-        if compiling:
-            call = bind_call(self.recurrence, args, kwargs, check_values=False)  # noqa: F821 - calling.py
-            backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
-            return self._through_op(call, form, backend, chunk, options)
         try:
-            call = bind_call(self.recurrence, args, kwargs)  # noqa: F821
+            # (while tracing, cu_seqlens' boundaries are values Dynamo does not have: the op checks them, `_op_results`)
+            call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
             backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+            if compiling:
+                return self._through_op(call, form, backend, chunk, options)
             return self._run(call, form, backend, chunk, options)
         except RuntimeError as err:
-            if not _functorch_active():
+            if compiling or not _functorch_active():  # (compiling first: Dynamo need not trace that query)
                 raise
             # torch.func's transforms meet the forms' autograd.Functions (no setup_context) or a host read of a
             # value (vmap: the call's checks, a form's step check); under grad, torch's own error names neither.
@@ -280,10 +279,10 @@ class Layer:
 
     def _auto_form(self, call, fns: dict, chunk: int, backend: str) -> str:
         """The form "auto" runs for the whole of `call` (one sequence length: packed sequences pick per length)."""
-        held = 0
-        if backend == "triton":  # (the Triton scan form's held tensors: `pick_form`)
-            held = scan_held_bytes(self.recurrence, call, call.length,  # noqa: F821 - from dispatch.py
-                                   1 if call.cu_seqlens is not None else call.num_sequences)
+        # The Triton scan form's held tensors, counted only where `pick_form` weighs the scan form.
+        rows = 1 if call.cu_seqlens is not None else call.num_sequences
+        held = ((lambda: scan_held_bytes(self.recurrence, call, call.length, rows))  # noqa: F821 - from dispatch.py
+                if backend == "triton" else 0)
         return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
 
     @staticmethod

@@ -1998,6 +1998,28 @@ class TorchFormWriter:
 
     # -- chunked ----------------------------------------------------------------
 
+    @staticmethod
+    def _bare_readout(oa, readout_irs: set) -> str | None:
+        """The readout (IR name, one of `readout_irs`) that output view `oa` is as it is, indexed as the output;
+        None for an output the chunked form's epilogue computes."""
+        bare = oa.expr if isinstance(oa.expr, (sympy.Indexed, sympy.Symbol)) else None
+        name = str(getattr(bare, "base", bare))
+        if bare is None or name not in readout_irs or tuple(getattr(bare, "indices", ())) != tuple(oa.indices):
+            return None
+        return name
+
+    def _epilogue_reads(self, view, readout_irs: set) -> set[str]:
+        """The IR names read by the outputs that are no readout as it is (`_bare_readout`): what the chunked form's
+        printed epilogue reads, unless the kernels apply the epilogue (`_epilogue_of`: a one-state spec's one
+        output)."""
+        reads: set[str] = set()
+        for o in self.rec.outputs:
+            oa = view.outputs[o.name]
+            if self._bare_readout(oa, readout_irs) is None:
+                expr = sympy.sympify(oa.expr)
+                reads |= {str(n.base) for n in expr.atoms(sympy.Indexed)} | {n.name for n in expr.free_symbols}
+        return reads
+
     def write_chunked(self) -> str | None:
         if "chunked" not in self.a.forms:
             return None
@@ -2016,7 +2038,8 @@ class TorchFormWriter:
         view = self.a.chunk_analysis  # the states of `view.transposed` are held as their transposes here
         readout_names = dict(self.py)
         epilogue_done: dict[str, str] = {}  # outputs the kernels store whole (a fused epilogue) -> their tensor
-        linear_calls: list[tuple[int, list[str]]] = []  # (line of a chunked_linear_by call, its readouts' IR names)
+        readout_irs = {r.name for sa in view.states.values() for r in sa.chunk.readouts} - set(self.py)
+        epilogue_reads = self._epilogue_reads(view, readout_irs)
         # The prologue: every tensor the runtime receives that is a function of the inputs and params, computed by
         # one printed function (NAME__chunked_prologue) whose VJP is printed from sympy (`_write_printed_vjp`).
         prologue: list = []  # (Python name, IR expression, indices, dims)
@@ -2230,11 +2253,15 @@ class TorchFormWriter:
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 w(check)
-                linear_calls.append((len(w.lines), [r.name for r in plan.readouts]))
+                # The Triton runtime keeps the readouts the printed epilogue reads in float32 for float16 inputs
+                # (its `readouts`): mLSTM's q C and q n pass 65504 where their ratio does not. (A fused epilogue,
+                # fuse["out"], is the kernels': then no output is left for a printed one.)
+                float32 = (self.rt and not (fuse and fuse.get("out"))
+                           and epilogue_reads & {r.name for r in plan.readouts})
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, {vname}, "
                   f"{decay}, "
                   f"initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, output_final_state=True"
-                  f"{fused_args}"
+                  f"{fused_args}{', readouts=True' if float32 else ''}"
                   f"{self._options_arg})")
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
@@ -2276,26 +2303,15 @@ class TorchFormWriter:
         epilogue = []  # the outputs computed from the readouts: (Python name, IR expression, indices, dims)
         for o in self.rec.outputs:
             oa = view.outputs[o.name]
-            bare = oa.expr if isinstance(oa.expr, (sympy.Indexed, sympy.Symbol)) else None
+            bare = self._bare_readout(oa, readout_irs)
             if o.name in epilogue_done:  # the kernels stored the whole expression
                 w(f"{self.py[o.name]} = {epilogue_done[o.name]}  # {self.cite[o.name]}, its epilogue in the kernels")
-            elif bare is not None and str(getattr(bare, "base", bare)) in readout_names and \
-                    str(getattr(bare, "base", bare)) not in self.py and tuple(getattr(bare, "indices", ())) == \
-                    tuple(oa.indices):
-                w(f"{self.py[o.name]} = {readout_names[str(getattr(bare, 'base', bare))]}  # {self.cite[o.name]}")
+            elif bare is not None:
+                w(f"{self.py[o.name]} = {readout_names[bare]}  # {self.cite[o.name]}")
             else:
                 epilogue.append((self.py[o.name], oa.expr, tuple(oa.indices), tuple(o.dims)))
             outs.append(f"'{o.name}': {self.py[o.name]}")
         functions = []
-        if epilogue and self.rt:
-            # The Triton runtime's readouts that the epilogue reads stay float32 for float16 inputs (its
-            # `readouts`): mLSTM's q C and q n pass 65504 where their ratio does not.
-            used = {str(n.base) for e in epilogue for n in sympy.sympify(e[1]).atoms(sympy.Indexed)}
-            used |= {n.name for e in epilogue for n in sympy.sympify(e[1]).free_symbols}
-            for line, names in linear_calls:
-                if used & set(names):
-                    text, tail = w.lines[line], f"{self._options_arg})"
-                    w.lines[line] = text[:len(text) - len(tail)] + ", readouts=True" + tail
         if epilogue:
             reads = [(ir, p) for ir, p in readout_names.items() if ir not in self.py]
             text, derived, call_args = self._write_printed_vjp(

@@ -569,11 +569,11 @@ def scan_bytes_limit() -> int:
     return int(given)
 
 
-def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: int = 0) -> str:
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes=0) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
     packed sequences of that length run together (`_run_packed`); scan_bytes: what the scan form would keep for
-    its backward (`scan_held_bytes`, given on the Triton backend): past `scan_bytes_limit()` the recurrent form
-    runs where the recurrence has one."""
+    its backward (`scan_held_bytes`, given on the Triton backend), an int or a function returning it, called only
+    where the choice is between the scan and recurrent forms: past `scan_bytes_limit()` the recurrent form runs."""
     if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
     if "parallel" in forms and length <= chunk_size:
@@ -582,7 +582,10 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes: in
         return "chunked"
     if "scan" not in forms:
         return "recurrent"
-    return "recurrent" if "recurrent" in forms and scan_bytes > scan_bytes_limit() else "scan"
+    if "recurrent" not in forms:
+        return "scan"
+    held = scan_bytes() if callable(scan_bytes) else scan_bytes
+    return "recurrent" if held > scan_bytes_limit() else "scan"
 
 
 def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
@@ -650,9 +653,9 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if form == "auto":
-            held = 0
-            if backend == "triton" and piece:
-                held = scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0])
+            # (a function: `pick_form` counts the held bytes only where it weighs the scan form)
+            held = ((lambda: scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0]))
+                    if backend == "triton" and piece else 0)
             chosen = pick_form(tuple(form_fns), length, chunk_size, rows, held)
         else:
             chosen = form
@@ -876,7 +879,7 @@ def packed_form(form_fns, form: str, call, chunk_size: int, spec=None) -> str | 
         return "chunked" if packed else None
     lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
     # (the packed kernels keep every sequence's steps: the packed length, as one row)
-    held = scan_held_bytes(spec, call, call.length, 1) if spec is not None else 0
+    held = (lambda: scan_held_bytes(spec, call, call.length, 1)) if spec is not None else 0
     return pick_form(packed, int(lengths.max()), chunk_size, len(lengths), held)
 
 
@@ -1498,16 +1501,15 @@ class Layer:
         and AOTAutograd take as opaque; in eager mode the forms run directly, as fast as before the op existed
         (the op keeps a table of autograd graphs and falls back to recomputing, which an eager call need not)."""
         compiling = torch.compiler.is_compiling()
-        if compiling:
-            call = bind_call(self.recurrence, args, kwargs, check_values=False)  # noqa: F821 - calling.py
-            backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
-            return self._through_op(call, form, backend, chunk, options)
         try:
-            call = bind_call(self.recurrence, args, kwargs)  # noqa: F821
+            # (while tracing, cu_seqlens' boundaries are values Dynamo does not have: the op checks them, `_op_results`)
+            call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
             backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
+            if compiling:
+                return self._through_op(call, form, backend, chunk, options)
             return self._run(call, form, backend, chunk, options)
         except RuntimeError as err:
-            if not _functorch_active():
+            if compiling or not _functorch_active():  # (compiling first: Dynamo need not trace that query)
                 raise
             # torch.func's transforms meet the forms' autograd.Functions (no setup_context) or a host read of a
             # value (vmap: the call's checks, a form's step check); under grad, torch's own error names neither.
@@ -1606,10 +1608,10 @@ class Layer:
 
     def _auto_form(self, call, fns: dict, chunk: int, backend: str) -> str:
         """The form "auto" runs for the whole of `call` (one sequence length: packed sequences pick per length)."""
-        held = 0
-        if backend == "triton":  # (the Triton scan form's held tensors: `pick_form`)
-            held = scan_held_bytes(self.recurrence, call, call.length,  # noqa: F821 - from dispatch.py
-                                   1 if call.cu_seqlens is not None else call.num_sequences)
+        # The Triton scan form's held tensors, counted only where `pick_form` weighs the scan form.
+        rows = 1 if call.cu_seqlens is not None else call.num_sequences
+        held = ((lambda: scan_held_bytes(self.recurrence, call, call.length, rows))  # noqa: F821 - from dispatch.py
+                if backend == "triton" else 0)
         return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
 
     @staticmethod
