@@ -5511,7 +5511,7 @@ def mlstm__chunked_prologue_fwd_triton(ig, fg, K, V):
     B_, T_, H_ = ig.shape[:3]
     dtype_ = ig.dtype
     dtype_ = torch.promote_types(dtype_, fg.dtype)  # the torch form's dtype
-    scalar_dtype_ = torch.float32 if dtype_ == torch.float16 else dtype_
+    scalar_dtype_ = torch.promote_types(dtype_, torch.float32)  # float32, or float64 for float64
     v_step_C = torch.empty((B_, T_, H_), dtype=scalar_dtype_, device=ig.device)  # a factor of k v^T
     log_decay_C = torch.empty((B_, T_, H_), dtype=scalar_dtype_, device=ig.device)  # mlstm.rec:17
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=ig.device)
