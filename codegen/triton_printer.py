@@ -23,8 +23,8 @@ everywhere (0 * inf is nan); `is_finite(e)` holds for sums, products and bounded
 zero-padded tiles, never for division, log or fractional powers of a tile.
 
 Functions: exp, log, sqrt, abs, cos, sin map to `tl.*`; sigmoid to `tl.sigmoid`; the rest are written in
-numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) + log(1 + exp(-|x|)),
-logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), silu(x) = x sigmoid(x),
+numerically stable forms: tanh(x) = 2 sigmoid(2x) - 1, softplus(x) = max(x, 0) + log1p(exp(-|x|)),
+logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)) (log1p keeps the tails: softplus(-20) = 2.1e-9), silu(x) = x sigmoid(x),
 elu(x) = where(x > 0, x, exp(where(x > 0, 0, x)) - 1), relu(x) = max(x, 0); min / max to
 `tl.minimum` / `tl.maximum` with `propagate_nan=ALL`: a NaN comes out NaN, as in torch.
 expm1 and log1p (the step IR's spelling of 1 - exp(y), exp(y) - 1 and log(1 + y): `step_ir.precise`) call the
@@ -68,8 +68,10 @@ FUNCTIONS = {
     tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),
     sympy.tanh: ("2.0 * tl.sigmoid(2.0 * {x}) - 1.0", True, True, _ADD),  # (the step IR's is `tanh`)
     sigmoid: ("tl.sigmoid({x})", False, True, _ATOM),
-    logsigmoid: ("tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
-    softplus: ("tl.maximum({x}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({x})))", False, True, _ADD),
+    # log(1 + exp(-|x|)) through the `_log1p` helper ({h}: `TritonPrinter.helper_prefix`): tl.log(1.0 + ...) is
+    # exactly 0 once exp(-|x|) is below float32's half ulp of 1 (|x| > 16.6), where softplus(-20) is 2.1e-9.
+    logsigmoid: ("tl.minimum({x}, 0.0) - {h}log1p(tl.exp(-tl.abs({x})))", False, True, _ADD),
+    softplus: ("tl.maximum({x}, 0.0) + {h}log1p(tl.exp(-tl.abs({x})))", False, True, _ADD),
     silu: ("{x} * tl.sigmoid({x})", True, True, _MUL),
     elu: ("tl.where({x} > 0.0, {x}, tl.exp(tl.where({x} > 0.0, 0.0, {x})) - 1.0)", True, True, _ATOM),
     relu: ("tl.maximum({x}, 0.0, propagate_nan=tl.PropagateNan.ALL)", True, True, _ATOM),
@@ -354,7 +356,7 @@ class TritonPrinter(ExprPrinter):
             template, _, _, prec = FUNCTIONS[type(e)]
             if _SIMPLE_CALL.fullmatch(template):
                 return template.format(x=self._p(e.args[0], axes)[0]), prec
-            return template.format(x=self._wrap(e.args[0], axes, _ATOM)), prec
+            return template.format(x=self._wrap(e.args[0], axes, _ATOM), h=self.helper_prefix), prec
         raise NotImplementedError(f"cannot print {type(e).__name__}: {e}")
 
     def _grouped_mul(self, e: sympy.Mul, axes) -> tuple[str, int]:

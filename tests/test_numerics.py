@@ -40,7 +40,7 @@ from codegen.triton_recurrent import triton_form_names
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.sampling import _Roles, sample_arguments
 
-from .conftest import SPEC_FILES, as_dict
+from .conftest import SPEC_FILES, as_dict, weighted_gradients
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 TOL = {F32: 1e-5, F16: 5e-3, BF16: 2e-2}
@@ -564,3 +564,140 @@ def test_float16_readouts_come_back_in_float32():
         (o_f32,), _ = run([(q.half().float(), False)], k.half().float(), v.half().float())
         assert torch.isfinite(o).all() and o.abs().max() > 65504
         assert_agrees("float16 readouts", o, o_f32.double(), 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softplus / logsigmoid tails in the Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+# The specs of specs/ that call softplus or logsigmoid, and the input each calls it on (its sign there).
+TAIL_GATES = {"rg_lru": "lam", "mlstm": "fg", "min_gru": "z"}
+TAIL_COMBOS = [(name, form) for name in sorted(TAIL_GATES)
+               for form in triton_form_names(analyse(RECS[name].checked))]
+
+
+def _tail_arguments(name: str, T: int = 20) -> tuple[list[torch.Tensor], torch.Tensor | dict | None]:
+    """`name`'s arguments (float64, sizes 16, B=1, H=2) with its softplus / logsigmoid input drawn from
+    -25..-18 on half its entries and +18..+25 on the others: both tails, where a float32 log(1 + exp(-|x|))
+    is exactly 0."""
+    rec = RECS[name]
+    args, initial = sample_arguments(rec.checked, {s: SIZE for s in ("K", "V", "D")}, 1, T, 2, dtype=F64,
+                                     seed=5, with_initial_state=True)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params]
+    i = names.index(TAIL_GATES[name])
+    gen = torch.Generator().manual_seed(6)
+    size = 18.0 + 7.0 * torch.rand(args[i].shape, generator=gen, dtype=F64)
+    sign = torch.where(torch.rand(args[i].shape, generator=gen) < 0.5, -1.0, 1.0).double()
+    args[i] = sign * size
+    return args, initial
+
+
+@pytest.mark.parametrize("name,form", TAIL_COMBOS, ids=[f"{n}-{f}" for n, f in TAIL_COMBOS])
+def test_softplus_logsigmoid_tails_in_triton(name, form):
+    """Every Triton form of the specs calling softplus or logsigmoid (rg_lru: softplus(-lam); mlstm:
+    logsigmoid(fg); min_gru: logsigmoid(-z)), float32, with those inputs at |x| in 18..25: outputs, final states
+    and every gradient against the float64 reference. softplus(-20) is 2.1e-9, not 0: printed as
+    max(x, 0) + log(1 + exp(-|x|)) it was 0 in float32, which closed rg_lru's input weight sqrt(1 - a^2) (about
+    1.8e-4 at lam = 20) to exactly 0; the kernels print log1p (the `_log1p` helper) instead."""
+    rec = RECS[name]
+    args, initial = _tail_arguments(name)
+    ref, weights = weighted_gradients(rec.reference, rec, args, initial)
+    ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    layer = layer_for(name)
+    init32 = {k: v.float() for k, v in as_dict(initial, rec.checked.states).items()}
+    args32 = [a.float() for a in args]
+    out, final = layer(*args32, initial_state=init32 if len(init32) > 1 else next(iter(init32.values())),
+                       output_final_state=True, backend="triton", form=form,
+                       chunk_size=16)
+    what = f"{name} triton {form}"
+    ref_out = as_dict(ref_out, rec.checked.outputs)
+    for key, got in as_dict(out, rec.checked.outputs).items():
+        assert_agrees(f"{what}: output {key}", got, ref_out[key], TOL[F32])
+    ref_final = as_dict(ref_final, rec.checked.states)
+    for key, got in as_dict(final, rec.checked.states).items():
+        assert_agrees(f"{what}: final state {key}", got, ref_final[key], TOL[F32])
+    got, _ = weighted_gradients(layer, rec, args32, init32, weights, backend="triton", form=form, chunk_size=16)
+    names = [s.name for s in rec.checked.inputs + rec.checked.params + rec.checked.states]
+    for n, g, r in zip(names, got, ref):
+        assert_agrees(f"{what}: d{n}", g, r, 1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter: exp underflows on purpose
+def test_printed_softplus_logsigmoid_match_torch(monkeypatch):
+    """softplus(x) and logsigmoid(x) as the Triton printer writes them (with the `_log1p` helper of HELPERS), run in
+    the interpreter on float32 x over [-100, 100] (both tails included: 1e-43 .. 100 in size): within 1e-6 of
+    torch's float64 values, relatively, wherever those are normal float32 numbers; and the renamed module spelling
+    (`helper_prefix`) calls the renamed helper."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import sympy
+
+    from codegen.cache import load_source
+    from codegen.triton_printer import HELPERS, TritonPrinter
+    from recurrence_dsl.step_ir import logsigmoid, softplus
+
+    x_sym = sympy.Symbol("x", real=True)
+    printer = TritonPrinter(set(), {}, names={"x": "v"})
+    sp, ls = (printer.print_expr(f(x_sym), ()) for f in (softplus, logsigmoid))
+    assert "_log1p(" in sp and "_log1p(" in ls and "tl.log(1.0 +" not in sp + ls
+    printer.helper_prefix = "_triton_"
+    assert "_triton_log1p(" in printer.print_expr(softplus(-x_sym), ())
+    source = "import triton\nimport triton.language as tl\n\n\n" + "\n\n".join(HELPERS.values()) + f'''
+
+@triton.jit
+def _tails(x, s, l, N: tl.constexpr):
+    o = tl.arange(0, N)
+    v = tl.load(x + o)
+    tl.store(s + o, {sp})
+    tl.store(l + o, {ls})
+'''
+    module = load_source(source, "numerics_softplus_logsigmoid")
+    n = 4096
+    x = torch.cat([torch.linspace(-100.0, 100.0, n - 8),
+                   torch.tensor([-20.0, -17.0, -16.5, 0.0, 16.5, 17.0, 20.0, 1e-3])]).float()
+    s, l = torch.empty_like(x), torch.empty_like(x)
+    module._tails[(1,)](x, s, l, N=n)
+    tiny = torch.finfo(F32).tiny
+    for name, got, want in [("softplus", s, torch.nn.functional.softplus(x.double())),
+                            ("logsigmoid", l, torch.nn.functional.logsigmoid(x.double()))]:
+        normal = want.abs() >= tiny
+        rel = ((got.double() - want).abs() / want.abs())[normal]
+        assert rel.max() < 1e-6, f"{name}: rel err {rel.max().item():.3g} at x = {x[normal][rel.argmax()].item()}"
+        assert normal.sum() > n // 2  # both tails are in: softplus below x ~ -87, logsigmoid above +87 are not
+    # the tails the plain log(1.0 + exp(-|x|)) made exactly 0
+    assert s[x == -20.0].item() > 0 and l[x == 20.0].item() < 0
+
+
+# mLSTM in bfloat16 at large input gates. Relative errors of the output (and the worst gradient) against float64,
+# seed 2 below, measured when the prologue's per-step scalars were bfloat16 -> float32: chunked 0.28 (0.60) ->
+# 0.090 (0.11), parallel 0.27 (0.60) -> 0.0035 (0.0052). What remains in the chunked form is its chunk-start states,
+# kept in bfloat16 for bfloat16 inputs (triton_runtime `_chunk_states`): 0.13 at chunks of 16. Tolerances between.
+BF16_LARGE_GATE_TOL = {"chunked": (0.15, 0.25), "parallel": (TOL[BF16], TOL[BF16])}
+
+
+@pytest.mark.parametrize("form", ["chunked", "parallel"])
+def test_mlstm_bfloat16_large_input_gates(form):
+    """mLSTM, bfloat16, B=1, T=96, H=2, K=V=16, ig ~ N(6, 1), fg ~ N(3, 1), chunks of 32, Triton: the output and every
+    input's gradient against the float64 reference on the same bfloat16 inputs, within BF16_LARGE_GATE_TOL. The
+    prologue's per-step scalars (exp(ig), logsigmoid(fg): [B, T, H]) are float32, as for float16; rounded to
+    bfloat16 (2**-8) they were magnified by the cancelling readout q n to 0.28 of the output."""
+    rec = RECS["mlstm"]
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 96, 2, SIZE, generator=gen) for _ in range(3))
+    ig = 6.0 + torch.randn(1, 96, 2, generator=gen)
+    fg = 3.0 + torch.randn(1, 96, 2, generator=gen)
+    args = [x.bfloat16() for x in (q, k, v, ig, fg)]
+    leaves = [a.double().requires_grad_() for a in args]
+    ref = rec.reference(*leaves)[0]
+    weight = 1e-2 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
+    got_leaves = [a.clone().requires_grad_() for a in args]
+    out = layer_for("mlstm")(*got_leaves, form=form, backend="triton", chunk_size=32)[0]
+    assert out.dtype == BF16 and torch.isfinite(ref).all()
+    tol_out, tol_grad = BF16_LARGE_GATE_TOL[form]
+    what = f"mlstm bfloat16 triton {form}"
+    assert_agrees(f"{what}: output", out, ref.detach(), tol_out)
+    grads = torch.autograd.grad((out.float() * weight.float()).sum(), got_leaves)
+    for name, got, want in zip("q k v ig fg".split(), grads, ref_grads):
+        assert got.dtype == BF16
+        assert_agrees(f"{what}: d{name}", got, want, tol_grad)

@@ -5963,7 +5963,7 @@ def rwkv6__chunked_prologue_fwd_triton(r, k, u, K, V):
     dtype_ = r.dtype
     dtype_ = torch.promote_types(dtype_, k.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, u.dtype)  # the torch form's dtype
-    scalar_dtype_ = torch.float32 if dtype_ == torch.float16 else dtype_
+    scalar_dtype_ = torch.promote_types(dtype_, torch.float32)  # float32, or float64 for float64
     skip_weight_S = torch.empty((B_, T_, H_), dtype=scalar_dtype_, device=r.device)  # rwkv6.rec:12: the skip term's weight per step
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=r.device)
     BLOCK_R_ = 16  # rows (b, t) per program

@@ -4349,7 +4349,7 @@ def rwkv7__chunked_prologue_fwd_triton(r, k, kk, a, u, K, V):
     dtype_ = torch.promote_types(dtype_, kk.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, a.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, u.dtype)  # the torch form's dtype
-    scalar_dtype_ = torch.float32 if dtype_ == torch.float16 else dtype_
+    scalar_dtype_ = torch.promote_types(dtype_, torch.float32)  # float32, or float64 for float64
     skip_weight_S = torch.empty((B_, T_, H_), dtype=scalar_dtype_, device=r.device)  # rwkv7.rec:14: the skip term's weight per step
     b_S = torch.empty((B_, T_, H_, K), dtype=dtype_, device=r.device)  # writes u_t back along b_t
     unsafe_ = torch.full((1,), T_, dtype=torch.int32, device=r.device)
