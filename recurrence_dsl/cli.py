@@ -448,6 +448,23 @@ def cmd_tune(args) -> int:
     if backend == "triton" and args.dtype == "float64":
         raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
                          "with --backend torch)")
+    # What each recurrence tunes, decided before the store is opened: a run that tunes nothing stores nothing
+    plan, skipped = [], []
+    for rec in recs:
+        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
+        forms = analyse(rec.checked).forms
+        form = args.form or _form_to_tune(forms, backend, given, tunable)
+        if form not in forms:
+            skipped.append(f"{rec.name}: no {form} form (it has {', '.join(forms)})")
+        elif not tunable(form, backend):  # the torch recurrent and parallel forms take no config
+            skipped.append(f"{rec.name}: the {backend} {form} form takes no config, so it has nothing to tune"
+                           + ("; try --backend triton" if backend == "torch" else ""))
+        else:
+            plan.append((rec, form))
+    if not plan:
+        raise UsageError(f"nothing was tuned and nothing stored: {'; '.join(skipped)}")
+    for why in skipped:
+        print(f"{why}; skipped", file=sys.stderr)
     store = open_store(args.store)
     try:
         store.check_writable()  # a bad --store fails before any timing
@@ -462,17 +479,7 @@ def cmd_tune(args) -> int:
               file=sys.stderr)
     status = 0
     results = []
-    for rec in recs:
-        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
-        forms = analyse(rec.checked).forms
-        form = args.form or _form_to_tune(forms, backend, given, tunable)
-        if form not in forms:
-            print(f"{rec.name}: no {form} form; skipped", file=sys.stderr)
-            continue
-        if not tunable(form, backend):  # the torch recurrent and parallel forms take no config
-            print(f"{rec.name}: the {backend} {form} form has nothing to tune; skipped (try --backend triton)",
-                  file=sys.stderr)
-            continue
+    for rec, form in plan:
         sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
         progress = _Progress(rec.name, not args.no_progress)
         try:
@@ -587,13 +594,15 @@ def cmd_kernels(args) -> int:
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     config = None
-    if args.config:
+    if args.config is not None:  # (an empty --config "" is not JSON, not "no config")
         try:
             config = json.loads(args.config)
         except json.JSONDecodeError as err:
             raise UsageError(f"--config: not JSON ({err})") from None
         if not isinstance(config, dict):
             raise UsageError(f"--config: expected a JSON object of block sizes, got {args.config}")
+        if not config:  # refused as a call's config={} is (codegen/dispatch.py `config_forms`): likely a slip
+            raise UsageError("--config: config is empty: give at least one key, or leave --config out")
     try:
         kr.find_tools(target)
     except kr.KernelReportError as err:
