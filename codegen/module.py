@@ -329,6 +329,8 @@ def _entry_points(analysis: Analysis) -> str:
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
     first_input = rec.inputs[0].name if rec.inputs else "None"
+    owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
+             "it has no params; the inputs' H must be its heads")
     # given params: [H, *dims] with the heads and sizes the module was built with
     param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
     under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
@@ -363,7 +365,7 @@ class _{cls}Layer(Layer):
 
 
 class {cls}(torch.nn.Module):
-    """`{name}` as a module; params are trainable `nn.Parameter`s of shape [H, ...].{start_doc}
+    """`{name}` as a module; {owned}.{start_doc}
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}):

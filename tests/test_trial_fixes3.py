@@ -3,6 +3,8 @@ of heads, sizes and params (codegen/module.py), `recdsl tune` that tunes nothing
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -125,18 +127,24 @@ def test_a_param_passed_to_forward_by_position_says_the_module_owns_it():
 # 4. recdsl tune that tunes nothing
 
 @pytest.mark.parametrize(("argv", "why"), [
-    (["--form", "parallel", "--backend", "torch"], "retention: the torch parallel form takes no config, so it has "
-                                                   "nothing to tune; try --backend triton"),
-    (["--form", "recurrent", "--backend", "torch"], "retention: the torch recurrent form takes no config"),
+    (["--form", "parallel", "--backend", "torch"], "retention: the torch parallel form has nothing to tune (it takes "
+                                                   "no config); skipped (try --backend triton)"),
+    (["--form", "recurrent", "--backend", "torch"], "retention: the torch recurrent form has nothing to tune"),
 ])
 def test_tune_that_tunes_nothing_says_so_and_stores_nothing(tmp_path, capsys, argv, why):
     store = tmp_path / "t.sqlite"
-    code = main(["tune", str(SPECS_DIR / "retention.rec"), "--device", "cpu", "--store", str(store), "--shape",
-                 "B=1,T=8,H=1,K=4,V=4", "--no-progress", *argv])
+    argv = ["tune", str(SPECS_DIR / "retention.rec"), "--device", "cpu", "--store", str(store), "--shape",
+            "B=1,T=8,H=1,K=4,V=4", "--no-progress", *argv]
+    code = main(argv)
     captured = capsys.readouterr()
-    assert code == 2
-    assert "stored in" not in captured.out
-    assert f"recdsl tune: error: nothing was tuned and nothing stored: {why}" in captured.err
+    assert code == 0  # (not an error: a script may tune each form in turn)
+    assert "trials and choices stored in" not in captured.out
+    assert captured.out.strip() == ("nothing tuned: the recurrence was skipped (see above), so nothing was stored "
+                                    f"in {store}")
+    assert why in captured.err
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"] == [] and len(out["skipped"]) == 1 and why in out["skipped"][0]
     assert not store.exists()
 
 
@@ -152,6 +160,7 @@ def test_tune_of_a_form_one_recurrence_lacks_skips_it_and_tunes_the_other(tmp_pa
                  "--no-progress", "--no-check"])
     captured = capsys.readouterr()
     assert "sq: no chunked form (it has recurrent); skipped" in captured.err
+    assert "lin:" not in captured.err
     assert "lin (spec hash" in captured.out and "stored in" in captured.out
     assert code in (0, 1) and store.exists()
 
@@ -172,3 +181,48 @@ def test_a_tensor_of_the_wrong_kind_is_named_with_its_article(dtype, shown):
         layer(*args, cu_seqlens=torch.tensor([[0, 2, 5]]))
     with pytest.raises(CallError, match=r"got a float32 tensor of shape \[3\]$"):
         layer(*args, cu_seqlens=torch.tensor([0.0, 2.0, 5.0]))
+
+
+# found trying the CLI as a new user
+
+def test_debug_is_taken_after_the_command_too(capsys, monkeypatch):
+    monkeypatch.delenv("RECURRENCE_DSL_DEBUG", raising=False)
+    assert main(["explain", str(SPECS_DIR / "gla.rec"), "--debug"]) == 0
+    assert "recurrence gla" in capsys.readouterr().out
+    import recurrence_dsl.cli as cli
+
+    def broken(args):
+        raise KeyError("boom")
+
+    # the subcommand's --debug reaches run_command: the internal error comes with its traceback
+    args, _ = cli.build_parser().parse_known_args(["explain", str(SPECS_DIR / "gla.rec"), "--debug"])
+    args.run = broken
+    assert cli.run_command(args) == cli.BUG_EXIT
+    assert "Traceback" in capsys.readouterr().err
+    args, _ = cli.build_parser().parse_known_args(["explain", str(SPECS_DIR / "gla.rec")])
+    args.run = broken
+    assert cli.run_command(args) == cli.BUG_EXIT
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unknown_option_is_named_by_its_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["kernels", str(SPECS_DIR / "gla.rec"), "--bogus", "1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("recdsl kernels: error: unrecognized arguments: --bogus 1; see recdsl "
+                                               "kernels --help")
+
+
+def test_compile_onto_a_directory_suggests_a_file_in_it(tmp_path, capsys):
+    assert main(["compile", str(SPECS_DIR / "gla.rec"), "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"recdsl compile: error: -o: {tmp_path} is a directory; give the "
+                                               f"module's file, e.g. -o {tmp_path / 'gla.py'}")
+
+
+def test_recdsl_help_lists_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 success; 1 a path past its tolerance (check)" in text
+    assert "2 a spec error or a bad command line; 3 an internal error" in text

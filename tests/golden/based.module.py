@@ -5370,7 +5370,7 @@ based = _BasedLayer(_based_spec, _based_forms, _based_triton_forms)
 
 
 class Based(torch.nn.Module):
-    """`based` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`based` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

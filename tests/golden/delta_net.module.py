@@ -4462,7 +4462,7 @@ delta_net = _DeltaNetLayer(_delta_net_spec, _delta_net_forms, _delta_net_triton_
 
 
 class DeltaNet(torch.nn.Module):
-    """`delta_net` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`delta_net` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

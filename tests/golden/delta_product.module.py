@@ -4558,7 +4558,7 @@ delta_product = _DeltaProductLayer(_delta_product_spec, _delta_product_forms, _d
 
 
 class DeltaProduct(torch.nn.Module):
-    """`delta_product` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`delta_product` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

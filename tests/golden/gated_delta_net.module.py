@@ -4625,7 +4625,7 @@ gated_delta_net = _GatedDeltaNetLayer(_gated_delta_net_spec, _gated_delta_net_fo
 
 
 class GatedDeltaNet(torch.nn.Module):
-    """`gated_delta_net` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`gated_delta_net` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

@@ -5919,7 +5919,7 @@ gla = _GlaLayer(_gla_spec, _gla_forms, _gla_triton_forms)
 
 
 class Gla(torch.nn.Module):
-    """`gla` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`gla` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

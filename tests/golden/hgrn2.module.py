@@ -5928,7 +5928,7 @@ hgrn2 = _Hgrn2Layer(_hgrn2_spec, _hgrn2_forms, _hgrn2_triton_forms)
 
 
 class Hgrn2(torch.nn.Module):
-    """`hgrn2` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`hgrn2` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

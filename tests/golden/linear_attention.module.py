@@ -4923,7 +4923,7 @@ linear_attention = _LinearAttentionLayer(_linear_attention_spec, _linear_attenti
 
 
 class LinearAttention(torch.nn.Module):
-    """`linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`linear_attention` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

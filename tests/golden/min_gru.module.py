@@ -5795,7 +5795,7 @@ min_gru = _MinGruLayer(_min_gru_spec, _min_gru_forms, _min_gru_triton_forms)
 
 
 class MinGru(torch.nn.Module):
-    """`min_gru` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`min_gru` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

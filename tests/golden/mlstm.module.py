@@ -5666,7 +5666,7 @@ mlstm = _MlstmLayer(_mlstm_spec, _mlstm_forms, _mlstm_triton_forms)
 
 
 class Mlstm(torch.nn.Module):
-    """`mlstm` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`mlstm` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):

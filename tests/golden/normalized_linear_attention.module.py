@@ -5090,7 +5090,7 @@ normalized_linear_attention = _NormalizedLinearAttentionLayer(_normalized_linear
 
 
 class NormalizedLinearAttention(torch.nn.Module):
-    """`normalized_linear_attention` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`normalized_linear_attention` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):
