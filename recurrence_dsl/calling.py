@@ -55,10 +55,15 @@ def _shape(t: torch.Tensor) -> str:
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def _with_article(word: str) -> str:
+    """`word` after the article its sound takes: "an int64", "a float32", "a uint8" (said "you-int")."""
+    return f"{'an' if word[:1].lower() in ('a', 'e', 'i', 'o') else 'a'} {word}"
+
+
 def _what(value) -> str:
     """What a call passed where a tensor was expected, for its error: a tensor's dtype and shape, else its type."""
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {_shape(value)}"
+        return f"{_with_article(str(value.dtype).removeprefix('torch.'))} tensor of shape {_shape(value)}"
     return type(value).__name__
 
 

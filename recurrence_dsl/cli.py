@@ -9,13 +9,13 @@ report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBU
 
     recdsl explain FILE [--name NAME] [--json]
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
-                [--form chunked|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
+                [--form chunked|parallel|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
                 [--repeat 5] [--seed 0] [--no-check] [--verbose]
                 [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
-                [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|all] [--config JSON]
-                [--backward] [--json]
+                [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|parallel|all]
+                [--config JSON] [--backward] [--json]
 
 This module is in the top import layer: it may use every package (autotune's tuner and store for `tune`,
 codegen's module writer for `compile`, codegen.kernel_report for `kernels`), and nothing below imports it.
@@ -47,6 +47,7 @@ TUNE_DIM = 64
 BUG_EXIT = 3  # the exit status of an internal error (a bug in recurrence_dsl, not in what the user gave)
 MAX_SIZE = 2**31 - 1  # the largest --shape size: the kernels index with 32-bit integers
 GRAPH_MARKER = "// recdsl graph"  # the first line of a graph `show --graph` wrote: it may replace the file
+FILE_HELP = "the .rec spec file (a pipe such as <(...) too)"
 
 
 class UsageError(Exception):
@@ -349,6 +350,10 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
 def cmd_compile(args) -> int:
     from codegen.module import OverwriteError, module_source, write_module
 
+    out = Path(args.output)
+    if out.is_dir():  # (before the module is generated: say where a file could go)
+        example = out / f"{Path(args.file).stem}.py"
+        raise UsageError(f"-o: {out} is a directory; give the module's file, e.g. -o {example}")
     recs = _select(load_file(args.file), args.name)
     source = module_source([analyse(r.checked) for r in recs], args.file)
     try:
@@ -448,7 +453,29 @@ def cmd_tune(args) -> int:
     if backend == "triton" and args.dtype == "float64":
         raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
                          "with --backend torch)")
-    store = open_store(args.store)
+    # What each recurrence tunes, decided before the store is touched: a run that tunes nothing stores nothing
+    plan, skipped = [], []
+    for rec in recs:
+        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
+        forms = analyse(rec.checked).forms
+        form = args.form or _form_to_tune(forms, backend, given, tunable)
+        if form not in forms:
+            skipped.append(f"{rec.name}: no {form} form (it has {', '.join(forms)}); skipped")
+        elif not tunable(form, backend):  # the torch recurrent and parallel forms take no config
+            skipped.append(f"{rec.name}: the {backend} {form} form has nothing to tune (it takes no config); skipped"
+                           + (" (try --backend triton)" if backend == "torch" else ""))
+        else:
+            plan.append((rec, form))
+    for line in skipped:
+        print(line, file=sys.stderr)
+    store = open_store(args.store)  # (a path only: nothing is read or written yet)
+    if not plan:  # not an error (a script may tune each form in turn), but nothing may read as stored
+        if args.json:
+            print(json.dumps({"store": str(store.path), "results": [], "skipped": skipped}, indent=1))
+        else:
+            print(f"nothing tuned: {'the recurrence was' if len(recs) == 1 else 'every recurrence was'} skipped "
+                  f"(see above), so nothing was stored in {store.path}")
+        return 0
     try:
         store.check_writable()  # a bad --store fails before any timing
     except StoreError as err:
@@ -462,17 +489,7 @@ def cmd_tune(args) -> int:
               file=sys.stderr)
     status = 0
     results = []
-    for rec in recs:
-        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
-        forms = analyse(rec.checked).forms
-        form = args.form or _form_to_tune(forms, backend, given, tunable)
-        if form not in forms:
-            print(f"{rec.name}: no {form} form; skipped", file=sys.stderr)
-            continue
-        if not tunable(form, backend):  # the torch recurrent and parallel forms take no config
-            print(f"{rec.name}: the {backend} {form} form has nothing to tune; skipped (try --backend triton)",
-                  file=sys.stderr)
-            continue
+    for rec, form in plan:
         sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
         progress = _Progress(rec.name, not args.no_progress)
         try:
@@ -506,7 +523,8 @@ def cmd_tune(args) -> int:
         if result.best is None:
             status = 1
     if args.json:
-        print(json.dumps({"store": str(store.path), "results": [r.as_dict() for r in results]}, indent=1))
+        print(json.dumps({"store": str(store.path), "results": [r.as_dict() for r in results], "skipped": skipped},
+                         indent=1))
     else:
         from autotune.store import default_path
 
@@ -587,13 +605,15 @@ def cmd_kernels(args) -> int:
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     config = None
-    if args.config:
+    if args.config is not None:  # (an empty --config "" is not JSON, not "no config")
         try:
             config = json.loads(args.config)
         except json.JSONDecodeError as err:
             raise UsageError(f"--config: not JSON ({err})") from None
         if not isinstance(config, dict):
             raise UsageError(f"--config: expected a JSON object of block sizes, got {args.config}")
+        if not config:  # refused as a call's config={} is (codegen/dispatch.py `config_forms`): likely a slip
+            raise UsageError("--config: config is empty: give at least one key, or leave --config out")
     try:
         kr.find_tools(target)
     except kr.KernelReportError as err:
@@ -696,7 +716,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="recdsl", description="Compile and check linear recurrences written "
-                                     "as .rec specs.")
+                                     "as .rec specs.",
+                     epilog="Run `recdsl COMMAND --help` for a command's options. Exit status: 0 success; 1 a path "
+                     "past its tolerance (check), every trial failed (tune), a kernel that spills, needs too much "
+                     "shared memory, launches too large a grid or does not compile (kernels); 2 a spec error or a "
+                     "bad command line; 3 an internal error (a bug in recurrence_dsl: please report it).")
     parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error "
                         "(also RECURRENCE_DSL_DEBUG=1)")
@@ -706,10 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="run every executable path against the reference",
                            description="Parse and check FILE, run the float64 reference on random inputs, and "
                            "compare every executable path against it. Exits 1 if any exceeds its tolerance.")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", help=FILE_HELP)
     check.add_argument("--name", help="only this recurrence (default: every one in FILE)")
-    check.add_argument("--shape", help="sizes, e.g. B=2,T=64,H=2,K=16,V=16 (others take small defaults)")
-    check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the paths under test")
+    check.add_argument("--shape", help=f"sizes, e.g. B=2,T=64,H=2,K=16,V=16 (defaults B={DEFAULT_SIZES['B']}, "
+                       f"T={DEFAULT_SIZES['T']}, H={DEFAULT_SIZES['H']}, every spec size {DEFAULT_DIM})")
+    check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the paths under test (default "
+                       "float32)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     check.add_argument("--device", choices=("cpu", "cuda"), help="where the paths run (default: cuda if available; "
                        "on cpu, Triton kernels run in Triton's interpreter)")
@@ -722,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print the parsed recurrence",
                           description="Print the declarations and the step of each recurrence in FILE.")
-    show.add_argument("file", metavar="FILE")
+    show.add_argument("file", metavar="FILE", help=FILE_HELP)
     show.add_argument("--name", help="only this recurrence")
     show.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [...]}")
     show.add_argument("--graph", metavar="OUT.dot", help="write the step's dataflow graph (Graphviz; .png too "
@@ -736,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "class, each state's class and why, the forms it has with their mathematics, why each "
                           "other form is not there, and the forms the Triton backend lacks (what `recdsl show` "
                           "prints after the declarations).")
-    expl.add_argument("file", metavar="FILE")
+    expl.add_argument("file", metavar="FILE", help=FILE_HELP)
     expl.add_argument("--name", help="only this recurrence")
     expl.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [{\"name\", \"class\", "
                       "\"states\", \"forms\", \"unavailable\", \"triton_unavailable\", ...}]}")
@@ -745,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="write a standalone Python module for the recurrences of FILE",
                           description="Write one standalone, readable module (importing only torch, and triton "
                           "when installed) with a function and a torch.nn.Module per recurrence.")
-    comp.add_argument("file", metavar="FILE")
+    comp.add_argument("file", metavar="FILE", help=FILE_HELP)
     comp.add_argument("-o", "--output", required=True, metavar="OUT.py", help="the module to write")
     comp.add_argument("--name", help="only this recurrence")
     comp.add_argument("--force", action="store_true", help="overwrite OUT.py even if recurrence_dsl did not "
@@ -762,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and the table says so. Every trial and the choice go to the tuning store that "
                           "compile() and generated modules read.",
                           epilog=STORE_RULE.replace("%", "%%"))
-    tune.add_argument("file", metavar="FILE")
+    tune.add_argument("file", metavar="FILE", help=FILE_HELP)
     tune.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
                       f"every spec size {TUNE_DIM})")
@@ -799,8 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "against the torch form")
     tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    tune.add_argument("--json", action="store_true", help="print JSON {\"store\", \"results\": [...]} (with the "
-                      "thread settings) instead of the tables")
+    tune.add_argument("--json", action="store_true", help="print JSON {\"store\", \"results\": [...], \"skipped\": "
+                      "[why, ...]} (with the thread settings) instead of the tables")
     tune.set_defaults(run=cmd_tune)
 
     kernels = sub.add_parser("kernels", help="compile every Triton kernel a call launches for a GPU, without one, "
@@ -811,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "shared memory and compile time. Exits 1 if a kernel spills, needs more shared "
                              "memory than the target has, launches a grid past CUDA's limits (2^31 - 1 programs "
                              "on axis 0, 65535 on axes 1 and 2) or does not compile.")
-    kernels.add_argument("file", metavar="FILE")
+    kernels.add_argument("file", metavar="FILE", help=FILE_HELP)
     kernels.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     kernels.add_argument("--shape", help="sizes, e.g. B=2,T=256,H=4,K=64,V=64 (defaults B=2, T=256, H=4, every "
                          "spec size 64)")
@@ -829,6 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "\"form\", \"kernels\": [...], \"intermediate_bytes\": {\"total\", \"tensors\", "
                          "\"hand_written\"}}], \"problems\", \"ok\", ...}")
     kernels.set_defaults(run=cmd_kernels)
+    for command in sub.choices.values():
+        # --debug after the command too (`recdsl check FILE --debug`); SUPPRESS leaves recdsl's own where not given
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the Python traceback of an internal error (also RECURRENCE_DSL_DEBUG=1)")
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -869,7 +900,10 @@ def _debug_from_environment() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # named by the command that did not take them: `recdsl kernels: error: unrecognized arguments: ...`
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,22 @@ def _run_module_class(module, rec, layer):
     if any(p.dims for p in rec.checked.params):
         with pytest.raises(ValueError, match="sizes"):
             cls(HEADS)
+    # what the module refuses itself (codegen/module.py `_module_sizes`, `_module_params`, `_module_call`)
+    bad_builds = [((0, sizes), {}), ((HEADS, [("K", 1)]), {}), ((HEADS, {"not_a_size": 1}), {})]
+    bad_builds += [((HEADS, {s: 0}), {}) for s in list(sizes)[:1]]
+    bad_builds += [((HEADS + 1, sizes), given)] if given else []
+    for build_args, build_kwargs in bad_builds:
+        with pytest.raises(ValueError):
+            cls(*build_args, **build_kwargs)
+    inputs = [a.detach() for a in args[:n_inputs]]
+    net = cls(HEADS, sizes, backend="torch", **given)
+    bad_forwards = [((*inputs,), {"not_an_argument": 1}), ((*[torch.cat([a] * 2, dim=2) for a in inputs],), {})]
+    bad_forwards += [((*inputs,), {name: value}) for name, value in list(given.items())[:1]]
+    if given and len(rec.checked.states) == 1:  # a param by position lands in initial_state
+        bad_forwards.append(((*inputs, next(iter(given.values()))), {}))
+    for forward_args, forward_kwargs in bad_forwards:
+        with pytest.raises((CallError, TypeError)):
+            net(*forward_args, **forward_kwargs)
 
 
 def _bad_calls(module, layer, rec):

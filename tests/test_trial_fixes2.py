@@ -29,7 +29,7 @@ def _packed(length: int = 9):
     (torch.tensor([0, 4, 9], dtype=torch.bool), "a bool tensor of shape [3]"),  # torch read it as [0, 1, 1]
     (torch.tensor([0, 4, 9], dtype=torch.complex64), "a complex64 tensor of shape [3]"),
     (torch.tensor([0.0, 4.0, 9.0]), "a float32 tensor of shape [3]"),
-    (torch.tensor([[0, 4, 9]]), "a int64 tensor of shape [1, 3]"),
+    (torch.tensor([[0, 4, 9]]), "an int64 tensor of shape [1, 3]"),
     ([0, 4, 9], "list"),
 ])
 def test_a_bad_cu_seqlens_says_what_it_got(cu_seqlens, got):
@@ -49,7 +49,7 @@ def test_integer_cu_seqlens_of_any_width_still_run(dtype):
     torch.testing.assert_close(final.double(), ref_final, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("state", "got"), [(torch.zeros(1, 2, 4, dtype=torch.int64), "a int64 tensor of shape "
+@pytest.mark.parametrize(("state", "got"), [(torch.zeros(1, 2, 4, dtype=torch.int64), "an int64 tensor of shape "
                                              r"\[1, 2, 4\]"), ([0.0] * 4, "list")])
 def test_a_non_float_initial_state_says_what_it_got(state, got):
     args, _ = _packed()

@@ -77,6 +77,61 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
+def _positive(owner, what, value):
+    """`value` as an int, or a ValueError naming `what` when it is not a positive integer (a bool is not one)."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{owner}: {what} must be a positive int, got {value!r}")
+    return number
+
+
+def _module_sizes(module, spec, heads, sizes):
+    """A module's heads and sizes= checked (positive ints; sizes named as the spec names them): the sizes dict."""
+    owner = type(module).__name__
+    _positive(owner, "heads", heads)
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{owner}: sizes must be a dict of size name -> int, e.g. {{'K': 64}}, got "
+                         f"{type(sizes).__name__}")
+    for key, value in sizes.items():
+        if key not in spec.sizes:
+            declared = ", ".join(spec.sizes) or "none"
+            raise ValueError(f"{owner}: sizes has {key!r}, which {spec.name} does not declare (its sizes: "
+                             f"{declared})")
+        _positive(owner, f"sizes[{key!r}]", value)
+    return {key: operator.index(value) for key, value in sizes.items()}
+
+
+def _module_call(module, spec, first, initial_state, keywords):
+    """What a module's forward refuses before the layer checks the call: a param passed to it (the module owns its
+    params), an input whose H is not the module's heads, or a param's tensor where initial_state goes."""
+    owner = type(module).__name__
+    takes = ", ".join([s.name for s in spec.inputs] + ["initial_state", "output_final_state", "cu_seqlens",
+                                                        "reverse"])
+    params = [s.name for s in spec.params]
+    for key in keywords:
+        if key in params:
+            raise CallError(f"{owner}.forward() got param '{key}': the module owns '{key}' (the nn.Parameter "
+                            f"{owner}.{key}, set when the module is built), so it is not a forward argument; "
+                            f"forward takes {takes}")
+        raise TypeError(f"{owner}.forward() got an unexpected keyword argument '{key}'; it takes {takes}")
+    if isinstance(first, torch.Tensor) and first.dim() >= 3 and first.shape[2] != module.heads:
+        raise CallError(f"{owner} was built with heads={module.heads}, but input '{spec.inputs[0].name}' has "
+                        f"H={operator.index(first.shape[2])} (inputs are [B, T, H, ...], got shape "
+                        f"{[operator.index(n) for n in first.shape]})")
+    one_state = len(spec.states) == 1  # (several states come as a dict, never as one tensor)
+    if isinstance(initial_state, torch.Tensor) and one_state and initial_state.dim() != 2 + len(spec.states[0].dims):
+        for name in params:
+            if tuple(initial_state.shape) == tuple(getattr(module, name).shape):
+                raise CallError(f"{owner}.forward(): the argument after the inputs is initial_state, and it has "
+                                f"the shape of param '{name}' {list(initial_state.shape)}; the module owns '{name}' "
+                                f"(the nn.Parameter {owner}.{name}), so it is not a forward argument")
+
+
 @dataclass
 class BoundCall:
     inputs: dict[str, torch.Tensor]  # [B, T, H, *dims]
@@ -116,10 +171,15 @@ def _shape(t: torch.Tensor) -> str:
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def _with_article(word: str) -> str:
+    """`word` after the article its sound takes: "an int64", "a float32", "a uint8" (said "you-int")."""
+    return f"{'an' if word[:1].lower() in ('a', 'e', 'i', 'o') else 'a'} {word}"
+
+
 def _what(value) -> str:
     """What a call passed where a tensor was expected, for its error: a tensor's dtype and shape, else its type."""
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {_shape(value)}"
+        return f"{_with_article(str(value.dtype).removeprefix('torch.'))} tensor of shape {_shape(value)}"
     return type(value).__name__
 
 
@@ -5875,17 +5935,18 @@ gla = _GlaLayer(_gla_spec, _gla_forms, _gla_triton_forms)
 
 
 class Gla(torch.nn.Module):
-    """`gla` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
+    """`gla` as a module; it has no params; the inputs' H must be its heads.
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None):
         super().__init__()
-        sizes = dict(sizes or {})  # sizes of the params' axes, e.g. {"K": 64}
+        sizes = _module_sizes(self, _gla_spec, heads, sizes)  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
 
 
     def forward(self, q, k, v, g, initial_state=None, output_final_state=False, cu_seqlens=None,
-                reverse=None):
+                reverse=None, **keywords):
+        _module_call(self, _gla_spec, q, initial_state, keywords)
         return gla(q, k, v, g, initial_state=initial_state,
                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
                    form=self.form, backend=self.backend, chunk_size=self.chunk_size)
