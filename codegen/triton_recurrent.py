@@ -57,10 +57,14 @@ Kernel design (the torch per-step loop, moved into one program):
   kernel's SEGMENTS variant runs one program per (batch, head, F tile, segment) from a given dS_end; launched on
   zero dS_end it gives r_c, launched on the identity (F standing for A lanes, every value over F zero) it gives
   P_c; `NAME__triton_segment_scan_kernel` then walks the segments from the last (NC small matmuls per program, no
-  step) for every segment's dS_end, and a last SEGMENTS launch computes every gradient, all segments at once.
-  Three launches of B * H * tiles * NC programs and one of B * H * tiles where the sequential mode launches
-  B * H * tiles programs over all T steps; the chunked form of the diagonal-plus-rank-one class (RWKV-7) trains
-  on it (codegen/module.py), its checkpoints the chunk starts.
+  step) for every segment's dS_end, and a last SEGMENTS launch per F tile computes every gradient, all segments
+  at once, each tile's launch adding its part to the gradients without F (ACCUMULATE: no [tiles, B, T, H, ...]
+  parts). The r_c and P_c launches read no state (RECOMPUTE off: the map reads none; P_c's identity is made in
+  the kernel, EYE); the gradient launches recompute a segment in two levels, its sub-segments' first states
+  (SUB_ ~ sqrt(every) steps apart) then one sub-segment's states, so a program's scratch is NSUB_ + SUB_ states
+  rather than `every`, and the programs' scratch is capped (SEGMENT_SCRATCH_BYTES: fewer segment lanes past it).
+  The chunked form of the diagonal-plus-rank-one class (RWKV-7) trains on it (codegen/module.py), its
+  checkpoints the chunk starts (read in place when they are slices of one tensor, `_stacked`).
 """
 
 from __future__ import annotations
