@@ -226,3 +226,15 @@ def test_recdsl_help_lists_the_exit_statuses(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 success; 1 a path past its tolerance (check)" in text
     assert "2 a spec error or a bad command line; 3 an internal error" in text
+
+
+def test_an_input_named_like_the_forward_catch_all_is_a_spec_error(tmp_path, capsys):
+    spec = tmp_path / "kw.rec"
+    spec.write_text("recurrence kw(x[D], keywords) -> y[D] {\n    state h[D]\n"
+                    "    h[d] = sigmoid(keywords) * h[d] + x[d]\n    y[d] = h[d]\n}\n")
+    out = tmp_path / "kw.py"
+    assert main(["compile", str(spec), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "kw.rec:1:21: error: input 'keywords' would clash with the argument '**keywords' of the generated " \
+           "torch.nn.Module's forward" in err, err
+    assert not out.exists()
