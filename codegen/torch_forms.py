@@ -2022,8 +2022,22 @@ class TorchFormWriter:
         return reads
 
     def write_chunked(self) -> str | None:
+        """The chunked form's source, or None. Where its prologue is a Triton kernel that checks the values it
+        writes (`_elementwise_prologue`), which ones is known once the prologue is printed: the form is then
+        printed once more, each state's `_check_steps` line without them (`_write_chunked`)."""
         if "chunked" not in self.a.forms:
             return None
+        text = self._write_chunked(frozenset())
+        if self.prologue_checked:
+            checked = frozenset(self.prologue_checked)
+            text = self._write_chunked(checked)
+            assert self.prologue_checked == checked, "the chunked prologue printed otherwise the second time"
+        return text
+
+    def _write_chunked(self, kernel_checked: frozenset) -> str:
+        """The chunked form, its `_check_steps` lines leaving out `kernel_checked` (the prologue kernel's values)
+        and starting from the first step that kernel found unsafe (`unsafe_`); sets `prologue_checked`."""
+        self.prologue_checked = set()
         w = SourceWriter()
         self._header(w, "chunked", ", chunk_size=64" + (", every=0" if self.checkpoints else "")
                      + (", **options" if self.options else ""))
@@ -2061,9 +2075,8 @@ class TorchFormWriter:
 
         inputs = {i.name for i in self.rec.inputs}
         # The log decays checked as they are (<= 0), and those checked with a per-head factor (g, head), for a
-        # prologue the Triton kernels compute (`_elementwise_prologue`), and where each `_check_steps` line is
-        # ([values], log decays): those kernels check their own values, so the lines are written again without.
-        self.plain_logs, self.headed_logs, checks = set(), set(), []
+        # prologue the Triton kernels compute (`_elementwise_prologue`).
+        self.plain_logs, self.headed_logs = set(), set()
         aliases: dict[str, str] = {}  # a value that is another's tensor -> that value
 
         def pro(name: str, expr, indices, dims, after: str = "", comment: str = "") -> None:
@@ -2227,8 +2240,12 @@ class TorchFormWriter:
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
                                                else decay)
             (self.headed_logs if logs.startswith("(") else self.plain_logs).add(aliases.get(decay, decay))
-            check = f"_check_steps([{', '.join(checked)}], [{logs}])"
-            checks.append((list(checked), logs))
+            if kernel_checked:  # the prologue kernel checked these (or the tensors they are) as it wrote them
+                done = kernel_checked | {a for a, v in aliases.items() if v in kernel_checked}
+                rest = ", ".join(c for c in checked if c not in done)
+                check = f"_check_steps([{rest}], [{'' if logs in done else logs}], first=(unsafe_, T_))"
+            else:
+                check = f"_check_steps([{', '.join(checked)}], [{logs}])"
             axis = self.rt + _DECAY_CLASSES[plan.decay_axis]  # the runtime's class of the plan's decay axis
             if sa.cls is TransitionClass.RANK_ONE_UPDATE and plan.decay_axis == "key":
                 axis = self.rt + "KeyDeltaDecay"  # the Triton runtime's key decay with the delta backward's steps
@@ -2332,12 +2349,6 @@ class TorchFormWriter:
             targets = ", ".join(v[0] for v in prologue) + ("," if len(prologue) == 1 else "")
             if self.prologue_checked:  # its kernel checked the values it wrote (`unsafe_`, the first step to refuse)
                 targets = ", ".join(v[0] for v in prologue) + ", unsafe_"
-                done = self.prologue_checked | {a for a, v in aliases.items() if v in self.prologue_checked}
-                for checked, logs in checks:
-                    rest = [c for c in checked if c not in done]
-                    old = f"_check_steps([{', '.join(checked)}], [{logs}])"
-                    new = f"_check_steps([{', '.join(rest)}], [{'' if logs in done else logs}], first=(unsafe_, T_))"
-                    w.lines = [line.replace(old, new) for line in w.lines]
             call = (f"{targets} = {self.fn}__chunked_prologue{self.suffix}({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
             vjp = f"{self.fn}__chunked_prologue_vjp{self.suffix}"

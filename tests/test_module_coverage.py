@@ -175,6 +175,12 @@ def _run_auto(layer, rec):
                             config=DELTA_ROWS_CONFIG))
     layer(*args, form="recurrent", backend="triton", config={"num_warps": 1})
     layer(*args, backend="triton", config={"num_warps": 4})  # auto: the form it runs takes its share
+    if "scan" not in layer.triton_forms:  # no call weighs the scan form's held bytes (`pick_form`): weigh them here
+        module = sys.modules[type(layer).__module__]
+        call = module.bind_call(layer.recurrence, tuple(args), {})
+        held = module.scan_held_bytes(layer.recurrence, call, LENGTH, 1)
+        assert held > 0 and module.pick_form(("recurrent", "scan"), 4096, CHUNK, 1, lambda: held) == (
+            "recurrent" if held > module.scan_bytes_limit() else "scan")
     _run_meta(layer, rec)
     _run_limits(layer, rec)
     tuned = layer.options(form="auto", backend="torch", tuning=os.path.join(os.sep, "nonexistent", "t.sqlite"))
