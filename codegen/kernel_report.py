@@ -443,7 +443,7 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
         raise ValueError("Triton kernels take float16, bfloat16 or float32 inputs, not float64")
     chunk = layer.chunk_size if chunk_size is None else chunk_size
     options = {}
-    if config:
+    if config is not None:
         # the layer's own rule (each form its keys, its defaults for the rest, launch values Triton takes), as a
         # call with config= checks it
         shares = type(layer)._config_forms(config, None if form == "auto" else form, fns, "triton")
