@@ -971,11 +971,13 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 if isinstance(n, sympy.Symbol) and n not in self.ranges and n.name not in self.sizes \
                         and n.name not in allowed:
                     return False
-        return True
+        # r_c's launch recomputes no state (RECOMPUTE off): an outputs' gradient term that reads one keeps the
+        # sequential mode
+        return not self._map_reads_state()
 
     def _map_reads_state(self) -> bool:
         """Whether the state gradient's step, the outputs' gradients' terms included, reads a state (before or after
-        the step): then the segmented launch for r_c recomputes the states; else it holds none."""
+        the step): then the segmented mode is not offered (`_segmentable`: its r_c launch holds no states)."""
         states = {s.name for s in self.states} | {s.name + NEW_SUFFIX for s in self.states}
         exprs = [e for _, _, e in self.totals_ir] + [e for _, e in self.previous_ir.values()]
         return bool(self._reads(exprs) & states)
@@ -1576,9 +1578,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         A, F = self._dims(st)
         a_src, f_src = self._size_src(A), self._size_src(F)
         f32 = "dtype=torch.float32, device=dev"
-        flags = ["seq_=seq_", "SUB_=SUB_", "NSUB_=NSUB_", "TILE0_=0", "ACCUMULATE=False"]
+        flags = ["seq_=seq_", "SUB_=SUB_", "NSUB_=NSUB_"]
         # the launches for r_c and P_c hold no states (RECOMPUTE off): every segment its own program (NC_ lanes)
-        light = flags + ["NP_=NC_", "SEGMENTS=True", "STORE_GRADS=False", "RECOMPUTE=False"]
+        light = flags + ["TILE0_=0", "ACCUMULATE=False", "NP_=NC_", "SEGMENTS=True", "STORE_GRADS=False",
+                         "RECOMPUTE=False"]
         w("if not segments:")
         w("if B_ * H_ > 0:", 2)
         w("_launch(", 3)
@@ -1594,15 +1597,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w(f"de_{u} = torch.zeros_like(r_{u})", 2)
         w(f"dummy_{u} = torch.empty((1,), {f32})  # the scratch of a launch that recomputes no state", 2)
         w("# 1. r_c: each segment's gradient at its start from its outputs' gradients alone (zero at its end)", 2)
-        # (its map of the gradient reads the states where the outputs' gradients' terms do: then they are recomputed)
         w("_launch(", 2)
         w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, NT_, NC_),", 3)
-        if self._map_reads_state():
-            first = flags + ["NP_=NP_", "SEGMENTS=True", "STORE_GRADS=False", "RECOMPUTE=True"]
-            w(", ".join(call + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + first + ["EYE=False"]) + ",", 3)
-        else:
-            w(", ".join([f"dummy_{u}" if c == f"sc_{u}" else c for c in call]
-                        + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + light + ["EYE=False"]) + ",", 3)
+        w(", ".join([f"dummy_{u}" if c == f"sc_{u}" else c for c in call]
+                    + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + light + ["EYE=False"]) + ",", 3)
         w(")", 2)
         # 2. P_c: the same kernel on A lanes for F, every value over F zero, the identity at each segment's end
         w(f"# 2. P_c [{a_src}, {a_src}]: the segment's map of the gradient at its end, run on the identity: the "
@@ -1657,11 +1655,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         w("# 4. every segment's gradients, in parallel from its end's: a launch per tile of "
           f"{f_src}, in order, each adding its", 2)
         w(f"# part to the gradients without {f_src} (no [tiles, R, T, H, ...] parts; the sum's order fixed)", 2)
-        last = [c for c in flags if not c.startswith(("TILE0_=", "ACCUMULATE="))]
         w("for i_ in range(NT_):", 2)
         w("_launch(", 3)
         w(f"{self.fn}__triton_recurrent_adjoint_kernel, (G0_, 1, NP_),", 4)
-        w(", ".join(["0" if c == "R_ * T_" else c for c in call] + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + last
+        w(", ".join(["0" if c == "R_ * T_" else c for c in call] + [f"de_{u}=de_{u}", f"ds_{u}=r_{u}"] + flags
                     + ["TILE0_=i_", "NP_=NP_", "SEGMENTS=True", "STORE_GRADS=True", "RECOMPUTE=True", "EYE=False",
                        "ACCUMULATE=i_ > 0"]) + ",", 4)
         w(")", 3)

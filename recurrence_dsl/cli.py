@@ -48,6 +48,7 @@ BUG_EXIT = 3  # the exit status of an internal error (a bug in recurrence_dsl, n
 MAX_SIZE = 2**31 - 1  # the largest --shape size: the kernels index with 32-bit integers
 GRAPH_MARKER = "// recdsl graph"  # the first line of a graph `show --graph` wrote: it may replace the file
 FILE_HELP = "the .rec spec file (a pipe such as <(...) too)"
+DEBUG_HELP = "print the Python traceback of an internal error (also RECURRENCE_DSL_DEBUG=1)"
 
 
 class UsageError(Exception):
@@ -722,8 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "shared memory, launches too large a grid or does not compile (kernels); 2 a spec error or a "
                      "bad command line; 3 an internal error (a bug in recurrence_dsl: please report it).")
     parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
-    parser.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error "
-                        "(also RECURRENCE_DSL_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -857,8 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.set_defaults(run=cmd_kernels)
     for command in sub.choices.values():
         # --debug after the command too (`recdsl check FILE --debug`); SUPPRESS leaves recdsl's own where not given
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="print the Python traceback of an internal error (also RECURRENCE_DSL_DEBUG=1)")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         command.set_defaults(command_parser=command)
     return parser
 

@@ -97,13 +97,12 @@ def _module_sizes(module, spec, heads, sizes):
     if not isinstance(sizes, dict):
         raise ValueError(f"{owner}: sizes must be a dict of size name -> int, e.g. {{'K': 64}}, got "
                          f"{type(sizes).__name__}")
-    for key, value in sizes.items():
+    for key in sizes:
         if key not in spec.sizes:
             declared = ", ".join(spec.sizes) or "none"
             raise ValueError(f"{owner}: sizes has {key!r}, which {spec.name} does not declare (its sizes: "
                              f"{declared})")
-        _positive(owner, f"sizes[{key!r}]", value)
-    return {key: operator.index(value) for key, value in sizes.items()}
+    return {key: _positive(owner, f"sizes[{key!r}]", value) for key, value in sizes.items()}
 
 
 def _module_call(module, spec, first, initial_state, keywords):
