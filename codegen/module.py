@@ -229,22 +229,71 @@ _STARTS = {
 
 def _decay_params(analysis: Analysis) -> set[str]:
     """Names of the params that a state's per-step decay (a diagonal class's d, a coupled block's matrix) reads."""
+    names = {str(getattr(sym, "base", sym)) for e in _decay_exprs(analysis) for sym in e.free_symbols}
+    return names & {p.name for p in analysis.recurrence.params}
+
+
+def _decay_exprs(analysis: Analysis) -> list:
+    """The states' per-step decays (sympy): a diagonal class's d, its stages', a coupled block's entries."""
     exprs = []
     for s in analysis.states.values():
         exprs += [s.diagonal] + [t.diagonal for t in s.stages]
         if s.block is not None:
             exprs += [e for row in s.block.matrix for e in row]
-    names = {str(getattr(sym, "base", sym)) for e in exprs if e is not None for sym in e.free_symbols}
-    return names & {p.name for p in analysis.recurrence.params}
+    return [e for e in exprs if e is not None]
+
+
+def _solved_start(analysis: Analysis, name: str) -> str | None:
+    """The start of param `name` solved from the first decay `exp(c * f(p) * g)` that reads it, f(p) a function of
+    the param alone and g the other factors, taken as 1: f(p) = L, L the head's log decay (`_head_decays(log=True)`),
+    e.g. p = L for Mamba's exp(dt * A), p = log(-L) for Mamba-2's exp(-exp(A_log) * dt). None when no decay is of
+    that shape, or the solution is not one expression of exp, log and sqrt."""
+    import sympy
+
+    x, log_decay = sympy.Symbol("p_"), sympy.Symbol("L_")
+
+    for decay in _decay_exprs(analysis):
+        if not isinstance(decay, sympy.exp):
+            continue
+        arg = decay.args[0]  # A[i] first, so that the A of its IndexedBase goes with it
+        arg = arg.xreplace({e: x for e in arg.atoms(sympy.Indexed) if str(e.base) == name})
+        arg = arg.xreplace({e: x for e in arg.atoms(sympy.Symbol) if e.name == name})
+        if not arg.has(x):
+            continue
+        kept = [f for f in sympy.Mul.make_args(arg) if f.has(x) or f.is_number]
+        if any(f.free_symbols - {x} for f in kept):  # the param mixed with other values in one factor
+            return None
+        try:
+            solutions = sympy.solve(sympy.Eq(sympy.Mul(*kept), log_decay), x)
+        except (NotImplementedError, TypeError, ValueError):
+            return None
+        if len(solutions) != 1:
+            return None
+        text = sympy.sstr(solutions[0])
+        if set(re.findall(r"[A-Za-z_]\w*", text)) - {"L_", "exp", "log", "sqrt"}:
+            return None
+        if text == "L_":
+            return _STARTS["negative"]
+        if text == "-L_":
+            return _STARTS["positive"]
+        # (the function runs in float64: log(-L) and its kind lose nothing for decays near 1)
+        code = re.sub(r"\b(exp|log|sqrt)\(", r"torch.\1(", text)
+        return f"_head_decays(heads, {{}}, log=True, of=lambda L_: {code})"
+    return None
 
 
 def _param_starts(analysis: Analysis) -> dict[str, str]:
     """Param name -> the expression (a format string of its dims) the generated nn.Module starts it from: a param
-    of a decay whose sign or range the sampling rules know (recurrence_dsl/sampling.py `param_roles`) gives each
-    head h the decay 1 - 2^(-5 - h) (`_head_decays`), every other param starts at zero."""
+    of a decay gives each head h the decay 1 - 2^(-5 - h) (`_head_decays`), solved from the decay's expression when
+    it is `exp(...)` (`_solved_start`), else by its role in the sampling rules (recurrence_dsl/sampling.py
+    `param_roles`: a factor of the state); every other param starts at zero."""
     decays = _decay_params(analysis)
     roles = {k: v for k, v in param_roles(analysis.recurrence).items() if k in decays}
-    return {p.name: _STARTS[roles.get(p.name)] for p in analysis.recurrence.params}
+    starts = {}
+    for p in analysis.recurrence.params:
+        solved = _solved_start(analysis, p.name) if p.name in decays else None
+        starts[p.name] = solved if solved is not None else _STARTS[roles.get(p.name)]
+    return starts
 
 
 def _param_start_doc(analysis: Analysis, starts: dict[str, str]) -> str:
@@ -434,12 +483,15 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
-def _head_decays(heads, dims, log=False):
+def _head_decays(heads, dims, log=False, of=None):
     """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
     2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
-    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32."""
+    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32; of: a function
+    of those (the param that gives them, e.g. log(-L) for a decay exp(-exp(A))), also applied in float64."""
     h = torch.arange(heads, dtype=torch.float64)
     per_head = torch.log1p(-torch.exp2(-5 - h)) if log else 1 - torch.exp2(-5 - h)
+    if of is not None:
+        per_head = of(per_head)
     return per_head.to(torch.float32).reshape((heads,) + (1,) * len(dims)).expand((heads,) + dims).clone()
 
 

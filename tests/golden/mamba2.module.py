@@ -78,12 +78,15 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
-def _head_decays(heads, dims, log=False):
+def _head_decays(heads, dims, log=False, of=None):
     """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
     2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
-    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32."""
+    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32; of: a function
+    of those (the param that gives them, e.g. log(-L) for a decay exp(-exp(A))), also applied in float64."""
     h = torch.arange(heads, dtype=torch.float64)
     per_head = torch.log1p(-torch.exp2(-5 - h)) if log else 1 - torch.exp2(-5 - h)
+    if of is not None:
+        per_head = of(per_head)
     return per_head.to(torch.float32).reshape((heads,) + (1,) * len(dims)).expand((heads,) + dims).clone()
 
 
