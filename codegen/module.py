@@ -246,16 +246,19 @@ def _decay_exprs(analysis: Analysis) -> list:
 def _solved_start(analysis: Analysis, name: str) -> str | None:
     """The start of param `name` solved from the first decay `exp(c * f(p) * g)` that reads it, f(p) a function of
     the param alone and g the other factors, taken as 1: f(p) = L, L the head's log decay (`_head_decays(log=True)`),
-    e.g. p = L for Mamba's exp(dt * A), p = log(-L) for Mamba-2's exp(-exp(A_log) * dt). None when no decay is of
-    that shape, or the solution is not one expression of exp, log and sqrt."""
+    e.g. p = L for Mamba's exp(dt * A), p = log(-L) for Mamba-2's exp(-exp(A_log) * dt); a decay `c * f(p) * g`
+    not written as exp: f(p) = exp(L) (RetNet's gamma, sigmoid(w)). None when no decay is of that shape, or the
+    solution is not one expression of exp, log and sqrt."""
     import sympy
+
+    from recurrence_dsl.step_ir import sigmoid, softplus
 
     x, log_decay = sympy.Symbol("p_"), sympy.Symbol("L_")
 
     for decay in _decay_exprs(analysis):
-        if not isinstance(decay, sympy.exp):
-            continue
-        arg = decay.args[0]  # A[i] first, so that the A of its IndexedBase goes with it
+        # exp(c * f(p) * g): f(p) = L; else (gamma, sigmoid(w)) the decay's own factors: f(p) = exp(L)
+        arg, target = (decay.args[0], log_decay) if isinstance(decay, sympy.exp) else (decay, sympy.exp(log_decay))
+        # A[i] first, so that the A of its IndexedBase goes with it
         arg = arg.xreplace({e: x for e in arg.atoms(sympy.Indexed) if str(e.base) == name})
         arg = arg.xreplace({e: x for e in arg.atoms(sympy.Symbol) if e.name == name})
         if not arg.has(x):
@@ -263,8 +266,11 @@ def _solved_start(analysis: Analysis, name: str) -> str | None:
         kept = [f for f in sympy.Mul.make_args(arg) if f.has(x) or f.is_number]
         if any(f.free_symbols - {x} for f in kept):  # the param mixed with other values in one factor
             return None
+        # softplus and sigmoid as exp and log, which sympy inverts (exp(-softplus(lam)): lam = log(exp(-L) - 1))
+        kept = [f.replace(softplus, lambda a: sympy.log(1 + sympy.exp(a)))
+                .replace(sigmoid, lambda a: 1 / (1 + sympy.exp(-a))) for f in kept]
         try:
-            solutions = sympy.solve(sympy.Eq(sympy.Mul(*kept), log_decay), x)
+            solutions = sympy.solve(sympy.Eq(sympy.Mul(*kept), target), x)
         except (NotImplementedError, TypeError, ValueError):
             return None
         if len(solutions) != 1:
@@ -272,6 +278,8 @@ def _solved_start(analysis: Analysis, name: str) -> str | None:
         text = sympy.sstr(solutions[0])
         if set(re.findall(r"[A-Za-z_]\w*", text)) - {"L_", "exp", "log", "sqrt"}:
             return None
+        if text == "exp(L_)":
+            return _STARTS["factor"]
         if text == "L_":
             return _STARTS["negative"]
         if text == "-L_":
@@ -284,8 +292,8 @@ def _solved_start(analysis: Analysis, name: str) -> str | None:
 
 def _param_starts(analysis: Analysis) -> dict[str, str]:
     """Param name -> the expression (a format string of its dims) the generated nn.Module starts it from: a param
-    of a decay gives each head h the decay 1 - 2^(-5 - h) (`_head_decays`), solved from the decay's expression when
-    it is `exp(...)` (`_solved_start`), else by its role in the sampling rules (recurrence_dsl/sampling.py
+    of a decay gives each head h the decay 1 - 2^(-5 - h) (`_head_decays`), solved from the decay's expression
+    (`_solved_start`) where it can be, else by its role in the sampling rules (recurrence_dsl/sampling.py
     `param_roles`: a factor of the state); every other param starts at zero."""
     decays = _decay_params(analysis)
     roles = {k: v for k, v in param_roles(analysis.recurrence).items() if k in decays}

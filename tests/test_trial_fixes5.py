@@ -65,3 +65,42 @@ def test_the_plain_decay_params_still_start_as_before():
         module = cls(4, backend="torch")  # (scalar params: no sizes)
         decay = decay_of(getattr(module, param).detach().double())
         torch.testing.assert_close(decay, _want(4), rtol=0, atol=1e-6)
+
+
+# 2. decays the sampling rules give no role: a param under softplus or sigmoid started at zero (decay 0.5 every head)
+
+SOFTPLUS = """
+recurrence softplus_retention(q[K], k[K], v[V]) -> o[V] {
+    param lam
+    state S[K, V]
+    S[i, j] = exp(-softplus(lam)) * S[i, j] + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+"""
+
+SIGMOID = """
+recurrence sigmoid_decay(x[D]) -> y[D] {
+    param w[D]
+    state h[D]
+    h[d] = sigmoid(w[d]) * h[d] + x[d]
+    y[d] = h[d]
+}
+"""
+
+
+def test_a_param_under_softplus_or_sigmoid_starts_at_the_head_decays():
+    cls, _ = _module_class(SOFTPLUS, "softplus_retention")
+    decay = torch.exp(-torch.nn.functional.softplus(cls(4, backend="torch").lam.detach().double()))
+    torch.testing.assert_close(decay, _want(4), rtol=0, atol=1e-6)
+    cls, _ = _module_class(SIGMOID, "sigmoid_decay")
+    decay = torch.sigmoid(cls(2, {"D": 3}, backend="torch").w.detach().double())
+    torch.testing.assert_close(decay, _want(2)[:, None].expand(2, 3), rtol=0, atol=1e-6)
+    assert "w starts where head h's decay is 1 - 2^(-5 - h)" in cls.__doc__
+
+
+def test_a_param_mixed_with_an_input_in_its_decay_keeps_its_start():
+    # exp(-exp(A + a)): A and the input a in one factor, no decay of A alone to solve: the sign rule's start
+    text = MAMBA2_LOG.replace("exp(-exp(A_log) * softplus(dt))", "exp(-exp(A_log + dt))")
+    cls, _ = _module_class(text, "mamba2_log")
+    start = cls(2, backend="torch").A_log.detach().double()
+    torch.testing.assert_close(start, torch.log(_want(2)), rtol=0, atol=1e-6)

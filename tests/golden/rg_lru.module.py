@@ -79,6 +79,18 @@ class _Spec:
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
 
 
+def _head_decays(heads, dims, log=False, of=None):
+    """float32 [heads, *dims]: head h's decay 1 - 2^(-5 - h) on every element (RetNet's per-head decays, Sun et al.
+    2023, arXiv:2307.08621, Sec. 2.2: from 0.969 at head 0 towards 1, so the heads remember over different lengths);
+    log: their logarithms (< 0), computed in float64 where 1 - 2^(-5 - h) would round to 1 in float32; of: a function
+    of those (the param that gives them, e.g. log(-L) for a decay exp(-exp(A))), also applied in float64."""
+    h = torch.arange(heads, dtype=torch.float64)
+    per_head = torch.log1p(-torch.exp2(-5 - h)) if log else 1 - torch.exp2(-5 - h)
+    if of is not None:
+        per_head = of(per_head)
+    return per_head.to(torch.float32).reshape((heads,) + (1,) * len(dims)).expand((heads,) + dims).clone()
+
+
 def _dims(dims, sizes):
     missing = [d for d in dims if isinstance(d, str) and d not in sizes]
     if missing:
@@ -5948,14 +5960,15 @@ rg_lru = _RgLruLayer(_rg_lru_spec, _rg_lru_forms, _rg_lru_triton_forms)
 
 class RgLru(torch.nn.Module):
     """`rg_lru` as a module; params are trainable `nn.Parameter`s of shape [H, ...].
-    Unless given, lam starts at zero.
+    Unless given, lam starts where head h's decay is 1 - 2^(-5 - h), the decay's other factors 1 (RetNet's per-head
+    decays, `_head_decays`).
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, lam=None):
         super().__init__()
         sizes = _module_sizes(self, _rg_lru_spec, heads, sizes)  # sizes of the params' axes, e.g. {"K": 64}
         self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
-        self.lam = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if lam is None
+        self.lam = torch.nn.Parameter(_head_decays(heads, _dims(('D',), sizes), log=True, of=lambda L_: -torch.log(-1 + torch.exp(-L_/8))) if lam is None
                                       else torch.as_tensor(lam, dtype=torch.float32).clone())
         _module_params(self, _rg_lru_spec, sizes)
 
