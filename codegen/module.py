@@ -364,8 +364,10 @@ def _entry_points(analysis: Analysis) -> str:
             # (in its chunk-parallel mode, one program per segment, where the adjoint has it)
             adjoint = (f"lambda *a, **kw: {name}__triton_recurrent_adjoint(*a, segments=True, **kw)"
                        if has_segmented_adjoint(analysis) else f"{name}__triton_recurrent_adjoint")
-            tri.append(f"'chunked': takes_cu_seqlens(with_adjoint({name}__chunked_triton, {adjoint}, _{name}_out, "
-                       f"_{name}_st, kernels=True, every_of=triton_chunk_every))")
+            # and load half-precision inputs as they are (no float32 copies: the kernels upcast every load, the
+            # chunk-start states stay float32, the adjoint's gradients come in the inputs' dtypes)
+            tri.append(f"'chunked': takes_input_dtype(takes_cu_seqlens(with_adjoint({name}__chunked_triton, "
+                       f"{adjoint}, _{name}_out, _{name}_st, kernels=True, every_of=triton_chunk_every)))")
         elif chunked_backward_in_triton(analysis) and chunked_packed_in_triton(analysis):
             # its runtime calls carry their own Triton backward and walk packed sequences in their kernels
             # and load half-precision inputs as they are (no float32 copies)

@@ -1658,6 +1658,18 @@ class TorchFormWriter:
 
     # -- the chunked form's prologue and epilogue, with their VJPs printed from sympy -------------------------
 
+    def _upcast_lines(self, tensors: list[str]) -> list[str]:
+        """Lines casting `tensors` to at least float32, for a torch prologue of the chunked form that takes float16
+        / bfloat16 inputs as they are (the diagonal-plus-rank-one class on Triton, `self.checkpoints`: its module
+        marks it `takes_input_dtype`): its values (RWKV-7's b = -a * kk) were float32 when the dispatcher handed
+        the form float32 copies, and stay so, computed in float32 rather than in the inputs' half precision.
+        (A prologue printed as a Triton kernel computes in float32 and stores float32 values: `dtype_`.) No lines
+        for any other form, whose inputs come in float32 already or whose values keep the inputs' dtype."""
+        if not self.checkpoints:
+            return []
+        return [f"{p} = {p}.to(torch.promote_types({p}.dtype, torch.float32))  # float32 for half inputs"
+                for p in tensors]
+
     def _write_printed_vjp(self, stem: str, what: str, values: list, reads: list, ranges: dict,
                            suffix: str | None = None) -> tuple[str, bool, list[str]]:
         """(source, whether a VJP was derived, its arguments) of `NAME__<stem>`: a function of the tensors `reads`
@@ -1695,6 +1707,9 @@ class TorchFormWriter:
         w(f"def {fwd}({', '.join(tensors + sizes)}):", 0)
         w(f'"""{what}; inputs [B, T, H, ...], params [1, 1, H, ...]."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
+        upcast = self._upcast_lines([py[x.name] for x in spec_args])
+        for line in upcast:
+            w(line)
         printer = TorchPrinter(self.sizes, ranges, {**py, **dict(reads)})
         for out, expr, indices, dims, *comment in values:
             w(f"{out} = {self._full(printer, expr, indices, dims)}" + (f"  # {comment[0]}" if comment and comment[0]
@@ -1743,6 +1758,8 @@ class TorchFormWriter:
         w("the gradient of each argument (None where it is not differentiable) from those of its values; a param's")
         w('summed over B and T."""')
         w(f"B_, T_, H_ = {first}.shape[:3]")
+        for line in upcast:
+            w(line)
         names = {**py, **dict(reads), **{grad_name(out): g for out, g in grads.items()}}
         result = {p: fresh(f"grad_{p}") for p in tensors}
         self.taken = set(names.values()) | set(result.values())
@@ -1943,6 +1960,8 @@ class TorchFormWriter:
         w(f"dtype_ = {args[0]}.dtype")
         for p in args[1:]:
             w(f"dtype_ = torch.promote_types(dtype_, {p}.dtype)  # the torch form's dtype")
+        if self.checkpoints:
+            w("dtype_ = torch.promote_types(dtype_, torch.float32)  # the values in float32 for half inputs too")
         if any(not dims and not is_constant(expr, self.sizes) for _, expr, _, dims, *_ in values):
             # A per-step scalar (mLSTM's exp(ig), a log decay) in float32 for float16 and bfloat16 inputs: float16
             # overflows past exp(11.1), and the rounding of exp(ig) or a log decay (2**-11 per step in float16,

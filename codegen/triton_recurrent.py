@@ -882,6 +882,9 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         super().__init__(analysis)
         self.adj = adjoint
         self.want_segments = segments  # print the chunk-parallel mode where `_segmentable` allows it
+        # The backward of the chunked DPLR form, which takes float16 / bfloat16 inputs as they are
+        # (`takes_input_dtype`): gradients in the inputs' and params' dtypes. (Every other caller hands it float32.)
+        self.input_dtypes = segments
         self.ranges.update(adjoint.ranges)
         self.out_grads = {grad_name(o.name) for o in self.outputs}
         self.carried = {grad_name(s.name) for s in self.states}
@@ -1447,7 +1450,11 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("outputs' gradients alone) and P_c (run on the identity, the tiled axis of the state standing for its")
             w("first axis, every value over it zero), a scan over the segments for each one's dS_end (the only")
             w("sequential part: NC_ small matmuls), then every segment's gradients in parallel from its dS_end.")
-        w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
+        if self.input_dtypes:
+            w("Returns ([the gradient of each input and param, in its dtype], {state: its initial value's float32 "
+              'gradient})."""')
+        else:
+            w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
         first = _user(self.inputs[0].name)
         w(f"R_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -1489,14 +1496,20 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_")
             w("NSUB_ = triton.cdiv(SLOTS_, SUB_)")
             w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_, (NSUB_ + SUB_) * {self._slot(st)}) if segments else 1")
+        # input_dtypes: an input's gradient in its own dtype (float16 / bfloat16 under the chunked DPLR form),
+        # stored once from the kernel's float32 value; where tiles' parts are summed (NT_ > 1) they are summed in
+        # float32 and cast once at the end, so no partial sum is rounded to half precision.
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
             lead = "" if self._spans_tile(x) else ("1 if segments else NT_, " if seg else "NT_, ")
             note = "" if self._spans_tile(x) else "  # a part per tile, summed below"
             if seg and not self._spans_tile(x):
                 note = "  # a part per tile, summed below (segments: one, each tile's launch adding to it)"
+            u = _user(x.name)
+            dtype = (f"dtype={u}.dtype, device=dev" if self._spans_tile(x) else
+                     f"dtype={u}.dtype if NT_ == 1 else torch.float32, device=dev") if self.input_dtypes else f32
             w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}R_, T_, H_{dims}), "
-              f"{f32}){note}")
+              f"{dtype}){note}")
         for p in self.params:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(p))
             if p.name in self.outer:
@@ -1554,13 +1567,15 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 w(f"{g}[0] += {g}[i_]", 2)
         for x in self.inputs:
             whole = "[0]" if seg else ".sum(0)"
-            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else whole))
-        for p in self.params:
+            cast = f".to({_user(x.name)}.dtype)" if self.input_dtypes else ""
+            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else whole + cast))
+        for p in self.params:  # (summed in float32; input_dtypes: then in the param's dtype)
+            cast = f".to({_user(p.name)}.dtype)" if self.input_dtypes else ""
             if p.name in self.outer:
                 rows, cols = self.factor_ptr[p.name]
-                grads.append(f'torch.einsum("bthjr,bthjc->hrc", {rows}, {cols})')
+                grads.append(f'torch.einsum("bthjr,bthjc->hrc", {rows}, {cols}){cast}')
             else:
-                grads.append(f"{self.grad_ptr[p.name]}.sum((0, 1))")
+                grads.append(f"{self.grad_ptr[p.name]}.sum((0, 1)){cast}")
         finals = []
         for s in self.states:
             u = _user(s.name)

@@ -414,3 +414,72 @@ def test_gradients_on_a_gpu(dtype):
     errors = {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
     print(errors)
     assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("V,packed", [(16, False), (40, False), (16, True)],
+                         ids=["one-V-tile", "two-V-tiles", "packed"])
+def test_float16_inputs_taken_as_they_are(monkeypatch, V, packed):
+    """A float16 call of the chunked form hands its kernels the float16 inputs themselves (the form is
+    `takes_input_dtype`: no float32 copy of the [B, T, H, ...] inputs by the dispatcher), and its derived adjoint
+    the same tensors; the output and every input's gradient come back in float16, the param's (float32 here, as a
+    module holds it) and the initial state's in float32, and all match the float32 call's to float16's rounding
+    (the inputs rounded to float16 once, both calls computing in float32). V = 40: two V tiles, whose parts of the
+    gradients without V are summed in float32 before the one cast; packed: cu_seqlens (an empty sequence too).
+    float16, not bfloat16: bfloat16 arithmetic is wrong in Triton's interpreter."""
+    layer = _layer(monkeypatch)
+    run = layer.triton_forms["chunked"]
+    assert getattr(run, "input_dtype", False)
+    cells = dict(zip(run.__code__.co_freevars, run.__closure__))  # with_adjoint's loop and derived backward
+    loop, adjoint, seen = cells["loop"].cell_contents, cells["adjoint"].cell_contents, {}
+
+    def spy_loop(*args, **kwargs):
+        seen["loop"] = [x.dtype for x in args[:7]]  # r, w, k, v, kk, a, u
+        return loop(*args, **kwargs)
+
+    def spy_adjoint(*args, **kwargs):
+        seen["adjoint"] = [x.dtype for x in args[:7]]
+        grads, states = adjoint(*args, **kwargs)
+        seen["grads"] = [g.dtype for g in grads]
+        return grads, states
+
+    monkeypatch.setattr(cells["loop"], "cell_contents", spy_loop)
+    monkeypatch.setattr(cells["adjoint"], "cell_contents", spy_adjoint)
+    call = {"cu_seqlens": torch.tensor([0, 6, 6, 37])} if packed else {}
+    rows = 3 if packed else None
+    args, s0 = sample_arguments(REC.checked, {"K": 16, "V": V}, 1 if packed else 2, 37, 2, dtype=torch.float32,
+                                seed=7, with_initial_state=True, rows=rows)
+    half = [x.half() if x.dim() == 4 else x for x in args]  # the inputs in float16, the param u as a module's
+    got, weights, out = _grads(layer, half, s0, chunk_size=16, **call)
+    f16, f32 = torch.float16, torch.float32
+    assert seen == {"loop": [f16] * 6 + [f32], "adjoint": [f16] * 6 + [f32], "grads": [f16] * 6 + [f32]}, seen
+    assert out.dtype == f16 and [g.dtype for g in got] == [f16] * 6 + [f32, f32]
+    ref, _, ref_out = _grads(layer, [x.float() for x in half], s0, weights, chunk_size=16, **call)
+    errors = {n: _rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+    errors["o"] = _rel(out, ref_out)
+    print({n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= 4e-3, errors  # float16: 2**-11 per rounding of a value or a gradient
+
+
+def test_float16_through_a_torch_prologue(monkeypatch):
+    """Where the chunked form's prologue is printed as torch ops rather than a Triton kernel (here forced: the
+    kernel printer made to decline), a float16 call computes its values (b = -a * kk, the skip weight) from float32
+    casts of the inputs, as the float32 call does: the two calls' kernels then get the same b, so the final states
+    agree to float32 rounding and the outputs to float16's."""
+    from codegen import torch_forms
+    from codegen.cache import load_source
+    from codegen.module import module_source
+    from recurrence_dsl.analysis import analyse
+
+    monkeypatch.setattr(torch_forms.TorchFormWriter, "_elementwise_prologue", lambda self, *args, **kwargs: None)
+    text = module_source([analyse(REC.checked)], "rwkv7.rec")
+    prologue = text[text.index("def rwkv7__chunked_prologue_fwd_triton("):]
+    prologue = prologue[:prologue.index("\n\n\n")]
+    assert "a = a.to(torch.promote_types(a.dtype, torch.float32))" in prologue, prologue
+    layer = load_source(text, "rwkv7").rwkv7
+    args, s0 = sample_arguments(REC.checked, SIZES, 2, 37, 2, dtype=torch.float32, seed=3, with_initial_state=True)
+    half = [x.half() if x.dim() == 4 else x for x in args]
+    kw = dict(initial_state=s0, output_final_state=True, chunk_size=16, backend="triton", form="chunked")
+    o16, s16 = layer(*half, **kw)
+    o32, s32 = layer(*[x.float() for x in half], **kw)
+    assert o16.dtype == torch.float16 and s16.dtype == torch.float32
+    assert _rel(s16, s32) <= 1e-6 and _rel(o16, o32) <= 2e-3, (_rel(s16, s32), _rel(o16, o32))

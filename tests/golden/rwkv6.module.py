@@ -912,7 +912,9 @@ def takes_input_dtype(fn):
     """Mark the form function `fn` as one that takes float16 / bfloat16 inputs and params as they are: the Triton
     chunked forms whose kernels upcast every load to float32, compute and accumulate in float32 and store outputs
     (and, through their autograd.Function, gradients) in the inputs' dtype (codegen/triton_runtime.py), so a half
-    call makes no float32 copy of q, k, v, g. Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
+    call makes no float32 copy of q, k, v, g; and the diagonal-plus-rank-one chunked form (RWKV-7), whose kernels
+    do the same and whose derived adjoint (codegen/triton_recurrent.py) returns gradients in the inputs' dtypes.
+    Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
     States are float32 for every form. Returns `fn`."""
     fn.input_dtype = True
     return fn

@@ -908,6 +908,18 @@ def takes_cu_seqlens(fn):
     return fn
 
 
+def takes_input_dtype(fn):
+    """Mark the form function `fn` as one that takes float16 / bfloat16 inputs and params as they are: the Triton
+    chunked forms whose kernels upcast every load to float32, compute and accumulate in float32 and store outputs
+    (and, through their autograd.Function, gradients) in the inputs' dtype (codegen/triton_runtime.py), so a half
+    call makes no float32 copy of q, k, v, g; and the diagonal-plus-rank-one chunked form (RWKV-7), whose kernels
+    do the same and whose derived adjoint (codegen/triton_recurrent.py) returns gradients in the inputs' dtypes.
+    Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
+    States are float32 for every form. Returns `fn`."""
+    fn.input_dtype = True
+    return fn
+
+
 def takes_no_initial_state(fn):
     """Mark the form function `fn` as one that takes None for a state the call gives no initial value of, as the
     chunked Triton kernels do (their flag for an initial state off: the state starts at zero in registers, and no
@@ -4272,7 +4284,7 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     outputs' gradients alone) and P_c (run on the identity, the tiled axis of the state standing for its
     first axis, every value over it zero), a scan over the segments for each one's dS_end (the only
     sequential part: NC_ small matmuls), then every segment's gradients in parallel from its dS_end.
-    Returns ([float32 gradient of each input and param], {state: its initial value's gradient})."""
+    Returns ([the gradient of each input and param, in its dtype], {state: its initial value's float32 gradient})."""
     R_, T_, H_ = r.shape[:3]
     dev = r.device
     B_, cu_, ck_first_, NC_, LMAX_ = _triton_sequences(cu_seqlens, R_, T_, every, dev)  # B_: rows or sequences
@@ -4299,12 +4311,12 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
     SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_
     NSUB_ = triton.cdiv(SLOTS_, SUB_)
     NP_ = rwkv7__segment_lanes(NC_, G0_, (NSUB_ + SUB_) * BLOCK_K * BLOCK_V) if segments else 1
-    dr = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
-    dw = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
-    dk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
-    dv = torch.empty((R_, T_, H_, V), dtype=torch.float32, device=dev)
-    dkk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
-    da = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dr = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=r.dtype if NT_ == 1 else torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dw = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=w.dtype if NT_ == 1 else torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=k.dtype if NT_ == 1 else torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    dv = torch.empty((R_, T_, H_, V), dtype=v.dtype, device=dev)
+    dkk = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=kk.dtype if NT_ == 1 else torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
+    da = torch.empty((1 if segments else NT_, R_, T_, H_, K), dtype=a.dtype if NT_ == 1 else torch.float32, device=dev)  # a part per tile, summed below (segments: one, each tile's launch adding to it)
     du = torch.zeros((NT_ * NP_, B_, H_, K), dtype=torch.float32, device=dev)  # a part per tile, segment lane and row, summed below
     dh0_S = torch.empty((B_, H_, K, V), dtype=torch.float32, device=dev)
     sc_S = torch.empty(((G0_ * NP_ if segments else B_ * H_ * NT_) * (NSUB_ + SUB_) * BLOCK_K * BLOCK_V,), dtype=torch.float32, device=dev)  # scratch: a segment's states per program (segments: a tile's launch's)
@@ -4355,7 +4367,7 @@ def rwkv7__triton_recurrent_adjoint(r, w, k, v, kk, a, u, checkpoints, grad_outp
         dk[0] += dk[i_]
         dkk[0] += dkk[i_]
         da[0] += da[i_]
-    return [dr[0], dw[0], dk[0], dv, dkk[0], da[0], du.sum((0, 1))], {'S': dh0_S}
+    return [dr[0].to(r.dtype), dw[0].to(w.dtype), dk[0].to(k.dtype), dv, dkk[0].to(kk.dtype), da[0].to(a.dtype), du.sum((0, 1)).to(u.dtype)], {'S': dh0_S}
 
 
 @triton.jit
@@ -4425,6 +4437,7 @@ def rwkv7__chunked_prologue_fwd_triton(r, k, kk, a, u, K, V):
     dtype_ = torch.promote_types(dtype_, kk.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, a.dtype)  # the torch form's dtype
     dtype_ = torch.promote_types(dtype_, u.dtype)  # the torch form's dtype
+    dtype_ = torch.promote_types(dtype_, torch.float32)  # the values in float32 for half inputs too
     scalar_dtype_ = torch.promote_types(dtype_, torch.float32)  # float32, or float64 for float64
     skip_weight_S = torch.empty((B_, T_, H_), dtype=scalar_dtype_, device=r.device)  # rwkv7.rec:14: the skip term's weight per step
     b_S = torch.empty((B_, T_, H_, K), dtype=dtype_, device=r.device)  # writes u_t back along b_t
@@ -4479,7 +4492,7 @@ def rwkv7__chunked_triton(r, w, k, v, kk, a, u, states, K, V, chunk_size=64, eve
 
 _rwkv7_forms = {'recurrent': _zero_start(rwkv7__recurrent), 'chunked': takes_no_initial_state(rwkv7__chunked)}
 _rwkv7_out, _rwkv7_st = ('o',), ('S',)  # output and state names, for the backward
-_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every))} if HAVE_TRITON else None
+_rwkv7_triton_forms = {'recurrent': takes_cu_seqlens(with_adjoint(rwkv7__triton_recurrent_loop, rwkv7__triton_recurrent_adjoint, _rwkv7_out, _rwkv7_st, kernels=True)), 'chunked': takes_input_dtype(takes_cu_seqlens(with_adjoint(rwkv7__chunked_triton, lambda *a, **kw: rwkv7__triton_recurrent_adjoint(*a, segments=True, **kw), _rwkv7_out, _rwkv7_st, kernels=True, every_of=triton_chunk_every)))} if HAVE_TRITON else None
 
 
 class _Rwkv7Layer(Layer):
