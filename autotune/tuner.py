@@ -155,9 +155,10 @@ class TuneResult:
         found = [t for t in self.trials if config_key(t.config) == key and t.ok]
         return found[0].median_ms if found else None
 
-    def table(self) -> str:
+    def table(self, warnings: bool = True) -> str:
         """One line per timed config, fastest first, failures last, with its spread and the speed-up over the
-        slowest, then the decision."""
+        slowest, then the decision. warnings=False leaves out the `warning:` lines (`recdsl tune` prints those
+        on stderr, once per run)."""
         rows = sorted(self.trials, key=lambda t: (not t.ok, t.pruned, not t.final, t.median_ms or math.inf, t.number))
         slowest = max((t.median_ms for t in self.trials if t.ok), default=None)
         default = config_key(self.space.default)
@@ -173,7 +174,7 @@ class TuneResult:
         if self.compiler.get("source") == "compiler":
             lines.append(f"compiler: {self.compiler['compiled']} configs compiled for {self.compiler['target']}, "
                          f"{self.compiler['cached']} read from the cache; regs and spill B are the worst kernel's")
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"warning: {w}" for w in self.warnings] if warnings else []
         width = max([len(config_key(t.config)) for t in rows] + [6])
         lines.append(f"  {'#':>3}  {'config':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'runs':>4}  "
                      f"{'vs slowest':>10}  {'regs':>4}  {'spill B':>7}")

@@ -1,0 +1,36 @@
+"""A fourth trial's leftovers: `recdsl tune`'s thread warning printed once, an explicit tuning store in a folder
+that does not exist refused, a generated module without params checking its inputs' sizes, and generated text
+that does not depend on what sympy generated before in the process."""
+
+from __future__ import annotations
+
+from recurrence_dsl.cli import main
+
+from .conftest import SPECS_DIR
+
+TUNE = ["tune", str(SPECS_DIR / "linear_attention.rec"), "--shape", "B=1,T=8,H=1,K=4,V=4", "--backend", "torch",
+        "--device", "cpu", "--trials", "1", "--warmup", "0", "--repeat", "3", "--mode", "fwd", "--no-progress",
+        "--no-check"]
+
+
+# 1. the load-average warning of `recdsl tune`: once, not on stderr and again in the table
+
+def test_tune_prints_the_thread_warning_once(tmp_path, capsys, monkeypatch):
+    import autotune.threads
+    import autotune.tuner
+
+    real = autotune.threads.thread_settings
+    loads = iter([6.0, 7.5, 8.25, 9.0])  # the load average moves between the CLI's reading and the tuner's
+
+    def busy():
+        return dict(real(), torch_threads=2, cpu_count=2, load_average_1m=next(loads), OMP_WAIT_POLICY=None)
+
+    monkeypatch.setattr(autotune.threads, "thread_settings", busy)
+    monkeypatch.setattr(autotune.tuner, "thread_settings", busy)
+    assert main(TUNE + ["--store", str(tmp_path / "t.sqlite")]) == 0
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert both.count("OMP_WAIT_POLICY unset (spinning)") == 1, both
+    assert "recdsl tune: warning: 2 torch threads with OMP_WAIT_POLICY unset" in captured.err
+    assert "load average 6 over 2 cores" in captured.err  # the first reading, before any timing
+    assert "threads: torch 2" in captured.out  # the table still says what the timings ran with
