@@ -365,19 +365,19 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
          compiler: bool | None = None, candidates: list[dict] | None = None) -> TuneResult:
     """Tune `rec`'s `form` on `backend` for inputs [batch, length, heads, ...] of `dtype` with spec `sizes`.
 
-    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path, or None (the rule's store,
-    `autotune.store.default_path`); device: "cpu", "cuda", a torch.device (default: cuda when available);
-    limits: `space.DeviceLimits` to override the device's; mode: "fwdbwd" (what training runs, the default) or
-    "fwd" (inference); finalists: screened configs re-timed against the default in the interleaved final;
-    progress: `progress(done, total, label)` after each timed unit; lock_wait_s / on_lock_wait: see
-    `TuningStore.save_study`; target: the GPU target the Triton backend's configs are compiled for to read their
-    registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA device's, sm_90 on a CPU);
-    compiler: None uses those figures when ptxas and cuobjdump are found (else the hand estimate, with a note),
-    True requires them (ValueError without), False always uses the estimate; candidates: time only these configs
-    (and the default), each still pruned by the rules and the compiler. Returns a `TuneResult`; raises
-    `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad request,
-    `store.StoreError` for a store that cannot be written (before
-    timing anything) and `store.StoreLocked` (naming the side file holding the trials) when it stays locked.
+    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path (in a folder that exists), or None
+    (the rule's store, `autotune.store.default_path`, created with its folders); device: "cpu", "cuda", a
+    torch.device (default: cuda when available); limits: `space.DeviceLimits` to override the device's; mode:
+    "fwdbwd" (what training runs, the default) or "fwd" (inference); finalists: screened configs re-timed against
+    the default in the interleaved final; progress: `progress(done, total, label)` after each timed unit;
+    lock_wait_s / on_lock_wait: see `TuningStore.save_study`; target: the GPU target the Triton backend's configs
+    are compiled for to read their registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA
+    device's, sm_90 on a CPU); compiler: None uses those figures when ptxas and cuobjdump are found (else the hand
+    estimate, with a note), True requires them (ValueError without), False always uses the estimate; candidates:
+    time only these configs (and the default), each still pruned by the rules and the compiler. Returns a
+    `TuneResult`; raises `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad
+    request, `store.StoreError` for a store that cannot be written (before timing anything) and `store.StoreLocked`
+    (naming the side file holding the trials) when it stays locked.
     """
     import optuna
     from optuna.distributions import CategoricalDistribution

@@ -820,7 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
                       "under no_grad, what inference calls look up")
     tune.add_argument("--store", metavar="PATH", help="the SQLite store (default: $RECURRENCE_DSL_TUNING_STORE, "
-                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite)")
+                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite, "
+                      "created with its folders); PATH's folder must exist (exit 2 otherwise: a typo creates "
+                      "no folders)")
     tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for a store another process holds locked before saving the trials "
                       "to a side file (default 60)")

@@ -4,6 +4,11 @@ that does not depend on what sympy generated before in the process."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
+import recurrence_dsl
 from recurrence_dsl.cli import main
 
 from .conftest import SPECS_DIR
@@ -34,3 +39,34 @@ def test_tune_prints_the_thread_warning_once(tmp_path, capsys, monkeypatch):
     assert "recdsl tune: warning: 2 torch threads with OMP_WAIT_POLICY unset" in captured.err
     assert "load average 6 over 2 cores" in captured.err  # the first reading, before any timing
     assert "threads: torch 2" in captured.out  # the table still says what the timings ran with
+
+
+# 2. an explicit store in a folder that does not exist: refused, no folders created
+
+def test_tune_refuses_a_store_in_a_missing_folder_and_creates_none(tmp_path, capsys):
+    store = tmp_path / "tunnig" / "runs" / "x.sqlite"  # a typo'd folder
+    assert main(TUNE + ["--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recdsl tune: error: --store: ") and len(err.splitlines()) == 1, err
+    assert f"the folder {tmp_path / 'tunnig'} does not exist (nor does {store.parent})" in err
+    assert not (tmp_path / "tunnig").exists()
+
+
+def test_the_api_refuses_a_store_in_a_missing_folder_but_creates_the_rules(tmp_path, monkeypatch):
+    from autotune.store import StoreError, TuningStore
+    from autotune.tuner import tune
+
+    rec = recurrence_dsl.load(SPECS_DIR / "linear_attention.rec")["linear_attention"]
+    missing = tmp_path / "nope" / "x.sqlite"
+    with pytest.raises(StoreError, match=f"the folder {re.escape(str(missing.parent))} does not exist; "):
+        tune(rec, {"K": 4, "V": 4}, 1, 8, 1, trials=1, store=missing, device="cpu", mode="fwd", check=False)
+    with pytest.raises(StoreError, match="does not exist"):
+        TuningStore(missing).record("h", "d", "float32", "b", "chunked", "torch", {"chunk_size": 16}, 1.0)
+    assert not missing.parent.exists()
+    # the rule's store (a cache folder) is still created with its folders, as is an explicit one when asked
+    monkeypatch.setenv("RECURRENCE_DSL_CACHE", str(tmp_path / "cache" / "deeper"))
+    monkeypatch.delenv("RECURRENCE_DSL_TUNING_STORE", raising=False)
+    TuningStore().check_writable()
+    assert (tmp_path / "cache" / "deeper" / "tuning.sqlite").is_file()
+    TuningStore(missing, create_folders=True).check_writable()
+    assert missing.is_file()
