@@ -5,6 +5,7 @@ that does not depend on what sympy generated before in the process."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -70,3 +71,43 @@ def test_the_api_refuses_a_store_in_a_missing_folder_but_creates_the_rules(tmp_p
     assert (tmp_path / "cache" / "deeper" / "tuning.sqlite").is_file()
     TuningStore(missing, create_folders=True).check_writable()
     assert missing.is_file()
+
+
+# 3. a module without params checks its inputs' sizes against sizes=
+
+def _compiled_module(tmp_path, name: str):
+    """The class `recdsl compile` writes for specs/NAME.rec, imported from the file it wrote."""
+    import importlib.util
+
+    out = tmp_path / f"{name}_module.py"
+    assert main(["compile", str(SPECS_DIR / f"{name}.rec"), "-o", str(out)]) == 0
+    spec = importlib.util.spec_from_file_location(f"recdsl_test_{name}", out)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return getattr(module, "".join(p.title() for p in name.split("_")))
+
+
+def test_a_module_without_params_checks_its_inputs_sizes(tmp_path):
+    from recurrence_dsl.sampling import sample_arguments
+
+    cls = _compiled_module(tmp_path, "mlstm")
+    rec = recurrence_dsl.load(SPECS_DIR / "mlstm.rec")["mlstm"]
+    module = cls(2, {"K": 4, "V": 4}, backend="torch")
+    assert module.sizes == {"K": 4, "V": 4}
+    args, _ = sample_arguments(rec.checked, {"K": 8, "V": 4}, 1, 5, 2, seed=0)
+    with pytest.raises(ValueError, match=r"^Mlstm was built with sizes K=4, but input 'q' has K=8 on axis 3 \('q' "
+                                         r"is \[B, T, H, K\], got shape \[1, 5, 2, 8\]\)$") as info:
+        module(*args)
+    assert type(info.value).__name__ == "CallError"
+    args, _ = sample_arguments(rec.checked, {"K": 4, "V": 3}, 1, 5, 2, seed=0)
+    with pytest.raises(ValueError, match=r"^Mlstm was built with sizes V=4, but input 'v' has V=3 on axis 3"):
+        module(*args)
+    args, _ = sample_arguments(rec.checked, {"K": 4, "V": 4}, 1, 5, 2, seed=0)
+    out, _ = module(*args)  # the sizes it was built with: runs
+    assert out.shape == (1, 5, 2, 4)
+    out, _ = cls(2, {"K": 4}, backend="torch")(*sample_arguments(rec.checked, {"K": 4, "V": 6}, 1, 5, 2)[0])
+    assert out.shape == (1, 5, 2, 6)  # a size sizes= leaves out is the inputs'
