@@ -24,7 +24,9 @@ no config beat the default beyond the noise), with the reason in words. Calls re
 (`codegen/tuning.py`, read-only, never waiting): a raw fastest median is not a choice.
 
 Which file: `default_path()`, the rule of codegen/tuning.py ($RECURRENCE_DSL_TUNING_STORE, else
-$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite).
+$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite), whose folders are created when
+it is first written; a store given by path (`--store PATH`, `tune(store=PATH)`, `TuningStore(PATH)`) must be in
+a folder that exists (`StoreError` naming the missing folder otherwise: a typo creates no tree).
 
 Concurrency: the database runs in WAL mode (readers never block the writer); every write is one
 `BEGIN IMMEDIATE` transaction on its own short-lived connection with a generous busy timeout, so several
@@ -201,10 +203,15 @@ def _trial(row) -> Trial:
 
 
 class TuningStore:
-    """An SQLite file of tuning trials; every method opens, uses and closes its own connection."""
+    """An SQLite file of tuning trials; every method opens, uses and closes its own connection.
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    path: the file, or None for the rule's store (`default_path()`). create_folders: whether writing may create
+    the file's missing folders; default True only for the rule's store (a cache folder), so a typo in an
+    explicit path (`--store /tmp/tunnig/x.sqlite`) is a `StoreError` naming the missing folder, not a new tree."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, create_folders: bool | None = None):
         self.path = Path(path) if path is not None else default_path()
+        self.create_folders = path is None if create_folders is None else bool(create_folders)
         self._ready = False
 
     def __repr__(self) -> str:
@@ -212,7 +219,20 @@ class TuningStore:
 
     # -- connections ----------------------------------------------------------------------------------
 
+    def _missing_folder(self) -> StoreError | None:
+        """The error for a store whose folder does not exist and may not be created (None otherwise)."""
+        if self.create_folders or self.path.parent.is_dir():
+            return None
+        first = next(p for p in reversed((self.path.parent, *self.path.parent.parents)) if not p.exists())
+        also = "" if first == self.path.parent else f" (nor does {self.path.parent})"
+        return StoreError(f"tuning store {self.path} cannot be created: the folder {first} does not exist{also}; "
+                          "folders are not created for a store given by path: check it for a typo, or create "
+                          "the folder first")
+
     def _connect(self, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+        missing = self._missing_folder()
+        if missing is not None:
+            raise missing
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -250,13 +270,17 @@ class TuningStore:
     def check_writable(self) -> None:
         """Raise `StoreError` (naming the path and why) unless this store can be created or written now:
         a directory, a path under a regular file, a file that is not an SQLite database, a read-only file or
-        filesystem. Creates the store (its schema) when it does not exist; writes no trial."""
+        filesystem, a folder that does not exist (unless `create_folders`). Creates the store (its schema, and
+        with `create_folders` its folders) when it does not exist; writes no trial."""
         where = f"tuning store {self.path}"
         if self.path.is_dir():
             raise StoreError(f"{where} is a directory; give the path of a file (e.g. {self.path / 'tuning.sqlite'})")
         blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise StoreError(f"{where} cannot be created: {blocking} is a file, not a directory")
+        missing = self._missing_folder()
+        if missing is not None:
+            raise missing
         try:
             with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn:
                 conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file at once
@@ -493,7 +517,8 @@ def _transaction(conn: sqlite3.Connection):
 
 
 def open_store(store=None) -> TuningStore:
-    """A `TuningStore` from a store, a path, or None (the default path)."""
+    """A `TuningStore` from a store, a path (its folder must exist), or None (the rule's path, whose folders
+    are created when it is written)."""
     if isinstance(store, TuningStore):
         return store
     return TuningStore(store)

@@ -155,9 +155,10 @@ class TuneResult:
         found = [t for t in self.trials if config_key(t.config) == key and t.ok]
         return found[0].median_ms if found else None
 
-    def table(self) -> str:
+    def table(self, warnings: bool = True) -> str:
         """One line per timed config, fastest first, failures last, with its spread and the speed-up over the
-        slowest, then the decision."""
+        slowest, then the decision. warnings=False leaves out the `warning:` lines (`recdsl tune` prints those
+        on stderr, once per run)."""
         rows = sorted(self.trials, key=lambda t: (not t.ok, t.pruned, not t.final, t.median_ms or math.inf, t.number))
         slowest = max((t.median_ms for t in self.trials if t.ok), default=None)
         default = config_key(self.space.default)
@@ -173,7 +174,7 @@ class TuneResult:
         if self.compiler.get("source") == "compiler":
             lines.append(f"compiler: {self.compiler['compiled']} configs compiled for {self.compiler['target']}, "
                          f"{self.compiler['cached']} read from the cache; regs and spill B are the worst kernel's")
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"warning: {w}" for w in self.warnings] if warnings else []
         width = max([len(config_key(t.config)) for t in rows] + [6])
         lines.append(f"  {'#':>3}  {'config':<{width}}  {'median ms':>10}  {'IQR ms':>8}  {'runs':>4}  "
                      f"{'vs slowest':>10}  {'regs':>4}  {'spill B':>7}")
@@ -364,19 +365,19 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
          compiler: bool | None = None, candidates: list[dict] | None = None) -> TuneResult:
     """Tune `rec`'s `form` on `backend` for inputs [batch, length, heads, ...] of `dtype` with spec `sizes`.
 
-    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path, or None (the rule's store,
-    `autotune.store.default_path`); device: "cpu", "cuda", a torch.device (default: cuda when available);
-    limits: `space.DeviceLimits` to override the device's; mode: "fwdbwd" (what training runs, the default) or
-    "fwd" (inference); finalists: screened configs re-timed against the default in the interleaved final;
-    progress: `progress(done, total, label)` after each timed unit; lock_wait_s / on_lock_wait: see
-    `TuningStore.save_study`; target: the GPU target the Triton backend's configs are compiled for to read their
-    registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA device's, sm_90 on a CPU);
-    compiler: None uses those figures when ptxas and cuobjdump are found (else the hand estimate, with a note),
-    True requires them (ValueError without), False always uses the estimate; candidates: time only these configs
-    (and the default), each still pruned by the rules and the compiler. Returns a `TuneResult`; raises
-    `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad request,
-    `store.StoreError` for a store that cannot be written (before
-    timing anything) and `store.StoreLocked` (naming the side file holding the trials) when it stays locked.
+    rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path (in a folder that exists), or None
+    (the rule's store, `autotune.store.default_path`, created with its folders); device: "cpu", "cuda", a
+    torch.device (default: cuda when available); limits: `space.DeviceLimits` to override the device's; mode:
+    "fwdbwd" (what training runs, the default) or "fwd" (inference); finalists: screened configs re-timed against
+    the default in the interleaved final; progress: `progress(done, total, label)` after each timed unit;
+    lock_wait_s / on_lock_wait: see `TuningStore.save_study`; target: the GPU target the Triton backend's configs
+    are compiled for to read their registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA
+    device's, sm_90 on a CPU); compiler: None uses those figures when ptxas and cuobjdump are found (else the hand
+    estimate, with a note), True requires them (ValueError without), False always uses the estimate; candidates:
+    time only these configs (and the default), each still pruned by the rules and the compiler. Returns a
+    `TuneResult`; raises `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad
+    request, `store.StoreError` for a store that cannot be written (before timing anything) and `store.StoreLocked`
+    (naming the side file holding the trials) when it stays locked.
     """
     import optuna
     from optuna.distributions import CategoricalDistribution

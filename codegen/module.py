@@ -387,11 +387,11 @@ def _entry_points(analysis: Analysis) -> str:
                    f"triton_in_parallel({name}__chunked_triton))))")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
-    first_input = rec.inputs[0].name if rec.inputs else "None"
     owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
-             "it has no params; the inputs' H must be its heads")
+             "it has no params; the inputs' H and sizes must be its heads and sizes=")
     # given params: [H, *dims] with the heads and sizes the module was built with
     param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
+    one_tuple = "," if len(rec.inputs) == 1 else ""  # forward's inputs as a tuple: (x,) for one
     under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
     return f'''
 _{name}_forms = {{{forms}}}
@@ -429,13 +429,13 @@ class {cls}(torch.nn.Module):
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}):
         super().__init__()
-        sizes = _module_sizes(self, _{name}_spec, heads, sizes)  # sizes of the params' axes, e.g. {{"K": 64}}
-        self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
+        sizes = _module_sizes(self, _{name}_spec, heads, sizes)  # of the params' and inputs' axes: {{"K": 64}}
+        self.heads, self.sizes, self.form, self.backend, self.chunk_size = heads, sizes, form, backend, chunk_size
 {param_lines}{param_check}
 
     def forward(self, {forward_inputs}, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None, **{FORWARD_KEYWORDS}):
-        _module_call(self, _{name}_spec, {first_input}, initial_state, {FORWARD_KEYWORDS})
+        _module_call(self, _{name}_spec, ({forward_inputs}{one_tuple}), initial_state, {FORWARD_KEYWORDS})
         return {name}({forward_inputs}{forward_params}, initial_state=initial_state,
 {under}output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
 {under}form=self.form, backend=self.backend, chunk_size=self.chunk_size)
@@ -557,10 +557,12 @@ def _module_params(module, spec, sizes):
                              f"([{expected}] from heads and sizes), got {list(shape)}")
 
 
-def _module_call(module, spec, first, initial_state, keywords):
+def _module_call(module, spec, inputs, initial_state, keywords):
     """What a module's forward refuses before the layer checks the call: a param passed to it (the module owns its
-    params), an input whose H is not the module's heads, or a param's tensor where initial_state goes."""
+    params), an input whose H is not the module's heads or whose size is not its sizes= (a module without params
+    has nothing else that fixes them), or a param's tensor where initial_state goes. inputs: forward's, in order."""
     owner = type(module).__name__
+    first = inputs[0] if inputs else None
     takes = ", ".join([s.name for s in spec.inputs] + ["initial_state", "output_final_state", "cu_seqlens",
                                                         "reverse"])
     params = [s.name for s in spec.params]
@@ -574,6 +576,15 @@ def _module_call(module, spec, first, initial_state, keywords):
         raise CallError(f"{owner} was built with heads={module.heads}, but input '{spec.inputs[0].name}' has "
                         f"H={operator.index(first.shape[2])} (inputs are [B, T, H, ...], got shape "
                         f"{[operator.index(n) for n in first.shape]})")
+    for sym, value in zip(spec.inputs, inputs):
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 + len(sym.dims):
+            continue  # (the layer's own check says which shape it must have)
+        for axis, (dim, got) in enumerate(zip(sym.dims, value.shape[3:]), start=3):
+            if isinstance(dim, str) and dim in module.sizes and got != module.sizes[dim]:
+                layout = ", ".join(("B", "T", "H") + tuple(map(str, sym.dims)))
+                raise CallError(f"{owner} was built with sizes {dim}={module.sizes[dim]}, but input '{sym.name}' "
+                                f"has {dim}={operator.index(got)} on axis {axis} ('{sym.name}' is [{layout}], got "
+                                f"shape {[operator.index(n) for n in value.shape]})")
     one_state = len(spec.states) == 1  # (several states come as a dict, never as one tensor)
     if isinstance(initial_state, torch.Tensor) and one_state and initial_state.dim() != 2 + len(spec.states[0].dims):
         for name in params:
@@ -706,7 +717,8 @@ def _prune(text: str, roots: list[str]) -> str:
 # Arguments of the generated nn.Module's __init__ besides its params.
 _MODULE_INIT_ARGUMENTS = frozenset({"self", "heads", "sizes", "form", "backend", "chunk_size"})
 # Attributes the generated nn.Module sets or inherits besides its params.
-_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "form", "backend", "chunk_size"}
+_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "sizes", "form", "backend",
+                                                         "chunk_size"}
 
 
 def _check_names(text: str, analyses: list[Analysis]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -433,6 +434,17 @@ def _form_to_tune(forms, backend: str, given: dict, tunable) -> str:
     return "chunked" if "chunked" in forms else "recurrent"
 
 
+def _warn_once(notes: list[str], warned: set[str]) -> None:
+    """Print each timing warning on stderr unless one that differs from it only in its figures was printed in
+    this run: the tuner records the thread warnings with every result, read again when it starts (a load
+    average that moved is the same warning), and `recdsl tune` printed them before any timing."""
+    for note in notes:
+        kind = re.sub(r"\d+(?:\.\d+)?", "#", note)
+        if kind not in warned:
+            warned.add(kind)
+            print(f"recdsl tune: warning: {note}", file=sys.stderr)
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -481,9 +493,9 @@ def cmd_tune(args) -> int:
         store.check_writable()  # a bad --store fails before any timing
     except StoreError as err:
         raise UsageError(f"--store: {err}") from None
-    if device == "cpu":
-        for note in timing_warnings(thread_settings()):
-            print(f"recdsl tune: warning: {note}", file=sys.stderr)
+    warned: set[str] = set()
+    if device == "cpu":  # said before the (possibly long) timing starts
+        _warn_once(timing_warnings(thread_settings()), warned)
     if args.repeat < 3:  # a median of one or two runs cannot set a slow outlier aside, nor an IQR measure spread
         print(f"recdsl tune: warning: --repeat {args.repeat}: with fewer than 3 timed runs per config one slow run "
               "can decide the choice; use --repeat 3 or more (default 5) for a config worth storing",
@@ -506,8 +518,9 @@ def cmd_tune(args) -> int:
             continue
         except StoreLocked as err:
             if getattr(err, "result", None) is not None:
+                _warn_once(err.result.warnings, warned)
                 print(f"{rec.name} (spec hash {err.result.spec_hash})")
-                print(err.result.table())
+                print(err.result.table(warnings=False))
                 print()
             raise UsageError(str(err)) from None
         except StoreError as err:
@@ -517,9 +530,10 @@ def cmd_tune(args) -> int:
         finally:
             progress.close()  # (an interrupt too: the bar never outlives the run)
         results.append(result)
+        _warn_once(result.warnings, warned)  # (the tuner's own reading, a moment later: new only if it differs)
         if not args.json:
             print(f"{rec.name} (spec hash {result.spec_hash})")
-            print(result.table())
+            print(result.table(warnings=False))
             print()
         if result.best is None:
             status = 1
@@ -806,7 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
                       "under no_grad, what inference calls look up")
     tune.add_argument("--store", metavar="PATH", help="the SQLite store (default: $RECURRENCE_DSL_TUNING_STORE, "
-                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite)")
+                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite, "
+                      "created with its folders); PATH's folder must exist (exit 2 otherwise: a typo creates "
+                      "no folders)")
     tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for a store another process holds locked before saving the trials "
                       "to a side file (default 60)")

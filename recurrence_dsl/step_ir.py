@@ -318,7 +318,10 @@ class _Builder:
 
     def rename_bound(self, expr: sympy.Expr) -> sympy.Expr:
         """Give every summation index in `expr` a fresh name (inlining must not capture)."""
-        sums = [s for s in expr.atoms(sympy.Sum)]
+        # In the order the sums appear in `expr` (its args are in sympy's canonical order), not the order of
+        # `atoms()`, a set: that follows the hashes of the symbols, which differ from process to process
+        # (PYTHONHASHSEED), and the numbers given here are printed (`e_2` in `recdsl show` and in the reasons)
+        sums = [s for s in sympy.preorder_traversal(expr) if isinstance(s, sympy.Sum)]
         if not sums:
             return expr
         mapping = {}

@@ -161,7 +161,7 @@ def test_shape_buckets():
 
 
 def test_store_roundtrip_best_and_errors(tmp_path):
-    s = TuningStore(tmp_path / "sub" / "tuning.sqlite")
+    s = TuningStore(tmp_path / "sub" / "tuning.sqlite", create_folders=True)
     assert s.best(*KEY) is None
     s.record(*KEY, {"chunk_size": 64, "block_k": 64}, 2.5, study="s1")
     fastest = s.record(*KEY, {"chunk_size": 32, "block_k": 64}, 1.25, study="s1")

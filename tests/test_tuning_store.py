@@ -134,10 +134,16 @@ def test_tune_store_on_a_read_only_filesystem(tmp_path, capsys, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    code, _, err = _tune_cli(target, capsys=capsys)
+    # the rule's store is the one whose folders are created (a --store PATH's folder must exist already)
+    monkeypatch.setenv("RECURRENCE_DSL_TUNING_STORE", str(target))
+    code = main(["tune", str(GLA), "--shape", TINY, "--device", "cpu", "--backend", "torch", "--trials", "2",
+                 "--warmup", "0", "--repeat", "1", "--mode", "fwd", "--no-progress", "--no-check"])
+    err = capsys.readouterr().err
     assert code == 2 and "cannot be created" in err and "Read-only file system" in err and "Traceback" not in err
     with pytest.raises(StoreError, match="Read-only file system"):
-        TuningStore(target).check_writable()
+        TuningStore().check_writable()
+    with pytest.raises(StoreError, match="Read-only file system"):
+        TuningStore(target, create_folders=True).check_writable()
 
 
 # -- a forward call never waits on the store, and never fails because of it -------------------------------------

@@ -130,10 +130,12 @@ def _module_params(module, spec, sizes):
                              f"([{expected}] from heads and sizes), got {list(shape)}")
 
 
-def _module_call(module, spec, first, initial_state, keywords):
+def _module_call(module, spec, inputs, initial_state, keywords):
     """What a module's forward refuses before the layer checks the call: a param passed to it (the module owns its
-    params), an input whose H is not the module's heads, or a param's tensor where initial_state goes."""
+    params), an input whose H is not the module's heads or whose size is not its sizes= (a module without params
+    has nothing else that fixes them), or a param's tensor where initial_state goes. inputs: forward's, in order."""
     owner = type(module).__name__
+    first = inputs[0] if inputs else None
     takes = ", ".join([s.name for s in spec.inputs] + ["initial_state", "output_final_state", "cu_seqlens",
                                                         "reverse"])
     params = [s.name for s in spec.params]
@@ -147,6 +149,15 @@ def _module_call(module, spec, first, initial_state, keywords):
         raise CallError(f"{owner} was built with heads={module.heads}, but input '{spec.inputs[0].name}' has "
                         f"H={operator.index(first.shape[2])} (inputs are [B, T, H, ...], got shape "
                         f"{[operator.index(n) for n in first.shape]})")
+    for sym, value in zip(spec.inputs, inputs):
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 + len(sym.dims):
+            continue  # (the layer's own check says which shape it must have)
+        for axis, (dim, got) in enumerate(zip(sym.dims, value.shape[3:]), start=3):
+            if isinstance(dim, str) and dim in module.sizes and got != module.sizes[dim]:
+                layout = ", ".join(("B", "T", "H") + tuple(map(str, sym.dims)))
+                raise CallError(f"{owner} was built with sizes {dim}={module.sizes[dim]}, but input '{sym.name}' "
+                                f"has {dim}={operator.index(got)} on axis {axis} ('{sym.name}' is [{layout}], got "
+                                f"shape {[operator.index(n) for n in value.shape]})")
     one_state = len(spec.states) == 1  # (several states come as a dict, never as one tensor)
     if isinstance(initial_state, torch.Tensor) and one_state and initial_state.dim() != 2 + len(spec.states[0].dims):
         for name in params:
@@ -2780,15 +2791,15 @@ class Indrnn(torch.nn.Module):
 
     def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None, w=None):
         super().__init__()
-        sizes = _module_sizes(self, _indrnn_spec, heads, sizes)  # sizes of the params' axes, e.g. {"K": 64}
-        self.heads, self.form, self.backend, self.chunk_size = heads, form, backend, chunk_size
+        sizes = _module_sizes(self, _indrnn_spec, heads, sizes)  # of the params' and inputs' axes: {"K": 64}
+        self.heads, self.sizes, self.form, self.backend, self.chunk_size = heads, sizes, form, backend, chunk_size
         self.w = torch.nn.Parameter(torch.zeros((heads,) + _dims(('D',), sizes)) if w is None
                                     else torch.as_tensor(w, dtype=torch.float32).clone())
         _module_params(self, _indrnn_spec, sizes)
 
     def forward(self, x, initial_state=None, output_final_state=False, cu_seqlens=None,
                 reverse=None, **keywords):
-        _module_call(self, _indrnn_spec, x, initial_state, keywords)
+        _module_call(self, _indrnn_spec, (x,), initial_state, keywords)
         return indrnn(x, self.w, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
                       form=self.form, backend=self.backend, chunk_size=self.chunk_size)
