@@ -2295,10 +2295,14 @@ class TorchFormWriter:
                 # fuse["out"], is the kernels': then no output is left for a printed one.)
                 float32 = (self.rt and not (fuse and fuse.get("out"))
                            and epilogue_reads & {r.name for r in plan.readouts})
+                # and its chunk-start states in float32 for bfloat16 inputs too where it carries normaliser columns
+                # (its `float32_states`): the epilogue divides q C by q n, sums that cancel, and bfloat16 states'
+                # rounding came out magnified (mLSTM: 0.09 of the output at input gates ~ N(6, 1))
                 w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{s.name}, {vname}, "
                   f"{decay}, "
                   f"initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, output_final_state=True"
                   f"{fused_args}{', readouts=True' if float32 else ''}"
+                  f"{', float32_states=True' if self.rt and columns else ''}"
                   f"{self._options_arg})")
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]

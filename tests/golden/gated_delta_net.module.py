@@ -2854,7 +2854,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         else:
             p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
+                      other=0.0).to(tl.float32)  # (bfloat16 or float32 for bfloat16: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_kt = _triton_mapped(b_kt, m_k[:, None] & m_t[None, :], KMAP)

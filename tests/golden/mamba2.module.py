@@ -2973,7 +2973,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         else:
             p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
+                      other=0.0).to(tl.float32)  # (bfloat16 or float32 for bfloat16: `_triton_chunk_states`)
         b_kt = tl.load(k + bos * K + o_i[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)  # [BK, BT]
         b_kt = _triton_mapped(b_kt, m_k[:, None] & m_t[None, :], KMAP)
@@ -3162,7 +3162,7 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                         num_stages, packed=None, v_step=None, k_map=None):
+                         num_stages, packed=None, v_step=None, k_map=None, float32_states=False):
     """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
     v_step: a per-step factor [B, T, H] of v (fused), or None; k_map: None or the (map, vjp) helpers of k (fused,
@@ -3170,13 +3170,14 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
     themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
     keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
     stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
-    steps can pass float16's largest number (65504)."""
+    steps can pass float16's largest number (65504). float32_states: float32 for bfloat16 too (`triton_chunked_linear_by`:
+    a call whose readouts a printed epilogue divides, where bfloat16 states' rounding is magnified)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     rows = B if packed is None else packed.N  # the states' batch
-    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32,
-                    device=k.device)
+    half = k.dtype == torch.bfloat16 and not float32_states
+    h = torch.empty((B, H, NT, K, V), dtype=torch.bfloat16 if half else torch.float32, device=k.device)
     ht = torch.empty((rows, H, K, V), dtype=torch.float32, device=k.device) if output_final_state else None
     h0 = None if initial_state is None else initial_state.contiguous()
     _triton_launch(
@@ -3404,14 +3405,15 @@ def _triton_out_dtype(k: triton_Tensor, readouts: bool) -> torch.dtype:
 def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=None, chunk_size=64,
                              output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                              allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
-                             skip_weight=None, q_map=None, k_map=None, parallel=None, readouts=False):
+                             skip_weight=None, q_map=None, k_map=None, parallel=None, readouts=False,
+                             float32_states=False):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
     Differentiable: with grad enabled and an input that requires grad it runs as _triton_ChunkedLinearFunction, whose
     backward is the Triton kernels below (gradients of every query, k, v, log_decay and initial_state, with the
     final state's incoming gradient), keeping the chunk-start states h [B, H, NT, K, V] (float32; bfloat16 for
-    bfloat16 inputs) for it.
+    bfloat16 inputs unless float32_states) for it.
 
     cu_seqlens: None, or int64 [N + 1] boundaries (checked by the caller; on the CPU or the device) of N sequences
     packed into B = 1: each runs from its own row of initial_state [N, H, K, V] (zero if None) and the final state
@@ -3431,7 +3433,13 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     chunk_size (it has no chunks) and cu_seqlens (which `triton_in_parallel` hands to `triton_parallel_linear_by` itself).
 
     readouts: the outputs are readouts that a printed epilogue combines in float32 (a generated module passes
-    True where it does): float16 ones come back in float32 (`_triton_out_dtype`), others in k's dtype."""
+    True where it does): float16 ones come back in float32 (`_triton_out_dtype`), others in k's dtype.
+
+    float32_states: keep the chunk-start states h in float32 for bfloat16 inputs too (float16 and float32 ones
+    always are). A generated module passes True for a call with normaliser columns (mLSTM's q C / max(|q n|, 1)):
+    numerator and denominator are sums that cancel, so h's bfloat16 rounding (2^-9) came out magnified, 0.09 of
+    mLSTM's output at input gates ~ N(6, 1), T = 96 (tests/test_numerics.py). Costs 2 bytes more per entry of h
+    ([B, H, NT, K, V]), forward and saved for the backward. The parallel form keeps no chunk states (ignored)."""
     if parallel is not None:
         if cu_seqlens is not None:
             raise ValueError("the parallel Triton form takes cu_seqlens through `triton_in_parallel`'s option, not the "
@@ -3467,12 +3475,14 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, out_dtype, k, v,
-                                                   log_decay, initial_state, *f.tensors(), *[q for q, _ in queries])
+        flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, out_dtype,
+                                                   bool(float32_states), k, v, log_decay, initial_state, *f.tensors(),
+                                                   *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
-                                             initial_state, output_final_state, cfg, packed, fused, out_dtype)
+                                             initial_state, output_final_state, cfg, packed, fused, out_dtype,
+                                             bool(float32_states))
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -3706,16 +3716,17 @@ def _triton_dlog_scalar_kernel(A, dA, q, k, v, do, h, dh, g, gc, r, T, H: tl.con
 
 
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
-                           fused=None, out_dtype=None):
+                           fused=None, out_dtype=None, float32_states=False):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
     num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`;
-    out_dtype: the outputs' dtype (None: k's; `_triton_out_dtype`)."""
+    out_dtype: the outputs' dtype (None: k's; `_triton_out_dtype`); float32_states: h in float32 for bfloat16 inputs
+    too (`_triton_chunk_states`)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                                 num_stages, packed, vs, f.k_map)
+                                 num_stages, packed, vs, f.k_map, float32_states)
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
                               None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
@@ -3726,16 +3737,17 @@ def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, o
 
 class _triton_ChunkedLinearFunction(torch.autograd.Function):
     """triton_chunked_linear_by with its backward in the Triton kernels above; saves the chunk-start states h
-    [B, H, NT, K, V] (float32) and the final state, never per-step states."""
+    [B, H, NT, K, V] (float32, or bfloat16 for bfloat16 inputs without float32_states: `_triton_chunk_states`) and the
+    final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, k, v, log_decay, initial_state,
-                v_step, decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, float32_states, k, v, log_decay,
+                initial_state, v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                             cfg, packed, fused, out_dtype)
+                                             cfg, packed, fused, out_dtype, float32_states)
         saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
         ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
@@ -3764,9 +3776,10 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, None, cast(dk, k, 7), cast(dv, v, 8), cast(dlog, log_decay, 9),
-                cast(dh0, initial_state, 10), cast(dvs, v_step, 11), cast(ddh, decay_head, 12), cast(dskip, skip, 13),
-                cast(dsw, skip_weight, 14), *(cast(dq, q, 15 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, None, cast(dk, k, 8), cast(dv, v, 9),
+                cast(dlog, log_decay, 10), cast(dh0, initial_state, 11), cast(dvs, v_step, 12),
+                cast(ddh, decay_head, 13), cast(dskip, skip, 14), cast(dsw, skip_weight, 15),
+                *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,

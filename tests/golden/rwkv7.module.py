@@ -3055,7 +3055,7 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
         else:
             p_hkv = p_h + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_hkv, mask=m_k[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)  # (bfloat16 for a bfloat16 call: `_triton_chunk_states`)
+                      other=0.0).to(tl.float32)  # (bfloat16 or float32 for bfloat16: `_triton_chunk_states`)
         b_eq = tl.load(eg + bos * K + o_ig[:, None] * (H * K) + o_k[None, :],
                        mask=m_tg[:, None] & m_k[None, :], other=1.0)
         b_o += tl.dot(b_q * b_eq, b_h, input_precision=PREC)
