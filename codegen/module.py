@@ -774,14 +774,14 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
                 clashes.append(SpecError(f"input '{s.name}' would clash with the argument '**{s.name}' of the "
                                          "generated torch.nn.Module's forward", s.span, rec.source,
                                          hint=f"rename it, say '{s.name}_'"))
-        for p in rec.params:
-            if p.name in _MODULE_ATTRIBUTES:
-                clashes.append(SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the "
-                                         "generated torch.nn.Module", p.span, rec.source,
-                                         hint=f"rename it, say '{p.name}_'"))
+        for p in rec.params:  # one clash per param: `heads` and `sizes` are both arguments and attributes
             if p.name in _MODULE_INIT_ARGUMENTS:
                 clashes.append(SpecError(f"param '{p.name}' would clash with the argument '{p.name}' of the "
                                          "generated torch.nn.Module's __init__", p.span, rec.source,
+                                         hint=f"rename it, say '{p.name}_'"))
+            elif p.name in _MODULE_ATTRIBUTES:
+                clashes.append(SpecError(f"param '{p.name}' would replace the attribute '{p.name}' of the "
+                                         "generated torch.nn.Module", p.span, rec.source,
                                          hint=f"rename it, say '{p.name}_'"))
     if len(clashes) == 1:
         raise clashes[0]

@@ -153,3 +153,18 @@ def test_generated_text_is_the_same_whatever_ran_before_in_the_process():
     after_all = _module_text(str(NEAR_MISS), str(SPECS_DIR), hash_seed=0)
     assert "Sum(k1[i_" in fresh  # (the quoted sum this is about is still there)
     assert fresh == after_all
+
+
+def test_a_param_named_like_an_init_argument_is_one_clash(tmp_path, capsys):
+    """`heads` and `sizes` are both __init__ arguments and attributes of a generated module: a param so named is
+    reported once, as the argument it would clash with (not a second time as an attribute)."""
+    from recurrence_dsl.cli import main
+
+    spec = tmp_path / "heads.rec"
+    spec.write_text("recurrence tl2(x[D]) -> y[D] {\n    param heads[D]\n    state h[D]\n"
+                    "    h[d] = sigmoid(heads[d]) * h[d] + x[d]\n    y[d] = h[d]\n}\n")
+    assert main(["compile", str(spec), "-o", str(tmp_path / "out.py")]) == 2
+    err = capsys.readouterr().err
+    assert "heads.rec:2:11: error: param 'heads' would clash with the argument 'heads'" in err, err
+    assert "names clash" not in err and err.count("hint: rename") == 1 and "would replace the attribute" not in err
+    assert not (tmp_path / "out.py").exists()
