@@ -278,10 +278,7 @@ class TuningStore:
         blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise StoreError(f"{where} cannot be created: {blocking} is a file, not a directory")
-        missing = self._missing_folder()
-        if missing is not None:
-            raise missing
-        try:
+        try:  # (`_connect` refuses a missing folder that may not be created)
             with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn:
                 conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file at once
                 conn.execute("ROLLBACK")
