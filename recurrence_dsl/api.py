@@ -69,9 +69,23 @@ def load_text(text: str, filename: str = "<string>") -> Recurrences:
     return Recurrences({c.name: Recurrence(c) for c in check_program(program)}, filename)
 
 
+def _is_text(path_or_text: str | Path) -> bool:
+    """Whether `load` reads its argument as `.rec` text: a str with a newline or a brace, or one that no path names
+    and that starts like a spec (a comment, the `recurrence` keyword) or is blank."""
+    if isinstance(path_or_text, Path):
+        return False
+    if "\n" in path_or_text or "{" in path_or_text:
+        return True
+    head = path_or_text.lstrip()
+    if not head:  # (Path("") is the current folder)
+        return True
+    return (head.startswith("#") or head.split(None, 1)[0] == "recurrence") and not Path(path_or_text).exists()
+
+
 def load(path_or_text: str | Path) -> Recurrences:
-    """Load a `.rec` file (a path) or `.rec` source text; the recurrences by name."""
-    if isinstance(path_or_text, Path) or ("\n" not in path_or_text and "{" not in path_or_text):
+    """Load a `.rec` file (a path) or `.rec` source text (`_is_text`); the recurrences by name. Raises
+    FileNotFoundError for a path that names no file, SpecError for text that is not a valid spec."""
+    if not _is_text(path_or_text):
         path = Path(path_or_text)
         if path.is_dir():  # FileNotFoundError too: the CLI's "no such file" exit, with what the path is
             raise FileNotFoundError(f"{path} is a directory, not a .rec file")

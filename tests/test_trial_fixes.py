@@ -122,3 +122,21 @@ def test_messages_quoting_a_sum_show_no_internal_index_names(tmp_path, capsys):
     assert main(["check", str(path), "--shape", "B=1,T=3,H=1,K=2,V=2", "--device", "cpu", "--no-triton"]) == 0
     out = capsys.readouterr().out
     assert "not available: S has a rank-one-update" in out and "Sum(k[i_" in out and "__" not in out
+
+
+@pytest.mark.parametrize("text, message", [("recurrence x", r"<string>:1:13: error: unexpected end of line"),
+                                           ("  recurrence r(x) -> y", r"<string>:1:")])
+def test_one_line_spec_text_is_parsed_not_taken_for_a_path(text, message):
+    with pytest.raises(recurrence_dsl.SpecError, match=message):
+        recurrence_dsl.load(text)
+
+
+@pytest.mark.parametrize("text", ["# nothing", "", "   "])
+def test_comment_only_or_blank_text_loads_no_recurrence(text):
+    assert dict(recurrence_dsl.load(text)) == {}
+
+
+def test_a_missing_path_is_still_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such .rec file"):
+        recurrence_dsl.load(str(tmp_path / "gla.rec"))
+    assert list(recurrence_dsl.load(tmp_path.joinpath("x.rec").__class__("specs/gla.rec"))) == ["gla"]
