@@ -98,19 +98,22 @@ def _triton_only(layer, monkeypatch) -> list:
 
     for name in TORCH_SCANS:
         monkeypatch.setitem(scope, name, refuse)
-    fn_cls = scope["_triton_ScanFunction"]
-    forward, backward, runs = fn_cls.forward, fn_cls.backward, []
+    runs = []
+    # the scan of a and b from a prologue, or the fused one that computes them in its kernels (`fused_scan`)
+    # (a module keeps only the runtime it uses: a spec whose every state is fused has no _ScanFunction)
+    for fn_cls in filter(None, (scope.get("_triton_ScanFunction"), scope.get("_triton_FusedScan"))):
+        forward, backward = fn_cls.forward, fn_cls.backward
 
-    def counted_forward(ctx, *args):
-        runs.append("forward")
-        return forward(ctx, *args)
+        def counted_forward(ctx, *args, forward=forward):
+            runs.append("forward")
+            return forward(ctx, *args)
 
-    def counted_backward(ctx, *grads):
-        runs.append("backward")
-        return backward(ctx, *grads)
+        def counted_backward(ctx, *grads, backward=backward):
+            runs.append("backward")
+            return backward(ctx, *grads)
 
-    monkeypatch.setattr(fn_cls, "forward", staticmethod(counted_forward))
-    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted_backward))
+        monkeypatch.setattr(fn_cls, "forward", staticmethod(counted_forward))
+        monkeypatch.setattr(fn_cls, "backward", staticmethod(counted_backward))
     return runs
 
 
