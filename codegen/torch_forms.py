@@ -1704,11 +1704,11 @@ class TorchFormWriter:
 
             steps = f"{self.fn}__scan_{s.name}_steps"
             fwd, bwd = f"{self.fn}__scan_{s.name}_fwd_kernel", f"{self.fn}__scan_{s.name}_bwd_kernel"
-            coord_args = ", ".join(coords)
+            coord_args = "".join(f", {c}" for c in coords)
             t = text
             t("@triton.jit", 0)
-            t(f"def {steps}({sig}, s_, row_, i_h_, {coord_args}, m_, m_n_, H_{size_args}):", 0)
-            t.doc(f"a_t and b_t of {s.name}'s lanes (i_h_, {coord_args}) [BN] at the steps row_ [BT, 1] (int64, of "
+            t(f"def {steps}({sig}, s_, row_, i_h_{coord_args}, m_, m_n_, H_{size_args}):", 0)
+            t.doc(f"a_t and b_t of {s.name}'s lanes (i_h_{coord_args}) [BN] at the steps row_ [BT, 1] (int64, of "
                   f"the [B * T] steps), in s_'s dtype, from the raw tensors: {self.cite[s.name]}, the expressions "
                   f"the torch prologue prints. a = 1, b = 0 where m_ [BT, BN] is False (past a sequence's end).")
             for line in loads():
@@ -1723,7 +1723,7 @@ class TorchFormWriter:
                        "m_n_ = o_n_ < NL_", *lane, "bos_, T_ = " + rt + "sequence_start(cu_, i_b_, T_, VARLEN)"]
 
             def call(row: str, mask: str) -> str:
-                return f"{steps}({sig}, s_, {row}, i_h_, {coord_args}, {mask}, m_n_, H_{size_args})"
+                return f"{steps}({sig}, s_, {row}, i_h_{coord_args}, {mask}, m_n_, H_{size_args})"
 
             t("@triton.jit", 0)
             t(f"def {fwd}({sig}, h0_, s_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, BN: tl.constexpr, "
