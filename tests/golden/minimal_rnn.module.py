@@ -78,6 +78,9 @@ class _Spec:
     recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
+    # float32 numbers per state element and step the Triton scan form keeps for its backward (`scan_held_bytes`):
+    # 3 (a, b and s) where a torch prologue stores a and b, 1 (s) where its kernels compute them (`fused_scan`)
+    scan_held: int = 3
 
 
 def _dims(dims, sizes):
@@ -635,10 +638,12 @@ SCAN_HELD_BYTES = 256 << 20
 
 
 def scan_held_bytes(spec, call, length: int, rows: int) -> int:
-    """Bytes of the float32 [rows, length, H, *state] decays, injections and states the Triton scan form keeps for
-    a call of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`)."""
+    """Bytes of the float32 [rows, length, H, *state] tensors the Triton scan form keeps for its backward in a call
+    of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`): the states alone where its kernels compute
+    the decays and injections from the inputs (`spec.scan_held` = 1, codegen/triton_scan.py `fused_scan`), else
+    the decays, injections and states (3)."""
     elements = sum(math.prod(call.dims(s)) for s in spec.states)
-    return 3 * 4 * rows * length * call.heads * elements
+    return getattr(spec, "scan_held", 3) * 4 * rows * length * call.heads * elements
 
 
 def scan_bytes_limit() -> int:
