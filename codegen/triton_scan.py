@@ -27,9 +27,20 @@ Kernels and grids:
 
   _scan_fwd_kernel        (B * cdiv(N, BN),)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
   _scan_bwd_kernel        (B * cdiv(N, BN),)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
+  NAME__scan_S_fwd_kernel, NAME__scan_S_bwd_kernel   (B * cdiv(N, BN),)   printed per spec and state (fused
+                          prologue, below): the same as the diagonal pair, taking the raw tensors for a and b
   _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (B * cdiv(N, BN),)   m x m blocks: a [B, T, N, m, m], b and s
                           [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
                           per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
+
+Fused prologue (`fused_scan`, `_FusedScan`): a generated module's Triton scan form does not call `scan_diagonal` on
+a and b from a torch prologue. For each state it prints (`TorchFormWriter._fused_scan`, codegen/torch_forms.py) a
+kernel pair that computes a_t and b_t from the raw inputs [B, T, H, ...] and params [H, ...] where it loads them
+(lanes: the state's (h, *S) flattened, an input gathered at its own axes' coordinates) and otherwise scans as
+`_scan_fwd_kernel` / `_scan_bwd_kernel`; the backward recomputes a_(t+1) from the inputs, stores da, db [B, T, N]
+and dh0, and the printed torch VJP of the prologue maps (da, db) to the inputs' and params' gradients. Only the
+states s are kept between forward and backward (a and b are never stored). Coupled (block) scans, and prologues
+that are not elementwise per lane, keep the torch prologue and `scan_diagonal` / `scan_block`.
 
 Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the programs'
 rows are the sequences, each program reads its sequence's first step and length from the boundaries

@@ -4,9 +4,10 @@ never stored, the backward recomputes a_(t+1) and hands da, db to the printed to
 
 Checked in Triton's interpreter at tiny shapes: outputs, final states and the gradient of every input, param and
 initial state (float32, the Triton backend's widest) against the torch scan form in float64 (mamba, GLA, RG-LRU,
-Based's several states with a constant decay, RetNet's constant per-head decay), packed sequences with reverse runs and initial states, `torch.autograd.gradcheck`
-of the runtime, half inputs; and that the forward stores no decay or injection (neither the torch prologue nor the
-unfused scan runs, and no [B, T, H, *S] tensor but the states is allocated)."""
+Based's several states with a constant decay, RetNet's constant per-head decay), packed sequences with reverse runs
+and initial states, `torch.autograd.gradcheck` of the runtime in float64, half inputs; and that the forward stores
+no decay or injection (neither the torch prologue nor the unfused scan runs, and no [B, T, H, *S] tensor but the
+states is allocated)."""
 
 from __future__ import annotations
 

@@ -606,9 +606,11 @@ BATCHED_ROWS = 8
 # from the inputs and keep only chunk checkpoints of the state. For Mamba-1 (h[D, N] from inputs of D and N
 # numbers) that is 3 * D * N against 3 * D + 2 * N numbers a step: at B=2, T=1024, H=4, D=128, N=16 a training
 # step allocates 1,072 MB through the scan and 38 MB through the recurrent kernels (`recdsl kernels --json`), as
-# mamba_ssm's selective scan keeps only its inputs and checkpoints. The limit is a memory bound, not a measured
-# crossover in time (no GPU run has compared the two yet); set RECURRENCE_DSL_SCAN_BYTES to move it (0: never
-# the scan when the recurrent form exists).
+# mamba_ssm's selective scan keeps only its inputs and checkpoints. Where the scan kernels compute a and b from the
+# inputs themselves (`fused_scan`: every diagonal scan whose prologue is elementwise per lane) only s is kept
+# (`_Spec.scan_held`): the same step then allocates 803 MB, 22 MB of it in the forward (bfloat16 inputs). The
+# limit is a memory bound, not a measured crossover in time (no GPU run has compared the two yet); set
+# RECURRENCE_DSL_SCAN_BYTES to move it (0: never the scan when the recurrent form exists).
 SCAN_BYTES = "RECURRENCE_DSL_SCAN_BYTES"
 SCAN_HELD_BYTES = 256 << 20
 
