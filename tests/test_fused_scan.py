@@ -132,3 +132,21 @@ def test_half_inputs_compute_in_float32(dtype):
     """Half inputs: the dispatcher hands the form float32 copies, the kernels compute in float32; the result is the
     float64 one to the inputs' rounding."""
     _compare("mamba", dtype=dtype, tol=2e-2)
+
+
+def test_no_steps_give_empty_states_and_zero_gradients():
+    """T = 0: nothing to scan (no kernel runs); the states are empty and every tensor and initial state gets a zero
+    gradient, as from the unfused runtime."""
+    rec, layer = _layer("mamba")
+    scope = layer.triton_forms["scan"].__globals__
+    fused, vjp = scope["triton_fused_scan"], scope["mamba__scan_prologue_vjp"]
+    kernels = ((scope["mamba__scan_h_fwd_kernel"], scope["mamba__scan_h_bwd_kernel"], True),)
+    D, N, H = 2, 3, 2
+    x, dt = torch.randn(2, 0, H, D, requires_grad=True), torch.randn(2, 0, H, D, requires_grad=True)
+    B_in, A = torch.randn(2, 0, H, N, requires_grad=True), torch.randn(1, 1, H, D, N, requires_grad=True)
+    h0 = torch.randn(2, H, D, N, requires_grad=True)
+    s, = fused(kernels, vjp, (x, dt, B_in, A), (h0,), (D, N), (2, 0, H))
+    assert s.shape == (2, 0, H, D, N) and s.dtype == torch.float32
+    s.sum().backward()
+    for t in (x, dt, B_in, A, h0):
+        assert t.grad is not None and not t.grad.any()
