@@ -1526,12 +1526,15 @@ class TorchFormWriter:
             call = (f"{targets} = {self.fn}__scan_prologue({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
             vjp = f"{self.fn}__scan_prologue_vjp"
+            self.unfused_why = "its VJP is not printed" if self.options and not derived else None
             fused = self._fused_scan(prologue, call_args) if self.options and derived else None
             if fused is not None:  # the prologue inside the scan kernels: a and b are never stored
                 fused_text, lines = fused
                 w.lines[at:loop_end] = ["    " + line for line in lines] + prev_lines
             else:
                 lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
+                if self.unfused_why:  # (the Triton form: why its scan kernels do not compute a and b themselves)
+                    lines.insert(0, f"    # in torch, not in the scan kernels: {self.unfused_why}")
                 w.lines[at:at] = [*lines, "    " + call]
         outs, epilogue = [], []  # epilogue: the outputs computed from the states (Python name, IR expr, indices, dims)
         for o in self.rec.outputs:
@@ -1609,6 +1612,11 @@ class TorchFormWriter:
             names[n] = f"prev_{n}"
             names[n + NEW_SUFFIX] = f"all_{n}"
 
+    def _unfused(self, why: str) -> None:
+        """No fused scan kernels (`_fused_scan`): `why`, printed as a comment above the torch prologue's call."""
+        self.unfused_why = why
+        return None
+
     def _fused_scan(self, prologue: list, call_args: list) -> tuple[str, list[str]] | None:
         """The Triton scan form's prologue at the scan kernels' loads: (the source of three `@triton.jit`
         functions per state, the lines of the form that call them through the runtime's `fused_scan`), or None
@@ -1628,14 +1636,16 @@ class TorchFormWriter:
         tensors = [a for a in call_args if a not in sizes]
         by_py = {py[x.name]: x for x in rec.inputs + rec.params}
         params = {x.name for x in rec.params}
-        if any(self.a.states[s.name].block is not None for s in rec.states) or any(t not in by_py for t in tensors):
-            return None
+        if any(self.a.states[s.name].block is not None for s in rec.states):
+            return self._unfused("coupled states scan as blocks")
+        if any(t not in by_py for t in tensors):
+            return self._unfused("the prologue reads a tensor that is neither an input nor a param")
         local = {"h0_", "s_", "cu_", "T_", "NL_", "H_", "BT", "BN", "VARLEN", "ds_", "da_", "db_", "dh0_", "row_",
                  "m_", "m_n_", "i_h_", "o_n_", "i_b_", "i_n_", "bos_", "b_h_", "i_t_", "o_t_", "a_", "b_", "A_",
                  "B_", "s_t_", "r_", "z_", "g_", "NT_", "i_r_", "off_", "m_next_", "a_next_", "b_next_", "ds_t_",
                  "G_", "g_t_", "m_prev_", "s_prev_", "b_h0_", "m_0_", "a_0_", "b_0_", "tl", "triton"}
         if local & (set(tensors) | set(sizes)) or any(re.fullmatch(r"[cv]\d+_", t) for t in tensors + sizes):
-            return None  # (a spec's name would shadow one of the kernels')
+            return self._unfused("a name of the spec would shadow one of the fused kernels'")
         printer = TritonPrinter(set(rec.sizes), self.a.ir.ranges, {n: py[n] for n in rec.sizes})
         printer.helper_prefix = "_" + self.rt
         rt = "_" + self.rt  # the runtime's jit helpers as the module names them (`_triton_scan_program`)
@@ -1651,11 +1661,11 @@ class TorchFormWriter:
             leaves: dict = {}  # leaf (an input or param, at the state's indices) -> its load's name
             for e in exprs:
                 if e.atoms(sympy.Sum, sympy.Product):
-                    return None
+                    return self._unfused(f"{s.name}'s decay or injection sums over an axis")
                 for leaf in sorted(e.atoms(sympy.Indexed), key=str):
                     if str(leaf.base) not in {x.name for x in rec.inputs + rec.params} or \
                             any(i not in indices for i in leaf.indices):
-                        return None
+                        return self._unfused(f"{leaf} is not read at {s.name}'s own indices")
                     leaves.setdefault(leaf, f"v{len(leaves)}_")
                 # a scalar input or param (one number per step and head, or per head) is a plain symbol
                 bare = e.xreplace({leaf: sympy.Symbol(leaves[leaf]) for leaf in e.atoms(sympy.Indexed)})
@@ -1668,10 +1678,10 @@ class TorchFormWriter:
                     bare = e.xreplace({leaf: sympy.Symbol(name) for leaf, name in leaves.items()})
                     free = {x.name for x in bare.free_symbols} - set(leaves.values()) - set(rec.sizes)
                     if free:
-                        return None
+                        return self._unfused(f"{s.name}'s decay or injection reads {', '.join(sorted(free))}")
                     printed.append(printer.print_expr(bare, ()))
-            except (NotImplementedError, ValueError, KeyError, TypeError):
-                return None
+            except (NotImplementedError, ValueError, KeyError, TypeError) as err:
+                return self._unfused(f"the Triton printer does not print {s.name}'s prologue ({err})")
             # the lane's coordinates: (h, *S) of its number o_n_ (the last axis varies fastest)
             coords = [f"c{k}_" for k in range(len(dims))]
             lane = ["r_ = o_n_"]
