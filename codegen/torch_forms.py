@@ -1474,7 +1474,9 @@ class TorchFormWriter:
         s_t = a_t * s_(t-1) + b_t), the runtime's scan (its own backward), and the epilogue (`NAME__scan_epilogue`:
         the outputs from the states before and after each step, and the inputs). The prologue's and the epilogue's
         backwards are printed from sympy (`_write_printed_vjp`, as the chunked form's); the epilogue's VJP gives
-        the states' gradients, which the scan's backward takes."""
+        the states' gradients, which the scan's backward takes. The Triton form computes the prologue inside its
+        scan kernels where it can (`_fused_scan`: a and b never stored, the prologue's VJP run on the kernels' da,
+        db); else it calls the torch prologue, with a comment saying why."""
         if "scan" not in self.a.forms:
             return None
         w = SourceWriter()
