@@ -199,7 +199,8 @@ def _class_name(name: str) -> str:
     return camel + "Module" if camel == name else camel
 
 
-def _spec_data(analysis: Analysis) -> str:
+def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
+    """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`)."""
     rec = analysis.recurrence
     missing = triton_unavailable(analysis)
 
@@ -213,7 +214,8 @@ def _spec_data(analysis: Analysis) -> str:
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
-            + ("    reverse=True,\n" if rec.reverse else "") + ")\n")
+            + ("    reverse=True,\n" if rec.reverse else "")
+            + ("    scan_held=1,\n" if fused_scan else "") + ")\n")
 
 
 # A param's start in the generated nn.Module (a format string of its dims' expression) by its role in a decay.
@@ -491,6 +493,9 @@ class _Spec:
     recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
+    # float32 numbers per state element and step the Triton scan form keeps for its backward (`scan_held_bytes`):
+    # 3 (a, b and s) where a torch prologue stores a and b, 1 (s) where its kernels compute them (`fused_scan`)
+    scan_held: int = 3
 
 
 def _head_decays(heads, dims, log=False, of=None):
@@ -643,7 +648,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts.append(_section(f"recurrence {a.recurrence.name}: {a.cls.value}"))
-        parts.append(_spec_data(a))
+        parts.append(_spec_data(a, "fused_scan(" in printed[-1]))
         parts.append("\n\n")
         parts.append(printed[-2])
         parts.append("\n")

@@ -22,6 +22,7 @@ Each returns `(outputs: dict, final_states: dict)` in the compute dtype.
 from __future__ import annotations
 
 import itertools
+import re
 
 import sympy
 
@@ -1473,7 +1474,9 @@ class TorchFormWriter:
         s_t = a_t * s_(t-1) + b_t), the runtime's scan (its own backward), and the epilogue (`NAME__scan_epilogue`:
         the outputs from the states before and after each step, and the inputs). The prologue's and the epilogue's
         backwards are printed from sympy (`_write_printed_vjp`, as the chunked form's); the epilogue's VJP gives
-        the states' gradients, which the scan's backward takes."""
+        the states' gradients, which the scan's backward takes. The Triton form computes the prologue inside its
+        scan kernels where it can (`_fused_scan`: a and b never stored, the prologue's VJP run on the kernels' da,
+        db); else it calls the torch prologue, with a comment saying why."""
         if "scan" not in self.a.forms:
             return None
         w = SourceWriter()
@@ -1491,6 +1494,7 @@ class TorchFormWriter:
         names = dict(self.py)
         prologue: list = []  # (Python name, IR expression, indices, dims, comment): NAME__scan_prologue's values
         at = len(w.lines)  # where the call of the prologue goes
+        prev_lines = []  # the states before each step, for a fused call (`_fused_scan`)
         for s in self.rec.states:
             sa = self.a.states[s.name]
             dims = "".join(f", {self._dim(d)}" for d in s.dims)
@@ -1508,11 +1512,13 @@ class TorchFormWriter:
               f"  # [B, T, H{dims}]")
             if any(self._reads(d.expr, s.name) for d in self.a.ir.outputs.values()):
                 w(f"prev_{s.name} = {self._previous(s.name)}")
+                prev_lines.append(w.lines[-1])
             names[s.name] = f"prev_{s.name}"
             names[s.name + NEW_SUFFIX] = f"all_{s.name}"
+        loop_end = len(w.lines)
         # The prologue and the epilogue are the same torch ops on either backend: the Triton scan form calls the
         # torch scan form's (printed before it in the module, codegen/module.py), so each is printed once.
-        functions = []
+        functions, fused_text = [], None
         if prologue:
             text, derived, call_args = self._write_printed_vjp(
                 "scan_prologue", "The scan form's prologue: each state's decay a and injection b", prologue, [],
@@ -1522,8 +1528,16 @@ class TorchFormWriter:
             call = (f"{targets} = {self.fn}__scan_prologue({', '.join(call_args)})"
                     + ("" if derived else "  # differentiated by autograd"))
             vjp = f"{self.fn}__scan_prologue_vjp"
-            lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
-            w.lines[at:at] = [*lines, "    " + call]
+            self.unfused_why = "its VJP is not printed" if self.options and not derived else None
+            fused = self._fused_scan(prologue, call_args) if self.options and derived else None
+            if fused is not None:  # the prologue inside the scan kernels: a and b are never stored
+                fused_text, lines = fused
+                w.lines[at:loop_end] = ["    " + line for line in lines] + prev_lines
+            else:
+                lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
+                if self.unfused_why:  # (the Triton form: why its scan kernels do not compute a and b themselves)
+                    lines.insert(0, f"    # in torch, not in the scan kernels: {self.unfused_why}")
+                w.lines[at:at] = [*lines, "    " + call]
         outs, epilogue = [], []  # epilogue: the outputs computed from the states (Python name, IR expr, indices, dims)
         for o in self.rec.outputs:
             d = self.a.ir.outputs[o.name]
@@ -1554,8 +1568,8 @@ class TorchFormWriter:
             finals = ", ".join(f"'{s.name}': all_{s.name}[:, -1] if T_ else states['{s.name}']"
                                for s in self.rec.states)
         w(f"return {{{', '.join(outs)}}}, {{{finals}}}")
-        if self.options:
-            return w.text()
+        if self.options:  # (the prologue and epilogue are the torch form's; the fused kernels this form's own)
+            return w.text() if fused_text is None else f"{fused_text}\n\n{w.text()}"
         text = "\n\n".join(functions + [w.text()])
         outs = tuple(o.name for o in self.rec.outputs)
         sts = tuple(s.name for s in self.rec.states)
@@ -1599,6 +1613,193 @@ class TorchFormWriter:
                 w(f"prev_{n} = {self._previous(n)}")
             names[n] = f"prev_{n}"
             names[n + NEW_SUFFIX] = f"all_{n}"
+
+    def _unfused(self, why: str) -> None:
+        """No fused scan kernels (`_fused_scan`): `why`, printed as a comment above the torch prologue's call."""
+        self.unfused_why = why
+        return None
+
+    def _fused_scan(self, prologue: list, call_args: list) -> tuple[str, list[str]] | None:
+        """The Triton scan form's prologue at the scan kernels' loads: (the source of three `@triton.jit`
+        functions per state, the lines of the form that call them through the runtime's `fused_scan`), or None
+        where the prologue cannot move into the kernels (the torch prologue and `scan_diagonal` then run, as
+        before): a block scan (coupled states), or a value that is not elementwise per state lane: a sum or
+        product over an axis, an input read at an index that is not one of the state's axes, anything the
+        Triton printer does not print.
+
+        A state S[*dims] of H heads is N = H * prod(dims) lanes per step; a lane's (h, *S) come from its number
+        by div / mod, an input x[B, T, H, *x.dims] is gathered at its own axes' coordinates (mamba's x[d] and
+        B[n] of h[d, n]) and a param [H, ...] once per program. `NAME__scan_S_steps` computes a_t and b_t of
+        the same IR expressions the torch prologue prints (sa.diagonal, sa.injection), the forward kernel scans
+        them as `_scan_fwd_kernel` does and stores s, the backward kernel recomputes a_(t+1) (not saved) and
+        stores da, db [B, T, N] and dh0, which `NAME__scan_prologue_vjp` maps to the tensors' gradients."""
+        rec, py = self.rec, self.py
+        sizes = [py[n] for n in rec.sizes]
+        tensors = [a for a in call_args if a not in sizes]
+        by_py = {py[x.name]: x for x in rec.inputs + rec.params}
+        params = {x.name for x in rec.params}
+        if any(self.a.states[s.name].block is not None for s in rec.states):
+            return self._unfused("coupled states scan as blocks")
+        if any(t not in by_py for t in tensors):
+            return self._unfused("the prologue reads a tensor that is neither an input nor a param")
+        local = {"h0_", "s_", "cu_", "T_", "NL_", "H_", "BT", "BN", "VARLEN", "ds_", "da_", "db_", "dh0_", "row_",
+                 "m_", "m_n_", "i_h_", "o_n_", "i_b_", "i_n_", "bos_", "b_h_", "i_t_", "o_t_", "a_", "b_", "A_",
+                 "B_", "s_t_", "r_", "z_", "g_", "NT_", "i_r_", "off_", "m_next_", "a_next_", "b_next_", "ds_t_",
+                 "G_", "g_t_", "m_prev_", "s_prev_", "b_h0_", "m_0_", "a_0_", "b_0_", "tl", "triton"}
+        if local & (set(tensors) | set(sizes)) or any(re.fullmatch(r"[cv]\d+_", t) for t in tensors + sizes):
+            return self._unfused("a name of the spec would shadow one of the fused kernels'")
+        printer = TritonPrinter(set(rec.sizes), self.a.ir.ranges, {n: py[n] for n in rec.sizes})
+        printer.helper_prefix = "_" + self.rt
+        rt = "_" + self.rt  # the runtime's jit helpers as the module names them (`_triton_scan_program`)
+        sig = ", ".join(tensors)
+        size_args = "".join(f", {n}" for n in sizes)
+        text, calls = SourceWriter(), []
+        for s in rec.states:
+            sa = self.a.states[s.name]
+            indices, dims = tuple(sa.indices), [self._dim(d) for d in s.dims]
+            values = [v for v in prologue if v[0] in (f"a_{s.name}", f"b_{s.name}")]
+            decays = len(values) == 2
+            exprs = [sa.diagonal, sa.injection]
+            leaves: dict = {}  # leaf (an input or param, at the state's indices) -> its load's name
+            for e in exprs:
+                if e.atoms(sympy.Sum, sympy.Product):
+                    return self._unfused(f"{s.name}'s decay or injection sums over an axis")
+                for leaf in sorted(e.atoms(sympy.Indexed), key=str):
+                    if str(leaf.base) not in {x.name for x in rec.inputs + rec.params} or \
+                            any(i not in indices for i in leaf.indices):
+                        return self._unfused(f"{leaf} is not read at {s.name}'s own indices")
+                    leaves.setdefault(leaf, f"v{len(leaves)}_")
+                # a scalar input or param (one number per step and head, or per head) is a plain symbol
+                bare = e.xreplace({leaf: sympy.Symbol(leaves[leaf]) for leaf in e.atoms(sympy.Indexed)})
+                for sym in sorted(bare.free_symbols, key=str):
+                    if sym.name in {x.name for x in rec.inputs + rec.params}:
+                        leaves.setdefault(sym, f"v{len(leaves)}_")
+            try:
+                printed = []
+                for e in exprs:
+                    bare = e.xreplace({leaf: sympy.Symbol(name) for leaf, name in leaves.items()})
+                    free = {x.name for x in bare.free_symbols} - set(leaves.values()) - set(rec.sizes)
+                    if free:
+                        return self._unfused(f"{s.name}'s decay or injection reads {', '.join(sorted(free))}")
+                    printed.append(printer.print_expr(bare, ()))
+            except (NotImplementedError, ValueError, KeyError, TypeError) as err:
+                return self._unfused(f"the Triton printer does not print {s.name}'s prologue ({err})")
+            # the lane's coordinates: (h, *S) of its number o_n_ (the last axis varies fastest)
+            coords = [f"c{k}_" for k in range(len(dims))]
+            lane = ["r_ = o_n_"]
+            for k in reversed(range(len(dims))):
+                lane.append(f"{coords[k]} = r_ % {dims[k]}")
+                lane.append(f"r_ = r_ // {dims[k]}")
+            lane.append("i_h_ = r_  # the head")
+
+            def loads() -> list[str]:
+                """A load per leaf: an input gathered at the lanes' coordinates of its own axes, a param per lane."""
+                lines = []
+                for leaf, name in leaves.items():
+                    base = str(getattr(leaf, "base", leaf))
+                    own = [self._dim(d) for d in next(v for v in rec.inputs + rec.params if v.name == base).dims]
+                    size = f" * ({' * '.join(own)})" if len(own) > 1 else f" * {own[0]}" if own else ""
+                    shape = "".join(", " + d for d in own)
+                    spread = "" if base in params else "[None, :]"  # an input's tile is [BT, BN]: lanes on axis 1
+                    inner = ""
+                    for j, i in enumerate(getattr(leaf, "indices", ())):
+                        stride = own[j + 1:]
+                        inner += f" + {coords[indices.index(i)]}{spread}" + (
+                            f" * ({' * '.join(stride)})" if len(stride) > 1 else f" * {stride[0]}" if stride else "")
+                    if base in params:  # [H, *dims]: one number per lane, the same at every step
+                        lines.append(f"{name} = tl.load({py[base]} + i_h_{size}{inner}, mask=m_n_, other=0.0)"
+                                     f".to(s_.dtype.element_ty)[None, :]  # {leaf} of [H{shape}]")
+                    else:  # [B, T, H, *dims]: steps row_ [BT, 1] of lanes [BN]
+                        lines.append(f"{name} = tl.load({py[base]} + (row_ * H_ + i_h_[None, :]){size}{inner}, "
+                                     f"mask=m_, other=0.0).to(s_.dtype.element_ty)  # {leaf} of [B, T, H{shape}]")
+                return lines
+
+            steps = f"{self.fn}__scan_{s.name}_steps"
+            fwd, bwd = f"{self.fn}__scan_{s.name}_fwd_kernel", f"{self.fn}__scan_{s.name}_bwd_kernel"
+            coord_args = "".join(f", {c}" for c in coords)
+            t = text
+            t("@triton.jit", 0)
+            t(f"def {steps}({sig}, s_, row_, i_h_{coord_args}, m_, m_n_, H_{size_args}):", 0)
+            t.doc(f"a_t and b_t of {s.name}'s lanes (i_h_{coord_args}) [BN] at the steps row_ [BT, 1] (int64, of "
+                  f"the [B * T] steps), in s_'s dtype, from the raw tensors: {self.cite[s.name]}, the expressions "
+                  f"the torch prologue prints. a = 1, b = 0 where m_ [BT, BN] is False (past a sequence's end).")
+            for line in loads():
+                t(line)
+            t("z_ = tl.zeros_like(m_.to(s_.dtype.element_ty))  # (a constant or a param alone still spans the tile)")
+            t(f"a_ = tl.where(m_, z_ + {printed[0]}, 1.0)" + ("  # decay" if decays else "  # a constant decay"))
+            t(f"b_ = tl.where(m_, z_ + {printed[1]}, 0.0)  # {self.cite[s.name]}")
+            t("return a_, b_")
+            t()
+            t()
+            prelude = ["i_b_, i_n_ = " + rt + "scan_program(NL_, BN)", "o_n_ = i_n_ * BN + tl.arange(0, BN)",
+                       "m_n_ = o_n_ < NL_", *lane, "bos_, T_ = " + rt + "sequence_start(cu_, i_b_, T_, VARLEN)"]
+
+            def call(row: str, mask: str) -> str:
+                return f"{steps}({sig}, s_, {row}, i_h_{coord_args}, {mask}, m_n_, H_{size_args})"
+
+            t("@triton.jit", 0)
+            t(f"def {fwd}({sig}, h0_, s_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, BN: tl.constexpr, "
+              "VARLEN: tl.constexpr):", 0)
+            t.doc(f"{s.name}'s states s_ [B, T, NL_] (NL_ = H * {' * '.join(dims) or '1'} lanes) from h0_ [B, NL_], "
+                  f"a and b computed at the loads ({steps}): `_scan_fwd_kernel`'s chunks, carry and packed "
+                  "sequences.")
+            for line in prelude:
+                t(line)
+            t("b_h_ = tl.load(h0_ + i_b_.to(tl.int64) * NL_ + o_n_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)")
+            t("for i_t_ in range(0, tl.cdiv(T_, BT)):")
+            t("o_t_ = i_t_ * BT + tl.arange(0, BT)", 2)
+            t("m_ = (o_t_ < T_)[:, None] & m_n_[None, :]", 2)
+            t("row_ = bos_ + o_t_[:, None].to(tl.int64)  # [BT, 1] the steps", 2)
+            t(f"a_, b_ = {call('row_', 'm_')}", 2)
+            t(f"A_, B_ = tl.associative_scan((a_, b_), 0, {rt}scan_combine)  # the chunk from a zero start", 2)
+            t("s_t_ = A_ * b_h_[None, :] + B_", 2)
+            t("tl.store(s_ + row_ * NL_ + o_n_[None, :], s_t_.to(s_.dtype.element_ty), mask=m_)", 2)
+            t(f"b_h_ = {rt}scan_last_row(s_t_, BT)", 2)
+            t()
+            t()
+            t("@triton.jit", 0)
+            t(f"def {bwd}({sig}, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, "
+              "BN: tl.constexpr, VARLEN: tl.constexpr):", 0)
+            t.doc(f"da_, db_ [B, T, NL_] and dh0_ [B, NL_] of {s.name} from ds_ and the saved states s_, as "
+                  f"`_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors ({steps}), not read back.")
+            for line in prelude:
+                t(line)
+            t("b_h0_ = tl.load(h0_ + i_b_.to(tl.int64) * NL_ + o_n_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)")
+            t("g_ = tl.zeros([BN], dtype=s_.dtype.element_ty)  # g at the first step after the chunk")
+            t("NT_ = tl.cdiv(T_, BT)")
+            t("for i_r_ in range(0, NT_):")
+            t("i_t_ = NT_ - 1 - i_r_", 2)
+            t("o_t_ = i_t_ * BT + tl.arange(0, BT)", 2)
+            t("m_ = (o_t_ < T_)[:, None] & m_n_[None, :]", 2)
+            t("row_ = bos_ + o_t_[:, None].to(tl.int64)", 2)
+            t("off_ = row_ * NL_ + o_n_[None, :]", 2)
+            t("m_next_ = (o_t_ + 1 < T_)[:, None] & m_n_[None, :]  # a_(t+1): 1 past the end", 2)
+            t(f"a_next_, b_next_ = {call('row_ + 1', 'm_next_')}", 2)
+            t("ds_t_ = tl.load(ds_ + off_, mask=m_, other=0.0).to(s_.dtype.element_ty)", 2)
+            t(f"A_, G_ = tl.associative_scan((a_next_, ds_t_), 0, {rt}scan_combine, reverse=True)", 2)
+            t("g_t_ = A_ * g_[None, :] + G_  # [BT, BN] g_t", 2)
+            t("m_prev_ = (o_t_ >= 1)[:, None] & m_", 2)
+            t("s_prev_ = tl.load(s_ + off_ - NL_, mask=m_prev_, other=0.0).to(s_.dtype.element_ty)", 2)
+            t("s_prev_ = tl.where((o_t_ == 0)[:, None], b_h0_[None, :], s_prev_)", 2)
+            t("tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)", 2)
+            t("tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)", 2)
+            t(f"g_ = {rt}scan_first_row(g_t_, BT)", 2)
+            t(f"m_0_ = {rt}first_step_mask(m_n_, T_, VARLEN)[None, :]  # step 0 (none in an empty packed sequence)")
+            t(f"a_0_, b_0_ = {call('bos_ + tl.zeros([1, 1], dtype=tl.int64)', 'm_0_')}")
+            t("tl.store(dh0_ + i_b_.to(tl.int64) * NL_ + o_n_, (tl.sum(a_0_, axis=0) * g_).to(dh0_.dtype.element_ty),"
+              " mask=m_n_)")
+            t()
+            t()
+            calls.append(f"({fwd}, {bwd}, {decays})")
+        targets = ", ".join(f"all_{s.name}" for s in rec.states) + ("," if len(rec.states) == 1 else "")
+        h0s = ", ".join(f"states['{s.name}']" for s in rec.states) + ("," if len(rec.states) == 1 else "")
+        lines = ["# the prologue inside the scan kernels: a and b computed where they load the inputs, never stored;",
+                 f"# its backward: the kernels' da, db through {self.fn}__scan_prologue_vjp",
+                 f"{targets} = {self.rt}fused_scan(",
+                 f"    ({', '.join(calls)}{',' if len(calls) == 1 else ''}), {self.fn}__scan_prologue_vjp,",
+                 f"    ({', '.join(tensors)}{',' if len(tensors) == 1 else ''}), ({h0s}), "
+                 f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''}), (B_, T_, H_){self._scan_options})"]
+        return text.text().rstrip("\n") + "\n", lines
 
     # -- the chunked Triton form's elementwise maps, printed as @triton.jit helpers ---------------------------
 

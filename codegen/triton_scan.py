@@ -27,9 +27,20 @@ Kernels and grids:
 
   _scan_fwd_kernel        (B * cdiv(N, BN),)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
   _scan_bwd_kernel        (B * cdiv(N, BN),)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
+  NAME__scan_S_fwd_kernel, NAME__scan_S_bwd_kernel   (B * cdiv(N, BN),)   printed per spec and state (fused
+                          prologue, below): the same as the diagonal pair, taking the raw tensors for a and b
   _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (B * cdiv(N, BN),)   m x m blocks: a [B, T, N, m, m], b and s
                           [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
                           per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
+
+Fused prologue (`fused_scan`, `_FusedScan`): a generated module's Triton scan form does not call `scan_diagonal` on
+a and b from a torch prologue. For each state it prints (`TorchFormWriter._fused_scan`, codegen/torch_forms.py) a
+kernel pair that computes a_t and b_t from the raw inputs [B, T, H, ...] and params [H, ...] where it loads them
+(lanes: the state's (h, *S) flattened, an input gathered at its own axes' coordinates) and otherwise scans as
+`_scan_fwd_kernel` / `_scan_bwd_kernel`; the backward recomputes a_(t+1) from the inputs, stores da, db [B, T, N]
+and dh0, and the printed torch VJP of the prologue maps (da, db) to the inputs' and params' gradients. Only the
+states s are kept between forward and backward (a and b are never stored). Coupled (block) scans, and prologues
+that are not elementwise per lane, keep the torch prologue and `scan_diagonal` / `scan_block`.
 
 Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the programs'
 rows are the sequences, each program reads its sequence's first step and length from the boundaries
@@ -276,6 +287,86 @@ def scan_diagonal(a: Tensor, b: Tensor, initial_state: Tensor | None = None, *, 
     return s.view(b.shape)
 
 
+class _FusedScan(torch.autograd.Function):
+    """The states of a spec's diagonal scans from its raw inputs and params: each state's printed kernel pair
+    (`fused_scan`) computes a_t and b_t where it loads them, forward and backward, so only the states s are kept.
+    Arguments: plan (a `_FusedPlan`), then the prologue's tensors (inputs [B, T, H, ...], params [1, 1, H, ...];
+    contiguous, the compute dtype), then each state's initial state [rows or sequences, H, *S] (same dtype)."""
+
+    @staticmethod
+    def forward(ctx, plan, *args):
+        tensors, h0s = args[: plan.count], args[plan.count:]
+        BT, BN, warps = plan.config
+        rows, T = plan.rows, plan.T
+        states = []
+        for (fwd, _, _), h0 in zip(plan.kernels, h0s):
+            N = h0[0].numel()  # lanes: (h, *S) flattened
+            s = torch.empty((rows, T, N), dtype=h0.dtype, device=h0.device)
+            fwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, h0, s, plan.cu, T, N, plan.heads, *plan.sizes, BT=BT,
+                                                     BN=BN, VARLEN=plan.cu is not None, num_warps=warps)
+            states.append(s.view((rows, T) + tuple(h0.shape[1:])))
+        ctx.save_for_backward(*tensors, *h0s, *states)
+        ctx.plan, ctx.where = plan, _form_call()
+        return tuple(states)
+
+    @staticmethod
+    @_first_order("its backward runs Triton kernels, which record no graph")
+    def backward(ctx, *dss):
+        plan = ctx.plan
+        saved = ctx.saved_tensors
+        k = len(plan.kernels)
+        tensors, h0s, states = saved[: plan.count], saved[plan.count: plan.count + k], saved[plan.count + k:]
+        BT, BN, warps = plan.config
+        grads, dh0s = [], []  # grads: the prologue values' gradients, in the prologue's order
+        for (_, bwd, decays), h0, s, ds in zip(plan.kernels, h0s, states, dss):
+            N = h0[0].numel()
+            ds = torch.zeros_like(s) if ds is None else ds.to(s.dtype).contiguous()
+            da, db, dh0 = torch.empty_like(s), torch.empty_like(s), torch.empty_like(h0)
+            bwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, s, h0, ds, da, db, dh0, plan.cu, plan.T, N,
+                                                     plan.heads, *plan.sizes, BT=BT, BN=BN,
+                                                     VARLEN=plan.cu is not None, num_warps=warps)
+            grads += [da, db] if decays else [db]  # (a constant decay is no prologue value)
+            dh0s.append(dh0)
+        got = plan.vjp(*tensors, *grads, *plan.sizes) if any(ctx.needs_input_grad[1: plan.count + 1]) else \
+            (None,) * plan.count
+        return (None, *got, *dh0s)
+
+
+class _FusedPlan:
+    """What `_FusedScan` needs besides tensors: the per-state kernels [(forward, backward, whether the decay is a
+    prologue value)], the prologue's printed VJP, how many tensors it takes, the sizes, rows, steps, heads, the
+    packed boundaries and the block config."""
+
+    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config):
+        self.kernels, self.vjp, self.count, self.sizes = kernels, vjp, count, sizes
+        self.rows, self.T, self.heads, self.cu, self.config = rows, T, heads, cu, config
+
+
+def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: int | None = None,
+               block_n: int | None = None, num_warps: int | None = None, cu_seqlens: Tensor | None = None) -> tuple:
+    """Every state of a spec's diagonal scans s_t = a_t * s_(t-1) + b_t, a and b computed inside the kernels from
+    the raw tensors (never stored): the scan form's fused path, printed by `write_scan` (codegen/torch_forms.py).
+
+    kernels: per state (forward, backward, decays) as `_FusedScan` takes them; vjp: the printed torch VJP of the
+    scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's gradient or None;
+    tensors: the prologue's inputs [B, T, H, ...] and params [1, 1, H, ...]; initial_states: per state
+    [B (packed: sequences), H, *S]; sizes: the spec's sizes as ints; shape: (B, T, H) of the call. Returns per
+    state [B, T, H, *S] in float32 (float64 when a tensor is float64). cu_seqlens: packed sequences, as for
+    `scan_diagonal`. Differentiable in every tensor and initial state; the backward keeps only the states."""
+    config = _scan_config(block_t, block_n, num_warps, 1)
+    rows, T, H = shape
+    first = next(t for t in tensors if t.dim() >= 2 and t.shape[:2] == (rows, T))  # an input: [B, T, H, ...]
+    cu, _ = _packed(cu_seqlens, first)
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t.to(dt).contiguous() for t in tensors]
+    h0s = [h.to(dt).contiguous() for h in initial_states]
+    if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
+        anchor = sum(t.sum() * 0 for t in tensors)
+        return tuple(h.sum(0, keepdim=True)[:, None].expand(rows, T, *h.shape[1:]) * 0 + anchor for h in h0s)
+    plan = _FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config)
+    return _FusedScan.apply(plan, *tensors, *h0s)
+
+
 def _block_kernels(m: int) -> tuple:
     """(forward, backward) kernels of the m x m block scan. A generated module registers in `_BLOCK_KERNELS` the
     sizes its layers use, next to their printed kernels; imported from the package, any size is printed and
@@ -368,4 +459,4 @@ if "vectorise_interpreter_scans" not in globals():  # imported from the package 
     vectorise_interpreter_scans()  # the interpreter's associative_scan, one numpy call per step (interpreter.py)
 
 
-__all__ = ["scan_block", "scan_diagonal", "scan_final_states", "scan_previous_states"]
+__all__ = ["fused_scan", "scan_block", "scan_diagonal", "scan_final_states", "scan_previous_states"]

@@ -543,3 +543,25 @@ def test_rwkv7_forward_has_no_epilogue_tensor(monkeypatch):
     report = measure_call(load_layer(analyse(rec.checked)), [a.to(torch.bfloat16) for a in args], form="chunked")
     assert not [r for r in report.rows if "epilogue" in r.where], format_rows(report)
     assert report.total == RWKV7_FORWARD, format_rows(report)
+
+
+# mamba's Triton scan form at B=2, T=1024, H=4, D=64, N=16, float32 inputs (host allocations, no kernel runs):
+# forward bytes. Before its prologue ran inside the scan kernels (`fused_scan`), the torch prologue stored the decay
+# a and injection b [B, T, H, D, N] float32 (2 x 33.6 MB) and their temporaries: 138,444,800; forward + backward
+# 524,353,536 -> 390,135,808 (the backward's da and db are transient buffers of the fused backward kernel).
+MAMBA_SCAN_FORWARD = 4_227_072
+
+
+def test_mamba_fused_scan_forward_allocates_no_decay_or_injection(monkeypatch):
+    """The fused scan's forward allocates no [B, T, H, D, N] tensor: s is the only one, and it is the final
+    state's storage (an output), so the forward's figure is a few small buffers (exact, and far under the
+    138 MB of a and b the torch prologue stored)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec("mamba")
+    args, _ = sample_arguments(rec.checked, {"D": 64, "N": 16}, 2, 1024, 4, dtype=torch.float32, seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), args, form="scan")
+    assert not [r for r in report.rows if r.shape == (2, 1024, 4, 64, 16)], format_rows(report)
+    assert report.total == MAMBA_SCAN_FORWARD, format_rows(report)
+    assert report.total < 2 * 4 * 1024 * 4 * 64 * 16  # under one [B, T, H, D, N] float32 tensor

@@ -1,7 +1,8 @@
 """`auto` on the Triton backend keeps the scan form's held tensors bounded: past `scan_bytes_limit()` bytes of
 per-step decays, injections and states (float32 [B, T, H, *state] each) it runs the recurrent kernels, which
 compute those in registers (codegen/dispatch.py `pick_form`, `SCAN_HELD_BYTES`). Mamba-1's h[D, N] is the case:
-its scan keeps 3 * D * N numbers a step where its inputs have 3 * D + 2 * N."""
+its scan kept 3 * D * N numbers a step where its inputs have 3 * D + 2 * N; since its prologue runs inside the scan
+kernels (`fused_scan`) it keeps D * N, the states, and a coupled (block) scan still keeps 3."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import recurrence_dsl
 from codegen import dispatch
 from recurrence_dsl.sampling import sample_arguments
 
-from .conftest import SPECS_DIR
+from .conftest import REPO, SPECS_DIR
 
 SIZES = {"D": 8, "N": 4}
 B, T, H = 2, 40, 2
@@ -28,10 +29,22 @@ def mamba():
     return layer, args
 
 
-def test_the_held_bytes_count_three_float32_tensors_of_the_state_per_step(mamba):
+def test_the_held_bytes_count_the_states_alone_where_the_prologue_is_fused(mamba):
     layer, args = mamba
     call = recurrence_dsl.calling.bind_call(layer.recurrence, args, {})
-    assert dispatch.scan_held_bytes(layer.recurrence, call, T, B) == 3 * 4 * B * T * H * SIZES["D"] * SIZES["N"]
+    assert layer.recurrence.scan_held == 1
+    assert dispatch.scan_held_bytes(layer.recurrence, call, T, B) == 4 * B * T * H * SIZES["D"] * SIZES["N"]
+
+
+def test_a_block_scan_still_counts_decays_injections_and_states():
+    """A coupled pair (2 x 2 blocks: no fused kernels) keeps a, b and s: three float32 tensors per state."""
+    rec = recurrence_dsl.load(str(REPO / "tests" / "data" / "coupled.rec"))["cascade"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    assert layer.recurrence.scan_held == 3
+    args, _ = sample_arguments(rec.checked, {n: 4 for n in rec.checked.sizes}, B, T, H, dtype=torch.float32, seed=0)
+    call = recurrence_dsl.calling.bind_call(layer.recurrence, args, {})
+    elements = sum(4 ** len(s.dims) for s in rec.checked.states)
+    assert dispatch.scan_held_bytes(layer.recurrence, call, T, B) == 3 * 4 * B * T * H * elements
 
 
 def test_pick_form_takes_the_recurrent_form_past_the_limit(monkeypatch):

@@ -98,19 +98,22 @@ def _triton_only(layer, monkeypatch) -> list:
 
     for name in TORCH_SCANS:
         monkeypatch.setitem(scope, name, refuse)
-    fn_cls = scope["_triton_ScanFunction"]
-    forward, backward, runs = fn_cls.forward, fn_cls.backward, []
+    runs = []
+    # the scan of a and b from a prologue, or the fused one that computes them in its kernels (`fused_scan`)
+    # (a module keeps only the runtime it uses: a spec whose every state is fused has no _ScanFunction)
+    for fn_cls in filter(None, (scope.get("_triton_ScanFunction"), scope.get("_triton_FusedScan"))):
+        forward, backward = fn_cls.forward, fn_cls.backward
 
-    def counted_forward(ctx, *args):
-        runs.append("forward")
-        return forward(ctx, *args)
+        def counted_forward(ctx, *args, forward=forward):
+            runs.append("forward")
+            return forward(ctx, *args)
 
-    def counted_backward(ctx, *grads):
-        runs.append("backward")
-        return backward(ctx, *grads)
+        def counted_backward(ctx, *grads, backward=backward):
+            runs.append("backward")
+            return backward(ctx, *grads)
 
-    monkeypatch.setattr(fn_cls, "forward", staticmethod(counted_forward))
-    monkeypatch.setattr(fn_cls, "backward", staticmethod(counted_backward))
+        monkeypatch.setattr(fn_cls, "forward", staticmethod(counted_forward))
+        monkeypatch.setattr(fn_cls, "backward", staticmethod(counted_backward))
     return runs
 
 
@@ -371,7 +374,8 @@ def test_scan_kernels_compile_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     names = [{(k["name"], k["phase"]) for k in run} for run in runs]
-    assert names[0] == {("_triton_scan_fwd_kernel", "forward"), ("_triton_scan_bwd_kernel", "backward")}
+    # mamba's prologue runs inside its printed scan kernels (`fused_scan`)
+    assert names[0] == {("mamba__scan_h_fwd_kernel", "forward"), ("mamba__scan_h_bwd_kernel", "backward")}
     for run, m in zip(names[1:], (2, 2, 3, 4, 4)):
         assert run == {(f"_triton_block{m}_scan_fwd_kernel", "forward"), (f"_triton_block{m}_scan_bwd_kernel",
                                                                          "backward")}

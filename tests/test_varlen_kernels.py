@@ -166,7 +166,7 @@ def test_launches_for_1000_packed_sequences_equal_those_for_one():
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     expected = {"recurrent": ("gla__triton_recurrent_kernel", "gla__triton_recurrent_adjoint_kernel"),
-                "scan": ("_triton_scan_fwd_kernel", "_triton_scan_bwd_kernel"),
+                "scan": ("mamba2__scan_h_fwd_kernel", "mamba2__scan_h_bwd_kernel"),  # its prologue fused
                 # the DPLR class's chunked forward (its state pass) and the derived adjoint it trains through
                 "chunked": ("_triton_delta_state_kernel", "rwkv7__triton_recurrent_adjoint_kernel")}
     for form, kernels in expected.items():

@@ -76,6 +76,9 @@ class _Spec:
     recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
+    # float32 numbers per state element and step the Triton scan form keeps for its backward (`scan_held_bytes`):
+    # 3 (a, b and s) where a torch prologue stores a and b, 1 (s) where its kernels compute them (`fused_scan`)
+    scan_held: int = 3
 
 
 def _positive(owner, what, value):
@@ -601,18 +604,22 @@ BATCHED_ROWS = 8
 # from the inputs and keep only chunk checkpoints of the state. For Mamba-1 (h[D, N] from inputs of D and N
 # numbers) that is 3 * D * N against 3 * D + 2 * N numbers a step: at B=2, T=1024, H=4, D=128, N=16 a training
 # step allocates 1,072 MB through the scan and 38 MB through the recurrent kernels (`recdsl kernels --json`), as
-# mamba_ssm's selective scan keeps only its inputs and checkpoints. The limit is a memory bound, not a measured
-# crossover in time (no GPU run has compared the two yet); set RECURRENCE_DSL_SCAN_BYTES to move it (0: never
-# the scan when the recurrent form exists).
+# mamba_ssm's selective scan keeps only its inputs and checkpoints. Where the scan kernels compute a and b from the
+# inputs themselves (`fused_scan`: every diagonal scan whose prologue is elementwise per lane) only s is kept
+# (`_Spec.scan_held`): the same step then allocates 803 MB, 22 MB of it in the forward (bfloat16 inputs). The
+# limit is a memory bound, not a measured crossover in time (no GPU run has compared the two yet); set
+# RECURRENCE_DSL_SCAN_BYTES to move it (0: never the scan when the recurrent form exists).
 SCAN_BYTES = "RECURRENCE_DSL_SCAN_BYTES"
 SCAN_HELD_BYTES = 256 << 20
 
 
 def scan_held_bytes(spec, call, length: int, rows: int) -> int:
-    """Bytes of the float32 [rows, length, H, *state] decays, injections and states the Triton scan form keeps for
-    a call of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`)."""
+    """Bytes of the float32 [rows, length, H, *state] tensors the Triton scan form keeps for its backward in a call
+    of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`): the states alone where its kernels compute
+    the decays and injections from the inputs (`spec.scan_held` = 1, codegen/triton_scan.py `fused_scan`), else
+    the decays, injections and states (3)."""
     elements = sum(math.prod(call.dims(s)) for s in spec.states)
-    return 3 * 4 * rows * length * call.heads * elements
+    return getattr(spec, "scan_held", 3) * 4 * rows * length * call.heads * elements
 
 
 def scan_bytes_limit() -> int:

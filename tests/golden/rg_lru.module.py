@@ -77,6 +77,9 @@ class _Spec:
     recurrence_class: str = ""  # the analysis' class (diagonal, ..., non-linear), named when a form is missing
     triton_unavailable: tuple = ()  # (form, why the Triton backend lacks a form the analysis found) pairs
     reverse: bool = False  # declared `reverse recurrence`: calls run from the last step to the first by default
+    # float32 numbers per state element and step the Triton scan form keeps for its backward (`scan_held_bytes`):
+    # 3 (a, b and s) where a torch prologue stores a and b, 1 (s) where its kernels compute them (`fused_scan`)
+    scan_held: int = 3
 
 
 def _head_decays(heads, dims, log=False, of=None):
@@ -638,18 +641,22 @@ BATCHED_ROWS = 8
 # from the inputs and keep only chunk checkpoints of the state. For Mamba-1 (h[D, N] from inputs of D and N
 # numbers) that is 3 * D * N against 3 * D + 2 * N numbers a step: at B=2, T=1024, H=4, D=128, N=16 a training
 # step allocates 1,072 MB through the scan and 38 MB through the recurrent kernels (`recdsl kernels --json`), as
-# mamba_ssm's selective scan keeps only its inputs and checkpoints. The limit is a memory bound, not a measured
-# crossover in time (no GPU run has compared the two yet); set RECURRENCE_DSL_SCAN_BYTES to move it (0: never
-# the scan when the recurrent form exists).
+# mamba_ssm's selective scan keeps only its inputs and checkpoints. Where the scan kernels compute a and b from the
+# inputs themselves (`fused_scan`: every diagonal scan whose prologue is elementwise per lane) only s is kept
+# (`_Spec.scan_held`): the same step then allocates 803 MB, 22 MB of it in the forward (bfloat16 inputs). The
+# limit is a memory bound, not a measured crossover in time (no GPU run has compared the two yet); set
+# RECURRENCE_DSL_SCAN_BYTES to move it (0: never the scan when the recurrent form exists).
 SCAN_BYTES = "RECURRENCE_DSL_SCAN_BYTES"
 SCAN_HELD_BYTES = 256 << 20
 
 
 def scan_held_bytes(spec, call, length: int, rows: int) -> int:
-    """Bytes of the float32 [rows, length, H, *state] decays, injections and states the Triton scan form keeps for
-    a call of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`)."""
+    """Bytes of the float32 [rows, length, H, *state] tensors the Triton scan form keeps for its backward in a call
+    of `rows` sequences of `length` steps (`pick_form`'s `scan_bytes`): the states alone where its kernels compute
+    the decays and injections from the inputs (`spec.scan_held` = 1, codegen/triton_scan.py `fused_scan`), else
+    the decays, injections and states (3)."""
     elements = sum(math.prod(call.dims(s)) for s in spec.states)
-    return 3 * 4 * rows * length * call.heads * elements
+    return getattr(spec, "scan_held", 3) * 4 * rows * length * call.heads * elements
 
 
 def scan_bytes_limit() -> int:
@@ -4161,61 +4168,6 @@ def _triton_first_step_mask(m_n, T, VARLEN: tl.constexpr):
         return m_n
 
 
-@triton.jit
-def _triton_scan_fwd_kernel(a, b, h0, s, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
-    i_b, i_n = _triton_scan_program(N, BN)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    bos, T = _triton_sequence_start(cu, i_b, T, VARLEN)
-    base = bos * N  # the sequence's first step in [B, T, N]
-    b_h = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(s.dtype.element_ty)  # [BN]
-    for i_t in range(0, tl.cdiv(T, BT)):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m = (o_t < T)[:, None] & m_n[None, :]
-        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]  # [BT, BN]
-        b_a = tl.load(a + off, mask=m, other=1.0).to(s.dtype.element_ty)
-        b_b = tl.load(b + off, mask=m, other=0.0).to(s.dtype.element_ty)
-        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _triton_scan_combine)  # the chunk from a zero start
-        b_s = b_A * b_h[None, :] + b_B
-        tl.store(s + off, b_s.to(s.dtype.element_ty), mask=m)
-        b_h = _triton_scan_last_row(b_s, BT)  # the state after the chunk (padded steps are the identity)
-
-
-@triton.jit
-def _triton_scan_bwd_kernel(
-    a, s, h0, ds, da, db, dh0, cu, T, N, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr,
-):
-    i_b, i_n = _triton_scan_program(N, BN)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    bos, T = _triton_sequence_start(cu, i_b, T, VARLEN)
-    base = bos * N  # the sequence's first step in [B, T, N]
-    b_h0 = tl.load(h0 + i_b.to(tl.int64) * N + o_n, mask=m_n, other=0.0).to(da.dtype.element_ty)
-    b_g = tl.zeros([BN], dtype=da.dtype.element_ty)  # g at the first step after the chunk
-    NT = tl.cdiv(T, BT)
-    for i_r in range(0, NT):
-        i_t = NT - 1 - i_r
-        o_t = i_t * BT + tl.arange(0, BT)
-        m = (o_t < T)[:, None] & m_n[None, :]
-        off = base + o_t[:, None].to(tl.int64) * N + o_n[None, :]
-        # a_(t+1), the factor that carries g_(t+1) back to step t (1 past the end: nothing comes from there)
-        m_next = (o_t + 1 < T)[:, None] & m_n[None, :]
-        b_an = tl.load(a + off + N, mask=m_next, other=1.0).to(da.dtype.element_ty)
-        b_ds = tl.load(ds + off, mask=m, other=0.0).to(da.dtype.element_ty)
-        b_A, b_G = tl.associative_scan((b_an, b_ds), 0, _triton_scan_combine, reverse=True)
-        b_gt = b_A * b_g[None, :] + b_G  # [BT, BN] g_t
-        m_prev = (o_t >= 1)[:, None] & m
-        b_sp = tl.load(s + off - N, mask=m_prev, other=0.0).to(da.dtype.element_ty)  # s_(t-1)
-        b_sp = tl.where((o_t == 0)[:, None], b_h0[None, :], b_sp)
-        tl.store(db + off, b_gt.to(db.dtype.element_ty), mask=m)
-        tl.store(da + off, (b_gt * b_sp).to(da.dtype.element_ty), mask=m)
-        b_g = _triton_scan_first_row(b_gt, BT)
-    # step 0 (an empty sequence of a packed row: none, and its g is zero)
-    m_0 = _triton_first_step_mask(m_n, T, VARLEN)
-    b_a0 = tl.load(a + base + o_n, mask=m_0, other=0.0).to(da.dtype.element_ty)
-    tl.store(dh0 + i_b.to(tl.int64) * N + o_n, (b_a0 * b_g).to(dh0.dtype.element_ty), mask=m_n)
-
-
 def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, int]:
     """(BT, BN, num_warps) for m states per element (1: the diagonal scan). An m x m block scans m * m + m tiles
     of [BT, BN] (the backward 2 m more), so BN shrinks with m; at the sizes of `_triton_SCAN_BN_BLOCK` no kernel spills at
@@ -4231,100 +4183,84 @@ def _triton_scan_config(block_t, block_n, num_warps, m: int) -> tuple[int, int, 
     return BT, BN, warps
 
 
-class _triton_ScanFunction(torch.autograd.Function):
-    """s = scan of (a, b) from h0 by `kernels` = (forward, backward): the diagonal pair (a [B, T, N], b [B, T, N],
-    h0 [B, N]) or the m x m block pair (a [B, T, N, m, m], b [B, T, N, m], h0 [B, N, m]); all contiguous, one dtype;
-    T >= 1. cu: None, or the int64 [N_seq + 1] boundaries (on the tensors' device) of N_seq sequences packed in one
-    row (B = 1, h0 [N_seq, ...]), each scanned from its own initial state. (The kernels come as an argument so that
-    a generated module holds only the pair its layer uses.)"""
+class _triton_FusedScan(torch.autograd.Function):
+    """The states of a spec's diagonal scans from its raw inputs and params: each state's printed kernel pair
+    (`triton_fused_scan`) computes a_t and b_t where it loads them, forward and backward, so only the states s are kept.
+    Arguments: plan (a `_triton_FusedPlan`), then the prologue's tensors (inputs [B, T, H, ...], params [1, 1, H, ...];
+    contiguous, the compute dtype), then each state's initial state [rows or sequences, H, *S] (same dtype)."""
 
     @staticmethod
-    def forward(ctx, a, b, h0, cu, kernels, config):
-        BT, BN, warps = config
-        T, N = b.shape[1:3]
-        B = h0.shape[0]  # rows, or packed sequences (cu: their int64 [B + 1] boundaries in the one row)
-        s = torch.empty_like(b)
-        kernels[0][(triton.cdiv(N, BN) * B,)](a, b, h0, s, cu, T, N, BT=BT, BN=BN, VARLEN=cu is not None,
-                                              num_warps=warps)
-        ctx.save_for_backward(a, s, h0)
-        ctx.cu, ctx.kernels, ctx.config, ctx.where = cu, kernels, config, _form_call()
-        return s
+    def forward(ctx, plan, *args):
+        tensors, h0s = args[: plan.count], args[plan.count:]
+        BT, BN, warps = plan.config
+        rows, T = plan.rows, plan.T
+        states = []
+        for (fwd, _, _), h0 in zip(plan.kernels, h0s):
+            N = h0[0].numel()  # lanes: (h, *S) flattened
+            s = torch.empty((rows, T, N), dtype=h0.dtype, device=h0.device)
+            fwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, h0, s, plan.cu, T, N, plan.heads, *plan.sizes, BT=BT,
+                                                     BN=BN, VARLEN=plan.cu is not None, num_warps=warps)
+            states.append(s.view((rows, T) + tuple(h0.shape[1:])))
+        ctx.save_for_backward(*tensors, *h0s, *states)
+        ctx.plan, ctx.where = plan, _form_call()
+        return tuple(states)
 
     @staticmethod
     @_first_order("its backward runs Triton kernels, which record no graph")
-    def backward(ctx, ds):
-        a, s, h0 = ctx.saved_tensors
-        BT, BN, warps = ctx.config
-        T, N = s.shape[1:3]
-        ds = ds.contiguous()
-        da, db, dh0 = torch.empty_like(a), torch.empty_like(s), torch.empty_like(h0)
-        ctx.kernels[1][(triton.cdiv(N, BN) * h0.shape[0],)](a, s, h0, ds, da, db, dh0, ctx.cu, T, N, BT=BT, BN=BN,
-                                                            VARLEN=ctx.cu is not None, num_warps=warps)
-        return da, db, dh0, None, None, None
+    def backward(ctx, *dss):
+        plan = ctx.plan
+        saved = ctx.saved_tensors
+        k = len(plan.kernels)
+        tensors, h0s, states = saved[: plan.count], saved[plan.count: plan.count + k], saved[plan.count + k:]
+        BT, BN, warps = plan.config
+        grads, dh0s = [], []  # grads: the prologue values' gradients, in the prologue's order
+        for (_, bwd, decays), h0, s, ds in zip(plan.kernels, h0s, states, dss):
+            N = h0[0].numel()
+            ds = torch.zeros_like(s) if ds is None else ds.to(s.dtype).contiguous()
+            da, db, dh0 = torch.empty_like(s), torch.empty_like(s), torch.empty_like(h0)
+            bwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, s, h0, ds, da, db, dh0, plan.cu, plan.T, N,
+                                                     plan.heads, *plan.sizes, BT=BT, BN=BN,
+                                                     VARLEN=plan.cu is not None, num_warps=warps)
+            grads += [da, db] if decays else [db]  # (a constant decay is no prologue value)
+            dh0s.append(dh0)
+        got = plan.vjp(*tensors, *grads, *plan.sizes) if any(ctx.needs_input_grad[1: plan.count + 1]) else \
+            (None,) * plan.count
+        return (None, *got, *dh0s)
 
 
-def _triton_scan_dtype(b: triton_Tensor) -> torch.dtype:
-    return torch.float64 if b.dtype == torch.float64 else torch.float32
+class _triton_FusedPlan:
+    """What `_triton_FusedScan` needs besides tensors: the per-state kernels [(forward, backward, whether the decay is a
+    prologue value)], the prologue's printed VJP, how many tensors it takes, the sizes, rows, steps, heads, the
+    packed boundaries and the block config."""
+
+    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config):
+        self.kernels, self.vjp, self.count, self.sizes = kernels, vjp, count, sizes
+        self.rows, self.T, self.heads, self.cu, self.config = rows, T, heads, cu, config
 
 
-def _triton_scan_operands(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None, m: int, states: int):
-    """The checks and layout both scans share. m = 1: diagonal (a broadcastable to b [B, T, ...]); m >= 2: m x m
-    blocks (b [B, T, ..., m], a broadcastable to [B, T, ..., m, m]). Returns (s, None) when there is nothing to
-    scan (B = 0 or T = 0): s the empty states, a function of a, b and initial_state all the same so that each gets
-    its zero gradient, as from the torch runtime; else (None, (a, b, h0)) in the compute dtype (`_triton_scan_dtype`),
-    contiguous, a expanded to its full shape (the expand's backward sums a broadcast gradient), h0 [B, ...]
-    (zeros for None). states: the number of initial states, B or (packed, b of one row) the sequences' number.
-    Raises ValueError naming the argument whose shape does not fit."""
-    if b.dim() < 2 + (m > 1):
-        raise ValueError(f"b must be [B, T, ...{', m' if m > 1 else ''}], got shape {list(b.shape)}")
-    if m > 1 and (b.shape[-1] != m or tuple(a.shape[-2:]) != (m, m)):
-        raise ValueError(f"the Triton block scan takes m x m blocks, m >= 2: b [..., m] and a [..., m, m], got b "
-                         f"{list(b.shape)} and a {list(a.shape)}")
-    a_shape = tuple(b.shape) + ((m,) if m > 1 else ())
-    if a.dim() != len(a_shape):
-        what = "as many dims as b" if m == 1 else "one dim more than b"
-        raise ValueError(f"a must have {what} ({len(a_shape)}), got shape {list(a.shape)}")
-    if any(x not in (1, y) for x, y in zip(a.shape, a_shape)):
-        raise ValueError(f"a {list(a.shape)} does not broadcast to {list(a_shape)} (b {list(b.shape)})")
-    B, T = b.shape[:2]
-    state_shape = (states,) + tuple(b.shape[2:])
-    if initial_state is not None and tuple(initial_state.shape) != state_shape:
-        raise ValueError(f"initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
-    dt = _triton_scan_dtype(b)
-    a = a.to(dt).expand(a_shape)
-    if T == 0 or B == 0:  # (every term is empty: only the autograd graph matters)
-        s = b.to(dt) + (a.sum(-1) if m > 1 else a)
-        return (s if initial_state is None else s + initial_state.to(dt).sum(0, keepdim=True)[:, None]), None
-    b = b.to(dt).contiguous()
-    h0 = b.new_zeros(state_shape) if initial_state is None else initial_state.to(dt).contiguous()
-    return None, (a.contiguous(), b, h0)
+def triton_fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: int | None = None,
+                      block_n: int | None = None, num_warps: int | None = None, cu_seqlens: triton_Tensor | None = None) -> tuple:
+    """Every state of a spec's diagonal scans s_t = a_t * s_(t-1) + b_t, a and b computed inside the kernels from
+    the raw tensors (never stored): the scan form's fused path, printed by `write_scan` (codegen/torch_forms.py).
 
-
-def triton_scan_diagonal(a: triton_Tensor, b: triton_Tensor, initial_state: triton_Tensor | None = None, *, block_t: int | None = None,
-                         block_n: int | None = None, num_warps: int | None = None,
-                         cu_seqlens: triton_Tensor | None = None) -> triton_Tensor:
-    """All states of the elementwise recurrence s_t = a_t * s_{t-1} + b_t, by `_triton_scan_fwd_kernel`.
-
-    b [B, T, H, *S] (float16, bfloat16, float32 or float64); a broadcastable to b with as many dims (e.g.
-    [B, T, H, K, 1] for a key decay, [1, 1, 1, 1] for a constant); initial_state [B, H, *S] or None (zeros).
-    Returns [B, T, H, *S] in float32 (float64 for float64 b): s_t for every t. Differentiable in a, b and
-    initial_state through `_triton_scan_bwd_kernel` (a broadcast a gets its gradient summed by autograd's expand).
-    cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed in one row (b [1, T, H, *S],
-    initial_state [N, H, *S], cu_seqlens[-1] = T): one launch scans them all, each from its own initial state
-    (`_triton_packed`). Raises ValueError for a's number of dims, shapes that do not broadcast, a block size not a power
-    of two or bad boundaries.
-    """
+    kernels: per state (forward, backward, decays) as `_triton_FusedScan` takes them; vjp: the printed torch VJP of the
+    scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's gradient or None;
+    tensors: the prologue's inputs [B, T, H, ...] and params [1, 1, H, ...]; initial_states: per state
+    [B (packed: sequences), H, *S]; sizes: the spec's sizes as ints; shape: (B, T, H) of the call. Returns per
+    state [B, T, H, *S] in float32 (float64 when a tensor is float64). cu_seqlens: packed sequences, as for
+    `triton_scan_diagonal`. Differentiable in every tensor and initial state; the backward keeps only the states."""
     config = _triton_scan_config(block_t, block_n, num_warps, 1)
-    cu, states = _triton_packed(cu_seqlens, b)
-    empty, operands = _triton_scan_operands(a, b, initial_state, 1, states)
-    if operands is None:
-        return empty
-    a, b, h0 = operands
-    rows, T = b.shape[:2]
-    N = b[0, 0].numel()
-    s = _triton_ScanFunction.apply(a.view(rows, T, N), b.view(rows, T, N), h0.view(states, N), cu,
-                                   (_triton_scan_fwd_kernel, _triton_scan_bwd_kernel), config)
-    return s.view(b.shape)
+    rows, T, H = shape
+    first = next(t for t in tensors if t.dim() >= 2 and t.shape[:2] == (rows, T))  # an input: [B, T, H, ...]
+    cu, _ = _triton_packed(cu_seqlens, first)
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t.to(dt).contiguous() for t in tensors]
+    h0s = [h.to(dt).contiguous() for h in initial_states]
+    if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
+        anchor = sum(t.sum() * 0 for t in tensors)
+        return tuple(h.sum(0, keepdim=True)[:, None].expand(rows, T, *h.shape[1:]) * 0 + anchor for h in h0s)
+    plan = _triton_FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config)
+    return _triton_FusedScan.apply(plan, *tensors, *h0s)
 
 
 def _triton_packed(cu_seqlens: triton_Tensor | None, b: triton_Tensor) -> tuple[triton_Tensor | None, int]:
@@ -5410,6 +5346,7 @@ _rg_lru_spec = _Spec(
     spec_hash='aa9785ff0ff9e584',
     unavailable=(),
     recurrence_class='diagonal-row',
+    scan_held=1,
 )
 
 
@@ -5823,14 +5760,92 @@ def rg_lru__triton_recurrent_adjoint(x, gr, gi, lam, checkpoints, grad_outputs, 
     return [dx, dgr, dgi, dlam.sum((0, 1))], {'h': dh0_h}
 
 
+@triton.jit
+def rg_lru__scan_h_steps(x, gr, gi, lam, s_, row_, i_h_, c0_, m_, m_n_, H_, D):
+    """a_t and b_t of h's lanes (i_h_, c0_) [BN] at the steps row_ [BT, 1] (int64, of the [B * T] steps), in s_'s dtype,
+    from the raw tensors: rg_lru.rec:15,16, the expressions the torch prologue prints. a = 1, b = 0 where m_ [BT, BN] is
+    False (past a sequence's end)."""
+    v0_ = tl.load(gr + (row_ * H_ + i_h_[None, :]) * D + c0_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # gr[d] of [B, T, H, D]
+    v1_ = tl.load(lam + i_h_ * D + c0_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)[None, :]  # lam[d] of [H, D]
+    v2_ = tl.load(gi + (row_ * H_ + i_h_[None, :]) * D + c0_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # gi[d] of [B, T, H, D]
+    v3_ = tl.load(x + (row_ * H_ + i_h_[None, :]) * D + c0_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # x[d] of [B, T, H, D]
+    z_ = tl.zeros_like(m_.to(s_.dtype.element_ty))  # (a constant or a param alone still spans the tile)
+    a_ = tl.where(m_, z_ + tl.exp((-8.0) * tl.sigmoid(v0_) * (tl.maximum((-v1_), 0.0) + _triton_log1p(tl.exp(-tl.abs((-v1_)))))), 1.0)  # decay
+    b_ = tl.where(m_, z_ + v3_ * tl.sqrt(-_triton_expm1((-16.0) * tl.sigmoid(v0_) * (tl.maximum((-v1_), 0.0) + _triton_log1p(tl.exp(-tl.abs((-v1_))))))) * tl.sigmoid(v2_), 0.0)  # rg_lru.rec:15,16
+    return a_, b_
+
+
+@triton.jit
+def rg_lru__scan_h_fwd_kernel(x, gr, gi, lam, h0_, s_, cu_, T_, NL_, H_, D, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
+    """h's states s_ [B, T, NL_] (NL_ = H * D lanes) from h0_ [B, NL_], a and b computed at the loads
+    (rg_lru__scan_h_steps): `_scan_fwd_kernel`'s chunks, carry and packed sequences."""
+    i_b_, i_n_ = _triton_scan_program(NL_, BN)
+    o_n_ = i_n_ * BN + tl.arange(0, BN)
+    m_n_ = o_n_ < NL_
+    r_ = o_n_
+    c0_ = r_ % D
+    r_ = r_ // D
+    i_h_ = r_  # the head
+    bos_, T_ = _triton_sequence_start(cu_, i_b_, T_, VARLEN)
+    b_h_ = tl.load(h0_ + i_b_.to(tl.int64) * NL_ + o_n_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)
+    for i_t_ in range(0, tl.cdiv(T_, BT)):
+        o_t_ = i_t_ * BT + tl.arange(0, BT)
+        m_ = (o_t_ < T_)[:, None] & m_n_[None, :]
+        row_ = bos_ + o_t_[:, None].to(tl.int64)  # [BT, 1] the steps
+        a_, b_ = rg_lru__scan_h_steps(x, gr, gi, lam, s_, row_, i_h_, c0_, m_, m_n_, H_, D)
+        A_, B_ = tl.associative_scan((a_, b_), 0, _triton_scan_combine)  # the chunk from a zero start
+        s_t_ = A_ * b_h_[None, :] + B_
+        tl.store(s_ + row_ * NL_ + o_n_[None, :], s_t_.to(s_.dtype.element_ty), mask=m_)
+        b_h_ = _triton_scan_last_row(s_t_, BT)
+
+
+@triton.jit
+def rg_lru__scan_h_bwd_kernel(x, gr, gi, lam, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_, D, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
+    """da_, db_ [B, T, NL_] and dh0_ [B, NL_] of h from ds_ and the saved states s_, as `_scan_bwd_kernel`, with a_(t+1)
+    recomputed from the raw tensors (rg_lru__scan_h_steps), not read back."""
+    i_b_, i_n_ = _triton_scan_program(NL_, BN)
+    o_n_ = i_n_ * BN + tl.arange(0, BN)
+    m_n_ = o_n_ < NL_
+    r_ = o_n_
+    c0_ = r_ % D
+    r_ = r_ // D
+    i_h_ = r_  # the head
+    bos_, T_ = _triton_sequence_start(cu_, i_b_, T_, VARLEN)
+    b_h0_ = tl.load(h0_ + i_b_.to(tl.int64) * NL_ + o_n_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)
+    g_ = tl.zeros([BN], dtype=s_.dtype.element_ty)  # g at the first step after the chunk
+    NT_ = tl.cdiv(T_, BT)
+    for i_r_ in range(0, NT_):
+        i_t_ = NT_ - 1 - i_r_
+        o_t_ = i_t_ * BT + tl.arange(0, BT)
+        m_ = (o_t_ < T_)[:, None] & m_n_[None, :]
+        row_ = bos_ + o_t_[:, None].to(tl.int64)
+        off_ = row_ * NL_ + o_n_[None, :]
+        m_next_ = (o_t_ + 1 < T_)[:, None] & m_n_[None, :]  # a_(t+1): 1 past the end
+        a_next_, b_next_ = rg_lru__scan_h_steps(x, gr, gi, lam, s_, row_ + 1, i_h_, c0_, m_next_, m_n_, H_, D)
+        ds_t_ = tl.load(ds_ + off_, mask=m_, other=0.0).to(s_.dtype.element_ty)
+        A_, G_ = tl.associative_scan((a_next_, ds_t_), 0, _triton_scan_combine, reverse=True)
+        g_t_ = A_ * g_[None, :] + G_  # [BT, BN] g_t
+        m_prev_ = (o_t_ >= 1)[:, None] & m_
+        s_prev_ = tl.load(s_ + off_ - NL_, mask=m_prev_, other=0.0).to(s_.dtype.element_ty)
+        s_prev_ = tl.where((o_t_ == 0)[:, None], b_h0_[None, :], s_prev_)
+        tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)
+        tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)
+        g_ = _triton_scan_first_row(g_t_, BT)
+    m_0_ = _triton_first_step_mask(m_n_, T_, VARLEN)[None, :]  # step 0 (none in an empty packed sequence)
+    a_0_, b_0_ = rg_lru__scan_h_steps(x, gr, gi, lam, s_, bos_ + tl.zeros([1, 1], dtype=tl.int64), i_h_, c0_, m_0_, m_n_, H_, D)
+    tl.store(dh0_ + i_b_.to(tl.int64) * NL_ + o_n_, (tl.sum(a_0_, axis=0) * g_).to(dh0_.dtype.element_ty), mask=m_n_)
+
+
 def rg_lru__scan_triton(x, gr, gi, lam, states, D, cu_seqlens=None, **options):
     """Each state element as s_t = a_t * s_(t-1) + b_t, by an associative scan over time; cu_seqlens:
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = x.shape[:3]
     lam = lam[None, None]  # [1, 1, H, D]
-    # the prologue; its backward: rg_lru__scan_prologue_vjp, printed from sympy
-    a_h, b_h = rg_lru__scan_prologue(x, gr, gi, lam, D)
-    all_h = triton_scan_diagonal(a_h, b_h, states['h'], cu_seqlens=cu_seqlens, **options)  # [B, T, H, D]
+    # the prologue inside the scan kernels: a and b computed where they load the inputs, never stored;
+    # its backward: the kernels' da, db through rg_lru__scan_prologue_vjp
+    all_h, = triton_fused_scan(
+        ((rg_lru__scan_h_fwd_kernel, rg_lru__scan_h_bwd_kernel, True),), rg_lru__scan_prologue_vjp,
+        (x, gr, gi, lam), (states['h'],), (D,), (B_, T_, H_), cu_seqlens=cu_seqlens, **options)
     y = all_h  # rg_lru.rec:17
     return {'y': y}, {'h': triton_scan_final_states(all_h, states['h'], cu_seqlens)}
 

@@ -1,0 +1,152 @@
+"""The Triton scan form's prologue inside its kernels (`fused_scan`, codegen/triton_scan.py; the kernels printed by
+`TorchFormWriter._fused_scan`, codegen/torch_forms.py): a and b are computed where the kernels load the raw inputs,
+never stored, the backward recomputes a_(t+1) and hands da, db to the printed torch VJP.
+
+Checked in Triton's interpreter at tiny shapes: outputs, final states and the gradient of every input, param and
+initial state (float32, the Triton backend's widest) against the torch scan form in float64 (mamba, GLA, RG-LRU,
+Based's several states with a constant decay, RetNet's constant per-head decay), packed sequences with reverse runs
+and initial states, `torch.autograd.gradcheck` of the runtime in float64, half inputs; and that the forward stores
+no decay or injection (neither the torch prologue nor the unfused scan runs, and no [B, T, H, *S] tensor but the
+states is allocated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.sampling import sample_arguments
+
+from .conftest import SPECS_DIR, as_dict
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+_LAYERS: dict = {}
+
+
+def _layer(name: str):
+    if name not in _LAYERS:
+        rec = recurrence_dsl.load(str(SPECS_DIR / f"{name}.rec"))[name]
+        _LAYERS[name] = rec, recurrence_dsl.compile(rec, backend="triton", form="scan", tuning=False)
+    return _LAYERS[name]
+
+
+def _call(layer, rec, args, initial, backend, **kwargs):
+    """Outputs and final states, and the gradients of every argument and initial state for a fixed weighting."""
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    init = {k: v.detach().clone().requires_grad_() for k, v in initial.items()}
+    out, final = layer(*leaves, initial_state=init if len(init) > 1 else next(iter(init.values())),
+                       output_final_state=True, backend=backend, form="scan", **kwargs)
+    values = list(as_dict(out, rec.checked.outputs).values()) + list(as_dict(final, rec.checked.states).values())
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((v.double() * torch.randn(v.shape, generator=gen, dtype=F64)).sum() for v in values)
+    loss.backward()
+    return values, [x.grad for x in leaves] + [init[k].grad for k in init]
+
+
+def _compare(name, B=2, T=21, H=2, size=4, lengths=None, dtype=torch.float32, tol=1e-5, **kwargs):
+    rec, layer = _layer(name)
+    rows = None if lengths is None else len(lengths)
+    cu = None if lengths is None else torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    args, initial = sample_arguments(rec.checked, {s: size for s in rec.checked.sizes}, B, T, H, dtype=F64, seed=5,
+                                     with_initial_state=True, rows=rows)
+    initial = as_dict(initial, rec.checked.states)
+    want, want_grads = _call(layer, rec, args, initial, "torch", cu_seqlens=cu, **kwargs)
+    got, got_grads = _call(layer, rec, [a.to(dtype) for a in args], {k: v.to(dtype) for k, v in initial.items()},
+                           "triton", cu_seqlens=cu, config={"block_t": 8, "block_n": 16, "num_warps": 1}, **kwargs)
+    names = [x.name for x in rec.checked.inputs + rec.checked.params] + list(initial)
+    assert len(got_grads) == len(names)
+    for what, g, w in zip(["value"] * len(got) + names, got + got_grads, want + want_grads):
+        assert g is not None and w is not None, what
+        err = ((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
+        assert err <= tol, (name, what, err)
+
+
+def test_the_fused_forward_stores_no_decay_or_injection(monkeypatch):
+    """mamba on the Triton scan form: the torch prologue and the unfused scan never run, and the forward allocates
+    no [B, T, H, D, N] tensor but the states."""
+    rec, layer = _layer("mamba")
+    scope = layer.triton_forms["scan"].__globals__
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the unfused path ran")
+
+    monkeypatch.setitem(scope, "mamba__scan_prologue", refuse)
+    monkeypatch.setitem(scope, "triton_scan_diagonal", refuse)
+    B, T, H, D, N = 2, 19, 2, 4, 3
+    args, _ = sample_arguments(rec.checked, {"D": D, "N": N}, B, T, H, dtype=torch.float32, seed=0)
+    made = []
+    real_empty = torch.empty
+
+    def empty(*shape, **kwargs):
+        out = real_empty(*shape, **kwargs)
+        made.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with torch.no_grad():
+        y, _ = layer(*args, backend="triton", form="scan")
+    assert made.count((B, T, H * D * N)) == 1, made  # s, and no a or b
+    monkeypatch.undo()
+    ref, _ = layer(*args, backend="torch", form="scan")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mamba", "gla", "rg_lru", "based", "retention"])
+def test_values_and_gradients_match_the_torch_scan(name):
+    _compare(name)
+
+
+@pytest.mark.parametrize("name", ["mamba", "gla"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_reverse_and_initial_states(name, reverse):
+    """Three packed sequences (one empty), each from its own initial state, either direction."""
+    _compare(name, B=1, T=20, lengths=(11, 0, 9), reverse=reverse)
+
+
+def test_gradcheck_of_the_runtime():
+    """`torch.autograd.gradcheck` of mamba's `fused_scan` call (float64, packed, the printed kernels and VJP)."""
+    rec, layer = _layer("mamba")
+    scope = layer.triton_forms["scan"].__globals__
+    fused, vjp = scope["triton_fused_scan"], scope["mamba__scan_prologue_vjp"]
+    kernels = ((scope["mamba__scan_h_fwd_kernel"], scope["mamba__scan_h_bwd_kernel"], True),)
+    D, N, H, T = 2, 3, 2, 7
+    gen = torch.Generator().manual_seed(0)
+    x, B_in = (torch.randn(1, T, H, n, generator=gen, dtype=F64) for n in (D, N))
+    dt = torch.rand(1, T, H, D, generator=gen, dtype=F64) * 0.5
+    A = -torch.rand(1, 1, H, D, N, generator=gen, dtype=F64)
+    h0 = torch.randn(2, H, D, N, generator=gen, dtype=F64)
+    cu = torch.tensor([0, 4, T])
+
+    def run(x, dt, B_in, A, h0):
+        return fused(kernels, vjp, (x, dt, B_in, A), (h0,), (D, N), (1, T, H), cu_seqlens=cu, block_t=4,
+                     block_n=8)[0]
+
+    leaves = [t.requires_grad_() for t in (x, dt, B_in, A, h0)]
+    assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_inputs_compute_in_float32(dtype):
+    """Half inputs: the dispatcher hands the form float32 copies, the kernels compute in float32; the result is the
+    float64 one to the inputs' rounding."""
+    _compare("mamba", dtype=dtype, tol=2e-2)
+
+
+def test_no_steps_give_empty_states_and_zero_gradients():
+    """T = 0: nothing to scan (no kernel runs); the states are empty and every tensor and initial state gets a zero
+    gradient, as from the unfused runtime."""
+    rec, layer = _layer("mamba")
+    scope = layer.triton_forms["scan"].__globals__
+    fused, vjp = scope["triton_fused_scan"], scope["mamba__scan_prologue_vjp"]
+    kernels = ((scope["mamba__scan_h_fwd_kernel"], scope["mamba__scan_h_bwd_kernel"], True),)
+    D, N, H = 2, 3, 2
+    x, dt = torch.randn(2, 0, H, D, requires_grad=True), torch.randn(2, 0, H, D, requires_grad=True)
+    B_in, A = torch.randn(2, 0, H, N, requires_grad=True), torch.randn(1, 1, H, D, N, requires_grad=True)
+    h0 = torch.randn(2, H, D, N, requires_grad=True)
+    s, = fused(kernels, vjp, (x, dt, B_in, A), (h0,), (D, N), (2, 0, H))
+    assert s.shape == (2, 0, H, D, N) and s.dtype == torch.float32
+    s.sum().backward()
+    for t in (x, dt, B_in, A, h0):
+        assert t.grad is not None and not t.grad.any()
