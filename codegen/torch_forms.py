@@ -1110,12 +1110,13 @@ class TorchFormWriter:
             rows, cols = (self._range_dim(ranges[i]) for i in x.indices)
             if str(x.base) not in bmm:
                 bmm[str(x.base)] = alloc(f"{buffer.removesuffix('_steps')}_bmm")
-                w(f"{bmm[str(x.base)]} = {buffer}.view(-1, B_ * H_, {rows}, {cols}).unbind(0)", 1)
+                # (the steps' count, not -1: with B = 0 the buffer is empty and -1 is ambiguous)
+                w(f"{bmm[str(x.base)]} = {buffer}.view(len({buffer}), B_ * H_, {rows}, {cols}).unbind(0)", 1)
             idx = plan["update"][s][2] if str(x.base) == s else plan["previous_idx"][s]
             free = x.indices[1]
             placed = TorchPrinter(self.sizes, ranges, {})._place(f"{name}_steps", (free,), tuple(idx))
             w(f"{name}_steps = {carried[s]}.new_empty((min(every, T_), B_, H_, {cols}))", 1)
-            w(f"{name}_bmm = {name}_steps.view(-1, B_ * H_, 1, {cols}).unbind(0)", 1)
+            w(f"{name}_bmm = {name}_steps.view(len({name}_steps), B_ * H_, 1, {cols}).unbind(0)", 1)
             w(f"{name}_at = {placed}.unbind(0)", 1)
         return bmm
 

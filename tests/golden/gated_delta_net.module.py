@@ -422,6 +422,16 @@ class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the di
         self.step = step
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for `device`'s type, around every form's forward and backward. The forms pick
+    their own dtypes (arithmetic in `compute_dtype`, outputs in the call's dtype); under a training script's
+    `torch.autocast` their matmuls would run in bfloat16 behind that choice (float32 inputs lose precision) and
+    their saved tensors would mix dtypes that a backward outside autocast cannot multiply (a RuntimeError)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -539,7 +549,8 @@ def _first_order(why: str):
 
     def wrap(backward):
         def run(ctx, *grads):
-            with torch.no_grad():
+            device = next((g.device for g in grads if torch.is_tensor(g)), torch.device("cpu"))
+            with torch.no_grad(), autocast_off(device):  # (a backward called inside torch.autocast)
                 got = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # a plain backward, or create_graph=False
                 return got
@@ -698,7 +709,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             given = params
         running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
         try:
-            return fn(*ordered, *given, piece_states, *sizes, **extra)
+            with autocast_off(call.device):
+                return fn(*ordered, *given, piece_states, *sizes, **extra)
         finally:
             _FORM_CALL.reset(running)
 
@@ -4247,13 +4259,13 @@ def gated_delta_net__recurrent_adjoint(q, k, v, g, beta, checkpoints, grad_outpu
     grad_S__new_at = grad_S__new_steps.unbind(0)
     # The per-step products (a matrix contracted with a vector, one bmm a step) over a segment, and the
     # [B * H, K, V] views of the buffers they contract.
-    S_bmm = S_steps.view(-1, B_ * H_, K, V).unbind(0)
+    S_bmm = S_steps.view(len(S_steps), B_ * H_, K, V).unbind(0)
     sum_S_k_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
-    sum_S_k_bmm = sum_S_k_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_S_k_bmm = sum_S_k_steps.view(len(sum_S_k_steps), B_ * H_, 1, V).unbind(0)
     sum_S_k_at = sum_S_k_steps[..., None, :].unbind(0)
-    grad_S__new_bmm = grad_S__new_steps.view(-1, B_ * H_, K, V).unbind(0)
+    grad_S__new_bmm = grad_S__new_steps.view(len(grad_S__new_steps), B_ * H_, K, V).unbind(0)
     sum_grad_S__new_k_steps = grad_S.new_empty((min(every, T_), B_, H_, V))
-    sum_grad_S__new_k_bmm = sum_grad_S__new_k_steps.view(-1, B_ * H_, 1, V).unbind(0)
+    sum_grad_S__new_k_bmm = sum_grad_S__new_k_steps.view(len(sum_grad_S__new_k_steps), B_ * H_, 1, V).unbind(0)
     sum_grad_S__new_k_at = sum_grad_S__new_k_steps[..., None, :].unbind(0)
     for t0 in reversed(range(0, T_, every)):
         t1 = min(t0 + every, T_)

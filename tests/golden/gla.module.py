@@ -421,6 +421,16 @@ class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the di
         self.step = step
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for `device`'s type, around every form's forward and backward. The forms pick
+    their own dtypes (arithmetic in `compute_dtype`, outputs in the call's dtype); under a training script's
+    `torch.autocast` their matmuls would run in bfloat16 behind that choice (float32 inputs lose precision) and
+    their saved tensors would mix dtypes that a backward outside autocast cannot multiply (a RuntimeError)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -538,7 +548,8 @@ def _first_order(why: str):
 
     def wrap(backward):
         def run(ctx, *grads):
-            with torch.no_grad():
+            device = next((g.device for g in grads if torch.is_tensor(g)), torch.device("cpu"))
+            with torch.no_grad(), autocast_off(device):  # (a backward called inside torch.autocast)
                 got = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # a plain backward, or create_graph=False
                 return got
@@ -697,7 +708,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             given = params
         running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
         try:
-            return fn(*ordered, *given, piece_states, *sizes, **extra)
+            with autocast_off(call.device):
+                return fn(*ordered, *given, piece_states, *sizes, **extra)
         finally:
             _FORM_CALL.reset(running)
 
