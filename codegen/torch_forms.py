@@ -1573,7 +1573,8 @@ class TorchFormWriter:
         """The state before each step, from all_NAME (the state after it); packed: each sequence from its own."""
         if self.options:
             return f"{self.rt}scan_previous_states(all_{name}, states['{name}'], cu_seqlens)"
-        return f"torch.cat([states['{name}'][:, None], all_{name}[:, :-1]], dim=1)"
+        # (the last step dropped after the cat: with T = 0 the result has T = 0 steps, not the initial state's one)
+        return f"torch.cat([states['{name}'][:, None], all_{name}], dim=1)[:, :-1]"
 
     def _write_block_scan(self, w: SourceWriter, block, sym_dims, names: dict, prologue: list) -> None:
         """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element. The

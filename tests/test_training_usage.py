@@ -114,3 +114,79 @@ def test_empty_batch_backward_of_the_delta_rule_adjoint(name):
     (out.sum() + final.sum()).backward()
     for x in leaves + [init]:
         assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Empty sequences (T = 0): the final state is the initial state, and so is its gradient
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_length_scan_of_a_state_read_before_its_update(backend):
+    """rwkv6 reads S before updating it, so its scan form builds the states before each step. With T = 0 that
+    was [initial state] (one step), and a loss on the (empty) output and the final state raised "The expanded
+    size of the tensor (1) must match the existing size (0)" in the epilogue's backward."""
+    rec = _spec("rwkv6")
+    layer = recurrence_dsl.compile(rec, backend=backend, form="scan")
+    args, s0 = _args(rec, 1, 0, heads=1)
+    leaves = [x.clone().requires_grad_() for x in args]
+    init = s0.clone().requires_grad_()
+    out, final = layer(*leaves, initial_state=init, output_final_state=True)
+    assert out.shape[1] == 0
+    torch.testing.assert_close(final, s0)
+    weight = torch.randn(final.shape)
+    (out.sum() + (final * weight).sum()).backward()
+    torch.testing.assert_close(init.grad, weight)
+    assert all(x.grad is None or not x.grad.any() for x in leaves)  # nothing reaches the (empty) inputs or u
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-place ops on what a layer returns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _losses_with_and_without_in_place(layer, rec, args, s0):
+    """Gradients of one loss computed twice: once changing the output and the final state in place (a residual
+    `out += x`, a state reset `state.mul_(mask)`), once out of place."""
+    grads = []
+    for in_place in (True, False):
+        leaves = [x.clone().requires_grad_() for x in args]
+        init = s0.clone().requires_grad_()
+        out, final = layer(*leaves, initial_state=init, output_final_state=True)
+        mask = torch.tensor([1.0, 0.0]).view((2,) + (1,) * (final.dim() - 1))
+        if in_place:
+            out += leaves[2]
+            final.mul_(mask)
+        else:
+            out, final = out + leaves[2], final * mask
+        ((out ** 2).sum() + (final ** 2).sum()).backward()
+        grads.append([x.grad for x in leaves + [init]])
+    return grads
+
+
+@pytest.mark.parametrize("name,backend,form", [("gla", "torch", "recurrent"), ("gla", "torch", "chunked"),
+                                               ("gla", "torch", "scan"), ("gla", "triton", "chunked"),
+                                               ("gla", "triton", "scan"), ("rg_lru", "triton", "chunked")])
+def test_in_place_ops_on_outputs_and_final_states(name, backend, form):
+    """Before the fix: "Output 0 of _PrintedVJP is a view and is being modified inplace" (torch forms, Triton
+    scan), "Output 1 of _AdjointBackward is a view ..." (the recurrent form's final state), "one of the variables
+    needed for gradient computation has been modified by an inplace operation" (the Triton chunked form saves its
+    final state, and RG-LRU's value decay its output)."""
+    rec = _spec(name)
+    layer = recurrence_dsl.compile(rec, backend=backend, form=form, chunk_size=16)
+    args, s0 = _args(rec, 2, 5, heads=1)
+    got, want = _losses_with_and_without_in_place(layer, rec, args, s0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_length_final_state_is_not_the_initial_state():
+    """With T = 0 the final state equals the initial state; changing it in place must not change the caller's
+    initial state (a state carried across calls and reset in place)."""
+    rec = _spec("gla")
+    layer = recurrence_dsl.compile(rec, backend="torch")
+    args, s0 = _args(rec, 2, 0, heads=1)
+    keep = s0.clone()
+    _, final = layer(*args, initial_state=s0, output_final_state=True)
+    final.zero_()
+    torch.testing.assert_close(s0, keep)

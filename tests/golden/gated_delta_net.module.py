@@ -765,8 +765,23 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     else:
         outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
                                       call_form)
-    outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
+    outputs = {k: _owned(v.to(call.dtype)) for k, v in outputs.items()}
+    if call.output_final_state:
+        given = call.initial_state or {}
+        finals = {k: _owned(v, shares=given.get(k)) for k, v in finals.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def _owned(t: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+    """`t`, or a copy of it that the caller may change in place (`out += residual`, a state reset `state.mul_(mask)`)
+    without breaking the backward or the caller's own tensors. Autograd refuses an in-place op on a view made inside
+    a form's autograd Function (the forms' outputs are often such views), so while autograd records a view is copied
+    (the forms' Functions save no output or final state they return, which autograd would refuse likewise); a final
+    state of a call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is
+    copied always."""
+    if shares is not None and t.untyped_storage().data_ptr() == shares.untyped_storage().data_ptr():
+        return t.clone()
+    return t.clone() if t.requires_grad and t._is_view() else t
 
 
 def meta_result(spec, call):

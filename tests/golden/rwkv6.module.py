@@ -789,8 +789,23 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     else:
         outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
                                       call_form)
-    outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
+    outputs = {k: _owned(v.to(call.dtype)) for k, v in outputs.items()}
+    if call.output_final_state:
+        given = call.initial_state or {}
+        finals = {k: _owned(v, shares=given.get(k)) for k, v in finals.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def _owned(t: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+    """`t`, or a copy of it that the caller may change in place (`out += residual`, a state reset `state.mul_(mask)`)
+    without breaking the backward or the caller's own tensors. Autograd refuses an in-place op on a view made inside
+    a form's autograd Function (the forms' outputs are often such views), so while autograd records a view is copied
+    (the forms' Functions save no output or final state they return, which autograd would refuse likewise); a final
+    state of a call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is
+    copied always."""
+    if shares is not None and t.untyped_storage().data_ptr() == shares.untyped_storage().data_ptr():
+        return t.clone()
+    return t.clone() if t.requires_grad and t._is_view() else t
 
 
 def meta_result(spec, call):
@@ -4087,8 +4102,10 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
                                              cfg, packed, fused, out_dtype, float32_states)
-        saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
-        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
+        # A value decay's dlog_decay reads o do: it keeps its own copy of o, as autograd refuses a backward whose
+        # saved output the caller changed in place (`o += residual`). Not ht: the backward does not read it.
+        saved_outs = [o.clone() for o in outs] if decay_cls.code == 3 else []
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
         ctx.maps, ctx.where = maps, _form_call()
@@ -4097,7 +4114,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     @staticmethod
     @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
+        k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
         fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
@@ -4108,7 +4125,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         v_m, log_m = _triton_materialise(fused, v, log_decay)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
-                                                         initial_state, h, ht, outs, dos, grads[nq], ctx.packed, ctx.maps)
+                                                         initial_state, h, outs, dos, grads[nq], ctx.packed, ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
         need = ctx.needs_input_grad
 
@@ -4121,7 +4138,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
                 *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
+def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, outs, dos, dht,
                             packed=None, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).
@@ -4515,7 +4532,7 @@ def triton_scan_previous_states(states: triton_Tensor, initial_state: triton_Ten
     [N + 1]). Returns [B, T, H, *S]."""
     initial_state = initial_state.to(states.dtype)
     if cu_seqlens is None:
-        return torch.cat([initial_state[:, None], states[:, :-1]], dim=1)
+        return torch.cat([initial_state[:, None], states], dim=1)[:, :-1]  # (T = 0: no step, not one)
     cu = cu_seqlens.detach().to(states.device)
     T = states.shape[1]
     lengths = cu[1:] - cu[:-1]
@@ -5735,7 +5752,7 @@ def rwkv6__scan_block(r, k, v, w, u, states, K, V):
     # the prologue; its backward: rwkv6__scan_prologue_vjp, printed from sympy
     a_S, b_S = rwkv6__scan_prologue(k, v, w, K, V)
     all_S = scan_diagonal(a_S, b_S, states['S'])  # [B, T, H, K, V]
-    prev_S = torch.cat([states['S'][:, None], all_S[:, :-1]], dim=1)
+    prev_S = torch.cat([states['S'][:, None], all_S], dim=1)[:, :-1]
     o, = rwkv6__scan_epilogue(prev_S, r, k, v, u, K, V)  # rwkv6.rec:12
     return {'o': o}, {'S': all_S[:, -1] if T_ else states['S']}
 
