@@ -818,10 +818,11 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
 def _owned(t: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
     """`t`, or a copy of it that the caller may change in place (`out += residual`, a state reset `state.mul_(mask)`)
     without breaking the backward or the caller's own tensors. Autograd refuses an in-place op on a view made inside
-    a form's autograd Function (the forms' outputs are often such views), so while autograd records a view is copied
-    (the forms' Functions save no output or final state they return, which autograd would refuse likewise); a final
-    state of a call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is
-    copied always."""
+    a form's autograd Function, on one of several views (a split), and on a view of a tensor a backward reads (a scan's
+    states); the forms' outputs are often such views, so while autograd records every view is copied (the size of
+    the outputs; the forms' Functions save no output or final state that they return as it is). A final state of a
+    call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is copied
+    always."""
     if shares is not None and t.untyped_storage().data_ptr() == shares.untyped_storage().data_ptr():
         return t.clone()
     return t.clone() if t.requires_grad and t._is_view() else t
