@@ -1111,12 +1111,13 @@ class TorchFormWriter:
             rows, cols = (self._range_dim(ranges[i]) for i in x.indices)
             if str(x.base) not in bmm:
                 bmm[str(x.base)] = alloc(f"{buffer.removesuffix('_steps')}_bmm")
-                w(f"{bmm[str(x.base)]} = {buffer}.view(-1, B_ * H_, {rows}, {cols}).unbind(0)", 1)
+                # (the steps' count, not -1: with B = 0 the buffer is empty and -1 is ambiguous)
+                w(f"{bmm[str(x.base)]} = {buffer}.view(len({buffer}), B_ * H_, {rows}, {cols}).unbind(0)", 1)
             idx = plan["update"][s][2] if str(x.base) == s else plan["previous_idx"][s]
             free = x.indices[1]
             placed = TorchPrinter(self.sizes, ranges, {})._place(f"{name}_steps", (free,), tuple(idx))
             w(f"{name}_steps = {carried[s]}.new_empty((min(every, T_), B_, H_, {cols}))", 1)
-            w(f"{name}_bmm = {name}_steps.view(-1, B_ * H_, 1, {cols}).unbind(0)", 1)
+            w(f"{name}_bmm = {name}_steps.view(len({name}_steps), B_ * H_, 1, {cols}).unbind(0)", 1)
             w(f"{name}_at = {placed}.unbind(0)", 1)
         return bmm
 
@@ -1586,7 +1587,8 @@ class TorchFormWriter:
         """The state before each step, from all_NAME (the state after it); packed: each sequence from its own."""
         if self.options:
             return f"{self.rt}scan_previous_states(all_{name}, states['{name}'], cu_seqlens)"
-        return f"torch.cat([states['{name}'][:, None], all_{name}[:, :-1]], dim=1)"
+        # (the last step dropped after the cat: with T = 0 the result has T = 0 steps, not the initial state's one)
+        return f"torch.cat([states['{name}'][:, None], all_{name}], dim=1)[:, :-1]"
 
     def _write_block_scan(self, w: SourceWriter, block, sym_dims, names: dict, prologue: list) -> None:
         """States coupled element by element: one scan of [m] vectors with [m, m] transitions per element. The

@@ -2213,8 +2213,10 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         fused = _Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
                                       cfg, packed, fused, out_dtype, float32_states)
-        saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
-        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
+        # A value decay's dlog_decay reads o do: it keeps its own copy of o, as autograd refuses a backward whose
+        # saved output the caller changed in place (`o += residual`). Not ht: the backward does not read it.
+        saved_outs = [o.clone() for o in outs] if decay_cls.code == 3 else []
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
         ctx.maps, ctx.where = maps, _form_call()
@@ -2223,7 +2225,7 @@ class _ChunkedLinearFunction(torch.autograd.Function):
     @staticmethod
     @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
+        k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
         fused = _Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
@@ -2234,7 +2236,7 @@ class _ChunkedLinearFunction(torch.autograd.Function):
         v_m, log_m = _materialise(fused, v, log_decay)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
-                                                  initial_state, h, ht, outs, dos, grads[nq], ctx.packed, ctx.maps)
+                                                  initial_state, h, outs, dos, grads[nq], ctx.packed, ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
         need = ctx.needs_input_grad
 
@@ -2247,7 +2249,7 @@ class _ChunkedLinearFunction(torch.autograd.Function):
                 *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
+def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, outs, dos, dht,
                      packed=None, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).

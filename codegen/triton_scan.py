@@ -441,7 +441,7 @@ def scan_previous_states(states: Tensor, initial_state: Tensor, cu_seqlens: Tens
     [N + 1]). Returns [B, T, H, *S]."""
     initial_state = initial_state.to(states.dtype)
     if cu_seqlens is None:
-        return torch.cat([initial_state[:, None], states[:, :-1]], dim=1)
+        return torch.cat([initial_state[:, None], states], dim=1)[:, :-1]  # (T = 0: no step, not one)
     cu = cu_seqlens.detach().to(states.device)
     T = states.shape[1]
     lengths = cu[1:] - cu[:-1]

@@ -83,6 +83,13 @@ def specs() -> dict[str, recurrence_dsl.Recurrence]:
     return recs
 
 
+def made_by(t: torch.Tensor):
+    """The autograd node that made a layer's result `t`, past the layer's copy of a view it returns
+    (codegen/dispatch.py `_owned`: a CloneBackward0 right above the form's node)."""
+    node = t.grad_fn
+    return node.next_functions[0][0] if node is not None and node.name() == "CloneBackward0" else node
+
+
 def as_dict(value, decls) -> dict:
     """An output or state as returned by a layer (tensor, tuple or dict) -> {name: tensor}."""
     if isinstance(value, dict):

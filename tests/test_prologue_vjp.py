@@ -103,7 +103,10 @@ def test_no_graph_through_the_prologue(name, mapped, backend):
         want = {"_triton_ChunkedLinearFunctionBackward"} if in_kernels else {PRINTED}
         assert _consumers(out, by_name[x]) == want, (x, _consumers(out, by_name[x]))
     if name != "rg_lru":  # rg_lru's output is its readout as it is: no epilogue
-        assert out.grad_fn.name() == PRINTED, out.grad_fn.name()
+        made = out.grad_fn
+        if made.name() == "CloneBackward0":  # the layer's copy of a view it returns (dispatch.py `_owned`)
+            made = made.next_functions[0][0]
+        assert made.name() == PRINTED, made.name()
 
 
 @pytest.mark.parametrize("name", ["mlstm", "normalized_linear_attention", "rg_lru", "mamba2"])

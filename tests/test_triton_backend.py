@@ -43,7 +43,7 @@ from recurrence_dsl import CallError  # noqa: E402
 from recurrence_dsl.analysis import TransitionClass, analyse  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
-from .conftest import SPEC_FILES, as_dict, language_examples  # noqa: E402
+from .conftest import SPEC_FILES, as_dict, language_examples, made_by  # noqa: E402
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 TOL = {F32: 1e-5, F16: 5e-3}
@@ -308,7 +308,7 @@ def test_gradients_match_the_reference(key, form, sizes):
     out, final, leaves = run(layer_for(key), args, init, form=form, chunk_size=16)
     for name, t in out.items():
         backward_fn = "_AdjointBackward" if form == "recurrent" else "_RecomputeBackward"
-        assert (backward_fn in type(t.grad_fn).__name__) == (form == "recurrent" or recomputed), type(t.grad_fn)
+        assert (backward_fn in type(made_by(t)).__name__) == (form == "recurrent" or recomputed), type(made_by(t))
         assert rel(t, ref_out[name].detach()) <= TOL[F32]
     backward(out, final)
     torch_out, torch_final, torch_leaves = run(recurrence_dsl.compile(rec, backend="torch", chunk_size=16), args,

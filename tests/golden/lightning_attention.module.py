@@ -461,6 +461,16 @@ class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the di
         self.step = step
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for `device`'s type, around every form's forward and backward. The forms pick
+    their own dtypes (arithmetic in `compute_dtype`, outputs in the call's dtype); under a training script's
+    `torch.autocast` their matmuls would run in bfloat16 behind that choice (float32 inputs lose precision) and
+    their saved tensors would mix dtypes that a backward outside autocast cannot multiply (a RuntimeError)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -578,7 +588,8 @@ def _first_order(why: str):
 
     def wrap(backward):
         def run(ctx, *grads):
-            with torch.no_grad():
+            device = next((g.device for g in grads if torch.is_tensor(g)), torch.device("cpu"))
+            with torch.no_grad(), autocast_off(device):  # (a backward called inside torch.autocast)
                 got = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # a plain backward, or create_graph=False
                 return got
@@ -741,7 +752,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             given = params
         running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
         try:
-            return fn(*ordered, *given, piece_states, *sizes, **extra)
+            with autocast_off(call.device):
+                return fn(*ordered, *given, piece_states, *sizes, **extra)
         finally:
             _FORM_CALL.reset(running)
 
@@ -796,8 +808,24 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     else:
         outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
                                       call_form)
-    outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
+    outputs = {k: _owned(v.to(call.dtype)) for k, v in outputs.items()}
+    if call.output_final_state:
+        given = call.initial_state or {}
+        finals = {k: _owned(v, shares=given.get(k)) for k, v in finals.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def _owned(t: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+    """`t`, or a copy of it that the caller may change in place (`out += residual`, a state reset `state.mul_(mask)`)
+    without breaking the backward or the caller's own tensors. Autograd refuses an in-place op on a view made inside
+    a form's autograd Function, on one of several views (a split), and on a view of a tensor a backward reads (a scan's
+    states); the forms' outputs are often such views, so while autograd records every view is copied (the size of
+    the outputs; the forms' Functions save no output or final state that they return as it is). A final state of a
+    call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is copied
+    always."""
+    if shares is not None and t.untyped_storage().data_ptr() == shares.untyped_storage().data_ptr():
+        return t.clone()
+    return t.clone() if t.requires_grad and t._is_view() else t
 
 
 def meta_result(spec, call):
@@ -3707,8 +3735,10 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
                                              cfg, packed, fused, out_dtype, float32_states)
-        saved_outs = outs if decay_cls.code == 3 else []  # a value decay's dlog_decay reads o do
-        ctx.save_for_backward(k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *qs,
+        # A value decay's dlog_decay reads o do: it keeps its own copy of o, as autograd refuses a backward whose
+        # saved output the caller changed in place (`o += residual`). Not ht: the backward does not read it.
+        saved_outs = [o.clone() for o in outs] if decay_cls.code == 3 else []
+        ctx.save_for_backward(k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *qs,
                               *saved_outs)
         ctx.decay_cls, ctx.exclusive, ctx.cfg, ctx.packed, ctx.scale = decay_cls, exclusive, cfg, packed, scale
         ctx.maps, ctx.where = maps, _form_call()
@@ -3717,7 +3747,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     @staticmethod
     @_first_order("its backward runs Triton kernels, which record no graph")
     def backward(ctx, *grads):
-        k, v, log_decay, initial_state, h, ht, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
+        k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
         fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
@@ -3728,7 +3758,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         v_m, log_m = _triton_materialise(fused, v, log_decay)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
-                                                         initial_state, h, ht, outs, dos, grads[nq], ctx.packed, ctx.maps)
+                                                         initial_state, h, outs, dos, grads[nq], ctx.packed, ctx.maps)
         dv, dlog, dvs, ddh, dskip, dsw = _triton_unfuse(fused, v, log_decay, grads[0] if nq else None, dv, dlog)
         need = ctx.needs_input_grad
 
@@ -3741,7 +3771,7 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
                 *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
-def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, ht, outs, dos, dht,
+def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, outs, dos, dht,
                             packed=None, maps=(None, None)):
     """(dk, dv, dlog_decay, d initial_state, [dq per query]) in float32; the formulas above. packed: as for
     `_triton_linear_forward` (the state gradient then runs per sequence, dht and dh0 [N, H, K, V]).

@@ -451,6 +451,16 @@ class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the di
         self.step = step
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for `device`'s type, around every form's forward and backward. The forms pick
+    their own dtypes (arithmetic in `compute_dtype`, outputs in the call's dtype); under a training script's
+    `torch.autocast` their matmuls would run in bfloat16 behind that choice (float32 inputs lose precision) and
+    their saved tensors would mix dtypes that a backward outside autocast cannot multiply (a RuntimeError)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -568,7 +578,8 @@ def _first_order(why: str):
 
     def wrap(backward):
         def run(ctx, *grads):
-            with torch.no_grad():
+            device = next((g.device for g in grads if torch.is_tensor(g)), torch.device("cpu"))
+            with torch.no_grad(), autocast_off(device):  # (a backward called inside torch.autocast)
                 got = backward(ctx, *grads)
             if not torch.is_grad_enabled():  # a plain backward, or create_graph=False
                 return got
@@ -731,7 +742,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             given = params
         running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
         try:
-            return fn(*ordered, *given, piece_states, *sizes, **extra)
+            with autocast_off(call.device):
+                return fn(*ordered, *given, piece_states, *sizes, **extra)
         finally:
             _FORM_CALL.reset(running)
 
@@ -786,8 +798,24 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     else:
         outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
                                       call_form)
-    outputs = {k: v.to(call.dtype) for k, v in outputs.items()}
+    outputs = {k: _owned(v.to(call.dtype)) for k, v in outputs.items()}
+    if call.output_final_state:
+        given = call.initial_state or {}
+        finals = {k: _owned(v, shares=given.get(k)) for k, v in finals.items()}
     return pack_result(spec, outputs, finals if call.output_final_state else None)  # noqa: F821 - from calling.py
+
+
+def _owned(t: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+    """`t`, or a copy of it that the caller may change in place (`out += residual`, a state reset `state.mul_(mask)`)
+    without breaking the backward or the caller's own tensors. Autograd refuses an in-place op on a view made inside
+    a form's autograd Function, on one of several views (a split), and on a view of a tensor a backward reads (a scan's
+    states); the forms' outputs are often such views, so while autograd records every view is copied (the size of
+    the outputs; the forms' Functions save no output or final state that they return as it is). A final state of a
+    call with no steps may be the caller's initial state itself: a tensor sharing memory with `shares` is copied
+    always."""
+    if shares is not None and t.untyped_storage().data_ptr() == shares.untyped_storage().data_ptr():
+        return t.clone()
+    return t.clone() if t.requires_grad and t._is_view() else t
 
 
 def meta_result(spec, call):
