@@ -1256,10 +1256,12 @@ def _lift_candidates(rec: CheckedRecurrence, analysis: Analysis) -> dict[str, st
 
 
 def _lifted_reasons(analysis: Analysis, lifted_view: Analysis | None) -> Analysis:
-    """`analysis`, where its 0-axis and vector states were tried lifted (n as n[1]) and still have no chunked form,
-    with the lifted analysis' reasons for the chunked and parallel forms: "n has 0 axes" is then not the obstacle,
-    and the lifted analysis names the one that is."""
-    if lifted_view is not None:
+    """`analysis`, where its states were tried lifted (n as n[1]) and still have no chunked form, and the only
+    states without a chunk plan as written are 0-axis ones, with the lifted analysis' reasons for the chunked and
+    parallel forms: "n has 0 axes" is then not the obstacle, and the lifted analysis names the one that is. (Other
+    obstacles, such as coupled vector states, are best said as written.)"""
+    blockers = [sa for sa in analysis.states.values() if sa.chunk is None]
+    if lifted_view is not None and blockers and all(not sa.dims for sa in blockers):
         for form in ("chunked", "parallel"):
             if form in analysis.unavailable and form in lifted_view.unavailable:
                 analysis.unavailable[form] = lifted_view.unavailable[form]

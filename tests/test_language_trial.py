@@ -196,3 +196,11 @@ def test_trial_specs_every_form_both_backends(name):
             got = _flat(rec, *layer(*[a.to(dtype) for a in args], initial_state=cast, **call))
             errors = {k: _rel(got[k], ref[k]) for k in ref}
             assert max(errors.values()) <= tol, (backend, form, errors)
+
+
+def test_coupled_vector_states_keep_their_reason():
+    # The lifted view of coupled vector states calls them general: the reason as written stays.
+    rec = recurrence_dsl.load(__import__("pathlib").Path(__file__).parent / "data" / "rotation.rec")
+    why = {name: analyse(r.checked).unavailable.get("chunked", "") for name, r in rec.items()}
+    assert any(why.values())
+    assert all("coupled-elementwise" in w and "general" not in w for w in why.values() if w), why
