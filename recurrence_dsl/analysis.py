@@ -1272,7 +1272,7 @@ def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> A
     """`analysis`, with each state that is general as written but of a class as its transpose (a delta rule in the
     papers' S[V, K] layout) given that class, and the transpose's reasons for the missing forms: a body with no
     chunked form either way (an output reading S other than through a readout) is not called general for its
-    layout. Descriptive only: no chunk plan comes with it (the forms are those of `analysis`)."""
+    layout. No chunk plan comes with it (the forms are those of `analysis`)."""
     better = [n for n in sorted(flip) if analysis.states[n].cls is TransitionClass.GENERAL
               and view.states[n].cls is not TransitionClass.GENERAL]
     if not better:
@@ -1288,8 +1288,9 @@ def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> A
     for form in ("chunked", "parallel"):
         if form in unavailable and form in view.unavailable:
             unavailable[form] = view.unavailable[form]
+    # `transposed` names them (context parallelism's summary mixes their second axis), as for a chunked transpose.
     return Analysis(analysis.recurrence, analysis.ir, states, analysis.outputs, analysis.forms, unavailable,
-                    lifted=analysis.lifted)
+                    transposed=tuple(better), lifted=analysis.lifted)
 
 
 def analyse(rec: CheckedRecurrence) -> Analysis:

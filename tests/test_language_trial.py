@@ -107,6 +107,11 @@ recurrence gdn_t(q[K], k[K], v[V], beta, g) -> o[V], e {
     assert a.forms == ("recurrent",)
     assert a.unavailable["chunked"].startswith("output e reads a state other than through a readout"), a.unavailable
     assert "rank-one-update" in a.unavailable["scan"]
+    # Context parallelism's slice summary then mixes S's second axis, as for a transposed delta rule with a
+    # chunked form (before: general, the send/recv relay).
+    from recurrence_dsl.distributed import _kinds
+
+    assert a.transposed == ("S",) and _kinds(a)["S"].axis == 1
 
 
 def test_check_allows_a_gradient_as_ill_conditioned_as_the_interpreter_finds_it():
