@@ -981,6 +981,12 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
                       TransitionClass.DIAGONAL_PLUS_RANK_ONE}:
         sa.chunk_reason = f"{sa.name} has {_article(sa.cls.value)} {sa.cls.value} transition"
         return
+    if not sa.dims:
+        # `analyse` holds it as name[1] when every other state has a chunked form: say so, so that a 0-axis state
+        # beside a state with no chunked form is not read as the obstacle.
+        sa.chunk_reason = (f"{sa.name} has 0 axes (held as {sa.name}[1] only when every other state has a "
+                           "chunked form)")
+        return
     if len(sa.dims) not in (1, 2):
         sa.chunk_reason = f"{sa.name} has {len(sa.dims)} axes (the chunked form takes 1 or 2)"
         return
@@ -1249,6 +1255,44 @@ def _lift_candidates(rec: CheckedRecurrence, analysis: Analysis) -> dict[str, st
     return lifts
 
 
+def _lifted_reasons(analysis: Analysis, lifted_view: Analysis | None) -> Analysis:
+    """`analysis`, where its states were tried lifted (n as n[1]) and still have no chunked form, and the only
+    states without a chunk plan as written are 0-axis ones, with the lifted analysis' reasons for the chunked and
+    parallel forms: "n has 0 axes" is then not the obstacle, and the lifted analysis names the one that is. (Other
+    obstacles, such as coupled vector states, are best said as written.)"""
+    blockers = [sa for sa in analysis.states.values() if sa.chunk is None]
+    if lifted_view is not None and blockers and all(not sa.dims for sa in blockers):
+        for form in ("chunked", "parallel"):
+            if form in analysis.unavailable and form in lifted_view.unavailable:
+                analysis.unavailable[form] = lifted_view.unavailable[form]
+    return analysis
+
+
+def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> Analysis:
+    """`analysis`, with each state that is general as written but of a class as its transpose (a delta rule in the
+    papers' S[V, K] layout) given that class, and the transpose's reasons for the missing forms: a body with no
+    chunked form either way (an output reading S other than through a readout) is not called general for its
+    layout. No chunk plan comes with it (the forms are those of `analysis`)."""
+    better = [n for n in sorted(flip) if analysis.states[n].cls is TransitionClass.GENERAL
+              and view.states[n].cls is not TransitionClass.GENERAL]
+    if not better:
+        return analysis
+    states = dict(analysis.states)
+    for name in better:
+        sa = view.states[name]
+        states[name] = replace(sa, dims=states[name].dims, reason=f"{sa.reason}, as {name}^T", chunk=None,
+                               chunk_reason=sa.chunk_reason)
+    unavailable = dict(analysis.unavailable)
+    if "scan" in unavailable:
+        unavailable["scan"] = _no_scan_reason(states)
+    for form in ("chunked", "parallel"):
+        if form in unavailable and form in view.unavailable:
+            unavailable[form] = view.unavailable[form]
+    # `transposed` names them (context parallelism's summary mixes their second axis), as for a chunked transpose.
+    return Analysis(analysis.recurrence, analysis.ir, states, analysis.outputs, analysis.forms, unavailable,
+                    transposed=tuple(better), lifted=analysis.lifted)
+
+
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
@@ -1256,9 +1300,10 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     if "chunked" in analysis.forms:
         return analysis
     lifts = _lift_candidates(rec, analysis)
+    lifted_view = None  # the lifted states' analysis, where it was tried and has no chunked form either
     if lifts and all(len(s.dims) < 2 or analysis.states[s.name].chunk is not None for s in rec.states):
         dims = {s.name: ((1,) + s.dims if s.name in lifts else s.dims) for s in rec.states}
-        view = _analyse_ir(rec, _lift_states(ir, lifts), dims)
+        view = lifted_view = _analyse_ir(rec, _lift_states(ir, lifts), dims)
         if "chunked" in view.forms:
             view.lifted = lifts
             forms = [f for f in FORMS if f in analysis.forms or (f in ("chunked", "parallel") and f in view.forms)]
@@ -1272,11 +1317,11 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
             and (analysis.states[s.name].chunk is None or analysis.states[s.name].cls is TransitionClass.GENERAL
                  or any(o.residual_state for o in analysis.outputs.values()))}
     if not flip:
-        return analysis
+        return _lifted_reasons(analysis, lifted_view)
     dims = {s.name: tuple(reversed(s.dims)) if s.name in flip else s.dims for s in rec.states}
     view = _analyse_ir(rec, _transpose_states(ir, flip), dims)
     if "chunked" not in view.forms:
-        return analysis
+        return _transposed_classes(_lifted_reasons(analysis, lifted_view), view, flip)
     view.transposed = tuple(sorted(flip))
     states = dict(analysis.states)
     for name in flip:

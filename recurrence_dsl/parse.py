@@ -211,7 +211,23 @@ _CHARACTER_HINTS = {
     "^": "write a power as x ** y ('^' is not an operator)",
     "@": "there is no matrix product: write the contraction with sum, e.g. o[j] = sum(i, q[i] * S[i, j])",
     "'": "there is no transpose: index the other way, e.g. S[j, i], or sum over the other axis",
+    # Characters pasted from a paper or a word processor: their ASCII spelling.
+    "\u00d7": "write a product as '*'",  # multiplication sign
+    "\u00b7": "write a product as '*'",  # middle dot
+    "\u22c5": "write a product as '*'",  # dot operator
+    "\u2212": "write a minus as '-' (this is the Unicode minus sign)",
+    "\u2013": "write a minus as '-' (this is an en dash)",
+    "\u00f7": "write a division as '/'",
+    "\u2211": "write a sum as sum(i, x[i])",
 }
+
+
+def _character_hint(char: str) -> str | None:
+    if char in _CHARACTER_HINTS:
+        return _CHARACTER_HINTS[char]
+    if char.isalpha() and not char.isascii():
+        return "names are ASCII letters, digits and '_': spell it out (e.g. 'gamma' for '\u03b3')"
+    return None
 _DECLARATIONS = ("state", "param")
 
 
@@ -220,7 +236,7 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
         span = Span(err.line, err.column, err.line, err.column + 1)
         shown = char if char.isprintable() else repr(char)[1:-1]  # '\r', '\x00' rather than the raw byte
-        return SpecError(f"unexpected character '{shown}'", span, source, hint=_CHARACTER_HINTS.get(char))
+        return SpecError(f"unexpected character '{shown}'", span, source, hint=_character_hint(char))
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         lines = source.lines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)

@@ -89,10 +89,12 @@ class _Instance:
                 repl[node] = self.leaf(node.name, (), t, env)
         return e.xreplace(repl)
 
-    def definition(self, d, t: int, env: dict) -> dict:
-        """A Definition evaluated at every cell of its indices."""
-        ranges = [int(self.a.ir.ranges.get(i, 0).xreplace(self.size_subs)) if i in self.a.ir.ranges
-                  else self.sizes[self.rec.sizes[0]] for i in d.indices]
+    def definition(self, d, t: int, env: dict, ranges: tuple[int, ...] | None = None) -> dict:
+        """A Definition evaluated at every cell of its indices. ranges: each index's length, where the caller knows
+        it (a chunk plan's key and value indices are not the body's, and a key may be a literal size or the size-1
+        axis of a lifted state); else the body's range of the index."""
+        if ranges is None:
+            ranges = [int(self.a.ir.ranges[i].xreplace(self.size_subs)) for i in d.indices]
         return {cell: self.evaluate(d.expr, dict(zip(d.indices, cell)), t, env)
                 for cell in itertools.product(*[range(n) for n in ranges])}
 
@@ -216,7 +218,7 @@ def _chunked(inst: _Instance, chunk: int):
         S0 = sympy.Matrix(kdim, vdim, initial)
 
         def vec(d, t, n):
-            values = inst.definition(d, t, {})
+            values = inst.definition(d, t, {}, tuple(pair) if len(d.indices) == 2 else (n,) * len(d.indices))
             if len(d.indices) == 2:  # over a pair (k, a readout's q): flattened row-major, as the forms do
                 return sympy.Matrix(n, 1, lambda a, _: values[divmod(a, pair[1])])
             return sympy.Matrix(n, 1, lambda a, _: values[(a,)])
@@ -224,13 +226,12 @@ def _chunked(inst: _Instance, chunk: int):
         def logdecay(t):
             if plan.log_decay is None:
                 return sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
-            values = inst.definition(plan.log_decay, t, {})
             if plan.decay_axis == "scalar":
-                g = values[()]
+                g = inst.definition(plan.log_decay, t, {}, ())[()]
                 return sympy.Matrix([g] * kdim), sympy.zeros(vdim, 1)
             if plan.decay_axis == "key":
                 return vec(plan.log_decay, t, kdim), sympy.zeros(vdim, 1)
-            return sympy.zeros(kdim, 1), sympy.Matrix(vdim, 1, lambda b, _: values[(b,)])
+            return sympy.zeros(kdim, 1), vec(plan.log_decay, t, vdim)
 
         if sa.cls is TransitionClass.RANK_R_UPDATE:
             S0 = _rank_r_chunked(inst, plan, S0, kdim, vdim, chunk, readouts, vec)
@@ -290,7 +291,7 @@ def _chunked(inst: _Instance, chunk: int):
                 def kdot(x, y, Gx, Gy):
                     return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
 
-                betas = {t: inst.definition(plan.beta, t, {})[()] for t in ts}
+                betas = {t: inst.definition(plan.beta, t, {}, ())[()] for t in ts}
                 us = {}
                 for t in ts:
                     u = vs[t] - betas[t] * S0.T * sympy.diag(*[sympy.exp(x) for x in gk[t]]) * ks[t]
@@ -366,10 +367,9 @@ def _rank_r_chunked(inst: _Instance, plan, S0: sympy.Matrix, kdim: int, vdim: in
         for n, sub in enumerate(plan.sub_steps):
             g = sympy.zeros(kdim, 1)
             if sub.log_decay is not None:
-                values = inst.definition(sub.log_decay, t, {})
-                g = (sympy.Matrix([values[()]] * kdim) if sub.decay_axis == "scalar"
-                     else sympy.Matrix(kdim, 1, lambda a, _: values[(a,)]))
-            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), inst.definition(sub.beta, t, {})[()], g))
+                g = (sympy.Matrix([inst.definition(sub.log_decay, t, {}, ())[()]] * kdim)
+                     if sub.decay_axis == "scalar" else vec(sub.log_decay, t, kdim))
+            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), inst.definition(sub.beta, t, {}, ())[()], g))
 
     def kdot(x, y, Gx, Gy):
         return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
@@ -431,8 +431,19 @@ def _point(symbols, draw: int) -> dict:
     return point
 
 
-def _rational(f: sympy.Float) -> sympy.Rational:
-    return sympy.nsimplify(f, rational=True, tolerance=1e-12 * max(1.0, abs(float(f))))
+_SIMPLE = 1000  # the largest denominator of a rational that a spec's decimal literal is taken to mean
+
+
+def _rational(f: sympy.Float) -> sympy.Expr:
+    """The exact number a float constant of a spec stands for: a simple rational (0.9, 1/2), else exp of one
+    (exp(-0.1) is already a float in the IR, 0.904837..., and the forms' masks hold exp(-0.2), exp(-0.3):
+    as exp(-1/10) and exp(-1/5) they compose exactly, as their nearest rationals do not), else the nearest
+    rational."""
+    near = sympy.nsimplify(f, rational=True, tolerance=1e-12 * max(1.0, abs(float(f))))
+    if near.q <= _SIMPLE or f <= 0:
+        return near
+    log = sympy.nsimplify(sympy.log(f), rational=True, tolerance=1e-12 * max(1.0, abs(float(sympy.log(f)))))
+    return sympy.exp(log) if log.q <= _SIMPLE else near
 
 
 def _exact(e: sympy.Expr) -> sympy.Expr:

@@ -23,6 +23,10 @@ from .sampling import sample_arguments
 
 # Relative-error tolerance of a path run in each dtype, against the float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
+# A gradient row may also be off by this many times the interpreter's own error in the dtype under test: a param's
+# gradient is one sum over every batch row, step and element, and where its terms cancel (RetNet's gamma at B = H = 1,
+# T = 9) the float32 interpreter, stepping exactly as written, is already 2.5e-6 off, and every form 5e-6 to 1.4e-5.
+GRADIENT_MARGIN = 10.0
 
 
 @dataclass
@@ -161,7 +165,18 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
             rows.append(_compare(name, key, got.get(key), ref, start.get(key), length, TOLERANCE[dtype]))
         if grad:
             rows += _gradient_rows(rec, name, fn, cast_args, cast_initial, weights, ref_grads, dtype)
+    _widen_for_conditioning(rows, {name for name, fn in paths.items() if fn == rec.reference})
     return CheckReport(rec.name, dict(sizes), dtype, rows, skipped)
+
+
+def _widen_for_conditioning(rows: list[PathCheck], interpreter: set[str]) -> None:
+    """Each gradient row's tolerance at least `GRADIENT_MARGIN` times the interpreter path's error in that row (the
+    rounding the gradient's conditioning alone gives in this dtype); the table shows the tolerance used."""
+    own = {r.value: r.rel_error for r in rows if r.path in interpreter and r.value.startswith("grad ")
+           and r.error is None and math.isfinite(r.rel_error)}
+    for r in rows:
+        if r.path not in interpreter and r.value in own:
+            r.tolerance = max(r.tolerance, GRADIENT_MARGIN * own[r.value])
 
 
 def _leaves(rec: Recurrence, args, initial) -> dict[str, torch.Tensor]:
