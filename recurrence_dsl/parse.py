@@ -228,6 +228,8 @@ def _character_hint(char: str) -> str | None:
     if char.isalpha() and not char.isascii():
         return "names are ASCII letters, digits and '_': spell it out (e.g. 'gamma' for '\u03b3')"
     return None
+
+
 _DECLARATIONS = ("state", "param")
 
 
