@@ -200,8 +200,12 @@ def test_decay_gradient_does_not_cancel(axis):
 # Normalised linear attention's normaliser runs as a value column of S's call since the twelfth session
 # (`[v, 1, zeros]`, 144 columns: one call where there were two): float32 7,474,720 -> 7,798,544 (the copy of v),
 # bfloat16 8,998,432 -> 7,509,776.
-PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 7_798_544,
-                  ("normalized_linear_attention", torch.bfloat16): 7_509_776,
+# Since 2026-12-02 a layer copies an output that is a view while autograd records (codegen/dispatch.py `_owned`: the
+# caller may change it in place, tests/test_training_usage.py): the divided readout's output is one (its epilogue's
+# broadcast_to), 1,638,400 B more in float32 and 1,114,112 B in bfloat16 with its gradient's path (before:
+# 7,798,544 and 7,509,776).
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 9_436_944,
+                  ("normalized_linear_attention", torch.bfloat16): 8_623_888,
                   ("hgrn2", torch.float32): 6_835_216, ("hgrn2", torch.bfloat16): 9_845_264}
 
 
