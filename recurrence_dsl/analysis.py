@@ -1262,10 +1262,15 @@ def _lifted_reasons(analysis: Analysis, lifted_view: Analysis | None) -> Analysi
     obstacles, such as coupled vector states, are best said as written.)"""
     blockers = [sa for sa in analysis.states.values() if sa.chunk is None]
     if lifted_view is not None and blockers and all(not sa.dims for sa in blockers):
-        for form in ("chunked", "parallel"):
-            if form in analysis.unavailable and form in lifted_view.unavailable:
-                analysis.unavailable[form] = lifted_view.unavailable[form]
+        _take_chunk_reasons(analysis.unavailable, lifted_view)
     return analysis
+
+
+def _take_chunk_reasons(unavailable: dict, view: Analysis) -> None:
+    """`unavailable`'s reasons for the chunked and parallel forms replaced by `view`'s, where both lack them."""
+    for form in ("chunked", "parallel"):
+        if form in unavailable and form in view.unavailable:
+            unavailable[form] = view.unavailable[form]
 
 
 def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> Analysis:
@@ -1285,9 +1290,7 @@ def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> A
     unavailable = dict(analysis.unavailable)
     if "scan" in unavailable:
         unavailable["scan"] = _no_scan_reason(states)
-    for form in ("chunked", "parallel"):
-        if form in unavailable and form in view.unavailable:
-            unavailable[form] = view.unavailable[form]
+    _take_chunk_reasons(unavailable, view)
     # `transposed` names them (context parallelism's summary mixes their second axis), as for a chunked transpose.
     return Analysis(analysis.recurrence, analysis.ir, states, analysis.outputs, analysis.forms, unavailable,
                     transposed=tuple(better), lifted=analysis.lifted)

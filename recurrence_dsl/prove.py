@@ -98,6 +98,10 @@ class _Instance:
         return {cell: self.evaluate(d.expr, dict(zip(d.indices, cell)), t, env)
                 for cell in itertools.product(*[range(n) for n in ranges])}
 
+    def scalar(self, d, t: int):
+        """A Definition of no indices (a per-step scalar: a scalar log decay, a beta) at step t."""
+        return self.definition(d, t, {}, ())[()]
+
     def initial(self) -> dict:
         return {s.name: {c: sympy.Symbol(f"{s.name}0" + "".join(f"_{i}" for i in c), real=True)
                          for c in self.cells(s.dims)} for s in self.rec.states}
@@ -227,7 +231,7 @@ def _chunked(inst: _Instance, chunk: int):
             if plan.log_decay is None:
                 return sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
             if plan.decay_axis == "scalar":
-                g = inst.definition(plan.log_decay, t, {}, ())[()]
+                g = inst.scalar(plan.log_decay, t)
                 return sympy.Matrix([g] * kdim), sympy.zeros(vdim, 1)
             if plan.decay_axis == "key":
                 return vec(plan.log_decay, t, kdim), sympy.zeros(vdim, 1)
@@ -291,7 +295,7 @@ def _chunked(inst: _Instance, chunk: int):
                 def kdot(x, y, Gx, Gy):
                     return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
 
-                betas = {t: inst.definition(plan.beta, t, {}, ())[()] for t in ts}
+                betas = {t: inst.scalar(plan.beta, t) for t in ts}
                 us = {}
                 for t in ts:
                     u = vs[t] - betas[t] * S0.T * sympy.diag(*[sympy.exp(x) for x in gk[t]]) * ks[t]
@@ -367,9 +371,9 @@ def _rank_r_chunked(inst: _Instance, plan, S0: sympy.Matrix, kdim: int, vdim: in
         for n, sub in enumerate(plan.sub_steps):
             g = sympy.zeros(kdim, 1)
             if sub.log_decay is not None:
-                g = (sympy.Matrix([inst.definition(sub.log_decay, t, {}, ())[()]] * kdim)
+                g = (sympy.Matrix([inst.scalar(sub.log_decay, t)] * kdim)
                      if sub.decay_axis == "scalar" else vec(sub.log_decay, t, kdim))
-            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), inst.definition(sub.beta, t, {}, ())[()], g))
+            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), inst.scalar(sub.beta, t), g))
 
     def kdot(x, y, Gx, Gy):
         return sum(x[i] * y[i] * sympy.exp(Gx[i] - Gy[i]) for i in range(kdim))
