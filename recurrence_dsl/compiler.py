@@ -20,6 +20,7 @@ from __future__ import annotations
 from codegen.load import load_layer, triton_available
 
 from .analysis import analyse
+from .api import load_text
 from .check import CheckedRecurrence, require_state
 
 __all__ = ["compile_recurrence", "triton_available"]
@@ -43,6 +44,9 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
         raise TypeError(_what_to_pass(rec))
     require_state(checked)
     layer = load_layer(analyse(checked))
+    # A pickle of the layer (torch.save of a model) holds the spec's file text and the defaults below, and
+    # loading it compiles them again (Layer.__reduce_ex__): the cached module's name imports nowhere else.
+    layer._rebuild = (_compiled_from_source, (checked.source.text, checked.source.filename, checked.name))
     tuning = getattr(tuning, "path", tuning)  # a TuningStore reads as its path
     if (form, backend, chunk_size, tuning) == ("auto", "auto", None, True):
         return layer
@@ -54,6 +58,13 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
         return _LAYERS.setdefault(key, layer.options(form=form, backend=backend, chunk_size=chunk_size,
                                                      tuning=tuning))
     return _LAYERS[key]
+
+
+def _compiled_from_source(text: str, filename: str, name: str, form: str, backend: str, chunk_size: int | None,
+                          tuning):
+    """`compile(load_text(text, filename)[name], ...)`: how a pickled compile() layer is loaded."""
+    return compile_recurrence(load_text(text, filename)[name], backend=backend, form=form, chunk_size=chunk_size,
+                              tuning=tuning)
 
 
 # One layer per (module layer, defaults, store): compile() twice with the same arguments gives the same object.
