@@ -34,6 +34,7 @@ from typing import NoReturn
 
 from .analysis import TransitionClass, analyse
 from .api import Recurrence, load
+from .check import require_state
 from .errors import CallError, SpecError
 from .explain import explain
 from .version import __version__
@@ -97,11 +98,15 @@ def parse_shape(text: str | None) -> dict[str, int]:
 
 
 def _select(recs: dict[str, Recurrence], name: str | None) -> list[Recurrence]:
-    if name is None:
-        return list(recs.values())
-    if name not in recs:
+    """The recurrences a command works on (all, or --name's). A selected one without a state is a SpecError
+    here, before the command prints anything: every command compiles or describes compiled forms, which a
+    stateless body has none of (`require_state`, the error compile() raises)."""
+    if name is not None and name not in recs:
         raise UsageError(f"--name: no recurrence '{name}' in the file; it has {', '.join(recs)}")
-    return [recs[name]]
+    selected = list(recs.values()) if name is None else [recs[name]]
+    for rec in selected:
+        require_state(rec.checked)
+    return selected
 
 
 def _prepare_triton(device: str) -> bool:

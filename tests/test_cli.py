@@ -104,6 +104,27 @@ def test_bad_spec_exits_2_with_a_compiler_style_error(bad_spec, capsys, command)
     assert "Traceback" not in err
 
 
+STATELESS = "recurrence double(x[D]) -> y[D] {\n    y[d] = 2 * x[d]\n}\n"
+
+
+@pytest.mark.parametrize("command", ["check", "show", "explain", "compile", "kernels"])
+def test_a_spec_without_a_state_is_one_error_before_any_output_in_every_command(tmp_path, capsys, command):
+    """The reference runs a stateless body, but no form compiles: each command refuses it as compile() does,
+    before printing anything (show printed its listing and its forms, then failed at its config lines)."""
+    path = tmp_path / "double.rec"
+    path.write_text(STATELESS + "\n" + GLA.read_text())
+    extra = ["-o", tmp_path / "double.py"] if command == "compile" else []
+    code, out, err = _run_cli(command, path, *extra, capsys=capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"{path}:1:12: error: recurrence 'double' has no state: a compiled recurrence needs "
+                          "at least one state\n")
+    assert "Traceback" not in err and not (tmp_path / "double.py").exists()
+    # --name picks the file's other recurrence, which has a state: that one is shown.
+    if command == "show":
+        code, out, _ = _run_cli("show", path, "--name", "gla", capsys=capsys)
+        assert code == 0 and out.startswith("recurrence gla")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--name", "nope"], ["no recurrence 'nope'", "gla"]),
     (["--shape", "K=four"], ["--shape", "K"]),
