@@ -237,9 +237,10 @@ class TorchFormWriter:
             return printer.print_expr(expr, indices)
         return f"torch.broadcast_to({printer.print_expr(expr, indices)}, {shape})"
 
-    def _full(self, printer: TorchPrinter, expr: sympy.Expr, indices, sym_dims) -> str:
-        """`expr` as a [B, T, H, *sym_dims] tensor."""
-        return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {self._dim(d)}' for d in sym_dims)})")
+    def _full(self, printer: TorchPrinter, expr: sympy.Expr, indices, sym_dims, full=frozenset()) -> str:
+        """`expr` as a [B, T, H, *sym_dims] tensor (`full`: as `_broadcast`'s)."""
+        return self._broadcast(printer, expr, indices, f"(B_, T_, H_{''.join(f', {self._dim(d)}' for d in sym_dims)})",
+                               full)
 
     # -- the chunked Triton form's fused prologue and epilogue -------------------------------------------
 
@@ -1914,9 +1915,13 @@ class TorchFormWriter:
         for line in upcast:
             w(line)
         printer = TorchPrinter(self.sizes, ranges, {**py, **dict(reads)})
+        # A readout read over all of a value's indices has the value's whole shape: no broadcast_to around it,
+        # whose result is a view, which the dispatcher copies while autograd records (dispatch `_owned`): the
+        # divided readout's q C / q n is a tensor of its own.
+        readouts = frozenset(ir for ir, _ in reads)
         for out, expr, indices, dims, *comment in values:
-            w(f"{out} = {self._full(printer, expr, indices, dims)}" + (f"  # {comment[0]}" if comment and comment[0]
-                                                                       else ""))
+            w(f"{out} = {self._full(printer, expr, indices, dims, readouts)}"
+              + (f"  # {comment[0]}" if comment and comment[0] else ""))
         w(f"return {', '.join(v[0] for v in values)}{',' if len(values) == 1 else ''}")
         wrt = {ir for ir, _ in reads} | {x.name for x in spec_args}
 

@@ -1541,6 +1541,9 @@ class Layer:
         self.chunk_size_given = chunk_size is not None  # an explicit chunk_size always wins over the store
         # The op is registered here, not at the first compiled call: Dynamo cannot trace a registration.
         self._op, self._op_index = _layer_op(self)
+        # How a pickle rebuilds this layer when its module cannot be imported by name (`__reduce_ex__`): None, or
+        # (build, source) with build(*source, form, backend, chunk_size, tuning) -> the layer; compile() sets it.
+        self._rebuild = None
 
     @property
     def name(self) -> str:
@@ -1562,7 +1565,12 @@ class Layer:
                           backend=self.backend if backend is None else backend,
                           chunk_size=(self.chunk_size if self.chunk_size_given else None) if chunk_size is None
                           else chunk_size,
-                          tuning=self.tuning if tuning is None else tuning)
+                          tuning=self.tuning if tuning is None else tuning)._rebuilt_by(self._rebuild)
+
+    def _rebuilt_by(self, rebuild):
+        """This layer, pickled as `rebuild` says (see `_rebuild` in `__init__`)."""
+        self._rebuild = rebuild
+        return self
 
     def backend_for(self, device: torch.device, dtype: torch.dtype, backend: str | None = None,
                     form: str = "auto") -> str:
@@ -1807,8 +1815,52 @@ class Layer:
         chunk_size (defaults: this layer's) and config (a tuning config for the form that runs)."""
         return self._call(args, kwargs, form, backend, chunk_size, config)
 
+    def __reduce_ex__(self, protocol: int):
+        """Pickle (`torch.save` of a model holding this layer) by how to rebuild the layer, not by its form
+        functions (closures, which do not pickle): a `recurrence_dsl.compile()` layer by its spec's source text
+        and its defaults, rebuilt through compile() when loaded; a layer of a generated module imported by name
+        (a file on sys.path) by that module and its defaults. Raises pickle.PicklingError for a layer whose
+        module cannot be imported by name and that compile() did not make (e.g. `codegen.load.load_layer`'s)."""
+        import pickle
+        import sys
+
+        chunk_size = self.chunk_size if self.chunk_size_given else None
+        defaults = (self.form, self.backend, chunk_size, self.tuning)
+        if self._rebuild is not None:
+            build, source = self._rebuild
+            return build, (*source, *defaults)
+        module = sys.modules.get(type(self).__module__)
+        if getattr(module, "__spec__", None) is None:  # executed from text (the cache), not found by an import
+            raise pickle.PicklingError(
+                f"cannot pickle the {self.name} layer: its module {type(self).__module__} was not imported by "
+                "name, so another process could not find it; pickle a layer of recurrence_dsl.compile(...) or "
+                "of a generated module imported from a file on sys.path")
+        return _module_layer, (module.__name__, self.name, *defaults)
+
+    # Copies stay in this process: copy the attributes, as without `__reduce_ex__` (no rebuild from source).
+    def __copy__(self):
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __deepcopy__(self, memo: dict):
+        import copy
+
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
+
     def __repr__(self) -> str:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
+
+
+def _module_layer(module_name: str, name: str, form: str, backend: str, chunk_size: int | None, tuning):
+    """The layer `name` of the generated module `module_name` with these defaults: a pickled layer, loaded."""
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name).options(form=form, backend=backend,
+                                                                        chunk_size=chunk_size, tuning=tuning)
 
 
 def _functorch_active() -> bool:
