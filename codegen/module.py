@@ -851,12 +851,14 @@ def stamp(text: str, comment: str = "#") -> str:
     return f"{first}\n{comment} {DIGEST} {digest} (recdsl replaces this file only while they match)\n{rest}"
 
 
-def _edited(data: bytes, marker: str) -> str | None:
-    """Why the file holding `data` is not one recdsl may replace as it stands (not written by recdsl after
-    `marker`, edited since, or written before files carried a digest), or None."""
-    if not data.startswith(marker.encode()):
-        return "not-ours"
-    rest = data.partition(b"\n")[2]
+def _edited(path: Path, marker: str) -> str | None:
+    """Why the regular file `path` is not one recdsl may replace as it stands (not written by recdsl after
+    `marker`, edited since, or written before files carried a digest), or None. Reads the whole file only when it
+    starts with `marker`."""
+    with path.open("rb") as f:
+        if f.read(len(marker.encode())) != marker.encode():
+            return "not-ours"
+        rest = (marker.encode() + f.read()).partition(b"\n")[2]
     found = _DIGEST_LINE.match(rest)
     if found is None:
         return "no digest"
@@ -878,7 +880,7 @@ def check_target(out: Path, marker: str, force: bool, what: str) -> bool:
         if not force:
             raise OverwriteError(f"{out} is not a regular file; pass --force to write to it")
         return True
-    why = None if force else _edited(out.read_bytes(), marker)
+    why = None if force else _edited(out, marker)
     if why == "not-ours":
         raise OverwriteError(f"{out} exists and was not {what} by recurrence_dsl; pass --force to overwrite it")
     if why == "edited":

@@ -2,7 +2,8 @@
 failed before its fix. A hand-edited generated module (or graph) is not replaced silently by a re-run of
 `recdsl compile` (`show --graph`); `recdsl show`'s chunked-form lines name their indices with letters the spec
 does not use; a generated nn.Module checks form=, backend= and chunk_size= when it is built, says what it was
-built with when printed, and reports a 3-D input's shape rather than a wrong H."""
+built with when printed, and reports a 3-D input's shape rather than a wrong H; a ';' ending a statement gets a
+hint."""
 
 from __future__ import annotations
 
@@ -121,3 +122,12 @@ def test_module_reports_a_3d_input_by_its_shape(retention_module):
     with pytest.raises(CallError, match=r"input 'q' must have shape \[B, T, H, K\], got \[1, 5, 8\]") as err:
         retention_module(2, {"K": 4, "V": 4})(q, q, q)
     assert "heads=" not in str(err.value)  # before: "built with heads=2, but input 'q' has H=8"
+
+
+# 4. a statement ended with ';' (C, or a paper's pseudo-code): the error says what to do
+
+def test_a_semicolon_at_a_statements_end_gets_a_hint(tmp_path, capsys):
+    spec = tmp_path / "semi.rec"
+    spec.write_text(GLA.read_text().replace("* v[j]\n", "* v[j];\n", 1))
+    code, _, err = _run(capsys, "show", spec)
+    assert code == 2 and "unexpected character ';'" in err and "hint: a statement ends at the end of its line" in err
