@@ -84,6 +84,16 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
+def defaults_error(spec, forms: dict, triton_forms: dict | None, form, backend, chunk_size) -> str | None:
+    """Why a layer's (or a generated module's) defaults `form`, `backend` and `chunk_size` cannot run, or None."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
+    if backend == "triton" and triton_forms is None:
+        return _NEEDS_TRITON
+    return _form_error(spec, form, forms, triton_forms, backend) or (
+        None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
+
+
 class Layer:
     """A recurrence compiled to torch forms and (when triton imports) Triton forms; call it like the reference.
 
@@ -104,12 +114,7 @@ class Layer:
                  chunk_size: int | None = None, tuning=True):
         # CallError (a ValueError), as a call with the same bad argument raises: compile(rec, form="chunked") and
         # layer(..., form="chunked") of a recurrence without a chunked form fail alike.
-        if backend not in BACKENDS:
-            raise CallError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")  # noqa: F821
-        if backend == "triton" and triton_forms is None:
-            raise CallError(_NEEDS_TRITON)  # noqa: F821
-        why = _form_error(spec, form, forms, triton_forms, backend) or (
-            None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
+        why = defaults_error(spec, forms, triton_forms, form, backend, chunk_size)
         if why:
             raise CallError(why)  # noqa: F821
         if not (isinstance(tuning, (bool, str)) or hasattr(tuning, "__fspath__")):

@@ -301,12 +301,13 @@ GRAPH_TIMEOUT_S = 120.0
 def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
     and a PNG beside it when the `dot` program is installed. A file there that does not start with
-    GRAPH_MARKER (one recdsl did not write) is replaced only with `force`; the spec itself never."""
+    GRAPH_MARKER (one recdsl did not write), or whose text no longer matches the sha256 on its second line (edited
+    since), is replaced only with `force`; the spec itself never."""
     import shutil
     import subprocess
 
     from codegen.cache import write_atomically
-    from codegen.module import OverwriteError, check_target
+    from codegen.module import OverwriteError, check_target, stamp
 
     from .dataflow import build_dataflow, to_dot
 
@@ -331,7 +332,7 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
         plans.append((rec, dot_path, png, in_place))
     for rec, dot_path, png, in_place in plans:
         text = f"{GRAPH_MARKER} of {rec.name}; written by recurrence_dsl, replaced by `recdsl show --graph`\n"
-        text += to_dot(build_dataflow(rec.checked))
+        text = stamp(text + to_dot(build_dataflow(rec.checked)), comment="//")
         try:
             if in_place:
                 with dot_path.open("w") as f:

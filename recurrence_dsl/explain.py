@@ -7,23 +7,52 @@ decays `G`.
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass, readable_dummies
 from .step_ir import NEW_SUFFIX
 
+# The chunk plan's own index names (key, value, query axes; a flattened pair's two key axes) -> the letter `show`
+# writes, and the letters tried after it when the text already names something so (an input `a`, a scalar `b`).
+_INDEX_NAMES = (("a__k", "a"), ("a__v", "b"), ("a__q", "a"), ("p__k0", "a"), ("p__k1", "b"), ("p__q0", "a"),
+                ("p__q1", "b"), ("p__v", "j"))
+_INDEX_LETTERS = {"a": "acepx", "b": "bdfry", "j": "jlnsz"}
+
+
+def _index_letters(text: str) -> dict[str, str]:
+    """The letter each of `text`'s plan indices is written as: its own (`a`) unless the text names something else
+    so (`v_t[b] = sigmoid(b)*v[b]` for a scalar input b), then the next free one."""
+    internal = {i for i, _ in _INDEX_NAMES}
+    taken = set(re.findall(r"[A-Za-z_]\w*", text)) - internal
+    letters: dict[str, str] = {}
+    for base in _INDEX_LETTERS:
+        if any(i in text for i, shown in _INDEX_NAMES if shown == base):
+            free = [c for c in _INDEX_LETTERS[base] if c not in taken and c not in letters.values()]
+            letters[base] = free[0] if free else f"{base}_"
+    return letters
+
 
 def tidy(expr) -> str:
     """sympy's text (or a message quoting it) with the IR's internal names made readable (a__k -> a, i__0 -> i_0,
-    S__new -> S_t): the one tidy of every message that shows an expression (`show`, `check`, a form's CallError)."""
+    S__new -> S_t): the one tidy of every message that shows an expression (`show`, `check`, a form's CallError).
+    Tidy a whole line at once: a plan index is written with a letter no other name in the text has."""
     if not isinstance(expr, str):  # float64's infinity (a literal 1e999) as `inf`, not sympy's `oo`
         expr = expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")})
     text = expr if isinstance(expr, str) else sympy.sstr(expr)
     text = text.replace(NEW_SUFFIX, "_t")
-    for internal, shown in (("a__k", "a"), ("a__v", "b"), ("a__q", "a"), ("p__k0", "a"), ("p__k1", "b"),
-                            ("p__q0", "a"), ("p__q1", "b"), ("p__v", "j")):
-        text = text.replace(internal, shown)
+    letters = _index_letters(text)
+    for internal, shown in _INDEX_NAMES:
+        text = text.replace(internal, letters.get(shown, shown))
     return readable_dummies(text)
+
+
+def _text(expr) -> str:
+    """`expr` as sympy writes it, the IR's names kept (for a line `tidy` then takes whole)."""
+    if isinstance(expr, str):
+        return expr
+    return sympy.sstr(expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")}))
 
 
 def _idx(indices) -> str:
@@ -52,15 +81,15 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     s = sa.name
     if sa.cls is TransitionClass.RANK_R_UPDATE:
         return _rank_r_lines(sa, plan)
-    lines = [f"    k_t{tidy(_idx(plan.k.indices))} = {tidy(plan.k.expr)}"]
+    lines = [tidy(f"    k_t{_idx(plan.k.indices)} = {_text(plan.k.expr)}")]
     if plan.v is not None:
-        lines.append(f"    v_t{tidy(_idx(plan.v.indices))} = {tidy(plan.v.expr)}")
+        lines.append(tidy(f"    v_t{_idx(plan.v.indices)} = {_text(plan.v.expr)}"))
     else:
         lines.append("    v_t = 1  (the state has no value axis)")
     if plan.log_decay is not None:
         note = "" if plan.decay_exact else "   (needs the decay > 0)"
-        lines.append(f"    log decay ({plan.decay_axis}) g_t{tidy(_idx(plan.log_decay.indices))} = "
-                     f"{tidy(plan.log_decay.expr)}{note}")
+        lines.append(tidy(f"    log decay ({plan.decay_axis}) g_t{_idx(plan.log_decay.indices)} = "
+                          f"{_text(plan.log_decay.expr)}") + note)
         lines.append("    G_t = sum_{r <= t in the chunk} g_r               (cumulative log decay)")
         if plan.decay_axis == "key":
             mask = "A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])   for s <= t"
@@ -79,8 +108,8 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         inter = "Q S_0"
         carry = f"{s}_C = {s}_0 + K^T V"
     if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
-        lines.append(f"    a_t = {tidy(plan.mix_read.expr)};  b_t = {tidy(plan.mix_write.expr)};  "
-                     f"{s}_t = (D_t + b_t a_t^T) {s}_(t-1) + k_t v_t^T")
+        lines.append(tidy(f"    a_t = {_text(plan.mix_read.expr)};  b_t = {_text(plan.mix_write.expr)};  ")
+                     + f"{s}_t = (D_t + b_t a_t^T) {s}_(t-1) + k_t v_t^T")
         lines.append(f"    u_t = {s}_(t-1)^T a_t;  then {s}_t = D_t {s}_(t-1) + b_t u_t^T + k_t v_t^T   (keys b, k)")
         lines.append("    (I - L_ab) U = (A * exp(G_(t-1))) S_0 + L_ak V,  L_xy[t, s] = (x_t . y_s) decayed, s < t")
         lines.append(f"    O = {inter} + (decayed Q B^T) U + (decayed Q K^T) V")
@@ -146,9 +175,11 @@ def explain(analysis: Analysis) -> str:
         for r in (sa.chunk.readouts if sa.chunk else []):
             when = f"{shown}_(t-1)" if r.exclusive else f"{shown}_t"
             value = f"[{r.value_index}]" if r.value_index is not None else ""
-            axes = ("a, b" if pair else "a") + (f", {r.value_index}" if r.value_index is not None else "")
-            summed = "sum_(a, b)" if pair else "sum_a"
-            lines.append(f"    readout {tidy(r.name)}{value} = {summed} ({tidy(r.query.expr)}) * {when}[{axes}]")
+            # (the query's own index names, so that one tidy of the line writes the sum's letters as the query's)
+            key = "p__q0, p__q1" if pair else "a__q"
+            axes = key + (f", {r.value_index}" if r.value_index is not None else "")
+            summed = f"sum_({key})" if pair else f"sum_{key}"
+            lines.append(tidy(f"    readout {r.name}{value} = {summed} ({_text(r.query.expr)}) * {when}[{axes}]"))
     for name, oa in view.outputs.items():
         lines.append(f"  output {name}{_idx(oa.indices)} = {tidy(oa.expr)}")
     for form, why in analysis.unavailable.items():

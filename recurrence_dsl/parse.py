@@ -211,6 +211,7 @@ _CHARACTER_HINTS = {
     "^": "write a power as x ** y ('^' is not an operator)",
     "@": "there is no matrix product: write the contraction with sum, e.g. o[j] = sum(i, q[i] * S[i, j])",
     "'": "there is no transpose: index the other way, e.g. S[j, i], or sum over the other axis",
+    ";": "a statement ends at the end of its line: remove the ';' (a '\\' at a line's end continues it)",
     # Characters pasted from a paper or a word processor: their ASCII spelling.
     "\u00d7": "write a product as '*'",  # multiplication sign
     "\u00b7": "write a product as '*'",  # middle dot
