@@ -197,6 +197,9 @@ class TorchFormWriter:
         # derived adjoint (the diagonal-plus-rank-one class on Triton: codegen/triton_recurrent.py
         # `dplr_chunked_in_triton`), so that it trains through `with_adjoint`.
         self.checkpoints = checkpoints
+        # Set by `write_scan` on the Triton form: whether its scan kernels compute the prologue themselves
+        # (`_fused_scan`), which decides how many numbers per lane the module's spec says the scan keeps.
+        self.scan_fused = False
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -1533,6 +1536,7 @@ class TorchFormWriter:
             fused = self._fused_scan(prologue, call_args) if self.options and derived else None
             if fused is not None:  # the prologue inside the scan kernels: a and b are never stored
                 fused_text, lines = fused
+                self.scan_fused = True
                 w.lines[at:loop_end] = ["    " + line for line in lines] + prev_lines
             else:
                 lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []

@@ -150,3 +150,23 @@ def test_no_steps_give_empty_states_and_zero_gradients():
     s.sum().backward()
     for t in (x, dt, B_in, A, h0):
         assert t.grad is not None and not t.grad.any()
+
+
+def test_the_module_spec_takes_fusion_from_the_writer():
+    """`scan_held` of a module's spec comes from the form writer's decision (`TorchFormWriter.scan_fused`, returned
+    by `_triton_sources`), not from searching the printed text: mamba's scan is fused (1 number per lane kept),
+    tests/data/rotation.rec's coupled `rotation` scans as blocks with a torch prologue (3), its `rotary_la` is fused."""
+    from pathlib import Path
+
+    from codegen import module as module_writer
+    from recurrence_dsl.analysis import analyse
+
+    def fused_of(path) -> tuple[set, str]:
+        analyses = [analyse(rec.checked) for rec in recurrence_dsl.load(str(path)).values()]
+        _, _, fused = module_writer._triton_sources(analyses)
+        return fused, "".join(module_writer._spec_data(a, a.recurrence.name in fused) for a in analyses)
+
+    fused, data = fused_of(SPECS_DIR / "mamba.rec")
+    assert fused == {"mamba"} and "scan_held=1" in data
+    fused, data = fused_of(Path(__file__).parent / "data" / "rotation.rec")  # rotary_la's scan is fused
+    assert fused == {"rotary_la"} and data.count("scan_held=1") == 1
