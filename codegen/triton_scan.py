@@ -73,9 +73,10 @@ from .dispatch import _first_order, _form_call
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
 # steps per chunk of a fused backward that adds the tensors' gradients itself (`fused_scan` without a torch VJP):
-# it holds the loads and derivatives of a step tile besides the scan's, and mamba's at 32 steps reached 255
-# registers and spilled on sm_90 (bfloat16, D = 64 and 128; 168 registers at 16: `recdsl kernels --backward`)
-_SCAN_BT_VJP = 16
+# it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
+# and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+_SCAN_BT_VJP = 8
 _SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_scan_config`)
 _BLOCK_KERNELS = {}  # m -> (forward, backward) kernels of the m x m block scan (see `_block_kernels`)
 _PRINT_BLOCK_KERNELS = None  # the package's printer of the block kernels for any m (see `_block_kernels`)

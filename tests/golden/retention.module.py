@@ -3912,9 +3912,10 @@ _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x 
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
 # steps per chunk of a fused backward that adds the tensors' gradients itself (`triton_fused_scan` without a torch VJP):
-# it holds the loads and derivatives of a step tile besides the scan's, and mamba's at 32 steps reached 255
-# registers and spilled on sm_90 (bfloat16, D = 64 and 128; 168 registers at 16: `recdsl kernels --backward`)
-_triton_SCAN_BT_VJP = 16
+# it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
+# and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+_triton_SCAN_BT_VJP = 8
 _triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
 _triton_SCAN_WARPS = 4
 
