@@ -45,8 +45,9 @@ h[d, n], by `tl.atomic_add`, a param summed over the program's steps and added o
 the first state's launch, which every state adds into (mlstm's C and n both read k, ig and fg). Where a spec's
 derivatives do not print, its backward kernels store da, db [B, T, N] and the printed torch VJP of the prologue
 maps them to the gradients (`vjp`). Only the states s are kept between forward and backward (a and b are never
-stored). Atomic float additions make a gradient's rounding depend on the order of the programs' adds.
-Coupled (block) scans, and prologues that are not elementwise per lane, keep the torch prologue and `scan_diagonal` / `scan_block`.
+stored). Atomic float additions make a gradient's rounding depend on the order of the programs' adds. Coupled
+(block) scans, and prologues that are not elementwise per lane, keep the torch prologue and `scan_diagonal` /
+`scan_block`.
 
 Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the programs'
 rows are the sequences, each program reads its sequence's first step and length from the boundaries
