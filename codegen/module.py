@@ -144,12 +144,13 @@ def _triton_shared():
     return "\n\n".join(rename(x) for x in (runtime, scan, parallel, helpers)), rename
 
 
-def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
-    """The Triton runtime and each recurrence's Triton forms, renamed to sit beside the torch ones."""
+def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str], set[str]]:
+    """The Triton runtime, each recurrence's Triton forms, renamed to sit beside the torch ones, and the names of the
+    recurrences whose Triton scan form computes its prologue inside its kernels (`TorchFormWriter.scan_fused`)."""
     from . import triton_recurrent  # generating Triton source needs no triton: the module is the same anywhere
 
     shared, rename = _triton_shared()
-    per_recurrence = {}
+    per_recurrence, fused_scans = {}, set()
     for a in analyses:
         writer = triton_recurrent.TritonRecurrentWriter(a)
         recurrent = rename(writer.write() + "\n\n" + writer.write_launcher())
@@ -162,7 +163,9 @@ def _triton_sources(analyses: list[Analysis]) -> tuple[str, dict[str, str]]:
         # the scan and chunked forms: the torch forms' prologue and readouts around the Triton runtime's kernels
         forms = [around.write_scan() if "scan" in names else "", around.write_chunked() if "chunked" in names else ""]
         per_recurrence[a.recurrence.name] = "\n\n".join([recurrent] + [f for f in forms if f])
-    return shared + _block_scan_kernels(analyses, rename), per_recurrence
+        if around.scan_fused:
+            fused_scans.add(a.recurrence.name)
+    return shared + _block_scan_kernels(analyses, rename), per_recurrence, fused_scans
 
 
 def _block_scan_kernels(analyses: list[Analysis], rename) -> str:
@@ -677,7 +680,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts.append(_section(f"recurrence {a.recurrence.name}: {a.cls.value}"))
-        parts.append(_spec_data(a, "fused_scan(" in printed[-1]))
+        parts.append(_spec_data(a, a.recurrence.name in triton_parts[2]))
         parts.append("\n\n")
         parts.append(printed[-2])
         parts.append("\n")

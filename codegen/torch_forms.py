@@ -197,6 +197,9 @@ class TorchFormWriter:
         # derived adjoint (the diagonal-plus-rank-one class on Triton: codegen/triton_recurrent.py
         # `dplr_chunked_in_triton`), so that it trains through `with_adjoint`.
         self.checkpoints = checkpoints
+        # Set by `write_scan` on the Triton form: whether its scan kernels compute the prologue themselves
+        # (`_fused_scan`), which decides how many numbers per lane the module's spec says the scan keeps.
+        self.scan_fused = False
         self.a = analysis
         self.rec = analysis.recurrence
         self.fn = self.rec.name
@@ -1534,6 +1537,7 @@ class TorchFormWriter:
             fused = self._fused_scan(prologue, call_args) if self.options and derived else None
             if fused is not None:  # the prologue inside the scan kernels: a and b are never stored
                 fused_text, lines = fused
+                self.scan_fused = True
                 w.lines[at:loop_end] = ["    " + line for line in lines] + prev_lines
             else:
                 lines = [f"    # the prologue; its backward: {vjp}, printed from sympy"] if derived else []
@@ -1649,14 +1653,16 @@ class TorchFormWriter:
                  "m_", "m_n_", "i_h_", "o_n_", "i_b_", "i_n_", "bos_", "b_h_", "i_t_", "o_t_", "a_", "b_", "A_",
                  "B_", "s_t_", "r_", "z_", "g_", "NT_", "i_r_", "off_", "m_next_", "a_next_", "b_next_", "ds_t_",
                  "G_", "g_t_", "m_prev_", "s_prev_", "b_h0_", "m_0_", "a_0_", "b_0_", "tl", "triton"}
-        if local & (set(tensors) | set(sizes)) or any(re.fullmatch(r"[cv]\d+_", t) for t in tensors + sizes):
+        grad_bufs = {t: f"grad_{t}_" for t in tensors}  # the backward kernels' gradient buffers, one per tensor
+        local |= {"ga_", "gb_", "old_"} | set(grad_bufs.values())
+        if local & (set(tensors) | set(sizes)) or any(re.fullmatch(r"[cvt]\d+_|sum_v\d+_", t) for t in tensors + sizes):
             return self._unfused("a name of the spec would shadow one of the fused kernels'")
         printer = TritonPrinter(set(rec.sizes), self.a.ir.ranges, {n: py[n] for n in rec.sizes})
         printer.helper_prefix = "_" + self.rt
         rt = "_" + self.rt  # the runtime's jit helpers as the module names them (`_triton_scan_program`)
         sig = ", ".join(tensors)
         size_args = "".join(f", {n}" for n in sizes)
-        text, calls = SourceWriter(), []
+        text, calls, found = SourceWriter(), [], []
         for s in rec.states:
             sa = self.a.states[s.name]
             indices, dims = tuple(sa.indices), [self._dim(d) for d in s.dims]
@@ -1678,15 +1684,23 @@ class TorchFormWriter:
                     if sym.name in {x.name for x in rec.inputs + rec.params}:
                         leaves.setdefault(sym, f"v{len(leaves)}_")
             try:
-                printed = []
+                printed, bares = [], []
                 for e in exprs:
                     bare = e.xreplace({leaf: sympy.Symbol(name) for leaf, name in leaves.items()})
                     free = {x.name for x in bare.free_symbols} - set(leaves.values()) - set(rec.sizes)
                     if free:
                         return self._unfused(f"{s.name}'s decay or injection reads {', '.join(sorted(free))}")
                     printed.append(printer.print_expr(bare, ()))
+                    bares.append(bare)
             except (NotImplementedError, ValueError, KeyError, TypeError) as err:
                 return self._unfused(f"the Triton printer does not print {s.name}'s prologue ({err})")
+            found.append((s, indices, dims, decays, leaves, printed, self._scan_vjp_terms(s, leaves, bares, printer)))
+        # The backward kernels add the tensors' gradients themselves (`NAME__scan_S_vjp`) when every state's
+        # derivatives print; else they store da, db for the printed torch VJP (`vjp_why` says why, in the code).
+        vjp_why = next((derived for *_, derived in found if isinstance(derived, str)), None)
+        grad_sig = ", ".join(grad_bufs.values())
+        for s, indices, dims, decays, leaves, printed, derived in found:
+            temps, terms = derived if vjp_why is None else ([], {})
             # the lane's coordinates: (h, *S) of its number o_n_ (the last axis varies fastest)
             coords = [f"c{k}_" for k in range(len(dims))]
             lane = ["r_ = o_n_"]
@@ -1695,26 +1709,34 @@ class TorchFormWriter:
                 lane.append(f"r_ = r_ // {dims[k]}")
             lane.append("i_h_ = r_  # the head")
 
+            def address(leaf) -> tuple[str, str, str]:
+                """(its tensor's name, the offset of the lanes' elements, its layout): an input gathered at the
+                lanes' coordinates of its own axes ([BT, BN], steps row_), a param per lane ([BN])."""
+                base = str(getattr(leaf, "base", leaf))
+                own = [self._dim(d) for d in next(v for v in rec.inputs + rec.params if v.name == base).dims]
+                size = f" * ({' * '.join(own)})" if len(own) > 1 else f" * {own[0]}" if own else ""
+                shape = "".join(", " + d for d in own)
+                spread = "" if base in params else "[None, :]"  # an input's tile is [BT, BN]: lanes on axis 1
+                inner = ""
+                for j, i in enumerate(getattr(leaf, "indices", ())):
+                    stride = own[j + 1:]
+                    inner += f" + {coords[indices.index(i)]}{spread}" + (
+                        f" * ({' * '.join(stride)})" if len(stride) > 1 else f" * {stride[0]}" if stride else "")
+                if base in params:  # [H, *dims]: one number per lane, the same at every step
+                    return py[base], f"i_h_{size}{inner}", f"[H{shape}]"
+                return py[base], f"(row_ * H_ + i_h_[None, :]){size}{inner}", f"[B, T, H{shape}]"
+
             def loads() -> list[str]:
-                """A load per leaf: an input gathered at the lanes' coordinates of its own axes, a param per lane."""
+                """A load per leaf, at `address`."""
                 lines = []
                 for leaf, name in leaves.items():
-                    base = str(getattr(leaf, "base", leaf))
-                    own = [self._dim(d) for d in next(v for v in rec.inputs + rec.params if v.name == base).dims]
-                    size = f" * ({' * '.join(own)})" if len(own) > 1 else f" * {own[0]}" if own else ""
-                    shape = "".join(", " + d for d in own)
-                    spread = "" if base in params else "[None, :]"  # an input's tile is [BT, BN]: lanes on axis 1
-                    inner = ""
-                    for j, i in enumerate(getattr(leaf, "indices", ())):
-                        stride = own[j + 1:]
-                        inner += f" + {coords[indices.index(i)]}{spread}" + (
-                            f" * ({' * '.join(stride)})" if len(stride) > 1 else f" * {stride[0]}" if stride else "")
-                    if base in params:  # [H, *dims]: one number per lane, the same at every step
-                        lines.append(f"{name} = tl.load({py[base]} + i_h_{size}{inner}, mask=m_n_, other=0.0)"
-                                     f".to(s_.dtype.element_ty)[None, :]  # {leaf} of [H{shape}]")
+                    tensor, offset, layout = address(leaf)
+                    if str(getattr(leaf, "base", leaf)) in params:
+                        lines.append(f"{name} = tl.load({tensor} + {offset}, mask=m_n_, other=0.0)"
+                                     f".to(s_.dtype.element_ty)[None, :]  # {leaf} of {layout}")
                     else:  # [B, T, H, *dims]: steps row_ [BT, 1] of lanes [BN]
-                        lines.append(f"{name} = tl.load({py[base]} + (row_ * H_ + i_h_[None, :]){size}{inner}, "
-                                     f"mask=m_, other=0.0).to(s_.dtype.element_ty)  # {leaf} of [B, T, H{shape}]")
+                        lines.append(f"{name} = tl.load({tensor} + {offset}, "
+                                     f"mask=m_, other=0.0).to(s_.dtype.element_ty)  # {leaf} of {layout}")
                 return lines
 
             steps = f"{self.fn}__scan_{s.name}_steps"
@@ -1734,6 +1756,42 @@ class TorchFormWriter:
             t("return a_, b_")
             t()
             t()
+            vjp_fn = f"{self.fn}__scan_{s.name}_vjp"
+            sums = {}  # a param leaf -> the name of its running sum over the program's steps [BN]
+            if vjp_why is None:
+                sums = {leaf: f"sum_{leaves[leaf]}" for leaf in terms if str(getattr(leaf, "base", leaf)) in params}
+                sum_args = "".join(f", {n}" for n in sums.values())
+                t("@triton.jit", 0)
+                t(f"def {vjp_fn}({sig}, {grad_sig}, s_, ga_, gb_, row_, i_h_{coord_args}, m_, m_n_, H_{size_args}"
+                  f"{sum_args}):", 0)
+                returned = f"; {', '.join(sums.values())}: the params' sums over the steps, returned" if sums else ""
+                t.doc(f"Adds the gradients of {s.name}'s prologue at the steps row_ [BT, 1] of its lanes from "
+                      f"ga_ = g_t * s_(t-1) and gb_ = g_t [BT, BN] (those of a_t and b_t), by the derivatives of "
+                      f"{steps}'s expressions (`derive_vjp`, as for the torch VJP): an input's into its buffer grad_X_ "
+                      f"(atomically where lanes share an element{returned}). Zero where m_ is False. Atomic float "
+                      "additions make the sums' rounding depend on the programs' order.")
+                for line in loads():
+                    t(line)
+                for name, value in temps:
+                    t(f"{name} = {value}")
+                bases = [str(getattr(leaf, "base", leaf)) for leaf in terms]
+                for leaf, term in terms.items():
+                    tensor, offset, layout = address(leaf)
+                    value = f"tl.where(m_, {term}, 0.0)"
+                    if leaf in sums:
+                        t(f"{sums[leaf]} += tl.sum({value}, axis=0)  # {leaf} of {layout}, over the steps")
+                    elif set(getattr(leaf, "indices", ())) == set(indices) and \
+                            bases.count(str(getattr(leaf, "base", leaf))) == 1:
+                        # one lane per element: no other lane of this launch adds there (states run one by one)
+                        t(f"old_ = tl.load({grad_bufs[tensor]} + {offset}, mask=m_, other=0.0)")
+                        t(f"tl.store({grad_bufs[tensor]} + {offset}, old_ + {value}, mask=m_)  # {leaf} of {layout}")
+                    else:
+                        t(f"tl.atomic_add({grad_bufs[tensor]} + {offset}, {value}, mask=m_)  # {leaf} of {layout}, "
+                          "shared by lanes")
+                if sums:
+                    t(f"return {', '.join(sums.values())}")
+                t()
+                t()
             prelude = ["i_b_, i_n_ = " + rt + "scan_program(NL_, BN)", "o_n_ = i_n_ * BN + tl.arange(0, BN)",
                        "m_n_ = o_n_ < NL_", *lane, "bos_, T_ = " + rt + "sequence_start(cu_, i_b_, T_, VARLEN)"]
 
@@ -1761,14 +1819,23 @@ class TorchFormWriter:
             t()
             t()
             t("@triton.jit", 0)
-            t(f"def {bwd}({sig}, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, "
-              "BN: tl.constexpr, VARLEN: tl.constexpr):", 0)
-            t.doc(f"da_, db_ [B, T, NL_] and dh0_ [B, NL_] of {s.name} from ds_ and the saved states s_, as "
-                  f"`_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors ({steps}), not read back.")
+            if vjp_why is None:
+                t(f"def {bwd}({sig}, s_, h0_, ds_, {grad_sig}, dh0_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, "
+                  "BN: tl.constexpr, VARLEN: tl.constexpr):", 0)
+                t.doc(f"The tensors' gradients, added into grad_X_ (zeros before the first state's launch; "
+                      f"{vjp_fn}), and dh0_ [B, NL_] of {s.name} from ds_ and the saved states s_, as "
+                      f"`_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors ({steps}): no da, db stored.")
+            else:
+                t(f"def {bwd}({sig}, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_{size_args}, BT: tl.constexpr, "
+                  "BN: tl.constexpr, VARLEN: tl.constexpr):", 0)
+                t.doc(f"da_, db_ [B, T, NL_] and dh0_ [B, NL_] of {s.name} from ds_ and the saved states s_, as "
+                      f"`_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors ({steps}), not read back.")
             for line in prelude:
                 t(line)
             t("b_h0_ = tl.load(h0_ + i_b_.to(tl.int64) * NL_ + o_n_, mask=m_n_, other=0.0).to(s_.dtype.element_ty)")
             t("g_ = tl.zeros([BN], dtype=s_.dtype.element_ty)  # g at the first step after the chunk")
+            for leaf, name in sums.items():
+                t(f"{name} = tl.zeros([BN], dtype=s_.dtype.element_ty)  # {leaf}'s gradient over this program's steps")
             t("NT_ = tl.cdiv(T_, BT)")
             t("for i_r_ in range(0, NT_):")
             t("i_t_ = NT_ - 1 - i_r_", 2)
@@ -1784,25 +1851,64 @@ class TorchFormWriter:
             t("m_prev_ = (o_t_ >= 1)[:, None] & m_", 2)
             t("s_prev_ = tl.load(s_ + off_ - NL_, mask=m_prev_, other=0.0).to(s_.dtype.element_ty)", 2)
             t("s_prev_ = tl.where((o_t_ == 0)[:, None], b_h0_[None, :], s_prev_)", 2)
-            t("tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)", 2)
-            t("tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)", 2)
+            if vjp_why is None:
+                vjp_call = (f"{vjp_fn}({sig}, {grad_sig}, s_, g_t_ * s_prev_, g_t_, row_, i_h_{coord_args}, m_, m_n_, "
+                            f"H_{size_args}{''.join(', ' + n for n in sums.values())})")
+                t((f"{', '.join(sums.values())} = " if sums else "") + vjp_call, 2)
+            else:
+                t("tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)", 2)
+                t("tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)", 2)
             t(f"g_ = {rt}scan_first_row(g_t_, BT)", 2)
             t(f"m_0_ = {rt}first_step_mask(m_n_, T_, VARLEN)[None, :]  # step 0 (none in an empty packed sequence)")
             t(f"a_0_, b_0_ = {call('bos_ + tl.zeros([1, 1], dtype=tl.int64)', 'm_0_')}")
             t("tl.store(dh0_ + i_b_.to(tl.int64) * NL_ + o_n_, (tl.sum(a_0_, axis=0) * g_).to(dh0_.dtype.element_ty),"
               " mask=m_n_)")
+            for leaf, name in sums.items():  # once per program: its rows and steps summed
+                tensor, offset, layout = address(leaf)
+                t(f"tl.atomic_add({grad_bufs[tensor]} + {offset}, {name}, mask=m_n_)  # {leaf} of {layout}")
             t()
             t()
             calls.append(f"({fwd}, {bwd}, {decays})")
         targets = ", ".join(f"all_{s.name}" for s in rec.states) + ("," if len(rec.states) == 1 else "")
         h0s = ", ".join(f"states['{s.name}']" for s in rec.states) + ("," if len(rec.states) == 1 else "")
+        if vjp_why is None:
+            helpers = ", ".join(f"{self.fn}__scan_{s.name}_vjp" for s in rec.states)
+            backward = [f"# its backward: the kernels add the tensors' gradients themselves ({helpers}): no da, db"]
+        else:
+            backward = [f"# its backward: the kernels' da, db through {self.fn}__scan_prologue_vjp ({vjp_why})"]
+        vjp = "None" if vjp_why is None else f"{self.fn}__scan_prologue_vjp"
         lines = ["# the prologue inside the scan kernels: a and b computed where they load the inputs, never stored;",
-                 f"# its backward: the kernels' da, db through {self.fn}__scan_prologue_vjp",
+                 *backward,
                  f"{targets} = {self.rt}fused_scan(",
-                 f"    ({', '.join(calls)}{',' if len(calls) == 1 else ''}), {self.fn}__scan_prologue_vjp,",
+                 f"    ({', '.join(calls)}{',' if len(calls) == 1 else ''}), {vjp},",
                  f"    ({', '.join(tensors)}{',' if len(tensors) == 1 else ''}), ({h0s}), "
                  f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''}), (B_, T_, H_){self._scan_options})"]
         return text.text().rstrip("\n") + "\n", lines
+
+    @staticmethod
+    def _scan_vjp_terms(s, leaves: dict, bares: list, printer: TritonPrinter) -> tuple[list, dict] | str:
+        """The gradient of each leaf of state `s`'s prologue (an input or param, `leaves`: leaf -> its load's name)
+        from the step's: ga_ * da/dv + gb_ * db/dv, ga_ and gb_ the gradients of a_t and b_t, by `derive_vjp` (the
+        walk that derives the torch VJP: the functions' `fdiff`, sqrt's derivative floored at SQRT_FLOOR) on the
+        printed expressions `bares` = [a, b] in the loads' names. Returns (shared subexpressions [(name, printed)],
+        {leaf: printed gradient}) by the Triton printer, leaves of zero gradient left out; a str (why) where the
+        walk or the printer fails."""
+        ga, gb = sympy.Symbol("ga_"), sympy.Symbol("gb_")
+        try:
+            found, _ = derive_vjp([("ga", (), bares[0]), ("gb", (), bares[1])], set(leaves.values()), {})
+        except NoAdjoint as err:
+            return f"{s.name}'s prologue is not differentiated ({err})"
+        cotangents = {sympy.Symbol(grad_name("ga")): ga, sympy.Symbol(grad_name("gb")): gb}
+        grads = {leaf: sympy.factor_terms(found[name].expr.xreplace(cotangents))
+                 for leaf, name in leaves.items() if name in found}
+        grads = {leaf: g for leaf, g in grads.items() if g != 0}
+        # subexpressions the gradients share (the decay's exp in RG-LRU's), printed once as t0_, t1_, ...
+        temps, reduced = sympy.cse(list(grads.values()), symbols=(sympy.Symbol(f"t{k}_") for k in itertools.count()))
+        try:
+            return ([(str(name), printer.print_expr(e, ())) for name, e in temps],
+                    {leaf: printer.print_expr(e, ()) for leaf, e in zip(grads, reduced)})
+        except (NotImplementedError, ValueError, KeyError, TypeError) as err:
+            return f"the Triton printer does not print {s.name}'s derivatives ({err})"
 
     # -- the chunked Triton form's elementwise maps, printed as @triton.jit helpers ---------------------------
 

@@ -28,7 +28,8 @@ Kernels and grids:
   _scan_fwd_kernel        (B * cdiv(N, BN),)   diagonal: states s [B, T, N] from a, b [B, T, N] and h0 [B, N]
   _scan_bwd_kernel        (B * cdiv(N, BN),)   diagonal: da, db [B, T, N] and dh0 [B, N] from ds and the saved s
   NAME__scan_S_fwd_kernel, NAME__scan_S_bwd_kernel   (B * cdiv(N, BN),)   printed per spec and state (fused
-                          prologue, below): the same as the diagonal pair, taking the raw tensors for a and b
+                          prologue, below): the same as the diagonal pair, taking the raw tensors for a and b; the
+                          backward adds the tensors' gradients (or stores da, db) and dh0
   _block{m}_scan_fwd_kernel, _block{m}_scan_bwd_kernel   (B * cdiv(N, BN),)   m x m blocks: a [B, T, N, m, m], b and s
                           [B, T, N, m], h0 [B, N, m]; printed for each m by `codegen/triton_block_scan.py` (one tile
                           per entry of A and b, the combine written out for that m) and found in `_BLOCK_KERNELS`
@@ -37,10 +38,16 @@ Fused prologue (`fused_scan`, `_FusedScan`): a generated module's Triton scan fo
 a and b from a torch prologue. For each state it prints (`TorchFormWriter._fused_scan`, codegen/torch_forms.py) a
 kernel pair that computes a_t and b_t from the raw inputs [B, T, H, ...] and params [H, ...] where it loads them
 (lanes: the state's (h, *S) flattened, an input gathered at its own axes' coordinates) and otherwise scans as
-`_scan_fwd_kernel` / `_scan_bwd_kernel`; the backward recomputes a_(t+1) from the inputs, stores da, db [B, T, N]
-and dh0, and the printed torch VJP of the prologue maps (da, db) to the inputs' and params' gradients. Only the
-states s are kept between forward and backward (a and b are never stored). Coupled (block) scans, and prologues
-that are not elementwise per lane, keep the torch prologue and `scan_diagonal` / `scan_block`.
+`_scan_fwd_kernel` / `_scan_bwd_kernel`; the backward recomputes a_(t+1) from the inputs and, per chunk of steps,
+adds each input's and param's gradient from da_t = g_t s_(t-1) and db_t = g_t itself (the printed
+`NAME__scan_S_vjp`: an input covering every lane axis in place, one gathered at fewer axes, e.g. mamba's B[n] of
+h[d, n], by `tl.atomic_add`, a param summed over the program's steps and added once), into buffers zeroed before
+the first state's launch, which every state adds into (mlstm's C and n both read k, ig and fg). Where a spec's
+derivatives do not print, its backward kernels store da, db [B, T, N] and the printed torch VJP of the prologue
+maps them to the gradients (`vjp`). Only the states s are kept between forward and backward (a and b are never
+stored). Atomic float additions make a gradient's rounding depend on the order of the programs' adds. Coupled
+(block) scans, and prologues that are not elementwise per lane, keep the torch prologue and `scan_diagonal` /
+`scan_block`.
 
 Packed sequences (`cu_seqlens=`): N sequences in one row [1, T, ...], with initial states [N, ...]; the programs'
 rows are the sequences, each program reads its sequence's first step and length from the boundaries
@@ -66,6 +73,11 @@ from .dispatch import _first_order, _form_call
 
 _SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _SCAN_BN = 64  # state elements per program
+# steps per chunk of a fused backward that adds the tensors' gradients itself (`fused_scan` without a torch VJP):
+# it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
+# and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+_SCAN_BT_VJP = 8
 _SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_scan_config`)
 _BLOCK_KERNELS = {}  # m -> (forward, backward) kernels of the m x m block scan (see `_block_kernels`)
 _PRINT_BLOCK_KERNELS = None  # the package's printer of the block kernels for any m (see `_block_kernels`)
@@ -317,6 +329,19 @@ class _FusedScan(torch.autograd.Function):
         k = len(plan.kernels)
         tensors, h0s, states = saved[: plan.count], saved[plan.count: plan.count + k], saved[plan.count + k:]
         BT, BN, warps = plan.config
+        if plan.vjp is None:  # the kernels add the tensors' gradients into zeroed buffers themselves
+            grads = [torch.zeros_like(t) for t in tensors]
+            dh0s = []
+            BT = plan.vjp_block_t
+            for (_, bwd, _), h0, s, ds in zip(plan.kernels, h0s, states, dss):
+                N = h0[0].numel()
+                ds = torch.zeros_like(s) if ds is None else ds.to(s.dtype).contiguous()
+                dh0 = torch.empty_like(h0)
+                bwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, s, h0, ds, *grads, dh0, plan.cu, plan.T, N,
+                                                         plan.heads, *plan.sizes, BT=BT, BN=BN,
+                                                         VARLEN=plan.cu is not None, num_warps=warps)
+                dh0s.append(dh0)
+            return (None, *grads, *dh0s)
         grads, dh0s = [], []  # grads: the prologue values' gradients, in the prologue's order
         for (_, bwd, decays), h0, s, ds in zip(plan.kernels, h0s, states, dss):
             N = h0[0].numel()
@@ -337,9 +362,10 @@ class _FusedPlan:
     prologue value)], the prologue's printed VJP, how many tensors it takes, the sizes, rows, steps, heads, the
     packed boundaries and the block config."""
 
-    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config):
+    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config, vjp_block_t):
         self.kernels, self.vjp, self.count, self.sizes = kernels, vjp, count, sizes
         self.rows, self.T, self.heads, self.cu, self.config = rows, T, heads, cu, config
+        self.vjp_block_t = vjp_block_t  # steps per chunk of a backward that adds the gradients itself (vjp None)
 
 
 def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: int | None = None,
@@ -347,8 +373,11 @@ def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: 
     """Every state of a spec's diagonal scans s_t = a_t * s_(t-1) + b_t, a and b computed inside the kernels from
     the raw tensors (never stored): the scan form's fused path, printed by `write_scan` (codegen/torch_forms.py).
 
-    kernels: per state (forward, backward, decays) as `_FusedScan` takes them; vjp: the printed torch VJP of the
-    scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's gradient or None;
+    kernels: per state (forward, backward, decays) as `_FusedScan` takes them; vjp: None where the backward kernels
+    add the tensors' gradients themselves (into float32 / float64 buffers zeroed here; chunks of `_SCAN_BT_VJP`
+    steps unless block_t is given; atomic adds, so the sums' rounding depends on the programs' order), else the
+    printed torch VJP of the scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's
+    gradient or None, run on the kernels' da, db;
     tensors: the prologue's inputs [B, T, H, ...] and params [1, 1, H, ...]; initial_states: per state
     [B (packed: sequences), H, *S]; sizes: the spec's sizes as ints; shape: (B, T, H) of the call. Returns per
     state [B, T, H, *S] in float32 (float64 when a tensor is float64). cu_seqlens: packed sequences, as for
@@ -363,7 +392,8 @@ def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: 
     if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
         anchor = sum(t.sum() * 0 for t in tensors)
         return tuple(h.sum(0, keepdim=True)[:, None].expand(rows, T, *h.shape[1:]) * 0 + anchor for h in h0s)
-    plan = _FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config)
+    vjp_block_t = _SCAN_BT_VJP if block_t is None else config[0]
+    plan = _FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config, vjp_block_t)
     return _FusedScan.apply(plan, *tensors, *h0s)
 
 

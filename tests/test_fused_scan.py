@@ -22,6 +22,7 @@ from .conftest import SPECS_DIR, as_dict
 pytest.importorskip("triton")
 
 F64 = torch.float64
+CONFIG = {"block_t": 8, "block_n": 16, "num_warps": 1}  # several chunks and lane blocks at the tests' sizes
 _LAYERS: dict = {}
 
 
@@ -93,23 +94,75 @@ def test_the_fused_forward_stores_no_decay_or_injection(monkeypatch):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mamba", "gla", "rg_lru", "based", "retention"])
+@pytest.mark.parametrize("name", ["mamba", "gla", "rg_lru", "based", "retention", "mlstm", "min_gru"])
 def test_values_and_gradients_match_the_torch_scan(name):
+    """Every input's, param's and initial state's gradient: mamba's B[n], dt[d] and x[d] shared by the lanes of h[d, n]
+    (atomic adds), A[d, n] summed over the steps, rg_lru's x[d] one lane per element (added in place), mlstm's k, ig,
+    fg read by both its states C and n (one buffer each, both states adding into it)."""
     _compare(name)
 
 
-@pytest.mark.parametrize("name", ["mamba", "gla"])
+@pytest.mark.parametrize("name", ["mamba", "gla", "mlstm", "rg_lru"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_packed_reverse_and_initial_states(name, reverse):
     """Three packed sequences (one empty), each from its own initial state, either direction."""
     _compare(name, B=1, T=20, lengths=(11, 0, 9), reverse=reverse)
 
 
+def _state_sized_backward_sites(layer, rec, shape, sizes, B, T, H):
+    """The fused scan backward's allocation sites (`codegen.intermediate_bytes`) of B * T * H * prod(S) numbers: da,
+    db of the scan's lanes (no kernel runs: only the host's allocations count)."""
+    from codegen.intermediate_bytes import measure_call
+
+    args, _ = sample_arguments(rec.checked, sizes, B, T, H, dtype=torch.float32, seed=0)
+    report = measure_call(layer, args, form="scan", backward=True)
+    lanes = H * int(torch.tensor(shape).prod())
+    return [r for r in report.rows if int(torch.tensor(r.shape).prod()) == B * T * lanes
+            and r.where.startswith("backward (")]  # (the runtime's `_FusedScan.backward`)
+
+
+def test_the_backward_allocates_no_da_or_db(monkeypatch):
+    """mamba's fused backward adds the tensors' gradients in its kernels: no [B, T, H * D * N] da or db."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec, layer = _layer("mamba")
+    assert not _state_sized_backward_sites(layer, rec, (4, 3), {"D": 4, "N": 3}, 2, 16, 2)
+
+
+def test_a_prologue_whose_derivatives_do_not_print_keeps_the_torch_vjp(monkeypatch):
+    """Where a state's derivatives do not print (`TorchFormWriter._scan_vjp_terms` gives a reason), the kernels
+    store da, db for the printed torch VJP, the code says why, and the gradients are the same."""
+    from codegen.cache import load_source
+    from codegen.module import module_source
+    from codegen.torch_forms import TorchFormWriter
+    from recurrence_dsl.analysis import analyse
+
+    rec, layer = _layer("mamba")
+    monkeypatch.setattr(TorchFormWriter, "_scan_vjp_terms", staticmethod(lambda *args: "a test's reason"))
+    analysis = analyse(rec.checked)
+    source = module_source([analysis], analysis.recurrence.source.filename)
+    monkeypatch.undo()
+    assert "mamba__scan_prologue_vjp (a test's reason)" in source and "def mamba__scan_h_vjp(" not in source
+    unfused = load_source(source, "mamba_torch_vjp").mamba
+    B, T, H, sizes = 2, 13, 2, {"D": 3, "N": 2}
+    args, initial = sample_arguments(rec.checked, sizes, B, T, H, dtype=torch.float32, seed=1,
+                                     with_initial_state=True)
+    got = _call(unfused, rec, args, as_dict(initial, rec.checked.states), "triton", config=CONFIG)
+    want = _call(layer, rec, args, as_dict(initial, rec.checked.states), "triton", config=CONFIG)
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    assert len(_state_sized_backward_sites(unfused, rec, (3, 2), sizes, B, T, H)) >= 1  # da, db
+
+
 def test_gradcheck_of_the_runtime():
     """`torch.autograd.gradcheck` of mamba's `fused_scan` call (float64, packed, the printed kernels and VJP)."""
     rec, layer = _layer("mamba")
     scope = layer.triton_forms["scan"].__globals__
-    fused, vjp = scope["triton_fused_scan"], scope["mamba__scan_prologue_vjp"]
+    fused, vjp = scope["triton_fused_scan"], None  # the kernels add the gradients themselves
     kernels = ((scope["mamba__scan_h_fwd_kernel"], scope["mamba__scan_h_bwd_kernel"], True),)
     D, N, H, T = 2, 3, 2, 7
     gen = torch.Generator().manual_seed(0)
@@ -139,7 +192,7 @@ def test_no_steps_give_empty_states_and_zero_gradients():
     gradient, as from the unfused runtime."""
     rec, layer = _layer("mamba")
     scope = layer.triton_forms["scan"].__globals__
-    fused, vjp = scope["triton_fused_scan"], scope["mamba__scan_prologue_vjp"]
+    fused, vjp = scope["triton_fused_scan"], None  # the kernels add the gradients themselves
     kernels = ((scope["mamba__scan_h_fwd_kernel"], scope["mamba__scan_h_bwd_kernel"], True),)
     D, N, H = 2, 3, 2
     x, dt = torch.randn(2, 0, H, D, requires_grad=True), torch.randn(2, 0, H, D, requires_grad=True)
@@ -150,3 +203,23 @@ def test_no_steps_give_empty_states_and_zero_gradients():
     s.sum().backward()
     for t in (x, dt, B_in, A, h0):
         assert t.grad is not None and not t.grad.any()
+
+
+def test_the_module_spec_takes_fusion_from_the_writer():
+    """`scan_held` of a module's spec comes from the form writer's decision (`TorchFormWriter.scan_fused`, returned
+    by `_triton_sources`), not from searching the printed text: mamba's scan is fused (1 number per lane kept),
+    tests/data/rotation.rec's coupled `rotation` scans as blocks with a torch prologue (3), its `rotary_la` is fused."""
+    from pathlib import Path
+
+    from codegen import module as module_writer
+    from recurrence_dsl.analysis import analyse
+
+    def fused_of(path) -> tuple[set, str]:
+        analyses = [analyse(rec.checked) for rec in recurrence_dsl.load(str(path)).values()]
+        _, _, fused = module_writer._triton_sources(analyses)
+        return fused, "".join(module_writer._spec_data(a, a.recurrence.name in fused) for a in analyses)
+
+    fused, data = fused_of(SPECS_DIR / "mamba.rec")
+    assert fused == {"mamba"} and "scan_held=1" in data
+    fused, data = fused_of(Path(__file__).parent / "data" / "rotation.rec")  # rotary_la's scan is fused
+    assert fused == {"rotary_la"} and data.count("scan_held=1") == 1

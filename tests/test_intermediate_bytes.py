@@ -568,6 +568,9 @@ def test_rwkv7_forward_has_no_epilogue_tensor(monkeypatch):
 # a and injection b [B, T, H, D, N] float32 (2 x 33.6 MB) and their temporaries: 138,444,800; forward + backward
 # 524,353,536 -> 390,135,808 (the backward's da and db are transient buffers of the fused backward kernel).
 MAMBA_SCAN_FORWARD = 4_227_072
+# Forward + backward: 390,135,808 -> 148,963,328 since the backward kernels add the prologue's gradients themselves
+# (`NAME__scan_S_vjp`): no da, db [B, T, H, D, N] float32 (2 x 33.5 MB), nor the torch VJP's temporaries over them.
+MAMBA_SCAN_STEP = 148_963_328
 
 
 def test_mamba_fused_scan_forward_allocates_no_decay_or_injection(monkeypatch):
@@ -583,3 +586,17 @@ def test_mamba_fused_scan_forward_allocates_no_decay_or_injection(monkeypatch):
     assert not [r for r in report.rows if r.shape == (2, 1024, 4, 64, 16)], format_rows(report)
     assert report.total == MAMBA_SCAN_FORWARD, format_rows(report)
     assert report.total < 2 * 4 * 1024 * 4 * 64 * 16  # under one [B, T, H, D, N] float32 tensor
+
+
+def test_mamba_fused_scan_backward_allocates_no_da_or_db(monkeypatch):
+    """The fused scan's backward adds x's, dt's, B's and A's gradients in its kernels: nothing of the torch prologue
+    VJP runs, and the step's figure is pinned (what is left: the epilogue VJP's state gradient and autograd's
+    accumulation of it, the saved states)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    rec = _rec("mamba")
+    args, _ = sample_arguments(rec.checked, {"D": 64, "N": 16}, 2, 1024, 4, dtype=torch.float32, seed=0)
+    report = measure_call(load_layer(analyse(rec.checked)), args, form="scan", backward=True)
+    assert not [r for r in report.rows if "prologue" in r.where], format_rows(report)
+    assert report.total == MAMBA_SCAN_STEP, format_rows(report)

@@ -95,6 +95,11 @@ CALLS = [
     ("linear_attention", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
     ("gla", "chunked", "sm_80", 1, 128, 2, True, 64, "float32"),
     ("mamba2", "chunked", "sm_90", 1, 128, 2, True, 128, "float32"),
+    # the fused scan's backward adding the prologue's gradients in its kernels (mamba__scan_h_vjp): 16 B at 255
+    # registers in chunks of 32 steps on sm_90 (D = 64 and 128, N = 16), 168 registers in chunks of 16; mlstm's n
+    # state a stack slot (8 B at 96 registers) in chunks of 16: now 8 (`_SCAN_BT_VJP`)
+    ("mamba", "scan", "sm_90", 1, 64, 2, True, 64),
+    ("mlstm", "scan", "sm_90", 1, 64, 2, True, 64),
 ]
 
 CHILD = '''

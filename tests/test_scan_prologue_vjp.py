@@ -201,9 +201,10 @@ def test_the_module_prints_the_vjps_once_for_both_backends():
         assert piece in text, piece
     for form in ("def mamba__scan_block(", "def mamba__scan_triton("):
         body = text.split(form)[1].split("\n\n\n")[0]
-        # the Triton form computes the prologue in its scan kernels and differentiates it by the same VJP
+        # the Triton form computes the prologue in its scan kernels, whose backward adds its gradients itself
+        # (mamba__scan_h_vjp, from the same derivatives)
         prologue = ("= mamba__scan_prologue(x, dt, B, A, D, N)" if "block" in form else
-                    "mamba__scan_prologue_vjp,\n        (x, dt, B, A), (states['h'],), (D, N)")
+                    "None,\n        (x, dt, B, A), (states['h'],), (D, N)")
         assert prologue in body and "= mamba__scan_epilogue(all_h, " in body, body
         assert "torch.exp" not in body, body  # the decay is the prologue's
     assert "_triton(" not in text.split("def mamba__scan_prologue_vjp(")[1].split("\n\n\n")[0]

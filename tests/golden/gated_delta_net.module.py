@@ -4125,6 +4125,12 @@ class _triton_ChunkedDeltaFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# steps per chunk of a fused backward that adds the tensors' gradients itself (`triton_fused_scan` without a torch VJP):
+# it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
+# and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+
+
 triton_Tensor = torch.Tensor
 
 # A key or value decay's defaults: block_t, block_k and block_v 32, and the launches' register limit

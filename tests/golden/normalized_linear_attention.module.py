@@ -3738,6 +3738,11 @@ _triton_CHUNK_BWD_PLAIN_WARPS = 8  # _triton_chunk_bwd_plain_kernel: [BT, 64] x 
 
 _triton_SCAN_BT = 32  # steps per chunk: each level of the in-chunk scan is one shuffle round over BT rows
 _triton_SCAN_BN = 64  # state elements per program
+# steps per chunk of a fused backward that adds the tensors' gradients itself (`triton_fused_scan` without a torch VJP):
+# it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
+# and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+_triton_SCAN_BT_VJP = 8
 _triton_SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_triton_scan_config`)
 _triton_SCAN_WARPS = 4
 
@@ -3836,6 +3841,19 @@ class _triton_FusedScan(torch.autograd.Function):
         k = len(plan.kernels)
         tensors, h0s, states = saved[: plan.count], saved[plan.count: plan.count + k], saved[plan.count + k:]
         BT, BN, warps = plan.config
+        if plan.vjp is None:  # the kernels add the tensors' gradients into zeroed buffers themselves
+            grads = [torch.zeros_like(t) for t in tensors]
+            dh0s = []
+            BT = plan.vjp_block_t
+            for (_, bwd, _), h0, s, ds in zip(plan.kernels, h0s, states, dss):
+                N = h0[0].numel()
+                ds = torch.zeros_like(s) if ds is None else ds.to(s.dtype).contiguous()
+                dh0 = torch.empty_like(h0)
+                bwd[(triton.cdiv(N, BN) * h0.shape[0],)](*tensors, s, h0, ds, *grads, dh0, plan.cu, plan.T, N,
+                                                         plan.heads, *plan.sizes, BT=BT, BN=BN,
+                                                         VARLEN=plan.cu is not None, num_warps=warps)
+                dh0s.append(dh0)
+            return (None, *grads, *dh0s)
         grads, dh0s = [], []  # grads: the prologue values' gradients, in the prologue's order
         for (_, bwd, decays), h0, s, ds in zip(plan.kernels, h0s, states, dss):
             N = h0[0].numel()
@@ -3856,9 +3874,10 @@ class _triton_FusedPlan:
     prologue value)], the prologue's printed VJP, how many tensors it takes, the sizes, rows, steps, heads, the
     packed boundaries and the block config."""
 
-    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config):
+    def __init__(self, kernels, vjp, count, sizes, rows, T, heads, cu, config, vjp_block_t):
         self.kernels, self.vjp, self.count, self.sizes = kernels, vjp, count, sizes
         self.rows, self.T, self.heads, self.cu, self.config = rows, T, heads, cu, config
+        self.vjp_block_t = vjp_block_t  # steps per chunk of a backward that adds the gradients itself (vjp None)
 
 
 def triton_fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: int | None = None,
@@ -3866,8 +3885,11 @@ def triton_fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, bl
     """Every state of a spec's diagonal scans s_t = a_t * s_(t-1) + b_t, a and b computed inside the kernels from
     the raw tensors (never stored): the scan form's fused path, printed by `write_scan` (codegen/torch_forms.py).
 
-    kernels: per state (forward, backward, decays) as `_triton_FusedScan` takes them; vjp: the printed torch VJP of the
-    scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's gradient or None;
+    kernels: per state (forward, backward, decays) as `_triton_FusedScan` takes them; vjp: None where the backward kernels
+    add the tensors' gradients themselves (into float32 / float64 buffers zeroed here; chunks of `_triton_SCAN_BT_VJP`
+    steps unless block_t is given; atomic adds, so the sums' rounding depends on the programs' order), else the
+    printed torch VJP of the scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's
+    gradient or None, run on the kernels' da, db;
     tensors: the prologue's inputs [B, T, H, ...] and params [1, 1, H, ...]; initial_states: per state
     [B (packed: sequences), H, *S]; sizes: the spec's sizes as ints; shape: (B, T, H) of the call. Returns per
     state [B, T, H, *S] in float32 (float64 when a tensor is float64). cu_seqlens: packed sequences, as for
@@ -3882,7 +3904,8 @@ def triton_fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, bl
     if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
         anchor = sum(t.sum() * 0 for t in tensors)
         return tuple(h.sum(0, keepdim=True)[:, None].expand(rows, T, *h.shape[1:]) * 0 + anchor for h in h0s)
-    plan = _triton_FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config)
+    vjp_block_t = _triton_SCAN_BT_VJP if block_t is None else config[0]
+    plan = _triton_FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config, vjp_block_t)
     return _triton_FusedScan.apply(plan, *tensors, *h0s)
 
 
@@ -5073,6 +5096,18 @@ def normalized_linear_attention__scan_S_steps(k, v, s_, row_, i_h_, c0_, c1_, m_
 
 
 @triton.jit
+def normalized_linear_attention__scan_S_vjp(k, v, grad_k_, grad_v_, s_, ga_, gb_, row_, i_h_, c0_, c1_, m_, m_n_, H_, K, V):
+    """Adds the gradients of S's prologue at the steps row_ [BT, 1] of its lanes from ga_ = g_t * s_(t-1) and gb_ = g_t
+    [BT, BN] (those of a_t and b_t), by the derivatives of normalized_linear_attention__scan_S_steps's expressions
+    (`derive_vjp`, as for the torch VJP): an input's into its buffer grad_X_ (atomically where lanes share an element).
+    Zero where m_ is False. Atomic float additions make the sums' rounding depend on the programs' order."""
+    v0_ = tl.load(k + (row_ * H_ + i_h_[None, :]) * K + c0_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # k[i] of [B, T, H, K]
+    v1_ = tl.load(v + (row_ * H_ + i_h_[None, :]) * V + c1_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # v[j] of [B, T, H, V]
+    tl.atomic_add(grad_k_ + (row_ * H_ + i_h_[None, :]) * K + c0_[None, :], tl.where(m_, gb_ * v1_ * tl.where(v0_ > 0.0, 1.0, tl.exp(v0_)), 0.0), mask=m_)  # k[i] of [B, T, H, K], shared by lanes
+    tl.atomic_add(grad_v_ + (row_ * H_ + i_h_[None, :]) * V + c1_[None, :], tl.where(m_, gb_ * (tl.where(v0_ > 0.0, v0_, tl.exp(tl.where(v0_ > 0.0, 0.0, v0_)) - 1.0) + 1.0), 0.0), mask=m_)  # v[j] of [B, T, H, V], shared by lanes
+
+
+@triton.jit
 def normalized_linear_attention__scan_S_fwd_kernel(k, v, h0_, s_, cu_, T_, NL_, H_, K, V, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
     """S's states s_ [B, T, NL_] (NL_ = H * K * V lanes) from h0_ [B, NL_], a and b computed at the loads
     (normalized_linear_attention__scan_S_steps): `_scan_fwd_kernel`'s chunks, carry and packed sequences."""
@@ -5099,9 +5134,11 @@ def normalized_linear_attention__scan_S_fwd_kernel(k, v, h0_, s_, cu_, T_, NL_, 
 
 
 @triton.jit
-def normalized_linear_attention__scan_S_bwd_kernel(k, v, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_, K, V, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
-    """da_, db_ [B, T, NL_] and dh0_ [B, NL_] of S from ds_ and the saved states s_, as `_scan_bwd_kernel`, with a_(t+1)
-    recomputed from the raw tensors (normalized_linear_attention__scan_S_steps), not read back."""
+def normalized_linear_attention__scan_S_bwd_kernel(k, v, s_, h0_, ds_, grad_k_, grad_v_, dh0_, cu_, T_, NL_, H_, K, V, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
+    """The tensors' gradients, added into grad_X_ (zeros before the first state's launch;
+    normalized_linear_attention__scan_S_vjp), and dh0_ [B, NL_] of S from ds_ and the saved states s_, as
+    `_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors (normalized_linear_attention__scan_S_steps): no da,
+    db stored."""
     i_b_, i_n_ = _triton_scan_program(NL_, BN)
     o_n_ = i_n_ * BN + tl.arange(0, BN)
     m_n_ = o_n_ < NL_
@@ -5129,8 +5166,7 @@ def normalized_linear_attention__scan_S_bwd_kernel(k, v, s_, h0_, ds_, da_, db_,
         m_prev_ = (o_t_ >= 1)[:, None] & m_
         s_prev_ = tl.load(s_ + off_ - NL_, mask=m_prev_, other=0.0).to(s_.dtype.element_ty)
         s_prev_ = tl.where((o_t_ == 0)[:, None], b_h0_[None, :], s_prev_)
-        tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)
-        tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)
+        normalized_linear_attention__scan_S_vjp(k, v, grad_k_, grad_v_, s_, g_t_ * s_prev_, g_t_, row_, i_h_, c0_, c1_, m_, m_n_, H_, K, V)
         g_ = _triton_scan_first_row(g_t_, BT)
     m_0_ = _triton_first_step_mask(m_n_, T_, VARLEN)[None, :]  # step 0 (none in an empty packed sequence)
     a_0_, b_0_ = normalized_linear_attention__scan_S_steps(k, v, s_, bos_ + tl.zeros([1, 1], dtype=tl.int64), i_h_, c0_, c1_, m_0_, m_n_, H_, K, V)
@@ -5147,6 +5183,17 @@ def normalized_linear_attention__scan_z_steps(k, v, s_, row_, i_h_, c0_, m_, m_n
     a_ = tl.where(m_, z_ + 1.0, 1.0)  # a constant decay
     b_ = tl.where(m_, z_ + tl.where(v0_ > 0.0, v0_, tl.exp(tl.where(v0_ > 0.0, 0.0, v0_)) - 1.0) + 1.0, 0.0)  # normalized_linear_attention.rec:11,13
     return a_, b_
+
+
+@triton.jit
+def normalized_linear_attention__scan_z_vjp(k, v, grad_k_, grad_v_, s_, ga_, gb_, row_, i_h_, c0_, m_, m_n_, H_, K, V):
+    """Adds the gradients of z's prologue at the steps row_ [BT, 1] of its lanes from ga_ = g_t * s_(t-1) and gb_ = g_t
+    [BT, BN] (those of a_t and b_t), by the derivatives of normalized_linear_attention__scan_z_steps's expressions
+    (`derive_vjp`, as for the torch VJP): an input's into its buffer grad_X_ (atomically where lanes share an element).
+    Zero where m_ is False. Atomic float additions make the sums' rounding depend on the programs' order."""
+    v0_ = tl.load(k + (row_ * H_ + i_h_[None, :]) * K + c0_[None, :], mask=m_, other=0.0).to(s_.dtype.element_ty)  # k[i] of [B, T, H, K]
+    old_ = tl.load(grad_k_ + (row_ * H_ + i_h_[None, :]) * K + c0_[None, :], mask=m_, other=0.0)
+    tl.store(grad_k_ + (row_ * H_ + i_h_[None, :]) * K + c0_[None, :], old_ + tl.where(m_, gb_ * tl.where(v0_ > 0.0, 1.0, tl.exp(v0_)), 0.0), mask=m_)  # k[i] of [B, T, H, K]
 
 
 @triton.jit
@@ -5174,9 +5221,11 @@ def normalized_linear_attention__scan_z_fwd_kernel(k, v, h0_, s_, cu_, T_, NL_, 
 
 
 @triton.jit
-def normalized_linear_attention__scan_z_bwd_kernel(k, v, s_, h0_, ds_, da_, db_, dh0_, cu_, T_, NL_, H_, K, V, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
-    """da_, db_ [B, T, NL_] and dh0_ [B, NL_] of z from ds_ and the saved states s_, as `_scan_bwd_kernel`, with a_(t+1)
-    recomputed from the raw tensors (normalized_linear_attention__scan_z_steps), not read back."""
+def normalized_linear_attention__scan_z_bwd_kernel(k, v, s_, h0_, ds_, grad_k_, grad_v_, dh0_, cu_, T_, NL_, H_, K, V, BT: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr):
+    """The tensors' gradients, added into grad_X_ (zeros before the first state's launch;
+    normalized_linear_attention__scan_z_vjp), and dh0_ [B, NL_] of z from ds_ and the saved states s_, as
+    `_scan_bwd_kernel`, with a_(t+1) recomputed from the raw tensors (normalized_linear_attention__scan_z_steps): no da,
+    db stored."""
     i_b_, i_n_ = _triton_scan_program(NL_, BN)
     o_n_ = i_n_ * BN + tl.arange(0, BN)
     m_n_ = o_n_ < NL_
@@ -5202,8 +5251,7 @@ def normalized_linear_attention__scan_z_bwd_kernel(k, v, s_, h0_, ds_, da_, db_,
         m_prev_ = (o_t_ >= 1)[:, None] & m_
         s_prev_ = tl.load(s_ + off_ - NL_, mask=m_prev_, other=0.0).to(s_.dtype.element_ty)
         s_prev_ = tl.where((o_t_ == 0)[:, None], b_h0_[None, :], s_prev_)
-        tl.store(db_ + off_, g_t_.to(db_.dtype.element_ty), mask=m_)
-        tl.store(da_ + off_, (g_t_ * s_prev_).to(da_.dtype.element_ty), mask=m_)
+        normalized_linear_attention__scan_z_vjp(k, v, grad_k_, grad_v_, s_, g_t_ * s_prev_, g_t_, row_, i_h_, c0_, m_, m_n_, H_, K, V)
         g_ = _triton_scan_first_row(g_t_, BT)
     m_0_ = _triton_first_step_mask(m_n_, T_, VARLEN)[None, :]  # step 0 (none in an empty packed sequence)
     a_0_, b_0_ = normalized_linear_attention__scan_z_steps(k, v, s_, bos_ + tl.zeros([1, 1], dtype=tl.int64), i_h_, c0_, m_0_, m_n_, H_, K, V)
@@ -5215,9 +5263,9 @@ def normalized_linear_attention__scan_triton(q, k, v, states, K, V, cu_seqlens=N
     None, or int64 [N + 1] boundaries of N sequences packed in one row, scanned in the same launches."""
     B_, T_, H_ = q.shape[:3]
     # the prologue inside the scan kernels: a and b computed where they load the inputs, never stored;
-    # its backward: the kernels' da, db through normalized_linear_attention__scan_prologue_vjp
+    # its backward: the kernels add the tensors' gradients themselves (normalized_linear_attention__scan_S_vjp, normalized_linear_attention__scan_z_vjp): no da, db
     all_S, all_z = triton_fused_scan(
-        ((normalized_linear_attention__scan_S_fwd_kernel, normalized_linear_attention__scan_S_bwd_kernel, False), (normalized_linear_attention__scan_z_fwd_kernel, normalized_linear_attention__scan_z_bwd_kernel, False)), normalized_linear_attention__scan_prologue_vjp,
+        ((normalized_linear_attention__scan_S_fwd_kernel, normalized_linear_attention__scan_S_bwd_kernel, False), (normalized_linear_attention__scan_z_fwd_kernel, normalized_linear_attention__scan_z_bwd_kernel, False)), None,
         (k, v), (states['S'], states['z']), (K, V), (B_, T_, H_), cu_seqlens=cu_seqlens, **options)
     o, = normalized_linear_attention__scan_epilogue(all_S, all_z, q, K, V)  # normalized_linear_attention.rec:10,14
     return {'o': o}, {'S': triton_scan_final_states(all_S, states['S'], cu_seqlens), 'z': triton_scan_final_states(all_z, states['z'], cu_seqlens)}
