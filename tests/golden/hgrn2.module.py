@@ -3427,12 +3427,13 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
     """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
     v_step: a per-step factor [B, T, H] of v (fused), or None; k_map: None or the (map, vjp) helpers of k (fused,
-    `_triton_Fused`); v_step_map: those of v_step's raw input (`_triton_Fused.v_step_map`), or None. With a key decay (2) gc holds the log decays
-    themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
-    keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
-    stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
-    steps can pass float16's largest number (65504). float32_states: float32 for bfloat16 too (`triton_chunked_linear_by`:
-    a call whose readouts a printed epilogue divides, where bfloat16 states' rounding is magnified)."""
+    `_triton_Fused`); v_step_map: those of v_step's raw input (`_triton_Fused.v_step_map`), or None. With a key decay (2) gc
+    holds the log decays themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as
+    flash-linear-attention keeps it in the input dtype: the kernel carries the state in float32 registers and rounds
+    only the copy it stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a
+    state summing many steps can pass float16's largest number (65504). float32_states: float32 for bfloat16 too
+    (`triton_chunked_linear_by`: a call whose readouts a printed epilogue divides, where bfloat16 states' rounding is
+    magnified)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
