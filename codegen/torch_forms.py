@@ -1939,6 +1939,20 @@ class TorchFormWriter:
                 return None
         return leaf, f
 
+    def _scalar_map_of(self, expr) -> tuple[sympy.Symbol, sympy.Expr] | None:
+        """(leaf, f(x)) when `expr` is f(leaf) of ONE raw per-step scalar input `leaf` ([B, T, H]: mLSTM's
+        exp(ig), logsigmoid(fg)), for a scalar decay's `v_step_map` / `log_decay_map` (`triton_runtime._Fused`);
+        None for the input itself or anything else. Unlike `_map_of`'s maps any f goes: the runtime's
+        cumulative-sum kernel checks the mapped values as `_check_steps` would (its `unsafe`)."""
+        if expr is None or isinstance(expr, sympy.Symbol) or expr.atoms(sympy.Indexed):
+            return None
+        free = expr.free_symbols
+        scalars = {i.name for i in self.rec.inputs if not i.dims}
+        if len(free) != 1 or next(iter(free)).name not in scalars:
+            return None
+        leaf = next(iter(free))
+        return leaf, expr.xreplace({leaf: sympy.Symbol("x", real=True)})
+
     @staticmethod
     def _finite_at_reset(f: sympy.Expr) -> bool:
         """f(x) has a finite limit as x -> -inf (a log decay's reset), as far as sympy can tell."""
@@ -1947,16 +1961,17 @@ class TorchFormWriter:
         except (NotImplementedError, ValueError, TypeError):
             return False
 
-    def _map_helpers(self, name: str, f: sympy.Expr) -> str:
+    def _map_helpers(self, name: str, f: sympy.Expr, where: str = "QMAP / KMAP") -> str:
         """The source of `name(x)` = f(x) and `name_vjp(x, grad)` = grad * f'(x) (sympy's derivative), both
-        `@triton.jit`, printed with the Triton printer of the recurrent kernels."""
+        `@triton.jit`, printed with the Triton printer of the recurrent kernels; `where`: the kernels' argument
+        that takes it, for its docstring."""
         x, grad = sympy.Symbol("x", real=True), sympy.Symbol("grad", real=True)
         printer = TritonPrinter(set(), {}, {"x": "x", "grad": "grad"})
         printer.helper_prefix = "_" + self.rt  # its expm1 / log1p helpers as the module names them (`_triton_expm1`)
         w = SourceWriter()
         w("@triton.jit", 0)
         w(f"def {name}(x):", 0)
-        w(f'"""{sympy.sstr(f)} of the raw input x, applied where the chunked kernels load it (QMAP / KMAP)."""')
+        w(f'"""{sympy.sstr(f)} of the raw input x, applied where the chunked kernels load it ({where})."""')
         w(f"return {printer.print_expr(f, ())}")
         w()
         w()
@@ -2398,12 +2413,12 @@ class TorchFormWriter:
         map_names: dict[tuple, str] = {}
         map_sources: list[str] = []
 
-        def map_helper(leaf: sympy.Indexed, f: sympy.Expr) -> str:
-            key = (str(leaf.base), sympy.srepr(f))
+        def map_helper(leaf, f: sympy.Expr, where: str = "QMAP / KMAP") -> str:
+            key = (str(getattr(leaf, "base", leaf)), sympy.srepr(f))  # (an input [B, T, H] is a Symbol)
             if key not in map_names:
                 taken = sum(1 for k in map_names if k[0] == key[0])
                 map_names[key] = f"{self.fn}__map_{self.py[key[0]]}" + (f"_{taken + 1}" if taken else "")
-                map_sources.append(self._map_helpers(map_names[key], f))
+                map_sources.append(self._map_helpers(map_names[key], f, where))
             return map_names[key]
 
         inputs = {i.name for i in self.rec.inputs}
@@ -2473,10 +2488,25 @@ class TorchFormWriter:
             q_maps = [self._map_of(r.query.expr, r.query.indices, log_leaf) for r in plan.readouts] if maps else []
             q_map = (q_maps[0] if q_maps and all(q_maps) and len({(m[0], sympy.srepr(m[1])) for m in q_maps}) == 1
                      else None)
+            # A scalar decay whose log decays (and per-step factor of v, if any) are functions of one raw input
+            # [B, T, H] each (mLSTM's logsigmoid(fg), exp(ig)) hands the raw inputs and printed helpers to the
+            # runtime, which maps them where its kernels load them and checks the mapped values (`unsafe_`).
+            scalar_maps = None
+            if (maps and plan.decay_axis == "scalar" and not (fuse and fuse.get("decay_head"))
+                    and plan.log_decay is not None):
+                g_map = self._scalar_map_of(plan.log_decay.expr)
+                vs_map = self._scalar_map_of(fuse["v_step_expr"]) if fuse and fuse["v_step"] else None
+                if g_map and (vs_map or not (fuse and fuse["v_step"])):
+                    scalar_maps = (g_map, vs_map)
             if fuse:
                 w("# the prologue's per-step factors and the readout's epilogue are applied inside the kernels "
                   "(triton_runtime._Fused)")
-                if fuse["v_step"]:
+                if fuse["v_step"] and scalar_maps:
+                    helper = map_helper(*scalar_maps[1], where="VSMAP")
+                    w(f"v_step_{s.name} = {self.py[str(scalar_maps[1][0])]}  # a factor of k v^T: "
+                      f"{sympy.sstr(fuse['v_step_expr'])}, mapped by {helper} in the kernels")
+                    fused_args += f", v_step=v_step_{s.name}, v_step_map=({helper}, {helper}_vjp)"
+                elif fuse["v_step"]:
                     pro(f"v_step_{s.name}", fuse["v_step_expr"], (), (), comment="a factor of k v^T")
                     fused_args += f", v_step=v_step_{s.name}"
                     fused_checks.append(f"v_step_{s.name}")
@@ -2530,9 +2560,20 @@ class TorchFormWriter:
                       f"'the decay {sa.diagonal} of {s.name}', ('chunked', 'parallel'))")  # one function, both forms
                 head = fuse.get("decay_head") if fuse else None
                 g_expr = fuse["log_decay"] if head else plan.log_decay.expr
-                pro(f"log_decay_{s.name}", g_expr, plan.log_decay.indices, shape[plan.decay_axis],
-                    flat if plan.decay_axis == "key" else "",
-                    self.cite[s.name] + (f"; times {head} per head in the kernels" if head else ""))
+                if scalar_maps:
+                    helper = map_helper(*scalar_maps[0], where="GMAP")
+                    w(f"log_decay_{s.name} = {self.py[str(scalar_maps[0][0])]}  # {self.cite[s.name]}: "
+                      f"{sympy.sstr(g_expr)}, mapped by {helper} in the kernels")
+                    fused_args += f", log_decay_map=({helper}, {helper}_vjp)"
+                    if not kernel_checked:  # (else the prologue kernel's unsafe_, lowered by both)
+                        w(f"unsafe_ = torch.full((1,), T_, dtype=torch.int32, "
+                          f"device={self.py[str(scalar_maps[0][0])]}.device)  # the first step whose mapped values "
+                          "are unsafe, lowered by the kernels (T: none)")
+                    fused_args += ", unsafe=unsafe_"
+                else:
+                    pro(f"log_decay_{s.name}", g_expr, plan.log_decay.indices, shape[plan.decay_axis],
+                        flat if plan.decay_axis == "key" else "",
+                        self.cite[s.name] + (f"; times {head} per head in the kernels" if head else ""))
                 decay = f"log_decay_{s.name}"
                 if head:
                     fused_args += f", decay_head={head}"
@@ -2573,7 +2614,13 @@ class TorchFormWriter:
             logs = "" if decay == "None" else (f"({decay}, {fuse['decay_head']})" if fuse and fuse.get("decay_head")
                                                else decay)
             (self.headed_logs if logs.startswith("(") else self.plain_logs).add(aliases.get(decay, decay))
-            if kernel_checked:  # the prologue kernel checked these (or the tensors they are) as it wrote them
+            if scalar_maps:
+                # the runtime's kernels checked the mapped log decays and v_step (`unsafe_`): the check follows the
+                # call (an unsafe call's results are dropped when it raises)
+                done = kernel_checked | {a for a, v in aliases.items() if v in kernel_checked}
+                rest = ", ".join(c for c in checked if c not in done)
+                check = f"_check_steps([{rest}], [], first=(unsafe_, T_))"
+            elif kernel_checked:  # the prologue kernel checked these (or the tensors they are) as it wrote them
                 done = kernel_checked | {a for a, v in aliases.items() if v in kernel_checked}
                 rest = ", ".join(c for c in checked if c not in done)
                 check = f"_check_steps([{rest}], [{'' if logs in done else logs}], first=(unsafe_, T_))"
@@ -2603,7 +2650,8 @@ class TorchFormWriter:
                   f"beta_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, "
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
-                w(check)
+                if not scalar_maps:
+                    w(check)
                 # The Triton runtime keeps the readouts the printed epilogue reads in float32 for float16 inputs
                 # (its `readouts`): mLSTM's q C and q n pass 65504 where their ratio does not. (A fused epilogue,
                 # fuse["out"], is the kernels': then no output is left for a printed one.)
@@ -2618,6 +2666,8 @@ class TorchFormWriter:
                   f"{fused_args}{', readouts=True' if float32 else ''}"
                   f"{', float32_states=True' if self.rt and columns else ''}"
                   f"{self._options_arg})")
+                if scalar_maps:
+                    w(check)
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
             if columns:

@@ -1182,7 +1182,7 @@ def parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_state=N
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps,
+        flat = _ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps[:2],
                                              bool(output_final_state), out_dtype, k, v, log_decay, initial_state,
                                              *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]

@@ -2692,13 +2692,22 @@ def _triton_mapped(x, m, MAP: tl.constexpr):
 
 @triton.jit
 def _triton_cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                          FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr):
+                          FLOOR: tl.constexpr, EXP: tl.constexpr, HEAD: tl.constexpr, GMAP: tl.constexpr, vs, unsafe, src,
+                          T_SRC, VSMAP: tl.constexpr, CHECK: tl.constexpr, PACKED: tl.constexpr):
     """gc[b, t, h, :] = sum over s = t0 .. t (the chunk starting at t0) of max(g[b, s, h, :], FLOOR), in float64;
     with EXP also eg = exp(gc) in float32 (gc rounded to float32 first, as every lone G is: see `_triton_decay`).
     HEAD (a fused prologue): the log decay is g[b, s, h, :] * gh[h], the product rounded to float32 as the torch
     prologue rounded it (Mamba2's dt * A), so no [B, T, H] product is allocated.
 
-    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one."""
+    The floor is a select, so a NaN stays NaN; float64 keeps a small log decay exact after a large one.
+
+    GMAP (a printed `@triton.jit` helper, `_triton_Fused.log_decay_map`): g holds the raw input of the log decays, mapped
+    here as it is loaded (mLSTM's logsigmoid(fg) of fg), so no [B, T, H] log decay is stored. PACKED (`_triton_Packed`,
+    B = 1): src [NT * BT] gives each padded step's packed step (T_SRC for a filler step), whose mapped log decay is
+    0, the identity, as a raw 0 is without a map. CHECK (the forward's): lowers unsafe [1] int32 to the first step
+    (the packed one when PACKED; T_SRC means none) whose log decay is NaN or > 0 or whose per-step factor
+    VSMAP(vs[t]) (vs: the raw input of `_triton_Fused.v_step_map`, [B, T, H], or None) is not finite: the check
+    `_check_steps` makes on the prologue's values, made where they are first computed."""
     i_n, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * BT
@@ -2925,7 +2934,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
                                 QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
-                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
+                                VSMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -2981,8 +2991,9 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = bos * V + o_i[:, None] * (H * V) + o_v[None, :]
     b_v = _triton_mapped(tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32), m_tv, VMAP)
-    if VSTEP:
-        b_v = b_v * tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]
+    if VSTEP:  # (VSMAP: vs holds the raw input of a per-step factor, mapped as loaded, as in _triton_chunk_state_kernel)
+        b_vs = _triton_mapped(tl.load(vs + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32), m_t, VSMAP)
+        b_v = b_v * b_vs[:, None]
     b_o += tl.dot(b_A, b_v, input_precision=PREC)
     b_o = b_o * scale
     if OVJP is not None:
@@ -3094,7 +3105,7 @@ class _triton_Packed:
     def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         lengths = cu[1:] - cu[:-1]
-        self.N = len(lengths)
+        self.N, self.T = len(lengths), T
         self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
         chunks = (lengths + BT - 1) // BT
         offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
@@ -3133,18 +3144,26 @@ def _triton_delta_blocks(BK: int) -> tuple[int, int]:
     return KB, BK // KB
 
 
-def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None):
+def _triton_cumsum(log_decay: triton_Tensor, D: int, BT: int, num_warps: int, with_exp: bool = False, head: triton_Tensor | None = None,
+                   g_map=None, packed=None, check=None):
     """(gc, eg): the chunk-local inclusive cumulative sum of the log decays floored at _triton_LOG_DECAY_FLOOR, float64,
     same layout ([B, T, H] or [B, T, H, D]), and with_exp its float32 exp(gc) (else None). head: a per-head factor
-    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None."""
+    [H] of every log decay (fused: `_triton_Fused.decay_head`), or None. g_map: None, or the (map, vjp) helpers of
+    `_triton_Fused.log_decay_map` (log_decay is then their raw input; packed: its `_triton_Packed` layout, whose filler steps
+    map to 0); check: None, or (unsafe [1] int32, v_step or None, v_step_map or None), the forward's step check
+    (`_triton_cumsum_kernel`'s CHECK)."""
     g = log_decay.contiguous()
     B, T, H = g.shape[:3]
     BD = min(32, _triton_pow2_at_least_16(D))  # a [BT, BD] float64 tile
     gc = torch.empty(g.shape, dtype=torch.float64, device=g.device)
     eg = torch.empty(g.shape, dtype=torch.float32, device=g.device) if with_exp else None
+    unsafe, vs, vs_map = check if check is not None else (None, None, None)
+    mapped_packed = g_map is not None and packed is not None  # (only a map needs the filler steps told apart)
     _triton_cumsum_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B * H)](
         g, gc, eg if with_exp else gc, head if head is not None else g, T, H, D, BT, BD, _triton_LOG_DECAY_FLOOR, with_exp,
-        head is not None,
+        head is not None, _triton_map_of(g_map), vs.contiguous() if vs is not None else g,
+        unsafe if unsafe is not None else gc, packed.src if mapped_packed else gc,
+        packed.T if mapped_packed else T, _triton_map_of(vs_map), unsafe is not None, mapped_packed,
         num_warps=_triton_or(num_warps, _WARPS))
     return gc, eg
 
@@ -3195,7 +3214,7 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        SKIP_STEP=f.skip_step)
+        SKIP_STEP=f.skip_step, VSMAP=_triton_map_of(f.v_step_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3260,15 +3279,22 @@ class _triton_Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             and backward kernels where they load q and k (`_triton_mapped`); the backward kernels store dq
-                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made;
+      v_step_map, log_decay_map
+                            (map, vjp): v_step / the scalar log decays are map(x) of the raw input [B, T, H] passed
+                            in their place (mLSTM's exp(ig), logsigmoid(fg)): the forward kernels that load them
+                            apply the map (`_triton_chunk_state_kernel`, `_triton_chunk_output_kernel`, `_triton_cumsum_kernel`), the
+                            backward's kernels store the raw input's gradient through vjp (`_triton_dlog_scalar_kernel`,
+                            `_triton_row_scale_kernel`), so no [B, T, H] value tensor is allocated.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
     def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                 k_map=None):
+                 k_map=None, v_step_map=None, log_decay_map=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
         self.q_map, self.k_map = q_map, k_map
+        self.v_step_map, self.log_decay_map = v_step_map, log_decay_map
 
     @property
     def epilogue(self) -> bool:
@@ -3281,7 +3307,7 @@ class _triton_Fused:
 
     @property
     def maps(self) -> tuple:
-        return self.q_map, self.k_map
+        return self.q_map, self.k_map, self.v_step_map, self.log_decay_map
 
     def tensors(self) -> list:
         return [self.v_step, self.decay_head, self.skip, self.skip_weight]
@@ -3295,15 +3321,17 @@ def _triton_map_of(pair):
     return None if pair is None else pair[0]
 
 
-def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None,
+                     v_step_map=None, log_decay_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
-    if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
+    if (v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None
+            and log_decay_map is None):
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
     if (skip is None) != (skip_weight is None):
         raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
-    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map, v_step_map, log_decay_map)
 
 
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
@@ -3321,7 +3349,8 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
 
 
 def _triton_materialise(fused, v, log_decay):
-    """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    """(v * v_step, log_decay * decay_head) as the unfused backward reads them (v_step mapped from its raw input by
+    `_triton_row_scale` where it has a map)."""
     if fused.v_step is not None:
         v = v * fused.v_step[..., None].to(v.dtype)
     return v, log_decay

@@ -2867,14 +2867,15 @@ def _triton_chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN: tl.constexpr):
 def _triton_chunk_state_kernel(k, v, gc, h, h0, ht, offsets, vs, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                                USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                               VSTEP: tl.constexpr, KMAP: tl.constexpr = None):
+                               VSTEP: tl.constexpr, KMAP: tl.constexpr = None, VSMAP: tl.constexpr = None):
     """State passing over the chunks of one (BK tile, BV tile, batch*head), the state in float32 registers.
 
     h[bh, n] = state entering chunk n; S <- exp(G_last) S + (k exp(G_last - G))^T v (decay on the matching axis).
     VARLEN (packed sequences, `_triton_Packed`): i_bh is (sequence, head) of one packed row whose sequences start at chunk
     boundaries; the program walks chunks offsets[seq] .. offsets[seq + 1] - 1 from h0[seq] and stores ht[seq].
     VSTEP (a fused prologue): v_t is vs[t] * v[t], a per-step scalar (a factor of k_t v_t^T: Mamba2's dt), scaled
-    as it is loaded; KMAP (`_triton_mapped`): the spec's elementwise map of the raw k, applied as it is loaded.
+    as it is loaded; KMAP (`_triton_mapped`): the spec's elementwise map of the raw k, applied as it is loaded; VSMAP:
+    that of the raw per-step input vs holds (mLSTM's exp(ig) of ig), applied as vs is loaded.
     A key decay (DECAY 2) reads the log decays themselves from gc, not G: G_last - G_s is their float32 sum over
     s + 1 .. last (a reverse cumulative sum), G_last their sum over the chunk (`_triton_linear_forward`).
     """
@@ -2926,7 +2927,8 @@ def _triton_chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw
                                 DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                                 VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
                                 QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
-                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False):
+                                VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
+                                VSMAP: tl.constexpr = None):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
@@ -3076,7 +3078,7 @@ class _triton_Packed:
     def __init__(self, cu_seqlens: triton_Tensor, T: int, chunk_size: int, device):
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         lengths = cu[1:] - cu[:-1]
-        self.N = len(lengths)
+        self.N, self.T = len(lengths), T
         self.BT = BT = min(chunk_size, _triton_pow2_at_least_16(int(lengths.max()) if self.N else 1))
         chunks = (lengths + BT - 1) // BT
         offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
@@ -3131,16 +3133,17 @@ def _triton_intra_attn(q: triton_Tensor, k: triton_Tensor, gc, decay: int, shift
 
 
 def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                         num_stages, packed=None, v_step=None, k_map=None, float32_states=False):
+                         num_stages, packed=None, v_step=None, k_map=None, float32_states=False, v_step_map=None):
     """(h [B, H, NT, K, V] chunk-start states, final state [B, H, K, V] float32 or None); packed (a
     `_triton_Packed`, k and v in its layout, B = 1): one program per (sequence, head), final states [N, H, K, V];
     v_step: a per-step factor [B, T, H] of v (fused), or None; k_map: None or the (map, vjp) helpers of k (fused,
-    `_triton_Fused`). With a key decay (2) gc holds the log decays
-    themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as flash-linear-attention
-    keeps it in the input dtype: the kernel carries the state in float32 registers and rounds only the copy it
-    stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a state summing many
-    steps can pass float16's largest number (65504). float32_states: float32 for bfloat16 too (`triton_chunked_linear_by`:
-    a call whose readouts a printed epilogue divides, where bfloat16 states' rounding is magnified)."""
+    `_triton_Fused`); v_step_map: those of v_step's raw input (`_triton_Fused.v_step_map`), or None. With a key decay (2) gc
+    holds the log decays themselves, not their cumulative sum. h is float32, or bfloat16 for bfloat16 inputs (as
+    flash-linear-attention keeps it in the input dtype: the kernel carries the state in float32 registers and rounds
+    only the copy it stores, which the output kernel reads as it reads bfloat16 q); float16 keeps float32, since a
+    state summing many steps can pass float16's largest number (65504). float32_states: float32 for bfloat16 too
+    (`triton_chunked_linear_by`: a call whose readouts a printed epilogue divides, where bfloat16 states' rounding is
+    magnified)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -3155,7 +3158,7 @@ def _triton_chunk_states(k, v, gc, initial_state, decay: int, output_final_state
         packed.offsets if packed is not None else h, v_step if v_step is not None else h, T, H, K, V, NT, BT, BK,
         BV, decay, h0 is not None, ht is not None, prec, packed is not None, v_step is not None,
         num_warps=_triton_or(num_warps, _triton_KEY_STATE_WARPS if decay == 2 or prec == "ieee" else _WARPS),
-        num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map))
+        num_stages=_triton_or(num_stages, _STAGES), KMAP=_triton_map_of(k_map), VSMAP=_triton_map_of(v_step_map))
     return h, ht
 
 
@@ -3181,7 +3184,7 @@ def _triton_chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK
         f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_triton_or(num_stages, _STAGES), QMAP=_triton_map_of(f.q_map), KMAP=_triton_map_of(f.k_map),
-        SKIP_STEP=f.skip_step)
+        SKIP_STEP=f.skip_step, VSMAP=_triton_map_of(f.v_step_map))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3252,15 +3255,22 @@ class _triton_Fused:
                             `@triton.jit` helper `map(x)` of the raw input x and its derivative helper
                             `vjp(x, grad)`, e.g. normalized linear attention's 1 + elu(q)), applied by the forward
                             and backward kernels where they load q and k (`_triton_mapped`); the backward kernels store dq
-                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made.
+                            and dk through vjp, so the gradients are the raw inputs' and no mapped copy is made;
+      v_step_map, log_decay_map
+                            (map, vjp): v_step / the scalar log decays are map(x) of the raw input [B, T, H] passed
+                            in their place (mLSTM's exp(ig), logsigmoid(fg)): the forward kernels that load them
+                            apply the map (`_triton_chunk_state_kernel`, `_triton_chunk_output_kernel`, `_triton_cumsum_kernel`), the
+                            backward's kernels store the raw input's gradient through vjp (`_triton_dlog_scalar_kernel`,
+                            `_triton_row_scale_kernel`), so no [B, T, H] value tensor is allocated.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
     def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                 k_map=None):
+                 k_map=None, v_step_map=None, log_decay_map=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
         self.q_map, self.k_map = q_map, k_map
+        self.v_step_map, self.log_decay_map = v_step_map, log_decay_map
 
     @property
     def epilogue(self) -> bool:
@@ -3273,7 +3283,7 @@ class _triton_Fused:
 
     @property
     def maps(self) -> tuple:
-        return self.q_map, self.k_map
+        return self.q_map, self.k_map, self.v_step_map, self.log_decay_map
 
     def tensors(self) -> list:
         return [self.v_step, self.decay_head, self.skip, self.skip_weight]
@@ -3301,18 +3311,20 @@ def _triton_check_map(name: str, pair) -> None:
                          f"vjp(x, grad), got {pair!r}")
 
 
-def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None):
+def _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, H: int, q_map=None, k_map=None,
+                     v_step_map=None, log_decay_map=None):
     """The call's `_triton_Fused` (None when it fuses nothing), checked: ValueError naming the argument."""
     if q_map is not None or k_map is not None:  # a branch of its own, so a module without maps folds it away
         _triton_check_map("q_map", q_map)
         _triton_check_map("k_map", k_map)
-    if v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None:
+    if (v_step is None and decay_head is None and scale == 1.0 and skip is None and q_map is None and k_map is None
+            and log_decay_map is None):
         return None
     if (scale != 1.0 or skip is not None) and len(queries) != 1:
         raise ValueError(f"scale and skip fuse the epilogue of one output; got {len(queries)} queries")
     if (skip is None) != (skip_weight is None):
         raise ValueError("skip and skip_weight come together (o += skip_weight[h] * skip[t], or skip_weight[t])")
-    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map)
+    return _triton_Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map, v_step_map, log_decay_map)
 
 
 def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
@@ -3327,7 +3339,8 @@ def _triton_unfuse(fused, v, log_decay, grads_out, dv, dlog):
 
 
 def _triton_materialise(fused, v, log_decay):
-    """(v * v_step, log_decay * decay_head) as the unfused backward reads them."""
+    """(v * v_step, log_decay * decay_head) as the unfused backward reads them (v_step mapped from its raw input by
+    `_triton_row_scale` where it has a map)."""
     return v, log_decay
 
 
@@ -3358,7 +3371,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                              output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                              allow_tf32=None, cu_seqlens=None, v_step=None, decay_head=None, scale=1.0, skip=None,
                              skip_weight=None, q_map=None, k_map=None, parallel=None, readouts=False,
-                             float32_states=False):
+                             float32_states=False, v_step_map=None, log_decay_map=None, unsafe=None):
     """triton_chunked_linear with the decay axis given as its class (triton_NoDecay, triton_ScalarDecay, triton_KeyDecay or triton_ValueDecay), the
     entry point of generated modules; shapes and dtypes are not checked (triton_chunked_linear does that).
 
@@ -3391,7 +3404,14 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     always are). A generated module passes True for a call with normaliser columns (mLSTM's q C / max(|q n|, 1)):
     numerator and denominator are sums that cancel, so h's bfloat16 rounding (2^-9) came out magnified, 0.09 of
     mLSTM's output at input gates ~ N(6, 1), T = 96 (tests/test_numerics.py). Costs 2 bytes more per entry of h
-    ([B, H, NT, K, V]), forward and saved for the backward. The parallel form keeps no chunk states (ignored)."""
+    ([B, H, NT, K, V]), forward and saved for the backward. The parallel form keeps no chunk states (ignored).
+
+    v_step_map, log_decay_map: None or (map, vjp) helpers (a scalar decay only, log_decay_map given): v_step and
+    log_decay are then raw inputs [B, T, H] of the per-step factor and the log decays (mLSTM's ig and fg, mapped
+    to exp(ig) and logsigmoid(fg)), mapped where the kernels load them and differentiated through vjp (`_triton_Fused`);
+    the parallel form gets them as float32 tensors (`_triton_ScalarMapFunction`). unsafe: None, or [1] int32 holding T,
+    lowered to the first step whose mapped log decay is NaN or > 0 or whose mapped v_step is not finite (for the
+    caller's `_check_steps`)."""
     if parallel is not None:
         if cu_seqlens is not None:
             raise ValueError("the parallel Triton form takes cu_seqlens through `triton_in_parallel`'s option, not the "
@@ -3400,7 +3420,8 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
                         block_v=block_v, num_warps=num_warps, num_stages=num_stages, allow_tf32=allow_tf32,
                         v_step=v_step, decay_head=decay_head, scale=scale, skip=skip, skip_weight=skip_weight,
                         q_map=q_map, k_map=k_map, readouts=readouts)
-    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map)
+    fused = _triton_fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, k.shape[2], q_map, k_map,
+                             v_step_map, log_decay_map)
     if cu_seqlens is not None:
         packed = _triton_Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
         if initial_state is None:
@@ -3410,7 +3431,7 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
         if fused is not None:
             fused = _triton_Fused(packed.pad(fused.v_step), fused.decay_head, fused.scale, packed.pad(fused.skip),
                                   packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight,
-                                  q_map=fused.q_map, k_map=fused.k_map)
+                                  *fused.maps)
     else:
         packed = None
     BT, BK, BV, prec = _triton_config(k, v.shape[-1], chunk_size, block_k, block_v, allow_tf32, delta=False,
@@ -3428,13 +3449,13 @@ def triton_chunked_linear_by(decay_cls, queries, k, v, log_decay=None, initial_s
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
         flat = _triton_ChunkedLinearFunction.apply(decay_cls, exclusive, cfg, packed, f.scale, f.maps, out_dtype,
-                                                   bool(float32_states), k, v, log_decay, initial_state, *f.tensors(),
-                                                   *[q for q, _ in queries])
+                                                   bool(float32_states), unsafe, k, v, log_decay, initial_state,
+                                                   *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
     else:
         outs, ht, _ = _triton_linear_forward(decay_cls, queries, k.contiguous(), v.contiguous(), log_decay,
                                              initial_state, output_final_state, cfg, packed, fused, out_dtype,
-                                             bool(float32_states))
+                                             bool(float32_states), unsafe)
     if packed is not None:
         outs = [packed.unpad(o) for o in outs]
     return outs, (ht if output_final_state else None)
@@ -3572,20 +3593,22 @@ def _triton_chunk_bwd_plain_kernel(M, x, gc, z, dm, out, ox, T, H: tl.constexpr,
 
 
 def _triton_linear_forward(decay_cls, queries, k, v, log_decay, initial_state, output_final_state, cfg, packed=None,
-                           fused=None, out_dtype=None, float32_states=False):
+                           fused=None, out_dtype=None, float32_states=False, unsafe=None):
     """(outputs, final state, chunk-start states h) of the linear chunked form; cfg = (BT, BK, BV, prec,
     num_warps, num_stages); packed: a `_triton_Packed` whose layout the tensors are in, or None; fused: a `_triton_Fused`;
     out_dtype: the outputs' dtype (None: k's; `_triton_out_dtype`); float32_states: h in float32 for bfloat16 inputs
-    too (`_triton_chunk_states`)."""
+    too (`_triton_chunk_states`); unsafe: None, or [1] int32 that the cumulative-sum kernel lowers to the first unsafe
+    step of the mapped log decays and v_step (`_triton_Fused.log_decay_map`)."""
     BT, BK, BV, prec, num_warps, num_stages = cfg
     f = fused if fused is not None else _triton_NOT_FUSED
     vs = None if f.v_step is None else f.v_step.contiguous()
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps, head=f.decay_head)  # None without a decay
     h, ht = _triton_chunk_states(k, v, gc, initial_state, decay_cls.code, output_final_state, BT, BK, BV, prec, num_warps,
-                                 num_stages, packed, vs, f.k_map, float32_states)
+                                 num_stages, packed, vs, f.k_map, float32_states, f.v_step_map)
     if fused is not None:
         fused = _triton_Fused(vs, f.decay_head, f.scale, None if f.skip is None else f.skip.contiguous(),
-                              None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map)
+                              None if f.skip_weight is None else f.skip_weight.contiguous(), q_map=f.q_map, k_map=f.k_map,
+                              v_step_map=f.v_step_map)
     outs = _triton_outputs(queries, decay_cls, k, v, gc, eg, h, BT, BK, BV, prec, num_warps, num_stages,
                            out_dtype or k.dtype, fused)
     return outs, ht, h
@@ -3597,13 +3620,13 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
     final state, never per-step states."""
 
     @staticmethod
-    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, float32_states, k, v, log_decay,
-                initial_state, v_step, decay_head, skip, skip_weight, *qs):
+    def forward(ctx, decay_cls, exclusive, cfg, packed, scale, maps, out_dtype, float32_states, unsafe, k, v,
+                log_decay, initial_state, v_step, decay_head, skip, skip_weight, *qs):
         k, v = k.contiguous(), v.contiguous()
         qs = tuple(q.contiguous() for q in qs)
         fused = _triton_Fused(v_step, decay_head, scale, skip, skip_weight, *maps)
         outs, ht, h = _triton_linear_forward(decay_cls, list(zip(qs, exclusive)), k, v, log_decay, initial_state, True,
-                                             cfg, packed, fused, out_dtype, float32_states)
+                                             cfg, packed, fused, out_dtype, float32_states, unsafe)
         # A value decay's dlog_decay reads o do: it keeps its own copy of o, as autograd refuses a backward whose
         # saved output the caller changed in place (`o += residual`). Not ht: the backward does not read it.
         saved_outs = [o.clone() for o in outs] if decay_cls.code == 3 else []
@@ -3619,11 +3642,13 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         k, v, log_decay, initial_state, h, v_step, decay_head, skip, skip_weight, *rest = ctx.saved_tensors
         nq = len(ctx.exclusive)
         qs, outs = rest[:nq], rest[nq:]
-        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight)
+        fused = _triton_Fused(v_step, decay_head, ctx.scale, skip, skip_weight, v_step_map=ctx.maps[2])
         # The backward runs on the materialised prologue (v * v_step, log_decay * decay_head: transient tensors of
         # the backward only) and the outputs' gradients times the scale; `_triton_unfuse` maps the result back. The maps of
         # q and k (`_triton_Fused.q_map`, `k_map`) are applied by the backward's kernels as they load the raw inputs, and
-        # dq and dk come back as the raw inputs' gradients (their vjp helpers at the stores): no mapped copy.
+        # dq and dk come back as the raw inputs' gradients (their vjp helpers at the stores): no mapped copy. A
+        # mapped scalar log decay is mapped where the backward loads it, and its gradient stored through its vjp
+        # (`_triton_dlog_scalar_kernel`); a mapped v_step is applied to v and differentiated by `_triton_row_scale_kernel`.
         v_m, log_m = _triton_materialise(fused, v, log_decay)
         dos = [None if g is None else g * ctx.scale for g in grads[:nq]] if ctx.scale != 1.0 else grads[:nq]
         dk, dv, dlog, dh0, dqs = _triton_linear_backward(ctx.decay_cls, ctx.exclusive, ctx.cfg, qs, k, v_m, log_m,
@@ -3634,10 +3659,10 @@ class _triton_ChunkedLinearFunction(torch.autograd.Function):
         def cast(grad, like, i):
             return None if grad is None or not need[i] else grad.to(like.dtype)
 
-        return (None, None, None, None, None, None, None, None, cast(dk, k, 8), cast(dv, v, 9),
-                cast(dlog, log_decay, 10), cast(dh0, initial_state, 11), cast(dvs, v_step, 12),
-                cast(ddh, decay_head, 13), cast(dskip, skip, 14), cast(dsw, skip_weight, 15),
-                *(cast(dq, q, 16 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
+        return (None, None, None, None, None, None, None, None, None, cast(dk, k, 9), cast(dv, v, 10),
+                cast(dlog, log_decay, 11), cast(dh0, initial_state, 12), cast(dvs, v_step, 13),
+                cast(ddh, decay_head, 14), cast(dskip, skip, 15), cast(dsw, skip_weight, 16),
+                *(cast(dq, q, 17 + i) for i, (dq, q) in enumerate(zip(dqs, qs))))
 
 
 def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_state, h, outs, dos, dht,
@@ -3661,10 +3686,11 @@ def _triton_linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, init
     dev, f32 = k.device, torch.float32
     # G over the decayed axis D (K, or V for a value decay), [B, T, H] for a scalar decay, None without a decay
     g = gc = eg = None
+    g_map = maps[3] if len(maps) > 3 else None  # `_triton_Fused.log_decay_map`: log_decay is its raw input
     dos = [torch.zeros((B, T, H, V), dtype=f32, device=dev) if do is None else do.contiguous() for do in dos]
     dht = None if dht is None else dht.to(f32).contiguous()
     warps, stages = _triton_or(num_warps, _WARPS), _triton_or(num_stages, _STAGES)
-    q_map, k_map = maps
+    q_map, k_map = maps[:2]
     qmap, kmap, qvjp, kvjp = _triton_map_of(q_map), _triton_map_of(k_map), _triton_vjp_of(q_map), _triton_vjp_of(k_map)
 
     # dh[:, :, n]: the gradient of the state at the end of chunk n; dh0: of the initial state
@@ -4440,7 +4466,7 @@ def triton_parallel_linear_by(decay_cls, queries, k, v, log_decay=None, initial_
     tensors = [k, v, log_decay, initial_state] + f.tensors() + [q for q, _ in queries]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         exclusive = tuple(bool(e) for _, e in queries)
-        flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps,
+        flat = _triton_ParallelLinearFunction.apply(decay_cls, exclusive, cfg, varlen, f.scale, f.maps[:2],
                                                     bool(output_final_state), out_dtype, k, v, log_decay, initial_state,
                                                     *f.tensors(), *[q for q, _ in queries])
         outs, ht = list(flat[:-1]), flat[-1]
