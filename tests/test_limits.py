@@ -141,9 +141,10 @@ def test_the_command_line_reports_a_deep_spec_as_a_spec_error(tmp_path, capsys):
 
 @pytest.fixture
 def broken_spec(tmp_path, monkeypatch):
-    """A valid spec whose analysis raises (a bug of ours, as `recdsl` sees it)."""
+    """A valid spec whose analysis raises (a bug of ours, as `recdsl` sees it). It has a state: every command refuses
+    a stateless one before analysing it."""
     spec = tmp_path / "ok.rec"
-    spec.write_text(scalar("2 * x"))
+    spec.write_text(stateful("0.5 * h[d] + x[d]"))
 
     def broken(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded")
