@@ -7,8 +7,8 @@ initial state, with and without `cu_seqlens` (one packed sequence empty), forwar
 through the torch recurrent form, refused by name and done under autograd; packed and reversed
 in the form the dispatcher picks; `form="auto"` and
 `backend="auto"` at lengths that pick each form; configs and a tuned lookup; its `torch.nn.Module` wrapper; and a
-table of bad calls, each of which must raise CallError or ValueError. At least 90% of the module's statements must
-have run (89.5% since 2026-12-02, see MIN_COVERED); on failure the message lists the lines that did not, with their text.
+table of bad calls, each of which must raise CallError or ValueError. At least 89.5% of the module's statements
+(MIN_COVERED) must have run; on failure the message lists the lines that did not, with their text.
 
 The only lines excluded from the count are the module's `except ImportError:` fallbacks, which provably cannot
 run in this process: the no-triton stand-in (triton is imported here: asserted through `HAVE_TRITON`) and the
