@@ -55,28 +55,35 @@ def _block_names(fn: ast.FunctionDef) -> set[str]:
 
 def check_kernel_source(source: str) -> None:
     """Raise `KernelRuleError` if any `@triton.jit` function in `source` breaks a rule above."""
-    tree = ast.parse(source)
-    problems: list[str] = []
-    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and _is_triton_jit(n)]:
-        blocks = _block_names(fn)
-        loop_vars = {t.id for loop in ast.walk(fn) if isinstance(loop, ast.For)
-                     for t in ast.walk(loop.target) if isinstance(t, ast.Name)}
-        for node in ast.walk(fn):
-            if not isinstance(node, ast.Call):
-                continue
-            func = ast.unparse(node.func)
-            where = f"{fn.name}, line {node.lineno}"
-            if func.endswith("make_block_ptr"):
-                problems.append(f"{where}: tl.make_block_ptr is removed in Triton 3.9; use pointer arithmetic")
-            if func in ("tl.load", "tl.store") and node.args and _mentions(node.args[0], blocks):
-                if not any(k.arg == "mask" for k in node.keywords):
-                    problems.append(f"{where}: {func} without mask=")
-            if isinstance(node.func, ast.Attribute) and node.func.attr == "to":
-                target = node.func.value
-                if isinstance(target, ast.Name) and target.id in loop_vars:
-                    problems.append(f"{where}: .to() on the loop variable '{target.id}'")
+    problems = [p for fn in ast.walk(ast.parse(source)) for p in function_problems(fn)]
     if problems:
         raise KernelRuleError("generated Triton source breaks the GPU's rules:\n  " + "\n  ".join(problems))
+
+
+def function_problems(fn: ast.AST) -> list[str]:
+    """The rules a `@triton.jit` function `fn` breaks, each as "name, line N: what" (N as `fn`'s line numbers
+    count); nothing for any other node."""
+    if not (isinstance(fn, ast.FunctionDef) and _is_triton_jit(fn)):
+        return []
+    problems: list[str] = []
+    blocks = _block_names(fn)
+    loop_vars = {t.id for loop in ast.walk(fn) if isinstance(loop, ast.For)
+                 for t in ast.walk(loop.target) if isinstance(t, ast.Name)}
+    for node in ast.walk(fn):
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        where = f"{fn.name}, line {node.lineno}"
+        if func.endswith("make_block_ptr"):
+            problems.append(f"{where}: tl.make_block_ptr is removed in Triton 3.9; use pointer arithmetic")
+        if func in ("tl.load", "tl.store") and node.args and _mentions(node.args[0], blocks):
+            if not any(k.arg == "mask" for k in node.keywords):
+                problems.append(f"{where}: {func} without mask=")
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "to":
+            target = node.func.value
+            if isinstance(target, ast.Name) and target.id in loop_vars:
+                problems.append(f"{where}: .to() on the loop variable '{target.id}'")
+    return problems
 
 
 def check_dot_blocks(**blocks: int) -> None:

@@ -33,8 +33,9 @@ from recurrence_dsl.sampling import param_roles
 from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
-from .kernel_rules import check_kernel_source
-from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize
+from .kernel_rules import check_kernel_source, function_problems
+from .source_units import Unit, defined_names, joined, split_units, units_of
+from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize_units
 from .torch_forms import PRELUDE, TorchFormWriter
 from .triton_printer import HELPERS
 from .triton_recurrent import (
@@ -675,80 +676,77 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
                           "triton_"))
     parts.append(triton_parts[0])
+    # the parts so far are the same in every module but for the header and docstring: their units are cached
+    units = [u for part in _whole_lines(parts) for u in split_units(part)]
     printed = []  # the printed forms, whose calls of the runtime tell what the runtime is passed
     for a in analyses:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
-        parts.append(_section(f"recurrence {a.recurrence.name}: {a.cls.value}"))
-        parts.append(_spec_data(a, a.recurrence.name in triton_parts[2]))
-        parts.append("\n\n")
-        parts.append(printed[-2])
-        parts.append("\n")
-        parts.append("\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
-                     "around the Triton runtime.\n\n")
-        parts.append(printed[-1])
-        parts.append("\n")
-        parts.append(_entry_points(a))
+        parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
+                 _spec_data(a, a.recurrence.name in triton_parts[2]), "\n\n", printed[-2], "\n",
+                 "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
+                 "around the Triton runtime.\n\n", printed[-1], "\n", _entry_points(a)]
+        units += [u for part in _whole_lines(parts) for u in units_of(part)]
     # the runtime without the branches its plans and its printed calls never take
-    text = specialize("".join(parts), analyses, "\n\n".join(printed))
-    text = _prune(text, [n for a in analyses for n in _public_names(a)])
-    text = re.sub(r"\n{4,}", "\n\n\n", text).rstrip("\n") + "\n"
-    _check_names(text, analyses)
+    units = specialize_units(units, analyses, "\n\n".join(printed))
+    units = _prune(units, [n for a in analyses for n in _public_names(a)])
+    _check_names(units, analyses)
+    text = re.sub(r"\n{4,}", "\n\n\n", joined(units)).rstrip("\n") + "\n"
     try:
         compile(text, "<generated module>", "exec", dont_inherit=True)  # also what ast.parse lets through
     except SyntaxError as err:  # a printer bug, not a user error
         raise RuntimeError(f"recurrence_dsl generated a module that does not parse ({err}); please report this "
                            "with the spec") from err
-    check_kernel_source(text)
+    if any(_kernel_problems(u) for u in units):
+        check_kernel_source(text)  # raises, naming each kernel and its line in the module
     return stamp(text)
+
+
+def _whole_lines(parts: list[str]) -> list[str]:
+    """`parts` (pieces of source) joined where one ends inside a line, so that each piece holds whole lines."""
+    out, pending = [], ""
+    for part in parts:
+        pending += part
+        if pending.endswith("\n"):
+            out.append(pending)
+            pending = ""
+    return out + ([pending] if pending else [])
+
+
+@functools.lru_cache(maxsize=8192)
+def _kernel_problems(unit: Unit) -> bool:
+    """Whether a `@triton.jit` function in `unit` breaks a GPU rule (codegen/kernel_rules.py); cached per unit."""
+    return any(function_problems(fn) for node in unit.nodes for fn in ast.walk(node))
 
 
 def _public_names(analysis: Analysis) -> list[str]:
     return [analysis.recurrence.name, _class_name(analysis.recurrence.name)]
 
 
-def _defined(node: ast.stmt) -> list[str]:
-    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        return [node.name]
-    if isinstance(node, (ast.Assign, ast.AnnAssign)):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-    return []
-
-
-def _prune(text: str, roots: list[str]) -> str:
+def _prune(units: list[Unit], roots: list[str]) -> list[Unit]:
     """Drop the top-level functions, classes and assignments that nothing reachable from `roots` (and from the
     module's other statements: imports, the triton fallback) uses, so a module holds only what its layer runs."""
-    tree = ast.parse(text)
-    definitions: dict[str, list[ast.stmt]] = {}
-    reads: dict[int, set[str]] = {}
-    always: list[ast.stmt] = []
-    for node in tree.body:
-        names = _defined(node)
-        reads[id(node)] = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-        if names:
-            for name in names:
-                definitions.setdefault(name, []).append(node)
-        elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
-            always.append(node)
+    definitions: dict[str, list[Unit]] = {}
+    always: list[Unit] = []
+    for unit in units:
+        for name in unit.defines:
+            definitions.setdefault(name, []).append(unit)
+        if not unit.defines and any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+                                    for node in unit.nodes):
+            always.append(unit)
     keep: set[int] = set()
-    todo = list(roots) + [n for node in always for n in reads[id(node)]]
+    todo = list(roots) + [n for unit in always for n in unit.reads]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        for node in definitions.get(name, ()):
-            if id(node) not in keep:
-                keep.add(id(node))
-                todo.extend(reads[id(node)])
-    drop: set[int] = set()
-    for node in tree.body:
-        if _defined(node) and id(node) not in keep:
-            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            drop.update(range(first, node.end_lineno + 1))
-    return "\n".join(line for n, line in enumerate(text.splitlines(), start=1) if n not in drop) + "\n"
+        for unit in definitions.get(name, ()):
+            if id(unit) not in keep:
+                keep.add(id(unit))
+                todo.extend(unit.reads)
+    return [u for u in units if not u.defines or id(u) in keep]
 
 
 # Arguments of the generated nn.Module's __init__ besides its params.
@@ -758,22 +756,23 @@ _MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "si
                                                          "chunk_size"}
 
 
-def _check_names(text: str, analyses: list[Analysis]) -> None:
+def _check_names(units: list[Unit], analyses: list[Analysis]) -> None:
     """The entry points keep the spec's names (callers pass inputs by name), so a spec name that would shadow
-    what the generated module itself uses is a spec error, reported where the name is declared."""
-    tree = ast.parse(text)
+    what the generated module itself uses (`units`, its top-level statements) is a spec error, reported where the
+    name is declared."""
+    body = [node for unit in units for node in unit.nodes]
     bound: dict[str, int] = {name: 1 for name in dir(builtins)}  # a builtin the module calls counts as bound
     # Names bound inside module-level try / if blocks (triton, tl, CallError) too; a function's or class's own
     # locals are not the module's (they may be called anything, `g` included).
-    blocks = [node for node in tree.body if isinstance(node, ast.Try | ast.If)]
+    blocks = [node for node in body if isinstance(node, ast.Try | ast.If)]
     while blocks:
         node = blocks.pop()
         for inner in node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]:
             if isinstance(inner, ast.Try | ast.If):
                 blocks.append(inner)
-            for name in _defined(inner):
+            for name in defined_names(inner):
                 bound[name] = bound.get(name, 0) + 1
-    for node in tree.body:
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names = [node.name]
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -784,7 +783,7 @@ def _check_names(text: str, analyses: list[Analysis]) -> None:
             names = []
         for name in names:
             bound[name] = bound.get(name, 0) + 1
-    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defs = {node.name: node for node in body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     clashes: list[SpecError] = []  # every clash of every recurrence: a user renames them all in one go
     for a in analyses:
         rec = a.recurrence

@@ -37,10 +37,12 @@ on the text, at the lines the AST gives).
 from __future__ import annotations
 
 import ast
+import functools
 
 from recurrence_dsl.analysis import Analysis, TransitionClass
 
 from .kernel_rules import _is_triton_jit
+from .source_units import Unit, joined, units_of
 from .triton_recurrent import triton_form_names
 
 _DECAY_CODES = {None: 0, "scalar": 1, "key": 2, "value": 3}  # the `code` of the runtime's decay classes
@@ -208,8 +210,13 @@ def specialize(text: str, analyses: list[Analysis], printed: str | None = None) 
     """`text` (a generated module) with the runtime's never-taken branches removed: the kernels' flag branches, and
     with `printed` (the source of the module's printed forms, which make its runtime calls) the host-side
     functions' branches on the decay code and on the fused keywords those calls leave out (`runtime_facts`)."""
+    return joined(specialize_units(units_of(text), analyses, printed))
+
+
+def specialize_units(units: list[Unit], analyses: list[Analysis], printed: str | None = None) -> list[Unit]:
+    """`specialize` on a module's units (codegen/source_units.py): the units of the functions it folds replaced."""
     flags = dict(plan_flags(analyses))
-    facts = None
+    facts, skip = None, frozenset()
     if printed is not None:
         fused = fused_keywords(printed)
         per_step = "skip_weight" in fused and skip_per_step(printed)
@@ -219,9 +226,9 @@ def specialize(text: str, analyses: list[Analysis], printed: str | None = None) 
             flags.update({flag: frozenset({False if flag == "CHECK" else None}) for name, names in _MAP_FLAGS.items()
                           if name not in fused for flag in names})
         facts = runtime_facts(analyses, fused, per_step)
-        skip = {n for node in ast.parse(printed).body for n in _defined_names(node)}
-    text = specialize_kernels(text, flags, backward_flags(analyses))
-    return text if facts is None else specialize_host(text, facts, skip)
+        skip = frozenset(n for u in units_of(printed) for node in u.nodes for n in _defined_names(node))
+    units = _specialize_kernel_units(units, flags, backward_flags(analyses))
+    return units if facts is None else _specialize_host_units(units, facts, skip)
 
 
 def _defined_names(node: ast.stmt) -> list[str]:
@@ -232,35 +239,65 @@ def specialize_host(text: str, facts: dict[str, frozenset], skip: set[str] = fro
     """Fold the branches that `facts` (an expression's text, or `.attr` for that attribute on any object -> the
     values it can take) decide in the runtime's top-level host-side functions (named `triton_...` or `_triton_...`,
     not `@triton.jit`, not in `skip`: the printed forms' own)."""
-    lines = text.splitlines()
-    tree = ast.parse(text)
-    for fn in reversed(tree.body):  # bottom-up, so earlier line numbers stay valid
-        if (isinstance(fn, ast.FunctionDef) and fn.name.startswith((_RUNTIME_PREFIX, _RUNTIME_PREFIX[1:]))
+    return joined(_specialize_host_units(units_of(text), facts, frozenset(skip)))
+
+
+def _specialize_host_units(units, facts: dict[str, frozenset], skip: frozenset[str]) -> list[Unit]:
+    key = _frozen(facts)
+    out = []
+    for unit in units:
+        fn = unit.function
+        if (fn is not None and fn.name.startswith((_RUNTIME_PREFIX, _RUNTIME_PREFIX[1:]))
                 and not _is_triton_jit(fn) and fn.name not in skip):
-            lines[fn.lineno - 1:fn.end_lineno] = _fold_function(lines[fn.lineno - 1:fn.end_lineno], facts)
-    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+            unit = _folded_unit(unit, key)
+        out.append(unit)
+    return out
 
 
 def specialize_kernels(text: str, flags: dict[str, frozenset],
                        extra: dict[str, dict[str, frozenset]] | None = None) -> str:
     """Fold the branches on `flags` (name -> the values it can take) in the Triton runtime's jit functions;
     `extra`: runtime kernel name (as in codegen/triton_runtime.py) -> flag -> more values that kernel takes."""
+    return joined(_specialize_kernel_units(units_of(text), flags, extra))
+
+
+def _specialize_kernel_units(units, flags: dict[str, frozenset],
+                             extra: dict[str, dict[str, frozenset]] | None = None) -> list[Unit]:
     flags = {name: values for name, values in flags.items() if values}
     if not flags:
-        return text
+        return list(units)
     extra = extra or {}
-    lines = text.splitlines()
-    tree = ast.parse(text)
-    for fn in reversed(tree.body):  # bottom-up, so earlier line numbers stay valid
-        if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith(_RUNTIME_PREFIX) and _is_triton_jit(fn)):
-            continue
-        constexpr = {a.arg for a in fn.args.args if a.annotation is not None
-                     and ast.unparse(a.annotation) == "tl.constexpr"}
-        more = extra.get(fn.name[len(_RUNTIME_PREFIX) - 1:], {})  # `_triton_x_kernel` -> `_x_kernel`
-        known = {name: values | more.get(name, frozenset()) for name, values in flags.items() if name in constexpr}
-        if known:
-            lines[fn.lineno - 1:fn.end_lineno] = _fold_function(lines[fn.lineno - 1:fn.end_lineno], known)
-    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+    out = []
+    for unit in units:
+        fn = unit.function
+        if fn is not None and fn.name.startswith(_RUNTIME_PREFIX) and _is_triton_jit(fn):
+            constexpr = _constexpr_arguments(fn)
+            more = extra.get(fn.name[len(_RUNTIME_PREFIX) - 1:], {})  # `_triton_x_kernel` -> `_x_kernel`
+            known = {name: values | more.get(name, frozenset()) for name, values in flags.items() if name in constexpr}
+            if known:
+                unit = _folded_unit(unit, _frozen(known))
+        out.append(unit)
+    return out
+
+
+def _constexpr_arguments(fn: ast.FunctionDef) -> set[str]:
+    return {a.arg for a in fn.args.args if a.annotation is not None and ast.unparse(a.annotation) == "tl.constexpr"}
+
+
+def _frozen(known: dict[str, frozenset]) -> tuple:
+    return tuple(sorted(known.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _folded_unit(unit: Unit, known: tuple) -> Unit:
+    """The function unit `unit` with `_fold_function` applied to its lines from the `def` on (its decorators kept);
+    cached, as the runtime's units and a module's flags repeat from module to module."""
+    lines = unit.text.splitlines()
+    start = unit.function.lineno - 1  # the decorators' lines stay as they are
+    new = lines[:start] + _fold_function(lines[start:], dict(known))
+    if new == lines:
+        return unit
+    return units_of("\n".join(new) + ("\n" if unit.text.endswith("\n") else ""))[0]
 
 
 def _values(node: ast.expr, known: dict[str, frozenset]) -> frozenset | None:
