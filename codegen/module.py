@@ -22,6 +22,7 @@ import io
 import re
 import textwrap
 import tokenize
+import weakref
 from pathlib import Path
 
 import torch
@@ -713,10 +714,15 @@ def _whole_lines(parts: list[str]) -> list[str]:
     return out + ([pending] if pending else [])
 
 
-@functools.lru_cache(maxsize=8192)
+_KERNEL_PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unit -> bool, while the unit lives
+
+
 def _kernel_problems(unit: Unit) -> bool:
-    """Whether a `@triton.jit` function in `unit` breaks a GPU rule (codegen/kernel_rules.py); cached per unit."""
-    return any(function_problems(fn) for node in unit.nodes for fn in ast.walk(node))
+    """Whether a `@triton.jit` function in `unit` breaks a GPU rule (codegen/kernel_rules.py); known once per unit
+    (the runtime's units live as long as `split_units` caches them)."""
+    if unit not in _KERNEL_PROBLEMS:
+        _KERNEL_PROBLEMS[unit] = any(function_problems(fn) for node in unit.nodes for fn in ast.walk(node))
+    return _KERNEL_PROBLEMS[unit]
 
 
 def _public_names(analysis: Analysis) -> list[str]:
