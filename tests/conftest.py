@@ -148,8 +148,17 @@ def no_torch_forms(layer, monkeypatch, function: str) -> list:
 
 def pytest_collection_modifyitems(config, items):
     """Without CUDA, GPU tests are deselected (not skipped) unless a `-m` expression selects them on purpose:
-    then they run and fail, so a GPU run can never pass without a GPU."""
-    if torch.cuda.is_available() or config.getoption("markexpr"):
+    then they run and fail, so a GPU run can never pass without a GPU. Tests marked `extended` (CPU checks past
+    CI's time budget, each a repeat of a CI test on more specs) are deselected unless RECDSL_EXTENDED=1 or a `-m`
+    expression is given."""
+    if config.getoption("markexpr"):
+        return
+    if os.environ.get("RECDSL_EXTENDED") != "1":
+        extended = [item for item in items if item.get_closest_marker("extended")]
+        if extended:
+            config.hook.pytest_deselected(items=extended)
+            items[:] = [item for item in items if not item.get_closest_marker("extended")]
+    if torch.cuda.is_available():
         return
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
