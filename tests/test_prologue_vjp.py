@@ -90,15 +90,15 @@ def _consumers(output: torch.Tensor, leaf: torch.Tensor) -> set[str]:
 def test_no_graph_through_the_prologue(name, mapped, backend):
     """The inputs the prologue maps (elu(q) + 1, exp(ig), logsigmoid(fg), sigmoid(gr)) are read by the printed node
     alone, not by torch's elu / exp / sigmoid nodes; an output computed by the epilogue is made by the printed node.
-    On Triton, normalized linear attention's feature maps are printed @triton.jit helpers the kernels apply
-    (tests/test_prologue_maps.py): q and k are read by the chunked kernels' autograd node alone."""
+    On Triton, normalized linear attention's feature maps and mLSTM's exp(ig) and logsigmoid(fg) are applied by the
+    kernels at their loads (tests/test_prologue_maps.py): those inputs are read by the chunked kernels' node alone."""
     rec = SPECS[name]
     args, initial = _arguments(rec)
     leaves = [a.float().requires_grad_() for a in args]
     layer = recurrence_dsl.compile(rec, form="chunked", chunk_size=CHUNK, tuning=False)
     out, _ = layer(*leaves, backend=backend)
     by_name = dict(zip([s.name for s in rec.checked.inputs + rec.checked.params], leaves))
-    in_kernels = backend == "triton" and name == "normalized_linear_attention"
+    in_kernels = backend == "triton" and name in ("normalized_linear_attention", "mlstm")
     for x in mapped:
         want = {"_triton_ChunkedLinearFunctionBackward"} if in_kernels else {PRINTED}
         assert _consumers(out, by_name[x]) == want, (x, _consumers(out, by_name[x]))
@@ -137,12 +137,14 @@ def _source(name: str) -> str:
 
 def test_the_module_prints_the_vjps():
     """The generated source holds the printed prologue and epilogue and their derivatives: logsigmoid's is
-    sigmoid(-x), elu's the indicator-weighted exp, the clamp of mlstm's normaliser a step function."""
+    sigmoid(-x), elu's the indicator-weighted exp, the clamp of mlstm's normaliser a step function. The Triton
+    chunked form maps mlstm's gates at the kernels' loads, so it prints the epilogue's VJP but no prologue VJP."""
     text = _source("mlstm")
     for piece in ("def mlstm__chunked_prologue_vjp(", "def mlstm__chunked_epilogue_vjp(",
                   "mlstm__chunked_prologue = with_vjp(mlstm__chunked_prologue_fwd, mlstm__chunked_prologue_vjp",
-                  "def mlstm__chunked_prologue_vjp_triton(", "torch.sigmoid(-fg)", "torch.sign(read_n)"):
+                  "def mlstm__chunked_epilogue_vjp_triton(", "torch.sigmoid(-fg)", "torch.sign(read_n)"):
         assert piece in text, piece
+    assert "def mlstm__chunked_prologue_vjp_triton(" not in text
     nla = _source("normalized_linear_attention")
     vjp = nla.split("def normalized_linear_attention__chunked_prologue_vjp(")[1].split("\n\n\n")[0]
     assert "grad_q_S * torch.where(q > 0.0, 1.0, torch.exp(q))".replace("grad_q_S", "grad_query_read_S") in vjp, vjp

@@ -204,8 +204,10 @@ def test_decay_gradient_does_not_cancel(axis):
 # caller may change it in place, tests/test_training_usage.py): the divided readout's output is one (its epilogue's
 # broadcast_to), 1,638,400 B more in float32 and 1,114,112 B in bfloat16 with its gradient's path (before:
 # 7,798,544 and 7,509,776).
-PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 9_436_944,
-                  ("normalized_linear_attention", torch.bfloat16): 8_623_888,
+# normalised attention's figures fell by one output-sized buffer when printed epilogues stopped returning a
+# broadcast_to view that the layer then copied (commit a37dd33)
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 8_388_368,
+                  ("normalized_linear_attention", torch.bfloat16): 8_099_600,
                   ("hgrn2", torch.float32): 6_835_216, ("hgrn2", torch.bfloat16): 9_845_264}
 
 
