@@ -1,7 +1,7 @@
 """Run a compiled layer's forms on a bound call: dtype, initial states, packed sequences, auto form choice.
 
-Imports only torch and is copied verbatim into generated modules, next to
-`recurrence_dsl/calling.py` (whose `BoundCall` and `pack_result` it uses).
+Imports only torch and recurrence_dsl.errors' DecayNotPositive, and is copied verbatim (without its imports) into
+generated modules, next to `recurrence_dsl/calling.py` (whose `BoundCall` and `pack_result` it uses).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import os
 
 import torch
 
-
-class DecayNotPositive(ValueError):
-    """A chunked form needs log(decay) and the decay is not positive; `auto` then steps instead."""
+from recurrence_dsl.errors import DecayNotPositive  # (a generated module's own import: codegen/module.py `_SUPPORT`)
 
 
 class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the dispatcher, like StopIteration

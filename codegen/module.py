@@ -481,12 +481,16 @@ except ImportError:  # the torch forms work without triton; the kernel definitio
 '''
 
 _SUPPORT = '''
-try:  # one exception type for bad calls when recurrence_dsl is installed; this module works without it
-    from recurrence_dsl.errors import CallError
+try:  # one exception type each for bad calls and refused decays when recurrence_dsl is installed; this module
+    # works without it
+    from recurrence_dsl.errors import CallError, DecayNotPositive
 except ImportError:
 
     class CallError(ValueError):
         """A layer was called with arguments that do not fit its declaration."""
+
+    class DecayNotPositive(ValueError):
+        """A chunked form needs log(decay) and the decay is not positive; `auto` then steps instead."""
 
 
 @dataclass(frozen=True)

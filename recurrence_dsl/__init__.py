@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import CallError, SpecError
+from .errors import CallError, DecayNotPositive, SpecError
 from .version import __version__
 
 if TYPE_CHECKING:
     from .api import Recurrence, load, load_text
     from .compiler import compile_recurrence as compile
 
-__all__ = ["CallError", "Recurrence", "SpecError", "compile", "load", "load_text", "__version__"]
+__all__ = ["CallError", "DecayNotPositive", "Recurrence", "SpecError", "compile", "load", "load_text", "__version__"]
 
 
 def __getattr__(name: str):

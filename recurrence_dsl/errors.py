@@ -143,6 +143,13 @@ class CallError(ValueError):
     or differentiated twice through a form whose backward records no graph (codegen/dispatch.py `_first_order`)."""
 
 
+class DecayNotPositive(ValueError):
+    """A chunked or parallel form takes the logarithm of a decay that a call's values make <= 0 somewhere. With
+    `form="auto"` the layer runs the step-by-step forms instead; a form asked for by name raises this. Compiled
+    layers and generated modules raise this one class when recurrence_dsl is installed (`recdsl check` reports such
+    a form as skipped on its random inputs, not as failed)."""
+
+
 def did_you_mean(word: str, candidates) -> str | None:
     """A hint naming the closest candidate, or None when nothing is close."""
     close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)

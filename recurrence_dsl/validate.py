@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from codegen.dispatch import DecayNotPositive
-
 from .api import Recurrence
+from .errors import DecayNotPositive
 from .explain import tidy
 from .sampling import sample_arguments
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import recurrence_dsl
 from recurrence_dsl.cli import main
@@ -211,10 +212,10 @@ def test_a_path_that_raises_is_a_fail_row_not_a_traceback():
 
 
 def test_a_decay_the_inputs_make_non_positive_is_reported_as_skipped(tmp_path):
-    from codegen.dispatch import DecayNotPositive
     from recurrence_dsl.validate import check_recurrence
 
     rec = recurrence_dsl.load(PLAIN_DECAY)["plain"]
+    DecayNotPositive = recurrence_dsl.DecayNotPositive  # noqa: N806
 
     def refuses(*args, **kwargs):
         raise DecayNotPositive("form 'chunked' takes the logarithm of the decay a[i] of S")
@@ -224,6 +225,35 @@ def test_a_decay_the_inputs_make_non_positive_is_reported_as_skipped(tmp_path):
     assert report.ok
     assert [p for p, _ in report.skipped] == ["torch/chunked"]
     assert "on these random inputs" in report.skipped[0][1]
+
+
+# HGRN's forget gate with a lower bound (Qin et al. 2023): the decay goes through a temporary and a param, so the
+# sampler cannot keep it positive; a param lb outside (0, 1) makes it negative.
+LOWER_BOUND_DECAY = """recurrence hgrn_lb(x[D], fg[D]) -> y[D] {
+    param lb[D]
+    state h[D]
+    f[d] = lb[d] + (1 - lb[d]) * sigmoid(fg[d])
+    h[d] = f[d] * h[d] + (1 - f[d]) * x[d]
+    y[d] = h[d]
+}
+"""
+
+
+def test_a_compiled_layer_refusing_a_decay_is_a_skip_in_check(tmp_path, capsys):
+    """The layers `check` runs come from generated modules, which carry dispatch.py: their refusal is
+    recurrence_dsl.DecayNotPositive itself, so check reports the chunked forms as skipped, not failed."""
+    rec = recurrence_dsl.load_text(LOWER_BOUND_DECAY)["hgrn_lb"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    x, fg = torch.randn(2, 1, 6, 1, 4)
+    with pytest.raises(recurrence_dsl.DecayNotPositive):
+        layer(x, fg, -torch.ones(1, 4), form="chunked", backend="torch")
+    path = tmp_path / "hgrn_lb.rec"
+    path.write_text(LOWER_BOUND_DECAY)
+    code, out, err = _run_cli("check", path, "--shape", "B=1,T=24,H=2,D=8", "--no-triton", "--seed", "1",
+                              capsys=capsys)
+    assert code == 0, out + err
+    assert "FAIL:" not in out, out
+    assert out.count("on these random inputs") == 2, out  # the chunked and parallel forms, skipped
 
 
 def test_check_draws_a_plain_decay_positive_so_every_form_runs(tmp_path, capsys):

@@ -473,9 +473,9 @@ def test_module_text_is_standalone(generated, stem):
     text = (generated / f"gen_{stem}.py").read_text()
     assert text.startswith(MARKER)
     assert "tl.make_block_ptr" not in text and "make_block_ptr" not in text
-    # The one mention of the project: an optional import of its CallError (the child process above runs the
-    # module with recurrence_dsl blocked, so the fallback is exercised).
-    guarded = "    from recurrence_dsl.errors import CallError\nexcept ImportError:\n"
+    # The one mention of the project: an optional import of its CallError and DecayNotPositive (the child process
+    # above runs the module with recurrence_dsl blocked, so the fallback is exercised).
+    guarded = "    from recurrence_dsl.errors import CallError, DecayNotPositive\nexcept ImportError:\n"
     assert text.count(guarded) == 1
     for banned in ("import recurrence_dsl", "from recurrence_dsl", "import codegen", "from codegen"):
         assert banned not in text.replace(guarded, ""), f"gen_{stem}.py contains {banned!r}"

@@ -254,8 +254,8 @@ def assert_causal(what: str, got: torch.Tensor, ref: torch.Tensor, first_unsafe:
 
 
 def is_decay_not_positive(err: BaseException) -> bool:
-    # DecayNotPositive is defined in each generated module (dispatch.py is copied in): match it by name.
-    return type(err).__name__ == "DecayNotPositive"
+    # (a generated module's dispatch.py takes recurrence_dsl's class where recurrence_dsl is installed)
+    return isinstance(err, recurrence_dsl.DecayNotPositive)
 
 
 LAYERS: dict[str, object] = {}
