@@ -215,10 +215,9 @@ def test_a_decay_the_inputs_make_non_positive_is_reported_as_skipped(tmp_path):
     from recurrence_dsl.validate import check_recurrence
 
     rec = recurrence_dsl.load(PLAIN_DECAY)["plain"]
-    DecayNotPositive = recurrence_dsl.DecayNotPositive  # noqa: N806
 
     def refuses(*args, **kwargs):
-        raise DecayNotPositive("form 'chunked' takes the logarithm of the decay a[i] of S")
+        raise recurrence_dsl.DecayNotPositive("form 'chunked' takes the logarithm of the decay a[i] of S")
 
     paths = {"reference": rec.reference, "torch/chunked": refuses}
     report = check_recurrence(rec, {"K": 4, "V": 3}, 1, 6, 2, paths=paths)
