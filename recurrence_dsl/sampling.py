@@ -12,6 +12,8 @@ unit norm. The rules, read off the body:
   delta rule) is L2-normalised over its last axis;
 - an input or param multiplying a state directly (a decay written `a[i] * S[i, j]`,
   not `exp(...)`) lies in (0.5, 0.95): positive, as the chunked forms' logarithm needs;
+  so do the inputs and params a temporary decay is written in, outside calls and sums
+  (HGRN's lower bound lb in `f = lb + (1 - lb) * sigmoid(g)`, `S = f * S + ...`);
 - other scalar inputs lie in (0, 1) (gates such as `beta`); everything else is
   standard normal scaled by 1/sqrt(last dim).
 """
@@ -60,6 +62,8 @@ class _Roles:
         self.unit_keys: set[str] = set()
         self.decays: set[str] = set()
         states = {s.name for s in rec.states}
+        self.temps = {stmt.target.name: stmt.value for stmt in rec.statements
+                      if stmt.target.name not in states and stmt.target.name not in {o.name for o in rec.outputs}}
         for stmt in rec.statements:
             self.visit(stmt.value, states)
             if stmt.target.name in states:
@@ -87,8 +91,19 @@ class _Roles:
         elif isinstance(e, ast.BinOp) and e.op == "*":
             factors = _factors(e)
             if any(isinstance(f, (ast.Name, ast.Indexed)) and f.name == state for f in factors):
-                self.decays |= {f.name for f in factors if isinstance(f, (ast.Name, ast.Indexed))
-                                and f.name in self.kinds}
+                for f in factors:
+                    if isinstance(f, (ast.Name, ast.Indexed)):
+                        self.decay_names(f.name, set())
+
+    def decay_names(self, name: str, seen: set[str]) -> None:
+        """Mark `name` a decay factor: an input or param itself, or through a temporary the inputs and params of
+        its definition's terms and factors (not inside calls or sums, whose arguments other rules draw)."""
+        if name in self.kinds:
+            self.decays.add(name)
+        elif name in self.temps and name not in seen:
+            seen.add(name)
+            for leaf in _arithmetic_leaves(self.temps[name]):
+                self.decay_names(leaf, seen)
 
     def signs(self, e, want: int) -> None:
         if isinstance(e, (ast.Name, ast.Indexed)):
@@ -106,6 +121,17 @@ class _Roles:
             lead = params[0] if params else (names[0] if names else None)
             for f in factors:
                 self.signs(f, want if f is lead else 1)
+
+
+def _arithmetic_leaves(e) -> list[str]:
+    """The names in `e` reached through + - * / and negation alone."""
+    if isinstance(e, (ast.Name, ast.Indexed)):
+        return [e.name]
+    if isinstance(e, ast.BinOp) and e.op in "+-*/":
+        return _arithmetic_leaves(e.left) + _arithmetic_leaves(e.right)
+    if isinstance(e, ast.Neg):
+        return _arithmetic_leaves(e.operand)
+    return []
 
 
 def _factors(e) -> list:

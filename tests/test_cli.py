@@ -13,6 +13,7 @@ import torch
 
 import recurrence_dsl
 from recurrence_dsl.cli import main
+from recurrence_dsl.sampling import param_roles
 
 from .conftest import REPO, SPECS_DIR
 
@@ -226,8 +227,34 @@ def test_a_decay_the_inputs_make_non_positive_is_reported_as_skipped(tmp_path):
     assert "on these random inputs" in report.skipped[0][1]
 
 
-# HGRN's forget gate with a lower bound (Qin et al. 2023): the decay goes through a temporary and a param, so the
-# sampler cannot keep it positive; a param lb outside (0, 1) makes it negative.
+# A decay the sampler cannot keep positive: tanh of a standard normal input is negative half the time.
+SIGNED_DECAY = """recurrence signed(x[D], fg[D]) -> y[D] {
+    state h[D]
+    f[d] = tanh(fg[d])
+    h[d] = f[d] * h[d] + (1 - f[d]) * x[d]
+    y[d] = h[d]
+}
+"""
+
+
+def test_a_compiled_layer_refusing_a_decay_is_a_skip_in_check(tmp_path, capsys):
+    """The layers `check` runs come from generated modules, which carry dispatch.py: their refusal is
+    recurrence_dsl.DecayNotPositive itself, so check reports the chunked forms as skipped, not failed."""
+    rec = recurrence_dsl.load_text(SIGNED_DECAY)["signed"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    x = torch.randn(1, 6, 1, 4)
+    with pytest.raises(recurrence_dsl.DecayNotPositive):
+        layer(x, -torch.ones(1, 6, 1, 4), form="chunked", backend="torch")
+    path = tmp_path / "signed.rec"
+    path.write_text(SIGNED_DECAY)
+    code, out, err = _run_cli("check", path, "--shape", "B=1,T=24,H=2,D=8", "--no-triton", "--seed", "1",
+                              capsys=capsys)
+    assert code == 0, out + err
+    assert "FAIL:" not in out, out
+    assert out.count("on these random inputs") == 2, out  # the chunked and parallel forms, skipped
+
+
+# HGRN's forget gate with a lower bound (Qin et al. 2023, Eq. 4): the decay is a temporary written in a param.
 LOWER_BOUND_DECAY = """recurrence hgrn_lb(x[D], fg[D]) -> y[D] {
     param lb[D]
     state h[D]
@@ -238,21 +265,20 @@ LOWER_BOUND_DECAY = """recurrence hgrn_lb(x[D], fg[D]) -> y[D] {
 """
 
 
-def test_a_compiled_layer_refusing_a_decay_is_a_skip_in_check(tmp_path, capsys):
-    """The layers `check` runs come from generated modules, which carry dispatch.py: their refusal is
-    recurrence_dsl.DecayNotPositive itself, so check reports the chunked forms as skipped, not failed."""
+def test_check_draws_a_decay_through_a_temporary_positive(tmp_path, capsys):
+    """The sampler follows the temporary f to lb and draws it in (0.5, 0.95), so f > 0 and every seed runs the
+    chunked and parallel forms (lb from N(0, 1) made f negative: those forms were skipped)."""
     rec = recurrence_dsl.load_text(LOWER_BOUND_DECAY)["hgrn_lb"]
-    layer = recurrence_dsl.compile(rec, tuning=False)
-    x, fg = torch.randn(2, 1, 6, 1, 4)
-    with pytest.raises(recurrence_dsl.DecayNotPositive):
-        layer(x, fg, -torch.ones(1, 4), form="chunked", backend="torch")
+    assert param_roles(rec.checked) == {"lb": "factor"}
     path = tmp_path / "hgrn_lb.rec"
     path.write_text(LOWER_BOUND_DECAY)
-    code, out, err = _run_cli("check", path, "--shape", "B=1,T=24,H=2,D=8", "--no-triton", "--seed", "1",
-                              capsys=capsys)
-    assert code == 0, out + err
-    assert "FAIL:" not in out, out
-    assert out.count("on these random inputs") == 2, out  # the chunked and parallel forms, skipped
+    for seed in ("0", "1"):
+        code, out, err = _run_cli("check", path, "--shape", "B=1,T=24,H=2,D=8", "--no-triton", "--seed", seed,
+                                  capsys=capsys)
+        assert code == 0, out + err
+        assert "on these random inputs" not in out, out
+        for form in ("chunked", "parallel"):
+            assert f"torch/{form}" in out
 
 
 def test_check_draws_a_plain_decay_positive_so_every_form_runs(tmp_path, capsys):
