@@ -398,6 +398,7 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
         return StateAnalysis(name, dims, TransitionClass.GENERAL,
                              f"{name} mixes rows and scales columns", target, None, const)
     # Is it (I - beta k k^T) D with D = diag(d)?  Then m(a, a') = -beta k(a) k(a') d(a').
+    erased = ""
     d_at_mix = diagonal.xreplace({row: bound_var})
     ratio = sympy.simplify(m / d_at_mix) if diagonal != 0 else None
     split = _split_factors(ratio, [{row}, {bound_var}], index_set | {bound_var}) if ratio is not None else None
@@ -408,19 +409,24 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
         if probe not in c.free_symbols and c != 0:
             k = right.xreplace({bound_var: row})
             beta = sympy.simplify(-scale * c)
-            sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
-                               f"{name} is updated by (I - beta k k^T) D with beta = {beta}, k = {k}, D = {diagonal}",
-                               target, diagonal, const)
-            sa.rank_one = (beta, k)
-            return sa
+            if not _writes_elsewhere(const, k, target, index_set):
+                sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
+                                   f"{name} is updated by (I - beta k k^T) D with beta = {beta}, k = {k}, "
+                                   f"D = {diagonal}", target, diagonal, const)
+                sa.rank_one = (beta, k)
+                return sa
+            # The erase is along k but the write k' v^T is along another key: not a delta rule (its chunked form
+            # writes along the erased direction), but (D - beta k (D k)^T) S + k' v^T is D + b a^T, with D = 1 (a
+            # log decay of 0), a scalar or a key decay: the diagonal-plus-rank-one class below.
+            erased = f"; it erases along {k} and writes along another key, so it is no delta rule"
     # Otherwise (D + b a^T): m(a, a') = b(a) a(a'), any two vectors (RWKV-7's generalised delta rule).
     split = _split_factors(m, [{row}, {bound_var}], index_set | {bound_var})
     if split is not None:
         (left, right), scale = split
         write, read = scale * left, right.xreplace({bound_var: row})
         sa = StateAnalysis(name, dims, TransitionClass.DIAGONAL_PLUS_RANK_ONE,
-                           f"{name} is updated by (D + b a^T) with D = {diagonal}, b = {write}, a = {read}", target,
-                           diagonal, const)
+                           f"{name} is updated by (D + b a^T) with D = {diagonal}, b = {write}, a = {read}{erased}",
+                           target, diagonal, const)
         sa.plus_rank_one = (write, read)
         return sa
     other_row = index_symbol(f"{row}'")  # the summed row, shown as i' in m(i, i')
@@ -428,6 +434,19 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
                          f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
                          "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
+
+
+def _writes_elsewhere(injection: sympy.Expr, direction: sympy.Expr, target: tuple, index_set: set) -> bool:
+    """Whether a rank-one update's injection is an outer product k'(a) v(b) (over the state's axes `target`) whose
+    key k' is not along the update's direction k(a): then the update is no delta rule, whose chunked form needs
+    B = k(a) y(b) (see `_plan_chunks`). False where the injection is along k, zero, or no outer product at all
+    (which no chunked form takes, and `_plan_chunks` says so)."""
+    groups = [{target[0]}] + ([{target[1]}] if len(target) > 1 else [])
+    split = _split_factors(injection, groups, index_set)
+    if split is None:
+        return False
+    parts, scale = split
+    return target[0] in sympy.simplify(scale * parts[0] / direction).free_symbols
 
 
 def _classify_pair_mixing(ir: StepIR, name: str, dims: tuple, target: tuple, diagonal: sympy.Expr,

@@ -396,6 +396,42 @@ def test_gated_delta_in_two_statements_is_rank_one_update():
     assert max(rel(x, y) for x, y in zip(c, a, strict=True)) <= 1e-10
 
 
+# An erase along e and a write along another key k: S = (D - beta e e^T) S + k v^T. Not a delta rule (whose chunked
+# form writes along the erased direction), but D + b a^T with b = -beta e, a = e: the diagonal-plus-rank-one class,
+# with D = 1 (no decay: a log decay of 0, the plan's decay absent), a scalar (a constant or exp(g), broadcast along
+# the key axis) or a key decay (as RWKV-7). The same erase with the write along e stays a delta rule where D is not
+# a key decay (then (D - beta e e^T) is no (I - beta' e e^T) D).
+ERASE_WRITE = """
+recurrence erase_write(q[K], e[K], k[K], v[V], w[K], beta, g) -> o[V] {{
+    state S[K, V]
+    S[i, j] = {decay}S[i, j] - beta * e[i] * sum(a, e[a] * S[a, j]) + {write}[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}}
+"""
+ERASE_WRITE_DECAYS = {"none": ("", None), "constant": ("0.9 * ", "scalar"), "gate": ("exp(g) * ", "scalar"),
+                      "key": ("exp(w[i]) * ", "key")}
+
+
+@pytest.mark.parametrize("decay", sorted(ERASE_WRITE_DECAYS))
+def test_erase_and_write_along_different_keys_is_diagonal_plus_rank_one(decay):
+    before, axis = ERASE_WRITE_DECAYS[decay]
+    rec = only(ERASE_WRITE.format(decay=before, write="k"))
+    analysis = analyse(rec.checked)
+    sa = analysis.states["S"]
+    assert sa.cls is TC.DIAGONAL_PLUS_RANK_ONE, sa.reason
+    assert ("no delta rule" in sa.reason) == (decay != "key"), sa.reason  # a key decay never split as (I - ...) D
+    check_forms_and_reasons(analysis)
+    plan = sa.chunk
+    assert plan is not None and plan.decay_axis == axis and plan.beta is None
+    assert (plan.log_decay is None) == (axis is None) and plan.decay_exact
+    assert str(plan.k.expr) == "k[a__k]" and str(plan.mix_write.expr) == "-beta*e[a__k]"
+    assert str(plan.mix_read.expr) == "e[a__k]"
+    check_every_form(rec, T=21, chunk=8)
+    # the write along the erased key: a delta rule, as before
+    delta = analyse(only(ERASE_WRITE.format(decay=before, write="e")).checked)
+    assert delta.states["S"].cls is (TC.DIAGONAL_PLUS_RANK_ONE if decay == "key" else TC.RANK_ONE_UPDATE)
+
+
 def test_dead_temporary_is_found_and_harmless():
     rec, plain = only(WITH_DEAD), only(LINEAR_ATTENTION)
     graph = dataflow.build_dataflow(rec.checked)

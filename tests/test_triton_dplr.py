@@ -379,6 +379,49 @@ def test_bodies_without_a_key_decay(name, axis):
     assert max(errors.values()) <= TOL, errors
 
 
+# An erase along e, a write along another key k (the delta rule writes along e): S = (D - beta e e^T) S + k v^T, the
+# class with b = -beta e, a = e and D = 1 (no decay: the plan's log decay absent, as a 0) or a constant scalar decay.
+ERASE_WRITE = recurrence_dsl.load_text("""
+recurrence erase_write(q[K], e[K], k[K], v[V], beta) -> o[V] {
+    state S[K, V]
+    S[i, j] = S[i, j] - beta * e[i] * sum(a, e[a] * S[a, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+recurrence erase_write_scalar(q[K], e[K], k[K], v[V], beta) -> o[V] {
+    state S[K, V]
+    S[i, j] = 0.9 * S[i, j] - beta * e[i] * sum(a, e[a] * S[a, j]) + k[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+""", "erase_write.rec")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name,axis", [("erase_write", None), ("erase_write_scalar", "scalar")])
+def test_erase_and_write_along_different_keys(name, axis, backend):
+    """The chunked form (torch's chunked_dplr_by; Triton's kernels and derived adjoint) of an erase along e with a
+    write along k against the float64 reference: the output, and the gradients of every input and the initial
+    state (with the final state's); B = 1, T = 24, H = 2, K = V = 8, chunks of 8 (torch) and of 16 + 8 (Triton's
+    least chunk: the last partly padding)."""
+    from recurrence_dsl.analysis import TransitionClass, analyse
+
+    rec = ERASE_WRITE[name]
+    plan = analyse(rec.checked).states["S"]
+    assert plan.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and plan.chunk.decay_axis == axis, plan.reason
+    args, s0 = sample_arguments(rec.checked, {"K": 8, "V": 8}, 1, 24, 2, dtype=torch.float64, seed=13,
+                                with_initial_state=True)
+    ref, weights, ref_out = _grads(rec.reference, args, s0)
+    layer = recurrence_dsl.compile(rec, backend=backend, form="chunked", tuning=False)
+    got, _, out = _grads(layer, [x.float() for x in args], s0.float(), weights,
+                         chunk_size=8 if backend == "torch" else 16)
+    if backend == "triton":
+        assert "_AdjointBackward" in type(made_by(out)).__name__
+    names = [s.name for s in rec.checked.inputs] + ["initial_state"]
+    errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref, strict=True)}
+    errors["o"] = _rel(out, ref_out)
+    print(name, backend, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
 def test_no_steps(monkeypatch):
     """T = 0: no chunk, no checkpoint; zero input gradients, the final state's gradient for the initial one."""
     args, s0 = sample_arguments(REC.checked, SIZES, 2, 0, 2, dtype=torch.float32, seed=0, with_initial_state=True)
