@@ -180,7 +180,7 @@ def print_proof(rec: Recurrence) -> bool:
     from .prove import proof_setup, prove
 
     analysis = analyse(rec.checked)
-    results = prove(analysis)
+    results = prove(analysis, progress=_proof_progress(rec.name))
     print(f"{rec.name}: symbolic proof ({proof_setup(analysis)}) that each form equals the recurrence")
     if results and "chunked" in analysis.forms:
         for s in rec.checked.states:
@@ -194,6 +194,17 @@ def print_proof(rec: Recurrence) -> bool:
         print(f"  {r.form:<9} {r.value:<10} {r.elements:>3} elements  {r.verdict}")
     print()
     return all(r.proved for r in results)
+
+
+def _proof_progress(name: str):
+    """`prove`'s progress on stderr, one line a part, its time when it ends (`gla: proving chunked o (8
+    elements)... 3.2 s`): an element can take seconds of expansion, a proof minutes, never on a silent terminal."""
+    def show(part: str, seconds: float | None) -> None:
+        if seconds is None:
+            print(f"{name}: {part}...", end="", file=sys.stderr, flush=True)
+        else:
+            print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
+    return show
 
 
 def _flattened_axes(analysis, name: str) -> list[int]:
