@@ -229,3 +229,32 @@ def test_reasons_quote_numbers_sums_and_functions_as_a_spec_writes_them(capsys, 
     out = capsys.readouterr().out
     assert "output h[j] = sum(i, C_t[i, j]*q[i])/max(exp(-m_t), abs(sum(i, n_t[i]*q[i])))" in out
     assert not any(word in out for word in ("Sum(", "Max(", "Abs(", "00000000"))
+
+
+def test_an_undefined_name_says_how_to_declare_it():
+    err = error_of("recurrence delta_undef(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V]\n"
+                   "    u[j] = v[j] - sum(i, k[i] * S[i, j])\n    S[i, j] = S[i, j] + beta * k[i] * u[j]\n"
+                   "    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert (err.message, err.line, err.column) == ("undefined name 'beta'", 4, 25)
+    assert err.hint == ("declare it: as an input (a value per step), in the header `recurrence delta_undef(q[K], "
+                        "k[K], v[V], beta) -> o[V]`, or as a per-head constant, with a line `param beta` in the body")
+    # read indexed: declared with the sizes of its indices
+    err = error_of("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    h[d] = w[d] * h[d] + x[d]\n"
+                   "    y[d] = h[d]\n}\n")
+    assert "header `recurrence r(x[D], w[D]) -> y[D]`" in err.hint and "`param w[D]`" in err.hint
+    # a name close to a declared one: the likely typo, as before
+    err = error_of("recurrence r(x[D], beta) -> y[D] {\n    state h[D]\n    h[d] = bta * h[d] + x[d]\n"
+                   "    y[d] = h[d]\n}\n")
+    assert err.hint == "did you mean 'beta'?"
+    assert "hint: declare it" in error_of("recurrence r(x[D]) -> y[D] {\n    state h[D]\n"
+                                          "    h[d] = zeta * h[d] + x[d]\n    y[d] = h[d]\n}\n").render()
+
+
+def test_an_index_with_no_range_says_how_to_give_it_one():
+    err = error_of("recurrence tr(x[D]) -> y[D] {\n    state h[D]\n    c[e] = 1\n    h[d] = 0.5 * h[d] + x[d]\n"
+                   "    y[d] = h[d] + sum(e, c[e])\n}\n")
+    assert err.message == "cannot tell the range of index 'e': nothing on the right indexes it"
+    assert (err.line, err.column) == (3, 7)
+    assert err.hint == ("an index takes its size from a tensor it indexes on the right: read one with it there "
+                        "(`c[e] = w[e]`, w an input or param declared `w[N]`); a value the same for every e needs no "
+                        "index: write `c = ...`")
