@@ -125,6 +125,10 @@ class CheckedRecurrence:
         raise KeyError(name)
 
 
+# The call's own axes: every layer's tensors are [B, T, H, ...] (batch, time, heads), and `--shape B=..,T=..,H=..`
+# of the command line and the messages about a call's shapes name them so; a spec size may not take those names.
+CALL_AXES = {"B": "batch", "T": "time", "H": "head"}
+
 # Keyword arguments of a layer's call (LANGUAGE.md's calling convention and `compile`'s layers): an input or
 # param of one of these names could not be passed by name.
 CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "reverse", "form", "backend",
@@ -211,6 +215,13 @@ class _Checker:
         for dim in decl.dims:
             if isinstance(dim.size, str):
                 _check_python_name(dim.size, dim.span, self.source)
+                if dim.size in CALL_AXES:
+                    taken = set(self.sizes) | set(self.symbols) | {d.size for d in decl.dims}
+                    free = next((n for n in "NMLPRDEFGQUWXYZ" if n not in taken), f"{dim.size}_")
+                    raise self.error(f"size '{dim.size}' has the name of every call's {CALL_AXES[dim.size]} axis: a "
+                                     "layer's tensors are [B, T, H, ...] and --shape B=..,T=..,H=.. sets those, so "
+                                     "no spec size may be called B, T or H", dim.span,
+                                     hint=f"rename the size, say '{free}'")
                 if dim.size in self.symbols:
                     raise self.error(f"'{dim.size}' names {_a(self.symbols[dim.size].kind.value)} "
                                      "and cannot also be a size", dim.span)

@@ -258,3 +258,20 @@ def test_an_index_with_no_range_says_how_to_give_it_one():
     assert err.hint == ("an index takes its size from a tensor it indexes on the right: read one with it there "
                         "(`c[e] = w[e]`, w an input or param declared `w[N]`); a value the same for every e needs no "
                         "index: write `c = ...`")
+
+
+@pytest.mark.parametrize(("size", "axis"), [("T", "time"), ("H", "head"), ("B", "batch")])
+def test_a_size_named_as_a_call_axis_is_refused_at_the_size(size, axis):
+    """`--shape B=..,T=..,H=..` sets the call's batch, time and head axes: a spec size so named could not be told
+    apart from them (found by trying the tool: `--shape T=8` set both)."""
+    err = error_of(f"recurrence r(q[K], k[K], v[{size}]) -> o[{size}] {{\n    state S[K, {size}]\n"
+                   "    S[i, j] = 0.9 * S[i, j] + k[i] * v[j]\n    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert err.message == (f"size '{size}' has the name of every call's {axis} axis: a layer's tensors are "
+                           "[B, T, H, ...] and --shape B=..,T=..,H=.. sets those, so no spec size may be called B, "
+                           "T or H")
+    assert (err.line, err.column) == (1, 28)
+    assert err.hint == "rename the size, say 'N'"
+    # values may have those names (Mamba's input B)
+    recurrence_dsl.load_text("recurrence r(x[D], B[N], C[N]) -> y[D] {\n    state h[D, N]\n"
+                             "    h[d, n] = 0.5 * h[d, n] + B[n] * x[d]\n    y[d] = sum(n, C[n] * h[d, n])\n}\n",
+                             "ok.rec")
