@@ -42,6 +42,7 @@ from recurrence_dsl.adjoint import (
 from recurrence_dsl.analysis import Analysis, TransitionClass
 from recurrence_dsl.check import require_state, undefined_from_zero
 from recurrence_dsl.dataflow import cite
+from recurrence_dsl.explain import tidy
 from recurrence_dsl.step_ir import NEW_SUFFIX, expm1, index_symbol, size_symbol, undefined
 
 from .printing import SourceWriter, is_constant, py_name
@@ -2557,7 +2558,8 @@ class TorchFormWriter:
                 shape = {"scalar": (), "key": kdims, "value": (dims[-1] if len(dims) > 1 else 1,)}
                 if not plan.decay_exact:
                     w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
-                      f"'the decay {sa.diagonal} of {s.name}', ('chunked', 'parallel'))")  # one function, both forms
+                      # (one function, both forms)
+                      f"'the decay {tidy(sa.diagonal)} of {s.name}', ('chunked', 'parallel'))")
                 head = fuse.get("decay_head") if fuse else None
                 g_expr = fuse["log_decay"] if head else plan.log_decay.expr
                 if scalar_maps:
@@ -2797,7 +2799,7 @@ class TorchFormWriter:
             if sub.log_decay is not None:
                 if not sub.decay_exact:
                     w(f"_require_positive({printer.print_expr(one.diagonal, one.indices)}, "
-                      f"'the decay {one.diagonal} of {name} (update {n})', ('chunked',))")
+                      f"'the decay {tidy(one.diagonal)} of {name} (update {n})', ('chunked',))")
                 shape = (kdim,) if sub.decay_axis == "key" else ()
                 w(f"log_decay_{tag} = {self._full(printer, sub.log_decay.expr, sub.log_decay.indices, shape)}")
                 logs.append(f"log_decay_{tag}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
+from .printing import spec_text
 from .step_ir import (
     NEW_SUFFIX,
     STAGE_SUFFIX,
@@ -62,6 +63,9 @@ _DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.D
 FORMS = ("recurrent", "scan", "chunked", "parallel")
 
 
+# sympy's names of the language's functions, as a reason names them (`max() applied to a state`).
+_FUNCTION_NAMES = {"Max": "max", "Min": "min", "Abs": "abs"}
+
 # The most characters of an expression a reason quotes: an sLSTM gate written out is thousands.
 _LONGEST_QUOTED = 160
 
@@ -76,7 +80,7 @@ def _shown(expr: sympy.Expr) -> str:
     """`expr` as a reason quotes it: a state's value from this step (`c__new`, the step IR's name) written `c_t` and
     a summation index `e__2` written `e_2`, as the step lines write them, and a long expression cut to its first
     _LONGEST_QUOTED characters."""
-    text = readable_dummies(re.sub(rf"(\w+){NEW_SUFFIX}\b", r"\1_t", str(expr)))
+    text = readable_dummies(re.sub(rf"(\w+){NEW_SUFFIX}\b", r"\1_t", spec_text(expr)))
     return text if len(text) <= _LONGEST_QUOTED else text[:_LONGEST_QUOTED] + " ..."
 
 
@@ -149,9 +153,10 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
     if isinstance(expr, sympy.Pow):
         if _mentions(expr.exp, states):
             raise NonLinear(f"a state in an exponent: {_shown(expr)}")
-        raise NonLinear(f"a state raised to the power {expr.exp}: {_shown(expr)}")
+        raise NonLinear(f"a state raised to the power {spec_text(expr.exp)}: {_shown(expr)}")
     if isinstance(expr, sympy.Function) or isinstance(expr, (sympy.Min, sympy.Max)):
-        raise NonLinear(f"{type(expr).__name__}() applied to a state: {_shown(expr)}")
+        raise NonLinear(f"{_FUNCTION_NAMES.get(type(expr).__name__, type(expr).__name__)}() applied to a state: "
+                        f"{_shown(expr)}")
     raise NonLinear(f"cannot see {_shown(expr)} as affine in the states")
 
 
@@ -366,13 +371,13 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
         if diagonal == 1:
             cls, why = TransitionClass.IDENTITY, f"{name} is carried unchanged plus an injection"
         elif not used:
-            cls, why = TransitionClass.SCALAR, f"{name} is scaled by the scalar {diagonal}"
+            cls, why = TransitionClass.SCALAR, f"{name} is scaled by the scalar {spec_text(diagonal)}"
         elif len(target) >= 1 and used == {target[0]}:
-            cls, why = TransitionClass.DIAGONAL_ROW, f"row {target[0]} of {name} is scaled by {diagonal}"
+            cls, why = TransitionClass.DIAGONAL_ROW, f"row {target[0]} of {name} is scaled by {spec_text(diagonal)}"
         elif len(target) >= 2 and used == {target[1]}:
-            cls, why = TransitionClass.DIAGONAL_COL, f"column {target[1]} of {name} is scaled by {diagonal}"
+            cls, why = TransitionClass.DIAGONAL_COL, f"column {target[1]} of {name} is scaled by {spec_text(diagonal)}"
         else:
-            cls, why = TransitionClass.ELEMENTWISE, f"each element of {name} is scaled by {diagonal}"
+            cls, why = TransitionClass.ELEMENTWISE, f"each element of {name} is scaled by {spec_text(diagonal)}"
         return StateAnalysis(name, dims, cls, why, target, diagonal, const)
     if len(target) == 3:
         return _classify_pair_mixing(ir, name, dims, target, diagonal, mixing, const)
@@ -387,8 +392,9 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
     for t in mixing:
         if len(t.bound) != 1 or tuple(t.indices) != (t.bound[0],) + tuple(rest):
             return StateAnalysis(name, dims, TransitionClass.GENERAL,
-                                 f"{name} is mixed in a way that is not a row mixing: {t.coeff} * "
-                                 f"{t.state}[{', '.join(map(str, t.indices))}] summed over {t.bound}", target,
+                                 f"{name} is mixed in a way that is not a row mixing: {spec_text(t.coeff)} * "
+                                 f"{t.state}[{', '.join(map(str, t.indices))}] summed over "
+                                 f"{', '.join(map(str, t.bound)) or 'nothing'}", target,
                                  None, const)
         m += t.coeff.xreplace({t.bound[0]: bound_var})
     if rest and rest[0] in m.free_symbols:
@@ -411,27 +417,28 @@ def _classify_state(ir: StepIR, name: str, dims: tuple, state_names: set[str]) -
             beta = sympy.simplify(-scale * c)
             if not _writes_elsewhere(const, k, target, index_set):
                 sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
-                                   f"{name} is updated by (I - beta k k^T) D with beta = {beta}, k = {k}, "
-                                   f"D = {diagonal}", target, diagonal, const)
+                                   f"{name} is updated by (I - beta k k^T) D with beta = {spec_text(beta)}, "
+                                   f"k = {spec_text(k)}, D = {spec_text(diagonal)}", target, diagonal, const)
                 sa.rank_one = (beta, k)
                 return sa
             # The erase is along k but the write k' v^T is along another key: not a delta rule (its chunked form
             # writes along the erased direction), but (D - beta k (D k)^T) S + k' v^T is D + b a^T, with D = 1 (a
             # log decay of 0), a scalar or a key decay: the diagonal-plus-rank-one class below.
-            erased = f"; it erases along {k} and writes along another key, so it is no delta rule"
+            erased = f"; it erases along {spec_text(k)} and writes along another key, so it is no delta rule"
     # Otherwise (D + b a^T): m(a, a') = b(a) a(a'), any two vectors (RWKV-7's generalised delta rule).
     split = _split_factors(m, [{row}, {bound_var}], index_set | {bound_var})
     if split is not None:
         (left, right), scale = split
         write, read = scale * left, right.xreplace({bound_var: row})
         sa = StateAnalysis(name, dims, TransitionClass.DIAGONAL_PLUS_RANK_ONE,
-                           f"{name} is updated by (D + b a^T) with D = {diagonal}, b = {write}, a = {read}{erased}",
-                           target, diagonal, const)
+                           f"{name} is updated by (D + b a^T) with D = {spec_text(diagonal)}, b = {spec_text(write)}, "
+                           f"a = {spec_text(read)}{erased}", target, diagonal, const)
         sa.plus_rank_one = (write, read)
         return sa
     other_row = index_symbol(f"{row}'")  # the summed row, shown as i' in m(i, i')
     return StateAnalysis(name, dims, TransitionClass.GENERAL,
-                         f"{name} mixes its rows by m({row}, {other_row}) = {m.xreplace({bound_var: other_row})} "
+                         f"{name} mixes its rows by m({row}, {other_row}) = "
+                         f"{spec_text(m.xreplace({bound_var: other_row}))} "
                          "(not a diagonal plus a (I - beta k k^T) rank-one update)",
                          target, None, const)
 
@@ -465,13 +472,14 @@ def _classify_pair_mixing(ir: StepIR, name: str, dims: tuple, target: tuple, dia
                 or not set(pair) <= set(t.bound)):
             return StateAnalysis(name, dims, TransitionClass.GENERAL,
                                  f"{name} mixes its elements other than along its first two axes together "
-                                 f"({t.coeff} * {t.state}[{', '.join(map(str, t.indices))}] summed over {t.bound})",
+                                 f"({spec_text(t.coeff)} * {t.state}[{', '.join(map(str, t.indices))}] summed over "
+                                 f"{', '.join(map(str, t.bound)) or 'nothing'})",
                                  target, None, const)
         extra = [(x, 0, ir.ranges[x] - 1) for x in t.bound if x not in pair]
         m += (sympy.Sum(t.coeff, *extra) if extra else t.coeff).xreplace(dict(zip(pair, mix)))
     shown = m.xreplace(dict(zip(mix, (index_symbol(f"{a}'"), index_symbol(f"{b}'")))))  # the summed pair as a', b'
     general = StateAnalysis(name, dims, TransitionClass.GENERAL,
-                            f"{name} mixes its pairs ({a}, {b}) by m({a}, {b}, {a}', {b}') = {shown} "
+                            f"{name} mixes its pairs ({a}, {b}) by m({a}, {b}, {a}', {b}') = {spec_text(shown)} "
                             "(not a (I - beta k k^T) D rank-one update over the pair)", target, None, const)
     used = _free_indices(diagonal, index_set)
     if diagonal == 0 or j in used or j in m.free_symbols:
@@ -488,7 +496,7 @@ def _classify_pair_mixing(ir: StepIR, name: str, dims: tuple, target: tuple, dia
     k, beta = right.xreplace(dict(zip(mix, (a, b)))), sympy.simplify(-scale * c)
     sa = StateAnalysis(name, dims, TransitionClass.RANK_ONE_UPDATE,
                        f"{name} is updated by (I - beta k k^T) D over its pair ({a}, {b}) flattened, with beta = "
-                       f"{beta}, k = {k}, D = {diagonal}", target, diagonal, const)
+                       f"{spec_text(beta)}, k = {spec_text(k)}, D = {spec_text(diagonal)}", target, diagonal, const)
     sa.rank_one = (beta, k)
     return sa
 
@@ -527,13 +535,14 @@ def _classify_stages(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, stat
         if pending != 1:
             # (I - beta k k^T) D_n (D' S): D' joins D_n, renamed to this assignment's own indices
             one.diagonal = one.diagonal * pending.xreplace(dict(zip(pending_at, one.indices)))
-            one.reason += f", after the decay {pending} of the assignment before"
+            one.reason += f", after the decay {spec_text(pending)} of the assignment before"
             pending, pending_at = sympy.Integer(1), ()
         found.append(one)
     r = len(found)
     if r < 2:
         return sa
-    parts = "; ".join(f"{n + 1}: beta = {one.rank_one[0]}, k = {one.rank_one[1]}, D = {one.diagonal}"
+    parts = "; ".join(f"{n + 1}: beta = {spec_text(one.rank_one[0])}, k = {spec_text(one.rank_one[1])}, "
+                      f"D = {spec_text(one.diagonal)}"
                       for n, one in enumerate(found))
     rank_r = StateAnalysis(name, sa.dims, TransitionClass.RANK_R_UPDATE,
                            f"{name} is updated by r = {r} rank-one delta updates per step, "
@@ -623,7 +632,7 @@ def _outer_terms(expr: sympy.Expr, left: sympy.Symbol, right: sympy.Symbol,
         for factor in sympy.Mul.make_args(monomial):
             used = _free_indices(factor, index_set)
             if len(used) > 1 or not used <= {left, right}:
-                return f"its term {monomial} is no product of a vector over {left} and one over {right}"
+                return f"its term {spec_text(monomial)} is no product of a vector over {left} and one over {right}"
             parts[next(iter(used)) if used else "scalar"] *= factor
         found.append((parts["scalar"], parts[left], parts[right]))
     return found
@@ -631,11 +640,11 @@ def _outer_terms(expr: sympy.Expr, left: sympy.Symbol, right: sympy.Symbol,
 
 def _product_of_factors(name: str, keys: list[sympy.Expr], betas: list[sympy.Expr]) -> str:
     """(I - beta_r k_r k_r^T) ... (I - beta_1 k_1 k_1^T) in words, the first factor (applied first) rightmost."""
-    return "".join(f"(I - {_paren(b)} {k} {k}^T)" for b, k in reversed(list(zip(betas, keys))))
+    return "".join(f"(I - {_paren(b)} {spec_text(k)} {spec_text(k)}^T)" for b, k in reversed(list(zip(betas, keys))))
 
 
 def _paren(e: sympy.Expr) -> str:
-    return f"({e})" if isinstance(e, sympy.Add) else str(e)
+    return f"({spec_text(e)})" if isinstance(e, sympy.Add) else spec_text(e)
 
 
 # The largest composed update (in tree nodes) that `_factor_rank_r` expands: its monomials double with each factor,
@@ -701,7 +710,7 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     if len(keys) < 2:
         return sa
     where = f"at {_where(rec, name)}"
-    shown = ", ".join(str(_restore(k, atoms)) for k in keys)
+    shown = ", ".join(spec_text(_restore(k, atoms)) for k in keys)
 
     def near_miss(why: str) -> StateAnalysis:
         sa.reason += (f"; {where}, its transition mixes rows along the {len(keys)} keys {shown} but is not a "
@@ -712,7 +721,8 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     for scalar, left, right in found:
         p, q = left, right.xreplace({mix: row})
         if p not in keys or q not in keys:
-            return near_miss(f"its term {scalar * left * right} is not k_p[{row}] k_q[{mix}] for two of the keys")
+            return near_miss(f"its term {spec_text(scalar * left * right)} is not k_p[{row}] k_q[{mix}] for two "
+                             "of the keys")
         coeffs[keys.index(p), keys.index(q)] = coeffs.get((keys.index(p), keys.index(q)), 0) + scalar
     r = len(keys)
     # A later factor's key multiplies an earlier one's in the cross terms: count the keys each one follows.
@@ -722,7 +732,8 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
             both = [coeffs.get((x, y), 0) != 0 for x, y in ((p, q), (q, p))]
             if all(both) or not any(both):
                 return near_miss(f"it has {'cross terms both ways' if all(both) else 'no cross term'} between "
-                                 f"{keys[p]} and {keys[q]}, where a product of their two factors has one, "
+                                 f"{spec_text(keys[p])} and {spec_text(keys[q])}, where a product of their two factors "
+                                 "has one, "
                                  "beta_p beta_q (k_p . k_q) k_p k_q^T with factor p after factor q")
         return near_miss("its cross terms k_p k_q^T do not order the keys as the factors of a product")
     order = sorted(range(r), key=follows.__getitem__)
@@ -748,17 +759,19 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     for p, q in sorted(set(product) | set(coeffs)):
         expected, got = product.get((p, q), sympy.Integer(0)), coeffs.get((p, q), sympy.Integer(0))
         if _canonical(expected - got, made) != 0:
-            term = f"{keys[p]} {keys[q]}^T"
-            return near_miss(f"{factors} has {sympy.expand(expected)} * {term}, the update "
-                             f"{sympy.expand(got) if got != 0 else 'no such term'}")
+            term = f"{spec_text(keys[p])} {spec_text(keys[q])}^T"
+            return near_miss(f"{factors} has {spec_text(sympy.expand(expected))} * {term}, the update "
+                             f"{spec_text(sympy.expand(got)) if got != 0 else 'no such term'}")
     # The injection along the keys: B = sum_p k_p w_p^T.
     along = _outer_terms(_canonical(_atomize(const, index_set, atoms, col), made), row, col, index_set)
     if isinstance(along, str):
-        return near_miss(f"its injection {const} is not a sum of outer products k_p[{row}] w_p[{col}] ({along})")
+        return near_miss(f"its injection {spec_text(const)} is not a sum of outer products k_p[{row}] "
+                         f"w_p[{col}] ({along})")
     w = [sympy.Integer(0)] * r
     for scalar, left, right in along:
         if left not in keys:
-            return near_miss(f"its injection's term {scalar * left * right} does not lie along one of the keys")
+            return near_miss(f"its injection's term {spec_text(scalar * left * right)} does not lie along one "
+                             "of the keys")
         w[keys.index(left)] += scalar * right
     # Solve B = sum_n H_r ... H_(n+1) beta_n k_n v_n^T for v_1, ..., v_r in turn (triangular in the keys).
     values: list[sympy.Expr] = []
@@ -777,11 +790,12 @@ def _factor_rank_r(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis, state_
     for n in range(r):
         decay = diagonal if n == 0 else sympy.Integer(1)
         one = StateAnalysis(name, sa.dims, TransitionClass.RANK_ONE_UPDATE,
-                            f"update {n + 1} of {name}: (I - beta k k^T) D with beta = {betas[n]}, k = {keys[n]}, "
-                            f"D = {decay}", (row, col), decay, betas[n] * keys[n] * values[n])
+                            f"update {n + 1} of {name}: (I - beta k k^T) D with beta = {spec_text(betas[n])}, "
+                            f"k = {spec_text(keys[n])}, D = {spec_text(decay)}", (row, col), decay,
+                            betas[n] * keys[n] * values[n])
         one.rank_one = (betas[n], keys[n])
         stages.append(one)
-    parts = "; ".join(f"{n + 1}: beta = {betas[n]}, k = {keys[n]}, D = {one.diagonal}"
+    parts = "; ".join(f"{n + 1}: beta = {spec_text(betas[n])}, k = {spec_text(keys[n])}, D = {spec_text(one.diagonal)}"
                       for n, one in enumerate(stages))
     rank_r = StateAnalysis(name, sa.dims, TransitionClass.RANK_R_UPDATE,
                            f"{name} is updated by r = {r} rank-one delta updates per step, prod_n (I - beta_n k_n "
@@ -1028,7 +1042,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     groups = [{a}] + ([{b}] if b is not None else [])
     split = _split_factors(injection, groups, index_set)
     if split is None:
-        sa.chunk_reason = f"the injection {injection} of {sa.name} is not an outer product k[a] * v[b]"
+        sa.chunk_reason = f"the injection {spec_text(injection)} of {sa.name} is not an outer product k[a] * v[b]"
         return
     parts, scale = split
     key_idx, value_idx = index_symbol("a__k"), index_symbol("a__v")
@@ -1041,7 +1055,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
         ratio = sympy.simplify(k_expr / direction.xreplace({a: key_idx}))
         if key_idx in ratio.free_symbols:
             sa.chunk_reason = (f"the injection of {sa.name} is not along the rank-one update's direction "
-                               f"{direction}")
+                               f"{spec_text(direction)}")
             return
         k_expr = direction.xreplace({a: key_idx})
         if v_def is None:
@@ -1054,7 +1068,7 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     if decay_axis is not None:
         as_log = _as_log(sa.diagonal)
         if as_log is None:
-            sa.chunk_reason = (f"the decay {sa.diagonal} of {sa.name} is not positive, and the chunked form "
+            sa.chunk_reason = (f"the decay {spec_text(sa.diagonal)} of {sa.name} is not positive, and the chunked form "
                                "works with its logarithm")
             return
         log_expr, exact = as_log
@@ -1115,13 +1129,14 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
     elif used == {j}:
         decay_axis = "value"
     else:
-        sa.chunk_reason = (f"at {where}: the decay {sa.diagonal} of {name} varies along {pair} and along {j}, so "
+        sa.chunk_reason = (f"at {where}: the decay {spec_text(sa.diagonal)} of {name} varies along {pair} and "
+                           f"along {j}, so "
                            f"{name} flattened to [{sa.dims[0]} * {sa.dims[1]}, {sa.dims[2]}] has no decay axis")
         return
     injection = sa.injection if sa.injection is not None else sympy.Integer(0)
     split = _split_factors(injection, [{a, b}, {j}], index_set)
     if split is None:
-        sa.chunk_reason = (f"at {where}: the injection {injection} of {name} is not an outer product "
+        sa.chunk_reason = (f"at {where}: the injection {spec_text(injection)} of {name} is not an outer product "
                            f"k[{a}, {b}] * v[{j}] of {pair} and {j}, so its pair cannot be flattened into one key axis")
         return
     (key_part, value_part), scale = split
@@ -1132,8 +1147,8 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
         beta_expr, direction = sa.rank_one
         ratio = sympy.simplify(key / direction)
         if _free_indices(ratio, index_set) & {a, b}:
-            sa.chunk_reason = (f"at {where}: the injection {injection} of {name} is not along the rank-one update's "
-                               f"direction {direction}")
+            sa.chunk_reason = (f"at {where}: the injection {spec_text(injection)} of {name} is not along the rank-one "
+                               f"update's direction {spec_text(direction)}")
             return
         key, value_part = direction, ratio * value_part
         beta = Definition(f"beta_{name}", (), beta_expr)
@@ -1141,8 +1156,8 @@ def _plan_pair_chunks(rec: CheckedRecurrence, ir: StepIR, sa: StateAnalysis) -> 
     if decay_axis is not None:
         as_log = _as_log(sa.diagonal)
         if as_log is None:
-            sa.chunk_reason = (f"at {where}: the decay {sa.diagonal} of {name} is not positive, and the chunked form "
-                               "works with its logarithm")
+            sa.chunk_reason = (f"at {where}: the decay {spec_text(sa.diagonal)} of {name} is not positive, and the "
+                               "chunked form works with its logarithm")
             return
         log_expr, exact = as_log
         indices = {"key": PAIR_KEY, "value": (PAIR_VALUE,), "scalar": ()}[decay_axis]

@@ -125,6 +125,10 @@ class CheckedRecurrence:
         raise KeyError(name)
 
 
+# The call's own axes: every layer's tensors are [B, T, H, ...] (batch, time, heads), and `--shape B=..,T=..,H=..`
+# of the command line and the messages about a call's shapes name them so; a spec size may not take those names.
+CALL_AXES = {"B": "batch", "T": "time", "H": "head"}
+
 # Keyword arguments of a layer's call (LANGUAGE.md's calling convention and `compile`'s layers): an input or
 # param of one of these names could not be passed by name.
 CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "reverse", "form", "backend",
@@ -211,6 +215,13 @@ class _Checker:
         for dim in decl.dims:
             if isinstance(dim.size, str):
                 _check_python_name(dim.size, dim.span, self.source)
+                if dim.size in CALL_AXES:
+                    taken = set(self.sizes) | set(self.symbols) | {d.size for d in decl.dims}
+                    free = next((n for n in "NMLPRDEFGQUWXYZ" if n not in taken), f"{dim.size}_")
+                    raise self.error(f"size '{dim.size}' has the name of every call's {CALL_AXES[dim.size]} axis: a "
+                                     "layer's tensors are [B, T, H, ...] and --shape B=..,T=..,H=.. sets those, so "
+                                     "no spec size may be called B, T or H", dim.span,
+                                     hint=f"rename the size, say '{free}'")
                 if dim.size in self.symbols:
                     raise self.error(f"'{dim.size}' names {_a(self.symbols[dim.size].kind.value)} "
                                      "and cannot also be a size", dim.span)
@@ -333,8 +344,12 @@ class _Checker:
         self.check_constants(value)
         for idx in stmt.indices:
             if ranges[idx.name] is None:
-                raise self.error(f"cannot tell the range of index '{idx.name}': nothing on the right indexes it",
-                                 idx.span)
+                i, t = idx.name, stmt.target
+                raise self.error(f"cannot tell the range of index '{i}': nothing on the right indexes it",
+                                 idx.span,
+                                 hint=f"an index takes its size from a tensor it indexes on the right: read one with "
+                                      f"it there (`{t}[{i}] = w[{i}]`, w an input or param declared `w[N]`); a value "
+                                      f"the same for every {i} needs no index: write `{t} = ...`")
         if target is None:
             target = Symbol(stmt.target, SymbolKind.TEMP, tuple(ranges[n][0] for n in names), stmt.target_span)
             self.symbols[stmt.target] = target
@@ -353,7 +368,8 @@ class _Checker:
                 return scope
         return None
 
-    def readable(self, name: str, span: Span) -> Symbol:
+    def readable(self, name: str, span: Span, indices=(), scopes=()) -> Symbol:
+        """The symbol `name` reads (`name[indices]` where indexed), or the SpecError why it reads none."""
         sym = self.symbols.get(name)
         if sym is None:
             later = [s for s in self.rec.statements
@@ -368,10 +384,30 @@ class _Checker:
                 raise self.error(f"'{name}' is read before it is assigned", span,
                                  hint=f"it is assigned at line {assigned_later[0].span.line}")
             known = list(self.symbols) + list(self.sizes)
-            raise self.error(f"undefined name '{name}'", span, hint=did_you_mean(name, known))
+            raise self.error(f"undefined name '{name}'", span,
+                             hint=did_you_mean(name, known) or self.declare_hint(name, indices, scopes))
         if sym.kind in (SymbolKind.TEMP, SymbolKind.OUTPUT) and name not in self.assigned:
             raise self.error(f"{sym.kind.value} '{name}' is read before it is assigned", span)
         return sym
+
+    def declare_hint(self, name: str, indices, scopes) -> str:
+        """How to declare an undefined `name` (read as `name[indices]`): as one more input in the header, or as a
+        param; with the sizes its indices range over where known (`N` where not)."""
+        def shape(sizes) -> str:
+            return "[" + ", ".join(map(str, sizes)) + "]" if sizes else ""
+
+        sizes = []
+        for idx in indices:
+            scope = self.lookup_index(idx.name, scopes) if isinstance(idx, ast.IndexVar) else None
+            known = scope.get(idx.name) if scope is not None else None
+            sizes.append(known[0] if known is not None else "N")
+        decl = name + shape(sizes)
+        rec = self.rec
+        inputs = ", ".join(d.name + shape(d.dims) for d in rec.inputs)
+        outputs = ", ".join(d.name + shape(d.dims) for d in rec.outputs)
+        header = f"{'reverse ' if rec.reverse else ''}recurrence {rec.name}({inputs}, {decl}) -> {outputs}"
+        return (f"declare it: as an input (a value per step), in the header `{header}`, or as a per-head "
+                f"constant, with a line `param {decl}` in the body")
 
     def check_expr(self, expr: ast.Expr, scopes: list[dict]) -> ast.Expr:
         if isinstance(expr, ast.Number):
@@ -393,7 +429,7 @@ class _Checker:
         if isinstance(expr, ast.Indexed):
             if expr.name in self.sizes:
                 raise self.error(f"size '{expr.name}' cannot be indexed", expr.name_span)
-            sym = self.readable(expr.name, expr.name_span)
+            sym = self.readable(expr.name, expr.name_span, expr.indices, scopes)
             if not sym.dims:
                 raise self.error(f"{sym.kind.value} '{sym.name}' is a scalar and cannot be indexed",
                                  expr.name_span, hint=f"write {sym.name} without brackets")

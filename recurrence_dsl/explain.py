@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 
-import sympy
-
 from .analysis import Analysis, ChunkPlan, StateAnalysis, TransitionClass, readable_dummies
+from .printing import spec_text
 from .step_ir import NEW_SUFFIX
 
 # The chunk plan's own index names (key, value, query axes; a flattened pair's two key axes) -> the letter `show`
@@ -35,12 +34,11 @@ def _index_letters(text: str) -> dict[str, str]:
 
 
 def tidy(expr) -> str:
-    """sympy's text (or a message quoting it) with the IR's internal names made readable (a__k -> a, i__0 -> i_0,
-    S__new -> S_t): the one tidy of every message that shows an expression (`show`, `check`, a form's CallError).
+    """`expr` in the spec's syntax (`spec_text`), or a message quoting it, with the IR's internal names made
+    readable (a__k -> a, i__0 -> i_0, S__new -> S_t): the one tidy of every message that shows an expression
+    (`show`, `check`, a form's CallError).
     Tidy a whole line at once: a plan index is written with a letter no other name in the text has."""
-    if not isinstance(expr, str):  # float64's infinity (a literal 1e999) as `inf`, not sympy's `oo`
-        expr = expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")})
-    text = expr if isinstance(expr, str) else sympy.sstr(expr)
+    text = spec_text(expr)  # in the spec's syntax: sum(i, x), -0.5, inf
     text = text.replace(NEW_SUFFIX, "_t")
     letters = _index_letters(text)
     for internal, shown in _INDEX_NAMES:
@@ -49,10 +47,8 @@ def tidy(expr) -> str:
 
 
 def _text(expr) -> str:
-    """`expr` as sympy writes it, the IR's names kept (for a line `tidy` then takes whole)."""
-    if isinstance(expr, str):
-        return expr
-    return sympy.sstr(expr.xreplace({sympy.oo: sympy.Symbol("inf"), -sympy.oo: -sympy.Symbol("inf")}))
+    """`expr` in the spec's syntax, the IR's names kept (for a line `tidy` then takes whole)."""
+    return spec_text(expr)
 
 
 def _idx(indices) -> str:

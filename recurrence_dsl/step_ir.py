@@ -23,6 +23,7 @@ from mpmath.libmp import prec_to_dps
 from . import syntax as ast
 from .check import CheckedAssign, CheckedRecurrence, SymbolKind, constant_value
 from .errors import MAX_INLINED, SpecError
+from .printing import spec_text
 
 NEW_SUFFIX = "__new"
 
@@ -353,9 +354,11 @@ class _Builder:
     def expr(self, e: ast.Expr, as_written: bool) -> sympy.Expr:
         result = precise(self._expr(e, as_written))
         if undefined(result):
-            shown = str(result) if len(str(result)) <= 60 else str(result)[:57] + "..."
+            text = spec_text(result)
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            by_zero = " (inf from a division by zero)" if result.has(sympy.zoo) else ""
             raise SpecError("this expression is undefined in float64 (NaN, or a division by zero) for every input: "
-                            f"it simplifies to {shown}", e.span, self.rec.source,
+                            f"it simplifies to {shown}{by_zero}", e.span, self.rec.source,
                             hint="a number beyond 1.8e308 is infinity; inf - inf, 0 * inf, x / 0 and the square "
                                  "root or log of a negative number are undefined")
         return result

@@ -77,7 +77,7 @@ def test_keys_that_are_sums_of_terms_are_found_whole():
 
 @pytest.mark.parametrize(("name", "line", "why"), [
     ("both_against_old", 8, "no cross term between k1[i] and k2[i]"),
-    ("wrong_cross", 17, "has b1*b2*Sum(k1[c1__K]*k2[c1__K], (c1__K, 0, K - 1)) * k2[i] k1[i]^T, the update b2**2"),
+    ("wrong_cross", 17, "has b1*b2*sum(c, k1[c]*k2[c]) * k2[i] k1[i]^T, the update b2**2*sum(c, k1[c]*k2[c])"),
     ("off_the_keys", 25, "its injection's term k3[i]*v1[j] does not lie along one of the keys"),
 ])
 def test_near_misses_keep_general_with_the_reason(name, line, why):

@@ -166,3 +166,15 @@ def test_doc_has_examples() -> None:
     langs = [b.lang for b in DOC_BLOCKS]
     assert langs.count("rec") >= 15 and langs.count("rec-error") >= 5 and langs.count("python") >= 3
     assert set(langs) <= {"rec", "rec-error", "python", "text", "sh"}
+
+
+def test_readme_names_every_call_keyword() -> None:
+    """README's list of the names an input or param cannot take is the checker's (it left out `reverse`)."""
+    from recurrence_dsl.check import CALL_KEYWORDS
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    listed = re.search(r"be called like the call's keywords \(([^)]*)\)", text)
+    assert listed, "README's paragraph on names moved"
+    assert set(re.findall(r"`(\w+)`", listed[1])) == set(CALL_KEYWORDS)
+    language = " ".join(DOC.read_text().split())
+    assert all(f"`{word}`" in language for word in CALL_KEYWORDS)

@@ -112,4 +112,4 @@ def test_show_spells_summation_indices_as_the_step_lines_do(capsys):
     out = capsys.readouterr().out
     assert not re.findall(r"\b[A-Za-z]+__\d+", out)
     reason = next(line for line in out.splitlines() if line.startswith("  state c[d]:"))
-    assert "Sum(Rf[d, e_2]*h[e_2], (e_2, 0, D - 1))" in reason
+    assert "sum(e, Rf[d, e]*h[e])" in reason and "Sum(" not in out

@@ -432,7 +432,7 @@ def test_show_says_how_a_small_state_is_chunked(capsys):
     shown = capsys.readouterr().out
     assert "chunked as n[1]: a key axis of size 1 in front, so n is a key-only state" in shown
     assert "chunked as h[1, d]: a key axis of size 1 in front" in shown
-    assert "output n = Sum(R_1[j], (j, 0, V - 1))" in shown
+    assert "output n = sum(j, R_1[j])" in shown
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -166,3 +166,112 @@ def test_a_forced_parallel_form_with_a_zero_decay_is_named(backend):
         layer(q, q, q, torch.tensor([0.0, 0.9]), form="parallel", backend=backend)
     out, _ = layer(q, q, q, torch.tensor([0.0, 0.9]), form="auto", backend=backend)  # auto steps instead
     assert torch.isfinite(out).all()
+
+
+# -- messages quote expressions in the spec's own syntax, not sympy's (found by trying the tool) -----------------
+
+def _analysis(text: str):
+    from recurrence_dsl.analysis import analyse
+
+    (rec,) = recurrence_dsl.load_text(text, "spec.rec").values()
+    return analyse(rec.checked)
+
+
+def test_spec_text_writes_the_language_not_sympy():
+    import sympy
+
+    from recurrence_dsl.printing import spec_text
+    from recurrence_dsl.step_ir import index_symbol, size_symbol
+
+    k, x = sympy.IndexedBase("k"), sympy.IndexedBase("x")
+    i, a1, a3, K = index_symbol("i"), index_symbol("a__1"), index_symbol("a__3"), size_symbol("K")
+    beta, h = sympy.Symbol("beta"), sympy.Symbol("h")
+    assert spec_text(sympy.Sum(k[i] * x[i], (i, 0, K - 1))) == "sum(i, k[i]*x[i])"
+    assert spec_text(sympy.Float(-0.5) * h) == "-0.5*h"
+    assert spec_text(sympy.Float(1e-6) + h) == "h + 1e-6"
+    assert spec_text(sympy.log(sympy.Float(0.9))) == "-0.1053605157"
+    assert spec_text(sympy.zoo * x[i]) == "inf*x[i]" and spec_text(-sympy.oo) == "-inf"
+    assert spec_text(sympy.Max(beta, h, sympy.Abs(beta))) == "max(beta, max(h, abs(beta)))"
+    # one norm built twice (its summation indices numbered apart) reads once: sqrt(n) * sqrt(n) is n
+    norm = [sympy.sqrt(sympy.Sum(k[a] ** 2, (a, 0, K - 1)) + sympy.Float(1e-6)) for a in (a1, a3)]
+    assert spec_text(beta / (norm[0] * norm[1])) == "beta/(sum(a, k[a]**2) + 1e-6)"
+    # a summation index never takes the name of an index free around it (the language binds none twice)
+    assert spec_text(k[index_symbol("a")] * sympy.Sum(k[a1], (a1, 0, K - 1))) == "k[a]*sum(a__0, k[a__0])"
+
+
+def test_an_undefined_expression_is_quoted_as_written_not_as_sympy_prints_it():
+    with pytest.raises(recurrence_dsl.SpecError) as info:
+        _analysis("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + x[d] / (D - D)\n"
+                  "    y[d] = h[d]\n}\n")
+    err = info.value
+    assert "it simplifies to inf*x[d] (inf from a division by zero)" in err.message
+    assert "zoo" not in err.message
+
+
+def test_reasons_quote_numbers_sums_and_functions_as_a_spec_writes_them(capsys, tmp_path):
+    negative = _analysis("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    h[d] = -0.5 * h[d] + x[d]\n"
+                         "    y[d] = h[d]\n}\n")
+    assert negative.states["h"].reason == "h is scaled by the scalar -0.5"
+    assert negative.unavailable["chunked"].startswith("the decay -0.5 of h is not positive")
+    delta = _analysis("recurrence d(q[K], k[K], v[V], beta) -> o[V] {\n    state S[K, V]\n"
+                      "    kn[i] = k[i] / sqrt(sum(a, k[a] * k[a]) + 1e-6)\n"
+                      "    u[j] = v[j] - sum(i, kn[i] * S[i, j])\n    S[i, j] = S[i, j] + beta * kn[i] * u[j]\n"
+                      "    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert "with beta = beta/(sum(a, k[a]**2) + 1e-6), k = k[i], D = 1" in delta.states["S"].reason
+    mlstm = ("recurrence m(q[K], k[K], v[V], ig, fg) -> h[V] {\n    state C[K, V], n[K], m\n"
+             "    mnew = max(logsigmoid(fg) + m, ig)\n    C[i, j] = exp(logsigmoid(fg) + m - mnew) * C[i, j] + "
+             "exp(ig - mnew) * k[i] * v[j]\n    n[i] = exp(logsigmoid(fg) + m - mnew) * n[i] + exp(ig - mnew) * k[i]\n"
+             "    m = mnew\n    h[j] = sum(i, q[i] * C[i, j]) / max(abs(sum(i, q[i] * n[i])), exp(-m))\n}\n")
+    assert "max() applied to a state: max(ig, m + logsigmoid(fg))" in _analysis(mlstm).states["m"].reason
+    path = tmp_path / "m.rec"
+    path.write_text(mlstm)
+    assert main(["explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "output h[j] = sum(i, C_t[i, j]*q[i])/max(exp(-m_t), abs(sum(i, n_t[i]*q[i])))" in out
+    assert not any(word in out for word in ("Sum(", "Max(", "Abs(", "00000000"))
+
+
+def test_an_undefined_name_says_how_to_declare_it():
+    err = error_of("recurrence delta_undef(q[K], k[K], v[V]) -> o[V] {\n    state S[K, V]\n"
+                   "    u[j] = v[j] - sum(i, k[i] * S[i, j])\n    S[i, j] = S[i, j] + beta * k[i] * u[j]\n"
+                   "    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert (err.message, err.line, err.column) == ("undefined name 'beta'", 4, 25)
+    assert err.hint == ("declare it: as an input (a value per step), in the header `recurrence delta_undef(q[K], "
+                        "k[K], v[V], beta) -> o[V]`, or as a per-head constant, with a line `param beta` in the body")
+    # read indexed: declared with the sizes of its indices
+    err = error_of("recurrence r(x[D]) -> y[D] {\n    state h[D]\n    h[d] = w[d] * h[d] + x[d]\n"
+                   "    y[d] = h[d]\n}\n")
+    assert "header `recurrence r(x[D], w[D]) -> y[D]`" in err.hint and "`param w[D]`" in err.hint
+    # a name close to a declared one: the likely typo, as before
+    err = error_of("recurrence r(x[D], beta) -> y[D] {\n    state h[D]\n    h[d] = bta * h[d] + x[d]\n"
+                   "    y[d] = h[d]\n}\n")
+    assert err.hint == "did you mean 'beta'?"
+    assert "hint: declare it" in error_of("recurrence r(x[D]) -> y[D] {\n    state h[D]\n"
+                                          "    h[d] = zeta * h[d] + x[d]\n    y[d] = h[d]\n}\n").render()
+
+
+def test_an_index_with_no_range_says_how_to_give_it_one():
+    err = error_of("recurrence tr(x[D]) -> y[D] {\n    state h[D]\n    c[e] = 1\n    h[d] = 0.5 * h[d] + x[d]\n"
+                   "    y[d] = h[d] + sum(e, c[e])\n}\n")
+    assert err.message == "cannot tell the range of index 'e': nothing on the right indexes it"
+    assert (err.line, err.column) == (3, 7)
+    assert err.hint == ("an index takes its size from a tensor it indexes on the right: read one with it there "
+                        "(`c[e] = w[e]`, w an input or param declared `w[N]`); a value the same for every e needs no "
+                        "index: write `c = ...`")
+
+
+@pytest.mark.parametrize(("size", "axis"), [("T", "time"), ("H", "head"), ("B", "batch")])
+def test_a_size_named_as_a_call_axis_is_refused_at_the_size(size, axis):
+    """`--shape B=..,T=..,H=..` sets the call's batch, time and head axes: a spec size so named could not be told
+    apart from them (found by trying the tool: `--shape T=8` set both)."""
+    err = error_of(f"recurrence r(q[K], k[K], v[{size}]) -> o[{size}] {{\n    state S[K, {size}]\n"
+                   "    S[i, j] = 0.9 * S[i, j] + k[i] * v[j]\n    o[j] = sum(i, q[i] * S[i, j])\n}\n")
+    assert err.message == (f"size '{size}' has the name of every call's {axis} axis: a layer's tensors are "
+                           "[B, T, H, ...] and --shape B=..,T=..,H=.. sets those, so no spec size may be called B, "
+                           "T or H")
+    assert (err.line, err.column) == (1, 28)
+    assert err.hint == "rename the size, say 'N'"
+    # values may have those names (Mamba's input B)
+    recurrence_dsl.load_text("recurrence r(x[D], B[N], C[N]) -> y[D] {\n    state h[D, N]\n"
+                             "    h[d, n] = 0.5 * h[d, n] + B[n] * x[d]\n    y[d] = sum(n, C[n] * h[d, n])\n}\n",
+                             "ok.rec")
