@@ -7,6 +7,12 @@ temporary directory, checked the same way). A module's file name is a hash of it
 project version, so a stale file is never read for a newer compiler. Modules are executed from the source
 text just written or verified on disk, never from a `.pyc` (no bytecode is written or read), and registered
 in `sys.modules` under that file's name so tracebacks, `inspect` and Triton's JIT find the real file.
+
+Generating a module takes seconds (sympy, the printers), so a second directory, "module-index" (a sibling of
+"modules"), maps what a module is generated from to the file holding it: `load_indexed(key)` imports that file
+without generating, where `key` hashes everything the text depends on (the spec text and file name, and the
+generator: `codegen.load.generator_fingerprint`). An index entry is only a file name; the module file it names
+is read and its hash checked against the name before it runs, as a fresh generation's would be.
 """
 
 from __future__ import annotations
@@ -72,17 +78,34 @@ def cache_directory(kind: str = "modules") -> Path:
     raise CacheError(f"no usable cache directory for {what}: " + "; ".join(refusals))
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, private: bool = True) -> None:
     """Write `text` to `path` through a temporary file in the same directory and a rename: a reader sees the
-    old file or the new one, never half of one."""
+    old file or the new one, never half of one. private: mode 0600 (the cache's files); else the mode a plain
+    `open(path, "w")` gives under the process's umask (a module or graph the user asked for, to share)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back: POSIX has no query; Linux's /proc has)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _LOCK = threading.Lock()  # one import at a time: another thread must not see a half-executed module
@@ -120,4 +143,41 @@ def _import(source: str, name: str) -> types.ModuleType:
     return module
 
 
-__all__ = ["CacheError", "cache_directory", "load_source", "write_atomically"]
+def _index_path(key: str) -> Path:
+    if not key.isalnum():
+        raise ValueError(f"an index key is a hex digest, got {key!r}")
+    return cache_directory("module-index") / key
+
+
+def load_indexed(key: str) -> types.ModuleType | None:
+    """The module `remember` stored under `key`, imported from its cache file; None when there is no entry,
+    the file is gone, or it no longer holds the source its name hashes (then the caller generates it again)."""
+    try:
+        name = _index_path(key).read_text().strip()
+        if not name.startswith("recdsl_") or not name.replace("_", "").isalnum():
+            return None
+        with _LOCK:
+            if name in sys.modules:
+                return sys.modules[name]
+        path = cache_directory() / f"{name}.py"
+        if path.is_symlink():
+            return None
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if hashlib.sha256(source.encode()).hexdigest()[:16] != name.rsplit("_", 1)[-1]:
+        return None
+    with _LOCK:
+        return sys.modules[name] if name in sys.modules else _import(source, name)
+
+
+def remember(key: str, module: types.ModuleType) -> None:
+    """Index `module` (one `load_source` imported) under `key`, for `load_indexed` in later processes. Best
+    effort: a cache directory that cannot be written only costs the next process a generation."""
+    try:
+        write_atomically(_index_path(key), module.__name__ + "\n")
+    except OSError:
+        pass
+
+
+__all__ = ["CacheError", "cache_directory", "load_indexed", "load_source", "remember", "write_atomically"]

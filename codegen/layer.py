@@ -329,21 +329,22 @@ class Layer:
         # and returns one more output, the token naming it (ignored here: `flat` is indexed below).
         needs = [torch.is_grad_enabled() and t.requires_grad for t in tensors]
         flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_options(options),
-                        call.output_final_state, self._op_index, needs if any(needs) else None)
+                        call.output_final_state, call.reverse, self._op_index, needs if any(needs) else None)
         count = len(spec.outputs)
         outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
         finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
         return pack_result(spec, outputs, finals)  # noqa: F821 - from calling.py
 
     # The op's kernels for this layer's calls (see `_LayerOp`), in the order: forward, fake, backward.
-    def _op_results(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state) -> list:
+    def _op_results(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state,
+                    reverse) -> list:
         """The outputs (and final states) of one call from the op's arguments, bound and checked again, now with
         the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
         spec = self.recurrence
         count = len(spec.inputs) + len(spec.params)
         states = list(tensors[count:])
         kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
-                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens}
+                  "output_final_state": output_final_state, "cu_seqlens": cu_seqlens, "reverse": reverse}
         call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
         output, final = self._run(call, form, backend, chunk_size, _decode_options(options))
         flat = list(output) if len(spec.outputs) > 1 else [output]
@@ -397,7 +398,7 @@ class Layer:
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                  config: dict | None = None, **kwargs):
-        """`(output, final_state)`; the arguments of LANGUAGE.md's calling convention plus form, backend,
+        """`(output, final_state)`; the arguments of the calling convention (docs/language.md) plus form, backend,
         chunk_size (defaults: this layer's) and config (a tuning config for the form that runs)."""
         return self._call(args, kwargs, form, backend, chunk_size, config)
 
@@ -498,10 +499,13 @@ def _functorch_active() -> bool:
 OP_NAMESPACE = "recurrence_dsl"
 _OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
 _OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str options, "
-              "bool output_final_state, int layer, bool[]? needs=None) -> Tensor[]")
+              "bool output_final_state, bool reverse, int layer, bool[]? needs=None) -> Tensor[]")
 _OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor[] results, Tensor? token, Tensor?[] grads, "
                        "bool[] needs, str form, str backend, int chunk_size, str options, bool output_final_state, "
-                       "int layer) -> Tensor[]")
+                       "bool reverse, int layer) -> Tensor[]")
+# In every op's name: a copy of this code whose schemas differ (a module written by an earlier version, loaded
+# beside a newer one) registers ops of other names, rather than calling ops of another schema. Version 2: reverse.
+_OP_SCHEMA_VERSION = 2
 # At most this many forwards' graphs are kept for their backward (oldest dropped first): a graph is also dropped
 # when its token dies, so this bounds only forwards whose outputs stay alive without a backward (each holds what
 # eager autograd would hold for it). A backward whose graph was dropped recomputes the forward.
@@ -509,9 +513,10 @@ STORED_FORWARDS_LIMIT = 256
 
 
 def op_name(spec) -> str:
-    """The op's name in the `recurrence_dsl` namespace: `<name>_<spec hash>` (ASCII letters, digits and _)."""
+    """The op's name in the `recurrence_dsl` namespace: `<name>_<spec hash>_v<schema version>` (ASCII letters,
+    digits and _)."""
     name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in spec.name)
-    return f"{name}_{spec.spec_hash}"
+    return f"{name}_{spec.spec_hash}_v{_OP_SCHEMA_VERSION}"
 
 
 def _encode_options(options: dict) -> str:
@@ -607,9 +612,9 @@ class _LayerOp:
         return index
 
     # The kernels: each hands the forms' run to the layer it names (its own module's code).
-    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
+    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, reverse, layer,
                  needs=None):
-        static = (form, backend, chunk_size, options, output_final_state)
+        static = (form, backend, chunk_size, options, output_final_state, reverse)
         if not needs or not any(needs):
             return self.layers[layer]._op_forward(tensors, cu_seqlens, *static)
         # A backward will follow: run the forms under autograd on detached leaves and keep the graph, so the
@@ -622,8 +627,8 @@ class _LayerOp:
         # backward recomputes.)
         return [r.detach() for r in roots] + [self._keep(leaves, roots)]
 
-    def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, layer,
-                      needs=None):
+    def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, reverse,
+                      layer, needs=None):
         results = self.layers[layer]._op_fake(tensors, cu_seqlens, output_final_state)
         # The token: a CPU tensor whatever the inputs' device, as `_keep` makes it.
         return results + ([torch.empty((), dtype=torch.int64)] if needs and any(needs) else [])

@@ -6,12 +6,16 @@ lookup on top, and the tuner times layers loaded here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import sys
 import threading
+from pathlib import Path
 
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
 
-from .cache import load_source
+from .cache import load_indexed, load_source, remember
 from .interpreter import vectorise_interpreter_scans
 from .module import module_source
 
@@ -40,7 +44,13 @@ def load_module(analysis: Analysis):
     vectorise_interpreter_scans()  # no-op unless Triton runs in its interpreter (TRITON_INTERPRET=1)
     with _GENERATING:
         if key not in _MODULES:
-            _MODULES[key] = load_source(module_source([analysis], rec.source.filename), rec.name)
+            index = _index_key(rec.text, rec.source.filename)
+            module = load_indexed(index) if index else None
+            if module is None:
+                module = load_source(module_source([analysis], rec.source.filename), rec.name)
+                if index:
+                    remember(index, module)
+            _MODULES[key] = module
         _ANALYSES.setdefault(spec_hash(rec), analysis)
         return _MODULES[key]
 
@@ -57,10 +67,41 @@ def analysis_of(layer) -> Analysis | None:
     return _ANALYSES.get(getattr(getattr(layer, "recurrence", None), "spec_hash", None))
 
 
+@functools.lru_cache(maxsize=1)
+def generator_fingerprint() -> str | None:
+    """A hash of everything a generated module's text depends on besides its spec: the source files of the
+    packages that parse, analyse and print it (recurrence_dsl, codegen, grammar), and the Python and sympy
+    versions (ast.unparse and sympy's printers shape the text). None when a package's files cannot be read
+    (then nothing is indexed and every process generates)."""
+    import sympy
+
+    import codegen
+    import grammar
+    import recurrence_dsl
+
+    digest = hashlib.sha256(f"{sys.version_info[:2]} sympy {sympy.__version__}".encode())
+    try:
+        for package in (recurrence_dsl, codegen, grammar):
+            root = Path(package.__file__).parent
+            for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".lark") and p.is_file()):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    except (OSError, TypeError):
+        return None
+    return digest.hexdigest()
+
+
+def _index_key(text: str, filename: str) -> str | None:
+    """The module index's key (codegen/cache.py `load_indexed`) of a recurrence's text and file name."""
+    fingerprint = generator_fingerprint()
+    if fingerprint is None:
+        return None
+    return hashlib.sha256("\0".join((fingerprint, filename, text)).encode()).hexdigest()[:32]
+
+
 def load_layer(analysis: Analysis):
     """The recurrence's layer in its generated module (a `codegen.layer.Layer`, defaults form="auto",
     backend="auto", chunk_size=64, no tuning lookup)."""
     return getattr(load_module(analysis), analysis.recurrence.name)
 
 
-__all__ = ["analysis_of", "load_layer", "load_module", "triton_available"]
+__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "triton_available"]

@@ -421,7 +421,7 @@ class _{cls}Layer(Layer):
 
         Inputs and params by position or by name. Shapes:
 {shapes}
-        initial_state / final_state: {state_doc}
+        initial_state / final_state: {state_doc} (N = B, or N packed sequences under cu_seqlens [N + 1])
         output: {out_doc}
         reverse: True runs from the last step to the first (per sequence under cu_seqlens), False from the
         first; None (default) the direction the spec declares ({"reverse" if rec.reverse else "forward"}).
@@ -612,6 +612,10 @@ def _module_call(module, spec, inputs, initial_state, keywords):
             raise CallError(f"{owner}.forward() got param '{key}': the module owns '{key}' (the nn.Parameter "
                             f"{owner}.{key}, set when the module is built), so it is not a forward argument; "
                             f"forward takes {takes}")
+        if key in ("form", "backend", "chunk_size"):  # the layer's per-call options: a module's are its own
+            raise TypeError(f"{owner}.forward() got '{key}': a module's {key} is set when it is built "
+                            f"({owner}(heads, {key}=...)) or as the attribute {owner.lower()}.{key}; forward takes "
+                            f"{takes}")
         raise TypeError(f"{owner}.forward() got an unexpected keyword argument '{key}'; it takes {takes}")
     # (an input of the wrong rank is left to the layer's shape check: its axis 2 need not be H)
     if (isinstance(first, torch.Tensor) and first.dim() == 3 + len(spec.inputs[0].dims)
@@ -914,5 +918,4 @@ def write_module(source: str, out: Path, force: bool = False) -> None:
         with out.open("w") as f:
             f.write(source)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, source)
+    write_atomically(out, source, private=False)

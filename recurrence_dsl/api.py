@@ -40,7 +40,14 @@ class Recurrence:
         return self.checked.warnings
 
     def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs):
-        """Run the body step by step in `dtype` (float64 by default): `(output, final_state)`."""
+        """Run the body step by step in `dtype` (float64 by default): the oracle every form is checked against.
+
+        Arguments as every layer takes them (docs/language.md, Calling convention): inputs `[B, T, H, ...]` and
+        params `[H, ...]` by position or name; `initial_state=None` (`[N, H, ...]`, a dict by name for several
+        states; N = B, or the number of sequences under `cu_seqlens`); `output_final_state=False`;
+        `cu_seqlens=None` (`[N + 1]` int, B == 1); `reverse=None` (the declared direction). Returns
+        `(output, final_state)`: outputs `[B, T, H, ...]` in `dtype`, final states `[N, H, ...]` or None.
+        Raises CallError for a call whose shapes, names or values do not fit."""
         return run_reference(self.checked, *args, dtype=dtype, **kwargs)
 
     def __repr__(self) -> str:

@@ -349,7 +349,7 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
                 with dot_path.open("w") as f:
                     f.write(text)
             else:
-                write_atomically(dot_path, text)
+                write_atomically(dot_path, text, private=False)
         except OSError as err:
             raise UsageError(f"--graph: cannot write {dot_path}: {err.strerror or err}") from None
         print(f"wrote {dot_path}", file=sys.stderr)
@@ -373,6 +373,13 @@ def cmd_compile(args) -> int:
     if out.is_dir():  # (before the module is generated: say where a file could go)
         example = out / f"{Path(args.file).stem}.py"
         raise UsageError(f"-o: {out} is a directory; give the module's file, e.g. -o {example}")
+    if not out.parent.is_dir():  # (before the module is generated, which takes seconds)
+        first = next(p for p in reversed((out.parent, *out.parent.parents)) if not p.exists())
+        raise UsageError(f"-o: cannot write {out}: the folder {first} does not exist; folders are not created: "
+                         "check it for a typo, or create the folder first")
+    if not out.stem.isidentifier() and out.suffix == ".py":
+        print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
+              "fails); name it with letters, digits and _ only", file=sys.stderr)
     recs = _select(load_file(args.file), args.name)
     source = module_source([analyse(r.checked) for r in recs], args.file)
     try:

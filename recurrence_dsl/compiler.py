@@ -27,7 +27,7 @@ __all__ = ["compile_recurrence", "triton_available"]
 
 
 def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int | None = None, tuning=True):
-    """The layer of a `Recurrence` (or `CheckedRecurrence`): a callable with LANGUAGE.md's calling convention.
+    """The layer of a `Recurrence` (or `CheckedRecurrence`): a callable with the calling convention of docs/language.md.
 
     backend: "auto" (triton for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, when triton imports;
     torch otherwise and for float64), "torch" or "triton". form: "auto" or a form the analysis derived.

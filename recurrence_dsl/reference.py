@@ -108,8 +108,9 @@ class StepEvaluator:
 
 
 def run_reference(rec: CheckedRecurrence, *args, dtype: torch.dtype = torch.float64, **kwargs):
-    """Run the body step by step: `(output, final_state)` per LANGUAGE.md, in `dtype`. `reverse=True` (or a
-    `reverse recurrence`) steps t = T-1, ..., 0, each packed sequence of `cu_seqlens` on its own."""
+    """Run the body step by step: `(output, final_state)` per the calling convention (docs/language.md), in
+    `dtype`. `reverse=True` (or a `reverse recurrence`) steps t = T-1, ..., 0, each packed sequence of
+    `cu_seqlens` on its own."""
     call = bind_call(rec, args, kwargs)
     return run_bound(rec, call, dtype)
 

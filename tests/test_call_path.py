@@ -186,6 +186,35 @@ def test_a_tampered_cached_file_is_rewritten_and_never_run(fresh_cache):
     assert "planted" not in open(path).read() and callable(module.gla)
 
 
+def test_a_later_process_imports_the_indexed_module_without_generating(fresh_cache, monkeypatch):
+    """The module index (codegen/cache.py `load_indexed`): a second "process" finds the module of the same spec
+    text, file name and compiler without printing it; a tampered file, or another compiler, generates again."""
+    from codegen.load import load_module
+    from recurrence_dsl.analysis import analyse
+
+    analysis = analyse(recurrence_dsl.load(GLA)["gla"].checked)
+    first = load_module(analysis)
+    generated = []
+    real = load.module_source
+    monkeypatch.setattr(load, "module_source", lambda *a: generated.append(1) or real(*a))
+
+    def new_process():
+        del sys.modules[first.__name__]
+        load._MODULES.clear()
+        return load_module(analysis)
+
+    again = new_process()
+    assert generated == [] and again.__file__ == first.__file__ and callable(again.gla)
+    with open(first.__file__, "a") as f:
+        f.write("raise SystemExit('planted code ran')\n")
+    again = new_process()  # the file no longer hashes to its name: generated and rewritten
+    assert generated == [1] and "planted" not in open(again.__file__).read()
+    load.generator_fingerprint.cache_clear()
+    monkeypatch.setattr(load, "generator_fingerprint", lambda: "another compiler")
+    new_process()
+    assert generated == [1, 1]
+
+
 def test_a_cache_directory_others_can_write_is_refused(fresh_cache, tmp_path, monkeypatch):
     fresh_cache.mkdir(parents=True)
     fresh_cache.chmod(0o777)

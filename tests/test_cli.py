@@ -394,3 +394,20 @@ def test_explain_of_a_bad_spec_or_name_exits_2(bad_spec, capsys):
     assert "bad.rec:2:12: error:" in capsys.readouterr().err
     assert main(["explain", str(GLA), "--name", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_compile_into_a_missing_folder_is_refused_and_a_written_module_is_readable(tmp_path, capsys):
+    """-o into a folder that does not exist is a typo to report (as `tune --store` does), not folders to create;
+    the module written has the mode an ordinary file gets (it was 0600, the cache's temporary-file mode)."""
+    missing = tmp_path / "no" / "such" / "gla_layer.py"
+    code, out, err = _run_cli("compile", GLA, "-o", missing, capsys=capsys)
+    assert code == 2 and "the folder" in err and str(tmp_path / "no") in err and "does not exist" in err, err
+    assert not (tmp_path / "no").exists()
+    mask = os.umask(0o022)
+    try:
+        code, out, err = _run_cli("compile", GLA, "-o", tmp_path / "gla-layer.py", capsys=capsys)
+    finally:
+        os.umask(mask)
+    assert code == 0, err
+    assert "not an importable module name" in err
+    assert oct(os.stat(tmp_path / "gla-layer.py").st_mode & 0o777) == oct(0o644)

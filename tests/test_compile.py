@@ -167,6 +167,45 @@ def test_initial_and_final_states_through_the_compiled_op(gla_module):
     assert (len(graphs), sum(counters["graph_break"].values())) == (1, 0)
 
 
+REVERSE_SPEC = """reverse recurrence rs(x[D], a[D]) -> y[D] {
+    state h[D]
+    h[d] = sigmoid(a[d]) * h[d] + x[d]
+    y[d] = h[d]
+}
+"""
+
+
+@pytest.mark.parametrize("direction", ["reverse=True", "reverse=False on a reverse spec"])
+def test_the_compiled_op_runs_the_direction_of_the_call(gla_module, direction):
+    """A call's `reverse=` reaches the op (it was dropped: the compiled call ran the spec's own direction, so a
+    bidirectional layer compiled to two forward passes), outputs, final states and gradients, packed too."""
+    if direction == "reverse=True":
+        layer, reverse, make = gla_module.gla, True, _gla_args
+    else:
+        layer = recurrence_dsl.compile(recurrence_dsl.load_text(REVERSE_SPEC)["rs"], backend="torch", tuning=False)
+        reverse = False
+
+        def make(T):
+            return [torch.randn(2, T, H, K), torch.randn(2, T, H, K)]
+
+    def run(*args, cu_seqlens=None):
+        o, h = layer(*args, reverse=reverse, output_final_state=True, backend="torch", cu_seqlens=cu_seqlens)
+        return o.square().sum() + (h * h).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, cu in ((20, None), (45, torch.tensor([0, 7, 30, 45]))):
+        leaves = [a[:1] if cu is not None else a for a in make(T)]
+        leaves = [a.detach().requires_grad_() for a in leaves]
+        loss = compiled(*leaves, cu_seqlens=cu)
+        loss_ref = run(*leaves, cu_seqlens=cu)
+        torch.testing.assert_close(loss, loss_ref)
+        o, h = layer(*leaves, reverse=not reverse, output_final_state=True, backend="torch", cu_seqlens=cu)
+        assert not torch.allclose(loss_ref, o.square().sum() + (h * h).sum())  # the direction matters here
+        for g, g_ref in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_ref, leaves)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_inductor_compiles_a_layer_once(gla_module):
     """The default backend: inductor takes the op as an extern call (a small graph around it: its C++ compile
     dominates the test, ~30 s on a cold cache on 2 cores; the models above use aot_eager)."""
@@ -220,11 +259,11 @@ def test_the_op_passes_opcheck(gla_module):
     gla = gla_module.gla
     args = [a.requires_grad_() for a in _gla_args(20)]
     h0 = torch.randn(2, H, K, K, requires_grad=True)
-    static = ("auto", "torch", 16, "", True, gla._op_index)
+    static = ("auto", "torch", 16, "", True, False, gla._op_index)
     torch.library.opcheck(gla._op, (args + [h0], None, *static))
     cu = torch.tensor([0, 7, 20])
     one = [a[:1].detach().requires_grad_() for a in args]
-    torch.library.opcheck(gla._op, (one, cu, "chunked", "torch", 16, "chunked.chunk_size=8", True, gla._op_index))
+    torch.library.opcheck(gla._op, (one, cu, "chunked", "torch", 16, "chunked.chunk_size=8", True, True, gla._op_index))
 
 
 def test_a_module_loaded_twice_shares_its_op_and_runs_its_own_layers(gla_module):
