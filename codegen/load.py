@@ -75,14 +75,13 @@ def generator_fingerprint() -> str | None:
     (then nothing is indexed and every process generates)."""
     import sympy
 
-    import codegen
     import grammar
-    import recurrence_dsl
+    import recurrence_dsl.analysis  # (its folder: the package itself is the facade, above this layer)
 
     digest = hashlib.sha256(f"{sys.version_info[:2]} sympy {sympy.__version__}".encode())
     try:
-        for package in (recurrence_dsl, codegen, grammar):
-            root = Path(package.__file__).parent
+        for module_file in (recurrence_dsl.analysis.__file__, __file__, grammar.__file__):
+            root = Path(module_file).parent
             for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".lark") and p.is_file()):
                 digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     except (OSError, TypeError):
