@@ -9,7 +9,8 @@ position also sees the previous token, as RWKV's token shift or the short convol
 both reach 100% at T=24 and T=48. So the plateau measured before (12% at T=48) was the model, not the layers: the
 test trains the model with the token shift. At T=192 (64 pairs) only softmax with the token shift learns (100%;
 gla+delta_net with it: 12%, dim 64, 2 heads); whether a larger state per head closes that gap is not measured yet
-(a dim-128, one-head run did not finish on the shared machine; README, "Training: associative recall on CPU").
+(a dim-128, one-head run did not finish on the shared machine; docs/development.md,
+"Training: associative recall on CPU").
 """
 
 from __future__ import annotations
