@@ -163,7 +163,9 @@ class TuneResult:
         slowest = max((t.median_ms for t in self.trials if t.ok), default=None)
         default = config_key(self.space.default)
         chosen = config_key(self.chosen) if self.chosen is not None else None
-        lines = [f"{self.form}/{self.backend}  {self.bucket}  {self.dtype}  mode {self.mode}  on {self.device}",
+        # The bucket is the store's key: B*H and T rounded, so the choice also serves calls of nearby shapes.
+        lines = [f"{self.form}/{self.backend}  shapes {self.bucket} (the store's bucket: B*H and T rounded)  "
+                 f"{self.dtype}  mode {self.mode}  on {self.device}",
                  f"{self.space.summary()}; {len(self.trials)} timed in {self.elapsed_s:.1f} s; study {self.study}"]
         if self.threads:
             t = self.threads
