@@ -156,8 +156,12 @@ def cmd_check(args) -> int:
         batch = given.get("B", DEFAULT_SIZES["B"])
         length = given.get("T", DEFAULT_SIZES["T"])
         heads = given.get("H", DEFAULT_SIZES["H"])
-        report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
-                                  triton=use_triton, grad=not args.no_grad)
+        shown = _CheckProgress(rec.name, sys.stderr)
+        try:
+            report = check_recurrence(rec, sizes, batch, length, heads, dtype=dtype, seed=args.seed, device=device,
+                                      triton=use_triton, grad=not args.no_grad, progress=shown)
+        finally:
+            shown.clear()
         print(format_report(report))
         print("\n".join(config_lines(rec, sizes, batch, length, heads, dtype, device)))
         print()
@@ -194,6 +198,28 @@ def print_proof(rec: Recurrence) -> bool:
         print(f"  {r.form:<9} {r.value:<10} {r.elements:>3} elements  {r.verdict}")
     print()
     return all(r.proved for r in results)
+
+
+class _CheckProgress:
+    """`check`'s progress on a terminal: one line, rewritten as each path starts (`gla: checking triton/chunked,
+    path 7 of 12...`) and erased before the table prints; nothing when stderr is not a terminal (a log, a pipe)."""
+
+    def __init__(self, name: str, stream):
+        self.name, self.stream, self.width = name, stream, 0
+        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
+
+    def __call__(self, path: str, number: int, count: int) -> None:
+        if self.enabled:
+            text = f"{self.name}: checking {path}, path {number} of {count}..."
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 def _proof_progress(name: str):

@@ -121,12 +121,14 @@ def _bind_form(layer, form: str) -> Callable:
 def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length: int, heads: int,
                      dtype: torch.dtype = torch.float32, seed: int = 0,
                      paths: dict[str, Callable] | None = None, device: str = "cpu",
-                     triton: bool = True, grad: bool = True) -> CheckReport:
+                     triton: bool = True, grad: bool = True,
+                     progress: Callable[[str, int, int], None] | None = None) -> CheckReport:
     """Run each path on the same random inputs (with an initial state) and compare with the reference.
 
     Every value must have the reference's shape. At length 0 the rows check empty outputs of the right shape
     and final states equal to the initial state (see `_compare`). With `grad`, each path is run once more with
-    gradients and its gradients of `_loss` are compared too (`_gradient_rows`)."""
+    gradients and its gradients of `_loss` are compared too (`_gradient_rows`). progress: called as
+    `progress(path, n, count)` before the n-th (from 1) of `count` paths runs."""
     args, initial = sample_arguments(rec.checked, sizes, batch, length, heads, dtype=torch.float64, seed=seed,
                                      with_initial_state=True)
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
@@ -144,7 +146,9 @@ def check_recurrence(rec: Recurrence, sizes: dict[str, int], batch: int, length:
             cast_initial = initial.to(device=device, dtype=dtype)
     start = _as_dict(rec, (), cast_initial)  # "final S" -> the initial S each path is given
     rows = []
-    for name, fn in paths.items():
+    for number, (name, fn) in enumerate(paths.items(), start=1):
+        if progress is not None:
+            progress(name, number, len(paths))
         if fn == rec.reference:  # a bound method: a new object at each access, so `==`, not `is`
             # The interpreter in the dtype under test (bfloat16/float16 steps would only measure rounding).
             ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32

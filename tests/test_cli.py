@@ -411,3 +411,30 @@ def test_compile_into_a_missing_folder_is_refused_and_a_written_module_is_readab
     assert code == 0, err
     assert "not an importable module name" in err
     assert oct(os.stat(tmp_path / "gla-layer.py").st_mode & 0o777) == oct(0o644)
+
+
+def test_check_shows_which_path_runs_on_a_terminal_only():
+    """`check` runs every path before it prints its table (30-70 s in Triton's interpreter): on a terminal one
+    line says which path runs, erased before the table; a log or pipe gets nothing."""
+    import io
+
+    from recurrence_dsl.cli import _CheckProgress
+    from recurrence_dsl.validate import check_recurrence
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        progress = _CheckProgress("gla", stream)
+        progress("torch/recurrent", 1, 2)
+        progress("triton/chunked", 2, 2)
+        progress.clear()
+        text = stream.getvalue()
+        assert ("gla: checking triton/chunked, path 2 of 2..." in text) is shown
+        assert text.endswith("\r") if shown else text == ""
+    calls = []
+    rec = recurrence_dsl.load(GLA)["gla"]
+    check_recurrence(rec, {"K": 4, "V": 3}, 1, 6, 2, paths={"reference": rec.reference}, grad=False,
+                     progress=lambda *a: calls.append(a))
+    assert calls == [("reference", 1, 1)]
