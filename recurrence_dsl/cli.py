@@ -400,8 +400,10 @@ def cmd_compile(args) -> int:
         example = out / f"{Path(args.file).stem}.py"
         raise UsageError(f"-o: {out} is a directory; give the module's file, e.g. -o {example}")
     if not out.parent.is_dir():  # (before the module is generated, which takes seconds)
-        first = next(p for p in reversed((out.parent, *out.parent.parents)) if not p.exists())
-        raise UsageError(f"-o: cannot write {out}: the folder {first} does not exist; folders are not created: "
+        missing = [p for p in reversed((out.parent, *out.parent.parents)) if not p.exists()]
+        if not missing:  # the parent exists, as something other than a folder
+            raise UsageError(f"-o: cannot write {out}: {out.parent} is not a folder")
+        raise UsageError(f"-o: cannot write {out}: the folder {missing[0]} does not exist; folders are not created: "
                          "check it for a typo, or create the folder first")
     if not out.stem.isidentifier() and out.suffix == ".py":
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
