@@ -421,6 +421,7 @@ def test_triton_child_imported_triton_but_not_the_project(triton_results):
 
 def test_compiling_twice_gives_byte_identical_files(tmp_path):
     first, second = tmp_path / "a.py", tmp_path / "sub" / "b.py"
+    second.parent.mkdir()  # (-o creates no folders)
     assert compile_cli(SPECS_DIR / "gla.rec", "-o", first) == 0
     before = first.read_bytes()
     assert compile_cli(SPECS_DIR / "gla.rec", "-o", first) == 0  # onto a previously generated file: allowed
