@@ -140,8 +140,8 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
         dependent = [a for a in expr.args if _mentions(a, states)]
         free = sympy.Mul(*[a for a in expr.args if not _mentions(a, states)])
         if len(dependent) > 1:
-            raise NonLinear(f"a product of two state-dependent factors: {_shown(dependent[0])} * "
-                            f"{_shown(dependent[1])}")
+            first, second = (f"({_shown(a)})" if isinstance(a, sympy.Add) else _shown(a) for a in dependent[:2])
+            raise NonLinear(f"a product of two state-dependent factors: {first} * {second}")
         c, terms = linearize(dependent[0], states)
         const = free * c if c != 0 else sympy.Integer(0)  # (not oo * 0 = nan for a factor 1e999)
         return const, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]

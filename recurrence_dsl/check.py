@@ -237,6 +237,13 @@ class _Checker:
 
     def run(self) -> CheckedRecurrence:
         rec = self.rec
+        if not rec.inputs:  # LANGUAGE.md: `recurrence NAME ( INPUT, ... )`; B and T come from the inputs' shapes
+            outputs = ", ".join(d.name for d in rec.outputs) or "y"
+            raise self.error(f"recurrence '{rec.name}' declares no inputs: a call takes its batch and its number of "
+                             "steps from the inputs' shapes [B, T, H, ...], so it needs at least one",
+                             rec.name_span,
+                             hint=f"add a per-step input, e.g. `recurrence {rec.name}(x) -> {outputs}`, and read it "
+                                  "in the body")
         inputs = tuple(self.declare(d, SymbolKind.INPUT) for d in rec.inputs)
         outputs = tuple(self.declare(d, SymbolKind.OUTPUT) for d in rec.outputs)
         self.check_output_sizes(outputs)

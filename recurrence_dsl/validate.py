@@ -267,7 +267,7 @@ def _compare(path: str, key: str, got: torch.Tensor | None, ref: torch.Tensor, i
 def format_report(report: CheckReport) -> str:
     dtype = str(report.dtype).replace("torch.", "")
     sizes = ", ".join(f"{k}={v}" for k, v in report.sizes.items())
-    lines = [f"{report.recurrence}  ({sizes}; {dtype} against the float64 reference)"]
+    lines = [f"{report.recurrence}  ({sizes + '; ' if sizes else ''}{dtype} against the float64 reference)"]
     width = max([len(r.path) for r in report.rows] + [len("path")])
     vwidth = max([len(r.value) for r in report.rows] + [len("value")])
     lines.append(f"  {'path':<{width}}  {'value':<{vwidth}}  {'rel. error':>10}  {'tolerance':>9}  result")

@@ -275,3 +275,31 @@ def test_a_size_named_as_a_call_axis_is_refused_at_the_size(size, axis):
     recurrence_dsl.load_text("recurrence r(x[D], B[N], C[N]) -> y[D] {\n    state h[D, N]\n"
                              "    h[d, n] = 0.5 * h[d, n] + B[n] * x[d]\n    y[d] = sum(n, C[n] * h[d, n])\n}\n",
                              "ok.rec")
+
+
+def test_a_recurrence_without_inputs_is_a_spec_error():
+    """LANGUAGE.md's header takes inputs: a call's B and T come from them. With none, `explain` accepted it and
+    `compile` failed with an internal error; now the checker refuses it at the name."""
+    err = error_of("recurrence no_inputs() -> y {\n    param a\n    state h\n    h = sigmoid(a) * h + 1\n"
+                   "    y = h\n}\n")
+    assert err.message.startswith("recurrence 'no_inputs' declares no inputs")
+    assert (err.line, err.column) == (1, 12)
+    assert err.hint.startswith("add a per-step input, e.g. `recurrence no_inputs(x) -> y`")
+
+
+def test_a_product_reason_keeps_a_sum_factor_in_parentheses():
+    """GRU's (1 - z) * tanh(...) was quoted `1 - sigmoid(...) * tanh(...)`, which reads as another product."""
+    from recurrence_dsl.analysis import analyse
+
+    rec = recurrence_dsl.load_text("recurrence g(x[D], z[D]) -> y[D] {\n    state h[D]\n"
+                                   "    h[d] = (1 - sigmoid(z[d] + h[d])) * tanh(h[d] + x[d])\n    y[d] = h[d]\n}\n")
+    reason = analyse(rec["g"].checked).states["h"].reason
+    assert "factors: (1 - sigmoid(" in reason, reason
+
+
+def test_check_header_without_named_sizes(capsys, tmp_path):
+    path = tmp_path / "lit.rec"
+    path.write_text("recurrence lit(x[4]) -> y[4] {\n    state h[4]\n    h[d] = 0.5 * h[d] + x[d]\n"
+                    "    y[d] = h[d]\n}\n")
+    assert main(["check", str(path), "--no-triton", "--no-grad", "--shape", "B=1,T=6,H=1"]) == 0
+    assert "lit  (float32 against the float64 reference)" in capsys.readouterr().out
