@@ -166,6 +166,9 @@ def explain(analysis: Analysis) -> str:
                          f"size {sa.dims[0]} * {sa.dims[1]} (p = {x} * {sa.dims[1]} + {y}), with k_t[p] and each "
                          f"readout's q_t[p] built per step from the pair")
         if sa.chunk is not None:
+            if "chunked" not in analysis.forms:  # the state chunks, the recurrence does not (see "no chunked form")
+                lines.append(f"    {name} alone would chunk as below; the recurrence has no chunked form (see the "
+                             "end)")
             lines.extend(_chunk_lines(sa, sa.chunk))
         shown = f"{name}^T" if name in view.transposed else name
         for r in (sa.chunk.readouts if sa.chunk else []):

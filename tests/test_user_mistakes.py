@@ -303,3 +303,17 @@ def test_check_header_without_named_sizes(capsys, tmp_path):
                     "    y[d] = h[d]\n}\n")
     assert main(["check", str(path), "--no-triton", "--no-grad", "--shape", "B=1,T=6,H=1"]) == 0
     assert "lit  (float32 against the float64 reference)" in capsys.readouterr().out
+
+
+def test_explain_says_a_state_chunks_where_the_recurrence_does_not():
+    """A state read through tanh inside the contraction chunks on its own, but its output is no readout: explain
+    printed the chunk derivation and then "no chunked form" with nothing between them."""
+    from recurrence_dsl.analysis import analyse
+    from recurrence_dsl.explain import explain
+
+    rec = recurrence_dsl.load_text("recurrence r(q[K], k[K], v[V], g[K]) -> o[V] {\n    state S[K, V]\n"
+                                   "    S[i, j] = exp(g[i]) * S[i, j] + k[i] * v[j]\n"
+                                   "    o[j] = sum(i, q[i] * tanh(S[i, j]))\n}\n")["r"]
+    text = explain(analyse(rec.checked))
+    assert "S alone would chunk as below; the recurrence has no chunked form" in text
+    assert text.index("alone would chunk") < text.index("G_t =") < text.index("no chunked form:")
