@@ -111,13 +111,17 @@ def _umask() -> int:
 _LOCK = threading.Lock()  # one import at a time: another thread must not see a half-executed module
 
 
+def _digest(source: str) -> str:
+    """The hash a module's file name ends with: its source's (so a name, once imported, is that source)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def load_source(source: str, stem: str) -> types.ModuleType:
     """Import generated `source` as the module `<stem>_<hash>` from a file in the cache directory.
 
     The file is (re)written unless it already holds exactly `source`; the code executed is `source` itself,
     compiled with the file's path as its filename."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    name = f"recdsl_{stem}_{digest}"
+    name = f"recdsl_{stem}_{_digest(source)}"
     with _LOCK:
         if name in sys.modules:  # the name holds the source's hash: once imported, the module is this source
             return sys.modules[name]
@@ -165,7 +169,7 @@ def load_indexed(key: str) -> types.ModuleType | None:
         source = path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-    if hashlib.sha256(source.encode()).hexdigest()[:16] != name.rsplit("_", 1)[-1]:
+    if _digest(source) != name.rsplit("_", 1)[-1]:
         return None
     with _LOCK:
         return sys.modules[name] if name in sys.modules else _import(source, name)

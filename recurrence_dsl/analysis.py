@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from .check import CheckedRecurrence
-from .printing import spec_text
+from .printing import function_name, spec_text
 from .step_ir import (
     NEW_SUFFIX,
     STAGE_SUFFIX,
@@ -62,9 +62,6 @@ _DIAGONAL = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.D
              TransitionClass.DIAGONAL_COL, TransitionClass.ELEMENTWISE, TransitionClass.COUPLED_ELEMENTWISE}
 FORMS = ("recurrent", "scan", "chunked", "parallel")
 
-
-# sympy's names of the language's functions, as a reason names them (`max() applied to a state`).
-_FUNCTION_NAMES = {"Max": "max", "Min": "min", "Abs": "abs"}
 
 # The most characters of an expression a reason quotes: an sLSTM gate written out is thousands.
 _LONGEST_QUOTED = 160
@@ -140,8 +137,8 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
         dependent = [a for a in expr.args if _mentions(a, states)]
         free = sympy.Mul(*[a for a in expr.args if not _mentions(a, states)])
         if len(dependent) > 1:
-            first, second = (f"({_shown(a)})" if isinstance(a, sympy.Add) else _shown(a) for a in dependent[:2])
-            raise NonLinear(f"a product of two state-dependent factors: {first} * {second}")
+            raise NonLinear(f"a product of two state-dependent factors: {_paren(dependent[0], _shown)} * "
+                            f"{_paren(dependent[1], _shown)}")
         c, terms = linearize(dependent[0], states)
         const = free * c if c != 0 else sympy.Integer(0)  # (not oo * 0 = nan for a factor 1e999)
         return const, [LinearTerm(free * t.coeff, t.bound, t.state, t.indices) for t in terms]
@@ -155,8 +152,7 @@ def linearize(expr: sympy.Expr, states: set[str]) -> tuple[sympy.Expr, list[Line
             raise NonLinear(f"a state in an exponent: {_shown(expr)}")
         raise NonLinear(f"a state raised to the power {spec_text(expr.exp)}: {_shown(expr)}")
     if isinstance(expr, sympy.Function) or isinstance(expr, (sympy.Min, sympy.Max)):
-        raise NonLinear(f"{_FUNCTION_NAMES.get(type(expr).__name__, type(expr).__name__)}() applied to a state: "
-                        f"{_shown(expr)}")
+        raise NonLinear(f"{function_name(expr)}() applied to a state: {_shown(expr)}")
     raise NonLinear(f"cannot see {_shown(expr)} as affine in the states")
 
 
@@ -643,8 +639,9 @@ def _product_of_factors(name: str, keys: list[sympy.Expr], betas: list[sympy.Exp
     return "".join(f"(I - {_paren(b)} {spec_text(k)} {spec_text(k)}^T)" for b, k in reversed(list(zip(betas, keys))))
 
 
-def _paren(e: sympy.Expr) -> str:
-    return f"({spec_text(e)})" if isinstance(e, sympy.Add) else spec_text(e)
+def _paren(e: sympy.Expr, show=spec_text) -> str:
+    """`e` as `show` writes it, in parentheses where it is a sum (a factor of a product)."""
+    return f"({show(e)})" if isinstance(e, sympy.Add) else show(e)
 
 
 # The largest composed update (in tree nodes) that `_factor_rank_r` expands: its monomials double with each factor,

@@ -46,11 +46,6 @@ def tidy(expr) -> str:
     return readable_dummies(text)
 
 
-def _text(expr) -> str:
-    """`expr` in the spec's syntax, the IR's names kept (for a line `tidy` then takes whole)."""
-    return spec_text(expr)
-
-
 def _idx(indices) -> str:
     return "[" + ", ".join(str(i) for i in indices) + "]" if indices else ""
 
@@ -77,15 +72,15 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     s = sa.name
     if sa.cls is TransitionClass.RANK_R_UPDATE:
         return _rank_r_lines(sa, plan)
-    lines = [tidy(f"    k_t{_idx(plan.k.indices)} = {_text(plan.k.expr)}")]
+    lines = [tidy(f"    k_t{_idx(plan.k.indices)} = {spec_text(plan.k.expr)}")]
     if plan.v is not None:
-        lines.append(tidy(f"    v_t{_idx(plan.v.indices)} = {_text(plan.v.expr)}"))
+        lines.append(tidy(f"    v_t{_idx(plan.v.indices)} = {spec_text(plan.v.expr)}"))
     else:
         lines.append("    v_t = 1  (the state has no value axis)")
     if plan.log_decay is not None:
         note = "" if plan.decay_exact else "   (needs the decay > 0)"
         lines.append(tidy(f"    log decay ({plan.decay_axis}) g_t{_idx(plan.log_decay.indices)} = "
-                          f"{_text(plan.log_decay.expr)}") + note)
+                          f"{spec_text(plan.log_decay.expr)}") + note)
         lines.append("    G_t = sum_{r <= t in the chunk} g_r               (cumulative log decay)")
         if plan.decay_axis == "key":
             mask = "A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])   for s <= t"
@@ -104,7 +99,7 @@ def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         inter = "Q S_0"
         carry = f"{s}_C = {s}_0 + K^T V"
     if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
-        lines.append(tidy(f"    a_t = {_text(plan.mix_read.expr)};  b_t = {_text(plan.mix_write.expr)};  ")
+        lines.append(tidy(f"    a_t = {spec_text(plan.mix_read.expr)};  b_t = {spec_text(plan.mix_write.expr)};  ")
                      + f"{s}_t = (D_t + b_t a_t^T) {s}_(t-1) + k_t v_t^T")
         lines.append(f"    u_t = {s}_(t-1)^T a_t;  then {s}_t = D_t {s}_(t-1) + b_t u_t^T + k_t v_t^T   (keys b, k)")
         lines.append("    (I - L_ab) U = (A * exp(G_(t-1))) S_0 + L_ak V,  L_xy[t, s] = (x_t . y_s) decayed, s < t")
@@ -178,7 +173,7 @@ def explain(analysis: Analysis) -> str:
             key = "p__q0, p__q1" if pair else "a__q"
             axes = key + (f", {r.value_index}" if r.value_index is not None else "")
             summed = f"sum_({key})" if pair else f"sum_{key}"
-            lines.append(tidy(f"    readout {r.name}{value} = {summed} ({_text(r.query.expr)}) * {when}[{axes}]"))
+            lines.append(tidy(f"    readout {r.name}{value} = {summed} ({spec_text(r.query.expr)}) * {when}[{axes}]"))
     for name, oa in view.outputs.items():
         lines.append(f"  output {name}{_idx(oa.indices)} = {tidy(oa.expr)}")
     for form, why in analysis.unavailable.items():

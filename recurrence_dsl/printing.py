@@ -21,6 +21,15 @@ _MADE = re.compile(r"^([A-Za-z]+)[A-Za-z0-9]*__\w+$")
 # The most significant digits a number is written with: a computed constant (log(0.9)) is cut to these.
 _DIGITS = 10
 
+# sympy's names of the language's functions that it spells otherwise.
+_FUNCTION_NAMES = {"Max": "max", "Min": "min", "Abs": "abs"}
+
+
+def function_name(expr: sympy.Basic) -> str:
+    """The language's name of the function `expr` applies (`max`, not sympy's `Max`)."""
+    name = type(expr).__name__
+    return _FUNCTION_NAMES.get(name, name)
+
 
 def number_text(value: float) -> str:
     """A float64 as a spec would write it: the shortest text that reads back as it (`-0.5`, `1e-6`), at most
@@ -72,13 +81,13 @@ class SpecPrinter(StrPrinter):
         return text
 
     def _print_Max(self, expr):
-        return self._nested("max", expr.args)
+        return self._nested(function_name(expr), expr.args)
 
     def _print_Min(self, expr):
-        return self._nested("min", expr.args)
+        return self._nested(function_name(expr), expr.args)
 
     def _print_Abs(self, expr):
-        return f"abs({self._print(expr.args[0])})"
+        return f"{function_name(expr)}({self._print(expr.args[0])})"
 
     def _print_expm1(self, expr):  # the step IR's precise spellings, as the language writes them
         return f"(exp({self._print(expr.args[0])}) - 1)"

@@ -62,8 +62,7 @@ class _Roles:
         self.unit_keys: set[str] = set()
         self.decays: set[str] = set()
         states = {s.name for s in rec.states}
-        self.temps = {stmt.target.name: stmt.value for stmt in rec.statements
-                      if stmt.target.name not in states and stmt.target.name not in {o.name for o in rec.outputs}}
+        self.temps = {stmt.target.name: stmt.value for stmt in rec.statements if stmt.target in rec.temps}
         for stmt in rec.statements:
             self.visit(stmt.value, states)
             if stmt.target.name in states:
