@@ -153,26 +153,38 @@ def _index_path(key: str) -> Path:
     return cache_directory("module-index") / key
 
 
-def load_indexed(key: str) -> types.ModuleType | None:
-    """The module `remember` stored under `key`, imported from its cache file; None when there is no entry,
-    the file is gone, or it no longer holds the source its name hashes (then the caller generates it again)."""
+def _indexed(key: str) -> tuple[str, str] | None:
+    """The module name the index holds under `key` and that module's source; None when there is no entry, the
+    file is gone, or it no longer holds the source its name hashes."""
     try:
         name = _index_path(key).read_text().strip()
         if not name.startswith("recdsl_") or not name.replace("_", "").isalnum():
             return None
-        with _LOCK:
-            if name in sys.modules:
-                return sys.modules[name]
         path = cache_directory() / f"{name}.py"
         if path.is_symlink():
             return None
         source = path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-    if _digest(source) != name.rsplit("_", 1)[-1]:
+    return (name, source) if _digest(source) == name.rsplit("_", 1)[-1] else None
+
+
+def load_indexed(key: str) -> types.ModuleType | None:
+    """The module `remember` stored under `key`, imported from its cache file; None when there is no entry,
+    the file is gone, or it no longer holds the source its name hashes (then the caller generates it again)."""
+    found = _indexed(key)
+    if found is None:
         return None
+    name, source = found
     with _LOCK:
         return sys.modules[name] if name in sys.modules else _import(source, name)
+
+
+def indexed_source(key: str) -> str | None:
+    """The source text indexed under `key` (by `remember` or `remember_source`), not imported; None as for
+    `load_indexed`."""
+    found = _indexed(key)
+    return None if found is None else found[1]
 
 
 def remember(key: str, module: types.ModuleType) -> None:
@@ -184,4 +196,18 @@ def remember(key: str, module: types.ModuleType) -> None:
         pass
 
 
-__all__ = ["CacheError", "cache_directory", "load_indexed", "load_source", "remember", "write_atomically"]
+def remember_source(key: str, source: str, stem: str) -> None:
+    """Write generated `source` to the cache (as `load_source` would, without importing it) and index it under
+    `key`, for `indexed_source` in later processes. Best effort, as `remember`."""
+    name = f"recdsl_{stem}_{_digest(source)}"
+    try:
+        path = cache_directory() / f"{name}.py"
+        if not path.is_file() or path.is_symlink() or path.read_text() != source:
+            write_atomically(path, source)
+        write_atomically(_index_path(key), name + "\n")
+    except (OSError, UnicodeDecodeError):
+        pass
+
+
+__all__ = ["CacheError", "cache_directory", "indexed_source", "load_indexed", "load_source", "remember",
+           "remember_source", "write_atomically"]

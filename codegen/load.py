@@ -15,7 +15,7 @@ from pathlib import Path
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
 
-from .cache import load_indexed, load_source, remember
+from .cache import indexed_source, load_indexed, load_source, remember, remember_source
 from .interpreter import vectorise_interpreter_scans
 from .module import module_source
 
@@ -97,10 +97,22 @@ def _index_key(text: str, filename: str) -> str | None:
     return hashlib.sha256("\0".join((fingerprint, filename, text)).encode()).hexdigest()[:32]
 
 
+def module_text(analyses: list[Analysis], filename: str) -> str:
+    """`module_source(analyses, filename)`, read from the module index when a process generated the same text
+    before (`recdsl compile`; a module of one recurrence shares its entry with `load_module`'s)."""
+    index = _index_key("\0\0".join(a.recurrence.text for a in analyses), filename)
+    source = indexed_source(index) if index else None
+    if source is None:
+        source = module_source(analyses, filename)
+        if index:
+            remember_source(index, source, analyses[0].recurrence.name)
+    return source
+
+
 def load_layer(analysis: Analysis):
     """The recurrence's layer in its generated module (a `codegen.layer.Layer`, defaults form="auto",
     backend="auto", chunk_size=64, no tuning lookup)."""
     return getattr(load_module(analysis), analysis.recurrence.name)
 
 
-__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "triton_available"]
+__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "module_text", "triton_available"]

@@ -393,7 +393,8 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
 
 
 def cmd_compile(args) -> int:
-    from codegen.module import OverwriteError, module_source, write_module
+    from codegen.load import module_text
+    from codegen.module import OverwriteError, write_module
 
     out = Path(args.output)
     if out.is_dir():  # (before the module is generated: say where a file could go)
@@ -409,7 +410,7 @@ def cmd_compile(args) -> int:
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
               "fails); name it with letters, digits and _ only", file=sys.stderr)
     recs = _select(load_file(args.file), args.name)
-    source = module_source([analyse(r.checked) for r in recs], args.file)
+    source = module_text([analyse(r.checked) for r in recs], args.file)
     try:
         write_module(source, Path(args.output), force=args.force)
     except OverwriteError as err:

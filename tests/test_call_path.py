@@ -215,6 +215,29 @@ def test_a_later_process_imports_the_indexed_module_without_generating(fresh_cac
     assert generated == [1, 1]
 
 
+def test_recdsl_compile_reads_the_index_and_shares_it_with_compile(fresh_cache, tmp_path, monkeypatch):
+    """`recdsl compile` writes the same text from the index as it generates (a second run prints nothing), and
+    a module of one recurrence has one entry for the CLI and compile(); a file of two recurrences has its own."""
+    from codegen.load import load_module, module_text
+    from recurrence_dsl.analysis import analyse
+
+    generated = []
+    real = load.module_source
+    monkeypatch.setattr(load, "module_source", lambda *a: generated.append(len(a[0])) or real(*a))
+    analysis = analyse(recurrence_dsl.load(GLA)["gla"].checked)
+    text = module_text([analysis], analysis.recurrence.source.filename)
+    assert module_text([analysis], analysis.recurrence.source.filename) == text and generated == [1]
+    assert callable(load_module(analysis).gla) and generated == [1]  # compile()'s path found the CLI's entry
+    assert module_text([analysis], "other.rec") != text and generated == [1, 1]  # the file name is in the text
+    pair = tmp_path / "pair.rec"
+    gla_text = GLA.read_text()
+    pair.write_text(gla_text + "\n" + gla_text.replace("recurrence gla(", "recurrence gla_twin("))
+    both = [analyse(r.checked) for r in recurrence_dsl.load(str(pair)).values()]
+    first = module_text(both, str(pair))
+    assert module_text(both, str(pair)) == first and generated == [1, 1, 2]
+    assert "def gla_twin" in first or "gla_twin =" in first
+
+
 def test_a_cache_directory_others_can_write_is_refused(fresh_cache, tmp_path, monkeypatch):
     fresh_cache.mkdir(parents=True)
     fresh_cache.chmod(0o777)
