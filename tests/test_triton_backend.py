@@ -138,7 +138,8 @@ def _distinct(key: str) -> tuple:
 def _full_cases(key: str, form: str) -> list[Case]:
     cases = []
     for T, size in itertools.product((1, 63, 64, 200), (16, 32, 48)):
-        cases.append(Case(key, form, F32, T, _uniform(key, size), H=2 if T == 63 else 1))
+        if (T, size) != (200, 32):  # (size 32's blocks run at T = 63 and 64; T = 200's chunks at 16 and 48)
+            cases.append(Case(key, form, F32, T, _uniform(key, size), H=2 if T == 63 else 1))
     cases.append(Case(key, form, F32, 64, _distinct(key), H=2))
     for T, size in itertools.product((63, 200), (16, 48)):
         cases.append(Case(key, form, F16, T, _uniform(key, size)))
