@@ -1216,7 +1216,16 @@ def _article(word: str) -> str:
 
 
 def _no_scan_reason(states: dict[str, StateAnalysis]) -> str:
-    return "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition ({s.reason})"
+    """Why no state-wise scan: each non-diagonal state's class, what makes it so, and why that stops a scan."""
+    def why(s: StateAnalysis) -> str:
+        if s.cls is TransitionClass.NON_LINEAR:
+            return "a scan composes affine steps only"
+        # A matrix transition mixes the state's rows: a scan's combine would multiply those matrices.
+        n = spec_text(s.dims[0]) if s.dims else "n"
+        return (f"each step's transition is a {n} x {n} matrix, so a scan's every combine would be a {n} x {n} "
+                f"matrix product (the {'chunked' if s.chunk is not None else 'recurrent'} form applies them to the "
+                "state instead)")
+    return "; ".join(f"{s.name} has {_article(s.cls.value)} {s.cls.value} transition ({s.reason}): {why(s)}"
                      for s in states.values() if s.cls not in _DIAGONAL)
 
 
