@@ -240,13 +240,20 @@ def scan_bytes_limit() -> int:
     return int(given)
 
 
-def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes=0) -> str:
+def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes=0, scan_first: bool = False) -> str:
     """The form `auto` runs for a sequence of `length` steps, given the forms a recurrence has; rows: how many
     packed sequences of that length run together (`_run_packed`); scan_bytes: what the scan form would keep for
     its backward (`scan_held_bytes`, given on the Triton backend), an int or a function returning it, called only
-    where the choice is between the scan and recurrent forms: past `scan_bytes_limit()` the recurrent form runs."""
+    where the choice involves the scan form: past `scan_bytes_limit()` the recurrent form runs. scan_first (the
+    spec's `scan_first`: vector states): the scan form ahead of the chunked and parallel ones while it is within
+    that limit."""
     if (length <= 16 and rows < BATCHED_ROWS) or len(forms) == 1:
         return "recurrent"
+    if scan_first and "scan" in forms:
+        held = scan_bytes() if callable(scan_bytes) else scan_bytes
+        if held <= scan_bytes_limit():
+            return "scan"
+        scan_bytes = held  # past the limit: the order below (parallel, chunked, else recurrent)
     if "parallel" in forms and length <= chunk_size:
         return "parallel"
     if "chunked" in forms:
@@ -328,7 +335,7 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             # (a function: `pick_form` counts the held bytes only where it weighs the scan form)
             held = ((lambda: scan_held_bytes(spec, call, length, next(iter(piece.values())).shape[0]))
                     if backend == "triton" and piece else 0)
-            chosen = pick_form(tuple(form_fns), length, chunk_size, rows, held)
+            chosen = pick_form(tuple(form_fns), length, chunk_size, rows, held, getattr(spec, "scan_first", False))
         else:
             chosen = form
         try:
@@ -565,12 +572,13 @@ def packed_form(form_fns, form: str, call, chunk_size: int, spec=None) -> str | 
     packed = tuple(name for name, fn in form_fns.items() if getattr(fn, "run_packed", None) is not None)
     if form != "auto":
         return form if form in packed else None
-    if not packed or "chunked" in packed:
+    scan_first = getattr(spec, "scan_first", False)
+    if not packed or ("chunked" in packed and not (scan_first and "scan" in packed)):
         return "chunked" if packed else None
     lengths = call.cu_seqlens[1:] - call.cu_seqlens[:-1]
     # (the packed kernels keep every sequence's steps: the packed length, as one row)
     held = (lambda: scan_held_bytes(spec, call, call.length, 1)) if spec is not None else 0
-    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths), held)
+    return pick_form(packed, int(lengths.max()), chunk_size, len(lengths), held, scan_first)
 
 
 def _run_packed_form(chosen, form, call, inputs, states, call_form):

@@ -175,7 +175,8 @@ class Layer:
 
     def pick_form(self, length: int, chunk_size: int | None = None) -> str:
         """The form "auto" runs on the torch backend for a sequence of `length` steps."""
-        return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size)  # noqa: F821
+        return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size,  # noqa: F821
+                         scan_first=self.recurrence.scan_first)
 
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
         """Bind and check a call, choose backend, form and config, and run it (see `__call__`).
@@ -296,10 +297,9 @@ class Layer:
         rows = 1 if call.cu_seqlens is not None else call.num_sequences
         held = ((lambda: scan_held_bytes(self.recurrence, call, call.length, rows))  # noqa: F821 - from dispatch.py
                 if backend == "triton" else 0)
-        return pick_form(tuple(fns), call.length, chunk, 1, held)  # noqa: F821
+        return pick_form(tuple(fns), call.length, chunk, 1, held, self.recurrence.scan_first)  # noqa: F821
 
-    @staticmethod
-    def _chunks(call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
+    def _chunks(self, call, form: str, fns: dict, chunk, target: str | None = None) -> bool:
         """Whether the call may run a form whose kernels take the chunk length (`CHUNKING_FORMS`: chunked), so the
         backend's chunk_size rule binds: the form given; with "auto", the config's form (`target`) or the one auto
         picks for the call's length, and any chunking form the recurrence has when packed sequences each pick
@@ -314,7 +314,8 @@ class Layer:
         # (Under torch.compile the length is symbolic: picking would guard on it, so the rule binds as before.)
         if call.cu_seqlens is not None or torch.compiler.is_compiling():
             return True
-        picks = pick_form(tuple(fns), call.length, chunk if isinstance(chunk, int) and chunk >= 1 else 1)  # noqa: F821
+        picks = pick_form(tuple(fns), call.length, chunk if isinstance(chunk, int) and chunk >= 1 else 1,  # noqa: F821
+                          scan_first=self.recurrence.scan_first)
         return picks in CHUNKING_FORMS
 
     def _through_op(self, call, form: str, backend: str, chunk: int, options: dict):

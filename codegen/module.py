@@ -226,7 +226,19 @@ def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
             + ("    reverse=True,\n" if rec.reverse else "")
-            + ("    scan_held=1,\n" if fused_scan else "") + ")\n")
+            + ("    scan_held=1,\n" if fused_scan else "")
+            + ("    scan_first=True,\n" if scan_first(analysis) else "") + ")\n")
+
+
+def scan_first(analysis: Analysis) -> bool:
+    """Whether "auto" runs the scan form ahead of the chunked and parallel ones: every state a vector (or a
+    scalar) that those forms only reach lifted to a key axis of size 1 (`Analysis.lifted`: RG-LRU's, minGRU's
+    h[D]). Their chunked form then does a chunk's masked [C, C] work per channel where the scan does one
+    multiply-add a step, and writes its per-step decays and injections where the fused scan computes them at its
+    loads (rg_lru, B=2, T=1024, H=4, D=128, bfloat16, Triton fwd + bwd: 14 launches and 46.7 MB of intermediates
+    chunked, 2 and 29.4 MB scanned; torch fwd + bwd on CPU at T=2048: 2.42 s chunked, 0.86 s scanned;
+    docs/development.md, "Vector states scan first")."""
+    return "scan" in analysis.forms and bool(analysis.states) and set(analysis.lifted) == set(analysis.states)
 
 
 # A param's start in the generated nn.Module (a format string of its dims' expression) by its role in a decay.
@@ -241,8 +253,15 @@ _STARTS = {
 
 
 def _decay_params(analysis: Analysis) -> set[str]:
-    """Names of the params that a state's per-step decay (a diagonal class's d, a coupled block's matrix) reads."""
-    names = {str(getattr(sym, "base", sym)) for e in _decay_exprs(analysis) for sym in e.free_symbols}
+    """Names of the params that a state's per-step decay (a diagonal class's d, a coupled block's matrix) reads,
+    outside a cos or sin: a param read only there is an angle (LRU's theta), not a decay, and starts at zero."""
+    import sympy
+
+    def outside_angles(e):
+        return e.replace(lambda x: isinstance(x, (sympy.cos, sympy.sin)), lambda x: sympy.Integer(1))
+
+    names = {str(getattr(sym, "base", sym)) for e in _decay_exprs(analysis)
+             for sym in outside_angles(e).free_symbols}
     return names & {p.name for p in analysis.recurrence.params}
 
 
@@ -334,9 +353,9 @@ def _param_start_doc(analysis: Analysis, starts: dict[str, str]) -> str:
     return "".join(f"\n    {line}" for line in textwrap.wrap(text, 112))
 
 
-def _entry_points(analysis: Analysis) -> str:
+def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     """The recurrence's layer (a `Layer` subclass with the recurrence's own signature, and its instance) and
-    its `torch.nn.Module` wrapper."""
+    its `torch.nn.Module` wrapper; fused_scan: its Triton scan form computes its prologue in its kernels."""
     rec = analysis.recurrence
     name = rec.name
     args = [s.name for s in rec.inputs + rec.params]
@@ -369,7 +388,9 @@ def _entry_points(analysis: Analysis) -> str:
         tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, "
                f"_{name}_st)"]
     if "scan" in triton_names:  # differentiable on its own: the scan kernels' autograd.Function (triton_scan.py)
-        tri.append(f"'scan': takes_cu_seqlens({name}__scan_triton)")  # its kernels walk packed sequences
+        # its kernels walk packed sequences; fused, they load half-precision inputs as they are (no float32 copies)
+        scan = f"takes_cu_seqlens({name}__scan_triton)"
+        tri.append(f"'scan': {f'takes_input_dtype({scan})' if fused_scan else scan}")
     if "chunked" in triton_names:
         if dplr_chunked_in_triton(analysis):
             # the Triton forward's chunk-start states are the checkpoints of the recurrent form's derived adjoint;
@@ -515,6 +536,8 @@ class _Spec:
     # float32 numbers per state element and step the Triton scan form keeps for its backward (`scan_held_bytes`):
     # 3 (a, b and s) where a torch prologue stores a and b, 1 (s) where its kernels compute them (`fused_scan`)
     scan_held: int = 3
+    # "auto" runs the scan form ahead of the chunked and parallel ones (`scan_first` in codegen/module.py)
+    scan_first: bool = False
 
 
 def _head_decays(heads, dims, log=False, of=None):
@@ -694,7 +717,8 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
                  _spec_data(a, a.recurrence.name in triton_parts[2]), "\n\n", printed[-2], "\n",
                  "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
-                 "around the Triton runtime.\n\n", printed[-1], "\n", _entry_points(a)]
+                 "around the Triton runtime.\n\n", printed[-1], "\n",
+                 _entry_points(a, a.recurrence.name in triton_parts[2])]
         units += [u for part in _whole_lines(parts) for u in units_of(part)]
     # the runtime without the branches its plans and its printed calls never take
     units = specialize_units(units, analyses, "\n\n".join(printed))

@@ -1564,6 +1564,13 @@ class TorchFormWriter:
                 "The scan form's epilogue: its outputs from the states (all_S after each step, prev_S before it)",
                 epilogue, reads, self.a.ir.ranges, suffix="")
             functions.append(text)
+            if fused_text is not None:  # (this form takes half-precision inputs and params as they are)
+                tensors = {self.py[x.name] for x in self.rec.inputs + self.rec.params}
+                read = [a for a in call_args if a in tensors]
+                if read:
+                    w("# the epilogue in the states' dtype (half-precision inputs reach this form as they are)")
+                for name in read:
+                    w(f"{name} = {name}.to(all_{self.rec.states[0].name}.dtype)")
             targets = ", ".join(e[0] for e in epilogue) + ("," if len(epilogue) == 1 else "")
             cites = ", ".join(self.cite[o.name] for o in self.rec.outputs if self.py[o.name] in targets)
             w(f"{targets} = {self.fn}__scan_epilogue({', '.join(call_args)})  # {cites}"

@@ -303,7 +303,8 @@ class _FusedScan(torch.autograd.Function):
     """The states of a spec's diagonal scans from its raw inputs and params: each state's printed kernel pair
     (`fused_scan`) computes a_t and b_t where it loads them, forward and backward, so only the states s are kept.
     Arguments: plan (a `_FusedPlan`), then the prologue's tensors (inputs [B, T, H, ...], params [1, 1, H, ...];
-    contiguous, the compute dtype), then each state's initial state [rows or sequences, H, *S] (same dtype)."""
+    contiguous; the compute dtype, or float16 / bfloat16 as given where the kernels add the gradients themselves),
+    then each state's initial state [rows or sequences, H, *S] (the compute dtype)."""
 
     @staticmethod
     def forward(ctx, plan, *args):
@@ -330,7 +331,8 @@ class _FusedScan(torch.autograd.Function):
         tensors, h0s, states = saved[: plan.count], saved[plan.count: plan.count + k], saved[plan.count + k:]
         BT, BN, warps = plan.config
         if plan.vjp is None:  # the kernels add the tensors' gradients into zeroed buffers themselves
-            grads = [torch.zeros_like(t) for t in tensors]
+            # (in the states' dtype: a half tensor's gradient is summed in float32, returned in its dtype)
+            grads = [torch.zeros(t.shape, dtype=h0s[0].dtype, device=t.device) for t in tensors]
             dh0s = []
             BT = plan.vjp_block_t
             for (_, bwd, _), h0, s, ds in zip(plan.kernels, h0s, states, dss):
@@ -341,7 +343,7 @@ class _FusedScan(torch.autograd.Function):
                                                          plan.heads, *plan.sizes, BT=BT, BN=BN,
                                                          VARLEN=plan.cu is not None, num_warps=warps)
                 dh0s.append(dh0)
-            return (None, *grads, *dh0s)
+            return (None, *(g.to(t.dtype) for g, t in zip(grads, tensors)), *dh0s)
         grads, dh0s = [], []  # grads: the prologue values' gradients, in the prologue's order
         for (_, bwd, decays), h0, s, ds in zip(plan.kernels, h0s, states, dss):
             N = h0[0].numel()
@@ -387,7 +389,11 @@ def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: 
     first = next(t for t in tensors if t.dim() >= 2 and t.shape[:2] == (rows, T))  # an input: [B, T, H, ...]
     cu, _ = _packed(cu_seqlens, first)
     dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    tensors = [t.to(dt).contiguous() for t in tensors]
+    # Half-precision tensors stay as they are where the kernels add the gradients themselves: every load upcasts
+    # to the states' dtype, and the gradients are summed in that dtype (`_FusedScan.backward`). The printed torch
+    # VJP's path takes copies in the states' dtype.
+    tensors = [(t if vjp is None and t.dtype in (torch.float16, torch.bfloat16) else t.to(dt)).contiguous()
+               for t in tensors]
     h0s = [h.to(dt).contiguous() for h in initial_states]
     if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
         anchor = sum(t.sum() * 0 for t in tensors)

@@ -473,15 +473,17 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _form_to_tune(forms, backend: str, given: dict, tunable) -> str:
+def _form_to_tune(analysis, backend: str, given: dict, tunable) -> str:
     """The form `recdsl tune` tunes without --form: the one `form="auto"` runs for the shape's sequences at the
     default chunk_size (so the stored config is the one a call of that shape reads), where that form takes a
     config on `backend`; else chunked where the spec has it, else recurrent."""
     from codegen.dispatch import pick_form
     from codegen.layer import DEFAULT_CHUNK_SIZE
+    from codegen.module import scan_first
 
+    forms = analysis.forms
     picked = pick_form(tuple(forms), given.get("T", TUNE_DEFAULTS["T"]), DEFAULT_CHUNK_SIZE,
-                       given.get("B", TUNE_DEFAULTS["B"]))
+                       given.get("B", TUNE_DEFAULTS["B"]), scan_first=scan_first(analysis))
     if tunable(picked, backend):
         return picked
     return "chunked" if "chunked" in forms else "recurrent"
@@ -523,8 +525,9 @@ def cmd_tune(args) -> int:
     plan, skipped = [], []
     for rec in recs:
         check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
-        forms = analyse(rec.checked).forms
-        form = args.form or _form_to_tune(forms, backend, given, tunable)
+        analysis = analyse(rec.checked)
+        forms = analysis.forms
+        form = args.form or _form_to_tune(analysis, backend, given, tunable)
         if form not in forms:
             skipped.append(f"{rec.name}: no {form} form (it has {', '.join(forms)}); skipped")
         elif not tunable(form, backend):  # the torch recurrent and parallel forms take no config

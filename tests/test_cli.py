@@ -360,11 +360,11 @@ def test_tune_without_form_tunes_what_auto_runs_at_that_length():
     from recurrence_dsl.analysis import analyse
     from recurrence_dsl.cli import _form_to_tune
 
-    forms = analyse(recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"].checked).forms
-    assert _form_to_tune(forms, "triton", {"T": 64}, tunable) == "parallel"
-    assert _form_to_tune(forms, "triton", {"T": 1024}, tunable) == "chunked"
-    assert _form_to_tune(forms, "torch", {"T": 64}, tunable) == "chunked"  # the torch parallel form takes no config
-    assert _form_to_tune(forms, "triton", {"T": 8, "B": 1}, tunable) == "recurrent"
+    gla = analyse(recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"].checked)
+    assert _form_to_tune(gla, "triton", {"T": 64}, tunable) == "parallel"
+    assert _form_to_tune(gla, "triton", {"T": 1024}, tunable) == "chunked"
+    assert _form_to_tune(gla, "torch", {"T": 64}, tunable) == "chunked"  # the torch parallel form takes no config
+    assert _form_to_tune(gla, "triton", {"T": 8, "B": 1}, tunable) == "recurrent"
 
 
 def test_explain_prints_the_analysis_show_prints_and_help_lists_it(capsys):

@@ -182,9 +182,32 @@ def test_gradcheck_of_the_runtime():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_inputs_compute_in_float32(dtype):
-    """Half inputs: the dispatcher hands the form float32 copies, the kernels compute in float32; the result is the
-    float64 one to the inputs' rounding."""
+    """Half inputs reach the fused form as they are (`takes_input_dtype`): the kernels upcast every load and
+    compute in float32, the epilogue runs on float32 copies; the result is the float64 one to the inputs' rounding,
+    and every gradient comes back in its tensor's dtype."""
     _compare("mamba", dtype=dtype, tol=2e-2)
+    _compare("rg_lru", dtype=dtype, tol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_inputs_are_not_copied_to_float32(dtype, monkeypatch):
+    """The fused scan's forward on half inputs allocates no float32 copy of them (rg_lru: nothing of [B, T, H, D]
+    but the states, which are the output; before, one float32 copy per input), and its gradients are the inputs'
+    dtype; the printed torch VJP's path still computes on float32 copies (its own `t.to(dt)`)."""
+    from codegen.intermediate_bytes import format_rows, measure_call
+    from codegen.load import load_layer
+    from recurrence_dsl.analysis import analyse
+
+    rec, _ = _layer("rg_lru")
+    args, _ = sample_arguments(rec.checked, {"D": 16}, 2, 40, 2, dtype=dtype, seed=0)
+    layer = load_layer(analyse(rec.checked))
+    report = measure_call(layer, args, form="scan")
+    assert not [r for r in report.rows if r.dtype == "float32" and tuple(r.shape) == (2, 40, 2, 16)], \
+        format_rows(report)
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    out, _ = layer(*leaves, form="scan", backend="triton")
+    out.float().sum().backward()
+    assert out.dtype == dtype and all(x.grad.dtype == dtype and torch.isfinite(x.grad).all() for x in leaves)
 
 
 def test_no_steps_give_empty_states_and_zero_gradients():

@@ -114,3 +114,33 @@ def test_packed_sequences_follow_the_same_rule(mamba, monkeypatch):
         ref = layer(*packed, backend="torch", form="recurrent", cu_seqlens=cu)[0]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         monkeypatch.undo()
+
+
+def test_vector_states_scan_first(monkeypatch):
+    """A recurrence whose states are all vectors lifted to [1, D] for the chunked form (`scan_first`: RG-LRU,
+    minGRU) runs the scan form under auto, ahead of the chunked and parallel ones, on both backends and for
+    packed calls; past the scan's byte limit it falls back to the usual order; a matrix state keeps chunked."""
+    from codegen.module import scan_first
+    from recurrence_dsl.analysis import analyse
+
+    monkeypatch.delenv(dispatch.SCAN_BYTES, raising=False)
+    for name, first in (("rg_lru", True), ("min_gru", True), ("gla", False), ("mlstm", False), ("mamba", False)):
+        rec = recurrence_dsl.load(str(SPECS_DIR / f"{name}.rec"))[name]
+        assert scan_first(analyse(rec.checked)) is first, name
+        assert recurrence_dsl.compile(rec, tuning=False).recurrence.scan_first is first, name
+    forms = ("recurrent", "scan", "chunked", "parallel")
+    assert dispatch.pick_form(forms, 4096, 64, 1, 0, scan_first=True) == "scan"
+    assert dispatch.pick_form(forms, 40, 64, 1, 0, scan_first=True) == "scan"  # not the parallel form
+    assert dispatch.pick_form(forms, 8, 64, 1, 0, scan_first=True) == "recurrent"  # a few steps: the step loop
+    assert dispatch.pick_form(forms, 4096, 64, 1, lambda: 1 << 40, scan_first=True) == "chunked"
+    assert dispatch.pick_form(forms, 4096, 64, 1, 0) == "chunked"
+    rec = recurrence_dsl.load(str(SPECS_DIR / "rg_lru.rec"))["rg_lru"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    assert layer.pick_form(1024) == "scan"
+    args, _ = sample_arguments(rec.checked, {"D": 8}, 1, 40, H, dtype=torch.float32, seed=0)
+    ran = _spy(layer, monkeypatch)
+    cu = torch.tensor([0, 17, 17, 40])
+    out, _ = layer(*args, cu_seqlens=cu, backend="triton")
+    assert ran == ["scan"]
+    want, _ = rec.reference(*[a.double() for a in args], cu_seqlens=cu)
+    assert torch.allclose(out.double(), want, atol=1e-5)
