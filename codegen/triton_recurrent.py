@@ -1814,7 +1814,9 @@ def _check_fits(elements, kernel):
         raise StateTooLarge(f"{{kernel}}: a program would hold {{elements}} float32 values through its loop (its state "
                             f"tiles, params and loop-invariant temporaries), more than an SM's {{REGISTER_FILE}} "
                             "registers, so the recurrent form cannot keep its state in registers at these sizes; "
-                            "the chunked form (which form='auto' runs instead) holds [BK, BV] tiles of the state")
+                            "form='auto' runs the chunked or scan form instead where the recurrence has one (they "
+                            "hold tiles of the state), and a recurrence with neither runs at these sizes only with "
+                            "backend='torch'")
 
 
 def _compiles_for_cuda():

@@ -918,31 +918,38 @@ def _block(rec: CheckedRecurrence, ir: StepIR, members: tuple[str, ...], terms: 
 
 
 def _extract_readouts(expr: sympy.Expr, state_names: set[str], counter: list[int]):
-    """Replace maximal state-linear subexpressions of an output by readout placeholders."""
+    """Replace maximal state-linear subexpressions of an output by readout placeholders. Returns the expression,
+    the (placeholder, [term]) pairs, and per placeholder the indices of the sums around it (a readout R[m] inside
+    `sum(m, f(R[m]))`, e.g. an RMS norm's sum of squares, is indexed by the outer sum's m)."""
     found: list[tuple[sympy.Expr, list[LinearTerm]]] = []
+    enclosing: dict[sympy.Symbol, frozenset] = {}
 
-    def walk(e):
+    def walk(e, around: frozenset):
         if not _mentions(e, state_names):
             return e
         try:
             const, terms = linearize(e, state_names)
         except NonLinear:
-            return e.func(*[walk(a) for a in e.args])
+            if isinstance(e, sympy.Sum):
+                inner = around | {lim[0] for lim in e.limits}
+                return e.func(walk(e.function, inner), *e.limits)
+            return e.func(*[walk(a, around) for a in e.args])
         replaced = const
         for t in terms:
             symbol = sympy.Symbol(f"R__{counter[0]}")
             counter[0] += 1
             found.append((symbol, [t]))
+            enclosing[symbol] = around
             replaced += symbol
         return replaced
 
-    return walk(expr), found
+    return walk(expr, frozenset()), found, enclosing
 
 
 def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_names: set[str],
                  counter: list[int]) -> OutputAnalysis:
     out = ir.outputs[name]
-    expr, found = _extract_readouts(out.expr, state_names, counter)
+    expr, found, enclosing = _extract_readouts(out.expr, state_names, counter)
     readouts: list[Readout] = []
     residual = _mentions(expr, state_names)
     index_set = set(ir.ranges)
@@ -972,7 +979,8 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
             if len(sa.dims) == 2:
                 value_index = term.indices[1 - key_axis]
                 summed_value = others == [value_index]
-                ok = summed_value or (not others and value_index in set(out.indices))
+                ok = summed_value or (not others and (value_index in set(out.indices)
+                                                      or value_index in enclosing[symbol]))
             else:
                 ok = not others
         if ok:
@@ -991,10 +999,15 @@ def _plan_output(ir: StepIR, name: str, states: dict[str, StateAnalysis], state_
         rest = outer * rest
         q_index = index_symbol("a__q")
         query = Definition(f"q_{symbol.name}", (q_index,), query_part.xreplace({key: q_index}))
-        readout = Readout(symbol.name, term.base, not term.reads_new, query, value_index)
-        plan.readouts.append(readout)
-        readouts.append(readout)
-        placeholder = sympy.IndexedBase(symbol.name)[value_index] if value_index is not None else symbol
+        # The same contraction read again in this output (z[j] / sqrt(sum(m, z[m] * z[m]))) is one readout.
+        readout = next((r for r in readouts if r.state == term.base and r.exclusive == (not term.reads_new)
+                        and r.query.expr == query.expr and (r.value_index is None) == (value_index is None)), None)
+        if readout is None:
+            readout = Readout(symbol.name, term.base, not term.reads_new, query, value_index)
+            plan.readouts.append(readout)
+            readouts.append(readout)
+        placeholder = (sympy.IndexedBase(readout.name)[value_index] if value_index is not None
+                       else sympy.Symbol(readout.name))
         replacements[symbol] = rest * placeholder
         if summed_value:
             replacements[symbol] = sympy.Sum(replacements[symbol], (value_index, 0, ir.ranges[value_index] - 1))

@@ -472,6 +472,15 @@ class _Checker:
                 if len(expr.args) != want:
                     raise self.error(f"{expr.func}() takes {_count(want, 'argument')}, got {len(expr.args)}",
                                      expr.span)
+                first = expr.args[0]
+                if (expr.func in ("max", "min") and isinstance(first, ast.Name) and first.name not in self.symbols
+                        and first.name not in self.sizes and self.lookup_index(first.name, scopes) is None):
+                    # max(m, s[m]): a reduction over an index the language does not have
+                    raise self.error(f"undefined name '{first.name}'", first.span,
+                                     hint=f"{expr.func}(a, b) compares two values elementwise; it does not reduce "
+                                          f"over an index: sum({first.name}, ...) is the only reduction (a "
+                                          f"{expr.func}imum over an axis cannot be written; a softmax is written "
+                                          "without its max shift)")
                 return replace(expr, args=tuple(self.check_expr(a, scopes) for a in expr.args))
             if expr.func in self.symbols:
                 raise self.error(f"'{expr.func}' is {_a(self.symbols[expr.func].kind.value)}, not a function",
