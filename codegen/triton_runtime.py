@@ -1413,8 +1413,9 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     _launch(
         _chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
-        A2 if A2 is not None else A, k2 if f.b_map is None else f.b_map[1], vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        A2 if A2 is not None else A, k2 if f.b_map is None else f.b_map[1], vs if vs is not None else o,
+        f.skip if f.skip is not None else o, f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K,
+        V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
         SKIP_STEP=f.skip_step, VSMAP=_map_of(f.v_step_map), BMAP=_map_of(f.b_map))
@@ -2554,7 +2555,8 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
                 _launch(
                     _chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
                     do, do, k, gc, eg, h, dA, dq, do, k, dA, do, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl,
-                    prec, False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
+                    prec, False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS),
+                    num_stages=stages)
             else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
                 _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                     do, k, gc, h, dA, dq, q, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, TRANS_H=True, VMAP=kmap,
