@@ -26,6 +26,9 @@ from .conftest import REPO, made_by
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402, F401  (visible to the @triton.jit helper below)
+
 from codegen import triton_runtime as tr  # noqa: E402  (after the interpreter is set by conftest)
 
 TOL = 1e-5
@@ -298,6 +301,42 @@ def test_packed_chunked_dplr_matches_the_step_loop(axis):
         starts.append(rh)
     assert h.shape == (1, 2, 1 + 1 + 0 + 2 + 1 + 3, 16, 16) and S.shape == (len(PACKED), 2, 16, 16)
     errors["h"] = _rel(h, torch.cat(starts, dim=2))
+    assert max(errors.values()) <= TOL, errors
+
+
+@triton.jit
+def _shifted_product(x, y):
+    """b = 0.05 - x * y: a map of two raw inputs that does not keep zeros (a packed call's filler steps get b != 0)."""
+    return 0.05 - x * y
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("axis", [None, "scalar", "key"])
+def test_b_map_forms_b_where_the_kernels_load_it(axis, packed):
+    """`chunked_dplr_by(..., b_map=(map, y))`: b passed raw and formed as map(b, y) by every forward kernel that
+    loads it (the WY kernel's scores for no or a scalar decay, the key decay's scores, the state pass and the output
+    kernel's second pair) against the float64 step loop on the materialised b, each sequence from its own initial
+    state; the map's non-zero value at a packed call's filler steps changes nothing (their a is 0)."""
+    lengths = PACKED if packed else [37]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v, a, _, g, _ = _inputs(axis, T=int(cu[-1]), seed=8)
+    gen = torch.Generator().manual_seed(9)
+    lr, s0 = torch.rand(a.shape, generator=gen), torch.randn(len(lengths), 2, 16, 16, generator=gen)
+    b = 0.05 - lr.double() * a.double()
+    (o,), S, h = tr.chunked_dplr_by(tr._DECAYS[axis], [(q, axis == "scalar")], k, v, a, lr, g, s0, 16, True,
+                                    output_chunk_states=True, cu_seqlens=cu if packed else None,
+                                    b_map=(_shifted_product, a))
+    errors, starts = {}, []
+    for n in range(len(lengths)):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        part = [None if x is None else x[:, lo:hi] for x in (q, k, v, a, b, g)]
+        (ro,), rS, rh = _steps([(part[0], axis == "scalar")], *part[1:], axis, s0[n:n + 1], 16)
+        if hi > lo:
+            errors[f"o{n}"] = _rel(o[:, lo:hi], ro)
+        errors[f"S{n}"] = _rel(S[n:n + 1], rS)
+        starts.append(rh)
+    errors["h"] = _rel(h, torch.cat(starts, dim=2))
+    print(axis, packed, {n: f"{e:.1e}" for n, e in errors.items()})
     assert max(errors.values()) <= TOL, errors
 
 
