@@ -912,7 +912,7 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, b2, T, H: tl.co
                 b_h3 = _dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC, b2,
                                       BMAP)
                 b_h4 = _dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC, b2,
-                                  BMAP)
+                                      BMAP)
         else:
             b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
             if NK > 1:
