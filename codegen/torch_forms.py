@@ -1975,6 +1975,29 @@ class TorchFormWriter:
                 return None
         return (xl, yl), f
 
+    def _bonus_of(self, weight, plan, k_expr) -> str | None:
+        """The Python name of the param u when the per-step skip weight `weight` is sum(i, q[i] * u[i] * k[i]), q the
+        plan's one query and k its key, both raw inputs, u a param [K] (RWKV-7's current-token bonus): the
+        diagonal-plus-rank-one output kernel sums it from the q and k it loads (`triton_runtime._Fused.bonus`), so
+        no prologue computes it. None for any other weight."""
+        if not isinstance(weight, sympy.Sum) or len(weight.limits) != 1 or len(plan.readouts) != 1:
+            return None
+        i = weight.limits[0][0]
+        query = plan.readouts[0].query.expr
+        if not (isinstance(query, sympy.Indexed) and isinstance(k_expr, sympy.Indexed)):
+            return None
+        factors = sympy.Mul.make_args(weight.function)
+        if len(factors) != 3 or not all(isinstance(f, sympy.Indexed) and tuple(f.indices) == (i,) for f in factors):
+            return None
+        bases = sorted(str(f.base) for f in factors)
+        params = {p.name for p in self.rec.params if len(p.dims) == 1}
+        rest = list(bases)
+        for leaf in (query, k_expr):
+            if str(leaf.base) not in rest or str(leaf.base) not in {x.name for x in self.rec.inputs}:
+                return None
+            rest.remove(str(leaf.base))
+        return self.py[rest[0]] if rest[0] in params else None
+
     def _pair_map_helper(self, name: str, f: sympy.Expr, leaves: tuple) -> str:
         """The source of `name(x, y)` = f(x, y), `@triton.jit`, printed with the Triton printer (no derivative: the
         diagonal-plus-rank-one runtime that applies it is forward only, its backward the derived adjoint)."""
@@ -2647,7 +2670,14 @@ class TorchFormWriter:
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
                     fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"
-                if fuse.get("skip_weight_expr") is not None:  # a weight per step: a prologue value [B, T, H]
+                bonus = (self._bonus_of(fuse.get("skip_weight_expr"), plan, k_expr)
+                         if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options else None)
+                if bonus:  # the output kernel sums the weight sum(i, q[i] * u[i] * k[i]) from its q and k loads
+                    q_name, k_name = (self.py[str(plan.readouts[0].query.expr.base)], self.py[str(k_expr.base)])
+                    w(f"# {self.cite[fuse['out']]}: the skip term's weight per step, sum(i, {q_name}[i] * {bonus}[i] * "
+                      f"{k_name}[i]), summed by the output kernel from its loads (bonus={bonus})")
+                    fused_args += f", skip={fuse['skip']}, bonus={bonus}"
+                elif fuse.get("skip_weight_expr") is not None:  # a weight per step: a prologue value [B, T, H]
                     pro(f"skip_weight_{s.name}", fuse["skip_weight_expr"], (), (),
                         comment=f"{self.cite[fuse['out']]}: the skip term's weight per step")
                     fused_args += f", skip={fuse['skip']}, skip_weight=skip_weight_{s.name}"

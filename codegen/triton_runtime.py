@@ -943,7 +943,7 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, o
                          VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
                          QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
                          VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
-                         VSMAP: tl.constexpr = None, BMAP: tl.constexpr = None):
+                         VSMAP: tl.constexpr = None, BMAP: tl.constexpr = None, BONUS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
     decay): the diagonal-plus-rank-one class's b / U pair beside its k / v; BMAP (`_paired`): k2 is BMAP(k2, b2)
@@ -952,7 +952,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, o
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v; with BONUS the
+    weight per step sum_i q_t[i] sw[h, i] k_t[i], RWKV's current-token bonus with sw its u [H, K], summed here over
+    the K tiles from the q and k the kernel loads, so no [B, T, H] weight is computed before it); QMAP, KMAP
     (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
@@ -979,6 +981,8 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, o
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     if DPLR:
         b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
+    if BONUS:
+        b_bonus = tl.zeros([BT], dtype=tl.float32)
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -986,6 +990,11 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, o
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
+        if BONUS:  # the skip weight sum_i q_t[i] u[i] k_t[i], one K tile at a time
+            b_kq = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                           other=0.0).to(tl.float32)  # [BT, BK]
+            b_uk = tl.load(sw + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_bonus += tl.sum(b_q * b_kq * b_uk[None, :], axis=1)
         if TRANS_H:  # element (k, v) of a stored [V, K] matrix
             p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
         else:
@@ -1044,7 +1053,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, o
         b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        if SKIP_STEP:
+        if BONUS:
+            b_sw = b_bonus[:, None]  # [BT, 1]
+        elif SKIP_STEP:
             b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
         else:
             b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
@@ -1414,11 +1425,12 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
         _chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
         A2 if A2 is not None else A, k2 if f.b_map is None else f.b_map[1], vs if vs is not None else o,
-        f.skip if f.skip is not None else o, f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K,
-        V, BT, BK, BV, decay, exclusive, prec,
+        f.skip if f.skip is not None else o,
+        f.bonus if f.bonus is not None else f.skip_weight if f.skip_weight is not None else o, o, float(f.scale), T,
+        H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, VSMAP=_map_of(f.v_step_map), BMAP=_map_of(f.b_map))
+        SKIP_STEP=f.skip_step, VSMAP=_map_of(f.v_step_map), BMAP=_map_of(f.b_map), BONUS=f.bonus is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1605,17 +1617,20 @@ class _Fused:
       b_map (map, y)        the diagonal-plus-rank-one class's b is map(b, y) of the raw b passed and a second raw
                             input y of its shape (RWKV-7's -(a * kk): a printed `@triton.jit` helper of two tiles),
                             applied by its forward kernels wherever they load b (`_paired`), so no [B, T, H, K] b is
-                            allocated. Forward only, as `chunked_dplr_by` (its backward is the derived adjoint).
+                            allocated. Forward only, as `chunked_dplr_by` (its backward is the derived adjoint);
+      bonus [H * K]         with skip and no skip_weight: the skip weight per step is sum_i q_t[i] bonus[h, i] k_t[i]
+                            (RWKV-7's current-token bonus, u), summed by the DPLR output kernel from the q and k it
+                            loads (BONUS), so no [B, T, H] weight and no prologue launch. Forward only, as b_map.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
     def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                 k_map=None, v_step_map=None, log_decay_map=None, b_map=None):
+                 k_map=None, v_step_map=None, log_decay_map=None, b_map=None, bonus=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
         self.q_map, self.k_map = q_map, k_map
         self.v_step_map, self.log_decay_map = v_step_map, log_decay_map
-        self.b_map = b_map
+        self.b_map, self.bonus = b_map, bonus
 
     @property
     def epilogue(self) -> bool:
@@ -3684,7 +3699,7 @@ def _check_cu_seqlens(cu_seqlens, k: Tensor) -> None:
 def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                     allow_tf32=None, output_chunk_states=False, cu_seqlens=None, scale=1.0, skip=None,
-                    skip_weight=None, b_map=None):
+                    skip_weight=None, b_map=None, bonus=None):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point of
     generated modules; its arguments are not checked (chunked_dplr does that).
 
@@ -3696,6 +3711,9 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     map a `@triton.jit` function of two float32 tiles, y a tensor of b's shape), so a b that is an elementwise
     function of two inputs (RWKV-7's -(a * kk)) is never stored. map need not keep zeros: a packed call's filler
     steps have a = 0, so their b multiplies nothing.
+
+    bonus: None, or u [H, K] (any shape of H * K numbers) with skip and no skip_weight: the skip weight per step is
+    sum_i q_t[i] u[h, i] k_t[i] (RWKV-7's current-token bonus), summed by the output kernel (`_Fused.bonus`).
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_Packed`: each sequence moved
     to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
@@ -3709,9 +3727,14 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     passes as S' = D S0 + Bd^T U + Kd^T V (`_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
-    fused = _fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
+    if bonus is not None:
+        if skip is None or skip_weight is not None or len(queries) != 1 or bonus.numel() != k.shape[2] * k.shape[3]:
+            raise ValueError(f"bonus must be u [H, K] = {list(k.shape[2:])} with skip, no skip_weight and one query")
+        fused = _Fused(None, None, float(scale), skip, None, bonus=bonus.reshape(-1))
+    else:
+        fused = _fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight,
+                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight, bonus,
                                                  None if b_map is None else b_map[1]] + [q for q, _ in queries]):
         raise NotImplementedError("chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
@@ -3730,7 +3753,7 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
     if fused is not None:  # the epilogue's per-step tensors in the packed layout (zero steps between sequences)
         fused = _Fused(None, None, fused.scale, packed.pad(fused.skip),
-                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
+                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight, bonus=fused.bonus)
     result = _dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
                       packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
                       packed=packed, fused=fused, b_map=None if b_map is None else (b_map[0], packed.pad(b_map[1])),
@@ -3774,7 +3797,8 @@ def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_fi
                           packed=packed, kv=(k, v), b_map=b_map)
     if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
         fused = _Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
-                       None if fused.skip_weight is None else fused.skip_weight.contiguous(), b_map=b_map)
+                       None if fused.skip_weight is None else fused.skip_weight.contiguous(), b_map=b_map,
+                       bonus=None if fused.bonus is None else fused.bonus.contiguous())
     elif b_map is not None:
         fused = _Fused(b_map=b_map)
     outs = []
