@@ -21,7 +21,7 @@ only leaves out code that cannot run, which keeps a module to what its layer run
 The same folding applies to the runtime's host-side (Python) functions, on two facts of the module: the decay
 codes of its plans (`decay_cls.code`, the class the printed call names) and the fused prologue and epilogue keywords
 its printed calls pass (`v_step`, `decay_head`, `skip`, `skip_weight`, `q_map`, `k_map`, `v_step_map`,
-`log_decay_map` of `_Fused`, and the step check's `unsafe`): one no call
+`log_decay_map`, `b_map`, `bonus` of `_Fused`, and the step check's `unsafe`): one no call
 passes is None in every runtime function (the variable of that name, or any `x.v_step` attribute), and the kernels'
 VSTEP, HEAD and SKIP flags are False; and without a skip weight per step (`skip_per_step`) the kernels' SKIP_STEP
 and `_Fused.skip_step` are False. So a spec without a fused per-head decay keeps no `_unfuse` branch for one, a
@@ -147,10 +147,12 @@ def plan_flags(analyses: list[Analysis]) -> dict[str, frozenset]:
 # when a call leaves them out, and the kernel flag each one sets (`x is not None` at the launch). `scale` is not
 # here: left out it is 1.0, and the name means other things in other runtime functions.
 _FUSED_FLAGS = {"v_step": "VSTEP", "decay_head": "HEAD", "skip": "SKIP", "skip_weight": None, "q_map": None,
-                "k_map": None, "v_step_map": None, "log_decay_map": None, "unsafe": None}
+                "k_map": None, "v_step_map": None, "log_decay_map": None, "b_map": None, "bonus": "BONUS",
+                "unsafe": None}
 # The kernels' map arguments (constexpr helpers, None when the call passes no map) set by the map keywords above that
-# only some modules pass (mLSTM's scalar maps): None in every kernel of a module whose calls leave them out.
-_MAP_FLAGS = {"log_decay_map": ("GMAP", "GVJP", "CHECK"), "v_step_map": ("VSMAP",)}
+# only some modules pass (mLSTM's scalar maps, RWKV-7's b): None in every kernel of a module whose calls leave them
+# out.
+_MAP_FLAGS = {"log_decay_map": ("GMAP", "GVJP", "CHECK"), "v_step_map": ("VSMAP",), "b_map": ("BMAP", "KMAP2")}
 _RUNTIME_ENTRIES = ("chunked_linear_by", "chunked_delta_by", "chunked_dplr_by")  # the calls taking fused keywords
 
 

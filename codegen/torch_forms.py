@@ -1961,6 +1961,63 @@ class TorchFormWriter:
         leaf = next(iter(free))
         return leaf, expr.xreplace({leaf: sympy.Symbol("x", real=True)})
 
+    def _pair_map_of(self, expr, indices) -> tuple[tuple[sympy.Indexed, sympy.Indexed], sympy.Expr] | None:
+        """((x_leaf, y_leaf), f(x, y)) when `expr` is an elementwise function of TWO raw inputs indexed by `indices`
+        alone (RWKV-7's b = -(a[i] * kk[i])), for the diagonal-plus-rank-one runtime's `b_map` (the kernels load both
+        and apply f, `triton_runtime._Fused.b_map`); None for anything else. As for `_map_of`, `_check_steps` then
+        sees the raw inputs, so f must be finite wherever they are: no log, exp, division or negative power."""
+        leaves = expr.atoms(sympy.Indexed)
+        inputs = {i.name for i in self.rec.inputs}
+        if len(leaves) != 2 or any(str(leaf.base) not in inputs or tuple(leaf.indices) != tuple(indices)
+                                   for leaf in leaves):
+            return None
+        xl, yl = sorted(leaves, key=str)
+        x, y = sympy.Symbol("x", real=True), sympy.Symbol("y", real=True)
+        f = expr.xreplace({xl: x, yl: y})
+        if f.free_symbols != {x, y}:
+            return None
+        for node in sympy.preorder_traversal(f):
+            if isinstance(node, (sympy.log, sympy.exp, expm1)) or (
+                    isinstance(node, sympy.Pow) and node.has(x, y) and not (node.exp.is_Integer and node.exp > 0)):
+                return None
+        return (xl, yl), f
+
+    def _bonus_of(self, weight, plan, k_expr) -> str | None:
+        """The Python name of the param u when the per-step skip weight `weight` is sum(i, q[i] * u[i] * k[i]), q the
+        plan's one query and k its key, both raw inputs, u a param [K] (RWKV-7's current-token bonus): the
+        diagonal-plus-rank-one output kernel sums it from the q and k it loads (`triton_runtime._Fused.bonus`), so
+        no prologue computes it. None for any other weight."""
+        if not isinstance(weight, sympy.Sum) or len(weight.limits) != 1 or len(plan.readouts) != 1:
+            return None
+        i = weight.limits[0][0]
+        query = plan.readouts[0].query.expr
+        if not (isinstance(query, sympy.Indexed) and isinstance(k_expr, sympy.Indexed)):
+            return None
+        factors = sympy.Mul.make_args(weight.function)
+        if len(factors) != 3 or not all(isinstance(f, sympy.Indexed) and tuple(f.indices) == (i,) for f in factors):
+            return None
+        bases = sorted(str(f.base) for f in factors)
+        params = {p.name for p in self.rec.params if len(p.dims) == 1}
+        rest = list(bases)
+        for leaf in (query, k_expr):
+            if str(leaf.base) not in rest or str(leaf.base) not in {x.name for x in self.rec.inputs}:
+                return None
+            rest.remove(str(leaf.base))
+        return self.py[rest[0]] if rest[0] in params else None
+
+    def _pair_map_helper(self, name: str, f: sympy.Expr, leaves: tuple) -> str:
+        """The source of `name(x, y)` = f(x, y), `@triton.jit`, printed with the Triton printer (no derivative: the
+        diagonal-plus-rank-one runtime that applies it is forward only, its backward the derived adjoint)."""
+        printer = TritonPrinter(set(), {}, {"x": "x", "y": "y"})
+        printer.helper_prefix = "_" + self.rt
+        w = SourceWriter()
+        w("@triton.jit", 0)
+        w(f"def {name}(x, y):", 0)
+        w(f'"""{sympy.sstr(f)} of the raw inputs x = {self.py[str(leaves[0].base)]}, y = '
+          f'{self.py[str(leaves[1].base)]}, applied where the kernels load b (BMAP / KMAP2)."""')
+        w(f"return {printer.print_expr(f, ())}")
+        return w.text()
+
     @staticmethod
     def _finite_at_reset(f: sympy.Expr) -> bool:
         """f(x) has a finite limit as x -> -inf (a log decay's reset), as far as sympy can tell."""
@@ -2601,8 +2658,15 @@ class TorchFormWriter:
             if q_map:
                 fused_args += f", q_map=({helper}, {helper}_vjp)"
             checked = [f"query_{readout_names[r.name]}" for r in plan.readouts] + [f"k_{s.name}", vname]
+            # The diagonal-plus-rank-one class's b as an elementwise function of two raw inputs (RWKV-7's
+            # -(a * kk)): the Triton kernels load both and apply a printed helper (`b_map`), no b tensor is written.
+            b_pair = (self._pair_map_of(plan.mix_write.expr, plan.mix_write.indices)
+                      if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options and not plan.pair
+                      and s.name not in view.transposed and not view.lifted.get(s.name) else None)
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
                 checked += [f"a_{s.name}", f"b_{s.name}"]
+                if b_pair and b_pair[0][1] != plan.mix_read.expr:  # (the second input, unless it is a's tensor)
+                    checked.append(self.py[str(b_pair[0][1].base)])
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 checked.append(f"beta_{s.name}")
             checked += fused_checks
@@ -2613,7 +2677,14 @@ class TorchFormWriter:
             if fuse and fuse.get("out"):
                 if fuse.get("scale"):
                     fused_args += f", scale=_fused_scale(lambda: {fuse['scale']})"
-                if fuse.get("skip_weight_expr") is not None:  # a weight per step: a prologue value [B, T, H]
+                bonus = (self._bonus_of(fuse.get("skip_weight_expr"), plan, k_expr)
+                         if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options else None)
+                if bonus:  # the output kernel sums the weight sum(i, q[i] * u[i] * k[i]) from its q and k loads
+                    q_name, k_name = (self.py[str(plan.readouts[0].query.expr.base)], self.py[str(k_expr.base)])
+                    w(f"# {self.cite[fuse['out']]}: the skip term's weight per step, sum(i, {q_name}[i] * {bonus}[i] * "
+                      f"{k_name}[i]), summed by the output kernel from its loads (bonus={bonus})")
+                    fused_args += f", skip={fuse['skip']}, bonus={bonus}"
+                elif fuse.get("skip_weight_expr") is not None:  # a weight per step: a prologue value [B, T, H]
                     pro(f"skip_weight_{s.name}", fuse["skip_weight_expr"], (), (),
                         comment=f"{self.cite[fuse['out']]}: the skip term's weight per step")
                     fused_args += f", skip={fuse['skip']}, skip_weight=skip_weight_{s.name}"
@@ -2643,8 +2714,21 @@ class TorchFormWriter:
             if sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE:
                 pro(f"a_{s.name}", plan.mix_read.expr, plan.mix_read.indices, kdims,
                     comment="reads the state: u_t = S_(t-1)^T a_t")
-                pro(f"b_{s.name}", plan.mix_write.expr, plan.mix_write.indices, kdims,
-                    comment="writes u_t back along b_t")
+                if b_pair:
+                    (x_leaf, y_leaf), f = b_pair
+                    key = (f"{x_leaf.base}_{y_leaf.base}", sympy.srepr(f))
+                    if key not in map_names:
+                        map_names[key] = f"{self.fn}__map_{self.py[str(x_leaf.base)]}_{self.py[str(y_leaf.base)]}"
+                        map_sources.append(self._pair_map_helper(map_names[key], f, b_pair[0]))
+                    x_name, y_name = self.py[str(x_leaf.base)], self.py[str(y_leaf.base)]
+                    shown = sympy.sstr(f.xreplace({sympy.Symbol("x", real=True): sympy.Symbol(x_name),
+                                                   sympy.Symbol("y", real=True): sympy.Symbol(y_name)}))
+                    w(f"b_{s.name} = {x_name}  # writes u_t back along b_t: {shown}, {map_names[key]}({x_name}, "
+                      f"{y_name}) in the kernels")
+                    fused_args += f", b_map=({map_names[key]}, {self.py[str(y_leaf.base)]})"
+                else:
+                    pro(f"b_{s.name}", plan.mix_write.expr, plan.mix_write.indices, kdims,
+                        comment="writes u_t back along b_t")
                 w(check)
                 starts = f", starts_{s.name}" if self.checkpoints else ""
                 w(f"{target}{starts} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, "

@@ -302,6 +302,17 @@ def _mapped(x, m, MAP: tl.constexpr):
 
 
 @triton.jit
+def _paired(x, y, p, m, MAP: tl.constexpr):
+    """MAP(x, y[p]) on the lanes of mask m, 0 elsewhere; x itself when MAP is None: a key that is a spec's
+    elementwise function of two raw inputs (RWKV-7's b = -(a * kk), `_Fused.b_map`: a printed `@triton.jit` helper
+    passed as a constexpr function), x the first input's tile as the kernel loaded it, y the second's pointer and p
+    the tile's offsets in it (both inputs [B, T, H, K])."""
+    if MAP is not None:
+        x = tl.where(m, MAP(x, tl.load(y + p, mask=m, other=0.0).to(tl.float32)), 0.0)
+    return x
+
+
+@triton.jit
 def _row_scale_kernel(v, x, out, dv, dx, R, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
                       VJP: tl.constexpr, BACK: tl.constexpr):
     """A per-step factor MAP(x[r]) of the rows r of v [R, V] (x [R]: the raw input of `_Fused.v_step_map`), for
@@ -415,10 +426,11 @@ def _cumsum_kernel(g, gc, eg, gh, T, H: tl.constexpr, D: tl.constexpr, BT: tl.co
 # sm_90, K = V = 128; benchmarks/kernel_matrix.py), 114 registers and none with the limit; likewise under ieee dots
 # (float32) in min_gru's backward (8 B at 40 registers, sm_90, K = V = 64 and 128)
 @triton.jit
-def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
+def _intra_attn_kernel(q, k, k2, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
                        DECAY: tl.constexpr, SHIFT: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr,
-                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None):
+                       SPANS: tl.constexpr = False, QMAP: tl.constexpr = None, KMAP: tl.constexpr = None,
+                       KMAP2: tl.constexpr = None):
     """One [BC, BC] block (i, j) of the intra-chunk scores of chunk n, stored in A [B*H, NT*BT, BT] (float32).
 
     A_ts = sum_c q_t[c] k_s[c] exp(Gq_t[c] - G_s[c]) for s <= t (s < t if STRICT), 0 elsewhere, where
@@ -427,7 +439,8 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
     An exclusive query is SHIFT and STRICT; the delta rule's K K^T is STRICT only.
     SPANS (a key decay): gc holds the log decays themselves, not G, and every exponent is the float32 sum of the
     floored log decays over the steps it spans (`_linear_forward`), never a difference of G.
-    QMAP, KMAP (`_mapped`): the spec's elementwise maps of the raw q and k, applied as they are loaded.
+    QMAP, KMAP (`_mapped`): the spec's elementwise maps of the raw q and k, applied as they are loaded; KMAP2
+    (`_paired`): the keys are KMAP2(k, k2) of two raw inputs (the diagonal-plus-rank-one class's b, `_Fused.b_map`).
     """
     i_n, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
@@ -435,7 +448,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
     NT = tl.cdiv(T, BT)
     t0 = i_n * BT
     bos = (i_b.to(tl.int64) * T + t0) * H + i_h
-    p_q, p_k, p_g = q + bos * K, k + bos * K, gc + bos * K
+    p_q, p_k, p_g, p_k2 = q + bos * K, k + bos * K, gc + bos * K, k2 + bos * K
     o_c = tl.arange(0, BC)
     o_iq = i_i * BC + o_c  # [BC] query rows (local to the chunk)
     o_ik = i_j * BC + o_c  # [BC] key rows
@@ -457,7 +470,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                           other=0.0).to(tl.float32)  # [BC, BK]
             b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
             b_q = _mapped(b_q, m_tq[:, None] & m_k[None, :], QMAP)
-            b_kt = _mapped(b_kt, m_kt, KMAP)
+            b_kt = _paired(_mapped(b_kt, m_kt, KMAP), p_k2, o_ik[None, :] * (H * K) + o_k[:, None], m_kt, KMAP2)
             if DECAY == 2:
                 if SPANS:
                     # Gq_t - G_ref: the log decays of rows i * BC .. o_ig[t] (t - 1 if SHIFT), summed down the rows
@@ -502,7 +515,7 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                         i_s = i_i * BC + c
                         m_s = m_k & (o_k * 0 + t0 + i_s < T)
                         b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                        b_ks = _mapped(b_ks, m_s, KMAP)
+                        b_ks = _paired(_mapped(b_ks, m_s, KMAP), p_k2, i_s * (H * K) + o_k, m_s, KMAP2)
                         b_span = tl.cumsum(tl.where((o_ig > i_s)[:, None], b_gq, 0.0), axis=0)  # [BC, BK]
                         b_col = tl.sum(b_q * b_ks[None, :] * _safe_exp(b_span), axis=1)  # [BC]
                         b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
@@ -513,14 +526,15 @@ def _intra_attn_kernel(q, k, gc, A, T, H: tl.constexpr, K: tl.constexpr,
                         i_s = i_i * BC + c
                         m_s = m_k & (o_k * 0 + t0 + i_s < T)
                         b_ks = tl.load(p_k + i_s * (H * K) + o_k, mask=m_s, other=0.0).to(tl.float32)  # [BK]
-                        b_ks = _mapped(b_ks, m_s, KMAP)
+                        b_ks = _paired(_mapped(b_ks, m_s, KMAP), p_k2, i_s * (H * K) + o_k, m_s, KMAP2)
                         b_gs = tl.load(p_g + i_s * (H * K) + o_k, mask=m_s, other=0.0)  # [BK]
                         b_col = tl.sum(b_q * b_ks[None, :] * _decay(b_gq, b_gs[None, :]), axis=1)  # [BC]
                         b_A += tl.where(o_c[None, :] == c, b_col[:, None], 0.0)
             else:
                 b_kt = tl.load(p_k + o_ik[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_tk[None, :],
                                other=0.0).to(tl.float32)
-                b_kt = _mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP)
+                b_kt = _paired(_mapped(b_kt, m_k[:, None] & m_tk[None, :], KMAP), p_k2,
+                               o_ik[None, :] * (H * K) + o_k[:, None], m_k[:, None] & m_tk[None, :], KMAP2)
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
         if STRICT:
             b_A = tl.where(o_c[:, None] > o_c[None, :], b_A, 0.0)
@@ -602,12 +616,13 @@ def _delta_wy_kernel(k, y, beta, gc, eg, Akk, w, u, vs, T, H: tl.constexpr, K: t
 
 
 @triton.jit
-def _dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+def _dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, b2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr,
+                    BMAP: tl.constexpr = None):
     """Diagonal plus rank one, per chunk: Tm = (I - L)^-1 with L_ts = (a_t . b_s) decayed from s to t - 1 (s < t),
     M_ts the same for a_t . k_s; w = -Tm (a exp(G_{t-1})) and u = Tm M v (the pseudo-values' parts, U = u - w S0
     in `_delta_state_kernel`). A key decay's L and M come from `_intra_attn_kernel` (Aab, Aak), others' are formed
-    here from a b^T and a k^T."""
+    here from a b^T and a k^T. BMAP (`_paired`): b is BMAP(b, b2) of two raw inputs (`_Fused.b_map`)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
@@ -634,7 +649,8 @@ def _dplr_wy_kernel(a, b, k, v, gc, eg, Aab, Aak, w, u, T, H: tl.constexpr, K: t
                           other=0.0).to(tl.float32)  # [BT, BK]
             p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [BK, BT] offsets of a transposed key
             m_kt = m_k[:, None] & m_t[None, :]
-            b_L += tl.dot(b_a, tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32), input_precision=PREC)
+            b_bt = _paired(tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32), b2, p_kt, m_kt, BMAP)
+            b_L += tl.dot(b_a, b_bt, input_precision=PREC)
             b_M += tl.dot(b_a, tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32), input_precision=PREC)
         if DECAY == 1:
             b_L = b_L * _decay(b_gq[:, None], b_g[None, :])
@@ -798,15 +814,15 @@ def _delta_h_update(k, gc, b_h, b_u, bos, o_i, m_t, i_last, i_kb, H: tl.constexp
 
 @triton.jit
 def _dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.constexpr, K: tl.constexpr,
-                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+                   KB: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, b2, BMAP: tl.constexpr):
     """S[block] <- D S[block] + (b exp(G_last - G))[:, block]^T U + (k exp(G_last - G))[:, block]^T v: the delta
     update with the diagonal-plus-rank-one step's own k v^T beside it, both keys decayed by one factor tile (a
-    scalar decay is already in S, U and v)."""
+    scalar decay is already in S, U and v). BMAP (`_paired`): b is BMAP(b, b2) of two raw inputs."""
     o_k = i_kb * KB + tl.arange(0, KB)
     m_k = o_k < K
     m_kt = m_k[:, None] & m_t[None, :]
     p_kt = bos * K + o_i[None, :] * (H * K) + o_k[:, None]  # [KB, BT] offsets of b^T and k^T
-    b_bt = tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+    b_bt = _paired(tl.load(b + p_kt, mask=m_kt, other=0.0).to(tl.float32), b2, p_kt, m_kt, BMAP)
     if DECAY == 2:
         b_gl = tl.load(gc + bos * K + i_last * (H * K) + o_k, mask=m_k, other=0.0)  # [KB]
         b_dec = _decay(b_gl[:, None], tl.load(gc + p_kt, mask=m_kt, other=0.0))  # [KB, BT]
@@ -819,16 +835,16 @@ def _dplr_h_update(b, k, gc, b_h, b_u, b_v, bos, o_i, m_t, i_last, i_kb, H: tl.c
 
 
 @triton.jit
-def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.constexpr, K: tl.constexpr,
+def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, b2, T, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, NT, BT: tl.constexpr, KB: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr,
                         DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
-                        VARLEN: tl.constexpr, DPLR: tl.constexpr):
+                        VARLEN: tl.constexpr, DPLR: tl.constexpr, BMAP: tl.constexpr = None):
     """Delta rule: state passing over the chunks of one (BV tile, batch*head), whole columns of S in NK <= 4
     row blocks of KB rows (NK * KB >= K). u holds Uy and is overwritten in place by U = Uy - W S; then
     S <- exp(G_last) S + (k exp(G_last - G))^T U. h[bh, n] = state entering chunk n. VARLEN: as in
     _chunk_state_kernel (one program per (sequence, head), its chunks offsets[seq] .. offsets[seq + 1] - 1).
     DPLR (the diagonal-plus-rank-one class, `chunked_dplr_by`: k holds its b, W its -W): the step's own key and
-    value add (k2 exp(G_last - G))^T v2 to every chunk's update."""
+    value add (k2 exp(G_last - G))^T v2 to every chunk's update; BMAP (`_paired`): its b is BMAP(k, b2)."""
     i_vt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     c0, c1, i_row, bt0 = _chunk_range(offsets, i_b, i_h, i_bh, T, NT, VARLEN)  # VARLEN: h is [1, H, NT, K, V]
@@ -887,12 +903,16 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
                 b_h3 = b_h3 * b_dh
                 b_h4 = b_h4 * b_dh
         if DPLR:
-            b_h1 = _dplr_h_update(k, k2, gc, b_h1, b_u, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
+            b_h1 = _dplr_h_update(k, k2, gc, b_h1, b_u, b_v2, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC, b2,
+                                  BMAP)
             if NK > 1:
-                b_h2 = _dplr_h_update(k, k2, gc, b_h2, b_u, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC)
+                b_h2 = _dplr_h_update(k, k2, gc, b_h2, b_u, b_v2, bos, o_i, m_t, i_last, 1, H, K, KB, DECAY, PREC, b2,
+                                      BMAP)
             if NK > 2:
-                b_h3 = _dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC)
-                b_h4 = _dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC)
+                b_h3 = _dplr_h_update(k, k2, gc, b_h3, b_u, b_v2, bos, o_i, m_t, i_last, 2, H, K, KB, DECAY, PREC, b2,
+                                      BMAP)
+                b_h4 = _dplr_h_update(k, k2, gc, b_h4, b_u, b_v2, bos, o_i, m_t, i_last, 3, H, K, KB, DECAY, PREC, b2,
+                                      BMAP)
         else:
             b_h1 = _delta_h_update(k, gc, b_h1, b_u, bos, o_i, m_t, i_last, 0, H, K, KB, DECAY, PREC)
             if NK > 1:
@@ -917,21 +937,24 @@ def _delta_state_kernel(k, u, gc, w, h, h0, ht, offsets, k2, v2, T, H: tl.conste
 # spilled 16 B (sm_90, K = V = 128, BK = BV = 32); its backward dq (TRANS_H) runs clean unasked at 202 registers and
 # spilled 16 B with the limit
 @triton.jit
-def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
+def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, b2, vs, sx, sw, ox, scale, T, H: tl.constexpr,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, PREC: tl.constexpr, DPLR: tl.constexpr,
                          VSTEP: tl.constexpr, SKIP: tl.constexpr, SPANS: tl.constexpr = False,
                          QMAP: tl.constexpr = None, KMAP: tl.constexpr = None, TRANS_H: tl.constexpr = False,
                          VMAP: tl.constexpr = None, OVJP: tl.constexpr = None, SKIP_STEP: tl.constexpr = False,
-                         VSMAP: tl.constexpr = None):
+                         VSMAP: tl.constexpr = None, BMAP: tl.constexpr = None, BONUS: tl.constexpr = False):
     """o = (q * exp(Gq)) @ S_start + (A masked) @ v for one (BV tile, chunk, batch*head); decay None/scalar/key.
     DPLR: a second key / value pair adds (A2 masked) @ v2, A2 = q k2^T decayed like A (read from A2 for a key
-    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v.
+    decay): the diagonal-plus-rank-one class's b / U pair beside its k / v; BMAP (`_paired`): k2 is BMAP(k2, b2)
+    of two raw inputs (`_Fused.b_map`).
 
     The fused prologue and epilogue (the spec's per-step expressions, applied at the loads and the store instead of
     as [B, T, H, ...] torch tensors): VSTEP v_t is vs[t] * v[t]; the result is stored as scale * o (the readout's
     constant factor, K ** -0.5), plus with SKIP sw[h] * sx[t] (a per-head weight times a per-step input: Mamba2's
-    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v); QMAP, KMAP
+    D * x; with SKIP_STEP sw[t], a weight per step [B, T, H]: RWKV-6's bonus sum(r * u * k) * v; with BONUS the
+    weight per step sum_i q_t[i] sw[h, i] k_t[i], RWKV's current-token bonus with sw its u [H, K], summed here over
+    the K tiles from the q and k the kernel loads, so no [B, T, H] weight is computed before it); QMAP, KMAP
     (`_mapped`) the spec's elementwise maps of the raw q and k, applied as they are loaded.
     SPANS (a key decay): gc holds the log decays themselves and exp(Gq) comes from their float32 sum over the
     chunk's steps up to t (t - 1 if EXCLUSIVE), not from eg.
@@ -958,6 +981,8 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     if DPLR:
         b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
+    if BONUS:
+        b_bonus = tl.zeros([BT], dtype=tl.float32)
     p_h = h + (i_bh.to(tl.int64) * NT + i_n) * (K * V)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -965,6 +990,11 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
         b_q = tl.load(q + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.0).to(tl.float32)  # [BT, BK]
         b_q = _mapped(b_q, m_t[:, None] & m_k[None, :], QMAP)
+        if BONUS:  # the skip weight sum_i q_t[i] u[i] k_t[i], one K tile at a time
+            b_kq = tl.load(k + bos * K + o_i[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                           other=0.0).to(tl.float32)  # [BT, BK]
+            b_uk = tl.load(sw + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_bonus += tl.sum(b_q * b_kq * b_uk[None, :], axis=1)
         if TRANS_H:  # element (k, v) of a stored [V, K] matrix
             p_hkv = p_h + o_v[None, :] * K + o_k[:, None]
         else:
@@ -987,8 +1017,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
             b_o += tl.dot(b_q, b_h, input_precision=PREC)
             b_A += tl.dot(b_q, b_kt, input_precision=PREC)
             if DPLR:
-                b_k2t = tl.load(k2 + bos * K + o_i[None, :] * (H * K) + o_k[:, None],
-                                mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)  # [BK, BT]
+                p_k2t = bos * K + o_i[None, :] * (H * K) + o_k[:, None]
+                b_k2t = _paired(tl.load(k2 + p_k2t, mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32), b2,
+                                p_k2t, m_k[:, None] & m_t[None, :], BMAP)  # [BK, BT]
                 b_A2 += tl.dot(b_q, b_k2t, input_precision=PREC)
     if DECAY == 2:
         p_A = (i_bh.to(tl.int64) * NT * BT + t0) * BT + o_i[:, None] * BT + o_i[None, :]
@@ -1022,7 +1053,9 @@ def _chunk_output_kernel(q, k, v, gc, eg, h, A, o, k2, v2, A2, vs, sx, sw, ox, s
         b_o += tl.dot(b_A2, b_v2, input_precision=PREC)
     b_o = b_o * scale
     if SKIP:
-        if SKIP_STEP:
+        if BONUS:
+            b_sw = b_bonus[:, None]  # [BT, 1]
+        elif SKIP_STEP:
             b_sw = tl.load(sw + bos + o_i * H, mask=m_t, other=0.0).to(tl.float32)[:, None]  # [BT, 1]
         else:
             b_sw = tl.load(sw + i_h, mask=i_h < H, other=0.0).to(tl.float32)
@@ -1303,17 +1336,18 @@ def _cumsum(log_decay: Tensor, D: int, BT: int, num_warps: int, with_exp: bool =
 
 
 def _intra_attn(q: Tensor, k: Tensor, gc, decay: int, shift: bool, strict: bool, BT: int, BK: int, prec: str,
-                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None) -> Tensor:
+                num_warps: int, num_stages: int, spans: bool = False, q_map=None, k_map=None, k_pair=None) -> Tensor:
     """The intra-chunk scores A [B * H, NT * BT, BT] float32 of `_intra_attn_kernel`; spans: gc holds the log decays
-    themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_Fused`)."""
+    themselves (its SPANS); q_map, k_map: None or the (map, vjp) helpers applied to q and k as loaded (`_Fused`);
+    k_pair: None or (map, y), the keys map(k, y) of two raw inputs (its KMAP2, `_Fused.b_map`)."""
     B, T, H, K = k.shape
     NT, NC = triton.cdiv(T, BT), BT // _SUB
     A = torch.empty((B * H, NT * BT, BT), dtype=torch.float32, device=k.device)
     _launch(
         _intra_attn_kernel, (NT, NC * NC, B * H),
-        q, k, gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay, shift, strict, prec, spans,
-        num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES), QMAP=_map_of(q_map),
-        KMAP=_map_of(k_map))
+        q, k, k if k_pair is None else k_pair[1], gc if gc is not None else k, A, T, H, K, BT, _SUB, BK, NC, decay,
+        shift, strict, prec, spans, num_warps=_or(num_warps, _WARPS), num_stages=_or(num_stages, _STAGES),
+        QMAP=_map_of(q_map), KMAP=_map_of(k_map), KMAP2=_map_of(k_pair))
     return A
 
 
@@ -1348,11 +1382,12 @@ def _chunk_states(k, v, gc, initial_state, decay: int, output_final_state, BT, B
 
 
 def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT, BK, BV, prec, num_warps,
-                  num_stages, packed=None, kv=None, float32_states=False):
+                  num_stages, packed=None, kv=None, float32_states=False, b_map=None):
     """_chunk_states for the delta rule (u: Uy in, U out); BK >= K; packed as for _chunk_states. kv: None, or
     the diagonal-plus-rank-one class's (k, v), whose k v^T each step adds (`_delta_state_kernel`'s DPLR). h is
     bfloat16 for bfloat16 inputs as in `_chunk_states` (float32 for the DPLR class, whose recurrent adjoint starts
-    from these states; float32_states: float32 always)."""
+    from these states; float32_states: float32 always). b_map: None, or (map, y) with k the diagonal-plus-rank-one
+    class's raw b, its keys map(k, y) (`_Fused.b_map`)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -1364,9 +1399,9 @@ def _delta_states(k, u, gc, w, initial_state, decay: int, output_final_state, BT
     h0 = None if initial_state is None else initial_state.contiguous()
     _delta_state_kernel[(triton.cdiv(V, BV), rows * H)](
         k, u, gc if gc is not None else k, w, h, h0 if h0 is not None else h, ht if ht is not None else h,
-        packed.offsets if packed is not None else h, k if kv is None else kv[0], u if kv is None else kv[1], T, H,
-        K, V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec, packed is not None, kv is not None,
-        num_warps=_or(num_warps, _DELTA_STATE_WARPS),
+        packed.offsets if packed is not None else h, k if kv is None else kv[0], u if kv is None else kv[1],
+        k if b_map is None else b_map[1], T, H, K, V, NT, BT, KB, NK, BV, decay, h0 is not None, ht is not None, prec,
+        packed is not None, kv is not None, BMAP=_map_of(b_map), num_warps=_or(num_warps, _DELTA_STATE_WARPS),
         num_stages=_or(num_stages, _STAGES))
     return h, ht
 
@@ -1389,11 +1424,13 @@ def _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, decay: int, BT, BK, BV, p
     _launch(
         _chunk_output_kernel, (triton.cdiv(V, BV), triton.cdiv(T, BT), B * H),
         q, k, v, gc if gc is not None else k, eg if eg is not None else k, h, A, o, k2, v2,
-        A2 if A2 is not None else A, vs if vs is not None else o, f.skip if f.skip is not None else o,
-        f.skip_weight if f.skip is not None else o, o, float(f.scale), T, H, K, V, BT, BK, BV, decay, exclusive, prec,
+        A2 if A2 is not None else A, k2 if f.b_map is None else f.b_map[1], vs if vs is not None else o,
+        f.skip if f.skip is not None else o,
+        f.bonus if f.bonus is not None else f.skip_weight if f.skip_weight is not None else o, o, float(f.scale), T,
+        H, K, V, BT, BK, BV, decay, exclusive, prec,
         pair is not None, vs is not None, f.skip is not None, decay == 2 and eg is None,
         num_warps=warps, num_stages=_or(num_stages, _STAGES), QMAP=_map_of(f.q_map), KMAP=_map_of(f.k_map),
-        SKIP_STEP=f.skip_step, VSMAP=_map_of(f.v_step_map))
+        SKIP_STEP=f.skip_step, VSMAP=_map_of(f.v_step_map), BMAP=_map_of(f.b_map), BONUS=f.bonus is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1422,8 +1459,9 @@ class NoDecay:
         return None
 
     @staticmethod
-    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
-        """The diagonal-plus-rank-one class's scores, when `_dplr_wy_kernel` does not form them itself."""
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages, b_map=None):
+        """The diagonal-plus-rank-one class's scores, when `_dplr_wy_kernel` does not form them itself (b_map: its b
+        is map(b, y) of two raw inputs, `_Fused.b_map`)."""
         return None, None
 
     @staticmethod
@@ -1450,7 +1488,7 @@ class ScalarDecay:
         return None
 
     @staticmethod
-    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages, b_map=None):
         return None, None
 
     @staticmethod
@@ -1484,15 +1522,15 @@ class KeyDecay:
                         f.k_map)
         if pair is not None:  # the diagonal-plus-rank-one class's (b, U): its scores q_t . b_s decayed the same way
             pair = (*pair, _intra_attn(q, pair[0], gc, 2, exclusive, exclusive, BT, BK, prec, num_warps, num_stages,
-                                       spans))
+                                       spans, k_pair=f.b_map))
         _chunk_output(q, exclusive, k, v, gc, eg, h, A, o, 2, BT, BK, BV, prec, num_warps, num_stages, pair,
                       fused)
 
     @staticmethod
-    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages):
+    def dplr_scores(a, b, k, gc, BT, BK, prec, num_warps, num_stages, b_map=None):
         """The diagonal-plus-rank-one class's decayed a_t . b_s and a_t . k_s, s < t, through G_{t-1} (exclusive),
-        each [B * H, NT * BT, BT] float32; other decays form them in `_dplr_wy_kernel`."""
-        return (_intra_attn(a, b, gc, 2, True, True, BT, BK, prec, num_warps, num_stages),
+        each [B * H, NT * BT, BT] float32; other decays form them in `_dplr_wy_kernel` (b_map: b is map(b, y))."""
+        return (_intra_attn(a, b, gc, 2, True, True, BT, BK, prec, num_warps, num_stages, k_pair=b_map),
                 _intra_attn(a, k, gc, 2, True, True, BT, BK, prec, num_warps, num_stages))
 
 
@@ -1575,16 +1613,24 @@ class _Fused:
                             in their place (mLSTM's exp(ig), logsigmoid(fg)): the forward kernels that load them
                             apply the map (`_chunk_state_kernel`, `_chunk_output_kernel`, `_cumsum_kernel`), the
                             backward's kernels store the raw input's gradient through vjp (`_dlog_scalar_kernel`,
-                            `_row_scale_kernel`), so no [B, T, H] value tensor is allocated.
+                            `_row_scale_kernel`), so no [B, T, H] value tensor is allocated;
+      b_map (map, y)        the diagonal-plus-rank-one class's b is map(b, y) of the raw b passed and a second raw
+                            input y of its shape (RWKV-7's -(a * kk): a printed `@triton.jit` helper of two tiles),
+                            applied by its forward kernels wherever they load b (`_paired`), so no [B, T, H, K] b is
+                            allocated. Forward only, as `chunked_dplr_by` (its backward is the derived adjoint);
+      bonus [H * K]         with skip and no skip_weight: the skip weight per step is sum_i q_t[i] bonus[h, i] k_t[i]
+                            (RWKV-7's current-token bonus, u), summed by the DPLR output kernel from the q and k it
+                            loads (BONUS), so no [B, T, H] weight and no prologue launch. Forward only, as b_map.
 
     One query only for scale and skip (the epilogue belongs to its output); not with a value decay."""
 
     def __init__(self, v_step=None, decay_head=None, scale=1.0, skip=None, skip_weight=None, q_map=None,
-                 k_map=None, v_step_map=None, log_decay_map=None):
+                 k_map=None, v_step_map=None, log_decay_map=None, b_map=None, bonus=None):
         self.v_step, self.decay_head, self.scale = v_step, decay_head, scale
         self.skip, self.skip_weight = skip, skip_weight
         self.q_map, self.k_map = q_map, k_map
         self.v_step_map, self.log_decay_map = v_step_map, log_decay_map
+        self.b_map, self.bonus = b_map, bonus
 
     @property
     def epilogue(self) -> bool:
@@ -2496,7 +2542,7 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
             # (do, v, k, h^T), h read transposed in place (k mapped as loaded, dq stored as the raw q's)
             _launch(
                 _chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
-                do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, dq, dq, dq, q, 1.0, T, H, V, K, BT,
+                do, v, k, gc if gc is not None else do, do, h, dA, dq, v, k, dA, v, dq, dq, dq, q, 1.0, T, H, V, K, BT,
                 BV, BK, decay_cls.code, excl, prec, False, False, False, TRANS_H=True, VMAP=kmap, OVJP=qvjp,
                 num_warps=warps, num_stages=stages)
             # dk = (dA decayed)^T q + exp(G_last - G) (v dh^T), dv = (A decayed)^T do + exp(G_last - G) (k dh);
@@ -2523,8 +2569,9 @@ def _linear_backward(decay_cls, exclusive, cfg, qs, k, v, log_decay, initial_sta
             if value:  # dq = (do exp(Gq)) h^T + dA k: the key-decay output kernel with (q, v, h) = (do, k, h^T)
                 _launch(
                     _chunk_output_kernel, (triton.cdiv(K, BK), NT, B * H),
-                    do, do, k, gc, eg, h, dA, dq, do, k, dA, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl, prec,
-                    False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS), num_stages=stages)
+                    do, do, k, gc, eg, h, dA, dq, do, k, dA, do, dq, dq, dq, dq, 1.0, T, H, V, K, BT, BV, BK, 2, excl,
+                    prec, False, False, False, TRANS_H=True, num_warps=_or(num_warps, _KEY_OUTPUT_WARPS),
+                    num_stages=stages)
             else:  # dq = exp(Gq) (do h^T) + decayed dA k: the value-decay output kernel, (q, v, h) = (do, k, h^T)
                 _chunk_output_value_kernel[(triton.cdiv(K, BK), NT * NC, B * H)](
                     do, k, gc, h, dA, dq, q, T, H, V, K, BT, _SUB, BV, BK, NC, excl, prec, TRANS_H=True, VMAP=kmap,
@@ -3652,13 +3699,21 @@ def _check_cu_seqlens(cu_seqlens, k: Tensor) -> None:
 def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_state=None, chunk_size=64,
                     output_final_state=False, *, block_k=None, block_v=None, num_warps=None, num_stages=None,
                     allow_tf32=None, output_chunk_states=False, cu_seqlens=None, scale=1.0, skip=None,
-                    skip_weight=None):
+                    skip_weight=None, b_map=None, bonus=None):
     """chunked_dplr with the decay axis given as its class (NoDecay, ScalarDecay or KeyDecay), the entry point of
     generated modules; its arguments are not checked (chunked_dplr does that).
 
     scale, skip, skip_weight: the readout's fused epilogue, applied by the output kernel as it stores (`_Fused`, as
     for chunked_linear_by): o = scale * o + skip_weight * skip, RWKV-7's bonus sum(r * u * k) * v with skip = v and
     a weight per step [B, T, H], so no [B, T, H, V] epilogue tensor is made. One query only.
+
+    b_map: None, or (map, y): b is passed raw and the kernels load map(b, y) wherever they load b (`_Fused.b_map`;
+    map a `@triton.jit` function of two float32 tiles, y a tensor of b's shape), so a b that is an elementwise
+    function of two inputs (RWKV-7's -(a * kk)) is never stored. map need not keep zeros: a packed call's filler
+    steps have a = 0, so their b multiplies nothing.
+
+    bonus: None, or u [H, K] (any shape of H * K numbers) with skip and no skip_weight: the skip weight per step is
+    sum_i q_t[i] u[h, i] k_t[i] (RWKV-7's current-token bonus), summed by the output kernel (`_Fused.bonus`).
 
     cu_seqlens: None, or int64 [N + 1] boundaries of N sequences packed into B = 1 (`_Packed`: each sequence moved
     to a chunk boundary, its last chunk filled with zero steps, a = b = k = v = 0 and log decay 0, the identity of
@@ -3672,10 +3727,15 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
     passes as S' = D S0 + Bd^T U + Kd^T V (`_delta_state_kernel` with DPLR, resolving U per chunk); the outputs are
     the linear form's over both pairs (b, U) and (k, v) (`_chunk_output_kernel` with DPLR). Returns (outputs,
     final state or None) and, with output_chunk_states, the chunk-start states h [B, H, NT, K, V] float32."""
-    fused = _fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
+    if bonus is not None:
+        if skip is None or skip_weight is not None or len(queries) != 1 or bonus.numel() != k.shape[2] * k.shape[3]:
+            raise ValueError(f"bonus must be u [H, K] = {list(k.shape[2:])} with skip, no skip_weight and one query")
+        fused = _Fused(None, None, float(scale), skip, None, bonus=bonus.reshape(-1))
+    else:
+        fused = _fused_of(None, None, scale, skip, skip_weight, queries, decay_cls, k.shape[2])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight]
-                                       + [q for q, _ in queries]):
+                                       for x in [k, v, a, b, log_decay, initial_state, skip, skip_weight, bonus,
+                                                 None if b_map is None else b_map[1]] + [q for q, _ in queries]):
         raise NotImplementedError("chunked_dplr_by has no autograd of its own: a generated module differentiates "
                                   "its chunked form through the recurrent form's derived adjoint; call it under "
                                   "torch.no_grad()")
@@ -3683,7 +3743,7 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
                    num_stages=num_stages, allow_tf32=allow_tf32, output_chunk_states=output_chunk_states)
     if cu_seqlens is None:
         return _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, fused=fused,
-                        **options)
+                        b_map=b_map, **options)
     packed = _Packed(cu_seqlens, k.shape[1], chunk_size, k.device)
     if initial_state is None:
         initial_state = k.new_zeros((packed.N, k.shape[2], k.shape[3], v.shape[-1]), dtype=torch.float32)
@@ -3693,17 +3753,18 @@ def chunked_dplr_by(decay_cls, queries, k, v, a, b, log_decay=None, initial_stat
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
     if fused is not None:  # the epilogue's per-step tensors in the packed layout (zero steps between sequences)
         fused = _Fused(None, None, fused.scale, packed.pad(fused.skip),
-                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight)
+                       packed.pad(fused.skip_weight) if fused.skip_step else fused.skip_weight, bonus=fused.bonus)
     result = _dplr_by(decay_cls, [(packed.pad(q), e) for q, e in queries], packed.pad(k), packed.pad(v),
                       packed.pad(a), packed.pad(b), packed.pad(log_decay), initial_state, output_final_state,
-                      packed=packed, fused=fused, **options)
+                      packed=packed, fused=fused, b_map=None if b_map is None else (b_map[0], packed.pad(b_map[1])),
+                      **options)
     return ([packed.unpad(o) for o in result[0]],) + tuple(result[1:])
 
 
 def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_final_state, *, chunk_size, block_k,
-             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None, fused=None):
+             block_v, num_warps, num_stages, allow_tf32, output_chunk_states, packed=None, fused=None, b_map=None):
     """chunked_dplr_by on tensors in the layout of `packed` (a `_Packed`, or None: not packed); fused: the
-    output's `_Fused` epilogue, or None."""
+    output's `_Fused` epilogue, or None; b_map: None, or (map, y), b's map of two raw inputs (`_Fused.b_map`)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT, BK, BV, prec = _config(k, V, chunk_size, block_k, block_v, allow_tf32, delta=True)
@@ -3717,23 +3778,29 @@ def _dplr_by(decay_cls, queries, k, v, a, b, log_decay, initial_state, output_fi
         return (outs, ht, empty) if output_chunk_states else (outs, ht)
     BVS = BV if block_v is not None else min(BV, _DELTA_STATE_BV // (2 if decay_cls.code == 2 else 1))
     k, v, a, b = k.contiguous(), v.contiguous(), a.contiguous(), b.contiguous()
+    if b_map is not None:
+        b_map = (b_map[0], b_map[1].contiguous())
     KB = _delta_blocks(BK)[0]  # every kernel but the state kernel loops over K in blocks of KB
     NT = triton.cdiv(T, BT)
     gc, eg = decay_cls.cumsum(log_decay, BT, num_warps)  # None without a decay
-    Aab, Aak = decay_cls.dplr_scores(a, b, k, gc, BT, KB, prec, num_warps, num_stages)  # None: formed in the kernel
+    Aab, Aak = decay_cls.dplr_scores(a, b, k, gc, BT, KB, prec, num_warps, num_stages, b_map)  # None: in the kernel
     w = torch.empty((B, T, H, K), dtype=torch.float32, device=k.device)
     u = torch.empty((B, T, H, V), dtype=torch.float32, device=k.device)
     _dplr_wy_kernel[(NT, B * H)](
         a, b, k, v, gc if gc is not None else k, eg if eg is not None else k, Aab if Aab is not None else w,
-        Aak if Aak is not None else w, w, u, T, H, K, V, BT, KB, min(BV, 64), decay_cls.code, prec,
-        num_warps=_or(num_warps, _DPLR_WY_WARPS), num_stages=_or(num_stages, _STAGES))
+        Aak if Aak is not None else w, w, u, b if b_map is None else b_map[1], T, H, K, V, BT, KB, min(BV, 64),
+        decay_cls.code, prec, BMAP=_map_of(b_map), num_warps=_or(num_warps, _DPLR_WY_WARPS),
+        num_stages=_or(num_stages, _STAGES))
     h, ht = _delta_states(b, u, gc, w, initial_state, decay_cls.code, output_final_state, BT, BK, BVS, prec,
                           num_warps, _or(num_stages, _IEEE_DPLR_STATE_STAGES if prec == "ieee" else
                                          _DPLR_STATE_STAGES_SMALL_SHARED if K > 64 and _arch() < 90 else _STAGES),
-                          packed=packed, kv=(k, v))
+                          packed=packed, kv=(k, v), b_map=b_map)
     if fused is not None:  # the output kernel reads skip and skip_weight as dense [B, T, H, ...] rows
         fused = _Fused(None, None, fused.scale, None if fused.skip is None else fused.skip.contiguous(),
-                       None if fused.skip_weight is None else fused.skip_weight.contiguous())
+                       None if fused.skip_weight is None else fused.skip_weight.contiguous(), b_map=b_map,
+                       bonus=None if fused.bonus is None else fused.bonus.contiguous())
+    elif b_map is not None:
+        fused = _Fused(b_map=b_map)
     outs = []
     for q, exclusive in queries:
         o = torch.empty((B, T, H, V), dtype=k.dtype, device=k.device)

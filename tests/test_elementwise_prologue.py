@@ -38,7 +38,7 @@ def _rec(name: str = "rg_lru") -> recurrence_dsl.Recurrence:
 
 # spec -> its prologue values the kernels write (the rest of its prologue, if any, is constant). mLSTM's since
 # 2026-12-02 are computed at the chunked kernels' loads instead (tests/test_scalar_prologue_maps.py).
-PRINTED = {"rg_lru": "v_h, log_decay_h", "min_gru": "v_h, log_decay_h", "rwkv6": "skip_weight_S", "rwkv7": "b_S"}
+PRINTED = {"rg_lru": "v_h, log_decay_h", "min_gru": "v_h, log_decay_h", "rwkv6": "skip_weight_S"}
 
 
 def _compare(name: str, form: str, packed: bool) -> dict:

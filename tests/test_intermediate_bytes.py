@@ -555,20 +555,29 @@ def test_delta_product_training_step_figure(monkeypatch):
 # [B, T, H, V] (16,809,984 bytes of it): 92,991,504 bytes; with the bonus fused 84,602,896; with its prologue's
 # b = -(a * kk) written by a printed Triton kernel (no torch temporaries; a 4-byte unsafe-step flag) 72,003,604;
 # with the bfloat16 inputs taken as they are (no float32 copies of r, w, k, v, kk, a, u, 25,167,872 bytes, nor a
-# float32 o cast afterwards, 4,194,304; b and the chunk-start states float32 as they were) 42,606,612.
-RWKV7_FORWARD = 42_606_612
+# float32 o cast afterwards, 4,194,304; b and the chunk-start states float32 as they were) 42,606,612; with
+# b = -(a * kk) formed by the DPLR kernels where they load b (`b_map`: no [B, T, H, K] float32 b, 4,194,304 bytes;
+# the raw a is checked by `_check_steps` instead) 38,430,740. Forward + backward: 127,281,176 -> 123,105,304 (the
+# backward, the derived adjoint, never read b: it takes the raw inputs); with the skip weight summed by the output
+# kernel (`bonus`: no prologue kernel, no [B, T, H] float32 weight nor unsafe-step flag) 38,387,728 and 123,062,292.
+RWKV7_FORWARD = 38_387_728
+RWKV7_STEP = 123_062_292
 
 
-def test_rwkv7_forward_has_no_epilogue_tensor(monkeypatch):
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "step"])
+def test_rwkv7_chunked_call_has_no_epilogue_or_b_tensor(monkeypatch, backward):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
     rec = _rec("rwkv7")
     args, _ = sample_arguments(rec.checked, {s: 128 for s in rec.checked.sizes}, 2, 1024, 4, dtype=torch.float32,
                                seed=0)
-    report = measure_call(load_layer(analyse(rec.checked)), [a.to(torch.bfloat16) for a in args], form="chunked")
+    report = measure_call(load_layer(analyse(rec.checked)), [a.to(torch.bfloat16) for a in args], form="chunked",
+                          backward=backward)
     assert not [r for r in report.rows if "epilogue" in r.where], format_rows(report)
-    assert report.total == RWKV7_FORWARD, format_rows(report)
+    # no prologue tensor at all (b and the skip weight are formed where the kernels load their inputs)
+    assert not [r for r in report.rows if "prologue" in r.where], format_rows(report)
+    assert report.total == (RWKV7_STEP if backward else RWKV7_FORWARD), format_rows(report)
 
 
 # mamba's Triton scan form at B=2, T=1024, H=4, D=64, N=16, float32 inputs (host allocations, no kernel runs):

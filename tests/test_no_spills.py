@@ -168,8 +168,8 @@ def test_no_spills_at_default_configs():
         ("kda", "sm_90", "backward")]
     assert names[("rwkv7", "sm_80", "forward")] == {"_triton_cumsum_kernel", "_triton_intra_attn_kernel",
                                                     "_triton_dplr_wy_kernel", "_triton_delta_state_kernel",
-                                                    "_triton_chunk_output_kernel",
-                                                    "rwkv7__chunked_prologue_triton_kernel"}  # (its printed gates)
+                                                    "_triton_chunk_output_kernel"}  # (no prologue kernel: its b and
+    # bonus are formed where the kernels load a, kk and r, k: `b_map`, `bonus`)
     # (the chunked form trains through the recurrent adjoint's chunk-parallel mode: its scan over the chunks too)
     assert names[("rwkv7", "sm_80", "backward")] == {"rwkv7__triton_recurrent_adjoint_kernel",
                                                      "rwkv7__triton_segment_scan_kernel"}

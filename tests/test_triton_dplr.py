@@ -26,6 +26,9 @@ from .conftest import REPO, made_by
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402, F401  (visible to the @triton.jit helper below)
+
 from codegen import triton_runtime as tr  # noqa: E402  (after the interpreter is set by conftest)
 
 TOL = 1e-5
@@ -301,6 +304,42 @@ def test_packed_chunked_dplr_matches_the_step_loop(axis):
     assert max(errors.values()) <= TOL, errors
 
 
+@triton.jit
+def _shifted_product(x, y):
+    """b = 0.05 - x * y: a map of two raw inputs that does not keep zeros (a packed call's filler steps get b != 0)."""
+    return 0.05 - x * y
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("axis", [None, "scalar", "key"])
+def test_b_map_forms_b_where_the_kernels_load_it(axis, packed):
+    """`chunked_dplr_by(..., b_map=(map, y))`: b passed raw and formed as map(b, y) by every forward kernel that
+    loads it (the WY kernel's scores for no or a scalar decay, the key decay's scores, the state pass and the output
+    kernel's second pair) against the float64 step loop on the materialised b, each sequence from its own initial
+    state; the map's non-zero value at a packed call's filler steps changes nothing (their a is 0)."""
+    lengths = PACKED if packed else [37]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v, a, _, g, _ = _inputs(axis, T=int(cu[-1]), seed=8)
+    gen = torch.Generator().manual_seed(9)
+    lr, s0 = torch.rand(a.shape, generator=gen), torch.randn(len(lengths), 2, 16, 16, generator=gen)
+    b = 0.05 - lr.double() * a.double()
+    (o,), S, h = tr.chunked_dplr_by(tr._DECAYS[axis], [(q, axis == "scalar")], k, v, a, lr, g, s0, 16, True,
+                                    output_chunk_states=True, cu_seqlens=cu if packed else None,
+                                    b_map=(_shifted_product, a))
+    errors, starts = {}, []
+    for n in range(len(lengths)):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        part = [None if x is None else x[:, lo:hi] for x in (q, k, v, a, b, g)]
+        (ro,), rS, rh = _steps([(part[0], axis == "scalar")], *part[1:], axis, s0[n:n + 1], 16)
+        if hi > lo:
+            errors[f"o{n}"] = _rel(o[:, lo:hi], ro)
+        errors[f"S{n}"] = _rel(S[n:n + 1], rS)
+        starts.append(rh)
+    errors["h"] = _rel(h, torch.cat(starts, dim=2))
+    print(axis, packed, {n: f"{e:.1e}" for n, e in errors.items()})
+    assert max(errors.values()) <= TOL, errors
+
+
 def test_packed_runtime_checks_cu_seqlens():
     q, k, v, a, b, g, _ = _inputs(None, T=9)
     with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T = 9"):
@@ -504,10 +543,10 @@ def test_float16_inputs_taken_as_they_are(monkeypatch, V, packed):
 
 
 def test_float16_through_a_torch_prologue(monkeypatch):
-    """Where the chunked form's prologue is printed as torch ops rather than a Triton kernel (here forced: the
-    kernel printer made to decline), a float16 call computes its values (b = -a * kk, the skip weight) from float32
-    casts of the inputs, as the float32 call does: the two calls' kernels then get the same b, so the final states
-    agree to float32 rounding and the outputs to float16's."""
+    """The chunked Triton form has no prologue at all (b = -a * kk from `b_map`, the skip weight from `bonus`, both
+    formed in float32 by the kernels from the raw inputs as they load them), so even where prologues are printed as
+    torch ops (here forced: the kernel printer made to decline) a float16 call's kernels get the same b and bonus
+    as the float32 call's: the final states agree to float32 rounding and the outputs to float16's."""
     from codegen import torch_forms
     from codegen.cache import load_source
     from codegen.module import module_source
@@ -515,9 +554,8 @@ def test_float16_through_a_torch_prologue(monkeypatch):
 
     monkeypatch.setattr(torch_forms.TorchFormWriter, "_elementwise_prologue", lambda self, *args, **kwargs: None)
     text = module_source([analyse(REC.checked)], "rwkv7.rec")
-    prologue = text[text.index("def rwkv7__chunked_prologue_fwd_triton("):]
-    prologue = prologue[:prologue.index("\n\n\n")]
-    assert "a = a.to(torch.promote_types(a.dtype, torch.float32))" in prologue, prologue
+    assert "def rwkv7__chunked_prologue_fwd_triton(" not in text
+    assert "b_map=(rwkv7__map_a_kk, kk)" in text and "bonus=u" in text
     layer = load_source(text, "rwkv7").rwkv7
     args, s0 = sample_arguments(REC.checked, SIZES, 2, 37, 2, dtype=torch.float32, seed=3, with_initial_state=True)
     half = [x.half() if x.dim() == 4 else x for x in args]

@@ -197,9 +197,10 @@ def test_rank_r_fused_values_and_scale_with_gradients(name, packed):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
 def test_rwkv7_bonus_is_a_skip_term_of_the_dplr_output_kernel(packed):
-    """RWKV-7's o = r . S + sum(r * u * k) * v: `triton_chunked_dplr_by` gets skip v and the per-step weight
-    sum(r * u * k) [B, T, H] (its output kernel adds them as it stores), and the outputs, the final state and the
-    gradients (the recurrent form's derived adjoint, fed the chunked form's checkpoints) match the reference."""
+    """RWKV-7's o = r . S + sum(r * u * k) * v: `triton_chunked_dplr_by` gets skip v and bonus u, no skip weight
+    (its output kernel sums the weight sum(r * u * k) from the r and k it loads and adds weight * v as it stores: no
+    prologue kernel runs), and the outputs, the final state and the gradients (the recurrent form's derived
+    adjoint, fed the chunked form's checkpoints) match the reference."""
     rec = recurrence_dsl.load(SPECS_DIR / "rwkv7.rec")["rwkv7"]
     args, initial, more = _case(rec, packed)
     ref_out, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True, **more)
@@ -209,7 +210,8 @@ def test_rwkv7_bonus_is_a_skip_term_of_the_dplr_output_kernel(packed):
     layer = recurrence_dsl.compile(rec, backend="triton", form="chunked", chunk_size=16, tuning=False)
     calls = []
     got = _spied_grads(layer, args, initial, weights, torch.float32, more, calls, entry="triton_chunked_dplr_by")
-    assert calls and all(_passes("skip", kw) and _passes("step_skip_weight", kw) for kw in calls), calls
+    assert calls and all(_passes("skip", kw) and _passes("bonus", kw) and kw.get("skip_weight") is None
+                         for kw in calls), calls
     names = ["output o", "final S"] + [f"d{x.name}" for x in rec.checked.inputs + rec.checked.params] + ["dS0"]
     errors = {n: _rel(g, r) for n, g, r in zip(names, got, ref)}
     assert max(errors.values()) <= TOL, errors
