@@ -90,7 +90,7 @@ def _sub_step_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
         lines.append("    O = (Q * exp(G)) S_0 + (A * causal) V,  A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])")
         lines.append(f"    {s}_C = exp(G_C) * {s}_0 + (K * exp(G_C - G))^T V   (G over the sub-steps)")
     elif plan.decay_axis == "value":
-        lines.append("    O = (Q S_0) * exp(G) + O_intra,  O_t[b] = sum_{s <= t} (q_t . k_s) exp(G_t[b] - G_s[b]) v_s[b]")
+        lines.append("    O_t[b] = (q_t^T S_0)[b] exp(G_t[b]) + sum_{s <= t} (q_t . k_s) exp(G_t[b] - G_s[b]) v_s[b]")
         lines.append(f"    {s}_C = {s}_0 * exp(G_C) + K^T (V * exp(G_C - G))   (G over the sub-steps)")
     elif plan.decay_axis == "scalar":
         lines.append("    O = exp(G) * (Q S_0) + ((Q K^T) * M) V,  M_ts = exp(G_t - G_s) for s <= t")
