@@ -17,6 +17,7 @@ import torch
 
 import recurrence_dsl
 from recurrence_dsl.analysis import TransitionClass, analyse
+from recurrence_dsl.cli import describe
 from recurrence_dsl.explain import explain
 from recurrence_dsl.sampling import sample_arguments
 
@@ -51,12 +52,15 @@ def test_the_sum_is_planned_as_sub_steps(rec, cls, decay):
     assert len(subs) == 2 and subs[0].decay_axis == decay and subs[1].log_decay is None
     text = explain(a)
     assert "the injection is a sum of r = 2 outer products" in text and "sub-steps 2t, 2t + 1" in text, text
+    assert describe(rec)["states"][0]["chunked_outer_products"] == 2
 
 
 def test_one_outer_product_per_state_is_unchanged():
     a = analyse(next(iter(recurrence_dsl.load(SPLIT).values())).checked)
     assert a.forms == ("recurrent", "scan", "chunked", "parallel")
     assert all(not sa.chunk.sub_steps for sa in a.states.values())
+    assert all("chunked_outer_products" not in s for s in describe(next(iter(recurrence_dsl.load(SPLIT).values())))
+               ["states"])
 
 
 def test_an_injection_that_is_no_sum_of_outer_products_says_so():
