@@ -1140,7 +1140,7 @@ def _plan_sum_of_outer(ir: StepIR, sa: StateAnalysis) -> str | None:
                StateAnalysis(sa.name, sa.dims, TransitionClass.IDENTITY, "", sa.indices, sympy.Integer(1), k * v))
         _plan_chunks(ir, one)
         if one.chunk is None:
-            sa.chunk_reason = f"outer product {n + 1} of the injection of {sa.name}: {one.chunk_reason}"
+            sa.chunk_reason = one.chunk_reason  # (the decay's: the first sub-step applies it)
             return None
         plans.append(one.chunk)
     first = plans[0]

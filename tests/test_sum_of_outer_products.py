@@ -19,6 +19,7 @@ import recurrence_dsl
 from recurrence_dsl.analysis import TransitionClass, analyse
 from recurrence_dsl.cli import describe
 from recurrence_dsl.explain import explain
+from recurrence_dsl.prove import prove
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import TESTS, as_dict
@@ -140,3 +141,26 @@ def test_parallel_form_matches_the_reference(backend, dtype, tol):
     if backend == "torch":
         _check(KEY, backend, "parallel", dtype, tol, length=7, seed=3)
     _check(MAMBA3, backend, "parallel", dtype, tol, batch=3, length=13, seed=4, cu_seqlens=torch.tensor([0, 6, 6, 13]))
+
+
+def test_a_sum_over_an_index_is_not_taken_and_says_why():
+    """Mamba-3 MIMO's rank-R input: R is a size, not a number of terms written out."""
+    a = analyse(next(iter(recurrence_dsl.load("""
+recurrence mimo(x[P, R], dt, B[N, R], C[N, R]) -> y[P, R] {
+    param A
+    state h[N, P]
+    h[n, p] = exp(dt * A) * h[n, p] + dt * sum(r, B[n, r] * x[p, r])
+    y[p, r] = sum(n, C[n, r] * h[n, p])
+}
+""").values())).checked)
+    why = a.unavailable["chunked"]
+    assert "sums outer products over r (size R)" in why and "written out term by term" in why, why
+
+
+@pytest.mark.parametrize("rec", [BIAS, KEY], ids=["bias", "key"])
+def test_prove_shows_the_sub_steps_equal_the_recurrence(rec):
+    """`recdsl check --prove` runs the r sub-steps (prove._sub_steps_chunked): chunks of 2 steps (a boundary inside
+    a step) and the parallel form's one chunk."""
+    results = prove(analyse(rec.checked))
+    assert {r.form for r in results} == {"scan", "chunked", "parallel"}
+    assert all(r.proved and r.symbolic == r.elements for r in results), [(r.form, r.value, r.verdict) for r in results]
