@@ -2531,6 +2531,9 @@ class TorchFormWriter:
                 if done:
                     epilogue_done[done] = readout_names[sa.chunk.readouts[0].name]
                 continue
+            if plan.sub_steps:  # an injection that is a sum of outer products
+                self._write_sub_steps(w, printer, view, s, sa, readout_names)
+                continue
             fuse = self._fusion(view, s, sa, printer)
             if (sa.cls is TransitionClass.DIAGONAL_PLUS_RANK_ONE and self.options and not plan.pair
                     and s.name not in view.transposed and not view.lifted.get(s.name)
@@ -2959,6 +2962,80 @@ class TorchFormWriter:
         if name in view.transposed:
             w(f"final_{name} = final_{name}.transpose(-1, -2)")
         return epilogue["out"] if epilogue else None
+
+    def _write_sub_steps(self, w: SourceWriter, printer: TorchPrinter, view, s, sa, readout_names: dict) -> None:
+        """A diagonal decay whose injection is a sum of r outer products, S_t = D_t S_(t-1) + sum_m k_m v_m^T
+        (`analysis._plan_sum_of_outer`): by linearity step t runs as steps r t, ..., r t + r - 1 of a sequence r
+        times as long, the first applying D_t and k_1 v_1^T, each later one a decay of 1 (0 in log space) and
+        k_m v_m^T, through the linear chunked runtime; step t's outputs are read after its last sub-step (a readout
+        of S_(t-1) before its first), as `_write_rank_r` runs a rank-r delta rule. A call whose chunk spans the
+        sequence (the parallel form, the chunked function with chunk_size = T) spans the r T sub-steps too."""
+        name = s.name
+        plan = sa.chunk
+        r = len(plan.sub_steps)
+        kdim, vdim = sa.dims
+        positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
+        w(f"# its injection is a sum of {r} outer products: step t runs as linear steps {positions} of a sequence "
+          f"{r} times as long, the decay at {r}t only")
+        names: dict[str, list[str]] = {"k": [], "v": []}
+        for n, sub in enumerate(plan.sub_steps, start=1):
+            tag = f"{name}_{n}"
+            w(f"k_{tag} = {self._full(printer, sub.k.expr, sub.k.indices, (kdim,))}  # outer product {n} "
+              f"({self.cite[name]})")
+            w(f"v_{tag} = {self._full(printer, sub.v.expr, sub.v.indices, (vdim,))}")
+            names["k"].append(f"k_{tag}")
+            names["v"].append(f"v_{tag}")
+        logs = []
+        if plan.log_decay is not None:
+            if not plan.decay_exact:
+                w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
+                  f"'the decay {tidy(sa.diagonal)} of {name}', ('chunked', 'parallel'))")
+            shape = {"scalar": (), "key": (kdim,), "value": (vdim,)}[plan.decay_axis]
+            w(f"log_decay_{name}_1 = {self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape)}")
+            logs.append(f"log_decay_{name}_1")
+        queries = []
+        for m, ro in enumerate(plan.readouts):
+            readout_names[ro.name] = f"read_{name}" + (f"_{m + 1}" if m else "")
+            w(f"query_{readout_names[ro.name]} = {self._full(printer, ro.query.expr, ro.query.indices, (kdim,))}  "
+              f"# {self._readers(view, ro.name)}")
+        checked = [f"query_{readout_names[ro.name]}" for ro in plan.readouts] + names["k"] + names["v"]
+        # Checked per step, before interleaving, so that an unsafe step is named by its own t.
+        w(f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
+        for part in ("k", "v"):
+            w(f"{part}_{name} = torch.stack([{', '.join(names[part])}], dim=2).flatten(1, 2)  "
+              f"# step t's outer products at {positions}")
+        decay = "None"
+        if logs:
+            w(f"log_decay_{name} = _spread_steps({logs[0]}, {r}, 0)  # the decay at sub-step 0, 1 (log 0) after")
+            decay = f"log_decay_{name}"
+        for ro in plan.readouts:
+            query = f"query_{readout_names[ro.name]}"
+            at = 0 if ro.exclusive else r - 1  # S_t after the last sub-step; S_(t-1) before the first
+            w(f"{query} = _spread_steps({query}, {r}, {at})  # read at sub-step {at} of each step, zeros between")
+            queries.append(f"({query}, {ro.exclusive})")
+        axis = self.rt + _DECAY_CLASSES[plan.decay_axis]
+        outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
+        target = f"({outs}), final_{name}" if plan.readouts else f"_, final_{name}"
+        state = f"states['{name}']" + (".transpose(-1, -2)" if name in view.transposed else "")
+        if self.options:
+            # Packed sequences: a sequence's step t is sub-steps r t .. r t + r - 1, so its bounds scale by r (the
+            # parallel form's runtime takes its own bounds, `triton_parallel.in_parallel`: told the r).
+            w(f"options_{name} = dict(options)")
+            w(f"if options_{name}.get('cu_seqlens') is not None:")
+            w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
+            w(f"if options_{name}.get('parallel') is not None:")
+            w(f"    parallel_{name} = options_{name}['parallel']")
+            w(f"    options_{name}['parallel'] = lambda *a, **kw: parallel_{name}(*a, sub_steps={r}, **kw)")
+            size, options = "chunk_size", f", **options_{name}"
+        else:
+            size, options = f"chunk_size * {r} if chunk_size >= T_ else chunk_size", ""  # (one chunk stays one)
+        w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, {decay}, "
+          f"initial_state={self._initial(name, state)}, chunk_size={size}, output_final_state=True{options})")
+        for ro in plan.readouts:
+            at = 0 if ro.exclusive else r - 1
+            w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
+        if name in view.transposed:
+            w(f"final_{name} = final_{name}.transpose(-1, -2)")
 
     def write_all(self) -> str:
         parts = [self.write_recurrent(), self.write_scan(), self.write_chunked()]

@@ -1198,11 +1198,13 @@ def in_parallel(chunked_form):
     """The parallel Triton form of a generated module from its chunked Triton form function `chunked_form`: the
     same prologue and readouts, its `chunked_linear_by` calls run as `parallel_linear_by` (the call's chunk_size,
     the whole length, has no role: the kernels walk blocks of block_t rows, a config's key). A `cu_seqlens=` option
-    goes to each `parallel_linear_by` call (its kernels walk the packed sequences), not to the chunked runtime."""
+    goes to each `parallel_linear_by` call (its kernels walk the packed sequences), not to the chunked runtime; a
+    call that runs each step as `sub_steps` steps (an injection that is a sum of outer products) scales it."""
 
     def parallel_form(*args, chunk_size=None, block_t=None, cu_seqlens=None, **options):
-        def parallel(*call, **kwargs):
-            return parallel_linear_by(*call, block_t=block_t, cu_seqlens=cu_seqlens, **kwargs)
+        def parallel(*call, sub_steps=1, **kwargs):
+            bounds = cu_seqlens if cu_seqlens is None or sub_steps == 1 else cu_seqlens * sub_steps
+            return parallel_linear_by(*call, block_t=block_t, cu_seqlens=bounds, **kwargs)
 
         return chunked_form(*args, parallel=parallel, **options)
 

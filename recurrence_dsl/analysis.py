@@ -243,7 +243,9 @@ class ChunkPlan:
     pair: bool = False
     # rank-r update: the plan of each of the r delta-rule sub-steps, in order (each with its own k, v, beta and
     # log decay, on its own decay axis; `decay_axis` above is the most general of theirs, and k, v, beta and
-    # log_decay above are the first sub-step's). Empty for every other class.
+    # log_decay above are the first sub-step's). A diagonal decay with an injection that is a sum of r outer
+    # products (`_plan_sum_of_outer`): the linear plan of each, the decay on the first only (k, v and log_decay
+    # above are the first's). Empty for every other plan.
     sub_steps: tuple[ChunkPlan, ...] = ()
 
 
@@ -1052,7 +1054,10 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
     groups = [{a}] + ([{b}] if b is not None else [])
     split = _split_factors(injection, groups, index_set)
     if split is None:
-        sa.chunk_reason = f"the injection {spec_text(injection)} of {sa.name} is not an outer product k[a] * v[b]"
+        why = _plan_sum_of_outer(ir, sa) if b is not None and sa.cls in _SUMMED else ""
+        if why is not None:
+            sa.chunk_reason = (f"the injection {spec_text(injection)} of {sa.name} is not an outer product k[a] * v[b]"
+                               + (f" nor a sum of them ({why})" if why else ""))
         return
     parts, scale = split
     key_idx, value_idx = index_symbol("a__k"), index_symbol("a__v")
@@ -1097,6 +1102,64 @@ def _plan_chunks(ir: StepIR, sa: StateAnalysis) -> None:
         write, read = sa.plus_rank_one
         sa.chunk.mix_write = Definition(f"b_{sa.name}", (key_idx,), write.xreplace({a: key_idx}))
         sa.chunk.mix_read = Definition(f"a_{sa.name}", (key_idx,), read.xreplace({a: key_idx}))
+
+
+# The classes whose injection may be a sum of outer products (`_plan_sum_of_outer`): a diagonal decay, applied once.
+_SUMMED = {TransitionClass.IDENTITY, TransitionClass.SCALAR, TransitionClass.DIAGONAL_ROW, TransitionClass.DIAGONAL_COL}
+
+
+def _plan_sum_of_outer(ir: StepIR, sa: StateAnalysis) -> str | None:
+    """The chunk plan of a matrix state with a diagonal decay (none, scalar, along the keys or the values) whose
+    injection is a sum of r >= 2 outer products, `S_t = D_t S_(t-1) + sum_m k_m v_m^T` (Mamba-3's trapezoidal
+    step, a bias u[i] = u[i] * 1[j] beside k v^T): by linearity the same as r sub-steps per step, the first
+    applying D_t and k_1 v_1^T, each later one a decay of 1 and k_m v_m^T. The plan holds one linear plan per
+    outer product (`ChunkPlan.sub_steps`, the decay on the first only), which the chunked form runs as steps
+    r t, ..., r t + r - 1 of a sequence r times as long, reading step t's outputs at its last sub-step (a readout of
+    S_(t-1) before its first), as a rank-r update's delta-rule sub-steps (`_plan_rank_r`). The outer products
+    are the injection's monomials grouped by their key (or by their value, where fewer). Sets `sa.chunk` and
+    returns None, or returns why the injection is no such sum ("" for nothing more to say than the caller)."""
+    a, b = sa.indices
+    index_set = set(ir.ranges)
+    for total in sa.injection.atoms(sympy.Sum):
+        if {a, b} <= _free_indices(total.function, index_set):  # MIMO's sum(r, B[n, r] * x[p, r])
+            over = ", ".join(f"{x} (size {spec_text(high + 1)})" for x, _, high in total.limits)
+            return (f"{spec_text(total)} sums outer products over {over}: the chunked form takes a sum of outer "
+                    "products written out term by term")
+    made: dict[sympy.Symbol, sympy.Expr] = {}
+    atoms: dict[sympy.Expr, sympy.IndexedBase] = {}
+    found = _outer_terms(_canonical(_atomize(sa.injection, index_set, atoms, b), made), a, b, index_set)
+    if isinstance(found, str):
+        return found
+    by_key: dict[sympy.Expr, sympy.Expr] = {}
+    by_value: dict[sympy.Expr, sympy.Expr] = {}
+    for scalar, left, right in found:
+        by_key[left] = by_key.get(left, sympy.Integer(0)) + scalar * right
+        by_value[right] = by_value.get(right, sympy.Integer(0)) + scalar * left
+    if len(by_value) < len(by_key):
+        pairs = [(sympy.factor_terms(left), right) for right, left in by_value.items()]
+    else:
+        pairs = []
+        for left, right in by_key.items():
+            right = sympy.factor_terms(right)  # its factors free of the value index go to the key, as for one product
+            scale = sympy.Mul(*[f for f in sympy.Mul.make_args(right) if b not in f.free_symbols])
+            pairs.append((scale * left, sympy.Mul(*[f for f in sympy.Mul.make_args(right) if b in f.free_symbols])))
+    pairs = [(_restore(k, atoms), _restore(v, atoms)) for k, v in pairs if k != 0 and v != 0]
+    if len(pairs) < 2:
+        return ""
+    ir.ranges.update(made)  # (the canonical sums' indices, which the printers look up)
+    plans = []
+    for n, (k, v) in enumerate(pairs):
+        one = (replace(sa, injection=k * v, chunk=None, chunk_reason="") if n == 0 else
+               StateAnalysis(sa.name, sa.dims, TransitionClass.IDENTITY, "", sa.indices, sympy.Integer(1), k * v))
+        _plan_chunks(ir, one)
+        if one.chunk is None:
+            sa.chunk_reason = one.chunk_reason  # (the decay's: the first sub-step applies it)
+            return None
+        plans.append(one.chunk)
+    first = plans[0]
+    sa.chunk = ChunkPlan(first.key_axis, first.k, first.v, first.decay_axis, first.log_decay, first.decay_exact,
+                         None, sub_steps=tuple(plans))
+    return None
 
 
 # The indices of a pair plan's Definitions: k[a, b] and a key log decay over the pair, q[a, b] of a readout, v[j].

@@ -239,6 +239,15 @@ def _flattened_axes(analysis, name: str) -> list[int]:
     return [0, 1] if sa is not None and sa.chunk is not None and sa.chunk.pair else []
 
 
+def _outer_products(analysis, name: str) -> dict:
+    """{"chunked_outer_products": r} for a state whose injection the chunked form runs as a sum of r outer products
+    (r sub-steps per step, `analysis._plan_sum_of_outer`), else {}."""
+    sa = analysis.chunk_analysis.states.get(name)
+    if sa is None or sa.chunk is None or not sa.chunk.sub_steps or sa.cls is TransitionClass.RANK_R_UPDATE:
+        return {}
+    return {"chunked_outer_products": len(sa.chunk.sub_steps)}
+
+
 def describe(rec: Recurrence) -> dict:
     """The JSON form of a recurrence (`recdsl show --json`)."""
     c = rec.checked
@@ -258,6 +267,7 @@ def describe(rec: Recurrence) -> dict:
                     "chunked_as_transpose": s.name in analysis.transposed,
                     "chunked_with_unit_key_axis": s.name in analysis.lifted,
                     "chunked_with_flattened_axes": _flattened_axes(analysis, s.name),
+                    **_outer_products(analysis, s.name),
                     **({"rank": analysis.states[s.name].rank}
                        if analysis.states[s.name].cls is TransitionClass.RANK_R_UPDATE else {})} for s in c.states],
         "outputs": [sym(s) for s in c.outputs],

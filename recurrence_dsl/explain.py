@@ -68,10 +68,44 @@ def _rank_r_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     return lines
 
 
+def _sub_step_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
+    """A diagonal decay whose injection is a sum of r outer products: r linear sub-steps per step."""
+    s, r = sa.name, len(plan.sub_steps)
+    terms = " + ".join(f"k_{n} v_{n}^T" for n in range(1, r + 1))
+    lines = [f"    {s}_t = D_t {s}_(t-1) + {terms}   (the injection is a sum of r = {r} outer products)"]
+    for n, sub in enumerate(plan.sub_steps, start=1):
+        lines.append(tidy(f"    k_{n}{_idx(sub.k.indices)} = {spec_text(sub.k.expr)};  "
+                          f"v_{n}{_idx(sub.v.indices)} = {spec_text(sub.v.expr)}"))
+    if plan.log_decay is not None:
+        note = "" if plan.decay_exact else "   (needs the decay > 0)"
+        lines.append(tidy(f"    log decay ({plan.decay_axis}) g_t{_idx(plan.log_decay.indices)} = "
+                          f"{spec_text(plan.log_decay.expr)}") + note)
+    positions = ", ".join(f"{r}t + {n}" if n else f"{r}t" for n in range(r))
+    later = f" k_{r} v_{r}^T" if r == 2 else f" k_n v_n^T (n = 2 .. {r})"
+    lines.append(f"    by linearity: step t is sub-steps {positions} of a sequence {r} times as long, {r}t applying "
+                 f"D_t and k_1 v_1^T, then{later} with decay 1 (g = 0)")
+    lines.append(f"    outputs are read after sub-step {r}t + {r - 1} (a readout of {s}_(t-1) before sub-step {r}t); "
+                 "each chunk of sub-steps runs the linear chunked form:")
+    if plan.decay_axis == "key":
+        lines.append("    O = (Q * exp(G)) S_0 + (A * causal) V,  A_ts = sum_a q_t[a] k_s[a] exp(G_t[a] - G_s[a])")
+        lines.append(f"    {s}_C = exp(G_C) * {s}_0 + (K * exp(G_C - G))^T V   (G over the sub-steps)")
+    elif plan.decay_axis == "value":
+        lines.append("    O_t[b] = (q_t^T S_0)[b] exp(G_t[b]) + sum_{s <= t} (q_t . k_s) exp(G_t[b] - G_s[b]) v_s[b]")
+        lines.append(f"    {s}_C = {s}_0 * exp(G_C) + K^T (V * exp(G_C - G))   (G over the sub-steps)")
+    elif plan.decay_axis == "scalar":
+        lines.append("    O = exp(G) * (Q S_0) + ((Q K^T) * M) V,  M_ts = exp(G_t - G_s) for s <= t")
+        lines.append(f"    {s}_C = exp(G_C) {s}_0 + (K * exp(G_C - G))^T V   (G over the sub-steps)")
+    else:
+        lines.append(f"    O = Q S_0 + ((Q K^T) * causal) V;  {s}_C = {s}_0 + K^T V")
+    return lines
+
+
 def _chunk_lines(sa: StateAnalysis, plan: ChunkPlan) -> list[str]:
     s = sa.name
     if sa.cls is TransitionClass.RANK_R_UPDATE:
         return _rank_r_lines(sa, plan)
+    if plan.sub_steps:
+        return _sub_step_lines(sa, plan)
     lines = [tidy(f"    k_t{_idx(plan.k.indices)} = {spec_text(plan.k.expr)}")]
     if plan.v is not None:
         lines.append(tidy(f"    v_t{_idx(plan.v.indices)} = {spec_text(plan.v.expr)}"))

@@ -243,8 +243,11 @@ def _chunked(inst: _Instance, chunk: int):
 
         if sa.cls is TransitionClass.RANK_R_UPDATE:
             S0 = _rank_r_chunked(inst, plan, S0, kdim, vdim, chunk, readouts, vec)
-        # (a rank-r update's chunks are its sub-steps', done above)
-        for start in range(0, 0 if sa.cls is TransitionClass.RANK_R_UPDATE else inst.steps, chunk):
+        elif plan.sub_steps:
+            S0 = _sub_steps_chunked(inst, plan, S0, kdim, vdim, chunk, readouts, vec)
+        # (a rank-r update's chunks, and those of an injection that is a sum of outer products, are its sub-steps',
+        # done above)
+        for start in range(0, 0 if plan.sub_steps else inst.steps, chunk):
             ts = list(range(start, min(start + chunk, inst.steps)))
             ks = {t: vec(plan.k, t, kdim) for t in ts}
             vs = {t: (vec(plan.v, t, vdim) if plan.v is not None else sympy.ones(1, 1)) for t in ts}
@@ -413,6 +416,59 @@ def _rank_r_chunked(inst: _Instance, plan, S0: sympy.Matrix, kdim: int, vdim: in
         S_end = sympy.diag(*[sympy.exp(x) for x in gk[last]]) * S0
         for src in ps:
             S_end += sympy.diag(*[sympy.exp(x) for x in gk[last] - gk[src]]) * subs[src][2] * us[src].T
+        S0 = S_end
+    return S0
+
+
+def _sub_steps_chunked(inst: _Instance, plan, S0: sympy.Matrix, kdim: int, vdim: int, chunk: int, readouts: list,
+                       vec) -> sympy.Matrix:
+    """A diagonal decay with an injection that is a sum of r outer products as its chunked form runs it: step t as
+    linear sub-steps r t + n (n = 0, ..., r - 1) of a sequence r times as long, sub-step r t applying the decay and
+    k_1 v_1^T, each later one k_(n+1) v_(n+1)^T alone; a readout of S_t at sub-step r t + r - 1, one of S_(t-1)
+    before sub-step r t. Chunks hold r * chunk - 1 sub-steps (a boundary inside a step), or every sub-step where
+    one chunk holds every step (the parallel form). Fills `readouts`, returns the final state."""
+    r = len(plan.sub_steps)
+    subs = []  # (t, n, k, v, key-axis log decay, value-axis log decay)
+    for t in range(inst.steps):
+        for n, sub in enumerate(plan.sub_steps):
+            gk, gv = sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
+            if n == 0 and plan.log_decay is not None:
+                if plan.decay_axis == "scalar":
+                    gk = sympy.Matrix([inst.scalar(plan.log_decay, t)] * kdim)
+                elif plan.decay_axis == "key":
+                    gk = vec(plan.log_decay, t, kdim)
+                else:
+                    gv = vec(plan.log_decay, t, vdim)
+            subs.append((t, n, vec(sub.k, t, kdim), vec(sub.v, t, vdim), gk, gv))
+
+    def decay(G):
+        return sympy.diag(*[sympy.exp(x) for x in G])
+
+    size = r * chunk if chunk >= inst.steps else max(1, r * chunk - 1)
+    for start in range(0, len(subs), size):
+        ps = list(range(start, min(start + size, len(subs))))
+        gk, gv, prev_k, prev_v = {}, {}, {}, {}
+        run_k, run_v = sympy.zeros(kdim, 1), sympy.zeros(vdim, 1)
+        for p in ps:
+            prev_k[p], prev_v[p] = run_k, run_v
+            run_k, run_v = run_k + subs[p][4], run_v + subs[p][5]
+            gk[p], gv[p] = run_k, run_v
+        for ro in plan.readouts:
+            for p in ps:
+                t, n = subs[p][:2]
+                if n != (0 if ro.exclusive else r - 1):
+                    continue
+                q = vec(ro.query, t, kdim)
+                Gk, Gv = (prev_k[p], prev_v[p]) if ro.exclusive else (gk[p], gv[p])
+                out = decay(Gv) * S0.T * decay(Gk) * q
+                for src in ps:
+                    if src < p or (src == p and not ro.exclusive):
+                        out += decay(Gv - gv[src]) * subs[src][3] * (q.T * decay(Gk - gk[src]) * subs[src][2])[0]
+                readouts[t][ro.name] = out
+        last = ps[-1]
+        S_end = decay(gk[last]) * S0 * decay(gv[last])
+        for src in ps:
+            S_end += decay(gk[last] - gk[src]) * subs[src][2] * subs[src][3].T * decay(gv[last] - gv[src])
         S0 = S_end
     return S0
 
