@@ -4,9 +4,12 @@ Each test failed before its fix (checked by running it against the unfixed code)
 
 from __future__ import annotations
 
+import torch
+
 import recurrence_dsl
 from recurrence_dsl.analysis import analyse
 from recurrence_dsl.prove import prove
+from recurrence_dsl.sampling import sample_arguments
 
 
 def _proof(text: str) -> dict:
@@ -89,10 +92,11 @@ recurrence r(x, k[K], v[V]) -> y[V] {
     assert "not an outer product" in why["chunked"], why
 
 
-def test_a_delta_rule_in_the_papers_layout_keeps_its_class_without_a_chunked_form():
-    # S[V, K] with an output that reads S outside a readout (e): no chunked form either way round. As S[K, V] the
-    # body is rank-one-update; as S[V, K] it was called "general -- S is mixed in a way that is not a row mixing",
-    # and the missing chunked form was blamed on that instead of on e.
+def test_a_delta_rule_in_the_papers_layout_keeps_its_class_and_its_chunked_form():
+    # S[V, K] with an output e that is a sum over V of a function of a readout p (the error of the delta rule's
+    # prediction). As S[K, V] the body is rank-one-update; as S[V, K] it was called "general -- S is mixed in a way
+    # that is not a row mixing". Since a readout inside an enclosing sum is one (twentieth session), e is an
+    # epilogue of the readout p, and the chunked form exists (before: refused because of e).
     rec = next(iter(recurrence_dsl.load("""
 recurrence gdn_t(q[K], k[K], v[V], beta, g) -> o[V], e {
     state S[V, K]
@@ -104,9 +108,15 @@ recurrence gdn_t(q[K], k[K], v[V], beta, g) -> o[V], e {
 """).values()))
     a = analyse(rec.checked)
     assert a.cls.value == "rank-one-update" and a.states["S"].reason.endswith(", as S^T"), a.states["S"].reason
-    assert a.forms == ("recurrent",)
-    assert a.unavailable["chunked"].startswith("output e reads a state other than through a readout"), a.unavailable
+    assert a.forms == ("recurrent", "chunked"), a.unavailable
     assert "rank-one-update" in a.unavailable["scan"]
+    B, T, H, K, V = 2, 21, 2, 4, 3
+    args, init = sample_arguments(rec.checked, {"K": K, "V": V}, B, T, H, dtype=torch.float64, seed=0,
+                                  with_initial_state=True)
+    want, _ = rec.reference(*args, initial_state=init)
+    got, _ = recurrence_dsl.compile(rec, backend="torch", tuning=False)(*args, initial_state=init, form="chunked",
+                                                                        chunk_size=8)
+    assert len(got) == len(want) == 2 and all(torch.allclose(x, y, atol=1e-10) for x, y in zip(got, want))
     # Context parallelism's slice summary then mixes S's second axis, as for a transposed delta rule with a
     # chunked form (before: general, the send/recv relay).
     from recurrence_dsl.distributed import _kinds
