@@ -2903,7 +2903,6 @@ class TorchFormWriter:
             elif plan.decay_axis is not None:
                 shape = f"B_, T_, H_, {K}" if plan.decay_axis == "key" else "B_, T_, H_"
                 names["log_decay"].append(f"k_{tag}.new_zeros({shape})")
-        queries = []
         for m, ro in enumerate(plan.readouts):
             readout_names[ro.name] = f"read_{name}" + (f"_{m + 1}" if m else "")
             w(f"query_{readout_names[ro.name]} = {self._full(printer, ro.query.expr, ro.query.indices, (kdim,))}  "
@@ -2936,31 +2935,19 @@ class TorchFormWriter:
         if plan.decay_axis is not None:
             w(f"log_decay_{name} = {interleave(names['log_decay'])}")
             decay = f"log_decay_{name}"
-        for ro in plan.readouts:
-            query = f"query_{readout_names[ro.name]}"
-            # A readout of S_t reads after the step's last update; one of S_(t-1) before its first.
-            at = 0 if ro.exclusive else r - 1
-            w(f"{query} = _spread_steps({query}, {r}, {at})  # read at sub-step {at} of each step, zeros between")
-            queries.append(f"({query}, {ro.exclusive})")
+        queries = self._spread_queries(w, plan, readout_names, r)
         axis = self.rt + ("KeyDeltaDecay" if plan.decay_axis == "key" else _DECAY_CLASSES[plan.decay_axis])
         outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
         target = f"({outs}), final_{name}" if plan.readouts else f"_, final_{name}"
         state = f"states['{name}']" + (".transpose(-1, -2)" if name in view.transposed else "")
         options = ""
         if self.options:
-            # Packed sequences: a sequence's step t is sub-steps r t .. r t + r - 1, so its bounds scale by r.
-            w(f"options_{name} = dict(options)")
-            w(f"if options_{name}.get('cu_seqlens') is not None:")
-            w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
+            self._sub_step_bounds(w, name, r)
             options = f", **options_{name}"
         w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, beta_{name}, "
           f"{decay}, initial_state={self._initial(name, state)}, chunk_size=chunk_size, output_final_state=True"
           f"{fused_args}{options})")
-        for ro in plan.readouts:
-            at = 0 if ro.exclusive else r - 1
-            w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
-        if name in view.transposed:
-            w(f"final_{name} = final_{name}.transpose(-1, -2)")
+        self._read_back(w, plan, readout_names, r, name in view.transposed, name)
         return epilogue["out"] if epilogue else None
 
     def _write_sub_steps(self, w: SourceWriter, printer: TorchPrinter, view, s, sa, readout_names: dict) -> None:
@@ -2993,7 +2980,6 @@ class TorchFormWriter:
             shape = {"scalar": (), "key": (kdim,), "value": (vdim,)}[plan.decay_axis]
             w(f"log_decay_{name}_1 = {self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape)}")
             logs.append(f"log_decay_{name}_1")
-        queries = []
         for m, ro in enumerate(plan.readouts):
             readout_names[ro.name] = f"read_{name}" + (f"_{m + 1}" if m else "")
             w(f"query_{readout_names[ro.name]} = {self._full(printer, ro.query.expr, ro.query.indices, (kdim,))}  "
@@ -3008,21 +2994,14 @@ class TorchFormWriter:
         if logs:
             w(f"log_decay_{name} = _spread_steps({logs[0]}, {r}, 0)  # the decay at sub-step 0, 1 (log 0) after")
             decay = f"log_decay_{name}"
-        for ro in plan.readouts:
-            query = f"query_{readout_names[ro.name]}"
-            at = 0 if ro.exclusive else r - 1  # S_t after the last sub-step; S_(t-1) before the first
-            w(f"{query} = _spread_steps({query}, {r}, {at})  # read at sub-step {at} of each step, zeros between")
-            queries.append(f"({query}, {ro.exclusive})")
+        queries = self._spread_queries(w, plan, readout_names, r)
         axis = self.rt + _DECAY_CLASSES[plan.decay_axis]
         outs = ", ".join(readout_names[ro.name] for ro in plan.readouts) + ("," if len(plan.readouts) == 1 else "")
         target = f"({outs}), final_{name}" if plan.readouts else f"_, final_{name}"
         state = f"states['{name}']" + (".transpose(-1, -2)" if name in view.transposed else "")
         if self.options:
-            # Packed sequences: a sequence's step t is sub-steps r t .. r t + r - 1, so its bounds scale by r (the
-            # parallel form's runtime takes its own bounds, `triton_parallel.in_parallel`: told the r).
-            w(f"options_{name} = dict(options)")
-            w(f"if options_{name}.get('cu_seqlens') is not None:")
-            w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
+            # (the parallel form's runtime takes its own bounds, `triton_parallel.in_parallel`: told the r)
+            self._sub_step_bounds(w, name, r)
             w(f"if options_{name}.get('parallel') is not None:")
             w(f"    parallel_{name} = options_{name}['parallel']")
             w(f"    options_{name}['parallel'] = lambda *a, **kw: parallel_{name}(*a, sub_steps={r}, **kw)")
@@ -3031,10 +3010,35 @@ class TorchFormWriter:
             size, options = f"chunk_size * {r} if chunk_size >= T_ else chunk_size", ""  # (one chunk stays one)
         w(f"{target} = {self.rt}chunked_linear_by({axis}, [{', '.join(queries)}], k_{name}, v_{name}, {decay}, "
           f"initial_state={self._initial(name, state)}, chunk_size={size}, output_final_state=True{options})")
+        self._read_back(w, plan, readout_names, r, name in view.transposed, name)
+
+    @staticmethod
+    def _spread_queries(w: SourceWriter, plan, readout_names: dict, r: int) -> list[str]:
+        """Each readout's query spread over r sub-steps a step (`_write_rank_r`, `_write_sub_steps`): a readout of
+        S_t reads after the step's last sub-step, one of S_(t-1) before its first; the runtime's query arguments."""
+        queries = []
+        for ro in plan.readouts:
+            query = f"query_{readout_names[ro.name]}"
+            at = 0 if ro.exclusive else r - 1
+            w(f"{query} = _spread_steps({query}, {r}, {at})  # read at sub-step {at} of each step, zeros between")
+            queries.append(f"({query}, {ro.exclusive})")
+        return queries
+
+    @staticmethod
+    def _sub_step_bounds(w: SourceWriter, name: str, r: int) -> None:
+        """Packed sequences: a sequence's step t is sub-steps r t .. r t + r - 1, so its bounds scale by r."""
+        w(f"options_{name} = dict(options)")
+        w(f"if options_{name}.get('cu_seqlens') is not None:")
+        w(f"    options_{name}['cu_seqlens'] = options_{name}['cu_seqlens'] * {r}  # bounds in sub-steps")
+
+    @staticmethod
+    def _read_back(w: SourceWriter, plan, readout_names: dict, r: int, transposed: bool, name: str) -> None:
+        """Each readout back to one value per step (the sub-step `_spread_queries` read it at), and the final
+        state back to the spec's layout."""
         for ro in plan.readouts:
             at = 0 if ro.exclusive else r - 1
             w(f"{readout_names[ro.name]} = {readout_names[ro.name]}[:, {at}::{r}]  # back to one value per step")
-        if name in view.transposed:
+        if transposed:
             w(f"final_{name} = final_{name}.transpose(-1, -2)")
 
     def write_all(self) -> str:
