@@ -2,8 +2,10 @@
 
 Several tests compile Triton kernels for a GPU target in a child process without TRITON_INTERPRET (the session's
 interpreter runs kernels instead of compiling them; see codegen/kernel_report.py): ptxas runs, minutes of CPU in
-all, while the test process only waits. The suite itself runs on one core, so on CI's two cores these children can
-run on the other one, started as soon as collection is done, and the tests read their results when they get there.
+all, while the test process only waits. A single-process session runs on one core, so on a two-core machine these
+children can run on the other one, started as soon as collection is done, and the tests read their results when
+they get there. Under pytest-xdist (the README's test command: a worker per core) nothing is started early: every
+core runs tests already, and a test runs its child when it reaches `result()`.
 
     NO_SPILLS = Child("no_spills", [sys.executable, "-c", CHILD, ...])      # at module level: nothing runs yet
 
@@ -137,6 +139,8 @@ def start(items) -> None:
     global _ENV, _WORKER
     _ENV = dict(os.environ)
     _STOPPED.clear()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under pytest-xdist every core runs tests already: a test runs its child when it reaches it
     wanted: list[Child] = []
     for item in items:
         if any(mark.args and mark.args[0] is True for mark in item.iter_markers("skipif")):
