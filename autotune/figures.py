@@ -135,7 +135,8 @@ class CompilerFigures:
     config, cached on disk. See the module docstring.
 
     analysis: the recurrence's `Analysis`; sizes: spec sizes; batch / length / heads: the call's shape; dtype:
-    the input dtype (float16, bfloat16, float32); form: "chunked", "parallel" or "recurrent"; target: a name of
+    the input dtype (float16, bfloat16, float32); form: "chunked", "parallel", "recurrent" or "scan" (its forward
+    and backward scan kernels, the printed fused ones where the spec has them); target: a name of
     `codegen.kernel_report.TARGETS`; backward: also the backward's kernels (the tuner's fwdbwd mode);
     cache_dir: where the figures live (default: `codegen.cache.cache_directory("kernel-figures")`).
     Raises ValueError for an unknown target. `available` is False (and `why` says why) when triton, ptxas or

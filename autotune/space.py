@@ -9,6 +9,9 @@ A config is a plain dict of keyword arguments (JSON-able, ints only):
                         block_t (rows of a query / key block) and block_k / block_v in 16..128, num_warps 2/4/8,
                         num_stages 1/2/3 (codegen/triton_parallel.py `parallel_linear_by`)
   (recurrent, triton)   {"num_warps"}                                         1/2/4/8
+  (scan, triton)        {"block_t", "block_n", "num_warps"}
+                        block_t (steps a chunk of the in-chunk associative scan) 8..128, block_n (state elements a
+                        program) 8..256, num_warps 1/2/4/8 (codegen/triton_scan.py `_scan_config`)
 
 `config_space(form, backend, problem, limits)` returns every config of the cartesian product, split into the
 ones kept and the ones pruned, each pruned one with the reasons it cannot (or need not) run, in words. The
@@ -34,7 +37,16 @@ simple and conservative; every estimate is float32 (the kernels upcast every til
   the delta rule the BT x BT inverse plus the BT x BK W tile. Parallel: the BT x BZ accumulator and the BT x BT
   scores, plus, with a key or value decay, two float64 BT x max(BK, BV) tiles of G (2 registers an element).
   Recurrent: the whole state (every state tile, each axis padded to a power of two >= 16) lives in registers.
-- idle warps (hard, recurrent only): more threads than state elements leaves whole warps without work.
+- idle warps (hard, recurrent and scan): more threads than state elements (the scan: than its BT x BN tile) leaves
+  whole warps without work.
+- the scan (hard): a block_t above the padded T (pow2(T)) adds only masked steps to the one chunk that covers the
+  sequence, a block_n above the padded lanes (pow2 of the widest scan's N = H * the state's elements, codegen/
+  triton_scan.py's grid) only masked lanes to the one program that covers a row: both are redundant, except at the
+  runtime's own default (kept, so that the untuned call is timed: an untuned call of T = 16 runs block_t 32).
+  Registers (soft): an m x m block scan (m = 1: the diagonal scan) holds m*m + m tiles of [BT, BN] (A and b) and
+  its backward 2m more, spread over 32 * num_warps threads, against the same 128 float32 a thread. A fused
+  backward's own loads and derivatives (a spec's prologue VJP, `fused_scan`) are not counted: it runs chunks of
+  min(block_t, 8) steps (`_SCAN_BT_VJP`), and the compiler's figures judge it.
 
 Soft rules spill rather than fail: when every config that passes the hard rules fails a soft one (a state too
 large for any num_warps), those with the fewest elements per thread are kept, and their `notes` say so.
@@ -71,6 +83,11 @@ SPACES: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
         "num_stages": (1, 2, 3),
     },
     ("recurrent", "triton"): {"num_warps": (1, 2, 4, 8)},
+    ("scan", "triton"): {
+        "block_t": (8, 16, 32, 64, 128),
+        "block_n": (8, 16, 32, 64, 128, 256),  # (8: the 4 x 4 block scan's default; the diagonal scan's is 64)
+        "num_warps": (1, 2, 4, 8),
+    },
 }
 
 # codegen/triton_parallel.py's defaults: block_t 64 (`_PARALLEL_BT`); BK, BV at most 64, and all three 32 with a key
@@ -87,6 +104,14 @@ IEEE_LINEAR_BLOCK = 32
 IEEE_LANE_DECAY_BV = 16
 IEEE_LINEAR_STAGES = 1
 IEEE_DELTA_CHUNK, IEEE_DELTA_WARPS, IEEE_DELTA_STAGES = 32, 8, 1
+# codegen/triton_scan.py's defaults (any dtype: the scan kernels run float32 tiles): chunks of 32 steps (`_SCAN_BT`),
+# 64 state elements a program (`_SCAN_BN`; an m x m block scan fewer, `_SCAN_BN_BLOCK`), 4 warps (`_SCAN_WARPS`).
+# A fused backward that adds the gradients itself runs min(block_t, `_SCAN_BT_VJP`) steps a chunk, so these say
+# the untuned call's backward too. (Not imported: codegen/triton_scan.py imports triton.)
+SCAN_BLOCK_T = 32
+SCAN_BLOCK_N = 64
+SCAN_BLOCK_N_BLOCK = {2: 32, 3: 16, 4: 8}
+SCAN_WARPS = 4
 
 FLOAT_BYTES = 4  # every tile is float32 inside the kernels
 REGISTER_TILE_LIMIT = 128  # float32 elements of live tiles per thread before spilling (of 255 registers)
@@ -136,13 +161,22 @@ def default_config(form: str, backend: str, problem: Problem) -> dict:
     float32 (the runtimes' "ieee" dots, allow_tf32 unset) differs from half precision: the parallel form's block_t
     is 16; the linear chunked form keeps chunk 64 with block_k, block_v at most 32 (block_v 16 with a key or value
     decay) at 1 stage; the delta rule runs chunks of at most 32 at 8 warps and 1 stage. A chunk_size (block_t)
-    above the padded length is clamped to it (the runtimes run that anyway)."""
+    above the padded length is clamped to it (the runtimes run that anyway).
+
+    The scan form's (codegen/triton_scan.py `_scan_config`) is the same in every dtype and not clamped (its kernels
+    run block_t steps a chunk whatever T is): block_t 32, block_n 64 (an m x m block scan's narrower BN,
+    `_SCAN_BN_BLOCK`; where a spec has both kinds, the block's, since a config's block_n applies to every launch),
+    num_warps 4."""
     _check_tunable(form, backend)
     chunk = min(64, pow2_at_least_16(problem.length))
     if backend == "torch":
         return {"chunk_size": chunk}
     if form == "recurrent":
         return {"num_warps": 4}
+    if form == "scan":
+        m = problem.scan_block
+        return {"block_t": SCAN_BLOCK_T, "block_n": SCAN_BLOCK_N if m == 1 else SCAN_BLOCK_N_BLOCK.get(m, 4),
+                "num_warps": SCAN_WARPS}
     ieee = problem.dtype == "float32"
     K = max((s.K for s in problem.chunk_states), default=16)
     V = max((s.V for s in problem.chunk_states), default=16)
@@ -180,8 +214,19 @@ class ChunkState:
 
 
 @dataclass(frozen=True)
+class ScanState:
+    """One launch of the scan form's kernels: a diagonal state (m = 1) or a block of m coupled states (m x m blocks).
+    lanes: the kernel's N, the elements it scans in one row (H times the state's elements)."""
+
+    name: str
+    lanes: int
+    m: int = 1
+
+
+@dataclass(frozen=True)
 class Problem:
-    """The sizes the constraint model reads: the (bucketed) length, the chunked states, the recurrent tile."""
+    """The sizes the constraint model reads: the (bucketed) length, the chunked states, the recurrent tile, the
+    scan's launches."""
 
     length: int
     chunk_states: tuple[ChunkState, ...] = ()
@@ -189,6 +234,7 @@ class Problem:
     # the inputs' dtype by name ("float32", "bfloat16", "float16"; a torch.dtype is taken too): float32 runs other
     # Triton defaults (`default_config`)
     dtype: str = "bfloat16"
+    scan_states: tuple[ScanState, ...] = ()  # the scan form's launches (none without a scan form)
 
     def __post_init__(self):
         name = str(self.dtype).removeprefix("torch.")
@@ -201,10 +247,16 @@ class Problem:
         """Whether a chunked state has a key or value decay (the parallel form's defaults and G tiles)."""
         return any(s.lane_decay for s in self.chunk_states)
 
+    @property
+    def scan_block(self) -> int:
+        """The largest m of the scan's launches (1: diagonal scans only), which sets the scan's default block_n."""
+        return max((s.m for s in self.scan_states), default=1)
+
     @classmethod
-    def from_analysis(cls, analysis, sizes: dict[str, int], length: int, dtype="bfloat16") -> Problem:
-        """Read the chunked states (key axis, value axes, delta or not) and the state tiles off an `Analysis`;
-        dtype: the call's (a name or torch.dtype)."""
+    def from_analysis(cls, analysis, sizes: dict[str, int], length: int, dtype="bfloat16", heads: int = 1) -> Problem:
+        """Read the chunked states (key axis, value axes, delta or not), the state tiles and the scan's launches
+        (lanes, m) off an `Analysis`; dtype: the call's (a name or torch.dtype); heads: the call's H (a scan kernel
+        scans every head's lanes of a row)."""
 
         def extent(d) -> int:
             return int(sizes[d]) if isinstance(d, str) else int(d)
@@ -224,7 +276,17 @@ class Problem:
                 K, rest = dims[plan.key_axis], dims[: plan.key_axis] + dims[plan.key_axis + 1 :]
             V = math.prod(rest) if (rest and plan.v is not None) else 1
             chunk_states.append(ChunkState(name, K, V, plan.beta is not None, plan.decay_axis in ("key", "value")))
-        return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements, dtype=dtype)
+        scan_states = []
+        if "scan" in analysis.forms:  # one launch per diagonal state, one per block of m coupled states
+            for s in analysis.recurrence.states:
+                block = analysis.states[s.name].block
+                if block is not None and block.states[0] != s.name:
+                    continue
+                lanes = int(heads) * math.prod(extent(d) for d in s.dims)
+                scan_states.append(ScanState(s.name, lanes) if block is None else
+                                   ScanState("+".join(block.states), lanes, len(block.states)))
+        return cls(length=int(length), chunk_states=tuple(chunk_states), state_elements=elements, dtype=dtype,
+                   scan_states=tuple(scan_states))
 
 
 @dataclass(frozen=True)
@@ -407,11 +469,47 @@ def _recurrent_triton_rules(config: dict, problem: Problem, limits: DeviceLimits
     return hard, soft
 
 
+def _scan_pressure(config: dict, problem: Problem) -> float:
+    """float32 registers per thread of the scan kernels' live tiles (see the module docstring): m*m + m tiles of
+    [BT, BN] and the backward's 2m more, m the largest block (1: the diagonal scan)."""
+    m = problem.scan_block
+    return (m * m + 3 * m) * config["block_t"] * config["block_n"] / (THREADS_PER_WARP * config["num_warps"])
+
+
+def _scan_triton_rules(config: dict, problem: Problem, limits: DeviceLimits,
+                       estimate: bool = True) -> tuple[list[str], list[str]]:
+    bt, bn, nw = config["block_t"], config["block_n"], config["num_warps"]
+    hard, soft = [], []
+    default = default_config("scan", "triton", problem)  # (never redundant: the untuned call runs it)
+    padded_t = 1 << max(problem.length - 1, 0).bit_length()
+    if bt > max(padded_t, default["block_t"]):
+        hard.append(f"redundant: block_t {bt} > padded T {padded_t}: one chunk of {padded_t} steps covers the "
+                    "sequence, the rest are masked steps")
+    if problem.scan_states:
+        lanes = max(s.lanes for s in problem.scan_states)
+        padded_n = 1 << max(lanes - 1, 0).bit_length()
+        if bn > max(padded_n, default["block_n"]):
+            hard.append(f"redundant: block_n {bn} > padded lanes {padded_n} (N = {lanes}): one program of "
+                        f"{padded_n} lanes covers a row, the rest are masked lanes")
+    threads = THREADS_PER_WARP * nw
+    if nw > 1 and bt * bn < threads:
+        hard.append(f"idle warps: {threads} threads at num_warps={nw} for a {bt}x{bn} tile")
+    if estimate:
+        pressure = _scan_pressure(config, problem)
+        if pressure > limits.register_tile_limit:
+            m = problem.scan_block
+            what = "the diagonal scan's" if m == 1 else f"the {m}x{m} block scan's"
+            soft.append(f"registers: {what} {m * m + 3 * m} tiles of {bt}x{bn} (with its backward's) are "
+                        f"{int(pressure)} float32 per thread at num_warps={nw} (> {limits.register_tile_limit})")
+    return hard, soft
+
+
 _RULES = {
     ("chunked", "torch"): _chunked_torch_rules,
     ("chunked", "triton"): _chunked_triton_rules,
     ("parallel", "triton"): _parallel_triton_rules,
     ("recurrent", "triton"): _recurrent_triton_rules,
+    ("scan", "triton"): _scan_triton_rules,
 }
 
 
@@ -422,6 +520,8 @@ def _pressure(config: dict, form: str, problem: Problem) -> float:
         return problem.state_elements / threads
     if form == "parallel":
         return _parallel_pressure(config, problem)
+    if form == "scan":
+        return _scan_pressure(config, problem)
     bt, bk, bv = config["chunk_size"], config["block_k"], config["block_v"]
     return max(bk * bv, bt * bv + bt * bt, bt * bt + bt * bk) / threads
 
@@ -469,7 +569,7 @@ def config_space(form: str, backend: str, problem: Problem, limits: DeviceLimits
 
 
 __all__ = [
-    "SPACES", "ChunkState", "DeviceLimits", "Problem", "Pruned", "Space", "check_config", "config_key",
+    "SPACES", "ChunkState", "DeviceLimits", "Problem", "Pruned", "ScanState", "Space", "check_config", "config_key",
     "config_space", "default_config", "device_limits", "limits_for_capability", "parse_config_key",
     "parallel_shared_memory_bytes", "pow2_at_least_16", "raw_configs", "shared_memory_bytes", "tunable",
 ]

@@ -10,9 +10,9 @@ and declare a config over the default only when it wins beyond the timing noise.
 
 How a search runs:
 
-1. The config space of (form, backend) is pruned by the exact rules of `autotune.space` (redundant chunk sizes,
-   padding lanes, the delta rule's whole-column state, idle warps) before anything is timed. On the Triton
-   backend each config is then compiled for the GPU target it is tuned for (`target`: the CUDA device's, sm_90
+1. The config space of (form, backend) is pruned by the exact rules of `autotune.space` (redundant chunk sizes and
+   scan blocks, padding lanes, the delta rule's whole-column state, idle warps) before anything is timed. On the
+   Triton backend each config is then compiled for the GPU target it is tuned for (`target`: the CUDA device's, sm_90
    on a CPU) without running it, just before it would be timed (`autotune.figures`, cached on disk per kernel
    source, config, dtype, shape, target and toolchain): a config whose kernels spill registers or need more
    shared memory than the target has is dropped untimed (a "pruned" trial with the compiler's reason), and every
@@ -420,7 +420,7 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if backend == "triton" and form not in (layer.triton_forms or {}):
         raise ValueError(f"{checked.name} has no '{form}' form on the triton backend; it has "
                          f"{', '.join(layer.triton_forms or {}) or 'none (triton does not import)'}")
-    problem = Problem.from_analysis(analysis, sizes, length, dtype)
+    problem = Problem.from_analysis(analysis, sizes, length, dtype, heads)
     figures, compiler_info = (None, {"source": "none"}) if backend != "triton" else _compiler_figures(
         analysis, sizes, batch, length, heads, dtype, form, target, device, mode, compiler)
     space = config_space(form, backend, problem, limits if limits is not None else device_limits(device),

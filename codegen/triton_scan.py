@@ -59,7 +59,9 @@ Numerics: loads are masked and taken to the states' dtype (float32 for every cal
 dispatcher upcasts half inputs; float64 where a caller passes float64, as gradcheck does); steps past T load as
 the identity step (A = I, b = 0), so the last row of a chunk's scan is always the state at its last real step.
 Block sizes (`block_t`, `block_n`, `num_warps`) are keyword arguments with defaults chosen so that no kernel
-spills on sm_80 / sm_90 (`recdsl kernels`, tests/test_triton_scan.py), never `triton.autotune`.
+spills on sm_80 / sm_90 (`recdsl kernels`, tests/test_triton_scan.py), never `triton.autotune`: a layer's config
+for the scan form (`recdsl tune`, autotune/space.py's ("scan", "triton") space, which repeats these defaults) gives
+them. A backward that adds the gradients itself runs min(block_t, `_SCAN_BT_VJP`) steps a chunk.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ _SCAN_BN = 64  # state elements per program
 # steps per chunk of a fused backward that adds the tensors' gradients itself (`fused_scan` without a torch VJP):
 # it holds the loads and derivatives of a step tile besides the scan's: mamba's at 32 steps reached 255 registers
 # and spilled on sm_90 (bfloat16, D = 64 and 128; 168 at 16), mlstm's n at 16 spilled a stack slot (8 B at 96
-# registers; 72 at 8, C's 96): `recdsl kernels --backward`
+# registers; 72 at 8, C's 96): `recdsl kernels --backward`. A smaller block_t lowers it, a larger one does not raise it
 _SCAN_BT_VJP = 8
 _SCAN_BN_BLOCK = {2: 32, 3: 16, 4: 8}  # m x m blocks per program, by m (see `_scan_config`)
 _BLOCK_KERNELS = {}  # m -> (forward, backward) kernels of the m x m block scan (see `_block_kernels`)
@@ -376,8 +378,8 @@ def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: 
     the raw tensors (never stored): the scan form's fused path, printed by `write_scan` (codegen/torch_forms.py).
 
     kernels: per state (forward, backward, decays) as `_FusedScan` takes them; vjp: None where the backward kernels
-    add the tensors' gradients themselves (into float32 / float64 buffers zeroed here; chunks of `_SCAN_BT_VJP`
-    steps unless block_t is given; atomic adds, so the sums' rounding depends on the programs' order), else the
+    add the tensors' gradients themselves (into float32 / float64 buffers zeroed here; chunks of min(block_t,
+    `_SCAN_BT_VJP`) steps; atomic adds, so the sums' rounding depends on the programs' order), else the
     printed torch VJP of the scan prologue, (tensors, the values' gradients [B, T, H, *S], sizes) -> each tensor's
     gradient or None, run on the kernels' da, db;
     tensors: the prologue's inputs [B, T, H, ...] and params [1, 1, H, ...]; initial_states: per state
@@ -398,7 +400,7 @@ def fused_scan(kernels, vjp, tensors, initial_states, sizes, shape, *, block_t: 
     if rows == 0 or T == 0:  # nothing to scan: empty states that depend on every tensor (zero gradients)
         anchor = sum(t.sum() * 0 for t in tensors)
         return tuple(h.sum(0, keepdim=True)[:, None].expand(rows, T, *h.shape[1:]) * 0 + anchor for h in h0s)
-    vjp_block_t = _SCAN_BT_VJP if block_t is None else config[0]
+    vjp_block_t = min(config[0], _SCAN_BT_VJP)  # (block_t lowers the backward's chunk, never raises it)
     plan = _FusedPlan(kernels, vjp, len(tensors), tuple(int(n) for n in sizes), rows, T, H, cu, config, vjp_block_t)
     return _FusedScan.apply(plan, *tensors, *h0s)
 

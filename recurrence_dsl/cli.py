@@ -9,7 +9,7 @@ report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBU
 
     recdsl explain FILE [--name NAME] [--json]
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
-                [--form chunked|parallel|recurrent] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
+                [--form chunked|parallel|recurrent|scan] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
                 [--repeat 5] [--seed 0] [--no-check] [--verbose]
                 [--no-progress] [--json]
@@ -486,14 +486,27 @@ class _Progress:
 def _form_to_tune(analysis, backend: str, given: dict, tunable) -> str:
     """The form `recdsl tune` tunes without --form: the one `form="auto"` runs for the shape's sequences at the
     default chunk_size (so the stored config is the one a call of that shape reads), where that form takes a
-    config on `backend`; else chunked where the spec has it, else recurrent."""
-    from codegen.dispatch import pick_form
+    config on `backend` (on the Triton backend the scan form of vector states, RG-LRU's and minGRU's, while what it
+    keeps for its backward is within auto's limit, `scan_held_bytes`); else chunked where the spec has it, else
+    recurrent."""
+    from types import SimpleNamespace
+
+    from codegen.dispatch import pick_form, scan_held_bytes
     from codegen.layer import DEFAULT_CHUNK_SIZE
+    from codegen.load import load_layer
     from codegen.module import scan_first
 
     forms = analysis.forms
-    picked = pick_form(tuple(forms), given.get("T", TUNE_DEFAULTS["T"]), DEFAULT_CHUNK_SIZE,
-                       given.get("B", TUNE_DEFAULTS["B"]), scan_first=scan_first(analysis))
+    batch, length = given.get("B", TUNE_DEFAULTS["B"]), given.get("T", TUNE_DEFAULTS["T"])
+
+    def held() -> int:  # (what the layer's auto weighs on the Triton backend: its spec's scan_held, the shape)
+        sizes = {s: given.get(s, TUNE_DIM) for s in analysis.recurrence.sizes}
+        call = SimpleNamespace(heads=given.get("H", TUNE_DEFAULTS["H"]),
+                               dims=lambda sym: tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims))
+        return scan_held_bytes(load_layer(analysis).recurrence, call, length, batch)
+
+    picked = pick_form(tuple(forms), length, DEFAULT_CHUNK_SIZE, batch, held if backend == "triton" else 0,
+                       scan_first=scan_first(analysis))
     if tunable(picked, backend):
         return picked
     return "chunked" if "chunked" in forms else "recurrent"
@@ -873,10 +886,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
                       f"every spec size {TUNE_DIM})")
     tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
-    tune.add_argument("--form", choices=("chunked", "parallel", "recurrent"), help="the form to tune (default: "
-                      "the one form='auto' runs at the shape's T with the default chunk_size, where it takes a "
-                      "config, else chunked where the spec has it, else recurrent; parallel: the Triton backend's, "
-                      "which auto runs for 16 < T <= chunk_size)")
+    tune.add_argument("--form", choices=("chunked", "parallel", "recurrent", "scan"), help="the form to tune "
+                      "(default: the one form='auto' runs at the shape with the default chunk_size, where it takes "
+                      "a config, else chunked where the spec has it, else recurrent; parallel: the Triton backend's, "
+                      "which auto runs for 16 < T <= chunk_size; scan: the Triton backend's block_t, block_n and "
+                      "num_warps, which auto runs first for vector states such as RG-LRU's and minGRU's)")
     tune.add_argument("--backend", choices=("torch", "triton"), help="default: triton on cuda, torch on cpu")
     tune.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available (on cpu, Triton "
                       "runs in its interpreter and is stored as 'cpu-interpreter')")

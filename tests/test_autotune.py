@@ -2,8 +2,10 @@
 
 Everything runs on a CPU in a few seconds: the torch chunked form's chunk_size is tuned for real (small
 shapes, few trials); the Triton spaces are searched with a stub runner (no kernel) or, for the recurrent
-kernel, in Triton's interpreter (two trials), whose timings are stored as "cpu-interpreter". The parallel form's
-space is checked rule by rule, and its config is followed from the call (and from the store) to the runtime.
+kernel, in Triton's interpreter (two trials), whose timings are stored as "cpu-interpreter". The parallel and scan
+forms' spaces are checked rule by rule, and their configs are followed from the call (and from the store) to the
+runtime; `recdsl tune` on rg_lru tunes the scan form auto runs, in the interpreter, posing as a GPU so that a call
+reads the stored choice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from autotune.space import (
     ChunkState,
     DeviceLimits,
     Problem,
+    ScanState,
     check_config,
     config_key,
     config_space,
@@ -57,6 +60,10 @@ def _chunked(bt, bk, bv, nw, ns) -> dict:
 
 def _parallel(bt, bk, bv, nw, ns) -> dict:
     return {"block_t": bt, "block_k": bk, "block_v": bv, "num_warps": nw, "num_stages": ns}
+
+
+def _scan(bt, bn, nw) -> dict:
+    return {"block_t": bt, "block_n": bn, "num_warps": nw}
 
 
 # -- the constraint model -------------------------------------------------------------------------------------
@@ -348,6 +355,94 @@ def test_parallel_space_of_a_key_decay():
                                               SM90).configs)
 
 
+def test_scan_triton_space_prunes_with_reasons_and_defaults_as_the_runtime():
+    problem = Problem.from_analysis(analyse(_spec("rg_lru").checked), {"D": 16}, 64, heads=2)
+    assert problem.scan_states == (ScanState("h", 32),)  # N = H * D lanes a row, the scan kernels' grid
+    assert _problem("gla", {"K": 16, "V": 16}, 64).scan_states == (ScanState("S", 256),)
+    assert _problem("delta_net", {"K": 16, "V": 16}, 64).scan_states == ()  # no scan form
+    sp = config_space("scan", "triton", problem, SM90)
+    assert len(sp.configs) + len(sp.pruned) == len(raw_configs("scan", "triton")) == 5 * 6 * 4
+    for p in sp.pruned:
+        assert p.reason and check_config(p.config, "scan", "triton", problem, SM90) == p.reason
+    # codegen/triton_scan.py's defaults, what an untuned call runs: kept though block_n 64 > the 32 lanes
+    assert sp.default == _scan(32, 64, 4) and sp.default in sp.configs
+    assert "redundant: block_t 128 > padded T 64: one chunk of 64 steps" in sp.reason(_scan(128, 32, 4))
+    assert sp.reason(_scan(64, 32, 4)) is None
+    assert "redundant: block_n 128 > padded lanes 32 (N = 32)" in sp.reason(_scan(32, 128, 4))
+    assert {c["block_n"] for c in sp.configs} == {8, 16, 32, 64}
+    assert "idle warps: 256 threads at num_warps=8 for a 8x16 tile" in sp.reason(_scan(8, 16, 8))
+    assert sp.reason(_scan(8, 16, 4)) is None  # 128 elements over 128 threads
+    short = config_space("scan", "triton", Problem(16, scan_states=(ScanState("h", 16),)), SM90)
+    assert short.default == _scan(32, 64, 4) and short.default in short.configs  # (the runtime does not clamp)
+    assert {c["block_t"] for c in short.configs} == {8, 16, 32}
+    # registers (the estimate): the diagonal scan's 4 tiles of 32 x 64 over one warp are 256 float32 a thread
+    wide = _problem("rg_lru", {"D": 256}, 4096)
+    reason = check_config(_scan(32, 64, 1), "scan", "triton", wide)
+    assert "registers: the diagonal scan's 4 tiles of 32x64" in reason and "256 float32 per thread" in reason
+    assert check_config(_scan(32, 64, 1), "scan", "triton", wide, estimate=False) is None
+    assert check_config(_scan(32, 64, 4), "scan", "triton", wide) is None
+    # a 2 x 2 block scan (a cascade of two decays) narrows BN: 32 by default, and at 64 its 10 tiles spill (its
+    # backward reached 255 registers, codegen/triton_scan.py `_scan_config`)
+    cascade = recurrence_dsl.load(REPO / "tests" / "data" / "coupled.rec")["cascade"]
+    blocks = Problem.from_analysis(analyse(cascade.checked), {"D": 64}, 1024)
+    assert blocks.scan_states == (ScanState("h1+h2", 64, 2),)
+    block_space = config_space("scan", "triton", blocks, SM90)
+    assert block_space.default == _scan(32, 32, 4) and block_space.default in block_space.configs
+    assert "the 2x2 block scan's 10 tiles of 32x64" in block_space.reason(_scan(32, 64, 4))
+    # the constants autotune/space.py repeats are the runtime's (`_scan_config` with nothing given)
+    if triton_available():
+        from codegen import triton_scan
+
+        for m in (1, 2, 3, 4):
+            p = Problem(1024, scan_states=(ScanState("h", 64, m),))
+            assert triton_scan._scan_config(None, None, None, m) == tuple(space.default_config("scan", "triton", p)
+                                                                          .values()), m
+        assert triton_scan._SCAN_BT_VJP <= space.SCAN_BLOCK_T  # the default's fused backward is the untuned one's
+
+
+def test_the_scan_default_runs_as_an_untuned_call_and_a_stored_config_reaches_the_runtime(tmp_path, monkeypatch):
+    """The scan's default config runs exactly what an untuned call runs, forward and backward (a fused backward runs
+    min(block_t, 8) steps a chunk), and a config given to a call or stored for its key is what `fused_scan` gets."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("Triton on a CPU needs TRITON_INTERPRET=1 (conftest sets it)")
+    rg = _spec("rg_lru")
+    sizes = {"D": 16}
+    layer = recurrence_dsl.compile(rg, backend="triton", tuning=False)
+    module = sys.modules[type(layer).__module__]
+    seen = []
+
+    class Spy(module._triton_FusedPlan):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append((self.config, self.vjp_block_t))
+
+    monkeypatch.setattr(module, "_triton_FusedPlan", Spy)
+    args, _ = recurrence_dsl.sampling.sample_arguments(rg.checked, sizes, 1, 32, 2)
+    args = [a.detach().requires_grad_() for a in args]
+
+    def step(**kwargs):
+        layer(*args, **kwargs)[0].sum().backward()
+        return seen[-1]
+
+    default = config_space("scan", "triton", Problem.from_analysis(analyse(rg.checked), sizes, 32, heads=2)).default
+    assert step() == step(form="scan", config=default) == ((32, 64, 4), 8)  # auto runs the scan (vector state)
+    assert step(form="scan", config=_scan(64, 16, 2)) == ((64, 16, 2), 8)
+    assert step(form="scan", config={"block_t": 4}) == ((4, 64, 4), 4)
+    # the store's choice for the key a training step of this shape reads (the interpreter's timings are never
+    # looked up: the call poses as a GPU)
+    monkeypatch.setattr(module, "tuning_device_name", lambda device, backend: "a GPU (test)")
+    s = TuningStore(tmp_path / "tuning.sqlite")
+    s.choose(rg.spec_hash, "a GPU (test)", "float32", shape_bucket(1, 2, 32, sizes), "scan", "triton", "fwdbwd",
+             _scan(16, 16, 2), True, "test")
+    lookup.clear_cache()
+    stored = recurrence_dsl.compile(rg, backend="triton", tuning=s)
+    chosen = stored.config_for(*args)
+    assert (chosen["form"], chosen["source"], chosen["config"]) == ("scan", "store", _scan(16, 16, 2))
+    stored(*args)[0].sum().backward()
+    assert seen[-1] == ((16, 16, 2), 8)
+
+
 def test_a_parallel_config_reaches_the_parallel_runtime(tmp_path, monkeypatch):
     """A config for (parallel, triton), given to the call or chosen in the store, is what `parallel_linear_by` gets:
     through `Layer._plan`, `run_forms`' options and `in_parallel`'s block_t."""
@@ -580,6 +675,59 @@ def test_tune_command(tmp_path, capsys):
     assert rc == 0 and ("chosen: chunk_size=" in out or "default kept: chunk_size=64" in out) and str(path) in out
     assert TuningStore(path).count() == 2
     assert main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "Q=3", "--store", str(path)]) == 2
+
+
+def test_tune_command_tunes_the_scan_auto_runs_and_the_call_reads_the_choice(tmp_path, capsys, monkeypatch):
+    """`recdsl tune` without --form on rg_lru tunes the Triton scan form (what form="auto" runs for its vector
+    state), shows each config in its table, and a later call of that shape reads the stored choice: the chosen
+    config, or with the default kept, the runtime's defaults (the default config)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or not interpreting():
+        pytest.skip("checks the CPU interpreter path")
+    from recurrence_dsl.cli import main
+
+    rg = _spec("rg_lru")
+    path = tmp_path / "cli.sqlite"
+    layer = recurrence_dsl.compile(rg, backend="triton", tuning=path)
+    module = sys.modules[type(layer).__module__]
+    # the interpreter's timings are stored as "cpu-interpreter" and never looked up: the tune and the call pose as a
+    # GPU
+    monkeypatch.setattr(lookup, "tuning_device_name", lambda device, backend: "a GPU (test)")
+    monkeypatch.setattr(module, "tuning_device_name", lambda device, backend: "a GPU (test)")
+    seen = []
+
+    class Spy(module._triton_FusedPlan):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append(self.config)
+
+    monkeypatch.setattr(module, "_triton_FusedPlan", Spy)
+    rc = main(["tune", str(SPECS_DIR / "rg_lru.rec"), "--shape", "B=1,T=32,H=2,D=16", "--backend", "triton",
+               "--device", "cpu", "--mode", "fwd", "--trials", "2", "--warmup", "0", "--repeat", "1",
+               "--no-compiler", "--store", str(path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "scan/triton  shapes BH=2,T=32,D=16" in out
+    rows = TuningStore(path).trials()
+    assert len(rows) >= 2 and {(r.form, r.backend, r.device) for r in rows} == {("scan", "triton", "a GPU (test)")}
+    for r in rows:  # every timed config has its row in the table, the default first
+        assert r.error is None and f"  {config_key(r.config)}  " in out, out
+    assert rows[0].config == _scan(32, 64, 4)
+    choice = TuningStore(path).choice(rg.spec_hash, "a GPU (test)", "float32", "BH=2,T=32,D=16", "scan", "triton",
+                                      "fwd")
+    assert choice is not None and (("chosen: " in out) == choice["tuned"])
+    args, _ = recurrence_dsl.sampling.sample_arguments(rg.checked, {"D": 16}, 1, 32, 2)
+    with torch.no_grad():  # a forward call reads the "fwd" choice
+        planned = layer.config_for(*args)
+        assert planned["form"] == "scan" and planned["source"] == ("store" if choice["tuned"] else "default")
+        assert planned["config"] == (choice["config"] if choice["tuned"] else {}), planned
+        seen.clear()
+        layer(*args)
+    assert seen == [tuple(choice["config"][k] for k in ("block_t", "block_n", "num_warps"))]
+    # --form scan is a choice; the torch scan form takes no config (skipped, nothing timed)
+    assert main(["tune", str(SPECS_DIR / "rg_lru.rec"), "--form", "scan", "--backend", "torch", "--device", "cpu",
+                 "--shape", "B=1,T=32,H=2,D=16", "--store", str(tmp_path / "torch.sqlite"), "--no-progress"]) == 0
+    assert "the torch scan form has nothing to tune" in capsys.readouterr().err
 
 
 def test_compiled_layers_read_the_store(tmp_path, monkeypatch):

@@ -365,6 +365,16 @@ def test_tune_without_form_tunes_what_auto_runs_at_that_length():
     assert _form_to_tune(gla, "triton", {"T": 1024}, tunable) == "chunked"
     assert _form_to_tune(gla, "torch", {"T": 64}, tunable) == "chunked"  # the torch parallel form takes no config
     assert _form_to_tune(gla, "triton", {"T": 8, "B": 1}, tunable) == "recurrent"
+    # vector states: auto runs the scan first (codegen/module.py `scan_first`), whose Triton form takes a config
+    for name in ("rg_lru", "min_gru"):
+        vector = analyse(recurrence_dsl.load(SPECS_DIR / f"{name}.rec")[name].checked)
+        assert _form_to_tune(vector, "triton", {"T": 1024}, tunable) == "scan", name
+        assert _form_to_tune(vector, "torch", {"T": 1024}, tunable) == "chunked", name  # (torch's scan: no config)
+    rg = analyse(recurrence_dsl.load(SPECS_DIR / "rg_lru.rec")["rg_lru"].checked)
+    # past the scan's byte limit auto runs the chunked form, and tune follows it (B * T * H * D * 4 B > 256 MiB)
+    assert _form_to_tune(rg, "triton", {"B": 8, "T": 1 << 16, "H": 16, "D": 64}, tunable) == "chunked"
+    mamba = analyse(recurrence_dsl.load(SPECS_DIR / "mamba.rec")["mamba"].checked)
+    assert _form_to_tune(mamba, "triton", {"T": 1024}, tunable) == "scan"  # (no chunked form: was recurrent)
 
 
 def test_explain_prints_the_analysis_show_prints_and_help_lists_it(capsys):
