@@ -85,13 +85,18 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
 
 
 def defaults_error(spec, forms: dict, triton_forms: dict | None, form, backend, chunk_size) -> str | None:
-    """Why a layer's (or a generated module's) defaults `form`, `backend` and `chunk_size` cannot run, or None."""
+    """Why a layer's (or a generated module's) defaults `form`, `backend` and `chunk_size` cannot run, or None.
+    chunk_size meets Triton's power-of-two rule when the backend is "triton" and a chunking form may run (form
+    auto or chunked); under backend "auto" a CPU call runs torch, where any chunk_size >= 1 works, so the rule is
+    checked per call."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend == "triton" and triton_forms is None:
         return _NEEDS_TRITON
+    chunking = backend == "triton" and form in ("auto", *CHUNKING_FORMS) and any(
+        f in (triton_forms or ()) for f in CHUNKING_FORMS)
     return _form_error(spec, form, forms, triton_forms, backend) or (
-        None if chunk_size is None else _chunk_size_error(chunk_size, "torch"))
+        None if chunk_size is None else _chunk_size_error(chunk_size, "triton" if chunking else "torch"))
 
 
 class Layer:

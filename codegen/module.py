@@ -368,7 +368,7 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     shapes = "\n".join(
         [f"            {s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]  (input)" for s in rec.inputs]
         + [f"            {s.name}: [H{''.join(', ' + str(d) for d in s.dims)}]  (param)" for s in rec.params])
-    state_doc = ", ".join(f"{s.name}: [N, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states) or "none"
+    state_doc = ", ".join(f"{s.name}: [rows, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states) or "none"
     out_doc = ", ".join(f"{s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.outputs)
     cls = _class_name(name)
     starts = _param_starts(analysis)
@@ -442,7 +442,7 @@ class _{cls}Layer(Layer):
 
         Inputs and params by position or by name. Shapes:
 {shapes}
-        initial_state / final_state: {state_doc} (N = B, or N packed sequences under cu_seqlens [N + 1])
+        initial_state / final_state: {state_doc} (rows: B, or the number of packed sequences under cu_seqlens)
         output: {out_doc}
         reverse: True runs from the last step to the first (per sequence under cu_seqlens), False from the
         first; None (default) the direction the spec declares ({"reverse" if rec.reverse else "forward"}).
@@ -637,8 +637,8 @@ def _module_call(module, spec, inputs, initial_state, keywords):
                             f"forward takes {takes}")
         if key in ("form", "backend", "chunk_size"):  # the layer's per-call options: a module's are its own
             raise TypeError(f"{owner}.forward() got '{key}': a module's {key} is set when it is built "
-                            f"({owner}(heads, {key}=...)) or as the attribute {owner.lower()}.{key}; forward takes "
-                            f"{takes}")
+                            f"({owner}(heads, {key}=...)) or on the module afterwards (module.{key} = ...); "
+                            f"forward takes {takes}")
         raise TypeError(f"{owner}.forward() got an unexpected keyword argument '{key}'; it takes {takes}")
     # (an input of the wrong rank is left to the layer's shape check: its axis 2 need not be H)
     if (isinstance(first, torch.Tensor) and first.dim() == 3 + len(spec.inputs[0].dims)

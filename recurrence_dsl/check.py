@@ -55,7 +55,7 @@ def constant_value(expr: ast.Expr) -> float | None:
         return None
     import torch
 
-    tensors = [torch.tensor(v, dtype=torch.float64) for v in values]
+    tensors = [torch.tensor(v, dtype=torch.float64, device="cpu") for v in values]  # (not a meta default device)
     if isinstance(expr, ast.BinOp):
         result = getattr(torch, _BINARY_OPS[expr.op])(*tensors)
     elif isinstance(expr, ast.Neg):

@@ -114,7 +114,8 @@ def test_a_param_passed_to_forward_by_name_says_the_module_owns_it():
     with pytest.raises(TypeError, match=r"^Rwkv6.forward\(\) got an unexpected keyword argument 'x'; it takes r, "):
         module(*inputs, x=u)
     with pytest.raises(TypeError, match=r"^Rwkv6.forward\(\) got 'form': a module's form is set when it is built "
-                                        r"\(Rwkv6\(heads, form=...\)\) or as the attribute rwkv6.form"):
+                                        r"\(Rwkv6\(heads, form=...\)\) or on the module afterwards "
+                                        r"\(module.form = ...\)"):
         module(*inputs, form="recurrent")
     module.form = "recurrent"  # as the message says
     torch.testing.assert_close(module(*inputs)[0], module.__class__(2, {"K": 4}, backend="torch")(*inputs)[0])

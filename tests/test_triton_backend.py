@@ -377,10 +377,14 @@ def test_chunk_size_must_be_a_power_of_two_from_16(chunk):
 
 
 def test_chunk_size_of_the_compiled_layer_is_checked_too():
-    layer = recurrence_dsl.compile(RECS["gla"], backend="triton", chunk_size=24)
+    """On the triton backend a chunk_size the chunked kernels cannot run is refused when the layer is built (where
+    auto or chunked may run it); under auto a CPU call may run it on torch, so the call checks it."""
+    with pytest.raises(ValueError, match="chunk_size must be a power of two >= 16 on the triton backend, got 24"):
+        recurrence_dsl.compile(RECS["gla"], backend="triton", chunk_size=24)
+    layer = recurrence_dsl.compile(RECS["gla"], chunk_size=24)
     args, init = _gla_call(T=20)
     with pytest.raises(CallError, match="chunk_size"):
-        layer(*args, initial_state=init, form="chunked")
+        layer(*args, initial_state=init, form="chunked", backend="triton")
 
 
 def test_a_form_the_triton_backend_lacks():
