@@ -128,14 +128,19 @@ def load_source(source: str, stem: str) -> types.ModuleType:
         return _import(source, name)
 
 
-def _import(source: str, name: str) -> types.ModuleType:
-    path = cache_directory() / f"{name}.py"
+def _write_source(path: Path, source: str) -> None:
+    """Write `source` to `path` unless the file already holds exactly it (a symlink there is replaced)."""
     try:
         current = path.read_text() if path.is_file() and not path.is_symlink() else None
     except (OSError, UnicodeDecodeError):
         current = None
     if current != source:
         write_atomically(path, source)
+
+
+def _import(source: str, name: str) -> types.ModuleType:
+    path = cache_directory() / f"{name}.py"
+    _write_source(path, source)
     module = types.ModuleType(name)
     module.__file__ = str(path)
     sys.modules[name] = module
@@ -201,11 +206,9 @@ def remember_source(key: str, source: str, stem: str) -> None:
     `key`, for `indexed_source` in later processes. Best effort, as `remember`."""
     name = f"recdsl_{stem}_{_digest(source)}"
     try:
-        path = cache_directory() / f"{name}.py"
-        if not path.is_file() or path.is_symlink() or path.read_text() != source:
-            write_atomically(path, source)
+        _write_source(cache_directory() / f"{name}.py", source)
         write_atomically(_index_path(key), name + "\n")
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         pass
 
 
