@@ -409,7 +409,9 @@ def _bad_calls(module, layer, rec):
     if len(rec.checked.states) > 1:
         bad.append((args, {"initial_state": next(iter(init.values()))}))  # several states need a dict
     if "chunked" in layer.triton_forms:
-        bad.append((args, {"chunk_size": 24, "backend": "triton"}))  # not a power of two
+        # not a power of two (auto runs the scan ahead of the chunked form for vector states: name chunked)
+        bad.append((args, {"chunk_size": 24, "backend": "triton",
+                           **({"form": "chunked"} if layer.recurrence.scan_first else {})}))
         bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "block_k": 24}}))
         bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "chunk_size": 24}}))
         bad.append((args, {"form": "chunked", "backend": "triton", "config": {**TRITON_CONFIG, "num_stages": 0}}))
