@@ -483,12 +483,10 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _form_to_tune(analysis, backend: str, given: dict, tunable) -> str:
-    """The form `recdsl tune` tunes without --form: the one `form="auto"` runs for the shape's sequences at the
-    default chunk_size (so the stored config is the one a call of that shape reads), where that form takes a
-    config on `backend` (on the Triton backend the scan form of vector states, RG-LRU's and minGRU's, while what it
-    keeps for its backward is within auto's limit, `scan_held_bytes`); else chunked where the spec has it, else
-    recurrent."""
+def _auto_form(analysis, backend: str, given: dict) -> str:
+    """The form `form="auto"` runs on `backend` for the shape's sequences at the default chunk_size (on the Triton
+    backend the scan form of vector states, RG-LRU's and minGRU's, while what it keeps for its backward is within
+    auto's limit, `scan_held_bytes`)."""
     from types import SimpleNamespace
 
     from codegen.dispatch import pick_form, scan_held_bytes
@@ -505,11 +503,18 @@ def _form_to_tune(analysis, backend: str, given: dict, tunable) -> str:
                                dims=lambda sym: tuple(sizes[d] if isinstance(d, str) else d for d in sym.dims))
         return scan_held_bytes(load_layer(analysis).recurrence, call, length, batch)
 
-    picked = pick_form(tuple(forms), length, DEFAULT_CHUNK_SIZE, batch, held if backend == "triton" else 0,
-                       scan_first=scan_first(analysis))
+    return pick_form(tuple(forms), length, DEFAULT_CHUNK_SIZE, batch, held if backend == "triton" else 0,
+                     scan_first=scan_first(analysis))
+
+
+def _form_to_tune(analysis, backend: str, given: dict, tunable, auto: str | None = None) -> str:
+    """The form `recdsl tune` tunes without --form: the one auto runs at the shape (`_auto_form`, or `auto` when
+    given), so that the stored config is the one a call of that shape reads, where that form takes a config on
+    `backend`; else chunked where the spec has it, else recurrent."""
+    picked = auto if auto is not None else _auto_form(analysis, backend, given)
     if tunable(picked, backend):
         return picked
-    return "chunked" if "chunked" in forms else "recurrent"
+    return "chunked" if "chunked" in analysis.forms else "recurrent"
 
 
 def _warn_once(notes: list[str], warned: set[str]) -> None:
@@ -550,7 +555,12 @@ def cmd_tune(args) -> int:
         check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
         analysis = analyse(rec.checked)
         forms = analysis.forms
-        form = args.form or _form_to_tune(analysis, backend, given, tunable)
+        auto = None if args.form else _auto_form(analysis, backend, given)
+        form = args.form or _form_to_tune(analysis, backend, given, tunable, auto)
+        if auto is not None and form != auto and form in forms and tunable(form, backend):
+            print(f"{rec.name}: at this shape auto runs the {backend} {auto} form, which takes no config; tuning "
+                  f"the {form} form instead, whose config a call of this shape reads with form='{form}'",
+                  file=sys.stderr)
         if form not in forms:
             skipped.append(f"{rec.name}: no {form} form (it has {', '.join(forms)}); skipped")
         elif not tunable(form, backend):  # the torch recurrent and parallel forms take no config

@@ -671,9 +671,12 @@ def test_tune_command(tmp_path, capsys):
     path = tmp_path / "cli.sqlite"
     rc = main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "B=1,T=64,H=1,K=16,V=16", "--trials", "2",
                "--device", "cpu", "--backend", "torch", "--store", str(path), "--warmup", "0", "--repeat", "1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0 and ("chosen: chunk_size=" in out or "default kept: chunk_size=64" in out) and str(path) in out
     assert TuningStore(path).count() == 2
+    # at T=64 auto runs the torch parallel form (no config): tune says that the chunked config it tunes is not it
+    assert ("gla: at this shape auto runs the torch parallel form, which takes no config; tuning the chunked form "
+            "instead, whose config a call of this shape reads with form='chunked'") in err
     assert main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "Q=3", "--store", str(path)]) == 2
 
 
