@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import thread_report, timed  # noqa: E402
+from benchmarks.timing import results_path, thread_report, timed  # noqa: E402
 from codegen.dispatch import RECURRENT_BACKWARD  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
@@ -69,10 +69,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--no-autograd", action="store_true", help="skip the (slow) autograd-through-the-loop runs")
     parser.add_argument("--smoke", action="store_true", help="B=1, H=1, T=20, D=8, one repeat")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "backward_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON written (default: benchmarks/results/backward_cpu.json; "
+                             "--smoke: the temporary folder)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time)")
     args = parser.parse_args()
+    args.out = results_path(args.out, args.smoke, "backward_cpu.json")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     lengths = [int(t) for t in args.T.split(",")]
     torch.set_num_threads(args.threads)

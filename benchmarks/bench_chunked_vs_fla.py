@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import thread_report, timed  # noqa: E402
+from benchmarks.timing import results_path, thread_report, timed  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 
@@ -107,8 +107,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="B=1, H=2, T=32, D=8, chunk 16, one repeat")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chunked_vs_fla_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON written (default: benchmarks/results/chunked_vs_fla_cpu.json; "
+                             "--smoke: the temporary folder)")
     args = parser.parse_args()
+    args.out = results_path(args.out, args.smoke, "chunked_vs_fla_cpu.json")
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.B, args.H, args.T, args.D, args.chunk, args.repeats = 1, 2, 32, 8, 16, 1

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import results_path, timed  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 
@@ -122,8 +122,11 @@ def main() -> None:
     parser.add_argument("--specs", default="gla,delta_net,linear_attention")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (for the tests)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "context_parallel_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON written (default: benchmarks/results/context_parallel_cpu.json; "
+                             "--smoke: the temporary folder)")
     opts = parser.parse_args()
+    opts.out = results_path(opts.out, opts.smoke, "context_parallel_cpu.json")
     if opts.smoke:
         opts.T, opts.H, opts.chunk, opts.repeats, opts.world, opts.size = 64, 1, 16, 1, 2, 16
     torch.set_num_threads(1)

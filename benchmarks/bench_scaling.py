@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import thread_report  # noqa: E402
+from benchmarks.timing import results_path, thread_report  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 FORMS = ("chunked", "scan", "recurrent")
@@ -72,8 +72,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="T = 64,128, D = 8, one repeat")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON written (default: benchmarks/results/scaling_cpu.json; "
+                             "--smoke: the temporary folder)")
     args = parser.parse_args()
+    args.out = results_path(args.out, args.smoke, "scaling_cpu.json")
     torch.set_num_threads(args.threads)
     lengths = [int(t) for t in args.T.split(",")]
     if args.smoke:

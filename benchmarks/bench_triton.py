@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import results_path  # noqa: E402
 from codegen.layer import interpreting  # noqa: E402
 
 # Each layer: our spec, fla's module, its chunk and fused-recurrent functions, and how our arguments (declared
@@ -480,8 +481,11 @@ def main(argv=None) -> int:
                         "first call): past it, fewer wall-clock runs instead of do_bench")
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak bandwidth, GB/s (over PEAKS)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s in --dtype (over PEAKS)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_gpu.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON written (default: benchmarks/results/triton_gpu.json; "
+                             "--smoke: the temporary folder)")
     args = parser.parse_args(argv)
+    args.out = results_path(args.out, args.smoke, "triton_gpu.json")
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         parser.error("no GPU: pass --smoke (tiny shapes in Triton's interpreter) or run on a GPU machine")

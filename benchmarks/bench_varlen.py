@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import recurrence_dsl  # noqa: E402
-from benchmarks.timing import thread_report, timed  # noqa: E402
+from benchmarks.timing import results_path, thread_report, timed  # noqa: E402
 from recurrence_dsl.sampling import sample_arguments  # noqa: E402
 
 
@@ -71,8 +71,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, once (for the tests)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "varlen_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON written (default: benchmarks/results/varlen_cpu.json; "
+                             "--smoke: the temporary folder)")
     opts = parser.parse_args()
+    opts.out = results_path(opts.out, opts.smoke, "varlen_cpu.json")
     torch.set_num_threads(opts.threads)
     count, length = (int(x) for x in opts.packed.lower().split("x"))
     heads, size, repeats = opts.H, opts.K, opts.repeats

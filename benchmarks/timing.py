@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -31,3 +33,14 @@ def thread_report() -> dict:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     return {**settings, "warnings": notes}
+
+
+def results_path(out: str | None, smoke: bool, name: str) -> Path:
+    """Where a benchmark writes its JSON: `out` when given; else benchmarks/results/<name> for a full run, and for a
+    --smoke run <the system's temporary folder>/recdsl-smoke-<name>, so that a smoke run's tiny shapes never
+    replace the committed results."""
+    if out is not None:
+        return Path(out)
+    if smoke:
+        return Path(tempfile.gettempdir()) / f"recdsl-smoke-{name}"
+    return Path(__file__).resolve().parent / "results" / name

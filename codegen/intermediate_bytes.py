@@ -205,7 +205,7 @@ def measure_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: in
         with torch.no_grad():
             return measure(call, inputs)
     kr._check_not_interpreted(sys.modules[type(layer).__module__])
-    with kr.compile_only(target):
+    with kr.compile_only(target), kr._device_rules(layer):
         if backward:
             return measure(call, inputs, backward=True)
         with torch.no_grad():

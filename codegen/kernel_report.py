@@ -415,6 +415,23 @@ _INTERPRETER_ON = ("Triton's interpreter is on in this process (TRITON_INTERPRET
                    "compiling: make the report in a process without TRITON_INTERPRET")
 
 
+@contextlib.contextmanager
+def _device_rules(layer):
+    """Within a compile-only block the call's CPU tensors stand in for a GPU's, so the layer's generated module
+    takes its checkpoint spacing by the GPU's rule (`checkpoint_every`: every max(64, sqrt T) steps; on a CPU it
+    checkpoints more often, to bound the memory), and the bytes held until the backward are the GPU call's."""
+    module = sys.modules[type(layer).__module__]
+    rule = getattr(module, "checkpoint_every", None)
+    if rule is None:
+        yield
+        return
+    module.checkpoint_every = lambda length, states=(), on_cpu=None: rule(length, states, False)
+    try:
+        yield
+    finally:
+        module.checkpoint_every = rule
+
+
 def _check_not_interpreted(module) -> None:
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -491,7 +508,7 @@ def _report_call(layer, args, kwargs=None, *, target, form, chunk_size, config, 
     if backward:
         args = [a.detach().requires_grad_(a.is_floating_point()) for a in args]
     counted = None
-    with compile_only(target, cached=cached) as launches:
+    with compile_only(target, cached=cached) as launches, _device_rules(layer):
         if count:
             from .intermediate_bytes import measure
 

@@ -1,8 +1,11 @@
 """A seventh trial's fixes (a new user putting compiled layers in a PyTorch model and training it): loading and
 compiling under a meta default device, a Triton chunk_size refused when the module is built, and the module's
-messages and docstrings."""
+messages and docstrings; and an eighth's (a performance engineer): a compile-only report checkpoints by the GPU's
+rule, and a benchmark's smoke run leaves the committed results alone."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +62,42 @@ def test_the_module_names_how_to_change_its_form_and_its_state_rows():
     # the state's rows are not written N, which is also mamba2's state size
     doc = type(module.mamba2).__call__.__doc__
     assert "h: [rows, H, N, P]" in doc and "rows: B, or the number of packed sequences" in doc
+
+
+def test_a_compile_only_report_checkpoints_by_the_gpu_rule():
+    """An eighth trial (a performance engineer): `recdsl kernels --form recurrent --backward` split the held bytes by
+    the CPU's checkpoint spacing (the report's stand-in tensors are CPU tensors), every 16 steps at K = V = 128,
+    where a GPU checkpoints every max(64, sqrt T): the forward's figure 1.8x too high. Within the report's block the
+    generated module takes the GPU's rule, and its own rule is back after it."""
+    import sys
+
+    from codegen.kernel_report import _device_rules
+
+    rec = recurrence_dsl.load(SPECS_DIR / "gla.rec")["gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    module = sys.modules[type(layer).__module__]
+    states = [torch.empty(2, 4, 128, 128)]  # a CPU state: the CPU rule bounds a step's bytes
+    on_cpu = module.checkpoint_every(1024, states)
+    assert on_cpu < 64
+    with _device_rules(layer):
+        assert module.checkpoint_every(1024, states) == 64 == module.checkpoint_every(1024, states, True)
+        assert module.checkpoint_every(1 << 14, states) == 128  # sqrt(T) past 64
+    assert module.checkpoint_every(1024, states) == on_cpu
+
+
+def test_a_smoke_run_of_a_benchmark_leaves_the_committed_results_alone(tmp_path):
+    """`python benchmarks/bench_varlen.py --smoke` rewrote benchmarks/results/varlen_cpu.json with its tiny shapes
+    (trial 8): a smoke run without --out now writes in the temporary folder; a full run, and --out, as before."""
+    import tempfile
+
+    from benchmarks.timing import results_path
+
+    from .conftest import REPO
+
+    assert results_path(None, True, "varlen_cpu.json") == Path(tempfile.gettempdir()) / "recdsl-smoke-varlen_cpu.json"
+    assert results_path(None, False, "varlen_cpu.json") == REPO / "benchmarks" / "results" / "varlen_cpu.json"
+    assert results_path(str(tmp_path / "x.json"), True, "varlen_cpu.json") == tmp_path / "x.json"
+    for script in ("bench_backward", "bench_chunked_vs_fla", "bench_context_parallel", "bench_scaling",
+                   "bench_triton", "bench_varlen"):
+        text = (REPO / "benchmarks" / f"{script}.py").read_text()
+        assert "out = results_path(" in text and '"--out", default=None' in text.replace(" type=Path,", ""), script
