@@ -630,9 +630,14 @@ def cmd_tune(args) -> int:
         print(json.dumps({"store": str(store.path), "results": [r.as_dict() for r in results], "skipped": skipped},
                          indent=1))
     else:
+        from autotune.lookup import INTERPRETER as TUNING_INTERPRETER
         from autotune.store import default_path
 
         print(f"trials and choices stored in {store.path}")
+        if any(r.device == TUNING_INTERPRETER for r in results):
+            print(f"(timed in Triton's CPU interpreter, stored under the device '{TUNING_INTERPRETER}', which no call "
+                  "looks up: these times exercise the tuner and say nothing of a GPU's; tune on the GPU that runs "
+                  "the layer)")
         if store.path.resolve() != default_path().resolve():
             print(f"(not the store calls read by default: set RECURRENCE_DSL_TUNING_STORE={store.path} or pass "
                   "compile(..., tuning=PATH))")

@@ -731,6 +731,14 @@ def test_tune_command_tunes_the_scan_auto_runs_and_the_call_reads_the_choice(tmp
     assert main(["tune", str(SPECS_DIR / "rg_lru.rec"), "--form", "scan", "--backend", "torch", "--device", "cpu",
                  "--shape", "B=1,T=32,H=2,D=16", "--store", str(tmp_path / "torch.sqlite"), "--no-progress"]) == 0
     assert "the torch scan form has nothing to tune" in capsys.readouterr().err
+    # as itself, the interpreter's tune says that no call reads what it stored
+    assert "CPU interpreter" not in out
+    monkeypatch.undo()
+    assert main(["tune", str(SPECS_DIR / "rg_lru.rec"), "--shape", "B=1,T=32,H=2,D=16", "--backend", "triton",
+                 "--device", "cpu", "--mode", "fwd", "--trials", "1", "--warmup", "0", "--repeat", "1",
+                 "--no-compiler", "--store", str(tmp_path / "interp.sqlite"), "--no-progress"]) == 0
+    assert ("(timed in Triton's CPU interpreter, stored under the device 'cpu-interpreter', which no call looks up"
+            in capsys.readouterr().out)
 
 
 def test_compiled_layers_read_the_store(tmp_path, monkeypatch):
