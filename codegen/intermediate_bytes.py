@@ -344,9 +344,10 @@ def hand_written_for(name: str, sizes: dict[str, int], B: int, T: int, H: int, *
 
 
 def format_rows(report: IntermediateReport, indent: str = "  ", limit: int = 12) -> str:
-    """The report's sites as text lines, largest first."""
-    lines = [f"{indent}{r.bytes:>12,d} B  x{r.count:<3d} {r.dtype:<8s} {list(r.shape)}  {r.where}"
-             for r in report.rows[:limit]]
+    """The report's sites as text lines, largest first. A site of several tensors shows the first one's dtype and
+    shape (`first [..]`): the others' may differ, and the row's bytes are their sum."""
+    lines = [f"{indent}{r.bytes:>12,d} B  x{r.count:<3d} {r.dtype:<8s} {'first ' if r.count > 1 else ''}"
+             f"{list(r.shape)}  {r.where}" for r in report.rows[:limit]]
     if len(report.rows) > limit:
         rest = sum(r.bytes for r in report.rows[limit:])
         lines.append(f"{indent}{rest:>12,d} B  in {len(report.rows) - limit} more sites")

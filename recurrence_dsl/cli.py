@@ -510,11 +510,13 @@ def _auto_form(analysis, backend: str, given: dict) -> str:
 def _form_to_tune(analysis, backend: str, given: dict, tunable, auto: str | None = None) -> str:
     """The form `recdsl tune` tunes without --form: the one auto runs at the shape (`_auto_form`, or `auto` when
     given), so that the stored config is the one a call of that shape reads, where that form takes a config on
-    `backend`; else chunked where the spec has it, else recurrent."""
+    `backend`; else chunked where the spec has it, else recurrent, where that takes a config (else auto's form,
+    which `recdsl tune` then skips as having nothing to tune)."""
     picked = auto if auto is not None else _auto_form(analysis, backend, given)
     if tunable(picked, backend):
         return picked
-    return "chunked" if "chunked" in analysis.forms else "recurrent"
+    instead = "chunked" if "chunked" in analysis.forms else "recurrent"
+    return instead if tunable(instead, backend) else picked  # (nothing to tune: the skip names what auto runs)
 
 
 def _warn_once(notes: list[str], warned: set[str]) -> None:

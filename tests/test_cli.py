@@ -375,6 +375,8 @@ def test_tune_without_form_tunes_what_auto_runs_at_that_length():
     assert _form_to_tune(rg, "triton", {"B": 8, "T": 1 << 16, "H": 16, "D": 64}, tunable) == "chunked"
     mamba = analyse(recurrence_dsl.load(SPECS_DIR / "mamba.rec")["mamba"].checked)
     assert _form_to_tune(mamba, "triton", {"T": 1024}, tunable) == "scan"  # (no chunked form: was recurrent)
+    # on torch neither its scan nor its recurrent form takes a config: the skip names the one auto runs (trial 8)
+    assert _form_to_tune(mamba, "torch", {"T": 1024}, tunable) == "scan"
 
 
 def test_explain_prints_the_analysis_show_prints_and_help_lists_it(capsys):
