@@ -250,6 +250,8 @@ def _outer_products(analysis, name: str) -> dict:
 
 def describe(rec: Recurrence) -> dict:
     """The JSON form of a recurrence (`recdsl show --json`)."""
+    from codegen.triton_recurrent import triton_unavailable
+
     c = rec.checked
     analysis = analyse(c)
 
@@ -276,7 +278,24 @@ def describe(rec: Recurrence) -> dict:
         "class": analysis.cls.value,
         "forms": list(analysis.forms),
         "unavailable": dict(analysis.unavailable),
+        "triton_unavailable": dict(triton_unavailable(analysis)),
+        "auto_order": _auto_order(analysis),
     }
+
+
+def _auto_order(analysis) -> str:
+    """Which form `form="auto"` runs (`codegen.dispatch.pick_form`), in words."""
+    from codegen.dispatch import SCAN_BYTES, SCAN_HELD_BYTES
+    from codegen.module import scan_first
+
+    limit = f"{SCAN_HELD_BYTES >> 20} MiB, or ${SCAN_BYTES}"
+    if scan_first(analysis):
+        return ("recurrent for T <= 16; else the scan (every state is a vector, which the chunked and parallel forms "
+                f"take lifted to [1, D]) unless, on the Triton backend, what it keeps for its backward passes {limit}; "
+                "past that, parallel up to the chunk size and chunked beyond")
+    return ("recurrent for T <= 16; else parallel up to the chunk size and chunked beyond, where the spec has them; "
+            "else the scan, or on the Triton backend the recurrent form where the scan would keep more than "
+            f"{limit} for its backward")
 
 
 def explanation(rec: Recurrence) -> str:
@@ -288,18 +307,16 @@ def explanation(rec: Recurrence) -> str:
     analysis = analyse(rec.checked)
     lines = [explain(analysis)]
     lines += [f"  on the triton backend, no {form} form: {why}" for form, why in triton_unavailable(analysis).items()]
+    lines.append(f"  form auto: {_auto_order(analysis)}")
     return "\n".join(lines)
 
 
 def cmd_explain(args) -> int:
     recs = _select(load_file(args.file), args.name)
     if args.json:
-        from codegen.triton_recurrent import triton_unavailable
-
-        keys = ("name", "spec_hash", "class", "states", "forms", "unavailable")
-        print(json.dumps({"recurrences": [
-            {**{k: v for k, v in describe(r).items() if k in keys},
-             "triton_unavailable": dict(triton_unavailable(analyse(r.checked)))} for r in recs]}, indent=2))
+        keys = ("name", "spec_hash", "class", "states", "forms", "unavailable", "triton_unavailable", "auto_order")
+        print(json.dumps({"recurrences": [{k: v for k, v in describe(r).items() if k in keys} for r in recs]},
+                         indent=2))
         return 0
     print("\n\n".join(explanation(rec) for rec in recs))
     return 0

@@ -450,3 +450,22 @@ def test_check_shows_which_path_runs_on_a_terminal_only():
     check_recurrence(rec, {"K": 4, "V": 3}, 1, 6, 2, paths={"reference": rec.reference}, grad=False,
                      progress=lambda *a: calls.append(a))
     assert calls == [("reference", 1, 1)]
+
+
+def test_show_and_explain_say_which_form_auto_runs_and_what_triton_lacks(capsys):
+    """A performance engineer's trial: only `recdsl kernels` revealed that auto runs RG-LRU's scan first, and
+    `show --json` had no `triton_unavailable` (`explain --json` had)."""
+    rg = SPECS_DIR / "rg_lru.rec"
+    assert main(["explain", str(rg)]) == 0
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert last.startswith("  form auto: recurrent for T <= 16; else the scan (every state is a vector"), last
+    assert main(["explain", str(GLA)]) == 0
+    assert "  form auto: recurrent for T <= 16; else parallel up to the chunk size and chunked beyond" in \
+        capsys.readouterr().out
+    assert main(["show", str(rg), "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)["recurrences"]
+    assert isinstance(shown["triton_unavailable"], dict) and shown["auto_order"].startswith("recurrent for T <= 16")
+    assert main(["explain", str(rg), "--json"]) == 0
+    (explained,) = json.loads(capsys.readouterr().out)["recurrences"]
+    assert explained["auto_order"] == shown["auto_order"]
+    assert explained["triton_unavailable"] == shown["triton_unavailable"]
