@@ -569,7 +569,7 @@ def cmd_tune(args) -> int:
         raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
                          "with --backend torch)")
     # What each recurrence tunes, decided before the store is touched: a run that tunes nothing stores nothing
-    plan, skipped = [], []
+    plan, skipped, instead = [], [], {}
     for rec in recs:
         check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
         analysis = analyse(rec.checked)
@@ -577,9 +577,9 @@ def cmd_tune(args) -> int:
         auto = None if args.form else _auto_form(analysis, backend, given)
         form = args.form or _form_to_tune(analysis, backend, given, tunable, auto)
         if auto is not None and form != auto and form in forms and tunable(form, backend):
-            print(f"{rec.name}: at this shape auto runs the {backend} {auto} form, which takes no config; tuning "
-                  f"the {form} form instead, whose config a call of this shape reads with form='{form}'",
-                  file=sys.stderr)
+            instead[rec.name] = (f"note: at this shape auto runs the {backend} {auto} form, which takes no config; "
+                                 f"this tuned the {form} form instead, whose config a call of this shape reads with "
+                                 f"form='{form}'")
         if form not in forms:
             skipped.append(f"{rec.name}: no {form} form (it has {', '.join(forms)}); skipped")
         elif not tunable(form, backend):  # the torch recurrent and parallel forms take no config
@@ -642,6 +642,8 @@ def cmd_tune(args) -> int:
         if not args.json:
             print(f"{rec.name} (spec hash {result.spec_hash})")
             print(result.table(warnings=False))
+            if rec.name in instead:
+                print(instead[rec.name])
             print()
         if result.best is None:
             status = 1

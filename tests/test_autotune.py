@@ -675,8 +675,8 @@ def test_tune_command(tmp_path, capsys):
     assert rc == 0 and ("chosen: chunk_size=" in out or "default kept: chunk_size=64" in out) and str(path) in out
     assert TuningStore(path).count() == 2
     # at T=64 auto runs the torch parallel form (no config): tune says that the chunked config it tunes is not it
-    assert ("gla: at this shape auto runs the torch parallel form, which takes no config; tuning the chunked form "
-            "instead, whose config a call of this shape reads with form='chunked'") in err
+    assert ("note: at this shape auto runs the torch parallel form, which takes no config; this tuned the chunked "
+            "form instead, whose config a call of this shape reads with form='chunked'") in out, err
     assert main(["tune", str(SPECS_DIR / "gla.rec"), "--shape", "Q=3", "--store", str(path)]) == 2
 
 
