@@ -93,8 +93,8 @@ def defaults_error(spec, forms: dict, triton_forms: dict | None, form, backend, 
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend == "triton" and triton_forms is None:
         return _NEEDS_TRITON
-    chunking = backend == "triton" and form in ("auto", *CHUNKING_FORMS) and any(
-        f in (triton_forms or ()) for f in CHUNKING_FORMS)
+    chunking = backend == "triton" and form in ("auto", *CHUNKING_FORMS) and any(f in triton_forms
+                                                                                 for f in CHUNKING_FORMS)
     return _form_error(spec, form, forms, triton_forms, backend) or (
         None if chunk_size is None else _chunk_size_error(chunk_size, "triton" if chunking else "torch"))
 
