@@ -7,6 +7,7 @@ error (a FILE that is not UTF-8 or holds no recurrence too), a bad command line 
 exception is a bug in recurrence_dsl: one line `recdsl COMMAND: internal error (recdsl VERSION): ...` asking for a
 report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBUG set (0, off, false, no: unset).
 
+    recdsl show FILE [--name NAME] [--json] [--shape B=2,T=1024,H=4,K=64,V=64] [--graph OUT.dot [--force]]
     recdsl explain FILE [--name NAME] [--json]
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|parallel|recurrent|scan] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
@@ -248,12 +249,13 @@ def _outer_products(analysis, name: str) -> dict:
     return {"chunked_outer_products": len(sa.chunk.sub_steps)}
 
 
-def describe(rec: Recurrence) -> dict:
-    """The JSON form of a recurrence (`recdsl show --json`)."""
+def describe(rec: Recurrence, analysis=None) -> dict:
+    """The JSON form of a recurrence (`recdsl show --json`); `analysis`: `analyse(rec.checked)`, when the caller has
+    it already."""
     from codegen.triton_recurrent import triton_unavailable
 
     c = rec.checked
-    analysis = analyse(c)
+    analysis = analysis or analyse(c)
 
     def sym(s):
         return {"name": s.name, "shape": [d for d in s.dims]}
@@ -298,13 +300,13 @@ def _auto_order(analysis) -> str:
             f"{limit} for its backward")
 
 
-def explanation(rec: Recurrence) -> str:
+def explanation(rec: Recurrence, analysis=None) -> str:
     """The analysis in words (`recdsl explain`, and `recdsl show` after the declarations): the recurrence's class,
     each state's class and why, the forms derived with their mathematics, why each other form is not there, and
-    the forms the Triton backend lacks and why."""
+    the forms the Triton backend lacks and why. `analysis`: `analyse(rec.checked)`, when the caller has it."""
     from codegen.triton_recurrent import triton_unavailable
 
-    analysis = analyse(rec.checked)
+    analysis = analysis or analyse(rec.checked)
     lines = [explain(analysis)]
     lines += [f"  on the triton backend, no {form} form: {why}" for form, why in triton_unavailable(analysis).items()]
     lines.append(f"  form auto: {_auto_order(analysis)}")
@@ -324,13 +326,20 @@ def cmd_explain(args) -> int:
 
 def cmd_show(args) -> int:
     recs = _select(load_file(args.file), args.name)
+    given = parse_shape(args.shape)
+    if args.json and given:
+        raise UsageError("--shape sets the shape of the text's 'config of a call' lines, which show --json does not "
+                         "print; drop --json, or drop --shape")
+    for rec in recs:  # every name checked before anything is printed or written
+        check_shape_names(rec, given, TUNE_DEFAULTS, only=len(recs) == 1)
     if args.graph:
         write_graphs(recs, Path(args.graph), Path(args.file), force=args.force)
     if args.json:
         print(json.dumps({"recurrences": [describe(r) for r in recs]}, indent=2))
         return 0
     for rec in recs:
-        d = describe(rec)
+        analysis = analyse(rec.checked)
+        d = describe(rec, analysis)
 
         def fmt(items):
             return ", ".join(f"{s['name']}[{', '.join(map(str, s['shape']))}]" if s["shape"] else s["name"]
@@ -347,13 +356,13 @@ def cmd_show(args) -> int:
         for line in d["statements"]:
             print(f"    {line}")
         print()
-        print(explanation(rec))
+        print(explanation(rec, analysis))
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sizes = {s: TUNE_DIM for s in rec.checked.sizes}
-        print("\n".join(config_lines(rec, sizes, TUNE_DEFAULTS["B"], TUNE_DEFAULTS["T"], TUNE_DEFAULTS["H"],
-                                      torch.float32, device)))
+        sizes = {s: given.get(s, TUNE_DIM) for s in rec.checked.sizes}
+        call = {k: given.get(k, v) for k, v in TUNE_DEFAULTS.items()}
+        print("\n".join(config_lines(rec, sizes, call["B"], call["T"], call["H"], torch.float32, device)))
         print()
     return 0
 
@@ -880,6 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", metavar="FILE", help=FILE_HELP)
     show.add_argument("--name", help="only this recurrence")
     show.add_argument("--json", action="store_true", help="print JSON {\"recurrences\": [...]}")
+    show.add_argument("--shape", help=f"sizes of the 'config of a call' lines, e.g. B=1,T=8192,H=16,K=128,V=128 "
+                      f"(defaults B={TUNE_DEFAULTS['B']}, T={TUNE_DEFAULTS['T']}, H={TUNE_DEFAULTS['H']}, every spec "
+                      f"size {TUNE_DIM})")
     show.add_argument("--graph", metavar="OUT.dot", help="write the step's dataflow graph (Graphviz; .png too "
                       "when graphviz is installed)")
     show.add_argument("--force", action="store_true", help="let --graph replace a file recdsl did not write "

@@ -469,3 +469,17 @@ def test_show_and_explain_say_which_form_auto_runs_and_what_triton_lacks(capsys)
     (explained,) = json.loads(capsys.readouterr().out)["recurrences"]
     assert explained["auto_order"] == shown["auto_order"]
     assert explained["triton_unavailable"] == shown["triton_unavailable"]
+
+
+def test_show_shape_sets_the_config_lines_shape(capsys):
+    """`show` printed its "config of a call" at B=2, T=1024, H=4 only (a performance engineer's trial); --shape sets
+    it, names an unknown size, and is refused beside --json, which prints no config lines. A short call (T=8) runs
+    the recurrent form, so the shape reaches `config_for`."""
+    code, out, _ = _run_cli("show", GLA, "--shape", "B=1,T=8,H=3,K=16", capsys=capsys)
+    assert code == 0
+    assert "config of a call (B=1 T=8 H=3 K=16 V=64, float32, cpu)" in out
+    assert "fwd     recurrent/" in out
+    code, _, err = _run_cli("show", GLA, "--shape", "Q=3", capsys=capsys)
+    assert code == 2 and "--shape: gla has no size Q; its sizes are B, T, H, K, V" in err
+    code, out, err = _run_cli("show", GLA, "--json", "--shape", "T=8", capsys=capsys)
+    assert code == 2 and out == "" and "show --json does not print" in err
