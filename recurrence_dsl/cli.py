@@ -572,6 +572,10 @@ def cmd_tune(args) -> int:
         _prepare_triton(device)
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
+    unused = [flag for flag, given_ in (("--target", args.target), ("--no-compiler", args.no_compiler)) if given_]
+    if backend == "torch" and unused:  # (a warning: a script may pass the same flags to both backends)
+        print(f"recdsl tune: warning: {' and '.join(unused)} only concern{'s' * (len(unused) == 1)} the triton "
+              "backend's kernels; ignored with --backend torch", file=sys.stderr)
     if given.get("T", 1) < 1:  # (check and kernels run T = 0; a timing of no steps has no backward, no meaning)
         raise UsageError("--shape: tune times calls of at least one step, got T=0")
     if backend == "triton" and args.dtype == "float64":

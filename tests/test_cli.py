@@ -483,3 +483,14 @@ def test_show_shape_sets_the_config_lines_shape(capsys):
     assert code == 2 and "--shape: gla has no size Q; its sizes are B, T, H, K, V" in err
     code, out, err = _run_cli("show", GLA, "--json", "--shape", "T=8", capsys=capsys)
     assert code == 2 and out == "" and "show --json does not print" in err
+
+
+def test_tune_warns_that_compiler_flags_do_nothing_on_torch(tmp_path, capsys):
+    """--no-compiler and --target were accepted silently with --backend torch (a performance engineer's trial)."""
+    code, _, err = _run_cli("tune", GLA, "--backend", "torch", "--no-compiler", "--target", "sm_80", "--form",
+                            "parallel", "--store", tmp_path / "t.sqlite", capsys=capsys)
+    assert code == 0
+    assert "warning: --target and --no-compiler only concern the triton backend's kernels; ignored" in err
+    code, _, err = _run_cli("tune", GLA, "--backend", "torch", "--form", "parallel", "--store",
+                            tmp_path / "t.sqlite", capsys=capsys)
+    assert code == 0 and "only concern" not in err
