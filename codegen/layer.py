@@ -225,7 +225,10 @@ class Layer:
         """Which config a call with these arguments would run, and why, without running it: {"backend",
         "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
         when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
-        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default."""
+        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default.
+        Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
+        negative retention `gamma`), a call under form "auto" steps instead (an explicit form raises
+        DecayNotPositive), and from a non-finite step on, any call steps."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
         resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
