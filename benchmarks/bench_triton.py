@@ -191,6 +191,19 @@ def device_peaks(name: str, dtype: str, bandwidth: float | None, tflops: float |
     return found if found["bandwidth"] else None
 
 
+def cell_outcome(cell: dict) -> str:
+    """How a path's cells went, for the progress log: "skipped: why" (the path could not run, fla missing say),
+    "failed" where a direction raised, else "measured"."""
+    if "skipped" in cell:
+        return f"skipped ({cell['skipped'][:80]}):"
+    runs = [cell.get(d, {}) for d in ("forward", "forward_backward")]
+    if any("error" in r for r in runs):
+        return "failed (see the JSON):"
+    if all("skipped" in r for r in runs):
+        return "skipped (overall budget spent):"
+    return "measured"
+
+
 def measured_ceilings(measure_ms) -> dict:
     """What this GPU does today: a 1 GiB device copy (bytes read + written) and an 8192^3 bf16 matmul."""
     x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
@@ -564,8 +577,8 @@ def main(argv=None) -> int:
                         continue
                     group.run_path(path, budget, args.smoke, peaks, dtype_name, on_cell)
                     group.ratios()
-                    print(f"measured {key} {path} ({budget.left():.0f} s left)" if args.budget else
-                          f"measured {key} {path}", flush=True)
+                    left = f" ({budget.left():.0f} s left)" if args.budget else ""
+                    print(f"{cell_outcome(group.entry['paths'][path])} {key} {path}{left}", flush=True)
     for case in report["cases"].values():  # cells the budget never reached say so
         for path in paths:
             if path != "sdpa" and path not in case["paths"]:

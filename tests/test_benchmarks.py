@@ -85,6 +85,10 @@ def test_triton_benchmark_smoke_run_writes_its_report():
         else:
             assert paths["fla_chunk"]["skipped"].startswith("fla unavailable: ModuleNotFoundError")
             assert paths["fla_fused_recurrent"]["skipped"].startswith("fla unavailable")
+            # the progress log said "measured" for these cells too (trial 8)
+            assert "skipped (fla unavailable: ModuleNotFoundError" in run.stdout
+            assert f"measured {name} fla_chunk" not in run.stdout
+        assert f"measured {name} ours_chunked" in run.stdout
         assert "fla_over_ours_forward" not in case or fla_here
     sdpa = report["sdpa"]["B1_T20_H1_K16"]
     assert sdpa["forward"]["ms"] > 0 and sdpa["forward_backward"]["roofline"]["flops"] == 2 * 20 * 20 * 16 * 3.5
