@@ -306,7 +306,7 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         return {s.name: torch.zeros((rows, call.heads) + call.dims(s), dtype=dtype, device=call.device)
                 if piece_states[s.name] is None else piece_states[s.name] for s in spec.states}
 
-    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+    def call_inner(chosen: str, piece: dict, piece_states: dict, length: int, **more):
         fn = form_fns[chosen]
         if not getattr(fn, "no_initial_state", False) and any(v is None for v in piece_states.values()):
             piece_states = zero_states(piece, piece_states, more)
@@ -328,7 +328,20 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             _FORM_CALL.reset(running)
 
     if grid_limits:
-        call_form = in_grid_pieces(call_form, call.heads, chunk_size)
+        call_inner = in_grid_pieces(call_inner, call.heads, chunk_size)
+
+    def call_form(chosen: str, piece: dict, piece_states: dict, length: int, **more):
+        """`call_inner` in the call's direction. A reverse run on a form that walks its steps backwards itself
+        (`walks_back`: the Triton recurrent kernels) passes it reverse=True, with no copies; on any other form it is
+        the forward run on the time-flipped sequences, its outputs flipped back (every form, and its backward
+        through the flips, serves both directions). Packed (cu_seqlens), each sequence is flipped in place."""
+        if not call.reverse:
+            return call_inner(chosen, piece, piece_states, length, **more)
+        if getattr(form_fns[chosen], "walks_back", False):
+            return call_inner(chosen, piece, piece_states, length, reverse=True, **more)
+        flip = _flipper(more.get("cu_seqlens"), length, call.device)
+        out, fin = call_inner(chosen, {k: flip(v) for k, v in piece.items()}, piece_states, length, **more)
+        return {k: flip(v) for k, v in out.items()}, fin
 
     def run(piece: dict, piece_states: dict, length: int, rows: int = 1):
         if form == "auto":
@@ -355,29 +368,24 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             return call_form(fallback, piece, piece_states, length)
         except UnsafeSteps as unsafe:
             # Steps before `unsafe.step` are exact in the chosen form; from there on, one step at a time as the
-            # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right.
+            # reference takes them, so a NaN or inf reaches only later steps and a growing decay is right. (The
+            # steps in the order taken: a reverse run's first `step` are the piece's last.)
             step = unsafe.step
             if step == 0:
                 return call_form("recurrent", piece, piece_states, length)
-            head_out, head_states = run({k: v[:, :step] for k, v in piece.items()}, piece_states, step)
-            tail_out, tail_states = call_form("recurrent", {k: v[:, step:] for k, v in piece.items()}, head_states,
+            first, rest = ((slice(length - step, length), slice(0, length - step)) if call.reverse
+                           else (slice(0, step), slice(step, length)))
+            head_out, head_states = run({k: v[:, first] for k, v in piece.items()}, piece_states, step)
+            tail_out, tail_states = call_form("recurrent", {k: v[:, rest] for k, v in piece.items()}, head_states,
                                               length - step)
-            return {k: torch.cat([head_out[k], tail_out[k]], dim=1) for k in tail_out}, tail_states
-
-    def run_directed(piece: dict, piece_states: dict, length: int, rows: int = 1):
-        if not call.reverse:
-            return run(piece, piece_states, length, rows)
-        # A reverse run is the forward run on the time-flipped sequence, its outputs flipped back: every form
-        # (and its backward, through the flips) serves both directions. Under cu_seqlens each row of a piece is
-        # one sequence (all of one length), so each is flipped on its own.
-        out, fin = run({k: v.flip(1) for k, v in piece.items()}, piece_states, length, rows)
-        return {k: v.flip(1) for k, v in out.items()}, fin
+            return {k: torch.cat([tail_out[k], head_out[k]] if call.reverse else [head_out[k], tail_out[k]], dim=1)
+                    for k in tail_out}, tail_states
 
     if call.cu_seqlens is None:
-        outputs, finals = run_directed(inputs, states, call.length)
+        outputs, finals = run(inputs, states, call.length)
     else:
-        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed,
-                                      call_form)
+        # (under cu_seqlens each row of a batch by length is one sequence, so `call_form` flips each on its own)
+        outputs, finals = _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run, call_form)
     outputs = {k: _owned(v.to(call.dtype)) for k, v in outputs.items()}
     if call.output_final_state:
         given = call.initial_state or {}
@@ -540,11 +548,23 @@ def takes_input_dtype(fn):
     """Mark the form function `fn` as one that takes float16 / bfloat16 inputs and params as they are: the Triton
     chunked forms whose kernels upcast every load to float32, compute and accumulate in float32 and store outputs
     (and, through their autograd.Function, gradients) in the inputs' dtype (codegen/triton_runtime.py), so a half
-    call makes no float32 copy of q, k, v, g; and the diagonal-plus-rank-one chunked form (RWKV-7), whose kernels
-    do the same and whose derived adjoint (codegen/triton_recurrent.py) returns gradients in the inputs' dtypes.
-    Every other form gets its inputs cast to `compute_dtype` (`run_forms`).
+    call makes no float32 copy of q, k, v, g; the diagonal-plus-rank-one chunked form (RWKV-7), whose kernels
+    do the same and whose derived adjoint (codegen/triton_recurrent.py) returns gradients in the inputs' dtypes;
+    and the Triton recurrent form where it trains on that derived adjoint (its step loop's kernel upcasts each
+    load and stores its outputs in the first input's dtype). Every other form gets its inputs cast to
+    `compute_dtype` (`run_forms`).
     States are float32 for every form. Returns `fn`."""
     fn.input_dtype = True
+    return fn
+
+
+def walks_back(fn):
+    """Mark the form function `fn` as one that runs a reverse call itself, given `reverse=True`: each sequence
+    (packed ones too) from its last step to its first, outputs in place, as the Triton recurrent kernels and their
+    derived adjoint do by walking the steps backwards (codegen/triton_recurrent.py, REVERSE). Every other form
+    runs a reverse call on time-flipped copies of its inputs, its outputs flipped back (`run_forms`). Returns
+    `fn`."""
+    fn.walks_back = True
     return fn
 
 
@@ -586,20 +606,24 @@ def _run_packed_form(chosen, form, call, inputs, states, call_form):
     a chunked form meets a step its masked matmuls cannot take (`UnsafeSteps`, whose step counts along the packed
     T) or, under "auto", a decay that is not positive: then the recurrent kernels take every sequence in one call
     where they can (they step exactly as the reference does), else the batches by length step through.
-    A reverse run flips each sequence in place: a permutation of the packed steps that is its own inverse."""
-    cu = call.cu_seqlens
-    flip = None
-    if call.reverse:
-        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=call.length)
-        flip = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(call.length)).to(call.device)  # a + b - 1 - t
-    piece = {k: v if flip is None else v.index_select(1, flip) for k, v in inputs.items()}
+    A reverse run: `call_form`'s (each sequence flipped in place, or walked backwards by the kernels)."""
     try:
-        out, fin = call_form(chosen, piece, states, call.length, cu_seqlens=cu)
+        return call_form(chosen, inputs, states, call.length, cu_seqlens=call.cu_seqlens)
     except (UnsafeSteps, DecayNotPositive) as failed:
         if isinstance(failed, DecayNotPositive) and form != "auto":
             raise
         return None
-    return {k: v if flip is None else v.index_select(1, flip) for k, v in out.items()}, fin
+
+
+def _flipper(cu, length: int, device):
+    """A function reversing the time axis (dim 1) of a tensor of `length` steps: each packed sequence in place
+    under cu (cu_seqlens: int64 [N + 1], on the CPU; a permutation of the packed steps that is its own inverse),
+    else (None) the whole axis. Copies: a form that walks back itself (`walks_back`) is handed reverse=True."""
+    if cu is None:
+        return lambda x: x.flip(1)
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1], output_size=length)
+    index = (cu[:-1][seq] + cu[1:][seq] - 1 - torch.arange(length)).to(device)  # a + b - 1 - t
+    return lambda x: x.index_select(1, index)
 
 
 def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -613,7 +637,7 @@ def length_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return list(zip(values.tolist(), torch.split(order, counts)))
 
 
-def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_directed, call_form):
+def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run, call_form):
     """(outputs [1, T, H, ...], final states [N, H, ...]) of the packed sequences of `call`, batched.
 
     A form that takes `cu_seqlens` itself (`takes_cu_seqlens`: the Triton chunked, parallel, scan and recurrent
@@ -640,7 +664,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         # order), so the inputs go in and the outputs come out as views, with no gather, scatter or state reorder.
         length, ids = groups[0]
         piece = {k: v[0].unflatten(0, (len(ids), length)) for k, v in inputs.items()}
-        out, fin = run_directed(piece, states, length, len(ids))
+        out, fin = run(piece, states, length, len(ids))
         return {k: v.flatten(0, 1)[None] for k, v in out.items()}, fin
     starts = cu[:-1]
     out_parts: dict[str, list] = {o.name: [] for o in spec.outputs}
@@ -658,7 +682,7 @@ def _run_packed(spec, form_fns, call, form, chunk_size, inputs, states, run_dire
         positions.append(index)
         index = index.to(call.device)
         piece = {k: v[0].index_select(0, index).unflatten(0, (len(ids), length)) for k, v in inputs.items()}
-        out, fin = run_directed(piece, rows, length, len(ids))
+        out, fin = run(piece, rows, length, len(ids))
         for name in out_parts:
             out_parts[name].append(out[name].flatten(0, 1))  # [m * length, H, ...]
         for name in final_parts:
@@ -893,7 +917,8 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
     options) -> the steps between the checkpoints `loop` stores, for a loop whose structure fixes them: the
     chunked Triton form of the diagonal-plus-rank-one class, whose chunk-start states are the checkpoints.
     A `cu_seqlens=` option (packed sequences, `takes_cu_seqlens`: the Triton kernels walk each sequence
-    themselves) goes to both the loop and the backward. state_dims: None, or (the call's sizes) -> {state: its dims
+    themselves) and a `reverse=` option (`walks_back`: they walk its steps backwards) go to both the loop and the
+    backward. state_dims: None, or (the call's sizes) -> {state: its dims
     after [B, H]}, for the checkpoint rule's state bytes when a call starts from zero and passes no state
     (`takes_no_initial_state`)."""
     names = (tuple(output_names), tuple(state_names))
@@ -916,8 +941,9 @@ def with_adjoint(loop, adjoint, output_names, state_names, kernels=False, every_
                                    device="meta") for n in state_names if n not in args[at]]
         on_cpu = tensors[0].device.type == "cpu" if tensors else None
         every = checkpoint_every(length, states, on_cpu) if every_of is None else every_of(length, extra)
-        cu = extra.get("cu_seqlens")
-        backward = adjoint if cu is None else (lambda *a, **more: adjoint(*a, cu_seqlens=cu, **more))
+        # (the loop's packed sequences and direction are the backward's too)
+        shared = {k: extra[k] for k in ("cu_seqlens", "reverse") if extra.get(k) is not None and extra[k] is not False}
+        backward = adjoint if not shared else (lambda *a, **more: adjoint(*a, **shared, **more))
         flat = _AdjointBackward.apply(forward, backward, layout, names, every, kernels, *tensors)
         n = len(names[0])
         return dict(zip(names[0], flat[:n])), dict(zip(names[1], flat[n:]))

@@ -382,8 +382,12 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     forward_params = "".join(f", self.{p.name}" for p in rec.params)
     triton_names = triton_form_names(analysis)
     if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel; both walk packed sequences
-        tri = [f"'recurrent': takes_cu_seqlens(with_adjoint({name}__triton_recurrent_loop, "
-               f"{name}__triton_recurrent_adjoint, _{name}_out, _{name}_st, kernels=True))"]
+        # and load half-precision inputs as they are (no float32 copies: the kernels upcast every load, the states
+        # stay float32, outputs come in the first input's dtype and the adjoint's gradients in the inputs' dtypes);
+        # a reverse call walks the steps backwards in both kernels (no flipped copies)
+        tri = [f"'recurrent': walks_back(takes_input_dtype(takes_cu_seqlens(with_adjoint("
+               f"{name}__triton_recurrent_loop, {name}__triton_recurrent_adjoint, _{name}_out, _{name}_st, "
+               "kernels=True))))"]
     else:  # the torch recurrent form's backward, from the saved inputs
         tri = [f"'recurrent': with_torch_backward({name}__triton_recurrent, {name}__recurrent, _{name}_out, "
                f"_{name}_st)"]

@@ -29,11 +29,12 @@ Kernel design (the torch per-step loop, moved into one program):
 - num_warps defaults to the fewest of 4, 8, 16 that keep a program's loop-resident tiles (each
   state twice, S and S_new, each param and loop-invariant temporary once) to ELEMENTS_PER_THREAD
   float32 values a thread;
-- each step loads its inputs (upcast to float32), computes every new state `b_S_new` from the
-  composed updates of the step IR (which read the previous states, and, where a state is assigned
-  after another one, that one's new value: states are updated in the order of their last assignment,
-  as the torch form does), then the outputs (which may read both S and S__new), stores the outputs
-  in the output tensor's dtype, and only then swaps `b_S = b_S_new`;
+- each step loads its inputs in their own dtype and upcasts them to float32 in registers (the dispatcher
+  hands a float16 / bfloat16 call's inputs over as they are, `takes_input_dtype`: no float32 copy),
+  computes every new state `b_S_new` from the composed updates of the step IR (which read the previous
+  states, and, where a state is assigned after another one, that one's new value: states are updated in
+  the order of their last assignment, as the torch form does), then the outputs (which may read both S
+  and S__new), stores the outputs in the output tensor's dtype, and only then swaps `b_S = b_S_new`;
 - common subexpressions are computed once per step as named temporary tiles: every `sum`, every
   repeated subexpression (alpha-equivalent sums included: `sum(e, Uh[d, e] h[e])` written twice is
   one temporary), a diagonal `W[d, d]`, and the non-trivial argument of a function printed with its
@@ -49,8 +50,11 @@ Kernel design (the torch per-step loop, moved into one program):
   cu[n] .. cu[n + 1] (read in the kernel, as fla's IS_VARLEN kernels do), initial and final states
   [N, H, ...]; the checkpoints of sequence n (cdiv(length_n, every) of them) are rows first[n] .. of one
   [1, H, NC, ...] tensor, `first` a table the launcher builds once per call (`_sequences`), so one launch
-  of the loop and one of the adjoint serve any N. A reverse run is the dispatcher's: each sequence's steps
-  flipped in place (codegen/dispatch.py `_run_packed_form`).
+  of the loop and one of the adjoint serve any N.
+- a reverse run (`reverse=True`, REVERSE): the same kernels, step i_t reading and writing the sequence's step
+  L_ - 1 - i_t (the forward's pointers start at the last step and move back; the adjoint's addresses,
+  `_STEP`), packed or not, so the dispatcher flips no copies of the inputs and outputs for this form
+  (codegen/dispatch.py `walks_back`); checkpoints and segments are those of the steps in the order taken.
 - the adjoint's chunk-parallel mode (`segments=True`; printed where the writer is asked for it and
   `TritonAdjointWriter._segmentable` holds: one state [A, F] whose gradient's map across a segment is linear and
   the same for every lane of the tiled axis F): for segment c, dS_start = P_c dS_end + r_c with P_c [A, A]. The
@@ -103,7 +107,7 @@ from .triton_printer import (
 _RESERVED = {"tl", "triton", "torch", "math", "range", "float", "int", "min", "max", "states", "i_b", "i_h",
              "i_bh", "i_t", "i_tile", "T_", "H_", "B_", "R_", "num_warps", "num_stages", "kernel", "out_dtype", "dev",
              "cu_", "ck_first_", "bos_", "L_", "NS_", "TT_", "VARLEN", "cu_seqlens", "LMAX_", "ck_row_",
-             "footprint_", "elements_"}
+             "footprint_", "elements_", "REVERSE", "first_", "step_", "reverse"}
 _PREFIXES = ("b_", "p_", "m_", "c_", "offs_", "mask_", "BLOCK_", "h0_", "ht_", "block_", "_")
 TILE = 32  # default lanes per program of the axis split over programs
 ELEMENTS_PER_THREAD = 96  # the launcher's num_warps default keeps a program's loop-resident tiles to this a thread
@@ -119,6 +123,9 @@ SEGMENT_SCRATCH_BYTES = 64 << 20
 # A [D0, D1] param's gradient that is a sum of at most this many outer products per step is not summed in registers:
 # the adjoint kernel stores the per-step factors and the launcher contracts them over (batch, time) in one matmul.
 OUTER_FACTORS_MAX = 4
+# The adjoint kernel's place of step i_t in its sequence: i_t, or from the end under REVERSE (a reverse run walks each
+# sequence backwards in the kernels rather than on flipped copies of the inputs and outputs)
+_STEP = "(L_ - 1 - i_t if REVERSE else i_t)"
 _TEMP_PREFIX = "_tmp"  # IR names of temporaries (user names cannot clash: they are renamed in the kernel anyway)
 _CONST_PREFIX = "_const"
 
@@ -432,7 +439,7 @@ class TritonRecurrentWriter:
                 + [f"ht_{_user(s.name)}" for s in self.states] + [f"ck_{_user(s.name)}" for s in self.states]
                 + ["cu_", "ck_first_"] + consts + ["T_", "H_", "every", "NC_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in all_sizes]
-                + ["CHECKPOINT: tl.constexpr", "VARLEN: tl.constexpr"])
+                + ["CHECKPOINT: tl.constexpr", "VARLEN: tl.constexpr", "REVERSE: tl.constexpr"])
         w("@triton.jit", 0)
         w(f"def {kernel}(", 0)
         w(", ".join(args[: len(self.inputs) + len(self.params)]) + ",  # inputs [B, T, H, ...], params [H, ...]")
@@ -446,7 +453,9 @@ class TritonRecurrentWriter:
             w(f'"""One (batch, head, {block_name(self.tile)} lanes of {size}) per program (no step couples lanes of '
               f'{size}); its tile of the state in registers; t = 0 .. L_ - 1 in a loop.')
         w("VARLEN: the batch index is a sequence of the one packed row [1, T_, H_, ...], steps cu_[i_b] ..")
-        w('cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints."""')
+        w("cu_[i_b + 1]; its checkpoints start at row ck_first_[i_b] of the [1, H_, NC_, ...] checkpoints.")
+        w("REVERSE: step i_t reads and writes the sequence's step L_ - 1 - i_t (a reverse run, no flipped copies);")
+        w('the checkpoints and the final state are those of the steps in that order."""')
         w("i_bh = tl.program_id(0)")
         w("i_b = i_bh // H_")
         w("i_h = i_bh % H_")
@@ -487,8 +496,15 @@ class TritonRecurrentWriter:
             w(f"p_ck_{u} = ck_{u} + ck_row_ * {self._factor(s)}" + (f" + {self._offsets(s)}" if s.dims else ""))
         # loop-invariant temporaries
         self._write_prologue_temps(w, printer)
-        # per-step pointers at t = 0
-        seq_base = "(bos_ * H_ + i_h)"
+        # per-step pointers at the first step taken: the sequence's first, or its last under REVERSE, each step
+        # moving them by step_ rows of H_ heads (back under REVERSE)
+        w("if REVERSE:")
+        w("first_ = bos_ + L_ - 1", 2)
+        w("step_ = -H_", 2)
+        w("else:")
+        w("first_ = bos_", 2)
+        w("step_ = H_", 2)
+        seq_base = "(first_ * H_ + i_h)"
         stepped = []
         for s in self.inputs:
             if s.name not in used:
@@ -554,7 +570,7 @@ class TritonRecurrentWriter:
             w(f"b_{u} = b_{u}_new", 2)
         for s in stepped:
             u = _user(s.name)
-            w(f"p_{u} += H_ * {self._numel(s)}" if s.dims else f"p_{u} += H_", 2)
+            w(f"p_{u} += step_ * {self._numel(s)}" if s.dims else f"p_{u} += step_", 2)
         for s in self.states:
             u = _user(s.name)
             if s.dims:
@@ -679,7 +695,7 @@ class TritonRecurrentWriter:
         args = [_user(s.name) for s in self.inputs + self.params]
         sizes = [_user(s) for s in self.sizes]
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
-        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0", "cu_seqlens=None"] + blocks
+        sig = ", ".join(args + ["states"] + sizes + ["*", "every=0", "cu_seqlens=None", "reverse=False"] + blocks
                         + ["num_warps=None", "num_stages=1"])
         w(f"def {self.fn}__triton_recurrent_loop({sig}):", 0)
         if self.tile is None:
@@ -691,7 +707,9 @@ class TritonRecurrentWriter:
         w("with every > 0, the float32 states before steps 0, every, 2 * every, ... (one dict of [B, H, ...] each),")
         w("from which the derived backward recomputes the others. cu_seqlens: None, or int64 [N + 1] boundaries of N")
         w("sequences packed in one row (inputs [1, T, H, ...], states [N, H, ...]), run in the same launch; their")
-        w('checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_sequences`)."""')
+        w("checkpoints are then the dicts of [1, H, ...] in the order of the sequences (`_sequences`). reverse: each")
+        w("sequence from its last step to its first, the kernel walking its steps backwards (no flipped copies);")
+        w('the checkpoints are then every `every` steps of that order."""')
         first = _user(self.inputs[0].name)
         w(f"R_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -740,7 +758,8 @@ class TritonRecurrentWriter:
                 + [_user(o.name) for o in self.outputs] + [f"ht_{_user(s.name)}" for s in self.states]
                 + [f"ck_{_user(s.name)}" for s in self.states] + ["cu_", "ck_first_"]
                 + [names[c] for c, _, _ in self.consts.values()] + ["T_", "H_", "max(every, 1)", "NC_"] + sizes + kw
-                + ["CHECKPOINT=NC_ > 0", "VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
+                + ["CHECKPOINT=NC_ > 0", "VARLEN=cu_ is not None", "REVERSE=bool(reverse)", "num_warps=num_warps",
+                   "num_stages=num_stages"])
         if self.tile is None:
             grid = "(B_ * H_,)"
         else:
@@ -882,9 +901,6 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         super().__init__(analysis)
         self.adj = adjoint
         self.want_segments = segments  # print the chunk-parallel mode where `_segmentable` allows it
-        # The backward of the chunked DPLR form, which takes float16 / bfloat16 inputs as they are
-        # (`takes_input_dtype`): gradients in the inputs' and params' dtypes. (Every other caller hands it float32.)
-        self.input_dtypes = segments
         self.ranges.update(adjoint.ranges)
         self.out_grads = {grad_name(o.name) for o in self.outputs}
         self.carried = {grad_name(s.name) for s in self.states}
@@ -1089,7 +1105,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + [f"dh0_{_user(s.name)}" for s in self.states] + [f"sc_{_user(s.name)}" for s in self.states]
                 + ["cu_", "ck_first_"] + consts + ["B_", "T_", "TT_", "H_", "every", "NC_", "SLOTS_"]
                 + [_user(s) for s in self.sizes] + [f"{block_name(d)}: tl.constexpr" for d in self.block_sizes]
-                + ["VARLEN: tl.constexpr"])
+                + ["VARLEN: tl.constexpr", "REVERSE: tl.constexpr"])
         if seg:  # the segmented mode's gradients at the segments' ends (in) and starts (out), its table and flags
             rest += [f"de_{state}", f"ds_{state}", "seq_", "NP_", "SUB_", "NSUB_", "SEGMENTS: tl.constexpr",
                      "TILE0_", "STORE_GRADS: tl.constexpr", "RECOMPUTE: tl.constexpr", "EYE: tl.constexpr",
@@ -1192,7 +1208,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 if x.name not in read:
                     continue
                 u = _user(x.name)
-                at = f"{u} + ((bos_ + i_t) * H_ + i_h) * {self._factor(x)}"
+                at = f"{u} + ((bos_ + {_STEP}) * H_ + i_h) * {self._factor(x)}"
                 if x.dims:
                     w(f"b_{u} = tl.load({at} + {self._offsets(x)}, mask={self._mask(x)}, other=0.0).to(tl.float32)"
                       f"  # {self._shape(x)}", indent)
@@ -1314,7 +1330,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         for o in self.outputs:
             if grad_name(o.name) not in read_adjoint:
                 continue
-            at = f"{self.grad_ptr[o.name]} + ((bos_ + i_t) * H_ + i_h) * {self._factor(o)}"
+            at = f"{self.grad_ptr[o.name]} + ((bos_ + {_STEP}) * H_ + i_h) * {self._factor(o)}"
             if o.dims:
                 at += f" + {self._offsets(o)}"
             w(f"{names[grad_name(o.name)]} = {seed(o, at)}", bi)
@@ -1340,7 +1356,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 continue
             # its own gradient, or its tile's part ([tiles, R, T_, H_, ...]: a tile's part is TT_ = R * T_ steps on)
             row = "bos_" if self._spans_tile(x) else ("bos_ + i_tile * TT_" if self.tile is not None else "bos_")
-            at = f"{self.grad_ptr[x.name]} + (({row} + i_t) * H_ + i_h) * {self._factor(x)}"
+            at = f"{self.grad_ptr[x.name]} + (({row} + {_STEP}) * H_ + i_h) * {self._factor(x)}"
             w(f"{u} = {text}" + (f"  # {self._shape(x)}" if x.dims else ""), bi)
             if seg:
                 w("if STORE_GRADS:", bi)
@@ -1403,7 +1419,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             for buf, e, axis, dim, side in ((rows, left, idx[0], dims[0], "row"),
                                             (cols, right, idx[1], dims[1], "col")):
                 self._write_temps_for(w, printer, e, emitted, 3)
-                step = "((bos_ + i_t) * H_ + i_h)"  # the step's place in [R, T_, H_]: packed or not
+                step = f"((bos_ + {_STEP}) * H_ + i_h)"  # the step's place in [R, T_, H_]: packed or not
                 if len(pairs) > 1:
                     step = f"({step} * {len(pairs)} + {j})"
                 at = f"{buf} + {step} * {self._size_src(dim)} + {offs_name(dim)}"
@@ -1436,25 +1452,24 @@ class TritonAdjointWriter(TritonRecurrentWriter):
         blocks = [f"block_{size_key(d)}=None" for d in self.block_sizes if isinstance(d, sympy.Symbol)]
         seg = self.segmented
         sig = ", ".join(args + ["checkpoints", "grad_outputs", "grad_states"] + sizes
-                        + ["*", "every=64", "cu_seqlens=None"] + blocks + ["num_warps=None", "num_stages=1"]
+                        + ["*", "every=64", "cu_seqlens=None", "reverse=False"] + blocks
+                        + ["num_warps=None", "num_stages=1"]
                         + (["segments=False"] if seg else []))
         w(f"def {self.fn}__triton_recurrent_adjoint({sig}):", 0)
         w(f'"""The backward of {self.fn}__triton_recurrent_loop in one Triton kernel, derived from the step')
         w(f"(recurrence_dsl/adjoint.py; the torch form {self.fn}__recurrent_adjoint prints the same expressions).")
         w("checkpoints: the loop's, every `every` steps; grad_outputs / grad_states: the loss's gradients of the")
         w("outputs [B, T, H, ...] and of the final states [B, H, ...]; cu_seqlens: the loop's (packed sequences:")
-        w("inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments).")
+        w("inputs [1, T, H, ...], states [N, H, ...], each program walking its own sequence's segments); reverse: the")
+        w("loop's (its steps taken from each sequence's last, the checkpoints of that order).")
         if seg:
             w("segments: the chunk-parallel backward (one program per (batch, head, tile, segment); `_segmentable`):")
             w("each segment's map of the state gradient, dS_start = P_c dS_end + r_c, as r_c (the segment run on the")
             w("outputs' gradients alone) and P_c (run on the identity, the tiled axis of the state standing for its")
             w("first axis, every value over it zero), a scan over the segments for each one's dS_end (the only")
             w("sequential part: NC_ small matmuls), then every segment's gradients in parallel from its dS_end.")
-        if self.input_dtypes:
-            w("Returns ([the gradient of each input and param, in its dtype], {state: its initial value's float32 "
-              'gradient})."""')
-        else:
-            w('Returns ([float32 gradient of each input and param], {state: its initial value\'s gradient})."""')
+        w("Returns ([the gradient of each input and param, in its dtype], {state: its initial value's float32 "
+          'gradient})."""')
         first = _user(self.inputs[0].name)
         w(f"R_, T_, H_ = {first}.shape[:3]")
         w(f"dev = {first}.device")
@@ -1496,9 +1511,10 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             w("SUB_ = math.isqrt(SLOTS_ - 1) + 1 if segments else SLOTS_")
             w("NSUB_ = triton.cdiv(SLOTS_, SUB_)")
             w(f"NP_ = {self.fn}__segment_lanes(NC_, G0_, (NSUB_ + SUB_) * {self._slot(st)}) if segments else 1")
-        # input_dtypes: an input's gradient in its own dtype (float16 / bfloat16 under the chunked DPLR form),
-        # stored once from the kernel's float32 value; where tiles' parts are summed (NT_ > 1) they are summed in
-        # float32 and cast once at the end, so no partial sum is rounded to half precision.
+        # An input's gradient in its own dtype (the recurrent form and the chunked DPLR form take float16 / bfloat16
+        # inputs as they are, `takes_input_dtype`), stored once from the kernel's float32 value; where tiles' parts
+        # are summed (NT_ > 1) they are summed in float32 and cast once at the end, so no partial sum is rounded to
+        # half precision.
         for x in self.inputs:
             dims = "".join(f", {self._size_src(d)}" for d in self._dims(x))
             lead = "" if self._spans_tile(x) else ("1 if segments else NT_, " if seg else "NT_, ")
@@ -1507,7 +1523,7 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 note = "  # a part per tile, summed below (segments: one, each tile's launch adding to it)"
             u = _user(x.name)
             dtype = (f"dtype={u}.dtype, device=dev" if self._spans_tile(x) else
-                     f"dtype={u}.dtype if NT_ == 1 else torch.float32, device=dev") if self.input_dtypes else f32
+                     f"dtype={u}.dtype if NT_ == 1 else torch.float32, device=dev")
             w(f"{self.grad_ptr[x.name]} = torch.{'empty' if x in self.grads else 'zeros'}(({lead}R_, T_, H_{dims}), "
               f"{dtype}){note}")
         for p in self.params:
@@ -1550,7 +1566,8 @@ class TritonAdjointWriter(TritonRecurrentWriter):
                 + ["cu_", "ck_first_"]
                 + [names[c] for c, _, _ in self.consts.values()]
                 + ["B_", "T_", "R_ * T_", "H_", "max(every, 1)", "NC_", "SLOTS_"]
-                + sizes + kw + ["VARLEN=cu_ is not None", "num_warps=num_warps", "num_stages=num_stages"])
+                + sizes + kw + ["VARLEN=cu_ is not None", "REVERSE=bool(reverse)", "num_warps=num_warps",
+                                "num_stages=num_stages"])
         if seg:
             self._write_segmented_launch(w, args, sizes, call, names)
         else:
@@ -1566,11 +1583,15 @@ class TritonAdjointWriter(TritonRecurrentWriter):
             for g in parts:
                 w(f"{g}[0] += {g}[i_]", 2)
         for x in self.inputs:
-            whole = "[0]" if seg else ".sum(0)"
-            cast = f".to({_user(x.name)}.dtype)" if self.input_dtypes else ""
-            grads.append(self.grad_ptr[x.name] + ("" if self._spans_tile(x) else whole + cast))
-        for p in self.params:  # (summed in float32; input_dtypes: then in the param's dtype)
-            cast = f".to({_user(p.name)}.dtype)" if self.input_dtypes else ""
+            g, cast = self.grad_ptr[x.name], f".to({_user(x.name)}.dtype)"
+            if self._spans_tile(x):
+                grads.append(g)
+            elif seg:
+                grads.append(f"{g}[0]{cast}")
+            else:  # (one tile: its part is the gradient, in the input's dtype)
+                grads.append(f"({g}[0] if NT_ == 1 else {g}.sum(0){cast})")
+        for p in self.params:  # (summed in float32, then in the param's dtype)
+            cast = f".to({_user(p.name)}.dtype)"
             if p.name in self.outer:
                 rows, cols = self.factor_ptr[p.name]
                 grads.append(f'torch.einsum("bthjr,bthjc->hrc", {rows}, {cols}){cast}')
