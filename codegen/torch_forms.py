@@ -1422,14 +1422,16 @@ class TorchFormWriter:
         w("if t3 == t1 - t0:  # the segment's last step: the gradient from the steps after it", 3)
         for s in names:
             w(f"{total_at[s]}[t3 - 1].add_({carried[s]})", 4)
-        w("for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):", 3)
-        fetch(step_loop, 4)
         step_printer = TorchPrinter(self.sizes, ranges, step, fuse=True)
-        for s in names:
-            idx, e = previous[s]
-            for line in self._accumulate(step_printer, sympy.Add.make_args(e) if e != 0 else (), idx,
-                                         f"{total_at[s]}[t - 1]"):
-                w(f"{line}  # d loss / d {s} before step t", 4)
+        carries = [f"{line}  # d loss / d {s} before step t" for s in names
+                   for line in self._accumulate(step_printer, sympy.Add.make_args(previous[s][1])
+                                                if previous[s][1] != 0 else (), previous[s][0],
+                                                f"{total_at[s]}[t - 1]")]
+        if carries:  # (none where no state's update reads a state: each step's gradient is then its readouts' alone)
+            w("for t in reversed(range(t2 + 1, min(t3 + 1, t1 - t0))):", 3)
+            fetch(step_loop, 4)
+            for line in carries:
+                w(line, 4)
         if block_gradients is not None:
             block_gradients("t2", "t3", 3)
         w("t = 0", 2)

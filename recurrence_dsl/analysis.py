@@ -1296,6 +1296,10 @@ def _no_scan_reason(states: dict[str, StateAnalysis]) -> str:
     def why(s: StateAnalysis) -> str:
         if s.cls is TransitionClass.NON_LINEAR:
             return "a scan composes affine steps only"
+        if s.cls is TransitionClass.GENERAL and s.diagonal is not None and s.diagonal == 0:
+            return (f"read after its update, {s.name} is a temporary (write it as one); read before, it is the "
+                    "previous step's value of what it is set to: shift that input by one step outside the recurrence "
+                    "and pass it as an input (docs/language.md, \"Linear bodies\")")
         # A matrix transition mixes the state's rows: a scan's combine would multiply those matrices.
         n = spec_text(s.dims[0]) if s.dims else "n"
         return (f"each step's transition is a {n} x {n} matrix, so a scan's every combine would be a {n} x {n} "

@@ -124,7 +124,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         if name not in {s.name for s in declared}:
             raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
                             f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, "
-                            "reverse")
+                            "reverse (and a compiled layer form, backend, chunk_size, config)")
         if name in values:
             raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
         values[name] = value
@@ -171,7 +171,10 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             return _expected(("H",), sym)
 
         if t.dim() != 1 + len(sym.dims) or t.shape[0] != heads:
-            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={_n(heads)}, got {_shape(t)}")
+            head_first = (t.dim() == 1 + len(sym.dims) and t.shape[0] == length and length != heads)
+            raise CallError(f"param '{sym.name}' must have shape {describe()} with H={_n(heads)}, got {_shape(t)}"
+                            + (f"; its {_n(length)} heads are the inputs' T axis: inputs are [B, T, H, ...], so "
+                               "head-first ones [B, H, T, ...] want .transpose(1, 2)" if head_first else ""))
         if t.device != device:
             raise CallError(f"param '{sym.name}' is on {t.device} but the inputs are on {device}")
         for pos, size in enumerate(sym.dims):

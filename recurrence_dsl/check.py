@@ -388,8 +388,13 @@ class _Checker:
                                  else f"move 'param {name}' above this line")
             assigned_later = [s for s in self.rec.statements if isinstance(s, ast.Assign) and s.target == name]
             if assigned_later:
+                line = assigned_later[0].span.line
+                # (a read on its own assignment's line is the usual `S = a * S + ...` with `state S` forgotten)
+                carry = (f"; to carry it from one step to the next, declare it first with a line `state {name}[...]` "
+                         "(its sizes)" if line == span.line else
+                         f"; if it should hold the previous step's value, declare it with `state {name}[...]`")
                 raise self.error(f"'{name}' is read before it is assigned", span,
-                                 hint=f"it is assigned at line {assigned_later[0].span.line}")
+                                 hint=f"it is assigned at line {line}{carry}")
             known = list(self.symbols) + list(self.sizes)
             raise self.error(f"undefined name '{name}'", span,
                              hint=did_you_mean(name, known) or self.declare_hint(name, indices, scopes))
