@@ -14,6 +14,10 @@ import torch
 
 from recurrence_dsl.errors import DecayNotPositive  # (a generated module's own import: codegen/module.py `_SUPPORT`)
 
+# The forms whose functions check the values of a call before their masked matmuls (`UnsafeSteps`) and take
+# `check_steps=False` to skip that (`run_forms`): the chunked form, and the parallel one that runs its function.
+CHECKED_FORMS = ("chunked", "parallel")
+
 
 class UnsafeSteps(Exception):  # noqa: N818 - a signal between a form and the dispatcher, like StopIteration
     """A chunked or parallel form met, at step `step` and not before, a value its masked matmuls cannot take
@@ -267,7 +271,7 @@ def pick_form(forms, length: int, chunk_size: int, rows: int = 1, scan_bytes=0, 
 
 
 def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: dict | None = None,
-              grid_limits: bool = False, backend: str | None = None):
+              grid_limits: bool = False, backend: str | None = None, check_steps: bool = True):
     """`(output, final_state)` of `spec` on `call` through `form_fns[form]` ("auto" picks per sequence).
 
     Each form function takes `(*inputs, *params, states, *sizes, **extra)` in the compute dtype (in the call's
@@ -277,7 +281,10 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     `options`: form name -> keyword arguments for that form's function (block sizes, warps of a config).
     grid_limits: the forms launch CUDA kernels (the Triton backend), so a chunked call too large for CUDA's grid
     limits runs in pieces that fit (`in_grid_pieces`). backend: the forms' backend as an error names it (None:
-    "triton" with grid_limits, else "torch").
+    "triton" with grid_limits, else "torch"). check_steps: False hands `check_steps=False` to the chunked and
+    parallel forms (`CHECKED_FORMS`), which then skip their value checks and the host sync they make
+    (codegen/torch_forms.py `_check_steps`, `_require_positive`): no `UnsafeSteps` and no `DecayNotPositive` comes
+    back, so no step runs one at a time and "auto" keeps the form it chose whatever the values.
     """
     options = options or {}
     if call.device.type == "meta":
@@ -315,6 +322,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             extra["chunk_size"] = chunk_size
         elif chosen == "parallel":
             extra["chunk_size"] = max(length, 1)
+        if not check_steps and chosen in CHECKED_FORMS:
+            extra["check_steps"] = False
         ordered = [piece[i.name] for i in spec.inputs]
         if not getattr(fn, "input_dtype", False):
             ordered, given = [x.to(dtype) for x in ordered], [p.to(dtype) for p in params]
@@ -760,13 +769,13 @@ def _unflatten(layout, tensors) -> list:
 def with_torch_backward(fast, slow, output_names, state_names):
     """A form function running `fast` forward and differentiating through `slow` (same signature).
 
-    `slow` receives only `chunk_size` of the keyword options (block sizes are the fast form's)."""
+    `slow` receives only `chunk_size` and `check_steps` of the keyword options (block sizes are the fast form's)."""
 
     def run(*args, **extra):
         layout, tensors = _flatten(args)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return fast(*args, **extra)
-        slow_extra = {k: v for k, v in extra.items() if k == "chunk_size"}
+        slow_extra = {k: v for k, v in extra.items() if k in ("chunk_size", "check_steps")}
         names = (tuple(output_names), tuple(state_names))
         flat = _RecomputeBackward.apply(lambda *a: fast(*a, **extra), lambda *a: slow(*a, **slow_extra), layout,
                                         names, *tensors)

@@ -84,6 +84,13 @@ def _form_error(spec, form: str, forms: dict, triton_forms: dict | None, backend
     return None
 
 
+def check_steps_error(check_steps) -> str | None:
+    """Why `check_steps` (a layer's, a module's or a call's option) is not a bool, or None."""
+    if not isinstance(check_steps, bool):
+        return f"check_steps must be True or False, got {check_steps!r}"
+    return None
+
+
 def defaults_error(spec, forms: dict, triton_forms: dict | None, form, backend, chunk_size) -> str | None:
     """Why a layer's (or a generated module's) defaults `form`, `backend` and `chunk_size` cannot run, or None.
     chunk_size meets Triton's power-of-two rule when the backend is "triton" and a chunking form may run (form
@@ -109,6 +116,17 @@ class Layer:
     where a call looks its config up (see codegen/tuning.py for the store rule and the order of precedence):
     True (the rule's store), a path, or False (never).
 
+    check_steps: True (default) or False, the default of every call without its own `check_steps=`. True: before
+    their masked matmuls the chunked and parallel forms check each step's values (`_check_steps`: a non-finite
+    input, a log decay that is NaN or > 0; and `_require_positive`, a decay the form takes the log of), at the
+    cost of reading the inputs once more and one host sync per state; from the first unsafe step on the steps
+    run one at a time, as the reference runs them, so the results match it for any values. False skips the
+    checks and their syncs (no host read of a value, so CUDA graphs can capture the forms and the CPU runs ahead):
+    the forms then give whatever their matmuls give. A NaN or inf at one step can then spread to earlier steps
+    of its chunk (a masked matmul multiplies it by the zeros above the diagonal), a log decay > 0 can overflow,
+    and a decay <= 0 whose log the form takes gives NaN (where "auto" would otherwise have stepped through).
+    Finite inputs with log decays <= 0 give exactly what check_steps=True gives.
+
     Under torch.compile a call is one call of the recurrence's custom op, `recurrence_dsl::<name>_<spec hash>`
     (registered at the first layer of the spec in the process; see `_LayerOp`), so `torch.compile(model,
     fullgraph=True, dynamic=True)` of a model of layers compiles one graph for every sequence length, forward and
@@ -116,10 +134,10 @@ class Layer:
     """
 
     def __init__(self, spec, forms: dict, triton_forms: dict | None, *, form: str = "auto", backend: str = "auto",
-                 chunk_size: int | None = None, tuning=True):
+                 chunk_size: int | None = None, tuning=True, check_steps: bool = True):
         # CallError (a ValueError), as a call with the same bad argument raises: compile(rec, form="chunked") and
         # layer(..., form="chunked") of a recurrence without a chunked form fail alike.
-        why = defaults_error(spec, forms, triton_forms, form, backend, chunk_size)
+        why = defaults_error(spec, forms, triton_forms, form, backend, chunk_size) or check_steps_error(check_steps)
         if why:
             raise CallError(why)  # noqa: F821
         if not (isinstance(tuning, (bool, str)) or hasattr(tuning, "__fspath__")):
@@ -127,13 +145,14 @@ class Layer:
         self.recurrence = spec
         self.forms = forms
         self.triton_forms = triton_forms
-        self.form, self.backend, self.tuning = form, backend, tuning
+        self.form, self.backend, self.tuning, self.check_steps = form, backend, tuning, check_steps
         self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         self.chunk_size_given = chunk_size is not None  # an explicit chunk_size always wins over the store
         # The op is registered here, not at the first compiled call: Dynamo cannot trace a registration.
         self._op, self._op_index = _layer_op(self)
         # How a pickle rebuilds this layer when its module cannot be imported by name (`__reduce_ex__`): None, or
-        # (build, source) with build(*source, form, backend, chunk_size, tuning) -> the layer; compile() sets it.
+        # (build, source) with build(*source, form, backend, chunk_size, tuning, check_steps) -> the layer;
+        # compile() sets it.
         self._rebuild = None
 
     @property
@@ -149,14 +168,16 @@ class Layer:
             return f.read()
 
     def options(self, *, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                tuning=None):
-        """A copy of this layer with other defaults (None keeps this layer's)."""
+                tuning=None, check_steps: bool | None = None):
+        """A copy of this layer with other defaults (None keeps this layer's); check_steps: see the class."""
         return type(self)(self.recurrence, self.forms, self.triton_forms,
                           form=self.form if form is None else form,
                           backend=self.backend if backend is None else backend,
                           chunk_size=(self.chunk_size if self.chunk_size_given else None) if chunk_size is None
                           else chunk_size,
-                          tuning=self.tuning if tuning is None else tuning)._rebuilt_by(self._rebuild)
+                          tuning=self.tuning if tuning is None else tuning,
+                          check_steps=self.check_steps if check_steps is None else check_steps,
+                          )._rebuilt_by(self._rebuild)
 
     def _rebuilt_by(self, rebuild):
         """This layer, pickled as `rebuild` says (see `_rebuild` in `__init__`)."""
@@ -183,7 +204,7 @@ class Layer:
         return pick_form(tuple(self.forms), length, self.chunk_size if chunk_size is None else chunk_size,  # noqa: F821
                          scan_first=self.recurrence.scan_first)
 
-    def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config):
+    def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config, check_steps=None):
         """Bind and check a call, choose backend, form and config, and run it (see `__call__`).
 
         Under torch.compile the checks run while Dynamo traces (so a bad call raises the same `CallError` as in
@@ -193,11 +214,12 @@ class Layer:
         compiling = torch.compiler.is_compiling()
         try:
             # (while tracing, cu_seqlens' boundaries are values Dynamo does not have: the op checks them, `_op_results`)
+            check = self._resolved_check_steps(check_steps)
             call = bind_call(self.recurrence, args, kwargs, check_values=not compiling)  # noqa: F821 - calling.py
             backend, _, form, chunk, options, _, _ = self._plan(call, form, backend, chunk_size, config)
             if compiling:
-                return self._through_op(call, form, backend, chunk, options)
-            return self._run(call, form, backend, chunk, options)
+                return self._through_op(call, form, backend, chunk, options, check)
+            return self._run(call, form, backend, chunk, options, check)
         except RuntimeError as err:
             if compiling or not _functorch_active():  # (compiling first: Dynamo need not trace that query)
                 raise
@@ -212,23 +234,34 @@ class Layer:
                 "RECURRENCE_DSL_RECURRENT_BACKWARD=autograd in the environment (autograd through its step loop, "
                 f"which torch.func differentiates). (torch: {said[:200]})") from None
 
-    def _run(self, call, form: str, backend: str, chunk: int, options: dict):
+    def _resolved_check_steps(self, check_steps) -> bool:
+        """A call's check_steps: its own (checked: CallError for one that is not a bool), else this layer's."""
+        if check_steps is None:
+            return self.check_steps
+        why = check_steps_error(check_steps)
+        if why:
+            raise CallError(why)  # noqa: F821
+        return check_steps
+
+    def _run(self, call, form: str, backend: str, chunk: int, options: dict, check_steps: bool = True):
         """Run a planned call through the forms (options: form name -> that form's keyword arguments)."""
         fns = self.triton_forms if backend == "triton" else self.forms
         if backend == "triton":
             options = triton_options(call, options)  # noqa: F821 - from dispatch.py
         return run_forms(self.recurrence, fns, call, form, chunk, options,  # noqa: F821 - from dispatch.py
-                         grid_limits=backend == "triton", backend=backend)
+                         grid_limits=backend == "triton", backend=backend, check_steps=check_steps)
 
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                   config: dict | None = None, **kwargs) -> dict:
+                   config: dict | None = None, check_steps: bool | None = None, **kwargs) -> dict:
         """Which config a call with these arguments would run, and why, without running it: {"backend",
         "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
         when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
         the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default.
         Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
         negative retention `gamma`), a call under form "auto" steps instead (an explicit form raises
-        DecayNotPositive), and from a non-finite step on, any call steps."""
+        DecayNotPositive), and from a non-finite step on, any call steps (with check_steps on). check_steps, which
+        chooses no config, is taken and checked as the call checks it."""
+        self._resolved_check_steps(check_steps)
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
         resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
@@ -326,7 +359,7 @@ class Layer:
                           scan_first=self.recurrence.scan_first)
         return picks in CHUNKING_FORMS
 
-    def _through_op(self, call, form: str, backend: str, chunk: int, options: dict):
+    def _through_op(self, call, form: str, backend: str, chunk: int, options: dict, check_steps: bool = True):
         """A planned call as one call of the recurrence's op (what torch.compile traces); the op runs `_op_forward`
         of this layer. (The tuning store is not read while tracing: codegen/tuning.py.)"""
         spec = self.recurrence
@@ -338,7 +371,8 @@ class Layer:
         # and returns one more output, the token naming it (ignored here: `flat` is indexed below).
         needs = [torch.is_grad_enabled() and t.requires_grad for t in tensors]
         flat = self._op(tensors, call.cu_seqlens, form, backend, chunk, _encode_options(options),
-                        call.output_final_state, call.reverse, self._op_index, needs if any(needs) else None)
+                        call.output_final_state, call.reverse, check_steps, self._op_index,
+                        needs if any(needs) else None)
         count = len(spec.outputs)
         outputs = {o.name: flat[n] for n, o in enumerate(spec.outputs)}
         finals = {s.name: flat[count + n] for n, s in enumerate(spec.states)} if call.output_final_state else None
@@ -346,7 +380,7 @@ class Layer:
 
     # The op's kernels for this layer's calls (see `_LayerOp`), in the order: forward, fake, backward.
     def _op_results(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state,
-                    reverse) -> list:
+                    reverse, check_steps=True) -> list:
         """The outputs (and final states) of one call from the op's arguments, bound and checked again, now with
         the values (`cu_seqlens`' boundaries), and run as an eager call runs."""
         spec = self.recurrence
@@ -355,7 +389,7 @@ class Layer:
         kwargs = {"initial_state": {s.name: t for s, t in zip(spec.states, states)} if states else None,
                   "output_final_state": output_final_state, "cu_seqlens": cu_seqlens, "reverse": reverse}
         call = bind_call(spec, tuple(tensors[:count]), kwargs)  # noqa: F821 - from calling.py
-        output, final = self._run(call, form, backend, chunk_size, _decode_options(options))
+        output, final = self._run(call, form, backend, chunk_size, _decode_options(options), check_steps)
         flat = list(output) if len(spec.outputs) > 1 else [output]
         if final is not None:
             flat += [final[s.name] for s in spec.states] if isinstance(final, dict) else [final]
@@ -406,10 +440,11 @@ class Layer:
         return config_forms(config, accepted, backend, form)  # noqa: F821 - from dispatch.py
 
     def __call__(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                 config: dict | None = None, **kwargs):
+                 config: dict | None = None, check_steps: bool | None = None, **kwargs):
         """`(output, final_state)`; the arguments of the calling convention (docs/language.md) plus form, backend,
-        chunk_size (defaults: this layer's) and config (a tuning config for the form that runs)."""
-        return self._call(args, kwargs, form, backend, chunk_size, config)
+        chunk_size, check_steps (defaults: this layer's; check_steps=False skips the chunked and parallel forms'
+        value checks and their host sync, see the class) and config (a tuning config for the form that runs)."""
+        return self._call(args, kwargs, form, backend, chunk_size, config, check_steps)
 
     def __reduce_ex__(self, protocol: int):
         """Pickle (`torch.save` of a model holding this layer) by how to rebuild the layer, not by its form
@@ -421,7 +456,7 @@ class Layer:
         import sys
 
         chunk_size = self.chunk_size if self.chunk_size_given else None
-        defaults = (self.form, self.backend, chunk_size, self.tuning)
+        defaults = (self.form, self.backend, chunk_size, self.tuning, self.check_steps)
         if self._rebuild is not None:
             build, source = self._rebuild
             return build, (*source, *defaults)
@@ -451,12 +486,15 @@ class Layer:
         return f"<{self.name} layer: forms {', '.join(self.forms)}; backend={self.backend!r}, form={self.form!r}>"
 
 
-def _module_layer(module_name: str, name: str, form: str, backend: str, chunk_size: int | None, tuning):
-    """The layer `name` of the generated module `module_name` with these defaults: a pickled layer, loaded."""
+def _module_layer(module_name: str, name: str, form: str, backend: str, chunk_size: int | None, tuning,
+                  check_steps: bool = True):
+    """The layer `name` of the generated module `module_name` with these defaults: a pickled layer, loaded (one
+    pickled before check_steps existed passes none: True)."""
     import importlib
 
     return getattr(importlib.import_module(module_name), name).options(form=form, backend=backend,
-                                                                        chunk_size=chunk_size, tuning=tuning)
+                                                                        chunk_size=chunk_size, tuning=tuning,
+                                                                        check_steps=check_steps)
 
 
 def _functorch_active() -> bool:
@@ -472,9 +510,9 @@ def _functorch_active() -> bool:
 # sequences' `cu_seqlens.tolist()`, the fall-back to the step-by-step form on an unsafe step) and branch on them.
 # So under torch.compile a layer call is one opaque op, `recurrence_dsl::<name>_<spec hash>`, taking the flat
 # tensors (inputs, params, initial states or none, cu_seqlens or none) and the static choices (form, backend,
-# chunk_size, block sizes, output_final_state, and which layer), and returning the outputs and, when
-# asked, the final states. Its fake implementation gives the shapes from the spec's dims and the arguments' shapes,
-# so a symbolic T flows through and one graph serves every length.
+# chunk_size, block sizes, output_final_state, reverse, check_steps, and which layer), and returning the outputs
+# and, when asked, the final states. Its fake implementation gives the shapes from the spec's dims and the
+# arguments' shapes, so a symbolic T flows through and one graph serves every length.
 #
 # Its autograd formula is a second op, `..._backward`. A training step must run the forward once (issue 9), but
 # AOTAutograd runs the op's kernel with autograd off and cannot see inside it, and the forms' residuals are
@@ -508,13 +546,14 @@ def _functorch_active() -> bool:
 OP_NAMESPACE = "recurrence_dsl"
 _OP_TABLE = "_recurrence_dsl_layer_ops"  # attribute of torch.ops.recurrence_dsl: op name -> _LayerOp
 _OP_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, str form, str backend, int chunk_size, str options, "
-              "bool output_final_state, bool reverse, int layer, bool[]? needs=None) -> Tensor[]")
+              "bool output_final_state, bool reverse, bool check_steps, int layer, bool[]? needs=None) -> Tensor[]")
 _OP_BACKWARD_SCHEMA = ("(Tensor[] tensors, Tensor? cu_seqlens, Tensor[] results, Tensor? token, Tensor?[] grads, "
                        "bool[] needs, str form, str backend, int chunk_size, str options, bool output_final_state, "
-                       "bool reverse, int layer) -> Tensor[]")
+                       "bool reverse, bool check_steps, int layer) -> Tensor[]")
 # In every op's name: a copy of this code whose schemas differ (a module written by an earlier version, loaded
-# beside a newer one) registers ops of other names, rather than calling ops of another schema. Version 2: reverse.
-_OP_SCHEMA_VERSION = 2
+# beside a newer one) registers ops of other names, rather than calling ops of another schema. Version 2: reverse;
+# 3: check_steps.
+_OP_SCHEMA_VERSION = 3
 # At most this many forwards' graphs are kept for their backward (oldest dropped first): a graph is also dropped
 # when its token dies, so this bounds only forwards whose outputs stay alive without a backward (each holds what
 # eager autograd would hold for it). A backward whose graph was dropped recomputes the forward.
@@ -621,9 +660,9 @@ class _LayerOp:
         return index
 
     # The kernels: each hands the forms' run to the layer it names (its own module's code).
-    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, reverse, layer,
-                 needs=None):
-        static = (form, backend, chunk_size, options, output_final_state, reverse)
+    def _forward(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, reverse,
+                 check_steps, layer, needs=None):
+        static = (form, backend, chunk_size, options, output_final_state, reverse, check_steps)
         if not needs or not any(needs):
             return self.layers[layer]._op_forward(tensors, cu_seqlens, *static)
         # A backward will follow: run the forms under autograd on detached leaves and keep the graph, so the
@@ -637,7 +676,7 @@ class _LayerOp:
         return [r.detach() for r in roots] + [self._keep(leaves, roots)]
 
     def _forward_fake(self, tensors, cu_seqlens, form, backend, chunk_size, options, output_final_state, reverse,
-                      layer, needs=None):
+                      check_steps, layer, needs=None):
         results = self.layers[layer]._op_fake(tensors, cu_seqlens, output_final_state)
         # The token: a CPU tensor whatever the inputs' device, as `_keep` makes it.
         return results + ([torch.empty((), dtype=torch.int64)] if needs and any(needs) else [])

@@ -4,7 +4,7 @@ The module imports only torch (and triton when it is installed). It carries
 copies of the project's own runtime pieces (the calling convention, the form
 dispatcher, the torch runtime) followed, per recurrence, by its spec as data,
 its printed torch forms, a function with LANGUAGE.md's calling convention plus
-`form=`, `backend=` and `chunk_size=` keywords, and a `torch.nn.Module` wrapper.
+`form=`, `backend=`, `chunk_size=` and `check_steps=` keywords, and a `torch.nn.Module` wrapper.
 
 The same spec and compiler version give a byte-identical file (no dates, no
 paths that vary, sorted everything), the first line marks the file as
@@ -441,7 +441,7 @@ class _{cls}Layer(Layer):
     """{name}: {analysis.cls.value} recurrence; forms {", ".join(analysis.forms)}; triton: {", ".join(triton_names)}."""
 
     def __call__(self, *args, initial_state=None, output_final_state=False, cu_seqlens=None, reverse=None,
-                 form=None, backend=None, chunk_size=None, config=None, **inputs):
+                 form=None, backend=None, chunk_size=None, config=None, check_steps=None, **inputs):
         """{name}({", ".join(args)}, ...): (output, final_state), final_state None unless output_final_state.
 
         Inputs and params by position or by name. Shapes:
@@ -452,10 +452,13 @@ class _{cls}Layer(Layer):
         first; None (default) the direction the spec declares ({"reverse" if rec.reverse else "forward"}).
         form: "auto" or one of {", ".join(analysis.forms)}; backend: "auto" (triton for CUDA tensors, or CPU
         tensors under TRITON_INTERPRET=1, when triton imports), "torch" or "triton"; chunk_size: the chunk
-        length of the chunked form; config: a tuning config for the form that runs. Defaults: the layer's.
+        length of the chunked form; config: a tuning config for the form that runs; check_steps: False skips the
+        chunked and parallel forms' value checks and their host sync (a NaN or inf can then spread to earlier steps
+        of its chunk, a log decay > 0 overflow: see Layer). Defaults: the layer's.
         """
         return self._call(args, dict(inputs, initial_state=initial_state, output_final_state=output_final_state,
-                                     cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config)
+                                     cu_seqlens=cu_seqlens, reverse=reverse), form, backend, chunk_size, config,
+                          check_steps)
 
 
 {name} = _{cls}Layer(_{name}_spec, _{name}_forms, _{name}_triton_forms)
@@ -463,13 +466,15 @@ class _{cls}Layer(Layer):
 
 class {cls}(torch.nn.Module):
     """`{name}` as a module; {owned}.{start_doc}
-    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store)."""
+    chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store).
+    check_steps False: the chunked and parallel forms skip their value checks and host sync (see Layer)."""
 
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}):
+    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}, check_steps=True):
         super().__init__()
         sizes = _module_sizes(self, _{name}_spec, heads, sizes)  # of the params' and inputs' axes: {{"K": 64}}
-        _module_options(self, {name}, form, backend, chunk_size)  # a typo fails here, not at the first forward
+        _module_options(self, {name}, form, backend, chunk_size, check_steps)  # a typo fails here, not at forward
         self.heads, self.sizes, self.form, self.backend, self.chunk_size = heads, sizes, form, backend, chunk_size
+        self.check_steps = check_steps
 {param_lines}{param_check}
 
     def extra_repr(self):
@@ -480,7 +485,7 @@ class {cls}(torch.nn.Module):
         _module_call(self, _{name}_spec, ({forward_inputs}{one_tuple}), initial_state, {FORWARD_KEYWORDS})
         return {name}({forward_inputs}{forward_params}, initial_state=initial_state,
 {under}output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-{under}form=self.form, backend=self.backend, chunk_size=self.chunk_size)
+{under}form=self.form, backend=self.backend, chunk_size=self.chunk_size, check_steps=self.check_steps)
 '''
 
 
@@ -591,10 +596,11 @@ def _module_sizes(module, spec, heads, sizes):
     return {key: _positive(owner, f"sizes[{key!r}]", value) for key, value in sizes.items()}
 
 
-def _module_options(module, layer, form, backend, chunk_size):
-    """A module's form=, backend= and chunk_size= checked when it is built, as its layer checks them (a CallError
-    naming the module), so a typo fails where it is written instead of at the first forward."""
-    why = defaults_error(layer.recurrence, layer.forms, layer.triton_forms, form, backend, chunk_size)
+def _module_options(module, layer, form, backend, chunk_size, check_steps=True):
+    """A module's form=, backend=, chunk_size= and check_steps= checked when it is built, as its layer checks them
+    (a CallError naming the module), so a typo fails where it is written instead of at the first forward."""
+    why = (defaults_error(layer.recurrence, layer.forms, layer.triton_forms, form, backend, chunk_size)
+           or check_steps_error(check_steps))
     if why:
         raise CallError(f"{type(module).__name__}: {why}")
 
@@ -602,7 +608,7 @@ def _module_options(module, layer, form, backend, chunk_size):
 def _module_repr(module):
     """What print(model) shows of a module: its heads and sizes, and each call default it was given."""
     shown = [f"heads={module.heads}", f"sizes={module.sizes}"]
-    for key, default in (("form", "auto"), ("backend", "auto"), ("chunk_size", None)):
+    for key, default in (("form", "auto"), ("backend", "auto"), ("chunk_size", None), ("check_steps", True)):
         if getattr(module, key) != default:
             shown.append(f"{key}={getattr(module, key)!r}")
     return ", ".join(shown)
@@ -639,7 +645,7 @@ def _module_call(module, spec, inputs, initial_state, keywords):
             raise CallError(f"{owner}.forward() got param '{key}': the module owns '{key}' (the nn.Parameter "
                             f"{owner}.{key}, set when the module is built), so it is not a forward argument; "
                             f"forward takes {takes}")
-        if key in ("form", "backend", "chunk_size"):  # the layer's per-call options: a module's are its own
+        if key in ("form", "backend", "chunk_size", "check_steps"):  # the layer's per-call options: the module's own
             raise TypeError(f"{owner}.forward() got '{key}': a module's {key} is set when it is built "
                             f"({owner}(heads, {key}=...)) or on the module afterwards (module.{key} = ...); "
                             f"forward takes {takes}")
@@ -792,10 +798,10 @@ def _prune(units: list[Unit], roots: list[str]) -> list[Unit]:
 
 
 # Arguments of the generated nn.Module's __init__ besides its params.
-_MODULE_INIT_ARGUMENTS = frozenset({"self", "heads", "sizes", "form", "backend", "chunk_size"})
+_MODULE_INIT_ARGUMENTS = frozenset({"self", "heads", "sizes", "form", "backend", "chunk_size", "check_steps"})
 # Attributes the generated nn.Module sets or inherits besides its params.
 _MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module)) | {"training", "heads", "sizes", "form", "backend",
-                                                         "chunk_size"}
+                                                         "chunk_size", "check_steps"}
 
 
 def _check_names(units: list[Unit], analyses: list[Analysis]) -> None:

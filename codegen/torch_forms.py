@@ -2454,7 +2454,7 @@ class TorchFormWriter:
         and starting from the first step that kernel found unsafe (`unsafe_`); sets `prologue_checked`."""
         self.prologue_checked = set()
         w = SourceWriter()
-        self._header(w, "chunked", ", chunk_size=64" + (", every=0" if self.checkpoints else "")
+        self._header(w, "chunked", ", chunk_size=64, check_steps=True" + (", every=0" if self.checkpoints else "")
                      + (", **options" if self.options else ""))
         if self.checkpoints:
             w('"""Chunked form: intra-chunk masked matmuls, the state passed once per chunk. Returns (outputs, final')
@@ -2626,9 +2626,9 @@ class TorchFormWriter:
             if plan.log_decay is not None:
                 shape = {"scalar": (), "key": kdims, "value": (dims[-1] if len(dims) > 1 else 1,)}
                 if not plan.decay_exact:
-                    w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
-                      # (one function, both forms)
-                      f"'the decay {tidy(sa.diagonal)} of {s.name}', ('chunked', 'parallel'))")
+                    _guarded(w, f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
+                             # (one function, both forms)
+                             f"'the decay {tidy(sa.diagonal)} of {s.name}', ('chunked', 'parallel'))")
                 head = fuse.get("decay_head") if fuse else None
                 g_expr = fuse["log_decay"] if head else plan.log_decay.expr
                 if scalar_maps:
@@ -2734,7 +2734,7 @@ class TorchFormWriter:
                 else:
                     pro(f"b_{s.name}", plan.mix_write.expr, plan.mix_write.indices, kdims,
                         comment="writes u_t back along b_t")
-                w(check)
+                _guarded(w, check)
                 starts = f", starts_{s.name}" if self.checkpoints else ""
                 w(f"{target}{starts} = {self.rt}chunked_dplr_by({axis}, [{', '.join(queries)}], k_{s.name}, "
                   f"v_{s.name}, a_{s.name}, b_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, "
@@ -2743,13 +2743,13 @@ class TorchFormWriter:
                   f"{fused_args}{self._options_arg})")
             elif sa.cls is TransitionClass.RANK_ONE_UPDATE:
                 pro(f"beta_{s.name}", plan.beta.expr, (), (), comment=self.cite[s.name])
-                w(check)
+                _guarded(w, check)
                 w(f"{target} = {self.rt}chunked_delta_by({axis}, [{', '.join(queries)}], k_{s.name}, v_{s.name}, "
                   f"beta_{s.name}, {decay}, initial_state={self._initial(s.name, state)}, chunk_size=chunk_size, "
                   f"output_final_state=True{fused_args}{self._options_arg})")
             else:
                 if not scalar_maps:
-                    w(check)
+                    _guarded(w, check)
                 # The Triton runtime keeps the readouts the printed epilogue reads in float32 for float16 inputs
                 # (its `readouts`): mLSTM's q C and q n pass 65504 where their ratio does not. (A fused epilogue,
                 # fuse["out"], is the kernels': then no output is left for a printed one.)
@@ -2765,7 +2765,7 @@ class TorchFormWriter:
                   f"{', float32_states=True' if self.rt and columns else ''}"
                   f"{self._options_arg})")
                 if scalar_maps:
-                    w(check)
+                    _guarded(w, check)
             if fuse and fuse.get("out"):
                 epilogue_done[fuse["out"]] = readout_names[plan.readouts[0].name]
             if columns:
@@ -2894,8 +2894,8 @@ class TorchFormWriter:
             names["beta"].append(f"beta_{tag}")
             if sub.log_decay is not None:
                 if not sub.decay_exact:
-                    w(f"_require_positive({printer.print_expr(one.diagonal, one.indices)}, "
-                      f"'the decay {tidy(one.diagonal)} of {name} (update {n})', ('chunked',))")
+                    _guarded(w, f"_require_positive({printer.print_expr(one.diagonal, one.indices)}, "
+                             f"'the decay {tidy(one.diagonal)} of {name} (update {n})', ('chunked',))")
                 shape = (kdim,) if sub.decay_axis == "key" else ()
                 w(f"log_decay_{tag} = {self._full(printer, sub.log_decay.expr, sub.log_decay.indices, shape)}")
                 logs.append(f"log_decay_{tag}")
@@ -2913,7 +2913,7 @@ class TorchFormWriter:
         checked += [x for n in range(r) for x in (names["k"][n], names["v"][n], names["beta"][n])]
         checked += [x for x in names["v_step"] if x not in checked]
         # Checked per step, before interleaving, so that an unsafe step is named by its own t.
-        w(f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
+        _guarded(w, f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
 
         def interleave(values: list[str]) -> str:
             return f"torch.stack([{', '.join(values)}], dim=2).flatten(1, 2)"
@@ -2977,8 +2977,8 @@ class TorchFormWriter:
         logs = []
         if plan.log_decay is not None:
             if not plan.decay_exact:
-                w(f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
-                  f"'the decay {tidy(sa.diagonal)} of {name}', ('chunked', 'parallel'))")
+                _guarded(w, f"_require_positive({printer.print_expr(sa.diagonal, sa.indices)}, "
+                         f"'the decay {tidy(sa.diagonal)} of {name}', ('chunked', 'parallel'))")
             shape = {"scalar": (), "key": (kdim,), "value": (vdim,)}[plan.decay_axis]
             w(f"log_decay_{name}_1 = {self._full(printer, plan.log_decay.expr, plan.log_decay.indices, shape)}")
             logs.append(f"log_decay_{name}_1")
@@ -2988,7 +2988,7 @@ class TorchFormWriter:
               f"# {self._readers(view, ro.name)}")
         checked = [f"query_{readout_names[ro.name]}" for ro in plan.readouts] + names["k"] + names["v"]
         # Checked per step, before interleaving, so that an unsafe step is named by its own t.
-        w(f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
+        _guarded(w, f"_check_steps([{', '.join(checked)}], [{', '.join(logs)}])")
         for part in ("k", "v"):
             w(f"{part}_{name} = torch.stack([{', '.join(names[part])}], dim=2).flatten(1, 2)  "
               f"# step t's outer products at {positions}")
@@ -3046,6 +3046,13 @@ class TorchFormWriter:
     def write_all(self) -> str:
         parts = [self.write_recurrent(), self.write_scan(), self.write_chunked()]
         return "\n\n".join(p for p in parts if p)
+
+
+def _guarded(w: SourceWriter, line: str) -> None:
+    """A chunked form's value check (`_check_steps`, `_require_positive`: each a host sync) printed under its
+    `check_steps` keyword, so that a call with check_steps=False makes neither the check nor the sync."""
+    w("if check_steps:")
+    w(line, 2)
 
 
 def _zero_states(e: sympy.Expr, states: set[str]) -> sympy.Expr:
@@ -3106,13 +3113,33 @@ def _stack_steps(steps, B_, H_, dims, like):
     return torch.stack(steps, dim=1)
 
 
-def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over three kinds of entry
+def _step_extremes(x, keep):
+    """(lo, hi): the least and the greatest value of x [B, T, ...] over axis 0 and the axes from `keep` on (keep 2:
+    [T] each; keep 3: [T, H]), NaN where a NaN is (torch.aminmax propagates it, as amin / amax do). One read of x:
+    torch.aminmax over one axis of x viewed as [B, T, (H,) R], the larger of B and R first (so that no tensor near
+    x's size is allocated), then the smaller on what is left. A tensor whose axes from `keep` on cannot be viewed as
+    one (an expanded one) takes amin and amax over them instead (two reads, no copy)."""
+    try:
+        rows = x.view(*x.shape[:keep], -1)
+    except RuntimeError:
+        dims = [0] + list(range(keep, x.dim()))
+        return x.amin(dim=dims), x.amax(dim=dims)
+    if rows.shape[-1] >= rows.shape[0]:
+        lo, hi = torch.aminmax(rows, dim=-1)
+        return lo.amin(dim=0), hi.amax(dim=0)
+    lo, hi = torch.aminmax(rows, dim=0)
+    return lo.amin(dim=-1), hi.amax(dim=-1)
+
+
+def _check_steps(values, log_decays, first=None):
     """Raise UnsafeSteps(t) at the first step t whose values (q, k, v, beta, ... [B, T, H, ...]) hold a non-finite
     number or whose log decays hold NaN or a value > 0 (-inf, a reset, is fine). A masked matmul would multiply
     such a value by the zeros above the diagonal and spread it to earlier steps, and the kernels form decays for
     log decays <= 0 only; the dispatcher runs the steps from t on one at a time instead, as the reference does.
     first: None, or (unsafe [1] int32, T): the first such step of values a prologue kernel checked as it wrote them
-    (T: none), taken in the same sync."""
+    (T: none), taken in the same sync. Each value is read once (`_step_extremes`), each log decay once (its amax);
+    no flag tensor of a value's size is allocated. A form called with check_steps=False skips this call (and its
+    sync): the layer option of that name."""
     T_ = values[0].shape[1] if values else first[1]
     if T_ == 0:
         return
@@ -3124,19 +3151,20 @@ def _check_steps(values, log_decays, first=None):  # noqa: C901 - one pass over 
             g, head = x
             if g.numel() == 0:  # a zero-size axis: no values at any step
                 continue
-            dims = [d for d in range(g.dim()) if d not in (1, 2)]
             head = head.reshape(-1)
             # max over the batch of g * head per (step, head), exact: rounding is monotone, so the largest product
             # is head times the largest g (the smallest for a negative head); a NaN head or g stays NaN
-            hi = torch.where(head >= 0, head * g.amax(dim=dims), head * g.amin(dim=dims))  # [T, H]
+            lo, hi = _step_extremes(g, 3)  # [T, H] each
+            hi = torch.where(head >= 0, head * hi, head * lo)
             bad = bad | ~(hi.amax(dim=-1) <= 0)
             continue
-        # Per-step extremes ([T] each; amax / amin propagate NaN), so no flag tensor of x's size is allocated.
         if x.numel() == 0:
             continue
-        dims = [d for d in range(x.dim()) if d != 1]
-        hi = x.amax(dim=dims)
-        bad = bad | ~(hi <= 0) if log else bad | ~torch.isfinite(hi) | ~torch.isfinite(x.amin(dim=dims))
+        if log:  # (only the largest matters: NaN or > 0)
+            bad = bad | ~(x.amax(dim=[d for d in range(x.dim()) if d != 1]) <= 0)
+        else:
+            lo, hi = _step_extremes(x, 2)
+            bad = bad | ~((lo > -torch.inf) & (hi < torch.inf))  # (false for NaN too)
     first = int(torch.where(bad, torch.arange(T_, device=bad.device), T_).min())  # the call's one sync
     if first < T_:
         raise UnsafeSteps(first)

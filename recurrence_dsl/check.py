@@ -132,7 +132,7 @@ CALL_AXES = {"B": "batch", "T": "time", "H": "head"}
 # Keyword arguments of a layer's call (LANGUAGE.md's calling convention and `compile`'s layers): an input or
 # param of one of these names could not be passed by name.
 CALL_KEYWORDS = frozenset({"initial_state", "output_final_state", "cu_seqlens", "reverse", "form", "backend",
-                           "chunk_size", "config"})
+                           "chunk_size", "config", "check_steps"})
 
 
 def _check_python_name(name: str, span: Span, source: Source) -> None:

@@ -4,7 +4,7 @@
 `recdsl compile` writes), writes it to the per-user cache and imports it (`codegen.cache.load_source`), and
 returns the module's layer: the object named like the recurrence, or a copy of it with the defaults given
 here (`Layer.options`). So a compiled layer and a generated module's function are one object, with one set
-of arguments (`form=`, `backend=`, `chunk_size=`, `config=`), one backend rule and one set of checks
+of arguments (`form=`, `backend=`, `chunk_size=`, `config=`, `check_steps=`), one backend rule and one set of checks
 (`codegen/layer.py`).
 
 Block sizes come from the tuning store (`autotune/`, filled by `recdsl tune`) under one rule, the same in
@@ -26,7 +26,8 @@ from .check import CheckedRecurrence, require_state
 __all__ = ["compile_recurrence", "triton_available"]
 
 
-def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int | None = None, tuning=True):
+def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int | None = None, tuning=True,
+                       check_steps: bool = True):
     """The layer of a `Recurrence` (or `CheckedRecurrence`): a callable with the calling convention of docs/language.md.
 
     backend: "auto" (triton for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, when triton imports;
@@ -34,10 +35,16 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     chunk_size: None (64 unless the store chose another) or the chunked form's chunk length for every call
     that gives none itself (it wins over the store). tuning: where calls look their config up: True (the
     rule's store, see the module docstring), a path or an `autotune.TuningStore`, or False (never).
+    check_steps: True (default) or False, for every call that gives none itself. True: the chunked and parallel
+    forms check each step's values first (a non-finite input, a log decay NaN or > 0, a decay <= 0 whose log
+    they take: one more read of the inputs and a host sync per state) and run the steps from the first unsafe
+    one one at a time, so their results match the reference for any values. False: no check and no sync (CUDA
+    graph capture, CPU/GPU overlap), and such values give whatever the matmuls give: a NaN or inf at one step
+    can spread to earlier steps of its chunk, a log decay > 0 can overflow, a decay <= 0 gives NaN.
     Raises `CallError` (a ValueError), as a call with the same argument does, for an unknown backend, a form the
     recurrence lacks (naming its class and why, as `recdsl show` does), a chunk_size that is not an integer >= 1,
-    or backend="triton" without triton. (Triton's power-of-two chunk_size rule is checked at a call that runs the
-    chunked form: the recurrent, scan and parallel forms ignore chunk_size.)
+    a check_steps that is not a bool, or backend="triton" without triton. (Triton's power-of-two chunk_size rule
+    is checked at a call that runs the chunked form: the recurrent, scan and parallel forms ignore chunk_size.)
     """
     checked = getattr(rec, "checked", rec)
     if not isinstance(checked, CheckedRecurrence):
@@ -48,23 +55,25 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     # loading it compiles them again (Layer.__reduce_ex__): the cached module's name imports nowhere else.
     layer._rebuild = (_compiled_from_source, (checked.source.text, checked.source.filename, checked.name))
     tuning = getattr(tuning, "path", tuning)  # a TuningStore reads as its path
-    if (form, backend, chunk_size, tuning) == ("auto", "auto", None, True):
+    if (form, backend, chunk_size, tuning) == ("auto", "auto", None, True) and check_steps is True:
         return layer
     store_key = tuning if isinstance(tuning, bool) else str(tuning)
     # Types in the key: True == 1 == 1.0 must not find the layer of chunk_size=1 (Layer refuses True and 1.0).
-    key = (id(layer), form, backend, type(chunk_size), repr(chunk_size), store_key)
+    key = (id(layer), form, backend, type(chunk_size), repr(chunk_size), store_key, type(check_steps),
+           repr(check_steps))
     if key not in _LAYERS:  # Layer checks the defaults (CallError naming the bad one)
         # setdefault: threads that built the same layer at once all return the one stored first.
         return _LAYERS.setdefault(key, layer.options(form=form, backend=backend, chunk_size=chunk_size,
-                                                     tuning=tuning))
+                                                     tuning=tuning, check_steps=check_steps))
     return _LAYERS[key]
 
 
 def _compiled_from_source(text: str, filename: str, name: str, form: str, backend: str, chunk_size: int | None,
-                          tuning):
-    """`compile(load_text(text, filename)[name], ...)`: how a pickled compile() layer is loaded."""
+                          tuning, check_steps: bool = True):
+    """`compile(load_text(text, filename)[name], ...)`: how a pickled compile() layer is loaded (one pickled before
+    check_steps existed passes none: True)."""
     return compile_recurrence(load_text(text, filename)[name], backend=backend, form=form, chunk_size=chunk_size,
-                              tuning=tuning)
+                              tuning=tuning, check_steps=check_steps)
 
 
 # One layer per (module layer, defaults, store): compile() twice with the same arguments gives the same object.

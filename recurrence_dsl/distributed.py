@@ -246,8 +246,8 @@ class ContextParallel:
     """A layer whose time axis is split over the ranks of a process group (see the module docs).
 
     Call it like the layer: `cp(*inputs, *params, initial_state=None, output_final_state=False,
-    cu_seqlens=None, form=None, backend=None, chunk_size=None, config=None)`, on every rank of the group,
-    with that rank's slice `[B, T_r, H, ...]` of every input and the same params `[H, ...]`. Returns
+    cu_seqlens=None, form=None, backend=None, chunk_size=None, config=None, check_steps=None)`, on every rank of
+    the group, with that rank's slice `[B, T_r, H, ...]` of every input and the same params `[H, ...]`. Returns
     `(output, final_state)` as the layer does: this rank's slice of the outputs `[B, T_r, H, ...]`, and with
     `output_final_state` the final state of the whole sequence (`[B, H, ...]`, `[N, H, ...]` with
     cu_seqlens) on every rank. `initial_state` is given on rank 0 only. B, H and the sizes must agree on
@@ -282,7 +282,7 @@ class ContextParallel:
 
     def __call__(self, *args, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
-                 config: dict | None = None, **kwargs):
+                 config: dict | None = None, check_steps: bool | None = None, **kwargs):
         if not dist.is_initialized():
             raise CallError("context_parallel needs torch.distributed initialised (dist.init_process_group)")
         group = self.group
@@ -297,7 +297,7 @@ class ContextParallel:
                             "(a reverse recurrence or reverse=True): call the layer on one process, or flip the "
                             "time axis across ranks yourself")
         options = {k: v for k, v in (("form", form), ("backend", backend), ("chunk_size", chunk_size),
-                                     ("config", config)) if v is not None}
+                                     ("config", config), ("check_steps", check_steps)) if v is not None}
         states = [s.name for s in self.spec.states]
         dtype = torch.float64 if call.dtype == torch.float64 else torch.float32
         dims = {s.name: call.dims(s) for s in self.spec.states}

@@ -535,7 +535,7 @@ def test_a_positive_constant_factor_needs_no_run_time_check(decay):
     plan = analyse(rec.checked).states["S"].chunk
     assert plan.decay_exact
     source = recurrence_dsl.compile(rec, backend="torch").source
-    assert "\n    _require_positive(" not in source  # the prelude defines it; no form calls it
+    assert "\n        _require_positive(" not in source  # the prelude defines it; no form calls it (under check_steps)
 
 
 @pytest.mark.parametrize("decay", ["-0.5", "-exp(g)", "-0.25 * exp(g)"])

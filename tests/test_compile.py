@@ -259,11 +259,12 @@ def test_the_op_passes_opcheck(gla_module):
     gla = gla_module.gla
     args = [a.requires_grad_() for a in _gla_args(20)]
     h0 = torch.randn(2, H, K, K, requires_grad=True)
-    static = ("auto", "torch", 16, "", True, False, gla._op_index)
+    static = ("auto", "torch", 16, "", True, False, True, gla._op_index)  # ..., reverse, check_steps, layer
     torch.library.opcheck(gla._op, (args + [h0], None, *static))
     cu = torch.tensor([0, 7, 20])
     one = [a[:1].detach().requires_grad_() for a in args]
-    torch.library.opcheck(gla._op, (one, cu, "chunked", "torch", 16, "chunked.chunk_size=8", True, True, gla._op_index))
+    torch.library.opcheck(gla._op, (one, cu, "chunked", "torch", 16, "chunked.chunk_size=8", True, True, False,
+                                    gla._op_index))
 
 
 def test_a_module_loaded_twice_shares_its_op_and_runs_its_own_layers(gla_module):

@@ -181,7 +181,7 @@ def test_the_op_told_its_needs_returns_a_token_and_its_backward_uses_it(gla, run
     opcheck's schema, fake and autograd-registration checks pass (its AOT check would compare two runs' tokens,
     which differ by design: the compiled runs above check that path)."""
     leaves = _args(20)
-    static = ("auto", "torch", 16, "", True, False, gla._op_index)
+    static = ("auto", "torch", 16, "", True, False, True, gla._op_index)
     needs = [True, True, False, True, True]
     leaves[2].requires_grad_(False)
     torch.library.opcheck(gla._op, (leaves, None, *static, needs),

@@ -58,7 +58,7 @@ def test_every_layer_compiles_as_one_op_forward_and_backward(name):
     assert isinstance(op, torch._ops.OpOverload) and op.namespace == "recurrence_dsl", op
     with FakeTensorMode() as fake_mode:
         fake_flat = fake_mode.from_tensor
-        static = ("auto", "torch", layer.chunk_size, "", True, False, layer._op_index)
+        static = ("auto", "torch", layer.chunk_size, "", True, False, True, layer._op_index)
         fakes = op([fake_flat(t) for t in tensors], None, *static)
     eager = run(*tensors)
     assert [(f.shape, f.dtype) for f in fakes] == [(e.shape, e.dtype) for e in eager]

@@ -69,7 +69,7 @@ def test_analysis_and_show_give_the_log_decay(name):
     assert plan.decay_exact and plan.log_decay.expr.func is logsigmoid, plan.log_decay
     assert str(plan.log_decay.expr.args[0]).startswith(f"-{gate}[")
     source = recurrence_dsl.compile(RECS[name], backend="torch", tuning=False).source
-    assert "\n    _require_positive(" not in source  # no run-time check of the decay
+    assert "if check_steps:\n        _require_positive(" not in source  # no run-time check of the decay
     shown = explain(analysis)  # what `recdsl show` prints for the analysis
     assert all(r.proved for r in prove(analysis))  # --prove: every form equals the recurrence, exactly
     axis = "value" if name == "zgru" else "key"

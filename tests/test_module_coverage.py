@@ -307,7 +307,7 @@ def _run_op(layer, rec):
     args, init = _arguments(rec, 2, LENGTH)
     states = [init[s.name] if isinstance(init, dict) else init for s in rec.checked.states]
     tensors = [t.detach().requires_grad_() for t in args + states]
-    static = ("auto", "torch", CHUNK, "", True, False, layer._op_index)
+    static = ("auto", "torch", CHUNK, "", True, False, True, layer._op_index)
     results = layer._op(tensors, None, *static)
     assert len(results) == len(rec.checked.outputs) + len(rec.checked.states)
     grads = torch.autograd.grad(sum(r.square().sum() for r in results), tensors, allow_unused=True)

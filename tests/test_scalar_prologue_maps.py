@@ -147,8 +147,9 @@ def test_the_module_maps_ig_and_fg_in_the_kernels():
     lines = [line.strip() for line in source.split("def mlstm__chunked_triton(", 1)[1].split("\n\n\n")[0].splitlines()]
     assert "v_step_C = ig  # a factor of k v^T: exp(ig), mapped by mlstm__map_ig in the kernels" in lines
     call = next(i for i, line in enumerate(lines) if "= triton_chunked_linear_by(" in line)
-    # the check reads the kernels' unsafe_ after the call, and no value of the prologue
-    assert lines[call + 1] == "_check_steps([query_read_C, k_C, v_C_n], [], first=(unsafe_, T_))", lines
+    # the check reads the kernels' unsafe_ after the call, and no value of the prologue (unless check_steps=False)
+    assert lines[call + 1:call + 3] == ["if check_steps:",
+                                        "_check_steps([query_read_C, k_C, v_C_n], [], first=(unsafe_, T_))"], lines
 
 
 @pytest.mark.parametrize("form", ["chunked", "parallel"])
