@@ -124,7 +124,7 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         if name not in {s.name for s in declared}:
             raise CallError(f"{rec.name}() got an unexpected keyword argument '{name}'; it takes "
                             f"{', '.join(s.name for s in declared)}, initial_state, output_final_state, cu_seqlens, "
-                            "reverse (and a compiled layer form, backend, chunk_size, config)")
+                            "reverse (and a compiled layer form, backend, chunk_size, config, check_steps)")
         if name in values:
             raise CallError(f"{rec.name}() got argument '{name}' both by position and by name")
         values[name] = value
