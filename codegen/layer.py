@@ -121,10 +121,11 @@ class Layer:
     input, a log decay that is NaN or > 0; and `_require_positive`, a decay the form takes the log of), at the
     cost of reading the inputs once more and one host sync per state; from the first unsafe step on the steps
     run one at a time, as the reference runs them, so the results match it for any values. False skips the
-    checks and their syncs (no host read of a value, so CUDA graphs can capture the forms and the CPU runs ahead):
-    the forms then give whatever their matmuls give. A NaN or inf at one step can then spread to earlier steps
-    of its chunk (a masked matmul multiplies it by the zeros above the diagonal), a log decay > 0 can overflow,
-    and a decay <= 0 whose log the form takes gives NaN (where "auto" would otherwise have stepped through).
+    checks and their syncs (no host read of a value, so the CPU can run ahead of the GPU): the forms then give
+    whatever their matmuls give. A NaN or inf at one step can then spread to earlier steps of its chunk (a masked
+    matmul multiplies it by the zeros above the diagonal), a log decay > 0 can overflow, and a decay < 0 whose log
+    the form takes gives NaN on the torch backend, wrong finite values on the Triton one (where "auto" would
+    otherwise have stepped through).
     Finite inputs with log decays <= 0 give exactly what check_steps=True gives.
 
     Under torch.compile a call is one call of the recurrence's custom op, `recurrence_dsl::<name>_<spec hash>`

@@ -38,9 +38,10 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     check_steps: True (default) or False, for every call that gives none itself. True: the chunked and parallel
     forms check each step's values first (a non-finite input, a log decay NaN or > 0, a decay <= 0 whose log
     they take: one more read of the inputs and a host sync per state) and run the steps from the first unsafe
-    one one at a time, so their results match the reference for any values. False: no check and no sync (CUDA
-    graph capture, CPU/GPU overlap), and such values give whatever the matmuls give: a NaN or inf at one step
-    can spread to earlier steps of its chunk, a log decay > 0 can overflow, a decay <= 0 gives NaN.
+    one one at a time, so their results match the reference for any values. False: no check and no sync (the
+    CPU can run ahead of the GPU), and such values give whatever the matmuls give: a NaN or inf at one step
+    can spread to earlier steps of its chunk, a log decay > 0 can overflow, a decay < 0 gives NaN on the torch
+    backend and wrong finite values on the Triton one (see Layer).
     Raises `CallError` (a ValueError), as a call with the same argument does, for an unknown backend, a form the
     recurrence lacks (naming its class and why, as `recdsl show` does), a chunk_size that is not an integer >= 1,
     a check_steps that is not a bool, or backend="triton" without triton. (Triton's power-of-two chunk_size rule
