@@ -206,9 +206,10 @@ def test_decay_gradient_does_not_cancel(axis):
 # 7,798,544 and 7,509,776).
 # normalised attention's figures fell by one output-sized buffer when printed epilogues stopped returning a
 # broadcast_to view that the layer then copied (commit a37dd33)
-PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 8_388_368,
-                  ("normalized_linear_attention", torch.bfloat16): 8_099_600,
-                  ("hgrn2", torch.float32): 6_835_216, ("hgrn2", torch.bfloat16): 9_845_264}
+# (2026-12-03: the step check's one-read `_step_extremes` moved these by a few KB of per-step scratch.)
+PARALLEL_STEPS = {("normalized_linear_attention", torch.float32): 8_390_672,
+                  ("normalized_linear_attention", torch.bfloat16): 8_098_832,
+                  ("hgrn2", torch.float32): 6_836_752, ("hgrn2", torch.bfloat16): 9_844_752}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
