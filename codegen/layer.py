@@ -223,15 +223,23 @@ class Layer:
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                    config: dict | None = None, **kwargs) -> dict:
         """Which config a call with these arguments would run, and why, without running it: {"backend",
-        "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
-        when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
-        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default.
-        Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
+        "form" (the form "auto" resolves to), "chunk_size" (the chunk its kernels run), "config" (the block sizes
+        handed to the form, {} when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}.
+        Raises CallError as the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store >
+        default. Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
         negative retention `gamma`), a call under form "auto" steps instead (an explicit form raises
         DecayNotPositive), and from a non-finite step on, any call steps."""
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
         resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
+        if backend == "triton" and resolved in fns:
+            # the chunk its kernels run (the delta rule's under float32 dots: at most 32 steps, `caps_chunk`)
+            given = triton_options(call, options).get(resolved, {})  # noqa: F821 - from dispatch.py
+            runs = chunk_run(fns[resolved], chunk, given)  # noqa: F821 - from dispatch.py
+            if runs != chunk:
+                dots = "tf32" if given.get("allow_tf32") else "float32"
+                why += f"; under {dots} dots its kernels run chunks of {runs} steps"
+                chunk = runs
         return {"backend": backend, "form": resolved, "chunk_size": chunk,
                 "config": dict(options.get(resolved, {})), "source": source, "why": why}
 
@@ -732,5 +740,5 @@ if "bind_call" not in globals():  # imported as a package module rather than cop
     from recurrence_dsl.calling import bind_call, pack_result  # noqa: E402, F401
     from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
-    from .dispatch import compute_dtype, pick_form, run_forms, scan_held_bytes, triton_options  # noqa: E402, F401
+    from .dispatch import chunk_run, compute_dtype, pick_form, run_forms, scan_held_bytes, triton_options  # noqa: E402, F401
     from .tuning import tuning_lookup  # noqa: E402, F401

@@ -417,6 +417,10 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
+        if any(st.chunk is not None and st.chunk.beta is not None for st in analysis.chunk_analysis.states.values()):
+            # its delta-rule kernels run chunks of at most 32 steps under float32 dots: the layer reports that chunk
+            key, entry = tri[-1].split(": ", 1)
+            tri[-1] = f"{key}: caps_chunk({entry}, triton_delta_chunk)"
     if "parallel" in triton_names:
         # the chunked form's function with its runtime calls run attention-style, whose kernels walk packed
         # sequences themselves (codegen/triton_parallel.py `_Varlen`): one call for every sequence (the parallel
