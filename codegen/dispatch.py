@@ -577,20 +577,12 @@ def takes_input_dtype(fn):
     return fn
 
 
-def caps_chunk(fn, runs):
-    """Mark the form function `fn` as one whose kernels run another chunk length than the chunk_size they are
-    given: `runs(chunk_size, allow_tf32)` is the one they run (the Triton delta rule's chunked form under float32
-    dots, at most 32 steps a chunk: codegen/triton_runtime.py `delta_chunk`). `chunk_run` reads it, so that a
-    layer's `config_for` (and `recdsl show` / `check`) reports the chunk a call runs. Returns `fn`."""
-    fn.chunk_run = runs
-    return fn
-
-
 def chunk_run(fn, chunk_size: int, options: dict) -> int:
     """The chunk length the form function `fn` runs when handed `chunk_size` and its `options` (its `allow_tf32`,
-    `triton_options`): `chunk_size`, or what `caps_chunk` marked it with."""
-    runs = getattr(fn, "chunk_run", None)
-    return chunk_size if runs is None else runs(chunk_size, options.get("allow_tf32"))
+    `triton_options`): `chunk_size`, or `fn.chunk_run(chunk_size, allow_tf32)` where a generated module sets one (the
+    Triton delta rule's chunked form runs at most 32 steps a chunk under float32 dots: codegen/triton_runtime.py
+    `delta_chunk`), so that a layer's `config_for` (and `recdsl show` / `check`) reports the chunk a call runs."""
+    return getattr(fn, "chunk_run", lambda given, _: given)(chunk_size, options.get("allow_tf32"))
 
 
 def walks_back(fn):

@@ -232,14 +232,10 @@ class Layer:
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
         resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
-        if backend == "triton" and resolved in fns:
-            # the chunk its kernels run (the delta rule's under float32 dots: at most 32 steps, `caps_chunk`)
-            given = triton_options(call, options).get(resolved, {})  # noqa: F821 - from dispatch.py
-            runs = chunk_run(fns[resolved], chunk, given)  # noqa: F821 - from dispatch.py
-            if runs != chunk:
-                dots = "tf32" if given.get("allow_tf32") else "float32"
-                why += f"; under {dots} dots its kernels run chunks of {runs} steps"
-                chunk = runs
+        # the chunk its kernels run (the Triton delta rule's under float32 dots: at most 32 steps, `chunk_run`)
+        given = triton_options(call, options) if backend == "triton" else options  # noqa: F821 - from dispatch.py
+        runs = chunk_run(fns.get(resolved), chunk, given.get(resolved, {}))  # noqa: F821 - from dispatch.py
+        why, chunk = (why, chunk) if runs == chunk else (f"{why}; its kernels run chunks of {runs} steps", runs)
         return {"backend": backend, "form": resolved, "chunk_size": chunk,
                 "config": dict(options.get(resolved, {})), "source": source, "why": why}
 

@@ -1257,10 +1257,9 @@ def _delta_ieee_defaults(k: Tensor, chunk_size: int, num_warps: int | None, num_
 def delta_chunk(chunk_size: int, allow_tf32: bool | None, dtype: torch.dtype = torch.float32) -> int:
     """The chunk length a delta-rule call (chunked_delta_by) of `chunk_size` runs: at most _IEEE_DELTA_BT steps under
     "ieee" dots (allow_tf32 False, or None with `dtype` float32 inputs), else chunk_size. A layer reports it
-    (codegen/dispatch.py `caps_chunk`, the Triton chunked form of a delta-rule spec; `Layer.config_for`)."""
-    if allow_tf32 or (allow_tf32 is None and dtype != torch.float32):
-        return chunk_size
-    return min(chunk_size, _IEEE_DELTA_BT)
+    (codegen/dispatch.py `chunk_run`, the Triton chunked form of a delta-rule spec; `Layer.config_for`)."""
+    ieee = not allow_tf32 and (allow_tf32 is not None or dtype == torch.float32)
+    return min(chunk_size, _IEEE_DELTA_BT) if ieee else chunk_size
 
 
 class _Packed:

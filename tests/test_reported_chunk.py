@@ -1,7 +1,7 @@
 """The chunk a layer reports (`Layer.config_for`, hence `recdsl show` / `check`'s "config of a call" lines) is the
 chunk its kernels run, and tune's "(default)" row (`autotune.space.default_config`) is the same: the Triton delta
 rule runs chunks of at most 32 steps under float32 ("ieee") dots (codegen/triton_runtime.py `delta_chunk`), which
-config_for once reported as the compile default of 64 (codegen/dispatch.py `caps_chunk`). Triton's interpreter,
+config_for once reported as the compile default of 64 (codegen/dispatch.py `chunk_run`). Triton's interpreter,
 tiny shapes; the launcher `_triton_delta_by` of the generated module is wrapped to record the chunk it is given."""
 
 from __future__ import annotations
