@@ -43,17 +43,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def mixed_dtypes(call) -> bool:
+    """Whether the call's inputs come in more than one dtype (say a bfloat16 k beside float32 q and v). Such a call
+    computes as a call in its widest dtype: every form gets its inputs and params in the compute dtype (float32; a
+    float64 first input: float64), also a form that `takes_input_dtype` (whose kernels would otherwise store their
+    outputs and intermediates in one input's dtype, k's, and run their dots at the first input's precision), and
+    the chunked and parallel kernels' dots run as float32 ("ieee", `triton_options`). Outputs still come back in
+    the first input's dtype (`run_forms`)."""
+    return len({x.dtype for x in call.inputs.values()}) > 1
+
+
 def triton_options(call, options: dict | None) -> dict:
     """A Triton call's per-form options (`run_forms`' `options`): the chunked and parallel forms' kernels get the dot
     precision of the call's inputs. `run_forms` hands most forms float32 tensors (all but those that
     `takes_input_dtype`), so their kernels cannot tell a float16 or bfloat16 call from a float32 one; for half
     inputs their tl.dot operands are rounded to tf32 (`allow_tf32`, the Triton runtime's default for half inputs:
     tf32 keeps float16's 10-bit mantissa, more than bfloat16's), which runs on tensor cores, where float32 ("ieee")
-    dots run as FMA loops. A config's own `allow_tf32` wins."""
+    dots run as FMA loops. A call whose inputs mix dtypes (`mixed_dtypes`) computes as a float32 call: "ieee" dots.
+    A config's own `allow_tf32` wins."""
     options = dict(options or {})
+    half = call.dtype in (torch.float16, torch.bfloat16) and not mixed_dtypes(call)
     for form in ("chunked", "parallel"):
         chosen = dict(options.get(form, {}))
-        chosen.setdefault("allow_tf32", call.dtype in (torch.float16, torch.bfloat16))
+        chosen.setdefault("allow_tf32", half)
         options[form] = chosen
     return options
 
@@ -292,7 +304,11 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
     backend = backend or ("triton" if grid_limits else "torch")
     dtype = compute_dtype(call.dtype)
     # Inputs and params stay in the call's dtype until a form is chosen: a form that loads them as they are
-    # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`).
+    # (`takes_input_dtype`) gets them so, every other form a copy in the compute dtype (`call_form`). Inputs of
+    # mixed dtypes (`mixed_dtypes`) go to every form in the compute dtype: the forms that take them as they are
+    # store their outputs and intermediates in one input's dtype, which may be narrower than another's; there a
+    # param narrower than the inputs is cast up to their dtype.
+    as_given = not mixed_dtypes(call)
     inputs = dict(call.inputs)
     params = [call.params[p.name] for p in spec.params]
     sizes = [call.sizes[s] for s in spec.sizes]
@@ -325,10 +341,12 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
         if not check_steps and chosen in CHECKED_FORMS:
             extra["check_steps"] = False
         ordered = [piece[i.name] for i in spec.inputs]
-        if not getattr(fn, "input_dtype", False):
+        if not (as_given and getattr(fn, "input_dtype", False)):
             ordered, given = [x.to(dtype) for x in ordered], [p.to(dtype) for p in params]
         else:
-            given = params
+            # a param narrower than the inputs, cast up to their dtype: a form's torch prologue computes with it (a
+            # bfloat16 retention gamma's log in bfloat16 lost 1e-3 of a float32 call's outputs)
+            given = [p.to(torch.promote_types(p.dtype, call.dtype)) for p in params]
         running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
         try:
             with autocast_off(call.device):
@@ -561,10 +579,19 @@ def takes_input_dtype(fn):
     do the same and whose derived adjoint (codegen/triton_recurrent.py) returns gradients in the inputs' dtypes;
     and the Triton recurrent form where it trains on that derived adjoint (its step loop's kernel upcasts each
     load and stores its outputs in the first input's dtype). Every other form gets its inputs cast to
-    `compute_dtype` (`run_forms`).
+    `compute_dtype` (`run_forms`), as does every form in a call whose inputs mix dtypes (`mixed_dtypes`); a param
+    narrower than the inputs (a bfloat16 one in a float32 call) reaches this form in the inputs' dtype.
     States are float32 for every form. Returns `fn`."""
     fn.input_dtype = True
     return fn
+
+
+def chunk_run(fn, chunk_size: int, options: dict) -> int:
+    """The chunk length the form function `fn` runs when handed `chunk_size` and its `options` (its `allow_tf32`,
+    `triton_options`): `chunk_size`, or `fn.chunk_run(chunk_size, allow_tf32)` where a generated module sets one (the
+    Triton delta rule's chunked form runs at most 32 steps a chunk under float32 dots: codegen/triton_runtime.py
+    `delta_chunk`), so that a layer's `config_for` (and `recdsl show` / `check`) reports the chunk a call runs."""
+    return getattr(fn, "chunk_run", lambda given, _: given)(chunk_size, options.get("allow_tf32"))
 
 
 def walks_back(fn):

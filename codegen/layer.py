@@ -255,10 +255,10 @@ class Layer:
     def config_for(self, *args, form: str | None = None, backend: str | None = None, chunk_size: int | None = None,
                    config: dict | None = None, check_steps: bool | None = None, **kwargs) -> dict:
         """Which config a call with these arguments would run, and why, without running it: {"backend",
-        "form" (the form "auto" resolves to), "chunk_size", "config" (the block sizes handed to the form, {}
-        when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}. Raises CallError as
-        the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store > default.
-        Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
+        "form" (the form "auto" resolves to), "chunk_size" (the chunk its kernels run), "config" (the block sizes
+        handed to the form, {} when none), "source" ("call", "compile", "store" or "default"), "why" (in words)}.
+        Raises CallError as the call would. The precedence is codegen/tuning.py's: call > compile's chunk_size > store >
+        default. Shapes decide, not values: where the chunked or parallel form meets a decay that is not positive (say a
         negative retention `gamma`), a call under form "auto" steps instead (an explicit form raises
         DecayNotPositive), and from a non-finite step on, any call steps (with check_steps on). check_steps, which
         chooses no config, is taken and checked as the call checks it."""
@@ -266,6 +266,10 @@ class Layer:
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - from calling.py
         backend, fns, form, chunk, options, source, why = self._plan(call, form, backend, chunk_size, config)
         resolved = form if form != "auto" else self._auto_form(call, fns, chunk, backend)
+        # the chunk its kernels run (the Triton delta rule's under float32 dots: at most 32 steps, `chunk_run`)
+        given = triton_options(call, options) if backend == "triton" else options  # noqa: F821 - from dispatch.py
+        runs = chunk_run(fns.get(resolved), chunk, given.get(resolved, {}))  # noqa: F821 - from dispatch.py
+        why, chunk = (why, chunk) if runs == chunk else (f"{why}; its kernels run chunks of {runs} steps", runs)
         return {"backend": backend, "form": resolved, "chunk_size": chunk,
                 "config": dict(options.get(resolved, {})), "source": source, "why": why}
 
@@ -772,5 +776,5 @@ if "bind_call" not in globals():  # imported as a package module rather than cop
     from recurrence_dsl.calling import bind_call, pack_result  # noqa: E402, F401
     from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
-    from .dispatch import compute_dtype, pick_form, run_forms, scan_held_bytes, triton_options  # noqa: E402, F401
+    from .dispatch import chunk_run, compute_dtype, pick_form, run_forms, scan_held_bytes, triton_options  # noqa: E402, F401
     from .tuning import tuning_lookup  # noqa: E402, F401

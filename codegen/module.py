@@ -417,6 +417,12 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
         else:
             tri.append(f"'chunked': with_torch_backward({name}__chunked_triton, {name}__chunked, _{name}_out, "
                        f"_{name}_st)")
+    # a delta-rule state's kernels run chunks of at most 32 steps under float32 dots: the layer reports that chunk
+    # (codegen/dispatch.py `chunk_run`)
+    capped = "chunked" in triton_names and any(st.chunk is not None and st.chunk.beta is not None
+                                               for st in analysis.chunk_analysis.states.values())
+    caps = (f"\nif HAVE_TRITON:  # float32 dots: the delta rule's kernels run chunks of at most 32 steps (`chunk_run`)"
+            f"\n    _{name}_triton_forms['chunked'].chunk_run = triton_delta_chunk") if capped else ""
     if "parallel" in triton_names:
         # the chunked form's function with its runtime calls run attention-style, whose kernels walk packed
         # sequences themselves (codegen/triton_parallel.py `_Varlen`): one call for every sequence (the parallel
@@ -434,7 +440,7 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     return f'''
 _{name}_forms = {{{forms}}}
 _{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward
-_{name}_triton_forms = {{{", ".join(tri)}}} if HAVE_TRITON else None
+_{name}_triton_forms = {{{", ".join(tri)}}} if HAVE_TRITON else None{caps}
 
 
 class _{cls}Layer(Layer):

@@ -95,11 +95,13 @@ Numerics: every load is masked and upcast to float32, except G (float64); arithm
 outputs are stored in k's dtype (float16, bfloat16 or float32), the final state in float32 (the compute dtype of the
 torch runtime). tl.dot runs with input_precision "ieee" unless allow_tf32 (default: True for half-precision inputs,
 whose own mantissa is no wider than tf32's; False for float32 inputs); its operands are always float32. A generated
-module upcasts a call's inputs before they reach these kernels, so it passes allow_tf32 itself from the call's dtype
-(codegen/dispatch.py, `triton_options`). Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors
-each log decay at -1000 (a select, so NaN stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay
-spanning it, as -inf does, and G never holds -inf, so no -inf - -inf = nan) and sums in float64, so a small log
-decay after a reset gate (one step of -1e4) is not lost to float32 rounding of G. The linear form's forward with a
+module passes allow_tf32 itself from the call's dtype (codegen/dispatch.py, `triton_options`), False for a call whose
+inputs mix dtypes, which it hands these kernels as float32 copies (`mixed_dtypes`: outputs and intermediates are
+stored in k's dtype, which may be narrower than another input's).
+Decays are exact for every log decay in [-inf, 0]: `_cumsum_kernel` floors each log decay at -1000 (a select, so NaN
+stays NaN; exp(-1000) is exactly 0, so a floored step zeroes every decay spanning it, as -inf does, and G never holds
+-inf, so no -inf - -inf = nan) and sums in float64, so a small log decay after a reset gate (one step of -1e4) is not
+lost to float32 rounding of G. The linear form's forward with a
 key decay allocates no G (SPANS in _intra_attn_kernel and _chunk_output_kernel; _chunk_state_kernel's DECAY 2):
 each kernel loads the floored log decays (in their own dtype, upcast) and forms every exponent as the float32 sum
 over exactly the steps the factor spans (a cumulative sum down a tile, reversed for G_last - G_s, plus whole
@@ -1248,7 +1250,16 @@ def _delta_ieee_defaults(k: Tensor, chunk_size: int, num_warps: int | None, num_
     _check_block("chunk_size", chunk_size)
     if allow_tf32 or (allow_tf32 is None and k.dtype != torch.float32):
         return chunk_size, num_warps, num_stages
-    return min(chunk_size, _IEEE_DELTA_BT), _or(num_warps, _IEEE_DELTA_WARPS), _or(num_stages, _IEEE_DELTA_STAGES)
+    return (delta_chunk(chunk_size, allow_tf32, k.dtype), _or(num_warps, _IEEE_DELTA_WARPS),
+            _or(num_stages, _IEEE_DELTA_STAGES))
+
+
+def delta_chunk(chunk_size: int, allow_tf32: bool | None, dtype: torch.dtype = torch.float32) -> int:
+    """The chunk length a delta-rule call (chunked_delta_by) of `chunk_size` runs: at most _IEEE_DELTA_BT steps under
+    "ieee" dots (allow_tf32 False, or None with `dtype` float32 inputs), else chunk_size. A layer reports it
+    (codegen/dispatch.py `chunk_run`, the Triton chunked form of a delta-rule spec; `Layer.config_for`)."""
+    ieee = not allow_tf32 and (allow_tf32 is not None or dtype == torch.float32)
+    return min(chunk_size, _IEEE_DELTA_BT) if ieee else chunk_size
 
 
 class _Packed:
