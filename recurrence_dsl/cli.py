@@ -580,8 +580,10 @@ def cmd_tune(args) -> int:
     given = parse_shape(args.shape)
     unused = [flag for flag, given_ in (("--target", args.target), ("--no-compiler", args.no_compiler)) if given_]
     if backend == "torch" and unused:  # (a warning: a script may pass the same flags to both backends)
+        # (The backend defaulted on a CPU: say so, rather than name a flag the user did not pass.)
+        why = "with --backend torch" if args.backend else f"on {device}, where the backend defaults to torch"
         print(f"recdsl tune: warning: {' and '.join(unused)} only concern{'s' * (len(unused) == 1)} the triton "
-              "backend's kernels; ignored with --backend torch", file=sys.stderr)
+              f"backend's kernels; ignored {why} (--backend triton tunes them)", file=sys.stderr)
     if given.get("T", 1) < 1:  # (check and kernels run T = 0; a timing of no steps has no backward, no meaning)
         raise UsageError("--shape: tune times calls of at least one step, got T=0")
     if backend == "triton" and args.dtype == "float64":

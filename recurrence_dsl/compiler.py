@@ -22,6 +22,7 @@ from codegen.load import load_layer, triton_available
 from .analysis import analyse
 from .api import load_text
 from .check import CheckedRecurrence, require_state
+from .errors import CallError
 
 __all__ = ["compile_recurrence", "triton_available"]
 
@@ -51,6 +52,8 @@ def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_siz
     if not isinstance(checked, CheckedRecurrence):
         raise TypeError(_what_to_pass(rec))
     require_state(checked)
+    if not isinstance(check_steps, bool):  # (options() reads None as "keep the layer's", so check it here)
+        raise CallError(f"check_steps must be True or False, got {check_steps!r}")
     layer = load_layer(analyse(checked))
     # A pickle of the layer (torch.save of a model) holds the spec's file text and the defaults below, and
     # loading it compiles them again (Layer.__reduce_ex__): the cached module's name imports nowhere else.

@@ -494,3 +494,9 @@ def test_tune_warns_that_compiler_flags_do_nothing_on_torch(tmp_path, capsys):
     code, _, err = _run_cli("tune", GLA, "--backend", "torch", "--form", "parallel", "--store",
                             tmp_path / "t.sqlite", capsys=capsys)
     assert code == 0 and "only concern" not in err
+    # With the backend defaulted (a CPU), the warning says so instead of naming a --backend not passed.
+    code, _, err = _run_cli("tune", GLA, "--target", "sm_80", "--form", "parallel", "--store",
+                            tmp_path / "t.sqlite", capsys=capsys)
+    assert code == 0
+    assert "--target only concerns the triton backend's kernels; ignored on cpu, where the backend defaults " \
+           "to torch (--backend triton tunes them)" in err

@@ -315,6 +315,14 @@ def test_a_check_steps_that_is_not_a_bool_is_a_call_error(layers, bad):
         module_cls(heads=2, sizes={"K": 8, "V": 8}, check_steps=bad)
 
 
+def test_compile_refuses_a_check_steps_of_none(layers):
+    # A call's and options()'s None mean "the layer's own"; compile() has no layer to take one from, and the
+    # generated module refuses None, so compile() does too (it took None as True).
+    rec, _ = layers("gla")
+    with pytest.raises(CallError, match="check_steps must be True or False, got None"):
+        recurrence_dsl.compile(rec, check_steps=None)
+
+
 def test_an_input_cannot_be_called_check_steps():
     spec = "recurrence r(check_steps[D]) -> y[D] {\n    state h[D]\n    h[d] = 0.5 * h[d] + check_steps[d]\n" \
            "    y[d] = h[d]\n}\n"
