@@ -231,6 +231,17 @@ def _character_hint(char: str) -> str | None:
     return None
 
 
+def _backslash_hint(text: str, pos: int) -> str:
+    """Why a '\\' did not continue its statement: only one that ends its line does."""
+    rest = text[pos + 1:].split("\n", 1)[0].rstrip("\r")
+    if rest.strip().startswith("#"):
+        return ("a '\\' continues a statement only as the last character of its line: put the comment on a line "
+                "of its own")
+    if not rest.strip():
+        return "a '\\' continues a statement only as the last character of its line: remove the spaces after it"
+    return "a '\\' continues a statement only at the very end of its line"
+
+
 _DECLARATIONS = ("state", "param")
 
 
@@ -239,7 +250,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> SpecE
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
         span = Span(err.line, err.column, err.line, err.column + 1)
         shown = char if char.isprintable() else repr(char)[1:-1]  # '\r', '\x00' rather than the raw byte
-        return SpecError(f"unexpected character '{shown}'", span, source, hint=_character_hint(char))
+        hint = _backslash_hint(source.text, err.pos_in_stream) if char == "\\" else _character_hint(char)
+        return SpecError(f"unexpected character '{shown}'", span, source, hint=hint)
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         lines = source.lines() or [""]
         span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
