@@ -1718,6 +1718,10 @@ def _fused_of(v_step, decay_head, scale, skip, skip_weight, queries, decay_cls, 
     elif skip_weight is not None and tuple(skip_weight.shape) != tuple(skip.shape[:3]):
         raise ValueError(f"skip_weight must have one weight per head ([{H}]) or one per step (skip's [B, T, H] = "
                          f"{list(skip.shape[:3])}), got shape {list(skip_weight.shape)}")
+    # The kernels index these with contiguous strides: a view (Mamba2's A and D as columns of one [H, 2] param, a
+    # strided slice of x as the skip) is copied here (trial 10: such an A gave a relative error of 0.99).
+    v_step, decay_head, skip, skip_weight = (None if t is None else t.contiguous()
+                                             for t in (v_step, decay_head, skip, skip_weight))
     return _Fused(v_step, decay_head, float(scale), skip, skip_weight, q_map, k_map, v_step_map, log_decay_map)
 
 

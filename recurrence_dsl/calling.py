@@ -201,6 +201,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
     states = _normalise_states(rec, initial_state)
     if states is not None:
         for sym in rec.states:
+            if sym.name not in states:
+                continue
             t = states[sym.name]
             what = f"initial_state['{sym.name}']" if len(rec.states) > 1 else "initial_state"
 
@@ -222,6 +224,11 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
         if name not in binder.sizes:
             raise CallError(f"size {name} is not fixed by any argument; pass an initial_state, or declare an input "
                             f"or param that has it")
+    if states is not None and len(states) < len(rec.states):
+        like = next(iter(states.values()))
+        states = {sym.name: states[sym.name] if sym.name in states else
+                  like.new_zeros((rows, heads, *(binder.sizes[d] if isinstance(d, str) else d for d in sym.dims)))
+                  for sym in rec.states}
     return BoundCall(
         inputs={s.name: values[s.name] for s in rec.inputs},
         params={s.name: values[s.name] for s in rec.params},
@@ -259,10 +266,10 @@ def _normalise_states(rec: CheckedRecurrence, initial_state) -> dict[str, torch.
         unknown = set(initial_state) - names
         if unknown:
             raise CallError(f"initial_state has unknown state(s) {sorted(unknown)}; {rec.name} has {sorted(names)}")
-        missing = names - set(initial_state)
-        if missing:
-            raise CallError(f"initial_state is missing state(s) {sorted(missing)}")
-        return dict(initial_state)
+        # A state left out (or given as None) starts at zero, as every state does without an initial_state: its
+        # zeros are made once the sizes are bound (`bind_call`).
+        given = {name: t for name, t in initial_state.items() if t is not None}
+        return given or None
     if len(rec.states) > 1:
         raise CallError(f"{rec.name} has {len(rec.states)} states, so initial_state must be a dict keyed by "
                         f"{[s.name for s in rec.states]}")
