@@ -225,9 +225,8 @@ def bind_call(rec: CheckedRecurrence, args: tuple, kwargs: dict, check_values: b
             raise CallError(f"size {name} is not fixed by any argument; pass an initial_state, or declare an input "
                             f"or param that has it")
     if states is not None and len(states) < len(rec.states):
-        like = next(iter(states.values()))
-        states = {sym.name: states[sym.name] if sym.name in states else
-                  like.new_zeros((rows, heads, *(binder.sizes[d] if isinstance(d, str) else d for d in sym.dims)))
+        states = {sym.name: states[sym.name] if sym.name in states else next(iter(states.values())).new_zeros(
+                  (rows, heads, *(binder.sizes[d] if isinstance(d, str) else d for d in sym.dims)))
                   for sym in rec.states}
     return BoundCall(
         inputs={s.name: values[s.name] for s in rec.inputs},

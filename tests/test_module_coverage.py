@@ -346,6 +346,7 @@ def _run_module_class(module, rec, layer):
     inputs = [a.detach() for a in args[:n_inputs]]
     net = cls(HEADS, sizes, backend="torch", **given)
     bad_forwards = [((*inputs,), {"not_an_argument": 1}), ((*[torch.cat([a] * 2, dim=2) for a in inputs],), {})]
+    bad_forwards += [((*inputs,), {"backend": "torch"})]  # a per-call option the module sets when it is built
     bad_forwards += [((*[a[..., None] for a in inputs],), {})]  # one axis too many: the layer's shape check says
     if any(a.dim() > 3 for a in inputs):  # a size other than the module's sizes= (`_module_call`)
         bad_forwards.append(((*[torch.cat([a, a], dim=-1) if a.dim() > 3 else a for a in inputs],), {}))
@@ -383,7 +384,6 @@ def _bad_calls(module, layer, rec):
         (one, {"cu_seqlens": torch.tensor([0, 30, 20, LENGTH])}),  # decreasing
         (one, {"initial_state": one_init, "cu_seqlens": torch.tensor([0, 20, LENGTH])}),  # one row, two sequences
         (args, {"initial_state": {"nope": None}}),
-        (args, {"initial_state": {}}),
         (args, {"initial_state": "zeros"}),
         (args, {"form": "nonsense"}),
         (args, {"backend": "nonsense"}),
