@@ -124,7 +124,9 @@ class ShiftedLayer:
         return args, kwargs, finals
 
     def _call(self, args: tuple, kwargs: dict, form, backend, chunk_size, config, check_steps=None):
-        call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - calling.py
+        # (while torch.compile traces, cu_seqlens' boundaries are checked by the inner layer's op, as Layer does)
+        call = bind_call(self.recurrence, args, kwargs,  # noqa: F821 - calling.py
+                         check_values=not torch.compiler.is_compiling())
         inner_args, inner_kwargs, finals = self._inner_call(call)
         output, final = self.inner._call(inner_args, inner_kwargs, form, backend, chunk_size, config, check_steps)
         outputs = dict(zip([o.name for o in self.recurrence.outputs], output if len(self.recurrence.outputs) > 1

@@ -274,3 +274,46 @@ def test_nn_module():
             assert len(list(m.parameters())) == 3
         finally:
             sys.modules.pop("conv_gla_module", None)
+
+
+def test_no_steps():
+    args, initial = _arguments("conv_gla", length=0)
+    out, final = _layer("conv_gla")(*[a.float() for a in args], initial_state={k: v.float() for k, v in
+                                                                                initial.items()},
+                                    output_final_state=True, backend="torch")
+    assert out.shape[1] == 0
+    for n in initial:  # no step: the initial state is the final state
+        _compare(final[n], initial[n])
+
+
+def test_declared_reverse_recurrence():
+    rec = recurrence_dsl.load("""
+reverse recurrence back(q[K], k[K], v[V]) -> o[V] {
+    state klast[K]
+    state S[K, V]
+    S[i, j] = S[i, j] + (k[i] - klast[i]) * v[j]
+    klast[i] = k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+""")["back"]
+    assert "chunked" in analyse(rec.checked).forms
+    args, initial = sample_arguments(rec.checked, {"K": 4, "V": 3}, B, T, H, dtype=torch.float64,
+                                     with_initial_state=True)
+    ref, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    for form in layer.forms:
+        out, final = layer(*[a.float() for a in args], initial_state={k: v.float() for k, v in initial.items()},
+                           output_final_state=True, form=form, backend="torch")
+        _compare(out, ref)
+        for n in initial:
+            _compare(final[n], ref_final[n])
+
+
+def test_show_and_explain_say_it_is_shifted():
+    from recurrence_dsl.explain import explain
+
+    words = explain(analyse(RECS["conv_gla"].checked))
+    assert "state k1[i]: shift -- k1 is overwritten each step by k[i]" in words
+    assert "computed by shifting inputs along T before the recurrence runs" in words
+    assert "step: k2_t[i] = k1_(t-1)[i]" in words
+    assert "conv_gla_unshifted, reads it as an input" in words
