@@ -41,10 +41,12 @@ def write_shift(analysis: Analysis) -> str:
         after[s.name] = name
     first = py[rec.inputs[0].name]
     names = ", ".join(plan.names)
+    inputs = (f"the inputs {', '.join(plan.read)} of {plan.inner.name}" if plan.read else
+              f"{plan.inner.name} reads none of them")
     w = SourceWriter()
     signature = ", ".join(writer.args + ["states"] + [py[n] for n in rec.sizes])
     w(f"def {shift_function_name(analysis)}({signature}, cu_seqlens=None, reverse=False, final=False):", 0)
-    doc = (f"The shift states {names} of {rec.name} before every step: the inputs {names} of {plan.inner.name}. "
+    doc = (f"The shift states {names} of {rec.name} before every step ({inputs}). "
            "A shift state's value after a step reads only the step's inputs, params and shift states, so it is "
            "computed for every step at once; shifted one step along T (the initial state at each sequence's first "
            "step; under reverse, the next step's value) it is the value before every step. Returns (those values, "
@@ -59,17 +61,26 @@ def write_shift(analysis: Analysis) -> str:
         if p.name in read:
             w(f"{py[p.name]} = {py[p.name]}[None, None]  # [1, 1, H{''.join(', ' + str(d) for d in p.dims)}]")
     printer = TorchPrinter(writer.sizes, plan.ranges, py)
+    wanted = set(plan.read) | {r for s in plan.states for r in s.reads}  # the previous values something reads
     full = frozenset([s.name for s in rec.inputs] + list(plan.names))  # already [B, T, H, *dims]
-    for s in plan.states:
+    def after_steps(s, indent=1):
         sym = rec.symbol(s.name)
-        w(f"# {s.name} after each step ({cite(rec, s.name)}): {tidy(spec_text(s.value.expr))}")
+        w(f"# {s.name} after each step ({cite(rec, s.name)}): {tidy(spec_text(s.value.expr))}", indent)
         w(f"{after[s.name]} = {writer._full(printer, s.value.expr, s.value.indices, sym.dims, full)}  "
-          f"# {writer._shape_comment(s.value.indices, plan.ranges)}")
-        w(f"{py[s.name]} = shift_steps({after[s.name]}, states['{s.name}'], cu_seqlens, reverse)  # before each step")
-    before = ", ".join(f"'{s.name}': {py[s.name]}" for s in plan.states)
+          f"# {writer._shape_comment(s.value.indices, plan.ranges)}", indent)
+
+    for s in plan.states:
+        if s.name in wanted:
+            after_steps(s)
+            w(f"{py[s.name]} = shift_steps({after[s.name]}, states['{s.name}'], cu_seqlens, reverse)  "
+              "# before each step")
+    before = ", ".join(f"'{n}': {py[n]}" for n in plan.read)
     w(f"before = {{{before}}}")
     w("if not final:")
     w("return before, None", 2)
+    for s in plan.states:  # read by nothing before its update (a temporary of the rest): its final state only
+        if s.name not in wanted:
+            after_steps(s)
     w(f"dtype_ = torch.float32 if {first}.dtype in (torch.float16, torch.bfloat16) else {first}.dtype")
     w("finals = {}")
     for s in plan.states:

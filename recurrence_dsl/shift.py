@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .check import CheckedRecurrence, SymbolKind
+from .check import CheckedRecurrence
 from .errors import SpecError
 from .printing import SpecPrinter
 from .step_ir import NEW_SUFFIX, Definition, StepIR
@@ -41,12 +41,14 @@ class ShiftState:
 @dataclass(frozen=True)
 class ShiftPlan:
     """The shift states (in an order where each reads only earlier ones), the ranges of `value`'s index symbols,
-    and the rest of the recurrence (`inner`): the recurrence's inputs followed by one input per shift state,
-    named as the state, holding its previous value ([B, T, H, *dims])."""
+    and the rest of the recurrence (`inner`): the recurrence's inputs followed by one input per shift state whose
+    previous value it reads (`read`, in the order of the recurrence's states), named as the state, holding that
+    value ([B, T, H, *dims]). A shift state read only after its update is a temporary of the rest."""
 
     states: tuple[ShiftState, ...]
     ranges: dict
     inner: CheckedRecurrence
+    read: tuple[str, ...]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -136,8 +138,9 @@ def _read_names(expr: sympy.Expr) -> set[str]:
     return {b for node in sympy.preorder_traversal(expr) if (b := _base(node)) is not None}
 
 
-def _inner_text(rec: CheckedRecurrence, ir: StepIR, shift: set[str], name: str) -> str:
-    """The rest of `rec` as spec text: shift states as inputs, their assignments as temporaries."""
+def _inner_text(rec: CheckedRecurrence, ir: StepIR, shift: set[str], name: str) -> tuple[str, tuple[str, ...]]:
+    """The rest of `rec` as spec text, shift states as inputs and their assignments as temporaries, and the shift
+    states it reads the previous value of (its inputs after `rec`'s, in this order)."""
     taken = {s.name for s in rec.inputs + rec.params + rec.states + rec.outputs + rec.temps} | set(rec.sizes)
     current = {n: _fresh(n, taken) for n in sorted(shift)}  # the temporary holding a shift state after an assignment
     lines: list[tuple[str, tuple, sympy.Expr]] = []
@@ -167,8 +170,8 @@ def _inner_text(rec: CheckedRecurrence, ir: StepIR, shift: set[str], name: str) 
             needed.discard(target)
             needed |= _read_names(expr)
     kept.reverse()
-    inputs = [_decl(s) for s in rec.inputs] + [_decl(rec.symbol(n)) for n in sorted(shift, key=[s.name for s in
-                                                                                              rec.states].index)]
+    read = tuple(s.name for s in rec.states if s.name in shift and s.name in needed)  # (read before assigned)
+    inputs = [_decl(s) for s in rec.inputs] + [_decl(rec.symbol(n)) for n in read]
     body = [f"    param {_decl(p)}" for p in rec.params]
     body += [f"    state {_decl(s)}" for s in rec.states if s.name not in shift]
     for target, indices, expr in kept:
@@ -176,7 +179,7 @@ def _inner_text(rec: CheckedRecurrence, ir: StepIR, shift: set[str], name: str) 
         body.append(f"    {lhs} = {_written(expr)}")
     head = ("reverse " if rec.reverse else "") + f"recurrence {name}({', '.join(inputs)}) -> "
     head += ", ".join(_decl(o) for o in rec.outputs) + " {"
-    return "\n".join([head] + body + ["}"]) + "\n"
+    return "\n".join([head] + body + ["}"]) + "\n", read
 
 
 def inner_name(rec: CheckedRecurrence) -> str:
@@ -192,12 +195,11 @@ def split_shift_states(rec: CheckedRecurrence, ir: StepIR) -> ShiftPlan | None:
         return None
     from .api import load_text  # (api imports the reference, which this module's callers need not)
 
-    text = _inner_text(rec, ir, {s.name for s in states}, inner_name(rec))
+    text, read = _inner_text(rec, ir, {s.name for s in states}, inner_name(rec))
     filename = f"<{rec.name} without its shift states {', '.join(s.name for s in states)}>"
     try:
         inner = load_text(text, filename)[inner_name(rec)].checked
     except SpecError:  # (a printing the checker refuses: compiled as written, as before shift states)
         return None
-    kinds = {s.name: s.kind for s in inner.inputs}
-    assert all(kinds.get(s.name) is SymbolKind.INPUT for s in states)
-    return ShiftPlan(states, dict(ir.ranges), inner)
+    assert [s.name for s in inner.inputs[len(rec.inputs):]] == list(read)
+    return ShiftPlan(states, dict(ir.ranges), inner, read)
