@@ -94,7 +94,19 @@ class ShiftedLayer:
 
     def options(self, **defaults):
         """A copy of this layer with other defaults (those of `Layer.options`)."""
-        return type(self)(self.recurrence, self.inner.options(**defaults), self.shift)._rebuilt_by(self._rebuild)
+        inner = self._of_inner(self.inner.options, **defaults)
+        return type(self)(self.recurrence, inner, self.shift)._rebuilt_by(self._rebuild)
+
+    def _of_inner(self, method, *args, **kwargs):
+        """`method(*args, **kwargs)` of the inner layer, a CallError of it (a form the rest lacks, a bad
+        chunk_size) said as this layer's."""
+        try:
+            return method(*args, **kwargs)
+        except CallError as err:  # noqa: F821 - calling.py
+            shifts = ", ".join(s.name for s in self.recurrence.states if s.name not in
+                               {t.name for t in self.inner.recurrence.states})
+            raise CallError(f"{self.name}: the rest of the recurrence once its shift states ({shifts}) are "  # noqa: F821
+                            f"computed by shifting along T: {err}") from None
 
     def _rebuilt_by(self, rebuild):
         self._rebuild = rebuild
@@ -128,7 +140,8 @@ class ShiftedLayer:
         call = bind_call(self.recurrence, args, kwargs,  # noqa: F821 - calling.py
                          check_values=not torch.compiler.is_compiling())
         inner_args, inner_kwargs, finals = self._inner_call(call)
-        output, final = self.inner._call(inner_args, inner_kwargs, form, backend, chunk_size, config, check_steps)
+        output, final = self._of_inner(self.inner._call, inner_args, inner_kwargs, form, backend, chunk_size,
+                                       config, check_steps)
         outputs = dict(zip([o.name for o in self.recurrence.outputs], output if len(self.recurrence.outputs) > 1
                            else (output,)))
         if final is None:
@@ -143,8 +156,8 @@ class ShiftedLayer:
         call = bind_call(self.recurrence, args, kwargs)  # noqa: F821 - calling.py
         with torch.no_grad():
             inner_args, inner_kwargs, _ = self._inner_call(call)
-        return self.inner.config_for(*inner_args, form=form, backend=backend, chunk_size=chunk_size, config=config,
-                                     check_steps=check_steps, **inner_kwargs)
+        return self._of_inner(self.inner.config_for, *inner_args, form=form, backend=backend,
+                              chunk_size=chunk_size, config=config, check_steps=check_steps, **inner_kwargs)
 
     def __call__(self, *args, form=None, backend=None, chunk_size=None, config=None, check_steps=None, **kwargs):
         """`(output, final_state)`, as `Layer.__call__`."""
@@ -173,5 +186,6 @@ class ShiftedLayer:
 
 if "bind_call" not in globals():  # imported as a package module rather than copied into a generated module
     from recurrence_dsl.calling import bind_call, pack_result  # noqa: E402, F401
+    from recurrence_dsl.errors import CallError  # noqa: E402, F401
 
     from .layer import _module_layer  # noqa: E402, F401

@@ -317,3 +317,28 @@ def test_show_and_explain_say_it_is_shifted():
     assert "computed by shifting inputs along T before the recurrence runs" in words
     assert "step: k2_t[i] = k1_(t-1)[i]" in words
     assert "conv_gla_unshifted, reads it as an input" in words
+
+
+def test_layer_options_config_pickle_and_errors():
+    import pickle
+
+    layer = _layer("shifted_la")
+    chunked = layer.options(form="chunked")
+    assert chunked.form == "chunked" and chunked.forms.keys() == layer.forms.keys()
+    args = [a.float() for a in _arguments("shifted_la")[0]]
+    assert layer.config_for(*args, backend="torch", form="chunked")["form"] == "chunked"
+    again = pickle.loads(pickle.dumps(chunked))
+    assert again.form == "chunked"
+    assert torch.equal(again(*args, backend="torch")[0], chunked(*args, backend="torch")[0])
+    rec = recurrence_dsl.load("""
+recurrence nl(x[D]) -> y[D] {
+    state xl[D]
+    state h[D]
+    h[d] = tanh(h[d] + x[d] - xl[d])
+    xl[d] = x[d]
+    y[d] = h[d]
+}
+""")["nl"]
+    with pytest.raises(recurrence_dsl.CallError, match=r"nl: the rest of the recurrence once its shift states "
+                                                         r"\(xl\) are computed by shifting along T: .*no 'chunked'"):
+        recurrence_dsl.compile(rec, tuning=False)(torch.randn(1, 3, 1, 2), form="chunked")
