@@ -211,8 +211,10 @@ def _class_name(name: str) -> str:
     return camel + "Module" if camel == name else camel
 
 
-def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
-    """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`)."""
+def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | None = None) -> str:
+    """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`);
+    tuned_as: the spec hash its tuning records are under (the rest of a recurrence with shift states runs the
+    calls of that recurrence, whose hash `recdsl tune` records), else its own."""
     rec = analysis.recurrence
     missing = triton_unavailable(analysis)
 
@@ -222,7 +224,7 @@ def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
 
     return (f"_{rec.name}_spec = _Spec(\n    name={rec.name!r},\n    inputs={syms(rec.inputs)},\n"
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
-            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rec)!r},\n"
+            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={tuned_as or spec_hash(rec)!r},\n"
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
@@ -728,6 +730,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
                   _copyable(_ROOT / "shift_runtime.py")]
     outer = analyses
     analyses = [a.inner if a.shift is not None else a for a in analyses]  # what the forms are printed from
+    tuned_as = {a.inner.recurrence.name: spec_hash(a.recurrence) for a in shifted}
     triton_parts = _triton_sources(analyses)
     parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form "
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
@@ -740,7 +743,8 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
-                 _spec_data(a, a.recurrence.name in triton_parts[2]), "\n\n", printed[-2], "\n",
+                 _spec_data(a, a.recurrence.name in triton_parts[2], tuned_as.get(a.recurrence.name)), "\n\n",
+                 printed[-2], "\n",
                  "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
                  "around the Triton runtime.\n\n", printed[-1], "\n",
                  _entry_points(a, a.recurrence.name in triton_parts[2])]

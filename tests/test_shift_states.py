@@ -323,6 +323,8 @@ def test_layer_options_config_pickle_and_errors():
     import pickle
 
     layer = _layer("shifted_la")
+    # the rest's layer reads the tuning records of the recurrence (recdsl tune times the whole layer)
+    assert layer.inner.recurrence.spec_hash == RECS["shifted_la"].spec_hash
     chunked = layer.options(form="chunked")
     assert chunked.form == "chunked" and chunked.forms.keys() == layer.forms.keys()
     args = [a.float() for a in _arguments("shifted_la")[0]]
