@@ -261,6 +261,8 @@ class Problem:
         def extent(d) -> int:
             return int(sizes[d]) if isinstance(d, str) else int(d)
 
+        if getattr(analysis, "inner", None) is not None:  # shift states: the forms run the rest of the recurrence
+            analysis = analysis.inner
         chunk_states, elements = [], 0
         for name, st in analysis.chunk_analysis.states.items():  # (states chunked as transposes, transposed)
             dims = [extent(d) for d in st.dims]

@@ -35,6 +35,7 @@ from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
 from .kernel_rules import check_kernel_source, function_problems
+from .shift_forms import shift_entry_points, write_shift
 from .source_units import Unit, defined_names, joined, split_units, units_of
 from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize_units
 from .torch_forms import PRELUDE, TorchFormWriter
@@ -210,8 +211,10 @@ def _class_name(name: str) -> str:
     return camel + "Module" if camel == name else camel
 
 
-def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
-    """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`)."""
+def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | None = None) -> str:
+    """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`);
+    tuned_as: the spec hash its tuning records are under (the rest of a recurrence with shift states runs the
+    calls of that recurrence, whose hash `recdsl tune` records), else its own."""
     rec = analysis.recurrence
     missing = triton_unavailable(analysis)
 
@@ -221,7 +224,7 @@ def _spec_data(analysis: Analysis, fused_scan: bool = False) -> str:
 
     return (f"_{rec.name}_spec = _Spec(\n    name={rec.name!r},\n    inputs={syms(rec.inputs)},\n"
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
-            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rec)!r},\n"
+            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={tuned_as or spec_hash(rec)!r},\n"
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
@@ -238,6 +241,8 @@ def scan_first(analysis: Analysis) -> bool:
     loads (rg_lru, B=2, T=1024, H=4, D=128, bfloat16, Triton fwd + bwd: 14 launches and 46.7 MB of intermediates
     chunked, 2 and 29.4 MB scanned; torch fwd + bwd on CPU at T=2048: 2.42 s chunked, 0.86 s scanned;
     docs/development.md, "Vector states scan first")."""
+    if analysis.inner is not None:  # shift states: the forms are those of the rest of the recurrence
+        return scan_first(analysis.inner)
     return "scan" in analysis.forms and bool(analysis.states) and set(analysis.lifted) == set(analysis.states)
 
 
@@ -719,6 +724,13 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         _section("Helpers of the printed forms"),
         PRELUDE.strip("\n") + "\n",
     ]
+    shifted = [a for a in analyses if a.shift is not None]
+    if shifted:  # (the runtime of the shift states' layer, only in the modules of recurrences that have them)
+        parts += [_section("Shift states: their layer and shifts along T (codegen/shift_runtime.py)"),
+                  _copyable(_ROOT / "shift_runtime.py")]
+    outer = analyses
+    analyses = [a.inner if a.shift is not None else a for a in analyses]  # what the forms are printed from
+    tuned_as = {a.inner.recurrence.name: spec_hash(a.recurrence) for a in shifted}
     triton_parts = _triton_sources(analyses)
     parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form "
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
@@ -731,14 +743,24 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
-                 _spec_data(a, a.recurrence.name in triton_parts[2]), "\n\n", printed[-2], "\n",
+                 _spec_data(a, a.recurrence.name in triton_parts[2], tuned_as.get(a.recurrence.name)), "\n\n",
+                 printed[-2], "\n",
                  "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
                  "around the Triton runtime.\n\n", printed[-1], "\n",
                  _entry_points(a, a.recurrence.name in triton_parts[2])]
         units += [u for part in _whole_lines(parts) for u in units_of(part)]
+    for a in shifted:  # the recurrence itself: its shift states computed by shifting, then the rest's layer
+        parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}, with shift states "
+                          f"{', '.join(a.shift.names)}"),
+                 f"# The rest of {a.recurrence.name}, run by the layer {a.shift.inner.name} above, each shift state\n"
+                 "# an input holding its value before the step:\n#\n"
+                 + "".join(f"#     {line}\n" for line in a.shift.inner.text.splitlines()) + "\n",
+                 _spec_data(a), "\n\n", write_shift(a), "\n",
+                 shift_entry_points(a, _class_name(a.recurrence.name))]
+        units += [u for part in _whole_lines(parts) for u in units_of(part)]
     # the runtime without the branches its plans and its printed calls never take
     units = specialize_units(units, analyses, "\n\n".join(printed))
-    units = _prune(units, [n for a in analyses for n in _public_names(a)])
+    units = _prune(units, [n for a in outer for n in _public_names(a)])
     _check_names(units, analyses)
     text = re.sub(r"\n{4,}", "\n\n\n", joined(units)).rstrip("\n") + "\n"
     try:

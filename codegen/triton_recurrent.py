@@ -1991,6 +1991,8 @@ def _dplr_chunk_plan(analysis: Analysis) -> bool:
 
 def triton_unavailable(analysis: Analysis) -> dict[str, str]:
     """Why the Triton backend lacks each form the analysis found (the torch backend runs it): {form: why}."""
+    if analysis.inner is not None:  # shift states: the forms are those of the rest of the recurrence
+        return triton_unavailable(analysis.inner)
     why = {}
     if "chunked" in analysis.forms:
         rank = [n for n, s in analysis.chunk_analysis.states.items()
@@ -2016,6 +2018,8 @@ def triton_form_names(analysis: Analysis) -> tuple[str, ...]:
     `triton_runtime` has its kernels (every chunkable class; diagonal-plus-rank-one where `dplr_chunked_in_triton`,
     trained through the derived adjoint); parallel wherever the analysis offers it (`triton_parallel`: every
     linear class, no, a scalar, a key or a value decay). `triton_unavailable` says why a form is missing."""
+    if analysis.inner is not None:  # shift states: the forms are those of the rest of the recurrence
+        return triton_form_names(analysis.inner)
     missing = triton_unavailable(analysis)
     return ("recurrent",) + tuple(f for f in ("scan", "chunked", "parallel")
                                   if f in analysis.forms and f not in missing)

@@ -22,6 +22,7 @@ import sympy
 
 from .check import CheckedRecurrence
 from .printing import function_name, spec_text
+from .shift import ShiftPlan, split_shift_states
 from .step_ir import (
     NEW_SUFFIX,
     STAGE_SUFFIX,
@@ -37,6 +38,11 @@ from .step_ir import (
 
 
 class TransitionClass(enum.Enum):
+    # A state overwritten at every step from the step's inputs and the previous values of other shift states only
+    # (`klast[i] = k[i]`, a token shift's cache; a short convolution's window): its previous value is the inputs
+    # shifted along T, computed for every step at once outside the recurrence (recurrence_dsl/shift.py), so it
+    # counts for no form (it comes first: the recurrence's class is that of its other states).
+    SHIFT = "shift"
     IDENTITY = "identity"
     SCALAR = "scalar"
     DIAGONAL_ROW = "diagonal-row"
@@ -314,6 +320,11 @@ class Analysis:
     # state h[D] read elementwise as h[1, D] ("row": y[d] = h[d] is the readout sum(u, 1 * h[u, d]), and a
     # per-channel decay of h becomes a value-axis decay). Name -> "scalar" or "row".
     lifted: dict[str, str] = field(default_factory=dict)
+    # Where some states are shift states (`TransitionClass.SHIFT`): the plan that computes their previous values by
+    # shifting the inputs along T, and the analysis of the rest of the recurrence (`shift.inner`, those values
+    # as inputs), whose forms are this analysis' forms and from which the forms are generated.
+    shift: ShiftPlan | None = None
+    inner: Analysis | None = None
 
     def __post_init__(self):
         # The reasons are shown as they are (show, check, a form's CallError, the generated module's spec): with
@@ -329,9 +340,9 @@ class Analysis:
 
     @property
     def cls(self) -> TransitionClass:
-        if not self.states:
+        classes = [s.cls for s in self.states.values() if s.cls is not TransitionClass.SHIFT]
+        if not classes:
             return TransitionClass.IDENTITY
-        classes = [s.cls for s in self.states.values()]
         worst = max(classes, key=_ORDER.index)
         # A diagonal-row state next to a diagonal-col one: no single diagonal axis.
         if {TransitionClass.DIAGONAL_ROW, TransitionClass.DIAGONAL_COL} <= set(classes) and worst in (
@@ -1419,6 +1430,9 @@ def _transposed_classes(analysis: Analysis, view: Analysis, flip: set[str]) -> A
 def analyse(rec: CheckedRecurrence) -> Analysis:
     """Run the whole analysis of one recurrence."""
     ir = build_step_ir(rec)
+    plan = split_shift_states(rec, ir)
+    if plan is not None:
+        return _shifted(rec, ir, plan)
     analysis = _analyse_ir(rec, ir, {s.name: s.dims for s in rec.states})
     if "chunked" in analysis.forms:
         return analysis
@@ -1459,6 +1473,27 @@ def analyse(rec: CheckedRecurrence) -> Analysis:
     if "parallel" not in forms and "parallel" in view.unavailable:
         unavailable["parallel"] = view.unavailable["parallel"]
     return Analysis(rec, ir, states, analysis.outputs, tuple(forms), unavailable, view, view.transposed)
+
+
+def _shifted(rec: CheckedRecurrence, ir: StepIR, plan: ShiftPlan) -> Analysis:
+    """The analysis of a recurrence with shift states: theirs (class shift), and the rest's (`plan.inner`)."""
+    inner = analyse(plan.inner)
+    states = {}
+    for s in rec.states:
+        if s.name in plan.names:
+            shift = next(x for x in plan.states if x.name == s.name)
+            others = f" but those of shift states ({', '.join(shift.reads)})" if shift.reads else ""
+            states[s.name] = StateAnalysis(
+                s.name, s.dims, TransitionClass.SHIFT,
+                f"{s.name} is overwritten each step by {spec_text(shift.value.expr)}, which reads no state's "
+                f"previous value{others}: it is computed by shifting inputs "
+                f"along T before the recurrence runs (its previous value is that value one step earlier, the "
+                f"initial state at the first step), and counts for no form",
+                shift.value.indices, sympy.Integer(0), shift.value.expr)
+        else:
+            states[s.name] = inner.states[s.name]
+    return Analysis(rec, ir, states, inner.outputs, inner.forms, dict(inner.unavailable), inner.chunk_view,
+                    inner.transposed, dict(inner.lifted), plan, inner)
 
 
 def _analyse_ir(rec: CheckedRecurrence, ir: StepIR, dims: dict[str, tuple]) -> Analysis:

@@ -163,11 +163,21 @@ def explain(analysis: Analysis) -> str:
         lines.append("  reverse: steps run t = T-1, ..., 0 (per sequence); each form below runs forward on the "
                      "time-flipped sequence and its outputs are flipped back")
     view = analysis.chunk_analysis
+    shifted = analysis.shift.names if analysis.shift is not None else ()
     for name, sa in analysis.states.items():
         update = analysis.ir.updates[name]
         lines.append(f"  state {name}{_idx(update.indices)}: {sa.cls.value} -- {tidy(sa.reason)}")
         step = tidy(update.expr).replace(name + "[", name + "_(t-1)[")
+        for x in shifted:  # (a shift state read in the step is its previous value)
+            step = re.sub(rf"\b{re.escape(x)}\b(?!_\()", f"{x}_(t-1)", step)
         lines.append(f"    step: {name}_t{_idx(update.indices)} = {step}")
+        if sa.cls is TransitionClass.SHIFT:
+            idx = _idx(update.indices)
+            lines.append(f"    shifted: {name}_t{idx} computed for every t at once on [B, T, H, ...] tensors, then "
+                         f"{name}_(t-1){idx} = {name}_t{idx} one step later along T ({name}_(-1) the initial state; "
+                         "reverse: one step earlier), before the recurrence runs; the rest of the recurrence, "
+                         f"{analysis.shift.inner.name}, reads it as an input")
+            continue
         if name in view.transposed:
             update = view.ir.updates[name]
             lines.append(f"    chunked as {name}^T, read along its first axis: "

@@ -639,6 +639,11 @@ def prove(analysis: Analysis, steps: int = 4, size: int = 2, chunk: int = 2,
     A rank-r update unrolls `proof_steps` steps. `progress(part, None)` is called as each part of the proof starts
     (unrolling the recurrence, building a form, proving one output or final state of a form, e.g. "proving
     chunked o (8 elements)"), `progress(part, seconds)` as it ends."""
+    if analysis.inner is not None:
+        # Shift states: the forms are the rest's (`analysis.inner`, their previous values as inputs), which is what
+        # is proved; the shift along T that computes those values is the same in every form.
+        return prove(analysis.inner, steps, size, chunk, progress)
+
     def part(label: str, work, *args):
         if progress is None:
             return work(*args)

@@ -1,6 +1,6 @@
-"""Golden files: per spec in `specs/`, the analysis report (`recdsl show --json`) and the generated module
-(`recdsl compile`), committed under tests/golden/ so a reviewer sees in a diff what a change did to the code
-users get. `tests/test_golden.py` compares them; after an intended change, regenerate them all with
+"""Golden files: per spec in `specs/` (and in `EXTRA`), the analysis report (`recdsl show --json`) and the
+generated module (`recdsl compile`), committed under tests/golden/ so a reviewer sees in a diff what a change did to
+the code users get. `tests/test_golden.py` compares them; after an intended change, regenerate them all with
 
     python -m tests.golden
 
@@ -16,6 +16,13 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "golden"
 SPECS = TESTS.parent / "specs"
+# Spec files of tests/data/ whose generated code is worth a golden file too (what no spec of specs/ has: shift states).
+EXTRA = (TESTS / "data" / "token_shift.rec",)
+
+
+def golden_specs() -> list[Path]:
+    """Every spec file with golden files: those of specs/, then `EXTRA`."""
+    return sorted(SPECS.glob("*.rec")) + list(EXTRA)
 
 
 def expected(spec: Path) -> dict[str, str]:
@@ -35,7 +42,7 @@ def update() -> list[str]:
     """Rewrite every golden file (and remove those of specs that are gone); the names of those that changed."""
     GOLDEN.mkdir(exist_ok=True)
     wanted: dict[str, str] = {}
-    for spec in sorted(SPECS.glob("*.rec")):
+    for spec in golden_specs():
         wanted.update(expected(spec))
     changed = []
     for name, text in wanted.items():

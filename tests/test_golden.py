@@ -10,8 +10,9 @@ import difflib
 
 import pytest
 
-from .conftest import SPEC_FILES
-from .golden import GOLDEN, expected
+from .golden import GOLDEN, expected, golden_specs
+
+SPEC_FILES = golden_specs()  # specs/ and the files of tests/data/ with golden files (`golden.EXTRA`)
 
 
 @pytest.mark.parametrize("spec", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])

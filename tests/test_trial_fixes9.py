@@ -46,7 +46,8 @@ def test_a_state_with_a_zero_transition_compiles_and_matches_the_reference(name)
 
 def test_explain_says_what_to_do_with_a_state_overwritten_each_step():
     """The reason read "each step's transition is a D x D matrix", which a state that only caches its step's key
-    does not have; the analysis now says to make it a temporary or to shift the input outside."""
+    does not have; such a state is now a shift state, and where it is alone, the analysis says to make it a
+    temporary or to shift the input outside."""
     text = """recurrence cached(q[K], k[K], v[V], g[K]) -> o[V] {
     state S[K, V], klast[K]
     S[i, j] = exp(g[i]) * S[i, j] + k[i] * v[j]
@@ -56,9 +57,21 @@ def test_explain_says_what_to_do_with_a_state_overwritten_each_step():
 """
     analysis = analyse(recurrence_dsl.load(text)["cached"].checked)
     words = explain(analysis)
+    # Now a shift state (docs/language.md, "Linear bodies"): computed by shifting k along T, S keeps its forms.
+    assert "state klast[i]: shift -- klast is overwritten each step by k[i]" in words
+    assert "computed by shifting inputs along T" in words
+    assert analysis.forms == ("recurrent", "scan", "chunked", "parallel")
+    # A body of such states alone has nothing left to run as a recurrence: the advice to shift the input outside.
+    alone = analyse(recurrence_dsl.load("""recurrence cached(k[K], v[V]) -> o[K] {
+    state klast[K]
+    o[i] = k[i] + klast[i]
+    klast[i] = k[i]
+}
+""")["cached"].checked)
+    words = explain(alone)
     assert "klast is overwritten each step (its transition is zero)" in words
     assert "shift that input by one step outside the recurrence" in words
-    assert "x K matrix" not in analysis.unavailable["scan"]
+    assert "x K matrix" not in alone.unavailable["scan"]
 
 
 def test_a_forgotten_state_declaration_gets_a_hint_to_declare_it():

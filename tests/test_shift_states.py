@@ -1,0 +1,346 @@
+"""Shift states (recurrence_dsl/shift.py): a state overwritten at every step from the step's inputs and other shift
+states (a token shift's key cache, a short convolution's window) is computed by shifting along T outside the
+recurrence, and the rest keeps its forms. Every offered form, on both backends, against the reference interpreter
+of the original spec: outputs, final states, gradients (initial state included), packed sequences, reverse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.analysis import TransitionClass, analyse
+from recurrence_dsl.sampling import sample_arguments
+
+SOURCE = """
+recurrence shifted_la(q[K], k[K], v[V]) -> o[V] {
+    state klast[K]
+    state S[K, V]
+    S[i, j] = S[i, j] + (k[i] + klast[i]) * v[j]   # reads klast before its update: the previous step's k
+    klast[i] = k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+
+# A short causal convolution of width 3 on the key (its window as two shift states), then GLA.
+recurrence conv_gla(q[K], k[K], v[V], g[K]) -> o[V] {
+    param w0[K]
+    param w1[K]
+    param w2[K]
+    state k1[K]
+    state k2[K]
+    state S[K, V]
+    kc[i] = w0[i] * k[i] + w1[i] * k1[i] + w2[i] * k2[i]
+    S[i, j] = exp(g[i]) * S[i, j] + kc[i] * v[j]
+    k2[i] = k1[i]
+    k1[i] = k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+
+# A shift state read after its update: a temporary kept in a state.
+recurrence read_after(q[K], k[K], v[V]) -> o[V] {
+    state kc[K]
+    state S[K, V]
+    kc[i] = 2 * k[i]
+    S[i, j] = S[i, j] + kc[i] * v[j]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+
+# A delta rule on the token-shifted key (RWKV-style mix of this step's and the last step's key).
+recurrence shifted_delta(q[K], k[K], v[V], beta) -> o[V] {
+    state klast[K]
+    state S[K, V]
+    kk[i] = 0.5 * (k[i] + klast[i])
+    S[i, j] = S[i, j] + beta * kk[i] * (v[j] - sum(a, kk[a] * S[a, j]))
+    klast[i] = k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+
+# A scalar shift state (the previous step's gate), a vector state scanned.
+recurrence shifted_gate(x[D], a) -> y[D] {
+    state alast
+    state h[D]
+    h[d] = exp(-a - alast) * h[d] + x[d]
+    alast = a
+    y[d] = h[d]
+}
+"""
+
+RECS = recurrence_dsl.load(SOURCE)
+SIZES = {"K": 4, "V": 4, "D": 4}
+B, T, H = 2, 7, 2
+
+
+def _forms(name):
+    return analyse(RECS[name].checked).forms
+
+
+CASES = [pytest.param(name, backend, form, id=f"{name}-{backend}-{form}")
+         for name in RECS for backend in ("torch", "triton") for form in _forms(name)]
+
+
+def _arguments(name, rows=None, length=T, batch=B, seed=0):
+    rec = RECS[name].checked
+    sizes = {s: SIZES[s] for s in rec.sizes}
+    args, initial = sample_arguments(rec, sizes, batch, length, H, dtype=torch.float64, seed=seed,
+                                     with_initial_state=True, rows=rows)
+    if name == "shifted_gate":  # positive gates: exp(-a - alast) a decay
+        args[1] = args[1].abs() + 0.05
+    if not isinstance(initial, dict):
+        initial = {rec.states[0].name: initial}
+    if name == "shifted_gate":
+        initial["alast"] = initial["alast"].abs()
+    return args, initial
+
+
+def _compare(got, want, tol=2e-5):
+    got, want = got.double(), want.double()
+    err = (got - want).norm() / want.norm().clamp_min(1e-12)
+    assert err <= tol, f"relative error {err:.3g}"
+
+
+def _layer(name):
+    return recurrence_dsl.compile(RECS[name], tuning=False)
+
+
+def test_analysis_classes_and_forms():
+    a = analyse(RECS["shifted_la"].checked)
+    assert a.states["klast"].cls is TransitionClass.SHIFT
+    assert a.states["S"].cls is TransitionClass.IDENTITY
+    assert a.cls is TransitionClass.IDENTITY
+    assert a.forms == ("recurrent", "scan", "chunked", "parallel")
+    assert "shifting" in a.states["klast"].reason
+    b = analyse(RECS["conv_gla"].checked)
+    assert [s.name for s in b.shift.states] == ["k1", "k2"]  # k2 reads k1's previous value: after it
+    assert b.shift.states[1].reads == ("k1",)
+    assert b.cls is TransitionClass.DIAGONAL_ROW and "chunked" in b.forms
+    c = analyse(RECS["shifted_delta"].checked)
+    assert c.cls is TransitionClass.RANK_ONE_UPDATE and "chunked" in c.forms
+    assert analyse(RECS["read_after"].checked).states["kc"].cls is TransitionClass.SHIFT
+    assert analyse(RECS["shifted_gate"].checked).cls is TransitionClass.SCALAR
+
+
+def test_not_shift_states():
+    recs = recurrence_dsl.load("""
+recurrence swap(x[D]) -> y[D] {
+    state a[D]
+    state b[D]
+    state h[D]
+    h[d] = h[d] + a[d] * x[d]
+    a[d] = b[d]
+    b[d] = a[d] + x[d]
+    y[d] = h[d]
+}
+recurrence only_shift(x[D]) -> y[D] {
+    state xl[D]
+    y[d] = x[d] + xl[d]
+    xl[d] = x[d]
+}
+recurrence cumulative(x[D]) -> y[D] {
+    state a[D]
+    state h[D]
+    h[d] = a[d] + x[d]
+    a[d] = h[d]
+    y[d] = h[d]
+}
+""")
+    # a reads b's previous value, b reads a's new one (so a's previous value): a cycle, no shift
+    assert analyse(recs["swap"].checked).shift is None
+    # nothing left to run as a recurrence: compiled as written (general, recurrent)
+    only = analyse(recs["only_shift"].checked)
+    assert only.shift is None and only.forms == ("recurrent",)
+    x = torch.randn(1, 5, 1, 3)
+    out, fin = recurrence_dsl.compile(recs["only_shift"], tuning=False)(x, output_final_state=True, backend="torch")
+    ref, rfin = recs["only_shift"].reference(x, output_final_state=True)
+    _compare(out, ref)
+    _compare(fin, rfin)
+    # h reads a, a reads h's new value: a cumulative sum, no shift
+    assert analyse(recs["cumulative"].checked).shift is None
+
+
+@pytest.mark.parametrize("name,backend,form", CASES)
+def test_forward_final_and_gradients(name, backend, form):
+    args, initial = _arguments(name)
+    ref, ref_final = RECS[name].reference(*args, initial_state=initial, output_final_state=True)
+    leaves = [a.float().requires_grad_() for a in args]
+    init = {k: v.float().requires_grad_() for k, v in initial.items()}
+    out, final = _layer(name)(*leaves, initial_state=init, output_final_state=True, form=form, backend=backend)
+    _compare(out, ref)
+    for n in initial:
+        _compare(final[n] if isinstance(final, dict) else final, ref_final[n] if isinstance(ref_final, dict)
+                 else ref_final)
+    # gradients of a weighted sum of the outputs and final states, against the reference's autograd
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    fw = {n: torch.randn(v.shape, dtype=torch.float64) for n, v in initial.items()}
+    ref_leaves = [a.clone().requires_grad_() for a in args]
+    ref_init = {k: v.clone().requires_grad_() for k, v in initial.items()}
+    r_out, r_fin = RECS[name].reference(*ref_leaves, initial_state=ref_init, output_final_state=True)
+    ((r_out * weights).sum() + sum((r_fin[n] * fw[n]).sum() for n in fw)).backward()
+    ((out.double() * weights).sum() + sum((final[n].double() * fw[n]).sum() for n in fw)).backward()
+    for got, want in zip(leaves + list(init.values()), ref_leaves + list(ref_init.values())):
+        if want.grad is None:  # not read (read_after's kc: its initial value never reaches anything)
+            assert got.grad is None or not got.grad.any()
+        else:
+            _compare(got.grad, want.grad, 1e-4)
+
+
+@pytest.mark.parametrize("name,backend,form", [c for c in CASES if c.values[0] in ("shifted_la", "conv_gla")])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_and_reverse(name, backend, form, reverse):
+    bounds = [0, 3, 3, 4, 9]  # an empty sequence and one of a single step among them
+    args, initial = _arguments(name, rows=len(bounds) - 1, length=bounds[-1], batch=1, seed=1)
+    cu = torch.tensor(bounds)
+    ref, ref_final = RECS[name].reference(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu,
+                                          reverse=reverse)
+    init = {k: v.float().requires_grad_() for k, v in initial.items()}
+    leaves = [a.float().requires_grad_() for a in args]
+    out, final = _layer(name)(*leaves, initial_state=init, output_final_state=True,
+                              cu_seqlens=cu, reverse=reverse, form=form, backend=backend)
+    _compare(out, ref)
+    for n in initial:
+        _compare(final[n], ref_final[n])
+    # gradients, the initial states' included (an empty sequence's final state is its initial state)
+    ref_leaves = [a.clone().requires_grad_() for a in args]
+    ref_init = {k: v.clone().requires_grad_() for k, v in initial.items()}
+    r_out, r_fin = RECS[name].reference(*ref_leaves, initial_state=ref_init, output_final_state=True, cu_seqlens=cu,
+                                        reverse=reverse)
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    ((r_out * weights).sum() + sum((r_fin[n] * (i + 1)).sum() for i, n in enumerate(initial))).backward()
+    ((out.double() * weights).sum()
+     + sum((final[n].double() * (i + 1)).sum() for i, n in enumerate(initial))).backward()
+    for got, want in zip(leaves + list(init.values()), ref_leaves + list(ref_init.values())):
+        _compare(got.grad, want.grad, 1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reverse_batch(reverse):
+    args, initial = _arguments("conv_gla", seed=2)
+    ref, ref_final = RECS["conv_gla"].reference(*args, initial_state=initial, output_final_state=True,
+                                                reverse=reverse)
+    for form in _forms("conv_gla"):
+        out, final = _layer("conv_gla")(*[a.float() for a in args], initial_state={k: v.float() for k, v in
+                                                                                    initial.items()},
+                                        output_final_state=True, reverse=reverse, form=form, backend="torch")
+        _compare(out, ref)
+        for n in initial:
+            _compare(final[n], ref_final[n])
+
+
+def test_no_initial_state_and_final_shapes():
+    args, _ = _arguments("shifted_la")
+    ref, ref_final = RECS["shifted_la"].reference(*args, output_final_state=True)
+    out, final = _layer("shifted_la")(*[a.float() for a in args], output_final_state=True, backend="torch",
+                                      form="chunked")
+    _compare(out, ref)
+    assert set(final) == {"klast", "S"} and final["klast"].shape == (B, H, SIZES["K"])
+    _compare(final["klast"], ref_final["klast"])
+    out, none = _layer("shifted_la")(*[a.float() for a in args], backend="torch")
+    assert none is None
+
+
+def test_module_prints_the_shift():
+    from codegen.module import module_source
+
+    text = module_source([analyse(RECS["conv_gla"].checked)], "conv_gla.rec")
+    assert "def conv_gla__shift(" in text
+    assert "k2 = shift_steps(k2_after, states['k2'], cu_seqlens, reverse)" in text
+    assert "recurrence conv_gla_unshifted(q[K], k[K], v[V], g[K], k1[K], k2[K]) -> o[V]" in text
+    assert "class ConvGla(torch.nn.Module)" in text
+
+
+def test_nn_module():
+    import importlib.util
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from codegen.module import module_source
+
+    text = module_source([analyse(RECS["conv_gla"].checked)], "conv_gla.rec")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "conv_gla_module.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("conv_gla_module", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["conv_gla_module"] = module
+        try:
+            spec.loader.exec_module(module)
+            m = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch")
+            args, _ = _arguments("conv_gla")
+            inputs = [a.float() for a in args[:4]]
+            out, _ = m(*inputs)
+            ref, _ = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.inner.w0, m.inner.w1,
+                                                                                 m.inner.w2)])
+            _compare(out, ref)
+            assert len(list(m.parameters())) == 3
+        finally:
+            sys.modules.pop("conv_gla_module", None)
+
+
+def test_no_steps():
+    args, initial = _arguments("conv_gla", length=0)
+    out, final = _layer("conv_gla")(*[a.float() for a in args], initial_state={k: v.float() for k, v in
+                                                                                initial.items()},
+                                    output_final_state=True, backend="torch")
+    assert out.shape[1] == 0
+    for n in initial:  # no step: the initial state is the final state
+        _compare(final[n], initial[n])
+
+
+def test_declared_reverse_recurrence():
+    rec = recurrence_dsl.load("""
+reverse recurrence back(q[K], k[K], v[V]) -> o[V] {
+    state klast[K]
+    state S[K, V]
+    S[i, j] = S[i, j] + (k[i] - klast[i]) * v[j]
+    klast[i] = k[i]
+    o[j] = sum(i, q[i] * S[i, j])
+}
+""")["back"]
+    assert "chunked" in analyse(rec.checked).forms
+    args, initial = sample_arguments(rec.checked, {"K": 4, "V": 3}, B, T, H, dtype=torch.float64,
+                                     with_initial_state=True)
+    ref, ref_final = rec.reference(*args, initial_state=initial, output_final_state=True)
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    for form in layer.forms:
+        out, final = layer(*[a.float() for a in args], initial_state={k: v.float() for k, v in initial.items()},
+                           output_final_state=True, form=form, backend="torch")
+        _compare(out, ref)
+        for n in initial:
+            _compare(final[n], ref_final[n])
+
+
+def test_show_and_explain_say_it_is_shifted():
+    from recurrence_dsl.explain import explain
+
+    words = explain(analyse(RECS["conv_gla"].checked))
+    assert "state k1[i]: shift -- k1 is overwritten each step by k[i]" in words
+    assert "computed by shifting inputs along T before the recurrence runs" in words
+    assert "step: k2_t[i] = k1_(t-1)[i]" in words
+    assert "conv_gla_unshifted, reads it as an input" in words
+
+
+def test_layer_options_config_pickle_and_errors():
+    import pickle
+
+    layer = _layer("shifted_la")
+    # the rest's layer reads the tuning records of the recurrence (recdsl tune times the whole layer)
+    assert layer.inner.recurrence.spec_hash == RECS["shifted_la"].spec_hash
+    chunked = layer.options(form="chunked")
+    assert chunked.form == "chunked" and chunked.forms.keys() == layer.forms.keys()
+    args = [a.float() for a in _arguments("shifted_la")[0]]
+    assert layer.config_for(*args, backend="torch", form="chunked")["form"] == "chunked"
+    again = pickle.loads(pickle.dumps(chunked))
+    assert again.form == "chunked"
+    assert torch.equal(again(*args, backend="torch")[0], chunked(*args, backend="torch")[0])
+    rec = recurrence_dsl.load("""
+recurrence nl(x[D]) -> y[D] {
+    state xl[D]
+    state h[D]
+    h[d] = tanh(h[d] + x[d] - xl[d])
+    xl[d] = x[d]
+    y[d] = h[d]
+}
+""")["nl"]
+    with pytest.raises(recurrence_dsl.CallError, match=r"nl: the rest of the recurrence once its shift states "
+                                                         r"\(xl\) are computed by shifting along T: .*no 'chunked'"):
+        recurrence_dsl.compile(rec, tuning=False)(torch.randn(1, 3, 1, 2), form="chunked")
