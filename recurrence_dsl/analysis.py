@@ -894,10 +894,9 @@ def _couple_states(rec: CheckedRecurrence, ir: StepIR, states: dict[str, StateAn
 def _block(rec: CheckedRecurrence, ir: StepIR, members: tuple[str, ...], terms: dict, consts: dict,
            dims: dict[str, tuple]) -> Block | str:
     """The block of `members`, or why their coupling has none (at the line:col of the statement at fault)."""
-    shapes = {tuple(dims[m]) for m in members}
-    if len(shapes) > 1:
+    if len({tuple(dims[m]) for m in members}) > 1:  # each member's shape, in the order the members are named
         return (f"at {_where(rec, members[0])}: the coupled states {', '.join(members)} have different shapes "
-                f"({' and '.join(str(list(d)) for d in sorted(shapes, key=str))})")
+                f"({' and '.join(str(list(dims[m])) for m in members)})")
     reads = set(members) | {m + NEW_SUFFIX for m in members}
     for m in sorted(members, key=lambda n: _position(rec, n)):  # each update as written: every read elementwise?
         update = ir.updates[m]

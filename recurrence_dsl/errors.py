@@ -58,9 +58,10 @@ MAX_INLINED = 4096  # nodes of a statement's value once the temporaries it reads
 
 # What a user who tries to read another step (x[t + 1], x[t - 1]) or to run backwards is told.
 CAUSAL_HINT = ("the language is causal: a step reads its own inputs (x[i], not x[t + 1]) and the state the "
-               "previous step left (the previous step's input is an input of its own, shifted outside per "
-               "sequence: x_prev = torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1] for [B, T, H, D], as "
-               "Mamba-3's trapezoid takes B and x of t - 1); to run from the last step to the first, write "
+               "previous step left (to read the previous step's input, keep it in a shift state: 'state "
+               "x_last[D]' updated with 'x_last[d] = x[d]' after the line that reads it, as a token shift or "
+               "Mamba-3's trapezoid does; docs/language.md, Linear bodies); to run from the last step to the "
+               "first, write "
                "'reverse recurrence NAME(...)' or call the layer with reverse=True; a bidirectional layer is a "
                "forward and a reverse recurrence whose outputs you combine (docs/language.md, Direction)")
 
