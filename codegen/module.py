@@ -376,15 +376,6 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     state_doc = ", ".join(f"{s.name}: [rows, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states) or "none"
     out_doc = ", ".join(f"{s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.outputs)
     cls = _class_name(name)
-    starts = _param_starts(analysis)
-    param_lines = "\n".join(  # the given value on a line of its own, under the start's first character
-        f"        self.{p.name} = torch.nn.Parameter({starts[p.name].format(f'_dims({p.dims!r}, sizes)')} "
-        f"if {p.name} is None\n{' ' * len(f'        self.{p.name} = torch.nn.Parameter(')}"
-        f"else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
-    start_doc = _param_start_doc(analysis, starts)
-    init_params = "".join(f", {p.name}=None" for p in rec.params)
-    forward_inputs = ", ".join(s.name for s in rec.inputs)
-    forward_params = "".join(f", self.{p.name}" for p in rec.params)
     triton_names = triton_form_names(analysis)
     if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel; both walk packed sequences
         # and load half-precision inputs as they are (no float32 copies: the kernels upcast every load, the states
@@ -436,12 +427,6 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
                    f"triton_in_parallel({name}__chunked_triton))))")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
-    owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
-             "it has no params; the inputs' H and sizes must be its heads and sizes=")
-    # given params: [H, *dims] with the heads and sizes the module was built with
-    param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
-    one_tuple = "," if len(rec.inputs) == 1 else ""  # forward's inputs as a tuple: (x,) for one
-    under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
     return f'''
 _{name}_forms = {{{forms}}}
 _{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward
@@ -475,7 +460,33 @@ class _{cls}Layer(Layer):
 {name} = _{cls}Layer(_{name}_spec, _{name}_forms, _{name}_triton_forms)
 
 
-class {cls}(torch.nn.Module):
+''' + module_class(analysis)
+
+
+def module_class(analysis: Analysis, starts_from: Analysis | None = None) -> str:
+    """The recurrence's `torch.nn.Module` wrapper: it owns the params (`nn.Parameter`s named as the spec's) and calls
+    the layer printed under the recurrence's name with them. starts_from: the analysis the params' starts are
+    solved from (for a recurrence with shift states the rest's, which holds the decays), else `analysis`."""
+    rec = analysis.recurrence
+    name = rec.name
+    cls = _class_name(name)
+    starts_from = analysis if starts_from is None else starts_from
+    starts = _param_starts(starts_from)
+    param_lines = "\n".join(  # the given value on a line of its own, under the start's first character
+        f"        self.{p.name} = torch.nn.Parameter({starts[p.name].format(f'_dims({p.dims!r}, sizes)')} "
+        f"if {p.name} is None\n{' ' * len(f'        self.{p.name} = torch.nn.Parameter(')}"
+        f"else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
+    start_doc = _param_start_doc(starts_from, starts)
+    init_params = "".join(f", {p.name}=None" for p in rec.params)
+    forward_inputs = ", ".join(s.name for s in rec.inputs)
+    forward_params = "".join(f", self.{p.name}" for p in rec.params)
+    owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
+             "it has no params; the inputs' H and sizes must be its heads and sizes=")
+    # given params: [H, *dims] with the heads and sizes the module was built with
+    param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
+    one_tuple = "," if len(rec.inputs) == 1 else ""  # forward's inputs as a tuple: (x,) for one
+    under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
+    return f'''class {cls}(torch.nn.Module):
     """`{name}` as a module; {owned}.{start_doc}
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store).
     check_steps False: the chunked and parallel forms skip their value checks and host sync (see Layer)."""
@@ -761,7 +772,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
     # the runtime without the branches its plans and its printed calls never take
     units = specialize_units(units, analyses, "\n\n".join(printed))
     units = _prune(units, [n for a in outer for n in _public_names(a)])
-    _check_names(units, analyses)
+    _check_names(units, outer)  # (the rest of a recurrence with shift states has no module class of its own)
     text = re.sub(r"\n{4,}", "\n\n\n", joined(units)).rstrip("\n") + "\n"
     try:
         compile(text, "<generated module>", "exec", dont_inherit=True)  # also what ast.parse lets through

@@ -247,33 +247,89 @@ def test_module_prints_the_shift():
     assert "class ConvGla(torch.nn.Module)" in text
 
 
-def test_nn_module():
+def _generated(name, folder):
+    """The generated module of RECS[name] (codegen/module.py `module_source`), imported from `folder`."""
     import importlib.util
     import sys
-    import tempfile
     from pathlib import Path
 
     from codegen.module import module_source
 
-    text = module_source([analyse(RECS["conv_gla"].checked)], "conv_gla.rec")
+    text = module_source([analyse(RECS[name].checked)], f"{name}.rec")
+    path = Path(folder) / f"{name}_module.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"{name}_module", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}_module"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(f"{name}_module", None)
+    return module
+
+
+def test_nn_module():
+    """The module of a recurrence with shift states owns its params as any recurrence's module does: `w0`, not
+    `inner.w0` (attributes, named_parameters, state_dict, repr), and forward, backward and its options work."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "conv_gla_module.py"
-        path.write_text(text)
-        spec = importlib.util.spec_from_file_location("conv_gla_module", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["conv_gla_module"] = module
+        module = _generated("conv_gla", folder)
+        m = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch")
+        assert [n for n, _ in m.named_parameters()] == ["w0", "w1", "w2"]
+        assert list(m.state_dict()) == ["w0", "w1", "w2"]
+        assert isinstance(m.w0, torch.nn.Parameter) and m.w0.shape == (H, SIZES["K"])
+        assert not list(m.children())  # no `inner` submodule
+        assert repr(m) == "ConvGla(heads=2, sizes={'K': 4}, backend='torch')"
+        assert (m.heads, m.sizes, m.form, m.backend, m.chunk_size, m.check_steps) == (
+            H, {"K": SIZES["K"]}, "auto", "torch", None, True)
+        # a state dict of the module of the same params: it loads, and the module computes the recurrence
+        for p in m.parameters():
+            torch.nn.init.normal_(p)
+        again = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch", form="chunked")
+        again.load_state_dict(m.state_dict())
+        args, initial = _arguments("conv_gla")
+        inputs = [a.float() for a in args[:4]]
+        out, _ = again(*inputs)
+        ref, _ = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.w0, m.w1, m.w2)])
+        _compare(out, ref)
+        out, final = m(*inputs, initial_state={k: v.float() for k, v in initial.items()}, output_final_state=True)
+        ref, ref_final = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.w0, m.w1, m.w2)],
+                                                    initial_state=initial, output_final_state=True)
+        _compare(out, ref)
+        _compare(final["k2"], ref_final["k2"])
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        # given params, and the checks any module makes of them and of its options
+        w = torch.randn(H, SIZES["K"])
+        assert torch.equal(module.ConvGla(H, {"K": SIZES["K"]}, w1=w).w1.detach(), w)
+        with pytest.raises(ValueError, match=r"ConvGla: param w0 must have shape \[H, K\]"):
+            module.ConvGla(H, {"K": SIZES["K"]}, w0=torch.zeros(H + 1, SIZES["K"]))
+        with pytest.raises(recurrence_dsl.CallError, match="ConvGla: "):
+            module.ConvGla(H, {"K": SIZES["K"]}, form="chunky")
+        with pytest.raises(recurrence_dsl.CallError, match="ConvGla.forward\\(\\) got param 'w0'"):
+            m(*inputs, w0=m.w0)
+
+
+def test_nn_module_as_without_shift_states():
+    """Params, their starts and the repr are those of the module of the rest of the recurrence, compiled as a spec
+    of its own (the recurrence without shift states, taking their values as inputs)."""
+    import tempfile
+
+    rest = analyse(RECS["conv_gla"].checked).shift.inner
+    plain = recurrence_dsl.load(rest.text)[rest.name]
+    with tempfile.TemporaryDirectory() as folder:
+        shifted = _generated("conv_gla", folder).ConvGla(H, {"K": SIZES["K"]}, chunk_size=16)
+        RECS[rest.name] = plain
         try:
-            spec.loader.exec_module(module)
-            m = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch")
-            args, _ = _arguments("conv_gla")
-            inputs = [a.float() for a in args[:4]]
-            out, _ = m(*inputs)
-            ref, _ = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.inner.w0, m.inner.w1,
-                                                                                 m.inner.w2)])
-            _compare(out, ref)
-            assert len(list(m.parameters())) == 3
+            unshifted = _generated(rest.name, folder).ConvGlaUnshifted(H, {"K": SIZES["K"]}, chunk_size=16)
         finally:
-            sys.modules.pop("conv_gla_module", None)
+            del RECS[rest.name]
+    assert repr(shifted).removeprefix("ConvGla") == repr(unshifted).removeprefix("ConvGlaUnshifted")
+    assert {n: p.shape for n, p in shifted.named_parameters()} == {n: p.shape for n, p in
+                                                                   unshifted.named_parameters()}
+    for (n, a), (_, b) in zip(shifted.state_dict().items(), unshifted.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_no_steps():
