@@ -211,10 +211,11 @@ def _class_name(name: str) -> str:
     return camel + "Module" if camel == name else camel
 
 
-def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | None = None) -> str:
+def _spec_data(analysis: Analysis, fused_scan: bool = False, rest_of=None) -> str:
     """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`);
-    tuned_as: the spec hash its tuning records are under (the rest of a recurrence with shift states runs the
-    calls of that recurrence, whose hash `recdsl tune` records), else its own."""
+    rest_of: the recurrence with shift states whose rest this is (`ShiftPlan.inner`), which its layer runs the calls
+    of: its tuning records are under that recurrence's spec hash (what `recdsl tune` records), and the messages of
+    its form calls name that recurrence (`rest_of=`)."""
     rec = analysis.recurrence
     missing = triton_unavailable(analysis)
 
@@ -224,13 +225,14 @@ def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | Non
 
     return (f"_{rec.name}_spec = _Spec(\n    name={rec.name!r},\n    inputs={syms(rec.inputs)},\n"
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
-            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={tuned_as or spec_hash(rec)!r},\n"
+            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rest_of or rec)!r},\n"
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
             + ("    reverse=True,\n" if rec.reverse else "")
             + ("    scan_held=1,\n" if fused_scan else "")
-            + ("    scan_first=True,\n" if scan_first(analysis) else "") + ")\n")
+            + ("    scan_first=True,\n" if scan_first(analysis) else "")
+            + (f"    rest_of={rest_of.name!r},\n" if rest_of is not None else "") + ")\n")
 
 
 def scan_first(analysis: Analysis) -> bool:
@@ -569,6 +571,9 @@ class _Spec:
     scan_held: int = 3
     # "auto" runs the scan form ahead of the chunked and parallel ones (`scan_first` in codegen/module.py)
     scan_first: bool = False
+    # the rest of a recurrence with shift states (codegen/shift_runtime.py): that recurrence's name, which the
+    # messages of its form calls use (a double backward's, `run_forms`)
+    rest_of: str = ""
 
 
 def _head_decays(heads, dims, log=False, of=None):
@@ -741,7 +746,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
                   _copyable(_ROOT / "shift_runtime.py")]
     outer = analyses
     analyses = [a.inner if a.shift is not None else a for a in analyses]  # what the forms are printed from
-    tuned_as = {a.inner.recurrence.name: spec_hash(a.recurrence) for a in shifted}
+    rest_of = {a.inner.recurrence.name: a.recurrence for a in shifted}
     triton_parts = _triton_sources(analyses)
     parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form "
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
@@ -754,7 +759,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
-                 _spec_data(a, a.recurrence.name in triton_parts[2], tuned_as.get(a.recurrence.name)), "\n\n",
+                 _spec_data(a, a.recurrence.name in triton_parts[2], rest_of.get(a.recurrence.name)), "\n\n",
                  printed[-2], "\n",
                  "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
                  "around the Triton runtime.\n\n", printed[-1], "\n",
@@ -872,9 +877,17 @@ def _check_names(units: list[Unit], analyses: list[Analysis]) -> None:
             bound[name] = bound.get(name, 0) + 1
     defs = {node.name: node for node in body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     clashes: list[SpecError] = []  # every clash of every recurrence: a user renames them all in one go
+    # the rest of a recurrence with shift states is printed as a recurrence NAME_unshifted (recurrence_dsl/shift.py)
+    rests = {a.shift.inner.name: a for a in analyses if a.shift is not None}
     for a in analyses:
         rec = a.recurrence
-        for name in (rec.name, _class_name(rec.name)):
+        if rec.name in rests:  # (its layer and module class are printed twice: those clashes say no more than this)
+            other = rests[rec.name]
+            clashes.append(SpecError(
+                f"the recurrence name '{rec.name}' is the name of the rest of '{other.recurrence.name}' once its shift "
+                f"states ({', '.join(other.shift.names)}) are computed by shifting along T, which the generated module "
+                "holds as a recurrence of that name", rec.span, rec.source, hint="rename the recurrence"))
+        for name in (rec.name, _class_name(rec.name)) if rec.name not in rests else ():
             if bound.get(name, 0) > 1:
                 what = f"recurrence name '{name}'" if name == rec.name else f"module class '{name}' of '{rec.name}'"
                 clashes.append(SpecError(f"the {what} clashes with another '{name}' of the generated module",

@@ -98,15 +98,13 @@ class ShiftedLayer:
         return type(self)(self.recurrence, inner, self.shift)._rebuilt_by(self._rebuild)
 
     def _of_inner(self, method, *args, **kwargs):
-        """`method(*args, **kwargs)` of the inner layer, a CallError of it (a form the rest lacks, a bad
-        chunk_size) said as this layer's."""
+        """`method(*args, **kwargs)` of the inner layer, a CallError of it (a form the rest lacks, a bad chunk_size,
+        torch.func) said as this layer's: the rest's name (NAME_unshifted, a name the user never wrote) replaced by
+        the recurrence's, so the message reads as a recurrence without shift states would say it."""
         try:
             return method(*args, **kwargs)
         except CallError as err:  # noqa: F821 - calling.py
-            shifts = ", ".join(s.name for s in self.recurrence.states if s.name not in
-                               {t.name for t in self.inner.recurrence.states})
-            raise CallError(f"{self.name}: the rest of the recurrence once its shift states ({shifts}) are "  # noqa: F821
-                            f"computed by shifting along T: {err}") from None
+            raise CallError(str(err).replace(self.inner.name, self.name)) from None  # noqa: F821
 
     def _rebuilt_by(self, rebuild):
         self._rebuild = rebuild
