@@ -347,7 +347,8 @@ def run_forms(spec, form_fns: dict, call, form: str, chunk_size: int, options: d
             # a param narrower than the inputs, cast up to their dtype: a form's torch prologue computes with it (a
             # bfloat16 retention gamma's log in bfloat16 lost 1e-3 of a float32 call's outputs)
             given = [p.to(torch.promote_types(p.dtype, call.dtype)) for p in params]
-        running = _FORM_CALL.set((spec.name, chosen, backend))  # for the forms' autograd Functions
+        # for the forms' autograd Functions; under the name of the recurrence whose rest this is, if it is one
+        running = _FORM_CALL.set((getattr(spec, "rest_of", "") or spec.name, chosen, backend))
         try:
             with autocast_off(call.device):
                 return fn(*ordered, *given, piece_states, *sizes, **extra)

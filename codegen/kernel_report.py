@@ -450,6 +450,18 @@ def run_call(layer, args, kwargs=None, *, form: str = "auto", chunk_size: int | 
     ran: a list that gets the name of each form whose function returned, in call order (what "auto" ran after
     its fallbacks: based's recurrent form does not fit at K = V = 64, so a short call runs chunked)."""
     module = sys.modules[type(layer).__module__]
+    if getattr(layer, "shift", None) is not None:
+        # a recurrence with shift states (codegen/shift_runtime.py): its shift in torch, then the rest's forms
+        def rest(inner_args, inner_kwargs):
+            try:
+                return run_call(layer.inner, inner_args, inner_kwargs, form=form, chunk_size=chunk_size,
+                                config=config, ran=ran)
+            except ValueError as err:
+                if type(err) is not ValueError:  # (a CallError: the shifted layer says it under its own name)
+                    raise
+                raise ValueError(str(err).replace(layer.inner.name, layer.name)) from None
+
+        return layer._shifted(module.bind_call(layer.recurrence, tuple(args), dict(kwargs or {})), rest)
     fns = layer.triton_forms
     if fns is None:
         raise ToolMissing("triton does not import, so the layer has no Triton forms")

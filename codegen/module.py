@@ -211,10 +211,11 @@ def _class_name(name: str) -> str:
     return camel + "Module" if camel == name else camel
 
 
-def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | None = None) -> str:
+def _spec_data(analysis: Analysis, fused_scan: bool = False, rest_of=None) -> str:
     """`_NAME_spec`; fused_scan: the Triton scan form computes its prologue in its kernels (`scan_held=1`);
-    tuned_as: the spec hash its tuning records are under (the rest of a recurrence with shift states runs the
-    calls of that recurrence, whose hash `recdsl tune` records), else its own."""
+    rest_of: the recurrence with shift states whose rest this is (`ShiftPlan.inner`), which its layer runs the calls
+    of: its tuning records are under that recurrence's spec hash (what `recdsl tune` records), and the messages of
+    its form calls name that recurrence (`rest_of=`)."""
     rec = analysis.recurrence
     missing = triton_unavailable(analysis)
 
@@ -224,13 +225,14 @@ def _spec_data(analysis: Analysis, fused_scan: bool = False, tuned_as: str | Non
 
     return (f"_{rec.name}_spec = _Spec(\n    name={rec.name!r},\n    inputs={syms(rec.inputs)},\n"
             f"    params={syms(rec.params)},\n    states={syms(rec.states)},\n    outputs={syms(rec.outputs)},\n"
-            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={tuned_as or spec_hash(rec)!r},\n"
+            f"    sizes={tuple(rec.sizes)!r},\n    spec_hash={spec_hash(rest_of or rec)!r},\n"
             f"    unavailable={tuple(analysis.unavailable.items())!r},\n"
             f"    recurrence_class={analysis.cls.value!r},\n"
             + (f"    triton_unavailable={tuple(missing.items())!r},\n" if missing else "")
             + ("    reverse=True,\n" if rec.reverse else "")
             + ("    scan_held=1,\n" if fused_scan else "")
-            + ("    scan_first=True,\n" if scan_first(analysis) else "") + ")\n")
+            + ("    scan_first=True,\n" if scan_first(analysis) else "")
+            + (f"    rest_of={rest_of.name!r},\n" if rest_of is not None else "") + ")\n")
 
 
 def scan_first(analysis: Analysis) -> bool:
@@ -376,15 +378,6 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
     state_doc = ", ".join(f"{s.name}: [rows, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states) or "none"
     out_doc = ", ".join(f"{s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.outputs)
     cls = _class_name(name)
-    starts = _param_starts(analysis)
-    param_lines = "\n".join(  # the given value on a line of its own, under the start's first character
-        f"        self.{p.name} = torch.nn.Parameter({starts[p.name].format(f'_dims({p.dims!r}, sizes)')} "
-        f"if {p.name} is None\n{' ' * len(f'        self.{p.name} = torch.nn.Parameter(')}"
-        f"else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
-    start_doc = _param_start_doc(analysis, starts)
-    init_params = "".join(f", {p.name}=None" for p in rec.params)
-    forward_inputs = ", ".join(s.name for s in rec.inputs)
-    forward_params = "".join(f", self.{p.name}" for p in rec.params)
     triton_names = triton_form_names(analysis)
     if has_triton_adjoint(analysis):  # the derived backward as a Triton kernel; both walk packed sequences
         # and load half-precision inputs as they are (no float32 copies: the kernels upcast every load, the states
@@ -436,12 +429,6 @@ def _entry_points(analysis: Analysis, fused_scan: bool = False) -> str:
                    f"triton_in_parallel({name}__chunked_triton))))")
     outs = tuple(o.name for o in rec.outputs)
     sts = tuple(s.name for s in rec.states)
-    owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
-             "it has no params; the inputs' H and sizes must be its heads and sizes=")
-    # given params: [H, *dims] with the heads and sizes the module was built with
-    param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
-    one_tuple = "," if len(rec.inputs) == 1 else ""  # forward's inputs as a tuple: (x,) for one
-    under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
     return f'''
 _{name}_forms = {{{forms}}}
 _{name}_out, _{name}_st = {outs!r}, {sts!r}  # output and state names, for the backward
@@ -475,7 +462,33 @@ class _{cls}Layer(Layer):
 {name} = _{cls}Layer(_{name}_spec, _{name}_forms, _{name}_triton_forms)
 
 
-class {cls}(torch.nn.Module):
+''' + module_class(analysis)
+
+
+def module_class(analysis: Analysis, starts_from: Analysis | None = None) -> str:
+    """The recurrence's `torch.nn.Module` wrapper: it owns the params (`nn.Parameter`s named as the spec's) and calls
+    the layer printed under the recurrence's name with them. starts_from: the analysis the params' starts are
+    solved from (for a recurrence with shift states the rest's, which holds the decays), else `analysis`."""
+    rec = analysis.recurrence
+    name = rec.name
+    cls = _class_name(name)
+    starts_from = analysis if starts_from is None else starts_from
+    starts = _param_starts(starts_from)
+    param_lines = "\n".join(  # the given value on a line of its own, under the start's first character
+        f"        self.{p.name} = torch.nn.Parameter({starts[p.name].format(f'_dims({p.dims!r}, sizes)')} "
+        f"if {p.name} is None\n{' ' * len(f'        self.{p.name} = torch.nn.Parameter(')}"
+        f"else torch.as_tensor({p.name}, dtype=torch.float32).clone())" for p in rec.params)
+    start_doc = _param_start_doc(starts_from, starts)
+    init_params = "".join(f", {p.name}=None" for p in rec.params)
+    forward_inputs = ", ".join(s.name for s in rec.inputs)
+    forward_params = "".join(f", self.{p.name}" for p in rec.params)
+    owned = ("params are trainable `nn.Parameter`s of shape [H, ...]" if rec.params else
+             "it has no params; the inputs' H and sizes must be its heads and sizes=")
+    # given params: [H, *dims] with the heads and sizes the module was built with
+    param_check = f"\n        _module_params(self, _{name}_spec, sizes)" if rec.params else ""
+    one_tuple = "," if len(rec.inputs) == 1 else ""  # forward's inputs as a tuple: (x,) for one
+    under = " " * len(f"        return {name}(")  # forward's continuation lines, under its call's first argument
+    return f'''class {cls}(torch.nn.Module):
     """`{name}` as a module; {owned}.{start_doc}
     chunk_size None: the tuning store's for the call's shape, else 64 (a number here always wins over the store).
     check_steps False: the chunked and parallel forms skip their value checks and host sync (see Layer)."""
@@ -558,6 +571,9 @@ class _Spec:
     scan_held: int = 3
     # "auto" runs the scan form ahead of the chunked and parallel ones (`scan_first` in codegen/module.py)
     scan_first: bool = False
+    # the rest of a recurrence with shift states (codegen/shift_runtime.py): that recurrence's name, which the
+    # messages of its form calls use (a double backward's, `run_forms`)
+    rest_of: str = ""
 
 
 def _head_decays(heads, dims, log=False, of=None):
@@ -730,7 +746,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
                   _copyable(_ROOT / "shift_runtime.py")]
     outer = analyses
     analyses = [a.inner if a.shift is not None else a for a in analyses]  # what the forms are printed from
-    tuned_as = {a.inner.recurrence.name: spec_hash(a.recurrence) for a in shifted}
+    rest_of = {a.inner.recurrence.name: a.recurrence for a in shifted}
     triton_parts = _triton_sources(analyses)
     parts.append(_section("Triton runtime of the chunked forms (codegen/triton_runtime.py), of the scan form "
                           "(codegen/triton_scan.py) and the helpers of the recurrent kernels; names prefixed with "
@@ -743,7 +759,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
         writer = TorchFormWriter(a, runtime_prefix="")
         printed += [writer.write_all(), triton_parts[1][a.recurrence.name]]
         parts = [_section(f"recurrence {a.recurrence.name}: {a.cls.value}"),
-                 _spec_data(a, a.recurrence.name in triton_parts[2], tuned_as.get(a.recurrence.name)), "\n\n",
+                 _spec_data(a, a.recurrence.name in triton_parts[2], rest_of.get(a.recurrence.name)), "\n\n",
                  printed[-2], "\n",
                  "\n\n# Triton forms: the recurrent kernel printed from the step, the scan and chunked forms "
                  "around the Triton runtime.\n\n", printed[-1], "\n",
@@ -761,7 +777,7 @@ def module_source(analyses: list[Analysis], spec_path: str) -> str:
     # the runtime without the branches its plans and its printed calls never take
     units = specialize_units(units, analyses, "\n\n".join(printed))
     units = _prune(units, [n for a in outer for n in _public_names(a)])
-    _check_names(units, analyses)
+    _check_names(units, outer)  # (the rest of a recurrence with shift states has no module class of its own)
     text = re.sub(r"\n{4,}", "\n\n\n", joined(units)).rstrip("\n") + "\n"
     try:
         compile(text, "<generated module>", "exec", dont_inherit=True)  # also what ast.parse lets through
@@ -861,9 +877,17 @@ def _check_names(units: list[Unit], analyses: list[Analysis]) -> None:
             bound[name] = bound.get(name, 0) + 1
     defs = {node.name: node for node in body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     clashes: list[SpecError] = []  # every clash of every recurrence: a user renames them all in one go
+    # the rest of a recurrence with shift states is printed as a recurrence NAME_unshifted (recurrence_dsl/shift.py)
+    rests = {a.shift.inner.name: a for a in analyses if a.shift is not None}
     for a in analyses:
         rec = a.recurrence
-        for name in (rec.name, _class_name(rec.name)):
+        if rec.name in rests:  # (its layer and module class are printed twice: those clashes say no more than this)
+            other = rests[rec.name]
+            clashes.append(SpecError(
+                f"the recurrence name '{rec.name}' is the name of the rest of '{other.recurrence.name}' once its shift "
+                f"states ({', '.join(other.shift.names)}) are computed by shifting along T, which the generated module "
+                "holds as a recurrence of that name", rec.span, rec.source, hint="rename the recurrence"))
+        for name in (rec.name, _class_name(rec.name)) if rec.name not in rests else ():
             if bound.get(name, 0) > 1:
                 what = f"recurrence name '{name}'" if name == rec.name else f"module class '{name}' of '{rec.name}'"
                 clashes.append(SpecError(f"the {what} clashes with another '{name}' of the generated module",

@@ -97,7 +97,9 @@ def _names(expr: sympy.Expr) -> set[str]:
 
 def shift_entry_points(analysis: Analysis, class_name: str) -> str:
     """The recurrence's layer (a `ShiftedLayer` running its shift function, then the inner recurrence's layer) and
-    its `torch.nn.Module` wrapper, as `codegen.module._entry_points` writes them for other recurrences."""
+    its `torch.nn.Module` wrapper, as `codegen.module._entry_points` writes them for other recurrences: the module
+    is the one every recurrence has (`module_class`: the spec's params as its own `nn.Parameter`s, its repr), its
+    forward calling this layer, and its params start as the rest's module would start them."""
     rec = analysis.recurrence
     name, inner = rec.name, analysis.shift.inner.name
     cls = class_name
@@ -107,14 +109,8 @@ def shift_entry_points(analysis: Analysis, class_name: str) -> str:
         + [f"            {s.name}: [H{''.join(', ' + str(d) for d in s.dims)}]  (param)" for s in rec.params])
     state_doc = ", ".join(f"{s.name}: [rows, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.states)
     out_doc = ", ".join(f"{s.name}: [B, T, H{''.join(', ' + str(d) for d in s.dims)}]" for s in rec.outputs)
-    init_params = "".join(f", {p.name}=None" for p in rec.params)
-    forward_inputs = ", ".join(s.name for s in rec.inputs)
-    forward_params = "".join(f", m.{p.name}" for p in rec.params)
-    one_tuple = "," if len(rec.inputs) == 1 else ""
-    under = " " * len(f"        return {name}(")
-    inner_params = "".join(f", {p.name}={p.name}" for p in rec.params)
     shifts = ", ".join(analysis.shift.names)
-    from .module import FORWARD_KEYWORDS, _class_name
+    from .module import module_class
 
     return f'''
 class _{cls}Layer(ShiftedLayer):
@@ -141,19 +137,4 @@ class _{cls}Layer(ShiftedLayer):
 {name} = _{cls}Layer(_{name}_spec, {inner}, {name}__shift)
 
 
-class {cls}(torch.nn.Module):
-    """`{name}` as a module: its params are those of {_class_name(inner)} (`self.inner`), which it holds."""
-
-    def __init__(self, heads, sizes=None, form="auto", backend="auto", chunk_size=None{init_params}, check_steps=True):
-        super().__init__()
-        self.inner = {_class_name(inner)}(heads, sizes, form, backend, chunk_size{inner_params},
-        {" " * len(f"self.inner = {_class_name(inner)}(")}check_steps=check_steps)
-
-    def forward(self, {forward_inputs}, initial_state=None, output_final_state=False, cu_seqlens=None,
-                reverse=None, **{FORWARD_KEYWORDS}):
-        _module_call(self.inner, _{name}_spec, ({forward_inputs}{one_tuple}), initial_state, {FORWARD_KEYWORDS})
-        m = self.inner
-        return {name}({forward_inputs}{forward_params}, initial_state=initial_state,
-{under}output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,
-{under}form=m.form, backend=m.backend, chunk_size=m.chunk_size, check_steps=m.check_steps)
-'''
+''' + module_class(analysis, analysis.inner)

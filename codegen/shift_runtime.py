@@ -48,14 +48,14 @@ def shift_final(after: torch.Tensor, initial: torch.Tensor | None, cu_seqlens: t
     """A shift state's final state ([N, H, ...], in `dtype`): its value after the last step of each sequence (the
     first under reverse), or its initial state (None: zero) for a sequence of no steps."""
     dtype = after.dtype if dtype is None else dtype
+    if cu_seqlens is None and after.shape[1] > 0:  # (the initial state is not read)
+        return after[:, 0 if reverse else -1].to(dtype)
     rows = after.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial is None:
         initial = after.new_zeros((rows,) + after.shape[2:], dtype=dtype)
     initial = initial.to(dtype)
     if after.shape[1] == 0:
         return initial.clone()
-    if cu_seqlens is None:
-        return after[:, 0 if reverse else -1].to(dtype)
     bounds = cu_seqlens.to(device=after.device, dtype=torch.int64)
     empty = (bounds[1:] == bounds[:-1]).view((-1,) + (1,) * (after.dim() - 2))
     last = (bounds[:-1] if reverse else bounds[1:] - 1).clamp(0, after.shape[1] - 1)
@@ -98,15 +98,13 @@ class ShiftedLayer:
         return type(self)(self.recurrence, inner, self.shift)._rebuilt_by(self._rebuild)
 
     def _of_inner(self, method, *args, **kwargs):
-        """`method(*args, **kwargs)` of the inner layer, a CallError of it (a form the rest lacks, a bad
-        chunk_size) said as this layer's."""
+        """`method(*args, **kwargs)` of the inner layer, a CallError of it (a form the rest lacks, a bad chunk_size,
+        torch.func) said as this layer's: the rest's name (NAME_unshifted, a name the user never wrote) replaced by
+        the recurrence's, so the message reads as a recurrence without shift states would say it."""
         try:
             return method(*args, **kwargs)
         except CallError as err:  # noqa: F821 - calling.py
-            shifts = ", ".join(s.name for s in self.recurrence.states if s.name not in
-                               {t.name for t in self.inner.recurrence.states})
-            raise CallError(f"{self.name}: the rest of the recurrence once its shift states ({shifts}) are "  # noqa: F821
-                            f"computed by shifting along T: {err}") from None
+            raise CallError(str(err).replace(self.inner.name, self.name)) from None  # noqa: F821
 
     def _rebuilt_by(self, rebuild):
         self._rebuild = rebuild
@@ -139,9 +137,14 @@ class ShiftedLayer:
         # (while torch.compile traces, cu_seqlens' boundaries are checked by the inner layer's op, as Layer does)
         call = bind_call(self.recurrence, args, kwargs,  # noqa: F821 - calling.py
                          check_values=not torch.compiler.is_compiling())
+        return self._shifted(call, lambda inner_args, inner_kwargs: self.inner._call(
+            inner_args, inner_kwargs, form, backend, chunk_size, config, check_steps))
+
+    def _shifted(self, call, run_inner):
+        """`(output, final_state)` of a bound call: the shift, then `run_inner(args, kwargs)` running the rest (the
+        inner layer's call, or the kernel report's run of its Triton forms), the final states merged."""
         inner_args, inner_kwargs, finals = self._inner_call(call)
-        output, final = self._of_inner(self.inner._call, inner_args, inner_kwargs, form, backend, chunk_size,
-                                       config, check_steps)
+        output, final = self._of_inner(run_inner, inner_args, inner_kwargs)
         outputs = dict(zip([o.name for o in self.recurrence.outputs], output if len(self.recurrence.outputs) > 1
                            else (output,)))
         if final is None:

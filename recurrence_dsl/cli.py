@@ -784,8 +784,11 @@ def cmd_kernels(args) -> int:
                 raise UsageError(why)
             print(f"{why}; skipped", file=sys.stderr)
             continue
+        shift = analyse(rec.checked).shift
         for form in forms:
             run = {"name": rec.name, "form": form, "sizes": sizes}
+            if shift is not None:  # its shift runs in torch before the rest's kernels (recurrence_dsl/shift.py)
+                run["shift"] = {"states": list(shift.names), "rest": shift.inner.name}
             ran: list[str] = []  # the forms the call ran, after "auto"'s fallbacks (a form that does not fit)
             try:
                 kernels, counted = kr.report_recurrence(rec, sizes, batch, length, heads, dtype=dtype,
@@ -818,6 +821,9 @@ def cmd_kernels(args) -> int:
                 shape = " ".join(f"{k}={v}" for k, v in {"B": batch, "T": length, "H": heads, **sizes}.items())
                 shown = form + (f" (runs {run['runs_form']})" if form == "auto" else "")
                 print(f"{rec.name}: form {shown}, {shape}, {args.dtype}, {target.name} ({target.gpus})")
+                if shift is not None:
+                    print(f"  shift states {', '.join(shift.names)}: computed in torch by shifting along T (their "
+                          f"tensors are among the intermediates); the kernels run the rest, {shift.inner.name}")
                 print(kr.format_table([k for k in kernels if k.phase == "forward"]))
                 if args.backward:
                     back = [k for k in kernels if k.phase == "backward"]

@@ -33,7 +33,9 @@ single-process gradient of every param.
 
 Classes with no associative summary (general, non-linear) relay the state from rank to rank with
 send/recv instead, forward and backward: correct for every class, but the ranks run one after another
-(the slower path).
+(the slower path). So does a recurrence with shift states (recurrence_dsl/shift.py): a shift state's value at a
+rank boundary is its value after the previous rank's last step, that rank's final state, which the relay hands on
+with the others (the all_gather path has no summary kind for them).
 
 `cu_seqlens` (global offsets, B == 1, the same on every rank) packs sequences that may cross ranks. Then one
 small all_gather of the slice lengths comes first, a given `initial_state` ([N, H, ...] on rank 0) is
@@ -271,6 +273,12 @@ class ContextParallel:
         self.spec = layer.recurrence
         self.kinds = _kinds(analysis)
         if path == "all_gather" and self.kinds is None:
+            if analysis.shift is not None:
+                raise ValueError(
+                    f"{layer.name} has shift states ({', '.join(analysis.shift.names)}), computed by shifting along "
+                    "T, which the all_gather path does not summarise: each rank's shift needs the previous rank's "
+                    "last values of them; use path='relay' (the default for it), which hands every state, the "
+                    "shift states included, from rank to rank")
             raise ValueError(f"{layer.name} has a {analysis.cls.value} transition: no associative summary to "
                              "all_gather; use path='relay'")
         self.path = path or ("all_gather" if self.kinds is not None else "relay")

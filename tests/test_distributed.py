@@ -5,8 +5,8 @@ case: the same seeded full-length inputs on every rank, each rank passing its ow
 context-parallel layer, against the single-process layer on the whole sequence. Compared within a relative 1e-5
 (float32, `||x - ref|| / ||ref||`): the outputs, the final states, and the gradients of every input, param and
 the initial state, for the identity (linear_attention), scalar (retention), key-decay (gla) and rank-one delta
-(delta_net) classes and the relay path (indrnn, non-linear), with an initial state, with and without packed
-sequences (`cu_seqlens`) crossing ranks (one spanning a whole rank, one empty).
+(delta_net) classes and the relay path (indrnn, non-linear; recurrences with shift states), with an initial state,
+with and without packed sequences (`cu_seqlens`) crossing ranks (one spanning a whole rank, one empty).
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ CASES = ["linear_attention", "retention", "gla", "delta_net", "indrnn"]
 # delta rule written in the papers' S[V, K] layout (its transition mixes the state's second axis), and DeltaProduct
 # (a rank-r update: its slice transition is a K x K matrix as the delta rule's).
 EXTRA_CASES = ["normalized_linear_attention", "mamba", "delta_net_vk", "delta_product"]
+# And recurrences with shift states (tests/data/token_shift.rec: RWKV's token shift before linear attention, a
+# width-3 convolution's window before GLA), which take the relay path: the shift states' values at a rank boundary
+# are the previous rank's last ones, handed on with the other states.
+SHIFT_CASES = ["token_shift_la", "conv_gla"]
+TOKEN_SHIFT = Path(__file__).resolve().parent / "data" / "token_shift.rec"
 DELTA_NET_VK = """recurrence delta_net_vk(q[K], k[K], v[V], beta) -> o[V] {
     state S[V, K]
     u[i] = v[i] - sum(j, S[i, j] * k[j])
@@ -59,7 +64,8 @@ def _case(name: str, rank: int, world: int, packed: bool, final: bool = True) ->
     from recurrence_dsl.distributed import context_parallel
     from recurrence_dsl.sampling import sample_arguments
 
-    rec = recurrence_dsl.load(DELTA_NET_VK if name == "delta_net_vk" else SPECS / f"{name}.rec")[name]
+    source = {"delta_net_vk": DELTA_NET_VK}.get(name, TOKEN_SHIFT if name in SHIFT_CASES else SPECS / f"{name}.rec")
+    rec = recurrence_dsl.load(source)[name]
     layer = recurrence_dsl.compile(rec, backend="torch", chunk_size=4, tuning=False)
     # The chunked form wherever there is one (auto would step through pieces of 16 steps or fewer).
     layer = layer.options(form="chunked" if "chunked" in layer.forms else "auto")
@@ -122,7 +128,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
-        for name in CASES + (EXTRA_CASES if world == 2 else []):
+        for name in CASES + (EXTRA_CASES + SHIFT_CASES if world == 2 else []):
             for packed in (False, True):
                 results[f"{name}{' cu_seqlens' if packed else ''}"] = _case(name, rank, world, packed)
         if world == 2:
@@ -182,7 +188,10 @@ def _check(results: dict) -> None:
 def test_two_ranks_match_single_process(tmp_path):
     results = _spawn(2, tmp_path)
     _check(results)
-    assert len(results[0]) == 2 * (len(CASES) + len(EXTRA_CASES)) + 3
+    assert len(results[0]) == 2 * (len(CASES) + len(EXTRA_CASES) + len(SHIFT_CASES)) + 3
+    # the shift states' final states and the gradients of their initial states were compared
+    assert {"final k1", "final k2", "grad initial k1", "grad initial k2", "grad param 4"} <= set(results[0]["conv_gla"])
+    assert {"final klast", "grad initial klast"} <= set(results[0]["token_shift_la cu_seqlens"])
     # Rank 1 passed an initial state: refused; every rank passed a bad v: refused, naming it.
     assert any("initial_state is given on rank 0 only" in m for m in results[1]["errors"])
     assert any("input 'v'" in m for m in results[0]["errors"])
@@ -199,9 +208,9 @@ def test_summary_sizes_and_paths():
 
     want = {"linear_attention": (0, "all_gather"), "retention": (1, "all_gather"), "gla": (8, "all_gather"),
             "delta_net": (64, "all_gather"), "delta_product": (64, "all_gather"), "mamba": (64, "all_gather"),
-            "indrnn": (None, "relay")}
+            "indrnn": (None, "relay"), "token_shift_la": (None, "relay"), "conv_gla": (None, "relay")}
     for name, (elements, path) in want.items():
-        rec = recurrence_dsl.load(SPECS / f"{name}.rec")[name]
+        rec = recurrence_dsl.load(TOKEN_SHIFT if name in SHIFT_CASES else SPECS / f"{name}.rec")[name]
         cp = context_parallel(recurrence_dsl.compile(rec, backend="torch", tuning=False))
         assert cp.path == path, name
         if elements is not None:
@@ -244,6 +253,10 @@ def test_refusals_need_no_process_group():
         context_parallel(layer, path="all_gather")
     with pytest.raises(ValueError, match="path must be"):
         context_parallel(layer, path="ring")
+    shifted = recurrence_dsl.load(TOKEN_SHIFT)["conv_gla"]
+    with pytest.raises(ValueError, match=r"^conv_gla has shift states \(k1, k2\), computed by shifting along T, which "
+                                         r"the all_gather path does not summarise: .* use path='relay'"):
+        context_parallel(shifted, path="all_gather")
 
     class Imported:  # a layer this process did not generate (say, imported from a module file)
         recurrence = layer.recurrence.__class__(**{**layer.recurrence.__dict__, "spec_hash": "0" * 16})

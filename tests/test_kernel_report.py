@@ -52,6 +52,9 @@ BASED_K32 = _recdsl("kernels_based_k32", "kernels", SPECS_DIR / "based.rec", "--
                     "--form", "recurrent", "--target", "sm_90", "--json")
 GLA_PARALLEL = _recdsl("kernels_gla_parallel", "kernels", SPECS_DIR / "gla.rec", "--shape", "B=1,T=64,H=1,K=16,V=16",
                        "--target", "sm_80", "--form", "parallel", "--backward", "--json")
+# recurrences with shift states (recurrence_dsl/shift.py): the shift in torch, then the rest's kernels
+TOKEN_SHIFT = _recdsl("kernels_token_shift", "kernels", SPECS_DIR.parent / "tests" / "data" / "token_shift.rec",
+                      "--shape", "B=1,T=64,H=1,K=16,V=16", "--form", "chunked", "--backward", "--json")
 TOO_LARGE = _recdsl("kernels_too_large", "kernels", SPECS_DIR / "minimal_rnn.rec", "--shape", "B=1,T=16,H=1,D=256",
                     "--form", "recurrent", "--dtype", "float32")
 
@@ -316,3 +319,43 @@ def test_run_call_names_the_form_auto_ran_after_a_form_that_does_not_fit(monkeyp
     assert ran == ["chunked"] and layer.triton_forms is forms  # the layer's own forms are back
     want = layer(*args, backend="torch", form="chunked")
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_tools
+@TOKEN_SHIFT.needed
+def test_recurrences_with_shift_states():
+    # `recdsl kernels` on a recurrence with shift states crashed (the report swapped the forms of a ShiftedLayer,
+    # which has none of its own); it reports the rest's kernels, and the shift's tensors among the intermediates
+    run = TOKEN_SHIFT.result()
+    assert "Traceback" not in run.stderr and run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["ok"] is True and [r["name"] for r in report["runs"]] == ["token_shift_la", "conv_gla"]
+    for r, states in zip(report["runs"], (["klast"], ["k1", "k2"])):
+        assert r["shift"] == {"states": states, "rest": f"{r['name']}_unshifted"}
+        names = {k["name"] for k in r["kernels"]}
+        assert {"_triton_chunk_state_kernel", "_triton_chunk_output_kernel"} <= names, names
+        assert r["backward"] and all(k["spill_bytes"] == 0 for k in r["kernels"] + r["backward"])
+        assert any("shift_steps" in t["where"] for t in r["intermediate_bytes"]["tensors"]), r["intermediate_bytes"]
+
+
+def test_run_call_of_a_recurrence_with_shift_states():
+    # (in the interpreter: the call itself, against the torch backend, and the form it ran)
+    import recurrence_dsl
+    from recurrence_dsl.sampling import sample_arguments
+
+    rec = recurrence_dsl.load(SPECS_DIR.parent / "tests" / "data" / "token_shift.rec")["conv_gla"]
+    layer = recurrence_dsl.compile(rec, tuning=False)
+    args, initial = sample_arguments(rec.checked, {"K": 4, "V": 4}, 1, 9, 2, dtype=torch.float32,
+                                     with_initial_state=True)
+    kwargs = {"initial_state": initial, "output_final_state": True, "cu_seqlens": torch.tensor([0, 4, 9])}
+    ran: list[str] = []
+    args = [a[:1] if i < 4 else a for i, a in enumerate(args)]
+    kwargs["initial_state"] = {k: torch.cat([v, v]) for k, v in initial.items()}
+    out, final = kernel_report.run_call(layer, args, kwargs, form="chunked", ran=ran)
+    assert ran == ["chunked"] and set(final) == {"k1", "k2", "S"}
+    want, want_final = layer(*args, **kwargs, backend="torch", form="chunked")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    for n in want_final:
+        torch.testing.assert_close(final[n], want_final[n], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="^conv_gla has no 'chunky' form on the triton backend"):
+        kernel_report.run_call(layer, args, kwargs, form="chunky")

@@ -5,6 +5,8 @@ of the original spec: outputs, final states, gradients (initial state included),
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -247,33 +249,89 @@ def test_module_prints_the_shift():
     assert "class ConvGla(torch.nn.Module)" in text
 
 
-def test_nn_module():
+def _generated(name, folder):
+    """The generated module of RECS[name] (codegen/module.py `module_source`), imported from `folder`."""
     import importlib.util
     import sys
-    import tempfile
     from pathlib import Path
 
     from codegen.module import module_source
 
-    text = module_source([analyse(RECS["conv_gla"].checked)], "conv_gla.rec")
+    text = module_source([analyse(RECS[name].checked)], f"{name}.rec")
+    path = Path(folder) / f"{name}_module.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"{name}_module", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}_module"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(f"{name}_module", None)
+    return module
+
+
+def test_nn_module():
+    """The module of a recurrence with shift states owns its params as any recurrence's module does: `w0`, not
+    `inner.w0` (attributes, named_parameters, state_dict, repr), and forward, backward and its options work."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "conv_gla_module.py"
-        path.write_text(text)
-        spec = importlib.util.spec_from_file_location("conv_gla_module", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["conv_gla_module"] = module
+        module = _generated("conv_gla", folder)
+        m = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch")
+        assert [n for n, _ in m.named_parameters()] == ["w0", "w1", "w2"]
+        assert list(m.state_dict()) == ["w0", "w1", "w2"]
+        assert isinstance(m.w0, torch.nn.Parameter) and m.w0.shape == (H, SIZES["K"])
+        assert not list(m.children())  # no `inner` submodule
+        assert repr(m) == "ConvGla(heads=2, sizes={'K': 4}, backend='torch')"
+        assert (m.heads, m.sizes, m.form, m.backend, m.chunk_size, m.check_steps) == (
+            H, {"K": SIZES["K"]}, "auto", "torch", None, True)
+        # a state dict of the module of the same params: it loads, and the module computes the recurrence
+        for p in m.parameters():
+            torch.nn.init.normal_(p)
+        again = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch", form="chunked")
+        again.load_state_dict(m.state_dict())
+        args, initial = _arguments("conv_gla")
+        inputs = [a.float() for a in args[:4]]
+        out, _ = again(*inputs)
+        ref, _ = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.w0, m.w1, m.w2)])
+        _compare(out, ref)
+        out, final = m(*inputs, initial_state={k: v.float() for k, v in initial.items()}, output_final_state=True)
+        ref, ref_final = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.w0, m.w1, m.w2)],
+                                                    initial_state=initial, output_final_state=True)
+        _compare(out, ref)
+        _compare(final["k2"], ref_final["k2"])
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        # given params, and the checks any module makes of them and of its options
+        w = torch.randn(H, SIZES["K"])
+        assert torch.equal(module.ConvGla(H, {"K": SIZES["K"]}, w1=w).w1.detach(), w)
+        with pytest.raises(ValueError, match=r"ConvGla: param w0 must have shape \[H, K\]"):
+            module.ConvGla(H, {"K": SIZES["K"]}, w0=torch.zeros(H + 1, SIZES["K"]))
+        with pytest.raises(recurrence_dsl.CallError, match="ConvGla: "):
+            module.ConvGla(H, {"K": SIZES["K"]}, form="chunky")
+        with pytest.raises(recurrence_dsl.CallError, match="ConvGla.forward\\(\\) got param 'w0'"):
+            m(*inputs, w0=m.w0)
+
+
+def test_nn_module_as_without_shift_states():
+    """Params, their starts and the repr are those of the module of the rest of the recurrence, compiled as a spec
+    of its own (the recurrence without shift states, taking their values as inputs)."""
+    import tempfile
+
+    rest = analyse(RECS["conv_gla"].checked).shift.inner
+    plain = recurrence_dsl.load(rest.text)[rest.name]
+    with tempfile.TemporaryDirectory() as folder:
+        shifted = _generated("conv_gla", folder).ConvGla(H, {"K": SIZES["K"]}, chunk_size=16)
+        RECS[rest.name] = plain
         try:
-            spec.loader.exec_module(module)
-            m = module.ConvGla(H, {"K": SIZES["K"]}, backend="torch")
-            args, _ = _arguments("conv_gla")
-            inputs = [a.float() for a in args[:4]]
-            out, _ = m(*inputs)
-            ref, _ = RECS["conv_gla"].reference(*inputs, *[p.detach() for p in (m.inner.w0, m.inner.w1,
-                                                                                 m.inner.w2)])
-            _compare(out, ref)
-            assert len(list(m.parameters())) == 3
+            unshifted = _generated(rest.name, folder).ConvGlaUnshifted(H, {"K": SIZES["K"]}, chunk_size=16)
         finally:
-            sys.modules.pop("conv_gla_module", None)
+            del RECS[rest.name]
+    assert repr(shifted).removeprefix("ConvGla") == repr(unshifted).removeprefix("ConvGlaUnshifted")
+    assert {n: p.shape for n, p in shifted.named_parameters()} == {n: p.shape for n, p in
+                                                                   unshifted.named_parameters()}
+    for (n, a), (_, b) in zip(shifted.state_dict().items(), unshifted.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_no_steps():
@@ -341,6 +399,109 @@ recurrence nl(x[D]) -> y[D] {
     y[d] = h[d]
 }
 """)["nl"]
-    with pytest.raises(recurrence_dsl.CallError, match=r"nl: the rest of the recurrence once its shift states "
-                                                         r"\(xl\) are computed by shifting along T: .*no 'chunked'"):
+    # (the rest's reason, under the recurrence's name: as the recurrence without shift states would say it)
+    with pytest.raises(recurrence_dsl.CallError, match=r"^nl has no 'chunked' form: h has a non-linear transition "
+                                                         r"\(nl: class non-linear; forms: recurrent, or auto\)$"):
         recurrence_dsl.compile(rec, tuning=False)(torch.randn(1, 3, 1, 2), form="chunked")
+
+
+TOKEN_SHIFT = recurrence_dsl.load((Path(__file__).parent / "data" / "token_shift.rec").read_text())
+
+
+def _bad_calls(layer, rec, args):
+    """(what, a call that must raise a CallError) pairs: bad shapes, dtypes, initial states, cu_seqlens and
+    options, each through the layer of a recurrence with shift states."""
+    n = len(rec.inputs)
+    states = {s.name: torch.zeros((2, H) + tuple(4 if d == "K" else 3 for d in s.dims)) for s in rec.states}
+    packed = [a[:1] if i < n else a for i, a in enumerate(args)]
+    return [
+        ("shape", lambda: layer(*[a[..., :-1] if i == 1 else a for i, a in enumerate(args)])),
+        ("rank", lambda: layer(*[a[0] if i == 0 else a for i, a in enumerate(args)])),
+        ("dtype", lambda: layer(*[a.long() if i == 2 else a for i, a in enumerate(args)])),
+        ("initial shape", lambda: layer(*args, initial_state={**states, "S": torch.zeros(2, H, 4)})),
+        ("initial key", lambda: layer(*args, initial_state={**states, "Z": torch.zeros(2, H, 4)})),
+        ("initial tensor", lambda: layer(*args, initial_state=torch.zeros(2, H, 4, 3))),
+        ("cu_seqlens", lambda: layer(*packed, cu_seqlens=torch.tensor([0, 3, 2]))),
+        ("cu_seqlens rows", lambda: layer(*packed, cu_seqlens=torch.tensor([0, 2, 5]),
+                                          initial_state={k: torch.cat([v, v[:1]]) for k, v in states.items()})),
+        ("form", lambda: layer(*args, form="chunky")),
+        ("form of options", lambda: layer.options(form="chunky")),
+        ("form of config_for", lambda: layer.config_for(*args, form="chunky")),
+        ("backend", lambda: layer(*args, backend="cuda")),
+        ("chunk_size", lambda: layer(*args, form="chunked", chunk_size=0)),
+        ("config", lambda: layer(*args, form="chunked", backend="torch", config={"bogus": 1})),
+        ("check_steps", lambda: layer(*args, check_steps="yes")),
+        ("missing", lambda: layer(*args[:2])),
+    ]
+
+
+@pytest.mark.parametrize("name", list(TOKEN_SHIFT))
+def test_errors_name_the_recurrence(name):
+    """A bad call of a recurrence with shift states is said as for any recurrence, under its name: never under the
+    name of its rest (NAME_unshifted), which the user never wrote."""
+    rec = TOKEN_SHIFT[name].checked
+    layer = recurrence_dsl.compile(TOKEN_SHIFT[name], tuning=False)
+    args, _ = sample_arguments(rec, {"K": 4, "V": 3}, 2, 5, H, dtype=torch.float32, seed=3)
+    said = {}
+    for what, call in _bad_calls(layer, rec, args):
+        with pytest.raises(recurrence_dsl.CallError) as err:
+            call()
+        said[what] = str(err.value)
+        assert "unshifted" not in said[what], (what, said[what])
+    for what in ("form", "form of options", "form of config_for"):
+        assert said[what] == f"{name} has no 'chunky' form: choose from recurrent, scan, chunked, parallel or auto"
+    assert said["backend"] == "unknown backend 'cuda'; choose from auto, torch, triton"  # (as any layer says it)
+    assert said["missing"].startswith(f"{name}() is missing argument(s)")
+    # torch.func, and a double backward through a form whose backward records no graph
+    leaves = [a.clone().requires_grad_() for a in args]
+    with pytest.raises(recurrence_dsl.CallError, match=f"^{name}: torch.func transforms"):
+        torch.func.grad(lambda *x: layer(*x, backend="torch")[0].sum())(*leaves)
+    out, _ = layer(*leaves, backend="torch", form="scan")
+    (grad,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(recurrence_dsl.CallError, match=f"^{name}: double backward .* its scan form"):
+        grad.sum().backward()
+
+
+def test_module_errors_name_the_recurrence():
+    """The generated module's errors: its own class name, its recurrence's (never the rest's) in what it passes on."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        module = _generated("conv_gla", folder)
+    m = module.ConvGla(H, {"K": 4}, backend="torch")
+    args, _ = sample_arguments(RECS["conv_gla"].checked, {"K": 4, "V": 3}, 2, 5, H, dtype=torch.float32)
+    inputs = args[:4]
+    for call in (lambda: m(*[a[..., :-1] if i == 1 else a for i, a in enumerate(inputs)]),
+                 lambda: m(*inputs[:3], inputs[3].long()),
+                 lambda: m(*inputs, initial_state={"S": torch.zeros(2, H, 4)}),
+                 lambda: m(*inputs, initial_state=torch.zeros(2, H, 4, 3)),
+                 lambda: m(inputs[0][:1], *[a[:1] for a in inputs[1:]], cu_seqlens=torch.tensor([0, 9]))):
+        with pytest.raises(recurrence_dsl.CallError) as err:
+            call()
+        assert "unshifted" not in str(err.value), str(err.value)
+    m.form = "chunky"
+    with pytest.raises(recurrence_dsl.CallError, match="^conv_gla has no 'chunky' form"):
+        m(*inputs)
+    with pytest.raises(recurrence_dsl.CallError, match="^ConvGla: conv_gla has no 'chunky' form"):
+        module.ConvGla(H, {"K": 4}, form="chunky")
+
+
+def test_a_recurrence_named_as_the_rest():
+    """A recurrence of the file named as the rest of another (NAME_unshifted): a spec error that says what the name
+    is, at that recurrence."""
+    from codegen.module import module_source
+    from recurrence_dsl.errors import SpecError
+
+    text = (Path(__file__).parent / "data" / "token_shift.rec").read_text() + """
+recurrence conv_gla_unshifted(x[D]) -> y[D] {
+    state h[D]
+    h[d] = h[d] + x[d]
+    y[d] = h[d]
+}
+"""
+    recs = recurrence_dsl.load(text)
+    with pytest.raises(SpecError) as err:
+        module_source([analyse(r.checked) for r in recs.values()], "clash.rec")
+    assert err.value.message.startswith("the recurrence name 'conv_gla_unshifted' is the name of the rest of "
+                                        "'conv_gla' once its shift states (k1, k2)")
+    assert err.value.span.line == text.count("\n", 0, text.index("recurrence conv_gla_unshifted")) + 1
