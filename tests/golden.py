@@ -16,7 +16,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "golden"
 SPECS = TESTS.parent / "specs"
-# Spec files of tests/data/ whose generated code is worth a golden file too (what no spec of specs/ has: shift states).
+# Spec files of tests/data/ whose generated code is worth a golden file too (shift states before a chunked form: a
+# token shift and a short convolution's window, beside specs/mamba3.rec's last B and x).
 EXTRA = (TESTS / "data" / "token_shift.rec",)
 
 

@@ -27,6 +27,7 @@ SPEC_CLASSES = {
     "retention": TC.SCALAR,
     "lightning_attention": TC.SCALAR,
     "mamba2": TC.SCALAR,
+    "mamba3": TC.SCALAR,  # its shift states B_last, x_last count for no class
     "gla": TC.DIAGONAL_ROW,
     "hgrn2": TC.DIAGONAL_ROW,
     "rwkv6": TC.DIAGONAL_ROW,

@@ -6,7 +6,9 @@ equal the eager call's) and a registered autograd formula; a call with an initia
 `output_final_state=True` compiled with `torch.compile(fullgraph=True, dynamic=True)` (backend "aot_eager": Dynamo,
 fake tensors and AOTAutograd, without inductor's C++ compile) is one graph with no graph break, and its outputs,
 final states and the gradients of every input, param and initial state equal eager mode's (torch backend, float32,
-B = 2, T = 11, H = 2, tiny sizes).
+B = 2, T = 11, H = 2, tiny sizes). A recurrence with shift states (mamba3) runs the shift in torch and then the op of
+the rest of the recurrence: that op's fake implementation is checked on the rest's tensors, and the compiled graph
+holds it once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import recurrence_dsl
+from recurrence_dsl.calling import bind_call
 from recurrence_dsl.sampling import sample_arguments
 
 from .conftest import SPEC_FILES, as_dict
@@ -46,6 +49,24 @@ def _tensors(rec) -> list[torch.Tensor]:
     return [*args, *as_dict(initial, rec.checked.states).values()]
 
 
+def _inner_tensors(rec, layer, tensors):
+    """A shifted layer's rest: its flat tensors (inputs, the shift states' values before each step, params, the kept
+    states' initial values) for the call of `tensors`, and a function of them -> its outputs and final states."""
+    spec, rest = layer.recurrence, layer.inner.recurrence
+    count = len(spec.inputs) + len(spec.params)
+    states = dict(zip((s.name for s in spec.states), tensors[count:]))
+    call = bind_call(spec, tuple(tensors[:count]), {"initial_state": states, "output_final_state": True})
+    args, kwargs, _ = layer._inner_call(call)
+    initial = kwargs["initial_state"]
+
+    def run(*flat):
+        out, final = layer.inner(*flat[:len(args)], initial_state=dict(zip(initial, flat[len(args):])),
+                                 output_final_state=True, backend="torch")
+        return (*as_dict(out, rest.outputs).values(), *as_dict(final, rest.states).values())
+
+    return [*args, *initial.values()], run
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_layer_compiles_as_one_op_forward_and_backward(name):
     rec = SPECS[name]
@@ -53,14 +74,18 @@ def test_every_layer_compiles_as_one_op_forward_and_backward(name):
     run = _call(rec, layer)
     tensors = _tensors(rec)
 
-    # the op and its fake implementation
-    op = layer._op
+    # the op and its fake implementation; a recurrence with shift states (mamba3) is the shift in torch, then the op
+    # of the rest of the recurrence (codegen/shift_runtime.py, ShiftedLayer), called with the rest's tensors
+    target, flat, eager_of = layer, tensors, run
+    if hasattr(layer, "inner"):
+        target, flat, eager_of = layer.inner, *_inner_tensors(rec, layer, tensors)
+    op = target._op
     assert isinstance(op, torch._ops.OpOverload) and op.namespace == "recurrence_dsl", op
     with FakeTensorMode() as fake_mode:
         fake_flat = fake_mode.from_tensor
-        static = ("auto", "torch", layer.chunk_size, "", True, False, True, layer._op_index)
-        fakes = op([fake_flat(t) for t in tensors], None, *static)
-    eager = run(*tensors)
+        static = ("auto", "torch", target.chunk_size, "", True, False, True, target._op_index)
+        fakes = op([fake_flat(t) for t in flat], None, *static)
+    eager = eager_of(*flat)
     assert [(f.shape, f.dtype) for f in fakes] == [(e.shape, e.dtype) for e in eager]
     # (the autograd formula: the compiled graph holds the op opaque, so its gradients below come from it)
 

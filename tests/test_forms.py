@@ -151,8 +151,8 @@ STRONG_CASES = [p for p in form_cases() if p.values[0] in DECAYING]
 
 def test_decaying_specs_are_the_expected_ones():
     assert DECAYING == ["bidirectional_mamba_backward", "bidirectional_mamba_forward", "delta_product",
-                        "gated_delta_net", "gla", "hgrn2", "lightning_attention", "mamba", "mamba2", "min_gru", "mlstm",
-                        "retention", "rg_lru", "rwkv6", "rwkv7"]
+                        "gated_delta_net", "gla", "hgrn2", "lightning_attention", "mamba", "mamba2", "mamba3",
+                        "min_gru", "mlstm", "retention", "rg_lru", "rwkv6", "rwkv7"]
 
 
 # float32 under strong decay sits closest to its tolerance, so it is checked on three draws, not one lucky one.

@@ -158,8 +158,11 @@ CHILD = textwrap.dedent('''
         name = case["name"]
         fn = getattr(mod, name)
         res = {"have_triton": bool(mod.HAVE_TRITON), "file": mod.__file__}
-        forms = case.get("forms") or list(getattr(mod, f"_{name}_forms"))
-        res["module_forms"] = list(getattr(mod, f"_{name}_forms"))
+        table = getattr(mod, f"_{name}_forms", None)
+        if table is None:  # a recurrence with shift states: the forms are those of its rest, NAME_unshifted
+            table = getattr(mod, f"_{name}_unshifted_forms")
+        forms = case.get("forms") or list(table)
+        res["module_forms"] = list(table)
         args = case["inputs"] + case["params"]
         res["forms"] = {}
         for form in forms:

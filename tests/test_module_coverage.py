@@ -459,6 +459,39 @@ def _bad_calls(module, layer, rec):
         no_triton(*args, backend="triton")
 
 
+class _Rest:
+    """The rest of a recurrence with shift states (recurrence_dsl/shift.py `ShiftPlan.inner`, NAME_unshifted: the
+    shift states' values before each step are inputs), as the helpers above take a recurrence."""
+
+    def __init__(self, checked):
+        self.checked, self.name = checked, checked.name
+
+
+def _run_shifted(layer, rec):
+    """A layer of a recurrence with shift states (codegen/shift_runtime.py `ShiftedLayer`) beyond its forms: a
+    zero start and packed sequences without initial states (the shift's zeros), final states without outputs asked,
+    config_for, options, repr, backend_for, pick_form, and calls it refuses (never naming its rest)."""
+    args, _ = _arguments(rec, 1, CU[-1], seed=3)
+    args = [a.detach() for a in args]
+    layer(*args, cu_seqlens=torch.tensor(CU), output_final_state=True, backend="torch")
+    layer(*args, output_final_state=True, backend="torch", reverse=True)
+    layer(*[a[:, :0] for a in args[:len(rec.checked.inputs)]], *args[len(rec.checked.inputs):],
+          output_final_state=True, backend="torch")  # no steps: the shift's final states are the (zero) starts
+    plan = layer.config_for(*args, form="chunked", backend="torch", chunk_size=CHUNK)
+    assert plan["form"] == "chunked" and plan["backend"] == "torch"
+    copy = layer.options(form="recurrent", backend="torch")
+    assert copy.form == "recurrent" and type(copy) is type(layer)
+    copy(*args)
+    assert "shift states" in repr(layer) and layer.source.startswith("# Generated")
+    assert layer.pick_form(8, CHUNK) in layer.forms and layer.chunk_size > 0 and layer.check_steps in (True, False)
+    assert layer.backend_for(torch.device("cpu"), torch.float32) == ("triton" if interpreting() else "torch")
+    assert layer.tuning is not None and not layer.chunk_size_given
+    for kwargs in ({"form": "nonsense"}, {"chunk_size": 0}, {"nonsense": 1}):
+        with pytest.raises((CallError, ValueError)) as err:
+            layer(*args, **kwargs)
+        assert f"{rec.name}_unshifted" not in str(err.value)
+
+
 def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
     """(fraction of statements run, the line numbers not run, the source) of `spec_path`'s generated module."""
     recs = recurrence_dsl.load(spec_path)
@@ -478,14 +511,18 @@ def module_coverage(spec_path, tmp_path) -> tuple[float, list[int], str]:
         table = torch.ops.recurrence_dsl.__dict__[module._OP_TABLE]
         for rec in recs.values():  # nor this module's _LayerOp: another copy registered the op
             layer = getattr(module, rec.name)
+            layer = getattr(layer, "inner", layer)  # shift states: the op is the rest's (a Layer)
             assert type(table[module.op_name(layer.recurrence)]) is not module._LayerOp
         for rec in recs.values():
             layer = getattr(module, rec.name)
             _run_forms(layer, rec)
             _double_backward(layer, rec)
+            _run_module_class(module, rec, layer)
+            if isinstance(layer, getattr(module, "ShiftedLayer", ())):
+                _run_shifted(layer, rec)
+                rec, layer = _Rest(analyse(rec.checked).shift.inner), layer.inner  # the rest: a Layer of its own
             _run_auto(layer, rec)
             _run_op(layer, rec)
-            _run_module_class(module, rec, layer)
             _bad_calls(module, layer, rec)
     finally:
         cov.stop()

@@ -78,6 +78,9 @@ DECAYS = {
     "rwkv7": Decay("log", "w"),  # exp(w[i]) on the diagonal, plus the rank-one removal
     "mamba": Decay("dt", "dt", "x"),  # exp(dt[d] * A[d, n]), input dt[d] * B[n] * x[d]
     "mamba2": Decay("dt", "dt", "x"),  # exp(dt * A), input dt * B[n] * x[p]
+    # exp(A * dt) with A < 0 an input per step (drawn as sample_arguments draws it), input dt * (...) * x[p] and
+    # dt * (...) * x_last[p], the last step's x
+    "mamba3": Decay("dt", "dt", "x"),
     "lightning_attention": Decay("rate", "slope"),  # exp(-slope), a per-head constant
     "retention": Decay("gamma", "gamma"),  # gamma, a per-head constant
     "bidirectional_mamba_forward": Decay("dt", "dt", "x"),  # Mamba's S6 step, one pass each way
