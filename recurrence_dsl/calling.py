@@ -16,6 +16,24 @@ from .check import CheckedRecurrence, Size, Symbol
 from .errors import CallError
 
 
+def settle_cpu_vector_math() -> None:
+    """Call once, on one element in float32 and float64, each unary op ATen hands to oneMKL's vector math (VML).
+
+    oneMKL 2024.2 (in the PyTorch wheels) picks a VML function's kernel on its first call; when that call runs on
+    several intra-op threads at once, one thread's chunk can run the low-accuracy kernel (pytorch/pytorch#188792):
+    seen here as a float32 exp off by 1.5e-4 relative in one half of a [2, 37, 2, 12, 8] tensor, on a loaded
+    2-core machine. A single-element call, which runs on one thread, settles each choice first."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype, device="cpu")
+        for op in (torch.abs, torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv,
+                   torch.exp, torch.expm1, torch.log, torch.log10, torch.log1p, torch.log2, torch.sin, torch.sqrt,
+                   torch.tan, torch.tanh, torch.trunc):
+            op(x)
+
+
+settle_cpu_vector_math()
+
+
 @dataclass
 class BoundCall:
     inputs: dict[str, torch.Tensor]  # [B, T, H, *dims]
