@@ -20,7 +20,9 @@ Table `trials`, one row per timed config, keyed by (spec_hash, device, dtype, bu
   study       an id shared by the trials of one `tune()` call
 
 Table `choices`, one row per key: the config `tune()` declared (`tuned` 1) or "default kept" (`tuned` 0, when
-no config beat the default beyond the noise), with the reason in words. Calls read only this table
+no config beat the default beyond the noise), with the reason in words. A study's choice replaces the one stored for
+its key and mode only when it timed at least as many configs as that choice's study did (`save_study(replace=)`
+overrides; the caller is told which choice stayed or was replaced). Calls read only this table
 (`codegen/tuning.py`, read-only, never waiting): a raw fastest median is not a choice.
 
 Which file: `default_path()`, the rule of codegen/tuning.py ($RECURRENCE_DSL_TUNING_STORE, else
@@ -308,9 +310,13 @@ class TuningStore:
             return _insert(conn, row)
 
     def save_study(self, trials: list[dict], choice: dict | None = None, *, wait_s: float = LOCK_WAIT_S,
-                   on_wait=None) -> None:
+                   on_wait=None, replace: bool = False) -> dict | None:
         """Write a study's trials (dicts of `record`'s arguments) and its choice (dict of `choose`'s) in one
-        transaction. While another process holds the store locked, wait in LOCK_POLL_S slices calling
+        transaction. The replacement rule: a choice stored for the same key and mode is replaced only when this
+        study timed at least as many distinct configs (that ran, in that mode) as that choice's study did, or with
+        `replace`; otherwise it stays and only the trials are written. Returns None when there was no earlier
+        choice, else {"earlier": its `choice_details`, "replaced": whether this study's choice took its place}.
+        While another process holds the store locked, wait in LOCK_POLL_S slices calling
         `on_wait(waited_s, wait_s)` after each, up to `wait_s`; then save everything to a side file beside the
         store (or in the working directory) and raise `StoreLocked` naming it. Other failures: `StoreError`."""
         rows = [_trial_row(**t) for t in trials]
@@ -318,11 +324,21 @@ class TuningStore:
         while True:
             try:
                 with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn, _transaction(conn):
+                    outcome = None
+                    if choice is not None:
+                        earlier = _choice_details(conn, choice["spec_hash"], choice["device"],
+                                                  dtype_name(choice["dtype"]), choice["bucket"], choice["form"],
+                                                  choice["backend"], choice["mode"])
+                        timed = len({_canonical(t["config"]) for t in trials
+                                     if t.get("median_ms") is not None and t.get("mode", "fwd") == choice["mode"]})
+                        wins = (replace or earlier is None or earlier["timed"] is None
+                                or timed >= earlier["timed"])
+                        outcome = None if earlier is None else {"earlier": earlier, "replaced": wins}
                     for row in rows:
                         _insert(conn, row)
-                    if choice is not None:
+                    if choice is not None and wins:
                         _upsert_choice(conn, **choice)
-                return
+                return outcome
             except sqlite3.OperationalError as err:
                 text = str(err).lower()
                 waited = time.monotonic() - started
@@ -390,6 +406,14 @@ class TuningStore:
         return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
                 "created": row[4]}
 
+    def choice_details(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
+                       mode: str) -> dict | None:
+        """The stored choice for the key and mode (`choice`) with what its study measured: "timed", the number of
+        distinct configs of its study that ran in that mode (None when the study's trials are not in the store),
+        and "median_ms", the chosen config's median in that study (None when not found). None: no choice."""
+        return self._read(lambda conn: _choice_details(conn, spec_hash, device, dtype_name(dtype), bucket, form,
+                                                       backend, mode), None)
+
     def best(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str) -> dict | None:
         """The config of the fastest successful trial for the key, or None."""
         trial = self.best_trial(spec_hash, device, dtype, bucket, form, backend)
@@ -438,6 +462,32 @@ def _trial_row(spec_hash: str, device: str, dtype, bucket: str, form: str, backe
 def _insert(conn: sqlite3.Connection, row: tuple) -> int:
     cur = conn.execute(f"INSERT INTO trials ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * len(row))})", row)
     return int(cur.lastrowid)
+
+
+def _choice_details(conn: sqlite3.Connection, spec_hash: str, device: str, dtype: str, bucket: str, form: str,
+                    backend: str, mode: str) -> dict | None:
+    """`TuningStore.choice_details` on an open connection."""
+    if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'choices'").fetchone():
+        return None  # a store of schema version 1, or one not created yet
+    row = conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? AND device = ? "
+                       "AND dtype = ? AND bucket = ? AND form = ? AND backend = ? AND mode = ?",
+                       (spec_hash, device, dtype, bucket, form, backend, mode)).fetchone()
+    if row is None:
+        return None
+    found = {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
+             "created": row[4], "timed": None, "median_ms": None}
+    if found["study"]:
+        present = {r[1] for r in conn.execute("PRAGMA table_info(trials)")}
+        mode_column = "mode" if "mode" in present else "'fwd'"
+        ran = conn.execute(f"SELECT config, median_ms, {mode_column} FROM trials WHERE study = ? ORDER BY id",
+                           (found["study"],)).fetchall()
+        ran = [(json.loads(c), m) for c, m, md in ran if md == mode]
+        if ran:
+            ok = [(c, m) for c, m in ran if m is not None]
+            found["timed"] = len({_canonical(c) for c, _ in ok})
+            medians = [m for c, m in ok if c == found["config"]]
+            found["median_ms"] = medians[-1] if medians else None
+    return found
 
 
 def _upsert_choice(conn: sqlite3.Connection, spec_hash: str, device: str, dtype, bucket: str, form: str,

@@ -12,7 +12,7 @@ report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBU
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|parallel|recurrent|scan] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
-                [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--repeat 5] [--seed 0] [--no-check] [--replace] [--verbose]
                 [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
                 [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|parallel|all]
@@ -640,7 +640,7 @@ def cmd_tune(args) -> int:
                           args.trials, store, device, warmup=args.warmup, repeat=args.repeat, seed=args.seed,
                           check=not args.no_check, verbose=args.verbose, mode=args.mode, progress=progress.step,
                           lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting, target=args.target,
-                          compiler=False if args.no_compiler else None)
+                          compiler=False if args.no_compiler else None, replace=args.replace)
         except NoLegalConfig as err:
             print(f"{rec.name}: {err}", file=sys.stderr)
             status = 1
@@ -985,6 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the sampler")
     tune.add_argument("--no-check", action="store_true", help="skip the check of each config's outputs "
                       "against the torch form")
+    tune.add_argument("--replace", action="store_true", help="store this run's choice even when it timed fewer "
+                      "configs than the run whose choice is stored for the same key and mode (by default that "
+                      "earlier choice is kept, and the table says so; a choice replaced is always named)")
     tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tune.add_argument("--json", action="store_true", help="print JSON {\"store\", \"results\": [...], \"skipped\": "

@@ -1,0 +1,73 @@
+"""Fixes from a new user's trial of the tooling: `recdsl tune` re-runs against a stored choice, float64 tuning, what
+`compile` may write over, which files `--store` accepts, the "Regenerate with" line, file names printed into
+generated code, the store's fallback folder, and what `check` and generated modules say when triton is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import recurrence_dsl
+from recurrence_dsl.cli import main
+
+from .conftest import REPO, SPECS_DIR
+
+GLA = SPECS_DIR / "gla.rec"
+SMALL = {"K": 8, "V": 8}
+
+
+def _run_cli(*argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECURRENCE_DSL_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+# -- 1. a re-run of `recdsl tune` against a stored choice ---------------------------------------------------------
+
+
+def test_a_rerun_timing_fewer_configs_keeps_the_stored_choice_and_says_so(tmp_path, capsys):
+    from autotune.store import TuningStore
+    from autotune.tuner import tune
+
+    gla = recurrence_dsl.load(GLA)["gla"]
+    path = tmp_path / "store.sqlite"
+    first = tune(gla, SMALL, 1, 64, 1, torch.float32, "chunked", "torch", trials=1, store=path, device="cpu",
+                 warmup=0, repeat=1, mode="fwd")
+    # only the default was timed: said so, not "the default is the fastest"
+    assert first.chosen is None and "only the default was timed" in first.reason
+    assert "the default is the fastest" not in first.table() and first.replaced is None
+    # an earlier study of 4 configs that chose chunk_size=16
+    key = dict(zip(("spec_hash", "device", "dtype", "bucket", "form", "backend"), first.key))
+    trials = [dict(**key, config={"chunk_size": c}, median_ms=m, study="earlier", mode="fwd")
+              for c, m in ((64, 2.0), (16, 1.0), (32, 1.5), (128, 2.5))]
+    store = TuningStore(path)
+    store.save_study(trials, dict(**key, mode="fwd", config={"chunk_size": 16}, tuned=True, reason="won",
+                                  study="earlier"))
+    again = tune(gla, SMALL, 1, 64, 1, torch.float32, "chunked", "torch", trials=1, store=path, device="cpu",
+                 warmup=0, repeat=1, mode="fwd")
+    assert again.kept_earlier is not None and again.kept_earlier["timed"] == 4 and again.replaced is None
+    assert store.choice(*first.key, "fwd")["config"] == {"chunk_size": 16}  # kept
+    assert len(store.trials(study=again.study)) == 1  # its trials are stored all the same
+    table = again.table()
+    assert "keeps its earlier choice, chunk_size=16 (tuned, 1.0000 ms, 4 configs timed" in table
+    assert "fewer than its 4" in table and "--replace" in table
+    # the command line says it too; --replace stores the new choice and names the one it replaced
+    code, out, _ = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--mode", "fwd", "--trials", "1",
+                            "--repeat", "1", "--warmup", "0", "--store", path, "--no-progress", "--replace",
+                            capsys=capsys)
+    assert code == 0 and "replaced the earlier stored choice chunk_size=16 (tuned, 1.0000 ms, 4 configs" in out
+    assert store.choice(*first.key, "fwd")["config"] == {"chunk_size": 64}
+    code, out, _ = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--mode", "fwd", "--trials", "1",
+                            "--repeat", "1", "--warmup", "0", "--store", path, "--no-progress", "--json",
+                            capsys=capsys)
+    result = json.loads(out)["results"][0]
+    assert code == 0 and result["replaced"]["config"] == {"chunk_size": 64} and result["kept_earlier"] is None
