@@ -439,6 +439,9 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if backend == "triton" and device.type == "cpu" and not interpreting():
         raise ValueError("Triton kernels on a CPU need Triton's interpreter: set TRITON_INTERPRET=1 before "
                          "triton is imported (its timings are stored as device 'cpu-interpreter')")
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError("dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes on "
+                         "the torch backend)")
     if not tunable(form, backend):
         choices = ", ".join(f"{f}/{b}" for f, b in SPACES)
         raise ValueError(f"nothing to tune for form={form!r}, backend={backend!r}; tunable: {choices}")

@@ -570,8 +570,14 @@ def cmd_tune(args) -> int:
     from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
 
+    if args.backend == "triton" and args.dtype == "float64":  # (refused before anything is read or imported)
+        raise UsageError("--dtype float64 with --backend triton: the triton backend takes float32, float16 or "
+                         "bfloat16; float64 tunes the torch backend's forms (--backend torch)")
     device = _device(args)
     backend = args.backend or ("triton" if device == "cuda" else "torch")
+    if backend == "triton" and args.dtype == "float64":  # (the backend defaulted to triton on cuda)
+        raise UsageError(f"--dtype float64: on {device} the backend defaults to triton, which takes float32, float16 "
+                         "or bfloat16; float64 tunes the torch backend's forms (--backend torch)")
     if args.lock_wait < 0:
         raise UsageError(f"--lock-wait must be >= 0 seconds, got {args.lock_wait:g}")
     if backend == "triton":
@@ -586,9 +592,6 @@ def cmd_tune(args) -> int:
               f"backend's kernels; ignored {why} (--backend triton tunes them)", file=sys.stderr)
     if given.get("T", 1) < 1:  # (check and kernels run T = 0; a timing of no steps has no backward, no meaning)
         raise UsageError("--shape: tune times calls of at least one step, got T=0")
-    if backend == "triton" and args.dtype == "float64":
-        raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
-                         "with --backend torch)")
     # What each recurrence tunes, decided before the store is touched: a run that tunes nothing stores nothing
     plan, skipped, instead = [], [], {}
     for rec in recs:
@@ -951,7 +954,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
                       f"every spec size {TUNE_DIM})")
-    tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
+    tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32; float64 "
+                      "tunes the torch backend only)")
     tune.add_argument("--form", choices=("chunked", "parallel", "recurrent", "scan"), help="the form to tune "
                       "(default: the one form='auto' runs at the shape with the default chunk_size, where it takes "
                       "a config, else chunked where the spec has it, else recurrent; parallel: the Triton backend's, "

@@ -71,3 +71,23 @@ def test_a_rerun_timing_fewer_configs_keeps_the_stored_choice_and_says_so(tmp_pa
                             capsys=capsys)
     result = json.loads(out)["results"][0]
     assert code == 0 and result["replaced"]["config"] == {"chunk_size": 64} and result["kept_earlier"] is None
+
+
+# -- 2. float64 tunes on the torch backend ------------------------------------------------------------------------
+
+
+def test_float64_tunes_on_torch_and_is_refused_with_triton_at_once(tmp_path, capsys):
+    from autotune.store import TuningStore
+
+    path = tmp_path / "store.sqlite"
+    code, out, err = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--dtype", "float64", "--backend",
+                              "torch", "--form", "chunked", "--mode", "fwd", "--trials", "2", "--repeat", "1",
+                              "--warmup", "0", "--store", path, "--no-progress", "--json", capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)["results"][0]
+    assert result["dtype"] == "float64" and all(t["median_ms"] is not None for t in result["trials"])
+    key = (result["spec_hash"], result["device"], "float64", result["bucket"], "chunked", "torch")
+    assert TuningStore(path).choice(*key, "fwd") is not None
+    code, out, err = _run_cli("tune", tmp_path / "missing.rec", "--dtype", "float64", "--backend", "triton",
+                              "--store", path, capsys=capsys)  # refused before the (missing) spec is read
+    assert code == 2 and "--dtype float64 with --backend triton" in err and "--backend torch" in err
