@@ -377,6 +377,15 @@ def cmd_show(args) -> int:
 GRAPH_TIMEOUT_S = 120.0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (a symlink, a relative path, a hard link, /dev/fd/N: `os.path.samefile`);
+    False when either does not exist."""
+    try:
+        return a.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
     and a PNG beside it when the `dot` program is installed. A file there that does not start with
@@ -390,19 +399,13 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
 
     from .dataflow import build_dataflow, to_dot
 
-    def same(a: Path, b: Path) -> bool:
-        try:
-            return a.exists() and a.samefile(b)
-        except OSError:
-            return False
-
     plans = []
     for rec in recs:
         target = path if len(recs) == 1 else path.with_name(f"{path.stem}.{rec.name}{path.suffix}")
         dot_path = target.with_suffix(".dot") if target.suffix == ".png" else target
         png = dot_path.with_suffix(".png")
         for out in (dot_path, png):
-            if same(out, spec):
+            if _same_file(out, spec):
                 raise UsageError(f"--graph: {out} is the spec {spec}; the graph is never written onto it")
         try:
             in_place = check_target(dot_path, GRAPH_MARKER, force, "written")
@@ -451,6 +454,9 @@ def cmd_compile(args) -> int:
     if not out.stem.isidentifier() and out.suffix == ".py":
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
               "fails); name it with letters, digits and _ only", file=sys.stderr)
+    if _same_file(out, Path(args.file)):  # (--force too: the spec is never a module's to replace)
+        raise UsageError(f"-o: {args.output} is the spec {args.file}; the module is never written onto it (give "
+                         "another -o OUT.py)")
     recs = _select(load_file(args.file), args.name)
     source = module_text([analyse(r.checked) for r in recs], args.file)
     try:

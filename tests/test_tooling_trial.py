@@ -91,3 +91,22 @@ def test_float64_tunes_on_torch_and_is_refused_with_triton_at_once(tmp_path, cap
     code, out, err = _run_cli("tune", tmp_path / "missing.rec", "--dtype", "float64", "--backend", "triton",
                               "--store", path, capsys=capsys)  # refused before the (missing) spec is read
     assert code == 2 and "--dtype float64 with --backend triton" in err and "--backend torch" in err
+
+
+# -- 3. compile never writes onto the spec -------------------------------------------------------------------------
+
+
+def test_compile_refuses_to_write_onto_the_spec_by_any_path(tmp_path, capsys, monkeypatch):
+    spec = tmp_path / "gla.rec"
+    text = GLA.read_text()
+    spec.write_text(text)
+    (tmp_path / "link.py").symlink_to(spec)
+    monkeypatch.chdir(tmp_path)
+    for out in (spec, "gla.rec", "./sub/../gla.rec", tmp_path / "link.py"):
+        if str(out).startswith("./sub"):
+            (tmp_path / "sub").mkdir(exist_ok=True)
+        code, _, err = _run_cli("compile", spec, "-o", out, "--force", capsys=capsys)
+        assert code == 2 and f"-o: {out} is the spec {spec}" in err and "never written onto it" in err, err
+        assert spec.read_text() == text and (tmp_path / "link.py").is_symlink()
+    code, _, err = _run_cli("compile", "gla.rec", "-o", spec, "--force", capsys=capsys)
+    assert code == 2 and "is the spec gla.rec" in err
