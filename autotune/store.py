@@ -62,6 +62,7 @@ SCHEMA_VERSION = 2  # 2: trials.mode, trials.iqr_ms and the choices table
 BUSY_TIMEOUT_S = 60.0
 LOCK_WAIT_S = 60.0  # how long `save_study` waits for another process's lock before saving to a side file
 LOCK_POLL_S = 0.5  # one busy-timeout slice of that wait: progress is reported between slices
+EMPTY_WAIT_S = 2.0  # how long a 0-byte file at the store's path may stay empty (another process creating it)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -236,10 +237,13 @@ class TuningStore:
         if missing is not None:
             raise missing
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._ready:
+            self._refuse_an_empty_file()
         conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         try:
             if not self._ready:
+                _retry_while_locked(lambda: self._refuse_another_database(conn), busy_timeout_s)
                 _retry_while_locked(lambda: self._create_schema(conn), busy_timeout_s)
                 self._ready = True
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -254,6 +258,43 @@ class TuningStore:
         if not self.path.is_file():
             return default
         return tuning_read(str(self.path), action, BUSY_TIMEOUT_S)
+
+    def _refuse_an_empty_file(self) -> None:
+        """A file of 0 bytes at the path is refused (`StoreError`): an SQLite file is never empty once written, so
+        it is something else's (a `mktemp`, a typo'd path onto a placeholder), not a store to turn into one. Another
+        process creating the store leaves one for a moment: it is waited for (EMPTY_WAIT_S) before refusing."""
+        deadline = time.monotonic() + EMPTY_WAIT_S
+        while True:
+            try:
+                empty = self.path.is_file() and self.path.stat().st_size == 0
+            except OSError:
+                return  # (gone, or unreadable: the connection says why)
+            if not empty:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreError(f"tuning store {self.path} is an empty file (0 bytes), not a tuning store; it is not "
+                                 "made into one: remove it (a store is created where no file is), or give another "
+                                 "path")
+            time.sleep(0.05)
+
+    def _refuse_another_database(self, conn: sqlite3.Connection) -> None:
+        """An SQLite database with tables but no `meta` table holding the schema version is another program's:
+        refused (`StoreError`), never given the store's tables."""
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                             "'sqlite_%' ORDER BY name")]
+        if not tables:
+            return  # a new database: the store's own
+        version = None
+        if "meta" in tables:
+            try:
+                version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:  # a `meta` table of another shape
+                version = None
+        if version is None:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreError(f"tuning store {self.path} is an SQLite database with other tables ({shown}) and no "
+                             "`meta` table with a tuning store's schema version: not a tuning store, and not made "
+                             "into one; give another path")
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:

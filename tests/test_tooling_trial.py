@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 import recurrence_dsl
@@ -110,3 +111,38 @@ def test_compile_refuses_to_write_onto_the_spec_by_any_path(tmp_path, capsys, mo
         assert spec.read_text() == text and (tmp_path / "link.py").is_symlink()
     code, _, err = _run_cli("compile", "gla.rec", "-o", spec, "--force", capsys=capsys)
     assert code == 2 and "is the spec gla.rec" in err
+
+
+# -- 4. --store takes a tuning store, never another program's database --------------------------------------------
+
+
+def test_store_refuses_another_database_and_an_empty_file(tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    from autotune import store as store_module
+    from autotune.store import StoreError, TuningStore
+
+    monkeypatch.setattr(store_module, "EMPTY_WAIT_S", 0.2)  # (how long an empty file may be another's new store)
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    for path, words in ((other, "SQLite database with other tables (users)"), (empty, "an empty file (0 bytes)")):
+        with pytest.raises(StoreError, match="not a tuning store"):
+            TuningStore(path).check_writable()
+        code, _, err = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--store", path, "--no-progress",
+                                capsys=capsys)
+        assert code == 2 and f"tuning store {path} is {words if path == empty else 'an ' + words}" in err, err
+        assert "Traceback" not in err
+    with sqlite3.connect(other) as conn:  # untouched: no table of the store's added
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["users"]
+    conn.close()
+    assert empty.stat().st_size == 0
+    # a store, and a path with no file, are taken (the store is created there)
+    fresh = tmp_path / "fresh.sqlite"
+    TuningStore(fresh).check_writable()
+    TuningStore(fresh).check_writable()
+    assert fresh.stat().st_size > 0
