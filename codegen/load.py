@@ -97,13 +97,13 @@ def _index_key(text: str, filename: str) -> str | None:
     return hashlib.sha256("\0".join((fingerprint, filename, text)).encode()).hexdigest()[:32]
 
 
-def module_text(analyses: list[Analysis], filename: str) -> str:
-    """`module_source(analyses, filename)`, read from the module index when a process generated the same text
-    before (`recdsl compile`; a module of one recurrence shares its entry with `load_module`'s)."""
-    index = _index_key("\0\0".join(a.recurrence.text for a in analyses), filename)
+def module_text(analyses: list[Analysis], filename: str, name: str | None = None) -> str:
+    """`module_source(analyses, filename, name)`, read from the module index when a process generated the same text
+    before (`recdsl compile`; a module of one recurrence, without `name`, shares its entry with `load_module`'s)."""
+    index = _index_key("\0\0".join(a.recurrence.text for a in analyses), filename + (f"\0{name}" if name else ""))
     source = indexed_source(index) if index else None
     if source is None:
-        source = module_source(analyses, filename)
+        source = module_source(analyses, filename, name)
         if index:
             remember_source(index, source, analyses[0].recurrence.name)
     return source

@@ -75,6 +75,12 @@ _GENERATED_PATTERN = re.compile(
     r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final|read|query)_.*|.*(_t|_steps|__new)|_.*")
 
 
+def in_docstring(text: str) -> str:
+    """`text` made safe inside a triple-quoted (non-raw) docstring: backslashes and quotes escaped, so three quotes or a
+    trailing backslash in it cannot end the string; the docstring's value is `text` again."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def py_name(name: str, reserved=frozenset(), prefixes: tuple[str, ...] = ()) -> str:
     """The Python identifier generated code uses for a spec's name: the name itself, or with a trailing
     underscore where it would shadow something the generated code uses (`t`, `states`, `F`, `max`, `P0`).

@@ -457,8 +457,11 @@ def cmd_compile(args) -> int:
     if _same_file(out, Path(args.file)):  # (--force too: the spec is never a module's to replace)
         raise UsageError(f"-o: {args.output} is the spec {args.file}; the module is never written onto it (give "
                          "another -o OUT.py)")
-    recs = _select(load_file(args.file), args.name)
-    source = module_text([analyse(r.checked) for r in recs], args.file)
+    everything = load_file(args.file)
+    recs = _select(everything, args.name)
+    # (--name is in the module's "Regenerate with" line where it selects: on a file of one recurrence the module is
+    # the same without it, the one compile() imports)
+    source = module_text([analyse(r.checked) for r in recs], args.file, args.name if len(everything) > 1 else None)
     try:
         write_module(source, Path(args.output), force=args.force)
     except OverwriteError as err:
