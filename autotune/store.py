@@ -56,6 +56,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from codegen.cache import cache_directory
 from codegen.tuning import TUNING_MODES, tuning_read, tuning_shape_bucket, tuning_store_path
 
 SCHEMA_VERSION = 2  # 2: trials.mode, trials.iqr_ms and the choices table
@@ -118,9 +119,29 @@ class StoreLocked(StoreError):
 
 
 def default_path() -> Path:
-    """The store of codegen/tuning.py's rule: $RECURRENCE_DSL_TUNING_STORE, else
-    $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite."""
-    return Path(tuning_store_path())
+    """The store of codegen/tuning.py's rule: $RECURRENCE_DSL_TUNING_STORE, else the cache folders' tuning.sqlite
+    that calls read (`tuning_store_path`: one that exists), else tuning.sqlite in the first cache folder that can be
+    created and used (`codegen.cache.cache_directory`, the generated modules' rule: $RECURRENCE_DSL_CACHE, else
+    $XDG_CACHE_HOME/recurrence_dsl or ~/.cache/recurrence_dsl, else TMPDIR/recurrence_dsl-UID, e.g. with a
+    read-only HOME). Creates that folder (mode 0700)."""
+    read = Path(tuning_store_path())
+    if os.environ.get("RECURRENCE_DSL_TUNING_STORE") or read.is_file():
+        return read
+    try:
+        return cache_directory(None) / "tuning.sqlite"
+    except OSError:  # no folder usable: the first one's path, whose write then says why
+        return read
+
+
+def store_source(store=None) -> str:
+    """Where a store's path came from, for error messages: "--store" (given), else the variable that set it
+    ("$RECURRENCE_DSL_TUNING_STORE", "$RECURRENCE_DSL_CACHE"), else "the default tuning store"."""
+    if store is not None:
+        return "--store"
+    for variable in ("RECURRENCE_DSL_TUNING_STORE", "RECURRENCE_DSL_CACHE"):
+        if os.environ.get(variable):
+            return f"${variable}"
+    return "the default tuning store"
 
 
 def dtype_name(dtype) -> str:
@@ -632,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["StoreError", "StoreLocked", "Trial", "TuningStore", "default_path", "dtype_name", "library_versions",
-           "merge_side_file", "open_store", "parse_bucket", "shape_bucket", "write_side_file"]
+           "merge_side_file", "open_store", "parse_bucket", "shape_bucket", "store_source", "write_side_file"]
 
 
 if __name__ == "__main__":

@@ -475,8 +475,10 @@ def cmd_compile(args) -> int:
     return 0
 
 
-STORE_RULE = ("Which tuning store: $RECURRENCE_DSL_TUNING_STORE (a file path) when set, else "
-              "$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite. compile(), generated "
+STORE_RULE = ("Which tuning store: $RECURRENCE_DSL_TUNING_STORE (a file path) when set, else tuning.sqlite in "
+              "the generated modules' cache folder: $RECURRENCE_DSL_CACHE, else $XDG_CACHE_HOME/recurrence_dsl or "
+              "~/.cache/recurrence_dsl, else (that folder unusable: a read-only HOME) $TMPDIR/recurrence_dsl-UID. "
+              "compile(), generated "
               "modules and recdsl tune all use that rule; --store PATH (or compile(tuning=PATH)) names another store "
               "for one run. RECURRENCE_DSL_TUNING=0 switches off the lookups of calls in the rule's store. A call "
               "runs, in order: its own chunk_size=/config=, compile()'s explicit chunk_size=, the store's choice for "
@@ -575,7 +577,7 @@ def cmd_tune(args) -> int:
     import torch
 
     from autotune.space import tunable
-    from autotune.store import StoreError, StoreLocked, open_store
+    from autotune.store import StoreError, StoreLocked, open_store, store_source
     from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
 
@@ -633,7 +635,7 @@ def cmd_tune(args) -> int:
     try:
         store.check_writable()  # a bad --store fails before any timing
     except StoreError as err:
-        raise UsageError(f"--store: {err}") from None
+        raise UsageError(f"{store_source(args.store)}: {err}") from None
     warned: set[str] = set()
     if device == "cpu":  # said before the (possibly long) timing starts
         _warn_once(timing_warnings(thread_settings()), warned)
@@ -665,7 +667,7 @@ def cmd_tune(args) -> int:
                 print()
             raise UsageError(str(err)) from None
         except StoreError as err:
-            raise UsageError(f"--store: {err}") from None
+            raise UsageError(f"{store_source(args.store)}: {err}") from None
         except ValueError as err:
             raise UsageError(str(err)) from None
         finally:
@@ -979,9 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
                       "under no_grad, what inference calls look up")
     tune.add_argument("--store", metavar="PATH", help="the SQLite store (default: $RECURRENCE_DSL_TUNING_STORE, "
-                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite, "
-                      "created with its folders); PATH's folder must exist (exit 2 otherwise: a typo creates "
-                      "no folders)")
+                      "else tuning.sqlite in the cache folder, created with its folders: see below); PATH's folder "
+                      "must exist (exit 2 otherwise: a typo creates no folders), and an existing PATH must be a "
+                      "tuning store")
     tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for a store another process holds locked before saving the trials "
                       "to a side file (default 60)")

@@ -194,3 +194,37 @@ def test_file_names_in_generated_code_are_readable_and_inert(tmp_path):
     piped = (tmp_path / "piped.py").read_text()
     assert f" from /dev/fd/{fd};" in piped.splitlines()[0] and f"# /dev/fd/{fd}:10" in piped
     assert f"`recdsl compile /dev/fd/{fd} -o <this file>`" in piped
+
+
+# -- 7. the tuning store falls back as the module cache does; errors name where the path came from ----------------
+
+
+def test_store_falls_back_like_the_module_cache_under_an_unusable_home(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # HOME under a regular file: no folder can be made there, even by root
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = _env(HOME=str(blocker / "home"), TMPDIR=str(temp))
+    env.pop("XDG_CACHE_HOME", None)
+    done = subprocess.run([sys.executable, "-m", "recurrence_dsl", "tune", str(GLA), "--shape",
+                           "B=1,T=64,H=1,K=8,V=8", "--mode", "fwd", "--trials", "1", "--repeat", "1", "--warmup", "0",
+                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fallback = temp / f"recurrence_dsl-{os.getuid()}"
+    assert (fallback / "tuning.sqlite").is_file() and f"stored in {fallback / 'tuning.sqlite'}" in done.stdout
+    assert "not the store calls read by default" not in done.stdout
+    # calls read the same file (the rule is one function, copied into generated modules too)
+    done = subprocess.run([sys.executable, "-c", "from codegen.tuning import tuning_store_path as p; "
+                           "from codegen.cache import cache_directory as c; print(p()); print(c())"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(fallback / "tuning.sqlite"), str(fallback / "modules")]
+
+
+def test_store_errors_name_where_the_path_came_from(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECURRENCE_DSL_TUNING_STORE", str(tmp_path))  # a directory
+    code, _, err = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--no-progress", capsys=capsys)
+    assert code == 2 and f"$RECURRENCE_DSL_TUNING_STORE: tuning store {tmp_path} is a directory" in err, err
+    code, _, err = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--no-progress", "--store", tmp_path,
+                            capsys=capsys)
+    assert code == 2 and f"--store: tuning store {tmp_path} is a directory" in err, err
