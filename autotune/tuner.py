@@ -460,6 +460,11 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if form not in analysis.forms:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
     layer = load_layer(analysis).options(tuning=False)  # every trial runs exactly its config
+    if backend == "triton" and layer.triton_forms is None:
+        from codegen.load import triton_import_error
+
+        raise ValueError(f"backend triton: triton is not importable here ({triton_import_error()}), so "
+                         f"{checked.name} has no Triton forms: pip install triton, or tune the torch backend")
     if backend == "triton" and form not in (layer.triton_forms or {}):
         raise ValueError(f"{checked.name} has no '{form}' form on the triton backend; it has "
                          f"{', '.join(layer.triton_forms or {}) or 'none (triton does not import)'}")

@@ -20,13 +20,18 @@ from .interpreter import vectorise_interpreter_scans
 from .module import module_source
 
 
-def triton_available() -> bool:
-    """True when triton imports (its kernels then run on CUDA tensors, or in its CPU interpreter)."""
+def triton_import_error() -> str | None:
+    """Why triton does not import here ("ModuleNotFoundError: No module named 'numpy'"), or None when it does."""
     try:
         import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as err:  # noqa: BLE001 - any failure of the import is the answer
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when triton imports (its kernels then run on CUDA tensors, or in its CPU interpreter)."""
+    return triton_import_error() is None
 
 
 _MODULES: dict[tuple[str, str], object] = {}
@@ -115,4 +120,5 @@ def load_layer(analysis: Analysis):
     return getattr(load_module(analysis), analysis.recurrence.name)
 
 
-__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "module_text", "triton_available"]
+__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "module_text", "triton_available",
+           "triton_import_error"]

@@ -521,8 +521,10 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
-except ImportError:  # the torch forms work without triton; the kernel definitions below still load
+    TRITON_IMPORT_ERROR = None
+except ImportError as _triton_error:  # the torch forms work without triton; the kernel definitions below still load
     HAVE_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(_triton_error).__name__}: {_triton_error}"  # (said by backend='triton' errors)
 
     class _NoTriton:
         """Stands in for `triton` and `triton.language` so `@triton.jit` definitions load as plain functions."""

@@ -69,7 +69,7 @@ class ExprPrinter:
 # last line: the recurrent adjoint).
 _GENERATED = {"torch", "F", "math", "states", "chunk_size", "B_", "T_", "H_", "t", "_rt", "DecayNotPositive",
               "UnsafeSteps",
-              "triton", "tl", "HAVE_TRITON", "dataclass", "annotations", "options",
+              "triton", "tl", "HAVE_TRITON", "TRITON_IMPORT_ERROR", "dataclass", "annotations", "options",
               "checkpoints", "every", "grad_outputs", "grad_states", "t0", "t1", "t2", "t3", "block"}
 _GENERATED_PATTERN = re.compile(
     r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final|read|query)_.*|.*(_t|_steps|__new)|_.*")

@@ -155,7 +155,9 @@ def cmd_check(args) -> int:
     given = parse_shape(args.shape)
     dtype = getattr(torch, args.dtype)
     device = _device(args)
-    use_triton = not args.no_triton and _prepare_triton(device)
+    use_triton = not args.no_triton  # (without triton, the report says the Triton rows were not run, and why)
+    if use_triton:
+        _prepare_triton(device)
     status = 0
     for rec in recs:
         check_shape_names(rec, given, DEFAULT_SIZES, only=len(recs) == 1)
@@ -591,8 +593,12 @@ def cmd_tune(args) -> int:
                          "or bfloat16; float64 tunes the torch backend's forms (--backend torch)")
     if args.lock_wait < 0:
         raise UsageError(f"--lock-wait must be >= 0 seconds, got {args.lock_wait:g}")
-    if backend == "triton":
-        _prepare_triton(device)
+    if backend == "triton" and not _prepare_triton(device):
+        from .compiler import triton_import_error
+
+        how = "--backend triton:" if args.backend else f"on {device} the backend defaults to triton, but"
+        raise UsageError(f"{how} triton is not importable here ({triton_import_error()}): pip install triton (or "
+                         "what its import error names), or tune the torch backend (--backend torch)")
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     unused = [flag for flag, given_ in (("--target", args.target), ("--no-compiler", args.no_compiler)) if given_]

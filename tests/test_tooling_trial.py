@@ -228,3 +228,58 @@ def test_store_errors_name_where_the_path_came_from(tmp_path, capsys, monkeypatc
     code, _, err = _run_cli("tune", GLA, "--shape", "B=1,T=64,H=1,K=8,V=8", "--no-progress", "--store", tmp_path,
                             capsys=capsys)
     assert code == 2 and f"--store: tuning store {tmp_path} is a directory" in err, err
+
+
+# -- 8, 9. without an importable triton: check says the Triton rows were not run; errors carry the import's error ----
+
+# A child's first lines: triton "present but missing numpy" (its import fails as a missing numpy would make it).
+_NO_TRITON = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _child(code: str, cwd, **env):
+    done = subprocess.run([sys.executable, "-c", _NO_TRITON + code], cwd=cwd, capture_output=True, text=True,
+                          env=_env(**env), timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_check_says_the_triton_rows_were_not_run_and_why(tmp_path):
+    code, out, err = _child(f"from recurrence_dsl.cli import main; sys.exit(main(['check', {str(GLA)!r}, "
+                            "'--no-grad', '--shape', 'B=1,T=20,H=1,K=4,V=4']))", tmp_path)
+    assert code == 0, err
+    assert ("triton/*" in out and "the Triton rows were not run: triton does not import (ModuleNotFoundError: No "
+            "module named 'numpy')" in out)
+    code, out, err = _child(f"from recurrence_dsl.cli import main; sys.exit(main(['tune', {str(GLA)!r}, "
+                            "'--backend', 'triton']))", tmp_path)
+    assert code == 2 and err.startswith("recdsl tune: error: --backend triton: triton is not importable here "
+                                        "(ModuleNotFoundError: No module named 'numpy')"), err
+
+
+def test_a_generated_module_says_why_triton_does_not_import(tmp_path):
+    assert main(["compile", str(SPECS_DIR / "retention.rec"), "-o", str(tmp_path / "ret_layer.py")]) == 0
+    code, out, err = _child("""
+import torch, ret_layer
+assert ret_layer.HAVE_TRITON is False
+try:
+    ret_layer.Retention(2, {"K": 4, "V": 4}, backend="triton")
+except ValueError as err:
+    print("MODULE:", err)
+q = torch.randn(1, 4, 2, 4)
+try:
+    ret_layer.retention(q, q, q, torch.full((2,), 0.9), backend="triton")
+except ValueError as err:
+    print("CALL:", err)
+""", tmp_path)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("MODULE: ") and lines[1].startswith("CALL: "), out
+    for line in lines:
+        assert ("backend='triton' needs triton, which does not import here (ModuleNotFoundError: No module named "
+                "'numpy'): install it (pip install triton)") in line, line
