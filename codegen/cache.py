@@ -79,14 +79,19 @@ def cache_directory(kind: str | None = "modules") -> Path:
 
 def write_atomically(path: Path, text: str, private: bool = True) -> None:
     """Write `text` to `path` through a temporary file in the same directory and a rename: a reader sees the
-    old file or the new one, never half of one. private: mode 0600 (the cache's files); else the mode a plain
-    `open(path, "w")` gives under the process's umask (a module or graph the user asked for, to share)."""
+    old file or the new one, never half of one. private: mode 0600 (the cache's files); else the mode of the file
+    it replaces, or for a new file the mode a plain `open(path, "w")` gives under the process's umask (a module or
+    graph the user asked for, to share)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         if not private:
-            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)  # (a file replaced keeps its mode: 640 stays 640)
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

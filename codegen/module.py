@@ -19,6 +19,7 @@ import builtins
 import functools
 import hashlib
 import io
+import os
 import re
 import textwrap
 import tokenize
@@ -1009,8 +1010,11 @@ def check_target(out: Path, marker: str, force: bool, what: str) -> bool:
 
 def write_module(source: str, out: Path, force: bool = False) -> None:
     """Write `source` to `out` atomically; without `force`, refuse to replace anything but a regular file recdsl
-    wrote and nobody edited since (its marker, and the sha256 on its second line matching the rest)."""
+    wrote and nobody edited since (its marker, and the sha256 on its second line matching the rest). A symlink is
+    written through (its target replaced, the link kept); a file replaced keeps its mode."""
     out = Path(out)
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
     in_place = check_target(out, MARKER, force, "generated")
     if in_place:
         with out.open("w") as f:

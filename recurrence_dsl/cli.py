@@ -443,6 +443,9 @@ def cmd_compile(args) -> int:
     from codegen.load import module_text
     from codegen.module import OverwriteError, write_module
 
+    if args.output == "-":  # (a module is a file recdsl stamps and checks before replacing, never a stream)
+        raise UsageError("-o -: compile writes the module to a file, not to standard output; give its file name, "
+                         f"e.g. -o {Path(args.file).stem if Path(args.file).stem.isidentifier() else 'layer'}.py")
     out = Path(args.output)
     if out.is_dir():  # (before the module is generated: say where a file could go)
         example = out / f"{Path(args.file).stem}.py"
@@ -453,7 +456,10 @@ def cmd_compile(args) -> int:
             raise UsageError(f"-o: cannot write {out}: {out.parent} is not a folder")
         raise UsageError(f"-o: cannot write {out}: the folder {missing[0]} does not exist; folders are not created: "
                          "check it for a typo, or create the folder first")
-    if not out.stem.isidentifier() and out.suffix == ".py":
+    if out.suffix != ".py":
+        print(f"recdsl compile: warning: {out.name} is not an importable module name (`import` finds only a file "
+              f"ending in .py); name it like {out.stem if out.stem.isidentifier() else 'layer'}.py", file=sys.stderr)
+    elif not out.stem.isidentifier():
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
               "fails); name it with letters, digits and _ only", file=sys.stderr)
     if _same_file(out, Path(args.file)):  # (--force too: the spec is never a module's to replace)
