@@ -456,7 +456,9 @@ def cmd_compile(args) -> int:
             raise UsageError(f"-o: cannot write {out}: {out.parent} is not a folder")
         raise UsageError(f"-o: cannot write {out}: the folder {missing[0]} does not exist; folders are not created: "
                          "check it for a typo, or create the folder first")
-    if out.suffix != ".py":
+    if out.exists() and not out.is_file():
+        pass  # (a device or a pipe, with --force: no module to import; check_target refuses it otherwise)
+    elif out.suffix != ".py":
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import` finds only a file "
               f"ending in .py); name it like {out.stem if out.stem.isidentifier() else 'layer'}.py", file=sys.stderr)
     elif not out.stem.isidentifier():
