@@ -307,3 +307,24 @@ def test_compile_output_dash_symlink_mode_and_extension(tmp_path, capsys, monkey
     # a name import cannot find is warned of, with or without .py
     code, _, err = _run_cli("compile", spec, "-o", "noext", capsys=capsys)
     assert code == 0 and "warning: noext is not an importable module name" in err and "noext.py" in err
+
+
+# -- 11. the command synopses name every option --help has ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/language.md"])
+def test_command_synopses_name_every_option(doc):
+    import re
+
+    from recurrence_dsl.cli import build_parser
+
+    text = (REPO / doc).read_text()
+    block = text[text.index("recdsl check FILE"):text.index("recdsl --version")]
+    synopses = dict(re.findall(r"^recdsl (\w+) (FILE.*?)(?=^recdsl |\Z)", block, re.S | re.M))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command, parser in sub.choices.items():
+        actions = [a.option_strings for a in parser._actions
+                   if a.option_strings and not {"--help", "--debug"} & set(a.option_strings)]
+        missing = sorted(names[-1] for names in actions  # (an option given as -o or --output: either will do)
+                         if not any(re.search(r"(?<![\w-])" + re.escape(o) + r"\b", synopses[command]) for o in names))
+        assert not missing, f"{doc}: recdsl {command}'s synopsis lacks {missing}"
