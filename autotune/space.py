@@ -231,15 +231,15 @@ class Problem:
     length: int
     chunk_states: tuple[ChunkState, ...] = ()
     state_elements: int = 256  # padded elements of every state tile together (the recurrent kernel's registers)
-    # the inputs' dtype by name ("float32", "bfloat16", "float16"; a torch.dtype is taken too): float32 runs other
-    # Triton defaults (`default_config`)
+    # the inputs' dtype by name ("float32", "bfloat16", "float16", "float64"; a torch.dtype is taken too): float32
+    # runs other Triton defaults (`default_config`); float64 tunes only the torch backend's forms
     dtype: str = "bfloat16"
     scan_states: tuple[ScanState, ...] = ()  # the scan form's launches (none without a scan form)
 
     def __post_init__(self):
         name = str(self.dtype).removeprefix("torch.")
-        if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"Problem dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if name not in ("float32", "bfloat16", "float16", "float64"):  # (float64: the torch backend's forms only)
+            raise ValueError(f"Problem dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
         object.__setattr__(self, "dtype", name)
 
     @property

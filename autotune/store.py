@@ -20,7 +20,9 @@ Table `trials`, one row per timed config, keyed by (spec_hash, device, dtype, bu
   study       an id shared by the trials of one `tune()` call
 
 Table `choices`, one row per key: the config `tune()` declared (`tuned` 1) or "default kept" (`tuned` 0, when
-no config beat the default beyond the noise), with the reason in words. Calls read only this table
+no config beat the default beyond the noise), with the reason in words. A study's choice replaces the one stored for
+its key and mode only when it timed at least as many configs as that choice's study did (`save_study(replace=)`
+overrides; the caller is told which choice stayed or was replaced). Calls read only this table
 (`codegen/tuning.py`, read-only, never waiting): a raw fastest median is not a choice.
 
 Which file: `default_path()`, the rule of codegen/tuning.py ($RECURRENCE_DSL_TUNING_STORE, else
@@ -54,12 +56,14 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from codegen.cache import cache_directory
 from codegen.tuning import TUNING_MODES, tuning_read, tuning_shape_bucket, tuning_store_path
 
 SCHEMA_VERSION = 2  # 2: trials.mode, trials.iqr_ms and the choices table
 BUSY_TIMEOUT_S = 60.0
 LOCK_WAIT_S = 60.0  # how long `save_study` waits for another process's lock before saving to a side file
 LOCK_POLL_S = 0.5  # one busy-timeout slice of that wait: progress is reported between slices
+EMPTY_WAIT_S = 2.0  # how long a 0-byte file at the store's path may stay empty (another process creating it)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -115,9 +119,29 @@ class StoreLocked(StoreError):
 
 
 def default_path() -> Path:
-    """The store of codegen/tuning.py's rule: $RECURRENCE_DSL_TUNING_STORE, else
-    $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite."""
-    return Path(tuning_store_path())
+    """The store of codegen/tuning.py's rule: $RECURRENCE_DSL_TUNING_STORE, else the cache folders' tuning.sqlite
+    that calls read (`tuning_store_path`: one that exists), else tuning.sqlite in the first cache folder that can be
+    created and used (`codegen.cache.cache_directory`, the generated modules' rule: $RECURRENCE_DSL_CACHE, else
+    $XDG_CACHE_HOME/recurrence_dsl or ~/.cache/recurrence_dsl, else TMPDIR/recurrence_dsl-UID, e.g. with a
+    read-only HOME). Creates that folder (mode 0700)."""
+    read = Path(tuning_store_path())
+    if os.environ.get("RECURRENCE_DSL_TUNING_STORE") or read.is_file():
+        return read
+    try:
+        return cache_directory(None) / "tuning.sqlite"
+    except OSError:  # no folder usable: the first one's path, whose write then says why
+        return read
+
+
+def store_source(store=None) -> str:
+    """Where a store's path came from, for error messages: "--store" (given), else the variable that set it
+    ("$RECURRENCE_DSL_TUNING_STORE", "$RECURRENCE_DSL_CACHE"), else "the default tuning store"."""
+    if store is not None:
+        return "--store"
+    for variable in ("RECURRENCE_DSL_TUNING_STORE", "RECURRENCE_DSL_CACHE"):
+        if os.environ.get(variable):
+            return f"${variable}"
+    return "the default tuning store"
 
 
 def dtype_name(dtype) -> str:
@@ -234,10 +258,13 @@ class TuningStore:
         if missing is not None:
             raise missing
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._ready:
+            self._refuse_an_empty_file()
         conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         try:
             if not self._ready:
+                _retry_while_locked(lambda: self._refuse_another_database(conn), busy_timeout_s)
                 _retry_while_locked(lambda: self._create_schema(conn), busy_timeout_s)
                 self._ready = True
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -252,6 +279,43 @@ class TuningStore:
         if not self.path.is_file():
             return default
         return tuning_read(str(self.path), action, BUSY_TIMEOUT_S)
+
+    def _refuse_an_empty_file(self) -> None:
+        """A file of 0 bytes at the path is refused (`StoreError`): an SQLite file is never empty once written, so
+        it is something else's (a `mktemp`, a typo'd path onto a placeholder), not a store to turn into one. Another
+        process creating the store leaves one for a moment: it is waited for (EMPTY_WAIT_S) before refusing."""
+        deadline = time.monotonic() + EMPTY_WAIT_S
+        while True:
+            try:
+                empty = self.path.is_file() and self.path.stat().st_size == 0
+            except OSError:
+                return  # (gone, or unreadable: the connection says why)
+            if not empty:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreError(f"tuning store {self.path} is an empty file (0 bytes), not a tuning store; it is not "
+                                 "made into one: remove it (a store is created where no file is), or give another "
+                                 "path")
+            time.sleep(0.05)
+
+    def _refuse_another_database(self, conn: sqlite3.Connection) -> None:
+        """An SQLite database with tables but no `meta` table holding the schema version is another program's:
+        refused (`StoreError`), never given the store's tables."""
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                             "'sqlite_%' ORDER BY name")]
+        if not tables:
+            return  # a new database: the store's own
+        version = None
+        if "meta" in tables:
+            try:
+                version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:  # a `meta` table of another shape
+                version = None
+        if version is None:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreError(f"tuning store {self.path} is an SQLite database with other tables ({shown}) and no "
+                             "`meta` table with a tuning store's schema version: not a tuning store, and not made "
+                             "into one; give another path")
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -308,9 +372,13 @@ class TuningStore:
             return _insert(conn, row)
 
     def save_study(self, trials: list[dict], choice: dict | None = None, *, wait_s: float = LOCK_WAIT_S,
-                   on_wait=None) -> None:
+                   on_wait=None, replace: bool = False) -> dict | None:
         """Write a study's trials (dicts of `record`'s arguments) and its choice (dict of `choose`'s) in one
-        transaction. While another process holds the store locked, wait in LOCK_POLL_S slices calling
+        transaction. The replacement rule: a choice stored for the same key and mode is replaced only when this
+        study timed at least as many distinct configs (that ran, in that mode) as that choice's study did, or with
+        `replace`; otherwise it stays and only the trials are written. Returns None when there was no earlier
+        choice, else {"earlier": its `choice_details`, "replaced": whether this study's choice took its place}.
+        While another process holds the store locked, wait in LOCK_POLL_S slices calling
         `on_wait(waited_s, wait_s)` after each, up to `wait_s`; then save everything to a side file beside the
         store (or in the working directory) and raise `StoreLocked` naming it. Other failures: `StoreError`."""
         rows = [_trial_row(**t) for t in trials]
@@ -318,11 +386,21 @@ class TuningStore:
         while True:
             try:
                 with closing(self._connect(busy_timeout_s=LOCK_POLL_S)) as conn, _transaction(conn):
+                    outcome = None
+                    if choice is not None:
+                        earlier = _choice_details(conn, choice["spec_hash"], choice["device"],
+                                                  dtype_name(choice["dtype"]), choice["bucket"], choice["form"],
+                                                  choice["backend"], choice["mode"])
+                        timed = len({_canonical(t["config"]) for t in trials
+                                     if t.get("median_ms") is not None and t.get("mode", "fwd") == choice["mode"]})
+                        wins = (replace or earlier is None or earlier["timed"] is None
+                                or timed >= earlier["timed"])
+                        outcome = None if earlier is None else {"earlier": earlier, "replaced": wins}
                     for row in rows:
                         _insert(conn, row)
-                    if choice is not None:
+                    if choice is not None and wins:
                         _upsert_choice(conn, **choice)
-                return
+                return outcome
             except sqlite3.OperationalError as err:
                 text = str(err).lower()
                 waited = time.monotonic() - started
@@ -390,6 +468,14 @@ class TuningStore:
         return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
                 "created": row[4]}
 
+    def choice_details(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
+                       mode: str) -> dict | None:
+        """The stored choice for the key and mode (`choice`) with what its study measured: "timed", the number of
+        distinct configs of its study that ran in that mode (None when the study's trials are not in the store),
+        and "median_ms", the chosen config's median in that study (None when not found). None: no choice."""
+        return self._read(lambda conn: _choice_details(conn, spec_hash, device, dtype_name(dtype), bucket, form,
+                                                       backend, mode), None)
+
     def best(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str) -> dict | None:
         """The config of the fastest successful trial for the key, or None."""
         trial = self.best_trial(spec_hash, device, dtype, bucket, form, backend)
@@ -438,6 +524,32 @@ def _trial_row(spec_hash: str, device: str, dtype, bucket: str, form: str, backe
 def _insert(conn: sqlite3.Connection, row: tuple) -> int:
     cur = conn.execute(f"INSERT INTO trials ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * len(row))})", row)
     return int(cur.lastrowid)
+
+
+def _choice_details(conn: sqlite3.Connection, spec_hash: str, device: str, dtype: str, bucket: str, form: str,
+                    backend: str, mode: str) -> dict | None:
+    """`TuningStore.choice_details` on an open connection."""
+    if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'choices'").fetchone():
+        return None  # a store of schema version 1, or one not created yet
+    row = conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? AND device = ? "
+                       "AND dtype = ? AND bucket = ? AND form = ? AND backend = ? AND mode = ?",
+                       (spec_hash, device, dtype, bucket, form, backend, mode)).fetchone()
+    if row is None:
+        return None
+    found = {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
+             "created": row[4], "timed": None, "median_ms": None}
+    if found["study"]:
+        present = {r[1] for r in conn.execute("PRAGMA table_info(trials)")}
+        mode_column = "mode" if "mode" in present else "'fwd'"
+        ran = conn.execute(f"SELECT config, median_ms, {mode_column} FROM trials WHERE study = ? ORDER BY id",
+                           (found["study"],)).fetchall()
+        ran = [(json.loads(c), m) for c, m, md in ran if md == mode]
+        if ran:
+            ok = [(c, m) for c, m in ran if m is not None]
+            found["timed"] = len({_canonical(c) for c, _ in ok})
+            medians = [m for c, m in ok if c == found["config"]]
+            found["median_ms"] = medians[-1] if medians else None
+    return found
 
 
 def _upsert_choice(conn: sqlite3.Connection, spec_hash: str, device: str, dtype, bucket: str, form: str,
@@ -541,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["StoreError", "StoreLocked", "Trial", "TuningStore", "default_path", "dtype_name", "library_versions",
-           "merge_side_file", "open_store", "parse_bucket", "shape_bucket", "write_side_file"]
+           "merge_side_file", "open_store", "parse_bucket", "shape_bucket", "store_source", "write_side_file"]
 
 
 if __name__ == "__main__":

@@ -124,6 +124,11 @@ class TuneResult:
     threads: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     compiler: dict = field(default_factory=dict)  # target, what pruned (compiler or estimate), compiled, cached
+    # The choice stored for this key and mode before this run (`TuningStore.choice_details`): `replaced` when this
+    # run's choice took its place, `kept_earlier` when it stayed because this run timed fewer configs than its
+    # study did (the replacement rule, `tune(replace=)`); both None when there was none.
+    replaced: dict | None = None
+    kept_earlier: dict | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
@@ -201,7 +206,19 @@ class TuneResult:
             lines.append(f"default kept: {default}: {self.reason}")
         else:
             lines.append("best: none (every trial failed)")
+        if self.kept_earlier is not None:
+            lines.append(f"not stored: the store keeps its earlier choice, {describe_choice(self.kept_earlier)}: "
+                         f"this run timed {self.timed} config{'s' * (self.timed != 1)}, fewer than its "
+                         f"{self.kept_earlier['timed']} (this run's trials are stored; --replace, or "
+                         "tune(replace=True), stores its choice instead)")
+        elif self.replaced is not None:
+            lines.append(f"replaced the earlier stored choice {describe_choice(self.replaced)}")
         return "\n".join(lines)
+
+    @property
+    def timed(self) -> int:
+        """The number of distinct configs this run timed that ran (what the replacement rule counts)."""
+        return len({config_key(t.config) for t in self.trials if t.ok})
 
     def as_dict(self) -> dict:
         """The result as JSON-able data (recdsl tune --json)."""
@@ -209,7 +226,7 @@ class TuneResult:
                 "form": self.form, "backend": self.backend, "mode": self.mode, "study": self.study,
                 "default": self.space.default, "chosen": self.chosen, "reason": self.reason,
                 "elapsed_s": self.elapsed_s, "threads": self.threads, "warnings": self.warnings,
-                "compiler": self.compiler,
+                "compiler": self.compiler, "replaced": self.replaced, "kept_earlier": self.kept_earlier,
                 "trials": [{"number": t.number, "config": t.config, "median_ms": t.median_ms, "iqr_ms": t.iqr_ms,
                             "times_ms": t.times_ms, "error": t.error, "rel_error": t.rel_error, "final": t.final,
                             "pruned": t.pruned, "figures": t.figures}
@@ -268,10 +285,30 @@ def spread(times: list[float]) -> float:
     return q3 - q1
 
 
-def decide(default: TrialResult | None, fastest: TrialResult | None) -> tuple[bool, str]:
-    """(whether `fastest` replaces the default, why in words): the winner rule of the module docstring."""
+def describe_choice(choice: dict) -> str:
+    """A stored choice (`TuningStore.choice_details`) in words: `chunk_size=16 (tuned, 3.1000 ms, 5 configs timed,
+    2026-12-04T10:00:00.000Z, study abc)`."""
+    facts = ["tuned" if choice.get("tuned") else "default kept"]
+    if choice.get("median_ms") is not None:
+        facts.append(f"{choice['median_ms']:.4f} ms")
+    if choice.get("timed") is not None:
+        facts.append(f"{choice['timed']} config{'s' * (choice['timed'] != 1)} timed")
+    facts += [v for v in (choice.get("created"), choice.get("study") and f"study {choice['study']}") if v]
+    return f"{config_key(choice['config'])} ({', '.join(facts)})"
+
+
+def decide(default: TrialResult | None, fastest: TrialResult | None, timed: int = 2,
+           candidates: int | None = None) -> tuple[bool, str]:
+    """(whether `fastest` replaces the default, why in words): the winner rule of the module docstring. timed: the
+    number of configs of the final that ran; candidates: of those it tried (timed when not given). When only the
+    default ran there is nothing it was compared with, and the reason says so."""
     if fastest is None:
         return False, "every trial failed"
+    if timed == 1 and default is not None and default.ok:
+        alone = ("only the default was timed" if (candidates or timed) == 1 else
+                 "only the default ran (the other candidates failed or were pruned)")
+        return False, (f"{alone} ({default.median_ms:.4f} ms, IQR {default.iqr_ms or 0:.4f}): nothing to compare "
+                       "it with (more --trials time other configs)")
     if default is None or not default.ok:
         why = ("was not timed (pruned)" if default is None else
                "was pruned by the compiler" if default.pruned else "failed")
@@ -364,7 +401,7 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
          warmup: int = 2, repeat: int = 5, seed: int = 0, limits=None, check: bool = True,
          verbose: bool = False, mode: str = "fwdbwd", finalists: int = 3, progress=None,
          lock_wait_s: float = LOCK_WAIT_S, on_lock_wait=None, target: str | None = None,
-         compiler: bool | None = None, candidates: list[dict] | None = None) -> TuneResult:
+         compiler: bool | None = None, candidates: list[dict] | None = None, replace: bool = False) -> TuneResult:
     """Tune `rec`'s `form` on `backend` for inputs [batch, length, heads, ...] of `dtype` with spec `sizes`.
 
     rec: a `Recurrence` (or `CheckedRecurrence`); store: a `TuningStore`, a path (in a folder that exists), or None
@@ -376,7 +413,10 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     are compiled for to read their registers, spills and shared memory (sm_80, sm_90, sm_100; default: the CUDA
     device's, sm_90 on a CPU); compiler: None uses those figures when ptxas and cuobjdump are found (else the hand
     estimate, with a note), True requires them (ValueError without), False always uses the estimate; candidates:
-    time only these configs (and the default), each still pruned by the rules and the compiler. Returns a
+    time only these configs (and the default), each still pruned by the rules and the compiler; replace: store this
+    run's choice even when it timed fewer configs than the study of the choice stored for the key and mode (by
+    default that earlier choice is kept, and the result's `kept_earlier` says so; `replaced` names a choice this
+    run's took the place of). Returns a
     `TuneResult`; raises `NoLegalConfig` when the constraint model leaves nothing to time, ValueError for a bad
     request, `store.StoreError` for a store that cannot be written (before timing anything) and `store.StoreLocked`
     (naming the side file holding the trials) when it stays locked.
@@ -399,6 +439,9 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if backend == "triton" and device.type == "cpu" and not interpreting():
         raise ValueError("Triton kernels on a CPU need Triton's interpreter: set TRITON_INTERPRET=1 before "
                          "triton is imported (its timings are stored as device 'cpu-interpreter')")
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError("dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes on "
+                         "the torch backend)")
     if not tunable(form, backend):
         choices = ", ".join(f"{f}/{b}" for f, b in SPACES)
         raise ValueError(f"nothing to tune for form={form!r}, backend={backend!r}; tunable: {choices}")
@@ -417,6 +460,11 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
     if form not in analysis.forms:
         raise ValueError(f"{checked.name} has no '{form}' form: {analysis.unavailable.get(form, 'unknown form')}")
     layer = load_layer(analysis).options(tuning=False)  # every trial runs exactly its config
+    if backend == "triton" and layer.triton_forms is None:
+        from codegen.load import triton_import_error
+
+        raise ValueError(f"backend triton: triton is not importable here ({triton_import_error()}), so "
+                         f"{checked.name} has no Triton forms: pip install triton, or tune the torch backend")
     if backend == "triton" and form not in (layer.triton_forms or {}):
         raise ValueError(f"{checked.name} has no '{form}' form on the triton backend; it has "
                          f"{', '.join(layer.triton_forms or {}) or 'none (triton does not import)'}")
@@ -633,7 +681,7 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
             figures.close()
     ok_final = [t for t in final.values() if t.ok]
     fastest = min(ok_final, key=lambda t: (t.median_ms, t.number)) if ok_final else None
-    wins, reason = decide(final.get(default), fastest)
+    wins, reason = decide(final.get(default), fastest, len(ok_final), len(final))
     chosen = dict(fastest.config) if wins else None
     ordered = sorted(done.values(), key=lambda t: t.number)
     result = TuneResult(spec_hash, dev_name, dname, bucket, form, backend, study_id, space, ordered,
@@ -647,8 +695,13 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
         choice = dict(spec_hash=spec_hash, device=dev_name, dtype=dname, bucket=bucket, form=form, backend=backend,
                       mode=mode, config=chosen if chosen is not None else dict(space.default),
                       tuned=chosen is not None, reason=reason, study=study_id)
-    try:
-        store.save_study(rows, choice, wait_s=lock_wait_s, on_wait=on_lock_wait)
+    try:  # (the replacement rule is applied in the store's transaction: `TuningStore.save_study`)
+        outcome = store.save_study(rows, choice, wait_s=lock_wait_s, on_wait=on_lock_wait, replace=replace)
+        if outcome is not None:
+            if outcome["replaced"]:
+                result.replaced = outcome["earlier"]
+            else:
+                result.kept_earlier = outcome["earlier"]
     except StoreLocked as err:
         err.result = result  # the caller can still show what was measured
         raise
@@ -658,4 +711,5 @@ def tune(rec, sizes: dict[str, int], batch: int, length: int, heads: int, dtype:
 
 
 __all__ = ["INTERPRETER", "MIN_GAIN", "MODES", "NoLegalConfig", "TrialResult", "TuneResult", "TuningStore", "decide",
+           "describe_choice",
            "measure", "relative_error", "spread", "tune"]

@@ -26,19 +26,17 @@ import threading
 import types
 from pathlib import Path
 
+from .tuning import tuning_cache_roots
+
 
 class CacheError(OSError):
     """No cache directory could be used safely."""
 
 
 def _candidates() -> list[Path]:
-    env = os.environ.get("RECURRENCE_DSL_CACHE")
-    if env:
-        return [Path(env).absolute() / "modules"]  # absolute: a module's __file__ must survive a chdir
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    home = Path(xdg).absolute() if xdg else Path.home() / ".cache"
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return [home / "recurrence_dsl" / "modules", Path(tempfile.gettempdir()) / f"recurrence_dsl-{uid}" / "modules"]
+    """The "modules" folder in each per-user cache folder (`codegen.tuning.tuning_cache_roots`, which the tuning
+    store's rule reads too), first choice first; absolute: a module's __file__ must survive a chdir."""
+    return [Path(root) / "modules" for root in tuning_cache_roots()]
 
 
 def _check_owner(path: Path, info: os.stat_result, own: bool) -> None:
@@ -61,33 +59,39 @@ def _safe_directory(path: Path) -> None:
     _check_owner(path.parent, path.parent.stat(), own=False)
 
 
-def cache_directory(kind: str = "modules") -> Path:
+def cache_directory(kind: str | None = "modules") -> Path:
     """The first usable cache directory for `kind` (see the module docstring): "modules" for generated modules,
-    "kernel-figures" (a sibling of "modules") for the tuner's compile-only kernel figures (autotune/figures.py).
-    Raises CacheError naming every refusal."""
-    if not kind.replace("-", "").isalnum():
+    "kernel-figures" (a sibling of "modules") for the tuner's compile-only kernel figures (autotune/figures.py),
+    None for the cache folder itself (the default tuning store's, autotune/store.py). Raises CacheError naming
+    every refusal."""
+    if kind is not None and not kind.replace("-", "").isalnum():
         raise ValueError(f"cache kind must be a plain directory name, got {kind!r}")
     refusals = []
-    for path in (p if kind == "modules" else p.parent / kind for p in _candidates()):
+    for path in (p if kind == "modules" else p.parent if kind is None else p.parent / kind for p in _candidates()):
         try:
             _safe_directory(path)
             return path
         except OSError as err:
             refusals.append(f"{path}: {err}")
-    what = "generated modules" if kind == "modules" else kind
+    what = "generated modules" if kind == "modules" else "the tuning store" if kind is None else kind
     raise CacheError(f"no usable cache directory for {what}: " + "; ".join(refusals))
 
 
 def write_atomically(path: Path, text: str, private: bool = True) -> None:
     """Write `text` to `path` through a temporary file in the same directory and a rename: a reader sees the
-    old file or the new one, never half of one. private: mode 0600 (the cache's files); else the mode a plain
-    `open(path, "w")` gives under the process's umask (a module or graph the user asked for, to share)."""
+    old file or the new one, never half of one. private: mode 0600 (the cache's files); else the mode of the file
+    it replaces, or for a new file the mode a plain `open(path, "w")` gives under the process's umask (a module or
+    graph the user asked for, to share)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         if not private:
-            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)  # (a file replaced keeps its mode: 640 stays 640)
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -44,7 +44,14 @@ def interpreting() -> bool:
 # Triton decides at import whether its kernels run in the interpreter, so the backend rule reads the setting
 # as it was when this module (and its kernels) were imported, not as it is at call time.
 _INTERPRETING = interpreting()
-_NEEDS_TRITON = "backend='triton' needs triton installed (pip install 'recurrence-dsl[triton]')"
+
+
+def _needs_triton() -> str:
+    """Why backend='triton' cannot run: triton does not import, with that import's own error (a generated module's
+    TRITON_IMPORT_ERROR: triton missing, or present but missing what it needs, such as numpy)."""
+    why = globals().get("TRITON_IMPORT_ERROR")
+    return ("backend='triton' needs triton, which does not import here" + (f" ({why})" if why else "")
+            + ": install it (pip install triton), or what its import error names; or use backend='torch'")
 
 
 def _runs_triton(device: torch.device) -> bool:
@@ -99,7 +106,7 @@ def defaults_error(spec, forms: dict, triton_forms: dict | None, form, backend, 
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend == "triton" and triton_forms is None:
-        return _NEEDS_TRITON
+        return _needs_triton()
     chunking = backend == "triton" and form in ("auto", *CHUNKING_FORMS) and any(f in triton_forms
                                                                                  for f in CHUNKING_FORMS)
     return _form_error(spec, form, forms, triton_forms, backend) or (
@@ -284,7 +291,7 @@ class Layer:
         backend = self.backend_for(call.device, call.dtype, backend, form)
         if backend == "triton":
             if self.triton_forms is None:
-                raise CallError(_NEEDS_TRITON)  # noqa: F821
+                raise CallError(_needs_triton())  # noqa: F821
             if not _runs_triton(call.device) and call.device.type != "meta":  # (meta: shapes only, any backend)
                 raise CallError(f"backend='triton' runs CUDA tensors, or CPU tensors in Triton's interpreter "  # noqa: F821
                                 f"(TRITON_INTERPRET=1 set before triton is imported); got {call.device.type} "

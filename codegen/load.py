@@ -20,13 +20,18 @@ from .interpreter import vectorise_interpreter_scans
 from .module import module_source
 
 
-def triton_available() -> bool:
-    """True when triton imports (its kernels then run on CUDA tensors, or in its CPU interpreter)."""
+def triton_import_error() -> str | None:
+    """Why triton does not import here ("ModuleNotFoundError: No module named 'numpy'"), or None when it does."""
     try:
         import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as err:  # noqa: BLE001 - any failure of the import is the answer
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when triton imports (its kernels then run on CUDA tensors, or in its CPU interpreter)."""
+    return triton_import_error() is None
 
 
 _MODULES: dict[tuple[str, str], object] = {}
@@ -97,13 +102,13 @@ def _index_key(text: str, filename: str) -> str | None:
     return hashlib.sha256("\0".join((fingerprint, filename, text)).encode()).hexdigest()[:32]
 
 
-def module_text(analyses: list[Analysis], filename: str) -> str:
-    """`module_source(analyses, filename)`, read from the module index when a process generated the same text
-    before (`recdsl compile`; a module of one recurrence shares its entry with `load_module`'s)."""
-    index = _index_key("\0\0".join(a.recurrence.text for a in analyses), filename)
+def module_text(analyses: list[Analysis], filename: str, name: str | None = None) -> str:
+    """`module_source(analyses, filename, name)`, read from the module index when a process generated the same text
+    before (`recdsl compile`; a module of one recurrence, without `name`, shares its entry with `load_module`'s)."""
+    index = _index_key("\0\0".join(a.recurrence.text for a in analyses), filename + (f"\0{name}" if name else ""))
     source = indexed_source(index) if index else None
     if source is None:
-        source = module_source(analyses, filename)
+        source = module_source(analyses, filename, name)
         if index:
             remember_source(index, source, analyses[0].recurrence.name)
     return source
@@ -115,4 +120,5 @@ def load_layer(analysis: Analysis):
     return getattr(load_module(analysis), analysis.recurrence.name)
 
 
-__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "module_text", "triton_available"]
+__all__ = ["analysis_of", "generator_fingerprint", "load_layer", "load_module", "module_text", "triton_available",
+           "triton_import_error"]

@@ -19,6 +19,7 @@ import builtins
 import functools
 import hashlib
 import io
+import os
 import re
 import textwrap
 import tokenize
@@ -29,12 +30,14 @@ import torch
 
 from recurrence_dsl.analysis import Analysis
 from recurrence_dsl.api import spec_hash
+from recurrence_dsl.dataflow import printable, spec_file_name
 from recurrence_dsl.errors import SpecError
 from recurrence_dsl.sampling import param_roles
 from recurrence_dsl.version import __version__
 
 from .cache import write_atomically
 from .kernel_rules import check_kernel_source, function_problems
+from .printing import in_docstring
 from .shift_forms import shift_entry_points, write_shift
 from .source_units import Unit, defined_names, joined, split_units, units_of
 from .specialize import chunked_backward_in_triton, chunked_packed_in_triton, specialize_units
@@ -519,8 +522,10 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
-except ImportError:  # the torch forms work without triton; the kernel definitions below still load
+    TRITON_IMPORT_ERROR = None
+except ImportError as _triton_error:  # the torch forms work without triton; the kernel definitions below still load
     HAVE_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(_triton_error).__name__}: {_triton_error}"  # (said by backend='triton' errors)
 
     class _NoTriton:
         """Stands in for `triton` and `triton.language` so `@triton.jit` definitions load as plain functions."""
@@ -702,24 +707,32 @@ def _module_call(module, spec, inputs, initial_state, keywords):
 '''
 
 
-def _docstring_text(text: str) -> str:
-    """`text` made safe inside a triple-quoted docstring (backslashes and quotes escaped)."""
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+def regenerate_command(spec_path: str, name: str | None = None) -> str:
+    """The `recdsl compile` command line that writes a module again, for its docstring: the spec's path as given when
+    it is relative (or a pipe's, `/dev/fd/63`), else its base name (an absolute path is one machine's), shell-quoted
+    (`shlex.quote`: spaces, quotes, non-ASCII); `--name NAME` when the module holds one recurrence of several."""
+    import shlex
+
+    path = spec_path if not Path(spec_path).is_absolute() or spec_path.startswith(("/dev/", "/proc/")) \
+        else Path(spec_path).name
+    return (f"recdsl compile {shlex.quote(printable(path))}" + (f" --name {shlex.quote(name)}" if name else "")
+            + " -o <this file>")
 
 
-def module_source(analyses: list[Analysis], spec_path: str) -> str:
+def module_source(analyses: list[Analysis], spec_path: str, name: str | None = None) -> str:
     """The whole generated module for `analyses` (the recurrences of one file, in file order): only the runtime
-    pieces, kernels and helpers that its forms reach (see `_prune`)."""
+    pieces, kernels and helpers that its forms reach (see `_prune`). name: the `--name` that selected the one
+    recurrence of `analyses` from a file of several (in the docstring's command line)."""
     names = [a.recurrence.name for a in analyses]
     spec_text = "".join(a.recurrence.text for a in analyses)
     usage = "\n".join(f"    {n}(...) / {_class_name(n)}(heads, sizes)" for n in names)
-    file_name = Path(spec_path).name.encode("unicode_escape").decode("ascii")  # no newline reaches the header
-    shown = _docstring_text(file_name)
+    file_name = spec_file_name(spec_path)  # (printable: no line break reaches the header comment)
+    shown = in_docstring(file_name)
     parts = [
         f"{MARKER} {__version__} from {file_name}; do not edit by hand.\n",
         f'"""{", ".join(names)}: linear-recurrence layers compiled from {shown}.\n\n'
-        f"Regenerate with `recdsl compile {shown} -o <this file>`. Entry points:\n{usage}\n\n"
-        "The spec:\n\n" + "".join(f"    {_docstring_text(line)}\n" if line else "\n" for line in spec_text.splitlines())
+        f"Regenerate with `{in_docstring(regenerate_command(spec_path, name))}`. Entry points:\n{usage}\n\n"
+        "The spec:\n\n" + "".join(f"    {in_docstring(line)}\n" if line else "\n" for line in spec_text.splitlines())
         + '"""\n\n',
         "from __future__ import annotations\n\n",
         "import ast\nimport math\nimport operator\nimport os\nfrom dataclasses import dataclass\n\n",
@@ -997,8 +1010,11 @@ def check_target(out: Path, marker: str, force: bool, what: str) -> bool:
 
 def write_module(source: str, out: Path, force: bool = False) -> None:
     """Write `source` to `out` atomically; without `force`, refuse to replace anything but a regular file recdsl
-    wrote and nobody edited since (its marker, and the sha256 on its second line matching the rest)."""
+    wrote and nobody edited since (its marker, and the sha256 on its second line matching the rest). A symlink is
+    written through (its target replaced, the link kept); a file replaced keeps its mode."""
     out = Path(out)
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
     in_place = check_target(out, MARKER, force, "generated")
     if in_place:
         with out.open("w") as f:

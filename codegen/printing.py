@@ -69,10 +69,16 @@ class ExprPrinter:
 # last line: the recurrent adjoint).
 _GENERATED = {"torch", "F", "math", "states", "chunk_size", "B_", "T_", "H_", "t", "_rt", "DecayNotPositive",
               "UnsafeSteps",
-              "triton", "tl", "HAVE_TRITON", "dataclass", "annotations", "options",
+              "triton", "tl", "HAVE_TRITON", "TRITON_IMPORT_ERROR", "dataclass", "annotations", "options",
               "checkpoints", "every", "grad_outputs", "grad_states", "t0", "t1", "t2", "t3", "block"}
 _GENERATED_PATTERN = re.compile(
     r"P\d+|R__\d+|(k|v|q|a|b|all|prev|log_decay|beta|final|read|query)_.*|.*(_t|_steps|__new)|_.*")
+
+
+def in_docstring(text: str) -> str:
+    """`text` made safe inside a triple-quoted (non-raw) docstring: backslashes and quotes escaped, so three quotes or a
+    trailing backslash in it cannot end the string; the docstring's value is `text` again."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def py_name(name: str, reserved=frozenset(), prefixes: tuple[str, ...] = ()) -> str:

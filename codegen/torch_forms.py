@@ -45,7 +45,7 @@ from recurrence_dsl.dataflow import cite
 from recurrence_dsl.explain import tidy
 from recurrence_dsl.step_ir import NEW_SUFFIX, expm1, index_symbol, size_symbol, undefined
 
-from .printing import SourceWriter, is_constant, py_name
+from .printing import SourceWriter, in_docstring, is_constant, py_name
 from .torch_printer import TorchPrinter
 from .triton_printer import TritonPrinter, block_name, mask_name, offs_name
 
@@ -1755,8 +1755,9 @@ class TorchFormWriter:
             t = text
             t("@triton.jit", 0)
             t(f"def {steps}({sig}, s_, row_, i_h_{coord_args}, m_, m_n_, H_{size_args}):", 0)
+            where = in_docstring(self.cite[s.name])  # (the spec's file name: quotes in it escaped)
             t.doc(f"a_t and b_t of {s.name}'s lanes (i_h_{coord_args}) [BN] at the steps row_ [BT, 1] (int64, of "
-                  f"the [B * T] steps), in s_'s dtype, from the raw tensors: {self.cite[s.name]}, the expressions "
+                  f"the [B * T] steps), in s_'s dtype, from the raw tensors: {where}, the expressions "
                   f"the torch prologue prints. a = 1, b = 0 where m_ [BT, BN] is False (past a sequence's end).")
             for line in loads():
                 t(line)

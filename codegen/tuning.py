@@ -8,8 +8,12 @@ functions, so `autotune.store` stays free of torch.
 Which store (one rule for compile(), generated modules and `recdsl tune`):
 
   1. $RECURRENCE_DSL_TUNING_STORE, a path to the SQLite file, when set;
-  2. else $RECURRENCE_DSL_CACHE/tuning.sqlite, when RECURRENCE_DSL_CACHE is set;
-  3. else ~/.cache/recurrence_dsl/tuning.sqlite.
+  2. else tuning.sqlite in the per-user cache folder the generated modules' cache uses too (`tuning_cache_roots`,
+     which codegen/cache.py takes its folders from): $RECURRENCE_DSL_CACHE when set, else
+     $XDG_CACHE_HOME/recurrence_dsl (~/.cache/recurrence_dsl when XDG_CACHE_HOME is unset), else, where that folder
+     cannot be used (a read-only HOME), recurrence_dsl-UID in the system's temporary folder. A call reads the
+     first of these that holds a store (the fallback only in a folder this user owns); `recdsl tune` writes to the
+     one holding a store, else to the first folder it can create and use (`autotune.store.default_path`).
 
 `recdsl tune --store PATH` and `compile(..., tuning=PATH)` name another store for that run or that layer only.
 RECURRENCE_DSL_TUNING=0 switches off lookups in the rule's store (an explicitly named store is still read).
@@ -49,15 +53,36 @@ _tuning_warned: set[str] = set()
 _tuning_cpu: list[str] = []  # the CPU model, read once per process
 
 
+def tuning_cache_roots() -> list[str]:
+    """The per-user cache folders, first choice first (absolute paths): [$RECURRENCE_DSL_CACHE] when set, else
+    [$XDG_CACHE_HOME/recurrence_dsl (or ~/.cache/recurrence_dsl), TMPDIR/recurrence_dsl-UID]. The generated modules'
+    cache (codegen/cache.py, which checks each folder's owner and mode) and the tuning store live in them."""
+    cache = os.environ.get("RECURRENCE_DSL_CACHE")
+    if cache:
+        return [os.path.abspath(cache)]
+    import tempfile
+
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = os.path.abspath(xdg) if xdg else os.path.join(os.path.expanduser("~"), ".cache")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [os.path.join(home, "recurrence_dsl"), os.path.join(tempfile.gettempdir(), f"recurrence_dsl-{uid}")]
+
+
 def tuning_store_path() -> str:
-    """The store the rule above names: $RECURRENCE_DSL_TUNING_STORE, else $RECURRENCE_DSL_CACHE/tuning.sqlite,
-    else ~/.cache/recurrence_dsl/tuning.sqlite."""
+    """The store the rule above names for reading: $RECURRENCE_DSL_TUNING_STORE, else the first cache folder's
+    tuning.sqlite that exists (a fallback folder's only when this user owns that folder), else the first's."""
     explicit = os.environ.get("RECURRENCE_DSL_TUNING_STORE")
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
-    cache = os.environ.get("RECURRENCE_DSL_CACHE")
-    base = cache if cache else os.path.join(os.path.expanduser("~"), ".cache", "recurrence_dsl")
-    return os.path.abspath(os.path.join(base, "tuning.sqlite"))
+    stores = [os.path.join(root, "tuning.sqlite") for root in tuning_cache_roots()]
+    for n, path in enumerate(stores):
+        try:
+            if os.path.isfile(path) and (n == 0 or not hasattr(os, "getuid")
+                                         or os.stat(os.path.dirname(path)).st_uid == os.getuid()):
+                return path
+        except OSError:
+            continue
+    return stores[0]
 
 
 def tuning_lookups_enabled() -> bool:

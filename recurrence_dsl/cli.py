@@ -12,7 +12,7 @@ report, exit 3; the traceback follows only with `--debug` or RECURRENCE_DSL_DEBU
     recdsl tune FILE [--name NAME] [--shape B=2,T=1024,H=4,K=64,V=64] [--dtype float32] [--mode fwd|fwdbwd]
                 [--form chunked|parallel|recurrent|scan] [--backend torch|triton] [--trials 20] [--device cpu|cuda]
                 [--store PATH] [--lock-wait 60] [--target sm_80|sm_90|sm_100] [--no-compiler] [--warmup 2]
-                [--repeat 5] [--seed 0] [--no-check] [--verbose]
+                [--repeat 5] [--seed 0] [--no-check] [--replace] [--verbose]
                 [--no-progress] [--json]
     recdsl kernels FILE [--name NAME] [--shape B=2,T=256,H=4,K=64,V=64] [--dtype bfloat16]
                 [--target sm_80|sm_90|sm_100] [--form auto|recurrent|scan|chunked|parallel|all]
@@ -155,7 +155,9 @@ def cmd_check(args) -> int:
     given = parse_shape(args.shape)
     dtype = getattr(torch, args.dtype)
     device = _device(args)
-    use_triton = not args.no_triton and _prepare_triton(device)
+    use_triton = not args.no_triton  # (without triton, the report says the Triton rows were not run, and why)
+    if use_triton:
+        _prepare_triton(device)
     status = 0
     for rec in recs:
         check_shape_names(rec, given, DEFAULT_SIZES, only=len(recs) == 1)
@@ -377,6 +379,15 @@ def cmd_show(args) -> int:
 GRAPH_TIMEOUT_S = 120.0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (a symlink, a relative path, a hard link, /dev/fd/N: `os.path.samefile`);
+    False when either does not exist."""
+    try:
+        return a.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = False) -> None:
     """The dataflow graph as Graphviz source at `path` (one file per recurrence when there are several),
     and a PNG beside it when the `dot` program is installed. A file there that does not start with
@@ -390,19 +401,13 @@ def write_graphs(recs: list[Recurrence], path: Path, spec: Path, force: bool = F
 
     from .dataflow import build_dataflow, to_dot
 
-    def same(a: Path, b: Path) -> bool:
-        try:
-            return a.exists() and a.samefile(b)
-        except OSError:
-            return False
-
     plans = []
     for rec in recs:
         target = path if len(recs) == 1 else path.with_name(f"{path.stem}.{rec.name}{path.suffix}")
         dot_path = target.with_suffix(".dot") if target.suffix == ".png" else target
         png = dot_path.with_suffix(".png")
         for out in (dot_path, png):
-            if same(out, spec):
+            if _same_file(out, spec):
                 raise UsageError(f"--graph: {out} is the spec {spec}; the graph is never written onto it")
         try:
             in_place = check_target(dot_path, GRAPH_MARKER, force, "written")
@@ -438,6 +443,9 @@ def cmd_compile(args) -> int:
     from codegen.load import module_text
     from codegen.module import OverwriteError, write_module
 
+    if args.output == "-":  # (a module is a file recdsl stamps and checks before replacing, never a stream)
+        raise UsageError("-o -: compile writes the module to a file, not to standard output; give its file name, "
+                         f"e.g. -o {Path(args.file).stem if Path(args.file).stem.isidentifier() else 'layer'}.py")
     out = Path(args.output)
     if out.is_dir():  # (before the module is generated: say where a file could go)
         example = out / f"{Path(args.file).stem}.py"
@@ -448,11 +456,22 @@ def cmd_compile(args) -> int:
             raise UsageError(f"-o: cannot write {out}: {out.parent} is not a folder")
         raise UsageError(f"-o: cannot write {out}: the folder {missing[0]} does not exist; folders are not created: "
                          "check it for a typo, or create the folder first")
-    if not out.stem.isidentifier() and out.suffix == ".py":
+    if out.exists() and not out.is_file():
+        pass  # (a device or a pipe, with --force: no module to import; check_target refuses it otherwise)
+    elif out.suffix != ".py":
+        print(f"recdsl compile: warning: {out.name} is not an importable module name (`import` finds only a file "
+              f"ending in .py); name it like {out.stem if out.stem.isidentifier() else 'layer'}.py", file=sys.stderr)
+    elif not out.stem.isidentifier():
         print(f"recdsl compile: warning: {out.name} is not an importable module name (`import {out.stem}` "
               "fails); name it with letters, digits and _ only", file=sys.stderr)
-    recs = _select(load_file(args.file), args.name)
-    source = module_text([analyse(r.checked) for r in recs], args.file)
+    if _same_file(out, Path(args.file)):  # (--force too: the spec is never a module's to replace)
+        raise UsageError(f"-o: {args.output} is the spec {args.file}; the module is never written onto it (give "
+                         "another -o OUT.py)")
+    everything = load_file(args.file)
+    recs = _select(everything, args.name)
+    # (--name is in the module's "Regenerate with" line where it selects: on a file of one recurrence the module is
+    # the same without it, the one compile() imports)
+    source = module_text([analyse(r.checked) for r in recs], args.file, args.name if len(everything) > 1 else None)
     try:
         write_module(source, Path(args.output), force=args.force)
     except OverwriteError as err:
@@ -466,8 +485,10 @@ def cmd_compile(args) -> int:
     return 0
 
 
-STORE_RULE = ("Which tuning store: $RECURRENCE_DSL_TUNING_STORE (a file path) when set, else "
-              "$RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite. compile(), generated "
+STORE_RULE = ("Which tuning store: $RECURRENCE_DSL_TUNING_STORE (a file path) when set, else tuning.sqlite in "
+              "the generated modules' cache folder: $RECURRENCE_DSL_CACHE, else $XDG_CACHE_HOME/recurrence_dsl or "
+              "~/.cache/recurrence_dsl, else (that folder unusable: a read-only HOME) $TMPDIR/recurrence_dsl-UID. "
+              "compile(), generated "
               "modules and recdsl tune all use that rule; --store PATH (or compile(tuning=PATH)) names another store "
               "for one run. RECURRENCE_DSL_TUNING=0 switches off the lookups of calls in the rule's store. A call "
               "runs, in order: its own chunk_size=/config=, compile()'s explicit chunk_size=, the store's choice for "
@@ -566,16 +587,26 @@ def cmd_tune(args) -> int:
     import torch
 
     from autotune.space import tunable
-    from autotune.store import StoreError, StoreLocked, open_store
+    from autotune.store import StoreError, StoreLocked, open_store, store_source
     from autotune.threads import thread_settings, timing_warnings
     from autotune.tuner import NoLegalConfig, tune
 
+    if args.backend == "triton" and args.dtype == "float64":  # (refused before anything is read or imported)
+        raise UsageError("--dtype float64 with --backend triton: the triton backend takes float32, float16 or "
+                         "bfloat16; float64 tunes the torch backend's forms (--backend torch)")
     device = _device(args)
     backend = args.backend or ("triton" if device == "cuda" else "torch")
+    if backend == "triton" and args.dtype == "float64":  # (the backend defaulted to triton on cuda)
+        raise UsageError(f"--dtype float64: on {device} the backend defaults to triton, which takes float32, float16 "
+                         "or bfloat16; float64 tunes the torch backend's forms (--backend torch)")
     if args.lock_wait < 0:
         raise UsageError(f"--lock-wait must be >= 0 seconds, got {args.lock_wait:g}")
-    if backend == "triton":
-        _prepare_triton(device)
+    if backend == "triton" and not _prepare_triton(device):
+        from .compiler import triton_import_error
+
+        how = "--backend triton:" if args.backend else f"on {device} the backend defaults to triton, but"
+        raise UsageError(f"{how} triton is not importable here ({triton_import_error()}): pip install triton (or "
+                         "what its import error names), or tune the torch backend (--backend torch)")
     recs = _select(load_file(args.file), args.name)
     given = parse_shape(args.shape)
     unused = [flag for flag, given_ in (("--target", args.target), ("--no-compiler", args.no_compiler)) if given_]
@@ -586,9 +617,6 @@ def cmd_tune(args) -> int:
               f"backend's kernels; ignored {why} (--backend triton tunes them)", file=sys.stderr)
     if given.get("T", 1) < 1:  # (check and kernels run T = 0; a timing of no steps has no backward, no meaning)
         raise UsageError("--shape: tune times calls of at least one step, got T=0")
-    if backend == "triton" and args.dtype == "float64":
-        raise UsageError("--dtype float64: the triton backend takes float32, float16 or bfloat16 (float64 tunes "
-                         "with --backend torch)")
     # What each recurrence tunes, decided before the store is touched: a run that tunes nothing stores nothing
     plan, skipped, instead = [], [], {}
     for rec in recs:
@@ -621,7 +649,7 @@ def cmd_tune(args) -> int:
     try:
         store.check_writable()  # a bad --store fails before any timing
     except StoreError as err:
-        raise UsageError(f"--store: {err}") from None
+        raise UsageError(f"{store_source(args.store)}: {err}") from None
     warned: set[str] = set()
     if device == "cpu":  # said before the (possibly long) timing starts
         _warn_once(timing_warnings(thread_settings()), warned)
@@ -640,7 +668,7 @@ def cmd_tune(args) -> int:
                           args.trials, store, device, warmup=args.warmup, repeat=args.repeat, seed=args.seed,
                           check=not args.no_check, verbose=args.verbose, mode=args.mode, progress=progress.step,
                           lock_wait_s=args.lock_wait, on_lock_wait=progress.waiting, target=args.target,
-                          compiler=False if args.no_compiler else None)
+                          compiler=False if args.no_compiler else None, replace=args.replace)
         except NoLegalConfig as err:
             print(f"{rec.name}: {err}", file=sys.stderr)
             status = 1
@@ -653,7 +681,7 @@ def cmd_tune(args) -> int:
                 print()
             raise UsageError(str(err)) from None
         except StoreError as err:
-            raise UsageError(f"--store: {err}") from None
+            raise UsageError(f"{store_source(args.store)}: {err}") from None
         except ValueError as err:
             raise UsageError(str(err)) from None
         finally:
@@ -951,7 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="only this recurrence (default: every one in FILE)")
     tune.add_argument("--shape", help=f"sizes, e.g. B=2,T=1024,H=4,K=64,V=64 (defaults B=2, T=1024, H=4, "
                       f"every spec size {TUNE_DIM})")
-    tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32)")
+    tune.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype (default float32; float64 "
+                      "tunes the torch backend only)")
     tune.add_argument("--form", choices=("chunked", "parallel", "recurrent", "scan"), help="the form to tune "
                       "(default: the one form='auto' runs at the shape with the default chunk_size, where it takes "
                       "a config, else chunked where the spec has it, else recurrent; parallel: the Triton backend's, "
@@ -966,9 +995,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "what a call with grad on and inputs or params requiring grad looks up; fwd, the forward "
                       "under no_grad, what inference calls look up")
     tune.add_argument("--store", metavar="PATH", help="the SQLite store (default: $RECURRENCE_DSL_TUNING_STORE, "
-                      "else $RECURRENCE_DSL_CACHE/tuning.sqlite, else ~/.cache/recurrence_dsl/tuning.sqlite, "
-                      "created with its folders); PATH's folder must exist (exit 2 otherwise: a typo creates "
-                      "no folders)")
+                      "else tuning.sqlite in the cache folder, created with its folders: see below); PATH's folder "
+                      "must exist (exit 2 otherwise: a typo creates no folders), and an existing PATH must be a "
+                      "tuning store")
     tune.add_argument("--lock-wait", type=float, default=60.0, metavar="SECONDS",
                       help="how long to wait for a store another process holds locked before saving the trials "
                       "to a side file (default 60)")
@@ -985,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the sampler")
     tune.add_argument("--no-check", action="store_true", help="skip the check of each config's outputs "
                       "against the torch form")
+    tune.add_argument("--replace", action="store_true", help="store this run's choice even when it timed fewer "
+                      "configs than the run whose choice is stored for the same key and mode (by default that "
+                      "earlier choice is kept, and the table says so; a choice replaced is always named)")
     tune.add_argument("--verbose", action="store_true", help="print each trial as it finishes")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tune.add_argument("--json", action="store_true", help="print JSON {\"store\", \"results\": [...], \"skipped\": "

@@ -17,14 +17,14 @@ another, `tuning=False` never looks up. `layer.config_for(*args)` says which con
 
 from __future__ import annotations
 
-from codegen.load import load_layer, triton_available
+from codegen.load import load_layer, triton_available, triton_import_error
 
 from .analysis import analyse
 from .api import load_text
 from .check import CheckedRecurrence, require_state
 from .errors import CallError
 
-__all__ = ["compile_recurrence", "triton_available"]
+__all__ = ["compile_recurrence", "triton_available", "triton_import_error"]
 
 
 def compile_recurrence(rec, backend: str = "auto", form: str = "auto", chunk_size: int | None = None, tuning=True,

@@ -116,10 +116,28 @@ def source_lines(rec: CheckedRecurrence) -> dict[str, tuple[int, ...]]:
     return found
 
 
+def printable(text: str) -> str:
+    """`text` as is, but for each character that is not printable (a line break of any kind, a control character, a
+    lone surrogate from a file name that is not UTF-8) written as its Python escape (`\\n`, `\\x00`, `\\udce9`):
+    one line of readable text (`é` stays `é`), safe in a comment of generated code. Inside a string literal it
+    still needs that literal's own escaping (quotes, backslashes)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+def spec_file_name(filename: str) -> str:
+    """How generated code names a spec file (`printable`): its base name (`gla.rec` of `specs/gla.rec`), or the path
+    as given for a pipe or a file descriptor (`/dev/fd/63` of `<(cat gla.rec)`, whose base name `63` says
+    nothing)."""
+    if filename == "<string>":
+        return filename
+    pipe = filename.startswith(("/dev/", "/proc/"))
+    return printable(filename if pipe else PurePath(filename).name)
+
+
 def cite(rec: CheckedRecurrence, name: str) -> str:
     """`gla.rec:4` (or `delta_net.rec:13,14`): where a state's or output's value is written in the spec."""
     lines = source_lines(rec).get(name, ())
-    file = PurePath(rec.source.filename).name if rec.source.filename != "<string>" else "<string>"
-    # The name lands in a comment of generated code: escaped, it holds no line break (nor anything else odd).
-    file = file.encode("unicode_escape").decode("ascii")
+    # The name lands in comments (and docstrings) of generated code: printable, it holds no line break.
+    file = spec_file_name(rec.source.filename)
     return f"{file}:{','.join(map(str, lines))}" if lines else file

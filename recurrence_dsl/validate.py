@@ -93,7 +93,7 @@ def executable_paths(rec: Recurrence, chunk_size: int = 16, triton: bool = True,
     Triton paths run on the GPU for CUDA inputs; on CPU tensors they need TRITON_INTERPRET=1 set before the
     kernels are imported (`recdsl check` does that when there is no GPU)."""
     from .analysis import analyse
-    from .compiler import compile_recurrence, triton_available
+    from .compiler import compile_recurrence, triton_import_error
 
     paths: dict[str, Callable] = {"reference": rec.reference}
     layer = compile_recurrence(rec, backend="torch", chunk_size=chunk_size)
@@ -102,12 +102,13 @@ def executable_paths(rec: Recurrence, chunk_size: int = 16, triton: bool = True,
     skipped = [(f"torch/{form}", why) for form, why in analyse(rec.checked).unavailable.items()]
     if triton and dtype == torch.float64:
         skipped.append(("triton/*", "Triton kernels take float16, bfloat16 or float32 inputs"))
-    elif triton and triton_available():
+    elif triton and triton_import_error() is None:
         tri = compile_recurrence(rec, backend="triton", chunk_size=max(16, chunk_size))
         for form in tri.triton_forms:
             paths[f"triton/{form}"] = _bind_form(tri, form)
     elif triton:
-        skipped.append(("triton/*", "triton is not installed"))
+        skipped.append(("triton/*", f"the Triton rows were not run: triton does not import ({triton_import_error()}); "
+                                    "pip install triton, or pass --no-triton"))
     return paths, skipped
 
 
