@@ -257,11 +257,12 @@ def _assert_same(got, want):
 
 def test_every_spec_of_the_library_has_a_hand_loop(specs):
     """Here, or written from the paper in the spec's own test file (tests/test_published_specs.py,
-    tests/test_delta_product.py)."""
-    from . import test_delta_product, test_published_specs
+    tests/test_delta_product.py, tests/test_mamba3.py)."""
+    from . import test_delta_product, test_mamba3, test_published_specs
 
-    elsewhere = set(test_published_specs.RECS) | {test_delta_product.SPEC.name}
+    elsewhere = set(test_published_specs.RECS) | {test_delta_product.SPEC.name, test_mamba3.REC.name}
     assert callable(test_delta_product._paper_loop) and callable(test_published_specs.loop)
+    assert callable(test_mamba3.mamba3_loop)
     assert not set(HAND_LOOPS) & elsewhere
     assert set(HAND_LOOPS) | elsewhere == set(specs)
 

@@ -80,7 +80,7 @@ def test_tune_of_float64_on_triton_names_the_option(tmp_path, capsys):
                  "cpu", "--store", str(tmp_path / "t.sqlite")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "--dtype float64: the triton backend takes float32, float16 or bfloat16" in err
+    assert "--dtype float64 with --backend triton: the triton backend takes float32, float16 or bfloat16" in err
     assert "Problem" not in err
 
 
