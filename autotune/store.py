@@ -451,22 +451,8 @@ class TuningStore:
     def choice(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
                mode: str) -> dict | None:
         """The stored choice for the key and mode: {"config", "tuned", "reason", "study", "created"}, or None."""
-        def select(conn):
-            try:
-                return conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? "
-                                    "AND device = ? AND dtype = ? AND bucket = ? AND form = ? AND backend = ? "
-                                    "AND mode = ?", (spec_hash, device, dtype_name(dtype), bucket, form, backend,
-                                                     mode)).fetchone()
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):  # a store of schema version 1
-                    return None
-                raise
-
-        row = self._read(select, None)
-        if row is None:
-            return None
-        return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
-                "created": row[4]}
+        return self._read(lambda conn: _stored_choice(conn, spec_hash, device, dtype_name(dtype), bucket, form,
+                                                      backend, mode), None)
 
     def choice_details(self, spec_hash: str, device: str, dtype, bucket: str, form: str, backend: str,
                        mode: str) -> dict | None:
@@ -526,9 +512,9 @@ def _insert(conn: sqlite3.Connection, row: tuple) -> int:
     return int(cur.lastrowid)
 
 
-def _choice_details(conn: sqlite3.Connection, spec_hash: str, device: str, dtype: str, bucket: str, form: str,
-                    backend: str, mode: str) -> dict | None:
-    """`TuningStore.choice_details` on an open connection."""
+def _stored_choice(conn: sqlite3.Connection, spec_hash: str, device: str, dtype: str, bucket: str, form: str,
+                   backend: str, mode: str) -> dict | None:
+    """`TuningStore.choice` on an open connection (dtype by name)."""
     if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'choices'").fetchone():
         return None  # a store of schema version 1, or one not created yet
     row = conn.execute("SELECT config, tuned, reason, study, created FROM choices WHERE spec_hash = ? AND device = ? "
@@ -536,8 +522,17 @@ def _choice_details(conn: sqlite3.Connection, spec_hash: str, device: str, dtype
                        (spec_hash, device, dtype, bucket, form, backend, mode)).fetchone()
     if row is None:
         return None
-    found = {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
-             "created": row[4], "timed": None, "median_ms": None}
+    return {"config": json.loads(row[0]), "tuned": bool(row[1]), "reason": row[2], "study": row[3],
+            "created": row[4]}
+
+
+def _choice_details(conn: sqlite3.Connection, spec_hash: str, device: str, dtype: str, bucket: str, form: str,
+                    backend: str, mode: str) -> dict | None:
+    """`TuningStore.choice_details` on an open connection."""
+    found = _stored_choice(conn, spec_hash, device, dtype, bucket, form, backend, mode)
+    if found is None:
+        return None
+    found.update(timed=None, median_ms=None)
     if found["study"]:
         present = {r[1] for r in conn.execute("PRAGMA table_info(trials)")}
         mode_column = "mode" if "mode" in present else "'fwd'"
